@@ -1,0 +1,129 @@
+"""create_app(settings): routes, the error middleware, resources through cleanup_ctx."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import orjson
+from aiohttp import web
+from fakeredis import FakeServer
+from pydantic import TypeAdapter, ValidationError
+from redis.exceptions import RedisError
+
+from notifier.errors import ApiError, Forbidden, NotFound
+from notifier.ingest import KeyRing, may_act_for, post_transitions
+from notifier.models import Identifier
+from notifier.resources import Clock, Resources, open_resources, utc_now
+from notifier.settings import Settings
+from notifier.worker import build_worker
+
+log = logging.getLogger(__name__)
+
+RESOURCES = web.AppKey("resources", Resources)
+KEYS = web.AppKey("keys", KeyRing)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(status: int, body: object, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status, body=orjson.dumps(body), content_type="application/json", headers=headers
+    )
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error leaves as ``{"error": {"code", "message", "details"}}``."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return _json(exc.status, exc.body(), exc.headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = exc.reason.lower().replace(" ", "_")
+        return _json(exc.status, {"error": {"code": code, "message": exc.text or exc.reason}},
+                     {k: v for k, v in exc.headers.items() if k == "Allow"})
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return _json(500, {"error": {"code": "internal", "message": "internal error"}})
+
+
+async def transitions(request: web.Request) -> web.Response:
+    return await post_transitions(request, request.app[RESOURCES], request.app[KEYS])
+
+
+async def shipment_notifications(request: web.Request) -> web.Response:
+    """Decisions and delivery status of one shipment (DESIGN.md §5)."""
+    merchant_id = request.match_info["merchant_id"]
+    shipment_id = request.match_info["shipment_id"]
+    if not may_act_for(request.app[KEYS].authenticate(request), merchant_id):
+        raise Forbidden("this API key may not read that merchant's shipments")
+    res = request.app[RESOURCES]
+    try:
+        TypeAdapter(Identifier).validate_python(shipment_id)
+    except ValidationError as exc:
+        raise NotFound("no such shipment") from exc
+    decisions = await res.store.history(merchant_id, shipment_id)
+    if not decisions:
+        raise NotFound(f"no decisions recorded for shipment {shipment_id}")
+    ids = [d["notification_id"] for d in decisions if d.get("notification_id")]
+    ledger = await res.store.ledger(ids)
+    for d in decisions:
+        if d.get("notification_id"):
+            d["delivery"] = ledger.get(d["notification_id"], {})
+    return _json(200, {"merchant_id": merchant_id, "shipment_id": shipment_id,
+                       "decisions": decisions})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness plus a Redis ping; 503 when Redis does not answer."""
+    res = request.app[RESOURCES]
+    mode = "embedded" if res.settings.embedded else "redis"
+    try:
+        await res.redis.ping()
+    except (RedisError, OSError):
+        return _json(503, {"status": "unavailable", "redis": "unreachable", "mode": mode})
+    return _json(200, {"status": "ok", "redis": "ok", "mode": mode})
+
+
+def create_app(
+    settings: Settings,
+    *,
+    server: FakeServer | None = None,
+    clock: Clock = utc_now,
+    run_worker: bool | None = None,
+) -> web.Application:
+    """The API. In embedded mode (and unless ``run_worker`` is False) the worker runs in-process."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+    app[KEYS] = KeyRing(settings.effective_api_keys())
+    in_process = settings.embedded if run_worker is None else run_worker
+
+    async def resources_ctx(app: web.Application) -> AsyncIterator[None]:
+        async with open_resources(settings, server=server, clock=clock) as res:
+            app[RESOURCES] = res
+            await res.store.ensure_groups()
+            if not in_process:
+                yield
+                return
+            worker = build_worker(settings, resources=res, handle_signals=False)
+            task = asyncio.create_task(worker.main())
+            try:
+                yield
+            finally:
+                await worker.close()
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    app.cleanup_ctx.append(resources_ctx)
+    app.router.add_post("/v1/transitions", transitions)
+    app.router.add_get(
+        "/v1/merchants/{merchant_id}/shipments/{shipment_id}/notifications",
+        shipment_notifications,
+    )
+    app.router.add_get("/healthz", healthz)
+    return app

@@ -1,0 +1,6 @@
+"""Delivery channels: one protocol, one implementation per provider."""
+
+from notifier.channels.base import Channel, Receipt
+from notifier.channels.outbox import OutboxChannel
+
+__all__ = ["Channel", "OutboxChannel", "Receipt"]

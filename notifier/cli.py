@@ -1,0 +1,174 @@
+"""The ``notifier`` command: serve, worker, check."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from pydantic import ValidationError
+
+from notifier.errors import ConfigurationError, NotifierError
+from notifier.models import ChannelKind, Notification, Recipient, Status, Transition
+from notifier.policy import PolicyStore
+from notifier.render import Renderer
+from notifier.render.environment import TemplateStore
+from notifier.resources import build_channels, data_dir
+from notifier.settings import DEV_API_KEY, Settings
+
+log = logging.getLogger("notifier")
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"NOTIFIER_{'_'.join(str(p) for p in e['loc']).upper() or '(settings)'}: {e['msg']}"
+            for e in exc.errors()
+        )
+        raise ConfigurationError(f"invalid settings: {problems}") from exc
+
+
+def _banner(settings: Settings, host: str, port: int) -> None:
+    if settings.embedded:
+        bar = "!" * 72
+        print(bar, file=sys.stderr)
+        print("! EMBEDDED MODE: in-memory store; NOTHING PERSISTS across restarts.", file=sys.stderr)
+        print("! Set NOTIFIER_REDIS_URL to keep state in Redis.", file=sys.stderr)
+        if not settings.api_keys:
+            print(f"! Development API key: {DEV_API_KEY}", file=sys.stderr)
+        print(f"! Messages are written to {settings.outbox_dir.resolve()}", file=sys.stderr)
+        print(bar, file=sys.stderr)
+    print(f"notifier listening on http://{host}:{port}", file=sys.stderr)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the API (and, in embedded mode, the worker in the same process)."""
+    from aiohttp import web
+
+    from notifier.app import create_app
+
+    settings = _settings()
+    if not settings.embedded and not settings.api_keys:
+        raise ConfigurationError("NOTIFIER_API_KEYS is required when NOTIFIER_REDIS_URL is set")
+    problems = check_all(settings)
+    if problems:
+        raise ConfigurationError("\n".join(problems))
+    host = args.host or settings.host
+    port = settings.port if args.port is None else args.port
+    _banner(settings, host, port)
+    web.run_app(create_app(settings), host=host, port=port, print=None, access_log=None)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Run an arq worker against NOTIFIER_REDIS_URL."""
+    from notifier.worker import build_worker
+
+    settings = _settings()
+    if settings.embedded:
+        raise ConfigurationError(
+            "NOTIFIER_REDIS_URL is not set: in embedded mode `notifier serve` runs the worker"
+        )
+    problems = check_all(settings)
+    if problems:
+        raise ConfigurationError("\n".join(problems))
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    build_worker(settings).run()
+    return 0
+
+
+def _samples() -> list[Transition]:
+    at = datetime(2026, 11, 21, 9, 30, tzinfo=UTC)
+    base = {
+        "event_id": "check", "merchant_id": "check", "shipment_id": "check",
+        "tracking_number": "1Z999AA10123456784", "carrier": "ups", "occurred_at": at,
+        "tracking_url": "https://track.example.com/1Z999AA10123456784",
+        "estimated_delivery": {"start": at, "end": at}, "order": {"number": "1001"},
+        "location": {"city": "Leipzig", "country": "DE"},
+    }
+    out = []
+    for status in Status:
+        if status is Status.EXCEPTION:
+            from notifier.models import ExceptionCode
+
+            out += [Transition.model_validate({**base, "status": status, "exception_code": c})
+                    for c in ExceptionCode]
+        else:
+            out.append(Transition.model_validate({**base, "status": status}))
+    return out
+
+
+def check_all(settings: Settings) -> list[str]:
+    """Every problem with settings, policies and templates, one message each."""
+    problems: list[str] = []
+    try:
+        build_channels(settings)
+    except ConfigurationError as exc:
+        problems.append(str(exc))
+    policies_dir = data_dir("policies", settings.policies_dir)
+    problems += PolicyStore(policies_dir).check_all()
+    templates_dir = data_dir("templates", settings.templates_dir)
+    if not templates_dir.is_dir():
+        return [*problems, f"{templates_dir}: templates directory missing"]
+    merchants = [""] + sorted(p.name for p in templates_dir.iterdir()
+                              if p.is_dir() and p.name not in {"email", "sms"})
+    renderer = Renderer(TemplateStore(templates_dir), email_from=settings.email_from)
+    recipient = Recipient(name="Ana", email="ana@example.com", phone="+33612345678",
+                          timezone="Europe/Paris")
+    for merchant in merchants:
+        for t in _samples():
+            for channel in ChannelKind:
+                n = Notification(
+                    notification_id="n_check", merchant_id=merchant or "check",
+                    shipment_id="check", channel=channel, to="x", transition=t,
+                    recipient=recipient, created_at=t.occurred_at,
+                )
+                try:
+                    renderer.render(n)
+                except NotifierError as exc:
+                    where = f"templates/{merchant}" if merchant else "templates"
+                    problems.append(f"{where} ({t.milestone}, {channel}): {exc}")
+    return problems
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate settings, policies and templates; exit 1 listing each problem."""
+    settings = _settings()
+    problems = check_all(settings)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if problems:
+        return 1
+    print("ok: settings, policies and templates are valid")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="notifier", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the API (embedded mode: and the worker)")
+    serve.add_argument("--host", help="listen address (default NOTIFIER_HOST)")
+    serve.add_argument("--port", type=int, help="listen port (default NOTIFIER_PORT)")
+    serve.set_defaults(func=cmd_serve)
+    sub.add_parser("worker", help="run an arq worker against NOTIFIER_REDIS_URL").set_defaults(
+        func=cmd_worker
+    )
+    sub.add_parser("check", help="validate settings, policies and templates").set_defaults(
+        func=cmd_check
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except ConfigurationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

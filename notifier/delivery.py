@@ -1,0 +1,107 @@
+"""Delivery: claim notifications in the ledger, render them, hand them to their channel, record."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from notifier.errors import PermanentDeliveryError, RenderError, TemporaryDeliveryError
+from notifier.models import Notification
+from notifier.resources import Resources
+from notifier.store import ClaimResult
+
+log = logging.getLogger(__name__)
+
+#: How long a claim protects a notification being sent; after it, another worker may retry.
+LEASE_MS = 60_000
+MAX_ATTEMPTS = 8
+CONCURRENCY = 32
+
+
+def backoff_s(attempt: int, retry_after_s: float | None = None) -> float:
+    """Exponential backoff with full jitter, never sooner than the provider asked."""
+    ceiling = min(3600.0, 5.0 * 2 ** max(attempt - 1, 0))
+    delay = random.uniform(ceiling / 2, ceiling)
+    return max(delay, retry_after_s or 0.0)
+
+
+@dataclass
+class DeliveryReport:
+    """What one delivery round did."""
+
+    sent: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    retrying: list[str] = field(default_factory=list)
+    skipped: int = 0
+
+
+class Deliverer:
+    """Sends notifications at most once each: the ledger claim is the gate."""
+
+    def __init__(self, res: Resources) -> None:
+        self.res = res
+        self._limit = asyncio.Semaphore(CONCURRENCY)
+
+    async def deliver(self, notification_ids: Sequence[str]) -> DeliveryReport:
+        """Claim, render and send; failures are recorded, retries scheduled."""
+        report = DeliveryReport()
+        now = self.res.clock()
+        claims = await self.res.store.claim(
+            notification_ids, int(now.timestamp() * 1000), LEASE_MS
+        )
+        sent: list[tuple[str, str, str]] = []
+        tasks = []
+        for nid, (result, payload) in zip(notification_ids, claims, strict=True):
+            if result is ClaimResult.NONE or payload is None:
+                report.skipped += 1
+                continue
+            notification = Notification.model_validate_json(payload)
+            tasks.append(self._send_one(notification, result, sent, report))
+        await asyncio.gather(*tasks)
+        if sent:
+            await self.res.store.mark_sent(sent)
+        report.sent = [nid for nid, _, _ in sent]
+        return report
+
+    async def _send_one(
+        self,
+        n: Notification,
+        claim: ClaimResult,
+        sent: list[tuple[str, str, str]],
+        report: DeliveryReport,
+    ) -> None:
+        nid = n.notification_id
+        channel = self.res.channels[n.channel]
+        try:
+            message = self.res.renderer.render(n)
+            at = self.res.clock()
+            async with self._limit:
+                receipt = await channel.send(
+                    message, at, recovering=claim is ClaimResult.RECLAIMED
+                )
+        except (RenderError, PermanentDeliveryError) as exc:
+            log.error("notification %s failed permanently: %s", nid, exc)
+            await self.res.store.mark_failed(nid, str(exc))
+            report.failed.append(nid)
+            return
+        except TemporaryDeliveryError as exc:
+            await self._retry_later(nid, exc)
+            report.retrying.append(nid)
+            return
+        sent.append((nid, at.isoformat(), f"{receipt.channel}:{receipt.detail}"))
+
+    async def _retry_later(self, nid: str, exc: TemporaryDeliveryError) -> None:
+        attempts = int((await self.res.store.ledger([nid]))[nid].get("attempts", "1"))
+        if attempts >= MAX_ATTEMPTS:
+            log.error("notification %s out of attempts: %s", nid, exc.reason)
+            await self.res.store.mark_failed(nid, f"gave up after {attempts} attempts: {exc.reason}")
+            return
+        delay = backoff_s(attempts, exc.retry_after_s)
+        log.warning("notification %s: %s; retry %d in %.0f s", nid, exc.reason, attempts, delay)
+        await self.res.store.release(nid, exc.reason)
+        await self.res.redis.enqueue_job(
+            "deliver", nid, _job_id=f"deliver:{nid}:{attempts}", _defer_by=delay
+        )

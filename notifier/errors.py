@@ -1,0 +1,118 @@
+"""The exception tree. One middleware (app.py) turns these into HTTP responses.
+
+    NotifierError
+    ├── ConfigurationError          settings, templates or policies are unusable
+    ├── ApiError                    a request the API refuses (carries status + code)
+    │   ├── BadRequest              400: malformed body
+    │   ├── ValidationFailed        422: fields that break the contract
+    │   ├── Unauthorized            401: no or unknown API key
+    │   ├── Forbidden               403: key not allowed for that merchant
+    │   ├── PayloadTooLarge         413
+    │   ├── UnsupportedMediaType    415
+    │   └── ServiceUnavailable      503: the queue cannot take the event now
+    ├── RenderError                 a template failed for a notification
+    └── DeliveryError               a channel could not deliver
+        ├── TemporaryDeliveryError  retry later (timeouts, 429, 5xx)
+        └── PermanentDeliveryError  never retry (invalid address, 4xx)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class NotifierError(Exception):
+    """Root of everything notifier raises on purpose."""
+
+
+class ConfigurationError(NotifierError):
+    """Settings, templates or policies that cannot be used; the message names file and problem."""
+
+
+class ApiError(NotifierError):
+    """A request refused with an HTTP status, a stable code and per-field details."""
+
+    status = 400
+    code = "bad_request"
+
+    def __init__(
+        self,
+        message: str,
+        details: list[dict[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details or []
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        """The JSON error body of DESIGN.md §3."""
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details:
+            error["details"] = self.details
+        return {"error": error}
+
+
+class BadRequest(ApiError):
+    status, code = 400, "bad_request"
+
+
+class ValidationFailed(ApiError):
+    status, code = 422, "invalid_transition"
+
+
+class Unauthorized(ApiError):
+    status, code = 401, "unauthorized"
+
+
+class Forbidden(ApiError):
+    status, code = 403, "forbidden"
+
+
+class NotFound(ApiError):
+    status, code = 404, "not_found"
+
+
+class PayloadTooLarge(ApiError):
+    status, code = 413, "payload_too_large"
+
+
+class UnsupportedMediaType(ApiError):
+    status, code = 415, "unsupported_media_type"
+
+
+class ServiceUnavailable(ApiError):
+    status, code = 503, "unavailable"
+
+
+class RenderError(NotifierError):
+    """A template could not be rendered for a notification."""
+
+    def __init__(self, message: str, notification_id: str | None = None) -> None:
+        super().__init__(message)
+        self.notification_id = notification_id
+
+
+class DeliveryError(NotifierError):
+    """A channel could not deliver a notification."""
+
+    def __init__(self, message: str, notification_id: str, channel: str) -> None:
+        super().__init__(f"{channel} {notification_id}: {message}")
+        self.reason = message
+        self.notification_id = notification_id
+        self.channel = channel
+
+
+class TemporaryDeliveryError(DeliveryError):
+    """Worth retrying later (timeouts, connection errors, 429, 5xx)."""
+
+    def __init__(
+        self, message: str, notification_id: str, channel: str, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message, notification_id, channel)
+        self.retry_after_s = retry_after_s
+
+
+class PermanentDeliveryError(DeliveryError):
+    """Never worth retrying (invalid number, rejected credentials, other 4xx)."""

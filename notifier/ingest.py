@@ -1,0 +1,189 @@
+"""POST /v1/transitions: validate → authorize → idempotency + persist (one script) → wake → 202."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from typing import Any
+
+import orjson
+from aiohttp import web
+from pydantic import ValidationError
+from redis.exceptions import RedisError
+
+from notifier.errors import (
+    BadRequest,
+    Forbidden,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    Unauthorized,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
+from notifier.models import Transition
+from notifier.resources import Resources
+from notifier.worker import wake
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = "5"
+
+
+class KeyRing:
+    """API keys → merchants, compared in constant time (by SHA-256 digest, no early exit)."""
+
+    def __init__(self, keys: dict[str, list[str]]) -> None:
+        self._entries = [
+            (hashlib.sha256(key.encode()).digest(), frozenset(merchants))
+            for key, merchants in keys.items()
+        ]
+
+    def merchants_for(self, presented: str) -> frozenset[str] | None:
+        """The merchants ``presented`` may act for, or None for an unknown key."""
+        digest = hashlib.sha256(presented.encode()).digest()
+        found: frozenset[str] | None = None
+        for candidate, merchants in self._entries:
+            if hmac.compare_digest(candidate, digest):
+                found = merchants
+        return found
+
+    def authenticate(self, request: web.Request) -> frozenset[str]:
+        """The caller's merchants; 401 without a valid bearer key."""
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized(
+                "missing API key: send 'Authorization: Bearer <key>'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        merchants = self.merchants_for(token.strip())
+        if merchants is None:
+            raise Unauthorized("unknown API key", headers={"WWW-Authenticate": "Bearer"})
+        return merchants
+
+
+def may_act_for(merchants: frozenset[str], merchant_id: str) -> bool:
+    """Whether a key scoped to ``merchants`` may act for ``merchant_id``."""
+    return "*" in merchants or merchant_id in merchants
+
+
+def _field(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "(body)"
+
+
+def _errors(exc: ValidationError, index: int | None) -> list[dict[str, Any]]:
+    details = []
+    for err in exc.errors(include_url=False, include_input=False):
+        detail: dict[str, Any] = {"field": _field(err["loc"]), "message": err["msg"]}
+        if index is not None:
+            detail = {"index": index, **detail}
+        details.append(detail)
+    return details
+
+
+async def read_json(request: web.Request, limit: int) -> Any:
+    """The request body as JSON; 413/415/400 naming the problem."""
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"body is {request.content_length} bytes; the limit is {limit}")
+    if request.content_type != "application/json":
+        raise UnsupportedMediaType(
+            f"Content-Type must be application/json, not {request.content_type or 'missing'}"
+        )
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise PayloadTooLarge(f"body is over the limit of {limit} bytes") from exc
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}") from exc
+
+
+def _items(body: Any, max_batch: int) -> tuple[list[Any], bool]:
+    """The transitions in ``body`` and whether it was a batch."""
+    if not isinstance(body, dict):
+        raise ValidationFailed(
+            "body must be a transition object or {\"transitions\": [...]}",
+            [{"field": "(body)", "message": "expected a JSON object"}],
+        )
+    if "transitions" not in body:
+        return [body], False
+    items = body["transitions"]
+    extra = sorted(set(body) - {"transitions"})
+    if extra:
+        raise ValidationFailed(
+            "a batch body has only the 'transitions' field",
+            [{"field": name, "message": "Extra inputs are not permitted"} for name in extra],
+        )
+    if not isinstance(items, list) or not items:
+        raise ValidationFailed(
+            "'transitions' must be a non-empty list",
+            [{"field": "transitions", "message": "expected a non-empty list"}],
+        )
+    if len(items) > max_batch:
+        raise ValidationFailed(
+            f"a batch holds at most {max_batch} transitions, this one has {len(items)}",
+            [{"field": "transitions", "message": f"at most {max_batch} items"}],
+        )
+    return items, True
+
+
+async def post_transitions(request: web.Request, res: Resources, keys: KeyRing) -> web.Response:
+    """Accept one transition or a batch (DESIGN.md §3)."""
+    merchants = keys.authenticate(request)
+    items, batch = _items(await read_json(request, res.settings.max_body_bytes), res.settings.max_batch)
+
+    valid: list[tuple[int, Transition]] = []
+    details: list[dict[str, Any]] = []
+    for index, item in enumerate(items):
+        try:
+            valid.append((index, Transition.model_validate(item)))
+        except ValidationError as exc:
+            details += _errors(exc, index if batch else None)
+
+    denied = [i for i, t in valid if not may_act_for(merchants, t.merchant_id)]
+    if denied:
+        raise Forbidden(
+            "this API key may not post for that merchant",
+            [{"index": i, "field": "merchant_id", "message": "not allowed for this API key"}
+             for i in denied] if batch else
+            [{"field": "merchant_id", "message": "not allowed for this API key"}],
+        )
+    if not valid:
+        noun = "transitions are" if batch else "transition is"
+        raise ValidationFailed(f"the {noun} invalid", details)
+
+    payloads = [
+        (t.merchant_id, t.shipment_id, t.event_id, t.model_dump_json(exclude_none=True).encode())
+        for _, t in valid
+    ]
+    try:
+        accepted, woken = await res.store.ingest(payloads)
+    except (RedisError, OSError) as exc:
+        log.error("ingest could not persist %d transitions: %s", len(payloads), type(exc).__name__)
+        raise ServiceUnavailable(
+            "the queue cannot take transitions right now; retry later",
+            headers={"Retry-After": RETRY_AFTER_S},
+        ) from exc
+    try:
+        await wake(res, woken)
+    except (RedisError, OSError) as exc:
+        # Persisted already: the worker's sweep finds the backlog even without this job.
+        log.warning("could not enqueue a drain job (%s); the sweep will pick it up", exc)
+
+    by_index = {i: ok for (i, _), ok in zip(valid, accepted, strict=True)}
+    results: list[dict[str, Any]] = []
+    for index, item in enumerate(items):
+        event_id = item.get("event_id") if isinstance(item, dict) else None
+        status = ("accepted" if by_index[index] else "duplicate") if index in by_index else "rejected"
+        results.append({"index": index, "event_id": event_id, "status": status})
+    body: dict[str, Any] = {
+        "accepted": sum(accepted),
+        "duplicates": len(accepted) - sum(accepted),
+        "results": results,
+    }
+    if details:
+        body["rejected"] = len(items) - len(valid)
+        body["error"] = ValidationFailed("some transitions are invalid", details).body()["error"]
+    return web.Response(status=202, body=orjson.dumps(body), content_type="application/json")

@@ -1,0 +1,258 @@
+"""The contract's data: status vocabulary, transitions, decisions (DESIGN.md §2-§3, §5)."""
+
+from __future__ import annotations
+
+import re
+import zoneinfo
+from datetime import datetime
+from enum import StrEnum
+from functools import lru_cache
+from typing import Annotated, Any, Self
+
+from babel import Locale, UnknownLocaleError
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
+
+
+class Status(StrEnum):
+    """Normalized shipment status (DESIGN.md §2)."""
+
+    INFO_RECEIVED = "info_received"  #: label created, no parcel yet
+    PICKED_UP = "picked_up"  #: carrier has the parcel
+    IN_TRANSIT = "in_transit"  #: a scan en route between facilities
+    ARRIVED_AT_FACILITY = "arrived_at_facility"  #: scanned into a hub or depot
+    DEPARTED_FACILITY = "departed_facility"  #: scanned out of a hub or depot
+    OUT_FOR_DELIVERY = "out_for_delivery"  #: on the vehicle for delivery today
+    DELIVERY_ATTEMPT_FAILED = "delivery_attempt_failed"  #: courier could not deliver
+    AVAILABLE_FOR_PICKUP = "available_for_pickup"  #: waiting at a pickup point
+    DELIVERED = "delivered"  #: delivered
+    RETURNED_TO_SENDER = "returned_to_sender"  #: on its way back, or back, to the merchant
+    EXCEPTION = "exception"  #: something went wrong; exception_code says what
+
+
+class ExceptionCode(StrEnum):
+    """What went wrong when ``status`` is ``exception``."""
+
+    DELAYED = "delayed"  #: running late
+    WEATHER_DELAY = "weather_delay"  #: held up by weather
+    CUSTOMS_HOLD = "customs_hold"  #: held by customs
+    ADDRESS_ISSUE = "address_issue"  #: address incomplete or wrong
+    RECIPIENT_UNAVAILABLE = "recipient_unavailable"  #: nobody to receive it
+    DAMAGED = "damaged"  #: parcel damaged
+    LOST = "lost"  #: parcel lost
+    REFUSED = "refused"  #: delivery refused
+    HELD_AT_FACILITY = "held_at_facility"  #: held at a carrier facility
+    OTHER = "other"  #: anything else
+
+
+class ChannelKind(StrEnum):
+    """How a message reaches the customer."""
+
+    EMAIL = "email"
+    SMS = "sms"
+
+
+class Outcome(StrEnum):
+    """What the pipeline decided for one transition on one channel (DESIGN.md §5)."""
+
+    SENT = "sent"  #: a message was (or is being) delivered
+    DEFERRED = "deferred"  #: held until a later time
+    SUPPRESSED = "suppressed"  #: a rule said no; the reason names it
+    FLAGGED = "flagged"  #: an anomaly; recorded, not notified
+
+
+#: Progress order of statuses; a later status never gives way to an earlier one.
+STATUS_RANK: dict[Status, int] = {
+    Status.INFO_RECEIVED: 0,
+    Status.PICKED_UP: 1,
+    Status.IN_TRANSIT: 2,
+    Status.ARRIVED_AT_FACILITY: 2,
+    Status.DEPARTED_FACILITY: 2,
+    Status.EXCEPTION: 2,
+    Status.OUT_FOR_DELIVERY: 3,
+    Status.DELIVERY_ATTEMPT_FAILED: 3,
+    Status.AVAILABLE_FOR_PICKUP: 4,
+    Status.DELIVERED: 5,
+    Status.RETURNED_TO_SENDER: 5,
+}
+
+# Identifiers end up in Redis keys and outbox paths: keep them to a safe alphabet.
+_ID = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"
+Identifier = Annotated[str, StringConstraints(pattern=_ID)]
+ShortText = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
+_EMAIL = re.compile(r"^[^@\s<>()\[\],;:\"]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$")
+_E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
+
+
+def _check_email(value: str) -> str:
+    if len(value) > 254 or not _EMAIL.match(value):
+        raise ValueError("must be an email address like ana@example.com")
+    return value
+
+
+def _check_phone(value: str) -> str:
+    if not _E164.match(value):
+        raise ValueError("must be an E.164 phone number like +33612345678")
+    return value
+
+
+@lru_cache(maxsize=1024)
+def _known_timezone(name: str) -> bool:
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
+
+
+def _check_timezone(value: str) -> str:
+    if not _known_timezone(value):
+        raise ValueError("must be an IANA time zone like Europe/Paris")
+    return value
+
+
+@lru_cache(maxsize=1024)
+def _known_locale(tag: str) -> bool:
+    try:
+        Locale.parse(tag.replace("-", "_"))
+    except (UnknownLocaleError, ValueError):
+        return False
+    return True
+
+
+def _check_locale(value: str) -> str:
+    if not _known_locale(value):
+        raise ValueError("must be a locale like fr_FR, pt-BR or en")
+    return value.replace("-", "_")
+
+
+def _check_url(value: str) -> str:
+    if not re.match(r"^https?://[^\s/]+", value) or len(value) > 2000:
+        raise ValueError("must be an http(s) URL")
+    return value
+
+
+Email = Annotated[str, AfterValidator(_check_email)]
+Phone = Annotated[str, AfterValidator(_check_phone)]
+TimeZone = Annotated[str, AfterValidator(_check_timezone)]
+LocaleTag = Annotated[str, AfterValidator(_check_locale)]
+Url = Annotated[str, AfterValidator(_check_url)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Location(_Strict):
+    """Where a scan happened."""
+
+    city: ShortText | None = None
+    region: ShortText | None = None
+    country: Annotated[str, StringConstraints(pattern=r"^[A-Z]{2}$")] | None = None
+    lat: float | None = Field(default=None, ge=-90, le=90)
+    lon: float | None = Field(default=None, ge=-180, le=180)
+
+    @model_validator(mode="after")
+    def _both_coordinates(self) -> Self:
+        if (self.lat is None) != (self.lon is None):
+            raise ValueError("lat and lon go together: give both or neither")
+        return self
+
+
+class DeliveryWindow(_Strict):
+    """The carrier's estimated delivery window."""
+
+    start: AwareDatetime
+    end: AwareDatetime
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if self.end < self.start:
+            raise ValueError("end must not be before start")
+        return self
+
+
+class Recipient(_Strict):
+    """Who receives the messages; at least one way to reach them."""
+
+    name: ShortText | None = None
+    email: Email | None = None
+    phone: Phone | None = None
+    locale: LocaleTag | None = None
+    timezone: TimeZone | None = None
+
+
+class Order(_Strict):
+    """The merchant's order the shipment belongs to."""
+
+    number: ShortText
+
+
+class Transition(_Strict):
+    """One normalized status transition posted by the tracking backend (DESIGN.md §3)."""
+
+    event_id: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    merchant_id: Identifier
+    shipment_id: Identifier
+    tracking_number: ShortText
+    carrier: ShortText
+    status: Status
+    exception_code: ExceptionCode | None = None
+    occurred_at: AwareDatetime
+    location: Location | None = None
+    estimated_delivery: DeliveryWindow | None = None
+    carrier_status_code: ShortText | None = None
+    carrier_description: Annotated[str, StringConstraints(max_length=1000)] | None = None
+    tracking_url: Url | None = None
+    recipient: Recipient | None = None
+    order: Order | None = None
+
+    @model_validator(mode="after")
+    def _exception_code_iff_exception(self) -> Self:
+        if self.status is Status.EXCEPTION and self.exception_code is None:
+            raise ValueError("exception_code is required when status is exception")
+        if self.status is not Status.EXCEPTION and self.exception_code is not None:
+            raise ValueError("exception_code is only allowed when status is exception")
+        return self
+
+    @property
+    def milestone(self) -> str:
+        """The (status, exception_code) pair as one key, e.g. ``exception:customs_hold``."""
+        if self.exception_code is None:
+            return self.status.value
+        return f"{self.status.value}:{self.exception_code.value}"
+
+
+class Decision(_Strict):
+    """What happened to one transition on one channel, with the reason behind it."""
+
+    event_id: str
+    status: Status
+    exception_code: ExceptionCode | None = None
+    channel: ChannelKind | None = None
+    outcome: Outcome
+    reason: str
+    notification_id: str | None = None
+    decided_at: datetime
+    occurred_at: datetime
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class Notification(_Strict):
+    """A message to deliver: everything needed to render and send it, stored in the ledger."""
+
+    notification_id: str
+    merchant_id: str
+    shipment_id: str
+    channel: ChannelKind
+    to: str
+    transition: Transition
+    recipient: Recipient
+    created_at: datetime

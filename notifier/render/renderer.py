@@ -1,0 +1,118 @@
+"""Renderer: a notification (values) → a ready-to-send email or SMS (values). Pure but for caching."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from babel.dates import format_datetime
+from jinja2 import TemplateError
+
+from notifier.errors import RenderError
+from notifier.models import ChannelKind, Notification
+from notifier.render.environment import TemplateStore
+from notifier.render.sms import SmsEncoding, measure
+
+_SPACES = re.compile(r"[ \t]+")
+_BLANK_LINES = re.compile(r"\n{3,}")
+
+
+@dataclass(frozen=True, slots=True)
+class EmailMessageOut:
+    """A rendered email."""
+
+    notification_id: str
+    merchant_id: str
+    shipment_id: str
+    to: str
+    from_addr: str
+    subject: str
+    text: str
+    html: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class SmsMessageOut:
+    """A rendered SMS with its encoding and segment count."""
+
+    notification_id: str
+    merchant_id: str
+    shipment_id: str
+    to: str
+    body: str
+    encoding: SmsEncoding
+    segments: int
+
+
+Message = EmailMessageOut | SmsMessageOut
+
+
+def _when(moment: datetime, timezone: str | None, locale: str) -> str:
+    tz = ZoneInfo(timezone) if timezone else ZoneInfo("UTC")
+    text: str = format_datetime(moment, "EEEE d MMMM, HH:mm", tzinfo=tz, locale=locale)
+    return text if timezone else f"{text} UTC"
+
+
+class Renderer:
+    """Renders notifications with the merchant's layered templates."""
+
+    def __init__(self, templates: TemplateStore, *, email_from: str) -> None:
+        self.templates = templates
+        self.email_from = email_from
+
+    def context(self, n: Notification) -> dict[str, Any]:
+        """Everything a template may use; documented in the README for merchants."""
+        t, r = n.transition, n.recipient
+        # Messages are English until the localized set lands; dates follow suit.
+        locale = "en"
+        window = None
+        if t.estimated_delivery is not None:
+            window = {
+                "start": _when(t.estimated_delivery.start, r.timezone, locale),
+                "end": _when(t.estimated_delivery.end, r.timezone, locale),
+            }
+        place = None
+        if t.location is not None:
+            place = ", ".join(p for p in (t.location.city, t.location.country) if p) or None
+        return {
+            "merchant": {"id": n.merchant_id, "name": n.merchant_id},
+            "recipient": {"name": r.name or ""},
+            "status": t.status.value,
+            "exception_code": t.exception_code.value if t.exception_code else "",
+            "tracking_number": t.tracking_number,
+            "carrier": t.carrier.upper() if len(t.carrier) <= 4 else t.carrier.title(),
+            "tracking_url": t.tracking_url or "",
+            "occurred": _when(t.occurred_at, r.timezone, locale),
+            "location": place or "",
+            "window": window,
+            "order_number": t.order.number if t.order else "",
+        }
+
+    def render(self, n: Notification) -> Message:
+        """Render ``n`` for its channel; a template problem raises RenderError."""
+        env = self.templates.environment(n.merchant_id)
+        ctx = self.context(n)
+        status = n.transition.status.value
+        try:
+            if n.channel is ChannelKind.SMS:
+                body = env.select_template([f"sms/{status}.txt", "sms/message.txt"]).render(ctx)
+                body = _SPACES.sub(" ", " ".join(body.split("\n"))).strip()
+                size = measure(body)
+                return SmsMessageOut(n.notification_id, n.merchant_id, n.shipment_id, n.to,
+                                     body, size.encoding, size.segments)
+            subject = env.select_template([f"email/{status}.subject.txt", "email/subject.txt"])
+            text = env.select_template([f"email/{status}.txt", "email/message.txt"])
+            html = env.select_template([f"email/{status}.html", "email/message.html"])
+            return EmailMessageOut(
+                n.notification_id, n.merchant_id, n.shipment_id, n.to, self.email_from,
+                subject=" ".join(subject.render(ctx).split()),
+                text=_BLANK_LINES.sub("\n\n", text.render(ctx)).strip() + "\n",
+                html=html.render(ctx),
+            )
+        except TemplateError as exc:
+            name = getattr(exc, "name", None) or getattr(exc, "filename", None) or "template"
+            raise RenderError(f"{name}: {exc}", n.notification_id) from exc

@@ -1,0 +1,123 @@
+"""The one place that turns Settings into live resources: Redis, templates, policies, channels."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import resources as importlib_resources
+from pathlib import Path
+
+from arq.connections import ArqRedis
+from fakeredis import FakeServer
+from fakeredis.aioredis import FakeRedis
+
+from notifier.channels import Channel, OutboxChannel
+from notifier.errors import ConfigurationError
+from notifier.models import ChannelKind
+from notifier.policy import PolicyStore
+from notifier.render import Renderer
+from notifier.render.environment import TemplateStore
+from notifier.settings import EmailChannelName, Settings, SmsChannelName
+from notifier.store import Store
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    """The real clock; tests pass their own."""
+    return datetime.now(UTC)
+
+
+def data_dir(name: str, configured: Path | None) -> Path:
+    """Where a merchant-editable tree lives: the setting, the installed package, or the checkout."""
+    if configured is not None:
+        return configured
+    packaged = Path(str(importlib_resources.files("notifier"))) / "_data" / name
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / name
+
+
+def connect(settings: Settings, server: FakeServer | None = None) -> ArqRedis:
+    """A Redis client: the configured server, or the embedded in-memory ``server``."""
+    if settings.redis_url:
+        return ArqRedis.from_url(
+            settings.redis_url,
+            socket_timeout=settings.redis_timeout_s,
+            socket_connect_timeout=settings.redis_timeout_s,
+        )
+    if server is None:
+        raise ConfigurationError("embedded mode needs the in-memory server to connect to")
+    # fakeredis' own client class is a plain redis.asyncio.Redis; arq needs an
+    # ArqRedis (enqueue_job), so borrow the connection pool that talks to the FakeServer.
+    return ArqRedis(connection_pool=FakeRedis(server=server).connection_pool)
+
+
+def build_channels(settings: Settings) -> dict[ChannelKind, Channel]:
+    """The email and SMS channel implementations chosen in Settings."""
+    outbox = OutboxChannel(settings.outbox_dir)
+    if settings.email_channel is not EmailChannelName.OUTBOX:
+        raise ConfigurationError(
+            f"NOTIFIER_EMAIL_CHANNEL={settings.email_channel}: only 'outbox' is available in "
+            "this version"
+        )
+    if settings.sms_channel is not SmsChannelName.OUTBOX:
+        raise ConfigurationError(
+            f"NOTIFIER_SMS_CHANNEL={settings.sms_channel}: only 'outbox' is available in this "
+            "version"
+        )
+    return {ChannelKind.EMAIL: outbox, ChannelKind.SMS: outbox}
+
+
+@dataclass
+class Resources:
+    """Everything the API and the worker share, built from one Settings."""
+
+    settings: Settings
+    redis: ArqRedis
+    store: Store
+    policies: PolicyStore
+    templates: TemplateStore
+    renderer: Renderer
+    channels: dict[ChannelKind, Channel]
+    clock: Clock
+    server: FakeServer | None
+
+
+@asynccontextmanager
+async def open_resources(
+    settings: Settings, *, server: FakeServer | None = None, clock: Clock = utc_now
+) -> AsyncIterator[Resources]:
+    """Build the resources for ``settings``; the Redis connection is closed on exit.
+
+    In embedded mode pass the same ``server`` to every user (API, worker) so they
+    share one in-memory store; one is created when none is given.
+    """
+    if settings.embedded and server is None:
+        server = FakeServer()
+    redis = connect(settings, server)
+    templates = TemplateStore(data_dir("templates", settings.templates_dir))
+    try:
+        yield Resources(
+            settings=settings,
+            redis=redis,
+            store=Store(
+                redis,
+                partitions=settings.partitions,
+                idempotency_ttl_s=settings.idempotency_ttl_s,
+                state_ttl_s=settings.state_ttl_s,
+            ),
+            policies=PolicyStore(data_dir("policies", settings.policies_dir)),
+            templates=templates,
+            renderer=Renderer(templates, email_from=settings.email_from),
+            channels=build_channels(settings),
+            clock=clock,
+            server=server,
+        )
+    finally:
+        await redis.aclose(close_connection_pool=True)

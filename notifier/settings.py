@@ -1,0 +1,143 @@
+"""Settings: the one place that reads the environment (prefix ``NOTIFIER_``, or a ``.env`` file)."""
+
+from __future__ import annotations
+
+import json
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: The API key embedded mode accepts when none is configured. It is printed at
+#: start-up and only ever valid against the in-memory store on this machine.
+DEV_API_KEY = "dev-key-not-for-production"
+
+
+class EmailChannelName(StrEnum):
+    """Implementations that can carry email."""
+
+    OUTBOX = "outbox"  #: write .eml files under the outbox directory
+    SENDGRID = "sendgrid"  #: SendGrid's v3 mail API
+
+
+class SmsChannelName(StrEnum):
+    """Implementations that can carry SMS."""
+
+    OUTBOX = "outbox"  #: write .sms.json files under the outbox directory
+    TWILIO = "twilio"  #: Twilio's Messages API
+
+
+class Settings(BaseSettings):
+    """Typed configuration, read once; tests build ``Settings(...)`` directly."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="NOTIFIER_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    redis_url: str | None = Field(
+        default=None, description="Redis to use; unset means the embedded in-memory mode."
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    api_keys: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description='JSON object: API key -> merchant ids it may act for (["*"] = all).',
+    )
+    outbox_dir: Path = Path("outbox")
+    templates_dir: Path | None = None
+    locales_dir: Path | None = None
+    policies_dir: Path | None = None
+    public_url: str = "http://127.0.0.1:8080"
+
+    email_channel: EmailChannelName = EmailChannelName.OUTBOX
+    sms_channel: SmsChannelName = SmsChannelName.OUTBOX
+    email_from: str = Field(
+        default="notifications@notifier.invalid",
+        description="From address of outgoing email when the merchant sets none.",
+    )
+
+    twilio_account_sid: str | None = None
+    twilio_auth_token: str | None = None
+    twilio_from: str | None = None
+    twilio_messaging_service_sid: str | None = None
+    twilio_base_url: str = "https://api.twilio.com"
+    sendgrid_api_key: str | None = None
+    sendgrid_from: str | None = None
+    sendgrid_base_url: str = "https://api.sendgrid.com"
+    sendgrid_webhook_public_key: str | None = None
+
+    max_body_bytes: int = Field(
+        default=2 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above)."
+    )
+    max_batch: int = Field(default=1000, ge=1, le=10_000)
+    idempotency_ttl_s: int = Field(
+        default=30 * 24 * 3600, ge=60, description="How long an event_id is remembered."
+    )
+    state_ttl_s: int = Field(
+        default=90 * 24 * 3600, ge=60, description="How long shipment state and history live."
+    )
+    partitions: Annotated[int, Field(ge=1, le=256)] = Field(
+        default=8, description="Inbox streams; one shipment always maps to the same one."
+    )
+    worker_batch: int = Field(default=500, ge=1, le=10_000)
+    worker_max_jobs: int = Field(default=16, ge=1)
+    worker_poll_delay_s: float = Field(default=0.05, ge=0)
+    claim_idle_s: float = Field(
+        default=60.0, gt=0, description="Inbox entries unacknowledged this long are re-claimed."
+    )
+    redis_timeout_s: float = Field(default=2.0, gt=0)
+    log_level: str = "INFO"
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _api_keys_json(cls, value: object) -> object:
+        # pydantic-settings already decodes JSON from the environment; a plain
+        # string here comes from a .env file or a test and is decoded the same way.
+        if isinstance(value, str):
+            return json.loads(value) if value.strip() else {}
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _api_keys_sane(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for key, merchants in value.items():
+            if len(key) < 8:
+                raise ValueError("every API key must be at least 8 characters long")
+            if not merchants:
+                raise ValueError("every API key must list at least one merchant id (or '*')")
+        return value
+
+    @model_validator(mode="after")
+    def _channels_have_credentials(self) -> Settings:
+        missing: list[str] = []
+        if self.email_channel is EmailChannelName.SENDGRID:
+            missing += [
+                f"NOTIFIER_{name.upper()}"
+                for name in ("sendgrid_api_key", "sendgrid_from")
+                if not getattr(self, name)
+            ]
+        if self.sms_channel is SmsChannelName.TWILIO:
+            missing += [
+                f"NOTIFIER_{name.upper()}"
+                for name in ("twilio_account_sid", "twilio_auth_token")
+                if not getattr(self, name)
+            ]
+            if not (self.twilio_from or self.twilio_messaging_service_sid):
+                missing.append("NOTIFIER_TWILIO_FROM or NOTIFIER_TWILIO_MESSAGING_SERVICE_SID")
+        if missing:
+            raise ValueError("the chosen channel needs " + ", ".join(missing))
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        """True when no Redis is configured: in-memory store, worker in the API process."""
+        return not self.redis_url
+
+    def effective_api_keys(self) -> dict[str, list[str]]:
+        """Configured keys, or the development key in embedded mode when none are set."""
+        if self.api_keys or not self.embedded:
+            return self.api_keys
+        return {DEV_API_KEY: ["*"]}

@@ -1,0 +1,359 @@
+"""Redis keys and scripts: idempotency, inbox streams, shipment state, history, notification ledger.
+
+Every write that must be atomic is one Lua script, so any number of API and
+worker processes can share one Redis:
+
+- ``ingest``: per event, ``SET NX`` its idempotency key and, only if new, ``XADD``
+  it to its partition's inbox stream — an event is either persisted and
+  acknowledged, or not acknowledged at all.
+- ``commit``: per shipment, compare-and-set the state version, append the
+  decisions to the history and create the ledger entries of new notifications.
+  A shipment whose version moved (another worker got there first) is reported
+  as a conflict and re-decided by the caller.
+- ``claim``: move a notification from ``pending`` (or a ``sending`` whose lease
+  expired) to ``sending``, so two workers never send the same notification.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import orjson
+from arq.connections import ArqRedis
+from redis.exceptions import ResponseError
+
+from notifier.state import ShipmentState
+
+PREFIX = "ntf"
+GROUP = "workers"
+
+_INGEST = """
+local n = (#ARGV - 2)
+local accepted = {}
+local touched = {}
+for i = 1, n do
+  if redis.call('SET', KEYS[i], '1', 'NX', 'EX', ARGV[1]) then
+    redis.call('XADD', KEYS[n + i], '*', 't', ARGV[2 + i])
+    accepted[i] = 1
+    touched[KEYS[n + i]] = true
+  else
+    accepted[i] = 0
+  end
+end
+local woken = {}
+for inbox, _ in pairs(touched) do
+  if redis.call('SET', inbox .. ':wake', '1', 'NX', 'PX', ARGV[2]) then
+    table.insert(woken, inbox)
+  end
+end
+return {accepted, woken}
+"""
+
+_COMMIT = """
+local ttl = tonumber(ARGV[1])
+local cap = tonumber(ARGV[2])
+local shipments = tonumber(ARGV[3])
+local now = ARGV[4]
+local a = 5
+local k = 1
+local conflicts = {}
+for s = 1, shipments do
+  local skey, hkey = KEYS[k], KEYS[k + 1]
+  k = k + 2
+  local expected, newstate, nh = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+  a = a + 3
+  local current = redis.call('HGET', skey, 'v') or '0'
+  local ok = (current == expected)
+  if ok then
+    redis.call('HSET', skey, 'v', tostring(tonumber(current) + 1), 's', newstate)
+    redis.call('EXPIRE', skey, ttl)
+    for i = 0, nh - 1 do
+      redis.call('RPUSH', hkey, ARGV[a + i])
+    end
+    if nh > 0 then
+      redis.call('LTRIM', hkey, -cap, -1)
+      redis.call('EXPIRE', hkey, ttl)
+    end
+  else
+    table.insert(conflicts, s)
+  end
+  a = a + nh
+  local nn = tonumber(ARGV[a])
+  a = a + 1
+  for i = 0, nn - 1 do
+    if ok and redis.call('HSETNX', KEYS[k + i], 'st', 'pending') == 1 then
+      redis.call('HSET', KEYS[k + i], 'p', ARGV[a + i], 'created', now, 'attempts', '0')
+      redis.call('EXPIRE', KEYS[k + i], ttl)
+    end
+  end
+  k = k + nn
+  a = a + nn
+end
+return conflicts
+"""
+
+_CLAIM = """
+local now = tonumber(ARGV[1])
+local lease = tonumber(ARGV[2])
+local out = {}
+for i = 1, #KEYS do
+  local st = redis.call('HGET', KEYS[i], 'st')
+  local code = 0
+  if st == 'pending' then
+    code = 1
+  elseif st == 'sending' then
+    local claimed = tonumber(redis.call('HGET', KEYS[i], 'claimed') or '0')
+    if claimed + lease < now then code = 2 end
+  end
+  if code > 0 then
+    redis.call('HSET', KEYS[i], 'st', 'sending', 'claimed', tostring(now))
+    redis.call('HINCRBY', KEYS[i], 'attempts', 1)
+    out[i] = {code, redis.call('HGET', KEYS[i], 'p')}
+  else
+    out[i] = {0, st or ''}
+  end
+end
+return out
+"""
+
+
+class LedgerState(StrEnum):
+    """Where a notification is in its life (ledger ``st`` field)."""
+
+    PENDING = "pending"  #: decided, not yet handed to a channel
+    SENDING = "sending"  #: claimed by a worker, being handed to a channel
+    SENT = "sent"  #: the channel accepted it
+    FAILED = "failed"  #: permanently failed or out of attempts; in the dead-letter list
+
+
+class ClaimResult(StrEnum):
+    """What ``claim`` found for one notification."""
+
+    NONE = "none"  #: not claimable (already sent, failed, or being sent by someone else)
+    FRESH = "fresh"  #: was pending
+    RECLAIMED = "reclaimed"  #: a previous claim's lease expired; it may have been sent already
+
+
+@dataclass(frozen=True, slots=True)
+class InboxEntry:
+    """One accepted transition waiting in a partition's inbox stream."""
+
+    entry_id: str
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ShipmentCommit:
+    """What one shipment's processing wants to write, guarded by the version it read."""
+
+    merchant_id: str
+    shipment_id: str
+    expected_version: int
+    state: ShipmentState
+    history: list[bytes]
+    notifications: list[tuple[str, bytes]]  # (notification id, payload)
+
+
+def _decode(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class Store:
+    """Typed access to everything notifier keeps in Redis."""
+
+    def __init__(self, redis: ArqRedis, *, partitions: int, idempotency_ttl_s: int,
+                 state_ttl_s: int, history_cap: int = 200) -> None:
+        self.redis = redis
+        self.partitions = partitions
+        self.idempotency_ttl_s = idempotency_ttl_s
+        self.state_ttl_s = state_ttl_s
+        self.history_cap = history_cap
+        self._ingest = redis.register_script(_INGEST)
+        self._commit = redis.register_script(_COMMIT)
+        self._claim = redis.register_script(_CLAIM)
+
+    # -- keys ---------------------------------------------------------------
+    def partition_of(self, merchant_id: str, shipment_id: str) -> int:
+        """The inbox partition of a shipment: stable, so its events stay in one stream."""
+        return zlib.crc32(f"{merchant_id}\x00{shipment_id}".encode()) % self.partitions
+
+    def inbox_key(self, partition: int) -> str:
+        return f"{PREFIX}:inbox:{partition}"
+
+    def wake_key(self, partition: int) -> str:
+        return f"{self.inbox_key(partition)}:wake"
+
+    @staticmethod
+    def event_key(merchant_id: str, event_id: str) -> str:
+        return f"{PREFIX}:evt:{merchant_id}:{event_id}"
+
+    @staticmethod
+    def state_key(merchant_id: str, shipment_id: str) -> str:
+        return f"{PREFIX}:shp:{merchant_id}:{shipment_id}"
+
+    @staticmethod
+    def history_key(merchant_id: str, shipment_id: str) -> str:
+        return f"{PREFIX}:hist:{merchant_id}:{shipment_id}"
+
+    @staticmethod
+    def notification_key(notification_id: str) -> str:
+        return f"{PREFIX}:msg:{notification_id}"
+
+    DEAD_LETTER_KEY = f"{PREFIX}:dead"
+
+    # -- ingest -------------------------------------------------------------
+    async def ingest(
+        self, items: Sequence[tuple[str, str, str, bytes]], wake_ms: int = 5000
+    ) -> tuple[list[bool], list[int]]:
+        """Persist new events atomically; return (accepted per item, partitions to wake).
+
+        ``items`` are (merchant_id, shipment_id, event_id, payload). A partition is
+        returned at most once per ``wake_ms``; its caller enqueues a drain job.
+        """
+        evt_keys = [self.event_key(m, e) for m, _, e, _ in items]
+        inbox_keys = [self.inbox_key(self.partition_of(m, s)) for m, s, _, _ in items]
+        args: list[Any] = [self.idempotency_ttl_s, wake_ms, *(p for *_, p in items)]
+        accepted, woken = await self._ingest(keys=evt_keys + inbox_keys, args=args)
+        parts = [int(_decode(k).split(":")[2]) for k in woken]
+        return [bool(a) for a in accepted], parts
+
+    # -- inbox --------------------------------------------------------------
+    async def ensure_groups(self) -> None:
+        """Create every partition's consumer group (idempotent)."""
+        for partition in range(self.partitions):
+            try:
+                await self.redis.xgroup_create(
+                    self.inbox_key(partition), GROUP, id="0", mkstream=True
+                )
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def read_inbox(self, partition: int, consumer: str, count: int) -> list[InboxEntry]:
+        """New entries of a partition for this consumer (they stay pending until acked)."""
+        reply = await self.redis.xreadgroup(
+            GROUP, consumer, {self.inbox_key(partition): ">"}, count=count
+        )
+        if not reply:
+            return []
+        return [InboxEntry(_decode(i), f[b"t"]) for i, f in reply[0][1]]
+
+    async def claim_stale(
+        self, partition: int, consumer: str, min_idle_ms: int, count: int
+    ) -> list[InboxEntry]:
+        """Take over entries another consumer read but never acknowledged (it crashed)."""
+        reply = await self.redis.xautoclaim(
+            self.inbox_key(partition), GROUP, consumer, min_idle_ms, "0-0", count=count
+        )
+        return [InboxEntry(_decode(i), f[b"t"]) for i, f in reply[1] if f]
+
+    async def ack(self, partition: int, entry_ids: Sequence[str]) -> None:
+        """Acknowledge and delete processed entries."""
+        if not entry_ids:
+            return
+        key = self.inbox_key(partition)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xack(key, GROUP, *entry_ids)
+            pipe.xdel(key, *entry_ids)
+            await pipe.execute()
+
+    async def backlog(self, partition: int) -> int:
+        """Entries in a partition's inbox, processed or not yet acknowledged."""
+        return int(await self.redis.xlen(self.inbox_key(partition)))
+
+    async def clear_wake(self, partition: int) -> None:
+        await self.redis.delete(self.wake_key(partition))
+
+    async def set_wake(self, partition: int, wake_ms: int = 5000) -> bool:
+        return bool(await self.redis.set(self.wake_key(partition), "1", nx=True, px=wake_ms))
+
+    # -- shipment state -----------------------------------------------------
+    async def load_states(
+        self, shipments: Sequence[tuple[str, str]]
+    ) -> list[tuple[int, ShipmentState | None]]:
+        """(version, state) per (merchant_id, shipment_id); version 0 and None when unknown."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for merchant_id, shipment_id in shipments:
+                pipe.hmget(self.state_key(merchant_id, shipment_id), ["v", "s"])
+            rows = await pipe.execute()
+        out: list[tuple[int, ShipmentState | None]] = []
+        for version, raw in rows:
+            state = ShipmentState.model_validate_json(raw) if raw else None
+            out.append((int(version or 0), state))
+        return out
+
+    async def commit(self, commits: Sequence[ShipmentCommit], now_iso: str) -> list[int]:
+        """Write all commits whose version still matches; return indexes that conflicted."""
+        if not commits:
+            return []
+        keys: list[str] = []
+        args: list[Any] = [self.state_ttl_s, self.history_cap, len(commits), now_iso]
+        for c in commits:
+            keys += [self.state_key(c.merchant_id, c.shipment_id),
+                     self.history_key(c.merchant_id, c.shipment_id)]
+            keys += [self.notification_key(nid) for nid, _ in c.notifications]
+            args += [str(c.expected_version), c.state.model_dump_json(exclude_defaults=True),
+                     len(c.history), *c.history, len(c.notifications),
+                     *(payload for _, payload in c.notifications)]
+        conflicts = await self._commit(keys=keys, args=args)
+        return [int(i) - 1 for i in conflicts]
+
+    # -- notification ledger ------------------------------------------------
+    async def claim(
+        self, notification_ids: Sequence[str], now_ms: int, lease_ms: int
+    ) -> list[tuple[ClaimResult, bytes | None]]:
+        """Claim notifications for sending; return (result, payload) per id."""
+        if not notification_ids:
+            return []
+        keys = [self.notification_key(n) for n in notification_ids]
+        rows = await self._claim(keys=keys, args=[now_ms, lease_ms])
+        results = {1: ClaimResult.FRESH, 2: ClaimResult.RECLAIMED}
+        return [(results.get(int(code), ClaimResult.NONE), p if int(code) else None)
+                for code, p in rows]
+
+    async def mark_sent(self, outcomes: Sequence[tuple[str, str, str]]) -> None:
+        """Record (notification id, sent-at ISO, channel detail) as sent."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for nid, at, detail in outcomes:
+                pipe.hset(self.notification_key(nid),
+                          mapping={"st": LedgerState.SENT, "sent": at, "detail": detail})
+            await pipe.execute()
+
+    async def release(self, notification_id: str, error: str) -> None:
+        """Give a claimed notification back (a temporary failure); it will be retried."""
+        await self.redis.hset(self.notification_key(notification_id),
+                              mapping={"st": LedgerState.PENDING, "error": error})
+
+    async def mark_failed(self, notification_id: str, error: str) -> None:
+        """Record a permanent failure and put the notification on the dead-letter list."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.notification_key(notification_id),
+                      mapping={"st": LedgerState.FAILED, "error": error})
+            pipe.rpush(self.DEAD_LETTER_KEY, notification_id)
+            await pipe.execute()
+
+    async def ledger(self, notification_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+        """Delivery status fields (without the payload) per notification id."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for nid in notification_ids:
+                pipe.hmget(self.notification_key(nid),
+                           ["st", "created", "sent", "detail", "error", "attempts"])
+            rows = await pipe.execute()
+        names = ("status", "created_at", "sent_at", "detail", "error", "attempts")
+        return {
+            nid: {k: _decode(v) for k, v in zip(names, row, strict=True) if v is not None}
+            for nid, row in zip(notification_ids, rows, strict=True)
+        }
+
+    async def history(self, merchant_id: str, shipment_id: str) -> list[dict[str, Any]]:
+        """The recorded decisions of a shipment, oldest first."""
+        rows = await self.redis.lrange(self.history_key(merchant_id, shipment_id), 0, -1)
+        return [orjson.loads(r) for r in rows]
+
+    async def dead_letters(self) -> int:
+        """How many notifications failed for good."""
+        return int(await self.redis.llen(self.DEAD_LETTER_KEY))
