@@ -105,7 +105,6 @@ def create_app(
     async def resources_ctx(app: web.Application) -> AsyncIterator[None]:
         async with open_resources(settings, server=server, clock=clock) as res:
             app[RESOURCES] = res
-            await res.store.ensure_groups()
             if not in_process:
                 yield
                 return

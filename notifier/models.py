@@ -17,6 +17,8 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -204,7 +206,7 @@ class Transition(_Strict):
     tracking_number: ShortText
     carrier: ShortText
     status: Status
-    exception_code: ExceptionCode | None = None
+    exception_code: ExceptionCode | None = Field(default=None, validate_default=True)
     occurred_at: AwareDatetime
     location: Location | None = None
     estimated_delivery: DeliveryWindow | None = None
@@ -214,13 +216,17 @@ class Transition(_Strict):
     recipient: Recipient | None = None
     order: Order | None = None
 
-    @model_validator(mode="after")
-    def _exception_code_iff_exception(self) -> Self:
-        if self.status is Status.EXCEPTION and self.exception_code is None:
+    @field_validator("exception_code")
+    @classmethod
+    def _exception_code_iff_exception(
+        cls, value: ExceptionCode | None, info: ValidationInfo
+    ) -> ExceptionCode | None:
+        status = info.data.get("status")
+        if status is Status.EXCEPTION and value is None:
             raise ValueError("exception_code is required when status is exception")
-        if self.status is not Status.EXCEPTION and self.exception_code is not None:
+        if status is not None and status is not Status.EXCEPTION and value is not None:
             raise ValueError("exception_code is only allowed when status is exception")
-        return self
+        return value
 
     @property
     def milestone(self) -> str:

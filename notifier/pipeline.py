@@ -8,7 +8,9 @@ pipelined write of the receipts.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import random
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,7 +30,7 @@ log = logging.getLogger(__name__)
 
 #: Rounds of re-deciding shipments another worker changed under us before giving up
 #: (the entries then stay unacknowledged and are retried).
-MAX_ROUNDS = 20
+MAX_ROUNDS = 100
 
 ShipmentKey = tuple[str, str]
 
@@ -83,9 +85,12 @@ class Pipeline:
 
         to_deliver: list[str] = []
         pending = groups
-        for _ in range(MAX_ROUNDS):
+        for round_no in range(MAX_ROUNDS):
             if not pending:
                 break
+            if round_no:
+                # Lost a race on some shipments: back off a little so contenders spread out.
+                await asyncio.sleep(random.uniform(0, 0.001 * min(round_no, 20)))
             keys = list(pending)
             states = await self.res.store.load_states(keys)
             now = self.res.clock()

@@ -261,9 +261,20 @@ class Store:
             pipe.xdel(key, *entry_ids)
             await pipe.execute()
 
-    async def backlog(self, partition: int) -> int:
-        """Entries in a partition's inbox, processed or not yet acknowledged."""
-        return int(await self.redis.xlen(self.inbox_key(partition)))
+    async def needs_drain(self, partition: int, stale_ms: int) -> bool:
+        """Whether a partition has unread entries, or read ones unacknowledged past ``stale_ms``."""
+        key = self.inbox_key(partition)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xlen(key)
+            pipe.xpending(key, GROUP)
+            pipe.xpending_range(key, GROUP, min="-", max="+", count=1, idle=stale_ms)
+            try:
+                length, summary, stale = await pipe.execute()
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):
+                    return bool(await self.redis.xlen(key))
+                raise
+        return int(length) > int(summary["pending"]) or bool(stale)
 
     async def clear_wake(self, partition: int) -> None:
         await self.redis.delete(self.wake_key(partition))

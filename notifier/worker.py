@@ -94,12 +94,13 @@ async def deliver(ctx: dict[str, Any], notification_id: str) -> str:
 
 
 async def sweep(ctx: dict[str, Any]) -> int:
-    """Wake every partition that has entries: covers a lost wake-up or a crashed worker."""
+    """Wake partitions with unread or abandoned entries: covers a lost wake-up or a crashed worker."""
     res: Resources = ctx["res"]
+    stale_ms = int(res.settings.claim_idle_s * 1000)
     woken = [
         p
         for p in range(res.settings.partitions)
-        if await res.store.backlog(p) and await res.store.set_wake(p)
+        if await res.store.needs_drain(p, stale_ms) and await res.store.set_wake(p)
     ]
     await wake(res, woken)
     return len(woken)

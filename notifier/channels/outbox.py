@@ -8,7 +8,7 @@ import tempfile
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.policy import SMTP
-from email.utils import format_datetime, make_msgid
+from email.utils import format_datetime
 from pathlib import Path
 
 import orjson
@@ -25,7 +25,8 @@ def build_eml(message: EmailMessageOut, sent_at: datetime) -> bytes:
     msg["To"] = message.to
     msg["Subject"] = message.subject
     msg["Date"] = format_datetime(sent_at.astimezone(UTC))
-    msg["Message-ID"] = make_msgid(idstring=message.notification_id, domain="notifier.local")
+    # Deterministic, so a message re-sent after a crash is recognisably the same one.
+    msg["Message-ID"] = f"<{message.notification_id}@notifier.local>"
     msg["X-Notification-ID"] = message.notification_id
     for name, value in message.headers.items():
         msg[name] = value

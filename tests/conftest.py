@@ -1,0 +1,147 @@
+"""Test fixtures: a real redis-server started for the session, Settings, the API client, a burst worker.
+
+A missing redis-server fails the session: the tests never silently skip the
+real component. Set NOTIFIER_TEST_REDIS_URL to use an already running Redis
+instead (it is flushed before every test).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from aiohttp.test_utils import TestClient, TestServer
+
+from notifier.app import create_app
+from notifier.settings import Settings
+from notifier.worker import build_worker
+
+ADMIN_KEY = "k_backend_0123456789"
+ACME_KEY = "k_acme_0123456789"
+API_KEYS = {ADMIN_KEY: ["*"], ACME_KEY: ["acme"]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    configured = os.environ.get("NOTIFIER_TEST_REDIS_URL")
+    if configured:
+        yield configured
+        return
+    binary = shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
+    )
+    if binary is None:
+        pytest.fail(
+            "redis-server is not installed: run the README's test command "
+            "(scripts/test installs it) or set NOTIFIER_TEST_REDIS_URL",
+            pytrace=False,
+        )
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="notifier-redis-")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", workdir, "--daemonize", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + 20
+    while True:  # readiness wait for the server process, not a test sleep
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"redis-server did not start on port {port}", pytrace=False)
+            time.sleep(0.02)
+    client.close()
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _flush(request: pytest.FixtureRequest) -> None:
+    if "redis_url" in request.fixturenames:
+        client = redis.Redis.from_url(request.getfixturevalue("redis_url"))
+        client.flushall()
+        client.close()
+
+
+def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "api_keys": API_KEYS,
+        "outbox_dir": tmp_path / "outbox",
+        "worker_poll_delay_s": 0,
+        "partitions": 4,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@pytest.fixture
+def settings(tmp_path: Path, redis_url: str) -> Settings:
+    return make_settings(tmp_path, redis_url=redis_url)
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[TestClient[Any, Any]]:
+    async with TestClient(TestServer(create_app(settings))) as c:
+        yield c
+
+
+async def run_worker(settings: Settings, **kwargs: Any) -> int:
+    """Run a burst worker until the queue is empty; return jobs completed."""
+    worker = build_worker(settings, burst=True, handle_signals=False, poll_delay_s=0, **kwargs)
+    try:
+        await worker.main()
+    finally:
+        await worker.close()
+    assert worker.jobs_failed == 0, f"{worker.jobs_failed} jobs failed"
+    return int(worker.jobs_complete)
+
+
+def transition(**overrides: Any) -> dict[str, Any]:
+    """A valid transition as the tracking backend posts it."""
+    body: dict[str, Any] = {
+        "event_id": "evt_1",
+        "merchant_id": "acme",
+        "shipment_id": "shp_123",
+        "tracking_number": "1Z999AA10123456784",
+        "carrier": "ups",
+        "status": "out_for_delivery",
+        "occurred_at": "2026-11-21T09:30:00+01:00",
+        "location": {"city": "Leipzig", "region": "SN", "country": "DE", "lat": 51.34,
+                     "lon": 12.37},
+        "tracking_url": "https://track.example.com/1Z999AA10123456784",
+        "recipient": {"name": "Ana", "email": "ana@example.com", "phone": "+33612345678",
+                      "locale": "fr_FR", "timezone": "Europe/Paris"},
+        "order": {"number": "1001"},
+    }
+    body.update(overrides)
+    return body
+
+
+def auth(key: str = ADMIN_KEY) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def outbox_files(settings: Settings, suffix: str = "") -> list[Path]:
+    return sorted(p for p in settings.outbox_dir.rglob(f"*{suffix}") if p.is_file())

@@ -1,0 +1,171 @@
+"""POST /v1/transitions and the history endpoint through aiohttp's test client, on a real Redis."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp.test_utils import TestClient, TestServer
+
+from notifier.app import create_app
+from notifier.settings import Settings
+from tests.conftest import ACME_KEY, auth, free_port, make_settings, transition
+
+Client = TestClient[Any, Any]
+
+
+async def post(client: Client, body: Any, key: str | None = None, **kw: Any) -> Any:
+    headers = auth(key) if key else auth()
+    return await client.post("/v1/transitions", json=body, headers=headers, **kw)
+
+
+async def test_single_transition_is_accepted(client: Client) -> None:
+    resp = await post(client, transition())
+    assert resp.status == 202
+    assert await resp.json() == {
+        "accepted": 1,
+        "duplicates": 0,
+        "results": [{"index": 0, "event_id": "evt_1", "status": "accepted"}],
+    }
+
+
+async def test_same_event_id_twice_is_a_duplicate(client: Client) -> None:
+    assert (await post(client, transition())).status == 202
+    resp = await post(client, transition())
+    assert resp.status == 202
+    body = await resp.json()
+    assert (body["accepted"], body["duplicates"]) == (0, 1)
+    assert body["results"][0]["status"] == "duplicate"
+
+
+async def test_event_ids_are_scoped_per_merchant(client: Client) -> None:
+    await post(client, transition())
+    resp = await post(client, transition(merchant_id="globex"))
+    assert (await resp.json())["accepted"] == 1
+
+
+async def test_batch_accepts_valid_items_and_names_invalid_ones(client: Client) -> None:
+    items = [
+        transition(event_id="a"),
+        transition(event_id="b", status="exception"),  # exception_code missing
+        transition(event_id="c", recipient={"phone": "0612"}),
+        transition(event_id="a"),  # duplicate inside the batch
+    ]
+    resp = await post(client, {"transitions": items})
+    assert resp.status == 202
+    body = await resp.json()
+    assert (body["accepted"], body["duplicates"], body["rejected"]) == (1, 1, 2)
+    assert [r["status"] for r in body["results"]] == ["accepted", "rejected", "rejected",
+                                                      "duplicate"]
+    fields = {(d["index"], d["field"]) for d in body["error"]["details"]}
+    assert fields == {(1, "exception_code"), (2, "recipient.phone")}
+
+
+async def test_all_invalid_is_422_naming_every_field(client: Client) -> None:
+    bad = transition(status="teleported", occurred_at="2026-11-21T09:30:00", surprise=1)
+    del bad["carrier"]
+    resp = await post(client, bad)
+    assert resp.status == 422
+    error = (await resp.json())["error"]
+    assert error["code"] == "invalid_transition"
+    assert {d["field"] for d in error["details"]} == {
+        "status", "occurred_at", "surprise", "carrier"
+    }
+    assert all("index" not in d for d in error["details"])
+
+
+async def test_exception_code_only_with_exception(client: Client) -> None:
+    resp = await post(client, transition(exception_code="lost"))
+    assert resp.status == 422
+    details = (await resp.json())["error"]["details"]
+    assert details[0]["field"] == "exception_code"
+    resp = await post(client, transition(status="exception", exception_code="customs_hold"))
+    assert resp.status == 202
+
+
+async def test_batch_shape_errors(client: Client) -> None:
+    for body, field in [
+        ({"transitions": []}, "transitions"),
+        ({"transitions": [transition()], "extra": 1}, "extra"),
+        ([transition()], "(body)"),
+        ({"transitions": [transition(event_id=str(i)) for i in range(1001)]}, "transitions"),
+    ]:
+        resp = await post(client, body)
+        assert resp.status == 422, body if not isinstance(body, dict) else field
+        assert (await resp.json())["error"]["details"][0]["field"] == field
+
+
+async def test_malformed_json_and_content_type(client: Client) -> None:
+    resp = await client.post("/v1/transitions", data=b"{not json", headers={
+        **auth(), "Content-Type": "application/json"})
+    assert resp.status == 400
+    assert (await resp.json())["error"]["code"] == "bad_request"
+    resp = await client.post("/v1/transitions", data=b"x=1", headers={
+        **auth(), "Content-Type": "application/x-www-form-urlencoded"})
+    assert resp.status == 415
+
+
+async def test_body_over_the_limit_is_413(tmp_path: Path, redis_url: str) -> None:
+    settings = make_settings(tmp_path, redis_url=redis_url, max_body_bytes=4096)
+    async with TestClient(TestServer(create_app(settings))) as c:
+        big = {"transitions": [transition(event_id=str(i)) for i in range(20)]}
+        resp = await post(c, big)
+        assert resp.status == 413
+        assert (await resp.json())["error"]["code"] == "payload_too_large"
+
+
+async def test_missing_and_unknown_keys_are_401(client: Client) -> None:
+    resp = await client.post("/v1/transitions", json=transition())
+    assert resp.status == 401
+    assert resp.headers["WWW-Authenticate"] == "Bearer"
+    resp = await post(client, transition(), key="k_wrong_0123456789")
+    assert resp.status == 401
+    assert (await resp.json())["error"]["code"] == "unauthorized"
+
+
+async def test_key_scoped_to_one_merchant(client: Client) -> None:
+    assert (await post(client, transition(), key=ACME_KEY)).status == 202
+    resp = await post(client, transition(merchant_id="globex"), key=ACME_KEY)
+    assert resp.status == 403
+    resp = await post(client, {"transitions": [transition(event_id="x"),
+                                                transition(event_id="y", merchant_id="globex")]},
+                      key=ACME_KEY)
+    assert resp.status == 403
+    assert (await resp.json())["error"]["details"] == [
+        {"index": 1, "field": "merchant_id", "message": "not allowed for this API key"}
+    ]
+    # nothing of the refused batch was persisted: posting "x" again is new
+    resp = await post(client, transition(event_id="x"), key=ACME_KEY)
+    assert (await resp.json())["accepted"] == 1
+
+
+async def test_unreachable_redis_is_503_with_retry_after(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, redis_url=f"redis://127.0.0.1:{free_port()}/0",
+                             redis_timeout_s=0.5)
+    async with TestClient(TestServer(create_app(settings))) as c:
+        resp = await post(c, transition())
+        assert resp.status == 503
+        assert resp.headers["Retry-After"] == "5"
+        assert (await resp.json())["error"]["code"] == "unavailable"
+        health = await c.get("/healthz")
+        assert health.status == 503
+
+
+async def test_healthz(client: Client, settings: Settings) -> None:
+    resp = await client.get("/healthz")
+    assert resp.status == 200
+    assert await resp.json() == {"status": "ok", "redis": "ok", "mode": "redis"}
+
+
+async def test_unknown_route_is_json_404(client: Client) -> None:
+    resp = await client.get("/v1/nope")
+    assert resp.status == 404
+    assert "error" in orjson.loads(await resp.read())
+
+
+async def test_history_needs_a_key_for_that_merchant(client: Client) -> None:
+    url = "/v1/merchants/globex/shipments/shp_1/notifications"
+    assert (await client.get(url)).status == 401
+    assert (await client.get(url, headers=auth(ACME_KEY))).status == 403
+    assert (await client.get(url, headers=auth())).status == 404

@@ -1,0 +1,244 @@
+"""The worker path on a real Redis: inbox → state + decisions → render → outbox; burst workers, no sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp.test_utils import TestClient
+
+from notifier.channels.base import Receipt
+from notifier.delivery import LEASE_MS
+from notifier.models import ChannelKind, Transition
+from notifier.pipeline import Pipeline, notification_id
+from notifier.render import Message
+from notifier.resources import open_resources
+from notifier.settings import Settings
+from notifier.store import GROUP, InboxEntry
+from tests.conftest import auth, outbox_files, run_worker, transition
+
+Client = TestClient[Any, Any]
+
+
+async def post(client: Client, *items: dict[str, Any]) -> dict[str, Any]:
+    resp = await client.post("/v1/transitions", json={"transitions": list(items)}, headers=auth())
+    assert resp.status == 202, await resp.text()
+    body: dict[str, Any] = await resp.json()
+    return body
+
+
+async def history(client: Client, shipment: str = "shp_123") -> list[dict[str, Any]]:
+    resp = await client.get(f"/v1/merchants/acme/shipments/{shipment}/notifications",
+                            headers=auth())
+    assert resp.status == 200
+    decisions: list[dict[str, Any]] = (await resp.json())["decisions"]
+    return decisions
+
+
+async def test_transition_becomes_eml_and_sms_json(client: Client, settings: Settings) -> None:
+    await post(client, transition())
+    await run_worker(settings)
+
+    [eml] = outbox_files(settings, ".eml")
+    [sms] = outbox_files(settings, ".sms.json")
+    assert eml.parent == settings.outbox_dir / "acme" / "shp_123"
+    nid_email = notification_id(Transition.model_validate(transition()), ChannelKind.EMAIL)
+    assert eml.name.endswith(f"-{nid_email}.eml")
+
+    msg = email.message_from_bytes(eml.read_bytes(), policy=email.policy.default)
+    assert msg["To"] == "ana@example.com"
+    assert msg["Subject"] == "Your parcel arrives today (order 1001)"
+    assert msg.get_content_type() == "multipart/alternative"
+    parts = {p.get_content_type(): p.get_content() for p in msg.iter_parts()}  # type: ignore[attr-defined]
+    assert set(parts) == {"text/plain", "text/html"}
+    assert "https://track.example.com/1Z999AA10123456784" in parts["text/plain"]
+    assert "Saturday 21 November, 09:30" in parts["text/plain"]  # recipient's time zone
+    assert '<html lang="en"' in parts["text/html"]
+
+    body = json.loads(sms.read_text())
+    assert set(body) == {"to", "body", "encoding", "segments", "notification_id"}
+    assert body["to"] == "+33612345678"
+    assert (body["encoding"], body["segments"]) == ("GSM-7", 1)
+    assert body["notification_id"] in sms.name
+
+    decisions = await history(client)
+    assert [(d["channel"], d["outcome"], d["delivery"]["status"]) for d in decisions] == [
+        ("email", "sent", "sent"), ("sms", "sent", "sent")]
+
+
+async def test_posted_twice_produces_one_message(client: Client, settings: Settings) -> None:
+    await post(client, transition())
+    await post(client, transition())
+    await run_worker(settings)
+    await post(client, transition())
+    await run_worker(settings)
+    assert len(outbox_files(settings, ".eml")) == 1
+    assert len(outbox_files(settings, ".sms.json")) == 1
+
+
+async def test_rescan_with_new_event_id_is_not_renotified(
+    client: Client, settings: Settings
+) -> None:
+    await post(client, transition(event_id="a"))
+    await run_worker(settings)
+    await post(client, transition(event_id="b", occurred_at="2026-11-21T09:45:00+01:00"))
+    await run_worker(settings)
+    assert len(outbox_files(settings)) == 2
+    later = [d for d in await history(client) if d["event_id"] == "b"]
+    assert [d["outcome"] for d in later] == ["suppressed", "suppressed"]
+    assert later[0]["reason"].startswith("duplicate: out_for_delivery already sent by email")
+
+
+async def test_quiet_statuses_are_recorded_not_sent(client: Client, settings: Settings) -> None:
+    await post(client, transition(status="in_transit"))
+    await run_worker(settings)
+    assert outbox_files(settings) == []
+    [decision] = await history(client)
+    assert decision["outcome"] == "suppressed"
+    assert decision["reason"] == "policy: in_transit is not notified"
+
+
+async def test_late_event_never_steps_backwards(client: Client, settings: Settings) -> None:
+    await post(client, transition(event_id="d", status="delivered",
+                                  occurred_at="2026-11-21T15:00:00+01:00"))
+    await post(client, transition(event_id="o", occurred_at="2026-11-21T08:00:00+01:00"))
+    await run_worker(settings)
+    files = outbox_files(settings, ".eml")
+    assert len(files) == 1
+    assert "delivered" in files[0].read_text()
+    late = [d for d in await history(client) if d["event_id"] == "o"]
+    assert late[0]["outcome"] == "suppressed"
+    assert late[0]["reason"].startswith("out of order")
+
+
+async def test_later_transitions_use_the_known_recipient(
+    client: Client, settings: Settings
+) -> None:
+    await post(client, transition(event_id="p", status="picked_up"))
+    no_recipient = transition(event_id="x", status="exception", exception_code="customs_hold")
+    del no_recipient["recipient"]
+    await post(client, no_recipient)
+    await run_worker(settings)
+    [sms] = outbox_files(settings, ".sms.json")
+    assert json.loads(sms.read_text())["to"] == "+33612345678"
+
+
+async def test_shipment_without_any_recipient_is_explained(
+    client: Client, settings: Settings
+) -> None:
+    body = transition()
+    del body["recipient"]
+    await post(client, body)
+    await run_worker(settings)
+    assert outbox_files(settings) == []
+    reasons = {d["reason"] for d in await history(client)}
+    assert reasons == {"no email address known for the recipient",
+                       "no sms address known for the recipient"}
+
+
+async def test_many_shipments_in_one_batch(client: Client, settings: Settings) -> None:
+    items = [transition(event_id=f"e{i}", shipment_id=f"s{i}", status="delivered")
+             for i in range(300)]
+    assert (await post(client, *items))["accepted"] == 300
+    jobs = await run_worker(settings)
+    assert len(outbox_files(settings, ".eml")) == 300
+    assert jobs <= settings.partitions + 1  # drain jobs per partition (+ the sweep), not per event
+
+
+class _Crash(Exception):
+    pass
+
+
+class _CrashingChannel:
+    """Accepts nothing: the worker dies after committing decisions, before any send."""
+
+    name = "crashing"
+
+    async def send(self, message: Message, sent_at: datetime, *, recovering: bool) -> Receipt:
+        raise _Crash
+
+
+async def _inbox_entries(settings: Settings, res_store: Any, count: int) -> list[InboxEntry]:
+    entries: list[InboxEntry] = []
+    for p in range(settings.partitions):
+        entries += await res_store.read_inbox(p, "dead-worker", count)
+    return entries
+
+
+async def test_crash_after_commit_is_finished_by_the_next_worker(
+    client: Client, settings: Settings
+) -> None:
+    await post(client, transition())
+    fast = settings.model_copy(update={"claim_idle_s": 0.001})
+    async with open_resources(fast) as res:
+        await res.store.ensure_groups()
+        entries = await _inbox_entries(settings, res.store, 10)
+        assert len(entries) == 1
+        res.channels = {ChannelKind.EMAIL: _CrashingChannel(), ChannelKind.SMS: _CrashingChannel()}
+        try:
+            await Pipeline(res).process(entries)
+        except _Crash:
+            pass
+        # decisions are committed, nothing was sent, the entry is still unacknowledged
+        assert len(await history(client)) == 2
+        assert outbox_files(settings) == []
+        pending = await res.redis.xpending(res.store.inbox_key(
+            res.store.partition_of("acme", "shp_123")), GROUP)
+        assert pending["pending"] == 1
+    # claims were taken by the crashed worker; let its lease run out, as time would
+    async with open_resources(fast) as res:
+        for key in await res.redis.keys("ntf:msg:*"):
+            await res.redis.hset(key, "claimed", str(int(1000 * datetime.now(UTC).timestamp())
+                                                     - LEASE_MS - 1))
+    await run_worker(fast)
+    assert len(outbox_files(settings, ".eml")) == 1
+    assert len(outbox_files(settings, ".sms.json")) == 1
+    assert [d["delivery"]["status"] for d in await history(client)] == ["sent", "sent"]
+
+
+async def test_crash_between_write_and_record_does_not_write_twice(
+    client: Client, settings: Settings
+) -> None:
+    await post(client, transition())
+    await run_worker(settings)
+    async with open_resources(settings) as res:
+        # pretend the worker died after writing the files but before recording them
+        for key in await res.redis.keys("ntf:msg:*"):
+            await res.redis.hset(key, mapping={"st": "sending", "claimed": "0"})
+        ids = [k.decode().split(":")[-1] for k in await res.redis.keys("ntf:msg:*")]
+        report = await Pipeline(res).deliverer.deliver(ids)
+    assert sorted(report.sent) == sorted(ids)
+    assert len(outbox_files(settings)) == 2
+
+
+async def test_concurrent_workers_never_send_twice(client: Client, settings: Settings) -> None:
+    # the same milestone re-scanned under many event ids, processed by competing pipelines
+    items = [transition(event_id=f"r{i}", occurred_at=f"2026-11-21T09:{i:02d}:00+01:00")
+             for i in range(40)]
+    await post(client, *items)
+    async with open_resources(settings) as res:
+        await res.store.ensure_groups()
+        entries = await _inbox_entries(settings, res.store, 100)
+        assert len(entries) == 40
+        pipelines = [Pipeline(res) for _ in range(8)]
+        await asyncio.gather(*(p.process([e]) for p, e in zip(
+            pipelines * 5, entries, strict=True)))
+    assert len(outbox_files(settings, ".eml")) == 1
+    assert len(outbox_files(settings, ".sms.json")) == 1
+    sent = [d for d in await history(client) if d["outcome"] == "sent"]
+    assert len(sent) == 2
+
+
+async def test_history_lists_delivery_details(client: Client, settings: Settings) -> None:
+    await post(client, transition())
+    await run_worker(settings)
+    for d in await history(client):
+        assert d["delivery"]["detail"].startswith("outbox:")
+        assert Path(d["delivery"]["detail"].removeprefix("outbox:")).exists()
+        assert orjson.loads(orjson.dumps(d))["decided_at"]
