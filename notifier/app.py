@@ -45,8 +45,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         code = exc.reason.lower().replace(" ", "_")
-        return _json(exc.status, {"error": {"code": code, "message": exc.text or exc.reason}},
-                     {k: v for k, v in exc.headers.items() if k == "Allow"})
+        return _json(
+            exc.status,
+            {"error": {"code": code, "message": exc.text or exc.reason}},
+            {k: v for k, v in exc.headers.items() if k == "Allow"},
+        )
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return _json(500, {"error": {"code": "internal", "message": "internal error"}})
@@ -75,8 +78,9 @@ async def shipment_notifications(request: web.Request) -> web.Response:
     for d in decisions:
         if d.get("notification_id"):
             d["delivery"] = ledger.get(d["notification_id"], {})
-    return _json(200, {"merchant_id": merchant_id, "shipment_id": shipment_id,
-                       "decisions": decisions})
+    return _json(
+        200, {"merchant_id": merchant_id, "shipment_id": shipment_id, "decisions": decisions}
+    )
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -37,7 +37,9 @@ def _banner(settings: Settings, host: str, port: int) -> None:
     if settings.embedded:
         bar = "!" * 72
         print(bar, file=sys.stderr)
-        print("! EMBEDDED MODE: in-memory store; NOTHING PERSISTS across restarts.", file=sys.stderr)
+        print(
+            "! EMBEDDED MODE: in-memory store; NOTHING PERSISTS across restarts.", file=sys.stderr
+        )
         print("! Set NOTIFIER_REDIS_URL to keep state in Redis.", file=sys.stderr)
         if not settings.api_keys:
             print(f"! Development API key: {DEV_API_KEY}", file=sys.stderr)
@@ -85,10 +87,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def _samples() -> list[Transition]:
     at = datetime(2026, 11, 21, 9, 30, tzinfo=UTC)
     base = {
-        "event_id": "check", "merchant_id": "check", "shipment_id": "check",
-        "tracking_number": "1Z999AA10123456784", "carrier": "ups", "occurred_at": at,
+        "event_id": "check",
+        "merchant_id": "check",
+        "shipment_id": "check",
+        "tracking_number": "1Z999AA10123456784",
+        "carrier": "ups",
+        "occurred_at": at,
         "tracking_url": "https://track.example.com/1Z999AA10123456784",
-        "estimated_delivery": {"start": at, "end": at}, "order": {"number": "1001"},
+        "estimated_delivery": {"start": at, "end": at},
+        "order": {"number": "1001"},
         "location": {"city": "Leipzig", "country": "DE"},
     }
     out = []
@@ -96,8 +103,10 @@ def _samples() -> list[Transition]:
         if status is Status.EXCEPTION:
             from notifier.models import ExceptionCode
 
-            out += [Transition.model_validate({**base, "status": status, "exception_code": c})
-                    for c in ExceptionCode]
+            out += [
+                Transition.model_validate({**base, "status": status, "exception_code": c})
+                for c in ExceptionCode
+            ]
         else:
             out.append(Transition.model_validate({**base, "status": status}))
     return out
@@ -115,18 +124,24 @@ def check_all(settings: Settings) -> list[str]:
     templates_dir = data_dir("templates", settings.templates_dir)
     if not templates_dir.is_dir():
         return [*problems, f"{templates_dir}: templates directory missing"]
-    merchants = [""] + sorted(p.name for p in templates_dir.iterdir()
-                              if p.is_dir() and p.name not in {"email", "sms"})
+    overrides = [p.name for p in templates_dir.iterdir() if p.is_dir()]
+    merchants = ["", *sorted(set(overrides) - {"email", "sms"})]
     renderer = Renderer(TemplateStore(templates_dir), email_from=settings.email_from)
-    recipient = Recipient(name="Ana", email="ana@example.com", phone="+33612345678",
-                          timezone="Europe/Paris")
+    recipient = Recipient(
+        name="Ana", email="ana@example.com", phone="+33612345678", timezone="Europe/Paris"
+    )
     for merchant in merchants:
         for t in _samples():
             for channel in ChannelKind:
                 n = Notification(
-                    notification_id="n_check", merchant_id=merchant or "check",
-                    shipment_id="check", channel=channel, to="x", transition=t,
-                    recipient=recipient, created_at=t.occurred_at,
+                    notification_id="n_check",
+                    merchant_id=merchant or "check",
+                    shipment_id="check",
+                    channel=channel,
+                    to="x",
+                    transition=t,
+                    recipient=recipient,
+                    created_at=t.occurred_at,
                 )
                 try:
                     renderer.render(n)
@@ -166,7 +181,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         return int(args.func(args))
     except ConfigurationError as exc:

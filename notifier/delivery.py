@@ -49,12 +49,10 @@ class Deliverer:
         """Claim, render and send; failures are recorded, retries scheduled."""
         report = DeliveryReport()
         now = self.res.clock()
-        claims = await self.res.store.claim(
-            notification_ids, int(now.timestamp() * 1000), LEASE_MS
-        )
+        claims = await self.res.store.claim(notification_ids, int(now.timestamp() * 1000), LEASE_MS)
         sent: list[tuple[str, str, str]] = []
         tasks = []
-        for nid, (result, payload) in zip(notification_ids, claims, strict=True):
+        for result, payload in claims:
             if result is ClaimResult.NONE or payload is None:
                 report.skipped += 1
                 continue
@@ -79,9 +77,7 @@ class Deliverer:
             message = self.res.renderer.render(n)
             at = self.res.clock()
             async with self._limit:
-                receipt = await channel.send(
-                    message, at, recovering=claim is ClaimResult.RECLAIMED
-                )
+                receipt = await channel.send(message, at, recovering=claim is ClaimResult.RECLAIMED)
         except (RenderError, PermanentDeliveryError) as exc:
             log.error("notification %s failed permanently: %s", nid, exc)
             await self.res.store.mark_failed(nid, str(exc))
@@ -97,7 +93,9 @@ class Deliverer:
         attempts = int((await self.res.store.ledger([nid]))[nid].get("attempts", "1"))
         if attempts >= MAX_ATTEMPTS:
             log.error("notification %s out of attempts: %s", nid, exc.reason)
-            await self.res.store.mark_failed(nid, f"gave up after {attempts} attempts: {exc.reason}")
+            await self.res.store.mark_failed(
+                nid, f"gave up after {attempts} attempts: {exc.reason}"
+            )
             return
         delay = backoff_s(attempts, exc.retry_after_s)
         log.warning("notification %s: %s; retry %d in %.0f s", nid, exc.reason, attempts, delay)

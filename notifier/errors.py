@@ -1,19 +1,19 @@
 """The exception tree. One middleware (app.py) turns these into HTTP responses.
 
-    NotifierError
-    ├── ConfigurationError          settings, templates or policies are unusable
-    ├── ApiError                    a request the API refuses (carries status + code)
-    │   ├── BadRequest              400: malformed body
-    │   ├── ValidationFailed        422: fields that break the contract
-    │   ├── Unauthorized            401: no or unknown API key
-    │   ├── Forbidden               403: key not allowed for that merchant
-    │   ├── PayloadTooLarge         413
-    │   ├── UnsupportedMediaType    415
-    │   └── ServiceUnavailable      503: the queue cannot take the event now
-    ├── RenderError                 a template failed for a notification
-    └── DeliveryError               a channel could not deliver
-        ├── TemporaryDeliveryError  retry later (timeouts, 429, 5xx)
-        └── PermanentDeliveryError  never retry (invalid address, 4xx)
+NotifierError
+├── ConfigurationError          settings, templates or policies are unusable
+├── ApiError                    a request the API refuses (carries status + code)
+│   ├── BadRequest              400: malformed body
+│   ├── ValidationFailed        422: fields that break the contract
+│   ├── Unauthorized            401: no or unknown API key
+│   ├── Forbidden               403: key not allowed for that merchant
+│   ├── PayloadTooLarge         413
+│   ├── UnsupportedMediaType    415
+│   └── ServiceUnavailable      503: the queue cannot take the event now
+├── RenderError                 a template failed for a notification
+└── DeliveryError               a channel could not deliver
+    ├── TemporaryDeliveryError  retry later (timeouts, 429, 5xx)
+    └── PermanentDeliveryError  never retry (invalid address, 4xx)
 """
 
 from __future__ import annotations

@@ -104,7 +104,7 @@ def _items(body: Any, max_batch: int) -> tuple[list[Any], bool]:
     """The transitions in ``body`` and whether it was a batch."""
     if not isinstance(body, dict):
         raise ValidationFailed(
-            "body must be a transition object or {\"transitions\": [...]}",
+            'body must be a transition object or {"transitions": [...]}',
             [{"field": "(body)", "message": "expected a JSON object"}],
         )
     if "transitions" not in body:
@@ -132,7 +132,9 @@ def _items(body: Any, max_batch: int) -> tuple[list[Any], bool]:
 async def post_transitions(request: web.Request, res: Resources, keys: KeyRing) -> web.Response:
     """Accept one transition or a batch (DESIGN.md §3)."""
     merchants = keys.authenticate(request)
-    items, batch = _items(await read_json(request, res.settings.max_body_bytes), res.settings.max_batch)
+    items, batch = _items(
+        await read_json(request, res.settings.max_body_bytes), res.settings.max_batch
+    )
 
     valid: list[tuple[int, Transition]] = []
     details: list[dict[str, Any]] = []
@@ -146,9 +148,12 @@ async def post_transitions(request: web.Request, res: Resources, keys: KeyRing) 
     if denied:
         raise Forbidden(
             "this API key may not post for that merchant",
-            [{"index": i, "field": "merchant_id", "message": "not allowed for this API key"}
-             for i in denied] if batch else
-            [{"field": "merchant_id", "message": "not allowed for this API key"}],
+            [
+                {"index": i, "field": "merchant_id", "message": "not allowed for this API key"}
+                for i in denied
+            ]
+            if batch
+            else [{"field": "merchant_id", "message": "not allowed for this API key"}],
         )
     if not valid:
         noun = "transitions are" if batch else "transition is"
@@ -176,7 +181,9 @@ async def post_transitions(request: web.Request, res: Resources, keys: KeyRing) 
     results: list[dict[str, Any]] = []
     for index, item in enumerate(items):
         event_id = item.get("event_id") if isinstance(item, dict) else None
-        status = ("accepted" if by_index[index] else "duplicate") if index in by_index else "rejected"
+        status = (
+            ("accepted" if by_index[index] else "duplicate") if index in by_index else "rejected"
+        )
         results.append({"index": index, "event_id": event_id, "status": status})
     body: dict[str, Any] = {
         "accepted": sum(accepted),

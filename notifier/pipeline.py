@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import random
 import logging
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -143,15 +143,26 @@ class Pipeline:
                     current = current.mark_notified(t.milestone, verdict.channel, now)
                     assert current.recipient is not None
                     n = Notification(
-                        notification_id=nid, merchant_id=merchant_id, shipment_id=shipment_id,
-                        channel=verdict.channel, to=verdict.to, transition=t,
-                        recipient=current.recipient, created_at=now,
+                        notification_id=nid,
+                        merchant_id=merchant_id,
+                        shipment_id=shipment_id,
+                        channel=verdict.channel,
+                        to=verdict.to,
+                        transition=t,
+                        recipient=current.recipient,
+                        created_at=now,
                     )
                     created.append((nid, n.model_dump_json(exclude_none=True).encode()))
                 decision = Decision(
-                    event_id=t.event_id, status=t.status, exception_code=t.exception_code,
-                    channel=verdict.channel, outcome=verdict.outcome, reason=verdict.reason,
-                    notification_id=nid, decided_at=now, occurred_at=t.occurred_at,
+                    event_id=t.event_id,
+                    status=t.status,
+                    exception_code=t.exception_code,
+                    channel=verdict.channel,
+                    outcome=verdict.outcome,
+                    reason=verdict.reason,
+                    notification_id=nid,
+                    decided_at=now,
+                    occurred_at=t.occurred_at,
                 )
                 history.append(orjson.dumps(decision.model_dump(mode="json", exclude_none=True)))
                 decisions += 1

@@ -46,11 +46,12 @@ def data_dir(name: str, configured: Path | None) -> Path:
 def connect(settings: Settings, server: FakeServer | None = None) -> ArqRedis:
     """A Redis client: the configured server, or the embedded in-memory ``server``."""
     if settings.redis_url:
-        return ArqRedis.from_url(
+        client: ArqRedis = ArqRedis.from_url(
             settings.redis_url,
             socket_timeout=settings.redis_timeout_s,
             socket_connect_timeout=settings.redis_timeout_s,
         )
+        return client
     if server is None:
         raise ConfigurationError("embedded mode needs the in-memory server to connect to")
     # fakeredis' own client class is a plain redis.asyncio.Redis; arq needs an

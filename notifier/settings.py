@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated

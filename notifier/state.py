@@ -41,7 +41,7 @@ class ShipmentState(BaseModel):
     recipient: Recipient | None = None
     order: Order | None = None
     seen: list[str] = Field(default_factory=list)
-    #: milestone key (e.g. ``delivered``, ``exception:customs_hold``) -> channel -> ISO time notified
+    #: milestone (``delivered``, ``exception:customs_hold``) -> channel -> when it was notified
     notified: dict[str, dict[ChannelKind, datetime]] = Field(default_factory=dict)
     events: int = 0
 
@@ -53,9 +53,9 @@ class ShipmentState(BaseModel):
         """True for a late event that would move the shipment backwards."""
         if self.status is None or self.occurred_at is None:
             return False
-        return t.occurred_at < self.occurred_at and STATUS_RANK[t.status] <= STATUS_RANK[
-            self.status
-        ]
+        return (
+            t.occurred_at < self.occurred_at and STATUS_RANK[t.status] <= STATUS_RANK[self.status]
+        )
 
     def apply(self, t: Transition) -> ShipmentState:
         """Return the state after ``t``; a late event only adds facts, never rewinds status."""

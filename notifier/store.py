@@ -16,17 +16,20 @@ worker processes can share one Redis:
 
 from __future__ import annotations
 
+import inspect
 import zlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from arq.connections import ArqRedis
 from redis.exceptions import ResponseError
 
 from notifier.state import ShipmentState
+
+T = TypeVar("T")
 
 PREFIX = "ntf"
 GROUP = "workers"
@@ -158,6 +161,13 @@ class ShipmentCommit:
     notifications: list[tuple[str, bytes]]  # (notification id, payload)
 
 
+async def _run(result: Awaitable[T] | T) -> T:
+    """Await a redis-py command; its stubs type every command for the sync and async client."""
+    if inspect.isawaitable(result):
+        return await result
+    return result
+
+
 def _decode(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -165,8 +175,15 @@ def _decode(value: bytes | str) -> str:
 class Store:
     """Typed access to everything notifier keeps in Redis."""
 
-    def __init__(self, redis: ArqRedis, *, partitions: int, idempotency_ttl_s: int,
-                 state_ttl_s: int, history_cap: int = 200) -> None:
+    def __init__(
+        self,
+        redis: ArqRedis,
+        *,
+        partitions: int,
+        idempotency_ttl_s: int,
+        state_ttl_s: int,
+        history_cap: int = 200,
+    ) -> None:
         self.redis = redis
         self.partitions = partitions
         self.idempotency_ttl_s = idempotency_ttl_s
@@ -304,12 +321,19 @@ class Store:
         keys: list[str] = []
         args: list[Any] = [self.state_ttl_s, self.history_cap, len(commits), now_iso]
         for c in commits:
-            keys += [self.state_key(c.merchant_id, c.shipment_id),
-                     self.history_key(c.merchant_id, c.shipment_id)]
+            keys += [
+                self.state_key(c.merchant_id, c.shipment_id),
+                self.history_key(c.merchant_id, c.shipment_id),
+            ]
             keys += [self.notification_key(nid) for nid, _ in c.notifications]
-            args += [str(c.expected_version), c.state.model_dump_json(exclude_defaults=True),
-                     len(c.history), *c.history, len(c.notifications),
-                     *(payload for _, payload in c.notifications)]
+            args += [
+                str(c.expected_version),
+                c.state.model_dump_json(exclude_defaults=True),
+                len(c.history),
+                *c.history,
+                len(c.notifications),
+                *(payload for _, payload in c.notifications),
+            ]
         conflicts = await self._commit(keys=keys, args=args)
         return [int(i) - 1 for i in conflicts]
 
@@ -323,27 +347,36 @@ class Store:
         keys = [self.notification_key(n) for n in notification_ids]
         rows = await self._claim(keys=keys, args=[now_ms, lease_ms])
         results = {1: ClaimResult.FRESH, 2: ClaimResult.RECLAIMED}
-        return [(results.get(int(code), ClaimResult.NONE), p if int(code) else None)
-                for code, p in rows]
+        return [
+            (results.get(int(code), ClaimResult.NONE), p if int(code) else None) for code, p in rows
+        ]
 
     async def mark_sent(self, outcomes: Sequence[tuple[str, str, str]]) -> None:
         """Record (notification id, sent-at ISO, channel detail) as sent."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for nid, at, detail in outcomes:
-                pipe.hset(self.notification_key(nid),
-                          mapping={"st": LedgerState.SENT, "sent": at, "detail": detail})
+                pipe.hset(
+                    self.notification_key(nid),
+                    mapping={"st": LedgerState.SENT, "sent": at, "detail": detail},
+                )
             await pipe.execute()
 
     async def release(self, notification_id: str, error: str) -> None:
         """Give a claimed notification back (a temporary failure); it will be retried."""
-        await self.redis.hset(self.notification_key(notification_id),
-                              mapping={"st": LedgerState.PENDING, "error": error})
+        await _run(
+            self.redis.hset(
+                self.notification_key(notification_id),
+                mapping={"st": LedgerState.PENDING, "error": error},
+            )
+        )
 
     async def mark_failed(self, notification_id: str, error: str) -> None:
         """Record a permanent failure and put the notification on the dead-letter list."""
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self.notification_key(notification_id),
-                      mapping={"st": LedgerState.FAILED, "error": error})
+            pipe.hset(
+                self.notification_key(notification_id),
+                mapping={"st": LedgerState.FAILED, "error": error},
+            )
             pipe.rpush(self.DEAD_LETTER_KEY, notification_id)
             await pipe.execute()
 
@@ -351,8 +384,10 @@ class Store:
         """Delivery status fields (without the payload) per notification id."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for nid in notification_ids:
-                pipe.hmget(self.notification_key(nid),
-                           ["st", "created", "sent", "detail", "error", "attempts"])
+                pipe.hmget(
+                    self.notification_key(nid),
+                    ["st", "created", "sent", "detail", "error", "attempts"],
+                )
             rows = await pipe.execute()
         names = ("status", "created_at", "sent_at", "detail", "error", "attempts")
         return {
@@ -362,9 +397,10 @@ class Store:
 
     async def history(self, merchant_id: str, shipment_id: str) -> list[dict[str, Any]]:
         """The recorded decisions of a shipment, oldest first."""
-        rows = await self.redis.lrange(self.history_key(merchant_id, shipment_id), 0, -1)
+        key = self.history_key(merchant_id, shipment_id)
+        rows = await _run(self.redis.lrange(key, 0, -1))
         return [orjson.loads(r) for r in rows]
 
     async def dead_letters(self) -> int:
         """How many notifications failed for good."""
-        return int(await self.redis.llen(self.DEAD_LETTER_KEY))
+        return int(await _run(self.redis.llen(self.DEAD_LETTER_KEY)))

@@ -18,6 +18,7 @@ from typing import Any
 from arq import cron
 from arq import worker as arq_worker
 from arq.connections import ArqRedis
+from arq.connections import log_redis_info as _arq_log_redis_info
 from arq.worker import Worker
 from redis.exceptions import ResponseError
 
@@ -30,8 +31,6 @@ log = logging.getLogger(__name__)
 #: A drain job yields after this long so other partitions' jobs get their turn;
 #: it re-wakes its partition first, so nothing waits for the sweeper.
 DRAIN_SLICE_S = 10.0
-
-_arq_log_redis_info = arq_worker.log_redis_info
 
 
 async def _log_redis_info(redis: Any, log_func: Any) -> None:
@@ -47,7 +46,7 @@ async def _log_redis_info(redis: Any, log_func: Any) -> None:
         log_func("embedded in-memory store (no INFO command)")
 
 
-arq_worker.log_redis_info = _log_redis_info
+arq_worker.log_redis_info = _log_redis_info  # type: ignore[attr-defined]
 
 
 async def wake(res: Resources, partitions: list[int]) -> None:
@@ -76,8 +75,12 @@ async def drain(ctx: dict[str, Any], partition: int) -> int:
         done += len(entries)
         log.info(
             "partition %d: %d transitions, %d decisions, %d sent, %d failed, %d retrying",
-            partition, report.transitions, report.decisions, len(report.delivery.sent),
-            len(report.delivery.failed), len(report.delivery.retrying),
+            partition,
+            report.transitions,
+            report.decisions,
+            len(report.delivery.sent),
+            len(report.delivery.failed),
+            len(report.delivery.retrying),
         )
         entries = []
         if time.monotonic() - started > DRAIN_SLICE_S:
@@ -94,7 +97,7 @@ async def deliver(ctx: dict[str, Any], notification_id: str) -> str:
 
 
 async def sweep(ctx: dict[str, Any]) -> int:
-    """Wake partitions with unread or abandoned entries: covers a lost wake-up or a crashed worker."""
+    """Wake partitions with unread or abandoned entries (a lost wake-up, a crashed worker)."""
     res: Resources = ctx["res"]
     stale_ms = int(res.settings.claim_idle_s * 1000)
     woken = [
@@ -122,7 +125,11 @@ def build_worker(
 
     async def on_startup(ctx: dict[str, Any]) -> None:
         stack = AsyncExitStack()
-        res = resources or await stack.enter_async_context(open_resources(settings))
+        res = (
+            resources
+            if resources is not None
+            else await stack.enter_async_context(open_resources(settings))
+        )
         ctx.update(res=res, stack=stack, pipeline=Pipeline(res), consumer=uuid.uuid4().hex)
         await res.store.ensure_groups()
 
@@ -132,7 +139,7 @@ def build_worker(
     pool: ArqRedis = connect(settings, resources.server if resources else None)
     return Worker(
         functions=[drain, deliver],
-        cron_jobs=[cron(sweep, second=set(range(0, 60, 15)), run_at_startup=True)],  # type: ignore[arg-type]
+        cron_jobs=[cron(sweep, second=set(range(0, 60, 15)), run_at_startup=True)],
         redis_pool=pool,
         on_startup=on_startup,
         on_shutdown=on_shutdown,

@@ -1,4 +1,4 @@
-"""Test fixtures: a real redis-server started for the session, Settings, the API client, a burst worker.
+"""Fixtures: a real redis-server started for the session, Settings, API client, burst worker.
 
 A missing redis-server fails the session: the tests never silently skip the
 real component. Set NOTIFIER_TEST_REDIS_URL to use an already running Redis
@@ -54,9 +54,23 @@ def redis_url() -> Iterator[str]:
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="notifier-redis-")
     proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", workdir, "--daemonize", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            workdir,
+            "--daemonize",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
     )
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url)
@@ -128,11 +142,21 @@ def transition(**overrides: Any) -> dict[str, Any]:
         "carrier": "ups",
         "status": "out_for_delivery",
         "occurred_at": "2026-11-21T09:30:00+01:00",
-        "location": {"city": "Leipzig", "region": "SN", "country": "DE", "lat": 51.34,
-                     "lon": 12.37},
+        "location": {
+            "city": "Leipzig",
+            "region": "SN",
+            "country": "DE",
+            "lat": 51.34,
+            "lon": 12.37,
+        },
         "tracking_url": "https://track.example.com/1Z999AA10123456784",
-        "recipient": {"name": "Ana", "email": "ana@example.com", "phone": "+33612345678",
-                      "locale": "fr_FR", "timezone": "Europe/Paris"},
+        "recipient": {
+            "name": "Ana",
+            "email": "ana@example.com",
+            "phone": "+33612345678",
+            "locale": "fr_FR",
+            "timezone": "Europe/Paris",
+        },
         "order": {"number": "1001"},
     }
     body.update(overrides)

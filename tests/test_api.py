@@ -56,8 +56,12 @@ async def test_batch_accepts_valid_items_and_names_invalid_ones(client: Client) 
     assert resp.status == 202
     body = await resp.json()
     assert (body["accepted"], body["duplicates"], body["rejected"]) == (1, 1, 2)
-    assert [r["status"] for r in body["results"]] == ["accepted", "rejected", "rejected",
-                                                      "duplicate"]
+    assert [r["status"] for r in body["results"]] == [
+        "accepted",
+        "rejected",
+        "rejected",
+        "duplicate",
+    ]
     fields = {(d["index"], d["field"]) for d in body["error"]["details"]}
     assert fields == {(1, "exception_code"), (2, "recipient.phone")}
 
@@ -70,7 +74,10 @@ async def test_all_invalid_is_422_naming_every_field(client: Client) -> None:
     error = (await resp.json())["error"]
     assert error["code"] == "invalid_transition"
     assert {d["field"] for d in error["details"]} == {
-        "status", "occurred_at", "surprise", "carrier"
+        "status",
+        "occurred_at",
+        "surprise",
+        "carrier",
     }
     assert all("index" not in d for d in error["details"])
 
@@ -97,12 +104,16 @@ async def test_batch_shape_errors(client: Client) -> None:
 
 
 async def test_malformed_json_and_content_type(client: Client) -> None:
-    resp = await client.post("/v1/transitions", data=b"{not json", headers={
-        **auth(), "Content-Type": "application/json"})
+    resp = await client.post(
+        "/v1/transitions", data=b"{not json", headers={**auth(), "Content-Type": "application/json"}
+    )
     assert resp.status == 400
     assert (await resp.json())["error"]["code"] == "bad_request"
-    resp = await client.post("/v1/transitions", data=b"x=1", headers={
-        **auth(), "Content-Type": "application/x-www-form-urlencoded"})
+    resp = await client.post(
+        "/v1/transitions",
+        data=b"x=1",
+        headers={**auth(), "Content-Type": "application/x-www-form-urlencoded"},
+    )
     assert resp.status == 415
 
 
@@ -128,9 +139,11 @@ async def test_key_scoped_to_one_merchant(client: Client) -> None:
     assert (await post(client, transition(), key=ACME_KEY)).status == 202
     resp = await post(client, transition(merchant_id="globex"), key=ACME_KEY)
     assert resp.status == 403
-    resp = await post(client, {"transitions": [transition(event_id="x"),
-                                                transition(event_id="y", merchant_id="globex")]},
-                      key=ACME_KEY)
+    resp = await post(
+        client,
+        {"transitions": [transition(event_id="x"), transition(event_id="y", merchant_id="globex")]},
+        key=ACME_KEY,
+    )
     assert resp.status == 403
     assert (await resp.json())["error"]["details"] == [
         {"index": 1, "field": "merchant_id", "message": "not allowed for this API key"}
@@ -141,8 +154,9 @@ async def test_key_scoped_to_one_merchant(client: Client) -> None:
 
 
 async def test_unreachable_redis_is_503_with_retry_after(tmp_path: Path) -> None:
-    settings = make_settings(tmp_path, redis_url=f"redis://127.0.0.1:{free_port()}/0",
-                             redis_timeout_s=0.5)
+    settings = make_settings(
+        tmp_path, redis_url=f"redis://127.0.0.1:{free_port()}/0", redis_timeout_s=0.5
+    )
     async with TestClient(TestServer(create_app(settings))) as c:
         resp = await post(c, transition())
         assert resp.status == 503

@@ -1,4 +1,4 @@
-"""The outbox channel: one file per message under outbox/<merchant_id>/<shipment_id>/ (DESIGN.md §4)."""
+"""The outbox channel: one file per message in outbox/<merchant_id>/<shipment_id>/ (DESIGN §4)."""
 
 from __future__ import annotations
 

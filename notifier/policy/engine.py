@@ -12,7 +12,7 @@ from notifier.state import ShipmentState
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """The decision for one transition on one channel (or for all channels when ``channel`` is None)."""
+    """The decision for one transition on one channel (all channels when ``channel`` is None)."""
 
     outcome: Outcome
     reason: str
@@ -34,12 +34,13 @@ def decide(policy: Policy, state: ShipmentState, t: Transition, now: datetime) -
     still describes what went out before ``t``.
     """
     if state.status != t.status or state.exception_code != t.exception_code:
+        since = state.occurred_at.isoformat() if state.occurred_at else "?"
         # apply() refused to move the shipment: this event is older than what we know.
         return [
             Verdict(
                 Outcome.SUPPRESSED,
                 f"out of order: occurred {t.occurred_at.isoformat()}, the shipment is already "
-                f"{state.status} since {state.occurred_at.isoformat() if state.occurred_at else '?'}",
+                f"{state.status} since {since}",
             )
         ]
     channels = policy.channels_for(t.status, t.exception_code)
@@ -51,7 +52,9 @@ def decide(policy: Policy, state: ShipmentState, t: Transition, now: datetime) -
         to = _address(state, channel)
         if to is None:
             verdicts.append(
-                Verdict(Outcome.SUPPRESSED, f"no {channel} address known for the recipient", channel)
+                Verdict(
+                    Outcome.SUPPRESSED, f"no {channel} address known for the recipient", channel
+                )
             )
             continue
         last = state.notified.get(t.milestone, {}).get(channel)

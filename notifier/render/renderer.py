@@ -1,4 +1,4 @@
-"""Renderer: a notification (values) → a ready-to-send email or SMS (values). Pure but for caching."""
+"""Renderer: a notification (values) → a ready-to-send email or SMS (values)."""
 
 from __future__ import annotations
 
@@ -102,13 +102,24 @@ class Renderer:
                 body = env.select_template([f"sms/{status}.txt", "sms/message.txt"]).render(ctx)
                 body = _SPACES.sub(" ", " ".join(body.split("\n"))).strip()
                 size = measure(body)
-                return SmsMessageOut(n.notification_id, n.merchant_id, n.shipment_id, n.to,
-                                     body, size.encoding, size.segments)
+                return SmsMessageOut(
+                    n.notification_id,
+                    n.merchant_id,
+                    n.shipment_id,
+                    n.to,
+                    body,
+                    size.encoding,
+                    size.segments,
+                )
             subject = env.select_template([f"email/{status}.subject.txt", "email/subject.txt"])
             text = env.select_template([f"email/{status}.txt", "email/message.txt"])
             html = env.select_template([f"email/{status}.html", "email/message.html"])
             return EmailMessageOut(
-                n.notification_id, n.merchant_id, n.shipment_id, n.to, self.email_from,
+                n.notification_id,
+                n.merchant_id,
+                n.shipment_id,
+                n.to,
+                self.email_from,
                 subject=" ".join(subject.render(ctx).split()),
                 text=_BLANK_LINES.sub("\n\n", text.render(ctx)).strip() + "\n",
                 html=html.render(ctx),
