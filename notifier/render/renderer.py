@@ -14,7 +14,7 @@ from jinja2 import TemplateError
 from notifier.errors import RenderError
 from notifier.models import ChannelKind, Notification
 from notifier.render.environment import TemplateStore
-from notifier.render.sms import SmsEncoding, measure
+from notifier.render.sms import SmsEncoding, measure, smart_encode
 
 _SPACES = re.compile(r"[ \t]+")
 _BLANK_LINES = re.compile(r"\n{3,}")
@@ -100,7 +100,7 @@ class Renderer:
         try:
             if n.channel is ChannelKind.SMS:
                 body = env.select_template([f"sms/{status}.txt", "sms/message.txt"]).render(ctx)
-                body = _SPACES.sub(" ", " ".join(body.split("\n"))).strip()
+                body = smart_encode(_SPACES.sub(" ", " ".join(body.split("\n"))).strip())
                 size = measure(body)
                 return SmsMessageOut(
                     n.notification_id,

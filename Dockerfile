@@ -1,0 +1,26 @@
+# notifier: multi-stage build, runs `notifier serve` as a non-root user.
+# Untested on the dev machine (no Docker engine there); see README.
+FROM python:3.11-slim AS build
+WORKDIR /src
+RUN python -m venv /opt/notifier
+COPY pyproject.toml README.md ./
+COPY notifier ./notifier
+COPY templates ./templates
+COPY locales ./locales
+COPY policies ./policies
+RUN /opt/notifier/bin/pip install --no-cache-dir .
+
+FROM python:3.11-slim
+RUN useradd --system --create-home --uid 10001 notifier
+COPY --from=build /opt/notifier /opt/notifier
+ENV PATH=/opt/notifier/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    NOTIFIER_HOST=0.0.0.0 \
+    NOTIFIER_PORT=8080 \
+    NOTIFIER_OUTBOX_DIR=/data/outbox
+RUN mkdir -p /data/outbox && chown -R notifier /data
+USER notifier
+WORKDIR /data
+EXPOSE 8080
+HEALTHCHECK --interval=15s --timeout=3s CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8080/healthz').status != 200)"
+CMD ["notifier", "serve"]

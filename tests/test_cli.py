@@ -1,0 +1,74 @@
+"""The `notifier` command: check (settings, policies, templates), and serve/worker refusals."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from notifier.cli import main
+from notifier.resources import data_dir
+
+
+@pytest.fixture
+def trees(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Copies of the shipped templates and policies, pointed at through the environment."""
+    for name in ("templates", "policies"):
+        shutil.copytree(data_dir(name, None), tmp_path / name)
+        monkeypatch.setenv(f"NOTIFIER_{name.upper()}_DIR", str(tmp_path / name))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_check_passes_on_the_shipped_trees(trees: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check"]) == 0
+    assert "ok" in capsys.readouterr().out
+
+
+def test_check_names_file_and_path_of_a_bad_policy(
+    trees: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (trees / "policies" / "acme.yaml").write_text("notify:\n  delivered: [email, pigeon]\n")
+    assert main(["check"]) == 1
+    err = capsys.readouterr().err
+    assert "acme.yaml" in err
+    assert "notify.delivered.1" in err
+
+
+def test_check_names_a_broken_template(trees: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    override = trees / "templates" / "acme" / "sms"
+    override.mkdir(parents=True)
+    (override / "message.txt").write_text("{{ merchant.nmae }} {{ tracking_url }}\n")
+    assert main(["check"]) == 1
+    err = capsys.readouterr().err
+    assert "templates/acme" in err
+    assert "nmae" in err
+
+
+def test_check_refuses_a_sandbox_escape(trees: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (trees / "templates" / "sms" / "message.txt").write_text("{{ merchant.__class__.__mro__ }}\n")
+    assert main(["check"]) == 1
+    assert "__class__" in capsys.readouterr().err
+
+
+def test_check_reports_invalid_settings(
+    trees: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("NOTIFIER_SMS_CHANNEL", "twilio")
+    assert main(["check"]) == 2
+    err = capsys.readouterr().err
+    assert "NOTIFIER_TWILIO_ACCOUNT_SID" in err
+
+
+def test_serve_with_redis_needs_api_keys(
+    trees: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("NOTIFIER_REDIS_URL", "redis://127.0.0.1:1/0")
+    assert main(["serve"]) == 2
+    assert "NOTIFIER_API_KEYS" in capsys.readouterr().err
+
+
+def test_worker_needs_redis(trees: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["worker"]) == 2
+    assert "NOTIFIER_REDIS_URL" in capsys.readouterr().err

@@ -1,0 +1,66 @@
+"""The embedded default: in-memory store (fakeredis), worker in the API process, outbox files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from aiohttp.test_utils import TestClient, TestServer
+from fakeredis import FakeServer
+
+from notifier.app import create_app
+from notifier.resources import open_resources
+from notifier.settings import DEV_API_KEY, Settings
+from notifier.worker import build_worker
+from tests.conftest import transition
+
+
+def embedded_settings(tmp_path: Path, **kw: Any) -> Settings:
+    return Settings(_env_file=None, outbox_dir=tmp_path / "outbox", worker_poll_delay_s=0, **kw)  # type: ignore[call-arg]
+
+
+async def test_embedded_mode_runs_without_redis(tmp_path: Path) -> None:
+    settings = embedded_settings(tmp_path)
+    assert settings.embedded
+    assert settings.effective_api_keys() == {DEV_API_KEY: ["*"]}
+    server = FakeServer()
+    app = create_app(settings, server=server, run_worker=False)
+    async with TestClient(TestServer(app)) as client:
+        headers = {"Authorization": f"Bearer {DEV_API_KEY}"}
+        resp = await client.post("/v1/transitions", json=transition(), headers=headers)
+        assert resp.status == 202
+        health = await (await client.get("/healthz")).json()
+        assert health == {"status": "ok", "redis": "ok", "mode": "embedded"}
+
+        # the in-process worker of `notifier serve`, run here in burst mode on the same store
+        async with open_resources(settings, server=server) as res:
+            worker = build_worker(
+                settings, resources=res, burst=True, handle_signals=False, poll_delay_s=0
+            )
+            try:
+                await worker.main()
+            finally:
+                await worker.close()
+            assert worker.jobs_failed == 0
+        files = sorted(p.name.split(".", 2)[-1] for p in (tmp_path / "outbox").rglob("*.*"))
+        assert files == ["eml", "sms.json"]
+
+        resp = await client.post("/v1/transitions", json=transition(), headers=headers)
+        assert (await resp.json())["duplicates"] == 1
+
+
+async def test_configured_keys_replace_the_development_key(tmp_path: Path) -> None:
+    settings = embedded_settings(tmp_path, api_keys={"k_mine_0123456789": ["*"]})
+    assert settings.effective_api_keys() == {"k_mine_0123456789": ["*"]}
+    async with TestClient(TestServer(create_app(settings, run_worker=False))) as client:
+        headers = {"Authorization": f"Bearer {DEV_API_KEY}"}
+        resp = await client.post("/v1/transitions", json=transition(), headers=headers)
+        assert resp.status == 401
+
+
+async def test_in_process_worker_starts_and_stops_with_the_app(tmp_path: Path) -> None:
+    settings = embedded_settings(tmp_path)
+    async with TestClient(TestServer(create_app(settings))) as client:
+        resp = await client.get("/healthz")
+        assert resp.status == 200
+    # leaving the block ran the cleanup: worker closed, connections released (no warnings)

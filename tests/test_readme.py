@@ -1,0 +1,80 @@
+"""The README's first screen, for real: `notifier serve` as a process, its curl, the outbox files."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_curl() -> str:
+    text = README.read_text(encoding="utf-8")
+    match = re.search(r"<!-- readme-curl.*?-->\s*```sh\n(.*?)```", text, re.S)
+    assert match, "README lost its curl example"
+    return match.group(1)
+
+
+def wait_until(predicate: object, what: str, seconds: float = 20.0) -> None:
+    """Bounded readiness wait for an external process (not used for in-process workers)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if callable(predicate) and predicate():
+            return
+        time.sleep(0.05)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+def test_readme_curl_leads_to_eml_and_sms_json(tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFIER_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "notifier", "serve", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_until(lambda: healthy(port) or proc.poll() is not None, "notifier serve")
+        assert proc.poll() is None, proc.communicate()[0]
+        command = readme_curl().replace("127.0.0.1:8080", f"127.0.0.1:{port}")
+        out = subprocess.run(["bash", "-c", command], capture_output=True, text=True, check=True)
+        assert json.loads(out.stdout)["accepted"] == 1
+        outbox = tmp_path / "outbox" / "acme" / "shp_123"
+
+        def both() -> bool:
+            names = [p.name for p in outbox.glob("*")] if outbox.is_dir() else []
+            return any(n.endswith(".eml") for n in names) and any(
+                n.endswith(".sms.json") for n in names
+            )
+
+        wait_until(both, "the outbox files")
+        again = subprocess.run(["bash", "-c", command], capture_output=True, text=True, check=True)
+        assert json.loads(again.stdout)["duplicates"] == 1
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=10)[0]
+    assert "NOTHING PERSISTS" in output
+    assert "dev-key-not-for-production" in output
+    assert "ana@example.com" not in output and "+33612345678" not in output  # no PII in logs
+    assert len(list(outbox.glob("*"))) == 2
