@@ -1,4 +1,4 @@
-"""The README's first screen, for real: `notifier serve` as a process, its curl, the outbox files."""
+"""The README's first screen for real: `notifier serve` as a process, its curl, the outbox."""
 
 from __future__ import annotations
 
