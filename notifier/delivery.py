@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from notifier.errors import PermanentDeliveryError, RenderError, TemporaryDeliveryError
-from notifier.models import Notification
+from notifier.channels import Outgoing, Receipt
+from notifier.errors import RenderError, TemporaryDeliveryError
+from notifier.models import ChannelKind, Notification
 from notifier.resources import Resources
 from notifier.store import ClaimResult
 
@@ -18,7 +18,6 @@ log = logging.getLogger(__name__)
 #: How long a claim protects a notification being sent; after it, another worker may retry.
 LEASE_MS = 60_000
 MAX_ATTEMPTS = 8
-CONCURRENCY = 32
 
 
 def backoff_s(attempt: int, retry_after_s: float | None = None) -> float:
@@ -43,51 +42,47 @@ class Deliverer:
 
     def __init__(self, res: Resources) -> None:
         self.res = res
-        self._limit = asyncio.Semaphore(CONCURRENCY)
 
     async def deliver(self, notification_ids: Sequence[str]) -> DeliveryReport:
         """Claim, render and send; failures are recorded, retries scheduled."""
         report = DeliveryReport()
         now = self.res.clock()
         claims = await self.res.store.claim(notification_ids, int(now.timestamp() * 1000), LEASE_MS)
-        sent: list[tuple[str, str, str]] = []
-        tasks = []
+        batches: dict[ChannelKind, list[Outgoing]] = {}
         for result, payload in claims:
             if result is ClaimResult.NONE or payload is None:
                 report.skipped += 1
                 continue
-            notification = Notification.model_validate_json(payload)
-            tasks.append(self._send_one(notification, result, sent, report))
-        await asyncio.gather(*tasks)
+            n = Notification.model_validate_json(payload)
+            try:
+                message = self.res.renderer.render(n)
+            except RenderError as exc:
+                await self._fail(n.notification_id, exc, report)
+                continue
+            outgoing = Outgoing(message, now, recovering=result is ClaimResult.RECLAIMED)
+            batches.setdefault(n.channel, []).append(outgoing)
+
+        sent: list[tuple[str, str, str]] = []
+        for kind, items in batches.items():
+            outcomes = await self.res.channels[kind].send_many(items)
+            for item, outcome in zip(items, outcomes, strict=True):
+                nid = item.message.notification_id
+                if isinstance(outcome, Receipt):
+                    sent.append((nid, now.isoformat(), f"{outcome.channel}:{outcome.detail}"))
+                elif isinstance(outcome, TemporaryDeliveryError):
+                    await self._retry_later(nid, outcome)
+                    report.retrying.append(nid)
+                else:
+                    await self._fail(nid, outcome, report)
         if sent:
             await self.res.store.mark_sent(sent)
         report.sent = [nid for nid, _, _ in sent]
         return report
 
-    async def _send_one(
-        self,
-        n: Notification,
-        claim: ClaimResult,
-        sent: list[tuple[str, str, str]],
-        report: DeliveryReport,
-    ) -> None:
-        nid = n.notification_id
-        channel = self.res.channels[n.channel]
-        try:
-            message = self.res.renderer.render(n)
-            at = self.res.clock()
-            async with self._limit:
-                receipt = await channel.send(message, at, recovering=claim is ClaimResult.RECLAIMED)
-        except (RenderError, PermanentDeliveryError) as exc:
-            log.error("notification %s failed permanently: %s", nid, exc)
-            await self.res.store.mark_failed(nid, str(exc))
-            report.failed.append(nid)
-            return
-        except TemporaryDeliveryError as exc:
-            await self._retry_later(nid, exc)
-            report.retrying.append(nid)
-            return
-        sent.append((nid, at.isoformat(), f"{receipt.channel}:{receipt.detail}"))
+    async def _fail(self, nid: str, exc: Exception, report: DeliveryReport) -> None:
+        log.error("notification %s failed permanently: %s", nid, exc)
+        await self.res.store.mark_failed(nid, str(exc))
+        report.failed.append(nid)
 
     async def _retry_later(self, nid: str, exc: TemporaryDeliveryError) -> None:
         attempts = int((await self.res.store.ledger([nid]))[nid].get("attempts", "1"))

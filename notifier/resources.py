@@ -103,6 +103,7 @@ async def open_resources(
         server = FakeServer()
     redis = connect(settings, server)
     templates = TemplateStore(data_dir("templates", settings.templates_dir))
+    channels = build_channels(settings)
     try:
         yield Resources(
             settings=settings,
@@ -116,9 +117,13 @@ async def open_resources(
             policies=PolicyStore(data_dir("policies", settings.policies_dir)),
             templates=templates,
             renderer=Renderer(templates, email_from=settings.email_from),
-            channels=build_channels(settings),
+            channels=channels,
             clock=clock,
             server=server,
         )
     finally:
         await redis.aclose(close_connection_pool=True)
+        for channel in {id(c): c for c in channels.values()}.values():
+            close = getattr(channel, "close", None)
+            if close is not None:
+                close()

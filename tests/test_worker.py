@@ -7,6 +7,7 @@ import contextlib
 import email
 import email.policy
 import json
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -14,11 +15,10 @@ from typing import Any
 import orjson
 from aiohttp.test_utils import TestClient
 
-from notifier.channels.base import Receipt
+from notifier.channels.base import Outcome, Outgoing
 from notifier.delivery import LEASE_MS
 from notifier.models import ChannelKind, Transition
 from notifier.pipeline import Pipeline, notification_id
-from notifier.render import Message
 from notifier.resources import open_resources
 from notifier.settings import Settings
 from notifier.store import GROUP, InboxEntry
@@ -169,7 +169,7 @@ class _CrashingChannel:
 
     name = "crashing"
 
-    async def send(self, message: Message, sent_at: datetime, *, recovering: bool) -> Receipt:
+    async def send_many(self, items: Sequence[Outgoing]) -> list[Outcome]:
         raise _Crash
 
 

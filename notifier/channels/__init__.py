@@ -1,6 +1,6 @@
 """Delivery channels: one protocol, one implementation per provider."""
 
-from notifier.channels.base import Channel, Receipt
+from notifier.channels.base import Channel, Outcome, Outgoing, Receipt
 from notifier.channels.outbox import OutboxChannel
 
-__all__ = ["Channel", "OutboxChannel", "Receipt"]
+__all__ = ["Channel", "OutboxChannel", "Outcome", "Outgoing", "Receipt"]

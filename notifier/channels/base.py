@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
+from notifier.errors import DeliveryError
 from notifier.render import Message
 
 
@@ -17,17 +19,30 @@ class Receipt:
     detail: str
 
 
-class Channel(Protocol):
-    """Delivers rendered messages.
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One message to deliver.
 
-    Raises ``TemporaryDeliveryError`` for failures worth retrying and
-    ``PermanentDeliveryError`` for the rest. ``recovering`` is true when an
-    earlier attempt may already have delivered this notification; a channel
-    that can find out (the outbox can) must not deliver it twice.
+    ``recovering`` is true when an earlier attempt may already have delivered
+    this notification; a channel that can find out (the outbox can) must not
+    deliver it twice.
     """
+
+    message: Message
+    sent_at: datetime
+    recovering: bool = False
+
+
+#: Per message: a receipt, or the ``TemporaryDeliveryError`` / ``PermanentDeliveryError``
+#: that says whether it is worth retrying.
+Outcome = Receipt | DeliveryError
+
+
+class Channel(Protocol):
+    """Delivers rendered messages, a batch at a time, with one typed outcome per message."""
 
     name: str
 
-    async def send(self, message: Message, sent_at: datetime, *, recovering: bool) -> Receipt:
-        """Deliver one message."""
+    async def send_many(self, items: Sequence[Outgoing]) -> list[Outcome]:
+        """Deliver ``items``; never raises for a single message's failure."""
         ...

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from jinja2 import FileSystemLoader, StrictUndefined, select_autoescape
+from jinja2 import FileSystemLoader, StrictUndefined, Template, select_autoescape
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 
@@ -15,7 +15,22 @@ class TemplateStore:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self._envs: dict[str, ImmutableSandboxedEnvironment] = {}
+        self._selected: dict[tuple[str, tuple[str, ...]], Template] = {}
         self._lock = threading.Lock()
+
+    def select(self, merchant_id: str, names: tuple[str, ...]) -> Template:
+        """The first of ``names`` that exists for the merchant, resolved once and cached.
+
+        Jinja2 caches compiled templates but not misses, so without this every
+        render would stat the per-status files a merchant did not write.
+        """
+        key = (merchant_id, names)
+        template = self._selected.get(key)
+        if template is None:
+            template = self.environment(merchant_id).select_template(list(names))
+            with self._lock:
+                self._selected[key] = template
+        return template
 
     def environment(self, merchant_id: str) -> ImmutableSandboxedEnvironment:
         """The environment for ``merchant_id``: templates/<merchant_id>/ first, then defaults."""
@@ -31,8 +46,11 @@ class TemplateStore:
         with self._lock:
             if merchant_id is None:
                 self._envs.clear()
+                self._selected.clear()
             else:
                 self._envs.pop(merchant_id, None)
+                for key in [k for k in self._selected if k[0] == merchant_id]:
+                    del self._selected[key]
 
     def _build(self, merchant_id: str) -> ImmutableSandboxedEnvironment:
         search = [self.directory]

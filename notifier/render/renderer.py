@@ -9,7 +9,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from babel.dates import format_datetime
-from jinja2 import TemplateError
+from jinja2 import Template, TemplateError
 
 from notifier.errors import RenderError
 from notifier.models import ChannelKind, Notification
@@ -94,35 +94,33 @@ class Renderer:
 
     def render(self, n: Notification) -> Message:
         """Render ``n`` for its channel; a template problem raises RenderError."""
-        env = self.templates.environment(n.merchant_id)
         ctx = self.context(n)
         status = n.transition.status.value
+        m = n.merchant_id
+
+        def pick(kind: str, suffix: str, fallback: str) -> Template:
+            return self.templates.select(m, (f"{kind}/{status}{suffix}", f"{kind}/{fallback}"))
+
         try:
             if n.channel is ChannelKind.SMS:
-                body = env.select_template([f"sms/{status}.txt", "sms/message.txt"]).render(ctx)
+                body = pick("sms", ".txt", "message.txt").render(ctx)
                 body = smart_encode(_SPACES.sub(" ", " ".join(body.split("\n"))).strip())
                 size = measure(body)
                 return SmsMessageOut(
-                    n.notification_id,
-                    n.merchant_id,
-                    n.shipment_id,
-                    n.to,
-                    body,
-                    size.encoding,
-                    size.segments,
+                    n.notification_id, m, n.shipment_id, n.to, body, size.encoding, size.segments
                 )
-            subject = env.select_template([f"email/{status}.subject.txt", "email/subject.txt"])
-            text = env.select_template([f"email/{status}.txt", "email/message.txt"])
-            html = env.select_template([f"email/{status}.html", "email/message.html"])
+            subject = pick("email", ".subject.txt", "subject.txt").render(ctx)
+            text = pick("email", ".txt", "message.txt").render(ctx)
+            html = pick("email", ".html", "message.html").render(ctx)
             return EmailMessageOut(
                 n.notification_id,
-                n.merchant_id,
+                m,
                 n.shipment_id,
                 n.to,
                 self.email_from,
-                subject=" ".join(subject.render(ctx).split()),
-                text=_BLANK_LINES.sub("\n\n", text.render(ctx)).strip() + "\n",
-                html=html.render(ctx),
+                subject=" ".join(subject.split()),
+                text=_BLANK_LINES.sub("\n\n", text).strip() + "\n",
+                html=html,
             )
         except TemplateError as exc:
             name = getattr(exc, "name", None) or getattr(exc, "filename", None) or "template"

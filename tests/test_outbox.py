@@ -1,0 +1,96 @@
+"""The outbox channel's files: RFC 5322 .eml that the stdlib parser reads back, and .sms.json."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+from notifier.channels import OutboxChannel, Outgoing, Receipt
+from notifier.channels.outbox import build_eml
+from notifier.render import EmailMessageOut, SmsMessageOut
+from notifier.render.sms import SmsEncoding
+
+AT = datetime(2026, 11, 21, 8, 30, 0, 123456, tzinfo=UTC)
+
+
+def email_out(**kw: str) -> EmailMessageOut:
+    values = {
+        "from_addr": "Acmé Shop <orders@acme.example>",
+        "subject": "Votre colis arrive aujourd’hui — commande 1001",
+        "text": "Bonjour Ana,\n\nVotre colis arrive aujourd’hui.\n=_ looks like a boundary\n"
+        + "x" * 300
+        + "\n",
+        "html": '<html lang="fr"><body><p>Votre colis arrive aujourd’hui.</p></body></html>',
+    }
+    values.update(kw)
+    return EmailMessageOut(
+        "n_abc",
+        "acme",
+        "shp_1",
+        "ana@example.com",
+        values["from_addr"],
+        values["subject"],
+        values["text"],
+        values["html"],
+    )
+
+
+def parse(raw: bytes) -> email.message.EmailMessage:
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(msg, email.message.EmailMessage)
+    return msg
+
+
+def test_eml_round_trips_through_the_stdlib_parser() -> None:
+    out = email_out()
+    msg = parse(build_eml(out, AT))
+    assert msg.defects == []
+    assert msg["Subject"] == out.subject
+    assert msg["From"].addresses[0].display_name == "Acmé Shop"
+    assert msg["From"].addresses[0].addr_spec == "orders@acme.example"
+    assert msg["To"] == "ana@example.com"
+    assert msg["Message-ID"] == "<n_abc@notifier.local>"
+    assert msg["Date"].datetime == AT.replace(microsecond=0)
+    assert msg.get_content_type() == "multipart/alternative"
+    text, html = list(msg.iter_parts())
+    assert text.get_content_type() == "text/plain" and html.get_content_type() == "text/html"
+    assert text.get_content().replace("\r\n", "\n") == out.text
+    assert html.get_content().replace("\r\n", "\n") == out.html
+    assert all(len(line) <= 998 for line in build_eml(out, AT).split(b"\r\n"))
+
+
+def test_header_injection_is_impossible() -> None:
+    raw = build_eml(email_out(subject="Hi\r\nBcc: victim@example.com"), AT)
+    msg = parse(raw)
+    assert msg["Bcc"] is None
+    assert msg["Subject"] == "Hi Bcc: victim@example.com"
+
+
+async def test_outbox_writes_files_and_recovers_without_duplicates(tmp_path: Path) -> None:
+    channel = OutboxChannel(tmp_path)
+    sms = SmsMessageOut("n_sms", "acme", "shp_1", "+33612345678", "Hi", SmsEncoding.GSM7, 1)
+    try:
+        first = await channel.send_many([Outgoing(email_out(), AT), Outgoing(sms, AT)])
+        assert all(isinstance(r, Receipt) for r in first)
+        folder = tmp_path / "acme" / "shp_1"
+        names = sorted(p.name for p in folder.iterdir())
+        assert names == [
+            "20261121T083000.123456Z-n_abc.eml",
+            "20261121T083000.123456Z-n_sms.sms.json",
+        ]
+        assert json.loads((folder / names[1]).read_text()) == {
+            "to": "+33612345678",
+            "body": "Hi",
+            "encoding": "GSM-7",
+            "segments": 1,
+            "notification_id": "n_sms",
+        }
+        later = AT.replace(minute=31)
+        again = await channel.send_many([Outgoing(email_out(), later, recovering=True)])
+        assert again == [first[0]]  # the file already there is the receipt
+        assert len(list(folder.iterdir())) == 2
+    finally:
+        channel.close()
