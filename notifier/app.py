@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 
 from notifier.errors import ApiError, Forbidden, NotFound
 from notifier.ingest import KeyRing, may_act_for, post_transitions
-from notifier.models import Identifier
+from notifier.models import Identifier, MerchantId
 from notifier.resources import Clock, Resources, open_resources, utc_now
 from notifier.settings import Settings
 from notifier.worker import build_worker
@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 RESOURCES = web.AppKey("resources", Resources)
 KEYS = web.AppKey("keys", KeyRing)
+
+_MERCHANT: TypeAdapter[str] = TypeAdapter(MerchantId)
+_SHIPMENT: TypeAdapter[str] = TypeAdapter(Identifier)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -67,9 +70,10 @@ async def shipment_notifications(request: web.Request) -> web.Response:
         raise Forbidden("this API key may not read that merchant's shipments")
     res = request.app[RESOURCES]
     try:
-        TypeAdapter(Identifier).validate_python(shipment_id)
+        _MERCHANT.validate_python(merchant_id)
+        _SHIPMENT.validate_python(shipment_id)
     except ValidationError as exc:
-        raise NotFound("no such shipment") from exc
+        raise NotFound(f"no shipment {shipment_id} for merchant {merchant_id}") from exc
     decisions = await res.store.history(merchant_id, shipment_id)
     if not decisions:
         raise NotFound(f"no decisions recorded for shipment {shipment_id}")

@@ -24,13 +24,15 @@ log = logging.getLogger("notifier")
 
 def _settings() -> Settings:
     try:
-        return Settings()
+        settings = Settings()
     except ValidationError as exc:
         problems = "; ".join(
             f"NOTIFIER_{'_'.join(str(p) for p in e['loc']).upper() or '(settings)'}: {e['msg']}"
             for e in exc.errors()
         )
         raise ConfigurationError(f"invalid settings: {problems}") from exc
+    logging.getLogger().setLevel(settings.log_level)
+    return settings
 
 
 def _banner(settings: Settings, host: str, port: int) -> None:

@@ -85,9 +85,10 @@ STATUS_RANK: dict[Status, int] = {
     Status.RETURNED_TO_SENDER: 5,
 }
 
-# Identifiers end up in Redis keys and outbox paths: keep them to a safe alphabet.
-_ID = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"
-Identifier = Annotated[str, StringConstraints(pattern=_ID)]
+# Identifiers end up in Redis keys, file names and outbox paths: keep them to a safe
+# alphabet. A merchant id has no ":" so "ntf:<kind>:<merchant_id>:<rest>" keys are unambiguous.
+MerchantId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")]
 ShortText = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
 _EMAIL = re.compile(r"^[^@\s<>()\[\],;:\"]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$")
 _E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
@@ -201,7 +202,7 @@ class Transition(_Strict):
     """One normalized status transition posted by the tracking backend (DESIGN.md §3)."""
 
     event_id: Annotated[str, StringConstraints(min_length=1, max_length=200)]
-    merchant_id: Identifier
+    merchant_id: MerchantId
     shipment_id: Identifier
     tracking_number: ShortText
     carrier: ShortText

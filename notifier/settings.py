@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -88,7 +88,7 @@ class Settings(BaseSettings):
         default=60.0, gt=0, description="Inbox entries unacknowledged this long are re-claimed."
     )
     redis_timeout_s: float = Field(default=2.0, gt=0)
-    log_level: str = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("api_keys", mode="before")
     @classmethod

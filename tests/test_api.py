@@ -82,6 +82,13 @@ async def test_all_invalid_is_422_naming_every_field(client: Client) -> None:
     assert all("index" not in d for d in error["details"])
 
 
+async def test_identifiers_are_checked(client: Client) -> None:
+    resp = await post(client, transition(merchant_id="ac:me", shipment_id="../etc"))
+    assert resp.status == 422
+    fields = {d["field"] for d in (await resp.json())["error"]["details"]}
+    assert fields == {"merchant_id", "shipment_id"}
+
+
 async def test_exception_code_only_with_exception(client: Client) -> None:
     resp = await post(client, transition(exception_code="lost"))
     assert resp.status == 422

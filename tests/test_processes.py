@@ -1,0 +1,55 @@
+"""Redis mode as deployed: the API in-process here, `notifier worker` as a real process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+
+from notifier.settings import Settings
+from tests.conftest import API_KEYS, auth, outbox_files, transition
+from tests.test_readme import wait_until
+
+Client = TestClient[Any, Any]
+
+
+async def test_worker_process_delivers_and_stops_cleanly(
+    client: Client, settings: Settings, tmp_path: Path
+) -> None:
+    items = [transition(event_id=f"e{i}", shipment_id=f"s{i}") for i in range(50)]
+    resp = await client.post("/v1/transitions", json={"transitions": items}, headers=auth())
+    assert (await resp.json())["accepted"] == 50
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFIER_")}
+    env.update(
+        NOTIFIER_REDIS_URL=str(settings.redis_url),
+        NOTIFIER_API_KEYS=json.dumps(API_KEYS),
+        NOTIFIER_OUTBOX_DIR=str(settings.outbox_dir),
+        NOTIFIER_PARTITIONS=str(settings.partitions),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "notifier", "worker"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_until(
+            lambda: len(outbox_files(settings)) >= 100 or proc.poll() is not None,
+            "the worker process to deliver",
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=20)[0]
+    assert proc.returncode == 0, output
+    assert len(outbox_files(settings, ".eml")) == 50
+    assert len(outbox_files(settings, ".sms.json")) == 50
+    assert "ana@example.com" not in output and "+33612345678" not in output
