@@ -11,9 +11,10 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -169,3 +170,26 @@ def auth(key: str = ADMIN_KEY) -> dict[str, str]:
 
 def outbox_files(settings: Settings, suffix: str = "") -> list[Path]:
     return sorted(p for p in settings.outbox_dir.rglob(f"*{suffix}") if p.is_file())
+
+
+def spawn_notifier(args: list[str], cwd: Path, **env: str) -> subprocess.Popen[str]:
+    """`notifier ARGS` as a real process with only the given NOTIFIER_* variables."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFIER_")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "notifier", *args],
+        cwd=cwd,
+        env={**clean, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_until(predicate: Callable[[], bool], what: str, seconds: float = 20.0) -> None:
+    """Bounded readiness wait for an external process (never used for in-process workers)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    pytest.fail(f"timed out waiting for {what}")

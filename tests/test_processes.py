@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 from aiohttp.test_utils import TestClient
 
 from notifier.settings import Settings
-from tests.conftest import API_KEYS, auth, outbox_files, transition
-from tests.test_readme import wait_until
+from tests.conftest import API_KEYS, auth, outbox_files, spawn_notifier, transition, wait_until
 
 Client = TestClient[Any, Any]
 
@@ -26,20 +22,13 @@ async def test_worker_process_delivers_and_stops_cleanly(
     resp = await client.post("/v1/transitions", json={"transitions": items}, headers=auth())
     assert (await resp.json())["accepted"] == 50
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFIER_")}
-    env.update(
+    proc = spawn_notifier(
+        ["worker"],
+        tmp_path,
         NOTIFIER_REDIS_URL=str(settings.redis_url),
         NOTIFIER_API_KEYS=json.dumps(API_KEYS),
         NOTIFIER_OUTBOX_DIR=str(settings.outbox_dir),
         NOTIFIER_PARTITIONS=str(settings.partitions),
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "notifier", "worker"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
     )
     try:
         wait_until(

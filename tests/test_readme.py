@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
-import pytest
-
-from tests.conftest import free_port
+from tests.conftest import free_port, spawn_notifier, wait_until
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -23,16 +18,6 @@ def readme_curl() -> str:
     match = re.search(r"<!-- readme-curl.*?-->\s*```sh\n(.*?)```", text, re.S)
     assert match, "README lost its curl example"
     return match.group(1)
-
-
-def wait_until(predicate: object, what: str, seconds: float = 20.0) -> None:
-    """Bounded readiness wait for an external process (not used for in-process workers)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if callable(predicate) and predicate():
-            return
-        time.sleep(0.05)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def healthy(port: int) -> bool:
@@ -45,15 +30,7 @@ def healthy(port: int) -> bool:
 
 def test_readme_curl_leads_to_eml_and_sms_json(tmp_path: Path) -> None:
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFIER_")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "notifier", "serve", "--port", str(port)],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = spawn_notifier(["serve", "--port", str(port)], tmp_path)
     try:
         wait_until(lambda: healthy(port) or proc.poll() is not None, "notifier serve")
         assert proc.poll() is None, proc.communicate()[0]
