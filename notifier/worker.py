@@ -30,7 +30,10 @@ log = logging.getLogger(__name__)
 
 #: A drain job yields after this long so other partitions' jobs get their turn;
 #: it re-wakes its partition first, so nothing waits for the sweeper.
-DRAIN_SLICE_S = 10.0
+DRAIN_SLICE_S = 5.0
+#: On SIGTERM/SIGINT a worker stops taking jobs and lets running drains finish their
+#: slice (up to this long) instead of leaving entries to be re-claimed a minute later.
+SHUTDOWN_WAIT_S = 10
 
 
 async def _log_redis_info(redis: Any, log_func: Any) -> None:
@@ -147,6 +150,7 @@ def build_worker(
         handle_signals=handle_signals,
         poll_delay=settings.worker_poll_delay_s if poll_delay_s is None else poll_delay_s,
         max_jobs=settings.worker_max_jobs,
+        job_completion_wait=SHUTDOWN_WAIT_S,
         keep_result=60,
         max_tries=5,
     )
