@@ -88,14 +88,14 @@ async def shipment_notifications(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """Liveness plus a Redis ping; 503 when Redis does not answer."""
+    """Liveness, a Redis check and the dead-letter counts; 503 when Redis does not answer."""
     res = request.app[RESOURCES]
     mode = "embedded" if res.settings.embedded else "redis"
     try:
-        await res.redis.ping()
+        dead = await res.store.dead_letters()
     except (RedisError, OSError):
         return _json(503, {"status": "unavailable", "redis": "unreachable", "mode": mode})
-    return _json(200, {"status": "ok", "redis": "ok", "mode": mode})
+    return _json(200, {"status": "ok", "redis": "ok", "mode": mode, "dead_letters": dead})
 
 
 def create_app(

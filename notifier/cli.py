@@ -26,9 +26,11 @@ def _settings() -> Settings:
     try:
         settings = Settings()
     except ValidationError as exc:
+        # Only the variable's name: deeper parts of a location can be secrets
+        # (the keys of NOTIFIER_API_KEYS), and the input itself is never shown.
         problems = "; ".join(
-            f"NOTIFIER_{'_'.join(str(p) for p in e['loc']).upper() or '(settings)'}: {e['msg']}"
-            for e in exc.errors()
+            f"NOTIFIER_{str(e['loc'][0]).upper()}: {e['msg']}" if e["loc"] else e["msg"]
+            for e in exc.errors(include_input=False)
         )
         raise ConfigurationError(f"invalid settings: {problems}") from exc
     logging.getLogger().setLevel(settings.log_level)

@@ -7,7 +7,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from notifier.channels import Outgoing, Receipt
+from notifier.channels import Outcome, Outgoing, Receipt
 from notifier.errors import RenderError, TemporaryDeliveryError
 from notifier.models import ChannelKind, Notification
 from notifier.resources import Resources
@@ -34,6 +34,8 @@ class DeliveryReport:
     sent: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     retrying: list[str] = field(default_factory=list)
+    #: claimed by another worker whose lease is still running: not settled yet
+    busy: list[str] = field(default_factory=list)
     skipped: int = 0
 
 
@@ -49,7 +51,10 @@ class Deliverer:
         now = self.res.clock()
         claims = await self.res.store.claim(notification_ids, int(now.timestamp() * 1000), LEASE_MS)
         batches: dict[ChannelKind, list[Outgoing]] = {}
-        for result, payload in claims:
+        for nid, (result, payload) in zip(notification_ids, claims, strict=True):
+            if result is ClaimResult.BUSY:
+                report.busy.append(nid)
+                continue
             if result is ClaimResult.NONE or payload is None:
                 report.skipped += 1
                 continue
@@ -64,7 +69,7 @@ class Deliverer:
 
         sent: list[tuple[str, str, str]] = []
         for kind, items in batches.items():
-            outcomes = await self.res.channels[kind].send_many(items)
+            outcomes = await self._send(kind, items)
             for item, outcome in zip(items, outcomes, strict=True):
                 nid = item.message.notification_id
                 if isinstance(outcome, Receipt):
@@ -78,6 +83,24 @@ class Deliverer:
             await self.res.store.mark_sent(sent)
         report.sent = [nid for nid, _, _ in sent]
         return report
+
+    async def _send(self, kind: ChannelKind, items: list[Outgoing]) -> list[Outcome]:
+        """The channel's outcomes; a channel that breaks its no-raise contract costs a retry."""
+        channel = self.res.channels[kind]
+        try:
+            return await channel.send_many(items)
+        except Exception as exc:
+            log.error(
+                "channel %s raised %s; its batch will be retried", channel.name, type(exc).__name__
+            )
+            return [
+                TemporaryDeliveryError(
+                    f"channel raised {type(exc).__name__}",
+                    item.message.notification_id,
+                    channel.name,
+                )
+                for item in items
+            ]
 
     async def _fail(self, nid: str, exc: Exception, report: DeliveryReport) -> None:
         log.error("notification %s failed permanently: %s", nid, exc)

@@ -190,7 +190,17 @@ async def post_transitions(request: web.Request, res: Resources, keys: KeyRing) 
         "duplicates": len(accepted) - sum(accepted),
         "results": results,
     }
-    if details:
-        body["rejected"] = len(items) - len(valid)
-        body["error"] = ValidationFailed("some transitions are invalid", details).body()["error"]
-    return web.Response(status=202, body=orjson.dumps(body), content_type="application/json")
+    if not details:
+        return web.Response(status=202, body=orjson.dumps(body), content_type="application/json")
+    # Some items are invalid: 422 naming them, while the valid ones are accepted and
+    # listed. A caller that resends the whole batch only gets duplicates for those.
+    body["rejected"] = len(items) - len(valid)
+    error = ValidationFailed(
+        f"{body['rejected']} of {len(items)} transitions are invalid; the others were accepted",
+        details,
+    )
+    return web.Response(
+        status=error.status,
+        body=orjson.dumps({**error.body(), **body}),
+        content_type="application/json",
+    )

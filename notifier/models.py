@@ -90,7 +90,9 @@ STATUS_RANK: dict[Status, int] = {
 MerchantId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")]
 ShortText = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
-_EMAIL = re.compile(r"^[^@\s<>()\[\],;:\"]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$")
+# Pragmatic, not RFC 5321 in full: one @, no spaces or specials, a dotted domain whose
+# labels may be internationalized (anä@exämple.com is a real address).
+_EMAIL = re.compile(r"^[^@\s<>()\[\],;:\"]+@(?:[\w-]+\.)+[\w-]{2,}$")
 _E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 
 
@@ -136,6 +138,13 @@ def _check_locale(value: str) -> str:
     return value.replace("-", "_")
 
 
+def _check_moment(value: datetime) -> datetime:
+    # Far-away years break date formatting and say nothing true about a parcel.
+    if not 2000 <= value.year <= 2100:
+        raise ValueError("must be between the years 2000 and 2100")
+    return value
+
+
 def _check_url(value: str) -> str:
     if not re.match(r"^https?://[^\s/]+", value) or len(value) > 2000:
         raise ValueError("must be an http(s) URL")
@@ -147,6 +156,7 @@ Phone = Annotated[str, AfterValidator(_check_phone)]
 TimeZone = Annotated[str, AfterValidator(_check_timezone)]
 LocaleTag = Annotated[str, AfterValidator(_check_locale)]
 Url = Annotated[str, AfterValidator(_check_url)]
+Moment = Annotated[AwareDatetime, AfterValidator(_check_moment)]
 
 
 class _Strict(BaseModel):
@@ -172,8 +182,8 @@ class Location(_Strict):
 class DeliveryWindow(_Strict):
     """The carrier's estimated delivery window."""
 
-    start: AwareDatetime
-    end: AwareDatetime
+    start: Moment
+    end: Moment
 
     @model_validator(mode="after")
     def _ordered(self) -> Self:
@@ -208,7 +218,7 @@ class Transition(_Strict):
     carrier: ShortText
     status: Status
     exception_code: ExceptionCode | None = Field(default=None, validate_default=True)
-    occurred_at: AwareDatetime
+    occurred_at: Moment
     location: Location | None = None
     estimated_delivery: DeliveryWindow | None = None
     carrier_status_code: ShortText | None = None

@@ -51,6 +51,8 @@ class BatchReport:
     already_processed: int = 0
     invalid: int = 0
     delivery: DeliveryReport = field(default_factory=DeliveryReport)
+    #: inbox entries with a notification another worker is still sending: do not ack yet
+    unsettled: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -59,6 +61,8 @@ class _Fold:
     decisions: int
     notifications: list[str]
     recover: list[str]
+    #: notification id -> inbox entry it came from
+    owner: dict[str, str]
 
 
 class Pipeline:
@@ -71,7 +75,7 @@ class Pipeline:
     async def process(self, entries: Sequence[InboxEntry]) -> BatchReport:
         """Decide and deliver everything in ``entries``; raises if Redis fails (entries stay)."""
         report = BatchReport()
-        groups: dict[ShipmentKey, list[Transition]] = {}
+        groups: dict[ShipmentKey, list[tuple[str, Transition]]] = {}
         for entry in entries:
             try:
                 t = Transition.model_validate_json(entry.payload)
@@ -80,10 +84,11 @@ class Pipeline:
                 log.error("inbox entry %s is not a valid transition; dropped", entry.entry_id)
                 report.invalid += 1
                 continue
-            groups.setdefault((t.merchant_id, t.shipment_id), []).append(t)
+            groups.setdefault((t.merchant_id, t.shipment_id), []).append((entry.entry_id, t))
             report.transitions += 1
 
         to_deliver: list[str] = []
+        owner: dict[str, str] = {}
         pending = groups
         for round_no in range(MAX_ROUNDS):
             if not pending:
@@ -105,6 +110,7 @@ class Pipeline:
                 report.decisions += fold.decisions
                 report.notifications += fold.notifications
                 to_deliver += fold.notifications + fold.recover
+                owner.update(fold.owner)
             pending = {keys[i]: pending[keys[i]] for i in conflicts}
         else:
             if pending:
@@ -112,6 +118,7 @@ class Pipeline:
         report.already_processed = len(to_deliver) - len(report.notifications)
         if to_deliver:
             report.delivery = await self.deliverer.deliver(to_deliver)
+            report.unsettled = {owner[nid] for nid in report.delivery.busy}
         return report
 
     def _fold(
@@ -119,7 +126,7 @@ class Pipeline:
         key: ShipmentKey,
         version: int,
         state: ShipmentState | None,
-        transitions: list[Transition],
+        transitions: list[tuple[str, Transition]],
         now: datetime,
     ) -> _Fold:
         """Fold a shipment's transitions (in arrival order) through the policy. Pure."""
@@ -129,17 +136,21 @@ class Pipeline:
         history: list[bytes] = []
         created: list[tuple[str, bytes]] = []
         recover: list[str] = []
+        owner: dict[str, str] = {}
         decisions = 0
-        for t in transitions:
+        for entry_id, t in transitions:
             if current.has_seen(t.event_id):
                 # A redelivered entry (a worker died after committing): finish its sends.
-                recover += [notification_id(t, c) for c in ChannelKind]
+                for c in ChannelKind:
+                    recover.append(notification_id(t, c))
+                    owner[recover[-1]] = entry_id
                 continue
             current = current.apply(t)
             for verdict in decide(policy, current, t, now):
                 nid = None
                 if verdict.outcome is Outcome.SENT and verdict.channel and verdict.to:
                     nid = notification_id(t, verdict.channel)
+                    owner[nid] = entry_id
                     current = current.mark_notified(t.milestone, verdict.channel, now)
                     assert current.recipient is not None
                     n = Notification(
@@ -167,4 +178,4 @@ class Pipeline:
                 history.append(orjson.dumps(decision.model_dump(mode="json", exclude_none=True)))
                 decisions += 1
         commit = ShipmentCommit(merchant_id, shipment_id, version, current, history, created)
-        return _Fold(commit, decisions, [nid for nid, _ in created], recover)
+        return _Fold(commit, decisions, [nid for nid, _ in created], recover, owner)

@@ -113,14 +113,55 @@ for i = 1, #KEYS do
     if claimed + lease < now then code = 2 end
   end
   if code > 0 then
-    redis.call('HSET', KEYS[i], 'st', 'sending', 'claimed', tostring(now))
-    redis.call('HINCRBY', KEYS[i], 'attempts', 1)
-    out[i] = {code, redis.call('HGET', KEYS[i], 'p')}
+    local payload = redis.call('HGET', KEYS[i], 'p')
+    if payload then
+      redis.call('HSET', KEYS[i], 'st', 'sending', 'claimed', tostring(now))
+      redis.call('HINCRBY', KEYS[i], 'attempts', 1)
+      out[i] = {code, payload}
+    else
+      out[i] = {0, ''}
+    end
+  elseif st == 'sending' then
+    out[i] = {3, ''}
   else
-    out[i] = {0, st or ''}
+    out[i] = {0, ''}
   end
 end
 return out
+"""
+
+
+# Settle ledger entries that still exist (an expired one is never re-created without
+# its payload and TTL). ARGV: the number of fields n, then n field/value pairs per key.
+_SETTLE = """
+local n = tonumber(ARGV[1])
+local a = 2
+for i = 1, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    for f = 0, n - 1 do
+      redis.call('HSET', KEYS[i], ARGV[a + 2 * f], ARGV[a + 2 * f + 1])
+    end
+  end
+  a = a + 2 * n
+end
+return #KEYS
+"""
+
+# Per-partition drain lock: take (or renew) it only if free or already ours.
+_LOCK = """
+local holder = redis.call('GET', KEYS[1])
+if holder == false or holder == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
 """
 
 
@@ -136,9 +177,10 @@ class LedgerState(StrEnum):
 class ClaimResult(StrEnum):
     """What ``claim`` found for one notification."""
 
-    NONE = "none"  #: not claimable (already sent, failed, or being sent by someone else)
+    NONE = "none"  #: settled (sent or failed) or unknown: nothing left to do
     FRESH = "fresh"  #: was pending
     RECLAIMED = "reclaimed"  #: a previous claim's lease expired; it may have been sent already
+    BUSY = "busy"  #: another worker holds a live claim; not settled yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +234,9 @@ class Store:
         self._ingest = redis.register_script(_INGEST)
         self._commit = redis.register_script(_COMMIT)
         self._claim = redis.register_script(_CLAIM)
+        self._settle_script = redis.register_script(_SETTLE)
+        self._lock = redis.register_script(_LOCK)
+        self._unlock = redis.register_script(_UNLOCK)
 
     # -- keys ---------------------------------------------------------------
     def partition_of(self, merchant_id: str, shipment_id: str) -> int:
@@ -293,6 +338,39 @@ class Store:
                 raise
         return int(length) > int(summary["pending"]) or bool(stale)
 
+    def lock_key(self, partition: int) -> str:
+        return f"{self.inbox_key(partition)}:lock"
+
+    async def lock(self, partition: int, token: str, lease_ms: int) -> bool:
+        """Take or renew the partition's drain lock; False while another drain holds it."""
+        return bool(await self._lock(keys=[self.lock_key(partition)], args=[token, lease_ms]))
+
+    async def unlock(self, partition: int, token: str) -> None:
+        await self._unlock(keys=[self.lock_key(partition)], args=[token])
+
+    DEAD_INBOX_KEY = f"{PREFIX}:inbox:dead"
+
+    async def delivery_counts(self, partition: int, entry_ids: Sequence[str]) -> dict[str, int]:
+        """How often each pending entry has been handed to a consumer."""
+        key = self.inbox_key(partition)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for entry_id in entry_ids:
+                pipe.xpending_range(key, GROUP, min=entry_id, max=entry_id, count=1)
+            rows = await pipe.execute()
+        return {
+            _decode(row[0]["message_id"]): int(row[0]["times_delivered"]) for row in rows if row
+        }
+
+    async def bury(self, partition: int, entries: Sequence[InboxEntry], reason: str) -> None:
+        """Move entries that keep failing to the dead-letter stream (kept, never dropped)."""
+        key = self.inbox_key(partition)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for e in entries:
+                pipe.xadd(self.DEAD_INBOX_KEY, {"t": e.payload, "from": e.entry_id, "why": reason})
+            pipe.xack(key, GROUP, *[e.entry_id for e in entries])
+            pipe.xdel(key, *[e.entry_id for e in entries])
+            await pipe.execute()
+
     async def clear_wake(self, partition: int) -> None:
         await self.redis.delete(self.wake_key(partition))
 
@@ -346,39 +424,37 @@ class Store:
             return []
         keys = [self.notification_key(n) for n in notification_ids]
         rows = await self._claim(keys=keys, args=[now_ms, lease_ms])
-        results = {1: ClaimResult.FRESH, 2: ClaimResult.RECLAIMED}
-        return [
-            (results.get(int(code), ClaimResult.NONE), p if int(code) else None) for code, p in rows
-        ]
+        results = {1: ClaimResult.FRESH, 2: ClaimResult.RECLAIMED, 3: ClaimResult.BUSY}
+        return [(results.get(int(code), ClaimResult.NONE), p or None) for code, p in rows]
+
+    async def _settle(
+        self, notification_ids: Sequence[str], fields: Sequence[dict[str, str]]
+    ) -> None:
+        width = len(fields[0])
+        args: list[Any] = [width]
+        for values in fields:
+            assert len(values) == width
+            for item in values.items():
+                args += item
+        keys = [self.notification_key(n) for n in notification_ids]
+        await self._settle_script(keys=keys, args=args)
 
     async def mark_sent(self, outcomes: Sequence[tuple[str, str, str]]) -> None:
         """Record (notification id, sent-at ISO, channel detail) as sent."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for nid, at, detail in outcomes:
-                pipe.hset(
-                    self.notification_key(nid),
-                    mapping={"st": LedgerState.SENT, "sent": at, "detail": detail},
-                )
-            await pipe.execute()
+        if outcomes:
+            await self._settle(
+                [nid for nid, _, _ in outcomes],
+                [{"st": LedgerState.SENT, "sent": at, "detail": d} for _, at, d in outcomes],
+            )
 
     async def release(self, notification_id: str, error: str) -> None:
         """Give a claimed notification back (a temporary failure); it will be retried."""
-        await _run(
-            self.redis.hset(
-                self.notification_key(notification_id),
-                mapping={"st": LedgerState.PENDING, "error": error},
-            )
-        )
+        await self._settle([notification_id], [{"st": LedgerState.PENDING, "error": error}])
 
     async def mark_failed(self, notification_id: str, error: str) -> None:
         """Record a permanent failure and put the notification on the dead-letter list."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(
-                self.notification_key(notification_id),
-                mapping={"st": LedgerState.FAILED, "error": error},
-            )
-            pipe.rpush(self.DEAD_LETTER_KEY, notification_id)
-            await pipe.execute()
+        await self._settle([notification_id], [{"st": LedgerState.FAILED, "error": error}])
+        await _run(self.redis.rpush(self.DEAD_LETTER_KEY, notification_id))
 
     async def ledger(self, notification_ids: Sequence[str]) -> dict[str, dict[str, str]]:
         """Delivery status fields (without the payload) per notification id."""
@@ -401,6 +477,10 @@ class Store:
         rows = await _run(self.redis.lrange(key, 0, -1))
         return [orjson.loads(r) for r in rows]
 
-    async def dead_letters(self) -> int:
-        """How many notifications failed for good."""
-        return int(await _run(self.redis.llen(self.DEAD_LETTER_KEY)))
+    async def dead_letters(self) -> dict[str, int]:
+        """How many notifications failed for good, and inbox entries that kept failing."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.llen(self.DEAD_LETTER_KEY)
+            pipe.xlen(self.DEAD_INBOX_KEY)
+            notifications, inbox = await pipe.execute()
+        return {"notifications": int(notifications), "inbox": int(inbox)}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import traceback
 import uuid
 from contextlib import AsyncExitStack
 from typing import Any
@@ -19,12 +20,14 @@ from arq import cron
 from arq import worker as arq_worker
 from arq.connections import ArqRedis
 from arq.connections import log_redis_info as _arq_log_redis_info
-from arq.worker import Worker
-from redis.exceptions import ResponseError
+from arq.worker import Retry, Worker
+from redis.exceptions import RedisError, ResponseError
 
+from notifier.delivery import LEASE_MS
 from notifier.pipeline import Pipeline
 from notifier.resources import Resources, connect, open_resources
 from notifier.settings import Settings
+from notifier.store import InboxEntry
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,10 @@ DRAIN_SLICE_S = 5.0
 #: On SIGTERM/SIGINT a worker stops taking jobs and lets running drains finish their
 #: slice (up to this long) instead of leaving entries to be re-claimed a minute later.
 SHUTDOWN_WAIT_S = 10
+#: The partition lock's lease, renewed after every batch.
+LOCK_MS = 30_000
+#: An inbox entry handed out this many times without settling goes to the dead-letter stream.
+MAX_DELIVERIES = 5
 
 
 async def _log_redis_info(redis: Any, log_func: Any) -> None:
@@ -59,44 +66,119 @@ async def wake(res: Resources, partitions: list[int]) -> None:
 
 
 async def drain(ctx: dict[str, Any], partition: int) -> int:
-    """Process a partition's inbox until it is empty; return how many transitions it took."""
+    """Process a partition's inbox until it is empty; return how many entries it settled.
+
+    One drain per partition at a time (a lock with a lease), so one shipment's
+    events are decided in arrival order. A drain that finds the lock taken
+    returns at once: the holder re-checks for new entries after letting go.
+    """
     res: Resources = ctx["res"]
-    pipeline: Pipeline = ctx["pipeline"]
+    store = res.store
+    token = uuid.uuid4().hex
+    done = 0
+    started = time.monotonic()
+    while await store.lock(partition, token, LOCK_MS):
+        try:
+            done += await _drain_locked(ctx, partition, token, started)
+        finally:
+            await store.unlock(partition, token)
+        # Let go, forget the wake-up, then look once more: an entry that arrived after
+        # our last read either shows up here or its ingest wins the wake flag and
+        # enqueues a drain that finds the lock free.
+        await store.clear_wake(partition)
+        if time.monotonic() - started > DRAIN_SLICE_S:
+            if await store.needs_drain(partition, _stale_ms(res)) and await store.set_wake(
+                partition
+            ):
+                await wake(res, [partition])  # yield to other partitions' jobs
+            break
+        if not await store.needs_drain(partition, _stale_ms(res)):
+            break
+    return done
+
+
+def _stale_ms(res: Resources) -> int:
+    return int(res.settings.claim_idle_s * 1000)
+
+
+async def _drain_locked(ctx: dict[str, Any], partition: int, token: str, started: float) -> int:
+    res: Resources = ctx["res"]
     store, settings = res.store, res.settings
-    await store.clear_wake(partition)
-    entries = await store.claim_stale(
-        partition, ctx["consumer"], int(settings.claim_idle_s * 1000), settings.worker_batch
-    )
-    done, started = 0, time.monotonic()
-    while True:
+    done = 0
+    entries = await _reclaim(res, partition, ctx["consumer"])
+    while time.monotonic() - started <= DRAIN_SLICE_S:
         if not entries:
             entries = await store.read_inbox(partition, ctx["consumer"], settings.worker_batch)
         if not entries:
-            return done
-        report = await pipeline.process(entries)
-        await store.ack(partition, [e.entry_id for e in entries])
-        done += len(entries)
-        log.info(
-            "partition %d: %d transitions, %d decisions, %d sent, %d failed, %d retrying",
-            partition,
-            report.transitions,
-            report.decisions,
-            len(report.delivery.sent),
-            len(report.delivery.failed),
-            len(report.delivery.retrying),
-        )
+            break
+        settled = await _process(ctx["pipeline"], entries)
+        await store.ack(partition, [e.entry_id for e in settled])
+        done += len(settled)
         entries = []
-        if time.monotonic() - started > DRAIN_SLICE_S:
-            if await store.set_wake(partition):
-                await wake(res, [partition])
-            return done
+        if not await store.lock(partition, token, LOCK_MS):  # renew the lease
+            break
+    return done
+
+
+async def _reclaim(res: Resources, partition: int, consumer: str) -> list[InboxEntry]:
+    """Entries a dead or stuck drain left behind; those failing again and again are buried."""
+    entries = await res.store.claim_stale(
+        partition, consumer, _stale_ms(res), res.settings.worker_batch
+    )
+    if not entries:
+        return []
+    counts = await res.store.delivery_counts(partition, [e.entry_id for e in entries])
+    poison = [e for e in entries if counts.get(e.entry_id, 0) > MAX_DELIVERIES]
+    if poison:
+        log.error(
+            "partition %d: %d entries failed %d times; moved to %s",
+            partition,
+            len(poison),
+            MAX_DELIVERIES,
+            res.store.DEAD_INBOX_KEY,
+        )
+        await res.store.bury(partition, poison, f"failed {MAX_DELIVERIES} times")
+    return [e for e in entries if e not in poison]
+
+
+async def _process(pipeline: Pipeline, entries: list[InboxEntry]) -> list[InboxEntry]:
+    """Run a batch; if it fails for a reason other than Redis, run its entries one by one
+    so a single bad entry cannot hold back the rest. Returns the settled entries."""
+    try:
+        report = await pipeline.process(entries)
+        return [e for e in entries if e.entry_id not in report.unsettled]
+    except (RedisError, OSError):
+        raise
+    except Exception as exc:
+        _log_failure(f"a batch of {len(entries)} entries", exc)
+    settled = []
+    for entry in entries:
+        try:
+            report = await pipeline.process([entry])
+        except (RedisError, OSError):
+            raise
+        except Exception as exc:
+            _log_failure(f"entry {entry.entry_id} (stays pending, retried later)", exc)
+            continue
+        if entry.entry_id not in report.unsettled:
+            settled.append(entry)
+    return settled
+
+
+def _log_failure(what: str, exc: BaseException) -> None:
+    # The frames, not the message: an exception message may quote customer data.
+    frames = "".join(traceback.format_tb(exc.__traceback__))
+    log.error("%s failed with %s\n%s", what, type(exc).__name__, frames)
 
 
 async def deliver(ctx: dict[str, Any], notification_id: str) -> str:
     """Retry one notification after a temporary failure."""
     pipeline: Pipeline = ctx["pipeline"]
     report = await pipeline.deliverer.deliver([notification_id])
-    return "sent" if report.sent else "failed" if report.failed else "retrying or skipped"
+    if report.busy:
+        # Another worker's claim is still live; look again once it must have run out.
+        raise Retry(defer=LEASE_MS / 1000)
+    return "sent" if report.sent else "failed" if report.failed else "retrying or settled"
 
 
 async def sweep(ctx: dict[str, Any]) -> int:

@@ -53,9 +53,10 @@ async def test_batch_accepts_valid_items_and_names_invalid_ones(client: Client) 
         transition(event_id="a"),  # duplicate inside the batch
     ]
     resp = await post(client, {"transitions": items})
-    assert resp.status == 202
+    assert resp.status == 422  # naming the invalid ones; the valid one is accepted all the same
     body = await resp.json()
     assert (body["accepted"], body["duplicates"], body["rejected"]) == (1, 1, 2)
+    assert body["error"]["code"] == "invalid_transition"
     assert [r["status"] for r in body["results"]] == [
         "accepted",
         "rejected",
@@ -64,6 +65,9 @@ async def test_batch_accepts_valid_items_and_names_invalid_ones(client: Client) 
     ]
     fields = {(d["index"], d["field"]) for d in body["error"]["details"]}
     assert fields == {(1, "exception_code"), (2, "recipient.phone")}
+    # the accepted item really was persisted: posting it again is a duplicate
+    again = await (await post(client, transition(event_id="a"))).json()
+    assert again["duplicates"] == 1
 
 
 async def test_all_invalid_is_422_naming_every_field(client: Client) -> None:
@@ -87,6 +91,13 @@ async def test_identifiers_are_checked(client: Client) -> None:
     assert resp.status == 422
     fields = {d["field"] for d in (await resp.json())["error"]["details"]}
     assert fields == {"merchant_id", "shipment_id"}
+
+
+async def test_dates_out_of_range_are_refused(client: Client) -> None:
+    for moment in ("0001-01-01T00:30:00+01:00", "9999-12-31T23:30:00-01:00"):
+        resp = await post(client, transition(occurred_at=moment))
+        assert resp.status == 422
+        assert (await resp.json())["error"]["details"][0]["field"] == "occurred_at"
 
 
 async def test_exception_code_only_with_exception(client: Client) -> None:
@@ -176,7 +187,12 @@ async def test_unreachable_redis_is_503_with_retry_after(tmp_path: Path) -> None
 async def test_healthz(client: Client, settings: Settings) -> None:
     resp = await client.get("/healthz")
     assert resp.status == 200
-    assert await resp.json() == {"status": "ok", "redis": "ok", "mode": "redis"}
+    assert await resp.json() == {
+        "status": "ok",
+        "redis": "ok",
+        "mode": "redis",
+        "dead_letters": {"notifications": 0, "inbox": 0},
+    }
 
 
 async def test_unknown_route_is_json_404(client: Client) -> None:

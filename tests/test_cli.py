@@ -61,6 +61,16 @@ def test_check_reports_invalid_settings(
     assert "NOTIFIER_TWILIO_ACCOUNT_SID" in err
 
 
+def test_settings_errors_never_print_api_keys(
+    trees: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("NOTIFIER_API_KEYS", '{"k_supersecret_123": "acme"}')
+    assert main(["check"]) == 2
+    err = capsys.readouterr().err
+    assert "NOTIFIER_API_KEYS" in err
+    assert "supersecret" not in err.lower()
+
+
 def test_serve_with_redis_needs_api_keys(
     trees: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -30,7 +30,7 @@ async def test_embedded_mode_runs_without_redis(tmp_path: Path) -> None:
         resp = await client.post("/v1/transitions", json=transition(), headers=headers)
         assert resp.status == 202
         health = await (await client.get("/healthz")).json()
-        assert health == {"status": "ok", "redis": "ok", "mode": "embedded"}
+        assert health["status"] == "ok" and health["mode"] == "embedded"
 
         # the in-process worker of `notifier serve`, run here in burst mode on the same store
         async with open_resources(settings, server=server) as res:

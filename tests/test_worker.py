@@ -160,8 +160,8 @@ async def test_many_shipments_in_one_batch(client: Client, settings: Settings) -
     assert jobs <= settings.partitions + 1  # drain jobs per partition (+ the sweep), not per event
 
 
-class _Crash(Exception):
-    pass
+class _Crash(BaseException):
+    """The process dying mid-send (not an error the code could handle)."""
 
 
 class _CrashingChannel:
@@ -252,3 +252,17 @@ async def test_history_lists_delivery_details(client: Client, settings: Settings
         assert d["delivery"]["detail"].startswith("outbox:")
         assert Path(d["delivery"]["detail"].removeprefix("outbox:")).exists()
         assert orjson.loads(orjson.dumps(d))["decided_at"]
+
+
+async def test_one_drain_per_partition_at_a_time(client: Client, settings: Settings) -> None:
+    await post(client, transition())
+    async with open_resources(settings) as res:
+        partition = res.store.partition_of("acme", "shp_123")
+        assert await res.store.lock(partition, "another-drain", 60_000)
+        await run_worker(settings)
+        assert outbox_files(settings) == []  # the holder has it; nobody runs beside it
+        # the holder lets go and, as drain() does, forgets the wake-up and looks again
+        await res.store.unlock(partition, "another-drain")
+        await res.store.clear_wake(partition)
+    await run_worker(settings)
+    assert len(outbox_files(settings)) == 2

@@ -16,7 +16,7 @@ from pathlib import Path
 import orjson
 
 from notifier.channels.base import Outcome, Outgoing, Receipt
-from notifier.errors import TemporaryDeliveryError
+from notifier.errors import PermanentDeliveryError, TemporaryDeliveryError
 from notifier.render import EmailMessageOut, Message, SmsMessageOut
 
 
@@ -31,6 +31,10 @@ def _header(name: str, value: str) -> bytes:
 def _address(name: str, value: str) -> bytes:
     """An address header: only the display name is ever encoded, never the address."""
     display, addr = parseaddr(" ".join(value.split()))
+    if not addr.isascii():
+        # An internationalized address (RFC 6532) travels as UTF-8; it cannot be encoded.
+        shown = f"{Header(display, 'utf-8').encode()} <{addr}>" if display else addr
+        return f"{name}: {shown}\r\n".encode()
     return f"{name}: {formataddr((display, addr), charset='utf-8')}\r\n".encode("ascii")
 
 
@@ -129,6 +133,14 @@ class OutboxChannel:
                 outcomes.append(
                     TemporaryDeliveryError(
                         f"outbox write failed: {exc.strerror}",
+                        item.message.notification_id,
+                        self.name,
+                    )
+                )
+            except Exception as exc:  # a message that cannot be written must not sink the batch
+                outcomes.append(
+                    PermanentDeliveryError(
+                        f"outbox cannot write this message: {type(exc).__name__}",
                         item.message.notification_id,
                         self.name,
                     )

@@ -125,3 +125,10 @@ class Renderer:
         except TemplateError as exc:
             name = getattr(exc, "name", None) or getattr(exc, "filename", None) or "template"
             raise RenderError(f"{name}: {exc}", n.notification_id) from exc
+        except Exception as exc:
+            # A merchant template can fail in ways Jinja does not wrap ({{ 1/0 }}), and
+            # odd data can break a formatter: fail this message, never the whole batch.
+            raise RenderError(
+                f"{n.channel} template for {status} raised {type(exc).__name__}: {exc}",
+                n.notification_id,
+            ) from exc

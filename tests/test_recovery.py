@@ -1,0 +1,187 @@
+"""Failure paths: crashed workers, poison entries, broken templates, odd addresses — nothing lost,
+nothing sent twice, one bad item never sinks the rest."""
+
+from __future__ import annotations
+
+import contextlib
+import email
+import email.policy
+import shutil
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from arq.worker import Retry
+
+from notifier.app import create_app
+from notifier.channels import Outcome, Outgoing
+from notifier.delivery import LEASE_MS
+from notifier.models import ChannelKind
+from notifier.pipeline import Pipeline
+from notifier.resources import Resources, data_dir, open_resources
+from notifier.settings import Settings
+from notifier.store import GROUP, ClaimResult
+from notifier.worker import MAX_DELIVERIES, deliver
+from tests.conftest import auth, make_settings, outbox_files, run_worker, transition
+
+Client = TestClient[Any, Any]
+
+
+class _Crash(BaseException):
+    """The process dying mid-send."""
+
+
+class _CrashingChannel:
+    name = "crashing"
+
+    async def send_many(self, items: Sequence[Outgoing]) -> list[Outcome]:
+        raise _Crash
+
+
+async def post(client: Client, *items: dict[str, Any]) -> None:
+    resp = await client.post("/v1/transitions", json={"transitions": list(items)}, headers=auth())
+    assert resp.status == 202, await resp.text()
+
+
+async def age_inbox(res: Resources, idle_ms: int) -> None:
+    """Pretend every pending inbox entry has been idle for ``idle_ms`` (as time would)."""
+    for p in range(res.settings.partitions):
+        key = res.store.inbox_key(p)
+        for row in await res.redis.xpending_range(key, GROUP, min="-", max="+", count=100):
+            await res.redis.xclaim(
+                key, GROUP, row["consumer"], 0, [row["message_id"]], idle=idle_ms
+            )
+
+
+async def expire_leases(res: Resources) -> None:
+    past = int(datetime.now(UTC).timestamp() * 1000) - LEASE_MS - 1
+    for key in await res.redis.keys("ntf:msg:*"):
+        await res.redis.hset(key, "claimed", str(past))
+
+
+async def pending_entries(res: Resources) -> int:
+    total = 0
+    for p in range(res.settings.partitions):
+        total += int((await res.redis.xpending(res.store.inbox_key(p), GROUP))["pending"])
+    return total
+
+
+async def test_entry_with_a_live_claim_elsewhere_is_not_acknowledged(
+    client: Client, settings: Settings
+) -> None:
+    await post(client, transition())
+    async with open_resources(settings) as res:
+        await res.store.ensure_groups()
+        entries = []
+        for p in range(settings.partitions):
+            entries += await res.store.read_inbox(p, "dead-worker", 10)
+        res.channels = {ChannelKind.EMAIL: _CrashingChannel(), ChannelKind.SMS: _CrashingChannel()}
+        with contextlib.suppress(_Crash):
+            await Pipeline(res).process(entries)  # claims taken, then the worker "dies"
+
+        # the entry is re-claimed (idle past claim_idle_s) while the dead claim's lease runs
+        await age_inbox(res, int(settings.claim_idle_s * 1000) + 1000)
+        await run_worker(settings)
+        assert outbox_files(settings) == []
+        assert await pending_entries(res) == 1, "acknowledged with its messages unsent"
+
+        # later: the lease has run out and the entry is due again
+        await expire_leases(res)
+        await age_inbox(res, int(settings.claim_idle_s * 1000) + 1000)
+        await run_worker(settings)
+        assert len(outbox_files(settings)) == 2
+        assert await pending_entries(res) == 0
+        ledger = await res.store.ledger(
+            [k.decode().split(":")[-1] for k in await res.redis.keys("ntf:msg:*")]
+        )
+        assert {v["status"] for v in ledger.values()} == {"sent"}
+
+
+async def test_retry_job_waits_while_another_claim_is_live(
+    client: Client, settings: Settings
+) -> None:
+    await post(client, transition())
+    async with open_resources(settings) as res:
+        await res.store.ensure_groups()
+        entries = await res.store.read_inbox(res.store.partition_of("acme", "shp_123"), "w", 10)
+        res.channels = {ChannelKind.EMAIL: _CrashingChannel(), ChannelKind.SMS: _CrashingChannel()}
+        with contextlib.suppress(_Crash):
+            await Pipeline(res).process(entries)
+        nid = (await res.redis.keys("ntf:msg:*"))[0].decode().split(":")[-1]
+        with pytest.raises(Retry):
+            await deliver({"pipeline": Pipeline(res)}, nid)
+
+
+@pytest.fixture
+def broken_policy_settings(tmp_path: Path, redis_url: str) -> Settings:
+    policies = tmp_path / "policies"
+    shutil.copytree(data_dir("policies", None), policies)
+    (policies / "broken.yaml").write_text("notify: {delivered: [pigeon]}\n")
+    return make_settings(tmp_path, redis_url=redis_url, policies_dir=policies, partitions=1)
+
+
+async def test_poison_entry_is_isolated_then_buried(broken_policy_settings: Settings) -> None:
+    settings = broken_policy_settings
+    async with TestClient(TestServer(create_app(settings))) as client:
+        await post(
+            client,
+            transition(event_id="good1", shipment_id="a"),
+            transition(event_id="bad", merchant_id="broken", shipment_id="b"),
+            transition(event_id="good2", shipment_id="c"),
+        )
+        await run_worker(settings)
+        # the batch failed on the broken merchant; the others went out regardless
+        assert len(outbox_files(settings, ".eml")) == 2
+        async with open_resources(settings) as res:
+            assert await pending_entries(res) == 1
+            for _ in range(MAX_DELIVERIES + 1):
+                await age_inbox(res, int(settings.claim_idle_s * 1000) + 1000)
+                await run_worker(settings)
+            assert await pending_entries(res) == 0
+            assert await res.redis.xlen(res.store.inbox_key(0)) == 0
+            [(_, fields)] = await res.redis.xrange(res.store.DEAD_INBOX_KEY)
+            assert b'"event_id":"bad"' in fields[b"t"]  # kept whole, not dropped
+        health = await (await client.get("/healthz")).json()
+        assert health["dead_letters"] == {"notifications": 0, "inbox": 1}
+
+
+async def test_template_that_raises_fails_only_its_message(tmp_path: Path, redis_url: str) -> None:
+    templates = tmp_path / "templates"
+    shutil.copytree(data_dir("templates", None), templates)
+    (templates / "acme" / "email").mkdir(parents=True)
+    (templates / "acme" / "email" / "subject.txt").write_text("{{ 1 / 0 }}")
+    settings = make_settings(tmp_path, redis_url=redis_url, templates_dir=templates)
+    async with TestClient(TestServer(create_app(settings))) as client:
+        await post(client, transition())
+        await run_worker(settings)
+        assert [p.suffixes[-1] for p in outbox_files(settings)] == [".json"]  # the SMS went
+        resp = await client.get(
+            "/v1/merchants/acme/shipments/shp_123/notifications", headers=auth()
+        )
+        by_channel = {d["channel"]: d["delivery"] for d in (await resp.json())["decisions"]}
+        assert by_channel["sms"]["status"] == "sent"
+        assert by_channel["email"]["status"] == "failed"
+        assert "ZeroDivisionError" in by_channel["email"]["error"]
+        health = await (await client.get("/healthz")).json()
+        assert health["dead_letters"]["notifications"] == 1
+
+
+async def test_internationalized_email_address_is_delivered(
+    client: Client, settings: Settings
+) -> None:
+    await post(client, transition(recipient={"email": "anä@exämple.com", "name": "Anä"}))
+    await run_worker(settings)
+    [eml] = outbox_files(settings, ".eml")
+    msg = email.message_from_bytes(eml.read_bytes(), policy=email.policy.default)
+    assert msg["To"] == "anä@exämple.com"
+
+
+async def test_settling_never_recreates_an_expired_ledger_entry(settings: Settings) -> None:
+    async with open_resources(settings) as res:
+        await res.store.mark_sent([("n_gone", "2026-11-21T00:00:00+00:00", "outbox:x")])
+        await res.store.release("n_gone", "timeout")
+        assert await res.redis.exists(res.store.notification_key("n_gone")) == 0
+        assert await res.store.claim(["n_gone"], 0, LEASE_MS) == [(ClaimResult.NONE, None)]
