@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +141,17 @@ async def test_body_over_the_limit_is_413(tmp_path: Path, redis_url: str) -> Non
     async with TestClient(TestServer(create_app(settings))) as c:
         big = {"transitions": [transition(event_id=str(i)) for i in range(20)]}
         resp = await post(c, big)
+        assert resp.status == 413
+        assert (await resp.json())["error"]["code"] == "payload_too_large"
+
+        async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: the read is capped
+            yield b'{"transitions": ['
+            for _ in range(100):
+                yield orjson.dumps(transition()) + b","
+            yield b"{}]}"
+
+        headers = {**auth(), "Content-Type": "application/json"}
+        resp = await c.post("/v1/transitions", data=chunks(), headers=headers)
         assert resp.status == 413
         assert (await resp.json())["error"]["code"] == "payload_too_large"
 

@@ -69,18 +69,25 @@ async def pending_entries(res: Resources) -> int:
     return total
 
 
+async def die_mid_send(res: Resources) -> None:
+    """A worker reads every inbox entry, commits, claims its messages, and dies sending."""
+    await res.store.ensure_groups()
+    entries = []
+    for p in range(res.settings.partitions):
+        entries += await res.store.read_inbox(p, "dead-worker", 100)
+    crashing = _CrashingChannel()
+    channels, res.channels = res.channels, {ChannelKind.EMAIL: crashing, ChannelKind.SMS: crashing}
+    with contextlib.suppress(_Crash):
+        await Pipeline(res).process(entries)
+    res.channels = channels
+
+
 async def test_entry_with_a_live_claim_elsewhere_is_not_acknowledged(
     client: Client, settings: Settings
 ) -> None:
     await post(client, transition())
     async with open_resources(settings) as res:
-        await res.store.ensure_groups()
-        entries = []
-        for p in range(settings.partitions):
-            entries += await res.store.read_inbox(p, "dead-worker", 10)
-        res.channels = {ChannelKind.EMAIL: _CrashingChannel(), ChannelKind.SMS: _CrashingChannel()}
-        with contextlib.suppress(_Crash):
-            await Pipeline(res).process(entries)  # claims taken, then the worker "dies"
+        await die_mid_send(res)
 
         # the entry is re-claimed (idle past claim_idle_s) while the dead claim's lease runs
         await age_inbox(res, int(settings.claim_idle_s * 1000) + 1000)
@@ -105,11 +112,7 @@ async def test_retry_job_waits_while_another_claim_is_live(
 ) -> None:
     await post(client, transition())
     async with open_resources(settings) as res:
-        await res.store.ensure_groups()
-        entries = await res.store.read_inbox(res.store.partition_of("acme", "shp_123"), "w", 10)
-        res.channels = {ChannelKind.EMAIL: _CrashingChannel(), ChannelKind.SMS: _CrashingChannel()}
-        with contextlib.suppress(_Crash):
-            await Pipeline(res).process(entries)
+        await die_mid_send(res)
         nid = (await res.redis.keys("ntf:msg:*"))[0].decode().split(":")[-1]
         with pytest.raises(Retry):
             await deliver({"pipeline": Pipeline(res)}, nid)
