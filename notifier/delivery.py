@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from notifier.channels import Outcome, Outgoing, Receipt
 from notifier.errors import RenderError, TemporaryDeliveryError
 from notifier.models import ChannelKind, Notification
+from notifier.policy.engine import opt_out_key
 from notifier.resources import Resources
+from notifier.state import ShipmentState
 from notifier.store import ClaimResult
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,10 @@ class DeliveryReport:
     retrying: list[str] = field(default_factory=list)
     #: claimed by another worker whose lease is still running: not settled yet
     busy: list[str] = field(default_factory=list)
+    #: waiting for their due time; a send_deferred job is scheduled for each
+    deferred: list[str] = field(default_factory=list)
+    #: dropped before sending: superseded by a newer state, or opted out
+    cancelled: list[str] = field(default_factory=list)
     skipped: int = 0
 
 
@@ -45,20 +52,39 @@ class Deliverer:
     def __init__(self, res: Resources) -> None:
         self.res = res
 
-    async def deliver(self, notification_ids: Sequence[str]) -> DeliveryReport:
-        """Claim, render and send; failures are recorded, retries scheduled."""
+    async def deliver(
+        self,
+        notification_ids: Sequence[str],
+        *,
+        due: bool = False,
+        states: Mapping[tuple[str, str], ShipmentState] | None = None,
+    ) -> DeliveryReport:
+        """Claim, check, render and send; failures are recorded, retries scheduled.
+
+        ``due=True`` (the send_deferred job) also claims deferred notifications whose
+        time has come. Before sending, a notification overtaken by a newer message on
+        its channel, or whose address has opted out since, is cancelled instead.
+        ``states`` saves a read when the caller already holds the shipments' states.
+        """
         report = DeliveryReport()
         now = self.res.clock()
-        claims = await self.res.store.claim(notification_ids, int(now.timestamp() * 1000), LEASE_MS)
-        batches: dict[ChannelKind, list[Outgoing]] = {}
+        now_ms = int(now.timestamp() * 1000)
+        claims = await self.res.store.claim(notification_ids, now_ms, LEASE_MS, due=due)
+        claimed: list[tuple[Notification, ClaimResult]] = []
         for nid, (result, payload) in zip(notification_ids, claims, strict=True):
             if result is ClaimResult.BUSY:
                 report.busy.append(nid)
-                continue
-            if result is ClaimResult.NONE or payload is None:
+            elif result is ClaimResult.DEFERRED:
+                await self._schedule(nid, int(payload or b"0"))
+                report.deferred.append(nid)
+            elif result is ClaimResult.NONE or payload is None:
                 report.skipped += 1
-                continue
-            n = Notification.model_validate_json(payload)
+            else:
+                claimed.append((Notification.model_validate_json(payload), result))
+        claimed = await self._still_wanted(claimed, states or {}, report)
+
+        batches: dict[ChannelKind, list[Outgoing]] = {}
+        for n, result in claimed:
             try:
                 message = self.res.renderer.render(n)
             except RenderError as exc:
@@ -83,6 +109,45 @@ class Deliverer:
             await self.res.store.mark_sent(sent)
         report.sent = [nid for nid, _, _ in sent]
         return report
+
+    async def _schedule(self, nid: str, due_ms: int) -> None:
+        """Make sure a send_deferred job exists for ``nid`` (the job id makes it unique)."""
+        due_at = datetime.fromtimestamp(due_ms / 1000, UTC)
+        await self.res.redis.enqueue_job(
+            "send_deferred", nid, _job_id=f"deferred:{nid}", _defer_until=due_at
+        )
+
+    async def _still_wanted(
+        self,
+        claimed: list[tuple[Notification, ClaimResult]],
+        states: Mapping[tuple[str, str], ShipmentState],
+        report: DeliveryReport,
+    ) -> list[tuple[Notification, ClaimResult]]:
+        """Drop (cancel) notifications overtaken by a newer one, or to opted-out addresses."""
+        if not claimed:
+            return []
+        missing = sorted({(n.merchant_id, n.shipment_id) for n, _ in claimed} - set(states))
+        loaded = dict(zip(missing, await self.res.store.load_states(missing), strict=True))
+        by_merchant: dict[str, list[str]] = {}
+        for n, _ in claimed:
+            by_merchant.setdefault(n.merchant_id, []).append(opt_out_key(n.channel, n.to))
+        opted = {m: await self.res.store.opted_out(m, keys) for m, keys in by_merchant.items()}
+        wanted = []
+        for n, result in claimed:
+            key = (n.merchant_id, n.shipment_id)
+            state = states.get(key) or loaded[key][1]
+            notice = state.notices.get(n.channel) if state else None
+            why = None
+            if notice is not None and notice.event_id != n.transition.event_id:
+                why = f"superseded by {notice.milestone} ({notice.occurred_at.isoformat()})"
+            elif opt_out_key(n.channel, n.to) in opted[n.merchant_id]:
+                why = f"recipient opted out of {n.channel}"
+            if why is None:
+                wanted.append((n, result))
+                continue
+            await self.res.store.cancel(n.notification_id, why)
+            report.cancelled.append(n.notification_id)
+        return wanted
 
     async def _send(self, kind: ChannelKind, items: list[Outgoing]) -> list[Outcome]:
         """The channel's outcomes; a channel that breaks its no-raise contract costs a retry."""

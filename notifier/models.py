@@ -109,7 +109,7 @@ def _check_phone(value: str) -> str:
 
 
 @lru_cache(maxsize=1024)
-def _known_timezone(name: str) -> bool:
+def known_timezone(name: str) -> bool:
     try:
         zoneinfo.ZoneInfo(name)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
@@ -118,7 +118,7 @@ def _known_timezone(name: str) -> bool:
 
 
 def _check_timezone(value: str) -> str:
-    if not _known_timezone(value):
+    if not known_timezone(value):
         raise ValueError("must be an IANA time zone like Europe/Paris")
     return value
 
@@ -259,6 +259,8 @@ class Decision(_Strict):
     notification_id: str | None = None
     decided_at: datetime
     occurred_at: datetime
+    #: when a deferred message is due
+    send_at: datetime | None = None
     details: dict[str, Any] = Field(default_factory=dict)
 
 

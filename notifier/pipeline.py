@@ -14,17 +14,17 @@ import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import orjson
 from pydantic import ValidationError
 
 from notifier.delivery import Deliverer, DeliveryReport
 from notifier.models import ChannelKind, Decision, Notification, Outcome, Transition
-from notifier.policy import decide
+from notifier.policy import Policy, fold, opt_out_key
 from notifier.resources import Resources
 from notifier.state import ShipmentState
-from notifier.store import InboxEntry, ShipmentCommit
+from notifier.store import InboxEntry, LedgerState, ShipmentCommit
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,18 @@ class _Fold:
     owner: dict[str, str]
 
 
+def _stall_at_ms(policy: Policy, state: ShipmentState) -> int | None:
+    rules = policy.stalled
+    if not rules.enabled:
+        return None
+    deadline = state.stall_deadline(
+        frozenset(rules.statuses),
+        timedelta(hours=rules.no_scan_hours),
+        timedelta(hours=rules.after_window_hours),
+    )
+    return None if deadline is None else int(deadline.timestamp() * 1000)
+
+
 class Pipeline:
     """Processes batches of inbox entries; safe to run in any number of workers at once."""
 
@@ -89,6 +101,7 @@ class Pipeline:
 
         to_deliver: list[str] = []
         owner: dict[str, str] = {}
+        states: dict[ShipmentKey, ShipmentState] = {}
         pending = groups
         for round_no in range(MAX_ROUNDS):
             if not pending:
@@ -97,29 +110,55 @@ class Pipeline:
                 # Lost a race on some shipments: back off a little so contenders spread out.
                 await asyncio.sleep(random.uniform(0, 0.001 * min(round_no, 20)))
             keys = list(pending)
-            states = await self.res.store.load_states(keys)
+            loaded = await self.res.store.load_states(keys)
+            opted = await self._opt_outs(pending, loaded)
             now = self.res.clock()
             folds = [
-                self._fold(key, version, state, pending[key], now)
-                for key, (version, state) in zip(keys, states, strict=True)
+                self._fold(key, version, state, pending[key], now, opted)
+                for key, (version, state) in zip(keys, loaded, strict=True)
             ]
             conflicts = set(await self.res.store.commit([f.commit for f in folds], now.isoformat()))
-            for i, fold in enumerate(folds):
+            for i, f in enumerate(folds):
                 if i in conflicts:
                     continue
-                report.decisions += fold.decisions
-                report.notifications += fold.notifications
-                to_deliver += fold.notifications + fold.recover
-                owner.update(fold.owner)
+                report.decisions += f.decisions
+                report.notifications += f.notifications
+                to_deliver += f.notifications + f.recover
+                owner.update(f.owner)
+                states[keys[i]] = f.commit.state
             pending = {keys[i]: pending[keys[i]] for i in conflicts}
         else:
             if pending:
                 raise RuntimeError(f"{len(pending)} shipments kept conflicting; will retry")
         report.already_processed = len(to_deliver) - len(report.notifications)
         if to_deliver:
-            report.delivery = await self.deliverer.deliver(to_deliver)
+            report.delivery = await self.deliverer.deliver(to_deliver, states=states)
             report.unsettled = {owner[nid] for nid in report.delivery.busy}
         return report
+
+    async def _opt_outs(
+        self,
+        groups: dict[ShipmentKey, list[tuple[str, Transition]]],
+        loaded: list[tuple[int, ShipmentState | None]],
+    ) -> set[str]:
+        """The opt-outs among every address these shipments may be messaged at."""
+        by_merchant: dict[str, set[str]] = {}
+        for ((merchant_id, _), items), (_, state) in zip(groups.items(), loaded, strict=True):
+            candidates = [state.recipient] if state and state.recipient else []
+            candidates += [t.recipient for _, t in items if t.recipient]
+            keys = by_merchant.setdefault(merchant_id, set())
+            for r in candidates:
+                if r.email:
+                    keys.add(opt_out_key(ChannelKind.EMAIL, r.email))
+                if r.phone:
+                    keys.add(opt_out_key(ChannelKind.SMS, r.phone))
+        opted: set[str] = set()
+        for merchant_id, keys in by_merchant.items():
+            opted |= {
+                f"{merchant_id}\x00{k}"
+                for k in await self.res.store.opted_out(merchant_id, sorted(keys))
+            }
+        return opted
 
     def _fold(
         self,
@@ -128,31 +167,37 @@ class Pipeline:
         state: ShipmentState | None,
         transitions: list[tuple[str, Transition]],
         now: datetime,
+        opted: set[str],
     ) -> _Fold:
         """Fold a shipment's transitions (in arrival order) through the policy. Pure."""
         merchant_id, shipment_id = key
         policy = self.res.policies.for_merchant(merchant_id)
-        current = state or ShipmentState(merchant_id=merchant_id, shipment_id=shipment_id)
+        start = state or ShipmentState(merchant_id=merchant_id, shipment_id=shipment_id)
+        prefix = f"{merchant_id}\x00"
+        opted_out = {k.removeprefix(prefix) for k in opted if k.startswith(prefix)}
+        entry_of = {t.event_id: entry_id for entry_id, t in transitions}
+        final, steps = fold(policy, start, [t for _, t in transitions], now, opted_out)
         history: list[bytes] = []
-        created: list[tuple[str, bytes]] = []
+        created: list[tuple[str, str, str, bytes]] = []
         recover: list[str] = []
         owner: dict[str, str] = {}
         decisions = 0
-        for entry_id, t in transitions:
-            if current.has_seen(t.event_id):
+        for step in steps:
+            t = step.transition
+            entry_id = entry_of[t.event_id]
+            if step.replay:
                 # A redelivered entry (a worker died after committing): finish its sends.
                 for c in ChannelKind:
                     recover.append(notification_id(t, c))
                     owner[recover[-1]] = entry_id
                 continue
-            current = current.apply(t)
-            for verdict in decide(policy, current, t, now):
+            for verdict in step.verdicts:
                 nid = None
-                if verdict.outcome is Outcome.SENT and verdict.channel and verdict.to:
+                if verdict.outcome in (Outcome.SENT, Outcome.DEFERRED):
+                    assert verdict.channel is not None and verdict.to is not None
+                    assert final.recipient is not None
                     nid = notification_id(t, verdict.channel)
                     owner[nid] = entry_id
-                    current = current.mark_notified(t.milestone, verdict.channel, now)
-                    assert current.recipient is not None
                     n = Notification(
                         notification_id=nid,
                         merchant_id=merchant_id,
@@ -160,10 +205,20 @@ class Pipeline:
                         channel=verdict.channel,
                         to=verdict.to,
                         transition=t,
-                        recipient=current.recipient,
+                        recipient=final.recipient,
                         created_at=now,
                     )
-                    created.append((nid, n.model_dump_json(exclude_none=True).encode()))
+                    deferred = verdict.outcome is Outcome.DEFERRED and verdict.send_at
+                    created.append(
+                        (
+                            nid,
+                            LedgerState.DEFERRED if deferred else LedgerState.PENDING,
+                            str(int(verdict.send_at.timestamp() * 1000))
+                            if deferred and verdict.send_at
+                            else "",
+                            n.model_dump_json(exclude_none=True).encode(),
+                        )
+                    )
                 decision = Decision(
                     event_id=t.event_id,
                     status=t.status,
@@ -174,8 +229,18 @@ class Pipeline:
                     notification_id=nid,
                     decided_at=now,
                     occurred_at=t.occurred_at,
+                    send_at=verdict.send_at,
+                    details=dict(verdict.details),
                 )
                 history.append(orjson.dumps(decision.model_dump(mode="json", exclude_none=True)))
                 decisions += 1
-        commit = ShipmentCommit(merchant_id, shipment_id, version, current, history, created)
-        return _Fold(commit, decisions, [nid for nid, _ in created], recover, owner)
+        commit = ShipmentCommit(
+            merchant_id,
+            shipment_id,
+            version,
+            final,
+            history,
+            created,
+            stall_at_ms=_stall_at_ms(policy, final),
+        )
+        return _Fold(commit, decisions, [nid for nid, *_ in created], recover, owner)

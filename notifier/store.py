@@ -61,19 +61,26 @@ local ttl = tonumber(ARGV[1])
 local cap = tonumber(ARGV[2])
 local shipments = tonumber(ARGV[3])
 local now = ARGV[4]
+local stall = KEYS[1]
 local a = 5
-local k = 1
+local k = 2
 local conflicts = {}
 for s = 1, shipments do
   local skey, hkey = KEYS[k], KEYS[k + 1]
   k = k + 2
-  local expected, newstate, nh = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
-  a = a + 3
+  local expected, newstate, member, deadline, nh =
+    ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4])
+  a = a + 5
   local current = redis.call('HGET', skey, 'v') or '0'
   local ok = (current == expected)
   if ok then
     redis.call('HSET', skey, 'v', tostring(tonumber(current) + 1), 's', newstate)
     redis.call('EXPIRE', skey, ttl)
+    if deadline == '' then
+      redis.call('ZREM', stall, member)
+    else
+      redis.call('ZADD', stall, deadline, member)
+    end
     for i = 0, nh - 1 do
       redis.call('RPUSH', hkey, ARGV[a + i])
     end
@@ -88,13 +95,14 @@ for s = 1, shipments do
   local nn = tonumber(ARGV[a])
   a = a + 1
   for i = 0, nn - 1 do
-    if ok and redis.call('HSETNX', KEYS[k + i], 'st', 'pending') == 1 then
-      redis.call('HSET', KEYS[k + i], 'p', ARGV[a + i], 'created', now, 'attempts', '0')
+    local st, due, payload = ARGV[a + 3 * i], ARGV[a + 3 * i + 1], ARGV[a + 3 * i + 2]
+    if ok and redis.call('HSETNX', KEYS[k + i], 'st', st) == 1 then
+      redis.call('HSET', KEYS[k + i], 'p', payload, 'created', now, 'attempts', '0', 'due', due)
       redis.call('EXPIRE', KEYS[k + i], ttl)
     end
   end
   k = k + nn
-  a = a + nn
+  a = a + 3 * nn
 end
 return conflicts
 """
@@ -102,12 +110,16 @@ return conflicts
 _CLAIM = """
 local now = tonumber(ARGV[1])
 local lease = tonumber(ARGV[2])
+local due_ok = ARGV[3] == 'due'
 local out = {}
 for i = 1, #KEYS do
   local st = redis.call('HGET', KEYS[i], 'st')
   local code = 0
   if st == 'pending' then
     code = 1
+  elseif st == 'deferred' then
+    local due = redis.call('HGET', KEYS[i], 'due') or ''
+    if due_ok and tonumber(due) <= now then code = 1 end
   elseif st == 'sending' then
     local claimed = tonumber(redis.call('HGET', KEYS[i], 'claimed') or '0')
     if claimed + lease < now then code = 2 end
@@ -123,6 +135,8 @@ for i = 1, #KEYS do
     end
   elseif st == 'sending' then
     out[i] = {3, ''}
+  elseif st == 'deferred' then
+    out[i] = {4, redis.call('HGET', KEYS[i], 'due') or '0'}
   else
     out[i] = {0, ''}
   end
@@ -157,6 +171,14 @@ end
 return 0
 """
 
+_DROP_STALL = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) == tonumber(ARGV[2]) then
+  return redis.call('ZREM', KEYS[1], ARGV[1])
+end
+return 0
+"""
+
 _UNLOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
@@ -170,7 +192,9 @@ class LedgerState(StrEnum):
 
     PENDING = "pending"  #: decided, not yet handed to a channel
     SENDING = "sending"  #: claimed by a worker, being handed to a channel
+    DEFERRED = "deferred"  #: held until ``due`` (quiet hours, coalescing); not yet claimable
     SENT = "sent"  #: the channel accepted it
+    CANCELLED = "cancelled"  #: never sent: superseded by a newer state, or the recipient opted out
     FAILED = "failed"  #: permanently failed or out of attempts; in the dead-letter list
 
 
@@ -181,6 +205,7 @@ class ClaimResult(StrEnum):
     FRESH = "fresh"  #: was pending
     RECLAIMED = "reclaimed"  #: a previous claim's lease expired; it may have been sent already
     BUSY = "busy"  #: another worker holds a live claim; not settled yet
+    DEFERRED = "deferred"  #: waiting for its due time (payload holds the due epoch ms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +225,10 @@ class ShipmentCommit:
     expected_version: int
     state: ShipmentState
     history: list[bytes]
-    notifications: list[tuple[str, bytes]]  # (notification id, payload)
+    #: (notification id, initial ledger state, due epoch ms or "", payload)
+    notifications: list[tuple[str, str, str, bytes]]
+    #: epoch ms when the shipment counts as stalled; None takes it off the stall index
+    stall_at_ms: int | None = None
 
 
 async def _run(result: Awaitable[T] | T) -> T:
@@ -236,6 +264,7 @@ class Store:
         self._claim = redis.register_script(_CLAIM)
         self._settle_script = redis.register_script(_SETTLE)
         self._lock = redis.register_script(_LOCK)
+        self._drop_stall = redis.register_script(_DROP_STALL)
         self._unlock = redis.register_script(_UNLOCK)
 
     # -- keys ---------------------------------------------------------------
@@ -266,6 +295,16 @@ class Store:
         return f"{PREFIX}:msg:{notification_id}"
 
     DEAD_LETTER_KEY = f"{PREFIX}:dead"
+    STALL_KEY = f"{PREFIX}:stall"
+
+    @staticmethod
+    def stall_member(merchant_id: str, shipment_id: str) -> str:
+        # merchant ids have no ":", so the first one splits the two
+        return f"{merchant_id}:{shipment_id}"
+
+    @staticmethod
+    def optout_key(merchant_id: str) -> str:
+        return f"{PREFIX}:optout:{merchant_id}"
 
     # -- ingest -------------------------------------------------------------
     async def ingest(
@@ -396,35 +435,47 @@ class Store:
         """Write all commits whose version still matches; return indexes that conflicted."""
         if not commits:
             return []
-        keys: list[str] = []
+        keys: list[str] = [self.STALL_KEY]
         args: list[Any] = [self.state_ttl_s, self.history_cap, len(commits), now_iso]
         for c in commits:
             keys += [
                 self.state_key(c.merchant_id, c.shipment_id),
                 self.history_key(c.merchant_id, c.shipment_id),
             ]
-            keys += [self.notification_key(nid) for nid, _ in c.notifications]
+            keys += [self.notification_key(nid) for nid, *_ in c.notifications]
             args += [
                 str(c.expected_version),
                 c.state.model_dump_json(exclude_defaults=True),
+                self.stall_member(c.merchant_id, c.shipment_id),
+                "" if c.stall_at_ms is None else c.stall_at_ms,
                 len(c.history),
                 *c.history,
                 len(c.notifications),
-                *(payload for _, payload in c.notifications),
             ]
+            for _, st, due, payload in c.notifications:
+                args += [st, due, payload]
         conflicts = await self._commit(keys=keys, args=args)
         return [int(i) - 1 for i in conflicts]
 
     # -- notification ledger ------------------------------------------------
     async def claim(
-        self, notification_ids: Sequence[str], now_ms: int, lease_ms: int
+        self, notification_ids: Sequence[str], now_ms: int, lease_ms: int, *, due: bool = False
     ) -> list[tuple[ClaimResult, bytes | None]]:
-        """Claim notifications for sending; return (result, payload) per id."""
+        """Claim notifications for sending; return (result, payload) per id.
+
+        A deferred notification is claimable only with ``due=True`` once its time has
+        come; otherwise it comes back as DEFERRED with its due epoch ms as payload.
+        """
         if not notification_ids:
             return []
         keys = [self.notification_key(n) for n in notification_ids]
-        rows = await self._claim(keys=keys, args=[now_ms, lease_ms])
-        results = {1: ClaimResult.FRESH, 2: ClaimResult.RECLAIMED, 3: ClaimResult.BUSY}
+        rows = await self._claim(keys=keys, args=[now_ms, lease_ms, "due" if due else "now"])
+        results = {
+            1: ClaimResult.FRESH,
+            2: ClaimResult.RECLAIMED,
+            3: ClaimResult.BUSY,
+            4: ClaimResult.DEFERRED,
+        }
         return [(results.get(int(code), ClaimResult.NONE), p or None) for code, p in rows]
 
     async def _settle(
@@ -456,16 +507,55 @@ class Store:
         await self._settle([notification_id], [{"st": LedgerState.FAILED, "error": error}])
         await _run(self.redis.rpush(self.DEAD_LETTER_KEY, notification_id))
 
+    async def cancel(self, notification_id: str, why: str) -> None:
+        """Record that a notification will never be sent, and why."""
+        await self._settle([notification_id], [{"st": LedgerState.CANCELLED, "detail": why}])
+
+    # -- opt-outs (one store for the policy engine and the delivery channels) -----------
+    async def opted_out(self, merchant_id: str, keys: Sequence[str]) -> set[str]:
+        """Which of ``keys`` (``opt_out_key`` strings) the merchant's recipients opted out of."""
+        if not keys:
+            return set()
+        flags = await _run(self.redis.smismember(self.optout_key(merchant_id), list(keys)))
+        return {k for k, flag in zip(keys, flags, strict=True) if flag}
+
+    async def set_opt_out(self, merchant_id: str, key: str, opted_out: bool) -> None:
+        """Record an opt-out (True) or an opt-in (False) for one channel address."""
+        if opted_out:
+            await _run(self.redis.sadd(self.optout_key(merchant_id), key))
+        else:
+            await _run(self.redis.srem(self.optout_key(merchant_id), key))
+
+    # -- stalled shipments ----------------------------------------------------------
+    async def due_stalls(self, now_ms: int, limit: int) -> list[tuple[str, str, int]]:
+        """(merchant_id, shipment_id, deadline ms) of shipments stalled by ``now_ms``."""
+        rows = await _run(
+            self.redis.zrangebyscore(
+                self.STALL_KEY, "-inf", now_ms, start=0, num=limit, withscores=True
+            )
+        )
+        out = []
+        for member, score in rows:
+            merchant_id, _, shipment_id = _decode(member).partition(":")
+            out.append((merchant_id, shipment_id, int(score)))
+        return out
+
+    async def drop_stall(self, merchant_id: str, shipment_id: str, deadline_ms: int) -> None:
+        """Take a shipment off the stall index unless its deadline moved meanwhile."""
+        await self._drop_stall(
+            keys=[self.STALL_KEY], args=[self.stall_member(merchant_id, shipment_id), deadline_ms]
+        )
+
     async def ledger(self, notification_ids: Sequence[str]) -> dict[str, dict[str, str]]:
         """Delivery status fields (without the payload) per notification id."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for nid in notification_ids:
                 pipe.hmget(
                     self.notification_key(nid),
-                    ["st", "created", "sent", "detail", "error", "attempts"],
+                    ["st", "created", "sent", "detail", "error", "attempts", "due"],
                 )
             rows = await pipe.execute()
-        names = ("status", "created_at", "sent_at", "detail", "error", "attempts")
+        names = ("status", "created_at", "sent_at", "detail", "error", "attempts", "due")
         return {
             nid: {k: _decode(v) for k, v in zip(names, row, strict=True) if v is not None}
             for nid, row in zip(notification_ids, rows, strict=True)

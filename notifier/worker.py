@@ -25,7 +25,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from notifier.delivery import LEASE_MS
 from notifier.pipeline import Pipeline
-from notifier.resources import Resources, connect, open_resources
+from notifier.resources import Clock, Resources, connect, open_resources, utc_now
 from notifier.settings import Settings
 from notifier.store import InboxEntry
 
@@ -201,6 +201,7 @@ def build_worker(
     burst: bool = False,
     handle_signals: bool = True,
     poll_delay_s: float | None = None,
+    clock: Clock = utc_now,
 ) -> Worker:
     """An arq Worker for ``settings``.
 
@@ -213,7 +214,7 @@ def build_worker(
         res = (
             resources
             if resources is not None
-            else await stack.enter_async_context(open_resources(settings))
+            else await stack.enter_async_context(open_resources(settings, clock=clock))
         )
         ctx.update(res=res, stack=stack, pipeline=Pipeline(res), consumer=uuid.uuid4().hex)
         await res.store.ensure_groups()

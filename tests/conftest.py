@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -122,9 +123,26 @@ async def client(settings: Settings) -> AsyncIterator[TestClient[Any, Any]]:
         yield c
 
 
-async def run_worker(settings: Settings, **kwargs: Any) -> int:
-    """Run a burst worker until the queue is empty; return jobs completed."""
-    worker = build_worker(settings, burst=True, handle_signals=False, poll_delay_s=0, **kwargs)
+#: The tests' "now": after every event the tests post, in daylight in Europe (no quiet hours).
+NOW = datetime(2026, 11, 21, 14, 0, tzinfo=UTC)
+
+
+def fixed_clock(at: datetime = NOW) -> Callable[[], datetime]:
+    return lambda: at
+
+
+async def run_worker(
+    settings: Settings, clock: Callable[[], datetime] | None = None, **kwargs: Any
+) -> int:
+    """Run a burst worker (clock fixed at NOW unless given) until the queue is empty."""
+    worker = build_worker(
+        settings,
+        burst=True,
+        handle_signals=False,
+        poll_delay_s=0,
+        clock=clock or fixed_clock(),
+        **kwargs,
+    )
     try:
         await worker.main()
     finally:

@@ -29,11 +29,13 @@ def test_check_passes_on_the_shipped_trees(trees: Path, capsys: pytest.CaptureFi
 def test_check_names_file_and_path_of_a_bad_policy(
     trees: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    (trees / "policies" / "acme.yaml").write_text("notify:\n  delivered: [email, pigeon]\n")
+    (trees / "policies" / "acme.yaml").write_text(
+        "statuses:\n  delivered: {channels: [email, pigeon]}\n"
+    )
     assert main(["check"]) == 1
     err = capsys.readouterr().err
     assert "acme.yaml" in err
-    assert "notify.delivered.1" in err
+    assert "statuses.delivered.channels.1" in err
 
 
 def test_check_names_a_broken_template(trees: Path, capsys: pytest.CaptureFixture[str]) -> None:

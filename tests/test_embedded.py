@@ -12,7 +12,7 @@ from notifier.app import create_app
 from notifier.resources import open_resources
 from notifier.settings import DEV_API_KEY, Settings
 from notifier.worker import build_worker
-from tests.conftest import transition
+from tests.conftest import fixed_clock, transition
 
 
 def embedded_settings(tmp_path: Path, **kw: Any) -> Settings:
@@ -33,7 +33,7 @@ async def test_embedded_mode_runs_without_redis(tmp_path: Path) -> None:
         assert health["status"] == "ok" and health["mode"] == "embedded"
 
         # the in-process worker of `notifier serve`, run here in burst mode on the same store
-        async with open_resources(settings, server=server) as res:
+        async with open_resources(settings, server=server, clock=fixed_clock()) as res:
             worker = build_worker(
                 settings, resources=res, burst=True, handle_signals=False, poll_delay_s=0
             )

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 from pathlib import Path
 from typing import Any
 
 from aiohttp.test_utils import TestClient
 
+from notifier.resources import data_dir
 from notifier.settings import Settings
 from tests.conftest import API_KEYS, auth, outbox_files, spawn_notifier, transition, wait_until
 
@@ -22,9 +24,14 @@ async def test_worker_process_delivers_and_stops_cleanly(
     resp = await client.post("/v1/transitions", json={"transitions": items}, headers=auth())
     assert (await resp.json())["accepted"] == 50
 
+    # Real clock: a policy without quiet hours, so the SMS goes out whatever the hour.
+    policies = tmp_path / "policies"
+    shutil.copytree(data_dir("policies", None), policies)
+    (policies / "acme.yaml").write_text("quiet_hours: {sms: null}\n")
     proc = spawn_notifier(
         ["worker"],
         tmp_path,
+        NOTIFIER_POLICIES_DIR=str(policies),
         NOTIFIER_REDIS_URL=str(settings.redis_url),
         NOTIFIER_API_KEYS=json.dumps(API_KEYS),
         NOTIFIER_OUTBOX_DIR=str(settings.outbox_dir),

@@ -25,7 +25,7 @@ from notifier.resources import Resources, data_dir, open_resources
 from notifier.settings import Settings
 from notifier.store import GROUP, ClaimResult
 from notifier.worker import MAX_DELIVERIES, deliver
-from tests.conftest import auth, make_settings, outbox_files, run_worker, transition
+from tests.conftest import auth, fixed_clock, make_settings, outbox_files, run_worker, transition
 
 Client = TestClient[Any, Any]
 
@@ -86,7 +86,7 @@ async def test_entry_with_a_live_claim_elsewhere_is_not_acknowledged(
     client: Client, settings: Settings
 ) -> None:
     await post(client, transition())
-    async with open_resources(settings) as res:
+    async with open_resources(settings, clock=fixed_clock()) as res:
         await die_mid_send(res)
 
         # the entry is re-claimed (idle past claim_idle_s) while the dead claim's lease runs
@@ -111,7 +111,7 @@ async def test_retry_job_waits_while_another_claim_is_live(
     client: Client, settings: Settings
 ) -> None:
     await post(client, transition())
-    async with open_resources(settings) as res:
+    async with open_resources(settings, clock=fixed_clock()) as res:
         await die_mid_send(res)
         nid = (await res.redis.keys("ntf:msg:*"))[0].decode().split(":")[-1]
         with pytest.raises(Retry):
@@ -122,7 +122,7 @@ async def test_retry_job_waits_while_another_claim_is_live(
 def broken_policy_settings(tmp_path: Path, redis_url: str) -> Settings:
     policies = tmp_path / "policies"
     shutil.copytree(data_dir("policies", None), policies)
-    (policies / "broken.yaml").write_text("notify: {delivered: [pigeon]}\n")
+    (policies / "broken.yaml").write_text("statuses: {delivered: {channels: [pigeon]}}\n")
     return make_settings(tmp_path, redis_url=redis_url, policies_dir=policies, partitions=1)
 
 
@@ -138,7 +138,7 @@ async def test_poison_entry_is_isolated_then_buried(broken_policy_settings: Sett
         await run_worker(settings)
         # the batch failed on the broken merchant; the others went out regardless
         assert len(outbox_files(settings, ".eml")) == 2
-        async with open_resources(settings) as res:
+        async with open_resources(settings, clock=fixed_clock()) as res:
             assert await pending_entries(res) == 1
             for _ in range(MAX_DELIVERIES + 1):
                 await age_inbox(res, int(settings.claim_idle_s * 1000) + 1000)
@@ -183,7 +183,7 @@ async def test_internationalized_email_address_is_delivered(
 
 
 async def test_settling_never_recreates_an_expired_ledger_entry(settings: Settings) -> None:
-    async with open_resources(settings) as res:
+    async with open_resources(settings, clock=fixed_clock()) as res:
         await res.store.mark_sent([("n_gone", "2026-11-21T00:00:00+00:00", "outbox:x")])
         await res.store.release("n_gone", "timeout")
         assert await res.redis.exists(res.store.notification_key("n_gone")) == 0

@@ -22,7 +22,7 @@ from notifier.pipeline import Pipeline, notification_id
 from notifier.resources import open_resources
 from notifier.settings import Settings
 from notifier.store import GROUP, InboxEntry
-from tests.conftest import auth, outbox_files, run_worker, transition
+from tests.conftest import auth, fixed_clock, outbox_files, run_worker, transition
 
 Client = TestClient[Any, Any]
 
@@ -100,12 +100,12 @@ async def test_rescan_with_new_event_id_is_not_renotified(
 
 
 async def test_quiet_statuses_are_recorded_not_sent(client: Client, settings: Settings) -> None:
-    await post(client, transition(status="in_transit"))
+    await post(client, transition(status="info_received"))
     await run_worker(settings)
     assert outbox_files(settings) == []
     [decision] = await history(client)
     assert decision["outcome"] == "suppressed"
-    assert decision["reason"] == "policy: in_transit is not notified"
+    assert decision["reason"] == "policy: info_received is not notified"
 
 
 async def test_late_event_never_steps_backwards(client: Client, settings: Settings) -> None:
@@ -185,7 +185,7 @@ async def test_crash_after_commit_is_finished_by_the_next_worker(
 ) -> None:
     await post(client, transition())
     fast = settings.model_copy(update={"claim_idle_s": 0.001})
-    async with open_resources(fast) as res:
+    async with open_resources(fast, clock=fixed_clock()) as res:
         await res.store.ensure_groups()
         entries = await _inbox_entries(settings, res.store, 10)
         assert len(entries) == 1
@@ -200,7 +200,7 @@ async def test_crash_after_commit_is_finished_by_the_next_worker(
         )
         assert pending["pending"] == 1
     # claims were taken by the crashed worker; let its lease run out, as time would
-    async with open_resources(fast) as res:
+    async with open_resources(fast, clock=fixed_clock()) as res:
         for key in await res.redis.keys("ntf:msg:*"):
             await res.redis.hset(
                 key, "claimed", str(int(1000 * datetime.now(UTC).timestamp()) - LEASE_MS - 1)
@@ -216,7 +216,7 @@ async def test_crash_between_write_and_record_does_not_write_twice(
 ) -> None:
     await post(client, transition())
     await run_worker(settings)
-    async with open_resources(settings) as res:
+    async with open_resources(settings, clock=fixed_clock()) as res:
         # pretend the worker died after writing the files but before recording them
         for key in await res.redis.keys("ntf:msg:*"):
             await res.redis.hset(key, mapping={"st": "sending", "claimed": "0"})
@@ -233,7 +233,7 @@ async def test_concurrent_workers_never_send_twice(client: Client, settings: Set
         for i in range(40)
     ]
     await post(client, *items)
-    async with open_resources(settings) as res:
+    async with open_resources(settings, clock=fixed_clock()) as res:
         await res.store.ensure_groups()
         entries = await _inbox_entries(settings, res.store, 100)
         assert len(entries) == 40
@@ -256,7 +256,7 @@ async def test_history_lists_delivery_details(client: Client, settings: Settings
 
 async def test_one_drain_per_partition_at_a_time(client: Client, settings: Settings) -> None:
     await post(client, transition())
-    async with open_resources(settings) as res:
+    async with open_resources(settings, clock=fixed_clock()) as res:
         partition = res.store.partition_of("acme", "shp_123")
         assert await res.store.lock(partition, "another-drain", 60_000)
         await run_worker(settings)

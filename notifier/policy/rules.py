@@ -1,35 +1,150 @@
-"""Policy files: policies/default.yaml merged with policies/<merchant_id>.yaml, schema-validated."""
+"""Policy files: policies/default.yaml merged with policies/<merchant_id>.yaml, schema-validated.
+
+An invalid file is refused with an error naming the file, the path inside it
+and the problem, e.g. ``policies/acme.yaml: quiet_hours.sms.start: must be HH:MM``.
+"""
 
 from __future__ import annotations
 
+import re
 import threading
+from datetime import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from notifier.errors import ConfigurationError
-from notifier.models import ChannelKind, ExceptionCode, Status
+from notifier.models import ChannelKind, ExceptionCode, Status, known_timezone
 
 
-class Policy(BaseModel):
-    """The cadence rules for one merchant."""
+def _clock_time(value: object) -> object:
+    # YAML 1.1 reads an unquoted 21:00 as the sexagesimal integer 1260.
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = f"{value // 60:02d}:{value % 60:02d}"
+    if isinstance(value, str):
+        if not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", value):
+            raise ValueError("must be HH:MM, 24-hour clock, e.g. 21:00")
+        hours, minutes = value.split(":")
+        return time(int(hours), int(minutes))
+    return value
 
+
+ClockTime = Annotated[time, BeforeValidator(_clock_time)]
+
+
+class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    #: status -> channels that carry it; a status left out is not notified.
-    notify: dict[Status, list[ChannelKind]] = Field(default_factory=dict)
-    #: exception_code -> channels, overriding ``notify["exception"]`` for that code.
-    exceptions: dict[ExceptionCode, list[ChannelKind]] = Field(default_factory=dict)
-    #: the same milestone is not re-notified on a channel within this many hours.
-    dedupe_window_hours: float = Field(default=168, ge=0)
 
-    def channels_for(self, status: Status, code: ExceptionCode | None) -> list[ChannelKind]:
-        """The channels a transition with this status (and exception code) goes out on."""
+class Rule(_Strict):
+    """What one status (or exception code) does."""
+
+    #: channels that carry it; empty = recorded, never notified
+    channels: list[ChannelKind] = Field(default_factory=list)
+    #: a trivial update: throttled per channel by ``throttle.trivial_interval_hours``
+    trivial: bool = False
+    #: may be sent during quiet hours instead of waiting for them to end
+    break_quiet_hours: bool = False
+
+
+class QuietWindow(_Strict):
+    """Local clock times in the recipient's time zone; ``start`` after ``end`` spans midnight."""
+
+    start: ClockTime
+    end: ClockTime
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> QuietWindow:
+        if self.start == self.end:
+            raise ValueError("start and end are equal; leave the channel out for no quiet hours")
+        return self
+
+
+class QuietHours(_Strict):
+    """Per-channel quiet hours; a message inside them is deferred to their end."""
+
+    email: QuietWindow | None = None
+    sms: QuietWindow | None = None
+    #: used for recipients whose transitions carry no time zone
+    default_timezone: str = "UTC"
+
+    @model_validator(mode="after")
+    def _tz(self) -> QuietHours:
+        if not known_timezone(self.default_timezone):
+            raise ValueError(f"default_timezone {self.default_timezone!r} is not an IANA zone")
+        return self
+
+    def window(self, channel: ChannelKind) -> QuietWindow | None:
+        return self.email if channel is ChannelKind.EMAIL else self.sms
+
+
+class Throttle(_Strict):
+    """Limits that keep a shipment from becoming noise."""
+
+    #: minimum hours between two trivial updates of one shipment on one channel
+    trivial_interval_hours: float = Field(default=24, ge=0)
+    #: at most this many messages per shipment (all channels) in any 24 hours
+    max_per_shipment_per_day: int = Field(default=6, ge=1)
+    #: at most this many SMS per shipment, ever
+    max_sms_per_shipment: int = Field(default=8, ge=0)
+
+
+class Anomalies(_Strict):
+    """Events that look wrong are flagged and recorded, never notified."""
+
+    #: an event dated more than this far in the future
+    future_minutes: float = Field(default=30, ge=0)
+    #: an event more than this much earlier than the shipment's first known event
+    early_hours: float = Field(default=30 * 24, ge=0)
+    #: two located scans implying a faster journey than this
+    max_speed_kmh: float = Field(default=1000, gt=0)
+    #: jumps shorter than this are never flagged (scan-location jitter)
+    min_jump_km: float = Field(default=50, ge=0)
+
+
+class Stalled(_Strict):
+    """One proactive ``exception/delayed`` message when a shipment stops moving."""
+
+    enabled: bool = True
+    #: no scan for this long while in one of ``statuses``
+    no_scan_hours: float = Field(default=72, gt=0)
+    #: the estimated delivery window ended this long ago without delivery
+    after_window_hours: float = Field(default=2, ge=0)
+    statuses: list[Status] = Field(
+        default_factory=lambda: [
+            Status.PICKED_UP,
+            Status.IN_TRANSIT,
+            Status.ARRIVED_AT_FACILITY,
+            Status.DEPARTED_FACILITY,
+            Status.OUT_FOR_DELIVERY,
+        ]
+    )
+
+
+class Policy(_Strict):
+    """The cadence rules for one merchant (see policies/default.yaml for the meaning of each)."""
+
+    statuses: dict[Status, Rule] = Field(default_factory=dict)
+    exceptions: dict[ExceptionCode, Rule] = Field(default_factory=dict)
+    #: the same milestone is not re-notified on a channel within this many hours
+    dedupe_window_hours: float = Field(default=168, ge=0)
+    #: hold every message this long and send only the latest state (0 = send at once)
+    coalesce_seconds: float = Field(default=0, ge=0, le=3600)
+    throttle: Throttle = Field(default_factory=Throttle)
+    quiet_hours: QuietHours = Field(default_factory=QuietHours)
+    anomalies: Anomalies = Field(default_factory=Anomalies)
+    stalled: Stalled = Field(default_factory=Stalled)
+
+    def rule(self, status: Status, code: ExceptionCode | None) -> Rule:
+        """The rule for a transition: its exception code's, else its status's, else silence."""
         if code is not None and code in self.exceptions:
             return self.exceptions[code]
-        return self.notify.get(status, [])
+        return self.statuses.get(status, _SILENT)
+
+
+_SILENT = Rule()
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -63,7 +178,7 @@ def _validate(path: Path, data: dict[str, Any]) -> Policy:
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}"
-            for err in exc.errors()
+            for err in exc.errors(include_input=False, include_url=False)
         )
         raise ConfigurationError(f"{path}: {problems}") from exc
 
@@ -99,19 +214,19 @@ class PolicyStore:
     def _load(self, merchant_id: str) -> Policy:
         base = _read_yaml(self.default_path())
         path = self.directory / f"{merchant_id}.yaml"
-        if not path.is_file():
+        if not merchant_id or not path.is_file():
             return _validate(self.default_path(), base)
         return _validate(path, _merge(base, _read_yaml(path)))
 
     def check_all(self) -> list[str]:
         """Validate the defaults and every merchant file; return one message per problem."""
-        problems: list[str] = []
         if not self.default_path().is_file():
             return [f"{self.default_path()}: missing"]
+        problems: list[str] = []
         for path in sorted(self.directory.glob("*.yaml")):
-            merchant = path.stem
+            merchant = "" if path.stem == "default" else path.stem
             try:
-                self._load("" if merchant == "default" else merchant)
+                self._load(merchant)
             except ConfigurationError as exc:
                 problems.append(str(exc))
         return problems
