@@ -6,16 +6,18 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated
 
 import orjson
 from aiohttp import web
 from fakeredis import FakeServer
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, StringConstraints, TypeAdapter, ValidationError
 from redis.exceptions import RedisError
 
-from notifier.errors import ApiError, Forbidden, NotFound
-from notifier.ingest import KeyRing, may_act_for, post_transitions
-from notifier.models import Identifier, MerchantId
+from notifier.errors import ApiError, Forbidden, NotFound, ValidationFailed
+from notifier.ingest import KeyRing, may_act_for, post_transitions, read_json
+from notifier.models import ChannelKind, Identifier, MerchantId
+from notifier.policy import opt_out_key
 from notifier.resources import Clock, Resources, open_resources, utc_now
 from notifier.settings import Settings
 from notifier.worker import build_worker
@@ -87,6 +89,35 @@ async def shipment_notifications(request: web.Request) -> web.Response:
     )
 
 
+class OptOut(BaseModel):
+    """POST /v1/merchants/{merchant_id}/opt-outs: record an opt-out (or an opt-in)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    channel: ChannelKind
+    address: Annotated[str, StringConstraints(min_length=3, max_length=254)]
+    opted_out: bool = True
+
+
+async def opt_outs(request: web.Request) -> web.Response:
+    """Record that a recipient opted out of (or back into) a channel for one merchant."""
+    merchant_id = request.match_info["merchant_id"]
+    if not may_act_for(request.app[KEYS].authenticate(request), merchant_id):
+        raise Forbidden("this API key may not act for that merchant")
+    try:
+        _MERCHANT.validate_python(merchant_id)
+        body = OptOut.model_validate(await read_json(request, 16 * 1024))
+    except ValidationError as exc:
+        details = [
+            {"field": ".".join(str(p) for p in e["loc"]) or "(body)", "message": e["msg"]}
+            for e in exc.errors(include_input=False, include_url=False)
+        ]
+        raise ValidationFailed("invalid opt-out", details) from exc
+    key = opt_out_key(body.channel, body.address)
+    await request.app[RESOURCES].store.set_opt_out(merchant_id, key, body.opted_out)
+    return _json(200, body.model_dump(mode="json"))
+
+
 async def healthz(request: web.Request) -> web.Response:
     """Liveness, a Redis check and the dead-letter counts; 503 when Redis does not answer."""
     res = request.app[RESOURCES]
@@ -132,5 +163,6 @@ def create_app(
         "/v1/merchants/{merchant_id}/shipments/{shipment_id}/notifications",
         shipment_notifications,
     )
+    app.router.add_post("/v1/merchants/{merchant_id}/opt-outs", opt_outs)
     app.router.add_get("/healthz", healthz)
     return app

@@ -24,6 +24,7 @@ from arq.worker import Retry, Worker
 from redis.exceptions import RedisError, ResponseError
 
 from notifier.delivery import LEASE_MS
+from notifier.models import ExceptionCode, Status, Transition
 from notifier.pipeline import Pipeline
 from notifier.resources import Clock, Resources, connect, open_resources, utc_now
 from notifier.settings import Settings
@@ -181,6 +182,62 @@ async def deliver(ctx: dict[str, Any], notification_id: str) -> str:
     return "sent" if report.sent else "failed" if report.failed else "retrying or settled"
 
 
+async def send_deferred(ctx: dict[str, Any], notification_id: str) -> str:
+    """Send a message held for quiet hours or coalescing, unless a newer state overtook it."""
+    pipeline: Pipeline = ctx["pipeline"]
+    report = await pipeline.deliverer.deliver([notification_id], due=True)
+    if report.busy:
+        raise Retry(defer=LEASE_MS / 1000)
+    if report.deferred:
+        # Woken before its time (clock skew between hosts): look again shortly.
+        raise Retry(defer=30)
+    if report.cancelled:
+        return "cancelled"
+    return "sent" if report.sent else "failed" if report.failed else "retrying or settled"
+
+
+async def find_stalled(ctx: dict[str, Any]) -> int:
+    """Turn shipments that stopped moving into one ``exception/delayed`` transition each.
+
+    The stall index (a sorted set by deadline, kept by the commit script) is read, not
+    every shipment. The transition goes through ingest with an event id fixed by the
+    stall's deadline, so a shipment stalled once is told once, however often this runs.
+    """
+    res: Resources = ctx["res"]
+    now = res.clock()
+    due = await res.store.due_stalls(int(now.timestamp() * 1000), limit=500)
+    if not due:
+        return 0
+    states = await res.store.load_states([(m, s) for m, s, _ in due])
+    items = []
+    for (merchant_id, shipment_id, deadline_ms), (_, state) in zip(due, states, strict=True):
+        if state is None or state.tracking_number is None or state.carrier is None:
+            await res.store.drop_stall(merchant_id, shipment_id, deadline_ms)
+            continue
+        t = Transition(
+            event_id=f"stalled:{deadline_ms}",
+            merchant_id=merchant_id,
+            shipment_id=shipment_id,
+            tracking_number=state.tracking_number,
+            carrier=state.carrier,
+            status=Status.EXCEPTION,
+            exception_code=ExceptionCode.DELAYED,
+            occurred_at=now,
+            estimated_delivery=state.estimated_delivery,
+            tracking_url=state.tracking_url,
+            order=state.order,
+            carrier_description="no carrier scan or delivery in the expected time (notifier)",
+        )
+        items.append((merchant_id, shipment_id, t.event_id, t.model_dump_json().encode()))
+    if items:
+        _, woken = await res.store.ingest(items)
+        await wake(res, woken)
+    for merchant_id, shipment_id, deadline_ms in due:
+        await res.store.drop_stall(merchant_id, shipment_id, deadline_ms)
+    log.info("%d stalled shipments found", len(items))
+    return len(items)
+
+
 async def sweep(ctx: dict[str, Any]) -> int:
     """Wake partitions with unread or abandoned entries (a lost wake-up, a crashed worker)."""
     res: Resources = ctx["res"]
@@ -224,8 +281,11 @@ def build_worker(
 
     pool: ArqRedis = connect(settings, resources.server if resources else None)
     return Worker(
-        functions=[drain, deliver],
-        cron_jobs=[cron(sweep, second=set(range(0, 60, 15)), run_at_startup=True)],
+        functions=[drain, deliver, send_deferred],
+        cron_jobs=[
+            cron(sweep, second=set(range(0, 60, 15)), run_at_startup=True),
+            cron(find_stalled, second={30}, run_at_startup=True),
+        ],
         redis_pool=pool,
         on_startup=on_startup,
         on_shutdown=on_shutdown,
