@@ -1,0 +1,362 @@
+"""The pure policy engine: decide(), fold(), quiet_until() — values in, verdicts out."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from notifier.models import ChannelKind, Outcome, Transition
+from notifier.policy import Policy, PolicyStore, decide, fold, opt_out_key, quiet_until
+from notifier.policy.rules import QuietWindow
+from notifier.resources import data_dir
+from notifier.state import ShipmentState
+
+EMAIL, SMS = ChannelKind.EMAIL, ChannelKind.SMS
+NOON = datetime(2026, 11, 21, 11, 0, tzinfo=UTC)  # 12:00 in Paris
+
+
+def policy(**overrides: Any) -> Policy:
+    """The shipped default policy with top-level keys replaced (validated like a file)."""
+    base = PolicyStore(data_dir("policies", None)).for_merchant("")
+    return Policy.model_validate({**base.model_dump(), **overrides})
+
+
+def event(
+    i: int = 1, status: str = "out_for_delivery", at: datetime = NOON, **kw: Any
+) -> Transition:
+    body: dict[str, Any] = {
+        "event_id": f"e{i}",
+        "merchant_id": "acme",
+        "shipment_id": "s1",
+        "tracking_number": "1Z",
+        "carrier": "ups",
+        "status": status,
+        "occurred_at": at,
+        "recipient": {
+            "email": "ana@example.com",
+            "phone": "+33612345678",
+            "timezone": "Europe/Paris",
+        },
+    }
+    body.update(kw)
+    return Transition.model_validate(body)
+
+
+def run(
+    events: list[Transition],
+    now: datetime = NOON,
+    p: Policy | None = None,
+    state: ShipmentState | None = None,
+    opted: tuple[str, ...] = (),
+) -> tuple[ShipmentState, list[Any]]:
+    start = state or ShipmentState(merchant_id="acme", shipment_id="s1")
+    return fold(p or policy(), start, events, now, opted)
+
+
+def outcomes(steps: list[Any]) -> list[tuple[str, str | None, str]]:
+    return [(s.transition.event_id, v.channel, v.outcome) for s in steps for v in s.verdicts]
+
+
+# -- per-status rules ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "channels"),
+    [
+        ("info_received", []),
+        ("picked_up", [EMAIL]),
+        ("in_transit", [EMAIL]),
+        ("arrived_at_facility", [EMAIL]),
+        ("departed_facility", [EMAIL]),
+        ("out_for_delivery", [EMAIL, SMS]),
+        ("delivery_attempt_failed", [EMAIL, SMS]),
+        ("available_for_pickup", [EMAIL, SMS]),
+        ("delivered", [EMAIL, SMS]),
+        ("returned_to_sender", [EMAIL, SMS]),
+    ],
+)
+def test_default_channels_per_status(status: str, channels: list[ChannelKind]) -> None:
+    _, steps = run([event(status=status)])
+    sent = [v.channel for v in steps[0].verdicts if v.outcome is Outcome.SENT]
+    assert sent == channels
+
+
+@pytest.mark.parametrize("code", ["delayed", "customs_hold", "lost", "other"])
+def test_every_exception_by_sms_and_email(code: str) -> None:
+    _, steps = run([event(status="exception", exception_code=code)])
+    assert [v.channel for v in steps[0].verdicts if v.outcome is Outcome.SENT] == [EMAIL, SMS]
+
+
+def test_exception_code_rule_overrides_the_status_rule() -> None:
+    p = policy(exceptions={"weather_delay": {"channels": ["email"]}})
+    _, steps = run([event(status="exception", exception_code="weather_delay")], p=p)
+    assert [v.channel for v in steps[0].verdicts if v.outcome is Outcome.SENT] == [EMAIL]
+
+
+# -- dedupe -----------------------------------------------------------------------------------
+
+
+def test_same_milestone_rescanned_is_not_renotified_within_the_window() -> None:
+    state, _ = run([event(1)])
+    later = NOON + timedelta(hours=3)
+    _, steps = run([event(2, at=later)], now=later, state=state)
+    assert {v.outcome for v in steps[0].verdicts} == {Outcome.SUPPRESSED}
+    assert steps[0].verdicts[0].details == {"hours_ago": 3.0, "window_hours": 168}
+    much_later = NOON + timedelta(days=8)
+    _, steps = run([event(3, at=much_later)], now=much_later, state=state)
+    assert {v.outcome for v in steps[0].verdicts} == {Outcome.SENT}
+
+
+# -- throttle and caps ----------------------------------------------------------------------
+
+
+def test_trivial_updates_at_most_one_email_per_interval() -> None:
+    state, steps = run([event(1, "in_transit")])
+    assert outcomes(steps) == [("e1", EMAIL, Outcome.SENT)]
+    three_h = NOON + timedelta(hours=3)
+    state, steps = run([event(2, "arrived_at_facility", three_h)], now=three_h, state=state)
+    [v] = steps[0].verdicts
+    assert v.outcome is Outcome.SUPPRESSED
+    assert v.reason == "trivial update throttled: last email 3.0 h ago, interval 24 h"
+    next_day = NOON + timedelta(hours=25)
+    _, steps = run([event(3, "departed_facility", next_day)], now=next_day, state=state)
+    assert outcomes(steps) == [("e3", EMAIL, Outcome.SENT)]
+
+
+def test_milestones_are_never_held_back_by_the_trivial_throttle() -> None:
+    state, _ = run([event(1, "in_transit")])
+    soon = NOON + timedelta(minutes=10)
+    _, steps = run([event(2, "out_for_delivery", soon)], now=soon, state=state)
+    assert {v.outcome for v in steps[0].verdicts} == {Outcome.SENT}
+
+
+def test_daily_cap_stops_even_a_milestone_and_says_so() -> None:
+    p = Policy.model_validate(
+        {**policy().model_dump(), "throttle": {"max_per_shipment_per_day": 3}}
+    )
+    state, _ = run([event(1, "out_for_delivery")], p=p)  # 2 messages
+    later = NOON + timedelta(hours=1)
+    _, steps = run([event(2, "delivered", later)], now=later, state=state, p=p)
+    assert [v.outcome for v in steps[0].verdicts] == [Outcome.SENT, Outcome.SUPPRESSED]
+    capped = steps[0].verdicts[1]
+    assert capped.reason == "cap: 3 messages to this shipment in the last 24 h (max 3)"
+    assert capped.details == {"count": 3, "max": 3}
+
+
+def test_sms_cap_over_the_shipment_life() -> None:
+    p = policy(throttle={"max_sms_per_shipment": 1})
+    state, _ = run([event(1, "out_for_delivery")], p=p)
+    later = NOON + timedelta(hours=2)
+    _, steps = run([event(2, "delivered", later)], now=later, state=state, p=p)
+    sms = next(v for v in steps[0].verdicts if v.channel is SMS)
+    assert sms.outcome is Outcome.SUPPRESSED
+    assert sms.reason == "cap: 1 SMS already sent for this shipment (max 1)"
+
+
+# -- quiet hours and time zones ---------------------------------------------------------------
+
+SMS_NIGHT = QuietWindow.model_validate({"start": "21:00", "end": "08:00"})
+
+
+@pytest.mark.parametrize(
+    ("zone", "local", "expected_local_end"),
+    [
+        ("Europe/Paris", datetime(2026, 11, 21, 22, 30), datetime(2026, 11, 22, 8, 0)),
+        ("Europe/Paris", datetime(2026, 11, 22, 3, 0), datetime(2026, 11, 22, 8, 0)),
+        ("Europe/Paris", datetime(2026, 11, 22, 20, 59), None),
+        ("Europe/Paris", datetime(2026, 11, 22, 8, 0), None),
+        # UTC+14 and UTC-10: the same local rule, very different UTC instants
+        ("Pacific/Kiritimati", datetime(2026, 11, 21, 23, 0), datetime(2026, 11, 22, 8, 0)),
+        ("Pacific/Honolulu", datetime(2026, 11, 21, 6, 0), datetime(2026, 11, 21, 8, 0)),
+        # spring forward (Paris, 29 March 2026 02:00 -> 03:00): the night is an hour shorter
+        ("Europe/Paris", datetime(2026, 3, 28, 23, 0), datetime(2026, 3, 29, 8, 0)),
+        # fall back (Paris, 25 October 2026 03:00 -> 02:00): the night is an hour longer
+        ("Europe/Paris", datetime(2026, 10, 24, 23, 0), datetime(2026, 10, 25, 8, 0)),
+        ("America/New_York", datetime(2026, 11, 1, 1, 30), datetime(2026, 11, 1, 8, 0)),
+    ],
+)
+def test_quiet_until_in_local_time(
+    zone: str, local: datetime, expected_local_end: datetime | None
+) -> None:
+    tz = ZoneInfo(zone)
+    until = quiet_until(SMS_NIGHT, tz, local.replace(tzinfo=tz))
+    if expected_local_end is None:
+        assert until is None
+    else:
+        assert until is not None
+        assert until.astimezone(tz).replace(tzinfo=None) == expected_local_end
+        assert until.tzinfo is UTC
+
+
+def test_dst_nights_really_differ_in_length() -> None:
+    tz = ZoneInfo("Europe/Paris")
+    spring = quiet_until(SMS_NIGHT, tz, datetime(2026, 3, 28, 21, 0, tzinfo=tz))
+    autumn = quiet_until(SMS_NIGHT, tz, datetime(2026, 10, 24, 21, 0, tzinfo=tz))
+    assert spring is not None and autumn is not None
+    spring_start = datetime(2026, 3, 28, 21, 0, tzinfo=tz).astimezone(UTC)
+    autumn_start = datetime(2026, 10, 24, 21, 0, tzinfo=tz).astimezone(UTC)
+    assert spring - spring_start == timedelta(hours=10)
+    assert autumn - autumn_start == timedelta(hours=12)
+
+
+def test_end_inside_a_dst_gap_resolves_after_the_gap() -> None:
+    tz = ZoneInfo("Europe/Paris")
+    window = QuietWindow.model_validate({"start": "01:00", "end": "02:30"})  # 02:30 never happens
+    until = quiet_until(window, tz, datetime(2026, 3, 29, 1, 30, tzinfo=tz))
+    assert until == datetime(2026, 3, 29, 1, 30, tzinfo=UTC)  # 03:30 CEST, just after the gap
+
+
+def test_window_within_one_day() -> None:
+    window = QuietWindow.model_validate({"start": "12:00", "end": "14:00"})
+    tz = ZoneInfo("Asia/Tokyo")
+    assert quiet_until(window, tz, datetime(2026, 11, 21, 13, 0, tzinfo=tz)) == datetime(
+        2026, 11, 21, 5, 0, tzinfo=UTC
+    )
+    assert quiet_until(window, tz, datetime(2026, 11, 21, 14, 0, tzinfo=tz)) is None
+
+
+def test_sms_in_quiet_hours_is_deferred_email_is_not() -> None:
+    night = datetime(2026, 11, 21, 22, 0, tzinfo=UTC)  # 23:00 in Paris
+    _, steps = run([event(at=night)], now=night)
+    email, sms = steps[0].verdicts
+    assert email.outcome is Outcome.SENT
+    assert sms.outcome is Outcome.DEFERRED
+    assert sms.send_at == datetime(2026, 11, 22, 7, 0, tzinfo=UTC)  # 08:00 Paris
+    assert sms.reason.startswith("quiet hours 21:00-08:00 in Europe/Paris; deferred to 08:00")
+
+
+def test_recipient_without_time_zone_uses_the_policy_default() -> None:
+    night_utc = datetime(2026, 11, 21, 22, 0, tzinfo=UTC)
+    no_tz = {"email": "ana@example.com", "phone": "+33612345678"}
+    _, steps = run([event(at=night_utc, recipient=no_tz)], now=night_utc)
+    sms = steps[0].verdicts[1]
+    assert sms.outcome is Outcome.DEFERRED and sms.details["timezone"] == "UTC"
+    p = Policy.model_validate(
+        {
+            **policy().model_dump(),
+            "quiet_hours": {
+                "sms": {"start": "21:00", "end": "08:00"},
+                "default_timezone": "America/Los_Angeles",
+            },
+        }
+    )
+    _, steps = run([event(at=night_utc, recipient=no_tz)], now=night_utc, p=p)
+    assert steps[0].verdicts[1].outcome is Outcome.SENT  # 14:00 in Los Angeles
+
+
+def test_statuses_may_break_quiet_hours_when_configured() -> None:
+    night = datetime(2026, 11, 21, 22, 0, tzinfo=UTC)
+    p = policy(exceptions={"lost": {"channels": ["email", "sms"], "break_quiet_hours": True}})
+    _, steps = run([event(status="exception", exception_code="lost", at=night)], now=night, p=p)
+    assert {v.outcome for v in steps[0].verdicts} == {Outcome.SENT}
+
+
+# -- supersession ---------------------------------------------------------------------------------
+
+
+def test_updates_in_one_batch_collapse_to_the_latest() -> None:
+    ofd, delivered = event(1), event(2, "delivered", NOON + timedelta(minutes=20))
+    state, steps = run([ofd, delivered], now=NOON + timedelta(minutes=30))
+    assert [v.outcome for v in steps[0].verdicts] == [Outcome.SUPPRESSED] * 2
+    assert steps[0].verdicts[0].reason == "superseded by delivered in the same batch"
+    assert [v.outcome for v in steps[1].verdicts] == [Outcome.SENT] * 2
+    assert state.messages_since(NOON) == 2  # the superseded ones are not counted
+    assert state.notices[SMS].event_id == "e2"
+
+
+def test_coalescing_defers_every_message() -> None:
+    p = policy(coalesce_seconds=120)
+    _, steps = run([event()], p=p)
+    assert {v.outcome for v in steps[0].verdicts} == {Outcome.DEFERRED}
+    assert {v.send_at for v in steps[0].verdicts} == {NOON + timedelta(seconds=120)}
+
+
+# -- out of order ---------------------------------------------------------------------------------
+
+
+def test_late_event_never_steps_backwards() -> None:
+    state, _ = run([event(1, "delivered", NOON)])
+    _, steps = run([event(2, "in_transit", NOON - timedelta(hours=5))], state=state)
+    [v] = steps[0].verdicts
+    assert v.outcome is Outcome.SUPPRESSED and v.reason.startswith("out of order")
+
+
+def test_nothing_before_delivered_is_news_after_it() -> None:
+    state, _ = run([event(1, "delivered", NOON)])
+    later = NOON + timedelta(hours=1)
+    _, steps = run([event(2, "out_for_delivery", later)], now=later, state=state)
+    assert steps[0].verdicts[0].reason.startswith("out of order")
+
+
+def test_late_event_still_teaches_facts() -> None:
+    state, _ = run([event(1, "delivered", NOON, tracking_url="https://t.example/1")])
+    state, _ = run(
+        [event(2, "in_transit", NOON - timedelta(hours=5), order={"number": "42"})], state=state
+    )
+    assert state.status == "delivered" and state.order is not None and state.order.number == "42"
+
+
+# -- anomalies ----------------------------------------------------------------------------------
+
+
+def test_event_from_the_future_is_flagged_and_changes_nothing() -> None:
+    state, steps = run([event(1, "delivered", NOON + timedelta(hours=2))])
+    [v] = steps[0].verdicts
+    assert v.outcome is Outcome.FLAGGED
+    assert v.reason == "anomaly: occurred_at is 120 min in the future (limit 30 min)"
+    assert state.status is None and state.has_seen("e1")
+
+
+def test_event_far_before_the_known_timeline_is_flagged() -> None:
+    state, _ = run([event(1, "picked_up", NOON)])
+    _, steps = run([event(2, "in_transit", NOON - timedelta(days=40))], state=state)
+    assert steps[0].verdicts[0].outcome is Outcome.FLAGGED
+    assert steps[0].verdicts[0].details["hours_early"] == 960.0
+
+
+def test_impossible_jump_between_located_scans_is_flagged() -> None:
+    leipzig = {"city": "Leipzig", "country": "DE", "lat": 51.34, "lon": 12.37}
+    sydney = {"city": "Sydney", "country": "AU", "lat": -33.87, "lon": 151.21}
+    berlin = {"city": "Berlin", "country": "DE", "lat": 52.52, "lon": 13.40}
+    state, _ = run([event(1, "in_transit", NOON - timedelta(hours=3), location=leipzig)])
+    _, steps = run(
+        [event(2, "in_transit", NOON - timedelta(hours=2), location=sydney)], state=state
+    )
+    assert steps[0].verdicts[0].outcome is Outcome.FLAGGED
+    assert "km/h" in steps[0].verdicts[0].reason
+    # Leipzig -> Berlin (150 km) in an hour is a plausible truck
+    _, steps = run(
+        [event(3, "in_transit", NOON - timedelta(hours=2), location=berlin)], state=state
+    )
+    assert steps[0].verdicts[0].outcome is not Outcome.FLAGGED
+
+
+# -- opt-outs and addresses ---------------------------------------------------------------------
+
+
+def test_opted_out_channel_is_never_used() -> None:
+    _, steps = run([event()], opted=(opt_out_key(SMS, "+33612345678"),))
+    assert [(v.channel, v.outcome) for v in steps[0].verdicts] == [
+        (EMAIL, Outcome.SENT),
+        (SMS, Outcome.SUPPRESSED),
+    ]
+    assert steps[0].verdicts[1].reason == "recipient opted out of sms"
+
+
+def test_email_opt_out_ignores_case() -> None:
+    _, steps = run(
+        [event(recipient={"email": "Ana@Example.com"})],
+        opted=(opt_out_key(EMAIL, "ana@example.COM"),),
+    )
+    assert steps[0].verdicts[0].outcome is Outcome.SUPPRESSED
+
+
+def test_decide_is_pure() -> None:
+    state = ShipmentState(merchant_id="acme", shipment_id="s1")
+    t = event()
+    first = decide(policy(), state, t, NOON)
+    assert decide(policy(), state, t, NOON) == first
+    assert state == ShipmentState(merchant_id="acme", shipment_id="s1")
