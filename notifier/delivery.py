@@ -6,7 +6,7 @@ import logging
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import timedelta
 
 from notifier.channels import Outcome, Outgoing, Receipt
 from notifier.errors import RenderError, TemporaryDeliveryError
@@ -39,7 +39,7 @@ class DeliveryReport:
     retrying: list[str] = field(default_factory=list)
     #: claimed by another worker whose lease is still running: not settled yet
     busy: list[str] = field(default_factory=list)
-    #: waiting for their due time; a send_deferred job is scheduled for each
+    #: waiting for their due time on the due index
     deferred: list[str] = field(default_factory=list)
     #: dropped before sending: superseded by a newer state, or opted out
     cancelled: list[str] = field(default_factory=list)
@@ -61,7 +61,7 @@ class Deliverer:
     ) -> DeliveryReport:
         """Claim, check, render and send; failures are recorded, retries scheduled.
 
-        ``due=True`` (the send_deferred job) also claims deferred notifications whose
+        ``due=True`` (the release_due cron) also claims deferred notifications whose
         time has come. Before sending, a notification overtaken by a newer message on
         its channel, or whose address has opted out since, is cancelled instead.
         ``states`` saves a read when the caller already holds the shipments' states.
@@ -75,8 +75,7 @@ class Deliverer:
             if result is ClaimResult.BUSY:
                 report.busy.append(nid)
             elif result is ClaimResult.DEFERRED:
-                await self._schedule(nid, int(payload or b"0"))
-                report.deferred.append(nid)
+                report.deferred.append(nid)  # on the due index; release_due sends it in time
             elif result is ClaimResult.NONE or payload is None:
                 report.skipped += 1
             else:
@@ -109,13 +108,6 @@ class Deliverer:
             await self.res.store.mark_sent(sent)
         report.sent = [nid for nid, _, _ in sent]
         return report
-
-    async def _schedule(self, nid: str, due_ms: int) -> None:
-        """Make sure a send_deferred job exists for ``nid`` (the job id makes it unique)."""
-        due_at = datetime.fromtimestamp(due_ms / 1000, UTC)
-        await self.res.redis.enqueue_job(
-            "send_deferred", nid, _job_id=f"deferred:{nid}", _defer_until=due_at
-        )
 
     async def _still_wanted(
         self,
@@ -182,7 +174,5 @@ class Deliverer:
             return
         delay = backoff_s(attempts, exc.retry_after_s)
         log.warning("notification %s: %s; retry %d in %.0f s", nid, exc.reason, attempts, delay)
-        await self.res.store.release(nid, exc.reason)
-        await self.res.redis.enqueue_job(
-            "deliver", nid, _job_id=f"deliver:{nid}:{attempts}", _defer_by=delay
-        )
+        due = self.res.clock() + timedelta(seconds=delay)
+        await self.res.store.reschedule(nid, int(due.timestamp() * 1000), exc.reason)

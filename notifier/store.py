@@ -17,6 +17,7 @@ worker processes can share one Redis:
 from __future__ import annotations
 
 import inspect
+from datetime import UTC, datetime
 import zlib
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
@@ -61,9 +62,9 @@ local ttl = tonumber(ARGV[1])
 local cap = tonumber(ARGV[2])
 local shipments = tonumber(ARGV[3])
 local now = ARGV[4]
-local stall = KEYS[1]
-local a = 5
-local k = 2
+local stall, dueidx = KEYS[1], KEYS[2]
+local a = 6
+local k = 3
 local conflicts = {}
 for s = 1, shipments do
   local skey, hkey = KEYS[k], KEYS[k + 1]
@@ -99,6 +100,9 @@ for s = 1, shipments do
     if ok and redis.call('HSETNX', KEYS[k + i], 'st', st) == 1 then
       redis.call('HSET', KEYS[k + i], 'p', payload, 'created', now, 'attempts', '0', 'due', due)
       redis.call('EXPIRE', KEYS[k + i], ttl)
+      if due ~= '' then
+        redis.call('ZADD', dueidx, due, string.sub(KEYS[k + i], string.len(ARGV[5]) + 1))
+      end
     end
   end
   k = k + nn
@@ -177,6 +181,15 @@ if score and tonumber(score) == tonumber(ARGV[2]) then
   return redis.call('ZREM', KEYS[1], ARGV[1])
 end
 return 0
+"""
+
+_UNSCHEDULE = """
+local now = tonumber(ARGV[1])
+for i = 2, #ARGV do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if score and tonumber(score) <= now then redis.call('ZREM', KEYS[1], ARGV[i]) end
+end
+return 1
 """
 
 _UNLOCK = """
@@ -265,6 +278,7 @@ class Store:
         self._settle_script = redis.register_script(_SETTLE)
         self._lock = redis.register_script(_LOCK)
         self._drop_stall = redis.register_script(_DROP_STALL)
+        self._unschedule = redis.register_script(_UNSCHEDULE)
         self._unlock = redis.register_script(_UNLOCK)
 
     # -- keys ---------------------------------------------------------------
@@ -296,6 +310,7 @@ class Store:
 
     DEAD_LETTER_KEY = f"{PREFIX}:dead"
     STALL_KEY = f"{PREFIX}:stall"
+    DUE_KEY = f"{PREFIX}:due"
 
     @staticmethod
     def stall_member(merchant_id: str, shipment_id: str) -> str:
@@ -435,8 +450,14 @@ class Store:
         """Write all commits whose version still matches; return indexes that conflicted."""
         if not commits:
             return []
-        keys: list[str] = [self.STALL_KEY]
-        args: list[Any] = [self.state_ttl_s, self.history_cap, len(commits), now_iso]
+        keys: list[str] = [self.STALL_KEY, self.DUE_KEY]
+        args: list[Any] = [
+            self.state_ttl_s,
+            self.history_cap,
+            len(commits),
+            now_iso,
+            self.notification_key(""),
+        ]
         for c in commits:
             keys += [
                 self.state_key(c.merchant_id, c.shipment_id),
@@ -498,9 +519,24 @@ class Store:
                 [{"st": LedgerState.SENT, "sent": at, "detail": d} for _, at, d in outcomes],
             )
 
-    async def release(self, notification_id: str, error: str) -> None:
-        """Give a claimed notification back (a temporary failure); it will be retried."""
-        await self._settle([notification_id], [{"st": LedgerState.PENDING, "error": error}])
+    async def reschedule(self, notification_id: str, due_ms: int, error: str) -> None:
+        """Give a claimed notification back after a temporary failure, due again at ``due_ms``."""
+        await self._settle(
+            [notification_id], [{"st": LedgerState.DEFERRED, "due": str(due_ms), "error": error}]
+        )
+        await _run(self.redis.zadd(self.DUE_KEY, {notification_id: due_ms}))
+
+    async def due(self, now_ms: int, limit: int) -> list[str]:
+        """Notifications whose time has come (deferred ones and retries), oldest first."""
+        rows = await _run(
+            self.redis.zrangebyscore(self.DUE_KEY, "-inf", now_ms, start=0, num=limit)
+        )
+        return [_decode(r) for r in rows]
+
+    async def unschedule(self, notification_ids: Sequence[str], now_ms: int) -> None:
+        """Take settled notifications off the due index, unless rescheduled past ``now_ms``."""
+        if notification_ids:
+            await self._unschedule(keys=[self.DUE_KEY], args=[now_ms, *notification_ids])
 
     async def mark_failed(self, notification_id: str, error: str) -> None:
         """Record a permanent failure and put the notification on the dead-letter list."""
@@ -555,11 +591,15 @@ class Store:
                     ["st", "created", "sent", "detail", "error", "attempts", "due"],
                 )
             rows = await pipe.execute()
-        names = ("status", "created_at", "sent_at", "detail", "error", "attempts", "due")
-        return {
-            nid: {k: _decode(v) for k, v in zip(names, row, strict=True) if v is not None}
-            for nid, row in zip(notification_ids, rows, strict=True)
-        }
+        names = ("status", "created_at", "sent_at", "detail", "error", "attempts", "due_at")
+        out: dict[str, dict[str, str]] = {}
+        for nid, row in zip(notification_ids, rows, strict=True):
+            fields = {k: _decode(v) for k, v in zip(names, row, strict=True) if v}
+            if "due_at" in fields:
+                due = datetime.fromtimestamp(int(fields["due_at"]) / 1000, UTC)
+                fields["due_at"] = due.isoformat()
+            out[nid] = fields
+        return out
 
     async def history(self, merchant_id: str, shipment_id: str) -> list[dict[str, Any]]:
         """The recorded decisions of a shipment, oldest first."""

@@ -20,10 +20,9 @@ from arq import cron
 from arq import worker as arq_worker
 from arq.connections import ArqRedis
 from arq.connections import log_redis_info as _arq_log_redis_info
-from arq.worker import Retry, Worker
+from arq.worker import Worker
 from redis.exceptions import RedisError, ResponseError
 
-from notifier.delivery import LEASE_MS
 from notifier.models import ExceptionCode, Status, Transition
 from notifier.pipeline import Pipeline
 from notifier.resources import Clock, Resources, connect, open_resources, utc_now
@@ -42,6 +41,8 @@ SHUTDOWN_WAIT_S = 10
 LOCK_MS = 30_000
 #: An inbox entry handed out this many times without settling goes to the dead-letter stream.
 MAX_DELIVERIES = 5
+#: Due notifications released per round of the release_due cron.
+RELEASE_BATCH = 500
 
 
 async def _log_redis_info(redis: Any, log_func: Any) -> None:
@@ -172,28 +173,26 @@ def _log_failure(what: str, exc: BaseException) -> None:
     log.error("%s failed with %s\n%s", what, type(exc).__name__, frames)
 
 
-async def deliver(ctx: dict[str, Any], notification_id: str) -> str:
-    """Retry one notification after a temporary failure."""
-    pipeline: Pipeline = ctx["pipeline"]
-    report = await pipeline.deliverer.deliver([notification_id])
-    if report.busy:
-        # Another worker's claim is still live; look again once it must have run out.
-        raise Retry(defer=LEASE_MS / 1000)
-    return "sent" if report.sent else "failed" if report.failed else "retrying or settled"
+async def release_due(ctx: dict[str, Any]) -> int:
+    """Send what is due: messages held for quiet hours or coalescing, and retries.
 
-
-async def send_deferred(ctx: dict[str, Any], notification_id: str) -> str:
-    """Send a message held for quiet hours or coalescing, unless a newer state overtook it."""
+    The due index is written by the same script that records the decision, so a
+    deferred message cannot be lost between deciding and scheduling. Each is
+    claimed, checked (a newer state or an opt-out cancels it) and sent.
+    """
+    res: Resources = ctx["res"]
     pipeline: Pipeline = ctx["pipeline"]
-    report = await pipeline.deliverer.deliver([notification_id], due=True)
-    if report.busy:
-        raise Retry(defer=LEASE_MS / 1000)
-    if report.deferred:
-        # Woken before its time (clock skew between hosts): look again shortly.
-        raise Retry(defer=30)
-    if report.cancelled:
-        return "cancelled"
-    return "sent" if report.sent else "failed" if report.failed else "retrying or settled"
+    now_ms = int(res.clock().timestamp() * 1000)
+    done = 0
+    while ids := await res.store.due(now_ms, RELEASE_BATCH):
+        report = await pipeline.deliverer.deliver(ids, due=True)
+        waiting = set(report.busy) | set(report.deferred)
+        settled = [i for i in ids if i not in waiting]
+        await res.store.unschedule(settled, now_ms)
+        done += len(settled)
+        if len(settled) < len(ids) or len(ids) < RELEASE_BATCH:
+            break  # the rest waits for a live claim elsewhere: next tick
+    return done
 
 
 async def find_stalled(ctx: dict[str, Any]) -> int:
@@ -281,9 +280,10 @@ def build_worker(
 
     pool: ArqRedis = connect(settings, resources.server if resources else None)
     return Worker(
-        functions=[drain, deliver, send_deferred],
+        functions=[drain],
         cron_jobs=[
             cron(sweep, second=set(range(0, 60, 15)), run_at_startup=True),
+            cron(release_due, second=set(range(0, 60, 5)), run_at_startup=True),
             cron(find_stalled, second={30}, run_at_startup=True),
         ],
         redis_pool=pool,

@@ -8,30 +8,50 @@ import email
 import email.policy
 import shutil
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from arq.worker import Retry
 
 from notifier.app import create_app
 from notifier.channels import Outcome, Outgoing
 from notifier.delivery import LEASE_MS
+from notifier.errors import TemporaryDeliveryError
 from notifier.models import ChannelKind
 from notifier.pipeline import Pipeline
 from notifier.resources import Resources, data_dir, open_resources
 from notifier.settings import Settings
 from notifier.store import GROUP, ClaimResult
-from notifier.worker import MAX_DELIVERIES, deliver
-from tests.conftest import auth, fixed_clock, make_settings, outbox_files, run_worker, transition
+from notifier.worker import MAX_DELIVERIES, release_due
+from tests.conftest import (
+    NOW,
+    auth,
+    fixed_clock,
+    make_settings,
+    outbox_files,
+    run_worker,
+    transition,
+)
 
 Client = TestClient[Any, Any]
 
 
 class _Crash(BaseException):
     """The process dying mid-send."""
+
+
+class _FlakyChannel:
+    """Every send fails temporarily (a 503 from a provider, say)."""
+
+    name = "flaky"
+
+    async def send_many(self, items: Sequence[Outgoing]) -> list[Outcome]:
+        return [
+            TemporaryDeliveryError("provider hiccup", i.message.notification_id, self.name)
+            for i in items
+        ]
 
 
 class _CrashingChannel:
@@ -69,17 +89,19 @@ async def pending_entries(res: Resources) -> int:
     return total
 
 
-async def die_mid_send(res: Resources) -> None:
-    """A worker reads every inbox entry, commits, claims its messages, and dies sending."""
+async def die_mid_send(res: Resources, channels: Any = None) -> None:
+    """A worker reads every inbox entry, commits, claims its messages, and dies sending
+    (or, with ``channels``, sends through those and lives)."""
     await res.store.ensure_groups()
     entries = []
     for p in range(res.settings.partitions):
         entries += await res.store.read_inbox(p, "dead-worker", 100)
     crashing = _CrashingChannel()
-    channels, res.channels = res.channels, {ChannelKind.EMAIL: crashing, ChannelKind.SMS: crashing}
+    before = res.channels
+    res.channels = channels or {ChannelKind.EMAIL: crashing, ChannelKind.SMS: crashing}
     with contextlib.suppress(_Crash):
         await Pipeline(res).process(entries)
-    res.channels = channels
+    res.channels = before
 
 
 async def test_entry_with_a_live_claim_elsewhere_is_not_acknowledged(
@@ -107,15 +129,23 @@ async def test_entry_with_a_live_claim_elsewhere_is_not_acknowledged(
         assert {v["status"] for v in ledger.values()} == {"sent"}
 
 
-async def test_retry_job_waits_while_another_claim_is_live(
+async def test_temporary_failure_is_retried_from_the_due_index(
     client: Client, settings: Settings
 ) -> None:
     await post(client, transition())
     async with open_resources(settings, clock=fixed_clock()) as res:
-        await die_mid_send(res)
-        nid = (await res.redis.keys("ntf:msg:*"))[0].decode().split(":")[-1]
-        with pytest.raises(Retry):
-            await deliver({"pipeline": Pipeline(res)}, nid)
+        flaky = _FlakyChannel()
+        res.channels = {ChannelKind.EMAIL: flaky, ChannelKind.SMS: flaky}
+        await die_mid_send(res, channels=res.channels)
+        due = await res.redis.zrange(res.store.DUE_KEY, 0, -1, withscores=True)
+        assert len(due) == 2 and all(score > NOW.timestamp() * 1000 for _, score in due)
+        ledger = await res.store.ledger([d.decode() for d, _ in due])
+        assert {v["status"] for v in ledger.values()} == {"deferred"}
+        assert {v["error"] for v in ledger.values()} == {"provider hiccup"}
+    later = NOW + timedelta(hours=1)  # past any first backoff
+    async with open_resources(settings, clock=fixed_clock(later)) as res:
+        assert await release_due({"res": res, "pipeline": Pipeline(res)}) == 2
+    assert len(outbox_files(settings)) == 2
 
 
 @pytest.fixture
@@ -185,6 +215,6 @@ async def test_internationalized_email_address_is_delivered(
 async def test_settling_never_recreates_an_expired_ledger_entry(settings: Settings) -> None:
     async with open_resources(settings, clock=fixed_clock()) as res:
         await res.store.mark_sent([("n_gone", "2026-11-21T00:00:00+00:00", "outbox:x")])
-        await res.store.release("n_gone", "timeout")
+        await res.store.cancel("n_gone", "superseded")
         assert await res.redis.exists(res.store.notification_key("n_gone")) == 0
         assert await res.store.claim(["n_gone"], 0, LEASE_MS) == [(ClaimResult.NONE, None)]

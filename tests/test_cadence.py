@@ -1,0 +1,243 @@
+"""Cadence rules through the real pipeline and Redis: quiet hours and supersession, opt-outs,
+stalled shipments, merchant policy overrides."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from notifier.models import ChannelKind, Transition
+from notifier.pipeline import Pipeline, notification_id
+from notifier.resources import Resources, open_resources
+from notifier.settings import Settings
+from notifier.worker import find_stalled, release_due
+from tests.conftest import auth, fixed_clock, outbox_files, run_worker, transition
+
+Client = TestClient[Any, Any]
+NIGHT = datetime(2026, 11, 21, 22, 0, tzinfo=UTC)  # 23:00 in Paris: SMS quiet hours
+MORNING = datetime(2026, 11, 22, 7, 0, tzinfo=UTC)  # 08:00 in Paris: they end
+
+
+async def post(client: Client, *items: dict[str, Any]) -> None:
+    resp = await client.post("/v1/transitions", json={"transitions": list(items)}, headers=auth())
+    assert resp.status == 202, await resp.text()
+
+
+async def history(client: Client, shipment: str = "shp_123") -> list[dict[str, Any]]:
+    resp = await client.get(
+        f"/v1/merchants/acme/shipments/{shipment}/notifications", headers=auth()
+    )
+    assert resp.status == 200
+    decisions: list[dict[str, Any]] = (await resp.json())["decisions"]
+    return decisions
+
+
+@pytest.fixture
+async def res_at(settings: Settings) -> AsyncIterator[Any]:
+    """open_resources at a given instant: ``async with res_at(when) as res``."""
+
+    def opener(when: datetime) -> Any:
+        return open_resources(settings, clock=fixed_clock(when))
+
+    yield opener
+
+
+def nid(event_id: str, channel: ChannelKind, **kw: Any) -> str:
+    return notification_id(Transition.model_validate(transition(event_id=event_id, **kw)), channel)
+
+
+async def release(res: Resources) -> int:
+    """The release_due cron at ``res.clock()``."""
+    return await release_due({"res": res, "pipeline": Pipeline(res)})
+
+
+async def ledger(res: Resources, *ids: str) -> list[str]:
+    rows = await res.store.ledger(list(ids))
+    return [rows[i].get("status", "") for i in ids]
+
+
+async def test_quiet_hours_defer_and_only_the_latest_goes_out(
+    client: Client, settings: Settings, res_at: Any
+) -> None:
+    ofd = transition(event_id="ofd", occurred_at="2026-11-21T22:40:00+01:00")
+    delivered = transition(
+        event_id="dlv", status="delivered", occurred_at="2026-11-21T22:55:00+01:00"
+    )
+    await post(client, ofd)
+    await run_worker(settings, clock=fixed_clock(NIGHT))
+    await post(client, delivered)
+    await run_worker(settings, clock=fixed_clock(NIGHT + timedelta(minutes=5)))
+
+    # email went at once (no quiet hours for email); both SMS wait for the morning
+    assert len(outbox_files(settings, ".eml")) == 2
+    assert outbox_files(settings, ".sms.json") == []
+    sms = [d for d in await history(client) if d["channel"] == "sms"]
+    assert [d["outcome"] for d in sms] == ["deferred", "deferred"]
+    assert sms[0]["send_at"] == "2026-11-22T07:00:00Z"
+    assert sms[0]["delivery"]["status"] == "deferred"
+
+    ofd_sms, dlv_sms = nid("ofd", ChannelKind.SMS), nid("dlv", ChannelKind.SMS)
+    async with res_at(MORNING - timedelta(seconds=1)) as res:
+        # both wait on the due index for the end of the quiet hours
+        for n in (ofd_sms, dlv_sms):
+            assert await res.redis.zscore(res.store.DUE_KEY, n) == MORNING.timestamp() * 1000
+        assert await release(res) == 0  # not yet
+    async with res_at(MORNING) as res:
+        assert await release(res) == 2
+        assert await ledger(res, ofd_sms, dlv_sms) == ["cancelled", "sent"]
+        assert await res.redis.zcard(res.store.DUE_KEY) == 0
+    [sms_file] = outbox_files(settings, ".sms.json")
+    assert "delivered" in sms_file.read_text()
+    sms = {d["event_id"]: d["delivery"] for d in await history(client) if d["channel"] == "sms"}
+    assert sms["ofd"]["status"] == "cancelled"
+    assert sms["ofd"]["detail"].startswith("superseded by delivered")
+    assert sms["dlv"]["status"] == "sent"
+
+
+async def test_deferred_message_is_kept_until_due_and_sent_once(
+    client: Client, settings: Settings, res_at: Any
+) -> None:
+    await post(client, transition(occurred_at="2026-11-21T22:40:00+01:00"))
+    await run_worker(settings, clock=fixed_clock(NIGHT))
+    async with res_at(NIGHT + timedelta(hours=1)) as res:
+        assert await release(res) == 0
+    async with res_at(MORNING + timedelta(minutes=1)) as res:
+        assert await release(res) == 1
+        assert await release(res) == 0
+    await run_worker(settings, clock=fixed_clock(MORNING + timedelta(minutes=2)))
+    assert len(outbox_files(settings, ".sms.json")) == 1
+    [sms] = [d for d in await history(client) if d["channel"] == "sms"]
+    assert sms["delivery"]["status"] == "sent"
+    assert sms["delivery"]["due_at"] == "2026-11-22T07:00:00+00:00"
+
+
+async def test_opt_out_through_the_api(client: Client, settings: Settings) -> None:
+    url = "/v1/merchants/acme/opt-outs"
+    resp = await client.post(
+        url, json={"channel": "sms", "address": "+33612345678"}, headers=auth()
+    )
+    assert resp.status == 200
+    assert await resp.json() == {"channel": "sms", "address": "+33612345678", "opted_out": True}
+    await post(client, transition(event_id="a"))
+    await run_worker(settings)
+    assert [p.suffix for p in outbox_files(settings)] == [".eml"]
+    [sms] = [d for d in await history(client) if d["channel"] == "sms"]
+    assert sms["reason"] == "recipient opted out of sms"
+
+    await client.post(
+        url, json={"channel": "sms", "address": "+33612345678", "opted_out": False}, headers=auth()
+    )
+    await post(
+        client,
+        transition(event_id="b", status="delivered", occurred_at="2026-11-21T13:00:00+01:00"),
+    )
+    await run_worker(settings)
+    assert len(outbox_files(settings, ".sms.json")) == 1
+
+
+async def test_opt_out_api_refuses_bad_input(client: Client) -> None:
+    url = "/v1/merchants/acme/opt-outs"
+    resp = await client.post(url, json={"channel": "pigeon", "address": "x"}, headers=auth())
+    assert resp.status == 422
+    fields = {d["field"] for d in (await resp.json())["error"]["details"]}
+    assert fields == {"channel", "address"}
+    assert (await client.post("/v1/merchants/globex/opt-outs", json={})).status == 401
+
+
+async def test_opt_out_after_deferral_cancels_the_deferred_message(
+    client: Client, settings: Settings, res_at: Any
+) -> None:
+    await post(client, transition(occurred_at="2026-11-21T22:40:00+01:00"))
+    await run_worker(settings, clock=fixed_clock(NIGHT))
+    await client.post(
+        "/v1/merchants/acme/opt-outs",
+        json={"channel": "sms", "address": "+33612345678"},
+        headers=auth(),
+    )
+    async with res_at(MORNING) as res:
+        await release(res)
+        assert await ledger(res, nid("evt_1", ChannelKind.SMS)) == ["cancelled"]
+    assert outbox_files(settings, ".sms.json") == []
+
+
+async def test_stalled_shipment_gets_one_delay_message(
+    client: Client, settings: Settings, res_at: Any
+) -> None:
+    scanned = datetime(2026, 11, 18, 10, 0, tzinfo=UTC)
+    await post(client, transition(status="in_transit", occurred_at=scanned.isoformat()))
+    await run_worker(settings, clock=fixed_clock(scanned + timedelta(minutes=5)))
+    assert len(outbox_files(settings, ".eml")) == 1  # the in_transit email
+
+    async with res_at(scanned + timedelta(hours=71)) as res:
+        assert await find_stalled({"res": res}) == 0  # not yet
+    stalled_at = scanned + timedelta(hours=73)
+    async with res_at(stalled_at) as res:
+        assert await find_stalled({"res": res}) == 1
+        assert await find_stalled({"res": res}) == 0  # found once
+    await run_worker(settings, clock=fixed_clock(stalled_at))
+    delay = [d for d in await history(client) if d.get("exception_code") == "delayed"]
+    assert [(d["channel"], d["outcome"]) for d in delay] == [("email", "sent"), ("sms", "sent")]
+    assert delay[0]["event_id"].startswith("stalled:")
+    async with res_at(stalled_at + timedelta(days=1)) as res:
+        assert await find_stalled({"res": res}) == 0  # the delay notice left the index
+
+
+async def test_missed_delivery_window_counts_as_stalled(
+    client: Client, settings: Settings, res_at: Any
+) -> None:
+    scanned = datetime(2026, 11, 20, 8, 0, tzinfo=UTC)
+    window = {"start": "2026-11-20T10:00:00+00:00", "end": "2026-11-20T12:00:00+00:00"}
+    await post(
+        client,
+        transition(
+            status="out_for_delivery", occurred_at=scanned.isoformat(), estimated_delivery=window
+        ),
+    )
+    await run_worker(settings, clock=fixed_clock(scanned))
+    async with res_at(datetime(2026, 11, 20, 13, 59, tzinfo=UTC)) as res:
+        assert await find_stalled({"res": res}) == 0
+    async with res_at(datetime(2026, 11, 20, 14, 1, tzinfo=UTC)) as res:
+        assert await find_stalled({"res": res}) == 1
+
+
+async def test_delivered_shipment_leaves_the_stall_index(
+    client: Client, settings: Settings
+) -> None:
+    await post(client, transition(status="in_transit", occurred_at="2026-11-21T08:00:00+01:00"))
+    await run_worker(settings)
+    async with open_resources(settings) as res:
+        assert await res.redis.zcard(res.store.STALL_KEY) == 1
+    await post(client, transition(event_id="d", status="delivered"))
+    await run_worker(settings)
+    async with open_resources(settings) as res:
+        assert await res.redis.zcard(res.store.STALL_KEY) == 0
+
+
+async def test_merchant_policy_overrides_merge_key_by_key(tmp_path: Path, redis_url: str) -> None:
+    import shutil
+
+    from notifier.resources import data_dir
+    from tests.conftest import make_settings
+
+    policies = tmp_path / "policies"
+    shutil.copytree(data_dir("policies", None), policies)
+    (policies / "acme.yaml").write_text(
+        "statuses:\n  out_for_delivery: {channels: [sms]}\nquiet_hours: {sms: null}\n"
+    )
+    from notifier.policy import PolicyStore
+
+    store = PolicyStore(policies)
+    acme, other = store.for_merchant("acme"), store.for_merchant("globex")
+    assert [c.value for c in acme.rule("out_for_delivery", None).channels] == ["sms"]  # type: ignore[arg-type]
+    assert [c.value for c in acme.rule("delivered", None).channels] == ["email", "sms"]  # type: ignore[arg-type]
+    assert acme.quiet_hours.sms is None and other.quiet_hours.sms is not None
+    assert acme.throttle == other.throttle
+    settings = make_settings(tmp_path, redis_url=redis_url, policies_dir=policies)
+    assert settings.policies_dir == policies
+    assert json.loads(json.dumps(acme.model_dump(mode="json")))["dedupe_window_hours"] == 168
