@@ -10,7 +10,7 @@ from datetime import timedelta
 
 from notifier.channels import Outcome, Outgoing, Receipt
 from notifier.errors import RenderError, TemporaryDeliveryError
-from notifier.models import ChannelKind, Notification
+from notifier.models import STATUS_RANK, ChannelKind, Notification
 from notifier.policy.engine import opt_out_key
 from notifier.resources import Resources
 from notifier.state import ShipmentState
@@ -128,11 +128,13 @@ class Deliverer:
         for n, result in claimed:
             key = (n.merchant_id, n.shipment_id)
             state = states.get(key) or loaded[key][1]
-            notice = state.notices.get(n.channel) if state else None
-            why = None
-            if notice is not None and notice.event_id != n.transition.event_id:
-                why = f"superseded by {notice.milestone} ({notice.occurred_at.isoformat()})"
-            elif opt_out_key(n.channel, n.to) in opted[n.merchant_id]:
+            t = n.transition
+            why = (
+                state.superseded(n.channel, t.event_id, t.milestone, STATUS_RANK[t.status])
+                if state
+                else None
+            )
+            if why is None and opt_out_key(n.channel, n.to) in opted[n.merchant_id]:
                 why = f"recipient opted out of {n.channel}"
             if why is None:
                 wanted.append((n, result))

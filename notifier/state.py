@@ -24,6 +24,8 @@ SEEN_EVENTS = 64
 #: Statuses after which nothing earlier in the journey is news.
 TERMINAL = frozenset({Status.DELIVERED, Status.RETURNED_TO_SENDER})
 _DAY = timedelta(hours=24)
+#: How long the message log is kept (longer than any throttle interval the schema allows).
+MESSAGE_LOG = timedelta(days=8)
 
 
 class Fix(BaseModel):
@@ -44,6 +46,20 @@ class Notice(BaseModel):
     event_id: str
     milestone: str
     occurred_at: datetime
+
+
+class Sent(BaseModel):
+    """A message decided for this shipment (sent at once, or pending until ``due``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    at: datetime
+    channel: ChannelKind
+    event_id: str
+    milestone: str
+    rank: int
+    trivial: bool = False
+    due: datetime | None = None
 
 
 class ShipmentState(BaseModel):
@@ -69,12 +85,13 @@ class ShipmentState(BaseModel):
     seen: list[str] = Field(default_factory=list)
     #: milestone (``delivered``, ``exception:customs_hold``) -> channel -> when it was decided
     notified: dict[str, dict[ChannelKind, datetime]] = Field(default_factory=dict)
-    #: channel -> when its last trivial update was decided
-    last_trivial: dict[ChannelKind, datetime] = Field(default_factory=dict)
-    #: messages decided in the last 24 hours (for the daily cap), oldest first
-    recent: list[datetime] = Field(default_factory=list)
-    sms_total: int = 0
+    #: messages decided in the last 8 days, oldest first (caps and throttles count the live ones)
+    messages: list[Sent] = Field(default_factory=list)
+    #: SMS that aged out of ``messages`` (for the lifetime SMS cap)
+    sms_archived: int = 0
     notices: dict[ChannelKind, Notice] = Field(default_factory=dict)
+    #: the event that set the current status
+    current_event: str | None = None
     events: int = 0
 
     def has_seen(self, event_id: str) -> bool:
@@ -94,9 +111,64 @@ class ShipmentState(BaseModel):
             return True
         return t.occurred_at < self.occurred_at and rank <= current
 
-    def messages_since(self, since: datetime) -> int:
-        """Messages decided at or after ``since``."""
-        return sum(1 for at in self.recent if at >= since)
+    @property
+    def milestone(self) -> str | None:
+        """The current (status, exception code) as one key, like ``Transition.milestone``."""
+        if self.status is None:
+            return None
+        return f"{self.status}:{self.exception_code}" if self.exception_code else str(self.status)
+
+    def superseded(
+        self, channel: ChannelKind, event_id: str, milestone: str, rank: int
+    ) -> str | None:
+        """Why a not-yet-sent message for this event is no longer worth sending, or None.
+
+        A newer message was decided on its channel; or the shipment has moved on to
+        another step at least as far along (its status now comes from another event).
+        """
+        notice = self.notices.get(channel)
+        if notice is not None and notice.event_id != event_id and notice.milestone != milestone:
+            return f"superseded by {notice.milestone} ({notice.occurred_at.isoformat()})"
+        if (
+            self.current_event not in (None, event_id)
+            and self.milestone != milestone
+            and self.status is not None
+            and STATUS_RANK[self.status] >= rank
+        ):
+            since = self.occurred_at.isoformat() if self.occurred_at else "?"
+            return f"superseded by {self.milestone} ({since})"
+        return None
+
+    def live(self, m: Sent, now: datetime, pending: frozenset[str] = frozenset()) -> bool:
+        """Whether ``m`` went out, or is still going to (not superseded while pending).
+
+        ``pending`` names events decided in the batch under way: not sent yet either.
+        """
+        waiting = (m.due is not None and m.due > now) or m.event_id in pending
+        return not waiting or self.superseded(m.channel, m.event_id, m.milestone, m.rank) is None
+
+    def messages_since(
+        self, since: datetime, now: datetime, pending: frozenset[str] = frozenset()
+    ) -> int:
+        """Live messages decided at or after ``since``."""
+        return sum(1 for m in self.messages if m.at >= since and self.live(m, now, pending))
+
+    def sms_count(self, now: datetime, pending: frozenset[str] = frozenset()) -> int:
+        """Live SMS over the shipment's life."""
+        return self.sms_archived + sum(
+            1 for m in self.messages if m.channel is ChannelKind.SMS and self.live(m, now, pending)
+        )
+
+    def last_trivial(
+        self, channel: ChannelKind, now: datetime, pending: frozenset[str] = frozenset()
+    ) -> datetime | None:
+        """When the last live trivial update on ``channel`` was decided."""
+        times = [
+            m.at
+            for m in self.messages
+            if m.trivial and m.channel is channel and self.live(m, now, pending)
+        ]
+        return max(times) if times else None
 
     def apply(self, t: Transition) -> ShipmentState:
         """Return the state after ``t``; a step back only adds facts, never rewinds status."""
@@ -120,6 +192,7 @@ class ShipmentState(BaseModel):
             update["last_fix"] = Fix(lat=loc.lat, lon=loc.lon, at=t.occurred_at)
         if not self.is_step_back(t):
             update.update(
+                current_event=t.event_id,
                 status=t.status,
                 exception_code=t.exception_code,
                 occurred_at=t.occurred_at,
@@ -135,25 +208,42 @@ class ShipmentState(BaseModel):
         )
 
     def record_message(
-        self, t: Transition, channel: ChannelKind, trivial: bool, at: datetime
+        self,
+        t: Transition,
+        channel: ChannelKind,
+        trivial: bool,
+        at: datetime,
+        due: datetime | None = None,
     ) -> ShipmentState:
         """Return the state remembering a message decided for ``t`` on ``channel`` at ``at``."""
         notified = {key: dict(value) for key, value in self.notified.items()}
         notified.setdefault(t.milestone, {})[channel] = at
-        update: dict[str, object] = {
-            "notified": notified,
-            "recent": [*(r for r in self.recent if r > at - _DAY), at],
-            "sms_total": self.sms_total + (channel is ChannelKind.SMS),
-            "notices": {
-                **self.notices,
-                channel: Notice(
-                    event_id=t.event_id, milestone=t.milestone, occurred_at=t.occurred_at
-                ),
-            },
-        }
-        if trivial:
-            update["last_trivial"] = {**self.last_trivial, channel: at}
-        return self.model_copy(update=update)
+        keep = [m for m in self.messages if m.at > at - MESSAGE_LOG]
+        aged_sms = sum(
+            1 for m in self.messages if m.at <= at - MESSAGE_LOG and m.channel is ChannelKind.SMS
+        )
+        sent = Sent(
+            at=at,
+            channel=channel,
+            event_id=t.event_id,
+            milestone=t.milestone,
+            rank=STATUS_RANK[t.status],
+            trivial=trivial,
+            due=due,
+        )
+        return self.model_copy(
+            update={
+                "notified": notified,
+                "messages": [*keep, sent],
+                "sms_archived": self.sms_archived + aged_sms,
+                "notices": {
+                    **self.notices,
+                    channel: Notice(
+                        event_id=t.event_id, milestone=t.milestone, occurred_at=t.occurred_at
+                    ),
+                },
+            }
+        )
 
     def stall_deadline(
         self, statuses: frozenset[Status], no_scan: timedelta, after_window: timedelta

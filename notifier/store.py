@@ -17,10 +17,10 @@ worker processes can share one Redis:
 from __future__ import annotations
 
 import inspect
-from datetime import UTC, datetime
 import zlib
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, TypeVar
 

@@ -17,9 +17,9 @@ from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from notifier.models import ChannelKind, Outcome, Status, Transition
+from notifier.models import STATUS_RANK, ChannelKind, Outcome, Status, Transition
 from notifier.policy.rules import Policy, QuietWindow, Rule
-from notifier.state import ShipmentState, merge_recipient
+from notifier.state import ShipmentState
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +134,7 @@ def _channel_verdict(
     channel: ChannelKind,
     now: datetime,
     opted_out: Collection[str],
+    pending: frozenset[str],
 ) -> Verdict:
     recipient = state.recipient
     to = None
@@ -156,7 +157,7 @@ def _channel_verdict(
             details={"hours_ago": round(ago, 2), "window_hours": policy.dedupe_window_hours},
         )
     throttle = policy.throttle
-    last_trivial = state.last_trivial.get(channel)
+    last_trivial = state.last_trivial(channel, now, pending)
     interval = timedelta(hours=throttle.trivial_interval_hours)
     if rule.trivial and last_trivial is not None and now - last_trivial < interval:
         ago = _hours(now - last_trivial)
@@ -167,7 +168,7 @@ def _channel_verdict(
             channel,
             details={"hours_ago": round(ago, 2), "interval_hours": throttle.trivial_interval_hours},
         )
-    today = state.messages_since(now - timedelta(hours=24))
+    today = state.messages_since(now - timedelta(hours=24), now, pending)
     if today >= throttle.max_per_shipment_per_day:
         return Verdict(
             Outcome.SUPPRESSED,
@@ -176,13 +177,13 @@ def _channel_verdict(
             channel,
             details={"count": today, "max": throttle.max_per_shipment_per_day},
         )
-    if channel is ChannelKind.SMS and state.sms_total >= throttle.max_sms_per_shipment:
+    sms = state.sms_count(now, pending) if channel is ChannelKind.SMS else 0
+    if channel is ChannelKind.SMS and sms >= throttle.max_sms_per_shipment:
         return Verdict(
             Outcome.SUPPRESSED,
-            f"cap: {state.sms_total} SMS already sent for this shipment "
-            f"(max {throttle.max_sms_per_shipment})",
+            f"cap: {sms} SMS already sent for this shipment (max {throttle.max_sms_per_shipment})",
             channel,
-            details={"count": state.sms_total, "max": throttle.max_sms_per_shipment},
+            details={"count": sms, "max": throttle.max_sms_per_shipment},
         )
     return _timing(policy, rule, state, t, channel, to, now)
 
@@ -224,41 +225,57 @@ def _timing(
     return Verdict(Outcome.DEFERRED, "; ".join(reasons), channel, to, due, details)
 
 
+def _decide(
+    policy: Policy,
+    state: ShipmentState,
+    t: Transition,
+    now: datetime,
+    opted_out: Collection[str],
+    pending: frozenset[str],
+) -> tuple[list[Verdict], ShipmentState]:
+    """decide(), plus the state after ``t`` and its messages (for fold)."""
+    flagged = anomaly(policy, state, t, now)
+    if flagged is not None:
+        return [flagged], state.remember(t)
+    if state.is_step_back(t):
+        since = state.occurred_at.isoformat() if state.occurred_at else "?"
+        reason = (
+            f"out of order: {t.milestone} at {t.occurred_at.isoformat()} would step back; "
+            f"the shipment is {state.status} since {since}"
+        )
+        return [Verdict(Outcome.SUPPRESSED, reason)], state.apply(t)
+    after = state.apply(t)  # counts below see earlier pending messages this one overtakes
+    rule = policy.rule(t.status, t.exception_code)
+    if not rule.channels:
+        return [Verdict(Outcome.SUPPRESSED, f"policy: {t.milestone} is not notified")], after
+    pending = pending | {t.event_id}
+    verdicts: list[Verdict] = []
+    for channel in rule.channels:
+        verdict = _channel_verdict(policy, rule, after, t, channel, now, opted_out, pending)
+        verdicts.append(verdict)
+        if verdict.outcome in (Outcome.SENT, Outcome.DEFERRED):
+            after = after.record_message(t, channel, rule.trivial, now, verdict.send_at)
+    return verdicts, after
+
+
 def decide(
     policy: Policy,
     state: ShipmentState,
     t: Transition,
     now: datetime,
     opted_out: Collection[str] = (),
+    pending: frozenset[str] = frozenset(),
 ) -> list[Verdict]:
     """Decide what ``t`` triggers, given the shipment's state *before* ``t``.
 
-    ``state.recipient`` should already include ``t.recipient`` (``fold`` does that);
-    ``opted_out`` holds ``opt_out_key`` strings of the recipient's opted-out addresses.
+    ``opted_out`` holds ``opt_out_key`` strings of the recipient's opted-out
+    addresses; ``pending`` names events decided earlier in the same batch (their
+    messages are not out yet, so a newer state can still supersede them).
     """
-    flagged = anomaly(policy, state, t, now)
-    if flagged is not None:
-        return [flagged]
-    if state.is_step_back(t):
-        since = state.occurred_at.isoformat() if state.occurred_at else "?"
-        return [
-            Verdict(
-                Outcome.SUPPRESSED,
-                f"out of order: {t.milestone} at {t.occurred_at.isoformat()} would step back; "
-                f"the shipment is {state.status} since {since}",
-            )
-        ]
-    rule = policy.rule(t.status, t.exception_code)
-    if not rule.channels:
-        return [Verdict(Outcome.SUPPRESSED, f"policy: {t.milestone} is not notified")]
-    verdicts: list[Verdict] = []
-    for channel in rule.channels:
-        verdict = _channel_verdict(policy, rule, state, t, channel, now, opted_out)
-        verdicts.append(verdict)
-        if verdict.outcome in (Outcome.SENT, Outcome.DEFERRED):
-            # the next channel's caps count this message too
-            state = state.record_message(t, channel, rule.trivial, now)
-    return verdicts
+    return _decide(policy, state, t, now, opted_out, pending)[0]
+
+
+_GOING = (Outcome.SENT, Outcome.DEFERRED)
 
 
 def _fold_once(
@@ -270,31 +287,31 @@ def _fold_once(
     superseded: Mapping[tuple[str, ChannelKind], str],
 ) -> tuple[ShipmentState, list[Step]]:
     steps: list[Step] = []
+    pending: set[str] = set()
     for t in transitions:
         if state.has_seen(t.event_id):
             steps.append(Step(t, [], replay=True))
             continue
-        informed = state
-        if t.recipient is not None:
-            informed = state.model_copy(
-                update={"recipient": merge_recipient(state.recipient, t.recipient)}
-            )
-        verdicts = decide(policy, informed, t, now, opted_out)
-        if verdicts and verdicts[0].outcome is Outcome.FLAGGED:
-            state = state.remember(t)
-            steps.append(Step(t, verdicts))
-            continue
-        rule = policy.rule(t.status, t.exception_code)
-        final: list[Verdict] = []
-        state = state.apply(t)
-        for v in verdicts:
-            by = superseded.get((t.event_id, v.channel)) if v.channel else None
-            if by is not None and v.outcome in (Outcome.SENT, Outcome.DEFERRED):
-                v = Verdict(Outcome.SUPPRESSED, f"superseded by {by} in the same batch", v.channel)
-            elif v.outcome in (Outcome.SENT, Outcome.DEFERRED) and v.channel is not None:
-                state = state.record_message(t, v.channel, rule.trivial, now)
-            final.append(v)
-        steps.append(Step(t, final))
+        skip = {c for (e, c) in superseded if e == t.event_id}
+        if not skip:
+            verdicts, state = _decide(policy, state, t, now, opted_out, frozenset(pending))
+        else:
+            # Decide again without the messages a later one in this batch overtakes.
+            verdicts, after = _decide(policy, state, t, now, opted_out, frozenset(pending))
+            state = state.apply(t) if verdicts[0].outcome is not Outcome.FLAGGED else after
+            rule = policy.rule(t.status, t.exception_code)
+            kept: list[Verdict] = []
+            for v in verdicts:
+                if v.channel in skip and v.outcome in _GOING:
+                    by = superseded[(t.event_id, v.channel)]
+                    v = Verdict(Outcome.SUPPRESSED, f"{by} in the same batch", v.channel)
+                elif v.outcome in _GOING and v.channel is not None:
+                    state = state.record_message(t, v.channel, rule.trivial, now, v.send_at)
+                kept.append(v)
+            verdicts = kept
+        if any(v.outcome in _GOING for v in verdicts):
+            pending.add(t.event_id)
+        steps.append(Step(t, verdicts))
     return state, steps
 
 
@@ -307,28 +324,28 @@ def fold(
 ) -> tuple[ShipmentState, list[Step]]:
     """Fold a shipment's transitions (in arrival order) through ``decide``. Pure.
 
-    When several messages for one channel come out of the same batch (a carrier
-    uploading a backlog of scans at once), only the last goes out; the earlier
-    ones are recorded as superseded and do not count against throttles or caps.
-    Dropping one can let a later message past a cap, so this runs to a fixpoint.
+    When the batch itself moves the shipment past a message decided earlier in it
+    (a carrier uploading a backlog of scans at once), that message is recorded as
+    superseded and not sent, and does not count against throttles or caps; the
+    same rule cancels deferred messages when they come due. Dropping one can let
+    a later message past a cap, so this runs to a fixpoint.
     """
     superseded: dict[tuple[str, ChannelKind], str] = {}
     for _ in range(len(transitions) + 1):
-        final_state, steps = _fold_once(policy, state, transitions, now, opted_out, superseded)
-        latest: dict[ChannelKind, tuple[str, str]] = {}
-        keys = set(superseded)
+        final, steps = _fold_once(policy, state, transitions, now, opted_out, superseded)
+        found = dict(superseded)
         for step in steps:
+            t = step.transition
             for v in step.verdicts:
-                if v.channel is None or v.outcome not in (Outcome.SENT, Outcome.DEFERRED):
+                if v.outcome not in _GOING or v.channel is None:
                     continue
-                if v.channel in latest:
-                    keys.add((latest[v.channel][0], v.channel))
-                latest[v.channel] = (step.transition.event_id, step.transition.milestone)
-        update = {key: latest[key[1]][1] if key[1] in latest else superseded[key] for key in keys}
-        if update == superseded:
+                why = final.superseded(v.channel, t.event_id, t.milestone, STATUS_RANK[t.status])
+                if why is not None:
+                    found[(t.event_id, v.channel)] = why
+        if found == superseded:
             break
-        superseded = update
-    return final_state, steps
+        superseded = found
+    return final, steps
 
 
 __all__ = ["Status", "Step", "Verdict", "anomaly", "decide", "fold", "opt_out_key", "quiet_until"]
