@@ -24,8 +24,9 @@ SEEN_EVENTS = 64
 #: Statuses after which nothing earlier in the journey is news.
 TERMINAL = frozenset({Status.DELIVERED, Status.RETURNED_TO_SENDER})
 _DAY = timedelta(hours=24)
-#: How long the message log is kept (longer than any throttle interval the schema allows).
-MESSAGE_LOG = timedelta(days=8)
+#: How long the message log is kept: longer than any dedupe window or throttle interval
+#: the policy schema allows.
+MESSAGE_LOG = timedelta(days=31)
 
 
 class Fix(BaseModel):
@@ -83,9 +84,8 @@ class ShipmentState(BaseModel):
     recipient: Recipient | None = None
     order: Order | None = None
     seen: list[str] = Field(default_factory=list)
-    #: milestone (``delivered``, ``exception:customs_hold``) -> channel -> when it was decided
-    notified: dict[str, dict[ChannelKind, datetime]] = Field(default_factory=dict)
-    #: messages decided in the last 8 days, oldest first (caps and throttles count the live ones)
+    #: messages decided in the last 31 days, oldest first; dedupe, caps and throttles count
+    #: only the live ones (sent, or still going to be)
     messages: list[Sent] = Field(default_factory=list)
     #: SMS that aged out of ``messages`` (for the lifetime SMS cap)
     sms_archived: int = 0
@@ -127,7 +127,7 @@ class ShipmentState(BaseModel):
         another step at least as far along (its status now comes from another event).
         """
         notice = self.notices.get(channel)
-        if notice is not None and notice.event_id != event_id and notice.milestone != milestone:
+        if notice is not None and notice.event_id != event_id:
             return f"superseded by {notice.milestone} ({notice.occurred_at.isoformat()})"
         if (
             self.current_event not in (None, event_id)
@@ -158,6 +158,21 @@ class ShipmentState(BaseModel):
         return self.sms_archived + sum(
             1 for m in self.messages if m.channel is ChannelKind.SMS and self.live(m, now, pending)
         )
+
+    def last_sent(
+        self,
+        channel: ChannelKind,
+        milestone: str,
+        now: datetime,
+        pending: frozenset[str] = frozenset(),
+    ) -> datetime | None:
+        """When ``milestone`` last went (or is going) out on ``channel``."""
+        times = [
+            m.at
+            for m in self.messages
+            if m.channel is channel and m.milestone == milestone and self.live(m, now, pending)
+        ]
+        return max(times) if times else None
 
     def last_trivial(
         self, channel: ChannelKind, now: datetime, pending: frozenset[str] = frozenset()
@@ -216,8 +231,6 @@ class ShipmentState(BaseModel):
         due: datetime | None = None,
     ) -> ShipmentState:
         """Return the state remembering a message decided for ``t`` on ``channel`` at ``at``."""
-        notified = {key: dict(value) for key, value in self.notified.items()}
-        notified.setdefault(t.milestone, {})[channel] = at
         keep = [m for m in self.messages if m.at > at - MESSAGE_LOG]
         aged_sms = sum(
             1 for m in self.messages if m.at <= at - MESSAGE_LOG and m.channel is ChannelKind.SMS
@@ -233,7 +246,6 @@ class ShipmentState(BaseModel):
         )
         return self.model_copy(
             update={
-                "notified": notified,
                 "messages": [*keep, sent],
                 "sms_archived": self.sms_archived + aged_sms,
                 "notices": {

@@ -145,7 +145,7 @@ def _channel_verdict(
     if opt_out_key(channel, to) in opted_out:
         return Verdict(Outcome.SUPPRESSED, f"recipient opted out of {channel}", channel)
 
-    last = state.notified.get(t.milestone, {}).get(channel)
+    last = state.last_sent(channel, t.milestone, now, pending)
     window = timedelta(hours=policy.dedupe_window_hours)
     if last is not None and now - last < window:
         ago = _hours(now - last)

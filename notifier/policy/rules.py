@@ -84,7 +84,7 @@ class Throttle(_Strict):
     """Limits that keep a shipment from becoming noise."""
 
     #: minimum hours between two trivial updates of one shipment on one channel
-    trivial_interval_hours: float = Field(default=24, ge=0)
+    trivial_interval_hours: float = Field(default=24, ge=0, le=30 * 24)
     #: at most this many messages per shipment (all channels) in any 24 hours
     max_per_shipment_per_day: int = Field(default=6, ge=1)
     #: at most this many SMS per shipment, ever
@@ -129,7 +129,7 @@ class Policy(_Strict):
     statuses: dict[Status, Rule] = Field(default_factory=dict)
     exceptions: dict[ExceptionCode, Rule] = Field(default_factory=dict)
     #: the same milestone is not re-notified on a channel within this many hours
-    dedupe_window_hours: float = Field(default=168, ge=0)
+    dedupe_window_hours: float = Field(default=168, ge=0, le=30 * 24)
     #: hold every message this long and send only the latest state (0 = send at once)
     coalesce_seconds: float = Field(default=0, ge=0, le=3600)
     throttle: Throttle = Field(default_factory=Throttle)
