@@ -147,43 +147,45 @@ class ShipmentState(BaseModel):
         waiting = (m.due is not None and m.due > now) or m.event_id in pending
         return not waiting or self.superseded(m.channel, m.event_id, m.milestone, m.rank) is None
 
+    def live_messages(
+        self,
+        now: datetime,
+        pending: frozenset[str] = frozenset(),
+        current: tuple[str, str, int] | None = None,
+    ) -> list[Sent]:
+        """The messages that went out or still will (one pass; what caps and dedupe count).
+
+        ``current`` is (event id, milestone, rank) of the shipment's current state when
+        it is about to change (decide() asks as if its transition were applied).
+        """
+        if current is None:
+            current_event = self.current_event
+            milestone = self.milestone
+            rank = STATUS_RANK[self.status] if self.status is not None else -1
+        else:
+            current_event, milestone, rank = current
+        out = []
+        for m in self.messages:
+            if (m.due is None or m.due <= now) and m.event_id not in pending:
+                out.append(m)
+                continue
+            notice = self.notices.get(m.channel)
+            if notice is not None and notice.event_id != m.event_id:
+                continue
+            moved_on = (
+                current_event not in (None, m.event_id)
+                and milestone != m.milestone
+                and rank >= m.rank
+            )
+            if not moved_on:
+                out.append(m)
+        return out
+
     def messages_since(
         self, since: datetime, now: datetime, pending: frozenset[str] = frozenset()
     ) -> int:
         """Live messages decided at or after ``since``."""
-        return sum(1 for m in self.messages if m.at >= since and self.live(m, now, pending))
-
-    def sms_count(self, now: datetime, pending: frozenset[str] = frozenset()) -> int:
-        """Live SMS over the shipment's life."""
-        return self.sms_archived + sum(
-            1 for m in self.messages if m.channel is ChannelKind.SMS and self.live(m, now, pending)
-        )
-
-    def last_sent(
-        self,
-        channel: ChannelKind,
-        milestone: str,
-        now: datetime,
-        pending: frozenset[str] = frozenset(),
-    ) -> datetime | None:
-        """When ``milestone`` last went (or is going) out on ``channel``."""
-        times = [
-            m.at
-            for m in self.messages
-            if m.channel is channel and m.milestone == milestone and self.live(m, now, pending)
-        ]
-        return max(times) if times else None
-
-    def last_trivial(
-        self, channel: ChannelKind, now: datetime, pending: frozenset[str] = frozenset()
-    ) -> datetime | None:
-        """When the last live trivial update on ``channel`` was decided."""
-        times = [
-            m.at
-            for m in self.messages
-            if m.trivial and m.channel is channel and self.live(m, now, pending)
-        ]
-        return max(times) if times else None
+        return sum(1 for m in self.live_messages(now, pending) if m.at >= since)
 
     def apply(self, t: Transition) -> ShipmentState:
         """Return the state after ``t``; a step back only adds facts, never rewinds status."""
@@ -235,7 +237,7 @@ class ShipmentState(BaseModel):
         aged_sms = sum(
             1 for m in self.messages if m.at <= at - MESSAGE_LOG and m.channel is ChannelKind.SMS
         )
-        sent = Sent(
+        sent = Sent.model_construct(  # typed inputs: skip validation on this hot path
             at=at,
             channel=channel,
             event_id=t.event_id,
@@ -250,7 +252,7 @@ class ShipmentState(BaseModel):
                 "sms_archived": self.sms_archived + aged_sms,
                 "notices": {
                     **self.notices,
-                    channel: Notice(
+                    channel: Notice.model_construct(
                         event_id=t.event_id, milestone=t.milestone, occurred_at=t.occurred_at
                     ),
                 },
@@ -273,5 +275,4 @@ def merge_recipient(old: Recipient | None, new: Recipient | None) -> Recipient |
     """Later transitions may send a partial recipient; keep what they leave out."""
     if new is None or old is None:
         return new or old
-    merged = old.model_dump() | new.model_dump(exclude_none=True)
-    return Recipient.model_validate(merged)
+    return old.model_copy(update={k: v for k, v in new.__dict__.items() if v is not None})

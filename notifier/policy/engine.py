@@ -17,9 +17,9 @@ from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from notifier.models import STATUS_RANK, ChannelKind, Outcome, Status, Transition
+from notifier.models import STATUS_RANK, ChannelKind, Outcome, Recipient, Status, Transition
 from notifier.policy.rules import Policy, QuietWindow, Rule
-from notifier.state import ShipmentState
+from notifier.state import Sent, ShipmentState
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +74,9 @@ def quiet_until(window: QuietWindow, tz: ZoneInfo, now: datetime) -> datetime | 
     return datetime.combine(end_day, end, tzinfo=tz).astimezone(UTC)
 
 
+_HALF_EARTH_KM = 20_038.0
+
+
 def _km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
     """Great-circle distance (haversine)."""
     p1, p2 = math.radians(lat1), math.radians(lat2)
@@ -104,8 +107,10 @@ def anomaly(policy: Policy, state: ShipmentState, t: Transition, now: datetime) 
             )
     loc, fix = t.location, state.last_fix
     if fix is not None and loc is not None and loc.lat is not None and loc.lon is not None:
-        km = _km(fix.lat, fix.lon, loc.lat, loc.lon)
         hours = abs((t.occurred_at - fix.at).total_seconds()) / 3600
+        if hours * rules.max_speed_kmh >= _HALF_EARTH_KM:
+            return None  # no two points on Earth are that far apart
+        km = _km(fix.lat, fix.lon, loc.lat, loc.lon)
         speed = km / hours if hours > 0 else math.inf
         if km >= rules.min_jump_km and speed > rules.max_speed_kmh:
             shown = "instantly" if math.isinf(speed) else f"at {speed:.0f} km/h"
@@ -122,44 +127,94 @@ def anomaly(policy: Policy, state: ShipmentState, t: Transition, now: datetime) 
     return None
 
 
+_DAY = timedelta(hours=24)
+
+
 def _hours(delta: timedelta) -> float:
     return delta.total_seconds() / 3600
+
+
+@dataclass(frozen=True, slots=True)
+class _Contact:
+    """The recipient as ``t`` leaves it (``t.recipient`` over what was known), cheaply."""
+
+    email: str | None
+    phone: str | None
+    timezone: str | None
+
+    @classmethod
+    def of(cls, known: Recipient | None, new: Recipient | None) -> _Contact:
+        if new is None or known is None:
+            r = new or known
+            return cls(r.email, r.phone, r.timezone) if r else cls(None, None, None)
+        return cls(
+            new.email or known.email,
+            new.phone or known.phone,
+            new.timezone or known.timezone,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Counted:
+    """A message decided moments ago in this decide() call (counts for the next channel)."""
+
+    at: datetime
+    channel: ChannelKind
+    milestone: str
+    trivial: bool
+
+
+def _scan(
+    live: list[Sent | _Counted], channel: ChannelKind, milestone: str, since: datetime
+) -> tuple[datetime | None, datetime | None, int, int]:
+    """One pass over the live messages: the last of ``milestone`` and the last trivial
+    update on ``channel``, how many ``channel`` carried, and how many since ``since``."""
+    last: datetime | None = None
+    last_trivial: datetime | None = None
+    mine = today = 0
+    for m in live:
+        if m.at >= since:
+            today += 1
+        if m.channel is not channel:
+            continue
+        mine += 1
+        if m.milestone == milestone and (last is None or m.at > last):
+            last = m.at
+        if m.trivial and (last_trivial is None or m.at > last_trivial):
+            last_trivial = m.at
+    return last, last_trivial, mine, today
 
 
 def _channel_verdict(
     policy: Policy,
     rule: Rule,
-    state: ShipmentState,
+    contact: _Contact,
+    sms_archived: int,
     t: Transition,
+    milestone: str,
     channel: ChannelKind,
     now: datetime,
     opted_out: Collection[str],
-    pending: frozenset[str],
+    live: list[Sent | _Counted],
 ) -> Verdict:
-    recipient = state.recipient
-    to = None
-    if recipient is not None:
-        to = recipient.email if channel is ChannelKind.EMAIL else recipient.phone
+    to = contact.email if channel is ChannelKind.EMAIL else contact.phone
     if to is None:
         return Verdict(Outcome.SUPPRESSED, f"no {channel} address known for the recipient", channel)
-    if opt_out_key(channel, to) in opted_out:
+    if opted_out and opt_out_key(channel, to) in opted_out:
         return Verdict(Outcome.SUPPRESSED, f"recipient opted out of {channel}", channel)
 
-    last = state.last_sent(channel, t.milestone, now, pending)
-    window = timedelta(hours=policy.dedupe_window_hours)
-    if last is not None and now - last < window:
+    last, last_trivial, mine, today = _scan(live, channel, milestone, now - _DAY)
+    if last is not None and now - last < policy.dedupe_window:
         ago = _hours(now - last)
         return Verdict(
             Outcome.SUPPRESSED,
-            f"duplicate: {t.milestone} already sent by {channel} {ago:.1f} h ago "
+            f"duplicate: {milestone} already sent by {channel} {ago:.1f} h ago "
             f"(window {policy.dedupe_window_hours:g} h)",
             channel,
             details={"hours_ago": round(ago, 2), "window_hours": policy.dedupe_window_hours},
         )
     throttle = policy.throttle
-    last_trivial = state.last_trivial(channel, now, pending)
-    interval = timedelta(hours=throttle.trivial_interval_hours)
-    if rule.trivial and last_trivial is not None and now - last_trivial < interval:
+    if rule.trivial and last_trivial is not None and now - last_trivial < policy.trivial_interval:
         ago = _hours(now - last_trivial)
         return Verdict(
             Outcome.SUPPRESSED,
@@ -168,7 +223,6 @@ def _channel_verdict(
             channel,
             details={"hours_ago": round(ago, 2), "interval_hours": throttle.trivial_interval_hours},
         )
-    today = state.messages_since(now - timedelta(hours=24), now, pending)
     if today >= throttle.max_per_shipment_per_day:
         return Verdict(
             Outcome.SUPPRESSED,
@@ -177,35 +231,41 @@ def _channel_verdict(
             channel,
             details={"count": today, "max": throttle.max_per_shipment_per_day},
         )
-    sms = state.sms_count(now, pending) if channel is ChannelKind.SMS else 0
-    if channel is ChannelKind.SMS and sms >= throttle.max_sms_per_shipment:
-        return Verdict(
-            Outcome.SUPPRESSED,
-            f"cap: {sms} SMS already sent for this shipment (max {throttle.max_sms_per_shipment})",
-            channel,
-            details={"count": sms, "max": throttle.max_sms_per_shipment},
-        )
-    return _timing(policy, rule, state, t, channel, to, now)
+    if channel is ChannelKind.SMS:
+        sms = sms_archived + mine
+        if sms >= throttle.max_sms_per_shipment:
+            return Verdict(
+                Outcome.SUPPRESSED,
+                f"cap: {sms} SMS already sent for this shipment "
+                f"(max {throttle.max_sms_per_shipment})",
+                channel,
+                details={"count": sms, "max": throttle.max_sms_per_shipment},
+            )
+    return _timing(policy, rule, contact.timezone, milestone, channel, to, now)
+
+
+@lru_cache(maxsize=256)
+def _sent_reason(milestone: str, channel: ChannelKind) -> str:
+    return f"policy: {milestone} is notified by {channel}"
 
 
 def _timing(
     policy: Policy,
     rule: Rule,
-    state: ShipmentState,
-    t: Transition,
+    timezone: str | None,
+    milestone: str,
     channel: ChannelKind,
     to: str,
     now: datetime,
 ) -> Verdict:
     """Send now, or defer for quiet hours and coalescing."""
-    sent = Verdict(Outcome.SENT, f"policy: {t.milestone} is notified by {channel}", channel, to)
+    sent = Verdict(Outcome.SENT, _sent_reason(milestone, channel), channel, to)
     due: datetime | None = None
     reasons: list[str] = []
     details: dict[str, Any] = {}
     quiet = policy.quiet_hours.window(channel)
     if quiet is not None and not rule.break_quiet_hours:
-        recipient = state.recipient
-        tz_name = (recipient.timezone if recipient else None) or policy.quiet_hours.default_timezone
+        tz_name = timezone or policy.quiet_hours.default_timezone
         until = quiet_until(quiet, _zone(tz_name), now)
         if until is not None:
             due = until
@@ -225,39 +285,6 @@ def _timing(
     return Verdict(Outcome.DEFERRED, "; ".join(reasons), channel, to, due, details)
 
 
-def _decide(
-    policy: Policy,
-    state: ShipmentState,
-    t: Transition,
-    now: datetime,
-    opted_out: Collection[str],
-    pending: frozenset[str],
-) -> tuple[list[Verdict], ShipmentState]:
-    """decide(), plus the state after ``t`` and its messages (for fold)."""
-    flagged = anomaly(policy, state, t, now)
-    if flagged is not None:
-        return [flagged], state.remember(t)
-    if state.is_step_back(t):
-        since = state.occurred_at.isoformat() if state.occurred_at else "?"
-        reason = (
-            f"out of order: {t.milestone} at {t.occurred_at.isoformat()} would step back; "
-            f"the shipment is {state.status} since {since}"
-        )
-        return [Verdict(Outcome.SUPPRESSED, reason)], state.apply(t)
-    after = state.apply(t)  # counts below see earlier pending messages this one overtakes
-    rule = policy.rule(t.status, t.exception_code)
-    if not rule.channels:
-        return [Verdict(Outcome.SUPPRESSED, f"policy: {t.milestone} is not notified")], after
-    pending = pending | {t.event_id}
-    verdicts: list[Verdict] = []
-    for channel in rule.channels:
-        verdict = _channel_verdict(policy, rule, after, t, channel, now, opted_out, pending)
-        verdicts.append(verdict)
-        if verdict.outcome in (Outcome.SENT, Outcome.DEFERRED):
-            after = after.record_message(t, channel, rule.trivial, now, verdict.send_at)
-    return verdicts, after
-
-
 def decide(
     policy: Policy,
     state: ShipmentState,
@@ -272,7 +299,43 @@ def decide(
     addresses; ``pending`` names events decided earlier in the same batch (their
     messages are not out yet, so a newer state can still supersede them).
     """
-    return _decide(policy, state, t, now, opted_out, pending)[0]
+    flagged = anomaly(policy, state, t, now)
+    if flagged is not None:
+        return [flagged]
+    milestone = t.milestone
+    if state.is_step_back(t):
+        since = state.occurred_at.isoformat() if state.occurred_at else "?"
+        reason = (
+            f"out of order: {milestone} at {t.occurred_at.isoformat()} would step back; "
+            f"the shipment is {state.status} since {since}"
+        )
+        return [Verdict(Outcome.SUPPRESSED, reason)]
+    rule = policy.rule(t.status, t.exception_code)
+    if not rule.channels:
+        return [Verdict(Outcome.SUPPRESSED, f"policy: {milestone} is not notified")]
+    contact = _Contact.of(state.recipient, t.recipient)
+    # Count as if t were applied: earlier pending messages it overtakes no longer count.
+    live: list[Sent | _Counted] = list(
+        state.live_messages(now, pending, (t.event_id, milestone, STATUS_RANK[t.status]))
+    )
+    verdicts: list[Verdict] = []
+    for channel in rule.channels:
+        verdict = _channel_verdict(
+            policy,
+            rule,
+            contact,
+            state.sms_archived,
+            t,
+            milestone,
+            channel,
+            now,
+            opted_out,
+            live,
+        )
+        verdicts.append(verdict)
+        if verdict.outcome in _GOING:
+            live.append(_Counted(now, channel, milestone, rule.trivial))
+    return verdicts
 
 
 _GOING = (Outcome.SENT, Outcome.DEFERRED)
@@ -292,26 +355,26 @@ def _fold_once(
         if state.has_seen(t.event_id):
             steps.append(Step(t, [], replay=True))
             continue
-        skip = {c for (e, c) in superseded if e == t.event_id}
-        if not skip:
-            verdicts, state = _decide(policy, state, t, now, opted_out, frozenset(pending))
-        else:
-            # Decide again without the messages a later one in this batch overtakes.
-            verdicts, after = _decide(policy, state, t, now, opted_out, frozenset(pending))
-            state = state.apply(t) if verdicts[0].outcome is not Outcome.FLAGGED else after
-            rule = policy.rule(t.status, t.exception_code)
-            kept: list[Verdict] = []
-            for v in verdicts:
-                if v.channel in skip and v.outcome in _GOING:
-                    by = superseded[(t.event_id, v.channel)]
-                    v = Verdict(Outcome.SUPPRESSED, f"{by} in the same batch", v.channel)
-                elif v.outcome in _GOING and v.channel is not None:
-                    state = state.record_message(t, v.channel, rule.trivial, now, v.send_at)
-                kept.append(v)
-            verdicts = kept
-        if any(v.outcome in _GOING for v in verdicts):
-            pending.add(t.event_id)
-        steps.append(Step(t, verdicts))
+        verdicts = decide(policy, state, t, now, opted_out, frozenset(pending))
+        if verdicts[0].outcome is Outcome.FLAGGED:
+            state = state.remember(t)
+            steps.append(Step(t, verdicts))
+            continue
+        state = state.apply(t)
+        rule = policy.rule(t.status, t.exception_code)
+        kept: list[Verdict] = []
+        for v in verdicts:
+            channel = v.channel
+            if v.outcome in _GOING and channel is not None:
+                by = superseded.get((t.event_id, channel))
+                if by is not None:
+                    # a later message of this batch overtakes it: it never goes out
+                    v = Verdict(Outcome.SUPPRESSED, f"{by} in the same batch", channel)
+                else:
+                    state = state.record_message(t, channel, rule.trivial, now, v.send_at)
+                    pending.add(t.event_id)
+            kept.append(v)
+        steps.append(Step(t, kept))
     return state, steps
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import re
 import threading
-from datetime import time
+from datetime import time, timedelta
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -136,6 +137,14 @@ class Policy(_Strict):
     quiet_hours: QuietHours = Field(default_factory=QuietHours)
     anomalies: Anomalies = Field(default_factory=Anomalies)
     stalled: Stalled = Field(default_factory=Stalled)
+
+    @cached_property
+    def dedupe_window(self) -> timedelta:
+        return timedelta(hours=self.dedupe_window_hours)
+
+    @cached_property
+    def trivial_interval(self) -> timedelta:
+        return timedelta(hours=self.throttle.trivial_interval_hours)
 
     def rule(self, status: Status, code: ExceptionCode | None) -> Rule:
         """The rule for a transition: its exception code's, else its status's, else silence."""
