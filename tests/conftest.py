@@ -211,3 +211,21 @@ def wait_until(predicate: Callable[[], bool], what: str, seconds: float = 20.0) 
             return
         time.sleep(0.05)
     pytest.fail(f"timed out waiting for {what}")
+
+
+async def post(client: Any, *items: dict[str, Any]) -> dict[str, Any]:
+    """POST transitions as one batch with the admin key; they must all be accepted."""
+    resp = await client.post("/v1/transitions", json={"transitions": list(items)}, headers=auth())
+    assert resp.status == 202, await resp.text()
+    body: dict[str, Any] = await resp.json()
+    return body
+
+
+async def history(client: Any, shipment: str = "shp_123") -> list[dict[str, Any]]:
+    """The recorded decisions of an acme shipment, through the API."""
+    resp = await client.get(
+        f"/v1/merchants/acme/shipments/{shipment}/notifications", headers=auth()
+    )
+    assert resp.status == 200
+    decisions: list[dict[str, Any]] = (await resp.json())["decisions"]
+    return decisions

@@ -17,25 +17,11 @@ from notifier.pipeline import Pipeline, notification_id
 from notifier.resources import Resources, open_resources
 from notifier.settings import Settings
 from notifier.worker import find_stalled, release_due
-from tests.conftest import auth, fixed_clock, outbox_files, run_worker, transition
+from tests.conftest import auth, fixed_clock, history, outbox_files, post, run_worker, transition
 
 Client = TestClient[Any, Any]
 NIGHT = datetime(2026, 11, 21, 22, 0, tzinfo=UTC)  # 23:00 in Paris: SMS quiet hours
 MORNING = datetime(2026, 11, 22, 7, 0, tzinfo=UTC)  # 08:00 in Paris: they end
-
-
-async def post(client: Client, *items: dict[str, Any]) -> None:
-    resp = await client.post("/v1/transitions", json={"transitions": list(items)}, headers=auth())
-    assert resp.status == 202, await resp.text()
-
-
-async def history(client: Client, shipment: str = "shp_123") -> list[dict[str, Any]]:
-    resp = await client.get(
-        f"/v1/merchants/acme/shipments/{shipment}/notifications", headers=auth()
-    )
-    assert resp.status == 200
-    decisions: list[dict[str, Any]] = (await resp.json())["decisions"]
-    return decisions
 
 
 @pytest.fixture

@@ -31,6 +31,7 @@ from tests.conftest import (
     fixed_clock,
     make_settings,
     outbox_files,
+    post,
     run_worker,
     transition,
 )
@@ -59,11 +60,6 @@ class _CrashingChannel:
 
     async def send_many(self, items: Sequence[Outgoing]) -> list[Outcome]:
         raise _Crash
-
-
-async def post(client: Client, *items: dict[str, Any]) -> None:
-    resp = await client.post("/v1/transitions", json={"transitions": list(items)}, headers=auth())
-    assert resp.status == 202, await resp.text()
 
 
 async def age_inbox(res: Resources, idle_ms: int) -> None:

@@ -22,25 +22,9 @@ from notifier.pipeline import Pipeline, notification_id
 from notifier.resources import open_resources
 from notifier.settings import Settings
 from notifier.store import GROUP, InboxEntry
-from tests.conftest import auth, fixed_clock, outbox_files, run_worker, transition
+from tests.conftest import fixed_clock, history, outbox_files, post, run_worker, transition
 
 Client = TestClient[Any, Any]
-
-
-async def post(client: Client, *items: dict[str, Any]) -> dict[str, Any]:
-    resp = await client.post("/v1/transitions", json={"transitions": list(items)}, headers=auth())
-    assert resp.status == 202, await resp.text()
-    body: dict[str, Any] = await resp.json()
-    return body
-
-
-async def history(client: Client, shipment: str = "shp_123") -> list[dict[str, Any]]:
-    resp = await client.get(
-        f"/v1/merchants/acme/shipments/{shipment}/notifications", headers=auth()
-    )
-    assert resp.status == 200
-    decisions: list[dict[str, Any]] = (await resp.json())["decisions"]
-    return decisions
 
 
 async def test_transition_becomes_eml_and_sms_json(client: Client, settings: Settings) -> None:
