@@ -11,12 +11,20 @@ from typing import Annotated
 import orjson
 from aiohttp import web
 from fakeredis import FakeServer
-from pydantic import BaseModel, ConfigDict, StringConstraints, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from redis.exceptions import RedisError
 
 from notifier.errors import ApiError, Forbidden, NotFound, ValidationFailed
 from notifier.ingest import KeyRing, may_act_for, post_transitions, read_json
-from notifier.models import ChannelKind, Identifier, MerchantId
+from notifier.models import ChannelKind, Email, Identifier, MerchantId, Phone
 from notifier.policy import opt_out_key
 from notifier.resources import Clock, Resources, open_resources, utc_now
 from notifier.settings import Settings
@@ -97,6 +105,17 @@ class OptOut(BaseModel):
     channel: ChannelKind
     address: Annotated[str, StringConstraints(min_length=3, max_length=254)]
     opted_out: bool = True
+
+    @field_validator("address")
+    @classmethod
+    def _address_fits_channel(cls, value: str, info: ValidationInfo) -> str:
+        # An address in another form than the one transitions carry would never match.
+        kind = Phone if info.data.get("channel") is ChannelKind.SMS else Email
+        try:
+            TypeAdapter(kind).validate_python(value)
+        except ValidationError as exc:
+            raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from exc
+        return value
 
 
 async def opt_outs(request: web.Request) -> web.Response:

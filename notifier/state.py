@@ -47,6 +47,7 @@ class Notice(BaseModel):
     event_id: str
     milestone: str
     occurred_at: datetime
+    rank: int = 0
 
 
 class Sent(BaseModel):
@@ -92,6 +93,9 @@ class ShipmentState(BaseModel):
     notices: dict[ChannelKind, Notice] = Field(default_factory=dict)
     #: the event that set the current status
     current_event: str | None = None
+    #: the furthest step reached (highest rank) and its milestone
+    max_rank: int = -1
+    furthest: str | None = None
     events: int = 0
 
     def has_seen(self, event_id: str) -> bool:
@@ -99,17 +103,23 @@ class ShipmentState(BaseModel):
         return event_id in self.seen
 
     def is_step_back(self, t: Transition) -> bool:
-        """True for an event that would move the shipment backwards.
+        """True for a late event: stale news that must not move the shipment backwards.
 
-        Older than the current status and no further along; or anything less than
-        a terminal status (nothing before "delivered" is news after it).
+        Older than the latest scan and not beyond the furthest step reached (a scan
+        uploaded late); or anything short of a terminal status after it (nothing
+        before "delivered" is news after it).
         """
-        if self.status is None or self.occurred_at is None:
+        if self.status is None or self.last_scan_at is None:
             return False
-        rank, current = STATUS_RANK[t.status], STATUS_RANK[self.status]
-        if self.status in TERMINAL and rank < current:
+        rank = STATUS_RANK[t.status]
+        if self.status in TERMINAL and rank < STATUS_RANK[self.status]:
             return True
-        return t.occurred_at < self.occurred_at and rank <= current
+        return t.occurred_at < self.last_scan_at and rank <= self.max_rank
+
+    def is_behind(self, t: Transition) -> bool:
+        """A newer event that is not as far along as the furthest step reached
+        (back at the depot after a failed attempt, say)."""
+        return STATUS_RANK[t.status] < self.max_rank
 
     @property
     def milestone(self) -> str | None:
@@ -123,11 +133,12 @@ class ShipmentState(BaseModel):
     ) -> str | None:
         """Why a not-yet-sent message for this event is no longer worth sending, or None.
 
-        A newer message was decided on its channel; or the shipment has moved on to
-        another step at least as far along (its status now comes from another event).
+        A newer message at least as far along was decided on its channel; or the
+        shipment has moved on to another step at least as far along (its status now
+        comes from another event). A scan of a lesser step never cancels a milestone.
         """
         notice = self.notices.get(channel)
-        if notice is not None and notice.event_id != event_id:
+        if notice is not None and notice.event_id != event_id and notice.rank >= rank:
             return f"superseded by {notice.milestone} ({notice.occurred_at.isoformat()})"
         if (
             self.current_event not in (None, event_id)
@@ -170,7 +181,7 @@ class ShipmentState(BaseModel):
                 out.append(m)
                 continue
             notice = self.notices.get(m.channel)
-            if notice is not None and notice.event_id != m.event_id:
+            if notice is not None and notice.event_id != m.event_id and notice.rank >= m.rank:
                 continue
             moved_on = (
                 current_event not in (None, m.event_id)
@@ -207,6 +218,9 @@ class ShipmentState(BaseModel):
         if located and (self.last_fix is None or t.occurred_at >= self.last_fix.at):
             assert loc is not None and loc.lat is not None and loc.lon is not None
             update["last_fix"] = Fix(lat=loc.lat, lon=loc.lon, at=t.occurred_at)
+        rank = STATUS_RANK[t.status]
+        if rank > self.max_rank and not self.is_step_back(t):
+            update.update(max_rank=rank, furthest=t.milestone)
         if not self.is_step_back(t):
             update.update(
                 current_event=t.event_id,
@@ -253,7 +267,10 @@ class ShipmentState(BaseModel):
                 "notices": {
                     **self.notices,
                     channel: Notice.model_construct(
-                        event_id=t.event_id, milestone=t.milestone, occurred_at=t.occurred_at
+                        event_id=t.event_id,
+                        milestone=t.milestone,
+                        occurred_at=t.occurred_at,
+                        rank=STATUS_RANK[t.status],
                     ),
                 },
             }

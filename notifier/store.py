@@ -183,6 +183,13 @@ end
 return 0
 """
 
+_RESCHEDULE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'st', 'deferred', 'due', ARGV[2], 'error', ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+return 1
+"""
+
 _UNSCHEDULE = """
 local now = tonumber(ARGV[1])
 for i = 2, #ARGV do
@@ -279,6 +286,7 @@ class Store:
         self._lock = redis.register_script(_LOCK)
         self._drop_stall = redis.register_script(_DROP_STALL)
         self._unschedule = redis.register_script(_UNSCHEDULE)
+        self._reschedule = redis.register_script(_RESCHEDULE)
         self._unlock = redis.register_script(_UNLOCK)
 
     # -- keys ---------------------------------------------------------------
@@ -520,11 +528,14 @@ class Store:
             )
 
     async def reschedule(self, notification_id: str, due_ms: int, error: str) -> None:
-        """Give a claimed notification back after a temporary failure, due again at ``due_ms``."""
-        await self._settle(
-            [notification_id], [{"st": LedgerState.DEFERRED, "due": str(due_ms), "error": error}]
+        """Give a claimed notification back after a temporary failure, due again at ``due_ms``.
+
+        One script: the ledger and the due index change together or not at all.
+        """
+        await self._reschedule(
+            keys=[self.notification_key(notification_id), self.DUE_KEY],
+            args=[notification_id, due_ms, error],
         )
-        await _run(self.redis.zadd(self.DUE_KEY, {notification_id: due_ms}))
 
     async def due(self, now_ms: int, limit: int) -> list[str]:
         """Notifications whose time has come (deferred ones and retries), oldest first."""

@@ -14,6 +14,7 @@ import time
 import traceback
 import uuid
 from contextlib import AsyncExitStack
+from datetime import timedelta
 from typing import Any
 
 from arq import cron
@@ -205,12 +206,14 @@ async def find_stalled(ctx: dict[str, Any]) -> int:
     res: Resources = ctx["res"]
     now = res.clock()
     due = await res.store.due_stalls(int(now.timestamp() * 1000), limit=500)
+    tick = timedelta(milliseconds=1)
     if not due:
         return 0
     states = await res.store.load_states([(m, s) for m, s, _ in due])
     items = []
     for (merchant_id, shipment_id, deadline_ms), (_, state) in zip(due, states, strict=True):
-        if state is None or state.tracking_number is None or state.carrier is None:
+        last_scan = state.last_scan_at if state is not None else None
+        if state is None or last_scan is None or state.tracking_number is None or not state.carrier:
             await res.store.drop_stall(merchant_id, shipment_id, deadline_ms)
             continue
         t = Transition(
@@ -221,7 +224,9 @@ async def find_stalled(ctx: dict[str, Any]) -> int:
             carrier=state.carrier,
             status=Status.EXCEPTION,
             exception_code=ExceptionCode.DELAYED,
-            occurred_at=now,
+            # Just after the last real scan, not "now": a scan the carrier uploads late
+            # must still count as news and move the shipment on.
+            occurred_at=last_scan + tick,
             estimated_delivery=state.estimated_delivery,
             tracking_url=state.tracking_url,
             order=state.order,

@@ -227,3 +227,41 @@ async def test_merchant_policy_overrides_merge_key_by_key(tmp_path: Path, redis_
     settings = make_settings(tmp_path, redis_url=redis_url, policies_dir=policies)
     assert settings.policies_dir == policies
     assert json.loads(json.dumps(acme.model_dump(mode="json")))["dedupe_window_hours"] == 168
+
+
+async def test_a_late_scan_after_a_stall_notice_still_moves_the_shipment(
+    client: Client, settings: Settings, res_at: Any
+) -> None:
+    scanned = datetime(2026, 11, 17, 10, 0, tzinfo=UTC)
+    await post(client, transition(status="in_transit", occurred_at=scanned.isoformat()))
+    await run_worker(settings, clock=fixed_clock(scanned + timedelta(minutes=5)))
+    stalled_at = scanned + timedelta(hours=73)
+    async with res_at(stalled_at) as res:
+        assert await find_stalled({"res": res}) == 1
+    await run_worker(settings, clock=fixed_clock(stalled_at))
+    # the carrier uploads a scan it made before the stall was noticed
+    late = transition(
+        event_id="late",
+        status="departed_facility",
+        occurred_at=(scanned + timedelta(hours=70)).isoformat(),
+    )
+    await post(client, late)
+    await run_worker(settings, clock=fixed_clock(stalled_at + timedelta(hours=1)))
+    [decision] = [d for d in await history(client) if d["event_id"] == "late"]
+    assert not decision["reason"].startswith("out of order")
+    async with res_at(stalled_at + timedelta(hours=1)) as res:
+        [(_, state)] = await res.store.load_states([("acme", "shp_123")])
+        assert state is not None and state.status == "departed_facility"
+        assert await res.redis.zscore(res.store.STALL_KEY, "acme:shp_123") is not None
+
+
+async def test_opt_out_addresses_must_fit_their_channel(client: Client) -> None:
+    url = "/v1/merchants/acme/opt-outs"
+    for body, field in [
+        ({"channel": "sms", "address": "+33 6 12 34 56 78"}, "address"),
+        ({"channel": "email", "address": "not an email"}, "address"),
+    ]:
+        resp = await client.post(url, json=body, headers=auth())
+        assert resp.status == 422, body
+        detail = (await resp.json())["error"]["details"][0]
+        assert detail["field"] == field and "must be" in detail["message"]

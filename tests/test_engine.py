@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
 
-from notifier.models import ChannelKind, Outcome, Transition
+from notifier.errors import ConfigurationError
+from notifier.models import STATUS_RANK, ChannelKind, Outcome, Status, Transition
 from notifier.policy import Policy, PolicyStore, decide, fold, opt_out_key, quiet_until
 from notifier.policy.rules import QuietWindow
 from notifier.resources import data_dir
@@ -202,11 +206,11 @@ def test_dst_nights_really_differ_in_length() -> None:
     assert autumn - autumn_start == timedelta(hours=12)
 
 
-def test_end_inside_a_dst_gap_resolves_after_the_gap() -> None:
+def test_end_inside_a_dst_gap_is_read_at_the_old_offset() -> None:
     tz = ZoneInfo("Europe/Paris")
     window = QuietWindow.model_validate({"start": "01:00", "end": "02:30"})  # 02:30 never happens
     until = quiet_until(window, tz, datetime(2026, 3, 29, 1, 30, tzinfo=tz))
-    assert until == datetime(2026, 3, 29, 1, 30, tzinfo=UTC)  # 03:30 CEST, just after the gap
+    assert until == datetime(2026, 3, 29, 1, 30, tzinfo=UTC)  # 03:30 CEST: 02:30 at +01:00
 
 
 def test_window_within_one_day() -> None:
@@ -361,3 +365,141 @@ def test_decide_is_pure() -> None:
     first = decide(policy(), state, t, NOON)
     assert decide(policy(), state, t, NOON) == first
     assert state == ShipmentState(merchant_id="acme", shipment_id="s1")
+
+
+# -- realistic sequences (each expectation written by hand) --------------------------------------
+
+H = timedelta(hours=1)
+
+
+def sent(steps: list[Any]) -> list[tuple[str, str]]:
+    return [
+        (s.transition.milestone, str(v.channel))
+        for s in steps
+        for v in s.verdicts
+        if v.outcome in (Outcome.SENT, Outcome.DEFERRED)
+    ]
+
+
+def test_a_lesser_scan_never_cancels_a_milestone_in_the_same_batch() -> None:
+    batch = [
+        event(1, "in_transit", NOON - 20 * H),
+        event(2, "in_transit", NOON - 16 * H),
+        event(3, "available_for_pickup", NOON - 10 * H),
+        event(4, "in_transit", NOON),
+    ]
+    _, steps = run(batch, now=NOON + H)
+    assert sent(steps) == [("available_for_pickup", "email"), ("available_for_pickup", "sms")]
+    assert steps[3].verdicts[0].reason.startswith("behind: in_transit after the shipment")
+
+
+def test_out_for_delivery_again_on_day_two_is_news() -> None:
+    state = None
+    got = []
+    for i, (status, at) in enumerate(
+        [
+            ("out_for_delivery", NOON),
+            ("delivery_attempt_failed", NOON + 3 * H),
+            ("out_for_delivery", NOON + 24 * H),
+            ("delivery_attempt_failed", NOON + 27 * H),
+        ]
+    ):
+        state, steps = run([event(i, status, at)], now=at + H / 60, state=state)
+        got += sent(steps)
+    assert got == [
+        (s, c)
+        for s in ("out_for_delivery", "delivery_attempt_failed") * 2
+        for c in ("email", "sms")
+    ]
+
+
+def test_failed_attempt_at_night_then_out_again_at_dawn() -> None:
+    """The night's failed-attempt SMS waits; by 08:00 the parcel is out again: only that goes."""
+    evening = datetime(2026, 3, 10, 20, 30, tzinfo=UTC)  # 21:30 in Paris
+    dawn = datetime(2026, 3, 11, 6, 30, tzinfo=UTC)  # 07:30 in Paris
+    state, steps = run([event(1, "delivery_attempt_failed", evening)], now=evening)
+    assert [v.outcome for v in steps[0].verdicts] == [Outcome.SENT, Outcome.DEFERRED]
+    state, steps = run([event(2, "out_for_delivery", dawn)], now=dawn, state=state)
+    assert [v.outcome for v in steps[0].verdicts] == [Outcome.SENT, Outcome.DEFERRED]
+    rank = STATUS_RANK
+    failed_sms = state.superseded(
+        SMS, "e1", "delivery_attempt_failed", rank[Status.DELIVERY_ATTEMPT_FAILED]
+    )
+    assert failed_sms is not None and failed_sms.startswith("superseded by out_for_delivery")
+    assert state.superseded(SMS, "e2", "out_for_delivery", rank[Status.OUT_FOR_DELIVERY]) is None
+
+
+def test_a_scan_uploaded_late_is_stale_even_if_further_than_the_current_status() -> None:
+    t0 = NOON - 6 * H
+    state, _ = run([event(1, "delivery_attempt_failed", t0 + 2 * H)], now=t0 + 2 * H)
+    state, _ = run([event(2, "in_transit", t0 + 4 * H)], now=t0 + 4 * H, state=state)
+    state, steps = run([event(3, "out_for_delivery", t0)], now=NOON, state=state)  # from 08:55
+    assert steps[0].verdicts[0].reason.startswith("out of order")
+    assert state.status == "in_transit"  # not rewound to the morning
+
+
+def test_trivial_updates_are_throttled_not_deduplicated() -> None:
+    state, steps = run([event(1, "in_transit")])
+    day2 = NOON + 25 * H
+    _, steps = run([event(2, "in_transit", day2)], now=day2, state=state)
+    assert sent(steps) == [("in_transit", "email")]
+
+
+def test_an_exception_is_news_even_after_further_steps() -> None:
+    state, _ = run([event(1, "out_for_delivery")])
+    later = NOON + H
+    _, steps = run(
+        [event(2, "exception", later, exception_code="address_issue")], now=later, state=state
+    )
+    assert sent(steps) == [("exception:address_issue", "email"), ("exception:address_issue", "sms")]
+
+
+# -- the policy schema ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "problem"),
+    [
+        ("statuses: {delivered: {channels: [sms, sms]}}", "statuses.delivered.channels"),
+        ("stalled: {statuses: [in_transit, delivered]}", "cannot stall"),
+        ("quiet_hours: {sms: {start: 300, end: 0}}", "must be HH:MM"),
+        ("quiet_hours: {sms: {start: '25:00', end: '08:00'}}", "must be HH:MM"),
+        ("quiet_hours: {sms: {start: '21:00', end: '21:00'}}", "start and end are equal"),
+        ("quiet_hours: {default_timezone: Mars/Olympus}", "not an IANA zone"),
+        ("dedupe_window_hours: 9000", "dedupe_window_hours"),
+        ("surprise: 1", "surprise"),
+    ],
+)
+def test_policy_files_are_refused_with_file_path_and_problem(
+    tmp_path: Path, yaml_text: str, problem: str
+) -> None:
+    shutil.copytree(data_dir("policies", None), tmp_path / "p")
+    (tmp_path / "p" / "acme.yaml").write_text(yaml_text + "\n")
+    [message] = PolicyStore(tmp_path / "p").check_all()
+    assert "acme.yaml" in message and problem in message
+
+
+def test_unquoted_clock_times_read_as_times(tmp_path: Path) -> None:
+    shutil.copytree(data_dir("policies", None), tmp_path / "p")
+    (tmp_path / "p" / "acme.yaml").write_text("quiet_hours: {sms: {start: 21:30, end: 7:00}}\n")
+    window = PolicyStore(tmp_path / "p").for_merchant("acme").quiet_hours.sms
+    assert window is not None
+    assert (window.start.hour, window.start.minute, window.end.hour) == (21, 30, 7)
+
+
+def test_edits_reach_a_running_store_and_a_broken_edit_keeps_the_last_good(
+    tmp_path: Path,
+) -> None:
+    shutil.copytree(data_dir("policies", None), tmp_path / "p")
+    path = tmp_path / "p" / "acme.yaml"
+    store = PolicyStore(tmp_path / "p")
+    assert store.for_merchant("acme").coalesce_seconds == 0
+    path.write_text("coalesce_seconds: 60\n")
+    os.utime(path, (1, 1))
+    assert store.for_merchant("acme").coalesce_seconds == 60
+    path.write_text("coalesce_seconds: -5\n")
+    os.utime(path, (2, 2))
+    assert store.for_merchant("acme").coalesce_seconds == 60  # last good, error logged
+    (tmp_path / "p" / "globex.yaml").write_text("coalesce_seconds: -5\n")
+    with pytest.raises(ConfigurationError, match=r"globex\.yaml"):
+        store.for_merchant("globex")  # never valid: refused, its events are retried

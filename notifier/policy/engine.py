@@ -58,8 +58,9 @@ def _zone(name: str) -> ZoneInfo:
 def quiet_until(window: QuietWindow, tz: ZoneInfo, now: datetime) -> datetime | None:
     """The UTC end of the quiet window ``now`` falls in, or None outside quiet hours.
 
-    Compares local wall-clock times, so it holds across DST changes; an end time
-    that falls in a spring-forward gap resolves to the instant after the gap.
+    Compares local wall-clock times, so it holds across DST changes. An end time
+    that does not exist (inside a spring-forward gap) is read at the offset before
+    the change: 02:30 on a night that jumps from 02:00 to 03:00 ends at 03:30.
     """
     local = now.astimezone(tz)
     clock = local.time().replace(tzinfo=None)
@@ -165,11 +166,10 @@ class _Counted:
 
 
 def _scan(
-    live: list[Sent | _Counted], channel: ChannelKind, milestone: str, since: datetime
-) -> tuple[datetime | None, datetime | None, int, int]:
-    """One pass over the live messages: the last of ``milestone`` and the last trivial
-    update on ``channel``, how many ``channel`` carried, and how many since ``since``."""
-    last: datetime | None = None
+    live: list[Sent | _Counted], channel: ChannelKind, since: datetime
+) -> tuple[datetime | None, int, int]:
+    """One pass over the live messages: the last trivial update on ``channel``, how many
+    ``channel`` carried, and how many messages went (or go) out since ``since``."""
     last_trivial: datetime | None = None
     mine = today = 0
     for m in live:
@@ -178,11 +178,9 @@ def _scan(
         if m.channel is not channel:
             continue
         mine += 1
-        if m.milestone == milestone and (last is None or m.at > last):
-            last = m.at
         if m.trivial and (last_trivial is None or m.at > last_trivial):
             last_trivial = m.at
-    return last, last_trivial, mine, today
+    return last_trivial, mine, today
 
 
 def _channel_verdict(
@@ -196,6 +194,7 @@ def _channel_verdict(
     now: datetime,
     opted_out: Collection[str],
     live: list[Sent | _Counted],
+    decided: Mapping[ChannelKind, Sent | _Counted],
 ) -> Verdict:
     to = contact.email if channel is ChannelKind.EMAIL else contact.phone
     if to is None:
@@ -203,9 +202,14 @@ def _channel_verdict(
     if opted_out and opt_out_key(channel, to) in opted_out:
         return Verdict(Outcome.SUPPRESSED, f"recipient opted out of {channel}", channel)
 
-    last, last_trivial, mine, today = _scan(live, channel, milestone, now - _DAY)
-    if last is not None and now - last < policy.dedupe_window:
-        ago = _hours(now - last)
+    last_trivial, mine, today = _scan(live, channel, now - _DAY)
+    # A repeat of the milestone last decided on this channel (sent, or pending even if it
+    # will be superseded) is a duplicate: a re-scan. The same milestone after another one
+    # is news ("out for delivery" again on day 2). Trivial updates have their throttle.
+    last = decided.get(channel)
+    repeat = last is not None and last.milestone == milestone and not rule.trivial
+    if repeat and last is not None and now - last.at < policy.dedupe_window:
+        ago = _hours(now - last.at)
         return Verdict(
             Outcome.SUPPRESSED,
             f"duplicate: {milestone} already sent by {channel} {ago:.1f} h ago "
@@ -313,11 +317,21 @@ def decide(
     rule = policy.rule(t.status, t.exception_code)
     if not rule.channels:
         return [Verdict(Outcome.SUPPRESSED, f"policy: {milestone} is not notified")]
+    if t.status is not Status.EXCEPTION and state.is_behind(t):
+        # "picked up" or "in transit" after a failed attempt is the carrier's bookkeeping,
+        # not news; an exception always is.
+        return [
+            Verdict(
+                Outcome.SUPPRESSED,
+                f"behind: {milestone} after the shipment already reached {state.furthest}",
+            )
+        ]
     contact = _Contact.of(state.recipient, t.recipient)
     # Count as if t were applied: earlier pending messages it overtakes no longer count.
     live: list[Sent | _Counted] = list(
         state.live_messages(now, pending, (t.event_id, milestone, STATUS_RANK[t.status]))
     )
+    decided: dict[ChannelKind, Sent | _Counted] = {m.channel: m for m in state.messages}
     verdicts: list[Verdict] = []
     for channel in rule.channels:
         verdict = _channel_verdict(
@@ -331,6 +345,7 @@ def decide(
             now,
             opted_out,
             live,
+            decided,
         )
         verdicts.append(verdict)
         if verdict.outcome in _GOING:
@@ -394,19 +409,26 @@ def fold(
     a later message past a cap, so this runs to a fixpoint.
     """
     superseded: dict[tuple[str, ChannelKind], str] = {}
-    for _ in range(len(transitions) + 1):
+    tried: list[dict[tuple[str, ChannelKind], str]] = [superseded]
+    for _ in range(len(transitions) + 2):
         final, steps = _fold_once(policy, state, transitions, now, opted_out, superseded)
-        found = dict(superseded)
+        # Rebuilt from scratch each pass: every message the batch wants to send (or
+        # dropped last pass) is checked against where this pass left the shipment.
+        found: dict[tuple[str, ChannelKind], str] = {}
         for step in steps:
             t = step.transition
             for v in step.verdicts:
-                if v.outcome not in _GOING or v.channel is None:
+                key = (t.event_id, v.channel)
+                if v.channel is None or (v.outcome not in _GOING and key not in superseded):
                     continue
                 why = final.superseded(v.channel, t.event_id, t.milestone, STATUS_RANK[t.status])
                 if why is not None:
                     found[(t.event_id, v.channel)] = why
         if found == superseded:
             break
+        if found in tried:
+            break  # a cycle: keep this pass, which is consistent with its own inputs
+        tried.append(found)
         superseded = found
     return final, steps
 

@@ -6,6 +6,7 @@ and the problem, e.g. ``policies/acme.yaml: quiet_hours.sms.start: must be HH:MM
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from datetime import time, timedelta
@@ -14,22 +15,60 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from notifier.errors import ConfigurationError
 from notifier.models import ChannelKind, ExceptionCode, Status, known_timezone
 
+log = logging.getLogger(__name__)
+
 
 def _clock_time(value: object) -> object:
-    # YAML 1.1 reads an unquoted 21:00 as the sexagesimal integer 1260.
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = f"{value // 60:02d}:{value % 60:02d}"
     if isinstance(value, str):
-        if not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", value):
+        if not re.fullmatch(r"([01]?\d|2[0-3]):[0-5]\d", value):
             raise ValueError("must be HH:MM, 24-hour clock, e.g. 21:00")
         hours, minutes = value.split(":")
         return time(int(hours), int(minutes))
-    return value
+    if isinstance(value, time):
+        return value
+    raise ValueError("must be HH:MM, 24-hour clock, e.g. 21:00")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads an unquoted 21:00 as the integer 1260 (base 60); here it stays text."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [
+        (tag, regexp)
+        for tag, regexp in resolvers
+        if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+    ]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(
+        r"^(?:[-+]?0b[0-1_]+|[-+]?0o?[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"
+    ),
+    list("-+0123456789"),
+)
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9_]+(?:[eE][-+][0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
 
 
 ClockTime = Annotated[time, BeforeValidator(_clock_time)]
@@ -44,6 +83,14 @@ class Rule(_Strict):
 
     #: channels that carry it; empty = recorded, never notified
     channels: list[ChannelKind] = Field(default_factory=list)
+
+    @field_validator("channels")
+    @classmethod
+    def _unique(cls, value: list[ChannelKind]) -> list[ChannelKind]:
+        if len(set(value)) != len(value):
+            raise ValueError("a channel is listed twice")
+        return value
+
     #: a trivial update: throttled per channel by ``throttle.trivial_interval_hours``
     trivial: bool = False
     #: may be sent during quiet hours instead of waiting for them to end
@@ -87,7 +134,7 @@ class Throttle(_Strict):
     #: minimum hours between two trivial updates of one shipment on one channel
     trivial_interval_hours: float = Field(default=24, ge=0, le=30 * 24)
     #: at most this many messages per shipment (all channels) in any 24 hours
-    max_per_shipment_per_day: int = Field(default=6, ge=1)
+    max_per_shipment_per_day: int = Field(default=10, ge=1)
     #: at most this many SMS per shipment, ever
     max_sms_per_shipment: int = Field(default=8, ge=0)
 
@@ -122,6 +169,14 @@ class Stalled(_Strict):
             Status.OUT_FOR_DELIVERY,
         ]
     )
+
+    @field_validator("statuses")
+    @classmethod
+    def _open_statuses(cls, value: list[Status]) -> list[Status]:
+        ended = sorted(str(s) for s in set(value) & {Status.DELIVERED, Status.RETURNED_TO_SENDER})
+        if ended:
+            raise ValueError(f"a shipment that is {' or '.join(ended)} cannot stall")
+        return value
 
 
 class Policy(_Strict):
@@ -169,7 +224,7 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
     except yaml.YAMLError as exc:
         raise ConfigurationError(f"{path}: not valid YAML: {exc}") from exc
     except OSError as exc:
@@ -193,27 +248,51 @@ def _validate(path: Path, data: dict[str, Any]) -> Policy:
 
 
 class PolicyStore:
-    """Layered policy lookup (merchant file over defaults) with a cache that can be invalidated."""
+    """Layered policy lookup (merchant file over defaults), reloaded when a file changes.
+
+    Running workers pick up edits within a lookup: each lookup compares the files'
+    modification times with those the cached policy was built from. An edit that
+    breaks a file is logged and the last good policy stays in force; a merchant
+    whose file was never valid gets a ConfigurationError (its events are retried).
+    """
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self._cache: dict[str, Policy] = {}
+        self._cache: dict[str, tuple[tuple[float, float], Policy]] = {}
         self._lock = threading.Lock()
 
     def default_path(self) -> Path:
         return self.directory / "default.yaml"
 
+    def _stamp(self, merchant_id: str) -> tuple[float, float]:
+        def mtime(path: Path) -> float:
+            try:
+                return path.stat().st_mtime
+            except OSError:
+                return -1.0
+
+        merchant = self.directory / f"{merchant_id}.yaml" if merchant_id else None
+        return mtime(self.default_path()), mtime(merchant) if merchant else -1.0
+
     def for_merchant(self, merchant_id: str) -> Policy:
-        """The merged policy for ``merchant_id`` (cached)."""
-        policy = self._cache.get(merchant_id)
-        if policy is None:
+        """The merged policy for ``merchant_id`` (cached until a file changes)."""
+        stamp = self._stamp(merchant_id)
+        cached = self._cache.get(merchant_id)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        try:
             policy = self._load(merchant_id)
-            with self._lock:
-                self._cache[merchant_id] = policy
+        except ConfigurationError as exc:
+            if cached is None:
+                raise
+            log.error("%s; keeping the last good policy for %r", exc, merchant_id)
+            policy = cached[1]
+        with self._lock:
+            self._cache[merchant_id] = (stamp, policy)
         return policy
 
     def invalidate(self, merchant_id: str | None = None) -> None:
-        """Forget cached policies (one merchant, or all) so edits are picked up."""
+        """Forget cached policies (one merchant, or all)."""
         with self._lock:
             if merchant_id is None:
                 self._cache.clear()
