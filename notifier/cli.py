@@ -16,6 +16,7 @@ from notifier.models import ChannelKind, Notification, Recipient, Status, Transi
 from notifier.policy import PolicyStore
 from notifier.render import Renderer
 from notifier.render.environment import TemplateStore
+from notifier.render.i18n import Catalogs
 from notifier.resources import build_channels, data_dir
 from notifier.settings import DEV_API_KEY, Settings
 
@@ -117,7 +118,7 @@ def _samples() -> list[Transition]:
 
 
 def check_all(settings: Settings) -> list[str]:
-    """Every problem with settings, policies and templates, one message each."""
+    """Every problem with settings, policies, brands and templates (in every locale)."""
     problems: list[str] = []
     try:
         build_channels(settings)
@@ -128,30 +129,46 @@ def check_all(settings: Settings) -> list[str]:
     templates_dir = data_dir("templates", settings.templates_dir)
     if not templates_dir.is_dir():
         return [*problems, f"{templates_dir}: templates directory missing"]
-    overrides = [p.name for p in templates_dir.iterdir() if p.is_dir()]
-    merchants = ["", *sorted(set(overrides) - {"email", "sms"})]
-    renderer = Renderer(TemplateStore(templates_dir), email_from=settings.email_from)
-    recipient = Recipient(
-        name="Ana", email="ana@example.com", phone="+33612345678", timezone="Europe/Paris"
+    catalogs = Catalogs(data_dir("locales", settings.locales_dir))
+    renderer = Renderer(
+        TemplateStore(templates_dir, catalogs), catalogs, email_from=settings.email_from
     )
+    overrides = [p.name for p in templates_dir.iterdir() if p.is_dir()]
+    merchants = ["", *sorted(set(overrides) - {"email", "sms", "messages"})]
     for merchant in merchants:
-        for t in _samples():
-            for channel in ChannelKind:
-                n = Notification(
-                    notification_id="n_check",
-                    merchant_id=merchant or "check",
-                    shipment_id="check",
-                    channel=channel,
-                    to="x",
-                    transition=t,
-                    recipient=recipient,
-                    created_at=t.occurred_at,
-                )
-                try:
-                    renderer.render(n)
-                except NotifierError as exc:
-                    where = f"templates/{merchant}" if merchant else "templates"
-                    problems.append(f"{where} ({t.milestone}, {channel}): {exc}")
+        for locale in ["en", *catalogs.available()]:
+            problems += _check_renders(renderer, merchant, locale)
+    return problems
+
+
+def _check_renders(renderer: Renderer, merchant: str, locale: str) -> list[str]:
+    problems = []
+    where = f"templates/{merchant}" if merchant else "templates"
+    recipient = Recipient(
+        name="Ana",
+        email="ana@example.com",
+        phone="+33612345678",
+        timezone="Europe/Paris",
+        locale=locale,
+    )
+    for t in _samples():
+        for channel in ChannelKind:
+            n = Notification(
+                notification_id="n_check",
+                merchant_id=merchant or "check",
+                shipment_id="check",
+                channel=channel,
+                to="x",
+                transition=t,
+                recipient=recipient,
+                created_at=t.occurred_at,
+            )
+            try:
+                renderer.render(n)
+            except NotifierError as exc:
+                problems.append(f"{where} ({t.milestone}, {channel}, {locale}): {exc}")
+                if len(problems) > 20:
+                    return problems
     return problems
 
 

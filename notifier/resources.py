@@ -20,6 +20,7 @@ from notifier.models import ChannelKind
 from notifier.policy import PolicyStore
 from notifier.render import Renderer
 from notifier.render.environment import TemplateStore
+from notifier.render.i18n import Catalogs
 from notifier.settings import EmailChannelName, Settings, SmsChannelName
 from notifier.store import Store
 
@@ -102,7 +103,8 @@ async def open_resources(
     if settings.embedded and server is None:
         server = FakeServer()
     redis = connect(settings, server)
-    templates = TemplateStore(data_dir("templates", settings.templates_dir))
+    catalogs = Catalogs(data_dir("locales", settings.locales_dir))
+    templates = TemplateStore(data_dir("templates", settings.templates_dir), catalogs)
     channels = build_channels(settings)
     try:
         yield Resources(
@@ -116,7 +118,7 @@ async def open_resources(
             ),
             policies=PolicyStore(data_dir("policies", settings.policies_dir)),
             templates=templates,
-            renderer=Renderer(templates, email_from=settings.email_from),
+            renderer=Renderer(templates, catalogs, email_from=settings.email_from),
             channels=channels,
             clock=clock,
             server=server,

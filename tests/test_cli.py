@@ -39,9 +39,11 @@ def test_check_names_file_and_path_of_a_bad_policy(
 
 
 def test_check_names_a_broken_template(trees: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    override = trees / "templates" / "acme" / "sms"
+    override = trees / "templates" / "acme" / "messages"
     override.mkdir(parents=True)
-    (override / "message.txt").write_text("{{ merchant.nmae }} {{ tracking_url }}\n")
+    (override / "delivered.jinja").write_text(
+        "{%- macro subject() -%}{{ brand.nmae }}{%- endmacro -%}\n"
+    )
     assert main(["check"]) == 1
     err = capsys.readouterr().err
     assert "templates/acme" in err
@@ -49,7 +51,7 @@ def test_check_names_a_broken_template(trees: Path, capsys: pytest.CaptureFixtur
 
 
 def test_check_refuses_a_sandbox_escape(trees: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    (trees / "templates" / "sms" / "message.txt").write_text("{{ merchant.__class__.__mro__ }}\n")
+    (trees / "templates" / "sms" / "layout.txt").write_text("{{ brand.__class__.__mro__ }}\n")
     assert main(["check"]) == 1
     assert "__class__" in capsys.readouterr().err
 

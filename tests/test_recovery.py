@@ -8,7 +8,7 @@ import email
 import email.policy
 import shutil
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +73,7 @@ async def age_inbox(res: Resources, idle_ms: int) -> None:
 
 
 async def expire_leases(res: Resources) -> None:
-    past = int(datetime.now(UTC).timestamp() * 1000) - LEASE_MS - 1
+    past = int(NOW.timestamp() * 1000) - LEASE_MS - 1  # on the workers' (fixed) clock
     for key in await res.redis.keys("ntf:msg:*"):
         await res.redis.hset(key, "claimed", str(past))
 
@@ -181,7 +181,7 @@ async def test_template_that_raises_fails_only_its_message(tmp_path: Path, redis
     templates = tmp_path / "templates"
     shutil.copytree(data_dir("templates", None), templates)
     (templates / "acme" / "email").mkdir(parents=True)
-    (templates / "acme" / "email" / "subject.txt").write_text("{{ 1 / 0 }}")
+    (templates / "acme" / "email" / "layout.html").write_text("{{ 1 / 0 }}")
     settings = make_settings(tmp_path, redis_url=redis_url, templates_dir=templates)
     async with TestClient(TestServer(create_app(settings))) as client:
         await post(client, transition())

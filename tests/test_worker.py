@@ -8,7 +8,6 @@ import email
 import email.policy
 import json
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from notifier.pipeline import Pipeline, notification_id
 from notifier.resources import open_resources
 from notifier.settings import Settings
 from notifier.store import GROUP, InboxEntry
-from tests.conftest import fixed_clock, history, outbox_files, post, run_worker, transition
+from tests.conftest import NOW, fixed_clock, history, outbox_files, post, run_worker, transition
 
 Client = TestClient[Any, Any]
 
@@ -39,13 +38,14 @@ async def test_transition_becomes_eml_and_sms_json(client: Client, settings: Set
 
     msg = email.message_from_bytes(eml.read_bytes(), policy=email.policy.default)
     assert msg["To"] == "ana@example.com"
-    assert msg["Subject"] == "Your parcel arrives today (order 1001)"
+    assert msg["Subject"] == "Your parcel arrives today"
     assert msg.get_content_type() == "multipart/alternative"
     parts = {p.get_content_type(): p.get_content() for p in msg.iter_parts()}  # type: ignore[attr-defined]
     assert set(parts) == {"text/plain", "text/html"}
     assert "https://track.example.com/1Z999AA10123456784" in parts["text/plain"]
-    assert "Saturday 21 November, 09:30" in parts["text/plain"]  # recipient's time zone
-    assert '<html lang="en"' in parts["text/html"]
+    assert "Sat, Nov 21, 9:30\u202fAM" in parts["text/plain"]  # the recipient's time zone
+    assert '<html lang="en" dir="ltr"' in parts["text/html"]
+    assert "Order: 1001" in parts["text/plain"]
 
     body = json.loads(sms.read_text())
     assert set(body) == {"to", "body", "encoding", "segments", "notification_id"}
@@ -189,7 +189,7 @@ async def test_crash_after_commit_is_finished_by_the_next_worker(
     async with open_resources(fast, clock=fixed_clock()) as res:
         for key in await res.redis.keys("ntf:msg:*"):
             await res.redis.hset(
-                key, "claimed", str(int(1000 * datetime.now(UTC).timestamp()) - LEASE_MS - 1)
+                key, "claimed", str(int(1000 * NOW.timestamp()) - LEASE_MS - 1)
             )
     await run_worker(fast)
     assert len(outbox_files(settings, ".eml")) == 1

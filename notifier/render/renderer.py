@@ -1,23 +1,53 @@
-"""Renderer: a notification (values) → a ready-to-send email or SMS (values)."""
+"""Renderer: a notification (values) → a ready-to-send email or SMS (values).
+
+Templates (templates/, merchant files first): ``messages/<milestone>.jinja`` holds the
+words of one status or exception (subject, preheader, headline, what happened, what
+comes next, what the customer can do, what we are doing, the SMS); the channel
+layouts ``email/layout.html``, ``email/layout.txt`` and ``sms/layout.txt`` arrange them.
+"""
 
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
-from zoneinfo import ZoneInfo
 
-from babel.dates import format_datetime
+import css_inline
 from jinja2 import Template, TemplateError
 
-from notifier.errors import RenderError
-from notifier.models import ChannelKind, Notification
+from notifier.errors import ConfigurationError, RenderError
+from notifier.models import ChannelKind, Notification, Status, Transition
+from notifier.render import i18n
+from notifier.render.brand import Brand, load_brand
 from notifier.render.environment import TemplateStore
 from notifier.render.sms import SmsEncoding, measure, smart_encode
 
 _SPACES = re.compile(r"[ \t]+")
 _BLANK_LINES = re.compile(r"\n{3,}")
+_INLINER = css_inline.CSSInliner(keep_style_tags=False, load_remote_stylesheets=False)
+
+#: The step indicator: which step each status stands on.
+_STEP_OF: dict[Status, int] = {
+    Status.INFO_RECEIVED: 0,
+    Status.PICKED_UP: 1,
+    Status.IN_TRANSIT: 2,
+    Status.ARRIVED_AT_FACILITY: 2,
+    Status.DEPARTED_FACILITY: 2,
+    Status.EXCEPTION: 2,
+    Status.OUT_FOR_DELIVERY: 3,
+    Status.DELIVERY_ATTEMPT_FAILED: 3,
+    Status.AVAILABLE_FOR_PICKUP: 4,
+    Status.DELIVERED: 4,
+}
+#: Which merchant links (brand.links) a milestone offers as buttons.
+_ACTIONS: dict[str, tuple[str, ...]] = {
+    "delivery_attempt_failed": ("reschedule",),
+    "exception:recipient_unavailable": ("reschedule",),
+    "exception:address_issue": ("change_address",),
+    "available_for_pickup": ("pickup",),
+    "exception:held_at_facility": ("pickup",),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,84 +81,168 @@ class SmsMessageOut:
 Message = EmailMessageOut | SmsMessageOut
 
 
-def _when(moment: datetime, timezone: str | None, locale: str) -> str:
-    tz = ZoneInfo(timezone) if timezone else ZoneInfo("UTC")
-    text: str = format_datetime(moment, "EEEE d MMMM, HH:mm", tzinfo=tz, locale=locale)
-    return text if timezone else f"{text} UTC"
+def message_name(t: Transition) -> str:
+    """The message file of a transition: ``delivered``, ``exception_customs_hold``..."""
+    if t.exception_code is not None:
+        return f"exception_{t.exception_code.value}"
+    return t.status.value
+
+
+def _progress(t: Transition) -> list[dict[str, str]]:
+    if t.status is Status.RETURNED_TO_SENDER:
+        return []
+    current = _STEP_OF[t.status]
+    last = "collect" if t.status is Status.AVAILABLE_FOR_PICKUP else "delivered"
+    keys = ["ordered", "shipped", "moving", "out", last]
+    done_all = t.status in (Status.DELIVERED,)
+    return [
+        {
+            "key": key,
+            "state": "done"
+            if i < current or done_all
+            else "current"
+            if i == current
+            else "upcoming",
+        }
+        for i, key in enumerate(keys)
+    ]
 
 
 class Renderer:
-    """Renders notifications with the merchant's layered templates."""
+    """Renders notifications with the merchant's layered templates in the recipient's locale."""
 
-    def __init__(self, templates: TemplateStore, *, email_from: str) -> None:
+    def __init__(
+        self, templates: TemplateStore, catalogs: i18n.Catalogs, *, email_from: str
+    ) -> None:
         self.templates = templates
+        self.catalogs = catalogs
         self.email_from = email_from
+        self._brands: dict[str, Brand] = {}
+        self._subjects: dict[tuple[str, str], Template] = {}
+        self._lock = threading.Lock()
 
-    def context(self, n: Notification) -> dict[str, Any]:
-        """Everything a template may use; documented in the README for merchants."""
-        t, r = n.transition, n.recipient
-        # Messages are English until the localized set lands; dates follow suit.
-        locale = "en"
-        window = None
-        if t.estimated_delivery is not None:
-            window = {
-                "start": _when(t.estimated_delivery.start, r.timezone, locale),
-                "end": _when(t.estimated_delivery.end, r.timezone, locale),
-            }
+    def brand(self, merchant_id: str) -> Brand:
+        brand = self._brands.get(merchant_id)
+        if brand is None:
+            brand = load_brand(self.templates.directory, merchant_id)
+            with self._lock:
+                self._brands[merchant_id] = brand
+        return brand
+
+    def locale_for(self, n: Notification) -> str:
+        """The catalog locale: the recipient's, along the fallback chain."""
+        return self.catalogs.resolve(n.recipient.locale, self.brand(n.merchant_id).default_locale)
+
+    def context(self, n: Notification, locale: str) -> dict[str, Any]:
+        """Everything a template may use (the README lists it for merchants)."""
+        t, r, brand = n.transition, n.recipient, self.brand(n.merchant_id)
+        tz = r.timezone
         place = None
-        if t.location is not None:
-            place = ", ".join(p for p in (t.location.city, t.location.country) if p) or None
-        return {
-            "merchant": {"id": n.merchant_id, "name": n.merchant_id},
-            "recipient": {"name": r.name or ""},
-            "status": t.status.value,
-            "exception_code": t.exception_code.value if t.exception_code else "",
+        if t.location is not None and (t.location.city or t.location.country):
+            parts = [
+                t.location.city,
+                i18n.country_name(t.location.country, locale) if t.location.country else None,
+            ]
+            place = ", ".join(p for p in parts if p)
+        fill = {
             "tracking_number": t.tracking_number,
-            "carrier": t.carrier.upper() if len(t.carrier) <= 4 else t.carrier.title(),
-            "tracking_url": t.tracking_url or "",
-            "occurred": _when(t.occurred_at, r.timezone, locale),
-            "location": place or "",
-            "window": window,
             "order_number": t.order.number if t.order else "",
+        }
+        actions = []
+        if t.tracking_url:
+            actions.append({"key": "track", "url": t.tracking_url})
+        for key in _ACTIONS.get(t.milestone, ()):
+            url = getattr(brand.links, key)
+            if url:
+                actions.append({"key": key, "url": url.format(**fill)})
+        return {
+            "lang": i18n.html_lang(locale),
+            "dir": i18n.text_direction(locale),
+            "brand": {
+                **brand.model_dump(),
+                "logo_alt": brand.logo_alt or brand.name,
+                "link_colour": brand.link_colour,
+            },
+            "support": brand.support.model_dump() if brand.support.any() else None,
+            "links": {
+                k: v.format(**fill) if v else None for k, v in brand.links.model_dump().items()
+            },
+            "recipient": {"name": r.name or ""},
+            "shipment": {
+                "tracking_number": t.tracking_number,
+                "carrier": t.carrier.upper() if len(t.carrier) <= 4 else t.carrier.title(),
+                "tracking_url": t.tracking_url or "",
+                "order_number": t.order.number if t.order else "",
+            },
+            "event": {
+                "status": t.status.value,
+                "exception_code": t.exception_code.value if t.exception_code else "",
+                "when": i18n.when(t.occurred_at, tz, locale),
+                "place": place or "",
+                "window": i18n.window(
+                    t.estimated_delivery.start, t.estimated_delivery.end, tz, locale
+                )
+                if t.estimated_delivery
+                else "",
+                "deadline_days": None,
+            },
+            "progress": _progress(t),
+            "actions": actions,
+            # CTIA/TCPA practice: US and Canadian numbers get the opt-out line
+            "us_opt_out": n.channel is ChannelKind.SMS and n.to.startswith("+1"),
+            "message": f"messages/{message_name(t)}.jinja",
         }
 
     def render(self, n: Notification) -> Message:
         """Render ``n`` for its channel; a template problem raises RenderError."""
-        ctx = self.context(n)
-        status = n.transition.status.value
-        m = n.merchant_id
-
-        def pick(kind: str, suffix: str, fallback: str) -> Template:
-            return self.templates.select(m, (f"{kind}/{status}{suffix}", f"{kind}/{fallback}"))
-
         try:
+            locale = self.locale_for(n)
+            chain = [locale, self.catalogs.resolve(self.brand(n.merchant_id).default_locale, "en")]
+            env = self.templates.environment(n.merchant_id, locale, chain)
+            ctx = self.context(n, locale)
             if n.channel is ChannelKind.SMS:
-                body = pick("sms", ".txt", "message.txt").render(ctx)
-                body = smart_encode(_SPACES.sub(" ", " ".join(body.split("\n"))).strip())
-                size = measure(body)
-                return SmsMessageOut(
-                    n.notification_id, m, n.shipment_id, n.to, body, size.encoding, size.segments
+                body = self.templates.select(n.merchant_id, ("sms/layout.txt",), locale)
+                text = smart_encode(
+                    _SPACES.sub(" ", " ".join(body.render(ctx).split("\n"))).strip()
                 )
-            subject = pick("email", ".subject.txt", "subject.txt").render(ctx)
-            text = pick("email", ".txt", "message.txt").render(ctx)
-            html = pick("email", ".html", "message.html").render(ctx)
+                size = measure(text)
+                return SmsMessageOut(
+                    n.notification_id,
+                    n.merchant_id,
+                    n.shipment_id,
+                    n.to,
+                    text,
+                    size.encoding,
+                    size.segments,
+                )
+            key = (n.merchant_id, locale)
+            subject = self._subjects.get(key)
+            if subject is None:
+                subject = env.from_string("{% import message as m with context %}{{ m.subject() }}")
+                self._subjects[key] = subject
+            html = self.templates.select(n.merchant_id, ("email/layout.html",), locale).render(ctx)
+            text = self.templates.select(n.merchant_id, ("email/layout.txt",), locale).render(ctx)
+            brand = self.brand(n.merchant_id)
             return EmailMessageOut(
                 n.notification_id,
-                m,
+                n.merchant_id,
                 n.shipment_id,
                 n.to,
-                self.email_from,
-                subject=" ".join(subject.split()),
+                f"{brand.name} <{self.email_from}>",
+                subject=" ".join(subject.render(ctx).split()),
                 text=_BLANK_LINES.sub("\n\n", text).strip() + "\n",
-                html=html,
+                html=_INLINER.inline(html),
             )
         except TemplateError as exc:
             name = getattr(exc, "name", None) or getattr(exc, "filename", None) or "template"
             raise RenderError(f"{name}: {exc}", n.notification_id) from exc
+        except ConfigurationError as exc:
+            raise RenderError(str(exc), n.notification_id) from exc
         except Exception as exc:
             # A merchant template can fail in ways Jinja does not wrap ({{ 1/0 }}), and
             # odd data can break a formatter: fail this message, never the whole batch.
             raise RenderError(
-                f"{n.channel} template for {status} raised {type(exc).__name__}: {exc}",
+                f"{n.channel} template for {message_name(n.transition)} raised "
+                f"{type(exc).__name__}: {exc}",
                 n.notification_id,
             ) from exc

@@ -1,0 +1,126 @@
+"""Merchant branding: templates/brand.yaml, overridden by templates/<merchant>/brand.yaml."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from notifier.errors import ConfigurationError
+from notifier.models import LocaleTag
+
+_HEX = re.compile(r"^#[0-9a-fA-F]{6}$")
+#: WCAG 2.x AA for normal text.
+MIN_CONTRAST = 4.5
+
+
+def _luminance(hex_colour: str) -> float:
+    """WCAG relative luminance of an sRGB colour like ``#1d4ed8``."""
+    channels = [int(hex_colour[i : i + 2], 16) / 255 for i in (1, 3, 5)]
+    linear = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+    return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+
+def contrast(a: str, b: str) -> float:
+    """WCAG contrast ratio between two colours (1 to 21)."""
+    la, lb = sorted((_luminance(a), _luminance(b)), reverse=True)
+    return (la + 0.05) / (lb + 0.05)
+
+
+class Support(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str | None = None
+    email: str | None = None
+    phone: str | None = None
+    hours: str | None = None
+
+    def any(self) -> bool:
+        return any((self.url, self.email, self.phone, self.hours))
+
+
+class Links(BaseModel):
+    """URL templates; ``{tracking_number}`` and ``{order_number}`` are filled in."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    reschedule: str | None = None
+    change_address: str | None = None
+    pickup: str | None = None
+
+
+class Brand(BaseModel):
+    """How a merchant's messages look and whom customers can ask for help."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=80)
+    logo_url: str | None = None
+    logo_alt: str | None = None
+    accent: str = "#1d4ed8"
+    default_locale: LocaleTag = "en"
+    support: Support = Field(default_factory=Support)
+    footer: str | None = None
+    links: Links = Field(default_factory=Links)
+
+    @field_validator("accent")
+    @classmethod
+    def _readable(cls, value: str) -> str:
+        if not _HEX.match(value):
+            raise ValueError("must be a colour like #1d4ed8")
+        ratio = contrast(value, "#ffffff")
+        if ratio < MIN_CONTRAST:
+            raise ValueError(
+                f"{value} on white button text has contrast {ratio:.2f}:1; WCAG AA needs "
+                f"{MIN_CONTRAST}:1 (pick a darker colour)"
+            )
+        return value
+
+    @field_validator("logo_url")
+    @classmethod
+    def _https(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("https://"):
+            raise ValueError("must be an https:// URL (mail clients block other images)")
+        return value
+
+    @property
+    def link_colour(self) -> str:
+        """The accent, for links on white (it passed the same contrast check)."""
+        return self.accent
+
+
+def _read(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigurationError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigurationError(f"{path}: the top level must be a mapping")
+    return data
+
+
+def load_brand(templates_dir: Path, merchant_id: str) -> Brand:
+    """The merchant's brand: its brand.yaml over the default one, validated."""
+    base = _read(templates_dir / "brand.yaml")
+    path = templates_dir / merchant_id / "brand.yaml" if merchant_id else None
+    override = _read(path) if path else {}
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    try:
+        return Brand.model_validate(merged)
+    except ValidationError as exc:
+        where = path if path and path.is_file() else templates_dir / "brand.yaml"
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors(include_input=False, include_url=False)
+        )
+        raise ConfigurationError(f"{where}: {problems}") from exc
