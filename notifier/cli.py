@@ -8,15 +8,24 @@ import logging
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 
 from pydantic import ValidationError
 
 from notifier.errors import ConfigurationError, NotifierError
-from notifier.models import ChannelKind, Notification, Recipient, Status, Transition
+from notifier.models import (
+    ChannelKind,
+    ExceptionCode,
+    Notification,
+    Recipient,
+    Status,
+    Transition,
+)
 from notifier.policy import PolicyStore
-from notifier.render import Renderer
+from notifier.render import Renderer, SmsMessageOut
 from notifier.render.environment import TemplateStore
 from notifier.render.i18n import Catalogs
+from notifier.render.sms import SmsEncoding
 from notifier.resources import build_channels, data_dir
 from notifier.settings import DEV_API_KEY, Settings
 
@@ -98,7 +107,8 @@ def _samples() -> list[Transition]:
         "tracking_number": "1Z999AA10123456784",
         "carrier": "ups",
         "occurred_at": at,
-        "tracking_url": "https://track.example.com/1Z999AA10123456784",
+        # a realistic carrier tracking link, for the SMS budget
+        "tracking_url": "https://www.ups.com/track?tracknum=1Z999AA10123456784",
         "estimated_delivery": {"start": at, "end": at},
         "order": {"number": "1001"},
         "location": {"city": "Leipzig", "country": "DE"},
@@ -106,8 +116,6 @@ def _samples() -> list[Transition]:
     out = []
     for status in Status:
         if status is Status.EXCEPTION:
-            from notifier.models import ExceptionCode
-
             out += [
                 Transition.model_validate({**base, "status": status, "exception_code": c})
                 for c in ExceptionCode
@@ -141,6 +149,10 @@ def check_all(settings: Settings) -> list[str]:
     return problems
 
 
+#: SMS budgets: one segment where the text fits GSM-7, two where it needs UCS-2.
+SMS_BUDGET = {SmsEncoding.GSM7: 1, SmsEncoding.UCS2: 2}
+
+
 def _check_renders(renderer: Renderer, merchant: str, locale: str) -> list[str]:
     problems = []
     where = f"templates/{merchant}" if merchant else "templates"
@@ -164,12 +176,81 @@ def _check_renders(renderer: Renderer, merchant: str, locale: str) -> list[str]:
                 created_at=t.occurred_at,
             )
             try:
-                renderer.render(n)
+                message = renderer.render(n)
             except NotifierError as exc:
                 problems.append(f"{where} ({t.milestone}, {channel}, {locale}): {exc}")
                 if len(problems) > 20:
                     return problems
+                continue
+            if (
+                isinstance(message, SmsMessageOut)
+                and message.segments > SMS_BUDGET[message.encoding]
+            ):
+                problems.append(
+                    f"{where}/sms ({t.milestone}, {locale}): {message.segments} segments in "
+                    f"{message.encoding} (budget {SMS_BUDGET[message.encoding]}): {message.body!r}"
+                )
     return problems
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    """Render one message with sample data and write it to a file (.html/.txt/.eml or .sms.txt)."""
+    settings = _settings()
+    templates_dir = data_dir("templates", settings.templates_dir)
+    catalogs = Catalogs(data_dir("locales", settings.locales_dir))
+    renderer = Renderer(
+        TemplateStore(templates_dir, catalogs), catalogs, email_from=settings.email_from
+    )
+    sample = next(
+        (
+            t
+            for t in _samples()
+            if t.status == args.status
+            and (t.exception_code or None) == (args.exception_code or None)
+        ),
+        None,
+    )
+    if sample is None:
+        raise ConfigurationError(
+            f"no such message: --status {args.status}"
+            + (f" --exception-code {args.exception_code}" if args.exception_code else "")
+            + " (exception needs --exception-code, other statuses none)"
+        )
+    channel = ChannelKind(args.channel)
+    n = Notification(
+        notification_id="n_preview",
+        merchant_id=args.merchant or "preview",
+        shipment_id="preview",
+        channel=channel,
+        to="ana@example.com" if channel is ChannelKind.EMAIL else args.phone,
+        transition=sample,
+        recipient=Recipient(
+            name="Ana",
+            email="ana@example.com",
+            phone=args.phone,
+            locale=args.locale,
+            timezone=args.timezone,
+        ),
+        created_at=sample.occurred_at,
+    )
+    message = renderer.render(n)
+    out = Path(args.output) if args.output else None
+    if isinstance(message, SmsMessageOut):
+        text = f"{message.body}\n\n[{message.encoding}, {message.segments} segment(s)]\n"
+        path = out or Path(f"preview-{sample.milestone.replace(':', '-')}-{args.locale}.sms.txt")
+        path.write_text(text, encoding="utf-8")
+    else:
+        path = out or Path(f"preview-{sample.milestone.replace(':', '-')}-{args.locale}.html")
+        if path.suffix == ".eml":
+            from notifier.channels.outbox import build_eml
+
+            path.write_bytes(build_eml(message, sample.occurred_at))
+        elif path.suffix == ".txt":
+            path.write_text(f"Subject: {message.subject}\n\n{message.text}", encoding="utf-8")
+        else:
+            path.write_text(message.html, encoding="utf-8")
+    print(f"wrote {path}")
+    return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -197,6 +278,16 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("check", help="validate settings, policies and templates").set_defaults(
         func=cmd_check
     )
+    preview = sub.add_parser("preview", help="render one message with sample data to a file")
+    preview.add_argument("--status", required=True, choices=[s.value for s in Status])
+    preview.add_argument("--exception-code", choices=[c.value for c in ExceptionCode])
+    preview.add_argument("--locale", default="en", help="e.g. fr_CA, pt_BR, ar (default en)")
+    preview.add_argument("--channel", choices=["email", "sms"], default="email")
+    preview.add_argument("--merchant", help="use templates/<merchant>/ and its brand.yaml")
+    preview.add_argument("--timezone", default="Europe/Paris")
+    preview.add_argument("--phone", default="+33612345678", help="SMS recipient (+1... adds STOP)")
+    preview.add_argument("-o", "--output", help="file to write (.html, .txt or .eml for email)")
+    preview.set_defaults(func=cmd_preview)
     return p
 
 

@@ -1,0 +1,182 @@
+"""The message set: brands, locales, right-to-left, SMS rules, preview — rendered for real."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from notifier.cli import _samples, main
+from notifier.errors import ConfigurationError
+from notifier.models import ChannelKind, Notification, Recipient, Transition
+from notifier.render import EmailMessageOut, Renderer, SmsMessageOut
+from notifier.render.brand import contrast, load_brand
+from notifier.render.environment import TemplateStore
+from notifier.render.i18n import Catalogs
+from notifier.resources import data_dir
+
+
+def renderer(templates: Path | None = None) -> Renderer:
+    catalogs = Catalogs(data_dir("locales", None))
+    return Renderer(
+        TemplateStore(templates or data_dir("templates", None), catalogs),
+        catalogs,
+        email_from="notifications@example.com",
+    )
+
+
+def sample(milestone: str) -> Transition:
+    return next(t for t in _samples() if t.milestone == milestone)
+
+
+def notification(
+    t: Transition,
+    channel: ChannelKind = ChannelKind.EMAIL,
+    locale: str = "en",
+    phone: str = "+33612345678",
+    merchant: str = "acme",
+    **kw: Any,
+) -> Notification:
+    return Notification(
+        notification_id="n_test",
+        merchant_id=merchant,
+        shipment_id="s1",
+        channel=channel,
+        to="ana@example.com" if channel is ChannelKind.EMAIL else phone,
+        transition=t,
+        recipient=Recipient(
+            name="Ana",
+            email="ana@example.com",
+            phone=phone,
+            locale=locale,
+            timezone="Europe/Paris",
+            **kw,
+        ),
+        created_at=datetime(2026, 11, 21, tzinfo=UTC),
+    )
+
+
+def render_email(n: Notification, r: Renderer | None = None) -> EmailMessageOut:
+    message = (r or renderer()).render(n)
+    assert isinstance(message, EmailMessageOut)
+    return message
+
+
+def test_every_milestone_has_its_own_words() -> None:
+    subjects = {t.milestone: render_email(notification(t)).subject for t in _samples()}
+    assert len(subjects) == 20
+    # each exception explains itself; only the three trivial scans share their words
+    shared = [m for m in subjects if list(subjects.values()).count(subjects[m]) > 1]
+    assert sorted(shared) == ["arrived_at_facility", "departed_facility", "in_transit"]
+
+
+def test_exception_carries_escalation_guidance() -> None:
+    m = render_email(notification(sample("exception:customs_hold")))
+    for heading in ("What you can do", "What we are doing"):
+        assert heading in m.text and "<h2" in m.html
+    assert "import duties" in m.text
+    assert "Track your parcel: https://www.ups.com/track" in m.text
+
+
+def test_html_is_inlined_accessible_and_matches_the_text() -> None:
+    m = render_email(notification(sample("out_for_delivery")))
+    assert "<style" not in m.html  # css-inline moved the styles onto the elements
+    assert 'role="presentation"' in m.html and "<h1" in m.html
+    assert '<html lang="en" dir="ltr">' in m.html
+    assert "font-size: 16px" in m.html
+    for phrase in ("Your parcel arrives today", "Out for delivery", "current step"):
+        assert phrase in m.text and phrase in m.html
+
+
+def test_brand_overrides_and_merchant_links(tmp_path: Path) -> None:
+    templates = tmp_path / "templates"
+    shutil.copytree(data_dir("templates", None), templates)
+    (templates / "acme").mkdir()
+    (templates / "acme" / "brand.yaml").write_text(
+        "name: Acme Outdoor\nlogo_url: https://cdn.acme.example/logo.png\nlogo_alt: Acme logo\n"
+        "accent: '#14532d'\nsupport: {email: help@acme.example, phone: '+33 1 23 45 67 89', "
+        "hours: 'Mon-Fri 9:00-18:00'}\n"
+        "links: {change_address: 'https://acme.example/address?t={tracking_number}'}\n"
+    )
+    m = render_email(notification(sample("exception:address_issue")), renderer(templates))
+    assert 'alt="Acme logo"' in m.html and "#14532d" in m.html
+    assert "help@acme.example" in m.text and "Mon-Fri 9:00-18:00" in m.text
+    assert "https://acme.example/address?t=1Z999AA10123456784" in m.text
+    assert m.from_addr == "Acme Outdoor <notifications@example.com>"
+
+
+def test_an_unreadable_accent_colour_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "acme").mkdir()
+    shutil.copy(data_dir("templates", None) / "brand.yaml", tmp_path / "brand.yaml")
+    (tmp_path / "acme" / "brand.yaml").write_text("accent: '#facc15'\n")  # yellow
+    with pytest.raises(ConfigurationError, match=r"accent: #facc15 on white .* 1\.\d+:1; WCAG AA"):
+        load_brand(tmp_path, "acme")
+    assert round(contrast("#1d4ed8", "#ffffff"), 1) >= 4.5
+
+
+@pytest.mark.parametrize(
+    ("wanted", "resolved"),
+    [
+        ("fr_CA", "fr"),
+        ("fr", "fr"),
+        ("pt_PT", "pt_BR"),
+        ("zh_CN", "zh_Hans"),
+        ("de_AT", "de"),
+        ("sw", "en"),
+        (None, "en"),
+    ],
+)
+def test_locale_fallback_chain(wanted: str | None, resolved: str) -> None:
+    assert Catalogs(data_dir("locales", None)).resolve(wanted, "en") == resolved
+
+
+def test_merchant_default_locale_comes_before_english() -> None:
+    assert Catalogs(data_dir("locales", None)).resolve("sw", "de") == "de"
+
+
+@pytest.mark.parametrize("locale", ["ar", "he"])
+def test_arabic_and_hebrew_emails_are_right_to_left(locale: str) -> None:
+    m = render_email(notification(sample("delivered"), locale=locale))
+    assert f'<html lang="{locale}" dir="rtl">' in m.html
+
+
+def test_sms_is_short_and_us_numbers_get_the_opt_out_line() -> None:
+    r = renderer()
+    fr = r.render(notification(sample("out_for_delivery"), ChannelKind.SMS))
+    us = r.render(notification(sample("out_for_delivery"), ChannelKind.SMS, phone="+15551234567"))
+    assert isinstance(fr, SmsMessageOut) and isinstance(us, SmsMessageOut)
+    assert "STOP" not in fr.body and us.body.endswith("Reply STOP to opt out.")
+    assert (fr.encoding.value, fr.segments, us.segments) == ("GSM-7", 1, 1)
+
+
+def test_preview_writes_email_and_sms(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    html, eml, sms = tmp_path / "m.html", tmp_path / "m.eml", tmp_path / "m.sms.txt"
+    assert (
+        main(
+            [
+                "preview",
+                "--status",
+                "exception",
+                "--exception-code",
+                "lost",
+                "--locale",
+                "fr_CA",
+                "-o",
+                str(html),
+            ]
+        )
+        == 0
+    )
+    assert 'lang="fr"' in html.read_text()
+    assert main(["preview", "--status", "delivered", "-o", str(eml)]) == 0
+    parsed = email.message_from_bytes(eml.read_bytes(), policy=email.policy.default)
+    assert parsed["Subject"] == "Your parcel was delivered"
+    assert main(["preview", "--status", "delivered", "--channel", "sms", "-o", str(sms)]) == 0
+    assert "[GSM-7, 1 segment(s)]" in sms.read_text()
+    assert main(["preview", "--status", "exception"]) == 2
+    assert "needs --exception-code" in capsys.readouterr().err
