@@ -1,0 +1,110 @@
+"""axe-core in a real headless Chromium over every email: each message in each locale.
+
+Chromium is Debian's (/usr/bin/chromium), driven by Playwright; axe-core comes from npm
+(tests/a11y, installed by scripts/test). Both missing is a failure, not a skip.
+
+Rules turned off, because they judge web pages, not emails: ``region`` (content outside
+landmarks) and ``landmark-one-main`` (a <main> landmark): mail clients wrap the message in
+their own page and strip landmark roles. Everything else runs, contrast included.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from notifier.cli import _samples
+from notifier.models import ChannelKind, Notification, Recipient
+from notifier.render import EmailMessageOut, Renderer
+from notifier.render.environment import TemplateStore
+from notifier.render.i18n import Catalogs
+from notifier.resources import data_dir
+
+AXE = Path(__file__).parent / "a11y" / "node_modules" / "axe-core" / "axe.min.js"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+DISABLED = ["region", "landmark-one-main"]
+LOCALES = ["en", *Catalogs(data_dir("locales", None)).available()]
+
+
+@pytest.fixture(scope="module")
+def page() -> Iterator[Any]:
+    if not AXE.is_file():
+        pytest.fail(f"axe-core is not installed ({AXE}): run scripts/test", pytrace=False)
+    if not Path(CHROMIUM).exists():
+        pytest.fail("chromium is not installed: run scripts/test", pytrace=False)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        page = browser.new_page()
+        # emails must not fetch anything: block every request the page makes
+        page.route("**/*", lambda route: route.abort())
+        yield page
+        browser.close()
+
+
+def emails(locale: str) -> Iterator[tuple[str, EmailMessageOut]]:
+    catalogs = Catalogs(data_dir("locales", None))
+    renderer = Renderer(
+        TemplateStore(data_dir("templates", None), catalogs),
+        catalogs,
+        email_from="notifications@example.com",
+    )
+    for t in _samples():
+        n = Notification(
+            notification_id="n_a11y",
+            merchant_id="acme",
+            shipment_id="s",
+            to="a@example.com",
+            channel=ChannelKind.EMAIL,
+            transition=t,
+            created_at=t.occurred_at,
+            recipient=Recipient(
+                name="Ana", email="a@example.com", locale=locale, timezone="Europe/Paris"
+            ),
+        )
+        message = renderer.render(n)
+        assert isinstance(message, EmailMessageOut)
+        yield t.milestone, message
+
+
+@pytest.mark.parametrize("locale", LOCALES)
+def test_every_email_has_no_axe_violations(page: Any, locale: str) -> None:
+    axe = AXE.read_text(encoding="utf-8")
+    failures = []
+    for milestone, message in emails(locale):
+        page.set_content(message.html, wait_until="domcontentloaded")
+        page.add_script_tag(content=axe)
+        result = page.evaluate(
+            "async (disabled) => await axe.run(document, {rules: Object.fromEntries("
+            "disabled.map((id) => [id, {enabled: false}]))})",
+            DISABLED,
+        )
+        for v in result["violations"]:
+            nodes = "; ".join(n["target"][0] for n in v["nodes"][:3])
+            failures.append(f"{milestone}: {v['id']} ({v['impact']}): {v['help']} [{nodes}]")
+        assert result["passes"], "axe ran no checks"
+    assert not failures, "\n".join(failures)
+
+
+def test_rtl_emails_lay_out_right_to_left(page: Any) -> None:
+    for locale in ("ar", "he"):
+        if locale not in LOCALES:
+            pytest.fail(f"no {locale} catalog")
+        _, message = next(emails(locale))
+        page.set_content(message.html)
+        assert page.evaluate("getComputedStyle(document.querySelector('h1')).direction") == "rtl"
