@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import css_inline
-from jinja2 import Template, TemplateError
+from jinja2 import TemplateError
 
 from notifier.errors import ConfigurationError, RenderError
 from notifier.models import ChannelKind, Notification, Status, Transition
@@ -80,6 +80,9 @@ class SmsMessageOut:
 
 Message = EmailMessageOut | SmsMessageOut
 
+#: What a message file (messages/<milestone>.jinja) may define; layouts see them as ``m.*``.
+WORDS = ("subject", "preheader", "headline", "happened", "next", "help", "we_do", "sms")
+
 
 def message_name(t: Transition) -> str:
     """The message file of a transition: ``delivered``, ``exception_customs_hold``..."""
@@ -118,7 +121,7 @@ class Renderer:
         self.catalogs = catalogs
         self.email_from = email_from
         self._brands: dict[str, Brand] = {}
-        self._subjects: dict[tuple[str, str], Template] = {}
+        self._labels: dict[tuple[str, str], dict[str, str]] = {}
         self._lock = threading.Lock()
 
     def brand(self, merchant_id: str) -> Brand:
@@ -193,13 +196,43 @@ class Renderer:
             "message": f"messages/{message_name(t)}.jinja",
         }
 
+    def _words(self, merchant_id: str, locale: str, ctx: dict[str, Any]) -> dict[str, str]:
+        """The message file's macros, evaluated once per message into plain strings."""
+        module = self.templates.select(merchant_id, (ctx["message"],), locale).make_module(ctx)
+        return {
+            name: str(macro()).strip() if (macro := getattr(module, name, None)) else ""
+            for name in WORDS
+        }
+
+    def _step_labels(self, merchant_id: str, locale: str) -> dict[str, str]:
+        """Step, state and button labels of _labels.jinja (the same for every message)."""
+        key = (merchant_id, locale)
+        labels = self._labels.get(key)
+        if labels is None:
+            module = self.templates.select(merchant_id, ("_labels.jinja",), locale).make_module()
+            groups = {
+                "label": ("ordered", "shipped", "moving", "out", "collect", "delivered"),
+                "state_text": ("done", "current", "upcoming"),
+                "action_label": ("track", "reschedule", "change_address", "pickup"),
+            }
+            labels = {
+                key: str(getattr(module, macro)(key))
+                for macro, keys in groups.items()
+                for key in keys
+            }
+            with self._lock:
+                self._labels[key] = labels
+        return labels
+
     def render(self, n: Notification) -> Message:
         """Render ``n`` for its channel; a template problem raises RenderError."""
         try:
             locale = self.locale_for(n)
             chain = [locale, self.catalogs.resolve(self.brand(n.merchant_id).default_locale, "en")]
-            env = self.templates.environment(n.merchant_id, locale, chain)
+            self.templates.environment(n.merchant_id, locale, chain)  # catalog installed
             ctx = self.context(n, locale)
+            ctx["m"] = self._words(n.merchant_id, locale, ctx)
+            ctx["labels"] = self._step_labels(n.merchant_id, locale)
             if n.channel is ChannelKind.SMS:
                 body = self.templates.select(n.merchant_id, ("sms/layout.txt",), locale)
                 text = smart_encode(
@@ -215,11 +248,6 @@ class Renderer:
                     size.encoding,
                     size.segments,
                 )
-            key = (n.merchant_id, locale)
-            subject = self._subjects.get(key)
-            if subject is None:
-                subject = env.from_string("{% import message as m with context %}{{ m.subject() }}")
-                self._subjects[key] = subject
             html = self.templates.select(n.merchant_id, ("email/layout.html",), locale).render(ctx)
             text = self.templates.select(n.merchant_id, ("email/layout.txt",), locale).render(ctx)
             brand = self.brand(n.merchant_id)
@@ -229,7 +257,7 @@ class Renderer:
                 n.shipment_id,
                 n.to,
                 f"{brand.name} <{self.email_from}>",
-                subject=" ".join(subject.render(ctx).split()),
+                subject=" ".join(ctx["m"]["subject"].split()),
                 text=_BLANK_LINES.sub("\n\n", text).strip() + "\n",
                 html=_INLINER.inline(html),
             )

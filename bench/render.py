@@ -1,0 +1,71 @@
+"""Micro-benchmark: render one message from compiled templates (email with CSS inlining, SMS).
+
+Run: .venv/bin/python -m bench.render [--seconds 2] [--runs 5]
+Prints the median time per message over several runs, cycling through every milestone in
+several locales (templates are compiled once, as in the worker).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+from notifier.cli import _samples
+from notifier.models import ChannelKind, Notification, Recipient
+from notifier.render import Renderer
+from notifier.render.environment import TemplateStore
+from notifier.render.i18n import Catalogs
+from notifier.resources import data_dir
+
+LOCALES = ["en", "fr", "de", "ja", "ar"]
+
+
+def notifications(channel: ChannelKind) -> list[Notification]:
+    return [
+        Notification(
+            notification_id="n_bench", merchant_id="acme", shipment_id="s", channel=channel,
+            to="ana@example.com" if channel is ChannelKind.EMAIL else "+33612345678",
+            transition=t, created_at=t.occurred_at,
+            recipient=Recipient(name="Ana", email="ana@example.com", phone="+33612345678",
+                                locale=locale, timezone="Europe/Paris"),
+        )
+        for t in _samples()
+        for locale in LOCALES
+    ]
+
+
+def run(renderer: Renderer, items: list[Notification], seconds: float) -> float:
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        for n in items:
+            renderer.render(n)
+        done += len(items)
+    return (time.perf_counter() - started) / done * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--json", help="also write the result to this file")
+    args = parser.parse_args()
+    catalogs = Catalogs(data_dir("locales", None))
+    renderer = Renderer(TemplateStore(data_dir("templates", None), catalogs), catalogs,
+                        email_from="notifications@example.com")
+    result: dict[str, object] = {"benchmark": "render", "unit": "ms/message", "target": 0.5}
+    for channel in ChannelKind:
+        items = notifications(channel)
+        run(renderer, items, 0.2)  # compile every template first
+        times = [run(renderer, items, args.seconds) for _ in range(args.runs)]
+        result[str(channel)] = {"median": statistics.median(times), "runs": times}
+        print(f"render {channel}: median {statistics.median(times):.3f} ms/message over "
+              f"{args.runs} runs ({', '.join(f'{t:.3f}' for t in times)}; target 0.5)")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(result, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
