@@ -57,7 +57,7 @@ def notification(
             timezone="Europe/Paris",
             **kw,
         ),
-        created_at=datetime(2026, 11, 21, tzinfo=UTC),
+        created_at=datetime(2026, 11, 21, 12, 30, tzinfo=UTC),
     )
 
 
@@ -180,3 +180,32 @@ def test_preview_writes_email_and_sms(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "[GSM-7, 1 segment(s)]" in sms.read_text()
     assert main(["preview", "--status", "exception"]) == 2
     assert "needs --exception-code" in capsys.readouterr().err
+
+
+def test_every_email_says_when_and_where_in_the_recipients_locale() -> None:
+    for t in _samples():
+        m = render_email(notification(t, locale="de"))
+        assert "Letzte Aktualisierung: Sa., 21. November, 10:30, Leipzig, Deutschland" in m.text
+
+
+def test_relative_time_is_in_the_context() -> None:
+    r = renderer()
+    n = notification(sample("delivered"), locale="fr")
+    assert r.context(n, "fr")["event"]["ago"] == "il y a 4 heures"
+
+
+def test_check_lists_an_sms_over_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    templates = tmp_path / "templates"
+    shutil.copytree(data_dir("templates", None), templates)
+    (templates / "acme" / "messages").mkdir(parents=True)
+    (templates / "acme" / "messages" / "delivered.jinja").write_text(
+        (templates / "messages" / "delivered.jinja")
+        .read_text()
+        .replace("your parcel was delivered.", "your parcel was delivered. " + "Thank you! " * 20)
+    )
+    monkeypatch.setenv("NOTIFIER_TEMPLATES_DIR", str(templates))
+    assert main(["check"]) == 1
+    err = capsys.readouterr().err
+    assert "templates/acme/sms (delivered, en): 3 segments in GSM-7 (budget 1)" in err

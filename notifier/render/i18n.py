@@ -11,7 +11,13 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from babel import Locale, UnknownLocaleError
-from babel.dates import DateTimePattern, format_interval, match_skeleton, parse_pattern
+from babel.dates import (
+    DateTimePattern,
+    format_interval,
+    format_timedelta,
+    match_skeleton,
+    parse_pattern,
+)
 from babel.messages.mofile import write_mo
 from babel.messages.pofile import read_po
 from babel.support import NullTranslations, Translations
@@ -169,6 +175,13 @@ def window(start: datetime, end: datetime, timezone: str | None, locale: str) ->
 
 def _24h(loc: Locale) -> bool:
     return "H" in str(loc.time_formats["short"])
+
+
+def ago(moment: datetime, now: datetime, locale: str) -> str:
+    """How long ago, in words: ``3 hours ago``, ``il y a 3 heures``."""
+    loc = parse_locale(locale) or Locale("en")
+    text: str = format_timedelta(moment - now, add_direction=True, locale=loc)
+    return text
 
 
 def country_name(code: str, locale: str) -> str:

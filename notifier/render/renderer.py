@@ -188,6 +188,7 @@ class Renderer:
                 if t.estimated_delivery
                 else "",
                 "deadline_days": None,
+                "ago": i18n.ago(t.occurred_at, n.created_at, locale),
             },
             "progress": _progress(t),
             "actions": actions,
