@@ -8,13 +8,12 @@ quiet hours, exceptions, a message log of a dozen entries).
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from bench._cli import arguments, save
 from notifier.models import Transition
 from notifier.policy import PolicyStore, decide, fold
 from notifier.resources import data_dir
@@ -22,18 +21,33 @@ from notifier.state import ShipmentState
 
 NOW = datetime(2026, 11, 21, 22, 30, tzinfo=UTC)  # SMS quiet hours in Europe, daytime elsewhere
 ZONES = ["Europe/Paris", "America/New_York", "Asia/Tokyo", "Pacific/Kiritimati", None]
-JOURNEY = ["picked_up", "in_transit", "arrived_at_facility", "departed_facility",
-           "out_for_delivery", "delivery_attempt_failed", "out_for_delivery", "delivered"]
+JOURNEY = [
+    "picked_up",
+    "in_transit",
+    "arrived_at_facility",
+    "departed_facility",
+    "out_for_delivery",
+    "delivery_attempt_failed",
+    "out_for_delivery",
+    "delivered",
+]
 
 
 def transition(i: int, status: str, at: datetime, zone: str | None) -> Transition:
     body: dict[str, Any] = {
-        "event_id": f"e{i}", "merchant_id": "acme", "shipment_id": f"s{i % 97}",
-        "tracking_number": "1Z999AA10123456784", "carrier": "ups", "status": status,
+        "event_id": f"e{i}",
+        "merchant_id": "acme",
+        "shipment_id": f"s{i % 97}",
+        "tracking_number": "1Z999AA10123456784",
+        "carrier": "ups",
+        "status": status,
         "occurred_at": at,
         "location": {"city": "Leipzig", "country": "DE", "lat": 51.34, "lon": 12.37},
-        "recipient": {"email": "ana@example.com", "phone": "+33612345678",
-                      **({"timezone": zone} if zone else {})},
+        "recipient": {
+            "email": "ana@example.com",
+            "phone": "+33612345678",
+            **({"timezone": zone} if zone else {}),
+        },
     }
     if status == "exception":
         body["exception_code"] = "customs_hold"
@@ -48,8 +62,10 @@ def cases() -> list[tuple[ShipmentState, Transition]]:
         zone = ZONES[k % len(ZONES)]
         n = k % len(JOURNEY)
         start = NOW - timedelta(hours=30)
-        history = [transition(k * 100 + j, JOURNEY[j], start + timedelta(hours=3 * j), zone)
-                   for j in range(n)]
+        history = [
+            transition(k * 100 + j, JOURNEY[j], start + timedelta(hours=3 * j), zone)
+            for j in range(n)
+        ]
         state = ShipmentState(merchant_id="acme", shipment_id=f"s{k}")
         for j, t in enumerate(history):
             state, _ = fold(policy, state, [t], start + timedelta(hours=3 * j, minutes=5))
@@ -70,19 +86,20 @@ def run(seconds: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=float, default=2.0)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--json", help="also write the result to this file")
-    args = parser.parse_args()
+    args = arguments(__doc__)
     rates = [run(args.seconds) for _ in range(args.runs)]
-    result = {"benchmark": "decide", "unit": "decisions/s", "median": statistics.median(rates),
-              "runs": [round(r) for r in rates], "target": 50_000}
-    print(f"decide(): median {result['median']:,.0f} decisions/s over {args.runs} runs "
-          f"(runs: {', '.join(f'{r:,.0f}' for r in rates)}; target 50,000)")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(result, fh, indent=2)
+    result = {
+        "benchmark": "decide",
+        "unit": "decisions/s",
+        "median": statistics.median(rates),
+        "runs": [round(r) for r in rates],
+        "target": 50_000,
+    }
+    print(
+        f"decide(): median {result['median']:,.0f} decisions/s over {args.runs} runs "
+        f"(runs: {', '.join(f'{r:,.0f}' for r in rates)}; target 50,000)"
+    )
+    save(result, args.json)
 
 
 if __name__ == "__main__":

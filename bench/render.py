@@ -7,11 +7,10 @@ several locales (templates are compiled once, as in the worker).
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 
+from bench._cli import arguments, save
 from notifier.cli import _samples
 from notifier.models import ChannelKind, Notification, Recipient
 from notifier.render import Renderer
@@ -25,11 +24,20 @@ LOCALES = ["en", "fr", "de", "ja", "ar"]
 def notifications(channel: ChannelKind) -> list[Notification]:
     return [
         Notification(
-            notification_id="n_bench", merchant_id="acme", shipment_id="s", channel=channel,
+            notification_id="n_bench",
+            merchant_id="acme",
+            shipment_id="s",
+            channel=channel,
             to="ana@example.com" if channel is ChannelKind.EMAIL else "+33612345678",
-            transition=t, created_at=t.occurred_at,
-            recipient=Recipient(name="Ana", email="ana@example.com", phone="+33612345678",
-                                locale=locale, timezone="Europe/Paris"),
+            transition=t,
+            created_at=t.occurred_at,
+            recipient=Recipient(
+                name="Ana",
+                email="ana@example.com",
+                phone="+33612345678",
+                locale=locale,
+                timezone="Europe/Paris",
+            ),
         )
         for t in _samples()
         for locale in LOCALES
@@ -46,25 +54,24 @@ def run(renderer: Renderer, items: list[Notification], seconds: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=float, default=2.0)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--json", help="also write the result to this file")
-    args = parser.parse_args()
+    args = arguments(__doc__)
     catalogs = Catalogs(data_dir("locales", None))
-    renderer = Renderer(TemplateStore(data_dir("templates", None), catalogs), catalogs,
-                        email_from="notifications@example.com")
+    renderer = Renderer(
+        TemplateStore(data_dir("templates", None), catalogs),
+        catalogs,
+        email_from="notifications@example.com",
+    )
     result: dict[str, object] = {"benchmark": "render", "unit": "ms/message", "target": 0.5}
     for channel in ChannelKind:
         items = notifications(channel)
         run(renderer, items, 0.2)  # compile every template first
         times = [run(renderer, items, args.seconds) for _ in range(args.runs)]
         result[str(channel)] = {"median": statistics.median(times), "runs": times}
-        print(f"render {channel}: median {statistics.median(times):.3f} ms/message over "
-              f"{args.runs} runs ({', '.join(f'{t:.3f}' for t in times)}; target 0.5)")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(result, fh, indent=2)
+        print(
+            f"render {channel}: median {statistics.median(times):.3f} ms/message over "
+            f"{args.runs} runs ({', '.join(f'{t:.3f}' for t in times)}; target 0.5)"
+        )
+    save(result, args.json)
 
 
 if __name__ == "__main__":

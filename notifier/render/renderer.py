@@ -17,7 +17,7 @@ import css_inline
 from jinja2 import TemplateError
 
 from notifier.errors import ConfigurationError, RenderError
-from notifier.models import ChannelKind, Notification, Status, Transition
+from notifier.models import STATUS_RANK, ChannelKind, Notification, Status, Transition
 from notifier.render import i18n
 from notifier.render.brand import Brand, load_brand
 from notifier.render.environment import TemplateStore
@@ -27,19 +27,8 @@ _SPACES = re.compile(r"[ \t]+")
 _BLANK_LINES = re.compile(r"\n{3,}")
 _INLINER = css_inline.CSSInliner(keep_style_tags=False, load_remote_stylesheets=False)
 
-#: The step indicator: which step each status stands on.
-_STEP_OF: dict[Status, int] = {
-    Status.INFO_RECEIVED: 0,
-    Status.PICKED_UP: 1,
-    Status.IN_TRANSIT: 2,
-    Status.ARRIVED_AT_FACILITY: 2,
-    Status.DEPARTED_FACILITY: 2,
-    Status.EXCEPTION: 2,
-    Status.OUT_FOR_DELIVERY: 3,
-    Status.DELIVERY_ATTEMPT_FAILED: 3,
-    Status.AVAILABLE_FOR_PICKUP: 4,
-    Status.DELIVERED: 4,
-}
+#: The step indicator: which of its five steps a status stands on (delivered is the last).
+_STEP_OF: dict[Status, int] = {s: min(rank, 4) for s, rank in STATUS_RANK.items()}
 #: Which merchant links (brand.links) a milestone offers as buttons.
 _ACTIONS: dict[str, tuple[str, ...]] = {
     "delivery_attempt_failed": ("reschedule",),
