@@ -111,6 +111,7 @@ class Renderer:
         self.email_from = email_from
         self._brands: dict[str, Brand] = {}
         self._labels: dict[tuple[str, str], dict[str, str]] = {}
+        self._brand_ctx: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
 
     def brand(self, merchant_id: str) -> Brand:
@@ -121,13 +122,33 @@ class Renderer:
                 self._brands[merchant_id] = brand
         return brand
 
+    def _brand_context(self, merchant_id: str) -> dict[str, Any]:
+        """The brand as templates see it (the same for every message of a merchant)."""
+        ctx = self._brand_ctx.get(merchant_id)
+        if ctx is None:
+            brand = self.brand(merchant_id)
+            ctx = {
+                "brand": {
+                    **brand.model_dump(),
+                    "logo_alt": brand.logo_alt or brand.name,
+                    "link_colour": brand.link_colour,
+                },
+                "support": brand.support.model_dump() if brand.support.any() else None,
+                "link_templates": brand.links.model_dump(),
+            }
+            with self._lock:
+                self._brand_ctx[merchant_id] = ctx
+        return ctx
+
     def locale_for(self, n: Notification) -> str:
         """The catalog locale: the recipient's, along the fallback chain."""
         return self.catalogs.resolve(n.recipient.locale, self.brand(n.merchant_id).default_locale)
 
     def context(self, n: Notification, locale: str) -> dict[str, Any]:
         """Everything a template may use (the README lists it for merchants)."""
-        t, r, brand = n.transition, n.recipient, self.brand(n.merchant_id)
+        t, r = n.transition, n.recipient
+        branding = self._brand_context(n.merchant_id)
+        link_templates: dict[str, str | None] = branding["link_templates"]
         tz = r.timezone
         place = None
         if t.location is not None and (t.location.city or t.location.country):
@@ -144,21 +165,15 @@ class Renderer:
         if t.tracking_url:
             actions.append({"key": "track", "url": t.tracking_url})
         for key in _ACTIONS.get(t.milestone, ()):
-            url = getattr(brand.links, key)
+            url = link_templates[key]
             if url:
                 actions.append({"key": key, "url": url.format(**fill)})
         return {
             "lang": i18n.html_lang(locale),
             "dir": i18n.text_direction(locale),
-            "brand": {
-                **brand.model_dump(),
-                "logo_alt": brand.logo_alt or brand.name,
-                "link_colour": brand.link_colour,
-            },
-            "support": brand.support.model_dump() if brand.support.any() else None,
-            "links": {
-                k: v.format(**fill) if v else None for k, v in brand.links.model_dump().items()
-            },
+            "brand": branding["brand"],
+            "support": branding["support"],
+            "links": {k: v.format(**fill) if v else None for k, v in link_templates.items()},
             "recipient": {"name": r.name or ""},
             "shipment": {
                 "tracking_number": t.tracking_number,
