@@ -98,9 +98,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _samples() -> list[Transition]:
+def _samples(minimal: bool = False) -> list[Transition]:
+    """One transition per milestone, with every optional field (or, minimal, with none)."""
     at = datetime(2026, 11, 21, 9, 30, tzinfo=UTC)
-    base = {
+    base: dict[str, object] = {
         "event_id": "check",
         "merchant_id": "check",
         "shipment_id": "check",
@@ -113,6 +114,18 @@ def _samples() -> list[Transition]:
         "order": {"number": "1001"},
         "location": {"city": "Leipzig", "country": "DE"},
     }
+    if minimal:
+        base = {
+            k: base[k]
+            for k in (
+                "event_id",
+                "merchant_id",
+                "shipment_id",
+                "tracking_number",
+                "carrier",
+                "occurred_at",
+            )
+        }
     out = []
     for status in Status:
         if status is Status.EXCEPTION:
@@ -141,6 +154,11 @@ def check_all(settings: Settings) -> list[str]:
     renderer = Renderer(
         TemplateStore(templates_dir, catalogs), catalogs, email_from=settings.email_from
     )
+    try:
+        default_brand = renderer.brand("check")
+    except ConfigurationError as exc:
+        return [*problems, str(exc)]
+    renderer.use_brand("check", default_brand.model_copy(update={"name": SAMPLE_SHOP}))
     overrides = [p.name for p in templates_dir.iterdir() if p.is_dir()]
     merchants = ["", *sorted(set(overrides) - {"email", "sms", "messages"})]
     for merchant in merchants:
@@ -153,24 +171,35 @@ def check_all(settings: Settings) -> list[str]:
 SMS_BUDGET = {SmsEncoding.GSM7: 1, SmsEncoding.UCS2: 2}
 
 
+#: Locales whose readers are likely to have US numbers, so their SMS carry "Reply STOP".
+US_LOCALES = {"en", "es"}
+#: A realistic shop name for the default brand's budget check ("Your shop" flatters it).
+SAMPLE_SHOP = "Northwind Outfitters"
+
+
 def _check_renders(renderer: Renderer, merchant: str, locale: str) -> list[str]:
-    problems = []
+    problems: list[str] = []
     where = f"templates/{merchant}" if merchant else "templates"
-    recipient = Recipient(
+    full = Recipient(
         name="Ana",
         email="ana@example.com",
         phone="+33612345678",
         timezone="Europe/Paris",
         locale=locale,
     )
-    for t in _samples():
+    bare = Recipient(email="ana@example.com", phone="+33612345678", locale=locale)
+    cases = [(t, full, "+33612345678") for t in _samples()]
+    cases += [(t, bare, "+33612345678") for t in _samples(minimal=True)]
+    if locale in US_LOCALES:
+        cases += [(t, full, "+12125550100") for t in _samples()]
+    for t, recipient, phone in cases:
         for channel in ChannelKind:
             n = Notification(
                 notification_id="n_check",
                 merchant_id=merchant or "check",
                 shipment_id="check",
                 channel=channel,
-                to="x",
+                to="ana@example.com" if channel is ChannelKind.EMAIL else phone,
                 transition=t,
                 recipient=recipient,
                 created_at=t.occurred_at,
@@ -182,13 +211,17 @@ def _check_renders(renderer: Renderer, merchant: str, locale: str) -> list[str]:
                 if len(problems) > 20:
                     return problems
                 continue
-            if (
-                isinstance(message, SmsMessageOut)
-                and message.segments > SMS_BUDGET[message.encoding]
-            ):
+            if not isinstance(message, SmsMessageOut):
+                continue
+            # US numbers carry the legally required opt-out line: one more segment for it
+            us = phone.startswith("+1")
+            budget = SMS_BUDGET[message.encoding] + us
+            if message.segments > budget:
+                extra = " incl. 1 for the US opt-out line" if us else ""
                 problems.append(
-                    f"{where}/sms ({t.milestone}, {locale}): {message.segments} segments in "
-                    f"{message.encoding} (budget {SMS_BUDGET[message.encoding]}): {message.body!r}"
+                    f"{where}/sms ({t.milestone}, {locale}{', +1' if us else ''}): "
+                    f"{message.segments} segments in {message.encoding} "
+                    f"(budget {budget}{extra}): {message.body!r}"
                 )
     return problems
 

@@ -221,6 +221,8 @@ class Transition(_Strict):
     occurred_at: Moment
     location: Location | None = None
     estimated_delivery: DeliveryWindow | None = None
+    #: for available_for_pickup: when the pickup point sends the parcel back
+    pickup_deadline: Moment | None = None
     carrier_status_code: ShortText | None = None
     carrier_description: Annotated[str, StringConstraints(max_length=1000)] | None = None
     tracking_url: Url | None = None

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from notifier.channels.outbox import build_eml
 from notifier.cli import _samples, main
 from notifier.errors import ConfigurationError
 from notifier.models import ChannelKind, Notification, Recipient, Transition
@@ -18,6 +19,7 @@ from notifier.render import EmailMessageOut, Renderer, SmsMessageOut
 from notifier.render.brand import contrast, load_brand
 from notifier.render.environment import TemplateStore
 from notifier.render.i18n import Catalogs
+from notifier.render.renderer import carrier_name
 from notifier.resources import data_dir
 
 
@@ -80,7 +82,7 @@ def test_exception_carries_escalation_guidance() -> None:
     for heading in ("What you can do", "What we are doing"):
         assert heading in m.text and "<h2" in m.html
     assert "import duties" in m.text
-    assert "Track your parcel: https://www.ups.com/track" in m.text
+    assert "Track your parcel\nhttps://www.ups.com/track" in m.text
 
 
 def test_html_is_inlined_accessible_and_matches_the_text() -> None:
@@ -209,3 +211,94 @@ def test_check_lists_an_sms_over_budget(
     assert main(["check"]) == 1
     err = capsys.readouterr().err
     assert "templates/acme/sms (delivered, en): 3 segments in GSM-7 (budget 1)" in err
+
+
+# -- review findings ------------------------------------------------------------------------------
+
+
+def brand_dir(tmp_path: Path, yaml_text: str) -> Path:
+    templates = tmp_path / f"templates{len(list(tmp_path.iterdir()))}"
+    shutil.copytree(data_dir("templates", None), templates)
+    (templates / "acme").mkdir(exist_ok=True)
+    (templates / "acme" / "brand.yaml").write_text(yaml_text)
+    return templates
+
+
+def test_a_brand_name_with_a_comma_keeps_the_from_address(tmp_path: Path) -> None:
+    r = renderer(brand_dir(tmp_path, 'name: "Smith, Jones & Co"\n'))
+    raw = build_eml(render_email(notification(sample("delivered")), r), datetime.now(UTC))
+    sender = email.message_from_bytes(raw, policy=email.policy.default)["From"].addresses[0]
+    assert (sender.display_name, sender.addr_spec) == (
+        "Smith, Jones & Co",
+        "notifications@example.com",
+    )
+
+
+@pytest.mark.parametrize(
+    ("given", "shown"),
+    [
+        ("fedex", "FedEx"),
+        ("ups", "UPS"),
+        ("DHL Express", "DHL Express"),
+        ("DPD (BE)", "DPD (BE)"),
+    ],
+)
+def test_carrier_names_are_shown_as_customers_know_them(given: str, shown: str) -> None:
+    assert carrier_name(given) == shown
+
+
+@pytest.mark.parametrize(
+    ("milestone", "current", "keys"),
+    [
+        ("available_for_pickup", "collect", ["ordered", "shipped", "moving", "collect"]),
+        ("exception:refused", "out", ["ordered", "shipped", "moving", "out", "delivered"]),
+        ("exception:customs_hold", "moving", ["ordered", "shipped", "moving", "out", "delivered"]),
+    ],
+)
+def test_step_indicator_stands_on_the_right_step(
+    milestone: str, current: str, keys: list[str]
+) -> None:
+    steps = renderer().context(notification(sample(milestone)), "en")["progress"]
+    assert [s["key"] for s in steps] == keys
+    assert [s["key"] for s in steps if s["state"] == "current"] == [current]
+
+
+def test_merchant_links_are_https_and_filled_safely(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match=r"support\.url: must be an https:// URL"):
+        load_brand(brand_dir(tmp_path, "support: {url: 'javascript:alert(1)'}\n"), "acme")
+    r = renderer(
+        brand_dir(
+            tmp_path,
+            "links: {change_address: "
+            "'https://x.example/{tracking_number}/{tracking_number.__class__}'}\n",
+        )
+    )
+    ctx = r.context(notification(sample("exception:address_issue")), "en")
+    assert ctx["links"]["change_address"] == (
+        "https://x.example/1Z999AA10123456784/{tracking_number.__class__}"
+    )
+
+
+def test_traditional_chinese_readers_never_get_simplified_chinese() -> None:
+    catalogs = Catalogs(data_dir("locales", None))
+    assert [catalogs.resolve(t, "en") for t in ("zh_TW", "zh_Hant_HK", "zh_CN")] == [
+        "en",
+        "en",
+        "zh_Hans",
+    ]
+
+
+def test_dates_follow_the_readers_own_variant_of_the_language() -> None:
+    gb = render_email(notification(sample("delivered"), locale="en_GB")).text
+    us = render_email(notification(sample("delivered"), locale="en_US")).text
+    assert "Saturday 21 November, 10:30" in gb and "Sat, Nov 21, 10:30\u202fAM" in us
+
+
+def test_pickup_deadline_becomes_days_to_collect() -> None:
+    t = sample("available_for_pickup").model_copy(
+        update={"pickup_deadline": datetime(2026, 11, 26, 18, 0, tzinfo=UTC)}
+    )
+    m = render_email(notification(t))
+    assert "Please collect it within 6 days, or it goes back to the sender." in m.text
+    fr = render_email(notification(t, locale="fr")).text
+    assert "6 jours" in fr

@@ -30,6 +30,12 @@ def contrast(a: str, b: str) -> float:
     return (la + 0.05) / (lb + 0.05)
 
 
+def _https(value: str | None) -> str | None:
+    if value is not None and not value.startswith("https://"):
+        raise ValueError("must be an https:// URL")
+    return value
+
+
 class Support(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -41,6 +47,25 @@ class Support(BaseModel):
     def any(self) -> bool:
         return any((self.url, self.email, self.phone, self.hours))
 
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        return _https(value)
+
+    @field_validator("email")
+    @classmethod
+    def _email(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[^@\s<>\"]+@[^@\s<>\"]+\.[^@\s<>\"]+", value):
+            raise ValueError("must be an email address")
+        return value
+
+    @field_validator("phone")
+    @classmethod
+    def _phone(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"\+?[0-9 ().-]{6,25}", value):
+            raise ValueError("must be a phone number like +33 1 23 45 67 89")
+        return value
+
 
 class Links(BaseModel):
     """URL templates; ``{tracking_number}`` and ``{order_number}`` are filled in."""
@@ -50,6 +75,11 @@ class Links(BaseModel):
     reschedule: str | None = None
     change_address: str | None = None
     pickup: str | None = None
+
+    @field_validator("reschedule", "change_address", "pickup")
+    @classmethod
+    def _links(cls, value: str | None) -> str | None:
+        return _https(value)
 
 
 class Brand(BaseModel):

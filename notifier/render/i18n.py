@@ -105,7 +105,15 @@ class Catalogs:
             if loc.territory:
                 candidates.append(f"{loc.language}_{loc.territory}")
             candidates.append(loc.language)
-            candidates += sorted(h for h in have if h.startswith(f"{loc.language}_"))
+            # another region of the language (pt_PT -> pt_BR), never another script
+            # (zh_Hant readers must not get zh_Hans)
+            candidates += sorted(
+                h
+                for h in have
+                if h.startswith(f"{loc.language}_")
+                and (parsed := parse_locale(h)) is not None
+                and (parsed.script or loc.script) == (loc.script or parsed.script)
+            )
             for candidate in candidates:
                 if candidate in have:
                     return candidate
@@ -123,6 +131,17 @@ class Catalogs:
             else:
                 result.add_fallback(t)
         return result or NullTranslations()
+
+
+def formatting_locale(wanted: str | None, catalog: str) -> str:
+    """The recipient's own locale for dates and names when it shares the catalog's
+    language (en_GB, fr_CA), else the catalog's: an English text gets English dates."""
+    loc = parse_locale(wanted) if wanted else None
+    cat = parse_locale(catalog)
+    same = loc is not None and cat is not None and loc.language == cat.language
+    if same and loc is not None and cat is not None and loc.script in (None, cat.script):
+        return str(loc)
+    return catalog
 
 
 def text_direction(locale: str) -> str:

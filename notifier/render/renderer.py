@@ -8,10 +8,13 @@ layouts ``email/layout.html``, ``email/layout.txt`` and ``sms/layout.txt`` arran
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 from dataclasses import dataclass, field
+from email.utils import formataddr
 from typing import Any
+from urllib.parse import quote
 
 import css_inline
 from jinja2 import TemplateError
@@ -29,6 +32,38 @@ _INLINER = css_inline.CSSInliner(keep_style_tags=False, load_remote_stylesheets=
 
 #: The step indicator: which of its five steps a status stands on (delivered is the last).
 _STEP_OF: dict[Status, int] = {s: min(rank, 4) for s, rank in STATUS_RANK.items()}
+#: Exceptions that happen at the door stand on the delivery step, the others on the way.
+_AT_THE_DOOR = {"address_issue", "recipient_unavailable", "refused"}
+#: Well-known carrier codes as customers know them; anything else is shown as received.
+CARRIER_NAMES = {
+    "ups": "UPS",
+    "usps": "USPS",
+    "fedex": "FedEx",
+    "dhl": "DHL",
+    "dpd": "DPD",
+    "gls": "GLS",
+    "tnt": "TNT",
+    "hermes": "Hermes",
+    "evri": "Evri",
+    "postnl": "PostNL",
+    "bpost": "bpost",
+    "colissimo": "Colissimo",
+    "chronopost": "Chronopost",
+    "royalmail": "Royal Mail",
+    "royal_mail": "Royal Mail",
+    "canadapost": "Canada Post",
+    "canada_post": "Canada Post",
+    "auspost": "Australia Post",
+    "amazon": "Amazon",
+    "ontrac": "OnTrac",
+    "yamato": "Yamato",
+    "sf": "SF Express",
+    "inpost": "InPost",
+    "correos": "Correos",
+    "poste": "Poste Italiane",
+}
+#: How a city and a country are joined where ", " is wrong.
+_PLACE_JOIN = {"ar": "\u060c ", "ja": "\u3001", "zh": "\uff0c"}
 #: Which merchant links (brand.links) a milestone offers as buttons.
 _ACTIONS: dict[str, tuple[str, ...]] = {
     "delivery_attempt_failed": ("reschedule",),
@@ -81,23 +116,37 @@ def message_name(t: Transition) -> str:
 
 
 def _progress(t: Transition) -> list[dict[str, str]]:
+    """The journey's steps with their state; a pickup journey ends at the pickup point."""
     if t.status is Status.RETURNED_TO_SENDER:
         return []
     current = _STEP_OF[t.status]
-    last = "collect" if t.status is Status.AVAILABLE_FOR_PICKUP else "delivered"
-    keys = ["ordered", "shipped", "moving", "out", last]
-    done_all = t.status in (Status.DELIVERED,)
-    return [
-        {
-            "key": key,
-            "state": "done"
-            if i < current or done_all
-            else "current"
-            if i == current
-            else "upcoming",
-        }
-        for i, key in enumerate(keys)
-    ]
+    if t.exception_code is not None and t.exception_code.value in _AT_THE_DOOR:
+        current = 3
+    if t.status is Status.AVAILABLE_FOR_PICKUP:
+        keys, current = ["ordered", "shipped", "moving", "collect"], 3
+    else:
+        keys = ["ordered", "shipped", "moving", "out", "delivered"]
+    done_all = t.status is Status.DELIVERED
+    states = []
+    for i, key in enumerate(keys):
+        state = "done" if i < current or done_all else "current" if i == current else "upcoming"
+        states.append({"key": key, "state": state})
+    return states
+
+
+def carrier_name(carrier: str) -> str:
+    """``fedex`` -> ``FedEx``; a name the backend already formats is shown as received."""
+    return CARRIER_NAMES.get(carrier.strip().lower().replace(" ", ""), carrier)
+
+
+def fill_link(template: str, values: dict[str, str]) -> str:
+    """A merchant link with {tracking_number}/{order_number} filled in, URL-quoted.
+
+    Plain replacement, not str.format: a merchant's template must not reach attributes.
+    """
+    for key, value in values.items():
+        template = template.replace("{" + key + "}", quote(value, safe=""))
+    return template
 
 
 class Renderer:
@@ -121,6 +170,12 @@ class Renderer:
             with self._lock:
                 self._brands[merchant_id] = brand
         return brand
+
+    def use_brand(self, merchant_id: str, brand: Brand) -> None:
+        """Use ``brand`` for a merchant instead of its files (checks and previews)."""
+        with self._lock:
+            self._brands[merchant_id] = brand
+            self._brand_ctx.pop(merchant_id, None)
 
     def _brand_context(self, merchant_id: str) -> dict[str, Any]:
         """The brand as templates see it (the same for every message of a merchant)."""
@@ -150,49 +205,56 @@ class Renderer:
         branding = self._brand_context(n.merchant_id)
         link_templates: dict[str, str | None] = branding["link_templates"]
         tz = r.timezone
+        # Words come from the catalog; dates and names follow the recipient's own locale when
+        # it is the catalog's language (en_GB dates for an en_GB reader of the en catalog).
+        fmt = i18n.formatting_locale(r.locale, locale)
         place = None
         if t.location is not None and (t.location.city or t.location.country):
             parts = [
                 t.location.city,
-                i18n.country_name(t.location.country, locale) if t.location.country else None,
+                i18n.country_name(t.location.country, fmt) if t.location.country else None,
             ]
-            place = ", ".join(p for p in parts if p)
+            place = _PLACE_JOIN.get(locale.split("_")[0], ", ").join(p for p in parts if p)
         fill = {
             "tracking_number": t.tracking_number,
             "order_number": t.order.number if t.order else "",
         }
+        links = {k: fill_link(v, fill) if v else None for k, v in link_templates.items()}
         actions = []
         if t.tracking_url:
             actions.append({"key": "track", "url": t.tracking_url})
         for key in _ACTIONS.get(t.milestone, ()):
-            url = link_templates[key]
+            url = links[key]
             if url:
-                actions.append({"key": key, "url": url.format(**fill)})
+                actions.append({"key": key, "url": url})
+        deadline_days = None
+        if t.pickup_deadline is not None:
+            days = (t.pickup_deadline - n.created_at).total_seconds() / 86400
+            deadline_days = max(1, math.ceil(days))
         return {
             "lang": i18n.html_lang(locale),
             "dir": i18n.text_direction(locale),
             "brand": branding["brand"],
             "support": branding["support"],
-            "links": {k: v.format(**fill) if v else None for k, v in link_templates.items()},
+            "links": links,
             "recipient": {"name": r.name or ""},
             "shipment": {
                 "tracking_number": t.tracking_number,
-                "carrier": t.carrier.upper() if len(t.carrier) <= 4 else t.carrier.title(),
+                "carrier": carrier_name(t.carrier),
                 "tracking_url": t.tracking_url or "",
                 "order_number": t.order.number if t.order else "",
             },
             "event": {
                 "status": t.status.value,
                 "exception_code": t.exception_code.value if t.exception_code else "",
-                "when": i18n.when(t.occurred_at, tz, locale),
+                "when": i18n.when(t.occurred_at, tz, fmt),
                 "place": place or "",
-                "window": i18n.window(
-                    t.estimated_delivery.start, t.estimated_delivery.end, tz, locale
-                )
+                "window": i18n.window(t.estimated_delivery.start, t.estimated_delivery.end, tz, fmt)
                 if t.estimated_delivery
                 else "",
-                "deadline_days": None,
-                "ago": i18n.ago(t.occurred_at, n.created_at, locale),
+                "deadline_days": deadline_days,
+                "deadline": i18n.when(t.pickup_deadline, tz, fmt) if t.pickup_deadline else "",
+                "ago": i18n.ago(t.occurred_at, n.created_at, fmt),
             },
             "progress": _progress(t),
             "actions": actions,
@@ -261,7 +323,7 @@ class Renderer:
                 n.merchant_id,
                 n.shipment_id,
                 n.to,
-                f"{brand.name} <{self.email_from}>",
+                formataddr((brand.name, self.email_from)),
                 subject=" ".join(ctx["m"]["subject"].split()),
                 text=_BLANK_LINES.sub("\n\n", text).strip() + "\n",
                 html=_INLINER.inline(html),
