@@ -23,6 +23,7 @@ from notifier.models import (
 )
 from notifier.policy import PolicyStore
 from notifier.render import Renderer, SmsMessageOut
+from notifier.render.brand import load_brand
 from notifier.render.environment import TemplateStore
 from notifier.render.i18n import Catalogs
 from notifier.render.sms import SmsEncoding
@@ -292,10 +293,33 @@ def cmd_check(args: argparse.Namespace) -> int:
     problems = check_all(settings)
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
+    for warning in check_warnings(settings):
+        print(f"warning: {warning}", file=sys.stderr)
     if problems:
         return 1
     print("ok: settings, policies and templates are valid")
     return 0
+
+
+def check_warnings(settings: Settings) -> list[str]:
+    """What is valid but probably not meant: brands without a support contact."""
+    templates_dir = data_dir("templates", settings.templates_dir)
+    merchants = [""] + sorted(
+        p.name for p in templates_dir.iterdir() if (p / "brand.yaml").is_file()
+    )
+    warnings = []
+    for merchant in merchants:
+        try:
+            brand = load_brand(templates_dir, merchant)
+        except ConfigurationError:
+            continue  # reported as an error already
+        if not brand.support.any():
+            where = f"templates/{merchant}/brand.yaml" if merchant else "templates/brand.yaml"
+            warnings.append(
+                f"{where}: no support contact: exception emails cannot say how "
+                "to reach support (set support.url, email, phone or hours)"
+            )
+    return warnings
 
 
 def parser() -> argparse.ArgumentParser:
