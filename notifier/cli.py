@@ -304,9 +304,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 def check_warnings(settings: Settings) -> list[str]:
     """What is valid but probably not meant: brands without a support contact."""
     templates_dir = data_dir("templates", settings.templates_dir)
-    merchants = [""] + sorted(
-        p.name for p in templates_dir.iterdir() if (p / "brand.yaml").is_file()
-    )
+    overrides = [p.name for p in templates_dir.iterdir() if (p / "brand.yaml").is_file()]
+    merchants = ["", *sorted(overrides)]
     warnings = []
     for merchant in merchants:
         try:
