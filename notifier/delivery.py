@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from notifier.channels import Outcome, Outgoing, Receipt
-from notifier.errors import RenderError, TemporaryDeliveryError
+from notifier.errors import PermanentDeliveryError, RenderError, TemporaryDeliveryError
 from notifier.models import STATUS_RANK, ChannelKind, Notification
 from notifier.policy.engine import opt_out_key
+from notifier.render import SmsMessageOut
 from notifier.resources import Resources
 from notifier.state import ShipmentState
 from notifier.store import ClaimResult
@@ -95,15 +96,7 @@ class Deliverer:
         sent: list[tuple[str, str, str]] = []
         for kind, items in batches.items():
             outcomes = await self._send(kind, items)
-            for item, outcome in zip(items, outcomes, strict=True):
-                nid = item.message.notification_id
-                if isinstance(outcome, Receipt):
-                    sent.append((nid, now.isoformat(), f"{outcome.channel}:{outcome.detail}"))
-                elif isinstance(outcome, TemporaryDeliveryError):
-                    await self._retry_later(nid, outcome)
-                    report.retrying.append(nid)
-                else:
-                    await self._fail(nid, outcome, report)
+            sent += await self._record(items, outcomes, now.isoformat(), report)
         if sent:
             await self.res.store.mark_sent(sent)
         report.sent = [nid for nid, _, _ in sent]
@@ -143,6 +136,28 @@ class Deliverer:
             report.cancelled.append(n.notification_id)
         return wanted
 
+    async def _record(
+        self,
+        items: list[Outgoing],
+        outcomes: list[Outcome],
+        at: str,
+        report: DeliveryReport,
+    ) -> list[tuple[str, str, str]]:
+        """Retry, fail or keep each outcome; return the (id, at, detail) of those sent."""
+        sent = []
+        for item, outcome in zip(items, outcomes, strict=True):
+            nid = item.message.notification_id
+            if isinstance(outcome, Receipt):
+                sent.append((nid, at, f"{outcome.channel}:{outcome.detail}"))
+            elif isinstance(outcome, TemporaryDeliveryError):
+                await self._retry_later(nid, outcome)
+                report.retrying.append(nid)
+            else:
+                if isinstance(outcome, PermanentDeliveryError) and outcome.opted_out:
+                    await self._record_opt_out(item)
+                await self._fail(nid, outcome, report)
+        return sent
+
     async def _send(self, kind: ChannelKind, items: list[Outgoing]) -> list[Outcome]:
         """The channel's outcomes; a channel that breaks its no-raise contract costs a retry."""
         channel = self.res.channels[kind]
@@ -165,6 +180,12 @@ class Deliverer:
         log.error("notification %s failed permanently: %s", nid, exc)
         await self.res.store.mark_failed(nid, str(exc))
         report.failed.append(nid)
+
+    async def _record_opt_out(self, item: Outgoing) -> None:
+        """The provider told us the recipient opted out: never use that address again."""
+        m = item.message
+        channel = ChannelKind.SMS if isinstance(m, SmsMessageOut) else ChannelKind.EMAIL
+        await self.res.store.set_opt_out(m.merchant_id, opt_out_key(channel, m.to), True)
 
     async def _retry_later(self, nid: str, exc: TemporaryDeliveryError) -> None:
         attempts = int((await self.res.store.ledger([nid]))[nid].get("attempts", "1"))

@@ -116,3 +116,6 @@ class TemporaryDeliveryError(DeliveryError):
 
 class PermanentDeliveryError(DeliveryError):
     """Never worth retrying (invalid number, rejected credentials, other 4xx)."""
+
+    #: the provider says the recipient opted out (Twilio 21610): record it
+    opted_out: bool = False

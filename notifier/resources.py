@@ -15,6 +15,7 @@ from fakeredis import FakeServer
 from fakeredis.aioredis import FakeRedis
 
 from notifier.channels import Channel, OutboxChannel
+from notifier.channels.twilio import build_twilio
 from notifier.errors import ConfigurationError
 from notifier.models import ChannelKind
 from notifier.policy import PolicyStore
@@ -68,12 +69,19 @@ def build_channels(settings: Settings) -> dict[ChannelKind, Channel]:
             f"NOTIFIER_EMAIL_CHANNEL={settings.email_channel}: only 'outbox' is available in "
             "this version"
         )
-    if settings.sms_channel is not SmsChannelName.OUTBOX:
-        raise ConfigurationError(
-            f"NOTIFIER_SMS_CHANNEL={settings.sms_channel}: only 'outbox' is available in this "
-            "version"
+    sms: Channel = outbox
+    if settings.sms_channel is SmsChannelName.TWILIO:
+        # Settings already refused a Twilio choice without credentials.
+        assert settings.twilio_account_sid and settings.twilio_auth_token
+        sms = build_twilio(
+            settings.twilio_account_sid,
+            settings.twilio_auth_token,
+            base_url=settings.twilio_base_url,
+            from_number=settings.twilio_from,
+            messaging_service_sid=settings.twilio_messaging_service_sid,
+            timeout_s=settings.provider_timeout_s,
         )
-    return {ChannelKind.EMAIL: outbox, ChannelKind.SMS: outbox}
+    return {ChannelKind.EMAIL: outbox, ChannelKind.SMS: sms}
 
 
 @dataclass
@@ -129,3 +137,6 @@ async def open_resources(
             close = getattr(channel, "close", None)
             if close is not None:
                 close()
+            aclose = getattr(channel, "aclose", None)
+            if aclose is not None:
+                await aclose()

@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     sendgrid_from: str | None = None
     sendgrid_base_url: str = "https://api.sendgrid.com"
     sendgrid_webhook_public_key: str | None = None
+    provider_timeout_s: float = Field(
+        default=10.0, gt=0, description="How long a provider call may take before a retry."
+    )
 
     max_body_bytes: int = Field(
         default=2 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above)."

@@ -1,0 +1,84 @@
+"""Fake providers on loopback: they record what the real SDKs send and can be told to fail."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+
+@dataclass
+class Reply:
+    """One scripted answer: status, JSON body, headers, and a delay before answering."""
+
+    status: int = 201
+    body: dict[str, Any] | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    delay_s: float = 0.0
+
+
+@dataclass
+class FakeTwilio:
+    """Twilio's Messages API: POST /2010-04-01/Accounts/{sid}/Messages.json."""
+
+    script: list[Reply] = field(default_factory=list)
+    received: list[dict[str, str]] = field(default_factory=list)
+    auth: list[str] = field(default_factory=list)
+    url: str = ""
+    _sids: itertools.count[int] = field(default_factory=itertools.count)
+
+    def fail(
+        self,
+        status: int,
+        code: int | None = None,
+        *,
+        retry_after: str | None = None,
+        delay_s: float = 0.0,
+    ) -> None:
+        """Answer the next request with an error (Twilio's JSON error shape)."""
+        body = {
+            "code": code,
+            "message": f"fake error {code or status}",
+            "status": status,
+            "more_info": f"https://www.twilio.com/docs/errors/{code}",
+        }
+        headers = {"Retry-After": retry_after} if retry_after else {}
+        self.script.append(Reply(status, body, headers, delay_s))
+
+    async def messages(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        self.received.append({k: str(v) for k, v in form.items()})
+        self.auth.append(request.headers.get("Authorization", ""))
+        reply = self.script.pop(0) if self.script else Reply()
+        if reply.delay_s:
+            await asyncio.sleep(reply.delay_s)  # a provider that hangs
+        body = reply.body or {
+            "sid": f"SM{next(self._sids):032d}",
+            "status": "queued",
+            "to": form.get("To"),
+            "body": form.get("Body"),
+            "account_sid": request.match_info["sid"],
+        }
+        return web.json_response(body, status=reply.status, headers=reply.headers)
+
+
+@asynccontextmanager
+async def serve_twilio() -> AsyncIterator[FakeTwilio]:
+    fake = FakeTwilio()
+    app = web.Application()
+    app.router.add_post("/2010-04-01/Accounts/{sid}/Messages.json", fake.messages)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    fake.url = f"http://127.0.0.1:{port}"
+    try:
+        yield fake
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,187 @@
+"""The Twilio channel: the real twilio SDK against a fake Twilio on loopback."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from notifier.app import create_app
+from notifier.channels import Outgoing, Receipt
+from notifier.channels.twilio import TwilioChannel, build_twilio
+from notifier.errors import PermanentDeliveryError, TemporaryDeliveryError
+from notifier.render import SmsMessageOut
+from notifier.render.sms import SmsEncoding
+from notifier.resources import open_resources
+from notifier.settings import Settings
+from tests.conftest import fixed_clock, history, make_settings, post, run_worker, transition
+from tests.fakes import FakeTwilio, serve_twilio
+
+SID, TOKEN = "AC" + "0" * 32, "secret-token"
+
+
+@pytest.fixture
+async def twilio() -> AsyncIterator[FakeTwilio]:
+    async with serve_twilio() as fake:
+        yield fake
+
+
+def channel(fake: FakeTwilio, **kw: Any) -> TwilioChannel:
+    return build_twilio(
+        SID,
+        TOKEN,
+        base_url=fake.url,
+        from_number=kw.pop("from_", "+15005550006"),
+        messaging_service_sid=kw.pop("service", None),
+        timeout_s=kw.pop("timeout_s", 5.0),
+    )
+
+
+def sms(nid: str = "n_1", to: str = "+33612345678") -> Outgoing:
+    message = SmsMessageOut(
+        nid, "acme", "s1", to, "Your parcel arrives today.", SmsEncoding.GSM7, 1
+    )
+    return Outgoing(message, datetime(2026, 11, 21, 14, tzinfo=UTC))
+
+
+async def send(ch: TwilioChannel, *items: Outgoing) -> list[Any]:
+    try:
+        return await ch.send_many(items or (sms(),))
+    finally:
+        await ch.aclose()
+
+
+async def test_sends_through_the_real_sdk(twilio: FakeTwilio) -> None:
+    [receipt] = await send(channel(twilio))
+    assert isinstance(receipt, Receipt) and receipt.detail.startswith("SM")
+    assert twilio.received == [
+        {"To": "+33612345678", "Body": "Your parcel arrives today.", "From": "+15005550006"}
+    ]
+    user, _, password = base64.b64decode(twilio.auth[0].split()[1]).decode().partition(":")
+    assert (user, password) == (SID, TOKEN)
+
+
+async def test_messaging_service_instead_of_a_number(twilio: FakeTwilio) -> None:
+    await send(channel(twilio, from_=None, service="MG" + "1" * 32))
+    assert twilio.received[0]["MessagingServiceSid"] == "MG" + "1" * 32
+    assert "From" not in twilio.received[0]
+
+
+async def test_429_is_retried_after_what_twilio_asks(twilio: FakeTwilio) -> None:
+    twilio.fail(429, 20429, retry_after="30")
+    [outcome] = await send(channel(twilio))
+    assert isinstance(outcome, TemporaryDeliveryError) and outcome.retry_after_s == 30
+
+
+@pytest.mark.parametrize("status", [500, 502, 503])
+async def test_server_errors_are_retried(twilio: FakeTwilio, status: int) -> None:
+    twilio.fail(status)
+    [outcome] = await send(channel(twilio))
+    assert isinstance(outcome, TemporaryDeliveryError)
+
+
+async def test_a_hanging_twilio_is_a_timeout_to_retry(twilio: FakeTwilio) -> None:
+    twilio.fail(201, delay_s=2.0)
+    [outcome] = await send(channel(twilio, timeout_s=0.3))
+    assert isinstance(outcome, TemporaryDeliveryError)
+    assert "unreachable" in outcome.reason
+
+
+async def test_connection_refused_is_retried() -> None:
+    async with serve_twilio() as fake:
+        url = fake.url
+    ch = build_twilio(
+        SID, TOKEN, base_url=url, from_number="+15005550006", messaging_service_sid=None
+    )
+    [outcome] = await send(ch)
+    assert isinstance(outcome, TemporaryDeliveryError)
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "opted_out", "text"),
+    [
+        (400, 21211, False, "invalid 'To' phone number"),
+        (400, 21610, True, "opted out"),
+        (401, 20003, False, "credentials"),
+        (400, 99999, False, "fake error 99999"),
+    ],
+)
+async def test_permanent_failures_are_never_retried(
+    twilio: FakeTwilio, status: int, code: int, opted_out: bool, text: str
+) -> None:
+    twilio.fail(status, code)
+    [outcome] = await send(channel(twilio))
+    assert isinstance(outcome, PermanentDeliveryError)
+    assert outcome.opted_out is opted_out and text in outcome.reason
+
+
+async def test_one_failure_does_not_sink_the_batch(twilio: FakeTwilio) -> None:
+    twilio.fail(400, 21211)
+    outcomes = await send(channel(twilio), sms("n_1"), sms("n_2"), sms("n_3"))
+    assert sum(isinstance(o, Receipt) for o in outcomes) == 2
+    assert sum(isinstance(o, PermanentDeliveryError) for o in outcomes) == 1
+
+
+def twilio_settings(tmp_path: Path, redis_url: str, fake: FakeTwilio) -> Settings:
+    return make_settings(
+        tmp_path,
+        redis_url=redis_url,
+        sms_channel="twilio",
+        twilio_account_sid=SID,
+        twilio_auth_token=TOKEN,
+        twilio_from="+15005550006",
+        twilio_base_url=fake.url,
+    )
+
+
+async def test_end_to_end_sms_through_twilio(
+    tmp_path: Path, redis_url: str, twilio: FakeTwilio
+) -> None:
+    settings = twilio_settings(tmp_path, redis_url, twilio)
+    async with TestClient(TestServer(create_app(settings))) as client:
+        await post(client, transition())
+        await run_worker(settings)
+        assert [r["To"] for r in twilio.received] == ["+33612345678"]
+        [sms_decision] = [d for d in await history(client) if d["channel"] == "sms"]
+        assert sms_decision["delivery"]["status"] == "sent"
+        assert sms_decision["delivery"]["detail"].startswith("twilio:SM")
+
+
+async def test_stop_reported_by_twilio_is_recorded_as_an_opt_out(
+    tmp_path: Path, redis_url: str, twilio: FakeTwilio
+) -> None:
+    settings = twilio_settings(tmp_path, redis_url, twilio)
+    twilio.fail(400, 21610)
+    async with TestClient(TestServer(create_app(settings))) as client:
+        await post(client, transition(event_id="a"))
+        await run_worker(settings)
+        [first] = [d for d in await history(client) if d["channel"] == "sms"]
+        assert first["delivery"]["status"] == "failed"
+        await post(
+            client,
+            transition(event_id="b", status="delivered", occurred_at="2026-11-21T13:00:00+01:00"),
+        )
+        await run_worker(settings)
+        [_, second] = [d for d in await history(client) if d["channel"] == "sms"]
+        assert second["reason"] == "recipient opted out of sms"
+    assert len(twilio.received) == 1  # Twilio was never asked again
+
+
+async def test_twilio_429_puts_the_message_back_on_the_due_index(
+    tmp_path: Path, redis_url: str, twilio: FakeTwilio
+) -> None:
+    settings = twilio_settings(tmp_path, redis_url, twilio)
+    twilio.fail(429, 20429, retry_after="120")
+    async with TestClient(TestServer(create_app(settings))) as client:
+        await post(client, transition())
+        await run_worker(settings)
+        [sms_decision] = [d for d in await history(client) if d["channel"] == "sms"]
+        assert sms_decision["delivery"]["status"] == "deferred"
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        [(_, due)] = await res.redis.zrange(res.store.DUE_KEY, 0, -1, withscores=True)
+        assert due >= fixed_clock()().timestamp() * 1000 + 120_000
