@@ -15,6 +15,7 @@ from fakeredis import FakeServer
 from fakeredis.aioredis import FakeRedis
 
 from notifier.channels import Channel, OutboxChannel
+from notifier.channels.sendgrid import build_sendgrid
 from notifier.channels.twilio import build_twilio
 from notifier.errors import ConfigurationError
 from notifier.models import ChannelKind
@@ -64,10 +65,13 @@ def connect(settings: Settings, server: FakeServer | None = None) -> ArqRedis:
 def build_channels(settings: Settings) -> dict[ChannelKind, Channel]:
     """The email and SMS channel implementations chosen in Settings."""
     outbox = OutboxChannel(settings.outbox_dir)
-    if settings.email_channel is not EmailChannelName.OUTBOX:
-        raise ConfigurationError(
-            f"NOTIFIER_EMAIL_CHANNEL={settings.email_channel}: only 'outbox' is available in "
-            "this version"
+    email: Channel = outbox
+    if settings.email_channel is EmailChannelName.SENDGRID:
+        assert settings.sendgrid_api_key  # Settings refused SendGrid without it
+        email = build_sendgrid(
+            settings.sendgrid_api_key,
+            base_url=settings.sendgrid_base_url,
+            timeout_s=settings.provider_timeout_s,
         )
     sms: Channel = outbox
     if settings.sms_channel is SmsChannelName.TWILIO:
@@ -81,7 +85,14 @@ def build_channels(settings: Settings) -> dict[ChannelKind, Channel]:
             messaging_service_sid=settings.twilio_messaging_service_sid,
             timeout_s=settings.provider_timeout_s,
         )
-    return {ChannelKind.EMAIL: outbox, ChannelKind.SMS: sms}
+    return {ChannelKind.EMAIL: email, ChannelKind.SMS: sms}
+
+
+def sender(settings: Settings) -> str:
+    """The From address: SendGrid's verified sender when SendGrid carries the email."""
+    if settings.email_channel is EmailChannelName.SENDGRID and settings.sendgrid_from:
+        return settings.sendgrid_from
+    return settings.email_from
 
 
 @dataclass
@@ -126,7 +137,7 @@ async def open_resources(
             ),
             policies=PolicyStore(data_dir("policies", settings.policies_dir)),
             templates=templates,
-            renderer=Renderer(templates, catalogs, email_from=settings.email_from),
+            renderer=Renderer(templates, catalogs, email_from=sender(settings)),
             channels=channels,
             clock=clock,
             server=server,

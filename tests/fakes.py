@@ -68,17 +68,59 @@ class FakeTwilio:
 
 
 @asynccontextmanager
-async def serve_twilio() -> AsyncIterator[FakeTwilio]:
-    fake = FakeTwilio()
+async def _serve(route: str, handler: Any) -> AsyncIterator[str]:
+    """Run one POST route on a free loopback port; yield its base URL."""
     app = web.Application()
-    app.router.add_post("/2010-04-01/Accounts/{sid}/Messages.json", fake.messages)
+    app.router.add_post(route, handler)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    fake.url = f"http://127.0.0.1:{port}"
     try:
-        yield fake
+        yield f"http://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
+
+
+@asynccontextmanager
+async def serve_twilio() -> AsyncIterator[FakeTwilio]:
+    fake = FakeTwilio()
+    async with _serve("/2010-04-01/Accounts/{sid}/Messages.json", fake.messages) as url:
+        fake.url = url
+        yield fake
+
+
+@dataclass
+class FakeSendGrid:
+    """SendGrid's v3 API: POST /v3/mail/send (202 with X-Message-Id when accepted)."""
+
+    script: list[Reply] = field(default_factory=list)
+    received: list[dict[str, Any]] = field(default_factory=list)
+    auth: list[str] = field(default_factory=list)
+    url: str = ""
+    _ids: itertools.count[int] = field(default_factory=itertools.count)
+
+    def fail(
+        self, status: int, *, headers: dict[str, str] | None = None, delay_s: float = 0.0
+    ) -> None:
+        body = {"errors": [{"message": f"fake error {status}", "field": None}]}
+        self.script.append(Reply(status, body, headers or {}, delay_s))
+
+    async def send(self, request: web.Request) -> web.Response:
+        self.received.append(await request.json())
+        self.auth.append(request.headers.get("Authorization", ""))
+        reply = self.script.pop(0) if self.script else Reply(202)
+        if reply.delay_s:
+            await asyncio.sleep(reply.delay_s)
+        if reply.status == 202:
+            return web.Response(status=202, headers={"X-Message-Id": f"sg{next(self._ids)}"})
+        return web.json_response(reply.body, status=reply.status, headers=reply.headers)
+
+
+@asynccontextmanager
+async def serve_sendgrid() -> AsyncIterator[FakeSendGrid]:
+    fake = FakeSendGrid()
+    async with _serve("/v3/mail/send", fake.send) as url:
+        fake.url = url
+        yield fake

@@ -1,0 +1,109 @@
+"""The SendGrid email channel: the SDK's Mail helper builds the payload, aiohttp posts it.
+
+The SendGrid SDK's own HTTP client is synchronous, so it would block the event loop;
+its payload builder is what we keep. ``custom_args.notification_id`` lets the event
+webhook tie SendGrid's events back to our notification.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+import aiohttp
+from sendgrid.helpers.mail import CustomArg, Header, Mail
+
+from notifier.channels.base import Outcome, Outgoing, Receipt
+from notifier.errors import PermanentDeliveryError, TemporaryDeliveryError
+from notifier.render import EmailMessageOut
+
+#: HTTP statuses worth retrying; any other 4xx is permanent.
+RETRYABLE = {408, 429, 500, 502, 503, 504}
+
+
+def payload(message: EmailMessageOut) -> dict[str, object]:
+    """The v3 mail/send JSON for a rendered email (via the SDK's Mail helper)."""
+    mail = Mail(
+        from_email=message.from_addr,
+        to_emails=message.to,
+        subject=message.subject,
+        plain_text_content=message.text,
+        html_content=message.html,
+    )
+    mail.custom_arg = CustomArg("notification_id", message.notification_id)
+    for name, value in message.headers.items():
+        mail.header = Header(name, value)
+    body: dict[str, object] = mail.get()
+    return body
+
+
+def _retry_after(headers: aiohttp.typedefs.LooseHeaders) -> float | None:
+    """Seconds to wait: Retry-After, or SendGrid's X-RateLimit-Reset (epoch seconds)."""
+    get = getattr(headers, "get", None)
+    if get is None:
+        return None
+    value = get("Retry-After")
+    if value and str(value).isdigit():
+        return float(value)
+    reset = get("X-RateLimit-Reset")
+    if reset and str(reset).isdigit():
+        return max(0.0, float(reset) - time.time())
+    return None
+
+
+class SendGridChannel:
+    """Posts emails to SendGrid's v3 API, several at a time."""
+
+    name = "sendgrid"
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        api_key: str,
+        base_url: str,
+        timeout_s: float = 10.0,
+        concurrency: int = 16,
+    ) -> None:
+        self.session = session
+        self.url = base_url.rstrip("/") + "/v3/mail/send"
+        self.headers = {"Authorization": f"Bearer {api_key}"}
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._limit = asyncio.Semaphore(concurrency)
+
+    async def send_many(self, items: Sequence[Outgoing]) -> list[Outcome]:
+        return list(await asyncio.gather(*(self._send(item) for item in items)))
+
+    async def _send(self, item: Outgoing) -> Outcome:
+        message = item.message
+        assert isinstance(message, EmailMessageOut), "the SendGrid channel carries email only"
+        nid = message.notification_id
+        async with self._limit:
+            try:
+                async with self.session.post(
+                    self.url, json=payload(message), headers=self.headers, timeout=self.timeout
+                ) as response:
+                    text = (await response.text())[:300]
+                    status, headers = response.status, response.headers
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                return TemporaryDeliveryError(
+                    f"SendGrid unreachable ({type(exc).__name__})", nid, self.name
+                )
+        if 200 <= status < 300:
+            return Receipt(self.name, headers.get("X-Message-Id") or nid)
+        if status in RETRYABLE:
+            return TemporaryDeliveryError(
+                f"SendGrid answered {status}", nid, self.name, retry_after_s=_retry_after(headers)
+            )
+        what = "rejected the API key" if status in (401, 403) else f"refused the message: {text}"
+        return PermanentDeliveryError(f"SendGrid {what} ({status})", nid, self.name)
+
+    async def aclose(self) -> None:
+        await self.session.close()
+
+
+def build_sendgrid(api_key: str, *, base_url: str, timeout_s: float) -> SendGridChannel:
+    return SendGridChannel(
+        aiohttp.ClientSession(), api_key=api_key, base_url=base_url, timeout_s=timeout_s
+    )

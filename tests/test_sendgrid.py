@@ -1,0 +1,110 @@
+"""The SendGrid channel: the SDK's Mail helper payload, posted with aiohttp to a fake SendGrid."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from notifier.app import create_app
+from notifier.channels import Outgoing, Receipt
+from notifier.channels.sendgrid import SendGridChannel, build_sendgrid
+from notifier.errors import PermanentDeliveryError, TemporaryDeliveryError
+from notifier.render import EmailMessageOut
+from tests.conftest import history, make_settings, post, run_worker, transition
+from tests.fakes import FakeSendGrid, serve_sendgrid
+
+KEY = "SG.fake-key"
+
+
+@pytest.fixture
+async def sendgrid() -> AsyncIterator[FakeSendGrid]:
+    async with serve_sendgrid() as fake:
+        yield fake
+
+
+def email_out(nid: str = "n_1") -> Outgoing:
+    message = EmailMessageOut(
+        nid,
+        "acme",
+        "s1",
+        "ana@example.com",
+        "Acme <orders@acme.example>",
+        "Your parcel arrives today",
+        "Hello Ana,\n",
+        "<p>Hello Ana,</p>",
+        headers={"List-Unsubscribe": "<https://acme.example/u/1>"},
+    )
+    return Outgoing(message, datetime(2026, 11, 21, 14, tzinfo=UTC))
+
+
+async def send(fake: FakeSendGrid, *items: Outgoing, timeout_s: float = 5.0) -> list[Any]:
+    ch: SendGridChannel = build_sendgrid(KEY, base_url=fake.url, timeout_s=timeout_s)
+    try:
+        return await ch.send_many(items or (email_out(),))
+    finally:
+        await ch.aclose()
+
+
+async def test_payload_comes_from_the_mail_helper(sendgrid: FakeSendGrid) -> None:
+    [receipt] = await send(sendgrid)
+    assert isinstance(receipt, Receipt) and receipt.detail == "sg0"
+    [body] = sendgrid.received
+    assert body["from"] == {"email": "orders@acme.example", "name": "Acme"}
+    assert body["personalizations"][0]["to"] == [{"email": "ana@example.com"}]
+    assert body["subject"] == "Your parcel arrives today"
+    assert [c["type"] for c in body["content"]] == ["text/plain", "text/html"]
+    assert body["custom_args"] == {"notification_id": "n_1"}
+    assert body["headers"] == {"List-Unsubscribe": "<https://acme.example/u/1>"}
+    assert sendgrid.auth == [f"Bearer {KEY}"]
+
+
+@pytest.mark.parametrize("status", [429, 500, 503])
+async def test_rate_limits_and_server_errors_are_retried(
+    sendgrid: FakeSendGrid, status: int
+) -> None:
+    sendgrid.fail(status, headers={"Retry-After": "12"} if status == 429 else None)
+    [outcome] = await send(sendgrid)
+    assert isinstance(outcome, TemporaryDeliveryError)
+    assert outcome.retry_after_s == (12 if status == 429 else None)
+
+
+async def test_a_hanging_sendgrid_is_a_timeout_to_retry(sendgrid: FakeSendGrid) -> None:
+    sendgrid.fail(202, delay_s=2.0)
+    [outcome] = await send(sendgrid, timeout_s=0.3)
+    assert isinstance(outcome, TemporaryDeliveryError) and "unreachable" in outcome.reason
+
+
+@pytest.mark.parametrize(
+    ("status", "text"), [(400, "refused"), (401, "API key"), (403, "API key"), (413, "refused")]
+)
+async def test_client_errors_are_permanent(sendgrid: FakeSendGrid, status: int, text: str) -> None:
+    sendgrid.fail(status)
+    [outcome] = await send(sendgrid)
+    assert isinstance(outcome, PermanentDeliveryError) and text in outcome.reason
+
+
+async def test_end_to_end_email_through_sendgrid(
+    tmp_path: Path, redis_url: str, sendgrid: FakeSendGrid
+) -> None:
+    settings = make_settings(
+        tmp_path,
+        redis_url=redis_url,
+        email_channel="sendgrid",
+        sendgrid_api_key=KEY,
+        sendgrid_from="orders@acme.example",
+        sendgrid_base_url=sendgrid.url,
+    )
+    async with TestClient(TestServer(create_app(settings))) as client:
+        await post(client, transition())
+        await run_worker(settings)
+        [body] = sendgrid.received
+        assert body["from"]["email"] == "orders@acme.example"
+        [decision] = [d for d in await history(client) if d["channel"] == "email"]
+        assert body["custom_args"]["notification_id"] == decision["notification_id"]
+        assert decision["delivery"]["status"] == "sent"
+        assert decision["delivery"]["detail"] == "sendgrid:sg0"
