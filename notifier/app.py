@@ -22,6 +22,7 @@ from pydantic import (
 )
 from redis.exceptions import RedisError
 
+from notifier import webhooks
 from notifier.errors import ApiError, Forbidden, NotFound, ValidationFailed
 from notifier.ingest import KeyRing, may_act_for, post_transitions, read_json
 from notifier.models import ChannelKind, Email, Identifier, MerchantId, Phone
@@ -137,6 +138,14 @@ async def opt_outs(request: web.Request) -> web.Response:
     return _json(200, body.model_dump(mode="json"))
 
 
+async def twilio_status_hook(request: web.Request) -> web.Response:
+    return await webhooks.twilio_status(request, request.app[RESOURCES])
+
+
+async def twilio_inbound_hook(request: web.Request) -> web.Response:
+    return await webhooks.twilio_inbound(request, request.app[RESOURCES])
+
+
 async def healthz(request: web.Request) -> web.Response:
     """Liveness, a Redis check and the dead-letter counts; 503 when Redis does not answer."""
     res = request.app[RESOURCES]
@@ -183,5 +192,7 @@ def create_app(
         shipment_notifications,
     )
     app.router.add_post("/v1/merchants/{merchant_id}/opt-outs", opt_outs)
+    app.router.add_post("/v1/webhooks/twilio/status", twilio_status_hook)
+    app.router.add_post("/v1/webhooks/twilio/inbound", twilio_inbound_hook)
     app.router.add_get("/healthz", healthz)
     return app

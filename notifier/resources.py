@@ -84,6 +84,7 @@ def build_channels(settings: Settings) -> dict[ChannelKind, Channel]:
             from_number=settings.twilio_from,
             messaging_service_sid=settings.twilio_messaging_service_sid,
             timeout_s=settings.provider_timeout_s,
+            status_callback=settings.public_url.rstrip("/") + "/v1/webhooks/twilio/status",
         )
     return {ChannelKind.EMAIL: email, ChannelKind.SMS: sms}
 

@@ -190,6 +190,15 @@ redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 return 1
 """
 
+_PROVIDER_STATUS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local current = tonumber(redis.call('HGET', KEYS[1], 'prank') or '-1')
+if tonumber(ARGV[2]) <= current then return 0 end
+redis.call('HSET', KEYS[1], 'provider_status', ARGV[1], 'prank', ARGV[2])
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'provider_error', ARGV[3]) end
+return 1
+"""
+
 _UNSCHEDULE = """
 local now = tonumber(ARGV[1])
 for i = 2, #ARGV do
@@ -287,6 +296,7 @@ class Store:
         self._drop_stall = redis.register_script(_DROP_STALL)
         self._unschedule = redis.register_script(_UNSCHEDULE)
         self._reschedule = redis.register_script(_RESCHEDULE)
+        self._provider_status = redis.register_script(_PROVIDER_STATUS)
         self._unlock = redis.register_script(_UNLOCK)
 
     # -- keys ---------------------------------------------------------------
@@ -520,12 +530,41 @@ class Store:
         await self._settle_script(keys=keys, args=args)
 
     async def mark_sent(self, outcomes: Sequence[tuple[str, str, str]]) -> None:
-        """Record (notification id, sent-at ISO, channel detail) as sent."""
-        if outcomes:
-            await self._settle(
-                [nid for nid, _, _ in outcomes],
-                [{"st": LedgerState.SENT, "sent": at, "detail": d} for _, at, d in outcomes],
+        """Record (notification id, sent-at ISO, channel detail) as sent; a provider's message
+        id (``twilio:SM…``, ``sendgrid:…``) is indexed so its status callbacks find us."""
+        if not outcomes:
+            return
+        await self._settle(
+            [nid for nid, _, _ in outcomes],
+            [{"st": LedgerState.SENT, "sent": at, "detail": d} for _, at, d in outcomes],
+        )
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for nid, _, detail in outcomes:
+                provider, _, message_id = detail.partition(":")
+                if provider in ("twilio", "sendgrid") and message_id:
+                    pipe.set(self.provider_key(provider, message_id), nid, ex=self.state_ttl_s)
+            await pipe.execute()
+
+    @staticmethod
+    def provider_key(provider: str, message_id: str) -> str:
+        return f"{PREFIX}:pid:{provider}:{message_id}"
+
+    async def by_provider_id(self, provider: str, message_id: str) -> str | None:
+        """Our notification id for a provider's message id."""
+        value = await _run(self.redis.get(self.provider_key(provider, message_id)))
+        return _decode(value) if value else None
+
+    async def provider_status(
+        self, notification_id: str, status: str, rank: int, error: str | None = None
+    ) -> bool:
+        """Record a provider's delivery status unless a later one is already known
+        (a late "sent" never overwrites "delivered"). True when recorded."""
+        return bool(
+            await self._provider_status(
+                keys=[self.notification_key(notification_id)],
+                args=[status, rank, error or ""],
             )
+        )
 
     async def reschedule(self, notification_id: str, due_ms: int, error: str) -> None:
         """Give a claimed notification back after a temporary failure, due again at ``due_ms``.
@@ -559,12 +598,18 @@ class Store:
         await self._settle([notification_id], [{"st": LedgerState.CANCELLED, "detail": why}])
 
     # -- opt-outs (one store for the policy engine and the delivery channels) -----------
+    #: Opt-outs that hold for every merchant (a STOP sent to our shared Twilio sender).
+    EVERY_MERCHANT = "*"
+
     async def opted_out(self, merchant_id: str, keys: Sequence[str]) -> set[str]:
-        """Which of ``keys`` (``opt_out_key`` strings) the merchant's recipients opted out of."""
+        """Which of ``keys`` (``opt_out_key`` strings) opted out, for this merchant or all."""
         if not keys:
             return set()
-        flags = await _run(self.redis.smismember(self.optout_key(merchant_id), list(keys)))
-        return {k for k, flag in zip(keys, flags, strict=True) if flag}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.smismember(self.optout_key(merchant_id), list(keys))
+            pipe.smismember(self.optout_key(self.EVERY_MERCHANT), list(keys))
+            mine, everyone = await pipe.execute()
+        return {k for k, a, b in zip(keys, mine, everyone, strict=True) if a or b}
 
     async def set_opt_out(self, merchant_id: str, key: str, opted_out: bool) -> None:
         """Record an opt-out (True) or an opt-in (False) for one channel address."""
@@ -599,10 +644,30 @@ class Store:
             for nid in notification_ids:
                 pipe.hmget(
                     self.notification_key(nid),
-                    ["st", "created", "sent", "detail", "error", "attempts", "due"],
+                    [
+                        "st",
+                        "created",
+                        "sent",
+                        "detail",
+                        "error",
+                        "attempts",
+                        "due",
+                        "provider_status",
+                        "provider_error",
+                    ],
                 )
             rows = await pipe.execute()
-        names = ("status", "created_at", "sent_at", "detail", "error", "attempts", "due_at")
+        names = (
+            "status",
+            "created_at",
+            "sent_at",
+            "detail",
+            "error",
+            "attempts",
+            "due_at",
+            "provider_status",
+            "provider_error",
+        )
         out: dict[str, dict[str, str]] = {}
         for nid, row in zip(notification_ids, rows, strict=True):
             fields = {k: _decode(v) for k, v in zip(names, row, strict=True) if v}

@@ -173,11 +173,15 @@ def build_twilio(
     from_number: str | None,
     messaging_service_sid: str | None,
     timeout_s: float = 10.0,
+    status_callback: str | None = None,
 ) -> TwilioChannel:
     """A Twilio channel from settings values (the SDK client with our HTTP seam)."""
     client = Client(
         account_sid, auth_token, http_client=TwilioHttpClient(base_url, timeout=timeout_s)
     )
     return TwilioChannel(
-        client, from_number=from_number, messaging_service_sid=messaging_service_sid
+        client,
+        from_number=from_number,
+        messaging_service_sid=messaging_service_sid,
+        status_callback=status_callback,
     )
