@@ -146,6 +146,10 @@ async def twilio_inbound_hook(request: web.Request) -> web.Response:
     return await webhooks.twilio_inbound(request, request.app[RESOURCES])
 
 
+async def sendgrid_events_hook(request: web.Request) -> web.Response:
+    return await webhooks.sendgrid_events(request, request.app[RESOURCES])
+
+
 async def healthz(request: web.Request) -> web.Response:
     """Liveness, a Redis check and the dead-letter counts; 503 when Redis does not answer."""
     res = request.app[RESOURCES]
@@ -194,5 +198,6 @@ def create_app(
     app.router.add_post("/v1/merchants/{merchant_id}/opt-outs", opt_outs)
     app.router.add_post("/v1/webhooks/twilio/status", twilio_status_hook)
     app.router.add_post("/v1/webhooks/twilio/inbound", twilio_inbound_hook)
+    app.router.add_post("/v1/webhooks/sendgrid/events", sendgrid_events_hook)
     app.router.add_get("/healthz", healthz)
     return app

@@ -1,19 +1,27 @@
-"""Provider callbacks: Twilio delivery status and inbound SMS (STOP / START / HELP).
+"""Provider callbacks: Twilio delivery status and inbound SMS (STOP / START / HELP), and
+SendGrid's signed event webhook.
 
-Every request must carry a valid ``X-Twilio-Signature``, computed by Twilio over the
-public URL it called (``NOTIFIER_PUBLIC_URL`` + the path) and the form fields: a
-missing or wrong signature gets 403 and changes nothing.
+Twilio requests must carry a valid ``X-Twilio-Signature``, computed over the public URL it
+called (``NOTIFIER_PUBLIC_URL`` + the path) and the form fields; SendGrid's an ECDSA
+signature over timestamp + body, checked with the key in
+``NOTIFIER_SENDGRID_WEBHOOK_PUBLIC_KEY``. A missing or wrong signature gets 403 and changes
+nothing.
 """
 
 from __future__ import annotations
 
+import binascii
 import logging
+import time
+from typing import Any
 
+import orjson
 from aiohttp import web
+from sendgrid.helpers.eventwebhook import EventWebhook
 from twilio.request_validator import RequestValidator
 from twilio.twiml.messaging_response import MessagingResponse
 
-from notifier.errors import Forbidden, NotFound
+from notifier.errors import BadRequest, Forbidden, NotFound
 from notifier.models import ChannelKind
 from notifier.policy import opt_out_key
 from notifier.resources import Resources
@@ -84,3 +92,58 @@ async def twilio_inbound(request: web.Request, res: Resources) -> web.Response:
     elif word in HELP_WORDS:
         reply.message("Parcel updates by SMS. Reply STOP to opt out, START to opt back in.")
     return web.Response(text=str(reply), content_type="application/xml")
+
+
+#: SendGrid event types in the order they can happen to a message (terminal ones last).
+EMAIL_RANK = {
+    "processed": 1,
+    "deferred": 2,
+    "delivered": 4,
+    "bounce": 4,
+    "dropped": 4,
+    "spamreport": 5,
+    "unsubscribe": 5,
+    "group_unsubscribe": 5,
+}
+EMAIL_OPT_OUTS = {"spamreport", "unsubscribe", "group_unsubscribe"}
+#: Signed events older (or newer) than this are refused: a replayed request.
+MAX_SKEW_S = 600
+
+
+async def sendgrid_events(request: web.Request, res: Resources) -> web.Response:
+    """SendGrid's event webhook: delivery status, bounces, and opt-outs."""
+    key = res.settings.sendgrid_webhook_public_key
+    if not key:
+        raise Forbidden("SendGrid events are refused: NOTIFIER_SENDGRID_WEBHOOK_PUBLIC_KEY unset")
+    body = await request.text()
+    signature = request.headers.get("X-Twilio-Email-Event-Webhook-Signature", "")
+    stamp = request.headers.get("X-Twilio-Email-Event-Webhook-Timestamp", "")
+    try:
+        valid = bool(signature and stamp) and EventWebhook(key).verify_signature(
+            body, signature, stamp
+        )
+    except (ValueError, binascii.Error, TypeError):
+        valid = False
+    if not valid or not stamp.isdigit() or abs(time.time() - int(stamp)) > MAX_SKEW_S:
+        log.warning("SendGrid event webhook with a bad, missing or stale signature")
+        raise Forbidden("invalid SendGrid signature")
+    try:
+        events: Any = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest("SendGrid events must be a JSON list") from exc
+    for event in events if isinstance(events, list) else []:
+        await _email_event(res, event)
+    return web.Response(status=204)
+
+
+async def _email_event(res: Resources, event: Any) -> None:
+    if not isinstance(event, dict):
+        return
+    kind, nid = str(event.get("event", "")), event.get("notification_id")
+    if not isinstance(nid, str) or kind not in EMAIL_RANK:
+        return  # not ours (or an open/click): nothing to record
+    reason = event.get("reason") or event.get("response")
+    await res.store.provider_status(nid, kind, EMAIL_RANK[kind], str(reason) if reason else None)
+    merchant, address = event.get("merchant_id"), event.get("email")
+    if kind in EMAIL_OPT_OUTS and isinstance(merchant, str) and isinstance(address, str):
+        await res.store.set_opt_out(merchant, opt_out_key(ChannelKind.EMAIL, address), True)

@@ -122,3 +122,108 @@ async def test_stop_start_and_help(
     assert "Reply STOP to opt out" in await resp.text()
     resp = await signed(client, inbound, {"From": "+33612345678", "Body": "STOP"}, "bad")
     assert resp.status == 403
+
+
+# -- SendGrid's signed event webhook --------------------------------------------------------------
+
+
+def ec_keys() -> tuple[Any, str]:
+    """A P-256 key pair as SendGrid uses: the public half base64 DER, as its settings show it."""
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    der = private.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return private, base64.b64encode(der).decode()
+
+
+def sg_sign(private: Any, body: str, stamp: str) -> str:
+    import base64
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    signature = private.sign((stamp + body).encode(), ec.ECDSA(hashes.SHA256()))
+    return base64.b64encode(signature).decode()
+
+
+async def test_sendgrid_events_are_verified_and_recorded(tmp_path: Path, redis_url: str) -> None:
+    import json
+    import time
+
+    from tests.fakes import serve_sendgrid
+
+    private, public = ec_keys()
+    async with serve_sendgrid() as sendgrid:
+        settings = make_settings(
+            tmp_path,
+            redis_url=redis_url,
+            email_channel="sendgrid",
+            sendgrid_api_key="SG.k",
+            sendgrid_from="o@acme.example",
+            sendgrid_base_url=sendgrid.url,
+            sendgrid_webhook_public_key=public,
+        )
+        async with TestClient(TestServer(create_app(settings))) as c:
+            await post(c, transition())
+            await run_worker(settings)
+            [decision] = [d for d in await history(c) if d["channel"] == "email"]
+            nid = decision["notification_id"]
+
+            def events(*kinds: str) -> str:
+                return json.dumps(
+                    [
+                        {
+                            "event": k,
+                            "notification_id": nid,
+                            "merchant_id": "acme",
+                            "email": "ana@example.com",
+                            "sg_message_id": "x",
+                        }
+                        for k in kinds
+                    ]
+                )
+
+            async def deliver(body: str, signature: str | None, stamp: str) -> int:
+                headers = {"X-Twilio-Email-Event-Webhook-Timestamp": stamp}
+                if signature:
+                    headers["X-Twilio-Email-Event-Webhook-Signature"] = signature
+                resp = await c.post("/v1/webhooks/sendgrid/events", data=body, headers=headers)
+                return resp.status
+
+            now = str(int(time.time()))
+            body = events("processed", "delivered", "processed")
+            assert await deliver(body, sg_sign(private, body, now), now) == 204
+            [decision] = [d for d in await history(c) if d["channel"] == "email"]
+            assert decision["delivery"]["provider_status"] == "delivered"  # no step back
+
+            # tampered, missing, stale: 403, nothing changes
+            bounce = events("bounce")
+            assert await deliver(bounce, sg_sign(private, body, now), now) == 403
+            assert await deliver(bounce, None, now) == 403
+            old = str(int(time.time()) - 3600)
+            assert await deliver(bounce, sg_sign(private, bounce, old), old) == 403
+            [decision] = [d for d in await history(c) if d["channel"] == "email"]
+            assert decision["delivery"]["provider_status"] == "delivered"
+
+            # an unsubscribe is an opt-out for that merchant
+            unsub = events("unsubscribe")
+            assert await deliver(unsub, sg_sign(private, unsub, now), now) == 204
+            await post(
+                c,
+                transition(
+                    event_id="b", status="delivered", occurred_at="2026-11-21T13:00:00+01:00"
+                ),
+            )
+            await run_worker(settings)
+            latest = [d for d in await history(c) if d["channel"] == "email"][-1]
+            assert latest["reason"] == "recipient opted out of email"
+
+
+async def test_sendgrid_events_are_refused_without_a_key(client: Client) -> None:
+    resp = await client.post("/v1/webhooks/sendgrid/events", data="[]")
+    assert resp.status == 403

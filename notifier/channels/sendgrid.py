@@ -32,6 +32,7 @@ def payload(message: EmailMessageOut) -> dict[str, object]:
         html_content=message.html,
     )
     mail.custom_arg = CustomArg("notification_id", message.notification_id)
+    mail.custom_arg = CustomArg("merchant_id", message.merchant_id)
     for name, value in message.headers.items():
         mail.header = Header(name, value)
     body: dict[str, object] = mail.get()
