@@ -8,9 +8,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+import orjson
+
 from notifier.channels import Outcome, Outgoing, Receipt
 from notifier.errors import PermanentDeliveryError, RenderError, TemporaryDeliveryError
-from notifier.models import STATUS_RANK, ChannelKind, Notification
+from notifier.models import STATUS_RANK, ChannelKind, Decision, Notification, notification_id
+from notifier.models import Outcome as Decided
 from notifier.policy.engine import opt_out_key
 from notifier.render import SmsMessageOut
 from notifier.resources import Resources
@@ -84,6 +87,7 @@ class Deliverer:
         claimed = await self._still_wanted(claimed, states or {}, report)
 
         batches: dict[ChannelKind, list[Outgoing]] = {}
+        by_id = {n.notification_id: n for n, _ in claimed}
         for n, result in claimed:
             try:
                 message = self.res.renderer.render(n)
@@ -96,7 +100,7 @@ class Deliverer:
         sent: list[tuple[str, str, str]] = []
         for kind, items in batches.items():
             outcomes = await self._send(kind, items)
-            sent += await self._record(items, outcomes, now.isoformat(), report)
+            sent += await self._record(items, outcomes, now.isoformat(), report, by_id)
         if sent:
             await self.res.store.mark_sent(sent)
         report.sent = [nid for nid, _, _ in sent]
@@ -142,6 +146,7 @@ class Deliverer:
         outcomes: list[Outcome],
         at: str,
         report: DeliveryReport,
+        notifications: dict[str, Notification],
     ) -> list[tuple[str, str, str]]:
         """Retry, fail or keep each outcome; return the (id, at, detail) of those sent."""
         sent = []
@@ -156,7 +161,54 @@ class Deliverer:
                 if isinstance(outcome, PermanentDeliveryError) and outcome.opted_out:
                     await self._record_opt_out(item)
                 await self._fail(nid, outcome, report)
+                if isinstance(outcome, PermanentDeliveryError):
+                    await self._fall_back(notifications[nid], outcome)
         return sent
+
+    async def _fall_back(self, n: Notification, failure: PermanentDeliveryError) -> None:
+        """An SMS that failed for good goes out as email, when policy and recipient allow."""
+        email = n.recipient.email
+        if n.channel is not ChannelKind.SMS or not email:
+            return
+        if not self.res.policies.for_merchant(n.merchant_id).sms_fallback_to_email:
+            return
+        key = opt_out_key(ChannelKind.EMAIL, email)
+        if await self.res.store.opted_out(n.merchant_id, [key]):
+            return
+        now = self.res.clock()
+        nid = notification_id(n.transition, ChannelKind.EMAIL)
+        fallback = n.model_copy(
+            update={
+                "notification_id": nid,
+                "channel": ChannelKind.EMAIL,
+                "to": email,
+                "created_at": now,
+            }
+        )
+        t = n.transition
+        decision = Decision(
+            event_id=t.event_id,
+            status=t.status,
+            exception_code=t.exception_code,
+            channel=ChannelKind.EMAIL,
+            outcome=Decided.SENT,
+            reason=f"fallback: the SMS failed for good ({failure.reason}); sent by email",
+            notification_id=nid,
+            decided_at=now,
+            occurred_at=t.occurred_at,
+        )
+        added = await self.res.store.add_notification(
+            n.merchant_id,
+            n.shipment_id,
+            nid,
+            fallback.model_dump_json(exclude_none=True).encode(),
+            int(now.timestamp() * 1000),
+            orjson.dumps(decision.model_dump(mode="json", exclude_none=True)),
+        )
+        if added:
+            log.info(
+                "notification %s: SMS failed for good, email %s instead", n.notification_id, nid
+            )
 
     async def _send(self, kind: ChannelKind, items: list[Outgoing]) -> list[Outcome]:
         """The channel's outcomes; a channel that breaks its no-raise contract costs a retry."""

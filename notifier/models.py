@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import zoneinfo
 from datetime import datetime
@@ -277,3 +278,9 @@ class Notification(_Strict):
     transition: Transition
     recipient: Recipient
     created_at: datetime
+
+
+def notification_id(t: Transition, channel: ChannelKind) -> str:
+    """Deterministic: the same event on the same channel always has the same id."""
+    raw = f"{t.merchant_id}\x00{t.shipment_id}\x00{t.event_id}\x00{channel}".encode()
+    return "n_" + hashlib.sha256(raw).hexdigest()[:32]

@@ -9,7 +9,6 @@ pipelined write of the receipts.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import random
 from collections.abc import Sequence
@@ -20,7 +19,14 @@ import orjson
 from pydantic import ValidationError
 
 from notifier.delivery import Deliverer, DeliveryReport
-from notifier.models import ChannelKind, Decision, Notification, Outcome, Transition
+from notifier.models import (
+    ChannelKind,
+    Decision,
+    Notification,
+    Outcome,
+    Transition,
+    notification_id,
+)
 from notifier.policy import Policy, fold, opt_out_key
 from notifier.resources import Resources
 from notifier.state import ShipmentState
@@ -33,12 +39,6 @@ log = logging.getLogger(__name__)
 MAX_ROUNDS = 100
 
 ShipmentKey = tuple[str, str]
-
-
-def notification_id(t: Transition, channel: ChannelKind) -> str:
-    """Deterministic: the same event on the same channel always has the same id."""
-    raw = f"{t.merchant_id}\x00{t.shipment_id}\x00{t.event_id}\x00{channel}".encode()
-    return "n_" + hashlib.sha256(raw).hexdigest()[:32]
 
 
 @dataclass

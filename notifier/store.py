@@ -190,6 +190,15 @@ redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 return 1
 """
 
+_ADD_NOTIFICATION = """
+if redis.call('HSETNX', KEYS[1], 'st', 'deferred') == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'p', ARGV[2], 'due', ARGV[3], 'attempts', '0')
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+redis.call('RPUSH', KEYS[3], ARGV[4])
+return 1
+"""
+
 _PROVIDER_STATUS = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local current = tonumber(redis.call('HGET', KEYS[1], 'prank') or '-1')
@@ -297,6 +306,7 @@ class Store:
         self._unschedule = redis.register_script(_UNSCHEDULE)
         self._reschedule = redis.register_script(_RESCHEDULE)
         self._provider_status = redis.register_script(_PROVIDER_STATUS)
+        self._add_notification = redis.register_script(_ADD_NOTIFICATION)
         self._unlock = redis.register_script(_UNLOCK)
 
     # -- keys ---------------------------------------------------------------
@@ -592,6 +602,28 @@ class Store:
         """Record a permanent failure and put the notification on the dead-letter list."""
         await self._settle([notification_id], [{"st": LedgerState.FAILED, "error": error}])
         await _run(self.redis.rpush(self.DEAD_LETTER_KEY, notification_id))
+
+    async def add_notification(
+        self,
+        merchant_id: str,
+        shipment_id: str,
+        notification_id: str,
+        payload: bytes,
+        due_ms: int,
+        history: bytes,
+    ) -> bool:
+        """Create a notification outside a decision (a fallback), due at ``due_ms``, with a
+        history entry saying why. False when it exists already (never twice)."""
+        return bool(
+            await self._add_notification(
+                keys=[
+                    self.notification_key(notification_id),
+                    self.DUE_KEY,
+                    self.history_key(merchant_id, shipment_id),
+                ],
+                args=[notification_id, payload, due_ms, history, self.state_ttl_s],
+            )
+        )
 
     async def cancel(self, notification_id: str, why: str) -> None:
         """Record that a notification will never be sent, and why."""

@@ -185,3 +185,64 @@ async def test_twilio_429_puts_the_message_back_on_the_due_index(
     async with open_resources(settings, clock=fixed_clock()) as res:
         [(_, due)] = await res.redis.zrange(res.store.DUE_KEY, 0, -1, withscores=True)
         assert due >= fixed_clock()().timestamp() * 1000 + 120_000
+
+
+def sms_only_policies(tmp_path: Path, fallback: bool = True) -> Path:
+    import shutil
+
+    from notifier.resources import data_dir
+
+    policies = tmp_path / "policies"
+    shutil.copytree(data_dir("policies", None), policies)
+    (policies / "acme.yaml").write_text(
+        "statuses: {out_for_delivery: {channels: [sms]}}\n"
+        f"sms_fallback_to_email: {'true' if fallback else 'false'}\n"
+    )
+    return policies
+
+
+@pytest.mark.parametrize("fallback", [True, False])
+async def test_a_failed_sms_falls_back_to_email(
+    tmp_path: Path, redis_url: str, twilio: FakeTwilio, fallback: bool
+) -> None:
+    from notifier.pipeline import Pipeline
+    from notifier.worker import release_due
+    from tests.conftest import outbox_files
+
+    settings = twilio_settings(tmp_path, redis_url, twilio).model_copy(
+        update={"policies_dir": sms_only_policies(tmp_path, fallback)}
+    )
+    twilio.fail(400, 21211)  # not a valid mobile number
+    async with TestClient(TestServer(create_app(settings))) as client:
+        await post(client, transition())
+        await run_worker(settings)
+        async with open_resources(settings, clock=fixed_clock()) as res:
+            await release_due({"res": res, "pipeline": Pipeline(res)})
+            await release_due({"res": res, "pipeline": Pipeline(res)})  # never twice
+        decisions = await history(client)
+    emails = outbox_files(settings, ".eml")
+    if not fallback:
+        assert emails == [] and [d["channel"] for d in decisions] == ["sms"]
+        return
+    assert len(emails) == 1
+    [fell_back] = [d for d in decisions if d["channel"] == "email"]
+    assert fell_back["reason"].startswith("fallback: the SMS failed for good")
+    assert "invalid 'To' phone number" in fell_back["reason"]
+    assert fell_back["delivery"]["status"] == "sent"
+
+
+async def test_no_fallback_when_the_email_went_out_already(
+    tmp_path: Path, redis_url: str, twilio: FakeTwilio
+) -> None:
+    from notifier.pipeline import Pipeline
+    from notifier.worker import release_due
+    from tests.conftest import outbox_files
+
+    settings = twilio_settings(tmp_path, redis_url, twilio)
+    twilio.fail(400, 21211)
+    async with TestClient(TestServer(create_app(settings))) as client:
+        await post(client, transition())  # default policy: email and SMS
+        await run_worker(settings)
+        async with open_resources(settings, clock=fixed_clock()) as res:
+            await release_due({"res": res, "pipeline": Pipeline(res)})
+    assert len(outbox_files(settings, ".eml")) == 1

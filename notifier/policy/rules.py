@@ -192,6 +192,8 @@ class Policy(_Strict):
     quiet_hours: QuietHours = Field(default_factory=QuietHours)
     anomalies: Anomalies = Field(default_factory=Anomalies)
     stalled: Stalled = Field(default_factory=Stalled)
+    #: when an SMS fails for good (bad number, STOP), send the email version instead
+    sms_fallback_to_email: bool = True
 
     @cached_property
     def dedupe_window(self) -> timedelta:
