@@ -22,7 +22,7 @@ from pydantic import (
 )
 from redis.exceptions import RedisError
 
-from notifier import webhooks
+from notifier import unsubscribe, webhooks
 from notifier.errors import ApiError, Forbidden, NotFound, ValidationFailed
 from notifier.ingest import KeyRing, may_act_for, post_transitions, read_json
 from notifier.models import ChannelKind, Email, Identifier, MerchantId, Phone
@@ -150,6 +150,10 @@ async def sendgrid_events_hook(request: web.Request) -> web.Response:
     return await webhooks.sendgrid_events(request, request.app[RESOURCES])
 
 
+async def unsubscribe_hook(request: web.Request) -> web.Response:
+    return await unsubscribe.unsubscribe(request, request.app[RESOURCES])
+
+
 async def healthz(request: web.Request) -> web.Response:
     """Liveness, a Redis check and the dead-letter counts; 503 when Redis does not answer."""
     res = request.app[RESOURCES]
@@ -199,5 +203,7 @@ def create_app(
     app.router.add_post("/v1/webhooks/twilio/status", twilio_status_hook)
     app.router.add_post("/v1/webhooks/twilio/inbound", twilio_inbound_hook)
     app.router.add_post("/v1/webhooks/sendgrid/events", sendgrid_events_hook)
+    app.router.add_route("GET", unsubscribe.PATH, unsubscribe_hook)
+    app.router.add_route("POST", unsubscribe.PATH, unsubscribe_hook)
     app.router.add_get("/healthz", healthz)
     return app

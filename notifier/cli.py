@@ -309,6 +309,12 @@ def check_warnings(settings: Settings) -> list[str]:
             brand = load_brand(templates_dir, merchant)
         except ConfigurationError:
             continue  # reported as an error already
+        if brand.one_click_unsubscribe and not settings.signing_secret:
+            where = f"templates/{merchant}/brand.yaml" if merchant else "templates/brand.yaml"
+            warnings.append(
+                f"{where}: one_click_unsubscribe without NOTIFIER_SIGNING_SECRET: "
+                "links are signed with a per-process secret and break on restart"
+            )
         if not brand.support.any():
             where = f"templates/{merchant}/brand.yaml" if merchant else "templates/brand.yaml"
             warnings.append(

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from importlib import resources as importlib_resources
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from notifier.render.environment import TemplateStore
 from notifier.render.i18n import Catalogs
 from notifier.settings import EmailChannelName, Settings, SmsChannelName
 from notifier.store import Store
+from notifier.unsubscribe import headers as unsubscribe_headers
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +140,14 @@ async def open_resources(
             ),
             policies=PolicyStore(data_dir("policies", settings.policies_dir)),
             templates=templates,
-            renderer=Renderer(templates, catalogs, email_from=sender(settings)),
+            renderer=Renderer(
+                templates,
+                catalogs,
+                email_from=sender(settings),
+                unsubscribe=partial(
+                    unsubscribe_headers, settings.public_url, settings.signing_secret_value()
+                ),
+            ),
             channels=channels,
             clock=clock,
             server=server,

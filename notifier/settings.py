@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
@@ -13,6 +14,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 #: The API key embedded mode accepts when none is configured. It is printed at
 #: start-up and only ever valid against the in-memory store on this machine.
 DEV_API_KEY = "dev-key-not-for-production"
+
+
+_PROCESS_SECRET = secrets.token_urlsafe(32)
 
 
 class EmailChannelName(StrEnum):
@@ -67,6 +71,11 @@ class Settings(BaseSettings):
     sendgrid_from: str | None = None
     sendgrid_base_url: str = "https://api.sendgrid.com"
     sendgrid_webhook_public_key: str | None = None
+    signing_secret: str | None = Field(
+        default=None,
+        min_length=16,
+        description="Signs one-click unsubscribe links (embedded mode: one per process).",
+    )
     provider_timeout_s: float = Field(
         default=10.0, gt=0, description="How long a provider call may take before a retry."
     )
@@ -137,6 +146,12 @@ class Settings(BaseSettings):
     def embedded(self) -> bool:
         """True when no Redis is configured: in-memory store, worker in the API process."""
         return not self.redis_url
+
+    def signing_secret_value(self) -> str:
+        """The signing secret; embedded mode makes one per process (links die on restart)."""
+        if self.signing_secret:
+            return self.signing_secret
+        return _PROCESS_SECRET
 
     def effective_api_keys(self) -> dict[str, list[str]]:
         """Configured keys, or the development key in embedded mode when none are set."""

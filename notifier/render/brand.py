@@ -95,6 +95,8 @@ class Brand(BaseModel):
     support: Support = Field(default_factory=Support)
     footer: str | None = None
     links: Links = Field(default_factory=Links)
+    #: List-Unsubscribe / List-Unsubscribe-Post headers (RFC 8058) on every email
+    one_click_unsubscribe: bool = False
 
     @field_validator("accent")
     @classmethod

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import formataddr
 from typing import Any
@@ -153,11 +154,18 @@ class Renderer:
     """Renders notifications with the merchant's layered templates in the recipient's locale."""
 
     def __init__(
-        self, templates: TemplateStore, catalogs: i18n.Catalogs, *, email_from: str
+        self,
+        templates: TemplateStore,
+        catalogs: i18n.Catalogs,
+        *,
+        email_from: str,
+        unsubscribe: Callable[[str, str], dict[str, str]] | None = None,
     ) -> None:
         self.templates = templates
         self.catalogs = catalogs
         self.email_from = email_from
+        #: (merchant_id, address) -> the RFC 8058 headers, for brands that want them
+        self.unsubscribe = unsubscribe
         self._brands: dict[str, Brand] = {}
         self._labels: dict[tuple[str, str], dict[str, str]] = {}
         self._brand_ctx: dict[str, dict[str, Any]] = {}
@@ -327,6 +335,9 @@ class Renderer:
                 subject=" ".join(ctx["m"]["subject"].split()),
                 text=_BLANK_LINES.sub("\n\n", text).strip() + "\n",
                 html=_INLINER.inline(html),
+                headers=self.unsubscribe(n.merchant_id, n.to)
+                if brand.one_click_unsubscribe and self.unsubscribe
+                else {},
             )
         except TemplateError as exc:
             name = getattr(exc, "name", None) or getattr(exc, "filename", None) or "template"
