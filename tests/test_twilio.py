@@ -246,3 +246,86 @@ async def test_no_fallback_when_the_email_went_out_already(
         async with open_resources(settings, clock=fixed_clock()) as res:
             await release_due({"res": res, "pipeline": Pipeline(res)})
     assert len(outbox_files(settings, ".eml")) == 1
+
+
+async def test_retries_are_bounded_and_end_in_the_dead_letter_list(
+    tmp_path: Path, redis_url: str, twilio: FakeTwilio
+) -> None:
+    from datetime import timedelta
+
+    from notifier.delivery import MAX_ATTEMPTS
+    from notifier.pipeline import Pipeline
+    from notifier.worker import release_due
+    from tests.conftest import NOW
+
+    settings = twilio_settings(tmp_path, redis_url, twilio)
+    for _ in range(MAX_ATTEMPTS + 2):
+        twilio.fail(503)
+    async with TestClient(TestServer(create_app(settings))) as client:
+        await post(client, transition())
+        await run_worker(settings)
+        for hour in range(1, 30):  # time passes; each retry is due within the backoff cap
+            async with open_resources(
+                settings, clock=fixed_clock(NOW + timedelta(hours=hour))
+            ) as res:
+                await release_due({"res": res, "pipeline": Pipeline(res)})
+        [sms_decision] = [d for d in await history(client) if d["channel"] == "sms"]
+        assert sms_decision["delivery"]["status"] == "failed"
+        assert sms_decision["delivery"]["error"].startswith(f"gave up after {MAX_ATTEMPTS}")
+        health = await (await client.get("/healthz")).json()
+        assert health["dead_letters"]["notifications"] == 1
+    assert len(twilio.received) == MAX_ATTEMPTS
+
+
+class _Died(BaseException):
+    """The worker process dying."""
+
+
+async def test_crash_after_twilio_accepted_is_the_only_at_least_once_window(
+    tmp_path: Path, redis_url: str, twilio: FakeTwilio
+) -> None:
+    import contextlib
+    from datetime import timedelta
+
+    from notifier.delivery import LEASE_MS
+    from notifier.models import ChannelKind
+    from notifier.pipeline import Pipeline
+    from tests.conftest import NOW
+
+    settings = twilio_settings(tmp_path, redis_url, twilio)
+    async with TestClient(TestServer(create_app(settings))) as client:
+        await post(client, transition())
+        async with open_resources(settings, clock=fixed_clock()) as res:
+            await res.store.ensure_groups()
+            entries = []
+            for p in range(settings.partitions):
+                entries += await res.store.read_inbox(p, "w1", 10)
+            real = res.channels[ChannelKind.SMS]
+
+            class DiesAfterSending:
+                name = "twilio"
+
+                async def send_many(self, items: Any) -> Any:
+                    await real.send_many(items)  # Twilio accepts the SMS...
+                    raise _Died  # ...and the worker dies before recording it
+
+            res.channels = {**res.channels, ChannelKind.SMS: DiesAfterSending()}
+            with contextlib.suppress(_Died):
+                await Pipeline(res).process(entries)
+        assert len(twilio.received) == 1
+
+        # another worker while the dead one's claim is live: nothing is sent again
+        async with open_resources(settings, clock=fixed_clock()) as res:
+            report = await Pipeline(res).deliverer.deliver(
+                [d["notification_id"] for d in await history(client) if d["channel"] == "sms"]
+            )
+            assert report.busy and len(twilio.received) == 1
+
+        # after the lease: Twilio has no idempotency key, so the SMS goes once more
+        later = NOW + timedelta(milliseconds=LEASE_MS + 1)
+        async with open_resources(settings, clock=fixed_clock(later)) as res:
+            report = await Pipeline(res).deliverer.deliver(
+                [d["notification_id"] for d in await history(client) if d["channel"] == "sms"]
+            )
+            assert len(report.sent) == 1
+        assert len(twilio.received) == 2  # the documented at-least-once window, exactly once
