@@ -160,9 +160,30 @@ def check_all(settings: Settings) -> list[str]:
     overrides = [p.name for p in templates_dir.iterdir() if p.is_dir()]
     merchants = ["", *sorted(set(overrides) - {"email", "sms", "messages"})]
     for merchant in merchants:
+        problems += _check_channels(settings, templates_dir, merchant)
         for locale in ["en", *catalogs.available()]:
             problems += _check_renders(renderer, merchant, locale)
     return problems
+
+
+def _check_channels(settings: Settings, templates_dir: Path, merchant: str) -> list[str]:
+    """A merchant's chosen channel must be one the service has credentials for."""
+    try:
+        chosen = load_brand(templates_dir, merchant).channels
+    except ConfigurationError as exc:
+        return [str(exc)]
+    available = {"outbox"}
+    if settings.sendgrid_api_key:
+        available.add("sendgrid")
+    if settings.twilio_account_sid and settings.twilio_auth_token:
+        available.add("twilio")
+    where = f"templates/{merchant}/brand.yaml" if merchant else "templates/brand.yaml"
+    return [
+        f"{where}: channels.{kind}: {name} is not configured (set its NOTIFIER_{name.upper()}_* "
+        "credentials)"
+        for kind, name in (("email", chosen.email), ("sms", chosen.sms))
+        if name and name not in available
+    ]
 
 
 #: SMS budgets: one segment where the text fits GSM-7, two where it needs UCS-2.

@@ -10,7 +10,7 @@ from datetime import timedelta
 
 import orjson
 
-from notifier.channels import Outcome, Outgoing, Receipt
+from notifier.channels import Channel, Outcome, Outgoing, Receipt
 from notifier.errors import PermanentDeliveryError, RenderError, TemporaryDeliveryError
 from notifier.models import STATUS_RANK, ChannelKind, Decision, Notification, notification_id
 from notifier.models import Outcome as Decided
@@ -86,7 +86,7 @@ class Deliverer:
                 claimed.append((Notification.model_validate_json(payload), result))
         claimed = await self._still_wanted(claimed, states or {}, report)
 
-        batches: dict[ChannelKind, list[Outgoing]] = {}
+        batches: dict[str, list[Outgoing]] = {}
         by_id = {n.notification_id: n for n, _ in claimed}
         for n, result in claimed:
             try:
@@ -95,11 +95,11 @@ class Deliverer:
                 await self._fail(n.notification_id, exc, report)
                 continue
             outgoing = Outgoing(message, now, recovering=result is ClaimResult.RECLAIMED)
-            batches.setdefault(n.channel, []).append(outgoing)
+            batches.setdefault(self._channel_name(n), []).append(outgoing)
 
         sent: list[tuple[str, str, str]] = []
-        for kind, items in batches.items():
-            outcomes = await self._send(kind, items)
+        for name, items in batches.items():
+            outcomes = await self._send(name, items)
             sent += await self._record(items, outcomes, now.isoformat(), report, by_id)
         if sent:
             await self.res.store.mark_sent(sent)
@@ -210,9 +210,22 @@ class Deliverer:
                 "notification %s: SMS failed for good, email %s instead", n.notification_id, nid
             )
 
-    async def _send(self, kind: ChannelKind, items: list[Outgoing]) -> list[Outcome]:
+    def _channel_name(self, n: Notification) -> str:
+        """The merchant's chosen channel (brand.yaml), else the service default."""
+        chosen = self.res.renderer.brand(n.merchant_id).channels
+        name = chosen.email if n.channel is ChannelKind.EMAIL else chosen.sms
+        if name and name in self.res.providers:
+            return name
+        return f"default:{n.channel}"
+
+    def _channel(self, name: str) -> Channel:
+        if name.startswith("default:"):
+            return self.res.channels[ChannelKind(name.removeprefix("default:"))]
+        return self.res.providers[name]
+
+    async def _send(self, name: str, items: list[Outgoing]) -> list[Outcome]:
         """The channel's outcomes; a channel that breaks its no-raise contract costs a retry."""
-        channel = self.res.channels[kind]
+        channel = self._channel(name)
         try:
             return await channel.send_many(items)
         except Exception as exc:

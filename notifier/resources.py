@@ -24,7 +24,7 @@ from notifier.policy import PolicyStore
 from notifier.render import Renderer
 from notifier.render.environment import TemplateStore
 from notifier.render.i18n import Catalogs
-from notifier.settings import EmailChannelName, Settings, SmsChannelName
+from notifier.settings import EmailChannelName, Settings
 from notifier.store import Store
 from notifier.unsubscribe import headers as unsubscribe_headers
 
@@ -64,22 +64,22 @@ def connect(settings: Settings, server: FakeServer | None = None) -> ArqRedis:
     return ArqRedis(connection_pool=FakeRedis(server=server).connection_pool)
 
 
-def build_channels(settings: Settings) -> dict[ChannelKind, Channel]:
-    """The email and SMS channel implementations chosen in Settings."""
-    outbox = OutboxChannel(settings.outbox_dir)
-    email: Channel = outbox
-    if settings.email_channel is EmailChannelName.SENDGRID:
-        assert settings.sendgrid_api_key  # Settings refused SendGrid without it
-        email = build_sendgrid(
+def build_providers(settings: Settings) -> dict[str, Channel]:
+    """Every channel the settings make available, by name: the outbox, and each provider
+    whose credentials are configured (a merchant may choose any of them)."""
+    providers: dict[str, Channel] = {"outbox": OutboxChannel(settings.outbox_dir)}
+    if settings.sendgrid_api_key:
+        providers["sendgrid"] = build_sendgrid(
             settings.sendgrid_api_key,
             base_url=settings.sendgrid_base_url,
             timeout_s=settings.provider_timeout_s,
         )
-    sms: Channel = outbox
-    if settings.sms_channel is SmsChannelName.TWILIO:
-        # Settings already refused a Twilio choice without credentials.
-        assert settings.twilio_account_sid and settings.twilio_auth_token
-        sms = build_twilio(
+    if (
+        settings.twilio_account_sid
+        and settings.twilio_auth_token
+        and (settings.twilio_from or settings.twilio_messaging_service_sid)
+    ):
+        providers["twilio"] = build_twilio(
             settings.twilio_account_sid,
             settings.twilio_auth_token,
             base_url=settings.twilio_base_url,
@@ -88,7 +88,7 @@ def build_channels(settings: Settings) -> dict[ChannelKind, Channel]:
             timeout_s=settings.provider_timeout_s,
             status_callback=settings.public_url.rstrip("/") + "/v1/webhooks/twilio/status",
         )
-    return {ChannelKind.EMAIL: email, ChannelKind.SMS: sms}
+    return providers
 
 
 def sender(settings: Settings) -> str:
@@ -108,7 +108,10 @@ class Resources:
     policies: PolicyStore
     templates: TemplateStore
     renderer: Renderer
+    #: the service's default channel per kind
     channels: dict[ChannelKind, Channel]
+    #: every available channel by name (a merchant's brand.yaml may choose one)
+    providers: dict[str, Channel]
     clock: Clock
     server: FakeServer | None
 
@@ -127,7 +130,12 @@ async def open_resources(
     redis = connect(settings, server)
     catalogs = Catalogs(data_dir("locales", settings.locales_dir))
     templates = TemplateStore(data_dir("templates", settings.templates_dir), catalogs)
-    channels = build_channels(settings)
+    providers = build_providers(settings)
+    # Settings refused a default channel whose credentials are missing, so both exist.
+    channels: dict[ChannelKind, Channel] = {
+        ChannelKind.EMAIL: providers[str(settings.email_channel)],
+        ChannelKind.SMS: providers[str(settings.sms_channel)],
+    }
     try:
         yield Resources(
             settings=settings,
@@ -149,12 +157,13 @@ async def open_resources(
                 ),
             ),
             channels=channels,
+            providers=providers,
             clock=clock,
             server=server,
         )
     finally:
         await redis.aclose(close_connection_pool=True)
-        for channel in {id(c): c for c in channels.values()}.values():
+        for channel in {id(c): c for c in providers.values()}.values():
             close = getattr(channel, "close", None)
             if close is not None:
                 close()

@@ -329,3 +329,45 @@ async def test_crash_after_twilio_accepted_is_the_only_at_least_once_window(
             )
             assert len(report.sent) == 1
         assert len(twilio.received) == 2  # the documented at-least-once window, exactly once
+
+
+async def test_each_merchant_may_choose_its_channel(
+    tmp_path: Path, redis_url: str, twilio: FakeTwilio
+) -> None:
+    import shutil
+
+    from notifier.resources import data_dir
+    from tests.conftest import outbox_files
+
+    templates = tmp_path / "templates"
+    shutil.copytree(data_dir("templates", None), templates)
+    (templates / "acme").mkdir()
+    (templates / "acme" / "brand.yaml").write_text("name: Acme\nchannels: {sms: outbox}\n")
+    settings = twilio_settings(tmp_path, redis_url, twilio).model_copy(
+        update={"templates_dir": templates}
+    )
+    async with TestClient(TestServer(create_app(settings))) as client:
+        await post(client, transition(), transition(event_id="g", merchant_id="globex"))
+        await run_worker(settings)
+    assert [p.parent.parent.name for p in outbox_files(settings, ".sms.json")] == ["acme"]
+    assert len(twilio.received) == 1  # globex uses the service default, Twilio
+
+
+def test_check_refuses_a_channel_that_is_not_configured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    from notifier.cli import main
+    from notifier.resources import data_dir
+
+    templates = tmp_path / "templates"
+    shutil.copytree(data_dir("templates", None), templates)
+    (templates / "acme").mkdir()
+    (templates / "acme" / "brand.yaml").write_text("channels: {email: sendgrid}\n")
+    monkeypatch.setenv("NOTIFIER_TEMPLATES_DIR", str(templates))
+    monkeypatch.chdir(tmp_path)
+    assert main(["check"]) == 1
+    assert "templates/acme/brand.yaml: channels.email: sendgrid is not configured" in (
+        capsys.readouterr().err
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -82,6 +82,15 @@ class Links(BaseModel):
         return _https(value)
 
 
+class Channels(BaseModel):
+    """This merchant's choice of channel implementation (unset: the service's default)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    email: Literal["outbox", "sendgrid"] | None = None
+    sms: Literal["outbox", "twilio"] | None = None
+
+
 class Brand(BaseModel):
     """How a merchant's messages look and whom customers can ask for help."""
 
@@ -97,6 +106,7 @@ class Brand(BaseModel):
     links: Links = Field(default_factory=Links)
     #: List-Unsubscribe / List-Unsubscribe-Post headers (RFC 8058) on every email
     one_click_unsubscribe: bool = False
+    channels: Channels = Field(default_factory=Channels)
 
     @field_validator("accent")
     @classmethod
