@@ -111,7 +111,8 @@ MAX_SKEW_S = 600
 
 
 async def sendgrid_events(request: web.Request, res: Resources) -> web.Response:
-    """SendGrid's event webhook: delivery status, bounces, and opt-outs."""
+    """SendGrid's event webhook: delivery status; unsubscribes, spam reports, hard bounces
+    and drops stop emails to the address (for that merchant)."""
     key = res.settings.sendgrid_webhook_public_key
     if not key:
         raise Forbidden("SendGrid events are refused: NOTIFIER_SENDGRID_WEBHOOK_PUBLIC_KEY unset")
@@ -145,5 +146,9 @@ async def _email_event(res: Resources, event: Any) -> None:
     reason = event.get("reason") or event.get("response")
     await res.store.provider_status(nid, kind, EMAIL_RANK[kind], str(reason) if reason else None)
     merchant, address = event.get("merchant_id"), event.get("email")
-    if kind in EMAIL_OPT_OUTS and isinstance(merchant, str) and isinstance(address, str):
+    # A hard bounce or a drop (SendGrid's own suppression) means the address must not be
+    # used again; a "blocked" bounce is the receiving server's temporary refusal.
+    hard_bounce = kind == "bounce" and event.get("type") != "blocked"
+    stop = kind in EMAIL_OPT_OUTS or hard_bounce or kind == "dropped"
+    if stop and isinstance(merchant, str) and isinstance(address, str):
         await res.store.set_opt_out(merchant, opt_out_key(ChannelKind.EMAIL, address), True)

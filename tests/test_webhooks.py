@@ -11,6 +11,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from twilio.request_validator import RequestValidator
 
 from notifier.app import create_app
+from notifier.resources import open_resources
 from notifier.settings import Settings
 from tests.conftest import history, make_settings, post, run_worker, transition
 from tests.fakes import FakeTwilio, serve_twilio
@@ -210,6 +211,21 @@ async def test_sendgrid_events_are_verified_and_recorded(tmp_path: Path, redis_u
             [decision] = [d for d in await history(c) if d["channel"] == "email"]
             assert decision["delivery"]["provider_status"] == "delivered"
 
+            # a "blocked" bounce is temporary: status only, the address stays usable
+            blocked = json.dumps(
+                [
+                    {
+                        "event": "bounce",
+                        "type": "blocked",
+                        "notification_id": nid,
+                        "merchant_id": "acme",
+                        "email": "ana@example.com",
+                    }
+                ]
+            )
+            assert await deliver(blocked, sg_sign(private, blocked, now), now) == 204
+            async with open_resources(settings) as res:
+                assert not await res.store.opted_out("acme", ["email:ana@example.com"])
             # an unsubscribe is an opt-out for that merchant
             unsub = events("unsubscribe")
             assert await deliver(unsub, sg_sign(private, unsub, now), now) == 204
