@@ -65,7 +65,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             {k: v for k, v in exc.headers.items() if k == "Allow"},
         )
     except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
+        # the route, not the path: a path can carry an identifier or a signed address
+        route = request.match_info.route.resource
+        log.exception(
+            "unhandled error on %s %s",
+            request.method,
+            route.canonical if route is not None else "(no route)",
+        )
         return _json(500, {"error": {"code": "internal", "message": "internal error"}})
 
 

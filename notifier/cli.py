@@ -167,18 +167,27 @@ def check_all(settings: Settings) -> list[str]:
 
 
 def _check_channels(settings: Settings, templates_dir: Path, merchant: str) -> list[str]:
-    """A merchant's chosen channel must be one the service has credentials for."""
+    """A merchant's chosen channel must be one the service has credentials for; signed
+    unsubscribe links need a secret every process shares."""
     try:
-        chosen = load_brand(templates_dir, merchant).channels
+        brand = load_brand(templates_dir, merchant)
     except ConfigurationError as exc:
         return [str(exc)]
+    chosen = brand.channels
+    problems = []
+    if brand.one_click_unsubscribe and not settings.embedded and not settings.signing_secret:
+        where = f"templates/{merchant}/brand.yaml" if merchant else "templates/brand.yaml"
+        problems.append(
+            f"{where}: one_click_unsubscribe needs NOTIFIER_SIGNING_SECRET when "
+            "NOTIFIER_REDIS_URL is set (API and workers must sign alike)"
+        )
     available = {"outbox"}
     if settings.sendgrid_api_key:
         available.add("sendgrid")
     if settings.twilio_account_sid and settings.twilio_auth_token:
         available.add("twilio")
     where = f"templates/{merchant}/brand.yaml" if merchant else "templates/brand.yaml"
-    return [
+    return problems + [
         f"{where}: channels.{kind}: {name} is not configured (set its NOTIFIER_{name.upper()}_* "
         "credentials)"
         for kind, name in (("email", chosen.email), ("sms", chosen.sms))
@@ -330,7 +339,7 @@ def check_warnings(settings: Settings) -> list[str]:
             brand = load_brand(templates_dir, merchant)
         except ConfigurationError:
             continue  # reported as an error already
-        if brand.one_click_unsubscribe and not settings.signing_secret:
+        if brand.one_click_unsubscribe and not settings.signing_secret and settings.embedded:
             where = f"templates/{merchant}/brand.yaml" if merchant else "templates/brand.yaml"
             warnings.append(
                 f"{where}: one_click_unsubscribe without NOTIFIER_SIGNING_SECRET: "

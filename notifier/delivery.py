@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -25,6 +27,8 @@ log = logging.getLogger(__name__)
 #: How long a claim protects a notification being sent; after it, another worker may retry.
 LEASE_MS = 60_000
 MAX_ATTEMPTS = 8
+#: Sends in flight at once per channel (the provider channels' own limit).
+SEND_CONCURRENCY = 16
 
 
 def backoff_s(attempt: int, retry_after_s: float | None = None) -> float:
@@ -73,7 +77,12 @@ class Deliverer:
         report = DeliveryReport()
         now = self.res.clock()
         now_ms = int(now.timestamp() * 1000)
-        claims = await self.res.store.claim(notification_ids, now_ms, LEASE_MS, due=due)
+        # Whoever holds a claim owns it; the lease covers the whole round (every batch of
+        # concurrent sends may take the provider timeout) so a claim never expires mid-round.
+        owner = uuid.uuid4().hex
+        rounds = math.ceil(len(notification_ids) / SEND_CONCURRENCY)
+        lease = LEASE_MS + int(self.res.settings.provider_timeout_s * 1000) * rounds
+        claims = await self.res.store.claim(notification_ids, now_ms, lease, due=due, owner=owner)
         claimed: list[tuple[Notification, ClaimResult]] = []
         for nid, (result, payload) in zip(notification_ids, claims, strict=True):
             if result is ClaimResult.BUSY:
@@ -84,7 +93,7 @@ class Deliverer:
                 report.skipped += 1
             else:
                 claimed.append((Notification.model_validate_json(payload), result))
-        claimed = await self._still_wanted(claimed, states or {}, report)
+        claimed = await self._still_wanted(claimed, states or {}, report, owner)
 
         batches: dict[str, list[Outgoing]] = {}
         by_id = {n.notification_id: n for n, _ in claimed}
@@ -92,18 +101,17 @@ class Deliverer:
             try:
                 message = self.res.renderer.render(n)
             except RenderError as exc:
-                await self._fail(n.notification_id, exc, report)
+                await self._fail(n.notification_id, exc, report, owner)
                 continue
             outgoing = Outgoing(message, now, recovering=result is ClaimResult.RECLAIMED)
             batches.setdefault(self._channel_name(n), []).append(outgoing)
 
-        sent: list[tuple[str, str, str]] = []
         for name, items in batches.items():
             outcomes = await self._send(name, items)
-            sent += await self._record(items, outcomes, now.isoformat(), report, by_id)
-        if sent:
-            await self.res.store.mark_sent(sent)
-        report.sent = [nid for nid, _, _ in sent]
+            sent = await self._record(items, outcomes, now.isoformat(), report, by_id, owner)
+            # recorded per batch: an accepted message is marked at once, not after the round
+            await self.res.store.mark_sent(sent, owner)
+            report.sent += [nid for nid, _, _ in sent]
         return report
 
     async def _still_wanted(
@@ -111,6 +119,7 @@ class Deliverer:
         claimed: list[tuple[Notification, ClaimResult]],
         states: Mapping[tuple[str, str], ShipmentState],
         report: DeliveryReport,
+        owner: str,
     ) -> list[tuple[Notification, ClaimResult]]:
         """Drop (cancel) notifications overtaken by a newer one, or to opted-out addresses."""
         if not claimed:
@@ -136,7 +145,7 @@ class Deliverer:
             if why is None:
                 wanted.append((n, result))
                 continue
-            await self.res.store.cancel(n.notification_id, why)
+            await self.res.store.cancel(n.notification_id, why, owner)
             report.cancelled.append(n.notification_id)
         return wanted
 
@@ -147,6 +156,7 @@ class Deliverer:
         at: str,
         report: DeliveryReport,
         notifications: dict[str, Notification],
+        owner: str,
     ) -> list[tuple[str, str, str]]:
         """Retry, fail or keep each outcome; return the (id, at, detail) of those sent."""
         sent = []
@@ -155,12 +165,12 @@ class Deliverer:
             if isinstance(outcome, Receipt):
                 sent.append((nid, at, f"{outcome.channel}:{outcome.detail}"))
             elif isinstance(outcome, TemporaryDeliveryError):
-                await self._retry_later(nid, outcome)
+                await self._retry_later(nid, outcome, owner)
                 report.retrying.append(nid)
             else:
                 if isinstance(outcome, PermanentDeliveryError) and outcome.opted_out:
                     await self._record_opt_out(item)
-                await self._fail(nid, outcome, report)
+                await self._fail(nid, outcome, report, owner)
                 if isinstance(outcome, PermanentDeliveryError):
                     await self._fall_back(notifications[nid], outcome)
         return sent
@@ -241,26 +251,34 @@ class Deliverer:
                 for item in items
             ]
 
-    async def _fail(self, nid: str, exc: Exception, report: DeliveryReport) -> None:
-        log.error("notification %s failed permanently: %s", nid, exc)
-        await self.res.store.mark_failed(nid, str(exc))
+    async def _fail(self, nid: str, exc: Exception, report: DeliveryReport, owner: str) -> None:
+        # The reason (which may quote the provider's words about an address) goes to the
+        # ledger, readable in the history; the log names only the kind of failure.
+        log.error("notification %s failed permanently (%s)", nid, type(exc).__name__)
+        await self.res.store.mark_failed(nid, str(exc), owner)
         report.failed.append(nid)
 
     async def _record_opt_out(self, item: Outgoing) -> None:
         """The provider told us the recipient opted out: never use that address again."""
         m = item.message
-        channel = ChannelKind.SMS if isinstance(m, SmsMessageOut) else ChannelKind.EMAIL
-        await self.res.store.set_opt_out(m.merchant_id, opt_out_key(channel, m.to), True)
+        if isinstance(m, SmsMessageOut):
+            # the number blocked our shared sender (Twilio 21610): like a STOP, it holds for
+            # every merchant, and a START texted to us undoes it
+            merchant = self.res.store.EVERY_MERCHANT
+            await self.res.store.set_opt_out(merchant, opt_out_key(ChannelKind.SMS, m.to), True)
+        else:
+            key = opt_out_key(ChannelKind.EMAIL, m.to)
+            await self.res.store.set_opt_out(m.merchant_id, key, True)
 
-    async def _retry_later(self, nid: str, exc: TemporaryDeliveryError) -> None:
+    async def _retry_later(self, nid: str, exc: TemporaryDeliveryError, owner: str) -> None:
         attempts = int((await self.res.store.ledger([nid]))[nid].get("attempts", "1"))
         if attempts >= MAX_ATTEMPTS:
             log.error("notification %s out of attempts: %s", nid, exc.reason)
             await self.res.store.mark_failed(
-                nid, f"gave up after {attempts} attempts: {exc.reason}"
+                nid, f"gave up after {attempts} attempts: {exc.reason}", owner
             )
             return
         delay = backoff_s(attempts, exc.retry_after_s)
         log.warning("notification %s: %s; retry %d in %.0f s", nid, exc.reason, attempts, delay)
         due = self.res.clock() + timedelta(seconds=delay)
-        await self.res.store.reschedule(nid, int(due.timestamp() * 1000), exc.reason)
+        await self.res.store.reschedule(nid, int(due.timestamp() * 1000), exc.reason, owner)

@@ -73,6 +73,7 @@ def build_providers(settings: Settings) -> dict[str, Channel]:
             settings.sendgrid_api_key,
             base_url=settings.sendgrid_base_url,
             timeout_s=settings.provider_timeout_s,
+            sender=settings.sendgrid_from,
         )
     if (
         settings.twilio_account_sid

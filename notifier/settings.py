@@ -140,6 +140,10 @@ class Settings(BaseSettings):
                 missing.append("NOTIFIER_TWILIO_FROM or NOTIFIER_TWILIO_MESSAGING_SERVICE_SID")
         if missing:
             raise ValueError("the chosen channel needs " + ", ".join(missing))
+        if self.sendgrid_api_key and not self.sendgrid_from:
+            # any merchant may choose SendGrid once it is configured, and it only sends
+            # from a verified sender
+            raise ValueError("NOTIFIER_SENDGRID_API_KEY needs NOTIFIER_SENDGRID_FROM")
         return self
 
     @property
@@ -148,7 +152,8 @@ class Settings(BaseSettings):
         return not self.redis_url
 
     def signing_secret_value(self) -> str:
-        """The signing secret; embedded mode makes one per process (links die on restart)."""
+        """The signing secret. Embedded mode (one process) may make its own; with Redis
+        every process must share one, so `notifier check` refuses to run without it."""
         if self.signing_secret:
             return self.signing_secret
         return _PROCESS_SECRET

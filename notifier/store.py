@@ -131,7 +131,7 @@ for i = 1, #KEYS do
   if code > 0 then
     local payload = redis.call('HGET', KEYS[i], 'p')
     if payload then
-      redis.call('HSET', KEYS[i], 'st', 'sending', 'claimed', tostring(now))
+      redis.call('HSET', KEYS[i], 'st', 'sending', 'claimed', tostring(now), 'owner', ARGV[4])
       redis.call('HINCRBY', KEYS[i], 'attempts', 1)
       out[i] = {code, payload}
     else
@@ -150,19 +150,25 @@ return out
 
 
 # Settle ledger entries that still exist (an expired one is never re-created without
-# its payload and TTL). ARGV: the number of fields n, then n field/value pairs per key.
+# its payload and TTL) and that the caller still holds: a worker whose claim ran out and
+# was taken over must not overwrite what the new holder recorded.
+# ARGV: owner token ('' = no check), the number of fields n, then n field/value pairs per key.
 _SETTLE = """
-local n = tonumber(ARGV[1])
-local a = 2
+local owner = ARGV[1]
+local n = tonumber(ARGV[2])
+local a = 3
+local settled = {}
 for i = 1, #KEYS do
-  if redis.call('EXISTS', KEYS[i]) == 1 then
+  local mine = owner == '' or redis.call('HGET', KEYS[i], 'owner') == owner
+  if redis.call('EXISTS', KEYS[i]) == 1 and mine then
     for f = 0, n - 1 do
       redis.call('HSET', KEYS[i], ARGV[a + 2 * f], ARGV[a + 2 * f + 1])
     end
+    table.insert(settled, i)
   end
   a = a + 2 * n
 end
-return #KEYS
+return settled
 """
 
 # Per-partition drain lock: take (or renew) it only if free or already ours.
@@ -185,6 +191,7 @@ return 0
 
 _RESCHEDULE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if ARGV[4] ~= '' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[4] then return 0 end
 redis.call('HSET', KEYS[1], 'st', 'deferred', 'due', ARGV[2], 'error', ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 return 1
@@ -508,7 +515,13 @@ class Store:
 
     # -- notification ledger ------------------------------------------------
     async def claim(
-        self, notification_ids: Sequence[str], now_ms: int, lease_ms: int, *, due: bool = False
+        self,
+        notification_ids: Sequence[str],
+        now_ms: int,
+        lease_ms: int,
+        *,
+        due: bool = False,
+        owner: str = "",
     ) -> list[tuple[ClaimResult, bytes | None]]:
         """Claim notifications for sending; return (result, payload) per id.
 
@@ -518,7 +531,7 @@ class Store:
         if not notification_ids:
             return []
         keys = [self.notification_key(n) for n in notification_ids]
-        rows = await self._claim(keys=keys, args=[now_ms, lease_ms, "due" if due else "now"])
+        rows = await self._claim(keys=keys, args=[now_ms, lease_ms, "due" if due else "now", owner])
         results = {
             1: ClaimResult.FRESH,
             2: ClaimResult.RECLAIMED,
@@ -528,28 +541,36 @@ class Store:
         return [(results.get(int(code), ClaimResult.NONE), p or None) for code, p in rows]
 
     async def _settle(
-        self, notification_ids: Sequence[str], fields: Sequence[dict[str, str]]
-    ) -> None:
+        self, notification_ids: Sequence[str], fields: Sequence[dict[str, str]], owner: str = ""
+    ) -> list[str]:
+        """Apply ``fields`` to each notification the caller (``owner``) still holds; return
+        the ids settled."""
         width = len(fields[0])
-        args: list[Any] = [width]
+        args: list[Any] = [owner, width]
         for values in fields:
             assert len(values) == width
             for item in values.items():
                 args += item
         keys = [self.notification_key(n) for n in notification_ids]
-        await self._settle_script(keys=keys, args=args)
+        settled = await self._settle_script(keys=keys, args=args)
+        return [notification_ids[int(i) - 1] for i in settled]
 
-    async def mark_sent(self, outcomes: Sequence[tuple[str, str, str]]) -> None:
+    async def mark_sent(self, outcomes: Sequence[tuple[str, str, str]], owner: str = "") -> None:
         """Record (notification id, sent-at ISO, channel detail) as sent; a provider's message
         id (``twilio:SM…``, ``sendgrid:…``) is indexed so its status callbacks find us."""
         if not outcomes:
             return
-        await self._settle(
-            [nid for nid, _, _ in outcomes],
-            [{"st": LedgerState.SENT, "sent": at, "detail": d} for _, at, d in outcomes],
+        settled = set(
+            await self._settle(
+                [nid for nid, _, _ in outcomes],
+                [{"st": LedgerState.SENT, "sent": at, "detail": d} for _, at, d in outcomes],
+                owner,
+            )
         )
         async with self.redis.pipeline(transaction=False) as pipe:
             for nid, _, detail in outcomes:
+                if nid not in settled:
+                    continue
                 provider, _, message_id = detail.partition(":")
                 if provider in ("twilio", "sendgrid") and message_id:
                     pipe.set(self.provider_key(provider, message_id), nid, ex=self.state_ttl_s)
@@ -576,14 +597,16 @@ class Store:
             )
         )
 
-    async def reschedule(self, notification_id: str, due_ms: int, error: str) -> None:
+    async def reschedule(
+        self, notification_id: str, due_ms: int, error: str, owner: str = ""
+    ) -> None:
         """Give a claimed notification back after a temporary failure, due again at ``due_ms``.
 
         One script: the ledger and the due index change together or not at all.
         """
         await self._reschedule(
             keys=[self.notification_key(notification_id), self.DUE_KEY],
-            args=[notification_id, due_ms, error],
+            args=[notification_id, due_ms, error, owner],
         )
 
     async def due(self, now_ms: int, limit: int) -> list[str]:
@@ -598,10 +621,11 @@ class Store:
         if notification_ids:
             await self._unschedule(keys=[self.DUE_KEY], args=[now_ms, *notification_ids])
 
-    async def mark_failed(self, notification_id: str, error: str) -> None:
+    async def mark_failed(self, notification_id: str, error: str, owner: str = "") -> None:
         """Record a permanent failure and put the notification on the dead-letter list."""
-        await self._settle([notification_id], [{"st": LedgerState.FAILED, "error": error}])
-        await _run(self.redis.rpush(self.DEAD_LETTER_KEY, notification_id))
+        fields = [{"st": LedgerState.FAILED, "error": error}]
+        if await self._settle([notification_id], fields, owner):
+            await _run(self.redis.rpush(self.DEAD_LETTER_KEY, notification_id))
 
     async def add_notification(
         self,
@@ -625,9 +649,9 @@ class Store:
             )
         )
 
-    async def cancel(self, notification_id: str, why: str) -> None:
+    async def cancel(self, notification_id: str, why: str, owner: str = "") -> None:
         """Record that a notification will never be sent, and why."""
-        await self._settle([notification_id], [{"st": LedgerState.CANCELLED, "detail": why}])
+        await self._settle([notification_id], [{"st": LedgerState.CANCELLED, "detail": why}], owner)
 
     # -- opt-outs (one store for the policy engine and the delivery channels) -----------
     #: Opt-outs that hold for every merchant (a STOP sent to our shared Twilio sender).

@@ -149,6 +149,10 @@ async def _email_event(res: Resources, event: Any) -> None:
     # A hard bounce or a drop (SendGrid's own suppression) means the address must not be
     # used again; a "blocked" bounce is the receiving server's temporary refusal.
     hard_bounce = kind == "bounce" and event.get("type") != "blocked"
-    stop = kind in EMAIL_OPT_OUTS or hard_bounce or kind == "dropped"
+    reason_text = str(event.get("reason") or "").lower()
+    address_drop = kind == "dropped" and any(
+        word in reason_text for word in ("bounced", "invalid", "unsubscribed", "spam reporting")
+    )
+    stop = kind in EMAIL_OPT_OUTS or hard_bounce or address_drop
     if stop and isinstance(merchant, str) and isinstance(address, str):
         await res.store.set_opt_out(merchant, opt_out_key(ChannelKind.EMAIL, address), True)

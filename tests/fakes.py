@@ -20,6 +20,8 @@ class Reply:
     body: dict[str, Any] | None = None
     headers: dict[str, str] = field(default_factory=dict)
     delay_s: float = 0.0
+    #: a raw, non-JSON answer (a proxy's error page, a truncated reply)
+    text: str | None = None
 
 
 @dataclass
@@ -57,6 +59,8 @@ class FakeTwilio:
         reply = self.script.pop(0) if self.script else Reply()
         if reply.delay_s:
             await asyncio.sleep(reply.delay_s)  # a provider that hangs
+        if reply.text is not None:
+            return web.Response(text=reply.text, status=reply.status)
         body = reply.body or {
             "sid": f"SM{next(self._sids):032d}",
             "status": "queued",

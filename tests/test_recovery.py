@@ -73,7 +73,8 @@ async def age_inbox(res: Resources, idle_ms: int) -> None:
 
 
 async def expire_leases(res: Resources) -> None:
-    past = int(NOW.timestamp() * 1000) - LEASE_MS - 1  # on the workers' (fixed) clock
+    # on the workers' (fixed) clock, past any lease a delivery round takes
+    past = int(NOW.timestamp() * 1000) - LEASE_MS - 3_600_000
     for key in await res.redis.keys("ntf:msg:*"):
         await res.redis.hset(key, "claimed", str(past))
 

@@ -108,3 +108,26 @@ async def test_end_to_end_email_through_sendgrid(
         assert body["custom_args"]["notification_id"] == decision["notification_id"]
         assert decision["delivery"]["status"] == "sent"
         assert decision["delivery"]["detail"] == "sendgrid:sg0"
+
+
+async def test_sendgrid_sends_from_its_verified_sender(sendgrid: FakeSendGrid) -> None:
+    ch = build_sendgrid(KEY, base_url=sendgrid.url, timeout_s=5, sender="verified@shop.example")
+    try:
+        await ch.send_many([email_out()])
+    finally:
+        await ch.aclose()
+    assert sendgrid.received[0]["from"] == {"email": "verified@shop.example", "name": "Acme"}
+
+
+@pytest.mark.parametrize("status", [501, 507, 520, 524])
+async def test_every_server_error_is_retried(sendgrid: FakeSendGrid, status: int) -> None:
+    sendgrid.fail(status)
+    [outcome] = await send(sendgrid)
+    assert isinstance(outcome, TemporaryDeliveryError)
+
+
+def test_a_sendgrid_key_needs_a_verified_sender(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="NOTIFIER_SENDGRID_FROM"):
+        make_settings(tmp_path, sendgrid_api_key=KEY)

@@ -322,7 +322,7 @@ async def test_crash_after_twilio_accepted_is_the_only_at_least_once_window(
             assert report.busy and len(twilio.received) == 1
 
         # after the lease: Twilio has no idempotency key, so the SMS goes once more
-        later = NOW + timedelta(milliseconds=LEASE_MS + 1)
+        later = NOW + timedelta(milliseconds=LEASE_MS + 11_000)  # lease: 60 s + one timeout
         async with open_resources(settings, clock=fixed_clock(later)) as res:
             report = await Pipeline(res).deliverer.deliver(
                 [d["notification_id"] for d in await history(client) if d["channel"] == "sms"]
@@ -371,3 +371,55 @@ def test_check_refuses_a_channel_that_is_not_configured(
     assert "templates/acme/brand.yaml: channels.email: sendgrid is not configured" in (
         capsys.readouterr().err
     )
+
+
+# -- review findings ------------------------------------------------------------------------------
+
+
+async def test_a_worker_whose_claim_was_taken_over_cannot_overwrite(
+    tmp_path: Path, redis_url: str
+) -> None:
+    from notifier.delivery import LEASE_MS
+
+    settings = make_settings(tmp_path, redis_url=redis_url)
+    async with open_resources(settings) as res:
+        key = res.store.notification_key("n_x")
+        await res.redis.hset(key, mapping={"st": "pending", "p": "{}", "attempts": "0"})
+        [(first, _)] = await res.store.claim(["n_x"], 0, LEASE_MS, owner="A")
+        [(second, _)] = await res.store.claim(["n_x"], LEASE_MS + 1, LEASE_MS, owner="B")
+        assert (first.value, second.value) == ("fresh", "reclaimed")
+        await res.store.mark_sent([("n_x", "2026-11-21T14:00:00+00:00", "twilio:SMb")], "B")
+        await res.store.reschedule("n_x", 10**13, "late timeout", "A")  # A wakes up late
+        await res.store.mark_failed("n_x", "late failure", "A")
+        ledger = (await res.store.ledger(["n_x"]))["n_x"]
+        assert (ledger["status"], ledger["detail"]) == ("sent", "twilio:SMb")
+        assert await res.redis.zcard(res.store.DUE_KEY) == 0
+        assert await res.store.dead_letters() == {"notifications": 0, "inbox": 0}
+
+
+async def test_an_unreadable_answer_does_not_sink_the_batch(twilio: FakeTwilio) -> None:
+    from tests.fakes import Reply
+
+    twilio.script += [Reply(201), Reply(201, text="<html>proxy</html>"), Reply(201)]
+    outcomes = await send(channel(twilio), sms("n_1"), sms("n_2"), sms("n_3"))
+    assert all(isinstance(o, Receipt) for o in outcomes)  # accepted: never resent
+    assert len(twilio.received) == 3
+
+
+async def test_start_undoes_an_opt_out_reported_by_twilio(
+    tmp_path: Path, redis_url: str, twilio: FakeTwilio
+) -> None:
+    from notifier.models import ChannelKind
+    from notifier.policy import opt_out_key
+
+    settings = twilio_settings(tmp_path, redis_url, twilio)
+    twilio.fail(400, 21610)
+    async with TestClient(TestServer(create_app(settings))) as client:
+        await post(client, transition(event_id="a"))
+        await run_worker(settings)
+    async with open_resources(settings) as res:
+        key = opt_out_key(ChannelKind.SMS, "+33612345678")
+        assert await res.store.opted_out("acme", [key]) == {key}
+        assert await res.store.opted_out("globex", [key]) == {key}  # the number blocked us
+        await res.store.set_opt_out(res.store.EVERY_MERCHANT, key, False)  # what START does
+        assert await res.store.opted_out("acme", [key]) == set()

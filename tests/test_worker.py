@@ -190,7 +190,9 @@ async def test_crash_after_commit_is_finished_by_the_next_worker(
     # claims were taken by the crashed worker; let its lease run out, as time would
     async with open_resources(fast, clock=fixed_clock()) as res:
         for key in await res.redis.keys("ntf:msg:*"):
-            await res.redis.hset(key, "claimed", str(int(1000 * NOW.timestamp()) - LEASE_MS - 1))
+            await res.redis.hset(
+                key, "claimed", str(int(1000 * NOW.timestamp()) - LEASE_MS - 3_600_000)
+            )
     await run_worker(fast)
     assert len(outbox_files(settings, ".eml")) == 1
     assert len(outbox_files(settings, ".sms.json")) == 1

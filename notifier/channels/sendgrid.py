@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from email.utils import formataddr, parseaddr
 
 import aiohttp
 from sendgrid.helpers.mail import CustomArg, Header, Mail
@@ -18,14 +19,22 @@ from notifier.channels.base import Outcome, Outgoing, Receipt
 from notifier.errors import PermanentDeliveryError, TemporaryDeliveryError
 from notifier.render import EmailMessageOut
 
-#: HTTP statuses worth retrying; any other 4xx is permanent.
-RETRYABLE = {408, 429, 500, 502, 503, 504}
+#: Client errors worth retrying; every 5xx is retried too, any other 4xx is permanent.
+RETRYABLE = {408, 429}
 
 
-def payload(message: EmailMessageOut) -> dict[str, object]:
-    """The v3 mail/send JSON for a rendered email (via the SDK's Mail helper)."""
+def payload(message: EmailMessageOut, sender: str | None = None) -> dict[str, object]:
+    """The v3 mail/send JSON for a rendered email (via the SDK's Mail helper).
+
+    ``sender`` replaces the address (not the display name): SendGrid only sends from
+    verified senders.
+    """
+    from_addr = message.from_addr
+    if sender:
+        display, _ = parseaddr(message.from_addr)
+        from_addr = formataddr((display, sender))
     mail = Mail(
-        from_email=message.from_addr,
+        from_email=from_addr,
         to_emails=message.to,
         subject=message.subject,
         plain_text_content=message.text,
@@ -64,10 +73,12 @@ class SendGridChannel:
         *,
         api_key: str,
         base_url: str,
+        sender: str | None = None,
         timeout_s: float = 10.0,
         concurrency: int = 16,
     ) -> None:
         self.session = session
+        self.sender = sender
         self.url = base_url.rstrip("/") + "/v3/mail/send"
         self.headers = {"Authorization": f"Bearer {api_key}"}
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
@@ -83,7 +94,10 @@ class SendGridChannel:
         async with self._limit:
             try:
                 async with self.session.post(
-                    self.url, json=payload(message), headers=self.headers, timeout=self.timeout
+                    self.url,
+                    json=payload(message, self.sender),
+                    headers=self.headers,
+                    timeout=self.timeout,
                 ) as response:
                     text = (await response.text())[:300]
                     status, headers = response.status, response.headers
@@ -91,9 +105,13 @@ class SendGridChannel:
                 return TemporaryDeliveryError(
                     f"SendGrid unreachable ({type(exc).__name__})", nid, self.name
                 )
+            except Exception as exc:  # anything else must not sink the other messages
+                return TemporaryDeliveryError(
+                    f"SendGrid call failed ({type(exc).__name__})", nid, self.name
+                )
         if 200 <= status < 300:
             return Receipt(self.name, headers.get("X-Message-Id") or nid)
-        if status in RETRYABLE:
+        if status in RETRYABLE or status >= 500:
             return TemporaryDeliveryError(
                 f"SendGrid answered {status}", nid, self.name, retry_after_s=_retry_after(headers)
             )
@@ -104,7 +122,13 @@ class SendGridChannel:
         await self.session.close()
 
 
-def build_sendgrid(api_key: str, *, base_url: str, timeout_s: float) -> SendGridChannel:
+def build_sendgrid(
+    api_key: str, *, base_url: str, timeout_s: float, sender: str | None = None
+) -> SendGridChannel:
     return SendGridChannel(
-        aiohttp.ClientSession(), api_key=api_key, base_url=base_url, timeout_s=timeout_s
+        aiohttp.ClientSession(),
+        api_key=api_key,
+        base_url=base_url,
+        sender=sender,
+        timeout_s=timeout_s,
     )

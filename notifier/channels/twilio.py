@@ -42,6 +42,9 @@ OPT_OUT_CODES = {21610}
 _retry_after: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "twilio_retry_after", default=None
 )
+_last_status: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "twilio_last_status", default=None
+)
 
 
 def _basic(user: str, password: str) -> str:
@@ -77,6 +80,7 @@ class TwilioHttpClient(AsyncTwilioHttpClient):  # type: ignore[misc]
         response: Response = await asyncio.wait_for(
             super().request(method, url, params, data, headers, None, **kwargs), self.timeout_s
         )
+        _last_status.set(response.status_code)
         retry_after = (response.headers or {}).get("Retry-After")
         _retry_after.set(float(retry_after) if retry_after and retry_after.isdigit() else None)
         return response
@@ -146,10 +150,21 @@ class TwilioChannel:
         if self.status_callback:
             params["status_callback"] = self.status_callback
         async with self._limit:
+            _last_status.set(None)
             try:
                 created = await self.client.messages.create_async(**params)
             except (TimeoutError, TwilioException, aiohttp.ClientError, OSError) as exc:
                 return classify(exc, message.notification_id)
+            except Exception as exc:  # anything else must not sink the other messages
+                status = _last_status.get()
+                if status is not None and 200 <= status < 300:
+                    # Twilio accepted it; we just could not read the answer: never resend.
+                    return Receipt(self.name, f"accepted-unreadable-{message.notification_id}")
+                return TemporaryDeliveryError(
+                    f"Twilio call failed ({type(exc).__name__})",
+                    message.notification_id,
+                    self.name,
+                )
         if not created.sid:
             return TemporaryDeliveryError(
                 "Twilio accepted the request but returned no message sid",
