@@ -170,6 +170,14 @@ async def test_stop_reported_by_twilio_is_recorded_as_an_opt_out(
         [_, second] = [d for d in await history(client) if d["channel"] == "sms"]
         assert second["reason"] == "recipient opted out of sms"
     assert len(twilio.received) == 1  # Twilio was never asked again
+    async with open_resources(settings) as res:
+        from notifier.models import ChannelKind
+        from notifier.policy import opt_out_key
+
+        key = opt_out_key(ChannelKind.SMS, "+33612345678")
+        assert await res.store.opted_out("globex", [key]) == {key}  # the number blocked us
+        await res.store.set_opt_out(res.store.EVERY_MERCHANT, key, False)  # what START does
+        assert await res.store.opted_out("acme", [key]) == set()
 
 
 async def test_twilio_429_puts_the_message_back_on_the_due_index(
@@ -404,22 +412,3 @@ async def test_an_unreadable_answer_does_not_sink_the_batch(twilio: FakeTwilio) 
     outcomes = await send(channel(twilio), sms("n_1"), sms("n_2"), sms("n_3"))
     assert all(isinstance(o, Receipt) for o in outcomes)  # accepted: never resent
     assert len(twilio.received) == 3
-
-
-async def test_start_undoes_an_opt_out_reported_by_twilio(
-    tmp_path: Path, redis_url: str, twilio: FakeTwilio
-) -> None:
-    from notifier.models import ChannelKind
-    from notifier.policy import opt_out_key
-
-    settings = twilio_settings(tmp_path, redis_url, twilio)
-    twilio.fail(400, 21610)
-    async with TestClient(TestServer(create_app(settings))) as client:
-        await post(client, transition(event_id="a"))
-        await run_worker(settings)
-    async with open_resources(settings) as res:
-        key = opt_out_key(ChannelKind.SMS, "+33612345678")
-        assert await res.store.opted_out("acme", [key]) == {key}
-        assert await res.store.opted_out("globex", [key]) == {key}  # the number blocked us
-        await res.store.set_opt_out(res.store.EVERY_MERCHANT, key, False)  # what START does
-        assert await res.store.opted_out("acme", [key]) == set()
