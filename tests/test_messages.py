@@ -193,7 +193,7 @@ def test_every_email_says_when_and_where_in_the_recipients_locale() -> None:
 def test_relative_time_is_in_the_context() -> None:
     r = renderer()
     n = notification(sample("delivered"), locale="fr")
-    assert r.context(n, "fr")["event"]["ago"] == "il y a 3 heures"  # 09:30 -> 12:30 UTC
+    assert str(r.context(n, "fr")["event"]["ago"]) == "il y a 3 heures"  # 09:30 -> 12:30 UTC
 
 
 def test_check_lists_an_sms_over_budget(

@@ -187,9 +187,39 @@ def window(start: datetime, end: datetime, timezone: str | None, locale: str) ->
     if start.astimezone(tz).date() != end.astimezone(tz).date():
         return f"{when(start, timezone, locale)} – {when(end, timezone, locale)}"
     day, _, joiner = _patterns(locale)
-    times = format_interval(start, end, "Hm" if _24h(loc) else "hm", tzinfo=tz, locale=loc)
+    times = _time_interval(start.astimezone(tz), end.astimezone(tz), locale)
     text = joiner.replace("{1}", day.apply(start.astimezone(tz), loc)).replace("{0}", times)
     return text if timezone else f"{text} UTC"
+
+
+@lru_cache(maxsize=512)
+def _interval_patterns(locale: str) -> dict[str, tuple[DateTimePattern, DateTimePattern]]:
+    """The locale's same-day time-interval patterns by greatest differing field, parsed
+    once (babel's format_interval resolves them on every call)."""
+    loc = parse_locale(locale) or Locale("en")
+    skeleton = match_skeleton("Hm" if _24h(loc) else "hm", loc.interval_formats)
+    formats = loc.interval_formats.get(skeleton) or {}
+    return {
+        field: (parse_pattern(str(first)), parse_pattern(str(second)))
+        for field, (first, second) in formats.items()
+    }
+
+
+def _time_interval(start: datetime, end: datetime, locale: str) -> str:
+    """``09:30 – 13:00`` in the locale's own interval format (both already local)."""
+    loc = parse_locale(locale) or Locale("en")
+    patterns = _interval_patterns(locale)
+    if start.hour // 12 != end.hour // 12 and "a" in patterns:
+        field = "a"
+    elif start.hour != end.hour:
+        field = "H" if "H" in patterns else "h"
+    else:
+        field = "m"
+    pair = patterns.get(field)
+    if pair is None:  # a locale without interval data: babel's general formatter
+        text: str = format_interval(start, end, "Hm" if _24h(loc) else "hm", locale=loc)
+        return text
+    return pair[0].apply(start, loc) + pair[1].apply(end, loc)
 
 
 def _24h(loc: Locale) -> bool:

@@ -109,6 +109,18 @@ Message = EmailMessageOut | SmsMessageOut
 WORDS = ("subject", "preheader", "headline", "happened", "next", "help", "we_do", "sms")
 
 
+class Lazy:
+    """Text computed when a template prints it (a rarely used, costly value)."""
+
+    __slots__ = ("_make",)
+
+    def __init__(self, make: Callable[[], str]) -> None:
+        self._make = make
+
+    def __str__(self) -> str:
+        return self._make()
+
+
 def message_name(t: Transition) -> str:
     """The message file of a transition: ``delivered``, ``exception_customs_hold``..."""
     if t.exception_code is not None:
@@ -262,7 +274,8 @@ class Renderer:
                 else "",
                 "deadline_days": deadline_days,
                 "deadline": i18n.when(t.pickup_deadline, tz, fmt) if t.pickup_deadline else "",
-                "ago": i18n.ago(t.occurred_at, n.created_at, fmt),
+                # computed only if a template prints it
+                "ago": Lazy(lambda: i18n.ago(t.occurred_at, n.created_at, fmt)),
             },
             "progress": _progress(t),
             "actions": actions,
