@@ -15,7 +15,7 @@ from notifier.resources import open_resources
 from notifier.settings import Settings
 from tests.conftest import history, make_settings, post, run_worker, transition
 from tests.fakes import FakeTwilio, serve_twilio
-from tests.test_twilio import SID, TOKEN
+from tests.test_twilio import TOKEN, twilio_settings
 
 PUBLIC = "https://notify.example.com"
 
@@ -30,16 +30,7 @@ async def twilio() -> AsyncIterator[FakeTwilio]:
 
 @pytest.fixture
 def hook_settings(tmp_path: Path, redis_url: str, twilio: FakeTwilio) -> Settings:
-    return make_settings(
-        tmp_path,
-        redis_url=redis_url,
-        sms_channel="twilio",
-        twilio_account_sid=SID,
-        twilio_auth_token=TOKEN,
-        twilio_from="+15005550006",
-        twilio_base_url=twilio.url,
-        public_url=PUBLIC,
-    )
+    return twilio_settings(tmp_path, redis_url, twilio).model_copy(update={"public_url": PUBLIC})
 
 
 @pytest.fixture
