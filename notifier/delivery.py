@@ -10,8 +10,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-import orjson
-
 from notifier.channels import Channel, Outcome, Outgoing, Receipt
 from notifier.errors import PermanentDeliveryError, RenderError, TemporaryDeliveryError
 from notifier.models import STATUS_RANK, ChannelKind, Decision, Notification, notification_id
@@ -195,17 +193,13 @@ class Deliverer:
                 "created_at": now,
             }
         )
-        t = n.transition
-        decision = Decision(
-            event_id=t.event_id,
-            status=t.status,
-            exception_code=t.exception_code,
+        decision = Decision.about(
+            n.transition,
             channel=ChannelKind.EMAIL,
             outcome=Decided.SENT,
             reason=f"fallback: the SMS failed for good ({failure.reason}); sent by email",
             notification_id=nid,
             decided_at=now,
-            occurred_at=t.occurred_at,
         )
         added = await self.res.store.add_notification(
             n.merchant_id,
@@ -213,7 +207,7 @@ class Deliverer:
             nid,
             fallback.model_dump_json(exclude_none=True).encode(),
             int(now.timestamp() * 1000),
-            orjson.dumps(decision.model_dump(mode="json", exclude_none=True)),
+            decision.history_entry(),
         )
         if added:
             log.info(

@@ -10,6 +10,7 @@ from enum import StrEnum
 from functools import lru_cache
 from typing import Annotated, Any, Self
 
+import orjson
 from babel import Locale, UnknownLocaleError
 from pydantic import (
     AfterValidator,
@@ -265,6 +266,38 @@ class Decision(_Strict):
     #: when a deferred message is due
     send_at: datetime | None = None
     details: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def about(
+        cls,
+        t: Transition,
+        *,
+        channel: ChannelKind | None,
+        outcome: Outcome,
+        reason: str,
+        decided_at: datetime,
+        notification_id: str | None = None,
+        send_at: datetime | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> Decision:
+        """The decision recorded for transition ``t``."""
+        return cls(
+            event_id=t.event_id,
+            status=t.status,
+            exception_code=t.exception_code,
+            channel=channel,
+            outcome=outcome,
+            reason=reason,
+            notification_id=notification_id,
+            decided_at=decided_at,
+            occurred_at=t.occurred_at,
+            send_at=send_at,
+            details=details or {},
+        )
+
+    def history_entry(self) -> bytes:
+        """As stored in a shipment's history list."""
+        return orjson.dumps(self.model_dump(mode="json", exclude_none=True))
 
 
 class Notification(_Strict):

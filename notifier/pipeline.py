@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-import orjson
 from pydantic import ValidationError
 
 from notifier.delivery import Deliverer, DeliveryReport
@@ -114,7 +113,7 @@ class Pipeline:
             opted = await self._opt_outs(pending, loaded)
             now = self.res.clock()
             folds = [
-                self._fold(key, version, state, pending[key], now, opted)
+                self._fold(key, version, state, pending[key], now, opted.get(key[0], set()))
                 for key, (version, state) in zip(keys, loaded, strict=True)
             ]
             conflicts = set(await self.res.store.commit([f.commit for f in folds], now.isoformat()))
@@ -140,8 +139,8 @@ class Pipeline:
         self,
         groups: dict[ShipmentKey, list[tuple[str, Transition]]],
         loaded: list[tuple[int, ShipmentState | None]],
-    ) -> set[str]:
-        """The opt-outs among every address these shipments may be messaged at."""
+    ) -> dict[str, set[str]]:
+        """Per merchant, the opt-outs among every address its shipments may be messaged at."""
         by_merchant: dict[str, set[str]] = {}
         for ((merchant_id, _), items), (_, state) in zip(groups.items(), loaded, strict=True):
             candidates = [state.recipient] if state and state.recipient else []
@@ -152,13 +151,10 @@ class Pipeline:
                     keys.add(opt_out_key(ChannelKind.EMAIL, r.email))
                 if r.phone:
                     keys.add(opt_out_key(ChannelKind.SMS, r.phone))
-        opted: set[str] = set()
-        for merchant_id, keys in by_merchant.items():
-            opted |= {
-                f"{merchant_id}\x00{k}"
-                for k in await self.res.store.opted_out(merchant_id, sorted(keys))
-            }
-        return opted
+        return {
+            merchant_id: await self.res.store.opted_out(merchant_id, sorted(keys))
+            for merchant_id, keys in by_merchant.items()
+        }
 
     def _fold(
         self,
@@ -167,14 +163,12 @@ class Pipeline:
         state: ShipmentState | None,
         transitions: list[tuple[str, Transition]],
         now: datetime,
-        opted: set[str],
+        opted_out: set[str],
     ) -> _Fold:
         """Fold a shipment's transitions (in arrival order) through the policy. Pure."""
         merchant_id, shipment_id = key
         policy = self.res.policies.for_merchant(merchant_id)
         start = state or ShipmentState(merchant_id=merchant_id, shipment_id=shipment_id)
-        prefix = f"{merchant_id}\x00"
-        opted_out = {k.removeprefix(prefix) for k in opted if k.startswith(prefix)}
         entry_of = {t.event_id: entry_id for entry_id, t in transitions}
         final, steps = fold(policy, start, [t for _, t in transitions], now, opted_out)
         history: list[bytes] = []
@@ -219,20 +213,17 @@ class Pipeline:
                             n.model_dump_json(exclude_none=True).encode(),
                         )
                     )
-                decision = Decision(
-                    event_id=t.event_id,
-                    status=t.status,
-                    exception_code=t.exception_code,
+                decision = Decision.about(
+                    t,
                     channel=verdict.channel,
                     outcome=verdict.outcome,
                     reason=verdict.reason,
                     notification_id=nid,
                     decided_at=now,
-                    occurred_at=t.occurred_at,
                     send_at=verdict.send_at,
                     details=dict(verdict.details),
                 )
-                history.append(orjson.dumps(decision.model_dump(mode="json", exclude_none=True)))
+                history.append(decision.history_entry())
                 decisions += 1
         commit = ShipmentCommit(
             merchant_id,
