@@ -147,8 +147,11 @@ def _check_moment(value: datetime) -> datetime:
     return value
 
 
+_URL = re.compile(r"^https?://[^\s/]+")
+
+
 def _check_url(value: str) -> str:
-    if not re.match(r"^https?://[^\s/]+", value) or len(value) > 2000:
+    if len(value) > 2000 or not _URL.match(value):
         raise ValueError("must be an http(s) URL")
     return value
 

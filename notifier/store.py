@@ -16,8 +16,10 @@ worker processes can share one Redis:
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import zlib
+from collections import deque
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,6 +28,7 @@ from typing import Any, TypeVar
 
 import orjson
 from arq.connections import ArqRedis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from notifier.state import ShipmentState
@@ -315,6 +318,13 @@ class Store:
         self._provider_status = redis.register_script(_PROVIDER_STATUS)
         self._add_notification = redis.register_script(_ADD_NOTIFICATION)
         self._unlock = redis.register_script(_UNLOCK)
+        self._ingest_queue: deque[
+            tuple[
+                Sequence[tuple[str, str, str, bytes]],
+                asyncio.Future[tuple[list[bool], list[int]]],
+            ]
+        ] = deque()
+        self._ingest_task: asyncio.Task[None] | None = None
 
     # -- keys ---------------------------------------------------------------
     def partition_of(self, merchant_id: str, shipment_id: str) -> int:
@@ -357,17 +367,78 @@ class Store:
         return f"{PREFIX}:optout:{merchant_id}"
 
     # -- ingest -------------------------------------------------------------
+    #: A wake flag lasts this long: a partition gets at most one drain job enqueued by
+    #: ingest per period while its drain is busy (the drain re-checks before it stops).
+    WAKE_MS = 5000
+    #: Most events one group-committed ingest script call takes (it runs atomically in
+    #: Redis, so it must stay short).
+    INGEST_GROUP_MAX = 2000
+
     async def ingest(
-        self, items: Sequence[tuple[str, str, str, bytes]], wake_ms: int = 5000
+        self, items: Sequence[tuple[str, str, str, bytes]]
     ) -> tuple[list[bool], list[int]]:
         """Persist new events atomically; return (accepted per item, partitions to wake).
 
         ``items`` are (merchant_id, shipment_id, event_id, payload). A partition is
-        returned at most once per ``wake_ms``; its caller enqueues a drain job.
+        returned at most once per ``WAKE_MS``; its caller enqueues a drain job.
+
+        Concurrent calls are group-committed: while one script call is in flight, the
+        calls that arrive wait and then go together in the next one. A lone call goes at
+        once, so this adds no latency, and under load one round trip (and one script
+        run) carries many requests' events. Each caller gets its own items' answers;
+        the partitions to wake go to one caller of each group.
         """
+        future: asyncio.Future[tuple[list[bool], list[int]]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._ingest_queue.append((items, future))
+        if self._ingest_task is None or self._ingest_task.done():
+            self._ingest_task = asyncio.create_task(self._ingest_groups())
+        return await future
+
+    async def _ingest_groups(self) -> None:
+        try:
+            await self._ingest_each_group()
+        finally:  # cancelled (shutdown): nobody may wait forever for an answer
+            while self._ingest_queue:
+                _, future = self._ingest_queue.popleft()
+                if not future.done():
+                    future.set_exception(RedisConnectionError("ingest stopped"))
+
+    async def _ingest_each_group(self) -> None:
+        while self._ingest_queue:
+            group: list[tuple[Sequence[tuple[str, str, str, bytes]], asyncio.Future[Any]]] = []
+            size = 0
+            while self._ingest_queue and (
+                not group or size + len(self._ingest_queue[0][0]) <= self.INGEST_GROUP_MAX
+            ):
+                items, future = self._ingest_queue.popleft()
+                group.append((items, future))
+                size += len(items)
+            try:
+                accepted, woken = await self._ingest_now([i for items, _ in group for i in items])
+            except BaseException as exc:  # every caller of the group sees the failure (503)
+                for _, future in group:
+                    if not future.done():
+                        future.set_exception(
+                            exc if isinstance(exc, Exception) else RedisConnectionError("stopped")
+                        )
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            start = 0
+            for items, future in group:
+                if not future.done():  # a caller that went away still had its events stored
+                    future.set_result((accepted[start : start + len(items)], woken))
+                    woken = []
+                start += len(items)
+
+    async def _ingest_now(
+        self, items: Sequence[tuple[str, str, str, bytes]]
+    ) -> tuple[list[bool], list[int]]:
         evt_keys = [self.event_key(m, e) for m, _, e, _ in items]
         inbox_keys = [self.inbox_key(self.partition_of(m, s)) for m, s, _, _ in items]
-        args: list[Any] = [self.idempotency_ttl_s, wake_ms, *(p for *_, p in items)]
+        args: list[Any] = [self.idempotency_ttl_s, self.WAKE_MS, *(p for *_, p in items)]
         accepted, woken = await self._ingest(keys=evt_keys + inbox_keys, args=args)
         parts = [int(_decode(k).split(":")[2]) for k in woken]
         return [bool(a) for a in accepted], parts
@@ -463,8 +534,8 @@ class Store:
     async def clear_wake(self, partition: int) -> None:
         await self.redis.delete(self.wake_key(partition))
 
-    async def set_wake(self, partition: int, wake_ms: int = 5000) -> bool:
-        return bool(await self.redis.set(self.wake_key(partition), "1", nx=True, px=wake_ms))
+    async def set_wake(self, partition: int) -> bool:
+        return bool(await self.redis.set(self.wake_key(partition), "1", nx=True, px=self.WAKE_MS))
 
     # -- shipment state -----------------------------------------------------
     async def load_states(

@@ -2,78 +2,122 @@
 
 from __future__ import annotations
 
+import copy
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 from babel.support import NullTranslations
-from jinja2 import FileSystemLoader, StrictUndefined, Template, select_autoescape
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, Template, select_autoescape
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from notifier.render.i18n import Catalogs
 
+#: The names the i18n extension compiles ``{% trans %}`` and ``_()`` into.
+GETTEXT_NAMES = ("gettext", "ngettext", "pgettext", "npgettext")
+
 
 class TemplateStore:
-    """One sandboxed environment per (merchant, locale), cached; ``invalidate`` picks up edits.
+    """Sandboxed environments by template search path, cached; ``invalidate`` picks up edits.
 
-    Each environment has the merchant's layered loader (templates/<merchant_id>/ first)
-    and the locale's gettext catalog installed for ``{% trans %}``.
+    Merchants without their own template folder share one environment, so each template
+    is compiled once, not once per merchant and locale. Translations are not installed
+    in an environment: every render passes the gettext functions of the reader's locale
+    chain (``gettext_for``) in its context, where they take precedence over the
+    environment's English defaults.
     """
 
     def __init__(self, directory: Path, catalogs: Catalogs | None = None) -> None:
         self.directory = directory
         self.catalogs = catalogs
-        self._envs: dict[tuple[str, str], ImmutableSandboxedEnvironment] = {}
-        self._selected: dict[tuple[str, str, tuple[str, ...]], Template] = {}
+        self._search: dict[str, tuple[str, ...]] = {}
+        self._envs: dict[tuple[str, ...], ImmutableSandboxedEnvironment] = {}
+        self._selected: dict[tuple[tuple[str, ...], tuple[str, ...]], Template] = {}
+        self._gettext: dict[tuple[str, ...], dict[str, Callable[..., Any]]] = {}
         self._lock = threading.Lock()
 
-    def select(self, merchant_id: str, names: tuple[str, ...], locale: str = "en") -> Template:
+    def search_path(self, merchant_id: str) -> tuple[str, ...]:
+        """Where a merchant's templates are looked up: its own folder first, if it has one."""
+        search = self._search.get(merchant_id)
+        if search is None:
+            override = self.directory / merchant_id
+            own = bool(merchant_id) and override.is_dir()
+            search = (str(override), str(self.directory)) if own else (str(self.directory),)
+            with self._lock:
+                self._search[merchant_id] = search
+        return search
+
+    def select(self, merchant_id: str, names: tuple[str, ...]) -> Template:
         """The first of ``names`` that exists for the merchant, resolved once and cached.
 
         Jinja2 caches compiled templates but not misses, so without this every
         render would stat the per-status files a merchant did not write.
         """
-        key = (merchant_id, locale, names)
-        template = self._selected.get(key)
+        search = self.search_path(merchant_id)
+        template = self._selected.get((search, names))
         if template is None:
-            template = self.environment(merchant_id, locale).select_template(list(names))
+            template = self.environment(merchant_id).select_template(list(names))
             with self._lock:
-                self._selected[key] = template
+                self._selected[(search, names)] = template
         return template
 
-    def environment(
-        self, merchant_id: str, locale: str = "en", chain: list[str] | None = None
-    ) -> ImmutableSandboxedEnvironment:
-        """The environment for a merchant and a catalog locale (``chain``: its fallbacks)."""
-        env = self._envs.get((merchant_id, locale))
+    def environment(self, merchant_id: str) -> ImmutableSandboxedEnvironment:
+        """The environment with the merchant's layered loader."""
+        search = self.search_path(merchant_id)
+        env = self._envs.get(search)
         if env is None:
-            env = self._build(merchant_id)
-            translations = self.catalogs.translations(chain or [locale]) if self.catalogs else None
-            env.install_gettext_translations(  # type: ignore[attr-defined]
-                translations or NullTranslations(), newstyle=True
-            )
+            env = self._build(search)
             with self._lock:
-                self._envs[(merchant_id, locale)] = env
+                self._envs[search] = env
         return env
 
-    def invalidate(self, merchant_id: str | None = None) -> None:
-        """Drop cached environments (one merchant, or all)."""
-        with self._lock:
-            if merchant_id is None:
-                self._envs.clear()
-                self._selected.clear()
-            else:
-                for env_key in [k for k in self._envs if k[0] == merchant_id]:
-                    del self._envs[env_key]
-                for key in [k for k in self._selected if k[0] == merchant_id]:
-                    del self._selected[key]
+    def gettext_for(self, chain: Sequence[str]) -> dict[str, Callable[..., Any]]:
+        """The newstyle gettext functions for a locale chain (first found wins, then English),
+        to pass in a render's context."""
+        key = tuple(chain)
+        funcs = self._gettext.get(key)
+        if funcs is None:
+            translations = self._translations(chain)
+            # A bare environment only to have Jinja2 wrap the functions the way compiled
+            # templates expect them (autoescaping, %-formatting); nothing is compiled in it.
+            scratch = Environment(extensions=["jinja2.ext.i18n"])
+            scratch.install_gettext_translations(  # type: ignore[attr-defined]
+                translations, newstyle=True
+            )
+            funcs = {
+                name: cast(Callable[..., Any], scratch.globals[name]) for name in GETTEXT_NAMES
+            }
+            with self._lock:
+                self._gettext[key] = funcs
+        return funcs
 
-    def _build(self, merchant_id: str) -> ImmutableSandboxedEnvironment:
-        search = [self.directory]
-        override = self.directory / merchant_id
-        if merchant_id and override.is_dir():
-            search.insert(0, override)
-        return ImmutableSandboxedEnvironment(
-            loader=FileSystemLoader([str(p) for p in search]),
+    def _translations(self, chain: Sequence[str]) -> NullTranslations:
+        if self.catalogs is None:
+            return NullTranslations()
+        result: NullTranslations | None = None
+        for name in dict.fromkeys(chain):
+            loaded = self.catalogs.translations([name])
+            if type(loaded) is NullTranslations:  # no catalog (English)
+                continue
+            # a copy: the cached catalog object must not collect this chain's fallbacks
+            if result is None:
+                result = copy.copy(loaded)
+            else:
+                result.add_fallback(copy.copy(loaded))
+        return result or NullTranslations()
+
+    def invalidate(self, merchant_id: str | None = None) -> None:
+        """Drop cached environments and translations (after an edit of templates/ or locales/)."""
+        with self._lock:
+            self._search.clear()
+            self._envs.clear()
+            self._selected.clear()
+            self._gettext.clear()
+
+    def _build(self, search: tuple[str, ...]) -> ImmutableSandboxedEnvironment:
+        env = ImmutableSandboxedEnvironment(
+            loader=FileSystemLoader(list(search)),
             # Merchant-editable templates: no access to internals, no silent blanks.
             undefined=StrictUndefined,
             autoescape=select_autoescape(enabled_extensions=("html",), default=False),
@@ -83,3 +127,8 @@ class TemplateStore:
             keep_trailing_newline=False,
             auto_reload=False,
         )
+        # English (the source strings) unless a render passes its locale's functions.
+        env.install_gettext_translations(  # type: ignore[attr-defined]
+            NullTranslations(), newstyle=True
+        )
+        return env

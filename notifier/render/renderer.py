@@ -179,7 +179,7 @@ class Renderer:
         #: (merchant_id, address) -> the RFC 8058 headers, for brands that want them
         self.unsubscribe = unsubscribe
         self._brands: dict[str, Brand] = {}
-        self._labels: dict[tuple[str, str], dict[str, str]] = {}
+        self._labels: dict[tuple[str, ...], dict[str, str]] = {}
         self._brand_ctx: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
 
@@ -284,20 +284,22 @@ class Renderer:
             "message": f"messages/{message_name(t)}.jinja",
         }
 
-    def _words(self, merchant_id: str, locale: str, ctx: dict[str, Any]) -> dict[str, str]:
+    def _words(self, merchant_id: str, ctx: dict[str, Any]) -> dict[str, str]:
         """The message file's macros, evaluated once per message into plain strings."""
-        module = self.templates.select(merchant_id, (ctx["message"],), locale).make_module(ctx)
+        module = self.templates.select(merchant_id, (ctx["message"],)).make_module(ctx)
         return {
             name: str(macro()).strip() if (macro := getattr(module, name, None)) else ""
             for name in WORDS
         }
 
-    def _step_labels(self, merchant_id: str, locale: str) -> dict[str, str]:
+    def _step_labels(
+        self, merchant_id: str, chain: tuple[str, ...], words: dict[str, Any]
+    ) -> dict[str, str]:
         """Step, state and button labels of _labels.jinja (the same for every message)."""
-        key = (merchant_id, locale)
+        key = (merchant_id, *chain)
         labels = self._labels.get(key)
         if labels is None:
-            module = self.templates.select(merchant_id, ("_labels.jinja",), locale).make_module()
+            module = self.templates.select(merchant_id, ("_labels.jinja",)).make_module(words)
             groups = {
                 "label": ("ordered", "shipped", "moving", "out", "collect", "delivered"),
                 "state_text": ("done", "current", "upcoming"),
@@ -316,13 +318,14 @@ class Renderer:
         """Render ``n`` for its channel; a template problem raises RenderError."""
         try:
             locale = self.locale_for(n)
-            chain = [locale, self.catalogs.resolve(self.brand(n.merchant_id).default_locale, "en")]
-            self.templates.environment(n.merchant_id, locale, chain)  # catalog installed
+            chain = (locale, self.catalogs.resolve(self.brand(n.merchant_id).default_locale, "en"))
+            words = self.templates.gettext_for(chain)
             ctx = self.context(n, locale)
-            ctx["m"] = self._words(n.merchant_id, locale, ctx)
-            ctx["labels"] = self._step_labels(n.merchant_id, locale)
+            ctx.update(words)
+            ctx["m"] = self._words(n.merchant_id, ctx)
+            ctx["labels"] = self._step_labels(n.merchant_id, chain, words)
             if n.channel is ChannelKind.SMS:
-                body = self.templates.select(n.merchant_id, ("sms/layout.txt",), locale)
+                body = self.templates.select(n.merchant_id, ("sms/layout.txt",))
                 text = smart_encode(
                     _SPACES.sub(" ", " ".join(body.render(ctx).split("\n"))).strip()
                 )
@@ -336,8 +339,8 @@ class Renderer:
                     size.encoding,
                     size.segments,
                 )
-            html = self.templates.select(n.merchant_id, ("email/layout.html",), locale).render(ctx)
-            text = self.templates.select(n.merchant_id, ("email/layout.txt",), locale).render(ctx)
+            html = self.templates.select(n.merchant_id, ("email/layout.html",)).render(ctx)
+            text = self.templates.select(n.merchant_id, ("email/layout.txt",)).render(ctx)
             brand = self.brand(n.merchant_id)
             return EmailMessageOut(
                 n.notification_id,

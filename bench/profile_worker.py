@@ -1,0 +1,69 @@
+"""Profile one worker draining a realistic backlog, in-process (cProfile or pyinstrument).
+
+Run: .venv/bin/python -m bench.profile_worker [--shipments 2000] [--pyinstrument]
+Starts redis-server and the API (bench/procs.py), posts the backlog, then drains it with a
+burst worker in this process and prints where the time went.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import os
+import pstats
+import time
+
+from bench import service, workload
+from bench.procs import stack
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--shipments", type=int, default=2000)
+    parser.add_argument("--pyinstrument", action="store_true")
+    parser.add_argument("--top", type=int, default=45)
+    args = parser.parse_args()
+    events = workload.stream(args.shipments, seed=3, run="p")
+    with stack() as st:
+        _, port = st.api()
+        asyncio.run(service._post_batches(port, service._bodies(events), 4))
+        backlog = service._inbox_length(st)
+        os.environ.update(st.notifier_env())
+        from notifier.settings import Settings
+        from notifier.worker import build_worker
+
+        r = st.redis()
+
+        async def until_drained() -> None:
+            worker = build_worker(Settings(), handle_signals=False)
+            task = asyncio.create_task(worker.main())
+            while service._inbox_length(st) or r.zcard("arq:queue"):
+                if task.done():
+                    task.result()
+                await asyncio.sleep(0.05)
+            task.cancel()
+            await worker.close()
+
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        started = time.perf_counter()
+        if args.pyinstrument:
+            from pyinstrument import Profiler
+
+            with Profiler() as profiler:
+                loop.run_until_complete(until_drained())
+            profiler.print(show_all=False)
+        else:
+            prof = cProfile.Profile()
+            prof.enable()
+            loop.run_until_complete(until_drained())
+            prof.disable()
+            pstats.Stats(prof).sort_stats("cumulative").print_stats(args.top)
+            pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
+        seconds = time.perf_counter() - started
+        print(f"{backlog} transitions in {seconds:.1f} s: {backlog / seconds:.0f}/s")
+
+
+if __name__ == "__main__":
+    main()
