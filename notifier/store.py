@@ -155,17 +155,23 @@ return out
 # Settle ledger entries that still exist (an expired one is never re-created without
 # its payload and TTL) and that the caller still holds: a worker whose claim ran out and
 # was taken over must not overwrite what the new holder recorded.
-# ARGV: owner token ('' = no check), the number of fields n, then n field/value pairs per key.
+# ARGV: owner token ('' = no check), the number of fields n, the number of fields to drop d,
+# those d field names (what a settled entry no longer needs: its payload, its claim), then
+# n field/value pairs per key.
 _SETTLE = """
 local owner = ARGV[1]
 local n = tonumber(ARGV[2])
-local a = 3
+local d = tonumber(ARGV[3])
+local a = 4 + d
 local settled = {}
 for i = 1, #KEYS do
   local mine = owner == '' or redis.call('HGET', KEYS[i], 'owner') == owner
   if redis.call('EXISTS', KEYS[i]) == 1 and mine then
     for f = 0, n - 1 do
       redis.call('HSET', KEYS[i], ARGV[a + 2 * f], ARGV[a + 2 * f + 1])
+    end
+    for f = 4, 3 + d do
+      redis.call('HDEL', KEYS[i], ARGV[f])
     end
     table.insert(settled, i)
   end
@@ -611,13 +617,22 @@ class Store:
         }
         return [(results.get(int(code), ClaimResult.NONE), p or None) for code, p in rows]
 
+    #: What a sent or cancelled notification no longer needs: the payload it was rendered
+    #: from (the bulk of an entry) and its claim. A failed one keeps its payload, for
+    #: whoever looks into the dead letters.
+    DONE_WITH = ("p", "owner", "claimed")
+
     async def _settle(
-        self, notification_ids: Sequence[str], fields: Sequence[dict[str, str]], owner: str = ""
+        self,
+        notification_ids: Sequence[str],
+        fields: Sequence[dict[str, str]],
+        owner: str = "",
+        drop: Sequence[str] = (),
     ) -> list[str]:
-        """Apply ``fields`` to each notification the caller (``owner``) still holds; return
-        the ids settled."""
+        """Apply ``fields`` to each notification the caller (``owner``) still holds, and
+        remove the ``drop`` fields; return the ids settled."""
         width = len(fields[0])
-        args: list[Any] = [owner, width]
+        args: list[Any] = [owner, width, len(drop), *drop]
         for values in fields:
             assert len(values) == width
             for item in values.items():
@@ -636,6 +651,7 @@ class Store:
                 [nid for nid, _, _ in outcomes],
                 [{"st": LedgerState.SENT, "sent": at, "detail": d} for _, at, d in outcomes],
                 owner,
+                self.DONE_WITH,
             )
         )
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -722,7 +738,12 @@ class Store:
 
     async def cancel(self, notification_id: str, why: str, owner: str = "") -> None:
         """Record that a notification will never be sent, and why."""
-        await self._settle([notification_id], [{"st": LedgerState.CANCELLED, "detail": why}], owner)
+        await self._settle(
+            [notification_id],
+            [{"st": LedgerState.CANCELLED, "detail": why}],
+            owner,
+            self.DONE_WITH,
+        )
 
     # -- opt-outs (one store for the policy engine and the delivery channels) -----------
     #: Opt-outs that hold for every merchant (a STOP sent to our shared Twilio sender).

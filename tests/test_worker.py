@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from aiohttp.test_utils import TestClient
 
 from notifier.channels.base import Outcome, Outgoing
@@ -20,7 +21,7 @@ from notifier.models import ChannelKind, Transition
 from notifier.pipeline import Pipeline, notification_id
 from notifier.resources import open_resources
 from notifier.settings import Settings
-from notifier.store import GROUP, InboxEntry
+from notifier.store import GROUP, InboxEntry, Store
 from tests.conftest import NOW, fixed_clock, history, outbox_files, post, run_worker, transition
 
 Client = TestClient[Any, Any]
@@ -200,9 +201,11 @@ async def test_crash_after_commit_is_finished_by_the_next_worker(
 
 
 async def test_crash_between_write_and_record_does_not_write_twice(
-    client: Client, settings: Settings
+    client: Client, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await post(client, transition())
+    # a worker that dies before recording never gets to drop the payload from the ledger
+    monkeypatch.setattr(Store, "DONE_WITH", ())
     await run_worker(settings)
     async with open_resources(settings, clock=fixed_clock()) as res:
         # pretend the worker died after writing the files but before recording them
@@ -254,3 +257,20 @@ async def test_one_drain_per_partition_at_a_time(client: Client, settings: Setti
         await res.store.clear_wake(partition)
     await run_worker(settings)
     assert len(outbox_files(settings)) == 2
+
+
+async def test_a_sent_notification_keeps_its_status_but_not_its_payload(
+    client: Client, settings: Settings
+) -> None:
+    await post(client, transition())
+    await run_worker(settings)
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        keys = await res.redis.keys("ntf:msg:*")
+        assert len(keys) == 2
+        for key in keys:
+            fields = await res.redis.hgetall(key)
+            assert fields[b"st"] == b"sent" and fields[b"detail"].startswith(b"outbox:")
+            # the rendered-from payload and the claim are gone: Redis memory per shipment
+            assert not {b"p", b"owner", b"claimed"} & set(fields)
+    for d in await history(client):
+        assert d["delivery"]["status"] == "sent" and d["delivery"]["sent_at"]
