@@ -122,7 +122,7 @@ class Stack:
             argv,
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
+            env=env if env is not None else dict(os.environ),
             cwd=self.workdir,
         )
         proc = Proc(name, popen, log)
@@ -130,7 +130,7 @@ class Stack:
         return proc
 
     def notifier_env(self, **extra: str) -> dict[str, str]:
-        clean = {k: "" for k in os.environ if k.startswith("NOTIFIER_")}
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFIER_")}
         return {
             **clean,
             "NOTIFIER_REDIS_URL": self.redis_url,

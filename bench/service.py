@@ -81,7 +81,7 @@ def bare_ceiling(seconds: float) -> Result:
         proc = st.start(
             "bare",
             [sys.executable, "-m", "bench.bare", "--port", str(port)],
-            {"PYTHONPATH": str(HERE.parent)},
+            {**os.environ, "PYTHONPATH": str(HERE.parent)},
         )
         wait_http(proc, port)
         return _wrk(port, seconds, "bare")
@@ -269,11 +269,11 @@ async def _steady(port: int, rate: int, seconds: float, run: int) -> dict[str, f
     return sent
 
 
-def latency(rate: int, seconds: float, run: int) -> Result:
+def latency(rate: int, seconds: float, run: int, **worker_env: str) -> Result:
     """POST → outbox file, at a steady rate, with the API and one worker running."""
     with stack() as st:
         api, port = st.api()
-        worker = st.worker()
+        worker = st.worker(**worker_env)
         outbox = st.outbox
         time.sleep(2.0)  # the worker's start-up (imports, templates) is not latency
         worker.check()
