@@ -84,6 +84,11 @@ def _errors(exc: ValidationError, index: int | None) -> list[dict[str, Any]]:
 
 async def read_json(request: web.Request, limit: int) -> Any:
     """The request body as JSON; 413/415/400 naming the problem."""
+    return (await _read_json(request, limit))[0]
+
+
+async def _read_json(request: web.Request, limit: int) -> tuple[Any, bytes]:
+    """The request body parsed, and as it came."""
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"body is {request.content_length} bytes; the limit is {limit}")
     if request.content_type != "application/json":
@@ -95,7 +100,7 @@ async def read_json(request: web.Request, limit: int) -> Any:
     except web.HTTPRequestEntityTooLarge as exc:
         raise PayloadTooLarge(f"body is over the limit of {limit} bytes") from exc
     try:
-        return orjson.loads(raw)
+        return orjson.loads(raw), raw
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"body is not valid JSON: {exc}") from exc
 
@@ -132,9 +137,8 @@ def _items(body: Any, max_batch: int) -> tuple[list[Any], bool]:
 async def post_transitions(request: web.Request, res: Resources, keys: KeyRing) -> web.Response:
     """Accept one transition or a batch (DESIGN.md §3)."""
     merchants = keys.authenticate(request)
-    items, batch = _items(
-        await read_json(request, res.settings.max_body_bytes), res.settings.max_batch
-    )
+    body, raw = await _read_json(request, res.settings.max_body_bytes)
+    items, batch = _items(body, res.settings.max_batch)
 
     valid: list[tuple[int, Transition]] = []
     details: list[dict[str, Any]] = []
@@ -159,9 +163,11 @@ async def post_transitions(request: web.Request, res: Resources, keys: KeyRing) 
         noun = "transitions are" if batch else "transition is"
         raise ValidationFailed(f"the {noun} invalid", details)
 
+    # The inbox keeps each item as it came (it passed validation; the worker validates it
+    # again into the same Transition): a single transition is the body itself.
     payloads = [
-        (t.merchant_id, t.shipment_id, t.event_id, t.model_dump_json(exclude_none=True).encode())
-        for _, t in valid
+        (t.merchant_id, t.shipment_id, t.event_id, orjson.dumps(items[i]) if batch else raw)
+        for i, t in valid
     ]
     try:
         accepted, woken = await res.store.ingest(payloads)
@@ -185,22 +191,22 @@ async def post_transitions(request: web.Request, res: Resources, keys: KeyRing) 
             ("accepted" if by_index[index] else "duplicate") if index in by_index else "rejected"
         )
         results.append({"index": index, "event_id": event_id, "status": status})
-    body: dict[str, Any] = {
+    reply: dict[str, Any] = {
         "accepted": sum(accepted),
         "duplicates": len(accepted) - sum(accepted),
         "results": results,
     }
     if not details:
-        return web.Response(status=202, body=orjson.dumps(body), content_type="application/json")
+        return web.Response(status=202, body=orjson.dumps(reply), content_type="application/json")
     # Some items are invalid: 422 naming them, while the valid ones are accepted and
     # listed. A caller that resends the whole batch only gets duplicates for those.
-    body["rejected"] = len(items) - len(valid)
+    reply["rejected"] = len(items) - len(valid)
     error = ValidationFailed(
-        f"{body['rejected']} of {len(items)} transitions are invalid; the others were accepted",
+        f"{reply['rejected']} of {len(items)} transitions are invalid; the others were accepted",
         details,
     )
     return web.Response(
         status=error.status,
-        body=orjson.dumps({**error.body(), **body}),
+        body=orjson.dumps({**error.body(), **reply}),
         content_type="application/json",
     )
