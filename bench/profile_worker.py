@@ -23,6 +23,7 @@ def main() -> None:
     parser.add_argument("--shipments", type=int, default=2000)
     parser.add_argument("--pyinstrument", action="store_true")
     parser.add_argument("--top", type=int, default=45)
+    parser.add_argument("--memory", action="store_true", help="tracemalloc: where memory goes")
     args = parser.parse_args()
     events = workload.stream(args.shipments, seed=3, run="p")
     with stack() as st:
@@ -48,7 +49,24 @@ def main() -> None:
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         started = time.perf_counter()
-        if args.pyinstrument:
+        if args.memory:
+            import resource
+            import tracemalloc
+
+            tracemalloc.start(8)
+            loop.run_until_complete(until_drained())
+            snapshot = tracemalloc.take_snapshot()
+            for stat in snapshot.statistics("traceback")[: args.top // 3]:
+                print(f"{stat.size / 2**20:.1f} MiB in {stat.count} blocks")
+                for line in stat.traceback.format()[-6:]:
+                    print("   ", line)
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            print(
+                f"traced now {tracemalloc.get_traced_memory()[0] / 2**20:.0f} MiB, "
+                f"peak traced {tracemalloc.get_traced_memory()[1] / 2**20:.0f} MiB, "
+                f"peak RSS {peak:.0f} MB"
+            )
+        elif args.pyinstrument:
             from pyinstrument import Profiler
 
             with Profiler() as profiler:
