@@ -1,6 +1,6 @@
-"""Profile one worker draining a realistic backlog, in-process (cProfile or pyinstrument).
+"""Profile one worker draining a realistic backlog, in-process (cProfile, or tracemalloc).
 
-Run: .venv/bin/python -m bench.profile_worker [--shipments 2000] [--pyinstrument]
+Run: .venv/bin/python -m bench.profile_worker [--shipments 2000] [--memory]
 Starts redis-server and the API (bench/procs.py), posts the backlog, then drains it with a
 burst worker in this process and prints where the time went.
 """
@@ -21,7 +21,6 @@ from bench.procs import stack
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shipments", type=int, default=2000)
-    parser.add_argument("--pyinstrument", action="store_true")
     parser.add_argument("--top", type=int, default=45)
     parser.add_argument("--memory", action="store_true", help="tracemalloc: where memory goes")
     args = parser.parse_args()
@@ -66,12 +65,6 @@ def main() -> None:
                 f"peak traced {tracemalloc.get_traced_memory()[1] / 2**20:.0f} MiB, "
                 f"peak RSS {peak:.0f} MB"
             )
-        elif args.pyinstrument:
-            from pyinstrument import Profiler
-
-            with Profiler() as profiler:
-                loop.run_until_complete(until_drained())
-            profiler.print(show_all=False)
         else:
             prof = cProfile.Profile()
             prof.enable()
