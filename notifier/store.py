@@ -403,41 +403,34 @@ class Store:
         return await future
 
     async def _ingest_groups(self) -> None:
+        group: list[tuple[Sequence[tuple[str, str, str, bytes]], asyncio.Future[Any]]] = []
         try:
-            await self._ingest_each_group()
-        finally:  # cancelled (shutdown): nobody may wait forever for an answer
             while self._ingest_queue:
-                _, future = self._ingest_queue.popleft()
+                group, size = [], 0
+                while self._ingest_queue and (
+                    not group or size + len(self._ingest_queue[0][0]) <= self.INGEST_GROUP_MAX
+                ):
+                    group.append(self._ingest_queue.popleft())
+                    size += len(group[-1][0])
+                try:
+                    accepted, woken = await self._ingest_now([i for it, _ in group for i in it])
+                except Exception as exc:  # every caller of the group sees the failure (503)
+                    for _, future in group:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                start = 0
+                for items, future in group:
+                    if not future.done():  # a caller that went away still had its events stored
+                        future.set_result((accepted[start : start + len(items)], woken))
+                        woken = []
+                    start += len(items)
+            group = []
+        finally:  # cancelled (shutdown): nobody may wait forever for an answer
+            for _, future in [*group, *self._ingest_queue]:
                 if not future.done():
                     future.set_exception(RedisConnectionError("ingest stopped"))
-
-    async def _ingest_each_group(self) -> None:
-        while self._ingest_queue:
-            group: list[tuple[Sequence[tuple[str, str, str, bytes]], asyncio.Future[Any]]] = []
-            size = 0
-            while self._ingest_queue and (
-                not group or size + len(self._ingest_queue[0][0]) <= self.INGEST_GROUP_MAX
-            ):
-                items, future = self._ingest_queue.popleft()
-                group.append((items, future))
-                size += len(items)
-            try:
-                accepted, woken = await self._ingest_now([i for items, _ in group for i in items])
-            except BaseException as exc:  # every caller of the group sees the failure (503)
-                for _, future in group:
-                    if not future.done():
-                        future.set_exception(
-                            exc if isinstance(exc, Exception) else RedisConnectionError("stopped")
-                        )
-                if not isinstance(exc, Exception):
-                    raise
-                continue
-            start = 0
-            for items, future in group:
-                if not future.done():  # a caller that went away still had its events stored
-                    future.set_result((accepted[start : start + len(items)], woken))
-                    woken = []
-                start += len(items)
+            self._ingest_queue.clear()
 
     async def _ingest_now(
         self, items: Sequence[tuple[str, str, str, bytes]]

@@ -17,19 +17,25 @@ def _item(event_id: str, shipment: str = "shp_1") -> tuple[str, str, str, bytes]
     return ("acme", shipment, event_id, f'{{"event_id": "{event_id}"}}'.encode())
 
 
+def _count_calls(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the script calls ``store`` makes from now on."""
+    calls: list[int] = []
+    real = store._ingest_now
+
+    async def counted(items: Any) -> tuple[list[bool], list[int]]:
+        calls.append(len(items))
+        return await real(items)
+
+    monkeypatch.setattr(store, "_ingest_now", counted)
+    return calls
+
+
 async def test_concurrent_callers_each_get_their_own_answers(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls: list[int] = []
     async with open_resources(settings) as res:
         store = res.store
-        real = store._ingest_now
-
-        async def counted(items: Any) -> tuple[list[bool], list[int]]:
-            calls.append(len(items))
-            return await real(items)
-
-        monkeypatch.setattr(store, "_ingest_now", counted)
+        calls = _count_calls(store, monkeypatch)
         # 50 callers at once; caller i posts e{i} and e{i+1}, so neighbours collide
         answers = await asyncio.gather(
             *(
@@ -85,17 +91,10 @@ async def test_a_failed_group_fails_every_caller_in_it_and_the_next_group_runs(
 async def test_a_group_stays_under_the_size_limit(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls: list[int] = []
     monkeypatch.setattr(Store, "INGEST_GROUP_MAX", 10)
     async with open_resources(settings) as res:
         store = res.store
-        real = store._ingest_now
-
-        async def counted(items: Any) -> tuple[list[bool], list[int]]:
-            calls.append(len(items))
-            return await real(items)
-
-        monkeypatch.setattr(store, "_ingest_now", counted)
+        calls = _count_calls(store, monkeypatch)
         answers = await asyncio.gather(
             *(store.ingest([_item(f"e{i}-{j}") for j in range(4)]) for i in range(6))
         )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -78,7 +77,9 @@ class TemplateStore:
         key = tuple(chain)
         funcs = self._gettext.get(key)
         if funcs is None:
-            translations = self._translations(chain)
+            translations = (
+                self.catalogs.translations(chain) if self.catalogs else NullTranslations()
+            )
             # A bare environment only to have Jinja2 wrap the functions the way compiled
             # templates expect them (autoescaping, %-formatting); nothing is compiled in it.
             scratch = Environment(extensions=["jinja2.ext.i18n"])
@@ -92,22 +93,7 @@ class TemplateStore:
                 self._gettext[key] = funcs
         return funcs
 
-    def _translations(self, chain: Sequence[str]) -> NullTranslations:
-        if self.catalogs is None:
-            return NullTranslations()
-        result: NullTranslations | None = None
-        for name in dict.fromkeys(chain):
-            loaded = self.catalogs.translations([name])
-            if type(loaded) is NullTranslations:  # no catalog (English)
-                continue
-            # a copy: the cached catalog object must not collect this chain's fallbacks
-            if result is None:
-                result = copy.copy(loaded)
-            else:
-                result.add_fallback(copy.copy(loaded))
-        return result or NullTranslations()
-
-    def invalidate(self, merchant_id: str | None = None) -> None:
+    def invalidate(self) -> None:
         """Drop cached environments and translations (after an edit of templates/ or locales/)."""
         with self._lock:
             self._search.clear()

@@ -3,8 +3,10 @@ fallback chain, and dates, windows and places in the recipient's locale and time
 
 from __future__ import annotations
 
+import copy
 import io
 import threading
+from collections.abc import Sequence
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -119,17 +121,20 @@ class Catalogs:
                     return candidate
         return "en"
 
-    def translations(self, chain: list[str]) -> NullTranslations:
-        """Translations for the first locale of ``chain``, falling back along it to English."""
+    def translations(self, chain: Sequence[str]) -> NullTranslations:
+        """Translations for the first locale of ``chain``, falling back along it to English.
+
+        The chain is built on copies: the cached catalogs never collect a chain's fallbacks.
+        """
         result: NullTranslations | None = None
-        for name in chain:
-            t = self._load(name) if name != "en" else None
-            if t is None:
+        for name in dict.fromkeys(chain):
+            loaded = self._load(name) if name != "en" else None
+            if loaded is None:
                 continue
             if result is None:
-                result = t
+                result = copy.copy(loaded)
             else:
-                result.add_fallback(t)
+                result.add_fallback(copy.copy(loaded))
         return result or NullTranslations()
 
 
