@@ -1,6 +1,6 @@
 """Profile one worker draining a realistic backlog, in-process (cProfile, or tracemalloc).
 
-Run: .venv/bin/python -m bench.profile_worker [--shipments 2000] [--memory]
+Run: .venv/bin/python -m bench.profile_worker [--shipments 2000] [--memory | --time]
 Starts redis-server and the API (bench/procs.py), posts the backlog, then drains it with a
 burst worker in this process and prints where the time went.
 """
@@ -23,6 +23,7 @@ def main() -> None:
     parser.add_argument("--shipments", type=int, default=2000)
     parser.add_argument("--top", type=int, default=45)
     parser.add_argument("--memory", action="store_true", help="tracemalloc: where memory goes")
+    parser.add_argument("--time", action="store_true", help="no profiler: the drain rate only")
     args = parser.parse_args()
     events = workload.stream(args.shipments, seed=3, run="p")
     with stack() as st:
@@ -48,7 +49,9 @@ def main() -> None:
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         started = time.perf_counter()
-        if args.memory:
+        if args.time:
+            loop.run_until_complete(until_drained())
+        elif args.memory:
             import resource
             import tracemalloc
 
