@@ -64,13 +64,15 @@ class Deliverer:
         *,
         due: bool = False,
         states: Mapping[tuple[str, str], ShipmentState] | None = None,
+        built: Mapping[str, Notification] | None = None,
     ) -> DeliveryReport:
         """Claim, check, render and send; failures are recorded, retries scheduled.
 
         ``due=True`` (the release_due cron) also claims deferred notifications whose
         time has come. Before sending, a notification overtaken by a newer message on
         its channel, or whose address has opted out since, is cancelled instead.
-        ``states`` saves a read when the caller already holds the shipments' states.
+        ``states`` saves a read when the caller already holds the shipments' states, and
+        ``built`` a parse when it holds the notifications (as committed to the ledger).
         """
         report = DeliveryReport()
         now = self.res.clock()
@@ -90,7 +92,8 @@ class Deliverer:
             elif result is ClaimResult.NONE or payload is None:
                 report.skipped += 1
             else:
-                claimed.append((Notification.model_validate_json(payload), result))
+                known = built.get(nid) if built else None
+                claimed.append((known or Notification.model_validate_json(payload), result))
         claimed = await self._still_wanted(claimed, states or {}, report, owner)
 
         batches: dict[str, list[Outgoing]] = {}

@@ -62,6 +62,8 @@ class _Fold:
     recover: list[str]
     #: notification id -> inbox entry it came from
     owner: dict[str, str]
+    #: the notifications created, by id (so delivery need not parse them back)
+    built: dict[str, Notification]
 
 
 def _stall_at_ms(policy: Policy, state: ShipmentState) -> int | None:
@@ -100,6 +102,7 @@ class Pipeline:
 
         to_deliver: list[str] = []
         owner: dict[str, str] = {}
+        built: dict[str, Notification] = {}
         states: dict[ShipmentKey, ShipmentState] = {}
         pending = groups
         for round_no in range(MAX_ROUNDS):
@@ -112,8 +115,12 @@ class Pipeline:
             loaded = await self.res.store.load_states(keys)
             opted = await self._opt_outs(pending, loaded)
             now = self.res.clock()
+            # Looked up once per merchant and round: an edited policy applies from the next batch.
+            policies = {m: self.res.policies.for_merchant(m) for m in {m for m, _ in keys}}
             folds = [
-                self._fold(key, version, state, pending[key], now, opted.get(key[0], set()))
+                self._fold(
+                    key, version, state, pending[key], now, opted.get(key[0], set()), policies
+                )
                 for key, (version, state) in zip(keys, loaded, strict=True)
             ]
             conflicts = set(await self.res.store.commit([f.commit for f in folds], now.isoformat()))
@@ -124,6 +131,7 @@ class Pipeline:
                 report.notifications += f.notifications
                 to_deliver += f.notifications + f.recover
                 owner.update(f.owner)
+                built.update(f.built)
                 states[keys[i]] = f.commit.state
             pending = {keys[i]: pending[keys[i]] for i in conflicts}
         else:
@@ -131,7 +139,7 @@ class Pipeline:
                 raise RuntimeError(f"{len(pending)} shipments kept conflicting; will retry")
         report.already_processed = len(to_deliver) - len(report.notifications)
         if to_deliver:
-            report.delivery = await self.deliverer.deliver(to_deliver, states=states)
+            report.delivery = await self.deliverer.deliver(to_deliver, states=states, built=built)
             report.unsettled = {owner[nid] for nid in report.delivery.busy}
         return report
 
@@ -164,10 +172,11 @@ class Pipeline:
         transitions: list[tuple[str, Transition]],
         now: datetime,
         opted_out: set[str],
+        policies: dict[str, Policy],
     ) -> _Fold:
         """Fold a shipment's transitions (in arrival order) through the policy. Pure."""
         merchant_id, shipment_id = key
-        policy = self.res.policies.for_merchant(merchant_id)
+        policy = policies[merchant_id]
         start = state or ShipmentState(merchant_id=merchant_id, shipment_id=shipment_id)
         entry_of = {t.event_id: entry_id for entry_id, t in transitions}
         final, steps = fold(policy, start, [t for _, t in transitions], now, opted_out)
@@ -175,6 +184,7 @@ class Pipeline:
         created: list[tuple[str, str, str, bytes]] = []
         recover: list[str] = []
         owner: dict[str, str] = {}
+        built: dict[str, Notification] = {}
         decisions = 0
         for step in steps:
             t = step.transition
@@ -202,6 +212,7 @@ class Pipeline:
                         recipient=final.recipient,
                         created_at=now,
                     )
+                    built[nid] = n
                     deferred = verdict.outcome is Outcome.DEFERRED and verdict.send_at
                     created.append(
                         (
@@ -234,4 +245,4 @@ class Pipeline:
             created,
             stall_at_ms=_stall_at_ms(policy, final),
         )
-        return _Fold(commit, decisions, [nid for nid, *_ in created], recover, owner)
+        return _Fold(commit, decisions, [nid for nid, *_ in created], recover, owner, built)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import email
 import email.policy
 import json
+import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
 from notifier.channels import OutboxChannel, Outgoing, Receipt
 from notifier.channels.outbox import build_eml
+from notifier.errors import TemporaryDeliveryError
 from notifier.render import EmailMessageOut, SmsMessageOut
 from notifier.render.sms import SmsEncoding
 
@@ -92,5 +95,28 @@ async def test_outbox_writes_files_and_recovers_without_duplicates(tmp_path: Pat
         again = await channel.send_many([Outgoing(email_out(), later, recovering=True)])
         assert again == [first[0]]  # the file already there is the receipt
         assert len(list(folder.iterdir())) == 2
+    finally:
+        channel.close()
+
+
+async def test_outbox_files_are_private_and_a_removed_folder_comes_back(tmp_path: Path) -> None:
+    channel = OutboxChannel(tmp_path)
+    folder = tmp_path / "acme" / "shp_1"
+    try:
+        [first] = await channel.send_many([Outgoing(email_out(), AT)])
+        assert isinstance(first, Receipt)
+        written = Path(first.detail)
+        assert written.parent == folder and written.stat().st_mode & 0o777 == 0o600
+        assert written.read_bytes() == build_eml(email_out(), AT)
+        # An operator cleaned the outbox up between two messages of a shipment.
+        shutil.rmtree(tmp_path / "acme")
+        [second] = await channel.send_many([Outgoing(email_out(), AT.replace(minute=40))])
+        assert isinstance(second, Receipt) and Path(second.detail).is_file()
+        assert [p.name for p in folder.iterdir()] == [Path(second.detail).name]  # no temp left
+        # A path that cannot be a folder: a temporary failure, reported, nothing raised.
+        (tmp_path / "blocked").write_text("a file where the merchant folder should be")
+        blocked = dataclasses.replace(email_out(), merchant_id="blocked")
+        [third] = await channel.send_many([Outgoing(blocked, AT)])
+        assert isinstance(third, TemporaryDeliveryError)
     finally:
         channel.close()

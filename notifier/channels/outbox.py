@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import binascii
 import os
-import tempfile
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -97,6 +97,9 @@ def _sms_json(message: SmsMessageOut) -> bytes:
     )
 
 
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+
+
 class OutboxChannel:
     """Writes .eml and .sms.json files atomically (temp file, then rename)."""
 
@@ -159,15 +162,24 @@ class OutboxChannel:
             existing = sorted(folder.glob(f"*-{message.notification_id}{suffix}"))
             if existing:
                 return existing[0]
-        folder.mkdir(parents=True, exist_ok=True)
         stamp = sent_at.astimezone(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
         path = folder / f"{stamp}-{message.notification_id}{suffix}"
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+        # Unique per writer thread; owner-only, like the files it becomes (they hold PII).
+        tmp = folder / f".tmp-{message.notification_id}-{os.getpid()}-{threading.get_ident()}"
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
+            fd = os.open(tmp, _CREATE, 0o600)
+        except FileNotFoundError:  # the shipment's first message: no folder yet
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, _CREATE, 0o600)
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
         return path
