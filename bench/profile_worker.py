@@ -34,7 +34,10 @@ def main() -> None:
         from notifier.settings import Settings
         from notifier.worker import build_worker
 
+        from notifier.cli import _settle_gc
+
         r = st.redis()
+        _settle_gc()  # as `notifier worker` does
 
         async def until_drained() -> None:
             worker = build_worker(Settings(), handle_signals=False)
@@ -76,7 +79,11 @@ def main() -> None:
             pstats.Stats(prof).sort_stats("cumulative").print_stats(args.top)
             pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
         seconds = time.perf_counter() - started
-        print(f"{backlog} transitions in {seconds:.1f} s: {backlog / seconds:.0f}/s")
+        messages = len(service._outbox_files(st.outbox))
+        print(
+            f"{backlog} transitions in {seconds:.1f} s: {backlog / seconds:.0f}/s; "
+            f"{messages} messages: {messages / seconds:.0f}/s"
+        )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import sys
 from collections.abc import Sequence
@@ -78,6 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host = args.host or settings.host
     port = settings.port if args.port is None else args.port
     _banner(settings, host, port)
+    _settle_gc()
     web.run_app(create_app(settings), host=host, port=port, print=None, access_log=None)
     return 0
 
@@ -95,8 +97,23 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if problems:
         raise ConfigurationError("\n".join(problems))
     asyncio.set_event_loop(asyncio.new_event_loop())
-    build_worker(settings).run()
+    worker = build_worker(settings)
+    _settle_gc()
+    worker.run()
     return 0
+
+
+def _settle_gc() -> None:
+    """Keep the cyclic GC off what start-up loaded, and let it run less often.
+
+    Modules, compiled templates and catalogs live as long as the process, yet every
+    full collection walked them all again: a fifth of a worker's time under load
+    (`bench/`). They go to the permanent generation; the young generation is
+    collected every 20,000 net allocations instead of 700.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
 
 
 def _samples(minimal: bool = False) -> list[Transition]:
