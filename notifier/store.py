@@ -31,6 +31,7 @@ from arq.connections import ArqRedis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
+from notifier.packing import HISTORY, STATE, pack, unpack
 from notifier.state import ShipmentState
 
 T = TypeVar("T")
@@ -547,7 +548,7 @@ class Store:
             rows = await pipe.execute()
         out: list[tuple[int, ShipmentState | None]] = []
         for version, raw in rows:
-            state = ShipmentState.model_validate_json(raw) if raw else None
+            state = ShipmentState.model_validate_json(unpack(raw)) if raw else None
             out.append((int(version or 0), state))
         return out
 
@@ -571,11 +572,11 @@ class Store:
             keys += [self.notification_key(nid) for nid, *_ in c.notifications]
             args += [
                 str(c.expected_version),
-                c.state.model_dump_json(exclude_defaults=True),
+                pack(c.state.model_dump_json(exclude_defaults=True).encode(), STATE),
                 self.stall_member(c.merchant_id, c.shipment_id),
                 "" if c.stall_at_ms is None else c.stall_at_ms,
                 len(c.history),
-                *c.history,
+                *(pack(entry, HISTORY) for entry in c.history),
                 len(c.notifications),
             ]
             for _, st, due, payload in c.notifications:
@@ -725,7 +726,7 @@ class Store:
                     self.DUE_KEY,
                     self.history_key(merchant_id, shipment_id),
                 ],
-                args=[notification_id, payload, due_ms, history, self.state_ttl_s],
+                args=[notification_id, payload, due_ms, pack(history, HISTORY), self.state_ttl_s],
             )
         )
 
@@ -822,7 +823,7 @@ class Store:
         """The recorded decisions of a shipment, oldest first."""
         key = self.history_key(merchant_id, shipment_id)
         rows = await _run(self.redis.lrange(key, 0, -1))
-        return [orjson.loads(r) for r in rows]
+        return [orjson.loads(unpack(r)) for r in rows]
 
     async def dead_letters(self) -> dict[str, int]:
         """How many notifications failed for good, and inbox entries that kept failing."""

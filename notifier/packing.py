@@ -1,0 +1,78 @@
+"""Compact encoding of the JSON values kept in Redis: shipment states and history entries.
+
+Each value is deflated with a preset dictionary of the words these documents
+are made of (field names, statuses, the policy's reasons, timestamp shapes), so
+even a 200-byte history entry shrinks to a third. A packed value starts with a
+tag byte naming its dictionary; a value starting with ``{`` is plain JSON, as
+written before packing existed, and reads as it is.
+
+A dictionary can never change once values were written with it: a new one gets
+a new tag, and the old tags stay readable.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+_STATE_V1 = (
+    b'"merchant_id":"","shipment_id":"shp_","tracking_number":"1Z","carrier":"ups","dhl",'
+    b'"fedex","usps","tracking_url":"https://track.example.com/","exception_code":"delayed",'
+    b'"customs_hold","address_issue","last_fix":{"lat":,"lon":,"at":"2026-11-'
+    b'"location":{"city":"","region":"","country":"US","DE","FR","GB",'
+    b'"estimated_delivery":{"start":"2026-11-","end":"2026-11-"},'
+    b'"recipient":{"name":"","email":"@example.com","phone":"+1","+33","+44","+49",'
+    b'"locale":"en_US","fr_FR","de_DE","timezone":"America/New_York","Europe/Paris",'
+    b'"order":{"number":""},"sms_archived":,"current_event":"evt_","max_rank":,'
+    b'"furthest":"","events":,"first_at":"2026-11-","last_scan_at":"2026-11-",'
+    b'"notices":{"email":{"sms":{"event_id":"evt_","milestone":"","occurred_at":"2026-11-",'
+    b'"rank":},"messages":[{"at":"2026-11-","channel":"email","sms","event_id":"evt_",'
+    b'"milestone":"","rank":,"trivial":true,"due":"2026-11-"},'
+    b'"status":"info_received","picked_up","in_transit","arrived_at_facility",'
+    b'"departed_facility","out_for_delivery","delivery_attempt_failed",'
+    b'"available_for_pickup","returned_to_sender","exception","delivered",'
+    b'"occurred_at":"2026-11-T00:00:00.000000Z","seen":["evt_","evt_"]'
+)
+
+_HISTORY_V1 = (
+    b'{"event_id":"evt_","status":"info_received","picked_up","in_transit",'
+    b'"arrived_at_facility","departed_facility","available_for_pickup","returned_to_sender",'
+    b'"exception","exception_code":"delayed","weather_delay","customs_hold","address_issue",'
+    b'"recipient_unavailable","damaged","lost","refused","held_at_facility","other",'
+    b'"outcome":"flagged","deferred","cap: SMS already sent for this shipment ","(max )",'
+    b'"cap: messages to this shipment in the last 24 h ","quiet hours in ; deferred to local ('
+    b' UTC)","held  s to send only the latest state","interval  h","trivial update throttled:'
+    b' last email h ago, ","duplicate:  already sent by email  h ago (window  h)",'
+    b'"behind:  after the shipment already reached ","out of order:  at  would step back; ",'
+    b'"anomaly: ","no email address known for the recipient","recipient opted out of sms",'
+    b'"policy:  is not notified","send_at":"2026-11-","details":{},'
+    b'"superseded by out_for_delivery (2026-11-+00:00) in the same batch",'
+    b'"suppressed","reason":"policy: delivered is notified by email","sms",'
+    b'"notification_id":"n_","decided_at":"2026-11-","occurred_at":"2026-11-",'
+    b'"channel":"email","status":"delivery_attempt_failed","outcome":"sent",'
+    b'"reason":"policy: out_for_delivery is notified by sms","decided_at":"2026-11-'
+    b'T00:00:00.000000Z","occurred_at":"2026-11-T00:00:00.000000Z","details":{}}'
+)
+
+#: tag byte -> preset dictionary; tags are never reused.
+_DICTIONARIES = {0x01: _STATE_V1, 0x02: _HISTORY_V1}
+STATE = 0x01
+HISTORY = 0x02
+
+
+def pack(data: bytes, tag: int) -> bytes:
+    """``data`` deflated with the dictionary ``tag`` names, behind that tag byte."""
+    deflate = zlib.compressobj(
+        9, zlib.DEFLATED, -15, 9, zlib.Z_DEFAULT_STRATEGY, _DICTIONARIES[tag]
+    )
+    return bytes([tag]) + deflate.compress(data) + deflate.flush()
+
+
+def unpack(value: bytes) -> bytes:
+    """The JSON ``pack`` was given; plain JSON (from before packing) as it is."""
+    if not value or value[0] in b"{[":
+        return value
+    dictionary = _DICTIONARIES.get(value[0])
+    if dictionary is None:
+        raise ValueError(f"unknown packing tag {value[0]:#04x}")
+    inflate = zlib.decompressobj(-15, dictionary)
+    return inflate.decompress(value[1:]) + inflate.flush()

@@ -1,0 +1,54 @@
+"""Packed Redis values: states and history entries deflate with a preset dictionary and read
+back exactly; plain JSON written before packing still reads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient
+from hypothesis import given
+from hypothesis import strategies as st
+
+from notifier.packing import HISTORY, STATE, pack, unpack
+from notifier.resources import open_resources
+from notifier.settings import Settings
+from notifier.store import Store
+from tests.conftest import fixed_clock, history, post, run_worker, transition
+
+Client = TestClient[Any, Any]
+
+
+@given(st.binary(max_size=2000), st.sampled_from([STATE, HISTORY]))
+def test_pack_round_trips_anything(data: bytes, tag: int) -> None:
+    packed = pack(data, tag)
+    assert packed[0] == tag and unpack(packed) == data
+
+
+def test_plain_json_reads_as_it_is_and_an_unknown_tag_is_an_error() -> None:
+    assert unpack(b'{"status":"delivered"}') == b'{"status":"delivered"}'
+    assert unpack(b"[]") == b"[]"
+    with pytest.raises(ValueError, match="unknown packing tag 0x7f"):
+        unpack(b"\x7f\x00")
+
+
+async def test_states_and_history_are_packed_small_and_read_back(
+    client: Client, settings: Settings
+) -> None:
+    await post(client, transition())
+    await run_worker(settings)
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        raw_state = await res.redis.hget(Store.state_key("acme", "shp_123"), "s")
+        entries = await res.redis.lrange(Store.history_key("acme", "shp_123"), 0, -1)
+        assert raw_state[0] == STATE and all(e[0] == HISTORY for e in entries)
+        plain_state, plain_entries = unpack(raw_state), [unpack(e) for e in entries]
+        assert len(raw_state) < len(plain_state) / 2
+        assert sum(map(len, entries)) < sum(map(len, plain_entries)) / 2
+        [(version, state)] = await res.store.load_states([("acme", "shp_123")])
+        assert version == 1 and state is not None and state.status == "out_for_delivery"
+        # A history entry written as plain JSON (before packing) reads beside packed ones.
+        await res.redis.rpush(Store.history_key("acme", "shp_123"), plain_entries[0])
+    decisions = await history(client)
+    assert len(decisions) == len(entries) + 1 and decisions[-1] == decisions[0]
+    assert decisions[0] == orjson.loads(plain_entries[0]) | {"delivery": decisions[0]["delivery"]}
