@@ -9,6 +9,7 @@ processes up to ``worker_batch`` transitions per round trip.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import traceback
@@ -40,6 +41,10 @@ DRAIN_SLICE_S = 5.0
 SHUTDOWN_WAIT_S = 10
 #: The partition lock's lease, renewed after every batch.
 LOCK_MS = 30_000
+#: Batches one worker process works on at once, whatever the number of drain jobs: the work
+#: is CPU-bound, so more only interleaves them (each finishes later) and holds more memory.
+#: Two lets one batch wait on Redis while the other computes.
+BATCHES_AT_ONCE = 2
 #: An inbox entry handed out this many times without settling goes to the dead-letter stream.
 MAX_DELIVERIES = 5
 #: Due notifications released per round of the release_due cron.
@@ -108,14 +113,16 @@ async def _drain_locked(ctx: dict[str, Any], partition: int, token: str, started
     res: Resources = ctx["res"]
     store, settings = res.store, res.settings
     done = 0
+    batches: asyncio.Semaphore = ctx["batches"]
     entries = await _reclaim(res, partition, ctx["consumer"])
     while time.monotonic() - started <= DRAIN_SLICE_S:
-        if not entries:
-            entries = await store.read_inbox(partition, ctx["consumer"], settings.worker_batch)
-        if not entries:
-            break
-        settled = await _process(ctx["pipeline"], entries)
-        await store.ack(partition, [e.entry_id for e in settled])
+        async with batches:  # read only once it is our turn: the batch holds what came meanwhile
+            if not entries:
+                entries = await store.read_inbox(partition, ctx["consumer"], settings.worker_batch)
+            if not entries:
+                break
+            settled = await _process(ctx["pipeline"], entries)
+            await store.ack(partition, [e.entry_id for e in settled])
         done += len(settled)
         entries = []
         if not await store.lock(partition, token, LOCK_MS):  # renew the lease
@@ -277,7 +284,14 @@ def build_worker(
             if resources is not None
             else await stack.enter_async_context(open_resources(settings, clock=clock))
         )
-        ctx.update(res=res, stack=stack, pipeline=Pipeline(res), consumer=uuid.uuid4().hex)
+        ctx.update(
+            res=res,
+            stack=stack,
+            pipeline=Pipeline(res),
+            consumer=uuid.uuid4().hex,
+            # arq hands every job a copy of ctx: this one object is what they share
+            batches=asyncio.Semaphore(BATCHES_AT_ONCE),
+        )
         await res.store.ensure_groups()
 
     async def on_shutdown(ctx: dict[str, Any]) -> None:

@@ -22,6 +22,7 @@ from notifier.pipeline import Pipeline, notification_id
 from notifier.resources import open_resources
 from notifier.settings import Settings
 from notifier.store import GROUP, InboxEntry, Store
+from notifier.worker import BATCHES_AT_ONCE
 from tests.conftest import NOW, fixed_clock, history, outbox_files, post, run_worker, transition
 
 Client = TestClient[Any, Any]
@@ -147,6 +148,31 @@ async def test_many_shipments_in_one_batch(client: Client, settings: Settings) -
     async with open_resources(settings) as res:
         drains = [r for r in await res.redis.all_job_results() if r.function == "drain"]
     assert len(drains) <= settings.partitions  # a drain per partition, not a job per event
+
+
+async def test_one_process_works_on_at_most_two_batches_at_once(
+    client: Client, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Drains of every partition run as jobs side by side, but their batches take turns."""
+    items = [transition(event_id=f"e{i}", shipment_id=f"s{i}") for i in range(200)]
+    assert (await post(client, *items))["accepted"] == 200
+    running, most = 0, 0
+    real = Pipeline.process
+
+    async def watched(self: Pipeline, entries: Sequence[InboxEntry]) -> Any:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        try:
+            await asyncio.sleep(0.02)  # a batch that waits on Redis a while
+            return await real(self, entries)
+        finally:
+            running -= 1
+
+    monkeypatch.setattr(Pipeline, "process", watched)
+    await run_worker(settings)
+    assert most == BATCHES_AT_ONCE  # several partitions were ready, two went at once
+    assert len(outbox_files(settings, ".eml")) == 200
 
 
 class _Crash(BaseException):
