@@ -31,10 +31,9 @@ def main() -> None:
         asyncio.run(service._post_batches(port, service._bodies(events), 4))
         backlog = service._inbox_length(st)
         os.environ.update(st.notifier_env())
+        from notifier.cli import _settle_gc
         from notifier.settings import Settings
         from notifier.worker import build_worker
-
-        from notifier.cli import _settle_gc
 
         r = st.redis()
         _settle_gc()  # as `notifier worker` does
