@@ -33,20 +33,22 @@ class Translate:
     two trips through the sandbox's call checks.
     """
 
-    __slots__ = ("func", "name")
+    __slots__ = ("contextual", "func", "plural")
 
     def __init__(self, name: str, translations: stdlib_gettext.NullTranslations) -> None:
-        self.name = name
         self.func: Callable[..., str] = getattr(translations, name)
+        # decided once here, not on every {% trans %}
+        self.plural = name in ("ngettext", "npgettext")
+        self.contextual = name in ("pgettext", "npgettext")
 
     @pass_context
     def __call__(self, context: Context, *args: Any, **variables: Any) -> str:
         return self.translate(context.eval_ctx.autoescape, args, variables)
 
     def translate(self, autoescape: bool, args: tuple[Any, ...], variables: dict[str, Any]) -> str:
-        if self.name in ("ngettext", "npgettext"):
+        if self.plural:
             variables.setdefault("num", args[-1])
-        if self.name in ("pgettext", "npgettext"):
+        if self.contextual:
             variables.setdefault("context", args[0])
         text = self.func(*args)
         return (Markup(text) if autoescape else text) % variables
