@@ -3,9 +3,9 @@
 Every write that must be atomic is one Lua script, so any number of API and
 worker processes can share one Redis:
 
-- ``ingest``: per event, ``SET NX`` its idempotency key and, only if new, ``XADD``
-  it to its partition's inbox stream — an event is either persisted and
-  acknowledged, or not acknowledged at all.
+- ``ingest``: per event, look its event id up among the ids seen lately and, only
+  if new, record it and ``XADD`` the event to its partition's inbox stream — an
+  event is either persisted and acknowledged, or not acknowledged at all.
 - ``commit``: per shipment, compare-and-set the state version, append the
   decisions to the history and create the ledger entries of new notifications.
   A shipment whose version moved (another worker got there first) is reported
@@ -17,7 +17,9 @@ worker processes can share one Redis:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
+import time
 import zlib
 from collections import deque
 from collections.abc import Awaitable, Sequence
@@ -40,16 +42,23 @@ PREFIX = "ntf"
 GROUP = "workers"
 
 _INGEST = """
-local n = (#ARGV - 2)
+local n = (#ARGV - 2) / 2
+local expire_at = ARGV[1]
 local accepted = {}
 local touched = {}
 for i = 1, n do
-  if redis.call('SET', KEYS[i], '1', 'NX', 'EX', ARGV[1]) then
-    redis.call('XADD', KEYS[n + i], '*', 't', ARGV[2 + i])
-    accepted[i] = 1
-    touched[KEYS[n + i]] = true
-  else
+  local field = ARGV[2 + i]
+  local seen = redis.call('HEXISTS', KEYS[i], field) == 1
+    or redis.call('HEXISTS', KEYS[n + i], field) == 1
+    or redis.call('EXISTS', KEYS[2 * n + i]) == 1
+  if seen then
     accepted[i] = 0
+  else
+    redis.call('HSET', KEYS[i], field, '')
+    redis.call('EXPIREAT', KEYS[i], expire_at)
+    redis.call('XADD', KEYS[3 * n + i], '*', 't', ARGV[2 + n + i])
+    accepted[i] = 1
+    touched[KEYS[3 * n + i]] = true
   end
 end
 local woken = {}
@@ -344,8 +353,28 @@ class Store:
     def wake_key(self, partition: int) -> str:
         return f"{self.inbox_key(partition)}:wake"
 
+    #: Event ids seen lately live in hash buckets, not one key each: a key costs Redis
+    #: ~80 bytes of its own, a field in a small (listpack) hash ~20. A bucket belongs to a
+    #: generation of ``idempotency_ttl_s``; ids are looked up in the current and the
+    #: previous generation and expire with their bucket, so an id is remembered at least
+    #: ``idempotency_ttl_s`` and at most twice that. 16,384 buckets stay small hashes
+    #: (Redis's default 128 fields) up to about two million events per generation.
+    EVENT_BUCKET_BITS = 14
+
+    def event_slot(self, merchant_id: str, event_id: str, now_s: float) -> tuple[str, str, bytes]:
+        """(current bucket key, previous bucket key, field) of an event id."""
+        digest = hashlib.blake2b(f"{merchant_id}\x00{event_id}".encode(), digest_size=16).digest()
+        bucket = int.from_bytes(digest[:2]) >> (16 - self.EVENT_BUCKET_BITS)
+        generation = int(now_s) // self.idempotency_ttl_s
+        return (
+            f"{PREFIX}:evt:{generation}:{bucket}",
+            f"{PREFIX}:evt:{generation - 1}:{bucket}",
+            digest[2:],
+        )
+
     @staticmethod
-    def event_key(merchant_id: str, event_id: str) -> str:
+    def legacy_event_key(merchant_id: str, event_id: str) -> str:
+        """Where notifier 0.3 kept one event id (still honoured until those keys expire)."""
         return f"{PREFIX}:evt:{merchant_id}:{event_id}"
 
     @staticmethod
@@ -436,10 +465,16 @@ class Store:
     async def _ingest_now(
         self, items: Sequence[tuple[str, str, str, bytes]]
     ) -> tuple[list[bool], list[int]]:
-        evt_keys = [self.event_key(m, e) for m, _, e, _ in items]
-        inbox_keys = [self.inbox_key(self.partition_of(m, s)) for m, s, _, _ in items]
-        args: list[Any] = [self.idempotency_ttl_s, self.WAKE_MS, *(p for *_, p in items)]
-        accepted, woken = await self._ingest(keys=evt_keys + inbox_keys, args=args)
+        now_s = time.time()
+        slots = [self.event_slot(m, e, now_s) for m, _, e, _ in items]
+        keys = [cur for cur, _, _ in slots] + [prev for _, prev, _ in slots]
+        keys += [self.legacy_event_key(m, e) for m, _, e, _ in items]
+        keys += [self.inbox_key(self.partition_of(m, s)) for m, s, _, _ in items]
+        # a bucket lives through its generation and the next, when it is still looked at
+        expire_at = (int(now_s) // self.idempotency_ttl_s + 2) * self.idempotency_ttl_s
+        args: list[Any] = [expire_at, self.WAKE_MS, *(f for *_, f in slots)]
+        args += [p for *_, p in items]
+        accepted, woken = await self._ingest(keys=keys, args=args)
         parts = [int(_decode(k).split(":")[2]) for k in woken]
         return [bool(a) for a in accepted], parts
 

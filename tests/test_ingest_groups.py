@@ -101,3 +101,39 @@ async def test_a_group_stays_under_the_size_limit(
         assert all(accepted == [True] * 4 for accepted, _ in answers)
         # whole callers only, as many as fit in 10 events
         assert calls == [8, 8, 8]
+
+
+async def test_event_ids_are_remembered_in_buckets_for_at_least_the_ttl(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = settings.model_copy(update={"idempotency_ttl_s": 3600})
+    clock = [1_800_000_000.0]  # a generation starts at 1_800_000_000 // 3600 * 3600
+    monkeypatch.setattr("notifier.store.time.time", lambda: clock[0])
+    async with open_resources(settings) as res:
+        store, r = res.store, res.redis
+        assert (await store.ingest([_item("e1")]))[0] == [True]
+        assert (await store.ingest([_item("e1"), _item("e2")]))[0] == [False, True]
+        # another merchant's e1 is another event
+        other = ("globex", "shp_1", "e1", b"{}")
+        assert (await store.ingest([other]))[0] == [True]
+
+        cur, prev, field = store.event_slot("acme", "e1", clock[0])
+        assert cur != prev and len(field) == 14
+        assert await r.hexists(cur, field)
+        # the bucket lives through this generation and the next, then goes
+        generation_end = (int(clock[0]) // 3600 + 1) * 3600
+        assert await r.expiretime(cur) == generation_end + 3600
+        # a small hash: a field costs a few bytes, not a key
+        assert await r.object("encoding", cur) == b"listpack"
+
+        clock[0] = generation_end + 10  # the next generation still knows e1
+        assert (await store.ingest([_item("e1")]))[0] == [False]
+        clock[0] = generation_end + 3600 + 10  # two generations on: forgotten
+        assert (await store.ingest([_item("e1")]))[0] == [True]
+
+        # an event id notifier 0.3 recorded as a key of its own is still a duplicate
+        await r.set(store.legacy_event_key("acme", "old"), "1", ex=60)
+        assert (await store.ingest([_item("old"), _item("new")]))[0] == [False, True]
+        # only accepted events reached the inbox
+        lengths = [await r.xlen(store.inbox_key(p)) for p in range(store.partitions)]
+        assert sum(lengths) == 5  # e1, e2, globex e1, e1 again (forgotten), new
