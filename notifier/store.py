@@ -490,10 +490,13 @@ class Store:
                 if "BUSYGROUP" not in str(exc):
                     raise
 
-    async def read_inbox(self, partition: int, consumer: str, count: int) -> list[InboxEntry]:
-        """New entries of a partition for this consumer (they stay pending until acked)."""
+    async def read_inbox(
+        self, partition: int, consumer: str, count: int, block_ms: int | None = None
+    ) -> list[InboxEntry]:
+        """New entries of a partition for this consumer (they stay pending until acked);
+        with ``block_ms``, wait up to that long for one when there are none."""
         reply = await self.redis.xreadgroup(
-            GROUP, consumer, {self.inbox_key(partition): ">"}, count=count
+            GROUP, consumer, {self.inbox_key(partition): ">"}, count=count, block=block_ms
         )
         if not reply:
             return []

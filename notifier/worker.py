@@ -114,11 +114,18 @@ async def _drain_locked(ctx: dict[str, Any], partition: int, token: str, started
     store, settings = res.store, res.settings
     done = 0
     batches: asyncio.Semaphore = ctx["batches"]
+    size = settings.worker_batch
     entries = await _reclaim(res, partition, ctx["consumer"])
-    while time.monotonic() - started <= DRAIN_SLICE_S:
-        async with batches:  # read only once it is our turn: the batch holds what came meanwhile
+    while (left_s := DRAIN_SLICE_S - (time.monotonic() - started)) >= 0:
+        if not entries and settings.worker_linger_s:
+            # Wait for the next entry outside the semaphore: a quiet partition holds no turn.
+            linger_ms = max(1, int(min(settings.worker_linger_s, left_s) * 1000))
+            entries = await store.read_inbox(partition, ctx["consumer"], size, block_ms=linger_ms)
             if not entries:
-                entries = await store.read_inbox(partition, ctx["consumer"], settings.worker_batch)
+                break
+        async with batches:  # top up once it is our turn: the batch holds what came meanwhile
+            if len(entries) < size:
+                entries += await store.read_inbox(partition, ctx["consumer"], size - len(entries))
             if not entries:
                 break
             settled = await _process(ctx["pipeline"], entries)

@@ -106,6 +106,7 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "api_keys": API_KEYS,
         "outbox_dir": tmp_path / "outbox",
         "worker_poll_delay_s": 0,
+        "worker_linger_s": 0.02,
         "partitions": 4,
     }
     values.update(overrides)

@@ -22,7 +22,7 @@ from notifier.pipeline import Pipeline, notification_id
 from notifier.resources import open_resources
 from notifier.settings import Settings
 from notifier.store import GROUP, InboxEntry, Store
-from notifier.worker import BATCHES_AT_ONCE
+from notifier.worker import BATCHES_AT_ONCE, build_worker
 from tests.conftest import NOW, fixed_clock, history, outbox_files, post, run_worker, transition
 
 Client = TestClient[Any, Any]
@@ -173,6 +173,51 @@ async def test_one_process_works_on_at_most_two_batches_at_once(
     await run_worker(settings)
     assert most == BATCHES_AT_ONCE  # several partitions were ready, two went at once
     assert len(outbox_files(settings, ".eml")) == 200
+
+
+async def test_a_drain_lingers_for_the_next_event_instead_of_ending(
+    client: Client, settings: Settings
+) -> None:
+    """Under a trickle the drain that ran dry picks up the next event itself: no second
+    job, no wait for the job queue's next poll."""
+    settings = settings.model_copy(update={"worker_linger_s": 1.0})
+    worker = build_worker(settings, handle_signals=False, poll_delay_s=0.05, clock=fixed_clock())
+    task = asyncio.ensure_future(worker.main())
+    try:
+        await post(client, transition(event_id="e1", status="in_transit"))
+        await _wait_for(lambda: len(outbox_files(settings, ".eml")) == 1)
+        await asyncio.sleep(0.1)  # well inside the linger
+        await post(client, transition(event_id="e2", status="out_for_delivery"))
+        await _wait_for(lambda: len(outbox_files(settings, ".eml")) == 2)
+        async with open_resources(settings) as res:
+            await _wait_for_async(lambda: _drain_results(res), 1)
+            await asyncio.sleep(1.5)  # a second drain, had there been one, would be done
+            assert await _drain_results(res) == 1
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await worker.close()
+
+
+async def _drain_results(res: Any) -> int:
+    return len([r for r in await res.redis.all_job_results() if r.function == "drain"])
+
+
+async def _wait_for(predicate: Any, seconds: float = 10.0) -> None:
+    for _ in range(int(seconds / 0.02)):
+        if predicate():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("timed out")
+
+
+async def _wait_for_async(count: Any, want: int, seconds: float = 10.0) -> None:
+    for _ in range(int(seconds / 0.05)):
+        if await count() >= want:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("timed out")
 
 
 class _Crash(BaseException):
