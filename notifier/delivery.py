@@ -98,11 +98,10 @@ class Deliverer:
 
         batches: dict[str, list[Outgoing]] = {}
         by_id = {n.notification_id: n for n, _ in claimed}
-        for n, result in claimed:
-            try:
-                message = self.res.renderer.render(n)
-            except RenderError as exc:
-                await self._fail(n.notification_id, exc, report, owner)
+        messages = await self.res.renderer.render_many([n for n, _ in claimed])
+        for (n, result), message in zip(claimed, messages, strict=True):
+            if isinstance(message, RenderError):
+                await self._fail(n.notification_id, message, report, owner)
                 continue
             outgoing = Outgoing(message, now, recovering=result is ClaimResult.RECLAIMED)
             batches.setdefault(self._channel_name(n), []).append(outgoing)

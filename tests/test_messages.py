@@ -13,7 +13,7 @@ import pytest
 
 from notifier.channels.outbox import build_eml
 from notifier.cli import _samples, main
-from notifier.errors import ConfigurationError
+from notifier.errors import ConfigurationError, RenderError
 from notifier.models import ChannelKind, Notification, Recipient, Transition
 from notifier.render import EmailMessageOut, Renderer, SmsMessageOut
 from notifier.render.brand import contrast, load_brand
@@ -327,3 +327,52 @@ def test_the_sandbox_fast_paths_keep_jinja_semantics(tmp_path: Path) -> None:
     # Without a locale's functions in the context, the source (English) words.
     plain = {k: v for k, v in ctx.items() if k not in words}
     assert store.select("", ("t.txt",)).render(plain) == "Hello <b>Ana</b>,"
+
+
+async def test_a_batch_renders_as_one_by_one_with_failures_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """render_many inlines the batch's CSS together; the messages are render()'s, and a
+    failing one is a RenderError in its place, not the end of the batch."""
+    templates = tmp_path / "templates"
+    shutil.copytree(data_dir("templates", None), templates)
+    (templates / "broken" / "email").mkdir(parents=True)
+    (templates / "broken" / "email" / "layout.html").write_text("{{ 1 / 0 }}")
+    r = renderer(templates)
+    batch = [
+        notification(t, channel, locale)
+        for t in _samples()[:6]
+        for channel in ChannelKind
+        for locale in ("en", "ar")
+    ]
+    batch.insert(3, notification(sample("delivered"), merchant="broken"))
+    out = await r.render_many(batch)
+    assert len(out) == len(batch)
+    assert isinstance(out[3], RenderError) and "ZeroDivisionError" in str(out[3])
+    for n, got in zip(batch, out, strict=True):
+        if n.merchant_id != "broken":
+            assert got == r.render(n)
+    assert any(isinstance(m, EmailMessageOut) and 'style="' in m.html for m in out)
+
+    # should the batch inliner fail, each email is inlined alone and only the bad one fails
+    class Picky:
+        def inline_many(self, docs: list[str]) -> list[str]:
+            raise ValueError("one of them is bad")
+
+        def inline(self, doc: str) -> str:
+            if 'lang="ar"' in doc:
+                raise ValueError("this one")
+            return doc
+
+    monkeypatch.setattr("notifier.render.renderer._INLINER", Picky())
+    out = await r.render_many(batch)
+    failed = {i for i, m in enumerate(out) if isinstance(m, RenderError)}
+    assert failed == {
+        i
+        for i, n in enumerate(batch)
+        if n.merchant_id == "broken"
+        or (n.channel is ChannelKind.EMAIL and n.recipient.locale == "ar")
+    }
+    assert "email CSS inlining raised ValueError: this one" in str(
+        out[failed.difference({3}).pop()]
+    )
