@@ -183,6 +183,23 @@ for i = 1, #KEYS do
     for f = 4, 3 + d do
       redis.call('HDEL', KEYS[i], ARGV[f])
     end
+    if d > 0 then
+      -- Written anew without what it dropped (and without empty fields), a settled entry
+      -- is a compact listpack again when its values are short; Redis never converts a
+      -- hash back by itself once the payload made it a hashtable (~2.5x the memory).
+      local ttl = redis.call('PTTL', KEYS[i])
+      local all = redis.call('HGETALL', KEYS[i])
+      local kept = {}
+      for f = 1, #all, 2 do
+        if all[f + 1] ~= '' then
+          table.insert(kept, all[f])
+          table.insert(kept, all[f + 1])
+        end
+      end
+      redis.call('DEL', KEYS[i])
+      redis.call('HSET', KEYS[i], unpack(kept))
+      if ttl > 0 then redis.call('PEXPIRE', KEYS[i], ttl) end
+    end
     table.insert(settled, i)
   end
   a = a + 2 * n

@@ -345,3 +345,27 @@ async def test_a_sent_notification_keeps_its_status_but_not_its_payload(
             assert not {b"p", b"owner", b"claimed"} & set(fields)
     for d in await history(client):
         assert d["delivery"]["status"] == "sent" and d["delivery"]["sent_at"]
+
+
+async def test_a_settled_notification_is_rewritten_compact(settings: Settings) -> None:
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        key = res.store.notification_key("n_1")
+        await res.redis.hset(
+            key,
+            mapping={"st": "sending", "p": "x" * 700, "owner": "o1", "due": "", "attempts": "1"},
+        )
+        await res.redis.expire(key, 3600)
+        assert await res.redis.object("encoding", key) == b"hashtable"
+        await res.store.mark_sent([("n_1", "2026-11-21T12:00:00+00:00", "twilio:SM1")], "o1")
+        assert await res.redis.hgetall(key) == {
+            b"st": b"sent",
+            b"attempts": b"1",
+            b"sent": b"2026-11-21T12:00:00+00:00",
+            b"detail": b"twilio:SM1",
+        }
+        assert await res.redis.object("encoding", key) == b"listpack"
+        assert 3500 < await res.redis.ttl(key) <= 3600  # its expiry survives the rewrite
+        assert await res.store.by_provider_id("twilio", "SM1") == "n_1"
+        # another holder's settle changes nothing
+        await res.store.cancel("n_1", "superseded", owner="o2")
+        assert await res.redis.hget(key, "st") == b"sent"
