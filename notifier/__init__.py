@@ -1,3 +1,3 @@
 """notifier: turns shipment status transitions into the customer messages that matter."""
 
-__version__ = "0.1.0"
+__version__ = "0.5.0"

@@ -17,6 +17,7 @@ worker processes can share one Redis:
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import inspect
 import time
@@ -41,29 +42,33 @@ T = TypeVar("T")
 PREFIX = "ntf"
 GROUP = "workers"
 
+# One JSON argument carries the whole group, [current bucket, previous bucket, field, 0.4
+# key, inbox, payload] per event: redis-py packs every argument in Python, and six per
+# event cost the API more than the script's run. (The keys are the caller's to name, so
+# this needs a single Redis, not a Cluster, like every multi-shipment script here.)
 _INGEST = """
-local n = (#ARGV - 2) / 2
-local expire_at = ARGV[1]
+local events = cjson.decode(ARGV[1])
+local expire_at = ARGV[2]
 local accepted = {}
 local touched = {}
-for i = 1, n do
-  local field = ARGV[2 + i]
-  local seen = redis.call('HEXISTS', KEYS[i], field) == 1
-    or redis.call('HEXISTS', KEYS[n + i], field) == 1
-    or redis.call('EXISTS', KEYS[2 * n + i]) == 1
+for i, e in ipairs(events) do
+  local cur, field, inbox = e[1], e[3], e[5]
+  local seen = redis.call('HEXISTS', cur, field) == 1
+    or redis.call('HEXISTS', e[2], field) == 1
+    or redis.call('EXISTS', e[4]) == 1
   if seen then
     accepted[i] = 0
   else
-    redis.call('HSET', KEYS[i], field, '')
-    redis.call('EXPIREAT', KEYS[i], expire_at)
-    redis.call('XADD', KEYS[3 * n + i], '*', 't', ARGV[2 + n + i])
+    redis.call('HSET', cur, field, '')
+    redis.call('EXPIREAT', cur, expire_at)
+    redis.call('XADD', inbox, '*', 't', e[6])
     accepted[i] = 1
-    touched[KEYS[3 * n + i]] = true
+    touched[inbox] = true
   end
 end
 local woken = {}
 for inbox, _ in pairs(touched) do
-  if redis.call('SET', inbox .. ':wake', '1', 'NX', 'PX', ARGV[2]) then
+  if redis.call('SET', inbox .. ':wake', '1', 'NX', 'PX', ARGV[3]) then
     table.insert(woken, inbox)
   end
 end
@@ -378,20 +383,24 @@ class Store:
     #: (Redis's default 128 fields) up to about two million events per generation.
     EVENT_BUCKET_BITS = 14
 
-    def event_slot(self, merchant_id: str, event_id: str, now_s: float) -> tuple[str, str, bytes]:
-        """(current bucket key, previous bucket key, field) of an event id."""
+    def event_slot(self, merchant_id: str, event_id: str, now_s: float) -> tuple[str, str, str]:
+        """(current bucket key, previous bucket key, field) of an event id.
+
+        A 126-bit hash of it picks the bucket (14 bits) and is the field (112 bits, 16
+        characters of base64): ample against collisions among billions of ids."""
         digest = hashlib.blake2b(f"{merchant_id}\x00{event_id}".encode(), digest_size=16).digest()
         bucket = int.from_bytes(digest[:2]) >> (16 - self.EVENT_BUCKET_BITS)
         generation = int(now_s) // self.idempotency_ttl_s
         return (
             f"{PREFIX}:evt:{generation}:{bucket}",
             f"{PREFIX}:evt:{generation - 1}:{bucket}",
-            digest[2:],
+            base64.b64encode(digest[2:14]).decode(),
         )
 
     @staticmethod
     def legacy_event_key(merchant_id: str, event_id: str) -> str:
-        """Where notifier 0.3 kept one event id (still honoured until those keys expire)."""
+        """Where notifier before 0.5 kept an event id, a key each (still honoured until
+        those keys expire)."""
         return f"{PREFIX}:evt:{merchant_id}:{event_id}"
 
     @staticmethod
@@ -483,15 +492,16 @@ class Store:
         self, items: Sequence[tuple[str, str, str, bytes]]
     ) -> tuple[list[bool], list[int]]:
         now_s = time.time()
-        slots = [self.event_slot(m, e, now_s) for m, _, e, _ in items]
-        keys = [cur for cur, _, _ in slots] + [prev for _, prev, _ in slots]
-        keys += [self.legacy_event_key(m, e) for m, _, e, _ in items]
-        keys += [self.inbox_key(self.partition_of(m, s)) for m, s, _, _ in items]
+        events = []
+        for merchant_id, shipment_id, event_id, payload in items:
+            cur, prev, field = self.event_slot(merchant_id, event_id, now_s)
+            inbox = self.inbox_key(self.partition_of(merchant_id, shipment_id))
+            legacy = self.legacy_event_key(merchant_id, event_id)
+            events.append((cur, prev, field, legacy, inbox, payload.decode()))
         # a bucket lives through its generation and the next, when it is still looked at
         expire_at = (int(now_s) // self.idempotency_ttl_s + 2) * self.idempotency_ttl_s
-        args: list[Any] = [expire_at, self.WAKE_MS, *(f for *_, f in slots)]
-        args += [p for *_, p in items]
-        accepted, woken = await self._ingest(keys=keys, args=args)
+        args: list[Any] = [orjson.dumps(events), expire_at, self.WAKE_MS]
+        accepted, woken = await self._ingest(keys=[], args=args)
         parts = [int(_decode(k).split(":")[2]) for k in woken]
         return [bool(a) for a in accepted], parts
 

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
+from fakeredis import FakeServer
 from redis.exceptions import RedisError
 
 from notifier.resources import open_resources
 from notifier.settings import Settings
 from notifier.store import Store
+from tests.conftest import make_settings
 
 
 def _item(event_id: str, shipment: str = "shp_1") -> tuple[str, str, str, bytes]:
@@ -118,7 +121,7 @@ async def test_event_ids_are_remembered_in_buckets_for_at_least_the_ttl(
         assert (await store.ingest([other]))[0] == [True]
 
         cur, prev, field = store.event_slot("acme", "e1", clock[0])
-        assert cur != prev and len(field) == 14
+        assert cur != prev and len(field) == 16
         assert await r.hexists(cur, field)
         # the bucket lives through this generation and the next, then goes
         generation_end = (int(clock[0]) // 3600 + 1) * 3600
@@ -131,9 +134,36 @@ async def test_event_ids_are_remembered_in_buckets_for_at_least_the_ttl(
         clock[0] = generation_end + 3600 + 10  # two generations on: forgotten
         assert (await store.ingest([_item("e1")]))[0] == [True]
 
-        # an event id notifier 0.3 recorded as a key of its own is still a duplicate
+        # an event id notifier 0.4 recorded as a key of its own is still a duplicate
         await r.set(store.legacy_event_key("acme", "old"), "1", ex=60)
         assert (await store.ingest([_item("old"), _item("new")]))[0] == [False, True]
         # only accepted events reached the inbox
         lengths = [await r.xlen(store.inbox_key(p)) for p in range(store.partitions)]
         assert sum(lengths) == 5  # e1, e2, globex e1, e1 again (forgotten), new
+
+
+@pytest.mark.parametrize("store_kind", ["redis", "embedded"])
+async def test_payloads_reach_the_inbox_byte_for_byte(
+    store_kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """The group travels to Redis as one JSON argument; what comes out is what went in,
+    on redis-server and on the embedded store alike."""
+    odd = [
+        '{"name": "Zoë \\"Z\\" O\'Brien \\\\ \\u2028", "city": "Łódź"}',
+        '{"city": "القاهرة", "note": "📦 tab\\there\\nnewline\\u0000nul"}',
+        '{"empty": "", "slash": "a/b\\/c"}',
+    ]
+    if store_kind == "redis":
+        settings, server = request.getfixturevalue("settings"), None
+    else:
+        settings, server = make_settings(tmp_path, redis_url=None), FakeServer()
+    async with open_resources(settings, server=server) as res:
+        store = res.store
+        await res.redis.flushdb()  # (the autouse flush only sees fixtures named up front)
+        await store.ensure_groups()
+        items = [("acme", "shp_1", f"u{i}", p.encode()) for i, p in enumerate(odd)]
+        assert (await store.ingest(items))[0] == [True, True, True]
+        assert (await store.ingest(items[:1]))[0] == [False]
+        partition = store.partition_of("acme", "shp_1")
+        entries = await store.read_inbox(partition, "c1", 10)
+        assert [e.payload for e in entries] == [p.encode() for p in odd]
