@@ -20,7 +20,6 @@ import asyncio
 import base64
 import hashlib
 import inspect
-import time
 import zlib
 from collections import deque
 from collections.abc import Awaitable, Sequence
@@ -42,26 +41,32 @@ T = TypeVar("T")
 PREFIX = "ntf"
 GROUP = "workers"
 
-# One JSON argument carries the whole group, [current bucket, previous bucket, field, 0.4
-# key, inbox, payload] per event: redis-py packs every argument in Python, and six per
-# event cost the API more than the script's run. (The keys are the caller's to name, so
-# this needs a single Redis, not a Cluster, like every multi-shipment script here.)
+# One JSON argument carries the whole group, [bucket, field, pre-0.5 key, inbox, payload] per
+# event: redis-py packs every argument in Python, and six per event cost the API more than
+# the script's run. The generation comes from Redis's clock, so API processes whose clocks
+# disagree still agree on it. (The script names keys itself, so it needs a single Redis,
+# not a Cluster, like every multi-shipment script here.)
 _INGEST = """
 local events = cjson.decode(ARGV[1])
-local expire_at = ARGV[2]
+local ttl = tonumber(ARGV[2])
+local generation = math.floor(tonumber(redis.call('TIME')[1]) / ttl)
+local current = ARGV[4] .. generation .. ':'
+local previous = ARGV[4] .. (generation - 1) .. ':'
+-- a bucket lives through its generation and the next, when it is still looked at
+local expire_at = (generation + 2) * ttl
 local accepted = {}
 local touched = {}
 for i, e in ipairs(events) do
-  local cur, field, inbox = e[1], e[3], e[5]
+  local cur, field, inbox = current .. e[1], e[2], e[4]
   local seen = redis.call('HEXISTS', cur, field) == 1
-    or redis.call('HEXISTS', e[2], field) == 1
-    or redis.call('EXISTS', e[4]) == 1
+    or redis.call('HEXISTS', previous .. e[1], field) == 1
+    or redis.call('EXISTS', e[3]) == 1
   if seen then
     accepted[i] = 0
   else
     redis.call('HSET', cur, field, '')
     redis.call('EXPIREAT', cur, expire_at)
-    redis.call('XADD', inbox, '*', 't', e[6])
+    redis.call('XADD', inbox, '*', 't', e[5])
     accepted[i] = 1
     touched[inbox] = true
   end
@@ -377,25 +382,24 @@ class Store:
 
     #: Event ids seen lately live in hash buckets, not one key each: a key costs Redis
     #: ~80 bytes of its own, a field in a small (listpack) hash ~20. A bucket belongs to a
-    #: generation of ``idempotency_ttl_s``; ids are looked up in the current and the
-    #: previous generation and expire with their bucket, so an id is remembered at least
-    #: ``idempotency_ttl_s`` and at most twice that. 16,384 buckets stay small hashes
-    #: (Redis's default 128 fields) up to about two million events per generation.
+    #: generation of ``idempotency_ttl_s`` (by Redis's clock); ids are looked up in the
+    #: current and the previous generation and expire with their bucket, so an id is
+    #: remembered at least ``idempotency_ttl_s`` and at most twice that. 16,384 buckets
+    #: stay small hashes (Redis's default 128 fields) up to about two million events per
+    #: generation. (Their own prefix: a pre-0.5 key ``ntf:evt:<merchant>:<event id>`` can
+    #: never be mistaken for a bucket.)
     EVENT_BUCKET_BITS = 14
+    EVENT_BUCKET_PREFIX = f"{PREFIX}:evb:"
 
-    def event_slot(self, merchant_id: str, event_id: str, now_s: float) -> tuple[str, str, str]:
-        """(current bucket key, previous bucket key, field) of an event id.
-
-        A 126-bit hash of it picks the bucket (14 bits) and is the field (112 bits, 16
-        characters of base64): ample against collisions among billions of ids."""
+    def event_slot(self, merchant_id: str, event_id: str) -> tuple[int, str]:
+        """(bucket number, field) of an event id: a 128-bit hash of it picks the bucket
+        (14 bits) and 96 more bits of it, in base64, are the field."""
         digest = hashlib.blake2b(f"{merchant_id}\x00{event_id}".encode(), digest_size=16).digest()
         bucket = int.from_bytes(digest[:2]) >> (16 - self.EVENT_BUCKET_BITS)
-        generation = int(now_s) // self.idempotency_ttl_s
-        return (
-            f"{PREFIX}:evt:{generation}:{bucket}",
-            f"{PREFIX}:evt:{generation - 1}:{bucket}",
-            base64.b64encode(digest[2:14]).decode(),
-        )
+        return bucket, base64.b64encode(digest[2:14]).decode()
+
+    def event_bucket_key(self, generation: int, bucket: int) -> str:
+        return f"{self.EVENT_BUCKET_PREFIX}{generation}:{bucket}"
 
     @staticmethod
     def legacy_event_key(merchant_id: str, event_id: str) -> str:
@@ -491,16 +495,18 @@ class Store:
     async def _ingest_now(
         self, items: Sequence[tuple[str, str, str, bytes]]
     ) -> tuple[list[bool], list[int]]:
-        now_s = time.time()
         events = []
         for merchant_id, shipment_id, event_id, payload in items:
-            cur, prev, field = self.event_slot(merchant_id, event_id, now_s)
+            bucket, field = self.event_slot(merchant_id, event_id)
             inbox = self.inbox_key(self.partition_of(merchant_id, shipment_id))
             legacy = self.legacy_event_key(merchant_id, event_id)
-            events.append((cur, prev, field, legacy, inbox, payload.decode()))
-        # a bucket lives through its generation and the next, when it is still looked at
-        expire_at = (int(now_s) // self.idempotency_ttl_s + 2) * self.idempotency_ttl_s
-        args: list[Any] = [orjson.dumps(events), expire_at, self.WAKE_MS]
+            events.append((bucket, field, legacy, inbox, payload.decode()))
+        args: list[Any] = [
+            orjson.dumps(events),
+            self.idempotency_ttl_s,
+            self.WAKE_MS,
+            self.EVENT_BUCKET_PREFIX,
+        ]
         accepted, woken = await self._ingest(keys=[], args=args)
         parts = [int(_decode(k).split(":")[2]) for k in woken]
         return [bool(a) for a in accepted], parts

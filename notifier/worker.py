@@ -116,25 +116,39 @@ async def _drain_locked(ctx: dict[str, Any], partition: int, token: str, started
     batches: asyncio.Semaphore = ctx["batches"]
     size = settings.worker_batch
     entries = await _reclaim(res, partition, ctx["consumer"])
-    while (left_s := DRAIN_SLICE_S - (time.monotonic() - started)) >= 0:
-        if not entries and settings.worker_linger_s:
-            # Wait for the next entry outside the semaphore: a quiet partition holds no turn.
-            linger_ms = max(1, int(min(settings.worker_linger_s, left_s) * 1000))
-            entries = await store.read_inbox(partition, ctx["consumer"], size, block_ms=linger_ms)
-            if not entries:
-                break
-        async with batches:  # top up once it is our turn: the batch holds what came meanwhile
+    while True:
+        async with batches:  # read only once it is our turn: the batch holds what came meanwhile
             if len(entries) < size:
                 entries += await store.read_inbox(partition, ctx["consumer"], size - len(entries))
-            if not entries:
-                break
-            settled = await _process(ctx["pipeline"], entries)
+            settled = await _process(ctx["pipeline"], entries) if entries else []
             await store.ack(partition, [e.entry_id for e in settled])
         done += len(settled)
+        dry = len(entries) < size  # the partition had no more than this
         entries = []
         if not await store.lock(partition, token, LOCK_MS):  # renew the lease
             break
+        if time.monotonic() - started > DRAIN_SLICE_S:
+            break  # (before a linger: what it reads is processed in the next round)
+        if dry and not (entries := await _linger(res, partition, ctx["consumer"], started)):
+            break
     return done
+
+
+async def _linger(
+    res: Resources, partition: int, consumer: str, started: float
+) -> list[InboxEntry]:
+    """Wait a moment for a dry partition's next entry, outside the batch semaphore (a quiet
+    partition holds no turn): under a trickle the drain picks it up itself instead of a
+    new job at arq's next poll. At most half the Redis timeout: it is a blocking read."""
+    settings = res.settings
+    wait_s = min(
+        settings.worker_linger_s,
+        settings.redis_timeout_s / 2,
+        DRAIN_SLICE_S - (time.monotonic() - started),
+    )
+    if wait_s <= 0:
+        return []
+    return await res.store.read_inbox(partition, consumer, 1, block_ms=max(1, int(wait_s * 1000)))
 
 
 async def _reclaim(res: Resources, partition: int, consumer: str) -> list[InboxEntry]:

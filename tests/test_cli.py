@@ -67,16 +67,6 @@ def test_check_reports_invalid_settings(
     assert "NOTIFIER_TWILIO_ACCOUNT_SID" in err
 
 
-def test_check_refuses_a_linger_longer_than_the_redis_timeout(
-    trees: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setenv("NOTIFIER_WORKER_LINGER_S", "3")
-    assert main(["check"]) == 2
-    assert "NOTIFIER_WORKER_LINGER_S must be shorter than NOTIFIER_REDIS_TIMEOUT_S" in (
-        capsys.readouterr().err
-    )
-
-
 def test_settings_errors_never_print_api_keys(
     trees: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

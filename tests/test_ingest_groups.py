@@ -107,39 +107,46 @@ async def test_a_group_stays_under_the_size_limit(
 
 
 async def test_event_ids_are_remembered_in_buckets_for_at_least_the_ttl(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
+    settings: Settings,
 ) -> None:
     settings = settings.model_copy(update={"idempotency_ttl_s": 3600})
-    clock = [1_800_000_000.0]  # a generation starts at 1_800_000_000 // 3600 * 3600
-    monkeypatch.setattr("notifier.store.time.time", lambda: clock[0])
     async with open_resources(settings) as res:
         store, r = res.store, res.redis
         assert (await store.ingest([_item("e1")]))[0] == [True]
         assert (await store.ingest([_item("e1"), _item("e2")]))[0] == [False, True]
         # another merchant's e1 is another event
-        other = ("globex", "shp_1", "e1", b"{}")
-        assert (await store.ingest([other]))[0] == [True]
+        assert (await store.ingest([("globex", "shp_1", "e1", b"{}")]))[0] == [True]
 
-        cur, prev, field = store.event_slot("acme", "e1", clock[0])
-        assert cur != prev and len(field) == 16
-        assert await r.hexists(cur, field)
+        # generations follow Redis's clock, whatever the API process's clock says
+        generation = int((await r.time())[0]) // 3600
+        bucket, field = store.event_slot("acme", "e1")
+        key = store.event_bucket_key(generation, bucket)
+        assert await r.hexists(key, field) and len(field) == 16
         # the bucket lives through this generation and the next, then goes
-        generation_end = (int(clock[0]) // 3600 + 1) * 3600
-        assert await r.expiretime(cur) == generation_end + 3600
+        assert await r.expiretime(key) == (generation + 2) * 3600
         # a small hash: a field costs a few bytes, not a key
-        assert await r.object("encoding", cur) == b"listpack"
+        assert await r.object("encoding", key) == b"listpack"
 
-        clock[0] = generation_end + 10  # the next generation still knows e1
-        assert (await store.ingest([_item("e1")]))[0] == [False]
-        clock[0] = generation_end + 3600 + 10  # two generations on: forgotten
-        assert (await store.ingest([_item("e1")]))[0] == [True]
+        # an id recorded in the previous generation is still known, two back it is not
+        b_old, f_old = store.event_slot("acme", "old")
+        await r.hset(store.event_bucket_key(generation - 1, b_old), f_old, "")
+        b_older, f_older = store.event_slot("acme", "older")
+        await r.hset(store.event_bucket_key(generation - 2, b_older), f_older, "")
+        assert (await store.ingest([_item("old"), _item("older")]))[0] == [False, True]
 
-        # an event id notifier 0.4 recorded as a key of its own is still a duplicate
-        await r.set(store.legacy_event_key("acme", "old"), "1", ex=60)
-        assert (await store.ingest([_item("old"), _item("new")]))[0] == [False, True]
+        # an event id notifier 0.4 recorded as a key of its own is still a duplicate ...
+        await r.set(store.legacy_event_key("acme", "v04"), "1", ex=60)
+        assert (await store.ingest([_item("v04"), _item("new")]))[0] == [False, True]
+        # ... and such a key, whatever its merchant and event ids, is never taken for a
+        # bucket (merchant "<generation>", event "<bucket>" once read as one)
+        b_e3, _ = store.event_slot("acme", "e3")
+        await r.set(store.legacy_event_key(str(generation), str(b_e3)), "1", ex=60)
+        assert (await store.ingest([_item("e3")]))[0] == [True]
+        assert (await store.ingest([(str(generation), "s", str(b_e3), b"{}")]))[0] == [False]
+
         # only accepted events reached the inbox
         lengths = [await r.xlen(store.inbox_key(p)) for p in range(store.partitions)]
-        assert sum(lengths) == 5  # e1, e2, globex e1, e1 again (forgotten), new
+        assert sum(lengths) == 6  # e1, e2, globex e1, older, new, e3
 
 
 @pytest.mark.parametrize("store_kind", ["redis", "embedded"])

@@ -200,6 +200,54 @@ async def test_a_drain_lingers_for_the_next_event_instead_of_ending(
         await worker.close()
 
 
+async def test_a_busy_drain_reads_its_batches_in_turn_and_lingers_only_when_dry(
+    client: Client, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Full batches are read inside the two-batch semaphore (what a process holds stays
+    bounded); only a partition that ran dry waits, for one entry, outside it."""
+    settings = settings.model_copy(update={"worker_batch": 10, "worker_linger_s": 0.2})
+    items = [transition(event_id=f"e{i}", shipment_id=f"s{i}") for i in range(200)]
+    assert (await post(client, *items))["accepted"] == 200
+    outstanding, most, blocking = 0, 0, []
+    real_read, real_ack = Store.read_inbox, Store.ack
+
+    async def read(
+        self: Store, partition: int, consumer: str, count: int, block_ms: Any = None
+    ) -> Any:
+        nonlocal outstanding, most
+        got = await real_read(self, partition, consumer, count, block_ms)
+        if block_ms is not None:
+            blocking.append(count)
+        outstanding += len(got)
+        most = max(most, outstanding)
+        return got
+
+    async def ack(self: Store, partition: int, entry_ids: Sequence[str]) -> None:
+        nonlocal outstanding
+        outstanding -= len(entry_ids)
+        await real_ack(self, partition, entry_ids)
+
+    monkeypatch.setattr(Store, "read_inbox", read)
+    monkeypatch.setattr(Store, "ack", ack)
+    await run_worker(settings)
+    assert len(outbox_files(settings, ".eml")) == 200
+    assert blocking and set(blocking) == {1}
+    # about one linger per partition as it runs dry, not one after each of 20+ batches
+    assert len(blocking) <= 2 * settings.partitions
+    # two batches in work, plus at most one lingered entry per partition
+    assert most <= BATCHES_AT_ONCE * 10 + settings.partitions
+
+
+async def test_a_linger_never_outlasts_the_redis_timeout(
+    client: Client, settings: Settings
+) -> None:
+    # a blocking read longer than the socket timeout would fail the drain job
+    settings = settings.model_copy(update={"worker_linger_s": 3.0, "redis_timeout_s": 0.4})
+    await post(client, transition())
+    await run_worker(settings)  # asserts that no job failed
+    assert len(outbox_files(settings)) == 2
+
+
 async def _drain_results(res: Any) -> int:
     return len([r for r in await res.redis.all_job_results() if r.function == "drain"])
 
