@@ -183,6 +183,8 @@ local owner = ARGV[1]
 local n = tonumber(ARGV[2])
 local d = tonumber(ARGV[3])
 local a = 4 + d
+local drop = {}
+for f = 4, 3 + d do drop[ARGV[f]] = true end
 local settled = {}
 for i = 1, #KEYS do
   local mine = owner == '' or redis.call('HGET', KEYS[i], 'owner') == owner
@@ -190,18 +192,15 @@ for i = 1, #KEYS do
     for f = 0, n - 1 do
       redis.call('HSET', KEYS[i], ARGV[a + 2 * f], ARGV[a + 2 * f + 1])
     end
-    for f = 4, 3 + d do
-      redis.call('HDEL', KEYS[i], ARGV[f])
-    end
     if d > 0 then
-      -- Written anew without what it dropped (and without empty fields), a settled entry
+      -- Written anew without what it drops (and without empty fields), a settled entry
       -- is a compact listpack again when its values are short; Redis never converts a
       -- hash back by itself once the payload made it a hashtable (~2.5x the memory).
       local ttl = redis.call('PTTL', KEYS[i])
       local all = redis.call('HGETALL', KEYS[i])
       local kept = {}
       for f = 1, #all, 2 do
-        if all[f + 1] ~= '' then
+        if all[f + 1] ~= '' and not drop[all[f]] then
           table.insert(kept, all[f])
           table.insert(kept, all[f + 1])
         end
