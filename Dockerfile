@@ -1,16 +1,19 @@
 # notifier: multi-stage build, runs `notifier serve` as a non-root user.
 # Untested on the dev machine (no Docker engine there); see README.
-FROM python:3.11-slim AS build
+# Dependencies come from requirements.lock (exact versions, sha256-checked), as in scripts/.
+FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
 RUN python -m venv /opt/notifier
+COPY requirements.lock ./
+RUN /opt/notifier/bin/python -m pip install --no-cache-dir --require-hashes -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY notifier ./notifier
 COPY templates ./templates
 COPY locales ./locales
 COPY policies ./policies
-RUN /opt/notifier/bin/pip install --no-cache-dir .
+RUN /opt/notifier/bin/python -m pip install --no-cache-dir --no-deps --no-build-isolation .
 
-FROM python:3.11-slim
+FROM python:3.11-slim-bookworm
 RUN useradd --system --create-home --uid 10001 notifier
 COPY --from=build /opt/notifier /opt/notifier
 ENV PATH=/opt/notifier/bin:$PATH \

@@ -18,7 +18,7 @@ apt_install() {  # apt_install PACKAGE... — installs only what is missing
     DEBIAN_FRONTEND=noninteractive _sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
 }
 
-ensure_venv() {  # ensure_venv — .venv with a current pip
+ensure_venv() {  # ensure_venv — .venv (its pip comes from the lock, in install_locked)
     local py="${PYTHON:-python3}"
     if ! "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
         echo "error: notifier needs Python >= 3.11 ($py is $("$py" --version 2>&1))" >&2
@@ -29,5 +29,13 @@ ensure_venv() {  # ensure_venv — .venv with a current pip
         "$py" -c 'import ensurepip, venv' 2>/dev/null || apt_install python3-venv
         "$py" -m venv .venv
     fi
-    .venv/bin/python -m pip install -q --upgrade pip
+}
+
+install_locked() {  # install_locked LOCK [pip args for the project] — the lock's exact versions
+    # Every file is checked against the lock's sha256; a dependency missing from the lock is
+    # an error, not a download. The project goes in last without its dependencies, built by
+    # the locked hatchling (no isolated build environment fetching the newest one).
+    .venv/bin/python -m pip install -q --require-hashes -r "$1"
+    shift
+    .venv/bin/python -m pip install -q --no-deps --no-build-isolation "$@"
 }

@@ -18,10 +18,12 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 import redis
 from aiohttp.test_utils import TestClient, TestServer
+from babel.dates import format_skeleton, format_time
 
 from notifier.app import create_app
 from notifier.settings import Settings
@@ -36,6 +38,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def real_clock_env() -> dict[str, str]:
+    """The environment for redis-server: without libfaketime, which the suite may run under
+    to move the clock (README) but which cannot load into redis-server (its jemalloc calls
+    clock_gettime while libfaketime initializes). Redis then keeps the real time while the
+    code under test is a year off: clocks that disagree are part of what that run proves."""
+    return {k: v for k, v in os.environ.items() if k != "LD_PRELOAD" and not k.startswith("FAKE")}
 
 
 @pytest.fixture(scope="session")
@@ -73,6 +83,7 @@ def redis_url() -> Iterator[str]:
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
+        env=real_clock_env(),
     )
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url)
@@ -126,6 +137,15 @@ async def client(settings: Settings) -> AsyncIterator[TestClient[Any, Any]]:
 
 #: The tests' "now": after every event the tests post, in daylight in Europe (no quiet hours).
 NOW = datetime(2026, 11, 21, 14, 0, tzinfo=UTC)
+
+
+def local_day_and_time(moment: datetime, timezone: str, locale: str) -> tuple[str, str]:
+    """How the locked Babel writes ``moment``'s day and short time for a reader in
+    ``timezone`` and ``locale``: tests look for these instead of strings copied from one
+    CLDR release (Babel 2.18 wrote "sam. 21 nov.", 2.19 writes "sam. 21 novembre")."""
+    zone = ZoneInfo(timezone)
+    day = format_skeleton("MMMMEEEEd", moment, tzinfo=zone, locale=locale)
+    return str(day), str(format_time(moment, "short", tzinfo=zone, locale=locale))
 
 
 def fixed_clock(at: datetime = NOW) -> Callable[[], datetime]:

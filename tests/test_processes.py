@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,13 @@ Client = TestClient[Any, Any]
 async def test_worker_process_delivers_and_stops_cleanly(
     client: Client, settings: Settings, tmp_path: Path
 ) -> None:
-    items = [transition(event_id=f"e{i}", shipment_id=f"s{i}") for i in range(50)]
+    # A real process runs on the real clock, so the events are from a minute ago: events
+    # dated on a fixed day would be anomalies before it and stalled shipments after it.
+    occurred_at = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    items = [
+        transition(event_id=f"e{i}", shipment_id=f"s{i}", occurred_at=occurred_at)
+        for i in range(50)
+    ]
     resp = await client.post("/v1/transitions", json={"transitions": items}, headers=auth())
     assert (await resp.json())["accepted"] == 50
 
