@@ -11,7 +11,7 @@ import statistics
 import time
 
 from bench._cli import arguments, save
-from notifier.cli import _samples
+from notifier.check import samples as _samples
 from notifier.models import ChannelKind, Notification, Recipient
 from notifier.render import Renderer
 from notifier.render.environment import TemplateStore

@@ -24,6 +24,7 @@ from notifier.policy import PolicyStore
 from notifier.render import Renderer
 from notifier.render.environment import TemplateStore
 from notifier.render.i18n import Catalogs
+from notifier.render.watch import TreeWatch
 from notifier.settings import EmailChannelName, Settings
 from notifier.store import Store
 from notifier.unsubscribe import headers as unsubscribe_headers
@@ -38,14 +39,53 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def data_dir(name: str, configured: Path | None) -> Path:
-    """Where a merchant-editable tree lives: the setting, the installed package, or the checkout."""
+#: The repository this code runs from, when it runs from a checkout (an editable install,
+#: as scripts/serve and scripts/test make, or ``python -m notifier`` in the source).
+SOURCE_ROOT = Path(__file__).resolve().parent.parent
+#: The merchant-editable trees, each with its setting.
+TREES = ("templates", "locales", "policies")
+
+
+def tree(
+    name: str,
+    configured: Path | None,
+    *,
+    source_root: Path = SOURCE_ROOT,
+    package_root: Path | None = None,
+) -> tuple[Path, str]:
+    """Where a merchant-editable tree lives, and why: the setting; else the checkout this
+    code runs from, where a developer edits it; else the copy installed with the package."""
     if configured is not None:
-        return configured
-    packaged = Path(str(importlib_resources.files("notifier"))) / "_data" / name
+        return configured, f"NOTIFIER_{name.upper()}_DIR"
+    checkout = source_root / name
+    if (source_root / "pyproject.toml").is_file() and checkout.is_dir():
+        return checkout, "the checkout notifier runs from"
+    package = package_root or Path(str(importlib_resources.files("notifier")))
+    packaged = package / "_data" / name
     if packaged.is_dir():
-        return packaged
-    return Path(__file__).resolve().parent.parent / name
+        return packaged, "installed with the package"
+    return checkout, "the checkout notifier runs from"
+
+
+def data_dir(name: str, configured: Path | None) -> Path:
+    """Where a merchant-editable tree lives (see ``tree``)."""
+    return tree(name, configured)[0]
+
+
+def trees_in_use(settings: Settings) -> list[str]:
+    """One line per tree: where it is and why, and a warning when the working directory
+    has a tree of that name that is not the one in use (edits there would change nothing)."""
+    lines = []
+    for name in TREES:
+        path, why = tree(name, getattr(settings, f"{name}_dir"))
+        lines.append(f"{name}: {path} ({why})")
+        here = Path.cwd() / name
+        if here.is_dir() and here.resolve() != path.resolve():
+            lines.append(
+                f"warning: ./{name} is not in use, edits there change nothing: set "
+                f"NOTIFIER_{name.upper()}_DIR={here} to use it"
+            )
+    return lines
 
 
 def connect(settings: Settings, server: FakeServer | None = None) -> ArqRedis:
@@ -131,6 +171,7 @@ async def open_resources(
     redis = connect(settings, server)
     catalogs = Catalogs(data_dir("locales", settings.locales_dir))
     templates = TemplateStore(data_dir("templates", settings.templates_dir), catalogs)
+    watch = TreeWatch([templates.directory, catalogs.directory], settings.reload_interval_s)
     providers = build_providers(settings)
     # Settings refused a default channel whose credentials are missing, so both exist.
     channels: dict[ChannelKind, Channel] = {
@@ -153,6 +194,7 @@ async def open_resources(
                 templates,
                 catalogs,
                 email_from=sender(settings),
+                watch=watch,
                 unsubscribe=partial(
                     unsubscribe_headers, settings.public_url, settings.signing_secret_value()
                 ),

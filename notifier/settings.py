@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import difflib
 import json
+import os
+import re
 import secrets
+from collections.abc import Iterable
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from dotenv import dotenv_values
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+
+from notifier.errors import ConfigurationError
 
 #: The API key embedded mode accepts when none is configured. It is printed at
 #: start-up and only ever valid against the in-memory store on this machine.
@@ -107,6 +115,12 @@ class Settings(BaseSettings):
         default=60.0, gt=0, description="Inbox entries unacknowledged this long are re-claimed."
     )
     redis_timeout_s: float = Field(default=2.0, gt=0)
+    reload_interval_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="How often running processes look for edits of the template and locale "
+        "trees (policies are looked at on every lookup).",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("api_keys", mode="before")
@@ -170,3 +184,71 @@ class Settings(BaseSettings):
         if self.api_keys or not self.embedded:
             return self.api_keys
         return {DEV_API_KEY: ["*"]}
+
+
+#: The .env file read beside the environment (relative to the working directory).
+ENV_FILE = Path(".env")
+#: NOTIFIER_ variables that something other than Settings reads: the tests' own Redis.
+OTHER_VARIABLES = frozenset({"NOTIFIER_TEST_REDIS_URL"})
+
+
+def variable(field: str) -> str:
+    """The environment variable of a setting: ``api_keys`` -> ``NOTIFIER_API_KEYS``."""
+    return f"NOTIFIER_{field.upper()}"
+
+
+def unknown_variables(names: Iterable[str]) -> list[str]:
+    """One problem per ``NOTIFIER_*`` name that is no setting, with the closest one."""
+    known = sorted(variable(name) for name in Settings.model_fields)
+    problems = []
+    for name in sorted(set(names)):
+        upper = name.upper()
+        if not upper.startswith("NOTIFIER_") or upper in known or upper in OTHER_VARIABLES:
+            continue
+        close = difflib.get_close_matches(upper, known, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else " (see the README's Configuration)"
+        problems.append(f"{name} is not a notifier setting{hint}")
+    return problems
+
+
+def load_settings(env_file: Path = ENV_FILE) -> Settings:
+    """Settings from the environment and ``env_file``: the only reader of ``os.environ``.
+
+    Refuses unknown ``NOTIFIER_*`` variables (a typo would silently fall back to a default,
+    e.g. embedded mode), and turns a bad value into one line naming its variable, never
+    the value (``NOTIFIER_API_KEYS`` holds secrets).
+    """
+    problems = unknown_variables(os.environ)
+    if env_file.is_file():
+        problems += [f"{p} in {env_file}" for p in unknown_variables(dotenv_values(env_file))]
+    if problems:
+        raise ConfigurationError("; ".join(problems))
+    try:
+        return Settings(_env_file=env_file)
+    except SettingsError as exc:
+        # pydantic-settings could not decode a JSON value; its message names the field
+        field = re.search(r'field "(\w+)"', str(exc))
+        name = variable(field.group(1)) if field else "a NOTIFIER_ variable"
+        raise ConfigurationError(
+            f"{name} is not valid JSON"
+            + (' (expected an object like {"k_backend": ["*"]})' if name.endswith("KEYS") else "")
+        ) from None
+    except ValidationError as exc:
+        # Only the variable's name: deeper parts of a location can be secrets (the keys of
+        # NOTIFIER_API_KEYS), and the input itself is never shown.
+        problems = [
+            f"{variable(str(e['loc'][0]))}: {e['msg'].removeprefix('Value error, ')}"
+            if e["loc"]
+            else e["msg"].removeprefix("Value error, ")
+            for e in exc.errors(include_input=False, include_url=False)
+        ]
+        raise ConfigurationError("invalid settings: " + "; ".join(problems)) from None
+
+
+def describe_redis(settings: Settings) -> str:
+    """The mode in words, with the Redis host but never its password."""
+    if settings.embedded:
+        return "embedded (in-memory store, nothing persists; worker in the API process)"
+    url = urlsplit(settings.redis_url or "")
+    db = url.path.lstrip("/") or "0"
+    return f"Redis at {url.hostname or url.path}:{url.port or 6379} (database {db})"

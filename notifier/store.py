@@ -534,6 +534,18 @@ class Store:
             return []
         return [InboxEntry(_decode(i), f[b"t"]) for i, f in reply[0][1]]
 
+    async def read_own_pending(self, partition: int, consumer: str, count: int) -> list[InboxEntry]:
+        """Entries this consumer read and has not acknowledged (after a Redis outage)."""
+        reply = await self.redis.xreadgroup(
+            GROUP, consumer, {self.inbox_key(partition): "0"}, count=count
+        )
+        return [
+            InboxEntry(_decode(entry_id), fields[b"t"])
+            for _, entries in reply or []
+            for entry_id, fields in entries
+            if fields  # an entry trimmed away since shows up without its fields
+        ]
+
     async def claim_stale(
         self, partition: int, consumer: str, min_idle_ms: int, count: int
     ) -> list[InboxEntry]:

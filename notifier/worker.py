@@ -10,18 +10,24 @@ processes up to ``worker_batch`` transitions per round trip.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
+import random
 import time
 import traceback
 import uuid
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from datetime import timedelta
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 from arq import cron
 from arq import worker as arq_worker
 from arq.connections import ArqRedis
 from arq.connections import log_redis_info as _arq_log_redis_info
+from arq.typing import WorkerCoroutine
 from arq.worker import Worker
 from redis.exceptions import RedisError, ResponseError
 
@@ -47,6 +53,11 @@ LOCK_MS = 30_000
 BATCHES_AT_ONCE = 2
 #: An inbox entry handed out this many times without settling goes to the dead-letter stream.
 MAX_DELIVERIES = 5
+#: How long a drain caught by a Redis outage waits for it before its job fails (the
+#: sweep then wakes the partition again once Redis is back).
+OUTAGE_WAIT_S = 60.0
+#: How often a worker touches its heartbeat file while its polls succeed.
+HEARTBEAT_S = 5.0
 #: Due notifications released per round of the release_due cron.
 RELEASE_BATCH = 500
 
@@ -62,6 +73,9 @@ async def _log_redis_info(redis: Any, log_func: Any) -> None:
         if "info" not in str(exc).lower():
             raise
         log_func("embedded in-memory store (no INFO command)")
+    except (RedisError, OSError) as exc:
+        # Redis down at start-up: say so; on_startup waits for it
+        log.warning("Redis does not answer yet (%s); waiting for it", type(exc).__name__)
 
 
 arq_worker.log_redis_info = _log_redis_info  # type: ignore[attr-defined]
@@ -79,17 +93,58 @@ async def drain(ctx: dict[str, Any], partition: int) -> int:
     One drain per partition at a time (a lock with a lease), so one shipment's
     events are decided in arrival order. A drain that finds the lock taken
     returns at once: the holder re-checks for new entries after letting go.
+
+    A Redis stall or restart does not end it: it waits for Redis (up to
+    ``OUTAGE_WAIT_S``), then goes on, reading its own unacknowledged entries first
+    (everything it did is safe to do again: commits compare and set, messages are
+    claimed once).
     """
     res: Resources = ctx["res"]
-    store = res.store
     token = uuid.uuid4().hex
-    done = 0
     started = time.monotonic()
+    resume = False
+    done = 0
+    while True:
+        try:
+            return done + await _drain(ctx, partition, token, started, resume)
+        except (RedisError, OSError) as exc:
+            await wait_for_redis(res, exc, f"drain of partition {partition}", OUTAGE_WAIT_S)
+            resume = True
+
+
+async def wait_for_redis(res: Resources, exc: BaseException, what: str, limit_s: float) -> None:
+    """Wait, with backoff, until Redis answers again; re-raise ``exc`` after ``limit_s``."""
+    log.warning("%s: Redis failed (%s); waiting for it", what, type(exc).__name__)
+    deadline = time.monotonic() + limit_s
+    delay = 0.05
+    while True:
+        await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+        try:
+            await res.redis.ping()
+        except (RedisError, OSError):
+            if time.monotonic() > deadline:
+                raise exc from None
+            delay = min(delay * 2, 2.0)
+            continue
+        # A restarted Redis without persistence lost the consumer groups: make them again
+        await res.store.ensure_groups()
+        log.warning("%s: Redis answers again, going on", what)
+        return
+
+
+async def _drain(
+    ctx: dict[str, Any], partition: int, token: str, started: float, resume: bool
+) -> int:
+    res: Resources = ctx["res"]
+    store = res.store
+    done = 0
     while await store.lock(partition, token, LOCK_MS):
         try:
-            done += await _drain_locked(ctx, partition, token, started)
+            done += await _drain_locked(ctx, partition, token, started, resume)
+            resume = False
         finally:
-            await store.unlock(partition, token)
+            with contextlib.suppress(RedisError, OSError):  # else the lease runs out
+                await store.unlock(partition, token)
         # Let go, forget the wake-up, then look once more: an entry that arrived after
         # our last read either shows up here or its ingest wins the wake flag and
         # enqueues a drain that finds the lock free.
@@ -109,13 +164,17 @@ def _stale_ms(res: Resources) -> int:
     return int(res.settings.claim_idle_s * 1000)
 
 
-async def _drain_locked(ctx: dict[str, Any], partition: int, token: str, started: float) -> int:
+async def _drain_locked(
+    ctx: dict[str, Any], partition: int, token: str, started: float, resume: bool
+) -> int:
     res: Resources = ctx["res"]
     store, settings = res.store, res.settings
     done = 0
     batches: asyncio.Semaphore = ctx["batches"]
     size = settings.worker_batch
-    entries = await _reclaim(res, partition, ctx["consumer"])
+    # after an outage: what this drain had read and not settled, before anything new
+    entries = await store.read_own_pending(partition, ctx["consumer"], size) if resume else []
+    entries += await _reclaim(res, partition, ctx["consumer"])
     while True:
         async with batches:  # read only once it is our turn: the batch holds what came meanwhile
             if len(entries) < size:
@@ -202,6 +261,22 @@ def _log_failure(what: str, exc: BaseException) -> None:
     log.error("%s failed with %s\n%s", what, type(exc).__name__, frames)
 
 
+def _tick(job: Callable[[dict[str, Any]], Awaitable[int]]) -> WorkerCoroutine:
+    """A cron job that a Redis outage skips with one line (the next tick tries again),
+    instead of a failed job and its traceback every few seconds."""
+
+    @functools.wraps(job)
+    async def tick(ctx: dict[str, Any]) -> int:
+        try:
+            return await job(ctx)
+        except (RedisError, OSError) as exc:
+            log.warning("%s: Redis failed (%s); the next tick tries again", job.__name__, exc)
+            return 0
+
+    return cast(WorkerCoroutine, tick)
+
+
+@_tick
 async def release_due(ctx: dict[str, Any]) -> int:
     """Send what is due: messages held for quiet hours or coalescing, and retries.
 
@@ -224,6 +299,7 @@ async def release_due(ctx: dict[str, Any]) -> int:
     return done
 
 
+@_tick
 async def find_stalled(ctx: dict[str, Any]) -> int:
     """Turn shipments that stopped moving into one ``exception/delayed`` transition each.
 
@@ -270,6 +346,7 @@ async def find_stalled(ctx: dict[str, Any]) -> int:
     return len(items)
 
 
+@_tick
 async def sweep(ctx: dict[str, Any]) -> int:
     """Wake partitions with unread or abandoned entries (a lost wake-up, a crashed worker)."""
     res: Resources = ctx["res"]
@@ -283,6 +360,39 @@ async def sweep(ctx: dict[str, Any]) -> int:
     return len(woken)
 
 
+class ResilientWorker(Worker):
+    """arq's Worker, riding out Redis stalls and restarts instead of exiting.
+
+    arq's poll loop lets any Redis error escape ``main()``: a 3-second ``CLIENT PAUSE``
+    ended the process. Here a failed poll waits (backoff up to 5 s) and polls again;
+    running jobs carry on, and a drain caught by the outage waits for Redis itself.
+    """
+
+    _outage_since: float | None = None
+    _outage_delay = 0.05
+    #: a file touched every few seconds while polls succeed (a container's health check)
+    heartbeat: Path | None = None
+    _last_beat = 0.0
+
+    async def _poll_iteration(self) -> None:
+        try:
+            await super()._poll_iteration()
+        except (RedisError, OSError) as exc:
+            now = time.monotonic()
+            if self._outage_since is None:
+                self._outage_since = now
+                log.warning("Redis failed (%s); the worker waits for it", type(exc).__name__)
+            await asyncio.sleep(self._outage_delay * random.uniform(0.5, 1.0))
+            self._outage_delay = min(self._outage_delay * 2, 5.0)
+            return
+        if self._outage_since is not None:
+            log.warning("Redis answers again after %.1f s", time.monotonic() - self._outage_since)
+            self._outage_since, self._outage_delay = None, 0.05
+        if self.heartbeat is not None and time.monotonic() - self._last_beat >= HEARTBEAT_S:
+            self._last_beat = time.monotonic()
+            self.heartbeat.touch()
+
+
 def build_worker(
     settings: Settings,
     *,
@@ -291,6 +401,7 @@ def build_worker(
     handle_signals: bool = True,
     poll_delay_s: float | None = None,
     clock: Clock = utc_now,
+    heartbeat: Path | None = None,
 ) -> Worker:
     """An arq Worker for ``settings``.
 
@@ -313,13 +424,21 @@ def build_worker(
             # arq hands every job a copy of ctx: this one object is what they share
             batches=asyncio.Semaphore(BATCHES_AT_ONCE),
         )
-        await res.store.ensure_groups()
+        delay = 0.1
+        while True:  # Redis down at start-up: wait for it rather than exit
+            try:
+                await res.store.ensure_groups()
+                break
+            except (RedisError, OSError) as exc:
+                log.warning("start-up: Redis does not answer (%s); retrying", type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def on_shutdown(ctx: dict[str, Any]) -> None:
         await ctx["stack"].aclose()
 
     pool: ArqRedis = connect(settings, resources.server if resources else None)
-    return Worker(
+    worker = ResilientWorker(
         functions=[drain],
         cron_jobs=[
             cron(sweep, second=set(range(0, 60, 15)), run_at_startup=True),
@@ -337,3 +456,5 @@ def build_worker(
         keep_result=60,
         max_tries=5,
     )
+    worker.heartbeat = heartbeat
+    return worker

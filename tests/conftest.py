@@ -48,12 +48,9 @@ def real_clock_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "LD_PRELOAD" and not k.startswith("FAKE")}
 
 
-@pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
-    configured = os.environ.get("NOTIFIER_TEST_REDIS_URL")
-    if configured:
-        yield configured
-        return
+def start_redis(port: int, workdir: Path, *options: str) -> subprocess.Popen[bytes]:
+    """A real redis-server on loopback ``port``, ready when this returns (``options`` are
+    more command-line settings, e.g. ``--appendonly yes``)."""
     binary = shutil.which("redis-server") or (
         "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
     )
@@ -63,42 +60,39 @@ def redis_url() -> Iterator[str]:
             "(scripts/test installs it) or set NOTIFIER_TEST_REDIS_URL",
             pytrace=False,
         )
-    port = free_port()
-    workdir = tempfile.mkdtemp(prefix="notifier-redis-")
+    args = ["--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir)]
+    args += ["--daemonize", "no", *(options or ("--save", "", "--appendonly", "no"))]
     proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            workdir,
-            "--daemonize",
-            "no",
-        ],
+        [binary, *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
         env=real_clock_env(),
     )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
+    client = redis.Redis(host="127.0.0.1", port=port)
     deadline = time.monotonic() + 20
     while True:  # readiness wait for the server process, not a test sleep
         try:
             client.ping()
             break
-        except redis.ConnectionError:
+        except (redis.ConnectionError, redis.BusyLoadingError):
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 pytest.fail(f"redis-server did not start on port {port}", pytrace=False)
             time.sleep(0.02)
     client.close()
-    yield url
+    return proc
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    configured = os.environ.get("NOTIFIER_TEST_REDIS_URL")
+    if configured:
+        yield configured
+        return
+    port = free_port()
+    workdir = Path(tempfile.mkdtemp(prefix="notifier-redis-"))
+    proc = start_redis(port, workdir)
+    yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(timeout=10)
     shutil.rmtree(workdir, ignore_errors=True)

@@ -88,3 +88,79 @@ def test_serve_with_redis_needs_api_keys(
 def test_worker_needs_redis(trees: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["worker"]) == 2
     assert "NOTIFIER_REDIS_URL" in capsys.readouterr().err
+
+
+def test_an_unknown_variable_is_refused_naming_the_closest_one(
+    trees: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("NOTIFIER_REDIS_ULR", "redis://127.0.0.1:6379/0")
+    for command in ("check", "serve", "worker"):
+        assert main([command]) == 2
+        err = capsys.readouterr().err
+        assert err == (
+            "error: NOTIFIER_REDIS_ULR is not a notifier setting "
+            "(did you mean NOTIFIER_REDIS_URL?)\n"
+        )
+    monkeypatch.delenv("NOTIFIER_REDIS_ULR")
+    (trees / ".env").write_text("NOTIFIER_LOG_LEVL=DEBUG\nOTHER_TOOL_SETTING=1\n")
+    assert main(["check"]) == 2
+    assert capsys.readouterr().err == (
+        "error: NOTIFIER_LOG_LEVL is not a notifier setting "
+        "(did you mean NOTIFIER_LOG_LEVEL?) in .env\n"
+    )
+
+
+def test_malformed_api_keys_are_one_line_naming_the_variable_not_the_value(
+    trees: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("NOTIFIER_API_KEYS", '{"k_supersecret_123": [acme]')
+    assert main(["check"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("error: NOTIFIER_API_KEYS is not valid JSON")
+    assert "supersecret" not in err
+
+
+def test_check_says_which_mode_and_env_file_it_read(
+    trees: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["check"]) == 0
+    out = capsys.readouterr().out
+    assert "mode: embedded (in-memory store, nothing persists" in out
+    assert f".env: none ({trees / '.env'} does not exist)" in out
+    (trees / ".env").write_text(
+        "NOTIFIER_REDIS_URL=redis://:hunter2@db.internal:6380/3\n"
+        'NOTIFIER_API_KEYS={"k_backend_0123456789": ["*"]}\n'
+        "NOTIFIER_SIGNING_SECRET=0123456789abcdef0123\n"
+    )
+    assert main(["check"]) == 0
+    out = capsys.readouterr().out
+    assert "mode: Redis at db.internal:6380 (database 3)" in out
+    assert f".env: {trees / '.env'}" in out
+    assert "hunter2" not in out
+
+
+def test_a_bad_brand_is_one_line_in_check_and_preview(
+    trees: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (trees / "templates" / "acme").mkdir()
+    (trees / "templates" / "acme" / "brand.yaml").write_text("accent: '#787878'\n")
+    assert main(["check"]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "acme/brand.yaml: accent: #787878: neither white" in errors[0]
+    assert main(["preview", "--status", "delivered", "--merchant", "acme"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "acme/brand.yaml: accent" in err and "Traceback" not in err
+
+
+def test_a_template_error_in_many_renders_is_one_line(
+    trees: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    override = trees / "templates" / "acme" / "email"
+    override.mkdir(parents=True)
+    (override / "layout.html").write_text("{{ brand.nmae }}")
+    assert main(["check"]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, errors
+    assert "templates/acme: " in errors[0] and "nmae" in errors[0]
+    assert " more)" in errors[0]  # it says where else: every milestone, in every locale

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from datetime import UTC, datetime, timedelta
@@ -488,7 +489,7 @@ def test_unquoted_clock_times_read_as_times(tmp_path: Path) -> None:
 
 
 def test_edits_reach_a_running_store_and_a_broken_edit_keeps_the_last_good(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     shutil.copytree(data_dir("policies", None), tmp_path / "p")
     path = tmp_path / "p" / "acme.yaml"
@@ -500,6 +501,13 @@ def test_edits_reach_a_running_store_and_a_broken_edit_keeps_the_last_good(
     path.write_text("coalesce_seconds: -5\n")
     os.utime(path, (2, 2))
     assert store.for_merchant("acme").coalesce_seconds == 60  # last good, error logged
-    (tmp_path / "p" / "globex.yaml").write_text("coalesce_seconds: -5\n")
-    with pytest.raises(ConfigurationError, match=r"globex\.yaml"):
-        store.for_merchant("globex")  # never valid: refused, its events are retried
+    (tmp_path / "p" / "globex.yaml").write_text("coalesce_seconds: 30\nquiet_hours: nope\n")
+    # never valid: the defaults, not a refusal (its messages go on), and the error logged
+    with caplog.at_level(logging.ERROR, logger="notifier.policy.rules"):
+        assert store.for_merchant("globex") == store.for_merchant("")
+    assert "globex.yaml: quiet_hours" in caplog.text
+    assert "the default policy is used for merchant globex" in caplog.text
+    # broken defaults are the one thing that still refuses
+    store.default_path().write_text("coalesce_seconds: -1\n")
+    with pytest.raises(ConfigurationError, match=r"default\.yaml"):
+        store.for_merchant("")

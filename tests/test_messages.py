@@ -14,7 +14,8 @@ from babel import Locale
 from babel.dates import format_timedelta
 
 from notifier.channels.outbox import build_eml
-from notifier.cli import _samples, main
+from notifier.check import samples as _samples
+from notifier.cli import main
 from notifier.errors import ConfigurationError, RenderError
 from notifier.models import ChannelKind, Notification, Recipient, Transition
 from notifier.render import EmailMessageOut, Renderer, SmsMessageOut
@@ -26,12 +27,13 @@ from notifier.resources import data_dir
 from tests.conftest import local_day_and_time
 
 
-def renderer(templates: Path | None = None) -> Renderer:
+def renderer(templates: Path | None = None, *, strict: bool = True) -> Renderer:
     catalogs = Catalogs(data_dir("locales", None))
     return Renderer(
         TemplateStore(templates or data_dir("templates", None), catalogs),
         catalogs,
         email_from="notifications@example.com",
+        strict=strict,
     )
 
 
@@ -115,12 +117,27 @@ def test_brand_overrides_and_merchant_links(tmp_path: Path) -> None:
     assert m.from_addr == "Acme Outdoor <notifications@example.com>"
 
 
-def test_an_unreadable_accent_colour_is_refused(tmp_path: Path) -> None:
-    (tmp_path / "acme").mkdir()
-    shutil.copy(data_dir("templates", None) / "brand.yaml", tmp_path / "brand.yaml")
-    (tmp_path / "acme" / "brand.yaml").write_text("accent: '#facc15'\n")  # yellow
-    with pytest.raises(ConfigurationError, match=r"accent: #facc15 on white .* 1\.\d+:1; WCAG AA"):
-        load_brand(tmp_path, "acme")
+def test_a_light_accent_gets_dark_button_text_and_an_unreadable_one_is_refused(
+    tmp_path: Path,
+) -> None:
+    templates = tmp_path / "templates"
+    shutil.copytree(data_dir("templates", None), templates)
+    (templates / "acme").mkdir()
+    (templates / "acme" / "brand.yaml").write_text("accent: '#facc15'\n")  # yellow
+    brand = load_brand(templates, "acme")
+    assert brand.button_text == "#111827" and contrast("#facc15", "#111827") >= 4.5
+    # links on white keep the hue, darkened just enough to read
+    assert brand.link_colour != "#facc15" and contrast(brand.link_colour, "#ffffff") >= 4.5
+    html = render_email(notification(sample("delivered")), renderer(templates)).html
+    assert "background:#facc15;color:#111827" in html.replace(" ", "")
+    assert load_brand(templates, "").button_text == "#ffffff"  # the default blue: white
+
+    (templates / "acme" / "brand.yaml").write_text("accent: '#787878'\n")  # mid grey
+    with pytest.raises(
+        ConfigurationError,
+        match=r"accent: #787878: neither white \(4\.\d+:1\) nor dark \(4\.\d+:1\) button text",
+    ):
+        load_brand(templates, "acme")
     assert round(contrast("#1d4ed8", "#ffffff"), 1) >= 4.5
 
 

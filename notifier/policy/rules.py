@@ -254,8 +254,9 @@ class PolicyStore:
 
     Running workers pick up edits within a lookup: each lookup compares the files'
     modification times with those the cached policy was built from. An edit that
-    breaks a file is logged and the last good policy stays in force; a merchant
-    whose file was never valid gets a ConfigurationError (its events are retried).
+    breaks a merchant's file is logged and its last good policy stays in force; a
+    merchant whose file was never valid gets the default policy (logged). Only broken
+    defaults raise ConfigurationError.
     """
 
     def __init__(self, directory: Path) -> None:
@@ -285,10 +286,13 @@ class PolicyStore:
         try:
             policy = self._load(merchant_id)
         except ConfigurationError as exc:
-            if cached is None:
-                raise
-            log.error("%s; keeping the last good policy for %r", exc, merchant_id)
-            policy = cached[1]
+            if not merchant_id:
+                raise  # the defaults themselves: nothing to fall back on
+            # One merchant's broken file never stops its messages: its last good policy,
+            # or the defaults when it never had one, until the file is fixed.
+            used = "its last good policy" if cached is not None else "the default policy"
+            log.error("%s; %s is used for merchant %s until it is fixed", exc, used, merchant_id)
+            policy = cached[1] if cached is not None else self.for_merchant("")
         with self._lock:
             self._cache[merchant_id] = (stamp, policy)
         return policy

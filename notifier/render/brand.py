@@ -15,6 +15,9 @@ from notifier.models import LocaleTag
 _HEX = re.compile(r"^#[0-9a-fA-F]{6}$")
 #: WCAG 2.x AA for normal text.
 MIN_CONTRAST = 4.5
+WHITE = "#ffffff"
+#: Button text on a light accent (the body text colour of the email layout).
+DARK_TEXT = "#111827"
 
 
 def _luminance(hex_colour: str) -> float:
@@ -28,6 +31,18 @@ def contrast(a: str, b: str) -> float:
     """WCAG contrast ratio between two colours (1 to 21)."""
     la, lb = sorted((_luminance(a), _luminance(b)), reverse=True)
     return (la + 0.05) / (lb + 0.05)
+
+
+def darken_until_readable(colour: str, background: str) -> str:
+    """``colour``, or the same hue darkened just enough to reach MIN_CONTRAST on
+    ``background``."""
+    rgb = [int(colour[i : i + 2], 16) for i in (1, 3, 5)]
+    for step in range(101):
+        scale = 1 - step / 100
+        candidate = "#" + "".join(f"{round(c * scale):02x}" for c in rgb)
+        if contrast(candidate, background) >= MIN_CONTRAST:
+            return candidate
+    return "#000000"
 
 
 def _https(value: str | None) -> str | None:
@@ -113,11 +128,12 @@ class Brand(BaseModel):
     def _readable(cls, value: str) -> str:
         if not _HEX.match(value):
             raise ValueError("must be a colour like #1d4ed8")
-        ratio = contrast(value, "#ffffff")
-        if ratio < MIN_CONTRAST:
+        on_white, on_dark = contrast(value, WHITE), contrast(value, DARK_TEXT)
+        if max(on_white, on_dark) < MIN_CONTRAST:
             raise ValueError(
-                f"{value} on white button text has contrast {ratio:.2f}:1; WCAG AA needs "
-                f"{MIN_CONTRAST}:1 (pick a darker colour)"
+                f"{value}: neither white ({on_white:.2f}:1) nor dark ({on_dark:.2f}:1) button "
+                f"text on it reaches WCAG AA's {MIN_CONTRAST}:1 (pick a darker or a lighter "
+                "colour)"
             )
         return value
 
@@ -129,9 +145,14 @@ class Brand(BaseModel):
         return value
 
     @property
+    def button_text(self) -> str:
+        """White on a dark accent, dark on a light one: whichever contrast allows."""
+        return WHITE if contrast(self.accent, WHITE) >= MIN_CONTRAST else DARK_TEXT
+
+    @property
     def link_colour(self) -> str:
-        """The accent, for links on white (it passed the same contrast check)."""
-        return self.accent
+        """The accent for links on white, darkened (same hue) until it reads as text."""
+        return darken_until_readable(self.accent, WHITE)
 
 
 def _read(path: Path) -> dict[str, Any]:

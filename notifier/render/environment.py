@@ -104,6 +104,10 @@ class TemplateStore:
                 self._search[merchant_id] = search
         return search
 
+    def has_own(self, merchant_id: str) -> bool:
+        """Whether the merchant has a template folder of its own."""
+        return len(self.search_path(merchant_id)) > 1
+
     def select(self, merchant_id: str, names: tuple[str, ...]) -> Template:
         """The first of ``names`` that exists for the merchant, resolved once and cached.
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import math
 import re
 import threading
@@ -28,6 +29,9 @@ from notifier.render import i18n
 from notifier.render.brand import Brand, load_brand
 from notifier.render.environment import TemplateStore
 from notifier.render.sms import SmsEncoding, measure, smart_encode
+from notifier.render.watch import TreeWatch
+
+log = logging.getLogger(__name__)
 
 _SPACES = re.compile(r"[ \t]+")
 _BLANK_LINES = re.compile(r"\n{3,}")
@@ -164,8 +168,19 @@ def fill_link(template: str, values: dict[str, str]) -> str:
     return template
 
 
+#: Whose templates a render uses when a merchant's own fail: the defaults (no folder).
+DEFAULT_TEMPLATES = ""
+
+
 class Renderer:
-    """Renders notifications with the merchant's layered templates in the recipient's locale."""
+    """Renders notifications with the merchant's layered templates in the recipient's locale.
+
+    A merchant's own files (its brand.yaml, its templates) never stop its messages: when
+    they fail to load or to render, the message is rendered with the last good brand (or
+    the default one) and the default templates, and the problem is logged once and listed
+    in ``disabled`` until the files change. ``strict`` (checks, previews) raises instead.
+    With a ``watch``, edits of the template and locale trees are picked up (``refresh``).
+    """
 
     def __init__(
         self,
@@ -174,21 +189,62 @@ class Renderer:
         *,
         email_from: str,
         unsubscribe: Callable[[str, str], dict[str, str]] | None = None,
+        strict: bool = False,
+        watch: TreeWatch | None = None,
     ) -> None:
         self.templates = templates
         self.catalogs = catalogs
         self.email_from = email_from
         #: (merchant_id, address) -> the RFC 8058 headers, for brands that want them
         self.unsubscribe = unsubscribe
+        self.strict = strict
+        self.watch = watch
+        #: merchant -> why (parts of) its own files are not in use, until they change
+        self.disabled: dict[str, set[str]] = {}
         self._brands: dict[str, Brand] = {}
+        self._last_good: dict[str, Brand] = {}
         self._labels: dict[tuple[str, ...], dict[str, str]] = {}
         self._brand_ctx: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
 
+    def refresh(self) -> bool:
+        """Pick up edits of the template and locale trees (looked for at most every
+        watch interval); True when something changed and the caches were dropped."""
+        if self.watch is None or not self.watch.changed():
+            return False
+        self.templates.invalidate()
+        self.catalogs.invalidate()
+        with self._lock:
+            self._brands.clear()
+            self._labels.clear()
+            self._brand_ctx.clear()
+            self.disabled.clear()
+        log.info("templates or catalogs changed on disk: reloaded")
+        return True
+
+    def _disable(self, merchant_id: str, why: str) -> None:
+        """Record (and log, once) that a merchant's file is not in use."""
+        if why not in self.disabled.get(merchant_id, ()):
+            log.error("merchant %s: %s", merchant_id, why)
+            with self._lock:
+                self.disabled.setdefault(merchant_id, set()).add(why)
+
     def brand(self, merchant_id: str) -> Brand:
+        """The merchant's brand; a broken brand.yaml gives its last good brand (or the
+        default one) unless ``strict``."""
         brand = self._brands.get(merchant_id)
         if brand is None:
-            brand = load_brand(self.templates.directory, merchant_id)
+            try:
+                brand = load_brand(self.templates.directory, merchant_id)
+            except ConfigurationError as exc:
+                if self.strict or not merchant_id:
+                    raise
+                last = self._last_good.get(merchant_id)
+                brand = last or load_brand(self.templates.directory, "")
+                used = "its last good brand" if last else "the default brand"
+                self._disable(merchant_id, f"{exc} ({used} is used until the file is fixed)")
+            else:
+                self._last_good[merchant_id] = brand
             with self._lock:
                 self._brands[merchant_id] = brand
         return brand
@@ -209,6 +265,7 @@ class Renderer:
                     **brand.model_dump(),
                     "logo_alt": brand.logo_alt or brand.name,
                     "link_colour": brand.link_colour,
+                    "button_text": brand.button_text,
                 },
                 "support": brand.support.model_dump() if brand.support.any() else None,
                 "link_templates": brand.links.model_dump(),
@@ -325,6 +382,7 @@ class Renderer:
         ``inline_many`` in a thread: it runs in parallel and without the GIL, so the
         event loop goes on (with the next batch) while it works.
         """
+        self.refresh()
         out: list[Message | RenderError] = []
         for n in notifications:
             try:
@@ -356,18 +414,39 @@ class Renderer:
     def render(self, n: Notification, *, inline: bool = True) -> Message:
         """Render ``n`` for its channel; a template problem raises RenderError.
 
+        A merchant's own template that fails is skipped for this message: it is rendered
+        with the default templates (unless ``strict``, or the defaults fail too).
         ``inline=False`` leaves an email's CSS in its style element (``render_many``
         inlines a batch at once)."""
+        self.refresh()
+        try:
+            return self._render(n, n.merchant_id, inline)
+        except RenderError as exc:
+            if self.strict or not self.templates.has_own(n.merchant_id):
+                raise
+            try:
+                message = self._render(n, DEFAULT_TEMPLATES, inline)
+            except RenderError:
+                raise exc from None  # not the merchant's files: the message itself fails
+            self._disable(
+                n.merchant_id,
+                f"{exc}: messages this breaks use the default templates until it is fixed",
+            )
+            return message
+
+    def _render(self, n: Notification, templates_of: str, inline: bool) -> Message:
+        """Render ``n`` with the templates of ``templates_of`` (the merchant, or the
+        defaults) and the merchant's brand."""
         try:
             locale = self.locale_for(n)
             chain = (locale, self.catalogs.resolve(self.brand(n.merchant_id).default_locale, "en"))
             words = self.templates.gettext_for(chain)
             ctx = self.context(n, locale)
             ctx.update(words)
-            ctx["m"] = self._words(n.merchant_id, ctx)
-            ctx["labels"] = self._step_labels(n.merchant_id, chain, words)
+            ctx["m"] = self._words(templates_of, ctx)
+            ctx["labels"] = self._step_labels(templates_of, chain, words)
             if n.channel is ChannelKind.SMS:
-                body = self.templates.select(n.merchant_id, ("sms/layout.txt",))
+                body = self.templates.select(templates_of, ("sms/layout.txt",))
                 text = smart_encode(
                     _SPACES.sub(" ", " ".join(body.render(ctx).split("\n"))).strip()
                 )
@@ -381,8 +460,8 @@ class Renderer:
                     size.encoding,
                     size.segments,
                 )
-            html = self.templates.select(n.merchant_id, ("email/layout.html",)).render(ctx)
-            text = self.templates.select(n.merchant_id, ("email/layout.txt",)).render(ctx)
+            html = self.templates.select(templates_of, ("email/layout.html",)).render(ctx)
+            text = self.templates.select(templates_of, ("email/layout.txt",)).render(ctx)
             brand = self.brand(n.merchant_id)
             return EmailMessageOut(
                 n.notification_id,

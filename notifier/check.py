@@ -1,0 +1,261 @@
+"""What `notifier check` validates, and the smaller part that `serve` and `worker` run at start-up.
+
+Start-up checks only what the whole service stands on (settings, the default policy, the
+default brand and templates): its cost does not grow with merchants, and one merchant's
+broken file cannot stop delivery for the others (the renderer and the policy store fall
+back to the defaults for that merchant, and log it). `notifier check` validates every
+merchant's files too, in every locale, and prints each problem once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, datetime
+
+from notifier.errors import ConfigurationError, NotifierError
+from notifier.models import ChannelKind, ExceptionCode, Notification, Recipient, Status, Transition
+from notifier.policy import PolicyStore
+from notifier.render import Renderer, SmsMessageOut
+from notifier.render.brand import Brand, load_brand
+from notifier.render.environment import TemplateStore
+from notifier.render.i18n import Catalogs
+from notifier.render.sms import SmsEncoding
+from notifier.resources import data_dir
+from notifier.settings import Settings
+
+#: SMS budgets: one segment where the text fits GSM-7, two where it needs UCS-2.
+SMS_BUDGET = {SmsEncoding.GSM7: 1, SmsEncoding.UCS2: 2}
+#: Locales whose readers are likely to have US numbers, so their SMS carry "Reply STOP".
+US_LOCALES = {"en", "es"}
+#: A realistic shop name for the default brand's budget check ("Your shop" flatters it).
+SAMPLE_SHOP = "Northwind Outfitters"
+#: Folders of templates/ that are the defaults' own, not merchants.
+DEFAULT_FOLDERS = {"email", "sms", "messages"}
+#: The merchant id the defaults are rendered as (no folder of its own is looked at).
+DEFAULTS = "check"
+
+
+def samples(minimal: bool = False) -> list[Transition]:
+    """One transition per milestone, with every optional field (or, minimal, with none)."""
+    at = datetime(2026, 11, 21, 9, 30, tzinfo=UTC)
+    base: dict[str, object] = {
+        "event_id": "check",
+        "merchant_id": "check",
+        "shipment_id": "check",
+        "tracking_number": "1Z999AA10123456784",
+        "carrier": "ups",
+        "occurred_at": at,
+        # a realistic carrier tracking link, for the SMS budget
+        "tracking_url": "https://www.ups.com/track?tracknum=1Z999AA10123456784",
+        "estimated_delivery": {"start": at, "end": at},
+        "order": {"number": "1001"},
+        "location": {"city": "Leipzig", "country": "DE"},
+    }
+    if minimal:
+        kept = ("event_id", "merchant_id", "shipment_id", "tracking_number", "carrier")
+        base = {k: base[k] for k in (*kept, "occurred_at")}
+    out = []
+    for status in Status:
+        if status is Status.EXCEPTION:
+            out += [
+                Transition.model_validate({**base, "status": status, "exception_code": c})
+                for c in ExceptionCode
+            ]
+        else:
+            out.append(Transition.model_validate({**base, "status": status}))
+    return out
+
+
+def merchants(settings: Settings) -> list[str]:
+    """Merchants with files of their own: a template folder or a policy file."""
+    templates_dir = data_dir("templates", settings.templates_dir)
+    policies_dir = data_dir("policies", settings.policies_dir)
+    found = set()
+    if templates_dir.is_dir():
+        found |= {p.name for p in templates_dir.iterdir() if p.is_dir()} - DEFAULT_FOLDERS
+    if policies_dir.is_dir():
+        found |= {p.stem for p in policies_dir.glob("*.yaml")} - {"default"}
+    return sorted(found)
+
+
+def _renderer(settings: Settings) -> tuple[Renderer, Catalogs]:
+    catalogs = Catalogs(data_dir("locales", settings.locales_dir))
+    templates = TemplateStore(data_dir("templates", settings.templates_dir), catalogs)
+    return Renderer(templates, catalogs, email_from=settings.email_from, strict=True), catalogs
+
+
+def startup_problems(settings: Settings) -> list[str]:
+    """What must hold for the service to start, whatever the merchants' files say: the
+    default policy, brand and templates (every milestone, both channels, in English)."""
+    policies = PolicyStore(data_dir("policies", settings.policies_dir))
+    try:
+        policies.for_merchant("")
+    except ConfigurationError as exc:
+        return [str(exc)]
+    templates_dir = data_dir("templates", settings.templates_dir)
+    if not templates_dir.is_dir():
+        return [f"{templates_dir}: templates directory missing"]
+    renderer, _ = _renderer(settings)
+    try:
+        brand = renderer.brand("")
+    except ConfigurationError as exc:
+        return [str(exc)]
+    problems = _channel_problems(settings, brand, "templates/brand.yaml")
+    renderer.use_brand(DEFAULTS, brand.model_copy(update={"name": SAMPLE_SHOP}))
+    return problems + _render_problems(renderer, "", ["en"], full=False)
+
+
+def check_all(settings: Settings) -> list[str]:
+    """Every problem with settings, policies, brands and templates of every merchant, in
+    every locale; each problem once."""
+    problems = startup_problems(settings)
+    if problems:
+        return problems
+    policies_dir = data_dir("policies", settings.policies_dir)
+    problems += [p for p in PolicyStore(policies_dir).check_all() if "default.yaml" not in p]
+    renderer, catalogs = _renderer(settings)
+    default = renderer.brand("")
+    renderer.use_brand(DEFAULTS, default.model_copy(update={"name": SAMPLE_SHOP}))
+    locales = ["en", *catalogs.available()]
+    problems += _render_problems(renderer, "", locales, full=True)
+    templates_dir = data_dir("templates", settings.templates_dir)
+    for merchant in merchants(settings):
+        if not (templates_dir / merchant).is_dir():
+            continue
+        where = f"templates/{merchant}/brand.yaml"
+        try:
+            brand = load_brand(templates_dir, merchant)
+        except ConfigurationError as exc:
+            problems.append(str(exc))
+            brand = default  # its templates are still worth checking
+        problems += _channel_problems(settings, brand, where)
+        renderer.use_brand(merchant, brand)
+        problems += _render_problems(renderer, merchant, locales, full=True)
+    return problems
+
+
+def check_warnings(settings: Settings) -> list[str]:
+    """What is valid but probably not meant: brands without a support contact."""
+    templates_dir = data_dir("templates", settings.templates_dir)
+    warnings = []
+    for merchant in ["", *merchants(settings)]:
+        try:
+            brand = load_brand(templates_dir, merchant)
+        except ConfigurationError:
+            continue  # reported as an error already
+        where = f"templates/{merchant}/brand.yaml" if merchant else "templates/brand.yaml"
+        if brand.one_click_unsubscribe and not settings.signing_secret and settings.embedded:
+            warnings.append(
+                f"{where}: one_click_unsubscribe without NOTIFIER_SIGNING_SECRET: "
+                "links are signed with a per-process secret and break on restart"
+            )
+        if not brand.support.any():
+            warnings.append(
+                f"{where}: no support contact: exception emails cannot say how "
+                "to reach support (set support.url, email, phone or hours)"
+            )
+    return warnings
+
+
+def _channel_problems(settings: Settings, brand: Brand, where: str) -> list[str]:
+    """A merchant's chosen channel must be one the service has credentials for; signed
+    unsubscribe links need a secret every process shares."""
+    problems = []
+    if brand.one_click_unsubscribe and not settings.embedded and not settings.signing_secret:
+        problems.append(
+            f"{where}: one_click_unsubscribe needs NOTIFIER_SIGNING_SECRET when "
+            "NOTIFIER_REDIS_URL is set (API and workers must sign alike)"
+        )
+    available = {"outbox"}
+    if settings.sendgrid_api_key:
+        available.add("sendgrid")
+    if settings.twilio_account_sid and settings.twilio_auth_token:
+        available.add("twilio")
+    chosen = brand.channels
+    return problems + [
+        f"{where}: channels.{kind}: {name} is not configured (set its NOTIFIER_{name.upper()}_* "
+        "credentials)"
+        for kind, name in (("email", chosen.email), ("sms", chosen.sms))
+        if name and name not in available
+    ]
+
+
+def _cases(locale: str, full: bool) -> Iterable[tuple[Transition, Recipient, str]]:
+    """Sample transitions, recipients and phone numbers to render in ``locale``."""
+    rich = Recipient(
+        name="Ana",
+        email="ana@example.com",
+        phone="+33612345678",
+        timezone="Europe/Paris",
+        locale=locale,
+    )
+    yield from ((t, rich, "+33612345678") for t in samples())
+    if not full:
+        return
+    bare = Recipient(email="ana@example.com", phone="+33612345678", locale=locale)
+    yield from ((t, bare, "+33612345678") for t in samples(minimal=True))
+    if locale in US_LOCALES:
+        yield from ((t, rich, "+12125550100") for t in samples())
+
+
+def _render_problems(
+    renderer: Renderer, merchant: str, locales: list[str], *, full: bool
+) -> list[str]:
+    """Render every milestone on both channels in ``locales``; one line per distinct
+    problem, naming where else it happened (a broken shared file fails every render)."""
+    where = f"templates/{merchant}" if merchant else "templates"
+    seen: dict[str, list[str]] = {}
+    for locale in locales:
+        for t, recipient, phone in _cases(locale, full):
+            for channel in ChannelKind:
+                case = f"{t.milestone}, {channel}, {locale}"
+                for problem in _render_one(renderer, merchant, t, recipient, phone, channel):
+                    joined = (
+                        f"{where}/{problem}"
+                        if problem.startswith("sms (")
+                        else f"{where}: {problem}"
+                    )
+                    seen.setdefault(joined, []).append(case)
+    out = []
+    for problem, cases in seen.items():
+        cases = list(dict.fromkeys(cases))
+        more = f" and {len(cases) - 1} more" if len(cases) > 1 else ""
+        out.append(f"{problem} (in {cases[0]}{more})")
+    return out
+
+
+def _render_one(
+    renderer: Renderer,
+    merchant: str,
+    t: Transition,
+    recipient: Recipient,
+    phone: str,
+    channel: ChannelKind,
+) -> list[str]:
+    n = Notification(
+        notification_id="n_check",
+        merchant_id=merchant or DEFAULTS,
+        shipment_id="check",
+        channel=channel,
+        to="ana@example.com" if channel is ChannelKind.EMAIL else phone,
+        transition=t,
+        recipient=recipient,
+        created_at=t.occurred_at,
+    )
+    try:
+        message = renderer.render(n)
+    except NotifierError as exc:
+        return [str(exc)]
+    if not isinstance(message, SmsMessageOut):
+        return []
+    # US numbers carry the legally required opt-out line: one more segment for it
+    us = phone.startswith("+1")
+    budget = SMS_BUDGET[message.encoding] + us
+    if message.segments <= budget:
+        return []
+    extra = " incl. 1 for the US opt-out line" if us else ""
+    return [
+        f"sms ({t.milestone}, {recipient.locale}{', +1' if us else ''}): "
+        f"{message.segments} segments in {message.encoding} (budget {budget}{extra}): "
+        f"{message.body!r}"
+    ]

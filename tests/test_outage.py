@@ -1,0 +1,173 @@
+"""Redis stalls and restarts under real processes: the worker rides them out, nothing is lost.
+
+`notifier serve` (the API) and `notifier worker` run as processes against a redis-server of
+this test's own (AOF on, as deployed), which is paused with ``CLIENT PAUSE`` and restarted.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from notifier.resources import data_dir
+from tests.conftest import (
+    API_KEYS,
+    auth,
+    free_port,
+    spawn_notifier,
+    start_redis,
+    transition,
+    wait_until,
+)
+
+AOF = ("--save", "", "--appendonly", "yes", "--appendfsync", "always")
+
+
+def post(port: int, items: list[dict[str, Any]]) -> tuple[int, dict[str, str], dict[str, Any]]:
+    """POST a batch: (status, headers, body), whatever the status."""
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/transitions",
+        data=json.dumps({"transitions": items}).encode(),
+        headers={**auth(), "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, dict(resp.headers), json.load(resp)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, dict(exc.headers), json.load(exc)
+
+
+def healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def deployment(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """redis-server (AOF), `notifier serve` and `notifier worker`, sharing it."""
+    redis_port, api_port = free_port(), free_port()
+    data = tmp_path / "redis"
+    data.mkdir()
+    server = start_redis(redis_port, data, *AOF)
+    policies = tmp_path / "policies"
+    shutil.copytree(data_dir("policies", None), policies)
+    (policies / "acme.yaml").write_text("quiet_hours: {sms: null}\n")  # the real clock's hour
+    env = {
+        "NOTIFIER_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "NOTIFIER_API_KEYS": json.dumps(API_KEYS),
+        "NOTIFIER_OUTBOX_DIR": str(tmp_path / "outbox"),
+        "NOTIFIER_POLICIES_DIR": str(policies),
+        "NOTIFIER_REDIS_TIMEOUT_S": "1",
+        "NOTIFIER_PORT": str(api_port),
+    }
+    api = spawn_notifier(["serve"], tmp_path, **env)
+    worker = spawn_notifier(["worker", "--heartbeat", str(tmp_path / "alive")], tmp_path, **env)
+    wait_until(lambda: healthy(api_port) or api.poll() is not None, "notifier serve")
+    state: dict[str, Any] = {
+        "api_port": api_port,
+        "redis_port": redis_port,
+        "data": data,
+        "server": server,
+        "api": api,
+        "worker": worker,
+        "outbox": tmp_path / "outbox",
+        "heartbeat": tmp_path / "alive",
+    }
+    try:
+        yield state
+    finally:
+        for proc in (worker, api):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        state["worker_output"] = worker.communicate(timeout=30)[0]
+        api.communicate(timeout=30)
+        state["server"].terminate()
+        state["server"].wait(timeout=10)
+
+
+def batch(prefix: str, n: int) -> list[dict[str, Any]]:
+    at = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    return [
+        transition(event_id=f"{prefix}{i}", shipment_id=f"{prefix}{i}", occurred_at=at)
+        for i in range(n)
+    ]
+
+
+def emails(outbox: Path) -> list[Path]:
+    return sorted(outbox.rglob("*.eml")) if outbox.is_dir() else []
+
+
+def until_accepted(port: int, items: list[dict[str, Any]]) -> None:
+    """Post as the tracking backend does: again after a 503, until Redis took every event."""
+    outcome: list[Any] = []
+
+    def taken() -> bool:
+        status, headers, body = post(port, items)
+        outcome[:] = [status, headers, body]
+        return status == 202
+
+    wait_until(taken, "the API to take the batch", seconds=30)
+    body = outcome[2]
+    assert body["accepted"] + body["duplicates"] == len(items)
+
+
+@pytest.mark.timeout(150)
+def test_the_worker_rides_out_a_redis_pause_and_a_restart(deployment: dict[str, Any]) -> None:
+    port, outbox, worker = deployment["api_port"], deployment["outbox"], deployment["worker"]
+
+    until_accepted(port, batch("a", 10))
+    wait_until(lambda: len(emails(outbox)) == 10, "the first ten emails", seconds=30)
+    assert deployment["heartbeat"].is_file()  # what compose.yaml's health check looks at
+
+    # A stall: every client blocks for 3 s (longer than the 1 s Redis timeout)
+    control = redis.Redis(host="127.0.0.1", port=deployment["redis_port"])
+    control.execute_command("CLIENT", "PAUSE", "3000", "ALL")
+    status, headers, body = post(port, batch("b", 10))
+    assert status == 503 and headers["Retry-After"], body
+    assert body["error"]["code"] == "unavailable"
+    until_accepted(port, batch("b", 10))  # the backend retries; some may be duplicates now
+    wait_until(
+        lambda: len(emails(outbox)) == 20 or worker.poll() is not None, "emails after the stall"
+    )
+    assert worker.poll() is None, "the worker exited on a Redis stall"
+
+    # A restart: Redis goes away (AOF keeps what it had), the API answers 503, then recovers
+    deployment["server"].terminate()
+    deployment["server"].wait(timeout=10)
+    status, headers, _ = post(port, batch("c", 10))
+    assert status == 503 and headers["Retry-After"]
+    deployment["server"] = start_redis(deployment["redis_port"], deployment["data"], *AOF)
+    control.close()
+    until_accepted(port, batch("c", 10))
+    wait_until(
+        lambda: len(emails(outbox)) == 30 or worker.poll() is not None,
+        "emails after the restart",
+        seconds=40,
+    )
+    assert worker.poll() is None, "the worker exited on a Redis restart"
+
+    # nothing lost, nothing twice: one email and one SMS per shipment
+    per_shipment = sorted(p.parent.name for p in emails(outbox))
+    assert per_shipment == sorted(f"{x}{i}" for x in "abc" for i in range(10))
+    assert len(list(outbox.rglob("*.sms.json"))) == 30
+
+    worker.send_signal(signal.SIGTERM)
+    output = worker.communicate(timeout=30)[0]
+    assert worker.returncode == 0, output
+    assert "the worker waits for it" in output and "Redis answers again" in output
+    assert "Traceback" not in output
+    assert "ana@example.com" not in output and "+33612345678" not in output

@@ -1,0 +1,214 @@
+"""Merchant overrides at run time: edits picked up, broken files skipped, never the service."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import json
+import os
+import shutil
+import signal
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from notifier.check import samples, startup_problems
+from notifier.errors import ConfigurationError, RenderError
+from notifier.models import ChannelKind, Notification, Recipient
+from notifier.render import EmailMessageOut, Renderer
+from notifier.render.environment import TemplateStore
+from notifier.render.i18n import Catalogs
+from notifier.render.watch import TreeWatch
+from notifier.resources import data_dir
+from notifier.settings import Settings
+from tests.conftest import (
+    API_KEYS,
+    auth,
+    make_settings,
+    outbox_files,
+    spawn_notifier,
+    transition,
+    wait_until,
+)
+
+Client = TestClient[Any, Any]
+DELIVERED = next(t for t in samples() if t.milestone == "delivered")
+
+
+def tree(tmp_path: Path) -> Path:
+    templates = tmp_path / "templates"
+    shutil.copytree(data_dir("templates", None), templates)
+    (templates / "acme" / "messages").mkdir(parents=True)
+    return templates
+
+
+def renderer(templates: Path, *, strict: bool = False, watch: bool = False) -> Renderer:
+    catalogs = Catalogs(data_dir("locales", None))
+    return Renderer(
+        TemplateStore(templates, catalogs),
+        catalogs,
+        email_from="notifications@example.com",
+        strict=strict,
+        watch=TreeWatch([templates], interval_s=0) if watch else None,
+    )
+
+
+def delivered(merchant: str = "acme") -> Notification:
+    return Notification(
+        notification_id="n_1",
+        merchant_id=merchant,
+        shipment_id="s1",
+        channel=ChannelKind.EMAIL,
+        to="ana@example.com",
+        transition=DELIVERED,
+        recipient=Recipient(email="ana@example.com", locale="en", timezone="Europe/Paris"),
+        created_at=DELIVERED.occurred_at,
+    )
+
+
+def own_subject(templates: Path, subject: str) -> None:
+    path = templates / "acme" / "messages" / "delivered.jinja"
+    default = (templates / "messages" / "delivered.jinja").read_text()
+    path.write_text(
+        default.replace(
+            "{%- macro subject() -%}{% trans %}Your parcel was delivered{% endtrans %}",
+            "{%- macro subject() -%}" + subject,
+        )
+    )
+
+
+def test_a_broken_brand_or_template_falls_back_to_the_defaults(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    templates = tree(tmp_path)
+    (templates / "acme" / "brand.yaml").write_text("name: Acme\nlogo_url: http://x.example/l.png\n")
+    (templates / "acme" / "messages" / "delivered.jinja").write_text(
+        "{%- macro subject() -%}{{ no_such_variable }}{%- endmacro -%}"
+    )
+    r = renderer(templates)
+    message = r.render(delivered())
+    assert isinstance(message, EmailMessageOut)
+    # the default words and brand; the customer still hears that the parcel arrived
+    assert message.subject == "Your parcel was delivered"
+    assert message.from_addr.startswith("Your shop")
+    reasons = sorted(r.disabled["acme"])
+    assert "acme/brand.yaml: logo_url: must be an https:// URL" in reasons[0]
+    assert "no_such_variable" in reasons[1] and "default templates" in reasons[1]
+    assert "merchant acme:" in caplog.text and "logo_url" in caplog.text
+    # every other merchant is untouched, and strict renderers (check, preview) refuse
+    assert "globex" not in r.disabled and r.render(delivered("globex"))
+    with pytest.raises(ConfigurationError, match=r"acme/brand\.yaml: logo_url"):
+        renderer(templates, strict=True).brand("acme")
+    (templates / "acme" / "brand.yaml").write_text("name: Acme\n")
+    with pytest.raises(RenderError, match="no_such_variable"):
+        renderer(templates, strict=True).render(delivered())
+
+
+def test_edits_reach_a_running_renderer_and_the_last_good_brand_stays(tmp_path: Path) -> None:
+    templates = tree(tmp_path)
+    (templates / "acme" / "brand.yaml").write_text("name: Acme Outfitters\n")
+    r = renderer(templates, watch=True)
+    first = r.render(delivered())
+    assert isinstance(first, EmailMessageOut) and first.from_addr.startswith("Acme Outfitters")
+    assert first.subject == "Your parcel was delivered"
+
+    own_subject(templates, "Acme: it is there")
+    (templates / "acme" / "brand.yaml").write_text("name: Acme & Co\n")
+    second = r.render(delivered())
+    assert isinstance(second, EmailMessageOut)
+    assert second.subject == "Acme: it is there" and second.from_addr.startswith("Acme & Co")
+
+    # a broken edit: the last good brand stays in force, and the problem is listed
+    (templates / "acme" / "brand.yaml").write_text("name: ''\n")
+    third = r.render(delivered())
+    assert isinstance(third, EmailMessageOut) and third.from_addr.startswith("Acme & Co")
+    assert any("last good brand" in why for why in r.disabled["acme"])
+    # fixed: picked up, nothing disabled any more
+    (templates / "acme" / "brand.yaml").write_text("name: Acme\n")
+    fourth = r.render(delivered())
+    assert isinstance(fourth, EmailMessageOut) and fourth.from_addr.startswith("Acme")
+    assert r.disabled == {}
+
+
+def test_the_watch_sees_added_changed_and_removed_files(tmp_path: Path) -> None:
+    now = [0.0]
+    watch = TreeWatch([tmp_path], interval_s=1.0, clock=lambda: now[0])
+    (tmp_path / "a.jinja").write_text("one")
+    assert not watch.changed()  # not looked at again before the interval
+    now[0] = 1.0
+    assert watch.changed() and not watch.changed()
+    now[0] = 2.0
+    path = tmp_path / "a.jinja"
+    path.write_text("two")  # same size: the modification time tells
+    os.utime(path, ns=(1, 1))
+    assert watch.changed()
+    now[0] = 3.0
+    path.unlink()
+    assert watch.changed()
+    now[0] = 4.0
+    assert not watch.changed()
+
+
+def test_start_up_checks_do_not_look_at_merchants(tmp_path: Path) -> None:
+    templates = tree(tmp_path)
+    for i in range(30):
+        (templates / f"m{i}").mkdir()
+        (templates / f"m{i}" / "brand.yaml").write_text("accent: 'not a colour'\n")
+    settings = make_settings(tmp_path, templates_dir=templates)
+    assert startup_problems(settings) == []
+    (templates / "brand.yaml").write_text("name: ''\n")  # the defaults are another matter
+    assert any("templates/brand.yaml" in p for p in startup_problems(settings))
+
+
+async def test_a_running_worker_process_survives_a_bad_brand_and_picks_up_edits(
+    client: Client, settings: Settings, tmp_path: Path
+) -> None:
+    templates = tree(tmp_path)
+    (templates / "acme" / "brand.yaml").write_text("name: Acme\naccent: 'blue-ish'\n")
+    proc = spawn_notifier(
+        ["worker"],
+        tmp_path,
+        NOTIFIER_TEMPLATES_DIR=str(templates),
+        NOTIFIER_REDIS_URL=str(settings.redis_url),
+        NOTIFIER_API_KEYS=json.dumps(API_KEYS),
+        NOTIFIER_OUTBOX_DIR=str(settings.outbox_dir),
+        NOTIFIER_PARTITIONS=str(settings.partitions),
+        NOTIFIER_RELOAD_INTERVAL_S="0",
+    )
+    at = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+
+    async def deliver(shipment: str) -> email.message.EmailMessage:
+        body = transition(
+            event_id=f"e_{shipment}", shipment_id=shipment, status="delivered", occurred_at=at
+        )
+        resp = await client.post("/v1/transitions", json=body, headers=auth())
+        assert resp.status == 202
+        folder = settings.outbox_dir / "acme" / shipment
+        wait_until(
+            lambda: any(folder.glob("*.eml")) or proc.poll() is not None, "the email of " + shipment
+        )
+        assert proc.poll() is None, proc.communicate()[0]
+        [eml] = folder.glob("*.eml")
+        msg = email.message_from_bytes(eml.read_bytes(), policy=email.policy.default)
+        assert isinstance(msg, email.message.EmailMessage)
+        return msg
+
+    try:
+        # one merchant's broken brand.yaml: the worker starts and its messages go out
+        first = await deliver("s1")
+        assert first["From"].startswith("Your shop")
+        # edits reach the running process: a fixed brand, a template of its own
+        (templates / "acme" / "brand.yaml").write_text("name: Acme Outfitters\n")
+        own_subject(templates, "Acme: your parcel is here")
+        second = await deliver("s2")
+        assert second["Subject"] == "Acme: your parcel is here"
+        assert second["From"].startswith("Acme Outfitters")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=20)[0]
+    assert proc.returncode == 0, output
+    assert "templates/acme/brand.yaml: accent" in output  # logged, with the file and field
+    assert len(outbox_files(settings, ".eml")) == 2
