@@ -23,7 +23,7 @@ from pydantic import (
 from redis.exceptions import RedisError
 
 from notifier import unsubscribe, webhooks
-from notifier.errors import ApiError, Forbidden, NotFound, ValidationFailed
+from notifier.errors import ApiError, Forbidden, InvalidOptOut, InvalidQuery, NotFound
 from notifier.ingest import KeyRing, may_act_for, post_transitions, read_json
 from notifier.models import ChannelKind, Email, Identifier, MerchantId, Phone
 from notifier.policy import opt_out_key
@@ -91,17 +91,51 @@ async def shipment_notifications(request: web.Request) -> web.Response:
         _SHIPMENT.validate_python(shipment_id)
     except ValidationError as exc:
         raise NotFound(f"no shipment {shipment_id} for merchant {merchant_id}") from exc
-    decisions = await res.store.history(merchant_id, shipment_id)
-    if not decisions:
+    cursor, limit = _page_query(request)
+    page = await res.store.history_page(merchant_id, shipment_id, cursor, limit)
+    if not page.total:
         raise NotFound(f"no decisions recorded for shipment {shipment_id}")
+    decisions = page.decisions
     ids = [d["notification_id"] for d in decisions if d.get("notification_id")]
     ledger = await res.store.ledger(ids)
     for d in decisions:
         if d.get("notification_id"):
             d["delivery"] = ledger.get(d["notification_id"], {})
     return _json(
-        200, {"merchant_id": merchant_id, "shipment_id": shipment_id, "decisions": decisions}
+        200,
+        {
+            "merchant_id": merchant_id,
+            "shipment_id": shipment_id,
+            "decisions": decisions,
+            # positions count every decision ever recorded; the oldest beyond the history's
+            # cap are no longer kept, and ``trimmed`` says how many
+            "total": page.total,
+            "trimmed": page.trimmed,
+            "next_cursor": None if page.next_cursor is None else str(page.next_cursor),
+        },
     )
+
+
+#: Decisions per page of a shipment's history, by default and at most (all that is kept).
+HISTORY_PAGE_MAX = 200
+
+
+def _page_query(request: web.Request) -> tuple[int | None, int]:
+    """``cursor`` and ``limit`` of a history request; 422 naming a bad one."""
+    details = []
+    cursor_text = request.query.get("cursor")
+    limit_text = request.query.get("limit", str(HISTORY_PAGE_MAX))
+    cursor = int(cursor_text) if cursor_text is not None and cursor_text.isdigit() else None
+    if cursor_text is not None and cursor is None:
+        details.append({"field": "cursor", "message": "must be a next_cursor from a page"})
+    limit = int(limit_text) if limit_text.isdigit() else 0
+    if not 1 <= limit <= HISTORY_PAGE_MAX:
+        details.append(
+            {"field": "limit", "message": f"must be a whole number from 1 to {HISTORY_PAGE_MAX}"}
+        )
+    if details:
+        raise InvalidQuery("invalid query parameters", details)
+    return cursor, limit
 
 
 class OptOut(BaseModel):
@@ -138,7 +172,7 @@ async def opt_outs(request: web.Request) -> web.Response:
             {"field": ".".join(str(p) for p in e["loc"]) or "(body)", "message": e["msg"]}
             for e in exc.errors(include_input=False, include_url=False)
         ]
-        raise ValidationFailed("invalid opt-out", details) from exc
+        raise InvalidOptOut("invalid opt-out", details) from exc
     key = opt_out_key(body.channel, body.address)
     await request.app[RESOURCES].store.set_opt_out(merchant_id, key, body.opted_out)
     return _json(200, body.model_dump(mode="json"))

@@ -5,6 +5,9 @@ NotifierError
 ├── ApiError                    a request the API refuses (carries status + code)
 │   ├── BadRequest              400: malformed body
 │   ├── ValidationFailed        422: fields that break the contract
+│   │   ├── InvalidOptOut       422: an opt-out body that breaks it
+│   │   └── InvalidQuery        422: query parameters (limit, cursor)
+│   ├── IdempotencyConflict     409: an event id posted again with another body
 │   ├── Unauthorized            401: no or unknown API key
 │   ├── Forbidden               403: key not allowed for that merchant
 │   ├── PayloadTooLarge         413
@@ -60,6 +63,20 @@ class BadRequest(ApiError):
 
 class ValidationFailed(ApiError):
     status, code = 422, "invalid_transition"
+
+
+class InvalidOptOut(ValidationFailed):
+    code = "invalid_opt_out"
+
+
+class InvalidQuery(ValidationFailed):
+    code = "invalid_query"
+
+
+class IdempotencyConflict(ApiError):
+    """An event id posted again with another body (Stripe's idempotency rule)."""
+
+    status, code = 409, "idempotency_conflict"
 
 
 class Unauthorized(ApiError):

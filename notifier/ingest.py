@@ -15,6 +15,7 @@ from redis.exceptions import RedisError
 from notifier.errors import (
     BadRequest,
     Forbidden,
+    IdempotencyConflict,
     PayloadTooLarge,
     ServiceUnavailable,
     Unauthorized,
@@ -23,6 +24,7 @@ from notifier.errors import (
 )
 from notifier.models import Transition
 from notifier.resources import Resources
+from notifier.store import Admission, body_digest
 from notifier.worker import wake
 
 log = logging.getLogger(__name__)
@@ -166,11 +168,17 @@ async def post_transitions(request: web.Request, res: Resources, keys: KeyRing) 
     # The inbox keeps each item as it came (it passed validation; the worker validates it
     # again into the same Transition): a single transition is the body itself.
     payloads = [
-        (t.merchant_id, t.shipment_id, t.event_id, orjson.dumps(items[i]) if batch else raw)
+        (
+            t.merchant_id,
+            t.shipment_id,
+            t.event_id,
+            orjson.dumps(items[i]) if batch else raw,
+            body_digest(items[i]),
+        )
         for i, t in valid
     ]
     try:
-        accepted, woken = await res.store.ingest(payloads)
+        admissions, woken = await res.store.ingest(payloads)
     except (RedisError, OSError) as exc:
         log.error("ingest could not persist %d transitions: %s", len(payloads), type(exc).__name__)
         raise ServiceUnavailable(
@@ -183,30 +191,48 @@ async def post_transitions(request: web.Request, res: Resources, keys: KeyRing) 
         # Persisted already: the worker's sweep finds the backlog even without this job.
         log.warning("could not enqueue a drain job (%s); the sweep will pick it up", exc)
 
-    by_index = {i: ok for (i, _), ok in zip(valid, accepted, strict=True)}
+    by_index = {i: a for (i, _), a in zip(valid, admissions, strict=True)}
     results: list[dict[str, Any]] = []
     for index, item in enumerate(items):
         event_id = item.get("event_id") if isinstance(item, dict) else None
-        status = (
-            ("accepted" if by_index[index] else "duplicate") if index in by_index else "rejected"
-        )
+        status = by_index[index].value if index in by_index else "rejected"
         results.append({"index": index, "event_id": event_id, "status": status})
     reply: dict[str, Any] = {
-        "accepted": sum(accepted),
-        "duplicates": len(accepted) - sum(accepted),
+        "accepted": admissions.count(Admission.ACCEPTED),
+        "duplicates": admissions.count(Admission.DUPLICATE),
         "results": results,
     }
-    if not details:
+    conflicts = [i for i, a in by_index.items() if a is Admission.CONFLICT]
+    if conflicts:
+        reply["conflicts"] = len(conflicts)
+    if not details and not conflicts:
         return web.Response(status=202, body=orjson.dumps(reply), content_type="application/json")
-    # Some items are invalid: 422 naming them, while the valid ones are accepted and
-    # listed. A caller that resends the whole batch only gets duplicates for those.
-    reply["rejected"] = len(items) - len(valid)
-    error = ValidationFailed(
-        f"{reply['rejected']} of {len(items)} transitions are invalid; the others were accepted",
-        details,
-    )
+    error: ValidationFailed | IdempotencyConflict
+    if details:
+        # Some items are invalid: 422 naming them, while the valid ones are accepted and
+        # listed. A caller that resends the whole batch only gets duplicates for those.
+        reply["rejected"] = len(items) - len(valid)
+        error = ValidationFailed(
+            f"{reply['rejected']} of {len(items)} transitions are invalid; the others were "
+            "accepted",
+            details,
+        )
+    else:
+        # An event id seen before with another body: refused, never processed (Stripe's rule
+        # for idempotency keys); the same body again stays a plain duplicate.
+        error = IdempotencyConflict(
+            "event_id was already used for a transition with another body; a new event needs "
+            "a new event_id" + (" (the other items are listed in results)" if batch else ""),
+            [
+                {
+                    **({"index": i} if batch else {}),
+                    "field": "event_id",
+                    "message": "already used with another body",
+                }
+                for i in conflicts
+            ],
+        )
+    body = {**error.body(), **reply} if batch or details else error.body()
     return web.Response(
-        status=error.status,
-        body=orjson.dumps({**error.body(), **reply}),
-        content_type="application/json",
+        status=error.status, body=orjson.dumps(body), content_type="application/json"
     )

@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 
 from pydantic import ValidationError
 
+from notifier.addresses import email_problem, phone_problem
 from notifier.delivery import Deliverer, DeliveryReport
 from notifier.models import (
     ChannelKind,
@@ -118,9 +119,7 @@ class Pipeline:
             # Looked up once per merchant and round: an edited policy applies from the next batch.
             policies = {m: self.res.policies.for_merchant(m) for m in {m for m, _ in keys}}
             folds = [
-                self._fold(
-                    key, version, state, pending[key], now, opted.get(key[0], set()), policies
-                )
+                self._fold(key, version, state, pending[key], now, opted.get(key[0], {}), policies)
                 for key, (version, state) in zip(keys, loaded, strict=True)
             ]
             conflicts = set(await self.res.store.commit([f.commit for f in folds], now.isoformat()))
@@ -147,22 +146,33 @@ class Pipeline:
         self,
         groups: dict[ShipmentKey, list[tuple[str, Transition]]],
         loaded: list[tuple[int, ShipmentState | None]],
-    ) -> dict[str, set[str]]:
-        """Per merchant, the opt-outs among every address its shipments may be messaged at."""
+    ) -> dict[str, dict[str, str]]:
+        """Per merchant, the addresses its shipments may be messaged at that must not be:
+        opted out, or unusable (no such number, a landline, a malformed email address),
+        each with the reason the history gives."""
         by_merchant: dict[str, set[str]] = {}
+        blocked: dict[str, dict[str, str]] = {}
         for ((merchant_id, _), items), (_, state) in zip(groups.items(), loaded, strict=True):
             candidates = [state.recipient] if state and state.recipient else []
             candidates += [t.recipient for _, t in items if t.recipient]
             keys = by_merchant.setdefault(merchant_id, set())
+            reasons = blocked.setdefault(merchant_id, {})
             for r in candidates:
-                if r.email:
-                    keys.add(opt_out_key(ChannelKind.EMAIL, r.email))
-                if r.phone:
-                    keys.add(opt_out_key(ChannelKind.SMS, r.phone))
-        return {
-            merchant_id: await self.res.store.opted_out(merchant_id, sorted(keys))
-            for merchant_id, keys in by_merchant.items()
-        }
+                for channel, address, problem in (
+                    (ChannelKind.EMAIL, r.email, email_problem),
+                    (ChannelKind.SMS, r.phone, phone_problem),
+                ):
+                    if not address:
+                        continue
+                    key = opt_out_key(channel, address)
+                    keys.add(key)
+                    why = problem(address)
+                    if why is not None:
+                        reasons[key] = f"unusable {channel} address: {why}"
+        for merchant_id, keys in by_merchant.items():
+            for key in await self.res.store.opted_out(merchant_id, sorted(keys)):
+                blocked[merchant_id][key] = f"recipient opted out of {key.split(':', 1)[0]}"
+        return blocked
 
     def _fold(
         self,
@@ -171,7 +181,7 @@ class Pipeline:
         state: ShipmentState | None,
         transitions: list[tuple[str, Transition]],
         now: datetime,
-        opted_out: set[str],
+        opted_out: dict[str, str],
         policies: dict[str, Policy],
     ) -> _Fold:
         """Fold a shipment's transitions (in arrival order) through the policy. Pure."""

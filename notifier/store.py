@@ -41,7 +41,8 @@ T = TypeVar("T")
 PREFIX = "ntf"
 GROUP = "workers"
 
-# One JSON argument carries the whole group, [bucket, field, pre-0.5 key, inbox, payload] per
+# One JSON argument carries the whole group, [bucket, field, pre-0.5 key, inbox, payload,
+# body digest] per
 # event: redis-py packs every argument in Python, and six per event cost the API more than
 # the script's run. The generation comes from Redis's clock, so API processes whose clocks
 # disagree still agree on it. (The script names keys itself, so it needs a single Redis,
@@ -57,14 +58,15 @@ local expire_at = (generation + 2) * ttl
 local accepted = {}
 local touched = {}
 for i, e in ipairs(events) do
-  local cur, field, inbox = current .. e[1], e[2], e[4]
-  local seen = redis.call('HEXISTS', cur, field) == 1
-    or redis.call('HEXISTS', previous .. e[1], field) == 1
-    or redis.call('EXISTS', e[3]) == 1
+  local cur, field, inbox, digest = current .. e[1], e[2], e[4], e[6]
+  -- the body digest recorded with the id: '' for ids recorded before 0.6 (and 0.4's keys)
+  local seen = redis.call('HGET', cur, field) or redis.call('HGET', previous .. e[1], field)
+  if not seen and redis.call('EXISTS', e[3]) == 1 then seen = '' end
   if seen then
-    accepted[i] = 0
+    -- 0: the same event again (a duplicate); 2: another body under a known id (a conflict)
+    if seen == '' or seen == digest then accepted[i] = 0 else accepted[i] = 2 end
   else
-    redis.call('HSET', cur, field, '')
+    redis.call('HSET', cur, field, digest)
     redis.call('EXPIREAT', cur, expire_at)
     redis.call('XADD', inbox, '*', 't', e[5])
     accepted[i] = 1
@@ -111,6 +113,8 @@ for s = 1, shipments do
     if nh > 0 then
       redis.call('LTRIM', hkey, -cap, -1)
       redis.call('EXPIRE', hkey, ttl)
+      -- every entry ever appended: the history API tells how many were trimmed away
+      redis.call('HINCRBY', skey, 'hn', nh)
     end
   else
     table.insert(conflicts, s)
@@ -248,7 +252,22 @@ redis.call('HSET', KEYS[1], 'p', ARGV[2], 'due', ARGV[3], 'attempts', '0')
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 redis.call('RPUSH', KEYS[3], ARGV[4])
+if redis.call('EXISTS', KEYS[4]) == 1 then redis.call('HINCRBY', KEYS[4], 'hn', 1) end
 return 1
+"""
+
+# One snapshot: positions count every decision ever appended ('hn'), so a cursor stays valid
+# while new decisions arrive and old ones are trimmed. (Shipments recorded before 'hn'
+# existed count from what is kept.)
+_HISTORY_PAGE = """
+local total = tonumber(redis.call('HGET', KEYS[1], 'hn') or '0')
+local kept = redis.call('LLEN', KEYS[2])
+if total < kept then total = kept end
+local first = total - kept
+local start = tonumber(ARGV[1])
+if start < first then start = first end
+local rows = redis.call('LRANGE', KEYS[2], start - first, start - first + tonumber(ARGV[2]) - 1)
+return {total, first, start, rows}
 """
 
 _PROVIDER_STATUS = """
@@ -332,6 +351,39 @@ def _decode(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+class Admission(StrEnum):
+    """What ingest made of an event."""
+
+    ACCEPTED = "accepted"  #: new: persisted to its inbox
+    DUPLICATE = "duplicate"  #: its event id was seen before, with the same body
+    CONFLICT = "conflict"  #: its event id was seen before, with another body (not persisted)
+
+
+_ADMISSIONS = {1: Admission.ACCEPTED, 0: Admission.DUPLICATE, 2: Admission.CONFLICT}
+#: (merchant_id, shipment_id, event_id, payload, body digest) of an event to ingest
+IngestItem = tuple[str, str, str, bytes, str]
+
+
+def body_digest(body: Any) -> str:
+    """A short digest of a transition's JSON body, keys sorted: a repost that differs only
+    in key order or spacing is the same body."""
+    canonical = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+    return base64.b64encode(hashlib.blake2b(canonical, digest_size=9).digest()).decode()
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPage:
+    """A page of a shipment's decisions."""
+
+    decisions: list[dict[str, Any]]
+    #: decisions ever recorded for the shipment
+    total: int
+    #: the oldest ones no longer kept (the history keeps the latest ``history_cap``)
+    trimmed: int
+    #: where the next page starts, None at the end
+    next_cursor: int | None
+
+
 class Store:
     """Typed access to everything notifier keeps in Redis."""
 
@@ -360,11 +412,9 @@ class Store:
         self._provider_status = redis.register_script(_PROVIDER_STATUS)
         self._add_notification = redis.register_script(_ADD_NOTIFICATION)
         self._unlock = redis.register_script(_UNLOCK)
+        self._history_page = redis.register_script(_HISTORY_PAGE)
         self._ingest_queue: deque[
-            tuple[
-                Sequence[tuple[str, str, str, bytes]],
-                asyncio.Future[tuple[list[bool], list[int]]],
-            ]
+            tuple[Sequence[IngestItem], asyncio.Future[tuple[list[Admission], list[int]]]]
         ] = deque()
         self._ingest_task: asyncio.Task[None] | None = None
 
@@ -439,13 +489,12 @@ class Store:
     #: Redis, so it must stay short).
     INGEST_GROUP_MAX = 2000
 
-    async def ingest(
-        self, items: Sequence[tuple[str, str, str, bytes]]
-    ) -> tuple[list[bool], list[int]]:
-        """Persist new events atomically; return (accepted per item, partitions to wake).
+    async def ingest(self, items: Sequence[IngestItem]) -> tuple[list[Admission], list[int]]:
+        """Persist new events atomically; return (admission per item, partitions to wake).
 
-        ``items`` are (merchant_id, shipment_id, event_id, payload). A partition is
-        returned at most once per ``WAKE_MS``; its caller enqueues a drain job.
+        ``items`` are (merchant_id, shipment_id, event_id, payload, body digest): an event
+        id seen before is a duplicate with the same digest, a conflict with another. A
+        partition is returned at most once per ``WAKE_MS``; its caller enqueues a drain job.
 
         Concurrent calls are group-committed: while one script call is in flight, the
         calls that arrive wait and then go together in the next one. A lone call goes at
@@ -453,7 +502,7 @@ class Store:
         run) carries many requests' events. Each caller gets its own items' answers;
         the partitions to wake go to one caller of each group.
         """
-        future: asyncio.Future[tuple[list[bool], list[int]]] = (
+        future: asyncio.Future[tuple[list[Admission], list[int]]] = (
             asyncio.get_running_loop().create_future()
         )
         self._ingest_queue.append((items, future))
@@ -462,7 +511,7 @@ class Store:
         return await future
 
     async def _ingest_groups(self) -> None:
-        group: list[tuple[Sequence[tuple[str, str, str, bytes]], asyncio.Future[Any]]] = []
+        group: list[tuple[Sequence[IngestItem], asyncio.Future[Any]]] = []
         try:
             while self._ingest_queue:
                 group, size = [], 0
@@ -491,15 +540,13 @@ class Store:
                     future.set_exception(RedisConnectionError("ingest stopped"))
             self._ingest_queue.clear()
 
-    async def _ingest_now(
-        self, items: Sequence[tuple[str, str, str, bytes]]
-    ) -> tuple[list[bool], list[int]]:
+    async def _ingest_now(self, items: Sequence[IngestItem]) -> tuple[list[Admission], list[int]]:
         events = []
-        for merchant_id, shipment_id, event_id, payload in items:
+        for merchant_id, shipment_id, event_id, payload, digest in items:
             bucket, field = self.event_slot(merchant_id, event_id)
             inbox = self.inbox_key(self.partition_of(merchant_id, shipment_id))
             legacy = self.legacy_event_key(merchant_id, event_id)
-            events.append((bucket, field, legacy, inbox, payload.decode()))
+            events.append((bucket, field, legacy, inbox, payload.decode(), digest))
         args: list[Any] = [
             orjson.dumps(events),
             self.idempotency_ttl_s,
@@ -508,7 +555,7 @@ class Store:
         ]
         accepted, woken = await self._ingest(keys=[], args=args)
         parts = [int(_decode(k).split(":")[2]) for k in woken]
-        return [bool(a) for a in accepted], parts
+        return [_ADMISSIONS[int(a)] for a in accepted], parts
 
     # -- inbox --------------------------------------------------------------
     async def ensure_groups(self) -> None:
@@ -807,6 +854,7 @@ class Store:
                     self.notification_key(notification_id),
                     self.DUE_KEY,
                     self.history_key(merchant_id, shipment_id),
+                    self.state_key(merchant_id, shipment_id),
                 ],
                 args=[notification_id, payload, due_ms, pack(history, HISTORY), self.state_ttl_s],
             )
@@ -862,7 +910,7 @@ class Store:
             keys=[self.STALL_KEY], args=[self.stall_member(merchant_id, shipment_id), deadline_ms]
         )
 
-    async def ledger(self, notification_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+    async def ledger(self, notification_ids: Sequence[str]) -> dict[str, dict[str, str | int]]:
         """Delivery status fields (without the payload) per notification id."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for nid in notification_ids:
@@ -892,12 +940,16 @@ class Store:
             "provider_status",
             "provider_error",
         )
-        out: dict[str, dict[str, str]] = {}
+        out: dict[str, dict[str, str | int]] = {}
         for nid, row in zip(notification_ids, rows, strict=True):
-            fields = {k: _decode(v) for k, v in zip(names, row, strict=True) if v}
+            fields: dict[str, str | int] = {
+                k: _decode(v) for k, v in zip(names, row, strict=True) if v
+            }
             if "due_at" in fields:
                 due = datetime.fromtimestamp(int(fields["due_at"]) / 1000, UTC)
                 fields["due_at"] = due.isoformat()
+            if "attempts" in fields:
+                fields["attempts"] = int(fields["attempts"])  # a number in the API
             out[nid] = fields
         return out
 
@@ -906,6 +958,23 @@ class Store:
         key = self.history_key(merchant_id, shipment_id)
         rows = await _run(self.redis.lrange(key, 0, -1))
         return [orjson.loads(unpack(r)) for r in rows]
+
+    async def history_page(
+        self, merchant_id: str, shipment_id: str, cursor: int | None, limit: int
+    ) -> HistoryPage:
+        """Up to ``limit`` decisions from position ``cursor`` (counted over every decision
+        ever recorded for the shipment, oldest first; None: the oldest one still kept)."""
+        total, first, start, rows = await self._history_page(
+            keys=[
+                self.state_key(merchant_id, shipment_id),
+                self.history_key(merchant_id, shipment_id),
+            ],
+            args=[-1 if cursor is None else cursor, limit],
+        )
+        decisions = [orjson.loads(unpack(r)) for r in rows]
+        end = int(start) + len(decisions)
+        total, first = int(total), int(first)
+        return HistoryPage(decisions, total, first, end if end < total else None)
 
     async def dead_letters(self) -> dict[str, int]:
         """How many notifications failed for good, and inbox entries that kept failing."""

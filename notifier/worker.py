@@ -23,6 +23,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, cast
 
+import orjson
 from arq import cron
 from arq import worker as arq_worker
 from arq.connections import ArqRedis
@@ -35,7 +36,7 @@ from notifier.models import ExceptionCode, Status, Transition
 from notifier.pipeline import Pipeline
 from notifier.resources import Clock, Resources, connect, open_resources, utc_now
 from notifier.settings import Settings
-from notifier.store import InboxEntry
+from notifier.store import InboxEntry, body_digest
 
 log = logging.getLogger(__name__)
 
@@ -336,7 +337,8 @@ async def find_stalled(ctx: dict[str, Any]) -> int:
             order=state.order,
             carrier_description="no carrier scan or delivery in the expected time (notifier)",
         )
-        items.append((merchant_id, shipment_id, t.event_id, t.model_dump_json().encode()))
+        body = t.model_dump_json().encode()
+        items.append((merchant_id, shipment_id, t.event_id, body, body_digest(orjson.loads(body))))
     if items:
         _, woken = await res.store.ingest(items)
         await wake(res, woken)

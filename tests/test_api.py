@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -10,8 +11,9 @@ import orjson
 from aiohttp.test_utils import TestClient, TestServer
 
 from notifier.app import create_app
+from notifier.resources import open_resources
 from notifier.settings import Settings
-from tests.conftest import ACME_KEY, auth, free_port, make_settings, transition
+from tests.conftest import ACME_KEY, auth, free_port, make_settings, run_worker, transition
 
 Client = TestClient[Any, Any]
 
@@ -38,6 +40,78 @@ async def test_same_event_id_twice_is_a_duplicate(client: Client) -> None:
     body = await resp.json()
     assert (body["accepted"], body["duplicates"]) == (0, 1)
     assert body["results"][0]["status"] == "duplicate"
+
+
+async def test_same_event_id_with_another_body_is_a_409_conflict(
+    client: Client, settings: Settings
+) -> None:
+    assert (await post(client, transition())).status == 202
+    # the same body again, keys in another order and other spacing: a plain duplicate
+    same = json.dumps(dict(reversed(list(transition().items()))), indent=2)
+    resp = await client.post(
+        "/v1/transitions", data=same, headers={**auth(), "Content-Type": "application/json"}
+    )
+    assert resp.status == 202 and (await resp.json())["duplicates"] == 1
+    # another body under the same event id: refused, named, never processed
+    resp = await post(client, transition(status="delivered"))
+    assert resp.status == 409
+    error = (await resp.json())["error"]
+    assert error["code"] == "idempotency_conflict"
+    assert error["details"] == [{"field": "event_id", "message": "already used with another body"}]
+    # in a batch: the others are accepted, the conflict is listed
+    resp = await client.post(
+        "/v1/transitions",
+        json={"transitions": [transition(event_id="evt_2"), transition(status="delivered")]},
+        headers=auth(),
+    )
+    assert resp.status == 409
+    body = await resp.json()
+    assert (body["accepted"], body["duplicates"], body["conflicts"]) == (1, 0, 1)
+    assert [r["status"] for r in body["results"]] == ["accepted", "conflict"]
+    assert body["error"]["details"][0]["index"] == 1
+    async with open_resources(settings) as res:
+        lengths = [await res.redis.xlen(res.store.inbox_key(p)) for p in range(4)]
+    assert sum(lengths) == 2  # evt_1 once and evt_2: nothing of the conflicting bodies
+
+
+async def test_history_is_paged_and_says_what_was_trimmed(
+    client: Client, settings: Settings
+) -> None:
+    statuses = ["picked_up", "in_transit", "out_for_delivery", "delivered"]
+    for i, status in enumerate(statuses):
+        at = f"2026-11-21T0{6 + i}:00:00+01:00"
+        await post(client, transition(event_id=f"h{i}", status=status, occurred_at=at))
+        await run_worker(settings)
+    url = "/v1/merchants/acme/shipments/shp_123/notifications"
+    whole = await (await client.get(url, headers=auth())).json()
+    total = whole["total"]
+    assert total == len(whole["decisions"]) >= 6 and whole["trimmed"] == 0
+    assert whole["next_cursor"] is None
+
+    pages, cursor = [], None
+    while True:
+        query = "?limit=2" + (f"&cursor={cursor}" if cursor else "")
+        page = await (await client.get(url + query, headers=auth())).json()
+        pages.append(page["decisions"])
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert [d for p in pages for d in p] == whole["decisions"]
+    assert all(len(p) == 2 for p in pages[:-1])
+
+    # the store keeps the latest decisions only: what was trimmed is said, and a cursor
+    # into the trimmed part starts at the oldest one kept
+    async with open_resources(settings) as res:
+        await res.redis.ltrim(res.store.history_key("acme", "shp_123"), 2, -1)
+    page = await (await client.get(url + "?cursor=0&limit=200", headers=auth())).json()
+    assert (page["total"], page["trimmed"]) == (total, 2)
+    assert page["decisions"] == whole["decisions"][2:]
+
+    for query, field in (("?limit=0", "limit"), ("?limit=201", "limit"), ("?cursor=x", "cursor")):
+        resp = await client.get(url + query, headers=auth())
+        assert resp.status == 422
+        error = (await resp.json())["error"]
+        assert error["code"] == "invalid_query" and error["details"][0]["field"] == field
 
 
 async def test_event_ids_are_scoped_per_merchant(client: Client) -> None:

@@ -131,8 +131,9 @@ async def test_opt_out_api_refuses_bad_input(client: Client) -> None:
     url = "/v1/merchants/acme/opt-outs"
     resp = await client.post(url, json={"channel": "pigeon", "address": "x"}, headers=auth())
     assert resp.status == 422
-    fields = {d["field"] for d in (await resp.json())["error"]["details"]}
-    assert fields == {"channel", "address"}
+    error = (await resp.json())["error"]
+    assert error["code"] == "invalid_opt_out"  # its own code, not a transition's
+    assert {d["field"] for d in error["details"]} == {"channel", "address"}
     assert (await client.post("/v1/merchants/globex/opt-outs", json={})).status == 401
 
 

@@ -57,7 +57,7 @@ def transitions(history: dict[str, Any]) -> list[Transition]:
             "occurred_at": at,
             "recipient": {
                 "email": "ana@example.com",
-                "phone": "+15551234567",
+                "phone": "+12125550100",
                 "timezone": "America/New_York",
             },
         }

@@ -6,18 +6,20 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from fakeredis import FakeServer
 from redis.exceptions import RedisError
 
 from notifier.resources import open_resources
 from notifier.settings import Settings
-from notifier.store import Store
+from notifier.store import Admission, IngestItem, Store, body_digest
 from tests.conftest import make_settings
 
 
-def _item(event_id: str, shipment: str = "shp_1") -> tuple[str, str, str, bytes]:
-    return ("acme", shipment, event_id, f'{{"event_id": "{event_id}"}}'.encode())
+def _item(event_id: str, shipment: str = "shp_1", merchant: str = "acme") -> IngestItem:
+    body = {"event_id": event_id}
+    return (merchant, shipment, event_id, orjson.dumps(body), body_digest(body))
 
 
 def _count_calls(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -31,6 +33,9 @@ def _count_calls(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(store, "_ingest_now", counted)
     return calls
+
+
+A, D = Admission.ACCEPTED, Admission.DUPLICATE
 
 
 async def test_concurrent_callers_each_get_their_own_answers(
@@ -47,8 +52,8 @@ async def test_concurrent_callers_each_get_their_own_answers(
             )
         )
         # every event id accepted exactly once, in arrival order, and the others duplicates
-        assert answers[0][0] == [True, True]
-        assert all(accepted == [False, True] for accepted, _ in answers[1:])
+        assert answers[0][0] == [A, A]
+        assert all(accepted == [D, A] for accepted, _ in answers[1:])
         # they all queued before the first call went out: one script call for all of them
         assert calls == [100]
         # a caller arriving while a call is in flight waits for the next one
@@ -86,9 +91,9 @@ async def test_a_failed_group_fails_every_caller_in_it_and_the_next_group_runs(
         await asyncio.sleep(0)
         results = await asyncio.gather(first, store.ingest([_item("b")]), return_exceptions=True)
         assert isinstance(results[0], RedisError)
-        assert results[1] == ([True], [store.partition_of("acme", "shp_1")])
+        assert results[1] == ([A], [store.partition_of("acme", "shp_1")])
         # nothing of the failed group was stored: posting it again is accepted, not a duplicate
-        assert (await store.ingest([_item("a")]))[0] == [True]
+        assert (await store.ingest([_item("a")]))[0] == [A]
 
 
 async def test_a_group_stays_under_the_size_limit(
@@ -101,7 +106,7 @@ async def test_a_group_stays_under_the_size_limit(
         answers = await asyncio.gather(
             *(store.ingest([_item(f"e{i}-{j}") for j in range(4)]) for i in range(6))
         )
-        assert all(accepted == [True] * 4 for accepted, _ in answers)
+        assert all(accepted == [A] * 4 for accepted, _ in answers)
         # whole callers only, as many as fit in 10 events
         assert calls == [8, 8, 8]
 
@@ -112,10 +117,10 @@ async def test_event_ids_are_remembered_in_buckets_for_at_least_the_ttl(
     settings = settings.model_copy(update={"idempotency_ttl_s": 3600})
     async with open_resources(settings) as res:
         store, r = res.store, res.redis
-        assert (await store.ingest([_item("e1")]))[0] == [True]
-        assert (await store.ingest([_item("e1"), _item("e2")]))[0] == [False, True]
+        assert (await store.ingest([_item("e1")]))[0] == [A]
+        assert (await store.ingest([_item("e1"), _item("e2")]))[0] == [D, A]
         # another merchant's e1 is another event
-        assert (await store.ingest([("globex", "shp_1", "e1", b"{}")]))[0] == [True]
+        assert (await store.ingest([_item("e1", merchant="globex")]))[0] == [A]
 
         # generations follow Redis's clock, whatever the API process's clock says
         generation = int((await r.time())[0]) // 3600
@@ -132,17 +137,17 @@ async def test_event_ids_are_remembered_in_buckets_for_at_least_the_ttl(
         await r.hset(store.event_bucket_key(generation - 1, b_old), f_old, "")
         b_older, f_older = store.event_slot("acme", "older")
         await r.hset(store.event_bucket_key(generation - 2, b_older), f_older, "")
-        assert (await store.ingest([_item("old"), _item("older")]))[0] == [False, True]
+        assert (await store.ingest([_item("old"), _item("older")]))[0] == [D, A]
 
         # an event id notifier 0.4 recorded as a key of its own is still a duplicate ...
         await r.set(store.legacy_event_key("acme", "v04"), "1", ex=60)
-        assert (await store.ingest([_item("v04"), _item("new")]))[0] == [False, True]
+        assert (await store.ingest([_item("v04"), _item("new")]))[0] == [D, A]
         # ... and such a key, whatever its merchant and event ids, is never taken for a
         # bucket (merchant "<generation>", event "<bucket>" once read as one)
         b_e3, _ = store.event_slot("acme", "e3")
         await r.set(store.legacy_event_key(str(generation), str(b_e3)), "1", ex=60)
-        assert (await store.ingest([_item("e3")]))[0] == [True]
-        assert (await store.ingest([(str(generation), "s", str(b_e3), b"{}")]))[0] == [False]
+        assert (await store.ingest([_item("e3")]))[0] == [A]
+        assert (await store.ingest([_item(str(b_e3), "s", merchant=str(generation))]))[0] == [D]
 
         # only accepted events reached the inbox
         lengths = [await r.xlen(store.inbox_key(p)) for p in range(store.partitions)]
@@ -168,9 +173,12 @@ async def test_payloads_reach_the_inbox_byte_for_byte(
         store = res.store
         await res.redis.flushdb()  # (the autouse flush only sees fixtures named up front)
         await store.ensure_groups()
-        items = [("acme", "shp_1", f"u{i}", p.encode()) for i, p in enumerate(odd)]
-        assert (await store.ingest(items))[0] == [True, True, True]
-        assert (await store.ingest(items[:1]))[0] == [False]
+        items = [
+            ("acme", "shp_1", f"u{i}", p.encode(), body_digest(orjson.loads(p)))
+            for i, p in enumerate(odd)
+        ]
+        assert (await store.ingest(items))[0] == [A, A, A]
+        assert (await store.ingest(items[:1]))[0] == [D]
         partition = store.partition_of("acme", "shp_1")
         entries = await store.read_inbox(partition, "c1", 10)
         assert [e.payload for e in entries] == [p.encode() for p in odd]

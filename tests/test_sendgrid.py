@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from notifier.app import create_app
 from notifier.channels import Outgoing, Receipt
+from notifier.channels.base import retry_after_s
 from notifier.channels.sendgrid import SendGridChannel, build_sendgrid
 from notifier.errors import PermanentDeliveryError, TemporaryDeliveryError
 from notifier.render import EmailMessageOut
@@ -71,6 +73,23 @@ async def test_rate_limits_and_server_errors_are_retried(
     [outcome] = await send(sendgrid)
     assert isinstance(outcome, TemporaryDeliveryError)
     assert outcome.retry_after_s == (12 if status == 429 else None)
+
+
+async def test_retry_after_as_an_http_date_is_honoured(sendgrid: FakeSendGrid) -> None:
+    # RFC 9110 allows an HTTP-date instead of seconds; a minute from now is about 60 s
+    later = format_datetime(datetime.now(UTC) + timedelta(seconds=60), usegmt=True)
+    sendgrid.fail(429, headers={"Retry-After": later})
+    [outcome] = await send(sendgrid)
+    assert isinstance(outcome, TemporaryDeliveryError)
+    assert outcome.retry_after_s is not None and 55 <= outcome.retry_after_s <= 60
+
+
+def test_retry_after_reads_both_forms() -> None:
+    now = datetime(2026, 12, 3, 10, 0, tzinfo=UTC)
+    assert retry_after_s("120", now) == 120
+    assert retry_after_s("Thu, 03 Dec 2026 10:01:30 GMT", now) == 90
+    assert retry_after_s("Thu, 03 Dec 2026 09:00:00 GMT", now) == 0  # in the past: at once
+    assert retry_after_s("soon", now) is None and retry_after_s(None, now) is None
 
 
 async def test_a_hanging_sendgrid_is_a_timeout_to_retry(sendgrid: FakeSendGrid) -> None:

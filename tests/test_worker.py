@@ -371,6 +371,7 @@ async def test_history_lists_delivery_details(client: Client, settings: Settings
     await post(client, transition())
     await run_worker(settings)
     for d in await history(client):
+        assert d["delivery"]["attempts"] == 1  # a number, not "1"
         assert d["delivery"]["detail"].startswith("outbox:")
         assert Path(d["delivery"]["detail"].removeprefix("outbox:")).exists()
         assert orjson.loads(orjson.dumps(d))["decided_at"]
@@ -429,3 +430,31 @@ async def test_a_settled_notification_is_rewritten_compact(settings: Settings) -
         # another holder's settle changes nothing
         await res.store.cancel("n_1", "superseded", owner="o2")
         assert await res.redis.hget(key, "st") == b"sent"
+
+
+async def test_unusable_addresses_skip_their_channel_with_the_reason(
+    client: Client, settings: Settings
+) -> None:
+    # the API checks the shape only; the worker knows these cannot be reached
+    recipient = {"email": "ana..x@example.com", "phone": "+10000000000", "locale": "en"}
+    await post(client, transition(recipient=recipient))
+    await post(
+        client,
+        transition(
+            event_id="evt_2",
+            shipment_id="shp_2",
+            recipient={"email": "ana@example.com", "phone": "+4930123456", "locale": "de"},
+        ),
+    )
+    await run_worker(settings)
+    reasons = {d["channel"]: d["reason"] for d in await history(client)}
+    assert reasons == {
+        "email": "unusable email address: not a valid email address: "
+        "An email address cannot have two periods in a row.",
+        "sms": "unusable sms address: no such phone number in US (wrong length or prefix)",
+    }
+    landline = {d["channel"]: d for d in await history(client, "shp_2")}
+    assert landline["sms"]["outcome"] == "suppressed"
+    assert landline["sms"]["reason"] == "unusable sms address: a landline, which cannot receive SMS"
+    assert landline["email"]["outcome"] == "sent"
+    assert [p.suffix for p in outbox_files(settings)] == [".eml"]  # shp_2's email only

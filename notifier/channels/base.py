@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Protocol
 
 from notifier.errors import DeliveryError
@@ -46,3 +47,20 @@ class Channel(Protocol):
     async def send_many(self, items: Sequence[Outgoing]) -> list[Outcome]:
         """Deliver ``items``; never raises for a single message's failure."""
         ...
+
+
+def retry_after_s(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds a ``Retry-After`` header asks for, in either of its forms (RFC 9110):
+    delay-seconds (``120``) or an HTTP-date (``Wed, 03 Dec 2026 10:00:00 GMT``)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # an HTTP-date is GMT
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())

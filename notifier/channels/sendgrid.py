@@ -15,7 +15,7 @@ from email.utils import formataddr, parseaddr
 import aiohttp
 from sendgrid.helpers.mail import CustomArg, Header, Mail
 
-from notifier.channels.base import Outcome, Outgoing, Receipt
+from notifier.channels.base import Outcome, Outgoing, Receipt, retry_after_s
 from notifier.errors import PermanentDeliveryError, TemporaryDeliveryError
 from notifier.render import EmailMessageOut
 
@@ -53,9 +53,9 @@ def _retry_after(headers: aiohttp.typedefs.LooseHeaders) -> float | None:
     get = getattr(headers, "get", None)
     if get is None:
         return None
-    value = get("Retry-After")
-    if value and str(value).isdigit():
-        return float(value)
+    wait = retry_after_s(get("Retry-After"))
+    if wait is not None:
+        return wait
     reset = get("X-RateLimit-Reset")
     if reset and str(reset).isdigit():
         return max(0.0, float(reset) - time.time())

@@ -22,7 +22,7 @@ from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.http.response import Response
 from twilio.rest import Client
 
-from notifier.channels.base import Outcome, Outgoing, Receipt
+from notifier.channels.base import Outcome, Outgoing, Receipt, retry_after_s
 from notifier.errors import PermanentDeliveryError, TemporaryDeliveryError
 from notifier.render import SmsMessageOut
 
@@ -81,8 +81,7 @@ class TwilioHttpClient(AsyncTwilioHttpClient):  # type: ignore[misc]
             super().request(method, url, params, data, headers, None, **kwargs), self.timeout_s
         )
         _last_status.set(response.status_code)
-        retry_after = (response.headers or {}).get("Retry-After")
-        _retry_after.set(float(retry_after) if retry_after and retry_after.isdigit() else None)
+        _retry_after.set(retry_after_s((response.headers or {}).get("Retry-After")))
         return response
 
 

@@ -199,8 +199,10 @@ def _channel_verdict(
     to = contact.email if channel is ChannelKind.EMAIL else contact.phone
     if to is None:
         return Verdict(Outcome.SUPPRESSED, f"no {channel} address known for the recipient", channel)
-    if opted_out and opt_out_key(channel, to) in opted_out:
-        return Verdict(Outcome.SUPPRESSED, f"recipient opted out of {channel}", channel)
+    if opted_out and (key := opt_out_key(channel, to)) in opted_out:
+        # a mapping gives the reason (opted out, or an unusable address); a set: opted out
+        why = opted_out.get(key) if isinstance(opted_out, Mapping) else None
+        return Verdict(Outcome.SUPPRESSED, why or f"recipient opted out of {channel}", channel)
 
     last_trivial, mine, today = _scan(live, channel, now - _DAY)
     # A repeat of the milestone last decided on this channel (sent, or pending even if it

@@ -1,0 +1,45 @@
+"""Whether a recipient's phone number and email address can be used at all.
+
+The API checks their shape only (it must stay fast); the worker checks them for real,
+once per address per process (cached): phone numbers with libphonenumber's metadata
+(``phonenumbers``: the number exists in its country's plan and is not a landline), email
+addresses with ``email-validator`` (syntax, without DNS). An unusable address is the
+reason its channel is skipped, in the history; it is never sent to a provider.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+import phonenumbers
+from email_validator import EmailNotValidError, validate_email
+
+#: Quoted parts of email-validator's messages can echo the address: never in a reason.
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+
+@lru_cache(maxsize=65_536)
+def phone_problem(number: str) -> str | None:
+    """Why ``number`` (E.164) cannot receive an SMS, or None."""
+    try:
+        parsed = phonenumbers.parse(number, None)
+    except phonenumbers.NumberParseException:
+        return "not a phone number"
+    if not phonenumbers.is_valid_number(parsed):
+        region = phonenumbers.region_code_for_country_code(parsed.country_code or 0)
+        where = f" in {region}" if region and region != "ZZ" else ""
+        return f"no such phone number{where} (wrong length or prefix)"
+    if phonenumbers.number_type(parsed) == phonenumbers.PhoneNumberType.FIXED_LINE:
+        return "a landline, which cannot receive SMS"
+    return None
+
+
+@lru_cache(maxsize=65_536)
+def email_problem(address: str) -> str | None:
+    """Why ``address`` cannot receive an email, or None (syntax only, no DNS lookup)."""
+    try:
+        validate_email(address, check_deliverability=False)
+    except EmailNotValidError as exc:
+        return "not a valid email address: " + _QUOTED.sub("…", str(exc))
+    return None
