@@ -11,6 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from pathlib import Path
+
+from babel.messages.catalog import Catalog
+from babel.messages.extract import extract_from_dir
+from babel.messages.pofile import read_po
 
 from notifier.errors import ConfigurationError, NotifierError
 from notifier.models import ChannelKind, ExceptionCode, Notification, Recipient, Status, Transition
@@ -131,7 +136,77 @@ def check_all(settings: Settings) -> list[str]:
         problems += _channel_problems(settings, brand, where)
         renderer.use_brand(merchant, brand)
         problems += _render_problems(renderer, merchant, locales, full=True)
-    return problems
+    return problems + untranslated(settings)[0]
+
+
+def untranslated(settings: Settings) -> tuple[list[str], list[str]]:
+    """(errors, warnings): a merchant's own strings with no translation in a language it
+    serves, so its readers would get a mixed-language message (the string in the fallback
+    language amid translated ones). Errors for the languages its brand lists in
+    ``locales``, warnings for the other catalogs when it lists none."""
+    templates_dir = data_dir("templates", settings.templates_dir)
+    catalogs = Catalogs(data_dir("locales", settings.locales_dir))
+    shared = {lang: _read_catalog(catalogs.directory, lang) for lang in catalogs.available()}
+    errors: list[str] = []
+    warnings: list[str] = []
+    for merchant in merchants(settings):
+        folder = templates_dir / merchant
+        if not folder.is_dir():
+            continue
+        try:
+            brand = load_brand(templates_dir, merchant)
+        except ConfigurationError:
+            continue  # reported as an error already
+        served = [lang for lang in brand.locales or shared if lang != "en"]
+        fallback = catalogs.resolve(brand.default_locale, "en")
+        own = {lang: _read_catalog(folder / "locales", lang) for lang in served}
+        for msgid in _msgids(folder):
+            missing = [
+                lang
+                for lang in served
+                if not any(_translated(c, msgid) for c in (own[lang], shared.get(lang)))
+            ]
+            if not missing:
+                continue
+            line = (
+                f"templates/{merchant}: {msgid!r} has no translation in {', '.join(missing)}: "
+                f"those readers get it in {fallback} amid their own language "
+                f"(scripts/translations --merchant {merchant}, then translate)"
+            )
+            (errors if brand.locales else warnings).append(line)
+    return errors, warnings
+
+
+def _read_catalog(folder: Path, lang: str) -> Catalog | None:
+    path = folder / lang / "LC_MESSAGES" / "messages.po"
+    if not path.is_file():
+        return None
+    try:
+        with path.open("rb") as f:
+            return read_po(f, locale=lang)
+    except Exception:  # babel raises several types; the render check names the file
+        return None
+
+
+def _translated(catalog: Catalog | None, msgid: str) -> bool:
+    message = catalog.get(msgid) if catalog is not None else None
+    if message is None or message.fuzzy:
+        return False
+    strings = message.string if isinstance(message.string, tuple) else (message.string,)
+    return all(strings)
+
+
+def _msgids(folder: Path) -> list[str]:
+    """The translatable strings of a merchant's own templates (as pybabel extracts them)."""
+    method_map = [(f"**.{ext}", "jinja2") for ext in ("jinja", "html", "txt")]
+    options = {"extensions": "jinja2.ext.i18n", "trimmed": "true"}
+    options_map = {pattern: options for pattern, _ in method_map}
+    found = []
+    for _, _, message, _, _ in extract_from_dir(str(folder), method_map, options_map):
+        msgid = message[0] if isinstance(message, tuple) else message
+        if msgid:
+            found.append(msgid)
+    return list(dict.fromkeys(found))
 
 
 def check_warnings(settings: Settings) -> list[str]:
@@ -154,7 +229,7 @@ def check_warnings(settings: Settings) -> list[str]:
                 f"{where}: no support contact: exception emails cannot say how "
                 "to reach support (set support.url, email, phone or hours)"
             )
-    return warnings
+    return warnings + untranslated(settings)[1]
 
 
 def _channel_problems(settings: Settings, brand: Brand, where: str) -> list[str]:

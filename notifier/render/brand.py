@@ -116,6 +116,9 @@ class Brand(BaseModel):
     logo_alt: str | None = None
     accent: str = "#1d4ed8"
     default_locale: LocaleTag = "en"
+    #: the languages this merchant's customers read: `notifier check` fails when one of the
+    #: merchant's own strings has no translation in them (unset: every catalog, as warnings)
+    locales: list[LocaleTag] | None = None
     support: Support = Field(default_factory=Support)
     footer: str | None = None
     links: Links = Field(default_factory=Links)

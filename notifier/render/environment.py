@@ -91,6 +91,7 @@ class TemplateStore:
         self._envs: dict[tuple[str, ...], Sandbox] = {}
         self._selected: dict[tuple[tuple[str, ...], tuple[str, ...]], Template] = {}
         self._gettext: dict[tuple[str, ...], dict[str, Translate]] = {}
+        self._merchant_catalogs: dict[str, Catalogs | None] = {}
         self._lock = threading.Lock()
 
     def search_path(self, merchant_id: str) -> tuple[str, ...]:
@@ -132,14 +133,26 @@ class TemplateStore:
                 self._envs[search] = env
         return env
 
-    def gettext_for(self, chain: Sequence[str]) -> dict[str, Translate]:
+    def merchant_catalogs(self, merchant_id: str) -> Catalogs | None:
+        """A merchant's own catalogs (``templates/<merchant>/locales/``), if it has any."""
+        if not merchant_id:
+            return None
+        if merchant_id not in self._merchant_catalogs:
+            folder = self.directory / merchant_id / "locales"
+            with self._lock:
+                self._merchant_catalogs[merchant_id] = Catalogs(folder) if folder.is_dir() else None
+        return self._merchant_catalogs[merchant_id]
+
+    def gettext_for(self, chain: Sequence[str], merchant_id: str = "") -> dict[str, Translate]:
         """The newstyle gettext functions for a locale chain (first found wins, then English),
-        to pass in a render's context."""
-        key = tuple(chain)
+        the merchant's own catalog before the shared one in each locale, to pass in a
+        render's context."""
+        own = self.merchant_catalogs(merchant_id)
+        key = (merchant_id if own else "", *chain)
         funcs = self._gettext.get(key)
         if funcs is None:
             translations = (
-                self.catalogs.translations(chain) if self.catalogs else NullTranslations()
+                self.catalogs.translations(chain, own) if self.catalogs else NullTranslations()
             )
             funcs = {name: Translate(name, translations) for name in GETTEXT_NAMES}
             with self._lock:
@@ -153,6 +166,7 @@ class TemplateStore:
             self._envs.clear()
             self._selected.clear()
             self._gettext.clear()
+            self._merchant_catalogs.clear()
 
     def _build(self, search: tuple[str, ...]) -> Sandbox:
         env = Sandbox(

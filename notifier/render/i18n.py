@@ -121,20 +121,25 @@ class Catalogs:
                     return candidate
         return "en"
 
-    def translations(self, chain: Sequence[str]) -> NullTranslations:
-        """Translations for the first locale of ``chain``, falling back along it to English.
+    def translations(
+        self, chain: Sequence[str], overlay: Catalogs | None = None
+    ) -> NullTranslations:
+        """Translations for the first locale of ``chain``, falling back along it to English;
+        in each locale, ``overlay``'s catalog (a merchant's own) before this one.
 
         The chain is built on copies: the cached catalogs never collect a chain's fallbacks.
         """
         result: NullTranslations | None = None
         for name in dict.fromkeys(chain):
-            loaded = self._load(name) if name != "en" else None
-            if loaded is None:
-                continue
-            if result is None:
-                result = copy.copy(loaded)
-            else:
-                result.add_fallback(copy.copy(loaded))
+            layers = [overlay, self] if overlay is not None else [self]
+            for catalogs in layers:
+                loaded = catalogs._load(name) if name != "en" else None
+                if loaded is None:
+                    continue
+                if result is None:
+                    result = copy.copy(loaded)
+                else:
+                    result.add_fallback(copy.copy(loaded))
         return result or NullTranslations()
 
 

@@ -440,7 +440,7 @@ class Renderer:
         try:
             locale = self.locale_for(n)
             chain = (locale, self.catalogs.resolve(self.brand(n.merchant_id).default_locale, "en"))
-            words = self.templates.gettext_for(chain)
+            words = self.templates.gettext_for(chain, templates_of)
             ctx = self.context(n, locale)
             ctx.update(words)
             ctx["m"] = self._words(templates_of, ctx)
