@@ -200,9 +200,22 @@ async def healthz(request: web.Request) -> web.Response:
     mode = "embedded" if res.settings.embedded else "redis"
     try:
         dead = await res.store.dead_letters()
+        disabled = await res.store.overrides_disabled()
     except (RedisError, OSError):
         return _json(503, {"status": "unavailable", "redis": "unreachable", "mode": mode})
-    return _json(200, {"status": "ok", "redis": "ok", "mode": mode, "dead_letters": dead})
+    return _json(
+        200,
+        {
+            "status": "ok",
+            "redis": "ok",
+            "mode": mode,
+            "dead_letters": dead,
+            # merchants whose own brand or templates are (partly) not in use because they
+            # are broken (a count: /healthz needs no key; `notifier check` and the worker
+            # log say which files and why)
+            "merchant_overrides_disabled": disabled,
+        },
+    )
 
 
 def create_app(

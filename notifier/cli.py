@@ -25,6 +25,10 @@ log = logging.getLogger("notifier")
 def _settings() -> Settings:
     settings = load_settings()
     logging.getLogger().setLevel(settings.log_level)
+    if settings.log_level != "DEBUG":
+        # arq logs every job and cron tick at INFO (two lines every 5 s when idle): only
+        # at DEBUG; its warnings and failed jobs still show
+        logging.getLogger("arq.worker").setLevel(logging.WARNING)
     return settings
 
 

@@ -99,6 +99,8 @@ class Deliverer:
         batches: dict[str, list[Outgoing]] = {}
         by_id = {n.notification_id: n for n, _ in claimed}
         messages = await self.res.renderer.render_many([n for n, _ in claimed])
+        if changes := self.res.renderer.take_changes():
+            await self.res.store.publish_overrides(changes)  # for /healthz
         for (n, result), message in zip(claimed, messages, strict=True):
             if isinstance(message, RenderError):
                 await self._fail(n.notification_id, message, report, owner)

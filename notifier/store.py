@@ -976,6 +976,23 @@ class Store:
         total, first = int(total), int(first)
         return HistoryPage(decisions, total, first, end if end < total else None)
 
+    #: merchant -> JSON list of why (parts of) its own files are not in use (workers write it)
+    OVERRIDES_KEY = f"{PREFIX}:overrides:disabled"
+
+    async def publish_overrides(self, changes: dict[str, list[str] | None]) -> None:
+        """Record which merchants' own files a worker found broken (None: fine again)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for merchant_id, reasons in changes.items():
+                if reasons is None:
+                    pipe.hdel(self.OVERRIDES_KEY, merchant_id)
+                else:
+                    pipe.hset(self.OVERRIDES_KEY, merchant_id, orjson.dumps(reasons).decode())
+            await pipe.execute()
+
+    async def overrides_disabled(self) -> int:
+        """How many merchants have own files that are (partly) not in use."""
+        return int(await _run(self.redis.hlen(self.OVERRIDES_KEY)))
+
     async def dead_letters(self) -> dict[str, int]:
         """How many notifications failed for good, and inbox entries that kept failing."""
         async with self.redis.pipeline(transaction=False) as pipe:

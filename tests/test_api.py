@@ -278,6 +278,7 @@ async def test_healthz(client: Client, settings: Settings) -> None:
         "redis": "ok",
         "mode": "redis",
         "dead_letters": {"notifications": 0, "inbox": 0},
+        "merchant_overrides_disabled": 0,
     }
 
 

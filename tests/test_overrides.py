@@ -196,16 +196,22 @@ async def test_a_running_worker_process_survives_a_bad_brand_and_picks_up_edits(
         assert isinstance(msg, email.message.EmailMessage)
         return msg
 
+    async def disabled() -> int:
+        count: int = (await (await client.get("/healthz")).json())["merchant_overrides_disabled"]
+        return count
+
     try:
         # one merchant's broken brand.yaml: the worker starts and its messages go out
         first = await deliver("s1")
         assert first["From"].startswith("Your shop")
+        assert await disabled() == 1  # /healthz counts it (the worker published it)
         # edits reach the running process: a fixed brand, a template of its own
         (templates / "acme" / "brand.yaml").write_text("name: Acme Outfitters\n")
         own_subject(templates, "Acme: your parcel is here")
         second = await deliver("s2")
         assert second["Subject"] == "Acme: your parcel is here"
         assert second["From"].startswith("Acme Outfitters")
+        assert await disabled() == 0
     finally:
         proc.send_signal(signal.SIGTERM)
         output = proc.communicate(timeout=20)[0]

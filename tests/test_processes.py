@@ -56,3 +56,4 @@ async def test_worker_process_delivers_and_stops_cleanly(
     assert len(outbox_files(settings, ".eml")) == 50
     assert len(outbox_files(settings, ".sms.json")) == 50
     assert "ana@example.com" not in output and "+33612345678" not in output
+    assert "cron:release_due" not in output  # arq's per-job lines only at DEBUG

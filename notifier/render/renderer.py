@@ -201,6 +201,7 @@ class Renderer:
         self.watch = watch
         #: merchant -> why (parts of) its own files are not in use, until they change
         self.disabled: dict[str, set[str]] = {}
+        self._changed: set[str] = set()  # merchants whose entry in ``disabled`` changed
         self._brands: dict[str, Brand] = {}
         self._last_good: dict[str, Brand] = {}
         self._labels: dict[tuple[str, ...], dict[str, str]] = {}
@@ -218,6 +219,7 @@ class Renderer:
             self._brands.clear()
             self._labels.clear()
             self._brand_ctx.clear()
+            self._changed |= set(self.disabled)  # re-judged from the new files
             self.disabled.clear()
         log.info("templates or catalogs changed on disk: reloaded")
         return True
@@ -228,6 +230,14 @@ class Renderer:
             log.error("merchant %s: %s", merchant_id, why)
             with self._lock:
                 self.disabled.setdefault(merchant_id, set()).add(why)
+                self._changed.add(merchant_id)
+
+    def take_changes(self) -> dict[str, list[str] | None]:
+        """Merchants whose problems changed since the last call: their reasons, or None
+        when none are left (the worker publishes these for ``/healthz``)."""
+        with self._lock:
+            changed, self._changed = self._changed, set()
+            return {m: sorted(self.disabled[m]) if m in self.disabled else None for m in changed}
 
     def brand(self, merchant_id: str) -> Brand:
         """The merchant's brand; a broken brand.yaml gives its last good brand (or the
