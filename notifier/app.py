@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated
 
@@ -118,6 +119,7 @@ async def shipment_notifications(request: web.Request) -> web.Response:
 
 #: Decisions per page of a shipment's history, by default and at most (all that is kept).
 HISTORY_PAGE_MAX = 200
+_COUNT = re.compile(r"[0-9]{1,15}")
 
 
 def _page_query(request: web.Request) -> tuple[int | None, int]:
@@ -125,10 +127,11 @@ def _page_query(request: web.Request) -> tuple[int | None, int]:
     details = []
     cursor_text = request.query.get("cursor")
     limit_text = request.query.get("limit", str(HISTORY_PAGE_MAX))
-    cursor = int(cursor_text) if cursor_text is not None and cursor_text.isdigit() else None
+    # ASCII digits only (str.isdigit() also takes "²"), and few enough for Redis's integers
+    cursor = int(cursor_text) if cursor_text and _COUNT.fullmatch(cursor_text) else None
     if cursor_text is not None and cursor is None:
         details.append({"field": "cursor", "message": "must be a next_cursor from a page"})
-    limit = int(limit_text) if limit_text.isdigit() else 0
+    limit = int(limit_text) if _COUNT.fullmatch(limit_text) else 0
     if not 1 <= limit <= HISTORY_PAGE_MAX:
         details.append(
             {"field": "limit", "message": f"must be a whole number from 1 to {HISTORY_PAGE_MAX}"}
@@ -200,7 +203,7 @@ async def healthz(request: web.Request) -> web.Response:
     mode = "embedded" if res.settings.embedded else "redis"
     try:
         dead = await res.store.dead_letters()
-        disabled = await res.store.overrides_disabled()
+        disabled = await res.store.overrides_disabled(int(res.clock().timestamp() * 1000))
     except (RedisError, OSError):
         return _json(503, {"status": "unavailable", "redis": "unreachable", "mode": mode})
     return _json(
@@ -210,9 +213,9 @@ async def healthz(request: web.Request) -> web.Response:
             "redis": "ok",
             "mode": mode,
             "dead_letters": dead,
-            # merchants whose own brand or templates are (partly) not in use because they
-            # are broken (a count: /healthz needs no key; `notifier check` and the worker
-            # log say which files and why)
+            # merchants whose own brand or templates workers found broken (and use the
+            # defaults for) within the last day: a count, /healthz needs no key; the worker
+            # log and `notifier check` say which files and why
             "merchant_overrides_disabled": disabled,
         },
     )

@@ -157,7 +157,17 @@ def untranslated(settings: Settings) -> tuple[list[str], list[str]]:
             brand = load_brand(templates_dir, merchant)
         except ConfigurationError:
             continue  # reported as an error already
-        served = [lang for lang in brand.locales or shared if lang != "en"]
+        # a listed locale reads the catalog it resolves to (fr_FR -> fr, pt -> pt_BR)
+        served = []
+        for wanted in brand.locales or shared:
+            lang = catalogs.resolve(wanted, "en")
+            if lang == "en" and not wanted.lower().startswith("en"):
+                errors.append(
+                    f"templates/{merchant}/brand.yaml: locales: {wanted} has no catalog: "
+                    "its readers get every message in English"
+                )
+            if lang != "en" and lang not in served:
+                served.append(lang)
         fallback = catalogs.resolve(brand.default_locale, "en")
         own = {lang: _read_catalog(folder / "locales", lang) for lang in served}
         for msgid in _msgids(folder):

@@ -99,8 +99,9 @@ class Deliverer:
         batches: dict[str, list[Outgoing]] = {}
         by_id = {n.notification_id: n for n, _ in claimed}
         messages = await self.res.renderer.render_many([n for n, _ in claimed])
-        if changes := self.res.renderer.take_changes():
-            await self.res.store.publish_overrides(changes)  # for /healthz
+        hits, cleared = self.res.renderer.take_changes()
+        if hits or cleared:  # for /healthz
+            await self.res.store.publish_overrides(hits, cleared, int(now.timestamp() * 1000))
         for (n, result), message in zip(claimed, messages, strict=True):
             if isinstance(message, RenderError):
                 await self._fail(n.notification_id, message, report, owner)

@@ -251,4 +251,8 @@ def describe_redis(settings: Settings) -> str:
         return "embedded (in-memory store, nothing persists; worker in the API process)"
     url = urlsplit(settings.redis_url or "")
     db = url.path.lstrip("/") or "0"
-    return f"Redis at {url.hostname or url.path}:{url.port or 6379} (database {db})"
+    try:
+        port: int | str = url.port or 6379
+    except ValueError:  # not a port number: Redis will say so when connecting
+        port = "(invalid port)"
+    return f"Redis at {url.hostname or url.path}:{port} (database {db})"

@@ -22,7 +22,7 @@ import hashlib
 import inspect
 import zlib
 from collections import deque
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -107,13 +107,17 @@ for s = 1, shipments do
     else
       redis.call('ZADD', stall, deadline, member)
     end
+    if nh > 0 and redis.call('HEXISTS', skey, 'hn') == 0 then
+      -- every entry ever appended, for the history API's positions; a shipment from before
+      -- the counter starts from what its history holds
+      redis.call('HSET', skey, 'hn', redis.call('LLEN', hkey))
+    end
     for i = 0, nh - 1 do
       redis.call('RPUSH', hkey, ARGV[a + i])
     end
     if nh > 0 then
       redis.call('LTRIM', hkey, -cap, -1)
       redis.call('EXPIRE', hkey, ttl)
-      -- every entry ever appended: the history API tells how many were trimmed away
       redis.call('HINCRBY', skey, 'hn', nh)
     end
   else
@@ -251,8 +255,15 @@ if redis.call('HSETNX', KEYS[1], 'st', 'deferred') == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'p', ARGV[2], 'due', ARGV[3], 'attempts', '0')
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  if redis.call('HEXISTS', KEYS[4], 'hn') == 0 then
+    redis.call('HSET', KEYS[4], 'hn', redis.call('LLEN', KEYS[3]))
+  end
+  redis.call('HINCRBY', KEYS[4], 'hn', 1)
+end
 redis.call('RPUSH', KEYS[3], ARGV[4])
-if redis.call('EXISTS', KEYS[4]) == 1 then redis.call('HINCRBY', KEYS[4], 'hn', 1) end
+redis.call('LTRIM', KEYS[3], -tonumber(ARGV[6]), -1)
+redis.call('EXPIRE', KEYS[3], ARGV[5])
 return 1
 """
 
@@ -856,7 +867,14 @@ class Store:
                     self.history_key(merchant_id, shipment_id),
                     self.state_key(merchant_id, shipment_id),
                 ],
-                args=[notification_id, payload, due_ms, pack(history, HISTORY), self.state_ttl_s],
+                args=[
+                    notification_id,
+                    payload,
+                    due_ms,
+                    pack(history, HISTORY),
+                    self.state_ttl_s,
+                    self.history_cap,
+                ],
             )
         )
 
@@ -976,22 +994,28 @@ class Store:
         total, first = int(total), int(first)
         return HistoryPage(decisions, total, first, end if end < total else None)
 
-    #: merchant -> JSON list of why (parts of) its own files are not in use (workers write it)
-    OVERRIDES_KEY = f"{PREFIX}:overrides:disabled"
+    #: merchant -> when a worker last met its broken own files (ms); workers write it
+    OVERRIDES_KEY = f"{PREFIX}:overrides:hits"
+    #: a merchant not met with broken files for this long no longer counts
+    OVERRIDES_WINDOW_MS = 24 * 3600 * 1000
 
-    async def publish_overrides(self, changes: dict[str, list[str] | None]) -> None:
-        """Record which merchants' own files a worker found broken (None: fine again)."""
+    async def publish_overrides(
+        self, hits: Iterable[str], cleared: Iterable[str], now_ms: int
+    ) -> None:
+        """Record merchants whose own files a worker found broken (``hits``) and those
+        whose edited files are to be judged again (``cleared``); forget old hits."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            for merchant_id, reasons in changes.items():
-                if reasons is None:
-                    pipe.hdel(self.OVERRIDES_KEY, merchant_id)
-                else:
-                    pipe.hset(self.OVERRIDES_KEY, merchant_id, orjson.dumps(reasons).decode())
+            if mapping := dict.fromkeys(hits, now_ms):
+                pipe.zadd(self.OVERRIDES_KEY, mapping)
+            if gone := list(cleared):
+                pipe.zrem(self.OVERRIDES_KEY, *gone)
+            pipe.zremrangebyscore(self.OVERRIDES_KEY, "-inf", now_ms - self.OVERRIDES_WINDOW_MS)
             await pipe.execute()
 
-    async def overrides_disabled(self) -> int:
-        """How many merchants have own files that are (partly) not in use."""
-        return int(await _run(self.redis.hlen(self.OVERRIDES_KEY)))
+    async def overrides_disabled(self, now_ms: int) -> int:
+        """How many merchants had own files found broken within the last day."""
+        since = now_ms - self.OVERRIDES_WINDOW_MS
+        return int(await _run(self.redis.zcount(self.OVERRIDES_KEY, since, "+inf")))
 
     async def dead_letters(self) -> dict[str, int]:
         """How many notifications failed for good, and inbox entries that kept failing."""

@@ -122,13 +122,14 @@ async def wait_for_redis(res: Resources, exc: BaseException, what: str, limit_s:
         await asyncio.sleep(delay * random.uniform(0.5, 1.0))
         try:
             await res.redis.ping()
+            # A restarted Redis without persistence lost the consumer groups: make them
+            # again (a write: it also waits out a pause of writes only, as FAILOVER makes)
+            await res.store.ensure_groups()
         except (RedisError, OSError):
             if time.monotonic() > deadline:
                 raise exc from None
             delay = min(delay * 2, 2.0)
             continue
-        # A restarted Redis without persistence lost the consumer groups: make them again
-        await res.store.ensure_groups()
         log.warning("%s: Redis answers again, going on", what)
         return
 
@@ -392,7 +393,21 @@ class ResilientWorker(Worker):
             self._outage_since, self._outage_delay = None, 0.05
         if self.heartbeat is not None and time.monotonic() - self._last_beat >= HEARTBEAT_S:
             self._last_beat = time.monotonic()
-            self.heartbeat.touch()
+            try:
+                self.heartbeat.touch()
+            except OSError as exc:  # the health check will say so; the work goes on
+                log.error("cannot touch the heartbeat file: %s", exc.strerror)
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        # arq takes a job slot (semaphore and counter) for the job it is starting and gives
+        # it back on a WATCH conflict only: a Redis error there would keep it for good, and
+        # after max_jobs such errors the worker would never start a job again.
+        try:
+            await super().start_jobs(job_ids)
+        except (RedisError, OSError):
+            self.job_counter -= 1
+            self.sem.release()
+            raise
 
 
 def build_worker(

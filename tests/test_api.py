@@ -107,11 +107,50 @@ async def test_history_is_paged_and_says_what_was_trimmed(
     assert (page["total"], page["trimmed"]) == (total, 2)
     assert page["decisions"] == whole["decisions"][2:]
 
-    for query, field in (("?limit=0", "limit"), ("?limit=201", "limit"), ("?cursor=x", "cursor")):
+    for query, field in (
+        ("?limit=0", "limit"),
+        ("?limit=201", "limit"),
+        ("?limit=\u00b9", "limit"),  # a digit to str.isdigit(), not to int()
+        ("?cursor=x", "cursor"),
+        ("?cursor=\u00b2", "cursor"),
+        ("?cursor=" + "9" * 30, "cursor"),  # beyond Redis's integers
+        ("?cursor=-1", "cursor"),
+    ):
         resp = await client.get(url + query, headers=auth())
         assert resp.status == 422
         error = (await resp.json())["error"]
         assert error["code"] == "invalid_query" and error["details"][0]["field"] == field
+
+
+async def test_history_positions_hold_while_the_store_trims_and_appends(
+    client: Client, settings: Settings
+) -> None:
+    url = "/v1/merchants/acme/shipments/shp_123/notifications"
+    async with open_resources(settings) as res:
+        res.store.history_cap = 3  # the store's real trimming, at a small cap
+        await post(client, transition(event_id="p0", status="picked_up", occurred_at=T(6)))
+        await run_worker(settings, resources=res)
+        first = await (await client.get(url + "?limit=1", headers=auth())).json()
+        assert first["trimmed"] == 0 and first["next_cursor"] == "1"
+        for i, status in enumerate(["out_for_delivery", "delivered"], start=1):
+            await post(client, transition(event_id=f"p{i}", status=status, occurred_at=T(6 + i)))
+            await run_worker(settings, resources=res)
+        page = await (await client.get(url + "?cursor=1", headers=auth())).json()
+        total = page["total"]
+        assert total >= 5 and page["trimmed"] == total - 3
+        # the cursor pointed at a decision trimmed since: the page starts at the oldest kept
+        assert len(page["decisions"]) == 3 and page["next_cursor"] is None
+        # a history written before the counter existed starts counting from what it holds
+        state = res.store.state_key("acme", "shp_123")
+        await res.redis.hdel(state, "hn")
+        await post(client, transition(event_id="p9", status="delivered", occurred_at=T(11)))
+        await run_worker(settings, resources=res)
+        after = await (await client.get(url, headers=auth())).json()
+        assert after["total"] >= 3 and after["trimmed"] == after["total"] - len(after["decisions"])
+
+
+def T(hour: int) -> str:
+    return f"2026-11-21T{hour:02d}:00:00+01:00"
 
 
 async def test_event_ids_are_scoped_per_merchant(client: Client) -> None:

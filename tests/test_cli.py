@@ -164,3 +164,13 @@ def test_a_template_error_in_many_renders_is_one_line(
     assert len(errors) == 1, errors
     assert "templates/acme: " in errors[0] and "nmae" in errors[0]
     assert " more)" in errors[0]  # it says where else: every milestone, in every locale
+
+
+def test_check_names_a_bad_redis_port_without_a_traceback(
+    trees: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("NOTIFIER_REDIS_URL", "redis://db.internal:99999/0")
+    monkeypatch.setenv("NOTIFIER_API_KEYS", '{"k_backend_0123456789": ["*"]}')
+    monkeypatch.setenv("NOTIFIER_SIGNING_SECRET", "0123456789abcdef0123")
+    assert main(["check"]) == 0
+    assert "mode: Redis at db.internal:(invalid port) (database 0)" in capsys.readouterr().out

@@ -20,10 +20,12 @@ import pytest
 import redis
 
 from notifier.resources import data_dir
+from notifier.worker import build_worker
 from tests.conftest import (
     API_KEYS,
     auth,
     free_port,
+    make_settings,
     spawn_notifier,
     start_redis,
     transition,
@@ -133,7 +135,9 @@ def test_the_worker_rides_out_a_redis_pause_and_a_restart(deployment: dict[str, 
     wait_until(lambda: len(emails(outbox)) == 10, "the first ten emails", seconds=30)
     assert deployment["heartbeat"].is_file()  # what compose.yaml's health check looks at
 
-    # A stall: every client blocks for 3 s (longer than the 1 s Redis timeout)
+    # A stall while the worker is busy with a backlog: every client blocks for 3 s (longer
+    # than the 1 s Redis timeout), drains in the middle of a batch included
+    until_accepted(port, batch("m", 300))
     control = redis.Redis(host="127.0.0.1", port=deployment["redis_port"])
     control.execute_command("CLIENT", "PAUSE", "3000", "ALL")
     status, headers, body = post(port, batch("b", 10))
@@ -141,7 +145,9 @@ def test_the_worker_rides_out_a_redis_pause_and_a_restart(deployment: dict[str, 
     assert body["error"]["code"] == "unavailable"
     until_accepted(port, batch("b", 10))  # the backend retries; some may be duplicates now
     wait_until(
-        lambda: len(emails(outbox)) == 20 or worker.poll() is not None, "emails after the stall"
+        lambda: len(emails(outbox)) == 320 or worker.poll() is not None,
+        "emails after the stall",
+        seconds=60,
     )
     assert worker.poll() is None, "the worker exited on a Redis stall"
 
@@ -154,7 +160,7 @@ def test_the_worker_rides_out_a_redis_pause_and_a_restart(deployment: dict[str, 
     control.close()
     until_accepted(port, batch("c", 10))
     wait_until(
-        lambda: len(emails(outbox)) == 30 or worker.poll() is not None,
+        lambda: len(emails(outbox)) == 330 or worker.poll() is not None,
         "emails after the restart",
         seconds=40,
     )
@@ -162,8 +168,9 @@ def test_the_worker_rides_out_a_redis_pause_and_a_restart(deployment: dict[str, 
 
     # nothing lost, nothing twice: one email and one SMS per shipment
     per_shipment = sorted(p.parent.name for p in emails(outbox))
-    assert per_shipment == sorted(f"{x}{i}" for x in "abc" for i in range(10))
-    assert len(list(outbox.rglob("*.sms.json"))) == 30
+    expected = [f"{x}{i}" for x in "abc" for i in range(10)] + [f"m{i}" for i in range(300)]
+    assert per_shipment == sorted(expected)
+    assert len(list(outbox.rglob("*.sms.json"))) == 330
 
     worker.send_signal(signal.SIGTERM)
     output = worker.communicate(timeout=30)[0]
@@ -171,3 +178,19 @@ def test_the_worker_rides_out_a_redis_pause_and_a_restart(deployment: dict[str, 
     assert "the worker waits for it" in output and "Redis answers again" in output
     assert "Traceback" not in output
     assert "ana@example.com" not in output and "+33612345678" not in output
+
+
+async def test_a_redis_error_while_starting_a_job_gives_its_slot_back(tmp_path: Path) -> None:
+    """arq takes a job slot before asking Redis about the job and gives it back only on a
+    WATCH conflict: every other Redis error used to keep it, until the worker could start
+    no job at all."""
+    settings = make_settings(tmp_path, redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    worker = build_worker(settings, handle_signals=False)
+    try:
+        for _ in range(settings.worker_max_jobs + 1):
+            with pytest.raises((redis.RedisError, OSError)):
+                await worker.start_jobs([b"job-1"])
+        assert worker.job_counter == 0
+        assert not worker.sem.locked()
+    finally:
+        await worker.pool.aclose()

@@ -129,8 +129,41 @@ def test_edits_reach_a_running_renderer_and_the_last_good_brand_stays(tmp_path: 
     # fixed: picked up, nothing disabled any more
     (templates / "acme" / "brand.yaml").write_text("name: Acme\n")
     fourth = r.render(delivered())
-    assert isinstance(fourth, EmailMessageOut) and fourth.from_addr.startswith("Acme")
+    assert isinstance(fourth, EmailMessageOut)
+    assert fourth.from_addr == "Acme <notifications@example.com>"
     assert r.disabled == {}
+
+
+def test_a_merchant_stays_disabled_until_its_own_files_change(tmp_path: Path) -> None:
+    templates = tree(tmp_path)
+    (templates / "acme" / "brand.yaml").write_text("name: Acme\nlogo_url: http://x/l.png\n")
+    (templates / "globex").mkdir()
+    r = renderer(templates, watch=True)
+    r.render(delivered())
+    assert "acme" in r.disabled and r.take_changes() == ({"acme"}, set())
+    # another merchant's edit says nothing about acme's file: still disabled, still counted
+    (templates / "globex" / "brand.yaml").write_text("name: Globex\n")
+    r.render(delivered("globex"))
+    assert "acme" in r.disabled and r.take_changes() == (set(), set())
+    # an edit of acme's own folder has it judged again (and found broken again on use)
+    (templates / "acme" / "brand.yaml").write_text("name: Acme\nlogo_url: http://y/l.png\n")
+    r.render(delivered("globex"))
+    assert "acme" not in r.disabled and r.take_changes() == (set(), {"acme"})
+    r.render(delivered())
+    assert r.take_changes() == ({"acme"}, set())
+    # an edit of the defaults re-judges every merchant
+    (templates / "brand.yaml").write_text((templates / "brand.yaml").read_text() + "\n")
+    r.render(delivered("globex"))
+    assert r.take_changes() == (set(), {"acme"})
+
+
+def test_a_brand_file_that_is_not_utf8_is_skipped_like_any_broken_file(tmp_path: Path) -> None:
+    templates = tree(tmp_path)
+    (templates / "acme" / "brand.yaml").write_bytes("name: Café Acme\n".encode("latin-1"))
+    r = renderer(templates)
+    message = r.render(delivered())
+    assert isinstance(message, EmailMessageOut) and message.from_addr.startswith("Your shop")
+    assert any("not UTF-8 text" in why for why in r.disabled["acme"])
 
 
 def test_the_watch_sees_added_changed_and_removed_files(tmp_path: Path) -> None:

@@ -123,3 +123,25 @@ def test_a_merchants_own_catalog_translates_its_own_words(tmp_path: Path) -> Non
     errors, warnings = untranslated(settings)
     assert warnings == [] and len(errors) == 1
     assert f"{HOORAY!r} has no translation in de:" in errors[0]
+
+
+def test_listed_locales_are_read_as_the_catalogs_they_resolve_to(tmp_path: Path) -> None:
+    root = checkout(tmp_path)
+    merchant_headline(root)
+    run(root, "--merchant", "acme")
+    for lang in ("fr", "pt_BR"):
+        po = root / "templates" / "acme" / "locales" / lang / "LC_MESSAGES" / "messages.po"
+        entry = f'msgid "{HOORAY}"\nmsgstr '
+        po.write_text(po.read_text().replace(entry + '""', entry + '"Chegou!"'))
+    settings = make_settings(
+        tmp_path, templates_dir=root / "templates", locales_dir=root / "locales"
+    )
+    brand = root / "templates" / "acme" / "brand.yaml"
+    brand.write_text("locales: [fr_FR, pt, en_US]\n")  # fr_FR reads fr, pt reads pt_BR
+    assert untranslated(settings) == ([], [])
+    brand.write_text("locales: [fr, sv]\n")  # no Swedish catalog at all
+    errors, _ = untranslated(settings)
+    assert errors == [
+        "templates/acme/brand.yaml: locales: sv has no catalog: its readers get every "
+        "message in English"
+    ]

@@ -170,6 +170,8 @@ def fill_link(template: str, values: dict[str, str]) -> str:
 
 #: Whose templates a render uses when a merchant's own fail: the defaults (no folder).
 DEFAULT_TEMPLATES = ""
+#: What templates/ holds besides merchants' folders.
+DEFAULT_ENTRIES = frozenset({"email", "sms", "messages", "_labels.jinja", "brand.yaml"})
 
 
 class Renderer:
@@ -201,7 +203,8 @@ class Renderer:
         self.watch = watch
         #: merchant -> why (parts of) its own files are not in use, until they change
         self.disabled: dict[str, set[str]] = {}
-        self._changed: set[str] = set()  # merchants whose entry in ``disabled`` changed
+        self._hits: set[str] = set()  # merchants whose broken files were hit lately
+        self._cleared: set[str] = set()  # merchants whose files are to be judged again
         self._brands: dict[str, Brand] = {}
         self._last_good: dict[str, Brand] = {}
         self._labels: dict[tuple[str, ...], dict[str, str]] = {}
@@ -210,34 +213,48 @@ class Renderer:
 
     def refresh(self) -> bool:
         """Pick up edits of the template and locale trees (looked for at most every
-        watch interval); True when something changed and the caches were dropped."""
-        if self.watch is None or not self.watch.changed():
+        watch interval); True when something changed and the caches were dropped. A
+        merchant's files that were not in use are judged again when they (or the
+        defaults) changed."""
+        changes = self.watch.changed() if self.watch is not None else set()
+        if not changes:
             return False
         self.templates.invalidate()
         self.catalogs.invalidate()
+        own = {
+            name
+            for root, name in changes
+            if root == self.templates.directory and name not in DEFAULT_ENTRIES
+        }
+        everyone = len(own) < len(changes)  # the defaults or the catalogs changed
         with self._lock:
             self._brands.clear()
             self._labels.clear()
             self._brand_ctx.clear()
-            self._changed |= set(self.disabled)  # re-judged from the new files
-            self.disabled.clear()
+            again = set(self.disabled) if everyone else own & set(self.disabled)
+            for merchant_id in again:
+                del self.disabled[merchant_id]
+            self._cleared |= again
         log.info("templates or catalogs changed on disk: reloaded")
         return True
 
     def _disable(self, merchant_id: str, why: str) -> None:
         """Record (and log, once) that a merchant's file is not in use."""
+        with self._lock:
+            self._hits.add(merchant_id)
+            self._cleared.discard(merchant_id)
         if why not in self.disabled.get(merchant_id, ()):
             log.error("merchant %s: %s", merchant_id, why)
             with self._lock:
                 self.disabled.setdefault(merchant_id, set()).add(why)
-                self._changed.add(merchant_id)
 
-    def take_changes(self) -> dict[str, list[str] | None]:
-        """Merchants whose problems changed since the last call: their reasons, or None
-        when none are left (the worker publishes these for ``/healthz``)."""
+    def take_changes(self) -> tuple[set[str], set[str]]:
+        """(merchants whose broken files were hit, merchants judged again since) since the
+        last call: the worker publishes them for ``/healthz``."""
         with self._lock:
-            changed, self._changed = self._changed, set()
-            return {m: sorted(self.disabled[m]) if m in self.disabled else None for m in changed}
+            hits, cleared = self._hits, self._cleared
+            self._hits, self._cleared = set(), set()
+        return hits, cleared
 
     def brand(self, merchant_id: str) -> Brand:
         """The merchant's brand; a broken brand.yaml gives its last good brand (or the
