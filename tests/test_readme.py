@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,11 @@ def test_readme_curl_leads_to_eml_and_sms_json(tmp_path: Path) -> None:
         wait_until(lambda: healthy(port) or proc.poll() is not None, "notifier serve")
         assert proc.poll() is None, proc.communicate()[0]
         command = readme_curl().replace("127.0.0.1:8080", f"127.0.0.1:{port}")
+        # the date the command computes, computed once: both posts carry the same body even
+        # across midnight (a different body under the same event id would be a 409)
+        today = datetime.now(UTC).strftime("%Y-%m-%dT00:00:00Z")
+        assert "$(date -u +%Y-%m-%dT00:00:00Z)" in command
+        command = command.replace("$(date -u +%Y-%m-%dT00:00:00Z)", today)
         out = subprocess.run(["bash", "-c", command], capture_output=True, text=True, check=True)
         assert json.loads(out.stdout)["accepted"] == 1
         outbox = tmp_path / "outbox" / "acme" / "shp_123"
