@@ -13,7 +13,15 @@ from aiohttp.test_utils import TestClient, TestServer
 from notifier.app import create_app
 from notifier.resources import open_resources
 from notifier.settings import Settings
-from tests.conftest import ACME_KEY, auth, free_port, make_settings, run_worker, transition
+from tests.conftest import (
+    ACME_KEY,
+    auth,
+    fixed_clock,
+    free_port,
+    make_settings,
+    run_worker,
+    transition,
+)
 
 Client = TestClient[Any, Any]
 
@@ -126,18 +134,18 @@ async def test_history_positions_hold_while_the_store_trims_and_appends(
     client: Client, settings: Settings
 ) -> None:
     url = "/v1/merchants/acme/shipments/shp_123/notifications"
-    async with open_resources(settings) as res:
+    async with open_resources(settings, clock=fixed_clock()) as res:
         res.store.history_cap = 3  # the store's real trimming, at a small cap
-        await post(client, transition(event_id="p0", status="picked_up", occurred_at=T(6)))
+        # each of these is decided on both channels (NOW is 15:00 in Paris: no quiet hours)
+        await post(client, transition(event_id="p0", occurred_at=T(9)))
         await run_worker(settings, resources=res)
         first = await (await client.get(url + "?limit=1", headers=auth())).json()
-        assert first["trimmed"] == 0 and first["next_cursor"] == "1"
-        for i, status in enumerate(["out_for_delivery", "delivered"], start=1):
-            await post(client, transition(event_id=f"p{i}", status=status, occurred_at=T(6 + i)))
+        assert (first["total"], first["trimmed"], first["next_cursor"]) == (2, 0, "1")
+        for i, status in enumerate(["delivery_attempt_failed", "delivered"], start=1):
+            await post(client, transition(event_id=f"p{i}", status=status, occurred_at=T(9 + i)))
             await run_worker(settings, resources=res)
         page = await (await client.get(url + "?cursor=1", headers=auth())).json()
-        total = page["total"]
-        assert total >= 5 and page["trimmed"] == total - 3
+        assert (page["total"], page["trimmed"]) == (6, 3)
         # the cursor pointed at a decision trimmed since: the page starts at the oldest kept
         assert len(page["decisions"]) == 3 and page["next_cursor"] is None
         # a history written before the counter existed starts counting from what it holds
