@@ -351,7 +351,7 @@ class ShipmentCommit:
     stall_at_ms: int | None = None
 
 
-async def _run(result: Awaitable[T] | T) -> T:
+async def awaited(result: Awaitable[T] | T) -> T:
     """Await a redis-py command; its stubs type every command for the sync and async client."""
     if inspect.isawaitable(result):
         return await result
@@ -803,7 +803,7 @@ class Store:
 
     async def by_provider_id(self, provider: str, message_id: str) -> str | None:
         """Our notification id for a provider's message id."""
-        value = await _run(self.redis.get(self.provider_key(provider, message_id)))
+        value = await awaited(self.redis.get(self.provider_key(provider, message_id)))
         return _decode(value) if value else None
 
     async def provider_status(
@@ -832,7 +832,7 @@ class Store:
 
     async def due(self, now_ms: int, limit: int) -> list[str]:
         """Notifications whose time has come (deferred ones and retries), oldest first."""
-        rows = await _run(
+        rows = await awaited(
             self.redis.zrangebyscore(self.DUE_KEY, "-inf", now_ms, start=0, num=limit)
         )
         return [_decode(r) for r in rows]
@@ -846,7 +846,7 @@ class Store:
         """Record a permanent failure and put the notification on the dead-letter list."""
         fields = [{"st": LedgerState.FAILED, "error": error}]
         if await self._settle([notification_id], fields, owner):
-            await _run(self.redis.rpush(self.DEAD_LETTER_KEY, notification_id))
+            await awaited(self.redis.rpush(self.DEAD_LETTER_KEY, notification_id))
 
     async def add_notification(
         self,
@@ -904,14 +904,14 @@ class Store:
     async def set_opt_out(self, merchant_id: str, key: str, opted_out: bool) -> None:
         """Record an opt-out (True) or an opt-in (False) for one channel address."""
         if opted_out:
-            await _run(self.redis.sadd(self.optout_key(merchant_id), key))
+            await awaited(self.redis.sadd(self.optout_key(merchant_id), key))
         else:
-            await _run(self.redis.srem(self.optout_key(merchant_id), key))
+            await awaited(self.redis.srem(self.optout_key(merchant_id), key))
 
     # -- stalled shipments ----------------------------------------------------------
     async def due_stalls(self, now_ms: int, limit: int) -> list[tuple[str, str, int]]:
         """(merchant_id, shipment_id, deadline ms) of shipments stalled by ``now_ms``."""
-        rows = await _run(
+        rows = await awaited(
             self.redis.zrangebyscore(
                 self.STALL_KEY, "-inf", now_ms, start=0, num=limit, withscores=True
             )
@@ -974,7 +974,7 @@ class Store:
     async def history(self, merchant_id: str, shipment_id: str) -> list[dict[str, Any]]:
         """The recorded decisions of a shipment, oldest first."""
         key = self.history_key(merchant_id, shipment_id)
-        rows = await _run(self.redis.lrange(key, 0, -1))
+        rows = await awaited(self.redis.lrange(key, 0, -1))
         return [orjson.loads(unpack(r)) for r in rows]
 
     async def history_page(
@@ -1015,7 +1015,7 @@ class Store:
     async def overrides_disabled(self, now_ms: int) -> int:
         """How many merchants had own files found broken within the last day."""
         since = now_ms - self.OVERRIDES_WINDOW_MS
-        return int(await _run(self.redis.zcount(self.OVERRIDES_KEY, since, "+inf")))
+        return int(await awaited(self.redis.zcount(self.OVERRIDES_KEY, since, "+inf")))
 
     async def dead_letters(self) -> dict[str, int]:
         """How many notifications failed for good, and inbox entries that kept failing."""

@@ -1,0 +1,232 @@
+"""A merchant's own files kept in Redis: a draft, published versions, and an audit log.
+
+The merchant editor (issue 13) writes here; the layered loader reads the published version
+over the merchant's files in ``templates/`` and ``policies/``, over the defaults. A merchant's
+override is a set of virtual files named like those of ``templates/<merchant_id>/``
+(``brand.yaml``, ``messages/delivered.jinja``, ``email/layout.html``,
+``locales/fr/LC_MESSAGES/messages.po``…) plus ``policy.yaml`` (the merchant's policy file).
+
+- Every change is a **draft** until published; a draft names the revision it was saved at,
+  so a publish checked against one revision never publishes another.
+- **Publishing** makes a new version: the previous version's files with the draft's changes
+  (a deleted file is a tombstone in the draft). Every version is kept, with who published
+  it (an API key id, never the key), when, and which files changed. **Rolling back** to a
+  version publishes its files as a new version: history only grows.
+- Each merchant's keys share a hash tag (``{merchant}``), so every script stays in one slot.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from arq.connections import ArqRedis
+
+from notifier.store import awaited
+
+PREFIX = "ntf:ovr"
+#: What a draft holds for a file deleted in it.
+TOMBSTONE = "\x00deleted"
+#: The draft field with its revision (no file can be called this).
+REVISION = "#rev"
+#: The files a merchant may override.
+PATH = re.compile(
+    r"brand\.yaml|policy\.yaml|_labels\.jinja|messages/[a-z_]{3,40}\.jinja"
+    r"|email/layout\.(html|txt)|sms/layout\.txt|locales/[A-Za-z_]{2,12}/LC_MESSAGES/messages\.po"
+)
+#: Largest file accepted (a message template is a few KB).
+MAX_FILE_BYTES = 64 * 1024
+
+# KEYS: draft, versions, live, audit. ARGV: author key id, time (ISO), revision checked.
+_PUBLISH = """
+local rev = redis.call('HGET', KEYS[1], '#rev') or '0'
+if rev ~= ARGV[3] then return {-1, rev} end
+local draft = redis.call('HGETALL', KEYS[1])
+if #draft <= 2 then return {0, rev} end
+local live = redis.call('GET', KEYS[3])
+local files = {}
+if live then files = cjson.decode(redis.call('HGET', KEYS[2], live))['files'] end
+local changed = {}
+for i = 1, #draft, 2 do
+  local path, text = draft[i], draft[i + 1]
+  if path ~= '#rev' then
+    if text == '\\0deleted' then files[path] = nil else files[path] = text end
+    table.insert(changed, path)
+  end
+end
+local n = redis.call('HLEN', KEYS[2]) + 1
+local record = {files = files, author = ARGV[1], at = ARGV[2], changed = changed}
+redis.call('HSET', KEYS[2], tostring(n), cjson.encode(record))
+redis.call('SET', KEYS[3], tostring(n))
+redis.call('DEL', KEYS[1])
+redis.call('RPUSH', KEYS[4], cjson.encode({at = ARGV[2], key_id = ARGV[1],
+  action = 'publish', version = n, paths = changed}))
+return {n, rev}
+"""
+
+# KEYS: versions, live, audit. ARGV: author key id, time (ISO), version to restore.
+_ROLLBACK = """
+local old = redis.call('HGET', KEYS[1], ARGV[3])
+if not old then return -1 end
+local files = cjson.decode(old)['files']
+local n = redis.call('HLEN', KEYS[1]) + 1
+local record = {files = files, author = ARGV[1], at = ARGV[2], changed = {},
+  restored = tonumber(ARGV[3])}
+redis.call('HSET', KEYS[1], tostring(n), cjson.encode(record))
+redis.call('SET', KEYS[2], tostring(n))
+redis.call('RPUSH', KEYS[3], cjson.encode({at = ARGV[2], key_id = ARGV[1],
+  action = 'rollback', version = n, restored = tonumber(ARGV[3])}))
+return n
+"""
+
+
+class OverrideError(ValueError):
+    """A change the override store refuses (the API turns it into a 4xx)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    """One published version of a merchant's override."""
+
+    number: int
+    files: dict[str, str]
+    author: str
+    at: str
+    #: files the draft changed (empty for a rollback)
+    changed: list[str]
+    #: the version a rollback restored
+    restored: int | None = None
+
+    def diff(self, previous: Version | None) -> str:
+        """A unified diff of every file against ``previous`` (None: against nothing)."""
+        before = previous.files if previous is not None else {}
+        out: list[str] = []
+        for path in sorted(before.keys() | self.files.keys()):
+            old, new = before.get(path, ""), self.files.get(path, "")
+            if old != new:
+                out += difflib.unified_diff(
+                    old.splitlines(keepends=True),
+                    new.splitlines(keepends=True),
+                    f"a/{path}" if path in before else "/dev/null",
+                    f"b/{path}" if path in self.files else "/dev/null",
+                )
+        return "".join(out)
+
+
+class OverrideStore:
+    """Drafts, published versions and the audit log of merchants' overrides in Redis."""
+
+    def __init__(self, redis: ArqRedis) -> None:
+        self.redis = redis
+        self._publish = redis.register_script(_PUBLISH)
+        self._rollback = redis.register_script(_ROLLBACK)
+
+    @staticmethod
+    def key(merchant_id: str, kind: str) -> str:
+        # one hash tag per merchant: its scripts stay in one slot on a Redis Cluster
+        return f"{PREFIX}:{{{merchant_id}}}:{kind}"
+
+    async def draft(self, merchant_id: str) -> tuple[int, dict[str, str | None]]:
+        """(revision, changed files): a file's new text, or None where it is deleted."""
+        raw = await awaited(self.redis.hgetall(self.key(merchant_id, "draft")))
+        fields = {k.decode(): v.decode() for k, v in raw.items()}
+        revision = int(fields.pop(REVISION, "0"))
+        return revision, {p: (None if t == TOMBSTONE else t) for p, t in fields.items()}
+
+    async def save(
+        self, merchant_id: str, path: str, text: str | None, key_id: str, at: str
+    ) -> int:
+        """Put a file (``text``) or its deletion (None) in the draft; the new revision."""
+        if not PATH.fullmatch(path):
+            raise OverrideError(f"{path}: not a file a merchant can override")
+        if text is not None and len(text.encode()) > MAX_FILE_BYTES:
+            raise OverrideError(f"{path}: larger than {MAX_FILE_BYTES // 1024} KB")
+        if text is not None and "\x00" in text:
+            raise OverrideError(f"{path}: contains a NUL character")
+        draft = self.key(merchant_id, "draft")
+        entry = {"at": at, "key_id": key_id, "action": "delete" if text is None else "save"}
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(draft, path, TOMBSTONE if text is None else text)
+            pipe.hincrby(draft, REVISION, 1)
+            pipe.rpush(self.key(merchant_id, "audit"), orjson.dumps({**entry, "path": path}))
+            _, revision, _ = await pipe.execute()
+        return int(revision)
+
+    async def discard(self, merchant_id: str, path: str, key_id: str, at: str) -> int:
+        """Drop a file's change from the draft (the published text stays); the revision."""
+        draft = self.key(merchant_id, "draft")
+        entry = {"at": at, "key_id": key_id, "action": "discard", "path": path}
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hdel(draft, path)
+            pipe.hincrby(draft, REVISION, 1)
+            pipe.rpush(self.key(merchant_id, "audit"), orjson.dumps(entry))
+            _, revision, _ = await pipe.execute()
+        return int(revision)
+
+    async def publish(self, merchant_id: str, revision: int, key_id: str, at: str) -> int:
+        """Publish the draft as it was at ``revision`` (the one that was validated): the
+        new version's number, or 0 when the draft is empty. A draft saved since raises."""
+        n, current = await self._publish(
+            keys=[self.key(merchant_id, k) for k in ("draft", "versions", "live", "audit")],
+            args=[key_id, at, str(revision)],
+        )
+        if int(n) < 0:
+            raise OverrideError(
+                f"the draft changed since revision {revision} (now {int(current)}): "
+                "check it again before publishing"
+            )
+        return int(n)
+
+    async def rollback(self, merchant_id: str, version: int, key_id: str, at: str) -> int:
+        """Publish the files of ``version`` again, as a new version; its number."""
+        n = await self._rollback(
+            keys=[self.key(merchant_id, k) for k in ("versions", "live", "audit")],
+            args=[key_id, at, str(version)],
+        )
+        if int(n) < 0:
+            raise OverrideError(f"no version {version}")
+        return int(n)
+
+    async def live(self, merchant_id: str) -> Version | None:
+        """The published version in force, None before the first publish."""
+        number = await awaited(self.redis.get(self.key(merchant_id, "live")))
+        return await self.version(merchant_id, int(number)) if number else None
+
+    async def live_numbers(self, merchant_ids: list[str]) -> dict[str, int]:
+        """The version in force per merchant (0: none), in one round trip: what a worker
+        compares with the versions it has loaded, before each batch."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for merchant_id in merchant_ids:
+                pipe.get(self.key(merchant_id, "live"))
+            numbers = await pipe.execute()
+        return {m: int(n or 0) for m, n in zip(merchant_ids, numbers, strict=True)}
+
+    async def version(self, merchant_id: str, number: int) -> Version | None:
+        raw = await awaited(self.redis.hget(self.key(merchant_id, "versions"), str(number)))
+        return _version(number, raw) if raw else None
+
+    async def versions(self, merchant_id: str) -> list[Version]:
+        """Every published version, oldest first."""
+        raw = await awaited(self.redis.hgetall(self.key(merchant_id, "versions")))
+        return sorted((_version(int(n), r) for n, r in raw.items()), key=lambda v: v.number)
+
+    async def audit(self, merchant_id: str, limit: int = 100) -> list[dict[str, Any]]:
+        """The latest ``limit`` changes, newest first: who (key id), what, when."""
+        rows = await awaited(self.redis.lrange(self.key(merchant_id, "audit"), -limit, -1))
+        return [orjson.loads(r) for r in reversed(rows)]
+
+
+def _version(number: int, raw: bytes | str) -> Version:
+    record = orjson.loads(raw)
+    files = record.get("files") or {}  # cjson writes an empty table as {} or []
+    return Version(
+        number=number,
+        files=dict(files) if isinstance(files, dict) else {},
+        author=record.get("author", ""),
+        at=record.get("at", ""),
+        changed=list(record.get("changed") or []),
+        restored=record.get("restored"),
+    )

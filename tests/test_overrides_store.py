@@ -1,0 +1,91 @@
+"""The override store (drafts, versions, rollback, audit) on redis-server and the embedded one."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from fakeredis import FakeServer
+
+from notifier.overrides import OverrideError, OverrideStore
+from notifier.resources import open_resources
+from tests.conftest import make_settings
+
+AT = "2026-11-21T14:00:00+00:00"
+
+
+@pytest.fixture(params=["redis", "embedded"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[OverrideStore]:
+    if request.param == "redis":
+        settings, server = request.getfixturevalue("settings"), None
+    else:
+        settings, server = make_settings(tmp_path, redis_url=None), FakeServer()
+    async with open_resources(settings, server=server) as res:
+        await res.redis.flushdb()
+        yield OverrideStore(res.redis)
+
+
+async def test_drafts_publish_as_versions_and_roll_back(store: OverrideStore) -> None:
+    assert await store.live("acme") is None
+    rev = await store.save("acme", "messages/delivered.jinja", "v1 words", "key_a", AT)
+    rev = await store.save("acme", "brand.yaml", "name: Acme\n", "key_a", AT)
+    assert await store.draft("acme") == (
+        rev,
+        {"messages/delivered.jinja": "v1 words", "brand.yaml": "name: Acme\n"},
+    )
+    assert await store.publish("acme", rev, "key_a", AT) == 1
+    assert await store.draft("acme") == (0, {})  # published: the draft is empty again
+    assert await store.publish("acme", 0, "key_a", AT) == 0  # nothing to publish
+
+    # a second version changes one file and deletes another
+    await store.save("acme", "messages/delivered.jinja", "v2 words", "key_b", AT)
+    rev = await store.save("acme", "brand.yaml", None, "key_b", AT)
+    assert (await store.draft("acme"))[1]["brand.yaml"] is None
+    assert await store.publish("acme", rev, "key_b", AT) == 2
+    live = await store.live("acme")
+    assert live is not None and live.files == {"messages/delivered.jinja": "v2 words"}
+    assert live.author == "key_b" and sorted(live.changed) == [
+        "brand.yaml",
+        "messages/delivered.jinja",
+    ]
+    v1, v2 = await store.versions("acme")
+    diff = v2.diff(v1)
+    assert "-v1 words" in diff and "+v2 words" in diff and "--- a/brand.yaml" in diff
+
+    # a rollback publishes the old files as a new version; history only grows
+    assert await store.rollback("acme", 1, "key_a", AT) == 3
+    live = await store.live("acme")
+    assert live is not None and live.files == v1.files and live.restored == 1
+    assert [v.number for v in await store.versions("acme")] == [1, 2, 3]
+    assert await store.live_numbers(["acme", "globex"]) == {"acme": 3, "globex": 0}
+    with pytest.raises(OverrideError, match="no version 9"):
+        await store.rollback("acme", 9, "key_a", AT)
+
+    # the audit log: who (the key id), what, when, newest first
+    actions = [(e["action"], e["key_id"]) for e in await store.audit("acme")]
+    assert actions[:3] == [("rollback", "key_a"), ("publish", "key_b"), ("delete", "key_b")]
+    assert len(actions) == 7
+
+
+async def test_a_publish_is_of_the_revision_that_was_checked(store: OverrideStore) -> None:
+    checked = await store.save("acme", "sms/layout.txt", "checked", "k", AT)
+    await store.save("acme", "sms/layout.txt", "saved after the check", "k", AT)
+    with pytest.raises(OverrideError, match=f"changed since revision {checked}"):
+        await store.publish("acme", checked, "k", AT)
+    assert await store.live("acme") is None
+    rev = await store.discard("acme", "sms/layout.txt", "k", AT)
+    assert await store.draft("acme") == (rev, {})
+
+
+async def test_only_merchant_files_are_accepted(store: OverrideStore) -> None:
+    for path in ("../etc/passwd", "messages/../../x.jinja", "email/other.html", "notes.txt"):
+        with pytest.raises(OverrideError, match="not a file a merchant can override"):
+            await store.save("acme", path, "x", "k", AT)
+    with pytest.raises(OverrideError, match="larger than 64 KB"):
+        await store.save("acme", "brand.yaml", "x" * 70_000, "k", AT)
+    with pytest.raises(OverrideError, match="NUL"):
+        await store.save("acme", "brand.yaml", "a\x00b", "k", AT)
+    # one merchant's keys never hold another's
+    await store.save("acme", "brand.yaml", "name: Acme\n", "k", AT)
+    assert await store.draft("globex") == (0, {})
