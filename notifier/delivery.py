@@ -16,7 +16,7 @@ from notifier.models import STATUS_RANK, ChannelKind, Decision, Notification, no
 from notifier.models import Outcome as Decided
 from notifier.policy.engine import opt_out_key
 from notifier.render import SmsMessageOut
-from notifier.resources import Resources
+from notifier.resources import Resources, sync_published
 from notifier.state import ShipmentState
 from notifier.store import ClaimResult
 
@@ -98,6 +98,7 @@ class Deliverer:
 
         batches: dict[str, list[Outgoing]] = {}
         by_id = {n.notification_id: n for n, _ in claimed}
+        await sync_published(self.res, {n.merchant_id for n, _ in claimed})
         messages = await self.res.renderer.render_many([n for n, _ in claimed])
         hits, cleared = self.res.renderer.take_changes()
         if hits or cleared:  # for /healthz

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -230,3 +231,42 @@ def _version(number: int, raw: bytes | str) -> Version:
         changed=list(record.get("changed") or []),
         restored=record.get("restored"),
     )
+
+
+#: Files of an override that are templates (the others are brand.yaml, policy.yaml, catalogs).
+TEMPLATE = re.compile(r"_labels\.jinja|messages/.+\.jinja|email/.+|sms/.+")
+
+
+class Published:
+    """The published override files in force, per merchant, as this process last loaded
+    them: what the template, brand and policy lookups read (synchronously). ``sync``,
+    awaited before each batch for the merchants in it, loads a merchant's files again when
+    its published version moved (a publish or a rollback, in any process)."""
+
+    def __init__(self, store: OverrideStore) -> None:
+        self.store = store
+        self._loaded: dict[str, tuple[int, dict[str, str]]] = {}
+
+    def files(self, merchant_id: str) -> dict[str, str]:
+        """Every published file of the merchant (none before its first publish)."""
+        return self._loaded.get(merchant_id, (0, {}))[1]
+
+    def version(self, merchant_id: str) -> int:
+        return self._loaded.get(merchant_id, (0, {}))[0]
+
+    def templates(self, merchant_id: str) -> dict[str, str]:
+        return {p: t for p, t in self.files(merchant_id).items() if TEMPLATE.fullmatch(p)}
+
+    async def sync(self, merchant_ids: Iterable[str]) -> set[str]:
+        """Load what changed for these merchants; the merchants whose files changed."""
+        wanted = sorted(set(merchant_ids))
+        if not wanted:
+            return set()
+        changed = set()
+        for merchant_id, number in (await self.store.live_numbers(wanted)).items():
+            if number == self.version(merchant_id):
+                continue
+            version = await self.store.version(merchant_id, number) if number else None
+            self._loaded[merchant_id] = (number, version.files if version else {})
+            changed.add(merchant_id)
+        return changed

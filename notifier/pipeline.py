@@ -28,7 +28,7 @@ from notifier.models import (
     notification_id,
 )
 from notifier.policy import Policy, fold, opt_out_key
-from notifier.resources import Resources
+from notifier.resources import Resources, sync_published
 from notifier.state import ShipmentState
 from notifier.store import InboxEntry, LedgerState, ShipmentCommit
 
@@ -101,6 +101,8 @@ class Pipeline:
             groups.setdefault((t.merchant_id, t.shipment_id), []).append((entry.entry_id, t))
             report.transitions += 1
 
+        # a merchant's published override (the editor's) may have moved since the last batch
+        await sync_published(self.res, {m for m, _ in groups})
         to_deliver: list[str] = []
         owner: dict[str, str] = {}
         built: dict[str, Notification] = {}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,6 +20,7 @@ from notifier.channels.sendgrid import build_sendgrid
 from notifier.channels.twilio import build_twilio
 from notifier.errors import ConfigurationError
 from notifier.models import ChannelKind
+from notifier.overrides import OverrideStore, Published
 from notifier.policy import PolicyStore
 from notifier.render import Renderer
 from notifier.render.environment import TemplateStore
@@ -147,6 +148,8 @@ class Resources:
     redis: ArqRedis
     store: Store
     policies: PolicyStore
+    #: merchants' published override files (the editor's), as this process last loaded them
+    published: Published
     templates: TemplateStore
     renderer: Renderer
     #: the service's default channel per kind
@@ -170,7 +173,10 @@ async def open_resources(
         server = FakeServer()
     redis = connect(settings, server)
     catalogs = Catalogs(data_dir("locales", settings.locales_dir))
-    templates = TemplateStore(data_dir("templates", settings.templates_dir), catalogs)
+    published = Published(OverrideStore(redis))
+    templates = TemplateStore(
+        data_dir("templates", settings.templates_dir), catalogs, published.templates
+    )
     watch = TreeWatch([templates.directory, catalogs.directory], settings.reload_interval_s)
     providers = build_providers(settings)
     # Settings refused a default channel whose credentials are missing, so both exist.
@@ -188,13 +194,15 @@ async def open_resources(
                 idempotency_ttl_s=settings.idempotency_ttl_s,
                 state_ttl_s=settings.state_ttl_s,
             ),
-            policies=PolicyStore(data_dir("policies", settings.policies_dir)),
+            policies=PolicyStore(data_dir("policies", settings.policies_dir), published.files),
+            published=published,
             templates=templates,
             renderer=Renderer(
                 templates,
                 catalogs,
                 email_from=sender(settings),
                 watch=watch,
+                published=published.files,
                 unsubscribe=partial(
                     unsubscribe_headers, settings.public_url, settings.signing_secret_value()
                 ),
@@ -213,3 +221,11 @@ async def open_resources(
             aclose = getattr(channel, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+
+async def sync_published(res: Resources, merchant_ids: Iterable[str]) -> None:
+    """Before a batch: load the merchants' published overrides again where they moved (a
+    publish or a rollback in any process), and drop what was cached from the old ones."""
+    for merchant_id in await res.published.sync(merchant_ids):
+        res.renderer.forget(merchant_id)
+        res.policies.invalidate(merchant_id)

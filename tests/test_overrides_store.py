@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import email
+import email.message
+import email.policy
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fakeredis import FakeServer
 
 from notifier.overrides import OverrideError, OverrideStore
-from notifier.resources import open_resources
-from tests.conftest import make_settings
+from notifier.resources import data_dir, open_resources
+from notifier.settings import Settings
+from tests.conftest import fixed_clock, make_settings, outbox_files, post, run_worker, transition
 
 AT = "2026-11-21T14:00:00+00:00"
 
@@ -89,3 +94,60 @@ async def test_only_merchant_files_are_accepted(store: OverrideStore) -> None:
     # one merchant's keys never hold another's
     await store.save("acme", "brand.yaml", "name: Acme\n", "k", AT)
     assert await store.draft("globex") == (0, {})
+
+
+async def test_published_files_are_what_the_worker_uses_and_a_rollback_undoes_them(
+    client: Any, settings: Settings
+) -> None:
+    """The layered lookup: published override, then the merchant's files, then the defaults;
+    a worker picks a publish (or a rollback) up at its next batch, no restart."""
+    default = (data_dir("templates", None) / "messages" / "delivered.jinja").read_text()
+    mine = default.replace(
+        "{%- macro subject() -%}{% trans %}Your parcel was delivered{% endtrans %}",
+        "{%- macro subject() -%}Acme: it is there",
+    )
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        store = OverrideStore(res.redis)
+        await store.save("acme", "messages/delivered.jinja", mine, "k_acme", AT)
+        await store.save("acme", "brand.yaml", "name: Acme Outfitters\n", "k_acme", AT)
+        # the published policy: email only, for every status
+        rev = await store.save(
+            "acme", "policy.yaml", "statuses: {delivered: {channels: [email]}}\n", "k", AT
+        )
+        draft_only = await store.save("acme", "sms/layout.txt", "unpublished", "k", AT)
+        assert draft_only > rev  # saved after the checked revision: the publish refuses
+        with pytest.raises(OverrideError):
+            await store.publish("acme", rev, "k_acme", AT)
+        await store.discard("acme", "sms/layout.txt", "k", AT)
+        assert await store.publish("acme", rev + 2, "k_acme", AT) == 1
+
+    def latest_email() -> email.message.EmailMessage:
+        shipment = f"s{len(list(settings.outbox_dir.glob('acme/*')))}"  # the newest one
+        [eml] = (settings.outbox_dir / "acme" / shipment).glob("*.eml")
+        msg = email.message_from_bytes(eml.read_bytes(), policy=email.policy.default)
+        assert isinstance(msg, email.message.EmailMessage)
+        return msg
+
+    await post(client, transition(event_id="d1", shipment_id="s1", status="delivered"))
+    await run_worker(settings)
+    msg = latest_email()
+    assert msg["Subject"] == "Acme: it is there" and msg["From"].startswith("Acme Outfitters")
+    assert outbox_files(settings, ".sms.json") == []  # the published policy: email only
+
+    # back to the files beneath: delete the published files in a new version
+    async with open_resources(settings) as res:
+        store = OverrideStore(res.redis)
+        for path in ("messages/delivered.jinja", "brand.yaml", "policy.yaml"):
+            await store.save("acme", path, None, "k_acme", AT)
+        revision, _ = await store.draft("acme")
+        assert await store.publish("acme", revision, "k_acme", AT) == 2
+    await post(client, transition(event_id="d2", shipment_id="s2", status="delivered"))
+    await run_worker(settings)
+    assert latest_email()["Subject"] == "Votre colis a été livré"  # the defaults, in French
+    assert len(outbox_files(settings, ".sms.json")) == 1
+
+    async with open_resources(settings) as res:
+        assert await OverrideStore(res.redis).rollback("acme", 1, "k_acme", AT) == 3
+    await post(client, transition(event_id="d3", shipment_id="s3", status="delivered"))
+    await run_worker(settings)
+    assert latest_email()["Subject"] == "Acme: it is there"

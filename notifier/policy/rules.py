@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from collections.abc import Callable
 from datetime import time, timedelta
 from functools import cached_property
 from pathlib import Path
@@ -226,13 +227,19 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
-    except yaml.YAMLError as exc:
-        raise ConfigurationError(f"{path}: not valid YAML: {exc}") from exc
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigurationError(f"{path}: not UTF-8 text (save it as UTF-8)") from exc
     except OSError as exc:
         raise ConfigurationError(f"{path}: cannot read: {exc.strerror}") from exc
+    return _parse_yaml(text, path)
+
+
+def _parse_yaml(text: str, path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        raise ConfigurationError(f"{path}: not valid YAML: {exc}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -261,8 +268,12 @@ class PolicyStore:
     defaults raise ConfigurationError.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(
+        self, directory: Path, published: Callable[[str], dict[str, str]] | None = None
+    ) -> None:
         self.directory = directory
+        #: a merchant's published override files: its policy.yaml (the editor's) over its file
+        self.published = published
         self._cache: dict[str, tuple[tuple[float, float], Policy]] = {}
         self._lock = threading.Lock()
 
@@ -310,6 +321,11 @@ class PolicyStore:
     def _load(self, merchant_id: str) -> Policy:
         base = _read_yaml(self.default_path())
         path = self.directory / f"{merchant_id}.yaml"
+        text = self.published(merchant_id).get("policy.yaml") if self.published else None
+        if merchant_id and text is not None:
+            where = Path(f"published policy.yaml of {merchant_id}")
+            own = _read_yaml(path) if path.is_file() else {}
+            return _validate(where, _merge(_merge(base, own), _parse_yaml(text, where)))
         if not merchant_id or not path.is_file():
             return _validate(self.default_path(), base)
         return _validate(path, _merge(base, _read_yaml(path)))

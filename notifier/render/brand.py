@@ -162,33 +162,45 @@ def _read(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigurationError(f"{path}: not valid YAML: {exc}") from exc
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigurationError(f"{path}: not UTF-8 text (save it as UTF-8)") from exc
     except OSError as exc:
         raise ConfigurationError(f"{path}: cannot read: {exc.strerror}") from exc
+    return _parse(text, str(path))
+
+
+def _parse(text: str, where: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigurationError(f"{where}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
-        raise ConfigurationError(f"{path}: the top level must be a mapping")
+        raise ConfigurationError(f"{where}: the top level must be a mapping")
     return data
 
 
-def load_brand(templates_dir: Path, merchant_id: str) -> Brand:
-    """The merchant's brand: its brand.yaml over the default one, validated."""
+def load_brand(templates_dir: Path, merchant_id: str, published: str | None = None) -> Brand:
+    """The merchant's brand: its published brand.yaml (the editor's) over its file over the
+    default one, validated."""
     base = _read(templates_dir / "brand.yaml")
     path = templates_dir / merchant_id / "brand.yaml" if merchant_id else None
-    override = _read(path) if path else {}
     merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = {**merged[key], **value}
-        else:
-            merged[key] = value
+    layers = [_read(path) if path else {}]
+    where = path if path and path.is_file() else templates_dir / "brand.yaml"
+    if published is not None:
+        label = f"published brand.yaml of {merchant_id}"
+        layers.append(_parse(published, label))
+        where = Path(label)
+    for override in layers:
+        for key, value in override.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
     try:
         return Brand.model_validate(merged)
     except ValidationError as exc:
-        where = path if path and path.is_file() else templates_dir / "brand.yaml"
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
             for e in exc.errors(include_input=False, include_url=False)

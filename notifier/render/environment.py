@@ -9,7 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from babel.support import NullTranslations
-from jinja2 import FileSystemLoader, StrictUndefined, Template, pass_context, select_autoescape
+from jinja2 import (
+    BaseLoader,
+    ChoiceLoader,
+    DictLoader,
+    FileSystemLoader,
+    StrictUndefined,
+    Template,
+    pass_context,
+    select_autoescape,
+)
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from markupsafe import Markup
@@ -18,6 +27,9 @@ from notifier.render.i18n import Catalogs
 
 #: The names the i18n extension compiles ``{% trans %}`` and ``_()`` into.
 GETTEXT_NAMES = ("gettext", "ngettext", "pgettext", "npgettext")
+
+#: Marks a search path whose first layer is a merchant's published files.
+PUBLISHED = "published:"
 
 #: Names a template reaches as attributes of a dict (``d.items``), never as its keys.
 _DICT_ATTRIBUTES = frozenset(dir(dict))
@@ -84,9 +96,16 @@ class TemplateStore:
     environment's English defaults.
     """
 
-    def __init__(self, directory: Path, catalogs: Catalogs | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        catalogs: Catalogs | None = None,
+        published: Callable[[str], dict[str, str]] | None = None,
+    ) -> None:
         self.directory = directory
         self.catalogs = catalogs
+        #: a merchant's published template files (the editor's), over its folder's
+        self.published = published
         self._search: dict[str, tuple[str, ...]] = {}
         self._envs: dict[tuple[str, ...], Sandbox] = {}
         self._selected: dict[tuple[tuple[str, ...], tuple[str, ...]], Template] = {}
@@ -101,6 +120,8 @@ class TemplateStore:
             override = self.directory / merchant_id
             own = bool(merchant_id) and override.is_dir()
             search = (str(override), str(self.directory)) if own else (str(self.directory),)
+            if merchant_id and self.published is not None and self.published(merchant_id):
+                search = (PUBLISHED + merchant_id, *search)
             with self._lock:
                 self._search[merchant_id] = search
         return search
@@ -168,9 +189,26 @@ class TemplateStore:
             self._gettext.clear()
             self._merchant_catalogs.clear()
 
+    def forget(self, merchant_id: str) -> None:
+        """Drop what is cached for one merchant (its published files changed)."""
+        with self._lock:
+            search = self._search.pop(merchant_id, None)
+            if search is not None and search[0].startswith(PUBLISHED):
+                self._envs.pop(search, None)
+                for key in [k for k in self._selected if k[0] == search]:
+                    del self._selected[key]
+
+    def _loader(self, search: tuple[str, ...]) -> BaseLoader:
+        """Published files first (the editor's), then the folders, the merchant's first."""
+        files = FileSystemLoader([p for p in search if not p.startswith(PUBLISHED)])
+        if not search[0].startswith(PUBLISHED) or self.published is None:
+            return files
+        merchant_id = search[0].removeprefix(PUBLISHED)
+        return ChoiceLoader([DictLoader(self.published(merchant_id)), files])
+
     def _build(self, search: tuple[str, ...]) -> Sandbox:
         env = Sandbox(
-            loader=FileSystemLoader(list(search)),
+            loader=self._loader(search),
             # Merchant-editable templates: no access to internals, no silent blanks.
             undefined=StrictUndefined,
             autoescape=select_autoescape(enabled_extensions=("html",), default=False),

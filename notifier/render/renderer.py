@@ -193,6 +193,7 @@ class Renderer:
         unsubscribe: Callable[[str, str], dict[str, str]] | None = None,
         strict: bool = False,
         watch: TreeWatch | None = None,
+        published: Callable[[str], dict[str, str]] | None = None,
     ) -> None:
         self.templates = templates
         self.catalogs = catalogs
@@ -201,6 +202,8 @@ class Renderer:
         self.unsubscribe = unsubscribe
         self.strict = strict
         self.watch = watch
+        #: a merchant's published override files (the editor's): its brand.yaml over its file
+        self.published = published
         #: merchant -> why (parts of) its own files are not in use, until they change
         self.disabled: dict[str, set[str]] = {}
         self._hits: set[str] = set()  # merchants whose broken files were hit lately
@@ -238,6 +241,18 @@ class Renderer:
         log.info("templates or catalogs changed on disk: reloaded")
         return True
 
+    def forget(self, merchant_id: str) -> None:
+        """Drop what is cached for one merchant, whose published files changed; files
+        that were not in use are judged again."""
+        self.templates.forget(merchant_id)
+        with self._lock:
+            self._brands.pop(merchant_id, None)
+            self._brand_ctx.pop(merchant_id, None)
+            for key in [k for k in self._labels if k[0] == merchant_id]:
+                del self._labels[key]
+            if self.disabled.pop(merchant_id, None) is not None:
+                self._cleared.add(merchant_id)
+
     def _disable(self, merchant_id: str, why: str) -> None:
         """Record (and log, once) that a merchant's file is not in use."""
         with self._lock:
@@ -261,8 +276,9 @@ class Renderer:
         default one) unless ``strict``."""
         brand = self._brands.get(merchant_id)
         if brand is None:
+            own = self.published(merchant_id) if self.published and merchant_id else {}
             try:
-                brand = load_brand(self.templates.directory, merchant_id)
+                brand = load_brand(self.templates.directory, merchant_id, own.get("brand.yaml"))
             except ConfigurationError as exc:
                 if self.strict or not merchant_id:
                     raise
