@@ -23,7 +23,7 @@ from pydantic import (
 )
 from redis.exceptions import RedisError
 
-from notifier import unsubscribe, webhooks
+from notifier import admin, unsubscribe, webhooks
 from notifier.errors import ApiError, Forbidden, InvalidOptOut, InvalidQuery, NotFound
 from notifier.ingest import KeyRing, may_act_for, post_transitions, read_json
 from notifier.models import ChannelKind, Email, Identifier, MerchantId, Phone
@@ -262,4 +262,5 @@ def create_app(
     app.router.add_route("GET", unsubscribe.PATH, unsubscribe_hook)
     app.router.add_route("POST", unsubscribe.PATH, unsubscribe_hook)
     app.router.add_get("/healthz", healthz)
+    admin.add_routes(app, admin.Admin(lambda: app[RESOURCES], app[KEYS]))
     return app

@@ -19,6 +19,7 @@ from babel.messages.pofile import read_po
 
 from notifier.errors import ConfigurationError, NotifierError
 from notifier.models import ChannelKind, ExceptionCode, Notification, Recipient, Status, Transition
+from notifier.overrides import TEMPLATE
 from notifier.policy import PolicyStore
 from notifier.render import Renderer, SmsMessageOut
 from notifier.render.brand import Brand, load_brand
@@ -344,3 +345,27 @@ def _render_one(
         f"{message.segments} segments in {message.encoding} (budget {budget}{extra}): "
         f"{message.body!r}"
     ]
+
+
+def override_problems(settings: Settings, merchant: str, files: dict[str, str]) -> list[str]:
+    """Every problem with a merchant's override files as they would be published: its brand,
+    its policy, and every template rendered for every milestone, channel and locale, with
+    the files beneath (its folder, the defaults). Slow (about a second): run in a thread."""
+    templates_dir = data_dir("templates", settings.templates_dir)
+    try:
+        brand = load_brand(templates_dir, merchant, files.get("brand.yaml"))
+    except ConfigurationError as exc:
+        return [str(exc)]
+    problems = _channel_problems(settings, brand, f"published brand.yaml of {merchant}")
+    policies = PolicyStore(data_dir("policies", settings.policies_dir), lambda _: files)
+    try:
+        policies._load(merchant)
+    except ConfigurationError as exc:
+        problems.append(str(exc))
+    catalogs = Catalogs(data_dir("locales", settings.locales_dir))
+    templates = {p: t for p, t in files.items() if TEMPLATE.fullmatch(p)}
+    store = TemplateStore(templates_dir, catalogs, lambda _: templates)
+    renderer = Renderer(store, catalogs, email_from=settings.email_from, strict=True)
+    renderer.use_brand(merchant, brand)
+    locales = ["en", *catalogs.available()]
+    return problems + _render_problems(renderer, merchant, locales, full=True)

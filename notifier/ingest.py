@@ -50,6 +50,11 @@ class KeyRing:
                 found = merchants
         return found
 
+    def key_id(self, request: web.Request) -> str:
+        """A name for the caller's key that the audit log can show: a digest, never the key."""
+        token = request.headers.get("Authorization", "").partition(" ")[2].strip()
+        return "key_" + hashlib.sha256(token.encode()).hexdigest()[:12]
+
     def authenticate(self, request: web.Request) -> frozenset[str]:
         """The caller's merchants; 401 without a valid bearer key."""
         header = request.headers.get("Authorization", "")

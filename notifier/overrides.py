@@ -3,8 +3,8 @@
 The merchant editor (issue 13) writes here; the layered loader reads the published version
 over the merchant's files in ``templates/`` and ``policies/``, over the defaults. A merchant's
 override is a set of virtual files named like those of ``templates/<merchant_id>/``
-(``brand.yaml``, ``messages/delivered.jinja``, ``email/layout.html``,
-``locales/fr/LC_MESSAGES/messages.po``…) plus ``policy.yaml`` (the merchant's policy file).
+(``brand.yaml``, ``messages/delivered.jinja``, ``email/layout.html``…) plus ``policy.yaml``
+(the merchant's policy file). A merchant's catalogs are files in its folder only, so far.
 
 - Every change is a **draft** until published; a draft names the revision it was saved at,
   so a publish checked against one revision never publishes another.
@@ -36,7 +36,7 @@ REVISION = "#rev"
 #: The files a merchant may override.
 PATH = re.compile(
     r"brand\.yaml|policy\.yaml|_labels\.jinja|messages/[a-z_]{3,40}\.jinja"
-    r"|email/layout\.(html|txt)|sms/layout\.txt|locales/[A-Za-z_]{2,12}/LC_MESSAGES/messages\.po"
+    r"|email/layout\.(html|txt)|sms/layout\.txt"
 )
 #: Largest file accepted (a message template is a few KB).
 MAX_FILE_BYTES = 64 * 1024
@@ -233,7 +233,7 @@ def _version(number: int, raw: bytes | str) -> Version:
     )
 
 
-#: Files of an override that are templates (the others are brand.yaml, policy.yaml, catalogs).
+#: Files of an override that are templates (the others are brand.yaml and policy.yaml).
 TEMPLATE = re.compile(r"_labels\.jinja|messages/.+\.jinja|email/.+|sms/.+")
 
 

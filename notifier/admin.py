@@ -1,0 +1,210 @@
+"""The merchant admin API over a merchant's override files (the editor's): draft, publish,
+versions, rollback, audit. Every route is scoped: a key acts only for its merchants.
+
+    GET    /v1/merchants/{merchant_id}/overrides                 published files and the draft
+    PUT    /v1/merchants/{merchant_id}/overrides/draft/{path}    {"text": "..."} (null: delete)
+    DELETE /v1/merchants/{merchant_id}/overrides/draft/{path}    drop a file's draft change
+    POST   /v1/merchants/{merchant_id}/overrides/publish         {"revision": n}
+    GET    /v1/merchants/{merchant_id}/overrides/versions        with author, time, diff
+    POST   /v1/merchants/{merchant_id}/overrides/rollback        {"version": n}
+    GET    /v1/merchants/{merchant_id}/audit                     who changed what, when
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from notifier.check import override_problems
+from notifier.errors import ApiError, Forbidden, NotFound, ValidationFailed
+from notifier.ingest import KeyRing, may_act_for, read_json
+from notifier.models import MerchantId
+from notifier.overrides import OverrideError, OverrideStore
+from notifier.resources import Resources
+
+_MERCHANT: TypeAdapter[str] = TypeAdapter(MerchantId)
+
+
+class InvalidOverride(ValidationFailed):
+    code = "invalid_override"
+
+
+class DraftChanged(ApiError):
+    status, code = 409, "draft_changed"
+
+
+class _Save(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str | None = Field(description="the file's new text; null deletes it from the override")
+
+
+class _Publish(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    revision: int = Field(ge=0, description="the draft revision that was checked")
+
+
+class _Rollback(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int = Field(ge=1)
+
+
+def _json(status: int, body: object) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+
+
+class Admin:
+    """Handlers of the admin routes, sharing the resources and the keys."""
+
+    def __init__(self, resources: Callable[[], Resources], keys: KeyRing) -> None:
+        self._resources = resources  # built at start-up (cleanup_ctx), after the routes
+        self.keys = keys
+
+    @property
+    def res(self) -> Resources:
+        return self._resources()
+
+    @property
+    def store(self) -> OverrideStore:
+        return self.res.published.store
+
+    def _merchant(self, request: web.Request) -> tuple[str, str]:
+        """(merchant id, the caller's key id); 401/403/404 as they apply."""
+        merchant_id = request.match_info["merchant_id"]
+        if not may_act_for(self.keys.authenticate(request), merchant_id):
+            raise Forbidden("this API key may not act for that merchant")
+        try:
+            _MERCHANT.validate_python(merchant_id)
+        except ValidationError as exc:
+            raise NotFound(f"no merchant {merchant_id}") from exc
+        return merchant_id, self.keys.key_id(request)
+
+    async def _body(self, request: web.Request, model: type[BaseModel]) -> Any:
+        try:
+            return model.model_validate(await read_json(request, 256 * 1024))
+        except ValidationError as exc:
+            details = [
+                {"field": ".".join(str(p) for p in e["loc"]) or "(body)", "message": e["msg"]}
+                for e in exc.errors(include_input=False, include_url=False)
+            ]
+            raise InvalidOverride("invalid request body", details) from exc
+
+    def _now(self) -> str:
+        return self.res.clock().isoformat()
+
+    async def _candidate(self, merchant_id: str) -> tuple[int, dict[str, str]]:
+        """(draft revision, the files as publishing the draft now would make them)."""
+        live = await self.store.live(merchant_id)
+        revision, draft = await self.store.draft(merchant_id)
+        files = dict(live.files) if live else {}
+        for path, text in draft.items():
+            if text is None:
+                files.pop(path, None)
+            else:
+                files[path] = text
+        return revision, files
+
+    async def _problems(self, merchant_id: str, files: dict[str, str]) -> list[str]:
+        # rendering every milestone in every locale takes about a second: not on the loop
+        return await asyncio.to_thread(override_problems, self.res.settings, merchant_id, files)
+
+    async def overview(self, request: web.Request) -> web.Response:
+        merchant_id, _ = self._merchant(request)
+        live = await self.store.live(merchant_id)
+        revision, draft = await self.store.draft(merchant_id)
+        return _json(
+            200,
+            {
+                "merchant_id": merchant_id,
+                "version": live.number if live else 0,
+                "files": live.files if live else {},
+                "draft": {"revision": revision, "files": draft},
+            },
+        )
+
+    async def save(self, request: web.Request) -> web.Response:
+        merchant_id, key_id = self._merchant(request)
+        body: _Save = await self._body(request, _Save)
+        path = request.match_info["path"]
+        try:
+            revision = await self.store.save(merchant_id, path, body.text, key_id, self._now())
+        except OverrideError as exc:
+            raise InvalidOverride(str(exc), [{"field": "path", "message": str(exc)}]) from exc
+        checked, files = await self._candidate(merchant_id)
+        problems = await self._problems(merchant_id, files)
+        # saved even when invalid (a draft may be work in progress); publishing refuses it
+        return _json(200, {"revision": checked, "saved": revision, "problems": problems})
+
+    async def discard(self, request: web.Request) -> web.Response:
+        merchant_id, key_id = self._merchant(request)
+        path = request.match_info["path"]
+        revision = await self.store.discard(merchant_id, path, key_id, self._now())
+        return _json(200, {"revision": revision})
+
+    async def publish(self, request: web.Request) -> web.Response:
+        merchant_id, key_id = self._merchant(request)
+        body: _Publish = await self._body(request, _Publish)
+        revision, files = await self._candidate(merchant_id)
+        if revision != body.revision:
+            raise DraftChanged(
+                f"the draft is at revision {revision}, not {body.revision}: check it again"
+            )
+        problems = await self._problems(merchant_id, files)
+        if problems:
+            raise InvalidOverride(
+                f"the draft has {len(problems)} problem(s); it stays a draft",
+                [{"field": "draft", "message": p} for p in problems],
+            )
+        try:
+            version = await self.store.publish(merchant_id, revision, key_id, self._now())
+        except OverrideError as exc:  # saved to between the check and the publish
+            raise DraftChanged(str(exc)) from exc
+        return _json(200, {"version": version, "published": version > 0})
+
+    async def versions(self, request: web.Request) -> web.Response:
+        merchant_id, _ = self._merchant(request)
+        out, previous = [], None
+        for v in await self.store.versions(merchant_id):
+            out.append(
+                {
+                    "version": v.number,
+                    "author": v.author,
+                    "at": v.at,
+                    "changed": v.changed,
+                    "restored": v.restored,
+                    "diff": v.diff(previous),
+                }
+            )
+            previous = v
+        return _json(200, {"merchant_id": merchant_id, "versions": out})
+
+    async def rollback(self, request: web.Request) -> web.Response:
+        merchant_id, key_id = self._merchant(request)
+        body: _Rollback = await self._body(request, _Rollback)
+        try:
+            version = await self.store.rollback(merchant_id, body.version, key_id, self._now())
+        except OverrideError as exc:
+            raise NotFound(str(exc)) from exc
+        return _json(200, {"version": version, "restored": body.version})
+
+    async def audit(self, request: web.Request) -> web.Response:
+        merchant_id, _ = self._merchant(request)
+        return _json(
+            200, {"merchant_id": merchant_id, "entries": await self.store.audit(merchant_id)}
+        )
+
+
+def add_routes(app: web.Application, admin: Admin) -> None:
+    base = "/v1/merchants/{merchant_id}"
+    path = "{path:[A-Za-z0-9_./-]+}"
+    app.router.add_get(f"{base}/overrides", admin.overview)
+    app.router.add_put(f"{base}/overrides/draft/{path}", admin.save)
+    app.router.add_delete(f"{base}/overrides/draft/{path}", admin.discard)
+    app.router.add_post(f"{base}/overrides/publish", admin.publish)
+    app.router.add_get(f"{base}/overrides/versions", admin.versions)
+    app.router.add_post(f"{base}/overrides/rollback", admin.rollback)
+    app.router.add_get(f"{base}/audit", admin.audit)
