@@ -6,6 +6,7 @@ versions, rollback, audit. Every route is scoped: a key acts only for its mercha
     DELETE /v1/merchants/{merchant_id}/overrides/draft/{path}    drop a file's draft change
     POST   /v1/merchants/{merchant_id}/overrides/publish         {"revision": n}
     GET    /v1/merchants/{merchant_id}/overrides/versions        with author, time, diff
+    POST   /v1/merchants/{merchant_id}/preview                   a message, rendered for real
     POST   /v1/merchants/{merchant_id}/overrides/rollback        {"version": n}
     GET    /v1/merchants/{merchant_id}/audit                     who changed what, when
 """
@@ -14,18 +15,27 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from notifier.check import override_problems
-from notifier.errors import ApiError, Forbidden, NotFound, ValidationFailed
+from notifier.check import candidate_renderer, override_problems, samples
+from notifier.errors import ApiError, Forbidden, NotFound, NotifierError, ValidationFailed
 from notifier.ingest import KeyRing, may_act_for, read_json
-from notifier.models import MerchantId
+from notifier.models import (
+    ChannelKind,
+    LocaleTag,
+    MerchantId,
+    Notification,
+    Phone,
+    Recipient,
+)
 from notifier.overrides import OverrideError, OverrideStore
+from notifier.render import Message, SmsMessageOut
 from notifier.resources import Resources
+from notifier.settings import Settings
 
 _MERCHANT: TypeAdapter[str] = TypeAdapter(MerchantId)
 
@@ -46,6 +56,19 @@ class _Save(BaseModel):
 class _Publish(BaseModel):
     model_config = ConfigDict(extra="forbid")
     revision: int = Field(ge=0, description="the draft revision that was checked")
+
+
+class _Preview(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    milestone: str = Field(description="a status, or exception:<code>")
+    channel: ChannelKind = ChannelKind.EMAIL
+    locale: LocaleTag = "en"
+    timezone: str = "Europe/Paris"
+    phone: Phone = "+33612345678"
+    #: what to render: the published files, or the draft over them (the default)
+    source: Literal["published", "draft"] = "draft"
+    #: files over the source, unsaved (what the editor has on screen)
+    files: dict[str, str] = Field(default_factory=dict)
 
 
 class _Rollback(BaseModel):
@@ -165,6 +188,56 @@ class Admin:
             raise DraftChanged(str(exc)) from exc
         return _json(200, {"version": version, "published": version > 0})
 
+    async def preview(self, request: web.Request) -> web.Response:
+        """Render a message with the published files, the draft, or files posted in the
+        body, for a sample transition in any locale: the renderer real sends use."""
+        merchant_id, _ = self._merchant(request)
+        body: _Preview = await self._body(request, _Preview)
+        sample = next((t for t in samples() if t.milestone == body.milestone), None)
+        if sample is None:
+            detail = "a status, or exception:<code> (exception:customs_hold)"
+            raise InvalidOverride(
+                f"no such milestone: {body.milestone}",
+                [{"field": "milestone", "message": detail}],
+            )
+        if body.source == "draft":
+            _, files = await self._candidate(merchant_id)
+        else:
+            live = await self.store.live(merchant_id)
+            files = dict(live.files) if live else {}
+        files.update(body.files)
+        n = Notification(
+            notification_id="n_preview",
+            merchant_id=merchant_id,
+            shipment_id="preview",
+            channel=body.channel,
+            to="ana@example.com" if body.channel is ChannelKind.EMAIL else body.phone,
+            transition=sample.model_copy(update={"merchant_id": merchant_id}),
+            recipient=Recipient(
+                name="Ana",
+                email="ana@example.com",
+                phone=body.phone,
+                locale=body.locale,
+                timezone=body.timezone,
+            ),
+            created_at=sample.occurred_at,
+        )
+        try:
+            message = await asyncio.to_thread(_render, self.res.settings, merchant_id, files, n)
+        except NotifierError as exc:
+            raise InvalidOverride(str(exc), [{"field": "files", "message": str(exc)}]) from exc
+        if isinstance(message, SmsMessageOut):
+            sms = {"body": message.body, "encoding": message.encoding, "segments": message.segments}
+            return _json(200, {"channel": "sms", **sms})
+        email = {
+            "subject": message.subject,
+            "preheader": message.preheader,
+            "html": message.html,
+            "text": message.text,
+            "from": message.from_addr,
+        }
+        return _json(200, {"channel": "email", **email})
+
     async def versions(self, request: web.Request) -> web.Response:
         merchant_id, _ = self._merchant(request)
         out, previous = [], None
@@ -198,6 +271,13 @@ class Admin:
         )
 
 
+def _render(
+    settings: Settings, merchant_id: str, files: dict[str, str], n: Notification
+) -> Message:
+    renderer, _ = candidate_renderer(settings, merchant_id, files)
+    return renderer.render(n)
+
+
 def add_routes(app: web.Application, admin: Admin) -> None:
     base = "/v1/merchants/{merchant_id}"
     path = "{path:[A-Za-z0-9_./-]+}"
@@ -206,5 +286,6 @@ def add_routes(app: web.Application, admin: Admin) -> None:
     app.router.add_delete(f"{base}/overrides/draft/{path}", admin.discard)
     app.router.add_post(f"{base}/overrides/publish", admin.publish)
     app.router.add_get(f"{base}/overrides/versions", admin.versions)
+    app.router.add_post(f"{base}/preview", admin.preview)
     app.router.add_post(f"{base}/overrides/rollback", admin.rollback)
     app.router.add_get(f"{base}/audit", admin.audit)

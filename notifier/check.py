@@ -347,25 +347,36 @@ def _render_one(
     ]
 
 
-def override_problems(settings: Settings, merchant: str, files: dict[str, str]) -> list[str]:
-    """Every problem with a merchant's override files as they would be published: its brand,
-    its policy, and every template rendered for every milestone, channel and locale, with
-    the files beneath (its folder, the defaults). Slow (about a second): run in a thread."""
+def candidate_renderer(
+    settings: Settings, merchant: str, files: dict[str, str]
+) -> tuple[Renderer, Catalogs]:
+    """A strict renderer that sees ``files`` as the merchant's published override (over its
+    folder, over the defaults): what a publish would make real sends look like. Raises
+    ConfigurationError for a broken brand."""
     templates_dir = data_dir("templates", settings.templates_dir)
-    try:
-        brand = load_brand(templates_dir, merchant, files.get("brand.yaml"))
-    except ConfigurationError as exc:
-        return [str(exc)]
-    problems = _channel_problems(settings, brand, f"published brand.yaml of {merchant}")
-    policies = PolicyStore(data_dir("policies", settings.policies_dir), lambda _: files)
-    try:
-        policies._load(merchant)
-    except ConfigurationError as exc:
-        problems.append(str(exc))
+    brand = load_brand(templates_dir, merchant, files.get("brand.yaml"))
     catalogs = Catalogs(data_dir("locales", settings.locales_dir))
     templates = {p: t for p, t in files.items() if TEMPLATE.fullmatch(p)}
     store = TemplateStore(templates_dir, catalogs, lambda _: templates)
     renderer = Renderer(store, catalogs, email_from=settings.email_from, strict=True)
     renderer.use_brand(merchant, brand)
+    return renderer, catalogs
+
+
+def override_problems(settings: Settings, merchant: str, files: dict[str, str]) -> list[str]:
+    """Every problem with a merchant's override files as they would be published: its brand,
+    its policy, and every template rendered for every milestone, channel and locale, with
+    the files beneath (its folder, the defaults). Slow (about a second): run in a thread."""
+    try:
+        renderer, catalogs = candidate_renderer(settings, merchant, files)
+    except ConfigurationError as exc:
+        return [str(exc)]
+    brand = renderer.brand(merchant)
+    problems = _channel_problems(settings, brand, f"published brand.yaml of {merchant}")
+    policies = PolicyStore(data_dir("policies", settings.policies_dir), lambda _: files)
+    try:
+        policies.strict(merchant)
+    except ConfigurationError as exc:
+        problems.append(str(exc))
     locales = ["en", *catalogs.available()]
     return problems + _render_problems(renderer, merchant, locales, full=True)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import email
 import email.policy
+import json
+import signal
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,7 +15,18 @@ from aiohttp.test_utils import TestClient
 
 from notifier.resources import data_dir
 from notifier.settings import Settings
-from tests.conftest import ACME_KEY, ADMIN_KEY, auth, outbox_files, post, run_worker, transition
+from tests.conftest import (
+    ACME_KEY,
+    ADMIN_KEY,
+    API_KEYS,
+    auth,
+    outbox_files,
+    post,
+    run_worker,
+    spawn_notifier,
+    transition,
+    wait_until,
+)
 
 Client = TestClient[Any, Any]
 BASE = "/v1/merchants/{m}"
@@ -33,6 +48,7 @@ ROUTES = [
     ("GET", "/overrides/versions", None),
     ("POST", "/overrides/rollback", {"version": 1}),
     ("GET", "/audit", None),
+    ("POST", "/preview", {"milestone": "delivered"}),
 ]
 
 
@@ -143,3 +159,131 @@ async def test_only_override_files_and_well_formed_bodies(client: Client) -> Non
         f"{acme}/overrides/rollback", json={"version": 7}, headers=auth(ACME_KEY)
     )
     assert resp.status == 404
+
+
+async def test_preview_renders_published_draft_or_posted_files_in_any_locale(
+    client: Client,
+) -> None:
+    acme = BASE.format(m="acme")
+    url = f"{acme}/preview"
+    resp = await client.post(url, json={"milestone": "delivered"}, headers=auth(ACME_KEY))
+    body = await resp.json()
+    assert resp.status == 200 and body["subject"] == "Your parcel was delivered"
+    assert body["preheader"] == "Enjoy your order." and "<html" in body["html"]
+    # the draft, by default; the published files on request
+    await client.put(
+        f"{acme}/overrides/draft/messages/delivered.jinja",
+        json={"text": subject("Acme: it is there")},
+        headers=auth(ACME_KEY),
+    )
+    draft = await (await client.post(url, json={"milestone": "delivered"}, headers=auth())).json()
+    assert draft["subject"] == "Acme: it is there"
+    published = await client.post(
+        url, json={"milestone": "delivered", "source": "published"}, headers=auth()
+    )
+    assert (await published.json())["subject"] == "Your parcel was delivered"
+    # files posted in the body (what the editor has on screen), an SMS, another locale
+    sms = await client.post(
+        url,
+        json={
+            "milestone": "exception:customs_hold",
+            "channel": "sms",
+            "locale": "ja",
+            "files": {"brand.yaml": "name: Acme\n"},
+        },
+        headers=auth(),
+    )
+    out = await sms.json()
+    assert sms.status == 200 and out["body"].startswith("Acme")
+    assert (out["encoding"], out["segments"]) == ("UCS-2", out["segments"]) and out["segments"] >= 1
+    # a template that fails names the problem; an unknown milestone is refused
+    bad = await client.post(
+        url,
+        json={"milestone": "delivered", "files": {"messages/delivered.jinja": "{{ nope }}"}},
+        headers=auth(),
+    )
+    assert bad.status == 422 and "nope" in (await bad.json())["error"]["message"]
+    unknown = await client.post(url, json={"milestone": "teleported"}, headers=auth())
+    assert unknown.status == 422
+
+
+async def test_a_broken_policy_in_the_draft_is_named_and_not_published(client: Client) -> None:
+    acme = BASE.format(m="acme")
+    resp = await client.put(
+        f"{acme}/overrides/draft/policy.yaml",
+        json={"text": "statuses: {delivered: {channels: [pigeon]}}\n"},
+        headers=auth(ACME_KEY),
+    )
+    saved = await resp.json()
+    assert any("statuses.delivered.channels.0" in p for p in saved["problems"])
+    resp = await client.post(
+        f"{acme}/overrides/publish", json={"revision": saved["revision"]}, headers=auth(ACME_KEY)
+    )
+    assert resp.status == 422
+
+
+async def test_a_publish_reaches_every_running_worker_process(
+    client: Client, settings: Settings, tmp_path: Path
+) -> None:
+    env = {
+        "NOTIFIER_REDIS_URL": str(settings.redis_url),
+        "NOTIFIER_API_KEYS": json.dumps(API_KEYS),
+        "NOTIFIER_OUTBOX_DIR": str(settings.outbox_dir),
+        "NOTIFIER_PARTITIONS": str(settings.partitions),
+    }
+    workers = [spawn_notifier(["worker"], tmp_path, **env) for _ in range(2)]
+    at = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    acme = BASE.format(m="acme")
+
+    async def deliver(prefix: str) -> set[str]:
+        """Delivered events for 24 shipments (spread over the partitions, so over both
+        workers); the subjects of their emails."""
+        items = [
+            transition(
+                event_id=f"{prefix}{i}",
+                shipment_id=f"{prefix}{i}",
+                occurred_at=at,
+                status="delivered",
+            )
+            for i in range(24)
+        ]
+        await post(client, *items)
+        folders = [settings.outbox_dir / "acme" / f"{prefix}{i}" for i in range(24)]
+        wait_until(
+            lambda: (
+                all(any(f.glob("*.eml")) for f in folders)
+                or any(w.poll() is not None for w in workers)
+            ),
+            f"the emails of {prefix}",
+        )
+        subjects = set()
+        for folder in folders:
+            [eml] = folder.glob("*.eml")
+            subjects.add(
+                email.message_from_bytes(eml.read_bytes(), policy=email.policy.default)["Subject"]
+            )
+        return subjects
+
+    async def publish(text: str) -> None:
+        resp = await client.put(
+            f"{acme}/overrides/draft/messages/delivered.jinja",
+            json={"text": subject(text)},
+            headers=auth(ACME_KEY),
+        )
+        revision = (await resp.json())["revision"]
+        resp = await client.post(
+            f"{acme}/overrides/publish", json={"revision": revision}, headers=auth(ACME_KEY)
+        )
+        assert resp.status == 200
+
+    try:
+        assert await deliver("a") == {"Votre colis a été livré"}  # both workers cached it
+        await publish("Acme: version one")
+        assert await deliver("b") == {"Acme: version one"}
+        await publish("Acme: version two")
+        assert await deliver("c") == {"Acme: version two"}
+    finally:
+        for w in workers:
+            w.send_signal(signal.SIGTERM)
+        outputs = [w.communicate(timeout=20)[0] for w in workers]
+    assert all(w.returncode == 0 for w in workers), outputs

@@ -310,6 +310,11 @@ class PolicyStore:
             self._cache[merchant_id] = (stamp, policy)
         return policy
 
+    def strict(self, merchant_id: str) -> Policy:
+        """The merged policy, or ConfigurationError naming the problem (no fallback, no
+        cache): what checks use."""
+        return self._load(merchant_id)
+
     def invalidate(self, merchant_id: str | None = None) -> None:
         """Forget cached policies (one merchant, or all)."""
         with self._lock:

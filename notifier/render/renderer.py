@@ -94,6 +94,8 @@ class EmailMessageOut:
     text: str
     html: str
     headers: dict[str, str] = field(default_factory=dict)
+    #: the inbox preview line (also hidden at the top of the HTML)
+    preheader: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -518,6 +520,7 @@ class Renderer:
                 headers=self.unsubscribe(n.merchant_id, n.to)
                 if brand.one_click_unsubscribe and self.unsubscribe
                 else {},
+                preheader=" ".join(ctx["m"]["preheader"].split()),
             )
         except TemplateError as exc:
             name = getattr(exc, "name", None) or getattr(exc, "filename", None) or "template"
