@@ -7,6 +7,7 @@ versions, rollback, audit. Every route is scoped: a key acts only for its mercha
     POST   /v1/merchants/{merchant_id}/overrides/publish         {"revision": n}
     GET    /v1/merchants/{merchant_id}/overrides/versions        with author, time, diff
     POST   /v1/merchants/{merchant_id}/preview                   a message, rendered for real
+    POST   /v1/merchants/{merchant_id}/test-send                 … and sent to a given address
     POST   /v1/merchants/{merchant_id}/overrides/rollback        {"version": n}
     GET    /v1/merchants/{merchant_id}/audit                     who changed what, when
 """
@@ -14,6 +15,7 @@ versions, rollback, audit. Every route is scoped: a key acts only for its mercha
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -21,6 +23,8 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from notifier.addresses import email_problem, phone_problem
+from notifier.channels.base import Outgoing, Receipt
 from notifier.check import candidate_renderer, override_problems, samples
 from notifier.errors import ApiError, Forbidden, NotFound, NotifierError, ValidationFailed
 from notifier.ingest import KeyRing, may_act_for, read_json
@@ -33,7 +37,9 @@ from notifier.models import (
     Recipient,
 )
 from notifier.overrides import OverrideError, OverrideStore
+from notifier.policy import opt_out_key
 from notifier.render import Message, SmsMessageOut
+from notifier.render.brand import Brand
 from notifier.resources import Resources
 from notifier.settings import Settings
 
@@ -69,6 +75,10 @@ class _Preview(BaseModel):
     source: Literal["published", "draft"] = "draft"
     #: files over the source, unsaved (what the editor has on screen)
     files: dict[str, str] = Field(default_factory=dict)
+
+
+class _TestSend(_Preview):
+    to: str = Field(min_length=3, max_length=254, description="an email address or phone")
 
 
 class _Rollback(BaseModel):
@@ -188,11 +198,11 @@ class Admin:
             raise DraftChanged(str(exc)) from exc
         return _json(200, {"version": version, "published": version > 0})
 
-    async def preview(self, request: web.Request) -> web.Response:
-        """Render a message with the published files, the draft, or files posted in the
-        body, for a sample transition in any locale: the renderer real sends use."""
-        merchant_id, _ = self._merchant(request)
-        body: _Preview = await self._body(request, _Preview)
+    async def _rendered(
+        self, merchant_id: str, body: _Preview, to: str | None, notification_id: str
+    ) -> tuple[Message, Brand]:
+        """The message ``body`` asks for, rendered with the files it names (published,
+        draft, posted) by the renderer real sends use, and the brand it was rendered with."""
         sample = next((t for t in samples() if t.milestone == body.milestone), None)
         if sample is None:
             detail = "a status, or exception:<code> (exception:customs_hold)"
@@ -206,12 +216,13 @@ class Admin:
             live = await self.store.live(merchant_id)
             files = dict(live.files) if live else {}
         files.update(body.files)
+        sample_to = "ana@example.com" if body.channel is ChannelKind.EMAIL else body.phone
         n = Notification(
-            notification_id="n_preview",
+            notification_id=notification_id,
             merchant_id=merchant_id,
-            shipment_id="preview",
+            shipment_id=TEST_SHIPMENT,
             channel=body.channel,
-            to="ana@example.com" if body.channel is ChannelKind.EMAIL else body.phone,
+            to=to or sample_to,
             transition=sample.model_copy(update={"merchant_id": merchant_id}),
             recipient=Recipient(
                 name="Ana",
@@ -223,20 +234,55 @@ class Admin:
             created_at=sample.occurred_at,
         )
         try:
-            message = await asyncio.to_thread(_render, self.res.settings, merchant_id, files, n)
+            return await asyncio.to_thread(_render, self.res.settings, merchant_id, files, n)
         except NotifierError as exc:
             raise InvalidOverride(str(exc), [{"field": "files", "message": str(exc)}]) from exc
-        if isinstance(message, SmsMessageOut):
-            sms = {"body": message.body, "encoding": message.encoding, "segments": message.segments}
-            return _json(200, {"channel": "sms", **sms})
-        email = {
-            "subject": message.subject,
-            "preheader": message.preheader,
-            "html": message.html,
-            "text": message.text,
-            "from": message.from_addr,
+
+    async def preview(self, request: web.Request) -> web.Response:
+        """Render a message with the published files, the draft, or files posted in the
+        body, for a sample transition in any locale: the renderer real sends use."""
+        merchant_id, _ = self._merchant(request)
+        body: _Preview = await self._body(request, _Preview)
+        message, _ = await self._rendered(merchant_id, body, None, "n_preview")
+        return _json(200, _describe(message))
+
+    async def test_send(self, request: web.Request) -> web.Response:
+        """Send a rendered message to an address the merchant gives, through its real
+        channel; recorded, marked as a test, in the history of shipment ``test-sends``."""
+        merchant_id, key_id = self._merchant(request)
+        body: _TestSend = await self._body(request, _TestSend)
+        problem = (email_problem if body.channel is ChannelKind.EMAIL else phone_problem)(body.to)
+        if problem is None and await self.res.store.opted_out(
+            merchant_id, [opt_out_key(body.channel, body.to)]
+        ):
+            problem = "the address opted out of this channel for this merchant"
+        if problem is not None:
+            raise InvalidOverride(
+                f"cannot send a test to that address: {problem}",
+                [{"field": "to", "message": problem}],
+            )
+        nid = f"test_{uuid.uuid4().hex[:16]}"
+        message, brand = await self._rendered(merchant_id, body, body.to, nid)
+        chosen = brand.channels.email if body.channel is ChannelKind.EMAIL else brand.channels.sms
+        channel = self.res.providers.get(chosen or "") or self.res.channels[body.channel]
+        now = self.res.clock()
+        [outcome] = await channel.send_many([Outgoing(message, now)])
+        sent = isinstance(outcome, Receipt)
+        entry = {
+            "event_id": f"test:{nid}",
+            "status": body.milestone,
+            "channel": body.channel.value,
+            "outcome": "sent" if sent else "failed",
+            "reason": f"test send by {key_id} ({body.source} files)",
+            "test": True,
+            "decided_at": now.isoformat(),
+            "occurred_at": now.isoformat(),
+            "delivery": {"status": "sent", "detail": f"{outcome.channel}:{outcome.detail}"}
+            if isinstance(outcome, Receipt)
+            else {"status": "failed", "error": outcome.reason},
         }
-        return _json(200, {"channel": "email", **email})
+        await self.res.store.record_test(merchant_id, TEST_SHIPMENT, entry)
+        return _json(200 if sent else 502, {"notification_id": nid, **entry})
 
     async def versions(self, request: web.Request) -> web.Response:
         merchant_id, _ = self._merchant(request)
@@ -271,11 +317,29 @@ class Admin:
         )
 
 
+#: The history a merchant's test sends are recorded in (GET …/shipments/test-sends/…).
+TEST_SHIPMENT = "test-sends"
+
+
+def _describe(message: Message) -> dict[str, Any]:
+    if isinstance(message, SmsMessageOut):
+        sms = {"body": message.body, "encoding": message.encoding, "segments": message.segments}
+        return {"channel": "sms", **sms}
+    return {
+        "channel": "email",
+        "subject": message.subject,
+        "preheader": message.preheader,
+        "html": message.html,
+        "text": message.text,
+        "from": message.from_addr,
+    }
+
+
 def _render(
     settings: Settings, merchant_id: str, files: dict[str, str], n: Notification
-) -> Message:
+) -> tuple[Message, Brand]:
     renderer, _ = candidate_renderer(settings, merchant_id, files)
-    return renderer.render(n)
+    return renderer.render(n), renderer.brand(merchant_id)
 
 
 def add_routes(app: web.Application, admin: Admin) -> None:
@@ -287,5 +351,6 @@ def add_routes(app: web.Application, admin: Admin) -> None:
     app.router.add_post(f"{base}/overrides/publish", admin.publish)
     app.router.add_get(f"{base}/overrides/versions", admin.versions)
     app.router.add_post(f"{base}/preview", admin.preview)
+    app.router.add_post(f"{base}/test-send", admin.test_send)
     app.router.add_post(f"{base}/overrides/rollback", admin.rollback)
     app.router.add_get(f"{base}/audit", admin.audit)

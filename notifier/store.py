@@ -994,6 +994,15 @@ class Store:
         total, first = int(total), int(first)
         return HistoryPage(decisions, total, first, end if end < total else None)
 
+    async def record_test(self, merchant_id: str, shipment_id: str, entry: dict[str, Any]) -> None:
+        """Append a test send to a shipment's history (kept like any history)."""
+        key = self.history_key(merchant_id, shipment_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.rpush(key, pack(orjson.dumps(entry), HISTORY))
+            pipe.ltrim(key, -self.history_cap, -1)
+            pipe.expire(key, self.state_ttl_s)
+            await pipe.execute()
+
     #: merchant -> when a worker last met its broken own files (ms); workers write it
     OVERRIDES_KEY = f"{PREFIX}:overrides:hits"
     #: a merchant not met with broken files for this long no longer counts

@@ -49,6 +49,7 @@ ROUTES = [
     ("POST", "/overrides/rollback", {"version": 1}),
     ("GET", "/audit", None),
     ("POST", "/preview", {"milestone": "delivered"}),
+    ("POST", "/test-send", {"milestone": "delivered", "to": "ana@example.com"}),
 ]
 
 
@@ -287,3 +288,43 @@ async def test_a_publish_reaches_every_running_worker_process(
             w.send_signal(signal.SIGTERM)
         outputs = [w.communicate(timeout=20)[0] for w in workers]
     assert all(w.returncode == 0 for w in workers), outputs
+
+
+async def test_a_test_send_goes_through_the_merchants_channel_and_is_marked_as_a_test(
+    client: Client, settings: Settings
+) -> None:
+    acme = BASE.format(m="acme")
+    await client.put(
+        f"{acme}/overrides/draft/messages/delivered.jinja",
+        json={"text": subject("Acme: a test")},
+        headers=auth(ACME_KEY),
+    )
+    resp = await client.post(
+        f"{acme}/test-send",
+        json={"milestone": "delivered", "to": "merchant@acme.example", "locale": "de"},
+        headers=auth(ACME_KEY),
+    )
+    body = await resp.json()
+    assert resp.status == 200 and body["test"] is True and body["outcome"] == "sent"
+    [eml] = (settings.outbox_dir / "acme" / "test-sends").glob("*.eml")  # the outbox channel
+    msg = email.message_from_bytes(eml.read_bytes(), policy=email.policy.default)
+    assert msg["To"] == "merchant@acme.example" and msg["Subject"] == "Acme: a test"
+    history = await client.get(f"{acme}/shipments/test-sends/notifications", headers=auth(ACME_KEY))
+    [entry] = (await history.json())["decisions"]
+    assert entry["test"] is True and entry["reason"].startswith("test send by key_")
+    assert ACME_KEY not in entry["reason"]
+    # an address that cannot receive, or that opted out, is refused by name
+    for to, why in (("ana..x@example.com", "not a valid email address"),):
+        resp = await client.post(
+            f"{acme}/test-send", json={"milestone": "delivered", "to": to}, headers=auth()
+        )
+        assert resp.status == 422 and why in (await resp.json())["error"]["message"]
+    await client.post(
+        f"{acme}/opt-outs", json={"channel": "sms", "address": "+33612345678"}, headers=auth()
+    )
+    resp = await client.post(
+        f"{acme}/test-send",
+        json={"milestone": "delivered", "channel": "sms", "to": "+33612345678"},
+        headers=auth(),
+    )
+    assert resp.status == 422 and "opted out" in (await resp.json())["error"]["message"]
