@@ -9,6 +9,7 @@ merchant's files too, in every locale, and prints each problem once.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,17 +17,18 @@ from pathlib import Path
 from babel.messages.catalog import Catalog
 from babel.messages.extract import extract_from_dir
 from babel.messages.pofile import read_po
+from redis.exceptions import RedisError
 
 from notifier.errors import ConfigurationError, NotifierError
 from notifier.models import ChannelKind, ExceptionCode, Notification, Recipient, Status, Transition
-from notifier.overrides import TEMPLATE
+from notifier.overrides import PREFIX, TEMPLATE, OverrideStore
 from notifier.policy import PolicyStore
 from notifier.render import Renderer, SmsMessageOut
 from notifier.render.brand import Brand, load_brand
 from notifier.render.environment import TemplateStore
 from notifier.render.i18n import Catalogs
 from notifier.render.sms import SmsEncoding
-from notifier.resources import data_dir
+from notifier.resources import connect, data_dir
 from notifier.settings import Settings
 
 #: SMS budgets: one segment where the text fits GSM-7, two where it needs UCS-2.
@@ -380,3 +382,28 @@ def override_problems(settings: Settings, merchant: str, files: dict[str, str]) 
         problems.append(str(exc))
     locales = ["en", *catalogs.available()]
     return problems + _render_problems(renderer, merchant, locales, full=True)
+
+
+async def published_problems(settings: Settings) -> list[str]:
+    """Problems of every merchant's published override in Redis (a publish was checked, but
+    the files beneath or the defaults may have changed since). Nothing in embedded mode:
+    a fresh process has no published override."""
+    if settings.embedded:
+        return []
+    redis = connect(settings)
+    try:
+        store = OverrideStore(redis)
+        problems = []
+        async for key in redis.scan_iter(match=f"{PREFIX}:{{*}}:live", count=1000):
+            merchant = key.decode().split("{", 1)[1].rsplit("}", 1)[0]
+            live = await store.live(merchant)
+            if live is None:
+                continue
+            where = f"published override of {merchant} (version {live.number})"
+            found = await asyncio.to_thread(override_problems, settings, merchant, live.files)
+            problems += [f"{where}: {p}" for p in found]
+        return problems
+    except (RedisError, OSError) as exc:
+        return [f"cannot read the published overrides from Redis: {type(exc).__name__}: {exc}"]
+    finally:
+        await redis.aclose(close_connection_pool=True)

@@ -10,7 +10,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from notifier.check import check_all, check_warnings, samples, startup_problems
+from notifier.check import (
+    check_all,
+    check_warnings,
+    published_problems,
+    samples,
+    startup_problems,
+)
 from notifier.errors import ConfigurationError, NotifierError
 from notifier.models import ChannelKind, ExceptionCode, Notification, Recipient, Status
 from notifier.render import Renderer, SmsMessageOut
@@ -184,7 +190,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     notes = trees_in_use(settings)
     for line in notes:
         print(line)
-    problems = check_all(settings)
+    problems = check_all(settings) + asyncio.run(published_problems(settings))
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     for warning in check_warnings(settings):

@@ -123,6 +123,20 @@ class Settings(BaseSettings):
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        url = urlsplit(value)
+        if url.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        try:
+            url.port  # noqa: B018 (parsing it is the check)
+        except ValueError as exc:
+            raise ValueError(f"bad port: {exc}") from None
+        return value
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _api_keys_json(cls, value: object) -> object:
@@ -251,8 +265,4 @@ def describe_redis(settings: Settings) -> str:
         return "embedded (in-memory store, nothing persists; worker in the API process)"
     url = urlsplit(settings.redis_url or "")
     db = url.path.lstrip("/") or "0"
-    try:
-        port: int | str = url.port or 6379
-    except ValueError:  # not a port number: Redis will say so when connecting
-        port = "(invalid port)"
-    return f"Redis at {url.hostname or url.path}:{port} (database {db})"
+    return f"Redis at {url.hostname or url.path}:{url.port or 6379} (database {db})"

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from pathlib import Path
 
 import pytest
+from arq.connections import ArqRedis
 
 from notifier.cli import main
+from notifier.overrides import OverrideStore
 from notifier.resources import data_dir
 
 
@@ -133,11 +136,12 @@ def test_check_says_which_mode_and_env_file_it_read(
         'NOTIFIER_API_KEYS={"k_backend_0123456789": ["*"]}\n'
         "NOTIFIER_SIGNING_SECRET=0123456789abcdef0123\n"
     )
-    assert main(["check"]) == 0
-    out = capsys.readouterr().out
+    assert main(["check"]) == 1  # it cannot reach that Redis to check published overrides
+    out, err = capsys.readouterr()
     assert "mode: Redis at db.internal:6380 (database 3)" in out
     assert f".env: {trees / '.env'}" in out
-    assert "hunter2" not in out
+    assert "error: cannot read the published overrides from Redis" in err
+    assert "hunter2" not in out + err
 
 
 def test_a_bad_brand_is_one_line_in_check_and_preview(
@@ -172,5 +176,33 @@ def test_check_names_a_bad_redis_port_without_a_traceback(
     monkeypatch.setenv("NOTIFIER_REDIS_URL", "redis://db.internal:99999/0")
     monkeypatch.setenv("NOTIFIER_API_KEYS", '{"k_backend_0123456789": ["*"]}')
     monkeypatch.setenv("NOTIFIER_SIGNING_SECRET", "0123456789abcdef0123")
-    assert main(["check"]) == 0
-    assert "mode: Redis at db.internal:(invalid port) (database 0)" in capsys.readouterr().out
+    assert main(["check"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "error: invalid settings: NOTIFIER_REDIS_URL: bad port: Port out of range 0-65535\n"
+    )
+
+
+def test_check_validates_the_published_overrides_in_redis(
+    trees: Path,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A publish was checked, but the files beneath may change since: check looks again."""
+
+    async def publish() -> None:
+        redis = ArqRedis.from_url(redis_url)
+        store = OverrideStore(redis)
+        rev = await store.save("acme", "messages/delivered.jinja", "{{ brand.nmae }}", "k", "t")
+        await store.publish("acme", rev, "k", "t")
+        await redis.aclose()
+
+    asyncio.run(publish())
+    monkeypatch.setenv("NOTIFIER_REDIS_URL", redis_url)
+    monkeypatch.setenv("NOTIFIER_API_KEYS", '{"k_backend_0123456789": ["*"]}')
+    monkeypatch.setenv("NOTIFIER_SIGNING_SECRET", "0123456789abcdef0123")
+    assert main(["check"]) == 1
+    err = capsys.readouterr().err
+    assert "error: published override of acme (version 1): templates/acme: " in err
+    assert "nmae" in err
