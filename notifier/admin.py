@@ -25,7 +25,12 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from notifier.addresses import email_problem, phone_problem
 from notifier.channels.base import Outgoing, Receipt
-from notifier.check import candidate_renderer, override_problems, samples
+from notifier.check import (
+    candidate_renderer,
+    override_problems,
+    sample_notification,
+    samples,
+)
 from notifier.errors import ApiError, Forbidden, NotFound, NotifierError, ValidationFailed
 from notifier.ingest import KeyRing, may_act_for, read_json
 from notifier.models import (
@@ -34,7 +39,6 @@ from notifier.models import (
     MerchantId,
     Notification,
     Phone,
-    Recipient,
 )
 from notifier.overrides import OverrideError, OverrideStore
 from notifier.policy import opt_out_key
@@ -216,22 +220,16 @@ class Admin:
             live = await self.store.live(merchant_id)
             files = dict(live.files) if live else {}
         files.update(body.files)
-        sample_to = "ana@example.com" if body.channel is ChannelKind.EMAIL else body.phone
-        n = Notification(
-            notification_id=notification_id,
+        n = sample_notification(
+            sample.model_copy(update={"merchant_id": merchant_id}),
+            body.channel,
             merchant_id=merchant_id,
             shipment_id=TEST_SHIPMENT,
-            channel=body.channel,
-            to=to or sample_to,
-            transition=sample.model_copy(update={"merchant_id": merchant_id}),
-            recipient=Recipient(
-                name="Ana",
-                email="ana@example.com",
-                phone=body.phone,
-                locale=body.locale,
-                timezone=body.timezone,
-            ),
-            created_at=sample.occurred_at,
+            notification_id=notification_id,
+            locale=body.locale,
+            timezone=body.timezone,
+            phone=body.phone,
+            to=to,
         )
         try:
             return await asyncio.to_thread(_render, self.res.settings, merchant_id, files, n)

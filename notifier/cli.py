@@ -14,11 +14,13 @@ from notifier.check import (
     check_all,
     check_warnings,
     published_problems,
+    sample_notification,
     samples,
     startup_problems,
+    untranslated,
 )
 from notifier.errors import ConfigurationError, NotifierError
-from notifier.models import ChannelKind, ExceptionCode, Notification, Recipient, Status
+from notifier.models import ChannelKind, ExceptionCode, Status
 from notifier.render import Renderer, SmsMessageOut
 from notifier.render.environment import TemplateStore
 from notifier.render.i18n import Catalogs
@@ -143,22 +145,15 @@ def cmd_preview(args: argparse.Namespace) -> int:
             + (f" --exception-code {args.exception_code}" if args.exception_code else "")
             + " (exception needs --exception-code, other statuses none)"
         )
-    channel = ChannelKind(args.channel)
-    n = Notification(
-        notification_id="n_preview",
+    n = sample_notification(
+        sample,
+        ChannelKind(args.channel),
         merchant_id=args.merchant or "preview",
         shipment_id="preview",
-        channel=channel,
-        to="ana@example.com" if channel is ChannelKind.EMAIL else args.phone,
-        transition=sample,
-        recipient=Recipient(
-            name="Ana",
-            email="ana@example.com",
-            phone=args.phone,
-            locale=args.locale,
-            timezone=args.timezone,
-        ),
-        created_at=sample.occurred_at,
+        notification_id="n_preview",
+        locale=args.locale,
+        timezone=args.timezone,
+        phone=args.phone,
     )
     message = renderer.render(n)
     out = Path(args.output) if args.output else None
@@ -190,10 +185,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     notes = trees_in_use(settings)
     for line in notes:
         print(line)
-    problems = check_all(settings) + asyncio.run(published_problems(settings))
+    missing, unsure = untranslated(settings)  # (extracting templates once for both)
+    problems = check_all(settings) + missing + asyncio.run(published_problems(settings))
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
-    for warning in check_warnings(settings):
+    for warning in check_warnings(settings) + unsure:
         print(f"warning: {warning}", file=sys.stderr)
     if problems:
         return 1

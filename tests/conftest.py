@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -216,6 +217,15 @@ def spawn_notifier(args: list[str], cwd: Path, **env: str) -> subprocess.Popen[s
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+def healthy(port: int) -> bool:
+    """Whether a `notifier serve` on ``port`` answers its health check."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
 
 
 def wait_until(predicate: Callable[[], bool], what: str, seconds: float = 20.0) -> None:

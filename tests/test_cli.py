@@ -206,3 +206,19 @@ def test_check_validates_the_published_overrides_in_redis(
     err = capsys.readouterr().err
     assert "error: published override of acme (version 1): templates/acme: " in err
     assert "nmae" in err
+
+
+def test_check_reports_untranslated_merchant_words(
+    trees: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    own = trees / "templates" / "acme" / "messages"
+    own.mkdir(parents=True)
+    (own / "delivered.jinja").write_text(
+        (trees / "templates" / "messages" / "delivered.jinja")
+        .read_text()
+        .replace("{% trans %}Enjoy your order.{% endtrans %}", "{% trans %}Enjoy!{% endtrans %}")
+    )
+    (trees / "templates" / "acme" / "brand.yaml").write_text("locales: [fr]\n")
+    assert main(["check"]) == 1
+    err = capsys.readouterr().err
+    assert "error: templates/acme: 'Enjoy!' has no translation in fr:" in err

@@ -25,6 +25,7 @@ from tests.conftest import (
     API_KEYS,
     auth,
     free_port,
+    healthy,
     make_settings,
     spawn_notifier,
     start_redis,
@@ -48,14 +49,6 @@ def post(port: int, items: list[dict[str, Any]]) -> tuple[int, dict[str, str], d
     except urllib.error.HTTPError as exc:
         with exc:
             return exc.code, dict(exc.headers), json.load(exc)
-
-
-def healthy(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as resp:
-            return bool(resp.status == 200)
-    except OSError:
-        return False
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from notifier.settings import DEV_API_KEY
-from tests.conftest import free_port, spawn_notifier, wait_until
+from tests.conftest import free_port, healthy, spawn_notifier, wait_until
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -21,14 +21,6 @@ def readme_curl() -> str:
     match = re.search(r"<!-- readme-curl.*?-->\s*```sh\n(.*?)```", text, re.S)
     assert match, "README lost its curl example"
     return match.group(1)
-
-
-def healthy(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as resp:
-            return bool(resp.status == 200)
-    except OSError:
-        return False
 
 
 def test_readme_curl_leads_to_eml_and_sms_json(tmp_path: Path) -> None:
