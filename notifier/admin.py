@@ -68,7 +68,7 @@ class _Publish(BaseModel):
     revision: int = Field(ge=0, description="the draft revision that was checked")
 
 
-class _Preview(BaseModel):
+class PreviewRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     milestone: str = Field(description="a status, or exception:<code>")
     channel: ChannelKind = ChannelKind.EMAIL
@@ -81,7 +81,7 @@ class _Preview(BaseModel):
     files: dict[str, str] = Field(default_factory=dict)
 
 
-class _TestSend(_Preview):
+class _TestSend(PreviewRequest):
     to: str = Field(min_length=3, max_length=254, description="an email address or phone")
 
 
@@ -130,10 +130,10 @@ class Admin:
             ]
             raise InvalidOverride("invalid request body", details) from exc
 
-    def _now(self) -> str:
+    def now(self) -> str:
         return self.res.clock().isoformat()
 
-    async def _candidate(self, merchant_id: str) -> tuple[int, dict[str, str]]:
+    async def candidate(self, merchant_id: str) -> tuple[int, dict[str, str]]:
         """(draft revision, the files as publishing the draft now would make them)."""
         live = await self.store.live(merchant_id)
         revision, draft = await self.store.draft(merchant_id)
@@ -145,7 +145,7 @@ class Admin:
                 files[path] = text
         return revision, files
 
-    async def _problems(self, merchant_id: str, files: dict[str, str]) -> list[str]:
+    async def problems(self, merchant_id: str, files: dict[str, str]) -> list[str]:
         # rendering every milestone in every locale takes about a second: not on the loop
         return await asyncio.to_thread(override_problems, self.res.settings, merchant_id, files)
 
@@ -166,44 +166,56 @@ class Admin:
     async def save(self, request: web.Request) -> web.Response:
         merchant_id, key_id = self._merchant(request)
         body: _Save = await self._body(request, _Save)
-        path = request.match_info["path"]
+        saved = await self.save_file(merchant_id, request.match_info["path"], body.text, key_id)
+        return _json(200, saved)
+
+    async def save_file(
+        self, merchant_id: str, path: str, text: str | None, key_id: str
+    ) -> dict[str, Any]:
+        """Save one file of the draft (None deletes it) and check the whole draft:
+        {"revision", "saved", "problems"}. Saved even when invalid (a draft may be work in
+        progress); publishing refuses it."""
         try:
-            revision = await self.store.save(merchant_id, path, body.text, key_id, self._now())
+            revision = await self.store.save(merchant_id, path, text, key_id, self.now())
         except OverrideError as exc:
             raise InvalidOverride(str(exc), [{"field": "path", "message": str(exc)}]) from exc
-        checked, files = await self._candidate(merchant_id)
-        problems = await self._problems(merchant_id, files)
-        # saved even when invalid (a draft may be work in progress); publishing refuses it
-        return _json(200, {"revision": checked, "saved": revision, "problems": problems})
+        checked, files = await self.candidate(merchant_id)
+        problems = await self.problems(merchant_id, files)
+        return {"revision": checked, "saved": revision, "problems": problems}
 
     async def discard(self, request: web.Request) -> web.Response:
         merchant_id, key_id = self._merchant(request)
         path = request.match_info["path"]
-        revision = await self.store.discard(merchant_id, path, key_id, self._now())
+        revision = await self.store.discard(merchant_id, path, key_id, self.now())
         return _json(200, {"revision": revision})
 
     async def publish(self, request: web.Request) -> web.Response:
         merchant_id, key_id = self._merchant(request)
         body: _Publish = await self._body(request, _Publish)
-        revision, files = await self._candidate(merchant_id)
-        if revision != body.revision:
+        version = await self.publish_revision(merchant_id, body.revision, key_id)
+        return _json(200, {"version": version, "published": version > 0})
+
+    async def publish_revision(self, merchant_id: str, revision: int, key_id: str) -> int:
+        """Publish the draft if it is still at ``revision`` and has no problem: the new
+        version's number (0 for an empty draft)."""
+        current, files = await self.candidate(merchant_id)
+        if current != revision:
             raise DraftChanged(
-                f"the draft is at revision {revision}, not {body.revision}: check it again"
+                f"the draft is at revision {current}, not {revision}: check it again"
             )
-        problems = await self._problems(merchant_id, files)
+        problems = await self.problems(merchant_id, files)
         if problems:
             raise InvalidOverride(
                 f"the draft has {len(problems)} problem(s); it stays a draft",
                 [{"field": "draft", "message": p} for p in problems],
             )
         try:
-            version = await self.store.publish(merchant_id, revision, key_id, self._now())
+            return await self.store.publish(merchant_id, revision, key_id, self.now())
         except OverrideError as exc:  # saved to between the check and the publish
             raise DraftChanged(str(exc)) from exc
-        return _json(200, {"version": version, "published": version > 0})
 
-    async def _rendered(
-        self, merchant_id: str, body: _Preview, to: str | None, notification_id: str
+    async def rendered(
+        self, merchant_id: str, body: PreviewRequest, to: str | None, notification_id: str
     ) -> tuple[Message, Brand]:
         """The message ``body`` asks for, rendered with the files it names (published,
         draft, posted) by the renderer real sends use, and the brand it was rendered with."""
@@ -215,7 +227,7 @@ class Admin:
                 [{"field": "milestone", "message": detail}],
             )
         if body.source == "draft":
-            _, files = await self._candidate(merchant_id)
+            _, files = await self.candidate(merchant_id)
         else:
             live = await self.store.live(merchant_id)
             files = dict(live.files) if live else {}
@@ -240,9 +252,9 @@ class Admin:
         """Render a message with the published files, the draft, or files posted in the
         body, for a sample transition in any locale: the renderer real sends use."""
         merchant_id, _ = self._merchant(request)
-        body: _Preview = await self._body(request, _Preview)
-        message, _ = await self._rendered(merchant_id, body, None, "n_preview")
-        return _json(200, _describe(message))
+        body: PreviewRequest = await self._body(request, PreviewRequest)
+        message, _ = await self.rendered(merchant_id, body, None, "n_preview")
+        return _json(200, describe(message))
 
     async def test_send(self, request: web.Request) -> web.Response:
         """Send a rendered message to an address the merchant gives, through its real
@@ -260,7 +272,7 @@ class Admin:
                 [{"field": "to", "message": problem}],
             )
         nid = f"test_{uuid.uuid4().hex[:16]}"
-        message, brand = await self._rendered(merchant_id, body, body.to, nid)
+        message, brand = await self.rendered(merchant_id, body, body.to, nid)
         chosen = brand.channels.email if body.channel is ChannelKind.EMAIL else brand.channels.sms
         channel = self.res.providers.get(chosen or "") or self.res.channels[body.channel]
         now = self.res.clock()
@@ -284,6 +296,11 @@ class Admin:
 
     async def versions(self, request: web.Request) -> web.Response:
         merchant_id, _ = self._merchant(request)
+        versions = await self.version_list(merchant_id)
+        return _json(200, {"merchant_id": merchant_id, "versions": versions})
+
+    async def version_list(self, merchant_id: str) -> list[dict[str, Any]]:
+        """Every published version, oldest first, each with its diff against the one before."""
         out, previous = [], None
         for v in await self.store.versions(merchant_id):
             out.append(
@@ -297,16 +314,20 @@ class Admin:
                 }
             )
             previous = v
-        return _json(200, {"merchant_id": merchant_id, "versions": out})
+        return out
 
     async def rollback(self, request: web.Request) -> web.Response:
         merchant_id, key_id = self._merchant(request)
         body: _Rollback = await self._body(request, _Rollback)
+        version = await self.rollback_to(merchant_id, body.version, key_id)
+        return _json(200, {"version": version, "restored": body.version})
+
+    async def rollback_to(self, merchant_id: str, version: int, key_id: str) -> int:
+        """Publish the files of ``version`` again, as a new version (its number)."""
         try:
-            version = await self.store.rollback(merchant_id, body.version, key_id, self._now())
+            return await self.store.rollback(merchant_id, version, key_id, self.now())
         except OverrideError as exc:
             raise NotFound(str(exc)) from exc
-        return _json(200, {"version": version, "restored": body.version})
 
     async def audit(self, request: web.Request) -> web.Response:
         merchant_id, _ = self._merchant(request)
@@ -319,7 +340,7 @@ class Admin:
 TEST_SHIPMENT = "test-sends"
 
 
-def _describe(message: Message) -> dict[str, Any]:
+def describe(message: Message) -> dict[str, Any]:
     if isinstance(message, SmsMessageOut):
         sms = {"body": message.body, "encoding": message.encoding, "segments": message.segments}
         return {"channel": "sms", **sms}

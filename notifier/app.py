@@ -24,12 +24,14 @@ from pydantic import (
 from redis.exceptions import RedisError
 
 from notifier import admin, unsubscribe, webhooks
+from notifier import web as merchant_web
 from notifier.errors import ApiError, Forbidden, InvalidOptOut, InvalidQuery, NotFound
 from notifier.ingest import KeyRing, may_act_for, post_transitions, read_json
 from notifier.models import ChannelKind, Email, Identifier, MerchantId, Phone
 from notifier.policy import opt_out_key
 from notifier.resources import Clock, Resources, open_resources, utc_now
 from notifier.settings import Settings
+from notifier.timeline import shipment_history
 from notifier.worker import build_worker
 
 log = logging.getLogger(__name__)
@@ -93,28 +95,10 @@ async def shipment_notifications(request: web.Request) -> web.Response:
     except ValidationError as exc:
         raise NotFound(f"no shipment {shipment_id} for merchant {merchant_id}") from exc
     cursor, limit = _page_query(request)
-    page = await res.store.history_page(merchant_id, shipment_id, cursor, limit)
-    if not page.total:
+    history = await shipment_history(res, merchant_id, shipment_id, cursor, limit)
+    if history is None:
         raise NotFound(f"no decisions recorded for shipment {shipment_id}")
-    decisions = page.decisions
-    ids = [d["notification_id"] for d in decisions if d.get("notification_id")]
-    ledger = await res.store.ledger(ids)
-    for d in decisions:
-        if d.get("notification_id"):
-            d["delivery"] = ledger.get(d["notification_id"], {})
-    return _json(
-        200,
-        {
-            "merchant_id": merchant_id,
-            "shipment_id": shipment_id,
-            "decisions": decisions,
-            # positions count every decision ever recorded; the oldest beyond the history's
-            # cap are no longer kept, and ``trimmed`` says how many
-            "total": page.total,
-            "trimmed": page.trimmed,
-            "next_cursor": None if page.next_cursor is None else str(page.next_cursor),
-        },
-    )
+    return _json(200, history)
 
 
 #: Decisions per page of a shipment's history, by default and at most (all that is kept).
@@ -262,5 +246,7 @@ def create_app(
     app.router.add_route("GET", unsubscribe.PATH, unsubscribe_hook)
     app.router.add_route("POST", unsubscribe.PATH, unsubscribe_hook)
     app.router.add_get("/healthz", healthz)
-    admin.add_routes(app, admin.Admin(lambda: app[RESOURCES], app[KEYS]))
+    editor = admin.Admin(lambda: app[RESOURCES], app[KEYS])
+    admin.add_routes(app, editor)
+    merchant_web.add_routes(app, editor, app[KEYS])
     return app

@@ -27,6 +27,7 @@ from notifier.render import Renderer, SmsMessageOut
 from notifier.render.brand import Brand, load_brand
 from notifier.render.environment import TemplateStore
 from notifier.render.i18n import Catalogs
+from notifier.render.renderer import message_name
 from notifier.render.sms import SmsEncoding
 from notifier.resources import connect, data_dir
 from notifier.settings import Settings
@@ -408,6 +409,19 @@ def override_problems(settings: Settings, merchant: str, files: dict[str, str]) 
     except ConfigurationError as exc:
         problems.append(str(exc))
     locales = ["en", *catalogs.available()]
+    names = {message_name(t) for t in samples()}
+    for path in files:
+        if not path.startswith("messages/"):
+            continue
+        name, *middle, _ = path.removeprefix("messages/").split(".")
+        if name not in names:
+            problems.append(f"{path}: no milestone uses messages/{name}.jinja")
+        locale = middle[0] if middle else None
+        if locale is not None and locale not in locales:
+            problems.append(
+                f"{path}: no catalog for locale {locale}, so no reader would get it "
+                f"(one of: {', '.join(locales)})"
+            )
     return problems + _render_problems(renderer, merchant, locales, full=True)
 
 

@@ -43,7 +43,10 @@ class KeyRing:
 
     def merchants_for(self, presented: str) -> frozenset[str] | None:
         """The merchants ``presented`` may act for, or None for an unknown key."""
-        digest = hashlib.sha256(presented.encode()).digest()
+        return self.merchants_for_digest(hashlib.sha256(presented.encode()).digest())
+
+    def merchants_for_digest(self, digest: bytes) -> frozenset[str] | None:
+        """The merchants of the key with this SHA-256 digest, or None for none configured."""
         found: frozenset[str] | None = None
         for candidate, merchants in self._entries:
             if hmac.compare_digest(candidate, digest):

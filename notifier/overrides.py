@@ -35,7 +35,9 @@ TOMBSTONE = "\x00deleted"
 REVISION = "#rev"
 #: The files a merchant may override.
 PATH = re.compile(
-    r"brand\.yaml|policy\.yaml|_labels\.jinja|messages/[a-z_]{3,40}\.jinja"
+    r"brand\.yaml|policy\.yaml|_labels\.jinja"
+    # a message's wording (both channels), for every locale or for one (delivered.de.jinja)
+    r"|messages/[a-z_]{3,40}(\.[a-z]{2,3}(_[A-Za-z]{2,4})?)?\.jinja"
     r"|email/layout\.(html|txt)|sms/layout\.txt"
 )
 #: Largest file accepted (a message template is a few KB).

@@ -125,15 +125,22 @@ class Pipeline:
                 for key, (version, state) in zip(keys, loaded, strict=True)
             ]
             conflicts = set(await self.res.store.commit([f.commit for f in folds], now.isoformat()))
+            tracked = []
             for i, f in enumerate(folds):
                 if i in conflicts:
                     continue
+                before, after = loaded[i][1], f.commit.state
+                if after.tracking_number and (
+                    before is None or before.tracking_number != after.tracking_number
+                ):
+                    tracked.append((keys[i][0], after.tracking_number, keys[i][1]))
                 report.decisions += f.decisions
                 report.notifications += f.notifications
                 to_deliver += f.notifications + f.recover
                 owner.update(f.owner)
                 built.update(f.built)
                 states[keys[i]] = f.commit.state
+            await self.res.store.index_tracking(tracked)
             pending = {keys[i]: pending[keys[i]] for i in conflicts}
         else:
             if pending:

@@ -994,6 +994,28 @@ class Store:
         total, first = int(total), int(first)
         return HistoryPage(decisions, total, first, end if end < total else None)
 
+    @staticmethod
+    def tracking_key(merchant_id: str, tracking_number: str) -> str:
+        return f"{PREFIX}:trk:{merchant_id}:{tracking_number}"
+
+    async def index_tracking(self, entries: Sequence[tuple[str, str, str]]) -> None:
+        """Remember which shipments carry a tracking number ((merchant, tracking number,
+        shipment) each), for the editor's timeline search; kept as long as shipment state."""
+        if not entries:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for merchant_id, tracking_number, shipment_id in entries:
+                key = self.tracking_key(merchant_id, tracking_number)
+                pipe.sadd(key, shipment_id)
+                pipe.expire(key, self.state_ttl_s)
+            await pipe.execute()
+
+    async def shipments_tracked_as(self, merchant_id: str, tracking_number: str) -> list[str]:
+        """The merchant's shipments that carried ``tracking_number`` (at most 50)."""
+        key = self.tracking_key(merchant_id, tracking_number)
+        members = await awaited(self.redis.srandmember(key, 50))
+        return sorted(_decode(m) for m in members or [])
+
     async def record_test(self, merchant_id: str, shipment_id: str, entry: dict[str, Any]) -> None:
         """Append a test send to a shipment's history (kept like any history)."""
         key = self.history_key(merchant_id, shipment_id)

@@ -386,11 +386,14 @@ class Renderer:
             # CTIA/TCPA practice: US and Canadian numbers get the opt-out line
             "us_opt_out": n.channel is ChannelKind.SMS and n.to.startswith("+1"),
             "message": f"messages/{message_name(t)}.jinja",
+            # a message's wording for one locale only, when the merchant wrote one
+            "message_for_locale": f"messages/{message_name(t)}.{locale}.jinja",
         }
 
     def _words(self, merchant_id: str, ctx: dict[str, Any]) -> dict[str, str]:
         """The message file's macros, evaluated once per message into plain strings."""
-        module = self.templates.select(merchant_id, (ctx["message"],)).make_module(ctx)
+        names = (ctx["message_for_locale"], ctx["message"])
+        module = self.templates.select(merchant_id, names).make_module(ctx)
         return {
             name: str(macro()).strip() if (macro := getattr(module, name, None)) else ""
             for name in WORDS

@@ -1,0 +1,60 @@
+"""The merchant editor at /merchant: server-rendered pages over the admin API's operations,
+signed in with a merchant API key (see session.py), a little JavaScript for live previews."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from notifier.admin import Admin
+from notifier.ingest import KeyRing
+from notifier.web.base import HERE, Web, html_errors
+from notifier.web.messages import Messages
+from notifier.web.pages import Pages
+from notifier.web.session import Sessions
+from notifier.web.settings_pages import SettingsPages
+
+
+def add_routes(app: web.Application, admin: Admin, keys: KeyRing) -> None:
+    """The editor's routes; sessions live in the service's Redis (built at start-up)."""
+    sessions: list[Sessions] = []
+
+    def get_sessions() -> Sessions:
+        if not sessions:
+            sessions.append(Sessions(admin.res.redis, keys, admin.res.clock))
+        return sessions[0]
+
+    web_ = Web(admin, get_sessions)
+    pages, messages, settings = Pages(web_), Messages(web_), SettingsPages(web_)
+    base = "/merchant/{merchant_id:[A-Za-z0-9_-]{1,64}}"
+    milestone = "{milestone:[a-z_]+(:[a-z_]+)?}"
+    routes = [
+        ("GET", "/merchant", pages.index),
+        ("GET", "/merchant/", pages.index),
+        ("GET", "/merchant/go", pages.go),
+        ("GET", "/merchant/sign-in", pages.sign_in_form),
+        ("POST", "/merchant/sign-in", pages.sign_in),
+        ("POST", "/merchant/sign-out", pages.sign_out),
+        ("GET", f"{base}/", pages.home),
+        ("GET", f"{base}/messages", messages.list),
+        ("GET", f"{base}/messages/{milestone}", messages.edit),
+        ("POST", f"{base}/messages/{milestone}", messages.save),
+        ("POST", f"{base}/preview", messages.preview),
+        ("GET", f"{base}/brand", settings.brand),
+        ("POST", f"{base}/brand", settings.save_brand),
+        ("GET", f"{base}/cadence", settings.cadence),
+        ("POST", f"{base}/cadence", settings.save_cadence),
+        ("GET", f"{base}/publish", pages.review),
+        ("POST", f"{base}/publish", pages.publish),
+        ("GET", f"{base}/versions", pages.versions),
+        ("POST", f"{base}/rollback", pages.rollback),
+        ("GET", f"{base}/timeline", pages.timeline),
+    ]
+    for method, path, handler in routes:
+        wrapped = handler if handler is messages.preview else html_errors(web_, handler)
+        app.router.add_route(method, path, wrapped)
+    app.router.add_get(base, _slash)
+    app.router.add_static("/merchant/static", HERE / "static", append_version=False)
+
+
+async def _slash(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPPermanentRedirect(request.path + "/")

@@ -1,0 +1,142 @@
+"""What every editor page shares: the page renderer, security headers, the session and
+CSRF checks, and turning errors into HTML pages (the API's JSON errors stay the API's)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from aiohttp import web
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+from notifier.admin import Admin
+from notifier.errors import ApiError, Forbidden, NotFound
+from notifier.resources import Resources
+from notifier.web.session import COOKIE, CsrfFailed, Session, Sessions, SignInRequired, check_csrf
+
+HERE = Path(__file__).parent
+#: No inline scripts, nothing from elsewhere. Styles may be inline because the email
+#: previews (srcdoc frames, which inherit this policy) carry their CSS inline; those frames
+#: are sandboxed without scripts.
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' https: data:; frame-src 'self' about:; frame-ancestors 'none'; "
+    "form-action 'self'; base-uri 'none'; object-src 'none'"
+)
+HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+NAV = [
+    ("", "Overview"),
+    ("messages", "Messages"),
+    ("brand", "Brand"),
+    ("cadence", "Cadence rules"),
+    ("publish", "Review & publish"),
+    ("versions", "Versions"),
+    ("timeline", "Shipment timeline"),
+]
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Web:
+    """State the editor's handlers share."""
+
+    def __init__(self, admin: Admin, sessions: Callable[[], Sessions]) -> None:
+        self.admin = admin
+        self._sessions = sessions
+        self.jinja = Environment(
+            loader=FileSystemLoader(HERE / "templates"),
+            autoescape=select_autoescape(default=True),
+            trim_blocks=True,
+            lstrip_blocks=True,
+        )
+
+    @property
+    def res(self) -> Resources:
+        return self.admin.res
+
+    @property
+    def sessions(self) -> Sessions:
+        return self._sessions()
+
+    def page(
+        self, template: str, *, status: int = 200, request: web.Request, **ctx: Any
+    ) -> web.Response:
+        """An HTML page from ``templates/<template>``."""
+        merchant_id = request.match_info.get("merchant_id")
+        nav_path = request.path.rstrip("/").split("/")
+        current = nav_path[3] if len(nav_path) > 3 else ""
+        html = self.jinja.get_template(template).render(
+            merchant_id=merchant_id, nav=NAV, current=current, **ctx
+        )
+        return web.Response(
+            status=status, text=html, content_type="text/html", charset="utf-8", headers=HEADERS
+        )
+
+    async def signed_in(self, request: web.Request) -> tuple[str, Session]:
+        """(merchant id of the page, session allowed for it); 401/403 as they apply."""
+        merchant_id = request.match_info["merchant_id"]
+        return merchant_id, await self.sessions.require(request, merchant_id)
+
+    async def form(self, request: web.Request, session: Session) -> dict[str, str]:
+        """A POSTed form, after the CSRF check."""
+        data = await request.post()
+        form = {k: v for k, v in data.items() if isinstance(v, str)}
+        check_csrf(request, session.csrf, form.get("csrf"))
+        return form
+
+
+def html_errors(web_: Web, handler: Handler) -> Handler:
+    """Errors as editor pages: sign-in for a missing session, 403/404/409/422 explained."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except SignInRequired:
+            if request.method != "GET":
+                return web_.page(
+                    "error.html",
+                    status=401,
+                    request=request,
+                    title="Signed out",
+                    message="Your session ended. Sign in again; unsaved changes are lost.",
+                )
+            raise web.HTTPSeeOther(f"/merchant/sign-in?next={quote(request.path_qs)}") from None
+        except (Forbidden, CsrfFailed, NotFound) as exc:
+            return web_.page(
+                "error.html",
+                status=exc.status,
+                request=request,
+                title="Not allowed" if exc.status == 403 else "Not found",
+                message=exc.message,
+            )
+        except ApiError as exc:
+            return web_.page(
+                "error.html",
+                status=exc.status,
+                request=request,
+                title="Could not do that",
+                message=exc.message,
+                details=exc.details,
+            )
+
+    return wrapped
+
+
+def safe_next(target: str | None) -> str | None:
+    """A same-site path to return to after signing in (never another site)."""
+    if target and target.startswith("/merchant") and not target.startswith("//"):
+        return target
+    return None
+
+
+__all__ = ["COOKIE", "Web", "html_errors", "safe_next"]

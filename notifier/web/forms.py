@@ -1,0 +1,264 @@
+"""The editor's forms and the files they write: brand settings ↔ ``brand.yaml``, cadence
+rules ↔ ``policy.yaml``, with the plain-words explanation of every rule.
+
+A form shows the merchant's effective values (its override over its files over the
+defaults). Saving writes only what differs from the layer beneath (its files over the
+defaults) into the draft, so a later change of a default still reaches the merchant.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from notifier.models import ChannelKind, ExceptionCode, Status
+
+#: Human names of milestones (the editor's UI is English; messages are in every locale).
+STATUS_LABELS: dict[str, str] = {
+    Status.INFO_RECEIVED: "Label created",
+    Status.PICKED_UP: "Shipped (picked up by the carrier)",
+    Status.IN_TRANSIT: "In transit",
+    Status.ARRIVED_AT_FACILITY: "Arrived at a facility",
+    Status.DEPARTED_FACILITY: "Left a facility",
+    Status.OUT_FOR_DELIVERY: "Out for delivery",
+    Status.DELIVERY_ATTEMPT_FAILED: "Delivery attempt failed",
+    Status.AVAILABLE_FOR_PICKUP: "Ready for pickup",
+    Status.DELIVERED: "Delivered",
+    Status.RETURNED_TO_SENDER: "Returned to sender",
+    Status.EXCEPTION: "Any problem (exception)",
+}
+EXCEPTION_LABELS: dict[str, str] = {
+    ExceptionCode.DELAYED: "Delayed",
+    ExceptionCode.WEATHER_DELAY: "Weather delay",
+    ExceptionCode.CUSTOMS_HOLD: "Held by customs",
+    ExceptionCode.ADDRESS_ISSUE: "Address problem",
+    ExceptionCode.RECIPIENT_UNAVAILABLE: "Recipient unavailable",
+    ExceptionCode.DAMAGED: "Damaged",
+    ExceptionCode.LOST: "Lost",
+    ExceptionCode.REFUSED: "Refused",
+    ExceptionCode.HELD_AT_FACILITY: "Held at a facility",
+    ExceptionCode.OTHER: "Other problem",
+}
+
+
+def milestone_label(milestone: str) -> str:
+    """``exception:customs_hold`` → "Problem: Held by customs"."""
+    if milestone.startswith("exception:"):
+        return "Problem: " + EXCEPTION_LABELS.get(milestone.split(":", 1)[1], milestone)
+    return STATUS_LABELS.get(milestone, milestone)
+
+
+def message_path(milestone: str, locale: str | None = None) -> str:
+    """The override file of a milestone's message (for one locale, or all)."""
+    name = milestone.replace(":", "_")
+    return f"messages/{name}.{locale}.jinja" if locale else f"messages/{name}.jinja"
+
+
+def as_yaml(data: Mapping[str, Any], header: str) -> str:
+    """``data`` as a YAML file the editor writes (and a person can still read)."""
+    body = yaml.safe_dump(dict(data), sort_keys=False, allow_unicode=True, default_flow_style=False)
+    return f"# {header}\n" + ("" if body.strip() == "{}" else body)
+
+
+def changes(base: Mapping[str, Any], wanted: Mapping[str, Any]) -> dict[str, Any]:
+    """What in ``wanted`` differs from ``base``, as a mapping to merge over it."""
+    out: dict[str, Any] = {}
+    for key, value in wanted.items():
+        below = base.get(key)
+        if isinstance(value, dict) and isinstance(below, dict):
+            inner = changes(below, value)
+            if inner:
+                out[key] = inner
+        elif value != below:
+            out[key] = value
+    return out
+
+
+def field_errors(exc: ValidationError) -> dict[str, str]:
+    """Pydantic errors by dotted field name (the forms' input names)."""
+    out: dict[str, str] = {}
+    for e in exc.errors(include_input=False, include_url=False):
+        name = ".".join(str(p) for p in e["loc"]) or "(form)"
+        out.setdefault(name, e["msg"].removeprefix("Value error, "))
+    return out
+
+
+# -- brand -----------------------------------------------------------------------------
+
+#: (input name, label, help): the brand form's text fields, in order.
+BRAND_FIELDS: list[tuple[str, str, str]] = [
+    ("name", "Shop name", "Shown in every message and as the email sender's name."),
+    ("logo_url", "Logo URL", "An https:// image; emails show the shop name when empty."),
+    ("logo_alt", "Logo text alternative", "Read aloud instead of the logo; the name if empty."),
+    ("accent", "Accent colour", "Buttons and links, as #rrggbb. It must reach 4.5:1 contrast."),
+    ("default_locale", "Default language", "For customers whose language has no translation."),
+    ("support.url", "Support page", "An https:// page where customers get help."),
+    ("support.email", "Support email", "Also the Reply-To of your emails."),
+    ("support.phone", "Support phone", "In international form, e.g. +49 30 1234 5678."),
+    ("support.hours", "Support hours", "Free text, e.g. Mon–Fri 9:00–18:00."),
+    ("footer", "Footer", "Company name and address, shown at the bottom of emails."),
+    ("links.reschedule", "Reschedule link", "https:// URL; {tracking_number} is filled in."),
+    ("links.change_address", "Change-address link", "https:// URL; {order_number} works too."),
+    ("links.pickup", "Pickup link", "https:// URL for collecting from a pickup point."),
+]
+CHANNEL_CHOICES = {"email": ["", "outbox", "sendgrid"], "sms": ["", "outbox", "twilio"]}
+
+
+def get_path(data: Mapping[str, Any], dotted: str) -> Any:
+    value: Any = data
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, Mapping) else None
+    return value
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        data = data.setdefault(part, {})
+    data[last] = value
+
+
+def brand_from_form(form: Mapping[str, str]) -> dict[str, Any]:
+    """The brand fields a submitted form sets (an empty field is unset: null)."""
+    out: dict[str, Any] = {}
+    for name, _, _ in BRAND_FIELDS:
+        text = form.get(name, "").strip()
+        _set_path(out, name, text or None)
+    if not out.get("name"):
+        out["name"] = ""  # reported as "name: too short" rather than "must be a string"
+    for kind, choices in CHANNEL_CHOICES.items():
+        chosen = form.get(f"channels.{kind}", "")
+        _set_path(out, f"channels.{kind}", chosen if chosen in choices and chosen else None)
+    out["one_click_unsubscribe"] = form.get("one_click_unsubscribe") == "on"
+    return out
+
+
+# -- cadence rules -----------------------------------------------------------------------
+
+#: (input name, label, unit, explanation): the cadence form's number and text fields.
+POLICY_FIELDS: list[tuple[str, str, str, str]] = [
+    (
+        "dedupe_window_hours",
+        "Repeat window",
+        "hours",
+        "The same milestone is not sent again on a channel within this many hours, even "
+        "when the carrier scans it again under a new event id.",
+    ),
+    (
+        "coalesce_seconds",
+        "Hold before sending",
+        "seconds",
+        "Every message waits this long and only the shipment's latest state goes out: an "
+        "“out for delivery” overtaken by “delivered” within the hold is never sent. "
+        "0 sends at once.",
+    ),
+    (
+        "throttle.trivial_interval_hours",
+        "Minor-update spacing",
+        "hours",
+        "At most one minor update (the rows marked “minor” below) per shipment and channel "
+        "in this many hours. Milestones and problems are never held back by it.",
+    ),
+    (
+        "throttle.max_per_shipment_per_day",
+        "Daily cap per shipment",
+        "messages",
+        "No shipment gets more than this many messages, all channels together, in any 24 "
+        "hours. Applies to every message; a message it stops is recorded with the reason.",
+    ),
+    (
+        "throttle.max_sms_per_shipment",
+        "SMS cap per shipment",
+        "SMS",
+        "No shipment gets more than this many SMS over its whole journey.",
+    ),
+    (
+        "quiet_hours.default_timezone",
+        "Time zone for quiet hours",
+        "IANA zone",
+        "Used for customers whose time zone is unknown, e.g. Europe/Berlin.",
+    ),
+    (
+        "stalled.no_scan_hours",
+        "Stalled after",
+        "hours",
+        "A shipment with no scan for this long gets one “delayed” message (if enabled).",
+    ),
+    (
+        "stalled.after_window_hours",
+        "Late after the window by",
+        "hours",
+        "…or when its estimated delivery window ended this long ago without a delivery.",
+    ),
+]
+RULE_FLAGS = {
+    "trivial": "Minor: spaced out by the minor-update spacing above",
+    "break_quiet_hours": "Urgent: sent during quiet hours",
+}
+_TIME = re.compile(r"([01]?\d|2[0-3]):[0-5]\d")
+
+
+def _number(text: str) -> Any:
+    text = text.strip()
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            return text  # the schema names the problem
+
+
+def _rule(form: Mapping[str, str], prefix: str) -> dict[str, Any]:
+    return {
+        "channels": [c.value for c in ChannelKind if form.get(f"{prefix}.{c.value}") == "on"],
+        "trivial": form.get(f"{prefix}.trivial") == "on",
+        "break_quiet_hours": form.get(f"{prefix}.break_quiet_hours") == "on",
+    }
+
+
+def policy_from_form(form: Mapping[str, str], effective: Mapping[str, Any]) -> dict[str, Any]:
+    """The whole policy a submitted cadence form asks for (``effective`` fills what the form
+    does not show, like anomaly thresholds)."""
+    out: dict[str, Any] = yaml.safe_load(yaml.safe_dump(dict(effective)))  # a deep copy
+    for name, *_ in POLICY_FIELDS:
+        raw = form.get(name, "")
+        _set_path(out, name, raw.strip() if name.endswith("timezone") else _number(raw))
+    out["statuses"] = {s.value: _rule(form, f"statuses.{s.value}") for s in Status}
+    general = out["statuses"][Status.EXCEPTION.value]
+    out["exceptions"] = {}
+    for code in ExceptionCode:
+        rule = _rule(form, f"exceptions.{code.value}")
+        # the codes that differ from "any problem", and those the files beneath set
+        if rule != general or code.value in effective.get("exceptions", {}):
+            out["exceptions"][code.value] = rule
+    for kind in ChannelKind:
+        if form.get(f"quiet_hours.{kind.value}.enabled") == "on":
+            window = {
+                part: form.get(f"quiet_hours.{kind.value}.{part}", "").strip()
+                for part in ("start", "end")
+            }
+            out["quiet_hours"][kind.value] = window
+        else:
+            out["quiet_hours"][kind.value] = None
+    out["sms_fallback_to_email"] = form.get("sms_fallback_to_email") == "on"
+    out["stalled"]["enabled"] = form.get("stalled.enabled") == "on"
+    return out
+
+
+def policy_as_data(policy: Any) -> dict[str, Any]:
+    """A Policy as the plain data of a policy file (times as HH:MM)."""
+    data: dict[str, Any] = policy.model_dump(mode="json")
+    for window in (data["quiet_hours"].get("email"), data["quiet_hours"].get("sms")):
+        if window:
+            for part in ("start", "end"):
+                window[part] = window[part][:5]
+    return data
+
+
+def quiet_window_ok(text: str) -> bool:
+    return bool(_TIME.fullmatch(text))

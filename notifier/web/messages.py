@@ -1,0 +1,206 @@
+"""The message editor: the list of messages, one message's template with a live preview
+(email at desktop and phone width, plain text, SMS with encoding and segments) and the
+variables it can use, saved to the draft per locale or for all locales."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+
+from notifier.admin import PreviewRequest, describe
+from notifier.check import candidate_renderer, sample_notification, samples
+from notifier.errors import NotFound, NotifierError
+from notifier.models import ChannelKind
+from notifier.render.i18n import Catalogs
+from notifier.render.renderer import message_name
+from notifier.resources import data_dir
+from notifier.settings import Settings
+from notifier.web.base import Web
+from notifier.web.forms import message_path, milestone_label
+from notifier.web.session import check_csrf
+
+#: Context values shown in the variables panel (lists and internals are left out).
+_HIDDEN = {"lang", "dir", "message", "message_for_locale", "progress", "actions", "us_opt_out"}
+
+
+def milestones() -> list[str]:
+    return [t.milestone for t in samples()]
+
+
+def locales(settings: Settings) -> list[str]:
+    return ["en", *Catalogs(data_dir("locales", settings.locales_dir)).available()]
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            _flatten(f"{prefix}.{key}" if prefix else key, inner, out)
+    elif not callable(value) or hasattr(value, "__html__"):
+        out[prefix] = "" if value is None else str(value)
+
+
+def variables(
+    settings: Settings, merchant_id: str, files: dict[str, str], milestone: str, locale: str
+) -> dict[str, str]:
+    """Every variable a template may print, with its value for the sample parcel."""
+    renderer, _ = candidate_renderer(settings, merchant_id, files)
+    t = next(t for t in samples() if t.milestone == milestone)
+    n = sample_notification(
+        t.model_copy(update={"merchant_id": merchant_id}),
+        ChannelKind.EMAIL,
+        merchant_id=merchant_id,
+        shipment_id="preview",
+        notification_id="n_preview",
+        locale=locale,
+        timezone="Europe/Paris",
+        phone="+33612345678",
+    )
+    ctx = renderer.context(n, renderer.locale_for(n))
+    out: dict[str, str] = {}
+    for key, value in ctx.items():
+        if key not in _HIDDEN:
+            _flatten(key, value, out)
+    return out
+
+
+class Messages:
+    """Handlers of the message pages."""
+
+    def __init__(self, web_: Web) -> None:
+        self.web = web_
+
+    async def list(self, request: web.Request) -> web.Response:
+        merchant_id, session = await self.web.signed_in(request)
+        live = await self.web.admin.store.live(merchant_id)
+        _, draft = await self.web.admin.store.draft(merchant_id)
+        published = live.files if live else {}
+        rows = []
+        for milestone in milestones():
+            name = message_path(milestone)
+            prefix = name.removesuffix(".jinja")
+            own = sorted(p for p in {*published, *draft} if p == name or p.startswith(prefix + "."))
+            rows.append(
+                {
+                    "milestone": milestone,
+                    "label": milestone_label(milestone),
+                    "published": [p for p in own if p in published],
+                    "draft": [p for p in own if p in draft],
+                }
+            )
+        return self.web.page(
+            "messages.html", request=request, title="Messages", rows=rows, csrf=session.csrf
+        )
+
+    async def _text(self, merchant_id: str, path: str) -> tuple[str, str]:
+        """(text to edit, where it comes from): the draft, the published version, the
+        merchant's folder, the defaults (for one locale: the all-locales text as a start)."""
+        _, draft = await self.web.admin.store.draft(merchant_id)
+        live = await self.web.admin.store.live(merchant_id)
+        published = live.files if live else {}
+        if draft.get(path) is not None:
+            return draft[path] or "", "your draft"
+        if path in published and path not in draft:
+            return published[path], f"published version {live.number if live else 0}"
+        templates = data_dir("templates", self.web.res.settings.templates_dir)
+        for folder, source in ((templates / merchant_id, "your files"), (templates, "default")):
+            if (folder / path).is_file():
+                return (folder / path).read_text(encoding="utf-8"), source
+        generic = path.split(".")[0] + ".jinja"
+        if generic != path:
+            text, source = await self._text(merchant_id, generic)
+            return text, f"{source}, all languages (not yet written for this one)"
+        raise NotFound(f"no template {path}")
+
+    async def edit(self, request: web.Request) -> web.Response:
+        merchant_id, session = await self.web.signed_in(request)
+        milestone = request.match_info["milestone"]
+        if milestone not in milestones():
+            raise NotFound(f"no milestone {milestone}")
+        settings = self.web.res.settings
+        available = locales(settings)
+        locale = request.query.get("locale", "")
+        if locale and locale not in available:
+            raise NotFound(f"no catalog for locale {locale}")
+        path = message_path(milestone, locale or None)
+        text, source = await self._text(merchant_id, path)
+        _, files = await self.web.admin.candidate(merchant_id)
+        preview_locale = locale or "en"
+        values = await asyncio.to_thread(
+            variables, settings, merchant_id, files, milestone, preview_locale
+        )
+        _, draft = await self.web.admin.store.draft(merchant_id)
+        return self.web.page(
+            "message.html",
+            request=request,
+            title=f"{milestone_label(milestone)} message",
+            milestone=milestone,
+            label=milestone_label(milestone),
+            locale=locale,
+            preview_locale=preview_locale,
+            locales=available,
+            path=path,
+            text=text,
+            source=source,
+            in_draft=path in draft,
+            variables=values,
+            csrf=session.csrf,
+            saved=request.query.get("saved"),
+            problems=await self.web.sessions.take_flash(request),
+        )
+
+    async def save(self, request: web.Request) -> web.StreamResponse:
+        merchant_id, session = await self.web.signed_in(request)
+        milestone = request.match_info["milestone"]
+        form = await self.web.form(request, session)
+        locale = form.get("locale", "")
+        if milestone not in milestones() or (
+            locale and locale not in locales(self.web.res.settings)
+        ):
+            raise NotFound(f"no message {milestone} {locale}".strip())
+        path = message_path(milestone, locale or None)
+        where = f"/merchant/{merchant_id}/messages/{milestone}" + (
+            f"?locale={locale}&" if locale else "?"
+        )
+        if form.get("action") == "discard":
+            await self.web.admin.store.discard(
+                merchant_id, path, session.key_id, self.web.admin.now()
+            )
+            raise web.HTTPSeeOther(where + "saved=discarded")
+        text = form.get("text", "").replace("\r\n", "\n")
+        result = await self.web.admin.save_file(merchant_id, path, text, session.key_id)
+        await self.web.sessions.flash(request, result["problems"])
+        raise web.HTTPSeeOther(where + f"saved={result['saved']}")
+
+    async def preview(self, request: web.Request) -> web.Response:
+        """JSON for the live preview: the email and the SMS rendered from the text on
+        screen (over the draft), and the variables in the preview locale."""
+        merchant_id, session = await self.web.signed_in(request)
+        check_csrf(request, session.csrf, request.headers.get("X-CSRF-Token"))
+        body = await request.json()
+        if not isinstance(body, dict):
+            raise web.HTTPBadRequest(text="expected a JSON object")
+        path, text = str(body.get("path", "")), str(body.get("text", ""))
+        milestone, locale = str(body.get("milestone", "")), str(body.get("locale", "en"))
+        if milestone not in milestones() or locale not in locales(self.web.res.settings):
+            raise NotFound("no such message or locale")
+        out: dict[str, Any] = {}
+        for channel in ChannelKind:
+            request_body = PreviewRequest(
+                milestone=milestone, channel=channel, locale=locale, files={path: text}
+            )
+            try:
+                message, _ = await self.web.admin.rendered(
+                    merchant_id, request_body, None, "n_preview"
+                )
+            except NotifierError as exc:
+                return web.json_response({"error": str(exc)}, status=422)
+            out[channel.value] = describe(message)
+        _, files = await self.web.admin.candidate(merchant_id)
+        files[path] = text
+        out["variables"] = await asyncio.to_thread(
+            variables, self.web.res.settings, merchant_id, files, milestone, locale
+        )
+        out["name"] = message_name(next(t for t in samples() if t.milestone == milestone))
+        return web.json_response(out)

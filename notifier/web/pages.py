@@ -1,0 +1,231 @@
+"""Editor pages around the draft: sign in and out, the overview, review and publish,
+versions with diffs and rollback, and the shipment timeline."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Any
+from urllib.parse import quote
+
+from aiohttp import web
+
+from notifier.errors import ApiError, NotFound
+from notifier.resources import data_dir
+from notifier.timeline import find_shipments, shipment_history
+from notifier.web.base import Web, safe_next
+from notifier.web.forms import milestone_label
+from notifier.web.session import (
+    SIGN_IN_COOKIE,
+    CsrfFailed,
+    check_csrf,
+    set_sign_in_cookie,
+    sign_in_token,
+)
+
+
+def diff(old: str | None, new: str | None, path: str) -> str:
+    """A unified diff of one file ("" when equal)."""
+    lines = difflib.unified_diff(
+        (old or "").splitlines(keepends=True),
+        (new or "").splitlines(keepends=True),
+        fromfile=f"{path} (before)" if old is not None else "(none)",
+        tofile=f"{path} (after)" if new is not None else "(deleted)",
+    )
+    return "".join(lines)
+
+
+class Pages:
+    """Handlers of the sign-in, overview, publish, versions and timeline pages."""
+
+    def __init__(self, web_: Web) -> None:
+        self.web = web_
+
+    # -- signing in ---------------------------------------------------------------------
+    async def index(self, request: web.Request) -> web.StreamResponse:
+        session = await self.web.sessions.find(request)
+        if session is None:
+            raise web.HTTPSeeOther("/merchant/sign-in")
+        if session.home is None:
+            return await self._pick(request, session.merchants)
+        raise web.HTTPSeeOther(f"/merchant/{quote(session.home)}/")
+
+    async def _pick(self, request: web.Request, merchants: frozenset[str]) -> web.Response:
+        return self.web.page(
+            "pick.html",
+            request=request,
+            title="Choose a merchant",
+            merchants=sorted(m for m in merchants if m != "*"),
+            any_merchant="*" in merchants,
+        )
+
+    async def go(self, request: web.Request) -> web.StreamResponse:
+        """The merchant picker's form: to that merchant's overview (403 there if not yours)."""
+        merchant = request.query.get("merchant", "")
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", merchant):
+            raise NotFound(f"no merchant {merchant}")
+        raise web.HTTPSeeOther(f"/merchant/{merchant}/")
+
+    async def sign_in_form(self, request: web.Request, error: str | None = None) -> web.Response:
+        token = sign_in_token(request)
+        response = self.web.page(
+            "sign_in.html",
+            status=401 if error else 200,
+            request=request,
+            title="Sign in",
+            error=error,
+            next=safe_next(request.query.get("next")) or "",
+            csrf=token,
+        )
+        set_sign_in_cookie(request, response, token)
+        return response
+
+    async def sign_in(self, request: web.Request) -> web.StreamResponse:
+        data = await request.post()
+        form = {k: v for k, v in data.items() if isinstance(v, str)}
+        expected = request.cookies.get(SIGN_IN_COOKIE, "")
+        if not expected:
+            raise CsrfFailed("the sign-in form expired: reload it")
+        check_csrf(request, expected, form.get("csrf"))
+        key = form.get("key", "").strip()
+        target = safe_next(form.get("next")) or "/merchant"
+        response = web.HTTPSeeOther(target)
+        if not key or not await self.web.sessions.open(key, response, request):
+            return await self.sign_in_form(request, "That key is not a merchant API key here.")
+        response.del_cookie(SIGN_IN_COOKIE, path="/merchant")
+        raise response
+
+    async def sign_out(self, request: web.Request) -> web.StreamResponse:
+        session = await self.web.sessions.find(request)
+        if session is not None:
+            await self.web.form(request, session)
+        response = web.HTTPSeeOther("/merchant/sign-in")
+        await self.web.sessions.close(request, response)
+        raise response
+
+    # -- overview -------------------------------------------------------------------------
+    async def home(self, request: web.Request) -> web.Response:
+        merchant_id, session = await self.web.signed_in(request)
+        store = self.web.admin.store
+        live = await store.live(merchant_id)
+        revision, draft = await store.draft(merchant_id)
+        return self.web.page(
+            "home.html",
+            request=request,
+            title="Overview",
+            live=live,
+            revision=revision,
+            draft=draft,
+            audit=(await store.audit(merchant_id, 10)),
+            csrf=session.csrf,
+        )
+
+    # -- review and publish -----------------------------------------------------------------
+    async def _beneath(self, merchant_id: str, path: str) -> str | None:
+        """A file as the merchant's folder or the defaults have it (None: nowhere)."""
+        templates = data_dir("templates", self.web.res.settings.templates_dir)
+        if path == "policy.yaml":
+            policies = data_dir("policies", self.web.res.settings.policies_dir)
+            own = policies / f"{merchant_id}.yaml"
+            return own.read_text(encoding="utf-8") if own.is_file() else None
+        for folder in (templates / merchant_id, templates):
+            if (folder / path).is_file():
+                return (folder / path).read_text(encoding="utf-8")
+        return None
+
+    async def review(self, request: web.Request) -> web.Response:
+        merchant_id, session = await self.web.signed_in(request)
+        admin = self.web.admin
+        live = await admin.store.live(merchant_id)
+        revision, draft = await admin.store.draft(merchant_id)
+        published = live.files if live else {}
+        changes = []
+        for path, text in sorted(draft.items()):
+            before = (
+                published[path] if path in published else await self._beneath(merchant_id, path)
+            )
+            changes.append(
+                {"path": path, "deleted": text is None, "diff": diff(before, text, path)}
+            )
+        _, files = await admin.candidate(merchant_id)
+        problems = await admin.problems(merchant_id, files) if draft else []
+        return self.web.page(
+            "publish.html",
+            request=request,
+            title="Review & publish",
+            revision=revision,
+            changes=changes,
+            problems=problems,
+            live=live,
+            csrf=session.csrf,
+            result=await self.web.sessions.take_flash(request),
+        )
+
+    async def publish(self, request: web.Request) -> web.StreamResponse:
+        merchant_id, session = await self.web.signed_in(request)
+        form = await self.web.form(request, session)
+        if "discard" in form:
+            await self.web.admin.store.discard(
+                merchant_id, form["discard"], session.key_id, self.web.admin.now()
+            )
+            raise web.HTTPSeeOther(f"/merchant/{merchant_id}/publish")
+        try:
+            revision = int(form.get("revision", ""))
+        except ValueError:
+            revision = -1
+        try:
+            version = await self.web.admin.publish_revision(merchant_id, revision, session.key_id)
+        except ApiError as exc:
+            problems = [d.get("message", "") for d in exc.details]
+            await self.web.sessions.flash(request, {"error": exc.message, "problems": problems})
+            raise web.HTTPSeeOther(f"/merchant/{merchant_id}/publish") from None
+        await self.web.sessions.flash(request, {"published": version})
+        raise web.HTTPSeeOther(f"/merchant/{merchant_id}/versions")
+
+    # -- versions -----------------------------------------------------------------------------
+    async def versions(self, request: web.Request) -> web.Response:
+        merchant_id, session = await self.web.signed_in(request)
+        versions = await self.web.admin.version_list(merchant_id)
+        live = await self.web.admin.store.live(merchant_id)
+        return self.web.page(
+            "versions.html",
+            request=request,
+            title="Versions",
+            versions=list(reversed(versions)),
+            live=live.number if live else 0,
+            audit=await self.web.admin.store.audit(merchant_id, 50),
+            csrf=session.csrf,
+            result=await self.web.sessions.take_flash(request),
+        )
+
+    async def rollback(self, request: web.Request) -> web.StreamResponse:
+        merchant_id, session = await self.web.signed_in(request)
+        form = await self.web.form(request, session)
+        try:
+            target = int(form.get("version", ""))
+        except ValueError:
+            target = 0
+        version = await self.web.admin.rollback_to(merchant_id, target, session.key_id)
+        await self.web.sessions.flash(request, {"published": version, "restored": target})
+        raise web.HTTPSeeOther(f"/merchant/{merchant_id}/versions")
+
+    # -- shipment timeline -------------------------------------------------------------------
+    async def timeline(self, request: web.Request) -> web.Response:
+        merchant_id, _ = await self.web.signed_in(request)
+        query = request.query.get("q", "").strip()[:200]
+        found: list[str] = []
+        history: dict[str, Any] | None = None
+        if query:
+            found = await find_shipments(self.web.res, merchant_id, query)
+            if len(found) == 1 or request.query.get("shipment") in found:
+                shipment = request.query.get("shipment") or found[0]
+                history = await shipment_history(self.web.res, merchant_id, shipment, None, 200)
+        return self.web.page(
+            "timeline.html",
+            request=request,
+            title="Shipment timeline",
+            query=query,
+            found=found,
+            history=history,
+            label=milestone_label,
+        )

@@ -1,0 +1,193 @@
+"""The brand form (with its contrast check) and the cadence rules form: each shows the
+merchant's effective values and saves what differs from its files into the draft."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+from aiohttp import web
+from pydantic import ValidationError
+
+from notifier.errors import ConfigurationError
+from notifier.models import ChannelKind, ExceptionCode, Status
+from notifier.policy import PolicyStore
+from notifier.policy.rules import Policy
+from notifier.render.brand import DARK_TEXT, MIN_CONTRAST, WHITE, Brand, contrast, load_brand
+from notifier.resources import data_dir
+from notifier.web.base import Web
+from notifier.web.forms import (
+    BRAND_FIELDS,
+    CHANNEL_CHOICES,
+    EXCEPTION_LABELS,
+    POLICY_FIELDS,
+    RULE_FLAGS,
+    STATUS_LABELS,
+    as_yaml,
+    brand_from_form,
+    changes,
+    field_errors,
+    get_path,
+    policy_as_data,
+    policy_from_form,
+)
+from notifier.web.messages import locales
+from notifier.web.session import Session
+
+_BRAND_HEADER = "brand.yaml written by the merchant editor: what differs from the files beneath"
+_POLICY_HEADER = "policy.yaml written by the merchant editor: what differs from the files beneath"
+
+
+def contrast_report(accent: str) -> dict[str, Any]:
+    """The accent's contrast with white and dark button text, and which one is used."""
+    try:
+        white, dark = contrast(accent, WHITE), contrast(accent, DARK_TEXT)
+    except ValueError:
+        return {"ok": False, "white": None, "dark": None}
+    return {"ok": max(white, dark) >= MIN_CONTRAST, "white": white, "dark": dark}
+
+
+class SettingsPages:
+    """Handlers of the brand and cadence pages."""
+
+    def __init__(self, web_: Web) -> None:
+        self.web = web_
+
+    def _templates(self) -> Any:
+        return data_dir("templates", self.web.res.settings.templates_dir)
+
+    async def _brands(self, merchant_id: str) -> tuple[Brand, dict[str, Any]]:
+        """(the brand the draft gives, the brand data beneath the override)."""
+        _, files = await self.web.admin.candidate(merchant_id)
+        try:
+            beneath = load_brand(self._templates(), merchant_id).model_dump(mode="json")
+        except ConfigurationError:
+            beneath = load_brand(self._templates(), "").model_dump(mode="json")
+        try:
+            brand = load_brand(self._templates(), merchant_id, files.get("brand.yaml"))
+        except ConfigurationError:
+            brand = Brand.model_validate(beneath)
+        return brand, beneath
+
+    async def brand(self, request: web.Request) -> web.Response:
+        merchant_id, session = await self.web.signed_in(request)
+        brand, _ = await self._brands(merchant_id)
+        values = brand.model_dump(mode="json")
+        return self._brand_page(
+            request, session, values, {}, await self.web.sessions.take_flash(request)
+        )
+
+    def _brand_page(
+        self,
+        request: web.Request,
+        session: Session,
+        values: dict[str, Any],
+        errors: dict[str, str],
+        result: Any,
+    ) -> web.Response:
+        return self.web.page(
+            "brand.html",
+            status=422 if errors else 200,
+            request=request,
+            title="Brand",
+            fields=[
+                (n, label, help_, get_path(values, n) or "") for n, label, help_ in BRAND_FIELDS
+            ],
+            values=values,
+            choices=CHANNEL_CHOICES,
+            locales=locales(self.web.res.settings),
+            errors=errors,
+            contrast=contrast_report(str(values.get("accent") or "")),
+            min_contrast=MIN_CONTRAST,
+            csrf=session.csrf,
+            result=result,
+        )
+
+    async def save_brand(self, request: web.Request) -> web.StreamResponse:
+        merchant_id, session = await self.web.signed_in(request)
+        form = await self.web.form(request, session)
+        brand, beneath = await self._brands(merchant_id)
+        wanted = {**brand.model_dump(mode="json"), **brand_from_form(form)}
+        try:
+            Brand.model_validate(wanted)
+        except ValidationError as exc:
+            return self._brand_page(request, session, wanted, field_errors(exc), None)
+        text = as_yaml(changes(beneath, wanted), _BRAND_HEADER)
+        result = await self.web.admin.save_file(merchant_id, "brand.yaml", text, session.key_id)
+        await self.web.sessions.flash(request, result)
+        raise web.HTTPSeeOther(f"/merchant/{merchant_id}/brand")
+
+    # -- cadence rules --------------------------------------------------------------------
+    async def _policies(self, merchant_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(the policy the draft gives, the policy beneath the override), as file data."""
+        _, files = await self.web.admin.candidate(merchant_id)
+        directory = data_dir("policies", self.web.res.settings.policies_dir)
+        beneath_store = PolicyStore(directory)
+        try:
+            beneath = beneath_store.strict(merchant_id)
+        except ConfigurationError:
+            beneath = beneath_store.strict("")
+        try:
+            effective = PolicyStore(directory, lambda _: files).strict(merchant_id)
+        except ConfigurationError:
+            effective = beneath
+        return policy_as_data(effective), policy_as_data(beneath)
+
+    async def cadence(self, request: web.Request) -> web.Response:
+        merchant_id, session = await self.web.signed_in(request)
+        effective, _ = await self._policies(merchant_id)
+        result = await self.web.sessions.take_flash(request)
+        return self._cadence_page(request, session, effective, {}, result)
+
+    def _cadence_page(
+        self,
+        request: web.Request,
+        session: Session,
+        values: dict[str, Any],
+        errors: dict[str, str],
+        result: Any,
+    ) -> web.Response:
+        general = values["statuses"].get(Status.EXCEPTION.value, {"channels": []})
+        rows = [
+            (f"statuses.{s.value}", STATUS_LABELS[s], values["statuses"].get(s.value, {}))
+            for s in Status
+        ] + [
+            (
+                f"exceptions.{c.value}",
+                "Problem: " + EXCEPTION_LABELS[c],
+                values["exceptions"].get(c.value, general),
+            )
+            for c in ExceptionCode
+        ]
+        return self.web.page(
+            "cadence.html",
+            status=422 if errors else 200,
+            request=request,
+            title="Cadence rules",
+            rows=rows,
+            flags=RULE_FLAGS,
+            channels=[c.value for c in ChannelKind],
+            fields=[
+                (name, label, unit, text, get_path(values, name))
+                for name, label, unit, text in POLICY_FIELDS
+            ],
+            values=values,
+            errors=errors,
+            csrf=session.csrf,
+            result=result,
+        )
+
+    async def save_cadence(self, request: web.Request) -> web.StreamResponse:
+        merchant_id, session = await self.web.signed_in(request)
+        form = await self.web.form(request, session)
+        effective, beneath = await self._policies(merchant_id)
+        wanted = policy_from_form(form, effective)
+        try:
+            Policy.model_validate(wanted)
+        except ValidationError as exc:
+            return self._cadence_page(request, session, wanted, field_errors(exc), None)
+        text = as_yaml(changes(beneath, wanted), _POLICY_HEADER)
+        yaml.safe_load(text)  # the editor only ever writes what it can read back
+        result = await self.web.admin.save_file(merchant_id, "policy.yaml", text, session.key_id)
+        await self.web.sessions.flash(request, result)
+        raise web.HTTPSeeOther(f"/merchant/{merchant_id}/cadence")
