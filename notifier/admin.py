@@ -87,7 +87,8 @@ class _TestSend(PreviewRequest):
 
 class _Rollback(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    version: int = Field(ge=1)
+    #: 0 restores "nothing from the editor" (the merchant's files over the defaults)
+    version: int = Field(ge=0)
 
 
 def _json(status: int, body: object) -> web.Response:

@@ -72,9 +72,12 @@ return {n, rev}
 
 # KEYS: versions, live, audit. ARGV: author key id, time (ISO), version to restore.
 _ROLLBACK = """
-local old = redis.call('HGET', KEYS[1], ARGV[3])
-if not old then return -1 end
-local files = cjson.decode(old)['files']
+local files = {}
+if ARGV[3] ~= '0' then
+  local old = redis.call('HGET', KEYS[1], ARGV[3])
+  if not old then return -1 end
+  files = cjson.decode(old)['files']
+end
 local n = redis.call('HLEN', KEYS[1]) + 1
 local record = {files = files, author = ARGV[1], at = ARGV[2], changed = {},
   restored = tonumber(ARGV[3])}
@@ -184,7 +187,8 @@ class OverrideStore:
         return int(n)
 
     async def rollback(self, merchant_id: str, version: int, key_id: str, at: str) -> int:
-        """Publish the files of ``version`` again, as a new version; its number."""
+        """Publish the files of ``version`` again, as a new version; its number. Version 0
+        is "nothing from the editor": the merchant's files and the defaults again."""
         n = await self._rollback(
             keys=[self.key(merchant_id, k) for k in ("versions", "live", "audit")],
             args=[key_id, at, str(version)],

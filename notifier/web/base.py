@@ -30,7 +30,8 @@ HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    # not no-referrer: under it Chromium sends "Origin: null" on same-site posts
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
 NAV = [

@@ -1,0 +1,285 @@
+"""The merchant editor in a real headless Chromium (Debian's, driven by Playwright) against a
+real `notifier serve` and `notifier worker` on a real redis-server: a merchant signs in,
+edits the delivered email with the preview following, publishes, sees the edited message
+in the outbox and on the shipment timeline, rolls back; another merchant's key gets 403;
+every page passes axe-core with zero violations.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import json
+import shutil
+import signal
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import (
+    ACME_KEY,
+    ADMIN_KEY,
+    API_KEYS,
+    free_port,
+    healthy,
+    spawn_notifier,
+    start_redis,
+    transition,
+    wait_until,
+)
+from tests.test_accessibility import AXE, CHROMIUM
+
+GLOBEX_KEY = "k_globex_0123456789"
+KEYS = {**API_KEYS, GLOBEX_KEY: ["globex"]}
+EDITED = "Acme: your order has arrived"
+
+
+@dataclass
+class Service:
+    base: str
+    outbox: Path
+
+
+@pytest.fixture(scope="module")
+def service() -> Iterator[Service]:
+    """`notifier serve` and `notifier worker` on their own redis-server (the editor's
+    sessions and overrides live there too)."""
+    work = Path(tempfile.mkdtemp(prefix="notifier-editor-"))
+    redis_port, port = free_port(), free_port()
+    redis = start_redis(redis_port, work)
+    env = {
+        "NOTIFIER_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "NOTIFIER_API_KEYS": json.dumps(KEYS),
+        "NOTIFIER_OUTBOX_DIR": str(work / "outbox"),
+        "NOTIFIER_PORT": str(port),
+        "NOTIFIER_HOST": "127.0.0.1",
+    }
+    procs = [spawn_notifier(["serve"], work, **env), spawn_notifier(["worker"], work, **env)]
+    try:
+        wait_until(lambda: healthy(port) or procs[0].poll() is not None, "notifier serve")
+        assert procs[0].poll() is None, procs[0].communicate()[0]
+        yield Service(f"http://127.0.0.1:{port}", work / "outbox")
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.communicate(timeout=20)
+        redis.terminate()
+        redis.wait(timeout=10)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not AXE.is_file():
+        pytest.fail(f"axe-core is not installed ({AXE}): run scripts/test", pytrace=False)
+    if not Path(CHROMIUM).exists():
+        pytest.fail("chromium is not installed: run scripts/test", pytrace=False)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        yield browser
+        browser.close()
+
+
+def new_page(browser: Any, service: Service) -> Any:
+    """A fresh browser context (no cookies) that may reach only the service. CSP is bypassed
+    only so that axe-core can be injected; the pages themselves never need it."""
+    context = browser.new_context(bypass_csp=True, viewport={"width": 1400, "height": 900})
+    page = context.new_page()
+    page.route(
+        "**/*",
+        lambda route: route.continue_()
+        if route.request.url.startswith(service.base) or route.request.url.startswith("about:")
+        else route.abort(),
+    )
+    return page
+
+
+def sign_in(page: Any, service: Service, key: str) -> None:
+    page.goto(f"{service.base}/merchant")
+    assert page.url.endswith("/merchant/sign-in")
+    # keyboard only: the key field is reachable by Tab and Enter submits
+    page.keyboard.press("Tab")  # the skip link comes first
+    assert page.evaluate("document.activeElement.className") == "skip"
+    page.locator("#key").focus()
+    page.keyboard.type(key)
+    with page.expect_navigation():
+        page.keyboard.press("Enter")
+
+
+def axe(page: Any) -> list[str]:
+    """axe-core's violations on the page as it is now (every rule enabled)."""
+    page.add_script_tag(content=AXE.read_text(encoding="utf-8"))
+    result: dict[str, Any] = page.evaluate("async () => await axe.run(document)")
+    assert result["passes"], "axe ran no checks"
+    return [
+        f"{v['id']} ({v['impact']}): {v['help']} [{'; '.join(n['target'][0] for n in v['nodes'][:3])}]"
+        for v in result["violations"]
+    ]
+
+
+def post_transition(service: Service, **fields: Any) -> None:
+    body = json.dumps({"transitions": [transition(**fields)]}).encode()
+    request = urllib.request.Request(
+        f"{service.base}/v1/transitions",
+        data=body,
+        headers={"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        assert resp.status == 202
+
+
+def delivered_subject(service: Service, shipment: str) -> str:
+    """The subject of the delivered email the worker wrote for ``shipment``."""
+    folder = service.outbox / "acme" / shipment
+    wait_until(lambda: any(folder.glob("*.eml")), f"the email of {shipment}")
+    [eml] = folder.glob("*.eml")
+    return str(email.message_from_bytes(eml.read_bytes(), policy=email.policy.default)["Subject"])
+
+
+def deliver(service: Service, shipment: str) -> str:
+    """Post a delivered event (email only, English) and return its email's subject."""
+    post_transition(
+        service,
+        event_id=f"evt_{shipment}",
+        shipment_id=shipment,
+        tracking_number=f"TRK{shipment.upper()}",
+        status="delivered",
+        occurred_at=(datetime.now(UTC) - timedelta(minutes=1)).isoformat(),
+        recipient={"name": "Ana", "email": "ana@example.com", "locale": "en"},
+    )
+    return delivered_subject(service, shipment)
+
+
+def edited(text: str) -> str:
+    """The delivered template with its subject replaced."""
+    start = text.index("{%- macro subject() -%}") + len("{%- macro subject() -%}")
+    end = text.index("{%- endmacro -%}", start)
+    return text[:start] + EDITED + text[end:]
+
+
+def test_a_merchant_edits_publishes_sees_the_message_sent_and_rolls_back(
+    browser: Any, service: Service
+) -> None:
+    page = new_page(browser, service)
+    sign_in(page, service, ACME_KEY)
+    assert page.url.endswith("/merchant/acme/")
+    assert deliver(service, "before") == "Your parcel was delivered"
+
+    page.get_by_role("link", name="Messages", exact=True).click()
+    page.get_by_role("link", name="Delivered", exact=True).click()
+    subject = page.locator("#p-subject")
+    subject.filter(has_text="Your parcel was delivered").wait_for()
+    assert page.locator("#p-sms-segments").inner_text() in {"1", "2"}
+    assert "GSM-7" in page.locator("#p-sms-encoding").inner_text().upper().replace("GSM7", "GSM-7")
+
+    # type the new subject: the preview follows, on both widths and in the SMS' language
+    page.locator("#text").fill(edited(page.locator("#text").input_value()))
+    subject.filter(has_text=EDITED).wait_for()
+    for frame in ("#p-desktop", "#p-mobile"):
+        assert EDITED in page.locator(frame).get_attribute("srcdoc")
+    assert page.locator("#p-mobile").evaluate("f => f.getBoundingClientRect().width") == 375
+    page.select_option("#preview-locale", "de")
+    page.locator("#preview-status").filter(has_text="(de)").wait_for()
+    assert "zugestellt" in page.locator("#p-sms").inner_text()
+    assert axe(page) == []
+
+    page.get_by_role("button", name="Save draft").click()
+    assert "Saved to your draft" in page.locator("#saved").inner_text()
+    assert not page.locator("ul.problems").count()
+
+    page.get_by_role("link", name="Review & publish").click()
+    assert EDITED in page.locator("pre.diff").inner_text()
+    assert axe(page) == []
+    page.get_by_role("button", name="Publish revision").click()
+    assert page.url.endswith("/merchant/acme/versions")
+    assert "Version 1 is live" in page.get_by_role("status").inner_text()
+
+    # the next delivered email carries the edit (the worker picks the publish up)
+    assert deliver(service, "after") == EDITED
+
+    page.get_by_role("link", name="Shipment timeline").click()
+    page.locator("#q").fill("TRKAFTER")
+    with page.expect_navigation():
+        page.keyboard.press("Enter")
+    assert "Shipment after" in page.locator("h2").inner_text()
+    row = page.locator("table.timeline tbody tr").filter(has_text="email")
+    wait_until(lambda: "sent" in _reload_row(page), "the delivery status on the timeline")
+    assert "Delivered" in row.inner_text()
+    assert axe(page) == []
+
+    page.get_by_role("link", name="Versions").click()
+    page.get_by_role("button", name="Roll back to version 0").click()
+    assert "Version 2 is live" in page.get_by_role("status").inner_text()
+    assert deliver(service, "rolled") == "Your parcel was delivered"
+    page.goto(f"{service.base}/merchant/acme/messages/delivered")
+    assert EDITED not in page.locator("#text").input_value()
+    subject.filter(has_text="Your parcel was delivered").wait_for()
+
+
+def _reload_row(page: Any) -> str:
+    page.reload()
+    return str(page.locator("table.timeline tbody").inner_text())
+
+
+def test_another_merchants_key_gets_403_on_pages_and_api(browser: Any, service: Service) -> None:
+    page = new_page(browser, service)
+    sign_in(page, service, GLOBEX_KEY)
+    assert page.url.endswith("/merchant/globex/")
+    for path in ("/", "/messages/delivered", "/brand", "/cadence", "/versions", "/timeline"):
+        response = page.goto(f"{service.base}/merchant/acme{path}")
+        assert response.status == 403, path
+        assert "may not act for that merchant" in page.locator("main").inner_text()
+    assert axe(page) == []
+    # the editor's own script endpoint and a form post, with this session's token
+    status = page.evaluate(
+        """async () => (await fetch('/merchant/acme/preview', {method: 'POST',
+             headers: {'Content-Type': 'application/json'}, body: '{}'})).status"""
+    )
+    assert status == 403
+    request = urllib.request.Request(
+        f"{service.base}/v1/merchants/acme/overrides",
+        headers={"Authorization": f"Bearer {GLOBEX_KEY}"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 403
+    refused.value.close()
+
+
+def test_every_editor_page_passes_axe(browser: Any, service: Service) -> None:
+    page = new_page(browser, service)
+    page.goto(f"{service.base}/merchant/sign-in")
+    failures = {"sign-in": axe(page)}
+    page.locator("#key").fill("not a key")
+    with page.expect_navigation():
+        page.locator("#key").press("Enter")
+    failures["sign-in refused"] = axe(page)
+    sign_in(page, service, ACME_KEY)
+    for path in ("/", "/messages", "/brand", "/cadence", "/publish", "/versions", "/timeline"):
+        page.goto(f"{service.base}/merchant/acme{path}")
+        failures[path] = axe(page)
+    page.goto(f"{service.base}/merchant/acme/messages/exception:customs_hold?locale=ar")
+    page.locator("#preview-status").filter(has_text="(ar)").wait_for()
+    failures["editor, ar"] = axe(page)
+    # a brand form with an error shows it next to the field, still accessible
+    page.goto(f"{service.base}/merchant/acme/brand")
+    page.locator("#f-accent").fill("#fde047")
+    page.locator("#contrast-report").filter(has_text="dark text").wait_for()
+    page.locator("#f-accent").fill("#808080")
+    page.get_by_role("button", name="Save draft").click()
+    assert "Not saved" in page.get_by_role("alert").inner_text()
+    failures["brand with an error"] = axe(page)
+    assert {k: v for k, v in failures.items() if v} == {}
