@@ -100,9 +100,11 @@ def new_page(browser: Any, service: Service) -> Any:
     page = context.new_page()
     page.route(
         "**/*",
-        lambda route: route.continue_()
-        if route.request.url.startswith(service.base) or route.request.url.startswith("about:")
-        else route.abort(),
+        lambda route: (
+            route.continue_()
+            if route.request.url.startswith(service.base) or route.request.url.startswith("about:")
+            else route.abort()
+        ),
     )
     return page
 

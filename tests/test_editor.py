@@ -1,0 +1,332 @@
+"""The merchant editor's server side, over HTTP: sessions and CSRF, scoping, the brand and
+cadence forms (what they write), per-locale messages, the timeline search. The browser
+flow and axe-core are in test_editor_browser.py."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+import redis
+import yaml
+from aiohttp.test_utils import TestClient, TestServer
+
+from notifier.app import create_app
+from notifier.settings import Settings
+from tests.conftest import ACME_KEY, ADMIN_KEY, auth, post, run_worker, transition
+
+Client = TestClient[Any, Any]
+ACME = "/merchant/acme"
+
+
+async def sign_in(client: Client, key: str = ACME_KEY, **headers: str) -> str:
+    """Sign in through the form; the session's CSRF token."""
+    resp = await client.get("/merchant/sign-in")
+    token = re.search(r'name="csrf" value="([^"]+)"', await resp.text())
+    assert token is not None
+    resp = await client.post(
+        "/merchant/sign-in",
+        data={"csrf": token.group(1), "key": key, "next": ""},
+        headers=headers,
+        allow_redirects=False,
+    )
+    assert resp.status == 303, await resp.text()
+    return await csrf_of(client, f"{ACME}/" if key == ACME_KEY else "/merchant")
+
+
+async def csrf_of(client: Client, path: str) -> str:
+    resp = await client.get(path)
+    found = re.search(r'name="csrf" value="([^"]+)"', await resp.text())
+    assert found is not None, await resp.text()
+    return found.group(1)
+
+
+async def draft(client: Client) -> dict[str, Any]:
+    resp = await client.get("/v1/merchants/acme/overrides", headers=auth(ACME_KEY))
+    body: dict[str, Any] = (await resp.json())["draft"]["files"]
+    return body
+
+
+async def test_the_session_cookie_is_httponly_strict_and_the_key_is_never_stored(
+    client: Client, settings: Settings
+) -> None:
+    resp = await client.get("/merchant/sign-in")
+    token = re.search(r'name="csrf" value="([^"]+)"', await resp.text())
+    assert token is not None
+    resp = await client.post(
+        "/merchant/sign-in",
+        data={"csrf": token.group(1), "key": ACME_KEY},
+        headers={"X-Forwarded-Proto": "https"},
+        allow_redirects=False,
+    )
+    cookie = resp.headers.getall("Set-Cookie")
+    [session] = [c for c in cookie if c.startswith("notifier_session=")]
+    for flag in ("HttpOnly", "SameSite=Strict", "Path=/merchant", "Secure"):
+        assert flag in session
+    assert resp.headers["Location"] == "/merchant"
+    r = redis.Redis.from_url(str(settings.redis_url))
+    stored = b"".join(r.get(k) or b"" for k in r.scan_iter("ntf:web:session:*"))
+    r.close()
+    assert stored and ACME_KEY.encode() not in stored
+    page = await client.get(f"{ACME}/")
+    assert page.status == 200
+    for header in ("Content-Security-Policy", "X-Frame-Options", "X-Content-Type-Options"):
+        assert header in page.headers
+
+
+async def test_signing_in_refuses_a_wrong_key_a_missing_token_and_another_site(
+    client: Client,
+) -> None:
+    resp = await client.get("/merchant/sign-in")
+    token = re.search(r'name="csrf" value="([^"]+)"', await resp.text())
+    assert token is not None
+    wrong = await client.post("/merchant/sign-in", data={"csrf": token.group(1), "key": "nope"})
+    assert wrong.status == 401
+    assert "not a merchant API key" in await wrong.text()
+    no_token = await client.post("/merchant/sign-in", data={"key": ACME_KEY})
+    assert no_token.status == 403
+    elsewhere = await client.post(
+        "/merchant/sign-in",
+        data={"csrf": token.group(1), "key": ACME_KEY},
+        headers={"Origin": "https://evil.example"},
+    )
+    assert elsewhere.status == 403
+    # none of them opened a session
+    page = await client.get(f"{ACME}/", allow_redirects=False)
+    assert page.status == 303
+    assert page.headers["Location"].startswith("/merchant/sign-in?next=")
+
+
+POSTS = [
+    ("/messages/delivered", {"text": "x", "action": "save"}),
+    ("/brand", {"name": "Evil"}),
+    ("/cadence", {"dedupe_window_hours": "1"}),
+    ("/publish", {"revision": "1"}),
+    ("/rollback", {"version": "0"}),
+]
+
+
+@pytest.mark.parametrize(("path", "form"), POSTS)
+async def test_every_form_needs_the_sessions_csrf_token(
+    client: Client, path: str, form: dict[str, str]
+) -> None:
+    csrf = await sign_in(client)
+    for data, headers in (
+        (form, {}),
+        ({**form, "csrf": "forged"}, {}),
+        ({**form, "csrf": csrf}, {"Origin": "https://evil.example"}),
+    ):
+        resp = await client.post(f"{ACME}{path}", data=data, headers=headers)
+        assert resp.status == 403, (path, data, headers)
+    assert await draft(client) == {}
+    versions = await client.get("/v1/merchants/acme/overrides/versions", headers=auth(ACME_KEY))
+    assert (await versions.json())["versions"] == []
+    preview = await client.post(
+        f"{ACME}/preview", json={"milestone": "delivered", "path": "x", "text": "x"}
+    )
+    assert preview.status == 403
+
+
+GETS = ["/", "/messages", "/messages/delivered", "/brand", "/cadence", "/publish", "/versions"]
+
+
+async def test_a_session_sees_only_its_merchants_pages(client: Client) -> None:
+    csrf = await sign_in(client)
+    other = "/merchant/globex"
+    for path in [*GETS, "/timeline?q=shp_123"]:
+        resp = await client.get(f"{other}{path}")
+        assert resp.status == 403, path
+        assert "may not act for that merchant" in await resp.text()
+    for path, form in POSTS:
+        resp = await client.post(f"{other}{path}", data={**form, "csrf": csrf})
+        assert resp.status == 403, path
+    preview = await client.post(
+        f"{other}/preview",
+        json={"milestone": "delivered", "path": "messages/delivered.jinja", "text": "x"},
+        headers={"X-CSRF-Token": csrf},
+    )
+    assert preview.status == 403
+
+
+async def test_signing_out_or_removing_the_key_ends_the_session(
+    client: Client, settings: Settings
+) -> None:
+    await sign_in(client)
+    cookie = client.session.cookie_jar.filter_cookies(client.make_url("/merchant/acme/"))
+    # the same Redis, but the key is no longer configured: its session is over
+    without = settings.model_copy(update={"api_keys": {ADMIN_KEY: ["*"]}})
+    async with TestClient(TestServer(create_app(without))) as other:
+        other.session.cookie_jar.update_cookies(cookie, other.make_url("/merchant/"))
+        resp = await other.get(f"{ACME}/", allow_redirects=False)
+        assert resp.status == 303
+    # a revoked key's session is deleted, so it is over on every server
+    assert (await client.get(f"{ACME}/", allow_redirects=False)).status == 303
+    csrf = await sign_in(client)
+    assert (await client.get(f"{ACME}/", allow_redirects=False)).status == 200
+    resp = await client.post("/merchant/sign-out", data={"csrf": csrf}, allow_redirects=False)
+    assert resp.status == 303
+    assert (await client.get(f"{ACME}/", allow_redirects=False)).status == 303
+
+
+async def test_the_brand_form_writes_only_what_differs_and_refuses_an_unreadable_colour(
+    client: Client,
+) -> None:
+    csrf = await sign_in(client)
+    page = await client.get(f"{ACME}/brand")
+    html = await page.text()
+    assert "White text on it: 6.70:1" in html  # the default accent #1d4ed8
+    form = {"csrf": csrf, "name": "Your shop", "accent": "#1d4ed8", "default_locale": "en"}
+    resp = await client.post(f"{ACME}/brand", data=form)
+    assert resp.status == 200
+    assert yaml.safe_load((await draft(client))["brand.yaml"]) is None  # nothing differs
+    bad = await client.post(f"{ACME}/brand", data={**form, "accent": "#808080"})
+    assert bad.status == 422
+    text = await bad.text()
+    assert "neither white (3.95:1) nor dark (4.49:1)" in text
+    assert 'aria-invalid="true"' in text
+    assert yaml.safe_load((await draft(client))["brand.yaml"]) is None  # not saved
+    http = await client.post(f"{ACME}/brand", data={**form, "support.url": "http://x.example"})
+    assert http.status == 422
+    assert "must be an https:// URL" in await http.text()
+    good = {**form, "name": "Acme", "accent": "#fde68a", "support.email": "help@acme.example"}
+    resp = await client.post(f"{ACME}/brand", data=good)
+    assert "Saved to your draft" in await resp.text()
+    assert yaml.safe_load((await draft(client))["brand.yaml"]) == {
+        "name": "Acme",
+        "accent": "#fde68a",
+        "support": {"email": "help@acme.example"},
+    }
+    again = await client.get(f"{ACME}/brand")
+    assert 'value="help@acme.example"' in await again.text()
+
+
+def cadence_form(html: str) -> dict[str, str]:
+    """The cadence form's fields as the page shows them (what a browser would submit)."""
+    form: dict[str, str] = {}
+    for tag in re.findall(r"<input [^>]+>", html):
+        name = re.search(r'name="([^"]+)"', tag)
+        if name is None:
+            continue
+        if 'type="checkbox"' in tag:
+            if " checked" in tag:
+                form[name.group(1)] = "on"
+        else:
+            value = re.search(r'value="([^"]*)"', tag)
+            form[name.group(1)] = value.group(1) if value else ""
+    return form
+
+
+async def test_the_cadence_form_round_trips_and_writes_only_changes(client: Client) -> None:
+    await sign_in(client)
+    html = await (await client.get(f"{ACME}/cadence")).text()
+    for words in ("Repeat window", "Quiet hours", "Daily cap per shipment", "Minor-update"):
+        assert words in html
+    form = cadence_form(html)
+    assert form["quiet_hours.sms.start"] == "21:00"
+    resp = await client.post(f"{ACME}/cadence", data=form)
+    assert resp.status == 200
+    assert yaml.safe_load((await draft(client))["policy.yaml"]) is None  # unchanged
+    changed = {
+        **form,
+        "quiet_hours.email.enabled": "on",
+        "quiet_hours.email.start": "22:00",
+        "quiet_hours.email.end": "07:00",
+        "exceptions.lost.break_quiet_hours": "on",
+        "throttle.max_sms_per_shipment": "3",
+    }
+    del changed["statuses.in_transit.email"]
+    resp = await client.post(f"{ACME}/cadence", data=changed)
+    assert "Saved to your draft" in await resp.text()
+    written = yaml.safe_load((await draft(client))["policy.yaml"])
+    assert written == {
+        "statuses": {"in_transit": {"channels": []}},
+        "exceptions": {
+            "lost": {"channels": ["email", "sms"], "trivial": False, "break_quiet_hours": True}
+        },
+        "throttle": {"max_sms_per_shipment": 3},
+        "quiet_hours": {"email": {"start": "22:00", "end": "07:00"}},
+    }
+    # the page shows the draft's values back
+    shown = cadence_form(await (await client.get(f"{ACME}/cadence")).text())
+    assert shown["quiet_hours.email.start"] == "22:00"
+    assert "statuses.in_transit.email" not in shown
+    bad = await client.post(f"{ACME}/cadence", data={**changed, "quiet_hours.sms.end": "25:00"})
+    assert bad.status == 422
+    assert "must be HH:MM" in await bad.text()
+    nan = await client.post(f"{ACME}/cadence", data={**changed, "dedupe_window_hours": "a week"})
+    assert nan.status == 422
+    assert "dedupe_window_hours" in await nan.text()
+
+
+async def test_a_message_written_for_one_locale_is_used_for_that_locale_only(
+    client: Client,
+) -> None:
+    csrf = await sign_in(client)
+    page = await client.get(f"{ACME}/messages/delivered?locale=de")
+    text = await page.text()
+    assert "messages/delivered.de.jinja" in text
+    assert "all languages (not yet written for this one)" in text
+    template = (
+        "{%- macro subject() -%}Ihr Paket ist da{%- endmacro -%}"
+        "{%- macro sms() -%}{{ brand.name }}: Paket ist da.{%- endmacro -%}"
+    )
+    resp = await client.post(
+        f"{ACME}/messages/delivered",
+        data={"csrf": csrf, "locale": "de", "text": template, "action": "save"},
+    )
+    assert resp.status == 200
+    assert (await draft(client)).keys() == {"messages/delivered.de.jinja"}
+
+    async def subject(locale: str) -> str:
+        resp = await client.post(
+            "/v1/merchants/acme/preview",
+            json={"milestone": "delivered", "locale": locale},
+            headers=auth(ACME_KEY),
+        )
+        body: dict[str, Any] = await resp.json()
+        return str(body["subject"])
+
+    assert await subject("de") == "Ihr Paket ist da"
+    assert await subject("fr") == "Votre colis a été livré"
+    assert await subject("en") == "Your parcel was delivered"
+
+
+async def test_the_check_names_a_message_file_no_one_would_read(client: Client) -> None:
+    for path, words in (
+        ("messages/delivered.xx.jinja", "no catalog for locale xx"),
+        ("messages/deliverd.jinja", "no milestone uses messages/deliverd.jinja"),
+    ):
+        resp = await client.put(
+            f"/v1/merchants/acme/overrides/draft/{path}",
+            json={"text": "{%- macro subject() -%}x{%- endmacro -%}"},
+            headers=auth(ACME_KEY),
+        )
+        assert resp.status == 200
+        assert any(words in p for p in (await resp.json())["problems"]), path
+        await client.delete(f"/v1/merchants/acme/overrides/draft/{path}", headers=auth(ACME_KEY))
+
+
+async def test_the_timeline_finds_a_shipment_by_tracking_number(
+    client: Client, settings: Settings
+) -> None:
+    await sign_in(client)
+    await post(
+        client,
+        transition(event_id="a", shipment_id="shp_a", tracking_number="TRK1", status="delivered"),
+        transition(event_id="b", shipment_id="shp_b", tracking_number="TRK2"),
+        transition(event_id="c", shipment_id="shp_c", tracking_number="TRK2"),
+    )
+    await run_worker(settings)
+    one = await (await client.get(f"{ACME}/timeline?q=TRK1")).text()
+    assert "Shipment shp_a" in one
+    assert "Delivered" in one and "sent" in one
+    both = await (await client.get(f"{ACME}/timeline?q=TRK2")).text()
+    assert "2 shipments carried that tracking number" in both
+    assert "shipment=shp_b" in both and "shipment=shp_c" in both
+    by_id = await (await client.get(f"{ACME}/timeline?q=shp_c")).text()
+    assert "Shipment shp_c" in by_id
+    chosen = await (await client.get(f"{ACME}/timeline?q=TRK2&shipment=shp_b")).text()
+    assert "Shipment shp_b" in chosen
+    none = await (await client.get(f"{ACME}/timeline?q=TRK9")).text()
+    assert "No shipment with the id or tracking number" in none
