@@ -126,10 +126,11 @@ def axe(page: Any) -> list[str]:
     page.add_script_tag(content=AXE.read_text(encoding="utf-8"))
     result: dict[str, Any] = page.evaluate("async () => await axe.run(document)")
     assert result["passes"], "axe ran no checks"
-    return [
-        f"{v['id']} ({v['impact']}): {v['help']} [{'; '.join(n['target'][0] for n in v['nodes'][:3])}]"
-        for v in result["violations"]
-    ]
+    out = []
+    for v in result["violations"]:
+        nodes = "; ".join(n["target"][0] for n in v["nodes"][:3])
+        out.append(f"{v['id']} ({v['impact']}): {v['help']} [{nodes}]")
+    return out
 
 
 def post_transition(service: Service, **fields: Any) -> None:
