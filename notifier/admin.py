@@ -110,7 +110,7 @@ class Admin:
     def store(self) -> OverrideStore:
         return self.res.published.store
 
-    def _merchant(self, request: web.Request) -> tuple[str, str]:
+    def merchant(self, request: web.Request) -> tuple[str, str]:
         """(merchant id, the caller's key id); 401/403/404 as they apply."""
         merchant_id = request.match_info["merchant_id"]
         if not may_act_for(self.keys.authenticate(request), merchant_id):
@@ -151,7 +151,7 @@ class Admin:
         return await asyncio.to_thread(override_problems, self.res.settings, merchant_id, files)
 
     async def overview(self, request: web.Request) -> web.Response:
-        merchant_id, _ = self._merchant(request)
+        merchant_id, _ = self.merchant(request)
         live = await self.store.live(merchant_id)
         revision, draft = await self.store.draft(merchant_id)
         return _json(
@@ -165,7 +165,7 @@ class Admin:
         )
 
     async def save(self, request: web.Request) -> web.Response:
-        merchant_id, key_id = self._merchant(request)
+        merchant_id, key_id = self.merchant(request)
         body: _Save = await self._body(request, _Save)
         saved = await self.save_file(merchant_id, request.match_info["path"], body.text, key_id)
         return _json(200, saved)
@@ -185,13 +185,13 @@ class Admin:
         return {"revision": checked, "saved": revision, "problems": problems}
 
     async def discard(self, request: web.Request) -> web.Response:
-        merchant_id, key_id = self._merchant(request)
+        merchant_id, key_id = self.merchant(request)
         path = request.match_info["path"]
         revision = await self.store.discard(merchant_id, path, key_id, self.now())
         return _json(200, {"revision": revision})
 
     async def publish(self, request: web.Request) -> web.Response:
-        merchant_id, key_id = self._merchant(request)
+        merchant_id, key_id = self.merchant(request)
         body: _Publish = await self._body(request, _Publish)
         version = await self.publish_revision(merchant_id, body.revision, key_id)
         return _json(200, {"version": version, "published": version > 0})
@@ -252,7 +252,7 @@ class Admin:
     async def preview(self, request: web.Request) -> web.Response:
         """Render a message with the published files, the draft, or files posted in the
         body, for a sample transition in any locale: the renderer real sends use."""
-        merchant_id, _ = self._merchant(request)
+        merchant_id, _ = self.merchant(request)
         body: PreviewRequest = await self._body(request, PreviewRequest)
         message, _ = await self.rendered(merchant_id, body, None, "n_preview")
         return _json(200, describe(message))
@@ -260,7 +260,7 @@ class Admin:
     async def test_send(self, request: web.Request) -> web.Response:
         """Send a rendered message to an address the merchant gives, through its real
         channel; recorded, marked as a test, in the history of shipment ``test-sends``."""
-        merchant_id, key_id = self._merchant(request)
+        merchant_id, key_id = self.merchant(request)
         body: _TestSend = await self._body(request, _TestSend)
         problem = (email_problem if body.channel is ChannelKind.EMAIL else phone_problem)(body.to)
         if problem is None and await self.res.store.opted_out(
@@ -296,7 +296,7 @@ class Admin:
         return _json(200 if sent else 502, {"notification_id": nid, **entry})
 
     async def versions(self, request: web.Request) -> web.Response:
-        merchant_id, _ = self._merchant(request)
+        merchant_id, _ = self.merchant(request)
         versions = await self.version_list(merchant_id)
         return _json(200, {"merchant_id": merchant_id, "versions": versions})
 
@@ -318,7 +318,7 @@ class Admin:
         return out
 
     async def rollback(self, request: web.Request) -> web.Response:
-        merchant_id, key_id = self._merchant(request)
+        merchant_id, key_id = self.merchant(request)
         body: _Rollback = await self._body(request, _Rollback)
         version = await self.rollback_to(merchant_id, body.version, key_id)
         return _json(200, {"version": version, "restored": body.version})
@@ -331,7 +331,7 @@ class Admin:
             raise NotFound(str(exc)) from exc
 
     async def audit(self, request: web.Request) -> web.Response:
-        merchant_id, _ = self._merchant(request)
+        merchant_id, _ = self.merchant(request)
         return _json(
             200, {"merchant_id": merchant_id, "entries": await self.store.audit(merchant_id)}
         )

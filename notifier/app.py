@@ -23,7 +23,7 @@ from pydantic import (
 )
 from redis.exceptions import RedisError
 
-from notifier import admin, unsubscribe, webhooks
+from notifier import admin, admin_views, unsubscribe, webhooks
 from notifier import web as merchant_web
 from notifier.errors import ApiError, Forbidden, InvalidOptOut, InvalidQuery, NotFound
 from notifier.ingest import KeyRing, may_act_for, post_transitions, read_json
@@ -248,5 +248,6 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     editor = admin.Admin(lambda: app[RESOURCES], app[KEYS])
     admin.add_routes(app, editor)
-    merchant_web.add_routes(app, editor, app[KEYS])
+    views = admin_views.add_routes(app, editor)
+    merchant_web.add_routes(app, editor, views, app[KEYS])
     return app

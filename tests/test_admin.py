@@ -50,6 +50,14 @@ ROUTES = [
     ("GET", "/audit", None),
     ("POST", "/preview", {"milestone": "delivered"}),
     ("POST", "/test-send", {"milestone": "delivered", "to": "ana@example.com"}),
+    ("GET", "/templates", None),
+    ("GET", "/templates/delivered", None),
+    ("PUT", "/templates/delivered?locale=de", {"text": "x"}),
+    ("DELETE", "/templates/delivered", None),
+    ("GET", "/brand", None),
+    ("PUT", "/brand", {"name": "X"}),
+    ("GET", "/policy", None),
+    ("PUT", "/policy", {"coalesce_seconds": 1}),
 ]
 
 
@@ -328,3 +336,68 @@ async def test_a_test_send_goes_through_the_merchants_channel_and_is_marked_as_a
         headers=auth(),
     )
     assert resp.status == 422 and "opted out" in (await resp.json())["error"]["message"]
+
+
+async def test_templates_by_milestone_and_locale(client: Client) -> None:
+    acme = BASE.format(m="acme")
+    url = f"{acme}/templates/exception:customs_hold"
+    default = await (await client.get(url, headers=auth(ACME_KEY))).json()
+    assert default["path"] == "messages/exception_customs_hold.jinja"
+    assert default["source"] == "default" and "customs" in default["text"]
+    de = await (await client.get(f"{url}?locale=de", headers=auth(ACME_KEY))).json()
+    assert (de["path"], de["source"]) == (
+        "messages/exception_customs_hold.de.jinja",
+        "default, all languages",
+    )
+    text = "{%- macro subject() -%}Ihr Paket ist beim Zoll{%- endmacro -%}"
+    saved = await client.put(f"{url}?locale=de", json={"text": text}, headers=auth(ACME_KEY))
+    assert saved.status == 200
+    de = await (await client.get(f"{url}?locale=de", headers=auth(ACME_KEY))).json()
+    assert (de["text"], de["source"]) == (text, "draft")
+    listed = await (await client.get(f"{acme}/templates", headers=auth(ACME_KEY))).json()
+    entries = {(t["milestone"], t["locale"]): t["source"] for t in listed["templates"]}
+    assert entries[("exception:customs_hold", "de")] == "draft"
+    assert entries[("delivered", None)] == "default"
+    assert ("delivered", "de") not in entries
+    deleted = await client.delete(f"{url}?locale=de", headers=auth(ACME_KEY))
+    assert deleted.status == 200
+    de = await (await client.get(f"{url}?locale=de", headers=auth(ACME_KEY))).json()
+    assert de["source"] == "default, all languages"
+    for bad in (f"{acme}/templates/teleported", f"{url}?locale=xx"):
+        resp = await client.get(bad, headers=auth(ACME_KEY))
+        assert resp.status == 404, bad
+    wrong = await client.put(url, json={"txt": "x"}, headers=auth(ACME_KEY))
+    assert wrong.status == 422
+
+
+async def test_brand_and_policy_as_fields_merged_over_the_files_beneath(client: Client) -> None:
+    acme = BASE.format(m="acme")
+    resp = await client.put(f"{acme}/brand", json={"accent": "#808080"}, headers=auth(ACME_KEY))
+    assert resp.status == 200
+    assert any("accent" in p and "4.5:1" in p for p in (await resp.json())["problems"])
+    brand = await (await client.get(f"{acme}/brand", headers=auth(ACME_KEY))).json()
+    assert brand["override"] == {"accent": "#808080"}
+    assert brand["brand"] is None and "accent" in brand["problem"]
+    resp = await client.put(f"{acme}/brand", json={"name": "Acme"}, headers=auth(ACME_KEY))
+    assert (await resp.json())["problems"] == []
+    brand = await (await client.get(f"{acme}/brand", headers=auth(ACME_KEY))).json()
+    assert brand["brand"]["name"] == "Acme" and brand["brand"]["accent"] == "#1d4ed8"
+
+    late = {"quiet_hours": {"sms": {"start": "25:00", "end": "08:00"}}}
+    resp = await client.put(f"{acme}/policy", json=late, headers=auth(ACME_KEY))
+    assert any("quiet_hours.sms.start" in p for p in (await resp.json())["problems"])
+    calm = {"quiet_hours": {"email": {"start": "22:00", "end": "07:00"}}}
+    resp = await client.put(f"{acme}/policy", json=calm, headers=auth(ACME_KEY))
+    assert (await resp.json())["problems"] == []
+    policy = await (await client.get(f"{acme}/policy", headers=auth(ACME_KEY))).json()
+    assert policy["override"] == calm
+    assert policy["policy"]["quiet_hours"]["email"] == {"start": "22:00:00", "end": "07:00:00"}
+    assert policy["policy"]["quiet_hours"]["sms"] == {"start": "21:00:00", "end": "08:00:00"}
+    assert policy["policy"]["dedupe_window_hours"] == 168
+    not_a_mapping = await client.put(f"{acme}/policy", json=[1], headers=auth(ACME_KEY))
+    assert not_a_mapping.status == 422
+    revision = (await resp.json())["revision"]
+    published = await client.post(
+        f"{acme}/overrides/publish", json={"revision": revision}, headers=auth(ACME_KEY)
+    )
+    assert (await published.json())["version"] == 1

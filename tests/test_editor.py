@@ -266,7 +266,7 @@ async def test_a_message_written_for_one_locale_is_used_for_that_locale_only(
     page = await client.get(f"{ACME}/messages/delivered?locale=de")
     text = await page.text()
     assert "messages/delivered.de.jinja" in text
-    assert "all languages (not yet written for this one)" in text
+    assert "default, all languages" in text
     template = (
         "{%- macro subject() -%}Ihr Paket ist da{%- endmacro -%}"
         "{%- macro sms() -%}{{ brand.name }}: Paket ist da.{%- endmacro -%}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from notifier.admin import Admin
+from notifier.admin_views import Views
 from notifier.ingest import KeyRing
 from notifier.web.base import HERE, Web, html_errors
 from notifier.web.messages import Messages
@@ -14,7 +15,7 @@ from notifier.web.session import Sessions
 from notifier.web.settings_pages import SettingsPages
 
 
-def add_routes(app: web.Application, admin: Admin, keys: KeyRing) -> None:
+def add_routes(app: web.Application, admin: Admin, views: Views, keys: KeyRing) -> None:
     """The editor's routes; sessions live in the service's Redis (built at start-up)."""
     sessions: list[Sessions] = []
 
@@ -24,7 +25,7 @@ def add_routes(app: web.Application, admin: Admin, keys: KeyRing) -> None:
         return sessions[0]
 
     web_ = Web(admin, get_sessions)
-    pages, messages, settings = Pages(web_), Messages(web_), SettingsPages(web_)
+    pages, messages, settings = Pages(web_), Messages(web_, views), SettingsPages(web_)
     base = "/merchant/{merchant_id:[A-Za-z0-9_-]{1,64}}"
     milestone = "{milestone:[a-z_]+(:[a-z_]+)?}"
     routes = [

@@ -52,12 +52,6 @@ def milestone_label(milestone: str) -> str:
     return STATUS_LABELS.get(milestone, milestone)
 
 
-def message_path(milestone: str, locale: str | None = None) -> str:
-    """The override file of a milestone's message (for one locale, or all)."""
-    name = milestone.replace(":", "_")
-    return f"messages/{name}.{locale}.jinja" if locale else f"messages/{name}.jinja"
-
-
 def as_yaml(data: Mapping[str, Any], header: str) -> str:
     """``data`` as a YAML file the editor writes (and a person can still read)."""
     body = yaml.safe_dump(dict(data), sort_keys=False, allow_unicode=True, default_flow_style=False)

@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from notifier.admin import PreviewRequest, describe
+from notifier.admin_views import Views, message_path, milestones
 from notifier.check import candidate_renderer, sample_notification, samples
 from notifier.errors import NotFound, NotifierError
 from notifier.models import ChannelKind
@@ -18,15 +19,11 @@ from notifier.render.renderer import message_name
 from notifier.resources import data_dir
 from notifier.settings import Settings
 from notifier.web.base import Web
-from notifier.web.forms import message_path, milestone_label
+from notifier.web.forms import milestone_label
 from notifier.web.session import check_csrf
 
 #: Context values shown in the variables panel (lists and internals are left out).
 _HIDDEN = {"lang", "dir", "message", "message_for_locale", "progress", "actions", "us_opt_out"}
-
-
-def milestones() -> list[str]:
-    return [t.milestone for t in samples()]
 
 
 def locales(settings: Settings) -> list[str]:
@@ -68,8 +65,9 @@ def variables(
 class Messages:
     """Handlers of the message pages."""
 
-    def __init__(self, web_: Web) -> None:
+    def __init__(self, web_: Web, views: Views) -> None:
         self.web = web_
+        self.views = views
 
     async def list(self, request: web.Request) -> web.Response:
         merchant_id, session = await self.web.signed_in(request)
@@ -93,26 +91,6 @@ class Messages:
             "messages.html", request=request, title="Messages", rows=rows, csrf=session.csrf
         )
 
-    async def _text(self, merchant_id: str, path: str) -> tuple[str, str]:
-        """(text to edit, where it comes from): the draft, the published version, the
-        merchant's folder, the defaults (for one locale: the all-locales text as a start)."""
-        _, draft = await self.web.admin.store.draft(merchant_id)
-        live = await self.web.admin.store.live(merchant_id)
-        published = live.files if live else {}
-        if draft.get(path) is not None:
-            return draft[path] or "", "your draft"
-        if path in published and path not in draft:
-            return published[path], f"published version {live.number if live else 0}"
-        templates = data_dir("templates", self.web.res.settings.templates_dir)
-        for folder, source in ((templates / merchant_id, "your files"), (templates, "default")):
-            if (folder / path).is_file():
-                return (folder / path).read_text(encoding="utf-8"), source
-        generic = path.split(".")[0] + ".jinja"
-        if generic != path:
-            text, source = await self._text(merchant_id, generic)
-            return text, f"{source}, all languages (not yet written for this one)"
-        raise NotFound(f"no template {path}")
-
     async def edit(self, request: web.Request) -> web.Response:
         merchant_id, session = await self.web.signed_in(request)
         milestone = request.match_info["milestone"]
@@ -124,7 +102,7 @@ class Messages:
         if locale and locale not in available:
             raise NotFound(f"no catalog for locale {locale}")
         path = message_path(milestone, locale or None)
-        text, source = await self._text(merchant_id, path)
+        text, source = await self.views.current_text(merchant_id, path)
         _, files = await self.web.admin.candidate(merchant_id)
         preview_locale = locale or "en"
         values = await asyncio.to_thread(
