@@ -330,3 +330,14 @@ async def test_the_timeline_finds_a_shipment_by_tracking_number(
     assert "Shipment shp_b" in chosen
     none = await (await client.get(f"{ACME}/timeline?q=TRK9")).text()
     assert "No shipment with the id or tracking number" in none
+
+
+async def test_a_key_for_every_merchant_picks_one(client: Client) -> None:
+    await sign_in(client, ADMIN_KEY)
+    picker = await client.get("/merchant")
+    assert "Choose a merchant" in await picker.text()
+    resp = await client.get("/merchant/go?merchant=acme", allow_redirects=False)
+    assert resp.headers["Location"] == "/merchant/acme/"
+    assert (await client.get("/merchant/globex/messages")).status == 200
+    bad = await client.get("/merchant/go?merchant=../etc", allow_redirects=False)
+    assert bad.status == 404

@@ -270,6 +270,13 @@ def test_every_editor_page_passes_axe(browser: Any, service: Service) -> None:
     with page.expect_navigation():
         page.locator("#key").press("Enter")
     failures["sign-in refused"] = axe(page)
+    admin = new_page(browser, service)
+    sign_in(admin, service, ADMIN_KEY)  # a key for every merchant: which one?
+    failures["merchant picker"] = axe(admin)
+    admin.locator("#merchant").fill("acme")
+    with admin.expect_navigation():
+        admin.locator("#merchant").press("Enter")
+    assert admin.url.endswith("/merchant/acme/")
     sign_in(page, service, ACME_KEY)
     for path in ("/", "/messages", "/brand", "/cadence", "/publish", "/versions", "/timeline"):
         page.goto(f"{service.base}/merchant/acme{path}")

@@ -4,6 +4,7 @@ CSRF checks, and turning errors into HTML pages (the API's JSON errors stay the 
 from __future__ import annotations
 
 import functools
+from datetime import UTC, datetime
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ class Web:
             trim_blocks=True,
             lstrip_blocks=True,
         )
+        self.jinja.filters["moment"] = moment
 
     @property
     def res(self) -> Resources:
@@ -131,6 +133,17 @@ def html_errors(web_: Web, handler: Handler) -> Handler:
             )
 
     return wrapped
+
+
+def moment(value: object) -> str:
+    """An ISO time from the store as people read it: 2026-12-03 06:51:06 UTC."""
+    try:
+        parsed = datetime.fromisoformat(str(value))
+    except ValueError:
+        return str(value)
+    if parsed.tzinfo is not None:
+        parsed = parsed.astimezone(UTC)
+    return parsed.strftime("%Y-%m-%d %H:%M:%S") + (" UTC" if parsed.tzinfo else "")
 
 
 def safe_next(target: str | None) -> str | None:

@@ -17,6 +17,7 @@ from notifier.web.base import Web, safe_next
 from notifier.web.forms import milestone_label
 from notifier.web.session import (
     SIGN_IN_COOKIE,
+    Session,
     CsrfFailed,
     check_csrf,
     set_sign_in_cookie,
@@ -47,16 +48,18 @@ class Pages:
         if session is None:
             raise web.HTTPSeeOther("/merchant/sign-in")
         if session.home is None:
-            return await self._pick(request, session.merchants)
+            return await self._pick(request, session)
         raise web.HTTPSeeOther(f"/merchant/{quote(session.home)}/")
 
-    async def _pick(self, request: web.Request, merchants: frozenset[str]) -> web.Response:
+    async def _pick(self, request: web.Request, session: Session) -> web.Response:
+        merchants = session.merchants
         return self.web.page(
             "pick.html",
             request=request,
             title="Choose a merchant",
             merchants=sorted(m for m in merchants if m != "*"),
             any_merchant="*" in merchants,
+            csrf=session.csrf,
         )
 
     async def go(self, request: web.Request) -> web.StreamResponse:
@@ -66,7 +69,9 @@ class Pages:
             raise NotFound(f"no merchant {merchant}")
         raise web.HTTPSeeOther(f"/merchant/{merchant}/")
 
-    async def sign_in_form(self, request: web.Request, error: str | None = None) -> web.Response:
+    async def sign_in_form(
+        self, request: web.Request, error: str | None = None, target: str | None = None
+    ) -> web.Response:
         token = sign_in_token(request)
         response = self.web.page(
             "sign_in.html",
@@ -74,8 +79,8 @@ class Pages:
             request=request,
             title="Sign in",
             error=error,
-            next=safe_next(request.query.get("next")) or "",
-            csrf=token,
+            next=safe_next(target or request.query.get("next")) or "",
+            sign_in_csrf=token,
         )
         set_sign_in_cookie(request, response, token)
         return response
@@ -91,7 +96,8 @@ class Pages:
         target = safe_next(form.get("next")) or "/merchant"
         response = web.HTTPSeeOther(target)
         if not key or not await self.web.sessions.open(key, response, request):
-            return await self.sign_in_form(request, "That key is not a merchant API key here.")
+            refused = "That key is not a merchant API key here."
+            return await self.sign_in_form(request, refused, form.get("next"))
         response.del_cookie(SIGN_IN_COOKIE, path="/merchant")
         raise response
 
@@ -211,7 +217,7 @@ class Pages:
 
     # -- shipment timeline -------------------------------------------------------------------
     async def timeline(self, request: web.Request) -> web.Response:
-        merchant_id, _ = await self.web.signed_in(request)
+        merchant_id, session = await self.web.signed_in(request)
         query = request.query.get("q", "").strip()[:200]
         found: list[str] = []
         history: dict[str, Any] | None = None
@@ -228,4 +234,5 @@ class Pages:
             found=found,
             history=history,
             label=milestone_label,
+            csrf=session.csrf,
         )
