@@ -4,8 +4,8 @@ CSRF checks, and turning errors into HTML pages (the API's JSON errors stay the 
 from __future__ import annotations
 
 import functools
-from datetime import UTC, datetime
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote

@@ -17,8 +17,8 @@ from notifier.web.base import Web, safe_next
 from notifier.web.forms import milestone_label
 from notifier.web.session import (
     SIGN_IN_COOKIE,
-    Session,
     CsrfFailed,
+    Session,
     check_csrf,
     set_sign_in_cookie,
     sign_in_token,
