@@ -32,6 +32,7 @@ from notifier.policy import PolicyStore
 from notifier.render.brand import load_brand
 from notifier.render.i18n import Catalogs
 from notifier.resources import data_dir
+from notifier.settings import Settings
 
 
 def _json(status: int, body: object) -> web.Response:
@@ -48,6 +49,11 @@ def milestones() -> list[str]:
     return [t.milestone for t in samples()]
 
 
+def locales(settings: Settings) -> list[str]:
+    """Every locale a message can be written and previewed in."""
+    return ["en", *Catalogs(data_dir("locales", settings.locales_dir)).available()]
+
+
 class Views:
     """Handlers of the typed admin routes."""
 
@@ -55,8 +61,7 @@ class Views:
         self.admin = admin
 
     def locales(self) -> list[str]:
-        settings = self.admin.res.settings
-        return ["en", *Catalogs(data_dir("locales", settings.locales_dir)).available()]
+        return locales(self.admin.res.settings)
 
     async def current_text(self, merchant_id: str, path: str) -> tuple[str, str]:
         """(text, source) of a merchant's file as the draft would publish it: "draft",

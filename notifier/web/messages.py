@@ -10,13 +10,11 @@ from typing import Any
 from aiohttp import web
 
 from notifier.admin import PreviewRequest, describe
-from notifier.admin_views import Views, message_path, milestones
+from notifier.admin_views import Views, locales, message_path, milestones
 from notifier.check import candidate_renderer, sample_notification, samples
 from notifier.errors import NotFound, NotifierError
 from notifier.models import ChannelKind
-from notifier.render.i18n import Catalogs
 from notifier.render.renderer import message_name
-from notifier.resources import data_dir
 from notifier.settings import Settings
 from notifier.web.base import Web
 from notifier.web.forms import milestone_label
@@ -24,10 +22,6 @@ from notifier.web.session import check_csrf
 
 #: Context values shown in the variables panel (lists and internals are left out).
 _HIDDEN = {"lang", "dir", "message", "message_for_locale", "progress", "actions", "us_opt_out"}
-
-
-def locales(settings: Settings) -> list[str]:
-    return ["en", *Catalogs(data_dir("locales", settings.locales_dir)).available()]
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:

@@ -9,6 +9,7 @@ import yaml
 from aiohttp import web
 from pydantic import ValidationError
 
+from notifier.admin_views import locales
 from notifier.errors import ConfigurationError
 from notifier.models import ChannelKind, ExceptionCode, Status
 from notifier.policy import PolicyStore
@@ -31,7 +32,6 @@ from notifier.web.forms import (
     policy_as_data,
     policy_from_form,
 )
-from notifier.web.messages import locales
 from notifier.web.session import Session
 
 _BRAND_HEADER = "brand.yaml written by the merchant editor: what differs from the files beneath"
