@@ -15,7 +15,7 @@ from notifier.errors import PermanentDeliveryError, RenderError, TemporaryDelive
 from notifier.models import STATUS_RANK, ChannelKind, Decision, Notification, notification_id
 from notifier.models import Outcome as Decided
 from notifier.policy.engine import opt_out_key
-from notifier.render import SmsMessageOut
+from notifier.render import Message, SmsMessageOut
 from notifier.resources import Resources, sync_published
 from notifier.state import ShipmentState
 from notifier.store import ClaimResult
@@ -114,7 +114,8 @@ class Deliverer:
             outcomes = await self._send(name, items)
             sent = await self._record(items, outcomes, now.isoformat(), report, by_id, owner)
             # recorded per batch: an accepted message is marked at once, not after the round
-            await self.res.store.mark_sent(sent, owner)
+            said = {item.message.notification_id: summary(item.message) for item in items}
+            await self.res.store.mark_sent(sent, owner, said)
             report.sent += [nid for nid, _, _ in sent]
         return report
 
@@ -282,3 +283,17 @@ class Deliverer:
         log.warning("notification %s: %s; retry %d in %.0f s", nid, exc.reason, attempts, delay)
         due = self.res.clock() + timedelta(seconds=delay)
         await self.res.store.reschedule(nid, int(due.timestamp() * 1000), exc.reason, owner)
+
+
+#: A ledger value of up to 64 bytes keeps a settled entry in Redis's compact encoding.
+SUMMARY_BYTES = 60
+
+
+def summary(message: Message) -> str:
+    """What a message said, in at most SUMMARY_BYTES bytes: an email's subject, an SMS'
+    text (cut on a character boundary, with an ellipsis)."""
+    text = message.body if isinstance(message, SmsMessageOut) else message.subject
+    if len(text.encode()) <= SUMMARY_BYTES:
+        return text
+    cut = text.encode()[: SUMMARY_BYTES - 3].decode(errors="ignore")
+    return cut.rstrip() + "…"

@@ -775,15 +775,26 @@ class Store:
         settled = await self._settle_script(keys=keys, args=args)
         return [notification_ids[int(i) - 1] for i in settled]
 
-    async def mark_sent(self, outcomes: Sequence[tuple[str, str, str]], owner: str = "") -> None:
-        """Record (notification id, sent-at ISO, channel detail) as sent; a provider's message
-        id (``twilio:SM…``, ``sendgrid:…``) is indexed so its status callbacks find us."""
+    async def mark_sent(
+        self,
+        outcomes: Sequence[tuple[str, str, str]],
+        owner: str = "",
+        summaries: dict[str, str] | None = None,
+    ) -> None:
+        """Record (notification id, sent-at ISO, channel detail) as sent, with what was sent
+        in a few words (``summaries``: the subject or the SMS' start, for the timeline); a
+        provider's message id (``twilio:SM…``, ``sendgrid:…``) is indexed so its status
+        callbacks find us."""
         if not outcomes:
             return
+        said = summaries or {}
         settled = set(
             await self._settle(
                 [nid for nid, _, _ in outcomes],
-                [{"st": LedgerState.SENT, "sent": at, "detail": d} for _, at, d in outcomes],
+                [
+                    {"st": LedgerState.SENT, "sent": at, "detail": d, "summary": said.get(nid, "")}
+                    for nid, at, d in outcomes
+                ],
                 owner,
                 self.DONE_WITH,
             )
@@ -944,6 +955,7 @@ class Store:
                         "due",
                         "provider_status",
                         "provider_error",
+                        "summary",
                     ],
                 )
             rows = await pipe.execute()
@@ -957,6 +969,7 @@ class Store:
             "due_at",
             "provider_status",
             "provider_error",
+            "summary",
         )
         out: dict[str, dict[str, str | int]] = {}
         for nid, row in zip(notification_ids, rows, strict=True):

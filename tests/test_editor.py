@@ -321,6 +321,7 @@ async def test_the_timeline_finds_a_shipment_by_tracking_number(
     one = await (await client.get(f"{ACME}/timeline?q=TRK1")).text()
     assert "Shipment shp_a" in one
     assert "Delivered" in one and "sent" in one
+    assert "<q>Votre colis a été livré</q>" in one  # what was sent, in a few words
     both = await (await client.get(f"{ACME}/timeline?q=TRK2")).text()
     assert "2 shipments carried that tracking number" in both
     assert "shipment=shp_b" in both and "shipment=shp_c" in both

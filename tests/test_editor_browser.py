@@ -221,6 +221,7 @@ def test_a_merchant_edits_publishes_sees_the_message_sent_and_rolls_back(
     row = page.locator("table.timeline tbody tr").filter(has_text="email")
     wait_until(lambda: "sent" in _reload_row(page), "the delivery status on the timeline")
     assert "Delivered" in row.inner_text()
+    assert EDITED in row.inner_text()  # what the customer got, on the timeline
     assert axe(page) == []
 
     page.get_by_role("link", name="Versions").click()

@@ -16,9 +16,10 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from notifier.channels.base import Outcome, Outgoing
-from notifier.delivery import LEASE_MS
+from notifier.delivery import LEASE_MS, SUMMARY_BYTES, summary
 from notifier.models import ChannelKind, Transition
 from notifier.pipeline import Pipeline, notification_id
+from notifier.render import SmsMessageOut
 from notifier.resources import open_resources
 from notifier.settings import Settings
 from notifier.store import GROUP, InboxEntry, Store
@@ -430,6 +431,30 @@ async def test_a_settled_notification_is_rewritten_compact(settings: Settings) -
         # another holder's settle changes nothing
         await res.store.cancel("n_1", "superseded", owner="o2")
         assert await res.redis.hget(key, "st") == b"sent"
+
+
+async def test_what_was_sent_is_kept_in_a_few_words_and_the_entry_stays_compact(
+    client: Client, settings: Settings
+) -> None:
+    sms = SmsMessageOut(
+        "n", "acme", "s", "+33612345678", "お荷物は本日配達予定です。" * 5, "UCS-2", 2
+    )
+    said = summary(sms)
+    assert said.endswith("…") and len(said.encode()) <= SUMMARY_BYTES
+    assert sms.body.startswith(said.removesuffix("…"))
+    await post(client, transition())
+    await run_worker(settings)
+    entries = {d["channel"]: d["delivery"] for d in await history(client)}
+    assert entries["email"]["summary"] == "Votre colis arrive aujourd'hui"
+    assert entries["sms"]["summary"].startswith("Your shop : votre colis arrive")
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        key = res.store.notification_key("n_long")
+        await res.redis.hset(key, mapping={"st": "sending", "p": "x" * 700, "owner": "o"})
+        await res.store.mark_sent(
+            [("n_long", "2026-11-21T12:00:00+00:00", "twilio:SM2")], "o", {"n_long": said}
+        )
+        assert (await res.store.ledger(["n_long"]))["n_long"]["summary"] == said
+        assert await res.redis.object("encoding", key) == b"listpack"
 
 
 async def test_unusable_addresses_skip_their_channel_with_the_reason(
