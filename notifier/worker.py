@@ -28,9 +28,10 @@ from arq import cron
 from arq import worker as arq_worker
 from arq.connections import ArqRedis
 from arq.connections import log_redis_info as _arq_log_redis_info
+from arq.constants import in_progress_key_prefix
 from arq.typing import WorkerCoroutine
 from arq.worker import Worker
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError, ResponseError, WatchError
 
 from notifier.models import ExceptionCode, Status, Transition
 from notifier.pipeline import Pipeline
@@ -399,15 +400,48 @@ class ResilientWorker(Worker):
                 log.error("cannot touch the heartbeat file: %s", exc.strerror)
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
-        # arq takes a job slot (semaphore and counter) for the job it is starting and gives
-        # it back on a WATCH conflict only: a Redis error there would keep it for good, and
-        # after max_jobs such errors the worker would never start a job again.
-        try:
-            await super().start_jobs(job_ids)
-        except (RedisError, OSError):
-            self.job_counter -= 1
-            self.sem.release()
-            raise
+        """arq's job start, with the job slot (semaphore and counter) owned explicitly: the
+        slot goes to the job's task once that task exists, and is given back otherwise,
+        whatever fails. arq gives it back on a WATCH conflict only, so a Redis error kept it
+        for good (after max_jobs of them the worker never started a job again); releasing it
+        on every error instead released twice when the error came after the slot was given
+        back already (UNWATCH on a dead connection)."""
+        for raw in job_ids:
+            await self.sem.acquire()
+            if self.job_counter >= self.max_jobs:
+                self.sem.release()
+                return
+            self.job_counter += 1
+            score: int | None = None
+            try:
+                score = await self._claim_job(raw.decode())
+            finally:
+                if score is None:
+                    self.job_counter -= 1
+                    self.sem.release()
+            if score is not None:
+                job_id = raw.decode()
+                task = asyncio.get_running_loop().create_task(self.run_job(job_id, score))
+                task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+                self.tasks[job_id] = task
+
+    async def _claim_job(self, job_id: str) -> int | None:
+        """Mark the job in progress (the queue's score when this worker got it), or None when
+        it runs elsewhere, is gone, or is due later."""
+        in_progress = in_progress_key_prefix + job_id
+        async with self.pool.pipeline(transaction=True) as pipe:
+            await pipe.watch(in_progress)
+            running = await pipe.exists(in_progress)
+            score = await pipe.zscore(self.queue_name, job_id)
+            if running or not score or score > time.time() * 1000:
+                return None
+            pipe.multi()  # type: ignore[no-untyped-call]
+            pipe.psetex(in_progress, int(self.in_progress_timeout_s * 1000), b"1")
+            try:
+                await pipe.execute()
+            except (ResponseError, WatchError):
+                return None  # started elsewhere meanwhile
+        return int(score)
 
 
 def build_worker(

@@ -20,6 +20,7 @@ import pytest
 import redis
 
 from notifier.resources import data_dir
+from notifier.settings import Settings
 from notifier.worker import build_worker
 from tests.conftest import (
     API_KEYS,
@@ -187,3 +188,36 @@ async def test_a_redis_error_while_starting_a_job_gives_its_slot_back(tmp_path: 
         assert not worker.sem.locked()
     finally:
         await worker.pool.aclose()
+
+
+async def test_an_error_after_the_slot_was_given_back_does_not_give_it_back_twice(
+    settings: Settings,
+) -> None:
+    """The release must happen once: an UNWATCH that fails on the way out of a job that was
+    not started (already gone from the queue) used to release its slot a second time, and
+    asyncio's BoundedSemaphore raised in a done callback."""
+    worker = build_worker(settings, handle_signals=False)
+    real = worker.pool
+
+    class FailingReset(type(real.pipeline())):  # type: ignore[misc]
+        async def reset(self) -> None:
+            await super().reset()
+            raise redis.ConnectionError("connection lost during UNWATCH")
+
+    class Pool:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def pipeline(self, transaction: bool = True) -> Any:
+            return FailingReset(real.connection_pool, real.response_callbacks, transaction, None)
+
+    worker._pool = Pool()
+    slots = worker.sem._value  # type: ignore[attr-defined]
+    try:
+        for _ in range(3):
+            with pytest.raises(redis.ConnectionError):
+                await worker.start_jobs([b"job-not-queued"])
+        assert worker.job_counter == 0
+        assert worker.sem._value == slots  # type: ignore[attr-defined]
+    finally:
+        await real.aclose()
