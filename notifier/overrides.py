@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 from arq.connections import ArqRedis
 
+from notifier.render.environment import TEMPLATE_NAME
 from notifier.store import awaited
 
 PREFIX = "ntf:ovr"
@@ -240,7 +241,7 @@ def _version(number: int, raw: bytes | str) -> Version:
 
 
 #: Files of an override that are templates (the others are brand.yaml and policy.yaml).
-TEMPLATE = re.compile(r"_labels\.jinja|messages/.+\.jinja|email/.+|sms/.+")
+TEMPLATE = TEMPLATE_NAME
 
 
 class Published:

@@ -5,14 +5,16 @@ from __future__ import annotations
 import email
 import email.policy
 import json
+import shutil
 import signal
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
+from notifier.app import create_app
 from notifier.resources import data_dir
 from notifier.settings import Settings
 from tests.conftest import (
@@ -401,3 +403,28 @@ async def test_brand_and_policy_as_fields_merged_over_the_files_beneath(client: 
         f"{acme}/overrides/publish", json={"revision": revision}, headers=auth(ACME_KEY)
     )
     assert (await published.json())["version"] == 1
+
+
+async def test_a_template_cannot_read_another_merchants_files(
+    client: Client, settings: Settings, tmp_path: Path
+) -> None:
+    """The default templates' folder holds every merchant's folder: a template may load
+    templates only, never another merchant's brand, templates or catalogs."""
+    templates = tmp_path / "templates"
+    shutil.copytree(data_dir("templates", None), templates)
+    (templates / "globex").mkdir()
+    (templates / "globex" / "brand.yaml").write_text("name: Globex\nfooter: SECRET-GLOBEX\n")
+    (templates / "globex" / "messages").mkdir()
+    (templates / "globex" / "messages" / "delivered.jinja").write_text("SECRET-TEMPLATE")
+    own = settings.model_copy(update={"templates_dir": templates})
+    async with TestClient(TestServer(create_app(own))) as c:
+        for name in ("globex/brand.yaml", "globex/messages/delivered.jinja", "brand.yaml"):
+            text = "{%- macro subject() -%}{% include '" + name + "' %}{%- endmacro -%}"
+            resp = await c.post(
+                f"{BASE.format(m='acme')}/preview",
+                json={"milestone": "delivered", "files": {"messages/delivered.jinja": text}},
+                headers=auth(ACME_KEY),
+            )
+            body = await resp.text()
+            assert resp.status == 422, name
+            assert "SECRET" not in body and "not a template a message may load" in body

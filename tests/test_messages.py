@@ -340,26 +340,27 @@ def test_pickup_deadline_becomes_days_to_collect() -> None:
 def test_the_sandbox_fast_paths_keep_jinja_semantics(tmp_path: Path) -> None:
     """Trans variables are escaped in HTML only; dict attributes stay attributes; the
     sandbox still refuses internals; ngettext/pgettext format like Jinja's own."""
-    (tmp_path / "t.html").write_text(
+    (tmp_path / "email").mkdir()
+    (tmp_path / "email" / "t.html").write_text(
         "{% trans name=who %}Hello {{ name }},{% endtrans %}|{{ d.items is callable }}|"
         "{{ d.colour }}|{% trans count=n %}{{ count }} day{% pluralize %}{{ count }} days"
         "{% endtrans %}|{{ pgettext('ctx', 'Word %(context)s') }}"
     )
-    (tmp_path / "t.txt").write_text("{% trans name=who %}Hello {{ name }},{% endtrans %}")
-    (tmp_path / "bad.txt").write_text("{{ d.__class__.__mro__ }}")
+    (tmp_path / "email" / "t.txt").write_text("{% trans name=who %}Hello {{ name }},{% endtrans %}")
+    (tmp_path / "email" / "bad.txt").write_text("{{ d.__class__.__mro__ }}")
     store = TemplateStore(tmp_path, Catalogs(data_dir("locales", None)))
     words = store.gettext_for(("fr", "en"))
     ctx = {"who": "<b>Ana</b>", "d": {"items": "key", "colour": "red"}, "n": 3, **words}
-    html = store.select("", ("t.html",)).render(ctx)
+    html = store.select("", ("email/t.html",)).render(ctx)
     assert html == "Bonjour &lt;b&gt;Ana&lt;/b&gt;,|True|red|3 days|Word ctx"
-    assert store.select("", ("t.txt",)).render(ctx) == "Bonjour <b>Ana</b>,"
+    assert store.select("", ("email/t.txt",)).render(ctx) == "Bonjour <b>Ana</b>,"
     from jinja2.exceptions import SecurityError, UndefinedError
 
     with pytest.raises((SecurityError, UndefinedError)):
-        store.select("", ("bad.txt",)).render(ctx)
+        store.select("", ("email/bad.txt",)).render(ctx)
     # Without a locale's functions in the context, the source (English) words.
     plain = {k: v for k, v in ctx.items() if k not in words}
-    assert store.select("", ("t.txt",)).render(plain) == "Hello <b>Ana</b>,"
+    assert store.select("", ("email/t.txt",)).render(plain) == "Hello <b>Ana</b>,"
 
 
 async def test_a_batch_renders_as_one_by_one_with_failures_in_place(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gettext as stdlib_gettext
+import re
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ from jinja2 import (
     FileSystemLoader,
     StrictUndefined,
     Template,
+    TemplateNotFound,
     pass_context,
     select_autoescape,
 )
@@ -30,6 +32,10 @@ GETTEXT_NAMES = ("gettext", "ngettext", "pgettext", "npgettext")
 
 #: Marks a search path whose first layer is a merchant's published files.
 PUBLISHED = "published:"
+
+#: The only template names a template may load ({% include %}, {% import %}, the renderer's
+#: own lookups): never a file of another merchant's folder, a brand file or a catalog.
+TEMPLATE_NAME = re.compile(r"_labels\.jinja|messages/[^/]+\.jinja|email/[^/]+|sms/[^/]+")
 
 #: Names a template reaches as attributes of a dict (``d.items``), never as its keys.
 _DICT_ATTRIBUTES = frozenset(dir(dict))
@@ -199,12 +205,13 @@ class TemplateStore:
                     del self._selected[key]
 
     def _loader(self, search: tuple[str, ...]) -> BaseLoader:
-        """Published files first (the editor's), then the folders, the merchant's first."""
+        """Published files first (the editor's), then the folders, the merchant's first;
+        only template names (TEMPLATE_NAME) resolve."""
         files = FileSystemLoader([p for p in search if not p.startswith(PUBLISHED)])
         if not search[0].startswith(PUBLISHED) or self.published is None:
-            return files
+            return _TemplatesOnly(files)
         merchant_id = search[0].removeprefix(PUBLISHED)
-        return ChoiceLoader([DictLoader(self.published(merchant_id)), files])
+        return _TemplatesOnly(ChoiceLoader([DictLoader(self.published(merchant_id)), files]))
 
     def _build(self, search: tuple[str, ...]) -> Sandbox:
         env = Sandbox(
@@ -223,3 +230,19 @@ class TemplateStore:
         # Compile {% trans %} as newstyle calls: gettext(text, **variables).
         env.newstyle_gettext = True  # type: ignore[attr-defined]
         return env
+
+
+class _TemplatesOnly(BaseLoader):
+    """A loader that finds template names only. The default templates' folder holds every
+    merchant's folder too: without this, ``{% include 'other/brand.yaml' %}`` in one
+    merchant's template would print another merchant's files."""
+
+    def __init__(self, inner: BaseLoader) -> None:
+        self.inner = inner
+
+    def get_source(
+        self, environment: Any, template: str
+    ) -> tuple[str, str | None, Callable[[], bool] | None]:
+        if not TEMPLATE_NAME.fullmatch(template):
+            raise TemplateNotFound(template, f"{template}: not a template a message may load")
+        return self.inner.get_source(environment, template)
