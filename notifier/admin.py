@@ -187,8 +187,14 @@ class Admin:
     async def discard(self, request: web.Request) -> web.Response:
         merchant_id, key_id = self.merchant(request)
         path = request.match_info["path"]
-        revision = await self.store.discard(merchant_id, path, key_id, self.now())
-        return _json(200, {"revision": revision})
+        return _json(200, {"revision": await self.discard_file(merchant_id, path, key_id)})
+
+    async def discard_file(self, merchant_id: str, path: str, key_id: str) -> int:
+        """Drop one file's change from the draft; the new revision (422 for a bad path)."""
+        try:
+            return await self.store.discard(merchant_id, path, key_id, self.now())
+        except OverrideError as exc:
+            raise InvalidOverride(str(exc), [{"field": "path", "message": str(exc)}]) from exc
 
     async def publish(self, request: web.Request) -> web.Response:
         merchant_id, key_id = self.merchant(request)
@@ -324,11 +330,26 @@ class Admin:
         return _json(200, {"version": version, "restored": body.version})
 
     async def rollback_to(self, merchant_id: str, version: int, key_id: str) -> int:
-        """Publish the files of ``version`` again, as a new version (its number)."""
+        """Publish the files of ``version`` again, as a new version (its number), once they
+        pass the checks against today's files beneath (422 naming each problem)."""
+        if version == 0:
+            files: dict[str, str] = {}
+        else:
+            old = await self.store.version(merchant_id, version)
+            if old is None:
+                raise NotFound(f"no version {version}")
+            files = old.files
+        problems = await self.problems(merchant_id, files)
+        if problems:
+            raise InvalidOverride(
+                f"version {version} has {len(problems)} problem(s) with today's files; "
+                "it was not restored",
+                [{"field": "version", "message": p} for p in problems],
+            )
         try:
             return await self.store.rollback(merchant_id, version, key_id, self.now())
         except OverrideError as exc:
-            raise NotFound(str(exc)) from exc
+            raise InvalidOverride(str(exc), [{"field": "version", "message": str(exc)}]) from exc
 
     async def audit(self, request: web.Request) -> web.Response:
         merchant_id, _ = self.merchant(request)

@@ -71,13 +71,16 @@ redis.call('RPUSH', KEYS[4], cjson.encode({at = ARGV[2], key_id = ARGV[1],
 return {n, rev}
 """
 
-# KEYS: versions, live, audit. ARGV: author key id, time (ISO), version to restore.
+# KEYS: versions, live, audit, draft. ARGV: author key id, time (ISO), version to restore.
+# A draft's revision moves, so a publish checked against the files before stays refused.
 _ROLLBACK = """
 local files = {}
 if ARGV[3] ~= '0' then
   local old = redis.call('HGET', KEYS[1], ARGV[3])
   if not old then return -1 end
   files = cjson.decode(old)['files']
+elseif not redis.call('GET', KEYS[2]) then
+  return -2
 end
 local n = redis.call('HLEN', KEYS[1]) + 1
 local record = {files = files, author = ARGV[1], at = ARGV[2], changed = {},
@@ -86,6 +89,7 @@ redis.call('HSET', KEYS[1], tostring(n), cjson.encode(record))
 redis.call('SET', KEYS[2], tostring(n))
 redis.call('RPUSH', KEYS[3], cjson.encode({at = ARGV[2], key_id = ARGV[1],
   action = 'rollback', version = n, restored = tonumber(ARGV[3])}))
+if redis.call('EXISTS', KEYS[4]) == 1 then redis.call('HINCRBY', KEYS[4], '#rev', 1) end
 return n
 """
 
@@ -164,6 +168,8 @@ class OverrideStore:
 
     async def discard(self, merchant_id: str, path: str, key_id: str, at: str) -> int:
         """Drop a file's change from the draft (the published text stays); the revision."""
+        if not PATH.fullmatch(path):
+            raise OverrideError(f"{path}: not a file a merchant can override")
         draft = self.key(merchant_id, "draft")
         entry = {"at": at, "key_id": key_id, "action": "discard", "path": path}
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -191,9 +197,11 @@ class OverrideStore:
         """Publish the files of ``version`` again, as a new version; its number. Version 0
         is "nothing from the editor": the merchant's files and the defaults again."""
         n = await self._rollback(
-            keys=[self.key(merchant_id, k) for k in ("versions", "live", "audit")],
+            keys=[self.key(merchant_id, k) for k in ("versions", "live", "audit", "draft")],
             args=[key_id, at, str(version)],
         )
+        if int(n) == -2:
+            raise OverrideError("nothing is published: version 0 is what is live already")
         if int(n) < 0:
             raise OverrideError(f"no version {version}")
         return int(n)

@@ -129,11 +129,10 @@ class Pipeline:
             for i, f in enumerate(folds):
                 if i in conflicts:
                     continue
-                before, after = loaded[i][1], f.commit.state
-                if after.tracking_number and (
-                    before is None or before.tracking_number != after.tracking_number
-                ):
-                    tracked.append((keys[i][0], after.tracking_number, keys[i][1]))
+                # every commit (idempotent): kept as long as the state, and a commit whose
+                # index write failed is indexed by the shipment's next one
+                if f.commit.state.tracking_number:
+                    tracked.append((keys[i][0], f.commit.state.tracking_number, keys[i][1]))
                 report.decisions += f.decisions
                 report.notifications += f.notifications
                 to_deliver += f.notifications + f.recover

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from aiohttp.test_utils import TestClient, TestServer
 
 from notifier.app import create_app
@@ -428,3 +429,55 @@ async def test_a_template_cannot_read_another_merchants_files(
             body = await resp.text()
             assert resp.status == 422, name
             assert "SECRET" not in body and "not a template a message may load" in body
+
+
+async def test_a_rollback_is_checked_and_moves_the_drafts_revision(
+    client: Client, settings: Settings
+) -> None:
+    acme = BASE.format(m="acme")
+    nothing = await client.post(
+        f"{acme}/overrides/rollback", json={"version": 0}, headers=auth(ACME_KEY)
+    )
+    assert nothing.status == 422 and "nothing is published" in await nothing.text()
+    # version 1 uses a variable; version 2 does not
+    uses = DEFAULT.replace("{%- macro subject() -%}", "{%- macro subject() -%}{{ brand.slogan }}")
+    for text in (subject("v1"), subject("v2")):
+        saved = await client.put(
+            f"{acme}/overrides/draft/messages/delivered.jinja",
+            json={"text": text},
+            headers=auth(ACME_KEY),
+        )
+        revision = (await saved.json())["revision"]
+        await client.post(
+            f"{acme}/overrides/publish", json={"revision": revision}, headers=auth(ACME_KEY)
+        )
+    # a draft reviewed at some revision, then a rollback: that review no longer holds
+    saved = await client.put(
+        f"{acme}/overrides/draft/messages/delivered.jinja",
+        json={"text": subject("v3")},
+        headers=auth(ACME_KEY),
+    )
+    reviewed = (await saved.json())["revision"]
+    back = await client.post(
+        f"{acme}/overrides/rollback", json={"version": 1}, headers=auth(ACME_KEY)
+    )
+    assert back.status == 200
+    stale = await client.post(
+        f"{acme}/overrides/publish", json={"revision": reviewed}, headers=auth(ACME_KEY)
+    )
+    assert stale.status == 409
+    # a version that fails today's checks is not restored
+    r = redis.Redis.from_url(str(settings.redis_url))
+    record = json.loads(r.hget("ntf:ovr:{acme}:versions", "1") or b"{}")
+    record["files"]["messages/delivered.jinja"] = uses
+    r.hset("ntf:ovr:{acme}:versions", "1", json.dumps(record))
+    r.close()
+    broken = await client.post(
+        f"{acme}/overrides/rollback", json={"version": 1}, headers=auth(ACME_KEY)
+    )
+    assert broken.status == 422
+    assert "slogan" in await broken.text()
+    missing = await client.post(
+        f"{acme}/overrides/rollback", json={"version": 99}, headers=auth(ACME_KEY)
+    )
+    assert missing.status == 404

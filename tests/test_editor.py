@@ -42,6 +42,12 @@ async def csrf_of(client: Client, path: str) -> str:
     return found.group(1)
 
 
+def base_of(page: str) -> str:
+    found = re.search(r'name="base" value="([0-9a-f]+)"', page)
+    assert found is not None
+    return found.group(1)
+
+
 async def draft(client: Client) -> dict[str, Any]:
     resp = await client.get("/v1/merchants/acme/overrides", headers=auth(ACME_KEY))
     body: dict[str, Any] = (await resp.json())["draft"]["files"]
@@ -236,11 +242,13 @@ async def test_the_cadence_form_round_trips_and_writes_only_changes(client: Clie
         "throttle.max_sms_per_shipment": "3",
     }
     del changed["statuses.in_transit.email"]
+    del changed["exceptions.lost.inherit"]  # lost gets a rule of its own
+    del changed["statuses.exception.sms"]  # every other problem: email only
     resp = await client.post(f"{ACME}/cadence", data=changed)
     assert "Saved to your draft" in await resp.text()
     written = yaml.safe_load((await draft(client))["policy.yaml"])
     assert written == {
-        "statuses": {"in_transit": {"channels": []}},
+        "statuses": {"in_transit": {"channels": []}, "exception": {"channels": ["email"]}},
         "exceptions": {
             "lost": {"channels": ["email", "sms"], "trivial": False, "break_quiet_hours": True}
         },
@@ -251,12 +259,16 @@ async def test_the_cadence_form_round_trips_and_writes_only_changes(client: Clie
     shown = cadence_form(await (await client.get(f"{ACME}/cadence")).text())
     assert shown["quiet_hours.email.start"] == "22:00"
     assert "statuses.in_transit.email" not in shown
+    assert "exceptions.customs_hold.inherit" in shown and "exceptions.lost.inherit" not in shown
     bad = await client.post(f"{ACME}/cadence", data={**changed, "quiet_hours.sms.end": "25:00"})
     assert bad.status == 422
     assert "must be HH:MM" in await bad.text()
     nan = await client.post(f"{ACME}/cadence", data={**changed, "dedupe_window_hours": "a week"})
     assert nan.status == 422
     assert "dedupe_window_hours" in await nan.text()
+    for huge in ("inf", "1e12"):
+        resp = await client.post(f"{ACME}/cadence", data={**changed, "stalled.no_scan_hours": huge})
+        assert resp.status == 422, huge  # an hour count the stall clock could not hold
 
 
 async def test_a_message_written_for_one_locale_is_used_for_that_locale_only(
@@ -271,11 +283,19 @@ async def test_a_message_written_for_one_locale_is_used_for_that_locale_only(
         "{%- macro subject() -%}Ihr Paket ist da{%- endmacro -%}"
         "{%- macro sms() -%}{{ brand.name }}: Paket ist da.{%- endmacro -%}"
     )
-    resp = await client.post(
-        f"{ACME}/messages/delivered",
-        data={"csrf": csrf, "locale": "de", "text": template, "action": "save"},
-    )
+    base = base_of(text)
+    form = {"csrf": csrf, "locale": "de", "text": template, "action": "save", "base": base}
+    resp = await client.post(f"{ACME}/messages/delivered", data=form)
     assert resp.status == 200
+    assert "the draft has no problems" in (await resp.text()).lower()
+    # a second tab still showing the text from before cannot overwrite it unseen
+    stale = await client.post(f"{ACME}/messages/delivered", data={**form, "text": "{#- mine -#}"})
+    assert stale.status == 409
+    stale_page = await stale.text()
+    assert "Someone saved this message since you opened it" in stale_page
+    assert "{#- mine -#}" in stale_page  # the text typed is shown back, not lost
+    overview = await (await client.get(f"{ACME}/messages/delivered")).text()
+    assert 'href="?locale=de">de</a>' in overview  # the all-languages page says de has its own
     assert (await draft(client)).keys() == {"messages/delivered.de.jinja"}
 
     async def subject(locale: str) -> str:
@@ -342,3 +362,66 @@ async def test_a_key_for_every_merchant_picks_one(client: Client) -> None:
     assert (await client.get("/merchant/globex/messages")).status == 200
     bad = await client.get("/merchant/go?merchant=../etc", allow_redirects=False)
     assert bad.status == 404
+
+
+async def test_review_findings_hold(client: Client, settings: Settings) -> None:
+    """What a review of the editor found broken, each checked through the pages."""
+    csrf = await sign_in(client)
+    # the draft's revision field is not a file anyone may discard
+    resp = await client.post(f"{ACME}/publish", data={"csrf": csrf, "discard": "#rev"})
+    assert resp.status == 422
+    # signing in again (another tab) keeps the CSRF token of the forms already open
+    assert await sign_in(client) == csrf
+    # a rollback with no version number is refused, not read as version 0
+    resp = await client.post(f"{ACME}/rollback", data={"csrf": csrf, "version": ""})
+    assert resp.status == 422
+    resp = await client.post(f"{ACME}/rollback", data={"csrf": csrf, "version": "0"})
+    assert "nothing is published" in await resp.text()
+    # a default language without a catalog of its own stays what it was
+    await client.put(
+        "/v1/merchants/acme/brand", json={"default_locale": "de_AT"}, headers=auth(ACME_KEY)
+    )
+    page = await (await client.get(f"{ACME}/brand")).text()
+    assert '<option value="de_AT" selected>' in page
+    # the review shows a brand override as itself, not as the default file deleted
+    review = await (await client.get(f"{ACME}/publish")).text()
+    assert "+default_locale: de_AT" in review and "-name: Your shop" not in review
+    # a draft whose brand does not validate still opens its messages, saying why
+    await client.put("/v1/merchants/acme/brand", json={"accent": "#808080"}, headers=auth(ACME_KEY))
+    resp = await client.get(f"{ACME}/messages/delivered")
+    assert resp.status == 200
+    assert "brand.yaml does not validate" in await resp.text()
+    bad_json = await client.post(
+        f"{ACME}/preview",
+        data=b"{not json",
+        headers={"X-CSRF-Token": csrf, "Content-Type": "application/json"},
+    )
+    assert bad_json.status == 400
+    # sign-out without a session touches no cookie
+    async with TestClient(TestServer(create_app(settings))) as other:
+        resp = await other.post("/merchant/sign-out", allow_redirects=False)
+        assert resp.status == 303 and "Set-Cookie" not in resp.headers
+
+
+async def test_the_public_url_is_a_same_origin(settings: Settings) -> None:
+    """Behind a proxy that rewrites Host, the browser's Origin is the public URL."""
+    public = settings.model_copy(update={"public_url": "https://notify.example.com/"})
+    async with TestClient(TestServer(create_app(public))) as client:
+        csrf = await sign_in(client)
+        ok = await client.post(
+            f"{ACME}/brand",
+            data={"csrf": csrf, "name": "Acme", "accent": "#1d4ed8", "default_locale": "en"},
+            headers={"Origin": "https://notify.example.com"},
+        )
+        assert ok.status == 200
+        refused = await client.post(
+            f"{ACME}/brand", data={"csrf": csrf}, headers={"Origin": "https://other.example.com"}
+        )
+        assert refused.status == 403
+
+
+async def test_a_merchant_id_with_a_dot_has_its_pages(client: Client) -> None:
+    await sign_in(client, ADMIN_KEY)
+    resp = await client.get("/merchant/go?merchant=acme.de", allow_redirects=False)
+    assert resp.headers["Location"] == "/merchant/acme.de/"
+    assert (await client.get("/merchant/acme.de/messages")).status == 200

@@ -76,7 +76,8 @@ ClockTime = Annotated[time, BeforeValidator(_clock_time)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # no inf or nan: a number a policy uses must be one (inf hours overflowed the stall clock)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Rule(_Strict):
@@ -135,22 +136,22 @@ class Throttle(_Strict):
     #: minimum hours between two trivial updates of one shipment on one channel
     trivial_interval_hours: float = Field(default=24, ge=0, le=30 * 24)
     #: at most this many messages per shipment (all channels) in any 24 hours
-    max_per_shipment_per_day: int = Field(default=10, ge=1)
+    max_per_shipment_per_day: int = Field(default=10, ge=1, le=1000)
     #: at most this many SMS per shipment, ever
-    max_sms_per_shipment: int = Field(default=8, ge=0)
+    max_sms_per_shipment: int = Field(default=8, ge=0, le=1000)
 
 
 class Anomalies(_Strict):
     """Events that look wrong are flagged and recorded, never notified."""
 
     #: an event dated more than this far in the future
-    future_minutes: float = Field(default=30, ge=0)
+    future_minutes: float = Field(default=30, ge=0, le=30 * 24 * 60)
     #: an event more than this much earlier than the shipment's first known event
-    early_hours: float = Field(default=30 * 24, ge=0)
+    early_hours: float = Field(default=30 * 24, ge=0, le=10 * 365 * 24)
     #: two located scans implying a faster journey than this
-    max_speed_kmh: float = Field(default=1000, gt=0)
+    max_speed_kmh: float = Field(default=1000, gt=0, le=100_000)
     #: jumps shorter than this are never flagged (scan-location jitter)
-    min_jump_km: float = Field(default=50, ge=0)
+    min_jump_km: float = Field(default=50, ge=0, le=20_000)
 
 
 class Stalled(_Strict):
@@ -158,9 +159,9 @@ class Stalled(_Strict):
 
     enabled: bool = True
     #: no scan for this long while in one of ``statuses``
-    no_scan_hours: float = Field(default=72, gt=0)
+    no_scan_hours: float = Field(default=72, gt=0, le=90 * 24)
     #: the estimated delivery window ended this long ago without delivery
-    after_window_hours: float = Field(default=2, ge=0)
+    after_window_hours: float = Field(default=2, ge=0, le=90 * 24)
     statuses: list[Status] = Field(
         default_factory=lambda: [
             Status.PICKED_UP,

@@ -21,12 +21,13 @@ def add_routes(app: web.Application, admin: Admin, views: Views, keys: KeyRing) 
 
     def get_sessions() -> Sessions:
         if not sessions:
-            sessions.append(Sessions(admin.res.redis, keys, admin.res.clock))
+            res = admin.res
+            sessions.append(Sessions(res.redis, keys, res.clock, res.settings.public_url))
         return sessions[0]
 
     web_ = Web(admin, get_sessions)
     pages, messages, settings = Pages(web_), Messages(web_, views), SettingsPages(web_)
-    base = "/merchant/{merchant_id:[A-Za-z0-9_-]{1,64}}"
+    base = "/merchant/{merchant_id:[A-Za-z0-9][A-Za-z0-9._-]{0,63}}"  # models.MerchantId
     milestone = "{milestone:[a-z_]+(:[a-z_]+)?}"
     routes = [
         ("GET", "/merchant", pages.index),

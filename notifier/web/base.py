@@ -16,7 +16,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from notifier.admin import Admin
 from notifier.errors import ApiError, Forbidden, NotFound
 from notifier.resources import Resources
-from notifier.web.session import COOKIE, CsrfFailed, Session, Sessions, SignInRequired, check_csrf
+from notifier.web.session import COOKIE, CsrfFailed, Session, Sessions, SignInRequired
 
 HERE = Path(__file__).parent
 #: No inline scripts, nothing from elsewhere. Styles may be inline because the email
@@ -93,46 +93,61 @@ class Web:
         """A POSTed form, after the CSRF check."""
         data = await request.post()
         form = {k: v for k, v in data.items() if isinstance(v, str)}
-        check_csrf(request, session.csrf, form.get("csrf"))
+        self.sessions.check_csrf(request, session.csrf, form.get("csrf"))
         return form
 
 
 def html_errors(web_: Web, handler: Handler) -> Handler:
-    """Errors as editor pages: sign-in for a missing session, 403/404/409/422 explained."""
+    """Errors as editor pages: sign-in for a missing session, 403/404/409/422 explained; a
+    refused form's text is shown back, so nothing typed is lost."""
 
     @functools.wraps(handler)
     async def wrapped(request: web.Request) -> web.StreamResponse:
         try:
             return await handler(request)
         except SignInRequired:
-            if request.method != "GET":
-                return web_.page(
-                    "error.html",
-                    status=401,
-                    request=request,
-                    title="Signed out",
-                    message="Your session ended. Sign in again; unsaved changes are lost.",
-                )
-            raise web.HTTPSeeOther(f"/merchant/sign-in?next={quote(request.path_qs)}") from None
-        except (Forbidden, CsrfFailed, NotFound) as exc:
-            return web_.page(
-                "error.html",
-                status=exc.status,
-                request=request,
-                title="Not allowed" if exc.status == 403 else "Not found",
-                message=exc.message,
+            if request.method == "GET":
+                target = f"/merchant/sign-in?next={quote(request.path_qs)}"
+                raise web.HTTPSeeOther(target) from None
+            return await _error(
+                web_,
+                request,
+                401,
+                "Signed out",
+                "Your session ended: sign in again (in another tab) and save once more.",
             )
+        except (Forbidden, CsrfFailed, NotFound) as exc:
+            title = "Not allowed" if exc.status == 403 else "Not found"
+            return await _error(web_, request, exc.status, title, exc.message)
         except ApiError as exc:
-            return web_.page(
-                "error.html",
-                status=exc.status,
-                request=request,
-                title="Could not do that",
-                message=exc.message,
-                details=exc.details,
+            return await _error(
+                web_, request, exc.status, "Could not do that", exc.message, exc.details
             )
 
     return wrapped
+
+
+async def _error(
+    web_: Web,
+    request: web.Request,
+    status: int,
+    title: str,
+    message: str,
+    details: list[dict[str, Any]] | None = None,
+) -> web.Response:
+    unsaved = None
+    if request.method == "POST" and request.content_type != "application/json":
+        text = (await request.post()).get("text")
+        unsaved = text if isinstance(text, str) and text else None
+    return web_.page(
+        "error.html",
+        status=status,
+        request=request,
+        title=title,
+        message=message,
+        details=details,
+        unsaved=unsaved,
+    )
 
 
 def moment(value: object) -> str:

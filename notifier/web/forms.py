@@ -215,9 +215,11 @@ def _rule(form: Mapping[str, str], prefix: str) -> dict[str, Any]:
     }
 
 
-def policy_from_form(form: Mapping[str, str], effective: Mapping[str, Any]) -> dict[str, Any]:
+def policy_from_form(
+    form: Mapping[str, str], effective: Mapping[str, Any], beneath: Mapping[str, Any]
+) -> dict[str, Any]:
     """The whole policy a submitted cadence form asks for (``effective`` fills what the form
-    does not show, like anomaly thresholds)."""
+    does not show, like anomaly thresholds; ``beneath`` is the policy under the override)."""
     out: dict[str, Any] = yaml.safe_load(yaml.safe_dump(dict(effective)))  # a deep copy
     for name, *_ in POLICY_FIELDS:
         raw = form.get(name, "")
@@ -226,10 +228,13 @@ def policy_from_form(form: Mapping[str, str], effective: Mapping[str, Any]) -> d
     general = out["statuses"][Status.EXCEPTION.value]
     out["exceptions"] = {}
     for code in ExceptionCode:
-        rule = _rule(form, f"exceptions.{code.value}")
-        # the codes that differ from "any problem", and those the files beneath set
-        if rule != general or code.value in effective.get("exceptions", {}):
-            out["exceptions"][code.value] = rule
+        prefix = f"exceptions.{code.value}"
+        if form.get(f"{prefix}.inherit") != "on":
+            out["exceptions"][code.value] = _rule(form, prefix)
+        elif code.value in beneath.get("exceptions", {}):
+            # the files beneath give this code a rule of its own, which an override can
+            # only replace: with the general one
+            out["exceptions"][code.value] = general
     for kind in ChannelKind:
         if form.get(f"quiet_hours.{kind.value}.enabled") == "on":
             window = {

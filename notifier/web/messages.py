@@ -5,6 +5,7 @@ variables it can use, saved to the draft per locale or for all locales."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from typing import Any
 
 from aiohttp import web
@@ -12,13 +13,13 @@ from aiohttp import web
 from notifier.admin import PreviewRequest, describe
 from notifier.admin_views import Views, locales, message_path, milestones
 from notifier.check import candidate_renderer, sample_notification, samples
-from notifier.errors import NotFound, NotifierError
+from notifier.errors import ApiError, BadRequest, ConfigurationError, NotFound, NotifierError
+from notifier.ingest import read_json
 from notifier.models import ChannelKind
 from notifier.render.renderer import message_name
 from notifier.settings import Settings
 from notifier.web.base import Web
 from notifier.web.forms import milestone_label
-from notifier.web.session import check_csrf
 
 #: Context values shown in the variables panel (lists and internals are left out).
 _HIDDEN = {"lang", "dir", "message", "message_for_locale", "progress", "actions", "us_opt_out"}
@@ -35,8 +36,12 @@ def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
 def variables(
     settings: Settings, merchant_id: str, files: dict[str, str], milestone: str, locale: str
 ) -> dict[str, str]:
-    """Every variable a template may print, with its value for the sample parcel."""
-    renderer, _ = candidate_renderer(settings, merchant_id, files)
+    """Every variable a template may print, with its value for the sample parcel (none
+    while the draft's brand does not validate: the page says why)."""
+    try:
+        renderer, _ = candidate_renderer(settings, merchant_id, files)
+    except ConfigurationError:
+        return {}
     t = next(t for t in samples() if t.milestone == milestone)
     n = sample_notification(
         t.model_copy(update={"merchant_id": merchant_id}),
@@ -103,6 +108,13 @@ class Messages:
             variables, settings, merchant_id, files, milestone, preview_locale
         )
         _, draft = await self.web.admin.store.draft(merchant_id)
+        live = await self.web.admin.store.live(merchant_id)
+        prefix = message_path(milestone).removesuffix("jinja")
+        own_locales = sorted(
+            p.removeprefix(prefix).removesuffix(".jinja")
+            for p in {*(live.files if live else {}), *(k for k, v in draft.items() if v)}
+            if p.startswith(prefix) and p.count(".") == 2
+        )
         return self.web.page(
             "message.html",
             request=request,
@@ -116,6 +128,10 @@ class Messages:
             text=text,
             source=source,
             in_draft=path in draft,
+            removable=source in ("draft", "published"),
+            own_locales=own_locales,
+            base=fingerprint(text),
+            brand_problem=None if values else "the draft's brand.yaml does not validate",
             variables=values,
             csrf=session.csrf,
             saved=request.query.get("saved"),
@@ -136,11 +152,20 @@ class Messages:
             f"?locale={locale}&" if locale else "?"
         )
         if form.get("action") == "discard":
-            await self.web.admin.store.discard(
-                merchant_id, path, session.key_id, self.web.admin.now()
-            )
+            await self.web.admin.discard_file(merchant_id, path, session.key_id)
             raise web.HTTPSeeOther(where + "saved=discarded")
         text = form.get("text", "").replace("\r\n", "\n")
+        current, _ = await self.views.current_text(merchant_id, path)
+        if fingerprint(current) != form.get("base") and current != text:
+            raise EditConflict(
+                "Someone saved this message since you opened it. Your text is below: "
+                "open the message again to see theirs, then merge and save.",
+                [{"field": "text", "message": "changed by someone else meanwhile"}],
+            )
+        if form.get("action") == "remove":
+            result = await self.web.admin.save_file(merchant_id, path, None, session.key_id)
+            await self.web.sessions.flash(request, result["problems"])
+            raise web.HTTPSeeOther(where + f"saved={result['saved']}")
         result = await self.web.admin.save_file(merchant_id, path, text, session.key_id)
         await self.web.sessions.flash(request, result["problems"])
         raise web.HTTPSeeOther(where + f"saved={result['saved']}")
@@ -149,10 +174,10 @@ class Messages:
         """JSON for the live preview: the email and the SMS rendered from the text on
         screen (over the draft), and the variables in the preview locale."""
         merchant_id, session = await self.web.signed_in(request)
-        check_csrf(request, session.csrf, request.headers.get("X-CSRF-Token"))
-        body = await request.json()
+        self.web.sessions.check_csrf(request, session.csrf, request.headers.get("X-CSRF-Token"))
+        body = await read_json(request, 256 * 1024)
         if not isinstance(body, dict):
-            raise web.HTTPBadRequest(text="expected a JSON object")
+            raise BadRequest("expected a JSON object")
         path, text = str(body.get("path", "")), str(body.get("text", ""))
         milestone, locale = str(body.get("milestone", "")), str(body.get("locale", "en"))
         if milestone not in milestones() or locale not in locales(self.web.res.settings):
@@ -176,3 +201,12 @@ class Messages:
         )
         out["name"] = message_name(next(t for t in samples() if t.milestone == milestone))
         return web.json_response(out)
+
+
+class EditConflict(ApiError):
+    status, code = 409, "edit_conflict"
+
+
+def fingerprint(text: str) -> str:
+    """A short digest of a file's text as a page showed it (to notice a save in between)."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -10,6 +10,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
+from notifier.admin import InvalidOverride
 from notifier.errors import ApiError, NotFound
 from notifier.resources import data_dir
 from notifier.timeline import find_shipments, shipment_history
@@ -19,7 +20,6 @@ from notifier.web.session import (
     SIGN_IN_COOKIE,
     CsrfFailed,
     Session,
-    check_csrf,
     set_sign_in_cookie,
     sign_in_token,
 )
@@ -65,7 +65,7 @@ class Pages:
     async def go(self, request: web.Request) -> web.StreamResponse:
         """The merchant picker's form: to that merchant's overview (403 there if not yours)."""
         merchant = request.query.get("merchant", "")
-        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", merchant):
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", merchant):
             raise NotFound(f"no merchant {merchant}")
         raise web.HTTPSeeOther(f"/merchant/{merchant}/")
 
@@ -91,7 +91,7 @@ class Pages:
         expected = request.cookies.get(SIGN_IN_COOKIE, "")
         if not expected:
             raise CsrfFailed("the sign-in form expired: reload it")
-        check_csrf(request, expected, form.get("csrf"))
+        self.web.sessions.check_csrf(request, expected, form.get("csrf"))
         key = form.get("key", "").strip()
         target = safe_next(form.get("next")) or "/merchant"
         response = web.HTTPSeeOther(target)
@@ -103,9 +103,10 @@ class Pages:
 
     async def sign_out(self, request: web.Request) -> web.StreamResponse:
         session = await self.web.sessions.find(request)
-        if session is not None:
-            await self.web.form(request, session)
         response = web.HTTPSeeOther("/merchant/sign-in")
+        if session is None:
+            raise response  # nothing to end (and nothing another site may touch)
+        await self.web.form(request, session)
         await self.web.sessions.close(request, response)
         raise response
 
@@ -147,9 +148,12 @@ class Pages:
         published = live.files if live else {}
         changes = []
         for path, text in sorted(draft.items()):
-            before = (
-                published[path] if path in published else await self._beneath(merchant_id, path)
-            )
+            if path in published:
+                before: str | None = published[path]
+            elif path in ("brand.yaml", "policy.yaml"):
+                before = None  # an override merged over the files, not a replacement of them
+            else:
+                before = await self._beneath(merchant_id, path)
             changes.append(
                 {"path": path, "deleted": text is None, "diff": diff(before, text, path)}
             )
@@ -171,9 +175,7 @@ class Pages:
         merchant_id, session = await self.web.signed_in(request)
         form = await self.web.form(request, session)
         if "discard" in form:
-            await self.web.admin.store.discard(
-                merchant_id, form["discard"], session.key_id, self.web.admin.now()
-            )
+            await self.web.admin.discard_file(merchant_id, form["discard"], session.key_id)
             raise web.HTTPSeeOther(f"/merchant/{merchant_id}/publish")
         try:
             revision = int(form.get("revision", ""))
@@ -207,11 +209,18 @@ class Pages:
     async def rollback(self, request: web.Request) -> web.StreamResponse:
         merchant_id, session = await self.web.signed_in(request)
         form = await self.web.form(request, session)
+        text = form.get("version", "")
+        if not text.isascii() or not text.isdigit():
+            raise InvalidOverride(
+                f"no version {text!r}", [{"field": "version", "message": "a version number"}]
+            )
+        target = int(text)
         try:
-            target = int(form.get("version", ""))
-        except ValueError:
-            target = 0
-        version = await self.web.admin.rollback_to(merchant_id, target, session.key_id)
+            version = await self.web.admin.rollback_to(merchant_id, target, session.key_id)
+        except ApiError as exc:
+            problems = [d.get("message", "") for d in exc.details]
+            await self.web.sessions.flash(request, {"error": exc.message, "problems": problems})
+            raise web.HTTPSeeOther(f"/merchant/{merchant_id}/versions") from None
         await self.web.sessions.flash(request, {"published": version, "restored": target})
         raise web.HTTPSeeOther(f"/merchant/{merchant_id}/versions")
 

@@ -20,6 +20,7 @@ import hmac
 import secrets
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import web
@@ -77,21 +78,29 @@ def _secure(request: web.Request) -> bool:
     return request.secure or request.headers.get("X-Forwarded-Proto", "") == "https"
 
 
-def _same_origin(request: web.Request) -> bool:
-    """False for a browser request that says it came from another site."""
+def _same_origin(request: web.Request, public_origin: str = "") -> bool:
+    """False for a browser request that says it came from another site: its Origin must be
+    this server as the request reached it, or the service's public URL (behind a proxy that
+    rewrites Host)."""
     origin = request.headers.get("Origin")
     if origin is None or origin == "null":
         return origin is None
-    return origin.split("://", 1)[-1] == request.host
+    return origin.split("://", 1)[-1] == request.host or origin == public_origin
 
 
 class Sessions:
     """Open, find and close editor sessions, kept in Redis."""
 
-    def __init__(self, redis: ArqRedis, keys: KeyRing, clock: Clock) -> None:
+    def __init__(self, redis: ArqRedis, keys: KeyRing, clock: Clock, public_url: str = "") -> None:
         self.redis = redis
         self.keys = keys
         self.clock = clock
+        parts = urlsplit(public_url)
+        #: scheme://host[:port] of NOTIFIER_PUBLIC_URL, also accepted as a request's Origin
+        self.public_origin = f"{parts.scheme}://{parts.netloc}" if parts.netloc else ""
+
+    def check_csrf(self, request: web.Request, expected: str, presented: str | None) -> None:
+        check_csrf(request, expected, presented, self.public_origin)
 
     def _now(self) -> int:
         return int(self.clock().timestamp())
@@ -105,12 +114,19 @@ class Sessions:
         merchants = self.keys.merchants_for(api_key)
         if merchants is None:
             return False
+        digest = hashlib.sha256(api_key.encode()).hexdigest()
+        # signing in again (another tab) ends the session before; the same key keeps its
+        # CSRF token, so the forms already open in other tabs still save
+        previous = await self.find(request)
+        await self.close(request, response)
         token = secrets.token_urlsafe(32)
         record = {
             "merchants": sorted(merchants),
             "key_id": key_id(api_key),
-            "key_digest": hashlib.sha256(api_key.encode()).hexdigest(),
-            "csrf": secrets.token_urlsafe(32),
+            "key_digest": digest,
+            "csrf": previous.csrf
+            if previous is not None and previous.key_digest == digest
+            else secrets.token_urlsafe(32),
             "until": self._now() + LIFETIME_S,
         }
         await self.redis.set(self._key(token), orjson.dumps(record), ex=IDLE_S)
@@ -179,9 +195,11 @@ class Sessions:
         response.del_cookie(COOKIE, path=PATH)
 
 
-def check_csrf(request: web.Request, expected: str, presented: str | None) -> None:
+def check_csrf(
+    request: web.Request, expected: str, presented: str | None, public_origin: str = ""
+) -> None:
     """403 unless the request is same-origin and presents the expected token."""
-    if not _same_origin(request):
+    if not _same_origin(request, public_origin):
         raise CsrfFailed("a request from another site was refused")
     if not presented or not hmac.compare_digest(presented.encode(), expected.encode()):
         raise CsrfFailed("the form is out of date or did not come from this editor: reload it")

@@ -149,13 +149,14 @@ class SettingsPages:
     ) -> web.Response:
         general = values["statuses"].get(Status.EXCEPTION.value, {"channels": []})
         rows = [
-            (f"statuses.{s.value}", STATUS_LABELS[s], values["statuses"].get(s.value, {}))
+            (f"statuses.{s.value}", STATUS_LABELS[s], values["statuses"].get(s.value, {}), None)
             for s in Status
         ] + [
             (
                 f"exceptions.{c.value}",
                 "Problem: " + EXCEPTION_LABELS[c],
                 values["exceptions"].get(c.value, general),
+                c.value not in values["exceptions"],  # inherits "Any problem"
             )
             for c in ExceptionCode
         ]
@@ -181,7 +182,7 @@ class SettingsPages:
         merchant_id, session = await self.web.signed_in(request)
         form = await self.web.form(request, session)
         effective, beneath = await self._policies(merchant_id)
-        wanted = policy_from_form(form, effective)
+        wanted = policy_from_form(form, effective, beneath)
         try:
             Policy.model_validate(wanted)
         except ValidationError as exc:
