@@ -213,6 +213,15 @@ class Order(_Strict):
     number: ShortText
 
 
+class PickupPoint(_Strict):
+    """Where an ``available_for_pickup`` parcel waits (an addition to DESIGN.md §3)."""
+
+    name: ShortText
+    address: Annotated[str, StringConstraints(min_length=1, max_length=300, strip_whitespace=True)]
+    #: opening hours as the carrier gives them, e.g. "Mon-Sat 8:00-20:00"
+    hours: ShortText | None = None
+
+
 class Transition(_Strict):
     """One normalized status transition posted by the tracking backend (DESIGN.md §3)."""
 
@@ -228,6 +237,8 @@ class Transition(_Strict):
     estimated_delivery: DeliveryWindow | None = None
     #: for available_for_pickup: when the pickup point sends the parcel back
     pickup_deadline: Moment | None = None
+    #: for available_for_pickup: the pickup point (optional; an addition to the contract)
+    pickup_point: PickupPoint | None = None
     carrier_status_code: ShortText | None = None
     carrier_description: Annotated[str, StringConstraints(max_length=1000)] | None = None
     tracking_url: Url | None = None

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from email.utils import formataddr, parseaddr
 
 import aiohttp
-from sendgrid.helpers.mail import CustomArg, Header, Mail
+from sendgrid.helpers.mail import CustomArg, Header, Mail, ReplyTo
 
 from notifier.channels.base import Outcome, Outgoing, Receipt, retry_after_s
 from notifier.errors import PermanentDeliveryError, TemporaryDeliveryError
@@ -43,7 +43,10 @@ def payload(message: EmailMessageOut, sender: str | None = None) -> dict[str, ob
     mail.custom_arg = CustomArg("notification_id", message.notification_id)
     mail.custom_arg = CustomArg("merchant_id", message.merchant_id)
     for name, value in message.headers.items():
-        mail.header = Header(name, value)
+        if name.lower() == "reply-to":  # SendGrid refuses it as a header: its own field
+            mail.reply_to = ReplyTo(value)
+        else:
+            mail.header = Header(name, value)
     body: dict[str, object] = mail.get()
     return body
 

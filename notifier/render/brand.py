@@ -45,6 +45,22 @@ def darken_until_readable(colour: str, background: str) -> str:
     return "#000000"
 
 
+def lighten_until_readable(colour: str, background: str) -> str:
+    """``colour`` mixed with white just enough to reach MIN_CONTRAST on a dark
+    ``background`` (links in dark mode)."""
+    rgb = [int(colour[i : i + 2], 16) for i in (1, 3, 5)]
+    for step in range(101):
+        mix = step / 100
+        candidate = "#" + "".join(f"{round(c + (255 - c) * mix):02x}" for c in rgb)
+        if contrast(candidate, background) >= MIN_CONTRAST:
+            return candidate
+    return "#ffffff"
+
+
+#: The email card's background in dark mode (templates/email/layout.html).
+DARK_CARD = "#1f2937"
+
+
 def _https(value: str | None) -> str | None:
     if value is not None and not value.startswith("https://"):
         raise ValueError("must be an https:// URL")
@@ -90,11 +106,34 @@ class Links(BaseModel):
     reschedule: str | None = None
     change_address: str | None = None
     pickup: str | None = None
+    #: a short-link base for SMS: the tracking number is appended (``https://acme.link/t/``);
+    #: used instead of the carrier's long tracking URL, so more SMS fit one segment
+    short_base: str | None = None
 
-    @field_validator("reschedule", "change_address", "pickup")
+    @field_validator("reschedule", "change_address", "pickup", "short_base")
     @classmethod
     def _links(cls, value: str | None) -> str | None:
         return _https(value)
+
+
+class Commitments(BaseModel):
+    """What the merchant really does when something goes wrong: each true one is a "What we
+    are doing" line in the matching messages. None is promised unless set."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: customs hold: we sent customs the shipping documents
+    customs_documents: bool = False
+    #: delays, customs, lost: we follow up with the carrier
+    carrier_follow_up: bool = False
+    #: damaged: we open a claim with the carrier
+    damage_claim: bool = False
+    #: address issue: we ask the carrier to hold the parcel until the address is confirmed
+    hold_for_address: bool = False
+    #: lost: we ask the carrier to search for the parcel
+    search_request: bool = False
+    #: returned to sender: we track the return and act as soon as it arrives
+    track_returns: bool = False
 
 
 class Channels(BaseModel):
@@ -113,6 +152,8 @@ class Brand(BaseModel):
 
     name: str = Field(min_length=1, max_length=80)
     logo_url: str | None = None
+    #: a logo for dark backgrounds, shown by mail clients in dark mode (optional)
+    logo_dark_url: str | None = None
     logo_alt: str | None = None
     accent: str = "#1d4ed8"
     default_locale: LocaleTag = "en"
@@ -125,6 +166,7 @@ class Brand(BaseModel):
     #: List-Unsubscribe / List-Unsubscribe-Post headers (RFC 8058) on every email
     one_click_unsubscribe: bool = False
     channels: Channels = Field(default_factory=Channels)
+    commitments: Commitments = Field(default_factory=Commitments)
 
     @field_validator("accent")
     @classmethod
@@ -140,7 +182,7 @@ class Brand(BaseModel):
             )
         return value
 
-    @field_validator("logo_url")
+    @field_validator("logo_url", "logo_dark_url")
     @classmethod
     def _https(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith("https://"):
@@ -151,6 +193,11 @@ class Brand(BaseModel):
     def button_text(self) -> str:
         """White on a dark accent, dark on a light one: whichever contrast allows."""
         return WHITE if contrast(self.accent, WHITE) >= MIN_CONTRAST else DARK_TEXT
+
+    @property
+    def link_colour_dark(self) -> str:
+        """The accent for links on the dark-mode card, lightened until it reads as text."""
+        return lighten_until_readable(self.accent, DARK_CARD)
 
     @property
     def link_colour(self) -> str:

@@ -72,6 +72,38 @@ class Translate:
         return (Markup(text) if autoescape else text) % variables
 
 
+#: Unicode's left-to-right isolate and its closing pop (text, SMS, plain strings).
+LRI, PDI = "\u2066", "\u2069"
+
+
+@pass_context
+def ltr(context: Context, value: Any) -> Any:
+    """A left-to-right value (phone, email, number, URL, Latin name) kept whole in
+    right-to-left text: ``<bdi dir="ltr">`` in HTML, Unicode isolates elsewhere. Unchanged
+    in left-to-right messages (an isolate would make a GSM-7 SMS UCS-2)."""
+    if value is None or value == "" or context.get("dir") != "rtl":
+        return value
+    if context.eval_ctx.autoescape:
+        return Markup('<bdi dir="ltr">{}</bdi>').format(value)
+    return f"{LRI}{value}{PDI}"
+
+
+#: Unicode's first-strong isolate: a value whose direction is its own (a name, a place).
+FSI = "\u2068"
+
+
+@pass_context
+def isolate(context: Context, value: Any) -> Any:
+    """A value that takes its direction from its own first letter (a shop's or a person's
+    name, an address), kept whole in right-to-left text: ``<bdi>`` in HTML, Unicode
+    isolates elsewhere; unchanged in left-to-right messages."""
+    if value is None or value == "" or context.get("dir") != "rtl":
+        return value
+    if context.eval_ctx.autoescape:
+        return Markup("<bdi>{}</bdi>").format(value)
+    return f"{FSI}{value}{PDI}"
+
+
 class Sandbox(ImmutableSandboxedEnvironment):
     """The immutable sandbox with two fast paths for what every render does many times.
 
@@ -225,6 +257,8 @@ class TemplateStore:
             keep_trailing_newline=False,
             auto_reload=False,
         )
+        env.filters["ltr"] = ltr
+        env.filters["isolate"] = isolate
         # English (the source strings) unless a render passes its locale's functions.
         env.globals.update({name: Translate(name, NullTranslations()) for name in GETTEXT_NAMES})
         # Compile {% trans %} as newstyle calls: gettext(text, **variables).

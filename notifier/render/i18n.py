@@ -197,6 +197,8 @@ def window(start: datetime, end: datetime, timezone: str | None, locale: str) ->
     if start.astimezone(tz).date() != end.astimezone(tz).date():
         return f"{when(start, timezone, locale)} – {when(end, timezone, locale)}"
     day, _, joiner = _patterns(locale)
+    if start == end:  # a zero-length window is a time, not "10:30 – 10:30"
+        return when(start, timezone, locale)
     times = _time_interval(start.astimezone(tz), end.astimezone(tz), locale)
     text = joiner.replace("{1}", day.apply(start.astimezone(tz), loc)).replace("{0}", times)
     return text if timezone else f"{text} UTC"

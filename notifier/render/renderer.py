@@ -22,6 +22,7 @@ from urllib.parse import quote
 
 import css_inline
 from jinja2 import TemplateError
+from markupsafe import Markup
 
 from notifier.errors import ConfigurationError, RenderError
 from notifier.models import STATUS_RANK, ChannelKind, Notification, Status, Transition
@@ -72,6 +73,27 @@ CARRIER_NAMES = {
 #: How a city and a country are joined where ", " is wrong.
 _PLACE_JOIN = {"ar": "\u060c ", "ja": "\u3001", "zh": "\uff0c"}
 #: Which merchant links (brand.links) a milestone offers as buttons.
+#: Unicode's right-to-left mark: starts an RTL SMS (counted in its segments).
+RLM = "\u200f"
+_PROBLEMS = frozenset({Status.EXCEPTION, Status.DELIVERY_ATTEMPT_FAILED})
+#: Font stacks by language: the scripts' own system fonts first (Arial has no CJK glyphs,
+#: and its Arabic and Hebrew are the fallback of last resort on many systems).
+_FONTS: dict[str, Markup] = {
+    "": Markup("Arial, Helvetica, sans-serif"),
+    "ja": Markup(
+        "'Hiragino Sans', 'Hiragino Kaku Gothic ProN', 'Yu Gothic', Meiryo, "
+        "'Noto Sans CJK JP', 'Noto Sans JP', sans-serif"
+    ),
+    "zh": Markup(
+        "'PingFang SC', 'Microsoft YaHei', 'Hiragino Sans GB', 'Noto Sans CJK SC', "
+        "'Noto Sans SC', sans-serif"
+    ),
+    "ar": Markup(
+        "Tahoma, 'Geeza Pro', 'Noto Naskh Arabic', 'Noto Sans Arabic', 'Segoe UI', "
+        "Arial, sans-serif"
+    ),
+    "he": Markup("Arial, 'Arial Hebrew', 'Noto Sans Hebrew', 'Segoe UI', sans-serif"),
+}
 _ACTIONS: dict[str, tuple[str, ...]] = {
     "delivery_attempt_failed": ("reschedule",),
     "exception:recipient_unavailable": ("reschedule",),
@@ -148,9 +170,11 @@ def _progress(t: Transition) -> list[dict[str, str]]:
     else:
         keys = ["ordered", "shipped", "moving", "out", "delivered"]
     done_all = t.status is Status.DELIVERED
+    # a problem or a failed attempt is not an on-time step: it says so (icon and words)
+    here = "problem" if t.status in _PROBLEMS else "current"
     states = []
     for i, key in enumerate(keys):
-        state = "done" if i < current or done_all else "current" if i == current else "upcoming"
+        state = "done" if i < current or done_all else here if i == current else "upcoming"
         states.append({"key": key, "state": state})
     return states
 
@@ -310,6 +334,7 @@ class Renderer:
                     **brand.model_dump(),
                     "logo_alt": brand.logo_alt or brand.name,
                     "link_colour": brand.link_colour,
+                    "link_colour_dark": brand.link_colour_dark,
                     "button_text": brand.button_text,
                 },
                 "support": brand.support.model_dump() if brand.support.any() else None,
@@ -344,13 +369,18 @@ class Renderer:
             "order_number": t.order.number if t.order else "",
         }
         links = {k: fill_link(v, fill) if v else None for k, v in link_templates.items()}
-        actions = []
-        if t.tracking_url:
-            actions.append({"key": "track", "url": t.tracking_url})
-        for key in _ACTIONS.get(t.milestone, ()):
-            url = links[key]
-            if url:
-                actions.append({"key": key, "url": url})
+        # what the milestone asks of the customer comes first, the tracking page second
+        primary = next(
+            ({"key": key, "url": links[key]} for key in _ACTIONS.get(t.milestone, ()) if links[key]),
+            None,
+        )
+        track = {"key": "track", "url": t.tracking_url} if t.tracking_url else None
+        actions = [a for a in (track, primary) if a]
+        short_base = link_templates.get("short_base")
+        sms_url = (
+            f"{short_base}{quote(t.tracking_number, safe='')}" if short_base else t.tracking_url
+        )
+        point = t.pickup_point
         deadline_days = None
         if t.pickup_deadline is not None:
             days = (t.pickup_deadline - n.created_at).total_seconds() / 86400
@@ -358,6 +388,7 @@ class Renderer:
         return {
             "lang": i18n.html_lang(locale),
             "dir": i18n.text_direction(locale),
+            "fonts": _FONTS.get(locale.split("_")[0], _FONTS[""]),
             "brand": branding["brand"],
             "support": branding["support"],
             "links": links,
@@ -383,12 +414,30 @@ class Renderer:
             },
             "progress": _progress(t),
             "actions": actions,
+            #: the milestone's own action (confirm address, rebook, collect), when configured
+            "primary_action": primary,
+            "track_action": track,
+            #: the link an SMS carries: the milestone's action, else the (short) tracking link
+            "sms_url": primary["url"] if primary else (sms_url or ""),
+            "pickup_point": point.model_dump() if point else None,
             # CTIA/TCPA practice: US and Canadian numbers get the opt-out line
             "us_opt_out": n.channel is ChannelKind.SMS and n.to.startswith("+1"),
             "message": f"messages/{message_name(t)}.jinja",
             # a message's wording for one locale only, when the merchant wrote one
             "message_for_locale": f"messages/{message_name(t)}.{locale}.jinja",
         }
+
+    def _headers(self, n: Notification, brand: Brand) -> dict[str, str]:
+        """Reply-To the merchant's support address (a customer's reply reaches a person,
+        not the no-reply sender); List-Unsubscribe when the brand asks for it."""
+        headers = (
+            self.unsubscribe(n.merchant_id, n.to)
+            if brand.one_click_unsubscribe and self.unsubscribe
+            else {}
+        )
+        if brand.support.email:
+            headers = {**headers, "Reply-To": brand.support.email}
+        return headers
 
     def _words(self, merchant_id: str, ctx: dict[str, Any]) -> dict[str, str]:
         """The message file's macros, evaluated once per message into plain strings."""
@@ -409,7 +458,7 @@ class Renderer:
             module = self.templates.select(merchant_id, ("_labels.jinja",)).make_module(words)
             groups = {
                 "label": ("ordered", "shipped", "moving", "out", "collect", "delivered"),
-                "state_text": ("done", "current", "upcoming"),
+                "state_text": ("done", "current", "problem", "upcoming"),
                 "action_label": ("track", "reschedule", "change_address", "pickup"),
             }
             labels = {
@@ -498,6 +547,10 @@ class Renderer:
                 text = smart_encode(
                     _SPACES.sub(" ", " ".join(body.render(ctx).split("\n"))).strip()
                 )
+                if ctx["dir"] == "rtl":
+                    # phones lay a message out by its first strong letter: a shop name in
+                    # Latin letters first would make an Arabic SMS read left to right
+                    text = RLM + text
                 size = measure(text)
                 return SmsMessageOut(
                     n.notification_id,
@@ -520,9 +573,7 @@ class Renderer:
                 subject=" ".join(ctx["m"]["subject"].split()),
                 text=_BLANK_LINES.sub("\n\n", text).strip() + "\n",
                 html=_INLINER.inline(html) if inline else html,
-                headers=self.unsubscribe(n.merchant_id, n.to)
-                if brand.one_click_unsubscribe and self.unsubscribe
-                else {},
+                headers=self._headers(n, brand),
                 preheader=" ".join(ctx["m"]["preheader"].split()),
             )
         except TemplateError as exc:
