@@ -165,6 +165,7 @@ def check_all(settings: Settings) -> list[str]:
             problems.append(str(exc))
             brand = default  # its templates are still worth checking
         problems += _channel_problems(settings, brand, where)
+        problems += [p for p in [support_problem(brand, where)] if p]
         renderer.use_brand(merchant, brand)
         problems += _render_problems(renderer, merchant, locales, full=True)
     return problems
@@ -265,12 +266,28 @@ def check_warnings(settings: Settings) -> list[str]:
                 f"{where}: one_click_unsubscribe without NOTIFIER_SIGNING_SECRET: "
                 "links are signed with a per-process secret and break on restart"
             )
-        if not brand.support.any():
-            warnings.append(
-                f"{where}: no support contact: exception emails cannot say how "
-                "to reach support (set support.url, email, phone or hours)"
-            )
+        if not merchant and not brand.support.reachable():
+            warnings.append(NO_SUPPORT_DEFAULT)
     return warnings
+
+
+#: Loud on purpose: every merchant without a brand of its own sends these messages.
+NO_SUPPORT_DEFAULT = (
+    "templates/brand.yaml: NO SUPPORT CONTACT IN THE DEFAULT BRAND. Exception and return "
+    "messages tell customers to contact you, and every merchant without a brand.yaml of its "
+    "own sends them with no way to do it: set support.url, support.email or support.phone"
+)
+
+
+def support_problem(brand: Brand, where: str) -> str | None:
+    """An error for a merchant brand whose customers cannot reach support: its exception
+    and return messages say "contact us"."""
+    if brand.support.reachable():
+        return None
+    return (
+        f"{where}: support: exception and return messages tell customers to contact you: "
+        "give support.url, support.email or support.phone"
+    )
 
 
 def _channel_problems(settings: Settings, brand: Brand, where: str) -> list[str]:
@@ -403,6 +420,8 @@ def override_problems(settings: Settings, merchant: str, files: dict[str, str]) 
         return [str(exc)]
     brand = renderer.brand(merchant)
     problems = _channel_problems(settings, brand, f"published brand.yaml of {merchant}")
+    if "brand.yaml" in files or (data_dir("templates", settings.templates_dir) / merchant).is_dir():
+        problems += [p for p in [support_problem(brand, "brand.yaml")] if p]
     policies = PolicyStore(data_dir("policies", settings.policies_dir), lambda _: files)
     try:
         policies.strict(merchant)

@@ -206,12 +206,16 @@ class Pipeline:
         decisions = 0
         for step in steps:
             t = step.transition
-            entry_id = entry_of[t.event_id]
+            entry_id = entry_of[step.caught_up_by or t.event_id]
             if step.replay:
-                # A redelivered entry (a worker died after committing): finish its sends.
+                # A redelivered entry (a worker died after committing): finish its sends,
+                # and those of the current milestone it may have caught up
+                current = final.current_transition()
+                also = current is not None and current.event_id != t.event_id
                 for c in ChannelKind:
-                    recover.append(notification_id(t, c))
-                    owner[recover[-1]] = entry_id
+                    for about in (t, current) if also and current is not None else (t,):
+                        recover.append(notification_id(about, c))
+                        owner[recover[-1]] = entry_id
                 continue
             for verdict in step.verdicts:
                 nid = None

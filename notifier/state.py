@@ -232,6 +232,30 @@ class ShipmentState(BaseModel):
             )
         return self.model_copy(update=update)
 
+    def current_transition(self) -> Transition | None:
+        """The transition that set the current status, as far as the state keeps it (no
+        pickup deadline or point, no carrier description): what a message caught up later
+        is rendered from."""
+        if self.current_event is None or self.status is None or self.occurred_at is None:
+            return None
+        if self.tracking_number is None or self.carrier is None:
+            return None
+        return Transition(
+            event_id=self.current_event,
+            merchant_id=self.merchant_id,
+            shipment_id=self.shipment_id,
+            tracking_number=self.tracking_number,
+            carrier=self.carrier,
+            status=self.status,
+            exception_code=self.exception_code,
+            occurred_at=self.occurred_at,
+            location=self.location,
+            estimated_delivery=self.estimated_delivery,
+            tracking_url=self.tracking_url,
+            recipient=self.recipient,
+            order=self.order,
+        )
+
     def remember(self, t: Transition) -> ShipmentState:
         """Only note that ``t`` was seen (a flagged anomaly changes nothing else)."""
         return self.model_copy(

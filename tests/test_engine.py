@@ -290,6 +290,49 @@ def test_late_event_never_steps_backwards() -> None:
     assert v.outcome is Outcome.SUPPRESSED and v.reason.startswith("out of order")
 
 
+def test_a_late_recipient_still_gets_the_current_milestone_once() -> None:
+    """The only event carrying the recipient arrives after later ones: the current
+    milestone goes out once the address is known, on the channels it now reaches."""
+    state, first = run([event(1, "out_for_delivery", NOON, recipient=None)])
+    assert {v.reason for v in first[0].verdicts} == {
+        "no email address known for the recipient",
+        "no sms address known for the recipient",
+    }
+    late = event(2, "picked_up", NOON - timedelta(hours=20))
+    later = NOON + timedelta(minutes=5)
+    state, steps = run([late], now=later, state=state)
+    assert steps[0].verdicts[0].reason.startswith("out of order")
+    caught = steps[1]
+    assert caught.transition.event_id == "e1" and caught.caught_up_by == "e2"
+    assert caught.transition.status is Status.OUT_FOR_DELIVERY
+    assert {(v.channel, v.outcome) for v in caught.verdicts} == {
+        (EMAIL, Outcome.SENT),
+        (SMS, Outcome.SENT),
+    }
+    assert all("the address arrived late, with e2" in v.reason for v in caught.verdicts)
+    # never twice: another late event with the same recipient catches nothing up
+    again = event(3, "info_received", NOON - timedelta(hours=30))
+    _, steps = run([again], now=later + timedelta(minutes=1), state=state)
+    assert len(steps) == 1 and steps[0].verdicts[0].reason.startswith("out of order")
+
+
+def test_a_late_address_for_one_channel_catches_up_only_that_channel() -> None:
+    email_only = {"email": "ana@example.com", "timezone": "Europe/Paris"}
+    state, first = run([event(1, "out_for_delivery", NOON, recipient=email_only)])
+    assert [v.outcome for v in first[0].verdicts] == [Outcome.SENT, Outcome.SUPPRESSED]
+    late = event(2, "picked_up", NOON - timedelta(hours=20))  # brings the phone
+    state, steps = run([late], now=NOON + timedelta(minutes=5), state=state)
+    [sms] = steps[1].verdicts
+    assert sms.channel is SMS and sms.outcome is Outcome.SENT
+    # and a delivered after it is news as usual, not blocked by the catch-up
+    _, steps = run(
+        [event(3, "delivered", NOON + timedelta(hours=2))],
+        now=NOON + timedelta(hours=2),
+        state=state,
+    )
+    assert {v.outcome for v in steps[0].verdicts} == {Outcome.SENT}
+
+
 def test_nothing_before_delivered_is_news_after_it() -> None:
     state, _ = run([event(1, "delivered", NOON)])
     later = NOON + timedelta(hours=1)

@@ -483,3 +483,30 @@ async def test_unusable_addresses_skip_their_channel_with_the_reason(
     assert landline["sms"]["reason"] == "unusable sms address: a landline, which cannot receive SMS"
     assert landline["email"]["outcome"] == "sent"
     assert [p.suffix for p in outbox_files(settings)] == [".eml"]  # shp_2's email only
+
+
+async def test_a_late_recipient_gets_the_current_milestone_through_the_pipeline(
+    client: Client, settings: Settings
+) -> None:
+    """README "Never a step backwards": the recipient arrives only with a late event; the
+    current milestone (out for delivery) is then sent once, rendered as that milestone."""
+    await post(client, transition(event_id="ofd", recipient=None))
+    await run_worker(settings)
+    assert outbox_files(settings) == []
+    late = transition(event_id="pick", status="picked_up", occurred_at="2026-11-20T09:30:00+01:00")
+    await post(client, late)
+    await run_worker(settings)
+    emails = outbox_files(settings, ".eml")
+    [eml] = emails
+    message = email.message_from_bytes(eml.read_bytes(), policy=email.policy.default)
+    assert message["Subject"] == "Votre colis arrive aujourd'hui"
+    assert len(outbox_files(settings, ".sms.json")) == 1
+    caught = [d for d in await history(client) if "arrived late" in d["reason"]]
+    assert {(d["event_id"], d["channel"], d["outcome"]) for d in caught} == {
+        ("ofd", "email", "sent"),
+        ("ofd", "sms", "sent"),
+    }
+    # the same late event again (a redelivery or a repost) sends nothing more
+    await post(client, {**late, "event_id": "pick2", "occurred_at": "2026-11-20T08:30:00+01:00"})
+    await run_worker(settings)
+    assert len(outbox_files(settings)) == 2

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
@@ -43,6 +43,9 @@ class Step:
     verdicts: list[Verdict]
     #: already folded in an earlier run (a re-delivered inbox entry): nothing decided again
     replay: bool = False
+    #: a message of the current milestone, caught up because this late event brought the
+    #: recipient's address (the event id that brought it)
+    caught_up_by: str | None = None
 
 
 def opt_out_key(channel: ChannelKind, address: str) -> str:
@@ -377,6 +380,8 @@ def _fold_once(
             state = state.remember(t)
             steps.append(Step(t, verdicts))
             continue
+        late = state.is_step_back(t)
+        before = state
         state = state.apply(t)
         rule = policy.rule(t.status, t.exception_code)
         kept: list[Verdict] = []
@@ -392,7 +397,52 @@ def _fold_once(
                     pending.add(t.event_id)
             kept.append(v)
         steps.append(Step(t, kept))
+        if late:
+            caught = _catch_up(policy, before, state, t, now, opted_out, frozenset(pending))
+            if caught is not None:
+                steps.append(caught)
+                current = caught.transition
+                trivial = policy.rule(current.status, current.exception_code).trivial
+                for v in caught.verdicts:
+                    if v.outcome in _GOING and v.channel is not None:
+                        state = state.record_message(current, v.channel, trivial, now, v.send_at)
+                        pending.add(current.event_id)
     return state, steps
+
+
+def _address(r: Recipient | None, channel: ChannelKind) -> str | None:
+    if r is None:
+        return None
+    return r.email if channel is ChannelKind.EMAIL else r.phone
+
+
+def _catch_up(
+    policy: Policy,
+    before: ShipmentState,
+    after: ShipmentState,
+    late: Transition,
+    now: datetime,
+    opted_out: Collection[str],
+    pending: frozenset[str],
+) -> Step | None:
+    """A late event that brings the recipient's address for a channel the shipment could not
+    use: the current milestone, never sent on that channel, is decided again for it (once:
+    the late event is then seen, and a message decided for a milestone is never repeated)."""
+    gained = {
+        c
+        for c in ChannelKind
+        if _address(after.recipient, c) and not _address(before.recipient, c)
+    }
+    current = after.current_transition() if gained else None
+    if current is None:
+        return None
+    told = {m.channel for m in after.messages if m.event_id == current.event_id}
+    verdicts = [
+        replace(v, reason=f"{v.reason} (the address arrived late, with {late.event_id})")
+        for v in decide(policy, after, current, now, opted_out, pending)
+        if v.channel in gained and v.channel not in told and v.outcome in _GOING
+    ]
+    return Step(current, verdicts, caught_up_by=late.event_id) if verdicts else None
 
 
 def fold(

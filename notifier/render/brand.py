@@ -78,6 +78,10 @@ class Support(BaseModel):
     def any(self) -> bool:
         return any((self.url, self.email, self.phone, self.hours))
 
+    def reachable(self) -> bool:
+        """Whether a customer can reach support: a page, an address or a number."""
+        return any((self.url, self.email, self.phone))
+
     @field_validator("url")
     @classmethod
     def _url(cls, value: str | None) -> str | None:

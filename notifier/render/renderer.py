@@ -371,7 +371,11 @@ class Renderer:
         links = {k: fill_link(v, fill) if v else None for k, v in link_templates.items()}
         # what the milestone asks of the customer comes first, the tracking page second
         primary = next(
-            ({"key": key, "url": links[key]} for key in _ACTIONS.get(t.milestone, ()) if links[key]),
+            (
+                {"key": key, "url": links[key]}
+                for key in _ACTIONS.get(t.milestone, ())
+                if links[key]
+            ),
             None,
         )
         track = {"key": "track", "url": t.tracking_url} if t.tracking_url else None
