@@ -467,3 +467,42 @@ async def published_problems(settings: Settings) -> list[str]:
         return [f"cannot read the published overrides from Redis: {type(exc).__name__}: {exc}"]
     finally:
         await redis.aclose(close_connection_pool=True)
+
+
+def sms_table(settings: Settings, merchant: str = "") -> list[tuple[str, str, int, int, int]]:
+    """Per locale: (locale, encodings seen, most segments to a +33 number, to a +1 number,
+    to a +1 number with a short-link base): the worst SMS over every milestone, with the
+    sample's carrier tracking URL (55 characters) or ``links.short_base``."""
+    renderer, catalogs = _renderer(settings)
+    brand = renderer.brand(merchant)
+    short = brand.model_copy(
+        update={"links": brand.links.model_copy(update={"short_base": "https://sho.rt/"})}
+    )
+    rows = []
+    for locale in ["en", *catalogs.available()]:
+        worst = {"fr": 0, "us": 0, "short": 0}
+        encodings = set()
+        for label, phone, use in (
+            ("fr", "+33612345678", brand),
+            ("us", "+12125550100", brand),
+            ("short", "+12125550100", short),
+        ):
+            renderer.use_brand(merchant or DEFAULTS, use)
+            for t in samples():
+                n = sample_notification(
+                    t,
+                    ChannelKind.SMS,
+                    merchant_id=merchant or DEFAULTS,
+                    shipment_id="check",
+                    notification_id="n_check",
+                    locale=locale,
+                    timezone="Europe/Paris",
+                    phone=phone,
+                )
+                message = renderer.render(n)
+                assert isinstance(message, SmsMessageOut)
+                encodings.add(str(message.encoding))
+                worst[label] = max(worst[label], message.segments)
+        rows.append((locale, "/".join(sorted(encodings)), worst["fr"], worst["us"], worst["short"]))
+    renderer.use_brand(merchant or DEFAULTS, brand)
+    return rows

@@ -16,6 +16,7 @@ from notifier.check import (
     published_problems,
     sample_notification,
     samples,
+    sms_table,
     startup_problems,
     untranslated,
 )
@@ -179,6 +180,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     """Validate settings, policies and templates of every merchant; exit 1 listing each
     problem once. First say what this configuration is: mode, .env, trees."""
     settings = _settings()
+    if args.sms_table:
+        print("locale   encoding      +33  +1  +1 with links.short_base   (most SMS segments)")
+        for locale, encodings, fr, us, short in sms_table(settings):
+            print(f"{locale:<8} {encodings:<13} {fr:>3} {us:>3} {short:>3}")
+        return 0
     print(f"mode: {describe_redis(settings)}")
     env = ENV_FILE.resolve()
     print(f".env: {env}" if env.is_file() else f".env: none ({env} does not exist)")
@@ -211,9 +217,13 @@ def parser() -> argparse.ArgumentParser:
         help="touch this file every 5 s while the worker can reach Redis (for health checks)",
     )
     worker.set_defaults(func=cmd_worker)
-    sub.add_parser("check", help="validate settings, policies and templates").set_defaults(
-        func=cmd_check
+    check = sub.add_parser("check", help="validate settings, policies and templates")
+    check.add_argument(
+        "--sms-table",
+        action="store_true",
+        help="print the most SMS segments per locale (+33, +1, +1 with a short-link base)",
     )
+    check.set_defaults(func=cmd_check)
     preview = sub.add_parser("preview", help="render one message with sample data to a file")
     preview.add_argument("--status", required=True, choices=[s.value for s in Status])
     preview.add_argument("--exception-code", choices=[c.value for c in ExceptionCode])

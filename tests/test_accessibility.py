@@ -132,3 +132,65 @@ def test_a_light_brand_colour_passes_axe_with_dark_button_text(page: Any, tmp_pa
         result = axe_run(page, message.html)
         assert [v["id"] for v in result["violations"]] == [], milestone
         assert result["passes"]
+
+
+@pytest.mark.parametrize("locale", ["en", "ar", "ja"])
+def test_every_email_passes_axe_in_dark_mode(page: Any, locale: str, tmp_path: Path) -> None:
+    """Mail clients that darken: the dark-mode styles keep AA contrast (links included)."""
+    templates = tmp_path / "templates"
+    shutil.copytree(data_dir("templates", None), templates)
+    (templates / "acme").mkdir()
+    (templates / "acme" / "brand.yaml").write_text(
+        "name: Acme\nsupport: {url: 'https://help.acme.example', email: help@acme.example}\n"
+        "links: {change_address: 'https://acme.example/a'}\n"
+    )
+    catalogs = Catalogs(data_dir("locales", None))
+    renderer = Renderer(
+        TemplateStore(templates, catalogs), catalogs, email_from="n@example.com", strict=True
+    )
+    page.emulate_media(color_scheme="dark")
+    try:
+        failures = []
+        for milestone, message in emails(locale, renderer):
+            assert "prefers-color-scheme: dark" in message.html
+            result = axe_run(page, message.html)
+            failures += [f"{milestone}: {v['id']}: {v['help']}" for v in result["violations"]]
+            background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+            assert background == "rgb(17, 24, 39)", milestone  # the dark styles applied
+        assert not failures, "\n".join(failures)
+    finally:
+        page.emulate_media(color_scheme="light")
+
+
+def test_the_action_is_above_the_progress_on_a_phone(page: Any, tmp_path: Path) -> None:
+    """At 375 px the primary action is reached before the progress list."""
+    templates = tmp_path / "templates"
+    shutil.copytree(data_dir("templates", None), templates)
+    (templates / "acme").mkdir()
+    (templates / "acme" / "brand.yaml").write_text(
+        "name: Acme\nsupport: {email: help@acme.example}\n"
+        "links: {change_address: 'https://acme.example/a'}\n"
+    )
+    catalogs = Catalogs(data_dir("locales", None))
+    renderer = Renderer(
+        TemplateStore(templates, catalogs), catalogs, email_from="n@example.com", strict=True
+    )
+    page.set_viewport_size({"width": 375, "height": 667})
+    try:
+        [message] = [m for k, m in emails("de", renderer) if k == "exception:address_issue"]
+        page.set_content(message.html)
+        button = page.locator('a[href="https://acme.example/a"]').bounding_box()
+        steps = page.locator("ol").bounding_box()
+        assert button is not None and steps is not None
+        assert button["y"] + button["height"] <= steps["y"]
+        assert button["y"] + button["height"] <= 667 * 1.5  # within a thumb's scroll
+    finally:
+        page.set_viewport_size({"width": 1280, "height": 720})
+
+
+def test_scripts_get_their_own_fonts() -> None:
+    for locale, font in (("ja", "Hiragino Sans"), ("zh_Hans", "PingFang SC"), ("ar", "Tahoma")):
+        _, message = next(emails(locale))
+        assert font in message.html, locale
+    _, message = next(emails("de"))
+    assert "font-family: Arial, Helvetica, sans-serif" in message.html

@@ -429,9 +429,7 @@ def _catch_up(
     use: the current milestone, never sent on that channel, is decided again for it (once:
     the late event is then seen, and a message decided for a milestone is never repeated)."""
     gained = {
-        c
-        for c in ChannelKind
-        if _address(after.recipient, c) and not _address(before.recipient, c)
+        c for c in ChannelKind if _address(after.recipient, c) and not _address(before.recipient, c)
     }
     current = after.current_transition() if gained else None
     if current is None:

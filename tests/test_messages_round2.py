@@ -1,0 +1,231 @@
+"""Messages round 2 (issue 14): right-to-left values kept whole, the action first, SMS that
+carry the action, a way to get help, safe customs guidance, pickup details, problems that
+look like problems, wording, fonts and dark mode, SMS cost. Rendered for real."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import re
+import shutil
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from notifier.channels.outbox import build_eml
+from notifier.channels.sendgrid import payload
+from notifier.models import ChannelKind, Transition
+from notifier.render import EmailMessageOut, SmsMessageOut
+from notifier.render.i18n import window
+from notifier.resources import data_dir
+from tests.test_messages import notification, render_email, renderer, sample
+
+PHONE = "+49 30 1234 5678"
+SUPPORT = {
+    "url": "https://help.acme.example/contact",
+    "email": "help@acme.example",
+    "phone": PHONE,
+    "hours": "Mon-Fri 9:00-18:00",
+}
+
+
+@pytest.fixture
+def acme(tmp_path: Path) -> Path:
+    """The shipped templates with a merchant acme that has support contacts and links."""
+    templates = tmp_path / "templates"
+    shutil.copytree(data_dir("templates", None), templates)
+    (templates / "acme").mkdir()
+    (templates / "acme" / "brand.yaml").write_text(
+        "name: Acme Shop\n"
+        "support:\n" + "".join(f"  {k}: '{v}'\n" for k, v in SUPPORT.items()) + "links:\n"
+        "  change_address: https://acme.example/address/{order_number}\n"
+        "  reschedule: https://acme.example/rebook/{tracking_number}\n"
+        "  pickup: https://acme.example/pickup/{tracking_number}\n"
+    )
+    return templates
+
+
+def email_of(templates: Path, milestone: str, locale: str = "en", **kw: Any) -> EmailMessageOut:
+    return render_email(notification(sample(milestone), locale=locale, **kw), renderer(templates))
+
+
+def sms_of(
+    templates: Path, t: Transition, locale: str = "en", phone: str = "+33612345678"
+) -> SmsMessageOut:
+    message = renderer(templates).render(notification(t, ChannelKind.SMS, locale, phone))
+    assert isinstance(message, SmsMessageOut)
+    return message
+
+
+# -- 1. right-to-left ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("locale", ["ar", "he"])
+def test_left_to_right_values_stay_whole_in_rtl_messages(acme: Path, locale: str) -> None:
+    message = email_of(acme, "exception:address_issue", locale)
+    html, text = message.html, message.text
+    for value in (PHONE, SUPPORT["email"], "1Z999AA10123456784", "1001"):
+        assert f'<bdi dir="ltr">{value}</bdi>' in html, value
+        assert f"\u2066{value}\u2069" in text, value
+    assert "<bdi>Acme Shop</bdi>" in html  # a name takes its own direction
+    sms = sms_of(acme, sample("delivered"), locale)
+    assert sms.body.startswith("\u200f")  # phones lay it out right to left
+    assert sms.encoding == "UCS-2"
+
+
+def test_ltr_messages_carry_no_isolates(acme: Path) -> None:
+    message = email_of(acme, "exception:address_issue", "de")
+    assert "<bdi" not in message.html
+    assert not re.search("[\u2066-\u2069\u200f]", message.text)
+    assert sms_of(acme, sample("delivered"), "de").encoding == "GSM-7"
+
+
+# -- 2. the action first ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("milestone", "action"),
+    [
+        ("exception:address_issue", "https://acme.example/address/1001"),
+        ("delivery_attempt_failed", "https://acme.example/rebook/1Z999AA10123456784"),
+        ("available_for_pickup", "https://acme.example/pickup/1Z999AA10123456784"),
+    ],
+)
+def test_the_action_comes_first_and_tracking_second(
+    acme: Path, milestone: str, action: str
+) -> None:
+    html = email_of(acme, milestone).html
+    button = html.index(f'class="button" href="{action}"') if 'class="button"' in html else -1
+    button = html.find(f'href="{action}"')
+    assert 0 < button < html.index("Progress")
+    assert html.find("What you can do") < button  # "the button below" is below the words
+    track = html.index('href="https://www.ups.com/track')
+    assert track > html.index("Progress")
+    assert re.search(r'<a[^>]*class="secondary"[^>]*href="https://www.ups.com/track', html) or (
+        re.search(r'<a[^>]*href="https://www.ups.com/track[^"]*"[^>]*class="secondary"', html)
+    )
+
+
+def test_without_an_action_tracking_stays_the_button(acme: Path) -> None:
+    html = email_of(acme, "in_transit").html
+    assert re.search(r'<a[^>]*class="button"[^>]*href="https://www.ups.com/track', html) or (
+        re.search(r'<a[^>]*href="https://www.ups.com/track[^"]*"[^>]*class="button"', html)
+    )
+
+
+# -- 3. SMS carry the action --------------------------------------------------------------------
+
+
+def test_an_sms_links_to_the_milestones_action(acme: Path) -> None:
+    body = sms_of(acme, sample("exception:address_issue")).body
+    assert "https://acme.example/address/1001" in body
+    assert "ups.com" not in body
+
+
+def test_an_sms_without_any_link_says_how_to_follow_the_parcel(acme: Path) -> None:
+    t = sample("in_transit").model_copy(update={"tracking_url": None})
+    assert sms_of(acme, t).body.endswith("Track it with UPS: 1Z999AA10123456784")
+
+
+def test_a_short_link_base_shortens_sms_links(acme: Path) -> None:
+    brand = acme / "acme" / "brand.yaml"
+    brand.write_text(brand.read_text() + "  short_base: https://acme.link/t/\n")
+    long = sms_of(acme, sample("in_transit"))
+    assert long.body.endswith("https://acme.link/t/1Z999AA10123456784")
+    assert len(long.body) < 80
+
+
+# -- 4. a way to get help -----------------------------------------------------------------------
+
+
+def test_emails_reply_to_the_support_address(acme: Path) -> None:
+    message = email_of(acme, "exception:damaged")
+    assert message.headers["Reply-To"] == "help@acme.example"
+    eml = email.message_from_bytes(
+        build_eml(message, datetime(2026, 11, 21, tzinfo=UTC)), policy=email.policy.default
+    )
+    assert eml["Reply-To"] == "help@acme.example"
+    body = payload(message)
+    assert body["reply_to"] == {"email": "help@acme.example"}
+    assert "Reply-To" not in (body.get("headers") or {})
+
+
+# -- 5. customs ---------------------------------------------------------------------------------
+
+
+def test_customs_guidance_names_the_carrier_and_warns_about_fee_scams(acme: Path) -> None:
+    text = email_of(acme, "exception:customs_hold").text
+    assert "UPS may contact you on behalf of customs" in text
+    for asked in ("import duties and taxes", "an invoice", "an ID"):
+        assert asked in text
+    assert "Pay any fees only on the UPS website or app, never through a link" in text
+    assert "What we are doing" not in text  # nothing promised unless the merchant says so
+
+
+def test_what_we_are_doing_says_only_what_the_merchant_configured(acme: Path) -> None:
+    brand = acme / "acme" / "brand.yaml"
+    brand.write_text(brand.read_text() + "commitments:\n  customs_documents: true\n")
+    text = email_of(acme, "exception:customs_hold").text
+    assert "We have sent customs the shipping documents." in text
+    assert "following up with the carrier" not in text
+
+
+# -- 6. pickup ----------------------------------------------------------------------------------
+
+
+def test_pickup_says_where_and_by_when(acme: Path) -> None:
+    t = Transition.model_validate(
+        {
+            **sample("available_for_pickup").model_dump(),
+            "pickup_deadline": datetime(2026, 11, 28, 17, 0, tzinfo=UTC),
+            "pickup_point": {
+                "name": "Kiosk am Markt",
+                "address": "Marktplatz 3, 04109 Leipzig",
+                "hours": "Mon-Sat 8:00-20:00",
+            },
+        }
+    )
+    message = render_email(notification(t), renderer(acme))
+    text = message.text
+    assert "Your parcel is waiting for you at Kiosk am Markt." in text
+    assert "Marktplatz 3, 04109 Leipzig" in text and "Opening hours: Mon-Sat 8:00-20:00" in text
+    assert "Please collect it by Sat, November 28, 6:00\u202fPM" in text
+    assert text.index("1Z999AA10123456784") < text.index("Progress")  # the number near the top
+    assert message.preheader.startswith("Collect it by Sat, November 28")
+
+
+# -- 7. problems look like problems -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("milestone", ["exception:lost", "delivery_attempt_failed"])
+def test_a_problem_shows_as_a_problem_in_the_progress(acme: Path, milestone: str) -> None:
+    message = email_of(acme, milestone)
+    assert "&#9888;" in message.html or "\u26a0" in message.html
+    assert "(needs attention)" in message.html and "[!]" in message.text
+    assert "(current step)" not in message.text
+
+
+def test_an_on_time_parcel_still_shows_its_current_step(acme: Path) -> None:
+    assert "(current step)" in email_of(acme, "in_transit").text
+
+
+# -- 8. wording ---------------------------------------------------------------------------------
+
+
+def test_the_step_after_ordering_is_shipped(acme: Path) -> None:
+    assert "Shipped (done)" in email_of(acme, "available_for_pickup").text
+
+
+@pytest.mark.parametrize(
+    "milestone", ["exception:damaged", "exception:lost", "delivery_attempt_failed"]
+)
+def test_messages_apologise_when_something_went_wrong(acme: Path, milestone: str) -> None:
+    assert "sorry" in email_of(acme, milestone).text.lower()
+
+
+def test_a_zero_length_window_is_one_time() -> None:
+    at = datetime(2026, 11, 24, 9, 30, tzinfo=UTC)
+    assert window(at, at, "Europe/Paris", "en") == "Tue, November 24, 10:30\u202fAM"
+    assert "–" in window(at, at + timedelta(hours=2), "Europe/Paris", "en")
