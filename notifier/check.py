@@ -159,13 +159,15 @@ def check_all(settings: Settings) -> list[str]:
         if not (templates_dir / merchant).is_dir():
             continue
         where = f"templates/{merchant}/brand.yaml"
+        loaded = True
         try:
             brand = load_brand(templates_dir, merchant)
         except ConfigurationError as exc:
             problems.append(str(exc))
-            brand = default  # its templates are still worth checking
+            brand, loaded = default, False  # its templates are still worth checking
         problems += _channel_problems(settings, brand, where)
-        problems += [p for p in [support_problem(brand, where)] if p]
+        if loaded and (templates_dir / merchant / "brand.yaml").is_file():
+            problems += [p for p in [support_problem(brand, where)] if p]
         renderer.use_brand(merchant, brand)
         problems += _render_problems(renderer, merchant, locales, full=True)
     return problems
@@ -420,7 +422,8 @@ def override_problems(settings: Settings, merchant: str, files: dict[str, str]) 
         return [str(exc)]
     brand = renderer.brand(merchant)
     problems = _channel_problems(settings, brand, f"published brand.yaml of {merchant}")
-    if "brand.yaml" in files or (data_dir("templates", settings.templates_dir) / merchant).is_dir():
+    own = data_dir("templates", settings.templates_dir) / merchant / "brand.yaml"
+    if "brand.yaml" in files or own.is_file():
         problems += [p for p in [support_problem(brand, "brand.yaml")] if p]
     policies = PolicyStore(data_dir("policies", settings.policies_dir), lambda _: files)
     try:

@@ -104,7 +104,7 @@ async def test_draft_check_publish_and_roll_back(client: Client, settings: Setti
     # fixed; a publish of a revision that is not the draft's is refused
     resp = await client.put(
         f"{acme}/overrides/draft/brand.yaml",
-        json={"text": "name: Acme Outfitters\n"},
+        json={"text": "name: Acme Outfitters\nsupport: {email: help@acme.example}\n"},
         headers=auth(ACME_KEY),
     )
     revision = (await resp.json())["revision"]
@@ -382,6 +382,9 @@ async def test_brand_and_policy_as_fields_merged_over_the_files_beneath(client: 
     assert brand["override"] == {"accent": "#808080"}
     assert brand["brand"] is None and "accent" in brand["problem"]
     resp = await client.put(f"{acme}/brand", json={"name": "Acme"}, headers=auth(ACME_KEY))
+    assert [p.split(":")[1].strip() for p in (await resp.json())["problems"]] == ["support"]
+    support = {"name": "Acme", "support": {"url": "https://help.acme.example"}}
+    resp = await client.put(f"{acme}/brand", json=support, headers=auth(ACME_KEY))
     assert (await resp.json())["problems"] == []
     brand = await (await client.get(f"{acme}/brand", headers=auth(ACME_KEY))).json()
     assert brand["brand"]["name"] == "Acme" and brand["brand"]["accent"] == "#1d4ed8"

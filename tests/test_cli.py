@@ -28,7 +28,36 @@ def test_check_passes_on_the_shipped_trees(trees: Path, capsys: pytest.CaptureFi
     assert main(["check"]) == 0
     out = capsys.readouterr()
     assert "ok" in out.out
-    assert "templates/brand.yaml: no support contact" in out.err  # a warning, not an error
+    # a loud warning for the shipped default brand, not an error
+    assert "templates/brand.yaml: NO SUPPORT CONTACT IN THE DEFAULT BRAND" in out.err
+
+
+def test_a_merchant_brand_without_support_is_an_error(
+    trees: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its exception and return messages say "contact us": they must say how."""
+    (trees / "templates" / "acme").mkdir()
+    (trees / "templates" / "acme" / "brand.yaml").write_text("name: Acme\nsupport: {hours: 9-5}\n")
+    assert main(["check"]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: templates/acme/brand.yaml: support: exception and return messages tell "
+        "customers to contact you: give support.url, support.email or support.phone"
+    ]
+    (trees / "templates" / "acme" / "brand.yaml").write_text(
+        "name: Acme\nsupport: {email: a@b.example}\n"
+    )
+    assert main(["check"]) == 0
+
+
+def test_the_sms_table_shows_segments_per_locale(
+    trees: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["check", "--sms-table"]) == 0
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert set(rows) >= {"en", "es", "pt_BR", "pl", "ar"}
+    assert rows["es"][0] == "GSM-7" and rows["pt_BR"][0] == "GSM-7"  # reworded to stay GSM-7
+    assert int(rows["es"][2]) <= 2 and int(rows["pt_BR"][2]) <= 2  # +1 numbers: was 3
 
 
 def test_check_names_file_and_path_of_a_bad_policy(
