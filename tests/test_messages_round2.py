@@ -20,7 +20,7 @@ from notifier.models import ChannelKind, Transition
 from notifier.render import EmailMessageOut, SmsMessageOut
 from notifier.render.i18n import window
 from notifier.resources import data_dir
-from tests.conftest import local_day_and_time
+from tests.conftest import auth, local_day_and_time, transition
 from tests.test_messages import notification, render_email, renderer, sample
 
 PHONE = "+49 30 1234 5678"
@@ -232,3 +232,28 @@ def test_a_zero_length_window_is_one_time() -> None:
     day, time = local_day_and_time(at, "Europe/Paris", "en")
     assert window(at, at, "Europe/Paris", "en") == f"{day}, {time}"
     assert "–" in window(at, at + timedelta(hours=2), "Europe/Paris", "en")
+
+
+def test_a_dark_mode_logo_is_offered_to_dark_mail_clients(acme: Path) -> None:
+    brand = acme / "acme" / "brand.yaml"
+    brand.write_text(
+        brand.read_text()
+        + "logo_url: https://cdn.acme.example/logo.png\n"
+        + "logo_dark_url: https://cdn.acme.example/logo-dark.png\n"
+    )
+    html = email_of(acme, "delivered").html
+    [dark] = re.findall(r'<img class="logo-dark"[^>]*>', html)
+    assert 'src="https://cdn.acme.example/logo-dark.png"' in dark and "display: none" in dark
+    assert ".logo-light { display: none !important; }" in html  # inside the dark query
+
+
+async def test_the_api_takes_a_pickup_point_and_names_a_bad_one(client: Any) -> None:
+    point = {"name": "Kiosk am Markt", "address": "Marktplatz 3, 04109 Leipzig"}
+    ok = transition(status="available_for_pickup", pickup_point=point)
+    resp = await client.post("/v1/transitions", json=ok, headers=auth())
+    assert resp.status == 202
+    bad = transition(event_id="e2", status="available_for_pickup", pickup_point={"hours": "9-5"})
+    resp = await client.post("/v1/transitions", json=bad, headers=auth())
+    assert resp.status == 422
+    fields = {d["field"] for d in (await resp.json())["error"]["details"]}
+    assert fields == {"pickup_point.name", "pickup_point.address"}
