@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from babel.messages.catalog import Catalog
@@ -70,6 +70,16 @@ def samples(minimal: bool = False) -> list[Transition]:
                 Transition.model_validate({**base, "status": status, "exception_code": c})
                 for c in ExceptionCode
             ]
+        elif status is Status.AVAILABLE_FOR_PICKUP and not minimal:
+            pickup = {
+                "pickup_deadline": at + timedelta(days=5),
+                "pickup_point": {
+                    "name": "Kiosk am Markt",
+                    "address": "Marktplatz 3, 04109 Leipzig",
+                    "hours": "Mon-Sat 8:00-20:00",
+                },
+            }
+            out.append(Transition.model_validate({**base, **pickup, "status": status}))
         else:
             out.append(Transition.model_validate({**base, "status": status}))
     return out
@@ -478,6 +488,8 @@ def sms_table(settings: Settings, merchant: str = "") -> list[tuple[str, str, in
     sample's carrier tracking URL (55 characters) or ``links.short_base``."""
     renderer, catalogs = _renderer(settings)
     brand = renderer.brand(merchant)
+    if not merchant:  # the check's sample shop name, not the default brand's short one
+        brand = brand.model_copy(update={"name": SAMPLE_SHOP})
     short = brand.model_copy(
         update={"links": brand.links.model_copy(update={"short_base": "https://sho.rt/"})}
     )

@@ -209,13 +209,14 @@ class Pipeline:
             entry_id = entry_of[step.caught_up_by or t.event_id]
             if step.replay:
                 # A redelivered entry (a worker died after committing): finish its sends,
-                # and those of the current milestone it may have caught up
-                current = final.current_transition()
-                also = current is not None and current.event_id != t.event_id
-                for c in ChannelKind:
-                    for about in (t, current) if also and current is not None else (t,):
-                        recover.append(notification_id(about, c))
-                        owner[recover[-1]] = entry_id
+                # and, for a late event, those of the current milestone it may have caught up
+                current = final.current_transition() if final.is_step_back(t) else None
+                for about in (t, current) if current is not None else (t,):
+                    for c in ChannelKind:
+                        rid = notification_id(about, c)
+                        if rid not in owner:  # once, however many entries name it
+                            recover.append(rid)
+                            owner[rid] = entry_id
                 continue
             for verdict in step.verdicts:
                 nid = None

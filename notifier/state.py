@@ -13,6 +13,7 @@ from notifier.models import (
     ExceptionCode,
     Location,
     Order,
+    PickupPoint,
     Recipient,
     Status,
     Transition,
@@ -82,6 +83,9 @@ class ShipmentState(BaseModel):
     last_fix: Fix | None = None  #: latest located scan
     location: Location | None = None
     estimated_delivery: DeliveryWindow | None = None
+    #: of the current status, when it is available_for_pickup
+    pickup_deadline: datetime | None = None
+    pickup_point: PickupPoint | None = None
     recipient: Recipient | None = None
     order: Order | None = None
     seen: list[str] = Field(default_factory=list)
@@ -229,13 +233,14 @@ class ShipmentState(BaseModel):
                 occurred_at=t.occurred_at,
                 location=t.location or self.location,
                 estimated_delivery=t.estimated_delivery or self.estimated_delivery,
+                pickup_deadline=t.pickup_deadline,
+                pickup_point=t.pickup_point,
             )
         return self.model_copy(update=update)
 
     def current_transition(self) -> Transition | None:
-        """The transition that set the current status, as far as the state keeps it (no
-        pickup deadline or point, no carrier description): what a message caught up later
-        is rendered from."""
+        """The transition that set the current status, as far as the state keeps it (not its
+        carrier description): what a message caught up later is rendered from."""
         if self.current_event is None or self.status is None or self.occurred_at is None:
             return None
         if self.tracking_number is None or self.carrier is None:
@@ -251,6 +256,8 @@ class ShipmentState(BaseModel):
             occurred_at=self.occurred_at,
             location=self.location,
             estimated_delivery=self.estimated_delivery,
+            pickup_deadline=self.pickup_deadline,
+            pickup_point=self.pickup_point,
             tracking_url=self.tracking_url,
             recipient=self.recipient,
             order=self.order,

@@ -554,3 +554,70 @@ def test_edits_reach_a_running_store_and_a_broken_edit_keeps_the_last_good(
     store.default_path().write_text("coalesce_seconds: -1\n")
     with pytest.raises(ConfigurationError, match=r"default\.yaml"):
         store.for_merchant("")
+
+
+def test_a_late_address_does_not_send_old_news() -> None:
+    """A day-old "out for delivery" caught up would say "arrives today" a day late: it is
+    recorded as not caught up, and nothing goes out."""
+    state, _ = run([event(1, "out_for_delivery", NOON, recipient=None)])
+    later = NOON + timedelta(hours=30)
+    state, steps = run([event(2, "picked_up", NOON - timedelta(hours=20))], now=later, state=state)
+    caught = steps[1]
+    assert {v.outcome for v in caught.verdicts} == {Outcome.SUPPRESSED}
+    assert all("not caught up" in v.reason and "30 h old" in v.reason for v in caught.verdicts)
+    assert not [m for m in state.messages if m.event_id == "e1"]
+
+
+def test_a_caught_up_pickup_keeps_its_deadline_and_point_until_the_deadline() -> None:
+    point = {"name": "Kiosk am Markt", "address": "Marktplatz 3, Leipzig"}
+    ready = event(
+        1,
+        "available_for_pickup",
+        NOON,
+        recipient=None,
+        pickup_deadline=NOON + timedelta(hours=10),
+        pickup_point=point,
+    )
+    state, _ = run([ready])
+    late = event(2, "picked_up", NOON - timedelta(hours=20))
+    _, steps = run([late], now=NOON + timedelta(hours=2), state=state)
+    current = steps[1].transition
+    assert current.pickup_deadline == NOON + timedelta(hours=10)
+    assert current.pickup_point is not None and current.pickup_point.name == "Kiosk am Markt"
+    assert {v.outcome for v in steps[1].verdicts} == {Outcome.SENT}
+    _, steps = run([late], now=NOON + timedelta(hours=11), state=state)
+    assert all("pickup deadline" in v.reason for v in steps[1].verdicts)
+    assert {v.outcome for v in steps[1].verdicts} == {Outcome.SUPPRESSED}
+
+
+def test_a_caught_up_milestone_overtaken_in_the_same_batch_is_superseded() -> None:
+    state, _ = run([event(1, "out_for_delivery", NOON, recipient=None)])
+    later = NOON + timedelta(minutes=30)
+    batch = [event(2, "picked_up", NOON - timedelta(hours=20)), event(3, "delivered", later)]
+    _, steps = run(batch, now=later, state=state)
+    caught = next(s for s in steps if s.caught_up_by == "e2")
+    assert {v.outcome for v in caught.verdicts} == {Outcome.SUPPRESSED}
+    assert all("same batch" in v.reason for v in caught.verdicts)
+    assert {v.outcome for v in steps[-1].verdicts} == {Outcome.SENT}
+
+
+def test_replayed_late_events_recover_each_message_once() -> None:
+    """Two redelivered entries of one shipment (a worker died after committing) name the
+    caught-up messages once: twice, the second claim came back busy and its entry stayed
+    unacknowledged."""
+    from notifier.pipeline import Pipeline
+
+    state, _ = run([event(1, "out_for_delivery", NOON, recipient=None)])
+    lates = [event(i, "picked_up", NOON - timedelta(hours=20 + i)) for i in (2, 3)]
+    state, _ = run(lates, now=NOON + timedelta(minutes=5), state=state)
+    folded = Pipeline._fold(
+        None,  # type: ignore[arg-type]
+        ("acme", "s1"),
+        3,
+        state,
+        [("1-0", lates[0]), ("2-0", lates[1])],
+        NOON + timedelta(minutes=6),
+        {},
+        {"acme": policy()},
+    )
+    assert len(folded.recover) == len(set(folded.recover)) == 6  # e2, e3 and e1, each channel

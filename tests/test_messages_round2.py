@@ -205,7 +205,7 @@ def test_pickup_says_where_and_by_when(acme: Path) -> None:
 def test_a_problem_shows_as_a_problem_in_the_progress(acme: Path, milestone: str) -> None:
     message = email_of(acme, milestone)
     assert "&#9888;" in message.html or "\u26a0" in message.html
-    assert "(needs attention)" in message.html and "[!]" in message.text
+    assert "(problem)" in message.html and "[!]" in message.text
     assert "(current step)" not in message.text
 
 
@@ -257,3 +257,36 @@ async def test_the_api_takes_a_pickup_point_and_names_a_bad_one(client: Any) -> 
     assert resp.status == 422
     fields = {d["field"] for d in (await resp.json())["error"]["details"]}
     assert fields == {"pickup_point.name", "pickup_point.address"}
+
+
+def test_a_support_address_is_one_plain_address(tmp_path: Path) -> None:
+    """It becomes every email's Reply-To: a list or a display name is refused."""
+    from notifier.errors import ConfigurationError
+    from notifier.render.brand import load_brand
+
+    for bad in ("a@x.example, b@x.example", "Help <help@x.example>", "a;b@x.example"):
+        folder = tmp_path / bad.replace(" ", "_").replace("<", "").replace(">", "")
+        (folder / "acme").mkdir(parents=True)
+        shutil.copy(data_dir("templates", None) / "brand.yaml", folder / "brand.yaml")
+        (folder / "acme" / "brand.yaml").write_text(f"support: {{email: '{bad}'}}\n")
+        with pytest.raises(ConfigurationError, match=r"support\.email: must be an email address"):
+            load_brand(folder, "acme")
+
+
+def test_a_short_link_base_takes_no_placeholders(acme: Path) -> None:
+    from notifier.errors import ConfigurationError
+    from notifier.render.brand import load_brand
+
+    brand = acme / "acme" / "brand.yaml"
+    brand.write_text(brand.read_text() + "  short_base: https://acme.link/{tracking_number}\n")
+    with pytest.raises(ConfigurationError, match="no \\{placeholders\\}"):
+        load_brand(acme, "acme")
+
+
+def test_a_customs_sms_carries_no_link(acme: Path) -> None:
+    """The customs-fee scam arrives as a text with a link: ours has none, only the number
+    to use on the carrier's own site."""
+    body = sms_of(acme, sample("exception:customs_hold")).body
+    assert "http" not in body
+    assert "Pay any fees only on the UPS website or app." in body
+    assert body.endswith("Track it with UPS: 1Z999AA10123456784")

@@ -66,7 +66,10 @@ def build_eml(message: EmailMessageOut, sent_at: datetime) -> bytes:
             # Deterministic, so a message re-sent after a crash is recognisably the same one.
             _header("Message-ID", f"<{nid}@notifier.local>"),
             _header("X-Notification-ID", nid),
-            *(_header(k, v) for k, v in message.headers.items()),
+            *(
+                _address(k, v) if k.lower() == "reply-to" else _header(k, v)
+                for k, v in message.headers.items()
+            ),
             b"MIME-Version: 1.0\r\n",
             f'Content-Type: multipart/alternative; boundary="{boundary}"\r\n\r\n'.encode(),
         ]

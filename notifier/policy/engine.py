@@ -400,14 +400,23 @@ def _fold_once(
         if late:
             caught = _catch_up(policy, before, state, t, now, opted_out, frozenset(pending))
             if caught is not None:
-                steps.append(caught)
                 current = caught.transition
                 trivial = policy.rule(current.status, current.exception_code).trivial
+                decided: list[Verdict] = []
                 for v in caught.verdicts:
-                    if v.outcome in _GOING and v.channel is not None:
+                    by = superseded.get((current.event_id, v.channel)) if v.channel else None
+                    if by is not None:
+                        v = Verdict(Outcome.SUPPRESSED, f"{by} in the same batch", v.channel)
+                    elif v.outcome in _GOING and v.channel is not None:
                         state = state.record_message(current, v.channel, trivial, now, v.send_at)
                         pending.add(current.event_id)
+                    decided.append(v)
+                steps.append(replace(caught, verdicts=decided))
     return state, steps
+
+
+#: How old the current milestone may be for a late address to still send it.
+CATCH_UP_WINDOW = timedelta(hours=24)
 
 
 def _address(r: Recipient | None, channel: ChannelKind) -> str | None:
@@ -434,6 +443,22 @@ def _catch_up(
     current = after.current_transition() if gained else None
     if current is None:
         return None
+    age = now - current.occurred_at
+    stale = None
+    if age > CATCH_UP_WINDOW:
+        stale = (
+            f"{current.milestone} is {_hours(age):.0f} h old (limit {_hours(CATCH_UP_WINDOW):g} h)"
+        )
+    elif current.pickup_deadline is not None and current.pickup_deadline <= now:
+        stale = f"its pickup deadline {current.pickup_deadline.isoformat()} has passed"
+    if stale is not None:
+        # news that old would mislead ("arrives today" a day late): recorded, not sent
+        reason = f"not caught up: the address arrived late, with {late.event_id}, and {stale}"
+        return Step(
+            current,
+            [Verdict(Outcome.SUPPRESSED, reason, c) for c in sorted(gained)],
+            caught_up_by=late.event_id,
+        )
     told = {m.channel for m in after.messages if m.event_id == current.event_id}
     verdicts = [
         replace(v, reason=f"{v.reason} (the address arrived late, with {late.event_id})")

@@ -90,7 +90,9 @@ class Support(BaseModel):
     @field_validator("email")
     @classmethod
     def _email(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"[^@\s<>\"]+@[^@\s<>\"]+\.[^@\s<>\"]+", value):
+        # one plain address: it becomes the Reply-To header of every email
+        plain = r"[^@\s<>\",;()]+"
+        if value is not None and not re.fullmatch(rf"{plain}@{plain}\.{plain}", value):
             raise ValueError("must be an email address")
         return value
 
@@ -118,6 +120,13 @@ class Links(BaseModel):
     @classmethod
     def _links(cls, value: str | None) -> str | None:
         return _https(value)
+
+    @field_validator("short_base")
+    @classmethod
+    def _base(cls, value: str | None) -> str | None:
+        if value is not None and "{" in value:
+            raise ValueError("is a base the tracking number is appended to: no {placeholders}")
+        return value
 
 
 class Commitments(BaseModel):
