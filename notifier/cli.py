@@ -10,6 +10,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import orjson
+
 from notifier.check import (
     check_all,
     check_warnings,
@@ -203,6 +205,86 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    """List, show, replay or purge the dead letters of NOTIFIER_REDIS_URL."""
+    wants_ids = args.action in ("replay", "purge")
+    if args.action == "show" and len(args.ids) != 1:
+        raise ConfigurationError("dead-letters show takes one id")
+    if wants_ids and bool(args.ids) == args.all:
+        raise ConfigurationError(f"dead-letters {args.action} takes ids, or --all (not both)")
+    if args.action == "list" and args.ids:
+        raise ConfigurationError("dead-letters list takes no ids (use show)")
+    settings = _settings()
+    if settings.embedded:
+        raise ConfigurationError(
+            "NOTIFIER_REDIS_URL is not set: in embedded mode the dead letters live in the "
+            "memory of `notifier serve` (GET /healthz counts them) and end with it"
+        )
+    return asyncio.run(_dead_letters(args, settings))
+
+
+async def _dead_letters(args: argparse.Namespace, settings: Settings) -> int:
+    from datetime import UTC, datetime
+
+    from notifier.deadletters import DeadLetters, masked
+    from notifier.resources import connect
+    from notifier.store import Store
+
+    redis = connect(settings)
+    store = Store(
+        redis,
+        partitions=settings.partitions,
+        idempotency_ttl_s=settings.idempotency_ttl_s,
+        state_ttl_s=settings.state_ttl_s,
+    )
+    dead = DeadLetters(redis, store)
+
+    def show(body: dict[str, object]) -> object:
+        return body if args.reveal else masked(body)
+
+    try:
+        if args.action == "list":
+            letters = await dead.list(args.kind, args.limit)
+            print("kind\tid\tmerchant\tshipment\twhy")
+            for letter in letters:
+                print(letter.summary())
+            print(f"{len(letters)} dead letter(s)", file=sys.stderr)
+            return 0
+        if args.action == "show":
+            one = await dead.show(args.ids[0])
+            if one is None:
+                print(f"error: no dead letter {args.ids[0]}", file=sys.stderr)
+                return 1
+            print(one.summary())
+            print(orjson.dumps(show(one.body), option=orjson.OPT_INDENT_2).decode())
+            return 0
+        if args.all:
+            letters = await dead.list(args.kind, 1_000_000)
+        else:
+            found = [await dead.show(i) for i in args.ids]
+            missing = [i for i, f in zip(args.ids, found, strict=True) if f is None]
+            if missing:
+                print(f"error: no dead letter {', '.join(missing)}", file=sys.stderr)
+                return 1
+            letters = [f for f in found if f is not None]
+        if args.action == "purge" and not args.yes:
+            print(
+                f"error: purging drops {len(letters)} dead letter(s) for good: add --yes",
+                file=sys.stderr,
+            )
+            return 2
+        now_ms = int(datetime.now(UTC).timestamp() * 1000)
+        for letter in letters:
+            if args.action == "replay":
+                print(f"{letter.kind}\t{letter.id}\t{await dead.replay(letter, now_ms)}")
+            else:
+                await dead.purge(letter)
+                print(f"{letter.kind}\t{letter.id}\tpurged")
+        return 0
+    finally:
+        await redis.aclose(close_connection_pool=True)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="notifier", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -224,6 +306,17 @@ def parser() -> argparse.ArgumentParser:
         help="print the most SMS segments per locale (+33, +1, +1 with a short-link base)",
     )
     check.set_defaults(func=cmd_check)
+    dead = sub.add_parser(
+        "dead-letters", help="list, show, replay or purge the dead letters (needs Redis)"
+    )
+    dead.add_argument("action", choices=["list", "show", "replay", "purge"])
+    dead.add_argument("ids", nargs="*", help="inbox entry ids (1733…-0) or notification ids")
+    dead.add_argument("--kind", choices=["inbox", "messages"], help="one list only")
+    dead.add_argument("--all", action="store_true", help="replay or purge every one listed")
+    dead.add_argument("--limit", type=int, default=100, help="list at most this many (100)")
+    dead.add_argument("--reveal", action="store_true", help="show recipients' personal data")
+    dead.add_argument("--yes", action="store_true", help="confirm a purge")
+    dead.set_defaults(func=cmd_dead_letters)
     preview = sub.add_parser("preview", help="render one message with sample data to a file")
     preview.add_argument("--status", required=True, choices=[s.value for s in Status])
     preview.add_argument("--exception-code", choices=[c.value for c in ExceptionCode])

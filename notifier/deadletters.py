@@ -1,0 +1,185 @@
+"""The two dead-letter lists, for operators: read them, replay them, purge them.
+
+- **inbox** (``ntf:inbox:dead``, a stream): accepted transitions a drain failed on five
+  times. Replaying one puts it back into its partition's inbox (one script: it is taken off
+  the dead stream in the same step, so it is replayed once) and wakes that partition. The
+  pipeline then folds it like any entry: an event already folded is a replay that sends
+  nothing new, notification ids are deterministic, so nothing is sent twice.
+- **messages** (``ntf:dead``, a list of notification ids): notifications that failed for
+  good (a permanent provider error, or out of attempts). Replaying one makes its ledger
+  entry due now, only while it is still ``failed`` (one script: a second replay finds it
+  ``deferred`` or ``sent`` and does nothing); the worker's due sweep claims and sends it,
+  after checking it is still wanted (a message a newer state superseded is cancelled).
+
+Entries are shown without personal data (recipient names, emails and phone numbers are
+masked) unless asked for.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+from arq.connections import ArqRedis
+
+from notifier.store import Store, awaited
+
+Kind = Literal["inbox", "messages"]
+STREAM_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+MASK = "***"
+
+# KEYS: ledger entry, dead list, due index. ARGV: notification id, now (epoch ms).
+_REPLAY_MESSAGE = """
+local st = redis.call('HGET', KEYS[1], 'st')
+if st ~= 'failed' then
+  redis.call('LREM', KEYS[2], 0, ARGV[1])
+  if not st then return -1 end
+  return 0
+end
+if not redis.call('HGET', KEYS[1], 'p') then return -2 end
+redis.call('HDEL', KEYS[1], 'error', 'owner', 'claimed')
+redis.call('HSET', KEYS[1], 'st', 'deferred', 'due', ARGV[2], 'attempts', '0')
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+redis.call('LREM', KEYS[2], 0, ARGV[1])
+return 1
+"""
+
+# KEYS: dead stream, the partition's inbox stream. ARGV: dead entry id, its payload.
+_REPLAY_INBOX = """
+if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('XADD', KEYS[2], '*', 't', ARGV[2])
+return 1
+"""
+
+REPLAYED = {1: "replayed", 0: "not failed any more (sent or replayed already)", -1: "expired"}
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """One entry of a dead-letter list, as an operator sees it."""
+
+    kind: Kind
+    id: str
+    merchant_id: str
+    shipment_id: str
+    detail: str  #: why it is here
+    body: dict[str, Any]
+
+    def summary(self) -> str:
+        return f"{self.kind}\t{self.id}\t{self.merchant_id}\t{self.shipment_id}\t{self.detail}"
+
+
+def masked(value: Any) -> Any:
+    """``value`` with recipients' personal data replaced by ***."""
+    if isinstance(value, dict):
+        out = {}
+        for key, inner in value.items():
+            if key in ("name", "email", "phone", "to") and isinstance(inner, str):
+                out[key] = MASK
+            else:
+                out[key] = masked(inner)
+        return out
+    if isinstance(value, list):
+        return [masked(v) for v in value]
+    return value
+
+
+class DeadLetters:
+    """Reads and repairs the dead-letter lists of one Redis."""
+
+    def __init__(self, redis: ArqRedis, store: Store) -> None:
+        self.redis = redis
+        self.store = store
+        self._replay_message = redis.register_script(_REPLAY_MESSAGE)
+        self._replay_inbox = redis.register_script(_REPLAY_INBOX)
+
+    async def list(self, kind: Kind | None = None, limit: int = 100) -> list[DeadLetter]:
+        out: list[DeadLetter] = []
+        if kind in (None, "inbox"):
+            rows = await self.redis.xrange(self.store.DEAD_INBOX_KEY, count=limit)
+            out += [self._inbox(i, f) for i, f in rows]
+        if kind in (None, "messages"):
+            ids = await awaited(self.redis.lrange(self.store.DEAD_LETTER_KEY, 0, limit - 1))
+            out += [await self._message(_text(i)) for i in ids]
+        return out
+
+    async def show(self, entry_id: str) -> DeadLetter | None:
+        """The dead letter with this id (a stream entry id, or a notification id)."""
+        if STREAM_ID.fullmatch(entry_id):
+            rows = await self.redis.xrange(self.store.DEAD_INBOX_KEY, entry_id, entry_id)
+            return self._inbox(*rows[0]) if rows else None
+        listed = await awaited(self.redis.lpos(self.store.DEAD_LETTER_KEY, entry_id))
+        return None if listed is None else await self._message(entry_id)
+
+    async def replay(self, letter: DeadLetter, now_ms: int) -> str:
+        """Put one dead letter back to work; what happened, in words."""
+        if letter.kind == "messages":
+            code = await self._replay_message(
+                keys=[
+                    self.store.notification_key(letter.id),
+                    self.store.DEAD_LETTER_KEY,
+                    self.store.DUE_KEY,
+                ],
+                args=[letter.id, now_ms],
+            )
+            return REPLAYED.get(int(code), "its payload is gone: cannot be sent again")
+        partition = self.store.partition_of(letter.merchant_id, letter.shipment_id)
+        payload = orjson.dumps(letter.body)
+        done = await self._replay_inbox(
+            keys=[self.store.DEAD_INBOX_KEY, self.store.inbox_key(partition)],
+            args=[letter.id, payload],
+        )
+        if not int(done):
+            return "replayed already"
+        if await self.store.set_wake(partition):
+            await self.redis.enqueue_job("drain", partition)
+        return f"replayed into partition {partition}"
+
+    async def purge(self, letter: DeadLetter) -> None:
+        """Drop one dead letter for good (the ledger entry of a message stays, failed)."""
+        if letter.kind == "messages":
+            await awaited(self.redis.lrem(self.store.DEAD_LETTER_KEY, 0, letter.id))
+        else:
+            await self.redis.xdel(self.store.DEAD_INBOX_KEY, letter.id)
+
+    def _inbox(self, entry_id: bytes | str, fields: dict[bytes, bytes]) -> DeadLetter:
+        raw = fields.get(b"t", b"{}")
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            body = {"unreadable": raw.decode(errors="replace")[:200]}
+        if not isinstance(body, dict):
+            body = {"unreadable": str(body)[:200]}
+        why = _text(fields.get(b"why", b""))
+        origin = _text(fields.get(b"from", b""))
+        return DeadLetter(
+            "inbox",
+            _text(entry_id),
+            str(body.get("merchant_id", "")),
+            str(body.get("shipment_id", "")),
+            f"{why} (event {body.get('event_id', '?')}, inbox entry {origin})",
+            body,
+        )
+
+    async def _message(self, notification_id: str) -> DeadLetter:
+        ledger = (await self.store.ledger([notification_id])).get(notification_id, {})
+        raw = await awaited(self.redis.hget(self.store.notification_key(notification_id), "p"))
+        body: dict[str, Any] = orjson.loads(raw) if raw else {}
+        state = ledger.get("status", "expired")
+        return DeadLetter(
+            "messages",
+            notification_id,
+            str(body.get("merchant_id", "")),
+            str(body.get("shipment_id", "")),
+            f"{state}: {ledger.get('error', '')}".rstrip(": "),
+            {"ledger": ledger, "notification": body},
+        )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+__all__ = ["DeadLetter", "DeadLetters", "masked"]

@@ -1,0 +1,146 @@
+"""`notifier dead-letters list|show|replay|purge` on a real Redis: both dead-letter lists,
+personal data masked unless asked for, replays that never send a message twice."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient
+
+from notifier.channels.base import Outcome, Outgoing
+from notifier.cli import main
+from notifier.errors import PermanentDeliveryError
+from notifier.models import ChannelKind
+from notifier.pipeline import Pipeline
+from notifier.resources import open_resources
+from notifier.settings import Settings
+from notifier.store import InboxEntry
+from notifier.worker import release_due
+from tests.conftest import API_KEYS, fixed_clock, outbox_files, post, run_worker, transition
+
+Client = TestClient[Any, Any]
+
+
+class _Refusing:
+    """Every send fails for good (a provider refusing the address, say)."""
+
+    name = "refusing"
+
+    async def send_many(self, items: Sequence[Outgoing]) -> list[Outcome]:
+        return [
+            PermanentDeliveryError("provider said no", i.message.notification_id, self.name)
+            for i in items
+        ]
+
+
+@pytest.fixture
+def cli(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Run `notifier ARGS` against the test's Redis; (exit code, stdout, stderr)."""
+    for name in [k for k in os.environ if k.startswith("NOTIFIER_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("NOTIFIER_REDIS_URL", str(settings.redis_url))
+    monkeypatch.setenv("NOTIFIER_API_KEYS", json.dumps(API_KEYS))
+    monkeypatch.setenv("NOTIFIER_PARTITIONS", str(settings.partitions))
+    monkeypatch.setenv("NOTIFIER_SIGNING_SECRET", "0123456789abcdef0123")
+
+    async def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+        code = await asyncio.to_thread(main, ["dead-letters", *args])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
+
+
+async def failed_messages(client: Client, settings: Settings) -> list[str]:
+    """Post a transition whose two messages a provider refuses for good."""
+    await post(client, transition())
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        await res.store.ensure_groups()
+        refusing = _Refusing()
+        res.channels = {ChannelKind.EMAIL: refusing, ChannelKind.SMS: refusing}
+        res.providers = {}
+        entries = []
+        for p in range(settings.partitions):
+            entries += await res.store.read_inbox(p, "w", 100)
+        await Pipeline(res).process(entries)
+        return [i.decode() for i in await res.redis.lrange(res.store.DEAD_LETTER_KEY, 0, -1)]
+
+
+async def test_failed_messages_are_listed_masked_replayed_once_and_sent(
+    client: Client, settings: Settings, cli: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ids = await failed_messages(client, settings)
+    assert len(ids) == 2
+    code, out, _ = await cli(capsys, "list", "--kind", "messages")
+    assert code == 0 and out.count("messages\tn_") == 2 and "provider said no" in out
+    code, out, _ = await cli(capsys, "show", ids[0])
+    assert code == 0 and "ana@example.com" not in out and "+33612345678" not in out
+    assert '"***"' in out and "provider said no" in out
+    code, out, _ = await cli(capsys, "show", ids[0], "--reveal")
+    assert "ana@example.com" in out or "+33612345678" in out
+
+    code, out, _ = await cli(capsys, "replay", "--all", "--kind", "messages")
+    # the CLI makes them due on the real clock: a worker clock past any real "now"
+    later = fixed_clock(datetime(2100, 1, 1, tzinfo=UTC))
+    assert code == 0 and out.count("\treplayed") == 2
+    code, _, err = await cli(capsys, "replay", ids[0])
+    assert code == 1 and "no dead letter" in err  # off the list: nothing to replay
+    async with open_resources(settings, clock=later) as res:
+        assert await release_due({"res": res, "pipeline": Pipeline(res)}) == 2
+        # an operator's second replay racing the first finds it sent: nothing happens
+        await res.redis.rpush(res.store.DEAD_LETTER_KEY, ids[0])
+    code, out, _ = await cli(capsys, "replay", ids[0])
+    assert "not failed any more" in out
+    async with open_resources(settings, clock=later) as res:
+        assert await release_due({"res": res, "pipeline": Pipeline(res)}) == 0
+        assert await res.redis.llen(res.store.DEAD_LETTER_KEY) == 0
+    assert len(outbox_files(settings)) == 2  # each message once
+
+
+async def test_a_buried_inbox_entry_is_replayed_once_and_processed(
+    client: Client, settings: Settings, cli: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An accepted transition a drain failed on (a bug since fixed) goes back to work."""
+    body = transition(event_id="buried")
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        await res.store.bury(0, [InboxEntry("1-0", orjson.dumps(body))], "failed 5 times")
+    code, out, _ = await cli(capsys, "list", "--kind", "inbox")
+    assert code == 0 and "failed 5 times (event buried, inbox entry 1-0)" in out
+    [entry_id] = [line.split("\t")[1] for line in out.splitlines() if line.startswith("inbox")]
+    code, out, _ = await cli(capsys, "show", entry_id)
+    assert "ana@example.com" not in out and '"event_id": "buried"' in out
+    code, out, _ = await cli(capsys, "replay", entry_id)
+    assert code == 0 and "replayed into partition" in out
+    code, _, err = await cli(capsys, "replay", entry_id)
+    assert code == 1 and "no dead letter" in err
+    await run_worker(settings)
+    assert len(outbox_files(settings)) == 2
+
+
+async def test_purge_needs_yes_and_bad_usage_is_one_line(
+    client: Client, settings: Settings, cli: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ids = await failed_messages(client, settings)
+    code, _, err = await cli(capsys, "purge", "--all")
+    assert code == 2 and "add --yes" in err
+    code, out, _ = await cli(capsys, "purge", ids[0], "--yes")
+    assert code == 0 and out.strip() == f"messages\t{ids[0]}\tpurged"
+    code, out, _ = await cli(capsys, "list")
+    assert out.count("messages\tn_") == 1
+    for args in (("show",), ("replay",), ("replay", ids[1], "--all"), ("list", ids[1])):
+        code, _, err = await cli(capsys, *args)
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, args
+
+
+def test_dead_letters_need_redis(capsys: pytest.CaptureFixture[str], monkeypatch: Any) -> None:
+    for name in [k for k in os.environ if k.startswith("NOTIFIER_")]:
+        monkeypatch.delenv(name)
+    assert main(["dead-letters", "list"]) == 2
+    assert "NOTIFIER_REDIS_URL is not set" in capsys.readouterr().err
