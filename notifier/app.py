@@ -7,7 +7,7 @@ import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 import orjson
 from aiohttp import web
@@ -32,7 +32,7 @@ from notifier.policy import opt_out_key
 from notifier.resources import Clock, Resources, open_resources, utc_now
 from notifier.settings import Settings
 from notifier.timeline import shipment_history
-from notifier.worker import build_worker
+from notifier.worker import HEARTBEAT_S, WORKERS_KEY, build_worker
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +205,47 @@ async def healthz(request: web.Request) -> web.Response:
     )
 
 
+#: A worker counts as alive for /readyz this long after its last heartbeat.
+WORKER_ALIVE_S = 3 * HEARTBEAT_S
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready to take traffic: Redis answers, the default templates, catalogs and policy are
+    loaded, and at least one worker beat lately. 503 naming what is not."""
+    res = request.app[RESOURCES]
+    checks: dict[str, Any] = {}
+    try:
+        await res.redis.ping()
+        since = int(res.clock().timestamp() * 1000) - int(WORKER_ALIVE_S * 1000)
+        alive = int(await res.redis.zcount(WORKERS_KEY, since, "+inf"))
+        checks["redis"] = "ok"
+        checks["workers"] = alive
+    except (RedisError, OSError) as exc:
+        checks["redis"] = f"unreachable ({type(exc).__name__})"
+        alive = -1
+    for name, probe in (
+        ("policies", lambda: res.policies.for_merchant("")),
+        ("templates", lambda: res.templates.select("", ("email/layout.html",))),
+        ("brand", lambda: res.renderer.brand("")),
+        ("catalogs", lambda: _some(res.renderer.catalogs.available(), "no catalog found")),
+    ):
+        try:
+            probe()
+            checks[name] = "ok"
+        except Exception as exc:  # a check names what failed; it never raises
+            checks[name] = f"failed: {exc}"
+    ready = alive > 0 and all(v == "ok" for k, v in checks.items() if k != "workers")
+    if alive == 0:
+        checks["workers"] = f"none alive in the last {WORKER_ALIVE_S:g} s"
+    return _json(200 if ready else 503, {"status": "ready" if ready else "not_ready", **checks})
+
+
+def _some(found: list[str], why: str) -> list[str]:
+    if not found:
+        raise LookupError(why)
+    return found
+
+
 def create_app(
     settings: Settings,
     *,
@@ -246,6 +287,7 @@ def create_app(
     app.router.add_route("GET", unsubscribe.PATH, unsubscribe_hook)
     app.router.add_route("POST", unsubscribe.PATH, unsubscribe_hook)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     editor = admin.Admin(lambda: app[RESOURCES], app[KEYS])
     admin.add_routes(app, editor)
     views = admin_views.add_routes(app, editor)

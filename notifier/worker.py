@@ -58,8 +58,10 @@ MAX_DELIVERIES = 5
 #: How long a drain caught by a Redis outage waits for it before its job fails (the
 #: sweep then wakes the partition again once Redis is back).
 OUTAGE_WAIT_S = 60.0
-#: How often a worker touches its heartbeat file while its polls succeed.
+#: How often a worker says it is alive (heartbeat file, WORKERS_KEY) while its polls succeed.
 HEARTBEAT_S = 5.0
+#: Live workers: a sorted set of worker ids by their last heartbeat (epoch ms).
+WORKERS_KEY = "ntf:workers"
 #: Due notifications released per round of the release_due cron.
 RELEASE_BATCH = 500
 
@@ -392,12 +394,33 @@ class ResilientWorker(Worker):
         if self._outage_since is not None:
             log.warning("Redis answers again after %.1f s", time.monotonic() - self._outage_since)
             self._outage_since, self._outage_delay = None, 0.05
-        if self.heartbeat is not None and time.monotonic() - self._last_beat >= HEARTBEAT_S:
+        if time.monotonic() - self._last_beat >= HEARTBEAT_S:
             self._last_beat = time.monotonic()
+            await self._beat()
+
+    async def _beat(self) -> None:
+        """Say this worker is alive: in Redis (the API's /readyz counts live workers) and
+        in the heartbeat file, if any (a container's health check)."""
+        res: Resources | None = self.ctx.get("res")
+        if res is not None:
+            now_ms = int(res.clock().timestamp() * 1000)
+            with contextlib.suppress(RedisError, OSError):  # the next poll says it
+                async with res.redis.pipeline(transaction=False) as pipe:
+                    pipe.zadd(WORKERS_KEY, {self.ctx["consumer"]: now_ms})
+                    pipe.zremrangebyscore(WORKERS_KEY, "-inf", now_ms - 3600_000)
+                    await pipe.execute()
+        if self.heartbeat is not None:
             try:
                 self.heartbeat.touch()
             except OSError as exc:  # the health check will say so; the work goes on
                 log.error("cannot touch the heartbeat file: %s", exc.strerror)
+
+    async def close(self) -> None:
+        res: Resources | None = self.ctx.get("res")
+        if res is not None and "consumer" in self.ctx:
+            with contextlib.suppress(RedisError, OSError):
+                await res.redis.zrem(WORKERS_KEY, self.ctx["consumer"])
+        await super().close()
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """arq's job start, with the job slot (semaphore and counter) owned explicitly: the

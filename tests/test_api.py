@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,11 +17,13 @@ from notifier.resources import open_resources
 from notifier.settings import Settings
 from tests.conftest import (
     ACME_KEY,
+    API_KEYS,
     auth,
     fixed_clock,
     free_port,
     make_settings,
     run_worker,
+    spawn_notifier,
     transition,
 )
 
@@ -340,3 +344,54 @@ async def test_history_needs_a_key_for_that_merchant(client: Client) -> None:
     assert (await client.get(url)).status == 401
     assert (await client.get(url, headers=auth(ACME_KEY))).status == 403
     assert (await client.get(url, headers=auth())).status == 404
+
+
+async def test_readyz_needs_a_live_worker_and_says_what_is_missing(
+    client: Any, settings: Settings, tmp_path: Path
+) -> None:
+    """Ready means Redis answers, the defaults loaded, and a worker beat in the last 15 s:
+    a real `notifier worker` process makes it ready, and its stop makes it not ready."""
+    resp = await client.get("/readyz")
+    body = await resp.json()
+    assert resp.status == 503 and body["status"] == "not_ready"
+    assert body["redis"] == "ok" and body["templates"] == "ok" and body["catalogs"] == "ok"
+    assert body["workers"].startswith("none alive")
+    env = {
+        "NOTIFIER_REDIS_URL": str(settings.redis_url),
+        "NOTIFIER_API_KEYS": json.dumps(API_KEYS),
+        "NOTIFIER_OUTBOX_DIR": str(settings.outbox_dir),
+        "NOTIFIER_PARTITIONS": str(settings.partitions),
+    }
+    worker = spawn_notifier(["worker"], tmp_path, **env)
+    try:
+        for _ in range(400):  # readiness wait for a real process (bounded)
+            resp = await client.get("/readyz")
+            if resp.status == 200 or worker.poll() is not None:
+                break
+            await asyncio.sleep(0.05)
+        body = await resp.json()
+        assert resp.status == 200, body
+        assert body == {
+            "status": "ready",
+            "redis": "ok",
+            "workers": 1,
+            "policies": "ok",
+            "templates": "ok",
+            "brand": "ok",
+            "catalogs": "ok",
+        }
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.communicate(timeout=20)
+    resp = await client.get("/readyz")
+    assert resp.status == 503  # a worker that stopped says so on its way out
+
+
+async def test_readyz_names_templates_that_did_not_load(settings: Settings, tmp_path: Path) -> None:
+    empty = tmp_path / "no-templates"
+    empty.mkdir()
+    broken = settings.model_copy(update={"templates_dir": empty})
+    async with TestClient(TestServer(create_app(broken))) as c:
+        body = await (await c.get("/readyz")).json()
+    assert body["status"] == "not_ready" and body["templates"].startswith("failed:")
+    assert "email/layout.html" in body["templates"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -64,3 +65,18 @@ async def test_in_process_worker_starts_and_stops_with_the_app(tmp_path: Path) -
         resp = await client.get("/healthz")
         assert resp.status == 200
     # leaving the block ran the cleanup: worker closed, connections released (no warnings)
+
+
+async def test_the_in_process_worker_makes_embedded_mode_ready(tmp_path: Path) -> None:
+    settings = embedded_settings(tmp_path)
+    async with TestClient(TestServer(create_app(settings))) as client:
+        for _ in range(200):  # the worker's first poll (bounded)
+            resp = await client.get("/readyz")
+            if resp.status == 200:
+                break
+            await asyncio.sleep(0.02)
+        body = await resp.json()
+        assert resp.status == 200 and body["workers"] == 1, body
+    async with TestClient(TestServer(create_app(settings, run_worker=False))) as client:
+        resp = await client.get("/readyz")
+        assert resp.status == 503 and (await resp.json())["workers"].startswith("none alive")
