@@ -27,6 +27,7 @@ from notifier import admin, admin_views, unsubscribe, webhooks
 from notifier import web as merchant_web
 from notifier.errors import ApiError, Forbidden, InvalidOptOut, InvalidQuery, NotFound
 from notifier.ingest import KeyRing, may_act_for, post_transitions, read_json
+from notifier.logs import REQUEST_ID, request_id
 from notifier.models import ChannelKind, Email, Identifier, MerchantId, Phone
 from notifier.policy import opt_out_key
 from notifier.resources import Clock, Resources, open_resources, utc_now
@@ -49,6 +50,24 @@ def _json(status: int, body: object, headers: dict[str, str] | None = None) -> w
     return web.Response(
         status=status, body=orjson.dumps(body), content_type="application/json", headers=headers
     )
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every request has an id (the caller's ``X-Request-ID``, or a new one): in the log
+    lines it causes, in the answer's ``X-Request-ID``, and stored with what it ingests."""
+    rid = request_id(request.headers.get("X-Request-ID"))
+    token = REQUEST_ID.set(rid)
+    try:
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            exc.headers["X-Request-ID"] = rid
+            raise
+        response.headers["X-Request-ID"] = rid
+        return response
+    finally:
+        REQUEST_ID.reset(token)
 
 
 @web.middleware
@@ -254,7 +273,10 @@ def create_app(
     run_worker: bool | None = None,
 ) -> web.Application:
     """The API. In embedded mode (and unless ``run_worker`` is False) the worker runs in-process."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+    app = web.Application(
+        middlewares=[request_id_middleware, error_middleware],
+        client_max_size=settings.max_body_bytes,
+    )
     app[KEYS] = KeyRing(settings.effective_api_keys())
     in_process = settings.embedded if run_worker is None else run_worker
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import orjson
 
+from notifier import logs
 from notifier.check import (
     check_all,
     check_warnings,
@@ -35,7 +36,7 @@ log = logging.getLogger("notifier")
 
 def _settings() -> Settings:
     settings = load_settings()
-    logging.getLogger().setLevel(settings.log_level)
+    logs.configure(settings.log_format, settings.log_level)
     if settings.log_level != "DEBUG":
         # arq logs every job and cron tick at INFO (two lines every 5 s when idle): only
         # at DEBUG; its warnings and failed jobs still show
@@ -44,6 +45,15 @@ def _settings() -> Settings:
 
 
 def _banner(settings: Settings, host: str, port: int) -> None:
+    if settings.log_format == "json":  # a log pipeline reads every line: log lines only
+        if settings.embedded:
+            log.warning(
+                "EMBEDDED MODE: in-memory store; nothing persists across restarts; messages "
+                "are written to %s",
+                settings.outbox_dir.resolve(),
+            )
+        log.info("notifier listening on http://%s:%d", host, port)
+        return
     if settings.embedded:
         bar = "!" * 72
         print(bar, file=sys.stderr)
@@ -332,9 +342,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure()
     try:
         return int(args.func(args))
     except NotifierError as exc:  # a bad setting, brand or template: one clear line

@@ -46,10 +46,11 @@ redis.call('LREM', KEYS[2], 0, ARGV[1])
 return 1
 """
 
-# KEYS: dead stream, the partition's inbox stream. ARGV: dead entry id, its payload.
+# KEYS: dead stream, the partition's inbox stream. ARGV: dead entry id, its payload, the
+# request id it was accepted with.
 _REPLAY_INBOX = """
 if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('XADD', KEYS[2], '*', 't', ARGV[2])
+redis.call('XADD', KEYS[2], '*', 't', ARGV[2], 'r', ARGV[3])
 return 1
 """
 
@@ -66,6 +67,8 @@ class DeadLetter:
     shipment_id: str
     detail: str  #: why it is here
     body: dict[str, Any]
+    #: the API request that accepted it (inbox entries)
+    request_id: str = ""
 
     def summary(self) -> str:
         return f"{self.kind}\t{self.id}\t{self.merchant_id}\t{self.shipment_id}\t{self.detail}"
@@ -129,7 +132,7 @@ class DeadLetters:
         payload = orjson.dumps(letter.body)
         done = await self._replay_inbox(
             keys=[self.store.DEAD_INBOX_KEY, self.store.inbox_key(partition)],
-            args=[letter.id, payload],
+            args=[letter.id, payload, letter.request_id],
         )
         if not int(done):
             return "replayed already"
@@ -161,6 +164,7 @@ class DeadLetters:
             str(body.get("shipment_id", "")),
             f"{why} (event {body.get('event_id', '?')}, inbox entry {origin})",
             body,
+            _text(fields.get(b"r", b"")),
         )
 
     async def _message(self, notification_id: str) -> DeadLetter:

@@ -22,6 +22,7 @@ from notifier.errors import (
     UnsupportedMediaType,
     ValidationFailed,
 )
+from notifier.logs import REQUEST_ID
 from notifier.models import Transition
 from notifier.resources import Resources
 from notifier.store import Admission, body_digest
@@ -182,6 +183,7 @@ async def post_transitions(request: web.Request, res: Resources, keys: KeyRing) 
             t.event_id,
             orjson.dumps(items[i]) if batch else raw,
             body_digest(items[i]),
+            REQUEST_ID.get(),
         )
         for i, t in valid
     ]

@@ -280,6 +280,8 @@ class Decision(_Strict):
     #: when a deferred message is due
     send_at: datetime | None = None
     details: dict[str, Any] = Field(default_factory=dict)
+    #: the API request (X-Request-ID) that brought the transition
+    request_id: str | None = None
 
     @classmethod
     def about(
@@ -293,6 +295,7 @@ class Decision(_Strict):
         notification_id: str | None = None,
         send_at: datetime | None = None,
         details: dict[str, Any] | None = None,
+        request_id: str | None = None,
     ) -> Decision:
         """The decision recorded for transition ``t``."""
         return cls(
@@ -307,6 +310,7 @@ class Decision(_Strict):
             occurred_at=t.occurred_at,
             send_at=send_at,
             details=details or {},
+            request_id=request_id or None,
         )
 
     def history_entry(self) -> bytes:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -90,6 +90,8 @@ class Pipeline:
         """Decide and deliver everything in ``entries``; raises if Redis fails (entries stay)."""
         report = BatchReport()
         groups: dict[ShipmentKey, list[tuple[str, Transition]]] = {}
+        #: (merchant, event id) -> the API request that accepted it
+        request_ids: dict[tuple[str, str], str] = {}
         for entry in entries:
             try:
                 t = Transition.model_validate_json(entry.payload)
@@ -99,6 +101,8 @@ class Pipeline:
                 report.invalid += 1
                 continue
             groups.setdefault((t.merchant_id, t.shipment_id), []).append((entry.entry_id, t))
+            if entry.request_id:
+                request_ids[(t.merchant_id, t.event_id)] = entry.request_id
             report.transitions += 1
 
         # a merchant's published override (the editor's) may have moved since the last batch
@@ -121,7 +125,16 @@ class Pipeline:
             # Looked up once per merchant and round: an edited policy applies from the next batch.
             policies = {m: self.res.policies.for_merchant(m) for m in {m for m, _ in keys}}
             folds = [
-                self._fold(key, version, state, pending[key], now, opted.get(key[0], {}), policies)
+                self._fold(
+                    key,
+                    version,
+                    state,
+                    pending[key],
+                    now,
+                    opted.get(key[0], {}),
+                    policies,
+                    request_ids,
+                )
                 for key, (version, state) in zip(keys, loaded, strict=True)
             ]
             conflicts = set(await self.res.store.commit([f.commit for f in folds], now.isoformat()))
@@ -191,6 +204,7 @@ class Pipeline:
         now: datetime,
         opted_out: dict[str, str],
         policies: dict[str, Policy],
+        request_ids: Mapping[tuple[str, str], str] | None = None,
     ) -> _Fold:
         """Fold a shipment's transitions (in arrival order) through the policy. Pure."""
         merchant_id, shipment_id = key
@@ -207,6 +221,7 @@ class Pipeline:
         for step in steps:
             t = step.transition
             entry_id = entry_of[step.caught_up_by or t.event_id]
+            rid = (request_ids or {}).get((merchant_id, step.caught_up_by or t.event_id))
             if step.replay:
                 # A redelivered entry (a worker died after committing): finish its sends,
                 # and, for a late event, those of the current milestone it may have caught up
@@ -256,6 +271,7 @@ class Pipeline:
                     decided_at=now,
                     send_at=verdict.send_at,
                     details=dict(verdict.details),
+                    request_id=rid,
                 )
                 history.append(decision.history_entry())
                 decisions += 1

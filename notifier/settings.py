@@ -122,6 +122,8 @@ class Settings(BaseSettings):
         "trees (policies are looked at on every lookup).",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    #: one line per event: text for people, json for a log pipeline (both redacted)
+    log_format: Literal["text", "json"] = "text"
 
     @field_validator("redis_url")
     @classmethod

@@ -68,7 +68,7 @@ for i, e in ipairs(events) do
   else
     redis.call('HSET', cur, field, digest)
     redis.call('EXPIREAT', cur, expire_at)
-    redis.call('XADD', inbox, '*', 't', e[5])
+    redis.call('XADD', inbox, '*', 't', e[5], 'r', e[7] or '')
     accepted[i] = 1
     touched[inbox] = true
   end
@@ -334,6 +334,8 @@ class InboxEntry:
 
     entry_id: str
     payload: bytes
+    #: the API request that accepted it (its X-Request-ID), "" for entries from before
+    request_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,6 +360,10 @@ async def awaited(result: Awaitable[T] | T) -> T:
     return result
 
 
+def _entry(entry_id: bytes | str, fields: dict[bytes, bytes]) -> InboxEntry:
+    return InboxEntry(_decode(entry_id), fields[b"t"], _decode(fields.get(b"r", b"")))
+
+
 def _decode(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -372,7 +378,8 @@ class Admission(StrEnum):
 
 _ADMISSIONS = {1: Admission.ACCEPTED, 0: Admission.DUPLICATE, 2: Admission.CONFLICT}
 #: (merchant_id, shipment_id, event_id, payload, body digest) of an event to ingest
-IngestItem = tuple[str, str, str, bytes, str]
+#: (merchant, shipment, event id, payload, body digest, request id)
+IngestItem = tuple[str, str, str, bytes, str, str]
 
 
 def body_digest(body: Any) -> str:
@@ -553,11 +560,11 @@ class Store:
 
     async def _ingest_now(self, items: Sequence[IngestItem]) -> tuple[list[Admission], list[int]]:
         events = []
-        for merchant_id, shipment_id, event_id, payload, digest in items:
+        for merchant_id, shipment_id, event_id, payload, digest, rid in items:
             bucket, field = self.event_slot(merchant_id, event_id)
             inbox = self.inbox_key(self.partition_of(merchant_id, shipment_id))
             legacy = self.legacy_event_key(merchant_id, event_id)
-            events.append((bucket, field, legacy, inbox, payload.decode(), digest))
+            events.append((bucket, field, legacy, inbox, payload.decode(), digest, rid))
         args: list[Any] = [
             orjson.dumps(events),
             self.idempotency_ttl_s,
@@ -590,7 +597,7 @@ class Store:
         )
         if not reply:
             return []
-        return [InboxEntry(_decode(i), f[b"t"]) for i, f in reply[0][1]]
+        return [_entry(i, f) for i, f in reply[0][1]]
 
     async def read_own_pending(self, partition: int, consumer: str, count: int) -> list[InboxEntry]:
         """Entries this consumer read and has not acknowledged (after a Redis outage)."""
@@ -598,7 +605,7 @@ class Store:
             GROUP, consumer, {self.inbox_key(partition): "0"}, count=count
         )
         return [
-            InboxEntry(_decode(entry_id), fields[b"t"])
+            _entry(entry_id, fields)
             for _, entries in reply or []
             for entry_id, fields in entries
             if fields  # an entry trimmed away since shows up without its fields
@@ -611,7 +618,7 @@ class Store:
         reply = await self.redis.xautoclaim(
             self.inbox_key(partition), GROUP, consumer, min_idle_ms, "0-0", count=count
         )
-        return [InboxEntry(_decode(i), f[b"t"]) for i, f in reply[1] if f]
+        return [_entry(i, f) for i, f in reply[1] if f]
 
     async def ack(self, partition: int, entry_ids: Sequence[str]) -> None:
         """Acknowledge and delete processed entries."""
@@ -666,7 +673,10 @@ class Store:
         key = self.inbox_key(partition)
         async with self.redis.pipeline(transaction=True) as pipe:
             for e in entries:
-                pipe.xadd(self.DEAD_INBOX_KEY, {"t": e.payload, "from": e.entry_id, "why": reason})
+                pipe.xadd(
+                    self.DEAD_INBOX_KEY,
+                    {"t": e.payload, "from": e.entry_id, "why": reason, "r": e.request_id},
+                )
             pipe.xack(key, GROUP, *[e.entry_id for e in entries])
             pipe.xdel(key, *[e.entry_id for e in entries])
             await pipe.execute()

@@ -342,7 +342,8 @@ async def find_stalled(ctx: dict[str, Any]) -> int:
             carrier_description="no carrier scan or delivery in the expected time (notifier)",
         )
         body = t.model_dump_json().encode()
-        items.append((merchant_id, shipment_id, t.event_id, body, body_digest(orjson.loads(body))))
+        digest = body_digest(orjson.loads(body))
+        items.append((merchant_id, shipment_id, t.event_id, body, digest, "stall-check"))
     if items:
         _, woken = await res.store.ingest(items)
         await wake(res, woken)

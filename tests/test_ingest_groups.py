@@ -19,7 +19,7 @@ from tests.conftest import make_settings
 
 def _item(event_id: str, shipment: str = "shp_1", merchant: str = "acme") -> IngestItem:
     body = {"event_id": event_id}
-    return (merchant, shipment, event_id, orjson.dumps(body), body_digest(body))
+    return (merchant, shipment, event_id, orjson.dumps(body), body_digest(body), "req-1")
 
 
 def _count_calls(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -174,7 +174,7 @@ async def test_payloads_reach_the_inbox_byte_for_byte(
         await res.redis.flushdb()  # (the autouse flush only sees fixtures named up front)
         await store.ensure_groups()
         items = [
-            ("acme", "shp_1", f"u{i}", p.encode(), body_digest(orjson.loads(p)))
+            ("acme", "shp_1", f"u{i}", p.encode(), body_digest(orjson.loads(p)), f"req-{i}")
             for i, p in enumerate(odd)
         ]
         assert (await store.ingest(items))[0] == [A, A, A]
@@ -182,3 +182,4 @@ async def test_payloads_reach_the_inbox_byte_for_byte(
         partition = store.partition_of("acme", "shp_1")
         entries = await store.read_inbox(partition, "c1", 10)
         assert [e.payload for e in entries] == [p.encode() for p in odd]
+        assert [e.request_id for e in entries] == ["req-0", "req-1", "req-2"]

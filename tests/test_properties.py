@@ -175,6 +175,7 @@ async def push(
                 e["event_id"],
                 Transition.model_validate(e).model_dump_json(exclude_none=True).encode(),
                 body_digest(e),
+                "",
             )
             for batch in renamed
             for e in batch

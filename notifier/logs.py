@@ -1,0 +1,95 @@
+"""Logging: one line per event, as text or JSON (``NOTIFIER_LOG_FORMAT``), with the request
+id of the API call it belongs to, and never an email address, a phone number or a key.
+
+The request id comes from the caller's ``X-Request-ID`` (when it is a sane token) or is made
+up; the API answers with it, stores it with each accepted transition, and the worker records
+it in the decisions of the shipment's history, so one id follows an event from the
+tracking backend's call to the message it caused.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import uuid
+from contextvars import ContextVar
+from datetime import UTC, datetime
+
+import orjson
+
+#: The request id of the API call being handled ("" outside of one).
+REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="")
+_SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
+_PHONE = re.compile(r"(?<![\w/=?&.-])\+[0-9][0-9 ().-]{6,20}[0-9]")
+_BEARER = re.compile(r"(?i)(bearer\s+)[^\s,;)]+")
+_SECRET = re.compile(r"(?i)((?:api[_-]?key|token|secret|password)\s*[=:]\s*)[^\s,;)]+")
+
+
+def request_id(presented: str | None) -> str:
+    """The caller's id when it is a sane token, else a new one."""
+    if presented and _SANE_ID.fullmatch(presented):
+        return presented
+    return uuid.uuid4().hex
+
+
+def redact(text: str) -> str:
+    """``text`` without email addresses, phone numbers, bearer tokens or key=value secrets."""
+    text = _EMAIL.sub("[email]", text)
+    text = _PHONE.sub("[phone]", text)
+    text = _BEARER.sub(r"\1[key]", text)
+    return _SECRET.sub(r"\1[secret]", text)
+
+
+class _Context(logging.Filter):
+    """Adds the request id and redacts the message (arguments included) in place."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = REQUEST_ID.get()
+        message = redact(record.getMessage())
+        record.msg, record.args = message, ()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, request id, exception."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, object] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        rid = getattr(record, "request_id", "")
+        if rid:
+            line["request_id"] = rid
+        if record.exc_text:
+            line["exc"] = record.exc_text
+        return orjson.dumps(line).decode()
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        rid = getattr(record, "request_id", "")
+        return f"{text} [request {rid}]" if rid else text
+
+
+def configure(log_format: str = "text", level: str = "INFO") -> None:
+    """Send every log line through the request-id and redaction filter, in ``log_format``."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_Context())
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
