@@ -295,6 +295,20 @@ async def _dead_letters(args: argparse.Namespace, settings: Settings) -> int:
         await redis.aclose(close_connection_pool=True)
 
 
+def cmd_hash_key(args: argparse.Namespace) -> int:
+    """Print the NOTIFIER_API_KEYS name of a key read from standard input (never argv,
+    which other users of the machine can see)."""
+    import hashlib
+
+    from notifier.settings import HASHED_KEY
+
+    key = sys.stdin.readline().strip()
+    if len(key) < 8:
+        raise ConfigurationError("give the key (at least 8 characters) on standard input")
+    print(HASHED_KEY + hashlib.sha256(key.encode()).hexdigest())
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="notifier", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -316,6 +330,9 @@ def parser() -> argparse.ArgumentParser:
         help="print the most SMS segments per locale (+33, +1, +1 with a short-link base)",
     )
     check.set_defaults(func=cmd_check)
+    sub.add_parser(
+        "hash-key", help="print a key's sha256: form for NOTIFIER_API_KEYS (key on stdin)"
+    ).set_defaults(func=cmd_hash_key)
     dead = sub.add_parser(
         "dead-letters", help="list, show, replay or purge the dead letters (needs Redis)"
     )

@@ -25,6 +25,7 @@ from notifier.errors import (
 from notifier.logs import REQUEST_ID
 from notifier.models import Transition
 from notifier.resources import Resources
+from notifier.settings import HASHED_KEY
 from notifier.store import Admission, body_digest
 from notifier.worker import wake
 
@@ -37,8 +38,14 @@ class KeyRing:
     """API keys → merchants, compared in constant time (by SHA-256 digest, no early exit)."""
 
     def __init__(self, keys: dict[str, list[str]]) -> None:
+        # only digests are kept; a key configured as "sha256:<hex>" never existed here
         self._entries = [
-            (hashlib.sha256(key.encode()).digest(), frozenset(merchants))
+            (
+                bytes.fromhex(key.removeprefix(HASHED_KEY))
+                if key.startswith(HASHED_KEY)
+                else hashlib.sha256(key.encode()).digest(),
+                frozenset(merchants),
+            )
             for key, merchants in keys.items()
         ]
 

@@ -55,7 +55,10 @@ class Settings(BaseSettings):
     port: int = Field(default=8080, ge=0, le=65535)
     api_keys: dict[str, list[str]] = Field(
         default_factory=dict,
-        description='JSON object: API key -> merchant ids it may act for (["*"] = all).',
+        description=(
+            'JSON object: API key -> merchant ids it may act for (["*"] = all); a key may be '
+            'given as "sha256:<hex digest>" (`notifier hash-key`) so the settings never hold it'
+        ),
     )
     outbox_dir: Path = Path("outbox")
     templates_dir: Path | None = None
@@ -152,7 +155,10 @@ class Settings(BaseSettings):
     @classmethod
     def _api_keys_sane(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
         for key, merchants in value.items():
-            if len(key) < 8:
+            if key.startswith(HASHED_KEY):
+                if not re.fullmatch(r"[0-9a-f]{64}", key.removeprefix(HASHED_KEY)):
+                    raise ValueError("a hashed key is sha256: and 64 lowercase hex digits")
+            elif len(key) < 8:
                 raise ValueError("every API key must be at least 8 characters long")
             if not merchants:
                 raise ValueError("every API key must list at least one merchant id (or '*')")
@@ -201,6 +207,9 @@ class Settings(BaseSettings):
             return self.api_keys
         return {DEV_API_KEY: ["*"]}
 
+
+#: How NOTIFIER_API_KEYS names a key by its SHA-256 instead of the key itself.
+HASHED_KEY = "sha256:"
 
 #: The .env file read beside the environment (relative to the working directory).
 ENV_FILE = Path(".env")

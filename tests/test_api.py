@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from notifier.app import create_app
@@ -395,3 +396,28 @@ async def test_readyz_names_templates_that_did_not_load(settings: Settings, tmp_
         body = await (await c.get("/readyz")).json()
     assert body["status"] == "not_ready" and body["templates"].startswith("failed:")
     assert "email/layout.html" in body["templates"]
+
+
+async def test_keys_can_be_configured_by_their_hash_only(
+    settings: Settings, capsys: Any, monkeypatch: Any
+) -> None:
+    """NOTIFIER_API_KEYS may hold "sha256:<hex>" instead of a key: the service never has
+    the key, and callers use it as before (`notifier hash-key` makes the form)."""
+    import hashlib
+    import io
+
+    from notifier.cli import main
+
+    secret = "k_hashed_0123456789"
+    monkeypatch.setattr("sys.stdin", io.StringIO(secret + "\n"))
+    assert main(["hash-key"]) == 0
+    hashed = capsys.readouterr().out.strip()
+    assert hashed == "sha256:" + hashlib.sha256(secret.encode()).hexdigest()
+    only_hash = settings.model_copy(update={"api_keys": {hashed: ["acme"]}})
+    async with TestClient(TestServer(create_app(only_hash))) as c:
+        ok = await c.post("/v1/transitions", json=transition(), headers=auth(secret))
+        assert ok.status == 202
+        wrong = await c.post("/v1/transitions", json=transition(), headers=auth(hashed))
+        assert wrong.status == 401  # the hash itself is not a key
+    with pytest.raises(ValueError, match="64 lowercase hex digits"):
+        Settings(api_keys={"sha256:abc": ["acme"]})
