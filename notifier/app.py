@@ -26,7 +26,7 @@ from redis.exceptions import RedisError
 from notifier import admin, admin_views, unsubscribe, webhooks
 from notifier import web as merchant_web
 from notifier.errors import ApiError, Forbidden, InvalidOptOut, InvalidQuery, NotFound
-from notifier.ingest import KeyRing, may_act_for, post_transitions, read_json
+from notifier.ingest import KeyRing, RateLimiter, may_act_for, post_transitions, read_json
 from notifier.logs import REQUEST_ID, request_id
 from notifier.models import ChannelKind, Email, Identifier, MerchantId, Phone
 from notifier.policy import opt_out_key
@@ -277,7 +277,10 @@ def create_app(
         middlewares=[request_id_middleware, error_middleware],
         client_max_size=settings.max_body_bytes,
     )
-    app[KEYS] = KeyRing(settings.effective_api_keys())
+    app[KEYS] = KeyRing(
+        settings.effective_api_keys(),
+        RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst),
+    )
     in_process = settings.embedded if run_worker is None else run_worker
 
     async def resources_ctx(app: web.Application) -> AsyncIterator[None]:

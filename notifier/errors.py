@@ -12,6 +12,7 @@ NotifierError
 │   ├── Forbidden               403: key not allowed for that merchant
 │   ├── PayloadTooLarge         413
 │   ├── UnsupportedMediaType    415
+│   ├── TooManyRequests         429: the key's request rate is over its limit
 │   └── ServiceUnavailable      503: the queue cannot take the event now
 ├── RenderError                 a template failed for a notification
 └── DeliveryError               a channel could not deliver
@@ -101,6 +102,10 @@ class UnsupportedMediaType(ApiError):
 
 class ServiceUnavailable(ApiError):
     status, code = 503, "unavailable"
+
+
+class TooManyRequests(ApiError):
+    status, code = 429, "rate_limited"
 
 
 class RenderError(NotifierError):

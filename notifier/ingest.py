@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
+import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -18,6 +21,7 @@ from notifier.errors import (
     IdempotencyConflict,
     PayloadTooLarge,
     ServiceUnavailable,
+    TooManyRequests,
     Unauthorized,
     UnsupportedMediaType,
     ValidationFailed,
@@ -34,10 +38,38 @@ log = logging.getLogger(__name__)
 RETRY_AFTER_S = "5"
 
 
+class RateLimiter:
+    """A token bucket per key digest, in this process: ``rate`` requests a second, bursts
+    of ``burst``; 429 with Retry-After when a key is over. Idle keys cost nothing."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic):
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self._buckets: dict[bytes, tuple[float, float]] = {}
+
+    def take(self, digest: bytes) -> None:
+        if self.rate <= 0:
+            return
+        now = self.clock()
+        tokens, then = self._buckets.get(digest, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - then) * self.rate)
+        if tokens < 1:
+            self._buckets[digest] = (tokens, now)
+            wait = math.ceil((1 - tokens) / self.rate)
+            raise TooManyRequests(
+                f"this API key is over its limit of {self.rate:g} requests a second "
+                f"(bursts of {self.burst}); retry in {wait} s",
+                headers={"Retry-After": str(wait)},
+            )
+        self._buckets[digest] = (tokens - 1, now)
+        if len(self._buckets) > 10_000:  # keys are few; this only bounds a flood of them
+            self._buckets.clear()
+
+
 class KeyRing:
     """API keys → merchants, compared in constant time (by SHA-256 digest, no early exit)."""
 
-    def __init__(self, keys: dict[str, list[str]]) -> None:
+    def __init__(self, keys: dict[str, list[str]], limiter: RateLimiter | None = None) -> None:
+        self.limiter = limiter or RateLimiter(0, 1)
         # only digests are kept; a key configured as "sha256:<hex>" never existed here
         self._entries = [
             (
@@ -75,9 +107,11 @@ class KeyRing:
                 "missing API key: send 'Authorization: Bearer <key>'",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        merchants = self.merchants_for(token.strip())
+        digest = hashlib.sha256(token.strip().encode()).digest()
+        merchants = self.merchants_for_digest(digest)
         if merchants is None:
             raise Unauthorized("unknown API key", headers={"WWW-Authenticate": "Bearer"})
+        self.limiter.take(digest)
         return merchants
 
 

@@ -125,6 +125,10 @@ class Settings(BaseSettings):
         "trees (policies are looked at on every lookup).",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    #: requests per second one API key may make to one API process (0: no limit); bursts of
+    #: ``rate_limit_burst`` are allowed. With N API processes a key gets up to N times this.
+    rate_limit_per_s: float = Field(default=0, ge=0)
+    rate_limit_burst: int = Field(default=50, ge=1)
     #: one line per event: text for people, json for a log pipeline (both redacted)
     log_format: Literal["text", "json"] = "text"
 

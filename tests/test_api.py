@@ -421,3 +421,37 @@ async def test_keys_can_be_configured_by_their_hash_only(
         assert wrong.status == 401  # the hash itself is not a key
     with pytest.raises(ValueError, match="64 lowercase hex digits"):
         Settings(api_keys={"sha256:abc": ["acme"]})
+
+
+def test_a_key_over_its_rate_waits_as_long_as_retry_after_says() -> None:
+    from notifier.errors import TooManyRequests
+    from notifier.ingest import RateLimiter
+
+    now = [100.0]
+    limiter = RateLimiter(2.0, 3, clock=lambda: now[0])
+    for _ in range(3):
+        limiter.take(b"a")  # a burst of 3
+    with pytest.raises(TooManyRequests) as over:
+        limiter.take(b"a")
+    assert over.value.headers == {"Retry-After": "1"} and over.value.status == 429
+    limiter.take(b"b")  # another key has its own bucket
+    now[0] += 0.5  # one token back at 2/s
+    limiter.take(b"a")
+    with pytest.raises(TooManyRequests):
+        limiter.take(b"a")
+    RateLimiter(0, 1).take(b"a")  # 0: no limit
+
+
+async def test_the_api_answers_429_with_retry_after_per_key(settings: Settings) -> None:
+    limited = settings.model_copy(update={"rate_limit_per_s": 0.1, "rate_limit_burst": 2})
+    async with TestClient(TestServer(create_app(limited))) as c:
+        for i in range(2):
+            ok = await c.post("/v1/transitions", json=transition(event_id=f"e{i}"), headers=auth())
+            assert ok.status == 202
+        over = await c.post("/v1/transitions", json=transition(event_id="e9"), headers=auth())
+        assert over.status == 429 and int(over.headers["Retry-After"]) >= 1
+        assert (await over.json())["error"]["code"] == "rate_limited"
+        other = await c.post(
+            "/v1/transitions", json=transition(event_id="e9"), headers=auth(ACME_KEY)
+        )
+        assert other.status == 202  # the limit is per key
