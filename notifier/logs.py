@@ -88,8 +88,12 @@ def configure(log_format: str = "text", level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_Context())
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    handler.set_name("notifier")
     root = logging.getLogger()
     for old in list(root.handlers):
-        root.removeHandler(old)
+        # ours from an earlier call, and the stderr handler a library may have set up;
+        # other handlers (a test's capture, say) stay
+        if old.get_name() == "notifier" or type(old) is logging.StreamHandler:
+            root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)

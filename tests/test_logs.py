@@ -35,7 +35,8 @@ def captured() -> Iterator[io.StringIO]:
     saved = (list(root.handlers), root.level)
     buffer = io.StringIO()
     logs.configure("json", "INFO")
-    root.handlers[0].stream = buffer  # type: ignore[attr-defined]
+    [ours] = [h for h in root.handlers if h.get_name() == "notifier"]
+    ours.stream = buffer  # type: ignore[attr-defined]
     yield buffer
     root.handlers[:] = saved[0]
     root.setLevel(saved[1])
