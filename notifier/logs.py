@@ -50,7 +50,7 @@ class _Context(logging.Filter):
         record.request_id = REQUEST_ID.get()
         message = redact(record.getMessage())
         record.msg, record.args = message, ()
-        if record.exc_info and not record.exc_text:
+        if record.exc_info:  # (another handler may have cached it unredacted)
             record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
         return True
 
