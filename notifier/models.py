@@ -333,5 +333,9 @@ class Notification(_Strict):
 
 def notification_id(t: Transition, channel: ChannelKind) -> str:
     """Deterministic: the same event on the same channel always has the same id."""
-    raw = f"{t.merchant_id}\x00{t.shipment_id}\x00{t.event_id}\x00{channel}".encode()
+    return notification_id_of(t.merchant_id, t.shipment_id, t.event_id, channel)
+
+
+def notification_id_of(merchant_id: str, shipment_id: str, event_id: str, channel: str) -> str:
+    raw = f"{merchant_id}\x00{shipment_id}\x00{event_id}\x00{channel}".encode()
     return "n_" + hashlib.sha256(raw).hexdigest()[:32]

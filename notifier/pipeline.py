@@ -26,10 +26,11 @@ from notifier.models import (
     Outcome,
     Transition,
     notification_id,
+    notification_id_of,
 )
 from notifier.policy import Policy, fold, opt_out_key
 from notifier.resources import Resources, sync_published
-from notifier.state import ShipmentState
+from notifier.state import TERMINAL, ShipmentState
 from notifier.store import InboxEntry, LedgerState, ShipmentCommit
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ class Pipeline:
         built: dict[str, Notification] = {}
         states: dict[ShipmentKey, ShipmentState] = {}
         pending = groups
+        retention = min(self.res.settings.retention_after_final_s, self.res.settings.state_ttl_s)
         for round_no in range(MAX_ROUNDS):
             if not pending:
                 break
@@ -134,25 +136,22 @@ class Pipeline:
                     opted.get(key[0], {}),
                     policies,
                     request_ids,
+                    retention,
                 )
                 for key, (version, state) in zip(keys, loaded, strict=True)
             ]
             conflicts = set(await self.res.store.commit([f.commit for f in folds], now.isoformat()))
-            tracked = []
+            committed = [(keys[i], f.commit) for i, f in enumerate(folds) if i not in conflicts]
+            await self._remember(committed, retention)
             for i, f in enumerate(folds):
                 if i in conflicts:
                     continue
-                # every commit (idempotent): kept as long as the state, and a commit whose
-                # index write failed is indexed by the shipment's next one
-                if f.commit.state.tracking_number:
-                    tracked.append((keys[i][0], f.commit.state.tracking_number, keys[i][1]))
                 report.decisions += f.decisions
                 report.notifications += f.notifications
                 to_deliver += f.notifications + f.recover
                 owner.update(f.owner)
                 built.update(f.built)
                 states[keys[i]] = f.commit.state
-            await self.res.store.index_tracking(tracked)
             pending = {keys[i]: pending[keys[i]] for i in conflicts}
         else:
             if pending:
@@ -162,6 +161,25 @@ class Pipeline:
             report.delivery = await self.deliverer.deliver(to_deliver, states=states, built=built)
             report.unsettled = {owner[nid] for nid in report.delivery.busy}
         return report
+
+    async def _remember(
+        self, committed: list[tuple[ShipmentKey, ShipmentCommit]], retention: int
+    ) -> None:
+        """After a commit: index tracking numbers (every commit, idempotent: kept as long as
+        the state, and a commit whose index write failed is indexed by the shipment's next
+        one); let an ended shipment's earlier messages follow its retention."""
+        tracked, ended = [], []
+        for (merchant_id, shipment_id), commit in committed:
+            if commit.state.tracking_number:
+                tracked.append((merchant_id, commit.state.tracking_number, shipment_id))
+            if commit.ttl_s is not None:
+                ended += [
+                    notification_id_of(merchant_id, shipment_id, m.event_id, m.channel)
+                    for m in commit.state.messages
+                ]
+        await self.res.store.index_tracking(tracked)
+        if ended:
+            await self.res.store.shorten(ended, retention)
 
     async def _opt_outs(
         self,
@@ -205,6 +223,7 @@ class Pipeline:
         opted_out: dict[str, str],
         policies: dict[str, Policy],
         request_ids: Mapping[tuple[str, str], str] | None = None,
+        final_ttl_s: int | None = None,
     ) -> _Fold:
         """Fold a shipment's transitions (in arrival order) through the policy. Pure."""
         merchant_id, shipment_id = key
@@ -283,5 +302,7 @@ class Pipeline:
             history,
             created,
             stall_at_ms=_stall_at_ms(policy, final),
+            # a shipment that reached its end is kept only as long as retention says
+            ttl_s=final_ttl_s if final.status in TERMINAL else None,
         )
         return _Fold(commit, decisions, [nid for nid, *_ in created], recover, owner, built)

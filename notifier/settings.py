@@ -101,6 +101,14 @@ class Settings(BaseSettings):
     state_ttl_s: int = Field(
         default=90 * 24 * 3600, ge=60, description="How long shipment state and history live."
     )
+    retention_after_final_s: int = Field(
+        default=30 * 24 * 3600,
+        ge=60,
+        description=(
+            "How long a shipment's state, history and messages are kept once it is delivered "
+            "or returned (at most state_ttl_s); opt-outs never expire."
+        ),
+    )
     partitions: Annotated[int, Field(ge=1, le=256)] = Field(
         default=8, description="Inbox streams; one shipment always maps to the same one."
     )

@@ -94,14 +94,15 @@ local conflicts = {}
 for s = 1, shipments do
   local skey, hkey = KEYS[k], KEYS[k + 1]
   k = k + 2
-  local expected, newstate, member, deadline, nh =
-    ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4])
-  a = a + 5
+  local expected, newstate, member, deadline, nh, sttl =
+    ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4]), ARGV[a + 5]
+  if sttl ~= '' then sttl = tonumber(sttl) else sttl = ttl end
+  a = a + 6
   local current = redis.call('HGET', skey, 'v') or '0'
   local ok = (current == expected)
   if ok then
     redis.call('HSET', skey, 'v', tostring(tonumber(current) + 1), 's', newstate)
-    redis.call('EXPIRE', skey, ttl)
+    redis.call('EXPIRE', skey, sttl)
     if deadline == '' then
       redis.call('ZREM', stall, member)
     else
@@ -117,7 +118,7 @@ for s = 1, shipments do
     end
     if nh > 0 then
       redis.call('LTRIM', hkey, -cap, -1)
-      redis.call('EXPIRE', hkey, ttl)
+      redis.call('EXPIRE', hkey, sttl)
       redis.call('HINCRBY', skey, 'hn', nh)
     end
   else
@@ -130,7 +131,7 @@ for s = 1, shipments do
     local st, due, payload = ARGV[a + 3 * i], ARGV[a + 3 * i + 1], ARGV[a + 3 * i + 2]
     if ok and redis.call('HSETNX', KEYS[k + i], 'st', st) == 1 then
       redis.call('HSET', KEYS[k + i], 'p', payload, 'created', now, 'attempts', '0', 'due', due)
-      redis.call('EXPIRE', KEYS[k + i], ttl)
+      redis.call('EXPIRE', KEYS[k + i], sttl)
       if due ~= '' then
         redis.call('ZADD', dueidx, due, string.sub(KEYS[k + i], string.len(ARGV[5]) + 1))
       end
@@ -351,6 +352,8 @@ class ShipmentCommit:
     notifications: list[tuple[str, str, str, bytes]]
     #: epoch ms when the shipment counts as stalled; None takes it off the stall index
     stall_at_ms: int | None = None
+    #: how long its state, history and new ledger entries live (None: the store's default)
+    ttl_s: int | None = None
 
 
 async def awaited(result: Awaitable[T] | T) -> T:
@@ -726,6 +729,7 @@ class Store:
                 self.stall_member(c.merchant_id, c.shipment_id),
                 "" if c.stall_at_ms is None else c.stall_at_ms,
                 len(c.history),
+                "" if c.ttl_s is None else c.ttl_s,
                 *(pack(entry, HISTORY) for entry in c.history),
                 len(c.notifications),
             ]
@@ -1016,6 +1020,13 @@ class Store:
         end = int(start) + len(decisions)
         total, first = int(total), int(first)
         return HistoryPage(decisions, total, first, end if end < total else None)
+
+    async def shorten(self, notification_ids: Sequence[str], ttl_s: int) -> None:
+        """Let these ledger entries expire within ``ttl_s`` (never later than they would)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for nid in notification_ids:
+                pipe.expire(self.notification_key(nid), ttl_s, lt=True)
+            await pipe.execute()
 
     @staticmethod
     def tracking_key(merchant_id: str, tracking_number: str) -> str:

@@ -510,3 +510,31 @@ async def test_a_late_recipient_gets_the_current_milestone_through_the_pipeline(
     await post(client, {**late, "event_id": "pick2", "occurred_at": "2026-11-20T08:30:00+01:00"})
     await run_worker(settings)
     assert len(outbox_files(settings)) == 2
+
+
+async def test_an_ended_shipment_is_kept_for_its_retention_and_opt_outs_forever(
+    client: Client, tmp_path: Path, redis_url: str
+) -> None:
+    """NOTIFIER_RETENTION_AFTER_FINAL_S: once delivered, a shipment's state, history and
+    messages (those from before the end too) expire after it; opt-outs never do."""
+    from tests.conftest import make_settings
+
+    settings = make_settings(tmp_path, redis_url=redis_url, retention_after_final_s=3600)
+    await post(client, transition(event_id="ofd"))
+    await run_worker(settings)
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        await res.store.set_opt_out("acme", "email:x@example.com", True)
+        early = [k.decode() for k in await res.redis.keys("ntf:msg:*")]
+        assert len(early) == 2
+        assert all(ttl > 3600 for ttl in [await res.redis.ttl(k) for k in early])
+    await post(
+        client,
+        transition(event_id="done", status="delivered", occurred_at="2026-11-21T13:00:00+01:00"),
+    )
+    await run_worker(settings)
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        state = res.store.state_key("acme", "shp_123")
+        hist = res.store.history_key("acme", "shp_123")
+        for key in [state, hist, *[k.decode() for k in await res.redis.keys("ntf:msg:*")]]:
+            assert 0 < await res.redis.ttl(key) <= 3600, key
+        assert await res.redis.ttl(res.store.optout_key("acme")) == -1  # never expires
