@@ -30,9 +30,7 @@ from notifier.errors import ConfigurationError, NotFound
 from notifier.ingest import read_json
 from notifier.policy import PolicyStore
 from notifier.render.brand import load_brand
-from notifier.render.i18n import Catalogs
-from notifier.resources import data_dir
-from notifier.settings import Settings
+from notifier.resources import Resources, data_dir
 
 
 def _json(status: int, body: object) -> web.Response:
@@ -49,9 +47,10 @@ def milestones() -> list[str]:
     return [t.milestone for t in samples()]
 
 
-def locales(settings: Settings) -> list[str]:
-    """Every locale a message can be written and previewed in."""
-    return ["en", *Catalogs(data_dir("locales", settings.locales_dir)).available()]
+def locales(res: Resources) -> list[str]:
+    """Every locale a message can be written and previewed in (the renderer's catalogs,
+    listed once per process)."""
+    return ["en", *res.renderer.catalogs.available()]
 
 
 class Views:
@@ -61,7 +60,7 @@ class Views:
         self.admin = admin
 
     def locales(self) -> list[str]:
-        return locales(self.admin.res.settings)
+        return locales(self.admin.res)
 
     async def current_text(self, merchant_id: str, path: str) -> tuple[str, str]:
         """(text, source) of a merchant's file as the draft would publish it: "draft",

@@ -30,31 +30,48 @@ DISABLED = ["region", "landmark-one-main"]
 LOCALES = ["en", *Catalogs(data_dir("locales", None)).available()]
 
 
-@pytest.fixture(scope="module")
-def page() -> Iterator[Any]:
+def launch_chromium(pw: Any) -> Any:
+    """Debian's chromium driven by Playwright; it or axe-core missing is a failure."""
     if not AXE.is_file():
         pytest.fail(f"axe-core is not installed ({AXE}): run scripts/test", pytrace=False)
     if not Path(CHROMIUM).exists():
         pytest.fail("chromium is not installed: run scripts/test", pytrace=False)
+    return pw.chromium.launch(
+        executable_path=CHROMIUM,
+        args=[
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def page() -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
-        )
+        browser = launch_chromium(pw)
         page = browser.new_page()
         # emails must not fetch anything: block every request the page makes
         page.route("**/*", lambda route: route.abort())
         yield page
         browser.close()
+
+
+def acme_renderer(tmp_path: Path, brand_yaml: str) -> Renderer:
+    """A strict renderer over the shipped templates, with merchant acme's ``brand_yaml``."""
+    templates = tmp_path / "templates"
+    shutil.copytree(data_dir("templates", None), templates)
+    (templates / "acme").mkdir()
+    (templates / "acme" / "brand.yaml").write_text(brand_yaml)
+    catalogs = Catalogs(data_dir("locales", None))
+    return Renderer(
+        TemplateStore(templates, catalogs), catalogs, email_from="n@example.com", strict=True
+    )
 
 
 def emails(locale: str, renderer: Renderer | None = None) -> Iterator[tuple[str, EmailMessageOut]]:
@@ -120,14 +137,7 @@ def test_rtl_emails_lay_out_right_to_left(page: Any) -> None:
 def test_a_light_brand_colour_passes_axe_with_dark_button_text(page: Any, tmp_path: Path) -> None:
     """A light accent is allowed because its button text turns dark: axe checks the contrast
     of the real page (links on white use the accent darkened)."""
-    templates = tmp_path / "templates"
-    shutil.copytree(data_dir("templates", None), templates)
-    (templates / "acme").mkdir()
-    (templates / "acme" / "brand.yaml").write_text("name: Acme\naccent: '#fde68a'\n")
-    catalogs = Catalogs(data_dir("locales", None))
-    renderer = Renderer(
-        TemplateStore(templates, catalogs), catalogs, email_from="n@example.com", strict=True
-    )
+    renderer = acme_renderer(tmp_path, "name: Acme\naccent: '#fde68a'\n")
     for milestone, message in emails("en", renderer):
         result = axe_run(page, message.html)
         assert [v["id"] for v in result["violations"]] == [], milestone
@@ -137,16 +147,10 @@ def test_a_light_brand_colour_passes_axe_with_dark_button_text(page: Any, tmp_pa
 @pytest.mark.parametrize("locale", ["en", "ar", "ja"])
 def test_every_email_passes_axe_in_dark_mode(page: Any, locale: str, tmp_path: Path) -> None:
     """Mail clients that darken: the dark-mode styles keep AA contrast (links included)."""
-    templates = tmp_path / "templates"
-    shutil.copytree(data_dir("templates", None), templates)
-    (templates / "acme").mkdir()
-    (templates / "acme" / "brand.yaml").write_text(
+    renderer = acme_renderer(
+        tmp_path,
         "name: Acme\nsupport: {url: 'https://help.acme.example', email: help@acme.example}\n"
-        "links: {change_address: 'https://acme.example/a'}\n"
-    )
-    catalogs = Catalogs(data_dir("locales", None))
-    renderer = Renderer(
-        TemplateStore(templates, catalogs), catalogs, email_from="n@example.com", strict=True
+        "links: {change_address: 'https://acme.example/a'}\n",
     )
     page.emulate_media(color_scheme="dark")
     try:
@@ -164,16 +168,10 @@ def test_every_email_passes_axe_in_dark_mode(page: Any, locale: str, tmp_path: P
 
 def test_the_action_is_above_the_progress_on_a_phone(page: Any, tmp_path: Path) -> None:
     """At 375 px the primary action is reached before the progress list."""
-    templates = tmp_path / "templates"
-    shutil.copytree(data_dir("templates", None), templates)
-    (templates / "acme").mkdir()
-    (templates / "acme" / "brand.yaml").write_text(
+    renderer = acme_renderer(
+        tmp_path,
         "name: Acme\nsupport: {email: help@acme.example}\n"
-        "links: {change_address: 'https://acme.example/a'}\n"
-    )
-    catalogs = Catalogs(data_dir("locales", None))
-    renderer = Renderer(
-        TemplateStore(templates, catalogs), catalogs, email_from="n@example.com", strict=True
+        "links: {change_address: 'https://acme.example/a'}\n",
     )
     page.set_viewport_size({"width": 375, "height": 667})
     try:

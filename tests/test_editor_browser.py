@@ -34,7 +34,7 @@ from tests.conftest import (
     transition,
     wait_until,
 )
-from tests.test_accessibility import AXE, CHROMIUM
+from tests.test_accessibility import AXE, launch_chromium
 
 GLOBEX_KEY = "k_globex_0123456789"
 KEYS = {**API_KEYS, GLOBEX_KEY: ["globex"]}
@@ -78,17 +78,10 @@ def service() -> Iterator[Service]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    if not AXE.is_file():
-        pytest.fail(f"axe-core is not installed ({AXE}): run scripts/test", pytrace=False)
-    if not Path(CHROMIUM).exists():
-        pytest.fail("chromium is not installed: run scripts/test", pytrace=False)
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-        )
+        browser = launch_chromium(pw)
         yield browser
         browser.close()
 

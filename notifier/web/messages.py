@@ -10,12 +10,13 @@ from typing import Any
 
 from aiohttp import web
 
-from notifier.admin import PreviewRequest, describe
+from notifier.admin import describe
 from notifier.admin_views import Views, locales, message_path, milestones
 from notifier.check import candidate_renderer, sample_notification, samples
 from notifier.errors import ApiError, BadRequest, ConfigurationError, NotFound, NotifierError
 from notifier.ingest import read_json
-from notifier.models import ChannelKind
+from notifier.models import ChannelKind, Notification
+from notifier.render import Renderer
 from notifier.render.renderer import message_name
 from notifier.settings import Settings
 from notifier.web.base import Web
@@ -33,19 +34,12 @@ def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
         out[prefix] = "" if value is None else str(value)
 
 
-def variables(
-    settings: Settings, merchant_id: str, files: dict[str, str], milestone: str, locale: str
-) -> dict[str, str]:
-    """Every variable a template may print, with its value for the sample parcel (none
-    while the draft's brand does not validate: the page says why)."""
-    try:
-        renderer, _ = candidate_renderer(settings, merchant_id, files)
-    except ConfigurationError:
-        return {}
+def _sample(merchant_id: str, milestone: str, channel: ChannelKind, locale: str) -> Notification:
+    """The sample parcel's notification of ``milestone`` for Ana, in ``locale``."""
     t = next(t for t in samples() if t.milestone == milestone)
-    n = sample_notification(
+    return sample_notification(
         t.model_copy(update={"merchant_id": merchant_id}),
-        ChannelKind.EMAIL,
+        channel,
         merchant_id=merchant_id,
         shipment_id="preview",
         notification_id="n_preview",
@@ -53,11 +47,43 @@ def variables(
         timezone="Europe/Paris",
         phone="+33612345678",
     )
+
+
+def variables(renderer: Renderer, merchant_id: str, milestone: str, locale: str) -> dict[str, str]:
+    """Every variable a template may print, with its value for the sample parcel."""
+    n = _sample(merchant_id, milestone, ChannelKind.EMAIL, locale)
     ctx = renderer.context(n, renderer.locale_for(n))
     out: dict[str, str] = {}
     for key, value in ctx.items():
         if key not in _HIDDEN:
             _flatten(key, value, out)
+    return out
+
+
+def page_variables(
+    settings: Settings, merchant_id: str, files: dict[str, str], milestone: str, locale: str
+) -> dict[str, str]:
+    """The variables panel of the editor page (empty while the draft's brand does not
+    validate: the page says why)."""
+    try:
+        renderer, _ = candidate_renderer(settings, merchant_id, files)
+    except ConfigurationError:
+        return {}
+    return variables(renderer, merchant_id, milestone, locale)
+
+
+def preview(
+    settings: Settings, merchant_id: str, files: dict[str, str], milestone: str, locale: str
+) -> dict[str, Any]:
+    """The email and the SMS of ``milestone`` rendered with ``files`` by one renderer (the
+    one real sends use), and the variables; RenderError or ConfigurationError when the
+    files do not render."""
+    renderer, _ = candidate_renderer(settings, merchant_id, files)
+    out: dict[str, Any] = {
+        channel.value: describe(renderer.render(_sample(merchant_id, milestone, channel, locale)))
+        for channel in ChannelKind
+    }
+    out["variables"] = variables(renderer, merchant_id, milestone, locale)
     return out
 
 
@@ -96,7 +122,7 @@ class Messages:
         if milestone not in milestones():
             raise NotFound(f"no milestone {milestone}")
         settings = self.web.res.settings
-        available = locales(settings)
+        available = locales(self.web.res)
         locale = request.query.get("locale", "")
         if locale and locale not in available:
             raise NotFound(f"no catalog for locale {locale}")
@@ -105,7 +131,7 @@ class Messages:
         _, files = await self.web.admin.candidate(merchant_id)
         preview_locale = locale or "en"
         values = await asyncio.to_thread(
-            variables, settings, merchant_id, files, milestone, preview_locale
+            page_variables, settings, merchant_id, files, milestone, preview_locale
         )
         _, draft = await self.web.admin.store.draft(merchant_id)
         live = await self.web.admin.store.live(merchant_id)
@@ -143,9 +169,7 @@ class Messages:
         milestone = request.match_info["milestone"]
         form = await self.web.form(request, session)
         locale = form.get("locale", "")
-        if milestone not in milestones() or (
-            locale and locale not in locales(self.web.res.settings)
-        ):
+        if milestone not in milestones() or (locale and locale not in locales(self.web.res)):
             raise NotFound(f"no message {milestone} {locale}".strip())
         path = message_path(milestone, locale or None)
         where = f"/merchant/{merchant_id}/messages/{milestone}" + (
@@ -180,25 +204,16 @@ class Messages:
             raise BadRequest("expected a JSON object")
         path, text = str(body.get("path", "")), str(body.get("text", ""))
         milestone, locale = str(body.get("milestone", "")), str(body.get("locale", "en"))
-        if milestone not in milestones() or locale not in locales(self.web.res.settings):
+        if milestone not in milestones() or locale not in locales(self.web.res):
             raise NotFound("no such message or locale")
-        out: dict[str, Any] = {}
-        for channel in ChannelKind:
-            request_body = PreviewRequest(
-                milestone=milestone, channel=channel, locale=locale, files={path: text}
-            )
-            try:
-                message, _ = await self.web.admin.rendered(
-                    merchant_id, request_body, None, "n_preview"
-                )
-            except NotifierError as exc:
-                return web.json_response({"error": str(exc)}, status=422)
-            out[channel.value] = describe(message)
         _, files = await self.web.admin.candidate(merchant_id)
         files[path] = text
-        out["variables"] = await asyncio.to_thread(
-            variables, self.web.res.settings, merchant_id, files, milestone, locale
-        )
+        try:
+            out = await asyncio.to_thread(
+                preview, self.web.res.settings, merchant_id, files, milestone, locale
+            )
+        except NotifierError as exc:
+            return web.json_response({"error": str(exc)}, status=422)
         out["name"] = message_name(next(t for t in samples() if t.milestone == milestone))
         return web.json_response(out)
 

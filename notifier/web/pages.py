@@ -184,11 +184,15 @@ class Pages:
         try:
             version = await self.web.admin.publish_revision(merchant_id, revision, session.key_id)
         except ApiError as exc:
-            problems = [d.get("message", "") for d in exc.details]
-            await self.web.sessions.flash(request, {"error": exc.message, "problems": problems})
-            raise web.HTTPSeeOther(f"/merchant/{merchant_id}/publish") from None
+            raise await self._refused(request, exc, f"/merchant/{merchant_id}/publish") from None
         await self.web.sessions.flash(request, {"published": version})
         raise web.HTTPSeeOther(f"/merchant/{merchant_id}/versions")
+
+    async def _refused(self, request: web.Request, exc: ApiError, page: str) -> web.HTTPSeeOther:
+        """Back to ``page``, which shows why (and each problem) once."""
+        problems = [d.get("message", "") for d in exc.details]
+        await self.web.sessions.flash(request, {"error": exc.message, "problems": problems})
+        return web.HTTPSeeOther(page)
 
     # -- versions -----------------------------------------------------------------------------
     async def versions(self, request: web.Request) -> web.Response:
@@ -218,9 +222,7 @@ class Pages:
         try:
             version = await self.web.admin.rollback_to(merchant_id, target, session.key_id)
         except ApiError as exc:
-            problems = [d.get("message", "") for d in exc.details]
-            await self.web.sessions.flash(request, {"error": exc.message, "problems": problems})
-            raise web.HTTPSeeOther(f"/merchant/{merchant_id}/versions") from None
+            raise await self._refused(request, exc, f"/merchant/{merchant_id}/versions") from None
         await self.web.sessions.flash(request, {"published": version, "restored": target})
         raise web.HTTPSeeOther(f"/merchant/{merchant_id}/versions")
 

@@ -3,11 +3,11 @@ merchant's effective values and saves what differs from its files into the draft
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-import yaml
 from aiohttp import web
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from notifier.admin_views import locales
 from notifier.errors import ConfigurationError
@@ -33,9 +33,6 @@ from notifier.web.forms import (
     policy_from_form,
 )
 from notifier.web.session import Session
-
-_BRAND_HEADER = "brand.yaml written by the merchant editor: what differs from the files beneath"
-_POLICY_HEADER = "policy.yaml written by the merchant editor: what differs from the files beneath"
 
 
 def contrast_report(accent: str) -> dict[str, Any]:
@@ -95,7 +92,7 @@ class SettingsPages:
             ],
             values=values,
             choices=CHANNEL_CHOICES,
-            locales=locales(self.web.res.settings),
+            locales=locales(self.web.res),
             errors=errors,
             contrast=contrast_report(str(values.get("accent") or "")),
             min_contrast=MIN_CONTRAST,
@@ -108,14 +105,8 @@ class SettingsPages:
         form = await self.web.form(request, session)
         brand, beneath = await self._brands(merchant_id)
         wanted = {**brand.model_dump(mode="json"), **brand_from_form(form)}
-        try:
-            Brand.model_validate(wanted)
-        except ValidationError as exc:
-            return self._brand_page(request, session, wanted, field_errors(exc), None)
-        text = as_yaml(changes(beneath, wanted), _BRAND_HEADER)
-        result = await self.web.admin.save_file(merchant_id, "brand.yaml", text, session.key_id)
-        await self.web.sessions.flash(request, result)
-        raise web.HTTPSeeOther(f"/merchant/{merchant_id}/brand")
+        page = self._brand_page
+        return await self._save(request, session, "brand.yaml", Brand, beneath, wanted, page)
 
     # -- cadence rules --------------------------------------------------------------------
     async def _policies(self, merchant_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -183,12 +174,28 @@ class SettingsPages:
         form = await self.web.form(request, session)
         effective, beneath = await self._policies(merchant_id)
         wanted = policy_from_form(form, effective, beneath)
+        page = self._cadence_page
+        return await self._save(request, session, "policy.yaml", Policy, beneath, wanted, page)
+
+    async def _save(
+        self,
+        request: web.Request,
+        session: Session,
+        path: str,
+        model: type[BaseModel],
+        beneath: dict[str, Any],
+        wanted: dict[str, Any],
+        page: Callable[..., web.Response],
+    ) -> web.StreamResponse:
+        """Save what of ``wanted`` differs from ``beneath`` as the draft's ``path``, once it
+        validates as ``model``; otherwise show the form again with each field's error."""
+        merchant_id = request.match_info["merchant_id"]
         try:
-            Policy.model_validate(wanted)
+            model.model_validate(wanted)
         except ValidationError as exc:
-            return self._cadence_page(request, session, wanted, field_errors(exc), None)
-        text = as_yaml(changes(beneath, wanted), _POLICY_HEADER)
-        yaml.safe_load(text)  # the editor only ever writes what it can read back
-        result = await self.web.admin.save_file(merchant_id, "policy.yaml", text, session.key_id)
+            return page(request, session, wanted, field_errors(exc), None)
+        header = f"{path} written by the merchant editor: what differs from the files beneath"
+        text = as_yaml(changes(beneath, wanted), header)
+        result = await self.web.admin.save_file(merchant_id, path, text, session.key_id)
         await self.web.sessions.flash(request, result)
-        raise web.HTTPSeeOther(f"/merchant/{merchant_id}/cadence")
+        raise web.HTTPSeeOther(request.path)
