@@ -23,7 +23,7 @@ from pydantic import (
 )
 from redis.exceptions import RedisError
 
-from notifier import admin, admin_views, unsubscribe, webhooks
+from notifier import admin, admin_views, openapi, unsubscribe, webhooks
 from notifier import web as merchant_web
 from notifier.errors import ApiError, Forbidden, InvalidOptOut, InvalidQuery, NotFound
 from notifier.ingest import KeyRing, RateLimiter, may_act_for, post_transitions, read_json
@@ -313,6 +313,7 @@ def create_app(
     app.router.add_route("POST", unsubscribe.PATH, unsubscribe_hook)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/openapi.json", openapi.handler)
     editor = admin.Admin(lambda: app[RESOURCES], app[KEYS])
     admin.add_routes(app, editor)
     views = admin_views.add_routes(app, editor)

@@ -139,6 +139,56 @@ class Settings(BaseSettings):
     rate_limit_burst: int = Field(default=50, ge=1)
     #: one line per event: text for people, json for a log pipeline (both redacted)
     log_format: Literal["text", "json"] = "text"
+    ingest_signing_secrets: list[Annotated[str, Field(min_length=16)]] = Field(
+        default_factory=list,
+        description=(
+            'JSON list of secrets; when set, POST /v1/transitions must carry "X-Notifier-'
+            'Signature: t=<unix time>,v1=<hex HMAC-SHA256 of "<t>.<body>">" made with one of '
+            "them (two during a rotation)"
+        ),
+    )
+    ingest_signature_tolerance_s: int = Field(
+        default=300,
+        ge=1,
+        le=3600,
+        description="How far a signature's timestamp may be from the server's clock.",
+    )
+    ingest_wait_replicas: int = Field(
+        default=0,
+        ge=0,
+        le=16,
+        description=(
+            "Replicas that must hold an ingested transition before the API answers 202 "
+            "(Redis WAIT); 0 answers once the primary has it."
+        ),
+    )
+    ingest_wait_timeout_ms: int = Field(
+        default=1000,
+        ge=1,
+        le=60_000,
+        description="How long ingest waits for those replicas before answering 503.",
+    )
+    render_time_limit_s: float = Field(
+        default=2.0,
+        gt=0,
+        le=60,
+        description="How long rendering one message may take; past it the message fails "
+        "(a merchant's template) or falls back to the defaults.",
+    )
+    render_max_bytes: int = Field(
+        default=1024 * 1024,
+        ge=16 * 1024,
+        le=20 * 1024 * 1024,
+        description="Largest rendered message (HTML, text or SMS) a template may produce.",
+    )
+    metrics_dir: Path | None = Field(
+        default=None,
+        description=(
+            "Folder shared by every notifier process on one host (a tmpfs): /metrics then "
+            "adds up the API and worker processes (prometheus-client's multiprocess mode). "
+            "Unset: /metrics shows the API process and what Redis holds."
+        ),
+    )
 
     @field_validator("redis_url")
     @classmethod
