@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import logging
 import math
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,7 +31,7 @@ from notifier.logs import REQUEST_ID
 from notifier.models import Transition
 from notifier.resources import Resources
 from notifier.settings import HASHED_KEY
-from notifier.store import Admission, body_digest
+from notifier.store import Admission, IngestItem, NotReplicated, body_digest
 from notifier.worker import wake
 
 log = logging.getLogger(__name__)
@@ -134,13 +135,59 @@ def _errors(exc: ValidationError, index: int | None) -> list[dict[str, Any]]:
     return details
 
 
+#: The header a signed ingest request carries (``NOTIFIER_INGEST_SIGNING_SECRETS``).
+SIGNATURE_HEADER = "X-Notifier-Signature"
+_SIGNATURE_PART = re.compile(r"\s*(t|v1)=([0-9a-fA-F]{1,128})\s*")
+
+
+def signature(secret: str, timestamp: int, body: bytes) -> str:
+    """The ``v1`` HMAC-SHA256 (hex) of ``"<timestamp>.<body>"``."""
+    return hmac.new(secret.encode(), b"%d." % timestamp + body, hashlib.sha256).hexdigest()
+
+
+def verify_signature(
+    header: str | None, body: bytes, secrets: list[str], now: float, tolerance_s: int
+) -> None:
+    """401 naming the problem unless ``header`` (``t=<unix time>,v1=<hex>[,v1=…]``) signs
+    ``body`` with one of ``secrets`` and its time is within ``tolerance_s`` of ``now``."""
+    if not header:
+        raise Unauthorized(f"missing {SIGNATURE_HEADER}: this service takes signed requests only")
+    timestamp, signatures = None, []
+    for part in header.split(","):
+        match = _SIGNATURE_PART.fullmatch(part)
+        if match is None:
+            raise Unauthorized(f"{SIGNATURE_HEADER} must look like t=<unix time>,v1=<hex digest>")
+        if match[1] == "t":
+            timestamp = int(match[2]) if match[2].isdigit() and len(match[2]) <= 12 else -1
+        else:
+            signatures.append(match[2].lower())
+    if timestamp is None or timestamp < 0 or not signatures:
+        raise Unauthorized(f"{SIGNATURE_HEADER} needs one t=<unix time> and a v1=<hex digest>")
+    if abs(now - timestamp) > tolerance_s:
+        raise Unauthorized(
+            f"{SIGNATURE_HEADER} timestamp is more than {tolerance_s} s from the server's "
+            "clock (a replay, or a clock that is off)"
+        )
+    expected = [signature(secret, timestamp, body) for secret in secrets]
+    # every pair compared in constant time, no early exit
+    if not sum(hmac.compare_digest(e, s) for e in expected for s in signatures):
+        raise Unauthorized(f"{SIGNATURE_HEADER} does not match the body with any signing secret")
+
+
 async def read_json(request: web.Request, limit: int) -> Any:
     """The request body as JSON; 413/415/400 naming the problem."""
-    return (await _read_json(request, limit))[0]
+    return _parse(await _read_body(request, limit))
 
 
-async def _read_json(request: web.Request, limit: int) -> tuple[Any, bytes]:
-    """The request body parsed, and as it came."""
+def _parse(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}") from exc
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The JSON request body as it came; 413/415 naming the problem."""
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"body is {request.content_length} bytes; the limit is {limit}")
     if request.content_type != "application/json":
@@ -148,13 +195,30 @@ async def _read_json(request: web.Request, limit: int) -> tuple[Any, bytes]:
             f"Content-Type must be application/json, not {request.content_type or 'missing'}"
         )
     try:
-        raw = await request.read()
+        return await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
         raise PayloadTooLarge(f"body is over the limit of {limit} bytes") from exc
+
+
+async def _persist(res: Resources, payloads: list[IngestItem]) -> tuple[list[Admission], list[int]]:
+    """``Store.ingest``, its failures answered 503 with Retry-After (the caller retries; what
+    was stored already is then a duplicate)."""
     try:
-        return orjson.loads(raw), raw
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"body is not valid JSON: {exc}") from exc
+        return await res.store.ingest(payloads)
+    except NotReplicated as exc:
+        log.error("ingest: %s", exc)
+        raise ServiceUnavailable(
+            f"stored, but only {exc.acked} of the {exc.required} Redis replicas required "
+            "confirmed it in time; retry later (the same events are then answered as "
+            "duplicates, never processed twice)",
+            headers={"Retry-After": RETRY_AFTER_S},
+        ) from exc
+    except (RedisError, OSError) as exc:
+        log.error("ingest could not persist %d transitions: %s", len(payloads), type(exc).__name__)
+        raise ServiceUnavailable(
+            "the queue cannot take transitions right now; retry later",
+            headers={"Retry-After": RETRY_AFTER_S},
+        ) from exc
 
 
 def _items(body: Any, max_batch: int) -> tuple[list[Any], bool]:
@@ -189,7 +253,16 @@ def _items(body: Any, max_batch: int) -> tuple[list[Any], bool]:
 async def post_transitions(request: web.Request, res: Resources, keys: KeyRing) -> web.Response:
     """Accept one transition or a batch (DESIGN.md §3)."""
     merchants = keys.authenticate(request)
-    body, raw = await _read_json(request, res.settings.max_body_bytes)
+    raw = await _read_body(request, res.settings.max_body_bytes)
+    if res.settings.ingest_signing_secrets:
+        verify_signature(
+            request.headers.get(SIGNATURE_HEADER),
+            raw,
+            res.settings.ingest_signing_secrets,
+            res.clock().timestamp(),
+            res.settings.ingest_signature_tolerance_s,
+        )
+    body = _parse(raw)
     items, batch = _items(body, res.settings.max_batch)
 
     valid: list[tuple[int, Transition]] = []
@@ -228,14 +301,7 @@ async def post_transitions(request: web.Request, res: Resources, keys: KeyRing) 
         )
         for i, t in valid
     ]
-    try:
-        admissions, woken = await res.store.ingest(payloads)
-    except (RedisError, OSError) as exc:
-        log.error("ingest could not persist %d transitions: %s", len(payloads), type(exc).__name__)
-        raise ServiceUnavailable(
-            "the queue cannot take transitions right now; retry later",
-            headers={"Retry-After": RETRY_AFTER_S},
-        ) from exc
+    admissions, woken = await _persist(res, payloads)
     try:
         await wake(res, woken)
     except (RedisError, OSError) as exc:

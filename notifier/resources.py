@@ -193,6 +193,8 @@ async def open_resources(
                 partitions=settings.partitions,
                 idempotency_ttl_s=settings.idempotency_ttl_s,
                 state_ttl_s=settings.state_ttl_s,
+                wait_replicas=settings.ingest_wait_replicas,
+                wait_timeout_ms=settings.ingest_wait_timeout_ms,
             ),
             policies=PolicyStore(data_dir("policies", settings.policies_dir), published.files),
             published=published,

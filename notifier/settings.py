@@ -245,6 +245,16 @@ class Settings(BaseSettings):
                 missing.append("NOTIFIER_TWILIO_FROM or NOTIFIER_TWILIO_MESSAGING_SERVICE_SID")
         if missing:
             raise ValueError("the chosen channel needs " + ", ".join(missing))
+        if self.ingest_wait_replicas and self.ingest_wait_timeout_ms > self.redis_timeout_s * 500:
+            raise ValueError(
+                "NOTIFIER_INGEST_WAIT_TIMEOUT_MS must be at most half of NOTIFIER_REDIS_TIMEOUT_S"
+                " (a Redis call that takes longer is given up)"
+            )
+        if self.ingest_wait_replicas and not self.redis_url:
+            raise ValueError(
+                "NOTIFIER_INGEST_WAIT_REPLICAS needs NOTIFIER_REDIS_URL (embedded mode has no "
+                "replicas)"
+            )
         if self.sendgrid_api_key and not self.sendgrid_from:
             # any merchant may choose SendGrid once it is configured, and it only sends
             # from a verified sender

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import orjson
 from arq.connections import ArqRedis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from notifier.packing import HISTORY, STATE, pack, unpack
 from notifier.state import ShipmentState
@@ -405,6 +405,14 @@ class HistoryPage:
     next_cursor: int | None
 
 
+class NotReplicated(RedisError):
+    """Ingested on the primary, but fewer replicas than required confirmed it in time."""
+
+    def __init__(self, acked: int, required: int, timeout_ms: int) -> None:
+        super().__init__(f"{acked} of {required} replicas confirmed within {timeout_ms} ms")
+        self.acked, self.required = acked, required
+
+
 class Store:
     """Typed access to everything notifier keeps in Redis."""
 
@@ -416,8 +424,11 @@ class Store:
         idempotency_ttl_s: int,
         state_ttl_s: int,
         history_cap: int = 200,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
     ) -> None:
         self.redis = redis
+        self.wait_replicas, self.wait_timeout_ms = wait_replicas, wait_timeout_ms
         self.partitions = partitions
         self.idempotency_ttl_s = idempotency_ttl_s
         self.state_ttl_s = state_ttl_s
@@ -574,7 +585,16 @@ class Store:
             self.WAKE_MS,
             self.EVENT_BUCKET_PREFIX,
         ]
-        accepted, woken = await self._ingest(keys=[], args=args)
+        if self.wait_replicas:
+            # WAIT counts the writes of its own connection: one pipeline, one connection
+            async with self.redis.pipeline(transaction=False) as pipe:
+                await self._ingest(keys=[], args=args, client=pipe)
+                pipe.wait(self.wait_replicas, self.wait_timeout_ms)
+                (accepted, woken), replicas = await pipe.execute()
+            if replicas < self.wait_replicas:
+                raise NotReplicated(replicas, self.wait_replicas, self.wait_timeout_ms)
+        else:
+            accepted, woken = await self._ingest(keys=[], args=args)
         parts = [int(_decode(k).split(":")[2]) for k in woken]
         return [_ADMISSIONS[int(a)] for a in accepted], parts
 
