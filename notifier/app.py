@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
@@ -23,7 +24,7 @@ from pydantic import (
 )
 from redis.exceptions import RedisError
 
-from notifier import admin, admin_views, openapi, unsubscribe, webhooks
+from notifier import admin, admin_views, metrics, openapi, unsubscribe, webhooks
 from notifier import web as merchant_web
 from notifier.errors import ApiError, Forbidden, InvalidOptOut, InvalidQuery, NotFound
 from notifier.ingest import KeyRing, RateLimiter, may_act_for, post_transitions, read_json
@@ -68,6 +69,25 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
         return response
     finally:
         REQUEST_ID.reset(token)
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Counts and times every request by its route template (never the path: it can hold
+    identifiers or a signed address)."""
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "(no route)"
+        metrics.request(route, request.method, status, time.perf_counter() - started)
 
 
 @web.middleware
@@ -200,6 +220,16 @@ async def unsubscribe_hook(request: web.Request) -> web.Response:
     return await unsubscribe.unsubscribe(request, request.app[RESOURCES])
 
 
+async def metrics_page(request: web.Request) -> web.Response:
+    """Prometheus metrics of every process sharing NOTIFIER_METRICS_DIR (or of this one),
+    and gauges read from Redis now."""
+    res = request.app[RESOURCES]
+    gauges = await metrics.redis_gauges(res.store, WORKERS_KEY, WORKER_ALIVE_S)
+    return web.Response(
+        body=metrics.exposition(gauges), headers={"Content-Type": metrics.CONTENT_TYPE_LATEST}
+    )
+
+
 async def healthz(request: web.Request) -> web.Response:
     """Liveness, a Redis check and the dead-letter counts; 503 when Redis does not answer."""
     res = request.app[RESOURCES]
@@ -274,7 +304,7 @@ def create_app(
 ) -> web.Application:
     """The API. In embedded mode (and unless ``run_worker`` is False) the worker runs in-process."""
     app = web.Application(
-        middlewares=[request_id_middleware, error_middleware],
+        middlewares=[request_id_middleware, metrics_middleware, error_middleware],
         client_max_size=settings.max_body_bytes,
     )
     app[KEYS] = KeyRing(
@@ -314,6 +344,7 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/openapi.json", openapi.handler)
+    app.router.add_get("/metrics", metrics_page)
     editor = admin.Admin(lambda: app[RESOURCES], app[KEYS])
     admin.add_routes(app, editor)
     views = admin_views.add_routes(app, editor)

@@ -16,6 +16,7 @@ from aiohttp import web
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
+from notifier import metrics
 from notifier.errors import (
     BadRequest,
     Forbidden,
@@ -285,6 +286,7 @@ async def post_transitions(request: web.Request, res: Resources, keys: KeyRing) 
             else [{"field": "merchant_id", "message": "not allowed for this API key"}],
         )
     if not valid:
+        metrics.transitions({"rejected": len(items)})
         noun = "transitions are" if batch else "transition is"
         raise ValidationFailed(f"the {noun} invalid", details)
 
@@ -308,6 +310,12 @@ async def post_transitions(request: web.Request, res: Resources, keys: KeyRing) 
         # Persisted already: the worker's sweep finds the backlog even without this job.
         log.warning("could not enqueue a drain job (%s); the sweep will pick it up", exc)
 
+    metrics.transitions(
+        {
+            **{a.value: admissions.count(a) for a in Admission},
+            "rejected": len(items) - len(valid),
+        }
+    )
     by_index = {i: a for (i, _), a in zip(valid, admissions, strict=True)}
     results: list[dict[str, Any]] = []
     for index, item in enumerate(items):

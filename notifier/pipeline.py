@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 
 from pydantic import ValidationError
 
+from notifier import metrics
 from notifier.addresses import email_problem, phone_problem
 from notifier.delivery import Deliverer, DeliveryReport
 from notifier.models import (
@@ -66,6 +67,9 @@ class _Fold:
     owner: dict[str, str]
     #: the notifications created, by id (so delivery need not parse them back)
     built: dict[str, Notification]
+    #: (outcome, rule, channel) of each decision, and the inbox entries decided (metrics)
+    labels: list[tuple[str, str, str]] = field(default_factory=list)
+    decided: list[str] = field(default_factory=list)
 
 
 def _stall_at_ms(policy: Policy, state: ShipmentState) -> int | None:
@@ -146,6 +150,8 @@ class Pipeline:
             for i, f in enumerate(folds):
                 if i in conflicts:
                     continue
+                metrics.decisions(f.labels)
+                metrics.decided(f.decided)
                 report.decisions += f.decisions
                 report.notifications += f.notifications
                 to_deliver += f.notifications + f.recover
@@ -237,6 +243,8 @@ class Pipeline:
         owner: dict[str, str] = {}
         built: dict[str, Notification] = {}
         decisions = 0
+        labels: list[tuple[str, str, str]] = []
+        decided: list[str] = []
         for step in steps:
             t = step.transition
             entry_id = entry_of[step.caught_up_by or t.event_id]
@@ -252,6 +260,8 @@ class Pipeline:
                             recover.append(rid)
                             owner[rid] = entry_id
                 continue
+            if step.caught_up_by is None:
+                decided.append(entry_id)
             for verdict in step.verdicts:
                 nid = None
                 if verdict.outcome in (Outcome.SENT, Outcome.DEFERRED):
@@ -293,6 +303,7 @@ class Pipeline:
                     request_id=rid,
                 )
                 history.append(decision.history_entry())
+                labels.append((verdict.outcome.value, verdict.rule, verdict.channel or "all"))
                 decisions += 1
         commit = ShipmentCommit(
             merchant_id,
@@ -305,4 +316,5 @@ class Pipeline:
             # a shipment that reached its end is kept only as long as retention says
             ttl_s=final_ttl_s if final.status in TERMINAL else None,
         )
-        return _Fold(commit, decisions, [nid for nid, *_ in created], recover, owner, built)
+        notifications = [nid for nid, *_ in created]
+        return _Fold(commit, decisions, notifications, recover, owner, built, labels, decided)

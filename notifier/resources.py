@@ -15,6 +15,7 @@ from arq.connections import ArqRedis
 from fakeredis import FakeServer
 from fakeredis.aioredis import FakeRedis
 
+from notifier import metrics
 from notifier.channels import Channel, OutboxChannel
 from notifier.channels.sendgrid import build_sendgrid
 from notifier.channels.twilio import build_twilio
@@ -171,6 +172,7 @@ async def open_resources(
     """
     if settings.embedded and server is None:
         server = FakeServer()
+    metrics.configure(settings.metrics_dir)
     redis = connect(settings, server)
     catalogs = Catalogs(data_dir("locales", settings.locales_dir))
     published = Published(OverrideStore(redis))

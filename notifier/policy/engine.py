@@ -33,6 +33,8 @@ class Verdict:
     #: when a deferred message is due (UTC); None for the other outcomes
     send_at: datetime | None = None
     details: Mapping[str, Any] = field(default_factory=dict)
+    #: which rule decided, from a fixed vocabulary (a metrics label; ``reason`` is the prose)
+    rule: str = "policy"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +101,7 @@ def anomaly(policy: Policy, state: ShipmentState, t: Transition, now: datetime) 
             f"anomaly: occurred_at is {ahead:.0f} min in the future "
             f"(limit {rules.future_minutes:g} min)",
             details={"minutes_ahead": round(ahead, 1), "limit_minutes": rules.future_minutes},
+            rule="anomaly",
         )
     if state.first_at is not None:
         early = (state.first_at - t.occurred_at).total_seconds() / 3600
@@ -108,6 +111,7 @@ def anomaly(policy: Policy, state: ShipmentState, t: Transition, now: datetime) 
                 f"anomaly: {early:.0f} h before the shipment's first known event "
                 f"(limit {rules.early_hours:g} h)",
                 details={"hours_early": round(early, 1), "limit_hours": rules.early_hours},
+                rule="anomaly",
             )
     loc, fix = t.location, state.last_fix
     if fix is not None and loc is not None and loc.lat is not None and loc.lon is not None:
@@ -127,6 +131,7 @@ def anomaly(policy: Policy, state: ShipmentState, t: Transition, now: datetime) 
                     "hours": round(hours, 3),
                     "limit_kmh": rules.max_speed_kmh,
                 },
+                rule="anomaly",
             )
     return None
 
@@ -201,11 +206,22 @@ def _channel_verdict(
 ) -> Verdict:
     to = contact.email if channel is ChannelKind.EMAIL else contact.phone
     if to is None:
-        return Verdict(Outcome.SUPPRESSED, f"no {channel} address known for the recipient", channel)
+        return Verdict(
+            Outcome.SUPPRESSED,
+            f"no {channel} address known for the recipient",
+            channel,
+            rule="no_address",
+        )
     if opted_out and (key := opt_out_key(channel, to)) in opted_out:
         # a mapping gives the reason (opted out, or an unusable address); a set: opted out
         why = opted_out.get(key) if isinstance(opted_out, Mapping) else None
-        return Verdict(Outcome.SUPPRESSED, why or f"recipient opted out of {channel}", channel)
+        unusable = why is not None and why.startswith("unusable")
+        return Verdict(
+            Outcome.SUPPRESSED,
+            why or f"recipient opted out of {channel}",
+            channel,
+            rule="unusable_address" if unusable else "opted_out",
+        )
 
     last_trivial, mine, today = _scan(live, channel, now - _DAY)
     # A repeat of the milestone last decided on this channel (sent, or pending even if it
@@ -221,6 +237,7 @@ def _channel_verdict(
             f"(window {policy.dedupe_window_hours:g} h)",
             channel,
             details={"hours_ago": round(ago, 2), "window_hours": policy.dedupe_window_hours},
+            rule="duplicate",
         )
     throttle = policy.throttle
     if rule.trivial and last_trivial is not None and now - last_trivial < policy.trivial_interval:
@@ -231,6 +248,7 @@ def _channel_verdict(
             f"interval {throttle.trivial_interval_hours:g} h",
             channel,
             details={"hours_ago": round(ago, 2), "interval_hours": throttle.trivial_interval_hours},
+            rule="throttled",
         )
     if today >= throttle.max_per_shipment_per_day:
         return Verdict(
@@ -239,6 +257,7 @@ def _channel_verdict(
             f"(max {throttle.max_per_shipment_per_day})",
             channel,
             details={"count": today, "max": throttle.max_per_shipment_per_day},
+            rule="daily_cap",
         )
     if channel is ChannelKind.SMS:
         sms = sms_archived + mine
@@ -249,6 +268,7 @@ def _channel_verdict(
                 f"(max {throttle.max_sms_per_shipment})",
                 channel,
                 details={"count": sms, "max": throttle.max_sms_per_shipment},
+                rule="sms_cap",
             )
     return _timing(policy, rule, contact.timezone, milestone, channel, to, now)
 
@@ -268,7 +288,7 @@ def _timing(
     now: datetime,
 ) -> Verdict:
     """Send now, or defer for quiet hours and coalescing."""
-    sent = Verdict(Outcome.SENT, _sent_reason(milestone, channel), channel, to)
+    sent = Verdict(Outcome.SENT, _sent_reason(milestone, channel), channel, to, rule="notify")
     due: datetime | None = None
     reasons: list[str] = []
     details: dict[str, Any] = {}
@@ -291,7 +311,8 @@ def _timing(
             reasons.append(f"held {policy.coalesce_seconds:g} s to send only the latest state")
     if due is None:
         return sent
-    return Verdict(Outcome.DEFERRED, "; ".join(reasons), channel, to, due, details)
+    rule_name = "quiet_hours" if "timezone" in details else "hold"
+    return Verdict(Outcome.DEFERRED, "; ".join(reasons), channel, to, due, details, rule_name)
 
 
 def decide(
@@ -318,10 +339,12 @@ def decide(
             f"out of order: {milestone} at {t.occurred_at.isoformat()} would step back; "
             f"the shipment is {state.status} since {since}"
         )
-        return [Verdict(Outcome.SUPPRESSED, reason)]
+        return [Verdict(Outcome.SUPPRESSED, reason, rule="out_of_order")]
     rule = policy.rule(t.status, t.exception_code)
     if not rule.channels:
-        return [Verdict(Outcome.SUPPRESSED, f"policy: {milestone} is not notified")]
+        return [
+            Verdict(Outcome.SUPPRESSED, f"policy: {milestone} is not notified", rule="not_notified")
+        ]
     if t.status is not Status.EXCEPTION and state.is_behind(t):
         # "picked up" or "in transit" after a failed attempt is the carrier's bookkeeping,
         # not news; an exception always is.
@@ -329,6 +352,7 @@ def decide(
             Verdict(
                 Outcome.SUPPRESSED,
                 f"behind: {milestone} after the shipment already reached {state.furthest}",
+                rule="behind",
             )
         ]
     contact = _Contact.of(state.recipient, t.recipient)
@@ -391,7 +415,9 @@ def _fold_once(
                 by = superseded.get((t.event_id, channel))
                 if by is not None:
                     # a later message of this batch overtakes it: it never goes out
-                    v = Verdict(Outcome.SUPPRESSED, f"{by} in the same batch", channel)
+                    v = Verdict(
+                        Outcome.SUPPRESSED, f"{by} in the same batch", channel, rule="superseded"
+                    )
                 else:
                     state = state.record_message(t, channel, rule.trivial, now, v.send_at)
                     pending.add(t.event_id)
@@ -406,7 +432,12 @@ def _fold_once(
                 for v in caught.verdicts:
                     by = superseded.get((current.event_id, v.channel)) if v.channel else None
                     if by is not None:
-                        v = Verdict(Outcome.SUPPRESSED, f"{by} in the same batch", v.channel)
+                        v = Verdict(
+                            Outcome.SUPPRESSED,
+                            f"{by} in the same batch",
+                            v.channel,
+                            rule="superseded",
+                        )
                     elif v.outcome in _GOING and v.channel is not None:
                         state = state.record_message(current, v.channel, trivial, now, v.send_at)
                         pending.add(current.event_id)
@@ -456,7 +487,7 @@ def _catch_up(
         reason = f"not caught up: the address arrived late, with {late.event_id}, and {stale}"
         return Step(
             current,
-            [Verdict(Outcome.SUPPRESSED, reason, c) for c in sorted(gained)],
+            [Verdict(Outcome.SUPPRESSED, reason, c, rule="stale") for c in sorted(gained)],
             caught_up_by=late.event_id,
         )
     told = {m.channel for m in after.messages if m.event_id == current.event_id}

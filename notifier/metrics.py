@@ -1,0 +1,267 @@
+"""Prometheus metrics, served at ``GET /metrics``.
+
+Counters and histograms are kept by the process that does the work (the API counts
+transitions and requests, workers count decisions and deliveries). With
+``NOTIFIER_METRICS_DIR`` set, every process on the host writes its values to files in that
+folder (prometheus-client's multiprocess mode) and ``/metrics`` adds them up, so one scrape
+of the API sees the workers too. Gauges of what Redis holds (inbox depth and age per
+partition, the due index, dead letters, live workers) are read from Redis at scrape time,
+so they are right whichever process is scraped.
+
+Labels carry only names from fixed vocabularies (outcomes, rules, channels, routes): never a
+merchant id, an address, a shipment or any text a merchant or carrier wrote.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+    values,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+from redis.exceptions import RedisError
+
+from notifier.store import Store
+
+__all__ = ["CONTENT_TYPE_LATEST", "configure", "exposition"]
+
+#: Seconds: from a few milliseconds (a warm worker) to an hour (a backlog after an outage).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+
+
+class _Metrics:
+    """The process's counters and histograms, in ``registry`` (or the multiprocess files)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.transitions = Counter(
+            "notifier_transitions",
+            "Transitions posted to the API, by result (accepted, duplicate, conflict, rejected).",
+            ["result"],
+            registry=registry,
+        )
+        self.requests = Counter(
+            "notifier_http_requests",
+            "HTTP requests answered, by route template, method and status code.",
+            ["route", "method", "status"],
+            registry=registry,
+        )
+        self.request_seconds = Histogram(
+            "notifier_http_request_duration_seconds",
+            "Time to answer an HTTP request, by route template.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.decisions = Counter(
+            "notifier_decisions",
+            "Decisions recorded, by outcome, the rule that decided and channel.",
+            ["outcome", "rule", "channel"],
+            registry=registry,
+        )
+        self.deliveries = Counter(
+            "notifier_deliveries",
+            "Delivery attempts' results by channel (sent, failed, retrying, cancelled).",
+            ["channel", "result"],
+            registry=registry,
+        )
+        self.dead_lettered = Counter(
+            "notifier_dead_lettered",
+            "Entries moved to a dead-letter list, by kind (inbox, notifications).",
+            ["kind"],
+            registry=registry,
+        )
+        self.ingest_to_decision = Histogram(
+            "notifier_ingest_to_decision_seconds",
+            "From the API accepting a transition to its decision being committed.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.decision_to_provider = Histogram(
+            "notifier_decision_to_provider_seconds",
+            "From a decision to send to the provider accepting the message (not deferred ones).",
+            ["channel"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.end_to_end = Histogram(
+            "notifier_end_to_end_seconds",
+            "From the API accepting a transition to the provider accepting its message "
+            "(messages sent at once, not deferred ones).",
+            ["channel"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+
+
+_state: dict[str, object] = {"dir": None}
+_metrics = _Metrics(CollectorRegistry())
+
+
+def configure(directory: Path | None) -> None:
+    """Use ``directory`` for multiprocess metrics (None: this process's own registry).
+
+    Call before the process counts anything: values already counted stay where they were.
+    """
+    global _metrics
+    if _state["dir"] == directory:
+        return
+    if directory is not None:
+        directory.mkdir(parents=True, exist_ok=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    else:
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+    _state["dir"] = directory
+    _metrics = _Metrics(CollectorRegistry())
+
+
+def transitions(counts: dict[str, int]) -> None:
+    for result, n in counts.items():
+        if n:
+            _metrics.transitions.labels(result).inc(n)
+
+
+def request(route: str, method: str, status: int, seconds: float) -> None:
+    _metrics.requests.labels(route, method, str(status)).inc()
+    _metrics.request_seconds.labels(route).observe(seconds)
+
+
+def decisions(labels: Iterable[tuple[str, str, str]]) -> None:
+    for outcome, rule, channel in labels:
+        _metrics.decisions.labels(outcome, rule, channel).inc()
+
+
+def deliveries(channel: str, result: str, n: int = 1) -> None:
+    if n:
+        _metrics.deliveries.labels(channel, result).inc(n)
+
+
+def dead_lettered(kind: str, n: int = 1) -> None:
+    if n:
+        _metrics.dead_lettered.labels(kind).inc(n)
+
+
+def entry_age_s(entry_id: str, now: float | None = None) -> float:
+    """Seconds since the API wrote an inbox entry (its stream id holds the time, in ms)."""
+    ms = int(entry_id.partition("-")[0] or 0)
+    return max(0.0, (time.time() if now is None else now) - ms / 1000)
+
+
+def decided(entry_ids: Iterable[str]) -> None:
+    """Decisions committed for the transitions of these inbox entries."""
+    now = time.time()
+    for entry_id in entry_ids:
+        _metrics.ingest_to_decision.observe(entry_age_s(entry_id, now))
+
+
+def provider_accepted(channel: str, decided_s: float, accepted_s: float | None) -> None:
+    """A message the provider took: ``decided_s`` ago it was decided, ``accepted_s`` ago
+    (when known) its transition was accepted by the API."""
+    _metrics.decision_to_provider.labels(channel).observe(max(0.0, decided_s))
+    if accepted_s is not None:
+        _metrics.end_to_end.labels(channel).observe(max(0.0, accepted_s))
+
+
+class _Snapshot(Collector):
+    """Metric families computed before the scrape (from Redis, asynchronously)."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)
+
+
+async def redis_gauges(store: Store, workers_key: str, alive_s: float) -> list[Metric]:
+    """What Redis holds now; ``notifier_redis_up`` 0 (and nothing else) when it does not answer."""
+    up = GaugeMetricFamily("notifier_redis_up", "1 when Redis answered this scrape.")
+    try:
+        families = await _read_redis(store, workers_key, alive_s)
+    except (RedisError, OSError):
+        up.add_metric([], 0)
+        return [up]
+    up.add_metric([], 1)
+    return [up, *families]
+
+
+async def _read_redis(store: Store, workers_key: str, alive_s: float) -> list[Metric]:
+    # A handled entry is acknowledged and deleted from its stream at once: what a stream
+    # holds is waiting or being handled, and its first entry is the oldest of them.
+    now = time.time()
+    partitions = range(store.partitions)
+    async with store.redis.pipeline(transaction=False) as pipe:
+        for p in partitions:
+            pipe.xlen(store.inbox_key(p))
+            pipe.xrange(store.inbox_key(p), count=1)
+        pipe.zcard(store.DUE_KEY)
+        pipe.zcard(store.STALL_KEY)
+        pipe.zcount(workers_key, int((now - alive_s) * 1000), "+inf")
+        replies = await pipe.execute()
+    dead = await store.dead_letters()
+    depth = GaugeMetricFamily(
+        "notifier_inbox_depth",
+        "Transitions in a partition's inbox not yet acknowledged (waiting or being handled).",
+        labels=["partition"],
+    )
+    oldest = GaugeMetricFamily(
+        "notifier_inbox_oldest_age_seconds",
+        "Age of the oldest transition in a partition's inbox (0 when it is empty).",
+        labels=["partition"],
+    )
+    for p in partitions:
+        length, first = replies[2 * p], replies[2 * p + 1]
+        depth.add_metric([str(p)], int(length))
+        entry_id = first[0][0] if first else None
+        age = entry_age_s(_text(entry_id), now) if entry_id is not None else 0.0
+        oldest.add_metric([str(p)], age)
+    due_n, stall_n, workers_n = replies[2 * len(partitions) :]
+    families: list[Metric] = [depth, oldest]
+    for name, doc, value in (
+        ("notifier_due_messages", "Messages waiting for their time (deferred or retrying).", due_n),
+        ("notifier_stall_watch", "Shipments watched for going quiet.", stall_n),
+        ("notifier_workers_alive", f"Workers that beat in the last {alive_s:g} s.", workers_n),
+    ):
+        gauge = GaugeMetricFamily(name, doc)
+        gauge.add_metric([], int(value))
+        families.append(gauge)
+    letters = GaugeMetricFamily(
+        "notifier_dead_letters",
+        "Entries in the dead-letter lists now (see `notifier dead-letters`).",
+        labels=["kind"],
+    )
+    for kind, n in dead.items():
+        letters.add_metric([kind], n)
+    families.append(letters)
+    return families
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def exposition(extra: list[Metric]) -> bytes:
+    """The text exposition: this process's (or every process's) values and ``extra``."""
+    directory = _state["dir"]
+    if isinstance(directory, Path):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
+    else:
+        registry = _metrics.registry
+    registry.register(snapshot := _Snapshot(extra))
+    try:
+        return generate_latest(registry)
+    finally:
+        registry.unregister(snapshot)
