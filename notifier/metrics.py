@@ -77,12 +77,6 @@ class _Metrics:
             ["channel", "result"],
             registry=registry,
         )
-        self.dead_lettered = Counter(
-            "notifier_dead_lettered",
-            "Entries moved to a dead-letter list, by kind (inbox, notifications).",
-            ["kind"],
-            registry=registry,
-        )
         self.ingest_to_decision = Histogram(
             "notifier_ingest_to_decision_seconds",
             "From the API accepting a transition to its decision being committed.",
@@ -147,11 +141,6 @@ def decisions(labels: Iterable[tuple[str, str, str]]) -> None:
 def deliveries(channel: str, result: str, n: int = 1) -> None:
     if n:
         _metrics.deliveries.labels(channel, result).inc(n)
-
-
-def dead_lettered(kind: str, n: int = 1) -> None:
-    if n:
-        _metrics.dead_lettered.labels(kind).inc(n)
 
 
 def entry_age_s(entry_id: str, now: float | None = None) -> float:

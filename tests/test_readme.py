@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from notifier.settings import DEV_API_KEY
+from notifier.settings import DEV_API_KEY, Settings, variable
 from tests.conftest import free_port, healthy, spawn_notifier, wait_until
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -73,3 +73,11 @@ def test_readme_curl_leads_to_eml_and_sms_json(tmp_path: Path) -> None:
     assert "dev-key-not-for-production" in output
     assert "ana@example.com" not in output and "+33612345678" not in output  # no PII in logs
     assert len(list(outbox.glob("*"))) == (1 if deferred else 2)
+
+
+def test_every_setting_is_in_the_configuration_table() -> None:
+    text = README.read_text(encoding="utf-8")
+    table = text[text.index("## Configuration") : text.index("## Commands")]
+    documented = set(re.findall(r"`(NOTIFIER_[A-Z0-9_]+)`", table))
+    missing = sorted({variable(name) for name in Settings.model_fields} - documented)
+    assert not missing, f"README's Configuration table lacks {missing}"
