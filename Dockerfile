@@ -1,5 +1,6 @@
 # notifier: multi-stage build, runs `notifier serve` as a non-root user.
-# Untested on the dev machine (no Docker engine there); see README.
+# No Docker engine on the dev machine or in CI: tests/test_deploy.py lints this file and runs
+# its commands as plain processes.
 # Dependencies come from requirements.lock (exact versions, sha256-checked), as in scripts/.
 FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
@@ -14,7 +15,8 @@ COPY policies ./policies
 RUN /opt/notifier/bin/python -m pip install --no-cache-dir --no-deps --no-build-isolation .
 
 FROM python:3.11-slim-bookworm
-RUN useradd --system --create-home --uid 10001 notifier
+RUN groupadd --system --gid 10001 notifier \
+    && useradd --system --create-home --uid 10001 --gid 10001 notifier
 COPY --from=build /opt/notifier /opt/notifier
 ENV PATH=/opt/notifier/bin:$PATH \
     PYTHONUNBUFFERED=1 \
@@ -22,8 +24,10 @@ ENV PATH=/opt/notifier/bin:$PATH \
     NOTIFIER_PORT=8080 \
     NOTIFIER_OUTBOX_DIR=/data/outbox
 RUN mkdir -p /data/outbox && chown -R notifier /data
-USER notifier
+USER 10001:10001
 WORKDIR /data
 EXPOSE 8080
-HEALTHCHECK --interval=15s --timeout=3s --start-period=20s --retries=3 CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8080/healthz').status != 200)"
+# The API answers its health check on the port it listens on (NOTIFIER_PORT).
+HEALTHCHECK --interval=15s --timeout=3s --start-period=20s --retries=3 \
+    CMD ["python", "-c", "import os, sys, urllib.request; port = os.environ.get('NOTIFIER_PORT', '8080'); sys.exit(urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=2).status != 200)"]
 CMD ["notifier", "serve"]
