@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 import redis
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from notifier.settings import unknown_variables
 from tests.conftest import API_KEYS, auth, free_port, start_redis, transition, wait_until
@@ -207,16 +208,16 @@ class Container:
     def env(self, redis_port: int, api_port: int) -> dict[str, str]:
         """The image's ENV, then compose's environment, as the container would see them;
         then what this machine needs: the binaries of this venv, loopback and free ports."""
-        clean = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFIER_")}
-        env = {**clean}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFIER_")}
         for key, value in image_env().items():
-            value = value.replace("$PATH", clean.get("PATH", "")).replace(
+            value = value.replace("$PATH", env.get("PATH", "")).replace(
                 "/opt/notifier/bin", str(BIN)
             )
-            env[key] = value
+            env[key] = value if key == "PATH" else self.path(value)
         compose_env = compose()["services"]["api"]["environment"]
-        env.update({k: interpolate(str(v), COMPOSE_VARIABLES) for k, v in compose_env.items()})
-        env = {k: self.path(v) if k != "PATH" else v for k, v in env.items()}
+        env.update(
+            {k: self.path(interpolate(str(v), COMPOSE_VARIABLES)) for k, v in compose_env.items()}
+        )
         env["NOTIFIER_REDIS_URL"] = env["NOTIFIER_REDIS_URL"].replace(
             "redis:6379", f"127.0.0.1:{redis_port}"
         )
@@ -317,3 +318,85 @@ def test_the_commands_run_as_processes_and_their_health_checks_answer(tmp_path: 
         server.wait(timeout=10)
     assert not healthy(ping)
     assert any((container.root / "redis").rglob("*.aof"))  # the append-only file was written
+
+
+def post_one(port: int, n: int) -> None:
+    at = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/transitions",
+        data=json.dumps(transition(event_id=f"e{n}", shipment_id=f"s{n}", occurred_at=at)).encode(),
+        headers={**auth(), "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.status == 202
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def total(
+    found: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
+) -> float:
+    want = set(labels.items())
+    return sum(v for (n, ls), v in found.items() if n == name and want <= ls)
+
+
+#: Runs a shell command as PID 1 of new PID and UTS namespaces, as a container's process.
+CONTAINER = ["unshare", "--pid", "--uts", "--fork", "--mount-proc", "sh", "-c"]
+
+
+@pytest.mark.timeout(120)
+def test_the_api_and_worker_containers_add_up_in_one_metrics_folder(tmp_path: Path) -> None:
+    """In compose the api and the worker are each PID 1 of their own container and write
+    their metrics to the one shared tmpfs: run them that way (PID and host name namespaces
+    of their own) and /metrics must still show what each of them counted, scrape after
+    scrape."""
+    container, services = Container(tmp_path), compose()["services"]
+    redis_port, api_port = free_port(), free_port()
+    (container.root / "redis").mkdir()
+    server = start_redis(redis_port, container.root / "redis")
+    env = container.env(redis_port, api_port)
+    assert Path(env["NOTIFIER_METRICS_DIR"]) == container.root / "metrics"
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        for name in ("api", "worker"):
+            args = [container.path(a) for a in services[name]["command"]]
+            procs.append(
+                subprocess.Popen(
+                    [*CONTAINER, f'hostname {name}-container && exec "$@"', "sh", *args],
+                    cwd=container.root / "data",
+                    env=env,
+                    text=True,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+        api, worker = procs
+        check_api = image_healthcheck()
+        wait_until(
+            lambda: healthy(check_api, env) or api.poll() is not None, "the api health check", 60
+        )
+        for n in range(5):
+            post_one(api_port, n)
+        outbox = Path(env["NOTIFIER_OUTBOX_DIR"])
+        wait_until(lambda: len(list(outbox.rglob("*.eml"))) == 5, "the worker to deliver", 30)
+        for _ in range(3):  # each scrape counts a request of the api's: its file grows
+            found = scrape(api_port)
+            assert total(found, "notifier_transitions_total", result="accepted") == 5  # api
+            assert total(found, "notifier_decisions_total", channel="email", outcome="sent") == 5
+        assert worker.poll() is None
+    finally:
+        for proc in procs:
+            if proc.poll() is None:  # unshare waits for its child: stop the child
+                for child in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
+                    os.kill(int(child), signal.SIGTERM)
+            proc.communicate(timeout=30)
+        server.terminate()
+        server.wait(timeout=10)
