@@ -15,6 +15,7 @@ merchant id, an address, a shipment or any text a merchant or carrier wrote.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -104,6 +105,12 @@ _state: dict[str, object] = {"dir": None}
 _metrics = _Metrics(CollectorRegistry())
 
 
+def process_id() -> str:
+    """Names this process's files in the metrics folder: unique across the containers that
+    share it, where every process may be PID 1 (no "_": the collector splits names on it)."""
+    return f"{socket.gethostname().replace('_', '-')}-{os.getpid()}"
+
+
 def configure(directory: Path | None) -> None:
     """Use ``directory`` for multiprocess metrics (None: this process's own registry).
 
@@ -115,9 +122,10 @@ def configure(directory: Path | None) -> None:
     if directory is not None:
         directory.mkdir(parents=True, exist_ok=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+        values.ValueClass = values.MultiProcessValue(process_identifier=process_id)  # type: ignore[no-untyped-call]
     else:
         os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+        values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
     _state["dir"] = directory
     _metrics = _Metrics(CollectorRegistry())
 
