@@ -15,6 +15,8 @@ from functools import lru_cache
 import phonenumbers
 from email_validator import EmailNotValidError, validate_email
 
+from notifier.models import E164
+
 #: Quoted parts of email-validator's messages can echo the address: never in a reason.
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 
@@ -22,6 +24,10 @@ _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 @lru_cache(maxsize=65_536)
 def phone_problem(number: str) -> str | None:
     """Why ``number`` (E.164) cannot receive an SMS, or None."""
+    if not E164.fullmatch(number):
+        # libphonenumber reads "tel:+33 6…", trailing text or a NUL as the number: what is
+        # sent and matched against opt-outs must be exactly the number
+        return "not a phone number in E.164 form, like +33612345678"
     try:
         parsed = phonenumbers.parse(number, None)
     except phonenumbers.NumberParseException:

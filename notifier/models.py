@@ -9,6 +9,7 @@ from datetime import datetime
 from enum import StrEnum
 from functools import lru_cache
 from typing import Annotated, Any, Self
+from urllib.parse import quote
 
 import orjson
 from babel import Locale, UnknownLocaleError
@@ -91,21 +92,52 @@ STATUS_RANK: dict[Status, int] = {
 # alphabet. A merchant id has no ":" so "ntf:<kind>:<merchant_id>:<rest>" keys are unambiguous.
 MerchantId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")]
-ShortText = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
-# Pragmatic, not RFC 5321 in full: one @, no spaces or specials, a dotted domain whose
-# labels may be internationalized (anä@exämple.com is a real address).
-_EMAIL = re.compile(r"^[^@\s<>()\[\],;:\"]+@(?:[\w-]+\.)+[\w-]{2,}$")
-_E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
+#: Line breaks and tabs, with the spaces around them: one space in customers' text.
+_BREAKS = re.compile(r"\s*[\t\n\v\f\r\x1c-\x1f\x85\u2028\u2029]\s*")
+#: The other control characters (C0, DEL, C1): never part of a name, an address or a code.
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_ODD = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _one_line(value: str) -> str:
+    """Free text as one line: line breaks and tabs become a space, other control characters
+    go. Text that carriers and shops send is shown to customers (email bodies, SMS, subjects)
+    and kept; a stray CR/LF or NUL must reach neither a header nor a message, and must not
+    cost the customer the notification (nor, when read back, an event stored before)."""
+    if _ODD.search(value) is None:
+        return value
+    return _CONTROLS.sub("", _BREAKS.sub(" ", value)).strip()
+
+
+def _some_text(value: str) -> str:
+    value = _one_line(value)
+    if not value:
+        raise ValueError("must hold some text, not only control characters")
+    return value
+
+
+ShortText = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=200, strip_whitespace=True),
+    AfterValidator(_some_text),
+]
+# Pragmatic, not RFC 5321 in full: one @, no spaces, specials or control characters, a
+# dotted domain whose labels may be internationalized (anä@exämple.com is a real address).
+# fullmatch, not match: "$" would let a trailing newline through, and "ana@example.com\n"
+# would then escape an opt-out recorded for ana@example.com.
+_EMAIL = re.compile(r"[^@\s<>()\[\],;:\"\x00-\x1f\x7f-\x9f]+@(?:[\w-]+\.)+[\w-]{2,}")
+#: E.164, as transitions carry numbers and providers take them (no spaces, no "tel:").
+E164 = re.compile(r"\+[1-9][0-9]{6,14}")
 
 
 def _check_email(value: str) -> str:
-    if len(value) > 254 or not _EMAIL.match(value):
+    if len(value) > 254 or not _EMAIL.fullmatch(value):
         raise ValueError("must be an email address like ana@example.com")
     return value
 
 
 def _check_phone(value: str) -> str:
-    if not _E164.match(value):
+    if not E164.fullmatch(value):
         raise ValueError("must be an E.164 phone number like +33612345678")
     return value
 
@@ -147,17 +179,22 @@ def _check_moment(value: datetime) -> datetime:
     return value
 
 
-_URL = re.compile(r"^https?://[^\s/]+")
+_URL = re.compile(r"https?://[^\s/]+")
+#: What a URL cannot hold as it is (RFC 3986): whitespace and control characters.
+_NOT_IN_URL = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
 
 
 def _check_url(value: str) -> str:
+    # percent-encoded, not refused: a carrier's link with a raw space still works, and a
+    # CR/LF or NUL in it can break no SMS or header (an encoded URL is left as it is)
+    value = _NOT_IN_URL.sub(lambda m: quote(m[0], safe=""), value.strip())
     if len(value) > 2000 or not _URL.match(value):
         raise ValueError("must be an http(s) URL")
     return value
 
 
-Email = Annotated[str, AfterValidator(_check_email)]
-Phone = Annotated[str, AfterValidator(_check_phone)]
+Email = Annotated[str, StringConstraints(strip_whitespace=True), AfterValidator(_check_email)]
+Phone = Annotated[str, StringConstraints(strip_whitespace=True), AfterValidator(_check_phone)]
 TimeZone = Annotated[str, AfterValidator(_check_timezone)]
 LocaleTag = Annotated[str, AfterValidator(_check_locale)]
 Url = Annotated[str, AfterValidator(_check_url)]
@@ -217,7 +254,11 @@ class PickupPoint(_Strict):
     """Where an ``available_for_pickup`` parcel waits (an addition to DESIGN.md §3)."""
 
     name: ShortText
-    address: Annotated[str, StringConstraints(min_length=1, max_length=300, strip_whitespace=True)]
+    address: Annotated[
+        str,
+        StringConstraints(min_length=1, max_length=300, strip_whitespace=True),
+        AfterValidator(_some_text),
+    ]
     #: opening hours as the carrier gives them, e.g. "Mon-Sat 8:00-20:00"
     hours: ShortText | None = None
 
@@ -240,7 +281,9 @@ class Transition(_Strict):
     #: for available_for_pickup: the pickup point (optional; an addition to the contract)
     pickup_point: PickupPoint | None = None
     carrier_status_code: ShortText | None = None
-    carrier_description: Annotated[str, StringConstraints(max_length=1000)] | None = None
+    carrier_description: (
+        Annotated[str, StringConstraints(max_length=1000), AfterValidator(_one_line)] | None
+    ) = None
     tracking_url: Url | None = None
     recipient: Recipient | None = None
     order: Order | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import binascii
 import os
+import re
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,10 +20,18 @@ from notifier.channels.base import Outcome, Outgoing, Receipt
 from notifier.errors import PermanentDeliveryError, TemporaryDeliveryError
 from notifier.render import EmailMessageOut, Message, SmsMessageOut
 
+#: Control characters (C0, DEL, C1): in a header value each becomes a space.
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _one_line(value: str) -> str:
+    return " ".join(_CONTROLS.sub(" ", value).split())
+
 
 def _header(name: str, value: str) -> bytes:
-    """One header line, RFC 2047-encoded when not ASCII; CR/LF can never inject a header."""
-    value = " ".join(value.split())
+    """One header line, RFC 2047-encoded when not ASCII; CR/LF can never inject a header
+    and no control character (a NUL, an escape) reaches one."""
+    value = _one_line(value)
     if not value.isascii():
         value = Header(value, "utf-8", header_name=name).encode(linesep="\r\n")
     return f"{name}: {value}\r\n".encode("ascii")
@@ -30,7 +39,7 @@ def _header(name: str, value: str) -> bytes:
 
 def _address(name: str, value: str) -> bytes:
     """An address header: only the display name is ever encoded, never the address."""
-    display, addr = parseaddr(" ".join(value.split()))
+    display, addr = parseaddr(_one_line(value))
     if not addr.isascii():
         # An internationalized address (RFC 6532) travels as UTF-8; it cannot be encoded.
         shown = f"{Header(display, 'utf-8').encode()} <{addr}>" if display else addr
@@ -100,6 +109,11 @@ def _sms_json(message: SmsMessageOut) -> bytes:
     )
 
 
+class UnsafeName(ValueError):
+    """An id that is no single file name (``..``, a ``/``, a NUL): the message would be
+    written outside its folder. The API's id patterns never let one through."""
+
+
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -144,9 +158,10 @@ class OutboxChannel:
                     )
                 )
             except Exception as exc:  # a message that cannot be written must not sink the batch
+                why = str(exc) if isinstance(exc, UnsafeName) else type(exc).__name__
                 outcomes.append(
                     PermanentDeliveryError(
-                        f"outbox cannot write this message: {type(exc).__name__}",
+                        f"outbox cannot write this message: {why}",
                         item.message.notification_id,
                         self.name,
                     )
@@ -156,6 +171,13 @@ class OutboxChannel:
         return outcomes
 
     def _write(self, message: Message, sent_at: datetime, recovering: bool) -> Path:
+        for what, part in (
+            ("merchant id", message.merchant_id),
+            ("shipment id", message.shipment_id),
+            ("notification id", message.notification_id),
+        ):
+            if part in ("", ".", "..") or any(c in part for c in "/\\\x00"):
+                raise UnsafeName(f"the {what} cannot be a file name in the outbox")
         folder = self.directory / message.merchant_id / message.shipment_id
         if isinstance(message, EmailMessageOut):
             suffix, data = ".eml", build_eml(message, sent_at)
