@@ -179,10 +179,10 @@ class OptOut(BaseModel):
         # An address in another form than the one transitions carry would never match.
         kind = Phone if info.data.get("channel") is ChannelKind.SMS else Email
         try:
-            TypeAdapter(kind).validate_python(value)
+            address: str = TypeAdapter(kind).validate_python(value)  # stripped, as they carry it
         except ValidationError as exc:
             raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from exc
-        return value
+        return address
 
 
 async def opt_outs(request: web.Request) -> web.Response:

@@ -85,7 +85,7 @@ class KeyRing:
 
     def merchants_for(self, presented: str) -> frozenset[str] | None:
         """The merchants ``presented`` may act for, or None for an unknown key."""
-        return self.merchants_for_digest(hashlib.sha256(presented.encode()).digest())
+        return self.merchants_for_digest(_sha256(presented))
 
     def merchants_for_digest(self, digest: bytes) -> frozenset[str] | None:
         """The merchants of the key with this SHA-256 digest, or None for none configured."""
@@ -98,7 +98,7 @@ class KeyRing:
     def key_id(self, request: web.Request) -> str:
         """A name for the caller's key that the audit log can show: a digest, never the key."""
         token = request.headers.get("Authorization", "").partition(" ")[2].strip()
-        return "key_" + hashlib.sha256(token.encode()).hexdigest()[:12]
+        return "key_" + _sha256(token).hex()[:12]
 
     def authenticate(self, request: web.Request) -> frozenset[str]:
         """The caller's merchants; 401 without a valid bearer key."""
@@ -109,12 +109,18 @@ class KeyRing:
                 "missing API key: send 'Authorization: Bearer <key>'",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        digest = hashlib.sha256(token.strip().encode()).digest()
+        digest = _sha256(token.strip())
         merchants = self.merchants_for_digest(digest)
         if merchants is None:
             raise Unauthorized("unknown API key", headers={"WWW-Authenticate": "Bearer"})
         self.limiter.take(digest)
         return merchants
+
+
+def _sha256(text: str) -> bytes:
+    """The SHA-256 of a header's text; bytes that were no UTF-8 (they arrive as surrogate
+    escapes) are hashed as they came: an unknown key, not an error."""
+    return hashlib.sha256(text.encode(errors="surrogateescape")).digest()
 
 
 def may_act_for(merchants: frozenset[str], merchant_id: str) -> bool:
@@ -199,6 +205,10 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
         return await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
         raise PayloadTooLarge(f"body is over the limit of {limit} bytes") from exc
+    except web.RequestPayloadError as exc:
+        # a body that does not inflate as its Content-Encoding says, or a broken transfer
+        why = getattr(exc.__cause__, "message", None) or "broken transfer"
+        raise BadRequest(f"the body could not be read: {why}") from exc
 
 
 async def _persist(res: Resources, payloads: list[IngestItem]) -> tuple[list[Admission], list[int]]:

@@ -51,7 +51,9 @@ class BatchReport:
     decisions: int = 0
     notifications: list[str] = field(default_factory=list)
     already_processed: int = 0
-    invalid: int = 0
+    #: entries that are no valid transition (an earlier version's, or not the API's): the
+    #: worker sets them aside on the inbox dead-letter stream
+    invalid: list[InboxEntry] = field(default_factory=list)
     delivery: DeliveryReport = field(default_factory=DeliveryReport)
     #: inbox entries with a notification another worker is still sending: do not ack yet
     unsettled: set[str] = field(default_factory=set)
@@ -102,8 +104,8 @@ class Pipeline:
                 t = Transition.model_validate_json(entry.payload)
             except ValidationError:
                 # Only the API writes the inbox, after validating; log the id, not the data.
-                log.error("inbox entry %s is not a valid transition; dropped", entry.entry_id)
-                report.invalid += 1
+                log.error("inbox entry %s is not a valid transition; set aside", entry.entry_id)
+                report.invalid.append(entry)
                 continue
             groups.setdefault((t.merchant_id, t.shipment_id), []).append((entry.entry_id, t))
             if entry.request_id:

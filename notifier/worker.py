@@ -184,7 +184,9 @@ async def _drain_locked(
         async with batches:  # read only once it is our turn: the batch holds what came meanwhile
             if len(entries) < size:
                 entries += await store.read_inbox(partition, ctx["consumer"], size - len(entries))
-            settled = await _process(ctx["pipeline"], entries) if entries else []
+            settled, invalid = await _process(ctx["pipeline"], entries) if entries else ([], [])
+            if invalid:
+                await store.bury(partition, invalid, "not a valid transition")
             await store.ack(partition, [e.entry_id for e in settled])
         done += len(settled)
         dry = len(entries) < size  # the partition had no more than this
@@ -236,17 +238,21 @@ async def _reclaim(res: Resources, partition: int, consumer: str) -> list[InboxE
     return [e for e in entries if e not in poison]
 
 
-async def _process(pipeline: Pipeline, entries: list[InboxEntry]) -> list[InboxEntry]:
+async def _process(
+    pipeline: Pipeline, entries: list[InboxEntry]
+) -> tuple[list[InboxEntry], list[InboxEntry]]:
     """Run a batch; if it fails for a reason other than Redis, run its entries one by one
-    so a single bad entry cannot hold back the rest. Returns the settled entries."""
+    so a single bad entry cannot hold back the rest. Returns the settled entries, and those
+    that are no valid transition (to set aside)."""
     try:
         report = await pipeline.process(entries)
-        return [e for e in entries if e.entry_id not in report.unsettled]
+        done = [e for e in entries if e.entry_id not in report.unsettled]
+        return [e for e in done if e not in report.invalid], report.invalid
     except (RedisError, OSError):
         raise
     except Exception as exc:
         _log_failure(f"a batch of {len(entries)} entries", exc)
-    settled = []
+    settled, invalid = [], []
     for entry in entries:
         try:
             report = await pipeline.process([entry])
@@ -255,9 +261,11 @@ async def _process(pipeline: Pipeline, entries: list[InboxEntry]) -> list[InboxE
         except Exception as exc:
             _log_failure(f"entry {entry.entry_id} (stays pending, retried later)", exc)
             continue
-        if entry.entry_id not in report.unsettled:
+        if report.invalid:
+            invalid.append(entry)
+        elif entry.entry_id not in report.unsettled:
             settled.append(entry)
-    return settled
+    return settled, invalid
 
 
 def _log_failure(what: str, exc: BaseException) -> None:

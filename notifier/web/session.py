@@ -107,7 +107,8 @@ class Sessions:
 
     @staticmethod
     def _key(token: str) -> str:
-        return f"{PREFIX}:{hashlib.sha256(token.encode()).hexdigest()}"
+        # a cookie's bytes that are no UTF-8 arrive as surrogate escapes: no session, no error
+        return f"{PREFIX}:{hashlib.sha256(token.encode(errors='surrogateescape')).hexdigest()}"
 
     async def open(self, api_key: str, response: web.StreamResponse, request: web.Request) -> bool:
         """Start a session for ``api_key`` (False when no such key) and set its cookie."""
@@ -201,7 +202,9 @@ def check_csrf(
     """403 unless the request is same-origin and presents the expected token."""
     if not _same_origin(request, public_origin):
         raise CsrfFailed("a request from another site was refused")
-    if not presented or not hmac.compare_digest(presented.encode(), expected.encode()):
+    if not presented or not hmac.compare_digest(
+        presented.encode(errors="surrogateescape"), expected.encode()
+    ):
         raise CsrfFailed("the form is out of date or did not come from this editor: reload it")
 
 
