@@ -33,14 +33,19 @@ from notifier.settings import DEV_API_KEY, ENV_FILE, Settings, describe_redis, l
 
 log = logging.getLogger("notifier")
 
+#: On SIGTERM/SIGINT `serve` stops listening at once and answers the requests it has
+#: started for up to this long (then cancels them) before it closes its resources.
+SHUTDOWN_TIMEOUT_S = 15.0
+
 
 def _settings() -> Settings:
     settings = load_settings()
     logs.configure(settings.log_format, settings.log_level)
     if settings.log_level != "DEBUG":
-        # arq logs every job and cron tick at INFO (two lines every 5 s when idle): only
-        # at DEBUG; its warnings and failed jobs still show
+        # arq logs every job and cron tick at INFO (two lines every 5 s when idle), and
+        # Twilio's SDK ten lines per SMS sent: only at DEBUG; their warnings still show
         logging.getLogger("arq.worker").setLevel(logging.WARNING)
+        logging.getLogger("twilio").setLevel(logging.WARNING)
     return settings
 
 
@@ -81,8 +86,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host = args.host or settings.host
     port = settings.port if args.port is None else args.port
     _banner(settings, host, port)
+    app = create_app(settings)
+
+    async def stopping(app: web.Application) -> None:
+        log.info(
+            "stopping: no new connections; answering the requests in flight (at most %g s)",
+            SHUTDOWN_TIMEOUT_S,
+        )
+
+    app.on_shutdown.append(stopping)
     _settle_gc()
-    web.run_app(create_app(settings), host=host, port=port, print=None, access_log=None)
+    web.run_app(
+        app,
+        host=host,
+        port=port,
+        print=None,
+        access_log=None,
+        shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+    )
+    log.info("stopped")
     return 0
 
 
@@ -100,6 +122,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     worker = build_worker(settings, heartbeat=args.heartbeat)
     _settle_gc()
     worker.run()
+    log.info("stopped")
     return 0
 
 

@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from redis.exceptions import RedisError
+
 from notifier.channels import Channel, Outcome, Outgoing, Receipt
 from notifier.errors import PermanentDeliveryError, RenderError, TemporaryDeliveryError
 from notifier.models import STATUS_RANK, ChannelKind, Decision, Notification, notification_id
@@ -57,6 +59,11 @@ class Deliverer:
 
     def __init__(self, res: Resources) -> None:
         self.res = res
+        #: The claims of rounds Redis failed in the middle of, by owner token: nobody sends
+        #: them any more, so they are handed back at the next round instead of waiting out
+        #: their lease (a minute or more), which held back their inbox entries until those
+        #: were buried as failing. (Any other failure keeps the lease: it may repeat.)
+        self._abandoned: dict[str, list[str]] = {}
 
     async def deliver(
         self,
@@ -74,12 +81,33 @@ class Deliverer:
         ``states`` saves a read when the caller already holds the shipments' states, and
         ``built`` a parse when it holds the notifications (as committed to the ledger).
         """
+        for token, ids in list(self._abandoned.items()):
+            # as if claimed long ago: the next claim takes over those this token still
+            # holds, as possibly sent (the outbox looks for its file first)
+            await self.res.store._settle(ids, [{"claimed": "0"}] * len(ids), token)
+            del self._abandoned[token]
+        # Whoever holds a claim owns it; a claim carries its holder's token.
+        owner = uuid.uuid4().hex
+        try:
+            return await self._round(owner, notification_ids, due, states or {}, built or {})
+        except (RedisError, OSError):
+            if notification_ids:
+                self._abandoned[owner] = list(notification_ids)
+            raise
+
+    async def _round(
+        self,
+        owner: str,
+        notification_ids: Sequence[str],
+        due: bool,
+        states: Mapping[tuple[str, str], ShipmentState],
+        built: Mapping[str, Notification],
+    ) -> DeliveryReport:
         report = DeliveryReport()
         now = self.res.clock()
         now_ms = int(now.timestamp() * 1000)
-        # Whoever holds a claim owns it; the lease covers the whole round (every batch of
-        # concurrent sends may take the provider timeout) so a claim never expires mid-round.
-        owner = uuid.uuid4().hex
+        # The lease covers the whole round (every batch of concurrent sends may take the
+        # provider timeout) so a claim never expires mid-round.
         rounds = math.ceil(len(notification_ids) / SEND_CONCURRENCY)
         lease = LEASE_MS + int(self.res.settings.provider_timeout_s * 1000) * rounds
         claims = await self.res.store.claim(notification_ids, now_ms, lease, due=due, owner=owner)
@@ -92,9 +120,9 @@ class Deliverer:
             elif result is ClaimResult.NONE or payload is None:
                 report.skipped += 1
             else:
-                known = built.get(nid) if built else None
+                known = built.get(nid)
                 claimed.append((known or Notification.model_validate_json(payload), result))
-        claimed = await self._still_wanted(claimed, states or {}, report, owner)
+        claimed = await self._still_wanted(claimed, states, report, owner)
 
         batches: dict[str, list[Outgoing]] = {}
         by_id = {n.notification_id: n for n, _ in claimed}

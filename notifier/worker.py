@@ -14,6 +14,7 @@ import contextlib
 import functools
 import logging
 import random
+import signal
 import time
 import traceback
 import uuid
@@ -44,8 +45,9 @@ log = logging.getLogger(__name__)
 #: A drain job yields after this long so other partitions' jobs get their turn;
 #: it re-wakes its partition first, so nothing waits for the sweeper.
 DRAIN_SLICE_S = 5.0
-#: On SIGTERM/SIGINT a worker stops taking jobs and lets running drains finish their
-#: slice (up to this long) instead of leaving entries to be re-claimed a minute later.
+#: On SIGTERM/SIGINT a worker stops taking jobs; its running drains finish the batch in hand
+#: (acknowledged, nothing left to re-claim), hand their partition on and end. What is still
+#: running after this long is cancelled: its entries are re-claimed after claim_idle_s.
 SHUTDOWN_WAIT_S = 10
 #: The partition lock's lease, renewed after every batch.
 LOCK_MS = 30_000
@@ -83,6 +85,12 @@ async def _log_redis_info(redis: Any, log_func: Any) -> None:
 
 
 arq_worker.log_redis_info = _log_redis_info  # type: ignore[attr-defined]
+
+
+def stopping(ctx: dict[str, Any]) -> bool:
+    """Whether the worker was told to stop (jobs then end at the next batch boundary)."""
+    flag: asyncio.Event | None = ctx.get("stopping")
+    return flag is not None and flag.is_set()
 
 
 async def wake(res: Resources, partitions: list[int]) -> None:
@@ -154,11 +162,12 @@ async def _drain(
         # our last read either shows up here or its ingest wins the wake flag and
         # enqueues a drain that finds the lock free.
         await store.clear_wake(partition)
-        if time.monotonic() - started > DRAIN_SLICE_S:
+        if stopping(ctx) or time.monotonic() - started > DRAIN_SLICE_S:
+            # yield to other partitions' jobs, or (shutting down) to another worker
             if await store.needs_drain(partition, _stale_ms(res)) and await store.set_wake(
                 partition
             ):
-                await wake(res, [partition])  # yield to other partitions' jobs
+                await wake(res, [partition])
             break
         if not await store.needs_drain(partition, _stale_ms(res)):
             break
@@ -191,7 +200,7 @@ async def _drain_locked(
         done += len(settled)
         dry = len(entries) < size  # the partition had no more than this
         entries = []
-        if not await store.lock(partition, token, LOCK_MS):  # renew the lease
+        if stopping(ctx) or not await store.lock(partition, token, LOCK_MS):  # renew the lease
             break
         if time.monotonic() - started > DRAIN_SLICE_S:
             break  # (before a linger: what it reads is processed in the next round)
@@ -307,7 +316,7 @@ async def release_due(ctx: dict[str, Any]) -> int:
         settled = [i for i in ids if i not in waiting]
         await res.store.unschedule(settled, now_ms)
         done += len(settled)
-        if len(settled) < len(ids) or len(ids) < RELEASE_BATCH:
+        if len(settled) < len(ids) or len(ids) < RELEASE_BATCH or stopping(ctx):
             break  # the rest waits for a live claim elsewhere: next tick
     return done
 
@@ -424,6 +433,18 @@ class ResilientWorker(Worker):
             except OSError as exc:  # the health check will say so; the work goes on
                 log.error("cannot touch the heartbeat file: %s", exc.strerror)
 
+    def handle_sig_wait_for_completion(self, signum: signal.Signals) -> None:
+        """SIGTERM/SIGINT: take no new job; running drains end after the batch in hand (the
+        flag is one object: every job's ctx is a copy of this one)."""
+        log.info(
+            "%s: taking no new jobs; %d running end after their batch (at most %d s)",
+            signal.Signals(signum).name,
+            sum(not t.done() for t in self.tasks.values()),
+            SHUTDOWN_WAIT_S,
+        )
+        self.ctx["stopping"].set()
+        super().handle_sig_wait_for_completion(signum)
+
     async def close(self) -> None:
         res: Resources | None = self.ctx.get("res")
         if res is not None and "consumer" in self.ctx:
@@ -538,6 +559,7 @@ def build_worker(
         job_completion_wait=SHUTDOWN_WAIT_S,
         keep_result=60,
         max_tries=5,
+        ctx={"stopping": asyncio.Event()},
     )
     worker.heartbeat = heartbeat
     return worker

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import (
+    AbstractAsyncContextManager,
+    AsyncExitStack,
+    asynccontextmanager,
+    contextmanager,
+)
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,14 +31,56 @@ class Reply:
 
 
 @dataclass
-class FakeTwilio:
-    """Twilio's Messages API: POST /2010-04-01/Accounts/{sid}/Messages.json."""
+class _Fake:
+    """What both fakes share: scripted answers, an outage, and what they accepted."""
 
     script: list[Reply] = field(default_factory=list)
-    received: list[dict[str, str]] = field(default_factory=list)
-    auth: list[str] = field(default_factory=list)
+    #: while not empty, every request is answered with these in turn (an outage)
+    outage: list[Reply] = field(default_factory=list)
     url: str = ""
+    _turns: itertools.count[int] = field(default_factory=itertools.count)
+
+    def down(self, *replies: Reply) -> None:
+        """Answer every request with ``replies`` in turn until ``up()``: a provider outage."""
+        self.outage = list(replies)
+
+    def up(self) -> None:
+        self.outage = []
+
+    def _reply(self, default: Reply) -> Reply:
+        outage = self.outage  # (another thread may end it meanwhile)
+        if outage:
+            return outage[next(self._turns) % len(outage)]
+        return self.script.pop(0) if self.script else default
+
+
+@dataclass
+class FakeTwilio(_Fake):
+    """Twilio's Messages API: POST /2010-04-01/Accounts/{sid}/Messages.json."""
+
+    received: list[dict[str, str]] = field(default_factory=list)
+    #: the requests answered with a message resource: the SMS that went out
+    accepted: list[dict[str, str]] = field(default_factory=list)
+    auth: list[str] = field(default_factory=list)
     _sids: itertools.count[int] = field(default_factory=itertools.count)
+
+    @staticmethod
+    def error(
+        status: int,
+        code: int | None = None,
+        *,
+        retry_after: str | None = None,
+        delay_s: float = 0.0,
+    ) -> Reply:
+        """An error answer in Twilio's JSON error shape."""
+        body = {
+            "code": code,
+            "message": f"fake error {code or status}",
+            "status": status,
+            "more_info": f"https://www.twilio.com/docs/errors/{code}",
+        }
+        headers = {"Retry-After": retry_after} if retry_after else {}
+        return Reply(status, body, headers, delay_s)
 
     def fail(
         self,
@@ -43,24 +91,19 @@ class FakeTwilio:
         delay_s: float = 0.0,
     ) -> None:
         """Answer the next request with an error (Twilio's JSON error shape)."""
-        body = {
-            "code": code,
-            "message": f"fake error {code or status}",
-            "status": status,
-            "more_info": f"https://www.twilio.com/docs/errors/{code}",
-        }
-        headers = {"Retry-After": retry_after} if retry_after else {}
-        self.script.append(Reply(status, body, headers, delay_s))
+        self.script.append(self.error(status, code, retry_after=retry_after, delay_s=delay_s))
 
     async def messages(self, request: web.Request) -> web.Response:
         form = await request.post()
         self.received.append({k: str(v) for k, v in form.items()})
         self.auth.append(request.headers.get("Authorization", ""))
-        reply = self.script.pop(0) if self.script else Reply()
+        reply = self._reply(Reply())
         if reply.delay_s:
             await asyncio.sleep(reply.delay_s)  # a provider that hangs
         if reply.text is not None:
             return web.Response(text=reply.text, status=reply.status)
+        if 200 <= reply.status < 300:
+            self.accepted.append(self.received[-1])
         body = reply.body or {
             "sid": f"SM{next(self._sids):032d}",
             "status": "queued",
@@ -96,28 +139,34 @@ async def serve_twilio() -> AsyncIterator[FakeTwilio]:
 
 
 @dataclass
-class FakeSendGrid:
+class FakeSendGrid(_Fake):
     """SendGrid's v3 API: POST /v3/mail/send (202 with X-Message-Id when accepted)."""
 
-    script: list[Reply] = field(default_factory=list)
     received: list[dict[str, Any]] = field(default_factory=list)
+    #: the requests answered 202: the emails that went out
+    accepted: list[dict[str, Any]] = field(default_factory=list)
     auth: list[str] = field(default_factory=list)
-    url: str = ""
     _ids: itertools.count[int] = field(default_factory=itertools.count)
+
+    @staticmethod
+    def error(status: int, *, headers: dict[str, str] | None = None, delay_s: float = 0.0) -> Reply:
+        """An error answer in SendGrid's JSON error shape."""
+        body = {"errors": [{"message": f"fake error {status}", "field": None}]}
+        return Reply(status, body, headers or {}, delay_s)
 
     def fail(
         self, status: int, *, headers: dict[str, str] | None = None, delay_s: float = 0.0
     ) -> None:
-        body = {"errors": [{"message": f"fake error {status}", "field": None}]}
-        self.script.append(Reply(status, body, headers or {}, delay_s))
+        self.script.append(self.error(status, headers=headers, delay_s=delay_s))
 
     async def send(self, request: web.Request) -> web.Response:
         self.received.append(await request.json())
         self.auth.append(request.headers.get("Authorization", ""))
-        reply = self.script.pop(0) if self.script else Reply(202)
+        reply = self._reply(Reply(202))
         if reply.delay_s:
             await asyncio.sleep(reply.delay_s)
         if reply.status == 202:
+            self.accepted.append(self.received[-1])
             return web.Response(status=202, headers={"X-Message-Id": f"sg{next(self._ids)}"})
         return web.json_response(reply.body, status=reply.status, headers=reply.headers)
 
@@ -128,3 +177,26 @@ async def serve_sendgrid() -> AsyncIterator[FakeSendGrid]:
     async with _serve("/v3/mail/send", fake.send) as url:
         fake.url = url
         yield fake
+
+
+@contextmanager
+def in_thread(
+    *servers: Callable[[], AbstractAsyncContextManager[Any]],
+) -> Iterator[list[Any]]:
+    """Run fakes (``serve_twilio``, ``serve_sendgrid``) on an event loop of their own in a
+    background thread, for tests that wait on real processes with blocking calls."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    stack = AsyncExitStack()
+
+    async def enter() -> list[Any]:
+        return [await stack.enter_async_context(serve()) for serve in servers]
+
+    try:
+        yield asyncio.run_coroutine_threadsafe(enter(), loop).result(timeout=30)
+    finally:
+        asyncio.run_coroutine_threadsafe(stack.aclose(), loop).result(timeout=30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()

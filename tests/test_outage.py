@@ -19,20 +19,24 @@ from typing import Any
 import pytest
 import redis
 
-from notifier.resources import data_dir
+from notifier.pipeline import Pipeline
+from notifier.resources import data_dir, open_resources
 from notifier.settings import Settings
 from notifier.worker import build_worker
 from tests.conftest import (
     API_KEYS,
     auth,
+    fixed_clock,
     free_port,
     healthy,
     make_settings,
+    outbox_files,
     spawn_notifier,
     start_redis,
     transition,
     wait_until,
 )
+from tests.conftest import post as post_in_process
 
 AOF = ("--save", "", "--appendonly", "yes", "--appendfsync", "always")
 
@@ -45,7 +49,7 @@ def post(port: int, items: list[dict[str, Any]]) -> tuple[int, dict[str, str], d
         headers={**auth(), "Content-Type": "application/json"},
     )
     try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
+        with urllib.request.urlopen(req, timeout=60) as resp:
             return resp.status, dict(resp.headers), json.load(resp)
     except urllib.error.HTTPError as exc:
         with exc:
@@ -221,3 +225,36 @@ async def test_an_error_after_the_slot_was_given_back_does_not_give_it_back_twic
         assert worker.sem._value == slots  # type: ignore[attr-defined]
     finally:
         await real.aclose()
+
+
+async def test_a_round_that_redis_broke_off_is_taken_back_at_once(
+    client: Any, settings: Settings
+) -> None:
+    """Redis went away in the middle of a delivery round (its first send recorded, the
+    answer lost): the same worker takes back the claims of that round at its next one,
+    instead of leaving them to their lease, which held the inbox entry back until it was
+    buried as failing and the rest of the round never sent."""
+    await post_in_process(client, transition())
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        await res.store.ensure_groups()
+        entries = []
+        for p in range(settings.partitions):
+            entries += await res.store.read_inbox(p, "worker-1", 10)
+        pipeline = Pipeline(res)
+        record = res.store.mark_sent
+
+        async def answer_lost(*args: Any, **kwargs: Any) -> None:
+            await record(*args, **kwargs)
+            raise redis.ConnectionError("Connection closed by server.")
+
+        res.store.mark_sent = answer_lost  # type: ignore[method-assign]
+        with pytest.raises(redis.ConnectionError):
+            await pipeline.process(entries)
+        assert len(outbox_files(settings)) == 1, "the round went on after Redis failed"
+        del res.store.mark_sent  # Redis is back: the drain goes on with the same entries
+
+        report = await pipeline.process(entries)
+        assert report.unsettled == set() and report.delivery.busy == []
+        assert len(outbox_files(settings)) == 2  # the rest of the round, nothing twice
+        ids = [key.decode().split(":")[-1] for key in await res.redis.keys("ntf:msg:*")]
+        assert {v["status"] for v in (await res.store.ledger(ids)).values()} == {"sent"}
