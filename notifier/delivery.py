@@ -12,6 +12,7 @@ from datetime import timedelta
 
 from redis.exceptions import RedisError
 
+from notifier import metrics
 from notifier.channels import Channel, Outcome, Outgoing, Receipt
 from notifier.errors import PermanentDeliveryError, RenderError, TemporaryDeliveryError
 from notifier.models import STATUS_RANK, ChannelKind, Decision, Notification, notification_id
@@ -52,6 +53,8 @@ class DeliveryReport:
     #: dropped before sending: superseded by a newer state, or opted out
     cancelled: list[str] = field(default_factory=list)
     skipped: int = 0
+    #: the channel of each notification claimed (metrics)
+    channels: dict[str, str] = field(default_factory=dict)
 
 
 class Deliverer:
@@ -72,6 +75,7 @@ class Deliverer:
         due: bool = False,
         states: Mapping[tuple[str, str], ShipmentState] | None = None,
         built: Mapping[str, Notification] | None = None,
+        timing: Mapping[str, tuple[float, float]] | None = None,
     ) -> DeliveryReport:
         """Claim, check, render and send; failures are recorded, retries scheduled.
 
@@ -79,21 +83,25 @@ class Deliverer:
         time has come. Before sending, a notification overtaken by a newer message on
         its channel, or whose address has opted out since, is cancelled instead.
         ``states`` saves a read when the caller already holds the shipments' states, and
-        ``built`` a parse when it holds the notifications (as committed to the ledger).
+        ``built`` a parse when it holds the notifications (as committed to the ledger);
+        ``timing`` (when the API accepted each one's transition, and when it was decided:
+        Unix seconds) times them for the metrics.
         """
         for token, ids in list(self._abandoned.items()):
             # as if claimed long ago: the next claim takes over those this token still
             # holds, as possibly sent (the outbox looks for its file first)
-            await self.res.store._settle(ids, [{"claimed": "0"}] * len(ids), token)
+            await self.res.store.release(ids, token)
             del self._abandoned[token]
         # Whoever holds a claim owns it; a claim carries its holder's token.
         owner = uuid.uuid4().hex
         try:
-            return await self._round(owner, notification_ids, due, states or {}, built or {})
+            report = await self._round(owner, notification_ids, due, states or {}, built or {})
         except (RedisError, OSError):
             if notification_ids:
                 self._abandoned[owner] = list(notification_ids)
             raise
+        _count(report, timing or {})
+        return report
 
     async def _round(
         self,
@@ -120,8 +128,9 @@ class Deliverer:
             elif result is ClaimResult.NONE or payload is None:
                 report.skipped += 1
             else:
-                known = built.get(nid)
-                claimed.append((known or Notification.model_validate_json(payload), result))
+                n = built.get(nid) or Notification.model_validate_json(payload)
+                claimed.append((n, result))
+                report.channels[nid] = str(n.channel)
         claimed = await self._still_wanted(claimed, states, report, owner)
 
         batches: dict[str, list[Outgoing]] = {}
@@ -311,6 +320,23 @@ class Deliverer:
         log.warning("notification %s: %s; retry %d in %.0f s", nid, exc.reason, attempts, delay)
         due = self.res.clock() + timedelta(seconds=delay)
         await self.res.store.reschedule(nid, int(due.timestamp() * 1000), exc.reason, owner)
+
+
+def _count(report: DeliveryReport, timing: Mapping[str, tuple[float, float]]) -> None:
+    """A round's metrics: results by channel, and for messages sent in the round that
+    decided them (those with ``timing``) the time from ingest and from the decision."""
+    for result, ids in (
+        ("sent", report.sent),
+        ("failed", report.failed),
+        ("retrying", report.retrying),
+        ("cancelled", report.cancelled),
+    ):
+        for nid in ids:
+            metrics.deliveries(report.channels.get(nid, "unknown"), result)
+    for nid in report.sent:
+        if nid in timing:
+            accepted_at, decided_at = timing[nid]
+            metrics.provider_accepted(report.channels.get(nid, "unknown"), decided_at, accepted_at)
 
 
 #: A ledger value of up to 64 bytes keeps a settled entry in Redis's compact encoding.

@@ -151,10 +151,14 @@ def deliveries(channel: str, result: str, n: int = 1) -> None:
         _metrics.deliveries.labels(channel, result).inc(n)
 
 
+def entry_time(entry_id: str) -> float:
+    """When the API wrote an inbox entry (Unix seconds): its stream id holds the time, in ms."""
+    return int(entry_id.partition("-")[0] or 0) / 1000
+
+
 def entry_age_s(entry_id: str, now: float | None = None) -> float:
-    """Seconds since the API wrote an inbox entry (its stream id holds the time, in ms)."""
-    ms = int(entry_id.partition("-")[0] or 0)
-    return max(0.0, (time.time() if now is None else now) - ms / 1000)
+    """Seconds since the API wrote an inbox entry."""
+    return max(0.0, (time.time() if now is None else now) - entry_time(entry_id))
 
 
 def decided(entry_ids: Iterable[str]) -> None:
@@ -164,12 +168,12 @@ def decided(entry_ids: Iterable[str]) -> None:
         _metrics.ingest_to_decision.observe(entry_age_s(entry_id, now))
 
 
-def provider_accepted(channel: str, decided_s: float, accepted_s: float | None) -> None:
-    """A message the provider took: ``decided_s`` ago it was decided, ``accepted_s`` ago
-    (when known) its transition was accepted by the API."""
-    _metrics.decision_to_provider.labels(channel).observe(max(0.0, decided_s))
-    if accepted_s is not None:
-        _metrics.end_to_end.labels(channel).observe(max(0.0, accepted_s))
+def provider_accepted(channel: str, decided_at: float, accepted_at: float) -> None:
+    """A provider took a message decided at ``decided_at``, whose transition the API
+    accepted at ``accepted_at`` (Unix seconds)."""
+    now = time.time()
+    _metrics.decision_to_provider.labels(channel).observe(max(0.0, now - decided_at))
+    _metrics.end_to_end.labels(channel).observe(max(0.0, now - accepted_at))
 
 
 class _Snapshot(Collector):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -117,6 +118,8 @@ class Pipeline:
         to_deliver: list[str] = []
         owner: dict[str, str] = {}
         built: dict[str, Notification] = {}
+        #: per new notification, when its transition was accepted and when it was decided
+        timing: dict[str, tuple[float, float]] = {}
         states: dict[ShipmentKey, ShipmentState] = {}
         pending = groups
         retention = min(self.res.settings.retention_after_final_s, self.res.settings.state_ttl_s)
@@ -147,6 +150,7 @@ class Pipeline:
                 for key, (version, state) in zip(keys, loaded, strict=True)
             ]
             conflicts = set(await self.res.store.commit([f.commit for f in folds], now.isoformat()))
+            committed_at = time.time()
             committed = [(keys[i], f.commit) for i, f in enumerate(folds) if i not in conflicts]
             await self._remember(committed, retention)
             for i, f in enumerate(folds):
@@ -154,6 +158,8 @@ class Pipeline:
                     continue
                 metrics.decisions(f.labels)
                 metrics.decided(f.decided)
+                for nid in f.notifications:
+                    timing[nid] = (metrics.entry_time(f.owner[nid]), committed_at)
                 report.decisions += f.decisions
                 report.notifications += f.notifications
                 to_deliver += f.notifications + f.recover
@@ -166,7 +172,9 @@ class Pipeline:
                 raise RuntimeError(f"{len(pending)} shipments kept conflicting; will retry")
         report.already_processed = len(to_deliver) - len(report.notifications)
         if to_deliver:
-            report.delivery = await self.deliverer.deliver(to_deliver, states=states, built=built)
+            report.delivery = await self.deliverer.deliver(
+                to_deliver, states=states, built=built, timing=timing
+            )
             report.unsettled = {owner[nid] for nid in report.delivery.busy}
         return report
 

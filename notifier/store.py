@@ -691,6 +691,21 @@ class Store:
             _decode(row[0]["message_id"]): int(row[0]["times_delivered"]) for row in rows if row
         }
 
+    async def keep_waiting(self, partition: int, consumer: str, entry_ids: Sequence[str]) -> None:
+        """Entries held back only by a live claim on one of their messages (another worker's,
+        or a dead one's until its lease ends) are no failures: their delivery count starts
+        again, so a long lease never sends them to the dead letters."""
+        if entry_ids:
+            await self.redis.xclaim(
+                self.inbox_key(partition),
+                GROUP,
+                consumer,
+                0,
+                list(entry_ids),
+                retrycount=0,
+                justid=True,
+            )
+
     async def bury(self, partition: int, entries: Sequence[InboxEntry], reason: str) -> None:
         """Move entries that keep failing to the dead-letter stream (kept, never dropped)."""
         key = self.inbox_key(partition)
@@ -789,6 +804,12 @@ class Store:
     #: from (the bulk of an entry) and its claim. A failed one keeps its payload, for
     #: whoever looks into the dead letters.
     DONE_WITH = ("p", "owner", "claimed")
+
+    async def release(self, notification_ids: Sequence[str], owner: str) -> None:
+        """Hand back the claims ``owner`` still holds (its round broke off): the next claim
+        takes them over at once, as possibly sent."""
+        if notification_ids:
+            await self._settle(notification_ids, [{"claimed": "0"}] * len(notification_ids), owner)
 
     async def _settle(
         self,

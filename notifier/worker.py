@@ -20,6 +20,7 @@ import traceback
 import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -35,7 +36,7 @@ from arq.worker import Worker
 from redis.exceptions import RedisError, ResponseError, WatchError
 
 from notifier.models import ExceptionCode, Status, Transition
-from notifier.pipeline import Pipeline
+from notifier.pipeline import BatchReport, Pipeline
 from notifier.resources import Clock, Resources, connect, open_resources, utc_now
 from notifier.settings import Settings
 from notifier.store import InboxEntry, body_digest
@@ -193,11 +194,14 @@ async def _drain_locked(
         async with batches:  # read only once it is our turn: the batch holds what came meanwhile
             if len(entries) < size:
                 entries += await store.read_inbox(partition, ctx["consumer"], size - len(entries))
-            settled, invalid = await _process(ctx["pipeline"], entries) if entries else ([], [])
-            if invalid:
-                await store.bury(partition, invalid, "not a valid transition")
-            await store.ack(partition, [e.entry_id for e in settled])
-        done += len(settled)
+            outcome = await _process(ctx["pipeline"], entries) if entries else Processed()
+            if outcome.invalid:
+                await store.bury(partition, outcome.invalid, "not a valid transition")
+            await store.ack(partition, [e.entry_id for e in outcome.settled])
+            await store.keep_waiting(
+                partition, ctx["consumer"], [e.entry_id for e in outcome.waiting]
+            )
+        done += len(outcome.settled)
         dry = len(entries) < size  # the partition had no more than this
         entries = []
         if stopping(ctx) or not await store.lock(partition, token, LOCK_MS):  # renew the lease
@@ -247,21 +251,37 @@ async def _reclaim(res: Resources, partition: int, consumer: str) -> list[InboxE
     return [e for e in entries if e not in poison]
 
 
-async def _process(
-    pipeline: Pipeline, entries: list[InboxEntry]
-) -> tuple[list[InboxEntry], list[InboxEntry]]:
+@dataclass
+class Processed:
+    """What became of a batch's entries: settled (to acknowledge), no valid transition (to
+    set aside), or waiting for another claim on one of their messages (pending still)."""
+
+    settled: list[InboxEntry] = field(default_factory=list)
+    invalid: list[InboxEntry] = field(default_factory=list)
+    waiting: list[InboxEntry] = field(default_factory=list)
+
+    def add(self, entries: list[InboxEntry], report: BatchReport) -> None:
+        for e in entries:
+            if e in report.invalid:
+                self.invalid.append(e)
+            elif e.entry_id in report.unsettled:
+                self.waiting.append(e)
+            else:
+                self.settled.append(e)
+
+
+async def _process(pipeline: Pipeline, entries: list[InboxEntry]) -> Processed:
     """Run a batch; if it fails for a reason other than Redis, run its entries one by one
-    so a single bad entry cannot hold back the rest. Returns the settled entries, and those
-    that are no valid transition (to set aside)."""
+    so a single bad entry cannot hold back the rest (an entry that fails alone stays
+    pending, and is retried later)."""
+    outcome = Processed()
     try:
-        report = await pipeline.process(entries)
-        done = [e for e in entries if e.entry_id not in report.unsettled]
-        return [e for e in done if e not in report.invalid], report.invalid
+        outcome.add(entries, await pipeline.process(entries))
+        return outcome
     except (RedisError, OSError):
         raise
     except Exception as exc:
         _log_failure(f"a batch of {len(entries)} entries", exc)
-    settled, invalid = [], []
     for entry in entries:
         try:
             report = await pipeline.process([entry])
@@ -270,11 +290,8 @@ async def _process(
         except Exception as exc:
             _log_failure(f"entry {entry.entry_id} (stays pending, retried later)", exc)
             continue
-        if report.invalid:
-            invalid.append(entry)
-        elif entry.entry_id not in report.unsettled:
-            settled.append(entry)
-    return settled, invalid
+        outcome.add([entry], report)
+    return outcome
 
 
 def _log_failure(what: str, exc: BaseException) -> None:

@@ -156,10 +156,10 @@ def deployment(tmp_path: Path, redis_url: str) -> Iterator[dict[str, Any]]:
             proc.send_signal(signal.SIGTERM)
         for proc in procs:
             try:
-                proc.wait(timeout=20)
+                proc.communicate(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.wait()
+                proc.communicate()
 
 
 def http(port: int, path: str, body: dict[str, Any] | None = None) -> tuple[int, str]:

@@ -125,6 +125,28 @@ async def test_entry_with_a_live_claim_elsewhere_is_not_acknowledged(
         assert {v["status"] for v in ledger.values()} == {"sent"}
 
 
+async def test_an_entry_waiting_for_a_long_lease_is_never_buried(
+    client: Client, settings: Settings
+) -> None:
+    """A dead worker's claim can outlast MAX_DELIVERIES re-claims (a big round's lease is
+    minutes): waiting for it is no failure, so the entry never reaches the dead letters."""
+    await post(client, transition())
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        await die_mid_send(res)
+        for _ in range(MAX_DELIVERIES + 2):
+            await age_inbox(res, int(settings.claim_idle_s * 1000) + 1000)
+            await run_worker(settings)
+            assert await pending_entries(res) == 1
+        assert (await res.store.dead_letters())["inbox"] == 0
+        assert outbox_files(settings) == []
+
+        await expire_leases(res)
+        await age_inbox(res, int(settings.claim_idle_s * 1000) + 1000)
+        await run_worker(settings)
+        assert len(outbox_files(settings)) == 2
+        assert await pending_entries(res) == 0
+
+
 async def test_temporary_failure_is_retried_from_the_due_index(
     client: Client, settings: Settings
 ) -> None:
