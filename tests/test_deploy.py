@@ -117,6 +117,8 @@ def test_compose_has_safe_defaults_and_restarts() -> None:
         "api": "unless-stopped",
         "worker": "unless-stopped",
     }
+    # longer than the API's 15 s for requests in flight and a drain's 10 s to finish
+    assert services["api"]["stop_grace_period"] == services["worker"]["stop_grace_period"] == "30s"
     env = services["api"]["environment"]
     assert services["worker"]["environment"] == env
     # no public fallback key: compose refuses to start without one (${VAR:?message})
