@@ -39,6 +39,7 @@ from notifier.models import (
     MerchantId,
     Notification,
     Phone,
+    TimeZone,
 )
 from notifier.overrides import OverrideError, OverrideStore
 from notifier.policy import opt_out_key
@@ -58,22 +59,31 @@ class DraftChanged(ApiError):
     status, code = 409, "draft_changed"
 
 
-class _Save(BaseModel):
+class SaveFile(BaseModel):
+    """PUT …/overrides/draft/{path}: a file's new text."""
+
     model_config = ConfigDict(extra="forbid")
     text: str | None = Field(description="the file's new text; null deletes it from the override")
 
 
-class _Publish(BaseModel):
+class Publish(BaseModel):
+    """POST …/overrides/publish: publish the draft checked at ``revision``."""
+
     model_config = ConfigDict(extra="forbid")
     revision: int = Field(ge=0, description="the draft revision that was checked")
 
 
 class PreviewRequest(BaseModel):
+    """POST …/preview: which message to render, how, and from which files."""
+
     model_config = ConfigDict(extra="forbid")
-    milestone: str = Field(description="a status, or exception:<code>")
+    milestone: str = Field(
+        description="a status, or exception:<code>",
+        json_schema_extra=lambda schema: schema.update(enum=[t.milestone for t in samples()]),
+    )
     channel: ChannelKind = ChannelKind.EMAIL
     locale: LocaleTag = "en"
-    timezone: str = "Europe/Paris"
+    timezone: TimeZone = "Europe/Paris"
     phone: Phone = "+33612345678"
     #: what to render: the published files, or the draft over them (the default)
     source: Literal["published", "draft"] = "draft"
@@ -81,11 +91,15 @@ class PreviewRequest(BaseModel):
     files: dict[str, str] = Field(default_factory=dict)
 
 
-class _TestSend(PreviewRequest):
+class TestSend(PreviewRequest):
+    """POST …/test-send: a preview, sent to ``to`` through the merchant's channel."""
+
     to: str = Field(min_length=3, max_length=254, description="an email address or phone")
 
 
-class _Rollback(BaseModel):
+class Rollback(BaseModel):
+    """POST …/overrides/rollback: publish the files of ``version`` again."""
+
     model_config = ConfigDict(extra="forbid")
     #: 0 restores "nothing from the editor" (the merchant's files over the defaults)
     version: int = Field(ge=0)
@@ -166,7 +180,7 @@ class Admin:
 
     async def save(self, request: web.Request) -> web.Response:
         merchant_id, key_id = self.merchant(request)
-        body: _Save = await self._body(request, _Save)
+        body: SaveFile = await self._body(request, SaveFile)
         saved = await self.save_file(merchant_id, request.match_info["path"], body.text, key_id)
         return _json(200, saved)
 
@@ -198,7 +212,7 @@ class Admin:
 
     async def publish(self, request: web.Request) -> web.Response:
         merchant_id, key_id = self.merchant(request)
-        body: _Publish = await self._body(request, _Publish)
+        body: Publish = await self._body(request, Publish)
         version = await self.publish_revision(merchant_id, body.revision, key_id)
         return _json(200, {"version": version, "published": version > 0})
 
@@ -267,7 +281,7 @@ class Admin:
         """Send a rendered message to an address the merchant gives, through its real
         channel; recorded, marked as a test, in the history of shipment ``test-sends``."""
         merchant_id, key_id = self.merchant(request)
-        body: _TestSend = await self._body(request, _TestSend)
+        body: TestSend = await self._body(request, TestSend)
         problem = (email_problem if body.channel is ChannelKind.EMAIL else phone_problem)(body.to)
         if problem is None and await self.res.store.opted_out(
             merchant_id, [opt_out_key(body.channel, body.to)]
@@ -325,7 +339,7 @@ class Admin:
 
     async def rollback(self, request: web.Request) -> web.Response:
         merchant_id, key_id = self.merchant(request)
-        body: _Rollback = await self._body(request, _Rollback)
+        body: Rollback = await self._body(request, Rollback)
         version = await self.rollback_to(merchant_id, body.version, key_id)
         return _json(200, {"version": version, "restored": body.version})
 
@@ -385,7 +399,8 @@ def _render(
 
 def add_routes(app: web.Application, admin: Admin) -> None:
     base = "/v1/merchants/{merchant_id}"
-    path = "{path:[A-Za-z0-9_./-]+}"
+    # a file path's "/" may come as is or escaped (%2F, as OpenAPI clients send it)
+    path = "{path:(?:[A-Za-z0-9_./-]|%2[Ff])+}"
     app.router.add_get(f"{base}/overrides", admin.overview)
     app.router.add_put(f"{base}/overrides/draft/{path}", admin.save)
     app.router.add_delete(f"{base}/overrides/draft/{path}", admin.discard)

@@ -37,6 +37,20 @@ def _json(status: int, body: object) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
 
 
+def _fields(data: Any) -> dict[str, Any]:
+    """A YAML file's mapping as JSON carries it: keys as text, and what JSON has no type for
+    (a set, binary, a date) as text. A file that is not a mapping has no fields (the check
+    says why)."""
+    if not isinstance(data, dict):
+        return {}
+    try:
+        text = orjson.dumps(data, default=str, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:  # a key JSON cannot name (a YAML sequence as a key)
+        return {}
+    fields: dict[str, Any] = orjson.loads(text)
+    return fields
+
+
 def message_path(milestone: str, locale: str | None = None) -> str:
     """The override file of a milestone's message (for one locale, or all)."""
     name = milestone.replace(":", "_")
@@ -143,15 +157,15 @@ class Views:
         return _json(200, await self.admin.save_file(merchant_id, path, None, key_id))
 
     # -- brand and policy ---------------------------------------------------------------
-    async def _override(self, merchant_id: str, path: str) -> tuple[dict[str, str], Any]:
-        """(candidate files, the override file's data as the draft would publish it)."""
+    async def _override(self, merchant_id: str, path: str) -> tuple[dict[str, str], dict[str, Any]]:
+        """(candidate files, the override file's fields as the draft would publish it)."""
         _, files = await self.admin.candidate(merchant_id)
         text = files.get(path)
         try:
             data = yaml.safe_load(text) if text else None
         except yaml.YAMLError:
             data = None  # reported by the check; GET still answers
-        return files, data or {}
+        return files, _fields(data)
 
     async def get_brand(self, request: web.Request) -> web.Response:
         merchant_id, _ = self.admin.merchant(request)

@@ -52,7 +52,10 @@ async def _signed_form(request: web.Request, res: Resources) -> dict[str, str]:
     token = res.settings.twilio_auth_token
     if not token:
         raise NotFound("Twilio is not configured")
-    form = {k: str(v) for k, v in (await request.post()).items()}
+    try:
+        form = {k: str(v) for k, v in (await request.post()).items()}
+    except (ValueError, LookupError) as exc:  # a multipart body without boundary, a charset
+        raise BadRequest(f"the form could not be read: {exc}") from exc
     url = res.settings.public_url.rstrip("/") + request.path_qs
     signature = request.headers.get("X-Twilio-Signature", "")
     if not signature or not RequestValidator(token).validate(url, form, signature):

@@ -7,6 +7,7 @@ from aiohttp import web
 
 from notifier.admin import Admin
 from notifier.admin_views import Views
+from notifier.errors import NotFound
 from notifier.ingest import KeyRing
 from notifier.web.base import HERE, Web, html_errors
 from notifier.web.messages import Messages
@@ -52,11 +53,23 @@ def add_routes(app: web.Application, admin: Admin, views: Views, keys: KeyRing) 
         ("GET", f"{base}/timeline", pages.timeline),
     ]
     for method, path, handler in routes:
-        wrapped = handler if handler is messages.preview else html_errors(web_, handler)
+        # the preview answers the editor's script: its errors stay the API's JSON
+        wrapped = handler if handler == messages.preview else html_errors(web_, handler)
         app.router.add_route(method, path, wrapped)
     app.router.add_get(base, _slash)
-    app.router.add_static("/merchant/static", HERE / "static", append_version=False)
+    app.router.add_get("/merchant/static/{filename}", _static)
 
 
 async def _slash(request: web.Request) -> web.StreamResponse:
     raise web.HTTPPermanentRedirect(request.path + "/")
+
+
+#: The editor's own files (nothing else is served from its folder).
+STATIC = {"editor.css": "text/css", "editor.js": "application/javascript"}
+
+
+async def _static(request: web.Request) -> web.StreamResponse:
+    name = request.match_info["filename"]
+    if name not in STATIC:
+        raise NotFound(f"no file {name}")
+    return web.FileResponse(HERE / "static" / name, headers={"Content-Type": STATIC[name]})

@@ -3,6 +3,7 @@ CSRF checks, and turning errors into HTML pages (the API's JSON errors stay the 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -14,7 +15,7 @@ from aiohttp import web
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from notifier.admin import Admin
-from notifier.errors import ApiError, Forbidden, NotFound
+from notifier.errors import ApiError, BadRequest, Forbidden, NotFound
 from notifier.resources import Resources
 from notifier.web.session import COOKIE, CsrfFailed, Session, Sessions, SignInRequired
 
@@ -91,10 +92,18 @@ class Web:
 
     async def form(self, request: web.Request, session: Session) -> dict[str, str]:
         """A POSTed form, after the CSRF check."""
-        data = await request.post()
-        form = {k: v for k, v in data.items() if isinstance(v, str)}
+        form = await read_form(request)
         self.sessions.check_csrf(request, session.csrf, form.get("csrf"))
         return form
+
+
+async def read_form(request: web.Request) -> dict[str, str]:
+    """A POSTed form's text fields; 400 for a body that cannot be read as a form."""
+    try:
+        data = await request.post()
+    except (ValueError, LookupError) as exc:  # a multipart body without boundary, a charset
+        raise BadRequest(f"the form could not be read: {exc}") from exc
+    return {k: v for k, v in data.items() if isinstance(v, str)}
 
 
 def html_errors(web_: Web, handler: Handler) -> Handler:
@@ -137,8 +146,8 @@ async def _error(
 ) -> web.Response:
     unsaved = None
     if request.method == "POST" and request.content_type != "application/json":
-        text = (await request.post()).get("text")
-        unsaved = text if isinstance(text, str) and text else None
+        with contextlib.suppress(BadRequest):
+            unsaved = (await read_form(request)).get("text") or None
     return web_.page(
         "error.html",
         status=status,
@@ -168,4 +177,4 @@ def safe_next(target: str | None) -> str | None:
     return None
 
 
-__all__ = ["COOKIE", "Web", "html_errors", "safe_next"]
+__all__ = ["COOKIE", "Web", "html_errors", "read_form", "safe_next"]

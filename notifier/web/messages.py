@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from notifier.admin import describe
+from notifier.admin import InvalidOverride, describe
 from notifier.admin_views import Views, locales, message_path, milestones
 from notifier.check import candidate_renderer, sample_notification, samples
 from notifier.errors import ApiError, BadRequest, ConfigurationError, NotFound, NotifierError
@@ -213,7 +213,7 @@ class Messages:
                 preview, self.web.res.settings, merchant_id, files, milestone, locale
             )
         except NotifierError as exc:
-            return web.json_response({"error": str(exc)}, status=422)
+            raise InvalidOverride(str(exc), [{"field": "text", "message": str(exc)}]) from exc
         out["name"] = message_name(next(t for t in samples() if t.milestone == milestone))
         return web.json_response(out)
 

@@ -14,7 +14,7 @@ from notifier.admin import InvalidOverride
 from notifier.errors import ApiError, NotFound
 from notifier.resources import data_dir
 from notifier.timeline import find_shipments, shipment_history
-from notifier.web.base import Web, safe_next
+from notifier.web.base import Web, read_form, safe_next
 from notifier.web.forms import milestone_label
 from notifier.web.session import (
     SIGN_IN_COOKIE,
@@ -86,8 +86,7 @@ class Pages:
         return response
 
     async def sign_in(self, request: web.Request) -> web.StreamResponse:
-        data = await request.post()
-        form = {k: v for k, v in data.items() if isinstance(v, str)}
+        form = await read_form(request)
         expected = request.cookies.get(SIGN_IN_COOKIE, "")
         if not expected:
             raise CsrfFailed("the sign-in form expired: reload it")
