@@ -330,6 +330,8 @@ async def post_transitions(request: web.Request, res: Resources, keys: KeyRing) 
     results: list[dict[str, Any]] = []
     for index, item in enumerate(items):
         event_id = item.get("event_id") if isinstance(item, dict) else None
+        if not isinstance(event_id, str):
+            event_id = None  # an invalid item's event_id may be anything; results carry text
         status = by_index[index].value if index in by_index else "rejected"
         results.append({"index": index, "event_id": event_id, "status": status})
     reply: dict[str, Any] = {

@@ -159,10 +159,14 @@ async def test_replies_about_real_data_keep_the_document(
     await run_worker(settings)
     bad = {**transition(event_id="evt_3"), "carrier": ""}
     conflict = {**transition(), "carrier": "dhl"}
-    for body in ({"transitions": [transition(event_id="evt_4"), bad]}, {"transitions": [conflict]}):
+    odd_id = {**transition(), "event_id": 5}  # an invalid item's event_id is not echoed
+    batch = [transition(event_id="evt_4"), bad, odd_id]
+    for body in ({"transitions": batch}, {"transitions": [conflict]}):
         status = 422 if bad in body["transitions"] else 409
         refusal = await call("POST", "/v1/transitions", status, "/v1/transitions", json=body)
         assert refusal["error"]["details"]
+        if status == 422:
+            assert refusal["results"][2] == {"index": 2, "event_id": None, "status": "rejected"}
     history = f"{v1}/shipments/{{shipment_id}}/notifications"
     page = await call("GET", history, 200, "/v1/merchants/acme/shipments/shp_123/notifications")
     assert {d["outcome"] for d in page["decisions"]} >= {"sent"}
