@@ -24,9 +24,11 @@ from notifier.models import ChannelKind, ExceptionCode, Notification, Recipient,
 from notifier.overrides import PREFIX, TEMPLATE, OverrideStore
 from notifier.policy import PolicyStore
 from notifier.render import Renderer, SmsMessageOut
+from notifier.render.audit import template_problems
 from notifier.render.brand import Brand, load_brand
-from notifier.render.environment import TemplateStore
+from notifier.render.environment import TEMPLATE_NAME, TemplateStore
 from notifier.render.i18n import Catalogs
+from notifier.render.limits import LimitExceeded, Limits
 from notifier.render.renderer import message_name
 from notifier.render.sms import SmsEncoding
 from notifier.resources import connect, data_dir
@@ -124,9 +126,16 @@ def merchants(settings: Settings) -> list[str]:
     return sorted(found)
 
 
+def render_limits(settings: Settings) -> Limits:
+    """The limits every render of a message runs within (NOTIFIER_RENDER_*)."""
+    return Limits(settings.render_time_limit_s, settings.render_max_bytes)
+
+
 def _renderer(settings: Settings) -> tuple[Renderer, Catalogs]:
     catalogs = Catalogs(data_dir("locales", settings.locales_dir))
-    templates = TemplateStore(data_dir("templates", settings.templates_dir), catalogs)
+    templates = TemplateStore(
+        data_dir("templates", settings.templates_dir), catalogs, limits=render_limits(settings)
+    )
     return Renderer(templates, catalogs, email_from=settings.email_from, strict=True), catalogs
 
 
@@ -163,11 +172,13 @@ def check_all(settings: Settings) -> list[str]:
     default = renderer.brand("")
     renderer.use_brand(DEFAULTS, default.model_copy(update={"name": SAMPLE_SHOP}))
     locales = ["en", *catalogs.available()]
-    problems += _render_problems(renderer, "", locales, full=True)
     templates_dir = data_dir("templates", settings.templates_dir)
+    problems += _audit(renderer, "", templates_dir)
+    problems += _render_problems(renderer, "", locales, full=True)
     for merchant in merchants(settings):
         if not (templates_dir / merchant).is_dir():
             continue
+        problems += _audit(renderer, merchant, templates_dir / merchant)
         where = f"templates/{merchant}/brand.yaml"
         loaded = True
         try:
@@ -302,6 +313,24 @@ def support_problem(brand: Brand, where: str) -> str | None:
     )
 
 
+def _audit(renderer: Renderer, merchant: str, folder: Path) -> list[str]:
+    """What the templates in ``folder`` (the defaults', or a merchant's) reach for that no
+    template may, found in their source: a branch no sample reaches included."""
+    where = f"templates/{merchant}" if merchant else "templates"
+    env = renderer.templates.environment(merchant or DEFAULTS)
+    problems = []
+    for path in sorted(folder.rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        if not (path.is_file() and TEMPLATE_NAME.fullmatch(name)):
+            continue
+        try:
+            source = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue  # rendering names the file it cannot read
+        problems += [f"{where}: {p}" for p in template_problems(env, name, source)]
+    return problems
+
+
 def _channel_problems(settings: Settings, brand: Brand, where: str) -> list[str]:
     """A merchant's chosen channel must be one the service has credentials for; signed
     unsubscribe links need a secret every process shares."""
@@ -343,24 +372,35 @@ def _cases(locale: str, full: bool) -> Iterable[tuple[Transition, Recipient, str
         yield from ((t, rich, "+12125550100") for t in samples())
 
 
+class _LimitCrossed(Exception):
+    """A sample render crossed a render limit: the merchant's other samples are not
+    rendered (each could cost the whole time limit)."""
+
+
 def _render_problems(
     renderer: Renderer, merchant: str, locales: list[str], *, full: bool
 ) -> list[str]:
     """Render every milestone on both channels in ``locales``; one line per distinct
-    problem, naming where else it happened (a broken shared file fails every render)."""
+    problem, naming where else it happened (a broken shared file fails every render).
+    The first render past a limit ends the merchant's renders."""
     where = f"templates/{merchant}" if merchant else "templates"
     seen: dict[str, list[str]] = {}
-    for locale in locales:
-        for t, recipient, phone in _cases(locale, full):
-            for channel in ChannelKind:
-                case = f"{t.milestone}, {channel}, {locale}"
-                for problem in _render_one(renderer, merchant, t, recipient, phone, channel):
-                    joined = (
-                        f"{where}/{problem}"
-                        if problem.startswith("sms (")
-                        else f"{where}: {problem}"
-                    )
-                    seen.setdefault(joined, []).append(case)
+    every = (
+        (locale, t, recipient, phone, channel)
+        for locale in locales
+        for t, recipient, phone in _cases(locale, full)
+        for channel in ChannelKind
+    )
+    for locale, t, recipient, phone, channel in every:
+        case = f"{t.milestone}, {channel}, {locale}"
+        try:
+            found = _render_one(renderer, merchant, t, recipient, phone, channel)
+        except _LimitCrossed as crossed:
+            seen.setdefault(f"{where}: {crossed}", []).append(case)
+            break
+        for problem in found:
+            joined = f"{where}/{problem}" if problem.startswith("sms (") else f"{where}: {problem}"
+            seen.setdefault(joined, []).append(case)
     out = []
     for problem, cases in seen.items():
         cases = list(dict.fromkeys(cases))
@@ -390,6 +430,8 @@ def _render_one(
     try:
         message = renderer.render(n)
     except NotifierError as exc:
+        if isinstance(exc.__cause__, LimitExceeded):
+            raise _LimitCrossed(f"{exc} (its other messages were not rendered)") from exc
         return [str(exc)]
     if not isinstance(message, SmsMessageOut):
         return []
@@ -416,7 +458,9 @@ def candidate_renderer(
     brand = load_brand(templates_dir, merchant, files.get("brand.yaml"))
     catalogs = Catalogs(data_dir("locales", settings.locales_dir))
     templates = {p: t for p, t in files.items() if TEMPLATE.fullmatch(p)}
-    store = TemplateStore(templates_dir, catalogs, lambda _: templates)
+    store = TemplateStore(
+        templates_dir, catalogs, lambda _: templates, limits=render_limits(settings)
+    )
     renderer = Renderer(store, catalogs, email_from=settings.email_from, strict=True)
     renderer.use_brand(merchant, brand)
     return renderer, catalogs
@@ -442,6 +486,10 @@ def override_problems(settings: Settings, merchant: str, files: dict[str, str]) 
         problems.append(str(exc))
     locales = ["en", *catalogs.available()]
     names = {message_name(t) for t in samples()}
+    env = renderer.templates.environment(merchant)
+    for path, text in files.items():
+        if TEMPLATE.fullmatch(path):
+            problems += template_problems(env, path, text)
     for path in files:
         if not path.startswith("messages/"):
             continue

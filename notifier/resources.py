@@ -26,6 +26,7 @@ from notifier.policy import PolicyStore
 from notifier.render import Renderer
 from notifier.render.environment import TemplateStore
 from notifier.render.i18n import Catalogs
+from notifier.render.limits import Limits
 from notifier.render.watch import TreeWatch
 from notifier.settings import EmailChannelName, Settings
 from notifier.store import Store
@@ -177,7 +178,10 @@ async def open_resources(
     catalogs = Catalogs(data_dir("locales", settings.locales_dir))
     published = Published(OverrideStore(redis))
     templates = TemplateStore(
-        data_dir("templates", settings.templates_dir), catalogs, published.templates
+        data_dir("templates", settings.templates_dir),
+        catalogs,
+        published.templates,
+        limits=Limits(settings.render_time_limit_s, settings.render_max_bytes),
     )
     watch = TreeWatch([templates.directory, catalogs.directory], settings.reload_interval_s)
     providers = build_providers(settings)

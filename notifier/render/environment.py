@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gettext as stdlib_gettext
 import re
 import threading
 from collections.abc import Callable, Sequence
@@ -22,10 +21,11 @@ from jinja2 import (
     select_autoescape,
 )
 from jinja2.runtime import Context
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from markupsafe import Markup
 
 from notifier.render.i18n import Catalogs
+from notifier.render.limits import Limits
+from notifier.render.sandbox import DEFAULT_LIMITS, Sandbox, Translate
 
 #: The names the i18n extension compiles ``{% trans %}`` and ``_()`` into.
 GETTEXT_NAMES = ("gettext", "ngettext", "pgettext", "npgettext")
@@ -36,41 +36,6 @@ PUBLISHED = "published:"
 #: The only template names a template may load ({% include %}, {% import %}, the renderer's
 #: own lookups): never a file of another merchant's folder, a brand file or a catalog.
 TEMPLATE_NAME = re.compile(r"_labels\.jinja|messages/[^/]+\.jinja|email/[^/]+|sms/[^/]+")
-
-#: Names a template reaches as attributes of a dict (``d.items``), never as its keys.
-_DICT_ATTRIBUTES = frozenset(dir(dict))
-
-
-class Translate:
-    """One of the i18n extension's newstyle gettext functions for one locale chain.
-
-    Behaves like the functions ``install_gettext_translations(newstyle=True)``
-    makes (the result is %-formatted with the named variables, and is Markup,
-    so those variables are escaped, where the template autoescapes), but
-    ``Sandbox.call`` calls it directly: a ``{% trans %}`` costs one call, not
-    two trips through the sandbox's call checks.
-    """
-
-    __slots__ = ("contextual", "func", "plural")
-
-    def __init__(self, name: str, translations: stdlib_gettext.NullTranslations) -> None:
-        self.func: Callable[..., str] = getattr(translations, name)
-        # decided once here, not on every {% trans %}
-        self.plural = name in ("ngettext", "npgettext")
-        self.contextual = name in ("pgettext", "npgettext")
-
-    @pass_context
-    def __call__(self, context: Context, *args: Any, **variables: Any) -> str:
-        return self.translate(context.eval_ctx.autoescape, args, variables)
-
-    def translate(self, autoescape: bool, args: tuple[Any, ...], variables: dict[str, Any]) -> str:
-        if self.plural:
-            variables.setdefault("num", args[-1])
-        if self.contextual:
-            variables.setdefault("context", args[0])
-        text = self.func(*args)
-        return (Markup(text) if autoescape else text) % variables
-
 
 #: Unicode's left-to-right isolate and its closing pop (text, SMS, plain strings).
 LRI, PDI = "\u2066", "\u2069"
@@ -104,26 +69,6 @@ def isolate(context: Context, value: Any) -> Any:
     return f"{FSI}{value}{PDI}"
 
 
-class Sandbox(ImmutableSandboxedEnvironment):
-    """The immutable sandbox with two fast paths for what every render does many times.
-
-    - ``d.key`` on a plain dict (the render context is dicts) is a key lookup, unless the
-      name is a dict attribute: the same answer the sandbox gives, without first trying
-      (and failing) an attribute lookup.
-    - ``{% trans %}`` calls a ``Translate``, which is safe by construction.
-    """
-
-    def getattr(self, obj: Any, attribute: str) -> Any:
-        if type(obj) is dict and attribute not in _DICT_ATTRIBUTES and attribute in obj:
-            return obj[attribute]
-        return super().getattr(obj, attribute)
-
-    def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:
-        if type(__obj) is Translate:
-            return __obj.translate(__context.eval_ctx.autoescape, args, kwargs)
-        return super().call(__context, __obj, *args, **kwargs)
-
-
 class TemplateStore:
     """Sandboxed environments by template search path, cached; ``invalidate`` picks up edits.
 
@@ -139,9 +84,12 @@ class TemplateStore:
         directory: Path,
         catalogs: Catalogs | None = None,
         published: Callable[[str], dict[str, str]] | None = None,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.directory = directory
         self.catalogs = catalogs
+        #: how long one message may render, and how big anything it builds may be
+        self.limits = limits
         #: a merchant's published template files (the editor's), over its folder's
         self.published = published
         self._search: dict[str, tuple[str, ...]] = {}
@@ -256,9 +204,9 @@ class TemplateStore:
             lstrip_blocks=True,
             keep_trailing_newline=False,
             auto_reload=False,
+            limits=self.limits,
+            filters={"ltr": ltr, "isolate": isolate},
         )
-        env.filters["ltr"] = ltr
-        env.filters["isolate"] = isolate
         # English (the source strings) unless a render passes its locale's functions.
         env.globals.update({name: Translate(name, NullTranslations()) for name in GETTEXT_NAMES})
         # Compile {% trans %} as newstyle calls: gettext(text, **variables).

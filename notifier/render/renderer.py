@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import quote
 
 import css_inline
-from jinja2 import TemplateError
+from jinja2 import TemplateError, TemplateSyntaxError
 from markupsafe import Markup
 
 from notifier.errors import ConfigurationError, RenderError
@@ -29,6 +29,8 @@ from notifier.models import STATUS_RANK, ChannelKind, Notification, Status, Tran
 from notifier.render import i18n
 from notifier.render.brand import Brand, load_brand
 from notifier.render.environment import TemplateStore
+from notifier.render.limits import LimitExceeded, budget
+from notifier.render.sandbox import render_text, where
 from notifier.render.sms import SmsEncoding, measure, smart_encode
 from notifier.render.watch import TreeWatch
 
@@ -232,6 +234,9 @@ class Renderer:
         self.published = published
         #: merchant -> why (parts of) its own files are not in use, until they change
         self.disabled: dict[str, set[str]] = {}
+        #: merchant -> why: own templates that crossed a render limit, not tried again (each
+        #: try could cost the whole time limit) until the files change
+        self.over_limit: dict[str, str] = {}
         self._hits: set[str] = set()  # merchants whose broken files were hit lately
         self._cleared: set[str] = set()  # merchants whose files are to be judged again
         self._brands: dict[str, Brand] = {}
@@ -263,6 +268,8 @@ class Renderer:
             again = set(self.disabled) if everyone else own & set(self.disabled)
             for merchant_id in again:
                 del self.disabled[merchant_id]
+            for merchant_id in again & set(self.over_limit):
+                del self.over_limit[merchant_id]
             self._cleared |= again
         log.info("templates or catalogs changed on disk: reloaded")
         return True
@@ -278,6 +285,7 @@ class Renderer:
                 del self._labels[key]
             if self.disabled.pop(merchant_id, None) is not None:
                 self._cleared.add(merchant_id)
+            self.over_limit.pop(merchant_id, None)
 
     def _disable(self, merchant_id: str, why: str) -> None:
         """Record (and log, once) that a merchant's file is not in use."""
@@ -516,10 +524,15 @@ class Renderer:
         """Render ``n`` for its channel; a template problem raises RenderError.
 
         A merchant's own template that fails is skipped for this message: it is rendered
-        with the default templates (unless ``strict``, or the defaults fail too).
+        with the default templates (unless ``strict``, or the defaults fail too). One that
+        crossed a render limit is skipped for every message until the files change.
         ``inline=False`` leaves an email's CSS in its style element (``render_many``
         inlines a batch at once)."""
         self.refresh()
+        over = self.over_limit.get(n.merchant_id)
+        if over is not None and not self.strict:
+            self._disable(n.merchant_id, over)  # still in force: /healthz keeps counting it
+            return self._render(n, DEFAULT_TEMPLATES, inline)
         try:
             return self._render(n, n.merchant_id, inline)
         except RenderError as exc:
@@ -529,67 +542,84 @@ class Renderer:
                 message = self._render(n, DEFAULT_TEMPLATES, inline)
             except RenderError:
                 raise exc from None  # not the merchant's files: the message itself fails
-            self._disable(
-                n.merchant_id,
-                f"{exc}: messages this breaks use the default templates until it is fixed",
-            )
+            if isinstance(exc.__cause__, LimitExceeded):
+                why = f"{exc}: its messages use the default templates until it is fixed"
+                with self._lock:
+                    self.over_limit[n.merchant_id] = why
+            else:
+                why = f"{exc}: messages this breaks use the default templates until it is fixed"
+            self._disable(n.merchant_id, why)
             return message
 
     def _render(self, n: Notification, templates_of: str, inline: bool) -> Message:
         """Render ``n`` with the templates of ``templates_of`` (the merchant, or the
-        defaults) and the merchant's brand."""
+        defaults) and the merchant's brand, within the render limits."""
         try:
-            locale = self.locale_for(n)
-            chain = (locale, self.catalogs.resolve(self.brand(n.merchant_id).default_locale, "en"))
-            words = self.templates.gettext_for(chain, templates_of)
-            ctx = self.context(n, locale)
-            ctx.update(words)
-            ctx["m"] = self._words(templates_of, ctx)
-            ctx["labels"] = self._step_labels(templates_of, chain, words)
-            if n.channel is ChannelKind.SMS:
-                body = self.templates.select(templates_of, ("sms/layout.txt",))
-                text = smart_encode(
-                    _SPACES.sub(" ", " ".join(body.render(ctx).split("\n"))).strip()
-                )
-                if ctx["dir"] == "rtl":
-                    # phones lay a message out by its first strong letter: a shop name in
-                    # Latin letters first would make an Arabic SMS read left to right
-                    text = RLM + text
-                size = measure(text)
-                return SmsMessageOut(
-                    n.notification_id,
-                    n.merchant_id,
-                    n.shipment_id,
-                    n.to,
-                    text,
-                    size.encoding,
-                    size.segments,
-                )
-            html = self.templates.select(templates_of, ("email/layout.html",)).render(ctx)
-            text = self.templates.select(templates_of, ("email/layout.txt",)).render(ctx)
-            brand = self.brand(n.merchant_id)
-            return EmailMessageOut(
+            with budget(self.templates.limits):
+                return self._render_within(n, templates_of, inline)
+        except TemplateSyntaxError as exc:
+            raise RenderError(f"{where(exc)}: {exc.message}", n.notification_id) from exc
+        except TemplateError as exc:
+            name = where(exc) or getattr(exc, "name", None) or "template"
+            raise RenderError(f"{name}: {exc}", n.notification_id) from exc
+        except ConfigurationError as exc:
+            raise RenderError(str(exc), n.notification_id) from exc
+        except RecursionError as exc:  # a macro or an include that calls itself
+            raise RenderError(
+                f"{where(exc) or 'template'}: macros or includes nested deeper than Python's "
+                "recursion limit (RecursionError)",
+                n.notification_id,
+            ) from exc
+        except Exception as exc:
+            # A merchant template can fail in ways Jinja does not wrap ({{ 1/0 }}), and
+            # odd data can break a formatter: fail this message, never the whole batch.
+            line = where(exc)
+            raise RenderError(
+                f"{line + ': ' if line else ''}{n.channel} template for "
+                f"{message_name(n.transition)} raised {type(exc).__name__}: {exc}",
+                n.notification_id,
+            ) from exc
+
+    def _render_within(self, n: Notification, templates_of: str, inline: bool) -> Message:
+        """The body of ``_render``: the context, the words, then the channel's layout."""
+        locale = self.locale_for(n)
+        chain = (locale, self.catalogs.resolve(self.brand(n.merchant_id).default_locale, "en"))
+        words = self.templates.gettext_for(chain, templates_of)
+        ctx = self.context(n, locale)
+        ctx.update(words)
+        ctx["m"] = self._words(templates_of, ctx)
+        ctx["labels"] = self._step_labels(templates_of, chain, words)
+        if n.channel is ChannelKind.SMS:
+            body = self.templates.select(templates_of, ("sms/layout.txt",))
+            text = smart_encode(
+                _SPACES.sub(" ", " ".join(render_text(body, ctx).split("\n"))).strip()
+            )
+            if ctx["dir"] == "rtl":
+                # phones lay a message out by its first strong letter: a shop name in
+                # Latin letters first would make an Arabic SMS read left to right
+                text = RLM + text
+            size = measure(text)
+            return SmsMessageOut(
                 n.notification_id,
                 n.merchant_id,
                 n.shipment_id,
                 n.to,
-                formataddr((brand.name, self.email_from)),
-                subject=" ".join(ctx["m"]["subject"].split()),
-                text=_BLANK_LINES.sub("\n\n", text).strip() + "\n",
-                html=_INLINER.inline(html) if inline else html,
-                headers=self._headers(n, brand),
-                preheader=" ".join(ctx["m"]["preheader"].split()),
+                text,
+                size.encoding,
+                size.segments,
             )
-        except TemplateError as exc:
-            name = getattr(exc, "name", None) or getattr(exc, "filename", None) or "template"
-            raise RenderError(f"{name}: {exc}", n.notification_id) from exc
-        except ConfigurationError as exc:
-            raise RenderError(str(exc), n.notification_id) from exc
-        except Exception as exc:
-            # A merchant template can fail in ways Jinja does not wrap ({{ 1/0 }}), and
-            # odd data can break a formatter: fail this message, never the whole batch.
-            raise RenderError(
-                f"{n.channel} template for {message_name(n.transition)} raised "
-                f"{type(exc).__name__}: {exc}",
-                n.notification_id,
-            ) from exc
+        html = render_text(self.templates.select(templates_of, ("email/layout.html",)), ctx)
+        text = render_text(self.templates.select(templates_of, ("email/layout.txt",)), ctx)
+        brand = self.brand(n.merchant_id)
+        return EmailMessageOut(
+            n.notification_id,
+            n.merchant_id,
+            n.shipment_id,
+            n.to,
+            formataddr((brand.name, self.email_from)),
+            subject=" ".join(ctx["m"]["subject"].split()),
+            text=_BLANK_LINES.sub("\n\n", text).strip() + "\n",
+            html=_INLINER.inline(html) if inline else html,
+            headers=self._headers(n, brand),
+            preheader=" ".join(ctx["m"]["preheader"].split()),
+        )
