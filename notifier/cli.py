@@ -17,6 +17,7 @@ from notifier.check import (
     check_all,
     check_warnings,
     published_problems,
+    render_limits,
     sample_notification,
     samples,
     sms_table,
@@ -161,7 +162,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
     templates_dir = data_dir("templates", settings.templates_dir)
     catalogs = Catalogs(data_dir("locales", settings.locales_dir))
     renderer = Renderer(
-        TemplateStore(templates_dir, catalogs),
+        TemplateStore(templates_dir, catalogs, limits=render_limits(settings)),
         catalogs,
         email_from=settings.email_from,
         strict=True,  # show the merchant's problem, not a fallback
