@@ -27,7 +27,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from babel.dates import format_skeleton, format_time
 
 from notifier.app import create_app
+from notifier.resources import Resources
 from notifier.settings import Settings
+from notifier.store import InboxEntry
 from notifier.worker import build_worker
 
 ADMIN_KEY = "k_backend_0123456789"
@@ -254,3 +256,12 @@ async def history(client: Any, shipment: str = "shp_123") -> list[dict[str, Any]
     assert resp.status == 200
     decisions: list[dict[str, Any]] = (await resp.json())["decisions"]
     return decisions
+
+
+async def read_whole_inbox(res: Resources, consumer: str, count: int = 100) -> list[InboxEntry]:
+    """What one worker reading every partition's inbox gets (the groups made first)."""
+    await res.store.ensure_groups()
+    entries: list[InboxEntry] = []
+    for p in range(res.settings.partitions):
+        entries += await res.store.read_inbox(p, consumer, count)
+    return entries

@@ -23,7 +23,15 @@ from notifier.resources import open_resources
 from notifier.settings import Settings
 from notifier.store import InboxEntry
 from notifier.worker import release_due
-from tests.conftest import API_KEYS, fixed_clock, outbox_files, post, run_worker, transition
+from tests.conftest import (
+    API_KEYS,
+    fixed_clock,
+    outbox_files,
+    post,
+    read_whole_inbox,
+    run_worker,
+    transition,
+)
 
 Client = TestClient[Any, Any]
 
@@ -62,14 +70,10 @@ async def failed_messages(client: Client, settings: Settings) -> list[str]:
     """Post a transition whose two messages a provider refuses for good."""
     await post(client, transition())
     async with open_resources(settings, clock=fixed_clock()) as res:
-        await res.store.ensure_groups()
         refusing = _Refusing()
         res.channels = {ChannelKind.EMAIL: refusing, ChannelKind.SMS: refusing}
         res.providers = {}
-        entries = []
-        for p in range(settings.partitions):
-            entries += await res.store.read_inbox(p, "w", 100)
-        await Pipeline(res).process(entries)
+        await Pipeline(res).process(await read_whole_inbox(res, "w"))
         return [i.decode() for i in await res.redis.lrange(res.store.DEAD_LETTER_KEY, 0, -1)]
 
 

@@ -31,6 +31,7 @@ from tests.conftest import (
     healthy,
     make_settings,
     outbox_files,
+    read_whole_inbox,
     spawn_notifier,
     start_redis,
     transition,
@@ -236,10 +237,7 @@ async def test_a_round_that_redis_broke_off_is_taken_back_at_once(
     buried as failing and the rest of the round never sent."""
     await post_in_process(client, transition())
     async with open_resources(settings, clock=fixed_clock()) as res:
-        await res.store.ensure_groups()
-        entries = []
-        for p in range(settings.partitions):
-            entries += await res.store.read_inbox(p, "worker-1", 10)
+        entries = await read_whole_inbox(res, "worker-1")
         pipeline = Pipeline(res)
         record = res.store.mark_sent
 

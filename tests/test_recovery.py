@@ -31,6 +31,7 @@ from tests.conftest import (
     make_settings,
     outbox_files,
     post,
+    read_whole_inbox,
     run_worker,
     transition,
 )
@@ -88,10 +89,7 @@ async def pending_entries(res: Resources) -> int:
 async def die_mid_send(res: Resources, channels: Any = None) -> None:
     """A worker reads every inbox entry, commits, claims its messages, and dies sending
     (or, with ``channels``, sends through those and lives)."""
-    await res.store.ensure_groups()
-    entries = []
-    for p in range(res.settings.partitions):
-        entries += await res.store.read_inbox(p, "dead-worker", 100)
+    entries = await read_whole_inbox(res, "dead-worker")
     crashing = _CrashingChannel()
     before = res.channels
     res.channels = channels or {ChannelKind.EMAIL: crashing, ChannelKind.SMS: crashing}

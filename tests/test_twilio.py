@@ -19,7 +19,15 @@ from notifier.render import SmsMessageOut
 from notifier.render.sms import SmsEncoding
 from notifier.resources import open_resources
 from notifier.settings import Settings
-from tests.conftest import fixed_clock, history, make_settings, post, run_worker, transition
+from tests.conftest import (
+    fixed_clock,
+    history,
+    make_settings,
+    post,
+    read_whole_inbox,
+    run_worker,
+    transition,
+)
 from tests.fakes import FakeTwilio, serve_twilio
 
 SID, TOKEN = "AC" + "0" * 32, "secret-token"
@@ -304,10 +312,7 @@ async def test_crash_after_twilio_accepted_is_the_only_at_least_once_window(
     async with TestClient(TestServer(create_app(settings))) as client:
         await post(client, transition())
         async with open_resources(settings, clock=fixed_clock()) as res:
-            await res.store.ensure_groups()
-            entries = []
-            for p in range(settings.partitions):
-                entries += await res.store.read_inbox(p, "w1", 10)
+            entries = await read_whole_inbox(res, "w1")
             real = res.channels[ChannelKind.SMS]
 
             class DiesAfterSending:
