@@ -28,8 +28,8 @@ from notifier.render.audit import template_problems
 from notifier.render.brand import Brand, load_brand
 from notifier.render.environment import TEMPLATE_NAME, TemplateStore
 from notifier.render.i18n import Catalogs
-from notifier.render.limits import LimitExceeded, Limits
-from notifier.render.renderer import message_name
+from notifier.render.limits import Limits
+from notifier.render.renderer import EXHAUSTED, message_name
 from notifier.render.sms import SmsEncoding
 from notifier.resources import connect, data_dir
 from notifier.settings import Settings
@@ -430,7 +430,7 @@ def _render_one(
     try:
         message = renderer.render(n)
     except NotifierError as exc:
-        if isinstance(exc.__cause__, LimitExceeded):
+        if isinstance(exc.__cause__, EXHAUSTED):
             raise _LimitCrossed(f"{exc} (its other messages were not rendered)") from exc
         return [str(exc)]
     if not isinstance(message, SmsMessageOut):

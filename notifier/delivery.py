@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ LEASE_MS = 60_000
 MAX_ATTEMPTS = 8
 #: Sends in flight at once per channel (the provider channels' own limit).
 SEND_CONCURRENCY = 16
+#: A round whose rendering took longer than this renews its claims before it sends.
+RENEW_AFTER_S = 5.0
 
 
 def backoff_s(attempt: int, retry_after_s: float | None = None) -> float:
@@ -87,11 +90,18 @@ class Deliverer:
         ``timing`` (when the API accepted each one's transition, and when it was decided:
         Unix seconds) times them for the metrics.
         """
-        for token, ids in list(self._abandoned.items()):
+        for token in list(self._abandoned):
             # as if claimed long ago: the next claim takes over those this token still
-            # holds, as possibly sent (the outbox looks for its file first)
-            await self.res.store.release(ids, token)
-            del self._abandoned[token]
+            # holds, as possibly sent (the outbox looks for its file first). Taken off the
+            # list first: concurrent rounds (two drains, release_due) never release twice.
+            ids = self._abandoned.pop(token, None)
+            if ids is None:
+                continue
+            try:
+                await self.res.store.release(ids, token)
+            except (RedisError, OSError):
+                self._abandoned[token] = ids
+                raise
         # Whoever holds a claim owns it; a claim carries its holder's token.
         owner = uuid.uuid4().hex
         try:
@@ -136,10 +146,27 @@ class Deliverer:
         batches: dict[str, list[Outgoing]] = {}
         by_id = {n.notification_id: n for n, _ in claimed}
         await sync_published(self.res, {n.merchant_id for n, _ in claimed})
+        rendering = time.monotonic()
         messages = await self.res.renderer.render_many([n for n, _ in claimed])
         hits, cleared = self.res.renderer.take_changes()
         if hits or cleared:  # for /healthz
             await self.res.store.publish_overrides(hits, cleared, int(now.timestamp() * 1000))
+        if claimed and time.monotonic() - rendering > RENEW_AFTER_S:
+            # Slow templates can outlast the lease: send only what is still ours, now
+            # renewed (another worker may have taken over a lapsed claim, and sent it).
+            ids = [n.notification_id for n, _ in claimed]
+            now_ms = int(self.res.clock().timestamp() * 1000)
+            ours = set(await self.res.store.renew(ids, owner, now_ms))
+            lost = [n.notification_id for n, _ in claimed if n.notification_id not in ours]
+            if lost:
+                log.warning("%d claims lapsed while rendering; left to their new holder", len(lost))
+                report.busy += lost
+            kept = [
+                (c, m)
+                for c, m in zip(claimed, messages, strict=True)
+                if c[0].notification_id in ours
+            ]
+            claimed, messages = [c for c, _ in kept], [m for _, m in kept]
         for (n, result), message in zip(claimed, messages, strict=True):
             if isinstance(message, RenderError):
                 await self._fail(n.notification_id, message, report, owner)

@@ -218,6 +218,7 @@ async def _persist(res: Resources, payloads: list[IngestItem]) -> tuple[list[Adm
         return await res.store.ingest(payloads)
     except NotReplicated as exc:
         log.error("ingest: %s", exc)
+        await _wake(res, exc.woken)  # stored on the primary: its drain need not wait
         raise ServiceUnavailable(
             f"stored, but only {exc.acked} of the {exc.required} Redis replicas required "
             "confirmed it in time; retry later (the same events are then answered as "
@@ -230,6 +231,14 @@ async def _persist(res: Resources, payloads: list[IngestItem]) -> tuple[list[Adm
             "the queue cannot take transitions right now; retry later",
             headers={"Retry-After": RETRY_AFTER_S},
         ) from exc
+
+
+async def _wake(res: Resources, partitions: list[int]) -> None:
+    try:
+        await wake(res, partitions)
+    except (RedisError, OSError) as exc:
+        # Persisted already: the worker's sweep finds the backlog even without this job.
+        log.warning("could not enqueue a drain job (%s); the sweep will pick it up", exc)
 
 
 def _items(body: Any, max_batch: int) -> tuple[list[Any], bool]:
@@ -314,11 +323,7 @@ async def post_transitions(request: web.Request, res: Resources, keys: KeyRing) 
         for i, t in valid
     ]
     admissions, woken = await _persist(res, payloads)
-    try:
-        await wake(res, woken)
-    except (RedisError, OSError) as exc:
-        # Persisted already: the worker's sweep finds the backlog even without this job.
-        log.warning("could not enqueue a drain job (%s); the sweep will pick it up", exc)
+    await _wake(res, woken)
 
     metrics.transitions(
         {

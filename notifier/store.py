@@ -408,9 +408,11 @@ class HistoryPage:
 class NotReplicated(RedisError):
     """Ingested on the primary, but fewer replicas than required confirmed it in time."""
 
-    def __init__(self, acked: int, required: int, timeout_ms: int) -> None:
+    def __init__(self, acked: int, required: int, timeout_ms: int, woken: list[int]) -> None:
         super().__init__(f"{acked} of {required} replicas confirmed within {timeout_ms} ms")
         self.acked, self.required = acked, required
+        #: the partitions to wake all the same: the events are stored on the primary
+        self.woken = woken
 
 
 class Store:
@@ -591,11 +593,12 @@ class Store:
                 await self._ingest(keys=[], args=args, client=pipe)
                 pipe.wait(self.wait_replicas, self.wait_timeout_ms)
                 (accepted, woken), replicas = await pipe.execute()
-            if replicas < self.wait_replicas:
-                raise NotReplicated(replicas, self.wait_replicas, self.wait_timeout_ms)
         else:
             accepted, woken = await self._ingest(keys=[], args=args)
+            replicas = self.wait_replicas
         parts = [int(_decode(k).split(":")[2]) for k in woken]
+        if replicas < self.wait_replicas:
+            raise NotReplicated(replicas, self.wait_replicas, self.wait_timeout_ms, parts)
         return [_ADMISSIONS[int(a)] for a in accepted], parts
 
     # -- inbox --------------------------------------------------------------
@@ -804,6 +807,15 @@ class Store:
     #: from (the bulk of an entry) and its claim. A failed one keeps its payload, for
     #: whoever looks into the dead letters.
     DONE_WITH = ("p", "owner", "claimed")
+
+    async def renew(self, notification_ids: Sequence[str], owner: str, now_ms: int) -> list[str]:
+        """Restart the lease of the claims ``owner`` still holds; return their ids (the
+        others were taken over, or settled, by another worker)."""
+        if not notification_ids:
+            return []
+        return await self._settle(
+            notification_ids, [{"claimed": str(now_ms)}] * len(notification_ids), owner
+        )
 
     async def release(self, notification_ids: Sequence[str], owner: str) -> None:
         """Hand back the claims ``owner`` still holds (its round broke off): the next claim

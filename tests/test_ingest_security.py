@@ -161,16 +161,19 @@ async def test_ingest_waits_for_a_replica_and_answers_503_without_one(
 
         replica.kill()
         replica.wait()
+        primary = redis.Redis.from_url(url)
+        primary.delete(*primary.keys("ntf:inbox:*:wake"), *primary.keys("arq:*"))  # none queued
         second = transition(event_id="evt_unreplicated")
         resp = await c.post("/v1/transitions", json=second, headers=auth())
         assert resp.status == 503
+        # stored on the primary all the same, and its partition's drain is enqueued at once
+        assert primary.zcard("arq:queue") == 1
         assert resp.headers["Retry-After"].isdigit()
         message = (await resp.json())["error"]["message"]
         assert "only 0 of the 1 Redis replicas" in message
         # it is on the primary all the same: a retry is a duplicate, never a second event
         resp = await c.post("/v1/transitions", json=second, headers=auth())
         assert resp.status == 503
-        primary = redis.Redis.from_url(url)
         streams = primary.scan_iter("ntf:inbox:*", _type="stream")
         bodies = [f[b"t"] for k in streams for _, f in primary.xrange(k)]
         assert sum(b"evt_unreplicated" in b for b in bodies) == 1

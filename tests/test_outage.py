@@ -6,6 +6,7 @@ this test's own (AOF on, as deployed), which is paused with ``CLIENT PAUSE`` and
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import signal
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 import redis
 
+from notifier.delivery import Deliverer
 from notifier.pipeline import Pipeline
 from notifier.resources import data_dir, open_resources
 from notifier.settings import Settings
@@ -256,3 +258,24 @@ async def test_a_round_that_redis_broke_off_is_taken_back_at_once(
         assert len(outbox_files(settings)) == 2  # the rest of the round, nothing twice
         ids = [key.decode().split(":")[-1] for key in await res.redis.keys("ntf:msg:*")]
         assert {v["status"] for v in (await res.store.ledger(ids)).values()} == {"sent"}
+
+
+async def test_concurrent_rounds_hand_back_an_interrupted_rounds_claims_once(
+    settings: Settings,
+) -> None:
+    """Two drains and release_due share one Deliverer: after Redis comes back they all start
+    a round at once, and the interrupted round's claims are handed back by one of them."""
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        deliverer = Deliverer(res)
+        deliverer._abandoned["round-1"] = ["n_a", "n_b"]
+        released: list[tuple[tuple[str, ...], str]] = []
+
+        async def slow_release(ids: list[str], owner: str) -> None:
+            await asyncio.sleep(0.01)  # a round trip: the other rounds run meanwhile
+            released.append((tuple(ids), owner))
+
+        res.store.release = slow_release  # type: ignore[method-assign]
+        reports = await asyncio.gather(*(deliverer.deliver([]) for _ in range(3)))
+        assert released == [(("n_a", "n_b"), "round-1")]
+        assert all(r.sent == [] for r in reports)
+        assert deliverer._abandoned == {}

@@ -12,8 +12,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from notifier import delivery
 from notifier.app import create_app
 from notifier.channels import Outcome, Outgoing
 from notifier.delivery import LEASE_MS
@@ -229,3 +231,28 @@ async def test_settling_never_recreates_an_expired_ledger_entry(settings: Settin
         await res.store.cancel("n_gone", "superseded")
         assert await res.redis.exists(res.store.notification_key("n_gone")) == 0
         assert await res.store.claim(["n_gone"], 0, LEASE_MS) == [(ClaimResult.NONE, None)]
+
+
+async def test_claims_that_lapse_while_rendering_are_left_to_their_new_holder(
+    client: Client, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rendering a big round with slow templates can outlast its lease: another worker then
+    takes the claims over (and sends). The first round renews before sending, and sends
+    only what is still its own."""
+    monkeypatch.setattr(delivery, "RENEW_AFTER_S", -1.0)  # every round counts as slow
+    await post(client, transition())
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        entries = await read_whole_inbox(res, "slow-worker")
+        render_many = res.renderer.render_many
+
+        async def taken_over_meanwhile(notifications: Sequence[Any]) -> Any:
+            for n in notifications:  # as if their lease ran out and another worker claimed
+                await res.redis.hset(res.store.notification_key(n.notification_id), "owner", "w2")
+            return await render_many(notifications)
+
+        monkeypatch.setattr(res.renderer, "render_many", taken_over_meanwhile)
+        report = await Pipeline(res).process(entries)
+        assert report.delivery.sent == []
+        assert len(report.delivery.busy) == 2
+        assert report.unsettled  # the entry waits for the new holder
+        assert outbox_files(settings) == []

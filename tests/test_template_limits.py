@@ -121,6 +121,12 @@ EXHAUSTING: dict[str, str] = {
         "{% endfor %}{{ {ns.t: 1} }}"
     ),
     "format_width": "{{ '%*s' % (10**9, 'x') }}",
+    "translate": "{{ ('a' * 1500).translate({97: 'b' * 1000000})|length }}",
+    "to_bytes": "{{ (1).to_bytes(1500000000, 'big')|length }}",
+    "chained_gettext": (
+        "{% set a = 'x' * 100000 %}{% set f = '%(a)s' * 8 %}{% set b = gettext(f, a=a) %}"
+        "{% set c = gettext(f, a=b) %}{% set d = gettext(f, a=c) %}{{ d|length }}"
+    ),
     "busy": (
         "{% set big = 'word ' * 200000 %}{% for i in range(100000) %}"
         "{% set n = big|wordcount %}{% endfor %}"

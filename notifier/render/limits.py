@@ -281,6 +281,21 @@ def _width(value: Any) -> int:
     return value if isinstance(value, int) else len(str(value))
 
 
+#: The methods of text (str, Markup, bytes) a template may call: each builds at most a few
+#: times its input, or is sized before it runs (padding, replacing, joining).
+TEXT_METHODS = frozenset(
+    {
+        *("capitalize", "casefold", "center", "count", "decode", "encode", "endswith"),
+        *("expandtabs", "find", "format", "format_map", "hex", "index", "isalnum", "isalpha"),
+        *("isascii", "isdecimal", "isdigit", "isidentifier", "islower", "isnumeric"),
+        *("isprintable", "isspace", "istitle", "isupper", "join", "ljust", "lower", "lstrip"),
+        *("partition", "removeprefix", "removesuffix", "replace", "rfind", "rindex", "rjust"),
+        *("rpartition", "rsplit", "rstrip", "split", "splitlines", "startswith", "strip"),
+        *("striptags", "swapcase", "title", "unescape", "upper", "zfill"),
+    }
+)
+
+
 def call_size(
     obj: Any, args: tuple[Any, ...], kwargs: dict[str, Any], cap: int
 ) -> tuple[int, tuple[Any, ...]]:
@@ -292,9 +307,17 @@ def call_size(
         words = dict(zip(("n", "html", "min", "max"), args, strict=False)) | kwargs
         return _width(words.get("n", 5)) * _width(words.get("max", 100)) * 12, args
     owner = getattr(obj, "__self__", None)
+    name = getattr(obj, "__name__", "")
+    if isinstance(owner, int) and name == "to_bytes":
+        return _width(args[0] if args else kwargs.get("length", 1)), args
     if not isinstance(owner, str | bytes):
         return 0, args
-    name = getattr(obj, "__name__", "")
+    if name not in TEXT_METHODS:
+        # e.g. translate(), which maps one character to any text
+        raise LimitExceeded(
+            f"{type(owner).__name__}.{name}() is not available in templates: what it builds "
+            "cannot be checked against the render limits before it runs"
+        )
     n = len(owner)
     if name in ("center", "ljust", "rjust", "zfill"):
         return max(n, _width(args[0] if args else kwargs.get("width", 0))), args

@@ -14,6 +14,7 @@ import logging
 import math
 import re
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from email.utils import formataddr
@@ -200,6 +201,14 @@ def fill_link(template: str, values: dict[str, str]) -> str:
 DEFAULT_TEMPLATES = ""
 #: What templates/ holds besides merchants' folders.
 DEFAULT_ENTRIES = frozenset({"email", "sms", "messages", "_labels.jinja", "brand.yaml"})
+
+
+#: A batch of renders lets the event loop run (heartbeats, leases, requests) this often.
+YIELD_S = 0.05
+
+#: What a render that ran out of a resource raises: a merchant's templates that did are set
+#: aside (rendering them again would cost as much every time).
+EXHAUSTED = (LimitExceeded, MemoryError, RecursionError)
 
 
 class Renderer:
@@ -493,11 +502,15 @@ class Renderer:
         """
         self.refresh()
         out: list[Message | RenderError] = []
+        breath = time.monotonic()
         for n in notifications:
             try:
                 out.append(self.render(n, inline=False))
             except RenderError as exc:
                 out.append(exc)
+            if time.monotonic() - breath > YIELD_S:  # slow templates: let the loop run
+                await asyncio.sleep(0)
+                breath = time.monotonic()
         emails = [(i, m) for i, m in enumerate(out) if isinstance(m, EmailMessageOut)]
         if not emails:
             return out
@@ -542,7 +555,7 @@ class Renderer:
                 message = self._render(n, DEFAULT_TEMPLATES, inline)
             except RenderError:
                 raise exc from None  # not the merchant's files: the message itself fails
-            if isinstance(exc.__cause__, LimitExceeded):
+            if isinstance(exc.__cause__, EXHAUSTED):
                 why = f"{exc}: its messages use the default templates until it is fixed"
                 with self._lock:
                     self.over_limit[n.merchant_id] = why

@@ -23,12 +23,6 @@ from notifier.render.limits import LimitExceeded, Limits, limit_filter, measure,
 _DICT_ATTRIBUTES = frozenset(dir(dict))
 
 
-#: Up to this many %-fields, a translation's variables (each a value the budget measured
-#: when it was made) are not measured again.
-_FEW_FIELDS = 8
-_SIZED = limits.SIZED
-
-
 class Translate:
     """One of the i18n extension's newstyle gettext functions for one locale chain.
 
@@ -57,13 +51,17 @@ class Translate:
         if self.contextual:
             variables.setdefault("context", args[0])
         text = self.func(*args)
-        if variables and (text.count("%") > _FEW_FIELDS or _SIZED.search(text)):
-            # many fields, or widths: what could multiply a variable is measured first
-            spent = limits.current()
-            cap = (spent.limits if spent else DEFAULT_LIMITS).max_bytes
-            size = limits.percent_size(text, variables, cap)
-            if size > cap:
-                raise too_big("a translated string with its variables", size, cap)
+        if not variables:
+            return Markup(text) if autoescape else text
+        # a variable may be used many times: what the result would be is measured first
+        # (and spent), so chained translations cannot multiply a value past the limit
+        spent = limits.current()
+        cap = (spent.limits if spent else DEFAULT_LIMITS).max_bytes
+        size = limits.percent_size(text, variables, cap)
+        if size > cap:
+            raise too_big("a translated string with its variables", size, cap)
+        if spent is not None and size > 1024:
+            spent.spend(size)
         return (Markup(text) if autoescape else text) % variables
 
 
