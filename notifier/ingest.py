@@ -32,8 +32,7 @@ from notifier.logs import REQUEST_ID
 from notifier.models import Transition
 from notifier.resources import Resources
 from notifier.settings import HASHED_KEY
-from notifier.store import Admission, IngestItem, NotReplicated, body_digest
-from notifier.worker import wake
+from notifier.store import Admission, IngestItem, NotReplicated, body_digest, wake
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +234,7 @@ async def _persist(res: Resources, payloads: list[IngestItem]) -> tuple[list[Adm
 
 async def _wake(res: Resources, partitions: list[int]) -> None:
     try:
-        await wake(res, partitions)
+        await wake(res.redis, partitions)
     except (RedisError, OSError) as exc:
         # Persisted already: the worker's sweep finds the backlog even without this job.
         log.warning("could not enqueue a drain job (%s); the sweep will pick it up", exc)

@@ -39,7 +39,7 @@ from notifier.models import ExceptionCode, Status, Transition
 from notifier.pipeline import BatchReport, Pipeline
 from notifier.resources import Clock, Resources, connect, open_resources, utc_now
 from notifier.settings import Settings
-from notifier.store import InboxEntry, body_digest
+from notifier.store import InboxEntry, body_digest, wake
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +92,6 @@ def stopping(ctx: dict[str, Any]) -> bool:
     """Whether the worker was told to stop (jobs then end at the next batch boundary)."""
     flag: asyncio.Event | None = ctx.get("stopping")
     return flag is not None and flag.is_set()
-
-
-async def wake(res: Resources, partitions: list[int]) -> None:
-    """Enqueue a drain job for each partition (the caller already won its wake flag)."""
-    for partition in partitions:
-        await res.redis.enqueue_job("drain", partition)
 
 
 async def drain(ctx: dict[str, Any], partition: int) -> int:
@@ -168,7 +162,7 @@ async def _drain(
             if await store.needs_drain(partition, _stale_ms(res)) and await store.set_wake(
                 partition
             ):
-                await wake(res, [partition])
+                await wake(res.redis, [partition])
             break
         if not await store.needs_drain(partition, _stale_ms(res)):
             break
@@ -380,7 +374,7 @@ async def find_stalled(ctx: dict[str, Any]) -> int:
         items.append((merchant_id, shipment_id, t.event_id, body, digest, "stall-check"))
     if items:
         _, woken = await res.store.ingest(items)
-        await wake(res, woken)
+        await wake(res.redis, woken)
     for merchant_id, shipment_id, deadline_ms in due:
         await res.store.drop_stall(merchant_id, shipment_id, deadline_ms)
     log.info("%d stalled shipments found", len(items))
@@ -397,7 +391,7 @@ async def sweep(ctx: dict[str, Any]) -> int:
         for p in range(res.settings.partitions)
         if await res.store.needs_drain(p, stale_ms) and await res.store.set_wake(p)
     ]
-    await wake(res, woken)
+    await wake(res.redis, woken)
     return len(woken)
 
 

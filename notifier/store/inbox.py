@@ -1,0 +1,305 @@
+"""The inbox: idempotent ingest (group-committed), the partitions' streams, their drain
+locks and wake flags.
+
+The API ingests events: one script call per group records each new event id and appends
+the event to its partition's stream, or answers a duplicate or a conflict. A worker drains
+a partition under its lock, reading through the consumer group and acknowledging what it
+settled; the wake flag keeps a partition to one enqueued drain job at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from functools import cached_property
+from typing import Any
+
+import orjson
+from arq.connections import ArqRedis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+
+from notifier.store import keys
+from notifier.store.base import StoreBase, decode
+from notifier.store.keys import GROUP
+
+
+class Admission(StrEnum):
+    """What ingest made of an event."""
+
+    ACCEPTED = "accepted"  #: new: persisted to its inbox
+    DUPLICATE = "duplicate"  #: its event id was seen before, with the same body
+    CONFLICT = "conflict"  #: its event id was seen before, with another body (not persisted)
+
+
+_ADMISSIONS = {1: Admission.ACCEPTED, 0: Admission.DUPLICATE, 2: Admission.CONFLICT}
+#: (merchant, shipment, event id, payload, body digest, request id) of an event to ingest
+IngestItem = tuple[str, str, str, bytes, str, str]
+_Waiting = tuple[Sequence[IngestItem], asyncio.Future[tuple[list[Admission], list[int]]]]
+
+
+def body_digest(body: Any) -> str:
+    """A short digest of a transition's JSON body, keys sorted: a repost that differs only
+    in key order or spacing is the same body."""
+    canonical = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+    return base64.b64encode(hashlib.blake2b(canonical, digest_size=9).digest()).decode()
+
+
+class NotReplicated(RedisError):
+    """Ingested on the primary, but fewer replicas than required confirmed it in time."""
+
+    def __init__(self, acked: int, required: int, timeout_ms: int, woken: list[int]) -> None:
+        super().__init__(f"{acked} of {required} replicas confirmed within {timeout_ms} ms")
+        self.acked, self.required = acked, required
+        #: the partitions to wake all the same: the events are stored on the primary
+        self.woken = woken
+
+
+@dataclass(frozen=True, slots=True)
+class InboxEntry:
+    """One accepted transition waiting in a partition's inbox stream."""
+
+    entry_id: str
+    payload: bytes
+    #: the API request that accepted it (its X-Request-ID), "" for entries from before
+    request_id: str = ""
+
+
+async def wake(redis: ArqRedis, partitions: Sequence[int]) -> None:
+    """Enqueue a drain job for each partition (the caller already won its wake flag)."""
+    for partition in partitions:
+        await redis.enqueue_job("drain", partition)
+
+
+class Inbox(StoreBase):
+    """Ingest and the inbox streams."""
+
+    #: A wake flag lasts this long: a partition gets at most one drain job enqueued by
+    #: ingest per period while its drain is busy (the drain re-checks before it stops).
+    WAKE_MS = 5000
+    #: Most events one group-committed ingest script call takes (it runs atomically in
+    #: Redis, so it must stay short).
+    INGEST_GROUP_MAX = 2000
+
+    _ingest_task: asyncio.Task[None] | None = None
+
+    @cached_property
+    def _ingest_queue(self) -> deque[_Waiting]:
+        """Ingest calls waiting for the next group (``_ingest_task`` takes them in turn)."""
+        return deque()
+
+    def partition_of(self, merchant_id: str, shipment_id: str) -> int:
+        """The inbox partition of a shipment: stable, so its events stay in one stream."""
+        return keys.partition_of(merchant_id, shipment_id, self.partitions)
+
+    # -- ingest -------------------------------------------------------------------------
+    async def ingest(self, items: Sequence[IngestItem]) -> tuple[list[Admission], list[int]]:
+        """Persist new events atomically; return (admission per item, partitions to wake).
+
+        ``items`` are (merchant_id, shipment_id, event_id, payload, body digest, request
+        id): an event id seen before is a duplicate with the same digest, a conflict with
+        another. A partition is returned at most once per ``WAKE_MS``; its caller enqueues
+        a drain job.
+
+        Concurrent calls are group-committed: while one script call is in flight, the
+        calls that arrive wait and then go together in the next one. A lone call goes at
+        once, so this adds no latency, and under load one round trip (and one script
+        run) carries many requests' events. Each caller gets its own items' answers;
+        the partitions to wake go to one caller of each group.
+        """
+        future: asyncio.Future[tuple[list[Admission], list[int]]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._ingest_queue.append((items, future))
+        if self._ingest_task is None or self._ingest_task.done():
+            self._ingest_task = asyncio.create_task(self._ingest_groups())
+        return await future
+
+    async def _ingest_groups(self) -> None:
+        group: list[_Waiting] = []
+        try:
+            while self._ingest_queue:
+                group, size = [], 0
+                while self._ingest_queue and (
+                    not group or size + len(self._ingest_queue[0][0]) <= self.INGEST_GROUP_MAX
+                ):
+                    group.append(self._ingest_queue.popleft())
+                    size += len(group[-1][0])
+                try:
+                    accepted, woken = await self._ingest_now([i for it, _ in group for i in it])
+                except Exception as exc:  # every caller of the group sees the failure (503)
+                    for _, future in group:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                start = 0
+                for items, future in group:
+                    if not future.done():  # a caller that went away still had its events stored
+                        future.set_result((accepted[start : start + len(items)], woken))
+                        woken = []
+                    start += len(items)
+            group = []
+        finally:  # cancelled (shutdown): nobody may wait forever for an answer
+            for _, future in [*group, *self._ingest_queue]:
+                if not future.done():
+                    future.set_exception(RedisConnectionError("ingest stopped"))
+            self._ingest_queue.clear()
+
+    async def _ingest_now(self, items: Sequence[IngestItem]) -> tuple[list[Admission], list[int]]:
+        events = []
+        for merchant_id, shipment_id, event_id, payload, digest, rid in items:
+            bucket, field = keys.event_slot(merchant_id, event_id)
+            inbox = keys.inbox_key(self.partition_of(merchant_id, shipment_id))
+            legacy = keys.legacy_event_key(merchant_id, event_id)
+            events.append((bucket, field, legacy, inbox, payload.decode(), digest, rid))
+        args: list[Any] = [
+            orjson.dumps(events),
+            self.idempotency_ttl_s,
+            self.WAKE_MS,
+            keys.EVENT_BUCKET_PREFIX,
+        ]
+        if self.wait_replicas:
+            # WAIT counts the writes of its own connection: one pipeline, one connection
+            async with self.redis.pipeline(transaction=False) as pipe:
+                await self.scripts.ingest(keys=[], args=args, client=pipe)
+                pipe.wait(self.wait_replicas, self.wait_timeout_ms)
+                (accepted, woken), replicas = await pipe.execute()
+        else:
+            accepted, woken = await self.scripts.ingest(keys=[], args=args)
+            replicas = self.wait_replicas
+        parts = [int(decode(k).split(":")[2]) for k in woken]
+        if replicas < self.wait_replicas:
+            raise NotReplicated(replicas, self.wait_replicas, self.wait_timeout_ms, parts)
+        return [_ADMISSIONS[int(a)] for a in accepted], parts
+
+    # -- the streams --------------------------------------------------------------------
+    async def ensure_groups(self) -> None:
+        """Create every partition's consumer group (idempotent)."""
+        for partition in range(self.partitions):
+            try:
+                await self.redis.xgroup_create(
+                    keys.inbox_key(partition), GROUP, id="0", mkstream=True
+                )
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def read_inbox(
+        self, partition: int, consumer: str, count: int, block_ms: int | None = None
+    ) -> list[InboxEntry]:
+        """New entries of a partition for this consumer (they stay pending until acked);
+        with ``block_ms``, wait up to that long for one when there are none."""
+        reply = await self.redis.xreadgroup(
+            GROUP, consumer, {keys.inbox_key(partition): ">"}, count=count, block=block_ms
+        )
+        if not reply:
+            return []
+        return [_entry(i, f) for i, f in reply[0][1]]
+
+    async def read_own_pending(self, partition: int, consumer: str, count: int) -> list[InboxEntry]:
+        """Entries this consumer read and has not acknowledged (after a Redis outage)."""
+        reply = await self.redis.xreadgroup(
+            GROUP, consumer, {keys.inbox_key(partition): "0"}, count=count
+        )
+        return [
+            _entry(entry_id, fields)
+            for _, entries in reply or []
+            for entry_id, fields in entries
+            if fields  # an entry trimmed away since shows up without its fields
+        ]
+
+    async def claim_stale(
+        self, partition: int, consumer: str, min_idle_ms: int, count: int
+    ) -> list[InboxEntry]:
+        """Take over entries another consumer read but never acknowledged (it crashed)."""
+        reply = await self.redis.xautoclaim(
+            keys.inbox_key(partition), GROUP, consumer, min_idle_ms, "0-0", count=count
+        )
+        return [_entry(i, f) for i, f in reply[1] if f]
+
+    async def ack(self, partition: int, entry_ids: Sequence[str]) -> None:
+        """Acknowledge and delete processed entries."""
+        if not entry_ids:
+            return
+        key = keys.inbox_key(partition)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xack(key, GROUP, *entry_ids)
+            pipe.xdel(key, *entry_ids)
+            await pipe.execute()
+
+    async def needs_drain(self, partition: int, stale_ms: int) -> bool:
+        """Whether a partition has unread entries, or read ones unacknowledged past ``stale_ms``."""
+        key = keys.inbox_key(partition)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xlen(key)
+            pipe.xpending(key, GROUP)
+            pipe.xpending_range(key, GROUP, min="-", max="+", count=1, idle=stale_ms)
+            try:
+                length, summary, stale = await pipe.execute()
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):
+                    return bool(await self.redis.xlen(key))
+                raise
+        return int(length) > int(summary["pending"]) or bool(stale)
+
+    async def delivery_counts(self, partition: int, entry_ids: Sequence[str]) -> dict[str, int]:
+        """How often each pending entry has been handed to a consumer."""
+        key = keys.inbox_key(partition)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for entry_id in entry_ids:
+                pipe.xpending_range(key, GROUP, min=entry_id, max=entry_id, count=1)
+            rows = await pipe.execute()
+        return {decode(row[0]["message_id"]): int(row[0]["times_delivered"]) for row in rows if row}
+
+    async def keep_waiting(self, partition: int, consumer: str, entry_ids: Sequence[str]) -> None:
+        """Entries held back only by a live claim on one of their messages (another worker's,
+        or a dead one's until its lease ends) are no failures: their delivery count starts
+        again, so a long lease never sends them to the dead letters."""
+        if entry_ids:
+            await self.redis.xclaim(
+                keys.inbox_key(partition),
+                GROUP,
+                consumer,
+                0,
+                list(entry_ids),
+                retrycount=0,
+                justid=True,
+            )
+
+    async def bury(self, partition: int, entries: Sequence[InboxEntry], reason: str) -> None:
+        """Move entries that keep failing to the dead-letter stream (kept, never dropped)."""
+        key = keys.inbox_key(partition)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for e in entries:
+                pipe.xadd(
+                    keys.DEAD_INBOX_KEY,
+                    {"t": e.payload, "from": e.entry_id, "why": reason, "r": e.request_id},
+                )
+            pipe.xack(key, GROUP, *[e.entry_id for e in entries])
+            pipe.xdel(key, *[e.entry_id for e in entries])
+            await pipe.execute()
+
+    # -- drain lock and wake flags ------------------------------------------------------
+    async def lock(self, partition: int, token: str, lease_ms: int) -> bool:
+        """Take or renew the partition's drain lock; False while another drain holds it."""
+        return bool(
+            await self.scripts.lock(keys=[keys.lock_key(partition)], args=[token, lease_ms])
+        )
+
+    async def unlock(self, partition: int, token: str) -> None:
+        await self.scripts.unlock(keys=[keys.lock_key(partition)], args=[token])
+
+    async def clear_wake(self, partition: int) -> None:
+        await self.redis.delete(keys.wake_key(partition))
+
+    async def set_wake(self, partition: int) -> bool:
+        return bool(await self.redis.set(keys.wake_key(partition), "1", nx=True, px=self.WAKE_MS))
+
+
+def _entry(entry_id: bytes | str, fields: dict[bytes, bytes]) -> InboxEntry:
+    return InboxEntry(decode(entry_id), fields[b"t"], decode(fields.get(b"r", b"")))

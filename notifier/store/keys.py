@@ -1,0 +1,124 @@
+"""Every Redis key and prefix the store writes, in one place.
+
+The names are part of the stored format: data written by an earlier version must still
+be found, so a key here is never renamed, only added.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import zlib
+
+PREFIX = "ntf"
+#: The consumer group every worker reads the inbox streams with.
+GROUP = "workers"
+
+
+# -- inbox (inbox.py) ----------------------------------------------------------------------
+def partition_of(merchant_id: str, shipment_id: str, partitions: int) -> int:
+    """The inbox partition of a shipment: stable, so its events stay in one stream."""
+    return zlib.crc32(f"{merchant_id}\x00{shipment_id}".encode()) % partitions
+
+
+def inbox_key(partition: int) -> str:
+    """A partition's inbox stream."""
+    return f"{PREFIX}:inbox:{partition}"
+
+
+def wake_key(partition: int) -> str:
+    """Set while a drain job for the partition is enqueued or running (the ingest script
+    builds it too: ``<inbox>:wake``)."""
+    return f"{inbox_key(partition)}:wake"
+
+
+def lock_key(partition: int) -> str:
+    """The partition's drain lock."""
+    return f"{inbox_key(partition)}:lock"
+
+
+#: Inbox entries that kept failing, moved aside (a stream; never dropped).
+DEAD_INBOX_KEY = f"{PREFIX}:inbox:dead"
+
+#: Event ids seen lately live in hash buckets, not one key each: a key costs Redis
+#: ~80 bytes of its own, a field in a small (listpack) hash ~20. A bucket belongs to a
+#: generation of ``idempotency_ttl_s`` (by Redis's clock); ids are looked up in the
+#: current and the previous generation and expire with their bucket, so an id is
+#: remembered at least ``idempotency_ttl_s`` and at most twice that. 16,384 buckets
+#: stay small hashes (Redis's default 128 fields) up to about two million events per
+#: generation. (Their own prefix: a pre-0.5 key ``ntf:evt:<merchant>:<event id>`` can
+#: never be mistaken for a bucket.)
+EVENT_BUCKET_BITS = 14
+EVENT_BUCKET_PREFIX = f"{PREFIX}:evb:"
+
+
+def event_slot(merchant_id: str, event_id: str) -> tuple[int, str]:
+    """(bucket number, field) of an event id: a 128-bit hash of it picks the bucket
+    (14 bits) and 96 more bits of it, in base64, are the field."""
+    digest = hashlib.blake2b(f"{merchant_id}\x00{event_id}".encode(), digest_size=16).digest()
+    bucket = int.from_bytes(digest[:2]) >> (16 - EVENT_BUCKET_BITS)
+    return bucket, base64.b64encode(digest[2:14]).decode()
+
+
+def event_bucket_key(generation: int, bucket: int) -> str:
+    """An event-id bucket (the ingest script builds it from ``EVENT_BUCKET_PREFIX``)."""
+    return f"{EVENT_BUCKET_PREFIX}{generation}:{bucket}"
+
+
+def legacy_event_key(merchant_id: str, event_id: str) -> str:
+    """Where notifier before 0.5 kept an event id, a key each (still honoured until
+    those keys expire)."""
+    return f"{PREFIX}:evt:{merchant_id}:{event_id}"
+
+
+# -- shipments (shipments.py) --------------------------------------------------------------
+def state_key(merchant_id: str, shipment_id: str) -> str:
+    """A shipment's state hash: version ``v``, packed state ``s``, history count ``hn``."""
+    return f"{PREFIX}:shp:{merchant_id}:{shipment_id}"
+
+
+def history_key(merchant_id: str, shipment_id: str) -> str:
+    """A shipment's decisions, oldest first (a list)."""
+    return f"{PREFIX}:hist:{merchant_id}:{shipment_id}"
+
+
+#: Shipments by the epoch ms they count as stalled (a sorted set of ``stall_member``).
+STALL_KEY = f"{PREFIX}:stall"
+
+
+def stall_member(merchant_id: str, shipment_id: str) -> str:
+    # merchant ids have no ":", so the first one splits the two
+    return f"{merchant_id}:{shipment_id}"
+
+
+def tracking_key(merchant_id: str, tracking_number: str) -> str:
+    """The shipments that carried a tracking number (a set)."""
+    return f"{PREFIX}:trk:{merchant_id}:{tracking_number}"
+
+
+# -- ledger (ledger.py) --------------------------------------------------------------------
+def notification_key(notification_id: str) -> str:
+    """A notification's ledger entry (a hash)."""
+    return f"{PREFIX}:msg:{notification_id}"
+
+
+#: Notification ids by the epoch ms they are due (deferred ones and retries).
+DUE_KEY = f"{PREFIX}:due"
+#: Notifications that failed for good (a list of ids).
+DEAD_LETTER_KEY = f"{PREFIX}:dead"
+
+
+def provider_key(provider: str, message_id: str) -> str:
+    """Our notification id for a provider's message id."""
+    return f"{PREFIX}:pid:{provider}:{message_id}"
+
+
+# -- opt-outs (optouts.py) -----------------------------------------------------------------
+def optout_key(merchant_id: str) -> str:
+    """The channel addresses that opted out of a merchant's messages (a set)."""
+    return f"{PREFIX}:optout:{merchant_id}"
+
+
+# -- health (health.py) --------------------------------------------------------------------
+#: merchant -> when a worker last met its broken own files (ms); workers write it
+OVERRIDES_KEY = f"{PREFIX}:overrides:hits"

@@ -1,0 +1,79 @@
+-- commit: per shipment, compare-and-set its state version. Where it still matches: the new
+-- state, the decisions appended to the history (trimmed to the cap), the ledger entries of
+-- new notifications, and the stall and due indexes. A shipment whose version moved (another
+-- worker got there first) is left untouched, its new notifications too, and reported as a
+-- conflict for the caller to re-decide. A ledger entry that exists already is kept as it is.
+--
+-- KEYS[1]: the stall index (zset of '<merchant>:<shipment>' by deadline ms)
+-- KEYS[2]: the due index (zset of notification ids by due ms)
+-- then per shipment: its state hash, its history list, and the ledger hash of each new
+--   notification
+-- ARGV[1]: the default lifetime of state, history and new ledger entries, seconds
+-- ARGV[2]: the history cap (entries kept)
+-- ARGV[3]: the number of shipments
+-- ARGV[4]: now, ISO (each new ledger entry's 'created')
+-- ARGV[5]: the ledger key prefix (the due index holds ids, not keys)
+-- then per shipment: the expected version, the new state, its stall member, its stall
+--   deadline ms ('' takes it off the stall index), the number of history entries nh, its
+--   lifetime in seconds ('' = ARGV[1]), the nh entries, the number of notifications nn, and
+--   per notification its ledger state, due ms ('' = not due-indexed) and payload
+-- Returns the positions (1-based) of the shipments that conflicted.
+
+local ttl = tonumber(ARGV[1])
+local cap = tonumber(ARGV[2])
+local shipments = tonumber(ARGV[3])
+local now = ARGV[4]
+local stall, dueidx = KEYS[1], KEYS[2]
+local a = 6
+local k = 3
+local conflicts = {}
+for s = 1, shipments do
+  local skey, hkey = KEYS[k], KEYS[k + 1]
+  k = k + 2
+  local expected, newstate, member, deadline, nh, sttl =
+    ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4]), ARGV[a + 5]
+  if sttl ~= '' then sttl = tonumber(sttl) else sttl = ttl end
+  a = a + 6
+  local current = redis.call('HGET', skey, 'v') or '0'
+  local ok = (current == expected)
+  if ok then
+    redis.call('HSET', skey, 'v', tostring(tonumber(current) + 1), 's', newstate)
+    redis.call('EXPIRE', skey, sttl)
+    if deadline == '' then
+      redis.call('ZREM', stall, member)
+    else
+      redis.call('ZADD', stall, deadline, member)
+    end
+    if nh > 0 and redis.call('HEXISTS', skey, 'hn') == 0 then
+      -- every entry ever appended, for the history API's positions; a shipment from before
+      -- the counter starts from what its history holds
+      redis.call('HSET', skey, 'hn', redis.call('LLEN', hkey))
+    end
+    for i = 0, nh - 1 do
+      redis.call('RPUSH', hkey, ARGV[a + i])
+    end
+    if nh > 0 then
+      redis.call('LTRIM', hkey, -cap, -1)
+      redis.call('EXPIRE', hkey, sttl)
+      redis.call('HINCRBY', skey, 'hn', nh)
+    end
+  else
+    table.insert(conflicts, s)
+  end
+  a = a + nh
+  local nn = tonumber(ARGV[a])
+  a = a + 1
+  for i = 0, nn - 1 do
+    local st, due, payload = ARGV[a + 3 * i], ARGV[a + 3 * i + 1], ARGV[a + 3 * i + 2]
+    if ok and redis.call('HSETNX', KEYS[k + i], 'st', st) == 1 then
+      redis.call('HSET', KEYS[k + i], 'p', payload, 'created', now, 'attempts', '0', 'due', due)
+      redis.call('EXPIRE', KEYS[k + i], sttl)
+      if due ~= '' then
+        redis.call('ZADD', dueidx, due, string.sub(KEYS[k + i], string.len(ARGV[5]) + 1))
+      end
+    end
+  end
+  k = k + nn
+  a = a + 3 * nn
+end
+return conflicts

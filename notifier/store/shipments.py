@@ -1,0 +1,173 @@
+"""Shipments: their state, the commit that records decisions, their history, the stall
+index and the tracking-number index.
+
+A worker loads the states of a batch, decides, and commits every shipment in one script
+call that compares and sets each state's version: a shipment another worker got to first
+comes back as a conflict, to be decided again from what that worker wrote.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from notifier.packing import HISTORY, STATE, pack, unpack
+from notifier.state import ShipmentState
+from notifier.store import keys
+from notifier.store.base import StoreBase, awaited, decode
+
+
+@dataclass(frozen=True, slots=True)
+class ShipmentCommit:
+    """What one shipment's processing wants to write, guarded by the version it read."""
+
+    merchant_id: str
+    shipment_id: str
+    expected_version: int
+    state: ShipmentState
+    history: list[bytes]
+    #: (notification id, initial ledger state, due epoch ms or "", payload)
+    notifications: list[tuple[str, str, str, bytes]]
+    #: epoch ms when the shipment counts as stalled; None takes it off the stall index
+    stall_at_ms: int | None = None
+    #: how long its state, history and new ledger entries live (None: the store's default)
+    ttl_s: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPage:
+    """A page of a shipment's decisions."""
+
+    decisions: list[dict[str, Any]]
+    #: decisions ever recorded for the shipment
+    total: int
+    #: the oldest ones no longer kept (the history keeps the latest ``history_cap``)
+    trimmed: int
+    #: where the next page starts, None at the end
+    next_cursor: int | None
+
+
+class Shipments(StoreBase):
+    """Shipment state, decisions and history."""
+
+    async def load_states(
+        self, shipments: Sequence[tuple[str, str]]
+    ) -> list[tuple[int, ShipmentState | None]]:
+        """(version, state) per (merchant_id, shipment_id); version 0 and None when unknown."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for merchant_id, shipment_id in shipments:
+                pipe.hmget(keys.state_key(merchant_id, shipment_id), ["v", "s"])
+            rows = await pipe.execute()
+        out: list[tuple[int, ShipmentState | None]] = []
+        for version, raw in rows:
+            state = ShipmentState.model_validate_json(unpack(raw)) if raw else None
+            out.append((int(version or 0), state))
+        return out
+
+    async def commit(self, commits: Sequence[ShipmentCommit], now_iso: str) -> list[int]:
+        """Write all commits whose version still matches; return indexes that conflicted."""
+        if not commits:
+            return []
+        names: list[str] = [keys.STALL_KEY, keys.DUE_KEY]
+        args: list[Any] = [
+            self.state_ttl_s,
+            self.history_cap,
+            len(commits),
+            now_iso,
+            keys.notification_key(""),
+        ]
+        for c in commits:
+            names += [
+                keys.state_key(c.merchant_id, c.shipment_id),
+                keys.history_key(c.merchant_id, c.shipment_id),
+            ]
+            names += [keys.notification_key(nid) for nid, *_ in c.notifications]
+            args += [
+                str(c.expected_version),
+                pack(c.state.model_dump_json(exclude_defaults=True).encode(), STATE),
+                keys.stall_member(c.merchant_id, c.shipment_id),
+                "" if c.stall_at_ms is None else c.stall_at_ms,
+                len(c.history),
+                "" if c.ttl_s is None else c.ttl_s,
+                *(pack(entry, HISTORY) for entry in c.history),
+                len(c.notifications),
+            ]
+            for _, st, due, payload in c.notifications:
+                args += [st, due, payload]
+        conflicts = await self.scripts.commit(keys=names, args=args)
+        return [int(i) - 1 for i in conflicts]
+
+    # -- history ------------------------------------------------------------------------
+    async def history(self, merchant_id: str, shipment_id: str) -> list[dict[str, Any]]:
+        """The recorded decisions of a shipment, oldest first."""
+        key = keys.history_key(merchant_id, shipment_id)
+        rows = await awaited(self.redis.lrange(key, 0, -1))
+        return [orjson.loads(unpack(r)) for r in rows]
+
+    async def history_page(
+        self, merchant_id: str, shipment_id: str, cursor: int | None, limit: int
+    ) -> HistoryPage:
+        """Up to ``limit`` decisions from position ``cursor`` (counted over every decision
+        ever recorded for the shipment, oldest first; None: the oldest one still kept)."""
+        total, first, start, rows = await self.scripts.history_page(
+            keys=[
+                keys.state_key(merchant_id, shipment_id),
+                keys.history_key(merchant_id, shipment_id),
+            ],
+            args=[-1 if cursor is None else cursor, limit],
+        )
+        decisions = [orjson.loads(unpack(r)) for r in rows]
+        end = int(start) + len(decisions)
+        total, first = int(total), int(first)
+        return HistoryPage(decisions, total, first, end if end < total else None)
+
+    async def record_test(self, merchant_id: str, shipment_id: str, entry: dict[str, Any]) -> None:
+        """Append a test send to a shipment's history (kept like any history)."""
+        key = keys.history_key(merchant_id, shipment_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.rpush(key, pack(orjson.dumps(entry), HISTORY))
+            pipe.ltrim(key, -self.history_cap, -1)
+            pipe.expire(key, self.state_ttl_s)
+            await pipe.execute()
+
+    # -- stalled shipments --------------------------------------------------------------
+    async def due_stalls(self, now_ms: int, limit: int) -> list[tuple[str, str, int]]:
+        """(merchant_id, shipment_id, deadline ms) of shipments stalled by ``now_ms``."""
+        rows = await awaited(
+            self.redis.zrangebyscore(
+                keys.STALL_KEY, "-inf", now_ms, start=0, num=limit, withscores=True
+            )
+        )
+        out = []
+        for member, score in rows:
+            merchant_id, _, shipment_id = decode(member).partition(":")
+            out.append((merchant_id, shipment_id, int(score)))
+        return out
+
+    async def drop_stall(self, merchant_id: str, shipment_id: str, deadline_ms: int) -> None:
+        """Take a shipment off the stall index unless its deadline moved meanwhile."""
+        await self.scripts.drop_stall(
+            keys=[keys.STALL_KEY], args=[keys.stall_member(merchant_id, shipment_id), deadline_ms]
+        )
+
+    # -- tracking numbers ---------------------------------------------------------------
+    async def index_tracking(self, entries: Sequence[tuple[str, str, str]]) -> None:
+        """Remember which shipments carry a tracking number ((merchant, tracking number,
+        shipment) each), for the editor's timeline search; kept as long as shipment state."""
+        if not entries:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for merchant_id, tracking_number, shipment_id in entries:
+                key = keys.tracking_key(merchant_id, tracking_number)
+                pipe.sadd(key, shipment_id)
+                pipe.expire(key, self.state_ttl_s)
+            await pipe.execute()
+
+    async def shipments_tracked_as(self, merchant_id: str, tracking_number: str) -> list[str]:
+        """The merchant's shipments that carried ``tracking_number`` (at most 50)."""
+        key = keys.tracking_key(merchant_id, tracking_number)
+        members = await awaited(self.redis.srandmember(key, 50))
+        return sorted(decode(m) for m in members or [])
