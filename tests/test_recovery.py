@@ -256,3 +256,29 @@ async def test_claims_that_lapse_while_rendering_are_left_to_their_new_holder(
         assert len(report.delivery.busy) == 2
         assert report.unsettled  # the entry waits for the new holder
         assert outbox_files(settings) == []
+
+
+async def test_a_merchant_template_error_quoting_data_does_not_log_it(
+    tmp_path: Path, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A template error's message can quote the data it failed on (a recipient's name as a
+    missing key): the log says where and what kind, the message goes out with the defaults."""
+    templates = tmp_path / "templates"
+    shutil.copytree(data_dir("templates", None), templates)
+    own = templates / "acme" / "messages"
+    own.mkdir(parents=True)
+    default = (templates / "messages" / "out_for_delivery.jinja").read_text()
+    (own / "out_for_delivery.jinja").write_text(
+        default + "{%- macro sms() -%}{{ {}[recipient.name] }}{%- endmacro -%}\n"
+    )
+    settings = make_settings(tmp_path, redis_url=redis_url, templates_dir=templates)
+    name = "Zebulon Quaxworth"
+    recipient = {**transition()["recipient"], "name": name}
+    async with TestClient(TestServer(create_app(settings))) as client:
+        await post(client, transition(recipient=recipient))
+        with caplog.at_level("DEBUG"):
+            await run_worker(settings)
+    assert len(outbox_files(settings)) == 2  # sent with the default wording
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "merchant acme: messages/out_for_delivery.jinja, line 7: UndefinedError" in logged
+    assert "Zebulon" not in logged and "Quaxworth" not in logged

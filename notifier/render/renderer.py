@@ -211,6 +211,16 @@ YIELD_S = 0.05
 EXHAUSTED = (LimitExceeded, MemoryError, RecursionError)
 
 
+def _data_free(exc: RenderError) -> str:
+    """What a render failure is, for the log: a template's own mistakes (its syntax, a
+    limit) in full; otherwise where it happened and the kind of error, never its message,
+    which can quote the data (``'dict object' has no attribute 'Ana Lima'``)."""
+    cause = exc.__cause__
+    if cause is None or isinstance(cause, (TemplateSyntaxError, *EXHAUSTED)):
+        return str(exc)
+    return f"{where(cause) or 'a template'}: {type(cause).__name__} (details not logged)"
+
+
 class Renderer:
     """Renders notifications with the merchant's layered templates in the recipient's locale.
 
@@ -560,7 +570,8 @@ class Renderer:
                 with self._lock:
                     self.over_limit[n.merchant_id] = why
             else:
-                why = f"{exc}: messages this breaks use the default templates until it is fixed"
+                why = f"{_data_free(exc)}: messages this breaks use the default templates until "
+                why += "it is fixed"
             self._disable(n.merchant_id, why)
             return message
 
