@@ -1,0 +1,546 @@
+"""The store's Lua scripts, one contract at a time, on the real redis-server: what each
+writes, what it refuses and what it answers (the headers of notifier/store/lua/*.lua).
+
+Every expectation reads Redis itself, not only what the store answers: a script that
+wrote a field too many, overwrote another worker's claim or half-applied a refused commit
+fails here."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import orjson
+import pytest
+from arq.connections import ArqRedis
+
+from notifier.state import ShipmentState
+from notifier.store import (
+    Admission,
+    ClaimResult,
+    IngestItem,
+    ShipmentCommit,
+    Store,
+    body_digest,
+    keys,
+    wake,
+)
+
+#: The tests' "now" in epoch ms (the scripts take it as an argument, never from a clock).
+NOW_MS = 1_795_000_000_000
+NOW_ISO = "2026-11-18T10:13:20+00:00"
+LEASE_MS = 60_000
+IDEMPOTENCY_TTL_S = 86_400
+STATE_TTL_S = 7 * 86_400
+
+
+@pytest.fixture
+async def store(redis_url: str) -> AsyncIterator[Store]:
+    redis = ArqRedis.from_url(redis_url)
+    yield Store(
+        redis,
+        partitions=4,
+        idempotency_ttl_s=IDEMPOTENCY_TTL_S,
+        state_ttl_s=STATE_TTL_S,
+        history_cap=3,
+    )
+    await redis.aclose()
+
+
+async def snapshot(redis: ArqRedis) -> dict[bytes, bytes]:
+    """Every key and its serialized value (DUMP): equal snapshots, equal data."""
+    return {key: await redis.dump(key) for key in sorted(await redis.keys("*"))}
+
+
+def shipment(
+    shipment_id: str,
+    version: int = 0,
+    *,
+    history: Sequence[dict[str, Any]] = (),
+    notifications: Sequence[tuple[str, str, str, bytes]] = (),
+    stall_at_ms: int | None = None,
+    ttl_s: int | None = None,
+) -> ShipmentCommit:
+    """A commit of shipment ``acme/<shipment_id>`` read at ``version``; its state counts the
+    commit (``events``), so two commits' states differ."""
+    state = ShipmentState(merchant_id="acme", shipment_id=shipment_id, events=version + 1)
+    return ShipmentCommit(
+        "acme",
+        shipment_id,
+        version,
+        state,
+        [orjson.dumps(h) for h in history],
+        list(notifications),
+        stall_at_ms=stall_at_ms,
+        ttl_s=ttl_s,
+    )
+
+
+def pending(nid: str) -> tuple[str, str, str, bytes]:
+    return (nid, "pending", "", f"payload-{nid}".encode())
+
+
+def deferred(nid: str, due_ms: int) -> tuple[str, str, str, bytes]:
+    return (nid, "deferred", str(due_ms), f"payload-{nid}".encode())
+
+
+async def ledger_entries(store: Store, *notifications: tuple[str, str, str, bytes]) -> None:
+    assert await store.commit([shipment("s-ledger", notifications=notifications)], NOW_ISO) == []
+
+
+async def entry(store: Store, nid: str) -> dict[str, str]:
+    raw = await store.redis.hgetall(keys.notification_key(nid))
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+# -- ingest ------------------------------------------------------------------------------
+
+
+def event(event_id: str, shipment_id: str = "s1", body: Any = None) -> IngestItem:
+    body = {"event_id": event_id} if body is None else body
+    return ("acme", shipment_id, event_id, orjson.dumps(body), body_digest(body), "req-1")
+
+
+def shipment_in(store: Store, partition: int) -> str:
+    """A shipment id whose events go to ``partition``."""
+    return next(f"s{i}" for i in range(100) if store.partition_of("acme", f"s{i}") == partition)
+
+
+async def test_ingest_accepts_a_new_event_once_and_refuses_another_body_under_its_id(
+    store: Store,
+) -> None:
+    redis, inbox = store.redis, keys.inbox_key(store.partition_of("acme", "s1"))
+    first = event("e1")
+    assert (await store.ingest([first]))[0] == [Admission.ACCEPTED]
+    [(_, fields)] = await redis.xrange(inbox)
+    assert fields == {b"t": first[3], b"r": b"req-1"}
+    # the id is recorded with the body's digest, in its generation's bucket
+    [bucket] = await redis.keys(f"{keys.EVENT_BUCKET_PREFIX}*")
+    generation = int(bucket.decode().split(":")[2])
+    number, field = keys.event_slot("acme", "e1")
+    assert bucket.decode() == keys.event_bucket_key(generation, number)
+    assert await redis.hgetall(bucket) == {field.encode(): first[4].encode()}
+    # it lives through its generation and the next
+    assert await redis.expiretime(bucket) == (generation + 2) * IDEMPOTENCY_TTL_S
+
+    assert (await store.ingest([event("e1")]))[0] == [Admission.DUPLICATE]
+    other = event("e1", body={"event_id": "e1", "status": "delivered"})
+    assert (await store.ingest([other]))[0] == [Admission.CONFLICT]
+    assert await redis.xlen(inbox) == 1
+    assert await redis.hgetall(bucket) == {field.encode(): first[4].encode()}
+    # within one call too: the first of an id is accepted, what follows is judged against it
+    again = event("e2", body={"event_id": "e2", "n": 2})
+    assert (await store.ingest([event("e2"), event("e2"), again]))[0] == [
+        Admission.ACCEPTED,
+        Admission.DUPLICATE,
+        Admission.CONFLICT,
+    ]
+    assert await redis.xlen(inbox) == 2
+
+
+async def test_ingest_honours_ids_recorded_before(store: Store) -> None:
+    redis = store.redis
+    assert (await store.ingest([event("e1")]))[0] == [Admission.ACCEPTED]
+    [bucket] = await redis.keys(f"{keys.EVENT_BUCKET_PREFIX}*")
+    generation = int(bucket.decode().split(":")[2])
+    # an id of the previous generation is still known
+    number, field = keys.event_slot("acme", "e2")
+    await redis.hset(keys.event_bucket_key(generation - 1, number), field, event("e2")[4])
+    # an id recorded before 0.6, without a digest, and a pre-0.5 key of its own
+    number, field = keys.event_slot("acme", "e3")
+    await redis.hset(keys.event_bucket_key(generation, number), field, "")
+    await redis.set(keys.legacy_event_key("acme", "e4"), "1")
+    before = await redis.xlen(keys.inbox_key(store.partition_of("acme", "s1")))
+    admissions, _ = await store.ingest([event("e2"), event("e3"), event("e4")])
+    assert admissions == [Admission.DUPLICATE] * 3
+    assert await redis.xlen(keys.inbox_key(store.partition_of("acme", "s1"))) == before
+
+
+async def test_ingest_wakes_a_partition_once_per_window(store: Store) -> None:
+    redis = store.redis
+    one, two = shipment_in(store, 1), shipment_in(store, 2)
+    assert await store.ingest([event("a", one), event("b", one)]) == (
+        [Admission.ACCEPTED] * 2,
+        [1],
+    )
+    assert 0 < await redis.pttl(keys.wake_key(1)) <= store.WAKE_MS
+    # the flag is up: more events for it wake nobody; another partition wakes
+    assert (await store.ingest([event("c", one), event("d", two)]))[1] == [2]
+    # a drain that let go clears it; a call that stores nothing sets none
+    await store.clear_wake(1)
+    assert (await store.ingest([event("a", one)]))[1] == []
+    assert await redis.exists(keys.wake_key(1)) == 0
+    assert (await store.ingest([event("e", one)]))[1] == [1]
+
+
+async def test_wake_enqueues_a_drain_job_per_partition(store: Store) -> None:
+    await wake(store.redis, [1, 3])
+    jobs = await store.redis.queued_jobs()
+    assert sorted((j.function, tuple(j.args)) for j in jobs) == [("drain", (1,)), ("drain", (3,))]
+
+
+# -- commit ------------------------------------------------------------------------------
+
+
+async def test_a_fresh_commit_writes_state_history_ledger_and_indexes(store: Store) -> None:
+    redis = store.redis
+    commit = shipment(
+        "s1",
+        history=[{"d": 1}, {"d": 2}],
+        notifications=[pending("n1"), deferred("n2", NOW_MS + 5000)],
+        stall_at_ms=NOW_MS + 86_400_000,
+    )
+    short = shipment("s2", history=[{"d": 3}], notifications=[pending("n3")], ttl_s=100)
+    assert await store.commit([commit, short], NOW_ISO) == []
+
+    assert await store.load_states([("acme", "s1"), ("acme", "s2"), ("acme", "s9")]) == [
+        (1, commit.state),
+        (1, short.state),
+        (0, None),
+    ]
+    assert await store.history("acme", "s1") == [{"d": 1}, {"d": 2}]
+    assert await redis.hget(keys.state_key("acme", "s1"), "hn") == b"2"
+    assert await entry(store, "n1") == {
+        "st": "pending",
+        "p": "payload-n1",
+        "created": NOW_ISO,
+        "attempts": "0",
+        "due": "",
+    }
+    assert (await entry(store, "n2"))["due"] == str(NOW_MS + 5000)
+    assert await redis.zrange(keys.DUE_KEY, 0, -1, withscores=True) == [(b"n2", NOW_MS + 5000)]
+    assert await redis.zrange(keys.STALL_KEY, 0, -1, withscores=True) == [
+        (b"acme:s1", NOW_MS + 86_400_000)
+    ]
+    for key in (keys.state_key("acme", "s1"), keys.history_key("acme", "s1")):
+        assert STATE_TTL_S - 60 < await redis.ttl(key) <= STATE_TTL_S
+    for key in (
+        keys.state_key("acme", "s2"),
+        keys.history_key("acme", "s2"),
+        keys.notification_key("n3"),
+    ):
+        assert 0 < await redis.ttl(key) <= 100
+
+
+async def test_a_commit_whose_version_moved_is_refused_and_changes_nothing(store: Store) -> None:
+    redis = store.redis
+    first = shipment("s1", history=[{"d": 1}], notifications=[pending("n1")], stall_at_ms=NOW_MS)
+    assert await store.commit([first], NOW_ISO) == []
+    before = await snapshot(redis)
+    # a worker that read version 0 too, committing beside another shipment
+    stale = shipment(
+        "s1",
+        0,
+        history=[{"d": "stale"}],
+        notifications=[pending("n2"), deferred("n3", NOW_MS)],
+        stall_at_ms=None,
+    )
+    other = shipment("s2")
+    assert await store.commit([other, stale], NOW_ISO) == [1]
+    after = await snapshot(redis)
+    assert after.pop(keys.state_key("acme", "s2").encode())
+    assert after == before  # s1, its history, the ledger and both indexes as they were
+
+    # the version it moved to commits, and a stall of None takes it off the stall index
+    assert await store.commit([shipment("s1", 1, notifications=[pending("n2")])], NOW_ISO) == []
+    assert (await store.load_states([("acme", "s1")]))[0][0] == 2
+    assert await redis.zscore(keys.STALL_KEY, "acme:s1") is None
+    assert (await entry(store, "n2"))["st"] == "pending"
+
+
+async def test_a_commit_never_creates_a_notification_twice(store: Store) -> None:
+    await ledger_entries(store, pending("n1"))
+    await store.claim(["n1"], NOW_MS, LEASE_MS, owner="A")
+    claimed = await entry(store, "n1")
+    again = shipment("s-ledger", 1, notifications=[("n1", "pending", "", b"other")])
+    assert await store.commit([again], NOW_ISO) == []
+    assert await entry(store, "n1") == claimed
+
+
+# -- claim -------------------------------------------------------------------------------
+
+
+async def test_claim_takes_a_pending_notification(store: Store) -> None:
+    await ledger_entries(store, pending("n1"))
+    assert await store.claim(["n1"], NOW_MS, LEASE_MS, owner="A") == [
+        (ClaimResult.FRESH, b"payload-n1")
+    ]
+    assert await entry(store, "n1") == {
+        "st": "sending",
+        "p": "payload-n1",
+        "created": NOW_ISO,
+        "attempts": "1",
+        "due": "",
+        "claimed": str(NOW_MS),
+        "owner": "A",
+    }
+
+
+async def test_a_live_claim_is_busy_and_an_expired_one_is_reclaimed(store: Store) -> None:
+    await ledger_entries(store, pending("n1"))
+    await store.claim(["n1"], NOW_MS, LEASE_MS, owner="A")
+    held = await entry(store, "n1")
+    # to the last millisecond of its lease, the claim is A's
+    assert await store.claim(["n1"], NOW_MS + LEASE_MS, LEASE_MS, owner="B") == [
+        (ClaimResult.BUSY, None)
+    ]
+    assert await entry(store, "n1") == held
+    later = NOW_MS + LEASE_MS + 1
+    assert await store.claim(["n1"], later, LEASE_MS, owner="B") == [
+        (ClaimResult.RECLAIMED, b"payload-n1")
+    ]
+    assert await entry(store, "n1") == held | {
+        "claimed": str(later),
+        "owner": "B",
+        "attempts": "2",
+    }
+
+
+async def test_a_deferred_notification_is_claimed_only_when_due_and_asked_for(
+    store: Store,
+) -> None:
+    due = NOW_MS + 1000
+    await ledger_entries(store, deferred("n1", due))
+    waiting = (ClaimResult.DEFERRED, str(due).encode())
+    assert await store.claim(["n1"], due + 5000, LEASE_MS, owner="A") == [waiting]
+    assert await store.claim(["n1"], due - 1, LEASE_MS, due=True, owner="A") == [waiting]
+    assert (await entry(store, "n1"))["st"] == "deferred"
+    assert await store.claim(["n1"], due, LEASE_MS, due=True, owner="A") == [
+        (ClaimResult.FRESH, b"payload-n1")
+    ]
+    assert (await entry(store, "n1"))["st"] == "sending"
+
+
+async def test_claim_finds_nothing_to_do_in_settled_unknown_or_emptied_entries(
+    store: Store,
+) -> None:
+    await ledger_entries(store, pending("sent"), pending("failed"), pending("n1"))
+    await store.mark_sent([("sent", NOW_ISO, "outbox:x")])
+    await store.mark_failed("failed", "bounced")
+    await store.redis.hdel(keys.notification_key("n1"), "p")  # pending without its payload
+    before = await snapshot(store.redis)
+    ids = ["sent", "gone", "failed", "n1"]
+    assert (
+        await store.claim(ids, NOW_MS, LEASE_MS, due=True, owner="A")
+        == [(ClaimResult.NONE, None)] * 4
+    )
+    assert await snapshot(store.redis) == before
+
+
+async def test_claim_answers_each_notification_in_order(store: Store) -> None:
+    await ledger_entries(store, pending("a"), deferred("b", NOW_MS + 1), pending("c"))
+    await store.claim(["c"], NOW_MS, LEASE_MS, owner="other")
+    assert await store.claim(["c", "x", "b", "a"], NOW_MS, LEASE_MS, owner="A") == [
+        (ClaimResult.BUSY, None),
+        (ClaimResult.NONE, None),
+        (ClaimResult.DEFERRED, str(NOW_MS + 1).encode()),
+        (ClaimResult.FRESH, b"payload-a"),
+    ]
+
+
+# -- settle (renew, release, sent, failed, cancelled) -------------------------------------
+
+
+async def test_settling_is_refused_to_a_worker_whose_claim_was_taken_over(store: Store) -> None:
+    redis = store.redis
+    await ledger_entries(store, pending("n1"), pending("n2"))
+    await store.claim(["n1", "n2"], NOW_MS, LEASE_MS, owner="A")
+    await store.claim(["n1"], NOW_MS + LEASE_MS + 1, LEASE_MS, owner="B")
+    taken = await entry(store, "n1")
+    # A's round ends late: whatever it records, n1 stays B's
+    assert await store.renew(["n1", "n2"], "A", NOW_MS + LEASE_MS + 2) == ["n2"]
+    await store.release(["n1"], "A")
+    await store.mark_sent([("n1", NOW_ISO, "twilio:SM1")], owner="A")
+    await store.mark_failed("n1", "bounced", owner="A")
+    await store.cancel("n1", "superseded", owner="A")
+    await store.reschedule("n1", NOW_MS + 9000, "timeout", owner="A")
+    assert await entry(store, "n1") == taken
+    assert await store.by_provider_id("twilio", "SM1") is None
+    assert await redis.llen(keys.DEAD_LETTER_KEY) == 0
+    assert await redis.zscore(keys.DUE_KEY, "n1") is None
+    assert (await entry(store, "n2"))["claimed"] == str(NOW_MS + LEASE_MS + 2)
+
+    # B's outcome lands: sent, without its payload and claim (nor empty fields), same TTL
+    await store.mark_sent([("n1", NOW_ISO, "twilio:SM2")], owner="B", summaries={"n1": "Hi"})
+    assert await entry(store, "n1") == {
+        "st": "sent",
+        "created": NOW_ISO,
+        "attempts": "2",
+        "sent": NOW_ISO,
+        "detail": "twilio:SM2",
+        "summary": "Hi",
+    }
+    assert STATE_TTL_S - 60 < await redis.ttl(keys.notification_key("n1")) <= STATE_TTL_S
+    assert await store.by_provider_id("twilio", "SM2") == "n1"
+
+
+async def test_a_released_claim_is_taken_over_at_once(store: Store) -> None:
+    await ledger_entries(store, pending("n1"))
+    await store.claim(["n1"], NOW_MS, LEASE_MS, owner="A")
+    await store.release(["n1"], "A")
+    assert (await entry(store, "n1"))["claimed"] == "0"
+    assert await store.claim(["n1"], NOW_MS + 1, LEASE_MS, owner="B") == [
+        (ClaimResult.RECLAIMED, b"payload-n1")
+    ]
+
+
+async def test_failed_and_cancelled_entries_keep_what_they_need(store: Store) -> None:
+    await ledger_entries(store, pending("n1"), pending("n2"))
+    await store.claim(["n1", "n2"], NOW_MS, LEASE_MS, owner="A")
+    # without an owner (the dead-letter tools), no owner check
+    await store.mark_failed("n1", "bounced")
+    failed = await entry(store, "n1")
+    assert failed["st"] == "failed" and failed["error"] == "bounced"
+    assert failed["p"] == "payload-n1"  # kept for whoever looks into the dead letters
+    assert await store.redis.lrange(keys.DEAD_LETTER_KEY, 0, -1) == [b"n1"]
+    await store.cancel("n2", "opted out", owner="A")
+    assert await entry(store, "n2") == {
+        "st": "cancelled",
+        "detail": "opted out",
+        "created": NOW_ISO,
+        "attempts": "1",
+    }
+
+
+async def test_settling_never_creates_an_entry(store: Store) -> None:
+    await store.mark_sent([("gone", NOW_ISO, "sendgrid:abc")])
+    await store.mark_failed("gone", "bounced")
+    await store.cancel("gone", "superseded")
+    await store.reschedule("gone", NOW_MS, "timeout")
+    assert await store.renew(["gone"], "", NOW_MS) == []
+    assert not await store.provider_status("gone", "delivered", 3)
+    assert await store.redis.keys("*") == []
+
+
+# -- reschedule, the due index, fallbacks, provider statuses --------------------------------
+
+
+async def test_reschedule_defers_the_entry_and_indexes_it_together(store: Store) -> None:
+    await ledger_entries(store, pending("n1"))
+    await store.claim(["n1"], NOW_MS, LEASE_MS, owner="A")
+    due = NOW_MS + 7000
+    await store.reschedule("n1", due, "provider hiccup", owner="A")
+    got = await entry(store, "n1")
+    assert (got["st"], got["due"], got["error"]) == ("deferred", str(due), "provider hiccup")
+    assert await store.redis.zscore(keys.DUE_KEY, "n1") == due
+    assert await store.due(due - 1, 10) == []
+    assert await store.due(due, 10) == ["n1"]
+    assert await store.claim(["n1"], due, LEASE_MS, due=True, owner="B") == [
+        (ClaimResult.FRESH, b"payload-n1")
+    ]
+
+
+async def test_the_due_index_is_read_oldest_first_and_unscheduled_only_when_due(
+    store: Store,
+) -> None:
+    await ledger_entries(
+        store, deferred("c", NOW_MS + 3), deferred("a", NOW_MS + 1), deferred("b", NOW_MS + 2)
+    )
+    assert await store.due(NOW_MS + 3, 10) == ["a", "b", "c"]
+    assert await store.due(NOW_MS + 3, 2) == ["a", "b"]
+    assert await store.due(NOW_MS + 2, 10) == ["a", "b"]
+    # "c" was rescheduled past now meanwhile: it stays
+    await store.unschedule(["a", "c", "unknown"], NOW_MS + 2)
+    assert await store.redis.zrange(keys.DUE_KEY, 0, -1) == [b"b", b"c"]
+
+
+async def test_a_fallback_notification_is_added_once_with_its_history_entry(
+    store: Store,
+) -> None:
+    redis = store.redis
+    assert await store.commit([shipment("s1", history=[{"d": 1}])], NOW_ISO) == []
+    why = orjson.dumps({"why": "fallback"})
+    assert await store.add_notification("acme", "s1", "n9", b"p9", NOW_MS + 10, why)
+    assert await entry(store, "n9") == {
+        "st": "deferred",
+        "p": "p9",
+        "due": str(NOW_MS + 10),
+        "attempts": "0",
+    }
+    assert 0 < await redis.ttl(keys.notification_key("n9")) <= STATE_TTL_S
+    assert await redis.zscore(keys.DUE_KEY, "n9") == NOW_MS + 10
+    assert await store.history("acme", "s1") == [{"d": 1}, {"why": "fallback"}]
+    assert await redis.hget(keys.state_key("acme", "s1"), "hn") == b"2"
+
+    before = await snapshot(redis)
+    assert not await store.add_notification("acme", "s1", "n9", b"other", NOW_MS, why)
+    assert await snapshot(redis) == before
+    # a shipment without state gets no state hash of its own from it
+    assert await store.add_notification("acme", "s-new", "n10", b"p10", NOW_MS, why)
+    assert await redis.exists(keys.state_key("acme", "s-new")) == 0
+    assert await store.history("acme", "s-new") == [{"why": "fallback"}]
+
+
+async def test_a_provider_status_never_goes_back(store: Store) -> None:
+    await ledger_entries(store, pending("n1"))
+    assert await store.provider_status("n1", "delivered", 3)
+    assert not await store.provider_status("n1", "sent", 1)
+    assert not await store.provider_status("n1", "delivered", 3, "late copy")
+    got = await entry(store, "n1")
+    assert (got["provider_status"], got["prank"], "provider_error" in got) == (
+        "delivered",
+        "3",
+        False,
+    )
+    assert await store.provider_status("n1", "undelivered", 4, "30003")
+    got = await entry(store, "n1")
+    assert (got["provider_status"], got["prank"], got["provider_error"]) == (
+        "undelivered",
+        "4",
+        "30003",
+    )
+
+
+# -- history pages and stalls ------------------------------------------------------------
+
+
+async def test_history_positions_count_every_decision_ever_recorded(store: Store) -> None:
+    redis = store.redis  # the store keeps 3 decisions
+    assert await store.commit([shipment("s1", history=[{"d": 0}, {"d": 1}])], NOW_ISO) == []
+    later = shipment("s1", 1, history=[{"d": 2}, {"d": 3}, {"d": 4}])
+    assert await store.commit([later], NOW_ISO) == []
+    assert await store.history("acme", "s1") == [{"d": 2}, {"d": 3}, {"d": 4}]
+    page = await store.history_page("acme", "s1", None, 2)
+    assert (page.decisions, page.total, page.trimmed, page.next_cursor) == (
+        [{"d": 2}, {"d": 3}],
+        5,
+        2,
+        4,
+    )
+    page = await store.history_page("acme", "s1", 4, 2)
+    assert (page.decisions, page.next_cursor) == ([{"d": 4}], None)
+    assert (await store.history_page("acme", "s1", 0, 1)).decisions == [{"d": 2}]
+    # a shipment recorded before the counter counts what is kept
+    await redis.hdel(keys.state_key("acme", "s1"), "hn")
+    page = await store.history_page("acme", "s1", None, 10)
+    assert (page.total, page.trimmed, len(page.decisions)) == (3, 0, 3)
+
+
+async def test_a_stall_is_dropped_only_at_the_deadline_it_was_found_with(store: Store) -> None:
+    assert await store.commit([shipment("s1", stall_at_ms=NOW_MS)], NOW_ISO) == []
+    assert await store.due_stalls(NOW_MS - 1, 10) == []
+    assert await store.due_stalls(NOW_MS, 10) == [("acme", "s1", NOW_MS)]
+    # the shipment moved on meanwhile: a later deadline stays
+    assert await store.commit([shipment("s1", 1, stall_at_ms=NOW_MS + 50)], NOW_ISO) == []
+    await store.drop_stall("acme", "s1", NOW_MS)
+    assert await store.redis.zscore(keys.STALL_KEY, "acme:s1") == NOW_MS + 50
+    await store.drop_stall("acme", "s1", NOW_MS + 50)
+    assert await store.redis.zscore(keys.STALL_KEY, "acme:s1") is None
+
+
+# -- the drain lock ----------------------------------------------------------------------
+
+
+async def test_the_drain_lock_is_held_by_one_token_at_a_time(store: Store) -> None:
+    redis, key = store.redis, keys.lock_key(2)
+    assert await store.lock(2, "A", 1000)
+    assert 0 < await redis.pttl(key) <= 1000
+    assert not await store.lock(2, "B", 60_000)
+    assert await store.lock(2, "A", 60_000)  # renewed
+    assert 1000 < await redis.pttl(key) <= 60_000
+    assert await store.lock(3, "B", 1000)  # one lock per partition
+    await store.unlock(2, "B")
+    assert await redis.get(key) == b"A"
+    await store.unlock(2, "A")
+    assert await redis.exists(key) == 0
+    assert await store.lock(2, "B", 1000)
