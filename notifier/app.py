@@ -72,6 +72,19 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
 
 
 @web.middleware
+async def unread_body_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A compressed body the handler did not read (a 401, a 405, a GET) is not decoded
+    afterwards: the connection closes instead. aiohttp would read it to keep the connection,
+    and a body that does not decode would log an error with a traceback for every such
+    request — a way for anyone to flood the error log."""
+    response = await handler(request)
+    if "Content-Encoding" in request.headers and not request.content.is_eof():
+        response.force_close()  # the rest of the body is never read: no keep-alive
+        request.content.feed_eof()
+    return response
+
+
+@web.middleware
 async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Counts and times every request by its route template (never the path: it can hold
     identifiers or a signed address)."""
@@ -269,6 +282,12 @@ async def readyz(request: web.Request) -> web.Response:
         alive = int(await res.redis.zcount(WORKERS_KEY, since, "+inf"))
         checks["redis"] = "ok"
         checks["workers"] = alive
+        wanted = res.settings.ingest_wait_replicas
+        if wanted:
+            replicas = int((await res.redis.info("replication")).get("connected_slaves", 0))
+            checks["replicas"] = (
+                "ok" if replicas >= wanted else f"{replicas} of the {wanted} required connected"
+            )
     except (RedisError, OSError) as exc:
         checks["redis"] = f"unreachable ({type(exc).__name__})"
         alive = -1
@@ -304,7 +323,12 @@ def create_app(
 ) -> web.Application:
     """The API. In embedded mode (and unless ``run_worker`` is False) the worker runs in-process."""
     app = web.Application(
-        middlewares=[request_id_middleware, metrics_middleware, error_middleware],
+        middlewares=[
+            request_id_middleware,
+            unread_body_middleware,
+            metrics_middleware,
+            error_middleware,
+        ],
         client_max_size=settings.max_body_bytes,
     )
     app[KEYS] = KeyRing(

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import orjson
 from arq.connections import ArqRedis
 
+from notifier.logs import redact
 from notifier.store import Store, awaited
 
 Kind = Literal["inbox", "messages"]
@@ -81,6 +82,8 @@ def masked(value: Any) -> Any:
         for key, inner in value.items():
             if key in ("name", "email", "phone", "to") and isinstance(inner, str):
                 out[key] = MASK
+            elif key == "unreadable" and isinstance(inner, str):
+                out[key] = redact(inner)  # not parsed: no fields to mask, only patterns
             else:
                 out[key] = masked(inner)
         return out
@@ -112,7 +115,13 @@ class DeadLetters:
         """The dead letter with this id (a stream entry id, or a notification id)."""
         if STREAM_ID.fullmatch(entry_id):
             rows = await self.redis.xrange(self.store.DEAD_INBOX_KEY, entry_id, entry_id)
-            return self._inbox(*rows[0]) if rows else None
+            if rows:
+                return self._inbox(*rows[0])
+            # the id it had in the inbox (which the list shows as "inbox entry …")
+            for row in await self.redis.xrange(self.store.DEAD_INBOX_KEY):
+                if row[1].get(b"from") == entry_id.encode():
+                    return self._inbox(*row)
+            return None
         listed = await awaited(self.redis.lpos(self.store.DEAD_LETTER_KEY, entry_id))
         return None if listed is None else await self._message(entry_id)
 

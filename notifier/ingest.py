@@ -189,6 +189,12 @@ def _parse(raw: bytes) -> Any:
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
+        try:
+            raw.decode()
+        except UnicodeDecodeError as bad:
+            raise BadRequest(
+                f"body is not valid UTF-8: byte 0x{raw[bad.start]:02x} at position {bad.start}"
+            ) from exc
         raise BadRequest(f"body is not valid JSON: {exc}") from exc
 
 
@@ -196,6 +202,11 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
     """The JSON request body as it came; 413/415 naming the problem."""
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"body is {request.content_length} bytes; the limit is {limit}")
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("identity", "gzip", "deflate"):
+        raise UnsupportedMediaType(
+            f"Content-Encoding {encoding[:40]!r} is not supported: send gzip, deflate or none"
+        )
     if request.content_type != "application/json":
         raise UnsupportedMediaType(
             f"Content-Type must be application/json, not {request.content_type or 'missing'}"
@@ -217,6 +228,7 @@ async def _persist(res: Resources, payloads: list[IngestItem]) -> tuple[list[Adm
         return await res.store.ingest(payloads)
     except NotReplicated as exc:
         log.error("ingest: %s", exc)
+        metrics.transitions({"unconfirmed": len(payloads)})
         await _wake(res, exc.woken)  # stored on the primary: its drain need not wait
         raise ServiceUnavailable(
             f"stored, but only {exc.acked} of the {exc.required} Redis replicas required "
@@ -355,7 +367,7 @@ async def post_transitions(request: web.Request, res: Resources, keys: KeyRing) 
         reply["rejected"] = len(items) - len(valid)
         error = ValidationFailed(
             f"{reply['rejected']} of {len(items)} transitions are invalid; the others were "
-            "accepted",
+            "taken (accepted, or duplicates of ones already taken: see results)",
             details,
         )
     else:

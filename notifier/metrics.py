@@ -49,7 +49,8 @@ class _Metrics:
         self.registry = registry
         self.transitions = Counter(
             "notifier_transitions",
-            "Transitions posted to the API, by result (accepted, duplicate, conflict, rejected).",
+            "Transitions posted to the API, by result (accepted, duplicate, conflict, rejected; "
+            "unconfirmed: stored, but too few replicas confirmed in time).",
             ["result"],
             registry=registry,
         )

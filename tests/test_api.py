@@ -455,3 +455,35 @@ async def test_the_api_answers_429_with_retry_after_per_key(settings: Settings) 
             "/v1/transitions", json=transition(event_id="e9"), headers=auth(ACME_KEY)
         )
         assert other.status == 202  # the limit is per key
+
+
+async def test_an_unread_body_that_does_not_decode_logs_no_error(
+    client: TestClient[Any, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A gzip body that is not gzip, on a request answered without reading it (a 401, a
+    405): the answer is the usual one, and nothing reaches the error log (aiohttp used to
+    log a traceback per request while reading the rest of it for keep-alive)."""
+    body = b"not gzip at all, " * 4
+    for path, status in (("/healthz", 405), ("/v1/transitions", 401)):
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Encoding: gzip\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()
+        answer = await reader.read()  # the server closes the connection after answering
+        writer.close()
+        assert answer.startswith(f"HTTP/1.1 {status} ".encode()), answer[:80]
+    await asyncio.sleep(0.05)  # what the server does after answering
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+async def test_an_unknown_content_encoding_is_refused_by_name(
+    client: TestClient[Any, Any],
+) -> None:
+    body = orjson.dumps(transition())
+    headers = {**auth(), "Content-Type": "application/json", "Content-Encoding": "foo"}
+    resp = await client.post("/v1/transitions", data=body, headers=headers)
+    assert resp.status == 415
+    assert "Content-Encoding 'foo' is not supported" in (await resp.json())["error"]["message"]

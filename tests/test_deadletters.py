@@ -128,6 +128,20 @@ async def test_a_buried_inbox_entry_is_replayed_once_and_processed(
     assert len(outbox_files(settings)) == 2
 
 
+async def test_an_unreadable_entry_is_shown_redacted_and_found_by_its_inbox_id(
+    settings: Settings, cli: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raw = b"not json, from zq@example.org at +33612345678"
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        await res.store.bury(0, [InboxEntry("7-0", raw)], "not a valid transition")
+    code, out, _ = await cli(capsys, "show", "7-0")  # the id the list names it by
+    assert code == 0
+    assert "zq@example.org" not in out and "+33612345678" not in out
+    assert "not json, from [email] at [phone]" in out
+    code, out, _ = await cli(capsys, "show", "7-0", "--reveal")
+    assert "zq@example.org" in out
+
+
 async def test_purge_needs_yes_and_bad_usage_is_one_line(
     client: Client, settings: Settings, cli: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:

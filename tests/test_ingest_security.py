@@ -158,6 +158,7 @@ async def test_ingest_waits_for_a_replica_and_answers_503_without_one(
         first = transition(event_id="evt_replicated")
         resp = await c.post("/v1/transitions", json=first, headers=auth())
         assert resp.status == 202, await resp.text()
+        assert (await (await c.get("/readyz")).json())["replicas"] == "ok"
 
         replica.kill()
         replica.wait()
@@ -168,6 +169,12 @@ async def test_ingest_waits_for_a_replica_and_answers_503_without_one(
         assert resp.status == 503
         # stored on the primary all the same, and its partition's drain is enqueued at once
         assert primary.zcard("arq:queue") == 1
+        # operators see it: not ready (no replica), and counted as stored but unconfirmed
+        ready = await c.get("/readyz")
+        assert ready.status == 503
+        assert (await ready.json())["replicas"] == "0 of the 1 required connected"
+        scraped = await (await c.get("/metrics")).text()
+        assert 'notifier_transitions_total{result="unconfirmed"}' in scraped
         assert resp.headers["Retry-After"].isdigit()
         message = (await resp.json())["error"]["message"]
         assert "only 0 of the 1 Redis replicas" in message

@@ -446,3 +446,24 @@ async def test_an_exhausting_default_template_fails_only_its_message(
         assert health["dead_letters"]["notifications"] == 1
     [sms] = outbox_files(settings, ".json")
     assert json.loads(sms.read_text())["to"] == "+33612345678"
+
+
+def test_a_message_file_that_says_nothing_is_refused_and_never_sent_blank(
+    tmp_path: Path,
+) -> None:
+    """An empty message file (or macros that render nothing) would send a blank subject
+    and an SMS of just the tracking link: check refuses it, sends use the defaults."""
+    templates = templates_with(
+        tmp_path, {"blank": {MESSAGE: ""}, "hollow": {MESSAGE: message_file("")}}
+    )
+    settings = make_settings(tmp_path, templates_dir=templates, locales_dir=few_locales(tmp_path))
+    problems = check_all(settings)
+    assert "out_for_delivery.jinja gives no subject for email" in of(problems, "blank")
+    assert "gives no sms for sms" in of(problems, "blank")
+    assert "gives no subject for email" in of(problems, "hollow")
+    lenient = renderer(templates, Limits(), strict=False)
+    for merchant in ("blank", "hollow"):
+        email_out = lenient.render(out_for_delivery(merchant))
+        assert isinstance(email_out, EmailMessageOut) and email_out.subject.strip()
+        sms = lenient.render(out_for_delivery(merchant, ChannelKind.SMS))
+        assert "arrives today" in sms.body  # type: ignore[union-attr]

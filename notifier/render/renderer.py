@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import quote
 
 import css_inline
-from jinja2 import TemplateError, TemplateSyntaxError
+from jinja2 import TemplateError, TemplateRuntimeError, TemplateSyntaxError
 from markupsafe import Markup
 
 from notifier.errors import ConfigurationError, RenderError
@@ -218,7 +218,12 @@ def _data_free(exc: RenderError) -> str:
     cause = exc.__cause__
     if cause is None or isinstance(cause, (TemplateSyntaxError, *EXHAUSTED)):
         return str(exc)
+    if _A_NAME_UNDEFINED.fullmatch(str(cause)):  # a name the template wrote, not data
+        return str(exc)
     return f"{where(cause) or 'a template'}: {type(cause).__name__} (details not logged)"
+
+
+_A_NAME_UNDEFINED = re.compile(r"'[A-Za-z_][A-Za-z0-9_]{0,80}' is undefined")
 
 
 class Renderer:
@@ -612,6 +617,13 @@ class Renderer:
         ctx = self.context(n, locale)
         ctx.update(words)
         ctx["m"] = self._words(templates_of, ctx)
+        needed = "sms" if n.channel is ChannelKind.SMS else "subject"
+        if not ctx["m"][needed]:
+            # an empty file, or a macro that renders nothing: never a blank message
+            raise TemplateRuntimeError(
+                f"{ctx['message']} gives no {needed} for {n.channel} (the message would go "
+                "out blank)"
+            )
         ctx["labels"] = self._step_labels(templates_of, chain, words)
         if n.channel is ChannelKind.SMS:
             body = self.templates.select(templates_of, ("sms/layout.txt",))
