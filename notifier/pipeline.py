@@ -105,7 +105,11 @@ class Pipeline:
                 t = Transition.model_validate_json(entry.payload)
             except ValidationError:
                 # Only the API writes the inbox, after validating; log the id, not the data.
-                log.error("inbox entry %s is not a valid transition; set aside", entry.entry_id)
+                log.error(
+                    "inbox entry %s (request %s) is not a valid transition; set aside",
+                    entry.entry_id,
+                    entry.request_id or "unknown",
+                )
                 report.invalid.append(entry)
                 continue
             groups.setdefault((t.merchant_id, t.shipment_id), []).append((entry.entry_id, t))
