@@ -106,6 +106,13 @@ class Budget:
         if self.used >= self.next_check:
             self.check()
 
+    def take(self, size: int) -> None:
+        """``size`` bytes built: the common small case costs an addition, the rest spend()."""
+        if size > 1024 or self.built + size > self.total:
+            self.spend(size)
+        else:
+            self.built += size
+
     def spend(self, size: int) -> None:
         """``size`` more bytes built (a step for each KiB)."""
         self.built += size

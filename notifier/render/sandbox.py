@@ -157,10 +157,7 @@ class Sandbox(ImmutableSandboxedEnvironment):
             raise too_big(what, size, cap)
         spent = limits.current()
         if spent is not None:
-            if size > 1024 or spent.built + size > spent.total:
-                spent.spend(size)
-            else:  # the common case, inline
-                spent.built += size
+            spent.take(size)
         return value
 
     def counted(self, text: str) -> str:
@@ -168,11 +165,7 @@ class Sandbox(ImmutableSandboxedEnvironment):
         before the buffer is ever joined."""
         spent = limits.current()
         if spent is not None:
-            size = len(text)
-            if size > 1024 or spent.built + size > spent.total:
-                spent.spend(size)
-            else:  # the common case, inline
-                spent.built += size
+            spent.take(len(text))
         return text
 
     def literal(self, value: Any) -> Any:
@@ -189,10 +182,7 @@ class Sandbox(ImmutableSandboxedEnvironment):
             raise too_big("the template's output", size, cap)
         spent = limits.current()
         if spent is not None:
-            if size > 1024 or spent.built + size > spent.total:
-                spent.spend(size)
-            else:  # the common case, inline
-                spent.built += size
+            spent.take(size)
         return "".join(parts)
 
     def str_join(self, seq: Sequence[Any]) -> str:
