@@ -1,7 +1,7 @@
 """The processes a benchmark runs against: redis-server, `notifier serve`, `notifier worker`.
 
 Each is a real process on loopback, started fresh and stopped with SIGTERM; peak RSS
-(VmHWM) is read from /proc just before it stops.
+(VmHWM) and CPU time are read from /proc just before it stops.
 """
 
 from __future__ import annotations
@@ -54,6 +54,13 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) the process has used so far, from /proc/<pid>/stat."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()  # the command name may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wait_http(proc: Proc, port: int) -> None:
     """Wait until ``proc`` answers GET /healthz on ``port`` (fail fast if it exits)."""
 
@@ -65,11 +72,12 @@ def wait_http(proc: Proc, port: int) -> None:
     wait_until(up, f"{proc.name} to answer on port {port}")
 
 
-def alive(proc: Proc, predicate: Callable[[], bool]) -> Callable[[], bool]:
-    """``predicate``, failing at once if ``proc`` has exited."""
+def alive(procs: Proc | list[Proc], predicate: Callable[[], bool]) -> Callable[[], bool]:
+    """``predicate``, failing at once if ``procs`` (one or several) has exited."""
 
     def check() -> bool:
-        proc.check()
+        for proc in procs if isinstance(procs, list) else [procs]:
+            proc.check()
         return predicate()
 
     return check
@@ -81,11 +89,13 @@ class Proc:
     popen: subprocess.Popen[bytes]
     log: Path
     peak_mb: float = 0.0
+    cpu_s: float = 0.0
 
     def stop(self) -> None:
         if self.popen.poll() is None:
             with contextlib.suppress(OSError):
                 self.peak_mb = peak_rss_mb(self.popen.pid)
+                self.cpu_s = cpu_seconds(self.popen.pid)
             self.popen.send_signal(signal.SIGTERM)
             try:
                 self.popen.wait(15)
@@ -147,9 +157,10 @@ class Stack:
         wait_http(proc, port)
         return proc, port
 
-    def worker(self, **env: str) -> Proc:
+    def worker(self, name: str = "worker", **env: str) -> Proc:
+        """A `notifier worker` process; several at once need distinct names (their logs)."""
         argv = [sys.executable, "-m", "notifier", "worker"]
-        return self._profiled(self.start("worker", argv, self.notifier_env(**env)))
+        return self._profiled(self.start(name, argv, self.notifier_env(**env)))
 
     def _profiled(self, proc: Proc) -> Proc:
         """Attach py-spy to ``proc`` when BENCH_PROFILE names it (api, worker).
@@ -157,7 +168,8 @@ class Stack:
         py-spy samples until the process exits, then writes a flame graph to
         bench/results/profile-<name>-<pid>.svg (BENCH_PROFILE_FORMAT=raw: collapsed stacks).
         """
-        if proc.name not in os.environ.get("BENCH_PROFILE", "").split(","):
+        kind = proc.name.split("-")[0]  # worker-2 is profiled as a worker
+        if kind not in os.environ.get("BENCH_PROFILE", "").split(","):
             return proc
         spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         fmt = os.environ.get("BENCH_PROFILE_FORMAT", "flamegraph")

@@ -36,7 +36,7 @@ import aiohttp
 import orjson
 
 from bench import workload
-from bench.procs import API_KEY, Stack, alive, free_port, stack, wait_http, wait_until
+from bench.procs import API_KEY, Proc, Stack, alive, free_port, stack, wait_http, wait_until
 
 HERE = Path(__file__).resolve().parent
 PARTITIONS = 8
@@ -172,14 +172,19 @@ def _outbox_files(outbox: Path) -> list[Path]:
     return [p for p in outbox.rglob("*") if p.suffix in (".eml", ".json")]
 
 
+def post_backlog(st: Stack, events: list[dict[str, Any]]) -> tuple[Proc, int]:
+    """Start the API and post ``events`` as a backlog; the API and the inbox length."""
+    api, port = st.api()
+    # one connection: concurrent posts could reorder a shipment's events across batches
+    asyncio.run(_post_batches(port, _bodies(events), 1))
+    return api, _inbox_length(st)
+
+
 def end_to_end(shipments: int, run: int) -> Result:
     """A backlog drained by one worker process: decided/s and outbox messages/s."""
     events = workload.stream(shipments, seed=100 + run, run=f"e{run}")
     with stack() as st:
-        api, port = st.api()
-        # one connection: concurrent posts could reorder a shipment's events across batches
-        asyncio.run(_post_batches(port, _bodies(events), 1))
-        backlog = _inbox_length(st)
+        api, backlog = post_backlog(st, events)
         outbox = st.outbox
         worker = st.worker()
         # The clock starts when the worker takes its first entries, not at process start.
