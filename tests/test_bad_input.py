@@ -578,6 +578,7 @@ async def test_provider_payloads_carry_no_injection(
     tmp_path: Path, redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)  # the Twilio SDK logs its requests
+    quiet_loggers_speak(caplog)
     async with serve_sendgrid() as sendgrid, serve_twilio() as twilio:
         settings = make_settings(
             tmp_path,
@@ -1022,6 +1023,13 @@ NAME, MAILBOX, PHONE = "Zoë Privatperson", "zoe.private@example.org", "+3369876
 SECRETS = (NAME, "Privatperson", MAILBOX, "zoe.private", PHONE, "698765432", "zoe..private")
 
 
+def quiet_loggers_speak(caplog: pytest.LogCaptureFixture) -> None:
+    """`notifier serve`/`worker` quieten arq's and Twilio's loggers (cli._settings); a test
+    that ran the CLI in this process leaves them so: what these tests scan must be logged."""
+    for name in ("arq.worker", "twilio"):
+        caplog.set_level(logging.DEBUG, logger=name)
+
+
 def log_text(caplog: pytest.LogCaptureFixture) -> str:
     """Every captured line as it would be written, with its traceback."""
     formatter = logging.Formatter()
@@ -1037,6 +1045,7 @@ async def test_personal_data_in_bad_input_stays_out_of_the_logs(
     client: Client, settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
+    quiet_loggers_speak(caplog)
     person = {"name": NAME, "email": MAILBOX, "phone": PHONE, "locale": "de"}
     good = transition(event_id="pii-1", shipment_id="shp_pii", recipient=person)
     # refused: not JSON, bad fields next to the personal data, an injection attempt
