@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import (
     AbstractAsyncContextManager,
     AsyncExitStack,
@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
+from notifier.channels import Outcome, Outgoing
+from notifier.errors import DeliveryError
 
 
 @dataclass
@@ -200,3 +203,27 @@ def in_thread(
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
         loop.close()
+
+
+class Crash(BaseException):
+    """The process dying mid-send (not an error the code could handle)."""
+
+
+class CrashingChannel:
+    """Accepts nothing: the worker dies after committing decisions, before any send."""
+
+    name = "crashing"
+
+    async def send_many(self, items: Sequence[Outgoing]) -> list[Outcome]:
+        raise Crash
+
+
+class FailingChannel:
+    """Every send fails with ``error``: a TemporaryDeliveryError (a provider's 503, say)
+    or a PermanentDeliveryError (a provider refusing the address)."""
+
+    def __init__(self, error: type[DeliveryError], reason: str, name: str) -> None:
+        self.error, self.reason, self.name = error, reason, name
+
+    async def send_many(self, items: Sequence[Outgoing]) -> list[Outcome]:
+        return [self.error(self.reason, i.message.notification_id, self.name) for i in items]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,7 +13,6 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from notifier.channels.base import Outcome, Outgoing
 from notifier.cli import main
 from notifier.errors import PermanentDeliveryError
 from notifier.models import ChannelKind
@@ -32,20 +30,9 @@ from tests.conftest import (
     run_worker,
     transition,
 )
+from tests.fakes import FailingChannel
 
 Client = TestClient[Any, Any]
-
-
-class _Refusing:
-    """Every send fails for good (a provider refusing the address, say)."""
-
-    name = "refusing"
-
-    async def send_many(self, items: Sequence[Outgoing]) -> list[Outcome]:
-        return [
-            PermanentDeliveryError("provider said no", i.message.notification_id, self.name)
-            for i in items
-        ]
 
 
 @pytest.fixture
@@ -70,7 +57,7 @@ async def failed_messages(client: Client, settings: Settings) -> list[str]:
     """Post a transition whose two messages a provider refuses for good."""
     await post(client, transition())
     async with open_resources(settings, clock=fixed_clock()) as res:
-        refusing = _Refusing()
+        refusing = FailingChannel(PermanentDeliveryError, "provider said no", "refusing")
         res.channels = {ChannelKind.EMAIL: refusing, ChannelKind.SMS: refusing}
         res.providers = {}
         await Pipeline(res).process(await read_whole_inbox(res, "w"))

@@ -17,7 +17,6 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from notifier import delivery
 from notifier.app import create_app
-from notifier.channels import Outcome, Outgoing
 from notifier.delivery import LEASE_MS
 from notifier.errors import TemporaryDeliveryError
 from notifier.models import ChannelKind
@@ -37,31 +36,9 @@ from tests.conftest import (
     run_worker,
     transition,
 )
+from tests.fakes import Crash, CrashingChannel, FailingChannel
 
 Client = TestClient[Any, Any]
-
-
-class _Crash(BaseException):
-    """The process dying mid-send."""
-
-
-class _FlakyChannel:
-    """Every send fails temporarily (a 503 from a provider, say)."""
-
-    name = "flaky"
-
-    async def send_many(self, items: Sequence[Outgoing]) -> list[Outcome]:
-        return [
-            TemporaryDeliveryError("provider hiccup", i.message.notification_id, self.name)
-            for i in items
-        ]
-
-
-class _CrashingChannel:
-    name = "crashing"
-
-    async def send_many(self, items: Sequence[Outgoing]) -> list[Outcome]:
-        raise _Crash
 
 
 async def age_inbox(res: Resources, idle_ms: int) -> None:
@@ -92,10 +69,10 @@ async def die_mid_send(res: Resources, channels: Any = None) -> None:
     """A worker reads every inbox entry, commits, claims its messages, and dies sending
     (or, with ``channels``, sends through those and lives)."""
     entries = await read_whole_inbox(res, "dead-worker")
-    crashing = _CrashingChannel()
+    crashing = CrashingChannel()
     before = res.channels
     res.channels = channels or {ChannelKind.EMAIL: crashing, ChannelKind.SMS: crashing}
-    with contextlib.suppress(_Crash):
+    with contextlib.suppress(Crash):
         await Pipeline(res).process(entries)
     res.channels = before
 
@@ -152,7 +129,7 @@ async def test_temporary_failure_is_retried_from_the_due_index(
 ) -> None:
     await post(client, transition())
     async with open_resources(settings, clock=fixed_clock()) as res:
-        flaky = _FlakyChannel()
+        flaky = FailingChannel(TemporaryDeliveryError, "provider hiccup", "flaky")
         res.channels = {ChannelKind.EMAIL: flaky, ChannelKind.SMS: flaky}
         await die_mid_send(res, channels=res.channels)
         due = await res.redis.zrange(res.store.DUE_KEY, 0, -1, withscores=True)

@@ -15,7 +15,6 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from notifier.channels.base import Outcome, Outgoing
 from notifier.delivery import LEASE_MS, SUMMARY_BYTES, summary
 from notifier.models import ChannelKind, Transition
 from notifier.pipeline import Pipeline, notification_id
@@ -34,6 +33,7 @@ from tests.conftest import (
     run_worker,
     transition,
 )
+from tests.fakes import Crash, CrashingChannel
 
 Client = TestClient[Any, Any]
 
@@ -281,19 +281,6 @@ async def _wait_for_async(count: Any, want: int, seconds: float = 10.0) -> None:
     raise AssertionError("timed out")
 
 
-class _Crash(BaseException):
-    """The process dying mid-send (not an error the code could handle)."""
-
-
-class _CrashingChannel:
-    """Accepts nothing: the worker dies after committing decisions, before any send."""
-
-    name = "crashing"
-
-    async def send_many(self, items: Sequence[Outgoing]) -> list[Outcome]:
-        raise _Crash
-
-
 async def _inbox_entries(settings: Settings, res_store: Any, count: int) -> list[InboxEntry]:
     entries: list[InboxEntry] = []
     for p in range(settings.partitions):
@@ -310,8 +297,8 @@ async def test_crash_after_commit_is_finished_by_the_next_worker(
         await res.store.ensure_groups()
         entries = await _inbox_entries(settings, res.store, 10)
         assert len(entries) == 1
-        res.channels = {ChannelKind.EMAIL: _CrashingChannel(), ChannelKind.SMS: _CrashingChannel()}
-        with contextlib.suppress(_Crash):
+        res.channels = {ChannelKind.EMAIL: CrashingChannel(), ChannelKind.SMS: CrashingChannel()}
+        with contextlib.suppress(Crash):
             await Pipeline(res).process(entries)
         # decisions are committed, nothing was sent, the entry is still unacknowledged
         assert len(await history(client)) == 2
