@@ -278,6 +278,8 @@ async def readyz(request: web.Request) -> web.Response:
     checks: dict[str, Any] = {}
     try:
         await res.redis.ping()
+        if res.queue is not res.redis:
+            await res.queue.ping()
         since = int(res.clock().timestamp() * 1000) - int(WORKER_ALIVE_S * 1000)
         alive = int(await res.redis.zcount(WORKERS_KEY, since, "+inf"))
         checks["redis"] = "ok"

@@ -31,7 +31,7 @@ from notifier.render.i18n import Catalogs
 from notifier.render.limits import Limits
 from notifier.render.renderer import EXHAUSTED, message_name
 from notifier.render.sms import SmsEncoding
-from notifier.resources import connect, data_dir
+from notifier.resources import close_redis, connect, data_dir
 from notifier.settings import Settings
 
 #: SMS budgets: one segment where the text fits GSM-7, two where it needs UCS-2.
@@ -527,7 +527,7 @@ async def published_problems(settings: Settings) -> list[str]:
     except (RedisError, OSError) as exc:
         return [f"cannot read the published overrides from Redis: {type(exc).__name__}: {exc}"]
     finally:
-        await redis.aclose(close_connection_pool=True)
+        await close_redis(redis)
 
 
 def sms_table(settings: Settings, merchant: str = "") -> list[tuple[str, str, int, int, int]]:

@@ -261,17 +261,18 @@ async def _dead_letters(args: argparse.Namespace, settings: Settings) -> int:
     from datetime import UTC, datetime
 
     from notifier.deadletters import DeadLetters, masked
-    from notifier.resources import connect
+    from notifier.resources import close_redis, connect, connect_queue
     from notifier.store import Store
 
     redis = connect(settings)
+    queue = connect_queue(settings)
     store = Store(
         redis,
         partitions=settings.partitions,
         idempotency_ttl_s=settings.idempotency_ttl_s,
         state_ttl_s=settings.state_ttl_s,
     )
-    dead = DeadLetters(redis, store)
+    dead = DeadLetters(redis, store, queue)
 
     def show(body: dict[str, object]) -> object:
         return body if args.reveal else masked(body)
@@ -316,7 +317,8 @@ async def _dead_letters(args: argparse.Namespace, settings: Settings) -> int:
                 print(f"{letter.kind}\t{letter.id}\tpurged")
         return 0
     finally:
-        await redis.aclose(close_connection_pool=True)
+        await close_redis(redis)
+        await queue.aclose(close_connection_pool=True)
 
 
 def cmd_hash_key(args: argparse.Namespace) -> int:

@@ -25,7 +25,9 @@ import orjson
 from arq.connections import ArqRedis
 
 from notifier.logs import redact
-from notifier.store import Store, awaited
+from notifier.store import Store, awaited, keys, wake
+from notifier.store.base import DataRedis, Scope
+from notifier.store.scripts import script
 
 Kind = Literal["inbox", "messages"]
 STREAM_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
@@ -70,6 +72,8 @@ class DeadLetter:
     body: dict[str, Any]
     #: the API request that accepted it (inbox entries)
     request_id: str = ""
+    #: the partition whose dead-letter list holds it, on a Redis Cluster
+    scope: Scope = None
 
     def summary(self) -> str:
         return f"{self.kind}\t{self.id}\t{self.merchant_id}\t{self.shipment_id}\t{self.detail}"
@@ -93,70 +97,87 @@ def masked(value: Any) -> Any:
 
 
 class DeadLetters:
-    """Reads and repairs the dead-letter lists of one Redis."""
+    """Reads and repairs the dead-letter lists of one Redis (or of each partition on a
+    Redis Cluster); ``queue`` is where drain jobs are enqueued."""
 
-    def __init__(self, redis: ArqRedis, store: Store) -> None:
+    def __init__(self, redis: DataRedis, store: Store, queue: ArqRedis) -> None:
         self.redis = redis
         self.store = store
-        self._replay_message = redis.register_script(_REPLAY_MESSAGE)
-        self._replay_inbox = redis.register_script(_REPLAY_INBOX)
+        self.queue = queue
+        self._replay_message = script(redis, _REPLAY_MESSAGE)
+        self._replay_inbox = script(redis, _REPLAY_INBOX)
 
     async def list(self, kind: Kind | None = None, limit: int = 100) -> list[DeadLetter]:
         out: list[DeadLetter] = []
-        if kind in (None, "inbox"):
-            rows = await self.redis.xrange(self.store.DEAD_INBOX_KEY, count=limit)
-            out += [self._inbox(i, f) for i, f in rows]
-        if kind in (None, "messages"):
-            ids = await awaited(self.redis.lrange(self.store.DEAD_LETTER_KEY, 0, limit - 1))
-            out += [await self._message(_text(i)) for i in ids]
+        for scope in self.store.scopes:
+            if kind in (None, "inbox") and len(out) < limit:
+                dead = keys.dead_inbox_key(self.store.tag(scope))
+                rows = await self.redis.xrange(dead, count=limit - len(out))
+                out += [self._inbox(i, f, scope) for i, f in rows]
+        for scope in self.store.scopes:
+            if kind in (None, "messages") and len(out) < limit:
+                dead = keys.dead_letter_key(self.store.tag(scope))
+                ids = await awaited(self.redis.lrange(dead, 0, limit - len(out) - 1))
+                out += [await self._message(_text(i), scope) for i in ids]
         return out
 
     async def show(self, entry_id: str) -> DeadLetter | None:
         """The dead letter with this id (a stream entry id, or a notification id)."""
-        if STREAM_ID.fullmatch(entry_id):
-            rows = await self.redis.xrange(self.store.DEAD_INBOX_KEY, entry_id, entry_id)
-            if rows:
-                return self._inbox(*rows[0])
-            # the id it had in the inbox (which the list shows as "inbox entry …")
-            for row in await self.redis.xrange(self.store.DEAD_INBOX_KEY):
-                if row[1].get(b"from") == entry_id.encode():
-                    return self._inbox(*row)
-            return None
-        listed = await awaited(self.redis.lpos(self.store.DEAD_LETTER_KEY, entry_id))
-        return None if listed is None else await self._message(entry_id)
+        for scope in self.store.scopes:
+            tag = self.store.tag(scope)
+            if STREAM_ID.fullmatch(entry_id):
+                dead = keys.dead_inbox_key(tag)
+                rows = await self.redis.xrange(dead, entry_id, entry_id)
+                if rows:
+                    return self._inbox(rows[0][0], rows[0][1], scope)
+                # the id it had in the inbox (which the list shows as "inbox entry …")
+                for row_id, fields in await self.redis.xrange(dead):
+                    if fields.get(b"from") == entry_id.encode():
+                        return self._inbox(row_id, fields, scope)
+            elif await awaited(self.redis.lpos(keys.dead_letter_key(tag), entry_id)) is not None:
+                return await self._message(entry_id, scope)
+        return None
 
     async def replay(self, letter: DeadLetter, now_ms: int) -> str:
         """Put one dead letter back to work; what happened, in words."""
+        tag = self.store.tag(letter.scope)
         if letter.kind == "messages":
             code = await self._replay_message(
                 keys=[
-                    self.store.notification_key(letter.id),
-                    self.store.DEAD_LETTER_KEY,
-                    self.store.DUE_KEY,
+                    keys.notification_key(letter.id, tag),
+                    keys.dead_letter_key(tag),
+                    keys.due_key(tag),
                 ],
                 args=[letter.id, now_ms],
             )
             return REPLAYED.get(int(code), "its payload is gone: cannot be sent again")
-        partition = self.store.partition_of(letter.merchant_id, letter.shipment_id)
+        # back to the partition it was buried from (a cluster keeps it there; on one Redis
+        # its shipment's partition, in case NOTIFIER_PARTITIONS changed meanwhile)
+        partition = (
+            self.store.partition_of(letter.merchant_id, letter.shipment_id)
+            if letter.scope is None
+            else letter.scope
+        )
         payload = orjson.dumps(letter.body)
         done = await self._replay_inbox(
-            keys=[self.store.DEAD_INBOX_KEY, self.store.inbox_key(partition)],
+            keys=[keys.dead_inbox_key(tag), self.store.inbox_key(partition)],
             args=[letter.id, payload, letter.request_id],
         )
         if not int(done):
             return "replayed already"
         if await self.store.set_wake(partition):
-            await self.redis.enqueue_job("drain", partition)
+            await wake(self.queue, [partition])
         return f"replayed into partition {partition}"
 
     async def purge(self, letter: DeadLetter) -> None:
         """Drop one dead letter for good (the ledger entry of a message stays, failed)."""
+        tag = self.store.tag(letter.scope)
         if letter.kind == "messages":
-            await awaited(self.redis.lrem(self.store.DEAD_LETTER_KEY, 0, letter.id))
+            await awaited(self.redis.lrem(keys.dead_letter_key(tag), 0, letter.id))
         else:
-            await self.redis.xdel(self.store.DEAD_INBOX_KEY, letter.id)
+            await self.redis.xdel(keys.dead_inbox_key(tag), letter.id)
 
-    def _inbox(self, entry_id: bytes | str, fields: dict[bytes, bytes]) -> DeadLetter:
+    def _inbox(self, entry_id: bytes | str, fields: dict[bytes, bytes], scope: Scope) -> DeadLetter:
         raw = fields.get(b"t", b"{}")
         try:
             body = orjson.loads(raw)
@@ -174,11 +195,13 @@ class DeadLetters:
             f"{why} (event {body.get('event_id', '?')}, inbox entry {origin})",
             body,
             _text(fields.get(b"r", b"")),
+            scope,
         )
 
-    async def _message(self, notification_id: str) -> DeadLetter:
-        ledger = (await self.store.ledger([notification_id])).get(notification_id, {})
-        raw = await awaited(self.redis.hget(self.store.notification_key(notification_id), "p"))
+    async def _message(self, notification_id: str, scope: Scope) -> DeadLetter:
+        ledger = (await self.store.ledger([notification_id], scope)).get(notification_id, {})
+        name = keys.notification_key(notification_id, self.store.tag(scope))
+        raw = await awaited(self.redis.hget(name, "p"))
         body: dict[str, Any] = orjson.loads(raw) if raw else {}
         state = ledger.get("status", "expired")
         return DeadLetter(
@@ -188,6 +211,7 @@ class DeadLetters:
             str(body.get("shipment_id", "")),
             f"{state}: {ledger.get('error', '')}".rstrip(": "),
             {"ledger": ledger, "notification": body},
+            scope=scope,
         )
 
 

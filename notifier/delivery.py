@@ -22,7 +22,7 @@ from notifier.policy.engine import opt_out_key
 from notifier.render import Message, SmsMessageOut
 from notifier.resources import Resources, sync_published
 from notifier.state import ShipmentState
-from notifier.store import ClaimResult
+from notifier.store import ClaimResult, Scope
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class Deliverer:
         #: them any more, so they are handed back at the next round instead of waiting out
         #: their lease (a minute or more), which held back their inbox entries until those
         #: were buried as failing. (Any other failure keeps the lease: it may repeat.)
-        self._abandoned: dict[str, list[str]] = {}
+        self._abandoned: dict[str, tuple[Scope, list[str]]] = {}
 
     async def deliver(
         self,
@@ -79,6 +79,7 @@ class Deliverer:
         states: Mapping[tuple[str, str], ShipmentState] | None = None,
         built: Mapping[str, Notification] | None = None,
         timing: Mapping[str, tuple[float, float]] | None = None,
+        scope: Scope = None,
     ) -> DeliveryReport:
         """Claim, check, render and send; failures are recorded, retries scheduled.
 
@@ -88,27 +89,30 @@ class Deliverer:
         ``states`` saves a read when the caller already holds the shipments' states, and
         ``built`` a parse when it holds the notifications (as committed to the ledger);
         ``timing`` (when the API accepted each one's transition, and when it was decided:
-        Unix seconds) times them for the metrics.
+        Unix seconds) times them for the metrics. ``scope``: the partition of every one of
+        them, on a Redis Cluster (``Store.scope_of``).
         """
         for token in list(self._abandoned):
             # as if claimed long ago: the next claim takes over those this token still
             # holds, as possibly sent (the outbox looks for its file first). Taken off the
             # list first: concurrent rounds (two drains, release_due) never release twice.
-            ids = self._abandoned.pop(token, None)
-            if ids is None:
+            abandoned = self._abandoned.pop(token, None)
+            if abandoned is None:
                 continue
             try:
-                await self.res.store.release(ids, token)
+                await self.res.store.release(abandoned[1], token, abandoned[0])
             except (RedisError, OSError):
-                self._abandoned[token] = ids
+                self._abandoned[token] = abandoned
                 raise
         # Whoever holds a claim owns it; a claim carries its holder's token.
         owner = uuid.uuid4().hex
         try:
-            report = await self._round(owner, notification_ids, due, states or {}, built or {})
+            report = await self._round(
+                owner, notification_ids, due, states or {}, built or {}, scope
+            )
         except (RedisError, OSError):
             if notification_ids:
-                self._abandoned[owner] = list(notification_ids)
+                self._abandoned[owner] = (scope, list(notification_ids))
             raise
         _count(report, timing or {})
         return report
@@ -120,6 +124,7 @@ class Deliverer:
         due: bool,
         states: Mapping[tuple[str, str], ShipmentState],
         built: Mapping[str, Notification],
+        scope: Scope,
     ) -> DeliveryReport:
         report = DeliveryReport()
         now = self.res.clock()
@@ -128,7 +133,9 @@ class Deliverer:
         # provider timeout) so a claim never expires mid-round.
         rounds = math.ceil(len(notification_ids) / SEND_CONCURRENCY)
         lease = LEASE_MS + int(self.res.settings.provider_timeout_s * 1000) * rounds
-        claims = await self.res.store.claim(notification_ids, now_ms, lease, due=due, owner=owner)
+        claims = await self.res.store.claim(
+            notification_ids, now_ms, lease, due=due, owner=owner, scope=scope
+        )
         claimed: list[tuple[Notification, ClaimResult]] = []
         for nid, (result, payload) in zip(notification_ids, claims, strict=True):
             if result is ClaimResult.BUSY:
@@ -141,7 +148,7 @@ class Deliverer:
                 n = built.get(nid) or Notification.model_validate_json(payload)
                 claimed.append((n, result))
                 report.channels[nid] = str(n.channel)
-        claimed = await self._still_wanted(claimed, states, report, owner)
+        claimed = await self._still_wanted(claimed, states, report, owner, scope)
 
         batches: dict[str, list[Outgoing]] = {}
         by_id = {n.notification_id: n for n, _ in claimed}
@@ -156,7 +163,7 @@ class Deliverer:
             # renewed (another worker may have taken over a lapsed claim, and sent it).
             ids = [n.notification_id for n, _ in claimed]
             now_ms = int(self.res.clock().timestamp() * 1000)
-            ours = set(await self.res.store.renew(ids, owner, now_ms))
+            ours = set(await self.res.store.renew(ids, owner, now_ms, scope))
             lost = [n.notification_id for n, _ in claimed if n.notification_id not in ours]
             if lost:
                 log.warning("%d claims lapsed while rendering; left to their new holder", len(lost))
@@ -169,17 +176,17 @@ class Deliverer:
             claimed, messages = [c for c, _ in kept], [m for _, m in kept]
         for (n, result), message in zip(claimed, messages, strict=True):
             if isinstance(message, RenderError):
-                await self._fail(n.notification_id, message, report, owner)
+                await self._fail(n.notification_id, message, report, owner, scope)
                 continue
             outgoing = Outgoing(message, now, recovering=result is ClaimResult.RECLAIMED)
             batches.setdefault(self._channel_name(n), []).append(outgoing)
 
         for name, items in batches.items():
             outcomes = await self._send(name, items)
-            sent = await self._record(items, outcomes, now.isoformat(), report, by_id, owner)
+            sent = await self._record(items, outcomes, now.isoformat(), report, by_id, owner, scope)
             # recorded per batch: an accepted message is marked at once, not after the round
             said = {item.message.notification_id: summary(item.message) for item in items}
-            await self.res.store.mark_sent(sent, owner, said)
+            await self.res.store.mark_sent(sent, owner, said, scope)
             report.sent += [nid for nid, _, _ in sent]
         return report
 
@@ -189,6 +196,7 @@ class Deliverer:
         states: Mapping[tuple[str, str], ShipmentState],
         report: DeliveryReport,
         owner: str,
+        scope: Scope,
     ) -> list[tuple[Notification, ClaimResult]]:
         """Drop (cancel) notifications overtaken by a newer one, or to opted-out addresses."""
         if not claimed:
@@ -214,7 +222,7 @@ class Deliverer:
             if why is None:
                 wanted.append((n, result))
                 continue
-            await self.res.store.cancel(n.notification_id, why, owner)
+            await self.res.store.cancel(n.notification_id, why, owner, scope)
             report.cancelled.append(n.notification_id)
         return wanted
 
@@ -226,6 +234,7 @@ class Deliverer:
         report: DeliveryReport,
         notifications: dict[str, Notification],
         owner: str,
+        scope: Scope,
     ) -> list[tuple[str, str, str]]:
         """Retry, fail or keep each outcome; return the (id, at, detail) of those sent."""
         sent = []
@@ -234,12 +243,12 @@ class Deliverer:
             if isinstance(outcome, Receipt):
                 sent.append((nid, at, f"{outcome.channel}:{outcome.detail}"))
             elif isinstance(outcome, TemporaryDeliveryError):
-                await self._retry_later(nid, outcome, owner)
+                await self._retry_later(nid, outcome, owner, scope)
                 report.retrying.append(nid)
             else:
                 if isinstance(outcome, PermanentDeliveryError) and outcome.opted_out:
                     await self._record_opt_out(item)
-                await self._fail(nid, outcome, report, owner)
+                await self._fail(nid, outcome, report, owner, scope)
                 if isinstance(outcome, PermanentDeliveryError):
                     await self._fall_back(notifications[nid], outcome)
         return sent
@@ -316,11 +325,13 @@ class Deliverer:
                 for item in items
             ]
 
-    async def _fail(self, nid: str, exc: Exception, report: DeliveryReport, owner: str) -> None:
+    async def _fail(
+        self, nid: str, exc: Exception, report: DeliveryReport, owner: str, scope: Scope
+    ) -> None:
         # The reason (which may quote the provider's words about an address) goes to the
         # ledger, readable in the history; the log names only the kind of failure.
         log.error("notification %s failed permanently (%s)", nid, type(exc).__name__)
-        await self.res.store.mark_failed(nid, str(exc), owner)
+        await self.res.store.mark_failed(nid, str(exc), owner, scope)
         report.failed.append(nid)
 
     async def _record_opt_out(self, item: Outgoing) -> None:
@@ -335,18 +346,21 @@ class Deliverer:
             key = opt_out_key(ChannelKind.EMAIL, m.to)
             await self.res.store.set_opt_out(m.merchant_id, key, True)
 
-    async def _retry_later(self, nid: str, exc: TemporaryDeliveryError, owner: str) -> None:
-        attempts = int((await self.res.store.ledger([nid]))[nid].get("attempts", "1"))
+    async def _retry_later(
+        self, nid: str, exc: TemporaryDeliveryError, owner: str, scope: Scope
+    ) -> None:
+        attempts = int((await self.res.store.ledger([nid], scope))[nid].get("attempts", "1"))
         if attempts >= MAX_ATTEMPTS:
             log.error("notification %s out of attempts: %s", nid, exc.reason)
             await self.res.store.mark_failed(
-                nid, f"gave up after {attempts} attempts: {exc.reason}", owner
+                nid, f"gave up after {attempts} attempts: {exc.reason}", owner, scope
             )
             return
         delay = backoff_s(attempts, exc.retry_after_s)
         log.warning("notification %s: %s; retry %d in %.0f s", nid, exc.reason, attempts, delay)
         due = self.res.clock() + timedelta(seconds=delay)
-        await self.res.store.reschedule(nid, int(due.timestamp() * 1000), exc.reason, owner)
+        due_ms = int(due.timestamp() * 1000)
+        await self.res.store.reschedule(nid, due_ms, exc.reason, owner, scope)
 
 
 def _count(report: DeliveryReport, timing: Mapping[str, tuple[float, float]]) -> None:

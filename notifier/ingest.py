@@ -246,7 +246,7 @@ async def _persist(res: Resources, payloads: list[IngestItem]) -> tuple[list[Adm
 
 async def _wake(res: Resources, partitions: list[int]) -> None:
     try:
-        await wake(res.redis, partitions)
+        await wake(res.queue, partitions)
     except (RedisError, OSError) as exc:
         # Persisted already: the worker's sweep finds the backlog even without this job.
         log.warning("could not enqueue a drain job (%s); the sweep will pick it up", exc)

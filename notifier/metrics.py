@@ -34,7 +34,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
 
-from notifier.store import Store
+from notifier.store import Store, keys
 
 __all__ = ["CONTENT_TYPE_LATEST", "configure", "exposition"]
 
@@ -208,8 +208,9 @@ async def _read_redis(store: Store, workers_key: str, alive_s: float) -> list[Me
         for p in partitions:
             pipe.xlen(store.inbox_key(p))
             pipe.xrange(store.inbox_key(p), count=1)
-        pipe.zcard(store.DUE_KEY)
-        pipe.zcard(store.STALL_KEY)
+        for scope in store.scopes:  # one index, or one per partition on a Redis Cluster
+            pipe.zcard(keys.due_key(store.tag(scope)))
+            pipe.zcard(keys.stall_key(store.tag(scope)))
         pipe.zcount(workers_key, int((now - alive_s) * 1000), "+inf")
         replies = await pipe.execute()
     dead = await store.dead_letters()
@@ -229,7 +230,8 @@ async def _read_redis(store: Store, workers_key: str, alive_s: float) -> list[Me
         entry_id = first[0][0] if first else None
         age = entry_age_s(_text(entry_id), now) if entry_id is not None else 0.0
         oldest.add_metric([str(p)], age)
-    due_n, stall_n, workers_n = replies[2 * len(partitions) :]
+    indexes, workers_n = replies[2 * len(partitions) : -1], replies[-1]
+    due_n, stall_n = sum(indexes[0::2]), sum(indexes[1::2])
     families: list[Metric] = [depth, oldest]
     for name, doc, value in (
         ("notifier_due_messages", "Messages waiting for their time (deferred or retrying).", due_n),

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from arq.connections import ArqRedis
 
 from notifier.render.environment import TEMPLATE_NAME
-from notifier.store import awaited
+from notifier.store import DataRedis, awaited
+from notifier.store.scripts import script
 
 PREFIX = "ntf:ovr"
 #: What a draft holds for a file deleted in it.
@@ -69,6 +69,19 @@ redis.call('DEL', KEYS[1])
 redis.call('RPUSH', KEYS[4], cjson.encode({at = ARGV[2], key_id = ARGV[1],
   action = 'publish', version = n, paths = changed}))
 return {n, rev}
+"""
+
+# KEYS: draft, audit. ARGV: path, its new text ('' with ARGV[4] = 'hdel': drop the change),
+# the audit entry, 'hset' or 'hdel'. One script, not MULTI: a Redis Cluster pipeline has none.
+_EDIT = """
+if ARGV[4] == 'hdel' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+else
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
+local rev = redis.call('HINCRBY', KEYS[1], '#rev', 1)
+redis.call('RPUSH', KEYS[2], ARGV[3])
+return rev
 """
 
 # KEYS: versions, live, audit, draft. ARGV: author key id, time (ISO), version to restore.
@@ -130,10 +143,11 @@ class Version:
 class OverrideStore:
     """Drafts, published versions and the audit log of merchants' overrides in Redis."""
 
-    def __init__(self, redis: ArqRedis) -> None:
+    def __init__(self, redis: DataRedis) -> None:
         self.redis = redis
-        self._publish = redis.register_script(_PUBLISH)
-        self._rollback = redis.register_script(_ROLLBACK)
+        self._publish = script(redis, _PUBLISH)
+        self._rollback = script(redis, _ROLLBACK)
+        self._edit = script(redis, _EDIT)
 
     @staticmethod
     def key(merchant_id: str, kind: str) -> str:
@@ -159,11 +173,15 @@ class OverrideStore:
             raise OverrideError(f"{path}: contains a NUL character")
         draft = self.key(merchant_id, "draft")
         entry = {"at": at, "key_id": key_id, "action": "delete" if text is None else "save"}
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(draft, path, TOMBSTONE if text is None else text)
-            pipe.hincrby(draft, REVISION, 1)
-            pipe.rpush(self.key(merchant_id, "audit"), orjson.dumps({**entry, "path": path}))
-            _, revision, _ = await pipe.execute()
+        revision = await self._edit(
+            keys=[draft, self.key(merchant_id, "audit")],
+            args=[
+                path,
+                TOMBSTONE if text is None else text,
+                orjson.dumps({**entry, "path": path}),
+                "hset",
+            ],
+        )
         return int(revision)
 
     async def discard(self, merchant_id: str, path: str, key_id: str, at: str) -> int:
@@ -172,11 +190,10 @@ class OverrideStore:
             raise OverrideError(f"{path}: not a file a merchant can override")
         draft = self.key(merchant_id, "draft")
         entry = {"at": at, "key_id": key_id, "action": "discard", "path": path}
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hdel(draft, path)
-            pipe.hincrby(draft, REVISION, 1)
-            pipe.rpush(self.key(merchant_id, "audit"), orjson.dumps(entry))
-            _, revision, _ = await pipe.execute()
+        revision = await self._edit(
+            keys=[draft, self.key(merchant_id, "audit")],
+            args=[path, "", orjson.dumps(entry), "hdel"],
+        )
         return int(revision)
 
     async def publish(self, merchant_id: str, revision: int, key_id: str, at: str) -> int:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -33,7 +33,7 @@ from notifier.models import (
 from notifier.policy import Policy, fold, opt_out_key
 from notifier.resources import Resources, sync_published
 from notifier.state import TERMINAL, ShipmentState
-from notifier.store import InboxEntry, LedgerState, ShipmentCommit
+from notifier.store import InboxEntry, LedgerState, Scope, ShipmentCommit, Store
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,15 @@ class _Fold:
     #: (outcome, rule, channel) of each decision, and the inbox entries decided (metrics)
     labels: list[tuple[str, str, str]] = field(default_factory=list)
     decided: list[str] = field(default_factory=list)
+
+
+def _scope(store: Store, shipments: Iterable[ShipmentKey]) -> Scope:
+    """The scope of a batch: one partition's (a drain's), so on a Redis Cluster its keys
+    share one slot."""
+    scopes = {store.scope_of(m, s) for m, s in shipments}
+    if len(scopes) > 1:
+        raise ValueError("a batch holds shipments of several partitions")
+    return scopes.pop() if scopes else None
 
 
 def _stall_at_ms(policy: Policy, state: ShipmentState) -> int | None:
@@ -117,6 +126,7 @@ class Pipeline:
                 request_ids[(t.merchant_id, t.event_id)] = entry.request_id
             report.transitions += 1
 
+        scope = _scope(self.res.store, groups)
         # a merchant's published override (the editor's) may have moved since the last batch
         await sync_published(self.res, {m for m, _ in groups})
         to_deliver: list[str] = []
@@ -156,7 +166,7 @@ class Pipeline:
             conflicts = set(await self.res.store.commit([f.commit for f in folds], now.isoformat()))
             committed_at = time.time()
             committed = [(keys[i], f.commit) for i, f in enumerate(folds) if i not in conflicts]
-            await self._remember(committed, retention)
+            await self._remember(committed, retention, scope)
             for i, f in enumerate(folds):
                 if i in conflicts:
                     continue
@@ -177,13 +187,13 @@ class Pipeline:
         report.already_processed = len(to_deliver) - len(report.notifications)
         if to_deliver:
             report.delivery = await self.deliverer.deliver(
-                to_deliver, states=states, built=built, timing=timing
+                to_deliver, states=states, built=built, timing=timing, scope=scope
             )
             report.unsettled = {owner[nid] for nid in report.delivery.busy}
         return report
 
     async def _remember(
-        self, committed: list[tuple[ShipmentKey, ShipmentCommit]], retention: int
+        self, committed: list[tuple[ShipmentKey, ShipmentCommit]], retention: int, scope: Scope
     ) -> None:
         """After a commit: index tracking numbers (every commit, idempotent: kept as long as
         the state, and a commit whose index write failed is indexed by the shipment's next
@@ -199,7 +209,7 @@ class Pipeline:
                 ]
         await self.res.store.index_tracking(tracked)
         if ended:
-            await self.res.store.shorten(ended, retention)
+            await self.res.store.shorten(ended, retention, scope)
 
     async def _opt_outs(
         self,

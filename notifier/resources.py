@@ -14,6 +14,8 @@ from pathlib import Path
 from arq.connections import ArqRedis
 from fakeredis import FakeServer
 from fakeredis.aioredis import FakeRedis
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from notifier import metrics
 from notifier.channels import Channel, OutboxChannel
@@ -30,6 +32,7 @@ from notifier.render.limits import Limits
 from notifier.render.watch import TreeWatch
 from notifier.settings import EmailChannelName, Settings
 from notifier.store import Store
+from notifier.store.base import DataRedis
 from notifier.unsubscribe import headers as unsubscribe_headers
 
 log = logging.getLogger(__name__)
@@ -91,11 +94,26 @@ def trees_in_use(settings: Settings) -> list[str]:
     return lines
 
 
-def connect(settings: Settings, server: FakeServer | None = None) -> ArqRedis:
-    """A Redis client: the configured server, or the embedded in-memory ``server``."""
-    if settings.redis_url:
+def connect(settings: Settings, server: FakeServer | None = None) -> DataRedis:
+    """The client of the data: the configured Redis or Redis Cluster, or the embedded
+    in-memory ``server``."""
+    if settings.redis_cluster and settings.redis_url:
+        # a node of the cluster; the client learns the others and follows failovers
+        cluster: RedisCluster = RedisCluster.from_url(
+            settings.redis_url.replace("+cluster://", "://", 1),
+            socket_timeout=settings.redis_timeout_s,
+            socket_connect_timeout=settings.redis_timeout_s,
+        )
+        return cluster
+    return connect_queue(settings, server)
+
+
+def connect_queue(settings: Settings, server: FakeServer | None = None) -> ArqRedis:
+    """The client of arq's job queue: ``NOTIFIER_QUEUE_REDIS_URL``, else the data's Redis
+    (or the embedded in-memory ``server``)."""
+    if url := settings.queue_redis_url or settings.redis_url:
         client: ArqRedis = ArqRedis.from_url(
-            settings.redis_url,
+            url,
             socket_timeout=settings.redis_timeout_s,
             socket_connect_timeout=settings.redis_timeout_s,
         )
@@ -147,7 +165,10 @@ class Resources:
     """Everything the API and the worker share, built from one Settings."""
 
     settings: Settings
-    redis: ArqRedis
+    #: the data (a Redis, the embedded one, or a Redis Cluster)
+    redis: DataRedis
+    #: arq's job queue: the same client as ``redis`` unless NOTIFIER_QUEUE_REDIS_URL is set
+    queue: ArqRedis
     store: Store
     policies: PolicyStore
     #: merchants' published override files (the editor's), as this process last loaded them
@@ -175,6 +196,9 @@ async def open_resources(
         server = FakeServer()
     metrics.configure(settings.metrics_dir)
     redis = connect(settings, server)
+    separate = bool(settings.queue_redis_url) or not isinstance(redis, ArqRedis)
+    queue = connect_queue(settings, server) if separate else redis
+    assert isinstance(queue, ArqRedis)
     catalogs = Catalogs(data_dir("locales", settings.locales_dir))
     published = Published(OverrideStore(redis))
     templates = TemplateStore(
@@ -194,6 +218,7 @@ async def open_resources(
         yield Resources(
             settings=settings,
             redis=redis,
+            queue=queue,
             store=Store(
                 redis,
                 partitions=settings.partitions,
@@ -221,7 +246,9 @@ async def open_resources(
             server=server,
         )
     finally:
-        await redis.aclose(close_connection_pool=True)
+        if queue is not redis:
+            await queue.aclose(close_connection_pool=True)
+        await close_redis(redis)
         for channel in {id(c): c for c in providers.values()}.values():
             close = getattr(channel, "close", None)
             if close is not None:
@@ -229,6 +256,13 @@ async def open_resources(
             aclose = getattr(channel, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+
+async def close_redis(redis: DataRedis) -> None:
+    if isinstance(redis, Redis):
+        await redis.aclose(close_connection_pool=True)
+    else:
+        await redis.aclose()
 
 
 async def sync_published(res: Resources, merchant_ids: Iterable[str]) -> None:

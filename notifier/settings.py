@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from notifier.errors import ConfigurationError
@@ -49,7 +49,18 @@ class Settings(BaseSettings):
     )
 
     redis_url: str | None = Field(
-        default=None, description="Redis to use; unset means the embedded in-memory mode."
+        default=None,
+        description=(
+            "Redis to use; unset means the embedded in-memory mode. "
+            "redis+cluster://host:port (or rediss+cluster://) names a node of a Redis Cluster"
+        ),
+    )
+    queue_redis_url: str | None = Field(
+        default=None,
+        description=(
+            "the Redis that holds arq's job queue (drain jobs); unset: NOTIFIER_REDIS_URL. "
+            "Required with a Redis Cluster, where arq cannot run"
+        ),
     )
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
@@ -190,14 +201,17 @@ class Settings(BaseSettings):
         ),
     )
 
-    @field_validator("redis_url")
+    @field_validator("redis_url", "queue_redis_url")
     @classmethod
-    def _redis_url(cls, value: str | None) -> str | None:
+    def _redis_url(cls, value: str | None, info: ValidationInfo) -> str | None:
         if not value:
             return None
         url = urlsplit(value)
-        if url.scheme not in ("redis", "rediss", "unix"):
-            raise ValueError("must start with redis://, rediss:// or unix://")
+        schemes = ["redis", "rediss", "unix"]
+        if info.field_name == "redis_url":
+            schemes += ["redis+cluster", "rediss+cluster"]
+        if url.scheme not in schemes:
+            raise ValueError("must start with " + ", ".join(f"{s}://" for s in schemes))
         try:
             url.port  # noqa: B018 (parsing it is the check)
         except ValueError as exc:
@@ -255,11 +269,28 @@ class Settings(BaseSettings):
                 "NOTIFIER_INGEST_WAIT_REPLICAS needs NOTIFIER_REDIS_URL (embedded mode has no "
                 "replicas)"
             )
+        if self.ingest_wait_replicas and self.redis_cluster:
+            raise ValueError(
+                "NOTIFIER_INGEST_WAIT_REPLICAS is not supported on a Redis Cluster yet (WAIT "
+                "would have to go to each partition's primary)"
+            )
+        if self.queue_redis_url and not self.redis_url:
+            raise ValueError("NOTIFIER_QUEUE_REDIS_URL needs NOTIFIER_REDIS_URL")
+        if self.redis_cluster and not self.queue_redis_url:
+            raise ValueError(
+                "a Redis Cluster (NOTIFIER_REDIS_URL=redis+cluster://...) needs "
+                "NOTIFIER_QUEUE_REDIS_URL: arq's job queue cannot live on a cluster"
+            )
         if self.sendgrid_api_key and not self.sendgrid_from:
             # any merchant may choose SendGrid once it is configured, and it only sends
             # from a verified sender
             raise ValueError("NOTIFIER_SENDGRID_API_KEY needs NOTIFIER_SENDGRID_FROM")
         return self
+
+    @property
+    def redis_cluster(self) -> bool:
+        """True when NOTIFIER_REDIS_URL names a Redis Cluster."""
+        return bool(self.redis_url) and urlsplit(self.redis_url or "").scheme.endswith("+cluster")
 
     @property
     def embedded(self) -> bool:
@@ -347,5 +378,11 @@ def describe_redis(settings: Settings) -> str:
     if settings.embedded:
         return "embedded (in-memory store, nothing persists; worker in the API process)"
     url = urlsplit(settings.redis_url or "")
+    if settings.redis_cluster:
+        queue = urlsplit(settings.queue_redis_url or "")
+        return (
+            f"Redis Cluster at {url.hostname}:{url.port or 6379}, job queue on Redis at "
+            f"{queue.hostname or queue.path}:{queue.port or 6379}"
+        )
     db = url.path.lstrip("/") or "0"
     return f"Redis at {url.hostname or url.path}:{url.port or 6379} (database {db})"

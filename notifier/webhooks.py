@@ -68,10 +68,11 @@ async def twilio_status(request: web.Request, res: Resources) -> web.Response:
     """Delivery status of a message we sent: never moves backwards."""
     form = await _signed_form(request, res)
     sid, status = form.get("MessageSid", ""), form.get("MessageStatus", "").lower()
-    nid = await res.store.by_provider_id("twilio", sid) if sid else None
-    if nid is not None and status in STATUS_RANK:
+    found = await res.store.by_provider_id("twilio", sid) if sid else None
+    if found is not None and status in STATUS_RANK:
         error = form.get("ErrorCode") or None
-        await res.store.provider_status(nid, status, STATUS_RANK[status], error)
+        nid, scope = found
+        await res.store.provider_status(nid, status, STATUS_RANK[status], error, scope)
         if error == "21610":  # the carrier says the recipient opted out
             await res.store.set_opt_out(
                 res.store.EVERY_MERCHANT, opt_out_key(ChannelKind.SMS, form.get("To", "")), True
@@ -147,8 +148,21 @@ async def _email_event(res: Resources, event: Any) -> None:
     if not isinstance(nid, str) or kind not in EMAIL_RANK:
         return  # not ours (or an open/click): nothing to record
     reason = event.get("reason") or event.get("response")
-    await res.store.provider_status(nid, kind, EMAIL_RANK[kind], str(reason) if reason else None)
     merchant, address = event.get("merchant_id"), event.get("email")
+    shipment = event.get("shipment_id")
+    if isinstance(merchant, str) and isinstance(shipment, str):
+        scope = res.store.scope_of(merchant, shipment)
+    elif res.store.cluster:
+        # sent before the shipment went with it: found by SendGrid's message id, if at all
+        sg_id = str(event.get("sg_message_id", "")).split(".", 1)[0]
+        found = await res.store.by_provider_id("sendgrid", sg_id)
+        if found is None:
+            return
+        scope = found[1]
+    else:
+        scope = None
+    why = str(reason) if reason else None
+    await res.store.provider_status(nid, kind, EMAIL_RANK[kind], why, scope)
     # A hard bounce or a drop (SendGrid's own suppression) means the address must not be
     # used again; a "blocked" bounce is the receiving server's temporary refusal.
     hard_bounce = kind == "bounce" and event.get("type") != "blocked"

@@ -37,7 +37,7 @@ from redis.exceptions import RedisError, ResponseError, WatchError
 
 from notifier.models import ExceptionCode, Status, Transition
 from notifier.pipeline import BatchReport, Pipeline
-from notifier.resources import Clock, Resources, connect, open_resources, utc_now
+from notifier.resources import Clock, Resources, connect_queue, open_resources, utc_now
 from notifier.settings import Settings
 from notifier.store import InboxEntry, body_digest, wake
 
@@ -128,6 +128,7 @@ async def wait_for_redis(res: Resources, exc: BaseException, what: str, limit_s:
         await asyncio.sleep(delay * random.uniform(0.5, 1.0))
         try:
             await res.redis.ping()
+            await res.queue.ping()
             # A restarted Redis without persistence lost the consumer groups: make them
             # again (a write: it also waits out a pause of writes only, as FAILOVER makes)
             await res.store.ensure_groups()
@@ -162,7 +163,7 @@ async def _drain(
             if await store.needs_drain(partition, _stale_ms(res)) and await store.set_wake(
                 partition
             ):
-                await wake(res.redis, [partition])
+                await wake(res.queue, [partition])
             break
         if not await store.needs_drain(partition, _stale_ms(res)):
             break
@@ -239,7 +240,7 @@ async def _reclaim(res: Resources, partition: int, consumer: str) -> list[InboxE
             partition,
             len(poison),
             MAX_DELIVERIES,
-            res.store.DEAD_INBOX_KEY,
+            "the inbox dead letters",
         )
         await res.store.bury(partition, poison, f"failed {MAX_DELIVERIES} times")
     return [e for e in entries if e not in poison]
@@ -321,14 +322,17 @@ async def release_due(ctx: dict[str, Any]) -> int:
     pipeline: Pipeline = ctx["pipeline"]
     now_ms = int(res.clock().timestamp() * 1000)
     done = 0
-    while ids := await res.store.due(now_ms, RELEASE_BATCH):
-        report = await pipeline.deliverer.deliver(ids, due=True)
-        waiting = set(report.busy) | set(report.deferred)
-        settled = [i for i in ids if i not in waiting]
-        await res.store.unschedule(settled, now_ms)
-        done += len(settled)
-        if len(settled) < len(ids) or len(ids) < RELEASE_BATCH or stopping(ctx):
-            break  # the rest waits for a live claim elsewhere: next tick
+    for scope in res.store.scopes:  # one due index, or one per partition on a cluster
+        while ids := await res.store.due(now_ms, RELEASE_BATCH, scope):
+            report = await pipeline.deliverer.deliver(ids, due=True, scope=scope)
+            waiting = set(report.busy) | set(report.deferred)
+            settled = [i for i in ids if i not in waiting]
+            await res.store.unschedule(settled, now_ms, scope)
+            done += len(settled)
+            if len(settled) < len(ids) or len(ids) < RELEASE_BATCH or stopping(ctx):
+                break  # the rest waits for a live claim elsewhere: next tick
+        if stopping(ctx):
+            break
     return done
 
 
@@ -374,7 +378,7 @@ async def find_stalled(ctx: dict[str, Any]) -> int:
         items.append((merchant_id, shipment_id, t.event_id, body, digest, "stall-check"))
     if items:
         _, woken = await res.store.ingest(items)
-        await wake(res.redis, woken)
+        await wake(res.queue, woken)
     for merchant_id, shipment_id, deadline_ms in due:
         await res.store.drop_stall(merchant_id, shipment_id, deadline_ms)
     log.info("%d stalled shipments found", len(items))
@@ -391,7 +395,7 @@ async def sweep(ctx: dict[str, Any]) -> int:
         for p in range(res.settings.partitions)
         if await res.store.needs_drain(p, stale_ms) and await res.store.set_wake(p)
     ]
-    await wake(res.redis, woken)
+    await wake(res.queue, woken)
     return len(woken)
 
 
@@ -552,7 +556,7 @@ def build_worker(
     async def on_shutdown(ctx: dict[str, Any]) -> None:
         await ctx["stack"].aclose()
 
-    pool: ArqRedis = connect(settings, resources.server if resources else None)
+    pool: ArqRedis = connect_queue(settings, resources.server if resources else None)
     worker = ResilientWorker(
         functions=[drain],
         cron_jobs=[

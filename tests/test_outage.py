@@ -267,10 +267,10 @@ async def test_concurrent_rounds_hand_back_an_interrupted_rounds_claims_once(
     a round at once, and the interrupted round's claims are handed back by one of them."""
     async with open_resources(settings, clock=fixed_clock()) as res:
         deliverer = Deliverer(res)
-        deliverer._abandoned["round-1"] = ["n_a", "n_b"]
+        deliverer._abandoned["round-1"] = (None, ["n_a", "n_b"])
         released: list[tuple[tuple[str, ...], str]] = []
 
-        async def slow_release(ids: list[str], owner: str) -> None:
+        async def slow_release(ids: list[str], owner: str, scope: int | None = None) -> None:
             await asyncio.sleep(0.01)  # a round trip: the other rounds run meanwhile
             released.append((tuple(ids), owner))
 

@@ -60,7 +60,11 @@ async def test_payload_comes_from_the_mail_helper(sendgrid: FakeSendGrid) -> Non
     assert body["personalizations"][0]["to"] == [{"email": "ana@example.com"}]
     assert body["subject"] == "Your parcel arrives today"
     assert [c["type"] for c in body["content"]] == ["text/plain", "text/html"]
-    assert body["custom_args"] == {"notification_id": "n_1", "merchant_id": "acme"}
+    assert body["custom_args"] == {
+        "notification_id": "n_1",
+        "merchant_id": "acme",
+        "shipment_id": "s1",
+    }
     assert body["headers"] == {"List-Unsubscribe": "<https://acme.example/u/1>"}
     assert sendgrid.auth == [f"Bearer {KEY}"]
 

@@ -371,7 +371,7 @@ async def test_settling_is_refused_to_a_worker_whose_claim_was_taken_over(store:
         "summary": "Hi",
     }
     assert STATE_TTL_S - 60 < await redis.ttl(keys.notification_key("n1")) <= STATE_TTL_S
-    assert await store.by_provider_id("twilio", "SM2") == "n1"
+    assert await store.by_provider_id("twilio", "SM2") == ("n1", None)
 
 
 async def test_a_released_claim_is_taken_over_at_once(store: Store) -> None:

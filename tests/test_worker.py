@@ -414,7 +414,7 @@ async def test_a_settled_notification_is_rewritten_compact(settings: Settings) -
         }
         assert await res.redis.object("encoding", key) == b"listpack"
         assert 3500 < await res.redis.ttl(key) <= 3600  # its expiry survives the rewrite
-        assert await res.store.by_provider_id("twilio", "SM1") == "n_1"
+        assert await res.store.by_provider_id("twilio", "SM1") == ("n_1", None)
         # another holder's settle changes nothing
         await res.store.cancel("n_1", "superseded", owner="o2")
         assert await res.redis.hget(key, "st") == b"sent"

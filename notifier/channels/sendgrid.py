@@ -42,6 +42,8 @@ def payload(message: EmailMessageOut, sender: str | None = None) -> dict[str, ob
     )
     mail.custom_arg = CustomArg("notification_id", message.notification_id)
     mail.custom_arg = CustomArg("merchant_id", message.merchant_id)
+    # with the merchant, where its ledger entry lives (its partition, on a Redis Cluster)
+    mail.custom_arg = CustomArg("shipment_id", message.shipment_id)
     for name, value in message.headers.items():
         if name.lower() == "reply-to":  # SendGrid refuses it as a header: its own field
             mail.reply_to = ReplyTo(value)

@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from notifier.store import keys
-from notifier.store.base import awaited
+from notifier.store.base import DataRedis, Scope, awaited
 from notifier.store.health import Health
 from notifier.store.inbox import (
     Admission,
@@ -35,11 +35,13 @@ __all__ = [
     "PREFIX",
     "Admission",
     "ClaimResult",
+    "DataRedis",
     "HistoryPage",
     "InboxEntry",
     "IngestItem",
     "LedgerState",
     "NotReplicated",
+    "Scope",
     "ShipmentCommit",
     "Store",
     "awaited",
@@ -51,18 +53,14 @@ __all__ = [
 class Store(Inbox, Shipments, Ledger, OptOuts, Health):
     """Typed access to everything notifier keeps in Redis."""
 
-    # The key names, where callers from before the split look for them (``keys`` has them).
-    inbox_key = staticmethod(keys.inbox_key)
-    wake_key = staticmethod(keys.wake_key)
-    lock_key = staticmethod(keys.lock_key)
+    # The key names on one Redis, where callers from before the split look for them (``keys``
+    # has them, with the tags a Redis Cluster adds).
     DEAD_INBOX_KEY = keys.DEAD_INBOX_KEY
     EVENT_BUCKET_BITS = keys.EVENT_BUCKET_BITS
     EVENT_BUCKET_PREFIX = keys.EVENT_BUCKET_PREFIX
     event_slot = staticmethod(keys.event_slot)
     event_bucket_key = staticmethod(keys.event_bucket_key)
     legacy_event_key = staticmethod(keys.legacy_event_key)
-    state_key = staticmethod(keys.state_key)
-    history_key = staticmethod(keys.history_key)
     STALL_KEY = keys.STALL_KEY
     stall_member = staticmethod(keys.stall_member)
     tracking_key = staticmethod(keys.tracking_key)

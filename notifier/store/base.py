@@ -6,11 +6,18 @@ import inspect
 from collections.abc import Awaitable
 from typing import TypeVar
 
-from arq.connections import ArqRedis
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
+from notifier.store import keys
 from notifier.store.scripts import Scripts
 
 T = TypeVar("T")
+#: Where the store keeps its data: one Redis (or the embedded one), or a Redis Cluster.
+DataRedis = Redis | RedisCluster
+#: What a key belongs to: a partition on a Redis Cluster (its hash tag), None on one Redis,
+#: where the partitions share every index.
+Scope = int | None
 
 
 class StoreBase:
@@ -19,7 +26,7 @@ class StoreBase:
 
     def __init__(
         self,
-        redis: ArqRedis,
+        redis: DataRedis,
         *,
         partitions: int,
         idempotency_ttl_s: int,
@@ -29,12 +36,42 @@ class StoreBase:
         wait_timeout_ms: int = 1000,
     ) -> None:
         self.redis = redis
+        #: on a Redis Cluster, the keys of a partition share its hash tag (``keys.tag``)
+        self.cluster = isinstance(redis, RedisCluster)
         self.wait_replicas, self.wait_timeout_ms = wait_replicas, wait_timeout_ms
         self.partitions = partitions
         self.idempotency_ttl_s = idempotency_ttl_s
         self.state_ttl_s = state_ttl_s
         self.history_cap = history_cap
         self.scripts = Scripts.register(redis)
+
+    def partition_of(self, merchant_id: str, shipment_id: str) -> int:
+        """The inbox partition of a shipment: stable, so its events stay in one stream."""
+        return keys.partition_of(merchant_id, shipment_id, self.partitions)
+
+    @property
+    def scopes(self) -> list[Scope]:
+        """Every scope: each partition on a cluster, else the one shared by all."""
+        return list(range(self.partitions)) if self.cluster else [None]
+
+    def scope_of(self, merchant_id: str, shipment_id: str) -> Scope:
+        """The scope of a shipment's keys (its ledger entries' too)."""
+        return self.partition_of(merchant_id, shipment_id) if self.cluster else None
+
+    def tag(self, scope: Scope) -> str:
+        """The hash tag of a scope's keys ("" on one Redis: the names of old)."""
+        if scope is None:
+            if self.cluster:
+                raise ValueError("on a Redis Cluster, say which partition the keys belong to")
+            return ""
+        return keys.tag(scope) if self.cluster else ""
+
+    def partition_tag(self, partition: int) -> str:
+        """The tag of a partition's own keys (its inbox, lock, wake flag)."""
+        return keys.tag(partition) if self.cluster else ""
+
+    def shipment_tag(self, merchant_id: str, shipment_id: str) -> str:
+        return self.tag(self.scope_of(merchant_id, shipment_id))
 
 
 async def awaited(result: Awaitable[T] | T) -> T:

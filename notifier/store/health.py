@@ -36,7 +36,8 @@ class Health(StoreBase):
     async def dead_letters(self) -> dict[str, int]:
         """How many notifications failed for good, and inbox entries that kept failing."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.llen(keys.DEAD_LETTER_KEY)
-            pipe.xlen(keys.DEAD_INBOX_KEY)
-            notifications, inbox = await pipe.execute()
-        return {"notifications": int(notifications), "inbox": int(inbox)}
+            for scope in self.scopes:
+                pipe.llen(keys.dead_letter_key(self.tag(scope)))
+                pipe.xlen(keys.dead_inbox_key(self.tag(scope)))
+            counts = [int(n) for n in await pipe.execute()]
+        return {"notifications": sum(counts[0::2]), "inbox": sum(counts[1::2])}

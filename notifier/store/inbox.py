@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import cached_property
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from arq.connections import ArqRedis
@@ -25,7 +26,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
 from notifier.store import keys
-from notifier.store.base import StoreBase, decode
+from notifier.store.base import Scope, StoreBase, decode
 from notifier.store.keys import GROUP
 
 
@@ -58,6 +59,8 @@ class NotReplicated(RedisError):
         self.acked, self.required = acked, required
         #: the partitions to wake all the same: the events are stored on the primary
         self.woken = woken
+        #: what became of each event of the call
+        self.admissions: list[Admission] = []
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,9 +96,20 @@ class Inbox(StoreBase):
         """Ingest calls waiting for the next group (``_ingest_task`` takes them in turn)."""
         return deque()
 
-    def partition_of(self, merchant_id: str, shipment_id: str) -> int:
-        """The inbox partition of a shipment: stable, so its events stay in one stream."""
-        return keys.partition_of(merchant_id, shipment_id, self.partitions)
+    # -- keys -------------------------------------------------------------------------
+    def inbox_key(self, partition: int) -> str:
+        """A partition's inbox stream."""
+        return keys.inbox_key(partition, self.partition_tag(partition))
+
+    def wake_key(self, partition: int) -> str:
+        return keys.wake_key(partition, self.partition_tag(partition))
+
+    def lock_key(self, partition: int) -> str:
+        return keys.lock_key(partition, self.partition_tag(partition))
+
+    def dead_inbox_keys(self) -> list[str]:
+        """The dead-letter streams of inbox entries: one, or one per partition on a cluster."""
+        return [keys.dead_inbox_key(self.tag(s)) for s in self.scopes]
 
     # -- ingest -------------------------------------------------------------------------
     async def ingest(self, items: Sequence[IngestItem]) -> tuple[list[Admission], list[int]]:
@@ -151,31 +165,80 @@ class Inbox(StoreBase):
             self._ingest_queue.clear()
 
     async def _ingest_now(self, items: Sequence[IngestItem]) -> tuple[list[Admission], list[int]]:
-        events = []
+        # one script call on one Redis; one per partition on a cluster (a call's keys must
+        # share a slot), side by side
+        scopes: dict[Scope, list[int]] = {}
+        for i, (merchant_id, shipment_id, *_) in enumerate(items):
+            scopes.setdefault(self.scope_of(merchant_id, shipment_id), []).append(i)
+        generation = int(time.time()) // self.idempotency_ttl_s
+        if len(scopes) == 1:
+            calls = [self._ingest_call(items, generation)]
+        else:
+            calls = [
+                self._ingest_call([items[i] for i in at], generation) for at in scopes.values()
+            ]
+        answers = await asyncio.gather(*calls)
+        admissions: list[Admission] = [Admission.DUPLICATE] * len(items)
+        woken: list[int] = []
+        unconfirmed: NotReplicated | None = None
+        for at, answer in zip(scopes.values(), answers, strict=True):
+            if isinstance(answer, NotReplicated):
+                unconfirmed, answer = answer, (answer.admissions, answer.woken)
+            for i, admission in zip(at, answer[0], strict=True):
+                admissions[i] = admission
+            woken += answer[1]
+        if unconfirmed is not None:
+            raise NotReplicated(
+                unconfirmed.acked, unconfirmed.required, self.wait_timeout_ms, woken
+            )
+        return admissions, woken
+
+    async def _ingest_call(
+        self, items: Sequence[IngestItem], generation: int
+    ) -> tuple[list[Admission], list[int]] | NotReplicated:
+        """One ingest script call: its keys, in KEYS (see ``lua/ingest.lua``)."""
+        names: list[str] = []
+        inboxes: dict[int, int] = {}  # partition -> position of its stream in KEYS
+        buckets: dict[tuple[int, str], int] = {}  # (bucket, tag) -> its first key's position
+        legacy: list[str] = []
+        events: list[list[Any]] = []
         for merchant_id, shipment_id, event_id, payload, digest, rid in items:
+            partition = self.partition_of(merchant_id, shipment_id)
+            tag = self.partition_tag(partition)
+            if (inbox := inboxes.get(partition)) is None:
+                inbox = inboxes[partition] = len(names) + 1
+                names += [keys.inbox_key(partition, tag), keys.wake_key(partition, tag)]
             bucket, field = keys.event_slot(merchant_id, event_id)
-            inbox = keys.inbox_key(self.partition_of(merchant_id, shipment_id))
-            legacy = keys.legacy_event_key(merchant_id, event_id)
-            events.append((bucket, field, legacy, inbox, payload.decode(), digest, rid))
-        args: list[Any] = [
-            orjson.dumps(events),
-            self.idempotency_ttl_s,
-            self.WAKE_MS,
-            keys.EVENT_BUCKET_PREFIX,
-        ]
+            if (at := buckets.get((bucket, tag))) is None:
+                at = buckets[bucket, tag] = len(names) + 1
+                names += [keys.event_bucket_key(g, bucket, tag) for g in _around(generation)]
+            old = 0  # its pre-0.5 key's place among ``legacy`` (1-based), 0: none
+            if not self.cluster:  # a cluster never held pre-0.5 keys
+                legacy.append(keys.legacy_event_key(merchant_id, event_id))
+                old = len(legacy)
+            events.append([at, field, old, inbox, payload.decode(), digest, rid])
+        for e in events:
+            if e[2]:
+                e[2] += len(names)
+        names += legacy
+        args: list[Any] = [orjson.dumps(events), self.idempotency_ttl_s, generation, self.WAKE_MS]
         if self.wait_replicas:
             # WAIT counts the writes of its own connection: one pipeline, one connection
             async with self.redis.pipeline(transaction=False) as pipe:
-                await self.scripts.ingest(keys=[], args=args, client=pipe)
+                await self.scripts.ingest(keys=names, args=args, client=cast(Any, pipe))
                 pipe.wait(self.wait_replicas, self.wait_timeout_ms)
                 (accepted, woken), replicas = await pipe.execute()
         else:
-            accepted, woken = await self.scripts.ingest(keys=[], args=args)
+            accepted, woken = await self.scripts.ingest(keys=names, args=args)
             replicas = self.wait_replicas
-        parts = [int(decode(k).split(":")[2]) for k in woken]
+        by_position = {at: p for p, at in inboxes.items()}
+        admissions = [_ADMISSIONS[int(a)] for a in accepted]
+        parts = [by_position[int(at)] for at in woken]
         if replicas < self.wait_replicas:
-            raise NotReplicated(replicas, self.wait_replicas, self.wait_timeout_ms, parts)
-        return [_ADMISSIONS[int(a)] for a in accepted], parts
+            unconfirmed = NotReplicated(replicas, self.wait_replicas, self.wait_timeout_ms, parts)
+            unconfirmed.admissions = admissions
+            return unconfirmed
+        return admissions, parts
 
     # -- the streams --------------------------------------------------------------------
     async def ensure_groups(self) -> None:
@@ -183,7 +246,7 @@ class Inbox(StoreBase):
         for partition in range(self.partitions):
             try:
                 await self.redis.xgroup_create(
-                    keys.inbox_key(partition), GROUP, id="0", mkstream=True
+                    self.inbox_key(partition), GROUP, id="0", mkstream=True
                 )
             except ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
@@ -195,7 +258,7 @@ class Inbox(StoreBase):
         """New entries of a partition for this consumer (they stay pending until acked);
         with ``block_ms``, wait up to that long for one when there are none."""
         reply = await self.redis.xreadgroup(
-            GROUP, consumer, {keys.inbox_key(partition): ">"}, count=count, block=block_ms
+            GROUP, consumer, {self.inbox_key(partition): ">"}, count=count, block=block_ms
         )
         if not reply:
             return []
@@ -204,7 +267,7 @@ class Inbox(StoreBase):
     async def read_own_pending(self, partition: int, consumer: str, count: int) -> list[InboxEntry]:
         """Entries this consumer read and has not acknowledged (after a Redis outage)."""
         reply = await self.redis.xreadgroup(
-            GROUP, consumer, {keys.inbox_key(partition): "0"}, count=count
+            GROUP, consumer, {self.inbox_key(partition): "0"}, count=count
         )
         return [
             _entry(entry_id, fields)
@@ -218,7 +281,7 @@ class Inbox(StoreBase):
     ) -> list[InboxEntry]:
         """Take over entries another consumer read but never acknowledged (it crashed)."""
         reply = await self.redis.xautoclaim(
-            keys.inbox_key(partition), GROUP, consumer, min_idle_ms, "0-0", count=count
+            self.inbox_key(partition), GROUP, consumer, min_idle_ms, "0-0", count=count
         )
         return [_entry(i, f) for i, f in reply[1] if f]
 
@@ -226,15 +289,11 @@ class Inbox(StoreBase):
         """Acknowledge and delete processed entries."""
         if not entry_ids:
             return
-        key = keys.inbox_key(partition)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xack(key, GROUP, *entry_ids)
-            pipe.xdel(key, *entry_ids)
-            await pipe.execute()
+        await self.scripts.ack(keys=[self.inbox_key(partition)], args=[GROUP, *entry_ids])
 
     async def needs_drain(self, partition: int, stale_ms: int) -> bool:
         """Whether a partition has unread entries, or read ones unacknowledged past ``stale_ms``."""
-        key = keys.inbox_key(partition)
+        key = self.inbox_key(partition)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.xlen(key)
             pipe.xpending(key, GROUP)
@@ -249,7 +308,7 @@ class Inbox(StoreBase):
 
     async def delivery_counts(self, partition: int, entry_ids: Sequence[str]) -> dict[str, int]:
         """How often each pending entry has been handed to a consumer."""
-        key = keys.inbox_key(partition)
+        key = self.inbox_key(partition)
         async with self.redis.pipeline(transaction=False) as pipe:
             for entry_id in entry_ids:
                 pipe.xpending_range(key, GROUP, min=entry_id, max=entry_id, count=1)
@@ -262,7 +321,7 @@ class Inbox(StoreBase):
         again, so a long lease never sends them to the dead letters."""
         if entry_ids:
             await self.redis.xclaim(
-                keys.inbox_key(partition),
+                self.inbox_key(partition),
                 GROUP,
                 consumer,
                 0,
@@ -273,32 +332,36 @@ class Inbox(StoreBase):
 
     async def bury(self, partition: int, entries: Sequence[InboxEntry], reason: str) -> None:
         """Move entries that keep failing to the dead-letter stream (kept, never dropped)."""
-        key = keys.inbox_key(partition)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for e in entries:
-                pipe.xadd(
-                    keys.DEAD_INBOX_KEY,
-                    {"t": e.payload, "from": e.entry_id, "why": reason, "r": e.request_id},
-                )
-            pipe.xack(key, GROUP, *[e.entry_id for e in entries])
-            pipe.xdel(key, *[e.entry_id for e in entries])
-            await pipe.execute()
+        if not entries:
+            return
+        args: list[Any] = [GROUP, reason]
+        for e in entries:
+            args += [e.entry_id, e.payload, e.request_id]
+        tag = self.partition_tag(partition)
+        await self.scripts.bury(
+            keys=[self.inbox_key(partition), keys.dead_inbox_key(tag)], args=args
+        )
 
     # -- drain lock and wake flags ------------------------------------------------------
     async def lock(self, partition: int, token: str, lease_ms: int) -> bool:
         """Take or renew the partition's drain lock; False while another drain holds it."""
         return bool(
-            await self.scripts.lock(keys=[keys.lock_key(partition)], args=[token, lease_ms])
+            await self.scripts.lock(keys=[self.lock_key(partition)], args=[token, lease_ms])
         )
 
     async def unlock(self, partition: int, token: str) -> None:
-        await self.scripts.unlock(keys=[keys.lock_key(partition)], args=[token])
+        await self.scripts.unlock(keys=[self.lock_key(partition)], args=[token])
 
     async def clear_wake(self, partition: int) -> None:
-        await self.redis.delete(keys.wake_key(partition))
+        await self.redis.delete(self.wake_key(partition))
 
     async def set_wake(self, partition: int) -> bool:
-        return bool(await self.redis.set(keys.wake_key(partition), "1", nx=True, px=self.WAKE_MS))
+        return bool(await self.redis.set(self.wake_key(partition), "1", nx=True, px=self.WAKE_MS))
+
+
+def _around(generation: int) -> range:
+    """The generations whose buckets an ingest call looks in (see ``lua/ingest.lua``)."""
+    return range(generation - 1, generation + 2)
 
 
 def _entry(entry_id: bytes | str, fields: dict[bytes, bytes]) -> InboxEntry:

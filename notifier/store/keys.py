@@ -2,6 +2,13 @@
 
 The names are part of the stored format: data written by an earlier version must still
 be found, so a key here is never renamed, only added.
+
+On a Redis Cluster every key a script touches must live in one hash slot. The keys of a
+partition (its inbox stream, wake flag and lock, its event-id buckets, its shipments' state
+and history, their ledger entries, its due, stall and dead-letter indexes) then carry the
+partition's hash tag, ``tag(partition)``, placed before anything a merchant chose (an id
+with braces of its own can never pick the slot). On a single Redis the tag is "" and every
+name is what it always was; the functions below take it as ``tag``.
 """
 
 from __future__ import annotations
@@ -15,30 +22,45 @@ PREFIX = "ntf"
 GROUP = "workers"
 
 
+def tag(partition: int) -> str:
+    """The Redis Cluster hash tag of a partition's keys."""
+    return f"{{p{partition}}}"
+
+
+def _scoped(key: str, tag: str) -> str:
+    """A key that is one for all partitions on a single Redis, and one per partition
+    (``<key>:<tag>``) on a cluster."""
+    return f"{key}:{tag}" if tag else key
+
+
 # -- inbox (inbox.py) ----------------------------------------------------------------------
 def partition_of(merchant_id: str, shipment_id: str, partitions: int) -> int:
     """The inbox partition of a shipment: stable, so its events stay in one stream."""
     return zlib.crc32(f"{merchant_id}\x00{shipment_id}".encode()) % partitions
 
 
-def inbox_key(partition: int) -> str:
-    """A partition's inbox stream."""
-    return f"{PREFIX}:inbox:{partition}"
+def inbox_key(partition: int, tag: str = "") -> str:
+    """A partition's inbox stream (on a cluster its tag is in place of its number)."""
+    return f"{PREFIX}:inbox:{tag or partition}"
 
 
-def wake_key(partition: int) -> str:
-    """Set while a drain job for the partition is enqueued or running (the ingest script
-    builds it too: ``<inbox>:wake``)."""
-    return f"{inbox_key(partition)}:wake"
+def wake_key(partition: int, tag: str = "") -> str:
+    """Set while a drain job for the partition is enqueued or running."""
+    return f"{inbox_key(partition, tag)}:wake"
 
 
-def lock_key(partition: int) -> str:
+def lock_key(partition: int, tag: str = "") -> str:
     """The partition's drain lock."""
-    return f"{inbox_key(partition)}:lock"
+    return f"{inbox_key(partition, tag)}:lock"
 
 
 #: Inbox entries that kept failing, moved aside (a stream; never dropped).
 DEAD_INBOX_KEY = f"{PREFIX}:inbox:dead"
+
+
+def dead_inbox_key(tag: str = "") -> str:
+    return _scoped(DEAD_INBOX_KEY, tag)
+
 
 #: Event ids seen lately live in hash buckets, not one key each: a key costs Redis
 #: ~80 bytes of its own, a field in a small (listpack) hash ~20. A bucket belongs to a
@@ -60,9 +82,9 @@ def event_slot(merchant_id: str, event_id: str) -> tuple[int, str]:
     return bucket, base64.b64encode(digest[2:14]).decode()
 
 
-def event_bucket_key(generation: int, bucket: int) -> str:
-    """An event-id bucket (the ingest script builds it from ``EVENT_BUCKET_PREFIX``)."""
-    return f"{EVENT_BUCKET_PREFIX}{generation}:{bucket}"
+def event_bucket_key(generation: int, bucket: int, tag: str = "") -> str:
+    """An event-id bucket of a generation (on a cluster, one set of buckets per partition)."""
+    return f"{EVENT_BUCKET_PREFIX}{tag}{generation}:{bucket}"
 
 
 def legacy_event_key(merchant_id: str, event_id: str) -> str:
@@ -72,18 +94,22 @@ def legacy_event_key(merchant_id: str, event_id: str) -> str:
 
 
 # -- shipments (shipments.py) --------------------------------------------------------------
-def state_key(merchant_id: str, shipment_id: str) -> str:
+def state_key(merchant_id: str, shipment_id: str, tag: str = "") -> str:
     """A shipment's state hash: version ``v``, packed state ``s``, history count ``hn``."""
-    return f"{PREFIX}:shp:{merchant_id}:{shipment_id}"
+    return f"{PREFIX}:shp:{tag}{merchant_id}:{shipment_id}"
 
 
-def history_key(merchant_id: str, shipment_id: str) -> str:
+def history_key(merchant_id: str, shipment_id: str, tag: str = "") -> str:
     """A shipment's decisions, oldest first (a list)."""
-    return f"{PREFIX}:hist:{merchant_id}:{shipment_id}"
+    return f"{PREFIX}:hist:{tag}{merchant_id}:{shipment_id}"
 
 
 #: Shipments by the epoch ms they count as stalled (a sorted set of ``stall_member``).
 STALL_KEY = f"{PREFIX}:stall"
+
+
+def stall_key(tag: str = "") -> str:
+    return _scoped(STALL_KEY, tag)
 
 
 def stall_member(merchant_id: str, shipment_id: str) -> str:
@@ -97,15 +123,23 @@ def tracking_key(merchant_id: str, tracking_number: str) -> str:
 
 
 # -- ledger (ledger.py) --------------------------------------------------------------------
-def notification_key(notification_id: str) -> str:
+def notification_key(notification_id: str, tag: str = "") -> str:
     """A notification's ledger entry (a hash)."""
-    return f"{PREFIX}:msg:{notification_id}"
+    return f"{PREFIX}:msg:{tag}{notification_id}"
 
 
 #: Notification ids by the epoch ms they are due (deferred ones and retries).
 DUE_KEY = f"{PREFIX}:due"
 #: Notifications that failed for good (a list of ids).
 DEAD_LETTER_KEY = f"{PREFIX}:dead"
+
+
+def due_key(tag: str = "") -> str:
+    return _scoped(DUE_KEY, tag)
+
+
+def dead_letter_key(tag: str = "") -> str:
+    return _scoped(DEAD_LETTER_KEY, tag)
 
 
 def provider_key(provider: str, message_id: str) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 from notifier.packing import HISTORY, pack
 from notifier.store import keys
-from notifier.store.base import StoreBase, awaited, decode
+from notifier.store.base import Scope, StoreBase, awaited, decode
 
 
 class LedgerState(StrEnum):
@@ -78,34 +78,40 @@ class Ledger(StoreBase):
         *,
         due: bool = False,
         owner: str = "",
+        scope: Scope = None,
     ) -> list[tuple[ClaimResult, bytes | None]]:
         """Claim notifications for sending; return (result, payload) per id.
 
         A deferred notification is claimable only with ``due=True`` once its time has
         come; otherwise it comes back as DEFERRED with its due epoch ms as payload.
+        ``scope``: the partition of every one of them, on a Redis Cluster (``scope_of``).
         """
         if not notification_ids:
             return []
-        names = [keys.notification_key(n) for n in notification_ids]
+        names = self._names(notification_ids, scope)
         rows = await self.scripts.claim(
             keys=names, args=[now_ms, lease_ms, "due" if due else "now", owner]
         )
         return [(_CLAIMS.get(int(code), ClaimResult.NONE), p or None) for code, p in rows]
 
-    async def renew(self, notification_ids: Sequence[str], owner: str, now_ms: int) -> list[str]:
+    async def renew(
+        self, notification_ids: Sequence[str], owner: str, now_ms: int, scope: Scope = None
+    ) -> list[str]:
         """Restart the lease of the claims ``owner`` still holds; return their ids (the
         others were taken over, or settled, by another worker)."""
         if not notification_ids:
             return []
-        return await self._settle(
-            notification_ids, [{"claimed": str(now_ms)}] * len(notification_ids), owner
-        )
+        fields = [{"claimed": str(now_ms)}] * len(notification_ids)
+        return await self._settle(notification_ids, fields, owner, scope=scope)
 
-    async def release(self, notification_ids: Sequence[str], owner: str) -> None:
+    async def release(
+        self, notification_ids: Sequence[str], owner: str, scope: Scope = None
+    ) -> None:
         """Hand back the claims ``owner`` still holds (its round broke off): the next claim
         takes them over at once, as possibly sent."""
         if notification_ids:
-            await self._settle(notification_ids, [{"claimed": "0"}] * len(notification_ids), owner)
+            fields = [{"claimed": "0"}] * len(notification_ids)
+            await self._settle(notification_ids, fields, owner, scope=scope)
 
     async def _settle(
         self,
@@ -113,6 +119,7 @@ class Ledger(StoreBase):
         fields: Sequence[dict[str, str]],
         owner: str = "",
         drop: Sequence[str] = (),
+        scope: Scope = None,
     ) -> list[str]:
         """Apply ``fields`` to each notification the caller (``owner``) still holds, and
         remove the ``drop`` fields; return the ids settled."""
@@ -122,8 +129,7 @@ class Ledger(StoreBase):
             assert len(values) == width
             for item in values.items():
                 args += item
-        names = [keys.notification_key(n) for n in notification_ids]
-        settled = await self.scripts.settle(keys=names, args=args)
+        settled = await self.scripts.settle(keys=self._names(notification_ids, scope), args=args)
         return [notification_ids[int(i) - 1] for i in settled]
 
     # -- outcomes -----------------------------------------------------------------------
@@ -132,6 +138,7 @@ class Ledger(StoreBase):
         outcomes: Sequence[tuple[str, str, str]],
         owner: str = "",
         summaries: dict[str, str] | None = None,
+        scope: Scope = None,
     ) -> None:
         """Record (notification id, sent-at ISO, channel detail) as sent, with what was sent
         in a few words (``summaries``: the subject or the SMS' start, for the timeline); a
@@ -149,6 +156,7 @@ class Ledger(StoreBase):
                 ],
                 owner,
                 self.DONE_WITH,
+                scope,
             )
         )
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -157,66 +165,84 @@ class Ledger(StoreBase):
                     continue
                 provider, _, message_id = detail.partition(":")
                 if provider in ("twilio", "sendgrid") and message_id:
-                    pipe.set(keys.provider_key(provider, message_id), nid, ex=self.state_ttl_s)
+                    value = nid if scope is None else f"{nid} {scope}"
+                    pipe.set(keys.provider_key(provider, message_id), value, ex=self.state_ttl_s)
             await pipe.execute()
 
-    async def mark_failed(self, notification_id: str, error: str, owner: str = "") -> None:
+    async def mark_failed(
+        self, notification_id: str, error: str, owner: str = "", scope: Scope = None
+    ) -> None:
         """Record a permanent failure and put the notification on the dead-letter list."""
         fields = [{"st": LedgerState.FAILED, "error": error}]
-        if await self._settle([notification_id], fields, owner):
-            await awaited(self.redis.rpush(keys.DEAD_LETTER_KEY, notification_id))
+        if await self._settle([notification_id], fields, owner, scope=scope):
+            dead = keys.dead_letter_key(self.tag(scope))
+            await awaited(self.redis.rpush(dead, notification_id))
 
-    async def cancel(self, notification_id: str, why: str, owner: str = "") -> None:
+    async def cancel(
+        self, notification_id: str, why: str, owner: str = "", scope: Scope = None
+    ) -> None:
         """Record that a notification will never be sent, and why."""
         await self._settle(
             [notification_id],
             [{"st": LedgerState.CANCELLED, "detail": why}],
             owner,
             self.DONE_WITH,
+            scope,
         )
 
     # -- provider ids -------------------------------------------------------------------
-    async def by_provider_id(self, provider: str, message_id: str) -> str | None:
-        """Our notification id for a provider's message id."""
+    async def by_provider_id(self, provider: str, message_id: str) -> tuple[str, Scope] | None:
+        """Our notification id (and its scope) for a provider's message id."""
         value = await awaited(self.redis.get(keys.provider_key(provider, message_id)))
-        return decode(value) if value else None
+        if not value:
+            return None
+        nid, _, scope = decode(value).partition(" ")
+        return nid, int(scope) if scope else None
 
     async def provider_status(
-        self, notification_id: str, status: str, rank: int, error: str | None = None
+        self,
+        notification_id: str,
+        status: str,
+        rank: int,
+        error: str | None = None,
+        scope: Scope = None,
     ) -> bool:
         """Record a provider's delivery status unless a later one is already known
         (a late "sent" never overwrites "delivered"). True when recorded."""
         return bool(
             await self.scripts.provider_status(
-                keys=[keys.notification_key(notification_id)],
+                keys=self._names([notification_id], scope),
                 args=[status, rank, error or ""],
             )
         )
 
     # -- the due index ------------------------------------------------------------------
     async def reschedule(
-        self, notification_id: str, due_ms: int, error: str, owner: str = ""
+        self, notification_id: str, due_ms: int, error: str, owner: str = "", scope: Scope = None
     ) -> None:
         """Give a claimed notification back after a temporary failure, due again at ``due_ms``.
 
         One script: the ledger and the due index change together or not at all.
         """
         await self.scripts.reschedule(
-            keys=[keys.notification_key(notification_id), keys.DUE_KEY],
+            keys=[*self._names([notification_id], scope), keys.due_key(self.tag(scope))],
             args=[notification_id, due_ms, error, owner],
         )
 
-    async def due(self, now_ms: int, limit: int) -> list[str]:
-        """Notifications whose time has come (deferred ones and retries), oldest first."""
-        rows = await awaited(
-            self.redis.zrangebyscore(keys.DUE_KEY, "-inf", now_ms, start=0, num=limit)
-        )
+    async def due(self, now_ms: int, limit: int, scope: Scope = None) -> list[str]:
+        """Notifications whose time has come (deferred ones and retries), oldest first: the
+        scope's (on a cluster, each partition has its due index; see ``scopes``)."""
+        due = keys.due_key(self.tag(scope))
+        rows = await awaited(self.redis.zrangebyscore(due, "-inf", now_ms, start=0, num=limit))
         return [decode(r) for r in rows]
 
-    async def unschedule(self, notification_ids: Sequence[str], now_ms: int) -> None:
+    async def unschedule(
+        self, notification_ids: Sequence[str], now_ms: int, scope: Scope = None
+    ) -> None:
         """Take settled notifications off the due index, unless rescheduled past ``now_ms``."""
         if notification_ids:
-            await self.scripts.unschedule(keys=[keys.DUE_KEY], args=[now_ms, *notification_ids])
+            due = keys.due_key(self.tag(scope))
+            await self.scripts.unschedule(keys=[due], args=[now_ms, *notification_ids])
 
     async def add_notification(
         self,
@@ -229,13 +255,14 @@ class Ledger(StoreBase):
     ) -> bool:
         """Create a notification outside a decision (a fallback), due at ``due_ms``, with a
         history entry saying why. False when it exists already (never twice)."""
+        tag = self.shipment_tag(merchant_id, shipment_id)
         return bool(
             await self.scripts.add_notification(
                 keys=[
-                    keys.notification_key(notification_id),
-                    keys.DUE_KEY,
-                    keys.history_key(merchant_id, shipment_id),
-                    keys.state_key(merchant_id, shipment_id),
+                    keys.notification_key(notification_id, tag),
+                    keys.due_key(tag),
+                    keys.history_key(merchant_id, shipment_id, tag),
+                    keys.state_key(merchant_id, shipment_id, tag),
                 ],
                 args=[
                     notification_id,
@@ -249,11 +276,13 @@ class Ledger(StoreBase):
         )
 
     # -- reading and retention ----------------------------------------------------------
-    async def ledger(self, notification_ids: Sequence[str]) -> dict[str, dict[str, str | int]]:
+    async def ledger(
+        self, notification_ids: Sequence[str], scope: Scope = None
+    ) -> dict[str, dict[str, str | int]]:
         """Delivery status fields (without the payload) per notification id."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            for nid in notification_ids:
-                pipe.hmget(keys.notification_key(nid), list(_SHOWN))
+            for name in self._names(notification_ids, scope):
+                pipe.hmget(name, list(_SHOWN))
             rows = await pipe.execute()
         out: dict[str, dict[str, str | int]] = {}
         for nid, row in zip(notification_ids, rows, strict=True):
@@ -268,9 +297,16 @@ class Ledger(StoreBase):
             out[nid] = fields
         return out
 
-    async def shorten(self, notification_ids: Sequence[str], ttl_s: int) -> None:
+    async def shorten(
+        self, notification_ids: Sequence[str], ttl_s: int, scope: Scope = None
+    ) -> None:
         """Let these ledger entries expire within ``ttl_s`` (never later than they would)."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            for nid in notification_ids:
-                pipe.expire(keys.notification_key(nid), ttl_s, lt=True)
+            for name in self._names(notification_ids, scope):
+                pipe.expire(name, ttl_s, lt=True)
             await pipe.execute()
+
+    def _names(self, notification_ids: Sequence[str], scope: Scope) -> list[str]:
+        """The ledger keys of notifications of one scope."""
+        tag = self.tag(scope)
+        return [keys.notification_key(n, tag) for n in notification_ids]

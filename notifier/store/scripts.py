@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from importlib.resources import files
+from typing import cast
 
-from arq.connections import ArqRedis
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
 
@@ -30,11 +32,20 @@ class Scripts:
     drop_stall: AsyncScript
     lock: AsyncScript
     unlock: AsyncScript
+    ack: AsyncScript
+    bury: AsyncScript
+    record_test: AsyncScript
 
     @classmethod
-    def register(cls, redis: ArqRedis) -> Scripts:
+    def register(cls, redis: Redis | RedisCluster) -> Scripts:
         """Register every script with ``redis`` (it loads them on their first call)."""
-        return cls(**{name: redis.register_script(text) for name, text in SOURCES.items()})
+        return cls(**{name: script(redis, text) for name, text in SOURCES.items()})
+
+
+def script(redis: Redis | RedisCluster, text: str) -> AsyncScript:
+    """A script run through ``redis``, loaded on its first call (on each node of a Redis
+    Cluster that meets it: the client sends SCRIPT LOAD to every primary)."""
+    return AsyncScript(cast(Redis, redis), text)
 
 
 #: name -> Lua source, for every field of ``Scripts``

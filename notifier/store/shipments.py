@@ -8,6 +8,7 @@ comes back as a conflict, to be decided again from what that worker wrote.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,7 @@ import orjson
 from notifier.packing import HISTORY, STATE, pack, unpack
 from notifier.state import ShipmentState
 from notifier.store import keys
-from notifier.store.base import StoreBase, awaited, decode
+from notifier.store.base import Scope, StoreBase, awaited, decode
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +60,7 @@ class Shipments(StoreBase):
         """(version, state) per (merchant_id, shipment_id); version 0 and None when unknown."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for merchant_id, shipment_id in shipments:
-                pipe.hmget(keys.state_key(merchant_id, shipment_id), ["v", "s"])
+                pipe.hmget(self.state_key(merchant_id, shipment_id), ["v", "s"])
             rows = await pipe.execute()
         out: list[tuple[int, ShipmentState | None]] = []
         for version, raw in rows:
@@ -67,24 +68,53 @@ class Shipments(StoreBase):
             out.append((int(version or 0), state))
         return out
 
+    # -- keys -------------------------------------------------------------------------
+    def state_key(self, merchant_id: str, shipment_id: str) -> str:
+        return keys.state_key(merchant_id, shipment_id, self.shipment_tag(merchant_id, shipment_id))
+
+    def history_key(self, merchant_id: str, shipment_id: str) -> str:
+        tag = self.shipment_tag(merchant_id, shipment_id)
+        return keys.history_key(merchant_id, shipment_id, tag)
+
+    # -- commit -------------------------------------------------------------------------
     async def commit(self, commits: Sequence[ShipmentCommit], now_iso: str) -> list[int]:
-        """Write all commits whose version still matches; return indexes that conflicted."""
+        """Write all commits whose version still matches; return indexes that conflicted.
+
+        On a cluster, one script call per partition (side by side): a call's keys share
+        its partition's slot. A drain's batch is one partition's, so one call."""
         if not commits:
             return []
-        names: list[str] = [keys.STALL_KEY, keys.DUE_KEY]
+        scopes: dict[Scope, list[int]] = {}
+        for i, c in enumerate(commits):
+            scopes.setdefault(self.scope_of(c.merchant_id, c.shipment_id), []).append(i)
+        answers = await asyncio.gather(
+            *(
+                self._commit(scope, [commits[i] for i in at], now_iso)
+                for scope, at in scopes.items()
+            )
+        )
+        return sorted(
+            at[i] for at, conflicts in zip(scopes.values(), answers, strict=True) for i in conflicts
+        )
+
+    async def _commit(
+        self, scope: Scope, commits: Sequence[ShipmentCommit], now_iso: str
+    ) -> list[int]:
+        tag = self.tag(scope)
+        names: list[str] = [keys.stall_key(tag), keys.due_key(tag)]
         args: list[Any] = [
             self.state_ttl_s,
             self.history_cap,
             len(commits),
             now_iso,
-            keys.notification_key(""),
+            keys.notification_key("", tag),
         ]
         for c in commits:
             names += [
-                keys.state_key(c.merchant_id, c.shipment_id),
-                keys.history_key(c.merchant_id, c.shipment_id),
+                keys.state_key(c.merchant_id, c.shipment_id, tag),
+                keys.history_key(c.merchant_id, c.shipment_id, tag),
             ]
-            names += [keys.notification_key(nid) for nid, *_ in c.notifications]
+            names += [keys.notification_key(nid, tag) for nid, *_ in c.notifications]
             args += [
                 str(c.expected_version),
                 pack(c.state.model_dump_json(exclude_defaults=True).encode(), STATE),
@@ -103,7 +133,7 @@ class Shipments(StoreBase):
     # -- history ------------------------------------------------------------------------
     async def history(self, merchant_id: str, shipment_id: str) -> list[dict[str, Any]]:
         """The recorded decisions of a shipment, oldest first."""
-        key = keys.history_key(merchant_id, shipment_id)
+        key = self.history_key(merchant_id, shipment_id)
         rows = await awaited(self.redis.lrange(key, 0, -1))
         return [orjson.loads(unpack(r)) for r in rows]
 
@@ -114,8 +144,8 @@ class Shipments(StoreBase):
         ever recorded for the shipment, oldest first; None: the oldest one still kept)."""
         total, first, start, rows = await self.scripts.history_page(
             keys=[
-                keys.state_key(merchant_id, shipment_id),
-                keys.history_key(merchant_id, shipment_id),
+                self.state_key(merchant_id, shipment_id),
+                self.history_key(merchant_id, shipment_id),
             ],
             args=[-1 if cursor is None else cursor, limit],
         )
@@ -126,31 +156,33 @@ class Shipments(StoreBase):
 
     async def record_test(self, merchant_id: str, shipment_id: str, entry: dict[str, Any]) -> None:
         """Append a test send to a shipment's history (kept like any history)."""
-        key = keys.history_key(merchant_id, shipment_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.rpush(key, pack(orjson.dumps(entry), HISTORY))
-            pipe.ltrim(key, -self.history_cap, -1)
-            pipe.expire(key, self.state_ttl_s)
-            await pipe.execute()
+        await self.scripts.record_test(
+            keys=[self.history_key(merchant_id, shipment_id)],
+            args=[pack(orjson.dumps(entry), HISTORY), self.history_cap, self.state_ttl_s],
+        )
 
     # -- stalled shipments --------------------------------------------------------------
     async def due_stalls(self, now_ms: int, limit: int) -> list[tuple[str, str, int]]:
-        """(merchant_id, shipment_id, deadline ms) of shipments stalled by ``now_ms``."""
-        rows = await awaited(
-            self.redis.zrangebyscore(
-                keys.STALL_KEY, "-inf", now_ms, start=0, num=limit, withscores=True
-            )
-        )
+        """(merchant_id, shipment_id, deadline ms) of shipments stalled by ``now_ms``: up to
+        ``limit`` from each stall index (one, or one per partition on a cluster)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for scope in self.scopes:
+                pipe.zrangebyscore(
+                    keys.stall_key(self.tag(scope)), "-inf", now_ms, 0, limit, withscores=True
+                )
+            found = await pipe.execute()
         out = []
-        for member, score in rows:
+        for member, score in (row for rows in found for row in rows):
             merchant_id, _, shipment_id = decode(member).partition(":")
             out.append((merchant_id, shipment_id, int(score)))
         return out
 
     async def drop_stall(self, merchant_id: str, shipment_id: str, deadline_ms: int) -> None:
         """Take a shipment off the stall index unless its deadline moved meanwhile."""
+        tag = self.shipment_tag(merchant_id, shipment_id)
         await self.scripts.drop_stall(
-            keys=[keys.STALL_KEY], args=[keys.stall_member(merchant_id, shipment_id), deadline_ms]
+            keys=[keys.stall_key(tag)],
+            args=[keys.stall_member(merchant_id, shipment_id), deadline_ms],
         )
 
     # -- tracking numbers ---------------------------------------------------------------

@@ -24,12 +24,11 @@ from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import web
-from arq.connections import ArqRedis
 
 from notifier.errors import ApiError, Forbidden
 from notifier.ingest import KeyRing, may_act_for
 from notifier.resources import Clock
-from notifier.store import awaited
+from notifier.store import DataRedis, awaited
 
 COOKIE = "notifier_session"
 SIGN_IN_COOKIE = "notifier_sign_in"
@@ -91,7 +90,7 @@ def _same_origin(request: web.Request, public_origin: str = "") -> bool:
 class Sessions:
     """Open, find and close editor sessions, kept in Redis."""
 
-    def __init__(self, redis: ArqRedis, keys: KeyRing, clock: Clock, public_url: str = "") -> None:
+    def __init__(self, redis: DataRedis, keys: KeyRing, clock: Clock, public_url: str = "") -> None:
         self.redis = redis
         self.keys = keys
         self.clock = clock

@@ -3,52 +3,60 @@
 -- each stream that got an event. An event is either persisted and acknowledged, or not
 -- acknowledged at all.
 --
--- Event ids live in hash buckets <ARGV[4]><generation>:<bucket>, the generation counted by
--- Redis's clock (TIME / ARGV[2]), so API processes whose clocks disagree still agree on it.
--- An id is looked up in the current and the previous generation; a bucket expires when the
--- generation after its own ends.
+-- Event ids live in hash buckets, one set of buckets per generation of ARGV[2] seconds.
+-- The caller passes each bucket of three generations around its own clock's (ARGV[3]); the
+-- one written is the generation of Redis's clock (TIME / ARGV[2]), so API processes whose
+-- clocks disagree still agree on it. An id is looked up in all three, which covers Redis's
+-- current and previous generation; a bucket expires when the generation after its own ends.
 --
--- KEYS: none. The script names its keys itself (buckets, pre-0.5 event keys, inbox streams
---   and their '<inbox>:wake' flags), so it needs a single Redis, not a Cluster.
--- ARGV[1]: JSON array with one [bucket, field, pre-0.5 event key, inbox stream, payload,
---   body digest, request id] per event: one argument for the whole group, since redis-py
---   packs every argument in Python and seven per event cost the API more than the script
+-- KEYS: per inbox stream that gets events: the stream, then its wake flag; then per bucket
+--   its keys in generations ARGV[3] - 1, ARGV[3] and ARGV[3] + 1; then the pre-0.5 event
+--   keys (one Redis only: a Cluster never held them)
+-- ARGV[1]: JSON array with one [position in KEYS of the event's bucket (its first
+--   generation), field, position of its pre-0.5 event key (0: none), position of its inbox
+--   stream, payload, body digest, request id] per event: one argument for the whole group,
+--   since redis-py packs every argument in Python and seven per event cost the API more
+--   than the script
 -- ARGV[2]: how long an event id is remembered at least, seconds (a generation)
--- ARGV[3]: how long a wake flag lasts, ms
--- ARGV[4]: the bucket key prefix
+-- ARGV[3]: the generation by the caller's clock
+-- ARGV[4]: how long a wake flag lasts, ms
 -- Returns {admissions, woken}: per event 1 (accepted: recorded and appended), 0 (a
 --   duplicate: the id is known with the same digest, or from before digests were recorded)
---   or 2 (a conflict: the id is known with another digest; nothing written); and the inbox
---   keys whose wake flag this call set (a flag already set is left to expire).
+--   or 2 (a conflict: the id is known with another digest; nothing written); and the
+--   positions in KEYS of the inbox streams whose wake flag this call set (a flag already
+--   set is left to expire). An error when the caller's clock is a generation or more off.
 
 local events = cjson.decode(ARGV[1])
 local ttl = tonumber(ARGV[2])
 local generation = math.floor(tonumber(redis.call('TIME')[1]) / ttl)
-local current = ARGV[4] .. generation .. ':'
-local previous = ARGV[4] .. (generation - 1) .. ':'
+local write = generation - tonumber(ARGV[3]) + 1
+if write < 0 or write > 2 then
+  return redis.error_reply('ERR the API clock is a generation or more away from Redis')
+end
 -- a bucket lives through its generation and the next, when it is still looked at
 local expire_at = (generation + 2) * ttl
 local accepted = {}
 local touched = {}
 for i, e in ipairs(events) do
-  local cur, field, inbox, digest = current .. e[1], e[2], e[4], e[6]
+  local b, field, legacy, inbox, digest = e[1], e[2], e[3], e[4], e[6]
   -- the body digest recorded with the id: '' for ids recorded before 0.6 (and 0.4's keys)
-  local seen = redis.call('HGET', cur, field) or redis.call('HGET', previous .. e[1], field)
-  if not seen and redis.call('EXISTS', e[3]) == 1 then seen = '' end
+  local seen = redis.call('HGET', KEYS[b], field) or redis.call('HGET', KEYS[b + 1], field)
+    or redis.call('HGET', KEYS[b + 2], field)
+  if not seen and legacy > 0 and redis.call('EXISTS', KEYS[legacy]) == 1 then seen = '' end
   if seen then
     -- 0: the same event again (a duplicate); 2: another body under a known id (a conflict)
     if seen == '' or seen == digest then accepted[i] = 0 else accepted[i] = 2 end
   else
-    redis.call('HSET', cur, field, digest)
-    redis.call('EXPIREAT', cur, expire_at)
-    redis.call('XADD', inbox, '*', 't', e[5], 'r', e[7] or '')
+    redis.call('HSET', KEYS[b + write], field, digest)
+    redis.call('EXPIREAT', KEYS[b + write], expire_at)
+    redis.call('XADD', KEYS[inbox], '*', 't', e[5], 'r', e[7] or '')
     accepted[i] = 1
     touched[inbox] = true
   end
 end
 local woken = {}
 for inbox, _ in pairs(touched) do
-  if redis.call('SET', inbox .. ':wake', '1', 'NX', 'PX', ARGV[3]) then
+  if redis.call('SET', KEYS[inbox + 1], '1', 'NX', 'PX', ARGV[4]) then
     table.insert(woken, inbox)
   end
 end
