@@ -120,3 +120,34 @@ async def test_outbox_files_are_private_and_a_removed_folder_comes_back(tmp_path
         assert isinstance(third, TemporaryDeliveryError)
     finally:
         channel.close()
+
+
+async def test_a_batch_over_many_shipments_keeps_its_order_and_makes_each_folder(
+    tmp_path: Path,
+) -> None:
+    """The writer threads take whole shipments (a folder is made once, by one thread);
+    the outcomes still come back in the order of the messages."""
+    channel = OutboxChannel(tmp_path)
+    items = []
+    for s in range(23):  # more shipments than writer threads, of different sizes
+        for k in range(1 + s % 3):
+            nid = f"n_{s}_{k}"
+            out = dataclasses.replace(email_out(), notification_id=nid, shipment_id=f"shp_{s}")
+            items.append(Outgoing(out, AT))
+    (tmp_path / "acme" / "shp_4").mkdir(parents=True)  # made by an earlier process
+    try:
+        outcomes = await channel.send_many(items)
+        again = await channel.send_many(items[:5])  # known folders: written directly
+    finally:
+        channel.close()
+    assert all(isinstance(o, Receipt) for o in outcomes + again)
+    for item, outcome in zip(items, outcomes, strict=True):
+        assert isinstance(outcome, Receipt)
+        written = Path(outcome.detail)
+        assert written.name.endswith(f"-{item.message.notification_id}.eml")
+        assert written.parent == tmp_path / "acme" / item.message.shipment_id
+    assert sorted(p.name for p in (tmp_path / "acme").iterdir()) == sorted(
+        f"shp_{s}" for s in range(23)
+    )
+    assert not [p for p in tmp_path.rglob(".tmp-*")]
+    assert len([p for p in tmp_path.rglob("*.eml")]) == len(items)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import contextlib
 import os
 import re
 import threading
@@ -125,24 +126,44 @@ class OutboxChannel:
     #: File creation costs ~0.4 ms of disk latency here and overlaps well across threads
     #: (8 writers: ~0.13 ms per file on the 2-core dev machine).
     WRITERS = 8
+    #: Shipment folders this process made or found (their first file needs no mkdir); the
+    #: set starts over past this many, which only costs each folder one mkdir again.
+    KNOWN_FOLDERS = 100_000
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self._pool = ThreadPoolExecutor(self.WRITERS, thread_name_prefix="outbox")
+        self._known: set[str] = set()
 
     def close(self) -> None:
         """Stop the writer threads (after the writes under way)."""
         self._pool.shutdown(wait=True)
 
     async def send_many(self, items: Sequence[Outgoing]) -> list[Outcome]:
-        """Write the messages on the writer threads; file I/O stays off the event loop."""
+        """Write the messages on the writer threads; file I/O stays off the event loop.
+
+        A shipment's messages go to one thread together: its folder is made once, by that
+        thread, before its first file (no failed open first, no two threads racing on it).
+        """
         loop = asyncio.get_running_loop()
-        size = max(1, -(-len(items) // self.WRITERS))
-        chunks = [items[i : i + size] for i in range(0, len(items), size)]
+        by_folder: dict[tuple[str, str], list[int]] = {}
+        for i, item in enumerate(items):
+            key = (item.message.merchant_id, item.message.shipment_id)
+            by_folder.setdefault(key, []).append(i)
+        chunks: list[list[int]] = [[] for _ in range(min(self.WRITERS, len(by_folder)))]
+        for group in sorted(by_folder.values(), key=len, reverse=True):
+            min(chunks, key=len).extend(group)  # the least loaded thread takes the next folder
         results = await asyncio.gather(
-            *(loop.run_in_executor(self._pool, self._write_all, chunk) for chunk in chunks)
+            *(
+                loop.run_in_executor(self._pool, self._write_all, [items[i] for i in chunk])
+                for chunk in chunks
+            )
         )
-        return [outcome for chunk in results for outcome in chunk]
+        outcomes: list[Outcome | None] = [None] * len(items)
+        for chunk, written in zip(chunks, results, strict=True):
+            for i, outcome in zip(chunk, written, strict=True):
+                outcomes[i] = outcome
+        return [o for o in outcomes if o is not None]
 
     def _write_all(self, items: Sequence[Outgoing]) -> list[Outcome]:
         outcomes: list[Outcome] = []
@@ -190,12 +211,8 @@ class OutboxChannel:
         stamp = sent_at.astimezone(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
         path = folder / f"{stamp}-{message.notification_id}{suffix}"
         # Unique per writer thread; owner-only, like the files it becomes (they hold PII).
-        tmp = folder / f".tmp-{message.notification_id}-{os.getpid()}-{threading.get_ident()}"
-        try:
-            fd = os.open(tmp, _CREATE, 0o600)
-        except FileNotFoundError:  # the shipment's first message: no folder yet
-            folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, _CREATE, 0o600)
+        tmp = f"{folder}/.tmp-{message.notification_id}-{os.getpid()}-{threading.get_ident()}"
+        fd = self._create(str(folder), tmp)
         try:
             try:
                 view = memoryview(data)
@@ -205,6 +222,30 @@ class OutboxChannel:
                 os.close(fd)
             os.replace(tmp, path)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
             raise
         return path
+
+    def _create(self, folder: str, tmp: str) -> int:
+        """Open ``tmp`` for writing in ``folder``, making the folder first when this
+        process has not seen it (one mkdir; no open that fails first). A known folder that
+        was removed meanwhile (an operator cleaned the outbox up) is made again."""
+        if folder not in self._known:
+            self._mkdir(folder)
+        try:
+            return os.open(tmp, _CREATE, 0o600)
+        except FileNotFoundError:
+            self._mkdir(folder)
+            return os.open(tmp, _CREATE, 0o600)
+
+    def _mkdir(self, folder: str) -> None:
+        try:
+            os.mkdir(folder)
+        except FileExistsError:
+            pass  # made by an earlier process (if it is a file, the open says so)
+        except FileNotFoundError:  # the merchant's first shipment: its folder too
+            os.makedirs(folder, exist_ok=True)
+        if len(self._known) >= self.KNOWN_FOLDERS:
+            self._known.clear()
+        self._known.add(folder)
