@@ -64,11 +64,11 @@ class StoreBase:
             if self.cluster:
                 raise ValueError("on a Redis Cluster, say which partition the keys belong to")
             return ""
-        return keys.tag(scope) if self.cluster else ""
+        return keys.tag(scope, self.partitions) if self.cluster else ""
 
     def partition_tag(self, partition: int) -> str:
         """The tag of a partition's own keys (its inbox, lock, wake flag)."""
-        return keys.tag(partition) if self.cluster else ""
+        return keys.tag(partition, self.partitions) if self.cluster else ""
 
     def shipment_tag(self, merchant_id: str, shipment_id: str) -> str:
         return self.tag(self.scope_of(merchant_id, shipment_id))

@@ -14,17 +14,34 @@ name is what it always was; the functions below take it as ``tag``.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
+import itertools
 import zlib
+
+from redis.crc import key_slot
 
 PREFIX = "ntf"
 #: The consumer group every worker reads the inbox streams with.
 GROUP = "workers"
 
 
-def tag(partition: int) -> str:
-    """The Redis Cluster hash tag of a partition's keys."""
-    return f"{{p{partition}}}"
+@functools.cache
+def tag(partition: int, partitions: int) -> str:
+    """The Redis Cluster hash tag of a partition's keys: ``{p<partition>.<k>}``, the first
+    ``k`` whose slot falls in the partition's share of the 16,384 slots, so the partitions
+    spread evenly over shards that hold equal ranges of slots (as ``redis-cli --cluster
+    create`` makes them), not where their names happen to hash."""
+    low, high = partition * SLOTS // partitions, (partition + 1) * SLOTS // partitions
+    for k in itertools.count():
+        name = f"p{partition}.{k}"
+        if low <= key_slot(name.encode()) < high:
+            return f"{{{name}}}"
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+#: Hash slots of a Redis Cluster.
+SLOTS = 16384
 
 
 def _scoped(key: str, tag: str) -> str:

@@ -7,34 +7,64 @@ can share one Redis. Each file's header says what its KEYS and ARGV are and what
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from importlib.resources import files
-from typing import cast
+from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import RedisCluster
-from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
+
+
+class Script:
+    """A Lua script, called by its SHA1 (EVALSHA). A server that does not know it yet (a
+    fresh or restarted Redis, a replica a failover just promoted) gets the whole text once
+    by EVAL, which goes where EVALSHA went (on a cluster, to the node of its KEYS' slot)
+    and caches it there. (redis-py's own script loads it with SCRIPT LOAD, which on a
+    cluster goes to the primaries the client last knew of: after a failover, not the new
+    one, and every call failed with NoScriptError.)"""
+
+    def __init__(self, redis: Redis | RedisCluster, text: str) -> None:
+        self.registered_client = redis
+        self.script = text  # the names redis-py's pipelines look for when they load it
+        self.sha = hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
+
+    async def __call__(
+        self, keys: Sequence[Any] = (), args: Sequence[Any] = (), client: Any = None
+    ) -> Any:
+        target: Any = self.registered_client if client is None else client
+        if isinstance(target, Pipeline):
+            pipe: Any = target
+            pipe.scripts.add(self)  # loaded before the pipeline runs
+            return await target.evalsha(self.sha, len(keys), *keys, *args)
+        try:
+            return await target.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await target.eval(self.script, len(keys), *keys, *args)
 
 
 @dataclass(frozen=True, slots=True)
 class Scripts:
     """One registered script per field, named like its file."""
 
-    ingest: AsyncScript
-    commit: AsyncScript
-    claim: AsyncScript
-    settle: AsyncScript
-    reschedule: AsyncScript
-    unschedule: AsyncScript
-    add_notification: AsyncScript
-    provider_status: AsyncScript
-    history_page: AsyncScript
-    drop_stall: AsyncScript
-    lock: AsyncScript
-    unlock: AsyncScript
-    ack: AsyncScript
-    bury: AsyncScript
-    record_test: AsyncScript
+    ingest: Script
+    commit: Script
+    claim: Script
+    settle: Script
+    reschedule: Script
+    unschedule: Script
+    add_notification: Script
+    provider_status: Script
+    history_page: Script
+    drop_stall: Script
+    lock: Script
+    unlock: Script
+    ack: Script
+    bury: Script
+    record_test: Script
 
     @classmethod
     def register(cls, redis: Redis | RedisCluster) -> Scripts:
@@ -42,10 +72,9 @@ class Scripts:
         return cls(**{name: script(redis, text) for name, text in SOURCES.items()})
 
 
-def script(redis: Redis | RedisCluster, text: str) -> AsyncScript:
-    """A script run through ``redis``, loaded on its first call (on each node of a Redis
-    Cluster that meets it: the client sends SCRIPT LOAD to every primary)."""
-    return AsyncScript(cast(Redis, redis), text)
+def script(redis: Redis | RedisCluster, text: str) -> Script:
+    """A script run through ``redis`` (sent whole the first time a server meets it)."""
+    return Script(redis, text)
 
 
 #: name -> Lua source, for every field of ``Scripts``

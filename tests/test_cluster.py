@@ -1,0 +1,530 @@
+"""The store on a real Redis Cluster: 3 masters and 3 replicas started by the tests on
+loopback (``redis-server --cluster-enabled yes`` + ``redis-cli --cluster create``), arq's
+queue on a Redis of its own. The same journeys decide and send the same on the cluster as on
+one Redis; competing workers never send twice; every script's keys share one slot and the
+partitions spread over every shard; dead letters, retries, provider ids and stalls work per
+partition; a master failover in the middle of a stream loses nothing accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from aiohttp.test_utils import TestClient, TestServer
+from pydantic import ValidationError
+from redis.crc import key_slot
+
+from notifier.app import create_app
+from notifier.deadletters import DeadLetters
+from notifier.errors import TemporaryDeliveryError
+from notifier.models import ChannelKind
+from notifier.pipeline import Pipeline
+from notifier.resources import Resources, open_resources
+from notifier.settings import Settings
+from notifier.store import ShipmentCommit, keys
+from notifier.worker import build_worker, find_stalled, release_due
+from tests.conftest import (
+    API_KEYS,
+    NOW,
+    auth,
+    fixed_clock,
+    free_port,
+    healthy,
+    make_settings,
+    outbox_files,
+    post,
+    run_worker,
+    spawn_notifier,
+    start_redis,
+    transition,
+    wait_until,
+)
+from tests.fakes import FailingChannel
+
+Client = TestClient[Any, Any]
+PARTITIONS = 8
+#: keys a Redis Cluster may hold without a partition's tag (no script touches them)
+UNTAGGED = ("ntf:pid:", "ntf:trk:", "ntf:optout:", "ntf:workers", "ntf:overrides:hits")
+
+
+@dataclass
+class Cluster:
+    ports: list[int]
+    queue_port: int
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.ports[0]}"
+
+    @property
+    def queue_url(self) -> str:
+        return f"redis://127.0.0.1:{self.queue_port}/0"
+
+    def node(self, port: int) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=port)
+
+    def masters(self) -> list[int]:
+        out = []
+        for port in self.ports:
+            with self.node(port) as r:
+                if r.execute_command("ROLE")[0] == b"master":
+                    out.append(port)
+        return out
+
+    def ready(self) -> bool:
+        """Every node sees the cluster as ok, with 3 masters each followed by a replica
+        whose link is up."""
+        for port in self.ports:
+            with self.node(port) as r:
+                if r.cluster("info").get("cluster_state") != "ok":
+                    return False
+        masters = self.masters()
+        if len(masters) != 3:
+            return False
+        for port in masters:
+            with self.node(port) as r:
+                info = r.info("replication")
+                if info.get("connected_slaves") != 1 or info["slave0"]["state"] != "online":
+                    return False
+        return True
+
+
+def _cli() -> str:
+    binary = shutil.which("redis-cli")
+    if binary is None:
+        pytest.fail("redis-cli is not installed: run the README's test command", pytrace=False)
+    return binary
+
+
+def node_port() -> int:
+    """A free loopback port whose cluster bus port (+10000) is free and valid too."""
+    while True:
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as bus:
+            try:
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    workdir = Path(tempfile.mkdtemp(prefix="notifier-cluster-"))
+    ports = [node_port() for _ in range(6)]
+    procs = []
+    try:
+        for port in ports:
+            (workdir / str(port)).mkdir()
+            procs.append(
+                start_redis(
+                    port,
+                    workdir / str(port),
+                    *("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
+                    *("--cluster-node-timeout", "3000", "--save", "", "--appendonly", "no"),
+                )
+            )
+        queue_port = free_port()
+        (workdir / "queue").mkdir()
+        procs.append(start_redis(queue_port, workdir / "queue"))
+        create = [_cli(), "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports)]
+        subprocess.run(
+            [*create, "--cluster-replicas", "1", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        found = Cluster(ports, queue_port)
+        # a replica's first sync waits for Redis's diskless-sync delay (5 s)
+        wait_until(found.ready, "the Redis Cluster to form", seconds=60)
+        yield found
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def flush(found: Cluster) -> None:
+    for port in found.masters():
+        with found.node(port) as r:
+            r.flushall()
+    with redis.Redis(port=found.queue_port) as r:
+        r.flushall()
+
+
+@pytest.fixture
+def on_cluster(tmp_path: Path, cluster: Cluster) -> Settings:
+    flush(cluster)
+    return make_settings(
+        tmp_path / "cluster",
+        redis_url=cluster.url,
+        queue_redis_url=cluster.queue_url,
+        partitions=PARTITIONS,
+    )
+
+
+@pytest.fixture
+def on_one_redis(tmp_path: Path, redis_url: str) -> Settings:
+    return make_settings(tmp_path / "single", redis_url=redis_url, partitions=PARTITIONS)
+
+
+ZONES = [
+    ("fr_FR", "Europe/Paris"),
+    ("ja_JP", "Asia/Tokyo"),  # 23:00 there at NOW: the SMS waits for the end of quiet hours
+    ("en_US", "America/New_York"),
+    ("de_DE", "Europe/Berlin"),
+]
+JOURNEY = ["picked_up", "in_transit", "out_for_delivery", "delivered"]
+
+
+def journeys(shipments: int) -> list[dict[str, Any]]:
+    """Each shipment's carrier journey (a few steps of it), recipients around the world."""
+    items = []
+    for s in range(shipments):
+        locale, zone = ZONES[s // len(JOURNEY) % len(ZONES)]
+        for step, status in enumerate(JOURNEY[: 1 + s % len(JOURNEY)]):
+            items.append(
+                transition(
+                    event_id=f"e{s}-{step}",
+                    merchant_id="acme" if s % 3 else "globex",
+                    shipment_id=f"shp_{s}",
+                    status=status,
+                    occurred_at=f"2026-11-21T0{step + 5}:30:00+00:00",
+                    recipient={
+                        "name": "Ana",
+                        "email": f"r{s}@example.com",
+                        "phone": f"+336123456{s:02d}",
+                        "locale": locale,
+                        "timezone": zone,
+                    },
+                )
+            )
+    return items
+
+
+async def run_day(settings: Settings, items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Post ``items`` (with every tenth one again), drain, then let the deferred ones go
+    half a day later: what each shipment's history says, and the outbox."""
+    async with TestClient(TestServer(create_app(settings))) as client:
+        for start in range(0, len(items), 25):
+            await post(client, *items[start : start + 25])
+        again = await post(client, *items[::10])
+        assert again["duplicates"] == len(items[::10])
+        await run_worker(settings)
+        await run_worker(settings, clock=fixed_clock(NOW + timedelta(hours=12)))
+        decisions = {}
+        for s in sorted({(i["merchant_id"], i["shipment_id"]) for i in items}):
+            url = f"/v1/merchants/{s[0]}/shipments/{s[1]}/notifications"
+            resp = await client.get(url, headers=auth())
+            assert resp.status == 200
+            decisions[s] = [
+                (d["event_id"], d["channel"], d["outcome"], d.get("delivery", {}).get("status"))
+                for d in (await resp.json())["decisions"]
+            ]
+    files = outbox_files(settings)
+    return {
+        "decisions": decisions,
+        "outbox": sorted(str(p.relative_to(settings.outbox_dir)) for p in files),
+        "sms": sorted(p.read_text() for p in files if p.name.endswith(".sms.json")),
+    }
+
+
+@pytest.mark.timeout(150)
+async def test_journeys_decide_and_send_the_same_on_a_cluster_as_on_one_redis(
+    on_cluster: Settings, on_one_redis: Settings, cluster: Cluster
+) -> None:
+    items = journeys(48)
+    single = await run_day(on_one_redis, items)
+    spread = await run_day(on_cluster, items)
+    assert spread == single
+    outcomes = Counter(o for rows in spread["decisions"].values() for _, _, o, _ in rows)
+    assert outcomes["sent"] > 48 and outcomes["deferred"] and outcomes["suppressed"]
+    # every notification went out once, the deferred ones too (half a day later)
+    names = [Path(p).name.split("-", 1)[1] for p in spread["outbox"]]
+    assert len(names) == len(set(names)) == outcomes["sent"] + outcomes["deferred"]
+    later = [d for rows in spread["decisions"].values() for d in rows if d[2] == "deferred"]
+    assert {status for *_, status in later} == {"sent"}
+
+    # every key a partition's scripts touch carries its tag, so a script never spans slots;
+    # the partitions' keys are on every shard
+    tags = {keys.tag(p, PARTITIONS) for p in range(PARTITIONS)}
+    shards = set()
+    for port in cluster.masters():
+        with cluster.node(port) as r:
+            for key in r.scan_iter("ntf:*"):
+                name = key.decode()
+                if name.startswith("ntf:{"):
+                    continue  # a merchant's own tag (the editor's overrides)
+                if "{" not in name:  # keys no script touches: one command each
+                    assert name.startswith(UNTAGGED), name
+                    continue
+                tag = "{" + name.split("{", 1)[1].split("}", 1)[0] + "}"
+                assert tag in tags, name
+                assert key_slot(key) == key_slot(tag.encode())
+                shards.add(port)
+    assert len(shards) == 3
+
+
+async def test_competing_workers_on_a_cluster_never_send_twice(on_cluster: Settings) -> None:
+    items = journeys(40)
+    async with TestClient(TestServer(create_app(on_cluster))) as client:
+        for start in range(0, len(items), 20):
+            await post(client, *items[start : start + 20])
+    workers = [
+        build_worker(
+            on_cluster, burst=True, handle_signals=False, poll_delay_s=0, clock=fixed_clock()
+        )
+        for _ in range(3)
+    ]
+    try:
+        await asyncio.gather(*(w.main() for w in workers))
+    finally:
+        for w in workers:
+            await w.close()
+    assert sum(w.jobs_failed for w in workers) == 0
+    async with open_resources(on_cluster, clock=fixed_clock()) as res:
+        sent = []
+        for p in range(PARTITIONS):
+            tag = res.store.tag(p)
+            assert await res.redis.xlen(keys.inbox_key(p, tag)) == 0  # all settled
+            async for key in res.redis.scan_iter(match=f"ntf:msg:{tag}*"):
+                if (await res.redis.hget(key, "st")) == b"sent":
+                    sent.append(key.decode().rsplit("}", 1)[1])
+    names = [p.name.split("-", 1)[1].split(".", 1)[0] for p in outbox_files(on_cluster)]
+    assert len(names) == len(set(names))  # never twice
+    assert sorted(names) == sorted(sent)  # and every one recorded as sent
+
+
+async def test_retries_dead_letters_and_replays_on_a_cluster(on_cluster: Settings) -> None:
+    items = journeys(12)
+    async with TestClient(TestServer(create_app(on_cluster))) as client:
+        await post(client, *items)
+    async with open_resources(on_cluster, clock=fixed_clock()) as res:
+        busy = FailingChannel(TemporaryDeliveryError, "provider busy", "busy")
+        res.channels = {ChannelKind.EMAIL: busy, ChannelKind.SMS: busy}
+        res.providers = {}
+        await drain_all(res)
+        due = {p: await res.store.due(10**15, 1000, p) for p in range(PARTITIONS)}
+        assert sum(len(ids) for ids in due.values()) > 12
+        # retried for good later: out of attempts, on each partition's dead-letter list
+        for hours in range(1, 30):  # backoff doubles; 8 attempts; quiet hours end first
+            res.clock = fixed_clock(NOW + timedelta(hours=hours))
+            await release_due({"res": res, "pipeline": Pipeline(res)})
+        assert [await res.store.due(10**15, 1000, p) for p in range(PARTITIONS)] == [[]] * 8
+        dead = DeadLetters(res.redis, res.store, res.queue)
+        letters = await dead.list("messages", 1000)
+        assert {letter.scope for letter in letters} == {
+            res.store.scope_of(letter.merchant_id, letter.shipment_id) for letter in letters
+        }
+        assert len(letters) == sum(len(ids) for ids in due.values())
+        assert (await res.store.dead_letters())["notifications"] == len(letters)
+        # one inbox entry buried, then listed, shown and replayed into its partition
+    async with TestClient(TestServer(create_app(on_cluster))) as client:
+        await post(client, transition(event_id="late", shipment_id="shp_late"))
+    async with open_resources(on_cluster, clock=fixed_clock()) as res:
+        partition = res.store.partition_of("acme", "shp_late")
+        await res.store.ensure_groups()
+        [entry] = await res.store.read_inbox(partition, "w", 10)
+        await res.store.bury(partition, [entry], "failed 10 times")
+        dead = DeadLetters(res.redis, res.store, res.queue)
+        [letter] = await dead.list("inbox")
+        assert letter.scope == partition and letter.shipment_id == "shp_late"
+        assert await dead.show(letter.id) == letter
+        assert await dead.replay(letter, 0) == f"replayed into partition {partition}"
+        assert await dead.list("inbox") == []
+        # the worker the replay woke sends it, like any entry (the channels work again)
+        for letter in await dead.list("messages", 1000):
+            await dead.purge(letter)
+        assert await res.store.dead_letters() == {"notifications": 0, "inbox": 0}
+    await run_worker(on_cluster)
+    late = [p for p in outbox_files(on_cluster) if p.parent.name == "shp_late"]
+    assert len(late) == 2
+
+
+async def drain_all(res: Resources) -> None:
+    """Every partition's inbox through a pipeline, one partition's batch at a time."""
+    await res.store.ensure_groups()
+    for p in range(PARTITIONS):
+        if entries := await res.store.read_inbox(p, "w", 1000):
+            await Pipeline(res).process(entries)
+            await res.store.ack(p, [e.entry_id for e in entries])
+
+
+async def test_provider_ids_and_stalls_are_found_per_partition(on_cluster: Settings) -> None:
+    async with open_resources(on_cluster, clock=fixed_clock()) as res:
+        store = res.store
+        scope = store.scope_of("acme", "shp_9")
+        state = (await store.load_states([("acme", "shp_9")]))[0]
+        assert state == (0, None)
+        # a shipment without news by its deadline is found on its partition's stall index
+        async with TestClient(TestServer(create_app(on_cluster))) as client:
+            await post(client, transition(shipment_id="shp_9", status="in_transit"))
+        await drain_all(res)
+        version, known = (await store.load_states([("acme", "shp_9")]))[0]
+        assert known is not None
+        deadline = int(NOW.timestamp() * 1000)
+        commit = ShipmentCommit("acme", "shp_9", version, known, [], [], deadline)
+        assert await store.commit([commit], NOW.isoformat()) == []
+        assert await store.due_stalls(deadline + 1, 10) == [("acme", "shp_9", deadline)]
+        res.clock = fixed_clock(NOW + timedelta(minutes=1))
+        assert await find_stalled({"res": res}) == 1
+        assert await store.due_stalls(10**15, 10) == []
+        # a provider's message id leads back to the ledger entry on the right partition
+        nid = sorted(n for n, st in await sent_ids(res, scope) if st == b"sent")[0]
+        await store.mark_sent([(nid, NOW.isoformat(), "twilio:SM9")], scope=scope)
+        found = await store.by_provider_id("twilio", "SM9")
+        assert found == (nid, scope)
+        assert await store.provider_status(nid, "delivered", 5, None, scope)
+        ledger = await store.ledger([nid], scope)
+        assert ledger[nid]["provider_status"] == "delivered"
+
+
+async def sent_ids(res: Resources, scope: int | None) -> list[tuple[str, bytes]]:
+    tag = res.store.tag(scope)
+    out = []
+    async for key in res.redis.scan_iter(match=f"ntf:msg:{tag}*"):
+        out.append((key.decode().rsplit("}", 1)[1], await res.redis.hget(key, "st")))
+    return out
+
+
+def test_a_cluster_needs_its_own_queue_redis(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="NOTIFIER_QUEUE_REDIS_URL"):
+        make_settings(tmp_path, redis_url="redis+cluster://127.0.0.1:7000")
+    with pytest.raises(ValidationError, match="not supported on a Redis Cluster"):
+        make_settings(
+            tmp_path,
+            redis_url="redis+cluster://127.0.0.1:7000",
+            queue_redis_url="redis://127.0.0.1:7001",
+            ingest_wait_replicas=1,
+        )
+    with pytest.raises(ValidationError, match="redis\\+cluster://"):
+        make_settings(tmp_path, redis_url="cluster://127.0.0.1:7000")
+
+
+@pytest.mark.timeout(240)
+def test_a_master_failover_mid_stream_loses_nothing_accepted(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """`notifier serve` and two `notifier worker` processes on the cluster; while batches
+    stream in, a replica takes over from its master (CLUSTER FAILOVER). Every transition
+    the API accepted (202) is delivered exactly once; those it refused meanwhile (503) are
+    posted again, as the tracking backend does, and delivered once too."""
+    flush(cluster)
+    port = free_port()
+    env = {
+        "NOTIFIER_REDIS_URL": cluster.url,
+        "NOTIFIER_QUEUE_REDIS_URL": cluster.queue_url,
+        "NOTIFIER_API_KEYS": json.dumps(API_KEYS),
+        "NOTIFIER_PARTITIONS": str(PARTITIONS),
+        "NOTIFIER_OUTBOX_DIR": str(tmp_path / "outbox"),
+        "NOTIFIER_SIGNING_SECRET": "0123456789abcdef0123",
+        "NOTIFIER_PORT": str(port),
+        "NOTIFIER_WORKER_POLL_DELAY_S": "0.05",
+    }
+    procs = [spawn_notifier(["serve"], tmp_path, **env)]
+    procs += [spawn_notifier(["worker"], tmp_path, **env) for _ in range(2)]
+    try:
+        wait_until(lambda: healthy(port), "notifier serve on the cluster", seconds=60)
+        accepted: set[str] = set()
+        refused, posted, after = 0, 0, 0
+        failover = threading.Thread(target=fail_over, args=(cluster,))
+        pending: list[dict[str, Any]] = []
+        # batches of new shipments before, during and for 10 batches after the failover
+        while posted < 50 or failover.is_alive() or after < 10 or pending:
+            if not pending and (posted < 50 or failover.is_alive() or after < 10):
+                pending = [
+                    transition(
+                        event_id=f"f{s}",
+                        shipment_id=f"shp_f{s}",
+                        status="delivered",  # final: no stall check on the real clock adds news
+                    )
+                    for s in range(posted, posted + 10)
+                ]
+                posted += 10
+                if posted == 50:
+                    failover.start()
+                elif posted > 50 and not failover.is_alive():
+                    after += 1
+            status, body = post_batch(port, pending)
+            if status == 202:
+                accepted |= {r["event_id"] for r in body["results"]}
+                pending = []
+            else:
+                assert status == 503, (status, body)
+                refused += 1  # the tracking backend posts it again
+                time.sleep(0.05)
+        failover.join(timeout=60)
+        shipments = posted
+        assert len(accepted) == shipments
+        outbox = tmp_path / "outbox"
+
+        def delivered() -> bool:
+            return len([p for p in outbox.rglob("*") if p.is_file()]) >= 2 * shipments
+
+        wait_until(delivered, "every accepted transition's messages", seconds=120)
+        time.sleep(1)  # anything sent twice would show up now
+        files = [p for p in outbox.rglob("*") if p.is_file()]
+        per_shipment = Counter(p.parent.name for p in files)
+        odd = {s: n for s, n in per_shipment.items() if n != 2}
+        assert not odd and len(per_shipment) == shipments, (odd, len(per_shipment))
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            out, _ = proc.communicate(timeout=30)
+            assert "Traceback" not in out or proc.returncode == 0, out[-3000:]
+
+
+def post_batch(port: int, batch: list[dict[str, Any]]) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/transitions",
+        data=json.dumps({"transitions": batch}).encode(),
+        headers={**auth(), "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def fail_over(cluster: Cluster) -> None:
+    """A replica takes over from its master (a manual failover: it first catches up)."""
+    master = cluster.masters()[0]
+    with cluster.node(master) as r:
+        master_id = r.execute_command("CLUSTER MYID").decode()
+    for port in cluster.ports:
+        with cluster.node(port) as r:
+            role = r.execute_command("ROLE")
+            if role[0] == b"slave" and role[2] == master:
+                r.execute_command("CLUSTER FAILOVER")
+                break
+    else:
+        raise AssertionError(f"no replica of {master_id}")
+
+    def promoted() -> bool:
+        with cluster.node(master) as r:
+            return bool(r.execute_command("ROLE")[0] == b"slave")
+
+    wait_until(promoted, "the replica to take over", seconds=30)
