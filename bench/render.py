@@ -2,7 +2,9 @@
 
 Run: .venv/bin/python -m bench.render [--seconds 2] [--runs 5]
 Prints the median time per message over several runs, cycling through every milestone in
-several locales (templates are compiled once, as in the worker).
+several locales (templates are compiled once, as in the worker): rendered in full, and
+filled into the shape's skeleton as the worker does (``notifier/render/skeleton.py``). The
+dates' cache is emptied before each pass, so each pass formats its dates again.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 from bench._cli import arguments, save
 from notifier.check import samples as _samples
 from notifier.models import ChannelKind, Notification, Recipient
-from notifier.render import Renderer
+from notifier.render import Renderer, i18n
 from notifier.render.environment import TemplateStore
 from notifier.render.i18n import Catalogs
 from notifier.resources import data_dir
@@ -47,6 +49,8 @@ def notifications(channel: ChannelKind) -> list[Notification]:
 def run(renderer: Renderer, items: list[Notification], seconds: float) -> float:
     done, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
+        i18n.when.cache_clear()
+        i18n.window.cache_clear()
         for n in items:
             renderer.render(n)
         done += len(items)
@@ -56,21 +60,24 @@ def run(renderer: Renderer, items: list[Notification], seconds: float) -> float:
 def main() -> None:
     args = arguments(__doc__)
     catalogs = Catalogs(data_dir("locales", None))
-    renderer = Renderer(
-        TemplateStore(data_dir("templates", None), catalogs),
-        catalogs,
-        email_from="notifications@example.com",
-    )
     result: dict[str, object] = {"benchmark": "render", "unit": "ms/message", "target": 0.5}
-    for channel in ChannelKind:
-        items = notifications(channel)
-        run(renderer, items, 0.2)  # compile every template first
-        times = [run(renderer, items, args.seconds) for _ in range(args.runs)]
-        result[str(channel)] = {"median": statistics.median(times), "runs": times}
-        print(
-            f"render {channel}: median {statistics.median(times):.3f} ms/message over "
-            f"{args.runs} runs ({', '.join(f'{t:.3f}' for t in times)}; target 0.5)"
+    for way, skeletons in (("full", 0), ("skeleton", 1024)):
+        renderer = Renderer(
+            TemplateStore(data_dir("templates", None), catalogs),
+            catalogs,
+            email_from="notifications@example.com",
+            skeletons=skeletons,
         )
+        for channel in ChannelKind:
+            items = notifications(channel)
+            run(renderer, items, 0.2)  # compile every template (and trace every skeleton)
+            times = [run(renderer, items, args.seconds) for _ in range(args.runs)]
+            name = str(channel) if way == "skeleton" else f"{channel} {way}"
+            result[name] = {"median": statistics.median(times), "runs": times}
+            print(
+                f"render {channel} ({way}): median {statistics.median(times):.3f} ms/message "
+                f"over {args.runs} runs ({', '.join(f'{t:.3f}' for t in times)}; target 0.5)"
+            )
     save(result, args.json)
 
 

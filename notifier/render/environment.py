@@ -26,6 +26,7 @@ from markupsafe import Markup
 from notifier.render.i18n import Catalogs
 from notifier.render.limits import Limits
 from notifier.render.sandbox import DEFAULT_LIMITS, Sandbox, Translate
+from notifier.render.skeleton import TracingSandbox
 
 #: The names the i18n extension compiles ``{% trans %}`` and ``_()`` into.
 GETTEXT_NAMES = ("gettext", "ngettext", "pgettext", "npgettext")
@@ -93,8 +94,8 @@ class TemplateStore:
         #: a merchant's published template files (the editor's), over its folder's
         self.published = published
         self._search: dict[str, tuple[str, ...]] = {}
-        self._envs: dict[tuple[str, ...], Sandbox] = {}
-        self._selected: dict[tuple[tuple[str, ...], tuple[str, ...]], Template] = {}
+        self._envs: dict[tuple[tuple[str, ...], bool], Sandbox] = {}
+        self._selected: dict[tuple[tuple[str, ...], tuple[str, ...], bool], Template] = {}
         self._gettext: dict[tuple[str, ...], dict[str, Translate]] = {}
         self._merchant_catalogs: dict[str, Catalogs | None] = {}
         self._lock = threading.Lock()
@@ -116,28 +117,30 @@ class TemplateStore:
         """Whether the merchant has a template folder of its own."""
         return len(self.search_path(merchant_id)) > 1
 
-    def select(self, merchant_id: str, names: tuple[str, ...]) -> Template:
+    def select(self, merchant_id: str, names: tuple[str, ...], tracing: bool = False) -> Template:
         """The first of ``names`` that exists for the merchant, resolved once and cached.
 
         Jinja2 caches compiled templates but not misses, so without this every
-        render would stat the per-status files a merchant did not write.
+        render would stat the per-status files a merchant did not write. ``tracing``: the
+        same template compiled for the tracing sandbox (``skeleton``).
         """
         search = self.search_path(merchant_id)
-        template = self._selected.get((search, names))
+        key = (search, names, tracing)
+        template = self._selected.get(key)
         if template is None:
-            template = self.environment(merchant_id).select_template(list(names))
+            template = self.environment(merchant_id, tracing).select_template(list(names))
             with self._lock:
-                self._selected[(search, names)] = template
+                self._selected[key] = template
         return template
 
-    def environment(self, merchant_id: str) -> Sandbox:
-        """The environment with the merchant's layered loader."""
+    def environment(self, merchant_id: str, tracing: bool = False) -> Sandbox:
+        """The environment with the merchant's layered loader (or its tracing twin)."""
         search = self.search_path(merchant_id)
-        env = self._envs.get(search)
+        env = self._envs.get((search, tracing))
         if env is None:
-            env = self._build(search)
+            env = self._build(search, tracing)
             with self._lock:
-                self._envs[search] = env
+                self._envs[(search, tracing)] = env
         return env
 
     def merchant_catalogs(self, merchant_id: str) -> Catalogs | None:
@@ -180,7 +183,8 @@ class TemplateStore:
         with self._lock:
             search = self._search.pop(merchant_id, None)
             if search is not None and search[0].startswith(PUBLISHED):
-                self._envs.pop(search, None)
+                self._envs.pop((search, False), None)
+                self._envs.pop((search, True), None)
                 for key in [k for k in self._selected if k[0] == search]:
                     del self._selected[key]
 
@@ -193,8 +197,8 @@ class TemplateStore:
         merchant_id = search[0].removeprefix(PUBLISHED)
         return _TemplatesOnly(ChoiceLoader([DictLoader(self.published(merchant_id)), files]))
 
-    def _build(self, search: tuple[str, ...]) -> Sandbox:
-        env = Sandbox(
+    def _build(self, search: tuple[str, ...], tracing: bool = False) -> Sandbox:
+        env = (TracingSandbox if tracing else Sandbox)(
             loader=self._loader(search),
             # Merchant-editable templates: no access to internals, no silent blanks.
             undefined=StrictUndefined,

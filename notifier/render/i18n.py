@@ -143,6 +143,7 @@ class Catalogs:
         return result or NullTranslations()
 
 
+@lru_cache(maxsize=1024)
 def formatting_locale(wanted: str | None, catalog: str) -> str:
     """The recipient's own locale for dates and names when it shares the catalog's
     language (en_GB, fr_CA), else the catalog's: an English text gets English dates."""
@@ -181,6 +182,9 @@ def _patterns(locale: str) -> tuple[DateTimePattern, DateTimePattern, str]:
     return parse_pattern(str(day)), parse_pattern(str(time)), joiner
 
 
+#: An event's moment is formatted for each of its messages (email and SMS), and a delivery
+#: window for each event that repeats it: the last few thousand are kept.
+@lru_cache(maxsize=4096)
 def when(moment: datetime, timezone: str | None, locale: str) -> str:
     """A moment in the recipient's zone and locale, e.g. ``Sat, Nov 21, 9:30 AM``."""
     local = moment.astimezone(_zone(timezone or "UTC"))
@@ -190,6 +194,7 @@ def when(moment: datetime, timezone: str | None, locale: str) -> str:
     return text if timezone else f"{text} UTC"
 
 
+@lru_cache(maxsize=4096)
 def window(start: datetime, end: datetime, timezone: str | None, locale: str) -> str:
     """A delivery window, e.g. ``Tue, Nov 24, 10:00 – 14:00`` (both ends when days differ)."""
     tz = _zone(timezone or "UTC")

@@ -469,10 +469,13 @@ class LimitedGenerator(CodeGenerator):
     ``[a, a]`` nested thirty times is refused, not printed), and ``~`` joins through the
     environment."""
 
+    #: what every loop iterates through
+    iterate_name = f"{__name__}.iterate"
+
     def visit_Template(self, node: nodes.Template, frame: Frame | None = None) -> None:
         for loop in node.find_all(nodes.For):
             loop.iter = nodes.Call(
-                nodes.ImportedName(f"{__name__}.iterate"),
+                nodes.ImportedName(self.iterate_name),
                 [loop.iter],
                 [],
                 None,

@@ -27,11 +27,12 @@ from markupsafe import Markup
 
 from notifier.errors import ConfigurationError, RenderError
 from notifier.models import STATUS_RANK, ChannelKind, Notification, Status, Transition
-from notifier.render import i18n
+from notifier.render import i18n, skeleton
 from notifier.render.brand import Brand, load_brand
 from notifier.render.environment import TemplateStore
 from notifier.render.limits import LimitExceeded, budget
 from notifier.render.sandbox import render_text, where
+from notifier.render.skeleton import Skeleton, Skeletons
 from notifier.render.sms import SmsEncoding, measure, smart_encode
 from notifier.render.watch import TreeWatch
 
@@ -246,6 +247,7 @@ class Renderer:
         strict: bool = False,
         watch: TreeWatch | None = None,
         published: Callable[[str], dict[str, str]] | None = None,
+        skeletons: int = skeleton.MAX_SKELETONS,
     ) -> None:
         self.templates = templates
         self.catalogs = catalogs
@@ -267,6 +269,9 @@ class Renderer:
         self._last_good: dict[str, Brand] = {}
         self._labels: dict[tuple[str, ...], dict[str, str]] = {}
         self._brand_ctx: dict[str, dict[str, Any]] = {}
+        #: messages rendered once per shape and filled in (none for checks and previews,
+        #: which show a merchant's problem as it happens)
+        self.skeletons = Skeletons(skeletons) if skeletons and not strict else None
         self._lock = threading.Lock()
 
     def refresh(self) -> bool:
@@ -285,6 +290,8 @@ class Renderer:
             if root == self.templates.directory and name not in DEFAULT_ENTRIES
         }
         everyone = len(own) < len(changes)  # the defaults or the catalogs changed
+        if self.skeletons is not None:
+            self.skeletons.clear()
         with self._lock:
             self._brands.clear()
             self._labels.clear()
@@ -301,6 +308,8 @@ class Renderer:
     def forget(self, merchant_id: str) -> None:
         """Drop what is cached for one merchant, whose published files changed; files
         that were not in use are judged again."""
+        if self.skeletons is not None:
+            self.skeletons.forget(self.templates.search_path(merchant_id))
         self.templates.forget(merchant_id)
         with self._lock:
             self._brands.pop(merchant_id, None)
@@ -372,6 +381,9 @@ class Renderer:
                 "support": brand.support.model_dump() if brand.support.any() else None,
                 "link_templates": brand.links.model_dump(),
             }
+            # what templates see of the brand: merchants with the same one (and the same
+            # templates) share their skeletons
+            ctx["fingerprint"] = repr((ctx["brand"], ctx["support"]))
             with self._lock:
                 self._brand_ctx[merchant_id] = ctx
         return ctx
@@ -475,10 +487,12 @@ class Renderer:
             headers = {**headers, "Reply-To": brand.support.email}
         return headers
 
-    def _words(self, merchant_id: str, ctx: dict[str, Any]) -> dict[str, str]:
+    def _words(
+        self, merchant_id: str, ctx: dict[str, Any], tracing: bool = False
+    ) -> dict[str, str]:
         """The message file's macros, evaluated once per message into plain strings."""
         names = (ctx["message_for_locale"], ctx["message"])
-        module = self.templates.select(merchant_id, names).make_module(ctx)
+        module = self.templates.select(merchant_id, names, tracing).make_module(ctx)
         return {
             name: str(macro()).strip() if (macro := getattr(module, name, None)) else ""
             for name in WORDS
@@ -610,13 +624,47 @@ class Renderer:
             ) from exc
 
     def _render_within(self, n: Notification, templates_of: str, inline: bool) -> Message:
-        """The body of ``_render``: the context, the words, then the channel's layout."""
+        """The body of ``_render``: the context, the words, then the channel's layout; from
+        the shape's skeleton when there is one (``skeleton``)."""
         locale = self.locale_for(n)
         chain = (locale, self.catalogs.resolve(self.brand(n.merchant_id).default_locale, "en"))
         words = self.templates.gettext_for(chain, templates_of)
         ctx = self.context(n, locale)
+        if self.skeletons is not None:
+            parts = skeleton.split(ctx, Lazy)
+            if parts is not None:
+                key = (
+                    self.templates.search_path(templates_of),
+                    templates_of if self.templates.merchant_catalogs(templates_of) else "",
+                    self._brand_context(n.merchant_id)["fingerprint"],
+                    n.channel,
+                    chain,
+                    parts.shape,
+                )
+                found = self.skeletons.get(key)
+                if found is None:
+                    found = self._trace(n, templates_of, chain, words, ctx, parts)
+                    self.skeletons.put(key, found)
+                if isinstance(found, Skeleton):
+                    message = self._fill(n, found, parts, inline)
+                    if message is not None:
+                        return message
+        out = self._compose(n, templates_of, chain, words, ctx)
+        return self._message(n, out, ctx["dir"] == "rtl", inline)
+
+    def _compose(
+        self,
+        n: Notification,
+        templates_of: str,
+        chain: tuple[str, ...],
+        words: dict[str, Any],
+        ctx: dict[str, Any],
+        tracing: bool = False,
+    ) -> dict[str, str]:
+        """What the templates make of ``ctx``: an SMS's layout text; an email's subject and
+        preheader words, HTML and text (before they are tidied)."""
         ctx.update(words)
-        ctx["m"] = self._words(templates_of, ctx)
+        ctx["m"] = self._words(templates_of, ctx, tracing)
         needed = "sms" if n.channel is ChannelKind.SMS else "subject"
         if not ctx["m"][needed]:
             # an empty file, or a macro that renders nothing: never a blank message
@@ -625,12 +673,21 @@ class Renderer:
                 "out blank)"
             )
         ctx["labels"] = self._step_labels(templates_of, chain, words)
+        select = self.templates.select
         if n.channel is ChannelKind.SMS:
-            body = self.templates.select(templates_of, ("sms/layout.txt",))
-            text = smart_encode(
-                _SPACES.sub(" ", " ".join(render_text(body, ctx).split("\n"))).strip()
-            )
-            if ctx["dir"] == "rtl":
+            return {"sms": render_text(select(templates_of, ("sms/layout.txt",), tracing), ctx)}
+        return {
+            "subject": ctx["m"]["subject"],
+            "preheader": ctx["m"]["preheader"],
+            "html": render_text(select(templates_of, ("email/layout.html",), tracing), ctx),
+            "text": render_text(select(templates_of, ("email/layout.txt",), tracing), ctx),
+        }
+
+    def _message(self, n: Notification, out: dict[str, str], rtl: bool, inline: bool) -> Message:
+        """The message from what the templates made (``_compose``, or a filled skeleton)."""
+        if n.channel is ChannelKind.SMS:
+            text = smart_encode(_SPACES.sub(" ", " ".join(out["sms"].split("\n"))).strip())
+            if rtl:
                 # phones lay a message out by its first strong letter: a shop name in
                 # Latin letters first would make an Arabic SMS read left to right
                 text = RLM + text
@@ -644,8 +701,7 @@ class Renderer:
                 size.encoding,
                 size.segments,
             )
-        html = render_text(self.templates.select(templates_of, ("email/layout.html",)), ctx)
-        text = render_text(self.templates.select(templates_of, ("email/layout.txt",)), ctx)
+        html = out["html"]
         brand = self.brand(n.merchant_id)
         return EmailMessageOut(
             n.notification_id,
@@ -653,9 +709,51 @@ class Renderer:
             n.shipment_id,
             n.to,
             formataddr((brand.name, self.email_from)),
-            subject=" ".join(ctx["m"]["subject"].split()),
-            text=_BLANK_LINES.sub("\n\n", text).strip() + "\n",
+            subject=" ".join(out["subject"].split()),
+            text=_BLANK_LINES.sub("\n\n", out["text"]).strip() + "\n",
             html=_INLINER.inline(html) if inline else html,
             headers=self._headers(n, brand),
-            preheader=" ".join(ctx["m"]["preheader"].split()),
+            preheader=" ".join(out["preheader"].split()),
         )
+
+    def _trace(
+        self,
+        n: Notification,
+        templates_of: str,
+        chain: tuple[str, ...],
+        words: dict[str, Any],
+        ctx: dict[str, Any],
+        parts: skeleton.Split,
+    ) -> object:
+        """The skeleton of ``n``'s shape: its templates rendered with sentinels in the
+        tracing sandbox, within a budget of its own; UNCACHEABLE when they look at a value,
+        fail, or cross a limit (its messages are then rendered in full)."""
+        try:
+            with budget(self.templates.limits):
+                traced = skeleton.tracing_context(ctx, parts, Lazy)
+                out = self._compose(n, templates_of, chain, words, traced, tracing=True)
+                widths = parts.widths()
+                cut = {name: skeleton.cut(text, widths) for name, text in out.items()}
+        except Exception:  # the full render says what is wrong, if anything
+            return skeleton.UNCACHEABLE
+        used = frozenset(i for pieces in cut.values() for _, i, _ in pieces if i >= 0)
+        return Skeleton(cut, used, ctx["dir"] == "rtl")
+
+    def _fill(
+        self, n: Notification, found: Skeleton, parts: skeleton.Split, inline: bool
+    ) -> Message | None:
+        """``n`` from its shape's skeleton; None when a value computed only now (``ago``)
+        cannot go in a slot."""
+        values = parts.values
+        for i, make in parts.lazy.items():
+            if i in found.used:
+                try:
+                    value = make()
+                except Exception:
+                    return None
+                if not skeleton.fits(value, skeleton.WIDTH):
+                    return None
+                values[i] = value
+        escaped: list[str | None] = [None] * len(values)
+        out = {name: skeleton.fill(pieces, values, escaped) for name, pieces in found.parts.items()}
+        return self._message(n, out, found.rtl, inline)
