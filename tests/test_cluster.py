@@ -304,9 +304,10 @@ async def test_competing_workers_on_a_cluster_never_send_twice(on_cluster: Setti
             await w.close()
     assert sum(w.jobs_failed for w in workers) == 0
     async with open_resources(on_cluster, clock=fixed_clock()) as res:
-        sent = []
+        sent, due = [], 0
         for p in range(PARTITIONS):
             tag = res.store.tag(p)
+            due += await res.redis.zcard(keys.due_key(tag))
             assert await res.redis.xlen(keys.inbox_key(p, tag)) == 0  # all settled
             async for key in res.redis.scan_iter(match=f"ntf:msg:{tag}*"):
                 if (await res.redis.hget(key, "st")) == b"sent":
@@ -314,6 +315,15 @@ async def test_competing_workers_on_a_cluster_never_send_twice(on_cluster: Setti
     names = [p.name.split("-", 1)[1].split(".", 1)[0] for p in outbox_files(on_cluster)]
     assert len(names) == len(set(names))  # never twice
     assert sorted(names) == sorted(sent)  # and every one recorded as sent
+    # the gauges read every partition's inbox and indexes, wherever they live
+    async with TestClient(TestServer(create_app(on_cluster))) as client:
+        resp = await client.get("/metrics")
+        text = await resp.text()
+        assert resp.status == 200 and "notifier_redis_up 1.0" in text
+        for p in range(PARTITIONS):
+            assert f'notifier_inbox_depth{{partition="{p}"}} 0.0' in text
+        assert due and f"notifier_due_messages {float(due)}" in text  # quiet hours in Tokyo
+        assert (await client.get("/healthz")).status == 200
 
 
 async def test_retries_dead_letters_and_replays_on_a_cluster(on_cluster: Settings) -> None:
