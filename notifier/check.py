@@ -13,10 +13,8 @@ import asyncio
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from babel.messages.catalog import Catalog
-from babel.messages.extract import extract_from_dir
-from babel.messages.pofile import read_po
 from redis.exceptions import RedisError
 
 from notifier.errors import ConfigurationError, NotifierError
@@ -33,6 +31,9 @@ from notifier.render.renderer import EXHAUSTED, message_name
 from notifier.render.sms import SmsEncoding
 from notifier.resources import close_redis, connect, data_dir
 from notifier.settings import Settings
+
+if TYPE_CHECKING:  # babel's catalog tools: `notifier check` only, imported there
+    from babel.messages.catalog import Catalog
 
 #: SMS budgets: one segment where the text fits GSM-7, two where it needs UCS-2.
 SMS_BUDGET = {SmsEncoding.GSM7: 1, SmsEncoding.UCS2: 2}
@@ -246,6 +247,8 @@ def _read_catalog(folder: Path, lang: str) -> Catalog | None:
     path = folder / lang / "LC_MESSAGES" / "messages.po"
     if not path.is_file():
         return None
+    from babel.messages.pofile import read_po
+
     try:
         with path.open("rb") as f:
             return read_po(f, locale=lang)
@@ -263,6 +266,8 @@ def _translated(catalog: Catalog | None, msgid: str) -> bool:
 
 def _msgids(folder: Path) -> list[str]:
     """The translatable strings of a merchant's own templates (as pybabel extracts them)."""
+    from babel.messages.extract import extract_from_dir
+
     method_map = [(f"**.{ext}", "jinja2") for ext in ("jinja", "html", "txt")]
     options = {"extensions": "jinja2.ext.i18n", "trimmed": "true"}
     options_map = {pattern: options for pattern, _ in method_map}

@@ -10,17 +10,14 @@ from datetime import UTC, datetime
 from functools import partial
 from importlib import resources as importlib_resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from arq.connections import ArqRedis
-from fakeredis import FakeServer
-from fakeredis.aioredis import FakeRedis
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from notifier import metrics
 from notifier.channels import Channel, OutboxChannel
-from notifier.channels.sendgrid import build_sendgrid
-from notifier.channels.twilio import build_twilio
 from notifier.errors import ConfigurationError
 from notifier.models import ChannelKind
 from notifier.overrides import OverrideStore, Published
@@ -34,6 +31,9 @@ from notifier.settings import EmailChannelName, Settings
 from notifier.store import Store
 from notifier.store.base import DataRedis
 from notifier.unsubscribe import headers as unsubscribe_headers
+
+if TYPE_CHECKING:  # embedded mode only: imported when used
+    from fakeredis import FakeServer
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,8 @@ def connect_queue(settings: Settings, server: FakeServer | None = None) -> ArqRe
         return client
     if server is None:
         raise ConfigurationError("embedded mode needs the in-memory server to connect to")
+    from fakeredis.aioredis import FakeRedis
+
     # fakeredis' own client class is a plain redis.asyncio.Redis; arq needs an
     # ArqRedis (enqueue_job), so borrow the connection pool that talks to the FakeServer.
     return ArqRedis(connection_pool=FakeRedis(server=server).connection_pool)
@@ -130,6 +132,8 @@ def build_providers(settings: Settings) -> dict[str, Channel]:
     whose credentials are configured (a merchant may choose any of them)."""
     providers: dict[str, Channel] = {"outbox": OutboxChannel(settings.outbox_dir)}
     if settings.sendgrid_api_key:
+        from notifier.channels.sendgrid import build_sendgrid  # aiohttp's client: when used
+
         providers["sendgrid"] = build_sendgrid(
             settings.sendgrid_api_key,
             base_url=settings.sendgrid_base_url,
@@ -141,6 +145,8 @@ def build_providers(settings: Settings) -> dict[str, Channel]:
         and settings.twilio_auth_token
         and (settings.twilio_from or settings.twilio_messaging_service_sid)
     ):
+        from notifier.channels.twilio import build_twilio  # Twilio's SDK: when used
+
         providers["twilio"] = build_twilio(
             settings.twilio_account_sid,
             settings.twilio_auth_token,
@@ -193,6 +199,8 @@ async def open_resources(
     share one in-memory store; one is created when none is given.
     """
     if settings.embedded and server is None:
+        from fakeredis import FakeServer
+
         server = FakeServer()
     metrics.configure(settings.metrics_dir)
     redis = connect(settings, server)

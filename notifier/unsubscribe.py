@@ -14,13 +14,13 @@ import hmac
 import html
 from typing import TYPE_CHECKING
 
-from aiohttp import web
-
 from notifier.errors import NotFound
 from notifier.models import ChannelKind
 from notifier.policy import opt_out_key
 
 if TYPE_CHECKING:  # resources builds the renderer with this module's headers()
+    from aiohttp import web
+
     from notifier.resources import Resources
 
 PATH = "/v1/unsubscribe/{token}"
@@ -61,6 +61,8 @@ def headers(public_url: str, secret: str, merchant_id: str, address: str) -> dic
 
 
 def _page(title: str, body: str) -> web.Response:
+    from aiohttp import web  # the API's; a worker only signs links (headers())
+
     return web.Response(
         text=f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
         f'</head><body style="font-family:Arial,sans-serif;font-size:16px;max-width:36em;'

@@ -39,7 +39,7 @@ class Script:
         if isinstance(target, Pipeline):
             pipe: Any = target
             pipe.scripts.add(self)  # loaded before the pipeline runs
-            return await target.evalsha(self.sha, len(keys), *keys, *args)
+            return await pipe.evalsha(self.sha, len(keys), *keys, *args)
         try:
             return await target.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:
