@@ -340,8 +340,9 @@ class Decision(_Strict):
         details: dict[str, Any] | None = None,
         request_id: str | None = None,
     ) -> Decision:
-        """The decision recorded for transition ``t``."""
-        return cls(
+        """The decision recorded for transition ``t`` (from typed, validated values: not
+        validated again, on the worker's hot path)."""
+        return cls.model_construct(
             event_id=t.event_id,
             status=t.status,
             exception_code=t.exception_code,

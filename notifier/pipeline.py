@@ -293,7 +293,7 @@ class Pipeline:
                     assert final.recipient is not None
                     nid = notification_id(t, verdict.channel)
                     owner[nid] = entry_id
-                    n = Notification(
+                    n = Notification.model_construct(  # validated parts: not again
                         notification_id=nid,
                         merchant_id=merchant_id,
                         shipment_id=shipment_id,

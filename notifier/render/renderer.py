@@ -598,8 +598,7 @@ class Renderer:
         """Render ``n`` with the templates of ``templates_of`` (the merchant, or the
         defaults) and the merchant's brand, within the render limits."""
         try:
-            with budget(self.templates.limits):
-                return self._render_within(n, templates_of, inline)
+            return self._render_within(n, templates_of, inline)
         except TemplateSyntaxError as exc:
             raise RenderError(f"{where(exc)}: {exc.message}", n.notification_id) from exc
         except TemplateError as exc:
@@ -649,7 +648,8 @@ class Renderer:
                     message = self._fill(n, found, parts, inline)
                     if message is not None:
                         return message
-        out = self._compose(n, templates_of, chain, words, ctx)
+        with budget(self.templates.limits):  # filling a skeleton runs no template: none
+            out = self._compose(n, templates_of, chain, words, ctx)
         return self._message(n, out, ctx["dir"] == "rtl", inline)
 
     def _compose(
