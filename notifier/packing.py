@@ -59,10 +59,19 @@ STATE = 0x01
 HISTORY = 0x02
 
 
+#: The compressor's window and memory: these values (a dictionary of about 1.3 KB and a few
+#: KB of JSON) need no more than 8 KB of window. zlib's defaults (32 KB, memory level 9)
+#: clear about 400 KB of tables for every value, ten times the cost of compressing it: a
+#: tenth of a worker's time went there. Any window reads back with ``unpack``'s (the
+#: largest), so values written with either setting read the same.
+_WINDOW_BITS = 13
+_MEM_LEVEL = 6
+
+
 def pack(data: bytes, tag: int) -> bytes:
     """``data`` deflated with the dictionary ``tag`` names, behind that tag byte."""
     deflate = zlib.compressobj(
-        9, zlib.DEFLATED, -15, 9, zlib.Z_DEFAULT_STRATEGY, _DICTIONARIES[tag]
+        9, zlib.DEFLATED, -_WINDOW_BITS, _MEM_LEVEL, zlib.Z_DEFAULT_STRATEGY, _DICTIONARIES[tag]
     )
     return bytes([tag]) + deflate.compress(data) + deflate.flush()
 
