@@ -27,6 +27,7 @@ from notifier.models import (
     Notification,
     Outcome,
     Transition,
+    assembled,
     notification_id,
     notification_id_of,
 )
@@ -293,15 +294,18 @@ class Pipeline:
                     assert final.recipient is not None
                     nid = notification_id(t, verdict.channel)
                     owner[nid] = entry_id
-                    n = Notification.model_construct(  # validated parts: not again
-                        notification_id=nid,
-                        merchant_id=merchant_id,
-                        shipment_id=shipment_id,
-                        channel=verdict.channel,
-                        to=verdict.to,
-                        transition=t,
-                        recipient=final.recipient,
-                        created_at=now,
+                    n = assembled(  # of validated parts: not validated again
+                        Notification,
+                        {
+                            "notification_id": nid,
+                            "merchant_id": merchant_id,
+                            "shipment_id": shipment_id,
+                            "channel": verdict.channel,
+                            "to": verdict.to,
+                            "transition": t,
+                            "recipient": final.recipient,
+                            "created_at": now,
+                        },
                     )
                     built[nid] = n
                     deferred = verdict.outcome is Outcome.DEFERRED and verdict.send_at

@@ -17,6 +17,7 @@ from notifier.models import (
     Recipient,
     Status,
     Transition,
+    assembled,
 )
 
 #: How many recent event ids a shipment remembers, so a re-delivered inbox entry
@@ -282,28 +283,33 @@ class ShipmentState(BaseModel):
         aged_sms = sum(
             1 for m in self.messages if m.at <= at - MESSAGE_LOG and m.channel is ChannelKind.SMS
         )
-        sent = Sent.model_construct(  # typed inputs: skip validation on this hot path
-            at=at,
-            channel=channel,
-            event_id=t.event_id,
-            milestone=t.milestone,
-            rank=STATUS_RANK[t.status],
-            trivial=trivial,
-            due=due,
+        milestone, rank = t.milestone, STATUS_RANK[t.status]
+        sent = assembled(  # typed inputs: skip validation on this hot path
+            Sent,
+            {
+                "at": at,
+                "channel": channel,
+                "event_id": t.event_id,
+                "milestone": milestone,
+                "rank": rank,
+                "trivial": trivial,
+                "due": due,
+            },
+        )
+        notice = assembled(
+            Notice,
+            {
+                "event_id": t.event_id,
+                "milestone": milestone,
+                "occurred_at": t.occurred_at,
+                "rank": rank,
+            },
         )
         return self.model_copy(
             update={
                 "messages": [*keep, sent],
                 "sms_archived": self.sms_archived + aged_sms,
-                "notices": {
-                    **self.notices,
-                    channel: Notice.model_construct(
-                        event_id=t.event_id,
-                        milestone=t.milestone,
-                        occurred_at=t.occurred_at,
-                        rank=STATUS_RANK[t.status],
-                    ),
-                },
+                "notices": {**self.notices, channel: notice},
             }
         )
 
