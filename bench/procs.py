@@ -1,7 +1,9 @@
 """The processes a benchmark runs against: redis-server, `notifier serve`, `notifier worker`.
 
 Each is a real process on loopback, started fresh and stopped with SIGTERM; peak RSS
-(VmHWM) and CPU time are read from /proc just before it stops.
+(VmHWM) and CPU time are read from /proc just before it stops. ``stack(shards=3)`` runs
+the data on a Redis Cluster of 3 masters (no replicas) and arq's queue on a Redis of its
+own, as ``NOTIFIER_REDIS_URL=redis+cluster://`` plus ``NOTIFIER_QUEUE_REDIS_URL`` do.
 """
 
 from __future__ import annotations
@@ -36,13 +38,29 @@ def free_port() -> int:
         return port
 
 
-def wait_until(predicate: Callable[[], bool], what: str, seconds: float = 30.0) -> None:
+def node_port() -> int:
+    """A free loopback port for a cluster node: its bus port (+10000) must be valid and free."""
+    while True:
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as bus:
+            try:
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
+def wait_until(
+    predicate: Callable[[], bool], what: str, seconds: float = 30.0, every: float = 0.02
+) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError, RedisError):
             if predicate():
                 return
-        time.sleep(0.02)
+        time.sleep(every)
     raise RuntimeError(f"timed out waiting for {what}")
 
 
@@ -111,20 +129,40 @@ class Proc:
 
 @dataclass
 class Stack:
-    """A fresh redis-server plus whichever notifier processes a stage starts."""
+    """A fresh redis-server (or a Redis Cluster and a queue Redis) plus whichever notifier
+    processes a stage starts."""
 
     workdir: Path
     outbox: Path
+    #: the one Redis; 0 on a cluster
     redis_port: int = 0
     procs: list[Proc] = field(default_factory=list)
+    #: the cluster's masters, and the Redis of arq's queue next to them
+    shard_ports: list[int] = field(default_factory=list)
+    queue_port: int = 0
+    #: every redis-server, by port (named redis, or shard-1.. and queue)
+    servers: dict[int, Proc] = field(default_factory=dict)
+
+    @property
+    def cluster(self) -> bool:
+        return bool(self.shard_ports)
 
     @property
     def redis_url(self) -> str:
+        if self.cluster:
+            return f"redis+cluster://127.0.0.1:{self.shard_ports[0]}"
         return f"redis://127.0.0.1:{self.redis_port}/0"
 
     def redis(self) -> Any:
-        """A plain client (typed Any: redis-py types every reply as maybe-awaitable)."""
-        return redis.Redis(host="127.0.0.1", port=self.redis_port)
+        """A client of the data: a plain one, or a cluster client that routes by key
+        (typed Any: redis-py types every reply as maybe-awaitable)."""
+        if self.cluster:
+            return redis.RedisCluster(host="127.0.0.1", port=self.shard_ports[0])
+        return self.node(self.redis_port)
+
+    def node(self, port: int) -> Any:
+        """A client of one redis-server (a shard, the queue Redis or the one Redis)."""
+        return redis.Redis(host="127.0.0.1", port=port)
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
         log = self.workdir / f"{name}.log"
@@ -140,9 +178,11 @@ class Stack:
         return proc
 
     def notifier_env(self, **extra: str) -> dict[str, str]:
-        clean = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFIER_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFIER_")}
+        if self.cluster:  # arq's queue cannot live on a cluster
+            env["NOTIFIER_QUEUE_REDIS_URL"] = f"redis://127.0.0.1:{self.queue_port}/0"
         return {
-            **clean,
+            **env,
             "NOTIFIER_REDIS_URL": self.redis_url,
             "NOTIFIER_API_KEYS": API_KEYS,
             "NOTIFIER_OUTBOX_DIR": str(self.outbox),
@@ -198,38 +238,70 @@ class Stack:
 TMPFS = Path("/dev/shm")
 
 
-@contextlib.contextmanager
-def stack(outbox_on_disk: bool = False) -> Iterator[Stack]:
-    """A temporary directory with its own redis-server (no persistence), torn down after."""
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+def redis_binary(name: str = "redis-server") -> str:
+    binary = shutil.which(name) or f"/usr/bin/{name}"
     if not Path(binary).exists():
-        raise RuntimeError("redis-server is not installed: run scripts/test (it installs it)")
+        raise RuntimeError(f"{name} is not installed: run scripts/test (it installs it)")
+    return binary
+
+
+def start_redis(st: Stack, name: str, port: int, *options: str) -> Proc:
+    """A redis-server without persistence on ``port``, its files in a folder of its own;
+    answering when this returns. Kept apart from ``st.procs``: stopped after them."""
+    folder = st.workdir / name
+    folder.mkdir()
+    argv = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder)]
+    server = st.start(name, [*argv, "--save", "", "--appendonly", "no", *options])
+    st.procs.remove(server)
+    st.servers[port] = server
+    wait_until(alive(server, lambda: bool(st.node(port).ping())), name)
+    return server
+
+
+def start_cluster(st: Stack, shards: int) -> None:
+    """``shards`` cluster masters (no replicas) joined by ``redis-cli --cluster create``,
+    each owning an equal range of slots, and a plain Redis for arq's queue."""
+    st.shard_ports = [node_port() for _ in range(shards)]
+    for i, port in enumerate(st.shard_ports, 1):
+        cluster = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
+        start_redis(st, f"shard-{i}", port, *cluster)
+    st.queue_port = free_port()
+    start_redis(st, "queue", st.queue_port)
+    nodes = [f"127.0.0.1:{port}" for port in st.shard_ports]
+    create = [redis_binary("redis-cli"), "--cluster", "create", *nodes]
+    subprocess.run(
+        [*create, "--cluster-replicas", "0", "--cluster-yes"],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+
+    def formed() -> bool:
+        return all(
+            st.node(port).cluster("info").get("cluster_state") == "ok" for port in st.shard_ports
+        )
+
+    wait_until(formed, "the Redis Cluster to form", 60)
+
+
+@contextlib.contextmanager
+def stack(outbox_on_disk: bool = False, shards: int = 0) -> Iterator[Stack]:
+    """A temporary directory with its own redis-server (no persistence), or with a Redis
+    Cluster of ``shards`` masters and a queue Redis; torn down after."""
     workdir = Path(tempfile.mkdtemp(prefix="notifier-bench-"))
     on_tmpfs = not outbox_on_disk and TMPFS.is_dir()
     outbox = Path(tempfile.mkdtemp(prefix="notifier-outbox-", dir=TMPFS if on_tmpfs else workdir))
-    st = Stack(workdir, outbox, free_port())
-    server = st.start(
-        "redis",
-        [
-            binary,
-            "--port",
-            str(st.redis_port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-    )
-    st.procs.remove(server)
+    st = Stack(workdir, outbox)
     try:
-        wait_until(lambda: bool(st.redis().ping()), "redis-server")
+        if shards:
+            start_cluster(st, shards)
+        else:
+            st.redis_port = free_port()
+            start_redis(st, "redis", st.redis_port)
         yield st
     finally:
         st.stop_all()
-        server.stop()
+        for server in st.servers.values():
+            server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
         shutil.rmtree(outbox, ignore_errors=True)
