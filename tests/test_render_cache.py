@@ -12,7 +12,7 @@ import pytest
 from notifier.check import samples
 from notifier.errors import RenderError
 from notifier.models import ChannelKind, Notification, Recipient, Transition
-from notifier.render import Renderer
+from notifier.render import EmailMessageOut, Renderer
 from notifier.render.environment import TemplateStore
 from notifier.render.i18n import Catalogs
 from notifier.render.limits import Limits
@@ -318,3 +318,96 @@ def test_checks_and_previews_never_use_skeletons() -> None:
         strict=True,
     )
     assert strict.skeletons is None
+
+
+def test_an_events_email_and_sms_share_a_context_and_a_new_brand_is_seen() -> None:
+    """A batch renders an event's channels one after the other: the second reuses the first's
+    context (all but the US opt-out line), until the merchant's files change."""
+    published: dict[str, dict[str, str]] = {"acme": {"brand.yaml": "name: First\n"}}
+    plain, cached = renderer(cached=False, published=published), renderer(published=published)
+    for t in SAMPLES:
+        r = Recipient(name="Ana", email="a@example.com", locale="fr", timezone="Europe/Paris")
+        items = [
+            Notification(
+                notification_id=f"n_{i}",
+                merchant_id="acme",
+                shipment_id="s1",
+                channel=channel,
+                to=to,
+                transition=t,
+                recipient=r,
+                created_at=t.occurred_at,
+            )
+            for i, (channel, to) in enumerate(
+                [
+                    (ChannelKind.EMAIL, "a@example.com"),
+                    (ChannelKind.SMS, "+14155550123"),
+                    (ChannelKind.SMS, "+33612345678"),
+                    (ChannelKind.SMS, "+14155550123"),
+                ]
+            )
+        ]
+        same(plain, cached, items)
+    sms = items[2]
+    assert cached.render(sms).body.startswith("First")  # type: ignore[union-attr]
+    published["acme"] = {"brand.yaml": "name: Second\n"}
+    plain.forget("acme")
+    cached.forget("acme")
+    assert cached.render(sms).body.startswith("Second")  # type: ignore[union-attr]
+    same(plain, cached, items)
+
+
+def _odd(t: Transition, channel: ChannelKind, n: int) -> Notification:
+    """Values the CSS inliner writes back its own way: &, <, >, quotes, no-break spaces."""
+    base = notification(
+        t, channel, name=["Zoë\u00a0O'Brien & <Co>", 'Jean "JJ"', "Ana"][n % 3], n=n
+    )
+    url = "https://track.example.com/?n=1Z&amp=\"x\"&c='y'<>\u00a0z"
+    return base.model_copy(
+        update={"transition": base.transition.model_copy(update={"tracking_url": url})}
+    )
+
+
+async def test_the_css_is_inlined_once_per_shape_and_batches_are_the_full_render() -> None:
+    plain, cached = renderer(cached=False), renderer()
+    items = [
+        _odd(t, c, i)
+        for i, (t, c) in enumerate((t, c) for t in SAMPLES for c in ChannelKind for _ in range(3))
+    ]
+    expected = await plain.render_many(items)
+    assert await cached.render_many(items) == expected
+    assert await cached.render_many(items) == expected  # all from skeletons now
+    same(plain, cached, items)
+    assert cached.skeletons is not None
+    emails = [s for s in cached.skeletons._items.values() if "html" in s.parts]  # type: ignore[attr-defined]
+    assert emails and all("inlined" in s.parts for s in emails)
+    html = next(m.html for m in expected if isinstance(m, EmailMessageOut) and "JJ" in m.text)
+    assert 'Hello Jean "JJ",' in html and "&amp;amp=&quot;x&quot;" in html
+
+
+@pytest.mark.parametrize(
+    ("css", "name"),
+    [
+        ("p[title] { color: red; }", "an attribute selector"),
+        ("p { color: red; }", "a value printed raw"),
+    ],
+)
+async def test_html_the_inliner_could_write_differently_is_inlined_per_message(
+    tmp_path: Path, css: str, name: str
+) -> None:
+    templates = tree(tmp_path)
+    (templates / "acme" / "email").mkdir(parents=True)
+    raw = "|safe" if "raw" in name else ""
+    (templates / "acme" / "email" / "layout.html").write_text(
+        f"<html><head><style>{css}</style></head><body>"
+        f'<p title="{{{{ recipient.name }}}}">{{{{ m.subject }}}} {{{{ recipient.name{raw} }}}}</p>'
+        "</body></html>"
+    )
+    plain, cached = renderer(templates, cached=False), renderer(templates)
+    t = next(t for t in SAMPLES if t.milestone == "delivered")
+    items = [_odd(t, ChannelKind.EMAIL, i) for i in range(3)]
+    assert await cached.render_many(items) == await plain.render_many(items)
+    same(plain, cached, items)
+    assert cached.skeletons is not None
+    kept = [s for k, s in cached.skeletons._items.items() if "acme" in k[0][0]]
+    assert kept and all("inlined" not in s.parts for s in kept)  # type: ignore[attr-defined]

@@ -183,6 +183,11 @@ def _progress(t: Transition) -> list[dict[str, str]]:
     return states
 
 
+def _us_opt_out(n: Notification) -> bool:
+    """CTIA/TCPA practice: US and Canadian numbers get the opt-out line."""
+    return n.channel is ChannelKind.SMS and n.to.startswith("+1")
+
+
 def carrier_name(carrier: str) -> str:
     """``fedex`` -> ``FedEx``; a name the backend already formats is shown as received."""
     return CARRIER_NAMES.get(carrier.strip().lower().replace(" ", ""), carrier)
@@ -272,6 +277,8 @@ class Renderer:
         #: messages rendered once per shape and filled in (none for checks and previews,
         #: which show a merchant's problem as it happens)
         self.skeletons = Skeletons(skeletons) if skeletons and not strict else None
+        #: the last message filled from a skeleton: (notification, locale, context, shape)
+        self._last: tuple[Notification, str, dict[str, Any], skeleton.Split] | None = None
         self._lock = threading.Lock()
 
     def refresh(self) -> bool:
@@ -292,6 +299,7 @@ class Renderer:
         everyone = len(own) < len(changes)  # the defaults or the catalogs changed
         if self.skeletons is not None:
             self.skeletons.clear()
+        self._last = None
         with self._lock:
             self._brands.clear()
             self._labels.clear()
@@ -310,6 +318,7 @@ class Renderer:
         that were not in use are judged again."""
         if self.skeletons is not None:
             self.skeletons.forget(self.templates.search_path(merchant_id))
+        self._last = None
         self.templates.forget(merchant_id)
         with self._lock:
             self._brands.pop(merchant_id, None)
@@ -361,6 +370,7 @@ class Renderer:
 
     def use_brand(self, merchant_id: str, brand: Brand) -> None:
         """Use ``brand`` for a merchant instead of its files (checks and previews)."""
+        self._last = None
         with self._lock:
             self._brands[merchant_id] = brand
             self._brand_ctx.pop(merchant_id, None)
@@ -468,8 +478,7 @@ class Renderer:
             #: the link an SMS carries: the milestone's action, else the (short) tracking link
             "sms_url": primary["url"] if primary else (sms_url or ""),
             "pickup_point": point.model_dump() if point else None,
-            # CTIA/TCPA practice: US and Canadian numbers get the opt-out line
-            "us_opt_out": n.channel is ChannelKind.SMS and n.to.startswith("+1"),
+            "us_opt_out": _us_opt_out(n),
             "message": f"messages/{message_name(t)}.jinja",
             # a message's wording for one locale only, when the merchant wrote one
             "message_for_locale": f"messages/{message_name(t)}.{locale}.jinja",
@@ -531,16 +540,23 @@ class Renderer:
         """
         self.refresh()
         out: list[Message | RenderError] = []
+        done: set[int] = set()  # emails inlined already (from their skeletons)
         breath = time.monotonic()
         for n in notifications:
             try:
-                out.append(self.render(n, inline=False))
+                message, ready = self._render_one(n, inline=False)
             except RenderError as exc:
                 out.append(exc)
+            else:
+                if ready:
+                    done.add(len(out))
+                out.append(message)
             if time.monotonic() - breath > YIELD_S:  # slow templates: let the loop run
                 await asyncio.sleep(0)
                 breath = time.monotonic()
-        emails = [(i, m) for i, m in enumerate(out) if isinstance(m, EmailMessageOut)]
+        emails = [
+            (i, m) for i, m in enumerate(out) if isinstance(m, EmailMessageOut) and i not in done
+        ]
         if not emails:
             return out
         loop = asyncio.get_running_loop()
@@ -568,8 +584,12 @@ class Renderer:
         A merchant's own template that fails is skipped for this message: it is rendered
         with the default templates (unless ``strict``, or the defaults fail too). One that
         crossed a render limit is skipped for every message until the files change.
-        ``inline=False`` leaves an email's CSS in its style element (``render_many``
+        ``inline=False`` may leave an email's CSS in its style element (``render_many``
         inlines a batch at once)."""
+        return self._render_one(n, inline)[0]
+
+    def _render_one(self, n: Notification, inline: bool) -> tuple[Message, bool]:
+        """``render``, and whether an email's CSS is inlined already (from its skeleton)."""
         self.refresh()
         over = self.over_limit.get(n.merchant_id)
         if over is not None and not self.strict:
@@ -594,9 +614,10 @@ class Renderer:
             self._disable(n.merchant_id, why)
             return message
 
-    def _render(self, n: Notification, templates_of: str, inline: bool) -> Message:
+    def _render(self, n: Notification, templates_of: str, inline: bool) -> tuple[Message, bool]:
         """Render ``n`` with the templates of ``templates_of`` (the merchant, or the
-        defaults) and the merchant's brand, within the render limits."""
+        defaults) and the merchant's brand, within the render limits; and whether an
+        email's CSS is inlined."""
         try:
             return self._render_within(n, templates_of, inline)
         except TemplateSyntaxError as exc:
@@ -622,15 +643,19 @@ class Renderer:
                 n.notification_id,
             ) from exc
 
-    def _render_within(self, n: Notification, templates_of: str, inline: bool) -> Message:
+    def _render_within(
+        self, n: Notification, templates_of: str, inline: bool
+    ) -> tuple[Message, bool]:
         """The body of ``_render``: the context, the words, then the channel's layout; from
         the shape's skeleton when there is one (``skeleton``)."""
         locale = self.locale_for(n)
         chain = (locale, self.catalogs.resolve(self.brand(n.merchant_id).default_locale, "en"))
         words = self.templates.gettext_for(chain, templates_of)
-        ctx = self.context(n, locale)
-        if self.skeletons is not None:
-            parts = skeleton.split(ctx, Lazy)
+        if self.skeletons is None:
+            ctx = self.context(n, locale)
+        else:
+            ctx, parts = self._split(n, locale)
+            self._last = None
             if parts is not None:
                 key = (
                     self.templates.search_path(templates_of),
@@ -639,18 +664,38 @@ class Renderer:
                     n.channel,
                     chain,
                     parts.shape,
+                    ctx["us_opt_out"],
                 )
                 found = self.skeletons.get(key)
                 if found is None:
                     found = self._trace(n, templates_of, chain, words, ctx, parts)
                     self.skeletons.put(key, found)
                 if isinstance(found, Skeleton):
-                    message = self._fill(n, found, parts, inline)
-                    if message is not None:
-                        return message
+                    filled = self._fill(n, found, parts, inline)
+                    if filled is not None:
+                        self._last = (n, locale, ctx, parts)
+                        return filled
         with budget(self.templates.limits):  # filling a skeleton runs no template: none
             out = self._compose(n, templates_of, chain, words, ctx)
-        return self._message(n, out, ctx["dir"] == "rtl", inline)
+        return self._message(n, out, ctx["dir"] == "rtl", inline), inline
+
+    def _split(self, n: Notification, locale: str) -> tuple[dict[str, Any], skeleton.Split | None]:
+        """The context and its shape; the previous message's when ``n`` is the same event's
+        other channel (a batch renders an event's email and SMS one after the other), which
+        differs only in the US opt-out line."""
+        last = self._last
+        if last is not None:
+            before, before_locale, ctx, parts = last
+            if (
+                before.transition is n.transition
+                and before.recipient is n.recipient
+                and before.created_at == n.created_at
+                and before.merchant_id == n.merchant_id
+                and before_locale == locale
+            ):
+                return {**ctx, "us_opt_out": _us_opt_out(n)}, parts
+        ctx = self.context(n, locale)
+        return ctx, skeleton.split(ctx, Lazy)
 
     def _compose(
         self,
@@ -737,13 +782,21 @@ class Renderer:
         except Exception:  # the full render says what is wrong, if anything
             return skeleton.UNCACHEABLE
         used = frozenset(i for pieces in cut.values() for _, i, _ in pieces if i >= 0)
+        html = cut.get("html")
+        if html is not None and skeleton.inlinable(html):
+            probes = [skeleton.probe_value(i) for i in range(len(widths))]
+            try:
+                probed = _INLINER.inline(skeleton.fill(html, probes, {}))
+                cut["inlined"] = skeleton.cut_inlined(probed, len(widths))
+            except Exception:  # each message is inlined, as without skeletons
+                pass
         return Skeleton(cut, used, ctx["dir"] == "rtl")
 
     def _fill(
         self, n: Notification, found: Skeleton, parts: skeleton.Split, inline: bool
-    ) -> Message | None:
-        """``n`` from its shape's skeleton; None when a value computed only now (``ago``)
-        cannot go in a slot."""
+    ) -> tuple[Message, bool] | None:
+        """``n`` from its shape's skeleton (and whether its CSS is inlined); None when a
+        value computed only now (``ago``) cannot go in a slot."""
         values = parts.values
         for i, make in parts.lazy.items():
             if i in found.used:
@@ -754,6 +807,16 @@ class Renderer:
                 if not skeleton.fits(value, skeleton.WIDTH):
                     return None
                 values[i] = value
-        escaped: list[str | None] = [None] * len(values)
-        out = {name: skeleton.fill(pieces, values, escaped) for name, pieces in found.parts.items()}
-        return self._message(n, out, found.rtl, inline)
+        cache: dict[tuple[int, int], str] = {}
+        inlined = found.parts.get("inlined")
+        if inlined is not None and not skeleton.html_safe(values, found.used):
+            inlined = None
+        out = {
+            name: skeleton.fill(pieces, values, cache)
+            for name, pieces in found.parts.items()
+            if name != "inlined" and not (name == "html" and inlined is not None)
+        }
+        if inlined is None:
+            return self._message(n, out, found.rtl, inline), inline
+        out["html"] = skeleton.fill(inlined, values, cache)
+        return self._message(n, out, found.rtl, False), True

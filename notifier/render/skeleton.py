@@ -64,9 +64,10 @@ OPAQUE_FILTERS = frozenset(
 OPAQUE_TESTS = frozenset({"defined", "undefined", "none", "string"})
 #: A translation's conversions that print a value as it is (no width, precision or repr).
 _PLAIN_PERCENT = re.compile(r"%%|%\([^)]*\)s")
-#: Context entries that are the same for every message of a merchant (the cache is keyed
-#: by merchant): not walked.
-MERCHANT_ENTRIES = frozenset({"brand", "support"})
+#: Context entries not walked: the brand's (the same for every message of a merchant, whose
+#: brand is in the key), and the US opt-out line (a key of its own, so that an event's email
+#: and SMS share their shape).
+MERCHANT_ENTRIES = frozenset({"brand", "support", "us_opt_out"})
 #: Texts that choose what a template does (directions, template names, step states):
 #: part of the shape, never slots.
 SHAPE_TEXTS = frozenset(
@@ -253,9 +254,22 @@ def tracing_context(ctx: dict[str, Any], parts: Split, lazy_type: type) -> dict[
     return {k: v if k in MERCHANT_ENTRIES else swap(v, k in SHAPE_TEXTS) for k, v in ctx.items()}
 
 
-#: A skeleton's piece: literal text, then the slot printed after it (-1: none) and how many
-#: times it was escaped (0 or 1).
+#: A skeleton's piece: literal text, then the slot printed after it (-1: none) and how its
+#: value is written there (a form below).
 Piece = tuple[str, int, int]
+#: How a slot's value is written where its sentinel was: as it is, escaped (by a template),
+#: or as the CSS inliner writes HTML text and attribute values back (html5ever's rules).
+RAW, ESCAPED, HTML_TEXT, HTML_ATTR = 0, 1, 2, 3
+
+
+def written(value: str, form: int) -> str:
+    """``value`` as a piece of form ``form`` writes it."""
+    if form == ESCAPED:
+        return str(escape(value))
+    value = value.replace("&", "&amp;").replace("\xa0", "&nbsp;")
+    if form == HTML_TEXT:
+        return value.replace("<", "&lt;").replace(">", "&gt;")
+    return value.replace('"', "&quot;")
 
 
 def cut(text: str, widths: list[int]) -> tuple[Piece, ...]:
@@ -270,30 +284,79 @@ def cut(text: str, widths: list[int]) -> tuple[Piece, ...]:
             raise Tainted
         if len(m[0]) != widths[index] + 4 * depth:
             raise Tainted
-        pieces.append((literal, index, depth))
+        pieces.append((literal, index, ESCAPED if depth else RAW))
         pos = m.end()
-    tail = text[pos:]
+    return _with_tail(pieces, text[pos:])
+
+
+def _with_tail(pieces: list[Piece], tail: str) -> tuple[Piece, ...]:
     if MARKS.search(tail):
         raise Tainted
-    pieces.append((tail, -1, 0))
+    pieces.append((tail, -1, RAW))
     return tuple(pieces)
 
 
-def fill(pieces: tuple[Piece, ...], values: list[str], escaped: list[str | None]) -> str:
-    """The pieces joined with the values (escaped where the sentinel was)."""
+def fill(pieces: tuple[Piece, ...], values: list[str], cache: dict[tuple[int, int], str]) -> str:
+    """The pieces joined with the values, each written in its piece's form (``cache``
+    keeps the escaped forms for the message's other parts)."""
     out: list[str] = []
-    for literal, index, depth in pieces:
+    for literal, index, form in pieces:
         out.append(literal)
         if index < 0:
             continue
-        if depth:
-            e = escaped[index]
-            if e is None:
-                e = escaped[index] = str(escape(values[index]))
-            out.append(e)
+        if form:
+            w = cache.get((index, form))
+            if w is None:
+                w = cache[(index, form)] = written(values[index], form)
+            out.append(w)
         else:
             out.append(values[index])
     return "".join(out)
+
+
+# --- the email's HTML with its CSS inlined, as a skeleton too ------------------------------
+#
+# The CSS inliner parses the HTML and writes it back: a value escaped by a template comes
+# back written by the inliner's own rules, which differ in text and in attributes. A probe
+# holds '&<"', which the two write differently, so the inlined skeleton knows which is which.
+# Only HTML whose every slot is escaped, whose CSS has no attribute selector (which could
+# match a value), and only values the HTML parser reads back unchanged (no CR, NUL, other
+# C0 controls or lone surrogates) use it; otherwise each message is inlined as before.
+
+_PROBED = re.compile('\ue000([0-9a-z]{1,4})(&amp;&lt;"|&amp;<&quot;)\ue001{4}\ue002')
+_STYLE = re.compile(r"<style\b[^>]*>(.*?)</style", re.IGNORECASE | re.DOTALL)
+_NOT_HTML = re.compile("[\x00-\x08\x0b-\x1f\x7f\ud800-\udfff]")
+
+
+def probe_value(index: int) -> str:
+    return f'{OPEN}{_base36(index)}&<"{PAD * 4}{CLOSE}'
+
+
+def inlinable(pieces: tuple[Piece, ...]) -> bool:
+    """Whether HTML cut into ``pieces`` can be inlined once for all its messages."""
+    if any(index >= 0 and form != ESCAPED for _, index, form in pieces):
+        return False
+    literal = "".join(text for text, _, _ in pieces)
+    return not any("[" in css for css in _STYLE.findall(literal))
+
+
+def cut_inlined(text: str, count: int) -> tuple[Piece, ...]:
+    """The inliner's output of the probed HTML, cut at its probes."""
+    pieces: list[Piece] = []
+    pos = 0
+    for m in _PROBED.finditer(text):
+        literal = text[pos : m.start()]
+        index = int(m[1], 36)
+        if MARKS.search(literal) or index >= count:
+            raise Tainted
+        pieces.append((literal, index, HTML_TEXT if m[2] == '&amp;&lt;"' else HTML_ATTR))
+        pos = m.end()
+    return _with_tail(pieces, text[pos:])
+
+
+def html_safe(values: list[str], used: frozenset[int]) -> bool:
+    """Whether the HTML parser reads each value back as it is."""
+    return not any(_NOT_HTML.search(values[i]) for i in used)
 
 
 @dataclass(frozen=True, slots=True)
