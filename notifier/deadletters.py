@@ -57,7 +57,12 @@ redis.call('XADD', KEYS[2], '*', 't', ARGV[2], 'r', ARGV[3])
 return 1
 """
 
-REPLAYED = {1: "replayed", 0: "not failed any more (sent or replayed already)", -1: "expired"}
+REPLAYED = {
+    1: "replayed",
+    0: "not failed any more (replayed already)",
+    # a notification settled for good leaves the ledger (for its shipment's outcome list)
+    -1: "not in the ledger any more (sent since, or expired)",
+}
 
 
 @dataclass(frozen=True, slots=True)

@@ -186,7 +186,8 @@ class Deliverer:
             sent = await self._record(items, outcomes, now.isoformat(), report, by_id, owner, scope)
             # recorded per batch: an accepted message is marked at once, not after the round
             said = {item.message.notification_id: summary(item.message) for item in items}
-            await self.res.store.mark_sent(sent, owner, said, scope)
+            where = {item.message.notification_id: _shipment(item) for item in items}
+            await self.res.store.mark_sent(sent, owner, said, scope, where=where)
             report.sent += [nid for nid, _, _ in sent]
         return report
 
@@ -222,7 +223,8 @@ class Deliverer:
             if why is None:
                 wanted.append((n, result))
                 continue
-            await self.res.store.cancel(n.notification_id, why, owner, scope)
+            where = (n.merchant_id, n.shipment_id)
+            await self.res.store.cancel(n.notification_id, why, where, owner, scope)
             report.cancelled.append(n.notification_id)
         return wanted
 
@@ -382,6 +384,10 @@ def _count(report: DeliveryReport, timing: Mapping[str, tuple[float, float]]) ->
 
 #: A ledger value of up to 64 bytes keeps a settled entry in Redis's compact encoding.
 SUMMARY_BYTES = 60
+
+
+def _shipment(item: Outgoing) -> tuple[str, str]:
+    return item.message.merchant_id, item.message.shipment_id
 
 
 def summary(message: Message) -> str:

@@ -199,18 +199,19 @@ class Pipeline:
         """After a commit: index tracking numbers (every commit, idempotent: kept as long as
         the state, and a commit whose index write failed is indexed by the shipment's next
         one); let an ended shipment's earlier messages follow its retention."""
-        tracked, ended = [], []
+        tracked, ended, finished = [], [], []
         for (merchant_id, shipment_id), commit in committed:
             if commit.state.tracking_number:
                 tracked.append((merchant_id, commit.state.tracking_number, shipment_id))
             if commit.ttl_s is not None:
+                finished.append((merchant_id, shipment_id))
                 ended += [
                     notification_id_of(merchant_id, shipment_id, m.event_id, m.channel)
                     for m in commit.state.messages
                 ]
         await self.res.store.index_tracking(tracked)
-        if ended:
-            await self.res.store.shorten(ended, retention, scope)
+        if finished:
+            await self.res.store.shorten(ended, retention, scope, finished)
 
     async def _opt_outs(
         self,

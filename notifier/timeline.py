@@ -18,7 +18,7 @@ async def shipment_history(
         return None
     decisions = page.decisions
     ids = [d["notification_id"] for d in decisions if d.get("notification_id")]
-    ledger = await res.store.ledger(ids, res.store.scope_of(merchant_id, shipment_id))
+    ledger = await res.store.deliveries(merchant_id, shipment_id, ids)
     for d in decisions:
         if d.get("notification_id"):
             d["delivery"] = ledger.get(d["notification_id"], {})

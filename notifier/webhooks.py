@@ -71,8 +71,8 @@ async def twilio_status(request: web.Request, res: Resources) -> web.Response:
     found = await res.store.by_provider_id("twilio", sid) if sid else None
     if found is not None and status in STATUS_RANK:
         error = form.get("ErrorCode") or None
-        nid, scope = found
-        await res.store.provider_status(nid, status, STATUS_RANK[status], error, scope)
+        nid, scope, where = found
+        await res.store.provider_status(nid, status, STATUS_RANK[status], error, scope, where)
         if error == "21610":  # the carrier says the recipient opted out
             await res.store.set_opt_out(
                 res.store.EVERY_MERCHANT, opt_out_key(ChannelKind.SMS, form.get("To", "")), True
@@ -150,19 +150,19 @@ async def _email_event(res: Resources, event: Any) -> None:
     reason = event.get("reason") or event.get("response")
     merchant, address = event.get("merchant_id"), event.get("email")
     shipment = event.get("shipment_id")
+    where: tuple[str, str] | None = None
     if isinstance(merchant, str) and isinstance(shipment, str):
+        where = (merchant, shipment)
         scope = res.store.scope_of(merchant, shipment)
-    elif res.store.cluster:
-        # sent before the shipment went with it: found by SendGrid's message id, if at all
+    else:
+        # sent before the shipment went with it (0.5): by SendGrid's message id, if at all
         sg_id = str(event.get("sg_message_id", "")).split(".", 1)[0]
         found = await res.store.by_provider_id("sendgrid", sg_id)
-        if found is None:
+        if found is None and res.store.cluster:
             return
-        scope = found[1]
-    else:
-        scope = None
+        scope, where = (found[1], found[2]) if found else (None, None)
     why = str(reason) if reason else None
-    await res.store.provider_status(nid, kind, EMAIL_RANK[kind], why, scope)
+    await res.store.provider_status(nid, kind, EMAIL_RANK[kind], why, scope, where)
     # A hard bounce or a drop (SendGrid's own suppression) means the address must not be
     # used again; a "blocked" bounce is the receiving server's temporary refusal.
     hard_bounce = kind == "bounce" and event.get("type") != "blocked"

@@ -309,9 +309,10 @@ async def test_competing_workers_on_a_cluster_never_send_twice(on_cluster: Setti
             tag = res.store.tag(p)
             due += await res.redis.zcard(keys.due_key(tag))
             assert await res.redis.xlen(keys.inbox_key(p, tag)) == 0  # all settled
-            async for key in res.redis.scan_iter(match=f"ntf:msg:{tag}*"):
-                if (await res.redis.hget(key, "st")) == b"sent":
-                    sent.append(key.decode().rsplit("}", 1)[1])
+            # settled for good: each on its shipment's outcome list, on its partition
+            async for key in res.redis.scan_iter(match=f"ntf:out:{tag}*"):
+                for record in await res.redis.lrange(key, 0, -1):
+                    sent.append(record.split(b"\t", 1)[0].decode())
     names = [p.name.split("-", 1)[1].split(".", 1)[0] for p in outbox_files(on_cluster)]
     assert len(names) == len(set(names))  # never twice
     assert sorted(names) == sorted(sent)  # and every one recorded as sent
@@ -400,22 +401,17 @@ async def test_provider_ids_and_stalls_are_found_per_partition(on_cluster: Setti
         res.clock = fixed_clock(NOW + timedelta(minutes=1))
         assert await find_stalled({"res": res}) == 1
         assert await store.due_stalls(10**15, 10) == []
-        # a provider's message id leads back to the ledger entry on the right partition
-        nid = sorted(n for n, st in await sent_ids(res, scope) if st == b"sent")[0]
-        await store.mark_sent([(nid, NOW.isoformat(), "twilio:SM9")], scope=scope)
-        found = await store.by_provider_id("twilio", "SM9")
-        assert found == (nid, scope)
-        assert await store.provider_status(nid, "delivered", 5, None, scope)
-        ledger = await store.ledger([nid], scope)
-        assert ledger[nid]["provider_status"] == "delivered"
-
-
-async def sent_ids(res: Resources, scope: int | None) -> list[tuple[str, bytes]]:
-    tag = res.store.tag(scope)
-    out = []
-    async for key in res.redis.scan_iter(match=f"ntf:msg:{tag}*"):
-        out.append((key.decode().rsplit("}", 1)[1], await res.redis.hget(key, "st")))
-    return out
+        # a provider's message id leads back to the notification on the right partition
+        where = ("acme", "shp_9")
+        key = keys.notification_key("n_p", store.tag(scope))
+        await res.redis.hset(key, mapping={"st": "sending", "owner": "o", "attempts": "1"})
+        await res.redis.expire(key, 3600)
+        sent = [("n_p", NOW.isoformat(), "twilio:SM9")]
+        await store.mark_sent(sent, "o", scope=scope, where={"n_p": where})
+        assert await store.by_provider_id("twilio", "SM9") == ("n_p", scope, where)
+        assert await store.provider_status("n_p", "delivered", 5, None, scope, where)
+        delivery = (await store.deliveries(*where, ["n_p"]))["n_p"]
+        assert (delivery["status"], delivery["provider_status"]) == ("sent", "delivered")
 
 
 def test_a_cluster_needs_its_own_queue_redis(tmp_path: Path) -> None:

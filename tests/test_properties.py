@@ -203,7 +203,7 @@ async def sent_messages(settings: Settings, shipment: str) -> list[tuple[str, st
     async with open_resources(settings) as res:
         decisions = await res.store.history("prop", shipment)
         ids = [d["notification_id"] for d in decisions if d.get("notification_id")]
-        ledger = await res.store.ledger(ids)
+        ledger = await res.store.deliveries("prop", shipment, ids)
     out = []
     for d in decisions:
         nid = d.get("notification_id")

@@ -29,6 +29,7 @@ from tests.conftest import (
     NOW,
     auth,
     fixed_clock,
+    history,
     make_settings,
     outbox_files,
     post,
@@ -96,10 +97,7 @@ async def test_entry_with_a_live_claim_elsewhere_is_not_acknowledged(
         await run_worker(settings)
         assert len(outbox_files(settings)) == 2
         assert await pending_entries(res) == 0
-        ledger = await res.store.ledger(
-            [k.decode().split(":")[-1] for k in await res.redis.keys("ntf:msg:*")]
-        )
-        assert {v["status"] for v in ledger.values()} == {"sent"}
+        assert [d["delivery"]["status"] for d in await history(client)] == ["sent"] * 2
 
 
 async def test_an_entry_waiting_for_a_long_lease_is_never_buried(
@@ -204,9 +202,11 @@ async def test_internationalized_email_address_is_delivered(
 
 async def test_settling_never_recreates_an_expired_ledger_entry(settings: Settings) -> None:
     async with open_resources(settings, clock=fixed_clock()) as res:
-        await res.store.mark_sent([("n_gone", "2026-11-21T00:00:00+00:00", "outbox:x")])
-        await res.store.cancel("n_gone", "superseded")
-        assert await res.redis.exists(res.store.notification_key("n_gone")) == 0
+        where = ("acme", "s1")
+        at = "2026-11-21T00:00:00+00:00"
+        await res.store.mark_sent([("n_gone", at, "outbox:x")], where={"n_gone": where})
+        await res.store.cancel("n_gone", "superseded", where)
+        assert await res.redis.keys("*") == []
         assert await res.store.claim(["n_gone"], 0, LEASE_MS) == [(ClaimResult.NONE, None)]
 
 

@@ -35,10 +35,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import redis
 
 from notifier.models import notification_id_of
+from notifier.packing import unpack
 from notifier.resources import data_dir
 from tests.conftest import API_KEYS, auth, free_port, healthy, spawn_notifier, wait_until
 
@@ -389,11 +391,19 @@ def outbox_messages(outbox: Path) -> Counter[tuple[str, str, str]]:
 
 
 def ledger_states(r: redis.Redis) -> Counter[str]:
+    """Notifications by state: those still in the ledger, and those settled for good (one
+    record each on their shipment's outcome list; the record's packed part says how)."""
     keys = list(r.scan_iter("ntf:msg:n_*", count=1000))
     with r.pipeline(transaction=False) as pipe:
         for key in keys:
             pipe.hget(key, "st")
-        return Counter(s.decode() for s in pipe.execute())
+        states = Counter(s.decode() for s in pipe.execute())
+    for key in r.scan_iter("ntf:out:*", count=1000):
+        for record in r.lrange(key, 0, -1):
+            _, _, recorded = record.split(b"\t", 2)
+            if recorded:  # (a provider's status report has none)
+                states[orjson.loads(unpack(recorded))["st"]] += 1
+    return states
 
 
 @pytest.mark.timeout(240)

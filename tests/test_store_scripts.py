@@ -34,6 +34,10 @@ IDEMPOTENCY_TTL_S = 86_400
 STATE_TTL_S = 7 * 86_400
 
 
+#: the shipment the ledger entries of these tests belong to
+SHIPMENT = ("acme", "s1")
+
+
 @pytest.fixture
 async def store(redis_url: str) -> AsyncIterator[Store]:
     redis = ArqRedis.from_url(redis_url)
@@ -315,7 +319,7 @@ async def test_claim_finds_nothing_to_do_in_settled_unknown_or_emptied_entries(
     store: Store,
 ) -> None:
     await ledger_entries(store, pending("sent"), pending("failed"), pending("n1"))
-    await store.mark_sent([("sent", NOW_ISO, "outbox:x")])
+    await store.mark_sent([("sent", NOW_ISO, "outbox:x")], where={"sent": SHIPMENT})
     await store.mark_failed("failed", "bounced")
     await store.redis.hdel(keys.notification_key("n1"), "p")  # pending without its payload
     before = await snapshot(store.redis)
@@ -350,9 +354,9 @@ async def test_settling_is_refused_to_a_worker_whose_claim_was_taken_over(store:
     # A's round ends late: whatever it records, n1 stays B's
     assert await store.renew(["n1", "n2"], "A", NOW_MS + LEASE_MS + 2) == ["n2"]
     await store.release(["n1"], "A")
-    await store.mark_sent([("n1", NOW_ISO, "twilio:SM1")], owner="A")
+    await store.mark_sent([("n1", NOW_ISO, "twilio:SM1")], owner="A", where={"n1": SHIPMENT})
     await store.mark_failed("n1", "bounced", owner="A")
-    await store.cancel("n1", "superseded", owner="A")
+    await store.cancel("n1", "superseded", SHIPMENT, owner="A")
     await store.reschedule("n1", NOW_MS + 9000, "timeout", owner="A")
     assert await entry(store, "n1") == taken
     assert await store.by_provider_id("twilio", "SM1") is None
@@ -360,18 +364,26 @@ async def test_settling_is_refused_to_a_worker_whose_claim_was_taken_over(store:
     assert await redis.zscore(keys.DUE_KEY, "n1") is None
     assert (await entry(store, "n2"))["claimed"] == str(NOW_MS + LEASE_MS + 2)
 
-    # B's outcome lands: sent, without its payload and claim (nor empty fields), same TTL
-    await store.mark_sent([("n1", NOW_ISO, "twilio:SM2")], owner="B", summaries={"n1": "Hi"})
-    assert await entry(store, "n1") == {
-        "st": "sent",
-        "created": NOW_ISO,
-        "attempts": "2",
-        "sent": NOW_ISO,
-        "detail": "twilio:SM2",
-        "summary": "Hi",
+    # B's outcome lands: the entry leaves the ledger for one record on the shipment's
+    # outcome list (without its payload and claim), which lives as long as the entry would
+    await store.mark_sent(
+        [("n1", NOW_ISO, "twilio:SM2")], owner="B", summaries={"n1": "Hi"}, where={"n1": SHIPMENT}
+    )
+    assert not await redis.exists(keys.notification_key("n1"))
+    assert await store.deliveries(*SHIPMENT, ["n1"]) == {
+        "n1": {
+            "status": "sent",
+            "created_at": NOW_ISO,
+            "attempts": 2,
+            "sent_at": NOW_ISO,
+            "detail": "twilio:SM2",
+            "summary": "Hi",
+        }
     }
-    assert STATE_TTL_S - 60 < await redis.ttl(keys.notification_key("n1")) <= STATE_TTL_S
-    assert await store.by_provider_id("twilio", "SM2") == ("n1", None)
+    [record] = await redis.lrange(keys.outcome_key(*SHIPMENT), 0, -1)
+    assert b"payload-n1" not in record and b"owner" not in record
+    assert STATE_TTL_S - 60 < await redis.ttl(keys.outcome_key(*SHIPMENT)) <= STATE_TTL_S
+    assert await store.by_provider_id("twilio", "SM2") == ("n1", None, SHIPMENT)
 
 
 async def test_a_released_claim_is_taken_over_at_once(store: Store) -> None:
@@ -393,22 +405,21 @@ async def test_failed_and_cancelled_entries_keep_what_they_need(store: Store) ->
     assert failed["st"] == "failed" and failed["error"] == "bounced"
     assert failed["p"] == "payload-n1"  # kept for whoever looks into the dead letters
     assert await store.redis.lrange(keys.DEAD_LETTER_KEY, 0, -1) == [b"n1"]
-    await store.cancel("n2", "opted out", owner="A")
-    assert await entry(store, "n2") == {
-        "st": "cancelled",
-        "detail": "opted out",
-        "created": NOW_ISO,
-        "attempts": "1",
+    await store.cancel("n2", "opted out", SHIPMENT, owner="A")
+    assert not await store.redis.exists(keys.notification_key("n2"))
+    assert await store.deliveries(*SHIPMENT, ["n2"]) == {
+        "n2": {"status": "cancelled", "detail": "opted out", "created_at": NOW_ISO, "attempts": 1}
     }
 
 
 async def test_settling_never_creates_an_entry(store: Store) -> None:
-    await store.mark_sent([("gone", NOW_ISO, "sendgrid:abc")])
+    await store.mark_sent([("gone", NOW_ISO, "sendgrid:abc")], where={"gone": SHIPMENT})
     await store.mark_failed("gone", "bounced")
-    await store.cancel("gone", "superseded")
+    await store.cancel("gone", "superseded", SHIPMENT)
     await store.reschedule("gone", NOW_MS, "timeout")
     assert await store.renew(["gone"], "", NOW_MS) == []
     assert not await store.provider_status("gone", "delivered", 3)
+    assert not await store.provider_status("gone", "delivered", 3, None, None, SHIPMENT)
     assert await store.redis.keys("*") == []
 
 
@@ -544,3 +555,20 @@ async def test_the_drain_lock_is_held_by_one_token_at_a_time(store: Store) -> No
     await store.unlock(2, "A")
     assert await redis.exists(key) == 0
     assert await store.lock(2, "B", 1000)
+
+
+async def test_entries_settled_before_the_outcome_lists_still_read(store: Store) -> None:
+    # 0.5 settled an entry in place and indexed a provider's id by the bare notification id
+    await store.redis.hset(
+        keys.notification_key("old"),
+        mapping={"st": "sent", "sent": NOW_ISO, "detail": "twilio:SMold", "attempts": "1"},
+    )
+    await store.redis.set(keys.provider_key("twilio", "SMold"), "old")
+    shown = {"status": "sent", "sent_at": NOW_ISO, "detail": "twilio:SMold", "attempts": 1}
+    assert await store.deliveries(*SHIPMENT, ["old"]) == {"old": shown}
+    assert await store.by_provider_id("twilio", "SMold") == ("old", None, None)
+    assert await store.provider_status("old", "delivered", 5)
+    assert await store.deliveries(*SHIPMENT, ["old"]) == {
+        "old": {**shown, "provider_status": "delivered"}
+    }
+    assert await store.claim(["old"], NOW_MS, LEASE_MS) == [(ClaimResult.NONE, None)]

@@ -401,10 +401,11 @@ async def test_a_worker_whose_claim_was_taken_over_cannot_overwrite(
         [(first, _)] = await res.store.claim(["n_x"], 0, LEASE_MS, owner="A")
         [(second, _)] = await res.store.claim(["n_x"], LEASE_MS + 1, LEASE_MS, owner="B")
         assert (first.value, second.value) == ("fresh", "reclaimed")
-        await res.store.mark_sent([("n_x", "2026-11-21T14:00:00+00:00", "twilio:SMb")], "B")
+        at, where = "2026-11-21T14:00:00+00:00", {"n_x": ("acme", "s1")}
+        await res.store.mark_sent([("n_x", at, "twilio:SMb")], "B", where=where)
         await res.store.reschedule("n_x", 10**13, "late timeout", "A")  # A wakes up late
         await res.store.mark_failed("n_x", "late failure", "A")
-        ledger = (await res.store.ledger(["n_x"]))["n_x"]
+        ledger = (await res.store.deliveries("acme", "s1", ["n_x"]))["n_x"]
         assert (ledger["status"], ledger["detail"]) == ("sent", "twilio:SMb")
         assert await res.redis.zcard(res.store.DUE_KEY) == 0
         assert await res.store.dead_letters() == {"notifications": 0, "inbox": 0}

@@ -173,6 +173,7 @@ async def test_sendgrid_events_are_verified_and_recorded(tmp_path: Path, redis_u
                             "event": k,
                             "notification_id": nid,
                             "merchant_id": "acme",
+                            "shipment_id": "shp_123",  # our custom args, echoed
                             "email": "ana@example.com",
                             "sg_message_id": "x",
                         }
@@ -210,6 +211,7 @@ async def test_sendgrid_events_are_verified_and_recorded(tmp_path: Path, redis_u
                         "type": "blocked",
                         "notification_id": nid,
                         "merchant_id": "acme",
+                        "shipment_id": "shp_123",
                         "email": "ana@example.com",
                     }
                 ]

@@ -21,7 +21,8 @@ from notifier.pipeline import Pipeline, notification_id
 from notifier.render import SmsMessageOut
 from notifier.resources import open_resources
 from notifier.settings import Settings
-from notifier.store import GROUP, InboxEntry, Store
+from notifier.state import ShipmentState
+from notifier.store import GROUP, InboxEntry, ShipmentCommit, Store, keys
 from notifier.worker import BATCHES_AT_ONCE, build_worker
 from tests.conftest import (
     NOW,
@@ -323,17 +324,26 @@ async def test_crash_between_write_and_record_does_not_write_twice(
     client: Client, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await post(client, transition())
-    # a worker that dies before recording never gets to drop the payload from the ledger
-    monkeypatch.setattr(Store, "DONE_WITH", ())
-    await run_worker(settings)
+
+    async def dies_before_recording(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    # the worker writes the files and dies before recording them: its claims stay
+    with monkeypatch.context() as m:
+        m.setattr(Store, "mark_sent", dies_before_recording)
+        await run_worker(settings)
+    assert len(outbox_files(settings)) == 2
     async with open_resources(settings, clock=fixed_clock()) as res:
-        # pretend the worker died after writing the files but before recording them
-        for key in await res.redis.keys("ntf:msg:*"):
-            await res.redis.hset(key, mapping={"st": "sending", "claimed": "0"})
         ids = [k.decode().split(":")[-1] for k in await res.redis.keys("ntf:msg:*")]
+        assert len(ids) == 2
+        for key in await res.redis.keys("ntf:msg:*"):
+            assert await res.redis.hget(key, "st") == b"sending"
+            await res.redis.hset(key, "claimed", "0")  # its lease ran out
         report = await Pipeline(res).deliverer.deliver(ids)
+        assert await res.redis.keys("ntf:msg:*") == []  # settled: on the outcome list
     assert sorted(report.sent) == sorted(ids)
     assert len(outbox_files(settings)) == 2
+    assert [d["delivery"]["status"] for d in await history(client)] == ["sent", "sent"]
 
 
 async def test_concurrent_workers_never_send_twice(client: Client, settings: Settings) -> None:
@@ -379,24 +389,31 @@ async def test_one_drain_per_partition_at_a_time(client: Client, settings: Setti
     assert len(outbox_files(settings)) == 2
 
 
-async def test_a_sent_notification_keeps_its_status_but_not_its_payload(
+async def test_a_sent_notification_leaves_the_ledger_for_its_shipments_outcome_list(
     client: Client, settings: Settings
 ) -> None:
     await post(client, transition())
     await run_worker(settings)
     async with open_resources(settings, clock=fixed_clock()) as res:
-        keys = await res.redis.keys("ntf:msg:*")
-        assert len(keys) == 2
-        for key in keys:
-            fields = await res.redis.hgetall(key)
-            assert fields[b"st"] == b"sent" and fields[b"detail"].startswith(b"outbox:")
-            # the rendered-from payload and the claim are gone: Redis memory per shipment
-            assert not {b"p", b"owner", b"claimed"} & set(fields)
+        # no hash per message once settled: one short record each, on the shipment's list
+        assert await res.redis.keys("ntf:msg:*") == []
+        records = await res.redis.lrange(keys.outcome_key("acme", "shp_123"), 0, -1)
+        ids = {d["notification_id"] for d in await history(client)}
+        assert {r.split(b"\t", 1)[0].decode() for r in records} == ids
+        assert await res.redis.object("encoding", keys.outcome_key("acme", "shp_123")) in (
+            b"listpack",
+            b"quicklist",
+        )
     for d in await history(client):
-        assert d["delivery"]["status"] == "sent" and d["delivery"]["sent_at"]
+        delivery = d["delivery"]
+        assert delivery["status"] == "sent" and delivery["sent_at"] and delivery["attempts"] == 1
+        assert Path(delivery["detail"].removeprefix("outbox:")).exists()
 
 
-async def test_a_settled_notification_is_rewritten_compact(settings: Settings) -> None:
+async def test_settling_folds_the_entry_and_provider_statuses_follow_it(
+    settings: Settings,
+) -> None:
+    where = {"n_1": ("acme", "s1")}
     async with open_resources(settings, clock=fixed_clock()) as res:
         key = res.store.notification_key("n_1")
         await res.redis.hset(
@@ -404,25 +421,49 @@ async def test_a_settled_notification_is_rewritten_compact(settings: Settings) -
             mapping={"st": "sending", "p": "x" * 700, "owner": "o1", "due": "", "attempts": "1"},
         )
         await res.redis.expire(key, 3600)
-        assert await res.redis.object("encoding", key) == b"hashtable"
-        await res.store.mark_sent([("n_1", "2026-11-21T12:00:00+00:00", "twilio:SM1")], "o1")
-        assert await res.redis.hgetall(key) == {
-            b"st": b"sent",
-            b"attempts": b"1",
-            b"sent": b"2026-11-21T12:00:00+00:00",
-            b"detail": b"twilio:SM1",
+        # a provider's first status can come before the send is recorded
+        assert await res.store.provider_status("n_1", "queued", 1, None, None, where["n_1"])
+        at = "2026-11-21T12:00:00+00:00"
+        await res.store.mark_sent([("n_1", at, "twilio:SM1")], "o1", {"n_1": "Hi"}, where=where)
+        out = keys.outcome_key("acme", "s1")
+        assert not await res.redis.exists(key) and await res.redis.llen(out) == 1
+        assert 3500 < await res.redis.ttl(out) <= 3600  # the entry's lifetime goes with it
+        expected = {
+            "status": "sent",
+            "attempts": 1,
+            "sent_at": at,
+            "detail": "twilio:SM1",
+            "summary": "Hi",
+            "provider_status": "queued",
         }
-        assert await res.redis.object("encoding", key) == b"listpack"
-        assert 3500 < await res.redis.ttl(key) <= 3600  # its expiry survives the rewrite
-        assert await res.store.by_provider_id("twilio", "SM1") == ("n_1", None)
-        # another holder's settle changes nothing
-        await res.store.cancel("n_1", "superseded", owner="o2")
-        assert await res.redis.hget(key, "st") == b"sent"
+        assert await res.store.deliveries("acme", "s1", ["n_1"]) == {"n_1": expected}
+        assert await res.store.by_provider_id("twilio", "SM1") == ("n_1", None, ("acme", "s1"))
+        # another holder's settle changes nothing, nor does a second one of the same holder
+        await res.store.cancel("n_1", "superseded", ("acme", "s1"), owner="o2")
+        await res.store.mark_sent([("n_1", at, "twilio:SM9")], "o1", where=where)
+        assert await res.redis.llen(out) == 1
+        # later statuses are recorded; a late lower one never overwrites a higher one
+        assert await res.store.provider_status("n_1", "delivered", 5, None, None, where["n_1"])
+        assert not await res.store.provider_status("n_1", "sent", 3, None, None, where["n_1"])
+        assert not await res.store.provider_status("n_2", "sent", 3, None, None, where["n_1"])
+        delivered = await res.store.deliveries("acme", "s1", ["n_1"])
+        assert delivered["n_1"]["provider_status"] == "delivered"
+        # settled for good: a decision that names it again never makes it anew
+        commit = ShipmentCommit(
+            "acme",
+            "s1",
+            0,
+            ShipmentState(merchant_id="acme", shipment_id="s1"),
+            [],
+            [("n_1", "pending", "", b"{}")],
+        )
+        assert await res.store.commit([commit], at) == []
+        assert not await res.redis.exists(key)
+        assert not await res.store.add_notification("acme", "s1", "n_1", b"{}", 0, b"{}")
+        assert not await res.redis.exists(key)
 
 
-async def test_what_was_sent_is_kept_in_a_few_words_and_the_entry_stays_compact(
-    client: Client, settings: Settings
-) -> None:
+async def test_what_was_sent_is_kept_in_a_few_words(client: Client, settings: Settings) -> None:
     sms = SmsMessageOut(
         "n", "acme", "s", "+33612345678", "お荷物は本日配達予定です。" * 5, "UCS-2", 2
     )
@@ -434,14 +475,6 @@ async def test_what_was_sent_is_kept_in_a_few_words_and_the_entry_stays_compact(
     entries = {d["channel"]: d["delivery"] for d in await history(client)}
     assert entries["email"]["summary"] == "Votre colis arrive aujourd'hui"
     assert entries["sms"]["summary"].startswith("Your shop : votre colis arrive")
-    async with open_resources(settings, clock=fixed_clock()) as res:
-        key = res.store.notification_key("n_long")
-        await res.redis.hset(key, mapping={"st": "sending", "p": "x" * 700, "owner": "o"})
-        await res.store.mark_sent(
-            [("n_long", "2026-11-21T12:00:00+00:00", "twilio:SM2")], "o", {"n_long": said}
-        )
-        assert (await res.store.ledger(["n_long"]))["n_long"]["summary"] == said
-        assert await res.redis.object("encoding", key) == b"listpack"
 
 
 async def test_unusable_addresses_skip_their_channel_with_the_reason(
@@ -509,11 +542,11 @@ async def test_an_ended_shipment_is_kept_for_its_retention_and_opt_outs_forever(
     settings = make_settings(tmp_path, redis_url=redis_url, retention_after_final_s=3600)
     await post(client, transition(event_id="ofd"))
     await run_worker(settings)
+    outcomes = keys.outcome_key("acme", "shp_123")
     async with open_resources(settings, clock=fixed_clock()) as res:
         await res.store.set_opt_out("acme", "email:x@example.com", True)
-        early = [k.decode() for k in await res.redis.keys("ntf:msg:*")]
-        assert len(early) == 2
-        assert all(ttl > 3600 for ttl in [await res.redis.ttl(k) for k in early])
+        assert await res.redis.llen(outcomes) == 2  # the two messages, settled
+        assert await res.redis.ttl(outcomes) > 3600
     await post(
         client,
         transition(event_id="done", status="delivered", occurred_at="2026-11-21T13:00:00+01:00"),
@@ -522,6 +555,7 @@ async def test_an_ended_shipment_is_kept_for_its_retention_and_opt_outs_forever(
     async with open_resources(settings, clock=fixed_clock()) as res:
         state = res.store.state_key("acme", "shp_123")
         hist = res.store.history_key("acme", "shp_123")
-        for key in [state, hist, *[k.decode() for k in await res.redis.keys("ntf:msg:*")]]:
+        assert await res.redis.llen(outcomes) == 4
+        for key in [state, hist, outcomes]:
             assert 0 < await res.redis.ttl(key) <= 3600, key
         assert await res.redis.ttl(res.store.optout_key("acme")) == -1  # never expires

@@ -159,6 +159,12 @@ def dead_letter_key(tag: str = "") -> str:
     return _scoped(DEAD_LETTER_KEY, tag)
 
 
+def outcome_key(merchant_id: str, shipment_id: str, tag: str = "") -> str:
+    """A shipment's notifications settled for good, one short record each (a list; see
+    ``lua/fold.lua``): their ledger hashes are gone."""
+    return f"{PREFIX}:out:{tag}{merchant_id}:{shipment_id}"
+
+
 def provider_key(provider: str, message_id: str) -> str:
     """Our notification id for a provider's message id."""
     return f"{PREFIX}:pid:{provider}:{message_id}"

@@ -8,14 +8,19 @@ lead their status callbacks back to it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from notifier.packing import HISTORY, pack
+import orjson
+
+from notifier.packing import HISTORY, pack, unpack
 from notifier.store import keys
 from notifier.store.base import Scope, StoreBase, awaited, decode
+
+#: (merchant id, shipment id): where a notification's outcome list is
+Shipment = tuple[str, str]
 
 
 class LedgerState(StrEnum):
@@ -63,11 +68,6 @@ _SHOWN = {
 
 class Ledger(StoreBase):
     """Claims, outcomes and the due index of notifications."""
-
-    #: What a sent or cancelled notification no longer needs: the payload it was rendered
-    #: from (the bulk of an entry) and its claim. A failed one keeps its payload, for
-    #: whoever looks into the dead letters.
-    DONE_WITH = ("p", "owner", "claimed")
 
     # -- claims -------------------------------------------------------------------------
     async def claim(
@@ -139,23 +139,27 @@ class Ledger(StoreBase):
         owner: str = "",
         summaries: dict[str, str] | None = None,
         scope: Scope = None,
+        *,
+        where: Mapping[str, Shipment],
     ) -> None:
         """Record (notification id, sent-at ISO, channel detail) as sent, with what was sent
-        in a few words (``summaries``: the subject or the SMS' start, for the timeline); a
-        provider's message id (``twilio:SM…``, ``sendgrid:…``) is indexed so its status
-        callbacks find us."""
+        in a few words (``summaries``: the subject or the SMS' start, for the timeline);
+        ``where``: each one's (merchant, shipment). A provider's message id (``twilio:SM…``,
+        ``sendgrid:…``) is indexed so its status callbacks find us."""
         if not outcomes:
             return
         said = summaries or {}
         settled = set(
-            await self._settle(
-                [nid for nid, _, _ in outcomes],
+            await self._fold(
                 [
-                    {"st": LedgerState.SENT, "sent": at, "detail": d, "summary": said.get(nid, "")}
+                    (
+                        nid,
+                        where[nid],
+                        {"st": "sent", "sent": at, "detail": d, "summary": said.get(nid, "")},
+                    )
                     for nid, at, d in outcomes
                 ],
                 owner,
-                self.DONE_WITH,
                 scope,
             )
         )
@@ -165,39 +169,61 @@ class Ledger(StoreBase):
                     continue
                 provider, _, message_id = detail.partition(":")
                 if provider in ("twilio", "sendgrid") and message_id:
-                    value = nid if scope is None else f"{nid} {scope}"
+                    # found again with its partition and shipment (its outcome list)
+                    value = orjson.dumps([nid, scope, *where[nid]])
                     pipe.set(keys.provider_key(provider, message_id), value, ex=self.state_ttl_s)
             await pipe.execute()
 
     async def mark_failed(
         self, notification_id: str, error: str, owner: str = "", scope: Scope = None
     ) -> None:
-        """Record a permanent failure and put the notification on the dead-letter list."""
+        """Record a permanent failure and put the notification on the dead-letter list (its
+        ledger hash stays, with its payload, for whoever looks into the dead letters)."""
         fields = [{"st": LedgerState.FAILED, "error": error}]
         if await self._settle([notification_id], fields, owner, scope=scope):
             dead = keys.dead_letter_key(self.tag(scope))
             await awaited(self.redis.rpush(dead, notification_id))
 
     async def cancel(
-        self, notification_id: str, why: str, owner: str = "", scope: Scope = None
+        self, notification_id: str, why: str, where: Shipment, owner: str = "", scope: Scope = None
     ) -> None:
         """Record that a notification will never be sent, and why."""
-        await self._settle(
-            [notification_id],
-            [{"st": LedgerState.CANCELLED, "detail": why}],
-            owner,
-            self.DONE_WITH,
-            scope,
+        await self._fold(
+            [(notification_id, where, {"st": "cancelled", "detail": why})], owner, scope
         )
 
+    async def _fold(
+        self, settling: Sequence[tuple[str, Shipment, dict[str, str]]], owner: str, scope: Scope
+    ) -> list[str]:
+        """Settle notifications for good: each one ``owner`` still holds leaves the ledger
+        for a record on its shipment's outcome list (``lua/fold.lua``); the ids settled."""
+        tag = self.tag(scope)
+        names: list[str] = []
+        args: list[Any] = [owner]
+        for nid, (merchant_id, shipment_id), fields in settling:
+            names += [
+                keys.notification_key(nid, tag),
+                keys.outcome_key(merchant_id, shipment_id, tag),
+            ]
+            record = {k: v for k, v in fields.items() if v}
+            args += [nid, pack(orjson.dumps(record), HISTORY)]
+        settled = await self.scripts.fold(keys=names, args=args)
+        return [settling[int(i) - 1][0] for i in settled]
+
     # -- provider ids -------------------------------------------------------------------
-    async def by_provider_id(self, provider: str, message_id: str) -> tuple[str, Scope] | None:
-        """Our notification id (and its scope) for a provider's message id."""
+    async def by_provider_id(
+        self, provider: str, message_id: str
+    ) -> tuple[str, Scope, Shipment | None] | None:
+        """Our notification id for a provider's message id, with its scope and its (merchant,
+        shipment) (None for ids recorded before 0.6)."""
         value = await awaited(self.redis.get(keys.provider_key(provider, message_id)))
         if not value:
             return None
-        nid, _, scope = decode(value).partition(" ")
-        return nid, int(scope) if scope else None
+        text = decode(value)
+        if not text.startswith("["):
+            return text, None, None  # 0.5: the id alone
+        nid, scope, merchant_id, shipment_id = orjson.loads(text)
+        return nid, scope, (merchant_id, shipment_id)
 
     async def provider_status(
         self,
@@ -206,13 +232,19 @@ class Ledger(StoreBase):
         rank: int,
         error: str | None = None,
         scope: Scope = None,
+        where: Shipment | None = None,
     ) -> bool:
         """Record a provider's delivery status unless a later one is already known
         (a late "sent" never overwrites "delivered"). True when recorded."""
+        tag = self.tag(scope)
+        merchant_id, shipment_id = where or ("", "")  # unknown: its ledger hash only
         return bool(
             await self.scripts.provider_status(
-                keys=self._names([notification_id], scope),
-                args=[status, rank, error or ""],
+                keys=[
+                    keys.notification_key(notification_id, tag),
+                    keys.outcome_key(merchant_id, shipment_id, tag),
+                ],
+                args=[status, rank, error or "", notification_id],
             )
         )
 
@@ -263,6 +295,7 @@ class Ledger(StoreBase):
                     keys.due_key(tag),
                     keys.history_key(merchant_id, shipment_id, tag),
                     keys.state_key(merchant_id, shipment_id, tag),
+                    keys.outcome_key(merchant_id, shipment_id, tag),
                 ],
                 args=[
                     notification_id,
@@ -279,34 +312,79 @@ class Ledger(StoreBase):
     async def ledger(
         self, notification_ids: Sequence[str], scope: Scope = None
     ) -> dict[str, dict[str, str | int]]:
-        """Delivery status fields (without the payload) per notification id."""
+        """Delivery status fields (without the payload) per notification id, of those still
+        in the ledger (live, failed, or settled before 0.6): ``deliveries`` has them all."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for name in self._names(notification_ids, scope):
                 pipe.hmget(name, list(_SHOWN))
             rows = await pipe.execute()
-        out: dict[str, dict[str, str | int]] = {}
+        return {
+            nid: _shown({f: decode(v) for f, v in zip(_SHOWN, row, strict=True) if v})
+            for nid, row in zip(notification_ids, rows, strict=True)
+        }
+
+    async def deliveries(
+        self, merchant_id: str, shipment_id: str, notification_ids: Sequence[str]
+    ) -> dict[str, dict[str, str | int]]:
+        """Delivery status fields per notification id of a shipment: from the ledger while a
+        notification is there, else from its record on the shipment's outcome list."""
+        tag = self.shipment_tag(merchant_id, shipment_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for nid in notification_ids:
+                pipe.hmget(keys.notification_key(nid, tag), list(_SHOWN))
+            pipe.lrange(keys.outcome_key(merchant_id, shipment_id, tag), 0, -1)
+            *rows, records = await pipe.execute()
+        settled = _outcomes(records)
+        out = {}
         for nid, row in zip(notification_ids, rows, strict=True):
-            fields: dict[str, str | int] = {
-                k: decode(v) for k, v in zip(_SHOWN.values(), row, strict=True) if v
-            }
-            if "due_at" in fields:
-                due = datetime.fromtimestamp(int(fields["due_at"]) / 1000, UTC)
-                fields["due_at"] = due.isoformat()
-            if "attempts" in fields:
-                fields["attempts"] = int(fields["attempts"])  # a number in the API
-            out[nid] = fields
+            fields = {f: decode(v) for f, v in zip(_SHOWN, row, strict=True) if v}
+            out[nid] = _shown(fields or settled.get(nid, {}))
         return out
 
     async def shorten(
-        self, notification_ids: Sequence[str], ttl_s: int, scope: Scope = None
+        self,
+        notification_ids: Sequence[str],
+        ttl_s: int,
+        scope: Scope = None,
+        shipments: Sequence[Shipment] = (),
     ) -> None:
-        """Let these ledger entries expire within ``ttl_s`` (never later than they would)."""
+        """Let these ledger entries, and these shipments' outcome lists, expire within
+        ``ttl_s`` (never later than they would)."""
+        tag = self.tag(scope)
         async with self.redis.pipeline(transaction=False) as pipe:
             for name in self._names(notification_ids, scope):
                 pipe.expire(name, ttl_s, lt=True)
+            for merchant_id, shipment_id in shipments:
+                pipe.expire(keys.outcome_key(merchant_id, shipment_id, tag), ttl_s, lt=True)
             await pipe.execute()
 
     def _names(self, notification_ids: Sequence[str], scope: Scope) -> list[str]:
         """The ledger keys of notifications of one scope."""
         tag = self.tag(scope)
         return [keys.notification_key(n, tag) for n in notification_ids]
+
+
+def _outcomes(records: Sequence[bytes]) -> dict[str, dict[str, str]]:
+    """The ledger fields of each notification on an outcome list (``lua/fold.lua``): its
+    settling record, and the provider statuses reported after (the highest rank wins)."""
+    out: dict[str, dict[str, str]] = {}
+    for record in records:
+        nid, known, recorded = record.split(b"\t", 2)
+        fields = out.setdefault(nid.decode(), {})
+        header: dict[str, str] = orjson.loads(known)
+        if "prank" in header and int(header["prank"]) <= int(fields.get("prank", -1)):
+            continue  # a late "sent" never overwrites "delivered"
+        fields.update(header)
+        if recorded:
+            fields.update(orjson.loads(unpack(recorded)))
+    return out
+
+
+def _shown(fields: Mapping[str, str]) -> dict[str, str | int]:
+    """Ledger fields as the API names and types them."""
+    shown: dict[str, str | int] = {_SHOWN[f]: v for f, v in fields.items() if f in _SHOWN and v}
+    if "due_at" in shown:
+        shown["due_at"] = datetime.fromtimestamp(int(shown["due_at"]) / 1000, UTC).isoformat()
+    if "attempts" in shown:
+        shown["attempts"] = int(shown["attempts"])  # a number in the API
+    return shown

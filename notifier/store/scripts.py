@@ -58,6 +58,7 @@ class Scripts:
     unschedule: Script
     add_notification: Script
     provider_status: Script
+    fold: Script
     history_page: Script
     drop_stall: Script
     lock: Script

@@ -113,6 +113,7 @@ class Shipments(StoreBase):
             names += [
                 keys.state_key(c.merchant_id, c.shipment_id, tag),
                 keys.history_key(c.merchant_id, c.shipment_id, tag),
+                keys.outcome_key(c.merchant_id, c.shipment_id, tag),
             ]
             names += [keys.notification_key(nid, tag) for nid, *_ in c.notifications]
             args += [

@@ -5,14 +5,20 @@
 -- KEYS[2]: the due index (zset of notification ids by due ms)
 -- KEYS[3]: the shipment's history list
 -- KEYS[4]: the shipment's state hash (its 'hn' counts every history entry ever appended)
+-- KEYS[5]: the shipment's outcome list (notifications settled for good, see fold.lua)
 -- ARGV[1]: the notification id
 -- ARGV[2]: its payload
 -- ARGV[3]: due, epoch ms
 -- ARGV[4]: the history entry
 -- ARGV[5]: the lifetime of the ledger entry and the history, seconds
 -- ARGV[6]: the history cap (entries kept)
--- Returns 1 when created, 0 when the ledger entry exists already (nothing written).
+-- Returns 1 when created, 0 when the ledger entry exists or was settled already (nothing
+--   written).
 
+local prefix = ARGV[1] .. '\t'
+for _, record in ipairs(redis.call('LRANGE', KEYS[5], 0, -1)) do
+  if string.sub(record, 1, #prefix) == prefix then return 0 end
+end
 if redis.call('HSETNX', KEYS[1], 'st', 'deferred') == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'p', ARGV[2], 'due', ARGV[3], 'attempts', '0')
 redis.call('EXPIRE', KEYS[1], ARGV[5])

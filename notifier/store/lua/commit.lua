@@ -2,12 +2,13 @@
 -- state, the decisions appended to the history (trimmed to the cap), the ledger entries of
 -- new notifications, and the stall and due indexes. A shipment whose version moved (another
 -- worker got there first) is left untouched, its new notifications too, and reported as a
--- conflict for the caller to re-decide. A ledger entry that exists already is kept as it is.
+-- conflict for the caller to re-decide. A ledger entry that exists already is kept as it is,
+-- and one settled for good already (on the outcome list, see fold.lua) is never made again.
 --
 -- KEYS[1]: the stall index (zset of '<merchant>:<shipment>' by deadline ms)
 -- KEYS[2]: the due index (zset of notification ids by due ms)
--- then per shipment: its state hash, its history list, and the ledger hash of each new
---   notification
+-- then per shipment: its state hash, its history list, its outcome list, and the ledger hash
+--   of each new notification
 -- ARGV[1]: the default lifetime of state, history and new ledger entries, seconds
 -- ARGV[2]: the history cap (entries kept)
 -- ARGV[3]: the number of shipments
@@ -27,9 +28,19 @@ local stall, dueidx = KEYS[1], KEYS[2]
 local a = 6
 local k = 3
 local conflicts = {}
+
+-- the ids on an outcome list: notifications settled for good
+local function folded(out)
+  local ids = {}
+  for _, record in ipairs(redis.call('LRANGE', out, 0, -1)) do
+    ids[string.sub(record, 1, string.find(record, '\t') - 1)] = true
+  end
+  return ids
+end
+
 for s = 1, shipments do
-  local skey, hkey = KEYS[k], KEYS[k + 1]
-  k = k + 2
+  local skey, hkey, okey = KEYS[k], KEYS[k + 1], KEYS[k + 2]
+  k = k + 3
   local expected, newstate, member, deadline, nh, sttl =
     ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4]), ARGV[a + 5]
   if sttl ~= '' then sttl = tonumber(sttl) else sttl = ttl end
@@ -63,13 +74,16 @@ for s = 1, shipments do
   a = a + nh
   local nn = tonumber(ARGV[a])
   a = a + 1
+  local done = nil
   for i = 0, nn - 1 do
     local st, due, payload = ARGV[a + 3 * i], ARGV[a + 3 * i + 1], ARGV[a + 3 * i + 2]
-    if ok and redis.call('HSETNX', KEYS[k + i], 'st', st) == 1 then
+    local nid = string.sub(KEYS[k + i], string.len(ARGV[5]) + 1)
+    if ok and done == nil then done = folded(okey) end
+    if ok and not done[nid] and redis.call('HSETNX', KEYS[k + i], 'st', st) == 1 then
       redis.call('HSET', KEYS[k + i], 'p', payload, 'created', now, 'attempts', '0', 'due', due)
       redis.call('EXPIRE', KEYS[k + i], sttl)
       if due ~= '' then
-        redis.call('ZADD', dueidx, due, string.sub(KEYS[k + i], string.len(ARGV[5]) + 1))
+        redis.call('ZADD', dueidx, due, nid)
       end
     end
   end

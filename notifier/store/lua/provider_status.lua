@@ -1,16 +1,39 @@
 -- provider_status: record a provider's delivery status unless a later one is already known
--- (a late "sent" never overwrites "delivered").
+-- (a late "sent" never overwrites "delivered"): in the ledger hash while the notification
+-- is there, else as a record on its shipment's outcome list (see fold.lua).
 --
 -- KEYS[1]: the ledger hash
+-- KEYS[2]: the shipment's outcome list
 -- ARGV[1]: the status
--- ARGV[2]: its rank (later statuses rank higher; the entry's 'prank')
+-- ARGV[2]: its rank (later statuses rank higher; 'prank')
 -- ARGV[3]: the provider's error ('' = none)
--- Returns 1 when recorded, 0 when the entry is unknown or a status of the same or a higher
---   rank is known.
+-- ARGV[4]: the notification id
+-- Returns 1 when recorded, 0 when the notification is unknown or a status of the same or a
+--   higher rank is known.
 
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local current = tonumber(redis.call('HGET', KEYS[1], 'prank') or '-1')
-if tonumber(ARGV[2]) <= current then return 0 end
-redis.call('HSET', KEYS[1], 'provider_status', ARGV[1], 'prank', ARGV[2])
-if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'provider_error', ARGV[3]) end
+local rank = tonumber(ARGV[2])
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local current = tonumber(redis.call('HGET', KEYS[1], 'prank') or '-1')
+  if rank <= current then return 0 end
+  redis.call('HSET', KEYS[1], 'provider_status', ARGV[1], 'prank', ARGV[2])
+  if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'provider_error', ARGV[3]) end
+  return 1
+end
+local prefix = ARGV[4] .. '\t'
+local found = false
+local current = -1
+for _, record in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+  if string.sub(record, 1, #prefix) == prefix then
+    found = true
+    local header = string.sub(record, #prefix + 1, string.find(record, '\t', #prefix + 1) - 1)
+    local known = cjson.decode(header)
+    if known['prank'] and tonumber(known['prank']) > current then
+      current = tonumber(known['prank'])
+    end
+  end
+end
+if not found or rank <= current then return 0 end
+local status = {provider_status = ARGV[1], prank = ARGV[2]}
+if ARGV[3] ~= '' then status['provider_error'] = ARGV[3] end
+redis.call('RPUSH', KEYS[2], prefix .. cjson.encode(status) .. '\t')
 return 1

@@ -1,0 +1,33 @@
+-- fold: settle notifications for good (sent or cancelled). Each one the caller still holds
+-- leaves the ledger: one short record goes to its shipment's outcome list (read back with
+-- the shipment's history) and its hash is deleted, so a settled notification costs a list
+-- entry, not a key. An entry that expired is never re-created, and a worker whose claim ran
+-- out and was taken over must not overwrite what the new holder recorded.
+--
+-- KEYS: per notification: its ledger hash, then its shipment's outcome list
+-- ARGV[1]: the owner token the entries must carry ('' = no owner check)
+-- then per notification: its id, and what the worker records (packed JSON)
+-- A record is '<id>\t<JSON of the ledger fields the worker does not know: attempts, due,
+--   created, a provider status already reported>\t<what the worker records>'.
+-- Returns the positions (1-based) of the notifications settled.
+
+local owner = ARGV[1]
+local kept = {'attempts', 'due', 'created', 'provider_status', 'prank', 'provider_error'}
+local settled = {}
+for i = 1, #KEYS / 2 do
+  local ledger, out = KEYS[2 * i - 1], KEYS[2 * i]
+  local mine = owner == '' or redis.call('HGET', ledger, 'owner') == owner
+  if redis.call('EXISTS', ledger) == 1 and mine then
+    local values = redis.call('HMGET', ledger, unpack(kept))
+    local known = {}
+    for f = 1, #kept do
+      if values[f] and values[f] ~= '' then known[kept[f]] = values[f] end
+    end
+    local ttl = redis.call('PTTL', ledger)
+    redis.call('RPUSH', out, ARGV[2 * i] .. '\t' .. cjson.encode(known) .. '\t' .. ARGV[2 * i + 1])
+    if ttl > redis.call('PTTL', out) then redis.call('PEXPIRE', out, ttl) end
+    redis.call('DEL', ledger)
+    table.insert(settled, i)
+  end
+end
+return settled
