@@ -7,6 +7,7 @@ instead (it is flushed before every test).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
@@ -246,6 +248,24 @@ async def post(client: Any, *items: dict[str, Any]) -> dict[str, Any]:
     assert resp.status == 202, await resp.text()
     body: dict[str, Any] = await resp.json()
     return body
+
+
+def post_over_http(
+    port: int, items: list[dict[str, Any]]
+) -> tuple[int, dict[str, str], dict[str, Any]]:
+    """POST a batch to a `notifier serve` on ``port``: (status, headers, body), whatever the
+    status."""
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/transitions",
+        data=json.dumps({"transitions": items}).encode(),
+        headers={**auth(), "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, dict(resp.headers), json.load(resp)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, dict(exc.headers), json.load(exc)
 
 
 async def history(client: Any, shipment: str = "shp_123") -> list[dict[str, Any]]:

@@ -11,13 +11,10 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +28,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from pydantic import ValidationError
 from redis.crc import key_slot
 
+from bench.procs import node_port
 from notifier.app import create_app
 from notifier.deadletters import DeadLetters
 from notifier.errors import TemporaryDeliveryError
@@ -50,6 +48,7 @@ from tests.conftest import (
     make_settings,
     outbox_files,
     post,
+    post_over_http,
     run_worker,
     spawn_notifier,
     start_redis,
@@ -111,20 +110,6 @@ def _cli() -> str:
     if binary is None:
         pytest.fail("redis-cli is not installed: run the README's test command", pytrace=False)
     return binary
-
-
-def node_port() -> int:
-    """A free loopback port whose cluster bus port (+10000) is free and valid too."""
-    while True:
-        port = free_port()
-        if port + 10000 > 65535:
-            continue
-        with socket.socket() as bus:
-            try:
-                bus.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
 
 
 @pytest.fixture(scope="module")
@@ -472,7 +457,7 @@ def test_a_master_failover_mid_stream_loses_nothing_accepted(
                     failover.start()
                 elif posted > 50 and not failover.is_alive():
                     after += 1
-            status, body = post_batch(port, pending)
+            status, _, body = post_over_http(port, pending)
             if status == 202:
                 accepted |= {r["event_id"] for r in body["results"]}
                 pending = []
@@ -500,19 +485,6 @@ def test_a_master_failover_mid_stream_loses_nothing_accepted(
         for proc in procs:
             out, _ = proc.communicate(timeout=30)
             assert "Traceback" not in out or proc.returncode == 0, out[-3000:]
-
-
-def post_batch(port: int, batch: list[dict[str, Any]]) -> tuple[int, dict[str, Any]]:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/transitions",
-        data=json.dumps({"transitions": batch}).encode(),
-        headers={**auth(), "Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=30) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
 
 
 def fail_over(cluster: Cluster) -> None:

@@ -10,8 +10,6 @@ import asyncio
 import json
 import shutil
 import signal
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,13 +25,13 @@ from notifier.settings import Settings
 from notifier.worker import build_worker
 from tests.conftest import (
     API_KEYS,
-    auth,
     fixed_clock,
     free_port,
     healthy,
     history,
     make_settings,
     outbox_files,
+    post_over_http,
     read_whole_inbox,
     spawn_notifier,
     start_redis,
@@ -43,21 +41,6 @@ from tests.conftest import (
 from tests.conftest import post as post_in_process
 
 AOF = ("--save", "", "--appendonly", "yes", "--appendfsync", "always")
-
-
-def post(port: int, items: list[dict[str, Any]]) -> tuple[int, dict[str, str], dict[str, Any]]:
-    """POST a batch: (status, headers, body), whatever the status."""
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/transitions",
-        data=json.dumps({"transitions": items}).encode(),
-        headers={**auth(), "Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return resp.status, dict(resp.headers), json.load(resp)
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, dict(exc.headers), json.load(exc)
 
 
 @pytest.fixture
@@ -120,7 +103,7 @@ def until_accepted(port: int, items: list[dict[str, Any]]) -> None:
     outcome: list[Any] = []
 
     def taken() -> bool:
-        status, headers, body = post(port, items)
+        status, headers, body = post_over_http(port, items)
         outcome[:] = [status, headers, body]
         return status == 202
 
@@ -142,7 +125,7 @@ def test_the_worker_rides_out_a_redis_pause_and_a_restart(deployment: dict[str, 
     until_accepted(port, batch("m", 300))
     control = redis.Redis(host="127.0.0.1", port=deployment["redis_port"])
     control.execute_command("CLIENT", "PAUSE", "3000", "ALL")
-    status, headers, body = post(port, batch("b", 10))
+    status, headers, body = post_over_http(port, batch("b", 10))
     assert status == 503 and headers["Retry-After"], body
     assert body["error"]["code"] == "unavailable"
     until_accepted(port, batch("b", 10))  # the backend retries; some may be duplicates now
@@ -156,7 +139,7 @@ def test_the_worker_rides_out_a_redis_pause_and_a_restart(deployment: dict[str, 
     # A restart: Redis goes away (AOF keeps what it had), the API answers 503, then recovers
     deployment["server"].terminate()
     deployment["server"].wait(timeout=10)
-    status, headers, _ = post(port, batch("c", 10))
+    status, headers, _ = post_over_http(port, batch("c", 10))
     assert status == 503 and headers["Retry-After"]
     deployment["server"] = start_redis(deployment["redis_port"], deployment["data"], *AOF)
     control.close()
