@@ -162,6 +162,7 @@ def drain(events: list[dict[str, Any]], workers: int, startup_s: float, shards: 
                 "cpu_ms_per_message": 1000 * c["cpu_s"] / per,
                 "commands_per_message": c["commands"] / per,
                 "commands_per_s": c["commands"] / seconds,
+                "core_share": c["cpu_s"] / seconds,  # of one core, over the drain
                 "partitions": partitions.get(name, 0),
             }
             for name, c in used.items()
@@ -226,7 +227,9 @@ def _comparison(single: list[list[Result]], cluster: list[list[Result]]) -> list
         cmds = _median(col, "redis_commands_per_message")
         lines += [
             f"{n} worker{'s' if n > 1 else ' '}: one Redis {one_rate:6,.0f} messages/s, "
-            f"cluster {rate:6,.0f} messages/s ({rate / one_rate:.2f}x one Redis)",
+            f"cluster {rate:6,.0f} messages/s ({rate / one_rate:.2f}x one Redis); worker CPU "
+            f"{_median(one, 'worker_cpu_ms_per_message_net'):.2f} and "
+            f"{_median(col, 'worker_cpu_ms_per_message_net'):.2f} ms/message without start-up",
             f"   Redis CPU per message: one Redis "
             f"{_median(one, 'redis_cpu_ms_per_message'):.3f} ms "
             f"({_median(one, 'redis_commands_per_message'):.1f} commands, arq's queue "
@@ -246,42 +249,54 @@ def _extrapolation(single: list[list[Result]], cluster: list[list[Result]]) -> l
     one = [r for run in single for r in run if r["workers"] == n]
     shards = [name for name in col[0]["servers"] if name != "queue"]
     busiest = max(_median(col, "servers", s, "cpu_ms_per_message") for s in shards)
-    worker_ms = _median(col, "worker_cpu_ms_per_message_net")
-    queue_ms = _median(col, "servers", "queue", "cpu_ms_per_message")
+    one_ms = _median(one, "redis_cpu_ms_per_message")
+    worker_rate = 1000 / _median(col, "worker_cpu_ms_per_message_net")
+    # the queue Redis works per worker (arq's job polling) more than per message
+    queue_share = _median(col, "servers", "queue", "core_share") / n
     polls = _median(col, "servers", "queue", "commands_per_s") / n
     caps = sorted(
         [
             (
-                PARTITIONS * 1000 / worker_ms,
+                PARTITIONS * worker_rate,
                 "the partitions' drains",
-                f"one drain per partition at a time: at most {PARTITIONS} busy worker processes "
-                f"of {1000 / worker_ms:,.0f} messages/s each",
+                f"one drain per partition at a time: at most {PARTITIONS} busy worker "
+                f"processes of {worker_rate:,.0f} messages/s each; NOTIFIER_PARTITIONS "
+                "raises it",
             ),
-            (
-                1000 / _median(one, "redis_cpu_ms_per_message"),
-                "one Redis's core",
-                "arq's queue on it too",
-            ),
+            (1000 / one_ms, "one Redis's core", "arq's queue on it too"),
             (
                 1000 / busiest,
                 "the busiest shard's core",
                 f"{len(shards)} shards: the cluster is full when its busiest shard is",
             ),
-            (1000 / queue_ms, "the queue Redis's core", "arq's jobs and polling"),
+            (
+                worker_rate / queue_share,
+                "the queue Redis's core",
+                f"{queue_share:.1%} of a core per worker, mostly arq's job polling at "
+                f"{polls:,.0f} commands/s per worker: full at about {1 / queue_share:,.0f} "
+                "workers",
+            ),
         ]
     )
+    total = _median(col, "redis_cpu_ms_per_message")
+    one_redis = [c for c in caps if "shard" not in c[1] and "queue" not in c[1]]
+    on_cluster = [c for c in caps if "one Redis" not in c[1]]
+
+    def first(limits: list[tuple[float, str, str]]) -> str:
+        return f"{limits[0][1]} (at {limits[0][0]:,.0f}/s), then {limits[1][1]}"
+
     return [
         "how it extrapolates: on this 2-core machine the workers, every redis-server and the "
         "bench share two cores, so a cluster cannot be faster here; what carries over is the "
         "cost per message, per worker and per shard, and how evenly the shards share it. "
-        f"With a core for every process (per-message costs at {n} workers), the limits are:",
+        f"The cluster's servers spend {total / one_ms:.2f}x one Redis's CPU per message in "
+        f"all, its busiest shard {busiest / one_ms:.0%} of it. With a core for every process "
+        f"(per-message costs at {n} workers), the limits are:",
         *(f"   {rate:9,.0f} messages/s: {name} ({detail})" for rate, name, detail in caps),
-        f"what breaks first: {caps[0][1]}, then {caps[1][1]}. A shard's share follows the "
+        f"what breaks first: on one Redis {first(one_redis)}; on the cluster "
+        f"{first(on_cluster)}. A shard's share follows the "
         f"partitions it holds ({PARTITIONS} over {len(shards)} shards cannot be even): more "
-        "partitions spread it finer. The queue Redis carries a drain job per partition wake, "
-        "not per message, plus each worker's job polling "
-        f"({polls:,.0f} commands/s per worker here): it grows with the workers, not the "
-        "traffic.",
+        "partitions spread it finer.",
     ]
 
 
