@@ -272,9 +272,8 @@ def _extrapolation(single: list[list[Result]], cluster: list[list[Result]]) -> l
             (
                 worker_rate / queue_share,
                 "the queue Redis's core",
-                f"{queue_share:.1%} of a core per worker, mostly arq's job polling at "
-                f"{polls:,.0f} commands/s per worker: full at about {1 / queue_share:,.0f} "
-                "workers",
+                f"{queue_share:.1%} of a core per worker: full at about "
+                f"{1 / queue_share:,.0f} workers with {PARTITIONS} partitions",
             ),
         ]
     )
@@ -296,7 +295,12 @@ def _extrapolation(single: list[list[Result]], cluster: list[list[Result]]) -> l
         f"what breaks first: on one Redis {first(one_redis)}; on the cluster "
         f"{first(on_cluster)}. A shard's share follows the "
         f"partitions it holds ({PARTITIONS} over {len(shards)} shards cannot be even): more "
-        "partitions spread it finer.",
+        "partitions spread it finer. The queue Redis works per worker, not per message: "
+        "every poll (50 ms) each worker lists the queue and tries to claim every drain job "
+        "in it, running elsewhere or not (WATCH, EXISTS, ZSCORE, UNWATCH; "
+        f"{polls:,.0f} commands/s per worker here), so its load grows as workers x running "
+        "drains (arq reads up to 100 jobs a poll): raising NOTIFIER_PARTITIONS to "
+        "add workers raises it on both counts.",
     ]
 
 
