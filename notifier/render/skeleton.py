@@ -74,8 +74,10 @@ SHAPE_TEXTS = frozenset(
     {"lang", "dir", "fonts", "message", "message_for_locale", "key", "state", "status"}
     | {"exception_code"}
 )
-#: How many skeletons a renderer keeps (an email's is about 10 KB).
-MAX_SKELETONS = 2048
+#: How many skeletons a renderer keeps: an email's is about 13 KB with its inlined HTML (an
+#: SMS' a few hundred bytes), so at most about 13 MB; the bench's workload (4 merchants, 13
+#: locales, every milestone, email and SMS) makes 200-400 shapes.
+MAX_SKELETONS = 1024
 
 
 class Tainted(Exception):
