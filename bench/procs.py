@@ -183,6 +183,9 @@ class Stack:
             env["NOTIFIER_QUEUE_REDIS_URL"] = f"redis://127.0.0.1:{self.queue_port}/0"
         return {
             **env,
+            # the checkout this bench runs from, not whatever the venv's editable install
+            # points at (comparing two checkouts measured the same code twice)
+            "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
             "NOTIFIER_REDIS_URL": self.redis_url,
             "NOTIFIER_API_KEYS": API_KEYS,
             "NOTIFIER_OUTBOX_DIR": str(self.outbox),

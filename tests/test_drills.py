@@ -33,13 +33,13 @@ from tests.conftest import (
     auth,
     free_port,
     healthy,
+    post_over_http,
     spawn_notifier,
     start_redis,
     transition,
     wait_until,
 )
 from tests.fakes import FakeSendGrid, FakeTwilio, in_thread, serve_sendgrid, serve_twilio
-from tests.test_outage import post
 
 AOF = ("--save", "", "--appendonly", "yes", "--appendfsync", "everysec")
 TWILIO_TOKEN = "drill-twilio-token-0123"
@@ -289,7 +289,7 @@ class Feeder(threading.Thread):
             batch = events(f"k{n}x", 10)
             while not self.done.is_set():
                 try:
-                    status, headers, body = post(self.port, batch)
+                    status, headers, body = post_over_http(self.port, batch)
                 except OSError as exc:
                     self.errors.append(exc)
                     return
@@ -322,7 +322,7 @@ def test_sigterm_finishes_what_is_in_flight_and_loses_nothing(drill: Drill) -> N
     # (so it is still mid-drain) until it has taken the signal
     backlog = events("b", 300)
     for i in range(0, 300, 100):
-        assert post(port, backlog[i : i + 100])[0] == 202
+        assert post_over_http(port, backlog[i : i + 100])[0] == 202
     wait_until(lambda: len(drill.files()) >= 10, "the worker to start on the backlog", 60)
     control = drill.redis()
     control.execute_command("CLIENT", "PAUSE", "60000", "WRITE")
@@ -341,7 +341,7 @@ def test_sigterm_finishes_what_is_in_flight_and_loses_nothing(drill: Drill) -> N
 
     def call(i: int, items: list[dict[str, Any]]) -> None:
         try:
-            answers[i] = post(port, items)
+            answers[i] = post_over_http(port, items)
         except OSError as exc:
             answers[i] = exc
 
@@ -366,7 +366,7 @@ def test_sigterm_finishes_what_is_in_flight_and_loses_nothing(drill: Drill) -> N
     api, worker = drill.api(), drill.worker()
     for i, batch in enumerate(batches):
         if i not in answered:
-            status, _, body = post(port, batch)
+            status, _, body = post_over_http(port, batch)
             assert status == 202 and body["accepted"] == len(batch), body
     accepted = [t["shipment_id"] for t in backlog] + [t["shipment_id"] for b in batches for t in b]
     once_each(drill, accepted)
@@ -385,7 +385,7 @@ def test_redis_killed_under_load_loses_nothing_and_sends_nothing_twice(drill: Dr
 
     # SIGKILL: no shutdown, no last AOF rewrite; what Redis answered is in the AOF already
     drill.kill_redis()
-    status, headers, body = post(port, events("down", 1))
+    status, headers, body = post_over_http(port, events("down", 1))
     assert status == 503 and int(headers["Retry-After"]) >= 1, (status, headers, body)
     assert body["error"]["code"] == "unavailable"
     wait_until(lambda: feeder.unavailable, "the backend to be told 503 while Redis is down")
@@ -423,14 +423,14 @@ def test_a_provider_outage_drains_after_recovery_never_twice_never_stale(drill: 
         api, worker = drill.api(**env), drill.worker(**env)
         port = drill.api_port
         shipments = [f"p{i}" for i in range(20)]
-        assert post(port, events("p", 20))[0] == 202
+        assert post_over_http(port, events("p", 20))[0] == 202
         wait_until(
             lambda: len(twilio.received) >= 20 and len(sendgrid.received) >= 20,
             "the first attempts (refused)",
         )
         # During the outage, five of them are delivered: what is waiting for a retry about
         # "out for delivery" there is stale; "delivered" is what they must get
-        assert post(port, events("p", 5, "delivered"))[0] == 202
+        assert post_over_http(port, events("p", 5, "delivered"))[0] == 202
         overtaken = shipments[:5]
         wait_until(
             lambda: all(
