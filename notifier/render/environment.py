@@ -52,9 +52,10 @@ class _Compiled(BytecodeCache):
     edit then compile a template's source once, not once each (a cold worker compiled the
     defaults twice before its first message). Keyed by the environment's kind and limits,
     the template's name and file, and its source's checksum: an edited template compiles
-    anew. Code objects, kept in memory (no marshalling), the most recent ``MAX``."""
+    anew. Code objects, kept in memory (no marshalling), the most recent ``MAX`` (the
+    defaults are about 50 with the skeletons' tracing twins; a few MB in all)."""
 
-    MAX = 4096
+    MAX = 512
 
     def __init__(self) -> None:
         self._code: OrderedDict[tuple[str, str], CodeType] = OrderedDict()
