@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -183,3 +184,33 @@ async def test_payloads_reach_the_inbox_byte_for_byte(
         entries = await store.read_inbox(partition, "c1", 10)
         assert [e.payload for e in entries] == [p.encode() for p in odd]
         assert [e.request_id for e in entries] == ["req-0", "req-1", "req-2"]
+
+
+async def test_ingest_follows_redis_clock_when_the_api_clock_is_a_year_off(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API names the event-id buckets a script call may touch (a cluster needs them in
+    KEYS), from its own clock and the offset to Redis's, which it measures; the script
+    writes the generation Redis's clock names. A clock far off, or one that jumps, still
+    gets the right buckets: the offset is measured again when the script refuses."""
+    import time as real
+
+    from notifier.store import inbox
+
+    skew = [365 * 86400.0]
+    fake = SimpleNamespace(time=lambda: real.time() + skew[0], monotonic=real.monotonic)
+    monkeypatch.setattr(inbox, "time", fake)
+    settings = settings.model_copy(update={"idempotency_ttl_s": 3600})
+    async with open_resources(settings) as res:
+        store, r = res.store, res.redis
+        assert (await store.ingest([_item("e1")]))[0] == [A]
+        assert (await store.ingest([_item("e1")]))[0] == [D]
+        generation = int((await r.time())[0]) // 3600  # Redis's, not the API's
+        bucket, field = store.event_slot("acme", "e1")
+        assert await r.hexists(store.event_bucket_key(generation, bucket), field)
+        # the API's clock jumps two days back after the offset was measured: the first
+        # call is refused (nothing written), the offset measured again, the call repeated
+        skew[0] -= 2 * 86400
+        assert (await store.ingest([_item("e2"), _item("e1")]))[0] == [A, D]
+        b2, f2 = store.event_slot("acme", "e2")
+        assert await r.hexists(store.event_bucket_key(generation, b2), f2)

@@ -89,7 +89,12 @@ class Inbox(StoreBase):
     #: Redis, so it must stay short).
     INGEST_GROUP_MAX = 2000
 
+    #: How often the API measures again how far Redis's clock is from its own, seconds.
+    CLOCK_CHECK_S = 60.0
+
     _ingest_task: asyncio.Task[None] | None = None
+    #: Redis's clock minus this process's (seconds), and when that was measured (monotonic)
+    _redis_offset: tuple[float, float] | None = None
 
     @cached_property
     def _ingest_queue(self) -> deque[_Waiting]:
@@ -170,18 +175,21 @@ class Inbox(StoreBase):
         scopes: dict[Scope, list[int]] = {}
         for i, (merchant_id, shipment_id, *_) in enumerate(items):
             scopes.setdefault(self.scope_of(merchant_id, shipment_id), []).append(i)
-        generation = int(time.time()) // self.idempotency_ttl_s
-        if len(scopes) == 1:
-            calls = [self._ingest_call(items, generation)]
-        else:
-            calls = [
-                self._ingest_call([items[i] for i in at], generation) for at in scopes.values()
-            ]
-        answers = await asyncio.gather(*calls)
+        groups = list(scopes.values())
+        answers = await self._ingest_calls(items, groups)
+        if again := [n for n, a in enumerate(answers) if _clock_away(a)]:
+            # Redis's clock jumped (or a failover brought another server's): measure it
+            # again, and repeat the calls it refused (they wrote nothing)
+            self._redis_offset = None
+            repeated = await self._ingest_calls(items, [groups[n] for n in again])
+            for n, answer in zip(again, repeated, strict=True):
+                answers[n] = answer
         admissions: list[Admission] = [Admission.DUPLICATE] * len(items)
         woken: list[int] = []
         unconfirmed: NotReplicated | None = None
-        for at, answer in zip(scopes.values(), answers, strict=True):
+        for at, answer in zip(groups, answers, strict=True):
+            if isinstance(answer, BaseException):
+                raise answer  # every caller of the group gets a 503; what went in, went in
             if isinstance(answer, NotReplicated):
                 unconfirmed, answer = answer, (answer.admissions, answer.woken)
             for i, admission in zip(at, answer[0], strict=True):
@@ -192,6 +200,26 @@ class Inbox(StoreBase):
                 unconfirmed.acked, unconfirmed.required, self.wait_timeout_ms, woken
             )
         return admissions, woken
+
+    async def _generation(self) -> int:
+        """The event-id generation Redis's clock names now, by this process's clock and the
+        offset between the two (measured once a minute): ingest passes the buckets of the
+        generations around it, and the script writes the one Redis's own clock names."""
+        now = time.monotonic()
+        if self._redis_offset is None or now - self._redis_offset[1] > self.CLOCK_CHECK_S:
+            seconds, micros = await self.redis.time()
+            self._redis_offset = (seconds + micros / 1e6 - time.time(), now)
+        return int(time.time() + self._redis_offset[0]) // self.idempotency_ttl_s
+
+    async def _ingest_calls(
+        self, items: Sequence[IngestItem], groups: list[list[int]]
+    ) -> list[tuple[list[Admission], list[int]] | NotReplicated | BaseException]:
+        generation = await self._generation()
+        if len(groups) == 1 and len(groups[0]) == len(items):
+            calls = [self._ingest_call(items, generation)]
+        else:
+            calls = [self._ingest_call([items[i] for i in at], generation) for at in groups]
+        return list(await asyncio.gather(*calls, return_exceptions=True))
 
     async def _ingest_call(
         self, items: Sequence[IngestItem], generation: int
@@ -357,6 +385,14 @@ class Inbox(StoreBase):
 
     async def set_wake(self, partition: int) -> bool:
         return bool(await self.redis.set(self.wake_key(partition), "1", nx=True, px=self.WAKE_MS))
+
+
+#: The ingest script's answer when the caller's generation is not Redis's, nor next to it.
+CLOCK_AWAY = "clock is a generation or more away"
+
+
+def _clock_away(answer: object) -> bool:
+    return isinstance(answer, ResponseError) and CLOCK_AWAY in str(answer)
 
 
 def _around(generation: int) -> range:
