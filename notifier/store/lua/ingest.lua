@@ -4,10 +4,11 @@
 -- acknowledged at all.
 --
 -- Event ids live in hash buckets, one set of buckets per generation of ARGV[2] seconds.
--- The caller passes each bucket of three generations around its own clock's (ARGV[3]); the
--- one written is the generation of Redis's clock (TIME / ARGV[2]), so API processes whose
--- clocks disagree still agree on it. An id is looked up in all three, which covers Redis's
--- current and previous generation; a bucket expires when the generation after its own ends.
+-- The caller passes each bucket in three generations around ARGV[3], Redis's generation as
+-- the caller reckons it (its clock plus the offset it measured to Redis's); the one written
+-- is the generation of Redis's own clock (TIME / ARGV[2]), so API processes whose clocks
+-- disagree still agree on it. An id is looked up in all three, which covers Redis's current
+-- and previous generation; a bucket expires when the generation after its own ends.
 --
 -- KEYS: per inbox stream that gets events: the stream, then its wake flag; then per bucket
 --   its keys in generations ARGV[3] - 1, ARGV[3] and ARGV[3] + 1; then the pre-0.5 event
