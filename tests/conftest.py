@@ -18,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import redis
 from aiohttp.test_utils import TestClient, TestServer
 from babel.dates import format_skeleton, format_time
 
+from bench.procs import node_port
 from notifier.app import create_app
 from notifier.resources import Resources
 from notifier.settings import Settings
@@ -101,6 +103,105 @@ def redis_url() -> Iterator[str]:
     proc.terminate()
     proc.wait(timeout=10)
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+# -- a Redis Cluster: 3 masters, 3 replicas and a queue Redis, for the session ------------
+
+
+@dataclass
+class Cluster:
+    ports: list[int]
+    queue_port: int
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.ports[0]}"
+
+    @property
+    def queue_url(self) -> str:
+        return f"redis://127.0.0.1:{self.queue_port}/0"
+
+    def node(self, port: int) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=port)
+
+    def masters(self) -> list[int]:
+        out = []
+        for port in self.ports:
+            with self.node(port) as r:
+                if r.execute_command("ROLE")[0] == b"master":
+                    out.append(port)
+        return out
+
+    def ready(self) -> bool:
+        """Every node sees the cluster as ok, with 3 masters each followed by a replica
+        whose link is up."""
+        for port in self.ports:
+            with self.node(port) as r:
+                if r.cluster("info").get("cluster_state") != "ok":
+                    return False
+        masters = self.masters()
+        if len(masters) != 3:
+            return False
+        for port in masters:
+            with self.node(port) as r:
+                info = r.info("replication")
+                if info.get("connected_slaves") != 1 or info["slave0"]["state"] != "online":
+                    return False
+        return True
+
+
+def _cli() -> str:
+    binary = shutil.which("redis-cli")
+    if binary is None:
+        pytest.fail("redis-cli is not installed: run the README's test command", pytrace=False)
+    return binary
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    workdir = Path(tempfile.mkdtemp(prefix="notifier-cluster-"))
+    ports = [node_port() for _ in range(6)]
+    procs = []
+    try:
+        for port in ports:
+            (workdir / str(port)).mkdir()
+            procs.append(
+                start_redis(
+                    port,
+                    workdir / str(port),
+                    *("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
+                    *("--cluster-node-timeout", "3000", "--save", "", "--appendonly", "no"),
+                )
+            )
+        queue_port = free_port()
+        (workdir / "queue").mkdir()
+        procs.append(start_redis(queue_port, workdir / "queue"))
+        create = [_cli(), "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports)]
+        subprocess.run(
+            [*create, "--cluster-replicas", "1", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        found = Cluster(ports, queue_port)
+        # a replica's first sync waits for Redis's diskless-sync delay (5 s)
+        wait_until(found.ready, "the Redis Cluster to form", seconds=60)
+        yield found
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def flush_cluster(found: Cluster) -> None:
+    """Empty every master of the cluster and its queue Redis (before a test)."""
+    for port in found.masters():
+        with found.node(port) as r:
+            r.flushall()
+    with redis.Redis(port=found.queue_port) as r:
+        r.flushall()
 
 
 @pytest.fixture(autouse=True)

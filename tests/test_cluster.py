@@ -10,25 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import subprocess
-import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from aiohttp.test_utils import TestClient, TestServer
 from pydantic import ValidationError
 from redis.crc import key_slot
 
-from bench.procs import node_port
 from notifier.app import create_app
 from notifier.deadletters import DeadLetters
 from notifier.errors import TemporaryDeliveryError
@@ -41,8 +34,10 @@ from notifier.worker import build_worker, find_stalled, release_due
 from tests.conftest import (
     API_KEYS,
     NOW,
+    Cluster,
     auth,
     fixed_clock,
+    flush_cluster,
     free_port,
     healthy,
     make_settings,
@@ -51,7 +46,6 @@ from tests.conftest import (
     post_over_http,
     run_worker,
     spawn_notifier,
-    start_redis,
     transition,
     wait_until,
 )
@@ -63,104 +57,9 @@ PARTITIONS = 8
 UNTAGGED = ("ntf:pid:", "ntf:trk:", "ntf:optout:", "ntf:workers", "ntf:overrides:hits")
 
 
-@dataclass
-class Cluster:
-    ports: list[int]
-    queue_port: int
-
-    @property
-    def url(self) -> str:
-        return f"redis+cluster://127.0.0.1:{self.ports[0]}"
-
-    @property
-    def queue_url(self) -> str:
-        return f"redis://127.0.0.1:{self.queue_port}/0"
-
-    def node(self, port: int) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=port)
-
-    def masters(self) -> list[int]:
-        out = []
-        for port in self.ports:
-            with self.node(port) as r:
-                if r.execute_command("ROLE")[0] == b"master":
-                    out.append(port)
-        return out
-
-    def ready(self) -> bool:
-        """Every node sees the cluster as ok, with 3 masters each followed by a replica
-        whose link is up."""
-        for port in self.ports:
-            with self.node(port) as r:
-                if r.cluster("info").get("cluster_state") != "ok":
-                    return False
-        masters = self.masters()
-        if len(masters) != 3:
-            return False
-        for port in masters:
-            with self.node(port) as r:
-                info = r.info("replication")
-                if info.get("connected_slaves") != 1 or info["slave0"]["state"] != "online":
-                    return False
-        return True
-
-
-def _cli() -> str:
-    binary = shutil.which("redis-cli")
-    if binary is None:
-        pytest.fail("redis-cli is not installed: run the README's test command", pytrace=False)
-    return binary
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    workdir = Path(tempfile.mkdtemp(prefix="notifier-cluster-"))
-    ports = [node_port() for _ in range(6)]
-    procs = []
-    try:
-        for port in ports:
-            (workdir / str(port)).mkdir()
-            procs.append(
-                start_redis(
-                    port,
-                    workdir / str(port),
-                    *("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
-                    *("--cluster-node-timeout", "3000", "--save", "", "--appendonly", "no"),
-                )
-            )
-        queue_port = free_port()
-        (workdir / "queue").mkdir()
-        procs.append(start_redis(queue_port, workdir / "queue"))
-        create = [_cli(), "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports)]
-        subprocess.run(
-            [*create, "--cluster-replicas", "1", "--cluster-yes"],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
-        found = Cluster(ports, queue_port)
-        # a replica's first sync waits for Redis's diskless-sync delay (5 s)
-        wait_until(found.ready, "the Redis Cluster to form", seconds=60)
-        yield found
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(timeout=10)
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-def flush(found: Cluster) -> None:
-    for port in found.masters():
-        with found.node(port) as r:
-            r.flushall()
-    with redis.Redis(port=found.queue_port) as r:
-        r.flushall()
-
-
 @pytest.fixture
 def on_cluster(tmp_path: Path, cluster: Cluster) -> Settings:
-    flush(cluster)
+    flush_cluster(cluster)
     return make_settings(
         tmp_path / "cluster",
         redis_url=cluster.url,
@@ -421,7 +320,7 @@ def test_a_master_failover_mid_stream_loses_nothing_accepted(
     stream in, a replica takes over from its master (CLUSTER FAILOVER). Every transition
     the API accepted (202) is delivered exactly once; those it refused meanwhile (503) are
     posted again, as the tracking backend does, and delivered once too."""
-    flush(cluster)
+    flush_cluster(cluster)
     port = free_port()
     env = {
         "NOTIFIER_REDIS_URL": cluster.url,

@@ -42,7 +42,17 @@ import redis
 from notifier.models import notification_id_of
 from notifier.packing import unpack
 from notifier.resources import data_dir
-from tests.conftest import API_KEYS, auth, free_port, healthy, spawn_notifier, wait_until
+from notifier.store import keys
+from tests.conftest import (
+    API_KEYS,
+    Cluster,
+    auth,
+    flush_cluster,
+    free_port,
+    healthy,
+    spawn_notifier,
+    wait_until,
+)
 
 SEED = 15
 SHIPMENTS = 250
@@ -278,14 +288,40 @@ def stop(proc: Proc) -> str:
     return "".join(proc.output)
 
 
-@pytest.fixture
-def deployment(tmp_path: Path, redis_url: str) -> Iterator[dict[str, Any]]:
-    """2 `notifier serve` and 3 `notifier worker` processes on the test's Redis."""
+@dataclass
+class Data:
+    """Where the deployment keeps its data: one Redis, or a Redis Cluster (whose keys carry
+    their partition's tag)."""
+
+    client: redis.Redis | redis.RedisCluster
+    cluster: bool
+
+    def tag(self, partition: int) -> str:
+        return keys.tag(partition, PARTITIONS) if self.cluster else ""
+
+    def tags(self) -> list[str]:
+        return [self.tag(p) for p in range(PARTITIONS)] if self.cluster else [""]
+
+
+@pytest.fixture(params=["one Redis", "Redis Cluster"])
+def deployment(
+    request: pytest.FixtureRequest, tmp_path: Path, redis_url: str
+) -> Iterator[dict[str, Any]]:
+    """2 `notifier serve` and 3 `notifier worker` processes on the test's Redis, or on a
+    Redis Cluster of 3 masters with arq's queue on a Redis of its own."""
+    on_cluster = request.param == "Redis Cluster"
+    stores: dict[str, str] = {"NOTIFIER_REDIS_URL": redis_url}
+    data = Data(redis.Redis.from_url(redis_url), False)
+    if on_cluster:
+        found: Cluster = request.getfixturevalue("cluster")
+        flush_cluster(found)
+        stores = {"NOTIFIER_REDIS_URL": found.url, "NOTIFIER_QUEUE_REDIS_URL": found.queue_url}
+        data = Data(redis.RedisCluster(host="127.0.0.1", port=found.ports[0]), True)
     policies = tmp_path / "policies"
     shutil.copytree(data_dir("policies", None), policies)
     (policies / f"{MERCHANT}.yaml").write_text(POLICY)
     env = {
-        "NOTIFIER_REDIS_URL": redis_url,
+        **stores,
         "NOTIFIER_API_KEYS": json.dumps(API_KEYS),
         "NOTIFIER_OUTBOX_DIR": str(tmp_path / "outbox"),
         "NOTIFIER_POLICIES_DIR": str(policies),
@@ -299,10 +335,11 @@ def deployment(tmp_path: Path, redis_url: str) -> Iterator[dict[str, Any]]:
             up = lambda port=port, api=api: healthy(port) or api.popen.poll() is not None  # noqa: E731
             wait_until(up, "notifier serve", 60)
             assert api.popen.poll() is None, "".join(api.output)
-        yield {"ports": ports, "procs": apis + workers, "outbox": tmp_path / "outbox"}
+        yield {"ports": ports, "procs": apis + workers, "outbox": tmp_path / "outbox", "data": data}
     finally:
         for proc in apis + workers:
             stop(proc)
+        data.client.close()
 
 
 def post(port: int, items: list[dict[str, Any]], single: bool) -> tuple[int, dict[str, Any]]:
@@ -316,12 +353,12 @@ def post(port: int, items: list[dict[str, Any]], single: bool) -> tuple[int, dic
         return resp.status, json.load(resp)
 
 
-def drained(r: redis.Redis) -> bool:
+def drained(data: Data) -> bool:
     """Every inbox entry acknowledged (and so deleted): a worker acknowledges an entry only
     after the messages decided for it were delivered."""
-    with r.pipeline(transaction=False) as pipe:
+    with data.client.pipeline(transaction=False) as pipe:
         for p in range(PARTITIONS):
-            pipe.xlen(f"ntf:inbox:{p}")
+            pipe.xlen(keys.inbox_key(p, data.tag(p)))
         return not any(pipe.execute())
 
 
@@ -350,7 +387,7 @@ def post_in_rounds(
     ports: list[int],
     bodies: dict[str, dict[str, Any]],
     rounds: list[list[str]],
-    r: redis.Redis,
+    data: Data,
 ) -> Counter[tuple[str, str]]:
     """Post every round from several threads to both APIs; wait for the workers to drain
     each round. Returns how originals and duplicates were answered."""
@@ -375,7 +412,7 @@ def post_in_rounds(
             shares = [requests[t::CLIENT_THREADS] for t in range(CLIENT_THREADS)]
             list(pool.map(send, range(CLIENT_THREADS), shares))
             posted += new
-            wait_until(lambda: drained(r), "the workers to drain the round", 90)
+            wait_until(lambda: drained(data), "the workers to drain the round", 90)
     return answers
 
 
@@ -390,12 +427,13 @@ def outbox_messages(outbox: Path) -> Counter[tuple[str, str, str]]:
     return found
 
 
-def ledger_states(r: redis.Redis) -> Counter[str]:
+def ledger_states(data: Data) -> Counter[str]:
     """Notifications by state: those still in the ledger, and those settled for good (one
     record each on their shipment's outcome list; the record's packed part says how)."""
-    keys = list(r.scan_iter("ntf:msg:n_*", count=1000))
+    r = data.client
+    live = list(r.scan_iter("ntf:msg:*", count=1000))
     with r.pipeline(transaction=False) as pipe:
-        for key in keys:
+        for key in live:
             pipe.hget(key, "st")
         states = Counter(s.decode() for s in pipe.execute())
     for key in r.scan_iter("ntf:out:*", count=1000):
@@ -408,7 +446,7 @@ def ledger_states(r: redis.Redis) -> Counter[str]:
 
 @pytest.mark.timeout(240)
 def test_two_apis_and_three_workers_deliver_every_message_exactly_once(
-    deployment: dict[str, Any], redis_url: str
+    deployment: dict[str, Any],
 ) -> None:
     rng = random.Random(SEED)
     now = datetime.now(UTC)
@@ -426,8 +464,8 @@ def test_two_apis_and_three_workers_deliver_every_message_exactly_once(
             rounds[first + k].append(e.event_id)
     rounds = [r for r in rounds if r]
 
-    r = redis.Redis.from_url(redis_url)
-    answers = post_in_rounds(rng, deployment["ports"], bodies, rounds, r)
+    data: Data = deployment["data"]
+    answers = post_in_rounds(rng, deployment["ports"], bodies, rounds, data)
     unique = sum(len(events) for events in shipments)
     duplicates = answers[("duplicate", "duplicate")]
     assert answers == {("original", "accepted"): unique, ("duplicate", "duplicate"): duplicates}
@@ -455,9 +493,10 @@ def test_two_apis_and_three_workers_deliver_every_message_exactly_once(
     assert delivered == expected
 
     # and Redis agrees: nothing dead-lettered, deferred or left unsent
-    assert r.xlen("ntf:inbox:dead") == 0 and r.zcard("ntf:due") == 0
-    assert ledger_states(r) == {"sent": len(expected)}
-    r.close()
+    for tag in data.tags():
+        assert data.client.xlen(keys.dead_inbox_key(tag)) == 0
+        assert data.client.zcard(keys.due_key(tag)) == 0
+    assert ledger_states(data) == {"sent": len(expected)}
 
     # every process stops cleanly, and no address reached a log
     for proc in deployment["procs"]:
