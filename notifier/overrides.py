@@ -26,10 +26,10 @@ from typing import Any
 import orjson
 
 from notifier.render.environment import TEMPLATE_NAME
-from notifier.store import DataRedis, awaited
+from notifier.store import DataRedis, awaited, keys
 from notifier.store.scripts import script
 
-PREFIX = "ntf:ovr"
+PREFIX = keys.OVERRIDES_PREFIX
 #: What a draft holds for a file deleted in it.
 TOMBSTONE = "\x00deleted"
 #: The draft field with its revision (no file can be called this).
@@ -151,8 +151,7 @@ class OverrideStore:
 
     @staticmethod
     def key(merchant_id: str, kind: str) -> str:
-        # one hash tag per merchant: its scripts stay in one slot on a Redis Cluster
-        return f"{PREFIX}:{{{merchant_id}}}:{kind}"
+        return keys.override_key(merchant_id, kind)
 
     async def draft(self, merchant_id: str) -> tuple[int, dict[str, str | None]]:
         """(revision, changed files): a file's new text, or None where it is deleted."""

@@ -39,7 +39,7 @@ from notifier.models import ExceptionCode, Status, Transition
 from notifier.pipeline import BatchReport, Pipeline
 from notifier.resources import Clock, Resources, connect_queue, open_resources, utc_now
 from notifier.settings import Settings
-from notifier.store import InboxEntry, body_digest, wake
+from notifier.store import InboxEntry, body_digest, keys, wake
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ OUTAGE_WAIT_S = 60.0
 #: How often a worker says it is alive (heartbeat file, WORKERS_KEY) while its polls succeed.
 HEARTBEAT_S = 5.0
 #: Live workers: a sorted set of worker ids by their last heartbeat (epoch ms).
-WORKERS_KEY = "ntf:workers"
+WORKERS_KEY = keys.WORKERS_KEY
 #: Due notifications released per round of the release_due cron.
 RELEASE_BATCH = 500
 

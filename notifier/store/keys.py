@@ -176,6 +176,23 @@ def optout_key(merchant_id: str) -> str:
     return f"{PREFIX}:optout:{merchant_id}"
 
 
+# -- outside the store: workers, the editor's overrides and sessions ------------------------
+#: Live workers by the epoch ms of their last heartbeat (a sorted set; worker.py, /readyz).
+WORKERS_KEY = f"{PREFIX}:workers"
+#: A merchant's overrides (overrides.py): ``<prefix>:{<merchant>}:<kind>``, one hash tag per
+#: merchant, so its publish and rollback scripts stay in one slot on a Redis Cluster.
+OVERRIDES_PREFIX = f"{PREFIX}:ovr"
+
+
+def override_key(merchant_id: str, kind: str) -> str:
+    return f"{OVERRIDES_PREFIX}:{{{merchant_id}}}:{kind}"
+
+
+def session_key(digest: str) -> str:
+    """An editor session, by the SHA-256 of its cookie's token (web/session.py)."""
+    return f"{PREFIX}:web:session:{digest}"
+
+
 # -- health (health.py) --------------------------------------------------------------------
 #: merchant -> when a worker last met its broken own files (ms); workers write it
 OVERRIDES_KEY = f"{PREFIX}:overrides:hits"

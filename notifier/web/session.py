@@ -29,13 +29,13 @@ from notifier.errors import ApiError, Forbidden
 from notifier.ingest import KeyRing, may_act_for
 from notifier.resources import Clock
 from notifier.store import DataRedis, awaited
+from notifier.store.keys import session_key
 
 COOKIE = "notifier_session"
 SIGN_IN_COOKIE = "notifier_sign_in"
 PATH = "/merchant"
 IDLE_S = 2 * 3600
 LIFETIME_S = 12 * 3600
-PREFIX = "ntf:web:session"
 
 
 class SignInRequired(ApiError):
@@ -107,7 +107,7 @@ class Sessions:
     @staticmethod
     def _key(token: str) -> str:
         # a cookie's bytes that are no UTF-8 arrive as surrogate escapes: no session, no error
-        return f"{PREFIX}:{hashlib.sha256(token.encode(errors='surrogateescape')).hexdigest()}"
+        return session_key(hashlib.sha256(token.encode(errors="surrogateescape")).hexdigest())
 
     async def open(self, api_key: str, response: web.StreamResponse, request: web.Request) -> bool:
         """Start a session for ``api_key`` (False when no such key) and set its cookie."""
