@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from arq.connections import ArqRedis
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisClusterException, RedisError
 
 from notifier import metrics
 from notifier.channels import Channel, OutboxChannel
@@ -207,6 +208,13 @@ async def open_resources(
     separate = bool(settings.queue_redis_url) or not isinstance(redis, ArqRedis)
     queue = connect_queue(settings, server) if separate else redis
     assert isinstance(queue, ArqRedis)
+    try:
+        await refuse_a_mismatched_mode(settings, redis, queue)
+    except BaseException:
+        await close_redis(redis)
+        if queue is not redis:
+            await queue.aclose(close_connection_pool=True)
+        raise
     catalogs = Catalogs(data_dir("locales", settings.locales_dir))
     published = Published(OverrideStore(redis))
     templates = TemplateStore(
@@ -264,6 +272,41 @@ async def open_resources(
             aclose = getattr(channel, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+
+async def refuse_a_mismatched_mode(settings: Settings, redis: DataRedis, queue: ArqRedis) -> None:
+    """A Redis Cluster's node named as one Redis, or one Redis named as a cluster, fails
+    only at the first command that hashes elsewhere, mid-traffic: say so at start-up, naming
+    the setting. (A Redis that does not answer yet is not checked: the processes wait.)"""
+    if settings.embedded:
+        return
+    checks: list[tuple[str, Redis, bool]] = [("NOTIFIER_QUEUE_REDIS_URL", queue, False)]
+    if isinstance(redis, RedisCluster):
+        try:
+            await redis.initialize()
+        except RedisClusterException as exc:
+            if "not enabled" in str(exc):
+                raise ConfigurationError(
+                    "NOTIFIER_REDIS_URL names a Redis without cluster mode: write redis:// "
+                    "(redis+cluster:// is for a Redis Cluster)"
+                ) from None
+        except (RedisError, OSError):
+            pass
+    elif isinstance(redis, Redis):
+        checks.append(("NOTIFIER_REDIS_URL", redis, True))
+    for name, client, data in checks:
+        if name == "NOTIFIER_QUEUE_REDIS_URL" and client is redis:
+            continue  # checked as the data's Redis
+        try:
+            clustered = (await client.info("cluster")).get("cluster_enabled") == 1
+        except (RedisError, OSError):
+            continue
+        if clustered:
+            hint = " write redis+cluster://host:port, and" if data else ""
+            raise ConfigurationError(
+                f"{name} names a node of a Redis Cluster:{hint} give arq's job queue a "
+                "Redis of its own (NOTIFIER_QUEUE_REDIS_URL); arq cannot run on a cluster"
+            )
 
 
 async def close_redis(redis: DataRedis) -> None:

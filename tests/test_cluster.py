@@ -24,7 +24,7 @@ from redis.crc import key_slot
 
 from notifier.app import create_app
 from notifier.deadletters import DeadLetters
-from notifier.errors import TemporaryDeliveryError
+from notifier.errors import ConfigurationError, TemporaryDeliveryError
 from notifier.models import ChannelKind
 from notifier.pipeline import Pipeline
 from notifier.resources import Resources, open_resources
@@ -405,3 +405,43 @@ def fail_over(cluster: Cluster) -> None:
             return bool(r.execute_command("ROLE")[0] == b"slave")
 
     wait_until(promoted, "the replica to take over", seconds=30)
+
+
+async def test_a_cluster_named_as_one_redis_or_the_reverse_is_refused_at_start_up(
+    cluster: Cluster, tmp_path: Path, redis_url: str
+) -> None:
+    node = f"redis://127.0.0.1:{cluster.ports[0]}/0"
+    wrong = [
+        # a cluster's node as one Redis: the first command hashing elsewhere would fail
+        (dict(redis_url=node), "NOTIFIER_REDIS_URL names a node of a Redis Cluster"),
+        # arq's queue on a cluster
+        (
+            dict(redis_url=cluster.url, queue_redis_url=node),
+            "NOTIFIER_QUEUE_REDIS_URL names a node of a Redis Cluster",
+        ),
+        # one Redis named as a cluster
+        (
+            dict(
+                redis_url=redis_url.replace("redis://", "redis+cluster://").removesuffix("/0"),
+                queue_redis_url=redis_url,
+            ),
+            "names a Redis without cluster mode",
+        ),
+    ]
+    for overrides, message in wrong:
+        settings = make_settings(tmp_path, partitions=PARTITIONS, **overrides)
+        with pytest.raises(ConfigurationError, match=message):
+            async with open_resources(settings):
+                pass
+    # and `notifier serve` says so in one line, and exits
+    env = {
+        "NOTIFIER_REDIS_URL": node,
+        "NOTIFIER_API_KEYS": json.dumps(API_KEYS),
+        "NOTIFIER_SIGNING_SECRET": "0123456789abcdef0123",
+        "NOTIFIER_PORT": str(free_port()),
+    }
+    proc = spawn_notifier(["serve"], tmp_path, **env)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "NOTIFIER_REDIS_URL names a node of a Redis Cluster" in out
+    assert "Traceback" not in out
