@@ -112,10 +112,6 @@ class Inbox(StoreBase):
     def lock_key(self, partition: int) -> str:
         return keys.lock_key(partition, self.partition_tag(partition))
 
-    def dead_inbox_keys(self) -> list[str]:
-        """The dead-letter streams of inbox entries: one, or one per partition on a cluster."""
-        return [keys.dead_inbox_key(self.tag(s)) for s in self.scopes]
-
     # -- ingest -------------------------------------------------------------------------
     async def ingest(self, items: Sequence[IngestItem]) -> tuple[list[Admission], list[int]]:
         """Persist new events atomically; return (admission per item, partitions to wake).
