@@ -7,10 +7,13 @@ import email
 import email.policy
 import json
 import shutil
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
-from notifier.channels import OutboxChannel, Outgoing, Receipt
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from notifier.channels import OutboxChannel, Outgoing, Receipt, outbox
 from notifier.channels.outbox import build_eml
 from notifier.errors import TemporaryDeliveryError
 from notifier.render import EmailMessageOut, SmsMessageOut
@@ -151,3 +154,31 @@ async def test_a_batch_over_many_shipments_keeps_its_order_and_makes_each_folder
     )
     assert not [p for p in tmp_path.rglob(".tmp-*")]
     assert len([p for p in tmp_path.rglob("*.eml")]) == len(items)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.from_regex(outbox._PLAIN_ADDRESS, fullmatch=True))
+def test_a_plain_address_is_written_as_the_parser_writes_it(value: str) -> None:
+    """The fast path for a bare address gives the bytes ``parseaddr``/``formataddr`` give."""
+    assert outbox._address("To", value) == outbox._parsed_address.__wrapped__("To", value)
+
+
+def test_repeated_headers_come_from_the_cache_and_stay_each_messages_own() -> None:
+    """From, a non-ASCII subject and the Date are encoded once and reused; a message with
+    another recipient, subject or time still gets its own."""
+    first = parse(build_eml(email_out(), AT))
+    other = dataclasses.replace(
+        email_out(subject="Ihr Paket ist unterwegs — Bestellung 1002"),
+        to="Zoë Ünal <zoe@example.com>",
+    )
+    for _ in range(2):  # the second time from the cache
+        second = parse(build_eml(other, AT.replace(second=7)))
+        assert second["To"].addresses[0].display_name == "Zoë Ünal"
+        assert second["To"].addresses[0].addr_spec == "zoe@example.com"
+        assert second["Subject"] == "Ihr Paket ist unterwegs — Bestellung 1002"
+        assert second["Date"].datetime == AT.replace(second=7, microsecond=0)
+        assert second["From"] == first["From"]
+    assert parse(build_eml(email_out(), AT))["Subject"] == first["Subject"]
+    assert build_eml(email_out(), AT) == build_eml(
+        email_out(), AT.astimezone(timezone(timedelta(hours=9)))
+    )
