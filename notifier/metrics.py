@@ -17,8 +17,10 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections import Counter as Tally
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -41,12 +43,18 @@ __all__ = ["CONTENT_TYPE_LATEST", "configure", "exposition"]
 #: Seconds: from a few milliseconds (a warm worker) to an hour (a backlog after an outage).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 
+M = TypeVar("M", Counter, Histogram)
+
 
 class _Metrics:
     """The process's counters and histograms, in ``registry`` (or the multiprocess files)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        #: each metric's labelled children, found once (``labels()`` checks and locks on
+        #: every call; a worker calls it several times per message). As many as the metrics
+        #: hold: their labels come from fixed vocabularies.
+        self.children: dict[tuple[object, tuple[str, ...]], object] = {}
         self.transitions = Counter(
             "notifier_transitions",
             "Transitions posted to the API, by result (accepted, duplicate, conflict, rejected; "
@@ -101,6 +109,14 @@ class _Metrics:
             registry=registry,
         )
 
+    def child(self, metric: M, *labels: str) -> M:
+        """``metric.labels(*labels)``, looked up once."""
+        key = (metric, labels)
+        found = self.children.get(key)
+        if found is None:
+            found = self.children[key] = metric.labels(*labels)
+        return found  # type: ignore[return-value]
+
 
 _state: dict[str, object] = {"dir": None}
 _metrics = _Metrics(CollectorRegistry())
@@ -134,22 +150,22 @@ def configure(directory: Path | None) -> None:
 def transitions(counts: dict[str, int]) -> None:
     for result, n in counts.items():
         if n:
-            _metrics.transitions.labels(result).inc(n)
+            _metrics.child(_metrics.transitions, result).inc(n)
 
 
 def request(route: str, method: str, status: int, seconds: float) -> None:
-    _metrics.requests.labels(route, method, str(status)).inc()
-    _metrics.request_seconds.labels(route).observe(seconds)
+    _metrics.child(_metrics.requests, route, method, str(status)).inc()
+    _metrics.child(_metrics.request_seconds, route).observe(seconds)
 
 
 def decisions(labels: Iterable[tuple[str, str, str]]) -> None:
-    for outcome, rule, channel in labels:
-        _metrics.decisions.labels(outcome, rule, channel).inc()
+    for (outcome, rule, channel), n in Tally(labels).items():
+        _metrics.child(_metrics.decisions, outcome, rule, channel).inc(n)
 
 
 def deliveries(channel: str, result: str, n: int = 1) -> None:
     if n:
-        _metrics.deliveries.labels(channel, result).inc(n)
+        _metrics.child(_metrics.deliveries, channel, result).inc(n)
 
 
 def entry_time(entry_id: str) -> float:
@@ -173,8 +189,8 @@ def provider_accepted(channel: str, decided_at: float, accepted_at: float) -> No
     """A provider took a message decided at ``decided_at``, whose transition the API
     accepted at ``accepted_at`` (Unix seconds)."""
     now = time.time()
-    _metrics.decision_to_provider.labels(channel).observe(max(0.0, now - decided_at))
-    _metrics.end_to_end.labels(channel).observe(max(0.0, now - accepted_at))
+    _metrics.child(_metrics.decision_to_provider, channel).observe(max(0.0, now - decided_at))
+    _metrics.child(_metrics.end_to_end, channel).observe(max(0.0, now - accepted_at))
 
 
 class _Snapshot(Collector):

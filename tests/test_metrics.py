@@ -213,3 +213,39 @@ def test_one_scrape_adds_up_the_api_and_every_worker(deployment: dict[str, Any])
         assert private not in text
     assert len(list(outbox.rglob("*.eml"))) == 40
     assert len(list(outbox.rglob("*.sms.json"))) == 40
+
+
+def test_labelled_values_found_once_count_as_before(tmp_path: Path) -> None:
+    """The labelled children a process finds once keep counting into the exposition (a
+    batch's decisions by label added up in one step); another registry (the multiprocess
+    files) gets children of its own, and what was counted before stays where it was."""
+    from notifier import metrics
+
+    metrics.configure(None)
+    try:
+        before = samples(metrics.exposition([]).decode())
+        key = {"outcome": "sent", "rule": "milestone", "channel": "email"}
+        metrics.decisions([("sent", "milestone", "email")] * 3 + [("suppressed", "quiet", "sms")])
+        metrics.decisions([("sent", "milestone", "email")])
+        metrics.deliveries("email", "sent", 2)
+        metrics.provider_accepted("email", 0.0, 0.0)
+        metrics.provider_accepted("email", 0.0, 0.0)
+        found = samples(metrics.exposition([]).decode())
+
+        def grew(name: str, **labels: str) -> float:
+            return value(found, name, **labels) - value(before, name, **labels)
+
+        assert grew("notifier_decisions_total", **key) == 4
+        assert (
+            grew("notifier_decisions_total", outcome="suppressed", rule="quiet", channel="sms") == 1
+        )
+        assert grew("notifier_deliveries_total", channel="email", result="sent") == 2
+        assert grew("notifier_end_to_end_seconds_count", channel="email") == 2
+        assert grew("notifier_decision_to_provider_seconds_bucket", channel="email", le="+Inf") == 2
+
+        metrics.configure(tmp_path / "mp")
+        metrics.decisions([("sent", "milestone", "email")])
+        shared = samples(metrics.exposition([]).decode())
+        assert value(shared, "notifier_decisions_total", **key) == 1  # only the files' count
+    finally:
+        metrics.configure(None)
