@@ -182,6 +182,7 @@ def cluster() -> Iterator[Cluster]:
             check=True,
             capture_output=True,
             timeout=60,
+            env=real_clock_env(),  # redis-cli cannot load libfaketime either
         )
         found = Cluster(ports, queue_port)
         # a replica's first sync waits for Redis's diskless-sync delay (5 s)
