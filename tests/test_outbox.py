@@ -10,6 +10,7 @@ import shutil
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -182,3 +183,22 @@ def test_repeated_headers_come_from_the_cache_and_stay_each_messages_own() -> No
     assert build_eml(email_out(), AT) == build_eml(
         email_out(), AT.astimezone(timezone(timedelta(hours=9)))
     )
+
+
+async def test_receipts_name_the_path_as_pathlib_joins_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Paths are joined as text: the receipt is what ``directory / merchant / shipment /
+    name`` gives, for a relative outbox too, and a recovered message names its file."""
+    monkeypatch.chdir(tmp_path)
+    for directory in (Path("outbox"), Path("./nested/outbox/"), tmp_path / "abs"):
+        channel = OutboxChannel(directory)
+        try:
+            [receipt] = await channel.send_many([Outgoing(email_out(), AT)])
+            name = "20261121T083000.123456Z-n_abc.eml"
+            assert receipt == Receipt("outbox", str(directory / "acme" / "shp_1" / name))
+            later = AT.replace(minute=31)
+            [again] = await channel.send_many([Outgoing(email_out(), later, recovering=True)])
+            assert again == receipt
+        finally:
+            channel.close()

@@ -144,6 +144,16 @@ def _sms_json(message: SmsMessageOut) -> bytes:
     )
 
 
+@functools.lru_cache(maxsize=64)
+def _stamp(utc: datetime) -> str:
+    """A file name's time (a batch's messages share it)."""
+    return utc.strftime("%Y%m%dT%H%M%S.%fZ")
+
+
+#: What no id may hold to be a file name of its own.
+_UNSAFE = re.compile(r"[/\\\x00]")
+
+
 class UnsafeName(ValueError):
     """An id that is no single file name (``..``, a ``/``, a NUL): the message would be
     written outside its folder. The API's id patterns never let one through."""
@@ -166,6 +176,10 @@ class OutboxChannel:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        root = str(directory)
+        #: paths are joined as text: the same as pathlib's (ids are single names, checked),
+        #: without its parsing on every message
+        self._root = root if root.endswith("/") else f"{root}/"
         self._pool = ThreadPoolExecutor(self.WRITERS, thread_name_prefix="outbox")
         self._known: set[str] = set()
 
@@ -222,31 +236,30 @@ class OutboxChannel:
                     )
                 )
             else:
-                outcomes.append(Receipt(self.name, str(path)))
+                outcomes.append(Receipt(self.name, path))
         return outcomes
 
-    def _write(self, message: Message, sent_at: datetime, recovering: bool) -> Path:
+    def _write(self, message: Message, sent_at: datetime, recovering: bool) -> str:
         for what, part in (
             ("merchant id", message.merchant_id),
             ("shipment id", message.shipment_id),
             ("notification id", message.notification_id),
         ):
-            if part in ("", ".", "..") or any(c in part for c in "/\\\x00"):
+            if part in ("", ".", "..") or _UNSAFE.search(part):
                 raise UnsafeName(f"the {what} cannot be a file name in the outbox")
-        folder = self.directory / message.merchant_id / message.shipment_id
+        folder = f"{self._root}{message.merchant_id}/{message.shipment_id}"
         if isinstance(message, EmailMessageOut):
             suffix, data = ".eml", build_eml(message, sent_at)
         else:
             suffix, data = ".sms.json", _sms_json(message)
-        if recovering and folder.is_dir():
-            existing = sorted(folder.glob(f"*-{message.notification_id}{suffix}"))
+        if recovering and os.path.isdir(folder):
+            existing = sorted(Path(folder).glob(f"*-{message.notification_id}{suffix}"))
             if existing:
-                return existing[0]
-        stamp = sent_at.astimezone(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-        path = folder / f"{stamp}-{message.notification_id}{suffix}"
+                return str(existing[0])
+        path = f"{folder}/{_stamp(sent_at.astimezone(UTC))}-{message.notification_id}{suffix}"
         # Unique per writer thread; owner-only, like the files it becomes (they hold PII).
         tmp = f"{folder}/.tmp-{message.notification_id}-{os.getpid()}-{threading.get_ident()}"
-        fd = self._create(str(folder), tmp)
+        fd = self._create(folder, tmp)
         try:
             try:
                 view = memoryview(data)
