@@ -51,3 +51,14 @@ def test_values_written_before_still_read(data: bytes, tag: int) -> None:
 def test_a_large_state_packs_as_small_as_before() -> None:
     assert unpack(pack(STATE_JSON, STATE)) == STATE_JSON
     assert len(pack(STATE_JSON, STATE)) <= len(_full_window(STATE_JSON, STATE)) * 1.05
+
+
+@given(st.binary(max_size=12_000), st.sampled_from([STATE, HISTORY]))
+def test_a_primed_compressor_writes_what_a_new_one_writes(data: bytes, tag: int) -> None:
+    from notifier.packing import _MEM_LEVEL, _WINDOW_BITS
+
+    deflate = zlib.compressobj(
+        9, zlib.DEFLATED, -_WINDOW_BITS, _MEM_LEVEL, zlib.Z_DEFAULT_STRATEGY, _DICTIONARIES[tag]
+    )
+    assert pack(data, tag) == bytes([tag]) + deflate.compress(data) + deflate.flush()
+    assert pack(data, tag) == pack(data, tag)  # the primed one is never used itself

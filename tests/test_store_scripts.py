@@ -572,3 +572,28 @@ async def test_entries_settled_before_the_outcome_lists_still_read(store: Store)
         "old": {**shown, "provider_status": "delivered"}
     }
     assert await store.claim(["old"], NOW_MS, LEASE_MS) == [(ClaimResult.NONE, None)]
+
+
+async def test_an_outcome_list_keeps_as_many_records_as_the_history_would(store: Store) -> None:
+    # a shipment with more settled notifications than its history keeps decisions
+    cap = store.outcomes_cap
+    ids = [f"n{i}" for i in range(cap + 5)]
+    await ledger_entries(store, *(pending(n) for n in ids))
+    await store.mark_sent(
+        [(n, NOW_ISO, "outbox:x") for n in ids], where=dict.fromkeys(ids, SHIPMENT)
+    )
+    records = await store.redis.lrange(keys.outcome_key(*SHIPMENT), 0, -1)
+    assert [r.split(b"\t", 1)[0].decode() for r in records] == ids[-cap:]
+
+
+async def test_shorten_only_ever_shortens(store: Store) -> None:
+    await ledger_entries(store, pending("live"), pending("soon"))
+    await store.redis.expire(keys.notification_key("soon"), 60)
+    out = keys.outcome_key(*SHIPMENT)
+    await store.redis.rpush(out, b"x")
+    await store.redis.expire(out, STATE_TTL_S)
+    await store.shorten(["live", "soon", "gone"], 3600, None, [SHIPMENT])
+    assert 3500 < await store.redis.ttl(keys.notification_key("live")) <= 3600
+    assert await store.redis.ttl(keys.notification_key("soon")) <= 60  # never lengthened
+    assert 3500 < await store.redis.ttl(out) <= 3600
+    assert not await store.redis.exists(keys.notification_key("gone"))  # never created

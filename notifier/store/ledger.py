@@ -69,6 +69,13 @@ _SHOWN = {
 class Ledger(StoreBase):
     """Claims, outcomes and the due index of notifications."""
 
+    @property
+    def outcomes_cap(self) -> int:
+        """The most records a shipment's outcome list keeps: its history keeps
+        ``history_cap`` decisions, and a decision's notification may have a few provider
+        status reports after its outcome."""
+        return 4 * self.history_cap
+
     # -- claims -------------------------------------------------------------------------
     async def claim(
         self,
@@ -199,7 +206,7 @@ class Ledger(StoreBase):
         for a record on its shipment's outcome list (``lua/fold.lua``); the ids settled."""
         tag = self.tag(scope)
         names: list[str] = []
-        args: list[Any] = [owner]
+        args: list[Any] = [owner, self.outcomes_cap]
         for nid, (merchant_id, shipment_id), fields in settling:
             names += [
                 keys.notification_key(nid, tag),
@@ -244,7 +251,7 @@ class Ledger(StoreBase):
                     keys.notification_key(notification_id, tag),
                     keys.outcome_key(merchant_id, shipment_id, tag),
                 ],
-                args=[status, rank, error or "", notification_id],
+                args=[status, rank, error or "", notification_id, self.outcomes_cap],
             )
         )
 
@@ -351,12 +358,10 @@ class Ledger(StoreBase):
         """Let these ledger entries, and these shipments' outcome lists, expire within
         ``ttl_s`` (never later than they would)."""
         tag = self.tag(scope)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for name in self._names(notification_ids, scope):
-                pipe.expire(name, ttl_s, lt=True)
-            for merchant_id, shipment_id in shipments:
-                pipe.expire(keys.outcome_key(merchant_id, shipment_id, tag), ttl_s, lt=True)
-            await pipe.execute()
+        names = self._names(notification_ids, scope)
+        names += [keys.outcome_key(m, s, tag) for m, s in shipments]
+        if names:
+            await self.scripts.shorten(keys=names, args=[ttl_s])
 
     def _names(self, notification_ids: Sequence[str], scope: Scope) -> list[str]:
         """The ledger keys of notifications of one scope."""

@@ -59,6 +59,7 @@ class Scripts:
     add_notification: Script
     provider_status: Script
     fold: Script
+    shorten: Script
     history_page: Script
     drop_stall: Script
     lock: Script

@@ -6,12 +6,14 @@
 --
 -- KEYS: per notification: its ledger hash, then its shipment's outcome list
 -- ARGV[1]: the owner token the entries must carry ('' = no owner check)
+-- ARGV[2]: the most records an outcome list keeps (the oldest go first, like the history's)
 -- then per notification: its id, and what the worker records (packed JSON)
 -- A record is '<id>\t<JSON of the ledger fields the worker does not know: attempts, due,
 --   created, a provider status already reported>\t<what the worker records>'.
 -- Returns the positions (1-based) of the notifications settled.
 
 local owner = ARGV[1]
+local cap = tonumber(ARGV[2])
 local kept = {'attempts', 'due', 'created', 'provider_status', 'prank', 'provider_error'}
 local settled = {}
 for i = 1, #KEYS / 2 do
@@ -24,7 +26,8 @@ for i = 1, #KEYS / 2 do
       if values[f] and values[f] ~= '' then known[kept[f]] = values[f] end
     end
     local ttl = redis.call('PTTL', ledger)
-    redis.call('RPUSH', out, ARGV[2 * i] .. '\t' .. cjson.encode(known) .. '\t' .. ARGV[2 * i + 1])
+    redis.call('RPUSH', out, ARGV[2 * i + 1] .. '\t' .. cjson.encode(known) .. '\t' .. ARGV[2 * i + 2])
+    redis.call('LTRIM', out, -cap, -1)
     if ttl > redis.call('PTTL', out) then redis.call('PEXPIRE', out, ttl) end
     redis.call('DEL', ledger)
     table.insert(settled, i)

@@ -8,6 +8,7 @@
 -- ARGV[2]: its rank (later statuses rank higher; 'prank')
 -- ARGV[3]: the provider's error ('' = none)
 -- ARGV[4]: the notification id
+-- ARGV[5]: the most records an outcome list keeps
 -- Returns 1 when recorded, 0 when the notification is unknown or a status of the same or a
 --   higher rank is known.
 
@@ -36,4 +37,5 @@ if not found or rank <= current then return 0 end
 local status = {provider_status = ARGV[1], prank = ARGV[2]}
 if ARGV[3] ~= '' then status['provider_error'] = ARGV[3] end
 redis.call('RPUSH', KEYS[2], prefix .. cjson.encode(status) .. '\t')
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[5]), -1)
 return 1
