@@ -196,20 +196,16 @@ class Pipeline:
     async def _remember(
         self, committed: list[tuple[ShipmentKey, ShipmentCommit]], retention: int, scope: Scope
     ) -> None:
-        """After a commit: index tracking numbers (every commit, idempotent: kept as long as
-        the state, and a commit whose index write failed is indexed by the shipment's next
-        one); let an ended shipment's earlier messages follow its retention."""
-        tracked, ended, finished = [], [], []
+        """After a commit (which indexed the tracking numbers with the states): let an ended
+        shipment's earlier messages follow its retention."""
+        ended, finished = [], []
         for (merchant_id, shipment_id), commit in committed:
-            if commit.state.tracking_number:
-                tracked.append((merchant_id, commit.state.tracking_number, shipment_id))
             if commit.ttl_s is not None:
                 finished.append((merchant_id, shipment_id))
                 ended += [
                     notification_id_of(merchant_id, shipment_id, m.event_id, m.channel)
                     for m in commit.state.messages
                 ]
-        await self.res.store.index_tracking(tracked)
         if finished:
             await self.res.store.shorten(ended, retention, scope, finished)
 

@@ -64,10 +64,16 @@ def shipment(
     notifications: Sequence[tuple[str, str, str, bytes]] = (),
     stall_at_ms: int | None = None,
     ttl_s: int | None = None,
+    tracking_number: str | None = None,
 ) -> ShipmentCommit:
     """A commit of shipment ``acme/<shipment_id>`` read at ``version``; its state counts the
     commit (``events``), so two commits' states differ."""
-    state = ShipmentState(merchant_id="acme", shipment_id=shipment_id, events=version + 1)
+    state = ShipmentState(
+        merchant_id="acme",
+        shipment_id=shipment_id,
+        events=version + 1,
+        tracking_number=tracking_number,
+    )
     return ShipmentCommit(
         "acme",
         shipment_id,
@@ -597,3 +603,21 @@ async def test_shorten_only_ever_shortens(store: Store) -> None:
     assert await store.redis.ttl(keys.notification_key("soon")) <= 60  # never lengthened
     assert 3500 < await store.redis.ttl(out) <= 3600
     assert not await store.redis.exists(keys.notification_key("gone"))  # never created
+
+
+async def test_the_commit_indexes_tracking_numbers_with_the_state(store: Store) -> None:
+    redis = store.redis
+    key = keys.tracking_key("acme", "1Z9")
+    assert await store.commit([shipment("s1", tracking_number="1Z9")], NOW_ISO) == []
+    assert await redis.smembers(key) == {b"s1"}
+    assert STATE_TTL_S - 60 < await redis.ttl(key) <= STATE_TTL_S
+    # a carrier reusing the number: another shipment joins; one that ended (a short
+    # lifetime) never shortens the set the other still needs
+    assert await store.commit([shipment("s2", tracking_number="1Z9", ttl_s=60)], NOW_ISO) == []
+    assert await store.shipments_tracked_as("acme", "1Z9") == ["s1", "s2"]
+    assert STATE_TTL_S - 60 < await redis.ttl(key) <= STATE_TTL_S
+    # a conflicting commit writes nothing, its index entry neither; no number, no set
+    assert await store.commit([shipment("s3", 5, tracking_number="1Z9")], NOW_ISO) == [0]
+    assert await store.commit([shipment("s4")], NOW_ISO) == []
+    assert await store.shipments_tracked_as("acme", "1Z9") == ["s1", "s2"]
+    assert await redis.keys("ntf:trk:*") == [key.encode()]

@@ -134,9 +134,10 @@ def stall_member(merchant_id: str, shipment_id: str) -> str:
     return f"{merchant_id}:{shipment_id}"
 
 
-def tracking_key(merchant_id: str, tracking_number: str) -> str:
-    """The shipments that carried a tracking number (a set)."""
-    return f"{PREFIX}:trk:{merchant_id}:{tracking_number}"
+def tracking_key(merchant_id: str, tracking_number: str, tag: str = "") -> str:
+    """The shipments that carried a tracking number (a set; on a Redis Cluster one per
+    partition, written by the commit with the shipment's state)."""
+    return f"{PREFIX}:trk:{tag}{merchant_id}:{tracking_number}"
 
 
 # -- ledger (ledger.py) --------------------------------------------------------------------

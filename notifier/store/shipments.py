@@ -115,6 +115,8 @@ class Shipments(StoreBase):
                 keys.history_key(c.merchant_id, c.shipment_id, tag),
                 keys.outcome_key(c.merchant_id, c.shipment_id, tag),
             ]
+            if number := c.state.tracking_number:
+                names.append(keys.tracking_key(c.merchant_id, number, tag))
             names += [keys.notification_key(nid, tag) for nid, *_ in c.notifications]
             args += [
                 str(c.expected_version),
@@ -123,6 +125,7 @@ class Shipments(StoreBase):
                 "" if c.stall_at_ms is None else c.stall_at_ms,
                 len(c.history),
                 "" if c.ttl_s is None else c.ttl_s,
+                c.shipment_id if c.state.tracking_number else "",
                 *(pack(entry, HISTORY) for entry in c.history),
                 len(c.notifications),
             ]
@@ -187,20 +190,14 @@ class Shipments(StoreBase):
         )
 
     # -- tracking numbers ---------------------------------------------------------------
-    async def index_tracking(self, entries: Sequence[tuple[str, str, str]]) -> None:
-        """Remember which shipments carry a tracking number ((merchant, tracking number,
-        shipment) each), for the editor's timeline search; kept as long as shipment state."""
-        if not entries:
-            return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for merchant_id, tracking_number, shipment_id in entries:
-                key = keys.tracking_key(merchant_id, tracking_number)
-                pipe.sadd(key, shipment_id)
-                pipe.expire(key, self.state_ttl_s)
-            await pipe.execute()
-
     async def shipments_tracked_as(self, merchant_id: str, tracking_number: str) -> list[str]:
-        """The merchant's shipments that carried ``tracking_number`` (at most 50)."""
-        key = keys.tracking_key(merchant_id, tracking_number)
-        members = await awaited(self.redis.srandmember(key, 50))
-        return sorted(decode(m) for m in members or [])
+        """The merchant's shipments that carried ``tracking_number`` (at most 50). The commit
+        that records a shipment's state adds it to its number's set (on a Redis Cluster, one
+        set per partition: a lookup asks each)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for scope in self.scopes:
+                pipe.srandmember(
+                    keys.tracking_key(merchant_id, tracking_number, self.tag(scope)), 50
+                )
+            found = await pipe.execute()
+        return sorted({decode(m) for members in found for m in members or []})[:50]

@@ -1,14 +1,17 @@
 -- commit: per shipment, compare-and-set its state version. Where it still matches: the new
 -- state, the decisions appended to the history (trimmed to the cap), the ledger entries of
--- new notifications, and the stall and due indexes. A shipment whose version moved (another
+-- new notifications, the stall and due indexes, and the tracking-number index (a set of the
+-- shipments that carried the number, kept at least as long as the state). A shipment whose
+-- version moved (another
 -- worker got there first) is left untouched, its new notifications too, and reported as a
 -- conflict for the caller to re-decide. A ledger entry that exists already is kept as it is,
 -- and one settled for good already (on the outcome list, see fold.lua) is never made again.
 --
 -- KEYS[1]: the stall index (zset of '<merchant>:<shipment>' by deadline ms)
 -- KEYS[2]: the due index (zset of notification ids by due ms)
--- then per shipment: its state hash, its history list, its outcome list, and the ledger hash
---   of each new notification
+-- then per shipment: its state hash, its history list, its outcome list, its tracking
+--   number's set (only when it has a tracking number), and the ledger hash of each new
+--   notification
 -- ARGV[1]: the default lifetime of state, history and new ledger entries, seconds
 -- ARGV[2]: the history cap (entries kept)
 -- ARGV[3]: the number of shipments
@@ -16,7 +19,8 @@
 -- ARGV[5]: the ledger key prefix (the due index holds ids, not keys)
 -- then per shipment: the expected version, the new state, its stall member, its stall
 --   deadline ms ('' takes it off the stall index), the number of history entries nh, its
---   lifetime in seconds ('' = ARGV[1]), the nh entries, the number of notifications nn, and
+--   lifetime in seconds ('' = ARGV[1]), its id in its tracking number's set ('' = no
+--   tracking number: no set among the keys), the nh entries, the number of notifications nn, and
 --   per notification its ledger state, due ms ('' = not due-indexed) and payload
 -- Returns the positions (1-based) of the shipments that conflicted.
 
@@ -41,10 +45,16 @@ end
 for s = 1, shipments do
   local skey, hkey, okey = KEYS[k], KEYS[k + 1], KEYS[k + 2]
   k = k + 3
-  local expected, newstate, member, deadline, nh, sttl =
-    ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4]), ARGV[a + 5]
+  local expected, newstate, member, deadline, nh, sttl, tracked =
+    ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4]), ARGV[a + 5],
+    ARGV[a + 6]
   if sttl ~= '' then sttl = tonumber(sttl) else sttl = ttl end
-  a = a + 6
+  a = a + 7
+  local tkey = nil
+  if tracked ~= '' then
+    tkey = KEYS[k]
+    k = k + 1
+  end
   local current = redis.call('HGET', skey, 'v') or '0'
   local ok = (current == expected)
   if ok then
@@ -54,6 +64,11 @@ for s = 1, shipments do
       redis.call('ZREM', stall, member)
     else
       redis.call('ZADD', stall, deadline, member)
+    end
+    if tkey then
+      -- shared by the shipments that carried the number: never shortened by one of them
+      redis.call('SADD', tkey, tracked)
+      if redis.call('TTL', tkey) < sttl then redis.call('EXPIRE', tkey, sttl) end
     end
     if nh > 0 and redis.call('HEXISTS', skey, 'hn') == 0 then
       -- every entry ever appended, for the history API's positions; a shipment from before
