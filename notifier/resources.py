@@ -280,7 +280,9 @@ async def refuse_a_mismatched_mode(settings: Settings, redis: DataRedis, queue: 
     the setting. (A Redis that does not answer yet is not checked: the processes wait.)"""
     if settings.embedded:
         return
-    checks: list[tuple[str, Redis, bool]] = [("NOTIFIER_QUEUE_REDIS_URL", queue, False)]
+    checks: list[tuple[str, Redis, bool]] = []
+    if queue is not redis:  # else checked as the data's Redis below
+        checks.append(("NOTIFIER_QUEUE_REDIS_URL", queue, False))
     if isinstance(redis, RedisCluster):
         try:
             await redis.initialize()
@@ -295,8 +297,6 @@ async def refuse_a_mismatched_mode(settings: Settings, redis: DataRedis, queue: 
     elif isinstance(redis, Redis):
         checks.append(("NOTIFIER_REDIS_URL", redis, True))
     for name, client, data in checks:
-        if name == "NOTIFIER_QUEUE_REDIS_URL" and client is redis:
-            continue  # checked as the data's Redis
         try:
             clustered = (await client.info("cluster")).get("cluster_enabled") == 1
         except (RedisError, OSError):
