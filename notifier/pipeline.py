@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 
 from notifier import metrics
 from notifier.addresses import email_problem, phone_problem
@@ -137,6 +138,8 @@ class Pipeline:
         timing: dict[str, tuple[float, float]] = {}
         states: dict[ShipmentKey, ShipmentState] = {}
         pending = groups
+        #: shipments whose histories are worth compacting once this batch is delivered
+        long: list[ShipmentKey] = []
         retention = min(self.res.settings.retention_after_final_s, self.res.settings.state_ttl_s)
         for round_no in range(MAX_ROUNDS):
             if not pending:
@@ -164,7 +167,9 @@ class Pipeline:
                 )
                 for key, (version, state) in zip(keys, loaded, strict=True)
             ]
-            conflicts = set(await self.res.store.commit([f.commit for f in folds], now.isoformat()))
+            done = await self.res.store.commit_batch([f.commit for f in folds], now.isoformat())
+            conflicts = set(done.conflicts)
+            long += [keys[i] for i in done.long]
             committed_at = time.time()
             committed = [(keys[i], f.commit) for i, f in enumerate(folds) if i not in conflicts]
             await self._remember(committed, retention, scope)
@@ -191,7 +196,18 @@ class Pipeline:
                 to_deliver, states=states, built=built, timing=timing, scope=scope
             )
             report.unsettled = {owner[nid] for nid in report.delivery.busy}
+        await self._compact(long)
         return report
+
+    async def _compact(self, shipments: list[ShipmentKey]) -> None:
+        """Fold long histories into chunks (``Shipments.compact``): it only saves memory, so
+        a Redis error here is logged, and the batch (decided and delivered) stands."""
+        if not shipments:
+            return
+        try:
+            await self.res.store.compact(shipments)
+        except RedisError as e:
+            log.warning("compacting %d histories failed (%s); left for later", len(shipments), e)
 
     async def _remember(
         self, committed: list[tuple[ShipmentKey, ShipmentCommit]], retention: int, scope: Scope

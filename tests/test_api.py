@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from notifier.app import create_app
 from notifier.resources import open_resources
 from notifier.settings import Settings
+from notifier.store.shipments import CHUNK
 from tests.conftest import (
     ACME_KEY,
     API_KEYS,
@@ -115,7 +116,13 @@ async def test_history_is_paged_and_says_what_was_trimmed(
     # the store keeps the latest decisions only: what was trimmed is said, and a cursor
     # into the trimmed part starts at the oldest one kept
     async with open_resources(settings) as res:
-        await res.redis.ltrim(res.store.history_key("acme", "shp_123"), 2, -1)
+        key = res.store.history_key("acme", "shp_123")
+        # delivered: the shipment ended, and its decisions were folded into one chunk
+        [chunk] = await res.redis.lrange(key, 0, -1)
+        assert chunk[0] == CHUNK
+        kept = (await res.store.history("acme", "shp_123"))[2:]
+        await res.redis.delete(key)  # its two oldest decisions trimmed
+        await res.redis.rpush(key, *(orjson.dumps(d) for d in kept))
     page = await (await client.get(url + "?cursor=0&limit=200", headers=auth())).json()
     assert (page["total"], page["trimmed"]) == (total, 2)
     assert page["decisions"] == whole["decisions"][2:]

@@ -28,13 +28,14 @@ from notifier.store.inbox import (
 from notifier.store.keys import GROUP, PREFIX
 from notifier.store.ledger import ClaimResult, Ledger, LedgerState
 from notifier.store.optouts import OptOuts
-from notifier.store.shipments import HistoryPage, ShipmentCommit, Shipments
+from notifier.store.shipments import Committed, HistoryPage, ShipmentCommit, Shipments
 
 __all__ = [
     "GROUP",
     "PREFIX",
     "Admission",
     "ClaimResult",
+    "Committed",
     "DataRedis",
     "HistoryPage",
     "InboxEntry",

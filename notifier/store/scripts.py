@@ -61,6 +61,7 @@ class Scripts:
     fold: Script
     shorten: Script
     history_page: Script
+    compact: Script
     drop_stall: Script
     lock: Script
     unlock: Script

@@ -4,12 +4,19 @@ index and the tracking-number index.
 A worker loads the states of a batch, decides, and commits every shipment in one script
 call that compares and sets each state's version: a shipment another worker got to first
 comes back as a conflict, to be decided again from what that worker wrote.
+
+A history is a list whose elements are entries (one decision each, packed on its own) or
+chunks: a run of entries packed together, which deflate shrinks to less than half of what
+the same entries take apart. Entries are appended as they are decided; ``compact`` folds the
+latest ones into a chunk once there are a few (``COMPACT_AFTER``), or once the shipment
+ended. Chunks always come before entries: ``b"\x03<count>:"``, then the packed JSON array.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +43,25 @@ class ShipmentCommit:
     stall_at_ms: int | None = None
     #: how long its state, history and new ledger entries live (None: the store's default)
     ttl_s: int | None = None
+
+
+#: the first byte of a chunk (packed values start with their dictionary's tag, plain JSON with
+#: ``{``: neither is ever 3)
+CHUNK = 3
+#: a history with this many entries after its last chunk is compacted
+COMPACT_AFTER = 8
+#: a chunk holding fewer decisions than this takes the next ones in; a fuller one is left
+#: as it is, so a compaction never repacks more than about this many
+CHUNK_DECISIONS = 32
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """What a commit did: positions (0-based) of the shipments that conflicted, and of those
+    whose history is worth compacting."""
+
+    conflicts: list[int]
+    long: list[int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,12 +104,17 @@ class Shipments(StoreBase):
 
     # -- commit -------------------------------------------------------------------------
     async def commit(self, commits: Sequence[ShipmentCommit], now_iso: str) -> list[int]:
-        """Write all commits whose version still matches; return indexes that conflicted.
+        """Write all commits whose version still matches; return indexes that conflicted."""
+        return (await self.commit_batch(commits, now_iso)).conflicts
+
+    async def commit_batch(self, commits: Sequence[ShipmentCommit], now_iso: str) -> Committed:
+        """Write all commits whose version still matches: which conflicted, and which
+        shipments' histories are worth compacting (``compact``).
 
         On a cluster, one script call per partition (side by side): a call's keys share
         its partition's slot. A drain's batch is one partition's, so one call."""
         if not commits:
-            return []
+            return Committed([], [])
         scopes: dict[Scope, list[int]] = {}
         for i, c in enumerate(commits):
             scopes.setdefault(self.scope_of(c.merchant_id, c.shipment_id), []).append(i)
@@ -93,13 +124,15 @@ class Shipments(StoreBase):
                 for scope, at in scopes.items()
             )
         )
-        return sorted(
-            at[i] for at, conflicts in zip(scopes.values(), answers, strict=True) for i in conflicts
-        )
+        conflicts, long = [], []
+        for at, (conflicted, worth) in zip(scopes.values(), answers, strict=True):
+            conflicts += [at[int(i) - 1] for i in conflicted]
+            long += [at[int(i) - 1] for i in worth]
+        return Committed(sorted(conflicts), sorted(long))
 
     async def _commit(
         self, scope: Scope, commits: Sequence[ShipmentCommit], now_iso: str
-    ) -> list[int]:
+    ) -> tuple[list[Any], list[Any]]:
         tag = self.tag(scope)
         names: list[str] = [keys.stall_key(tag), keys.due_key(tag)]
         args: list[Any] = [
@@ -108,6 +141,7 @@ class Shipments(StoreBase):
             len(commits),
             now_iso,
             keys.notification_key("", tag),
+            COMPACT_AFTER,
         ]
         for c in commits:
             names += [
@@ -131,32 +165,70 @@ class Shipments(StoreBase):
             ]
             for _, st, due, payload in c.notifications:
                 args += [st, due, payload]
-        conflicts = await self.scripts.commit(keys=names, args=args)
-        return [int(i) - 1 for i in conflicts]
+        conflicts, long = await self.scripts.commit(keys=names, args=args)
+        return conflicts, long
 
     # -- history ------------------------------------------------------------------------
     async def history(self, merchant_id: str, shipment_id: str) -> list[dict[str, Any]]:
         """The recorded decisions of a shipment, oldest first."""
         key = self.history_key(merchant_id, shipment_id)
-        rows = await awaited(self.redis.lrange(key, 0, -1))
-        return [orjson.loads(unpack(r)) for r in rows]
+        return self._kept(await awaited(self.redis.lrange(key, 0, -1)))
 
     async def history_page(
         self, merchant_id: str, shipment_id: str, cursor: int | None, limit: int
     ) -> HistoryPage:
         """Up to ``limit`` decisions from position ``cursor`` (counted over every decision
         ever recorded for the shipment, oldest first; None: the oldest one still kept)."""
-        total, first, start, rows = await self.scripts.history_page(
+        counted, elements = await self.scripts.history_page(
             keys=[
                 self.state_key(merchant_id, shipment_id),
                 self.history_key(merchant_id, shipment_id),
             ],
-            args=[-1 if cursor is None else cursor, limit],
+            args=[],
         )
-        decisions = [orjson.loads(unpack(r)) for r in rows]
-        end = int(start) + len(decisions)
-        total, first = int(total), int(first)
+        kept = self._kept(elements)
+        total = max(int(counted), len(kept))  # no counter before 0.4: what is kept
+        first = total - len(kept)
+        start = first if cursor is None else max(cursor, first)
+        decisions = kept[start - first : start - first + limit]
+        end = start + len(decisions)
         return HistoryPage(decisions, total, first, end if end < total else None)
+
+    def _kept(self, elements: Iterable[bytes]) -> list[dict[str, Any]]:
+        """The decisions a history's elements hold, oldest first: the latest ``history_cap``
+        (between compactions a list may hold a few more)."""
+        return _decisions(elements)[-self.history_cap :]
+
+    # -- compaction ---------------------------------------------------------------------
+    async def compact(self, shipments: Sequence[tuple[str, str]]) -> int:
+        """Fold each shipment's latest history entries into a chunk (``lua/compact.lua``),
+        and drop the elements past the cap; how many histories were rewritten. One that
+        changed meanwhile (another worker's commit trimmed it) is left for another time."""
+        by_scope: dict[Scope, list[tuple[str, str]]] = {}
+        for merchant_id, shipment_id in dict.fromkeys(shipments):
+            by_scope.setdefault(self.scope_of(merchant_id, shipment_id), []).append(
+                (merchant_id, shipment_id)
+            )
+        done = await asyncio.gather(*(self._compact(s, found) for s, found in by_scope.items()))
+        return sum(done)
+
+    async def _compact(self, scope: Scope, shipments: Sequence[tuple[str, str]]) -> int:
+        tag = self.tag(scope)
+        names = [keys.history_key(m, s, tag) for m, s in shipments]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.lrange(name, 0, -1)
+            lists = await pipe.execute()
+        chosen: list[str] = []
+        args: list[Any] = []
+        for name, elements in zip(names, lists, strict=True):
+            plan = _plan(elements, self.history_cap)
+            if plan is not None:
+                chosen.append(name)
+                args += [len(elements), _digest(elements), *plan]
+        if not chosen:
+            return 0
+        return len(await self.scripts.compact(keys=chosen, args=args))
 
     async def record_test(self, merchant_id: str, shipment_id: str, entry: dict[str, Any]) -> None:
         """Append a test send to a shipment's history (kept like any history)."""
@@ -201,3 +273,53 @@ class Shipments(StoreBase):
                 )
             found = await pipe.execute()
         return sorted({decode(m) for members in found for m in members or []})[:50]
+
+
+def _size(element: bytes) -> int:
+    """How many decisions a history element holds."""
+    if element[0] != CHUNK:
+        return 1
+    return int(element[1 : element.index(b":")])
+
+
+def _decisions(elements: Iterable[bytes]) -> list[dict[str, Any]]:
+    """Every decision the elements hold, oldest first."""
+    out: list[dict[str, Any]] = []
+    for element in elements:
+        if element[0] == CHUNK:
+            out += orjson.loads(unpack(element[element.index(b":") + 1 :]))
+        else:
+            out.append(orjson.loads(unpack(element)))
+    return out
+
+
+def _chunk(decisions: Sequence[dict[str, Any]]) -> bytes:
+    """One element holding these decisions."""
+    return b"%c%d:" % (CHUNK, len(decisions)) + pack(orjson.dumps(decisions), HISTORY)
+
+
+def _digest(elements: Sequence[bytes]) -> str:
+    """What ``lua/compact.lua`` checks the elements against."""
+    return hashlib.sha1(b"".join(b"%d:%s" % (len(e), e) for e in elements)).hexdigest()
+
+
+def _plan(elements: Sequence[bytes], cap: int) -> tuple[int, int, bytes] | None:
+    """How to compact a history: (elements dropped from the head, the position from which
+    the rest becomes one chunk, the chunk), or None when there is nothing to gain.
+
+    The run folded is every entry after the last chunk, with that chunk too while it holds
+    fewer than ``CHUNK_DECISIONS``; the head loses whole elements for as long as ``cap``
+    decisions are left, and a chunk never holds more than ``cap``."""
+    sizes = [_size(e) for e in elements]
+    start = len(elements)
+    while start and elements[start - 1][0] != CHUNK:
+        start -= 1
+    if start and sizes[start - 1] < CHUNK_DECISIONS:
+        start -= 1  # the last chunk still has room
+    if len(elements) - start < 2:
+        return None  # one element already
+    total, dropped = sum(sizes), 0
+    while dropped < start and total - sizes[dropped] >= cap:
+        total -= sizes[dropped]
+        dropped += 1
+    return dropped, start, _chunk(_decisions(elements[start:])[-cap:])

@@ -17,21 +17,31 @@
 -- ARGV[3]: the number of shipments
 -- ARGV[4]: now, ISO (each new ledger entry's 'created')
 -- ARGV[5]: the ledger key prefix (the due index holds ids, not keys)
+-- ARGV[6]: how many entries appended since the last chunk (see compact.lua) make a history
+--   worth compacting (2 for a shipment given its own lifetime: it has ended)
 -- then per shipment: the expected version, the new state, its stall member, its stall
 --   deadline ms ('' takes it off the stall index), the number of history entries nh, its
 --   lifetime in seconds ('' = ARGV[1]), its id in its tracking number's set ('' = no
 --   tracking number: no set among the keys), the nh entries, the number of notifications nn, and
 --   per notification its ledger state, due ms ('' = not due-indexed) and payload
--- Returns the positions (1-based) of the shipments that conflicted.
+-- Returns {conflicts, long}: the positions (1-based) of the shipments that conflicted, and of
+--   those whose history is worth compacting.
 
 local ttl = tonumber(ARGV[1])
 local cap = tonumber(ARGV[2])
 local shipments = tonumber(ARGV[3])
 local now = ARGV[4]
 local stall, dueidx = KEYS[1], KEYS[2]
-local a = 6
+local a = 7
 local k = 3
-local conflicts = {}
+local conflicts, long = {}, {}
+
+-- whether the last 'run' elements of a history are plain entries, none a chunk (chunks
+-- start with byte 3 and are never after a plain entry)
+local function worth(hkey, run)
+  local element = redis.call('LINDEX', hkey, -run)
+  return element and string.byte(element, 1) ~= 3
+end
 
 -- the ids on an outcome list: notifications settled for good
 local function folded(out)
@@ -48,7 +58,8 @@ for s = 1, shipments do
   local expected, newstate, member, deadline, nh, sttl, tracked =
     ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4]), ARGV[a + 5],
     ARGV[a + 6]
-  if sttl ~= '' then sttl = tonumber(sttl) else sttl = ttl end
+  local run = tonumber(ARGV[6])
+  if sttl ~= '' then sttl, run = tonumber(sttl), 2 else sttl = ttl end
   a = a + 7
   local tkey = nil
   if tracked ~= '' then
@@ -82,6 +93,7 @@ for s = 1, shipments do
       redis.call('LTRIM', hkey, -cap, -1)
       redis.call('EXPIRE', hkey, sttl)
       redis.call('HINCRBY', skey, 'hn', nh)
+      if worth(hkey, run) then table.insert(long, s) end
     end
   else
     table.insert(conflicts, s)
@@ -105,4 +117,4 @@ for s = 1, shipments do
   k = k + nn
   a = a + 3 * nn
 end
-return conflicts
+return {conflicts, long}

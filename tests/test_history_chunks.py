@@ -1,0 +1,166 @@
+"""History chunks (notifier/store/shipments.py, lua/compact.lua), on the real redis-server: a
+compacted history reads exactly as before, positions and cursors included; a compaction
+never loses an entry another worker appended meanwhile, and never rewrites a list trimmed
+meanwhile; the cap holds; histories from before chunks existed read and compact too."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+from arq.connections import ArqRedis
+
+from notifier.packing import HISTORY, pack
+from notifier.store import Store, keys
+from notifier.store.shipments import CHUNK, COMPACT_AFTER, _digest, _plan
+from tests.test_store_scripts import IDEMPOTENCY_TTL_S, NOW_ISO, STATE_TTL_S, shipment
+
+CAP = 50
+KEY = keys.history_key("acme", "s1")
+
+
+@pytest.fixture
+async def store(redis_url: str) -> AsyncIterator[Store]:
+    redis = ArqRedis.from_url(redis_url)
+    yield Store(
+        redis,
+        partitions=4,
+        idempotency_ttl_s=IDEMPOTENCY_TTL_S,
+        state_ttl_s=STATE_TTL_S,
+        history_cap=CAP,
+    )
+    await redis.aclose()
+
+
+def decisions(first: int, count: int) -> list[dict[str, Any]]:
+    return [{"d": i, "reason": f"decision {i}"} for i in range(first, first + count)]
+
+
+async def record(store: Store, count: int, *, ttl_s: int | None = None) -> list[int]:
+    """Commit ``count`` more decisions to acme/s1; the positions worth compacting."""
+    version = int(await store.redis.hget(keys.state_key("acme", "s1"), "v") or 0)
+    done = int(await store.redis.hget(keys.state_key("acme", "s1"), "hn") or 0)
+    commit = shipment("s1", version, history=decisions(done, count), ttl_s=ttl_s)
+    result = await store.commit_batch([commit], NOW_ISO)
+    assert result.conflicts == []
+    return result.long
+
+
+async def sizes(store: Store) -> list[int]:
+    """Per element of the history: how many decisions (0 for a plain entry)."""
+    out = []
+    for element in await store.redis.lrange(KEY, 0, -1):
+        out.append(int(element[1 : element.index(b":")]) if element[0] == CHUNK else 0)
+    return out
+
+
+async def pages(store: Store, limit: int) -> list[tuple[list[dict[str, Any]], int, int]]:
+    """Every page from the oldest kept: (decisions, total, trimmed)."""
+    out, cursor = [], None
+    while True:
+        page = await store.history_page("acme", "s1", cursor, limit)
+        out.append((page.decisions, page.total, page.trimmed))
+        if page.next_cursor is None:
+            return out
+        cursor = page.next_cursor
+
+
+async def test_a_compacted_history_reads_exactly_as_before(store: Store) -> None:
+    assert await record(store, COMPACT_AFTER - 1) == []  # not worth it yet
+    assert await record(store, 1) == [0]
+    await record(store, 3)
+    before = (await store.history("acme", "s1"), await pages(store, 4))
+    ttl = await store.redis.pttl(KEY)
+    assert await store.compact([("acme", "s1")]) == 1
+    assert await sizes(store) == [11]
+    assert (await store.history("acme", "s1"), await pages(store, 4)) == before
+    assert 0 < await store.redis.pttl(KEY) <= ttl
+    # a cursor in the middle of the chunk
+    page = await store.history_page("acme", "s1", 5, 2)
+    assert [d["d"] for d in page.decisions] == [5, 6] and page.next_cursor == 7
+    # one element already: nothing to gain
+    assert await store.compact([("acme", "s1")]) == 0
+
+
+async def test_a_chunk_takes_the_next_entries_in_until_it_is_full(store: Store) -> None:
+    await record(store, 40)
+    await store.compact([("acme", "s1")])
+    assert await sizes(store) == [40]
+    # a full chunk stays as it is: the next entries make a chunk of their own...
+    assert await record(store, COMPACT_AFTER) == [0]
+    await store.compact([("acme", "s1")])
+    assert await sizes(store) == [40, 8]
+    # ...which takes the next ones in
+    await record(store, COMPACT_AFTER)
+    await store.compact([("acme", "s1")])
+    assert await sizes(store) == [40, 16]
+    history = await store.history("acme", "s1")
+    # 56 recorded, the latest 50 kept: read as the cap says, though the list holds more
+    assert [d["d"] for d in history] == list(range(6, 56))
+    page = await store.history_page("acme", "s1", None, 100)
+    assert (page.total, page.trimmed, len(page.decisions)) == (56, 6, 50)
+
+
+async def test_compaction_drops_whole_elements_past_the_cap_only(store: Store) -> None:
+    await record(store, 40)
+    await store.compact([("acme", "s1")])
+    await record(store, 20)
+    await store.compact([("acme", "s1")])
+    # 60 decisions: the chunk of 40 cannot go without leaving fewer than 50
+    assert await sizes(store) == [40, 20]
+    await record(store, 31)
+    await store.compact([("acme", "s1")])
+    # 91: the chunk of 40 goes (51 left); the chunk of 20 took the 31 in, and never holds
+    # more than the cap
+    assert await sizes(store) == [50]
+    assert [d["d"] for d in await store.history("acme", "s1")] == list(range(41, 91))
+
+
+async def test_an_ended_shipment_is_worth_compacting_at_two_entries(store: Store) -> None:
+    assert await record(store, 1, ttl_s=60) == []
+    assert await record(store, 1, ttl_s=60) == [0]
+
+
+async def test_entries_appended_meanwhile_stay_after_the_chunk(store: Store) -> None:
+    await record(store, 9)
+    read = await store.redis.lrange(KEY, 0, -1)
+    dropped, start, chunk = _plan(read, CAP) or (0, 0, b"")
+    await record(store, 2)  # another worker's commit, between the read and the rewrite
+    args = [len(read), _digest(read), dropped, start, chunk]
+    assert await store.scripts.compact(keys=[KEY], args=args) == [1]
+    assert await sizes(store) == [9, 0, 0]
+    assert [d["d"] for d in await store.history("acme", "s1")] == list(range(11))
+
+
+async def test_a_history_changed_otherwise_meanwhile_is_left_as_it_is(store: Store) -> None:
+    await record(store, 9)
+    read = await store.redis.lrange(KEY, 0, -1)
+    dropped, start, chunk = _plan(read, CAP) or (0, 0, b"")
+    await store.redis.ltrim(KEY, 1, -1)  # trimmed by someone else's cap meanwhile...
+    await record(store, 2)  # ...and appended to: as long as what was read, not the same
+    trimmed = await store.redis.lrange(KEY, 0, -1)
+    args = [len(read), _digest(read), dropped, start, chunk]
+    assert await store.scripts.compact(keys=[KEY], args=args) == []
+    assert await store.redis.lrange(KEY, 0, -1) == trimmed
+
+
+async def test_histories_from_before_chunks_read_and_compact(store: Store) -> None:
+    await record(store, 1)
+    old = decisions(1, 9)
+    # 0.3 wrote plain JSON, 0.4 packed entries: both may be in one list
+    await store.redis.rpush(KEY, *(orjson.dumps(d) for d in old[:4]))
+    await store.redis.rpush(KEY, *(pack(orjson.dumps(d), HISTORY) for d in old[4:]))
+    whole = await store.history("acme", "s1")
+    assert [d["d"] for d in whole] == list(range(10))
+    assert await store.compact([("acme", "s1")]) == 1
+    assert await store.history("acme", "s1") == whole
+
+
+async def test_a_chunk_is_smaller_than_its_entries_apart(store: Store) -> None:
+    await record(store, 30)
+    apart = await store.redis.memory_usage(KEY, samples=0)
+    await store.compact([("acme", "s1")])
+    together = await store.redis.memory_usage(KEY, samples=0)
+    assert together < apart / 2, (together, apart)
