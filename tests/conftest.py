@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import orjson
 import pytest
 import redis
 from aiohttp.test_utils import TestClient, TestServer
@@ -31,6 +32,7 @@ from babel.dates import format_skeleton, format_time
 
 from bench.procs import node_port
 from notifier.app import create_app
+from notifier.packing import unpack
 from notifier.resources import Resources
 from notifier.settings import Settings
 from notifier.store import InboxEntry
@@ -378,6 +380,22 @@ async def history(client: Any, shipment: str = "shp_123") -> list[dict[str, Any]
     assert resp.status == 200
     decisions: list[dict[str, Any]] = (await resp.json())["decisions"]
     return decisions
+
+
+def outcome_records(elements: list[bytes]) -> list[tuple[str, dict[str, Any]]]:
+    """(notification id, what its worker recorded: {} for a provider's status report) of each
+    record on an outcome list, read as the format says (lua/fold.lua, lua/lib/outcomes.lua)
+    and not through the store's own reader: a record ``<id>\\t<header>\\t<packed>``, or a
+    chunk ``\\x03<count>:<ids>\\t<ranks>\\t<packed [[id, header, recorded], ...]>``."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    for element in elements:
+        if element[0] == 3:
+            packed = element.split(b"\t", 2)[2]
+            out += [(nid, recorded) for nid, _, recorded in orjson.loads(unpack(packed))]
+        else:
+            nid, _, packed = element.split(b"\t", 2)
+            out.append((nid.decode(), orjson.loads(unpack(packed)) if packed else {}))
+    return out
 
 
 async def read_whole_inbox(res: Resources, consumer: str, count: int = 100) -> list[InboxEntry]:

@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from notifier.app import create_app
 from notifier.resources import open_resources
 from notifier.settings import Settings
-from notifier.store.shipments import CHUNK
+from notifier.store.chunks import CHUNK
 from tests.conftest import (
     ACME_KEY,
     API_KEYS,

@@ -42,6 +42,7 @@ from tests.conftest import (
     healthy,
     make_settings,
     outbox_files,
+    outcome_records,
     post,
     post_over_http,
     run_worker,
@@ -195,8 +196,8 @@ async def test_competing_workers_on_a_cluster_never_send_twice(on_cluster: Setti
             assert await res.redis.xlen(keys.inbox_key(p, tag)) == 0  # all settled
             # settled for good: each on its shipment's outcome list, on its partition
             async for key in res.redis.scan_iter(match=f"ntf:out:{tag}*"):
-                for record in await res.redis.lrange(key, 0, -1):
-                    sent.append(record.split(b"\t", 1)[0].decode())
+                records = outcome_records(await res.redis.lrange(key, 0, -1))
+                sent += [nid for nid, recorded in records if recorded]
     names = [p.name.split("-", 1)[1].split(".", 1)[0] for p in outbox_files(on_cluster)]
     assert len(names) == len(set(names))  # never twice
     assert sorted(names) == sorted(sent)  # and every one recorded as sent

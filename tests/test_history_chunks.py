@@ -1,7 +1,9 @@
-"""History chunks (notifier/store/shipments.py, lua/compact.lua), on the real redis-server: a
-compacted history reads exactly as before, positions and cursors included; a compaction
-never loses an entry another worker appended meanwhile, and never rewrites a list trimmed
-meanwhile; the cap holds; histories from before chunks existed read and compact too."""
+"""Chunks (notifier/store/chunks.py, lua/compact.lua), on the real redis-server: a compacted
+history reads exactly as before, positions and cursors included; a compaction never loses an
+entry another worker appended meanwhile, and never rewrites a list trimmed meanwhile; the
+caps hold; histories from before chunks existed read and compact too. Compacted outcome
+records read the same, provider statuses still only go up, and a notification in a chunk is
+never made again."""
 
 from __future__ import annotations
 
@@ -13,9 +15,10 @@ import pytest
 from arq.connections import ArqRedis
 
 from notifier.packing import HISTORY, pack
-from notifier.store import Store, keys
-from notifier.store.shipments import CHUNK, COMPACT_AFTER, _digest, _plan
-from tests.test_store_scripts import IDEMPOTENCY_TTL_S, NOW_ISO, STATE_TTL_S, shipment
+from notifier.store import Store, chunks, keys
+from notifier.store.chunks import CHUNK, digest, plan
+from notifier.store.shipments import COMPACT_AFTER, merge_history
+from tests.test_store_scripts import IDEMPOTENCY_TTL_S, NOW_ISO, STATE_TTL_S, pending, shipment
 
 CAP = 50
 KEY = keys.history_key("acme", "s1")
@@ -126,9 +129,9 @@ async def test_an_ended_shipment_is_worth_compacting_at_two_entries(store: Store
 async def test_entries_appended_meanwhile_stay_after_the_chunk(store: Store) -> None:
     await record(store, 9)
     read = await store.redis.lrange(KEY, 0, -1)
-    dropped, start, chunk = _plan(read, CAP) or (0, 0, b"")
+    dropped, start, chunk = plan(read, CAP, merge_history) or (0, 0, b"")
     await record(store, 2)  # another worker's commit, between the read and the rewrite
-    args = [len(read), _digest(read), dropped, start, chunk]
+    args = [len(read), digest(read), dropped, start, chunk]
     assert await store.scripts.compact(keys=[KEY], args=args) == [1]
     assert await sizes(store) == [9, 0, 0]
     assert [d["d"] for d in await store.history("acme", "s1")] == list(range(11))
@@ -137,11 +140,11 @@ async def test_entries_appended_meanwhile_stay_after_the_chunk(store: Store) -> 
 async def test_a_history_changed_otherwise_meanwhile_is_left_as_it_is(store: Store) -> None:
     await record(store, 9)
     read = await store.redis.lrange(KEY, 0, -1)
-    dropped, start, chunk = _plan(read, CAP) or (0, 0, b"")
+    dropped, start, chunk = plan(read, CAP, merge_history) or (0, 0, b"")
     await store.redis.ltrim(KEY, 1, -1)  # trimmed by someone else's cap meanwhile...
     await record(store, 2)  # ...and appended to: as long as what was read, not the same
     trimmed = await store.redis.lrange(KEY, 0, -1)
-    args = [len(read), _digest(read), dropped, start, chunk]
+    args = [len(read), digest(read), dropped, start, chunk]
     assert await store.scripts.compact(keys=[KEY], args=args) == []
     assert await store.redis.lrange(KEY, 0, -1) == trimmed
 
@@ -164,3 +167,71 @@ async def test_a_chunk_is_smaller_than_its_entries_apart(store: Store) -> None:
     await store.compact([("acme", "s1")])
     together = await store.redis.memory_usage(KEY, samples=0)
     assert together < apart / 2, (together, apart)
+
+
+# -- outcome records ---------------------------------------------------------------------
+
+OUT = keys.outcome_key("acme", "s1")
+WHERE = ("acme", "s1")
+
+
+async def settled(store: Store, *ids: str) -> None:
+    """New notifications of acme/s1, sent at once (their records go to its outcome list)."""
+    version = int(await store.redis.hget(keys.state_key("acme", "s1"), "v") or 0)
+    made = [pending(nid) for nid in ids]
+    assert await store.commit([shipment("s1", version, notifications=made)], NOW_ISO) == []
+    sent = [(nid, "2026-11-18T10:14:00+00:00", f"twilio:SM{nid}") for nid in ids]
+    await store.mark_sent(
+        sent, summaries={n: f"about {n}" for n in ids}, where=dict.fromkeys(ids, WHERE)
+    )
+
+
+async def test_compacted_outcomes_read_the_same_and_statuses_still_only_go_up(
+    store: Store,
+) -> None:
+    await settled(store, "n1", "n2", "n3")
+    assert await store.provider_status("n1", "delivered", 3, where=WHERE)
+    assert await store.provider_status("n2", "sent", 1, where=WHERE)
+    ids = ["n1", "n2", "n3"]
+    before = await store.deliveries("acme", "s1", ids)
+    assert before["n1"]["provider_status"] == "delivered"
+    assert await store.compact([WHERE]) == 1
+    [chunk] = await store.redis.lrange(OUT, 0, -1)
+    assert chunks.is_chunk(chunk) and chunks.count(chunk) == 5
+    assert await store.deliveries("acme", "s1", ids) == before
+    # the ranks inside the chunk still rule: a late "sent" never overwrites "delivered"
+    assert not await store.provider_status("n1", "sent", 1, where=WHERE)
+    assert not await store.provider_status("n2", "sent", 1, where=WHERE)
+    assert await store.provider_status("n2", "delivered", 3, where=WHERE)
+    assert await store.provider_status("n3", "failed", 4, "30003", where=WHERE)
+    assert not await store.provider_status("unknown", "delivered", 3, where=WHERE)
+    after = await store.deliveries("acme", "s1", ids)
+    assert after["n1"] == before["n1"]
+    assert after["n2"]["provider_status"] == "delivered"
+    assert (after["n3"]["provider_status"], after["n3"]["provider_error"]) == ("failed", "30003")
+
+
+async def test_a_notification_in_a_chunk_is_never_made_again(store: Store) -> None:
+    await settled(store, "n1", "n2")
+    await store.compact([WHERE])
+    assert chunks.is_chunk((await store.redis.lrange(OUT, 0, -1))[0])
+    # a worker re-deciding from an old state, and a fallback, both meet the chunk
+    version = int(await store.redis.hget(keys.state_key("acme", "s1"), "v") or 0)
+    again = shipment("s1", version, notifications=[pending("n2"), pending("n3")])
+    assert await store.commit([again], NOW_ISO) == []
+    assert not await store.redis.exists(keys.notification_key("n2"))
+    assert await store.redis.hget(keys.notification_key("n3"), "st") == b"pending"
+    assert not await store.add_notification("acme", "s1", "n1", b"p", 1, b'{"why": "x"}')
+    assert not await store.redis.exists(keys.notification_key("n1"))
+
+
+async def test_outcome_records_keep_their_cap_in_chunks(store: Store) -> None:
+    cap = store.outcomes_cap
+    ids = [f"n{i}" for i in range(cap + 10)]
+    for at in range(0, len(ids), 40):
+        await settled(store, *ids[at : at + 40])
+        await store.compact([WHERE])
+    records = await store.redis.lrange(OUT, 0, -1)
+    assert cap <= sum(chunks.count(e) for e in records) < cap + chunks.CHUNK_VALUES + 40
+    kept = await store.deliveries("acme", "s1", ids[-cap:])
+    assert all(d["status"] == "sent" for d in kept.values())

@@ -35,12 +35,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 import redis
 
 from notifier.models import notification_id_of
-from notifier.packing import unpack
 from notifier.resources import data_dir
 from notifier.store import keys
 from tests.conftest import (
@@ -50,6 +48,7 @@ from tests.conftest import (
     flush_cluster,
     free_port,
     healthy,
+    outcome_records,
     spawn_notifier,
     wait_until,
 )
@@ -437,10 +436,9 @@ def ledger_states(data: Data) -> Counter[str]:
             pipe.hget(key, "st")
         states = Counter(s.decode() for s in pipe.execute())
     for key in r.scan_iter("ntf:out:*", count=1000):
-        for record in r.lrange(key, 0, -1):
-            _, _, recorded = record.split(b"\t", 2)
+        for _, recorded in outcome_records(r.lrange(key, 0, -1)):
             if recorded:  # (a provider's status report has none)
-                states[orjson.loads(unpack(recorded))["st"]] += 1
+                states[recorded["st"]] += 1
     return states
 
 

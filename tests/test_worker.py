@@ -22,7 +22,7 @@ from notifier.render import SmsMessageOut
 from notifier.resources import open_resources
 from notifier.settings import Settings
 from notifier.state import ShipmentState
-from notifier.store import GROUP, InboxEntry, ShipmentCommit, Store, keys
+from notifier.store import GROUP, InboxEntry, ShipmentCommit, Store, chunks, keys
 from notifier.worker import BATCHES_AT_ONCE, build_worker
 from tests.conftest import (
     NOW,
@@ -555,7 +555,9 @@ async def test_an_ended_shipment_is_kept_for_its_retention_and_opt_outs_forever(
     async with open_resources(settings, clock=fixed_clock()) as res:
         state = res.store.state_key("acme", "shp_123")
         hist = res.store.history_key("acme", "shp_123")
-        assert await res.redis.llen(outcomes) == 4
+        # ended: its four records were folded into one chunk (notifier/store/chunks.py)
+        [chunk] = await res.redis.lrange(outcomes, 0, -1)
+        assert chunks.is_chunk(chunk) and chunks.count(chunk) == 4
         for key in [state, hist, outcomes]:
             assert 0 < await res.redis.ttl(key) <= 3600, key
         assert await res.redis.ttl(res.store.optout_key("acme")) == -1  # never expires

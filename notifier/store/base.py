@@ -45,6 +45,13 @@ class StoreBase:
         self.history_cap = history_cap
         self.scripts = Scripts.register(redis)
 
+    @property
+    def outcomes_cap(self) -> int:
+        """The most records a shipment's outcome list keeps: its history keeps
+        ``history_cap`` decisions, and a decision's notification may have a few provider
+        status reports after its outcome."""
+        return 4 * self.history_cap
+
     def partition_of(self, merchant_id: str, shipment_id: str) -> int:
         """The inbox partition of a shipment: stable, so its events stay in one stream."""
         return keys.partition_of(merchant_id, shipment_id, self.partitions)

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from notifier.packing import HISTORY, pack, unpack
-from notifier.store import keys
+from notifier.store import chunks, keys
 from notifier.store.base import Scope, StoreBase, awaited, decode
 
 #: (merchant id, shipment id): where a notification's outcome list is
@@ -68,13 +68,6 @@ _SHOWN = {
 
 class Ledger(StoreBase):
     """Claims, outcomes and the due index of notifications."""
-
-    @property
-    def outcomes_cap(self) -> int:
-        """The most records a shipment's outcome list keeps: its history keeps
-        ``history_cap`` decisions, and a decision's notification may have a few provider
-        status reports after its outcome."""
-        return 4 * self.history_cap
 
     # -- claims -------------------------------------------------------------------------
     async def claim(
@@ -369,19 +362,53 @@ class Ledger(StoreBase):
         return [keys.notification_key(n, tag) for n in notification_ids]
 
 
-def _outcomes(records: Sequence[bytes]) -> dict[str, dict[str, str]]:
+#: one record of an outcome list: (notification id, the ledger's fields, what was recorded)
+Record = tuple[str, dict[str, str], dict[str, str]]
+
+
+def _records(elements: Sequence[bytes]) -> list[Record]:
+    """The records an outcome list's elements hold, oldest first: each one
+    ``<id>\t<JSON header>\t<packed JSON or nothing>`` (``lua/fold.lua``,
+    ``lua/provider_status.lua``), or a chunk of them (``merge_outcomes``)."""
+    out: list[Record] = []
+    for element in elements:
+        if chunks.is_chunk(element):
+            packed = chunks.body(element).split(b"\t", 2)[2]
+            out += [(nid, known, recorded) for nid, known, recorded in orjson.loads(unpack(packed))]
+            continue
+        nid, known, recorded = element.split(b"\t", 2)
+        out.append(
+            (nid.decode(), orjson.loads(known), orjson.loads(unpack(recorded)) if recorded else {})
+        )
+    return out
+
+
+def merge_outcomes(elements: Sequence[bytes], cap: int) -> bytes:
+    """One chunk of the latest ``cap`` records these elements hold: the ids it holds and
+    the highest provider status rank of each (what the scripts look for), then the records
+    packed together."""
+    records = _records(elements)[-cap:]
+    ranks: dict[str, int] = {}
+    for nid, known, _ in records:
+        ranks.setdefault(nid, -1)
+        if "prank" in known:
+            ranks[nid] = max(ranks[nid], int(known["prank"]))
+    ids = " ".join(ranks).encode()
+    ranked = orjson.dumps({nid: rank for nid, rank in ranks.items() if rank >= 0})
+    packed = pack(orjson.dumps(records), HISTORY)
+    return chunks.header(len(records)) + ids + b"\t" + ranked + b"\t" + packed
+
+
+def _outcomes(elements: Sequence[bytes]) -> dict[str, dict[str, str]]:
     """The ledger fields of each notification on an outcome list (``lua/fold.lua``): its
     settling record, and the provider statuses reported after (the highest rank wins)."""
     out: dict[str, dict[str, str]] = {}
-    for record in records:
-        nid, known, recorded = record.split(b"\t", 2)
-        fields = out.setdefault(nid.decode(), {})
-        header: dict[str, str] = orjson.loads(known)
-        if "prank" in header and int(header["prank"]) <= int(fields.get("prank", -1)):
+    for nid, known, recorded in _records(elements):
+        fields = out.setdefault(nid, {})
+        if "prank" in known and int(known["prank"]) <= int(fields.get("prank", -1)):
             continue  # a late "sent" never overwrites "delivered"
-        fields.update(header)
-        if recorded:
-            fields.update(orjson.loads(unpack(recorded)))
+        fields.update(known)
+        fields.update(recorded)
     return out
 
 

@@ -80,8 +80,18 @@ def script(redis: Redis | RedisCluster, text: str) -> Script:
     return Script(redis, text)
 
 
+#: the Lua functions some scripts share (``lua/lib/<name>.lua``) -> the scripts they go
+#: in front of
+LIBRARIES = {"outcomes": ("commit", "add_notification", "provider_status")}
+
+
+def _source(name: str) -> str:
+    """A script's Lua, after the libraries it uses."""
+    lua = files(__package__) / "lua"
+    used = [lib for lib, users in LIBRARIES.items() if name in users]
+    parts = [(lua / "lib" / f"{lib}.lua").read_text(encoding="utf-8") for lib in used]
+    return "".join([*parts, (lua / f"{name}.lua").read_text(encoding="utf-8")])
+
+
 #: name -> Lua source, for every field of ``Scripts``
-SOURCES = {
-    f.name: (files(__package__) / "lua" / f"{f.name}.lua").read_text(encoding="utf-8")
-    for f in fields(Scripts)
-}
+SOURCES = {f.name: _source(f.name) for f in fields(Scripts)}

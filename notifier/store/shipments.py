@@ -5,17 +5,15 @@ A worker loads the states of a batch, decides, and commits every shipment in one
 call that compares and sets each state's version: a shipment another worker got to first
 comes back as a conflict, to be decided again from what that worker wrote.
 
-A history is a list whose elements are entries (one decision each, packed on its own) or
-chunks: a run of entries packed together, which deflate shrinks to less than half of what
-the same entries take apart. Entries are appended as they are decided; ``compact`` folds the
-latest ones into a chunk once there are a few (``COMPACT_AFTER``), or once the shipment
-ended. Chunks always come before entries: ``b"\x03<count>:"``, then the packed JSON array.
+A history is a list of entries (one decision each, packed on its own) appended as they are
+decided, and of chunks (``chunks``: runs of entries packed together, a JSON array).
+``compact`` folds the latest entries, and the outcome records (``ledger``), into chunks once a
+few follow the last chunk (``COMPACT_AFTER``), or once the shipment ended.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,8 +22,9 @@ import orjson
 
 from notifier.packing import HISTORY, STATE, pack, unpack
 from notifier.state import ShipmentState
-from notifier.store import keys
+from notifier.store import chunks, keys
 from notifier.store.base import Scope, StoreBase, awaited, decode
+from notifier.store.ledger import merge_outcomes
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,14 +44,8 @@ class ShipmentCommit:
     ttl_s: int | None = None
 
 
-#: the first byte of a chunk (packed values start with their dictionary's tag, plain JSON with
-#: ``{``: neither is ever 3)
-CHUNK = 3
 #: a history with this many entries after its last chunk is compacted
 COMPACT_AFTER = 8
-#: a chunk holding fewer decisions than this takes the next ones in; a fuller one is left
-#: as it is, so a compaction never repacks more than about this many
-CHUNK_DECISIONS = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,9 +194,10 @@ class Shipments(StoreBase):
 
     # -- compaction ---------------------------------------------------------------------
     async def compact(self, shipments: Sequence[tuple[str, str]]) -> int:
-        """Fold each shipment's latest history entries into a chunk (``lua/compact.lua``),
-        and drop the elements past the cap; how many histories were rewritten. One that
-        changed meanwhile (another worker's commit trimmed it) is left for another time."""
+        """Fold each shipment's latest history entries, and its latest outcome records, into
+        chunks (``chunks``, ``lua/compact.lua``), dropping the elements past the caps; how
+        many lists were rewritten. One that changed meanwhile (another worker's commit
+        trimmed it) is left for another time."""
         by_scope: dict[Scope, list[tuple[str, str]]] = {}
         for merchant_id, shipment_id in dict.fromkeys(shipments):
             by_scope.setdefault(self.scope_of(merchant_id, shipment_id), []).append(
@@ -214,18 +208,27 @@ class Shipments(StoreBase):
 
     async def _compact(self, scope: Scope, shipments: Sequence[tuple[str, str]]) -> int:
         tag = self.tag(scope)
-        names = [keys.history_key(m, s, tag) for m, s in shipments]
+        lists: list[tuple[str, int, chunks.Merge]] = []
+        for merchant_id, shipment_id in shipments:
+            lists += [
+                (keys.history_key(merchant_id, shipment_id, tag), self.history_cap, merge_history),
+                (
+                    keys.outcome_key(merchant_id, shipment_id, tag),
+                    self.outcomes_cap,
+                    merge_outcomes,
+                ),
+            ]
         async with self.redis.pipeline(transaction=False) as pipe:
-            for name in names:
+            for name, _, _ in lists:
                 pipe.lrange(name, 0, -1)
-            lists = await pipe.execute()
+            read = await pipe.execute()
         chosen: list[str] = []
         args: list[Any] = []
-        for name, elements in zip(names, lists, strict=True):
-            plan = _plan(elements, self.history_cap)
+        for (name, cap, merge), elements in zip(lists, read, strict=True):
+            plan = chunks.plan(elements, cap, merge)
             if plan is not None:
                 chosen.append(name)
-                args += [len(elements), _digest(elements), *plan]
+                args += [len(elements), chunks.digest(elements), *plan]
         if not chosen:
             return 0
         return len(await self.scripts.compact(keys=chosen, args=args))
@@ -275,51 +278,18 @@ class Shipments(StoreBase):
         return sorted({decode(m) for members in found for m in members or []})[:50]
 
 
-def _size(element: bytes) -> int:
-    """How many decisions a history element holds."""
-    if element[0] != CHUNK:
-        return 1
-    return int(element[1 : element.index(b":")])
-
-
 def _decisions(elements: Iterable[bytes]) -> list[dict[str, Any]]:
-    """Every decision the elements hold, oldest first."""
+    """Every decision a history's elements hold, oldest first."""
     out: list[dict[str, Any]] = []
     for element in elements:
-        if element[0] == CHUNK:
-            out += orjson.loads(unpack(element[element.index(b":") + 1 :]))
+        if chunks.is_chunk(element):
+            out += orjson.loads(unpack(chunks.body(element)))
         else:
             out.append(orjson.loads(unpack(element)))
     return out
 
 
-def _chunk(decisions: Sequence[dict[str, Any]]) -> bytes:
-    """One element holding these decisions."""
-    return b"%c%d:" % (CHUNK, len(decisions)) + pack(orjson.dumps(decisions), HISTORY)
-
-
-def _digest(elements: Sequence[bytes]) -> str:
-    """What ``lua/compact.lua`` checks the elements against."""
-    return hashlib.sha1(b"".join(b"%d:%s" % (len(e), e) for e in elements)).hexdigest()
-
-
-def _plan(elements: Sequence[bytes], cap: int) -> tuple[int, int, bytes] | None:
-    """How to compact a history: (elements dropped from the head, the position from which
-    the rest becomes one chunk, the chunk), or None when there is nothing to gain.
-
-    The run folded is every entry after the last chunk, with that chunk too while it holds
-    fewer than ``CHUNK_DECISIONS``; the head loses whole elements for as long as ``cap``
-    decisions are left, and a chunk never holds more than ``cap``."""
-    sizes = [_size(e) for e in elements]
-    start = len(elements)
-    while start and elements[start - 1][0] != CHUNK:
-        start -= 1
-    if start and sizes[start - 1] < CHUNK_DECISIONS:
-        start -= 1  # the last chunk still has room
-    if len(elements) - start < 2:
-        return None  # one element already
-    total, dropped = sum(sizes), 0
-    while dropped < start and total - sizes[dropped] >= cap:
-        total -= sizes[dropped]
-        dropped += 1
-    return dropped, start, _chunk(_decisions(elements[start:])[-cap:])
+def merge_history(elements: Sequence[bytes], cap: int) -> bytes:
+    """One chunk of the latest ``cap`` decisions these elements hold."""
+    decisions = _decisions(elements)[-cap:]
+    return chunks.header(len(decisions)) + pack(orjson.dumps(decisions), HISTORY)

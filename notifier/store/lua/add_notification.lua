@@ -15,10 +15,7 @@
 -- Returns 1 when created, 0 when the ledger entry exists or was settled already (nothing
 --   written).
 
-local prefix = ARGV[1] .. '\t'
-for _, record in ipairs(redis.call('LRANGE', KEYS[5], 0, -1)) do
-  if string.sub(record, 1, #prefix) == prefix then return 0 end
-end
+if settled_ids(KEYS[5])[ARGV[1]] then return 0 end
 if redis.call('HSETNX', KEYS[1], 'st', 'deferred') == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'p', ARGV[2], 'due', ARGV[3], 'attempts', '0')
 redis.call('EXPIRE', KEYS[1], ARGV[5])

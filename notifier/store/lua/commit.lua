@@ -43,15 +43,6 @@ local function worth(hkey, run)
   return element and string.byte(element, 1) ~= 3
 end
 
--- the ids on an outcome list: notifications settled for good
-local function folded(out)
-  local ids = {}
-  for _, record in ipairs(redis.call('LRANGE', out, 0, -1)) do
-    ids[string.sub(record, 1, string.find(record, '\t') - 1)] = true
-  end
-  return ids
-end
-
 for s = 1, shipments do
   local skey, hkey, okey = KEYS[k], KEYS[k + 1], KEYS[k + 2]
   k = k + 3
@@ -105,7 +96,7 @@ for s = 1, shipments do
   for i = 0, nn - 1 do
     local st, due, payload = ARGV[a + 3 * i], ARGV[a + 3 * i + 1], ARGV[a + 3 * i + 2]
     local nid = string.sub(KEYS[k + i], string.len(ARGV[5]) + 1)
-    if ok and done == nil then done = folded(okey) end
+    if ok and done == nil then done = settled_ids(okey) end
     if ok and not done[nid] and redis.call('HSETNX', KEYS[k + i], 'st', st) == 1 then
       redis.call('HSET', KEYS[k + i], 'p', payload, 'created', now, 'attempts', '0', 'due', due)
       redis.call('EXPIRE', KEYS[k + i], sttl)

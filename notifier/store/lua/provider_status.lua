@@ -20,22 +20,10 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'provider_error', ARGV[3]) end
   return 1
 end
-local prefix = ARGV[4] .. '\t'
-local found = false
-local current = -1
-for _, record in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
-  if string.sub(record, 1, #prefix) == prefix then
-    found = true
-    local header = string.sub(record, #prefix + 1, string.find(record, '\t', #prefix + 1) - 1)
-    local known = cjson.decode(header)
-    if known['prank'] and tonumber(known['prank']) > current then
-      current = tonumber(known['prank'])
-    end
-  end
-end
+local found, current = outcome_rank(KEYS[2], ARGV[4])
 if not found or rank <= current then return 0 end
 local status = {provider_status = ARGV[1], prank = ARGV[2]}
 if ARGV[3] ~= '' then status['provider_error'] = ARGV[3] end
-redis.call('RPUSH', KEYS[2], prefix .. cjson.encode(status) .. '\t')
+redis.call('RPUSH', KEYS[2], ARGV[4] .. '\t' .. cjson.encode(status) .. '\t')
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[5]), -1)
 return 1

@@ -1,0 +1,46 @@
+-- Outcome lists (see fold.lua), for the scripts that read them: each element is a record,
+-- '<id>\t<JSON of ledger fields>\t<packed JSON>', or a chunk of records (first byte 3, see
+-- notifier/store/chunks.py): '\3<count>:<ids, space-separated>\t<JSON {id: the highest
+-- provider status rank recorded}>\t<packed records>'.
+
+-- the ids on an outcome list: notifications settled for good
+local function settled_ids(out)
+  local ids = {}
+  for _, record in ipairs(redis.call('LRANGE', out, 0, -1)) do
+    if string.byte(record, 1) == 3 then
+      local from = string.find(record, ':', 1, true) + 1
+      local held = string.sub(record, from, string.find(record, '\t', from, true) - 1)
+      for id in string.gmatch(held, '[^ ]+') do ids[id] = true end
+    else
+      ids[string.sub(record, 1, string.find(record, '\t', 1, true) - 1)] = true
+    end
+  end
+  return ids
+end
+
+-- whether a notification is on an outcome list, and the highest provider status rank
+-- recorded for it (-1: none)
+local function outcome_rank(out, id)
+  local found, rank = false, -1
+  local prefix = id .. '\t'
+  for _, record in ipairs(redis.call('LRANGE', out, 0, -1)) do
+    local known = nil
+    if string.byte(record, 1) == 3 then
+      local from = string.find(record, ':', 1, true) + 1
+      local upto = string.find(record, '\t', from, true)
+      if string.find(' ' .. string.sub(record, from, upto - 1) .. ' ', ' ' .. id .. ' ', 1, true) then
+        found = true
+        local ranks = cjson.decode(string.sub(record, upto + 1, string.find(record, '\t', upto + 1, true) - 1))
+        known = {prank = ranks[id]}
+      end
+    elseif string.sub(record, 1, #prefix) == prefix then
+      found = true
+      known = cjson.decode(string.sub(record, #prefix + 1, string.find(record, '\t', #prefix + 1, true) - 1))
+    end
+    if known and known['prank'] and tonumber(known['prank']) > rank then
+      rank = tonumber(known['prank'])
+    end
+  end
+  return found, rank
+end
+
