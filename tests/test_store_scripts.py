@@ -621,3 +621,33 @@ async def test_the_commit_indexes_tracking_numbers_with_the_state(store: Store) 
     assert await store.commit([shipment("s4")], NOW_ISO) == []
     assert await store.shipments_tracked_as("acme", "1Z9") == ["s1", "s2"]
     assert await redis.keys("ntf:trk:*") == [key.encode()]
+
+
+# -- the client ----------------------------------------------------------------------------
+
+
+async def test_commands_are_packed_in_c_byte_for_byte_as_redis_py_would(redis_url: str) -> None:
+    from redis.asyncio.connection import Connection, UnixDomainSocketConnection
+
+    from notifier.resources import connect_queue, packed_in_c
+    from notifier.settings import Settings
+
+    commands: list[tuple[Any, ...]] = [
+        ("EVALSHA", "ab", 2, "k1", "k2", b"\x00\xff\t", 1.5, -3, 10**30, "é✓ 日本"),
+        ("SET", "k", memoryview(b"view"), "EX", 60),
+        ("SET", b"big", b"x" * 10_000, "y" * 7_000),
+        ("CONFIG GET", "maxmemory"),
+        (b"CLIENT SETNAME", "n"),
+        ("ZADD", "z", 0.1, "m", 1e20, "n"),
+    ]
+    for kind in (Connection, UnixDomainSocketConnection):
+        plain, packed = kind(), packed_in_c(kind)()
+        for args in commands:
+            want = b"".join(bytes(part) for part in plain.pack_command(*args))
+            assert b"".join(packed.pack_command(*args)) == want, args
+    # the clients notifier makes use it, and it talks to the real server
+    client = connect_queue(Settings(redis_url=redis_url))
+    assert client.connection_pool.connection_class.__name__ == "PackedConnection"
+    assert await client.echo("é✓") == "é✓".encode()
+    assert await client.config_get("maxmemory")
+    await client.aclose()
