@@ -12,6 +12,7 @@ from fakeredis import FakeServer
 from notifier.app import create_app
 from notifier.resources import open_resources
 from notifier.settings import DEV_API_KEY, Settings
+from notifier.store import chunks, keys
 from notifier.worker import build_worker
 from tests.conftest import fixed_clock, transition
 
@@ -80,3 +81,37 @@ async def test_the_in_process_worker_makes_embedded_mode_ready(tmp_path: Path) -
     async with TestClient(TestServer(create_app(settings, run_worker=False))) as client:
         resp = await client.get("/readyz")
         assert resp.status == 503 and (await resp.json())["workers"].startswith("none alive")
+
+
+async def test_embedded_mode_folds_an_ended_shipments_lists_into_chunks(tmp_path: Path) -> None:
+    """The in-memory Redis runs the same scripts: compaction (redis.sha1hex, unpack) too."""
+    settings = embedded_settings(tmp_path)
+    server = FakeServer()
+    app = create_app(settings, server=server, run_worker=False)
+    headers = {"Authorization": f"Bearer {DEV_API_KEY}"}
+    async with TestClient(TestServer(app)) as client:
+        for i, status in enumerate(["out_for_delivery", "delivered"]):
+            at = f"2026-11-21T1{i}:00:00+01:00"
+            body = transition(event_id=f"c{i}", status=status, occurred_at=at)
+            assert (await client.post("/v1/transitions", json=body, headers=headers)).status == 202
+            async with open_resources(settings, server=server, clock=fixed_clock()) as res:
+                worker = build_worker(
+                    settings, resources=res, burst=True, handle_signals=False, poll_delay_s=0
+                )
+                try:
+                    await worker.main()
+                finally:
+                    await worker.close()
+                assert worker.jobs_failed == 0
+        async with open_resources(settings, server=server, clock=fixed_clock()) as res:
+            for key in (keys.history_key("acme", "shp_123"), keys.outcome_key("acme", "shp_123")):
+                [chunk] = await res.redis.lrange(key, 0, -1)
+                assert chunks.is_chunk(chunk) and chunks.count(chunk) == 4, key
+        url = "/v1/merchants/acme/shipments/shp_123/notifications"
+        decisions = (await (await client.get(url, headers=headers)).json())["decisions"]
+        assert [(d["event_id"], d["delivery"]["status"]) for d in decisions] == [
+            ("c0", "sent"),
+            ("c0", "sent"),
+            ("c1", "sent"),
+            ("c1", "sent"),
+        ]

@@ -16,9 +16,9 @@ from arq.connections import ArqRedis
 
 from notifier.packing import HISTORY, pack
 from notifier.store import Store, chunks, keys
-from notifier.store.chunks import CHUNK, digest, plan
+from notifier.store.chunks import CHUNK, plan
 from notifier.store.shipments import COMPACT_AFTER, merge_history
-from tests.test_store_scripts import IDEMPOTENCY_TTL_S, NOW_ISO, STATE_TTL_S, pending, shipment
+from tests.test_store_scripts import NOW_ISO, pending, shipment, store_on
 
 CAP = 50
 KEY = keys.history_key("acme", "s1")
@@ -27,13 +27,7 @@ KEY = keys.history_key("acme", "s1")
 @pytest.fixture
 async def store(redis_url: str) -> AsyncIterator[Store]:
     redis = ArqRedis.from_url(redis_url)
-    yield Store(
-        redis,
-        partitions=4,
-        idempotency_ttl_s=IDEMPOTENCY_TTL_S,
-        state_ttl_s=STATE_TTL_S,
-        history_cap=CAP,
-    )
+    yield store_on(redis, CAP)
     await redis.aclose()
 
 
@@ -131,7 +125,7 @@ async def test_entries_appended_meanwhile_stay_after_the_chunk(store: Store) -> 
     read = await store.redis.lrange(KEY, 0, -1)
     dropped, start, chunk = plan(read, CAP, merge_history) or (0, 0, b"")
     await record(store, 2)  # another worker's commit, between the read and the rewrite
-    args = [len(read), digest(read), dropped, start, chunk]
+    args = [len(read), dropped, start, chunk, *read]
     assert await store.scripts.compact(keys=[KEY], args=args) == [1]
     assert await sizes(store) == [9, 0, 0]
     assert [d["d"] for d in await store.history("acme", "s1")] == list(range(11))
@@ -144,7 +138,7 @@ async def test_a_history_changed_otherwise_meanwhile_is_left_as_it_is(store: Sto
     await store.redis.ltrim(KEY, 1, -1)  # trimmed by someone else's cap meanwhile...
     await record(store, 2)  # ...and appended to: as long as what was read, not the same
     trimmed = await store.redis.lrange(KEY, 0, -1)
-    args = [len(read), digest(read), dropped, start, chunk]
+    args = [len(read), dropped, start, chunk, *read]
     assert await store.scripts.compact(keys=[KEY], args=args) == []
     assert await store.redis.lrange(KEY, 0, -1) == trimmed
 

@@ -38,16 +38,21 @@ STATE_TTL_S = 7 * 86_400
 SHIPMENT = ("acme", "s1")
 
 
-@pytest.fixture
-async def store(redis_url: str) -> AsyncIterator[Store]:
-    redis = ArqRedis.from_url(redis_url)
-    yield Store(
+def store_on(redis: ArqRedis, history_cap: int = 3) -> Store:
+    """The store these tests use, over ``redis``."""
+    return Store(
         redis,
         partitions=4,
         idempotency_ttl_s=IDEMPOTENCY_TTL_S,
         state_ttl_s=STATE_TTL_S,
-        history_cap=3,
+        history_cap=history_cap,
     )
+
+
+@pytest.fixture
+async def store(redis_url: str) -> AsyncIterator[Store]:
+    redis = ArqRedis.from_url(redis_url)
+    yield store_on(redis)
     await redis.aclose()
 
 

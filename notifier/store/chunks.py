@@ -11,7 +11,6 @@ always come before the values appended after them.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 
 #: the first byte of a chunk
@@ -41,11 +40,6 @@ def body(element: bytes) -> bytes:
 def header(values: int) -> bytes:
     """The start of a chunk of ``values``."""
     return b"%c%d:" % (CHUNK, values)
-
-
-def digest(elements: Sequence[bytes]) -> str:
-    """What ``lua/compact.lua`` checks the elements it rewrites against."""
-    return hashlib.sha1(b"".join(b"%d:%s" % (len(e), e) for e in elements)).hexdigest()
 
 
 def plan(elements: Sequence[bytes], cap: int, merge: Merge) -> tuple[int, int, bytes] | None:

@@ -3,7 +3,9 @@
 A notification is claimed before it is handed to a channel (``claim``: two workers never
 send the same one), then settled by the worker that still holds the claim (sent, failed,
 cancelled) or given back to wait (``reschedule``, the due index). Providers' message ids
-lead their status callbacks back to it.
+lead their status callbacks back to it. Settled for good (sent or cancelled), it leaves the
+ledger for a record on its shipment's outcome list (``lua/fold.lua``), which the worker
+later folds into chunks with the others (``chunks``, ``merge_outcomes``).
 """
 
 from __future__ import annotations

@@ -228,7 +228,7 @@ class Shipments(StoreBase):
             plan = chunks.plan(elements, cap, merge)
             if plan is not None:
                 chosen.append(name)
-                args += [len(elements), chunks.digest(elements), *plan]
+                args += [len(elements), *plan, *elements]
         if not chosen:
             return 0
         return len(await self.scripts.compact(keys=chosen, args=args))

@@ -1,25 +1,30 @@
--- compact: rewrite a shipment's history list with its latest run of entries as one chunk
--- (one better-compressed element holding several decisions, see shipments.py), and without
--- the oldest elements past the cap. A list is rewritten only while the elements the worker
--- read are still its first ones (a digest of them): entries appended since stay after the
--- chunk, and a list trimmed meanwhile is left for another time.
+-- compact: rewrite a shipment's list (its history, or its outcome records) with its latest
+-- run of values as one chunk (one better-compressed element holding several, see
+-- notifier/store/chunks.py), and without the oldest elements past the cap. A list is
+-- rewritten only while the elements the worker read are still its first ones, byte for
+-- byte: values appended since stay after the chunk, and a list trimmed or compacted
+-- meanwhile is left for another time.
 --
--- KEYS: per shipment, its history list
--- ARGV: per shipment: the number of elements read n, their digest (sha1 hex of each
---   element's length, ':' and bytes, in order), the number of elements dropped from the head
---   d, the position (0-based) r from which the rest of what was read becomes the chunk, and
---   the chunk
+-- KEYS: per list, its key
+-- ARGV: per list: the number of elements read n, the number of elements dropped from the
+--   head d, the position (0-based) r from which the rest of what was read becomes the chunk,
+--   the chunk, then the n elements as read
 -- Returns the positions (1-based) of the lists rewritten.
 
 local done = {}
+local a = 1
 for i = 1, #KEYS do
-  local key, a = KEYS[i], 5 * (i - 1)
-  local n, digest = tonumber(ARGV[a + 1]), ARGV[a + 2]
-  local dropped, from, chunk = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), ARGV[a + 5]
+  local key = KEYS[i]
+  local n, dropped, from, chunk =
+    tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), ARGV[a + 3]
   local read = redis.call('LRANGE', key, 0, n - 1)
-  local parts = {}
-  for j, element in ipairs(read) do parts[j] = #element .. ':' .. element end
-  if #read == n and redis.sha1hex(table.concat(parts)) == digest then
+  local same = #read == n
+  for j = 1, n do
+    if not same then break end
+    same = read[j] == ARGV[a + 3 + j]
+  end
+  a = a + 4 + n
+  if same then
     local ttl = redis.call('PTTL', key)
     local kept = {}
     for j = dropped + 1, from do table.insert(kept, read[j]) end

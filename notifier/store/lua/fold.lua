@@ -9,7 +9,8 @@
 -- ARGV[2]: the most records an outcome list keeps (the oldest go first, like the history's)
 -- then per notification: its id, and what the worker records (packed JSON)
 -- A record is '<id>\t<JSON of the ledger fields the worker does not know: attempts, due,
---   created, a provider status already reported>\t<what the worker records>'.
+--   created, a provider status already reported>\t<what the worker records>'; the worker
+--   later folds records into chunks (lua/lib/outcomes.lua says how the scripts read them).
 -- Returns the positions (1-based) of the notifications settled.
 
 local owner = ARGV[1]
