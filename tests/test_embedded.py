@@ -21,6 +21,19 @@ def embedded_settings(tmp_path: Path, **kw: Any) -> Settings:
     return Settings(_env_file=None, outbox_dir=tmp_path / "outbox", worker_poll_delay_s=0, **kw)  # type: ignore[call-arg]
 
 
+async def drain(settings: Settings, server: FakeServer) -> None:
+    """The in-process worker of `notifier serve`, run in burst mode on the same store."""
+    async with open_resources(settings, server=server, clock=fixed_clock()) as res:
+        worker = build_worker(
+            settings, resources=res, burst=True, handle_signals=False, poll_delay_s=0
+        )
+        try:
+            await worker.main()
+        finally:
+            await worker.close()
+        assert worker.jobs_failed == 0
+
+
 async def test_embedded_mode_runs_without_redis(tmp_path: Path) -> None:
     settings = embedded_settings(tmp_path)
     assert settings.embedded
@@ -34,16 +47,7 @@ async def test_embedded_mode_runs_without_redis(tmp_path: Path) -> None:
         health = await (await client.get("/healthz")).json()
         assert health["status"] == "ok" and health["mode"] == "embedded"
 
-        # the in-process worker of `notifier serve`, run here in burst mode on the same store
-        async with open_resources(settings, server=server, clock=fixed_clock()) as res:
-            worker = build_worker(
-                settings, resources=res, burst=True, handle_signals=False, poll_delay_s=0
-            )
-            try:
-                await worker.main()
-            finally:
-                await worker.close()
-            assert worker.jobs_failed == 0
+        await drain(settings, server)
         files = sorted(p.name.split(".", 2)[-1] for p in (tmp_path / "outbox").rglob("*.*"))
         assert files == ["eml", "sms.json"]
 
@@ -94,15 +98,7 @@ async def test_embedded_mode_folds_an_ended_shipments_lists_into_chunks(tmp_path
             at = f"2026-11-21T1{i}:00:00+01:00"
             body = transition(event_id=f"c{i}", status=status, occurred_at=at)
             assert (await client.post("/v1/transitions", json=body, headers=headers)).status == 202
-            async with open_resources(settings, server=server, clock=fixed_clock()) as res:
-                worker = build_worker(
-                    settings, resources=res, burst=True, handle_signals=False, poll_delay_s=0
-                )
-                try:
-                    await worker.main()
-                finally:
-                    await worker.close()
-                assert worker.jobs_failed == 0
+            await drain(settings, server)
         async with open_resources(settings, server=server, clock=fixed_clock()) as res:
             for key in (keys.history_key("acme", "shp_123"), keys.outcome_key("acme", "shp_123")):
                 [chunk] = await res.redis.lrange(key, 0, -1)
