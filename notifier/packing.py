@@ -53,7 +53,8 @@ _HISTORY_V1 = (
     b'T00:00:00.000000Z","occurred_at":"2026-11-T00:00:00.000000Z","details":{}}'
 )
 
-#: tag byte -> preset dictionary; tags are never reused.
+#: tag byte -> preset dictionary; tags are never reused, and 3 is not one: it starts a run of
+#: values packed together (``notifier/store/chunks.py``).
 _DICTIONARIES = {0x01: _STATE_V1, 0x02: _HISTORY_V1}
 STATE = 0x01
 HISTORY = 0x02

@@ -201,13 +201,20 @@ class Pipeline:
 
     async def _compact(self, shipments: list[ShipmentKey]) -> None:
         """Fold long histories into chunks (``Shipments.compact``): it only saves memory, so
-        a Redis error here is logged, and the batch (decided and delivered) stands."""
+        a failure here is logged, and the batch (decided and delivered) stands."""
         if not shipments:
             return
         try:
             await self.res.store.compact(shipments)
         except RedisError as e:
             log.warning("compacting %d histories failed (%s); left for later", len(shipments), e)
+        except Exception as e:  # a list that does not read: the lists stay as they are
+            log.error(
+                "compacting %d histories failed (%s: %s); left as they are",
+                len(shipments),
+                type(e).__name__,
+                e,
+            )
 
     async def _remember(
         self, committed: list[tuple[ShipmentKey, ShipmentCommit]], retention: int, scope: Scope

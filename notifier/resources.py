@@ -17,7 +17,7 @@ from arq.connections import ArqRedis
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import DataError, RedisClusterException, RedisError
 
 from notifier import metrics
 from notifier.channels import Channel, OutboxChannel
@@ -106,7 +106,10 @@ def packed_in_c(connection: type[AbstractConnection]) -> type[AbstractConnection
         def pack_command(self, *args: Any) -> list[bytes]:
             if b" " in (first := args[0].encode() if isinstance(args[0], str) else args[0]):
                 args = (*first.split(), *args[1:])  # "CONFIG GET": two arguments
-            return [hiredis.pack_command(args)]
+            try:
+                return [hiredis.pack_command(args)]
+            except TypeError as e:  # redis-py's error for what it cannot send (None, a list…)
+                raise DataError(str(e)) from e
 
     Packed.__name__ = Packed.__qualname__ = f"Packed{connection.__name__}"
     return Packed

@@ -17,6 +17,7 @@ from arq.connections import ArqRedis
 from notifier.packing import HISTORY, pack
 from notifier.store import Store, chunks, keys
 from notifier.store.chunks import CHUNK, plan
+from notifier.store.ledger import merge_outcomes
 from notifier.store.shipments import COMPACT_AFTER, merge_history
 from tests.test_store_scripts import NOW_ISO, pending, shipment, store_on
 
@@ -229,3 +230,41 @@ async def test_outcome_records_keep_their_cap_in_chunks(store: Store) -> None:
     assert cap <= sum(chunks.count(e) for e in records) < cap + chunks.CHUNK_VALUES + 40
     kept = await store.deliveries("acme", "s1", ids[-cap:])
     assert all(d["status"] == "sent" for d in kept.values())
+
+
+async def test_a_counter_started_again_counts_every_decision_in_a_chunk(store: Store) -> None:
+    """A state hash that expired before its history (or one without the counter) starts
+    counting from what the history holds: a chunk counts as the decisions in it."""
+    await record(store, 40)
+    await store.compact([WHERE])
+    assert await sizes(store) == [40]
+    await store.redis.delete(keys.state_key("acme", "s1"))  # the state went first
+    totals = []
+    for _ in range(15):  # past the cap (50), where only the counter knows the total
+        await record(store, 1)
+        totals.append((await store.history_page("acme", "s1", None, 100)).total)
+    assert totals == list(range(41, 56))
+    # the fallback path counts the same way
+    await store.compact([WHERE])
+    await store.redis.hdel(keys.state_key("acme", "s1"), "hn")
+    assert await store.add_notification("acme", "s1", "n-late", b"p", 1, b'{"d": 55}')
+    held = sum(chunks.count(e) for e in await store.redis.lrange(KEY, 0, -1))
+    assert await store.redis.hget(keys.state_key("acme", "s1"), "hn") == str(held).encode()
+    assert held > CAP
+
+
+async def test_records_appended_to_an_outcome_list_meanwhile_stay_after_its_chunk(
+    store: Store,
+) -> None:
+    await settled(store, "n1", "n2")
+    read = await store.redis.lrange(OUT, 0, -1)
+    dropped, start, chunk = plan(read, store.outcomes_cap, merge_outcomes) or (0, 0, b"")
+    # a provider's status arrives between the read and the rewrite
+    assert await store.provider_status("n2", "delivered", 3, where=WHERE)
+    args = [len(read), dropped, start, chunk, *read]
+    assert await store.scripts.compact(keys=[OUT], args=args) == [1]
+    elements = await store.redis.lrange(OUT, 0, -1)
+    assert [chunks.count(e) for e in elements] == [2, 1] and chunks.is_chunk(elements[0])
+    delivered = await store.deliveries("acme", "s1", ["n1", "n2"])
+    assert delivered["n2"]["provider_status"] == "delivered"
+    assert not await store.provider_status("n2", "sent", 1, where=WHERE)

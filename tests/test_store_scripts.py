@@ -633,6 +633,7 @@ async def test_the_commit_indexes_tracking_numbers_with_the_state(store: Store) 
 
 async def test_commands_are_packed_in_c_byte_for_byte_as_redis_py_would(redis_url: str) -> None:
     from redis.asyncio.connection import Connection, UnixDomainSocketConnection
+    from redis.exceptions import DataError
 
     from notifier.resources import connect_queue, packed_in_c
     from notifier.settings import Settings
@@ -650,6 +651,12 @@ async def test_commands_are_packed_in_c_byte_for_byte_as_redis_py_would(redis_ur
         for args in commands:
             want = b"".join(bytes(part) for part in plain.pack_command(*args))
             assert b"".join(packed.pack_command(*args)) == want, args
+    # what cannot be sent is refused as redis-py refuses it (a RedisError)
+    for bad in (None, True, ["a"], {"a": 1}, bytearray(b"a")):
+        with pytest.raises(DataError):
+            plain.pack_command("SET", "k", bad)
+        with pytest.raises(DataError):
+            packed.pack_command("SET", "k", bad)
     # the clients notifier makes use it, and it talks to the real server
     client = connect_queue(Settings(redis_url=redis_url))
     assert client.connection_pool.connection_class.__name__ == "PackedConnection"

@@ -561,3 +561,28 @@ async def test_an_ended_shipment_is_kept_for_its_retention_and_opt_outs_forever(
         for key in [state, hist, outcomes]:
             assert 0 < await res.redis.ttl(key) <= 3600, key
         assert await res.redis.ttl(res.store.optout_key("acme")) == -1  # never expires
+
+
+async def test_a_compaction_that_fails_leaves_the_batch_delivered(
+    client: Client, settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    """Compaction only saves memory: whatever it raises, the batch (decided, sent, its entries
+    acknowledged) stands, and the lists stay as they were."""
+
+    async def broken(self: Store, shipments: Any) -> int:
+        raise ValueError("a list that does not read")
+
+    monkeypatch.setattr(Store, "compact", broken)
+    await post(client, transition(event_id="ofd"))
+    await run_worker(settings)
+    at = "2026-11-21T13:00:00+01:00"
+    await post(client, transition(event_id="done", status="delivered", occurred_at=at))
+    await run_worker(settings)  # ended: its lists would be compacted now
+    assert "compacting 1 histories failed (ValueError" in caplog.text
+    assert len(outbox_files(settings)) == 4  # each event by email and by SMS
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        entries = await res.redis.lrange(keys.history_key("acme", "shp_123"), 0, -1)
+        assert len(entries) == 4 and not any(chunks.is_chunk(e) for e in entries)
+        inbox = keys.inbox_key(res.store.partition_of("acme", "shp_123"))
+        assert (await res.redis.xpending(inbox, GROUP))["pending"] == 0
+    assert [d["delivery"]["status"] for d in await history(client)] == ["sent"] * 4

@@ -82,7 +82,10 @@ def script(redis: Redis | RedisCluster, text: str) -> Script:
 
 #: the Lua functions some scripts share (``lua/lib/<name>.lua``) -> the scripts they go
 #: in front of
-LIBRARIES = {"outcomes": ("commit", "add_notification", "provider_status")}
+LIBRARIES = {
+    "outcomes": ("commit", "add_notification", "provider_status"),
+    "history": ("commit", "add_notification"),
+}
 
 
 def _source(name: str) -> str:

@@ -22,7 +22,7 @@ redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 if redis.call('EXISTS', KEYS[4]) == 1 then
   if redis.call('HEXISTS', KEYS[4], 'hn') == 0 then
-    redis.call('HSET', KEYS[4], 'hn', redis.call('LLEN', KEYS[3]))
+    redis.call('HSET', KEYS[4], 'hn', decisions_in(KEYS[3]))
   end
   redis.call('HINCRBY', KEYS[4], 'hn', 1)
 end

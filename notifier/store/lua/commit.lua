@@ -75,7 +75,7 @@ for s = 1, shipments do
     if nh > 0 and redis.call('HEXISTS', skey, 'hn') == 0 then
       -- every entry ever appended, for the history API's positions; a shipment from before
       -- the counter starts from what its history holds
-      redis.call('HSET', skey, 'hn', redis.call('LLEN', hkey))
+      redis.call('HSET', skey, 'hn', decisions_in(hkey))
     end
     for i = 0, nh - 1 do
       redis.call('RPUSH', hkey, ARGV[a + i])

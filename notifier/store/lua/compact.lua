@@ -32,7 +32,7 @@ for i = 1, #KEYS do
     for _, element in ipairs(redis.call('LRANGE', key, n, -1)) do table.insert(kept, element) end
     redis.call('DEL', key)
     redis.call('RPUSH', key, unpack(kept))
-    if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
+    if ttl >= 0 then redis.call('PEXPIRE', key, ttl) end  -- 0: it was going anyway
     table.insert(done, i)
   end
 end
