@@ -3,14 +3,19 @@
 -- notifier/store/chunks.py): '\3<count>:<ids, space-separated>\t<JSON {id: the highest
 -- provider status rank recorded}>\t<packed records>'.
 
+-- a chunk's ids (space-separated), and where its JSON of ranks starts
+local function chunk_ids(record)
+  local from = string.find(record, ':', 1, true) + 1
+  local upto = string.find(record, '\t', from, true)
+  return string.sub(record, from, upto - 1), upto + 1
+end
+
 -- the ids on an outcome list: notifications settled for good
 local function settled_ids(out)
   local ids = {}
   for _, record in ipairs(redis.call('LRANGE', out, 0, -1)) do
     if string.byte(record, 1) == 3 then
-      local from = string.find(record, ':', 1, true) + 1
-      local held = string.sub(record, from, string.find(record, '\t', from, true) - 1)
-      for id in string.gmatch(held, '[^ ]+') do ids[id] = true end
+      for id in string.gmatch((chunk_ids(record)), '[^ ]+') do ids[id] = true end
     else
       ids[string.sub(record, 1, string.find(record, '\t', 1, true) - 1)] = true
     end
@@ -26,11 +31,10 @@ local function outcome_rank(out, id)
   for _, record in ipairs(redis.call('LRANGE', out, 0, -1)) do
     local known = nil
     if string.byte(record, 1) == 3 then
-      local from = string.find(record, ':', 1, true) + 1
-      local upto = string.find(record, '\t', from, true)
-      if string.find(' ' .. string.sub(record, from, upto - 1) .. ' ', ' ' .. id .. ' ', 1, true) then
+      local held, ranked = chunk_ids(record)
+      if string.find(' ' .. held .. ' ', ' ' .. id .. ' ', 1, true) then
         found = true
-        local ranks = cjson.decode(string.sub(record, upto + 1, string.find(record, '\t', upto + 1, true) - 1))
+        local ranks = cjson.decode(string.sub(record, ranked, string.find(record, '\t', ranked, true) - 1))
         known = {prank = ranks[id]}
       end
     elseif string.sub(record, 1, #prefix) == prefix then
