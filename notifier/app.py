@@ -30,6 +30,7 @@ from notifier.errors import ApiError, Forbidden, InvalidOptOut, InvalidQuery, No
 from notifier.ingest import KeyRing, RateLimiter, may_act_for, post_transitions, read_json
 from notifier.logs import REQUEST_ID, request_id
 from notifier.models import ChannelKind, Email, Identifier, MerchantId, Phone
+from notifier.outbound import api as outbound_api
 from notifier.policy import opt_out_key
 from notifier.resources import Clock, Resources, open_resources, utc_now
 from notifier.settings import Settings
@@ -373,6 +374,7 @@ def create_app(
     app.router.add_get("/metrics", metrics_page)
     editor = admin.Admin(lambda: app[RESOURCES], app[KEYS])
     admin.add_routes(app, editor)
+    outbound_api.add_routes(app, editor)
     views = admin_views.add_routes(app, editor)
     merchant_web.add_routes(app, editor, views, app[KEYS])
     return app

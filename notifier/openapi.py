@@ -150,6 +150,7 @@ def _path_params() -> dict[str, dict[str, Any]]:
             "its '/' may be sent as is or as %2F",
         },
         "token": {"type": "string", "description": "the signed token of the link"},
+        "endpoint_id": {"type": "string", "description": "a webhook endpoint's id (we_…)"},
         "filename": {"type": "string", "enum": sorted(STATIC)},
     }
 
@@ -160,7 +161,7 @@ LOCALE = Param("locale", "query", "a locale with a catalog (de, pt_BR); none: ev
 @cache
 def operations() -> dict[tuple[str, str], Op]:
     """Every route's documentation, by (method, path as the router writes it)."""
-    return {**_api(), **_admin(), **_editor()}
+    return {**_api(), **_admin(), **_hooks(), **_editor()}
 
 
 def _api() -> dict[tuple[str, str], Op]:
@@ -360,6 +361,82 @@ def _admin() -> dict[tuple[str, str], Op]:
     return ops
 
 
+def _hooks() -> dict[tuple[str, str], Op]:
+    """A merchant's webhook endpoints (outbound/api.py)."""
+    from notifier.outbound import api as h
+
+    base = "/v1/merchants/{merchant_id}/webhook-endpoints"
+    one = base + "/{endpoint_id}"
+    limit = Param(
+        "limit", "query", "attempts to list", {"type": "integer", "minimum": 1, "maximum": 200}
+    )
+    gone = {204: Reply("Deleted, with its delivery log.", media=())}
+    table: list[tuple[str, str, str, str, dict[int, Reply], type[BaseModel] | None]] = [
+        (
+            "GET",
+            base,
+            "listWebhookEndpoints",
+            "A merchant's webhook endpoints",
+            ok(h.EndpointList),
+            None,
+        ),
+        (
+            "POST",
+            base,
+            "createWebhookEndpoint",
+            "Subscribe a URL to events (secret shown once)",
+            {**ok(h.EndpointReply, status=201), **refusals(409)},
+            h.NewEndpoint,
+        ),
+        ("GET", one, "getWebhookEndpoint", "A webhook endpoint", ok(h.EndpointReply), None),
+        (
+            "PATCH",
+            one,
+            "changeWebhookEndpoint",
+            "Change an endpoint's URL, events or state",
+            ok(h.EndpointReply),
+            h.EndpointChange,
+        ),
+        ("DELETE", one, "deleteWebhookEndpoint", "Delete an endpoint", gone, None),
+        (
+            "POST",
+            one + "/rotate-secret",
+            "rotateWebhookSecret",
+            "A new signing secret; the old one signs too for overlap_s",
+            ok(h.EndpointReply),
+            h.Rotation,
+        ),
+        (
+            "POST",
+            one + "/test",
+            "testWebhookEndpoint",
+            "Queue a test event for the endpoint",
+            ok(h.TestQueued, status=202),
+            None,
+        ),
+        (
+            "GET",
+            one + "/deliveries",
+            "getWebhookDeliveries",
+            "An endpoint's latest delivery attempts",
+            ok(h.Deliveries),
+            None,
+        ),
+    ]
+    ops = {}
+    for method, path, op_id, summary, replies, body in table:
+        refused = refusals(*(KEYED_BODY if body is not None else (*KEYED, 422)))
+        ops[(method, path)] = Op(
+            op_id,
+            summary,
+            "merchant-webhooks",
+            {**refused, **replies},
+            Body(body) if body is not None else None,
+            (limit,) if op_id == "getWebhookDeliveries" else (),
+        )
+    return ops
+
+
 def _editor() -> dict[tuple[str, str], Op]:
     """The merchant editor's pages (web/): HTML, forms, a JSON preview for its script."""
     base = "/merchant/{merchant_id}"
@@ -507,7 +584,17 @@ def document(app: web.Application) -> dict[str, Any]:
     }
 
 
-TAGS = ("ingest", "history", "opt-outs", "admin", "webhooks", "unsubscribe", "operations", "editor")
+TAGS = (
+    "ingest",
+    "history",
+    "opt-outs",
+    "admin",
+    "merchant-webhooks",
+    "webhooks",
+    "unsubscribe",
+    "operations",
+    "editor",
+)
 _PATH_PARAM = re.compile(r"\{(\w+)\}")
 Mode = JsonSchemaMode
 #: The $ref of each model, as a request body (validation) or a reply (serialization).

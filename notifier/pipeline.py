@@ -32,7 +32,9 @@ from notifier.models import (
     notification_id,
     notification_id_of,
 )
-from notifier.policy import Policy, fold, opt_out_key
+from notifier.outbound import events as hook_events
+from notifier.outbound.directory import Subscriptions
+from notifier.policy import Policy, Step, fold, opt_out_key
 from notifier.resources import Resources, sync_published
 from notifier.state import TERMINAL, ShipmentState
 from notifier.store import InboxEntry, LedgerState, Scope, ShipmentCommit, Store
@@ -104,6 +106,8 @@ class Pipeline:
     def __init__(self, res: Resources) -> None:
         self.res = res
         self.deliverer = Deliverer(res)
+        #: which merchants' webhook endpoints take which events (``outbound``)
+        self.hooks = Subscriptions(res.store)
 
     async def process(self, entries: Sequence[InboxEntry]) -> BatchReport:
         """Decide and deliver everything in ``entries``; raises if Redis fails (entries stay)."""
@@ -149,6 +153,7 @@ class Pipeline:
                 await asyncio.sleep(random.uniform(0, 0.001 * min(round_no, 20)))
             keys = list(pending)
             loaded = await self.res.store.load_states(keys)
+            await self.hooks.refresh(m for m, _ in keys)
             opted = await self._opt_outs(pending, loaded)
             now = self.res.clock()
             # Looked up once per merchant and round: an edited policy applies from the next batch.
@@ -363,6 +368,25 @@ class Pipeline:
             stall_at_ms=_stall_at_ms(policy, final),
             # a shipment that reached its end is kept only as long as retention says
             ttl_s=final_ttl_s if final.status in TERMINAL else None,
+            events=self._hook_events(merchant_id, steps, final, now),
         )
         notifications = [nid for nid, *_ in created]
         return _Fold(commit, decisions, notifications, recover, owner, built, labels, decided)
+
+    def _hook_events(
+        self, merchant_id: str, steps: Sequence[Step], final: ShipmentState, now: datetime
+    ) -> tuple[tuple[str, bytes], ...]:
+        """The merchant webhook events of a fold that some endpoint of the merchant takes
+        (queued by the commit, with the decisions)."""
+        out = []
+        for step in steps:
+            kind = hook_events.type_of(step.transition)
+            if kind is None or not self.hooks.wanted(merchant_id, kind):
+                continue
+            order = final.order.number if final.order else None
+            event = hook_events.from_step(
+                step, merchant_id, now, self.res.settings.public_url, order
+            )
+            if event is not None:
+                out.append((event["id"], hook_events.stored(event)))
+        return tuple(out)

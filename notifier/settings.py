@@ -200,6 +200,14 @@ class Settings(BaseSettings):
             "Unset: /metrics shows the API process and what Redis holds."
         ),
     )
+    merchant_hooks_allow_private: bool = Field(
+        default=False,
+        description=(
+            "Let merchant webhook endpoints use http:// and private, loopback or reserved "
+            "addresses (a receiver on this machine or the local network). Off: https only, "
+            "and a name that resolves to such an address is refused."
+        ),
+    )
 
     @field_validator("redis_url", "queue_redis_url")
     @classmethod

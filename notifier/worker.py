@@ -36,6 +36,7 @@ from arq.worker import Worker
 from redis.exceptions import RedisError, ResponseError, WatchError
 
 from notifier.models import ExceptionCode, Status, Transition
+from notifier.outbound.sender import HookSender
 from notifier.pipeline import BatchReport, Pipeline
 from notifier.resources import Clock, Resources, connect_queue, open_resources, utc_now
 from notifier.settings import Settings
@@ -386,6 +387,13 @@ async def find_stalled(ctx: dict[str, Any]) -> int:
 
 
 @_tick
+async def send_hooks(ctx: dict[str, Any]) -> int:
+    """Post the merchant webhook events that are due (``outbound.sender``)."""
+    sender: HookSender = ctx["hooks"]
+    return await sender.run(lambda: stopping(ctx))
+
+
+@_tick
 async def sweep(ctx: dict[str, Any]) -> int:
     """Wake partitions with unread or abandoned entries (a lost wake-up, a crashed worker)."""
     res: Resources = ctx["res"]
@@ -539,6 +547,9 @@ def build_worker(
             res=res,
             stack=stack,
             pipeline=Pipeline(res),
+            hooks=HookSender(
+                res.store, res.clock, allow_private=settings.merchant_hooks_allow_private
+            ),
             consumer=uuid.uuid4().hex,
             # arq hands every job a copy of ctx: this one object is what they share
             batches=asyncio.Semaphore(BATCHES_AT_ONCE),
@@ -554,6 +565,7 @@ def build_worker(
                 delay = min(delay * 2, 5.0)
 
     async def on_shutdown(ctx: dict[str, Any]) -> None:
+        await ctx["hooks"].close()
         await ctx["stack"].aclose()
 
     pool: ArqRedis = connect_queue(settings, resources.server if resources else None)
@@ -563,6 +575,7 @@ def build_worker(
             cron(sweep, second=set(range(0, 60, 15)), run_at_startup=True),
             cron(release_due, second=set(range(0, 60, 5)), run_at_startup=True),
             cron(find_stalled, second={30}, run_at_startup=True),
+            cron(send_hooks, second=set(range(2, 60, 5)), run_at_startup=True),
         ],
         redis_pool=pool,
         on_startup=on_startup,

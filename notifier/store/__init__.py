@@ -6,6 +6,7 @@
 - ``shipments``: shipment state, the commit that records decisions, history, stalls;
 - ``ledger``: claim, settle, reschedule, the due index, providers' message ids;
 - ``optouts``, and ``health`` (dead letters, merchants' broken files);
+- ``hooks``: merchant webhook endpoints, their delivery logs, the events waiting to go out;
 - ``scripts``: the Lua scripts (``lua/*.lua``) every atomic write goes through.
 
 ``Store`` joins the parts over one Redis client; callers hold one ``Store``.
@@ -16,6 +17,7 @@ from __future__ import annotations
 from notifier.store import keys
 from notifier.store.base import DataRedis, Scope, awaited
 from notifier.store.health import Health
+from notifier.store.hooks import ClaimedEvent, Hooks
 from notifier.store.inbox import (
     Admission,
     Inbox,
@@ -35,6 +37,7 @@ __all__ = [
     "PREFIX",
     "Admission",
     "ClaimResult",
+    "ClaimedEvent",
     "Committed",
     "DataRedis",
     "HistoryPage",
@@ -51,7 +54,7 @@ __all__ = [
 ]
 
 
-class Store(Inbox, Shipments, Ledger, OptOuts, Health):
+class Store(Inbox, Shipments, Ledger, OptOuts, Health, Hooks):
     """Typed access to everything notifier keeps in Redis."""
 
     # The key names on one Redis, where callers from before the split look for them (``keys``

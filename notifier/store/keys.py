@@ -177,6 +177,41 @@ def optout_key(merchant_id: str) -> str:
     return f"{PREFIX}:optout:{merchant_id}"
 
 
+# -- merchant webhooks (hooks.py) ----------------------------------------------------------
+#: A merchant's webhook endpoints and their delivery logs: ``<prefix>:{<merchant>}:…``, one
+#: hash tag per merchant (as the overrides).
+HOOKS_PREFIX = f"{PREFIX}:mwh"
+
+
+def hook_endpoints_key(merchant_id: str) -> str:
+    """A merchant's webhook endpoints (a hash: endpoint id -> its JSON, secrets included)."""
+    return f"{HOOKS_PREFIX}:{{{merchant_id}}}:endpoints"
+
+
+def hook_log_key(merchant_id: str, endpoint_id: str) -> str:
+    """An endpoint's latest delivery attempts, newest first (a capped list)."""
+    return f"{HOOKS_PREFIX}:{{{merchant_id}}}:log:{endpoint_id}"
+
+
+#: Webhook events waiting to go out, by the epoch ms they are due (a sorted set of ids), and
+#: the events themselves (a hash: id -> JSON) with each one's progress per endpoint (a hash).
+HOOK_DUE_KEY = f"{HOOKS_PREFIX}:due"
+HOOK_EVENTS_KEY = f"{HOOKS_PREFIX}:events"
+HOOK_PROGRESS_KEY = f"{HOOKS_PREFIX}:progress"
+
+
+def hook_due_key(tag: str = "") -> str:
+    return _scoped(HOOK_DUE_KEY, tag)
+
+
+def hook_events_key(tag: str = "") -> str:
+    return _scoped(HOOK_EVENTS_KEY, tag)
+
+
+def hook_progress_key(tag: str = "") -> str:
+    return _scoped(HOOK_PROGRESS_KEY, tag)
+
+
 # -- outside the store: workers, the editor's overrides and sessions ------------------------
 #: Live workers by the epoch ms of their last heartbeat (a sorted set; worker.py, /readyz).
 WORKERS_KEY = f"{PREFIX}:workers"

@@ -68,6 +68,9 @@ class Scripts:
     ack: Script
     bury: Script
     record_test: Script
+    hook_event: Script
+    hook_claim: Script
+    hook_settle: Script
 
     @classmethod
     def register(cls, redis: Redis | RedisCluster) -> Scripts:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -42,6 +43,8 @@ class ShipmentCommit:
     stall_at_ms: int | None = None
     #: how long its state, history and new ledger entries live (None: the store's default)
     ttl_s: int | None = None
+    #: merchant webhook events about its decisions: (event id, stored JSON), queued with them
+    events: tuple[tuple[str, bytes], ...] = ()
 
 
 #: a history with this many entries after its last chunk is compacted
@@ -127,7 +130,12 @@ class Shipments(StoreBase):
         self, scope: Scope, commits: Sequence[ShipmentCommit], now_iso: str
     ) -> tuple[list[Any], list[Any]]:
         tag = self.tag(scope)
-        names: list[str] = [keys.stall_key(tag), keys.due_key(tag)]
+        names: list[str] = [
+            keys.stall_key(tag),
+            keys.due_key(tag),
+            keys.hook_due_key(tag),
+            keys.hook_events_key(tag),
+        ]
         args: list[Any] = [
             self.state_ttl_s,
             self.history_cap,
@@ -135,6 +143,7 @@ class Shipments(StoreBase):
             now_iso,
             keys.notification_key("", tag),
             COMPACT_AFTER,
+            int(datetime.fromisoformat(now_iso).timestamp() * 1000),
         ]
         for c in commits:
             names += [
@@ -158,6 +167,9 @@ class Shipments(StoreBase):
             ]
             for _, st, due, payload in c.notifications:
                 args += [st, due, payload]
+            args.append(len(c.events))
+            for eid, stored in c.events:
+                args += [eid, stored]
         conflicts, long = await self.scripts.commit(keys=names, args=args)
         return conflicts, long
 

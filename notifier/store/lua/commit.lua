@@ -9,6 +9,7 @@
 --
 -- KEYS[1]: the stall index (zset of '<merchant>:<shipment>' by deadline ms)
 -- KEYS[2]: the due index (zset of notification ids by due ms)
+-- KEYS[3], KEYS[4]: the merchant webhook events due, and the events (see hook_event.lua)
 -- then per shipment: its state hash, its history list, its outcome list, its tracking
 --   number's set (only when it has a tracking number), and the ledger hash of each new
 --   notification
@@ -19,11 +20,14 @@
 -- ARGV[5]: the ledger key prefix (the due index holds ids, not keys)
 -- ARGV[6]: how many entries appended since the last chunk (see compact.lua) make a history
 --   worth compacting (2 for a shipment given its own lifetime: it has ended)
+-- ARGV[7]: now, epoch ms (when new webhook events are due)
 -- then per shipment: the expected version, the new state, its stall member, its stall
 --   deadline ms ('' takes it off the stall index), the number of history entries nh, its
 --   lifetime in seconds ('' = ARGV[1]), its id in its tracking number's set ('' = no
 --   tracking number: no set among the keys), the nh entries, the number of notifications nn, and
---   per notification its ledger state, due ms ('' = not due-indexed) and payload
+--   per notification its ledger state, due ms ('' = not due-indexed) and payload, then the
+--   number of merchant webhook events ne and the id and stored JSON of each (queued with the
+--   decisions they are about, once each)
 -- Returns {conflicts, long}: the positions (1-based) of the shipments that conflicted, and of
 --   those whose history is worth compacting.
 
@@ -32,8 +36,9 @@ local cap = tonumber(ARGV[2])
 local shipments = tonumber(ARGV[3])
 local now = ARGV[4]
 local stall, dueidx = KEYS[1], KEYS[2]
-local a = 7
-local k = 3
+local hookdue, hookevents = KEYS[3], KEYS[4]
+local a = 8
+local k = 5
 local conflicts, long = {}, {}
 
 -- whether the last 'run' elements of a history are plain entries, none a chunk (chunks
@@ -107,5 +112,13 @@ for s = 1, shipments do
   end
   k = k + nn
   a = a + 3 * nn
+  local ne = tonumber(ARGV[a])
+  a = a + 1
+  for i = 0, ne - 1 do
+    if ok and redis.call('HSETNX', hookevents, ARGV[a + 2 * i], ARGV[a + 2 * i + 1]) == 1 then
+      redis.call('ZADD', hookdue, ARGV[7], ARGV[a + 2 * i])
+    end
+  end
+  a = a + 2 * ne
 end
 return {conflicts, long}

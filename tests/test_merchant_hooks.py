@@ -1,0 +1,334 @@
+"""Outbound merchant webhooks (issue 17): endpoints through the admin API, exception events
+queued with the decisions they are about, posted signed to a fake merchant receiver on
+loopback, retried with backoff, logged, given up on after about three days."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from notifier.app import create_app
+from notifier.errors import Unauthorized
+from notifier.ingest import SIGNATURE_HEADER, verify_signature
+from notifier.outbound import events as ev
+from notifier.outbound.sender import RETRY_S, HookSender, PrivateAddress, PublicOnlyResolver
+from notifier.resources import open_resources
+from notifier.settings import Settings
+from tests.conftest import (
+    ACME_KEY,
+    NOW,
+    auth,
+    fixed_clock,
+    make_settings,
+    post,
+    run_worker,
+    transition,
+)
+
+Client = TestClient[Any, Any]
+BASE = "/v1/merchants/acme/webhook-endpoints"
+
+
+@dataclass
+class Receiver:
+    """A merchant's webhook receiver on loopback: what it got, and what it answers."""
+
+    url: str = ""
+    got: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+    answers: list[int] = field(default_factory=list)  # then 200
+
+    def events(self) -> list[dict[str, Any]]:
+        return [orjson.loads(body) for _, body in self.got]
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    found = Receiver()
+
+    async def hook(request: web.Request) -> web.Response:
+        found.got.append((dict(request.headers), await request.read()))
+        return web.Response(status=found.answers.pop(0) if found.answers else 200)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    found.url = str(server.make_url("/hook"))
+    yield found
+    await server.close()
+
+
+@pytest.fixture
+def hook_settings(tmp_path: Any, redis_url: str) -> Settings:
+    return make_settings(tmp_path, redis_url=redis_url, merchant_hooks_allow_private=True)
+
+
+@pytest.fixture
+async def hook_client(hook_settings: Settings) -> AsyncIterator[Client]:
+    async with TestClient(TestServer(create_app(hook_settings, clock=fixed_clock()))) as c:
+        yield c
+
+
+async def endpoint(client: Client, url: str, events: list[str], key: str = ACME_KEY) -> Any:
+    resp = await client.post(BASE, json={"url": url, "events": events}, headers=auth(key))
+    assert resp.status == 201, await resp.text()
+    return await resp.json()
+
+
+def exception(event_id: str, code: str, **more: Any) -> dict[str, Any]:
+    fields = {"occurred_at": "2026-11-21T10:00:00+01:00", **more}
+    return transition(event_id=event_id, status="exception", exception_code=code, **fields)
+
+
+async def send(settings: Settings, at: datetime = NOW) -> int:
+    """One sender tick at ``at``: the attempts it made."""
+    async with open_resources(settings, clock=lambda: at) as res:
+        sender = HookSender(res.store, res.clock, allow_private=True)
+        try:
+            return await sender.run()
+        finally:
+            await sender.close()
+
+
+async def decide_and_send(settings: Settings, receiver: Receiver) -> None:
+    """Run a burst worker (its tick may make the first attempts), then a tick at NOW."""
+    await run_worker(settings)
+    await send(settings)
+
+
+async def queued(settings: Settings) -> int:
+    async with open_resources(settings) as res:
+        return sum([await res.store.hook_queue_length(s) for s in res.store.scopes])
+
+
+def check_signed(headers: dict[str, str], body: bytes, secrets: list[str], at: datetime) -> None:
+    verify_signature(headers[SIGNATURE_HEADER], body, secrets, at.timestamp(), 300)
+
+
+# -- the admin API --------------------------------------------------------------------------
+async def test_endpoints_are_made_listed_changed_and_deleted(hook_client: Client) -> None:
+    made = await endpoint(hook_client, "https://hooks.example.com/in", ["exception.*"])
+    assert made["id"].startswith("we_") and made["secret"].startswith("whsec_")
+    assert made["secret_hint"] == "…" + made["secret"][-4:] and made["enabled"] is True
+
+    listed = await (await hook_client.get(BASE, headers=auth(ACME_KEY))).json()
+    assert [e["id"] for e in listed["endpoints"]] == [made["id"]]
+    assert "secret" not in listed["endpoints"][0]  # shown once, when made
+
+    one = f"{BASE}/{made['id']}"
+    resp = await hook_client.patch(
+        one, json={"events": ["exception.lost", "delivery.failed"]}, headers=auth(ACME_KEY)
+    )
+    assert resp.status == 200
+    assert (await resp.json())["events"] == ["exception.lost", "delivery.failed"]
+    assert (await hook_client.delete(one, headers=auth(ACME_KEY))).status == 204
+    assert (await hook_client.get(one, headers=auth(ACME_KEY))).status == 404
+    assert (await hook_client.delete(one, headers=auth(ACME_KEY))).status == 404
+
+
+async def test_bad_endpoints_get_a_422_naming_the_problem(client: Client) -> None:
+    """(``client`` runs with the default: private addresses and http refused.)"""
+    cases = [
+        ({"url": "https://h.example.com/", "events": ["exception.customs"]}, "events"),
+        ({"url": "https://h.example.com/", "events": []}, "events"),
+        ({"url": "http://h.example.com/", "events": ["*"]}, "url"),
+        ({"url": "https://127.0.0.1:9/", "events": ["*"]}, "url"),
+        ({"url": "https://10.1.2.3/", "events": ["*"]}, "url"),
+        ({"url": "https://localhost/", "events": ["*"]}, "url"),
+        ({"url": "ftp://h.example.com/", "events": ["*"]}, "url"),
+        ({"url": "https://h.example.com/", "events": ["*"], "colour": "red"}, "colour"),
+    ]
+    for body, where in cases:
+        resp = await client.post(BASE, json=body, headers=auth(ACME_KEY))
+        assert resp.status == 422, (body, await resp.text())
+        error = (await resp.json())["error"]
+        assert error["code"] == "invalid_webhook_endpoint"
+        assert [d["field"] for d in error["details"]] == [where], (body, error)
+    unknown = await client.post(
+        BASE,
+        json={"url": "https://h.example.com/", "events": ["exception.customs"]},
+        headers=auth(ACME_KEY),
+    )
+    assert "exception.customs_hold" in (await unknown.json())["error"]["details"][0]["message"]
+    # a merchant's key may not touch another merchant's endpoints
+    other = await client.get("/v1/merchants/globex/webhook-endpoints", headers=auth(ACME_KEY))
+    assert other.status == 403
+
+
+# -- events ------------------------------------------------------------------------------------
+async def test_an_exception_reaches_the_endpoint_signed_with_its_decision(
+    hook_client: Client, hook_settings: Settings, receiver: Receiver
+) -> None:
+    made = await endpoint(hook_client, receiver.url, ["exception.customs_hold"])
+    other = await endpoint(hook_client, receiver.url + "?lost", ["exception.lost"])
+    await post(
+        hook_client,
+        transition(event_id="evt_0", status="in_transit", occurred_at="2026-11-21T08:00:00+01:00"),
+        exception("evt_1", "customs_hold", carrier_description="Held by customs"),
+    )
+    await decide_and_send(hook_settings, receiver)
+
+    [(headers, body)] = receiver.got
+    event = orjson.loads(body)
+    assert event["type"] == "exception.customs_hold" and event["merchant_id"] == "acme"
+    assert headers["X-Notifier-Event-Id"] == event["id"] and event["id"].startswith("whe_")
+    assert headers["X-Notifier-Event-Type"] == "exception.customs_hold"
+    check_signed(headers, body, [made["secret"]], NOW)
+    with pytest.raises(Unauthorized):
+        check_signed(headers, body, [other["secret"]], NOW)
+    data = event["data"]
+    assert data["shipment_id"] == "shp_123" and data["event_id"] == "evt_1"
+    assert data["milestone"] == "exception:customs_hold" and data["order_number"] == "1001"
+    assert data["carrier_description"] == "Held by customs"
+    assert set(data["decision"]) == {"email", "sms"}
+    assert data["decision"]["email"]["outcome"] == "sent"
+    assert data["timeline_url"].endswith("/v1/merchants/acme/shipments/shp_123/notifications")
+    assert "ana@example.com" not in body.decode() and "+33612345678" not in body.decode()
+
+    log = await (
+        await hook_client.get(f"{BASE}/{made['id']}/deliveries", headers=auth(ACME_KEY))
+    ).json()
+    [attempt] = log["attempts"]
+    assert attempt["outcome"] == "delivered" and attempt["status_code"] == 200
+    assert attempt["event_id"] == event["id"] and attempt["attempt"] == 1
+    assert await queued(hook_settings) == 0
+    assert await send(hook_settings) == 0  # sent once
+
+
+async def test_no_endpoint_no_event_and_stale_news_is_no_event(
+    hook_client: Client, hook_settings: Settings, receiver: Receiver
+) -> None:
+    await post(hook_client, exception("evt_1", "lost"))
+    await run_worker(hook_settings)
+    assert await queued(hook_settings) == 0  # nobody subscribed: nothing kept
+
+    await endpoint(hook_client, receiver.url, ["exception.*"])
+    await post(
+        hook_client,
+        transition(event_id="evt_2", status="delivered", occurred_at="2026-11-21T12:00:00+01:00"),
+    )
+    await run_worker(hook_settings)
+    # a customs hold scanned before the delivery, uploaded after it: stale, no event
+    await post(hook_client, exception("evt_3", "customs_hold"))
+    await decide_and_send(hook_settings, receiver)
+    assert receiver.got == []
+
+
+async def test_a_failing_endpoint_is_retried_with_backoff_then_given_up(
+    hook_client: Client, hook_settings: Settings, receiver: Receiver
+) -> None:
+    made = await endpoint(hook_client, receiver.url, ["*"])
+    receiver.answers = [500, 503]
+    await post(hook_client, exception("evt_1", "address_issue"))
+    await decide_and_send(hook_settings, receiver)
+    assert len(receiver.got) == 1
+    assert await send(hook_settings, NOW + timedelta(seconds=RETRY_S[0] - 1)) == 0  # not yet
+    assert await send(hook_settings, NOW + timedelta(seconds=RETRY_S[0] + 1)) == 1
+    later = NOW + timedelta(seconds=RETRY_S[0] + RETRY_S[1] + 2)
+    assert await send(hook_settings, later) == 1
+    assert len({orjson.loads(b)["id"] for _, b in receiver.got}) == 1  # one event, 3 tries
+    log = await (
+        await hook_client.get(f"{BASE}/{made['id']}/deliveries", headers=auth(ACME_KEY))
+    ).json()
+    assert [(a["attempt"], a["outcome"], a["status_code"]) for a in log["attempts"]] == [
+        (3, "delivered", 200),
+        (2, "failed", 503),
+        (1, "failed", 500),
+    ]
+    assert await queued(hook_settings) == 0
+
+    # an endpoint that never answers 2xx is given up on after the last wait
+    receiver.answers = [500] * (len(RETRY_S) + 1)
+    await post(hook_client, exception("evt_2", "damaged", occurred_at="2026-11-21T11:00:00+01:00"))
+    await decide_and_send(hook_settings, receiver)
+    assert len(receiver.got) == 4
+    at = NOW
+    for wait in RETRY_S:
+        at += timedelta(seconds=wait + 1)
+        assert await send(hook_settings, at) == 1
+    assert await queued(hook_settings) == 0
+    log = await (
+        await hook_client.get(f"{BASE}/{made['id']}/deliveries", headers=auth(ACME_KEY))
+    ).json()
+    assert log["attempts"][0]["outcome"] == "gave_up"
+    assert log["attempts"][0]["attempt"] == len(RETRY_S) + 1
+
+
+async def test_rotation_signs_with_both_secrets_while_they_overlap(
+    hook_client: Client, hook_settings: Settings, receiver: Receiver
+) -> None:
+    made = await endpoint(hook_client, receiver.url, ["exception.lost"])
+    resp = await hook_client.post(
+        f"{BASE}/{made['id']}/rotate-secret", json={"overlap_s": 3600}, headers=auth(ACME_KEY)
+    )
+    rotated = await resp.json()
+    assert resp.status == 200 and rotated["secret"] != made["secret"]
+    await post(hook_client, exception("evt_1", "lost"))
+    await decide_and_send(hook_settings, receiver)
+    [(headers, body)] = receiver.got
+    assert headers[SIGNATURE_HEADER].count("v1=") == 2
+    check_signed(headers, body, [made["secret"]], NOW)
+    check_signed(headers, body, [rotated["secret"]], NOW)
+
+
+async def test_a_test_event_goes_to_its_endpoint_only(
+    hook_client: Client, hook_settings: Settings, receiver: Receiver
+) -> None:
+    first = await endpoint(hook_client, receiver.url + "?a", ["*"])
+    await endpoint(hook_client, receiver.url + "?b", ["*"])
+    resp = await hook_client.post(f"{BASE}/{first['id']}/test", headers=auth(ACME_KEY))
+    assert resp.status == 202
+    assert await send(hook_settings) == 1
+    [(_, body)] = receiver.got
+    assert orjson.loads(body)["type"] == "test"
+    assert orjson.loads(body)["data"] == {"endpoint_id": first["id"]}
+
+
+# -- the queue ---------------------------------------------------------------------------------
+async def test_an_event_is_queued_once_and_a_lease_keeps_it_from_other_workers(
+    hook_settings: Settings,
+) -> None:
+    async with open_resources(hook_settings) as res:
+        store, scope = res.store, res.store.scopes[0]
+        event = ev.envelope("whe_1", "exception.lost", "acme", NOW, {})
+        stored = ev.stored(event)
+        assert await store.queue_hook_events(scope, [("whe_1", stored)], 1000) == 1
+        assert await store.queue_hook_events(scope, [("whe_1", stored)], 1000) == 0
+        [mine] = await store.claim_hook_events(scope, 2000, 60_000, 10)
+        assert await store.claim_hook_events(scope, 3000, 60_000, 10) == []  # leased
+        # the lease ran out: another worker takes it, and the first one's settle is refused
+        [theirs] = await store.claim_hook_events(scope, 70_000, 60_000, 10)
+        assert not await store.settle_hook_event(scope, mine, None)
+        assert await store.settle_hook_event(scope, theirs, None)
+        assert await store.hook_queue_length(scope) == 0
+
+
+async def test_names_that_resolve_to_private_addresses_are_refused() -> None:
+    with pytest.raises(PrivateAddress):
+        await PublicOnlyResolver().resolve("localhost", 443)
+
+
+def test_event_types_of_transitions() -> None:
+    from notifier.models import Transition
+
+    def of(**more: Any) -> str | None:
+        return ev.type_of(Transition.model_validate(transition(**more)))
+
+    assert of(status="exception", exception_code="refused") == "exception.refused"
+    assert of(status="exception", exception_code="delayed", event_id="stalled:1") == (
+        "exception.stalled"
+    )
+    assert of(status="delivery_attempt_failed") == "exception.delivery_attempt_failed"
+    assert of(status="returned_to_sender") == "exception.returned_to_sender"
+    assert of(status="delivered") is None
+    assert ev.matches(["exception.*"], "exception.lost")
+    assert not ev.matches(["exception.lost"], "exception.damaged")
+    assert ev.matches(["*"], "delivery.failed")
+    assert ev.check_patterns(["*", "*", "exception.lost"]) == ["*", "exception.lost"]
