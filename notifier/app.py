@@ -214,7 +214,9 @@ async def opt_outs(request: web.Request) -> web.Response:
         ]
         raise InvalidOptOut("invalid opt-out", details) from exc
     key = opt_out_key(body.channel, body.address)
-    await request.app[RESOURCES].store.set_opt_out(merchant_id, key, body.opted_out)
+    res = request.app[RESOURCES]
+    if await res.store.set_opt_out(merchant_id, key, body.opted_out) and body.opted_out:
+        await res.hooks.opted_out(merchant_id, key, "api", res.clock())
     return _json(200, body.model_dump(mode="json"))
 
 

@@ -18,6 +18,7 @@ from notifier.channels import Channel, Outcome, Outgoing, Receipt
 from notifier.errors import PermanentDeliveryError, RenderError, TemporaryDeliveryError
 from notifier.models import STATUS_RANK, ChannelKind, Decision, Notification, notification_id
 from notifier.models import Outcome as Decided
+from notifier.outbound import events as hook_events
 from notifier.policy.engine import opt_out_key
 from notifier.render import Message, SmsMessageOut
 from notifier.resources import Resources, sync_published
@@ -176,7 +177,7 @@ class Deliverer:
             claimed, messages = [c for c, _ in kept], [m for _, m in kept]
         for (n, result), message in zip(claimed, messages, strict=True):
             if isinstance(message, RenderError):
-                await self._fail(n.notification_id, message, report, owner, scope)
+                await self._fail(n, message, report, owner, scope)
                 continue
             outgoing = Outgoing(message, now, recovering=result is ClaimResult.RECLAIMED)
             batches.setdefault(self._channel_name(n), []).append(outgoing)
@@ -245,12 +246,14 @@ class Deliverer:
             if isinstance(outcome, Receipt):
                 sent.append((nid, at, f"{outcome.channel}:{outcome.detail}"))
             elif isinstance(outcome, TemporaryDeliveryError):
-                await self._retry_later(nid, outcome, owner, scope)
-                report.retrying.append(nid)
+                if await self._retry_later(notifications[nid], outcome, owner, scope):
+                    report.retrying.append(nid)
+                else:
+                    report.failed.append(nid)
             else:
                 if isinstance(outcome, PermanentDeliveryError) and outcome.opted_out:
                     await self._record_opt_out(item)
-                await self._fail(nid, outcome, report, owner, scope)
+                await self._fail(notifications[nid], outcome, report, owner, scope)
                 if isinstance(outcome, PermanentDeliveryError):
                     await self._fall_back(notifications[nid], outcome)
         return sent
@@ -328,13 +331,31 @@ class Deliverer:
             ]
 
     async def _fail(
-        self, nid: str, exc: Exception, report: DeliveryReport, owner: str, scope: Scope
+        self, n: Notification, exc: Exception, report: DeliveryReport, owner: str, scope: Scope
     ) -> None:
         # The reason (which may quote the provider's words about an address) goes to the
         # ledger, readable in the history; the log names only the kind of failure.
+        nid = n.notification_id
         log.error("notification %s failed permanently (%s)", nid, type(exc).__name__)
-        await self.res.store.mark_failed(nid, str(exc), owner, scope)
+        await self._failed(n, str(exc), owner, scope)
         report.failed.append(nid)
+
+    async def _failed(self, n: Notification, reason: str, owner: str, scope: Scope) -> None:
+        """Record a notification that failed for good, and tell the merchant's webhook
+        endpoints that take ``delivery.failed``."""
+        await self.res.store.mark_failed(n.notification_id, reason, owner, scope)
+        now = self.res.clock()
+        event = hook_events.delivery_failed(
+            n.merchant_id,
+            n.shipment_id,
+            n.notification_id,
+            n.channel.value,
+            reason,
+            now,
+            self.res.settings.public_url,
+            n.transition,
+        )
+        await self.res.hooks.emit(n.merchant_id, n.shipment_id, event, now)
 
     async def _record_opt_out(self, item: Outgoing) -> None:
         """The provider told us the recipient opted out: never use that address again."""
@@ -342,27 +363,32 @@ class Deliverer:
         if isinstance(m, SmsMessageOut):
             # the number blocked our shared sender (Twilio 21610): like a STOP, it holds for
             # every merchant, and a START texted to us undoes it
-            merchant = self.res.store.EVERY_MERCHANT
-            await self.res.store.set_opt_out(merchant, opt_out_key(ChannelKind.SMS, m.to), True)
+            key = opt_out_key(ChannelKind.SMS, m.to)
+            new = await self.res.store.set_opt_out(self.res.store.EVERY_MERCHANT, key, True)
         else:
             key = opt_out_key(ChannelKind.EMAIL, m.to)
-            await self.res.store.set_opt_out(m.merchant_id, key, True)
+            new = await self.res.store.set_opt_out(m.merchant_id, key, True)
+        if new:  # the merchant whose message found it out is told
+            at = self.res.clock()
+            await self.res.hooks.opted_out(m.merchant_id, key, "provider", at, m.shipment_id)
 
     async def _retry_later(
-        self, nid: str, exc: TemporaryDeliveryError, owner: str, scope: Scope
-    ) -> None:
+        self, n: Notification, exc: TemporaryDeliveryError, owner: str, scope: Scope
+    ) -> bool:
+        """Schedule the next attempt; False when the notification is out of attempts (then
+        it failed for good)."""
+        nid = n.notification_id
         attempts = int((await self.res.store.ledger([nid], scope))[nid].get("attempts", "1"))
         if attempts >= MAX_ATTEMPTS:
             log.error("notification %s out of attempts: %s", nid, exc.reason)
-            await self.res.store.mark_failed(
-                nid, f"gave up after {attempts} attempts: {exc.reason}", owner, scope
-            )
-            return
+            await self._failed(n, f"gave up after {attempts} attempts: {exc.reason}", owner, scope)
+            return False
         delay = backoff_s(attempts, exc.retry_after_s)
         log.warning("notification %s: %s; retry %d in %.0f s", nid, exc.reason, attempts, delay)
         due = self.res.clock() + timedelta(seconds=delay)
         due_ms = int(due.timestamp() * 1000)
         await self.res.store.reschedule(nid, due_ms, exc.reason, owner, scope)
+        return True
 
 
 def _count(report: DeliveryReport, timing: Mapping[str, tuple[float, float]]) -> None:

@@ -33,7 +33,6 @@ from notifier.models import (
     notification_id_of,
 )
 from notifier.outbound import events as hook_events
-from notifier.outbound.directory import Subscriptions
 from notifier.policy import Policy, Step, fold, opt_out_key
 from notifier.resources import Resources, sync_published
 from notifier.state import TERMINAL, ShipmentState
@@ -106,8 +105,7 @@ class Pipeline:
     def __init__(self, res: Resources) -> None:
         self.res = res
         self.deliverer = Deliverer(res)
-        #: which merchants' webhook endpoints take which events (``outbound``)
-        self.hooks = Subscriptions(res.store)
+        self.hooks = res.hooks
 
     async def process(self, entries: Sequence[InboxEntry]) -> BatchReport:
         """Decide and deliver everything in ``entries``; raises if Redis fails (entries stay)."""

@@ -23,6 +23,7 @@ from notifier import metrics
 from notifier.channels import Channel, OutboxChannel
 from notifier.errors import ConfigurationError
 from notifier.models import ChannelKind
+from notifier.outbound.directory import Subscriptions
 from notifier.overrides import OverrideStore, Published
 from notifier.policy import PolicyStore
 from notifier.render import Renderer
@@ -210,6 +211,8 @@ class Resources:
     providers: dict[str, Channel]
     clock: Clock
     server: FakeServer | None
+    #: which merchants' webhook endpoints take which events, and queueing them (``outbound``)
+    hooks: Subscriptions
 
 
 @asynccontextmanager
@@ -252,19 +255,20 @@ async def open_resources(
         ChannelKind.EMAIL: providers[str(settings.email_channel)],
         ChannelKind.SMS: providers[str(settings.sms_channel)],
     }
+    store = Store(
+        redis,
+        partitions=settings.partitions,
+        idempotency_ttl_s=settings.idempotency_ttl_s,
+        state_ttl_s=settings.state_ttl_s,
+        wait_replicas=settings.ingest_wait_replicas,
+        wait_timeout_ms=settings.ingest_wait_timeout_ms,
+    )
     try:
         yield Resources(
             settings=settings,
             redis=redis,
             queue=queue,
-            store=Store(
-                redis,
-                partitions=settings.partitions,
-                idempotency_ttl_s=settings.idempotency_ttl_s,
-                state_ttl_s=settings.state_ttl_s,
-                wait_replicas=settings.ingest_wait_replicas,
-                wait_timeout_ms=settings.ingest_wait_timeout_ms,
-            ),
+            store=store,
             policies=PolicyStore(data_dir("policies", settings.policies_dir), published.files),
             published=published,
             templates=templates,
@@ -282,6 +286,7 @@ async def open_resources(
             providers=providers,
             clock=clock,
             server=server,
+            hooks=Subscriptions(store),
         )
     finally:
         if queue is not redis:

@@ -87,5 +87,7 @@ async def unsubscribe(request: web.Request, res: Resources) -> web.Response:
                 'style="font-size:16px;padding:8px 16px;">Unsubscribe</button></form>'
             ),
         )
-    await res.store.set_opt_out(merchant_id, opt_out_key(ChannelKind.EMAIL, address), True)
+    key = opt_out_key(ChannelKind.EMAIL, address)
+    if await res.store.set_opt_out(merchant_id, key, True):
+        await res.hooks.opted_out(merchant_id, key, "unsubscribe_link", res.clock())
     return _page("Unsubscribed", f"<h1>{html.escape(address)} will get no more emails.</h1>")

@@ -23,6 +23,7 @@ from twilio.twiml.messaging_response import MessagingResponse
 
 from notifier.errors import BadRequest, Forbidden, NotFound
 from notifier.models import ChannelKind
+from notifier.outbound import events as hook_events
 from notifier.policy import opt_out_key
 from notifier.resources import Resources
 
@@ -73,10 +74,22 @@ async def twilio_status(request: web.Request, res: Resources) -> web.Response:
         error = form.get("ErrorCode") or None
         nid, scope, where = found
         await res.store.provider_status(nid, status, STATUS_RANK[status], error, scope, where)
-        if error == "21610":  # the carrier says the recipient opted out
-            await res.store.set_opt_out(
-                res.store.EVERY_MERCHANT, opt_out_key(ChannelKind.SMS, form.get("To", "")), True
-            )
+        key = opt_out_key(ChannelKind.SMS, form.get("To", ""))
+        # the carrier says the recipient opted out: for every merchant, as a STOP; the
+        # merchant whose message found it out is told
+        opted = error == "21610" and await res.store.set_opt_out(
+            res.store.EVERY_MERCHANT, key, True
+        )
+        if where is not None:
+            merchant, shipment = where
+            if opted:
+                await res.hooks.opted_out(merchant, key, "twilio_blocked", res.clock(), shipment)
+            if status in SMS_FAILED:
+                reason = f"Twilio: {status}" + (f" (error {error})" if error else "")
+                event = hook_events.delivery_failed(
+                    merchant, shipment, nid, "sms", reason, res.clock(), res.settings.public_url
+                )
+                await res.hooks.emit(merchant, shipment, event, res.clock())
     # 200 even for an unknown sid: Twilio would retry otherwise, and it cannot be fixed there
     return web.Response(status=204)
 
@@ -98,6 +111,8 @@ async def twilio_inbound(request: web.Request, res: Resources) -> web.Response:
     return web.Response(text=str(reply), content_type="application/xml")
 
 
+#: Twilio statuses that end a message undelivered
+SMS_FAILED = frozenset({"failed", "undelivered"})
 #: SendGrid event types in the order they can happen to a message (terminal ones last).
 EMAIL_RANK = {
     "processed": 1,
@@ -163,6 +178,14 @@ async def _email_event(res: Resources, event: Any) -> None:
         scope, where = (found[1], found[2]) if found else (None, None)
     why = str(reason) if reason else None
     await res.store.provider_status(nid, kind, EMAIL_RANK[kind], why, scope, where)
+    if where is not None and (
+        kind == "dropped" or (kind == "bounce" and event.get("type") != "blocked")
+    ):
+        reason_text = f"SendGrid: {kind}" + (f" ({why})" if why else "")
+        failed = hook_events.delivery_failed(
+            where[0], where[1], nid, "email", reason_text, res.clock(), res.settings.public_url
+        )
+        await res.hooks.emit(where[0], where[1], failed, res.clock())
     # A hard bounce or a drop (SendGrid's own suppression) means the address must not be
     # used again; a "blocked" bounce is the receiving server's temporary refusal.
     hard_bounce = kind == "bounce" and event.get("type") != "blocked"
@@ -172,4 +195,8 @@ async def _email_event(res: Resources, event: Any) -> None:
     )
     stop = kind in EMAIL_OPT_OUTS or hard_bounce or address_drop
     if stop and isinstance(merchant, str) and isinstance(address, str):
-        await res.store.set_opt_out(merchant, opt_out_key(ChannelKind.EMAIL, address), True)
+        key = opt_out_key(ChannelKind.EMAIL, address)
+        if await res.store.set_opt_out(merchant, key, True):
+            source = f"sendgrid_{kind}"
+            shipment_id = where[1] if where else None
+            await res.hooks.opted_out(merchant, key, source, res.clock(), shipment_id)

@@ -15,10 +15,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from notifier.app import create_app
-from notifier.errors import Unauthorized
+from notifier.errors import PermanentDeliveryError, Unauthorized
 from notifier.ingest import SIGNATURE_HEADER, verify_signature
+from notifier.models import ChannelKind
 from notifier.outbound import events as ev
 from notifier.outbound.sender import RETRY_S, HookSender, PrivateAddress, PublicOnlyResolver
+from notifier.pipeline import Pipeline
 from notifier.resources import open_resources
 from notifier.settings import Settings
 from tests.conftest import (
@@ -28,9 +30,11 @@ from tests.conftest import (
     fixed_clock,
     make_settings,
     post,
+    read_whole_inbox,
     run_worker,
     transition,
 )
+from tests.fakes import FailingChannel
 
 Client = TestClient[Any, Any]
 BASE = "/v1/merchants/acme/webhook-endpoints"
@@ -332,3 +336,133 @@ def test_event_types_of_transitions() -> None:
     assert not ev.matches(["exception.lost"], "exception.damaged")
     assert ev.matches(["*"], "delivery.failed")
     assert ev.check_patterns(["*", "*", "exception.lost"]) == ["*", "exception.lost"]
+
+
+# -- failures and opt-outs -----------------------------------------------------------------------
+async def test_a_message_that_fails_for_good_is_a_delivery_failed_event(
+    hook_client: Client, hook_settings: Settings, receiver: Receiver
+) -> None:
+    await endpoint(hook_client, receiver.url, ["delivery.failed"])
+    await post(hook_client, transition())
+    async with open_resources(hook_settings, clock=fixed_clock()) as res:
+        refusing = FailingChannel(PermanentDeliveryError, "550 no such mailbox", "refusing")
+        res.channels = {ChannelKind.EMAIL: refusing, ChannelKind.SMS: refusing}
+        res.providers = {}
+        await Pipeline(res).process(await read_whole_inbox(res, "w"))
+    await send(hook_settings)
+    got = sorted(receiver.events(), key=lambda e: e["data"]["channel"])
+    assert [e["type"] for e in got] == ["delivery.failed", "delivery.failed"]
+    assert [e["data"]["channel"] for e in got] == ["email", "sms"]
+    email = got[0]["data"]
+    assert email["shipment_id"] == "shp_123" and email["event_id"] == "evt_1"
+    assert email["milestone"] == "out_for_delivery" and "550 no such mailbox" in email["reason"]
+    assert email["notification_id"].startswith("n_")
+
+
+async def test_opt_outs_are_told_once_to_the_merchant(
+    hook_client: Client, hook_settings: Settings, receiver: Receiver
+) -> None:
+    await endpoint(hook_client, receiver.url, ["recipient.*"])
+    body = {"channel": "email", "address": "Ana@Example.com", "opted_out": True}
+    for _ in range(2):  # the second one changes nothing: no second event
+        resp = await hook_client.post("/v1/merchants/acme/opt-outs", json=body, headers=auth())
+        assert resp.status == 200
+    await send(hook_settings)
+    [event] = receiver.events()
+    assert event["type"] == "recipient.opted_out"
+    assert event["data"] == {
+        "channel": "email",
+        "address": "ana@example.com",
+        "source": "api",
+        "shipment_id": None,
+    }
+    # a provider refusing a number its owner blocked us on (Twilio 21610): the merchant
+    # whose message found it out is told (no email is sent: that address opted out above)
+    await post(hook_client, transition(event_id="evt_9", shipment_id="shp_9"))
+    async with open_resources(hook_settings, clock=fixed_clock()) as res:
+        blocked = FailingChannel(OptedOutError, "21610", "refusing")
+        res.channels = {ChannelKind.EMAIL: blocked, ChannelKind.SMS: blocked}
+        res.providers = {}
+        await Pipeline(res).process(await read_whole_inbox(res, "w"))
+    await send(hook_settings)
+    told = [e["data"] for e in receiver.events()[1:]]
+    assert [(d["channel"], d["source"], d["shipment_id"]) for d in told] == [
+        ("sms", "provider", "shp_9")
+    ]
+
+
+class OptedOutError(PermanentDeliveryError):
+    opted_out = True
+
+
+async def test_twilio_reports_of_a_failed_sms_become_events(
+    tmp_path: Any, redis_url: str, receiver: Receiver
+) -> None:
+    from tests.fakes import serve_twilio
+    from tests.test_twilio import twilio_settings
+    from tests.test_webhooks import PUBLIC, sent_sms, signed
+
+    async with serve_twilio() as twilio:
+        settings = twilio_settings(tmp_path, redis_url, twilio).model_copy(
+            update={"public_url": PUBLIC, "merchant_hooks_allow_private": True}
+        )
+        async with TestClient(TestServer(create_app(settings, clock=fixed_clock()))) as c:
+            await endpoint(c, receiver.url, ["delivery.failed", "recipient.opted_out"])
+            nid, sid = await sent_sms(c, settings, twilio)
+            form = {
+                "MessageSid": sid,
+                "MessageStatus": "undelivered",
+                "ErrorCode": "21610",
+                "To": "+33612345678",
+            }
+            for _ in range(2):  # Twilio may call twice: one event each all the same
+                assert (await signed(c, "/v1/webhooks/twilio/status", form)).status == 204
+            await send(settings)
+    got = {e["type"]: e["data"] for e in receiver.events()}
+    assert len(receiver.got) == 2
+    assert got["delivery.failed"]["notification_id"] == nid
+    assert got["delivery.failed"]["channel"] == "sms"
+    assert got["delivery.failed"]["reason"] == "Twilio: undelivered (error 21610)"
+    assert got["recipient.opted_out"] == {
+        "channel": "sms",
+        "address": "+33612345678",
+        "source": "twilio_blocked",
+        "shipment_id": "shp_123",
+    }
+
+
+async def test_events_go_out_from_a_redis_cluster(
+    tmp_path: Any, cluster: Any, receiver: Receiver
+) -> None:
+    """Queued by the commit of each partition, in that partition's slot, on a 3-master
+    cluster; endpoints under the merchant's own tag."""
+    from redis.crc import key_slot
+
+    from tests.conftest import flush_cluster
+
+    flush_cluster(cluster)
+    settings = make_settings(
+        tmp_path,
+        redis_url=cluster.url,
+        queue_redis_url=cluster.queue_url,
+        partitions=6,
+        merchant_hooks_allow_private=True,
+    )
+    async with TestClient(TestServer(create_app(settings, clock=fixed_clock()))) as c:
+        await endpoint(c, receiver.url, ["exception.*"])
+        shipments = [f"shp_{i}" for i in range(12)]
+        await post(c, *(exception(f"evt_{s}", "lost", shipment_id=s) for s in shipments))
+        await run_worker(settings)
+        async with open_resources(settings) as res:
+            queued_keys = [
+                k.decode()
+                for node in cluster.masters()
+                for k in cluster.node(node).keys("ntf:mwh:*")
+            ]
+        await send(settings)
+    assert sorted(e["data"]["shipment_id"] for e in receiver.events()) == sorted(shipments)
+    for name in queued_keys:  # each under one tag: a partition's, or the merchant's
+        tag = "{" + name.split("{", 1)[1].split("}", 1)[0] + "}"
+        assert key_slot(name.encode()) == key_slot(tag.encode()), name
+    assert any(k.startswith("ntf:mwh:{acme}:endpoints") for k in queued_keys)
+    assert res.store.cluster

@@ -161,6 +161,45 @@ def from_step(
     return envelope(eid, kind, merchant_id, decided_at, data)
 
 
+def delivery_failed(
+    merchant_id: str,
+    shipment_id: str,
+    notification_id: str,
+    channel: str,
+    reason: str,
+    at: datetime,
+    public_url: str,
+    transition: Transition | None = None,
+) -> dict[str, Any]:
+    """An email or SMS that failed for good (the service gave up, or the provider says so)."""
+    data = {
+        "shipment_id": shipment_id,
+        "notification_id": notification_id,
+        "channel": channel,
+        "milestone": transition.milestone if transition else None,
+        "event_id": transition.event_id if transition else None,
+        "reason": reason,
+        "timeline_url": timeline_url(public_url, merchant_id, shipment_id),
+    }
+    eid = event_id(merchant_id, EventType.DELIVERY_FAILED, notification_id)
+    return envelope(eid, EventType.DELIVERY_FAILED, merchant_id, at, data)
+
+
+def opted_out(
+    merchant_id: str,
+    channel: str,
+    address: str,
+    source: str,
+    at: datetime,
+    shipment_id: str | None = None,
+) -> dict[str, Any]:
+    """A recipient opted out of a channel (``source``: how the service learnt it). The
+    address is the merchant's customer's: the merchant needs it to update its own records."""
+    data = {"channel": channel, "address": address, "source": source, "shipment_id": shipment_id}
+    eid = event_id(merchant_id, EventType.OPTED_OUT, channel, address, at.isoformat())
+    return envelope(eid, EventType.OPTED_OUT, merchant_id, at, data)
+
+
 def stored(event: Mapping[str, Any], target: str | None = None) -> bytes:
     """An event as the queue keeps it: the event, and the one endpoint it is for (a test)."""
     return orjson.dumps({"event": event, "target": target})

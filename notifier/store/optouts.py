@@ -28,9 +28,9 @@ class OptOuts(StoreBase):
             mine, everyone = await pipe.execute()
         return {k for k, a, b in zip(keys, mine, everyone, strict=True) if a or b}
 
-    async def set_opt_out(self, merchant_id: str, key: str, opted_out: bool) -> None:
-        """Record an opt-out (True) or an opt-in (False) for one channel address."""
+    async def set_opt_out(self, merchant_id: str, key: str, opted_out: bool) -> bool:
+        """Record an opt-out (True) or an opt-in (False) for one channel address; whether
+        that changed anything."""
         if opted_out:
-            await awaited(self.redis.sadd(optout_key(merchant_id), key))
-        else:
-            await awaited(self.redis.srem(optout_key(merchant_id), key))
+            return bool(await awaited(self.redis.sadd(optout_key(merchant_id), key)))
+        return bool(await awaited(self.redis.srem(optout_key(merchant_id), key)))
