@@ -87,6 +87,12 @@ class _Metrics:
             ["channel", "result"],
             registry=registry,
         )
+        self.hook_attempts = Counter(
+            "notifier_merchant_hook_attempts",
+            "Merchant webhook delivery attempts by outcome (delivered, failed, gave_up).",
+            ["outcome"],
+            registry=registry,
+        )
         self.ingest_to_decision = Histogram(
             "notifier_ingest_to_decision_seconds",
             "From the API accepting a transition to its decision being committed.",
@@ -168,6 +174,10 @@ def deliveries(channel: str, result: str, n: int = 1) -> None:
         _metrics.child(_metrics.deliveries, channel, result).inc(n)
 
 
+def hook_attempts(outcome: str) -> None:
+    _metrics.child(_metrics.hook_attempts, outcome).inc()
+
+
 def entry_time(entry_id: str) -> float:
     """When the API wrote an inbox entry (Unix seconds): its stream id holds the time, in ms."""
     return int(entry_id.partition("-")[0] or 0) / 1000
@@ -227,6 +237,7 @@ async def _read_redis(store: Store, workers_key: str, alive_s: float) -> list[Me
         for scope in store.scopes:  # one index, or one per partition on a Redis Cluster
             pipe.zcard(keys.due_key(store.tag(scope)))
             pipe.zcard(keys.stall_key(store.tag(scope)))
+            pipe.zcard(keys.hook_due_key(store.tag(scope)))
         pipe.zcount(workers_key, int((now - alive_s) * 1000), "+inf")
         replies = await pipe.execute()
     dead = await store.dead_letters()
@@ -247,11 +258,16 @@ async def _read_redis(store: Store, workers_key: str, alive_s: float) -> list[Me
         age = entry_age_s(_text(entry_id), now) if entry_id is not None else 0.0
         oldest.add_metric([str(p)], age)
     indexes, workers_n = replies[2 * len(partitions) : -1], replies[-1]
-    due_n, stall_n = sum(indexes[0::2]), sum(indexes[1::2])
+    due_n, stall_n, hooks_n = sum(indexes[0::3]), sum(indexes[1::3]), sum(indexes[2::3])
     families: list[Metric] = [depth, oldest]
     for name, doc, value in (
         ("notifier_due_messages", "Messages waiting for their time (deferred or retrying).", due_n),
         ("notifier_stall_watch", "Shipments watched for going quiet.", stall_n),
+        (
+            "notifier_merchant_hook_queue",
+            "Merchant webhook events waiting to go out (or being sent, or waiting to retry).",
+            hooks_n,
+        ),
         ("notifier_workers_alive", f"Workers that beat in the last {alive_s:g} s.", workers_n),
     ):
         gauge = GaugeMetricFamily(name, doc)

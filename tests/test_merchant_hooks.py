@@ -263,6 +263,9 @@ async def test_a_failing_endpoint_is_retried_with_backoff_then_given_up(
     ).json()
     assert log["attempts"][0]["outcome"] == "gave_up"
     assert log["attempts"][0]["attempt"] == len(RETRY_S) + 1
+    page = (await (await hook_client.get("/metrics")).read()).decode()
+    assert 'notifier_merchant_hook_attempts_total{outcome="gave_up"}' in page
+    assert "notifier_merchant_hook_queue 0.0" in page
 
 
 async def test_rotation_signs_with_both_secrets_while_they_overlap(

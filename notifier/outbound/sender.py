@@ -30,6 +30,7 @@ import orjson
 from aiohttp.abc import ResolveResult
 from aiohttp.resolver import ThreadedResolver
 
+from notifier import metrics
 from notifier.ingest import SIGNATURE_HEADER, signature
 from notifier.outbound.events import matches
 from notifier.store import ClaimedEvent, Scope, Store
@@ -201,6 +202,7 @@ class HookSender:
             elif mine["n"] > len(RETRY_S):
                 mine["done"], outcome = True, "gave_up"
             progress[ep["id"]] = mine
+            metrics.hook_attempts(outcome)
             logged.append((ep["id"], _log_entry(event, mine["n"], at, attempt, outcome)))
             if outcome == "gave_up":
                 log.warning(
