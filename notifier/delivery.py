@@ -16,6 +16,8 @@ from redis.exceptions import RedisError
 from notifier import metrics
 from notifier.channels import Channel, Outcome, Outgoing, Receipt
 from notifier.errors import PermanentDeliveryError, RenderError, TemporaryDeliveryError
+from notifier.insights import counts
+from notifier.insights.counts import Count
 from notifier.models import STATUS_RANK, ChannelKind, Decision, Notification, notification_id
 from notifier.models import Outcome as Decided
 from notifier.outbound import events as hook_events
@@ -190,6 +192,7 @@ class Deliverer:
             where = {item.message.notification_id: _shipment(item) for item in items}
             await self.res.store.mark_sent(sent, owner, said, scope, where=where)
             report.sent += [nid for nid, _, _ in sent]
+            await self._count([by_id[nid] for nid, _, _ in sent], Count.ACCEPTED, scope)
         return report
 
     async def _still_wanted(
@@ -344,6 +347,7 @@ class Deliverer:
         """Record a notification that failed for good, and tell the merchant's webhook
         endpoints that take ``delivery.failed``."""
         await self.res.store.mark_failed(n.notification_id, reason, owner, scope)
+        await self._count([n], Count.FAILED, scope)
         now = self.res.clock()
         event = hook_events.delivery_failed(
             n.merchant_id,
@@ -356,6 +360,23 @@ class Deliverer:
             n.transition,
         )
         await self.res.hooks.emit(n.merchant_id, n.shipment_id, event, now)
+
+    async def _count(self, notifications: list[Notification], count: Count, scope: Scope) -> None:
+        """Count messages for the merchants' analytics; a Redis failure loses the counts,
+        not the batch (the messages are recorded already)."""
+        per: dict[str, dict[str, int]] = {}
+        for n in notifications:
+            name = counts.of_message(
+                n.transition.milestone, n.channel.value, n.recipient.locale, count
+            )
+            mine = per.setdefault(n.merchant_id, {})
+            mine[name] = mine.get(name, 0) + 1
+        day = counts.day_of(self.res.clock())
+        try:
+            for merchant_id, found in per.items():
+                await self.res.store.count(merchant_id, scope, day, found)
+        except (RedisError, OSError) as exc:
+            log.warning("%d %s counts lost: Redis failed (%s)", len(notifications), count, exc)
 
     async def _record_opt_out(self, item: Outgoing) -> None:
         """The provider told us the recipient opted out: never use that address again."""

@@ -161,7 +161,7 @@ LOCALE = Param("locale", "query", "a locale with a catalog (de, pt_BR); none: ev
 @cache
 def operations() -> dict[tuple[str, str], Op]:
     """Every route's documentation, by (method, path as the router writes it)."""
-    return {**_api(), **_admin(), **_hooks(), **_editor()}
+    return {**_api(), **_admin(), **_hooks(), **_analytics(), **_editor()}
 
 
 def _api() -> dict[tuple[str, str], Op]:
@@ -437,6 +437,40 @@ def _hooks() -> dict[tuple[str, str], Op]:
     return ops
 
 
+def _analytics() -> dict[tuple[str, str], Op]:
+    """A merchant's notification counts (insights/api.py)."""
+    from notifier.insights import api as a
+
+    day = {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"}
+    params = (
+        Param("from", "query", "first UTC day (default: 29 days before `to`)", day),
+        Param("to", "query", "last UTC day (default: today)", day),
+        Param(
+            "group_by",
+            "query",
+            "comma-separated: day, milestone, channel, locale (default: all four; empty: "
+            "one row of totals)",
+        ),
+        Param(
+            "format", "query", "json (default) or csv", {"type": "string", "enum": ["json", "csv"]}
+        ),
+    )
+    counts = Reply("The counts, as JSON or as CSV.", (a.Analytics,), (JSON, "text/csv"))
+    return {
+        ("GET", "/v1/merchants/{merchant_id}/analytics"): Op(
+            "getAnalytics",
+            "Notification counts per day, milestone, channel and locale",
+            "analytics",
+            {200: counts, **refusals(*KEYED, 422)},
+            None,
+            params,
+            description="Decided, sent, deferred, suppressed (and by rule), flagged, accepted "
+            "by the provider, failed, delivered, bounced, opened, clicked, unsubscribed, spam "
+            "reports and STOPs, per UTC day; kept 400 days.",
+        )
+    }
+
+
 def _editor() -> dict[tuple[str, str], Op]:
     """The merchant editor's pages (web/): HTML, forms, a JSON preview for its script."""
     base = "/merchant/{merchant_id}"
@@ -590,6 +624,7 @@ TAGS = (
     "opt-outs",
     "admin",
     "merchant-webhooks",
+    "analytics",
     "webhooks",
     "unsubscribe",
     "operations",

@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 from notifier import metrics
 from notifier.addresses import email_problem, phone_problem
 from notifier.delivery import Deliverer, DeliveryReport
+from notifier.insights import counts
 from notifier.models import (
     ChannelKind,
     Decision,
@@ -367,6 +368,10 @@ class Pipeline:
             # a shipment that reached its end is kept only as long as retention says
             ttl_s=final_ttl_s if final.status in TERMINAL else None,
             events=self._hook_events(merchant_id, steps, final, now),
+            counts=tuple(
+                counts.of_steps(steps, final.recipient.locale if final.recipient else None).items()
+            ),
+            day=counts.day_of(now),
         )
         notifications = [nid for nid, *_ in created]
         return _Fold(commit, decisions, notifications, recover, owner, built, labels, decided)

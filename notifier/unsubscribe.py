@@ -15,6 +15,8 @@ import html
 from typing import TYPE_CHECKING
 
 from notifier.errors import NotFound
+from notifier.insights import record
+from notifier.insights.counts import Count
 from notifier.models import ChannelKind
 from notifier.policy import opt_out_key
 
@@ -89,5 +91,9 @@ async def unsubscribe(request: web.Request, res: Resources) -> web.Response:
         )
     key = opt_out_key(ChannelKind.EMAIL, address)
     if await res.store.set_opt_out(merchant_id, key, True):
-        await res.hooks.opted_out(merchant_id, key, "unsubscribe_link", res.clock())
+        at = res.clock()
+        await res.hooks.opted_out(merchant_id, key, "unsubscribe_link", at)
+        await record.report(
+            res.store, merchant_id, None, key, "email", None, Count.UNSUBSCRIBED, at
+        )
     return _page("Unsubscribed", f"<h1>{html.escape(address)} will get no more emails.</h1>")

@@ -22,6 +22,8 @@ from twilio.request_validator import RequestValidator
 from twilio.twiml.messaging_response import MessagingResponse
 
 from notifier.errors import BadRequest, Forbidden, NotFound
+from notifier.insights import record
+from notifier.insights.counts import Count
 from notifier.models import ChannelKind
 from notifier.outbound import events as hook_events
 from notifier.policy import opt_out_key
@@ -82,6 +84,29 @@ async def twilio_status(request: web.Request, res: Resources) -> web.Response:
         )
         if where is not None:
             merchant, shipment = where
+            counted = SMS_COUNTS.get(status)
+            if counted is not None:
+                await record.report(
+                    res.store,
+                    merchant,
+                    shipment,
+                    nid,
+                    "sms",
+                    request.query.get("stats"),
+                    counted,
+                    res.clock(),
+                )
+            if error == "21610":
+                await record.report(
+                    res.store,
+                    merchant,
+                    shipment,
+                    nid,
+                    "sms",
+                    request.query.get("stats"),
+                    Count.STOPS,
+                    res.clock(),
+                )
             if opted:
                 await res.hooks.opted_out(merchant, key, "twilio_blocked", res.clock(), shipment)
             if status in SMS_FAILED:
@@ -113,6 +138,18 @@ async def twilio_inbound(request: web.Request, res: Resources) -> web.Response:
 
 #: Twilio statuses that end a message undelivered
 SMS_FAILED = frozenset({"failed", "undelivered"})
+#: what a Twilio status counts as in a merchant's analytics
+SMS_COUNTS = {"delivered": Count.DELIVERED, "failed": Count.BOUNCED, "undelivered": Count.BOUNCED}
+#: what a SendGrid event counts as in a merchant's analytics (a hard bounce: see below)
+EMAIL_COUNTS = {
+    "delivered": Count.DELIVERED,
+    "dropped": Count.BOUNCED,
+    "open": Count.OPENED,
+    "click": Count.CLICKED,
+    "unsubscribe": Count.UNSUBSCRIBED,
+    "group_unsubscribe": Count.UNSUBSCRIBED,
+    "spamreport": Count.SPAM_REPORTS,
+}
 #: SendGrid event types in the order they can happen to a message (terminal ones last).
 EMAIL_RANK = {
     "processed": 1,
@@ -160,8 +197,25 @@ async def _email_event(res: Resources, event: Any) -> None:
     if not isinstance(event, dict):
         return
     kind, nid = str(event.get("event", "")), event.get("notification_id")
-    if not isinstance(nid, str) or kind not in EMAIL_RANK:
-        return  # not ours (or an open/click): nothing to record
+    if not isinstance(nid, str):
+        return  # not ours
+    merchant_id, shipment_id = event.get("merchant_id"), event.get("shipment_id")
+    counted = EMAIL_COUNTS.get(kind)
+    if kind == "bounce" and event.get("type") != "blocked":
+        counted = Count.BOUNCED
+    if counted is not None and isinstance(merchant_id, str):
+        await record.report(
+            res.store,
+            merchant_id,
+            shipment_id if isinstance(shipment_id, str) else None,
+            nid,
+            "email",
+            event.get("stats"),
+            counted,
+            res.clock(),
+        )
+    if kind not in EMAIL_RANK:
+        return  # an open or a click: counted only
     reason = event.get("reason") or event.get("response")
     merchant, address = event.get("merchant_id"), event.get("email")
     shipment = event.get("shipment_id")

@@ -13,7 +13,15 @@ from twilio.request_validator import RequestValidator
 from notifier.app import create_app
 from notifier.resources import open_resources
 from notifier.settings import Settings
-from tests.conftest import history, make_settings, post, run_worker, transition
+from tests.conftest import (
+    NOW,
+    fixed_clock,
+    history,
+    make_settings,
+    post,
+    run_worker,
+    transition,
+)
 from tests.fakes import FakeTwilio, serve_twilio
 from tests.test_twilio import TOKEN, twilio_settings
 
@@ -35,7 +43,7 @@ def hook_settings(tmp_path: Path, redis_url: str, twilio: FakeTwilio) -> Setting
 
 @pytest.fixture
 async def client(hook_settings: Settings) -> AsyncIterator[Client]:
-    async with TestClient(TestServer(create_app(hook_settings))) as c:
+    async with TestClient(TestServer(create_app(hook_settings, clock=fixed_clock()))) as c:
         yield c
 
 
@@ -58,8 +66,18 @@ async def sent_sms(client: Client, settings: Settings, twilio: FakeTwilio) -> tu
 async def test_status_callback_url_is_given_to_twilio(
     client: Client, hook_settings: Settings, twilio: FakeTwilio
 ) -> None:
-    await sent_sms(client, hook_settings, twilio)
-    assert twilio.received[0]["StatusCallback"] == PUBLIC + "/v1/webhooks/twilio/status"
+    _, sid = await sent_sms(client, hook_settings, twilio)
+    # with the message's milestone and locale, for the merchant's analytics
+    callback = twilio.received[0]["StatusCallback"]
+    assert callback == PUBLIC + "/v1/webhooks/twilio/status?stats=out_for_delivery~fr_FR"
+    # Twilio posts to that URL, signed over it: the report counts under the message
+    path = callback.removeprefix(PUBLIC)
+    for _ in range(2):  # a status reported twice counts once
+        resp = await signed(client, path, {"MessageSid": sid, "MessageStatus": "delivered"})
+        assert resp.status == 204
+    async with open_resources(hook_settings) as res:
+        found = await res.store.stats("acme", NOW.date(), NOW.date())
+    assert found[NOW.date().isoformat()]["out_for_delivery|sms|fr_FR|delivered"] == 1
 
 
 async def test_status_updates_never_move_backwards(

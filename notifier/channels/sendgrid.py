@@ -44,6 +44,8 @@ def payload(message: EmailMessageOut, sender: str | None = None) -> dict[str, ob
     mail.custom_arg = CustomArg("merchant_id", message.merchant_id)
     # with the merchant, where its ledger entry lives (its partition, on a Redis Cluster)
     mail.custom_arg = CustomArg("shipment_id", message.shipment_id)
+    if message.stats_tag:  # its milestone and locale, for the merchant's analytics
+        mail.custom_arg = CustomArg("stats", message.stats_tag)
     for name, value in message.headers.items():
         if name.lower() == "reply-to":  # SendGrid refuses it as a header: its own field
             mail.reply_to = ReplyTo(value)

@@ -14,7 +14,7 @@ import base64
 import contextvars
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import aiohttp
 from twilio.base.exceptions import TwilioException, TwilioRestException
@@ -147,7 +147,9 @@ class TwilioChannel:
         else:
             params["from_"] = self.from_number
         if self.status_callback:
-            params["status_callback"] = self.status_callback
+            # its milestone and locale come back with its statuses (the merchant's analytics)
+            tag = f"?stats={quote(message.stats_tag, safe=':~')}" if message.stats_tag else ""
+            params["status_callback"] = self.status_callback + tag
         async with self._limit:
             _last_status.set(None)
             try:

@@ -26,6 +26,7 @@ from jinja2 import TemplateError, TemplateRuntimeError, TemplateSyntaxError
 from markupsafe import Markup
 
 from notifier.errors import ConfigurationError, RenderError
+from notifier.insights import counts
 from notifier.models import STATUS_RANK, ChannelKind, Notification, Status, Transition
 from notifier.render import i18n, skeleton
 from notifier.render.brand import Brand, load_brand
@@ -122,6 +123,8 @@ class EmailMessageOut:
     headers: dict[str, str] = field(default_factory=dict)
     #: the inbox preview line (also hidden at the top of the HTML)
     preheader: str = ""
+    #: its milestone and locale, which the provider echoes in its reports (analytics)
+    stats_tag: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +138,8 @@ class SmsMessageOut:
     body: str
     encoding: SmsEncoding
     segments: int
+    #: its milestone and locale, which the provider echoes in its reports (analytics)
+    stats_tag: str = ""
 
 
 Message = EmailMessageOut | SmsMessageOut
@@ -153,6 +158,11 @@ class Lazy:
 
     def __str__(self) -> str:
         return self._make()
+
+
+def stats_tag(n: Notification) -> str:
+    """What a message carries to its provider to be counted where it belongs."""
+    return counts.tag(n.transition.milestone, n.recipient.locale)
 
 
 def message_name(t: Transition) -> str:
@@ -745,6 +755,7 @@ class Renderer:
                 text,
                 size.encoding,
                 size.segments,
+                stats_tag(n),
             )
         html = out["html"]
         brand = self.brand(n.merchant_id)
@@ -759,6 +770,7 @@ class Renderer:
             html=_INLINER.inline(html) if inline else html,
             headers=self._headers(n, brand),
             preheader=" ".join(out["preheader"].split()),
+            stats_tag=stats_tag(n),
         )
 
     def _trace(

@@ -7,6 +7,7 @@
 - ``ledger``: claim, settle, reschedule, the due index, providers' message ids;
 - ``optouts``, and ``health`` (dead letters, merchants' broken files);
 - ``hooks``: merchant webhook endpoints, their delivery logs, the events waiting to go out;
+- ``stats``: notification analytics, counts per merchant and day;
 - ``scripts``: the Lua scripts (``lua/*.lua``) every atomic write goes through.
 
 ``Store`` joins the parts over one Redis client; callers hold one ``Store``.
@@ -31,6 +32,7 @@ from notifier.store.keys import GROUP, PREFIX
 from notifier.store.ledger import ClaimResult, Ledger, LedgerState
 from notifier.store.optouts import OptOuts
 from notifier.store.shipments import Committed, HistoryPage, ShipmentCommit, Shipments
+from notifier.store.stats import Stats
 
 __all__ = [
     "GROUP",
@@ -54,7 +56,7 @@ __all__ = [
 ]
 
 
-class Store(Inbox, Shipments, Ledger, OptOuts, Health, Hooks):
+class Store(Inbox, Shipments, Ledger, OptOuts, Health, Hooks, Stats):
     """Typed access to everything notifier keeps in Redis."""
 
     # The key names on one Redis, where callers from before the split look for them (``keys``

@@ -212,6 +212,18 @@ def hook_progress_key(tag: str = "") -> str:
     return _scoped(HOOK_PROGRESS_KEY, tag)
 
 
+# -- notification analytics (stats.py) ------------------------------------------------------
+def stats_key(merchant_id: str, day: str, tag: str = "") -> str:
+    """A merchant's notification counts of one UTC day (``YYYY-MM-DD``): a hash of
+    ``<milestone>|<channel>|<locale>|<count>`` -> n (on a Redis Cluster, one per partition)."""
+    return f"{PREFIX}:stats:{tag}{merchant_id}:{day}"
+
+
+def stats_seen_key(merchant_id: str, day: str, tag: str = "") -> str:
+    """The messages an open or a click was counted for that day (a set), so each counts once."""
+    return f"{stats_key(merchant_id, day, tag)}:seen"
+
+
 # -- outside the store: workers, the editor's overrides and sessions ------------------------
 #: Live workers by the epoch ms of their last heartbeat (a sorted set; worker.py, /readyz).
 WORKERS_KEY = f"{PREFIX}:workers"

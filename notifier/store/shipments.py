@@ -26,6 +26,7 @@ from notifier.state import ShipmentState
 from notifier.store import chunks, keys
 from notifier.store.base import Scope, StoreBase, awaited, decode
 from notifier.store.ledger import merge_outcomes
+from notifier.store.stats import KEEP_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +46,9 @@ class ShipmentCommit:
     ttl_s: int | None = None
     #: merchant webhook events about its decisions: (event id, stored JSON), queued with them
     events: tuple[tuple[str, bytes], ...] = ()
+    #: analytics counts of its decisions (``insights.counts`` fields), and their UTC day
+    counts: tuple[tuple[str, int], ...] = ()
+    day: str = ""
 
 
 #: a history with this many entries after its last chunk is compacted
@@ -170,6 +174,12 @@ class Shipments(StoreBase):
             args.append(len(c.events))
             for eid, stored in c.events:
                 args += [eid, stored]
+            args.append(len(c.counts))
+            if c.counts:
+                names.append(keys.stats_key(c.merchant_id, c.day, tag))
+                for name, n in c.counts:
+                    args += [name, n]
+                args.append(KEEP_S)
         conflicts, long = await self.scripts.commit(keys=names, args=args)
         return conflicts, long
 

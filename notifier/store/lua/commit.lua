@@ -27,7 +27,9 @@
 --   tracking number: no set among the keys), the nh entries, the number of notifications nn, and
 --   per notification its ledger state, due ms ('' = not due-indexed) and payload, then the
 --   number of merchant webhook events ne and the id and stored JSON of each (queued with the
---   decisions they are about, once each)
+--   decisions they are about, once each), then the number of analytics counts nc and, when
+--   nc > 0 (its key then among the keys: the merchant's day of counts, a hash), each count's
+--   field and amount, and the lifetime of the day's counts in seconds
 -- Returns {conflicts, long}: the positions (1-based) of the shipments that conflicted, and of
 --   those whose history is worth compacting.
 
@@ -120,5 +122,17 @@ for s = 1, shipments do
     end
   end
   a = a + 2 * ne
+  local nc = tonumber(ARGV[a])
+  a = a + 1
+  if nc > 0 then
+    if ok then
+      for i = 0, nc - 1 do
+        redis.call('HINCRBY', KEYS[k], ARGV[a + 2 * i], ARGV[a + 2 * i + 1])
+      end
+      redis.call('EXPIRE', KEYS[k], ARGV[a + 2 * nc])
+    end
+    k = k + 1
+    a = a + 2 * nc + 1
+  end
 end
 return {conflicts, long}

@@ -1,0 +1,1 @@
+"""What the service's own records tell merchants: notification analytics (``counts``)."""

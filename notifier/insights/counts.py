@@ -1,0 +1,107 @@
+"""Notification analytics: what is counted, per merchant, UTC day, milestone, channel and
+recipient locale (pure).
+
+Counts are kept incrementally as things happen (``store/stats.py``), never computed by
+scanning Redis: the commit that records decisions counts them with them, a worker counts
+what providers accepted and what failed, and the provider webhooks count what they report
+(delivered, bounced, opened, clicked, unsubscribed). A message carries its milestone and
+locale to the providers (``tag``), so their reports are counted where the message was.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from notifier.policy.engine import Step
+
+
+class Count(StrEnum):
+    """What is counted (the last part of a field)."""
+
+    DECIDED = "decided"  #: a decision on a channel, whatever it was
+    SENT = "sent"  #: decided to send now
+    DEFERRED = "deferred"  #: decided to send later (quiet hours, holding)
+    SUPPRESSED = "suppressed"  #: decided not to send (also counted by rule: suppressed:<rule>)
+    FLAGGED = "flagged"  #: an anomaly, not sent
+    ACCEPTED = "accepted"  #: the provider (or the outbox) took the message
+    FAILED = "failed"  #: failed for good on our side (refused, out of attempts)
+    DELIVERED = "delivered"  #: the provider reports it delivered
+    BOUNCED = "bounced"  #: the provider reports it bounced, dropped or undelivered
+    OPENED = "opened"  #: an email opened (once per message and day)
+    CLICKED = "clicked"  #: a link in an email clicked (once per message and day)
+    UNSUBSCRIBED = "unsubscribed"  #: an unsubscribe (link, or the provider's)
+    SPAM_REPORTS = "spam_reports"  #: an email reported as spam
+    STOPS = "stops"  #: an SMS recipient who blocked the sender (a STOP the carrier reports)
+
+
+#: the dimensions of a count nobody can name (a provider report of a message sent before
+#: messages carried their tag)
+UNKNOWN = "-"
+#: how long a day's counts are kept
+KEEP_DAYS = 400
+#: the counts of suppressions by rule
+SUPPRESSED_BY = "suppressed:"
+
+
+def day_of(at: datetime) -> str:
+    """The UTC day of a moment (aware, or naive in UTC), as counts are keyed."""
+    return (at.astimezone(UTC) if at.tzinfo is not None else at).date().isoformat()
+
+
+def field(milestone: str, channel: str, locale: str, count: str) -> str:
+    return f"{milestone}|{channel}|{locale}|{count}"
+
+
+def split(name: str) -> tuple[str, str, str, str] | None:
+    parts = name.split("|")
+    return (parts[0], parts[1], parts[2], parts[3]) if len(parts) == 4 else None
+
+
+def tag(milestone: str, locale: str | None) -> str:
+    """What a message carries to its provider, to find its counts again:
+    ``<milestone>~<locale>`` (characters a URL's query takes as they are)."""
+    return f"{milestone}~{locale or UNKNOWN}"
+
+
+_TAG = re.compile(r"[a-z_]{1,30}(?::[a-z_]{1,30})?~(?:[A-Za-z_]{2,20}|-)")
+
+
+def untag(value: object) -> tuple[str, str]:
+    """(milestone, locale) of a provider's echo of ``tag``; unknown ones for anything else."""
+    if isinstance(value, str) and _TAG.fullmatch(value):
+        milestone, locale = value.split("~")
+        return milestone, locale
+    return UNKNOWN, UNKNOWN
+
+
+def of_steps(steps: Iterable[Step], locale: str | None) -> dict[str, int]:
+    """The decision counts of a fold: per verdict on a channel (or on all of them), decided
+    and its outcome, and a suppression's rule. Redeliveries count nothing again."""
+    out: dict[str, int] = {}
+    where = locale or UNKNOWN
+    for step in steps:
+        if step.replay:
+            continue
+        milestone = step.transition.milestone
+        for v in step.verdicts:
+            channel = v.channel.value if v.channel is not None else "all"
+            names = [Count.DECIDED.value, v.outcome.value]
+            if v.outcome.value == Count.SUPPRESSED:
+                names.append(SUPPRESSED_BY + v.rule)
+            for name in names:
+                key = field(milestone, channel, where, name)
+                out[key] = out.get(key, 0) + 1
+    return out
+
+
+def of_message(milestone: str, channel: str, locale: str | None, count: Count) -> str:
+    """The field of one message's count."""
+    return field(milestone, channel, locale or UNKNOWN, count.value)
+
+
+def add(total: dict[str, int], more: Mapping[str, int]) -> None:
+    for k, n in more.items():
+        total[k] = total.get(k, 0) + n

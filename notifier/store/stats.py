@@ -1,0 +1,64 @@
+"""Notification analytics in Redis: per merchant and UTC day, one hash of counts (on a Redis
+Cluster one per partition, so the commit script counts a shipment's decisions in its own
+slot), read back summed over the partitions. Each day's hash lives ``KEEP_DAYS``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import date, timedelta
+
+from notifier.insights.counts import KEEP_DAYS
+from notifier.store import keys
+from notifier.store.base import Scope, StoreBase, awaited, decode
+
+#: seconds a day's counts are kept
+KEEP_S = KEEP_DAYS * 86_400
+
+
+class Stats(StoreBase):
+    """Counts of what happened to a merchant's notifications, by day."""
+
+    async def count(
+        self, merchant_id: str, scope: Scope, day: str, counts: Mapping[str, int]
+    ) -> None:
+        """Add ``counts`` (fields of ``insights.counts``) to a merchant's day, in ``scope``
+        (that of a shipment they are about)."""
+        if not counts:
+            return
+        key = keys.stats_key(merchant_id, day, self.tag(scope))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name, n in counts.items():
+                pipe.hincrby(key, name, n)
+            pipe.expire(key, KEEP_S)
+            await pipe.execute()
+
+    async def count_once(
+        self, merchant_id: str, scope: Scope, day: str, name: str, message: str
+    ) -> bool:
+        """Count the field ``name`` for ``message`` once a day (an email's opens, its
+        clicks); whether it was counted now."""
+        seen = keys.stats_seen_key(merchant_id, day, self.tag(scope))
+        if not await awaited(self.redis.sadd(seen, f"{name}:{message}")):
+            return False
+        await awaited(self.redis.expire(seen, 2 * 86_400))
+        await self.count(merchant_id, scope, day, {name: 1})
+        return True
+
+    async def stats(self, merchant_id: str, first: date, last: date) -> dict[str, dict[str, int]]:
+        """Day -> field -> count, for the days from ``first`` to ``last`` that have any."""
+        days = [(first + timedelta(days=i)).isoformat() for i in range((last - first).days + 1)]
+        names = [
+            (day, keys.stats_key(merchant_id, day, self.tag(scope)))
+            for day in days
+            for scope in self.scopes
+        ]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for _, name in names:
+                pipe.hgetall(name)
+            found: Sequence[dict[bytes, bytes]] = await pipe.execute()
+        out: dict[str, dict[str, int]] = {}
+        for (day, _), counts in zip(names, found, strict=True):
+            for k, v in counts.items():
+                mine = out.setdefault(day, {})
+                mine[decode(k)] = mine.get(decode(k), 0) + int(v)
+        return out

@@ -1,0 +1,166 @@
+"""Notification analytics (issue 17): counts kept as things happen, per merchant, UTC day,
+milestone, channel and locale, read through GET /v1/merchants/{m}/analytics as JSON or CSV."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from notifier.app import create_app
+from notifier.insights import counts
+from notifier.resources import open_resources
+from notifier.settings import Settings
+from notifier.webhooks import _email_event
+from tests.conftest import (
+    ACME_KEY,
+    auth,
+    fixed_clock,
+    history,
+    post,
+    run_worker,
+    transition,
+)
+
+Client = TestClient[Any, Any]
+URL = "/v1/merchants/acme/analytics"
+DAY = "from=2026-11-21&to=2026-11-21"
+
+
+@pytest.fixture
+async def fixed(settings: Settings) -> AsyncIterator[Client]:
+    async with TestClient(TestServer(create_app(settings, clock=fixed_clock()))) as c:
+        yield c
+
+
+async def analytics(client: Client, query: str = DAY) -> Any:
+    resp = await client.get(f"{URL}?{query}", headers=auth(ACME_KEY))
+    assert resp.status == 200, await resp.text()
+    return await resp.json()
+
+
+def row(found: Any, **where: str) -> dict[str, int]:
+    [match] = [r for r in found["rows"] if all(r[k] == v for k, v in where.items())]
+    return match
+
+
+async def journeys(client: Client, settings: Settings) -> None:
+    paris = transition()
+    york = transition(
+        event_id="evt_y",
+        shipment_id="shp_y",
+        recipient={
+            "name": "Bo",
+            "email": "bo@example.com",
+            "locale": "en_US",
+            "timezone": "America/New_York",
+        },
+    )
+    scan = transition(
+        event_id="evt_0", status="in_transit", occurred_at="2026-11-21T08:00:00+01:00"
+    )
+    await post(client, scan, paris, york)
+    await run_worker(settings)
+
+
+async def test_decisions_and_sends_are_counted_where_they_belong(
+    fixed: Client, settings: Settings
+) -> None:
+    await journeys(fixed, settings)
+    found = await analytics(fixed)
+    assert found["from"] == found["to"] == "2026-11-21"
+    assert found["group_by"] == ["day", "milestone", "channel", "locale"]
+    email_fr = row(found, milestone="out_for_delivery", channel="email", locale="fr_FR")
+    assert (email_fr["decided"], email_fr["sent"], email_fr["accepted"]) == (1, 1, 1)
+    sms_fr = row(found, milestone="out_for_delivery", channel="sms", locale="fr_FR")
+    assert (sms_fr["decided"], sms_fr["sent"], sms_fr["accepted"]) == (1, 1, 1)
+    email_us = row(found, milestone="out_for_delivery", channel="email", locale="en_US")
+    assert email_us["accepted"] == 1
+    # no phone for Bo: the SMS was suppressed, and by which rule
+    sms_us = row(found, milestone="out_for_delivery", channel="sms", locale="en_US")
+    assert sms_us["suppressed"] == 1 and sms_us["suppressed:no_address"] == 1
+    scan = row(found, milestone="in_transit")
+    assert (
+        scan["decided"]
+        == scan["suppressed"]
+        == sum(v for k, v in scan.items() if k.startswith("suppressed:"))
+    )
+    # every decision the histories hold is counted once
+    decided = len(await history(fixed)) + len(await history(fixed, "shp_y"))
+    assert found["totals"]["decided"] == decided
+    assert found["rates"]["delivered"] == 0.0  # nothing reported delivered yet
+
+    # posted again (duplicates) and a worker run again: nothing counted twice
+    await post(fixed, transition())
+    await run_worker(settings)
+    assert (await analytics(fixed))["totals"] == found["totals"]
+
+
+async def test_grouping_csv_and_refusals(fixed: Client, settings: Settings) -> None:
+    await journeys(fixed, settings)
+    by_channel = await analytics(fixed, DAY + "&group_by=channel")
+    assert [r["channel"] for r in by_channel["rows"]] == ["email", "sms"]
+    totals = await analytics(fixed, DAY + "&group_by=")
+    assert [set(totals["rows"][0]) - set(totals["counts"])] == [set()]
+    assert totals["rows"][0]["accepted"] == 3
+
+    resp = await fixed.get(f"{URL}?{DAY}&group_by=channel&format=csv", headers=auth(ACME_KEY))
+    assert resp.status == 200 and resp.content_type == "text/csv"
+    assert "notifier-acme-2026-11-21-2026-11-21.csv" in resp.headers["Content-Disposition"]
+    table = list(csv.DictReader(io.StringIO(await resp.text())))
+    assert [(r["channel"], r["accepted"]) for r in table] == [("email", "2"), ("sms", "1")]
+
+    for query, field in [
+        ("from=2026-11-22&to=2026-11-21", "from"),
+        ("from=21.11.2026", "from"),
+        ("from=2025-01-01&to=2026-11-21", "from"),
+        ("group_by=carrier", "group_by"),
+        ("format=xml", "format"),
+        ("colour=red", "colour"),
+    ]:
+        resp = await fixed.get(f"{URL}?{query}", headers=auth(ACME_KEY))
+        assert resp.status == 422, query
+        assert [d["field"] for d in (await resp.json())["error"]["details"]] == [field]
+    other = await fixed.get("/v1/merchants/globex/analytics", headers=auth(ACME_KEY))
+    assert other.status == 403
+    # the default range: the 30 days up to today (the service's clock)
+    default = await analytics(fixed, "")
+    assert (default["from"], default["to"]) == ("2026-10-23", "2026-11-21")
+
+
+async def test_provider_reports_are_counted_once_under_the_message(
+    fixed: Client, settings: Settings
+) -> None:
+    await journeys(fixed, settings)
+    [email] = [
+        d
+        for d in await history(fixed)
+        if d["channel"] == "email" and d["status"] == "out_for_delivery"
+    ]
+    nid = email["notification_id"]
+    tag = counts.tag("out_for_delivery", "fr_FR")
+    base = {"notification_id": nid, "merchant_id": "acme", "shipment_id": "shp_123"}
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        for kind in ("delivered", "open", "open", "click", "delivered"):
+            await _email_event(res, {**base, "event": kind, "stats": tag})
+        # a report of a message sent before messages carried their tag: counted, unnamed
+        await _email_event(res, {**base, "notification_id": "n_old", "event": "open"})
+    found = await analytics(fixed)
+    email_fr = row(found, milestone="out_for_delivery", channel="email", locale="fr_FR")
+    assert (email_fr["delivered"], email_fr["opened"], email_fr["clicked"]) == (1, 1, 1)
+    assert row(found, milestone="-", channel="email", locale="-")["opened"] == 1
+    assert found["rates"]["opened"] == 2.0  # two opens (one unnamed) over one delivered email
+
+
+def test_tags_round_trip_and_refuse_anything_else() -> None:
+    assert counts.untag(counts.tag("exception:customs_hold", "zh_Hans_CN")) == (
+        "exception:customs_hold",
+        "zh_Hans_CN",
+    )
+    assert counts.untag(counts.tag("delivered", None)) == ("delivered", "-")
+    for bad in (None, 3, "delivered", "a~b~c", "x" * 200 + "~fr", "<script>~fr"):
+        assert counts.untag(bad) == ("-", "-")
