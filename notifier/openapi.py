@@ -489,8 +489,14 @@ def _editor() -> dict[tuple[str, str], Op]:
         ("GET /versions", "editorVersions", "Versions", None),
         ("POST /rollback", "editorRollback", "Restore a version", m.RollbackForm),
         ("GET /timeline", "editorTimeline", "A shipment's timeline", None),
+        ("GET /analytics", "editorAnalytics", "How the messages did (a chart, tables)", None),
     ]
+    days = (
+        Param("from", "query", "first UTC day, YYYY-MM-DD"),
+        Param("to", "query", "last UTC day, YYYY-MM-DD"),
+    )
     params = {
+        "editorAnalytics": days,
         "editorMessage": (LOCALE,),
         "editorTimeline": (
             Param("q", "query", "a shipment id or tracking number"),
@@ -539,6 +545,21 @@ def _editor() -> dict[tuple[str, str], Op]:
             tuple(Param(name, "query", QUERY[name]) for name in query.split()),
             None,
         )
+    ops[("GET", f"{base}/analytics.csv")] = Op(
+        "editorAnalyticsCsv",
+        "The analytics page's counts as CSV",
+        "editor",
+        {
+            200: Reply(
+                "The counts, a row per day, milestone, channel and locale.", media=("text/csv",)
+            ),
+            **SEE_OTHER,
+            **refusals(403, 404, media=BOTH),
+        },
+        None,
+        days,
+        SESSION,
+    )
     ops[("POST", f"{base}/preview")] = Op(
         "editorPreview",
         "The message editor's live preview (JSON, for its script)",

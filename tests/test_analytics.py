@@ -164,3 +164,33 @@ def test_tags_round_trip_and_refuse_anything_else() -> None:
     assert counts.untag(counts.tag("delivered", None)) == ("delivered", "-")
     for bad in (None, 3, "delivered", "a~b~c", "x" * 200 + "~fr", "<script>~fr"):
         assert counts.untag(bad) == ("-", "-")
+
+
+async def test_the_editor_page_and_its_csv(fixed: Client, settings: Settings) -> None:
+    from tests.test_editor import sign_in
+
+    await journeys(fixed, settings)
+    await sign_in(fixed)
+    resp = await fixed.get("/merchant/acme/analytics?from=2026-11-20&to=2026-11-21")
+    assert resp.status == 200
+    page = await resp.text()
+    assert '<svg viewBox="0 0 720 220" role="img"' in page
+    assert "3 messages from 2026-11-20 to 2026-11-21; the most on 2026-11-21 (3)" in page
+    assert '<tr><th scope="row">2026-11-21</th><td>2</td><td>1</td></tr>' in page
+    assert '<tr><th scope="row">Accepted by the provider</th><td>3</td></tr>' in page
+    assert 'aria-current="page">Analytics' in page
+    # days that cannot be shown: said, and the last 30 days instead
+    bad = await (await fixed.get("/merchant/acme/analytics?from=2026-11-22&to=2026-11-21")).text()
+    assert 'role="alert"' in bad and "from: must not be after to" in bad
+    assert 'value="2026-10-23"' in bad
+
+    resp = await fixed.get("/merchant/acme/analytics.csv?from=2026-11-21&to=2026-11-21")
+    assert resp.status == 200 and resp.content_type == "text/csv"
+    table = list(csv.DictReader(io.StringIO(await resp.text())))
+    assert {(r["milestone"], r["channel"], r["locale"], r["accepted"]) for r in table} >= {
+        ("out_for_delivery", "email", "fr_FR", "1"),
+        ("out_for_delivery", "email", "en_US", "1"),
+        ("out_for_delivery", "sms", "fr_FR", "1"),
+    }
+    # another merchant's page: refused
+    assert (await fixed.get("/merchant/globex/analytics")).status == 403

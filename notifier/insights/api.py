@@ -155,7 +155,7 @@ class AnalyticsApi:
         found = await res.store.stats(merchant_id, first, last)
         columns, rows, totals = table(found, groups)
         if shape == "csv":
-            return _csv(merchant_id, first, last, groups, columns, rows)
+            return csv_response(merchant_id, first, last, groups, columns, rows)
         body = {
             "merchant_id": merchant_id,
             "from": first.isoformat(),
@@ -169,7 +169,7 @@ class AnalyticsApi:
         return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 
-def _csv(
+def csv_response(
     merchant_id: str,
     first: date,
     last: date,

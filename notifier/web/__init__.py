@@ -9,6 +9,7 @@ from notifier.admin import Admin
 from notifier.admin_views import Views
 from notifier.errors import NotFound
 from notifier.ingest import KeyRing
+from notifier.web.analytics_page import AnalyticsPage
 from notifier.web.base import HERE, Web, html_errors
 from notifier.web.messages import Messages
 from notifier.web.pages import Pages
@@ -28,6 +29,7 @@ def add_routes(app: web.Application, admin: Admin, views: Views, keys: KeyRing) 
 
     web_ = Web(admin, get_sessions)
     pages, messages, settings = Pages(web_), Messages(web_, views), SettingsPages(web_)
+    insights = AnalyticsPage(web_)
     base = "/merchant/{merchant_id:[A-Za-z0-9][A-Za-z0-9._-]{0,63}}"  # models.MerchantId
     milestone = "{milestone:[a-z_]+(:[a-z_]+)?}"
     routes = [
@@ -51,6 +53,8 @@ def add_routes(app: web.Application, admin: Admin, views: Views, keys: KeyRing) 
         ("GET", f"{base}/versions", pages.versions),
         ("POST", f"{base}/rollback", pages.rollback),
         ("GET", f"{base}/timeline", pages.timeline),
+        ("GET", f"{base}/analytics", insights.page),
+        ("GET", f"{base}/analytics.csv", insights.csv),
     ]
     for method, path, handler in routes:
         # the preview answers the editor's script: its errors stay the API's JSON

@@ -44,6 +44,7 @@ NAV = [
     ("publish", "Review & publish"),
     ("versions", "Versions"),
     ("timeline", "Shipment timeline"),
+    ("analytics", "Analytics"),
 ]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
