@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from notifier.settings import Settings
 from notifier.webhooks import _email_event
 from tests.conftest import (
     ACME_KEY,
+    NOW,
     auth,
     fixed_clock,
     history,
@@ -194,3 +196,38 @@ async def test_the_editor_page_and_its_csv(fixed: Client, settings: Settings) ->
     }
     # another merchant's page: refused
     assert (await fixed.get("/merchant/globex/analytics")).status == 403
+
+
+async def test_a_conflicting_commit_counts_nothing_and_counts_are_summed_per_field(
+    settings: Settings,
+) -> None:
+    """The commit script adds a shipment's counts only when its state commits, and adds
+    each field once per batch, summed."""
+    from dataclasses import replace
+
+    from notifier.state import ShipmentState
+    from notifier.store import ShipmentCommit
+
+    def commit(shipment: str, version: int, n: int) -> ShipmentCommit:
+        state = ShipmentState(merchant_id="acme", shipment_id=shipment, events=version + 1)
+        fields = (("out_for_delivery|email|fr_FR|sent", n), ("delivered|sms|-|decided", 1))
+        return ShipmentCommit(
+            "acme", shipment, version, state, [], [], counts=fields, day="2026-11-21"
+        )
+
+    async with open_resources(settings) as res:
+        store = res.store
+        assert (
+            await store.commit_batch([commit("a", 0, 2), commit("b", 0, 3)], NOW.isoformat())
+        ).conflicts == []
+        # "a" is at version 1 now: a commit expecting 0 conflicts and counts nothing
+        done = await store.commit_batch([commit("a", 0, 100), commit("c", 0, 1)], NOW.isoformat())
+        assert done.conflicts == [0]
+        other_day = replace(commit("d", 0, 7), day="2026-11-20")
+        await store.commit_batch([other_day], NOW.isoformat())
+        found = await store.stats("acme", NOW.date() - timedelta(days=1), NOW.date())
+    assert found["2026-11-21"] == {
+        "out_for_delivery|email|fr_FR|sent": 6,
+        "delivered|sms|-|decided": 3,
+    }
+    assert found["2026-11-20"]["out_for_delivery|email|fr_FR|sent"] == 7

@@ -32,11 +32,16 @@ class Subscriptions:
     async def refresh(self, merchant_ids: Iterable[str]) -> None:
         """Read the subscriptions of the merchants not read in the last ``REFRESH_S``."""
         now = self.clock()
-        for merchant_id in set(merchant_ids):
-            seen = self._known.get(merchant_id)
-            if seen is not None and now - seen[0] < REFRESH_S:
-                continue
-            endpoints = await self.store.hook_endpoints(merchant_id)
+        stale = [
+            m
+            for m in set(merchant_ids)
+            if m not in self._known or now - self._known[m][0] >= REFRESH_S
+        ]
+        if not stale:
+            return
+        for merchant_id, endpoints in zip(
+            stale, await self.store.hook_endpoints_of(stale), strict=True
+        ):
             patterns = [e["events"] for e in endpoints.values() if e.get("enabled", True)]
             self._known[merchant_id] = (now, patterns)
 

@@ -140,6 +140,15 @@ class Shipments(StoreBase):
             keys.hook_due_key(tag),
             keys.hook_events_key(tag),
         ]
+        # the batch's analytics counts: a slot per (day, field), numbered from 1
+        days: dict[str, int] = {}
+        slots: dict[tuple[int, str], int] = {}
+        for c in commits:
+            if c.counts:
+                day = days.setdefault(keys.stats_key(c.merchant_id, c.day, tag), len(days) + 1)
+                for name, _ in c.counts:
+                    slots.setdefault((day, name), len(slots) + 1)
+        names += list(days)
         args: list[Any] = [
             self.state_ttl_s,
             self.history_cap,
@@ -148,7 +157,12 @@ class Shipments(StoreBase):
             keys.notification_key("", tag),
             COMPACT_AFTER,
             int(datetime.fromisoformat(now_iso).timestamp() * 1000),
+            KEEP_S,
+            len(days),
+            len(slots),
         ]
+        for day, name in slots:
+            args += [day, name]
         for c in commits:
             names += [
                 keys.state_key(c.merchant_id, c.shipment_id, tag),
@@ -176,10 +190,9 @@ class Shipments(StoreBase):
                 args += [eid, stored]
             args.append(len(c.counts))
             if c.counts:
-                names.append(keys.stats_key(c.merchant_id, c.day, tag))
+                day = days[keys.stats_key(c.merchant_id, c.day, tag)]
                 for name, n in c.counts:
-                    args += [name, n]
-                args.append(KEEP_S)
+                    args += [slots[(day, name)], n]
         conflicts, long = await self.scripts.commit(keys=names, args=args)
         return conflicts, long
 

@@ -10,6 +10,7 @@
 -- KEYS[1]: the stall index (zset of '<merchant>:<shipment>' by deadline ms)
 -- KEYS[2]: the due index (zset of notification ids by due ms)
 -- KEYS[3], KEYS[4]: the merchant webhook events due, and the events (see hook_event.lua)
+-- KEYS[5 .. 4 + nk]: the analytics days the batch counts in (hashes of counts, see below)
 -- then per shipment: its state hash, its history list, its outcome list, its tracking
 --   number's set (only when it has a tracking number), and the ledger hash of each new
 --   notification
@@ -21,15 +22,18 @@
 -- ARGV[6]: how many entries appended since the last chunk (see compact.lua) make a history
 --   worth compacting (2 for a shipment given its own lifetime: it has ended)
 -- ARGV[7]: now, epoch ms (when new webhook events are due)
+-- ARGV[8]: the lifetime of an analytics day, seconds
+-- ARGV[9]: nk, the number of analytics days; ARGV[10]: ns, the number of counts ("slots")
+-- then per slot: the analytics day it is in (1 .. nk) and its field
 -- then per shipment: the expected version, the new state, its stall member, its stall
 --   deadline ms ('' takes it off the stall index), the number of history entries nh, its
 --   lifetime in seconds ('' = ARGV[1]), its id in its tracking number's set ('' = no
 --   tracking number: no set among the keys), the nh entries, the number of notifications nn, and
 --   per notification its ledger state, due ms ('' = not due-indexed) and payload, then the
 --   number of merchant webhook events ne and the id and stored JSON of each (queued with the
---   decisions they are about, once each), then the number of analytics counts nc and, when
---   nc > 0 (its key then among the keys: the merchant's day of counts, a hash), each count's
---   field and amount, and the lifetime of the day's counts in seconds
+--   decisions they are about, once each), then the number of its analytics counts nc and
+--   each one's slot and amount. The counts of the shipments that commit are summed per slot
+--   and added once each at the end.
 -- Returns {conflicts, long}: the positions (1-based) of the shipments that conflicted, and of
 --   those whose history is worth compacting.
 
@@ -39,8 +43,13 @@ local shipments = tonumber(ARGV[3])
 local now = ARGV[4]
 local stall, dueidx = KEYS[1], KEYS[2]
 local hookdue, hookevents = KEYS[3], KEYS[4]
-local a = 8
-local k = 5
+local nk, ns = tonumber(ARGV[9]), tonumber(ARGV[10])
+local slotday, slotfield, sums = {}, {}, {}
+for i = 1, ns do
+  slotday[i], slotfield[i], sums[i] = tonumber(ARGV[9 + 2 * i]), ARGV[10 + 2 * i], 0
+end
+local a = 11 + 2 * ns
+local k = 5 + nk
 local conflicts, long = {}, {}
 
 -- whether the last 'run' elements of a history are plain entries, none a chunk (chunks
@@ -124,15 +133,22 @@ for s = 1, shipments do
   a = a + 2 * ne
   local nc = tonumber(ARGV[a])
   a = a + 1
-  if nc > 0 then
-    if ok then
-      for i = 0, nc - 1 do
-        redis.call('HINCRBY', KEYS[k], ARGV[a + 2 * i], ARGV[a + 2 * i + 1])
-      end
-      redis.call('EXPIRE', KEYS[k], ARGV[a + 2 * nc])
+  if ok then
+    for i = 0, nc - 1 do
+      local slot = tonumber(ARGV[a + 2 * i])
+      sums[slot] = sums[slot] + tonumber(ARGV[a + 2 * i + 1])
     end
-    k = k + 1
-    a = a + 2 * nc + 1
   end
+  a = a + 2 * nc
+end
+local counted = {}
+for i = 1, ns do
+  if sums[i] ~= 0 then
+    redis.call('HINCRBY', KEYS[4 + slotday[i]], slotfield[i], sums[i])
+    counted[slotday[i]] = true
+  end
+end
+for day in pairs(counted) do
+  redis.call('EXPIRE', KEYS[4 + day], ARGV[8])
 end
 return {conflicts, long}
