@@ -456,7 +456,20 @@ def _analytics() -> dict[tuple[str, str], Op]:
         ),
     )
     counts = Reply("The counts, as JSON or as CSV.", (a.Analytics,), (JSON, "text/csv"))
+    from notifier.insights import carriers as c
+
     return {
+        ("GET", "/v1/merchants/{merchant_id}/carriers"): Op(
+            "getCarrierPerformance",
+            "Carrier performance per lane and hub",
+            "analytics",
+            {**ok(c.CarrierReport), **refusals(*KEYED, 422)},
+            None,
+            params[:2],
+            description="Per carrier and lane (origin -> destination country) of the "
+            "shipments delivered in the days: deliveries, first-attempt rate, transit p50/p90 "
+            "in hours, the share that met each exception; per carrier and hub, dwell p50/p90.",
+        ),
         ("GET", "/v1/merchants/{merchant_id}/analytics"): Op(
             "getAnalytics",
             "Notification counts per day, milestone, channel and locale",
@@ -467,7 +480,7 @@ def _analytics() -> dict[tuple[str, str], Op]:
             description="Decided, sent, deferred, suppressed (and by rule), flagged, accepted "
             "by the provider, failed, delivered, bounced, opened, clicked, unsubscribed, spam "
             "reports and STOPs, per UTC day; kept 400 days.",
-        )
+        ),
     }
 
 

@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 from notifier import metrics
 from notifier.addresses import email_problem, phone_problem
 from notifier.delivery import Deliverer, DeliveryReport
-from notifier.insights import counts
+from notifier.insights import counts, journeys
 from notifier.models import (
     ChannelKind,
     Decision,
@@ -357,6 +357,7 @@ class Pipeline:
                 history.append(decision.history_entry())
                 labels.append((verdict.outcome.value, verdict.rule, verdict.channel or "all"))
                 decisions += 1
+        final, carried = _journey(final, start, steps)
         commit = ShipmentCommit(
             merchant_id,
             shipment_id,
@@ -371,6 +372,7 @@ class Pipeline:
             counts=tuple(
                 counts.of_steps(steps, final.recipient.locale if final.recipient else None).items()
             ),
+            carrier_counts=tuple(carried.items()),
             day=counts.day_of(now),
         )
         notifications = [nid for nid, *_ in created]
@@ -393,3 +395,22 @@ class Pipeline:
             if event is not None:
                 out.append((event["id"], hook_events.stored(event)))
         return tuple(out)
+
+
+def _journey(
+    final: ShipmentState, start: ShipmentState, steps: Sequence[Step]
+) -> tuple[ShipmentState, dict[str, int]]:
+    """The final state with its journey advanced by the fold's news (not redeliveries, not
+    late scans it has moved past), and the carrier counts that made (``insights.journeys``)."""
+    journey = start.journey or journeys.Journey()
+    before = journey
+    carried: dict[str, int] = {}
+    for step in steps:
+        if not hook_events.is_news(step):
+            continue
+        journey, made = journeys.advance(journey, step.transition)
+        for name, n in made.items():
+            carried[name] = carried.get(name, 0) + n
+    if journey is before:
+        return final, carried
+    return final.model_copy(update={"journey": journey}), carried

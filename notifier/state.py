@@ -6,6 +6,7 @@ from datetime import datetime, timedelta
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from notifier.insights.journeys import Journey
 from notifier.models import (
     STATUS_RANK,
     ChannelKind,
@@ -102,6 +103,8 @@ class ShipmentState(BaseModel):
     max_rank: int = -1
     furthest: str | None = None
     events: int = 0
+    #: what its carrier performance is counted from (``insights.journeys``)
+    journey: Journey | None = None
 
     def has_seen(self, event_id: str) -> bool:
         """Whether this event was already folded into the state."""

@@ -575,7 +575,7 @@ def build_worker(
             cron(sweep, second=set(range(0, 60, 15)), run_at_startup=True),
             cron(release_due, second=set(range(0, 60, 5)), run_at_startup=True),
             cron(find_stalled, second={30}, run_at_startup=True),
-            cron(send_hooks, second=set(range(2, 60, 5)), run_at_startup=True),
+            cron(send_hooks, second=set(range(2, 60, 5))),
         ],
         redis_pool=pool,
         on_startup=on_startup,

@@ -123,6 +123,14 @@ def envelope(
     }
 
 
+def is_news(step: Step) -> bool:
+    """Whether a folded transition is news: not a redelivery, not a late scan the shipment
+    has moved past, not a message caught up for an earlier event."""
+    if step.replay or step.caught_up_by is not None:
+        return False
+    return not (step.verdicts and all(v.rule in _STALE_RULES for v in step.verdicts))
+
+
 def from_step(
     step: Step, merchant_id: str, decided_at: datetime, public_url: str, order_number: str | None
 ) -> dict[str, Any] | None:
@@ -130,9 +138,7 @@ def from_step(
     late scan the shipment has moved past, not a message caught up for an earlier event."""
     t = step.transition
     kind = type_of(t)
-    if kind is None or step.replay or step.caught_up_by is not None:
-        return None
-    if step.verdicts and all(v.rule in _STALE_RULES for v in step.verdicts):
+    if kind is None or not is_news(step):
         return None
     decision = {
         (v.channel.value if v.channel is not None else "all"): {

@@ -219,6 +219,12 @@ def stats_key(merchant_id: str, day: str, tag: str = "") -> str:
     return f"{PREFIX}:stats:{tag}{merchant_id}:{day}"
 
 
+def carrier_key(merchant_id: str, day: str, tag: str = "") -> str:
+    """A merchant's carrier counts of one UTC day: a hash of
+    ``<carrier>|<origin>|<destination>|<count>`` -> n (``insights.journeys``)."""
+    return f"{PREFIX}:carriers:{tag}{merchant_id}:{day}"
+
+
 def stats_seen_key(merchant_id: str, day: str, tag: str = "") -> str:
     """The messages an open or a click was counted for that day (a set), so each counts once."""
     return f"{stats_key(merchant_id, day, tag)}:seen"

@@ -46,8 +46,10 @@ class ShipmentCommit:
     ttl_s: int | None = None
     #: merchant webhook events about its decisions: (event id, stored JSON), queued with them
     events: tuple[tuple[str, bytes], ...] = ()
-    #: analytics counts of its decisions (``insights.counts`` fields), and their UTC day
+    #: analytics counts of its decisions (``insights.counts`` fields), its carrier counts
+    #: (``insights.journeys`` fields), and their UTC day
     counts: tuple[tuple[str, int], ...] = ()
+    carrier_counts: tuple[tuple[str, int], ...] = ()
     day: str = ""
 
 
@@ -144,9 +146,9 @@ class Shipments(StoreBase):
         days: dict[str, int] = {}
         slots: dict[tuple[int, str], int] = {}
         for c in commits:
-            if c.counts:
-                day = days.setdefault(keys.stats_key(c.merchant_id, c.day, tag), len(days) + 1)
-                for name, _ in c.counts:
+            for counts, key in _count_keys(c, tag):
+                day = days.setdefault(key, len(days) + 1)
+                for name, _ in counts:
                     slots.setdefault((day, name), len(slots) + 1)
         names += list(days)
         args: list[Any] = [
@@ -188,11 +190,14 @@ class Shipments(StoreBase):
             args.append(len(c.events))
             for eid, stored in c.events:
                 args += [eid, stored]
-            args.append(len(c.counts))
-            if c.counts:
-                day = days[keys.stats_key(c.merchant_id, c.day, tag)]
-                for name, n in c.counts:
-                    args += [slots[(day, name)], n]
+            mine = [
+                (slots[(days[key], name)], n)
+                for counts, key in _count_keys(c, tag)
+                for name, n in counts
+            ]
+            args.append(len(mine))
+            for slot, n in mine:
+                args += [slot, n]
         conflicts, long = await self.scripts.commit(keys=names, args=args)
         return conflicts, long
 
@@ -328,3 +333,13 @@ def merge_history(elements: Sequence[bytes], cap: int) -> bytes:
     """One chunk of the latest ``cap`` decisions these elements hold."""
     decisions = _decisions(elements)[-cap:]
     return chunks.header(len(decisions)) + pack(orjson.dumps(decisions), HISTORY)
+
+
+def _count_keys(c: ShipmentCommit, tag: str) -> list[tuple[tuple[tuple[str, int], ...], str]]:
+    """A commit's analytics and carrier counts, each with the key of its day."""
+    out = []
+    if c.counts:
+        out.append((c.counts, keys.stats_key(c.merchant_id, c.day, tag)))
+    if c.carrier_counts:
+        out.append((c.carrier_counts, keys.carrier_key(c.merchant_id, c.day, tag)))
+    return out

@@ -4,7 +4,7 @@ slot), read back summed over the partitions. Each day's hash lives ``KEEP_DAYS``
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import date, timedelta
 
 from notifier.insights.counts import KEEP_DAYS
@@ -46,9 +46,20 @@ class Stats(StoreBase):
 
     async def stats(self, merchant_id: str, first: date, last: date) -> dict[str, dict[str, int]]:
         """Day -> field -> count, for the days from ``first`` to ``last`` that have any."""
+        return await self._days(keys.stats_key, merchant_id, first, last)
+
+    async def carrier_stats(
+        self, merchant_id: str, first: date, last: date
+    ) -> dict[str, dict[str, int]]:
+        """The carrier counts (``insights.journeys``) like ``stats``."""
+        return await self._days(keys.carrier_key, merchant_id, first, last)
+
+    async def _days(
+        self, key_of: Callable[[str, str, str], str], merchant_id: str, first: date, last: date
+    ) -> dict[str, dict[str, int]]:
         days = [(first + timedelta(days=i)).isoformat() for i in range((last - first).days + 1)]
         names = [
-            (day, keys.stats_key(merchant_id, day, self.tag(scope)))
+            (day, key_of(merchant_id, day, self.tag(scope)))
             for day in days
             for scope in self.scopes
         ]
