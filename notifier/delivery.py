@@ -190,9 +190,13 @@ class Deliverer:
             # recorded per batch: an accepted message is marked at once, not after the round
             said = {item.message.notification_id: summary(item.message) for item in items}
             where = {item.message.notification_id: _shipment(item) for item in items}
-            await self.res.store.mark_sent(sent, owner, said, scope, where=where)
+            # each one accepted counts in its merchant's analytics (with the record: no trip)
+            counted = {nid: _accepted_field(by_id[nid]) for nid, _, _ in sent}
+            day = counts.day_of(now)
+            await self.res.store.mark_sent(
+                sent, owner, said, scope, where=where, counted=counted, day=day
+            )
             report.sent += [nid for nid, _, _ in sent]
-            await self._count([by_id[nid] for nid, _, _ in sent], Count.ACCEPTED, scope)
         return report
 
     async def _still_wanted(
@@ -373,8 +377,7 @@ class Deliverer:
             mine[name] = mine.get(name, 0) + 1
         day = counts.day_of(self.res.clock())
         try:
-            for merchant_id, found in per.items():
-                await self.res.store.count(merchant_id, scope, day, found)
+            await self.res.store.count_many(scope, day, per)
         except (RedisError, OSError) as exc:
             log.warning("%d %s counts lost: Redis failed (%s)", len(notifications), count, exc)
 
@@ -410,6 +413,12 @@ class Deliverer:
         due_ms = int(due.timestamp() * 1000)
         await self.res.store.reschedule(nid, due_ms, exc.reason, owner, scope)
         return True
+
+
+def _accepted_field(n: Notification) -> str:
+    return counts.of_message(
+        n.transition.milestone, n.channel.value, n.recipient.locale, Count.ACCEPTED
+    )
 
 
 def _count(report: DeliveryReport, timing: Mapping[str, tuple[float, float]]) -> None:

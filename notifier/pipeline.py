@@ -400,13 +400,13 @@ class Pipeline:
 def _journey(
     final: ShipmentState, start: ShipmentState, steps: Sequence[Step]
 ) -> tuple[ShipmentState, dict[str, int]]:
-    """The final state with its journey advanced by the fold's news (not redeliveries, not
-    late scans it has moved past), and the carrier counts that made (``insights.journeys``)."""
+    """The final state with its journey advanced by the fold's scans (not redeliveries, not
+    late scans it had moved past), and the carrier counts that made (``insights.journeys``)."""
     journey = start.journey or journeys.Journey()
     before = journey
     carried: dict[str, int] = {}
     for step in steps:
-        if not hook_events.is_news(step):
+        if step.replay or step.caught_up_by is not None or journeys.late(step.verdicts):
             continue
         journey, made = journeys.advance(journey, step.transition)
         for name, n in made.items():

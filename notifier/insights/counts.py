@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
+from functools import lru_cache
 
 from notifier.policy.engine import Step
 
@@ -51,7 +52,9 @@ def day_of(at: datetime) -> str:
     return (at.astimezone(UTC) if at.tzinfo is not None else at).date().isoformat()
 
 
+@lru_cache(maxsize=4096)
 def field(milestone: str, channel: str, locale: str, count: str) -> str:
+    """The name of a count (a handful of milestones, channels, locales and counts: cached)."""
     return f"{milestone}|{channel}|{locale}|{count}"
 
 
@@ -88,13 +91,20 @@ def of_steps(steps: Iterable[Step], locale: str | None) -> dict[str, int]:
         milestone = step.transition.milestone
         for v in step.verdicts:
             channel = v.channel.value if v.channel is not None else "all"
-            names = [Count.DECIDED.value, v.outcome.value]
-            if v.outcome.value == Count.SUPPRESSED:
-                names.append(SUPPRESSED_BY + v.rule)
-            for name in names:
-                key = field(milestone, channel, where, name)
+            for key in _decision_fields(milestone, channel, where, v.outcome.value, v.rule):
                 out[key] = out.get(key, 0) + 1
     return out
+
+
+@lru_cache(maxsize=4096)
+def _decision_fields(
+    milestone: str, channel: str, locale: str, outcome: str, rule: str
+) -> tuple[str, ...]:
+    """The fields one decision counts in: decided, its outcome, a suppression's rule."""
+    names = [Count.DECIDED.value, outcome]
+    if outcome == Count.SUPPRESSED:
+        names.append(SUPPRESSED_BY + rule)
+    return tuple(field(milestone, channel, locale, name) for name in names)
 
 
 def of_message(milestone: str, channel: str, locale: str | None, count: Count) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from datetime import datetime
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -77,6 +78,13 @@ class Journey(BaseModel):
     counted: bool = False
 
 
+def late(verdicts: Iterable[Any]) -> bool:
+    """Whether a transition's decisions say it is a late scan the shipment had moved past
+    (a scan back at a hub after a failed attempt is not: it counts)."""
+    found = list(verdicts)
+    return bool(found) and all(getattr(v, "rule", "") == "out_of_order" for v in found)
+
+
 def bucket(hours: float) -> str:
     """The time bucket of a duration: its upper edge in hours, or ``more``."""
     for edge in BUCKETS_H:
@@ -93,8 +101,22 @@ def _country(t: Transition) -> str | None:
     return t.location.country if t.location is not None and t.location.country else None
 
 
+#: statuses that change a journey only until its pickup and origin are known
+_QUIET = frozenset(
+    {
+        Status.INFO_RECEIVED,
+        Status.PICKED_UP,
+        Status.IN_TRANSIT,
+        Status.OUT_FOR_DELIVERY,
+        Status.AVAILABLE_FOR_PICKUP,
+    }
+)
+
+
 def advance(journey: Journey, t: Transition) -> tuple[Journey, dict[str, int]]:
     """The journey after ``t`` (news, in order) and the carrier counts it makes."""
+    if t.status in _QUIET and journey.origin is not None and journey.picked_up_at is not None:
+        return journey, {}  # most scans: nothing to note (the worker's hot path)
     counts: dict[str, int] = {}
     update = _facts(journey, t)
     dwell = _dwell(journey, t)

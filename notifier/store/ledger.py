@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from notifier.insights.counts import KEEP_DAYS
 from notifier.packing import HISTORY, pack, unpack
 from notifier.store import chunks, keys
 from notifier.store.base import Scope, StoreBase, awaited, decode
@@ -143,11 +144,15 @@ class Ledger(StoreBase):
         scope: Scope = None,
         *,
         where: Mapping[str, Shipment],
+        counted: Mapping[str, str] | None = None,
+        day: str = "",
     ) -> None:
         """Record (notification id, sent-at ISO, channel detail) as sent, with what was sent
         in a few words (``summaries``: the subject or the SMS' start, for the timeline);
         ``where``: each one's (merchant, shipment). A provider's message id (``twilio:SM…``,
-        ``sendgrid:…``) is indexed so its status callbacks find us."""
+        ``sendgrid:…``) is indexed so its status callbacks find us. ``counted``: the
+        analytics field each one counts in on ``day`` (in its merchant's hash), for those
+        recorded now."""
         if not outcomes:
             return
         said = summaries or {}
@@ -165,6 +170,7 @@ class Ledger(StoreBase):
                 scope,
             )
         )
+        tallies: dict[tuple[str, str], int] = {}
         async with self.redis.pipeline(transaction=False) as pipe:
             for nid, _, detail in outcomes:
                 if nid not in settled:
@@ -174,6 +180,14 @@ class Ledger(StoreBase):
                     # found again with its partition and shipment (its outcome list)
                     value = orjson.dumps([nid, scope, *where[nid]])
                     pipe.set(keys.provider_key(provider, message_id), value, ex=self.state_ttl_s)
+                if counted and nid in counted:
+                    tally = (where[nid][0], counted[nid])
+                    tallies[tally] = tallies.get(tally, 0) + 1
+            stats = {keys.stats_key(merchant, day, self.tag(scope)) for merchant, _ in tallies}
+            for (merchant, name), n in tallies.items():
+                pipe.hincrby(keys.stats_key(merchant, day, self.tag(scope)), name, n)
+            for key in stats:
+                pipe.expire(key, KEEP_DAYS * 86_400)
             await pipe.execute()
 
     async def mark_failed(

@@ -23,13 +23,20 @@ class Stats(StoreBase):
     ) -> None:
         """Add ``counts`` (fields of ``insights.counts``) to a merchant's day, in ``scope``
         (that of a shipment they are about)."""
-        if not counts:
+        await self.count_many(scope, day, {merchant_id: counts})
+
+    async def count_many(
+        self, scope: Scope, day: str, counts: Mapping[str, Mapping[str, int]]
+    ) -> None:
+        """``count`` for several merchants (merchant id -> counts), in one round trip."""
+        if not any(counts.values()):
             return
-        key = keys.stats_key(merchant_id, day, self.tag(scope))
         async with self.redis.pipeline(transaction=False) as pipe:
-            for name, n in counts.items():
-                pipe.hincrby(key, name, n)
-            pipe.expire(key, KEEP_S)
+            for merchant_id, mine in counts.items():
+                key = keys.stats_key(merchant_id, day, self.tag(scope))
+                for name, n in mine.items():
+                    pipe.hincrby(key, name, n)
+                pipe.expire(key, KEEP_S)
             await pipe.execute()
 
     async def count_once(
