@@ -106,6 +106,25 @@ class HistoryDecision(_Reply):
     delivery: Delivery | None = None
 
 
+class PredictionBasis(_Reply):
+    carrier: str
+    origin: str = Field(description='the origin country, or "*": every origin of the carrier')
+    deliveries: int = Field(description="the deliveries it is read from")
+    window_days: int = Field(description="how far back the model looks")
+
+
+class Prediction(_Reply):
+    """When the shipment is likely delivered, from the merchant's own deliveries of its
+    carrier and origin that took at least as long as it has been under way."""
+
+    delivery_by: str = Field(description="their median")
+    latest: str = Field(description="their 90th percentile")
+    basis: PredictionBasis
+    likely_late: bool | None = Field(
+        description="the median after the promised window's end; null without a window"
+    )
+
+
 class HistoryPage(_Reply):
     merchant_id: str
     shipment_id: str
@@ -113,6 +132,10 @@ class HistoryPage(_Reply):
     total: int = Field(description="decisions ever recorded for the shipment")
     trimmed: int = Field(description="the oldest ones no longer kept")
     next_cursor: str | None = Field(description="pass as ?cursor= for the next page")
+    prediction: Prediction | None = Field(
+        default=None,
+        description="null when delivered or returned, not yet picked up, or too little known",
+    )
 
 
 # -- operations ------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from redis.exceptions import DataError, RedisClusterException, RedisError
 from notifier import metrics
 from notifier.channels import Channel, OutboxChannel
 from notifier.errors import ConfigurationError
+from notifier.insights.predict import Predictions
 from notifier.models import ChannelKind
 from notifier.outbound.directory import Subscriptions
 from notifier.overrides import OverrideStore, Published
@@ -213,6 +214,8 @@ class Resources:
     server: FakeServer | None
     #: which merchants' webhook endpoints take which events, and queueing them (``outbound``)
     hooks: Subscriptions
+    #: each merchant's delivery-time model (``insights.predict``)
+    predictions: Predictions
 
 
 @asynccontextmanager
@@ -287,6 +290,7 @@ async def open_resources(
             clock=clock,
             server=server,
             hooks=Subscriptions(store),
+            predictions=Predictions(store.carrier_stats),
         )
     finally:
         if queue is not redis:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from notifier.insights.predict import predict
 from notifier.resources import Resources
 
 
@@ -31,7 +32,18 @@ async def shipment_history(
         "total": page.total,
         "trimmed": page.trimmed,
         "next_cursor": None if page.next_cursor is None else str(page.next_cursor),
+        "prediction": await _prediction(res, merchant_id, shipment_id),
     }
+
+
+async def _prediction(res: Resources, merchant_id: str, shipment_id: str) -> dict[str, Any] | None:
+    """When the shipment is likely delivered, from the merchant's own history (``predict``)."""
+    [(_, state)] = await res.store.load_states([(merchant_id, shipment_id)])
+    if state is None:
+        return None
+    now = res.clock()
+    found = predict(await res.predictions.model(merchant_id, now.date()), state, now)
+    return None if found is None else found.as_json()
 
 
 async def find_shipments(res: Resources, merchant_id: str, query: str) -> list[str]:
