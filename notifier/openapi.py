@@ -479,7 +479,7 @@ def _analytics() -> dict[tuple[str, str], Op]:
             params,
             description="Decided, sent, deferred, suppressed (and by rule), flagged, accepted "
             "by the provider, failed, delivered, bounced, opened, clicked, unsubscribed, spam "
-            "reports and STOPs, per UTC day; kept 400 days.",
+            "reports and STOPs, per UTC day; kept 120 days.",
         ),
     }
 

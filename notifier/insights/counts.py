@@ -42,7 +42,7 @@ class Count(StrEnum):
 #: messages carried their tag)
 UNKNOWN = "-"
 #: how long a day's counts are kept
-KEEP_DAYS = 400
+KEEP_DAYS = 120
 #: the counts of suppressions by rule
 SUPPRESSED_BY = "suppressed:"
 
