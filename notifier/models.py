@@ -390,6 +390,9 @@ class Notification(_Strict):
     transition: Transition
     recipient: Recipient
     created_at: datetime
+    #: when the shipment is likely delivered (median, 90th percentile) as decided, from the
+    #: merchant's own history (``insights.predict``); templates see it as ``event.predicted``
+    predicted: DeliveryWindow | None = None
 
 
 def notification_id(t: Transition, channel: ChannelKind) -> str:

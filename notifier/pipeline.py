@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+import orjson
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
@@ -23,11 +24,15 @@ from notifier import metrics
 from notifier.addresses import email_problem, phone_problem
 from notifier.delivery import Deliverer, DeliveryReport
 from notifier.insights import counts, journeys
+from notifier.insights.predict import Model, Prediction, predict
 from notifier.models import (
     ChannelKind,
     Decision,
+    DeliveryWindow,
+    ExceptionCode,
     Notification,
     Outcome,
+    Status,
     Transition,
     assembled,
     notification_id,
@@ -37,7 +42,16 @@ from notifier.outbound import events as hook_events
 from notifier.policy import Policy, Step, fold, opt_out_key
 from notifier.resources import Resources, sync_published
 from notifier.state import TERMINAL, ShipmentState
-from notifier.store import InboxEntry, LedgerState, Scope, ShipmentCommit, Store
+from notifier.store import (
+    Admission,
+    InboxEntry,
+    LedgerState,
+    Scope,
+    ShipmentCommit,
+    Store,
+    body_digest,
+    wake,
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +121,8 @@ class Pipeline:
         self.res = res
         self.deliverer = Deliverer(res)
         self.hooks = res.hooks
+        #: the delivery-time models of the round's merchants (``insights.predict``)
+        self._models: dict[str, Model] = {}
 
     async def process(self, entries: Sequence[InboxEntry]) -> BatchReport:
         """Decide and deliver everything in ``entries``; raises if Redis fails (entries stay)."""
@@ -157,6 +173,8 @@ class Pipeline:
             now = self.res.clock()
             # Looked up once per merchant and round: an edited policy applies from the next batch.
             policies = {m: self.res.policies.for_merchant(m) for m in {m for m, _ in keys}}
+            # each merchant's delivery-time model (read at most every 10 minutes)
+            self._models = {m: await self.res.predictions.model(m, now.date()) for m in policies}
             folds = [
                 self._fold(
                     key,
@@ -201,7 +219,35 @@ class Pipeline:
             )
             report.unsettled = {owner[nid] for nid in report.delivery.busy}
         await self._compact(long)
+        await self._predicted_late(states, self.res.clock())
         return report
+
+    async def _predicted_late(
+        self, states: Mapping[ShipmentKey, ShipmentState], now: datetime
+    ) -> None:
+        """One ``exception/delayed`` for each shipment predicted to arrive after its
+        estimated window, while the window is open, where the merchant's policy asks for it
+        (``stalled.predicted_late``); an event id fixed by the window, so once per window."""
+        late = []
+        for (merchant_id, _), state in states.items():
+            window = state.estimated_delivery
+            if window is None or window.end <= now or state.status in TERMINAL:
+                continue
+            if state.status is Status.EXCEPTION or not state.carrier or not state.tracking_number:
+                continue  # a problem already told, or not enough to say one
+            if not self.res.policies.for_merchant(merchant_id).stalled.predicted_late:
+                continue
+            model = self._models.get(merchant_id) or await self.res.predictions.model(
+                merchant_id, now.date()
+            )
+            found = predict(model, state, now)
+            if found is not None and found.likely_late:
+                late.append(_late_transition(state, found))
+        if late:
+            try:
+                await inject(self.res, late, "prediction")
+            except (RedisError, OSError) as exc:  # the next scan tries again
+                log.warning("%d predicted-late transitions not queued (%s)", len(late), exc)
 
     async def _compact(self, shipments: list[ShipmentKey]) -> None:
         """Fold long histories into chunks (``Shipments.compact``): it only saves memory, so
@@ -286,12 +332,29 @@ class Pipeline:
         start = state or ShipmentState(merchant_id=merchant_id, shipment_id=shipment_id)
         entry_of = {t.event_id: entry_id for entry_id, t in transitions}
         final, steps = fold(policy, start, [t for _, t in transitions], now, opted_out)
+        final, carried = _journey(final, start, steps)
         history: list[bytes] = []
         created: list[tuple[str, str, str, bytes]] = []
         recover: list[str] = []
         owner: dict[str, str] = {}
         built: dict[str, Notification] = {}
         decisions = 0
+        model = self._models.get(merchant_id)
+        known: list[DeliveryWindow | None] = []
+
+        def predicted() -> DeliveryWindow | None:
+            """The shipment's predicted delivery for its messages (once per fold)."""
+            if not known:
+                found = predict(model, final, now) if model is not None else None
+                known.append(
+                    None
+                    if found is None
+                    else assembled(
+                        DeliveryWindow, {"start": found.delivery_by, "end": found.latest}
+                    )
+                )
+            return known[0]
+
         labels: list[tuple[str, str, str]] = []
         decided: list[str] = []
         for step in steps:
@@ -329,6 +392,7 @@ class Pipeline:
                             "transition": t,
                             "recipient": final.recipient,
                             "created_at": now,
+                            "predicted": predicted(),
                         },
                     )
                     built[nid] = n
@@ -357,7 +421,6 @@ class Pipeline:
                 history.append(decision.history_entry())
                 labels.append((verdict.outcome.value, verdict.rule, verdict.channel or "all"))
                 decisions += 1
-        final, carried = _journey(final, start, steps)
         commit = ShipmentCommit(
             merchant_id,
             shipment_id,
@@ -414,3 +477,46 @@ def _journey(
     if journey is before:
         return final, carried
     return final.model_copy(update={"journey": journey}), carried
+
+
+#: the event id prefix of a predicted-late transition (``Pipeline._predicted_late``)
+PREDICTED_LATE = "predicted-late:"
+
+
+def _late_transition(state: ShipmentState, found: Prediction) -> Transition:
+    window = state.estimated_delivery
+    assert window is not None and state.carrier and state.tracking_number
+    scanned = state.last_scan_at or found.delivery_by
+    return Transition(
+        event_id=f"{PREDICTED_LATE}{int(window.end.timestamp() * 1000)}",
+        merchant_id=state.merchant_id,
+        shipment_id=state.shipment_id,
+        tracking_number=state.tracking_number,
+        carrier=state.carrier,
+        status=Status.EXCEPTION,
+        exception_code=ExceptionCode.DELAYED,
+        # just after the last real scan (as the stall check): a later scan is still news
+        occurred_at=scanned + timedelta(milliseconds=1),
+        estimated_delivery=window,
+        tracking_url=state.tracking_url,
+        order=state.order,
+        carrier_description=(
+            f"predicted to arrive about {found.delivery_by:%Y-%m-%d %H:%M} UTC, after the "
+            "estimated delivery window (notifier)"
+        ),
+    )
+
+
+async def inject(res: Resources, transitions: Sequence[Transition], source: str) -> int:
+    """Put transitions the service makes itself (a stall, a predicted delay) through ingest,
+    as the tracking backend's are: idempotent by event id, woken like them. How many were new."""
+    items = []
+    for t in transitions:
+        body = t.model_dump_json().encode()
+        digest = body_digest(orjson.loads(body))
+        items.append((t.merchant_id, t.shipment_id, t.event_id, body, digest, source))
+    if not items:
+        return 0
+    admitted, woken = await res.store.ingest(items)
+    await wake(res.queue, woken)
+    return sum(1 for a in admitted if a is Admission.ACCEPTED)

@@ -25,7 +25,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, cast
 
-import orjson
 from arq import cron
 from arq import worker as arq_worker
 from arq.connections import ArqRedis
@@ -37,10 +36,10 @@ from redis.exceptions import RedisError, ResponseError, WatchError
 
 from notifier.models import ExceptionCode, Status, Transition
 from notifier.outbound.sender import HookSender
-from notifier.pipeline import BatchReport, Pipeline
+from notifier.pipeline import BatchReport, Pipeline, inject
 from notifier.resources import Clock, Resources, connect_queue, open_resources, utc_now
 from notifier.settings import Settings
-from notifier.store import InboxEntry, body_digest, keys, wake
+from notifier.store import InboxEntry, keys, wake
 
 log = logging.getLogger(__name__)
 
@@ -374,12 +373,8 @@ async def find_stalled(ctx: dict[str, Any]) -> int:
             order=state.order,
             carrier_description="no carrier scan or delivery in the expected time (notifier)",
         )
-        body = t.model_dump_json().encode()
-        digest = body_digest(orjson.loads(body))
-        items.append((merchant_id, shipment_id, t.event_id, body, digest, "stall-check"))
-    if items:
-        _, woken = await res.store.ingest(items)
-        await wake(res.queue, woken)
+        items.append(t)
+    await inject(res, items, "stall-check")
     for merchant_id, shipment_id, deadline_ms in due:
         await res.store.drop_stall(merchant_id, shipment_id, deadline_ms)
     log.info("%d stalled shipments found", len(items))

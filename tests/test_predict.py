@@ -4,9 +4,13 @@ prediction in the history API."""
 
 from __future__ import annotations
 
+import email
+import email.policy
 import random
+import shutil
 import statistics
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from aiohttp.test_utils import TestClient, TestServer
@@ -15,9 +19,20 @@ from notifier.app import create_app
 from notifier.insights.journeys import Journey, bucket
 from notifier.insights.predict import MIN_DELIVERIES, Model, predict, quantile, remaining
 from notifier.models import DeliveryWindow, Status
+from notifier.resources import data_dir
 from notifier.settings import Settings
 from notifier.state import ShipmentState
-from tests.conftest import ACME_KEY, NOW, auth, fixed_clock, post, run_worker, transition
+from tests.conftest import (
+    ACME_KEY,
+    NOW,
+    auth,
+    fixed_clock,
+    history,
+    make_settings,
+    post,
+    run_worker,
+    transition,
+)
 
 START = datetime(2026, 11, 1, 8, 0, tzinfo=UTC)
 #: (carrier, origin) -> how its transit times are made (hours): a base and a long tail
@@ -163,3 +178,98 @@ async def test_the_history_api_gives_the_prediction(settings: Settings) -> None:
         )
         assert (await done.json())["prediction"] is None  # delivered
     assert NOW.date().isoformat() == "2026-11-21"
+
+
+async def history_of_deliveries(client: Any, n: int = 25) -> None:
+    """``n`` ups parcels from Leipzig delivered in Paris 30 hours after pickup."""
+    for i in range(n):
+        sid = f"old_{i}"
+        await post(
+            client,
+            transition(
+                event_id=f"{sid}_p",
+                shipment_id=sid,
+                status="picked_up",
+                occurred_at="2026-11-18T08:00:00+00:00",
+                location={"city": "Leipzig", "country": "DE"},
+            ),
+            transition(
+                event_id=f"{sid}_d",
+                shipment_id=sid,
+                status="delivered",
+                occurred_at="2026-11-19T14:00:00+00:00",
+                location={"city": "Paris", "country": "FR"},
+            ),
+        )
+
+
+async def test_templates_see_the_prediction_and_a_late_one_is_told_once(
+    tmp_path: Path, redis_url: str
+) -> None:
+    templates = tmp_path / "templates"
+    shutil.copytree(data_dir("templates", None), templates)
+    words = (templates / "messages" / "in_transit.jinja").read_text()
+    mine = words.replace(
+        "{%- macro next() -%}",
+        "{%- macro next() -%}{% if event.predicted %}PREDICTED {{ event.predicted }}. {% endif %}",
+    )
+    (templates / "acme" / "messages").mkdir(parents=True)
+    (templates / "acme" / "messages" / "in_transit.jinja").write_text(mine)
+    policies = tmp_path / "policies"
+    shutil.copytree(data_dir("policies", None), policies)
+    (policies / "acme.yaml").write_text("stalled: {predicted_late: true}\n")
+    settings = make_settings(
+        tmp_path, redis_url=redis_url, templates_dir=templates, policies_dir=policies
+    )
+    async with TestClient(TestServer(create_app(settings, clock=fixed_clock()))) as client:
+        await history_of_deliveries(client)
+        await run_worker(settings)
+        # on its way since 06:00, promised by 12:00 today: parcels like it take ~30 h
+        window = {"start": "2026-11-21T08:00:00+00:00", "end": "2026-11-21T16:00:00+00:00"}
+        await post(
+            client,
+            transition(
+                event_id="new_p",
+                shipment_id="new",
+                status="picked_up",
+                occurred_at="2026-11-21T06:00:00+00:00",
+                location={"city": "Leipzig", "country": "DE"},
+            ),
+            transition(
+                event_id="new_t",
+                shipment_id="new",
+                status="in_transit",
+                occurred_at="2026-11-21T09:00:00+00:00",
+                estimated_delivery=window,
+                recipient={"name": "Bo", "email": "bo@example.com", "locale": "en"},
+            ),
+        )
+        await run_worker(settings)
+        await run_worker(settings)  # the predicted-late transition it queued
+        found = await history(client, "new")
+    bodies = [
+        email.message_from_bytes(p.read_bytes(), policy=email.policy.default)
+        .get_body(preferencelist=("plain",))
+        .get_content()  # type: ignore[union-attr]
+        for p in (settings.outbox_dir / "acme" / "new").glob("*.eml")
+    ]
+    assert any("PREDICTED" in b for b in bodies), bodies
+    late = [d for d in found if d["event_id"].startswith("predicted-late:")]
+    assert {d["status"] for d in late} == {"exception"}
+    assert {d["exception_code"] for d in late} == {"delayed"}
+    assert {d["channel"] for d in late} == {"email", "sms"}
+    # told once: another scan, still late, adds no second one
+    async with TestClient(TestServer(create_app(settings, clock=fixed_clock()))) as client:
+        await post(
+            client,
+            transition(
+                event_id="new_t2",
+                shipment_id="new",
+                status="in_transit",
+                occurred_at="2026-11-21T11:00:00+00:00",
+            ),
+        )
+        await run_worker(settings)
+        await run_worker(settings)
+        again = await history(client, "new")
+    assert len({d["event_id"] for d in again if d["event_id"].startswith("predicted")}) == 1

@@ -158,6 +158,9 @@ class Stalled(_Strict):
     """One proactive ``exception/delayed`` message when a shipment stops moving."""
 
     enabled: bool = True
+    #: also when the predicted delivery (the merchant's own history) falls after the end of
+    #: the estimated delivery window, before it ends
+    predicted_late: bool = False
     #: no scan for this long while in one of ``statuses``
     no_scan_hours: float = Field(default=72, gt=0, le=90 * 24)
     #: the estimated delivery window ended this long ago without delivery

@@ -475,6 +475,9 @@ class Renderer:
                 "window": i18n.window(t.estimated_delivery.start, t.estimated_delivery.end, tz, fmt)
                 if t.estimated_delivery
                 else "",
+                "predicted": i18n.window(n.predicted.start, n.predicted.end, tz, fmt)
+                if n.predicted
+                else "",
                 "deadline_days": deadline_days,
                 "deadline": i18n.when(t.pickup_deadline, tz, fmt) if t.pickup_deadline else "",
                 # computed only if a template prints it

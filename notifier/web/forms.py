@@ -246,6 +246,7 @@ def policy_from_form(
             out["quiet_hours"][kind.value] = None
     out["sms_fallback_to_email"] = form.get("sms_fallback_to_email") == "on"
     out["stalled"]["enabled"] = form.get("stalled.enabled") == "on"
+    out["stalled"]["predicted_late"] = form.get("stalled.predicted_late") == "on"
     return out
 
 
