@@ -457,8 +457,28 @@ def _analytics() -> dict[tuple[str, str], Op]:
     )
     counts = Reply("The counts, as JSON or as CSV.", (a.Analytics,), (JSON, "text/csv"))
     from notifier.insights import carriers as c
+    from notifier.insights import digest_api as d
 
     return {
+        ("GET", "/v1/merchants/{merchant_id}/digest"): Op(
+            "getDigest",
+            "Who gets the merchant's weekly digest",
+            "analytics",
+            {**ok(d.DigestSettings), **refusals(*KEYED, 422)},
+        ),
+        ("PUT", "/v1/merchants/{merchant_id}/digest"): Op(
+            "putDigest",
+            "Send the weekly digest (Monday from 06:00 UTC, the week before) to these addresses",
+            "analytics",
+            {**ok(d.DigestSettings), **refusals(*KEYED_BODY)},
+            Body(d.DigestSettings),
+        ),
+        ("DELETE", "/v1/merchants/{merchant_id}/digest"): Op(
+            "deleteDigest",
+            "Stop the weekly digest",
+            "analytics",
+            {204: Reply("Stopped.", media=()), **refusals(*KEYED, 422)},
+        ),
         ("GET", "/v1/merchants/{merchant_id}/carriers"): Op(
             "getCarrierPerformance",
             "Carrier performance per lane and hub",

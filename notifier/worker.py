@@ -389,6 +389,14 @@ async def send_hooks(ctx: dict[str, Any]) -> int:
 
 
 @_tick
+async def send_digests(ctx: dict[str, Any]) -> int:
+    """Send the weekly digests that are due (``insights.digest``)."""
+    from notifier.insights import digest  # imported by this tick only
+
+    return await digest.send_due(ctx["res"])
+
+
+@_tick
 async def sweep(ctx: dict[str, Any]) -> int:
     """Wake partitions with unread or abandoned entries (a lost wake-up, a crashed worker)."""
     res: Resources = ctx["res"]
@@ -571,6 +579,7 @@ def build_worker(
             cron(release_due, second=set(range(0, 60, 5)), run_at_startup=True),
             cron(find_stalled, second={30}, run_at_startup=True),
             cron(send_hooks, second=set(range(2, 60, 5))),
+            cron(send_digests, minute={7}, second={0}),
         ],
         redis_pool=pool,
         on_startup=on_startup,

@@ -1,0 +1,90 @@
+"""The weekly digest's settings through the admin API:
+
+GET    /v1/merchants/{merchant_id}/digest    who gets it (404: nobody)
+PUT    /v1/merchants/{merchant_id}/digest    {"to": ["ops@acme.example"], "enabled": true}
+DELETE /v1/merchants/{merchant_id}/digest    nobody any more
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from notifier.addresses import email_problem
+from notifier.admin import Admin
+from notifier.errors import NotFound, ValidationFailed
+from notifier.ingest import read_json
+from notifier.insights.digest import digests_key
+from notifier.store.base import awaited
+
+
+class InvalidDigest(ValidationFailed):
+    code = "invalid_digest"
+
+
+class DigestSettings(BaseModel):
+    """Who gets a merchant's weekly digest (Monday from 06:00 UTC, the week before)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    to: list[str] = Field(min_length=1, max_length=5, description="1 to 5 email addresses")
+    enabled: bool = True
+
+    @field_validator("to")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        for address in value:
+            problem = email_problem(address)
+            if problem:
+                raise ValueError(problem)
+        return list(dict.fromkeys(value))
+
+
+class DigestApi:
+    def __init__(self, admin: Admin) -> None:
+        self.admin = admin
+
+    async def get(self, request: web.Request) -> web.Response:
+        merchant_id, _ = self.admin.merchant(request)
+        raw = await awaited(self.admin.res.redis.hget(digests_key(), merchant_id))
+        if raw is None:
+            raise NotFound(f"merchant {merchant_id} has no weekly digest")
+        return _json(200, orjson.loads(raw))
+
+    async def put(self, request: web.Request) -> web.Response:
+        merchant_id, _ = self.admin.merchant(request)
+        try:
+            body = DigestSettings.model_validate(await read_json(request, 16 * 1024))
+        except ValidationError as exc:
+            details = [
+                {"field": ".".join(str(p) for p in e["loc"]) or "(body)", "message": e["msg"]}
+                for e in exc.errors(include_input=False, include_url=False)
+            ]
+            raise InvalidDigest("invalid digest settings", details) from exc
+        value = body.model_dump()
+        await awaited(
+            self.admin.res.redis.hset(digests_key(), merchant_id, orjson.dumps(value).decode())
+        )
+        return _json(200, value)
+
+    async def delete(self, request: web.Request) -> web.Response:
+        merchant_id, _ = self.admin.merchant(request)
+        if not await awaited(self.admin.res.redis.hdel(digests_key(), merchant_id)):
+            raise NotFound(f"merchant {merchant_id} has no weekly digest")
+        return web.Response(status=204)
+
+
+def _json(status: int, body: Any) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+
+
+def add_routes(app: web.Application, admin: Admin) -> DigestApi:
+    api = DigestApi(admin)
+    path = "/v1/merchants/{merchant_id}/digest"
+    app.router.add_get(path, api.get)
+    app.router.add_put(path, api.put)
+    app.router.add_delete(path, api.delete)
+    return api

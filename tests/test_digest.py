@@ -1,0 +1,143 @@
+"""The weekly digest (issue 17): settings through the admin API, sent once a week per
+merchant from Monday 06:00 UTC through the email channel, readable and accessible."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, date, datetime
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from notifier.app import create_app
+from notifier.insights import digest
+from notifier.resources import open_resources
+from notifier.settings import Settings
+from tests.conftest import ACME_KEY, auth, fixed_clock, outbox_files, post, run_worker, transition
+
+Client = TestClient[Any, Any]
+URL = "/v1/merchants/acme/digest"
+#: Monday 2026-11-23, 07:00 UTC: the week of 2026-11-16 (NOW's, the 21st) is due
+MONDAY = datetime(2026, 11, 23, 7, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+async def fixed(settings: Settings) -> AsyncIterator[Client]:
+    async with TestClient(TestServer(create_app(settings, clock=fixed_clock()))) as c:
+        yield c
+
+
+async def tick(settings: Settings, at: datetime) -> int:
+    async with open_resources(settings, clock=lambda: at) as res:
+        return await digest.send_due(res)
+
+
+def test_the_week_is_due_from_monday_morning() -> None:
+    assert digest.last_week(datetime(2026, 11, 23, 5, 59, tzinfo=UTC)) is None
+    assert digest.last_week(datetime(2026, 11, 23, 6, 0, tzinfo=UTC)) == (
+        date(2026, 11, 16),
+        date(2026, 11, 22),
+        "2026-W47",
+    )
+    # later in the week (a worker that was down on Monday): still last week's
+    assert digest.last_week(datetime(2026, 11, 26, 1, 0, tzinfo=UTC))[2] == "2026-W47"  # type: ignore[index]
+
+
+async def test_settings_are_checked_and_scoped(fixed: Client) -> None:
+    assert (await fixed.get(URL, headers=auth(ACME_KEY))).status == 404
+    bad = await fixed.put(URL, json={"to": ["not an address"]}, headers=auth(ACME_KEY))
+    assert bad.status == 422 and (await bad.json())["error"]["details"][0]["field"] == "to"
+    assert (await fixed.put(URL, json={"to": []}, headers=auth(ACME_KEY))).status == 422
+    ok = await fixed.put(URL, json={"to": ["ops@acme.example"]}, headers=auth(ACME_KEY))
+    assert ok.status == 200 and (await ok.json()) == {"to": ["ops@acme.example"], "enabled": True}
+    assert (await (await fixed.get(URL, headers=auth(ACME_KEY))).json())["to"] == [
+        "ops@acme.example"
+    ]
+    other = await fixed.put(
+        "/v1/merchants/globex/digest", json={"to": ["a@b.example"]}, headers=auth(ACME_KEY)
+    )
+    assert other.status == 403
+    assert (await fixed.delete(URL, headers=auth(ACME_KEY))).status == 204
+    assert (await fixed.delete(URL, headers=auth(ACME_KEY))).status == 404
+
+
+async def test_last_weeks_digest_goes_out_once(fixed: Client, settings: Settings) -> None:
+    await post(
+        fixed,
+        transition(
+            event_id="p",
+            status="picked_up",
+            occurred_at="2026-11-20T08:00:00+00:00",
+            location={"city": "Leipzig", "country": "DE"},
+        ),
+        transition(
+            event_id="d",
+            status="delivered",
+            occurred_at="2026-11-21T10:00:00+00:00",
+            location={"city": "Paris", "country": "FR"},
+        ),
+    )
+    await run_worker(settings)
+    to = ["ops@acme.example", "lead@acme.example"]
+    await fixed.put(URL, json={"to": to}, headers=auth(ACME_KEY))
+    assert await tick(settings, datetime(2026, 11, 23, 5, 0, tzinfo=UTC)) == 0  # not yet
+    assert await tick(settings, MONDAY) == 1
+    assert await tick(settings, MONDAY) == 0  # once a week
+    files = outbox_files(settings, "digest_2026-W47_0.eml") + outbox_files(
+        settings, "digest_2026-W47_1.eml"
+    )
+    assert len(files) == 2 and all(f.parent.name == "weekly-digest" for f in files)
+    message = email.message_from_bytes(files[0].read_bytes(), policy=email.policy.default)
+    assert message["To"] in to
+    assert message["Subject"] == "Your shop: your shipment messages, 2026-11-16 to 2026-11-22"
+    text = message.get_body(preferencelist=("plain",)).get_content()  # type: ignore[union-attr]
+    assert "Sent to the provider: 2" in text  # the delivered email and SMS (pickup superseded)
+    assert "ups, DE -> FR: 1 delivered" in text
+    # a merchant who turned it off gets none
+    await fixed.put(URL, json={"to": to, "enabled": False}, headers=auth(ACME_KEY))
+    assert await tick(settings, datetime(2026, 11, 30, 7, 0, tzinfo=UTC)) == 0
+
+
+@pytest.fixture(scope="module")
+def page() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_accessibility import launch_chromium
+
+    with sync_playwright() as pw:
+        browser = launch_chromium(pw)
+        page = browser.new_page()
+        page.route("**/*", lambda route: route.abort())
+        yield page
+        browser.close()
+
+
+def test_the_digest_passes_axe(page: Any) -> None:
+    from tests.test_accessibility import axe_run
+
+    found = {
+        "2026-11-20": {
+            "delivered|email|fr_FR|accepted": 3,
+            "delivered|email|fr_FR|decided": 3,
+            "in_transit|email|fr_FR|suppressed:throttled": 2,
+        }
+    }
+    carriers = {
+        "2026-11-20": {
+            "ups|DE|FR|delivered": 4,
+            "ups|DE|FR|first_attempt": 3,
+            "ups|DE|FR|transit_h:30": 4,
+            "ups|hub:DE:Köln|-|dwell_h:6": 2,
+        }
+    }
+    ctx = digest.content(
+        "acme", "Acme & Co", date(2026, 11, 16), date(2026, 11, 22), found, carriers
+    )
+    _, text, html = digest.render(ctx)
+    assert "Acme &amp; Co" in html and "throttled 2" in html and "DE:Köln" in html
+    assert "ups, DE -> FR: 4 delivered" in text
+    result = axe_run(page, html)
+    assert result["passes"] and result["violations"] == [], result["violations"]
