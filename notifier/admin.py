@@ -139,11 +139,7 @@ class Admin:
         try:
             return model.model_validate(await read_json(request, 256 * 1024))
         except ValidationError as exc:
-            details = [
-                {"field": ".".join(str(p) for p in e["loc"]) or "(body)", "message": e["msg"]}
-                for e in exc.errors(include_input=False, include_url=False)
-            ]
-            raise InvalidOverride("invalid request body", details) from exc
+            raise InvalidOverride.of("invalid request body", exc) from exc
 
     def now(self) -> str:
         return self.res.clock().isoformat()

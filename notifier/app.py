@@ -211,11 +211,7 @@ async def opt_outs(request: web.Request) -> web.Response:
         _MERCHANT.validate_python(merchant_id)
         body = OptOut.model_validate(await read_json(request, 16 * 1024))
     except ValidationError as exc:
-        details = [
-            {"field": ".".join(str(p) for p in e["loc"]) or "(body)", "message": e["msg"]}
-            for e in exc.errors(include_input=False, include_url=False)
-        ]
-        raise InvalidOptOut("invalid opt-out", details) from exc
+        raise InvalidOptOut.of("invalid opt-out", exc) from exc
     key = opt_out_key(body.channel, body.address)
     res = request.app[RESOURCES]
     if await res.store.set_opt_out(merchant_id, key, body.opted_out) and body.opted_out:

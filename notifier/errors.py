@@ -65,6 +65,16 @@ class BadRequest(ApiError):
 class ValidationFailed(ApiError):
     status, code = 422, "invalid_transition"
 
+    @classmethod
+    def of(cls, message: str, exc: Any) -> ValidationFailed:
+        """The refusal of a body pydantic refused (``exc``: its ValidationError), naming
+        every field and what is wrong with it."""
+        details = [
+            {"field": ".".join(str(p) for p in e["loc"]) or "(body)", "message": e["msg"]}
+            for e in exc.errors(include_input=False, include_url=False)
+        ]
+        return cls(message, details)
+
 
 class InvalidOptOut(ValidationFailed):
     code = "invalid_opt_out"

@@ -84,29 +84,11 @@ async def twilio_status(request: web.Request, res: Resources) -> web.Response:
         )
         if where is not None:
             merchant, shipment = where
-            counted = SMS_COUNTS.get(status)
-            if counted is not None:
-                await record.report(
-                    res.store,
-                    merchant,
-                    shipment,
-                    nid,
-                    "sms",
-                    request.query.get("stats"),
-                    counted,
-                    res.clock(),
-                )
-            if error == "21610":
-                await record.report(
-                    res.store,
-                    merchant,
-                    shipment,
-                    nid,
-                    "sms",
-                    request.query.get("stats"),
-                    Count.STOPS,
-                    res.clock(),
-                )
+            reported = [SMS_COUNTS.get(status), Count.STOPS if error == "21610" else None]
+            for counted in (c for c in reported if c is not None):
+                tag = request.query.get("stats")
+                at = res.clock()
+                await record.report(res.store, merchant, shipment, nid, "sms", tag, counted, at)
             if opted:
                 await res.hooks.opted_out(merchant, key, "twilio_blocked", res.clock(), shipment)
             if status in SMS_FAILED:

@@ -192,3 +192,33 @@ def test_scripts_get_their_own_fonts() -> None:
         assert font in message.html, locale
     _, message = next(emails("de"))
     assert "font-family: Arial, Helvetica, sans-serif" in message.html
+
+
+def test_the_weekly_digest_passes_axe(page: Any) -> None:
+    from datetime import date
+
+    from notifier.insights import digest
+
+    found = {
+        "2026-11-20": {
+            "delivered|email|fr_FR|accepted": 3,
+            "delivered|email|fr_FR|decided": 3,
+            "in_transit|email|fr_FR|suppressed:throttled": 2,
+        }
+    }
+    carriers = {
+        "2026-11-20": {
+            "ups|DE|FR|delivered": 4,
+            "ups|DE|FR|first_attempt": 3,
+            "ups|DE|FR|transit_h:30": 4,
+            "ups|hub:DE:Köln|-|dwell_h:6": 2,
+        }
+    }
+    ctx = digest.content(
+        "acme", "Acme & Co", date(2026, 11, 16), date(2026, 11, 22), found, carriers
+    )
+    _, text, html = digest.render(ctx)
+    assert "Acme &amp; Co" in html and "throttled 2" in html and "DE:Köln" in html
+    assert "ups, DE -> FR: 4 delivered" in text
+    result = axe_run(page, html)
+    assert result["passes"] and result["violations"] == [], result["violations"]

@@ -1,11 +1,12 @@
 """The weekly digest (issue 17): settings through the admin API, sent once a week per
-merchant from Monday 06:00 UTC through the email channel, readable and accessible."""
+merchant from Monday 06:00 UTC through the email channel (its axe-core check is in
+test_accessibility.py)."""
 
 from __future__ import annotations
 
 import email
 import email.policy
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -99,45 +100,3 @@ async def test_last_weeks_digest_goes_out_once(fixed: Client, settings: Settings
     # a merchant who turned it off gets none
     await fixed.put(URL, json={"to": to, "enabled": False}, headers=auth(ACME_KEY))
     assert await tick(settings, datetime(2026, 11, 30, 7, 0, tzinfo=UTC)) == 0
-
-
-@pytest.fixture(scope="module")
-def page() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    from tests.test_accessibility import launch_chromium
-
-    with sync_playwright() as pw:
-        browser = launch_chromium(pw)
-        page = browser.new_page()
-        page.route("**/*", lambda route: route.abort())
-        yield page
-        browser.close()
-
-
-def test_the_digest_passes_axe(page: Any) -> None:
-    from tests.test_accessibility import axe_run
-
-    found = {
-        "2026-11-20": {
-            "delivered|email|fr_FR|accepted": 3,
-            "delivered|email|fr_FR|decided": 3,
-            "in_transit|email|fr_FR|suppressed:throttled": 2,
-        }
-    }
-    carriers = {
-        "2026-11-20": {
-            "ups|DE|FR|delivered": 4,
-            "ups|DE|FR|first_attempt": 3,
-            "ups|DE|FR|transit_h:30": 4,
-            "ups|hub:DE:Köln|-|dwell_h:6": 2,
-        }
-    }
-    ctx = digest.content(
-        "acme", "Acme & Co", date(2026, 11, 16), date(2026, 11, 22), found, carriers
-    )
-    _, text, html = digest.render(ctx)
-    assert "Acme &amp; Co" in html and "throttled 2" in html and "DE:Köln" in html
-    assert "ups, DE -> FR: 4 delivered" in text
-    result = axe_run(page, html)
-    assert result["passes"] and result["violations"] == [], result["violations"]

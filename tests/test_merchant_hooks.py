@@ -341,17 +341,23 @@ def test_event_types_of_transitions() -> None:
     assert ev.check_patterns(["*", "*", "exception.lost"]) == ["*", "exception.lost"]
 
 
+async def process_through(settings: Settings, channel: FailingChannel) -> None:
+    """Decide what the inbox holds and deliver it through ``channel`` (both kinds)."""
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        res.channels = {ChannelKind.EMAIL: channel, ChannelKind.SMS: channel}
+        res.providers = {}
+        await Pipeline(res).process(await read_whole_inbox(res, "w"))
+
+
 # -- failures and opt-outs -----------------------------------------------------------------------
 async def test_a_message_that_fails_for_good_is_a_delivery_failed_event(
     hook_client: Client, hook_settings: Settings, receiver: Receiver
 ) -> None:
     await endpoint(hook_client, receiver.url, ["delivery.failed"])
     await post(hook_client, transition())
-    async with open_resources(hook_settings, clock=fixed_clock()) as res:
-        refusing = FailingChannel(PermanentDeliveryError, "550 no such mailbox", "refusing")
-        res.channels = {ChannelKind.EMAIL: refusing, ChannelKind.SMS: refusing}
-        res.providers = {}
-        await Pipeline(res).process(await read_whole_inbox(res, "w"))
+    await process_through(
+        hook_settings, FailingChannel(PermanentDeliveryError, "550 no such mailbox", "refusing")
+    )
     await send(hook_settings)
     got = sorted(receiver.events(), key=lambda e: e["data"]["channel"])
     assert [e["type"] for e in got] == ["delivery.failed", "delivery.failed"]
@@ -382,11 +388,7 @@ async def test_opt_outs_are_told_once_to_the_merchant(
     # a provider refusing a number its owner blocked us on (Twilio 21610): the merchant
     # whose message found it out is told (no email is sent: that address opted out above)
     await post(hook_client, transition(event_id="evt_9", shipment_id="shp_9"))
-    async with open_resources(hook_settings, clock=fixed_clock()) as res:
-        blocked = FailingChannel(OptedOutError, "21610", "refusing")
-        res.channels = {ChannelKind.EMAIL: blocked, ChannelKind.SMS: blocked}
-        res.providers = {}
-        await Pipeline(res).process(await read_whole_inbox(res, "w"))
+    await process_through(hook_settings, FailingChannel(OptedOutError, "21610", "refusing"))
     await send(hook_settings)
     told = [e["data"] for e in receiver.events()[1:]]
     assert [(d["channel"], d["source"], d["shipment_id"]) for d in told] == [

@@ -130,34 +130,10 @@ def test_remaining_cuts_the_bucket_the_elapsed_time_falls_in() -> None:
 async def test_the_history_api_gives_the_prediction(settings: Settings) -> None:
     async with TestClient(TestServer(create_app(settings, clock=fixed_clock()))) as client:
         # 25 delivered ups parcels from DE, 30 h each, then one on its way
-        for i in range(25):
-            sid = f"old_{i}"
-            await post(
-                client,
-                transition(
-                    event_id=f"{sid}_p",
-                    shipment_id=sid,
-                    status="picked_up",
-                    occurred_at="2026-11-18T08:00:00+00:00",
-                    location={"city": "Leipzig", "country": "DE"},
-                ),
-                transition(
-                    event_id=f"{sid}_d",
-                    shipment_id=sid,
-                    status="delivered",
-                    occurred_at="2026-11-19T14:00:00+00:00",
-                    location={"city": "Paris", "country": "FR"},
-                ),
-            )
+        await history_of_deliveries(client)
         await post(
             client,
-            transition(
-                event_id="new_p",
-                shipment_id="new",
-                status="picked_up",
-                occurred_at="2026-11-21T06:00:00+00:00",
-                location={"city": "Leipzig", "country": "DE"},
-            ),
+            NEW_PICKUP,
         )
         await run_worker(settings)
         resp = await client.get(
@@ -178,6 +154,16 @@ async def test_the_history_api_gives_the_prediction(settings: Settings) -> None:
         )
         assert (await done.json())["prediction"] is None  # delivered
     assert NOW.date().isoformat() == "2026-11-21"
+
+
+#: a parcel picked up in Leipzig this morning
+NEW_PICKUP = transition(
+    event_id="new_p",
+    shipment_id="new",
+    status="picked_up",
+    occurred_at="2026-11-21T06:00:00+00:00",
+    location={"city": "Leipzig", "country": "DE"},
+)
 
 
 async def history_of_deliveries(client: Any, n: int = 25) -> None:
@@ -228,13 +214,7 @@ async def test_templates_see_the_prediction_and_a_late_one_is_told_once(
         window = {"start": "2026-11-21T08:00:00+00:00", "end": "2026-11-21T16:00:00+00:00"}
         await post(
             client,
-            transition(
-                event_id="new_p",
-                shipment_id="new",
-                status="picked_up",
-                occurred_at="2026-11-21T06:00:00+00:00",
-                location={"city": "Leipzig", "country": "DE"},
-            ),
+            NEW_PICKUP,
             transition(
                 event_id="new_t",
                 shipment_id="new",

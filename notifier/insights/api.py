@@ -64,12 +64,14 @@ def _day(text: str, name: str) -> date:
         raise _refuse(name, "a UTC day, YYYY-MM-DD") from exc
 
 
-def query(params: Any, today: date) -> tuple[date, date, list[str], str]:
-    """(first day, last day, dimensions, format) of a request's query; 422 naming what is
-    wrong."""
-    unknown = sorted(set(params) - {"from", "to", "group_by", "format"})
+def query(
+    params: Any, today: date, allowed: tuple[str, ...] = ("from", "to", "group_by", "format")
+) -> tuple[date, date, list[str], str]:
+    """(first day, last day, dimensions, format) of a request's query, which may hold the
+    ``allowed`` parameters; 422 naming what is wrong."""
+    unknown = sorted(set(params) - set(allowed))
     if unknown:
-        raise _refuse(unknown[0], "not a parameter: use from, to, group_by, format")
+        raise _refuse(unknown[0], f"not a parameter: use {', '.join(allowed)}")
     last = _day(params["to"], "to") if "to" in params else today
     first = _day(params["from"], "from") if "from" in params else last - timedelta(DEFAULT_DAYS - 1)
     if first > last:

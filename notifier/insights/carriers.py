@@ -113,13 +113,7 @@ class CarriersApi:
     async def get(self, request: web.Request) -> web.Response:
         merchant_id, _ = self.admin.merchant(request)
         res = self.admin.res
-        params = {k: v for k, v in request.query.items()}
-        unknown = sorted(set(params) - {"from", "to"})
-        if unknown:
-            raise analytics.InvalidAnalyticsQuery(
-                "invalid query", [{"field": unknown[0], "message": "not a parameter: use from, to"}]
-            )
-        first, last, _, _ = analytics.query(params, res.clock().date())
+        first, last, _, _ = analytics.query(request.query, res.clock().date(), ("from", "to"))
         lanes, hubs = report(await res.store.carrier_stats(merchant_id, first, last))
         body = {
             "merchant_id": merchant_id,

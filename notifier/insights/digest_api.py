@@ -59,11 +59,7 @@ class DigestApi:
         try:
             body = DigestSettings.model_validate(await read_json(request, 16 * 1024))
         except ValidationError as exc:
-            details = [
-                {"field": ".".join(str(p) for p in e["loc"]) or "(body)", "message": e["msg"]}
-                for e in exc.errors(include_input=False, include_url=False)
-            ]
-            raise InvalidDigest("invalid digest settings", details) from exc
+            raise InvalidDigest.of("invalid digest settings", exc) from exc
         value = body.model_dump()
         await awaited(
             self.admin.res.redis.hset(digests_key(), merchant_id, orjson.dumps(value).decode())

@@ -167,11 +167,7 @@ class HookAdmin:
         try:
             return model.model_validate(await read_json(request, 64 * 1024))
         except ValidationError as exc:
-            details = [
-                {"field": ".".join(str(p) for p in e["loc"]) or "(body)", "message": e["msg"]}
-                for e in exc.errors(include_input=False, include_url=False)
-            ]
-            raise InvalidEndpoint("invalid webhook endpoint", details) from exc
+            raise InvalidEndpoint.of("invalid webhook endpoint", exc) from exc
 
     def _check_url(self, url: str) -> None:
         problem = url_problem(url, self.allow_private)
