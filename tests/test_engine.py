@@ -610,8 +610,12 @@ def test_replayed_late_events_recover_each_message_once() -> None:
     state, _ = run([event(1, "out_for_delivery", NOON, recipient=None)])
     lates = [event(i, "picked_up", NOON - timedelta(hours=20 + i)) for i in (2, 3)]
     state, _ = run(lates, now=NOON + timedelta(minutes=5), state=state)
-    folded = Pipeline._fold(
-        None,  # type: ignore[arg-type]
+    from notifier.outbound.directory import Subscriptions
+
+    pipeline = Pipeline.__new__(Pipeline)  # _fold is pure: no resources
+    pipeline._models = {}
+    pipeline.hooks = Subscriptions(None)  # type: ignore[arg-type] # no endpoints: no events
+    folded = pipeline._fold(
         ("acme", "s1"),
         3,
         state,
