@@ -350,7 +350,8 @@ class Deliverer:
     async def _failed(self, n: Notification, reason: str, owner: str, scope: Scope) -> None:
         """Record a notification that failed for good, and tell the merchant's webhook
         endpoints that take ``delivery.failed``."""
-        await self.res.store.mark_failed(n.notification_id, reason, owner, scope)
+        if not await self.res.store.mark_failed(n.notification_id, reason, owner, scope):
+            return  # another worker holds it now: its outcome is that worker's to tell
         await self._count([n], Count.FAILED, scope)
         now = self.res.clock()
         event = hook_events.delivery_failed(

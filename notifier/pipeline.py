@@ -174,7 +174,7 @@ class Pipeline:
             # Looked up once per merchant and round: an edited policy applies from the next batch.
             policies = {m: self.res.policies.for_merchant(m) for m in {m for m, _ in keys}}
             # each merchant's delivery-time model (read at most every 10 minutes)
-            self._models = {m: await self.res.predictions.model(m, now.date()) for m in policies}
+            self._models = await self.res.predictions.models(list(policies), now.date())
             folds = [
                 self._fold(
                     key,
@@ -465,11 +465,14 @@ def _journey(
 ) -> tuple[ShipmentState, dict[str, int]]:
     """The final state with its journey advanced by the fold's scans (not redeliveries, not
     late scans it had moved past), and the carrier counts that made (``insights.journeys``)."""
-    journey = start.journey or journeys.Journey()
+    # a shipment older than journeys (it has events already) starts a partial one
+    journey = start.journey or journeys.Journey(partial=start.events > 0)
     before = journey
     carried: dict[str, int] = {}
     for step in steps:
         if step.replay or step.caught_up_by is not None or journeys.late(step.verdicts):
+            continue
+        if step.transition.event_id.startswith(journeys.OWN_EVENTS):
             continue
         journey, made = journeys.advance(journey, step.transition)
         for name, n in made.items():
@@ -480,7 +483,7 @@ def _journey(
 
 
 #: the event id prefix of a predicted-late transition (``Pipeline._predicted_late``)
-PREDICTED_LATE = "predicted-late:"
+PREDICTED_LATE = hook_events.PREDICTED_PREFIX
 
 
 def _late_transition(state: ShipmentState, found: Prediction) -> Transition:

@@ -23,7 +23,7 @@ from twilio.twiml.messaging_response import MessagingResponse
 
 from notifier.errors import BadRequest, Forbidden, NotFound
 from notifier.insights import record
-from notifier.insights.counts import Count
+from notifier.insights.counts import DIGEST_PREFIX, Count
 from notifier.models import ChannelKind
 from notifier.outbound import events as hook_events
 from notifier.policy import opt_out_key
@@ -179,8 +179,8 @@ async def _email_event(res: Resources, event: Any) -> None:
     if not isinstance(event, dict):
         return
     kind, nid = str(event.get("event", "")), event.get("notification_id")
-    if not isinstance(nid, str):
-        return  # not ours
+    if not isinstance(nid, str) or nid.startswith(DIGEST_PREFIX):
+        return  # not ours, or the merchant's own digest (no customer's message)
     merchant_id, shipment_id = event.get("merchant_id"), event.get("shipment_id")
     counted = EMAIL_COUNTS.get(kind)
     if kind == "bounce" and event.get("type") != "blocked":

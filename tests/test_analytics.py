@@ -149,13 +149,21 @@ async def test_provider_reports_are_counted_once_under_the_message(
     async with open_resources(settings, clock=fixed_clock()) as res:
         for kind in ("delivered", "open", "open", "click", "delivered"):
             await _email_event(res, {**base, "event": kind, "stats": tag})
+        found = await analytics(fixed)
+        assert found["rates"]["opened"] == found["rates"]["clicked"] == 1.0
         # a report of a message sent before messages carried their tag: counted, unnamed
         await _email_event(res, {**base, "notification_id": "n_old", "event": "open"})
+        # the merchant's own weekly digest is no customer's message: counted nowhere, and
+        # its bounce opts nobody out
+        digest = {**base, "notification_id": "digest_2026-W47_0", "email": "ops@acme.example"}
+        for kind in ("open", "bounce", "unsubscribe"):
+            await _email_event(res, {**digest, "event": kind, "stats": tag})
+        assert not await res.store.opted_out("acme", ["email:ops@acme.example"])
     found = await analytics(fixed)
     email_fr = row(found, milestone="out_for_delivery", channel="email", locale="fr_FR")
     assert (email_fr["delivered"], email_fr["opened"], email_fr["clicked"]) == (1, 1, 1)
+    assert email_fr["bounced"] == email_fr["unsubscribed"] == 0
     assert row(found, milestone="-", channel="email", locale="-")["opened"] == 1
-    assert found["rates"]["opened"] == 2.0  # two opens (one unnamed) over one delivered email
 
 
 def test_tags_round_trip_and_refuse_anything_else() -> None:

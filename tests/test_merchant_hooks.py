@@ -471,3 +471,72 @@ async def test_events_go_out_from_a_redis_cluster(
         assert key_slot(name.encode()) == key_slot(tag.encode()), name
     assert any(k.startswith("ntf:mwh:{acme}:endpoints") for k in queued_keys)
     assert res.store.cluster
+
+
+async def test_a_post_that_cannot_start_in_the_claims_budget_is_no_attempt(
+    hook_settings: Settings,
+) -> None:
+    """All slots busy past the budget: nothing is posted, nothing counted, the event is due
+    again in a few seconds (within its lease no other worker could post it meanwhile)."""
+    import time
+
+    from notifier.outbound.sender import IN_FLIGHT, SOON_S
+
+    async with open_resources(hook_settings, clock=fixed_clock()) as res:
+        sender = HookSender(res.store, res.clock, allow_private=True)
+        endpoint = {"id": "we_1", "url": "https://h.example.com/", "secret": "s", "events": ["*"]}
+        event = ev.envelope("whe_1", "exception.lost", "acme", NOW, {})
+        for _ in range(IN_FLIGHT):
+            await sender._slots.acquire()
+        attempt = await sender._post(endpoint, event, b"{}", time.monotonic() + 0.05)
+        assert attempt.skipped and attempt.status is None
+        # through a claim: the event stays, due again soon, with no attempt recorded
+        await res.store.put_hook_endpoint("acme", {**endpoint, "enabled": True, "created_at": ""})
+        scope = res.store.scopes[0]
+        await res.store.queue_hook_events(scope, [("whe_1", ev.stored(event))], 0)
+        [claimed] = await res.store.claim_hook_events(scope, 1000, 60_000, 10)
+        doc = orjson.loads(claimed.stored)
+        endpoints = {"acme": await res.store.hook_endpoints("acme")}
+        made = await sender._event(scope, claimed, doc, endpoints, time.monotonic())
+        assert made == 0
+        assert await res.store.hook_attempts("acme", "we_1", 10) == []
+        due = await res.redis.zscore("ntf:mwh:due", "whe_1")
+        assert due == NOW.timestamp() * 1000 + SOON_S * 1000
+
+
+async def test_private_addresses_are_refused_when_sending(hook_settings: Settings) -> None:
+    """Without NOTIFIER_MERCHANT_HOOKS_ALLOW_PRIVATE a literal private address, in any of
+    its IPv6 disguises, is refused before any connection."""
+    import ipaddress
+    import time
+
+    from notifier.outbound.sender import is_public
+
+    async with open_resources(hook_settings, clock=fixed_clock()) as res:
+        sender = HookSender(res.store, res.clock, allow_private=False)
+        event = ev.envelope("whe_1", "exception.lost", "acme", NOW, {})
+        for url in ("https://127.0.0.1:9/", "https://[::ffff:10.0.0.1]/", "http://h.example.com/"):
+            endpoint = {"id": "we_1", "url": url, "secret": "s", "events": ["*"]}
+            attempt = await sender._post(endpoint, event, b"{}", time.monotonic() + 5)
+            assert not attempt.ok and (attempt.error or "").startswith("refused:"), url
+        await sender.close()
+    for private in ("2002:0a00:0001::1", "64:ff9b::10.0.0.1", "::ffff:192.168.1.1"):
+        assert not is_public(ipaddress.ip_address(private)), private
+    assert is_public(ipaddress.ip_address("2002:0808:0808::1"))  # 6to4 of 8.8.8.8
+
+
+async def test_a_conflicting_commit_queues_no_webhook_event(hook_settings: Settings) -> None:
+    from notifier.state import ShipmentState
+    from notifier.store import ShipmentCommit
+
+    def commit(version: int, event_id: str) -> ShipmentCommit:
+        state = ShipmentState(merchant_id="acme", shipment_id="s", events=version + 1)
+        stored = ev.stored(ev.envelope(event_id, "exception.lost", "acme", NOW, {}))
+        return ShipmentCommit("acme", "s", version, state, [], [], events=((event_id, stored),))
+
+    async with open_resources(hook_settings) as res:
+        assert (await res.store.commit_batch([commit(0, "whe_a")], NOW.isoformat())).conflicts == []
+        done = await res.store.commit_batch([commit(0, "whe_b")], NOW.isoformat())
+        assert done.conflicts == [0]
+        queued_ids = await res.redis.zrange("ntf:mwh:due", 0, -1)
+    assert queued_ids == [b"whe_a"]

@@ -45,6 +45,9 @@ UNKNOWN = "-"
 KEEP_DAYS = 120
 #: the counts of suppressions by rule
 SUPPRESSED_BY = "suppressed:"
+#: the message id prefix of the weekly digest (``digest``): mail to the merchant, not a
+#: customer's message, so its provider reports count nowhere
+DIGEST_PREFIX = "digest_"
 
 
 def day_of(at: datetime) -> str:

@@ -22,6 +22,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from notifier.channels.base import Channel, Outgoing, Receipt
 from notifier.insights import api as analytics
 from notifier.insights.carriers import report
+from notifier.insights.counts import DIGEST_PREFIX
 from notifier.models import ChannelKind
 from notifier.render import EmailMessageOut
 from notifier.resources import Resources
@@ -33,8 +34,10 @@ log = logging.getLogger("notifier.insights")
 
 #: the hour (UTC) of Monday from which last week's digest is due
 SEND_HOUR = 6
-#: how long a week's sent-marker is kept (longer than anyone catches up)
+#: how long a week's sent-marker is kept (longer than anyone catches up), and how long a
+#: marker of a send under way holds (a worker that died mid-send: the next hour tries again)
 MARK_S = 30 * 86_400
+SENDING_S = 15 * 60
 SHIPMENT = "weekly-digest"
 
 _ENV = Environment(
@@ -129,7 +132,7 @@ async def send_week(
     items = [
         Outgoing(
             EmailMessageOut(
-                notification_id=f"digest_{week}_{i}",
+                notification_id=f"{DIGEST_PREFIX}{week}_{i}",
                 merchant_id=merchant_id,
                 shipment_id=SHIPMENT,
                 to=address,
@@ -159,13 +162,20 @@ async def send_due(res: Resources) -> int:
         if not wanted.get("enabled", True) or not wanted.get("to"):
             continue
         marker = sent_key(merchant_id, week)
-        if not await awaited(res.redis.set(marker, "sending", nx=True, ex=MARK_S)):
+        if not await awaited(res.redis.set(marker, "sending", nx=True, ex=SENDING_S)):
             continue  # sent already, or being sent by another worker
         try:
             took = await send_week(res, merchant_id, list(wanted["to"]), first, last, week)
-        except Exception:
+        except Exception as exc:  # this merchant's digest only: the others still go
+            # the kind only: a channel's words may quote an address
+            log.error(
+                "weekly digest %s of merchant %s failed (%s); retrying",
+                week,
+                merchant_id,
+                type(exc).__name__,
+            )
             await awaited(res.redis.delete(marker))
-            raise
+            continue
         if not took:
             # the channel refused or failed every address: the week again in an hour
             await awaited(res.redis.delete(marker))

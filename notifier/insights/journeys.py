@@ -76,6 +76,14 @@ class Journey(BaseModel):
     hub_at: datetime | None = None
     #: delivered and counted
     counted: bool = False
+    #: started on a shipment already under way (its state is older than journeys): its
+    #: pickup, attempts and exceptions are not all known, so its delivery counts nothing
+    partial: bool = False
+
+
+#: event id prefixes of the transitions the service makes itself (the stall check, a
+#: predicted delay): not the carrier's scans, so not its performance
+OWN_EVENTS = ("stalled:", "predicted-late:")
 
 
 def late(verdicts: Iterable[Any]) -> bool:
@@ -94,7 +102,9 @@ def bucket(hours: float) -> str:
 
 
 def field(carrier: str, origin: str, destination: str, count: str) -> str:
-    return f"{carrier}|{origin}|{destination}|{count}"
+    """A carrier count's name ("|" in a carrier's or a city's name becomes "/")."""
+    parts = (carrier, origin, destination, count)
+    return "|".join(p.replace("|", "/") for p in parts)
 
 
 def _country(t: Transition) -> str | None:
@@ -164,6 +174,8 @@ def _dwell(journey: Journey, t: Transition) -> str | None:
 
 def _delivered(journey: Journey, t: Transition) -> dict[str, int]:
     """The lane counts of a delivery: counted, first attempt, transit time, exceptions."""
+    if journey.partial:
+        return {}
     lane = (t.carrier, journey.origin or UNKNOWN, _country(t) or UNKNOWN)
     counts = {field(*lane, "delivered"): 1}
     if journey.attempts_failed == 0:

@@ -12,6 +12,7 @@ shipment with a promised window is ``likely_late`` when the median falls after i
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -25,8 +26,9 @@ from notifier.state import TERMINAL, ShipmentState
 WINDOW_DAYS = 90
 #: deliveries a prediction needs (of the carrier and origin, else of the carrier)
 MIN_DELIVERIES = 20
-#: how long a process keeps a merchant's model, seconds
+#: how long a process keeps a merchant's model, seconds, and for how many merchants
 REFRESH_S = 600.0
+KEEP_MODELS = 10_000
 
 #: (low, high) hours of each bucket, by its name; the last is open
 _EDGES: dict[str, tuple[float, float | None]] = {}
@@ -163,10 +165,22 @@ class Predictions:
         self._models: dict[str, tuple[float, Model]] = {}
 
     async def model(self, merchant_id: str, today: date) -> Model:
-        known = self._models.get(merchant_id)
-        if known is not None and self.clock() - known[0] < REFRESH_S:
-            return known[1]
-        found = await self.read(merchant_id, today - timedelta(days=WINDOW_DAYS - 1), today)
-        made = Model.of(found)
-        self._models[merchant_id] = (self.clock(), made)
-        return made
+        return (await self.models([merchant_id], today))[merchant_id]
+
+    async def models(self, merchant_ids: list[str], today: date) -> dict[str, Model]:
+        """The models of several merchants; those not read lately are read side by side."""
+        now = self.clock()
+        stale = [
+            m
+            for m in merchant_ids
+            if m not in self._models or now - self._models[m][0] >= REFRESH_S
+        ]
+        if stale:
+            first = today - timedelta(days=WINDOW_DAYS - 1)
+            found = await asyncio.gather(*(self.read(m, first, today) for m in stale))
+            for merchant_id, counts in zip(stale, found, strict=True):
+                self._models.pop(merchant_id, None)  # (re)inserted last: the newest
+                self._models[merchant_id] = (now, Model.of(counts))
+            while len(self._models) > KEEP_MODELS:  # the least recently read go first
+                del self._models[next(iter(self._models))]
+        return {m: self._models[m][1] for m in merchant_ids}

@@ -24,6 +24,8 @@ from notifier.policy.engine import Step
 ID_PREFIX = "whe_"
 #: The event id prefix of the stall check's transitions (``worker.find_stalled``).
 STALLED_PREFIX = "stalled:"
+#: ... and of a predicted delay's (``pipeline.Pipeline._predicted_late``)
+PREDICTED_PREFIX = "predicted-late:"
 
 
 class EventType(StrEnum):
@@ -123,6 +125,16 @@ def envelope(
     }
 
 
+def source_of(t: Transition) -> str:
+    """Who reported a transition: the carrier, or the service itself (its stall check, its
+    prediction that the shipment will miss its window)."""
+    if t.event_id.startswith(STALLED_PREFIX):
+        return "stall_check"
+    if t.event_id.startswith(PREDICTED_PREFIX):
+        return "prediction"
+    return "carrier"
+
+
 def is_news(step: Step) -> bool:
     """Whether a folded transition is news: not a redelivery, not a late scan the shipment
     has moved past, not a message caught up for an earlier event."""
@@ -162,6 +174,7 @@ def from_step(
         "location": t.location.model_dump(exclude_none=True) if t.location else None,
         "decision": decision,
         "timeline_url": timeline_url(public_url, merchant_id, t.shipment_id),
+        "source": source_of(t),
     }
     eid = event_id(merchant_id, kind, t.shipment_id, t.event_id)
     return envelope(eid, kind, merchant_id, decided_at, data)

@@ -39,13 +39,18 @@ log = logging.getLogger("notifier.hooks")
 
 #: seconds to wait after the n-th failed attempt before the next; after the last, given up
 RETRY_S = (60, 300, 1_800, 3_600, 7_200, 14_400, 28_800, 43_200, 86_400, 86_400)
-#: how long a worker holds an event it is sending (longer than a send can take)
+#: how long a worker holds the events it is sending
 LEASE_MS = 120_000
 #: one attempt's limit, connect to last byte
 TIMEOUT_S = 10.0
 #: events taken per claim, and requests in flight at once
-CLAIM = 100
+CLAIM = 32
 IN_FLIGHT = 16
+#: a claim's posts all start within this (well inside the lease: none is posted once
+#: another worker could hold the event); those that could not start wait for the next tick
+BUDGET_S = (LEASE_MS / 1000 - 2 * TIMEOUT_S) / 2
+#: seconds before an event whose posts could not start is tried again (not an attempt)
+SOON_S = 5
 #: attempts kept per endpoint in its delivery log, and for how long after the last one
 LOG_CAP = 200
 LOG_TTL_S = 30 * 86_400
@@ -56,6 +61,23 @@ class PrivateAddress(OSError):
     """An endpoint's host is, or resolves to, an address on a private network."""
 
 
+def is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """A global address, and for the IPv6 forms that carry an IPv4 one (mapped, 6to4,
+    NAT64), a global IPv4 inside."""
+    if not ip.is_global:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        inner = ip.ipv4_mapped or ip.sixtofour
+        if inner is None and ip in _NAT64:
+            inner = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if inner is not None:
+            return inner.is_global
+    return True
+
+
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
 def address_problem(host: str) -> str | None:
     """Why a literal IP address (or ``localhost``) may not be posted to, or None."""
     if host.lower().rstrip(".") in ("localhost", "localhost.localdomain"):
@@ -64,7 +86,7 @@ def address_problem(host: str) -> str | None:
         ip = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return None  # a name: checked once resolved
-    if not ip.is_global:
+    if not is_public(ip):
         return f"{host} is a private, loopback or reserved address"
     return None
 
@@ -100,7 +122,7 @@ class PublicOnlyResolver(ThreadedResolver):
     ) -> list[ResolveResult]:
         found = await super().resolve(host, port, family)
         for entry in found:
-            if not ipaddress.ip_address(entry["host"]).is_global:
+            if not is_public(ipaddress.ip_address(entry["host"])):
                 raise PrivateAddress(f"{host} resolves to a private or reserved address")
         return found
 
@@ -113,6 +135,8 @@ class Attempt:
     status: int | None
     error: str | None
     ms: int
+    #: not posted: no slot came free within the claim's budget (not an attempt)
+    skipped: bool = False
 
 
 def signature_header(secrets: list[str], timestamp: int, body: bytes) -> str:
@@ -163,9 +187,13 @@ class HookSender:
             while not stopping():
                 now_ms = int(self.clock().timestamp() * 1000)
                 claimed = await self.store.claim_hook_events(scope, now_ms, LEASE_MS, CLAIM)
-                endpoints: dict[str, dict[str, dict[str, Any]]] = {}
+                events = [(c, orjson.loads(c.stored)) for c in claimed]
+                merchants = sorted({doc["event"]["merchant_id"] for _, doc in events})
+                found = await self.store.hook_endpoints_of(merchants) if merchants else []
+                endpoints = dict(zip(merchants, found, strict=True))
+                deadline = time.monotonic() + BUDGET_S
                 results = await asyncio.gather(
-                    *(self._event(scope, event, endpoints) for event in claimed)
+                    *(self._event(scope, c, doc, endpoints, deadline) for c, doc in events)
                 )
                 made += sum(results)
                 if len(claimed) < CLAIM:
@@ -173,27 +201,33 @@ class HookSender:
         return made
 
     async def _event(
-        self, scope: Scope, claimed: ClaimedEvent, directory: dict[str, dict[str, dict[str, Any]]]
+        self,
+        scope: Scope,
+        claimed: ClaimedEvent,
+        doc: dict[str, Any],
+        directory: Mapping[str, dict[str, dict[str, Any]]],
+        deadline: float,
     ) -> int:
-        """Send one event to the endpoints still owed it, then settle it."""
-        doc = orjson.loads(claimed.stored)
+        """Send one event to the endpoints still owed it, then settle it; the attempts made."""
         event, target = doc["event"], doc.get("target")
         merchant_id = event["merchant_id"]
-        if merchant_id not in directory:
-            directory[merchant_id] = await self.store.hook_endpoints(merchant_id)
         progress = dict(claimed.progress)
         owed = [
             ep
-            for ep in directory[merchant_id].values()
+            for ep in directory.get(merchant_id, {}).values()
             if (ep["id"] == target if target else ep.get("enabled", True))
             and (target or matches(ep["events"], event["type"]))
             and not progress.get(ep["id"], {}).get("done")
         ]
         body = orjson.dumps(event)
-        attempts = await asyncio.gather(*(self._post(ep, event, body) for ep in owed))
+        attempts = await asyncio.gather(*(self._post(ep, event, body, deadline) for ep in owed))
         at = self.clock().isoformat()
         logged = []
+        skipped = False
         for ep, attempt in zip(owed, attempts, strict=True):
+            if attempt.skipped:
+                skipped = True
+                continue
             mine = dict(progress.get(ep["id"], {"n": 0}))
             mine["n"] += 1
             outcome = "delivered" if attempt.ok else "failed"
@@ -214,19 +248,44 @@ class HookSender:
                 )
         if logged:
             await self.store.log_hook_attempts(merchant_id, logged, LOG_CAP, LOG_TTL_S)
-        left = [progress[ep["id"]]["n"] for ep in owed if not progress[ep["id"]].get("done")]
-        if not left:
-            await self.store.settle_hook_event(scope, claimed, None)
+        left = [
+            progress[ep["id"]]["n"]
+            for ep in owed
+            if ep["id"] in progress and not progress[ep["id"]].get("done")
+        ]
+        if not left and not skipped:
+            settled = await self.store.settle_hook_event(scope, claimed, None)
         else:
-            wait_s = RETRY_S[min(max(left), len(RETRY_S)) - 1]
+            wait_s = SOON_S if skipped else RETRY_S[min(max(left), len(RETRY_S)) - 1]
             retry_at = int(self.clock().timestamp() * 1000) + wait_s * 1000
-            await self.store.settle_hook_event(scope, claimed, progress, retry_at)
-        return len(owed)
+            settled = await self.store.settle_hook_event(scope, claimed, progress, retry_at)
+        if not settled:
+            log.warning(
+                "webhook event %s of merchant %s: its lease ended while sending; "
+                "another worker holds it now",
+                event["id"],
+                merchant_id,
+            )
+        return len(logged)
 
     async def _post(
+        self, endpoint: Mapping[str, Any], event: Mapping[str, Any], body: bytes, deadline: float
+    ) -> Attempt:
+        """POST ``body`` to one endpoint, signed, if a slot comes free before ``deadline``;
+        what came of it (never raises)."""
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                await self._slots.acquire()
+        except TimeoutError:
+            return Attempt(False, None, None, 0, skipped=True)
+        try:
+            return await self._post_now(endpoint, event, body)
+        finally:
+            self._slots.release()
+
+    async def _post_now(
         self, endpoint: Mapping[str, Any], event: Mapping[str, Any], body: bytes
     ) -> Attempt:
-        """POST ``body`` to one endpoint, signed; what came of it (never raises)."""
         started = time.monotonic()
         now = self.clock().timestamp()
         headers = {
@@ -240,19 +299,18 @@ class HookSender:
         if problem:
             return Attempt(False, None, f"refused: {problem}", 0)
         try:
-            async with (
-                self._slots,
-                self.session().post(url, data=body, headers=headers, allow_redirects=False) as resp,
-            ):
+            async with self.session().post(
+                url, data=body, headers=headers, allow_redirects=False
+            ) as resp:
                 await resp.content.read(1024)  # the answer's body is not used
                 ms = int((time.monotonic() - started) * 1000)
                 return Attempt(200 <= resp.status < 300, resp.status, None, ms)
+        except TimeoutError:  # (an OSError too: first)
+            error = f"no answer in {TIMEOUT_S:g} s"
         except (aiohttp.ClientError, OSError) as exc:
             cause = exc if isinstance(exc, PrivateAddress) else getattr(exc, "os_error", None)
             # not the message: it may carry the URL and the credentials in it
             error = f"refused: {cause}" if isinstance(cause, PrivateAddress) else type(exc).__name__
-        except TimeoutError:
-            error = f"no answer in {TIMEOUT_S:g} s"
         return Attempt(False, None, error, int((time.monotonic() - started) * 1000))
 
 

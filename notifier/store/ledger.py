@@ -192,13 +192,16 @@ class Ledger(StoreBase):
 
     async def mark_failed(
         self, notification_id: str, error: str, owner: str = "", scope: Scope = None
-    ) -> None:
+    ) -> bool:
         """Record a permanent failure and put the notification on the dead-letter list (its
-        ledger hash stays, with its payload, for whoever looks into the dead letters)."""
+        ledger hash stays, with its payload, for whoever looks into the dead letters); False
+        when ``owner`` no longer held it (another worker took it over, and may have sent it)."""
         fields = [{"st": LedgerState.FAILED, "error": error}]
-        if await self._settle([notification_id], fields, owner, scope=scope):
-            dead = keys.dead_letter_key(self.tag(scope))
-            await awaited(self.redis.rpush(dead, notification_id))
+        if not await self._settle([notification_id], fields, owner, scope=scope):
+            return False
+        dead = keys.dead_letter_key(self.tag(scope))
+        await awaited(self.redis.rpush(dead, notification_id))
+        return True
 
     async def cancel(
         self, notification_id: str, why: str, where: Shipment, owner: str = "", scope: Scope = None
