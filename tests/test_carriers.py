@@ -125,3 +125,20 @@ def test_buckets_and_percentiles() -> None:
     assert percentile({"24": 10}, 0.5) == 21.0  # linear within (18, 24]
     assert percentile({"1": 9, "more": 1}, 0.95) == float(journeys.BUCKETS_H[-1])
     assert percentile({"2": 1, "4": 1}, 0.5) == 2.0
+
+
+def test_a_partial_journey_counts_no_delivery_and_names_stay_fields() -> None:
+    """A shipment already under way when journeys began counts nothing at its delivery (its
+    pickup and attempts are not known); a "|" in a carrier's or city's name cannot split a
+    count's name."""
+    t = Transition.model_validate(scan(1, "delivered", 30, "Paris", "FR"))
+    assert advance(Journey(partial=True), t)[1] == {}
+    assert journeys.field("a|b", "DE", "FR", "delivered") == "a/b|DE|FR|delivered"
+    j, _ = advance(
+        Journey(picked_up_at=START, origin="DE"),
+        Transition.model_validate(scan(2, "arrived_at_facility", 1, "Köln|Nord", "DE")),
+    )
+    _, counts = advance(
+        j, Transition.model_validate(scan(3, "departed_facility", 3, "Köln|Nord", "DE"))
+    )
+    assert counts == {"ups|hub:DE:Köln/Nord|-|dwell_h:2": 1}

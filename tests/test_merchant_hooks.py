@@ -194,6 +194,7 @@ async def test_an_exception_reaches_the_endpoint_signed_with_its_decision(
     assert set(data["decision"]) == {"email", "sms"}
     assert data["decision"]["email"]["outcome"] == "sent"
     assert data["timeline_url"].endswith("/v1/merchants/acme/shipments/shp_123/notifications")
+    assert data["source"] == "carrier"
     assert "ana@example.com" not in body.decode() and "+33612345678" not in body.decode()
 
     log = await (

@@ -19,7 +19,7 @@ from notifier.app import create_app
 from notifier.insights.journeys import Journey, bucket
 from notifier.insights.predict import MIN_DELIVERIES, Model, predict, quantile, remaining
 from notifier.models import DeliveryWindow, Status
-from notifier.resources import data_dir
+from notifier.resources import data_dir, open_resources
 from notifier.settings import Settings
 from notifier.state import ShipmentState
 from tests.conftest import (
@@ -254,3 +254,8 @@ async def test_templates_see_the_prediction_and_a_late_one_is_told_once(
         again = await history(client, "new")
     told = [d for d in again if d["event_id"].startswith("predicted")]
     assert sorted(d["channel"] for d in told) == ["email", "sms"]  # one decision each
+    # the service's own "delayed" is no carrier exception: the journey does not count it
+    async with open_resources(settings) as res:
+        [(_, state)] = await res.store.load_states([("acme", "new")])
+    assert state is not None and state.journey is not None
+    assert state.journey.exceptions == []
