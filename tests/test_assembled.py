@@ -6,7 +6,15 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from notifier.check import samples
-from notifier.models import ChannelKind, Decision, Notification, Outcome, Recipient, assembled
+from notifier.models import (
+    ChannelKind,
+    Decision,
+    DeliveryWindow,
+    Notification,
+    Outcome,
+    Recipient,
+    assembled,
+)
 from notifier.state import Notice, Sent, ShipmentState
 
 NOW = datetime(2026, 11, 21, 10, 30, 0, 123456, tzinfo=UTC)
@@ -54,9 +62,14 @@ def test_decisions_and_notifications_equal_validated_ones() -> None:
             "transition": t,
             "recipient": r,
             "created_at": NOW,
+            "predicted": None,
         }
-        fast, slow = assembled(Notification, dict(n)), Notification(**n)  # type: ignore[arg-type]
-        assert fast == slow and fast.model_dump_json() == slow.model_dump_json()
+        window = DeliveryWindow(start=NOW, end=NOW)
+        for predicted in (None, window):
+            n["predicted"] = predicted
+            fast = assembled(Notification, dict(n))
+            slow = Notification(**n)  # type: ignore[arg-type]
+            assert fast == slow and fast.model_dump_json() == slow.model_dump_json()
 
 
 def test_a_recorded_message_is_stored_as_before() -> None:
