@@ -420,11 +420,20 @@ class ResilientWorker(Worker):
 
     _outage_since: float | None = None
     _outage_delay = 0.05
+    #: set once the worker is told to stop (``handle_sig``), and the task that waits for
+    #: the running jobs before that (held here: arq does not keep it)
+    _stop_now = False
+    _stopping_task: asyncio.Task[None] | None = None
     #: a file touched every few seconds while polls succeed (a container's health check)
     heartbeat: Path | None = None
     _last_beat = 0.0
 
     async def _poll_iteration(self) -> None:
+        if self._stop_now:
+            # told to stop, yet polling: the cancellation was lost (asyncio's timeouts inside
+            # redis-py can turn a cancel into a TimeoutError, which reads as an outage), and
+            # the worker would poll on for good, taking no job
+            raise asyncio.CancelledError
         try:
             await super()._poll_iteration()
         except (RedisError, OSError) as exc:
@@ -469,7 +478,19 @@ class ResilientWorker(Worker):
             SHUTDOWN_WAIT_S,
         )
         self.ctx["stopping"].set()
-        super().handle_sig_wait_for_completion(signum)
+        self.allow_pick_jobs = False
+        waiting = self._wait_for_tasks_to_complete(signum=signal.Signals(signum))
+        self._stopping_task = self.loop.create_task(waiting)
+
+    def handle_sig(self, signum: signal.Signals) -> None:
+        self._stop_now = True
+        super().handle_sig(signum)
+
+    async def _wait_for_tasks_to_complete(self, signum: signal.Signals) -> None:
+        try:
+            await super()._wait_for_tasks_to_complete(signum)  # then cancels the poll loop
+        finally:
+            self._stop_now = True
 
     async def close(self) -> None:
         res: Resources | None = self.ctx.get("res")

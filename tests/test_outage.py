@@ -7,6 +7,7 @@ this test's own (AOF on, as deployed), which is paused with ``CLIENT PAUSE`` and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import signal
@@ -263,3 +264,30 @@ async def test_concurrent_rounds_hand_back_an_interrupted_rounds_claims_once(
         assert released == [(("n_a", "n_b"), "round-1")]
         assert all(r.sent == [] for r in reports)
         assert deliverer._abandoned == {}
+
+
+async def test_a_stopped_worker_stops_polling_even_if_its_cancellation_was_lost(
+    settings: Settings,
+) -> None:
+    """Once told to stop, a worker's next poll ends its loop. A cancellation can be lost
+    inside redis-py (its timeouts may turn one into a TimeoutError, which the worker reads
+    as a Redis outage and rides out): in CI a worker was still polling 20 minutes after its
+    SIGTERM, taking no job."""
+    worker = build_worker(settings, handle_signals=False, poll_delay_s=0.01, clock=fixed_clock())
+    worker.main_task = asyncio.create_task(worker.main())
+    try:
+        await asyncio.sleep(0.3)  # started, polling
+        worker.handle_sig_wait_for_completion(signal.SIGTERM)
+        for _ in range(300):
+            if worker.main_task.done():
+                break
+            await asyncio.sleep(0.05)
+        assert worker.main_task.done(), "the worker did not stop after SIGTERM"
+        # as if the cancellation had been swallowed: the loop polls again, and stops there
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.create_task(worker._poll_iteration())
+    finally:
+        worker.main_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await worker.main_task
+        await worker.close()
