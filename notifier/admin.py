@@ -105,7 +105,8 @@ class Rollback(BaseModel):
     version: int = Field(ge=0)
 
 
-def _json(status: int, body: object) -> web.Response:
+def json_reply(status: int, body: object) -> web.Response:
+    """A JSON answer (the admin routes' and the other merchant routes')."""
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
 
 
@@ -164,7 +165,7 @@ class Admin:
         merchant_id, _ = self.merchant(request)
         live = await self.store.live(merchant_id)
         revision, draft = await self.store.draft(merchant_id)
-        return _json(
+        return json_reply(
             200,
             {
                 "merchant_id": merchant_id,
@@ -178,7 +179,7 @@ class Admin:
         merchant_id, key_id = self.merchant(request)
         body: SaveFile = await self._body(request, SaveFile)
         saved = await self.save_file(merchant_id, request.match_info["path"], body.text, key_id)
-        return _json(200, saved)
+        return json_reply(200, saved)
 
     async def save_file(
         self, merchant_id: str, path: str, text: str | None, key_id: str
@@ -197,7 +198,7 @@ class Admin:
     async def discard(self, request: web.Request) -> web.Response:
         merchant_id, key_id = self.merchant(request)
         path = request.match_info["path"]
-        return _json(200, {"revision": await self.discard_file(merchant_id, path, key_id)})
+        return json_reply(200, {"revision": await self.discard_file(merchant_id, path, key_id)})
 
     async def discard_file(self, merchant_id: str, path: str, key_id: str) -> int:
         """Drop one file's change from the draft; the new revision (422 for a bad path)."""
@@ -210,7 +211,7 @@ class Admin:
         merchant_id, key_id = self.merchant(request)
         body: Publish = await self._body(request, Publish)
         version = await self.publish_revision(merchant_id, body.revision, key_id)
-        return _json(200, {"version": version, "published": version > 0})
+        return json_reply(200, {"version": version, "published": version > 0})
 
     async def publish_revision(self, merchant_id: str, revision: int, key_id: str) -> int:
         """Publish the draft if it is still at ``revision`` and has no problem: the new
@@ -271,7 +272,7 @@ class Admin:
         merchant_id, _ = self.merchant(request)
         body: PreviewRequest = await self._body(request, PreviewRequest)
         message, _ = await self.rendered(merchant_id, body, None, "n_preview")
-        return _json(200, describe(message))
+        return json_reply(200, describe(message))
 
     async def test_send(self, request: web.Request) -> web.Response:
         """Send a rendered message to an address the merchant gives, through its real
@@ -309,12 +310,12 @@ class Admin:
             else {"status": "failed", "error": outcome.reason},
         }
         await self.res.store.record_test(merchant_id, TEST_SHIPMENT, entry)
-        return _json(200 if sent else 502, {"notification_id": nid, **entry})
+        return json_reply(200 if sent else 502, {"notification_id": nid, **entry})
 
     async def versions(self, request: web.Request) -> web.Response:
         merchant_id, _ = self.merchant(request)
         versions = await self.version_list(merchant_id)
-        return _json(200, {"merchant_id": merchant_id, "versions": versions})
+        return json_reply(200, {"merchant_id": merchant_id, "versions": versions})
 
     async def version_list(self, merchant_id: str) -> list[dict[str, Any]]:
         """Every published version, oldest first, each with its diff against the one before."""
@@ -337,7 +338,7 @@ class Admin:
         merchant_id, key_id = self.merchant(request)
         body: Rollback = await self._body(request, Rollback)
         version = await self.rollback_to(merchant_id, body.version, key_id)
-        return _json(200, {"version": version, "restored": body.version})
+        return json_reply(200, {"version": version, "restored": body.version})
 
     async def rollback_to(self, merchant_id: str, version: int, key_id: str) -> int:
         """Publish the files of ``version`` again, as a new version (its number), once they
@@ -363,7 +364,7 @@ class Admin:
 
     async def audit(self, request: web.Request) -> web.Response:
         merchant_id, _ = self.merchant(request)
-        return _json(
+        return json_reply(
             200, {"merchant_id": merchant_id, "entries": await self.store.audit(merchant_id)}
         )
 

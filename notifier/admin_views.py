@@ -24,17 +24,13 @@ import orjson
 import yaml
 from aiohttp import web
 
-from notifier.admin import Admin, InvalidOverride
+from notifier.admin import Admin, InvalidOverride, json_reply
 from notifier.check import samples
 from notifier.errors import ConfigurationError, NotFound
 from notifier.ingest import read_json
 from notifier.policy import PolicyStore
 from notifier.render.brand import load_brand
 from notifier.resources import Resources, data_dir
-
-
-def _json(status: int, body: object) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
 
 
 def _fields(data: Any) -> dict[str, Any]:
@@ -132,14 +128,14 @@ class Views:
                     continue  # no file of its own for this locale
                 entry = {"milestone": milestone, "locale": locale, "path": path}
                 out.append({**entry, "source": found[1]})
-        return _json(200, {"merchant_id": merchant_id, "templates": out})
+        return json_reply(200, {"merchant_id": merchant_id, "templates": out})
 
     async def get_template(self, request: web.Request) -> web.Response:
         merchant_id, _ = self.admin.merchant(request)
         milestone, locale, path = self._address(request)
         text, source = await self.current_text(merchant_id, path)
         body = {"milestone": milestone, "locale": locale, "path": path, "source": source}
-        return _json(200, {**body, "text": text})
+        return json_reply(200, {**body, "text": text})
 
     async def put_template(self, request: web.Request) -> web.Response:
         merchant_id, key_id = self.admin.merchant(request)
@@ -149,12 +145,12 @@ class Views:
             raise InvalidOverride(
                 'expected {"text": "..."}', [{"field": "text", "message": "required string"}]
             )
-        return _json(200, await self.admin.save_file(merchant_id, path, body["text"], key_id))
+        return json_reply(200, await self.admin.save_file(merchant_id, path, body["text"], key_id))
 
     async def delete_template(self, request: web.Request) -> web.Response:
         merchant_id, key_id = self.admin.merchant(request)
         _, _, path = self._address(request)
-        return _json(200, await self.admin.save_file(merchant_id, path, None, key_id))
+        return json_reply(200, await self.admin.save_file(merchant_id, path, None, key_id))
 
     # -- brand and policy ---------------------------------------------------------------
     async def _override(self, merchant_id: str, path: str) -> tuple[dict[str, str], dict[str, Any]]:
@@ -177,7 +173,7 @@ class Views:
         except ConfigurationError as exc:
             effective, problem = None, str(exc)
         body = {"merchant_id": merchant_id, "brand": effective, "override": override}
-        return _json(200, {**body, "problem": problem})
+        return json_reply(200, {**body, "problem": problem})
 
     async def get_policy(self, request: web.Request) -> web.Response:
         merchant_id, _ = self.admin.merchant(request)
@@ -189,7 +185,7 @@ class Views:
         except ConfigurationError as exc:
             effective, problem = None, str(exc)
         body = {"merchant_id": merchant_id, "policy": effective, "override": override}
-        return _json(200, {**body, "problem": problem})
+        return json_reply(200, {**body, "problem": problem})
 
     async def _put_mapping(self, request: web.Request, path: str, what: str) -> web.Response:
         merchant_id, key_id = self.admin.merchant(request)
@@ -201,7 +197,7 @@ class Views:
             )
         header = f"# {path} written through the admin API: merged over the files beneath\n"
         text = header + (yaml.safe_dump(body, sort_keys=False, allow_unicode=True) if body else "")
-        return _json(200, await self.admin.save_file(merchant_id, path, text, key_id))
+        return json_reply(200, await self.admin.save_file(merchant_id, path, text, key_id))
 
     async def put_brand(self, request: web.Request) -> web.Response:
         """Replace the brand override (fields merged over the merchant's files and the

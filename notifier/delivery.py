@@ -191,7 +191,7 @@ class Deliverer:
             said = {item.message.notification_id: summary(item.message) for item in items}
             where = {item.message.notification_id: _shipment(item) for item in items}
             # each one accepted counts in its merchant's analytics (with the record: no trip)
-            counted = {nid: _accepted_field(by_id[nid]) for nid, _, _ in sent}
+            counted = {nid: _field(by_id[nid], Count.ACCEPTED) for nid, _, _ in sent}
             day = counts.day_of(now)
             await self.res.store.mark_sent(
                 sent, owner, said, scope, where=where, counted=counted, day=day
@@ -352,7 +352,7 @@ class Deliverer:
         endpoints that take ``delivery.failed``."""
         if not await self.res.store.mark_failed(n.notification_id, reason, owner, scope):
             return  # another worker holds it now: its outcome is that worker's to tell
-        await self._count([n], Count.FAILED, scope)
+        await self._count_failed(n, scope)
         now = self.res.clock()
         event = hook_events.delivery_failed(
             n.merchant_id,
@@ -366,21 +366,14 @@ class Deliverer:
         )
         await self.res.hooks.emit(n.merchant_id, n.shipment_id, event, now)
 
-    async def _count(self, notifications: list[Notification], count: Count, scope: Scope) -> None:
-        """Count messages for the merchants' analytics; a Redis failure loses the counts,
-        not the batch (the messages are recorded already)."""
-        per: dict[str, dict[str, int]] = {}
-        for n in notifications:
-            name = counts.of_message(
-                n.transition.milestone, n.channel.value, n.recipient.locale, count
-            )
-            mine = per.setdefault(n.merchant_id, {})
-            mine[name] = mine.get(name, 0) + 1
+    async def _count_failed(self, n: Notification, scope: Scope) -> None:
+        """Count a message that failed for good in its merchant's analytics; a Redis failure
+        loses the count, not the failure (recorded already)."""
         day = counts.day_of(self.res.clock())
         try:
-            await self.res.store.count_many(scope, day, per)
+            await self.res.store.count(n.merchant_id, scope, day, {_field(n, Count.FAILED): 1})
         except (RedisError, OSError) as exc:
-            log.warning("%d %s counts lost: Redis failed (%s)", len(notifications), count, exc)
+            log.warning("a failed count lost: Redis failed (%s)", type(exc).__name__)
 
     async def _record_opt_out(self, item: Outgoing) -> None:
         """The provider told us the recipient opted out: never use that address again."""
@@ -416,10 +409,9 @@ class Deliverer:
         return True
 
 
-def _accepted_field(n: Notification) -> str:
-    return counts.of_message(
-        n.transition.milestone, n.channel.value, n.recipient.locale, Count.ACCEPTED
-    )
+def _field(n: Notification, count: Count) -> str:
+    """The analytics field a message counts in."""
+    return counts.of_message(n.transition.milestone, n.channel.value, n.recipient.locale, count)
 
 
 def _count(report: DeliveryReport, timing: Mapping[str, tuple[float, float]]) -> None:

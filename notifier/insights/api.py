@@ -13,11 +13,10 @@ import io
 from datetime import date, timedelta
 from typing import Any
 
-import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from notifier.admin import Admin
+from notifier.admin import Admin, json_reply
 from notifier.errors import ValidationFailed
 from notifier.insights.counts import KEEP_DAYS, SUPPRESSED_BY, Count, split
 
@@ -168,7 +167,7 @@ class AnalyticsApi:
             "totals": totals,
             "rates": rates(found),
         }
-        return web.Response(body=orjson.dumps(body), content_type="application/json")
+        return json_reply(200, body)
 
 
 def csv_response(

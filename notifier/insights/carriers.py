@@ -7,11 +7,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from notifier.admin import Admin
+from notifier.admin import Admin, json_reply
 from notifier.insights import api as analytics
 from notifier.insights.journeys import percentile
 
@@ -122,7 +121,7 @@ class CarriersApi:
             "lanes": lanes,
             "hubs": hubs,
         }
-        return web.Response(body=orjson.dumps(body), content_type="application/json")
+        return json_reply(200, body)
 
 
 def add_routes(app: web.Application, admin: Admin) -> CarriersApi:

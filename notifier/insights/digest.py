@@ -16,7 +16,6 @@ from datetime import date, datetime, timedelta
 from email.utils import formataddr
 from typing import Any
 
-import orjson
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from notifier.channels.base import Channel, Outgoing, Receipt
@@ -26,8 +25,6 @@ from notifier.insights.counts import DIGEST_PREFIX
 from notifier.models import ChannelKind
 from notifier.render import EmailMessageOut
 from notifier.resources import Resources
-from notifier.store import keys
-from notifier.store.base import awaited, decode
 from notifier.web.forms import milestone_label
 
 log = logging.getLogger("notifier.insights")
@@ -46,15 +43,6 @@ _ENV = Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
-
-
-def digests_key() -> str:
-    """Merchant -> its digest settings (a hash of JSON: {"to": [...], "enabled": bool})."""
-    return f"{keys.PREFIX}:digests"
-
-
-def sent_key(merchant_id: str, week: str) -> str:
-    return f"{keys.PREFIX}:digest:sent:{{{merchant_id}}}:{week}"
 
 
 def last_week(now: datetime) -> tuple[date, date, str] | None:
@@ -114,11 +102,6 @@ def render(ctx: Mapping[str, Any]) -> tuple[str, str, str]:
     return subject, text, html
 
 
-async def settings_of(res: Resources) -> dict[str, dict[str, Any]]:
-    raw = await awaited(res.redis.hgetall(digests_key()))
-    return {decode(k): orjson.loads(v) for k, v in raw.items()}
-
-
 async def send_week(
     res: Resources, merchant_id: str, to: list[str], first: date, last: date, week: str
 ) -> int:
@@ -158,11 +141,11 @@ async def send_due(res: Resources) -> int:
         return 0
     first, last, week = due
     sent = 0
-    for merchant_id, wanted in (await settings_of(res)).items():
+    store = res.store
+    for merchant_id, wanted in (await store.digest_settings()).items():
         if not wanted.get("enabled", True) or not wanted.get("to"):
             continue
-        marker = sent_key(merchant_id, week)
-        if not await awaited(res.redis.set(marker, "sending", nx=True, ex=SENDING_S)):
+        if not await store.mark_digest(merchant_id, week, "sending", SENDING_S, first=True):
             continue  # sent already, or being sent by another worker
         try:
             took = await send_week(res, merchant_id, list(wanted["to"]), first, last, week)
@@ -174,11 +157,11 @@ async def send_due(res: Resources) -> int:
                 merchant_id,
                 type(exc).__name__,
             )
-            await awaited(res.redis.delete(marker))
+            await store.unmark_digest(merchant_id, week)
             continue
         if not took:
             # the channel refused or failed every address: the week again in an hour
-            await awaited(res.redis.delete(marker))
+            await store.unmark_digest(merchant_id, week)
             log.warning("weekly digest %s of merchant %s not sent; retrying", week, merchant_id)
             continue
         if took < len(wanted["to"]):  # never twice to the addresses that took it
@@ -189,7 +172,7 @@ async def send_due(res: Resources) -> int:
                 len(wanted["to"]) - took,
                 len(wanted["to"]),
             )
-        await awaited(res.redis.set(marker, "sent", ex=MARK_S))
+        await store.mark_digest(merchant_id, week, "sent", MARK_S)
         sent += 1
         log.info("weekly digest %s sent to merchant %s", week, merchant_id)
     return sent

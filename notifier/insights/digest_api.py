@@ -7,18 +7,13 @@ DELETE /v1/merchants/{merchant_id}/digest    nobody any more
 
 from __future__ import annotations
 
-from typing import Any
-
-import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from notifier.addresses import email_problem
-from notifier.admin import Admin
+from notifier.admin import Admin, json_reply
 from notifier.errors import NotFound, ValidationFailed
 from notifier.ingest import read_json
-from notifier.insights.digest import digests_key
-from notifier.store.base import awaited
 
 
 class InvalidDigest(ValidationFailed):
@@ -49,10 +44,10 @@ class DigestApi:
 
     async def get(self, request: web.Request) -> web.Response:
         merchant_id, _ = self.admin.merchant(request)
-        raw = await awaited(self.admin.res.redis.hget(digests_key(), merchant_id))
-        if raw is None:
+        found = await self.admin.res.store.digest_settings_of(merchant_id)
+        if found is None:
             raise NotFound(f"merchant {merchant_id} has no weekly digest")
-        return _json(200, orjson.loads(raw))
+        return json_reply(200, found)
 
     async def put(self, request: web.Request) -> web.Response:
         merchant_id, _ = self.admin.merchant(request)
@@ -61,20 +56,14 @@ class DigestApi:
         except ValidationError as exc:
             raise InvalidDigest.of("invalid digest settings", exc) from exc
         value = body.model_dump()
-        await awaited(
-            self.admin.res.redis.hset(digests_key(), merchant_id, orjson.dumps(value).decode())
-        )
-        return _json(200, value)
+        await self.admin.res.store.put_digest_settings(merchant_id, value)
+        return json_reply(200, value)
 
     async def delete(self, request: web.Request) -> web.Response:
         merchant_id, _ = self.admin.merchant(request)
-        if not await awaited(self.admin.res.redis.hdel(digests_key(), merchant_id)):
+        if not await self.admin.res.store.drop_digest_settings(merchant_id):
             raise NotFound(f"merchant {merchant_id} has no weekly digest")
         return web.Response(status=204)
-
-
-def _json(status: int, body: Any) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
 
 
 def add_routes(app: web.Application, admin: Admin) -> DigestApi:

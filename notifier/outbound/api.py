@@ -16,11 +16,10 @@ from __future__ import annotations
 import secrets
 from typing import Any, Literal
 
-import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from notifier.admin import Admin
+from notifier.admin import Admin, json_reply
 from notifier.errors import ApiError, NotFound, ValidationFailed
 from notifier.ingest import read_json
 from notifier.outbound import events as ev
@@ -188,7 +187,9 @@ class HookAdmin:
         merchant_id, _ = self.admin.merchant(request)
         found = await self.admin.res.store.hook_endpoints(merchant_id)
         listed = sorted(found.values(), key=lambda e: (e["created_at"], e["id"]))
-        return _json(200, {"merchant_id": merchant_id, "endpoints": [public(e) for e in listed]})
+        return json_reply(
+            200, {"merchant_id": merchant_id, "endpoints": [public(e) for e in listed]}
+        )
 
     async def create(self, request: web.Request) -> web.Response:
         merchant_id, _ = self.admin.merchant(request)
@@ -207,11 +208,11 @@ class HookAdmin:
             "secret": _new_secret(),
         }
         await store.put_hook_endpoint(merchant_id, endpoint)
-        return _json(201, public(endpoint, secret=True))
+        return json_reply(201, public(endpoint, secret=True))
 
     async def show(self, request: web.Request) -> web.Response:
         _, endpoint = await self._endpoint(request)
-        return _json(200, public(endpoint))
+        return json_reply(200, public(endpoint))
 
     async def change(self, request: web.Request) -> web.Response:
         merchant_id, endpoint = await self._endpoint(request)
@@ -221,7 +222,7 @@ class HookAdmin:
             self._check_url(changes["url"])
         endpoint = {**endpoint, **changes}
         await self.admin.res.store.put_hook_endpoint(merchant_id, endpoint)
-        return _json(200, public(endpoint))
+        return json_reply(200, public(endpoint))
 
     async def delete(self, request: web.Request) -> web.Response:
         merchant_id, endpoint = await self._endpoint(request)
@@ -239,7 +240,7 @@ class HookAdmin:
             "previous_until": now + body.overlap_s,
         }
         await self.admin.res.store.put_hook_endpoint(merchant_id, endpoint)
-        return _json(200, public(endpoint, secret=True))
+        return json_reply(200, public(endpoint, secret=True))
 
     async def test(self, request: web.Request) -> web.Response:
         """Queue a ``test`` event for this endpoint only (sent by the next worker tick)."""
@@ -254,7 +255,7 @@ class HookAdmin:
         await res.store.queue_hook_events(
             scope, [(eid, ev.stored(event, endpoint["id"]))], int(now.timestamp() * 1000)
         )
-        return _json(202, {"queued": event})
+        return json_reply(202, {"queued": event})
 
     async def deliveries(self, request: web.Request) -> web.Response:
         merchant_id, endpoint = await self._endpoint(request)
@@ -264,11 +265,7 @@ class HookAdmin:
                 "invalid query", [{"field": "limit", "message": "a whole number from 1 to 200"}]
             )
         found = await self.admin.res.store.hook_attempts(merchant_id, endpoint["id"], int(text))
-        return _json(200, {"endpoint_id": endpoint["id"], "attempts": found})
-
-
-def _json(status: int, body: object) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+        return json_reply(200, {"endpoint_id": endpoint["id"], "attempts": found})
 
 
 def add_routes(app: web.Application, admin: Admin) -> HookAdmin:

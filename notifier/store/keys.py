@@ -225,6 +225,15 @@ def carrier_key(merchant_id: str, day: str, tag: str = "") -> str:
     return f"{PREFIX}:carriers:{tag}{merchant_id}:{day}"
 
 
+#: Merchant -> its weekly digest's settings (a hash of JSON: {"to": [...], "enabled": bool}).
+DIGESTS_KEY = f"{PREFIX}:digests"
+
+
+def digest_sent_key(merchant_id: str, week: str) -> str:
+    """Set while a merchant's digest of a week is being sent, then once it was."""
+    return f"{PREFIX}:digest:sent:{{{merchant_id}}}:{week}"
+
+
 def stats_seen_key(merchant_id: str, day: str, tag: str = "") -> str:
     """The messages an open or a click was counted for that day (a set), so each counts once."""
     return f"{stats_key(merchant_id, day, tag)}:seen"

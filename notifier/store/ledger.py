@@ -17,10 +17,10 @@ from typing import Any
 
 import orjson
 
-from notifier.insights.counts import KEEP_DAYS
 from notifier.packing import HISTORY, pack, unpack
 from notifier.store import chunks, keys
 from notifier.store.base import Scope, StoreBase, awaited, decode
+from notifier.store.stats import add_counts
 
 #: (merchant id, shipment id): where a notification's outcome list is
 Shipment = tuple[str, str]
@@ -170,7 +170,7 @@ class Ledger(StoreBase):
                 scope,
             )
         )
-        tallies: dict[tuple[str, str], int] = {}
+        tallies: dict[str, dict[str, int]] = {}
         async with self.redis.pipeline(transaction=False) as pipe:
             for nid, _, detail in outcomes:
                 if nid not in settled:
@@ -181,13 +181,9 @@ class Ledger(StoreBase):
                     value = orjson.dumps([nid, scope, *where[nid]])
                     pipe.set(keys.provider_key(provider, message_id), value, ex=self.state_ttl_s)
                 if counted and nid in counted:
-                    tally = (where[nid][0], counted[nid])
-                    tallies[tally] = tallies.get(tally, 0) + 1
-            stats = {keys.stats_key(merchant, day, self.tag(scope)) for merchant, _ in tallies}
-            for (merchant, name), n in tallies.items():
-                pipe.hincrby(keys.stats_key(merchant, day, self.tag(scope)), name, n)
-            for key in stats:
-                pipe.expire(key, KEEP_DAYS * 86_400)
+                    mine = tallies.setdefault(where[nid][0], {})
+                    mine[counted[nid]] = mine.get(counted[nid], 0) + 1
+            add_counts(pipe, self.tag(scope), day, tallies)
             await pipe.execute()
 
     async def mark_failed(
