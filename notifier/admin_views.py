@@ -29,6 +29,7 @@ from notifier.check import samples
 from notifier.errors import ConfigurationError, NotFound
 from notifier.ingest import read_json
 from notifier.policy import PolicyStore
+from notifier.policy.rules import VARIANTS
 from notifier.render.brand import load_brand
 from notifier.resources import Resources, data_dir
 
@@ -47,9 +48,10 @@ def _fields(data: Any) -> dict[str, Any]:
     return fields
 
 
-def message_path(milestone: str, locale: str | None = None) -> str:
-    """The override file of a milestone's message (for one locale, or all)."""
-    name = milestone.replace(":", "_")
+def message_path(milestone: str, locale: str | None = None, variant: str = "") -> str:
+    """The override file of a milestone's message (for one locale, or all; its variant b of
+    an A/B test with ``variant="b"``)."""
+    name = milestone.replace(":", "_") + (".b" if variant == "b" else "")
     return f"messages/{name}.{locale}.jinja" if locale else f"messages/{name}.jinja"
 
 
@@ -90,6 +92,28 @@ class Views:
         draft: dict[str, str | None],
         published: dict[str, str],
     ) -> tuple[str, str] | None:
+        """The file itself; else, for one locale, its all-languages text; else, for a
+        variant b, variant a's (a new variant b starts as a copy of a)."""
+        name = path.split(".")[0]
+        variant_b = ".b." in path
+        fallbacks = [(path, "")]
+        if variant_b and path != f"{name}.b.jinja":
+            fallbacks.append((f"{name}.b.jinja", ", all languages"))
+        if path != f"{name}.jinja":
+            fallbacks.append((f"{name}.jinja", ", variant a" if variant_b else ", all languages"))
+        for other, note in fallbacks:
+            found = self._file(merchant_id, other, draft, published)
+            if found is not None:
+                return found[0], found[1] + note
+        return None
+
+    def _file(
+        self,
+        merchant_id: str,
+        path: str,
+        draft: dict[str, str | None],
+        published: dict[str, str],
+    ) -> tuple[str, str] | None:
         if path in draft and draft[path] is not None:
             return draft[path] or "", "draft"
         if path in published and path not in draft:
@@ -98,48 +122,51 @@ class Views:
         for folder, source in ((templates / merchant_id, "files"), (templates, "default")):
             if (folder / path).is_file():
                 return (folder / path).read_text(encoding="utf-8"), source
-        generic = path.split(".")[0] + ".jinja"
-        if generic != path:
-            found = self._lookup(merchant_id, generic, draft, published)
-            return None if found is None else (found[0], f"{found[1]}, all languages")
         return None
 
-    def _address(self, request: web.Request) -> tuple[str, str | None, str]:
+    def _address(self, request: web.Request) -> tuple[str, str | None, str, str]:
+        """(milestone, locale, file, variant) a template route names."""
         milestone = request.match_info["milestone"]
         locale = request.query.get("locale") or None
+        variant = request.query.get("variant") or "a"
         if milestone not in milestones():
             raise NotFound(f"no milestone {milestone} (a status, or exception:<code>)")
         if locale is not None and locale not in self.locales():
             raise NotFound(f"no catalog for locale {locale} (one of {', '.join(self.locales())})")
-        return milestone, locale, message_path(milestone, locale)
+        if variant not in VARIANTS:
+            raise NotFound(f"no variant {variant} (a, or b of an A/B test)")
+        return milestone, locale, message_path(milestone, locale, variant), variant
 
     async def list_templates(self, request: web.Request) -> web.Response:
-        """Every message's template for all locales, and those written for one locale."""
+        """Every message's template for all locales, and those written for one locale; and
+        the variants b (A/B tests) the merchant wrote."""
         merchant_id, _ = self.admin.merchant(request)
         _, draft = await self.admin.store.draft(merchant_id)
         live = await self.admin.store.live(merchant_id)
         published = live.files if live else {}
         out = []
         for milestone in milestones():
-            for locale in (None, *self.locales()):
-                path = message_path(milestone, locale)
-                found = self._lookup(merchant_id, path, draft, published)
-                if found is None or (locale is not None and found[1].endswith("all languages")):
-                    continue  # no file of its own for this locale
-                entry = {"milestone": milestone, "locale": locale, "path": path}
-                out.append({**entry, "source": found[1]})
+            for variant in VARIANTS:
+                for locale in (None, *self.locales()):
+                    path = message_path(milestone, locale, variant)
+                    found = self._lookup(merchant_id, path, draft, published)
+                    if found is None or found[1].endswith(("all languages", "variant a")):
+                        continue  # no file of its own for this locale or variant
+                    entry = {"milestone": milestone, "locale": locale, "variant": variant}
+                    out.append({**entry, "path": path, "source": found[1]})
         return json_reply(200, {"merchant_id": merchant_id, "templates": out})
 
     async def get_template(self, request: web.Request) -> web.Response:
         merchant_id, _ = self.admin.merchant(request)
-        milestone, locale, path = self._address(request)
+        milestone, locale, path, variant = self._address(request)
         text, source = await self.current_text(merchant_id, path)
-        body = {"milestone": milestone, "locale": locale, "path": path, "source": source}
+        body = {"milestone": milestone, "locale": locale, "variant": variant, "path": path}
+        body["source"] = source
         return json_reply(200, {**body, "text": text})
 
     async def put_template(self, request: web.Request) -> web.Response:
         merchant_id, key_id = self.admin.merchant(request)
-        _, _, path = self._address(request)
+        path = self._address(request)[2]
         body = await read_json(request, 256 * 1024)
         if not isinstance(body, dict) or not isinstance(body.get("text"), str) or len(body) != 1:
             raise InvalidOverride(
@@ -149,7 +176,7 @@ class Views:
 
     async def delete_template(self, request: web.Request) -> web.Response:
         merchant_id, key_id = self.admin.merchant(request)
-        _, _, path = self._address(request)
+        path = self._address(request)[2]
         return json_reply(200, await self.admin.save_file(merchant_id, path, None, key_id))
 
     # -- brand and policy ---------------------------------------------------------------

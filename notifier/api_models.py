@@ -270,6 +270,7 @@ class SentTest(_Reply):
 class TemplateEntry(_Reply):
     milestone: str
     locale: str | None = Field(description="null: the text for every locale")
+    variant: str = Field(description="a, or b: the message's variant b of an A/B test")
     path: str
     source: str = Field(description="draft, published, files, default")
 

@@ -31,6 +31,7 @@ from notifier.ingest import KeyRing, RateLimiter, may_act_for, post_transitions,
 from notifier.insights import api as insights_api
 from notifier.insights import carriers as carriers_api
 from notifier.insights import digest_api
+from notifier.insights import experiments as experiments_api
 from notifier.logs import REQUEST_ID, request_id
 from notifier.models import ChannelKind, Email, Identifier, MerchantId, Phone
 from notifier.outbound import api as outbound_api
@@ -378,6 +379,7 @@ def create_app(
     outbound_api.add_routes(app, editor)
     insights_api.add_routes(app, editor)
     carriers_api.add_routes(app, editor)
+    experiments_api.add_routes(app, editor)
     digest_api.add_routes(app, editor)
     views = admin_views.add_routes(app, editor)
     merchant_web.add_routes(app, editor, views, app[KEYS])

@@ -18,16 +18,24 @@ from typing import TYPE_CHECKING
 from redis.exceptions import RedisError
 
 from notifier.errors import ConfigurationError, NotifierError
-from notifier.models import ChannelKind, ExceptionCode, Notification, Recipient, Status, Transition
+from notifier.models import (
+    ChannelKind,
+    ExceptionCode,
+    Notification,
+    Recipient,
+    Status,
+    Transition,
+    message_name,
+)
 from notifier.overrides import PREFIX, TEMPLATE, OverrideStore
-from notifier.policy import PolicyStore
+from notifier.policy import Policy, PolicyStore
 from notifier.render import Renderer, SmsMessageOut
 from notifier.render.audit import template_problems
 from notifier.render.brand import Brand, load_brand
 from notifier.render.environment import TEMPLATE_NAME, TemplateStore
 from notifier.render.i18n import Catalogs
 from notifier.render.limits import Limits
-from notifier.render.renderer import EXHAUSTED, message_name
+from notifier.render.renderer import EXHAUSTED
 from notifier.render.sms import SmsEncoding
 from notifier.resources import close_redis, connect, data_dir
 from notifier.settings import Settings
@@ -176,7 +184,15 @@ def check_all(settings: Settings) -> list[str]:
     templates_dir = data_dir("templates", settings.templates_dir)
     problems += _audit(renderer, "", templates_dir)
     problems += _render_problems(renderer, "", locales, full=True)
+    policies = PolicyStore(policies_dir)
     for merchant in merchants(settings):
+        try:
+            policy = policies.strict(merchant)
+        except ConfigurationError:
+            policy = None  # said above (check_all of the policies)
+        if policy is not None:
+            where = f"policies/{merchant}.yaml"
+            problems += experiment_problems(renderer, merchant, policy, locales, where)
         if not (templates_dir / merchant).is_dir():
             continue
         problems += _audit(renderer, merchant, templates_dir / merchant)
@@ -382,24 +398,51 @@ class _LimitCrossed(Exception):
     rendered (each could cost the whole time limit)."""
 
 
+def experiment_problems(
+    renderer: Renderer, merchant: str, policy: Policy, locales: list[str], where: str
+) -> list[str]:
+    """An A/B test of the policy whose message has no variant b for any reader: its
+    shipments drawn for b would all read a."""
+    out = []
+    for test in policy.experiments:
+        b = f"messages/{test.message}.b"
+        names = (*(f"{b}.{locale}.jinja" for locale in locales), f"{b}.jinja")
+        if test.b_percent and not renderer.templates.exists(merchant, names):
+            out.append(
+                f"{where}: experiments: {test.name}: no {b}.jinja (nor one for a locale), so "
+                f"every shipment would read variant a"
+            )
+    return out
+
+
+def _variants(renderer: Renderer, merchant: str, t: Transition, locale: str) -> tuple[str, ...]:
+    """The variants of a message to render: b too when the merchant wrote one."""
+    b = f"messages/{message_name(t)}.b"
+    if merchant and renderer.templates.exists(merchant, (f"{b}.{locale}.jinja", f"{b}.jinja")):
+        return ("", "b")
+    return ("",)
+
+
 def _render_problems(
     renderer: Renderer, merchant: str, locales: list[str], *, full: bool
 ) -> list[str]:
-    """Render every milestone on both channels in ``locales``; one line per distinct
-    problem, naming where else it happened (a broken shared file fails every render).
-    The first render past a limit ends the merchant's renders."""
+    """Render every milestone on both channels in ``locales`` (and its variant b, when the
+    merchant wrote one); one line per distinct problem, naming where else it happened (a
+    broken shared file fails every render). The first render past a limit ends the
+    merchant's renders."""
     where = f"templates/{merchant}" if merchant else "templates"
     seen: dict[str, list[str]] = {}
     every = (
-        (locale, t, recipient, phone, channel)
+        (locale, t, recipient, phone, channel, variant)
         for locale in locales
         for t, recipient, phone in _cases(locale, full)
         for channel in ChannelKind
+        for variant in _variants(renderer, merchant, t, recipient.locale or locale)
     )
-    for locale, t, recipient, phone, channel in every:
-        case = f"{t.milestone}, {channel}, {locale}"
+    for locale, t, recipient, phone, channel, variant in every:
+        case = f"{t.milestone}{' variant b' if variant else ''}, {channel}, {locale}"
         try:
-            found = _render_one(renderer, merchant, t, recipient, phone, channel)
+            found = _render_one(renderer, merchant, t, recipient, phone, channel, variant)
         except _LimitCrossed as crossed:
             seen.setdefault(f"{where}: {crossed}", []).append(case)
             break
@@ -421,6 +464,7 @@ def _render_one(
     recipient: Recipient,
     phone: str,
     channel: ChannelKind,
+    variant: str = "",
 ) -> list[str]:
     n = Notification(
         notification_id="n_check",
@@ -431,6 +475,8 @@ def _render_one(
         transition=t,
         recipient=recipient,
         created_at=t.occurred_at,
+        experiment="check" if variant else None,
+        variant="b" if variant else None,
     )
     try:
         message = renderer.render(n)
@@ -485,11 +531,12 @@ def override_problems(settings: Settings, merchant: str, files: dict[str, str]) 
     if "brand.yaml" in files or own.is_file():
         problems += [p for p in [support_problem(brand, "brand.yaml")] if p]
     policies = PolicyStore(data_dir("policies", settings.policies_dir), lambda _: files)
+    locales = ["en", *catalogs.available()]
     try:
-        policies.strict(merchant)
+        policy = policies.strict(merchant)
+        problems += experiment_problems(renderer, merchant, policy, locales, "policy.yaml")
     except ConfigurationError as exc:
         problems.append(str(exc))
-    locales = ["en", *catalogs.available()]
     names = {message_name(t) for t in samples()}
     env = renderer.templates.environment(merchant)
     for path, text in files.items():
@@ -501,7 +548,7 @@ def override_problems(settings: Settings, merchant: str, files: dict[str, str]) 
         name, *middle, _ = path.removeprefix("messages/").split(".")
         if name not in names:
             problems.append(f"{path}: no milestone uses messages/{name}.jinja")
-        locale = middle[0] if middle else None
+        locale = next((part for part in middle if part != "b"), None)
         if locale is not None and locale not in locales:
             problems.append(
                 f"{path}: no catalog for locale {locale}, so no reader would get it "

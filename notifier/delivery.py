@@ -191,10 +191,22 @@ class Deliverer:
             said = {item.message.notification_id: summary(item.message) for item in items}
             where = {item.message.notification_id: _shipment(item) for item in items}
             # each one accepted counts in its merchant's analytics (with the record: no trip)
-            counted = {nid: _field(by_id[nid], Count.ACCEPTED) for nid, _, _ in sent}
+            # (in the variant it was rendered in, which its tag says)
+            tags = {item.message.notification_id: item.message.stats_tag for item in items}
+            counted = {
+                nid: counts.of_tag(tags[nid], by_id[nid].channel.value, Count.ACCEPTED)
+                for nid, _, _ in sent
+            }
             day = counts.day_of(now)
+            # an SMS is the last to its number: a reply to it is counted as its (``webhooks``)
+            secret = self.res.settings.signing_secret_value()
+            last_sms = {
+                m.notification_id: (counts.recipient_digest(secret, m.to), m.stats_tag)
+                for m in (item.message for item in items)
+                if isinstance(m, SmsMessageOut)
+            }
             await self.res.store.mark_sent(
-                sent, owner, said, scope, where=where, counted=counted, day=day
+                sent, owner, said, scope, where=where, counted=counted, day=day, last_sms=last_sms
             )
             report.sent += [nid for nid, _, _ in sent]
         return report
@@ -410,8 +422,10 @@ class Deliverer:
 
 
 def _field(n: Notification, count: Count) -> str:
-    """The analytics field a message counts in."""
-    return counts.of_message(n.transition.milestone, n.channel.value, n.recipient.locale, count)
+    """The analytics field a message counts in (in the variant its shipment reads)."""
+    test = f"{n.experiment}:{n.variant}" if n.experiment and n.variant else ""
+    t, channel = n.transition, n.channel.value
+    return counts.of_message(t.milestone, channel, n.recipient.locale, count, test)
 
 
 def _count(report: DeliveryReport, timing: Mapping[str, tuple[float, float]]) -> None:

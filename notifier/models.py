@@ -8,7 +8,7 @@ import zoneinfo
 from datetime import datetime
 from enum import StrEnum
 from functools import lru_cache
-from typing import Annotated, Any, Self, TypeVar
+from typing import Annotated, Any, Literal, Self, TypeVar
 from urllib.parse import quote
 
 import orjson
@@ -393,6 +393,17 @@ class Notification(_Strict):
     #: when the shipment is likely delivered (median, 90th percentile) as decided, from the
     #: merchant's own history (``insights.predict``); templates see it as ``event.predicted``
     predicted: DeliveryWindow | None = None
+    #: the A/B test of its message (a policy's ``experiments``) and the variant the
+    #: shipment reads, ``a`` or ``b``
+    experiment: str | None = None
+    variant: Literal["a", "b"] | None = None
+
+
+def message_name(t: Transition) -> str:
+    """The message file of a transition: ``delivered``, ``exception_customs_hold``..."""
+    if t.exception_code is not None:
+        return f"exception_{t.exception_code.value}"
+    return t.status.value
 
 
 def notification_id(t: Transition, channel: ChannelKind) -> str:

@@ -156,6 +156,12 @@ def _path_params() -> dict[str, dict[str, Any]]:
 
 
 LOCALE = Param("locale", "query", "a locale with a catalog (de, pt_BR); none: every locale")
+VARIANT = Param(
+    "variant",
+    "query",
+    "a (default), or b: the message's variant b of an A/B test (the policy's experiments)",
+    {"type": "string", "enum": ["a", "b"]},
+)
 
 
 @cache
@@ -356,7 +362,7 @@ def _admin() -> dict[tuple[str, str], Op]:
             "admin",
             {**refused, **ok(reply), **more.get(op_id, {})},
             Body(body) if body is not None else None,
-            (LOCALE,) if "{milestone}" in path else (),
+            (LOCALE, VARIANT) if "{milestone}" in path else (),
         )
     return ops
 
@@ -448,8 +454,8 @@ def _analytics() -> dict[tuple[str, str], Op]:
         Param(
             "group_by",
             "query",
-            "comma-separated: day, milestone, channel, locale (default: all four; empty: "
-            "one row of totals)",
+            "comma-separated: day, milestone, channel, locale, variant (default: the first "
+            "four; empty: one row of totals)",
         ),
         Param(
             "format", "query", "json (default) or csv", {"type": "string", "enum": ["json", "csv"]}
@@ -458,6 +464,7 @@ def _analytics() -> dict[tuple[str, str], Op]:
     counts = Reply("The counts, as JSON or as CSV.", (a.Analytics,), (JSON, "text/csv"))
     from notifier.insights import carriers as c
     from notifier.insights import digest_api as d
+    from notifier.insights import experiments as x
 
     return {
         ("GET", "/v1/merchants/{merchant_id}/digest"): Op(
@@ -489,6 +496,18 @@ def _analytics() -> dict[tuple[str, str], Op]:
             description="Per carrier and lane (origin -> destination country) of the "
             "shipments delivered in the days: deliveries, first-attempt rate, transit p50/p90 "
             "in hours, the share that met each exception; per carrier and hub, dwell p50/p90.",
+        ),
+        ("GET", "/v1/merchants/{merchant_id}/experiments"): Op(
+            "getExperiments",
+            "How each variant of the merchant's A/B tests of messages did",
+            "analytics",
+            {**ok(x.ExperimentsReport), **refusals(*KEYED, 422)},
+            None,
+            params[:2],
+            description="Each experiment of the policy (and any other counted in the days): "
+            "per variant and channel, the messages accepted, failed, delivered, bounced, "
+            "opened, clicked, unsubscribed, reported as spam, replied to and STOPped; the "
+            "rates of each variant with the p-value of their difference.",
         ),
         ("GET", "/v1/merchants/{merchant_id}/analytics"): Op(
             "getAnalytics",

@@ -37,8 +37,9 @@ REVISION = "#rev"
 #: The files a merchant may override.
 PATH = re.compile(
     r"brand\.yaml|policy\.yaml|_labels\.jinja"
-    # a message's wording (both channels), for every locale or for one (delivered.de.jinja)
-    r"|messages/[a-z_]{3,40}(\.[a-z]{2,3}(_[A-Za-z]{2,4})?)?\.jinja"
+    # a message's wording (both channels), for every locale or for one (delivered.de.jinja),
+    # and its variant b of an A/B test (delivered.b.jinja, delivered.b.de.jinja)
+    r"|messages/[a-z_]{3,40}(\.b)?(\.[a-z]{2,3}(_[A-Za-z]{2,4})?)?\.jinja"
     r"|email/layout\.(html|txt)|sms/layout\.txt"
 )
 #: Largest file accepted (a message template is a few KB).

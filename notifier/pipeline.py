@@ -35,6 +35,7 @@ from notifier.models import (
     Status,
     Transition,
     assembled,
+    message_name,
     notification_id,
     notification_id_of,
 )
@@ -381,6 +382,7 @@ class Pipeline:
                     assert final.recipient is not None
                     nid = notification_id(t, verdict.channel)
                     owner[nid] = entry_id
+                    test = policy.experiment_of.get(message_name(t)) if policy.experiments else None
                     n = assembled(  # of validated parts: not validated again
                         Notification,
                         {
@@ -393,6 +395,8 @@ class Pipeline:
                             "recipient": final.recipient,
                             "created_at": now,
                             "predicted": predicted(),
+                            "experiment": test.name if test is not None else None,
+                            "variant": test.variant(merchant_id, shipment_id) if test else None,
                         },
                     )
                     built[nid] = n

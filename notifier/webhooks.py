@@ -1,4 +1,5 @@
-"""Provider callbacks: Twilio delivery status and inbound SMS (STOP / START / HELP), and
+"""Provider callbacks: Twilio delivery status and inbound SMS (STOP / START / HELP, and
+replies, counted for the last message sent to the number), and
 SendGrid's signed event webhook.
 
 Twilio requests must carry a valid ``X-Twilio-Signature``, computed over the public URL it
@@ -17,17 +18,19 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from redis.exceptions import RedisError
 from sendgrid.helpers.eventwebhook import EventWebhook
 from twilio.request_validator import RequestValidator
 from twilio.twiml.messaging_response import MessagingResponse
 
 from notifier.errors import BadRequest, Forbidden, NotFound
 from notifier.insights import record
-from notifier.insights.counts import DIGEST_PREFIX, Count
+from notifier.insights.counts import DIGEST_PREFIX, Count, recipient_digest
 from notifier.models import ChannelKind
 from notifier.outbound import events as hook_events
 from notifier.policy import opt_out_key
 from notifier.resources import Resources
+from notifier.store.ledger import LastSms
 
 log = logging.getLogger(__name__)
 
@@ -108,14 +111,50 @@ async def twilio_inbound(request: web.Request, res: Resources) -> web.Response:
     sender = form.get("From", "")
     reply = MessagingResponse()
     key = opt_out_key(ChannelKind.SMS, sender)
+    # the message it answers: the last one sent to the number (within a week)
+    last = await _last_sms(res, sender)
     if word in STOP_WORDS:
         # Twilio itself confirms a STOP to the sender; we only stop using the number.
-        await res.store.set_opt_out(res.store.EVERY_MERCHANT, key, True)
+        new = await res.store.set_opt_out(res.store.EVERY_MERCHANT, key, True)
+        if last is not None:
+            await _count_reply(res, last, Count.STOPS)
+            if new:  # the merchant whose message was answered is told
+                at = res.clock()
+                await res.hooks.opted_out(last.merchant_id, key, "sms_stop", at, last.shipment_id)
     elif word in START_WORDS:
         await res.store.set_opt_out(res.store.EVERY_MERCHANT, key, False)
     elif word in HELP_WORDS:
         reply.message("Parcel updates by SMS. Reply STOP to opt out, START to opt back in.")
+    elif word and last is not None:
+        await _count_reply(res, last, Count.REPLIES)
     return web.Response(text=str(reply), content_type="application/xml")
+
+
+async def _last_sms(res: Resources, number: str) -> LastSms | None:
+    """The last SMS sent to ``number``; None when none is known, or Redis fails (a reply
+    is then not counted: its STOP or START still holds)."""
+    if not number:
+        return None
+    try:
+        secret = res.settings.signing_secret_value()
+        return await res.store.last_sms(recipient_digest(secret, number))
+    except (RedisError, OSError) as exc:
+        log.warning("a reply's message not found: Redis failed (%s)", type(exc).__name__)
+        return None
+
+
+async def _count_reply(res: Resources, last: LastSms, count: Count) -> None:
+    """Count a reply to ``last`` in its merchant's analytics, once per message and day."""
+    await record.report(
+        res.store,
+        last.merchant_id,
+        last.shipment_id,
+        last.notification_id,
+        "sms",
+        last.stats_tag,
+        count,
+        res.clock(),
+    )
 
 
 #: Twilio statuses that end a message undelivered

@@ -170,10 +170,27 @@ def test_tags_round_trip_and_refuse_anything_else() -> None:
     assert counts.untag(counts.tag("exception:customs_hold", "zh_Hans_CN")) == (
         "exception:customs_hold",
         "zh_Hans_CN",
+        "",
     )
-    assert counts.untag(counts.tag("delivered", None)) == ("delivered", "-")
-    for bad in (None, 3, "delivered", "a~b~c", "x" * 200 + "~fr", "<script>~fr"):
-        assert counts.untag(bad) == ("-", "-")
+    assert counts.untag(counts.tag("delivered", None)) == ("delivered", "-", "")
+    # a message of an A/B test carries its experiment and variant
+    tagged = counts.tag("delivered", "de", "short-subject", "b")
+    assert tagged == "delivered~de~short-subject~b"
+    assert counts.untag(tagged) == ("delivered", "de", "short-subject:b")
+    assert counts.of_tag(tagged, "sms", counts.Count.REPLIES) == (
+        "delivered|sms|de|replies|short-subject:b"
+    )
+    assert counts.split("delivered|sms|de|replies|short-subject:b") == (
+        "delivered",
+        "sms",
+        "de",
+        "replies",
+    )
+    assert counts.variant_of("delivered|sms|de|replies|short-subject:b") == "short-subject:b"
+    assert counts.variant_of("delivered|sms|de|replies") == ""
+    bad_tags = ("a~b~c", "delivered~de~x~c", "delivered~de~Bad~a", "delivered~de~x~a~b")
+    for bad in (None, 3, "delivered", "x" * 200 + "~fr", "<script>~fr", *bad_tags):
+        assert counts.untag(bad) == ("-", "-", "")
 
 
 async def test_the_editor_page_and_its_csv(fixed: Client, settings: Settings) -> None:

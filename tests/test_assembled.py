@@ -63,10 +63,13 @@ def test_decisions_and_notifications_equal_validated_ones() -> None:
             "recipient": r,
             "created_at": NOW,
             "predicted": None,
+            "experiment": None,
+            "variant": None,
         }
         window = DeliveryWindow(start=NOW, end=NOW)
-        for predicted in (None, window):
+        for predicted, test in ((None, None), (window, "short-subject")):
             n["predicted"] = predicted
+            n["experiment"], n["variant"] = test, "b" if test else None
             fast = assembled(Notification, dict(n))
             slow = Notification(**n)  # type: ignore[arg-type]
             assert fast == slow and fast.model_dump_json() == slow.model_dump_json()

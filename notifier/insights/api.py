@@ -2,7 +2,9 @@
 
 Query: ``from`` and ``to`` (UTC days, ``YYYY-MM-DD``; the last 30 days up to today by
 default, at most ``KEEP_DAYS``), ``group_by`` (any of ``day``, ``milestone``, ``channel``,
-``locale``, comma-separated; all four by default; empty: one row of totals) and
+``locale``, ``variant``, comma-separated; the first four by default; empty: one row of
+totals; ``variant`` is ``<experiment>:<a|b>`` for the messages of an A/B test, from their
+acceptance on, and empty for the rest) and
 ``format`` (``json`` or ``csv``).
 """
 
@@ -18,9 +20,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from notifier.admin import Admin, json_reply
 from notifier.errors import ValidationFailed
-from notifier.insights.counts import KEEP_DAYS, SUPPRESSED_BY, Count, split
+from notifier.insights.counts import KEEP_DAYS, SUPPRESSED_BY, Count, split, variant_of
 
-DIMENSIONS = ("day", "milestone", "channel", "locale")
+DIMENSIONS = ("day", "milestone", "channel", "locale", "variant")
+#: what rows are grouped by unless the query says
+DEFAULT_GROUPS = DIMENSIONS[:4]
 #: the counts every row has, in this order (then ``suppressed:<rule>`` ones, as found)
 COUNTS = tuple(c.value for c in Count)
 DEFAULT_DAYS = 30
@@ -77,7 +81,7 @@ def query(
         raise _refuse("from", "must not be after to")
     if (last - first).days >= KEEP_DAYS:
         raise _refuse("from", f"at most {KEEP_DAYS} days at once (counts are kept that long)")
-    groups = [g for g in params.get("group_by", ",".join(DIMENSIONS)).split(",") if g]
+    groups = [g for g in params.get("group_by", ",".join(DEFAULT_GROUPS)).split(",") if g]
     for g in groups:
         if g not in DIMENSIONS:
             raise _refuse("group_by", f"{g!r} is none of {', '.join(DIMENSIONS)}")
@@ -99,7 +103,13 @@ def table(
             if parts is None:
                 continue
             milestone, channel, locale, count = parts
-            where = {"day": day, "milestone": milestone, "channel": channel, "locale": locale}
+            where = {
+                "day": day,
+                "milestone": milestone,
+                "channel": channel,
+                "locale": locale,
+                "variant": variant_of(name) if "variant" in groups else "",
+            }
             key = tuple(where[g] for g in groups)
             row = rows.setdefault(key, {})
             row[count] = row.get(count, 0) + n

@@ -10,6 +10,8 @@ locale to the providers (``tag``), so their reports are counted where the messag
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
@@ -35,7 +37,8 @@ class Count(StrEnum):
     CLICKED = "clicked"  #: a link in an email clicked (once per message and day)
     UNSUBSCRIBED = "unsubscribed"  #: an unsubscribe (link, or the provider's)
     SPAM_REPORTS = "spam_reports"  #: an email reported as spam
-    STOPS = "stops"  #: an SMS recipient who blocked the sender (a STOP the carrier reports)
+    STOPS = "stops"  #: an SMS recipient who opted out (STOP texted back, or the carrier's)
+    REPLIES = "replies"  #: an SMS recipient who texted back anything but STOP, START, HELP
 
 
 #: the dimensions of a count nobody can name (a provider report of a message sent before
@@ -56,31 +59,53 @@ def day_of(at: datetime) -> str:
 
 
 @lru_cache(maxsize=4096)
-def field(milestone: str, channel: str, locale: str, count: str) -> str:
-    """The name of a count (a handful of milestones, channels, locales and counts: cached)."""
-    return f"{milestone}|{channel}|{locale}|{count}"
+def field(milestone: str, channel: str, locale: str, count: str, variant: str = "") -> str:
+    """The name of a count (a handful of milestones, channels, locales and counts: cached);
+    a message of an A/B test also names its ``variant`` (``<experiment>:<a|b>``)."""
+    name = f"{milestone}|{channel}|{locale}|{count}"
+    return f"{name}|{variant}" if variant else name
 
 
 def split(name: str) -> tuple[str, str, str, str] | None:
+    """(milestone, channel, locale, count) of a count's name (whatever its variant)."""
     parts = name.split("|")
-    return (parts[0], parts[1], parts[2], parts[3]) if len(parts) == 4 else None
+    return (parts[0], parts[1], parts[2], parts[3]) if 4 <= len(parts) <= 5 else None
 
 
-def tag(milestone: str, locale: str | None) -> str:
+def variant_of(name: str) -> str:
+    """The ``<experiment>:<a|b>`` a count's name is of; empty outside an experiment."""
+    parts = name.split("|")
+    return parts[4] if len(parts) == 5 else ""
+
+
+def tag(
+    milestone: str, locale: str | None, experiment: str | None = None, variant: str = ""
+) -> str:
     """What a message carries to its provider, to find its counts again:
-    ``<milestone>~<locale>`` (characters a URL's query takes as they are)."""
-    return f"{milestone}~{locale or UNKNOWN}"
+    ``<milestone>~<locale>``, and ``~<experiment>~<a|b>`` for a message of an A/B test
+    (characters a URL's query takes as they are)."""
+    base = f"{milestone}~{locale or UNKNOWN}"
+    return f"{base}~{experiment}~{variant}" if experiment and variant else base
 
 
-_TAG = re.compile(r"[a-z_]{1,30}(?::[a-z_]{1,30})?~(?:[A-Za-z_]{2,20}|-)")
+_TAG = re.compile(
+    r"[a-z_]{1,30}(?::[a-z_]{1,30})?~(?:[A-Za-z_]{2,20}|-)(?:~[a-z0-9][a-z0-9-]{0,39}~[ab])?"
+)
 
 
-def untag(value: object) -> tuple[str, str]:
-    """(milestone, locale) of a provider's echo of ``tag``; unknown ones for anything else."""
+def untag(value: object) -> tuple[str, str, str]:
+    """(milestone, locale, variant) of a provider's echo of ``tag`` (the variant as count
+    names hold it, ``<experiment>:<a|b>``, or empty); unknown ones for anything else."""
     if isinstance(value, str) and _TAG.fullmatch(value):
-        milestone, locale = value.split("~")
-        return milestone, locale
-    return UNKNOWN, UNKNOWN
+        milestone, locale, *test = value.split("~")
+        return milestone, locale, ":".join(test)
+    return UNKNOWN, UNKNOWN, ""
+
+
+def of_tag(stats_tag: object, channel: str, count: Count) -> str:
+    """The field a message's count goes in, from the tag it carries (``tag``)."""
+    milestone, locale, variant = untag(stats_tag)
+    return field(milestone, channel, locale, count.value, variant)
 
 
 def of_steps(steps: Iterable[Step], locale: str | None) -> dict[str, int]:
@@ -110,11 +135,18 @@ def _decision_fields(
     return tuple(field(milestone, channel, locale, name) for name in names)
 
 
-def of_message(milestone: str, channel: str, locale: str | None, count: Count) -> str:
+def of_message(
+    milestone: str, channel: str, locale: str | None, count: Count, variant: str = ""
+) -> str:
     """The field of one message's count."""
-    return field(milestone, channel, locale or UNKNOWN, count.value)
+    return field(milestone, channel, locale or UNKNOWN, count.value, variant)
 
 
 def add(total: dict[str, int], more: Mapping[str, int]) -> None:
     for k, n in more.items():
         total[k] = total.get(k, 0) + n
+
+
+def recipient_digest(secret: str, number: str) -> str:
+    """A phone number as a key names it (keyed: the number cannot be read back from it)."""
+    return hmac.new(secret.encode(), f"sms:{number}".encode(), hashlib.sha256).hexdigest()[:32]

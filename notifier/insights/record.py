@@ -8,7 +8,7 @@ from datetime import datetime
 
 from redis.exceptions import RedisError
 
-from notifier.insights.counts import Count, day_of, field, untag
+from notifier.insights.counts import Count, day_of, of_tag
 from notifier.store import Store
 
 log = logging.getLogger("notifier.insights")
@@ -25,12 +25,11 @@ async def report(
     at: datetime,
 ) -> bool:
     """Count ``count`` for ``message`` (a notification id, or what names the report) in the
-    merchant's day, under the milestone and locale its provider echoed (``stats_tag``);
+    merchant's day, under the milestone, locale and variant its provider echoed (``stats_tag``);
     whether it was new. A Redis failure loses the count, never the report's other effects."""
-    milestone, locale = untag(stats_tag)
     scope = store.scope_of(merchant_id, shipment_id or "")
     try:
-        name = field(milestone, channel, locale, count.value)
+        name = of_tag(stats_tag, channel, count)
         return await store.count_once(merchant_id, scope, day_of(at), name, message)
     except (RedisError, OSError) as exc:
         log.warning("a %s count was lost: Redis failed (%s)", count, type(exc).__name__)

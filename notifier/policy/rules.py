@@ -6,6 +6,7 @@ and the problem, e.g. ``policies/acme.yaml: quiet_hours.sms.start: must be HH:MM
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import threading
@@ -184,6 +185,42 @@ class Stalled(_Strict):
         return value
 
 
+#: the message files an experiment can vary (``templates/messages/<name>.jinja``)
+MESSAGE_NAMES = frozenset(
+    [s.value for s in Status if s is not Status.EXCEPTION]
+    + [f"exception_{c.value}" for c in ExceptionCode]
+)
+#: what a variant of a message is called (the b file: ``messages/<name>.b.jinja``)
+VARIANTS = ("a", "b")
+
+
+class Experiment(_Strict):
+    """An A/B test of one message: a share of shipments get its variant b
+    (``messages/<message>.b.jinja``), the others its usual file (variant a). Which one is
+    fixed per shipment by ``name``: a shipment reads the same variant on every channel and
+    every time, and a new name draws the shipments anew."""
+
+    #: what the experiment is called in the analytics (and what draws the shipments)
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,39}$")
+    #: the message it varies: its file name (delivered, exception_customs_hold...)
+    message: str
+    #: the percentage of shipments that get variant b (0 ends it: everyone reads a)
+    b_percent: int = Field(ge=0, le=100)
+
+    @field_validator("message")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in MESSAGE_NAMES:
+            raise ValueError(f"no message {value!r}: one of {', '.join(sorted(MESSAGE_NAMES))}")
+        return value
+
+    def variant(self, merchant_id: str, shipment_id: str) -> str:
+        """The variant a shipment reads: the same for every call, spread evenly."""
+        raw = f"{self.name}\x00{merchant_id}\x00{shipment_id}".encode()
+        draw = int.from_bytes(hashlib.sha256(raw).digest()[:8], "big") % 10_000
+        return "b" if draw < self.b_percent * 100 else "a"
+
+
 class Policy(_Strict):
     """The cadence rules for one merchant (see policies/default.yaml for the meaning of each)."""
 
@@ -199,6 +236,23 @@ class Policy(_Strict):
     stalled: Stalled = Field(default_factory=Stalled)
     #: when an SMS fails for good (bad number, STOP), send the email version instead
     sms_fallback_to_email: bool = True
+    #: A/B tests of messages, at most one per message
+    experiments: list[Experiment] = Field(default_factory=list, max_length=50)
+
+    @field_validator("experiments")
+    @classmethod
+    def _one_each(cls, value: list[Experiment]) -> list[Experiment]:
+        for attr, what in (("name", "name"), ("message", "message")):
+            seen = [getattr(e, attr) for e in value]
+            twice = sorted({x for x in seen if seen.count(x) > 1})
+            if twice:
+                raise ValueError(f"two experiments with the {what} {twice[0]!r}")
+        return value
+
+    @cached_property
+    def experiment_of(self) -> dict[str, Experiment]:
+        """The experiment of each message that has one."""
+        return {e.message: e for e in self.experiments}
 
     @cached_property
     def dedupe_window(self) -> timedelta:

@@ -141,6 +141,7 @@ class TemplateStore:
         self._search: dict[str, tuple[str, ...]] = {}
         self._envs: dict[tuple[tuple[str, ...], bool], Sandbox] = {}
         self._selected: dict[tuple[tuple[str, ...], tuple[str, ...], bool], Template] = {}
+        self._exists: dict[tuple[tuple[str, ...], tuple[str, ...]], bool] = {}
         self._gettext: dict[tuple[str, ...], dict[str, Translate]] = {}
         self._merchant_catalogs: dict[str, Catalogs | None] = {}
         self._lock = threading.Lock()
@@ -177,6 +178,20 @@ class TemplateStore:
             with self._lock:
                 self._selected[key] = template
         return template
+
+    def exists(self, merchant_id: str, names: tuple[str, ...]) -> bool:
+        """Whether any of ``names`` exists for the merchant (its misses cached too)."""
+        key = (self.search_path(merchant_id), names)
+        found = self._exists.get(key)
+        if found is None:
+            try:
+                self.select(merchant_id, names)
+                found = True
+            except TemplateNotFound:  # TemplatesNotFound is one
+                found = False
+            with self._lock:
+                self._exists[key] = found
+        return found
 
     def environment(self, merchant_id: str, tracing: bool = False) -> Sandbox:
         """The environment with the merchant's layered loader (or its tracing twin)."""
@@ -220,6 +235,7 @@ class TemplateStore:
             self._search.clear()
             self._envs.clear()
             self._selected.clear()
+            self._exists.clear()
             self._gettext.clear()
             self._merchant_catalogs.clear()
 
@@ -232,6 +248,8 @@ class TemplateStore:
                 self._envs.pop((search, True), None)
                 for key in [k for k in self._selected if k[0] == search]:
                     del self._selected[key]
+                for found in [k for k in self._exists if k[0] == search]:
+                    del self._exists[found]
 
     def _loader(self, search: tuple[str, ...]) -> BaseLoader:
         """Published files first (the editor's), then the folders, the merchant's first;

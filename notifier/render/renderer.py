@@ -27,7 +27,14 @@ from markupsafe import Markup
 
 from notifier.errors import ConfigurationError, RenderError
 from notifier.insights import counts
-from notifier.models import STATUS_RANK, ChannelKind, Notification, Status, Transition
+from notifier.models import (
+    STATUS_RANK,
+    ChannelKind,
+    Notification,
+    Status,
+    Transition,
+    message_name,
+)
 from notifier.render import i18n, skeleton
 from notifier.render.brand import Brand, load_brand
 from notifier.render.environment import TemplateStore
@@ -160,16 +167,18 @@ class Lazy:
         return self._make()
 
 
-def stats_tag(n: Notification) -> str:
-    """What a message carries to its provider to be counted where it belongs."""
-    return counts.tag(n.transition.milestone, n.recipient.locale)
+def stats_tag(n: Notification, variant: str = "") -> str:
+    """What a message carries to its provider to be counted where it belongs: its
+    milestone, locale, and the variant it was rendered in (``variant``) of its experiment."""
+    return counts.tag(
+        n.transition.milestone, n.recipient.locale, n.experiment if variant else None, variant
+    )
 
 
-def message_name(t: Transition) -> str:
-    """The message file of a transition: ``delivered``, ``exception_customs_hold``..."""
-    if t.exception_code is not None:
-        return f"exception_{t.exception_code.value}"
-    return t.status.value
+def message_file(n: Notification, variant: str) -> str:
+    """The message file (without ``.jinja``) of ``n`` in ``variant``: ``delivered.b``."""
+    name = message_name(n.transition)
+    return f"{name}.b" if variant == "b" else name
 
 
 def _progress(t: Transition) -> list[dict[str, str]]:
@@ -412,8 +421,21 @@ class Renderer:
         """The catalog locale: the recipient's, along the fallback chain."""
         return self.catalogs.resolve(n.recipient.locale, self.brand(n.merchant_id).default_locale)
 
-    def context(self, n: Notification, locale: str) -> dict[str, Any]:
-        """Everything a template may use (the README lists it for merchants)."""
+    def variant(self, n: Notification, templates_of: str, locale: str) -> str:
+        """The variant ``n`` is rendered in: the shipment's (``n.variant``) when the merchant
+        wrote that message's b file for its reader (``messages/<name>.b.jinja``, or
+        ``.b.<locale>.jinja``), else ``a``; empty outside an experiment."""
+        if n.variant != "b":
+            return n.variant or ""
+        name = message_file(n, "b")
+        found = self.templates.exists(
+            templates_of, (f"messages/{name}.{locale}.jinja", f"messages/{name}.jinja")
+        )
+        return "b" if found else "a"
+
+    def context(self, n: Notification, locale: str, variant: str = "") -> dict[str, Any]:
+        """Everything a template may use (the README lists it for merchants); ``variant``:
+        the message's variant (``variant()``)."""
         t, r = n.transition, n.recipient
         branding = self._brand_context(n.merchant_id)
         link_templates: dict[str, str | None] = branding["link_templates"]
@@ -492,9 +514,11 @@ class Renderer:
             "sms_url": primary["url"] if primary else (sms_url or ""),
             "pickup_point": point.model_dump() if point else None,
             "us_opt_out": _us_opt_out(n),
-            "message": f"messages/{message_name(t)}.jinja",
+            "message": f"messages/{message_file(n, variant)}.jinja",
             # a message's wording for one locale only, when the merchant wrote one
-            "message_for_locale": f"messages/{message_name(t)}.{locale}.jinja",
+            "message_for_locale": f"messages/{message_file(n, variant)}.{locale}.jinja",
+            #: the variant of an A/B test of this message (a or b), empty outside one
+            "variant": variant,
         }
 
     def _headers(self, n: Notification, brand: Brand) -> dict[str, str]:
@@ -664,10 +688,11 @@ class Renderer:
         locale = self.locale_for(n)
         chain = (locale, self.catalogs.resolve(self.brand(n.merchant_id).default_locale, "en"))
         words = self.templates.gettext_for(chain, templates_of)
+        arm = self.variant(n, templates_of, locale)
         if self.skeletons is None:
-            ctx = self.context(n, locale)
+            ctx = self.context(n, locale, arm)
         else:
-            ctx, parts = self._split(n, locale)
+            ctx, parts = self._split(n, locale, arm)
             self._last = None
             if parts is not None:
                 key = (
@@ -684,15 +709,17 @@ class Renderer:
                     found = self._trace(n, templates_of, chain, words, ctx, parts)
                     self.skeletons.put(key, found)
                 if isinstance(found, Skeleton):
-                    filled = self._fill(n, found, parts, inline)
+                    filled = self._fill(n, found, parts, inline, arm)
                     if filled is not None:
                         self._last = (n, locale, ctx, parts)
                         return filled
         with budget(self.templates.limits):  # filling a skeleton runs no template: none
             out = self._compose(n, templates_of, chain, words, ctx)
-        return self._message(n, out, ctx["dir"] == "rtl", inline), inline
+        return self._message(n, out, ctx["dir"] == "rtl", inline, arm), inline
 
-    def _split(self, n: Notification, locale: str) -> tuple[dict[str, Any], skeleton.Split | None]:
+    def _split(
+        self, n: Notification, locale: str, variant: str
+    ) -> tuple[dict[str, Any], skeleton.Split | None]:
         """The context and its shape; the previous message's when ``n`` is the same event's
         other channel (a batch renders an event's email and SMS one after the other), which
         differs only in the US opt-out line."""
@@ -705,9 +732,10 @@ class Renderer:
                 and before.created_at == n.created_at
                 and before.merchant_id == n.merchant_id
                 and before_locale == locale
+                and ctx["variant"] == variant
             ):
                 return {**ctx, "us_opt_out": _us_opt_out(n)}, parts
-        ctx = self.context(n, locale)
+        ctx = self.context(n, locale, variant)
         return ctx, skeleton.split(ctx, Lazy)
 
     def _compose(
@@ -741,7 +769,9 @@ class Renderer:
             "text": render_text(select(templates_of, ("email/layout.txt",), tracing), ctx),
         }
 
-    def _message(self, n: Notification, out: dict[str, str], rtl: bool, inline: bool) -> Message:
+    def _message(
+        self, n: Notification, out: dict[str, str], rtl: bool, inline: bool, variant: str
+    ) -> Message:
         """The message from what the templates made (``_compose``, or a filled skeleton)."""
         if n.channel is ChannelKind.SMS:
             text = smart_encode(_SPACES.sub(" ", " ".join(out["sms"].split("\n"))).strip())
@@ -758,7 +788,7 @@ class Renderer:
                 text,
                 size.encoding,
                 size.segments,
-                stats_tag(n),
+                stats_tag(n, variant),
             )
         html = out["html"]
         brand = self.brand(n.merchant_id)
@@ -773,7 +803,7 @@ class Renderer:
             html=_INLINER.inline(html) if inline else html,
             headers=self._headers(n, brand),
             preheader=" ".join(out["preheader"].split()),
-            stats_tag=stats_tag(n),
+            stats_tag=stats_tag(n, variant),
         )
 
     def _trace(
@@ -808,7 +838,7 @@ class Renderer:
         return Skeleton(cut, used, ctx["dir"] == "rtl")
 
     def _fill(
-        self, n: Notification, found: Skeleton, parts: skeleton.Split, inline: bool
+        self, n: Notification, found: Skeleton, parts: skeleton.Split, inline: bool, variant: str
     ) -> tuple[Message, bool] | None:
         """``n`` from its shape's skeleton (and whether its CSS is inlined); None when a
         value computed only now (``ago``) cannot go in a slot."""
@@ -832,6 +862,6 @@ class Renderer:
             if name != "inlined" and not (name == "html" and inlined is not None)
         }
         if inlined is None:
-            return self._message(n, out, found.rtl, inline), inline
+            return self._message(n, out, found.rtl, inline, variant), inline
         out["html"] = skeleton.fill(inlined, values, cache)
-        return self._message(n, out, found.rtl, False), True
+        return self._message(n, out, found.rtl, False, variant), True

@@ -72,7 +72,7 @@ MERCHANT_ENTRIES = frozenset({"brand", "support", "us_opt_out"})
 #: part of the shape, never slots.
 SHAPE_TEXTS = frozenset(
     {"lang", "dir", "fonts", "message", "message_for_locale", "key", "state", "status"}
-    | {"exception_code"}
+    | {"exception_code", "variant"}
 )
 #: How many skeletons a renderer keeps: an email's is about 13 KB with its inlined HTML (an
 #: SMS' a few hundred bytes), so at most about 13 MB; the bench's workload (4 merchants, 13

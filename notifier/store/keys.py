@@ -171,6 +171,12 @@ def provider_key(provider: str, message_id: str) -> str:
     return f"{PREFIX}:pid:{provider}:{message_id}"
 
 
+def last_sms_key(recipient: str) -> str:
+    """The last SMS sent to a number (``recipient``: its keyed digest, never the number), so
+    a reply finds the message it answers."""
+    return f"{PREFIX}:lastsms:{recipient}"
+
+
 # -- opt-outs (optouts.py) -----------------------------------------------------------------
 def optout_key(merchant_id: str) -> str:
     """The channel addresses that opted out of a merchant's messages (a set)."""

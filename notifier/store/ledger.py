@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -24,6 +24,19 @@ from notifier.store.stats import add_counts
 
 #: (merchant id, shipment id): where a notification's outcome list is
 Shipment = tuple[str, str]
+#: how long a number's last SMS is remembered, for a reply to find it (``last_sms``)
+LAST_SMS_S = 7 * 86_400
+
+
+class LastSms(NamedTuple):
+    """The last SMS sent to a number: what a reply to it answers."""
+
+    notification_id: str
+    scope: Scope
+    merchant_id: str
+    shipment_id: str
+    #: what the message carried for the analytics (``insights.counts.tag``)
+    stats_tag: str
 
 
 class LedgerState(StrEnum):
@@ -146,13 +159,15 @@ class Ledger(StoreBase):
         where: Mapping[str, Shipment],
         counted: Mapping[str, str] | None = None,
         day: str = "",
+        last_sms: Mapping[str, tuple[str, str]] | None = None,
     ) -> None:
         """Record (notification id, sent-at ISO, channel detail) as sent, with what was sent
         in a few words (``summaries``: the subject or the SMS' start, for the timeline);
         ``where``: each one's (merchant, shipment). A provider's message id (``twilio:SM…``,
         ``sendgrid:…``) is indexed so its status callbacks find us. ``counted``: the
         analytics field each one counts in on ``day`` (in its merchant's hash), for those
-        recorded now."""
+        recorded now. ``last_sms``: an SMS' (recipient digest, stats tag), kept
+        ``LAST_SMS_S`` as the last message to that number (``last_sms``)."""
         if not outcomes:
             return
         said = summaries or {}
@@ -180,6 +195,10 @@ class Ledger(StoreBase):
                     # found again with its partition and shipment (its outcome list)
                     value = orjson.dumps([nid, scope, *where[nid]])
                     pipe.set(keys.provider_key(provider, message_id), value, ex=self.state_ttl_s)
+                if last_sms and nid in last_sms:
+                    recipient, tag = last_sms[nid]
+                    value = orjson.dumps([nid, scope, *where[nid], tag])
+                    pipe.set(keys.last_sms_key(recipient), value, ex=LAST_SMS_S)
                 if counted and nid in counted:
                     mine = tallies.setdefault(where[nid][0], {})
                     mine[counted[nid]] = mine.get(counted[nid], 0) + 1
@@ -239,6 +258,14 @@ class Ledger(StoreBase):
             return text, None, None  # 0.5: the id alone
         nid, scope, merchant_id, shipment_id = orjson.loads(text)
         return nid, scope, (merchant_id, shipment_id)
+
+    async def last_sms(self, recipient: str) -> LastSms | None:
+        """The last SMS sent to a number (``recipient``: its digest) within ``LAST_SMS_S``."""
+        value = await awaited(self.redis.get(keys.last_sms_key(recipient)))
+        if not value:
+            return None
+        nid, scope, merchant_id, shipment_id, tag = orjson.loads(value)
+        return LastSms(nid, scope, merchant_id, shipment_id, tag)
 
     async def provider_status(
         self,

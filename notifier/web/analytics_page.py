@@ -1,7 +1,7 @@
 """The editor's analytics page: how a merchant's messages did over a range of days (a chart
-of messages per day, the funnel from decided to clicked, counts by milestone and channel),
-and the same counts as CSV. The chart is SVG drawn on the server, with the table of its
-numbers beside it for those who do not see it."""
+of messages per day, the funnel from decided to clicked, counts by milestone and channel,
+the variants of its A/B tests), and the same counts as CSV. The chart is SVG drawn on the
+server, with the table of its numbers beside it for those who do not see it."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from aiohttp import web
 
 from notifier.errors import ValidationFailed
 from notifier.insights import api as analytics
+from notifier.insights import experiments
 from notifier.web.base import Web
 from notifier.web.forms import milestone_label
 
@@ -27,6 +28,15 @@ FUNNEL = [
     ("opened", "Opened (email)"),
     ("clicked", "Clicked (email)"),
     ("unsubscribed", "Unsubscribed"),
+]
+#: the rates of an A/B test shown, with what they mean
+COMPARED = [
+    ("opened", "Opened (of delivered emails)"),
+    ("clicked", "Clicked (of delivered emails)"),
+    ("unsubscribed", "Unsubscribed (of delivered emails)"),
+    ("replied", "Replied to (of SMS accepted)"),
+    ("stopped", "STOP (of SMS accepted)"),
+    ("bounced", "Bounced (of messages accepted)"),
 ]
 #: the columns of the table by milestone and channel
 COLUMNS = [
@@ -115,6 +125,7 @@ class AnalyticsPage:
         for row in analytics.table(found, ["day", "channel"])[1]:
             per_day.setdefault(row["day"], {})[row["channel"]] = row["accepted"]
         rates = analytics.rates(found)
+        policy = self.web.res.policies.for_merchant(merchant_id)
         return self.web.page(
             "analytics.html",
             request=request,
@@ -128,11 +139,13 @@ class AnalyticsPage:
             rows=[r for r in rows if any(r[c] for c in COLUMNS)],
             columns=COLUMNS,
             label=milestone_label,
+            experiments=experiments.summary(found, policy),
+            compared=COMPARED,
         )
 
     async def csv(self, request: web.Request) -> web.Response:
         merchant_id, _ = await self.web.signed_in(request)
         first, last, found, _ = await self._counts(request, merchant_id)
-        groups = list(analytics.DIMENSIONS)
+        groups = list(analytics.DEFAULT_GROUPS)
         columns, rows, _ = analytics.table(found, groups)
         return analytics.csv_response(merchant_id, first, last, groups, columns, rows)

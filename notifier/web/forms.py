@@ -247,6 +247,33 @@ def policy_from_form(
     out["sms_fallback_to_email"] = form.get("sms_fallback_to_email") == "on"
     out["stalled"]["enabled"] = form.get("stalled.enabled") == "on"
     out["stalled"]["predicted_late"] = form.get("stalled.predicted_late") == "on"
+    if "experiments.count" in form:
+        out["experiments"] = experiments_from_form(form)
+    return out
+
+
+#: an A/B test row of the cadence form that starts a new one
+BLANK_TEST: dict[str, Any] = {"name": "", "message": "delivered", "b_percent": 50}
+#: the messages an A/B test can vary, as the form offers them: (file name, label)
+TEST_MESSAGES = [(s.value, STATUS_LABELS[s]) for s in Status if s is not Status.EXCEPTION] + [
+    (f"exception_{c.value}", "Problem: " + EXCEPTION_LABELS[c]) for c in ExceptionCode
+]
+
+
+def experiments_from_form(form: Mapping[str, str]) -> list[dict[str, Any]]:
+    """The A/B tests of the cadence form's rows (a row without a name is none)."""
+    rows = _number(form.get("experiments.count", "0"))
+    out = []
+    for i in range(min(rows, 51) if isinstance(rows, int) else 0):
+        name = form.get(f"experiments.{i}.name", "").strip()
+        if name:
+            out.append(
+                {
+                    "name": name,
+                    "message": form.get(f"experiments.{i}.message", ""),
+                    "b_percent": _number(form.get(f"experiments.{i}.b_percent", "")),
+                }
+            )
     return out
 
 

@@ -15,9 +15,9 @@ from notifier.admin_views import Views, locales, message_path, milestones
 from notifier.check import candidate_renderer, sample_notification, samples
 from notifier.errors import ApiError, BadRequest, ConfigurationError, NotFound, NotifierError
 from notifier.ingest import read_json
-from notifier.models import ChannelKind, Notification
+from notifier.models import ChannelKind, Notification, message_name
+from notifier.policy.rules import VARIANTS
 from notifier.render import Renderer
-from notifier.render.renderer import message_name
 from notifier.settings import Settings
 from notifier.web.base import Web
 from notifier.web.forms import milestone_label
@@ -34,10 +34,13 @@ def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
         out[prefix] = "" if value is None else str(value)
 
 
-def _sample(merchant_id: str, milestone: str, channel: ChannelKind, locale: str) -> Notification:
-    """The sample parcel's notification of ``milestone`` for Ana, in ``locale``."""
+def _sample(
+    merchant_id: str, milestone: str, channel: ChannelKind, locale: str, variant: str = "a"
+) -> Notification:
+    """The sample parcel's notification of ``milestone`` for Ana, in ``locale`` (and in
+    ``variant`` b of an A/B test)."""
     t = next(t for t in samples() if t.milestone == milestone)
-    return sample_notification(
+    n = sample_notification(
         t.model_copy(update={"merchant_id": merchant_id}),
         channel,
         merchant_id=merchant_id,
@@ -47,6 +50,7 @@ def _sample(merchant_id: str, milestone: str, channel: ChannelKind, locale: str)
         timezone="Europe/Paris",
         phone="+33612345678",
     )
+    return n.model_copy(update={"experiment": "preview", "variant": "b"}) if variant == "b" else n
 
 
 def variables(renderer: Renderer, merchant_id: str, milestone: str, locale: str) -> dict[str, str]:
@@ -73,14 +77,21 @@ def page_variables(
 
 
 def preview(
-    settings: Settings, merchant_id: str, files: dict[str, str], milestone: str, locale: str
+    settings: Settings,
+    merchant_id: str,
+    files: dict[str, str],
+    milestone: str,
+    locale: str,
+    variant: str = "a",
 ) -> dict[str, Any]:
     """The email and the SMS of ``milestone`` rendered with ``files`` by one renderer (the
     one real sends use), and the variables; RenderError or ConfigurationError when the
     files do not render."""
     renderer, _ = candidate_renderer(settings, merchant_id, files)
     out: dict[str, Any] = {
-        channel.value: describe(renderer.render(_sample(merchant_id, milestone, channel, locale)))
+        channel.value: describe(
+            renderer.render(_sample(merchant_id, milestone, channel, locale, variant))
+        )
         for channel in ChannelKind
     }
     out["variables"] = variables(renderer, merchant_id, milestone, locale)
@@ -126,7 +137,10 @@ class Messages:
         locale = request.query.get("locale", "")
         if locale and locale not in available:
             raise NotFound(f"no catalog for locale {locale}")
-        path = message_path(milestone, locale or None)
+        variant = request.query.get("variant") or "a"
+        if variant not in VARIANTS:
+            raise NotFound(f"no variant {variant}")
+        path = message_path(milestone, locale or None, variant)
         text, source = await self.views.current_text(merchant_id, path)
         _, files = await self.web.admin.candidate(merchant_id)
         preview_locale = locale or "en"
@@ -135,12 +149,16 @@ class Messages:
         )
         _, draft = await self.web.admin.store.draft(merchant_id)
         live = await self.web.admin.store.live(merchant_id)
-        prefix = message_path(milestone).removesuffix("jinja")
+        prefix = message_path(milestone, None, variant).removesuffix("jinja")
         own_locales = sorted(
             p.removeprefix(prefix).removesuffix(".jinja")
             for p in {*(live.files if live else {}), *(k for k, v in draft.items() if v)}
-            if p.startswith(prefix) and p.count(".") == 2
+            if p.startswith(prefix)
+            and p.removeprefix(prefix).count(".") == 1
+            and not p.removeprefix(prefix).startswith("b.")
         )
+        policy = self.web.res.policies.for_merchant(merchant_id)
+        test = policy.experiment_of.get(milestone.replace(":", "_"))
         return self.web.page(
             "message.html",
             request=request,
@@ -148,6 +166,8 @@ class Messages:
             milestone=milestone,
             label=milestone_label(milestone),
             locale=locale,
+            variant=variant,
+            experiment=test,
             preview_locale=preview_locale,
             locales=available,
             path=path,
@@ -169,11 +189,15 @@ class Messages:
         milestone = request.match_info["milestone"]
         form = await self.web.form(request, session)
         locale = form.get("locale", "")
+        variant = form.get("variant") or "a"
         if milestone not in milestones() or (locale and locale not in locales(self.web.res)):
             raise NotFound(f"no message {milestone} {locale}".strip())
-        path = message_path(milestone, locale or None)
-        where = f"/merchant/{merchant_id}/messages/{milestone}" + (
-            f"?locale={locale}&" if locale else "?"
+        if variant not in VARIANTS:
+            raise NotFound(f"no variant {variant}")
+        path = message_path(milestone, locale or None, variant)
+        query = {"locale": locale, "variant": variant if variant == "b" else ""}
+        where = f"/merchant/{merchant_id}/messages/{milestone}?" + "".join(
+            f"{k}={v}&" for k, v in query.items() if v
         )
         if form.get("action") == "discard":
             await self.web.admin.discard_file(merchant_id, path, session.key_id)
@@ -204,13 +228,16 @@ class Messages:
             raise BadRequest("expected a JSON object")
         path, text = str(body.get("path", "")), str(body.get("text", ""))
         milestone, locale = str(body.get("milestone", "")), str(body.get("locale", "en"))
+        variant = str(body.get("variant") or "a")
         if milestone not in milestones() or locale not in locales(self.web.res):
             raise NotFound("no such message or locale")
+        if variant not in VARIANTS:
+            raise NotFound(f"no variant {variant}")
         _, files = await self.web.admin.candidate(merchant_id)
         files[path] = text
         try:
             out = await asyncio.to_thread(
-                preview, self.web.res.settings, merchant_id, files, milestone, locale
+                preview, self.web.res.settings, merchant_id, files, milestone, locale, variant
             )
         except NotifierError as exc:
             raise InvalidOverride(str(exc), [{"field": "text", "message": str(exc)}]) from exc

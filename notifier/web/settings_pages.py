@@ -18,12 +18,14 @@ from notifier.render.brand import DARK_TEXT, MIN_CONTRAST, WHITE, Brand, contras
 from notifier.resources import data_dir
 from notifier.web.base import Web
 from notifier.web.forms import (
+    BLANK_TEST,
     BRAND_FIELDS,
     CHANNEL_CHOICES,
     EXCEPTION_LABELS,
     POLICY_FIELDS,
     RULE_FLAGS,
     STATUS_LABELS,
+    TEST_MESSAGES,
     as_yaml,
     brand_from_form,
     changes,
@@ -167,6 +169,9 @@ class SettingsPages:
             errors=errors,
             csrf=session.csrf,
             result=result,
+            # each test, and a blank row to start one
+            tests=list(enumerate([*values.get("experiments", []), BLANK_TEST])),
+            test_messages=TEST_MESSAGES,
         )
 
     async def save_cadence(self, request: web.Request) -> web.StreamResponse:

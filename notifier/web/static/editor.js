@@ -31,6 +31,7 @@ function startPreview(form) {
         headers: { "Content-Type": "application/json", "X-CSRF-Token": form.dataset.csrf },
         body: JSON.stringify({
           milestone: form.dataset.milestone, path: form.dataset.path, locale, text: textarea.value,
+          variant: form.dataset.variant || "a",
         }),
       });
     } catch (e) {
