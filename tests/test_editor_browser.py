@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from notifier.resources import data_dir
 from tests.conftest import (
     ACME_KEY,
     ADMIN_KEY,
@@ -54,7 +55,14 @@ def service() -> Iterator[Service]:
     work = Path(tempfile.mkdtemp(prefix="notifier-editor-"))
     redis_port, port = free_port(), free_port()
     redis = start_redis(redis_port, work)
+    # an A/B test (paused at 0 %: it needs no variant b) for the analytics page to show
+    policies = work / "policies"
+    shutil.copytree(data_dir("policies", None), policies)
+    (policies / "acme.yaml").write_text(
+        "experiments: [{name: shorter-words, message: picked_up, b_percent: 0}]\n"
+    )
     env = {
+        "NOTIFIER_POLICIES_DIR": str(policies),
         "NOTIFIER_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
         "NOTIFIER_API_KEYS": json.dumps(KEYS),
         "NOTIFIER_OUTBOX_DIR": str(work / "outbox"),
@@ -285,6 +293,11 @@ def test_every_editor_page_passes_axe(browser: Any, service: Service) -> None:
     ):
         page.goto(f"{service.base}/merchant/acme{path}")
         failures[path] = axe(page)
+    page.goto(f"{service.base}/merchant/acme/analytics")
+    assert "shorter-words" in page.get_by_role("heading", level=3).first.inner_text()
+    page.goto(f"{service.base}/merchant/acme/messages/picked_up?variant=b")
+    page.locator("#preview-status").filter(has_text="up to date").wait_for()
+    failures["variant b of a message"] = axe(page)
     page.goto(f"{service.base}/merchant/acme/messages/exception:customs_hold?locale=ar")
     page.locator("#preview-status").filter(has_text="(ar)").wait_for()
     failures["editor, ar"] = axe(page)
