@@ -55,7 +55,7 @@ from tests.fakes import FailingChannel
 Client = TestClient[Any, Any]
 PARTITIONS = 8
 #: keys a Redis Cluster may hold without a partition's tag (no script touches them)
-UNTAGGED = ("ntf:pid:", "ntf:optout:", "ntf:workers", "ntf:overrides:hits")
+UNTAGGED = ("ntf:pid:", "ntf:optout:", "ntf:workers", "ntf:overrides:hits", "ntf:lastsms:")
 
 
 @pytest.fixture
