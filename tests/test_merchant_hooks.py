@@ -4,6 +4,7 @@ loopback, retried with backoff, logged, given up on after about three days."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -135,6 +136,26 @@ async def test_endpoints_are_made_listed_changed_and_deleted(hook_client: Client
     assert (await hook_client.delete(one, headers=auth(ACME_KEY))).status == 204
     assert (await hook_client.get(one, headers=auth(ACME_KEY))).status == 404
     assert (await hook_client.delete(one, headers=auth(ACME_KEY))).status == 404
+
+
+async def test_the_endpoint_limit_holds_for_creates_at_once_and_a_change_never_revives(
+    hook_client: Client, hook_settings: Settings
+) -> None:
+    body = {"url": "https://hooks.example.com/in", "events": ["*"]}
+    answers = await asyncio.gather(
+        *(hook_client.post(BASE, json=body, headers=auth(ACME_KEY)) for _ in range(20))
+    )
+    assert sorted(r.status for r in answers) == [201] * 16 + [409] * 4
+    refused = await next(r for r in answers if r.status == 409).json()
+    assert refused["error"]["code"] == "too_many_webhook_endpoints"
+    listed = await (await hook_client.get(BASE, headers=auth(ACME_KEY))).json()
+    assert len(listed["endpoints"]) == 16
+    # a change that read the endpoint before a delete took it does not bring it back
+    gone = listed["endpoints"][0]
+    async with open_resources(hook_settings) as res:
+        assert await res.store.delete_hook_endpoint("acme", gone["id"])
+        assert not await res.store.change_hook_endpoint("acme", {**gone, "enabled": False})
+        assert gone["id"] not in await res.store.hook_endpoints("acme")
 
 
 async def test_bad_endpoints_get_a_422_naming_the_problem(client: Client) -> None:
@@ -492,7 +513,9 @@ async def test_a_post_that_cannot_start_in_the_claims_budget_is_no_attempt(
         attempt = await sender._post(endpoint, event, b"{}", time.monotonic() + 0.05)
         assert attempt.skipped and attempt.status is None
         # through a claim: the event stays, due again soon, with no attempt recorded
-        await res.store.put_hook_endpoint("acme", {**endpoint, "enabled": True, "created_at": ""})
+        await res.store.add_hook_endpoint(
+            "acme", {**endpoint, "enabled": True, "created_at": ""}, 16
+        )
         scope = res.store.scopes[0]
         await res.store.queue_hook_events(scope, [("whe_1", ev.stored(event))], 0)
         [claimed] = await res.store.claim_hook_events(scope, 1000, 60_000, 10)

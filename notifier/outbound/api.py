@@ -183,6 +183,11 @@ class HookAdmin:
             raise NotFound(f"merchant {merchant_id} has no webhook endpoint {endpoint_id}")
         return merchant_id, found
 
+    async def _change(self, merchant_id: str, endpoint: dict[str, Any]) -> None:
+        """Write a changed endpoint; 404 when it was deleted meanwhile (never brought back)."""
+        if not await self.admin.res.store.change_hook_endpoint(merchant_id, endpoint):
+            raise NotFound(f"merchant {merchant_id} has no webhook endpoint {endpoint['id']}")
+
     async def list(self, request: web.Request) -> web.Response:
         merchant_id, _ = self.admin.merchant(request)
         found = await self.admin.res.store.hook_endpoints(merchant_id)
@@ -195,9 +200,6 @@ class HookAdmin:
         merchant_id, _ = self.admin.merchant(request)
         body: NewEndpoint = await self._body(request, NewEndpoint)
         self._check_url(body.url)
-        store = self.admin.res.store
-        if len(await store.hook_endpoints(merchant_id)) >= MAX_ENDPOINTS:
-            raise TooManyEndpoints(f"a merchant has at most {MAX_ENDPOINTS} webhook endpoints")
         endpoint = {
             "id": "we_" + secrets.token_hex(8),
             "url": body.url,
@@ -207,7 +209,8 @@ class HookAdmin:
             "created_at": self.admin.now(),
             "secret": _new_secret(),
         }
-        await store.put_hook_endpoint(merchant_id, endpoint)
+        if not await self.admin.res.store.add_hook_endpoint(merchant_id, endpoint, MAX_ENDPOINTS):
+            raise TooManyEndpoints(f"a merchant has at most {MAX_ENDPOINTS} webhook endpoints")
         return json_reply(201, public(endpoint, secret=True))
 
     async def show(self, request: web.Request) -> web.Response:
@@ -221,7 +224,7 @@ class HookAdmin:
         if "url" in changes:
             self._check_url(changes["url"])
         endpoint = {**endpoint, **changes}
-        await self.admin.res.store.put_hook_endpoint(merchant_id, endpoint)
+        await self._change(merchant_id, endpoint)
         return json_reply(200, public(endpoint))
 
     async def delete(self, request: web.Request) -> web.Response:
@@ -239,7 +242,7 @@ class HookAdmin:
             "previous_secret": endpoint["secret"],
             "previous_until": now + body.overlap_s,
         }
-        await self.admin.res.store.put_hook_endpoint(merchant_id, endpoint)
+        await self._change(merchant_id, endpoint)
         return json_reply(200, public(endpoint, secret=True))
 
     async def test(self, request: web.Request) -> web.Response:

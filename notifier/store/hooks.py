@@ -53,14 +53,25 @@ class Hooks(StoreBase):
             found = await pipe.execute()
         return [{decode(k): orjson.loads(v) for k, v in raw.items()} for raw in found]
 
-    async def put_hook_endpoint(self, merchant_id: str, endpoint: dict[str, Any]) -> None:
-        await awaited(
-            self.redis.hset(
-                keys.hook_endpoints_key(merchant_id),
-                endpoint["id"],
-                orjson.dumps(endpoint).decode(),
-            )
+    async def add_hook_endpoint(
+        self, merchant_id: str, endpoint: dict[str, Any], most: int
+    ) -> bool:
+        """Add an endpoint unless the merchant has ``most`` already (checked and written at
+        once); whether it was added."""
+        return await self._write_endpoint(merchant_id, endpoint, "new", most)
+
+    async def change_hook_endpoint(self, merchant_id: str, endpoint: dict[str, Any]) -> bool:
+        """Replace an endpoint that still exists; False when it was deleted meanwhile."""
+        return await self._write_endpoint(merchant_id, endpoint, "change", 0)
+
+    async def _write_endpoint(
+        self, merchant_id: str, endpoint: dict[str, Any], how: str, most: int
+    ) -> bool:
+        args = [endpoint["id"], orjson.dumps(endpoint).decode(), how, most]
+        written = await self.scripts.hook_endpoint(
+            keys=[keys.hook_endpoints_key(merchant_id)], args=args
         )
+        return bool(written)
 
     async def delete_hook_endpoint(self, merchant_id: str, endpoint_id: str) -> bool:
         """Drop an endpoint and its log; False when there was none."""

@@ -71,6 +71,7 @@ class Scripts:
     hook_event: Script
     hook_claim: Script
     hook_settle: Script
+    hook_endpoint: Script
 
     @classmethod
     def register(cls, redis: Redis | RedisCluster) -> Scripts:
