@@ -352,6 +352,18 @@ async def test_an_experiment_is_published_only_with_its_variant_b(
             "/v1/merchants/acme/templates/delivered?variant=c", headers=auth(ACME_KEY)
         )
         assert bad.status == 404
+        # published: the experiments' answer knows it at once (no batch ran since)
+        assert await experiments(client) == []
+        overview = await client.get("/v1/merchants/acme/overrides", headers=auth(ACME_KEY))
+        revision = (await overview.json())["draft"]["revision"]
+        resp = await client.post(
+            "/v1/merchants/acme/overrides/publish",
+            json={"revision": revision},
+            headers=auth(ACME_KEY),
+        )
+        assert resp.status == 200, await resp.text()
+        [running] = await experiments(client)
+        assert (running["name"], running["running"], running["b_percent"]) == (TEST, True, 20)
 
 
 async def test_the_editor_writes_variant_b_and_the_cadence_form_starts_a_test(

@@ -22,6 +22,7 @@ from notifier.admin import Admin, json_reply
 from notifier.insights import api as analytics
 from notifier.insights.counts import Count, split, variant_of
 from notifier.policy import Policy
+from notifier.resources import Resources, sync_published
 
 #: the counts shown per variant and channel
 COUNTS = (
@@ -162,6 +163,13 @@ def summary(found: dict[str, dict[str, int]], policy: Policy) -> list[dict[str, 
     return out
 
 
+async def published_policy(res: Resources, merchant_id: str) -> Policy:
+    """The merchant's policy as its messages are decided now: with its published override as
+    it is in Redis (a publish in any process), not as this process last loaded it."""
+    await sync_published(res, [merchant_id])
+    return res.policies.for_merchant(merchant_id)
+
+
 def _message_of(milestone: str | None) -> str | None:
     """The message file name of a milestone as counts name it (``exception:lost``)."""
     return milestone.replace(":", "_") if milestone else None
@@ -176,7 +184,7 @@ class ExperimentsApi:
     async def results(self, merchant_id: str, first: date, last: date) -> list[dict[str, Any]]:
         res = self.admin.res
         found = await res.store.stats(merchant_id, first, last)
-        return summary(found, res.policies.for_merchant(merchant_id))
+        return summary(found, await published_policy(res, merchant_id))
 
     async def get(self, request: web.Request) -> web.Response:
         merchant_id, _ = self.admin.merchant(request)

@@ -125,7 +125,7 @@ class AnalyticsPage:
         for row in analytics.table(found, ["day", "channel"])[1]:
             per_day.setdefault(row["day"], {})[row["channel"]] = row["accepted"]
         rates = analytics.rates(found)
-        policy = self.web.res.policies.for_merchant(merchant_id)
+        policy = await experiments.published_policy(self.web.res, merchant_id)
         return self.web.page(
             "analytics.html",
             request=request,

@@ -15,6 +15,7 @@ from notifier.admin_views import Views, locales, message_path, milestones
 from notifier.check import candidate_renderer, sample_notification, samples
 from notifier.errors import ApiError, BadRequest, ConfigurationError, NotFound, NotifierError
 from notifier.ingest import read_json
+from notifier.insights.experiments import published_policy
 from notifier.models import ChannelKind, Notification, message_name
 from notifier.policy.rules import VARIANTS
 from notifier.render import Renderer
@@ -157,7 +158,7 @@ class Messages:
             and p.removeprefix(prefix).count(".") == 1
             and not p.removeprefix(prefix).startswith("b.")
         )
-        policy = self.web.res.policies.for_merchant(merchant_id)
+        policy = await published_policy(self.web.res, merchant_id)
         test = policy.experiment_of.get(milestone.replace(":", "_"))
         return self.web.page(
             "message.html",
