@@ -28,6 +28,7 @@ from notifier.admin import Admin, InvalidOverride, json_reply
 from notifier.check import samples
 from notifier.errors import ConfigurationError, NotFound
 from notifier.ingest import read_json
+from notifier.models import message_name_of, message_paths
 from notifier.policy import PolicyStore
 from notifier.policy.rules import VARIANTS
 from notifier.render.brand import load_brand
@@ -51,8 +52,16 @@ def _fields(data: Any) -> dict[str, Any]:
 def message_path(milestone: str, locale: str | None = None, variant: str = "") -> str:
     """The override file of a milestone's message (for one locale, or all; its variant b of
     an A/B test with ``variant="b"``)."""
-    name = milestone.replace(":", "_") + (".b" if variant == "b" else "")
-    return f"messages/{name}.{locale}.jinja" if locale else f"messages/{name}.jinja"
+    one, every = message_paths(message_name_of(milestone), locale or "", variant)
+    return one if locale else every
+
+
+def variant_param(value: str | None) -> str:
+    """The variant a query or form names (``a`` when none); 404 for anything else."""
+    variant = value or "a"
+    if variant not in VARIANTS:
+        raise NotFound(f"no variant {variant} (a, or b of an A/B test)")
+    return variant
 
 
 def milestones() -> list[str]:
@@ -93,14 +102,16 @@ class Views:
         published: dict[str, str],
     ) -> tuple[str, str] | None:
         """The file itself; else, for one locale, its all-languages text; else, for a
-        variant b, variant a's (a new variant b starts as a copy of a)."""
-        name = path.split(".")[0]
-        variant_b = ".b." in path
-        fallbacks = [(path, "")]
-        if variant_b and path != f"{name}.b.jinja":
-            fallbacks.append((f"{name}.b.jinja", ", all languages"))
-        if path != f"{name}.jinja":
-            fallbacks.append((f"{name}.jinja", ", variant a" if variant_b else ", all languages"))
+        variant b, variant a's the same way (a new variant b starts as a copy of a)."""
+        name, *rest = path.removeprefix("messages/").removesuffix(".jinja").split(".")
+        variant = "b" if rest[:1] == ["b"] else ""
+        locale = next((part for part in rest if part != "b"), "")
+        fallbacks = []
+        for arm, note in ((variant, ""), ("", ", variant a")) if variant else (("", ""),):
+            one, every = message_paths(name, locale, arm)
+            if locale:
+                fallbacks.append((one, note))
+            fallbacks.append((every, note + (", all languages" if locale else "")))
         for other, note in fallbacks:
             found = self._file(merchant_id, other, draft, published)
             if found is not None:
@@ -128,13 +139,11 @@ class Views:
         """(milestone, locale, file, variant) a template route names."""
         milestone = request.match_info["milestone"]
         locale = request.query.get("locale") or None
-        variant = request.query.get("variant") or "a"
         if milestone not in milestones():
             raise NotFound(f"no milestone {milestone} (a status, or exception:<code>)")
         if locale is not None and locale not in self.locales():
             raise NotFound(f"no catalog for locale {locale} (one of {', '.join(self.locales())})")
-        if variant not in VARIANTS:
-            raise NotFound(f"no variant {variant} (a, or b of an A/B test)")
+        variant = variant_param(request.query.get("variant"))
         return milestone, locale, message_path(milestone, locale, variant), variant
 
     async def list_templates(self, request: web.Request) -> web.Response:

@@ -26,6 +26,7 @@ from notifier.models import (
     Status,
     Transition,
     message_name,
+    message_paths,
 )
 from notifier.overrides import PREFIX, TEMPLATE, OverrideStore
 from notifier.policy import Policy, PolicyStore
@@ -185,6 +186,10 @@ def check_all(settings: Settings) -> list[str]:
     problems += _audit(renderer, "", templates_dir)
     problems += _render_problems(renderer, "", locales, full=True)
     policies = PolicyStore(policies_dir)
+    default_policy = policies.strict("")
+    problems += experiment_problems(
+        renderer, DEFAULTS, default_policy, locales, "policies/default.yaml"
+    )
     for merchant in merchants(settings):
         try:
             policy = policies.strict(merchant)
@@ -405,22 +410,21 @@ def experiment_problems(
     shipments drawn for b would all read a."""
     out = []
     for test in policy.experiments:
-        b = f"messages/{test.message}.b"
-        names = (*(f"{b}.{locale}.jinja" for locale in locales), f"{b}.jinja")
+        paths = [message_paths(test.message, locale, "b") for locale in locales]
+        names = (*(one for one, _ in paths), paths[0][1])
         if test.b_percent and not renderer.templates.exists(merchant, names):
             out.append(
-                f"{where}: experiments: {test.name}: no {b}.jinja (nor one for a locale), so "
-                f"every shipment would read variant a"
+                f"{where}: experiments: {test.name}: no {paths[0][1]} (nor one for a "
+                "locale), so every shipment would read variant a"
             )
     return out
 
 
 def _variants(renderer: Renderer, merchant: str, t: Transition, locale: str) -> tuple[str, ...]:
-    """The variants of a message to render: b too when the merchant wrote one."""
-    b = f"messages/{message_name(t)}.b"
-    if merchant and renderer.templates.exists(merchant, (f"{b}.{locale}.jinja", f"{b}.jinja")):
-        return ("", "b")
-    return ("",)
+    """The variants of a message to render: b too when the merchant (or the defaults) has
+    one."""
+    names = message_paths(message_name(t), locale, "b")
+    return ("", "b") if renderer.templates.exists(merchant or DEFAULTS, names) else ("",)
 
 
 def _render_problems(

@@ -265,14 +265,16 @@ class Deliverer:
             if isinstance(outcome, Receipt):
                 sent.append((nid, at, f"{outcome.channel}:{outcome.detail}"))
             elif isinstance(outcome, TemporaryDeliveryError):
-                if await self._retry_later(notifications[nid], outcome, owner, scope):
+                tag = item.message.stats_tag
+                if await self._retry_later(notifications[nid], outcome, owner, scope, tag):
                     report.retrying.append(nid)
                 else:
                     report.failed.append(nid)
             else:
                 if isinstance(outcome, PermanentDeliveryError) and outcome.opted_out:
                     await self._record_opt_out(item)
-                await self._fail(notifications[nid], outcome, report, owner, scope)
+                n = notifications[nid]
+                await self._fail(n, outcome, report, owner, scope, item.message.stats_tag)
                 if isinstance(outcome, PermanentDeliveryError):
                     await self._fall_back(notifications[nid], outcome)
         return sent
@@ -350,21 +352,30 @@ class Deliverer:
             ]
 
     async def _fail(
-        self, n: Notification, exc: Exception, report: DeliveryReport, owner: str, scope: Scope
+        self,
+        n: Notification,
+        exc: Exception,
+        report: DeliveryReport,
+        owner: str,
+        scope: Scope,
+        tag: str = "",
     ) -> None:
         # The reason (which may quote the provider's words about an address) goes to the
         # ledger, readable in the history; the log names only the kind of failure.
         nid = n.notification_id
         log.error("notification %s failed permanently (%s)", nid, type(exc).__name__)
-        await self._failed(n, str(exc), owner, scope)
+        await self._failed(n, str(exc), owner, scope, tag)
         report.failed.append(nid)
 
-    async def _failed(self, n: Notification, reason: str, owner: str, scope: Scope) -> None:
+    async def _failed(
+        self, n: Notification, reason: str, owner: str, scope: Scope, tag: str = ""
+    ) -> None:
         """Record a notification that failed for good, and tell the merchant's webhook
-        endpoints that take ``delivery.failed``."""
+        endpoints that take ``delivery.failed``; ``tag``: the rendered message's stats tag
+        (none when it did not render)."""
         if not await self.res.store.mark_failed(n.notification_id, reason, owner, scope):
             return  # another worker holds it now: its outcome is that worker's to tell
-        await self._count_failed(n, scope)
+        await self._count_failed(n, scope, tag)
         now = self.res.clock()
         event = hook_events.delivery_failed(
             n.merchant_id,
@@ -378,12 +389,21 @@ class Deliverer:
         )
         await self.res.hooks.emit(n.merchant_id, n.shipment_id, event, now)
 
-    async def _count_failed(self, n: Notification, scope: Scope) -> None:
-        """Count a message that failed for good in its merchant's analytics; a Redis failure
-        loses the count, not the failure (recorded already)."""
+    async def _count_failed(self, n: Notification, scope: Scope, tag: str) -> None:
+        """Count a message that failed for good in its merchant's analytics: in the variant
+        it was rendered in (``tag``), or outside any test when it did not render. A Redis
+        failure loses the count, not the failure (recorded already)."""
         day = counts.day_of(self.res.clock())
+        channel = n.channel.value
+        name = (
+            counts.of_tag(tag, channel, Count.FAILED)
+            if tag
+            else counts.of_message(
+                n.transition.milestone, channel, n.recipient.locale, Count.FAILED
+            )
+        )
         try:
-            await self.res.store.count(n.merchant_id, scope, day, {_field(n, Count.FAILED): 1})
+            await self.res.store.count(n.merchant_id, scope, day, {name: 1})
         except (RedisError, OSError) as exc:
             log.warning("a failed count lost: Redis failed (%s)", type(exc).__name__)
 
@@ -403,7 +423,7 @@ class Deliverer:
             await self.res.hooks.opted_out(m.merchant_id, key, "provider", at, m.shipment_id)
 
     async def _retry_later(
-        self, n: Notification, exc: TemporaryDeliveryError, owner: str, scope: Scope
+        self, n: Notification, exc: TemporaryDeliveryError, owner: str, scope: Scope, tag: str
     ) -> bool:
         """Schedule the next attempt; False when the notification is out of attempts (then
         it failed for good)."""
@@ -411,7 +431,8 @@ class Deliverer:
         attempts = int((await self.res.store.ledger([nid], scope))[nid].get("attempts", "1"))
         if attempts >= MAX_ATTEMPTS:
             log.error("notification %s out of attempts: %s", nid, exc.reason)
-            await self._failed(n, f"gave up after {attempts} attempts: {exc.reason}", owner, scope)
+            reason = f"gave up after {attempts} attempts: {exc.reason}"
+            await self._failed(n, reason, owner, scope, tag)
             return False
         delay = backoff_s(attempts, exc.retry_after_s)
         log.warning("notification %s: %s; retry %d in %.0f s", nid, exc.reason, attempts, delay)
@@ -419,13 +440,6 @@ class Deliverer:
         due_ms = int(due.timestamp() * 1000)
         await self.res.store.reschedule(nid, due_ms, exc.reason, owner, scope)
         return True
-
-
-def _field(n: Notification, count: Count) -> str:
-    """The analytics field a message counts in (in the variant its shipment reads)."""
-    test = f"{n.experiment}:{n.variant}" if n.experiment and n.variant else ""
-    t, channel = n.transition, n.channel.value
-    return counts.of_message(t.milestone, channel, n.recipient.locale, count, test)
 
 
 def _count(report: DeliveryReport, timing: Mapping[str, tuple[float, float]]) -> None:

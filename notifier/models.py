@@ -406,6 +406,18 @@ def message_name(t: Transition) -> str:
     return t.status.value
 
 
+def message_name_of(milestone: str) -> str:
+    """The message file of a milestone: ``exception:lost`` → ``exception_lost``."""
+    return milestone.replace(":", "_")
+
+
+def message_paths(name: str, locale: str, variant: str = "") -> tuple[str, str]:
+    """(the file for one locale, the file for every locale) of message ``name`` in
+    ``variant`` (``b``: the variant b of an A/B test, ``messages/<name>.b[.<locale>].jinja``)."""
+    base = f"messages/{name}.b" if variant == "b" else f"messages/{name}"
+    return f"{base}.{locale}.jinja", f"{base}.jinja"
+
+
 def notification_id(t: Transition, channel: ChannelKind) -> str:
     """Deterministic: the same event on the same channel always has the same id."""
     return notification_id_of(t.merchant_id, t.shipment_id, t.event_id, channel)

@@ -400,7 +400,7 @@ def _hooks() -> dict[tuple[str, str], Op]:
             one,
             "changeWebhookEndpoint",
             "Change an endpoint's URL, events or state",
-            ok(h.EndpointReply),
+            {**ok(h.EndpointReply), **refusals(409)},
             h.EndpointChange,
         ),
         ("DELETE", one, "deleteWebhookEndpoint", "Delete an endpoint", gone, None),
@@ -409,7 +409,7 @@ def _hooks() -> dict[tuple[str, str], Op]:
             one + "/rotate-secret",
             "rotateWebhookSecret",
             "A new signing secret; the old one signs too for overlap_s",
-            ok(h.EndpointReply),
+            {**ok(h.EndpointReply), **refusals(409)},
             h.Rotation,
         ),
         (

@@ -116,11 +116,11 @@ async def twilio_inbound(request: web.Request, res: Resources) -> web.Response:
     if word in STOP_WORDS:
         # Twilio itself confirms a STOP to the sender; we only stop using the number.
         new = await res.store.set_opt_out(res.store.EVERY_MERCHANT, key, True)
-        if last is not None:
+        if last is not None and new:  # a STOP repeated is no new one
+            # counted under the message it answers, and its merchant is told
             await _count_reply(res, last, Count.STOPS)
-            if new:  # the merchant whose message was answered is told
-                at = res.clock()
-                await res.hooks.opted_out(last.merchant_id, key, "sms_stop", at, last.shipment_id)
+            at = res.clock()
+            await res.hooks.opted_out(last.merchant_id, key, "sms_stop", at, last.shipment_id)
     elif word in START_WORDS:
         await res.store.set_opt_out(res.store.EVERY_MERCHANT, key, False)
     elif word in HELP_WORDS:

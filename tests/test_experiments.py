@@ -8,6 +8,7 @@ import email
 import email.policy
 import shutil
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,14 @@ from pydantic import ValidationError
 
 from notifier.app import create_app
 from notifier.check import check_all
+from notifier.insights.counts import recipient_digest
 from notifier.insights.experiments import p_value
 from notifier.policy.rules import Experiment, Policy
 from notifier.resources import data_dir, open_resources
 from notifier.webhooks import _email_event
 from tests.conftest import (
     ACME_KEY,
+    NOW,
     auth,
     fixed_clock,
     make_settings,
@@ -34,12 +37,15 @@ from tests.conftest import (
     transition,
 )
 from tests.fakes import FakeSendGrid, FakeTwilio, serve_sendgrid, serve_twilio
+from tests.test_merchant_hooks import Receiver, endpoint, send
+from tests.test_merchant_hooks import receiver as receiver  # a fixture: the merchant's receiver
 from tests.test_twilio import SID, TOKEN
 from tests.test_webhooks import PUBLIC, signed
 
 Client = TestClient[Any, Any]
 DAY = "from=2026-11-21&to=2026-11-21"
 TEST = "short-words"
+SECRET = "a-signing-secret-for-the-tests"
 SHIPMENTS = 40
 
 
@@ -233,7 +239,10 @@ async def providers() -> AsyncIterator[tuple[FakeSendGrid, FakeTwilio]]:
 
 
 async def test_provider_reports_replies_and_stops_count_under_the_variant(
-    tmp_path: Path, redis_url: str, providers: tuple[FakeSendGrid, FakeTwilio]
+    tmp_path: Path,
+    redis_url: str,
+    providers: tuple[FakeSendGrid, FakeTwilio],
+    receiver: Receiver,
 ) -> None:
     sendgrid, twilio = providers
     settings = make_settings(
@@ -249,10 +258,12 @@ async def test_provider_reports_replies_and_stops_count_under_the_variant(
         twilio_auth_token=TOKEN,
         twilio_from="+15005550006",
         twilio_base_url=twilio.url,
-        signing_secret="a-signing-secret-for-the-tests",
+        signing_secret=SECRET,
+        merchant_hooks_allow_private=True,
         **_files(tmp_path, POLICY),
     )
     async with TestClient(TestServer(create_app(settings, clock=fixed_clock()))) as client:
+        await endpoint(client, receiver.url, ["recipient.opted_out"])
         await post(client, *shipments(12))
         await run_worker(settings)
         # each email tells SendGrid its variant; each SMS tells Twilio in its callback URL
@@ -276,9 +287,20 @@ async def test_provider_reports_replies_and_stops_count_under_the_variant(
         # the recipients text back: a question to variant b, a STOP to variant a
         inbound = "/v1/webhooks/twilio/inbound"
         for sender, body in ((b_phone, "Can you leave it next door?"), (a_phone, "STOP")):
-            for _ in range(2):  # counted once a message and day
+            for _ in range(2):  # counted once a message and day, a STOP once
                 resp = await signed(client, inbound, {"From": sender, "Body": body})
                 assert resp.status == 200
+        # the STOP's merchant is told, once, with the shipment its last SMS was about
+        await send(settings)
+        [told] = receiver.events()
+        a_shipment = f"shp_{int(a_phone[-5:])}"
+        assert told["type"] == "recipient.opted_out"
+        assert told["data"] == {
+            "channel": "sms",
+            "address": a_phone,
+            "source": "sms_stop",
+            "shipment_id": a_shipment,
+        }
         # a number we never texted counts nowhere (and its STOP still holds)
         resp = await signed(client, inbound, {"From": "+4915100000000", "Body": "STOP"})
         assert resp.status == 200
@@ -298,9 +320,17 @@ async def test_provider_reports_replies_and_stops_count_under_the_variant(
         async with open_resources(settings) as res:
             assert await res.store.opted_out("acme", [f"sms:{a_phone}"])
             assert await res.store.opted_out("acme", ["sms:+4915100000000"])
-            # no phone number is in the key that remembers the last SMS to it
-            keys = [k.decode() async for k in res.store.redis.scan_iter(match="*lastsms*")]
-            assert len(keys) == 12 and not any("336123" in k for k in keys)
+            # the key that remembers the last SMS to a number names it by its keyed digest
+            keys = {k.decode() async for k in res.store.redis.scan_iter(match="*lastsms*")}
+            assert keys == {f"ntf:lastsms:{recipient_digest(SECRET, phone)}" for phone in variant}
+            assert not any(phone[1:] in str(keys) for phone in variant)
+    # the same STOP again the next day is no new opt-out: counted nowhere
+    tomorrow = NOW + timedelta(days=1)
+    async with TestClient(TestServer(create_app(settings, clock=fixed_clock(tomorrow)))) as c:
+        resp = await signed(c, inbound, {"From": a_phone, "Body": "STOP"})
+        assert resp.status == 200
+        async with open_resources(settings) as res:
+            assert await res.store.stats("acme", tomorrow.date(), tomorrow.date()) == {}
 
 
 def test_check_names_an_experiment_without_its_variant_b(tmp_path: Path) -> None:
@@ -429,3 +459,40 @@ async def test_the_editor_writes_variant_b_and_the_cadence_form_starts_a_test(
         resp = await client.post("/merchant/acme/cadence", data={**again, "experiments.0.name": ""})
         assert "Saved to your draft" in await resp.text()
         assert not yaml.safe_load((await draft(client))["policy.yaml"])
+
+
+async def test_a_broken_variant_b_is_a_problem_and_its_readers_fall_outside_the_test(
+    tmp_path: Path, redis_url: str
+) -> None:
+    # a syntax error in a variant b is named by a save's problems (not a crash)
+    settings = make_settings(tmp_path, redis_url=redis_url)
+    async with TestClient(TestServer(create_app(settings, clock=fixed_clock()))) as client:
+        resp = await client.put(
+            "/v1/merchants/acme/templates/delivered?variant=b",
+            json={"text": "{% if %}"},
+            headers=auth(ACME_KEY),
+        )
+        assert resp.status == 200, await resp.text()
+        problems = (await resp.json())["problems"]
+        assert any("messages/delivered.b.jinja" in p for p in problems), problems
+
+    # one that fails as it renders: its readers get the default templates, counted outside
+    # the test (neither of the merchant's variants is what they read)
+    every_b = f"experiments: [{{name: {TEST}, message: out_for_delivery, b_percent: 100}}]\n"
+    files = _files(tmp_path / "broken", every_b)
+    broken = files["templates_dir"] / "acme" / "messages" / "out_for_delivery.b.jinja"
+    broken.write_text(broken.read_text().replace("VARIANT-B sms", "{{ 1 / 0 }}"))
+    settings = make_settings(tmp_path / "broken", redis_url=redis_url, **files)
+    async with TestClient(TestServer(create_app(settings, clock=fixed_clock()))) as client:
+        await post(client, *shipments(4))
+        await run_worker(settings)
+        bodies = [p.read_text() for p in outbox_files(settings, ".sms.json")]
+        assert len(bodies) == 4 and not any("VARIANT-B" in b for b in bodies)
+        [result] = await experiments(client)
+        assert result["variants"]["a"]["all"]["accepted"] == 0
+        assert result["variants"]["b"]["all"]["accepted"] == 0
+        resp = await client.get(
+            f"/v1/merchants/acme/analytics?{DAY}&group_by=variant", headers=auth(ACME_KEY)
+        )
+        [row] = (await resp.json())["rows"]
+        assert (row["variant"], row["accepted"]) == ("", 8)

@@ -150,12 +150,30 @@ async def test_the_endpoint_limit_holds_for_creates_at_once_and_a_change_never_r
     assert refused["error"]["code"] == "too_many_webhook_endpoints"
     listed = await (await hook_client.get(BASE, headers=auth(ACME_KEY))).json()
     assert len(listed["endpoints"]) == 16
-    # a change that read the endpoint before a delete took it does not bring it back
-    gone = listed["endpoints"][0]
     async with open_resources(hook_settings) as res:
-        assert await res.store.delete_hook_endpoint("acme", gone["id"])
-        assert not await res.store.change_hook_endpoint("acme", {**gone, "enabled": False})
-        assert gone["id"] not in await res.store.hook_endpoints("acme")
+        read = await res.store.hook_endpoints("acme")
+        first, second = sorted(read)[:2]
+        # a change that read the endpoint before a delete took it does not bring it back
+        assert await res.store.delete_hook_endpoint("acme", first)
+        gone = read[first]
+        assert await res.store.change_hook_endpoint("acme", gone, {**gone, "enabled": 0}) == 0
+        assert first not in await res.store.hook_endpoints("acme")
+        # of two changes made from the same read (a patch, a rotation), the second is refused
+        one = read[second]
+        assert await res.store.change_hook_endpoint("acme", one, {**one, "secret": "new"}) == 1
+        assert await res.store.change_hook_endpoint("acme", one, {**one, "enabled": 0}) == -1
+        assert (await res.store.hook_endpoints("acme"))[second]["secret"] == "new"
+    resp = await hook_client.patch(
+        f"{BASE}/{first}", json={"enabled": False}, headers=auth(ACME_KEY)
+    )
+    assert resp.status == 404
+    resp = await hook_client.patch(
+        f"{BASE}/{second}", json={"enabled": False}, headers=auth(ACME_KEY)
+    )
+    assert resp.status == 200  # read again: the rotation's secret stays
+    async with open_resources(hook_settings) as res:
+        after = (await res.store.hook_endpoints("acme"))[second]
+    assert (after["secret"], after["enabled"]) == ("new", False)
 
 
 async def test_bad_endpoints_get_a_422_naming_the_problem(client: Client) -> None:

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from notifier.admin import Admin, json_reply
 from notifier.insights import api as analytics
 from notifier.insights.counts import Count, split, variant_of
+from notifier.models import message_name_of
 from notifier.policy import Policy
 from notifier.resources import Resources, sync_published
 
@@ -153,7 +154,7 @@ def summary(found: dict[str, dict[str, int]], policy: Policy) -> list[dict[str, 
         out.append(
             {
                 "name": name,
-                "message": test.message if test else _message_of(seen["message"]),
+                "message": test.message if test else message_name_of(seen["message"] or "") or None,
                 "b_percent": test.b_percent if test else None,
                 "running": test is not None,
                 "variants": variants,
@@ -168,11 +169,6 @@ async def published_policy(res: Resources, merchant_id: str) -> Policy:
     it is in Redis (a publish in any process), not as this process last loaded it."""
     await sync_published(res, [merchant_id])
     return res.policies.for_merchant(merchant_id)
-
-
-def _message_of(milestone: str | None) -> str | None:
-    """The message file name of a milestone as counts name it (``exception:lost``)."""
-    return milestone.replace(":", "_") if milestone else None
 
 
 class ExperimentsApi:

@@ -39,6 +39,10 @@ class TooManyEndpoints(ApiError):
     status, code = 409, "too_many_webhook_endpoints"
 
 
+class EndpointChanged(ApiError):
+    status, code = 409, "endpoint_changed"
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -183,10 +187,19 @@ class HookAdmin:
             raise NotFound(f"merchant {merchant_id} has no webhook endpoint {endpoint_id}")
         return merchant_id, found
 
-    async def _change(self, merchant_id: str, endpoint: dict[str, Any]) -> None:
-        """Write a changed endpoint; 404 when it was deleted meanwhile (never brought back)."""
-        if not await self.admin.res.store.change_hook_endpoint(merchant_id, endpoint):
+    async def _change(
+        self, merchant_id: str, before: dict[str, Any], endpoint: dict[str, Any]
+    ) -> None:
+        """Write a changed endpoint over the one read (``before``): 404 when it was deleted
+        meanwhile (never brought back), 409 when another change came first (neither is lost:
+        read it again)."""
+        written = await self.admin.res.store.change_hook_endpoint(merchant_id, before, endpoint)
+        if written == 0:
             raise NotFound(f"merchant {merchant_id} has no webhook endpoint {endpoint['id']}")
+        if written < 0:
+            raise EndpointChanged(
+                f"webhook endpoint {endpoint['id']} was changed meanwhile: read it and try again"
+            )
 
     async def list(self, request: web.Request) -> web.Response:
         merchant_id, _ = self.admin.merchant(request)
@@ -223,9 +236,9 @@ class HookAdmin:
         changes = body.model_dump(exclude_none=True)
         if "url" in changes:
             self._check_url(changes["url"])
-        endpoint = {**endpoint, **changes}
-        await self._change(merchant_id, endpoint)
-        return json_reply(200, public(endpoint))
+        changed = {**endpoint, **changes}
+        await self._change(merchant_id, endpoint, changed)
+        return json_reply(200, public(changed))
 
     async def delete(self, request: web.Request) -> web.Response:
         merchant_id, endpoint = await self._endpoint(request)
@@ -236,14 +249,14 @@ class HookAdmin:
         merchant_id, endpoint = await self._endpoint(request)
         body: Rotation = await self._body(request, Rotation)
         now = self.admin.res.clock().timestamp()
-        endpoint = {
+        rotated = {
             **endpoint,
             "secret": _new_secret(),
             "previous_secret": endpoint["secret"],
             "previous_until": now + body.overlap_s,
         }
-        await self._change(merchant_id, endpoint)
-        return json_reply(200, public(endpoint, secret=True))
+        await self._change(merchant_id, endpoint, rotated)
+        return json_reply(200, public(rotated, secret=True))
 
     async def test(self, request: web.Request) -> web.Response:
         """Queue a ``test`` event for this endpoint only (sent by the next worker tick)."""

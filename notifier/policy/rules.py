@@ -185,8 +185,9 @@ class Stalled(_Strict):
         return value
 
 
-#: the message files an experiment can vary (``templates/messages/<name>.jinja``)
-MESSAGE_NAMES = frozenset(
+#: the message files an experiment can vary (``templates/messages/<name>.jinja``), in the
+#: order of a journey
+MESSAGE_NAMES = tuple(
     [s.value for s in Status if s is not Status.EXCEPTION]
     + [f"exception_{c.value}" for c in ExceptionCode]
 )

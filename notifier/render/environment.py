@@ -19,6 +19,7 @@ from jinja2 import (
     FileSystemLoader,
     StrictUndefined,
     Template,
+    TemplateError,
     TemplateNotFound,
     pass_context,
     select_autoescape,
@@ -189,6 +190,8 @@ class TemplateStore:
                 found = True
             except TemplateNotFound:  # TemplatesNotFound is one
                 found = False
+            except TemplateError:  # it exists, broken: rendering it says what is wrong
+                found = True
             with self._lock:
                 self._exists[key] = found
         return found

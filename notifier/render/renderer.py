@@ -34,6 +34,7 @@ from notifier.models import (
     Status,
     Transition,
     message_name,
+    message_paths,
 )
 from notifier.render import i18n, skeleton
 from notifier.render.brand import Brand, load_brand
@@ -173,12 +174,6 @@ def stats_tag(n: Notification, variant: str = "") -> str:
     return counts.tag(
         n.transition.milestone, n.recipient.locale, n.experiment if variant else None, variant
     )
-
-
-def message_file(n: Notification, variant: str) -> str:
-    """The message file (without ``.jinja``) of ``n`` in ``variant``: ``delivered.b``."""
-    name = message_name(n.transition)
-    return f"{name}.b" if variant == "b" else name
 
 
 def _progress(t: Transition) -> list[dict[str, str]]:
@@ -424,14 +419,15 @@ class Renderer:
     def variant(self, n: Notification, templates_of: str, locale: str) -> str:
         """The variant ``n`` is rendered in: the shipment's (``n.variant``) when the merchant
         wrote that message's b file for its reader (``messages/<name>.b.jinja``, or
-        ``.b.<locale>.jinja``), else ``a``; empty outside an experiment."""
+        ``.b.<locale>.jinja``), else ``a``; empty outside an experiment, and for a message
+        rendered with the default templates because the merchant's failed (it reads neither
+        of the merchant's variants)."""
+        if templates_of == DEFAULT_TEMPLATES and n.merchant_id != DEFAULT_TEMPLATES:
+            return ""
         if n.variant != "b":
             return n.variant or ""
-        name = message_file(n, "b")
-        found = self.templates.exists(
-            templates_of, (f"messages/{name}.{locale}.jinja", f"messages/{name}.jinja")
-        )
-        return "b" if found else "a"
+        names = message_paths(message_name(n.transition), locale, "b")
+        return "b" if self.templates.exists(templates_of, names) else "a"
 
     def context(self, n: Notification, locale: str, variant: str = "") -> dict[str, Any]:
         """Everything a template may use (the README lists it for merchants); ``variant``:
@@ -514,9 +510,9 @@ class Renderer:
             "sms_url": primary["url"] if primary else (sms_url or ""),
             "pickup_point": point.model_dump() if point else None,
             "us_opt_out": _us_opt_out(n),
-            "message": f"messages/{message_file(n, variant)}.jinja",
+            "message": message_paths(message_name(t), locale, variant)[1],
             # a message's wording for one locale only, when the merchant wrote one
-            "message_for_locale": f"messages/{message_file(n, variant)}.{locale}.jinja",
+            "message_for_locale": message_paths(message_name(t), locale, variant)[0],
             #: the variant of an A/B test of this message (a or b), empty outside one
             "variant": variant,
         }

@@ -58,20 +58,25 @@ class Hooks(StoreBase):
     ) -> bool:
         """Add an endpoint unless the merchant has ``most`` already (checked and written at
         once); whether it was added."""
-        return await self._write_endpoint(merchant_id, endpoint, "new", most)
+        return await self._write_endpoint(merchant_id, endpoint, "new", most) == 1
 
-    async def change_hook_endpoint(self, merchant_id: str, endpoint: dict[str, Any]) -> bool:
-        """Replace an endpoint that still exists; False when it was deleted meanwhile."""
-        return await self._write_endpoint(merchant_id, endpoint, "change", 0)
+    async def change_hook_endpoint(
+        self, merchant_id: str, before: dict[str, Any], endpoint: dict[str, Any]
+    ) -> int:
+        """Replace an endpoint as it was read (``before``, from ``hook_endpoints``): 1 when
+        written, 0 when it was deleted meanwhile, -1 when it changed meanwhile."""
+        return await self._write_endpoint(
+            merchant_id, endpoint, "change", orjson.dumps(before).decode()
+        )
 
     async def _write_endpoint(
-        self, merchant_id: str, endpoint: dict[str, Any], how: str, most: int
-    ) -> bool:
-        args = [endpoint["id"], orjson.dumps(endpoint).decode(), how, most]
+        self, merchant_id: str, endpoint: dict[str, Any], how: str, check: int | str
+    ) -> int:
+        args = [endpoint["id"], orjson.dumps(endpoint).decode(), how, check]
         written = await self.scripts.hook_endpoint(
             keys=[keys.hook_endpoints_key(merchant_id)], args=args
         )
-        return bool(written)
+        return int(written)
 
     async def delete_hook_endpoint(self, merchant_id: str, endpoint_id: str) -> bool:
         """Drop an endpoint and its log; False when there was none."""

@@ -32,7 +32,6 @@ class LastSms(NamedTuple):
     """The last SMS sent to a number: what a reply to it answers."""
 
     notification_id: str
-    scope: Scope
     merchant_id: str
     shipment_id: str
     #: what the message carried for the analytics (``insights.counts.tag``)
@@ -197,7 +196,7 @@ class Ledger(StoreBase):
                     pipe.set(keys.provider_key(provider, message_id), value, ex=self.state_ttl_s)
                 if last_sms and nid in last_sms:
                     recipient, tag = last_sms[nid]
-                    value = orjson.dumps([nid, scope, *where[nid], tag])
+                    value = orjson.dumps([nid, *where[nid], tag])
                     pipe.set(keys.last_sms_key(recipient), value, ex=LAST_SMS_S)
                 if counted and nid in counted:
                     mine = tallies.setdefault(where[nid][0], {})
@@ -264,8 +263,8 @@ class Ledger(StoreBase):
         value = await awaited(self.redis.get(keys.last_sms_key(recipient)))
         if not value:
             return None
-        nid, scope, merchant_id, shipment_id, tag = orjson.loads(value)
-        return LastSms(nid, scope, merchant_id, shipment_id, tag)
+        nid, merchant_id, shipment_id, tag = orjson.loads(value)
+        return LastSms(nid, merchant_id, shipment_id, tag)
 
     async def provider_status(
         self,

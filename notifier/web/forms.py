@@ -16,6 +16,7 @@ import yaml
 from pydantic import ValidationError
 
 from notifier.models import ChannelKind, ExceptionCode, Status
+from notifier.policy.rules import MESSAGE_NAMES
 
 #: Human names of milestones (the editor's UI is English; messages are in every locale).
 STATUS_LABELS: dict[str, str] = {
@@ -255,8 +256,8 @@ def policy_from_form(
 #: an A/B test row of the cadence form that starts a new one
 BLANK_TEST: dict[str, Any] = {"name": "", "message": "delivered", "b_percent": 50}
 #: the messages an A/B test can vary, as the form offers them: (file name, label)
-TEST_MESSAGES = [(s.value, STATUS_LABELS[s]) for s in Status if s is not Status.EXCEPTION] + [
-    (f"exception_{c.value}", "Problem: " + EXCEPTION_LABELS[c]) for c in ExceptionCode
+TEST_MESSAGES = [
+    (name, milestone_label(name.replace("exception_", "exception:", 1))) for name in MESSAGE_NAMES
 ]
 
 

@@ -11,13 +11,12 @@ from typing import Any
 from aiohttp import web
 
 from notifier.admin import InvalidOverride, describe
-from notifier.admin_views import Views, locales, message_path, milestones
+from notifier.admin_views import Views, locales, message_path, milestones, variant_param
 from notifier.check import candidate_renderer, sample_notification, samples
 from notifier.errors import ApiError, BadRequest, ConfigurationError, NotFound, NotifierError
 from notifier.ingest import read_json
 from notifier.insights.experiments import published_policy
-from notifier.models import ChannelKind, Notification, message_name
-from notifier.policy.rules import VARIANTS
+from notifier.models import ChannelKind, Notification, message_name, message_name_of
 from notifier.render import Renderer
 from notifier.settings import Settings
 from notifier.web.base import Web
@@ -138,9 +137,7 @@ class Messages:
         locale = request.query.get("locale", "")
         if locale and locale not in available:
             raise NotFound(f"no catalog for locale {locale}")
-        variant = request.query.get("variant") or "a"
-        if variant not in VARIANTS:
-            raise NotFound(f"no variant {variant}")
+        variant = variant_param(request.query.get("variant"))
         path = message_path(milestone, locale or None, variant)
         text, source = await self.views.current_text(merchant_id, path)
         _, files = await self.web.admin.candidate(merchant_id)
@@ -159,7 +156,7 @@ class Messages:
             and not p.removeprefix(prefix).startswith("b.")
         )
         policy = await published_policy(self.web.res, merchant_id)
-        test = policy.experiment_of.get(milestone.replace(":", "_"))
+        test = policy.experiment_of.get(message_name_of(milestone))
         return self.web.page(
             "message.html",
             request=request,
@@ -190,11 +187,9 @@ class Messages:
         milestone = request.match_info["milestone"]
         form = await self.web.form(request, session)
         locale = form.get("locale", "")
-        variant = form.get("variant") or "a"
         if milestone not in milestones() or (locale and locale not in locales(self.web.res)):
             raise NotFound(f"no message {milestone} {locale}".strip())
-        if variant not in VARIANTS:
-            raise NotFound(f"no variant {variant}")
+        variant = variant_param(form.get("variant"))
         path = message_path(milestone, locale or None, variant)
         query = {"locale": locale, "variant": variant if variant == "b" else ""}
         where = f"/merchant/{merchant_id}/messages/{milestone}?" + "".join(
@@ -229,11 +224,9 @@ class Messages:
             raise BadRequest("expected a JSON object")
         path, text = str(body.get("path", "")), str(body.get("text", ""))
         milestone, locale = str(body.get("milestone", "")), str(body.get("locale", "en"))
-        variant = str(body.get("variant") or "a")
         if milestone not in milestones() or locale not in locales(self.web.res):
             raise NotFound("no such message or locale")
-        if variant not in VARIANTS:
-            raise NotFound(f"no variant {variant}")
+        variant = variant_param(str(body.get("variant") or ""))
         _, files = await self.web.admin.candidate(merchant_id)
         files[path] = text
         try:
