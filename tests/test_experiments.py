@@ -333,6 +333,19 @@ async def test_provider_reports_replies_and_stops_count_under_the_variant(
             assert await res.store.stats("acme", tomorrow.date(), tomorrow.date()) == {}
 
 
+def test_check_names_an_experiment_of_the_default_policy_without_its_variant_b(
+    tmp_path: Path,
+) -> None:
+    files = _files(tmp_path, "", b_locale=None)
+    default = files["policies_dir"] / "default.yaml"
+    default.write_text(default.read_text().replace("experiments: []", POLICY.strip()))
+    problems = check_all(make_settings(tmp_path, **files))
+    assert any(
+        p.startswith("policies/default.yaml: experiments: short-words: no messages/")
+        for p in problems
+    ), problems
+
+
 def test_check_names_an_experiment_without_its_variant_b(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, **_files(tmp_path, POLICY, b_locale=None))
     problems = check_all(settings)
@@ -382,6 +395,22 @@ async def test_an_experiment_is_published_only_with_its_variant_b(
             "/v1/merchants/acme/templates/delivered?variant=c", headers=auth(ACME_KEY)
         )
         assert bad.status == 404
+        # a variant b for one language starts from the variant b for every language, as its
+        # readers read it; without one, from that language's variant a
+        resp = await client.get(f"{url}&locale=fr", headers=auth(ACME_KEY))
+        assert (await resp.json())["source"] == "draft, all languages"
+        german = "{%- macro subject() -%}Da!{%- endmacro -%}{%- macro sms() -%}Da.{%- endmacro -%}"
+        picked_up = "/v1/merchants/acme/templates/picked_up"
+        resp = await client.put(
+            f"{picked_up}?locale=de", json={"text": german}, headers=auth(ACME_KEY)
+        )
+        assert resp.status == 200
+        resp = await client.get(f"{picked_up}?locale=de&variant=b", headers=auth(ACME_KEY))
+        found = await resp.json()
+        assert (found["text"], found["source"]) == (german, "draft, variant a")
+        resp = await client.get(f"{picked_up}?locale=fr&variant=b", headers=auth(ACME_KEY))
+        assert (await resp.json())["source"] == "default, variant a, all languages"
+        await client.delete(f"{picked_up}?locale=de", headers=auth(ACME_KEY))
         # published: the experiments' answer knows it at once (no batch ran since)
         assert await experiments(client) == []
         overview = await client.get("/v1/merchants/acme/overrides", headers=auth(ACME_KEY))
