@@ -39,7 +39,7 @@ from tests.conftest import (
 from tests.fakes import FakeSendGrid, FakeTwilio, serve_sendgrid, serve_twilio
 from tests.test_merchant_hooks import Receiver, endpoint, send
 from tests.test_merchant_hooks import receiver as receiver  # a fixture: the merchant's receiver
-from tests.test_twilio import SID, TOKEN
+from tests.test_twilio import twilio_settings
 from tests.test_webhooks import PUBLIC, signed
 
 Client = TestClient[Any, Any]
@@ -245,22 +245,17 @@ async def test_provider_reports_replies_and_stops_count_under_the_variant(
     receiver: Receiver,
 ) -> None:
     sendgrid, twilio = providers
-    settings = make_settings(
-        tmp_path,
-        redis_url=redis_url,
-        public_url=PUBLIC,
-        email_channel="sendgrid",
-        sendgrid_api_key="SG.test-key-for-the-fake",
-        sendgrid_from="orders@acme.example",
-        sendgrid_base_url=sendgrid.url,
-        sms_channel="twilio",
-        twilio_account_sid=SID,
-        twilio_auth_token=TOKEN,
-        twilio_from="+15005550006",
-        twilio_base_url=twilio.url,
-        signing_secret=SECRET,
-        merchant_hooks_allow_private=True,
-        **_files(tmp_path, POLICY),
+    settings = twilio_settings(tmp_path, redis_url, twilio).model_copy(
+        update={
+            "public_url": PUBLIC,
+            "email_channel": "sendgrid",
+            "sendgrid_api_key": "SG.test-key-for-the-fake",
+            "sendgrid_from": "orders@acme.example",
+            "sendgrid_base_url": sendgrid.url,
+            "signing_secret": SECRET,
+            "merchant_hooks_allow_private": True,
+            **_files(tmp_path, POLICY),
+        }
     )
     async with TestClient(TestServer(create_app(settings, clock=fixed_clock()))) as client:
         await endpoint(client, receiver.url, ["recipient.opted_out"])
