@@ -209,6 +209,9 @@ async def test_each_shipment_reads_its_variant_on_both_channels_and_is_counted_i
         assert (
             f"Messages accepted: {2 * (SHIPMENTS - b)} in variant a, {2 * b} in variant b" in page
         )
+        # no SMS through the outbox can get a reply: no last-SMS key is kept for one
+        async with open_resources(settings) as res:
+            assert [k async for k in res.store.redis.scan_iter(match="ntf:lastsms:*")] == []
         # the default analytics rows are as before: the variants add up under the milestone
         resp = await client.get(f"/v1/merchants/acme/analytics?{DAY}", headers=auth(ACME_KEY))
         whole = await resp.json()
