@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import threading
 import time
 from collections import Counter
@@ -27,7 +28,7 @@ from notifier.deadletters import DeadLetters
 from notifier.errors import ConfigurationError, TemporaryDeliveryError
 from notifier.models import ChannelKind
 from notifier.pipeline import Pipeline
-from notifier.resources import Resources, open_resources
+from notifier.resources import Resources, data_dir, open_resources
 from notifier.settings import Settings
 from notifier.store import ShipmentCommit, keys
 from notifier.worker import build_worker, find_stalled, release_due
@@ -323,7 +324,13 @@ def test_a_master_failover_mid_stream_loses_nothing_accepted(
     posted again, as the tracking backend does, and delivered once too."""
     flush_cluster(cluster)
     port = free_port()
+    # the processes run on the real clock: no SMS may wait for quiet hours (in Paris from
+    # 20:00 UTC), or the messages this counts would come the next morning
+    policies = tmp_path / "policies"
+    shutil.copytree(data_dir("policies", None), policies)
+    (policies / "acme.yaml").write_text("quiet_hours: {sms: null}\n")
     env = {
+        "NOTIFIER_POLICIES_DIR": str(policies),
         "NOTIFIER_REDIS_URL": cluster.url,
         "NOTIFIER_QUEUE_REDIS_URL": cluster.queue_url,
         "NOTIFIER_API_KEYS": json.dumps(API_KEYS),
