@@ -25,6 +25,7 @@ import orjson
 from arq.connections import ArqRedis
 
 from notifier.logs import redact
+from notifier.packing import unpack
 from notifier.store import Store, awaited, keys, wake
 from notifier.store.base import DataRedis, Scope
 from notifier.store.scripts import script
@@ -206,8 +207,9 @@ class DeadLetters:
     async def _message(self, notification_id: str, scope: Scope) -> DeadLetter:
         ledger = (await self.store.ledger([notification_id], scope)).get(notification_id, {})
         name = keys.notification_key(notification_id, self.store.tag(scope))
-        raw = await awaited(self.redis.hget(name, "p"))
-        body: dict[str, Any] = orjson.loads(raw) if raw else {}
+        found = await awaited(self.redis.hget(name, "p"))
+        raw = found.encode() if isinstance(found, str) else found  # a payload may be packed
+        body: dict[str, Any] = orjson.loads(unpack(raw)) if raw else {}
         state = ledger.get("status", "expired")
         return DeadLetter(
             "messages",

@@ -21,6 +21,7 @@ from notifier.insights.counts import Count
 from notifier.models import STATUS_RANK, ChannelKind, Decision, Notification, notification_id
 from notifier.models import Outcome as Decided
 from notifier.outbound import events as hook_events
+from notifier.packing import unpack
 from notifier.policy.engine import opt_out_key
 from notifier.render import Message, SmsMessageOut
 from notifier.resources import Resources, sync_published
@@ -148,7 +149,7 @@ class Deliverer:
             elif result is ClaimResult.NONE or payload is None:
                 report.skipped += 1
             else:
-                n = built.get(nid) or Notification.model_validate_json(payload)
+                n = built.get(nid) or Notification.model_validate_json(unpack(payload))
                 claimed.append((n, result))
                 report.channels[nid] = str(n.channel)
         claimed = await self._still_wanted(claimed, states, report, owner, scope)

@@ -1,4 +1,5 @@
-"""Compact encoding of the JSON values kept in Redis: shipment states and history entries.
+"""Compact encoding of the JSON values kept in Redis: shipment states, history entries, and
+the payloads of notifications that wait (deferred to the end of quiet hours).
 
 Each value is deflated with a preset dictionary of the words these documents
 are made of (field names, statuses, the policy's reasons, timestamp shapes), so
@@ -53,11 +54,31 @@ _HISTORY_V1 = (
     b'T00:00:00.000000Z","occurred_at":"2026-11-T00:00:00.000000Z","details":{}}'
 )
 
+_NOTIFICATION_V1 = (
+    b'"exception_code":"delayed","customs_hold","address_issue","recipient_unavailable",'
+    b'"pickup_point":{"name":"","address":"","hours":""},"pickup_deadline":"2026-11-'
+    b'"predicted":{"start":"2026-11-T00:00:00Z","end":"2026-11-T00:00:00Z"},'
+    b'"experiment":"","variant":"b",'
+    b'"status":"in_transit","picked_up","delivered","exception","available_for_pickup",'
+    b'"delivery_attempt_failed","out_for_delivery","carrier":"dhl","fedex","usps","ups",'
+    b'"location":{"city":"","region":"","country":"US","DE","FR","GB","lat":,"lon":},'
+    b'"estimated_delivery":{"start":"2026-11-T00:00:00Z","end":"2026-11-T00:00:00Z"},'
+    b'"tracking_url":"https://track.example.com/","order":{"number":""}},'
+    b'"recipient":{"name":"","email":"@example.com","phone":"+1","+33","+44","+49",'
+    b'"locale":"en_US","fr_FR","de_DE","timezone":"America/New_York","Europe/Paris"},'
+    b'"created_at":"2026-11-T00:00:00Z"}'
+    b'{"notification_id":"n_","merchant_id":"","shipment_id":"shp_","channel":"email","sms",'
+    b'"to":"","transition":{"event_id":"evt_","merchant_id":"","shipment_id":"shp_",'
+    b'"tracking_number":"1Z","occurred_at":"2026-11-T00:00:00+00:00",'
+)
+
 #: tag byte -> preset dictionary; tags are never reused, and 3 is not one: it starts a run of
 #: values packed together (``notifier/store/chunks.py``).
-_DICTIONARIES = {0x01: _STATE_V1, 0x02: _HISTORY_V1}
+_DICTIONARIES = {0x01: _STATE_V1, 0x02: _HISTORY_V1, 0x04: _NOTIFICATION_V1}
 STATE = 0x01
 HISTORY = 0x02
+#: a notification's payload in its ledger hash (``models.Notification``)
+NOTIFICATION = 0x04
 
 
 #: The compressor's window and memory: these values (a dictionary of about 1.3 KB and a few

@@ -12,10 +12,12 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from notifier.models import ChannelKind, Transition
+from notifier.models import ChannelKind, Notification, Transition
+from notifier.packing import NOTIFICATION, unpack
 from notifier.pipeline import Pipeline, notification_id
 from notifier.resources import Resources, open_resources
 from notifier.settings import Settings
+from notifier.store import keys
 from notifier.worker import find_stalled, release_due
 from tests.conftest import auth, fixed_clock, history, outbox_files, post, run_worker, transition
 
@@ -93,6 +95,14 @@ async def test_deferred_message_is_kept_until_due_and_sent_once(
     await run_worker(settings, clock=fixed_clock(NIGHT))
     async with res_at(NIGHT + timedelta(hours=1)) as res:
         assert await release(res) == 0
+        # it waits for hours: its payload is packed (a notification's JSON, a fifth the size)
+        t = Transition.model_validate(transition(occurred_at="2026-11-21T22:40:00+01:00"))
+        nid = notification_id(t, ChannelKind.SMS)
+        tag = res.store.tag(res.store.scope_of("acme", "shp_123"))
+        packed = await res.redis.hget(keys.notification_key(nid, tag), "p")
+        assert packed[0] == NOTIFICATION and len(packed) < len(unpack(packed)) / 3
+        waiting = Notification.model_validate_json(unpack(packed))
+        assert (waiting.notification_id, waiting.channel) == (nid, ChannelKind.SMS)
     async with res_at(MORNING + timedelta(minutes=1)) as res:
         assert await release(res) == 1
         assert await release(res) == 0

@@ -16,10 +16,11 @@ from aiohttp.test_utils import TestClient
 from notifier.cli import main
 from notifier.errors import PermanentDeliveryError
 from notifier.models import ChannelKind
+from notifier.packing import NOTIFICATION, pack
 from notifier.pipeline import Pipeline
 from notifier.resources import open_resources
 from notifier.settings import Settings
-from notifier.store import InboxEntry
+from notifier.store import InboxEntry, keys
 from notifier.worker import release_due
 from tests.conftest import (
     API_KEYS,
@@ -149,3 +150,17 @@ def test_dead_letters_need_redis(capsys: pytest.CaptureFixture[str], monkeypatch
         monkeypatch.delenv(name)
     assert main(["dead-letters", "list"]) == 2
     assert "NOTIFIER_REDIS_URL is not set" in capsys.readouterr().err
+
+
+async def test_a_packed_payload_shows_as_the_notification(
+    client: Client, settings: Settings, cli: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A message that waited (its payload packed) and then failed reads like any other."""
+    ids = await failed_messages(client, settings)
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        name = keys.notification_key(ids[0], res.store.tag(res.store.scope_of("acme", "shp_123")))
+        plain = await res.redis.hget(name, "p")
+        await res.redis.hset(name, "p", pack(plain, NOTIFICATION))
+    code, out, _ = await cli(capsys, "show", ids[0], "--reveal")
+    assert code == 0 and "shp_123" in out
+    assert "ana@example.com" in out or "+33612345678" in out

@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestClient
 from hypothesis import given
 from hypothesis import strategies as st
 
-from notifier.packing import HISTORY, STATE, pack, unpack
+from notifier.packing import HISTORY, NOTIFICATION, STATE, pack, unpack
 from notifier.resources import open_resources
 from notifier.settings import Settings
 from tests.conftest import fixed_clock, history, post, run_worker, transition
@@ -19,7 +19,7 @@ from tests.conftest import fixed_clock, history, post, run_worker, transition
 Client = TestClient[Any, Any]
 
 
-@given(st.binary(max_size=2000), st.sampled_from([STATE, HISTORY]))
+@given(st.binary(max_size=2000), st.sampled_from([STATE, HISTORY, NOTIFICATION]))
 def test_pack_round_trips_anything(data: bytes, tag: int) -> None:
     packed = pack(data, tag)
     assert packed[0] == tag and unpack(packed) == data
