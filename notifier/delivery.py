@@ -202,10 +202,11 @@ class Deliverer:
             # an SMS through Twilio is the last to its number: a reply to it (Twilio's inbound
             # webhook) is counted as its (``webhooks``); no other channel can get a reply
             secret = self.res.settings.signing_secret_value()
+            replies = self._channel(name).name == "twilio"
             last_sms = {
                 m.notification_id: (counts.recipient_digest(secret, m.to), m.stats_tag)
                 for m in (item.message for item in items)
-                if isinstance(m, SmsMessageOut) and self._channel(name).name == "twilio"
+                if replies and isinstance(m, SmsMessageOut)
             }
             await self.res.store.mark_sent(
                 sent, owner, said, scope, where=where, counted=counted, day=day, last_sms=last_sms

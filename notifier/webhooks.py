@@ -111,8 +111,9 @@ async def twilio_inbound(request: web.Request, res: Resources) -> web.Response:
     sender = form.get("From", "")
     reply = MessagingResponse()
     key = opt_out_key(ChannelKind.SMS, sender)
-    # the message it answers: the last one sent to the number (within a week)
-    last = await _last_sms(res, sender)
+    # the message a STOP or a reply answers: the last one sent to the number (within a week)
+    counted = word in STOP_WORDS or (bool(word) and word not in START_WORDS | HELP_WORDS)
+    last = await _last_sms(res, sender) if counted else None
     if word in STOP_WORDS:
         # Twilio itself confirms a STOP to the sender; we only stop using the number.
         new = await res.store.set_opt_out(res.store.EVERY_MERCHANT, key, True)

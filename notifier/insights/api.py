@@ -91,6 +91,18 @@ def query(
     return first, last, list(dict.fromkeys(groups)), shape
 
 
+def days(params: Any, today: date) -> tuple[date, date]:
+    """The first and last day a request's ``from`` and ``to`` name (the routes that take
+    nothing else); 422 naming what is wrong."""
+    first, last, _, _ = query(params, today, ("from", "to"))
+    return first, last
+
+
+def over_days(merchant_id: str, first: date, last: date, **more: Any) -> dict[str, Any]:
+    """An answer about a merchant's days: its id, the days, then ``more``."""
+    return {"merchant_id": merchant_id, "from": first.isoformat(), "to": last.isoformat(), **more}
+
+
 def table(
     found: dict[str, dict[str, int]], groups: list[str]
 ) -> tuple[list[str], list[dict[str, Any]], dict[str, int]]:
@@ -167,16 +179,16 @@ class AnalyticsApi:
         columns, rows, totals = table(found, groups)
         if shape == "csv":
             return csv_response(merchant_id, first, last, groups, columns, rows)
-        body = {
-            "merchant_id": merchant_id,
-            "from": first.isoformat(),
-            "to": last.isoformat(),
-            "group_by": groups,
-            "counts": columns,
-            "rows": rows,
-            "totals": totals,
-            "rates": rates(found),
-        }
+        body = over_days(
+            merchant_id,
+            first,
+            last,
+            group_by=groups,
+            counts=columns,
+            rows=rows,
+            totals=totals,
+            rates=rates(found),
+        )
         return json_reply(200, body)
 
 

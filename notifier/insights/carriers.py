@@ -112,16 +112,11 @@ class CarriersApi:
     async def get(self, request: web.Request) -> web.Response:
         merchant_id, _ = self.admin.merchant(request)
         res = self.admin.res
-        first, last, _, _ = analytics.query(request.query, res.clock().date(), ("from", "to"))
+        first, last = analytics.days(request.query, res.clock().date())
         lanes, hubs = report(await res.store.carrier_stats(merchant_id, first, last))
-        body = {
-            "merchant_id": merchant_id,
-            "from": first.isoformat(),
-            "to": last.isoformat(),
-            "lanes": lanes,
-            "hubs": hubs,
-        }
-        return json_reply(200, body)
+        return json_reply(
+            200, analytics.over_days(merchant_id, first, last, lanes=lanes, hubs=hubs)
+        )
 
 
 def add_routes(app: web.Application, admin: Admin) -> CarriersApi:

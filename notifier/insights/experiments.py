@@ -184,15 +184,9 @@ class ExperimentsApi:
 
     async def get(self, request: web.Request) -> web.Response:
         merchant_id, _ = self.admin.merchant(request)
-        today = self.admin.res.clock().date()
-        first, last, _, _ = analytics.query(request.query, today, allowed=("from", "to"))
-        body = {
-            "merchant_id": merchant_id,
-            "from": first.isoformat(),
-            "to": last.isoformat(),
-            "experiments": await self.results(merchant_id, first, last),
-        }
-        return json_reply(200, body)
+        first, last = analytics.days(request.query, self.admin.res.clock().date())
+        found = await self.results(merchant_id, first, last)
+        return json_reply(200, analytics.over_days(merchant_id, first, last, experiments=found))
 
 
 def add_routes(app: web.Application, admin: Admin) -> ExperimentsApi:

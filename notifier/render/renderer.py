@@ -467,6 +467,7 @@ class Renderer:
             f"{short_base}{quote(t.tracking_number, safe='')}" if short_base else t.tracking_url
         )
         point = t.pickup_point
+        message_for_locale, message = message_paths(message_name(t), locale, variant)
         deadline_days = None
         if t.pickup_deadline is not None:
             days = (t.pickup_deadline - n.created_at).total_seconds() / 86400
@@ -510,9 +511,9 @@ class Renderer:
             "sms_url": primary["url"] if primary else (sms_url or ""),
             "pickup_point": point.model_dump() if point else None,
             "us_opt_out": _us_opt_out(n),
-            "message": message_paths(message_name(t), locale, variant)[1],
+            "message": message,
             # a message's wording for one locale only, when the merchant wrote one
-            "message_for_locale": message_paths(message_name(t), locale, variant)[0],
+            "message_for_locale": message_for_locale,
             #: the variant of an A/B test of this message (a or b), empty outside one
             "variant": variant,
         }
