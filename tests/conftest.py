@@ -18,7 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,8 @@ from notifier.app import create_app
 from notifier.packing import unpack
 from notifier.resources import Resources
 from notifier.settings import Settings
-from notifier.store import InboxEntry
+from notifier.store import InboxEntry, Store, record
+from notifier.store.record import Record
 from notifier.worker import build_worker
 
 ADMIN_KEY = "k_backend_0123456789"
@@ -380,6 +381,21 @@ async def history(client: Any, shipment: str = "shp_123") -> list[dict[str, Any]
     assert resp.status == 200
     decisions: list[dict[str, Any]] = (await resp.json())["decisions"]
     return decisions
+
+
+async def record_of(store: Store, merchant_id: str, shipment_id: str) -> Record:
+    """A shipment's record (``notifier/store/record.py``), also of one kept in three keys as
+    before records."""
+    [found] = await store.records([(merchant_id, shipment_id)])
+    return found
+
+
+async def rewrite_record(store: Store, merchant_id: str, shipment_id: str, **parts: Any) -> None:
+    """Change parts of a shipment's record behind the store's back (as another worker, or a
+    version before, might have left it), keeping its lifetime."""
+    changed = replace(await record_of(store, merchant_id, shipment_id), **parts)
+    key = store.state_key(merchant_id, shipment_id)
+    await store.redis.set(key, record.blob(changed), keepttl=True)
 
 
 def outcome_records(elements: list[bytes]) -> list[tuple[str, dict[str, Any]]]:

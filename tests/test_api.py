@@ -24,6 +24,8 @@ from tests.conftest import (
     fixed_clock,
     free_port,
     make_settings,
+    record_of,
+    rewrite_record,
     run_worker,
     spawn_notifier,
     transition,
@@ -116,13 +118,13 @@ async def test_history_is_paged_and_says_what_was_trimmed(
     # the store keeps the latest decisions only: what was trimmed is said, and a cursor
     # into the trimmed part starts at the oldest one kept
     async with open_resources(settings) as res:
-        key = res.store.history_key("acme", "shp_123")
         # delivered: the shipment ended, and its decisions were folded into one chunk
-        [chunk] = await res.redis.lrange(key, 0, -1)
+        [chunk] = (await record_of(res.store, "acme", "shp_123")).history
         assert chunk[0] == CHUNK
         kept = (await res.store.history("acme", "shp_123"))[2:]
-        await res.redis.delete(key)  # its two oldest decisions trimmed
-        await res.redis.rpush(key, *(orjson.dumps(d) for d in kept))
+        # its two oldest decisions trimmed
+        history = [orjson.dumps(d) for d in kept]
+        await rewrite_record(res.store, "acme", "shp_123", history=history)
     page = await (await client.get(url + "?cursor=0&limit=200", headers=auth())).json()
     assert (page["total"], page["trimmed"]) == (total, 2)
     assert page["decisions"] == whole["decisions"][2:]
@@ -161,8 +163,7 @@ async def test_history_positions_hold_while_the_store_trims_and_appends(
         # the cursor pointed at a decision trimmed since: the page starts at the oldest kept
         assert len(page["decisions"]) == 3 and page["next_cursor"] is None
         # a history written before the counter existed starts counting from what it holds
-        state = res.store.state_key("acme", "shp_123")
-        await res.redis.hdel(state, "hn")
+        await rewrite_record(res.store, "acme", "shp_123", counted=None)
         await post(client, transition(event_id="p9", status="delivered", occurred_at=T(11)))
         await run_worker(settings, resources=res)
         after = await (await client.get(url, headers=auth())).json()

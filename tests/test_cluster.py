@@ -30,7 +30,7 @@ from notifier.models import ChannelKind
 from notifier.pipeline import Pipeline
 from notifier.resources import Resources, data_dir, open_resources
 from notifier.settings import Settings
-from notifier.store import ShipmentCommit, keys
+from notifier.store import ShipmentCommit, keys, record
 from notifier.worker import build_worker, find_stalled, release_due
 from tests.conftest import (
     API_KEYS,
@@ -195,9 +195,10 @@ async def test_competing_workers_on_a_cluster_never_send_twice(on_cluster: Setti
             tag = res.store.tag(p)
             due += await res.redis.zcard(keys.due_key(tag))
             assert await res.redis.xlen(keys.inbox_key(p, tag)) == 0  # all settled
-            # settled for good: each on its shipment's outcome list, on its partition
-            async for key in res.redis.scan_iter(match=f"ntf:out:{tag}*"):
-                records = outcome_records(await res.redis.lrange(key, 0, -1))
+            # settled for good: each on its shipment's outcome list (in its record), on its
+            # partition
+            async for key in res.redis.scan_iter(match=f"ntf:shp:{tag}*"):
+                records = outcome_records(record.parse(await res.redis.get(key)).outcomes)
                 sent += [nid for nid, recorded in records if recorded]
     names = [p.name.split("-", 1)[1].split(".", 1)[0] for p in outbox_files(on_cluster)]
     assert len(names) == len(set(names))  # never twice

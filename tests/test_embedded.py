@@ -12,9 +12,9 @@ from fakeredis import FakeServer
 from notifier.app import create_app
 from notifier.resources import open_resources
 from notifier.settings import DEV_API_KEY, Settings
-from notifier.store import chunks, keys
+from notifier.store import chunks
 from notifier.worker import build_worker
-from tests.conftest import fixed_clock, transition
+from tests.conftest import fixed_clock, record_of, transition
 
 
 def embedded_settings(tmp_path: Path, **kw: Any) -> Settings:
@@ -100,9 +100,10 @@ async def test_embedded_mode_folds_an_ended_shipments_lists_into_chunks(tmp_path
             assert (await client.post("/v1/transitions", json=body, headers=headers)).status == 202
             await drain(settings, server)
         async with open_resources(settings, server=server, clock=fixed_clock()) as res:
-            for key in (keys.history_key("acme", "shp_123"), keys.outcome_key("acme", "shp_123")):
-                [chunk] = await res.redis.lrange(key, 0, -1)
-                assert chunks.is_chunk(chunk) and chunks.count(chunk) == 4, key
+            held = await record_of(res.store, "acme", "shp_123")
+            for part in (held.history, held.outcomes):
+                [chunk] = part
+                assert chunks.is_chunk(chunk) and chunks.count(chunk) == 4
         url = "/v1/merchants/acme/shipments/shp_123/notifications"
         decisions = (await (await client.get(url, headers=headers)).json())["decisions"]
         assert [(d["event_id"], d["delivery"]["status"]) for d in decisions] == [

@@ -19,10 +19,13 @@ from notifier.store import Store, chunks, keys
 from notifier.store.chunks import CHUNK, plan
 from notifier.store.ledger import merge_outcomes
 from notifier.store.shipments import COMPACT_AFTER, merge_history
-from tests.test_store_scripts import NOW_ISO, pending, shipment, store_on
+from tests.conftest import record_of, rewrite_record
+from tests.test_store_scripts import NOW_ISO, STATE_TTL_S, pending, shipment, store_on
 
 CAP = 50
-KEY = keys.history_key("acme", "s1")
+#: the shipment's record (notifier/store/record.py): its history and outcomes are parts of it
+KEY = keys.state_key("acme", "s1")
+RECORD_KEYS = keys.record_keys("acme", "s1")
 
 
 @pytest.fixture
@@ -38,8 +41,8 @@ def decisions(first: int, count: int) -> list[dict[str, Any]]:
 
 async def record(store: Store, count: int, *, ttl_s: int | None = None) -> list[int]:
     """Commit ``count`` more decisions to acme/s1; the positions worth compacting."""
-    version = int(await store.redis.hget(keys.state_key("acme", "s1"), "v") or 0)
-    done = int(await store.redis.hget(keys.state_key("acme", "s1"), "hn") or 0)
+    held = await record_of(store, "acme", "s1")
+    version, done = held.version, held.counted or 0
     commit = shipment("s1", version, history=decisions(done, count), ttl_s=ttl_s)
     result = await store.commit_batch([commit], NOW_ISO)
     assert result.conflicts == []
@@ -49,7 +52,7 @@ async def record(store: Store, count: int, *, ttl_s: int | None = None) -> list[
 async def sizes(store: Store) -> list[int]:
     """Per element of the history: how many decisions (0 for a plain entry)."""
     out = []
-    for element in await store.redis.lrange(KEY, 0, -1):
+    for element in (await record_of(store, "acme", "s1")).history:
         out.append(int(element[1 : element.index(b":")]) if element[0] == CHUNK else 0)
     return out
 
@@ -123,33 +126,36 @@ async def test_an_ended_shipment_is_worth_compacting_at_two_entries(store: Store
 
 async def test_entries_appended_meanwhile_stay_after_the_chunk(store: Store) -> None:
     await record(store, 9)
-    read = await store.redis.lrange(KEY, 0, -1)
+    read = (await record_of(store, "acme", "s1")).history
     dropped, start, chunk = plan(read, CAP, merge_history) or (0, 0, b"")
     await record(store, 2)  # another worker's commit, between the read and the rewrite
-    args = [len(read), dropped, start, chunk, *read]
-    assert await store.scripts.compact(keys=[KEY], args=args) == [1]
+    args = ["h", len(read), dropped, start, chunk, *read]
+    assert await store.scripts.compact(keys=RECORD_KEYS, args=args) == [1]
     assert await sizes(store) == [9, 0, 0]
     assert [d["d"] for d in await store.history("acme", "s1")] == list(range(11))
 
 
 async def test_a_history_changed_otherwise_meanwhile_is_left_as_it_is(store: Store) -> None:
     await record(store, 9)
-    read = await store.redis.lrange(KEY, 0, -1)
+    read = (await record_of(store, "acme", "s1")).history
     dropped, start, chunk = plan(read, CAP, merge_history) or (0, 0, b"")
-    await store.redis.ltrim(KEY, 1, -1)  # trimmed by someone else's cap meanwhile...
+    # trimmed by someone else's cap meanwhile...
+    await rewrite_record(store, "acme", "s1", history=read[1:])
     await record(store, 2)  # ...and appended to: as long as what was read, not the same
-    trimmed = await store.redis.lrange(KEY, 0, -1)
-    args = [len(read), dropped, start, chunk, *read]
-    assert await store.scripts.compact(keys=[KEY], args=args) == []
-    assert await store.redis.lrange(KEY, 0, -1) == trimmed
+    trimmed = await store.redis.get(KEY)
+    args = ["h", len(read), dropped, start, chunk, *read]
+    assert await store.scripts.compact(keys=RECORD_KEYS, args=args) == []
+    assert await store.redis.get(KEY) == trimmed
 
 
 async def test_histories_from_before_chunks_read_and_compact(store: Store) -> None:
     await record(store, 1)
     old = decisions(1, 9)
     # 0.3 wrote plain JSON, 0.4 packed entries: both may be in one list
-    await store.redis.rpush(KEY, *(orjson.dumps(d) for d in old[:4]))
-    await store.redis.rpush(KEY, *(pack(orjson.dumps(d), HISTORY) for d in old[4:]))
+    held = (await record_of(store, "acme", "s1")).history
+    plain = [orjson.dumps(d) for d in old[:4]]
+    packed = [pack(orjson.dumps(d), HISTORY) for d in old[4:]]
+    await rewrite_record(store, "acme", "s1", history=held + plain + packed)
     whole = await store.history("acme", "s1")
     assert [d["d"] for d in whole] == list(range(10))
     assert await store.compact([("acme", "s1")]) == 1
@@ -166,13 +172,12 @@ async def test_a_chunk_is_smaller_than_its_entries_apart(store: Store) -> None:
 
 # -- outcome records ---------------------------------------------------------------------
 
-OUT = keys.outcome_key("acme", "s1")
 WHERE = ("acme", "s1")
 
 
 async def settled(store: Store, *ids: str) -> None:
     """New notifications of acme/s1, sent at once (their records go to its outcome list)."""
-    version = int(await store.redis.hget(keys.state_key("acme", "s1"), "v") or 0)
+    version = (await record_of(store, "acme", "s1")).version
     made = [pending(nid) for nid in ids]
     assert await store.commit([shipment("s1", version, notifications=made)], NOW_ISO) == []
     sent = [(nid, "2026-11-18T10:14:00+00:00", f"twilio:SM{nid}") for nid in ids]
@@ -191,7 +196,7 @@ async def test_compacted_outcomes_read_the_same_and_statuses_still_only_go_up(
     before = await store.deliveries("acme", "s1", ids)
     assert before["n1"]["provider_status"] == "delivered"
     assert await store.compact([WHERE]) == 1
-    [chunk] = await store.redis.lrange(OUT, 0, -1)
+    [chunk] = (await record_of(store, *WHERE)).outcomes
     assert chunks.is_chunk(chunk) and chunks.count(chunk) == 5
     assert await store.deliveries("acme", "s1", ids) == before
     # the ranks inside the chunk still rule: a late "sent" never overwrites "delivered"
@@ -209,9 +214,9 @@ async def test_compacted_outcomes_read_the_same_and_statuses_still_only_go_up(
 async def test_a_notification_in_a_chunk_is_never_made_again(store: Store) -> None:
     await settled(store, "n1", "n2")
     await store.compact([WHERE])
-    assert chunks.is_chunk((await store.redis.lrange(OUT, 0, -1))[0])
+    assert chunks.is_chunk((await record_of(store, *WHERE)).outcomes[0])
     # a worker re-deciding from an old state, and a fallback, both meet the chunk
-    version = int(await store.redis.hget(keys.state_key("acme", "s1"), "v") or 0)
+    version = (await record_of(store, *WHERE)).version
     again = shipment("s1", version, notifications=[pending("n2"), pending("n3")])
     assert await store.commit([again], NOW_ISO) == []
     assert not await store.redis.exists(keys.notification_key("n2"))
@@ -226,44 +231,133 @@ async def test_outcome_records_keep_their_cap_in_chunks(store: Store) -> None:
     for at in range(0, len(ids), 40):
         await settled(store, *ids[at : at + 40])
         await store.compact([WHERE])
-    records = await store.redis.lrange(OUT, 0, -1)
+    records = (await record_of(store, *WHERE)).outcomes
     assert cap <= sum(chunks.count(e) for e in records) < cap + chunks.CHUNK_VALUES + 40
     kept = await store.deliveries("acme", "s1", ids[-cap:])
     assert all(d["status"] == "sent" for d in kept.values())
 
 
 async def test_a_counter_started_again_counts_every_decision_in_a_chunk(store: Store) -> None:
-    """A state hash that expired before its history (or one without the counter) starts
-    counting from what the history holds: a chunk counts as the decisions in it."""
+    """A history without the counter (a state hash that expired before its history list,
+    before records; or a shipment from before the counter) starts counting from what the
+    history holds: a chunk counts as the decisions in it."""
     await record(store, 40)
     await store.compact([WHERE])
     assert await sizes(store) == [40]
-    await store.redis.delete(keys.state_key("acme", "s1"))  # the state went first
+    # the layout before records, its state hash gone first: the history list alone
+    [chunk] = (await record_of(store, *WHERE)).history
+    await store.redis.delete(KEY)
+    await store.redis.rpush(keys.history_key(*WHERE), chunk)
     totals = []
     for _ in range(15):  # past the cap (50), where only the counter knows the total
         await record(store, 1)
         totals.append((await store.history_page("acme", "s1", None, 100)).total)
     assert totals == list(range(41, 56))
+    assert not await store.redis.exists(keys.history_key(*WHERE))  # in the record now
     # the fallback path counts the same way
     await store.compact([WHERE])
-    await store.redis.hdel(keys.state_key("acme", "s1"), "hn")
+    await rewrite_record(store, *WHERE, counted=None)
     assert await store.add_notification("acme", "s1", "n-late", b"p", 1, b'{"d": 55}')
-    held = sum(chunks.count(e) for e in await store.redis.lrange(KEY, 0, -1))
-    assert await store.redis.hget(keys.state_key("acme", "s1"), "hn") == str(held).encode()
-    assert held > CAP
+    held = await record_of(store, *WHERE)
+    assert held.counted == sum(chunks.count(e) for e in held.history) > CAP
+
+
+async def test_a_shipment_kept_in_three_keys_reads_and_its_next_write_makes_one_record(
+    store: Store,
+) -> None:
+    """Before records a shipment had a state hash, a history list and an outcome list.
+    Every reader reads them as they are, and the first script that writes the shipment puts
+    one record in their place, living as long as the longest lived of the three."""
+    await record(store, 3)
+    await settled(store, "n1", "n2")
+    assert await store.provider_status("n1", "delivered", 3, where=WHERE)
+    held = await record_of(store, *WHERE)
+    history, states = await store.history(*WHERE), await store.load_states([WHERE])
+    delivered = await store.deliveries(*WHERE, ["n1", "n2"])
+    page = await store.history_page(*WHERE, 1, 10)
+    # the same shipment, as the version before records kept it
+    state_key, history_key, outcome_key = RECORD_KEYS
+    await store.redis.delete(state_key)
+    assert held.counted is not None
+    await store.redis.hset(
+        state_key, mapping={"v": held.version, "s": held.state, "hn": held.counted}
+    )
+    await store.redis.rpush(history_key, *held.history)
+    await store.redis.rpush(outcome_key, *held.outcomes)
+    await store.redis.expire(state_key, 100)
+    await store.redis.expire(history_key, 300)
+    await store.redis.expire(outcome_key, 200)
+    assert await store.history(*WHERE) == history
+    assert await store.load_states([WHERE]) == states
+    assert await store.deliveries(*WHERE, ["n1", "n2"]) == delivered
+    assert await store.history_page(*WHERE, 1, 10) == page
+    # a status for a settled notification checks its rank in the old outcome list
+    assert not await store.provider_status("n1", "sent", 1, where=WHERE)
+    assert await store.redis.type(state_key) == b"hash"  # reading wrote nothing
+    # the next commit writes a record with what the three held, and drops the three
+    assert await record(store, 1, ttl_s=None) == []
+    assert await store.redis.type(state_key) == b"string"
+    assert not await store.redis.exists(history_key, outcome_key)
+    assert STATE_TTL_S - 60 < await store.redis.ttl(state_key) <= STATE_TTL_S
+    now = await record_of(store, *WHERE)
+    assert (now.version, now.counted) == (held.version + 1, held.counted + 1)
+    assert now.history[:-1] == held.history and now.outcomes == held.outcomes
+    assert await store.deliveries(*WHERE, ["n1", "n2"]) == delivered
+    assert not await store.add_notification("acme", "s1", "n2", b"p", 1, b'{"why": "x"}')
+
+
+@pytest.mark.parametrize("write", ["fold", "status", "fallback", "test", "compact"])
+async def test_every_script_that_writes_a_shipment_makes_one_record_of_three_keys(
+    store: Store, write: str
+) -> None:
+    await record(store, 9)
+    await settled(store, "n1")
+    version = (await record_of(store, *WHERE)).version
+    made = shipment("s1", version, notifications=[pending("n2")])
+    assert await store.commit([made], NOW_ISO) == []  # n2 waits in the ledger
+    held = await record_of(store, *WHERE)
+    state_key, history_key, outcome_key = RECORD_KEYS
+    await store.redis.delete(state_key)
+    assert held.counted is not None
+    await store.redis.hset(
+        state_key, mapping={"v": held.version, "s": held.state, "hn": held.counted}
+    )
+    await store.redis.rpush(history_key, *held.history)
+    await store.redis.rpush(outcome_key, *held.outcomes)
+    for key, ttl in ((state_key, 100), (history_key, 300), (outcome_key, 200)):
+        await store.redis.expire(key, ttl)
+    if write == "fold":
+        await store.mark_sent([("n2", NOW_ISO, "twilio:SMn2")], where={"n2": WHERE})
+    elif write == "status":
+        assert await store.provider_status("n1", "delivered", 3, where=WHERE)
+    elif write == "fallback":
+        assert await store.add_notification("acme", "s1", "n9", b"p", 1, b'{"why": "x"}')
+    elif write == "test":
+        await store.record_test("acme", "s1", {"test": True})
+    else:
+        assert await store.compact([WHERE]) == 1
+    assert await store.redis.type(state_key) == b"string"
+    assert not await store.redis.exists(history_key, outcome_key)
+    # as long as the longest lived of the three (300 s), or as the write itself sets
+    expected = 300 if write in ("status", "compact") else STATE_TTL_S
+    assert expected - 60 < await store.redis.ttl(state_key) <= expected
+    now = await record_of(store, *WHERE)
+    assert now.state == held.state
+    assert len(await store.history(*WHERE)) >= 9
+    assert (await store.deliveries(*WHERE, ["n1"]))["n1"]["status"] == "sent"
 
 
 async def test_records_appended_to_an_outcome_list_meanwhile_stay_after_its_chunk(
     store: Store,
 ) -> None:
     await settled(store, "n1", "n2")
-    read = await store.redis.lrange(OUT, 0, -1)
+    read = (await record_of(store, *WHERE)).outcomes
     dropped, start, chunk = plan(read, store.outcomes_cap, merge_outcomes) or (0, 0, b"")
     # a provider's status arrives between the read and the rewrite
     assert await store.provider_status("n2", "delivered", 3, where=WHERE)
-    args = [len(read), dropped, start, chunk, *read]
-    assert await store.scripts.compact(keys=[OUT], args=args) == [1]
-    elements = await store.redis.lrange(OUT, 0, -1)
+    args = ["o", len(read), dropped, start, chunk, *read]
+    assert await store.scripts.compact(keys=RECORD_KEYS, args=args) == [1]
+    elements = (await record_of(store, *WHERE)).outcomes
     assert [chunks.count(e) for e in elements] == [2, 1] and chunks.is_chunk(elements[0])
     delivered = await store.deliveries("acme", "s1", ["n1", "n2"])
     assert delivered["n2"]["provider_status"] == "delivered"

@@ -14,7 +14,15 @@ from hypothesis import strategies as st
 from notifier.packing import HISTORY, NOTIFICATION, STATE, pack, unpack
 from notifier.resources import open_resources
 from notifier.settings import Settings
-from tests.conftest import fixed_clock, history, post, run_worker, transition
+from tests.conftest import (
+    fixed_clock,
+    history,
+    post,
+    record_of,
+    rewrite_record,
+    run_worker,
+    transition,
+)
 
 Client = TestClient[Any, Any]
 
@@ -38,8 +46,8 @@ async def test_states_and_history_are_packed_small_and_read_back(
     await post(client, transition())
     await run_worker(settings)
     async with open_resources(settings, clock=fixed_clock()) as res:
-        raw_state = await res.redis.hget(res.store.state_key("acme", "shp_123"), "s")
-        entries = await res.redis.lrange(res.store.history_key("acme", "shp_123"), 0, -1)
+        held = await record_of(res.store, "acme", "shp_123")
+        raw_state, entries = held.state, held.history
         assert raw_state[0] == STATE and all(e[0] == HISTORY for e in entries)
         plain_state, plain_entries = unpack(raw_state), [unpack(e) for e in entries]
         assert len(raw_state) < len(plain_state) / 2
@@ -47,7 +55,7 @@ async def test_states_and_history_are_packed_small_and_read_back(
         [(version, state)] = await res.store.load_states([("acme", "shp_123")])
         assert version == 1 and state is not None and state.status == "out_for_delivery"
         # A history entry written as plain JSON (before packing) reads beside packed ones.
-        await res.redis.rpush(res.store.history_key("acme", "shp_123"), plain_entries[0])
+        await rewrite_record(res.store, "acme", "shp_123", history=[*entries, plain_entries[0]])
     decisions = await history(client)
     assert len(decisions) == len(entries) + 1 and decisions[-1] == decisions[0]
     assert decisions[0] == orjson.loads(plain_entries[0]) | {"delivery": decisions[0]["delivery"]}

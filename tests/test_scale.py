@@ -40,7 +40,7 @@ import redis
 
 from notifier.models import notification_id_of
 from notifier.resources import data_dir
-from notifier.store import keys
+from notifier.store import keys, record
 from tests.conftest import (
     API_KEYS,
     Cluster,
@@ -428,15 +428,16 @@ def outbox_messages(outbox: Path) -> Counter[tuple[str, str, str]]:
 
 def ledger_states(data: Data) -> Counter[str]:
     """Notifications by state: those still in the ledger, and those settled for good (one
-    record each on their shipment's outcome list; the record's packed part says how)."""
+    record each on their shipment's outcome list, in its record; the record's packed part
+    says how)."""
     r = data.client
     live = list(r.scan_iter("ntf:msg:*", count=1000))
     with r.pipeline(transaction=False) as pipe:
         for key in live:
             pipe.hget(key, "st")
         states = Counter(s.decode() for s in pipe.execute())
-    for key in r.scan_iter("ntf:out:*", count=1000):
-        for _, recorded in outcome_records(r.lrange(key, 0, -1)):
+    for key in r.scan_iter("ntf:shp:*", count=1000):  # shipments' records
+        for _, recorded in outcome_records(record.parse(r.get(key)).outcomes):
             if recorded:  # (a provider's status report has none)
                 states[recorded["st"]] += 1
     return states

@@ -25,6 +25,7 @@ from notifier.store import (
     keys,
     wake,
 )
+from tests.conftest import record_of, rewrite_record
 
 #: The tests' "now" in epoch ms (the scripts take it as an argument, never from a clock).
 NOW_MS = 1_795_000_000_000
@@ -214,7 +215,7 @@ async def test_a_fresh_commit_writes_state_history_ledger_and_indexes(store: Sto
         (0, None),
     ]
     assert await store.history("acme", "s1") == [{"d": 1}, {"d": 2}]
-    assert await redis.hget(keys.state_key("acme", "s1"), "hn") == b"2"
+    assert (await record_of(store, "acme", "s1")).counted == 2
     assert await entry(store, "n1") == {
         "st": "pending",
         "p": "payload-n1",
@@ -227,14 +228,11 @@ async def test_a_fresh_commit_writes_state_history_ledger_and_indexes(store: Sto
     assert await redis.zrange(keys.STALL_KEY, 0, -1, withscores=True) == [
         (b"acme:s1", NOW_MS + 86_400_000)
     ]
-    for key in (keys.state_key("acme", "s1"), keys.history_key("acme", "s1")):
-        assert STATE_TTL_S - 60 < await redis.ttl(key) <= STATE_TTL_S
-    for key in (
-        keys.state_key("acme", "s2"),
-        keys.history_key("acme", "s2"),
-        keys.notification_key("n3"),
-    ):
+    # one key a shipment: its record holds its state, its history and its outcomes
+    assert STATE_TTL_S - 60 < await redis.ttl(keys.state_key("acme", "s1")) <= STATE_TTL_S
+    for key in (keys.state_key("acme", "s2"), keys.notification_key("n3")):
         assert 0 < await redis.ttl(key) <= 100
+    assert not await redis.exists(keys.history_key("acme", "s1"), keys.outcome_key("acme", "s1"))
 
 
 async def test_a_commit_whose_version_moved_is_refused_and_changes_nothing(store: Store) -> None:
@@ -391,9 +389,9 @@ async def test_settling_is_refused_to_a_worker_whose_claim_was_taken_over(store:
             "summary": "Hi",
         }
     }
-    [record] = await redis.lrange(keys.outcome_key(*SHIPMENT), 0, -1)
+    [record] = (await record_of(store, *SHIPMENT)).outcomes
     assert b"payload-n1" not in record and b"owner" not in record
-    assert STATE_TTL_S - 60 < await redis.ttl(keys.outcome_key(*SHIPMENT)) <= STATE_TTL_S
+    assert STATE_TTL_S - 60 < await redis.ttl(keys.state_key(*SHIPMENT)) <= STATE_TTL_S
     assert await store.by_provider_id("twilio", "SM2") == ("n1", None, SHIPMENT)
 
 
@@ -482,15 +480,17 @@ async def test_a_fallback_notification_is_added_once_with_its_history_entry(
     assert 0 < await redis.ttl(keys.notification_key("n9")) <= STATE_TTL_S
     assert await redis.zscore(keys.DUE_KEY, "n9") == NOW_MS + 10
     assert await store.history("acme", "s1") == [{"d": 1}, {"why": "fallback"}]
-    assert await redis.hget(keys.state_key("acme", "s1"), "hn") == b"2"
+    assert (await record_of(store, "acme", "s1")).counted == 2
 
     before = await snapshot(redis)
     assert not await store.add_notification("acme", "s1", "n9", b"other", NOW_MS, why)
     assert await snapshot(redis) == before
-    # a shipment without state gets no state hash of its own from it
+    # a shipment without state gets no state from it, nor a count
     assert await store.add_notification("acme", "s-new", "n10", b"p10", NOW_MS, why)
-    assert await redis.exists(keys.state_key("acme", "s-new")) == 0
+    assert await store.load_states([("acme", "s-new")]) == [(0, None)]
+    assert (await record_of(store, "acme", "s-new")).counted is None
     assert await store.history("acme", "s-new") == [{"why": "fallback"}]
+    assert 0 < await redis.ttl(keys.state_key("acme", "s-new")) <= STATE_TTL_S
 
 
 async def test_a_provider_status_never_goes_back(store: Store) -> None:
@@ -517,7 +517,7 @@ async def test_a_provider_status_never_goes_back(store: Store) -> None:
 
 
 async def test_history_positions_count_every_decision_ever_recorded(store: Store) -> None:
-    redis = store.redis  # the store keeps 3 decisions
+    # the store keeps 3 decisions
     assert await store.commit([shipment("s1", history=[{"d": 0}, {"d": 1}])], NOW_ISO) == []
     later = shipment("s1", 1, history=[{"d": 2}, {"d": 3}, {"d": 4}])
     assert await store.commit([later], NOW_ISO) == []
@@ -533,7 +533,7 @@ async def test_history_positions_count_every_decision_ever_recorded(store: Store
     assert (page.decisions, page.next_cursor) == ([{"d": 4}], None)
     assert (await store.history_page("acme", "s1", 0, 1)).decisions == [{"d": 2}]
     # a shipment recorded before the counter counts what is kept
-    await redis.hdel(keys.state_key("acme", "s1"), "hn")
+    await rewrite_record(store, "acme", "s1", counted=None)
     page = await store.history_page("acme", "s1", None, 10)
     assert (page.total, page.trimmed, len(page.decisions)) == (3, 0, 3)
 
@@ -593,16 +593,15 @@ async def test_an_outcome_list_keeps_as_many_records_as_the_history_would(store:
     await store.mark_sent(
         [(n, NOW_ISO, "outbox:x") for n in ids], where=dict.fromkeys(ids, SHIPMENT)
     )
-    records = await store.redis.lrange(keys.outcome_key(*SHIPMENT), 0, -1)
+    records = (await record_of(store, *SHIPMENT)).outcomes
     assert [r.split(b"\t", 1)[0].decode() for r in records] == ids[-cap:]
 
 
 async def test_shorten_only_ever_shortens(store: Store) -> None:
     await ledger_entries(store, pending("live"), pending("soon"))
     await store.redis.expire(keys.notification_key("soon"), 60)
-    out = keys.outcome_key(*SHIPMENT)
-    await store.redis.rpush(out, b"x")
-    await store.redis.expire(out, STATE_TTL_S)
+    await store.commit([shipment(SHIPMENT[1])], NOW_ISO)
+    out = keys.state_key(*SHIPMENT)  # the shipment's record, with its outcomes
     await store.shorten(["live", "soon", "gone"], 3600, None, [SHIPMENT])
     assert 3500 < await store.redis.ttl(keys.notification_key("live")) <= 3600
     assert await store.redis.ttl(keys.notification_key("soon")) <= 60  # never lengthened

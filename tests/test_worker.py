@@ -31,6 +31,7 @@ from tests.conftest import (
     local_day_and_time,
     outbox_files,
     post,
+    record_of,
     run_worker,
     transition,
 )
@@ -395,15 +396,14 @@ async def test_a_sent_notification_leaves_the_ledger_for_its_shipments_outcome_l
     await post(client, transition())
     await run_worker(settings)
     async with open_resources(settings, clock=fixed_clock()) as res:
-        # no hash per message once settled: one short record each, on the shipment's list
+        # no hash per message once settled: one short record each, in the shipment's record
         assert await res.redis.keys("ntf:msg:*") == []
-        records = await res.redis.lrange(keys.outcome_key("acme", "shp_123"), 0, -1)
+        records = (await record_of(res.store, "acme", "shp_123")).outcomes
         ids = {d["notification_id"] for d in await history(client)}
         assert {r.split(b"\t", 1)[0].decode() for r in records} == ids
-        assert await res.redis.object("encoding", keys.outcome_key("acme", "shp_123")) in (
-            b"listpack",
-            b"quicklist",
-        )
+        # one key for the shipment: its record (a string), no lists
+        assert await res.redis.keys("ntf:*shp_123*") == [keys.state_key("acme", "shp_123").encode()]
+        assert await res.redis.type(keys.state_key("acme", "shp_123")) == b"string"
     for d in await history(client):
         delivery = d["delivery"]
         assert delivery["status"] == "sent" and delivery["sent_at"] and delivery["attempts"] == 1
@@ -425,8 +425,9 @@ async def test_settling_folds_the_entry_and_provider_statuses_follow_it(
         assert await res.store.provider_status("n_1", "queued", 1, None, None, where["n_1"])
         at = "2026-11-21T12:00:00+00:00"
         await res.store.mark_sent([("n_1", at, "twilio:SM1")], "o1", {"n_1": "Hi"}, where=where)
-        out = keys.outcome_key("acme", "s1")
-        assert not await res.redis.exists(key) and await res.redis.llen(out) == 1
+        out = keys.state_key("acme", "s1")  # the shipment's record
+        assert not await res.redis.exists(key)
+        assert len((await record_of(res.store, "acme", "s1")).outcomes) == 1
         assert 3500 < await res.redis.ttl(out) <= 3600  # the entry's lifetime goes with it
         expected = {
             "status": "sent",
@@ -441,7 +442,7 @@ async def test_settling_folds_the_entry_and_provider_statuses_follow_it(
         # another holder's settle changes nothing, nor does a second one of the same holder
         await res.store.cancel("n_1", "superseded", ("acme", "s1"), owner="o2")
         await res.store.mark_sent([("n_1", at, "twilio:SM9")], "o1", where=where)
-        assert await res.redis.llen(out) == 1
+        assert len((await record_of(res.store, "acme", "s1")).outcomes) == 1
         # later statuses are recorded; a late lower one never overwrites a higher one
         assert await res.store.provider_status("n_1", "delivered", 5, None, None, where["n_1"])
         assert not await res.store.provider_status("n_1", "sent", 3, None, None, where["n_1"])
@@ -542,24 +543,22 @@ async def test_an_ended_shipment_is_kept_for_its_retention_and_opt_outs_forever(
     settings = make_settings(tmp_path, redis_url=redis_url, retention_after_final_s=3600)
     await post(client, transition(event_id="ofd"))
     await run_worker(settings)
-    outcomes = keys.outcome_key("acme", "shp_123")
+    shipment = keys.state_key("acme", "shp_123")  # its record: state, history, outcomes
     async with open_resources(settings, clock=fixed_clock()) as res:
         await res.store.set_opt_out("acme", "email:x@example.com", True)
-        assert await res.redis.llen(outcomes) == 2  # the two messages, settled
-        assert await res.redis.ttl(outcomes) > 3600
+        # the two messages, settled
+        assert len((await record_of(res.store, "acme", "shp_123")).outcomes) == 2
+        assert await res.redis.ttl(shipment) > 3600
     await post(
         client,
         transition(event_id="done", status="delivered", occurred_at="2026-11-21T13:00:00+01:00"),
     )
     await run_worker(settings)
     async with open_resources(settings, clock=fixed_clock()) as res:
-        state = res.store.state_key("acme", "shp_123")
-        hist = res.store.history_key("acme", "shp_123")
         # ended: its four records were folded into one chunk (notifier/store/chunks.py)
-        [chunk] = await res.redis.lrange(outcomes, 0, -1)
+        [chunk] = (await record_of(res.store, "acme", "shp_123")).outcomes
         assert chunks.is_chunk(chunk) and chunks.count(chunk) == 4
-        for key in [state, hist, outcomes]:
-            assert 0 < await res.redis.ttl(key) <= 3600, key
+        assert 0 < await res.redis.ttl(shipment) <= 3600
         assert await res.redis.ttl(res.store.optout_key("acme")) == -1  # never expires
 
 
@@ -581,7 +580,7 @@ async def test_a_compaction_that_fails_leaves_the_batch_delivered(
     assert "compacting 1 histories failed (ValueError" in caplog.text
     assert len(outbox_files(settings)) == 4  # each event by email and by SMS
     async with open_resources(settings, clock=fixed_clock()) as res:
-        entries = await res.redis.lrange(keys.history_key("acme", "shp_123"), 0, -1)
+        entries = (await record_of(res.store, "acme", "shp_123")).history
         assert len(entries) == 4 and not any(chunks.is_chunk(e) for e in entries)
         inbox = keys.inbox_key(res.store.partition_of("acme", "shp_123"))
         assert (await res.redis.xpending(inbox, GROUP))["pending"] == 0

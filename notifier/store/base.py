@@ -80,6 +80,11 @@ class StoreBase:
     def shipment_tag(self, merchant_id: str, shipment_id: str) -> str:
         return self.tag(self.scope_of(merchant_id, shipment_id))
 
+    def record_keys(self, merchant_id: str, shipment_id: str) -> list[str]:
+        """The keys of a shipment's record (``keys.record_keys``)."""
+        tag = self.shipment_tag(merchant_id, shipment_id)
+        return keys.record_keys(merchant_id, shipment_id, tag)
+
 
 async def awaited(result: Awaitable[T] | T) -> T:
     """Await a redis-py command; its stubs type every command for the sync and async client."""

@@ -112,13 +112,26 @@ def legacy_event_key(merchant_id: str, event_id: str) -> str:
 
 # -- shipments (shipments.py) --------------------------------------------------------------
 def state_key(merchant_id: str, shipment_id: str, tag: str = "") -> str:
-    """A shipment's state hash: version ``v``, packed state ``s``, history count ``hn``."""
+    """A shipment's record (a string, see ``record``: its state's version and the state, its
+    history and its outcome list). Before records: its state hash, version ``v``, packed
+    state ``s`` and history count ``hn``."""
     return f"{PREFIX}:shp:{tag}{merchant_id}:{shipment_id}"
 
 
 def history_key(merchant_id: str, shipment_id: str, tag: str = "") -> str:
-    """A shipment's decisions, oldest first (a list)."""
+    """Before records: a shipment's decisions, oldest first (a list; now in its record)."""
     return f"{PREFIX}:hist:{tag}{merchant_id}:{shipment_id}"
+
+
+def record_keys(merchant_id: str, shipment_id: str, tag: str = "") -> list[str]:
+    """The keys the scripts that read or write a shipment's record take: the record, then
+    the history and outcome lists of the layout before records (read, and replaced by the
+    record)."""
+    return [
+        state_key(merchant_id, shipment_id, tag),
+        history_key(merchant_id, shipment_id, tag),
+        outcome_key(merchant_id, shipment_id, tag),
+    ]
 
 
 #: Shipments by the epoch ms they count as stalled (a sorted set of ``stall_member``).
@@ -161,8 +174,8 @@ def dead_letter_key(tag: str = "") -> str:
 
 
 def outcome_key(merchant_id: str, shipment_id: str, tag: str = "") -> str:
-    """A shipment's notifications settled for good, one short record each (a list; see
-    ``lua/fold.lua``): their ledger hashes are gone."""
+    """Before records: a shipment's notifications settled for good, one short record each
+    (a list; see ``lua/fold.lua``; now in its record)."""
     return f"{PREFIX}:out:{tag}{merchant_id}:{shipment_id}"
 
 

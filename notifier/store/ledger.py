@@ -4,12 +4,14 @@ A notification is claimed before it is handed to a channel (``claim``: two worke
 send the same one), then settled by the worker that still holds the claim (sent, failed,
 cancelled) or given back to wait (``reschedule``, the due index). Providers' message ids
 lead their status callbacks back to it. Settled for good (sent or cancelled), it leaves the
-ledger for a record on its shipment's outcome list (``lua/fold.lua``), which the worker
-later folds into chunks with the others (``chunks``, ``merge_outcomes``).
+ledger for a record on its shipment's outcome list (``lua/fold.lua``; a part of the
+shipment's record, ``record``), which the worker later folds into chunks with the others
+(``chunks``, ``merge_outcomes``).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -18,7 +20,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from notifier.packing import HISTORY, pack, unpack
-from notifier.store import chunks, keys
+from notifier.store import chunks, keys, record
 from notifier.store.base import Scope, StoreBase, awaited, decode
 from notifier.store.stats import add_counts
 
@@ -236,10 +238,10 @@ class Ledger(StoreBase):
         for nid, (merchant_id, shipment_id), fields in settling:
             names += [
                 keys.notification_key(nid, tag),
-                keys.outcome_key(merchant_id, shipment_id, tag),
+                *keys.record_keys(merchant_id, shipment_id, tag),
             ]
-            record = {k: v for k, v in fields.items() if v}
-            args += [nid, pack(orjson.dumps(record), HISTORY)]
+            recorded = {k: v for k, v in fields.items() if v}
+            args += [nid, pack(orjson.dumps(recorded), HISTORY)]
         settled = await self.scripts.fold(keys=names, args=args)
         return [settling[int(i) - 1][0] for i in settled]
 
@@ -283,7 +285,7 @@ class Ledger(StoreBase):
             await self.scripts.provider_status(
                 keys=[
                     keys.notification_key(notification_id, tag),
-                    keys.outcome_key(merchant_id, shipment_id, tag),
+                    *keys.record_keys(merchant_id, shipment_id, tag),
                 ],
                 args=[status, rank, error or "", notification_id, self.outcomes_cap],
             )
@@ -334,9 +336,7 @@ class Ledger(StoreBase):
                 keys=[
                     keys.notification_key(notification_id, tag),
                     keys.due_key(tag),
-                    keys.history_key(merchant_id, shipment_id, tag),
-                    keys.state_key(merchant_id, shipment_id, tag),
-                    keys.outcome_key(merchant_id, shipment_id, tag),
+                    *keys.record_keys(merchant_id, shipment_id, tag),
                 ],
                 args=[
                     notification_id,
@@ -370,12 +370,21 @@ class Ledger(StoreBase):
         """Delivery status fields per notification id of a shipment: from the ledger while a
         notification is there, else from its record on the shipment's outcome list."""
         tag = self.shipment_tag(merchant_id, shipment_id)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for nid in notification_ids:
-                pipe.hmget(keys.notification_key(nid, tag), list(_SHOWN))
-            pipe.lrange(keys.outcome_key(merchant_id, shipment_id, tag), 0, -1)
-            *rows, records = await pipe.execute()
-        settled = _outcomes(records)
+
+        async def live() -> list[Any]:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for nid in notification_ids:
+                    pipe.hmget(keys.notification_key(nid, tag), list(_SHOWN))
+                return list(await pipe.execute())
+
+        # a script is never in a pipeline: a cluster's pipelines refuse them
+        rows, (found,) = await asyncio.gather(
+            live(),
+            self.scripts.read_records(
+                keys=keys.record_keys(merchant_id, shipment_id, tag), args=["all"]
+            ),
+        )
+        settled = _outcomes(record.parse(found).outcomes)
         out = {}
         for nid, row in zip(notification_ids, rows, strict=True):
             fields = {f: decode(v) for f, v in zip(_SHOWN, row, strict=True) if v}
@@ -393,7 +402,7 @@ class Ledger(StoreBase):
         ``ttl_s`` (never later than they would)."""
         tag = self.tag(scope)
         names = self._names(notification_ids, scope)
-        names += [keys.outcome_key(m, s, tag) for m, s in shipments]
+        names += [key for m, s in shipments for key in keys.record_keys(m, s, tag)]
         if names:
             await self.scripts.shorten(keys=names, args=[ttl_s])
 

@@ -61,6 +61,7 @@ class Scripts:
     fold: Script
     shorten: Script
     history_page: Script
+    read_records: Script
     compact: Script
     drop_stall: Script
     lock: Script
@@ -87,8 +88,17 @@ def script(redis: Redis | RedisCluster, text: str) -> Script:
 #: the Lua functions some scripts share (``lua/lib/<name>.lua``) -> the scripts they go
 #: in front of
 LIBRARIES = {
+    "record": (
+        "commit",
+        "add_notification",
+        "provider_status",
+        "fold",
+        "history_page",
+        "compact",
+        "record_test",
+        "read_records",
+    ),
     "outcomes": ("commit", "add_notification", "provider_status"),
-    "history": ("commit", "add_notification"),
 }
 
 

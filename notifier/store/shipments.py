@@ -5,6 +5,7 @@ A worker loads the states of a batch, decides, and commits every shipment in one
 call that compares and sets each state's version: a shipment another worker got to first
 comes back as a conflict, to be decided again from what that worker wrote.
 
+A shipment's state, history and outcome list are one record, one Redis string (``record``).
 A history is a list of entries (one decision each, packed on its own) appended as they are
 decided, and of chunks (``chunks``: runs of entries packed together, a JSON array).
 ``compact`` folds the latest entries, and the outcome records (``ledger``), into chunks once a
@@ -23,8 +24,8 @@ import orjson
 
 from notifier.packing import HISTORY, STATE, pack, unpack
 from notifier.state import ShipmentState
-from notifier.store import chunks, keys
-from notifier.store.base import Scope, StoreBase, awaited, decode
+from notifier.store import chunks, keys, record
+from notifier.store.base import Scope, StoreBase, decode
 from notifier.store.ledger import merge_outcomes
 from notifier.store.stats import KEEP_S
 
@@ -86,23 +87,40 @@ class Shipments(StoreBase):
         self, shipments: Sequence[tuple[str, str]]
     ) -> list[tuple[int, ShipmentState | None]]:
         """(version, state) per (merchant_id, shipment_id); version 0 and None when unknown."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for merchant_id, shipment_id in shipments:
-                pipe.hmget(self.state_key(merchant_id, shipment_id), ["v", "s"])
-            rows = await pipe.execute()
         out: list[tuple[int, ShipmentState | None]] = []
-        for version, raw in rows:
-            state = ShipmentState.model_validate_json(unpack(raw)) if raw else None
-            out.append((int(version or 0), state))
+        for found in await self.records(shipments, whole=False):
+            state = ShipmentState.model_validate_json(unpack(found.state)) if found.state else None
+            out.append((found.version, state))
+        return out
+
+    async def records(
+        self, shipments: Sequence[tuple[str, str]], whole: bool = True
+    ) -> list[record.Record]:
+        """Each shipment's record (``record``; ``whole=False``: without its history and
+        outcomes), also of shipments recorded before records (``lua/read_records.lua``). One
+        script call per scope (a batch's shipments are mostly one partition's)."""
+        by_scope: dict[Scope, list[int]] = {}
+        for i, (merchant_id, shipment_id) in enumerate(shipments):
+            by_scope.setdefault(self.scope_of(merchant_id, shipment_id), []).append(i)
+
+        async def read(scope: Scope, at: list[int]) -> list[bytes]:
+            tag = self.tag(scope)
+            names = [name for i in at for name in keys.record_keys(*shipments[i], tag)]
+            found: list[bytes] = await self.scripts.read_records(
+                keys=names, args=["all" if whole else "state"]
+            )
+            return found
+
+        answers = await asyncio.gather(*(read(scope, at) for scope, at in by_scope.items()))
+        out: list[record.Record] = [record.Record()] * len(shipments)
+        for at, found in zip(by_scope.values(), answers, strict=True):
+            for i, raw in zip(at, found, strict=True):
+                out[i] = record.parse(raw)
         return out
 
     # -- keys -------------------------------------------------------------------------
     def state_key(self, merchant_id: str, shipment_id: str) -> str:
         return keys.state_key(merchant_id, shipment_id, self.shipment_tag(merchant_id, shipment_id))
-
-    def history_key(self, merchant_id: str, shipment_id: str) -> str:
-        tag = self.shipment_tag(merchant_id, shipment_id)
-        return keys.history_key(merchant_id, shipment_id, tag)
 
     # -- commit -------------------------------------------------------------------------
     async def commit(self, commits: Sequence[ShipmentCommit], now_iso: str) -> list[int]:
@@ -166,11 +184,7 @@ class Shipments(StoreBase):
         for day, name in slots:
             args += [day, name]
         for c in commits:
-            names += [
-                keys.state_key(c.merchant_id, c.shipment_id, tag),
-                keys.history_key(c.merchant_id, c.shipment_id, tag),
-                keys.outcome_key(c.merchant_id, c.shipment_id, tag),
-            ]
+            names += keys.record_keys(c.merchant_id, c.shipment_id, tag)
             if number := c.state.tracking_number:
                 names.append(keys.tracking_key(c.merchant_id, number, tag))
             names += [keys.notification_key(nid, tag) for nid, *_ in c.notifications]
@@ -204,8 +218,8 @@ class Shipments(StoreBase):
     # -- history ------------------------------------------------------------------------
     async def history(self, merchant_id: str, shipment_id: str) -> list[dict[str, Any]]:
         """The recorded decisions of a shipment, oldest first."""
-        key = self.history_key(merchant_id, shipment_id)
-        return self._kept(await awaited(self.redis.lrange(key, 0, -1)))
+        [found] = await self.records([(merchant_id, shipment_id)])
+        return self._kept(found.history)
 
     async def history_page(
         self, merchant_id: str, shipment_id: str, cursor: int | None, limit: int
@@ -213,11 +227,7 @@ class Shipments(StoreBase):
         """Up to ``limit`` decisions from position ``cursor`` (counted over every decision
         ever recorded for the shipment, oldest first; None: the oldest one still kept)."""
         counted, elements = await self.scripts.history_page(
-            keys=[
-                self.state_key(merchant_id, shipment_id),
-                self.history_key(merchant_id, shipment_id),
-            ],
-            args=[],
+            keys=self.record_keys(merchant_id, shipment_id), args=[]
         )
         kept = self._kept(elements)
         total = max(int(counted), len(kept))  # no counter before 0.4: what is kept
@@ -248,35 +258,27 @@ class Shipments(StoreBase):
 
     async def _compact(self, scope: Scope, shipments: Sequence[tuple[str, str]]) -> int:
         tag = self.tag(scope)
-        lists: list[tuple[str, int, chunks.Merge]] = []
-        for merchant_id, shipment_id in shipments:
-            lists += [
-                (keys.history_key(merchant_id, shipment_id, tag), self.history_cap, merge_history),
-                (
-                    keys.outcome_key(merchant_id, shipment_id, tag),
-                    self.outcomes_cap,
-                    merge_outcomes,
-                ),
-            ]
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for name, _, _ in lists:
-                pipe.lrange(name, 0, -1)
-            read = await pipe.execute()
-        chosen: list[str] = []
+        found = await self.records(shipments)
+        names: list[str] = []
         args: list[Any] = []
-        for (name, cap, merge), elements in zip(lists, read, strict=True):
-            plan = chunks.plan(elements, cap, merge)
-            if plan is not None:
-                chosen.append(name)
-                args += [len(elements), *plan, *elements]
-        if not chosen:
+        for (merchant_id, shipment_id), held in zip(shipments, found, strict=True):
+            parts: list[tuple[str, list[bytes], int, chunks.Merge]] = [
+                ("h", held.history, self.history_cap, merge_history),
+                ("o", held.outcomes, self.outcomes_cap, merge_outcomes),
+            ]
+            for part, elements, cap, merge in parts:
+                plan = chunks.plan(elements, cap, merge)
+                if plan is not None:
+                    names += keys.record_keys(merchant_id, shipment_id, tag)
+                    args += [part, len(elements), *plan, *elements]
+        if not names:
             return 0
-        return len(await self.scripts.compact(keys=chosen, args=args))
+        return len(await self.scripts.compact(keys=names, args=args))
 
     async def record_test(self, merchant_id: str, shipment_id: str, entry: dict[str, Any]) -> None:
         """Append a test send to a shipment's history (kept like any history)."""
         await self.scripts.record_test(
-            keys=[self.history_key(merchant_id, shipment_id)],
+            keys=self.record_keys(merchant_id, shipment_id),
             args=[pack(orjson.dumps(entry), HISTORY), self.history_cap, self.state_ttl_s],
         )
 

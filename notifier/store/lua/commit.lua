@@ -11,10 +11,10 @@
 -- KEYS[2]: the due index (zset of notification ids by due ms)
 -- KEYS[3], KEYS[4]: the merchant webhook events due, and the events (see hook_event.lua)
 -- KEYS[5 .. 4 + nk]: the analytics days the batch counts in (hashes of counts, see below)
--- then per shipment: its state hash, its history list, its outcome list, its tracking
---   number's set (only when it has a tracking number), and the ledger hash of each new
---   notification
--- ARGV[1]: the default lifetime of state, history and new ledger entries, seconds
+-- then per shipment: its record (see lib/record.lua), the history list and the outcome list
+--   it had before records (read, then replaced by the record), its tracking number's set (only
+--   when it has a tracking number), and the ledger hash of each new notification
+-- ARGV[1]: the default lifetime of a record and new ledger entries, seconds
 -- ARGV[2]: the history cap (entries kept)
 -- ARGV[3]: the number of shipments
 -- ARGV[4]: now, ISO (each new ledger entry's 'created')
@@ -52,13 +52,6 @@ local a = 11 + 2 * ns
 local k = 5 + nk
 local conflicts, long = {}, {}
 
--- whether the last 'run' elements of a history are plain entries, none a chunk (chunks
--- start with byte 3 and are never after a plain entry)
-local function worth(hkey, run)
-  local element = redis.call('LINDEX', hkey, -run)
-  return element and string.byte(element, 1) ~= 3
-end
-
 for s = 1, shipments do
   local skey, hkey, okey = KEYS[k], KEYS[k + 1], KEYS[k + 2]
   k = k + 3
@@ -73,11 +66,11 @@ for s = 1, shipments do
     tkey = KEYS[k]
     k = k + 1
   end
-  local current = redis.call('HGET', skey, 'v') or '0'
+  local rec = record_load(skey, hkey, okey)
+  local current = rec.v == '' and '0' or rec.v
   local ok = (current == expected)
   if ok then
-    redis.call('HSET', skey, 'v', tostring(tonumber(current) + 1), 's', newstate)
-    redis.call('EXPIRE', skey, sttl)
+    rec.v, rec.s = tostring(tonumber(current) + 1), newstate
     if deadline == '' then
       redis.call('ZREM', stall, member)
     else
@@ -88,20 +81,21 @@ for s = 1, shipments do
       redis.call('SADD', tkey, tracked)
       if redis.call('TTL', tkey) < sttl then redis.call('EXPIRE', tkey, sttl) end
     end
-    if nh > 0 and redis.call('HEXISTS', skey, 'hn') == 0 then
+    if nh > 0 then
       -- every entry ever appended, for the history API's positions; a shipment from before
       -- the counter starts from what its history holds
-      redis.call('HSET', skey, 'hn', decisions_in(hkey))
+      local counted = rec.hn == '' and values_in(rec.h) or tonumber(rec.hn)
+      rec.hn = tostring(counted + nh)
+      for i = 0, nh - 1 do
+        append_capped(rec.h, ARGV[a + i], cap)
+      end
+      -- whether the last 'run' elements are plain entries, none a chunk (chunks start with
+      -- byte 3 and are never after a plain entry)
+      local element = rec.h[#rec.h - run + 1]
+      if element and string.byte(element, 1) ~= 3 then table.insert(long, s) end
     end
-    for i = 0, nh - 1 do
-      redis.call('RPUSH', hkey, ARGV[a + i])
-    end
-    if nh > 0 then
-      redis.call('LTRIM', hkey, -cap, -1)
-      redis.call('EXPIRE', hkey, sttl)
-      redis.call('HINCRBY', skey, 'hn', nh)
-      if worth(hkey, run) then table.insert(long, s) end
-    end
+    record_save(skey, hkey, okey, rec, sttl)
+    redis.call('EXPIRE', skey, sttl)
   else
     table.insert(conflicts, s)
   end
@@ -112,7 +106,7 @@ for s = 1, shipments do
   for i = 0, nn - 1 do
     local st, due, payload = ARGV[a + 3 * i], ARGV[a + 3 * i + 1], ARGV[a + 3 * i + 2]
     local nid = string.sub(KEYS[k + i], string.len(ARGV[5]) + 1)
-    if ok and done == nil then done = settled_ids(okey) end
+    if ok and done == nil then done = settled_ids(rec.o) end
     if ok and not done[nid] and redis.call('HSETNX', KEYS[k + i], 'st', st) == 1 then
       redis.call('HSET', KEYS[k + i], 'p', payload, 'created', now, 'attempts', '0', 'due', due)
       redis.call('EXPIRE', KEYS[k + i], sttl)

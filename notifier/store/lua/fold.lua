@@ -4,7 +4,8 @@
 -- entry, not a key. An entry that expired is never re-created, and a worker whose claim ran
 -- out and was taken over must not overwrite what the new holder recorded.
 --
--- KEYS: per notification: its ledger hash, then its shipment's outcome list
+-- KEYS: per notification: its ledger hash, then its shipment's record, and the history and
+--   outcome lists from before records (see lib/record.lua)
 -- ARGV[1]: the owner token the entries must carry ('' = no owner check)
 -- ARGV[2]: the most records an outcome list keeps (the oldest go first, like the history's)
 -- then per notification: its id, and what the worker records (packed JSON)
@@ -17,8 +18,8 @@ local owner = ARGV[1]
 local cap = tonumber(ARGV[2])
 local kept = {'attempts', 'due', 'created', 'provider_status', 'prank', 'provider_error'}
 local settled = {}
-for i = 1, #KEYS / 2 do
-  local ledger, out = KEYS[2 * i - 1], KEYS[2 * i]
+for i = 1, #KEYS / 4 do
+  local ledger, skey, hkey, okey = KEYS[4 * i - 3], KEYS[4 * i - 2], KEYS[4 * i - 1], KEYS[4 * i]
   local mine = owner == '' or redis.call('HGET', ledger, 'owner') == owner
   if redis.call('EXISTS', ledger) == 1 and mine then
     local values = redis.call('HMGET', ledger, unpack(kept))
@@ -27,9 +28,11 @@ for i = 1, #KEYS / 2 do
       if values[f] and values[f] ~= '' then known[kept[f]] = values[f] end
     end
     local ttl = redis.call('PTTL', ledger)
-    redis.call('RPUSH', out, ARGV[2 * i + 1] .. '\t' .. cjson.encode(known) .. '\t' .. ARGV[2 * i + 2])
-    redis.call('LTRIM', out, -cap, -1)
-    if ttl > redis.call('PTTL', out) then redis.call('PEXPIRE', out, ttl) end
+    local rec = record_load(skey, hkey, okey)
+    local record = ARGV[2 * i + 1] .. '\t' .. cjson.encode(known) .. '\t' .. ARGV[2 * i + 2]
+    append_capped(rec.o, record, cap)
+    record_save(skey, hkey, okey, rec, nil)
+    if ttl > redis.call('PTTL', skey) then redis.call('PEXPIRE', skey, ttl) end
     redis.call('DEL', ledger)
     table.insert(settled, i)
   end

@@ -3,9 +3,10 @@
 -- arrive and old ones are trimmed; the caller counts what the elements hold (a chunk holds
 -- several, see compact.lua) and cuts the page.
 --
--- KEYS[1]: the shipment's state hash
--- KEYS[2]: the shipment's history list
+-- KEYS[1]: the shipment's record (see lib/record.lua)
+-- KEYS[2], KEYS[3]: its history and outcome lists from before records
 -- Returns {hn, elements}: decisions ever recorded (0 for a shipment recorded before the
 --   counter), and every element of the history, oldest first.
 
-return {tonumber(redis.call('HGET', KEYS[1], 'hn') or '0'), redis.call('LRANGE', KEYS[2], 0, -1)}
+local rec = record_load(KEYS[1], KEYS[2], KEYS[3])
+return {tonumber(rec.hn ~= '' and rec.hn or '0'), rec.h}

@@ -3,7 +3,8 @@
 -- is there, else as a record on its shipment's outcome list (see fold.lua).
 --
 -- KEYS[1]: the ledger hash
--- KEYS[2]: the shipment's outcome list
+-- KEYS[2]: the shipment's record (see lib/record.lua)
+-- KEYS[3], KEYS[4]: its history and outcome lists from before records
 -- ARGV[1]: the status
 -- ARGV[2]: its rank (later statuses rank higher; 'prank')
 -- ARGV[3]: the provider's error ('' = none)
@@ -20,10 +21,11 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'provider_error', ARGV[3]) end
   return 1
 end
-local found, current = outcome_rank(KEYS[2], ARGV[4])
+local rec = record_load(KEYS[2], KEYS[3], KEYS[4])
+local found, current = outcome_rank(rec.o, ARGV[4])
 if not found or rank <= current then return 0 end
 local status = {provider_status = ARGV[1], prank = ARGV[2]}
 if ARGV[3] ~= '' then status['provider_error'] = ARGV[3] end
-redis.call('RPUSH', KEYS[2], ARGV[4] .. '\t' .. cjson.encode(status) .. '\t')
-redis.call('LTRIM', KEYS[2], -tonumber(ARGV[5]), -1)
+append_capped(rec.o, ARGV[4] .. '\t' .. cjson.encode(status) .. '\t', tonumber(ARGV[5]))
+record_save(KEYS[2], KEYS[3], KEYS[4], rec, nil)
 return 1

@@ -1,4 +1,5 @@
--- Outcome lists (see fold.lua), for the scripts that read them: each element is a record,
+-- Outcome lists (see fold.lua; a part of a shipment's record, see record.lua), for the
+-- scripts that read them: each element is a record,
 -- '<id>\t<JSON of ledger fields>\t<packed JSON>', or a chunk of records (first byte 3, see
 -- notifier/store/chunks.py): '\3<count>:<ids, space-separated>\t<JSON {id: the highest
 -- provider status rank recorded}>\t<packed records>'.
@@ -10,10 +11,10 @@ local function chunk_ids(record)
   return string.sub(record, from, upto - 1), upto + 1
 end
 
--- the ids on an outcome list: notifications settled for good
+-- the ids on an outcome list (its elements): notifications settled for good
 local function settled_ids(out)
   local ids = {}
-  for _, record in ipairs(redis.call('LRANGE', out, 0, -1)) do
+  for _, record in ipairs(out) do
     if string.byte(record, 1) == 3 then
       for id in string.gmatch((chunk_ids(record)), '[^ ]+') do ids[id] = true end
     else
@@ -23,12 +24,12 @@ local function settled_ids(out)
   return ids
 end
 
--- whether a notification is on an outcome list, and the highest provider status rank
--- recorded for it (-1: none)
+-- whether a notification is on an outcome list (its elements), and the highest provider
+-- status rank recorded for it (-1: none)
 local function outcome_rank(out, id)
   local found, rank = false, -1
   local prefix = id .. '\t'
-  for _, record in ipairs(redis.call('LRANGE', out, 0, -1)) do
+  for _, record in ipairs(out) do
     local known = nil
     if string.byte(record, 1) == 3 then
       local held, ranked = chunk_ids(record)
