@@ -613,7 +613,8 @@ async def test_the_commit_indexes_tracking_numbers_with_the_state(store: Store) 
     redis = store.redis
     key = keys.tracking_key("acme", "1Z9")
     assert await store.commit([shipment("s1", tracking_number="1Z9")], NOW_ISO) == []
-    assert await redis.smembers(key) == {b"s1"}
+    assert await redis.hgetall(key) == {b"s1": b""}  # a small hash: 120 B, a set's 216
+    assert await redis.object("encoding", key) == b"listpack"
     assert STATE_TTL_S - 60 < await redis.ttl(key) <= STATE_TTL_S
     # a carrier reusing the number: another shipment joins; one that ended (a short
     # lifetime) never shortens the set the other still needs
@@ -625,6 +626,20 @@ async def test_the_commit_indexes_tracking_numbers_with_the_state(store: Store) 
     assert await store.commit([shipment("s4")], NOW_ISO) == []
     assert await store.shipments_tracked_as("acme", "1Z9") == ["s1", "s2"]
     assert await redis.keys("ntf:trk:*") == [key.encode()]
+
+
+async def test_a_tracking_number_indexed_in_a_set_before_records_still_finds_and_grows(
+    store: Store,
+) -> None:
+    redis = store.redis
+    key = keys.tracking_key("acme", "1Z8")
+    await redis.sadd(key, "old")
+    await redis.expire(key, 100)
+    assert await store.shipments_tracked_as("acme", "1Z8") == ["old"]
+    assert await store.commit([shipment("s1", tracking_number="1Z8")], NOW_ISO) == []
+    assert await redis.smembers(key) == {b"old", b"s1"}
+    assert await store.shipments_tracked_as("acme", "1Z8") == ["old", "s1"]
+    assert STATE_TTL_S - 60 < await redis.ttl(key) <= STATE_TTL_S
 
 
 # -- the client ----------------------------------------------------------------------------

@@ -148,8 +148,9 @@ def stall_member(merchant_id: str, shipment_id: str) -> str:
 
 
 def tracking_key(merchant_id: str, tracking_number: str, tag: str = "") -> str:
-    """The shipments that carried a tracking number (a set; on a Redis Cluster one per
-    partition, written by the commit with the shipment's state)."""
+    """The shipments that carried a tracking number (the fields of a hash, values empty; a
+    set before records; on a Redis Cluster one per partition, written by the commit with the
+    shipment's state)."""
     return f"{PREFIX}:trk:{tag}{merchant_id}:{tracking_number}"
 
 

@@ -21,11 +21,12 @@ from datetime import datetime
 from typing import Any
 
 import orjson
+from redis.exceptions import ResponseError
 
 from notifier.packing import HISTORY, STATE, pack, unpack
 from notifier.state import ShipmentState
 from notifier.store import chunks, keys, record
-from notifier.store.base import Scope, StoreBase, decode
+from notifier.store.base import Scope, StoreBase, awaited, decode
 from notifier.store.ledger import merge_outcomes
 from notifier.store.stats import KEEP_S
 
@@ -311,12 +312,14 @@ class Shipments(StoreBase):
         """The merchant's shipments that carried ``tracking_number`` (at most 50). The commit
         that records a shipment's state adds it to its number's set (on a Redis Cluster, one
         set per partition: a lookup asks each)."""
+        names = [keys.tracking_key(merchant_id, tracking_number, self.tag(s)) for s in self.scopes]
         async with self.redis.pipeline(transaction=False) as pipe:
-            for scope in self.scopes:
-                pipe.srandmember(
-                    keys.tracking_key(merchant_id, tracking_number, self.tag(scope)), 50
-                )
-            found = await pipe.execute()
+            for name in names:
+                pipe.hrandfield(name, 50)
+            found = await pipe.execute(raise_on_error=False)
+        for i, members in enumerate(found):
+            if isinstance(members, ResponseError):  # a set, written before records
+                found[i] = await awaited(self.redis.srandmember(names[i], 50))
         return sorted({decode(m) for members in found for m in members or []})[:50]
 
 
