@@ -206,9 +206,7 @@ class DeadLetters:
 
     async def _message(self, notification_id: str, scope: Scope) -> DeadLetter:
         ledger = (await self.store.ledger([notification_id], scope)).get(notification_id, {})
-        name = keys.notification_key(notification_id, self.store.tag(scope))
-        found = await awaited(self.redis.hget(name, "p"))
-        raw = found.encode() if isinstance(found, str) else found  # a payload may be packed
+        raw = await self.store.payload(notification_id, scope)  # it may be packed
         body: dict[str, Any] = orjson.loads(unpack(raw)) if raw else {}
         state = ledger.get("status", "expired")
         return DeadLetter(

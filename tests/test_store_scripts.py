@@ -351,6 +351,28 @@ async def test_claim_answers_each_notification_in_order(store: Store) -> None:
     ]
 
 
+async def test_a_payload_is_kept_in_64_byte_pieces_and_claimed_whole(store: Store) -> None:
+    """Pieces keep the ledger hash a compact (listpack) one: a value over 64 bytes makes it a
+    hashtable, 40 % larger. A payload in one field (written before) is claimed the same."""
+    long = bytes(range(256)) * 2 + b"end"  # any bytes: a packed payload is binary
+    await ledger_entries(store, ("n1", "pending", "", long), ("n2", "pending", "", b"short"))
+    name = keys.notification_key("n1")
+    fields = await store.redis.hgetall(name)
+    assert [fields[b"p" + (b"%d" % i if i else b"")] for i in range(9)] == [
+        long[at : at + 64] for at in range(0, len(long), 64)
+    ]
+    assert await store.redis.object("encoding", name) == b"listpack"
+    assert await store.payload("n1") == long
+    await store.redis.hset(keys.notification_key("old"), mapping={"st": "pending", "p": long})
+    assert await store.claim(["n1", "n2", "old"], NOW_MS, LEASE_MS, owner="A") == [
+        (ClaimResult.FRESH, long),
+        (ClaimResult.FRESH, b"short"),
+        (ClaimResult.FRESH, long),
+    ]
+    assert await store.payload("old") == long
+    assert await store.payload("unknown") is None
+
+
 # -- settle (renew, release, sent, failed, cancelled) -------------------------------------
 
 

@@ -350,6 +350,20 @@ class Ledger(StoreBase):
         )
 
     # -- reading and retention ----------------------------------------------------------
+    async def payload(self, notification_id: str, scope: Scope = None) -> bytes | None:
+        """A notification's payload as its ledger hash holds it (packed or plain JSON; None:
+        not in the ledger): in 64-byte pieces ``p``, ``p1``, ``p2``... (``lua/lib/payload.lua``),
+        or in one ``p`` when written before."""
+        fields = await awaited(
+            self.redis.hgetall(keys.notification_key(notification_id, self.tag(scope)))
+        )
+        if b"p" not in fields:
+            return None
+        parts = [fields[b"p"]]
+        while (part := fields.get(b"p%d" % len(parts))) is not None:
+            parts.append(part)
+        return b"".join(parts)
+
     async def ledger(
         self, notification_ids: Sequence[str], scope: Scope = None
     ) -> dict[str, dict[str, str | int]]:

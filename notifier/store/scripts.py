@@ -99,6 +99,7 @@ LIBRARIES = {
         "read_records",
     ),
     "outcomes": ("commit", "add_notification", "provider_status"),
+    "payload": ("commit", "add_notification", "claim"),
 }
 
 

@@ -28,7 +28,7 @@ for i = 1, #KEYS do
     if claimed + lease < now then code = 2 end
   end
   if code > 0 then
-    local payload = redis.call('HGET', KEYS[i], 'p')
+    local payload = payload_of(KEYS[i])
     if payload then
       redis.call('HSET', KEYS[i], 'st', 'sending', 'claimed', tostring(now), 'owner', ARGV[4])
       redis.call('HINCRBY', KEYS[i], 'attempts', 1)
