@@ -16,16 +16,17 @@
 --   written).
 
 local rec = record_load(KEYS[3], KEYS[4], KEYS[5])
-if settled_ids(rec.o)[ARGV[1]] then return 0 end
+if settled_ids(record_list(rec, 'o'))[ARGV[1]] then return 0 end
 if redis.call('HSETNX', KEYS[1], 'st', 'deferred') == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'due', ARGV[3], 'attempts', '0', unpack(payload_fields(ARGV[2])))
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 if rec.v ~= '' then
   -- a shipment with a state counts its entries (one without counts them once it has one)
-  rec.hn = tostring((rec.hn == '' and values_in(rec.h) or tonumber(rec.hn)) + 1)
+  local counted = rec.hn == '' and values_in(record_list(rec, 'h')) or tonumber(rec.hn)
+  rec.hn = tostring(counted + 1)
 end
-append_capped(rec.h, ARGV[4], tonumber(ARGV[6]))
+record_append(rec, 'h', ARGV[4], tonumber(ARGV[6]))
 record_save(KEYS[3], KEYS[4], KEYS[5], rec, tonumber(ARGV[5]))
 redis.call('EXPIRE', KEYS[3], ARGV[5], 'GT')  -- never shortens the shipment's own
 return 1

@@ -88,15 +88,12 @@ for s = 1, shipments do
     if nh > 0 then
       -- every entry ever appended, for the history API's positions; a shipment from before
       -- the counter starts from what its history holds
-      local counted = rec.hn == '' and values_in(rec.h) or tonumber(rec.hn)
+      local counted = rec.hn == '' and values_in(record_list(rec, 'h')) or tonumber(rec.hn)
       rec.hn = tostring(counted + nh)
       for i = 0, nh - 1 do
-        append_capped(rec.h, ARGV[a + i], cap)
+        record_append(rec, 'h', ARGV[a + i], cap)
       end
-      -- whether the last 'run' elements are plain entries, none a chunk (chunks start with
-      -- byte 3 and are never after a plain entry)
-      local element = rec.h[#rec.h - run + 1]
-      if element and string.byte(element, 1) ~= 3 then table.insert(long, s) end
+      if record_plain_run(rec, 'h', run) then table.insert(long, s) end
     end
     record_save(skey, hkey, okey, rec, sttl)
     redis.call('EXPIRE', skey, sttl)
@@ -110,7 +107,7 @@ for s = 1, shipments do
   for i = 0, nn - 1 do
     local st, due, payload = ARGV[a + 3 * i], ARGV[a + 3 * i + 1], ARGV[a + 3 * i + 2]
     local nid = string.sub(KEYS[k + i], string.len(ARGV[5]) + 1)
-    if ok and done == nil then done = settled_ids(rec.o) end
+    if ok and done == nil then done = settled_ids(record_list(rec, 'o')) end
     if ok and not done[nid] and redis.call('HSETNX', KEYS[k + i], 'st', st) == 1 then
       redis.call('HSET', KEYS[k + i], 'created', now, 'attempts', '0', 'due', due,
         unpack(payload_fields(payload)))

@@ -20,7 +20,7 @@ for i = 1, #KEYS / 3 do
   local part, n, dropped, from, chunk =
     ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), ARGV[a + 4]
   local rec = record_load(skey, hkey, okey)
-  local read = rec[part]
+  local read = record_list(rec, part)
   local same = #read >= n
   for j = 1, n do
     if not same then break end
@@ -32,7 +32,7 @@ for i = 1, #KEYS / 3 do
     for j = dropped + 1, from do kept[#kept + 1] = read[j] end
     kept[#kept + 1] = chunk
     for j = n + 1, #read do kept[#kept + 1] = read[j] end
-    rec[part] = kept
+    rec.list[part] = kept
     record_save(skey, hkey, okey, rec, nil)
     table.insert(done, i)
   end

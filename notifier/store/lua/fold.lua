@@ -30,7 +30,7 @@ for i = 1, #KEYS / 4 do
     local ttl = redis.call('PTTL', ledger)
     local rec = record_load(skey, hkey, okey)
     local record = ARGV[2 * i + 1] .. '\t' .. cjson.encode(known) .. '\t' .. ARGV[2 * i + 2]
-    append_capped(rec.o, record, cap)
+    record_append(rec, 'o', record, cap)
     record_save(skey, hkey, okey, rec, nil)
     if ttl > redis.call('PTTL', skey) then redis.call('PEXPIRE', skey, ttl) end
     redis.call('DEL', ledger)

@@ -9,4 +9,4 @@
 --   counter), and every element of the history, oldest first.
 
 local rec = record_load(KEYS[1], KEYS[2], KEYS[3])
-return {tonumber(rec.hn ~= '' and rec.hn or '0'), rec.h}
+return {tonumber(rec.hn ~= '' and rec.hn or '0'), record_list(rec, 'h')}

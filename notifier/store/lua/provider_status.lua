@@ -22,10 +22,10 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   return 1
 end
 local rec = record_load(KEYS[2], KEYS[3], KEYS[4])
-local found, current = outcome_rank(rec.o, ARGV[4])
+local found, current = outcome_rank(record_list(rec, 'o'), ARGV[4])
 if not found or rank <= current then return 0 end
 local status = {provider_status = ARGV[1], prank = ARGV[2]}
 if ARGV[3] ~= '' then status['provider_error'] = ARGV[3] end
-append_capped(rec.o, ARGV[4] .. '\t' .. cjson.encode(status) .. '\t', tonumber(ARGV[5]))
+record_append(rec, 'o', ARGV[4] .. '\t' .. cjson.encode(status) .. '\t', tonumber(ARGV[5]))
 record_save(KEYS[2], KEYS[3], KEYS[4], rec, nil)
 return 1

@@ -14,7 +14,7 @@ for i = 1, #KEYS / 3 do
     if whole then
       out[i] = raw
     else
-      local p = frames(raw)
+      local p = frames(raw, 3)
       out[i] = framed({p[1], p[2], p[3], '', ''})
     end
   else
@@ -22,7 +22,7 @@ for i = 1, #KEYS / 3 do
     if rec.fresh then
       out[i] = ''
     else
-      if not whole then rec.h, rec.o = {}, {} end
+      if not whole then rec.raw, rec.list = {h = '', o = ''}, {} end
       out[i] = record_blob(rec)
     end
   end

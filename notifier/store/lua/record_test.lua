@@ -8,7 +8,7 @@
 -- Returns the history's length (elements).
 
 local rec = record_load(KEYS[1], KEYS[2], KEYS[3])
-append_capped(rec.h, ARGV[1], tonumber(ARGV[2]))
+record_append(rec, 'h', ARGV[1], tonumber(ARGV[2]))
 record_save(KEYS[1], KEYS[2], KEYS[3], rec, nil)
 redis.call('EXPIRE', KEYS[1], ARGV[3])
-return #rec.h
+return #record_list(rec, 'h')

@@ -7,14 +7,26 @@
 -- an outcome list. record_load reads those as a record, and record_save writes the record
 -- in their place.
 
--- the frames of a blob, in order
-local function frames(blob)
+-- the frames of a blob, in order (the first 'limit' only, when given)
+local function frames(blob, limit)
   local out, i, n = {}, 1, #blob
-  while i <= n do
+  limit = limit or n
+  while i <= n and #out < limit do
     local colon = string.find(blob, ':', i, true)
     local length = tonumber(string.sub(blob, i, colon - 1))
     out[#out + 1] = string.sub(blob, colon + 1, colon + length)
     i = colon + length + 1
+  end
+  return out
+end
+
+-- where each frame of a blob starts (its first byte after the length), without copying any
+local function frame_starts(blob)
+  local out, i, n = {}, 1, #blob
+  while i <= n do
+    local colon = string.find(blob, ':', i, true)
+    out[#out + 1] = colon + 1
+    i = colon + tonumber(string.sub(blob, i, colon - 1)) + 1
   end
   return out
 end
@@ -30,31 +42,47 @@ local function framed(list)
 end
 
 -- a shipment's record: {v = version ('' = none), hn = decisions ever recorded ('' = not
--- counted), s = packed state ('' = none), h = history elements, o = outcome elements,
--- legacy = true when it comes from the keys before records, fresh = true when nothing
--- is recorded at all}
+-- counted), s = packed state ('' = none), raw = {h = the history's frames, o = the outcome
+-- list's}, list = {h = .., o = ..} once parsed (record_list), legacy = true when it comes
+-- from the keys before records, fresh = true when nothing is recorded at all}. The history
+-- and the outcome list are parsed only when a script needs their elements: most writes
+-- append to them, and a blob takes a frame at its end as it is.
 local function record_load(skey, hkey, okey)
   local raw = redis.pcall('GET', skey)
   if type(raw) == 'string' then
     local p = frames(raw)
-    return {v = p[1], hn = p[2], s = p[3], h = frames(p[4]), o = frames(p[5])}
+    return {v = p[1], hn = p[2], s = p[3], raw = {h = p[4], o = p[5]}, list = {}}
   end
-  local rec = {v = '', hn = '', s = '', legacy = true}
+  local rec = {v = '', hn = '', s = '', raw = {}, legacy = true}
   if raw then  -- WRONGTYPE: a state hash from before records
     local f = redis.call('HMGET', skey, 'v', 's', 'hn')
     rec.v, rec.s, rec.hn = f[1] or '', f[2] or '', f[3] or ''
   end
-  rec.h = redis.call('LRANGE', hkey, 0, -1)
-  rec.o = redis.call('LRANGE', okey, 0, -1)
-  if not raw and #rec.h == 0 and #rec.o == 0 then
+  rec.list = {h = redis.call('LRANGE', hkey, 0, -1), o = redis.call('LRANGE', okey, 0, -1)}
+  if not raw and #rec.list.h == 0 and #rec.list.o == 0 then
     rec.legacy, rec.fresh = false, true
   end
   return rec
 end
 
+-- the elements of a record's history ('h') or outcome list ('o'), oldest first; the caller
+-- may change them, and the record is saved with them
+local function record_list(rec, part)
+  if not rec.list[part] then
+    rec.list[part] = frames(rec.raw[part])
+    rec.raw[part] = nil
+  end
+  return rec.list[part]
+end
+
+-- a part's bytes, as stored
+local function record_part(rec, part)
+  return rec.raw[part] or framed(rec.list[part])
+end
+
 -- the record as stored
 local function record_blob(rec)
-  return framed({rec.v, rec.hn, rec.s, framed(rec.h), framed(rec.o)})
+  return framed({rec.v, rec.hn, rec.s, record_part(rec, 'h'), record_part(rec, 'o')})
 end
 
 -- write a record: its lifetime is kept; one read from the keys before records replaces them
@@ -96,12 +124,33 @@ local function values_in(elements)
   return count
 end
 
--- append to a list of elements, keeping its latest 'cap' elements
-local function append_capped(elements, value, cap)
+-- append to a part of a record, keeping its latest 'cap' elements; a part not parsed takes
+-- the new frame at its end while it has room
+local function record_append(rec, part, value, cap)
+  local blob = rec.raw[part]
+  if blob and #frame_starts(blob) < cap then
+    rec.raw[part] = blob .. #value .. ':' .. value
+    return
+  end
+  local elements = record_list(rec, part)
   elements[#elements + 1] = value
   local over = #elements - cap
   if over > 0 then
     for i = 1, #elements - over do elements[i] = elements[i + over] end
     for i = #elements, #elements - over + 1, -1 do elements[i] = nil end
   end
+end
+
+-- whether the last 'run' elements of a part are plain values, none a chunk (chunks start
+-- with byte 3 and never follow a plain value)
+local function record_plain_run(rec, part, run)
+  local blob = rec.raw[part]
+  if blob then
+    local starts = frame_starts(blob)
+    local at = starts[#starts - run + 1]
+    return at ~= nil and string.byte(blob, at) ~= 3
+  end
+  local elements = rec.list[part]
+  local element = elements[#elements - run + 1]
+  return element ~= nil and string.byte(element, 1) ~= 3
 end
