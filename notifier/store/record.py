@@ -30,11 +30,11 @@ class Record:
     outcomes: list[bytes] = field(default_factory=list)
 
 
-def frames(blob: bytes) -> list[bytes]:
-    """The frames of a blob, in order."""
+def frames(blob: bytes, limit: int = -1) -> list[bytes]:
+    """The frames of a blob, in order (the first ``limit`` only, when given)."""
     out: list[bytes] = []
     at, end = 0, len(blob)
-    while at < end:
+    while at < end and len(out) != limit:
         colon = blob.index(b":", at)
         start = colon + 1
         stop = start + int(blob[at:colon])
@@ -60,6 +60,14 @@ def parse(raw: bytes) -> Record:
         frames(history),
         frames(outcomes),
     )
+
+
+def head(raw: bytes) -> Record:
+    """A record's version, count and state, its history and outcomes left unread."""
+    if not raw:
+        return Record()
+    version, counted, state = frames(raw, 3)
+    return Record(int(version or 0), int(counted) if counted else None, state)
 
 
 def blob(record: Record) -> bytes:

@@ -88,10 +88,24 @@ class Shipments(StoreBase):
         self, shipments: Sequence[tuple[str, str]]
     ) -> list[tuple[int, ShipmentState | None]]:
         """(version, state) per (merchant_id, shipment_id); version 0 and None when unknown."""
+        # one GET a shipment: a pipeline of plain reads costs Redis a fifth of what a script
+        # reading the same records does; a shipment still in the keys from before records (a
+        # hash there) is read by the script
+        names = [self.state_key(m, s) for m, s in shipments]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.get(name)
+            found: list[Any] = await pipe.execute(raise_on_error=False)
+        older = [i for i, raw in enumerate(found) if isinstance(raw, ResponseError)]
+        if older:
+            held = await self.records([shipments[i] for i in older], whole=False)
+            for i, one in zip(older, held, strict=True):
+                found[i] = one
         out: list[tuple[int, ShipmentState | None]] = []
-        for found in await self.records(shipments, whole=False):
-            state = ShipmentState.model_validate_json(unpack(found.state)) if found.state else None
-            out.append((found.version, state))
+        for raw in found:
+            one = raw if isinstance(raw, record.Record) else record.head(raw or b"")
+            state = ShipmentState.model_validate_json(unpack(one.state)) if one.state else None
+            out.append((one.version, state))
         return out
 
     async def records(

@@ -20,15 +20,18 @@ local function frames(blob, limit)
   return out
 end
 
--- where each frame of a blob starts (its first byte after the length), without copying any
-local function frame_starts(blob)
-  local out, i, n = {}, 1, #blob
+-- how many frames a blob holds, and where the one 'back' from the last starts (its first byte
+-- after the length; nil when there are fewer), without copying any
+local function frame_count(blob, back)
+  local count, i, n, starts = 0, 1, #blob, {}
   while i <= n do
     local colon = string.find(blob, ':', i, true)
-    out[#out + 1] = colon + 1
+    count = count + 1
+    if back then starts[count % back] = colon + 1 end
     i = colon + tonumber(string.sub(blob, i, colon - 1)) + 1
   end
-  return out
+  if back and count >= back then return count, starts[(count + 1) % back] end
+  return count, nil
 end
 
 -- the frames of a list of strings, as one blob
@@ -50,7 +53,7 @@ end
 local function record_load(skey, hkey, okey)
   local raw = redis.pcall('GET', skey)
   if type(raw) == 'string' then
-    local p = frames(raw)
+    local p = frames(raw, 5)
     return {v = p[1], hn = p[2], s = p[3], raw = {h = p[4], o = p[5]}, list = {}}
   end
   local rec = {v = '', hn = '', s = '', raw = {}, legacy = true}
@@ -82,7 +85,9 @@ end
 
 -- the record as stored
 local function record_blob(rec)
-  return framed({rec.v, rec.hn, rec.s, record_part(rec, 'h'), record_part(rec, 'o')})
+  local h, o = record_part(rec, 'h'), record_part(rec, 'o')
+  return #rec.v .. ':' .. rec.v .. #rec.hn .. ':' .. rec.hn .. #rec.s .. ':' .. rec.s
+    .. #h .. ':' .. h .. #o .. ':' .. o
 end
 
 -- write a record: its lifetime is kept; one read from the keys before records replaces them
@@ -128,7 +133,7 @@ end
 -- the new frame at its end while it has room
 local function record_append(rec, part, value, cap)
   local blob = rec.raw[part]
-  if blob and #frame_starts(blob) < cap then
+  if blob and (#blob < 3 * cap or frame_count(blob) < cap) then  -- a frame takes 3 bytes or more
     rec.raw[part] = blob .. #value .. ':' .. value
     return
   end
@@ -146,8 +151,7 @@ end
 local function record_plain_run(rec, part, run)
   local blob = rec.raw[part]
   if blob then
-    local starts = frame_starts(blob)
-    local at = starts[#starts - run + 1]
+    local _, at = frame_count(blob, run)
     return at ~= nil and string.byte(blob, at) ~= 3
   end
   local elements = rec.list[part]
