@@ -1,19 +1,19 @@
 -- commit: per shipment, compare-and-set its state version. Where it still matches: the new
 -- state, the decisions appended to the history (trimmed to the cap), the ledger entries of
 -- new notifications, the stall and due indexes, and the tracking-number index (the shipments
--- that carried the number, the fields of a hash; kept at least as long as the state). A shipment whose
--- version moved (another
--- worker got there first) is left untouched, its new notifications too, and reported as a
--- conflict for the caller to re-decide. A ledger entry that exists already is kept as it is,
--- and one settled for good already (on the outcome list, see fold.lua) is never made again.
+-- that carried the number, the fields of a hash; kept at least as long as the state). A
+-- shipment whose version moved (another worker got there first) is left untouched, its new
+-- notifications too, and reported as a conflict for the caller to re-decide. A ledger entry
+-- that exists already is kept as it is, and one settled for good already (on the outcome
+-- list, see fold.lua) is never made again.
 --
 -- KEYS[1]: the stall index (zset of '<merchant>:<shipment>' by deadline ms)
 -- KEYS[2]: the due index (zset of notification ids by due ms)
 -- KEYS[3], KEYS[4]: the merchant webhook events due, and the events (see hook_event.lua)
 -- KEYS[5 .. 4 + nk]: the analytics days the batch counts in (hashes of counts, see below)
 -- then per shipment: its record (see lib/record.lua), the history list and the outcome list
---   it had before records (read, then replaced by the record), its tracking number's set (only
---   when it has a tracking number), and the ledger hash of each new notification
+--   it had before records (read, then replaced by the record), its tracking number's index
+--   (only when it has a tracking number), and the ledger hash of each new notification
 -- ARGV[1]: the default lifetime of a record and new ledger entries, seconds
 -- ARGV[2]: the history cap (entries kept)
 -- ARGV[3]: the number of shipments
