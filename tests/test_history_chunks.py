@@ -18,6 +18,7 @@ from notifier.packing import HISTORY, pack
 from notifier.store import Store, chunks, keys
 from notifier.store.chunks import CHUNK, plan
 from notifier.store.ledger import merge_outcomes
+from notifier.store.record import Record
 from notifier.store.shipments import COMPACT_AFTER, merge_history
 from tests.conftest import record_of, rewrite_record
 from tests.test_store_scripts import NOW_ISO, STATE_TTL_S, pending, shipment, store_on
@@ -262,6 +263,21 @@ async def test_a_counter_started_again_counts_every_decision_in_a_chunk(store: S
     assert held.counted == sum(chunks.count(e) for e in held.history) > CAP
 
 
+async def as_three_keys(store: Store, held: Record) -> None:
+    """Rewrite acme/s1 as the version before records kept it: a state hash (100 s to live),
+    a history list (300 s) and an outcome list (200 s)."""
+    state_key, history_key, outcome_key = RECORD_KEYS
+    await store.redis.delete(state_key)
+    assert held.counted is not None
+    await store.redis.hset(
+        state_key, mapping={"v": held.version, "s": held.state, "hn": held.counted}
+    )
+    await store.redis.rpush(history_key, *held.history)
+    await store.redis.rpush(outcome_key, *held.outcomes)
+    for key, ttl in ((state_key, 100), (history_key, 300), (outcome_key, 200)):
+        await store.redis.expire(key, ttl)
+
+
 async def test_a_shipment_kept_in_three_keys_reads_and_its_next_write_makes_one_record(
     store: Store,
 ) -> None:
@@ -277,16 +293,7 @@ async def test_a_shipment_kept_in_three_keys_reads_and_its_next_write_makes_one_
     page = await store.history_page(*WHERE, 1, 10)
     # the same shipment, as the version before records kept it
     state_key, history_key, outcome_key = RECORD_KEYS
-    await store.redis.delete(state_key)
-    assert held.counted is not None
-    await store.redis.hset(
-        state_key, mapping={"v": held.version, "s": held.state, "hn": held.counted}
-    )
-    await store.redis.rpush(history_key, *held.history)
-    await store.redis.rpush(outcome_key, *held.outcomes)
-    await store.redis.expire(state_key, 100)
-    await store.redis.expire(history_key, 300)
-    await store.redis.expire(outcome_key, 200)
+    await as_three_keys(store, held)
     assert await store.history(*WHERE) == history
     assert await store.load_states([WHERE]) == states
     assert await store.deliveries(*WHERE, ["n1", "n2"]) == delivered
@@ -317,15 +324,7 @@ async def test_every_script_that_writes_a_shipment_makes_one_record_of_three_key
     assert await store.commit([made], NOW_ISO) == []  # n2 waits in the ledger
     held = await record_of(store, *WHERE)
     state_key, history_key, outcome_key = RECORD_KEYS
-    await store.redis.delete(state_key)
-    assert held.counted is not None
-    await store.redis.hset(
-        state_key, mapping={"v": held.version, "s": held.state, "hn": held.counted}
-    )
-    await store.redis.rpush(history_key, *held.history)
-    await store.redis.rpush(outcome_key, *held.outcomes)
-    for key, ttl in ((state_key, 100), (history_key, 300), (outcome_key, 200)):
-        await store.redis.expire(key, ttl)
+    await as_three_keys(store, held)
     if write == "fold":
         await store.mark_sent([("n2", NOW_ISO, "twilio:SMn2")], where={"n2": WHERE})
     elif write == "status":
