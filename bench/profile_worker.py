@@ -59,6 +59,7 @@ def main() -> None:
 
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
+
         def redis_cpu() -> float:
             """CPU seconds redis-server has used (its scripts run there)."""
             info = r.info("cpu")
