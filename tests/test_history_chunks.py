@@ -19,7 +19,7 @@ from notifier.store import Store, chunks, keys
 from notifier.store.chunks import CHUNK, plan
 from notifier.store.ledger import merge_outcomes
 from notifier.store.record import Record
-from notifier.store.shipments import COMPACT_AFTER, merge_history
+from notifier.store.shipments import COMPACT_AFTER, _decisions, merge_history
 from tests.conftest import record_of, rewrite_record
 from tests.test_store_scripts import NOW_ISO, STATE_TTL_S, pending, shipment, store_on
 
@@ -337,13 +337,38 @@ async def test_every_script_that_writes_a_shipment_makes_one_record_of_three_key
         assert await store.compact([WHERE]) == 1
     assert await store.redis.type(state_key) == b"string"
     assert not await store.redis.exists(history_key, outcome_key)
-    # as long as the longest lived of the three (300 s), or as the write itself sets
-    expected = 300 if write in ("status", "compact") else STATE_TTL_S
+    # as long as the longest lived of the three (300 s): a shipment with a state lives as
+    # its commits say; a test send sets the test shipment's lifetime
+    expected = STATE_TTL_S if write == "test" else 300
     assert expected - 60 < await store.redis.ttl(state_key) <= expected
     now = await record_of(store, *WHERE)
-    assert now.state == held.state
-    assert len(await store.history(*WHERE)) >= 9
+    assert (now.version, now.state) == (held.version, held.state)
+    # nothing the three keys held is lost, whatever wrote first
+    appended = {"fallback": 1, "test": 1}.get(write, 0)
+    assert now.counted == held.counted + (write == "fallback")
+    if write != "compact":
+        assert now.history[: len(now.history) - appended] == held.history
+        settled_now = 1 if write in ("fold", "status") else 0
+        assert now.outcomes[: len(now.outcomes) - settled_now] == held.outcomes
+    else:
+        assert await store.history(*WHERE) == _decisions(held.history)
     assert (await store.deliveries(*WHERE, ["n1"]))["n1"]["status"] == "sent"
+
+
+async def test_a_write_never_keeps_an_ended_shipments_record_past_its_retention(
+    store: Store,
+) -> None:
+    """An ended shipment's record (its state, the recipient's details in it) lives for its
+    retention; a fallback or a notification settled later does not stretch it to theirs."""
+    await record(store, 2)
+    version = (await record_of(store, *WHERE)).version
+    ended = shipment("s1", version, notifications=[pending("n1")], ttl_s=600)
+    assert await store.commit([ended], NOW_ISO) == []
+    await store.redis.expire(keys.notification_key("n1"), STATE_TTL_S)  # a longer entry
+    assert await store.add_notification("acme", "s1", "n9", b"p" * 300, 1, b'{"why": "x"}')
+    await store.mark_sent([("n1", NOW_ISO, "twilio:SMn1")], where={"n1": WHERE})
+    assert 500 < await store.redis.ttl(KEY) <= 600
+    assert await store.payload("n9") == b"p" * 300  # in pieces, read whole
 
 
 async def test_records_appended_to_an_outcome_list_meanwhile_stay_after_its_chunk(

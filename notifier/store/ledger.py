@@ -412,8 +412,8 @@ class Ledger(StoreBase):
         scope: Scope = None,
         shipments: Sequence[Shipment] = (),
     ) -> None:
-        """Let these ledger entries, and these shipments' outcome lists, expire within
-        ``ttl_s`` (never later than they would)."""
+        """Let these ledger entries, and these shipments' records (their state, history and
+        outcomes; ``record``), expire within ``ttl_s`` (never later than they would)."""
         tag = self.tag(scope)
         names = self._names(notification_ids, scope)
         names += [key for m, s in shipments for key in keys.record_keys(m, s, tag)]

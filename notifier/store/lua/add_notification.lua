@@ -10,7 +10,8 @@
 -- ARGV[2]: its payload
 -- ARGV[3]: due, epoch ms
 -- ARGV[4]: the history entry
--- ARGV[5]: the lifetime of the ledger entry, seconds, and the least the record keeps
+-- ARGV[5]: the lifetime of the ledger entry, seconds (and the least a record without a
+--   state keeps)
 -- ARGV[6]: the history cap (entries kept)
 -- Returns 1 when created, 0 when the ledger entry exists or was settled already (nothing
 --   written).
@@ -28,5 +29,9 @@ if rec.v ~= '' then
 end
 record_append(rec, 'h', ARGV[4], tonumber(ARGV[6]))
 record_save(KEYS[3], KEYS[4], KEYS[5], rec, tonumber(ARGV[5]))
-redis.call('EXPIRE', KEYS[3], ARGV[5], 'GT')  -- never shortens the shipment's own
+if rec.v == '' then
+  -- no state: the record lives as long as the entry, never shorter; one with a state lives as
+  -- its commits say (an ended shipment: its retention, the recipient's details with it)
+  redis.call('EXPIRE', KEYS[3], ARGV[5], 'GT')
+end
 return 1

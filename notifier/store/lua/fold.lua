@@ -1,7 +1,7 @@
 -- fold: settle notifications for good (sent or cancelled). Each one the caller still holds
--- leaves the ledger: one short record goes to its shipment's outcome list (read back with
--- the shipment's history) and its hash is deleted, so a settled notification costs a list
--- entry, not a key. An entry that expired is never re-created, and a worker whose claim ran
+-- leaves the ledger: one short record goes to its shipment's outcome list (in its record, see
+-- lib/record.lua; read back with the shipment's history) and its hash is deleted, so a
+-- settled notification costs a few bytes of its shipment's record, not a key. An entry that expired is never re-created, and a worker whose claim ran
 -- out and was taken over must not overwrite what the new holder recorded.
 --
 -- KEYS: per notification: its ledger hash, then its shipment's record, and the history and
@@ -32,7 +32,10 @@ for i = 1, #KEYS / 4 do
     local record = ARGV[2 * i + 1] .. '\t' .. cjson.encode(known) .. '\t' .. ARGV[2 * i + 2]
     record_append(rec, 'o', record, cap)
     record_save(skey, hkey, okey, rec, nil)
-    if ttl > redis.call('PTTL', skey) then redis.call('PEXPIRE', skey, ttl) end
+    -- a record with a state lives as the state's commits say (an ended shipment: its
+    -- retention, the recipient's details with it); one with no state, as long as the entry
+    -- would have
+    if rec.v == '' and ttl > redis.call('PTTL', skey) then redis.call('PEXPIRE', skey, ttl) end
     redis.call('DEL', ledger)
     table.insert(settled, i)
   end

@@ -7,7 +7,8 @@
 -- ARGV[1]: the owner token the entries must carry ('' = no owner check)
 -- ARGV[2]: n, the number of fields set per key
 -- ARGV[3]: d, the number of fields to drop
--- ARGV[4 .. 3+d]: the names of the fields to drop (its payload, its claim)
+-- ARGV[4 .. 3+d]: the names of the fields to drop (its claim; a payload is in pieces, 'p',
+--   'p1'..., see lib/payload.lua, and is never dropped here)
 -- then n field/value pairs per key, in KEYS order
 -- Returns the positions (1-based) of the keys settled.
 

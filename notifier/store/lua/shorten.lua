@@ -1,9 +1,9 @@
 -- shorten: let keys expire within a lifetime, never later than they would (an ended
--- shipment's notifications and outcome list follow its retention). One call, not one
+-- shipment's notifications and its record follow its retention). One call, not one
 -- EXPIRE each: a batch's ended shipments named thousands of keys, most of them settled and
 -- gone already.
 --
--- KEYS: the keys (ledger hashes, outcome lists)
+-- KEYS: the keys (ledger hashes, shipments' records and the lists from before records)
 -- ARGV[1]: the lifetime, seconds
 -- Returns how many keys had their lifetime shortened.
 

@@ -91,7 +91,8 @@ local function record_blob(rec)
 end
 
 -- write a record: its lifetime is kept; one read from the keys before records replaces them
--- and lives as long as the longest lived of them; a new one lives 'ttl' seconds (nil: no
+-- and lives as long as the longest lived of them (without one when one of them had none;
+-- a commit then sets the shipment's); a new one lives 'ttl' seconds (nil: no
 -- lifetime yet, the caller sets it)
 local function record_save(skey, hkey, okey, rec, ttl)
   if rec.legacy then
@@ -133,7 +134,7 @@ end
 -- the new frame at its end while it has room
 local function record_append(rec, part, value, cap)
   local blob = rec.raw[part]
-  if blob and (#blob < 3 * cap or frame_count(blob) < cap) then  -- a frame takes 3 bytes or more
+  if blob and (#blob < 2 * cap or frame_count(blob) < cap) then  -- a frame takes 2 bytes or more
     rec.raw[part] = blob .. #value .. ':' .. value
     return
   end
