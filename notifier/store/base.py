@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import TypeVar
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from notifier.store import keys
+from notifier.store import keys, record
 from notifier.store.scripts import Scripts
 
 T = TypeVar("T")
@@ -84,6 +85,31 @@ class StoreBase:
         """The keys of a shipment's record (``keys.record_keys``)."""
         tag = self.shipment_tag(merchant_id, shipment_id)
         return keys.record_keys(merchant_id, shipment_id, tag)
+
+    async def records(
+        self, shipments: Sequence[tuple[str, str]], whole: bool = True
+    ) -> list[record.Record]:
+        """Each shipment's record (``record``; ``whole=False``: without its history and
+        outcomes), also of shipments recorded before records (``lua/read_records.lua``). One
+        script call per scope (a batch's shipments are mostly one partition's)."""
+        by_scope: dict[Scope, list[int]] = {}
+        for i, (merchant_id, shipment_id) in enumerate(shipments):
+            by_scope.setdefault(self.scope_of(merchant_id, shipment_id), []).append(i)
+
+        async def read(scope: Scope, at: list[int]) -> list[bytes]:
+            tag = self.tag(scope)
+            names = [name for i in at for name in keys.record_keys(*shipments[i], tag)]
+            found: list[bytes] = await self.scripts.read_records(
+                keys=names, args=["all" if whole else "state"]
+            )
+            return found
+
+        answers = await asyncio.gather(*(read(scope, at) for scope, at in by_scope.items()))
+        out: list[record.Record] = [record.Record()] * len(shipments)
+        for at, found in zip(by_scope.values(), answers, strict=True):
+            for i, raw in zip(at, found, strict=True):
+                out[i] = record.parse(raw)
+        return out
 
 
 async def awaited(result: Awaitable[T] | T) -> T:

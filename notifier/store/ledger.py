@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from notifier.packing import HISTORY, pack, unpack
-from notifier.store import chunks, keys, record
+from notifier.store import chunks, keys
 from notifier.store.base import Scope, StoreBase, awaited, decode
 from notifier.store.stats import add_counts
 
@@ -392,13 +392,8 @@ class Ledger(StoreBase):
                 return list(await pipe.execute())
 
         # a script is never in a pipeline: a cluster's pipelines refuse them
-        rows, (found,) = await asyncio.gather(
-            live(),
-            self.scripts.read_records(
-                keys=keys.record_keys(merchant_id, shipment_id, tag), args=["all"]
-            ),
-        )
-        settled = _outcomes(record.parse(found).outcomes)
+        rows, (found,) = await asyncio.gather(live(), self.records([(merchant_id, shipment_id)]))
+        settled = _outcomes(found.outcomes)
         out = {}
         for nid, row in zip(notification_ids, rows, strict=True):
             fields = {f: decode(v) for f, v in zip(_SHOWN, row, strict=True) if v}

@@ -60,7 +60,6 @@ class Scripts:
     provider_status: Script
     fold: Script
     shorten: Script
-    history_page: Script
     read_records: Script
     compact: Script
     drop_stall: Script
@@ -93,7 +92,6 @@ LIBRARIES = {
         "add_notification",
         "provider_status",
         "fold",
-        "history_page",
         "compact",
         "record_test",
         "read_records",

@@ -108,31 +108,6 @@ class Shipments(StoreBase):
             out.append((one.version, state))
         return out
 
-    async def records(
-        self, shipments: Sequence[tuple[str, str]], whole: bool = True
-    ) -> list[record.Record]:
-        """Each shipment's record (``record``; ``whole=False``: without its history and
-        outcomes), also of shipments recorded before records (``lua/read_records.lua``). One
-        script call per scope (a batch's shipments are mostly one partition's)."""
-        by_scope: dict[Scope, list[int]] = {}
-        for i, (merchant_id, shipment_id) in enumerate(shipments):
-            by_scope.setdefault(self.scope_of(merchant_id, shipment_id), []).append(i)
-
-        async def read(scope: Scope, at: list[int]) -> list[bytes]:
-            tag = self.tag(scope)
-            names = [name for i in at for name in keys.record_keys(*shipments[i], tag)]
-            found: list[bytes] = await self.scripts.read_records(
-                keys=names, args=["all" if whole else "state"]
-            )
-            return found
-
-        answers = await asyncio.gather(*(read(scope, at) for scope, at in by_scope.items()))
-        out: list[record.Record] = [record.Record()] * len(shipments)
-        for at, found in zip(by_scope.values(), answers, strict=True):
-            for i, raw in zip(at, found, strict=True):
-                out[i] = record.parse(raw)
-        return out
-
     # -- keys -------------------------------------------------------------------------
     def state_key(self, merchant_id: str, shipment_id: str) -> str:
         return keys.state_key(merchant_id, shipment_id, self.shipment_tag(merchant_id, shipment_id))
@@ -241,11 +216,10 @@ class Shipments(StoreBase):
     ) -> HistoryPage:
         """Up to ``limit`` decisions from position ``cursor`` (counted over every decision
         ever recorded for the shipment, oldest first; None: the oldest one still kept)."""
-        counted, elements = await self.scripts.history_page(
-            keys=self.record_keys(merchant_id, shipment_id), args=[]
-        )
-        kept = self._kept(elements)
-        total = max(int(counted), len(kept))  # no counter before 0.4: what is kept
+        # one snapshot: the count and the elements from one read of the record
+        [found] = await self.records([(merchant_id, shipment_id)])
+        kept = self._kept(found.history)
+        total = max(found.counted or 0, len(kept))  # no counter before 0.4: what is kept
         first = total - len(kept)
         start = first if cursor is None else max(cursor, first)
         decisions = kept[start - first : start - first + limit]
