@@ -157,6 +157,39 @@ async def test_a_batch_over_many_shipments_keeps_its_order_and_makes_each_folder
     assert len([p for p in tmp_path.rglob("*.eml")]) == len(items)
 
 
+async def test_the_known_folders_stay_few_and_a_forgotten_one_still_takes_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The set of folders a worker made is bounded: past its cap it starts over, and a
+    folder it forgot (or one an earlier process made) takes its next file all the same."""
+    monkeypatch.setattr(OutboxChannel, "KNOWN_FOLDERS", 4)
+    channel = OutboxChannel(tmp_path)
+
+    def one(s: int, minute: int) -> Outgoing:
+        out = dataclasses.replace(
+            email_out(), notification_id=f"n_{s}_{minute}", shipment_id=f"shp_{s}"
+        )
+        return Outgoing(out, AT.replace(minute=minute))
+
+    try:
+        sizes = []
+        for s in range(11):
+            [receipt] = await channel.send_many([one(s, 1)])
+            assert isinstance(receipt, Receipt)
+            sizes.append(len(channel._known))
+        assert max(sizes) == 4 and sizes[-1] < 4  # it started over, more than once
+        again = await channel.send_many([one(s, 2) for s in range(11)])
+    finally:
+        channel.close()
+    assert all(isinstance(o, Receipt) for o in again)
+    for s in range(11):
+        names = sorted(p.name for p in (tmp_path / "acme" / f"shp_{s}").iterdir())
+        assert names == [
+            f"20261121T080100.123456Z-n_{s}_1.eml",
+            f"20261121T080200.123456Z-n_{s}_2.eml",
+        ]
+
+
 @settings(max_examples=400, deadline=None)
 @given(st.from_regex(outbox._PLAIN_ADDRESS, fullmatch=True))
 def test_a_plain_address_is_written_as_the_parser_writes_it(value: str) -> None:
