@@ -14,12 +14,13 @@ import orjson
 import pytest
 from arq.connections import ArqRedis
 
-from notifier.packing import HISTORY, pack
+from notifier.models import notification_id_of
+from notifier.packing import HISTORY, pack, unpack
 from notifier.store import Store, chunks, keys
 from notifier.store.chunks import CHUNK, plan
 from notifier.store.ledger import merge_outcomes
 from notifier.store.record import Record
-from notifier.store.shipments import COMPACT_AFTER, _decisions, merge_history
+from notifier.store.shipments import COMPACT_AFTER, DERIVED_ID, _decisions, history_merge
 from tests.conftest import record_of, rewrite_record
 from tests.test_store_scripts import NOW_ISO, STATE_TTL_S, pending, shipment, store_on
 
@@ -128,7 +129,7 @@ async def test_an_ended_shipment_is_worth_compacting_at_two_entries(store: Store
 async def test_entries_appended_meanwhile_stay_after_the_chunk(store: Store) -> None:
     await record(store, 9)
     read = (await record_of(store, "acme", "s1")).history
-    dropped, start, chunk = plan(read, CAP, merge_history) or (0, 0, b"")
+    dropped, start, chunk = plan(read, CAP, history_merge(*WHERE)) or (0, 0, b"")
     await record(store, 2)  # another worker's commit, between the read and the rewrite
     args = ["h", len(read), dropped, start, chunk, *read]
     assert await store.scripts.compact(keys=RECORD_KEYS, args=args) == [1]
@@ -139,7 +140,7 @@ async def test_entries_appended_meanwhile_stay_after_the_chunk(store: Store) -> 
 async def test_a_history_changed_otherwise_meanwhile_is_left_as_it_is(store: Store) -> None:
     await record(store, 9)
     read = (await record_of(store, "acme", "s1")).history
-    dropped, start, chunk = plan(read, CAP, merge_history) or (0, 0, b"")
+    dropped, start, chunk = plan(read, CAP, history_merge(*WHERE)) or (0, 0, b"")
     # trimmed by someone else's cap meanwhile...
     await rewrite_record(store, "acme", "s1", history=read[1:])
     await record(store, 2)  # ...and appended to: as long as what was read, not the same
@@ -169,6 +170,52 @@ async def test_a_chunk_is_smaller_than_its_entries_apart(store: Store) -> None:
     await store.compact([("acme", "s1")])
     together = await store.redis.memory_usage(KEY, samples=0)
     assert together < apart / 2, (together, apart)
+
+
+async def test_a_chunk_makes_its_notification_ids_again_and_keeps_any_other(
+    store: Store,
+) -> None:
+    """A decision's notification id that its event and channel make is not written in a
+    chunk (``DERIVED_ID``) and reads back in full; another id (a test send's) is kept; a
+    chunk written with every id in full (before) reads the same."""
+    made = [
+        {
+            "event_id": f"evt_{i}",
+            "channel": channel,
+            "outcome": "sent",
+            "notification_id": notification_id_of("acme", "s1", f"evt_{i}", channel),
+        }
+        for i in range(6)
+        for channel in ("email", "sms")
+    ]
+    other = [
+        {"event_id": "evt_0", "channel": "email", "notification_id": "test_0123456789abcdef"},
+        # an id its event and channel would not make (another shipment's): kept as it is
+        {**made[0], "notification_id": notification_id_of("acme", "s2", "evt_0", "email")},
+        {"event_id": "evt_9", "outcome": "suppressed"},  # none at all
+        # no event or channel to make it from
+        {"notification_id": notification_id_of("acme", "s1", "evt_x", "email")},
+    ]
+    version = (await record_of(store, "acme", "s1")).version
+    commit = shipment("s1", version, history=made + other)
+    assert (await store.commit_batch([commit], NOW_ISO)).long == [0]
+    whole = await store.history("acme", "s1")
+    assert whole == made + other
+    assert await store.compact([("acme", "s1")]) == 1
+    [chunk] = (await record_of(store, "acme", "s1")).history
+    body = unpack(chunks.body(chunk))
+    assert not any(d["notification_id"].encode() in body for d in made)
+    assert body.count(b'"notification_id":"%s"' % DERIVED_ID.encode()) == len(made)
+    for kept in ("test_0123456789abcdef", other[1]["notification_id"], other[3]["notification_id"]):
+        assert kept.encode() in body
+    assert await store.history("acme", "s1") == whole
+    assert [d for d, _, _ in await pages(store, 5)] == [whole[i : i + 5] for i in range(0, 16, 5)]
+    # what a chunk saves: its ids, about 17 bytes a decision after deflate
+    full = chunks.header(len(whole)) + pack(orjson.dumps(whole), HISTORY)
+    assert len(chunk) < len(full) - 12 * len(made), (len(chunk), len(full))
+    # a chunk from before, every id in full, reads the same
+    await rewrite_record(store, "acme", "s1", history=[full])
+    assert await store.history("acme", "s1") == whole
 
 
 # -- outcome records ---------------------------------------------------------------------
@@ -351,7 +398,7 @@ async def test_every_script_that_writes_a_shipment_makes_one_record_of_three_key
         settled_now = 1 if write in ("fold", "status") else 0
         assert now.outcomes[: len(now.outcomes) - settled_now] == held.outcomes
     else:
-        assert await store.history(*WHERE) == _decisions(held.history)
+        assert await store.history(*WHERE) == _decisions(held.history, *WHERE)
     assert (await store.deliveries(*WHERE, ["n1"]))["n1"]["status"] == "sent"
 
 

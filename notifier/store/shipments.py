@@ -10,6 +10,11 @@ A history is a list of entries (one decision each, packed on its own) appended a
 decided, and of chunks (``chunks``: runs of entries packed together, a JSON array).
 ``compact`` folds the latest entries, and the outcome records (``ledger``), into chunks once a
 few follow the last chunk (``COMPACT_AFTER``), or once the shipment ended.
+
+In a chunk, a decision's notification id that its event and channel make
+(``models.notification_id_of``: 32 hex digits that deflate cannot shrink, about 17 bytes a
+decision) is written as ``DERIVED_ID`` and made again on reading; any other id (a test send's)
+is kept as it is, and chunks written before hold every id in full.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 import orjson
 from redis.exceptions import ResponseError
 
+from notifier.models import notification_id_of
 from notifier.packing import HISTORY, STATE, pack, unpack
 from notifier.state import ShipmentState
 from notifier.store import chunks, keys, record
@@ -209,7 +215,7 @@ class Shipments(StoreBase):
     async def history(self, merchant_id: str, shipment_id: str) -> list[dict[str, Any]]:
         """The recorded decisions of a shipment, oldest first."""
         [found] = await self.records([(merchant_id, shipment_id)])
-        return self._kept(found.history)
+        return self._kept(found.history, merchant_id, shipment_id)
 
     async def history_page(
         self, merchant_id: str, shipment_id: str, cursor: int | None, limit: int
@@ -218,7 +224,7 @@ class Shipments(StoreBase):
         ever recorded for the shipment, oldest first; None: the oldest one still kept)."""
         # one snapshot: the count and the elements from one read of the record
         [found] = await self.records([(merchant_id, shipment_id)])
-        kept = self._kept(found.history)
+        kept = self._kept(found.history, merchant_id, shipment_id)
         total = max(found.counted or 0, len(kept))  # no counter before 0.4: what is kept
         first = total - len(kept)
         start = first if cursor is None else max(cursor, first)
@@ -226,10 +232,12 @@ class Shipments(StoreBase):
         end = start + len(decisions)
         return HistoryPage(decisions, total, first, end if end < total else None)
 
-    def _kept(self, elements: Iterable[bytes]) -> list[dict[str, Any]]:
-        """The decisions a history's elements hold, oldest first: the latest ``history_cap``
-        (between compactions a list may hold a few more)."""
-        return _decisions(elements)[-self.history_cap :]
+    def _kept(
+        self, elements: Iterable[bytes], merchant_id: str, shipment_id: str
+    ) -> list[dict[str, Any]]:
+        """The decisions a shipment's history elements hold, oldest first: the latest
+        ``history_cap`` (between compactions a list may hold a few more)."""
+        return _decisions(elements, merchant_id, shipment_id)[-self.history_cap :]
 
     # -- compaction ---------------------------------------------------------------------
     async def compact(self, shipments: Sequence[tuple[str, str]]) -> int:
@@ -252,7 +260,7 @@ class Shipments(StoreBase):
         args: list[Any] = []
         for (merchant_id, shipment_id), held in zip(shipments, found, strict=True):
             parts: list[tuple[str, list[bytes], int, chunks.Merge]] = [
-                ("h", held.history, self.history_cap, merge_history),
+                ("h", held.history, self.history_cap, history_merge(merchant_id, shipment_id)),
                 ("o", held.outcomes, self.outcomes_cap, merge_outcomes),
             ]
             for part, elements, cap, merge in parts:
@@ -311,21 +319,44 @@ class Shipments(StoreBase):
         return sorted({decode(m) for members in found for m in members or []})[:50]
 
 
-def _decisions(elements: Iterable[bytes]) -> list[dict[str, Any]]:
-    """Every decision a history's elements hold, oldest first."""
+#: a chunk's notification id that its decision's event and channel make (see the top)
+DERIVED_ID = "n_"
+
+
+def _decisions(
+    elements: Iterable[bytes], merchant_id: str, shipment_id: str
+) -> list[dict[str, Any]]:
+    """Every decision a shipment's history elements hold, oldest first."""
     out: list[dict[str, Any]] = []
     for element in elements:
-        if chunks.is_chunk(element):
-            out += orjson.loads(unpack(chunks.body(element)))
-        else:
+        if not chunks.is_chunk(element):
             out.append(orjson.loads(unpack(element)))
+            continue
+        decisions = orjson.loads(unpack(chunks.body(element)))
+        for d in decisions:
+            if d.get("notification_id") == DERIVED_ID:
+                d["notification_id"] = notification_id_of(
+                    merchant_id, shipment_id, d["event_id"], d["channel"]
+                )
+        out += decisions
     return out
 
 
-def merge_history(elements: Sequence[bytes], cap: int) -> bytes:
-    """One chunk of the latest ``cap`` decisions these elements hold."""
-    decisions = _decisions(elements)[-cap:]
-    return chunks.header(len(decisions)) + pack(orjson.dumps(decisions), HISTORY)
+def history_merge(merchant_id: str, shipment_id: str) -> chunks.Merge:
+    """How a shipment's history elements become one chunk: the latest ``cap`` decisions
+    they hold, each notification id its event and channel make as ``DERIVED_ID``."""
+
+    def merge(elements: Sequence[bytes], cap: int) -> bytes:
+        decisions = _decisions(elements, merchant_id, shipment_id)[-cap:]
+        for d in decisions:
+            nid, event_id, channel = d.get("notification_id"), d.get("event_id"), d.get("channel")
+            if not (nid and isinstance(event_id, str) and isinstance(channel, str)):
+                continue
+            if nid == notification_id_of(merchant_id, shipment_id, event_id, channel):
+                d["notification_id"] = DERIVED_ID
+        return chunks.header(len(decisions)) + pack(orjson.dumps(decisions), HISTORY)
+
+    return merge
 
 
 def _count_keys(c: ShipmentCommit, tag: str) -> list[tuple[tuple[tuple[str, int], ...], str]]:
