@@ -14,6 +14,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from notifier.app import create_app
+from notifier.models import notification_id_of
 from notifier.resources import open_resources
 from notifier.settings import Settings
 from notifier.store.chunks import CHUNK
@@ -103,6 +104,13 @@ async def test_history_is_paged_and_says_what_was_trimmed(
     total = whole["total"]
     assert total == len(whole["decisions"]) >= 6 and whole["trimmed"] == 0
     assert whole["next_cursor"] is None
+    # read from a chunk (the shipment ended): each message's full id, and its delivery
+    messages = [d for d in whole["decisions"] if "notification_id" in d]
+    assert len(messages) >= 4
+    for d in messages:
+        made = notification_id_of("acme", "shp_123", d["event_id"], d["channel"])
+        assert d["notification_id"] == made
+        assert d["delivery"]["status"] == "sent", d
 
     pages, cursor = [], None
     while True:

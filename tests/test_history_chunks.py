@@ -176,8 +176,9 @@ async def test_a_chunk_makes_its_notification_ids_again_and_keeps_any_other(
     store: Store,
 ) -> None:
     """A decision's notification id that its event and channel make is not written in a
-    chunk (``DERIVED_ID``) and reads back in full; another id (a test send's) is kept; a
-    chunk written with every id in full (before) reads the same."""
+    chunk (``DERIVED_ID``) and reads back in full; an id made otherwise is kept; a chunk
+    that takes more decisions in keeps them right; a chunk written with every id in full
+    (before) reads the same."""
     made = [
         {
             "event_id": f"evt_{i}",
@@ -213,6 +214,19 @@ async def test_a_chunk_makes_its_notification_ids_again_and_keeps_any_other(
     # what a chunk saves: its ids, about 17 bytes a decision after deflate
     full = chunks.header(len(whole)) + pack(orjson.dumps(whole), HISTORY)
     assert len(chunk) < len(full) - 12 * len(made), (len(chunk), len(full))
+    # the chunk (16 values, room for more) takes the next decisions in
+    more = [
+        {**d, "event_id": f"evt_{7 + i}", "notification_id": ""} for i, d in enumerate(made[:9:2])
+    ]
+    for d in more:
+        d["notification_id"] = notification_id_of("acme", "s1", d["event_id"], d["channel"])
+    version = (await record_of(store, "acme", "s1")).version
+    assert (
+        await store.commit_batch([shipment("s1", version, history=more)], NOW_ISO)
+    ).conflicts == []
+    assert await store.compact([("acme", "s1")]) == 1
+    assert await sizes(store) == [len(whole) + len(more)]
+    assert await store.history("acme", "s1") == whole + more
     # a chunk from before, every id in full, reads the same
     await rewrite_record(store, "acme", "s1", history=[full])
     assert await store.history("acme", "s1") == whole

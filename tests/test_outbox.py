@@ -177,7 +177,8 @@ async def test_the_known_folders_stay_few_and_a_forgotten_one_still_takes_files(
             [receipt] = await channel.send_many([one(s, 1)])
             assert isinstance(receipt, Receipt)
             sizes.append(len(channel._known))
-        assert max(sizes) == 4 and sizes[-1] < 4  # it started over, more than once
+        starts = [i for i in range(1, len(sizes)) if sizes[i] < sizes[i - 1]]
+        assert max(sizes) == 4 and len(starts) >= 2, sizes  # it started over, more than once
         again = await channel.send_many([one(s, 2) for s in range(11)])
     finally:
         channel.close()
