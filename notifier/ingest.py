@@ -6,7 +6,6 @@ import hashlib
 import hmac
 import logging
 import math
-import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +31,7 @@ from notifier.logs import REQUEST_ID
 from notifier.models import Transition
 from notifier.resources import Resources
 from notifier.settings import HASHED_KEY
+from notifier.signing import SIGNATURE_HEADER, verify_signature
 from notifier.store import Admission, IngestItem, NotReplicated, body_digest, wake
 
 log = logging.getLogger(__name__)
@@ -139,45 +139,6 @@ def _errors(exc: ValidationError, index: int | None) -> list[dict[str, Any]]:
             detail = {"index": index, **detail}
         details.append(detail)
     return details
-
-
-#: The header a signed ingest request carries (``NOTIFIER_INGEST_SIGNING_SECRETS``).
-SIGNATURE_HEADER = "X-Notifier-Signature"
-_SIGNATURE_PART = re.compile(r"\s*(t|v1)=([0-9a-fA-F]{1,128})\s*")
-
-
-def signature(secret: str, timestamp: int, body: bytes) -> str:
-    """The ``v1`` HMAC-SHA256 (hex) of ``"<timestamp>.<body>"``."""
-    return hmac.new(secret.encode(), b"%d." % timestamp + body, hashlib.sha256).hexdigest()
-
-
-def verify_signature(
-    header: str | None, body: bytes, secrets: list[str], now: float, tolerance_s: int
-) -> None:
-    """401 naming the problem unless ``header`` (``t=<unix time>,v1=<hex>[,v1=…]``) signs
-    ``body`` with one of ``secrets`` and its time is within ``tolerance_s`` of ``now``."""
-    if not header:
-        raise Unauthorized(f"missing {SIGNATURE_HEADER}: this service takes signed requests only")
-    timestamp, signatures = None, []
-    for part in header.split(","):
-        match = _SIGNATURE_PART.fullmatch(part)
-        if match is None:
-            raise Unauthorized(f"{SIGNATURE_HEADER} must look like t=<unix time>,v1=<hex digest>")
-        if match[1] == "t":
-            timestamp = int(match[2]) if match[2].isdigit() and len(match[2]) <= 12 else -1
-        else:
-            signatures.append(match[2].lower())
-    if timestamp is None or timestamp < 0 or not signatures:
-        raise Unauthorized(f"{SIGNATURE_HEADER} needs one t=<unix time> and a v1=<hex digest>")
-    if abs(now - timestamp) > tolerance_s:
-        raise Unauthorized(
-            f"{SIGNATURE_HEADER} timestamp is more than {tolerance_s} s from the server's "
-            "clock (a replay, or a clock that is off)"
-        )
-    expected = [signature(secret, timestamp, body) for secret in secrets]
-    # every pair compared in constant time, no early exit
-    if not sum(hmac.compare_digest(e, s) for e in expected for s in signatures):
-        raise Unauthorized(f"{SIGNATURE_HEADER} does not match the body with any signing secret")
 
 
 async def read_json(request: web.Request, limit: int) -> Any:

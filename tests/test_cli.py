@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -120,6 +122,17 @@ def test_serve_with_redis_needs_api_keys(
 def test_worker_needs_redis(trees: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["worker"]) == 2
     assert "NOTIFIER_REDIS_URL" in capsys.readouterr().err
+
+
+def test_a_worker_starts_without_aiohttp_until_it_posts_a_webhook() -> None:
+    # aiohttp's client and server were a fifth of a worker's start-up; the worker needs the
+    # client only for merchants' webhooks (test_merchant_hooks posts through it)
+    code = (
+        "import sys, notifier.cli, notifier.worker, notifier.outbound.sender\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'aiohttp'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_an_unknown_variable_is_refused_naming_the_closest_one(

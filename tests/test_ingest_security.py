@@ -14,8 +14,8 @@ import redis
 from aiohttp.test_utils import TestClient, TestServer
 
 from notifier.app import create_app
-from notifier.ingest import SIGNATURE_HEADER, signature
 from notifier.settings import Settings
+from notifier.signing import SIGNATURE_HEADER, signature
 from tests.conftest import (
     NOW,
     auth,

@@ -17,13 +17,14 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from notifier.app import create_app
 from notifier.errors import PermanentDeliveryError, Unauthorized
-from notifier.ingest import SIGNATURE_HEADER, verify_signature
 from notifier.models import ChannelKind
 from notifier.outbound import events as ev
-from notifier.outbound.sender import RETRY_S, HookSender, PrivateAddress, PublicOnlyResolver
+from notifier.outbound.client import PublicOnlyResolver
+from notifier.outbound.sender import RETRY_S, HookSender, PrivateAddress
 from notifier.pipeline import Pipeline
 from notifier.resources import open_resources
 from notifier.settings import Settings
+from notifier.signing import SIGNATURE_HEADER, verify_signature
 from tests.conftest import (
     ACME_KEY,
     NOW,

@@ -17,23 +17,22 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import aiohttp
 import orjson
-from aiohttp.abc import ResolveResult
-from aiohttp.resolver import ThreadedResolver
 
 from notifier import metrics
-from notifier.ingest import SIGNATURE_HEADER, signature
 from notifier.outbound.events import matches
+from notifier.signing import SIGNATURE_HEADER, signature_header
 from notifier.store import ClaimedEvent, Scope, Store
+
+if TYPE_CHECKING:
+    import aiohttp
 
 log = logging.getLogger("notifier.hooks")
 
@@ -113,20 +112,6 @@ def url_problem(url: str, allow_private: bool) -> str | None:
     return None
 
 
-class PublicOnlyResolver(ThreadedResolver):
-    """Resolves names to global addresses only: a merchant's endpoint must not reach into
-    the network the service runs in."""
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        found = await super().resolve(host, port, family)
-        for entry in found:
-            if not is_public(ipaddress.ip_address(entry["host"])):
-                raise PrivateAddress(f"{host} resolves to a private or reserved address")
-        return found
-
-
 @dataclass(frozen=True, slots=True)
 class Attempt:
     """One POST of an event to an endpoint."""
@@ -137,11 +122,6 @@ class Attempt:
     ms: int
     #: not posted: no slot came free within the claim's budget (not an attempt)
     skipped: bool = False
-
-
-def signature_header(secrets: list[str], timestamp: int, body: bytes) -> str:
-    """``t=<timestamp>,v1=<hex>`` with one ``v1`` per secret."""
-    return ",".join([f"t={timestamp}", *(f"v1={signature(s, timestamp, body)}" for s in secrets)])
 
 
 def live_secrets(endpoint: Mapping[str, Any], now: float) -> list[str]:
@@ -170,14 +150,11 @@ class HookSender:
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            connector = aiohttp.TCPConnector(
-                resolver=None if self.allow_private else PublicOnlyResolver(), limit=IN_FLIGHT
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=aiohttp.ClientTimeout(total=TIMEOUT_S),
-                headers={"User-Agent": USER_AGENT},
-            )
+            # imported by the first post, not at start-up: aiohttp's client and its TLS
+            # context cost a worker a fifth of its imports, and most merchants have no hooks
+            from notifier.outbound.client import open_session
+
+            self._session = open_session(self.allow_private, IN_FLIGHT, TIMEOUT_S, USER_AGENT)
         return self._session
 
     async def run(self, stopping: Callable[[], bool] = lambda: False) -> int:
@@ -286,6 +263,8 @@ class HookSender:
     async def _post_now(
         self, endpoint: Mapping[str, Any], event: Mapping[str, Any], body: bytes
     ) -> Attempt:
+        from aiohttp import ClientError  # loaded by session() (above), not at start-up
+
         started = time.monotonic()
         now = self.clock().timestamp()
         headers = {
@@ -307,7 +286,7 @@ class HookSender:
                 return Attempt(200 <= resp.status < 300, resp.status, None, ms)
         except TimeoutError:  # (an OSError too: first)
             error = f"no answer in {TIMEOUT_S:g} s"
-        except (aiohttp.ClientError, OSError) as exc:
+        except (ClientError, OSError) as exc:
             cause = exc if isinstance(exc, PrivateAddress) else getattr(exc, "os_error", None)
             # not the message: it may carry the URL and the credentials in it
             error = f"refused: {cause}" if isinstance(cause, PrivateAddress) else type(exc).__name__
