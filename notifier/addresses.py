@@ -1,7 +1,7 @@
 """Whether a recipient's phone number and email address can be used at all.
 
 The API checks their shape only (it must stay fast); the worker checks them for real,
-once per address per process (cached): phone numbers with libphonenumber's metadata
+once per address while it is among the last ``RECENT`` checked: phone numbers with libphonenumber's metadata
 (``phonenumbers``: the number exists in its country's plan and is not a landline), email
 addresses with ``email-validator`` (syntax, without DNS). An unusable address is the
 reason its channel is skipped, in the history; it is never sent to a provider.
@@ -17,11 +17,18 @@ from email_validator import EmailNotValidError, validate_email
 
 from notifier.models import E164
 
+#: Addresses whose answer is kept, per kind. A shipment's transitions are checked each
+#: time, so this saves the checks (about 60 µs a number, 45 µs an email address) when they
+#: come close together: a backlog, a burst. Hours apart, as most do, no cache of a
+#: worker's size would still hold them: 65,536 a kind grew the worker by 26 MB once
+#: 100,000 shipments went round (8,192: 4 MB), and answered none of them.
+RECENT = 8192
+
 #: Quoted parts of email-validator's messages can echo the address: never in a reason.
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 
 
-@lru_cache(maxsize=65_536)
+@lru_cache(maxsize=RECENT)
 def phone_problem(number: str) -> str | None:
     """Why ``number`` (E.164) cannot receive an SMS, or None."""
     if not E164.fullmatch(number):
@@ -41,7 +48,7 @@ def phone_problem(number: str) -> str | None:
     return None
 
 
-@lru_cache(maxsize=65_536)
+@lru_cache(maxsize=RECENT)
 def email_problem(address: str) -> str | None:
     """Why ``address`` cannot receive an email, or None (syntax only, no DNS lookup)."""
     try:
