@@ -263,7 +263,8 @@ class HookSender:
     async def _post_now(
         self, endpoint: Mapping[str, Any], event: Mapping[str, Any], body: bytes
     ) -> Attempt:
-        from aiohttp import ClientError  # loaded by session() (above), not at start-up
+        # the first post imports aiohttp (once, about 0.1 s): not at start-up, see session()
+        from aiohttp import ClientError
 
         started = time.monotonic()
         now = self.clock().timestamp()
