@@ -1,10 +1,11 @@
 """Whether a recipient's phone number and email address can be used at all.
 
-The API checks their shape only (it must stay fast); the worker checks them for real,
-once per address while it is among the last ``RECENT`` checked: phone numbers with libphonenumber's metadata
-(``phonenumbers``: the number exists in its country's plan and is not a landline), email
-addresses with ``email-validator`` (syntax, without DNS). An unusable address is the
-reason its channel is skipped, in the history; it is never sent to a provider.
+The API checks their shape only (it must stay fast); the worker checks them for real
+(an answer is kept while its address is among the last ``RECENT`` checked): phone numbers
+with libphonenumber's metadata (``phonenumbers``: the number exists in its country's plan
+and is not a landline), email addresses with ``email-validator`` (syntax, without DNS).
+An unusable address is the reason its channel is skipped, in the history; it is never
+sent to a provider.
 """
 
 from __future__ import annotations
