@@ -402,10 +402,24 @@ def outcome_records(elements: list[bytes]) -> list[tuple[str, dict[str, Any]]]:
     """(notification id, what its worker recorded: {} for a provider's status report) of each
     record on an outcome list, read as the format says (lua/fold.lua, lua/lib/outcomes.lua)
     and not through the store's own reader: a record ``<id>\\t<header>\\t<packed>``, or a
-    chunk ``\\x03<count>:<ids>\\t<ranks>\\t<packed [[id, header, recorded], ...]>``."""
+    chunk ``\\x03<count>:<ids>\\t<ranks>\\t<packed [[id, header, recorded], ...]>``, or
+    with packed ids ``\\x03<count>:\\x00<n>:<n ids of 16 bytes><ranks>\\t<packed [[position
+    of the id, header, recorded], ...]>``, where a detail that named the id is kept as
+    ``"dx": [before, after]``."""
     out: list[tuple[str, dict[str, Any]]] = []
     for element in elements:
-        if element[0] == 3:
+        if element[0] == 3 and element[element.index(b":") + 1] == 0:
+            count_end = element.index(b":")
+            ids_end = element.index(b":", count_end + 2)
+            held = int(element[count_end + 2 : ids_end])
+            at = ids_end + 1
+            ids = ["n_" + element[at + 16 * i : at + 16 * i + 16].hex() for i in range(held)]
+            packed = element[at + 16 * held :].split(b"\t", 1)[1]
+            for i, _, recorded in orjson.loads(unpack(packed)):
+                if "dx" in recorded:
+                    recorded["detail"] = ids[i].join(recorded.pop("dx"))
+                out.append((ids[i], recorded))
+        elif element[0] == 3:
             packed = element.split(b"\t", 2)[2]
             out += [(nid, recorded) for nid, _, recorded in orjson.loads(unpack(packed))]
         else:

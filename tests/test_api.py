@@ -17,7 +17,9 @@ from notifier.app import create_app
 from notifier.models import notification_id_of
 from notifier.resources import open_resources
 from notifier.settings import Settings
+from notifier.store import chunks
 from notifier.store.chunks import CHUNK
+from notifier.store.ledger import PACKED_IDS
 from tests.conftest import (
     ACME_KEY,
     API_KEYS,
@@ -111,6 +113,10 @@ async def test_history_is_paged_and_says_what_was_trimmed(
         made = notification_id_of("acme", "shp_123", d["event_id"], d["channel"])
         assert d["notification_id"] == made
         assert d["delivery"]["status"] == "sent", d
+        # the outbox file, named in full from a chunk that keeps the id apart (below)
+        detail = d["delivery"]["detail"]
+        assert detail.startswith("outbox:") and made in detail, detail
+        assert Path(detail.removeprefix("outbox:")).is_file()
 
     pages, cursor = [], None
     while True:
@@ -127,8 +133,12 @@ async def test_history_is_paged_and_says_what_was_trimmed(
     # into the trimmed part starts at the oldest one kept
     async with open_resources(settings) as res:
         # delivered: the shipment ended, and its decisions were folded into one chunk
-        [chunk] = (await record_of(res.store, "acme", "shp_123")).history
+        held = await record_of(res.store, "acme", "shp_123")
+        [chunk] = held.history
         assert chunk[0] == CHUNK
+        # and its messages' outcomes into one, their ids in 16 bytes each
+        [outcomes] = held.outcomes
+        assert outcomes[0] == CHUNK and chunks.body(outcomes)[:1] == PACKED_IDS
         kept = (await res.store.history("acme", "shp_123"))[2:]
         # its two oldest decisions trimmed
         history = [orjson.dumps(d) for d in kept]

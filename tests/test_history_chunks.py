@@ -7,7 +7,7 @@ never made again."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
@@ -18,7 +18,7 @@ from notifier.models import notification_id_of
 from notifier.packing import HISTORY, pack, unpack
 from notifier.store import Store, chunks, keys
 from notifier.store.chunks import CHUNK, plan
-from notifier.store.ledger import merge_outcomes
+from notifier.store.ledger import PACKED_IDS, _records, merge_outcomes
 from notifier.store.record import Record
 from notifier.store.shipments import COMPACT_AFTER, DERIVED_ID, _decisions, history_merge
 from tests.conftest import record_of, rewrite_record
@@ -248,55 +248,158 @@ async def settled(store: Store, *ids: str) -> None:
     )
 
 
+def made(name: str) -> str:
+    """The id notifier makes for a notification ``name`` of acme/s1: ``n_`` and 32 hex
+    digits, which a chunk keeps in 16 bytes (``PACKED_IDS``)."""
+    return notification_id_of("acme", "s1", f"evt_{name}", "sms")
+
+
+#: how a test names its notifications: as notifier does, or otherwise (ids from a test, or
+#: given by hand); a chunk packs the first kind only
+ID_FORMS: dict[str, Callable[[str], str]] = {"made": made, "other": str}
+
+
+@pytest.fixture(params=sorted(ID_FORMS))
+def as_id(request: pytest.FixtureRequest) -> Callable[[str], str]:
+    return ID_FORMS[request.param]
+
+
+def packs_ids(element: bytes) -> bool:
+    return chunks.is_chunk(element) and chunks.body(element)[:1] == PACKED_IDS
+
+
+def in_full(records: list[tuple[str, dict[str, str], dict[str, str]]]) -> bytes:
+    """A chunk of these records as the version before wrote it: ids in full (and no ranks)."""
+    ids = " ".join(dict.fromkeys(nid for nid, _, _ in records)).encode()
+    return chunks.header(len(records)) + ids + b"\t{}\t" + pack(orjson.dumps(records), HISTORY)
+
+
+def packed_records(chunk: bytes) -> bytes:
+    """The JSON of a packed chunk's records, read as the format says (after the ids, 16
+    bytes each, and the JSON of ranks)."""
+    body = chunks.body(chunk)
+    colon = body.index(b":")
+    ranks_at = colon + 1 + 16 * int(body[1:colon])
+    return unpack(body[ranks_at:].split(b"\t", 1)[1])
+
+
 async def test_compacted_outcomes_read_the_same_and_statuses_still_only_go_up(
-    store: Store,
+    store: Store, as_id: Callable[[str], str]
 ) -> None:
-    await settled(store, "n1", "n2", "n3")
-    assert await store.provider_status("n1", "delivered", 3, where=WHERE)
-    assert await store.provider_status("n2", "sent", 1, where=WHERE)
-    ids = ["n1", "n2", "n3"]
+    n1, n2, n3 = ids = [as_id(n) for n in ("n1", "n2", "n3")]
+    await settled(store, *ids)
+    assert await store.provider_status(n1, "delivered", 3, where=WHERE)
+    assert await store.provider_status(n2, "sent", 1, where=WHERE)
     before = await store.deliveries("acme", "s1", ids)
-    assert before["n1"]["provider_status"] == "delivered"
+    assert before[n1]["provider_status"] == "delivered"
+    assert before[n3]["detail"] == f"twilio:SM{n3}"
     assert await store.compact([WHERE]) == 1
     [chunk] = (await record_of(store, *WHERE)).outcomes
     assert chunks.is_chunk(chunk) and chunks.count(chunk) == 5
+    assert packs_ids(chunk) == (as_id is made)
     assert await store.deliveries("acme", "s1", ids) == before
     # the ranks inside the chunk still rule: a late "sent" never overwrites "delivered"
-    assert not await store.provider_status("n1", "sent", 1, where=WHERE)
-    assert not await store.provider_status("n2", "sent", 1, where=WHERE)
-    assert await store.provider_status("n2", "delivered", 3, where=WHERE)
-    assert await store.provider_status("n3", "failed", 4, "30003", where=WHERE)
-    assert not await store.provider_status("unknown", "delivered", 3, where=WHERE)
+    assert not await store.provider_status(n1, "sent", 1, where=WHERE)
+    assert not await store.provider_status(n2, "sent", 1, where=WHERE)
+    assert await store.provider_status(n2, "delivered", 3, where=WHERE)
+    assert await store.provider_status(n3, "failed", 4, "30003", where=WHERE)
+    assert not await store.provider_status(as_id("unknown"), "delivered", 3, where=WHERE)
     after = await store.deliveries("acme", "s1", ids)
-    assert after["n1"] == before["n1"]
-    assert after["n2"]["provider_status"] == "delivered"
-    assert (after["n3"]["provider_status"], after["n3"]["provider_error"]) == ("failed", "30003")
+    assert after[n1] == before[n1]
+    assert after[n2]["provider_status"] == "delivered"
+    assert (after[n3]["provider_status"], after[n3]["provider_error"]) == ("failed", "30003")
+    # compacted again, the statuses reported since join the chunk: its ranks by position
+    assert await store.compact([WHERE]) == 1
+    [chunk] = (await record_of(store, *WHERE)).outcomes
+    assert chunks.count(chunk) == 7 and packs_ids(chunk) == (as_id is made)
+    assert await store.deliveries("acme", "s1", ids) == after
+    assert not await store.provider_status(n2, "sent", 1, where=WHERE)
+    assert not await store.provider_status(n3, "delivered", 3, where=WHERE)
+    assert await store.provider_status(n1, "failed", 4, "30008", where=WHERE)
 
 
-async def test_a_notification_in_a_chunk_is_never_made_again(store: Store) -> None:
-    await settled(store, "n1", "n2")
+async def test_a_notification_in_a_chunk_is_never_made_again(
+    store: Store, as_id: Callable[[str], str]
+) -> None:
+    n1, n2, n3 = (as_id(n) for n in ("n1", "n2", "n3"))
+    await settled(store, n1, n2)
     await store.compact([WHERE])
-    assert chunks.is_chunk((await record_of(store, *WHERE)).outcomes[0])
+    [chunk] = (await record_of(store, *WHERE)).outcomes
+    assert chunks.is_chunk(chunk) and packs_ids(chunk) == (as_id is made)
     # a worker re-deciding from an old state, and a fallback, both meet the chunk
     version = (await record_of(store, *WHERE)).version
-    again = shipment("s1", version, notifications=[pending("n2"), pending("n3")])
+    again = shipment("s1", version, notifications=[pending(n2), pending(n3)])
     assert await store.commit([again], NOW_ISO) == []
-    assert not await store.redis.exists(keys.notification_key("n2"))
-    assert await store.redis.hget(keys.notification_key("n3"), "st") == b"pending"
-    assert not await store.add_notification("acme", "s1", "n1", b"p", 1, b'{"why": "x"}')
-    assert not await store.redis.exists(keys.notification_key("n1"))
+    assert not await store.redis.exists(keys.notification_key(n2))
+    assert await store.redis.hget(keys.notification_key(n3), "st") == b"pending"
+    assert not await store.add_notification("acme", "s1", n1, b"p", 1, b'{"why": "x"}')
+    assert not await store.redis.exists(keys.notification_key(n1))
 
 
-async def test_outcome_records_keep_their_cap_in_chunks(store: Store) -> None:
+async def test_outcome_records_keep_their_cap_in_chunks(
+    store: Store, as_id: Callable[[str], str]
+) -> None:
     cap = store.outcomes_cap
-    ids = [f"n{i}" for i in range(cap + 10)]
+    ids = [as_id(f"n{i}") for i in range(cap + 10)]
     for at in range(0, len(ids), 40):
         await settled(store, *ids[at : at + 40])
         await store.compact([WHERE])
     records = (await record_of(store, *WHERE)).outcomes
     assert cap <= sum(chunks.count(e) for e in records) < cap + chunks.CHUNK_VALUES + 40
+    assert all(packs_ids(e) == (as_id is made) for e in records if chunks.is_chunk(e))
     kept = await store.deliveries("acme", "s1", ids[-cap:])
     assert all(d["status"] == "sent" for d in kept.values())
+
+
+async def test_a_chunk_packs_made_ids_only_when_all_are_and_reads_chunks_from_before(
+    store: Store,
+) -> None:
+    """A chunk keeps its ids in 16 bytes each when every one is an id notifier makes; one
+    other id, and the chunk is written with ids in full, as before. A chunk written with
+    ids in full before, made ids included, reads the same and folds into a packed one."""
+    ids = [made(f"n{i}") for i in range(6)]
+    await settled(store, *ids[:3])
+    delivered = await store.deliveries(*WHERE, ids[:3])
+    # the chunk the version before wrote of the same records
+    records = _records((await record_of(store, *WHERE)).outcomes)
+    before = in_full(records)
+    await rewrite_record(store, *WHERE, outcomes=[before])
+    assert await store.deliveries(*WHERE, ids[:3]) == delivered
+    assert not await store.add_notification("acme", "s1", ids[0], b"p", 1, b'{"why": "x"}')
+    await settled(store, *ids[3:])
+    assert await store.compact([WHERE]) == 1
+    [chunk] = (await record_of(store, *WHERE)).outcomes
+    assert packs_ids(chunk) and chunks.count(chunk) == 6
+    # a quarter smaller than the same chunk with ids in full (here each summary names its id
+    # too, which no real one does)
+    assert len(chunk) < 0.75 * len(in_full(_records([chunk]))), len(chunk)
+    assert (await store.deliveries(*WHERE, ids[:3])) == delivered
+    # one id of another kind: ids in full
+    await settled(store, "n-other")
+    assert await store.compact([WHERE]) == 1
+    [chunk] = (await record_of(store, *WHERE)).outcomes
+    assert chunks.is_chunk(chunk) and not packs_ids(chunk) and chunks.count(chunk) == 7
+    assert not await store.add_notification("acme", "s1", "n-other", b"p", 1, b'{"w": "x"}')
+    assert not await store.add_notification("acme", "s1", ids[5], b"p", 1, b'{"why": "x"}')
+
+
+async def test_a_packed_chunk_keeps_a_detail_that_names_its_id_whole() -> None:
+    """The outbox's detail is a path that ends in the notification's id: a packed chunk
+    keeps what comes before and after the id, and gives the detail back whole; any other
+    detail (or one that names another id) stays as it was."""
+    nid, other = made("n1"), made("n2")
+    path = f"outbox:/srv/outbox/acme/s1/20261118T101400.000000Z-{nid}.eml"
+    details = [path, f"twilio:SM{other}", f"twilio:SM{nid}", "sendgrid:abc", ""]
+    elements = [
+        f"{nid}\t{{}}\t".encode() + pack(orjson.dumps({"st": "sent", "detail": d}), HISTORY)
+        for d in details
+    ]
+    chunk = merge_outcomes(elements, 50)
+    assert packs_ids(chunk)
+    assert [r[2]["detail"] for r in _records([chunk])] == details
+    assert nid.encode() not in packed_records(chunk)
+    assert nid[2:].encode() not in packed_records(chunk)
+    assert _records([chunk]) == _records(elements)
 
 
 async def test_a_counter_started_again_counts_every_decision_in_a_chunk(store: Store) -> None:

@@ -12,6 +12,7 @@ shipment's record, ``record``), which the worker later folds into chunks with th
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -424,6 +425,14 @@ class Ledger(StoreBase):
 #: one record of an outcome list: (notification id, the ledger's fields, what was recorded)
 Record = tuple[str, dict[str, str], dict[str, str]]
 
+#: the byte after a chunk's count that says its ids are kept in 16 bytes each
+PACKED_IDS = b"\x00"
+#: an id ``notification_id_of`` makes (``n_`` and 32 hex digits): 16 bytes in a chunk
+_MADE_ID = re.compile(r"n_[0-9a-f]{32}")
+#: in a chunk with packed ids, a delivery detail that names its notification id (the
+#: outbox's file path) keeps what comes before and after the id under this key
+_DETAIL_AROUND = "dx"
+
 
 def _records(elements: Sequence[bytes]) -> list[Record]:
     """The records an outcome list's elements hold, oldest first: each one
@@ -431,27 +440,84 @@ def _records(elements: Sequence[bytes]) -> list[Record]:
     ``lua/provider_status.lua``), or a chunk of them (``merge_outcomes``)."""
     out: list[Record] = []
     for element in elements:
-        if chunks.is_chunk(element):
+        if not chunks.is_chunk(element):
+            nid, known, recorded = element.split(b"\t", 2)
+            out.append(
+                (
+                    nid.decode(),
+                    orjson.loads(known),
+                    orjson.loads(unpack(recorded)) if recorded else {},
+                )
+            )
+        elif chunks.body(element)[:1] == PACKED_IDS:
+            ids, held = _packed_ids(chunks.body(element))
+            out += [(ids[i], known, _detail_in(recorded, ids[i])) for i, known, recorded in held]
+        else:
             packed = chunks.body(element).split(b"\t", 2)[2]
             out += [(nid, known, recorded) for nid, known, recorded in orjson.loads(unpack(packed))]
-            continue
-        nid, known, recorded = element.split(b"\t", 2)
-        out.append(
-            (nid.decode(), orjson.loads(known), orjson.loads(unpack(recorded)) if recorded else {})
-        )
     return out
+
+
+def _packed_ids(body: bytes) -> tuple[list[str], list[Any]]:
+    """A chunk's ids and its records (``[position of the id, header, recorded]``), from its
+    body with packed ids: ``\\x00<n>:<16 bytes an id><ranks>\\t<packed records>``."""
+    colon = body.index(b":")
+    start = colon + 1
+    held = int(body[1:colon])
+    ids = [f"n_{body[at : at + 16].hex()}" for at in range(start, start + 16 * held, 16)]
+    packed = body[start + 16 * held :].split(b"\t", 1)[1]
+    return ids, orjson.loads(unpack(packed))
+
+
+def _detail_in(recorded: dict[str, Any], nid: str) -> dict[str, str]:
+    """What was recorded, its delivery detail whole again."""
+    around = recorded.pop(_DETAIL_AROUND, None)
+    if around is not None:
+        recorded["detail"] = nid.join(around)
+    return recorded
+
+
+def _detail_out(recorded: dict[str, str], nid: str) -> dict[str, Any]:
+    """What a chunk with packed ids keeps of a record: a detail that names the id, without
+    it (the outbox's path: its id deflates to about 17 bytes, a fifth of the record)."""
+    detail = recorded.get("detail", "")
+    if nid not in detail:
+        return recorded
+    kept: dict[str, Any] = {k: v for k, v in recorded.items() if k != "detail"}
+    kept[_DETAIL_AROUND] = detail.split(nid, 1)
+    return kept
 
 
 def merge_outcomes(elements: Sequence[bytes], cap: int) -> bytes:
     """One chunk of the latest ``cap`` records these elements hold: the ids it holds and
     the highest provider status rank of each (what the scripts look for), then the records
-    packed together."""
+    packed together.
+
+    When every id is one ``notification_id_of`` makes, the chunk keeps each in 16 bytes
+    (``PACKED_IDS``), its ranks by position and its records with the position of their id:
+    about 40 % smaller than with ids in full (``lua/lib/outcomes.lua`` reads both)."""
     records = _records(elements)[-cap:]
     ranks: dict[str, int] = {}
     for nid, known, _ in records:
         ranks.setdefault(nid, -1)
         if "prank" in known:
             ranks[nid] = max(ranks[nid], int(known["prank"]))
+    if all(_MADE_ID.fullmatch(nid) for nid in ranks):
+        position = {nid: i for i, nid in enumerate(ranks)}
+        ids = b"".join(bytes.fromhex(nid[2:]) for nid in ranks)
+        ranked = orjson.dumps({str(i + 1): r for i, r in enumerate(ranks.values()) if r >= 0})
+        kept = [
+            [position[nid], known, _detail_out(recorded, nid)] for nid, known, recorded in records
+        ]
+        return (
+            chunks.header(len(records))
+            + PACKED_IDS
+            + b"%d:" % len(ranks)
+            + ids
+            + ranked
+            + b"\t"
+            + pack(orjson.dumps(kept), HISTORY)
+        )
     ids = " ".join(ranks).encode()
     ranked = orjson.dumps({nid: rank for nid, rank in ranks.items() if rank >= 0})
     packed = pack(orjson.dumps(records), HISTORY)
