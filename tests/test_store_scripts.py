@@ -7,6 +7,8 @@ fails here."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -130,12 +132,16 @@ async def test_ingest_accepts_a_new_event_once_and_refuses_another_body_under_it
     assert (await store.ingest([first]))[0] == [Admission.ACCEPTED]
     [(_, fields)] = await redis.xrange(inbox)
     assert fields == {b"t": first[3], b"r": b"req-1"}
-    # the id is recorded with the body's digest, in its generation's bucket
-    [bucket] = await redis.keys(f"{keys.EVENT_BUCKET_PREFIX}*")
+    # the id is recorded with the body's digest, in its generation's bucket: a field of 12
+    # characters, a digest of 8
+    [bucket] = await redis.keys(f"{keys.EVENT_BUCKET_PREFIX}[0-9]*")
     generation = int(bucket.decode().split(":")[2])
     number, field = keys.event_slot("acme", "e1")
     assert bucket.decode() == keys.event_bucket_key(generation, number)
     assert await redis.hgetall(bucket) == {field.encode(): first[4].encode()}
+    assert (len(field), len(first[4])) == (12, 8)
+    # short fields only from the next generation on (this one may hold long ones)
+    assert await redis.get(keys.event_marker_key()) == str(generation + 1).encode()
     # it lives through its generation and the next
     assert await redis.expiretime(bucket) == (generation + 2) * IDEMPOTENCY_TTL_S
 
@@ -157,7 +163,7 @@ async def test_ingest_accepts_a_new_event_once_and_refuses_another_body_under_it
 async def test_ingest_honours_ids_recorded_before(store: Store) -> None:
     redis = store.redis
     assert (await store.ingest([event("e1")]))[0] == [Admission.ACCEPTED]
-    [bucket] = await redis.keys(f"{keys.EVENT_BUCKET_PREFIX}*")
+    [bucket] = await redis.keys(f"{keys.EVENT_BUCKET_PREFIX}[0-9]*")
     generation = int(bucket.decode().split(":")[2])
     # an id of the previous generation is still known
     number, field = keys.event_slot("acme", "e2")
@@ -170,6 +176,50 @@ async def test_ingest_honours_ids_recorded_before(store: Store) -> None:
     admissions, _ = await store.ingest([event("e2"), event("e3"), event("e4")])
     assert admissions == [Admission.DUPLICATE] * 3
     assert await redis.xlen(keys.inbox_key(store.partition_of("acme", "s1"))) == before
+
+
+async def test_ingest_finds_ids_recorded_with_long_fields_in_generations_before_short_ones(
+    store: Store,
+) -> None:
+    """Before, an id's field was 16 characters and its body digest 12; now 12 and 8, their
+    first ones. In a generation older than the first written with short fields, an id is
+    found by its long field too, and a digest recorded then still tells a duplicate from a
+    conflict. From that generation on only short fields are written, and looked up."""
+    redis = store.redis
+    generation = await store._generation()
+    # the version before wrote the previous generation; short fields only from this one on
+    await redis.set(keys.event_marker_key(), generation)
+    bodies = {e: {"event_id": e, "status": "in_transit"} for e in ("e1", "e2", "e3", "e4")}
+    written = (
+        ("e1", generation - 1),
+        ("e2", generation - 1),
+        ("e3", generation),
+        ("e4", generation),
+    )
+    for event_id, at in written:
+        number, long = keys.event_hash("acme", event_id)
+        digest = body_digest(bodies[event_id])
+        recorded = base64.b64encode(
+            hashlib.blake2b(
+                orjson.dumps(bodies[event_id], option=orjson.OPT_SORT_KEYS), digest_size=9
+            ).digest()
+        ).decode()
+        assert len(long) == 16 and len(recorded) == 12 and recorded.startswith(digest)
+        await redis.hset(keys.event_bucket_key(at, number), long, recorded)
+    other = {"event_id": "e2", "status": "delivered"}
+    admissions, _ = await store.ingest(
+        [
+            event("e1", body=bodies["e1"]),  # the same body: a duplicate
+            event("e2", body=other),  # another body: a conflict
+            event("e3", body=bodies["e3"]),  # a long field where fields are short: new
+        ]
+    )
+    assert admissions == [Admission.DUPLICATE, Admission.CONFLICT, Admission.ACCEPTED]
+    # the first call of this version: ids of the current generation are looked up by their
+    # long field too (the version before may have written them until just now)
+    await redis.delete(keys.event_marker_key())
+    assert (await store.ingest([event("e4", body=bodies["e4"])]))[0] == [Admission.DUPLICATE]
+    assert await redis.get(keys.event_marker_key()) == str(generation + 1).encode()
 
 
 async def test_ingest_wakes_a_partition_once_per_window(store: Store) -> None:

@@ -46,9 +46,10 @@ _Waiting = tuple[Sequence[IngestItem], asyncio.Future[tuple[list[Admission], lis
 
 def body_digest(body: Any) -> str:
     """A short digest of a transition's JSON body, keys sorted: a repost that differs only
-    in key order or spacing is the same body."""
+    in key order or spacing is the same body. 48 bits in base64: the first 8 characters of
+    the 12 recorded before (``lua/ingest.lua`` compares a digest recorded then by them)."""
     canonical = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
-    return base64.b64encode(hashlib.blake2b(canonical, digest_size=9).digest()).decode()
+    return base64.b64encode(hashlib.blake2b(canonical, digest_size=9).digest()[:6]).decode()
 
 
 class NotReplicated(RedisError):
@@ -221,7 +222,8 @@ class Inbox(StoreBase):
         self, items: Sequence[IngestItem], generation: int
     ) -> tuple[list[Admission], list[int]] | NotReplicated:
         """One ingest script call: its keys, in KEYS (see ``lua/ingest.lua``)."""
-        names: list[str] = []
+        # one call, one scope: on a cluster its items share a partition's tag
+        names = [keys.event_marker_key(self.partition_tag(self.partition_of(*items[0][:2])))]
         inboxes: dict[int, int] = {}  # partition -> position of its stream in KEYS
         buckets: dict[tuple[int, str], int] = {}  # (bucket, tag) -> its first key's position
         legacy: list[str] = []
@@ -232,7 +234,7 @@ class Inbox(StoreBase):
             if (inbox := inboxes.get(partition)) is None:
                 inbox = inboxes[partition] = len(names) + 1
                 names += [keys.inbox_key(partition, tag), keys.wake_key(partition, tag)]
-            bucket, field = keys.event_slot(merchant_id, event_id)
+            bucket, field = keys.event_hash(merchant_id, event_id)
             if (at := buckets.get((bucket, tag))) is None:
                 at = buckets[bucket, tag] = len(names) + 1
                 names += [keys.event_bucket_key(g, bucket, tag) for g in _around(generation)]

@@ -89,19 +89,38 @@ def dead_inbox_key(tag: str = "") -> str:
 #: never be mistaken for a bucket.)
 EVENT_BUCKET_BITS = 14
 EVENT_BUCKET_PREFIX = f"{PREFIX}:evb:"
+#: The characters of an event id's field: 72 bits of its hash in base64. Fields were 96 bits
+#: (16 characters, whose first 12 are the same) before; ``event_marker_key`` says from which
+#: generation on they are short.
+EVENT_FIELD_CHARS = 12
 
 
-def event_slot(merchant_id: str, event_id: str) -> tuple[int, str]:
-    """(bucket number, field) of an event id: a 128-bit hash of it picks the bucket
-    (14 bits) and 96 more bits of it, in base64, are the field."""
+def event_hash(merchant_id: str, event_id: str) -> tuple[int, str]:
+    """(bucket number, long field) of an event id: a 128-bit hash of it picks the bucket (14
+    bits); 96 more bits of it, in base64, are its field in generations written before fields
+    were short. The ingest script takes this and records the first ``EVENT_FIELD_CHARS``."""
     digest = hashlib.blake2b(f"{merchant_id}\x00{event_id}".encode(), digest_size=16).digest()
     bucket = int.from_bytes(digest[:2]) >> (16 - EVENT_BUCKET_BITS)
     return bucket, base64.b64encode(digest[2:14]).decode()
 
 
+def event_slot(merchant_id: str, event_id: str) -> tuple[int, str]:
+    """(bucket number, field) an event id is recorded under."""
+    bucket, long = event_hash(merchant_id, event_id)
+    return bucket, long[:EVENT_FIELD_CHARS]
+
+
 def event_bucket_key(generation: int, bucket: int, tag: str = "") -> str:
     """An event-id bucket of a generation (on a cluster, one set of buckets per partition)."""
     return f"{EVENT_BUCKET_PREFIX}{tag}{generation}:{bucket}"
+
+
+def event_marker_key(tag: str = "") -> str:
+    """The first generation whose buckets hold short fields (``EVENT_FIELD_CHARS``) only,
+    set by the first ingest that finds it unset to the generation after Redis's: in an
+    older generation an id is looked up by its long field too. (No generation's key: a
+    number never starts with ``s``.)"""
+    return f"{EVENT_BUCKET_PREFIX}{tag}short"
 
 
 def legacy_event_key(merchant_id: str, event_id: str) -> str:

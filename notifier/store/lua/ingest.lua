@@ -10,12 +10,20 @@
 -- disagree still agree on it. An id is looked up in all three, which covers Redis's current
 -- and previous generation; a bucket expires when the generation after its own ends.
 --
--- KEYS: per inbox stream that gets events: the stream, then its wake flag; then per bucket
---   its keys in generations ARGV[3] - 1, ARGV[3] and ARGV[3] + 1; then the pre-0.5 event
---   keys (one Redis only: a Cluster never held them)
+-- An id's field is the first 12 characters of the 16 the caller passes. Fields were the whole
+-- 16 before: KEYS[1] holds the first generation with short fields only, and in an older
+-- generation an id is looked up by its long field too. The first call that finds it unset
+-- sets it to the generation after Redis's: the current one may hold long fields the version
+-- before wrote, until just now. A body digest recorded then is 12 characters, the one passed
+-- now is their first 8.
+--
+-- KEYS: the generation since which fields are short; per inbox stream that gets events: the
+--   stream, then its wake flag; then per bucket its keys in generations ARGV[3] - 1,
+--   ARGV[3] and ARGV[3] + 1; then the pre-0.5 event keys (one Redis only: a Cluster never
+--   held them)
 -- ARGV[1]: JSON array with one [position in KEYS of the event's bucket (its first
---   generation), field, position of its pre-0.5 event key (0: none), position of its inbox
---   stream, payload, body digest, request id] per event: one argument for the whole group,
+--   generation), long field, position of its pre-0.5 event key (0: none), position of its
+--   inbox stream, payload, body digest, request id] per event: one argument for the whole group,
 --   since redis-py packs every argument in Python and seven per event cost the API more
 --   than the script
 -- ARGV[2]: how long an event id is remembered at least, seconds (a generation)
@@ -36,17 +44,33 @@ if write < 0 or write > 2 then
 end
 -- a bucket lives through its generation and the next, when it is still looked at
 local expire_at = (generation + 2) * ttl
+local short_since = tonumber(redis.call('GET', KEYS[1]))
+if not short_since then
+  short_since = generation + 1
+  redis.call('SET', KEYS[1], short_since)
+end
+-- the first generation of KEYS[b] (then b + 1, b + 2)
+local first = tonumber(ARGV[3]) - 1
 local accepted = {}
 local touched = {}
 for i, e in ipairs(events) do
-  local b, field, legacy, inbox, digest = e[1], e[2], e[3], e[4], e[6]
+  local b, long, legacy, inbox, digest = e[1], e[2], e[3], e[4], e[6]
+  local field = string.sub(long, 1, 12)
   -- the body digest recorded with the id: '' for ids recorded before 0.6 (and 0.4's keys)
-  local seen = redis.call('HGET', KEYS[b], field) or redis.call('HGET', KEYS[b + 1], field)
-    or redis.call('HGET', KEYS[b + 2], field)
+  local seen = nil
+  for g = 0, 2 do
+    seen = redis.call('HGET', KEYS[b + g], field)
+    if not seen and first + g < short_since then seen = redis.call('HGET', KEYS[b + g], long) end
+    if seen then break end
+  end
   if not seen and legacy > 0 and redis.call('EXISTS', KEYS[legacy]) == 1 then seen = '' end
   if seen then
     -- 0: the same event again (a duplicate); 2: another body under a known id (a conflict)
-    if seen == '' or seen == digest then accepted[i] = 0 else accepted[i] = 2 end
+    if seen == '' or string.sub(seen, 1, #digest) == digest then
+      accepted[i] = 0
+    else
+      accepted[i] = 2
+    end
   else
     redis.call('HSET', KEYS[b + write], field, digest)
     redis.call('EXPIREAT', KEYS[b + write], expire_at)
