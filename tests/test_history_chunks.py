@@ -21,7 +21,7 @@ from notifier.store.chunks import CHUNK, plan
 from notifier.store.ledger import PACKED_IDS, _records, merge_outcomes
 from notifier.store.record import Record
 from notifier.store.shipments import COMPACT_AFTER, DERIVED_ID, _decisions, history_merge
-from tests.conftest import record_of, rewrite_record
+from tests.conftest import outcome_records, record_of, rewrite_record
 from tests.test_store_scripts import NOW_ISO, STATE_TTL_S, pending, shipment, store_on
 
 CAP = 50
@@ -269,9 +269,16 @@ def packs_ids(element: bytes) -> bool:
 
 
 def in_full(records: list[tuple[str, dict[str, str], dict[str, str]]]) -> bytes:
-    """A chunk of these records as the version before wrote it: ids in full (and no ranks)."""
-    ids = " ".join(dict.fromkeys(nid for nid, _, _ in records)).encode()
-    return chunks.header(len(records)) + ids + b"\t{}\t" + pack(orjson.dumps(records), HISTORY)
+    """A chunk of these records as the version before wrote it: ids in full, and the highest
+    provider status rank of each that has one."""
+    ranks: dict[str, int] = {}
+    for nid, known, _ in records:
+        ranks.setdefault(nid, -1)
+        ranks[nid] = max(ranks[nid], int(known.get("prank", -1)))
+    ids = " ".join(ranks).encode()
+    ranked = orjson.dumps({nid: rank for nid, rank in ranks.items() if rank >= 0})
+    packed = pack(orjson.dumps(records), HISTORY)
+    return chunks.header(len(records)) + ids + b"\t" + ranked + b"\t" + packed
 
 
 def packed_records(chunk: bytes) -> bytes:
@@ -366,10 +373,22 @@ async def test_a_chunk_packs_made_ids_only_when_all_are_and_reads_chunks_from_be
     await rewrite_record(store, *WHERE, outcomes=[before])
     assert await store.deliveries(*WHERE, ids[:3]) == delivered
     assert not await store.add_notification("acme", "s1", ids[0], b"p", 1, b'{"why": "x"}')
+    # its ranks still rule, in that chunk and once folded into a packed one
+    assert await store.provider_status(ids[1], "delivered", 3, where=WHERE)
+    assert await store.compact([WHERE]) == 1
+    assert not await store.provider_status(ids[1], "sent", 1, where=WHERE)
+    delivered = await store.deliveries(*WHERE, ids[:3])
+    assert delivered[ids[1]]["provider_status"] == "delivered"
+    before = in_full(_records((await record_of(store, *WHERE)).outcomes))
+    await rewrite_record(store, *WHERE, outcomes=[before])
+    assert not await store.provider_status(ids[1], "sent", 1, where=WHERE)
+    assert await store.provider_status(ids[2], "sent", 1, where=WHERE)
+    delivered = await store.deliveries(*WHERE, ids[:3])
+    assert [delivered[n].get("provider_status") for n in ids[:3]] == [None, "delivered", "sent"]
     await settled(store, *ids[3:])
     assert await store.compact([WHERE]) == 1
     [chunk] = (await record_of(store, *WHERE)).outcomes
-    assert packs_ids(chunk) and chunks.count(chunk) == 6
+    assert packs_ids(chunk) and chunks.count(chunk) == 8
     # a quarter smaller than the same chunk with ids in full (here each summary names its id
     # too, which no real one does)
     assert len(chunk) < 0.75 * len(in_full(_records([chunk]))), len(chunk)
@@ -378,9 +397,33 @@ async def test_a_chunk_packs_made_ids_only_when_all_are_and_reads_chunks_from_be
     await settled(store, "n-other")
     assert await store.compact([WHERE]) == 1
     [chunk] = (await record_of(store, *WHERE)).outcomes
-    assert chunks.is_chunk(chunk) and not packs_ids(chunk) and chunks.count(chunk) == 7
+    assert chunks.is_chunk(chunk) and not packs_ids(chunk) and chunks.count(chunk) == 9
     assert not await store.add_notification("acme", "s1", "n-other", b"p", 1, b'{"w": "x"}')
     assert not await store.add_notification("acme", "s1", ids[5], b"p", 1, b'{"why": "x"}')
+
+
+async def test_a_packed_chunk_reads_ids_whose_bytes_are_separators(store: Store) -> None:
+    """A packed chunk's ids are 16 bytes each, read by their place: an id whose bytes hold a
+    colon, a tab, a zero byte, a space or byte 3 reads as any other, in Python and in the
+    scripts (a status for it, a fallback that meets it), and no id is found that is not."""
+    odd = ["n_" + bytes([b] * 16).hex() for b in (0x3A, 0x09, 0x00, 0x20, 0x03)]
+    odd.append("n_3a09002003" + "3a" * 11)
+    await settled(store, *odd)
+    assert await store.provider_status(odd[0], "delivered", 3, where=WHERE)
+    assert await store.compact([WHERE]) == 1
+    [chunk] = (await record_of(store, *WHERE)).outcomes
+    assert packs_ids(chunk) and chunks.count(chunk) == len(odd) + 1
+    assert [nid for nid, _ in outcome_records([chunk])] == [*odd, odd[0]]
+    shown = await store.deliveries(*WHERE, odd)
+    assert all(shown[n]["detail"] == f"twilio:SM{n}" for n in odd)
+    assert not await store.provider_status(odd[0], "sent", 1, where=WHERE)
+    for nid in odd[1:]:
+        assert await store.provider_status(nid, "delivered", 3, where=WHERE)
+        assert not await store.add_notification("acme", "s1", nid, b"p", 1, b'{"why": "x"}')
+    # an id not in the chunk, though its bytes are as odd
+    stranger = "n_" + bytes([0x3A] * 15 + [0x09]).hex()
+    assert not await store.provider_status(stranger, "delivered", 3, where=WHERE)
+    assert await store.add_notification("acme", "s1", stranger, b"p", 1, b'{"why": "x"}')
 
 
 async def test_a_packed_chunk_keeps_a_detail_that_names_its_id_whole() -> None:

@@ -247,7 +247,13 @@ class Inbox(StoreBase):
             if e[2]:
                 e[2] += len(names)
         names += legacy
-        args: list[Any] = [orjson.dumps(events), self.idempotency_ttl_s, generation, self.WAKE_MS]
+        args: list[Any] = [
+            orjson.dumps(events),
+            self.idempotency_ttl_s,
+            generation,
+            self.WAKE_MS,
+            keys.EVENT_FIELD_CHARS,
+        ]
         if self.wait_replicas:
             # WAIT counts the writes of its own connection: one pipeline, one connection
             async with self.redis.pipeline(transaction=False) as pipe:

@@ -459,8 +459,10 @@ def _records(elements: Sequence[bytes]) -> list[Record]:
 
 
 def _packed_ids(body: bytes) -> tuple[list[str], list[Any]]:
-    """A chunk's ids and its records (``[position of the id, header, recorded]``), from its
-    body with packed ids: ``\\x00<n>:<16 bytes an id><ranks>\\t<packed records>``."""
+    """A chunk's ids and its records (``[position of the id, from 0, header, recorded]``),
+    from its body with packed ids: ``\\x00<number of ids>:<16 bytes an id><JSON {position of
+    an id, from 1 as the scripts count: its highest rank}>\\t<packed records>``. Ids are read
+    by their place: their bytes may be any, a ``:`` or a tab too."""
     colon = body.index(b":")
     start = colon + 1
     held = int(body[1:colon])

@@ -10,12 +10,12 @@
 -- disagree still agree on it. An id is looked up in all three, which covers Redis's current
 -- and previous generation; a bucket expires when the generation after its own ends.
 --
--- An id's field is the first 12 characters of the 16 the caller passes. Fields were the whole
--- 16 before: KEYS[1] holds the first generation with short fields only, and in an older
--- generation an id is looked up by its long field too. The first call that finds it unset
--- sets it to the generation after Redis's: the current one may hold long fields the version
--- before wrote, until just now. A body digest recorded then is 12 characters, the one passed
--- now is their first 8.
+-- An id's field is the first ARGV[5] (12) characters of the 16 the caller passes. Fields were
+-- the whole 16 before: KEYS[1] holds the first generation with short fields only, and in an
+-- older generation an id is looked up by its long field too. The first call that finds it
+-- unset sets it to the generation after Redis's: the current one may hold long fields the
+-- version before wrote, until just now. A body digest recorded then is 12 characters, the
+-- one passed now is their first 8.
 --
 -- KEYS: the generation since which fields are short; per inbox stream that gets events: the
 --   stream, then its wake flag; then per bucket its keys in generations ARGV[3] - 1,
@@ -29,6 +29,7 @@
 -- ARGV[2]: how long an event id is remembered at least, seconds (a generation)
 -- ARGV[3]: the generation by the caller's clock
 -- ARGV[4]: how long a wake flag lasts, ms
+-- ARGV[5]: the characters of a short field (notifier/store/keys.py, EVENT_FIELD_CHARS)
 -- Returns {admissions, woken}: per event 1 (accepted: recorded and appended), 0 (a
 --   duplicate: the id is known with the same digest, or from before digests were recorded)
 --   or 2 (a conflict: the id is known with another digest; nothing written); and the
@@ -44,6 +45,7 @@ if write < 0 or write > 2 then
 end
 -- a bucket lives through its generation and the next, when it is still looked at
 local expire_at = (generation + 2) * ttl
+local short = tonumber(ARGV[5])
 local short_since = tonumber(redis.call('GET', KEYS[1]))
 if not short_since then
   short_since = generation + 1
@@ -55,7 +57,7 @@ local accepted = {}
 local touched = {}
 for i, e in ipairs(events) do
   local b, long, legacy, inbox, digest = e[1], e[2], e[3], e[4], e[6]
-  local field = string.sub(long, 1, 12)
+  local field = string.sub(long, 1, short)
   -- the body digest recorded with the id: '' for ids recorded before 0.6 (and 0.4's keys)
   local seen = nil
   for g = 0, 2 do

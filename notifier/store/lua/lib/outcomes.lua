@@ -4,11 +4,11 @@
 -- notifier/store/chunks.py and merge_outcomes in notifier/store/ledger.py), either
 -- '\3<count>:<ids, space-separated>\t<JSON {id: the highest provider status rank
 -- recorded}>\t<packed records>', or, when every id is one notifier makes ('n_' and 32 hex
--- digits), '\3<count>:\0<ids>:<each id's 32 digits as 16 bytes><JSON {position of an id,
--- from 1: its highest rank}>\t<packed records>'.
+-- digits), '\3<count>:\0<number of ids>:<each id's 32 digits as 16 bytes><JSON {position of
+-- an id, from 1: its highest rank}>\t<packed records>'. Ids are read by their place, never
+-- by searching for a separator: their bytes may be any.
 
--- a chunk's ids, in order, where its JSON of ranks starts, and whether that JSON names an
--- id by its position (the chunk's ids are packed) rather than in full
+-- a chunk's ids, in order
 local function chunk_ids(record)
   local from = string.find(record, ':', 1, true) + 1
   local ids = {}
@@ -19,11 +19,11 @@ local function chunk_ids(record)
       ids[i] = 'n_' .. string.format(string.rep('%02x', 16), string.byte(record, at, at + 15))
       at = at + 16
     end
-    return ids, at, true
+    return ids
   end
   local upto = string.find(record, '\t', from, true)
   for id in string.gmatch(string.sub(record, from, upto - 1), '[^ ]+') do ids[#ids + 1] = id end
-  return ids, upto + 1, false
+  return ids
 end
 
 -- the ids on an outcome list (its elements): notifications settled for good
@@ -31,7 +31,7 @@ local function settled_ids(out)
   local ids = {}
   for _, record in ipairs(out) do
     if string.byte(record, 1) == 3 then
-      for _, id in ipairs((chunk_ids(record))) do ids[id] = true end
+      for _, id in ipairs(chunk_ids(record)) do ids[id] = true end
     else
       ids[string.sub(record, 1, string.find(record, '\t', 1, true) - 1)] = true
     end
@@ -39,22 +39,52 @@ local function settled_ids(out)
   return ids
 end
 
+-- the 16 bytes a packed chunk keeps of an id ('n_' and 32 hex digits), nil for any other id
+local function packed_id(id)
+  if #id ~= 34 or string.sub(id, 1, 2) ~= 'n_' or string.find(id, '[^0-9a-f]', 3) then
+    return nil
+  end
+  return (string.gsub(string.sub(id, 3), '..', function(h) return string.char(tonumber(h, 16)) end))
+end
+
+-- where an id is in a chunk: its position (from 1) and where the chunk's JSON of ranks
+-- starts, and whether that JSON names ids by position; nil when it is not there. A packed
+-- chunk is searched by the id's 16 bytes (nil: the id cannot be in one)
+local function chunk_position(record, id, bytes)
+  local from = string.find(record, ':', 1, true) + 1
+  if string.byte(record, from) == 0 then
+    local colon = string.find(record, ':', from + 1, true)
+    local held = tonumber(string.sub(record, from + 1, colon - 1))
+    local ranked = colon + 1 + 16 * held
+    if bytes then
+      for i = 1, held do
+        local at = colon + 1 + 16 * (i - 1)
+        if string.sub(record, at, at + 15) == bytes then return i, ranked, true end
+      end
+    end
+    return nil
+  end
+  local upto = string.find(record, '\t', from, true)
+  if string.find(' ' .. string.sub(record, from, upto - 1) .. ' ', ' ' .. id .. ' ', 1, true) then
+    return 0, upto + 1, false
+  end
+  return nil
+end
+
 -- whether a notification is on an outcome list (its elements), and the highest provider
 -- status rank recorded for it (-1: none)
 local function outcome_rank(out, id)
   local found, rank = false, -1
   local prefix = id .. '\t'
+  local bytes = packed_id(id)
   for _, record in ipairs(out) do
     local known = nil
     if string.byte(record, 1) == 3 then
-      local held, ranked, positional = chunk_ids(record)
-      for i, each in ipairs(held) do
-        if each == id then
-          found = true
-          local ranks = cjson.decode(string.sub(record, ranked, string.find(record, '\t', ranked, true) - 1))
-          known = {prank = ranks[positional and tostring(i) or id]}
-          break
-        end
+      local position, ranked, positional = chunk_position(record, id, bytes)
+      if position then
+        found = true
+        local ranks = cjson.decode(string.sub(record, ranked, string.find(record, '\t', ranked, true) - 1))
+        known = {prank = ranks[positional and tostring(position) or id]}
       end
     elseif string.sub(record, 1, #prefix) == prefix then
       found = true
