@@ -10,9 +10,11 @@ from aiohttp.test_utils import TestClient, TestServer
 from fakeredis import FakeServer
 
 from notifier.app import create_app
+from notifier.models import notification_id_of
 from notifier.resources import open_resources
 from notifier.settings import DEV_API_KEY, Settings
 from notifier.store import chunks
+from notifier.store.ledger import PACKED_IDS
 from notifier.worker import build_worker
 from tests.conftest import fixed_clock, record_of, transition
 
@@ -104,6 +106,17 @@ async def test_embedded_mode_folds_an_ended_shipments_lists_into_chunks(tmp_path
             for part in (held.history, held.outcomes):
                 [chunk] = part
                 assert chunks.is_chunk(chunk) and chunks.count(chunk) == 4
+            # the outcomes' chunk packs its ids, and the scripts read it in Lua as fakeredis
+            # runs it: a provider's statuses only go up, a settled message is never made again
+            [packed] = held.outcomes
+            assert chunks.body(packed)[:1] == PACKED_IDS
+            where = ("acme", "shp_123")
+            nid = notification_id_of("acme", "shp_123", "c1", "sms")
+            assert await res.store.provider_status(nid, "delivered", 3, where=where)
+            assert not await res.store.provider_status(nid, "sent", 1, where=where)
+            assert await res.store.compact([where]) == 1
+            assert not await res.store.provider_status(nid, "sent", 1, where=where)
+            assert not await res.store.add_notification(*where, nid, b"p", 1, b'{"why": "x"}')
         url = "/v1/merchants/acme/shipments/shp_123/notifications"
         decisions = (await (await client.get(url, headers=headers)).json())["decisions"]
         assert [(d["event_id"], d["delivery"]["status"]) for d in decisions] == [
@@ -112,3 +125,8 @@ async def test_embedded_mode_folds_an_ended_shipments_lists_into_chunks(tmp_path
             ("c1", "sent"),
             ("c1", "sent"),
         ]
+        delivered = [d for d in decisions if d["notification_id"] == nid]
+        assert [d["delivery"]["provider_status"] for d in delivered] == ["delivered"]
+        assert all(
+            Path(d["delivery"]["detail"].removeprefix("outbox:")).is_file() for d in decisions
+        )
