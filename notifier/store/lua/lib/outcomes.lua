@@ -8,21 +8,29 @@
 -- an id, from 1: its highest rank}>\t<packed records>'. Ids are read by their place, never
 -- by searching for a separator: their bytes may be any.
 
--- a chunk's ids, in order
-local function chunk_ids(record)
+-- how a chunk keeps its ids: packed (true), where the first id's 16 bytes start and how many
+-- ids there are; or in full (false), where its space-separated ids start and the tab after
+local function chunk_head(record)
   local from = string.find(record, ':', 1, true) + 1
-  local ids = {}
   if string.byte(record, from) == 0 then
     local colon = string.find(record, ':', from + 1, true)
-    local at = colon + 1
-    for i = 1, tonumber(string.sub(record, from + 1, colon - 1)) do
+    return true, colon + 1, tonumber(string.sub(record, from + 1, colon - 1))
+  end
+  return false, from, string.find(record, '\t', from, true)
+end
+
+-- a chunk's ids, in order
+local function chunk_ids(record)
+  local packed, at, n = chunk_head(record)
+  local ids = {}
+  if packed then
+    for i = 1, n do
       ids[i] = 'n_' .. string.format(string.rep('%02x', 16), string.byte(record, at, at + 15))
       at = at + 16
     end
-    return ids
+  else
+    for id in string.gmatch(string.sub(record, at, n - 1), '[^ ]+') do ids[#ids + 1] = id end
   end
-  local upto = string.find(record, '\t', from, true)
-  for id in string.gmatch(string.sub(record, from, upto - 1), '[^ ]+') do ids[#ids + 1] = id end
   return ids
 end
 
@@ -51,22 +59,17 @@ end
 -- starts, and whether that JSON names ids by position; nil when it is not there. A packed
 -- chunk is searched by the id's 16 bytes (nil: the id cannot be in one)
 local function chunk_position(record, id, bytes)
-  local from = string.find(record, ':', 1, true) + 1
-  if string.byte(record, from) == 0 then
-    local colon = string.find(record, ':', from + 1, true)
-    local held = tonumber(string.sub(record, from + 1, colon - 1))
-    local ranked = colon + 1 + 16 * held
-    if bytes then
-      for i = 1, held do
-        local at = colon + 1 + 16 * (i - 1)
-        if string.sub(record, at, at + 15) == bytes then return i, ranked, true end
-      end
+  local packed, at, n = chunk_head(record)
+  if not packed then
+    if string.find(' ' .. string.sub(record, at, n - 1) .. ' ', ' ' .. id .. ' ', 1, true) then
+      return 0, n + 1, false
     end
     return nil
   end
-  local upto = string.find(record, '\t', from, true)
-  if string.find(' ' .. string.sub(record, from, upto - 1) .. ' ', ' ' .. id .. ' ', 1, true) then
-    return 0, upto + 1, false
+  for i = 1, bytes and n or 0 do
+    if string.sub(record, at + 16 * (i - 1), at + 16 * i - 1) == bytes then
+      return i, at + 16 * n, true
+    end
   end
   return nil
 end
