@@ -301,6 +301,28 @@ async def test_provider_ids_and_stalls_are_found_per_partition(on_cluster: Setti
         assert (delivery["status"], delivery["provider_status"]) == ("sent", "delivered")
 
 
+async def test_a_tracking_number_is_found_on_every_partition(on_cluster: Settings) -> None:
+    """Shipments that share a carrier's number live on different partitions; a lookup
+    asks each partition's bucket."""
+    shipments = [f"shp_t{i}" for i in range(6)]
+    async with open_resources(on_cluster, clock=fixed_clock()) as res:
+        scopes = {res.store.scope_of("acme", s) for s in shipments}
+        assert len(scopes) > 1
+        async with TestClient(TestServer(create_app(on_cluster))) as client:
+            for i, s in enumerate(shipments):
+                await post(
+                    client, transition(event_id=f"t{i}", shipment_id=s, tracking_number="1ZREUSED")
+                )
+        await drain_all(res)
+        assert await res.store.shipments_tracked_as("acme", "1ZREUSED") == shipments
+        assert await res.store.shipments_tracked_as("globex", "1ZREUSED") == []
+        found = [k async for k in res.redis.scan_iter(match="ntf:tkb:*")]
+        assert len(found) == len(scopes)  # one bucket a partition: each carries its tag
+        assert {k.decode().split("}")[0] + "}" for k in found} == {
+            "ntf:tkb:" + res.store.tag(s) for s in scopes
+        }
+
+
 def test_a_cluster_needs_its_own_queue_redis(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="NOTIFIER_QUEUE_REDIS_URL"):
         make_settings(tmp_path, redis_url="redis+cluster://127.0.0.1:7000")

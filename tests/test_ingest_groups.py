@@ -195,11 +195,11 @@ async def test_ingest_follows_redis_clock_when_the_api_clock_is_a_year_off(
     gets the right buckets: the offset is measured again when the script refuses."""
     import time as real
 
-    from notifier.store import inbox
+    from notifier.store import base
 
     skew = [365 * 86400.0]
     fake = SimpleNamespace(time=lambda: real.time() + skew[0], monotonic=real.monotonic)
-    monkeypatch.setattr(inbox, "time", fake)
+    monkeypatch.setattr(base, "time", fake)
     settings = settings.model_copy(update={"idempotency_ttl_s": 3600})
     async with open_resources(settings) as res:
         store, r = res.store, res.redis

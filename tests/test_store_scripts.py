@@ -681,37 +681,108 @@ async def test_shorten_only_ever_shortens(store: Store) -> None:
     assert not await store.redis.exists(keys.notification_key("gone"))  # never created
 
 
-async def test_the_commit_indexes_tracking_numbers_with_the_state(store: Store) -> None:
+async def _tracking_bucket(store: Store, number: str, week_back: int = 0) -> tuple[str, str]:
+    """(bucket key, field) of acme's ``number`` in the week by Redis's clock, ``week_back``
+    weeks ago."""
+    bucket, field = keys.tracking_slot("acme", number)
+    week = keys.tracking_week(await store.redis_seconds()) - week_back
+    return keys.tracking_bucket_key(week, bucket), field
+
+
+async def test_the_commit_indexes_tracking_numbers_in_the_weeks_bucket(store: Store) -> None:
     redis = store.redis
-    key = keys.tracking_key("acme", "1Z9")
+    key, field = await _tracking_bucket(store, "1Z9")
     assert await store.commit([shipment("s1", tracking_number="1Z9")], NOW_ISO) == []
-    assert await redis.hgetall(key) == {b"s1": b""}  # a small hash: 120 B, a set's 216
-    assert await redis.object("encoding", key) == b"listpack"
+    assert await redis.hgetall(key) == {field.encode(): b"s1"}
+    assert await redis.object("encoding", key) == b"listpack"  # a small hash: ~40 B a number
     assert STATE_TTL_S - 60 < await redis.ttl(key) <= STATE_TTL_S
-    # a carrier reusing the number: another shipment joins; one that ended (a short
-    # lifetime) never shortens the set the other still needs
-    assert await store.commit([shipment("s2", tracking_number="1Z9", ttl_s=60)], NOW_ISO) == []
-    assert await store.shipments_tracked_as("acme", "1Z9") == ["s1", "s2"]
+    # a carrier reusing the number: another shipment joins (an id may hold ":", "@", ".");
+    # one that ended (a short lifetime) never shortens the bucket the other still needs
+    assert await store.commit([shipment("s:2@x.y", tracking_number="1Z9", ttl_s=60)], NOW_ISO) == []
+    assert await redis.hget(key, field) == b"s1 s:2@x.y"
     assert STATE_TTL_S - 60 < await redis.ttl(key) <= STATE_TTL_S
-    # a conflicting commit writes nothing, its index entry neither; no number, no set
+    assert await store.shipments_tracked_as("acme", "1Z9") == ["s1", "s:2@x.y"]
+    # a shipment committed again is listed once; a conflicting commit writes nothing, its
+    # index entry neither; no number, no bucket; another merchant's number is its own
+    assert await store.commit([shipment("s1", 1, tracking_number="1Z9")], NOW_ISO) == []
     assert await store.commit([shipment("s3", 5, tracking_number="1Z9")], NOW_ISO) == [0]
     assert await store.commit([shipment("s4")], NOW_ISO) == []
-    assert await store.shipments_tracked_as("acme", "1Z9") == ["s1", "s2"]
-    assert await redis.keys("ntf:trk:*") == [key.encode()]
+    assert await redis.hget(key, field) == b"s1 s:2@x.y"
+    assert await store.shipments_tracked_as("acme", "1Z9") == ["s1", "s:2@x.y"]
+    assert await store.shipments_tracked_as("globex", "1Z9") == []
+    assert await store.shipments_tracked_as("acme", "1Z99") == []
+    assert await redis.keys("ntf:tkb:*") == [key.encode()]
+    assert await redis.keys("ntf:trk:*") == []
 
 
-async def test_a_tracking_number_indexed_in_a_set_before_records_still_finds_and_grows(
+async def test_a_tracking_number_goes_to_the_week_of_redis_clock_not_the_workers(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time as real
+    from types import SimpleNamespace
+
+    from notifier.store import base
+
+    fake = SimpleNamespace(time=lambda: real.time() - 30 * 86400, monotonic=real.monotonic)
+    monkeypatch.setattr(base, "time", fake)  # a worker whose clock is a month behind
+    assert await store.commit([shipment("s1", tracking_number="1Z3")], NOW_ISO) == []
+    bucket, field = keys.tracking_slot("acme", "1Z3")
+    week = keys.tracking_week(int((await store.redis.time())[0]))
+    assert await store.redis.hget(keys.tracking_bucket_key(week, bucket), field) == b"s1"
+    assert await store.shipments_tracked_as("acme", "1Z3") == ["s1"]
+
+
+async def test_a_tracking_bucket_lives_as_long_as_its_longest_lived_record(store: Store) -> None:
+    key, _ = await _tracking_bucket(store, "1Z7")
+    assert await store.commit([shipment("s1", tracking_number="1Z7", ttl_s=60)], NOW_ISO) == []
+    assert 0 < await store.redis.ttl(key) <= 60
+    assert await store.commit([shipment("s2", tracking_number="1Z7")], NOW_ISO) == []
+    assert STATE_TTL_S - 60 < await store.redis.ttl(key) <= STATE_TTL_S
+
+
+async def test_a_tracking_number_lists_its_latest_shipments(store: Store) -> None:
+    most = keys.TRACKING_SHIPMENTS
+    for i in range(most + 2):
+        commit = shipment(f"s{i:02d}", tracking_number="1Z6")
+        assert await store.commit([commit], NOW_ISO) == []
+    key, field = await _tracking_bucket(store, "1Z6")
+    kept = [f"s{i:02d}" for i in range(2, most + 2)]
+    assert (await store.redis.hget(key, field)).decode().split(" ") == kept
+    assert await store.shipments_tracked_as("acme", "1Z6") == kept
+
+
+async def test_a_lookup_reads_every_week_a_record_could_still_live_through(store: Store) -> None:
+    redis = store.redis
+    for back, shipment_id in [(1, "last-week"), (2, "lifetime-ago"), (4, "long-gone")]:
+        key, field = await _tracking_bucket(store, "1Z5", back)
+        await redis.hset(key, field, shipment_id)
+    # a record lives a week at most here (STATE_TTL_S): last week's and the one before
+    # (clocks that disagree) are read, not older ones
+    assert await store.shipments_tracked_as("acme", "1Z5") == ["last-week", "lifetime-ago"]
+    assert await store.commit([shipment("now", tracking_number="1Z5")], NOW_ISO) == []
+    assert await store.shipments_tracked_as("acme", "1Z5") == ["last-week", "lifetime-ago", "now"]
+    # the same shipment in two weeks is listed once
+    key, field = await _tracking_bucket(store, "1Z5", 1)
+    await redis.hset(key, field, "now last-week")
+    assert await store.shipments_tracked_as("acme", "1Z5") == ["last-week", "lifetime-ago", "now"]
+
+
+async def test_a_tracking_number_indexed_in_a_key_of_its_own_before_buckets_still_finds(
     store: Store,
 ) -> None:
     redis = store.redis
-    key = keys.tracking_key("acme", "1Z8")
-    await redis.sadd(key, "old")
-    await redis.expire(key, 100)
-    assert await store.shipments_tracked_as("acme", "1Z8") == ["old"]
-    assert await store.commit([shipment("s1", tracking_number="1Z8")], NOW_ISO) == []
-    assert await redis.smembers(key) == {b"old", b"s1"}
-    assert await store.shipments_tracked_as("acme", "1Z8") == ["old", "s1"]
-    assert STATE_TTL_S - 60 < await redis.ttl(key) <= STATE_TTL_S
+    old_hash, old_set = keys.tracking_key("acme", "1Z8"), keys.tracking_key("acme", "1Z4")
+    await redis.hset(old_hash, mapping={"old": "", "both": ""})  # from records to buckets
+    await redis.sadd(old_set, "older")  # before records
+    assert await store.shipments_tracked_as("acme", "1Z8") == ["both", "old"]
+    assert await store.shipments_tracked_as("acme", "1Z4") == ["older"]
+    for shipment_id, number in [("s1", "1Z8"), ("both", "1Z8"), ("s2", "1Z4")]:
+        assert await store.commit([shipment(shipment_id, tracking_number=number)], NOW_ISO) == []
+    assert await store.shipments_tracked_as("acme", "1Z8") == ["both", "old", "s1"]
+    assert await store.shipments_tracked_as("acme", "1Z4") == ["older", "s2"]
+    # the old keys are read until they expire, never written again
+    assert await redis.hgetall(old_hash) == {b"old": b"", b"both": b""}
+    assert await redis.smembers(old_set) == {b"older"}
 
 
 # -- the client ----------------------------------------------------------------------------

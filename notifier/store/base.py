@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from collections.abc import Awaitable, Sequence
 from typing import TypeVar
 
@@ -25,6 +26,11 @@ class StoreBase:
     """The client and settings the store's parts (``Inbox``, ``Shipments``, ``Ledger``,
     ``OptOuts``, ``Health``) work with; ``Store`` joins them over one of these."""
 
+    #: How often a process measures again how far Redis's clock is from its own, seconds.
+    CLOCK_CHECK_S = 60.0
+    #: Redis's clock minus this process's (seconds), and when that was measured (monotonic)
+    _redis_offset: tuple[float, float] | None = None
+
     def __init__(
         self,
         redis: DataRedis,
@@ -45,6 +51,16 @@ class StoreBase:
         self.state_ttl_s = state_ttl_s
         self.history_cap = history_cap
         self.scripts = Scripts.register(redis)
+
+    async def redis_seconds(self) -> float:
+        """Redis's clock now, as this process reckons it: its own clock plus the offset to
+        Redis's, measured once a minute (keys named by the time, event-id generations and
+        tracking-number weeks, follow Redis's clock, which every process shares)."""
+        now = time.monotonic()
+        if self._redis_offset is None or now - self._redis_offset[1] > self.CLOCK_CHECK_S:
+            seconds, micros = await self.redis.time()
+            self._redis_offset = (seconds + micros / 1e6 - time.time(), now)
+        return time.time() + self._redis_offset[0]
 
     @property
     def outcomes_cap(self) -> int:

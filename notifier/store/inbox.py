@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -90,12 +89,7 @@ class Inbox(StoreBase):
     #: Redis, so it must stay short).
     INGEST_GROUP_MAX = 2000
 
-    #: How often the API measures again how far Redis's clock is from its own, seconds.
-    CLOCK_CHECK_S = 60.0
-
     _ingest_task: asyncio.Task[None] | None = None
-    #: Redis's clock minus this process's (seconds), and when that was measured (monotonic)
-    _redis_offset: tuple[float, float] | None = None
 
     @cached_property
     def _ingest_queue(self) -> deque[_Waiting]:
@@ -199,14 +193,10 @@ class Inbox(StoreBase):
         return admissions, woken
 
     async def _generation(self) -> int:
-        """The event-id generation Redis's clock names now, by this process's clock and the
-        offset between the two (measured once a minute): ingest passes the buckets of the
-        generations around it, and the script writes the one Redis's own clock names."""
-        now = time.monotonic()
-        if self._redis_offset is None or now - self._redis_offset[1] > self.CLOCK_CHECK_S:
-            seconds, micros = await self.redis.time()
-            self._redis_offset = (seconds + micros / 1e6 - time.time(), now)
-        return int(time.time() + self._redis_offset[0]) // self.idempotency_ttl_s
+        """The event-id generation Redis's clock names now, as this process reckons it
+        (``redis_seconds``): ingest passes the buckets of the generations around it, and
+        the script writes the one Redis's own clock names."""
+        return int(await self.redis_seconds()) // self.idempotency_ttl_s
 
     async def _ingest_calls(
         self, items: Sequence[IngestItem], groups: list[list[int]]

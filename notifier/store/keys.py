@@ -167,10 +167,55 @@ def stall_member(merchant_id: str, shipment_id: str) -> str:
 
 
 def tracking_key(merchant_id: str, tracking_number: str, tag: str = "") -> str:
-    """The shipments that carried a tracking number (the fields of a hash, values empty; a
-    set before records; on a Redis Cluster one per partition, written by the commit with the
-    shipment's state)."""
+    """Before tracking buckets (``tracking_bucket_key``): the shipments that carried a
+    tracking number, a key each (the fields of a hash, values empty; a set before records;
+    on a Redis Cluster one per partition). Still read until they expire, never written."""
     return f"{PREFIX}:trk:{tag}{merchant_id}:{tracking_number}"
+
+
+#: Tracking numbers live in hash buckets, as event ids do, not a key each: a key with a
+#: lifetime cost Redis about 180 bytes of memory, a field in a small (listpack) bucket about
+#: 40. A bucket belongs to a week (a fixed span, so a change of ``state_ttl_s`` renumbers
+#: nothing), by Redis's clock as the writer reckons it; each commit of a shipment records its
+#: number in the current week's bucket and keeps the bucket at least as long as the
+#: shipment's record. A lookup reads every week a record written now could still live
+#: through. 8,192 buckets stay small hashes up to about a million numbers a week.
+TRACKING_BUCKET_BITS = 13
+TRACKING_BUCKET_PREFIX = f"{PREFIX}:tkb:"
+TRACKING_SPAN_S = 7 * 24 * 3600
+#: The characters of a tracking number's field: 72 bits of its hash in base64.
+TRACKING_FIELD_CHARS = 12
+#: The most shipments a tracking number's field lists (the latest ones): a lookup shows 50.
+TRACKING_SHIPMENTS = 50
+
+
+def tracking_slot(merchant_id: str, tracking_number: str) -> tuple[int, str]:
+    """(bucket number, field) a merchant's tracking number is recorded under. Its value is
+    the ids of the shipments that carried it, separated by spaces (an ``Identifier`` has
+    none), oldest first."""
+    digest = hashlib.blake2b(
+        f"{merchant_id}\x00{tracking_number}".encode(), digest_size=12
+    ).digest()
+    bucket = int.from_bytes(digest[:2]) >> (16 - TRACKING_BUCKET_BITS)
+    return bucket, base64.b64encode(digest[2:11]).decode()
+
+
+def tracking_week(redis_seconds: float) -> int:
+    """The week (``TRACKING_SPAN_S``) a moment by Redis's clock falls in."""
+    return int(redis_seconds) // TRACKING_SPAN_S
+
+
+def tracking_weeks(redis_seconds: float, lifetime_s: int) -> range:
+    """The weeks a lookup at ``redis_seconds`` reads: every one written in during the last
+    ``lifetime_s`` (the longest a record lives), and one more each side for clocks that
+    disagree."""
+    return range(tracking_week(redis_seconds - lifetime_s) - 1, tracking_week(redis_seconds) + 2)
+
+
+def tracking_bucket_key(week: int, bucket: int, tag: str = "") -> str:
+    """A tracking-number bucket of a week (on a cluster, one set of buckets per partition:
+    a shipment's number is recorded with its partition's tag, by its commit)."""
+    return f"{TRACKING_BUCKET_PREFIX}{tag}{week}:{bucket}"
 
 
 # -- ledger (ledger.py) --------------------------------------------------------------------

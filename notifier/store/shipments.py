@@ -176,13 +176,19 @@ class Shipments(StoreBase):
             KEEP_S,
             len(days),
             len(slots),
+            keys.TRACKING_SHIPMENTS,
         ]
         for day, name in slots:
             args += [day, name]
+        week = None
         for c in commits:
             names += keys.record_keys(c.merchant_id, c.shipment_id, tag)
+            field = ""
             if number := c.state.tracking_number:
-                names.append(keys.tracking_key(c.merchant_id, number, tag))
+                if week is None:
+                    week = keys.tracking_week(await self.redis_seconds())
+                bucket, field = keys.tracking_slot(c.merchant_id, number)
+                names.append(keys.tracking_bucket_key(week, bucket, tag))
             names += [keys.notification_key(nid, tag) for nid, *_ in c.notifications]
             args += [
                 str(c.expected_version),
@@ -191,7 +197,7 @@ class Shipments(StoreBase):
                 "" if c.stall_at_ms is None else c.stall_at_ms,
                 len(c.history),
                 "" if c.ttl_s is None else c.ttl_s,
-                c.shipment_id if c.state.tracking_number else "",
+                field,
                 *(pack(entry, HISTORY) for entry in c.history),
                 len(c.notifications),
             ]
@@ -305,18 +311,36 @@ class Shipments(StoreBase):
 
     # -- tracking numbers ---------------------------------------------------------------
     async def shipments_tracked_as(self, merchant_id: str, tracking_number: str) -> list[str]:
-        """The merchant's shipments that carried ``tracking_number`` (at most 50). The commit
-        that records a shipment's state adds it to its number's set (on a Redis Cluster, one
-        set per partition: a lookup asks each)."""
-        names = [keys.tracking_key(merchant_id, tracking_number, self.tag(s)) for s in self.scopes]
+        """The merchant's shipments that carried ``tracking_number`` (at most
+        ``keys.TRACKING_SHIPMENTS``, the latest ones; sorted by id). The commit that records a
+        shipment's state adds it to its number's field in the week's bucket (on a Redis
+        Cluster, a bucket of its partition: a lookup asks each); a lookup reads every week
+        a record could still live through, and the key a number had before buckets."""
+        bucket, field = keys.tracking_slot(merchant_id, tracking_number)
+        weeks = keys.tracking_weeks(await self.redis_seconds(), self.state_ttl_s)
+        older = [keys.tracking_key(merchant_id, tracking_number, self.tag(s)) for s in self.scopes]
         async with self.redis.pipeline(transaction=False) as pipe:
-            for name in names:
-                pipe.hrandfield(name, 50)
+            for week in weeks:
+                for scope in self.scopes:
+                    pipe.hget(keys.tracking_bucket_key(week, bucket, self.tag(scope)), field)
+            for name in older:
+                pipe.hrandfield(name, keys.TRACKING_SHIPMENTS)
             found = await pipe.execute(raise_on_error=False)
-        for i, members in enumerate(found):
+        latest: dict[str, None] = {}  # oldest first, then the latest week's order
+        for ids in found[: -len(older)]:
+            if isinstance(ids, ResponseError):
+                raise ids
+            for one in decode(ids or b"").split():
+                latest.pop(one, None)
+                latest[one] = None
+        before: set[str] = set()
+        for name, members in zip(older, found[-len(older) :], strict=True):
             if isinstance(members, ResponseError):  # a set, written before records
-                found[i] = await awaited(self.redis.srandmember(names[i], 50))
-        return sorted({decode(m) for members in found for m in members or []})[:50]
+                members = await awaited(self.redis.srandmember(name, keys.TRACKING_SHIPMENTS))
+            before.update(decode(m) for m in members or [])
+        shown = list(latest)[-keys.TRACKING_SHIPMENTS :]
+        shown += list(before - latest.keys())[: keys.TRACKING_SHIPMENTS - len(shown)]
+        return sorted(shown)
 
 
 #: a chunk's notification id that its decision's event and channel make (see the top)

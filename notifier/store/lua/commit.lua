@@ -1,7 +1,8 @@
 -- commit: per shipment, compare-and-set its state version. Where it still matches: the new
 -- state, the decisions appended to the history (trimmed to the cap), the ledger entries of
 -- new notifications, the stall and due indexes, and the tracking-number index (the shipments
--- that carried the number, the fields of a hash; kept at least as long as the state). A
+-- that carried the number, in the week's bucket, see keys.py; kept at least as long as the
+-- record). A
 -- shipment whose version moved (another worker got there first) is left untouched, its new
 -- notifications too, and reported as a conflict for the caller to re-decide. A ledger entry
 -- that exists already is kept as it is, and one settled for good already (on the outcome
@@ -12,8 +13,9 @@
 -- KEYS[3], KEYS[4]: the merchant webhook events due, and the events (see hook_event.lua)
 -- KEYS[5 .. 4 + nk]: the analytics days the batch counts in (hashes of counts, see below)
 -- then per shipment: its record (see lib/record.lua), the history list and the outcome list
---   it had before records (read, then replaced by the record), its tracking number's index
---   (only when it has a tracking number), and the ledger hash of each new notification
+--   it had before records (read, then replaced by the record), its tracking number's bucket
+--   of the week by Redis's clock as the caller reckons it (only when it has a tracking
+--   number), and the ledger hash of each new notification
 -- ARGV[1]: the default lifetime of a record and new ledger entries, seconds
 -- ARGV[2]: the history cap (entries kept)
 -- ARGV[3]: the number of shipments
@@ -24,11 +26,12 @@
 -- ARGV[7]: now, epoch ms (when new webhook events are due)
 -- ARGV[8]: the lifetime of an analytics day, seconds
 -- ARGV[9]: nk, the number of analytics days; ARGV[10]: ns, the number of counts ("slots")
+-- ARGV[11]: the most shipments a tracking number's field lists (the latest)
 -- then per slot: the analytics day it is in (1 .. nk) and its field
 -- then per shipment: the expected version, the new state, its stall member, its stall
 --   deadline ms ('' takes it off the stall index), the number of history entries nh, its
---   lifetime in seconds ('' = ARGV[1]), its id in its tracking number's set ('' = no
---   tracking number: no set among the keys), the nh entries, the number of notifications nn, and
+--   lifetime in seconds ('' = ARGV[1]), its tracking number's field in the bucket ('' = no
+--   tracking number: no bucket among the keys), the nh entries, the number of notifications nn, and
 --   per notification its ledger state, due ms ('' = not due-indexed) and payload, then the
 --   number of merchant webhook events ne and the id and stored JSON of each (queued with the
 --   decisions they are about, once each), then the number of its analytics counts nc and
@@ -46,9 +49,11 @@ local hookdue, hookevents = KEYS[3], KEYS[4]
 local nk, ns = tonumber(ARGV[9]), tonumber(ARGV[10])
 local slotday, slotfield, sums = {}, {}, {}
 for i = 1, ns do
-  slotday[i], slotfield[i], sums[i] = tonumber(ARGV[9 + 2 * i]), ARGV[10 + 2 * i], 0
+  slotday[i], slotfield[i], sums[i] = tonumber(ARGV[10 + 2 * i]), ARGV[11 + 2 * i], 0
 end
-local a = 11 + 2 * ns
+local tracked_most = tonumber(ARGV[11])
+local now_s = tonumber(redis.call('TIME')[1])
+local a = 12 + 2 * ns
 local k = 5 + nk
 local conflicts, long = {}, {}
 
@@ -77,13 +82,23 @@ for s = 1, shipments do
       redis.call('ZADD', stall, deadline, member)
     end
     if tkey then
-      -- shared by the shipments that carried the number: never shortened by one of them. A
-      -- hash of shipment id -> '' (a small one takes 120 B where a one-member set took 216);
-      -- a set from before still takes members
-      if type(redis.pcall('HSET', tkey, tracked, '')) == 'table' then
-        redis.call('SADD', tkey, tracked)
+      -- the shipment's id joins its number's ids (space-separated, the latest tracked_most);
+      -- the bucket, shared by many numbers, lives at least as long as this record
+      local id = string.sub(member, string.find(member, ':', 1, true) + 1)
+      local ids = redis.call('HGET', tkey, tracked)
+      if not ids then
+        redis.call('HSET', tkey, tracked, id)
+      elseif not string.find(' ' .. ids .. ' ', ' ' .. id .. ' ', 1, true) then
+        local _, spaces = string.gsub(ids, ' ', ' ')
+        if spaces + 1 >= tracked_most then
+          local cut = string.find(ids, ' ', 1, true)
+          ids = cut and string.sub(ids, cut + 1) or nil
+        end
+        redis.call('HSET', tkey, tracked, ids and (ids .. ' ' .. id) or id)
       end
-      if redis.call('TTL', tkey) < sttl then redis.call('EXPIRE', tkey, sttl) end
+      if redis.call('EXPIRETIME', tkey) < now_s + sttl then
+        redis.call('EXPIREAT', tkey, now_s + sttl)
+      end
     end
     if nh > 0 then
       -- every entry ever appended, for the history API's positions; a shipment from before
