@@ -93,6 +93,9 @@ class _Fold:
     #: (outcome, rule, channel) of each decision, and the inbox entries decided (metrics)
     labels: list[tuple[str, str, str]] = field(default_factory=list)
     decided: list[str] = field(default_factory=list)
+    #: (notification id, channel, why) of messages of earlier batches, still waiting for
+    #: their due time, that this fold superseded: cancelled once it is committed
+    overtaken: list[tuple[str, ChannelKind, str]] = field(default_factory=list)
 
 
 def _scope(store: Store, shipments: Iterable[ShipmentKey]) -> Scope:
@@ -197,6 +200,9 @@ class Pipeline:
             committed_at = time.time()
             committed = [(keys[i], f.commit) for i, f in enumerate(folds) if i not in conflicts]
             await self._remember(committed, retention, scope)
+            await self._cancel_overtaken(
+                [(keys[i], f) for i, f in enumerate(folds) if i not in conflicts], now, scope
+            )
             for i, f in enumerate(folds):
                 if i in conflicts:
                     continue
@@ -267,6 +273,19 @@ class Pipeline:
                 type(e).__name__,
                 e,
             )
+
+    async def _cancel_overtaken(
+        self, committed: list[tuple[ShipmentKey, _Fold]], now: datetime, scope: Scope
+    ) -> None:
+        """Cancel the waiting messages the committed folds overtook (README rule 9), each
+        only while it still waits (the due sweep checks again before it sends one)."""
+        overtaken = [(nid, key, why) for key, f in committed for nid, _, why in f.overtaken]
+        if not overtaken:
+            return
+        channel = {nid: c for _, f in committed for nid, c, _ in f.overtaken}
+        now_ms = int(now.timestamp() * 1000)
+        for nid in await self.res.store.cancel_overtaken(overtaken, now_ms, scope):
+            metrics.deliveries(channel[nid].value, "cancelled")
 
     async def _remember(
         self, committed: list[tuple[ShipmentKey, ShipmentCommit]], retention: int, scope: Scope
@@ -447,7 +466,13 @@ class Pipeline:
             day=counts.day_of(now),
         )
         notifications = [nid for nid, *_ in created]
-        return _Fold(commit, decisions, notifications, recover, owner, built, labels, decided)
+        overtaken = [
+            (notification_id_of(merchant_id, shipment_id, m.event_id, m.channel), m.channel, why)
+            for m, why in final.overtaken(start.messages, now)
+        ]
+        return _Fold(
+            commit, decisions, notifications, recover, owner, built, labels, decided, overtaken
+        )
 
     def _hook_events(
         self, merchant_id: str, steps: Sequence[Step], final: ShipmentState, now: datetime

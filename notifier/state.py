@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -157,6 +158,18 @@ class ShipmentState(BaseModel):
             since = self.occurred_at.isoformat() if self.occurred_at else "?"
             return f"superseded by {self.milestone} ({since})"
         return None
+
+    def overtaken(self, earlier: Iterable[Sent], now: datetime) -> list[tuple[Sent, str]]:
+        """Of the messages decided before (``earlier``), each one still waiting for its due
+        time (quiet hours, coalescing) that this state supersedes, with why: it will never
+        go out (cancelled when the newer decision is made, README rule 9)."""
+        out = []
+        for m in earlier:
+            if m.due is not None and m.due > now:
+                why = self.superseded(m.channel, m.event_id, m.milestone, m.rank)
+                if why is not None:
+                    out.append((m, why))
+        return out
 
     def live(self, m: Sent, now: datetime, pending: frozenset[str] = frozenset()) -> bool:
         """Whether ``m`` went out, or is still going to (not superseded while pending).

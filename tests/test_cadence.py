@@ -62,22 +62,26 @@ async def test_quiet_hours_defer_and_only_the_latest_goes_out(
     await post(client, delivered)
     await run_worker(settings, clock=fixed_clock(NIGHT + timedelta(minutes=5)))
 
-    # email went at once (no quiet hours for email); both SMS wait for the morning
+    # email went at once (no quiet hours for email); both SMS were deferred to the morning,
+    # and "out for delivery" was cancelled when "delivered" overtook it (rule 9): it never
+    # waits on the due index, nor holds a ledger entry through the night
     assert len(outbox_files(settings, ".eml")) == 2
     assert outbox_files(settings, ".sms.json") == []
     sms = [d for d in await history(client) if d["channel"] == "sms"]
     assert [d["outcome"] for d in sms] == ["deferred", "deferred"]
     assert sms[0]["send_at"] == "2026-11-22T07:00:00Z"
-    assert sms[0]["delivery"]["status"] == "deferred"
+    assert sms[0]["delivery"]["status"] == "cancelled"
+    assert sms[0]["delivery"]["detail"].startswith("superseded by delivered")
+    assert sms[1]["delivery"]["status"] == "deferred"
 
     ofd_sms, dlv_sms = nid("ofd", ChannelKind.SMS), nid("dlv", ChannelKind.SMS)
     async with res_at(MORNING - timedelta(seconds=1)) as res:
-        # both wait on the due index for the end of the quiet hours
-        for n in (ofd_sms, dlv_sms):
-            assert await res.redis.zscore(res.store.DUE_KEY, n) == MORNING.timestamp() * 1000
+        assert await res.redis.zscore(res.store.DUE_KEY, ofd_sms) is None
+        assert await res.redis.zscore(res.store.DUE_KEY, dlv_sms) == MORNING.timestamp() * 1000
+        assert not await res.redis.exists(keys.notification_key(ofd_sms))
         assert await release(res) == 0  # not yet
     async with res_at(MORNING) as res:
-        assert await release(res) == 2
+        assert await release(res) == 1
         assert await ledger(res, ofd_sms, dlv_sms) == ["cancelled", "sent"]
         assert await res.redis.zcard(res.store.DUE_KEY) == 0
     [sms_file] = outbox_files(settings, ".sms.json")

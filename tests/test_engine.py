@@ -262,6 +262,55 @@ def test_statuses_may_break_quiet_hours_when_configured() -> None:
 # -- supersession ---------------------------------------------------------------------------------
 
 
+def test_a_waiting_message_a_later_batch_overtakes_never_counts_against_a_cap() -> None:
+    """An SMS deferred overnight and overtaken by a newer one before morning never goes out:
+    it leaves the message log when overtaken, so after its due time it does not count as
+    sent (it did, and a cap then refused a message the customer was owed)."""
+    night = datetime(2026, 11, 21, 22, 0, tzinfo=UTC)  # 23:00 in Paris
+    throttle = {**policy().throttle.model_dump(), "max_sms_per_shipment": 2}
+    p = policy(throttle=throttle)
+    state, steps = run([event(1, "out_for_delivery", night)], night, p)
+    assert [v.outcome for v in steps[0].verdicts] == [Outcome.SENT, Outcome.DEFERRED]
+    ofd_sms = next(m for m in state.messages if m.channel is SMS)
+    later = night + timedelta(minutes=5)
+    failed = event(2, "delivery_attempt_failed", later)
+    state, steps = run([failed], later, p, state)
+    assert [v.outcome for v in steps[0].verdicts] == [Outcome.SENT, Outcome.DEFERRED]
+    [(gone, why)] = state.overtaken([ofd_sms], later)
+    assert gone == ofd_sms and why.startswith("superseded by delivery_attempt_failed")
+    assert [(m.event_id, m.channel) for m in state.messages] == [
+        ("e1", EMAIL),
+        ("e2", EMAIL),
+        ("e2", SMS),
+    ]
+    next_day = night + timedelta(hours=14)  # the failed attempt's SMS went in the morning
+    assert sum(m.channel is SMS for m in state.live_messages(next_day)) == 1
+    state, steps = run([event(3, "out_for_delivery", next_day)], next_day, p, state)
+    assert [v.outcome for v in steps[0].verdicts] == [Outcome.SENT, Outcome.SENT]
+    # and the cap holds at two SMS that went out
+    last = next_day + timedelta(hours=2)
+    _, steps = run([event(4, "delivery_attempt_failed", last)], last, p, state)
+    sms = next(v for v in steps[0].verdicts if v.channel is SMS)
+    assert (sms.outcome, sms.rule) == (Outcome.SUPPRESSED, "sms_cap")
+    assert sms.reason.startswith("cap: 2 SMS already sent")
+
+
+def test_a_message_no_longer_waiting_is_never_overtaken() -> None:
+    """One whose due time came is the due sweep's (sent, or cancelled by it): a newer
+    decision after that leaves it in the log."""
+    night = datetime(2026, 11, 21, 22, 0, tzinfo=UTC)
+    state, _ = run([event(1, "out_for_delivery", night)], night)
+    morning = datetime(2026, 11, 22, 7, 30, tzinfo=UTC)
+    state, _ = run([event(2, "delivered", morning)], morning, state=state)
+    assert state.overtaken(state.messages, morning) == []
+    assert [(m.event_id, m.channel) for m in state.messages] == [
+        ("e1", EMAIL),
+        ("e1", SMS),
+        ("e2", EMAIL),
+        ("e2", SMS),
+    ]
+
+
 def test_updates_in_one_batch_collapse_to_the_latest() -> None:
     ofd, delivered = event(1), event(2, "delivered", NOON + timedelta(minutes=20))
     state, steps = run([ofd, delivered], now=NOON + timedelta(minutes=30))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -491,6 +492,42 @@ async def test_failed_and_cancelled_entries_keep_what_they_need(store: Store) ->
     assert await store.deliveries(*SHIPMENT, ["n2"]) == {
         "n2": {"status": "cancelled", "detail": "opted out", "created_at": NOW_ISO, "attempts": 1}
     }
+
+
+async def test_a_message_overtaken_while_it_waits_is_cancelled_only_while_it_waits(
+    store: Store,
+) -> None:
+    later, due_now = NOW_MS + 60_000, NOW_MS
+    await ledger_entries(
+        store,
+        deferred("waiting", later),
+        deferred("due", due_now),
+        deferred("claimed", due_now),
+        pending("pending"),
+    )
+    await store.claim(["claimed"], due_now, LEASE_MS, due=True, owner="sweep")
+    overtaken = [
+        (nid, SHIPMENT, "superseded by delivered")
+        for nid in ("waiting", "due", "claimed", "pending", "gone")
+    ]
+    assert await store.cancel_overtaken(overtaken, NOW_MS) == ["waiting"]
+    # the one still waiting leaves the ledger and the due index, recorded as cancelled
+    assert not await store.redis.exists(keys.notification_key("waiting"))
+    assert await store.redis.zscore(keys.DUE_KEY, "waiting") is None
+    assert (await store.deliveries(*SHIPMENT, ["waiting"]))["waiting"] == {
+        "status": "cancelled",
+        "detail": "superseded by delivered",
+        "created_at": NOW_ISO,
+        "attempts": 0,
+        "due_at": datetime.fromtimestamp(later / 1000, UTC).isoformat(),
+    }
+    # one whose time came is the due sweep's, one a worker holds is that worker's, one
+    # not deferred is not waiting, and one unknown is never made
+    assert (await entry(store, "due"))["st"] == "deferred"
+    assert await store.redis.zscore(keys.DUE_KEY, "due") == due_now
+    assert (await entry(store, "claimed"))["st"] == "sending"
+    assert (await entry(store, "pending"))["st"] == "pending"
+    assert not await store.redis.exists(keys.notification_key("gone"))
 
 
 async def test_settling_never_creates_an_entry(store: Store) -> None:

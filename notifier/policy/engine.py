@@ -510,9 +510,11 @@ def fold(
 
     When the batch itself moves the shipment past a message decided earlier in it
     (a carrier uploading a backlog of scans at once), that message is recorded as
-    superseded and not sent, and does not count against throttles or caps; the
-    same rule cancels deferred messages when they come due. Dropping one can let
-    a later message past a cap, so this runs to a fixpoint.
+    superseded and not sent, and does not count against throttles or caps. Dropping
+    one can let a later message past a cap, so this runs to a fixpoint. A message of
+    an earlier batch still waiting for its due time that the batch supersedes leaves
+    the message log (``ShipmentState.overtaken``): it never goes out (the pipeline
+    cancels it), so it never counts once its due time has passed either.
     """
     superseded: dict[tuple[str, ChannelKind], str] = {}
     tried: list[dict[tuple[str, ChannelKind], str]] = [superseded]
@@ -536,6 +538,9 @@ def fold(
             break  # a cycle: keep this pass, which is consistent with its own inputs
         tried.append(found)
         superseded = found
+    if gone := {(m.event_id, m.channel) for m, _ in final.overtaken(state.messages, now)}:
+        kept = [m for m in final.messages if (m.event_id, m.channel) not in gone]
+        final = final.model_copy(update={"messages": kept})
     return final, steps
 
 

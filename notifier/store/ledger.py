@@ -228,14 +228,35 @@ class Ledger(StoreBase):
             [(notification_id, where, {"st": "cancelled", "detail": why})], owner, scope
         )
 
-    async def _fold(
-        self, settling: Sequence[tuple[str, Shipment, dict[str, str]]], owner: str, scope: Scope
+    async def cancel_overtaken(
+        self, overtaken: Sequence[tuple[str, Shipment, str]], now_ms: int, scope: Scope = None
     ) -> list[str]:
-        """Settle notifications for good: each one ``owner`` still holds leaves the ledger
-        for a record on its shipment's outcome list (``lua/fold.lua``); the ids settled."""
+        """Cancel (notification id, shipment, why) that a newer decision overtook while they
+        waited for their due time, each only while it still waits for a due time after
+        ``now_ms``, claimed by no worker (one whose time came is the due sweep's, which
+        checks again before it sends); the ids cancelled."""
+        return await self._fold(
+            [(nid, where, {"st": "cancelled", "detail": why}) for nid, where, why in overtaken],
+            "",
+            scope,
+            waiting_after=now_ms,
+        )
+
+    async def _fold(
+        self,
+        settling: Sequence[tuple[str, Shipment, dict[str, str]]],
+        owner: str,
+        scope: Scope,
+        waiting_after: int | None = None,
+    ) -> list[str]:
+        """Settle notifications for good: each one ``owner`` still holds (``waiting_after``:
+        only one still deferred to a later time) leaves the ledger, and the due index, for a
+        record on its shipment's outcome list (``lua/fold.lua``); the ids settled."""
+        if not settling:
+            return []
         tag = self.tag(scope)
-        names: list[str] = []
-        args: list[Any] = [owner, self.outcomes_cap]
+        names: list[str] = [keys.due_key(tag)]
+        args: list[Any] = [owner, self.outcomes_cap, "" if waiting_after is None else waiting_after]
         for nid, (merchant_id, shipment_id), fields in settling:
             names += [
                 keys.notification_key(nid, tag),

@@ -4,10 +4,14 @@
 -- settled notification costs a few bytes of its shipment's record, not a key. An entry that expired is never re-created, and a worker whose claim ran
 -- out and was taken over must not overwrite what the new holder recorded.
 --
--- KEYS: per notification: its ledger hash, then its shipment's record, and the history and
+-- KEYS[1]: the due index (a notification settled leaves it)
+-- then per notification: its ledger hash, then its shipment's record, and the history and
 --   outcome lists from before records (see lib/record.lua)
 -- ARGV[1]: the owner token the entries must carry ('' = no owner check)
 -- ARGV[2]: the most records an outcome list keeps (the oldest go first, like the history's)
+-- ARGV[3]: '' to settle whatever the owner check lets through; epoch ms to settle only
+--   entries still waiting for a due time later than that (deferred, claimed by no one): a
+--   newer decision overtook them before they came due
 -- then per notification: its id, and what the worker records (packed JSON)
 -- A record is '<id>\t<JSON of the ledger fields the worker does not know: attempts, due,
 --   created, a provider status already reported>\t<what the worker records>'; the worker
@@ -16,11 +20,16 @@
 
 local owner = ARGV[1]
 local cap = tonumber(ARGV[2])
+local waiting_after = tonumber(ARGV[3])
 local kept = {'attempts', 'due', 'created', 'provider_status', 'prank', 'provider_error'}
 local settled = {}
-for i = 1, #KEYS / 4 do
-  local ledger, skey, hkey, okey = KEYS[4 * i - 3], KEYS[4 * i - 2], KEYS[4 * i - 1], KEYS[4 * i]
+for i = 1, (#KEYS - 1) / 4 do
+  local ledger, skey, hkey, okey = KEYS[4 * i - 2], KEYS[4 * i - 1], KEYS[4 * i], KEYS[4 * i + 1]
   local mine = owner == '' or redis.call('HGET', ledger, 'owner') == owner
+  if mine and waiting_after then
+    local st, due = unpack(redis.call('HMGET', ledger, 'st', 'due'))
+    mine = st == 'deferred' and (tonumber(due) or 0) > waiting_after
+  end
   if redis.call('EXISTS', ledger) == 1 and mine then
     local values = redis.call('HMGET', ledger, unpack(kept))
     local known = {}
@@ -29,7 +38,7 @@ for i = 1, #KEYS / 4 do
     end
     local ttl = redis.call('PTTL', ledger)
     local rec = record_load(skey, hkey, okey)
-    local record = ARGV[2 * i + 1] .. '\t' .. cjson.encode(known) .. '\t' .. ARGV[2 * i + 2]
+    local record = ARGV[2 * i + 2] .. '\t' .. cjson.encode(known) .. '\t' .. ARGV[2 * i + 3]
     record_append(rec, 'o', record, cap)
     record_save(skey, hkey, okey, rec, nil)
     -- a record with a state lives as the state's commits say (an ended shipment: its
@@ -37,6 +46,7 @@ for i = 1, #KEYS / 4 do
     -- would have
     if rec.v == '' and ttl > redis.call('PTTL', skey) then redis.call('PEXPIRE', skey, ttl) end
     redis.call('DEL', ledger)
+    redis.call('ZREM', KEYS[1], ARGV[2 * i + 2])
     table.insert(settled, i)
   end
 end
