@@ -43,7 +43,7 @@ from notifier.outbound import events as hook_events
 from notifier.packing import NOTIFICATION, pack
 from notifier.policy import Policy, Step, fold, opt_out_key
 from notifier.resources import Resources, sync_published
-from notifier.state import TERMINAL, ShipmentState
+from notifier.state import OVERTAKE_MARGIN, TERMINAL, ShipmentState
 from notifier.store import (
     Admission,
     InboxEntry,
@@ -283,8 +283,8 @@ class Pipeline:
         if not overtaken:
             return
         channel = {nid: c for _, f in committed for nid, c, _ in f.overtaken}
-        now_ms = int(now.timestamp() * 1000)
-        for nid in await self.res.store.cancel_overtaken(overtaken, now_ms, scope):
+        after_ms = int((now + OVERTAKE_MARGIN).timestamp() * 1000)
+        for nid in await self.res.store.cancel_overtaken(overtaken, after_ms, scope):
             metrics.deliveries(channel[nid].value, "cancelled")
 
     async def _remember(

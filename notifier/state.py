@@ -31,6 +31,10 @@ _DAY = timedelta(hours=24)
 #: How long the message log is kept: longer than any dedupe window or throttle interval
 #: the policy schema allows.
 MESSAGE_LOG = timedelta(days=31)
+#: A waiting message due sooner than this after a newer decision that overtakes it is not
+#: cancelled then (``ShipmentState.overtaken``): the due sweep may be about to claim it, on
+#: a clock a little ahead, before the decision is committed. Far longer than a batch takes.
+OVERTAKE_MARGIN = timedelta(minutes=1)
 
 
 class Fix(BaseModel):
@@ -162,10 +166,12 @@ class ShipmentState(BaseModel):
     def overtaken(self, earlier: Iterable[Sent], now: datetime) -> list[tuple[Sent, str]]:
         """Of the messages decided before (``earlier``), each one still waiting for its due
         time (quiet hours, coalescing) that this state supersedes, with why: it will never
-        go out (cancelled when the newer decision is made, README rule 9)."""
+        go out (cancelled when the newer decision is made, README rule 9). One due within
+        ``OVERTAKE_MARGIN`` is left to the due sweep, which may claim it before the newer
+        decision is committed (it checks again before it sends)."""
         out = []
         for m in earlier:
-            if m.due is not None and m.due > now:
+            if m.due is not None and m.due > now + OVERTAKE_MARGIN:
                 why = self.superseded(m.channel, m.event_id, m.milestone, m.rank)
                 if why is not None:
                     out.append((m, why))

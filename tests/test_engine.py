@@ -295,6 +295,21 @@ def test_a_waiting_message_a_later_batch_overtakes_never_counts_against_a_cap() 
     assert sms.reason.startswith("cap: 2 SMS already sent")
 
 
+def test_a_message_due_within_a_minute_is_left_to_the_due_sweep() -> None:
+    """The sweep may be claiming it as the newer decision is made: cancelling it then
+    could drop from the log a message that goes out."""
+    before_morning = datetime(2026, 11, 22, 6, 59, 30, tzinfo=UTC)  # due at 07:00 UTC
+    state, _ = run([event(1, "out_for_delivery", before_morning)], before_morning)
+    [sms] = [m for m in state.messages if m.channel is SMS]
+    assert sms.due == datetime(2026, 11, 22, 7, 0, tzinfo=UTC)
+    later = before_morning + timedelta(seconds=5)
+    state, _ = run([event(2, "delivered", later)], later, state=state)
+    assert state.overtaken([sms], later) == []
+    assert sms in state.messages
+    earlier = sms.due - timedelta(minutes=1, seconds=1)
+    assert state.overtaken([sms], earlier) != []
+
+
 def test_a_message_no_longer_waiting_is_never_overtaken() -> None:
     """One whose due time came is the due sweep's (sent, or cancelled by it): a newer
     decision after that leaves it in the log."""

@@ -175,24 +175,27 @@ def tracking_key(merchant_id: str, tracking_number: str, tag: str = "") -> str:
 
 #: Tracking numbers live in hash buckets, as event ids do, not a key each: a key with a
 #: lifetime cost Redis about 180 bytes of memory, a field in a small (listpack) bucket about
-#: 40. A bucket belongs to a week (a fixed span, so a change of ``state_ttl_s`` renumbers
-#: nothing), by Redis's clock as the writer reckons it; each commit of a shipment records its
-#: number in the current week's bucket and keeps the bucket at least as long as the
-#: shipment's record. A lookup reads every week a record written now could still live
-#: through. 8,192 buckets stay small hashes up to about a million numbers a week.
+#: 40 (a field longer than 64 bytes, a shipment id over 52 characters, makes its bucket a
+#: big hash: about twice that a field). A bucket belongs to a week (a fixed span, so a
+#: change of ``state_ttl_s`` renumbers nothing), by Redis's clock as the writer reckons it;
+#: each commit of a shipment records its number in the current week's bucket and keeps the
+#: bucket at least as long as the shipment's record. A lookup reads every week a record
+#: written now could still live through (``state_ttl_s`` as it is set now: after lowering
+#: it, a record written under the longer lifetime is found within the new one only). 8,192
+#: buckets stay small hashes up to about a million shipments a week.
 TRACKING_BUCKET_BITS = 13
 TRACKING_BUCKET_PREFIX = f"{PREFIX}:tkb:"
 TRACKING_SPAN_S = 7 * 24 * 3600
-#: The characters of a tracking number's field: 72 bits of its hash in base64.
+#: The characters of a tracking number's hash: 72 bits in base64.
 TRACKING_FIELD_CHARS = 12
-#: The most shipments a tracking number's field lists (the latest ones): a lookup shows 50.
+#: The most shipments a lookup of a tracking number shows.
 TRACKING_SHIPMENTS = 50
 
 
 def tracking_slot(merchant_id: str, tracking_number: str) -> tuple[int, str]:
-    """(bucket number, field) a merchant's tracking number is recorded under. Its value is
-    the ids of the shipments that carried it, separated by spaces (an ``Identifier`` has
-    none), oldest first."""
+    """(bucket number, hash) of a merchant's tracking number: each shipment that carried it
+    is a field of the bucket, ``<hash><shipment id>``, with an empty value (one field a
+    shipment, and every value short, keep the bucket a small hash)."""
     digest = hashlib.blake2b(
         f"{merchant_id}\x00{tracking_number}".encode(), digest_size=12
     ).digest()

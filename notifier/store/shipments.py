@@ -176,7 +176,6 @@ class Shipments(StoreBase):
             KEEP_S,
             len(days),
             len(slots),
-            keys.TRACKING_SHIPMENTS,
         ]
         for day, name in slots:
             args += [day, name]
@@ -311,36 +310,43 @@ class Shipments(StoreBase):
 
     # -- tracking numbers ---------------------------------------------------------------
     async def shipments_tracked_as(self, merchant_id: str, tracking_number: str) -> list[str]:
-        """The merchant's shipments that carried ``tracking_number`` (at most
-        ``keys.TRACKING_SHIPMENTS``, the latest ones; sorted by id). The commit that records a
-        shipment's state adds it to its number's field in the week's bucket (on a Redis
-        Cluster, a bucket of its partition: a lookup asks each); a lookup reads every week
-        a record could still live through, and the key a number had before buckets."""
+        """The merchant's shipments that carried ``tracking_number`` (the first
+        ``keys.TRACKING_SHIPMENTS`` by id). The commit that records a shipment's state adds
+        it to the week's bucket of its number (on a Redis Cluster, a bucket of its
+        partition: a lookup asks each); a lookup reads every week a record could still live
+        through, and the key a number had before buckets."""
         bucket, field = keys.tracking_slot(merchant_id, tracking_number)
         weeks = keys.tracking_weeks(await self.redis_seconds(), self.state_ttl_s)
+        names = [
+            keys.tracking_bucket_key(week, bucket, self.tag(scope))
+            for week in weeks
+            for scope in self.scopes
+        ]
         older = [keys.tracking_key(merchant_id, tracking_number, self.tag(s)) for s in self.scopes]
+        match = f"{field}*"  # base64: no character a pattern treats specially
         async with self.redis.pipeline(transaction=False) as pipe:
-            for week in weeks:
-                for scope in self.scopes:
-                    pipe.hget(keys.tracking_bucket_key(week, bucket, self.tag(scope)), field)
+            for name in names:
+                pipe.hscan(name, 0, match=match, count=1000)
             for name in older:
                 pipe.hrandfield(name, keys.TRACKING_SHIPMENTS)
             found = await pipe.execute(raise_on_error=False)
-        latest: dict[str, None] = {}  # oldest first, then the latest week's order
-        for ids in found[: -len(older)]:
-            if isinstance(ids, ResponseError):
-                raise ids
-            for one in decode(ids or b"").split():
-                latest.pop(one, None)
-                latest[one] = None
-        before: set[str] = set()
-        for name, members in zip(older, found[-len(older) :], strict=True):
+        shipments: set[str] = set()
+        for name, answer in zip(names, found, strict=False):
+            if isinstance(answer, ResponseError):
+                raise answer
+            cursor, fields = answer
+            while True:  # one round for a small bucket; more for a big one
+                shipments.update(decode(f)[len(field) :] for f in fields)
+                if not int(cursor):
+                    break
+                cursor, fields = await awaited(
+                    self.redis.hscan(name, cursor, match=match, count=1000)
+                )
+        for name, members in zip(older, found[len(names) :], strict=True):
             if isinstance(members, ResponseError):  # a set, written before records
                 members = await awaited(self.redis.srandmember(name, keys.TRACKING_SHIPMENTS))
-            before.update(decode(m) for m in members or [])
-        shown = list(latest)[-keys.TRACKING_SHIPMENTS :]
-        shown += list(before - latest.keys())[: keys.TRACKING_SHIPMENTS - len(shown)]
-        return sorted(shown)
+            shipments.update(decode(m) for m in members or [])
+        return sorted(shipments)[: keys.TRACKING_SHIPMENTS]
 
 
 #: a chunk's notification id that its decision's event and channel make (see the top)

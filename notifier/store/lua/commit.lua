@@ -26,12 +26,11 @@
 -- ARGV[7]: now, epoch ms (when new webhook events are due)
 -- ARGV[8]: the lifetime of an analytics day, seconds
 -- ARGV[9]: nk, the number of analytics days; ARGV[10]: ns, the number of counts ("slots")
--- ARGV[11]: the most shipments a tracking number's field lists (the latest)
 -- then per slot: the analytics day it is in (1 .. nk) and its field
 -- then per shipment: the expected version, the new state, its stall member, its stall
 --   deadline ms ('' takes it off the stall index), the number of history entries nh, its
---   lifetime in seconds ('' = ARGV[1]), its tracking number's field in the bucket ('' = no
---   tracking number: no bucket among the keys), the nh entries, the number of notifications nn, and
+--   lifetime in seconds ('' = ARGV[1]), its tracking number's hash, the start of its field
+--   in the bucket ('' = no tracking number: no bucket among the keys), the nh entries, the number of notifications nn, and
 --   per notification its ledger state, due ms ('' = not due-indexed) and payload, then the
 --   number of merchant webhook events ne and the id and stored JSON of each (queued with the
 --   decisions they are about, once each), then the number of its analytics counts nc and
@@ -49,11 +48,10 @@ local hookdue, hookevents = KEYS[3], KEYS[4]
 local nk, ns = tonumber(ARGV[9]), tonumber(ARGV[10])
 local slotday, slotfield, sums = {}, {}, {}
 for i = 1, ns do
-  slotday[i], slotfield[i], sums[i] = tonumber(ARGV[10 + 2 * i]), ARGV[11 + 2 * i], 0
+  slotday[i], slotfield[i], sums[i] = tonumber(ARGV[9 + 2 * i]), ARGV[10 + 2 * i], 0
 end
-local tracked_most = tonumber(ARGV[11])
 local now_s = tonumber(redis.call('TIME')[1])
-local a = 12 + 2 * ns
+local a = 11 + 2 * ns
 local k = 5 + nk
 local conflicts, long = {}, {}
 
@@ -82,20 +80,10 @@ for s = 1, shipments do
       redis.call('ZADD', stall, deadline, member)
     end
     if tkey then
-      -- the shipment's id joins its number's ids (space-separated, the latest tracked_most);
-      -- the bucket, shared by many numbers, lives at least as long as this record
+      -- a field '<number hash><shipment id>' (a lookup scans for the hash): short values
+      -- keep the bucket a small hash; it lives at least as long as this record
       local id = string.sub(member, string.find(member, ':', 1, true) + 1)
-      local ids = redis.call('HGET', tkey, tracked)
-      if not ids then
-        redis.call('HSET', tkey, tracked, id)
-      elseif not string.find(' ' .. ids .. ' ', ' ' .. id .. ' ', 1, true) then
-        local _, spaces = string.gsub(ids, ' ', ' ')
-        if spaces + 1 >= tracked_most then
-          local cut = string.find(ids, ' ', 1, true)
-          ids = cut and string.sub(ids, cut + 1) or nil
-        end
-        redis.call('HSET', tkey, tracked, ids and (ids .. ' ' .. id) or id)
-      end
+      redis.call('HSET', tkey, tracked .. id, '')
       if redis.call('EXPIRETIME', tkey) < now_s + sttl then
         redis.call('EXPIREAT', tkey, now_s + sttl)
       end
