@@ -2,11 +2,10 @@
 -- state, the decisions appended to the history (trimmed to the cap), the ledger entries of
 -- new notifications, the stall and due indexes, and the tracking-number index (the shipments
 -- that carried the number, in the week's bucket, see keys.py; kept at least as long as the
--- record). A
--- shipment whose version moved (another worker got there first) is left untouched, its new
--- notifications too, and reported as a conflict for the caller to re-decide. A ledger entry
--- that exists already is kept as it is, and one settled for good already (on the outcome
--- list, see fold.lua) is never made again.
+-- record). A shipment whose version moved (another worker got there first) is left
+-- untouched, its new notifications too, and reported as a conflict for the caller to
+-- re-decide. A ledger entry that exists already is kept as it is, and one settled for good
+-- already (on the outcome list, see fold.lua) is never made again.
 --
 -- KEYS[1]: the stall index (zset of '<merchant>:<shipment>' by deadline ms)
 -- KEYS[2]: the due index (zset of notification ids by due ms)
@@ -30,8 +29,8 @@
 -- then per shipment: the expected version, the new state, its stall member, its stall
 --   deadline ms ('' takes it off the stall index), the number of history entries nh, its
 --   lifetime in seconds ('' = ARGV[1]), its tracking number's hash, the start of its field
---   in the bucket ('' = no tracking number: no bucket among the keys), the nh entries, the number of notifications nn, and
---   per notification its ledger state, due ms ('' = not due-indexed) and payload, then the
+--   in the bucket ('' = no tracking number: no bucket among the keys), the nh entries, the
+--   number of notifications nn, and per notification its ledger state, due ms ('' = not due-indexed) and payload, then the
 --   number of merchant webhook events ne and the id and stored JSON of each (queued with the
 --   decisions they are about, once each), then the number of its analytics counts nc and
 --   each one's slot and amount. The counts of the shipments that commit are summed per slot
