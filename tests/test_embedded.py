@@ -130,3 +130,19 @@ async def test_embedded_mode_folds_an_ended_shipments_lists_into_chunks(tmp_path
         assert all(
             Path(d["delivery"]["detail"].removeprefix("outbox:")).is_file() for d in decisions
         )
+
+
+async def test_the_embedded_store_finds_shipments_by_tracking_number(tmp_path: Path) -> None:
+    """The commit script's tracking buckets and the lookup's HSCAN MATCH in fakeredis."""
+    settings = embedded_settings(tmp_path)
+    server = FakeServer()
+    app = create_app(settings, server=server, run_worker=False)
+    async with TestClient(TestServer(app)) as client:
+        headers = {"Authorization": f"Bearer {DEV_API_KEY}"}
+        for i, shipment_id in enumerate(["shp_a", "shp:b@c"]):
+            body = transition(event_id=f"t{i}", shipment_id=shipment_id, tracking_number="1ZE")
+            assert (await client.post("/v1/transitions", json=body, headers=headers)).status == 202
+        await drain(settings, server)
+    async with open_resources(settings, server=server, clock=fixed_clock()) as res:
+        assert await res.store.shipments_tracked_as("acme", "1ZE") == ["shp:b@c", "shp_a"]
+        assert await res.store.shipments_tracked_as("acme", "1Z999AA10123456784") == []
