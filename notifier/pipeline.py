@@ -279,10 +279,13 @@ class Pipeline:
     ) -> None:
         """Cancel the waiting messages the committed folds overtook (README rule 9), each
         only while it still waits (the due sweep checks again before it sends one)."""
-        overtaken = [(nid, key, why) for key, f in committed for nid, _, why in f.overtaken]
+        overtaken, channel = [], {}
+        for key, f in committed:
+            for nid, c, why in f.overtaken:
+                overtaken.append((nid, key, why))
+                channel[nid] = c
         if not overtaken:
             return
-        channel = {nid: c for _, f in committed for nid, c, _ in f.overtaken}
         after_ms = int((now + OVERTAKE_MARGIN).timestamp() * 1000)
         for nid in await self.res.store.cancel_overtaken(overtaken, after_ms, scope):
             metrics.deliveries(channel[nid].value, "cancelled")

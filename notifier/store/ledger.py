@@ -250,8 +250,9 @@ class Ledger(StoreBase):
         waiting_after: int | None = None,
     ) -> list[str]:
         """Settle notifications for good: each one ``owner`` still holds (``waiting_after``:
-        only one still deferred to a later time) leaves the ledger, and the due index, for a
-        record on its shipment's outcome list (``lua/fold.lua``); the ids settled."""
+        only one still deferred to a later time, which leaves the due index too) leaves the
+        ledger for a record on its shipment's outcome list (``lua/fold.lua``); the ids
+        settled."""
         if not settling:
             return []
         tag = self.tag(scope)

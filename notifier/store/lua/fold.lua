@@ -4,7 +4,7 @@
 -- settled notification costs a few bytes of its shipment's record, not a key. An entry that expired is never re-created, and a worker whose claim ran
 -- out and was taken over must not overwrite what the new holder recorded.
 --
--- KEYS[1]: the due index (a notification settled leaves it)
+-- KEYS[1]: the due index (a notification settled while it waits, ARGV[3], leaves it)
 -- then per notification: its ledger hash, then its shipment's record, and the history and
 --   outcome lists from before records (see lib/record.lua)
 -- ARGV[1]: the owner token the entries must carry ('' = no owner check)
@@ -46,7 +46,8 @@ for i = 1, (#KEYS - 1) / 4 do
     -- would have
     if rec.v == '' and ttl > redis.call('PTTL', skey) then redis.call('PEXPIRE', skey, ttl) end
     redis.call('DEL', ledger)
-    redis.call('ZREM', KEYS[1], ARGV[2 * i + 2])
+    -- one still waiting is on the due index; the others leave it through the due sweep
+    if waiting_after then redis.call('ZREM', KEYS[1], ARGV[2 * i + 2]) end
     table.insert(settled, i)
   end
 end
