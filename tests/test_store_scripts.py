@@ -135,13 +135,13 @@ async def test_ingest_accepts_a_new_event_once_and_refuses_another_body_under_it
     [(_, fields)] = await redis.xrange(inbox)
     assert fields == {b"t": first[3], b"r": b"req-1"}
     # the id is recorded with the body's digest, in its generation's bucket: a field of 12
-    # characters, a digest of 8
+    # characters, a digest of 6
     [bucket] = await redis.keys(f"{keys.EVENT_BUCKET_PREFIX}[0-9]*")
     generation = int(bucket.decode().split(":")[2])
     number, field = keys.event_slot("acme", "e1")
     assert bucket.decode() == keys.event_bucket_key(generation, number)
     assert await redis.hgetall(bucket) == {field.encode(): first[4].encode()}
-    assert (len(field), len(first[4])) == (12, 8)
+    assert (len(field), len(first[4])) == (12, 6)
     # short fields only from the next generation on (this one may hold long ones)
     assert await redis.get(keys.event_marker_key()) == str(generation + 1).encode()
     # it lives through its generation and the next
@@ -178,6 +178,25 @@ async def test_ingest_honours_ids_recorded_before(store: Store) -> None:
     admissions, _ = await store.ingest([event("e2"), event("e3"), event("e4")])
     assert admissions == [Admission.DUPLICATE] * 3
     assert await redis.xlen(keys.inbox_key(store.partition_of("acme", "s1"))) == before
+
+
+async def test_a_body_digest_of_8_characters_recorded_before_still_tells_a_repost(
+    store: Store,
+) -> None:
+    """The version before recorded 8 characters of a body's digest; the 6 passed now are
+    their first, so the same body is a duplicate and another one a conflict."""
+    redis = store.redis
+    generation = await store._generation()
+    body = {"event_id": "e1", "status": "in_transit"}
+    canonical = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+    recorded = base64.b64encode(hashlib.blake2b(canonical, digest_size=9).digest()[:6]).decode()
+    assert len(recorded) == 8 and recorded.startswith(body_digest(body))
+    number, field = keys.event_slot("acme", "e1")
+    await redis.hset(keys.event_bucket_key(generation, number), field, recorded)
+    other = {"event_id": "e1", "status": "delivered"}
+    admissions, _ = await store.ingest([event("e1", body=body), event("e1", body=other)])
+    assert admissions == [Admission.DUPLICATE, Admission.CONFLICT]
+    assert await redis.hget(keys.event_bucket_key(generation, number), field) == recorded.encode()
 
 
 async def test_ingest_finds_ids_recorded_with_long_fields_in_generations_before_short_ones(

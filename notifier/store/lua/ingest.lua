@@ -14,8 +14,8 @@
 -- the whole 16 before: KEYS[1] holds the first generation with short fields only, and in an
 -- older generation an id is looked up by its long field too. The first call that finds it
 -- unset sets it to the generation after Redis's: the current one may hold long fields the
--- version before wrote, until just now. A body digest recorded then is 12 characters, the
--- one passed now is their first 8.
+-- version before wrote, until just now. A body digest recorded then is 12 characters, one
+-- recorded later 8; the one passed now is their first 6 (a prefix compares all three).
 --
 -- KEYS: the generation since which fields are short; per inbox stream that gets events: the
 --   stream, then its wake flag; then per bucket its keys in generations ARGV[3] - 1,
