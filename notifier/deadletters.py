@@ -25,7 +25,7 @@ import orjson
 from arq.connections import ArqRedis
 
 from notifier.logs import redact
-from notifier.packing import unpack
+from notifier.models import notification_json
 from notifier.store import Store, awaited, keys, wake
 from notifier.store.base import DataRedis, Scope
 from notifier.store.scripts import script
@@ -207,7 +207,7 @@ class DeadLetters:
     async def _message(self, notification_id: str, scope: Scope) -> DeadLetter:
         ledger = (await self.store.ledger([notification_id], scope)).get(notification_id, {})
         raw = await self.store.payload(notification_id, scope)  # it may be packed
-        body: dict[str, Any] = orjson.loads(unpack(raw)) if raw else {}
+        body = notification_json(notification_id, raw) if raw else {}
         state = ledger.get("status", "expired")
         return DeadLetter(
             "messages",

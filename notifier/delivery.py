@@ -18,10 +18,17 @@ from notifier.channels import Channel, Outcome, Outgoing, Receipt
 from notifier.errors import PermanentDeliveryError, RenderError, TemporaryDeliveryError
 from notifier.insights import counts
 from notifier.insights.counts import Count
-from notifier.models import STATUS_RANK, ChannelKind, Decision, Notification, notification_id
+from notifier.models import (
+    STATUS_RANK,
+    ChannelKind,
+    Decision,
+    Notification,
+    notification_id,
+    notification_of,
+    waiting_payload,
+)
 from notifier.models import Outcome as Decided
 from notifier.outbound import events as hook_events
-from notifier.packing import unpack
 from notifier.policy.engine import opt_out_key
 from notifier.render import Message, SmsMessageOut
 from notifier.resources import Resources, sync_published
@@ -149,7 +156,7 @@ class Deliverer:
             elif result is ClaimResult.NONE or payload is None:
                 report.skipped += 1
             else:
-                n = built.get(nid) or Notification.model_validate_json(unpack(payload))
+                n = built.get(nid) or notification_of(nid, payload)
                 claimed.append((n, result))
                 report.channels[nid] = str(n.channel)
         claimed = await self._still_wanted(claimed, states, report, owner, scope)
@@ -314,7 +321,7 @@ class Deliverer:
             n.merchant_id,
             n.shipment_id,
             nid,
-            fallback.model_dump_json(exclude_none=True).encode(),
+            waiting_payload(fallback),
             int(now.timestamp() * 1000),
             decision.history_entry(),
         )

@@ -25,6 +25,8 @@ from pydantic import (
     model_validator,
 )
 
+from notifier.packing import NOTIFICATION, pack, unpack
+
 _Model = TypeVar("_Model", bound=BaseModel)
 
 
@@ -397,6 +399,45 @@ class Notification(_Strict):
     #: shipment reads, ``a`` or ``b``
     experiment: str | None = None
     variant: Literal["a", "b"] | None = None
+
+
+#: what a waiting message's payload leaves out: its ledger key names the id, its transition
+#: the merchant and the shipment
+_IMPLIED = {"notification_id", "merchant_id", "shipment_id"}
+
+
+def waiting_payload(n: Notification) -> bytes:
+    """The payload of a message that waits in the ledger (quiet hours, coalescing, a
+    fallback): packed, without what its key and its transition already say (about 28
+    bytes of some 200; ``notification_of`` reads it back, and whole payloads written
+    before)."""
+    if n.merchant_id != n.transition.merchant_id or n.shipment_id != n.transition.shipment_id:
+        return pack(n.model_dump_json(exclude_none=True).encode(), NOTIFICATION)
+    return pack(n.model_dump_json(exclude_none=True, exclude=_IMPLIED).encode(), NOTIFICATION)
+
+
+def notification_json(notification_id: str, payload: bytes) -> dict[str, Any]:
+    """The JSON object of the notification a ledger payload holds: whole (one sent at once,
+    or written before ``waiting_payload``), or without its id, merchant and shipment, which
+    come back from its key and its transition."""
+    data: dict[str, Any] = orjson.loads(unpack(payload))
+    if "notification_id" in data:
+        return data
+    transition = data.get("transition")
+    implied = transition if isinstance(transition, dict) else {}
+    return {
+        "notification_id": notification_id,
+        "merchant_id": implied.get("merchant_id"),
+        "shipment_id": implied.get("shipment_id"),
+        **data,
+    }
+
+
+def notification_of(notification_id: str, payload: bytes) -> Notification:
+    """The notification a ledger payload holds (``notification_json``)."""
+    return Notification.model_validate_json(
+        orjson.dumps(notification_json(notification_id, payload))
+    )
 
 
 def message_name(t: Transition) -> str:

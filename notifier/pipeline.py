@@ -38,9 +38,9 @@ from notifier.models import (
     message_name,
     notification_id,
     notification_id_of,
+    waiting_payload,
 )
 from notifier.outbound import events as hook_events
-from notifier.packing import NOTIFICATION, pack
 from notifier.policy import Policy, Step, fold, opt_out_key
 from notifier.resources import Resources, sync_published
 from notifier.state import OVERTAKE_MARGIN, TERMINAL, ShipmentState
@@ -424,7 +424,6 @@ class Pipeline:
                     )
                     built[nid] = n
                     deferred = verdict.outcome is Outcome.DEFERRED and verdict.send_at
-                    payload = n.model_dump_json(exclude_none=True).encode()
                     created.append(
                         (
                             nid,
@@ -432,9 +431,12 @@ class Pipeline:
                             str(int(verdict.send_at.timestamp() * 1000))
                             if deferred and verdict.send_at
                             else "",
-                            # one that waits for hours is packed (a fifth of its size);
-                            # one sent now leaves the ledger in milliseconds, as it is
-                            pack(payload, NOTIFICATION) if deferred else payload,
+                            # one that waits for hours is packed, without what its key
+                            # says (a fifth of its size); one sent now leaves the ledger in
+                            # milliseconds, as it is
+                            waiting_payload(n)
+                            if deferred
+                            else n.model_dump_json(exclude_none=True).encode(),
                         )
                     )
                 decision = Decision.about(

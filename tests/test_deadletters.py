@@ -14,9 +14,10 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from notifier.cli import main
+from notifier.deadletters import DeadLetters
 from notifier.errors import PermanentDeliveryError
-from notifier.models import ChannelKind
-from notifier.packing import NOTIFICATION, pack
+from notifier.models import ChannelKind, Notification, waiting_payload
+from notifier.packing import NOTIFICATION, pack, unpack
 from notifier.pipeline import Pipeline
 from notifier.resources import open_resources
 from notifier.settings import Settings
@@ -169,3 +170,14 @@ async def test_a_packed_payload_shows_as_the_notification(
     code, out, _ = await cli(capsys, "show", ids[0], "--reveal")
     assert code == 0 and "shp_123" in out
     assert "ana@example.com" in out or "+33612345678" in out
+    # as a message that waited keeps it now: without its id, merchant and shipment (its
+    # key and its transition say them), which show as they did
+    whole = orjson.loads(plain)
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        compact = waiting_payload(Notification.model_validate_json(plain))
+        assert b"notification_id" not in unpack(compact)
+        await res.redis.hset(name, "p", compact)
+        letter = await DeadLetters(res.redis, res.store, res.queue).show(ids[0])  # as `show`
+    assert letter is not None
+    assert (letter.merchant_id, letter.shipment_id) == ("acme", "shp_123")
+    assert letter.body["notification"] == whole

@@ -568,4 +568,6 @@ def _shown(fields: Mapping[str, str]) -> dict[str, str | int]:
         shown["due_at"] = datetime.fromtimestamp(int(shown["due_at"]) / 1000, UTC).isoformat()
     if "attempts" in shown:
         shown["attempts"] = int(shown["attempts"])  # a number in the API
+    elif "status" in shown:
+        shown["attempts"] = 0  # an entry never claimed has no count (commit.lua)
     return shown

@@ -19,7 +19,7 @@
 local rec = record_load(KEYS[3], KEYS[4], KEYS[5])
 if settled_ids(record_list(rec, 'o'))[ARGV[1]] then return 0 end
 if redis.call('HSETNX', KEYS[1], 'st', 'deferred') == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'due', ARGV[3], 'attempts', '0', unpack(payload_fields(ARGV[2])))
+redis.call('HSET', KEYS[1], 'due', ARGV[3], unpack(payload_fields(ARGV[2])))
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 if rec.v ~= '' then

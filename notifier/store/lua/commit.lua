@@ -111,7 +111,8 @@ for s = 1, shipments do
     local nid = string.sub(KEYS[k + i], string.len(ARGV[5]) + 1)
     if ok and done == nil then done = settled_ids(record_list(rec, 'o')) end
     if ok and not done[nid] and redis.call('HSETNX', KEYS[k + i], 'st', st) == 1 then
-      redis.call('HSET', KEYS[k + i], 'created', now, 'attempts', '0', 'due', due,
+      -- no 'attempts' until the first claim counts one: none reads as 0 (ledger.py)
+      redis.call('HSET', KEYS[k + i], 'created', now, 'due', due,
         unpack(payload_fields(payload)))
       redis.call('EXPIRE', KEYS[k + i], sttl)
       if due ~= '' then
