@@ -300,7 +300,10 @@ class ShipmentState(BaseModel):
         at: datetime,
         due: datetime | None = None,
     ) -> ShipmentState:
-        """Return the state remembering a message decided for ``t`` on ``channel`` at ``at``."""
+        """Return the state remembering a message decided for ``t`` on ``channel`` at ``at``
+        (to the second: what the caps and windows need, and its microseconds would take a
+        few bytes a message of every stored state)."""
+        at = at.replace(microsecond=0)
         keep = [m for m in self.messages if m.at > at - MESSAGE_LOG]
         aged_sms = sum(
             1 for m in self.messages if m.at <= at - MESSAGE_LOG and m.channel is ChannelKind.SMS

@@ -295,6 +295,22 @@ def test_a_waiting_message_a_later_batch_overtakes_never_counts_against_a_cap() 
     assert sms.reason.startswith("cap: 2 SMS already sent")
 
 
+def test_messages_are_remembered_to_the_second() -> None:
+    """A message's time in the log is kept to the second (the caps and windows need no
+    more; microseconds took a few bytes a message of every stored state)."""
+    at = datetime(2026, 11, 21, 14, 0, 5, 987_654, tzinfo=UTC)
+    state, steps = run([event(1, "out_for_delivery", at)], at)
+    assert [v.outcome for v in steps[0].verdicts] == [Outcome.SENT, Outcome.SENT]
+    assert {m.at for m in state.messages} == {at.replace(microsecond=0)}
+    # and the duplicate rule still measures from it
+    again = at + timedelta(minutes=30)
+    _, steps = run([event(2, "out_for_delivery", again)], again, state=state)
+    assert [(v.rule, v.details["hours_ago"]) for v in steps[0].verdicts] == [
+        ("duplicate", 0.5),
+        ("duplicate", 0.5),
+    ]
+
+
 def test_a_message_due_within_a_minute_is_left_to_the_due_sweep() -> None:
     """The sweep may be claiming it as the newer decision is made: cancelling it then
     could drop from the log a message that goes out."""
