@@ -197,6 +197,20 @@ async def test_a_body_digest_of_8_characters_recorded_before_still_tells_a_repos
     admissions, _ = await store.ingest([event("e1", body=body), event("e1", body=other)])
     assert admissions == [Admission.DUPLICATE, Admission.CONFLICT]
     assert await redis.hget(keys.event_bucket_key(generation, number), field) == recorded.encode()
+    # and the other way round: an API process of the version before passes 8 characters
+    # beside one that recorded 6
+    plain = orjson.dumps(body)
+    new, old = body_digest(body), recorded
+    item = ("acme", "s1", "e2", plain, new, "req-1")
+    assert (await store.ingest([item]))[0] == [Admission.ACCEPTED]
+    assert (await store.ingest([(*item[:4], old, "req-2")]))[0] == [Admission.DUPLICATE]
+    conflicting = base64.b64encode(
+        hashlib.blake2b(orjson.dumps(other, option=orjson.OPT_SORT_KEYS), digest_size=9).digest()[
+            :6
+        ]
+    ).decode()
+    admissions, _ = await store.ingest([("acme", "s1", "e2", orjson.dumps(other), conflicting, "")])
+    assert admissions == [Admission.CONFLICT]
 
 
 async def test_ingest_finds_ids_recorded_with_long_fields_in_generations_before_short_ones(

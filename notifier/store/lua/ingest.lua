@@ -15,7 +15,8 @@
 -- older generation an id is looked up by its long field too. The first call that finds it
 -- unset sets it to the generation after Redis's: the current one may hold long fields the
 -- version before wrote, until just now. A body digest recorded then is 12 characters, one
--- recorded later 8; the one passed now is their first 6 (a prefix compares all three).
+-- recorded later 8; the one passed now is their first 6 (compared on the shorter length,
+-- so an API process that passes 8 beside one that recorded 6 agrees too).
 --
 -- KEYS: the generation since which fields are short; per inbox stream that gets events: the
 --   stream, then its wake flag; then per bucket its keys in generations ARGV[3] - 1,
@@ -67,8 +68,11 @@ for i, e in ipairs(events) do
   end
   if not seen and legacy > 0 and redis.call('EXISTS', KEYS[legacy]) == 1 then seen = '' end
   if seen then
-    -- 0: the same event again (a duplicate); 2: another body under a known id (a conflict)
-    if seen == '' or string.sub(seen, 1, #digest) == digest then
+    -- 0: the same event again (a duplicate); 2: another body under a known id (a conflict).
+    -- Digests of one body are prefixes of each other whatever their length (a version that
+    -- passes 8 characters beside one that recorded 6): compared on the shorter one's length
+    local n = math.min(#seen, #digest)
+    if seen == '' or string.sub(seen, 1, n) == string.sub(digest, 1, n) then
       accepted[i] = 0
     else
       accepted[i] = 2
