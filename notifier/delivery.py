@@ -7,10 +7,13 @@ import math
 import random
 import time
 import uuid
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+import orjson
+from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from notifier import metrics
@@ -156,7 +159,13 @@ class Deliverer:
             elif result is ClaimResult.NONE or payload is None:
                 report.skipped += 1
             else:
-                n = built.get(nid) or notification_of(nid, payload)
+                try:
+                    n = built.get(nid) or notification_of(nid, payload)
+                except (ValueError, zlib.error) as exc:
+                    # one message that cannot be read never holds the others up (the due
+                    # sweep takes the oldest first: it would come back every round)
+                    await self._unreadable(nid, exc, owner, scope, report)
+                    continue
                 claimed.append((n, result))
                 report.channels[nid] = str(n.channel)
         claimed = await self._still_wanted(claimed, states, report, owner, scope)
@@ -360,6 +369,26 @@ class Deliverer:
                 )
                 for item in items
             ]
+
+    async def _unreadable(
+        self, nid: str, exc: Exception, owner: str, scope: Scope, report: DeliveryReport
+    ) -> None:
+        """A claimed notification whose stored payload does not read as one (damaged, or
+        refused by a newer version's checks): failed for good, on the dead-letter list with
+        what is wrong (`notifier dead-letters show` prints the payload). The log names the
+        fields only: a payload's values are a recipient's details."""
+        if isinstance(exc, ValidationError):
+            fields = sorted({".".join(map(str, e["loc"])) or "(root)" for e in exc.errors()})
+            why = f"invalid {', '.join(fields[:5])}" + (" …" if len(fields) > 5 else "")
+        elif isinstance(exc, zlib.error):
+            why = "damaged packed data"
+        elif isinstance(exc, orjson.JSONDecodeError):
+            why = "not JSON"
+        else:  # an unknown packing tag (packing.unpack)
+            why = str(exc)
+        log.error("notification %s: its stored payload cannot be read (%s)", nid, why)
+        if await self.res.store.mark_failed(nid, f"stored payload unreadable: {why}", owner, scope):
+            report.failed.append(nid)
 
     async def _fail(
         self,

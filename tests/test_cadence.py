@@ -14,7 +14,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from notifier.models import ChannelKind, Transition, notification_of
-from notifier.packing import NOTIFICATION, unpack
+from notifier.packing import NOTIFICATION, pack, unpack
 from notifier.pipeline import Pipeline, notification_id
 from notifier.resources import Resources, open_resources
 from notifier.settings import Settings
@@ -126,6 +126,52 @@ async def test_deferred_message_is_kept_until_due_and_sent_once(
     [sms] = [d for d in await history(client) if d["channel"] == "sms"]
     assert sms["delivery"]["status"] == "sent"
     assert sms["delivery"]["due_at"] == "2026-11-22T07:00:00+00:00"
+
+
+async def test_a_waiting_message_that_cannot_be_read_never_holds_the_others_up(
+    client: Client, settings: Settings, res_at: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stored payload that no longer reads as a notification (damaged, or refused by a
+    newer version's checks) fails alone, onto the dead-letter list: the due sweep takes the
+    oldest first, so raising would have blocked every message due after it, round after
+    round."""
+    await post(client, transition(occurred_at="2026-11-21T22:40:00+01:00"))
+    await run_worker(settings, clock=fixed_clock(NIGHT))
+    good = nid("evt_1", ChannelKind.SMS, occurred_at="2026-11-21T22:40:00+01:00")
+    due_ms = int(MORNING.timestamp() * 1000)
+    broken = {
+        "n_" + "a" * 32: pack(b'{"channel":"sms","to":"+33612345678"}', NOTIFICATION),
+        "n_" + "b" * 32: b"\x04not deflate at all",
+        "n_" + "c" * 32: b"{not json",
+        "n_" + "d" * 32: b"\x7fan unknown packing tag",
+    }
+    async with res_at(NIGHT) as res:
+        for i, (bad, payload) in enumerate(broken.items()):
+            key = keys.notification_key(bad)
+            await res.redis.hset(
+                key, mapping={"st": "deferred", "due": due_ms - 60_000, "p": payload}
+            )
+            await res.redis.zadd(keys.DUE_KEY, {bad: due_ms - 60_000 + i})
+    async with res_at(MORNING + timedelta(minutes=1)) as res:
+        assert await release(res) == 5
+        rows = await res.store.ledger([*broken, good])
+        assert [rows[b]["status"] for b in broken] == ["failed"] * 4
+        assert rows["n_" + "a" * 32]["error"].startswith(
+            "stored payload unreadable: invalid created_at, merchant_id, recipient"
+        )
+        assert rows["n_" + "b" * 32]["error"] == "stored payload unreadable: damaged packed data"
+        assert rows["n_" + "c" * 32]["error"] == "stored payload unreadable: not JSON"
+        assert rows["n_" + "d" * 32]["error"] == (
+            "stored payload unreadable: unknown packing tag 0x7f"
+        )
+        dead = await res.redis.lrange(keys.dead_letter_key(""), 0, -1)
+        assert {d.decode() for d in dead} == set(broken)
+    await run_worker(settings, clock=fixed_clock(MORNING + timedelta(minutes=2)))
+    assert len(outbox_files(settings, ".sms.json")) == 1  # the good one went
+    [sms] = [d for d in await history(client) if d["channel"] == "sms"]
+    assert sms["notification_id"] == good and sms["delivery"]["status"] == "sent"
+    # the log names the fields, never the values (a recipient's details)
+    assert "+33612345678" not in caplog.text
 
 
 async def test_opt_out_through_the_api(client: Client, settings: Settings) -> None:
