@@ -25,7 +25,7 @@ import orjson
 from arq.connections import ArqRedis
 
 from notifier.logs import redact
-from notifier.models import notification_json
+from notifier.models import UNREADABLE, notification_json, unreadable
 from notifier.store import Store, awaited, keys, wake
 from notifier.store.base import DataRedis, Scope
 from notifier.store.scripts import script
@@ -207,7 +207,11 @@ class DeadLetters:
     async def _message(self, notification_id: str, scope: Scope) -> DeadLetter:
         ledger = (await self.store.ledger([notification_id], scope)).get(notification_id, {})
         raw = await self.store.payload(notification_id, scope)  # it may be packed
-        body = notification_json(notification_id, raw) if raw else {}
+        shown: dict[str, Any] = {"ledger": ledger}
+        try:
+            body = notification_json(notification_id, raw) if raw else {}
+        except UNREADABLE as exc:  # listed all the same, with what is wrong (never its values)
+            body, shown["payload"] = {}, f"unreadable: {unreadable(exc)}"
         state = ledger.get("status", "expired")
         return DeadLetter(
             "messages",
@@ -215,7 +219,7 @@ class DeadLetters:
             str(body.get("merchant_id", "")),
             str(body.get("shipment_id", "")),
             f"{state}: {ledger.get('error', '')}".rstrip(": "),
-            {"ledger": ledger, "notification": body},
+            {**shown, "notification": body},
             scope=scope,
         )
 

@@ -7,13 +7,10 @@ import math
 import random
 import time
 import uuid
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-import orjson
-from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from notifier import metrics
@@ -23,11 +20,13 @@ from notifier.insights import counts
 from notifier.insights.counts import Count
 from notifier.models import (
     STATUS_RANK,
+    UNREADABLE,
     ChannelKind,
     Decision,
     Notification,
     notification_id,
     notification_of,
+    unreadable,
     waiting_payload,
 )
 from notifier.models import Outcome as Decided
@@ -161,7 +160,7 @@ class Deliverer:
             else:
                 try:
                     n = built.get(nid) or notification_of(nid, payload)
-                except (ValueError, zlib.error) as exc:
+                except UNREADABLE as exc:
                     # one message that cannot be read never holds the others up (the due
                     # sweep takes the oldest first: it would come back every round)
                     await self._unreadable(nid, exc, owner, scope, report)
@@ -377,15 +376,7 @@ class Deliverer:
         refused by a newer version's checks): failed for good, on the dead-letter list with
         what is wrong (`notifier dead-letters show` prints the payload). The log names the
         fields only: a payload's values are a recipient's details."""
-        if isinstance(exc, ValidationError):
-            fields = sorted({".".join(map(str, e["loc"])) or "(root)" for e in exc.errors()})
-            why = f"invalid {', '.join(fields[:5])}" + (" …" if len(fields) > 5 else "")
-        elif isinstance(exc, zlib.error):
-            why = "damaged packed data"
-        elif isinstance(exc, orjson.JSONDecodeError):
-            why = "not JSON"
-        else:  # an unknown packing tag (packing.unpack)
-            why = str(exc)
+        why = unreadable(exc)
         log.error("notification %s: its stored payload cannot be read (%s)", nid, why)
         if await self.res.store.mark_failed(nid, f"stored payload unreadable: {why}", owner, scope):
             report.failed.append(nid)

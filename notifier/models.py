@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import zlib
 import zoneinfo
 from datetime import datetime
 from enum import StrEnum
@@ -20,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -425,12 +427,25 @@ def notification_json(notification_id: str, payload: bytes) -> dict[str, Any]:
         return data
     transition = data.get("transition")
     implied = transition if isinstance(transition, dict) else {}
-    return {
-        "notification_id": notification_id,
-        "merchant_id": implied.get("merchant_id"),
-        "shipment_id": implied.get("shipment_id"),
-        **data,
-    }
+    known = {k: implied[k] for k in ("merchant_id", "shipment_id") if k in implied}
+    return {"notification_id": notification_id, **known, **data}
+
+
+#: what reading a stored payload raises when it does not hold a notification (``unreadable``)
+UNREADABLE = (ValueError, zlib.error)
+
+
+def unreadable(exc: Exception) -> str:
+    """What is wrong with a payload that did not read (one of ``UNREADABLE``), without any
+    of its values (a recipient's details): the fields a check refused, or what it is not."""
+    if isinstance(exc, ValidationError):
+        fields = sorted({".".join(map(str, e["loc"])) or "(root)" for e in exc.errors()})
+        return f"invalid {', '.join(fields[:5])}" + (" …" if len(fields) > 5 else "")
+    if isinstance(exc, zlib.error):
+        return "damaged packed data"
+    if isinstance(exc, orjson.JSONDecodeError):
+        return "not JSON"
+    return str(exc)  # an unknown packing tag (packing.unpack)
 
 
 def notification_of(notification_id: str, payload: bytes) -> Notification:

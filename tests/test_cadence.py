@@ -13,6 +13,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
+from notifier.deadletters import DeadLetters
 from notifier.models import ChannelKind, Transition, notification_of
 from notifier.packing import NOTIFICATION, pack, unpack
 from notifier.pipeline import Pipeline, notification_id
@@ -166,6 +167,14 @@ async def test_a_waiting_message_that_cannot_be_read_never_holds_the_others_up(
         )
         dead = await res.redis.lrange(keys.dead_letter_key(""), 0, -1)
         assert {d.decode() for d in dead} == set(broken)
+        # and the dead-letter commands list and show them, with what is wrong
+        letters = DeadLetters(res.redis, res.store, res.queue)
+        listed = {d.id: d for d in await letters.list(kind="messages")}
+        assert set(listed) == set(broken)
+        assert listed["n_" + "c" * 32].body["payload"] == "unreadable: not JSON"
+        shown = await letters.show("n_" + "a" * 32)
+        assert shown is not None and shown.body["notification"]["to"] == "+33612345678"
+        assert (shown.merchant_id, shown.shipment_id) == ("", "")  # it names neither
     await run_worker(settings, clock=fixed_clock(MORNING + timedelta(minutes=2)))
     assert len(outbox_files(settings, ".sms.json")) == 1  # the good one went
     [sms] = [d for d in await history(client) if d["channel"] == "sms"]
