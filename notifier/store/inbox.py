@@ -51,9 +51,9 @@ DIGEST_CHARS = 6
 def body_digest(body: Any) -> str:
     """A short digest of a transition's JSON body, keys sorted: a repost that differs only
     in key order or spacing is the same body. 36 bits in base64: the first 6 characters of
-    the 8 (and before them 12) recorded by earlier versions (``lua/ingest.lua`` compares a
-    digest recorded then by as many). Another body under a known id is told apart from a
-    repost unless the two digests agree, one chance in 2**36."""
+    the 8 (and before them 12) recorded by earlier versions (``lua/ingest.lua`` compares
+    two digests on the shorter one's length). Another body under a known id is told apart
+    from a repost unless the two digests agree, one chance in 2**36."""
     canonical = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
     digest = hashlib.blake2b(canonical, digest_size=9).digest()[:6]
     return base64.b64encode(digest).decode()[:DIGEST_CHARS]
