@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,18 +31,23 @@ API_KEY = "bench-key"
 API_KEYS = '{"bench-key": ["*"]}'
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def node_port() -> int:
-    """A free loopback port for a cluster node: its bus port (+10000) must be valid and free."""
+def free_port(avoid: Collection[int] = ()) -> int:
+    """A free loopback port, none of ``avoid`` (ports picked already and not yet bound: a
+    port probed free is free again at once, and the kernel may hand it out twice)."""
     while True:
-        port = free_port()
-        if port + 10000 > 65535:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        if port not in avoid:
+            return port
+
+
+def node_port(avoid: Collection[int] = ()) -> int:
+    """A free loopback port for a cluster node: its bus port (+10000) must be valid and free;
+    neither one among ``avoid``."""
+    while True:
+        port = free_port(avoid)
+        if port + 10000 > 65535 or port + 10000 in avoid:
             continue
         with socket.socket() as bus:
             try:
@@ -50,6 +55,16 @@ def node_port() -> int:
             except OSError:
                 continue
         return port
+
+
+def node_ports(count: int) -> list[int]:
+    """``count`` distinct ports for cluster nodes (``node_port``), none another's bus port.
+    Picked one by one they could repeat: a node then failed to bind, a ping reached the
+    other one, and a "3-shard" cluster had two (seen in a bench/run)."""
+    ports: list[int] = []
+    for _ in range(count):
+        ports.append(node_port([*ports, *(p + 10000 for p in ports)]))
+    return ports
 
 
 def wait_until(
@@ -264,11 +279,11 @@ def start_redis(st: Stack, name: str, port: int, *options: str) -> Proc:
 def start_cluster(st: Stack, shards: int) -> None:
     """``shards`` cluster masters (no replicas) joined by ``redis-cli --cluster create``,
     each owning an equal range of slots, and a plain Redis for arq's queue."""
-    st.shard_ports = [node_port() for _ in range(shards)]
+    st.shard_ports = node_ports(shards)
     for i, port in enumerate(st.shard_ports, 1):
         cluster = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
         start_redis(st, f"shard-{i}", port, *cluster)
-    st.queue_port = free_port()
+    st.queue_port = free_port([*st.shard_ports, *(p + 10000 for p in st.shard_ports)])
     start_redis(st, "queue", st.queue_port)
     nodes = [f"127.0.0.1:{port}" for port in st.shard_ports]
     create = [redis_binary("redis-cli"), "--cluster", "create", *nodes]

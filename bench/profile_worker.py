@@ -66,6 +66,7 @@ def main() -> None:
             return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
         started, cpu, rcpu = time.perf_counter(), time.process_time(), redis_cpu()
+        main_cpu = time.thread_time()  # the event loop's thread (the outbox writes on others)
         if args.time:
             loop.run_until_complete(until_drained())
         elif args.memory:
@@ -94,6 +95,7 @@ def main() -> None:
             pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
         seconds = time.perf_counter() - started
         cpu = time.process_time() - cpu
+        main_cpu = time.thread_time() - main_cpu
         rcpu = redis_cpu() - rcpu
         messages = len(service._outbox_files(st.outbox))
         # CPU seconds of this process (all its threads): steadier than the wall clock on a
@@ -103,7 +105,9 @@ def main() -> None:
             f"{messages} messages: {messages / seconds:.0f}/s; "
             f"worker CPU {cpu:.1f} s: {backlog / cpu:.0f} transitions and "
             f"{messages / cpu:.0f} messages per CPU second; "
-            f"Redis CPU {rcpu:.2f} s: {rcpu / backlog * 1e6:.0f} µs a transition"
+            f"Redis CPU {rcpu:.2f} s: {rcpu / backlog * 1e6:.0f} µs a transition; "
+            f"the event loop's thread {main_cpu:.1f} s of CPU, busy {main_cpu / seconds:.0%} "
+            f"of the drain (the rest it waited on Redis and the outbox's threads)"
         )
 
 

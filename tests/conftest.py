@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import redis
 from aiohttp.test_utils import TestClient, TestServer
 from babel.dates import format_skeleton, format_time
 
-from bench.procs import node_port
+from bench.procs import free_port, node_ports
 from notifier.app import create_app
 from notifier.packing import unpack
 from notifier.resources import Resources
@@ -42,12 +41,6 @@ from notifier.worker import build_worker
 ADMIN_KEY = "k_backend_0123456789"
 ACME_KEY = "k_acme_0123456789"
 API_KEYS = {ADMIN_KEY: ["*"], ACME_KEY: ["acme"]}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def real_clock_env() -> dict[str, str]:
@@ -163,7 +156,7 @@ def _cli() -> str:
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[Cluster]:
     workdir = Path(tempfile.mkdtemp(prefix="notifier-cluster-"))
-    ports = [node_port() for _ in range(6)]
+    ports = node_ports(6)
     procs = []
     try:
         for port in ports:
@@ -176,7 +169,7 @@ def cluster() -> Iterator[Cluster]:
                     *("--cluster-node-timeout", "3000", "--save", "", "--appendonly", "no"),
                 )
             )
-        queue_port = free_port()
+        queue_port = free_port([*ports, *(p + 10000 for p in ports)])
         (workdir / "queue").mkdir()
         procs.append(start_redis(queue_port, workdir / "queue"))
         create = [_cli(), "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports)]

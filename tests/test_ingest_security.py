@@ -127,7 +127,8 @@ def test_signing_secrets_must_be_long() -> None:
 
 @pytest.fixture
 def primary_and_replica(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    primary_port, replica_port = free_port(), free_port()
+    primary_port = free_port()
+    replica_port = free_port([primary_port])  # both picked before either is bound
     (tmp_path / "p").mkdir()
     (tmp_path / "r").mkdir()
     primary = start_redis(primary_port, tmp_path / "p")

@@ -326,7 +326,8 @@ def deployment(
         "NOTIFIER_POLICIES_DIR": str(policies),
         "NOTIFIER_PARTITIONS": str(PARTITIONS),
     }
-    ports = [free_port(), free_port()]
+    first = free_port()
+    ports = [first, free_port([first])]  # both picked before either is bound
     apis = [start(["serve"], tmp_path, {**env, "NOTIFIER_PORT": str(p)}) for p in ports]
     workers = [start(["worker"], tmp_path, env) for _ in range(3)]
     try:
