@@ -57,13 +57,18 @@ def node_port(avoid: Collection[int] = ()) -> int:
         return port
 
 
+def with_bus_ports(ports: Collection[int]) -> list[int]:
+    """Cluster nodes' ports and their bus ports (+10000): what a port picked next avoids."""
+    return [*ports, *(p + 10000 for p in ports)]
+
+
 def node_ports(count: int) -> list[int]:
     """``count`` distinct ports for cluster nodes (``node_port``), none another's bus port.
     Picked one by one they could repeat: a node then failed to bind, a ping reached the
     other one, and a "3-shard" cluster had two (seen in a bench/run)."""
     ports: list[int] = []
     for _ in range(count):
-        ports.append(node_port([*ports, *(p + 10000 for p in ports)]))
+        ports.append(node_port(with_bus_ports(ports)))
     return ports
 
 
@@ -283,7 +288,7 @@ def start_cluster(st: Stack, shards: int) -> None:
     for i, port in enumerate(st.shard_ports, 1):
         cluster = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
         start_redis(st, f"shard-{i}", port, *cluster)
-    st.queue_port = free_port([*st.shard_ports, *(p + 10000 for p in st.shard_ports)])
+    st.queue_port = free_port(with_bus_ports(st.shard_ports))
     start_redis(st, "queue", st.queue_port)
     nodes = [f"127.0.0.1:{port}" for port in st.shard_ports]
     create = [redis_binary("redis-cli"), "--cluster", "create", *nodes]

@@ -449,10 +449,12 @@ def unreadable(exc: Exception) -> str:
 
 
 def notification_of(notification_id: str, payload: bytes) -> Notification:
-    """The notification a ledger payload holds (``notification_json``)."""
-    return Notification.model_validate_json(
-        orjson.dumps(notification_json(notification_id, payload))
-    )
+    """The notification a ledger payload holds (``notification_json``); a whole one is read
+    as it is, not parsed and written again."""
+    raw = unpack(payload)
+    if raw.startswith(b'{"notification_id":'):  # whole: the model writes the id first
+        return Notification.model_validate_json(raw)
+    return Notification.model_validate_json(orjson.dumps(notification_json(notification_id, raw)))
 
 
 def message_name(t: Transition) -> str:

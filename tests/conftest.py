@@ -29,7 +29,7 @@ import redis
 from aiohttp.test_utils import TestClient, TestServer
 from babel.dates import format_skeleton, format_time
 
-from bench.procs import free_port, node_ports
+from bench.procs import free_port, node_ports, with_bus_ports
 from notifier.app import create_app
 from notifier.packing import unpack
 from notifier.resources import Resources
@@ -169,7 +169,7 @@ def cluster() -> Iterator[Cluster]:
                     *("--cluster-node-timeout", "3000", "--save", "", "--appendonly", "no"),
                 )
             )
-        queue_port = free_port([*ports, *(p + 10000 for p in ports)])
+        queue_port = free_port(with_bus_ports(ports))
         (workdir / "queue").mkdir()
         procs.append(start_redis(queue_port, workdir / "queue"))
         create = [_cli(), "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports)]
