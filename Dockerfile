@@ -25,6 +25,9 @@ ENV PATH=/opt/notifier/bin:$PATH \
     NOTIFIER_OUTBOX_DIR=/data/outbox
 RUN mkdir -p /data/outbox && chown -R notifier /data
 USER 10001:10001
+# Compile the default templates into the user's cache (~/.cache/notifier/templates): every
+# container then starts without compiling them (notifier/render/compiled.py).
+RUN notifier check
 WORKDIR /data
 EXPOSE 8080
 # The API answers its health check on the port it listens on (NOTIFIER_PORT).

@@ -26,7 +26,7 @@ from notifier.check import (
 )
 from notifier.errors import ConfigurationError, NotifierError
 from notifier.models import ChannelKind, ExceptionCode, Status
-from notifier.render import Renderer, SmsMessageOut
+from notifier.render import Renderer, SmsMessageOut, compiled
 from notifier.render.environment import TemplateStore
 from notifier.render.i18n import Catalogs
 from notifier.resources import data_dir, trees_in_use
@@ -138,9 +138,24 @@ def _start_up(settings: Settings) -> None:
             log.warning(line.removeprefix("warning: "))
         else:
             log.info(line)
+    _keep_compiled(settings)
     problems = startup_problems(settings)
     if problems:
         raise ConfigurationError("\n".join(problems))
+
+
+def _keep_compiled(settings: Settings) -> None:
+    """Keep compiled templates on disk for the next process (NOTIFIER_TEMPLATE_CACHE*)."""
+    if not settings.template_cache:
+        return
+    folder = settings.template_cache_dir or compiled.default_folder()
+    refused = compiled.COMPILED.keep_in(folder) if folder else "no home folder to keep them in"
+    if refused:
+        log.warning(
+            "compiled templates are not kept on disk: %s (NOTIFIER_TEMPLATE_CACHE_DIR names "
+            "another folder; NOTIFIER_TEMPLATE_CACHE=false turns this off)",
+            refused,
+        )
 
 
 def _settle_gc() -> None:
@@ -159,6 +174,7 @@ def _settle_gc() -> None:
 def cmd_preview(args: argparse.Namespace) -> int:
     """Render one message with sample data and write it to a file (.html/.txt/.eml or .sms.txt)."""
     settings = _settings()
+    _keep_compiled(settings)
     templates_dir = data_dir("templates", settings.templates_dir)
     catalogs = Catalogs(data_dir("locales", settings.locales_dir))
     renderer = Renderer(
@@ -222,6 +238,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"{locale:<8} {encodings:<13} {fr:>3} {us:>3} {short:>3}")
         return 0
     print(f"mode: {describe_redis(settings)}")
+    _keep_compiled(settings)
     env = ENV_FILE.resolve()
     print(f".env: {env}" if env.is_file() else f".env: none ({env} does not exist)")
     notes = trees_in_use(settings)

@@ -200,6 +200,21 @@ class Settings(BaseSettings):
             "Unset: /metrics shows the API process and what Redis holds."
         ),
     )
+    template_cache: bool = Field(
+        default=True,
+        description=(
+            "Keep compiled templates on disk (NOTIFIER_TEMPLATE_CACHE_DIR) for the next "
+            "process to start: a cold worker then loads them instead of compiling them."
+        ),
+    )
+    template_cache_dir: Path | None = Field(
+        default=None,
+        description=(
+            "Where compiled templates are kept: a folder of this user's that no one else can "
+            "write to. Unset: $XDG_CACHE_HOME/notifier/templates, else "
+            "~/.cache/notifier/templates."
+        ),
+    )
     merchant_hooks_allow_private: bool = Field(
         default=False,
         description=(

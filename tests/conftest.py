@@ -201,6 +201,20 @@ def flush_cluster(found: Cluster) -> None:
         r.flushall()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The session's own cache folder (XDG_CACHE_HOME), for the processes and commands that
+    keep compiled templates on disk (``notifier.render.compiled``): not the user's."""
+    folder = tmp_path_factory.mktemp("xdg-cache")
+    before = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(folder)
+    yield folder
+    if before is None:
+        del os.environ["XDG_CACHE_HOME"]
+    else:
+        os.environ["XDG_CACHE_HOME"] = before
+
+
 @pytest.fixture(autouse=True)
 def _flush(request: pytest.FixtureRequest) -> None:
     if "redis_url" in request.fixturenames:

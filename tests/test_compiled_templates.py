@@ -1,16 +1,26 @@
 """Compiled templates are shared by every environment of a process built alike (the start-up
 check, the worker's renderer, a refresh after an edit): a source compiles once, an edited
-source compiles anew, and environments that compile differently never share code."""
+source compiles anew, and environments that compile differently never share code. On disk,
+the next process loads them instead of compiling them, from a folder only its user can write
+to; an edited, damaged or other version's file is never used, and a disk that fails leaves
+the templates compiled in memory."""
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import pytest
 
-from notifier.render.environment import COMPILED, TemplateStore
+from notifier.cli import main
+from notifier.render import compiled
+from notifier.render.compiled import COMPILED, Compiled
+from notifier.render.environment import TemplateStore
 from notifier.render.limits import Limits
 from notifier.render.sandbox import Sandbox
 from notifier.resources import data_dir
@@ -30,6 +40,7 @@ def compiles(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(Sandbox, "compile", counted)
     monkeypatch.setattr(COMPILED, "_code", type(COMPILED._code)())  # an empty cache
+    monkeypatch.setattr(COMPILED, "folder", None)  # and none on disk
     return seen
 
 
@@ -69,6 +80,165 @@ def test_environments_that_compile_differently_never_share_code(
     TemplateStore(templates, limits=Limits(time_s=1.0)).select("", NAMES)
     TemplateStore(templates).select("", NAMES, tracing=True)
     assert compiles == ["sms/layout.txt"] * 3
+
+
+def new_process(monkeypatch: pytest.MonkeyPatch, folder: Path | None) -> str | None:
+    """As a new process would start: nothing compiled in memory; kept in ``folder``."""
+    monkeypatch.setattr(COMPILED, "_code", type(COMPILED._code)())
+    return COMPILED.keep_in(folder)
+
+
+def code_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*/*.code"))
+
+
+def test_the_next_process_loads_what_one_compiled(
+    compiles: list[str], templates: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "cache"
+    assert new_process(monkeypatch, cache) is None
+    first = TemplateStore(templates).select("", NAMES).render(**context())
+    assert compiles == ["sms/layout.txt"]
+    assert len(code_files(cache)) == 1
+    assert cache.stat().st_mode & 0o077 == 0  # made for this user only
+
+    assert new_process(monkeypatch, cache) is None
+    again = TemplateStore(templates).select("", NAMES).render(**context())
+    assert compiles == ["sms/layout.txt"]  # loaded from the file, not compiled
+    assert again == first
+
+
+def test_an_edited_or_damaged_file_is_compiled_again(
+    compiles: list[str], templates: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "cache"
+    new_process(monkeypatch, cache)
+    TemplateStore(templates).select("", NAMES)
+    (file,) = code_files(cache)
+
+    layout = templates / "sms" / "layout.txt"
+    layout.write_text("EDITED " + layout.read_text(encoding="utf-8"), encoding="utf-8")
+    new_process(monkeypatch, cache)
+    edited = TemplateStore(templates).select("", NAMES).render(**context())
+    assert edited.startswith("EDITED")  # not the code of the source before
+    assert compiles == ["sms/layout.txt"] * 2
+    assert code_files(cache) == [file]  # replaced, not one more
+
+    for damage in (file.read_bytes()[:-40], b"", b"not a compiled template"):
+        file.write_bytes(damage)
+        new_process(monkeypatch, cache)
+        assert TemplateStore(templates).select("", NAMES).render(**context()) == edited
+    assert compiles == ["sms/layout.txt"] * 5
+    new_process(monkeypatch, cache)
+    TemplateStore(templates).select("", NAMES)
+    assert len(compiles) == 5  # the last compile wrote a good file again
+
+
+def test_code_of_another_version_is_never_loaded(
+    compiles: list[str], templates: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the code depends on besides the source names the folder: another Jinja2 (or
+    Python, or notifier's code generator) reads and writes another folder."""
+    cache = tmp_path / "cache"
+    new_process(monkeypatch, cache)
+    TemplateStore(templates).select("", NAMES)
+    monkeypatch.setattr(jinja2, "__version__", "0.0-other")
+    new_process(monkeypatch, cache)
+    TemplateStore(templates).select("", NAMES)
+    assert compiles == ["sms/layout.txt"] * 2
+    assert len({f.parent for f in code_files(cache)}) == 2
+
+
+def test_a_folder_others_can_write_to_is_refused(
+    compiles: list[str], templates: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Code is loaded from it: a folder someone else could put a file in is not used."""
+    open_to_all = tmp_path / "shared"
+    open_to_all.mkdir()
+    open_to_all.chmod(0o777)
+    assert new_process(monkeypatch, open_to_all) == f"{open_to_all}: others can write to it" + (
+        " (chmod go-w, or another folder)"
+    )
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    monkeypatch.setattr(os, "getuid", lambda: theirs.stat().st_uid + 1)
+    assert new_process(monkeypatch, theirs) == f"{theirs}: owned by another user"
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    assert "exists" in str(new_process(monkeypatch, a_file))
+    assert COMPILED.folder is None
+    TemplateStore(templates).select("", NAMES)  # compiled in memory, as without a folder
+    assert compiles == ["sms/layout.txt"]
+    assert not list(open_to_all.iterdir()) and not list(theirs.iterdir())
+
+
+def test_a_disk_that_fails_leaves_templates_compiled_in_memory(
+    compiles: list[str],
+    templates: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cache = tmp_path / "cache"
+    new_process(monkeypatch, cache)
+
+    def full(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(compiled.tempfile, "mkstemp", full)
+    with caplog.at_level(logging.WARNING, "notifier.render"):
+        store = TemplateStore(templates)
+        text = store.select("", NAMES).render(**context())
+        store.select("", ("email/layout.txt",))
+    assert text.startswith("Your parcel")
+    assert COMPILED.folder is None  # given up on: one warning, not one per template
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == [
+        f"compiled templates are no longer kept in {cache}/{compiled.fingerprint()} (No space "
+        "left on device); they are compiled in memory as each process needs them"
+    ]
+    assert code_files(cache) == []
+    assert compiles == ["sms/layout.txt", "email/layout.txt"]
+
+
+def test_folders_of_versions_unused_for_a_week_are_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "cache"
+    old, recent = cache / "0123456789abcdef", cache / "fedcba9876543210"
+    for folder in (old, recent):
+        folder.mkdir(parents=True)
+        (folder / "x.code").write_bytes(b"")
+    week_ago = time.time() - compiled.STALE_S - 60
+    os.utime(old, (week_ago, week_ago))
+    cache.chmod(0o700)
+    monkeypatch.setattr(COMPILED, "folder", None)
+    assert Compiled().keep_in(cache) is None
+    assert not old.exists() and recent.exists()
+    assert (cache / compiled.fingerprint()).is_dir()
+
+
+def test_the_default_folder_is_the_users_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", "/srv/cache")
+    assert compiled.default_folder() == Path("/srv/cache/notifier/templates")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", "/home/ops")
+    assert compiled.default_folder() == Path("/home/ops/.cache/notifier/templates")
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_notifier_check_keeps_them_where_the_settings_say(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keep: bool
+) -> None:
+    monkeypatch.setattr(COMPILED, "folder", None)
+    monkeypatch.setattr(COMPILED, "_code", type(COMPILED._code)())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NOTIFIER_TEMPLATE_CACHE_DIR", str(tmp_path / "compiled"))
+    monkeypatch.setenv("NOTIFIER_TEMPLATE_CACHE", str(keep).lower())
+    assert main(["check"]) == 0
+    found = code_files(tmp_path / "compiled")
+    # the default templates, and the tracing twins of the ones with skeletons
+    assert len(found) > 20 if keep else found == []
 
 
 def context() -> dict[str, Any]:

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import re
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import CodeType
 from typing import Any
 
 from babel.support import NullTranslations
 from jinja2 import (
     BaseLoader,
-    BytecodeCache,
     ChoiceLoader,
     DictLoader,
     FileSystemLoader,
@@ -24,10 +21,10 @@ from jinja2 import (
     pass_context,
     select_autoescape,
 )
-from jinja2.bccache import Bucket
 from jinja2.runtime import Context
 from markupsafe import Markup
 
+from notifier.render.compiled import COMPILED
 from notifier.render.i18n import Catalogs
 from notifier.render.limits import Limits
 from notifier.render.sandbox import DEFAULT_LIMITS, Sandbox, Translate
@@ -45,47 +42,6 @@ TEMPLATE_NAME = re.compile(r"_labels\.jinja|messages/[^/]+\.jinja|email/[^/]+|sm
 
 #: Unicode's left-to-right isolate and its closing pop (text, SMS, plain strings).
 LRI, PDI = "\u2066", "\u2069"
-
-
-class _Compiled(BytecodeCache):
-    """Compiled templates, shared by every environment of the process built alike: the
-    start-up check, the worker's renderer, a merchant's search path and a refresh after an
-    edit then compile a template's source once, not once each (a cold worker compiled the
-    defaults twice before its first message). Keyed by the environment's kind and limits,
-    the template's name and file, and its source's checksum: an edited template compiles
-    anew. Code objects, kept in memory (no marshalling), the most recent ``MAX`` (the
-    defaults are about 50 with the skeletons' tracing twins; a few MB in all)."""
-
-    MAX = 512
-
-    def __init__(self) -> None:
-        self._code: OrderedDict[tuple[str, str], CodeType] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get_bucket(self, environment: Any, name: str, filename: str | None, source: str) -> Bucket:
-        kind = f"{type(environment).__qualname__}/{environment.code_generator_class.__qualname__}"
-        key = f"{kind}|{getattr(environment, 'limits', None)!r}|{name}|{filename}"
-        bucket = Bucket(environment, key, self.get_source_checksum(source))
-        self.load_bytecode(bucket)
-        return bucket
-
-    def load_bytecode(self, bucket: Bucket) -> None:
-        with self._lock:
-            code = self._code.get((bucket.key, bucket.checksum))
-            if code is not None:
-                self._code.move_to_end((bucket.key, bucket.checksum))
-                bucket.code = code
-
-    def dump_bytecode(self, bucket: Bucket) -> None:
-        if bucket.code is None:
-            return
-        with self._lock:
-            self._code[(bucket.key, bucket.checksum)] = bucket.code
-            while len(self._code) > self.MAX:
-                self._code.popitem(last=False)
-
-
-COMPILED = _Compiled()
 
 
 @pass_context
