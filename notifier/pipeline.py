@@ -172,7 +172,7 @@ class Pipeline:
                 # Lost a race on some shipments: back off a little so contenders spread out.
                 await asyncio.sleep(random.uniform(0, 0.001 * min(round_no, 20)))
             keys = list(pending)
-            loaded = await self.res.store.load_states(keys)
+            loaded = await self.res.store.load_states(keys, settled_by=self.res.clock())
             await self.hooks.refresh(m for m, _ in keys)
             opted = await self._opt_outs(pending, loaded)
             now = self.res.clock()

@@ -177,6 +177,11 @@ class ShipmentState(BaseModel):
                     out.append((m, why))
         return out
 
+    def waited(self, by: datetime) -> bool:
+        """Whether a message of the log waited for a due time that has come by ``by``: what
+        became of it is on the shipment's outcome list (``store.shipments.settled_log``)."""
+        return any(m.due is not None and m.due <= by for m in self.messages)
+
     def live(self, m: Sent, now: datetime, pending: frozenset[str] = frozenset()) -> bool:
         """Whether ``m`` went out, or is still going to (not superseded while pending).
 

@@ -346,3 +346,85 @@ async def test_opt_out_addresses_must_fit_their_channel(client: Client) -> None:
         assert resp.status == 422, body
         detail = (await resp.json())["error"]["details"][0]
         assert detail["field"] == field and "must be" in detail["message"]
+
+
+@pytest.fixture
+async def capped(tmp_path: Path, redis_url: str) -> AsyncIterator[tuple[Settings, Client]]:
+    """acme at two messages a shipment a day, and an API client for it."""
+    import shutil
+
+    from aiohttp.test_utils import TestServer
+
+    from notifier.app import create_app
+    from notifier.resources import data_dir
+    from tests.conftest import make_settings
+
+    policies = tmp_path / "policies"
+    shutil.copytree(data_dir("policies", None), policies)
+    (policies / "acme.yaml").write_text("throttle: {max_per_shipment_per_day: 2}\n")
+    settings = make_settings(tmp_path, redis_url=redis_url, policies_dir=policies)
+    async with TestClient(TestServer(create_app(settings))) as c:
+        yield settings, c
+
+
+async def logged(res: Resources) -> list[tuple[str, str, datetime | None]]:
+    """The shipment's message log: (event, channel, due) of each message, oldest first."""
+    [(_, state)] = await res.store.load_states([("acme", "shp_123")])
+    assert state is not None
+    return [(m.event_id, m.channel.value, m.due) for m in state.messages]
+
+
+async def test_a_waiting_message_cancelled_when_its_time_came_counts_against_no_cap(
+    capped: tuple[Settings, Client], res_at: Any
+) -> None:
+    """The recipient opts out while the SMS waits for the end of quiet hours: the due sweep
+    cancels it. It never went out, so the next decision's cap does not count it, and it
+    leaves the shipment's message log."""
+    settings, client = capped
+    await post(client, transition(occurred_at="2026-11-21T22:40:00+01:00"))
+    await run_worker(settings, clock=fixed_clock(NIGHT))  # the email; the SMS waits
+    await client.post(
+        "/v1/merchants/acme/opt-outs",
+        json={"channel": "sms", "address": "+33612345678"},
+        headers=auth(),
+    )
+    async with res_at(MORNING) as res:
+        await release(res)
+        assert await ledger(res, nid("evt_1", ChannelKind.SMS)) == ["cancelled"]
+        assert [(e, c) for e, c, _ in await logged(res)] == [("evt_1", "email"), ("evt_1", "sms")]
+
+    await post(client, transition(event_id="dlv", status="delivered"))
+    later = MORNING + timedelta(hours=1)
+    await run_worker(settings, clock=fixed_clock(later))
+    dlv = {d["channel"]: d for d in await history(client) if d["event_id"] == "dlv"}
+    assert dlv["email"]["outcome"] == "sent"  # the second today, not the third
+    assert dlv["sms"]["outcome"] == "suppressed" and "opted out" in dlv["sms"]["reason"]
+    async with res_at(later) as res:
+        assert await logged(res) == [("evt_1", "email", None), ("dlv", "email", None)]
+    assert len(outbox_files(settings, ".eml")) == 2 and outbox_files(settings, ".sms.json") == []
+
+
+async def test_a_waiting_message_sent_when_its_time_came_still_counts(
+    capped: tuple[Settings, Client], res_at: Any
+) -> None:
+    """The same SMS sent at the end of quiet hours is an ordinary message sent: it counts
+    (the next email is the third today: over the cap of two), and no longer waits."""
+    settings, client = capped
+    await post(client, transition(occurred_at="2026-11-21T22:40:00+01:00"))
+    await run_worker(settings, clock=fixed_clock(NIGHT))
+    async with res_at(MORNING) as res:
+        await release(res)
+        assert await ledger(res, nid("evt_1", ChannelKind.SMS)) == ["sent"]
+
+    await post(client, transition(event_id="dlv", status="delivered"))
+    later = MORNING + timedelta(hours=1)
+    await run_worker(settings, clock=fixed_clock(later))
+    dlv = {d["channel"]: d for d in await history(client) if d["event_id"] == "dlv"}
+    assert dlv["email"]["outcome"] == "suppressed"
+    assert dlv["email"]["reason"] == "cap: 2 messages to this shipment in the last 24 h (max 2)"
+    async with res_at(later) as res:
+        assert [(e, c, due) for e, c, due in await logged(res)] == [
+            ("evt_1", "email", None),
+            ("evt_1", "sms", None),  # sent: no longer waiting
+        ]
+    assert len(outbox_files(settings, ".sms.json")) == 1

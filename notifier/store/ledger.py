@@ -561,6 +561,11 @@ def _outcomes(elements: Sequence[bytes]) -> dict[str, dict[str, str]]:
     return out
 
 
+def outcome_states(elements: Sequence[bytes]) -> dict[str, str]:
+    """The status each notification on an outcome list was settled with (sent, cancelled)."""
+    return {nid: fields.get("st", "") for nid, fields in _outcomes(elements).items()}
+
+
 def _shown(fields: Mapping[str, str]) -> dict[str, str | int]:
     """Ledger fields as the API names and types them."""
     shown: dict[str, str | int] = {_SHOWN[f]: v for f, v in fields.items() if f in _SHOWN and v}

@@ -20,7 +20,7 @@ is kept as it is, and chunks written before hold every id in full.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -33,7 +33,7 @@ from notifier.packing import HISTORY, STATE, pack, unpack
 from notifier.state import ShipmentState
 from notifier.store import chunks, keys, record
 from notifier.store.base import Scope, StoreBase, awaited, decode
-from notifier.store.ledger import merge_outcomes
+from notifier.store.ledger import LedgerState, merge_outcomes, outcome_states
 from notifier.store.stats import KEEP_S
 
 
@@ -91,9 +91,12 @@ class Shipments(StoreBase):
     """Shipment state, decisions and history."""
 
     async def load_states(
-        self, shipments: Sequence[tuple[str, str]]
+        self, shipments: Sequence[tuple[str, str]], settled_by: datetime | None = None
     ) -> list[tuple[int, ShipmentState | None]]:
-        """(version, state) per (merchant_id, shipment_id); version 0 and None when unknown."""
+        """(version, state) per (merchant_id, shipment_id); version 0 and None when unknown.
+
+        ``settled_by``: the message log of each state also says what became of its waiting
+        messages due by then, from the shipment's outcome list (``settled_log``)."""
         # one GET a shipment: a pipeline of plain reads costs Redis a fifth of what a script
         # reading the same records does; a shipment still in the keys from before records (a
         # hash there) is read by the script
@@ -111,6 +114,9 @@ class Shipments(StoreBase):
         for raw in found:
             one = raw if isinstance(raw, record.Record) else record.head(raw or b"")
             state = ShipmentState.model_validate_json(unpack(one.state)) if one.state else None
+            if state is not None and settled_by is not None and state.waited(settled_by):
+                whole = raw if isinstance(raw, record.Record) else record.parse(raw)
+                state = settled_log(state, outcome_states(whole.outcomes))
             out.append((one.version, state))
         return out
 
@@ -347,6 +353,29 @@ class Shipments(StoreBase):
                 members = await awaited(self.redis.srandmember(name, keys.TRACKING_SHIPMENTS))
             shipments.update(decode(m) for m in members or [])
         return sorted(shipments)[: keys.TRACKING_SHIPMENTS]
+
+
+def settled_log(state: ShipmentState, outcomes: Mapping[str, str]) -> ShipmentState:
+    """``state`` with its message log up to date with what became of its waiting messages
+    (``outcomes``: a settled notification's status by id, from the shipment's outcome list).
+
+    One cancelled when its time came (a newer decision overtook it within
+    ``OVERTAKE_MARGIN`` of its due time, or the recipient opted out meanwhile) never went
+    out: it leaves the log, and no cap, duplicate or throttle counts it. One sent is an
+    ordinary message sent. One not settled yet (claimed, retrying, failed) stays as it is."""
+    kept = []
+    for m in state.messages:
+        if m.due is not None:
+            nid = notification_id_of(state.merchant_id, state.shipment_id, m.event_id, m.channel)
+            status = outcomes.get(nid)
+            if status == LedgerState.CANCELLED:
+                continue
+            if status == LedgerState.SENT:
+                m = m.model_copy(update={"due": None})
+        kept.append(m)
+    if kept == state.messages:
+        return state
+    return state.model_copy(update={"messages": kept})
 
 
 #: a chunk's notification id that its decision's event and channel make (see the top)
