@@ -10,7 +10,9 @@ stops, then one `notifier worker` starts cold with the outbox on the ordinary di
 directory under /var/tmp, not /dev/shm). Measured, per outbox place (disk, then tmpfs):
 
 - ready: from starting the worker process until it has read its first inbox entries (the
-  first drain is under way), polled every 20 ms;
+  first drain is under way), polled every 20 ms; with the templates the API compiled on
+  disk (notifier/render/compiled.py: any start after a machine's first), and once more
+  (tmpfs) with a worker that compiles them itself;
 - first message: from starting the worker until the first outbox file (its mtime);
 - messages/s and transitions/s end to end, start-up included: from starting the worker
   until the last outbox file, and until the inbox is empty;
@@ -150,27 +152,30 @@ def fs_type(path: Path) -> str:
     return kind
 
 
-def cold_drain(events: list[dict[str, Any]], on_disk: bool) -> Result:
-    """Post ``events``, stop the API, start one worker cold; time it until the last file."""
+def cold_drain(events: list[dict[str, Any]], on_disk: bool, compiled: bool = True) -> Result:
+    """Post ``events``, stop the API, start one worker cold; time it until the last file.
+    ``compiled``: the worker finds the templates the API compiled on disk (any start after
+    the first one on a machine); else it compiles them itself (the very first start, or
+    NOTIFIER_TEMPLATE_CACHE=false)."""
     with stack() as st:
         disk_outbox = Path(tempfile.mkdtemp(prefix="notifier-outbox-", dir=DISK))
         if on_disk:
             shutil.rmtree(st.outbox, ignore_errors=True)
             st.outbox = disk_outbox
         try:
-            return _cold_drain(st, events)
+            return _cold_drain(st, events, compiled)
         finally:
             shutil.rmtree(disk_outbox, ignore_errors=True)
 
 
-def _cold_drain(st: Stack, events: list[dict[str, Any]]) -> Result:
+def _cold_drain(st: Stack, events: list[dict[str, Any]], compiled: bool) -> Result:
     probe = create_us(st.outbox)
     api, port = st.api()
     ingest = post_simple(port, events)
     transitions = _inbox_length(st)
     api.stop()
     started = time.time()
-    worker = st.worker()
+    worker = st.worker(**({} if compiled else {"NOTIFIER_TEMPLATE_CACHE": "false"}))
     wait_until(alive(worker, lambda: _consumed(st)), "the worker", 120)
     ready = time.time()
     wait_until(alive(worker, lambda: _inbox_length(st) == 0), "the drain", 900)
@@ -226,6 +231,11 @@ def report(runs: list[Result]) -> list[str]:
             f"one file create there {m('file_create_us'):,.0f} µs of CPU"
         )
     lines.append(
+        f"outbox on tmpfs, no compiled templates on disk (a first start, or "
+        f"NOTIFIER_TEMPLATE_CACHE=false): ready {med('uncompiled', 'ready_s'):.2f} s, first "
+        f"message {med('uncompiled', 'first_message_s'):.2f} s"
+    )
+    lines.append(
         f"ingest, batches of {BATCH}: simple client (json, http.client, 1 connection) "
         f"{med('disk', 'ingest', 'transitions_per_s'):,.0f} transitions/s "
         f"(client CPU {med('disk', 'ingest', 'client_cpu_share'):.0%} of its time); "
@@ -250,6 +260,7 @@ def main() -> None:
             "imports_s": import_seconds(),
             "disk": cold_drain(events, on_disk=True),
             "tmpfs": cold_drain(events, on_disk=False),
+            "uncompiled": cold_drain(events, on_disk=False, compiled=False),
             "suite_client": post_suite_client(events),
         }
         runs.append(result)

@@ -210,6 +210,9 @@ class Stack:
             "NOTIFIER_API_KEYS": API_KEYS,
             "NOTIFIER_OUTBOX_DIR": str(self.outbox),
             "NOTIFIER_LOG_LEVEL": "WARNING",
+            # the stack's own cache: its first process compiles the templates and keeps them
+            # there for the next (notifier/render/compiled.py), whatever ~/.cache holds
+            "XDG_CACHE_HOME": str(self.workdir / "cache"),
             **extra,
         }
 
