@@ -24,6 +24,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=45)
     parser.add_argument("--memory", action="store_true", help="tracemalloc: where memory goes")
     parser.add_argument("--time", action="store_true", help="no profiler: the drain rate only")
+    parser.add_argument("--save", help="also write the profile here (pstats, for snakeviz)")
     args = parser.parse_args()
     events = workload.stream(args.shipments, seed=3, run="p")
     with stack() as st:
@@ -91,6 +92,8 @@ def main() -> None:
             prof.enable()
             loop.run_until_complete(until_drained())
             prof.disable()
+            if args.save:
+                prof.dump_stats(args.save)
             pstats.Stats(prof).sort_stats("cumulative").print_stats(args.top)
             pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
         seconds = time.perf_counter() - started

@@ -70,6 +70,11 @@ class Sent(BaseModel):
     rank: int
     trivial: bool = False
     due: datetime | None = None
+    #: it waited for ``due`` and was cancelled then, never handed to a channel (its
+    #: recipient opted out meanwhile, or a newer decision overtook it within
+    #: ``OVERTAKE_MARGIN``): no cap or throttle counts it; the duplicate rule still sees it
+    #: as the last message decided on its channel (``store.shipments.settled_log``)
+    cancelled: bool = False
 
 
 class ShipmentState(BaseModel):
@@ -178,7 +183,7 @@ class ShipmentState(BaseModel):
         return out
 
     def waited(self, by: datetime) -> bool:
-        """Whether a message of the log waited for a due time that has come by ``by``: what
+        """Whether a message of the log waits for a due time that has come by ``by``: what
         became of it is on the shipment's outcome list (``store.shipments.settled_log``)."""
         return any(m.due is not None and m.due <= by for m in self.messages)
 
@@ -187,6 +192,8 @@ class ShipmentState(BaseModel):
 
         ``pending`` names events decided in the batch under way: not sent yet either.
         """
+        if m.cancelled:
+            return False
         waiting = (m.due is not None and m.due > now) or m.event_id in pending
         return not waiting or self.superseded(m.channel, m.event_id, m.milestone, m.rank) is None
 
@@ -209,6 +216,8 @@ class ShipmentState(BaseModel):
             current_event, milestone, rank = current
         out = []
         for m in self.messages:
+            if m.cancelled:
+                continue
             if (m.due is None or m.due <= now) and m.event_id not in pending:
                 out.append(m)
                 continue
@@ -311,7 +320,9 @@ class ShipmentState(BaseModel):
         at = at.replace(microsecond=0)
         keep = [m for m in self.messages if m.at > at - MESSAGE_LOG]
         aged_sms = sum(
-            1 for m in self.messages if m.at <= at - MESSAGE_LOG and m.channel is ChannelKind.SMS
+            1
+            for m in self.messages
+            if m.at <= at - MESSAGE_LOG and m.channel is ChannelKind.SMS and not m.cancelled
         )
         milestone, rank = t.milestone, STATUS_RANK[t.status]
         sent = assembled(  # typed inputs: skip validation on this hot path
@@ -324,6 +335,7 @@ class ShipmentState(BaseModel):
                 "rank": rank,
                 "trivial": trivial,
                 "due": due,
+                "cancelled": False,
             },
         )
         notice = assembled(

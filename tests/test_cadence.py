@@ -19,7 +19,7 @@ from notifier.packing import NOTIFICATION, pack, unpack
 from notifier.pipeline import Pipeline, notification_id
 from notifier.resources import Resources, open_resources
 from notifier.settings import Settings
-from notifier.store import keys
+from notifier.store import keys, record
 from notifier.worker import find_stalled, release_due
 from tests.conftest import auth, fixed_clock, history, outbox_files, post, run_worker, transition
 
@@ -367,19 +367,19 @@ async def capped(tmp_path: Path, redis_url: str) -> AsyncIterator[tuple[Settings
         yield settings, c
 
 
-async def logged(res: Resources) -> list[tuple[str, str, datetime | None]]:
-    """The shipment's message log: (event, channel, due) of each message, oldest first."""
+async def logged(res: Resources) -> list[tuple[str, str, datetime | None, bool]]:
+    """The shipment's message log: (event, channel, due, cancelled) of each message."""
     [(_, state)] = await res.store.load_states([("acme", "shp_123")])
     assert state is not None
-    return [(m.event_id, m.channel.value, m.due) for m in state.messages]
+    return [(m.event_id, m.channel.value, m.due, m.cancelled) for m in state.messages]
 
 
 async def test_a_waiting_message_cancelled_when_its_time_came_counts_against_no_cap(
     capped: tuple[Settings, Client], res_at: Any
 ) -> None:
     """The recipient opts out while the SMS waits for the end of quiet hours: the due sweep
-    cancels it. It never went out, so the next decision's cap does not count it, and it
-    leaves the shipment's message log."""
+    cancels it. It never went out, so the next decision's cap does not count it (the
+    shipment's message log marks it cancelled)."""
     settings, client = capped
     await post(client, transition(occurred_at="2026-11-21T22:40:00+01:00"))
     await run_worker(settings, clock=fixed_clock(NIGHT))  # the email; the SMS waits
@@ -391,7 +391,10 @@ async def test_a_waiting_message_cancelled_when_its_time_came_counts_against_no_
     async with res_at(MORNING) as res:
         await release(res)
         assert await ledger(res, nid("evt_1", ChannelKind.SMS)) == ["cancelled"]
-        assert [(e, c) for e, c, _ in await logged(res)] == [("evt_1", "email"), ("evt_1", "sms")]
+        assert [(e, c, x) for e, c, _, x in await logged(res)] == [
+            ("evt_1", "email", False),
+            ("evt_1", "sms", False),  # what became of it is read at the next decision
+        ]
 
     await post(client, transition(event_id="dlv", status="delivered"))
     later = MORNING + timedelta(hours=1)
@@ -400,7 +403,11 @@ async def test_a_waiting_message_cancelled_when_its_time_came_counts_against_no_
     assert dlv["email"]["outcome"] == "sent"  # the second today, not the third
     assert dlv["sms"]["outcome"] == "suppressed" and "opted out" in dlv["sms"]["reason"]
     async with res_at(later) as res:
-        assert await logged(res) == [("evt_1", "email", None), ("dlv", "email", None)]
+        assert await logged(res) == [
+            ("evt_1", "email", None, False),
+            ("evt_1", "sms", None, True),
+            ("dlv", "email", None, False),
+        ]
     assert len(outbox_files(settings, ".eml")) == 2 and outbox_files(settings, ".sms.json") == []
 
 
@@ -423,8 +430,40 @@ async def test_a_waiting_message_sent_when_its_time_came_still_counts(
     assert dlv["email"]["outcome"] == "suppressed"
     assert dlv["email"]["reason"] == "cap: 2 messages to this shipment in the last 24 h (max 2)"
     async with res_at(later) as res:
-        assert [(e, c, due) for e, c, due in await logged(res)] == [
-            ("evt_1", "email", None),
-            ("evt_1", "sms", None),  # sent: no longer waiting
+        assert await logged(res) == [
+            ("evt_1", "email", None, False),
+            ("evt_1", "sms", None, False),  # sent: no longer waiting
         ]
     assert len(outbox_files(settings, ".sms.json")) == 1
+
+
+async def test_an_outcome_list_that_does_not_read_holds_up_no_decision(
+    client: Client, settings: Settings, res_at: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The message log is brought up to date from the outcome list; a damaged list leaves
+    the waiting message counted as it was, with a warning, and the batch is decided."""
+    await post(client, transition(occurred_at="2026-11-21T22:40:00+01:00"))
+    await run_worker(settings, clock=fixed_clock(NIGHT))
+    async with res_at(MORNING) as res:
+        await release(res)
+        found = await res.store.records([("acme", "shp_123")])
+        damaged = record.blob(
+            record.Record(
+                found[0].version,
+                found[0].counted,
+                found[0].state,
+                found[0].history,
+                [b"n_x\t{not json\t", *found[0].outcomes],
+            )
+        )
+        await res.redis.set(keys.state_key("acme", "shp_123"), damaged, keepttl=True)
+    await post(client, transition(event_id="dlv", status="delivered"))
+    with caplog.at_level("WARNING", "notifier.store.shipments"):
+        await run_worker(settings, clock=fixed_clock(MORNING + timedelta(hours=1)))
+    assert [r.getMessage() for r in caplog.records if "outcome list" in r.getMessage()] == [
+        "shipment acme/shp_123: its outcome list does not read (JSONDecodeError); its waiting "
+        "messages count as sent"
+    ]
+    # the delivered email and SMS went out (the history API would read the damaged list)
+    assert len(outbox_files(settings, ".eml")) == 2
+    assert len(outbox_files(settings, ".sms.json")) == 2

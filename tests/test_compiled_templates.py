@@ -114,7 +114,7 @@ def test_an_edited_or_damaged_file_is_compiled_again(
     cache = tmp_path / "cache"
     new_process(monkeypatch, cache)
     TemplateStore(templates).select("", NAMES)
-    (file,) = code_files(cache)
+    (before,) = code_files(cache)
 
     layout = templates / "sms" / "layout.txt"
     layout.write_text("EDITED " + layout.read_text(encoding="utf-8"), encoding="utf-8")
@@ -122,16 +122,19 @@ def test_an_edited_or_damaged_file_is_compiled_again(
     edited = TemplateStore(templates).select("", NAMES).render(**context())
     assert edited.startswith("EDITED")  # not the code of the source before
     assert compiles == ["sms/layout.txt"] * 2
-    assert code_files(cache) == [file]  # replaced, not one more
+    (file,) = [f for f in code_files(cache) if f != before]  # its own file (MAX_FILES bounds)
 
-    for damage in (file.read_bytes()[:-40], b"", b"not a compiled template"):
+    good = file.read_bytes()
+    flipped = bytearray(good)
+    flipped[len(good) // 2 + 40] ^= 0x5A  # in the code, past the header
+    for damage in (good[:-40], b"", b"not a compiled template", bytes(flipped)):
         file.write_bytes(damage)
         new_process(monkeypatch, cache)
         assert TemplateStore(templates).select("", NAMES).render(**context()) == edited
-    assert compiles == ["sms/layout.txt"] * 5
+    assert compiles == ["sms/layout.txt"] * 6
     new_process(monkeypatch, cache)
     TemplateStore(templates).select("", NAMES)
-    assert len(compiles) == 5  # the last compile wrote a good file again
+    assert len(compiles) == 6  # the last compile wrote a good file again
 
 
 def test_code_of_another_version_is_never_loaded(
@@ -179,7 +182,11 @@ def test_a_disk_that_fails_leaves_templates_compiled_in_memory(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """A full or read-only disk: one warning, templates compiled in memory, and the files
+    there (an image's, compiled when it was built) still read."""
     cache = tmp_path / "cache"
+    new_process(monkeypatch, cache)
+    TemplateStore(templates).select("", ("email/layout.txt",))  # on disk before
     new_process(monkeypatch, cache)
 
     def full(*args: Any, **kwargs: Any) -> Any:
@@ -189,33 +196,112 @@ def test_a_disk_that_fails_leaves_templates_compiled_in_memory(
     with caplog.at_level(logging.WARNING, "notifier.render"):
         store = TemplateStore(templates)
         text = store.select("", NAMES).render(**context())
+        store.select("", ("email/layout.html",))
         store.select("", ("email/layout.txt",))
     assert text.startswith("Your parcel")
-    assert COMPILED.folder is None  # given up on: one warning, not one per template
+    assert not COMPILED.writable and COMPILED.folder is not None
     warnings = [r.getMessage() for r in caplog.records]
-    assert warnings == [
-        f"compiled templates are no longer kept in {cache}/{compiled.fingerprint()} (No space "
-        "left on device); they are compiled in memory as each process needs them"
+    assert warnings == [  # one, not one per template
+        f"compiled templates are no longer written to {cache}/{compiled.fingerprint()} (No "
+        "space left on device): the ones there are still read, the others compiled in memory "
+        "as this process needs them"
     ]
-    assert code_files(cache) == []
-    assert compiles == ["sms/layout.txt", "email/layout.txt"]
+    assert len(code_files(cache)) == 1
+    # the file there was loaded, the others compiled
+    assert compiles == ["email/layout.txt", "sms/layout.txt", "email/layout.html"]
 
 
-def test_folders_of_versions_unused_for_a_week_are_removed(
+def test_only_folders_of_versions_unused_for_a_week_are_removed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """What else the folder holds is never touched (NOTIFIER_TEMPLATE_CACHE_DIR may name a
+    folder of other things)."""
     cache = tmp_path / "cache"
     old, recent = cache / "0123456789abcdef", cache / "fedcba9876543210"
-    for folder in (old, recent):
+    theirs, mixed = cache / "outbox-archive", cache / "00000000000000ff"
+    for folder in (old, recent, theirs, mixed):
         folder.mkdir(parents=True)
-        (folder / "x.code").write_bytes(b"")
+        (folder / ("ab" * 16 + ".code")).write_bytes(b"")
+    (mixed / "notes.txt").write_text("kept")
     week_ago = time.time() - compiled.STALE_S - 60
-    os.utime(old, (week_ago, week_ago))
+    for folder in (old, theirs, mixed):
+        os.utime(folder, (week_ago, week_ago))
     cache.chmod(0o700)
-    monkeypatch.setattr(COMPILED, "folder", None)
     assert Compiled().keep_in(cache) is None
-    assert not old.exists() and recent.exists()
+    assert not old.exists()
+    assert recent.exists() and theirs.exists() and (mixed / "notes.txt").exists()
     assert (cache / compiled.fingerprint()).is_dir()
+
+
+def test_a_version_keeps_its_latest_files_only(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    folder = cache / compiled.fingerprint()
+    folder.mkdir(parents=True, mode=0o700)
+    cache.chmod(0o700)
+    for i in range(5):
+        f = folder / (f"{i:032x}" + ".code")
+        f.write_bytes(b"")
+        os.utime(f, (1_000_000 + i, 1_000_000 + i))
+    (folder / "unrelated").write_text("")
+    compiled._remove_oldest(folder, 3)
+    assert sorted(f.name for f in folder.iterdir()) == [
+        f"{2:032x}.code",
+        f"{3:032x}.code",
+        f"{4:032x}.code",
+        "unrelated",
+    ]
+
+
+def test_every_module_of_the_package_and_the_version_name_the_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The code generator and the limits it writes into the code live in this package's
+    modules (limits.py, sandbox.py, skeleton.py): a change to any of them is another folder."""
+    import notifier
+
+    copy = tmp_path / "render"
+    shutil.copytree(Path(compiled.__file__).parent, copy)
+    monkeypatch.setattr(compiled, "__file__", str(copy / "compiled.py"))
+    before = compiled.fingerprint()
+    limits = copy / "limits.py"
+    limits.write_text(limits.read_text(encoding="utf-8") + "\n# changed\n", encoding="utf-8")
+    after_limits = compiled.fingerprint()
+    monkeypatch.setattr(notifier, "__version__", "99.0.0")
+    assert len({before, after_limits, compiled.fingerprint()}) == 3
+
+
+def test_a_template_of_one_name_and_two_sources_has_two_files(
+    compiles: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two merchants' published files of one name (no file name: from the editor): each
+    keeps its own file instead of replacing the other's at every compile."""
+    cache = tmp_path / "cache"
+    new_process(monkeypatch, cache)
+    env = Sandbox(loader=jinja2.DictLoader({}), bytecode_cache=COMPILED)
+    for text in ("one {{ x }}", "two {{ x }}"):
+        env.loader = jinja2.DictLoader({"messages/a.jinja": text})
+        env.cache = None  # type: ignore[assignment]
+        env.get_template("messages/a.jinja")
+    assert len(code_files(cache)) == 2
+
+
+def test_a_folder_under_one_others_can_write_to_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Someone who can write the folder above could put another folder, of theirs, in its
+    place after the check; unless that folder has the sticky bit (as /tmp)."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    assert new_process(monkeypatch, shared / "cache") == (
+        f"{shared}: others can write to a folder above it"
+    )
+    shared.chmod(0o1777)
+    assert new_process(monkeypatch, shared / "cache") is None
+    link = tmp_path / "link"
+    link.symlink_to(shared / "cache")
+    assert new_process(monkeypatch, link) is None
+    assert COMPILED.folder == shared / "cache" / compiled.fingerprint()  # the link resolved
 
 
 def test_the_default_folder_is_the_users_cache(monkeypatch: pytest.MonkeyPatch) -> None:

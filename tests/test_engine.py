@@ -13,11 +13,19 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from notifier.errors import ConfigurationError
-from notifier.models import STATUS_RANK, ChannelKind, Outcome, Status, Transition
+from notifier.models import (
+    STATUS_RANK,
+    ChannelKind,
+    Outcome,
+    Status,
+    Transition,
+    notification_id_of,
+)
 from notifier.policy import Policy, PolicyStore, decide, fold, opt_out_key, quiet_until
 from notifier.policy.rules import QuietWindow
 from notifier.resources import data_dir
 from notifier.state import ShipmentState
+from notifier.store.shipments import settled_log
 
 EMAIL, SMS = ChannelKind.EMAIL, ChannelKind.SMS
 NOON = datetime(2026, 11, 21, 11, 0, tzinfo=UTC)  # 12:00 in Paris
@@ -705,3 +713,68 @@ def test_replayed_late_events_recover_each_message_once() -> None:
         {"acme": policy()},
     )
     assert len(folded.recover) == len(set(folded.recover)) == 6  # e2, e3 and e1, each channel
+
+
+# -- what became of a waiting message (store.shipments.settled_log) --------------------------
+
+
+def waited_overnight(p: Policy | None = None) -> tuple[ShipmentState, datetime]:
+    """An out-for-delivery email sent at night, its SMS waiting for the morning; and when."""
+    night = datetime(2026, 11, 21, 22, 0, tzinfo=UTC)  # 23:00 in Paris
+    state, steps = run([event(1, "out_for_delivery", night)], night, p)
+    assert [v.outcome for v in steps[0].verdicts] == [Outcome.SENT, Outcome.DEFERRED]
+    return state, datetime(2026, 11, 22, 7, 30, tzinfo=UTC)
+
+
+def sms_fields(state: ShipmentState, **fields: str) -> dict[str, dict[str, str]]:
+    """An outcome list's fields of the shipment's SMS of e1."""
+    return {notification_id_of("acme", "s1", "e1", "sms"): fields}
+
+
+def test_a_waiting_message_cancelled_once_claimed_counts_no_more_but_is_still_decided() -> None:
+    """Cancelled by the due sweep (the recipient opted out meanwhile): no cap counts it; the
+    duplicate rule still sees it as the last message decided on its channel, as before."""
+    state, morning = waited_overnight()
+    settled = settled_log(state, sms_fields(state, st="cancelled", attempts="1"), morning)
+    [sms] = [m for m in settled.messages if m.channel is SMS]
+    assert (sms.cancelled, sms.due) == (True, None)
+    assert [m.channel for m in settled.live_messages(morning)] == [EMAIL]
+    assert not settled.waited(morning)
+    # a repeat of the milestone on day two is a duplicate of the cancelled one, as it was
+    again = morning + timedelta(hours=2)
+    _, steps = run([event(2, "out_for_delivery", again)], again, state=settled)
+    assert [(v.channel, v.rule) for v in steps[0].verdicts] == [
+        (EMAIL, "duplicate"),
+        (SMS, "duplicate"),
+    ]
+
+
+def test_a_waiting_message_sent_or_perhaps_sent_counts_as_sent() -> None:
+    """Sent; or cancelled after a second claim, which a worker that lost its claim may have
+    sent first; or still not on the list a day after its time (failed for good, or trimmed):
+    each counts, as it always did, and is no longer looked up."""
+    state, morning = waited_overnight()
+    for fields, by in (
+        ({"st": "sent", "attempts": "1"}, morning),
+        ({"st": "cancelled", "attempts": "2"}, morning),
+        ({}, morning + timedelta(days=1, minutes=1)),
+    ):
+        settled = settled_log(state, sms_fields(state, **fields), by)
+        [sms] = [m for m in settled.messages if m.channel is SMS]
+        assert (sms.cancelled, sms.due) == (False, None), fields
+        assert [m.channel for m in settled.live_messages(by)] == [EMAIL, SMS]
+    # not settled yet, within the day: it waits still, and counts
+    assert settled_log(state, {}, morning) is state
+    # before its time nothing is looked up
+    assert settled_log(state, sms_fields(state, st="cancelled"), morning.replace(hour=6)) is state
+
+
+def test_a_cancelled_message_ages_out_without_counting_as_an_sms_sent() -> None:
+    """The lifetime SMS cap counts the SMS that age out of the log: never a cancelled one."""
+    state, morning = waited_overnight()
+    settled = settled_log(state, sms_fields(state, st="cancelled", attempts="1"), morning)
+    month = morning + timedelta(days=32)
+    later, _ = run([event(2, "delivered", month)], month, state=settled)
+    assert later.sms_archived == 0
+    kept, _ = run([event(2, "delivered", month)], month, state=state)  # had it gone out
+    assert kept.sms_archived == 1

@@ -416,7 +416,7 @@ class Ledger(StoreBase):
 
         # a script is never in a pipeline: a cluster's pipelines refuse them
         rows, (found,) = await asyncio.gather(live(), self.records([(merchant_id, shipment_id)]))
-        settled = _outcomes(found.outcomes)
+        settled = outcomes_of(found.outcomes)
         out = {}
         for nid, row in zip(notification_ids, rows, strict=True):
             fields = {f: decode(v) for f, v in zip(_SHOWN, row, strict=True) if v}
@@ -548,7 +548,7 @@ def merge_outcomes(elements: Sequence[bytes], cap: int) -> bytes:
     return chunks.header(len(records)) + ids + b"\t" + ranked + b"\t" + packed
 
 
-def _outcomes(elements: Sequence[bytes]) -> dict[str, dict[str, str]]:
+def outcomes_of(elements: Sequence[bytes]) -> dict[str, dict[str, str]]:
     """The ledger fields of each notification on an outcome list (``lua/fold.lua``): its
     settling record, and the provider statuses reported after (the highest rank wins)."""
     out: dict[str, dict[str, str]] = {}
@@ -559,11 +559,6 @@ def _outcomes(elements: Sequence[bytes]) -> dict[str, dict[str, str]]:
         fields.update(known)
         fields.update(recorded)
     return out
-
-
-def outcome_states(elements: Sequence[bytes]) -> dict[str, str]:
-    """The status each notification on an outcome list was settled with (sent, cancelled)."""
-    return {nid: fields.get("st", "") for nid, fields in _outcomes(elements).items()}
 
 
 def _shown(fields: Mapping[str, str]) -> dict[str, str | int]:

@@ -20,9 +20,10 @@ is kept as it is, and chunks written before hold every id in full.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
@@ -33,8 +34,10 @@ from notifier.packing import HISTORY, STATE, pack, unpack
 from notifier.state import ShipmentState
 from notifier.store import chunks, keys, record
 from notifier.store.base import Scope, StoreBase, awaited, decode
-from notifier.store.ledger import LedgerState, merge_outcomes, outcome_states
+from notifier.store.ledger import LedgerState, merge_outcomes, outcomes_of
 from notifier.store.stats import KEEP_S
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,8 +118,7 @@ class Shipments(StoreBase):
             one = raw if isinstance(raw, record.Record) else record.head(raw or b"")
             state = ShipmentState.model_validate_json(unpack(one.state)) if one.state else None
             if state is not None and settled_by is not None and state.waited(settled_by):
-                whole = raw if isinstance(raw, record.Record) else record.parse(raw)
-                state = settled_log(state, outcome_states(whole.outcomes))
+                state = settled_log(state, _outcomes_of(state, raw), settled_by)
             out.append((one.version, state))
         return out
 
@@ -355,27 +357,61 @@ class Shipments(StoreBase):
         return sorted(shipments)[: keys.TRACKING_SHIPMENTS]
 
 
-def settled_log(state: ShipmentState, outcomes: Mapping[str, str]) -> ShipmentState:
-    """``state`` with its message log up to date with what became of its waiting messages
-    (``outcomes``: a settled notification's status by id, from the shipment's outcome list).
+#: a waiting message past its due time this long and still not on its shipment's outcome
+#: list (failed for good, trimmed from a long list, or a record from before 0.4 read
+#: without its list) counts as sent, as it always did, and is no longer looked up
+UNSETTLED_AFTER = timedelta(days=1)
 
-    One cancelled when its time came (a newer decision overtook it within
-    ``OVERTAKE_MARGIN`` of its due time, or the recipient opted out meanwhile) never went
-    out: it leaves the log, and no cap, duplicate or throttle counts it. One sent is an
-    ordinary message sent. One not settled yet (claimed, retrying, failed) stays as it is."""
-    kept = []
+
+def settled_log(
+    state: ShipmentState, outcomes: Mapping[str, Mapping[str, str]], by: datetime
+) -> ShipmentState:
+    """``state`` with its message log up to date with what became of its messages that
+    waited for a due time come by ``by`` (``outcomes``: the ledger fields each settled
+    notification was recorded with, by id, from the shipment's outcome list).
+
+    One cancelled when its time came, never handed to a channel (its recipient opted out
+    meanwhile, or a newer decision overtook it within ``OVERTAKE_MARGIN`` of its due time),
+    is marked ``cancelled``: no cap or throttle counts it. One cancelled after more than one
+    claim may have gone out with a claim that was lost, and one sent is a message sent: they
+    count, as every message in the log does, and no longer wait. One not settled yet
+    (claimed, retrying) waits still, for ``UNSETTLED_AFTER`` at most."""
+    changed = []
     for m in state.messages:
-        if m.due is not None:
+        due = m.due
+        if due is not None and due <= by:
             nid = notification_id_of(state.merchant_id, state.shipment_id, m.event_id, m.channel)
-            status = outcomes.get(nid)
-            if status == LedgerState.CANCELLED:
-                continue
-            if status == LedgerState.SENT:
+            fields = outcomes.get(nid, {})
+            status = fields.get("st")
+            if status == LedgerState.CANCELLED and int(fields.get("attempts") or 0) <= 1:
+                m = m.model_copy(update={"due": None, "cancelled": True})
+            elif status in (LedgerState.SENT, LedgerState.CANCELLED) or (
+                due <= by - UNSETTLED_AFTER
+            ):
                 m = m.model_copy(update={"due": None})
-        kept.append(m)
-    if kept == state.messages:
+        changed.append(m)
+    if changed == state.messages:
         return state
-    return state.model_copy(update={"messages": kept})
+    return state.model_copy(update={"messages": changed})
+
+
+def _outcomes_of(state: ShipmentState, raw: Any) -> dict[str, dict[str, str]]:
+    """The ledger fields of each notification on a shipment's outcome list (``raw``: its
+    record's bytes, or a record read from the keys before records, without its list); none
+    when the list does not read (it is left for ``compact`` to report), so a damaged list
+    never holds up the batch."""
+    whole = raw if isinstance(raw, record.Record) else record.parse(raw)
+    try:
+        return outcomes_of(whole.outcomes)
+    except Exception as exc:  # damaged data of any kind: the state is decided as it is
+        log.warning(
+            "shipment %s/%s: its outcome list does not read (%s); its waiting messages count "
+            "as sent",
+            state.merchant_id,
+            state.shipment_id,
+            type(exc).__name__,
+        )
+        return {}
 
 
 #: a chunk's notification id that its decision's event and channel make (see the top)
