@@ -217,16 +217,23 @@ async def test_opt_out_api_refuses_bad_input(client: Client) -> None:
     assert (await client.post("/v1/merchants/globex/opt-outs", json={})).status == 401
 
 
-async def test_opt_out_after_deferral_cancels_the_deferred_message(
-    client: Client, settings: Settings, res_at: Any
-) -> None:
+async def defer_then_opt_out(client: Client, settings: Settings) -> None:
+    """An out-for-delivery at night: its email goes, its SMS waits for the morning; then the
+    recipient opts out of SMS."""
     await post(client, transition(occurred_at="2026-11-21T22:40:00+01:00"))
     await run_worker(settings, clock=fixed_clock(NIGHT))
-    await client.post(
+    resp = await client.post(
         "/v1/merchants/acme/opt-outs",
         json={"channel": "sms", "address": "+33612345678"},
         headers=auth(),
     )
+    assert resp.status == 200, await resp.text()
+
+
+async def test_opt_out_after_deferral_cancels_the_deferred_message(
+    client: Client, settings: Settings, res_at: Any
+) -> None:
+    await defer_then_opt_out(client, settings)
     async with res_at(MORNING) as res:
         await release(res)
         assert await ledger(res, nid("evt_1", ChannelKind.SMS)) == ["cancelled"]
@@ -381,13 +388,7 @@ async def test_a_waiting_message_cancelled_when_its_time_came_counts_against_no_
     cancels it. It never went out, so the next decision's cap does not count it (the
     shipment's message log marks it cancelled)."""
     settings, client = capped
-    await post(client, transition(occurred_at="2026-11-21T22:40:00+01:00"))
-    await run_worker(settings, clock=fixed_clock(NIGHT))  # the email; the SMS waits
-    await client.post(
-        "/v1/merchants/acme/opt-outs",
-        json={"channel": "sms", "address": "+33612345678"},
-        headers=auth(),
-    )
+    await defer_then_opt_out(client, settings)
     async with res_at(MORNING) as res:
         await release(res)
         assert await ledger(res, nid("evt_1", ChannelKind.SMS)) == ["cancelled"]
