@@ -40,6 +40,7 @@ from notifier.pipeline import BatchReport, Pipeline, inject
 from notifier.resources import Clock, Resources, connect_queue, open_resources, utc_now
 from notifier.settings import Settings
 from notifier.store import InboxEntry, keys, wake
+from notifier.store.base import data_error
 
 log = logging.getLogger(__name__)
 
@@ -268,21 +269,26 @@ class Processed:
 async def _process(pipeline: Pipeline, entries: list[InboxEntry]) -> Processed:
     """Run a batch; if it fails for a reason other than Redis, run its entries one by one
     so a single bad entry cannot hold back the rest (an entry that fails alone stays
-    pending, and is retried later)."""
+    pending, is retried later, and is set aside once it failed ``MAX_DELIVERIES`` times).
+    A script of the store failing on what it read (a damaged shipment record) is such a
+    reason (``data_error``), not a Redis outage: waiting for Redis would retry the same
+    batch forever, and hold up its partition."""
     outcome = Processed()
     try:
         outcome.add(entries, await pipeline.process(entries))
         return outcome
-    except (RedisError, OSError):
-        raise
+    except (RedisError, OSError) as exc:
+        if not data_error(exc):
+            raise
+        _log_failure(f"a batch of {len(entries)} entries", exc)
     except Exception as exc:
         _log_failure(f"a batch of {len(entries)} entries", exc)
     for entry in entries:
         try:
             report = await pipeline.process([entry])
-        except (RedisError, OSError):
-            raise
         except Exception as exc:
+            if isinstance(exc, (RedisError, OSError)) and not data_error(exc):
+                raise
             _log_failure(f"entry {entry.entry_id} (stays pending, retried later)", exc)
             continue
         outcome.add([entry], report)

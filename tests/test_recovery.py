@@ -8,12 +8,14 @@ import email
 import email.policy
 import shutil
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from redis.exceptions import ConnectionError, ResponseError
 
 from notifier import delivery
 from notifier.app import create_app
@@ -23,7 +25,8 @@ from notifier.models import ChannelKind
 from notifier.pipeline import Pipeline
 from notifier.resources import Resources, data_dir, open_resources
 from notifier.settings import Settings
-from notifier.store import GROUP, ClaimResult
+from notifier.store import GROUP, ClaimResult, record
+from notifier.store.base import data_error
 from notifier.worker import MAX_DELIVERIES, release_due
 from tests.conftest import (
     NOW,
@@ -167,6 +170,69 @@ async def test_poison_entry_is_isolated_then_buried(tmp_path: Path, redis_url: s
             assert b'"event_id":"bad"' in fields[b"t"]  # kept whole, not dropped
         health = await (await client.get("/healthz")).json()
         assert health["dead_letters"] == {"notifications": 0, "inbox": 1}
+
+
+async def test_a_record_a_script_cannot_read_holds_up_only_its_own_events(
+    tmp_path: Path, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A shipment record whose outcome list the commit script cannot read fails the batch
+    in Redis (a Lua error), not in Python. It is not a Redis outage: the batch is run one
+    entry at a time, the others go out, and its event waits, then is set aside whole. And
+    the script stops before it writes anything of that shipment: a state saved without the
+    new messages' ledger entries would have lost them."""
+    settings = make_settings(tmp_path, redis_url=redis_url, partitions=1)
+    async with TestClient(TestServer(create_app(settings))) as client:
+        await post(client, transition(event_id="first", status="in_transit"))
+        await run_worker(settings)
+        async with open_resources(settings, clock=fixed_clock()) as res:
+            key = res.store.state_key("acme", "shp_123")
+            [held] = await res.store.records([("acme", "shp_123")])
+            damaged = record.blob(replace(held, outcomes=[b"\x03no chunk", *held.outcomes]))
+            await res.redis.set(key, damaged, keepttl=True)
+        await post(
+            client,
+            transition(event_id="good1", shipment_id="a"),
+            transition(event_id="bad"),  # shp_123, out for delivery: an email and an SMS
+            transition(event_id="good2", shipment_id="c"),
+        )
+        with caplog.at_level("WARNING", "notifier"):
+            await run_worker(settings)
+        assert not [r for r in caplog.records if "waiting for it" in r.getMessage()]
+        assert len([r for r in caplog.records if r.levelname == "ERROR"]) == 2  # batch, entry
+        assert {p.parent.name for p in outbox_files(settings)} == {"a", "c", "shp_123"}
+        assert len(outbox_files(settings)) == 5  # 2 + 2, and shp_123's first email only
+        async with open_resources(settings, clock=fixed_clock()) as res:
+            assert await res.redis.get(key) == damaged  # nothing of "bad" was written
+            assert await pending_entries(res) == 1
+            for _ in range(MAX_DELIVERIES + 1):
+                await age_inbox(res, int(settings.claim_idle_s * 1000) + 1000)
+                await run_worker(settings)
+            assert await pending_entries(res) == 0
+            [(_, fields)] = await res.redis.xrange(res.store.DEAD_INBOX_KEY)
+            assert b'"event_id":"bad"' in fields[b"t"]  # kept whole, not dropped
+
+
+def test_only_a_script_failing_on_its_data_is_taken_for_bad_data() -> None:
+    """A Lua error or a key of the wrong type fails again on the same data; out of memory,
+    a read-only replica, a busy or loading server, or a cluster moving slots pass."""
+    bad = [
+        "user_script:31: attempt to perform arithmetic on a nil value script: 1f, on "
+        "@user_script:31.",
+        "WRONGTYPE Operation against a key holding the wrong kind of value script: 1f",
+        "Error running script (call to f_1f): @user_script:3: user_script:3: bad argument",
+    ]
+    passing = [
+        "OOM command not allowed when used memory > 'maxmemory'. script: 1f",
+        "Error running script (call to f_1f): @user_script:9: @user_script:9: -OOM command "
+        "not allowed",
+        "READONLY You can't write against a read only replica. script: 1f",
+        "BUSY Redis is busy running a script.",
+        "Error running script (call to f_1f): @user_script:2: Script attempted to access a "
+        "non local key in a cluster node",
+    ]
+    assert [data_error(ResponseError(m)) for m in bad] == [True] * 3
+    assert [data_error(ResponseError(m)) for m in passing] == [False] * 5
+    assert not data_error(ConnectionError("gone")) and not data_error(OSError())
 
 
 async def test_template_that_raises_fails_only_its_message(tmp_path: Path, redis_url: str) -> None:

@@ -10,6 +10,7 @@ from typing import TypeVar
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ResponseError
 
 from notifier.store import keys, record
 from notifier.store.scripts import Scripts
@@ -20,6 +21,23 @@ DataRedis = Redis | RedisCluster
 #: What a key belongs to: a partition on a Redis Cluster (its hash tag), None on one Redis,
 #: where the partitions share every index.
 Scope = int | None
+
+
+def data_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is one of the store's scripts failing on what it read (a record that
+    does not read, a key of the wrong type), not Redis failing: the same data fails it
+    again, so waiting for Redis would retry it forever. A Lua error (``user_script:…``,
+    Redis 6: ``Error running script …``) or ``WRONGTYPE``; never one that passes with time
+    (out of memory, read-only replica, busy, loading, a cluster that moves slots)."""
+    if not isinstance(exc, ResponseError):
+        return False
+    message = str(exc)
+    if message.startswith(("user_script:", "WRONGTYPE")):
+        return True
+    transient = ("OOM", "READONLY", "MISCONF", "NOREPLICAS", "BUSY", "LOADING", "CLUSTERDOWN")
+    return message.startswith("Error running script") and not any(
+        code in message for code in (*transient, "TRYAGAIN", "MOVED", "ASK ", "non local key")
+    )
 
 
 class StoreBase:

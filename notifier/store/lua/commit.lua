@@ -71,6 +71,13 @@ for s = 1, shipments do
   local rec = record_load(skey, hkey, okey)
   local current = rec.v == '' and '0' or rec.v
   local ok = (current == expected)
+  local done = nil
+  if ok and tonumber(ARGV[a + nh]) > 0 then
+    -- read before anything of this shipment is written: Redis keeps what a script wrote
+    -- before an error, so an outcome list that does not read must stop the script before
+    -- the record is saved (a saved state without its new ledger entries would lose them)
+    done = settled_ids(record_list(rec, 'o'))
+  end
   if ok then
     rec.v, rec.s = tostring(tonumber(current) + 1), newstate
     if deadline == '' then
@@ -105,11 +112,9 @@ for s = 1, shipments do
   a = a + nh
   local nn = tonumber(ARGV[a])
   a = a + 1
-  local done = nil
   for i = 0, nn - 1 do
     local st, due, payload = ARGV[a + 3 * i], ARGV[a + 3 * i + 1], ARGV[a + 3 * i + 2]
     local nid = string.sub(KEYS[k + i], string.len(ARGV[5]) + 1)
-    if ok and done == nil then done = settled_ids(record_list(rec, 'o')) end
     if ok and not done[nid] and redis.call('HSETNX', KEYS[k + i], 'st', st) == 1 then
       -- no 'attempts' until the first claim counts one: none reads as 0 (ledger.py)
       redis.call('HSET', KEYS[k + i], 'created', now, 'due', due,
