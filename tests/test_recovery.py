@@ -178,8 +178,9 @@ async def test_a_record_a_script_cannot_read_holds_up_only_its_own_events(
     """A shipment record whose outcome list the commit script cannot read fails the batch
     in Redis (a Lua error), not in Python. It is not a Redis outage: the batch is run one
     entry at a time, the others go out, and its event waits, then is set aside whole. And
-    the script stops before it writes anything of that shipment: a state saved without the
-    new messages' ledger entries would have lost them."""
+    the script stops before it writes anything of the batch: a state saved without the new
+    messages' ledger entries would have lost them, and the shipments written before it in
+    the batch their analytics counts."""
     settings = make_settings(tmp_path, redis_url=redis_url, partitions=1)
     async with TestClient(TestServer(create_app(settings))) as client:
         await post(client, transition(event_id="first", status="in_transit"))
@@ -203,6 +204,14 @@ async def test_a_record_a_script_cannot_read_holds_up_only_its_own_events(
         assert len(outbox_files(settings)) == 5  # 2 + 2, and shp_123's first email only
         async with open_resources(settings, clock=fixed_clock()) as res:
             assert await res.redis.get(key) == damaged  # nothing of "bad" was written
+            # the batch that failed wrote nothing of the others either: counted once each
+            today = fixed_clock()().date()
+            [counts] = (await res.store.stats("acme", today, today)).values()
+            assert {k: v for k, v in counts.items() if k.endswith("decided")} == {
+                "in_transit|email|fr_FR|decided": 1,
+                "out_for_delivery|email|fr_FR|decided": 2,
+                "out_for_delivery|sms|fr_FR|decided": 2,
+            }
             assert await pending_entries(res) == 1
             for _ in range(MAX_DELIVERIES + 1):
                 await age_inbox(res, int(settings.claim_idle_s * 1000) + 1000)

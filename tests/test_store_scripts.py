@@ -12,12 +12,15 @@ import hashlib
 import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 from arq.connections import ArqRedis
+from redis.exceptions import ResponseError
 
+from bench.procs import free_port
 from notifier.state import ShipmentState
 from notifier.store import (
     Admission,
@@ -27,9 +30,10 @@ from notifier.store import (
     Store,
     body_digest,
     keys,
+    record,
     wake,
 )
-from tests.conftest import record_of, rewrite_record
+from tests.conftest import record_of, rewrite_record, start_redis
 
 #: The tests' "now" in epoch ms (the scripts take it as an argument, never from a clock).
 NOW_MS = 1_795_000_000_000
@@ -928,3 +932,39 @@ async def test_commands_are_packed_in_c_byte_for_byte_as_redis_py_would(redis_ur
     assert await client.echo("é✓") == "é✓".encode()
     assert await client.config_get("maxmemory")
     await client.aclose()
+
+
+@pytest.mark.parametrize(
+    "blob",
+    [
+        b"1:1-3:abc",  # a negative length: the frame loop went back and forth forever
+        b"1:1" + b"99:short",  # a frame longer than what is left
+        b"1:1x:abc",  # a length that is no number
+    ],
+)
+def test_a_frame_that_does_not_read_is_refused_in_python(blob: bytes) -> None:
+    with pytest.raises(ValueError):
+        record.frames(blob)
+
+
+async def test_a_frame_that_does_not_read_fails_the_script_before_it_writes(
+    tmp_path: Path,
+) -> None:
+    """On a redis-server of its own: a script that looped on a negative frame length could
+    not even be killed (it had written), and held the whole server."""
+    port = free_port()
+    server = start_redis(port, tmp_path)
+    redis = ArqRedis(port=port, socket_timeout=5)
+    try:
+        store = store_on(redis)
+        key = store.state_key(*SHIPMENT)
+        for damaged in (b"1:10:0:-3:abc", b"1:10:0:5:abc"):  # negative; past the end
+            await redis.set(key, damaged)
+            with pytest.raises(ResponseError, match="damaged record"):
+                await store.record_test(*SHIPMENT, {"test": True})
+            assert await redis.get(key) == damaged  # nothing written
+        assert await redis.ping()
+    finally:
+        await redis.aclose()
+        server.kill()  # a script that loops holds it: no shutdown would answer
+        server.wait(10)

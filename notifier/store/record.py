@@ -31,13 +31,17 @@ class Record:
 
 
 def frames(blob: bytes, limit: int = -1) -> list[bytes]:
-    """The frames of a blob, in order (the first ``limit`` only, when given)."""
+    """The frames of a blob, in order (the first ``limit`` only, when given); ValueError
+    for a frame that does not read (damaged data: a negative length looped forever)."""
     out: list[bytes] = []
     at, end = 0, len(blob)
     while at < end and len(out) != limit:
         colon = blob.index(b":", at)
         start = colon + 1
-        stop = start + int(blob[at:colon])
+        length = int(blob[at:colon])
+        if length < 0 or start + length > end:
+            raise ValueError(f"damaged record: a frame at byte {at} does not read")
+        stop = start + length
         out.append(blob[start:stop])
         at = stop
     return out

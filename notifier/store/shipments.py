@@ -383,7 +383,7 @@ def settled_log(
             nid = notification_id_of(state.merchant_id, state.shipment_id, m.event_id, m.channel)
             fields = outcomes.get(nid, {})
             status = fields.get("st")
-            if status == LedgerState.CANCELLED and int(fields.get("attempts") or 0) <= 1:
+            if status == LedgerState.CANCELLED and fields.get("attempts", "0") in ("0", "1"):
                 m = m.model_copy(update={"due": None, "cancelled": True})
             elif status in (LedgerState.SENT, LedgerState.CANCELLED) or (
                 due <= by - UNSETTLED_AFTER
@@ -400,8 +400,8 @@ def _outcomes_of(state: ShipmentState, raw: Any) -> dict[str, dict[str, str]]:
     record's bytes, or a record read from the keys before records, without its list); none
     when the list does not read (it is left for ``compact`` to report), so a damaged list
     never holds up the batch."""
-    whole = raw if isinstance(raw, record.Record) else record.parse(raw)
     try:
+        whole = raw if isinstance(raw, record.Record) else record.parse(raw)
         return outcomes_of(whole.outcomes)
     except Exception as exc:  # damaged data of any kind: the state is decided as it is
         log.warning(

@@ -54,6 +54,36 @@ local a = 11 + 2 * ns
 local k = 5 + nk
 local conflicts, long = {}, {}
 
+-- First every record is read, and whatever of it can fail to read on damaged data (the
+-- frames of its history, its count of decisions, its outcome list), before anything is
+-- written: Redis keeps what a script wrote before an error, so a record that does not read
+-- must stop the script before any shipment of the batch is written (a state saved without
+-- its new ledger entries would lose their messages; the batch's counts would be lost too).
+local recs = {}
+do
+  local ai, ki = a, k
+  for s = 1, shipments do
+    local expected, nh, tracked = ARGV[ai], tonumber(ARGV[ai + 4]), ARGV[ai + 6]
+    local rec = record_load(KEYS[ki], KEYS[ki + 1], KEYS[ki + 2])
+    ki = ki + 3 + (tracked ~= '' and 1 or 0)
+    ai = ai + 7 + nh
+    local nn = tonumber(ARGV[ai])
+    if (rec.v == '' and '0' or rec.v) == expected then
+      if nh > 0 then
+        if rec.raw and rec.raw.h then frame_count(rec.raw.h) end
+        rec.counted = rec.hn == '' and values_in(record_list(rec, 'h')) or tonumber(rec.hn)
+        if not rec.counted then error('damaged record: its count of decisions does not read') end
+      end
+      if nn > 0 then rec.done = settled_ids(record_list(rec, 'o')) end
+    end
+    ai = ai + 1 + 3 * nn
+    ai = ai + 1 + 2 * tonumber(ARGV[ai])  -- the merchant webhook events
+    ai = ai + 1 + 2 * tonumber(ARGV[ai])  -- the analytics counts
+    ki = ki + nn
+    recs[s] = rec
+  end
+end
+
 for s = 1, shipments do
   local skey, hkey, okey = KEYS[k], KEYS[k + 1], KEYS[k + 2]
   k = k + 3
@@ -68,16 +98,10 @@ for s = 1, shipments do
     tkey = KEYS[k]
     k = k + 1
   end
-  local rec = record_load(skey, hkey, okey)
+  local rec = recs[s]
   local current = rec.v == '' and '0' or rec.v
   local ok = (current == expected)
-  local done = nil
-  if ok and tonumber(ARGV[a + nh]) > 0 then
-    -- read before anything of this shipment is written: Redis keeps what a script wrote
-    -- before an error, so an outcome list that does not read must stop the script before
-    -- the record is saved (a saved state without its new ledger entries would lose them)
-    done = settled_ids(record_list(rec, 'o'))
-  end
+  local done = rec.done
   if ok then
     rec.v, rec.s = tostring(tonumber(current) + 1), newstate
     if deadline == '' then
@@ -97,8 +121,7 @@ for s = 1, shipments do
     if nh > 0 then
       -- every entry ever appended, for the history API's positions; a shipment from before
       -- the counter starts from what its history holds
-      local counted = rec.hn == '' and values_in(record_list(rec, 'h')) or tonumber(rec.hn)
-      rec.hn = tostring(counted + nh)
+      rec.hn = tostring(rec.counted + nh)
       for i = 0, nh - 1 do
         record_append(rec, 'h', ARGV[a + i], cap)
       end

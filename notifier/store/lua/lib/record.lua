@@ -7,13 +7,24 @@
 -- an outcome list. record_load reads those as a record, and record_save writes the record
 -- in their place.
 
+-- where the frame at 'i' of a blob (n bytes) ends: its colon and length; a frame that does
+-- not read (damaged data) raises an error, before the caller writes anything of it: a
+-- negative length would loop forever, and a script that loops cannot even be killed
+local function frame_at(blob, i, n)
+  local colon = string.find(blob, ':', i, true)
+  local length = colon and tonumber(string.sub(blob, i, colon - 1))
+  if not length or length < 0 or length % 1 ~= 0 or colon + length > n then
+    error('damaged record: a frame at byte ' .. i .. ' does not read')
+  end
+  return colon, length
+end
+
 -- the frames of a blob, in order (the first 'limit' only, when given)
 local function frames(blob, limit)
   local out, i, n = {}, 1, #blob
   limit = limit or n
   while i <= n and #out < limit do
-    local colon = string.find(blob, ':', i, true)
-    local length = tonumber(string.sub(blob, i, colon - 1))
+    local colon, length = frame_at(blob, i, n)
     out[#out + 1] = string.sub(blob, colon + 1, colon + length)
     i = colon + length + 1
   end
@@ -25,10 +36,10 @@ end
 local function frame_count(blob, back)
   local count, i, n, starts = 0, 1, #blob, {}
   while i <= n do
-    local colon = string.find(blob, ':', i, true)
+    local colon, length = frame_at(blob, i, n)
     count = count + 1
     if back then starts[count % back] = colon + 1 end
-    i = colon + tonumber(string.sub(blob, i, colon - 1)) + 1
+    i = colon + length + 1
   end
   if back and count >= back then return count, starts[(count + 1) % back] end
   return count, nil
