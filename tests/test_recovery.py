@@ -6,10 +6,11 @@ from __future__ import annotations
 import contextlib
 import email
 import email.policy
+import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from notifier import delivery
 from notifier.app import create_app
 from notifier.delivery import LEASE_MS
 from notifier.errors import TemporaryDeliveryError
-from notifier.models import ChannelKind
+from notifier.models import ChannelKind, notification_id_of
 from notifier.pipeline import Pipeline
 from notifier.resources import Resources, data_dir, open_resources
 from notifier.settings import Settings
@@ -219,6 +220,40 @@ async def test_a_record_a_script_cannot_read_holds_up_only_its_own_events(
             assert await pending_entries(res) == 0
             [(_, fields)] = await res.redis.xrange(res.store.DEAD_INBOX_KEY)
             assert b'"event_id":"bad"' in fields[b"t"]  # kept whole, not dropped
+
+
+async def test_a_message_sent_whose_record_does_not_read_is_recorded_sent_once(
+    tmp_path: Path, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The SMS waits for the morning; meanwhile its shipment's record is damaged. At its
+    time it goes out, and settling it on the record fails: it is recorded as sent in its
+    ledger entry instead. Before, its claim was handed back and every due sweep sent it
+    again."""
+    settings = make_settings(tmp_path, redis_url=redis_url)
+    night = datetime(2026, 11, 21, 22, 0, tzinfo=UTC)  # 23:00 in Paris
+    morning = datetime(2026, 11, 22, 7, 0, tzinfo=UTC)
+    async with TestClient(TestServer(create_app(settings))) as client:
+        await post(client, transition(occurred_at="2026-11-21T22:40:00+01:00"))
+    await run_worker(settings, clock=fixed_clock(night))
+    assert len(outbox_files(settings, ".sms.json")) == 0
+    async with open_resources(settings, clock=fixed_clock(morning)) as res:
+        key = res.store.state_key("acme", "shp_123")
+        parts = record.frames(await res.redis.get(key))  # its outcome list, cut short
+        damaged = record.framed(parts[:4]) + b"%d:" % (len(parts[4]) + 9) + parts[4]
+        await res.redis.set(key, damaged, keepttl=True)
+        sms = notification_id_of("acme", "shp_123", "evt_1", "sms")
+        with caplog.at_level("ERROR", "notifier.store.ledger"):
+            for _ in range(3):  # three ticks of the due sweep
+                await release_due({"res": res, "pipeline": Pipeline(res)})
+        assert len(outbox_files(settings, ".sms.json")) == 1  # once, not once a tick
+        assert (await res.store.ledger([sms]))[sms]["status"] == "sent"
+    [logged] = [r.getMessage() for r in caplog.records]  # once: the next ticks had none
+    assert re.fullmatch(
+        f"notification {sms}: the record of shipment acme/shp_123 does not read "
+        r"\(user_script:\d+: damaged record: a frame at byte \d+ does not read\); settled "
+        "as sent in its ledger entry instead",
+        logged,
+    ), logged
 
 
 def test_only_a_script_failing_on_its_data_is_taken_for_bad_data() -> None:

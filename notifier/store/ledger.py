@@ -12,6 +12,7 @@ shipment's record, ``record``), which the worker later folds into chunks with th
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -19,11 +20,14 @@ from enum import StrEnum
 from typing import Any, NamedTuple
 
 import orjson
+from redis.exceptions import ResponseError
 
 from notifier.packing import HISTORY, pack, unpack
 from notifier.store import chunks, keys
-from notifier.store.base import Scope, StoreBase, awaited, decode
+from notifier.store.base import Scope, StoreBase, awaited, data_error, decode
 from notifier.store.stats import add_counts
+
+log = logging.getLogger(__name__)
 
 #: (merchant id, shipment id): where a notification's outcome list is
 Shipment = tuple[str, str]
@@ -255,6 +259,21 @@ class Ledger(StoreBase):
         settled."""
         if not settling:
             return []
+        try:
+            return await self._fold_call(settling, owner, scope, waiting_after)
+        except ResponseError as exc:
+            if not data_error(exc):
+                raise
+            return await self._fold_apart(settling, owner, scope, waiting_after)
+
+    async def _fold_call(
+        self,
+        settling: Sequence[tuple[str, Shipment, dict[str, str]]],
+        owner: str,
+        scope: Scope,
+        waiting_after: int | None,
+    ) -> list[str]:
+        """One call of ``lua/fold.lua``: the ids settled."""
         tag = self.tag(scope)
         names: list[str] = [keys.due_key(tag)]
         args: list[Any] = [owner, self.outcomes_cap, "" if waiting_after is None else waiting_after]
@@ -267,6 +286,41 @@ class Ledger(StoreBase):
             args += [nid, pack(orjson.dumps(recorded), HISTORY)]
         settled = await self.scripts.fold(keys=names, args=args)
         return [settling[int(i) - 1][0] for i in settled]
+
+    async def _fold_apart(
+        self,
+        settling: Sequence[tuple[str, Shipment, dict[str, str]]],
+        owner: str,
+        scope: Scope,
+        waiting_after: int | None,
+    ) -> list[str]:
+        """``_fold`` one notification at a time, after a shipment's record did not read. A
+        notification whose own record does not read is settled in its ledger hash instead
+        (``st`` sent or cancelled, kept there until it expires): what was sent must be
+        recorded as sent, or its claim would run out and it would go out again, once a
+        round, until its entry is set aside. (One that only waits is left waiting: the due
+        sweep settles it when its time comes.)"""
+        settled: list[str] = []
+        for one in settling:
+            try:
+                settled += await self._fold_call([one], owner, scope, waiting_after)
+            except ResponseError as exc:
+                if not data_error(exc):
+                    raise
+                nid, (merchant_id, shipment_id), fields = one
+                log.error(
+                    "notification %s: the record of shipment %s/%s does not read (%s); "
+                    "settled as %s in its ledger entry instead",
+                    nid,
+                    merchant_id,
+                    shipment_id,
+                    str(exc).split(" script: ", 1)[0],
+                    fields.get("st"),
+                )
+                if waiting_after is None:
+                    kept = {k: v for k, v in fields.items() if v}
+                    settled += await self._settle([nid], [kept], owner, scope=scope)
+        return settled
 
     # -- provider ids -------------------------------------------------------------------
     async def by_provider_id(
