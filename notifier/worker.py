@@ -25,6 +25,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, cast
 
+import orjson
 from arq import cron
 from arq import worker as arq_worker
 from arq.connections import ArqRedis
@@ -283,16 +284,37 @@ async def _process(pipeline: Pipeline, entries: list[InboxEntry]) -> Processed:
         _log_failure(f"a batch of {len(entries)} entries", exc)
     except Exception as exc:
         _log_failure(f"a batch of {len(entries)} entries", exc)
+    #: the shipments whose entries a script failed on alone, and the last such failure
+    failed_on: set[bytes] = set()
+    last: BaseException | None = None
     for entry in entries:
         try:
             report = await pipeline.process([entry])
         except Exception as exc:
-            if isinstance(exc, (RedisError, OSError)) and not data_error(exc):
-                raise
+            if isinstance(exc, (RedisError, OSError)):
+                if not data_error(exc):
+                    raise
+                failed_on.add(_shipment_of(entry))
+                last = exc
             _log_failure(f"entry {entry.entry_id} (stays pending, retried later)", exc)
             continue
         outcome.add([entry], report)
+    if last is not None and not outcome.settled and len(failed_on) > 1:
+        # Every entry failed in a script, on more than one shipment: not one damaged record
+        # but the scripts themselves (a release's bug, a version that cannot read what a
+        # newer one wrote). Hold the entries, as for an outage, instead of setting them
+        # all aside one by one.
+        raise last
     return outcome
+
+
+def _shipment_of(entry: InboxEntry) -> bytes:
+    """An entry's merchant and shipment, as it came in (whatever else it holds)."""
+    try:
+        t = orjson.loads(entry.payload)
+        return orjson.dumps([t.get("merchant_id"), t.get("shipment_id")])
+    except (orjson.JSONDecodeError, AttributeError):
+        return entry.entry_id.encode()
 
 
 def _log_failure(what: str, exc: BaseException) -> None:

@@ -12,8 +12,9 @@ from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from redis.exceptions import ConnectionError, ResponseError
@@ -26,9 +27,9 @@ from notifier.models import ChannelKind, notification_id_of
 from notifier.pipeline import Pipeline
 from notifier.resources import Resources, data_dir, open_resources
 from notifier.settings import Settings
-from notifier.store import GROUP, ClaimResult, record
+from notifier.store import GROUP, ClaimResult, InboxEntry, record
 from notifier.store.base import data_error
-from notifier.worker import MAX_DELIVERIES, release_due
+from notifier.worker import MAX_DELIVERIES, _process, release_due
 from tests.conftest import (
     NOW,
     auth,
@@ -254,6 +255,27 @@ async def test_a_message_sent_whose_record_does_not_read_is_recorded_sent_once(
         "as sent in its ledger entry instead",
         logged,
     ), logged
+
+
+async def test_scripts_failing_on_every_shipment_hold_the_batch() -> None:
+    """A script failing on the records of one shipment: that shipment's entries wait, alone.
+    Failing on every entry of more than one shipment, it is the scripts that fail (a
+    release's bug), not the data: the batch is held as in an outage, not set aside entry by
+    entry."""
+
+    class Failing:
+        async def process(self, entries: Sequence[InboxEntry]) -> Any:
+            raise ResponseError("user_script:1: damaged record: a frame at byte 1 does not read")
+
+    def entry(i: int, shipment: str) -> InboxEntry:
+        body = transition(event_id=f"e{i}", shipment_id=shipment)
+        return InboxEntry(f"{i}-0", orjson.dumps(body))
+
+    one = [entry(1, "a"), entry(2, "a")]
+    outcome = await _process(cast(Pipeline, Failing()), one)
+    assert (outcome.settled, outcome.invalid, outcome.waiting) == ([], [], [])
+    with pytest.raises(ResponseError):
+        await _process(cast(Pipeline, Failing()), [entry(1, "a"), entry(2, "b")])
 
 
 def test_only_a_script_failing_on_its_data_is_taken_for_bad_data() -> None:
