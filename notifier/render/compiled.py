@@ -263,8 +263,9 @@ def _remove_stale(base: Path, keep: str) -> None:
 
 
 def _remove_oldest(folder: Path, keep: int) -> None:
-    """Keep at most ``keep`` files in a version's folder: the most recently written."""
-    files = [f for f in folder.iterdir() if _OURS.fullmatch(f.name)]
+    """Keep at most ``keep`` files in a version's folder: the most recently written (never
+    another process's file being written)."""
+    files = [f for f in folder.iterdir() if f.suffix == ".code" and _OURS.fullmatch(f.name)]
     if len(files) <= keep:
         return
     for old in sorted(files, key=lambda f: f.stat().st_mtime)[: len(files) - keep]:
