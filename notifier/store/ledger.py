@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 #: (merchant id, shipment id): where a notification's outcome list is
 Shipment = tuple[str, str]
+#: notifications to settle for good: (id, its shipment, the fields it is settled with)
+Settling = Sequence[tuple[str, Shipment, dict[str, str]]]
 #: how long a number's last SMS is remembered, for a reply to find it (``last_sms``)
 LAST_SMS_S = 7 * 86_400
 
@@ -247,11 +249,7 @@ class Ledger(StoreBase):
         )
 
     async def _fold(
-        self,
-        settling: Sequence[tuple[str, Shipment, dict[str, str]]],
-        owner: str,
-        scope: Scope,
-        waiting_after: int | None = None,
+        self, settling: Settling, owner: str, scope: Scope, waiting_after: int | None = None
     ) -> list[str]:
         """Settle notifications for good: each one ``owner`` still holds (``waiting_after``:
         only one still deferred to a later time, which leaves the due index too) leaves the
@@ -267,11 +265,7 @@ class Ledger(StoreBase):
             return await self._fold_apart(settling, owner, scope, waiting_after)
 
     async def _fold_call(
-        self,
-        settling: Sequence[tuple[str, Shipment, dict[str, str]]],
-        owner: str,
-        scope: Scope,
-        waiting_after: int | None,
+        self, settling: Settling, owner: str, scope: Scope, waiting_after: int | None
     ) -> list[str]:
         """One call of ``lua/fold.lua``: the ids settled."""
         tag = self.tag(scope)
@@ -288,11 +282,7 @@ class Ledger(StoreBase):
         return [settling[int(i) - 1][0] for i in settled]
 
     async def _fold_apart(
-        self,
-        settling: Sequence[tuple[str, Shipment, dict[str, str]]],
-        owner: str,
-        scope: Scope,
-        waiting_after: int | None,
+        self, settling: Settling, owner: str, scope: Scope, waiting_after: int | None
     ) -> list[str]:
         """``_fold`` one notification at a time, after a shipment's record did not read. A
         notification whose own record does not read is settled in its ledger hash instead
