@@ -465,6 +465,18 @@ async def test_an_outcome_list_that_does_not_read_holds_up_no_decision(
         "shipment acme/shp_123: its outcome list does not read (JSONDecodeError); its waiting "
         "messages count as sent"
     ]
-    # the delivered email and SMS went out (the history API would read the damaged list)
+    # the delivered email and SMS went out
     assert len(outbox_files(settings, ".eml")) == 2
     assert len(outbox_files(settings, ".sms.json")) == 2
+    # and the history still answers, without the statuses the damaged list held
+    with caplog.at_level("WARNING", "notifier.store.ledger"):
+        decisions = await history(client)
+    assert {(d["event_id"], d["channel"], d["outcome"]) for d in decisions} >= {
+        ("evt_1", "email", "sent"),
+        ("dlv", "email", "sent"),
+        ("dlv", "sms", "sent"),
+    }
+    assert [r.getMessage() for r in caplog.records if r.name == "notifier.store.ledger"] == [
+        "shipment acme/shp_123: its outcome list does not read (JSONDecodeError); delivery "
+        "statuses shown from the ledger only"
+    ]

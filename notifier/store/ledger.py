@@ -460,7 +460,17 @@ class Ledger(StoreBase):
 
         # a script is never in a pipeline: a cluster's pipelines refuse them
         rows, (found,) = await asyncio.gather(live(), self.records([(merchant_id, shipment_id)]))
-        settled = outcomes_of(found.outcomes)
+        try:
+            settled = outcomes_of(found.outcomes)
+        except Exception as exc:  # damaged data: the decisions are still worth showing
+            log.warning(
+                "shipment %s/%s: its outcome list does not read (%s); delivery statuses "
+                "shown from the ledger only",
+                merchant_id,
+                shipment_id,
+                type(exc).__name__,
+            )
+            settled = {}
         out = {}
         for nid, row in zip(notification_ids, rows, strict=True):
             fields = {f: decode(v) for f, v in zip(_SHOWN, row, strict=True) if v}
