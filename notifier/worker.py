@@ -278,11 +278,9 @@ async def _process(pipeline: Pipeline, entries: list[InboxEntry]) -> Processed:
     try:
         outcome.add(entries, await pipeline.process(entries))
         return outcome
-    except (RedisError, OSError) as exc:
-        if not data_error(exc):
-            raise
-        _log_failure(f"a batch of {len(entries)} entries", exc)
     except Exception as exc:
+        if isinstance(exc, (RedisError, OSError)) and not data_error(exc):
+            raise
         _log_failure(f"a batch of {len(entries)} entries", exc)
     #: the shipments whose entries a script failed on alone, and the last such failure
     failed_on: set[bytes] = set()

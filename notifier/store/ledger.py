@@ -298,14 +298,18 @@ class Ledger(StoreBase):
                 if not data_error(exc):
                     raise
                 nid, (merchant_id, shipment_id), fields = one
+                instead = (
+                    f"settled as {fields.get('st')} in its ledger entry instead"
+                    if waiting_after is None
+                    else "left waiting for the due sweep"
+                )
                 log.error(
-                    "notification %s: the record of shipment %s/%s does not read (%s); "
-                    "settled as %s in its ledger entry instead",
+                    "notification %s: the record of shipment %s/%s does not read (%s); %s",
                     nid,
                     merchant_id,
                     shipment_id,
                     str(exc).split(" script: ", 1)[0],
-                    fields.get("st"),
+                    instead,
                 )
                 if waiting_after is None:
                     kept = {k: v for k, v in fields.items() if v}
