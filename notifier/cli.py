@@ -86,8 +86,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _start_up(settings)
     host = args.host or settings.host
     port = settings.port if args.port is None else args.port
-    _banner(settings, host, port)
     app = create_app(settings)
+
+    async def started(app: web.Application) -> None:
+        # after the resources opened: a Redis refused at start-up never reads as listening
+        _banner(settings, host, port)
 
     async def stopping(app: web.Application) -> None:
         log.info(
@@ -95,6 +98,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             SHUTDOWN_TIMEOUT_S,
         )
 
+    app.on_startup.append(started)
     app.on_shutdown.append(stopping)
     _settle_gc()
     web.run_app(

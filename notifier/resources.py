@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -128,13 +129,19 @@ def connect(settings: Settings, server: FakeServer | None = None) -> DataRedis:
             socket_connect_timeout=settings.redis_timeout_s,
         )
         return cluster
-    return connect_queue(settings, server)
+    # one Redis: an ArqRedis too, so that without a queue Redis of its own arq shares it
+    return _connect_one(settings, settings.redis_url, server)
 
 
 def connect_queue(settings: Settings, server: FakeServer | None = None) -> ArqRedis:
     """The client of arq's job queue: ``NOTIFIER_QUEUE_REDIS_URL``, else the data's Redis
     (or the embedded in-memory ``server``)."""
-    if url := settings.queue_redis_url or settings.redis_url:
+    return _connect_one(settings, settings.queue_redis_url or settings.redis_url, server)
+
+
+def _connect_one(settings: Settings, url: str | None, server: FakeServer | None) -> ArqRedis:
+    """A client of the Redis at ``url``, or of the embedded in-memory ``server`` without one."""
+    if url:
         client: ArqRedis = ArqRedis.from_url(
             url,
             socket_timeout=settings.redis_timeout_s,
@@ -238,6 +245,7 @@ async def open_resources(
     assert isinstance(queue, ArqRedis)
     try:
         await refuse_a_mismatched_mode(settings, redis, queue)
+        await refuse_an_old_redis(settings, redis)
     except BaseException:
         await close_redis(redis)
         if queue is not redis:
@@ -337,6 +345,34 @@ async def refuse_a_mismatched_mode(settings: Settings, redis: DataRedis, queue: 
             raise ConfigurationError(
                 f"{name} names a node of a Redis Cluster:{hint} give arq's job queue a "
                 "Redis of its own (NOTIFIER_QUEUE_REDIS_URL); arq cannot run on a cluster"
+            )
+
+
+#: The oldest Redis the store's scripts run on: they use EXPIRETIME and EXPIRE's GT and LT
+#: options, which came with Redis 7.0 (an older one fails every commit, mid-traffic).
+OLDEST_REDIS = (7, 0)
+
+
+async def refuse_an_old_redis(settings: Settings, redis: DataRedis) -> None:
+    """Say at start-up that the data's Redis (each node of a cluster) is older than
+    ``OLDEST_REDIS``, naming its version; one that does not answer yet is not checked."""
+    if settings.embedded:
+        return
+    try:
+        if isinstance(redis, RedisCluster):
+            found = [await redis.info("server", target_nodes=n) for n in redis.get_nodes()]
+        else:
+            found = [await redis.info("server")]
+    except (RedisError, OSError):
+        return
+    for info in found:
+        version = str(info.get("redis_version", ""))
+        numbers = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
+        if numbers and numbers < OLDEST_REDIS:
+            raise ConfigurationError(
+                f"NOTIFIER_REDIS_URL names Redis {version}: notifier needs Redis "
+                f"{'.'.join(map(str, OLDEST_REDIS))} or later (its scripts use EXPIRETIME and "
+                "EXPIRE's GT and LT options)"
             )
 
 

@@ -615,8 +615,9 @@ def build_worker(
                 delay = min(delay * 2, 5.0)
 
     async def on_shutdown(ctx: dict[str, Any]) -> None:
-        await ctx["hooks"].close()
-        await ctx["stack"].aclose()
+        if "hooks" in ctx:  # else start-up stopped before (a refused setting)
+            await ctx["hooks"].close()
+            await ctx["stack"].aclose()
 
     pool: ArqRedis = connect_queue(settings, resources.server if resources else None)
     worker = ResilientWorker(

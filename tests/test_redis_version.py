@@ -1,0 +1,154 @@
+"""Which Redis the service runs on: one older than the store's scripts need is refused at
+start-up, naming its version; a queue Redis of its own holds arq's jobs and nothing else.
+
+Debian's redis-server is 7.0; an older one (Ubuntu 22.04 ships 6.0) would fail every
+commit mid-traffic. No Redis 6 can be installed here, so a small server on loopback that
+speaks Redis's protocol answers as one: ``INFO`` says its version, everything else is
+acknowledged.
+"""
+
+from __future__ import annotations
+
+import json
+import socketserver
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from aiohttp.test_utils import TestClient, TestServer
+
+from notifier.app import create_app
+from notifier.errors import ConfigurationError
+from notifier.resources import open_resources
+from tests.conftest import (
+    API_KEYS,
+    free_port,
+    history,
+    make_settings,
+    outbox_files,
+    post,
+    run_worker,
+    spawn_notifier,
+    start_redis,
+    transition,
+)
+
+
+class _Resp(socketserver.StreamRequestHandler):
+    """One client: reads commands (arrays of bulk strings), answers each."""
+
+    version = "6.2.14"
+
+    def handle(self) -> None:
+        while line := self.rfile.readline():
+            if not line.startswith(b"*"):
+                return
+            words = []
+            for _ in range(int(line[1:])):
+                size = int(self.rfile.readline()[1:])
+                words.append(self.rfile.read(size + 2)[:-2].decode())
+            self.wfile.write(self.answer([w.upper() for w in words]))
+
+    def answer(self, words: list[str]) -> bytes:
+        if words[0] == "INFO":
+            section = words[1] if len(words) > 1 else "SERVER"
+            text = {
+                "SERVER": f"# Server\r\nredis_version:{self.version}\r\nredis_mode:standalone\r\n",
+                "CLUSTER": "# Cluster\r\ncluster_enabled:0\r\n",
+            }.get(section, "")
+            return b"$%d\r\n%s\r\n" % (len(text), text.encode())
+        if words[0] == "PING":
+            return b"+PONG\r\n"
+        return b"+OK\r\n"
+
+
+def _serve(version: str) -> Iterator[int]:
+    handler = type("Handler", (_Resp,), {"version": version})
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def redis6() -> Iterator[int]:
+    """The port of a server that answers as Redis 6.2."""
+    yield from _serve("6.2.14")
+
+
+async def test_a_redis_before_7_is_refused_naming_its_version(
+    redis6: int, tmp_path: Path, redis_url: str
+) -> None:
+    settings = make_settings(tmp_path, redis_url=f"redis://127.0.0.1:{redis6}/0")
+    with pytest.raises(ConfigurationError) as caught:
+        async with open_resources(settings):
+            pass
+    assert str(caught.value) == (
+        "NOTIFIER_REDIS_URL names Redis 6.2.14: notifier needs Redis 7.0 or later (its "
+        "scripts use EXPIRETIME and EXPIRE's GT and LT options)"
+    )
+    # the real one (7.0 and later) starts, and arq's queue on the old one is not refused:
+    # arq needs no more than Redis 5
+    ok = make_settings(tmp_path, redis_url=redis_url, queue_redis_url=f"redis://127.0.0.1:{redis6}")
+    async with open_resources(ok) as res:
+        assert (await res.redis.info("server"))["redis_version"] >= "7"
+
+
+def test_serve_and_worker_say_so_in_one_line_and_exit(redis6: int, tmp_path: Path) -> None:
+    env = {
+        "NOTIFIER_REDIS_URL": f"redis://127.0.0.1:{redis6}/0",
+        "NOTIFIER_API_KEYS": json.dumps(API_KEYS),
+        "NOTIFIER_SIGNING_SECRET": "0123456789abcdef0123",
+        "NOTIFIER_PORT": str(free_port()),
+    }
+    for command in (["serve"], ["worker"]):
+        proc = spawn_notifier(command, tmp_path, **env)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 2, out
+        assert "error: NOTIFIER_REDIS_URL names Redis 6.2.14: notifier needs Redis 7.0" in out
+        assert "Traceback" not in out
+        assert "listening" not in out  # `serve` says so once its resources opened
+
+
+@pytest.fixture
+def queue_redis(tmp_path: Path) -> Iterator[redis.Redis]:
+    """A second real redis-server, for arq's queue alone."""
+    port = free_port()
+    proc = start_redis(port, tmp_path)
+    client = redis.Redis(host="127.0.0.1", port=port)
+    yield client
+    client.close()
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+async def test_a_queue_redis_of_its_own_next_to_one_redis_holds_the_queue_only(
+    tmp_path: Path, redis_url: str, queue_redis: redis.Redis
+) -> None:
+    """With one Redis for the data and NOTIFIER_QUEUE_REDIS_URL set (the README's "set it to
+    keep arq's queue apart anyway"), shipments stay on the data's Redis and only arq's jobs
+    go to the queue's (before the fix, the data went to the queue's Redis too)."""
+    port = queue_redis.connection_pool.connection_kwargs["port"]
+    settings = make_settings(
+        tmp_path, redis_url=redis_url, queue_redis_url=f"redis://127.0.0.1:{port}/0"
+    )
+    async with TestClient(TestServer(create_app(settings))) as client:
+        answer = await post(client, transition())
+        assert answer["accepted"] == 1
+        assert [k for k in queue_redis.keys("*") if not k.startswith(b"arq:")] == []
+        assert queue_redis.keys("arq:job:*")  # the drain job waits there
+        await run_worker(settings)
+        assert len(outbox_files(settings, ".eml")) == 1
+        assert len(await history(client)) == 2  # the email's decision and the SMS's
+    data = redis.Redis.from_url(redis_url)
+    assert data.exists("ntf:shp:acme:shp_123")
+    assert data.keys("arq:*") == []
+    assert [k for k in queue_redis.keys("*") if not k.startswith(b"arq:")] == []
+    data.close()
