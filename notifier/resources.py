@@ -354,19 +354,15 @@ OLDEST_REDIS = (7, 0)
 
 
 async def refuse_an_old_redis(settings: Settings, redis: DataRedis) -> None:
-    """Say at start-up that the data's Redis (each node of a cluster) is older than
+    """Say at start-up that the data's Redis (each master of a cluster) is older than
     ``OLDEST_REDIS``, naming its version; one that does not answer yet is not checked."""
     if settings.embedded:
         return
     try:
-        if isinstance(redis, RedisCluster):
-            found = [await redis.info("server", target_nodes=n) for n in redis.get_nodes()]
-        else:
-            found = [await redis.info("server")]
+        versions = await redis_versions(redis)
     except (RedisError, OSError):
         return
-    for info in found:
-        version = str(info.get("redis_version", ""))
+    for version in versions:
         numbers = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
         if numbers and numbers < OLDEST_REDIS:
             raise ConfigurationError(
@@ -374,6 +370,16 @@ async def refuse_an_old_redis(settings: Settings, redis: DataRedis) -> None:
                 f"{'.'.join(map(str, OLDEST_REDIS))} or later (its scripts use EXPIRETIME and "
                 "EXPIRE's GT and LT options)"
             )
+
+
+async def redis_versions(redis: DataRedis) -> list[str]:
+    """The version of the data's Redis: of each master it knows, on a cluster (the
+    masters run the scripts)."""
+    if isinstance(redis, RedisCluster):
+        found = [await redis.info("server", target_nodes=n) for n in redis.get_nodes()]
+    else:
+        found = [await redis.info("server")]
+    return [str(info.get("redis_version", "")) for info in found]
 
 
 async def close_redis(redis: DataRedis) -> None:

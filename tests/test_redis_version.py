@@ -21,9 +21,11 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from notifier.app import create_app
 from notifier.errors import ConfigurationError
-from notifier.resources import open_resources
+from notifier.resources import connect, open_resources, redis_versions
 from tests.conftest import (
     API_KEYS,
+    Cluster,
+    flush_cluster,
     free_port,
     history,
     make_settings,
@@ -152,3 +154,16 @@ async def test_a_queue_redis_of_its_own_next_to_one_redis_holds_the_queue_only(
     assert data.keys("arq:*") == []
     assert [k for k in queue_redis.keys("*") if not k.startswith(b"arq:")] == []
     data.close()
+
+
+async def test_every_node_of_a_cluster_is_asked(cluster: Cluster, tmp_path: Path) -> None:
+    flush_cluster(cluster)
+    settings = make_settings(tmp_path, redis_url=cluster.url, queue_redis_url=cluster.queue_url)
+    client = connect(settings)
+    try:
+        await client.initialize()  # type: ignore[union-attr]
+        versions = await redis_versions(client)
+    finally:
+        await client.aclose()
+    assert len(versions) == len(cluster.masters()) == 3  # the masters: they run the scripts
+    assert all(v.split(".")[0] >= "7" for v in versions), versions
