@@ -27,7 +27,7 @@ from notifier.models import ChannelKind, notification_id_of
 from notifier.pipeline import Pipeline
 from notifier.resources import Resources, data_dir, open_resources
 from notifier.settings import Settings
-from notifier.store import GROUP, ClaimResult, InboxEntry, record
+from notifier.store import GROUP, ClaimResult, InboxEntry, keys, record
 from notifier.store.base import data_error
 from notifier.worker import MAX_DELIVERIES, _process, release_due
 from tests.conftest import (
@@ -257,6 +257,50 @@ async def test_a_message_sent_whose_record_does_not_read_is_recorded_sent_once(
         "as sent in its ledger entry instead",
         logged,
     ), logged
+
+
+async def test_messages_settled_with_one_whose_record_does_not_read_keep_their_counts(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """Two SMS wait for the morning; one shipment's record is damaged meanwhile. Both go out
+    and are settled in one call of the fold script: it reads every record before it writes,
+    so the failing one stops it before the other is settled, and the one-at-a-time retry
+    settles that other with its counts. Before, the script settled
+    the first, then failed on the second, and the retry no longer found the first: it went
+    out uncounted (and, through Twilio, without its provider id or last-SMS entry)."""
+    settings = make_settings(tmp_path, redis_url=redis_url, partitions=1)
+    night = datetime(2026, 11, 21, 22, 0, tzinfo=UTC)  # 23:00 in Paris
+    morning = datetime(2026, 11, 22, 7, 0, tzinfo=UTC)
+    async with TestClient(TestServer(create_app(settings))) as client:
+        for shipment, phone in (("shp_a", "+33612345601"), ("shp_b", "+33612345602")):
+            recipient = {**transition()["recipient"], "phone": phone}
+            await post(
+                client,
+                transition(
+                    event_id=f"evt_{shipment}",
+                    shipment_id=shipment,
+                    occurred_at="2026-11-21T22:40:00+01:00",
+                    recipient=recipient,
+                ),
+            )
+    await run_worker(settings, clock=fixed_clock(night))
+    async with open_resources(settings, clock=fixed_clock(morning)) as res:
+        day = keys.stats_key("acme", morning.date().isoformat())
+        # shp_a's: its SMS comes after shp_b's in the call (the due index orders by id)
+        key = res.store.state_key("acme", "shp_a")
+        parts = record.frames(await res.redis.get(key))
+        damaged = record.framed(parts[:4]) + b"%d:" % (len(parts[4]) + 9) + parts[4]
+        await res.redis.set(key, damaged, keepttl=True)
+        assert await res.redis.hgetall(day) == {}
+        await release_due({"res": res, "pipeline": Pipeline(res)})
+        assert len(outbox_files(settings, ".sms.json")) == 2
+        a, b = (notification_id_of("acme", s, f"evt_{s}", "sms") for s in ("shp_a", "shp_b"))
+        assert b < a
+        # shp_b's SMS on its outcome list; shp_a's in its ledger entry, its record unread
+        assert (await res.store.deliveries("acme", "shp_b", [b]))[b]["status"] == "sent"
+        assert (await res.store.ledger([a]))[a]["status"] == "sent"
+        counted = {k.decode(): int(v) for k, v in (await res.redis.hgetall(day)).items()}
+        assert sum(n for k, n in counted.items() if "|sms|" in k) == 2, counted
 
 
 async def test_scripts_failing_on_every_shipment_hold_the_batch() -> None:

@@ -22,22 +22,43 @@ local owner = ARGV[1]
 local cap = tonumber(ARGV[2])
 local waiting_after = tonumber(ARGV[3])
 local kept = {'attempts', 'due', 'created', 'provider_status', 'prank', 'provider_error'}
-local settled = {}
-for i = 1, (#KEYS - 1) / 4 do
-  local ledger, skey, hkey, okey = KEYS[4 * i - 2], KEYS[4 * i - 1], KEYS[4 * i], KEYS[4 * i + 1]
-  local mine = owner == '' or redis.call('HGET', ledger, 'owner') == owner
+local n = (#KEYS - 1) / 4
+
+-- First which entries settle, and every record they go to is read, with its outcome list's
+-- frames, before anything is written: Redis keeps what a script wrote before an error, so
+-- a record that does not read must stop the script before any entry is settled (the caller
+-- then settles them one at a time; an entry settled here before the error would be gone
+-- without the caller knowing it settled: no provider id, no counts).
+local settling, recs, seen = {}, {}, {}
+for i = 1, n do
+  local ledger, skey = KEYS[4 * i - 2], KEYS[4 * i - 1]
+  -- an id given twice settles once, as when each was deleted before the next was looked at
+  local mine = not seen[ledger] and (owner == '' or redis.call('HGET', ledger, 'owner') == owner)
   if mine and waiting_after then
     local st, due = unpack(redis.call('HMGET', ledger, 'st', 'due'))
     mine = st == 'deferred' and (tonumber(due) or 0) > waiting_after
   end
-  if redis.call('EXISTS', ledger) == 1 and mine then
+  if mine and redis.call('EXISTS', ledger) == 1 then
+    settling[i], seen[ledger] = true, true
+    if not recs[skey] then
+      local rec = record_load(skey, KEYS[4 * i], KEYS[4 * i + 1])
+      if rec.raw.o then frame_count(rec.raw.o) end
+      recs[skey] = rec
+    end
+  end
+end
+
+local settled = {}
+for i = 1, n do
+  local ledger, skey, hkey, okey = KEYS[4 * i - 2], KEYS[4 * i - 1], KEYS[4 * i], KEYS[4 * i + 1]
+  if settling[i] then
     local values = redis.call('HMGET', ledger, unpack(kept))
     local known = {}
     for f = 1, #kept do
       if values[f] and values[f] ~= '' then known[kept[f]] = values[f] end
     end
     local ttl = redis.call('PTTL', ledger)
-    local rec = record_load(skey, hkey, okey)
+    local rec = recs[skey]
     local record = ARGV[2 * i + 2] .. '\t' .. cjson.encode(known) .. '\t' .. ARGV[2 * i + 3]
     record_append(rec, 'o', record, cap)
     record_save(skey, hkey, okey, rec, nil)
