@@ -373,8 +373,8 @@ async def refuse_an_old_redis(settings: Settings, redis: DataRedis) -> None:
 
 
 async def redis_versions(redis: DataRedis) -> list[str]:
-    """The version of the data's Redis: of each master it knows, on a cluster (the
-    masters run the scripts)."""
+    """The version of the data's Redis: on a cluster, of each node its client knows (every
+    master, which run the scripts, and the replicas it has met)."""
     if isinstance(redis, RedisCluster):
         found = [await redis.info("server", target_nodes=n) for n in redis.get_nodes()]
     else:
