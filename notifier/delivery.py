@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-import math
 import random
 import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from redis.exceptions import RedisError
 
@@ -39,8 +40,13 @@ from notifier.store import ClaimResult, Scope
 
 log = logging.getLogger(__name__)
 
-#: How long a claim protects a notification being sent; after it, another worker may retry.
+#: How long a claim protects a notification being sent, plus one provider timeout; after
+#: it, another worker may retry. Fixed, whatever the size of a round: the holder renews its
+#: claims every ``RENEW_EVERY_S`` while its round runs, so a worker that died holds its
+#: messages up for about a minute, not for as long as its round might have taken.
 LEASE_MS = 60_000
+#: How often a round renews the claims it still holds.
+RENEW_EVERY_S = 20.0
 MAX_ATTEMPTS = 8
 #: Sends in flight at once per channel (the provider channels' own limit).
 SEND_CONCURRENCY = 16
@@ -142,13 +148,59 @@ class Deliverer:
         report = DeliveryReport()
         now = self.res.clock()
         now_ms = int(now.timestamp() * 1000)
-        # The lease covers the whole round (every batch of concurrent sends may take the
-        # provider timeout) so a claim never expires mid-round.
-        rounds = math.ceil(len(notification_ids) / SEND_CONCURRENCY)
-        lease = LEASE_MS + int(self.res.settings.provider_timeout_s * 1000) * rounds
+        # A claim is another worker's once it was neither made nor renewed for a lease (one
+        # send may take the provider timeout); this round renews its own while it runs.
+        lease = LEASE_MS + int(self.res.settings.provider_timeout_s * 1000)
         claims = await self.res.store.claim(
             notification_ids, now_ms, lease, due=due, owner=owner, scope=scope
         )
+        held = [
+            nid
+            for nid, (result, _) in zip(notification_ids, claims, strict=True)
+            if result in (ClaimResult.FRESH, ClaimResult.RECLAIMED)
+        ]
+        keeper = asyncio.create_task(self._keep(held, owner, scope)) if held else None
+        try:
+            return await self._send_claimed(
+                owner, notification_ids, claims, report, now, states, built, scope
+            )
+        finally:
+            if keeper is not None:
+                keeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await keeper
+
+    async def _keep(self, ids: list[str], owner: str, scope: Scope) -> None:
+        """Renew, every ``RENEW_EVERY_S``, the claims of ``ids`` that ``owner`` still
+        holds, until the round cancels this (settled ones are no longer held: their entries
+        left the ledger, or no longer carry the owner)."""
+        while ids:
+            await asyncio.sleep(RENEW_EVERY_S)
+            now_ms = int(self.res.clock().timestamp() * 1000)
+            try:
+                ids = await self.res.store.renew(ids, owner, now_ms, scope)
+            except (RedisError, OSError) as exc:  # the next tick tries again
+                log.warning(
+                    "renewing %d claims failed (%s); tried again in %g s (a claim lapses about a "
+                    "minute after its last renewal)",
+                    len(ids),
+                    type(exc).__name__,
+                    RENEW_EVERY_S,
+                )
+
+    async def _send_claimed(
+        self,
+        owner: str,
+        notification_ids: Sequence[str],
+        claims: list[tuple[ClaimResult, bytes | None]],
+        report: DeliveryReport,
+        now: datetime,
+        states: Mapping[tuple[str, str], ShipmentState],
+        built: Mapping[str, Notification],
+        scope: Scope,
+    ) -> DeliveryReport:
+        """The rest of a round, once its notifications are claimed: check, render, send,
+        record."""
         claimed: list[tuple[Notification, ClaimResult]] = []
         for nid, (result, payload) in zip(notification_ids, claims, strict=True):
             if result is ClaimResult.BUSY:

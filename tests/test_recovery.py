@@ -3,6 +3,7 @@ nothing sent twice, one bad item never sinks the rest."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import email
 import email.policy
@@ -21,7 +22,7 @@ from redis.exceptions import ConnectionError, ResponseError
 
 from notifier import delivery
 from notifier.app import create_app
-from notifier.delivery import LEASE_MS
+from notifier.delivery import LEASE_MS, Deliverer
 from notifier.errors import TemporaryDeliveryError
 from notifier.models import ChannelKind, notification_id_of
 from notifier.pipeline import Pipeline
@@ -108,8 +109,9 @@ async def test_entry_with_a_live_claim_elsewhere_is_not_acknowledged(
 async def test_an_entry_waiting_for_a_long_lease_is_never_buried(
     client: Client, settings: Settings
 ) -> None:
-    """A dead worker's claim can outlast MAX_DELIVERIES re-claims (a big round's lease is
-    minutes): waiting for it is no failure, so the entry never reaches the dead letters."""
+    """A claim can outlast MAX_DELIVERIES re-claims of its entry (a slow round renews its
+    claims; a worker before 0.7 leased a big round for minutes): waiting for it is no
+    failure, so the entry never reaches the dead letters."""
     await post(client, transition())
     async with open_resources(settings, clock=fixed_clock()) as res:
         await die_mid_send(res)
@@ -125,6 +127,81 @@ async def test_an_entry_waiting_for_a_long_lease_is_never_buried(
         await run_worker(settings)
         assert len(outbox_files(settings)) == 2
         assert await pending_entries(res) == 0
+
+
+async def test_a_dead_workers_big_round_is_taken_over_once_its_lease_ran_out(
+    client: Client, settings: Settings
+) -> None:
+    """A worker dies sending a round of 80 messages; the next takes them over a lease (60 s
+    and one provider timeout) after the claim, whatever the size of either round. Before,
+    a claimer waited for a lease that grew with its own round (10 s more per 16 messages):
+    here 110 s, and about 9 minutes for a round of 750 (a black-box drill)."""
+    await post(client, *(transition(event_id=f"e{i}", shipment_id=f"shp_{i}") for i in range(40)))
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        await die_mid_send(res)
+        assert len(await res.redis.keys("ntf:msg:*")) == 80  # claimed, unsent
+        await age_inbox(res, int(settings.claim_idle_s * 1000) + 1000)
+    lease_ms = LEASE_MS + int(settings.provider_timeout_s * 1000)
+    await run_worker(settings, clock=fixed_clock(NOW + timedelta(milliseconds=lease_ms - 1000)))
+    assert outbox_files(settings) == []  # the claims are live
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        await age_inbox(res, int(settings.claim_idle_s * 1000) + 1000)
+    await run_worker(settings, clock=fixed_clock(NOW + timedelta(milliseconds=lease_ms + 1000)))
+    assert len(outbox_files(settings)) == 80
+
+
+class HeldChannel:
+    """A slow provider: sends through ``inner`` once ``go`` is set."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.name = inner, inner.name
+        self.waiting, self.go = asyncio.Event(), asyncio.Event()
+
+    async def send_many(self, items: Sequence[Any]) -> list[Any]:
+        self.waiting.set()
+        await self.go.wait()
+        return list(await self.inner.send_many(items))
+
+
+async def test_a_round_slower_than_its_lease_keeps_its_claims(
+    client: Client, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The provider takes ten minutes; the round renews its claims meanwhile (every
+    ``RENEW_EVERY_S``, shortened here), so another worker's round finds them live and sends
+    nothing. The message goes out once, when the provider answers."""
+    monkeypatch.setattr(delivery, "RENEW_EVERY_S", 0.02)
+    await post(client, transition())
+    now = [NOW]
+    async with open_resources(settings, clock=lambda: now[0]) as res:
+        entries = await read_whole_inbox(res, "slow-worker")
+        real = dict(res.channels)
+        held = HeldChannel(real[ChannelKind.EMAIL])
+        res.channels = {ChannelKind.EMAIL: held, ChannelKind.SMS: held}
+        slow = asyncio.create_task(Pipeline(res).process(entries))
+        await asyncio.wait_for(held.waiting.wait(), 10)
+        res.channels = real  # the other worker's round sends at once
+        ids = [notification_id_of("acme", "shp_123", "evt_1", c) for c in ("email", "sms")]
+        for _ in range(10):
+            now[0] += timedelta(minutes=1)
+            renewed = str(int(now[0].timestamp() * 1000)).encode()
+            key = keys.notification_key(ids[0])
+            await wait_for_value(res, key, "claimed", renewed)
+            report = await Deliverer(res).deliver(ids)
+            assert sorted(report.busy) == sorted(ids), report
+        assert outbox_files(settings) == []
+        held.go.set()
+        await asyncio.wait_for(slow, 10)
+    assert len(outbox_files(settings)) == 2
+    assert [d["delivery"]["status"] for d in await history(client)] == ["sent"] * 2
+
+
+async def wait_for_value(res: Resources, key: str, field: str, value: bytes) -> None:
+    """Until a hash field holds ``value`` (a renewal, made by a task of the same loop)."""
+    for _ in range(500):
+        if await res.redis.hget(key, field) == value:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{key} {field} never became {value!r}")
 
 
 async def test_temporary_failure_is_retried_from_the_due_index(
