@@ -106,6 +106,34 @@ async def test_entry_with_a_live_claim_elsewhere_is_not_acknowledged(
         assert [d["delivery"]["status"] for d in await history(client)] == ["sent"] * 2
 
 
+async def test_a_writer_that_died_mid_file_leaves_no_temporary_file(
+    client: Client, settings: Settings
+) -> None:
+    """A worker killed while writing an outbox file leaves its temporary file (``.tmp-<id>-
+    <pid>-<thread>``, empty or whole): the worker that takes the message over removes it
+    and writes the message once. Before, such files stayed in the shipment's folder for
+    good."""
+    await post(client, transition())
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        await die_mid_send(res)
+        folder = settings.outbox_dir / "acme" / "shp_123"
+        folder.mkdir(parents=True)
+        for channel, size in (("email", 0), ("sms", 244)):
+            nid = notification_id_of("acme", "shp_123", "evt_1", channel)
+            (folder / f".tmp-{nid}-4242-139890557703872").write_bytes(b"x" * size)
+        (folder / ".tmp-n_someone_else-1-1").write_bytes(b"")  # not theirs: left alone
+        await expire_leases(res)
+        await age_inbox(res, int(settings.claim_idle_s * 1000) + 1000)
+        await run_worker(settings)
+    assert sorted(p.name.split("-", 1)[1] for p in folder.iterdir()) == sorted(
+        [
+            f"{notification_id_of('acme', 'shp_123', 'evt_1', 'email')}.eml",
+            f"{notification_id_of('acme', 'shp_123', 'evt_1', 'sms')}.sms.json",
+            "n_someone_else-1-1",
+        ]
+    )
+
+
 async def test_an_entry_waiting_for_a_long_lease_is_never_buried(
     client: Client, settings: Settings
 ) -> None:

@@ -255,6 +255,11 @@ class OutboxChannel:
         else:
             suffix, data = ".sms.json", _sms_json(message)
         if recovering and os.path.isdir(folder):
+            # A writer that died mid-file left its temporary file behind: never a message.
+            # (One that lost its claim and still writes fails its rename, and records nothing.)
+            for left in Path(folder).glob(f".tmp-{message.notification_id}-*"):
+                with contextlib.suppress(FileNotFoundError):
+                    left.unlink()
             existing = sorted(Path(folder).glob(f"*-{message.notification_id}{suffix}"))
             if existing:
                 return str(existing[0])
