@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
+import idna
 import phonenumbers
 from email_validator import EmailNotValidError, validate_email
 
@@ -57,3 +58,18 @@ def email_problem(address: str) -> str | None:
     except EmailNotValidError as exc:
         return "not a valid email address: " + _QUOTED.sub("…", str(exc))
     return None
+
+
+@lru_cache(maxsize=RECENT)
+def ascii_domain(address: str) -> str:
+    """``address`` with its domain in ASCII (IDNA, as email-validator reads it:
+    ``anna@müller.de`` is ``anna@xn--mller-kva.de``), so an address whose only non-ASCII
+    part is its domain fits a plain RFC 5322 header; unchanged when its domain is ASCII
+    already, or has no ASCII form."""
+    local, at, domain = address.rpartition("@")
+    if not at or domain.isascii():
+        return address
+    try:
+        return f"{local}@{idna.encode(domain, uts46=True).decode('ascii')}"
+    except idna.IDNAError:
+        return address

@@ -29,12 +29,12 @@ async def sendgrid() -> AsyncIterator[FakeSendGrid]:
         yield fake
 
 
-def email_out(nid: str = "n_1") -> Outgoing:
+def email_out(nid: str = "n_1", to: str = "ana@example.com") -> Outgoing:
     message = EmailMessageOut(
         nid,
         "acme",
         "s1",
-        "ana@example.com",
+        to,
         "Acme <orders@acme.example>",
         "Your parcel arrives today",
         "Hello Ana,\n",
@@ -67,6 +67,13 @@ async def test_payload_comes_from_the_mail_helper(sendgrid: FakeSendGrid) -> Non
     }
     assert body["headers"] == {"List-Unsubscribe": "<https://acme.example/u/1>"}
     assert sendgrid.auth == [f"Bearer {KEY}"]
+
+
+async def test_a_domain_that_is_not_ascii_goes_in_its_ascii_form(sendgrid: FakeSendGrid) -> None:
+    """IDNA, as email-validator reads the address (a local part has no ASCII form)."""
+    await send(sendgrid, email_out(to="anna@müller.de"), email_out("n_2", "anä@exämple.com"))
+    sent = sorted(to["email"] for b in sendgrid.received for to in b["personalizations"][0]["to"])
+    assert sent == ["anna@xn--mller-kva.de", "anä@xn--exmple-cua.com"]
 
 
 @pytest.mark.parametrize("status", [429, 500, 503])

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import orjson
 
+from notifier.addresses import ascii_domain
 from notifier.channels.base import Outcome, Outgoing, Receipt
 from notifier.errors import PermanentDeliveryError, TemporaryDeliveryError
 from notifier.render import EmailMessageOut, Message, SmsMessageOut
@@ -68,8 +69,10 @@ def _address(name: str, value: str) -> bytes:
 @functools.lru_cache(maxsize=REPEATED)
 def _parsed_address(name: str, value: str) -> bytes:
     display, addr = parseaddr(_one_line(value))
+    addr = ascii_domain(addr)
     if not addr.isascii():
-        # An internationalized address (RFC 6532) travels as UTF-8; it cannot be encoded.
+        # An address whose local part is not ASCII (RFC 6532) travels as UTF-8: it has no
+        # ASCII form (its domain has one, IDNA, and is written in it).
         shown = f"{Header(display, 'utf-8').encode()} <{addr}>" if display else addr
         return f"{name}: {shown}\r\n".encode()
     return f"{name}: {formataddr((display, addr), charset='utf-8')}\r\n".encode("ascii")

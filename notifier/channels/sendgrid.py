@@ -15,6 +15,7 @@ from email.utils import formataddr, parseaddr
 import aiohttp
 from sendgrid.helpers.mail import CustomArg, Header, Mail, ReplyTo
 
+from notifier.addresses import ascii_domain
 from notifier.channels.base import Outcome, Outgoing, Receipt, retry_after_s
 from notifier.errors import PermanentDeliveryError, TemporaryDeliveryError
 from notifier.render import EmailMessageOut
@@ -35,7 +36,7 @@ def payload(message: EmailMessageOut, sender: str | None = None) -> dict[str, ob
         from_addr = formataddr((display, sender))
     mail = Mail(
         from_email=from_addr,
-        to_emails=message.to,
+        to_emails=ascii_domain(message.to),
         subject=message.subject,
         plain_text_content=message.text,
         html_content=message.html,
