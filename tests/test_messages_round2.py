@@ -173,6 +173,53 @@ def test_what_we_are_doing_says_only_what_the_merchant_configured(acme: Path) ->
     assert "following up with the carrier" not in text
 
 
+#: (milestone, what it says without the refunds commitment, the promise it makes with it)
+REFUND_LINES = [
+    (
+        "exception:lost",
+        "If it is not found soon, contact us about a replacement or a refund.",
+        "If it is not found soon, we will send a replacement or refund you.",
+    ),
+    (
+        "exception:damaged",
+        "Contact us about a replacement or a refund.",
+        "We will contact you about a replacement or a refund.",
+    ),
+    (
+        "exception:refused",
+        "It is going back to the sender. Contact us about a refund or a new delivery.",
+        "It is going back to the sender, and we will contact you about a refund.",
+    ),
+    (
+        "returned_to_sender",
+        "When it arrives, contact us about a refund or a new delivery.",
+        "When it arrives we will contact you about a refund or a new delivery.",
+    ),
+]
+
+
+def test_refunds_are_promised_only_by_a_merchant_that_makes_them(acme: Path) -> None:
+    """Lost, damaged, refused and returned parcels: without ``commitments.refunds`` a
+    message asks the customer to contact the merchant about a refund or a replacement,
+    and promises neither (before, every merchant's messages promised them)."""
+    for milestone, neutral, promise in REFUND_LINES:
+        message = email_of(acme, milestone)
+        assert neutral in message.text and neutral in message.html, milestone
+        assert promise not in message.text, milestone
+    assert email_of(acme, "exception:damaged").preheader == "Here is what you can do."
+    brand = acme / "acme" / "brand.yaml"
+    brand.write_text(brand.read_text() + "commitments:\n  refunds: true\n")
+    for milestone, neutral, promise in REFUND_LINES:
+        message = email_of(acme, milestone)
+        assert promise in message.text and neutral not in message.text, milestone
+    assert email_of(acme, "exception:damaged").preheader == "We will make it right."
+    # and in every language, the neutral line is translated (not English)
+    brand.write_text(brand.read_text().replace("refunds: true", "refunds: false"))
+    for locale in ("de", "fr", "ja", "ar"):
+        for milestone, neutral, _ in REFUND_LINES:
+            assert neutral not in email_of(acme, milestone, locale).text, (locale, milestone)
+
+
 # -- 6. pickup ----------------------------------------------------------------------------------
 
 

@@ -147,6 +147,9 @@ class Commitments(BaseModel):
     search_request: bool = False
     #: returned to sender: we track the return and act as soon as it arrives
     track_returns: bool = False
+    #: lost, damaged, refused, returned: we replace or refund the order and contact the
+    #: customer about it (without it, those messages ask the customer to contact us)
+    refunds: bool = False
 
 
 class Channels(BaseModel):
