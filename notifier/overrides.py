@@ -66,7 +66,9 @@ local n = redis.call('HLEN', KEYS[2]) + 1
 local record = {files = files, author = ARGV[1], at = ARGV[2], changed = changed}
 redis.call('HSET', KEYS[2], tostring(n), cjson.encode(record))
 redis.call('SET', KEYS[3], tostring(n))
+-- the draft empties, its revision moves on: a number is never reused for other contents
 redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], '#rev', tostring(tonumber(rev) + 1))
 redis.call('RPUSH', KEYS[4], cjson.encode({at = ARGV[2], key_id = ARGV[1],
   action = 'publish', version = n, paths = changed}))
 return {n, rev}

@@ -40,8 +40,9 @@ async def test_drafts_publish_as_versions_and_roll_back(store: OverrideStore) ->
         {"messages/delivered.jinja": "v1 words", "brand.yaml": "name: Acme\n"},
     )
     assert await store.publish("acme", rev, "key_a", AT) == 1
-    assert await store.draft("acme") == (0, {})  # published: the draft is empty again
-    assert await store.publish("acme", 0, "key_a", AT) == 0  # nothing to publish
+    # published: the draft is empty again, at a revision of its own (never one used before)
+    assert await store.draft("acme") == (rev + 1, {})
+    assert await store.publish("acme", rev + 1, "key_a", AT) == 0  # nothing to publish
 
     # a second version changes one file and deletes another
     await store.save("acme", "messages/delivered.jinja", "v2 words", "key_b", AT)
@@ -81,6 +82,27 @@ async def test_a_publish_is_of_the_revision_that_was_checked(store: OverrideStor
     assert await store.live("acme") is None
     rev = await store.discard("acme", "sms/layout.txt", "k", AT)
     assert await store.draft("acme") == (rev, {})
+
+
+async def test_a_revision_number_never_names_other_contents(store: OverrideStore) -> None:
+    """A reviews the draft at revision 1; someone else publishes it and saves a new change.
+    A's publish of "revision 1" is refused: before, a publish emptied the draft and its
+    revisions counted from 0 again, so the new change was revision 1 too, and A published a
+    change A had never seen."""
+    reviewed = await store.save("acme", "brand.yaml", "name: Acme\n", "k_a", AT)
+    assert await store.publish("acme", reviewed, "k_backend", AT) == 1
+    unseen = await store.save("acme", "policy.yaml", "statuses: {}\n", "k_backend", AT)
+    assert unseen != reviewed
+    with pytest.raises(OverrideError, match=f"changed since revision {reviewed}"):
+        await store.publish("acme", reviewed, "k_a", AT)
+    assert [v.number for v in await store.versions("acme")] == [1]
+    # a rollback moves an empty draft's revision too
+    rev, _ = await store.draft("acme")
+    await store.discard("acme", "policy.yaml", "k_backend", AT)
+    emptied, files = await store.draft("acme")
+    assert files == {} and emptied > rev
+    await store.rollback("acme", 0, "k_a", AT)
+    assert (await store.draft("acme"))[0] > emptied
 
 
 async def test_only_merchant_files_are_accepted(store: OverrideStore) -> None:
