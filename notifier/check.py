@@ -38,7 +38,7 @@ from notifier.render.i18n import Catalogs
 from notifier.render.limits import Limits
 from notifier.render.renderer import EXHAUSTED
 from notifier.render.sms import SmsEncoding
-from notifier.resources import close_redis, connect, data_dir
+from notifier.resources import TREES, close_redis, connect, data_dir
 from notifier.settings import Settings
 
 if TYPE_CHECKING:  # babel's catalog tools: `notifier check` only, imported there
@@ -152,6 +152,13 @@ def _renderer(settings: Settings) -> tuple[Renderer, Catalogs]:
 def startup_problems(settings: Settings) -> list[str]:
     """What must hold for the service to start, whatever the merchants' files say: the
     default policy, brand and templates (every milestone, both channels, in English)."""
+    missing = [
+        f"NOTIFIER_{name.upper()}_DIR: not a directory (or it does not exist)"
+        for name in TREES
+        if (configured := getattr(settings, f"{name}_dir")) is not None and not configured.is_dir()
+    ]
+    if missing:
+        return missing
     policies = PolicyStore(data_dir("policies", settings.policies_dir))
     try:
         policies.for_merchant("")

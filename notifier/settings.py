@@ -241,6 +241,41 @@ class Settings(BaseSettings):
             raise ValueError(f"bad port: {exc}") from None
         return value
 
+    @field_validator("public_url", "twilio_base_url", "sendgrid_base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        url = urlsplit(value)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if url.query or url.fragment:
+            raise ValueError("must be a base URL, without ?query or #fragment")
+        try:
+            url.port  # noqa: B018 (parsing it is the check)
+        except ValueError as exc:
+            raise ValueError(f"bad port: {exc}") from None
+        return value
+
+    @field_validator("email_from", "sendgrid_from")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None and not _BARE_ADDRESS.fullmatch(value):
+            raise ValueError("must be an email address alone, like notifications@shop.example")
+        return value
+
+    @field_validator("sendgrid_webhook_public_key")
+    @classmethod
+    def _sendgrid_key(cls, value: str | None) -> str | None:
+        if value:
+            from sendgrid.helpers.eventwebhook import EventWebhook  # only when one is set
+
+            try:
+                EventWebhook(value)
+            except (ValueError, TypeError):
+                raise ValueError(
+                    "must be the base64 public key SendGrid shows for its signed event webhook"
+                ) from None
+        return value
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _api_keys_json(cls, value: object) -> object:
@@ -333,6 +368,10 @@ class Settings(BaseSettings):
             return self.api_keys
         return {DEV_API_KEY: ["*"]}
 
+
+#: An email address alone (no display name, no spaces or angle brackets): the sender's, which
+#: the From header pairs with the merchant's name.
+_BARE_ADDRESS = re.compile(r"[^@\s<>\"(),;]+@[^@\s<>\"(),;]+\.[^@\s<>\"(),;.]+")
 
 #: How NOTIFIER_API_KEYS names a key by its SHA-256 instead of the key itself.
 HASHED_KEY = "sha256:"

@@ -20,6 +20,7 @@ import pytest
 from notifier.check import samples as _samples
 from notifier.models import ChannelKind, Notification, Recipient
 from notifier.render import EmailMessageOut, Renderer
+from notifier.render.brand import contrast
 from notifier.render.environment import TemplateStore
 from notifier.render.i18n import Catalogs
 from notifier.resources import data_dir
@@ -142,6 +143,31 @@ def test_a_light_brand_colour_passes_axe_with_dark_button_text(page: Any, tmp_pa
         result = axe_run(page, message.html)
         assert [v["id"] for v in result["violations"]] == [], milestone
         assert result["passes"]
+
+
+@pytest.mark.parametrize("accent", ["#ffffff", "#ffff00", "#fde68a"])
+def test_a_button_on_a_pale_accent_shows_its_shape(page: Any, tmp_path: Path, accent: str) -> None:
+    """A white or pale accent (under 3:1 against the white card, WCAG 1.4.11) gets a border
+    in the accent darkened until it reads, measured in the page; a dark accent none."""
+    renderer = acme_renderer(tmp_path, f"name: Acme\naccent: '{accent}'\n")
+    _, message = next(emails("en", renderer))
+    result = axe_run(page, message.html)
+    assert [v["id"] for v in result["violations"]] == []
+    style = page.evaluate(
+        "(() => { const s = getComputedStyle(document.querySelector('.button'));"
+        " return [s.borderTopWidth, s.borderTopStyle, s.borderTopColor]; })()"
+    )
+    width, line, colour = style
+    assert (width, line) == ("2px", "solid"), style
+    r, g, b = (int(x) for x in colour.removeprefix("rgb(").removesuffix(")").split(","))
+    assert contrast(f"#{r:02x}{g:02x}{b:02x}", "#ffffff") >= 3.0, colour
+    dark = acme_renderer(tmp_path / "dark", "name: Acme\naccent: '#1d4ed8'\n")
+    _, message = next(emails("en", dark))
+    page.set_content(message.html)
+    assert (
+        page.evaluate("getComputedStyle(document.querySelector('.button')).borderTopStyle")
+        == "none"
+    )
 
 
 @pytest.mark.parametrize("locale", ["en", "ar", "ja"])

@@ -225,6 +225,49 @@ def test_check_names_a_bad_redis_port_without_a_traceback(
     )
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("NOTIFIER_PUBLIC_URL", "not-a-url", "must be an http:// or https:// URL with a host"),
+        ("NOTIFIER_PUBLIC_URL", "ftp://x.example", "must be an http:// or https:// URL"),
+        ("NOTIFIER_PUBLIC_URL", "https://x.example/?a=1", "without ?query or #fragment"),
+        ("NOTIFIER_TWILIO_BASE_URL", "notaurl", "must be an http:// or https:// URL"),
+        ("NOTIFIER_SENDGRID_BASE_URL", "https://x.example:99999", "bad port"),
+        ("NOTIFIER_EMAIL_FROM", "notanemail", "must be an email address alone"),
+        ("NOTIFIER_EMAIL_FROM", "Acme <a@acme.example>", "must be an email address alone"),
+        ("NOTIFIER_SENDGRID_WEBHOOK_PUBLIC_KEY", "notbase64!!", "the base64 public key"),
+        ("NOTIFIER_SENDGRID_WEBHOOK_PUBLIC_KEY", "aGVsbG8=", "the base64 public key"),
+    ],
+)
+def test_a_bad_url_address_or_key_is_one_line_naming_its_variable(
+    trees: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    variable: str,
+    value: str,
+    says: str,
+) -> None:
+    """Before, these were taken as they were, and emails went out with ``From: Acme
+    <notanemail>`` and ``List-Unsubscribe: <not-a-url/v1/unsubscribe/…>`` (a black-box
+    probe), and a bad SendGrid key refused every event with 403."""
+    monkeypatch.setenv(variable, value)
+    assert main(["check"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: invalid settings: {variable}: ") and says in err, err
+    assert value not in err
+    assert err.count("\n") == 1
+
+
+def test_a_tree_that_is_not_a_directory_names_its_variable(
+    trees: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("NOTIFIER_TEMPLATES_DIR", str(trees / "nowhere"))
+    assert main(["check"]) == 1
+    err = capsys.readouterr().err
+    assert "error: NOTIFIER_TEMPLATES_DIR: not a directory (or it does not exist)\n" in err
+    assert "nowhere" not in err.split("error: ", 1)[1]
+
+
 def test_check_validates_the_published_overrides_in_redis(
     trees: Path,
     redis_url: str,

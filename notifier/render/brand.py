@@ -15,6 +15,8 @@ from notifier.models import LocaleTag
 _HEX = re.compile(r"^#[0-9a-fA-F]{6}$")
 #: WCAG 2.x AA for normal text.
 MIN_CONTRAST = 4.5
+#: WCAG 2.x AA for a control's shape against what is around it (1.4.11, non-text contrast).
+MIN_SHAPE_CONTRAST = 3.0
 WHITE = "#ffffff"
 #: Button text on a light accent (the body text colour of the email layout).
 DARK_TEXT = "#111827"
@@ -209,6 +211,15 @@ class Brand(BaseModel):
     def button_text(self) -> str:
         """White on a dark accent, dark on a light one: whichever contrast allows."""
         return WHITE if contrast(self.accent, WHITE) >= MIN_CONTRAST else DARK_TEXT
+
+    @property
+    def button_border(self) -> str | None:
+        """A border for a button whose accent is too close to the white card to show its
+        shape (under 3:1, WCAG 1.4.11: a white or pale yellow accent): the accent darkened
+        until it reads; None for an accent that stands out by itself."""
+        if contrast(self.accent, WHITE) >= MIN_SHAPE_CONTRAST:
+            return None
+        return self.link_colour
 
     @property
     def link_colour_dark(self) -> str:

@@ -401,6 +401,7 @@ class Renderer:
                     "link_colour": brand.link_colour,
                     "link_colour_dark": brand.link_colour_dark,
                     "button_text": brand.button_text,
+                    "button_border": brand.button_border,
                 },
                 "support": brand.support.model_dump() if brand.support.any() else None,
                 "link_templates": brand.links.model_dump(),
