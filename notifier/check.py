@@ -532,12 +532,20 @@ def override_problems(settings: Settings, merchant: str, files: dict[str, str]) 
     """Every problem with a merchant's override files as they would be published: its brand,
     its policy, and every template rendered for every milestone, channel and locale, with
     the files beneath (its folder, the defaults). Slow (about a second): run in a thread."""
+    problems: list[str] = []
     try:
         renderer, catalogs = candidate_renderer(settings, merchant, files)
     except ConfigurationError as exc:
-        return [str(exc)]
+        # a broken brand must not hide the other files' problems: they are checked over
+        # the brand without the broken file
+        problems.append(str(exc))
+        files = {path: text for path, text in files.items() if path != "brand.yaml"}
+        try:
+            renderer, catalogs = candidate_renderer(settings, merchant, files)
+        except ConfigurationError as beneath:  # the merchant's own brand.yaml, in its folder
+            return [*problems, str(beneath)]
     brand = renderer.brand(merchant)
-    problems = _channel_problems(settings, brand, f"published brand.yaml of {merchant}")
+    problems += _channel_problems(settings, brand, f"published brand.yaml of {merchant}")
     own = data_dir("templates", settings.templates_dir) / merchant / "brand.yaml"
     if "brand.yaml" in files or own.is_file():
         problems += [p for p in [support_problem(brand, "brand.yaml")] if p]

@@ -77,6 +77,33 @@ async def test_a_merchant_key_never_reaches_another_merchant(
     assert (await overview.json())["draft"] == {"revision": 0, "files": {}}
 
 
+async def test_a_broken_brand_hides_no_other_problem_of_the_draft(client: Client) -> None:
+    """Before, the draft check stopped at a brand that did not load: the policy and the
+    template problems showed only once the brand was fixed."""
+    acme = BASE.format(m="acme")
+    for path, text in (
+        ("brand.yaml", "logo_url: 'http://x'\n"),
+        ("policy.yaml", "bogus: 1\n"),
+        ("messages/delivered.jinja", "{% if %}"),
+    ):
+        resp = await client.put(
+            f"{acme}/overrides/draft/{path}", json={"text": text}, headers=auth(ACME_KEY)
+        )
+        assert resp.status == 200
+    problems = (await resp.json())["problems"]
+    assert any("logo_url" in p for p in problems), problems
+    assert any("bogus" in p for p in problems), problems
+    assert any("messages/delivered.jinja" in p for p in problems), problems
+    resp = await client.post(
+        f"{acme}/overrides/publish",
+        json={"revision": (await resp.json())["revision"]},
+        headers=auth(ACME_KEY),
+    )
+    assert resp.status == 422
+    details = [d["message"] for d in (await resp.json())["error"]["details"]]
+    assert len(details) >= 3 and any("bogus" in d for d in details), details
+
+
 async def test_draft_check_publish_and_roll_back(client: Client, settings: Settings) -> None:
     acme = BASE.format(m="acme")
     put = f"{acme}/overrides/draft/messages/delivered.jinja"
