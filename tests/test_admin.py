@@ -104,6 +104,19 @@ async def test_a_broken_brand_hides_no_other_problem_of_the_draft(client: Client
     assert len(details) >= 3 and any("bogus" in d for d in details), details
 
 
+async def test_a_problem_names_the_locale_file_that_has_it(client: Client) -> None:
+    """A broken messages/picked_up.de.jinja was reported as messages/picked_up.jinja (the
+    file every other locale reads), which acme does not even have."""
+    resp = await client.put(
+        f"{BASE.format(m='acme')}/overrides/draft/messages/picked_up.de.jinja",
+        json={"text": "x"},
+        headers=auth(ACME_KEY),
+    )
+    problems = (await resp.json())["problems"]
+    assert any("messages/picked_up.de.jinja gives no subject" in p for p in problems), problems
+    assert not any("messages/picked_up.jinja gives" in p for p in problems), problems
+
+
 async def test_draft_check_publish_and_roll_back(client: Client, settings: Settings) -> None:
     acme = BASE.format(m="acme")
     put = f"{acme}/overrides/draft/messages/delivered.jinja"

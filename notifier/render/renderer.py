@@ -536,7 +536,9 @@ class Renderer:
     ) -> dict[str, str]:
         """The message file's macros, evaluated once per message into plain strings."""
         names = (ctx["message_for_locale"], ctx["message"])
-        module = self.templates.select(merchant_id, names, tracing).make_module(ctx)
+        template = self.templates.select(merchant_id, names, tracing)
+        ctx["message_file"] = template.name  # the one found, for a problem to name
+        module = template.make_module(ctx)
         return {
             name: str(macro()).strip() if (macro := getattr(module, name, None)) else ""
             for name in WORDS
@@ -753,8 +755,8 @@ class Renderer:
         if not ctx["m"][needed]:
             # an empty file, or a macro that renders nothing: never a blank message
             raise TemplateRuntimeError(
-                f"{ctx['message']} gives no {needed} for {n.channel} (the message would go "
-                "out blank)"
+                f"{ctx.get('message_file') or ctx['message']} gives no {needed} for "
+                f"{n.channel} (the message would go out blank)"
             )
         ctx["labels"] = self._step_labels(templates_of, chain, words)
         select = self.templates.select
