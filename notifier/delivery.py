@@ -79,11 +79,33 @@ class DeliveryReport:
     channels: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(eq=False)
+class _Unrecorded:
+    """Messages a channel accepted, to record as sent (``Ledger.mark_sent``'s arguments):
+    kept until Redis took the record, so a Redis failure never hands them back to be sent
+    again."""
+
+    owner: str
+    scope: Scope
+    sent: list[tuple[str, str, str]]
+    said: dict[str, str]
+    where: dict[str, tuple[str, str]]
+    counted: dict[str, str]
+    day: str
+    last_sms: dict[str, tuple[str, str]]
+    #: each one's channel (metrics)
+    channels: dict[str, str]
+
+
 class Deliverer:
     """Sends notifications at most once each: the ledger claim is the gate."""
 
     def __init__(self, res: Resources) -> None:
         self.res = res
+        #: Messages a provider accepted whose record Redis failed in the middle of a round:
+        #: recorded first thing in the next round, under the claims that round made (they
+        #: are not handed back, so nobody sends them again while the claims last).
+        self._unrecorded: list[_Unrecorded] = []
         #: The claims of rounds Redis failed in the middle of, by owner token: nobody sends
         #: them any more, so they are handed back at the next round instead of waiting out
         #: their lease (a minute or more), which held back their inbox entries until those
@@ -111,6 +133,7 @@ class Deliverer:
         Unix seconds) times them for the metrics. ``scope``: the partition of every one of
         them, on a Redis Cluster (``Store.scope_of``).
         """
+        await self._record_unrecorded()
         for token in list(self._abandoned):
             # as if claimed long ago: the next claim takes over those this token still
             # holds, as possibly sent (the outbox looks for its file first). Taken off the
@@ -130,11 +153,44 @@ class Deliverer:
                 owner, notification_ids, due, states or {}, built or {}, scope
             )
         except (RedisError, OSError):
-            if notification_ids:
-                self._abandoned[owner] = (scope, list(notification_ids))
+            accepted = {nid for r in self._unrecorded if r.owner == owner for nid, _, _ in r.sent}
+            rest = [nid for nid in notification_ids if nid not in accepted]
+            if rest:
+                self._abandoned[owner] = (scope, rest)
             raise
         _count(report, timing or {})
         return report
+
+    async def _record_unrecorded(self) -> None:
+        """Record as sent what a provider accepted in a round Redis failed in (each batch
+        taken off the list first: concurrent rounds never record one twice)."""
+        for record in list(self._unrecorded):
+            if record not in self._unrecorded:
+                continue
+            self._unrecorded.remove(record)
+            try:
+                await self._mark_sent(record)
+            except (RedisError, OSError):
+                self._unrecorded.append(record)
+                raise
+            for nid, _, _ in record.sent:
+                metrics.deliveries(record.channels.get(nid, "unknown"), "sent")
+            log.info(
+                "%d messages a provider accepted before Redis failed are recorded as sent",
+                len(record.sent),
+            )
+
+    async def _mark_sent(self, record: _Unrecorded) -> None:
+        await self.res.store.mark_sent(
+            record.sent,
+            record.owner,
+            record.said,
+            record.scope,
+            where=record.where,
+            counted=record.counted,
+            day=record.day,
+            last_sms=record.last_sms,
+        )
 
     async def _round(
         self,
@@ -253,33 +309,58 @@ class Deliverer:
             batches.setdefault(self._channel_name(n), []).append(outgoing)
 
         for name, items in batches.items():
-            outcomes = await self._send(name, items)
-            sent = await self._record(items, outcomes, now.isoformat(), report, by_id, owner, scope)
-            # recorded per batch: an accepted message is marked at once, not after the round
-            said = {item.message.notification_id: summary(item.message) for item in items}
-            where = {item.message.notification_id: _shipment(item) for item in items}
-            # each one accepted counts in its merchant's analytics (with the record: no trip)
-            # (in the variant it was rendered in, which its tag says)
-            tags = {item.message.notification_id: item.message.stats_tag for item in items}
-            counted = {
-                nid: counts.of_tag(tags[nid], by_id[nid].channel.value, Count.ACCEPTED)
-                for nid, _, _ in sent
-            }
-            day = counts.day_of(now)
-            # an SMS through Twilio is the last to its number: a reply to it (Twilio's inbound
-            # webhook) is counted as its (``webhooks``); no other channel can get a reply
-            secret = self.res.settings.signing_secret_value()
-            replies = self._channel(name).name == "twilio"
-            last_sms = {
-                m.notification_id: (counts.recipient_digest(secret, m.to), m.stats_tag)
-                for m in (item.message for item in items)
-                if replies and isinstance(m, SmsMessageOut)
-            }
-            await self.res.store.mark_sent(
-                sent, owner, said, scope, where=where, counted=counted, day=day, last_sms=last_sms
-            )
-            report.sent += [nid for nid, _, _ in sent]
+            await self._send_batch(name, items, owner, scope, now, report, by_id)
         return report
+
+    async def _send_batch(
+        self,
+        name: str,
+        items: list[Outgoing],
+        owner: str,
+        scope: Scope,
+        now: datetime,
+        report: DeliveryReport,
+        by_id: dict[str, Notification],
+    ) -> None:
+        """Send one channel's messages, then record each outcome: what was accepted is
+        marked sent at once (not after the round), the rest retried or failed."""
+        outcomes = await self._send(name, items)
+        at = now.isoformat()
+        sent = [
+            (item.message.notification_id, at, f"{outcome.channel}:{outcome.detail}")
+            for item, outcome in zip(items, outcomes, strict=True)
+            if isinstance(outcome, Receipt)
+        ]
+        said = {item.message.notification_id: summary(item.message) for item in items}
+        where = {item.message.notification_id: _shipment(item) for item in items}
+        # each one accepted counts in its merchant's analytics (with the record: no trip)
+        # (in the variant it was rendered in, which its tag says)
+        tags = {item.message.notification_id: item.message.stats_tag for item in items}
+        counted = {
+            nid: counts.of_tag(tags[nid], by_id[nid].channel.value, Count.ACCEPTED)
+            for nid, _, _ in sent
+        }
+        day = counts.day_of(now)
+        # an SMS through Twilio is the last to its number: a reply to it (Twilio's inbound
+        # webhook) is counted as its (``webhooks``); no other channel can get a reply
+        secret = self.res.settings.signing_secret_value()
+        replies = self._channel(name).name == "twilio"
+        last_sms = {
+            m.notification_id: (counts.recipient_digest(secret, m.to), m.stats_tag)
+            for m in (item.message for item in items)
+            if replies and isinstance(m, SmsMessageOut)
+        }
+        record = _Unrecorded(
+            owner, scope, sent, said, where, counted, day, last_sms, report.channels
+        )
+        try:
+            await self._record(items, outcomes, report, by_id, owner, scope)
+            await self._mark_sent(record)
+        except (RedisError, OSError):
+            # known sent: recorded at the next round, never handed back to be sent again
+            self._unrecorded.append(record)
+            raise
+        report.sent += [nid for nid, _, _ in sent]
 
     async def _still_wanted(
         self,
@@ -322,19 +403,18 @@ class Deliverer:
         self,
         items: list[Outgoing],
         outcomes: list[Outcome],
-        at: str,
         report: DeliveryReport,
         notifications: dict[str, Notification],
         owner: str,
         scope: Scope,
-    ) -> list[tuple[str, str, str]]:
-        """Retry, fail or keep each outcome; return the (id, at, detail) of those sent."""
-        sent = []
+    ) -> None:
+        """Retry or fail each message a channel did not accept (those it accepted are
+        marked sent by the caller)."""
         for item, outcome in zip(items, outcomes, strict=True):
             nid = item.message.notification_id
             if isinstance(outcome, Receipt):
-                sent.append((nid, at, f"{outcome.channel}:{outcome.detail}"))
-            elif isinstance(outcome, TemporaryDeliveryError):
+                continue
+            if isinstance(outcome, TemporaryDeliveryError):
                 tag = item.message.stats_tag
                 if await self._retry_later(notifications[nid], outcome, owner, scope, tag):
                     report.retrying.append(nid)
@@ -347,7 +427,6 @@ class Deliverer:
                 await self._fail(n, outcome, report, owner, scope, item.message.stats_tag)
                 if isinstance(outcome, PermanentDeliveryError):
                     await self._fall_back(notifications[nid], outcome)
-        return sent
 
     async def _fall_back(self, n: Notification, failure: PermanentDeliveryError) -> None:
         """An SMS that failed for good goes out as email, when policy and recipient allow."""
