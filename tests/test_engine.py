@@ -222,6 +222,30 @@ def test_end_inside_a_dst_gap_is_read_at_the_old_offset() -> None:
     assert until == datetime(2026, 3, 29, 1, 30, tzinfo=UTC)  # 03:30 CEST: 02:30 at +01:00
 
 
+@pytest.mark.parametrize(
+    ("zone", "window", "now", "end"),
+    [
+        # New York falls back at 02:00 EDT to 01:00 EST on 1 November 2026; now is 01:10
+        # EST, the second pass of the hour: the window ends at 01:30 EST, not 01:30 EDT
+        # (an hour before now, so the SMS went out at once, inside quiet hours)
+        ("America/New_York", ("22:00", "01:30"), "2026-11-01T06:10Z", "2026-11-01T06:30Z"),
+        # and on the first pass (01:10 EDT) at the first 01:30
+        ("America/New_York", ("22:00", "01:30"), "2026-11-01T05:10Z", "2026-11-01T05:30Z"),
+        # Paris falls back at 03:00 CEST to 02:00 CET on 25 October 2026
+        ("Europe/Paris", ("21:00", "02:30"), "2026-10-25T01:05Z", "2026-10-25T01:30Z"),
+        ("Europe/Paris", ("21:00", "02:30"), "2026-10-25T00:05Z", "2026-10-25T00:30Z"),
+    ],
+)
+def test_an_end_inside_a_repeated_hour_is_never_behind_now(
+    zone: str, window: tuple[str, str], now: str, end: str
+) -> None:
+    quiet = QuietWindow.model_validate({"start": window[0], "end": window[1]})
+    moment = datetime.fromisoformat(now)
+    until = quiet_until(quiet, ZoneInfo(zone), moment)
+    assert until == datetime.fromisoformat(end)
+    assert until is not None and until > moment
+
+
 def test_window_within_one_day() -> None:
     window = QuietWindow.model_validate({"start": "12:00", "end": "14:00"})
     tz = ZoneInfo("Asia/Tokyo")

@@ -65,7 +65,10 @@ def quiet_until(window: QuietWindow, tz: ZoneInfo, now: datetime) -> datetime | 
 
     Compares local wall-clock times, so it holds across DST changes. An end time
     that does not exist (inside a spring-forward gap) is read at the offset before
-    the change: 02:30 on a night that jumps from 02:00 to 03:00 ends at 03:30.
+    the change: 02:30 on a night that jumps from 02:00 to 03:00 ends at 03:30. One that
+    happens twice (inside a fall-back hour) is its first pass still ahead: 01:30 on a
+    night that goes 02:00 -> 01:00 ends at the second 01:30 when ``now`` is in the
+    second 01:00-02:00 (read at the first pass, it had ended already).
     """
     local = now.astimezone(tz)
     clock = local.time().replace(tzinfo=None)
@@ -77,7 +80,10 @@ def quiet_until(window: QuietWindow, tz: ZoneInfo, now: datetime) -> datetime | 
         end_day = local.date() + timedelta(days=1) if clock >= start else local.date()
     if not inside:
         return None
-    return datetime.combine(end_day, end, tzinfo=tz).astimezone(UTC)
+    first = datetime.combine(end_day, end, tzinfo=tz).astimezone(UTC)
+    if first > now:
+        return first
+    return datetime.combine(end_day, end, tzinfo=tz).replace(fold=1).astimezone(UTC)
 
 
 _HALF_EARTH_KM = 20_038.0
