@@ -176,7 +176,8 @@ class Deliverer:
             for nid, _, _ in record.sent:
                 metrics.deliveries(record.channels.get(nid, "unknown"), "sent")
             log.info(
-                "%d messages a provider accepted before Redis failed are recorded as sent",
+                "%d messages a provider accepted before Redis failed are recorded as sent "
+                "(each whose claim this worker still held)",
                 len(record.sent),
             )
 
