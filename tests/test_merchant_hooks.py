@@ -186,6 +186,11 @@ async def test_bad_endpoints_get_a_422_naming_the_problem(client: Client) -> Non
         ({"url": "https://127.0.0.1:9/", "events": ["*"]}, "url"),
         ({"url": "https://10.1.2.3/", "events": ["*"]}, "url"),
         ({"url": "https://localhost/", "events": ["*"]}, "url"),
+        # the shorthands a resolver reads as 127.0.0.1 (accepted, then refused at send)
+        ({"url": "https://0x7f000001/", "events": ["*"]}, "url"),
+        ({"url": "https://127.1/", "events": ["*"]}, "url"),
+        ({"url": "https://2130706433/", "events": ["*"]}, "url"),
+        ({"url": "https://0177.0.0.1/", "events": ["*"]}, "url"),
         ({"url": "ftp://h.example.com/", "events": ["*"]}, "url"),
         ({"url": "https://h.example.com/", "events": ["*"], "colour": "red"}, "colour"),
     ]

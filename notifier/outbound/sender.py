@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -82,9 +83,12 @@ def address_problem(host: str) -> str | None:
     if host.lower().rstrip(".") in ("localhost", "localhost.localdomain"):
         return f"{host} is this machine"
     try:
-        ip = ipaddress.ip_address(host.strip("[]"))
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
-        return None  # a name: checked once resolved
+        try:  # the shorthands a resolver reads as IPv4: 0x7f000001, 127.1, 2130706433
+            ip = ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return None  # a name: checked once resolved
     if not is_public(ip):
         return f"{host} is a private, loopback or reserved address"
     return None
