@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from dotenv import dotenv_values
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -235,10 +235,7 @@ class Settings(BaseSettings):
             schemes += ["redis+cluster", "rediss+cluster"]
         if url.scheme not in schemes:
             raise ValueError("must start with " + ", ".join(f"{s}://" for s in schemes))
-        try:
-            url.port  # noqa: B018 (parsing it is the check)
-        except ValueError as exc:
-            raise ValueError(f"bad port: {exc}") from None
+        _check_port(url)
         return value
 
     @field_validator("public_url", "twilio_base_url", "sendgrid_base_url")
@@ -249,10 +246,7 @@ class Settings(BaseSettings):
             raise ValueError("must be an http:// or https:// URL with a host")
         if url.query or url.fragment:
             raise ValueError("must be a base URL, without ?query or #fragment")
-        try:
-            url.port  # noqa: B018 (parsing it is the check)
-        except ValueError as exc:
-            raise ValueError(f"bad port: {exc}") from None
+        _check_port(url)
         return value
 
     @field_validator("email_from", "sendgrid_from")
@@ -367,6 +361,14 @@ class Settings(BaseSettings):
         if self.api_keys or not self.embedded:
             return self.api_keys
         return {DEV_API_KEY: ["*"]}
+
+
+def _check_port(url: SplitResult) -> None:
+    """ValueError naming what is wrong with a URL's port (urlsplit parses it lazily)."""
+    try:
+        url.port  # noqa: B018 (parsing it is the check)
+    except ValueError as exc:
+        raise ValueError(f"bad port: {exc}") from None
 
 
 #: An email address alone (no display name, no spaces or angle brackets): the sender's, which
