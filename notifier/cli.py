@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import gc
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -74,6 +76,11 @@ def _banner(settings: Settings, host: str, port: int) -> None:
     print(f"notifier listening on http://{host}:{port}", file=sys.stderr)
 
 
+#: Why a server cannot bind its address: a port in use, one it may not take, an address
+#: this machine does not have.
+_CANNOT_LISTEN = frozenset({errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL})
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the API (and, in embedded mode, the worker in the same process)."""
     from aiohttp import web
@@ -88,27 +95,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
     port = settings.port if args.port is None else args.port
     app = create_app(settings)
 
-    async def started(app: web.Application) -> None:
-        # after the resources opened: a Redis refused at start-up never reads as listening
+    listened = False
+
+    def listening(_aiohttp_line: str) -> None:
+        # aiohttp calls this once the resources opened and the port is bound: a Redis refused
+        # at start-up, or a port in use, never reads as listening
+        nonlocal listened
+        listened = True
         _banner(settings, host, port)
 
     async def stopping(app: web.Application) -> None:
+        if not listened:
+            return
         log.info(
             "stopping: no new connections; answering the requests in flight (at most %g s)",
             SHUTDOWN_TIMEOUT_S,
         )
 
-    app.on_startup.append(started)
     app.on_shutdown.append(stopping)
     _settle_gc()
-    web.run_app(
-        app,
-        host=host,
-        port=port,
-        print=None,
-        access_log=None,
-        shutdown_timeout=SHUTDOWN_TIMEOUT_S,
-    )
+    try:
+        web.run_app(
+            app,
+            host=host,
+            port=port,
+            print=listening,
+            access_log=None,
+            shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+        )
+    except OSError as exc:
+        if exc.errno not in _CANNOT_LISTEN:
+            raise
+        # one line, as for a bad setting (aiohttp closed the resources on its way out)
+        reason = os.strerror(exc.errno) if exc.errno is not None else str(exc)
+        raise ConfigurationError(f"cannot listen on {host}:{port}: {reason.lower()}") from exc
     log.info("stopped")
     return 0
 

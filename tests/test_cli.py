@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from arq.connections import ArqRedis
 from notifier.cli import main
 from notifier.overrides import OverrideStore
 from notifier.resources import data_dir
+from tests.conftest import spawn_notifier
 
 
 @pytest.fixture
@@ -117,6 +119,21 @@ def test_serve_with_redis_needs_api_keys(
     monkeypatch.setenv("NOTIFIER_REDIS_URL", "redis://127.0.0.1:1/0")
     assert main(["serve"]) == 2
     assert "NOTIFIER_API_KEYS" in capsys.readouterr().err
+
+
+def test_serve_on_a_port_in_use_says_so_in_one_line(tmp_path: Path) -> None:
+    """Another process holds the port: one `error:` line naming the address, exit code 2,
+    and never "listening" first (it used to print the banner, then a traceback)."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        proc = spawn_notifier(["serve"], tmp_path, NOTIFIER_PORT=str(port))
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2, out
+    assert f"error: cannot listen on 127.0.0.1:{port}: address already in use\n" in out
+    assert "listening" not in out and "Traceback" not in out
+    assert "stopping" not in out  # it never started
 
 
 def test_worker_needs_redis(trees: Path, capsys: pytest.CaptureFixture[str]) -> None:
