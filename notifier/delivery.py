@@ -25,6 +25,7 @@ from notifier.models import (
     ChannelKind,
     Decision,
     Notification,
+    message_name,
     notification_id,
     notification_of,
     unreadable,
@@ -32,7 +33,7 @@ from notifier.models import (
 )
 from notifier.models import Outcome as Decided
 from notifier.outbound import events as hook_events
-from notifier.policy.engine import opt_out_key
+from notifier.policy.engine import CATCH_UP_WINDOW, opt_out_key
 from notifier.render import Message, SmsMessageOut
 from notifier.resources import Resources, sync_published
 from notifier.state import ShipmentState
@@ -431,44 +432,8 @@ class Deliverer:
 
     async def _fall_back(self, n: Notification, failure: PermanentDeliveryError) -> None:
         """An SMS that failed for good goes out as email, when policy and recipient allow."""
-        email = n.recipient.email
-        if n.channel is not ChannelKind.SMS or not email:
-            return
-        if not self.res.policies.for_merchant(n.merchant_id).sms_fallback_to_email:
-            return
-        key = opt_out_key(ChannelKind.EMAIL, email)
-        if await self.res.store.opted_out(n.merchant_id, [key]):
-            return
-        now = self.res.clock()
-        nid = notification_id(n.transition, ChannelKind.EMAIL)
-        fallback = n.model_copy(
-            update={
-                "notification_id": nid,
-                "channel": ChannelKind.EMAIL,
-                "to": email,
-                "created_at": now,
-            }
-        )
-        decision = Decision.about(
-            n.transition,
-            channel=ChannelKind.EMAIL,
-            outcome=Decided.SENT,
-            reason=f"fallback: the SMS failed for good ({failure.reason}); sent by email",
-            notification_id=nid,
-            decided_at=now,
-        )
-        added = await self.res.store.add_notification(
-            n.merchant_id,
-            n.shipment_id,
-            nid,
-            waiting_payload(fallback),
-            int(now.timestamp() * 1000),
-            decision.history_entry(),
-        )
-        if added:
-            log.info(
-                "notification %s: SMS failed for good, email %s instead", n.notification_id, nid
-            )
+        if n.channel is ChannelKind.SMS:
+            await fall_back_to_email(self.res, n, failure.reason)
 
     def _channel_name(self, n: Notification) -> str:
         """The merchant's chosen channel (brand.yaml), else the service default."""
@@ -637,3 +602,83 @@ def summary(message: Message) -> str:
         return text
     cut = text.encode()[: SUMMARY_BYTES - 3].decode(errors="ignore")
     return cut.rstrip() + "…"
+
+
+async def fall_back_to_email(res: Resources, sms: Notification, why: str) -> bool:
+    """The update an SMS failed to carry for good (``why``) goes out as email, due now, when
+    the merchant's policy allows it (``sms_fallback_to_email``) and the recipient has an
+    email address that has not opted out; never twice, and never when that update was emailed
+    already (the email's id is the update's: ``add_notification`` finds it). False when no
+    email is sent."""
+    email = sms.recipient.email
+    if not email or not res.policies.for_merchant(sms.merchant_id).sms_fallback_to_email:
+        return False
+    key = opt_out_key(ChannelKind.EMAIL, email)
+    if await res.store.opted_out(sms.merchant_id, [key]):
+        return False
+    now = res.clock()
+    nid = notification_id(sms.transition, ChannelKind.EMAIL)
+    fallback = sms.model_copy(
+        update={
+            "notification_id": nid,
+            "channel": ChannelKind.EMAIL,
+            "to": email,
+            "created_at": now,
+        }
+    )
+    decision = Decision.about(
+        sms.transition,
+        channel=ChannelKind.EMAIL,
+        outcome=Decided.SENT,
+        reason=f"fallback: the SMS failed for good ({why}); sent by email",
+        notification_id=nid,
+        decided_at=now,
+    )
+    added = await res.store.add_notification(
+        sms.merchant_id,
+        sms.shipment_id,
+        nid,
+        waiting_payload(fallback),
+        int(now.timestamp() * 1000),
+        decision.history_entry(),
+    )
+    if added:
+        log.info("notification %s: SMS failed for good, email %s instead", sms.notification_id, nid)
+    return added
+
+
+async def fall_back_later(
+    res: Resources, merchant_id: str, shipment_id: str, sms_id: str, why: str
+) -> bool:
+    """An SMS the provider took, then reported undeliverable for good (a status callback:
+    a landline, an unknown number, a carrier's STOP): the update goes out by email as
+    ``fall_back_to_email`` sends it at once for a refusal at sending. The SMS's own payload
+    left the ledger when it was sent, so the update is rebuilt from the shipment's state,
+    and only while the SMS is about its current step and that is still news (as a late
+    address catches up: ``CATCH_UP_WINDOW``, a pickup deadline not passed); a shipment that
+    moved on has newer news, which went or goes out as decided. False when no email is sent."""
+    [(_, state)] = await res.store.load_states([(merchant_id, shipment_id)])
+    current = state.current_transition() if state is not None else None
+    if state is None or state.recipient is None or current is None:
+        return False
+    if notification_id(current, ChannelKind.SMS) != sms_id:
+        return False
+    now = res.clock()
+    deadline = current.pickup_deadline
+    if now - current.occurred_at > CATCH_UP_WINDOW or (deadline is not None and deadline <= now):
+        return False
+    policy = res.policies.for_merchant(merchant_id)
+    test = policy.experiment_of.get(message_name(current)) if policy.experiments else None
+    sms = Notification(
+        notification_id=sms_id,
+        merchant_id=merchant_id,
+        shipment_id=shipment_id,
+        channel=ChannelKind.SMS,
+        to=state.recipient.phone or "",
+        transition=current,
+        recipient=state.recipient,
+        created_at=now,
+        experiment=test.name if test is not None else None,
+        variant=test.variant(merchant_id, shipment_id) if test else None,
+    )
+    return await fall_back_to_email(res, sms, why)

@@ -23,6 +23,8 @@ from sendgrid.helpers.eventwebhook import EventWebhook
 from twilio.request_validator import RequestValidator
 from twilio.twiml.messaging_response import MessagingResponse
 
+from notifier.channels.twilio import UNDELIVERABLE_CODES
+from notifier.delivery import fall_back_later
 from notifier.errors import BadRequest, Forbidden, NotFound
 from notifier.insights import record
 from notifier.insights.counts import DIGEST_PREFIX, Count, recipient_digest
@@ -100,6 +102,11 @@ async def twilio_status(request: web.Request, res: Resources) -> web.Response:
                     merchant, shipment, nid, "sms", reason, res.clock(), res.settings.public_url
                 )
                 await res.hooks.emit(merchant, shipment, event, res.clock())
+                gone = UNDELIVERABLE_CODES.get(int(error)) if error and error.isdigit() else None
+                if gone is not None:
+                    # (a redelivered callback finds the email made: never twice)
+                    why = f"Twilio: {status}, error {error}: {gone}"
+                    await fall_back_later(res, merchant, shipment, nid, why)
     # 200 even for an unknown sid: Twilio would retry otherwise, and it cannot be fixed there
     return web.Response(status=204)
 

@@ -134,6 +134,125 @@ async def test_stop_start_and_help(
     assert resp.status == 403
 
 
+# -- an SMS Twilio reports undeliverable after it took it: the email fallback ----------------
+
+
+async def undeliverable_case(
+    tmp_path: Path, redis_url: str, twilio: FakeTwilio, *, fallback: bool = True
+) -> tuple[Settings, Client, str, str]:
+    """A shipment whose "out for delivery" goes by SMS only (the policy), sent: the settings,
+    a client, the SMS's id and Twilio's sid for it."""
+    from tests.test_twilio import sms_only_policies
+
+    settings = twilio_settings(tmp_path, redis_url, twilio).model_copy(
+        update={"public_url": PUBLIC, "policies_dir": sms_only_policies(tmp_path, fallback)}
+    )
+    client = TestClient(TestServer(create_app(settings, clock=fixed_clock())))
+    await client.start_server()
+    nid, sid = await sent_sms(client, settings, twilio)
+    return settings, client, nid, sid
+
+
+async def report_and_sweep(
+    client: Client, settings: Settings, form: dict[str, str], *, times: int = 1
+) -> list[dict[str, Any]]:
+    """Twilio's callback posted ``times``, then the due sweep: the shipment's decisions."""
+    from notifier.pipeline import Pipeline
+    from notifier.worker import release_due
+
+    for _ in range(times):
+        resp = await signed(client, "/v1/webhooks/twilio/status", form)
+        assert resp.status == 204
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        await release_due({"res": res, "pipeline": Pipeline(res)})
+    decisions: list[dict[str, Any]] = await history(client)
+    return decisions
+
+
+@pytest.mark.parametrize(
+    ("error", "why"),
+    [
+        ("30006", "landline or unreachable carrier"),
+        ("30005", "unknown destination handset"),
+        ("21610", "recipient replied STOP (opted out)"),
+    ],
+)
+async def test_an_sms_reported_undeliverable_later_goes_by_email(
+    tmp_path: Path, redis_url: str, twilio: FakeTwilio, error: str, why: str
+) -> None:
+    """The README's fallback ("an invalid or landline number, a STOP reported by the
+    carrier") for a failure Twilio reports in its status callback, after it took the SMS:
+    a landline is found out only then. Posted twice, as Twilio may: one email."""
+    from tests.conftest import outbox_files
+
+    settings, client, nid, sid = await undeliverable_case(tmp_path, redis_url, twilio)
+    async with client:
+        form = {"MessageSid": sid, "MessageStatus": "undelivered", "ErrorCode": error}
+        decisions = await report_and_sweep(client, settings, form, times=2)
+    [email] = outbox_files(settings, ".eml")
+    assert "To: ana@example.com" in email.read_text()
+    [fell_back] = [d for d in decisions if d["channel"] == "email"]
+    assert fell_back["reason"] == (
+        f"fallback: the SMS failed for good (Twilio: undelivered, error {error}: {why}); "
+        "sent by email"
+    )
+    assert fell_back["event_id"] == "evt_1" and fell_back["delivery"]["status"] == "sent"
+    [sms] = [d for d in decisions if d["channel"] == "sms"]
+    assert sms["notification_id"] == nid and sms["delivery"]["provider_status"] == "undelivered"
+
+
+@pytest.mark.parametrize(
+    "case", ["temporary", "no error code", "policy off", "moved on", "a day old", "delivered"]
+)
+async def test_no_email_for_an_sms_that_may_still_arrive_or_is_no_longer_news(
+    tmp_path: Path, redis_url: str, twilio: FakeTwilio, case: str
+) -> None:
+    """30003 (a handset switched off comes back), a failure without a code, a merchant
+    that turned the fallback off, a shipment that moved on since (its newer update went out
+    as decided), a callback more than a day after the update (as a late address does not
+    catch up on stale news), and an SMS that was delivered: no email."""
+    from datetime import timedelta
+
+    from notifier.pipeline import Pipeline
+    from notifier.worker import release_due
+    from tests.conftest import outbox_files
+
+    settings, client, _, sid = await undeliverable_case(
+        tmp_path, redis_url, twilio, fallback=case != "policy off"
+    )
+    form = {"MessageSid": sid, "MessageStatus": "undelivered", "ErrorCode": "30006"}
+    if case == "temporary":
+        form["ErrorCode"] = "30003"
+    elif case == "no error code":
+        form = {"MessageSid": sid, "MessageStatus": "failed"}
+    elif case == "delivered":
+        form = {"MessageSid": sid, "MessageStatus": "delivered"}
+    async with client:
+        if case == "moved on":  # delivered since, and told so by SMS only
+            (settings.policies_dir / "acme.yaml").write_text(
+                "statuses: {out_for_delivery: {channels: [sms]}, delivered: {channels: [sms]}}\n"
+            )
+            later = transition(
+                event_id="evt_2", status="delivered", occurred_at="2026-11-21T12:30:00+01:00"
+            )
+            await post(client, later)
+            await run_worker(settings)
+        if case == "a day old":
+            later = create_app(settings, clock=fixed_clock(NOW + timedelta(hours=25)))
+            async with TestClient(TestServer(later)) as late:
+                resp = await signed(late, "/v1/webhooks/twilio/status", form)
+                assert resp.status == 204
+            async with open_resources(settings, clock=fixed_clock()) as res:
+                await release_due({"res": res, "pipeline": Pipeline(res)})
+            decisions: list[dict[str, Any]] = await history(client)
+        else:
+            decisions = await report_and_sweep(client, settings, form)
+    assert [d for d in decisions if d["reason"].startswith("fallback")] == []
+    assert outbox_files(settings, ".eml") == []
+    if case == "moved on":
+        assert len(twilio.received) == 2  # "delivered" went out by SMS
+
+
 # -- SendGrid's signed event webhook --------------------------------------------------------------
 
 

@@ -38,6 +38,20 @@ PERMANENT_CODES: dict[int, str] = {
 }
 #: Of those, the ones that mean the recipient does not want our messages.
 OPT_OUT_CODES = {21610}
+#: Error codes of a status callback (``undelivered`` / ``failed``, after Twilio took the
+#: message) that say this number will not take it: the update goes by email instead, as for
+#: a refusal at sending. Not 30003 (a handset switched off or out of coverage comes back)
+#: nor 30008 (unknown).
+UNDELIVERABLE_CODES: dict[int, str] = {
+    21610: "recipient replied STOP (opted out)",
+    21211: "invalid 'To' phone number",
+    21612: "cannot route to this number",
+    21614: "'To' number is not a mobile number",
+    30004: "message blocked by the recipient or the carrier",
+    30005: "unknown destination handset",
+    30006: "landline or unreachable carrier",
+    30007: "filtered by the carrier",
+}
 
 _retry_after: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "twilio_retry_after", default=None
