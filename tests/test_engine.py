@@ -771,6 +771,27 @@ def test_a_waiting_message_cancelled_once_claimed_counts_no_more_but_is_still_de
         (EMAIL, "duplicate"),
         (SMS, "duplicate"),
     ]
+    # and says what became of each: the email went, the SMS never did
+    email, sms_reason = (v.reason for v in steps[0].verdicts)
+    assert email.startswith("duplicate: out_for_delivery already sent by email 11.5 h ago")
+    assert sms_reason.startswith(
+        "duplicate: out_for_delivery already decided (and cancelled while it waited) by sms "
+    )
+
+
+def test_a_repeat_of_a_message_that_still_waits_says_so() -> None:
+    """A re-scan while the SMS waits for the morning: a duplicate of a message decided, not
+    one "already sent"."""
+    state, _ = waited_overnight()
+    again = datetime(2026, 11, 21, 23, 0, tzinfo=UTC)
+    _, steps = run([event(2, "out_for_delivery", again)], again, state=state)
+    [email, sms] = steps[0].verdicts
+    assert (email.rule, sms.rule) == ("duplicate", "duplicate")
+    assert email.reason.startswith("duplicate: out_for_delivery already sent by email 1.0 h ago")
+    assert sms.reason == (
+        "duplicate: out_for_delivery already decided (waiting until 2026-11-22 07:00 UTC)"
+        " by sms 1.0 h ago (window 168 h)"
+    )
 
 
 def test_a_waiting_message_sent_or_perhaps_sent_counts_as_sent() -> None:

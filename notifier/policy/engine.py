@@ -237,9 +237,16 @@ def _channel_verdict(
     repeat = last is not None and last.milestone == milestone and not rule.trivial
     if repeat and last is not None and now - last.at < policy.dedupe_window:
         ago = _hours(now - last.at)
+        # what became of it, in words that are true: one that waited and was cancelled, or
+        # still waits, was decided, never sent
+        done = "sent"
+        if isinstance(last, Sent) and last.cancelled:
+            done = "decided (and cancelled while it waited)"
+        elif isinstance(last, Sent) and last.due is not None and last.due > now:
+            done = f"decided (waiting until {last.due.astimezone(UTC):%Y-%m-%d %H:%M} UTC)"
         return Verdict(
             Outcome.SUPPRESSED,
-            f"duplicate: {milestone} already sent by {channel} {ago:.1f} h ago "
+            f"duplicate: {milestone} already {done} by {channel} {ago:.1f} h ago "
             f"(window {policy.dedupe_window_hours:g} h)",
             channel,
             details={"hours_ago": round(ago, 2), "window_hours": policy.dedupe_window_hours},
