@@ -30,6 +30,7 @@ from notifier.models import (
 )
 from notifier.overrides import PREFIX, TEMPLATE, OverrideStore
 from notifier.policy import Policy, PolicyStore
+from notifier.policy.rules import override_label
 from notifier.render import Renderer, SmsMessageOut
 from notifier.render.audit import template_problems
 from notifier.render.brand import Brand, load_brand
@@ -511,13 +512,15 @@ def _render_one(
 
 
 def candidate_renderer(
-    settings: Settings, merchant: str, files: dict[str, str]
+    settings: Settings, merchant: str, files: dict[str, str], draft: bool = True
 ) -> tuple[Renderer, Catalogs]:
     """A strict renderer that sees ``files`` as the merchant's published override (over its
     folder, over the defaults): what a publish would make real sends look like. Raises
-    ConfigurationError for a broken brand."""
+    ConfigurationError for a broken brand, naming it as the merchant's draft (``draft``) or
+    its published file."""
     templates_dir = data_dir("templates", settings.templates_dir)
-    brand = load_brand(templates_dir, merchant, files.get("brand.yaml"))
+    label = override_label("brand.yaml", merchant, draft)
+    brand = load_brand(templates_dir, merchant, files.get("brand.yaml"), label)
     catalogs = Catalogs(data_dir("locales", settings.locales_dir))
     templates = {p: t for p, t in files.items() if TEMPLATE.fullmatch(p)}
     store = TemplateStore(
@@ -528,28 +531,31 @@ def candidate_renderer(
     return renderer, catalogs
 
 
-def override_problems(settings: Settings, merchant: str, files: dict[str, str]) -> list[str]:
-    """Every problem with a merchant's override files as they would be published: its brand,
-    its policy, and every template rendered for every milestone, channel and locale, with
-    the files beneath (its folder, the defaults). Slow (about a second): run in a thread."""
+def override_problems(
+    settings: Settings, merchant: str, files: dict[str, str], draft: bool = True
+) -> list[str]:
+    """Every problem with a merchant's override files as they would be published (a draft),
+    or as they are (``draft=False``): its brand, its policy, and every template rendered
+    for every milestone, channel and locale, with the files beneath (its folder, the
+    defaults). Slow (about a second): run in a thread."""
     problems: list[str] = []
     try:
-        renderer, catalogs = candidate_renderer(settings, merchant, files)
+        renderer, catalogs = candidate_renderer(settings, merchant, files, draft)
     except ConfigurationError as exc:
         # a broken brand must not hide the other files' problems: they are checked over
         # the brand without the broken file
         problems.append(str(exc))
         files = {path: text for path, text in files.items() if path != "brand.yaml"}
         try:
-            renderer, catalogs = candidate_renderer(settings, merchant, files)
+            renderer, catalogs = candidate_renderer(settings, merchant, files, draft)
         except ConfigurationError as beneath:  # the merchant's own brand.yaml, in its folder
             return [*problems, str(beneath)]
     brand = renderer.brand(merchant)
-    problems += _channel_problems(settings, brand, f"published brand.yaml of {merchant}")
+    problems += _channel_problems(settings, brand, override_label("brand.yaml", merchant, draft))
     own = data_dir("templates", settings.templates_dir) / merchant / "brand.yaml"
     if "brand.yaml" in files or own.is_file():
         problems += [p for p in [support_problem(brand, "brand.yaml")] if p]
-    policies = PolicyStore(data_dir("policies", settings.policies_dir), lambda _: files)
+    policies = PolicyStore(data_dir("policies", settings.policies_dir), lambda _: files, draft)
     locales = ["en", *catalogs.available()]
     try:
         policy = policies.strict(merchant)
@@ -592,7 +598,9 @@ async def published_problems(settings: Settings) -> list[str]:
             if live is None:
                 continue
             where = f"published override of {merchant} (version {live.number})"
-            found = await asyncio.to_thread(override_problems, settings, merchant, live.files)
+            found = await asyncio.to_thread(
+                override_problems, settings, merchant, live.files, False
+            )
             problems += [f"{where}: {p}" for p in found]
         return problems
     except (RedisError, OSError) as exc:

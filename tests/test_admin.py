@@ -91,7 +91,9 @@ async def test_a_broken_brand_hides_no_other_problem_of_the_draft(client: Client
         )
         assert resp.status == 200
     problems = (await resp.json())["problems"]
-    assert any("logo_url" in p for p in problems), problems
+    # named as the draft it is, not as a published file (it said "published brand.yaml")
+    assert any(p.startswith("brand.yaml of acme's draft: logo_url") for p in problems), problems
+    assert not any("published" in p for p in problems), problems
     assert any("bogus" in p for p in problems), problems
     assert any("messages/delivered.jinja" in p for p in problems), problems
     resp = await client.post(

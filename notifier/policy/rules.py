@@ -317,6 +317,11 @@ def _validate(path: Path, data: dict[str, Any]) -> Policy:
         raise ConfigurationError(f"{path}: {problems}") from exc
 
 
+def override_label(name: str, merchant_id: str, draft: bool) -> str:
+    """How a problem names a merchant's override file: its draft's, or the published one."""
+    return f"{name} of {merchant_id}'s draft" if draft else f"published {name} of {merchant_id}"
+
+
 class PolicyStore:
     """Layered policy lookup (merchant file over defaults), reloaded when a file changes.
 
@@ -328,11 +333,16 @@ class PolicyStore:
     """
 
     def __init__(
-        self, directory: Path, published: Callable[[str], dict[str, str]] | None = None
+        self,
+        directory: Path,
+        published: Callable[[str], dict[str, str]] | None = None,
+        draft: bool = False,
     ) -> None:
         self.directory = directory
         #: a merchant's published override files: its policy.yaml (the editor's) over its file
         self.published = published
+        #: ``published`` is a draft being checked, not yet published (its problems say so)
+        self.draft = draft
         self._cache: dict[str, tuple[tuple[float, float], Policy]] = {}
         self._lock = threading.Lock()
 
@@ -387,7 +397,7 @@ class PolicyStore:
         path = self.directory / f"{merchant_id}.yaml"
         text = self.published(merchant_id).get("policy.yaml") if self.published else None
         if merchant_id and text is not None:
-            where = Path(f"published policy.yaml of {merchant_id}")
+            where = Path(override_label("policy.yaml", merchant_id, self.draft))
             own = _read_yaml(path) if path.is_file() else {}
             return _validate(where, _merge(_merge(base, own), _parse_yaml(text, where)))
         if not merchant_id or not path.is_file():

@@ -254,16 +254,22 @@ def _parse(text: str, where: str) -> dict[str, Any]:
     return data
 
 
-def load_brand(templates_dir: Path, merchant_id: str, published: str | None = None) -> Brand:
+def load_brand(
+    templates_dir: Path,
+    merchant_id: str,
+    published: str | None = None,
+    label: str | None = None,
+) -> Brand:
     """The merchant's brand: its published brand.yaml (the editor's) over its file over the
-    default one, validated."""
+    default one, validated. ``label`` names ``published`` in a problem (default: "published
+    brand.yaml of <merchant>"; a draft checked before it is published says so)."""
     base = _read(templates_dir / "brand.yaml")
     path = templates_dir / merchant_id / "brand.yaml" if merchant_id else None
     merged = dict(base)
     layers = [_read(path) if path else {}]
     where = path if path and path.is_file() else templates_dir / "brand.yaml"
     if published is not None:
-        label = f"published brand.yaml of {merchant_id}"
+        label = label or f"published brand.yaml of {merchant_id}"
         layers.append(_parse(published, label))
         where = Path(label)
     for override in layers:
