@@ -217,9 +217,17 @@ async def sendgrid_events(request: web.Request, res: Resources) -> web.Response:
         events: Any = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise BadRequest("SendGrid events must be a JSON list") from exc
-    for event in events if isinstance(events, list) else []:
+    if not isinstance(events, list):
+        raise BadRequest(f"SendGrid events must be a JSON list, not {_json_kind(events)}")
+    for event in events:
         await _email_event(res, event)
     return web.Response(status=204)
+
+
+def _json_kind(value: Any) -> str:
+    """What a JSON value is, in a problem's words."""
+    kinds = {dict: "an object", str: "a string", bool: "a boolean", type(None): "null"}
+    return kinds.get(type(value), "a number")
 
 
 async def _email_event(res: Resources, event: Any) -> None:

@@ -191,6 +191,11 @@ async def test_bad_endpoints_get_a_422_naming_the_problem(client: Client) -> Non
         ({"url": "https://127.1/", "events": ["*"]}, "url"),
         ({"url": "https://2130706433/", "events": ["*"]}, "url"),
         ({"url": "https://0177.0.0.1/", "events": ["*"]}, "url"),
+        # and with a trailing dot (the root), which a resolver ignores
+        ({"url": "https://10.0.0.1./h", "events": ["*"]}, "url"),
+        ({"url": "https://169.254.169.254./latest", "events": ["*"]}, "url"),
+        ({"url": "https://127.1./", "events": ["*"]}, "url"),
+        ({"url": "https://localhost./", "events": ["*"]}, "url"),
         ({"url": "ftp://h.example.com/", "events": ["*"]}, "url"),
         ({"url": "https://h.example.com/", "events": ["*"], "colour": "red"}, "colour"),
     ]

@@ -18,7 +18,7 @@ from notifier.channels.sendgrid import SendGridChannel, build_sendgrid
 from notifier.errors import PermanentDeliveryError, TemporaryDeliveryError
 from notifier.render import EmailMessageOut
 from tests.conftest import history, make_settings, post, run_worker, transition
-from tests.fakes import FakeSendGrid, serve_sendgrid
+from tests.fakes import FakeSendGrid, Reply, serve_sendgrid
 
 KEY = "SG.fake-key"
 
@@ -116,6 +116,19 @@ async def test_client_errors_are_permanent(sendgrid: FakeSendGrid, status: int, 
     sendgrid.fail(status)
     [outcome] = await send(sendgrid)
     assert isinstance(outcome, PermanentDeliveryError) and text in outcome.reason
+
+
+async def test_a_refusal_that_names_the_recipient_is_kept_without_the_address(
+    sendgrid: FakeSendGrid,
+) -> None:
+    """SendGrid's words go to the ledger, `dead-letters` (which masks recipients unless
+    --reveal) and the merchant's webhooks: the address they name is left out."""
+    refusal = {"errors": [{"message": "The to email bad.one@example.com is not valid"}]}
+    sendgrid.script.append(Reply(400, refusal))
+    [outcome] = await send(sendgrid)
+    assert isinstance(outcome, PermanentDeliveryError)
+    assert "The to email [email] is not valid" in outcome.reason
+    assert "bad.one" not in outcome.reason
 
 
 async def test_end_to_end_email_through_sendgrid(

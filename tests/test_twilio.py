@@ -28,7 +28,7 @@ from tests.conftest import (
     run_worker,
     transition,
 )
-from tests.fakes import FakeTwilio, serve_twilio
+from tests.fakes import FakeTwilio, Reply, serve_twilio
 
 SID, TOKEN = "AC" + "0" * 32, "secret-token"
 
@@ -126,6 +126,16 @@ async def test_permanent_failures_are_never_retried(
     [outcome] = await send(channel(twilio))
     assert isinstance(outcome, PermanentDeliveryError)
     assert outcome.opted_out is opted_out and text in outcome.reason
+
+
+async def test_twilio_words_that_name_the_number_are_kept_without_it(twilio: FakeTwilio) -> None:
+    """An error code we have no words for keeps Twilio's, without the number they name."""
+    words = "The 'To' number +15005550001 is not reachable"
+    twilio.script.append(Reply(400, {"code": 21999, "message": words, "status": 400}))
+    [outcome] = await send(channel(twilio))
+    assert isinstance(outcome, PermanentDeliveryError)
+    assert outcome.reason.endswith(": The 'To' number [phone] is not reachable")
+    assert outcome.reason.startswith("Twilio error 21999: ")
 
 
 async def test_one_failure_does_not_sink_the_batch(twilio: FakeTwilio) -> None:

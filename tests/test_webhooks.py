@@ -331,6 +331,17 @@ async def test_sendgrid_events_are_verified_and_recorded(tmp_path: Path, redis_u
             [decision] = [d for d in await history(c) if d["channel"] == "email"]
             assert decision["delivery"]["provider_status"] == "delivered"  # no step back
 
+            # signed, but not a list of events: 400 naming what it is (it was a silent 204)
+            for wrong, kind in (('{"event": "bounce"}', "an object"), ('"hi"', "a string")):
+                headers = {
+                    "X-Twilio-Email-Event-Webhook-Timestamp": now,
+                    "X-Twilio-Email-Event-Webhook-Signature": sg_sign(private, wrong, now),
+                }
+                resp = await c.post("/v1/webhooks/sendgrid/events", data=wrong, headers=headers)
+                assert resp.status == 400
+                message = (await resp.json())["error"]["message"]
+                assert message == f"SendGrid events must be a JSON list, not {kind}"
+
             # tampered, missing, stale: 403, nothing changes
             bounce = events("bounce")
             assert await deliver(bounce, sg_sign(private, body, now), now) == 403

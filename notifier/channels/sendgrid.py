@@ -18,6 +18,7 @@ from sendgrid.helpers.mail import CustomArg, Header, Mail, ReplyTo
 from notifier.addresses import ascii_domain
 from notifier.channels.base import Outcome, Outgoing, Receipt, retry_after_s
 from notifier.errors import PermanentDeliveryError, TemporaryDeliveryError
+from notifier.logs import redact
 from notifier.render import EmailMessageOut
 
 #: Client errors worth retrying; every 5xx is retried too, any other 4xx is permanent.
@@ -123,7 +124,10 @@ class SendGridChannel:
             return TemporaryDeliveryError(
                 f"SendGrid answered {status}", nid, self.name, retry_after_s=_retry_after(headers)
             )
-        what = "rejected the API key" if status in (401, 403) else f"refused the message: {text}"
+        # SendGrid's text can name the recipient ("The to email … is not valid"): the reason
+        # is kept in the ledger, shown by `dead-letters` and sent to the merchant's webhooks
+        refused = f"refused the message: {redact(text)}"
+        what = "rejected the API key" if status in (401, 403) else refused
         return PermanentDeliveryError(f"SendGrid {what} ({status})", nid, self.name)
 
     async def aclose(self) -> None:

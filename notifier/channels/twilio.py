@@ -24,6 +24,7 @@ from twilio.rest import Client
 
 from notifier.channels.base import Outcome, Outgoing, Receipt, retry_after_s
 from notifier.errors import PermanentDeliveryError, TemporaryDeliveryError
+from notifier.logs import redact
 from notifier.render import SmsMessageOut
 
 #: Twilio error codes (https://www.twilio.com/docs/api/errors) that say "never retry".
@@ -117,7 +118,8 @@ def classify(
             return PermanentDeliveryError(
                 f"Twilio rejected the credentials ({exc.status})", notification_id, name
             )
-        reason = PERMANENT_CODES.get(code, exc.msg or "request refused")
+        # (Twilio's own words can name the number: kept in the ledger, without it)
+        reason = PERMANENT_CODES.get(code) or redact(exc.msg or "request refused")
         error = PermanentDeliveryError(
             f"Twilio error {code or exc.status}: {reason}", notification_id, name
         )

@@ -80,13 +80,15 @@ _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
 def address_problem(host: str) -> str | None:
     """Why a literal IP address (or ``localhost``) may not be posted to, or None."""
-    if host.lower().rstrip(".") in ("localhost", "localhost.localdomain"):
+    # a name's trailing dot (the root) changes nothing a resolver does: 10.0.0.1. is 10.0.0.1
+    bare = host.strip("[]").rstrip(".")
+    if bare.lower() in ("localhost", "localhost.localdomain"):
         return f"{host} is this machine"
     try:
-        ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(host.strip("[]"))
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(bare)
     except ValueError:
         try:  # the shorthands a resolver reads as IPv4: 0x7f000001, 127.1, 2130706433
-            ip = ipaddress.IPv4Address(socket.inet_aton(host))
+            ip = ipaddress.IPv4Address(socket.inet_aton(bare))
         except OSError:
             return None  # a name: checked once resolved
     if not is_public(ip):
