@@ -240,22 +240,23 @@ async def _email_event(res: Resources, event: Any) -> None:
     counted = EMAIL_COUNTS.get(kind)
     if kind == "bounce" and event.get("type") != "blocked":
         counted = Count.BOUNCED
-    if counted is not None and isinstance(merchant_id, str):
-        await record.report(
-            res.store,
-            merchant_id,
-            shipment_id if isinstance(shipment_id, str) else None,
-            nid,
-            "email",
-            event.get("stats"),
-            counted,
-            res.clock(),
-        )
+
+    async def count(what: Count) -> None:
+        if isinstance(merchant_id, str):
+            shipment = shipment_id if isinstance(shipment_id, str) else None
+            stats_tag = event.get("stats")
+            await record.report(
+                res.store, merchant_id, shipment, nid, "email", stats_tag, what, res.clock()
+            )
+
+    # an unsubscribe counts once an address: when it opts out (below), so SendGrid's report
+    # of one made through our own link, or of one already made, is not a second
+    if counted is not None and counted is not Count.UNSUBSCRIBED:
+        await count(counted)
     if kind not in EMAIL_RANK:
         return  # an open or a click: counted only
     reason = event.get("reason") or event.get("response")
-    merchant, address = event.get("merchant_id"), event.get("email")
-    shipment = event.get("shipment_id")
+    merchant, shipment = event.get("merchant_id"), event.get("shipment_id")
     where: tuple[str, str] | None = None
     if isinstance(merchant, str) and isinstance(shipment, str):
         where = (merchant, shipment)
@@ -277,6 +278,15 @@ async def _email_event(res: Resources, event: Any) -> None:
             where[0], where[1], nid, "email", reason_text, res.clock(), res.settings.public_url
         )
         await res.hooks.emit(where[0], where[1], failed, res.clock())
+    if await _stop_emails(res, event, kind, where) and counted is Count.UNSUBSCRIBED:
+        await count(counted)
+
+
+async def _stop_emails(
+    res: Resources, event: dict[str, Any], kind: str, where: tuple[str, str] | None
+) -> bool:
+    """Opt the event's address out of the merchant's emails when the event says it must not
+    be used again; whether it opted out now (not before)."""
     # A hard bounce or a drop (SendGrid's own suppression) means the address must not be
     # used again; a "blocked" bounce is the receiving server's temporary refusal.
     hard_bounce = kind == "bounce" and event.get("type") != "blocked"
@@ -284,10 +294,13 @@ async def _email_event(res: Resources, event: Any) -> None:
     address_drop = kind == "dropped" and any(
         word in reason_text for word in ("bounced", "invalid", "unsubscribed", "spam reporting")
     )
+    merchant, address = event.get("merchant_id"), event.get("email")
     stop = kind in EMAIL_OPT_OUTS or hard_bounce or address_drop
-    if stop and isinstance(merchant, str) and isinstance(address, str):
-        key = opt_out_key(ChannelKind.EMAIL, address)
-        if await res.store.set_opt_out(merchant, key, True):
-            source = f"sendgrid_{kind}"
-            shipment_id = where[1] if where else None
-            await res.hooks.opted_out(merchant, key, source, res.clock(), shipment_id)
+    if not (stop and isinstance(merchant, str) and isinstance(address, str)):
+        return False
+    key = opt_out_key(ChannelKind.EMAIL, address)
+    if not await res.store.set_opt_out(merchant, key, True):
+        return False
+    source = f"sendgrid_{kind}"
+    await res.hooks.opted_out(merchant, key, source, res.clock(), where[1] if where else None)
+    return True

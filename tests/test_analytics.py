@@ -166,6 +166,46 @@ async def test_provider_reports_are_counted_once_under_the_message(
     assert row(found, milestone="-", channel="email", locale="-")["opened"] == 1
 
 
+async def test_an_unsubscribe_counts_once_an_address(fixed: Client, settings: Settings) -> None:
+    """Through our own link, then SendGrid's report of it, then the report again, and one
+    for an address already opted out: one unsubscribe (it read 2, a rate of 200 % of
+    the delivered emails, before)."""
+    from notifier.unsubscribe import PATH, sign
+
+    await journeys(fixed, settings)
+    [email] = [
+        d
+        for d in await history(fixed)
+        if d["channel"] == "email" and d["status"] == "out_for_delivery"
+    ]
+    tag = counts.tag("out_for_delivery", "fr_FR")
+    event = {
+        "notification_id": email["notification_id"],
+        "merchant_id": "acme",
+        "shipment_id": "shp_123",
+        "email": "ana@example.com",
+        "stats": tag,
+    }
+    token = sign(settings.signing_secret_value(), "acme", "ana@example.com")
+    assert (await fixed.post(PATH.format(token=token))).status == 200
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        await _email_event(res, {**event, "event": "delivered"})
+        for kind in ("unsubscribe", "unsubscribe", "group_unsubscribe"):
+            await _email_event(res, {**event, "event": kind})
+        assert await res.store.opted_out("acme", ["email:ana@example.com"])
+    found = await analytics(fixed, DAY + "&group_by=channel")
+    [by_email] = [r for r in found["rows"] if r["channel"] == "email"]
+    assert (by_email["delivered"], by_email["unsubscribed"]) == (1, 1)
+    # SendGrid's own unsubscribe of an address that was not opted out counts, once
+    other = {**event, "email": "zoe@example.com", "notification_id": "n_other"}
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        for _ in range(2):
+            await _email_event(res, {**other, "event": "unsubscribe"})
+    found = await analytics(fixed, DAY + "&group_by=channel")
+    [by_email] = [r for r in found["rows"] if r["channel"] == "email"]
+    assert by_email["unsubscribed"] == 2
+
+
 def test_tags_round_trip_and_refuse_anything_else() -> None:
     assert counts.untag(counts.tag("exception:customs_hold", "zh_Hans_CN")) == (
         "exception:customs_hold",
