@@ -20,12 +20,12 @@ from notifier.errors import PermanentDeliveryError, RenderError, TemporaryDelive
 from notifier.insights import counts
 from notifier.insights.counts import Count
 from notifier.models import (
-    STATUS_RANK,
     UNREADABLE,
     ChannelKind,
     Decision,
     Notification,
     message_name,
+    news_rank,
     notification_id,
     notification_of,
     unreadable,
@@ -387,7 +387,7 @@ class Deliverer:
             state = states.get(key) or loaded[key][1]
             t = n.transition
             why = (
-                state.superseded(n.channel, t.event_id, t.milestone, STATUS_RANK[t.status])
+                state.superseded(n.channel, t.event_id, t.milestone, _rank_of(state, n))
                 if state
                 else None
             )
@@ -602,6 +602,16 @@ def summary(message: Message) -> str:
         return text
     cut = text.encode()[: SUMMARY_BYTES - 3].decode(errors="ignore")
     return cut.rstrip() + "…"
+
+
+def _rank_of(state: ShipmentState, n: Notification) -> int:
+    """How far along ``n`` is as news: as its decision recorded it in the message log (an
+    exception at the step it happened at, ``news_rank``), else by its status."""
+    t = n.transition
+    for m in state.messages:
+        if m.event_id == t.event_id and m.channel is n.channel:
+            return m.rank
+    return news_rank(t, -1)
 
 
 async def fall_back_to_email(res: Resources, sms: Notification, why: str) -> bool:

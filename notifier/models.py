@@ -106,6 +106,16 @@ STATUS_RANK: dict[Status, int] = {
     Status.RETURNED_TO_SENDER: 5,
 }
 
+
+def news_rank(t: Transition, reached: int) -> int:
+    """How far along a message about ``t`` is, for which message overtakes which: its
+    status's step; an exception happens at the step the shipment had reached (``reached``,
+    its furthest), so "the courier could not reach you" while out for delivery overtakes an
+    "arrives today" not sent yet, and a depot scan after it does not overtake it."""
+    rank = STATUS_RANK[t.status]
+    return max(rank, reached) if t.status is Status.EXCEPTION else rank
+
+
 # Identifiers end up in Redis keys, file names and outbox paths: keep them to a safe
 # alphabet. A merchant id has no ":" so "ntf:<kind>:<merchant_id>:<rest>" keys are unambiguous.
 MerchantId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]

@@ -20,6 +20,7 @@ from notifier.models import (
     Status,
     Transition,
     assembled,
+    news_rank,
 )
 
 #: How many recent event ids a shipment remembers, so a re-delivered inbox entry
@@ -139,6 +140,14 @@ class ShipmentState(BaseModel):
         (back at the depot after a failed attempt, say)."""
         return STATUS_RANK[t.status] < self.max_rank
 
+    def current_rank(self) -> int:
+        """How far along the current status is as news (``news_rank``: an exception is at
+        the furthest step reached); -1 before any."""
+        if self.status is None:
+            return -1
+        rank = STATUS_RANK[self.status]
+        return max(rank, self.max_rank) if self.status is Status.EXCEPTION else rank
+
     @property
     def milestone(self) -> str | None:
         """The current (status, exception code) as one key, like ``Transition.milestone``."""
@@ -162,7 +171,7 @@ class ShipmentState(BaseModel):
             self.current_event not in (None, event_id)
             and self.milestone != milestone
             and self.status is not None
-            and STATUS_RANK[self.status] >= rank
+            and self.current_rank() >= rank
         ):
             since = self.occurred_at.isoformat() if self.occurred_at else "?"
             return f"superseded by {self.milestone} ({since})"
@@ -211,7 +220,7 @@ class ShipmentState(BaseModel):
         if current is None:
             current_event = self.current_event
             milestone = self.milestone
-            rank = STATUS_RANK[self.status] if self.status is not None else -1
+            rank = self.current_rank()
         else:
             current_event, milestone, rank = current
         out = []
@@ -324,7 +333,7 @@ class ShipmentState(BaseModel):
             for m in self.messages
             if m.at <= at - MESSAGE_LOG and m.channel is ChannelKind.SMS and not m.cancelled
         )
-        milestone, rank = t.milestone, STATUS_RANK[t.status]
+        milestone, rank = t.milestone, news_rank(t, self.max_rank)
         sent = assembled(  # typed inputs: skip validation on this hot path
             Sent,
             {

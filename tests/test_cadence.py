@@ -94,6 +94,66 @@ async def test_quiet_hours_defer_and_only_the_latest_goes_out(
     assert sms["dlv"]["status"] == "sent"
 
 
+async def test_a_failure_while_arrives_today_waits_cancels_it(
+    client: Client, settings: Settings, res_at: Any
+) -> None:
+    """Out for delivery late in the evening, then the courier could not reach the recipient:
+    the "arrives today" SMS waiting for the morning is cancelled, and only the failure goes
+    out (both went out in the morning before: an exception ranked below "out for
+    delivery")."""
+    ofd = transition(event_id="ofd", occurred_at="2026-11-21T22:40:00+01:00")
+    failed = transition(
+        event_id="exc",
+        status="exception",
+        exception_code="recipient_unavailable",
+        occurred_at="2026-11-21T22:55:00+01:00",
+    )
+    await post(client, ofd)
+    await run_worker(settings, clock=fixed_clock(NIGHT))
+    await post(client, failed)
+    await run_worker(settings, clock=fixed_clock(NIGHT + timedelta(minutes=5)))
+    async with res_at(MORNING) as res:
+        assert await release(res) == 1
+    [sms_file] = outbox_files(settings, ".sms.json")
+    assert sms_file.name.endswith(f"{nid('exc', ChannelKind.SMS)}.sms.json")
+    sms = {d["event_id"]: d["delivery"] for d in await history(client) if d["channel"] == "sms"}
+    assert sms["ofd"]["status"] == "cancelled"
+    assert sms["ofd"]["detail"].startswith("superseded by exception:recipient_unavailable")
+    assert sms["exc"]["status"] == "sent"
+
+
+async def test_a_depot_scan_does_not_cancel_a_failure_that_waits(
+    client: Client, settings: Settings, res_at: Any
+) -> None:
+    """The failure's SMS waits for the morning; the parcel is scanned back at the depot in
+    the night: the SMS still goes out (the due sweep checks again before it sends, and
+    measures the failure at the step it happened at, as the decision did)."""
+    await post(client, transition(event_id="ofd", occurred_at="2026-11-21T12:40:00+01:00"))
+    await run_worker(settings)
+    failed = transition(
+        event_id="exc",
+        status="exception",
+        exception_code="recipient_unavailable",
+        occurred_at="2026-11-21T22:55:00+01:00",
+    )
+    depot = transition(
+        event_id="dep", status="arrived_at_facility", occurred_at="2026-11-21T23:30:00+01:00"
+    )
+    await post(client, failed)
+    await run_worker(settings, clock=fixed_clock(NIGHT))
+    await post(client, depot)
+    await run_worker(settings, clock=fixed_clock(NIGHT + timedelta(minutes=50)))
+    async with res_at(MORNING) as res:
+        assert await release(res) == 1
+    decisions = await history(client)
+    sms = {d["event_id"]: d["delivery"] for d in decisions if d.get("channel") == "sms"}
+    assert sms["exc"]["status"] == "sent", sms
+    assert any(
+        f.name.endswith(f"{nid('exc', ChannelKind.SMS)}.sms.json")
+        for f in outbox_files(settings, ".sms.json")
+    )
+
+
 async def test_deferred_message_is_kept_until_due_and_sent_once(
     client: Client, settings: Settings, res_at: Any
 ) -> None:

@@ -327,6 +327,65 @@ def test_a_waiting_message_a_later_batch_overtakes_never_counts_against_a_cap() 
     assert sms.reason.startswith("cap: 2 SMS already sent")
 
 
+@pytest.mark.parametrize("code", ["recipient_unavailable", "address_issue", "lost"])
+def test_an_exception_overtakes_an_arrives_today_not_sent_yet(code: str) -> None:
+    """An exception happens at the step the shipment had reached: while out for delivery,
+    "the courier could not reach you" overtakes "your parcel arrives today" when both would
+    go out together (one batch), and when "arrives today" still waits for the morning (a
+    later batch). Before, an exception ranked as "in transit" and both went out."""
+    morning = NOON - timedelta(hours=2)
+    ofd, exc = (
+        event(1, "out_for_delivery", morning),
+        event(2, "exception", morning + timedelta(hours=1), exception_code=code),
+    )
+    _, steps = run([ofd, exc])
+    assert [(v.channel, v.outcome, v.rule) for v in steps[0].verdicts] == [
+        (EMAIL, Outcome.SUPPRESSED, "superseded"),
+        (SMS, Outcome.SUPPRESSED, "superseded"),
+    ]
+    assert steps[0].verdicts[1].reason.startswith(f"superseded by exception:{code}")
+    assert [v.outcome for v in steps[1].verdicts] == [Outcome.SENT, Outcome.SENT]
+    # the SMS of "out for delivery" waits overnight, then the failure comes in
+    night = datetime(2026, 11, 21, 22, 0, tzinfo=UTC)  # 23:00 in Paris
+    state, steps = run([event(1, "out_for_delivery", night)], night)
+    assert [v.outcome for v in steps[0].verdicts] == [Outcome.SENT, Outcome.DEFERRED]
+    ofd_sms = next(m for m in state.messages if m.channel is SMS)
+    later = night + timedelta(minutes=30)
+    failure = event(2, "exception", later, exception_code=code)
+    state, steps = run([failure], later, state=state)
+    [(gone, why)] = state.overtaken([ofd_sms], later)
+    assert gone == ofd_sms and why.startswith(f"superseded by exception:{code}")
+    assert [(m.event_id, m.channel) for m in state.messages] == [
+        ("e1", EMAIL),
+        ("e2", EMAIL),
+        ("e2", SMS),
+    ]
+
+
+def test_a_depot_scan_after_a_failure_does_not_overtake_its_message() -> None:
+    """The courier could not reach the recipient at night; the parcel is scanned back at
+    the depot before the SMS saying so could go out: the SMS still goes in the morning (a
+    lesser scan never cancels a milestone). Before, both ranked as "in transit", and the
+    depot scan cancelled it."""
+    night = datetime(2026, 11, 21, 21, 0, tzinfo=UTC)  # 22:00 in Paris
+    state, _ = run([event(1, "out_for_delivery", night - timedelta(hours=10))], night)
+    failure = event(2, "exception", night, exception_code="recipient_unavailable")
+    state, steps = run([failure], night, state=state)
+    assert [v.outcome for v in steps[0].verdicts] == [Outcome.SENT, Outcome.DEFERRED]
+    waiting = next(m for m in state.messages if m.event_id == "e2" and m.channel is SMS)
+    later = night + timedelta(hours=1)
+    state, _ = run([event(3, "departed_facility", later)], later, state=state)
+    assert state.overtaken([waiting], later) == []
+    assert waiting in state.live_messages(later)
+    # a customs hold in transit is still overtaken by the parcel moving on (as before)
+    held = event(4, "exception", night, exception_code="customs_hold", shipment_id="s2")
+    state, _ = run([held], night, state=ShipmentState(merchant_id="acme", shipment_id="s2"))
+    hold_sms = next(m for m in state.messages if m.channel is SMS)
+    moved = event(5, "in_transit", later, shipment_id="s2")
+    state, _ = run([moved], later, state=state)
+    assert [m for m, _ in state.overtaken([hold_sms], later)] == [hold_sms]
+
+
 def test_messages_are_remembered_to_the_second() -> None:
     """A message's time in the log is kept to the second (the caps and windows need no
     more; microseconds took a few bytes a message of every stored state)."""

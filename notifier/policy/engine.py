@@ -17,7 +17,14 @@ from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from notifier.models import STATUS_RANK, ChannelKind, Outcome, Recipient, Status, Transition
+from notifier.models import (
+    ChannelKind,
+    Outcome,
+    Recipient,
+    Status,
+    Transition,
+    news_rank,
+)
 from notifier.policy.rules import Policy, QuietWindow, Rule
 from notifier.state import Sent, ShipmentState
 
@@ -48,6 +55,8 @@ class Step:
     #: a message of the current milestone, caught up because this late event brought the
     #: recipient's address (the event id that brought it)
     caught_up_by: str | None = None
+    #: how far along its messages are (``news_rank``); -1 when nothing was decided
+    rank: int = -1
 
 
 def opt_out_key(channel: ChannelKind, address: str) -> str:
@@ -371,7 +380,7 @@ def decide(
     contact = _Contact.of(state.recipient, t.recipient)
     # Count as if t were applied: earlier pending messages it overtakes no longer count.
     live: list[Sent | _Counted] = list(
-        state.live_messages(now, pending, (t.event_id, milestone, STATUS_RANK[t.status]))
+        state.live_messages(now, pending, (t.event_id, milestone, news_rank(t, state.max_rank)))
     )
     decided: dict[ChannelKind, Sent | _Counted] = {m.channel: m for m in state.messages}
     verdicts: list[Verdict] = []
@@ -435,7 +444,7 @@ def _fold_once(
                     state = state.record_message(t, channel, rule.trivial, now, v.send_at)
                     pending.add(t.event_id)
             kept.append(v)
-        steps.append(Step(t, kept))
+        steps.append(Step(t, kept, rank=news_rank(t, state.max_rank)))
         if late:
             caught = _catch_up(policy, before, state, t, now, opted_out, frozenset(pending))
             if caught is not None:
@@ -455,7 +464,8 @@ def _fold_once(
                         state = state.record_message(current, v.channel, trivial, now, v.send_at)
                         pending.add(current.event_id)
                     decided.append(v)
-                steps.append(replace(caught, verdicts=decided))
+                rank = news_rank(current, state.max_rank)
+                steps.append(replace(caught, verdicts=decided, rank=rank))
     return state, steps
 
 
@@ -542,7 +552,7 @@ def fold(
                 key = (t.event_id, v.channel)
                 if v.channel is None or (v.outcome not in _GOING and key not in superseded):
                     continue
-                why = final.superseded(v.channel, t.event_id, t.milestone, STATUS_RANK[t.status])
+                why = final.superseded(v.channel, t.event_id, t.milestone, step.rank)
                 if why is not None:
                     found[(t.event_id, v.channel)] = why
         if found == superseded:
