@@ -3,9 +3,12 @@ stalled shipments, merchant policy overrides."""
 
 from __future__ import annotations
 
+import email
+import email.policy
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -336,8 +339,27 @@ async def test_missed_delivery_window_counts_as_stalled(
     await run_worker(settings, clock=fixed_clock(scanned))
     async with res_at(datetime(2026, 11, 20, 13, 59, tzinfo=UTC)) as res:
         assert await find_stalled({"res": res}) == 0
-    async with res_at(datetime(2026, 11, 20, 14, 1, tzinfo=UTC)) as res:
+    stalled_at = datetime(2026, 11, 20, 14, 1, tzinfo=UTC)
+    async with res_at(stalled_at) as res:
         assert await find_stalled({"res": res}) == 1
+    # the delay notice does not give the window that ended as the new expected delivery
+    # (it said "Nouvelle livraison prévue : ven. 20 nov., 11:00 – 13:00", hours before)
+    await run_worker(settings, clock=fixed_clock(stalled_at))
+    delay = [d for d in await history(client) if d.get("exception_code") == "delayed"]
+    assert [d["outcome"] for d in delay] == ["sent", "sent"]
+    for d in delay:
+        suffix = ".eml" if d["channel"] == "email" else ".sms.json"
+        [notice] = [f for f in outbox_files(settings, suffix) if d["notification_id"] in f.name]
+        if suffix == ".sms.json":
+            assert "Nouvelle livraison" not in notice.read_text()
+            continue
+        mail = email.message_from_bytes(notice.read_bytes(), policy=email.policy.default)
+        assert isinstance(mail, EmailMessage)
+        body = mail.get_body(("plain",))
+        assert body is not None
+        text = body.get_content()
+        assert "Nouvelle livraison" not in text
+        assert "Nous vous préviendrons dès qu'il repartira." in text, text
 
 
 async def test_delivered_shipment_leaves_the_stall_index(

@@ -469,6 +469,11 @@ class Renderer:
         )
         point = t.pickup_point
         message_for_locale, message = message_paths(message_name(t), locale, variant)
+        # a window that ended before the message was decided is no expected delivery (a
+        # stalled shipment's "delayed" is made because it ended): the message says none
+        window = t.estimated_delivery
+        if window is not None and window.end <= n.created_at:
+            window = None
         deadline_days = None
         if t.pickup_deadline is not None:
             days = (t.pickup_deadline - n.created_at).total_seconds() / 86400
@@ -492,9 +497,7 @@ class Renderer:
                 "exception_code": t.exception_code.value if t.exception_code else "",
                 "when": i18n.when(t.occurred_at, tz, fmt),
                 "place": place or "",
-                "window": i18n.window(t.estimated_delivery.start, t.estimated_delivery.end, tz, fmt)
-                if t.estimated_delivery
-                else "",
+                "window": i18n.window(window.start, window.end, tz, fmt) if window else "",
                 "predicted": i18n.window(n.predicted.start, n.predicted.end, tz, fmt)
                 if n.predicted
                 else "",
