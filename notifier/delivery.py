@@ -381,6 +381,7 @@ class Deliverer:
         for n, _ in claimed:
             by_merchant.setdefault(n.merchant_id, []).append(opt_out_key(n.channel, n.to))
         opted = {m: await self.res.store.opted_out(m, keys) for m, keys in by_merchant.items()}
+        now = self.res.clock()
         wanted = []
         for n, result in claimed:
             key = (n.merchant_id, n.shipment_id)
@@ -393,6 +394,10 @@ class Deliverer:
             )
             if why is None and opt_out_key(n.channel, n.to) in opted[n.merchant_id]:
                 why = f"recipient opted out of {n.channel}"
+            deadline = t.pickup_deadline
+            if why is None and deadline is not None and deadline <= now:
+                # it waited (quiet hours) past the time it asks the customer to come by
+                why = f"stale: its pickup deadline {deadline.isoformat()} passed while it waited"
             if why is None:
                 wanted.append((n, result))
                 continue

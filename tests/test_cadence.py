@@ -157,6 +157,32 @@ async def test_a_depot_scan_does_not_cancel_a_failure_that_waits(
     )
 
 
+async def test_a_pickup_notice_that_waits_past_its_deadline_is_cancelled(
+    client: Client, settings: Settings, res_at: Any
+) -> None:
+    """Ready for pickup at night, to collect by 07:30 Paris time: the email goes at once,
+    the SMS waits for quiet hours to end at 08:00, after the deadline, and is cancelled
+    then (it went out, "ready to collect", after the deadline before)."""
+    pickup = transition(
+        event_id="pup",
+        status="available_for_pickup",
+        occurred_at="2026-11-21T22:40:00+01:00",
+        pickup_deadline="2026-11-22T07:30:00+01:00",
+        pickup_point={"name": "Tabac du Centre", "address": "1 rue de la Gare, Paris"},
+    )
+    await post(client, pickup)
+    await run_worker(settings, clock=fixed_clock(NIGHT))
+    assert len(outbox_files(settings, ".eml")) == 1
+    async with res_at(MORNING) as res:
+        await release(res)
+        assert await ledger(res, nid("pup", ChannelKind.SMS)) == ["cancelled"]
+    assert outbox_files(settings, ".sms.json") == []
+    [sms] = [d for d in await history(client) if d.get("channel") == "sms"]
+    assert sms["delivery"]["detail"] == (
+        "stale: its pickup deadline 2026-11-22T07:30:00+01:00 passed while it waited"
+    )
+
+
 async def test_deferred_message_is_kept_until_due_and_sent_once(
     client: Client, settings: Settings, res_at: Any
 ) -> None:

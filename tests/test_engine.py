@@ -386,6 +386,27 @@ def test_a_depot_scan_after_a_failure_does_not_overtake_its_message() -> None:
     assert [m for m, _ in state.overtaken([hold_sms], later)] == [hold_sms]
 
 
+def test_a_pickup_notice_past_its_deadline_is_not_sent() -> None:
+    """ "Ready to collect by 11:30" at noon would send the customer to a counter that no
+    longer holds the parcel: recorded as stale, not sent (it went out before); one whose
+    deadline is still ahead goes."""
+    point = {"name": "Tabac du Centre", "address": "1 rue de la Gare, Paris"}
+    late = event(status="available_for_pickup", pickup_deadline=NOON - timedelta(minutes=30))
+    late = late.model_copy(update={"pickup_point": None})
+    state, steps = run([late])
+    [verdict] = steps[0].verdicts
+    assert (verdict.outcome, verdict.rule, verdict.channel) == (Outcome.SUPPRESSED, "stale", None)
+    assert verdict.reason == "stale: its pickup deadline 2026-11-21T10:30:00+00:00 has passed"
+    assert state.status is Status.AVAILABLE_FOR_PICKUP  # the shipment still moves on
+    ahead = event(
+        status="available_for_pickup",
+        pickup_deadline=NOON + timedelta(days=5),
+        pickup_point=point,
+    )
+    _, steps = run([ahead])
+    assert [v.outcome for v in steps[0].verdicts] == [Outcome.SENT, Outcome.SENT]
+
+
 def test_messages_are_remembered_to_the_second() -> None:
     """A message's time in the log is kept to the second (the caps and windows need no
     more; microseconds took a few bytes a message of every stored state)."""

@@ -377,6 +377,16 @@ def decide(
                 rule="behind",
             )
         ]
+    if t.pickup_deadline is not None and t.pickup_deadline <= now:
+        # "ready to collect by <a time that has passed>" would send the customer to a
+        # counter that no longer holds the parcel (a late address is not caught up either)
+        return [
+            Verdict(
+                Outcome.SUPPRESSED,
+                f"stale: its pickup deadline {t.pickup_deadline.isoformat()} has passed",
+                rule="stale",
+            )
+        ]
     contact = _Contact.of(state.recipient, t.recipient)
     # Count as if t were applied: earlier pending messages it overtakes no longer count.
     live: list[Sent | _Counted] = list(
