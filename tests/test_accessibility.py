@@ -135,6 +135,63 @@ def test_rtl_emails_lay_out_right_to_left(page: Any) -> None:
         assert page.evaluate("getComputedStyle(document.querySelector('h1')).direction") == "rtl"
 
 
+@pytest.mark.parametrize("locale", ["ar", "he"])
+def test_a_latin_city_comes_first_in_a_right_to_left_place(page: Any, locale: str) -> None:
+    """ "Last update: …, Louisville, <the United States in the reader's script>": read right
+    to left, the city comes first, at the right. The place's isolate took the direction of
+    its first letter, the city's, and showed the country first to the reader."""
+    from notifier.models import Location
+
+    catalogs = Catalogs(data_dir("locales", None))
+    renderer = Renderer(
+        TemplateStore(data_dir("templates", None), catalogs), catalogs, email_from="n@x.example"
+    )
+    t = next(t for t in _samples() if t.status == "in_transit")
+    t = t.model_copy(update={"location": Location(city="Louisville", country="US")})
+    n = Notification(
+        notification_id="n_rtl",
+        merchant_id="acme",
+        shipment_id="s",
+        to="a@example.com",
+        channel=ChannelKind.EMAIL,
+        transition=t,
+        created_at=t.occurred_at,
+        recipient=Recipient(email="a@example.com", locale=locale, timezone="Europe/Paris"),
+    )
+    message = renderer.render(n)
+    assert isinstance(message, EmailMessageOut)
+    page.set_content(message.html)
+    # the x of the city's text and of the country's, wherever the place is named (the
+    # sentence of what happened, and "Last update")
+    found = page.evaluate(
+        """() => {
+          const out = [];
+          const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+          for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+            const at = node.data.indexOf("Louisville");
+            if (at < 0) continue;
+            const rect = (from, to) => {
+              const range = document.createRange();
+              range.setStart(node, from);
+              range.setEnd(node, to);
+              return range.getBoundingClientRect();
+            };
+            let close = node.data.indexOf("\u2069", at);  // where the place's isolate ends
+            if (close < 0) close = node.data.length;
+            // the city's left edge, the country's right edge ("Louisville, " is 12 long)
+            out.push({
+              city: rect(at, at + 10).left, country: rect(at + 12, close).right, text: node.data
+            });
+          }
+          return out;
+        }"""
+    )
+    assert len(found) == 2, found
+    for one in found:  # the city wholly right of the country: read first
+        assert one["city"] >= one["country"], one
+    assert "Louisville" in message.text
+
+
 def test_a_light_brand_colour_passes_axe_with_dark_button_text(page: Any, tmp_path: Path) -> None:
     """A light accent is allowed because its button text turns dark: axe checks the contrast
     of the real page (links on white use the accent darkened)."""

@@ -141,6 +141,52 @@ def test_a_short_link_base_shortens_sms_links(acme: Path) -> None:
 # -- 4. a way to get help -----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("locale", "heading", "label"),
+    [
+        ("en", "Need help?", "Contact support"),
+        ("fr", "Besoin d'aide\xa0?", "Contacter le service client"),
+        ("he", None, None),
+    ],
+)
+def test_the_plain_text_help_heading_is_a_line_of_its_own(
+    acme: Path, locale: str, heading: str | None, label: str | None
+) -> None:
+    """It ran into the link's label ("Need help?Contact support"; in Hebrew two phrases
+    merged into one) in every locale: the heading, then the label, then the address."""
+    text = email_of(acme, "delivered", locale).text
+    lines = text.splitlines()
+    [at] = [i for i, line in enumerate(lines) if SUPPORT["url"] in line]
+    assert lines[at - 1] and lines[at - 2] and lines[at - 3] == ""
+    if heading is not None:
+        assert lines[at - 2 : at] == [heading, label]
+    assert f"{lines[at - 2]}{lines[at - 1]}" not in text
+
+
+@pytest.mark.parametrize("strict", [True, False])  # rendered in full; from a skeleton
+def test_a_time_that_ends_a_sentence_has_one_period(acme: Path, strict: bool) -> None:
+    """es_MX writes "1:00 p.m.": the sentence's period after it made "1:00 p.m.." in every
+    message whose time ends a sentence (found by a black-box probe)."""
+    from notifier.models import DeliveryWindow
+
+    window = DeliveryWindow(
+        start=datetime(2026, 11, 23, 15, tzinfo=UTC), end=datetime(2026, 11, 23, 19, tzinfo=UTC)
+    )
+    t = sample("picked_up").model_copy(update={"estimated_delivery": window})
+    r = renderer(acme, strict=strict)
+    for channel in (ChannelKind.EMAIL, ChannelKind.SMS):
+        for _ in range(2):  # the second from the shape's skeleton, when not strict
+            message = r.render(notification(t, channel, "es_MX"))
+            parts = (
+                [message.subject, message.text, message.html]
+                if isinstance(message, EmailMessageOut)
+                else [message.body]
+            )
+            assert not any("m.." in part for part in parts), parts
+    email = render_email(notification(t, locale="es_MX"), r)
+    assert "4:00–8:00\u202fp.m.\n" in email.text  # the window (Paris time), one period
+
+
 def test_emails_reply_to_the_support_address(acme: Path) -> None:
     message = email_of(acme, "exception:damaged")
     assert message.headers["Reply-To"] == "help@acme.example"

@@ -85,6 +85,17 @@ CARRIER_NAMES = {
 }
 #: How a city and a country are joined where ", " is wrong.
 _PLACE_JOIN = {"ar": "\u060c ", "ja": "\u3001", "zh": "\uff0c"}
+#: A sentence's period right after a time whose day period ends in one (es_MX and es_US
+#: write "1:00 p.m."): one period ends both, as in print (it read "1:00 p.m..").
+_DOUBLED_PERIOD = re.compile("([ap]\\.[ \u00a0\u202f]?m\\.)\\.(?!\\.)")
+
+
+def _one_period(text: str) -> str:
+    return _DOUBLED_PERIOD.sub(r"\1", text) if "m.." in text else text
+
+
+#: A letter of a right-to-left script (Hebrew, Arabic and their presentation forms).
+_RTL_LETTER = re.compile("[\u0590-\u08ff\ufb1d-\ufdff\ufe70-\ufefc]")
 #: Which merchant links (brand.links) a milestone offers as buttons.
 #: Unicode's right-to-left mark: starts an RTL SMS (counted in its segments).
 RLM = "\u200f"
@@ -447,6 +458,11 @@ class Renderer:
                 i18n.country_name(t.location.country, fmt) if t.location.country else None,
             ]
             place = _PLACE_JOIN.get(locale.split("_")[0], ", ").join(p for p in parts if p)
+            if i18n.text_direction(locale) == "rtl" and _RTL_LETTER.search(place):
+                # a Latin city before a country named in the reader's script: the place is
+                # read right to left as a whole (its isolate would take the city's direction
+                # and show "country, city"); the city stays one left-to-right run within it
+                place = RLM + place
         fill = {
             "tracking_number": t.tracking_number,
             "order_number": t.order.number if t.order else "",
@@ -776,6 +792,7 @@ class Renderer:
         self, n: Notification, out: dict[str, str], rtl: bool, inline: bool, variant: str
     ) -> Message:
         """The message from what the templates made (``_compose``, or a filled skeleton)."""
+        out = {name: _one_period(text) for name, text in out.items()}
         if n.channel is ChannelKind.SMS:
             text = smart_encode(_SPACES.sub(" ", " ".join(out["sms"].split("\n"))).strip())
             if rtl:
