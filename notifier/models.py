@@ -120,6 +120,8 @@ def news_rank(t: Transition, reached: int) -> int:
 # alphabet. A merchant id has no ":" so "ntf:<kind>:<merchant_id>:<rest>" keys are unambiguous.
 MerchantId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")]
+#: The longest an identifier (an event id, a shipment id) may be.
+EVENT_ID_MAX = 128
 #: Line breaks and tabs, with the spaces around them: one space in customers' text.
 _BREAKS = re.compile(r"\s*[\t\n\v\f\r\x1c-\x1f\x85\u2028\u2029]\s*")
 #: The other control characters (C0, DEL, C1): never part of a name, an address or a code.
@@ -484,6 +486,18 @@ def message_paths(name: str, locale: str, variant: str = "") -> tuple[str, str]:
     ``variant`` (``b``: the variant b of an A/B test, ``messages/<name>.b[.<locale>].jinja``)."""
     base = f"messages/{name}.b" if variant == "b" else f"messages/{name}"
     return f"{base}.{locale}.jinja", f"{base}.jinja"
+
+
+def own_event_id(prefix: str, at_ms: int, shipment_id: str) -> str:
+    """The event id of a transition notifier makes itself (``stalled:``, ``predicted-late:``):
+    the same each time it is made for a shipment and moment (the shipment is told once),
+    and one per shipment: event ids are unique per merchant, and two shipments last scanned
+    in the same minute shared one (the second's notice was taken for a duplicate and
+    dropped). ``<prefix><ms>:<shipment id>``, or its digest when the id would be too long."""
+    base = f"{prefix}{at_ms}:"
+    if len(base) + len(shipment_id) <= EVENT_ID_MAX:
+        return base + shipment_id
+    return base + hashlib.sha256(shipment_id.encode()).hexdigest()[:32]
 
 
 def notification_id(t: Transition, channel: ChannelKind) -> str:

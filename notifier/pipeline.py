@@ -38,6 +38,7 @@ from notifier.models import (
     message_name,
     notification_id,
     notification_id_of,
+    own_event_id,
     waiting_payload,
 )
 from notifier.outbound import events as hook_events
@@ -529,7 +530,9 @@ def _late_transition(state: ShipmentState, found: Prediction) -> Transition:
     assert window is not None and state.carrier and state.tracking_number
     scanned = state.last_scan_at or found.delivery_by
     return Transition(
-        event_id=f"{PREDICTED_LATE}{int(window.end.timestamp() * 1000)}",
+        event_id=own_event_id(
+            PREDICTED_LATE, int(window.end.timestamp() * 1000), state.shipment_id
+        ),
         merchant_id=state.merchant_id,
         shipment_id=state.shipment_id,
         tracking_number=state.tracking_number,

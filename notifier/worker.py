@@ -35,7 +35,8 @@ from arq.typing import WorkerCoroutine
 from arq.worker import Worker
 from redis.exceptions import RedisError, ResponseError, WatchError
 
-from notifier.models import ExceptionCode, Status, Transition
+from notifier.models import ExceptionCode, Status, Transition, own_event_id
+from notifier.outbound import events as hook_events
 from notifier.outbound.sender import HookSender
 from notifier.pipeline import BatchReport, Pipeline, inject
 from notifier.resources import Clock, Resources, connect_queue, open_resources, utc_now
@@ -384,7 +385,7 @@ async def find_stalled(ctx: dict[str, Any]) -> int:
             await res.store.drop_stall(merchant_id, shipment_id, deadline_ms)
             continue
         t = Transition(
-            event_id=f"stalled:{deadline_ms}",
+            event_id=own_event_id(hook_events.STALLED_PREFIX, deadline_ms, shipment_id),
             merchant_id=merchant_id,
             shipment_id=shipment_id,
             tracking_number=state.tracking_number,

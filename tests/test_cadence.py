@@ -351,6 +351,45 @@ async def test_stalled_shipment_gets_one_delay_message(
         assert await find_stalled({"res": res}) == 0  # the delay notice left the index
 
 
+async def test_shipments_last_scanned_the_same_minute_are_each_told_they_stalled(
+    client: Client, settings: Settings, res_at: Any
+) -> None:
+    """Their notices' event ids were the stall's deadline alone, and event ids are one per
+    merchant: the second shipment's notice was taken for a duplicate and dropped (found by
+    a black-box probe). A shipment id too long to fit goes in as its digest."""
+    from notifier.models import EVENT_ID_MAX, own_event_id
+
+    scanned = datetime(2026, 11, 18, 10, 0, tzinfo=UTC)
+    long_id = "s" * 120
+    for sid in ("twin_a", "twin_b", long_id):
+        await post(
+            client,
+            transition(
+                event_id=f"{sid[:20]}_t",
+                shipment_id=sid,
+                status="in_transit",
+                occurred_at=scanned.isoformat(),
+            ),
+        )
+    await run_worker(settings, clock=fixed_clock(scanned + timedelta(minutes=5)))
+    stalled_at = scanned + timedelta(hours=73)
+    async with res_at(stalled_at) as res:
+        assert await find_stalled({"res": res}) == 3
+    await run_worker(settings, clock=fixed_clock(stalled_at))
+    ids = set()
+    for sid in ("twin_a", "twin_b", long_id):
+        delay = [d for d in await history(client, sid) if d.get("exception_code") == "delayed"]
+        assert [(d["channel"], d["outcome"]) for d in delay] == [("email", "sent"), ("sms", "sent")]
+        ids.add(delay[0]["event_id"])
+    deadline = int((scanned + timedelta(hours=72)).timestamp() * 1000)
+    assert ids == {
+        f"stalled:{deadline}:twin_a",
+        f"stalled:{deadline}:twin_b",
+        own_event_id("stalled:", deadline, long_id),
+    }
+    assert len(own_event_id("stalled:", deadline, long_id)) <= EVENT_ID_MAX
+
+
 async def test_missed_delivery_window_counts_as_stalled(
     client: Client, settings: Settings, res_at: Any
 ) -> None:

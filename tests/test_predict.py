@@ -212,21 +212,28 @@ async def test_templates_see_the_prediction_and_a_late_one_is_told_once(
         await run_worker(settings)
         # on its way since 06:00, promised by 12:00 today: parcels like it take ~30 h
         window = {"start": "2026-11-21T08:00:00+00:00", "end": "2026-11-21T16:00:00+00:00"}
-        await post(
-            client,
-            NEW_PICKUP,
-            transition(
-                event_id="new_t",
-                shipment_id="new",
-                status="in_transit",
-                occurred_at="2026-11-21T09:00:00+00:00",
-                estimated_delivery=window,
-                recipient={"name": "Bo", "email": "bo@example.com", "locale": "en"},
-            ),
-        )
+        for sid in ("new", "twin"):  # two parcels alike, promised the same window
+            await post(
+                client,
+                {**NEW_PICKUP, "event_id": f"{sid}_p", "shipment_id": sid},
+                transition(
+                    event_id=f"{sid}_t",
+                    shipment_id=sid,
+                    status="in_transit",
+                    occurred_at="2026-11-21T09:00:00+00:00",
+                    estimated_delivery=window,
+                    recipient={"name": "Bo", "email": "bo@example.com", "locale": "en"},
+                ),
+            )
         await run_worker(settings)
-        await run_worker(settings)  # the predicted-late transition it queued
+        await run_worker(settings)  # the predicted-late transitions it queued
         found = await history(client, "new")
+        # each is told: they shared one event id, and the second was dropped as a duplicate
+        twin = await history(client, "twin")
+        assert {d["channel"] for d in twin if d["event_id"].startswith("predicted-late:")} == {
+            "email",
+            "sms",
+        }
     bodies = [
         email.message_from_bytes(p.read_bytes(), policy=email.policy.default)
         .get_body(preferencelist=("plain",))
