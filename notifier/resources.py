@@ -12,13 +12,15 @@ from functools import partial
 from importlib import resources as importlib_resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import hiredis
 from arq.connections import ArqRedis
 from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import DataError, RedisClusterException, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import DataError, RedisClusterException, RedisError, SlotNotCoveredError
 
 from notifier import metrics
 from notifier.channels import Channel, OutboxChannel
@@ -33,7 +35,7 @@ from notifier.render.environment import TemplateStore
 from notifier.render.i18n import Catalogs
 from notifier.render.limits import Limits
 from notifier.render.watch import TreeWatch
-from notifier.settings import EmailChannelName, Settings
+from notifier.settings import EmailChannelName, Settings, cluster_nodes
 from notifier.store import Store
 from notifier.store.base import DataRedis
 from notifier.unsubscribe import headers as unsubscribe_headers
@@ -118,13 +120,80 @@ def packed_in_c(connection: type[AbstractConnection]) -> type[AbstractConnection
     return Packed
 
 
+class _Cluster(RedisCluster):
+    """redis-py's cluster client, whose failures to reach the cluster are Redis errors like
+    any other outage (a 503 with Retry-After at ingest, a retry in a worker), not a crash.
+    redis-py 5.3 raises others for three of them (ingest answered 500, a worker exited):
+
+    - no node named in NOTIFIER_REDIS_URL answers (``RedisClusterException``);
+    - a slot without a master while a replica is promoted (``SlotNotCoveredError``);
+    - a connection closed under a running command as the client follows a failover (an
+      AttributeError from its connection module).
+    """
+
+    async def initialize(self) -> RedisCluster:
+        try:
+            return await super().initialize()
+        except RedisClusterException as exc:
+            if "not enabled" in str(exc):  # a Redis without cluster mode: the set-up's error
+                raise
+            raise RedisConnectionError(f"Redis Cluster: {exc}") from exc
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except (AttributeError, SlotNotCoveredError) as exc:
+            raise _as_outage(exc) from exc
+
+    def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> ClusterPipeline:
+        super().pipeline(transaction, shard_hint)  # its refusals
+        return _ClusterPipeline(self)  # type: ignore[abstract]  # (as redis-py makes its own)
+
+
+class _ClusterPipeline(ClusterPipeline):
+    """The pipeline of ``_Cluster``, with its outages read the same way."""
+
+    async def execute(
+        self, raise_on_error: bool = True, allow_redirections: bool = True
+    ) -> list[Any]:
+        try:
+            return await super().execute(raise_on_error, allow_redirections)
+        except (AttributeError, SlotNotCoveredError) as exc:
+            raise _as_outage(exc) from exc
+
+
+def _as_outage(exc: AttributeError | SlotNotCoveredError) -> BaseException:
+    """A failover's error as a Redis connection error; any other AttributeError as it is."""
+    if isinstance(exc, AttributeError) and not _raised_in_redis_connection(exc):
+        return exc
+    return RedisConnectionError(f"Redis Cluster: {type(exc).__name__}: {exc}")
+
+
+def _raised_in_redis_connection(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised inside redis-py's connection module."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename.endswith(_REDIS_CONNECTION)
+
+
+_REDIS_CONNECTION = str(Path("redis", "asyncio", "connection.py"))
+
+
 def connect(settings: Settings, server: FakeServer | None = None) -> DataRedis:
     """The client of the data: the configured Redis or Redis Cluster, or the embedded
     in-memory ``server``."""
     if settings.redis_cluster and settings.redis_url:
-        # a node of the cluster; the client learns the others and follows failovers
-        cluster: RedisCluster = RedisCluster.from_url(
-            settings.redis_url.replace("+cluster://", "://", 1),
+        # one or more nodes of the cluster; the client learns the others and follows
+        # failovers, and starts from any named node that answers
+        url = urlsplit(settings.redis_url.replace("+cluster://", "://", 1))
+        (host, port), *more = cluster_nodes(settings.redis_url)
+        userinfo = url.netloc.rpartition("@")[0]
+        first = f"{userinfo}@" if userinfo else ""
+        netloc = f"{first}[{host}]:{port}" if ":" in host else f"{first}{host}:{port}"
+        cluster: RedisCluster = _Cluster.from_url(
+            url._replace(netloc=netloc).geturl(),
+            startup_nodes=[ClusterNode(h, p) for h, p in more] or None,
             socket_timeout=settings.redis_timeout_s,
             socket_connect_timeout=settings.redis_timeout_s,
         )

@@ -52,7 +52,8 @@ class Settings(BaseSettings):
         default=None,
         description=(
             "Redis to use; unset means the embedded in-memory mode. "
-            "redis+cluster://host:port (or rediss+cluster://) names a node of a Redis Cluster"
+            "redis+cluster://host:port (or rediss+cluster://) names a node of a Redis Cluster, "
+            "redis+cluster://host1:port1,host2:port2,... several (any one that answers will do)"
         ),
     )
     queue_redis_url: str | None = Field(
@@ -235,7 +236,10 @@ class Settings(BaseSettings):
             schemes += ["redis+cluster", "rediss+cluster"]
         if url.scheme not in schemes:
             raise ValueError("must start with " + ", ".join(f"{s}://" for s in schemes))
-        _check_port(url)
+        if url.scheme.endswith("+cluster"):
+            cluster_nodes(value)  # each node named well
+        else:
+            _check_port(url)
         return value
 
     @field_validator("public_url", "twilio_base_url", "sendgrid_base_url")
@@ -363,6 +367,23 @@ class Settings(BaseSettings):
         return {DEV_API_KEY: ["*"]}
 
 
+def cluster_nodes(url: str) -> list[tuple[str, int]]:
+    """The nodes a ``redis+cluster://`` URL names: ``host:port``, or several separated by
+    commas (``[::1]:7001`` for IPv6; the port defaults to 6379). ValueError naming a bad one."""
+    netloc = urlsplit(url).netloc.rpartition("@")[2]
+    nodes = []
+    for node in netloc.split(","):
+        try:
+            one = urlsplit(f"//{node.strip()}")
+            host, port = one.hostname, one.port or 6379
+        except ValueError as exc:
+            raise ValueError(f"bad node {node.strip()!r}: {exc}") from None
+        if not host:
+            raise ValueError(f"bad node {node.strip()!r}: no host")
+        nodes.append((host, port))
+    return nodes
+
+
 def _check_port(url: SplitResult) -> None:
     """ValueError naming what is wrong with a URL's port (urlsplit parses it lazily)."""
     try:
@@ -444,8 +465,9 @@ def describe_redis(settings: Settings) -> str:
     url = urlsplit(settings.redis_url or "")
     if settings.redis_cluster:
         queue = urlsplit(settings.queue_redis_url or "")
+        nodes = ", ".join(f"{h}:{p}" for h, p in cluster_nodes(settings.redis_url or ""))
         return (
-            f"Redis Cluster at {url.hostname}:{url.port or 6379}, job queue on Redis at "
+            f"Redis Cluster at {nodes}, job queue on Redis at "
             f"{queue.hostname or queue.path}:{queue.port or 6379}"
         )
     db = url.path.lstrip("/") or "0"

@@ -254,6 +254,9 @@ def test_check_names_a_bad_redis_port_without_a_traceback(
         ("NOTIFIER_EMAIL_FROM", "Acme <a@acme.example>", "must be an email address alone"),
         ("NOTIFIER_SENDGRID_WEBHOOK_PUBLIC_KEY", "notbase64!!", "the base64 public key"),
         ("NOTIFIER_SENDGRID_WEBHOOK_PUBLIC_KEY", "aGVsbG8=", "the base64 public key"),
+        # a cluster named by several nodes: each one checked
+        ("NOTIFIER_REDIS_URL", "redis+cluster://10.0.0.1:7001,10.0.0.2:x", "bad node"),
+        ("NOTIFIER_REDIS_URL", "redis+cluster://10.0.0.1:7001,,10.0.0.3", "no host"),
     ],
 )
 def test_a_bad_url_address_or_key_is_one_line_naming_its_variable(

@@ -417,6 +417,100 @@ def test_a_master_failover_mid_stream_loses_nothing_accepted(
             assert "Traceback" not in out or proc.returncode == 0, out[-3000:]
 
 
+async def test_any_named_node_will_do_and_none_answering_is_an_outage(
+    on_cluster: Settings, cluster: Cluster, tmp_path: Path
+) -> None:
+    """NOTIFIER_REDIS_URL may name several nodes: the first one down, the next one is
+    used. With none answering, ingest answers 503 with Retry-After (it answered 500: redis-py
+    raises an error of its own there) and a `notifier worker` waits instead of exiting."""
+    down = free_port()  # nothing listens there
+    several = f"redis+cluster://127.0.0.1:{down},127.0.0.1:{cluster.ports[1]}"
+    settings = on_cluster.model_copy(update={"redis_url": several})
+    async with TestClient(TestServer(create_app(settings, clock=fixed_clock()))) as client:
+        await post(client, transition())
+        await run_worker(settings)
+    assert len(outbox_files(settings, ".eml")) == 1
+
+    nowhere = on_cluster.model_copy(update={"redis_url": f"redis+cluster://127.0.0.1:{down}"})
+    async with TestClient(TestServer(create_app(nowhere, clock=fixed_clock()))) as client:
+        resp = await client.post(
+            "/v1/transitions", json={"transitions": [transition()]}, headers=auth()
+        )
+        assert resp.status == 503, await resp.text()
+        assert resp.headers["Retry-After"]
+        health = await client.get("/healthz")
+        assert health.status == 503 and (await health.json())["redis"] == "unreachable"
+    env = {
+        "NOTIFIER_REDIS_URL": nowhere.redis_url or "",
+        "NOTIFIER_QUEUE_REDIS_URL": cluster.queue_url,
+        "NOTIFIER_API_KEYS": json.dumps(API_KEYS),
+        "NOTIFIER_SIGNING_SECRET": "0123456789abcdef0123",
+        "NOTIFIER_OUTBOX_DIR": str(tmp_path / "outbox"),
+    }
+    worker = spawn_notifier(["worker"], tmp_path, **env)
+    try:
+        time.sleep(3)
+        assert worker.poll() is None, worker.communicate()[0][-3000:]
+    finally:
+        worker.terminate()
+        out, _ = worker.communicate(timeout=30)
+    assert "Traceback" not in out, out[-3000:]
+
+
+def test_a_cluster_failover_reads_as_an_outage_not_a_crash(
+    monkeypatch: pytest.MonkeyPatch, on_cluster: Settings
+) -> None:
+    """What redis-py raises while it follows a failover (a slot without a master; a
+    connection closed under a running command, an AttributeError from its connection
+    module) is a Redis connection error, which ingest answers with 503; any other
+    AttributeError stays a bug."""
+    from redis.asyncio.cluster import ClusterPipeline, RedisCluster
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import SlotNotCoveredError
+
+    from notifier.resources import connect
+
+    # a function "of redis-py's connection module", as its frames name it
+    where = str(Path(redis_module_dir(), "asyncio", "connection.py"))
+    scope: dict[str, Any] = {}
+    exec(compile("def closed(*a, **k):\n    None.writelines([])\n", where, "exec"), scope)
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        scope["closed"]()
+
+    async def uncovered(*args: Any, **kwargs: Any) -> Any:
+        raise SlotNotCoveredError('Slot "7" not covered by the cluster')
+
+    async def ours(*args: Any, **kwargs: Any) -> Any:
+        return None.upper()  # type: ignore[attr-defined]
+
+    client = connect(on_cluster)
+    assert isinstance(client, RedisCluster)
+    for base in (RedisCluster.execute_command, ClusterPipeline.execute):
+        name = base.__name__
+        owner = RedisCluster if base is RedisCluster.execute_command else ClusterPipeline
+        for fake, wanted in ((broken, RedisConnectionError), (uncovered, RedisConnectionError)):
+            monkeypatch.setattr(owner, name, fake)
+            with pytest.raises(wanted):
+                if owner is RedisCluster:
+                    asyncio.run(client.execute_command("GET", "k"))
+                else:
+                    asyncio.run(client.pipeline().get("k").execute())
+        monkeypatch.setattr(owner, name, ours)
+        with pytest.raises(AttributeError):
+            if owner is RedisCluster:
+                asyncio.run(client.execute_command("GET", "k"))
+            else:
+                asyncio.run(client.pipeline().get("k").execute())
+        monkeypatch.undo()
+
+
+def redis_module_dir() -> str:
+    import redis
+
+    return str(Path(redis.__file__).parent)
+
+
 def fail_over(cluster: Cluster) -> None:
     """A replica takes over from its master (a manual failover: it first catches up)."""
     master = cluster.masters()[0]
