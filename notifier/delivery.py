@@ -71,6 +71,8 @@ class DeliveryReport:
     retrying: list[str] = field(default_factory=list)
     #: claimed by another worker whose lease is still running: not settled yet
     busy: list[str] = field(default_factory=list)
+    #: when the last of those leases runs out unless renewed (epoch ms; 0: none busy)
+    busy_until_ms: int = 0
     #: waiting for their due time on the due index
     deferred: list[str] = field(default_factory=list)
     #: dropped before sending: superseded by a newer state, or opted out
@@ -206,9 +208,7 @@ class Deliverer:
         report = DeliveryReport()
         now = self.res.clock()
         now_ms = int(now.timestamp() * 1000)
-        # A claim is another worker's once it was neither made nor renewed for a lease (one
-        # send may take the provider timeout); this round renews its own while it runs.
-        lease = LEASE_MS + int(self.res.settings.provider_timeout_s * 1000)
+        lease = self._lease_ms()
         claims = await self.res.store.claim(
             notification_ids, now_ms, lease, due=due, owner=owner, scope=scope
         )
@@ -218,6 +218,10 @@ class Deliverer:
             if result in (ClaimResult.FRESH, ClaimResult.RECLAIMED)
         ]
         keeper = asyncio.create_task(self._keep(held, owner, scope)) if held else None
+        for result, payload in claims:
+            if result is ClaimResult.BUSY:  # its payload: when it was claimed or renewed
+                until = int(payload or 0) + lease
+                report.busy_until_ms = max(report.busy_until_ms, until)
         try:
             return await self._send_claimed(
                 owner, notification_ids, claims, report, now, states, built, scope
@@ -227,6 +231,11 @@ class Deliverer:
                 keeper.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await keeper
+
+    def _lease_ms(self) -> int:
+        """A claim is another worker's once it was neither made nor renewed for this long
+        (one send may take the provider timeout); a round renews its own while it runs."""
+        return LEASE_MS + int(self.res.settings.provider_timeout_s * 1000)
 
     async def _keep(self, ids: list[str], owner: str, scope: Scope) -> None:
         """Renew, every ``RENEW_EVERY_S``, the claims of ``ids`` that ``owner`` still
@@ -297,6 +306,7 @@ class Deliverer:
             if lost:
                 log.warning("%d claims lapsed while rendering; left to their new holder", len(lost))
                 report.busy += lost
+                report.busy_until_ms = max(report.busy_until_ms, now_ms + self._lease_ms())
             kept = [
                 (c, m)
                 for c, m in zip(claimed, messages, strict=True)

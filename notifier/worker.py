@@ -197,7 +197,11 @@ async def _drain_locked(
                 await store.bury(partition, outcome.invalid, "not a valid transition")
             await store.ack(partition, [e.entry_id for e in outcome.settled])
             await store.keep_waiting(
-                partition, ctx["consumer"], [e.entry_id for e in outcome.waiting]
+                partition,
+                ctx["consumer"],
+                [e.entry_id for e in outcome.waiting],
+                _stale_ms(res),
+                outcome.waiting_until_ms - int(res.clock().timestamp() * 1000),
             )
         done += len(outcome.settled)
         dry = len(entries) < size  # the partition had no more than this
@@ -257,8 +261,12 @@ class Processed:
     settled: list[InboxEntry] = field(default_factory=list)
     invalid: list[InboxEntry] = field(default_factory=list)
     waiting: list[InboxEntry] = field(default_factory=list)
+    #: when the last claim the waiting ones wait for runs out unless renewed (epoch ms)
+    waiting_until_ms: int = 0
 
     def add(self, entries: list[InboxEntry], report: BatchReport) -> None:
+        if report.unsettled:
+            self.waiting_until_ms = max(self.waiting_until_ms, report.delivery.busy_until_ms)
         for e in entries:
             if e in report.invalid:
                 self.invalid.append(e)

@@ -136,6 +136,41 @@ async def test_a_writer_that_died_mid_file_leaves_no_temporary_file(
     )
 
 
+async def test_an_entry_waiting_for_a_dead_workers_claim_is_taken_over_when_it_ends(
+    client: Client, settings: Settings
+) -> None:
+    """A worker dies holding a message's claim and its inbox entry. The entry is taken
+    over once idle for ``claim_idle_s``, finds the claim live still, and waits: it turns
+    stale again just after the claim runs out (plus a second), not a whole ``claim_idle_s``
+    later (a black-box drill saw a dead worker's messages wait 137 s, two such periods)."""
+    await post(client, transition())
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        await die_mid_send(res)
+        await age_inbox(res, int(settings.claim_idle_s * 1000) + 1000)
+    lease_ms = LEASE_MS + int(settings.provider_timeout_s * 1000)
+    # taken over 2 s before the dead worker's claim runs out: it is live, so it waits
+    await run_worker(settings, clock=fixed_clock(NOW + timedelta(milliseconds=lease_ms - 2000)))
+    assert outbox_files(settings) == []
+    stale_ms = int(settings.claim_idle_s * 1000)
+    async with open_resources(settings, clock=fixed_clock()) as res:
+
+        async def stale(after_ms: int) -> bool:
+            parts = range(settings.partitions)
+            return any([await res.store.needs_drain(p, after_ms) for p in parts])
+
+        assert await pending_entries(res) == 1
+        assert not await stale(stale_ms)  # not yet: its idle time was set to 57 s, not 0
+        assert await stale(stale_ms - 3500)
+        for _ in range(100):  # Redis's own clock: stale about 3 s from now
+            if await stale(stale_ms):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the entry never turned stale")
+    await run_worker(settings, clock=fixed_clock(NOW + timedelta(milliseconds=lease_ms + 1500)))
+    assert len(outbox_files(settings)) == 2
+
+
 async def test_an_entry_waiting_for_a_long_lease_is_never_buried(
     client: Client, settings: Settings
 ) -> None:

@@ -385,7 +385,7 @@ async def test_a_live_claim_is_busy_and_an_expired_one_is_reclaimed(store: Store
     held = await entry(store, "n1")
     # to the last millisecond of its lease, the claim is A's
     assert await store.claim(["n1"], NOW_MS + LEASE_MS, LEASE_MS, owner="B") == [
-        (ClaimResult.BUSY, None)
+        (ClaimResult.BUSY, str(NOW_MS).encode())  # when it was claimed (or renewed)
     ]
     assert await entry(store, "n1") == held
     later = NOW_MS + LEASE_MS + 1
@@ -434,7 +434,7 @@ async def test_claim_answers_each_notification_in_order(store: Store) -> None:
     await ledger_entries(store, pending("a"), deferred("b", NOW_MS + 1), pending("c"))
     await store.claim(["c"], NOW_MS, LEASE_MS, owner="other")
     assert await store.claim(["c", "x", "b", "a"], NOW_MS, LEASE_MS, owner="A") == [
-        (ClaimResult.BUSY, None),
+        (ClaimResult.BUSY, str(NOW_MS).encode()),
         (ClaimResult.NONE, None),
         (ClaimResult.DEFERRED, str(NOW_MS + 1).encode()),
         (ClaimResult.FRESH, b"payload-a"),

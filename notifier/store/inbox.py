@@ -87,6 +87,10 @@ async def wake(redis: ArqRedis, partitions: Sequence[int]) -> None:
         await redis.enqueue_job("drain", partition)
 
 
+#: How long after a claim runs out the entries waiting for it turn stale (``keep_waiting``).
+READY_MARGIN_MS = 1000
+
+
 class Inbox(StoreBase):
     """Ingest and the inbox streams."""
 
@@ -345,17 +349,30 @@ class Inbox(StoreBase):
             rows = await pipe.execute()
         return {decode(row[0]["message_id"]): int(row[0]["times_delivered"]) for row in rows if row}
 
-    async def keep_waiting(self, partition: int, consumer: str, entry_ids: Sequence[str]) -> None:
+    async def keep_waiting(
+        self,
+        partition: int,
+        consumer: str,
+        entry_ids: Sequence[str],
+        stale_ms: int = 0,
+        ready_in_ms: int = 0,
+    ) -> None:
         """Entries held back only by a live claim on one of their messages (another worker's,
         or a dead one's until its lease ends) are no failures: their delivery count starts
-        again, so a long lease never sends them to the dead letters."""
+        again, so a long lease never sends them to the dead letters. They count as idle for
+        so long that they turn stale (``stale_ms``, what ``claim_stale`` takes over) just
+        after that claim runs out, ``ready_in_ms`` from now: taken over by the next sweep
+        then, not a whole ``stale_ms`` later (a dead worker's messages waited two of them)."""
         if entry_ids:
+            wait = max(0, ready_in_ms) + READY_MARGIN_MS
+            idle = max(0, stale_ms - wait) if stale_ms else 0
             await self.redis.xclaim(
                 self.inbox_key(partition),
                 GROUP,
                 consumer,
                 0,
                 list(entry_ids),
+                idle=idle,
                 retrycount=0,
                 justid=True,
             )

@@ -8,7 +8,8 @@
 -- ARGV[3]: 'due' to claim deferred ones that are due; anything else leaves them deferred
 -- ARGV[4]: the owner token recorded with the claim
 -- Returns per key {code, value}: {1, payload} claimed fresh; {2, payload} reclaimed after
---   an expired lease (it may have been sent already); {3, ''} busy (a live claim);
+--   an expired lease (it may have been sent already); {3, claimed ms} busy (a live claim,
+--   made or last renewed then);
 --   {4, due ms} deferred; {0, ''} nothing to do (settled, unknown, or without a payload).
 
 local now = tonumber(ARGV[1])
@@ -37,7 +38,7 @@ for i = 1, #KEYS do
       out[i] = {0, ''}
     end
   elseif st == 'sending' then
-    out[i] = {3, ''}
+    out[i] = {3, redis.call('HGET', KEYS[i], 'claimed') or '0'}
   elseif st == 'deferred' then
     out[i] = {4, redis.call('HGET', KEYS[i], 'due') or '0'}
   else
