@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from notifier.check import samples as _samples
-from notifier.models import ChannelKind, Notification, Recipient
+from notifier.models import ChannelKind, Notification, Recipient, Transition
 from notifier.render import EmailMessageOut, Renderer
 from notifier.render.brand import contrast
 from notifier.render.environment import TemplateStore
@@ -75,31 +75,39 @@ def acme_renderer(tmp_path: Path, brand_yaml: str) -> Renderer:
     )
 
 
+def shipped_renderer() -> Renderer:
+    catalogs = Catalogs(data_dir("locales", None))
+    return Renderer(
+        TemplateStore(data_dir("templates", None), catalogs),
+        catalogs,
+        email_from="notifications@example.com",
+    )
+
+
+def email_for(t: Transition, locale: str, renderer: Renderer | None = None) -> EmailMessageOut:
+    """``t``'s email for a reader of ``locale`` (the shipped templates unless ``renderer``)."""
+    n = Notification(
+        notification_id="n_a11y",
+        merchant_id="acme",
+        shipment_id="s",
+        to="a@example.com",
+        channel=ChannelKind.EMAIL,
+        transition=t,
+        created_at=t.occurred_at,
+        recipient=Recipient(
+            name="Ana", email="a@example.com", locale=locale, timezone="Europe/Paris"
+        ),
+    )
+    message = (renderer or shipped_renderer()).render(n)
+    assert isinstance(message, EmailMessageOut)
+    return message
+
+
 def emails(locale: str, renderer: Renderer | None = None) -> Iterator[tuple[str, EmailMessageOut]]:
     """Every milestone's email for ``locale`` (the shipped templates unless ``renderer``)."""
-    if renderer is None:
-        catalogs = Catalogs(data_dir("locales", None))
-        renderer = Renderer(
-            TemplateStore(data_dir("templates", None), catalogs),
-            catalogs,
-            email_from="notifications@example.com",
-        )
+    renderer = renderer or shipped_renderer()
     for t in _samples():
-        n = Notification(
-            notification_id="n_a11y",
-            merchant_id="acme",
-            shipment_id="s",
-            to="a@example.com",
-            channel=ChannelKind.EMAIL,
-            transition=t,
-            created_at=t.occurred_at,
-            recipient=Recipient(
-                name="Ana", email="a@example.com", locale=locale, timezone="Europe/Paris"
-            ),
-        )
-        message = renderer.render(n)
-        assert isinstance(message, EmailMessageOut)
-        yield t.milestone, message
+        yield t.milestone, email_for(t, locale, renderer)
 
 
 def axe_run(page: Any, html: str) -> dict[str, Any]:
@@ -142,24 +150,9 @@ def test_a_latin_city_comes_first_in_a_right_to_left_place(page: Any, locale: st
     its first letter, the city's, and showed the country first to the reader."""
     from notifier.models import Location
 
-    catalogs = Catalogs(data_dir("locales", None))
-    renderer = Renderer(
-        TemplateStore(data_dir("templates", None), catalogs), catalogs, email_from="n@x.example"
-    )
     t = next(t for t in _samples() if t.status == "in_transit")
     t = t.model_copy(update={"location": Location(city="Louisville", country="US")})
-    n = Notification(
-        notification_id="n_rtl",
-        merchant_id="acme",
-        shipment_id="s",
-        to="a@example.com",
-        channel=ChannelKind.EMAIL,
-        transition=t,
-        created_at=t.occurred_at,
-        recipient=Recipient(email="a@example.com", locale=locale, timezone="Europe/Paris"),
-    )
-    message = renderer.render(n)
-    assert isinstance(message, EmailMessageOut)
+    message = email_for(t, locale)
     page.set_content(message.html)
     # the x of the city's text and of the country's, wherever the place is named (the
     # sentence of what happened, and "Last update")

@@ -45,6 +45,13 @@ def nid(event_id: str, channel: ChannelKind, **kw: Any) -> str:
     return notification_id(Transition.model_validate(transition(event_id=event_id, **kw)), channel)
 
 
+async def sms_deliveries(client: Client) -> dict[str, dict[str, Any]]:
+    """Event id -> the delivery of its SMS, from the shipment's history."""
+    return {
+        d["event_id"]: d["delivery"] for d in await history(client) if d.get("channel") == "sms"
+    }
+
+
 async def release(res: Resources) -> int:
     """The release_due cron at ``res.clock()``."""
     return await release_due({"res": res, "pipeline": Pipeline(res)})
@@ -91,7 +98,7 @@ async def test_quiet_hours_defer_and_only_the_latest_goes_out(
         assert await res.redis.zcard(res.store.DUE_KEY) == 0
     [sms_file] = outbox_files(settings, ".sms.json")
     assert sms_file.name.endswith(f"{dlv_sms}.sms.json")  # the delivered one
-    sms = {d["event_id"]: d["delivery"] for d in await history(client) if d["channel"] == "sms"}
+    sms = await sms_deliveries(client)
     assert sms["ofd"]["status"] == "cancelled"
     assert sms["ofd"]["detail"].startswith("superseded by delivered")
     assert sms["dlv"]["status"] == "sent"
@@ -119,7 +126,7 @@ async def test_a_failure_while_arrives_today_waits_cancels_it(
         assert await release(res) == 1
     [sms_file] = outbox_files(settings, ".sms.json")
     assert sms_file.name.endswith(f"{nid('exc', ChannelKind.SMS)}.sms.json")
-    sms = {d["event_id"]: d["delivery"] for d in await history(client) if d["channel"] == "sms"}
+    sms = await sms_deliveries(client)
     assert sms["ofd"]["status"] == "cancelled"
     assert sms["ofd"]["detail"].startswith("superseded by exception:recipient_unavailable")
     assert sms["exc"]["status"] == "sent"
@@ -148,8 +155,7 @@ async def test_a_depot_scan_does_not_cancel_a_failure_that_waits(
     await run_worker(settings, clock=fixed_clock(NIGHT + timedelta(minutes=50)))
     async with res_at(MORNING) as res:
         assert await release(res) == 1
-    decisions = await history(client)
-    sms = {d["event_id"]: d["delivery"] for d in decisions if d.get("channel") == "sms"}
+    sms = await sms_deliveries(client)
     assert sms["exc"]["status"] == "sent", sms
     assert any(
         f.name.endswith(f"{nid('exc', ChannelKind.SMS)}.sms.json")

@@ -486,22 +486,21 @@ def test_a_cluster_failover_reads_as_an_outage_not_a_crash(
 
     client = connect(on_cluster)
     assert isinstance(client, RedisCluster)
-    for base in (RedisCluster.execute_command, ClusterPipeline.execute):
-        name = base.__name__
-        owner = RedisCluster if base is RedisCluster.execute_command else ClusterPipeline
-        for fake, wanted in ((broken, RedisConnectionError), (uncovered, RedisConnectionError)):
+
+    def run(owner: type) -> None:
+        if owner is RedisCluster:
+            asyncio.run(client.execute_command("GET", "k"))
+        else:
+            asyncio.run(client.pipeline().get("k").execute())
+
+    for owner, name in ((RedisCluster, "execute_command"), (ClusterPipeline, "execute")):
+        for fake in (broken, uncovered):
             monkeypatch.setattr(owner, name, fake)
-            with pytest.raises(wanted):
-                if owner is RedisCluster:
-                    asyncio.run(client.execute_command("GET", "k"))
-                else:
-                    asyncio.run(client.pipeline().get("k").execute())
+            with pytest.raises(RedisConnectionError):
+                run(owner)
         monkeypatch.setattr(owner, name, ours)
         with pytest.raises(AttributeError):
-            if owner is RedisCluster:
-                asyncio.run(client.execute_command("GET", "k"))
-            else:
-                asyncio.run(client.pipeline().get("k").execute())
+            run(owner)
         monkeypatch.undo()
 
 
