@@ -183,9 +183,11 @@ async def test_the_brand_form_writes_only_what_differs_and_refuses_an_unreadable
     html = await page.text()
     assert "White text on it: 6.70:1" in html  # the default accent #1d4ed8
     form = {"csrf": csrf, "name": "Your shop", "accent": "#1d4ed8", "default_locale": "en"}
+    form["base"] = base_of(html)  # the draft's brand.yaml as this page showed it
     resp = await client.post(f"{ACME}/brand", data=form)
     assert resp.status == 200
     assert yaml.safe_load((await draft(client))["brand.yaml"]) is None  # nothing differs
+    form["base"] = base_of(await resp.text())  # the page it led to
     bad = await client.post(f"{ACME}/brand", data={**form, "accent": "#808080"})
     assert bad.status == 422
     text = await bad.text()
@@ -205,6 +207,35 @@ async def test_the_brand_form_writes_only_what_differs_and_refuses_an_unreadable
     }
     again = await client.get(f"{ACME}/brand")
     assert 'value="help@acme.example"' in await again.text()
+
+
+async def test_a_settings_form_opened_before_another_save_is_refused(client: Client) -> None:
+    """Two people have the brand page open; one saves the accent, then the other saves the
+    support hours. Each form holds every field: the second save undid the first, silently
+    (found by a black-box probe in two browsers). It is refused with 409 now, and says why;
+    the cadence form the same."""
+    csrf = await sign_in(client)
+    first, second = [await (await client.get(f"{ACME}/brand")).text() for _ in range(2)]
+    form = {"csrf": csrf, "name": "Your shop", "accent": "#1d4ed8", "default_locale": "en"}
+    resp = await client.post(
+        f"{ACME}/brand", data={**form, "accent": "#b91c1c", "base": base_of(first)}
+    )
+    assert "Saved to your draft" in await resp.text()
+    late = {**form, "support.hours": "Mon-Fri 9-17", "base": base_of(second)}
+    resp = await client.post(f"{ACME}/brand", data=late)
+    assert resp.status == 409
+    text = await resp.text()
+    assert "someone saved these settings since you opened this page" in text
+    assert 'value="Mon-Fri 9-17"' in text  # what they typed is still on the page
+    assert yaml.safe_load((await draft(client))["brand.yaml"]) == {"accent": "#b91c1c"}
+
+    pages = [await (await client.get(f"{ACME}/cadence")).text() for _ in range(2)]
+    one, two = cadence_form(pages[0]), cadence_form(pages[1])
+    resp = await client.post(f"{ACME}/cadence", data={**one, "dedupe_window_hours": "48"})
+    assert "Saved to your draft" in await resp.text()
+    resp = await client.post(f"{ACME}/cadence", data={**two, "coalesce_seconds": "30"})
+    assert resp.status == 409
+    assert yaml.safe_load((await draft(client))["policy.yaml"]) == {"dedupe_window_hours": 48}
 
 
 def cadence_form(html: str) -> dict[str, str]:
@@ -233,6 +264,7 @@ async def test_the_cadence_form_round_trips_and_writes_only_changes(client: Clie
     resp = await client.post(f"{ACME}/cadence", data=form)
     assert resp.status == 200
     assert yaml.safe_load((await draft(client))["policy.yaml"]) is None  # unchanged
+    form["base"] = base_of(await resp.text())  # the page it led to
     changed = {
         **form,
         "quiet_hours.email.enabled": "on",
@@ -255,6 +287,7 @@ async def test_the_cadence_form_round_trips_and_writes_only_changes(client: Clie
         "throttle": {"max_sms_per_shipment": 3},
         "quiet_hours": {"email": {"start": "22:00", "end": "07:00"}},
     }
+    changed["base"] = base_of(await resp.text())
     # the page shows the draft's values back
     shown = cadence_form(await (await client.get(f"{ACME}/cadence")).text())
     assert shown["quiet_hours.email.start"] == "22:00"
@@ -294,6 +327,15 @@ async def test_a_message_written_for_one_locale_is_used_for_that_locale_only(
     stale_page = await stale.text()
     assert "Someone saved this message since you opened it" in stale_page
     assert "{#- mine -#}" in stale_page  # the text typed is shown back, not lost
+    # nor can it throw away the other's save ("Discard draft change" did, unasked)
+    discard = await client.post(
+        f"{ACME}/messages/delivered", data={**form, "action": "discard", "base": base}
+    )
+    assert discard.status == 409
+    assert "Not discarded: someone saved this message since you opened it" in (
+        await discard.text()
+    )
+    assert (await draft(client)).keys() == {"messages/delivered.de.jinja"}
     overview = await (await client.get(f"{ACME}/messages/delivered")).text()
     assert 'href="?locale=de">de</a>' in overview  # the all-languages page says de has its own
     assert (await draft(client)).keys() == {"messages/delivered.de.jinja"}
@@ -408,9 +450,11 @@ async def test_the_public_url_is_a_same_origin(settings: Settings) -> None:
     public = settings.model_copy(update={"public_url": "https://notify.example.com/"})
     async with TestClient(TestServer(create_app(public))) as client:
         csrf = await sign_in(client)
+        base = base_of(await (await client.get(f"{ACME}/brand")).text())
         ok = await client.post(
             f"{ACME}/brand",
-            data={"csrf": csrf, "name": "Acme", "accent": "#1d4ed8", "default_locale": "en"},
+            data={"csrf": csrf, "name": "Acme", "accent": "#1d4ed8", "default_locale": "en"}
+            | {"base": base},
             headers={"Origin": "https://notify.example.com"},
         )
         assert ok.status == 200

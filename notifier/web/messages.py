@@ -195,12 +195,19 @@ class Messages:
         where = f"/merchant/{merchant_id}/messages/{milestone}?" + "".join(
             f"{k}={v}&" for k, v in query.items() if v
         )
-        if form.get("action") == "discard":
-            await self.web.admin.discard_file(merchant_id, path, session.key_id)
-            raise web.HTTPSeeOther(where + "saved=discarded")
         text = form.get("text", "").replace("\r\n", "\n")
         current, _ = await self.views.current_text(merchant_id, path)
-        if fingerprint(current) != form.get("base") and current != text:
+        changed = fingerprint(current) != form.get("base")
+        if form.get("action") == "discard":
+            if changed:  # it would throw away what someone saved since
+                raise EditConflict(
+                    "Not discarded: someone saved this message since you opened it. Open "
+                    "the message again to see their change before you discard anything.",
+                    [{"field": "text", "message": "changed by someone else meanwhile"}],
+                )
+            await self.web.admin.discard_file(merchant_id, path, session.key_id)
+            raise web.HTTPSeeOther(where + "saved=discarded")
+        if changed and current != text:
             raise EditConflict(
                 "Someone saved this message since you opened it. Your text is below: "
                 "open the message again to see theirs, then merge and save.",

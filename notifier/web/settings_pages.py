@@ -34,7 +34,15 @@ from notifier.web.forms import (
     policy_as_data,
     policy_from_form,
 )
+from notifier.web.messages import fingerprint
 from notifier.web.session import Session
+
+#: What a form opened before another save says instead of saving.
+CONFLICT = (
+    "Not saved: someone saved these settings since you opened this page, and saving yours "
+    "would undo their change. Your values are below: open the page again to see theirs, "
+    "then make your change again."
+)
 
 
 def contrast_report(accent: str) -> dict[str, Any]:
@@ -68,13 +76,19 @@ class SettingsPages:
             brand = Brand.model_validate(beneath)
         return brand, beneath
 
+    async def _base(self, merchant_id: str, path: str) -> str:
+        """The fingerprint of the draft's ``path`` as a page shows it now (to notice a save
+        made in between: a form saves every field it shows)."""
+        _, files = await self.web.admin.candidate(merchant_id)
+        return fingerprint(files.get(path) or "")
+
     async def brand(self, request: web.Request) -> web.Response:
         merchant_id, session = await self.web.signed_in(request)
         brand, _ = await self._brands(merchant_id)
         values = brand.model_dump(mode="json")
-        return self._brand_page(
-            request, session, values, {}, await self.web.sessions.take_flash(request)
-        )
+        base = await self._base(merchant_id, "brand.yaml")
+        flash = await self.web.sessions.take_flash(request)
+        return self._brand_page(request, session, values, {}, flash, base)
 
     def _brand_page(
         self,
@@ -83,11 +97,15 @@ class SettingsPages:
         values: dict[str, Any],
         errors: dict[str, str],
         result: Any,
+        base: str,
+        conflict: str | None = None,
     ) -> web.Response:
         return self.web.page(
             "brand.html",
-            status=422 if errors else 200,
+            status=409 if conflict else 422 if errors else 200,
             request=request,
+            base=base,
+            conflict=conflict,
             title="Brand",
             fields=[
                 (n, label, help_, get_path(values, n) or "") for n, label, help_ in BRAND_FIELDS
@@ -108,7 +126,7 @@ class SettingsPages:
         brand, beneath = await self._brands(merchant_id)
         wanted = {**brand.model_dump(mode="json"), **brand_from_form(form)}
         page = self._brand_page
-        return await self._save(request, session, "brand.yaml", Brand, beneath, wanted, page)
+        return await self._save(request, session, form, "brand.yaml", Brand, beneath, wanted, page)
 
     # -- cadence rules --------------------------------------------------------------------
     async def _policies(self, merchant_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -130,7 +148,8 @@ class SettingsPages:
         merchant_id, session = await self.web.signed_in(request)
         effective, _ = await self._policies(merchant_id)
         result = await self.web.sessions.take_flash(request)
-        return self._cadence_page(request, session, effective, {}, result)
+        base = await self._base(merchant_id, "policy.yaml")
+        return self._cadence_page(request, session, effective, {}, result, base)
 
     def _cadence_page(
         self,
@@ -139,6 +158,8 @@ class SettingsPages:
         values: dict[str, Any],
         errors: dict[str, str],
         result: Any,
+        base: str,
+        conflict: str | None = None,
     ) -> web.Response:
         general = values["statuses"].get(Status.EXCEPTION.value, {"channels": []})
         rows = [
@@ -155,8 +176,10 @@ class SettingsPages:
         ]
         return self.web.page(
             "cadence.html",
-            status=422 if errors else 200,
+            status=409 if conflict else 422 if errors else 200,
             request=request,
+            base=base,
+            conflict=conflict,
             title="Cadence rules",
             rows=rows,
             flags=RULE_FLAGS,
@@ -180,12 +203,15 @@ class SettingsPages:
         effective, beneath = await self._policies(merchant_id)
         wanted = policy_from_form(form, effective, beneath)
         page = self._cadence_page
-        return await self._save(request, session, "policy.yaml", Policy, beneath, wanted, page)
+        return await self._save(
+            request, session, form, "policy.yaml", Policy, beneath, wanted, page
+        )
 
     async def _save(
         self,
         request: web.Request,
         session: Session,
+        form: dict[str, str],
         path: str,
         model: type[BaseModel],
         beneath: dict[str, Any],
@@ -193,12 +219,17 @@ class SettingsPages:
         page: Callable[..., web.Response],
     ) -> web.StreamResponse:
         """Save what of ``wanted`` differs from ``beneath`` as the draft's ``path``, once it
-        validates as ``model``; otherwise show the form again with each field's error."""
+        validates as ``model``; otherwise show the form again with each field's error. A
+        form opened before someone else saved ``path`` is refused (409): it holds every
+        field, so saving it would undo their change."""
         merchant_id = request.match_info["merchant_id"]
+        base = form.get("base", "")
+        if base != await self._base(merchant_id, path):
+            return page(request, session, wanted, {}, None, base, CONFLICT)
         try:
             model.model_validate(wanted)
         except ValidationError as exc:
-            return page(request, session, wanted, field_errors(exc), None)
+            return page(request, session, wanted, field_errors(exc), None, base)
         header = f"{path} written by the merchant editor: what differs from the files beneath"
         text = as_yaml(changes(beneath, wanted), header)
         result = await self.web.admin.save_file(merchant_id, path, text, session.key_id)
