@@ -10,6 +10,7 @@ merchant's files too, in every locale, and prints each problem once.
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -242,34 +243,81 @@ def untranslated(settings: Settings) -> tuple[list[str], list[str]]:
             brand = load_brand(templates_dir, merchant)
         except ConfigurationError:
             continue  # reported as an error already
-        # a listed locale reads the catalog it resolves to (fr_FR -> fr, pt -> pt_BR)
-        served = []
-        for wanted in brand.locales or shared:
-            lang = catalogs.resolve(wanted, "en")
-            if lang == "en" and not wanted.lower().startswith("en"):
-                errors.append(
-                    f"templates/{merchant}/brand.yaml: locales: {wanted} has no catalog: "
-                    "its readers get every message in English"
-                )
-            if lang != "en" and lang not in served:
-                served.append(lang)
-        fallback = catalogs.resolve(brand.default_locale, "en")
-        own = {lang: _read_catalog(folder / "locales", lang) for lang in served}
-        for msgid in _msgids(folder):
-            missing = [
-                lang
-                for lang in served
-                if not any(_translated(c, msgid) for c in (own[lang], shared.get(lang)))
-            ]
-            if not missing:
-                continue
-            line = (
-                f"templates/{merchant}: {msgid!r} has no translation in {', '.join(missing)}: "
+        where = f"templates/{merchant}"
+        found = _untranslated(catalogs, shared, brand, folder, _msgids(folder), where, merchant)
+        errors += found[0]
+        (errors if brand.locales else warnings).extend(found[1])
+    return errors, warnings
+
+
+def _untranslated(
+    catalogs: Catalogs,
+    shared: dict[str, Catalog | None],
+    brand: Brand,
+    folder: Path,
+    msgids: list[str],
+    where: str,
+    merchant: str,
+) -> tuple[list[str], list[str]]:
+    """(listed locales without a catalog, strings without a translation) of one merchant's
+    ``msgids``: its own catalogs (``folder``/locales) or the shared ones translate them."""
+    # a listed locale reads the catalog it resolves to (fr_FR -> fr, pt -> pt_BR)
+    served: list[str] = []
+    no_catalog = []
+    for wanted in brand.locales or shared:
+        lang = catalogs.resolve(wanted, "en")
+        if lang == "en" and not wanted.lower().startswith("en"):
+            no_catalog.append(
+                f"templates/{merchant}/brand.yaml: locales: {wanted} has no catalog: "
+                "its readers get every message in English"
+            )
+        if lang != "en" and lang not in served:
+            served.append(lang)
+    fallback = catalogs.resolve(brand.default_locale, "en")
+    own = {lang: _read_catalog(folder / "locales", lang) for lang in served}
+    lines = []
+    for msgid in msgids:
+        missing = [
+            lang
+            for lang in served
+            if not any(_translated(c, msgid) for c in (own[lang], shared.get(lang)))
+        ]
+        if missing:
+            lines.append(
+                f"{where}: {msgid!r} has no translation in {', '.join(missing)}: "
                 f"those readers get it in {fallback} amid their own language "
                 f"(scripts/translations --merchant {merchant}, then translate)"
             )
-            (errors if brand.locales else warnings).append(line)
-    return errors, warnings
+    return no_catalog, lines
+
+
+def draft_untranslated(
+    settings: Settings, merchant: str, brand: Brand, files: dict[str, str]
+) -> list[str]:
+    """The strings of a merchant's override templates (``files``) with no translation in
+    a language its brand lists in ``locales``, one line each (errors, as ``notifier check``
+    calls them; none when it lists no locales). Only its folder's catalogs or the shared
+    ones can translate them: an override holds no catalog."""
+    if not brand.locales:
+        return []
+    from babel.messages.extract import extract
+
+    catalogs = Catalogs(data_dir("locales", settings.locales_dir))
+    shared = {lang: _read_catalog(catalogs.directory, lang) for lang in catalogs.available()}
+    folder = data_dir("templates", settings.templates_dir) / merchant
+    options = {"extensions": "jinja2.ext.i18n", "trimmed": "true"}
+    problems = []
+    for path, text in sorted(files.items()):
+        if not TEMPLATE.fullmatch(path):
+            continue
+        try:
+            found = extract("jinja2", io.BytesIO(text.encode()), options=options)
+            msgids = list(dict.fromkeys(m[1] if isinstance(m[1], str) else m[1][0] for m in found))
+        except Exception:  # a template that does not parse: its own problem says why
+            continue
+        where = f"{path} of {merchant}'s draft"
+        problems += _untranslated(catalogs, shared, brand, folder, msgids, where, merchant)[1]
+    return problems
 
 
 def _read_catalog(folder: Path, lang: str) -> Catalog | None:
@@ -552,6 +600,7 @@ def override_problems(
             return [*problems, str(beneath)]
     brand = renderer.brand(merchant)
     problems += _channel_problems(settings, brand, override_label("brand.yaml", merchant, draft))
+    problems += draft_untranslated(settings, merchant, brand, files)
     own = data_dir("templates", settings.templates_dir) / merchant / "brand.yaml"
     if "brand.yaml" in files or own.is_file():
         problems += [p for p in [support_problem(brand, "brand.yaml")] if p]

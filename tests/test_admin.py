@@ -77,6 +77,50 @@ async def test_a_merchant_key_never_reaches_another_merchant(
     assert (await overview.json())["draft"] == {"revision": 0, "files": {}}
 
 
+async def test_a_draft_string_without_a_translation_its_brand_needs_is_a_problem(
+    client: Client,
+) -> None:
+    """`notifier check` calls a merchant string untranslated in a language its brand lists
+    an error; the draft check said "no problems" and the draft was published, the English
+    sentence in its French messages (found by a black-box probe)."""
+    acme = BASE.format(m="acme")
+    from notifier.resources import data_dir
+
+    words = (data_dir("templates", None) / "messages" / "delivered.jinja").read_text()
+    mine = words.replace(
+        "{%- macro preheader() -%}",
+        "{%- macro preheader() -%}{% trans %}Enjoy your shiny purchase!{% endtrans %} ",
+    )
+    assert mine != words
+    for path, text in (("brand.yaml", "locales: [fr, de]\n"), ("messages/delivered.jinja", mine)):
+        resp = await client.put(
+            f"{acme}/overrides/draft/{path}", json={"text": text}, headers=auth(ACME_KEY)
+        )
+        assert resp.status == 200
+    problems = (await resp.json())["problems"]
+    assert (
+        "messages/delivered.jinja of acme's draft: 'Enjoy your shiny purchase!' has no "
+        "translation in fr, de"
+    ) in "\n".join(problems), problems
+    resp = await client.post(
+        f"{acme}/overrides/publish",
+        json={"revision": (await resp.json())["revision"]},
+        headers=auth(ACME_KEY),
+    )
+    assert resp.status == 422
+    # a string the shared catalogs translate is no problem
+    fine = words.replace(
+        "{%- macro preheader() -%}",
+        "{%- macro preheader() -%}{% trans %}Track your parcel{% endtrans %} ",
+    )
+    resp = await client.put(
+        f"{acme}/overrides/draft/messages/delivered.jinja",
+        json={"text": fine},
+        headers=auth(ACME_KEY),
+    )
+    assert not any("no translation" in p for p in (await resp.json())["problems"])
+
+
 async def test_a_broken_brand_hides_no_other_problem_of_the_draft(client: Client) -> None:
     """Before, the draft check stopped at a brand that did not load: the policy and the
     template problems showed only once the brand was fixed."""

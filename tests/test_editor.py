@@ -332,9 +332,7 @@ async def test_a_message_written_for_one_locale_is_used_for_that_locale_only(
         f"{ACME}/messages/delivered", data={**form, "action": "discard", "base": base}
     )
     assert discard.status == 409
-    assert "Not discarded: someone saved this message since you opened it" in (
-        await discard.text()
-    )
+    assert "Not discarded: someone saved this message since you opened it" in (await discard.text())
     assert (await draft(client)).keys() == {"messages/delivered.de.jinja"}
     overview = await (await client.get(f"{ACME}/messages/delivered")).text()
     assert 'href="?locale=de">de</a>' in overview  # the all-languages page says de has its own
