@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -220,6 +221,7 @@ def check_all(settings: Settings) -> list[str]:
         problems += _channel_problems(settings, brand, where)
         if loaded and (templates_dir / merchant / "brand.yaml").is_file():
             problems += [p for p in [support_problem(brand, where)] if p]
+            problems += link_problems(brand, where)
         renderer.use_brand(merchant, brand)
         problems += _render_problems(renderer, merchant, locales, full=True)
     return problems
@@ -382,6 +384,28 @@ NO_SUPPORT_DEFAULT = (
     "messages tell customers to contact you, and every merchant without a brand.yaml of its "
     "own sends them with no way to do it: set support.url, support.email or support.phone"
 )
+
+
+#: What a merchant's link may name (``renderer.fill_link`` fills these in).
+LINK_PLACEHOLDERS = ("tracking_number", "order_number")
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+
+
+def link_problems(brand: Brand, where: str) -> list[str]:
+    """A merchant link naming a placeholder that is never filled in ({tracking_numbr}): it
+    would reach every customer as it is, a dead link."""
+    problems = []
+    known = " and ".join(f"{{{n}}}" for n in LINK_PLACEHOLDERS)
+    for name, url in brand.links.model_dump().items():
+        if name == "short_base" or not url:
+            continue
+        for placeholder in _PLACEHOLDER.findall(url):
+            if placeholder not in LINK_PLACEHOLDERS:
+                problems.append(
+                    f"{where}: links.{name}: {{{placeholder}}} is never filled in "
+                    f"(only {known} are): customers would get the link as it is"
+                )
+    return problems
 
 
 def support_problem(brand: Brand, where: str) -> str | None:
@@ -604,6 +628,7 @@ def override_problems(
     own = data_dir("templates", settings.templates_dir) / merchant / "brand.yaml"
     if "brand.yaml" in files or own.is_file():
         problems += [p for p in [support_problem(brand, "brand.yaml")] if p]
+        problems += link_problems(brand, override_label("brand.yaml", merchant, draft))
     policies = PolicyStore(data_dir("policies", settings.policies_dir), lambda _: files, draft)
     locales = ["en", *catalogs.available()]
     try:

@@ -121,6 +121,25 @@ async def test_a_draft_string_without_a_translation_its_brand_needs_is_a_problem
     assert not any("no translation" in p for p in (await resp.json())["problems"])
 
 
+async def test_a_link_naming_a_placeholder_never_filled_in_is_a_problem(client: Client) -> None:
+    """`{tracking_numbr}` went to every customer as it was, a dead link, with "no problems"
+    (found by a black-box probe); `notifier check` says the same of a brand in a folder."""
+    acme = BASE.format(m="acme")
+    brand = (
+        "support: {email: help@acme.example}\n"
+        "links: {reschedule: 'https://acme.example/r/{tracking_numbr}?o={order_number}'}\n"
+    )
+    resp = await client.put(
+        f"{acme}/overrides/draft/brand.yaml", json={"text": brand}, headers=auth(ACME_KEY)
+    )
+    assert resp.status == 200
+    problems = (await resp.json())["problems"]
+    assert problems == [
+        "brand.yaml of acme's draft: links.reschedule: {tracking_numbr} is never filled in "
+        "(only {tracking_number} and {order_number} are): customers would get the link as it is"
+    ]
+
+
 async def test_a_broken_brand_hides_no_other_problem_of_the_draft(client: Client) -> None:
     """Before, the draft check stopped at a brand that did not load: the policy and the
     template problems showed only once the brand was fixed."""

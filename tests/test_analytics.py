@@ -246,6 +246,7 @@ async def test_the_editor_page_and_its_csv(fixed: Client, settings: Settings) ->
     assert '<tr><th scope="row">2026-11-21</th><td>2</td><td>1</td></tr>' in page
     assert '<tr><th scope="row">Accepted by the provider</th><td>3</td></tr>' in page
     assert 'aria-current="page">Analytics' in page
+    assert 'action="/merchant/sign-out"' in page  # as on every signed-in page
     # days that cannot be shown: said, and the last 30 days instead
     bad = await (await fixed.get("/merchant/acme/analytics?from=2026-11-22&to=2026-11-21")).text()
     assert 'role="alert"' in bad and "from: must not be after to" in bad

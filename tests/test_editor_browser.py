@@ -301,6 +301,17 @@ def test_every_editor_page_passes_axe(browser: Any, service: Service) -> None:
     page.goto(f"{service.base}/merchant/acme/messages/exception:customs_hold?locale=ar")
     page.locator("#preview-status").filter(has_text="(ar)").wait_for()
     failures["editor, ar"] = axe(page)
+    # the preview's words in the reader's language and direction, as a phone shows an SMS
+    # (they were left to right under an English page: "…:Your shop." for "Your shop: …")
+    for part in ("#p-subject", "#p-text", "#p-sms"):
+        assert page.locator(part).evaluate("e => [e.lang, e.dir]") == ["ar", "rtl"], part
+    # a draft that does not render: the preview stays empty, and the page accessible
+    page.goto(f"{service.base}/merchant/acme/messages/returned_to_sender")
+    page.locator("#text").fill("{% endtrans")
+    with page.expect_navigation():
+        page.get_by_role("button", name="Save draft").click()
+    page.locator("#preview-error").filter(has_text="").wait_for()
+    failures["a message whose draft does not render"] = axe(page)
     # a brand form with an error shows it next to the field, still accessible
     page.goto(f"{service.base}/merchant/acme/brand")
     page.locator("#f-accent").fill("#fde047")

@@ -118,7 +118,7 @@ class AnalyticsPage:
         return first, last, await res.store.stats(merchant_id, first, last), problem
 
     async def page(self, request: web.Request) -> web.Response:
-        merchant_id, _ = await self.web.signed_in(request)
+        merchant_id, session = await self.web.signed_in(request)
         first, last, found, problem = await self._counts(request, merchant_id)
         _, rows, totals = analytics.table(found, ["milestone", "channel"])
         per_day: dict[str, dict[str, int]] = {}
@@ -130,6 +130,7 @@ class AnalyticsPage:
             "analytics.html",
             request=request,
             title="Analytics",
+            csrf=session.csrf,  # the sign-out button every signed-in page has
             first=first.isoformat(),
             last=last.isoformat(),
             problem=problem,

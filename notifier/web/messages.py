@@ -17,7 +17,7 @@ from notifier.errors import ApiError, BadRequest, ConfigurationError, NotFound, 
 from notifier.ingest import read_json
 from notifier.insights.experiments import published_policy
 from notifier.models import ChannelKind, Notification, message_name, message_name_of
-from notifier.render import Renderer
+from notifier.render import Renderer, i18n
 from notifier.settings import Settings
 from notifier.web.base import Web
 from notifier.web.forms import milestone_label
@@ -243,6 +243,8 @@ class Messages:
         except NotifierError as exc:
             raise InvalidOverride(str(exc), [{"field": "text", "message": str(exc)}]) from exc
         out["name"] = message_name(next(t for t in samples() if t.milestone == milestone))
+        # the reader's language and direction: the page shows the words as they read them
+        out["lang"], out["dir"] = i18n.html_lang(locale), i18n.text_direction(locale)
         return web.json_response(out)
 
 

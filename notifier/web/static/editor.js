@@ -58,6 +58,12 @@ function startPreview(form) {
     setText("p-sms-chars", [...sms.body].length);
     setText("p-sms-encoding", sms.encoding);
     setText("p-sms-segments", sms.segments);
+    // the words in the reader's language and direction, as a mail client or phone shows them
+    for (const id of ["p-subject", "p-preheader", "p-text", "p-sms"]) {
+      const node = document.getElementById(id);
+      node.lang = data.lang || "";
+      node.dir = data.dir || "ltr";
+    }
     status.textContent = "Preview up to date (" + locale + ").";
     const tbody = document.querySelector("#variables tbody");
     if (tbody && data.variables) {
