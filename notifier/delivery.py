@@ -355,8 +355,8 @@ class Deliverer:
         day = counts.day_of(now)
         # an SMS through Twilio is the last to its number: a reply to it (Twilio's inbound
         # webhook) is counted as its (``webhooks``); no other channel can get a reply
-        secret = self.res.settings.signing_secret_value()
         replies = self._channel(name).name == "twilio"
+        secret = await self.res.digest_secret() if replies else ""
         last_sms = {
             m.notification_id: (counts.recipient_digest(secret, m.to), m.stats_tag)
             for m in (item.message for item in items)

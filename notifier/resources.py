@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from notifier.render.i18n import Catalogs
 from notifier.render.limits import Limits
 from notifier.render.watch import TreeWatch
 from notifier.settings import EmailChannelName, Settings, cluster_nodes
-from notifier.store import Store
+from notifier.store import Store, keys
 from notifier.store.base import DataRedis
 from notifier.unsubscribe import headers as unsubscribe_headers
 
@@ -292,6 +293,22 @@ class Resources:
     hooks: Subscriptions
     #: each merchant's delivery-time model (``insights.predict``)
     predictions: Predictions
+    _digest_secret: str | None = None
+
+    async def digest_secret(self) -> str:
+        """The key of recipients' digests shared by every process (the last SMS to a number,
+        which a reply is counted under: written by a worker, looked up by the API): the
+        signing secret; without one, a key made once for the deployment and kept in Redis
+        (each process made its own before, and replies were never counted)."""
+        if self._digest_secret is None:
+            if self.settings.signing_secret or self.settings.embedded:
+                self._digest_secret = self.settings.signing_secret_value()
+            else:
+                made = secrets.token_hex(32)
+                await self.redis.set(keys.DIGEST_SECRET_KEY, made, nx=True)
+                found = await self.redis.get(keys.DIGEST_SECRET_KEY)
+                self._digest_secret = found.decode() if found else made
+        return self._digest_secret
 
 
 @asynccontextmanager

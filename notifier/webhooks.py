@@ -144,7 +144,7 @@ async def _last_sms(res: Resources, number: str) -> LastSms | None:
     if not number:
         return None
     try:
-        secret = res.settings.signing_secret_value()
+        secret = await res.digest_secret()
         return await res.store.last_sms(recipient_digest(secret, number))
     except (RedisError, OSError) as exc:
         log.warning("a reply's message not found: Redis failed (%s)", type(exc).__name__)

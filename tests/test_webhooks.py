@@ -134,6 +134,28 @@ async def test_stop_start_and_help(
     assert resp.status == 403
 
 
+async def test_replies_are_counted_without_a_signing_secret(
+    hook_settings: Settings, twilio: FakeTwilio, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker records the last SMS to a number under a digest of it; the API looks a reply
+    up by the same digest. Without NOTIFIER_SIGNING_SECRET each process keyed it with a
+    secret of its own, so no reply or STOP was ever counted (found by a black-box probe):
+    they share a key kept in Redis now. (Here both run in one process: the API is given
+    another process's secret before the reply comes.)"""
+    import notifier.settings
+
+    assert hook_settings.signing_secret is None
+    async with TestClient(TestServer(create_app(hook_settings, clock=fixed_clock()))) as client:
+        await sent_sms(client, hook_settings, twilio)
+        monkeypatch.setattr(notifier.settings, "_PROCESS_SECRET", "another process's own")
+        inbound = "/v1/webhooks/twilio/inbound"
+        resp = await signed(client, inbound, {"From": "+33612345678", "Body": "When?"})
+        assert resp.status == 200
+    async with open_resources(hook_settings) as res:
+        found = await res.store.stats("acme", NOW.date(), NOW.date())
+    assert found[NOW.date().isoformat()]["out_for_delivery|sms|fr_FR|replies"] == 1
+
+
 # -- an SMS Twilio reports undeliverable after it took it: the email fallback ----------------
 
 

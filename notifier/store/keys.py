@@ -258,6 +258,11 @@ def last_sms_key(recipient: str) -> str:
     return f"{PREFIX}:lastsms:{recipient}"
 
 
+#: The deployment's key of recipients' digests when NOTIFIER_SIGNING_SECRET is unset (made
+#: once by the first process that needs it; ``Resources.digest_secret``).
+DIGEST_SECRET_KEY = f"{PREFIX}:digest-key"
+
+
 # -- opt-outs (optouts.py) -----------------------------------------------------------------
 def optout_key(merchant_id: str) -> str:
     """The channel addresses that opted out of a merchant's messages (a set)."""
