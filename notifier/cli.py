@@ -8,11 +8,14 @@ import errno
 import gc
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import orjson
+from pydantic import ValidationError
+from redis.exceptions import RedisError
 
 from notifier import logs
 from notifier.check import (
@@ -27,8 +30,8 @@ from notifier.check import (
     untranslated,
 )
 from notifier.errors import ConfigurationError, NotifierError
-from notifier.models import ChannelKind, ExceptionCode, Status
-from notifier.render import Renderer, SmsMessageOut, compiled
+from notifier.models import ChannelKind, ExceptionCode, Status, Transition
+from notifier.render import Message, Renderer, SmsMessageOut, compiled
 from notifier.render.environment import TemplateStore
 from notifier.render.i18n import Catalogs
 from notifier.resources import data_dir, trees_in_use
@@ -123,6 +126,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             access_log=None,
             shutdown_timeout=SHUTDOWN_TIMEOUT_S,
         )
+    except socket.gaierror as exc:  # a host name that does not resolve
+        raise ConfigurationError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
     except OSError as exc:
         if exc.errno not in _CANNOT_LISTEN:
             raise
@@ -222,18 +227,45 @@ def cmd_preview(args: argparse.Namespace) -> int:
             + (f" --exception-code {args.exception_code}" if args.exception_code else "")
             + " (exception needs --exception-code, other statuses none)"
         )
-    n = sample_notification(
-        sample,
-        ChannelKind(args.channel),
-        merchant_id=args.merchant or "preview",
-        shipment_id="preview",
-        notification_id="n_preview",
-        locale=args.locale,
-        timezone=args.timezone,
-        phone=args.phone,
-    )
-    message = renderer.render(n)
     out = Path(args.output) if args.output else None
+    wanted = (".sms.txt", ".txt") if args.channel == "sms" else (".html", ".txt", ".eml")
+    if out is not None and not out.name.endswith(wanted):
+        raise ConfigurationError(
+            f"-o {out}: the {args.channel} preview is written as {' or '.join(wanted)}"
+        )
+    try:
+        n = sample_notification(
+            sample,
+            ChannelKind(args.channel),
+            merchant_id=args.merchant or "preview",
+            shipment_id="preview",
+            notification_id="n_preview",
+            locale=args.locale,
+            timezone=args.timezone,
+            phone=args.phone,
+        )
+    except ValidationError as exc:  # --locale, --timezone or --phone
+        flags = {"locale": "--locale", "timezone": "--timezone", "phone": "--phone"}
+        raise ConfigurationError(
+            "; ".join(
+                f"{flags.get(str(e['loc'][-1]), str(e['loc'][-1]))}: "
+                f"{e['msg'].removeprefix('Value error, ')}"
+                for e in exc.errors(include_input=False, include_url=False)
+            )
+        ) from None
+    message = renderer.render(n)
+    try:
+        return _write_preview(message, sample, args, out)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot write the preview: {exc.strerror}: {exc.filename}"
+        ) from None
+
+
+def _write_preview(
+    message: Message, sample: Transition, args: argparse.Namespace, out: Path | None
+) -> int:
+    """Write the rendered preview where ``-o`` (or its default name) says; say where."""
     if isinstance(message, SmsMessageOut):
         text = f"{message.body}\n\n[{message.encoding}, {message.segments} segment(s)]\n"
         path = out or Path(f"preview-{sample.milestone.replace(':', '-')}-{args.locale}.sms.txt")
@@ -295,7 +327,13 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
             "NOTIFIER_REDIS_URL is not set: in embedded mode the dead letters live in the "
             "memory of `notifier serve` (GET /healthz counts them) and end with it"
         )
-    return asyncio.run(_dead_letters(args, settings))
+    try:
+        return asyncio.run(_dead_letters(args, settings))
+    except (RedisError, OSError) as exc:
+        raise ConfigurationError(
+            f"cannot read the dead letters: Redis ({describe_redis(settings)}) answered "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
 
 
 async def _dead_letters(args: argparse.Namespace, settings: Settings) -> int:
@@ -324,10 +362,16 @@ async def _dead_letters(args: argparse.Namespace, settings: Settings) -> int:
             print("kind\tid\tmerchant\tshipment\twhy")
             for letter in letters:
                 print(letter.summary())
-            print(f"{len(letters)} dead letter(s)", file=sys.stderr)
+            counts = await store.dead_letters()
+            total = {"inbox": counts["inbox"], "messages": counts["notifications"]}
+            held = total[args.kind] if args.kind else sum(total.values())
+            shown = f" ({len(letters)} shown: --limit {args.limit})" if len(letters) < held else ""
+            print(f"{held} dead letter(s){shown}", file=sys.stderr)
             return 0
         if args.action == "show":
             one = await dead.show(args.ids[0])
+            if one is not None and args.kind and one.kind != args.kind:
+                one = None  # --kind: that list only
             if one is None:
                 print(f"error: no dead letter {args.ids[0]}", file=sys.stderr)
                 return 1
@@ -338,9 +382,14 @@ async def _dead_letters(args: argparse.Namespace, settings: Settings) -> int:
             letters = await dead.list(args.kind, 1_000_000)
         else:
             found = [await dead.show(i) for i in args.ids]
+            # --kind: that list only (a purge is for good)
+            found = [
+                f if f is None or not args.kind or f.kind == args.kind else None for f in found
+            ]
             missing = [i for i, f in zip(args.ids, found, strict=True) if f is None]
             if missing:
-                print(f"error: no dead letter {', '.join(missing)}", file=sys.stderr)
+                among = f" among the {args.kind} dead letters" if args.kind else ""
+                print(f"error: no dead letter {', '.join(missing)}{among}", file=sys.stderr)
                 return 1
             letters = [f for f in found if f is not None]
         if args.action == "purge" and not args.yes:
@@ -369,11 +418,36 @@ def cmd_hash_key(args: argparse.Namespace) -> int:
 
     from notifier.settings import HASHED_KEY
 
-    key = sys.stdin.readline().strip()
+    try:
+        key = sys.stdin.readline().strip()
+        key.encode()
+    except (UnicodeDecodeError, UnicodeEncodeError):
+        raise ConfigurationError("the key on standard input is not UTF-8 text") from None
     if len(key) < 8:
         raise ConfigurationError("give the key (at least 8 characters) on standard input")
     print(HASHED_KEY + hashlib.sha256(key.encode()).hexdigest())
     return 0
+
+
+def _port(text: str) -> int:
+    """A port for --port: 0 to 65535 (argparse says which flag when it is not)."""
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise ValueError(text)
+    return port
+
+
+_port.__name__ = "port (0-65535)"  # argparse's "invalid port (0-65535) value"
+
+
+def _at_least_one(text: str) -> int:
+    number = int(text)
+    if number < 1:
+        raise ValueError(text)
+    return number
+
+
+_at_least_one.__name__ = "number (1 or more)"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -381,7 +455,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the API (embedded mode: and the worker)")
     serve.add_argument("--host", help="listen address (default NOTIFIER_HOST)")
-    serve.add_argument("--port", type=int, help="listen port (default NOTIFIER_PORT)")
+    serve.add_argument("--port", type=_port, help="listen port (default NOTIFIER_PORT)")
     serve.set_defaults(func=cmd_serve)
     worker = sub.add_parser("worker", help="run an arq worker against NOTIFIER_REDIS_URL")
     worker.add_argument(
@@ -407,7 +481,9 @@ def parser() -> argparse.ArgumentParser:
     dead.add_argument("ids", nargs="*", help="inbox entry ids (1733…-0) or notification ids")
     dead.add_argument("--kind", choices=["inbox", "messages"], help="one list only")
     dead.add_argument("--all", action="store_true", help="replay or purge every one listed")
-    dead.add_argument("--limit", type=int, default=100, help="list at most this many (100)")
+    dead.add_argument(
+        "--limit", type=_at_least_one, default=100, help="list at most this many (100)"
+    )
     dead.add_argument("--reveal", action="store_true", help="show recipients' personal data")
     dead.add_argument("--yes", action="store_true", help="confirm a purge")
     dead.set_defaults(func=cmd_dead_letters)

@@ -10,7 +10,7 @@ import secrets
 from collections.abc import Iterable
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import SplitResult, urlsplit
 
 from dotenv import dotenv_values
@@ -224,6 +224,23 @@ class Settings(BaseSettings):
             "and a name that resolves to such an address is refused."
         ),
     )
+
+    @field_validator(
+        "host",
+        "outbox_dir",
+        "templates_dir",
+        "locales_dir",
+        "policies_dir",
+        "metrics_dir",
+        mode="before",
+    )
+    @classmethod
+    def _not_empty(cls, value: Any) -> Any:
+        # an empty value (a compose file's unset substitution) is no default: an empty host
+        # listens on every interface, an empty folder is the working directory
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty: give a value, or unset it for the default")
+        return value
 
     @field_validator("redis_url", "queue_redis_url")
     @classmethod

@@ -136,6 +136,40 @@ def test_serve_on_a_port_in_use_says_so_in_one_line(tmp_path: Path) -> None:
     assert "stopping" not in out  # it never started
 
 
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--locale", "xx_YY"], "error: --locale: must be a locale like fr_FR"),
+        (["--timezone", "Mars/Base"], "error: --timezone: must be an IANA time zone"),
+        (["--channel", "sms", "--phone", "notaphone"], "error: --phone: must be an E.164"),
+        (["-o", "nowhere/x.html"], "error: cannot write the preview: No such file or directory"),
+        (["-o", "x.pdf"], "error: -o x.pdf: the email preview is written as .html or .txt"),
+        (["--channel", "sms", "-o", "s.eml"], "error: -o s.eml: the sms preview is written as"),
+    ],
+)
+def test_a_bad_preview_argument_is_one_line(
+    trees: Path, capsys: pytest.CaptureFixture[str], args: list[str], says: str
+) -> None:
+    """Each was a traceback (a pydantic error, FileNotFoundError), or wrote SMS text into an
+    .eml (found by a black-box probe)."""
+    assert main(["preview", "--status", "delivered", *args]) == 2
+    err = capsys.readouterr().err
+    assert says in err, err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert not list(trees.glob("x.pdf")) and not list(trees.glob("s.eml"))
+
+
+def test_serve_with_a_bad_port_or_a_host_that_does_not_resolve_says_so(
+    trees: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "--port", "70000"])
+    assert "argument --port: invalid port (0-65535) value: '70000'" in capsys.readouterr().err
+    assert main(["serve", "--host", "nosuchhost.invalid", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "error: cannot listen on nosuchhost.invalid:0: " in err and "Traceback" not in err
+
+
 def test_worker_needs_redis(trees: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["worker"]) == 2
     assert "NOTIFIER_REDIS_URL" in capsys.readouterr().err
@@ -276,6 +310,23 @@ def test_a_bad_url_address_or_key_is_one_line_naming_its_variable(
     assert err.startswith(f"error: invalid settings: {variable}: ") and says in err, err
     assert value not in err
     assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "variable", ["NOTIFIER_HOST", "NOTIFIER_OUTBOX_DIR", "NOTIFIER_TEMPLATES_DIR"]
+)
+def test_an_empty_host_or_folder_is_refused(
+    trees: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], variable: str
+) -> None:
+    """An empty NOTIFIER_HOST listened on every interface (the development key open to the
+    network in the embedded mode); an empty folder was the working directory (found by a
+    black-box probe)."""
+    monkeypatch.setenv(variable, "")
+    assert main(["check"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: invalid settings: {variable}: is empty: give a value, or unset it for the "
+        "default\n"
+    )
 
 
 def test_a_tree_that_is_not_a_directory_names_its_variable(

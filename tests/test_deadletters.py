@@ -146,6 +146,39 @@ async def test_purge_needs_yes_and_bad_usage_is_one_line(
         assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, args
 
 
+async def test_kind_holds_for_show_replay_and_purge_and_list_gives_the_total(
+    client: Client, settings: Settings, cli: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--kind` means that list only: a purge of a message's id `--kind inbox` dropped the
+    message (found by a black-box probe). The list's count is of every dead letter, not of
+    the rows `--limit` let through; a limit under 1 is refused."""
+    ids = await failed_messages(client, settings)
+    assert len(ids) == 2
+    code, _, err = await cli(capsys, "purge", ids[0], "--kind", "inbox", "--yes")
+    assert code == 1 and f"error: no dead letter {ids[0]} among the inbox dead letters\n" in err
+    code, _, _ = await cli(capsys, "show", ids[0], "--kind", "inbox")
+    assert code == 1
+    code, out, _ = await cli(capsys, "show", ids[0], "--kind", "messages")
+    assert code == 0 and ids[0] in out
+    code, out, err = await cli(capsys, "list", "--limit", "1")
+    assert out.count("messages\tn_") == 1
+    assert "2 dead letter(s) (1 shown: --limit 1)\n" in err
+    code, _, err = await cli(capsys, "list", "--kind", "inbox")
+    assert "0 dead letter(s)\n" in err
+    with pytest.raises(SystemExit):
+        main(["dead-letters", "list", "--limit", "0"])
+    assert "invalid number (1 or more) value: '0'" in capsys.readouterr().err
+
+
+async def test_redis_that_does_not_answer_is_one_line(
+    cli: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NOTIFIER_REDIS_URL", "redis://127.0.0.1:1/0")
+    code, _, err = await cli(capsys, "list")
+    assert code == 2 and "Traceback" not in err
+    assert "error: cannot read the dead letters: Redis (Redis at 127.0.0.1:1" in err
+
+
 def test_dead_letters_need_redis(capsys: pytest.CaptureFixture[str], monkeypatch: Any) -> None:
     for name in [k for k in os.environ if k.startswith("NOTIFIER_")]:
         monkeypatch.delenv(name)

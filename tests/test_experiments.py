@@ -477,8 +477,8 @@ async def test_the_editor_writes_variant_b_and_the_cadence_form_starts_a_test(
         }
         again = cadence_form(await (await client.get("/merchant/acme/cadence")).text())
         assert again["experiments.0.name"] == TEST and again["experiments.1.name"] == ""
-        bad = await client.post(
-            "/merchant/acme/cadence", data={**start, "experiments.0.b_percent": "150"}
+        bad = await client.post(  # (from the page as it is now: `start` is out of date)
+            "/merchant/acme/cadence", data={**again, "experiments.0.b_percent": "150"}
         )
         assert bad.status == 422
         assert "less than or equal to 100" in await bad.text()
