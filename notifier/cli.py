@@ -8,6 +8,7 @@ import errno
 import gc
 import logging
 import os
+import re
 import socket
 import sys
 from collections.abc import Sequence
@@ -100,12 +101,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     listened = False
 
-    def listening(_aiohttp_line: str) -> None:
+    def listening(aiohttp_line: str) -> None:
         # aiohttp calls this once the resources opened and the port is bound: a Redis refused
         # at start-up, or a port in use, never reads as listening
         nonlocal listened
         listened = True
-        _banner(settings, host, port)
+        bound = re.search(r"Running on \S+?:(\d+)\b", aiohttp_line)
+        # port 0: the one the system picked, which aiohttp's line names
+        _banner(settings, host, int(bound.group(1)) if port == 0 and bound else port)
 
     async def stopping(app: web.Application) -> None:
         if not listened:

@@ -532,7 +532,17 @@ class ResilientWorker(Worker):
         if res is not None and "consumer" in self.ctx:
             with contextlib.suppress(RedisError, OSError):
                 await res.redis.zrem(WORKERS_KEY, self.ctx["consumer"])
-        await super().close()
+        try:
+            await super().close()
+        except (RedisError, OSError) as exc:
+            # stopped while Redis is down: arq's health-check key cannot be deleted (it
+            # expires by itself); the rest of arq's close still runs, and the exit is 0
+            log.warning("stopping while Redis is down (%s)", type(exc).__name__)
+            if self.on_shutdown:
+                await self.on_shutdown(self.ctx)
+            with contextlib.suppress(RedisError, OSError):
+                await self.pool.close(close_connection_pool=True)
+            self._pool = None
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """arq's job start, with the job slot (semaphore and counter) owned explicitly: the

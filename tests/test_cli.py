@@ -170,6 +170,53 @@ def test_serve_with_a_bad_port_or_a_host_that_does_not_resolve_says_so(
     assert "error: cannot listen on nosuchhost.invalid:0: " in err and "Traceback" not in err
 
 
+def test_serve_on_port_0_names_the_port_it_got(tmp_path: Path) -> None:
+    """It said "listening on http://127.0.0.1:0" (found by a black-box probe)."""
+    import re
+    import urllib.request
+
+    proc = spawn_notifier(["serve"], tmp_path, NOTIFIER_PORT="0")
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            found = re.search(r"notifier listening on http://127\.0\.0\.1:(\d+)", line)
+            if found:
+                break
+        else:
+            raise AssertionError("no banner")
+        port = int(found.group(1))
+        assert port != 0
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as resp:
+            assert resp.status == 200
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+
+
+def test_a_worker_stopped_while_redis_is_down_exits_0(tmp_path: Path) -> None:
+    """It ended in a traceback and exit code 1: arq's close deletes a key in Redis first
+    (found by a black-box probe). README: on SIGTERM both processes exit 0."""
+    import json
+    import signal
+
+    from tests.conftest import API_KEYS
+
+    env = {
+        "NOTIFIER_REDIS_URL": "redis://127.0.0.1:1/0",
+        "NOTIFIER_API_KEYS": json.dumps(API_KEYS),
+        "NOTIFIER_SIGNING_SECRET": "0123456789abcdef0123",
+    }
+    proc = spawn_notifier(["worker"], tmp_path, **env)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "Redis does not answer" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out and "stopping while Redis is down" in out
+
+
 def test_worker_needs_redis(trees: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["worker"]) == 2
     assert "NOTIFIER_REDIS_URL" in capsys.readouterr().err
