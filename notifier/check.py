@@ -160,6 +160,9 @@ def startup_problems(settings: Settings) -> list[str]:
         for name in TREES
         if (configured := getattr(settings, f"{name}_dir")) is not None and not configured.is_dir()
     ]
+    shared = settings.metrics_dir  # made when missing, but a file there cannot be one
+    if shared is not None and shared.exists() and not shared.is_dir():
+        missing.append("NOTIFIER_METRICS_DIR: not a directory")
     if missing:
         return missing
     policies = PolicyStore(data_dir("policies", settings.policies_dir))

@@ -450,7 +450,11 @@ def load_settings(env_file: Path = ENV_FILE) -> Settings:
     """
     problems = unknown_variables(os.environ)
     if env_file.is_file():
-        problems += [f"{p} in {env_file}" for p in unknown_variables(dotenv_values(env_file))]
+        try:
+            found = dotenv_values(env_file)
+        except UnicodeDecodeError:
+            raise ConfigurationError(f"{env_file}: not UTF-8 text") from None
+        problems += [f"{p} in {env_file}" for p in unknown_variables(found)]
     if problems:
         raise ConfigurationError("; ".join(problems))
     try:

@@ -376,6 +376,20 @@ def test_an_empty_host_or_folder_is_refused(
     )
 
 
+def test_a_dotenv_that_is_not_utf8_or_a_metrics_dir_that_is_a_file_is_one_line(
+    trees: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Both were tracebacks (the second only once `serve` started; found by a probe)."""
+    (trees / ".env").write_bytes(b"\xff\xfe=1\n")
+    assert main(["check"]) == 2
+    assert capsys.readouterr().err == "error: .env: not UTF-8 text\n"
+    (trees / ".env").unlink()
+    (trees / "a-file").write_text("")
+    monkeypatch.setenv("NOTIFIER_METRICS_DIR", str(trees / "a-file"))
+    assert main(["check"]) == 1
+    assert "error: NOTIFIER_METRICS_DIR: not a directory\n" in capsys.readouterr().err
+
+
 def test_a_tree_that_is_not_a_directory_names_its_variable(
     trees: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
