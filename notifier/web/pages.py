@@ -12,6 +12,7 @@ from aiohttp import web
 
 from notifier.admin import InvalidOverride
 from notifier.errors import ApiError, NotFound
+from notifier.render import i18n
 from notifier.resources import data_dir
 from notifier.timeline import find_shipments, shipment_history
 from notifier.web.base import Web, read_form, safe_next
@@ -231,11 +232,13 @@ class Pages:
         query = request.query.get("q", "").strip()[:200]
         found: list[str] = []
         history: dict[str, Any] | None = None
+        lang = ""
         if query:
             found = await find_shipments(self.web.res, merchant_id, query)
             if len(found) == 1 or request.query.get("shipment") in found:
                 shipment = request.query.get("shipment") or found[0]
                 history = await shipment_history(self.web.res, merchant_id, shipment, None, 200)
+                lang = await self._reader_lang(merchant_id, shipment)
         return self.web.page(
             "timeline.html",
             request=request,
@@ -243,6 +246,20 @@ class Pages:
             query=query,
             found=found,
             history=history,
+            # the messages' summaries are in the recipient's language, not the page's
+            summary_lang=lang,
             label=milestone_label,
             csrf=session.csrf,
         )
+
+    async def _reader_lang(self, merchant_id: str, shipment_id: str) -> str:
+        """The language the shipment's messages are written in (BCP 47), "" when unknown."""
+        res = self.web.res
+        [(_, state)] = await res.store.load_states([(merchant_id, shipment_id)])
+        if state is None or state.recipient is None:
+            return ""
+        renderer = res.renderer
+        locale = renderer.catalogs.resolve(
+            state.recipient.locale, renderer.brand(merchant_id).default_locale
+        )
+        return i18n.html_lang(locale)
