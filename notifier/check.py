@@ -166,19 +166,20 @@ def startup_problems(settings: Settings) -> list[str]:
     if missing:
         return missing
     policies = PolicyStore(data_dir("policies", settings.policies_dir))
+    problems = []
     try:
         policies.for_merchant("")
-    except ConfigurationError as exc:
-        return [str(exc)]
+    except ConfigurationError as exc:  # the templates are still worth checking
+        problems.append(str(exc))
     templates_dir = data_dir("templates", settings.templates_dir)
     if not templates_dir.is_dir():
-        return [f"{templates_dir}: templates directory missing"]
+        return [*problems, f"{templates_dir}: templates directory missing"]
     renderer, _ = _renderer(settings)
     try:
         brand = renderer.brand("")
     except ConfigurationError as exc:
-        return [str(exc)]
-    problems = _channel_problems(settings, brand, "templates/brand.yaml")
+        return [*problems, str(exc)]
+    problems += _channel_problems(settings, brand, "templates/brand.yaml")
     renderer.use_brand(DEFAULTS, brand.model_copy(update={"name": SAMPLE_SHOP}))
     return problems + _render_problems(renderer, "", ["en"], full=False)
 

@@ -88,6 +88,20 @@ def test_check_names_a_broken_template(trees: Path, capsys: pytest.CaptureFixtur
     assert "nmae" in err
 
 
+def test_a_broken_default_policy_hides_no_template_problem(
+    trees: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Both are listed at once; the template's showed only once the policy was fixed (found
+    by a black-box probe)."""
+    default = trees / "policies" / "default.yaml"
+    default.write_text(default.read_text() + "quiet_hours: [[[\n")
+    layout = trees / "templates" / "email" / "layout.html"
+    layout.write_text(layout.read_text() + "{% if %}\n")
+    assert main(["check"]) == 1
+    err = capsys.readouterr().err
+    assert "default.yaml" in err and "email/layout.html" in err, err
+
+
 def test_check_refuses_a_sandbox_escape(trees: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (trees / "templates" / "sms" / "layout.txt").write_text("{{ brand.__class__.__mro__ }}\n")
     assert main(["check"]) == 1
