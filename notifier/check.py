@@ -39,7 +39,7 @@ from notifier.render.brand import Brand, load_brand
 from notifier.render.environment import TEMPLATE_NAME, TemplateStore
 from notifier.render.i18n import Catalogs
 from notifier.render.limits import Limits
-from notifier.render.renderer import EXHAUSTED
+from notifier.render.renderer import EXHAUSTED, LINK_PLACEHOLDERS
 from notifier.render.sms import SmsEncoding
 from notifier.resources import TREES, close_redis, connect, data_dir
 from notifier.settings import Settings
@@ -311,14 +311,13 @@ def draft_untranslated(
     catalogs = Catalogs(data_dir("locales", settings.locales_dir))
     shared = {lang: _read_catalog(catalogs.directory, lang) for lang in catalogs.available()}
     folder = data_dir("templates", settings.templates_dir) / merchant
-    options = {"extensions": "jinja2.ext.i18n", "trimmed": "true"}
     problems = []
     for path, text in sorted(files.items()):
         if not TEMPLATE.fullmatch(path):
             continue
         try:
-            found = extract("jinja2", io.BytesIO(text.encode()), options=options)
-            msgids = list(dict.fromkeys(m[1] if isinstance(m[1], str) else m[1][0] for m in found))
+            found = extract("jinja2", io.BytesIO(text.encode()), options=_EXTRACTING)
+            msgids = _distinct(message for _, message, _, _ in found)
         except Exception:  # a template that does not parse: its own problem says why
             continue
         where = f"{path} of {merchant}'s draft"
@@ -352,14 +351,19 @@ def _msgids(folder: Path) -> list[str]:
     from babel.messages.extract import extract_from_dir
 
     method_map = [(f"**.{ext}", "jinja2") for ext in ("jinja", "html", "txt")]
-    options = {"extensions": "jinja2.ext.i18n", "trimmed": "true"}
-    options_map = {pattern: options for pattern, _ in method_map}
-    found = []
-    for _, _, message, _, _ in extract_from_dir(str(folder), method_map, options_map):
-        msgid = message[0] if isinstance(message, tuple) else message
-        if msgid:
-            found.append(msgid)
-    return list(dict.fromkeys(found))
+    options_map = {pattern: _EXTRACTING for pattern, _ in method_map}
+    found = extract_from_dir(str(folder), method_map, options_map)
+    return _distinct(message for _, _, message, _, _ in found)
+
+
+#: How pybabel reads the templates' strings (babel.cfg says the same).
+_EXTRACTING = {"extensions": "jinja2.ext.i18n", "trimmed": "true"}
+
+
+def _distinct(messages: Iterable[str | tuple[str, ...]]) -> list[str]:
+    """The msgids of extracted messages (a plural's singular), each once, in order."""
+    found = (message[0] if isinstance(message, tuple) else message for message in messages)
+    return list(dict.fromkeys(msgid for msgid in found if msgid))
 
 
 def check_warnings(settings: Settings) -> list[str]:
@@ -390,8 +394,6 @@ NO_SUPPORT_DEFAULT = (
 )
 
 
-#: What a merchant's link may name (``renderer.fill_link`` fills these in).
-LINK_PLACEHOLDERS = ("tracking_number", "order_number")
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 
 

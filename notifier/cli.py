@@ -11,7 +11,7 @@ import os
 import re
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import orjson
@@ -342,7 +342,7 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
 async def _dead_letters(args: argparse.Namespace, settings: Settings) -> int:
     from datetime import UTC, datetime
 
-    from notifier.deadletters import DeadLetters, masked
+    from notifier.deadletters import DeadLetter, DeadLetters, masked
     from notifier.resources import close_redis, connect, connect_queue
     from notifier.store import Store
 
@@ -359,6 +359,11 @@ async def _dead_letters(args: argparse.Namespace, settings: Settings) -> int:
     def show(body: dict[str, object]) -> object:
         return body if args.reveal else masked(body)
 
+    async def find(entry_id: str) -> DeadLetter | None:
+        """The dead letter with this id, in the list ``--kind`` names (a purge is for good)."""
+        one = await dead.show(entry_id)
+        return None if one is None or (args.kind and one.kind != args.kind) else one
+
     try:
         if args.action == "list":
             letters = await dead.list(args.kind, args.limit)
@@ -372,9 +377,7 @@ async def _dead_letters(args: argparse.Namespace, settings: Settings) -> int:
             print(f"{held} dead letter(s){shown}", file=sys.stderr)
             return 0
         if args.action == "show":
-            one = await dead.show(args.ids[0])
-            if one is not None and args.kind and one.kind != args.kind:
-                one = None  # --kind: that list only
+            one = await find(args.ids[0])
             if one is None:
                 print(f"error: no dead letter {args.ids[0]}", file=sys.stderr)
                 return 1
@@ -384,11 +387,7 @@ async def _dead_letters(args: argparse.Namespace, settings: Settings) -> int:
         if args.all:
             letters = await dead.list(args.kind, 1_000_000)
         else:
-            found = [await dead.show(i) for i in args.ids]
-            # --kind: that list only (a purge is for good)
-            found = [
-                f if f is None or not args.kind or f.kind == args.kind else None for f in found
-            ]
+            found = [await find(i) for i in args.ids]
             missing = [i for i, f in zip(args.ids, found, strict=True) if f is None]
             if missing:
                 among = f" among the {args.kind} dead letters" if args.kind else ""
@@ -432,25 +431,22 @@ def cmd_hash_key(args: argparse.Namespace) -> int:
     return 0
 
 
-def _port(text: str) -> int:
-    """A port for --port: 0 to 65535 (argparse says which flag when it is not)."""
-    port = int(text)
-    if not 0 <= port <= 65535:
-        raise ValueError(text)
-    return port
+def _whole(low: int, high: int | None, name: str) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``low`` to ``high``; argparse names the flag
+    and ``name`` when it is not one ("invalid port (0-65535) value: '70000'")."""
+
+    def parse(text: str) -> int:
+        number = int(text)
+        if number < low or (high is not None and number > high):
+            raise ValueError(text)
+        return number
+
+    parse.__name__ = name
+    return parse
 
 
-_port.__name__ = "port (0-65535)"  # argparse's "invalid port (0-65535) value"
-
-
-def _at_least_one(text: str) -> int:
-    number = int(text)
-    if number < 1:
-        raise ValueError(text)
-    return number
-
-
-_at_least_one.__name__ = "number (1 or more)"
+_port = _whole(0, 65535, "port (0-65535)")
+_at_least_one = _whole(1, None, "number (1 or more)")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -33,7 +33,7 @@ from notifier.models import (
 )
 from notifier.models import Outcome as Decided
 from notifier.outbound import events as hook_events
-from notifier.policy.engine import CATCH_UP_WINDOW, opt_out_key
+from notifier.policy.engine import no_longer_news, opt_out_key
 from notifier.render import Message, SmsMessageOut
 from notifier.resources import Resources, sync_published
 from notifier.state import ShipmentState
@@ -218,10 +218,6 @@ class Deliverer:
             if result in (ClaimResult.FRESH, ClaimResult.RECLAIMED)
         ]
         keeper = asyncio.create_task(self._keep(held, owner, scope)) if held else None
-        for result, payload in claims:
-            if result is ClaimResult.BUSY:  # its payload: when it was claimed or renewed
-                until = int(payload or 0) + lease
-                report.busy_until_ms = max(report.busy_until_ms, until)
         try:
             return await self._send_claimed(
                 owner, notification_ids, claims, report, now, states, built, scope
@@ -272,6 +268,9 @@ class Deliverer:
         for nid, (result, payload) in zip(notification_ids, claims, strict=True):
             if result is ClaimResult.BUSY:
                 report.busy.append(nid)
+                # its payload: when it was claimed or last renewed
+                until = int(payload or 0) + self._lease_ms()
+                report.busy_until_ms = max(report.busy_until_ms, until)
             elif result is ClaimResult.DEFERRED:
                 report.deferred.append(nid)  # on the due index; release_due sends it in time
             elif result is ClaimResult.NONE or payload is None:
@@ -680,7 +679,7 @@ async def fall_back_later(
     ``fall_back_to_email`` sends it at once for a refusal at sending. The SMS's own payload
     left the ledger when it was sent, so the update is rebuilt from the shipment's state,
     and only while the SMS is about its current step and that is still news (as a late
-    address catches up: ``CATCH_UP_WINDOW``, a pickup deadline not passed); a shipment that
+    address catches up: ``no_longer_news``); a shipment that
     moved on has newer news, which went or goes out as decided. False when no email is sent."""
     [(_, state)] = await res.store.load_states([(merchant_id, shipment_id)])
     current = state.current_transition() if state is not None else None
@@ -689,8 +688,7 @@ async def fall_back_later(
     if notification_id(current, ChannelKind.SMS) != sms_id:
         return False
     now = res.clock()
-    deadline = current.pickup_deadline
-    if now - current.occurred_at > CATCH_UP_WINDOW or (deadline is not None and deadline <= now):
+    if no_longer_news(current, now) is not None:
         return False
     policy = res.policies.for_merchant(merchant_id)
     test = policy.experiment_of.get(message_name(current)) if policy.experiments else None

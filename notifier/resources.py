@@ -304,9 +304,8 @@ class Resources:
             if self.settings.signing_secret or self.settings.embedded:
                 self._digest_secret = self.settings.signing_secret_value()
             else:
-                made = secrets.token_hex(32)
-                await self.redis.set(keys.DIGEST_SECRET_KEY, made, nx=True)
-                found = await self.redis.get(keys.DIGEST_SECRET_KEY)
+                made = secrets.token_hex(32)  # kept unless another process made one first
+                found = await self.redis.set(keys.DIGEST_SECRET_KEY, made, nx=True, get=True)
                 self._digest_secret = found.decode() if found else made
         return self._digest_secret
 

@@ -489,6 +489,21 @@ def _address(r: Recipient | None, channel: ChannelKind) -> str | None:
     return r.email if channel is ChannelKind.EMAIL else r.phone
 
 
+def no_longer_news(current: Transition, now: datetime) -> str | None:
+    """Why the shipment's current step is too old to tell now, or None: more than
+    ``CATCH_UP_WINDOW`` old, or a pickup whose deadline has passed (what a late address
+    catches up, or an SMS reported undeliverable later falls back to email, only while it
+    is news)."""
+    age = now - current.occurred_at
+    if age > CATCH_UP_WINDOW:
+        return (
+            f"{current.milestone} is {_hours(age):.0f} h old (limit {_hours(CATCH_UP_WINDOW):g} h)"
+        )
+    if current.pickup_deadline is not None and current.pickup_deadline <= now:
+        return f"its pickup deadline {current.pickup_deadline.isoformat()} has passed"
+    return None
+
+
 def _catch_up(
     policy: Policy,
     before: ShipmentState,
@@ -507,14 +522,7 @@ def _catch_up(
     current = after.current_transition() if gained else None
     if current is None:
         return None
-    age = now - current.occurred_at
-    stale = None
-    if age > CATCH_UP_WINDOW:
-        stale = (
-            f"{current.milestone} is {_hours(age):.0f} h old (limit {_hours(CATCH_UP_WINDOW):g} h)"
-        )
-    elif current.pickup_deadline is not None and current.pickup_deadline <= now:
-        stale = f"its pickup deadline {current.pickup_deadline.isoformat()} has passed"
+    stale = no_longer_news(current, now)
     if stale is not None:
         # news that old would mislead ("arrives today" a day late): recorded, not sent
         reason = f"not caught up: the address arrived late, with {late.event_id}, and {stale}"

@@ -218,6 +218,10 @@ def carrier_name(carrier: str) -> str:
     return CARRIER_NAMES.get(carrier.strip().lower().replace(" ", ""), carrier)
 
 
+#: What a merchant's link may name: the values ``fill_link`` is given (``context``).
+LINK_PLACEHOLDERS = ("tracking_number", "order_number")
+
+
 def fill_link(template: str, values: dict[str, str]) -> str:
     """A merchant link with {tracking_number}/{order_number} filled in, URL-quoted.
 
@@ -426,7 +430,11 @@ class Renderer:
 
     def locale_for(self, n: Notification) -> str:
         """The catalog locale: the recipient's, along the fallback chain."""
-        return self.catalogs.resolve(n.recipient.locale, self.brand(n.merchant_id).default_locale)
+        return self.reader_locale(n.merchant_id, n.recipient.locale)
+
+    def reader_locale(self, merchant_id: str, locale: str | None) -> str:
+        """The catalog a merchant's reader of ``locale`` gets its messages from."""
+        return self.catalogs.resolve(locale, self.brand(merchant_id).default_locale)
 
     def variant(self, n: Notification, templates_of: str, locale: str) -> str:
         """The variant ``n`` is rendered in: the shipment's (``n.variant``) when the merchant

@@ -258,8 +258,4 @@ class Pages:
         [(_, state)] = await res.store.load_states([(merchant_id, shipment_id)])
         if state is None or state.recipient is None:
             return ""
-        renderer = res.renderer
-        locale = renderer.catalogs.resolve(
-            state.recipient.locale, renderer.brand(merchant_id).default_locale
-        )
-        return i18n.html_lang(locale)
+        return i18n.html_lang(res.renderer.reader_locale(merchant_id, state.recipient.locale))
