@@ -1,8 +1,11 @@
-"""Packed Redis values: states and history entries deflate with a preset dictionary and read
-back exactly; plain JSON written before packing still reads."""
+"""Packed Redis values: states, history entries, outcome records and waiting payloads deflate
+with a preset dictionary and read back exactly; values packed with the dictionaries before,
+and plain JSON written before packing, still read; a dictionary never changes."""
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -11,6 +14,7 @@ from aiohttp.test_utils import TestClient
 from hypothesis import given
 from hypothesis import strategies as st
 
+from notifier import packing
 from notifier.models import (
     ChannelKind,
     Notification,
@@ -20,9 +24,11 @@ from notifier.models import (
     notification_of,
     waiting_payload,
 )
-from notifier.packing import HISTORY, NOTIFICATION, STATE, pack, unpack
+from notifier.packing import HISTORY, NOTIFICATION, OUTCOME, STATE, pack, unpack
 from notifier.resources import open_resources
 from notifier.settings import Settings
+from notifier.store import chunks
+from notifier.store.ledger import PACKED_IDS
 from tests.conftest import (
     NOW,
     fixed_clock,
@@ -37,7 +43,7 @@ from tests.conftest import (
 Client = TestClient[Any, Any]
 
 
-@given(st.binary(max_size=2000), st.sampled_from([STATE, HISTORY, NOTIFICATION]))
+@given(st.binary(max_size=2000), st.sampled_from([STATE, HISTORY, NOTIFICATION, OUTCOME]))
 def test_pack_round_trips_anything(data: bytes, tag: int) -> None:
     packed = pack(data, tag)
     assert packed[0] == tag and unpack(packed) == data
@@ -113,3 +119,92 @@ async def test_states_and_history_are_packed_small_and_read_back(
     decisions = await history(client)
     assert len(decisions) == len(entries) + 1 and decisions[-1] == decisions[0]
     assert decisions[0] == orjson.loads(plain_entries[0]) | {"delivery": decisions[0]["delivery"]}
+
+
+#: sha256 of every dictionary a value may have been packed with: values packed with one read
+#: only with the same bytes, so none may ever change (a new one takes a new tag)
+DICTIONARY_DIGESTS = {
+    0x01: "fadbc45d226edea222e4c3afddecfd838dd0948cc35ed9f3008492e53f45b85c",
+    0x02: "3b290f27e18d8287b026235464db5d4a06cc36938fbb935f976506df085c3c29",
+    0x04: "d158752e6c0e504a11a5aea12cbac1bf1640079f84bddb4f81ace375ab24800f",
+    0x05: "fc057535b900d3f4cc1a48be002ef9793fa8c78a97d9191149224cf958c5280e",
+    0x06: "ce9b674fd2e726bd770bdd002c15594566d74f5e56ddfefe1decc98ca15be9e1",
+    0x07: "3611bf40c208d1b19ba8a1b365da2e749355111ed88e6d4b505c0458345ae430",
+    0x08: "9b9aed06db2db21c11273bcab3b20ef76a1dd9517036b0caa30a30475cbb8f70",
+}
+
+
+def test_no_dictionary_ever_changes() -> None:
+    digests = {tag: hashlib.sha256(d).hexdigest() for tag, d in packing._DICTIONARIES.items()}
+    assert digests == DICTIONARY_DIGESTS
+    # the files a wheel carries are those the checkout has
+    folder = Path(packing.__file__).with_name("dictionaries")
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "history-2.zdict",
+        "notification-2.zdict",
+        "outcome-2.zdict",
+        "state-2.zdict",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("packed", "plain"),
+    [  # as notifier 0.5 wrote them (tags 1, 2 and 4; a 8 KB window)
+        (
+            "01ab56422d8112937353b196428646a02c801474f0e0a90500",
+            b'{"merchant_id":"acme","shipment_id":"shp_123","status":"in_transit"}',
+        ),
+        (
+            "02ab462f210d91bd875c246278083d586a01",
+            b'{"event_id":"evt_1","status":"picked_up","outcome":"sent","channel":"email"}',
+        ),
+        ("04ab46722592eb80616f6668646c626a666ea1540b00", b'{"channel":"sms","to":"+33612345678"}'),
+    ],
+)
+def test_values_packed_with_the_first_dictionaries_still_read(packed: str, plain: bytes) -> None:
+    assert unpack(bytes.fromhex(packed)) == plain
+
+
+async def test_a_shipment_packs_smaller_with_the_trained_dictionaries(
+    client: Client, settings: Settings
+) -> None:
+    """A journey's record, each part packed again with the first dictionaries (which held
+    the test data's own words: example.com, evt_, shp_) is larger."""
+    steps = ["picked_up", "in_transit", "out_for_delivery", "delivered"]
+    for n, status in enumerate(steps):
+        at = f"2026-11-21T{8 + n:02d}:00:00+00:00"
+        await post(client, transition(event_id=f"evt_{n}", status=status, occurred_at=at))
+        await run_worker(settings)
+        if n == 0:  # its messages as they settled, not yet folded into a chunk
+            async with open_resources(settings, clock=fixed_clock()) as res:
+                folded = await record_of(res.store, "acme", "shp_123")
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        await res.store.compact([("acme", "shp_123")])
+        held = await record_of(res.store, "acme", "shp_123")
+    assert held.state[0] == STATE and held.history and held.outcomes
+    outcomes = [_outcome_packed(e) for e in held.outcomes]
+    assert folded.outcomes and not any(map(chunks.is_chunk, folded.outcomes))
+    assert all(_outcome_packed(e)[0] == OUTCOME for e in [*folded.outcomes, *held.outcomes])
+    parts = [(held.state, STATE, 0x01)]
+    parts += [(_history_packed(e), HISTORY, 0x02) for e in held.history]
+    parts += [(o, OUTCOME, 0x02) for o in outcomes]  # outcomes were packed as history
+    assert all(p[0] == tag for p, tag, _ in parts)
+    new = sum(len(pack(unpack(p), tag)) for p, tag, _ in parts)
+    old = sum(len(pack(unpack(p), first)) for p, _, first in parts)
+    assert new < old * 0.85, (new, old)
+
+
+def _history_packed(element: bytes) -> bytes:
+    return chunks.body(element) if chunks.is_chunk(element) else element
+
+
+def _outcome_packed(element: bytes) -> bytes:
+    """The packed part of an outcome list's element (``ledger.merge_outcomes``)."""
+    if not chunks.is_chunk(element):
+        return element.split(b"\t", 2)[2]
+    body = chunks.body(element)
+    if body[:1] == PACKED_IDS:
+        colon = body.index(b":")
+        after_ids = colon + 1 + 16 * int(body[1:colon])
+        return body[body.index(b"\t", after_ids) + 1 :]
+    return body.split(b"\t", 2)[2]

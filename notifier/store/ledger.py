@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import orjson
 from redis.exceptions import ResponseError
 
-from notifier.packing import HISTORY, pack, unpack
+from notifier.packing import HISTORY, OUTCOME, pack, unpack
 from notifier.store import chunks, keys
 from notifier.store.base import Scope, StoreBase, awaited, data_error, decode
 from notifier.store.stats import add_counts
@@ -277,7 +277,7 @@ class Ledger(StoreBase):
                 *keys.record_keys(merchant_id, shipment_id, tag),
             ]
             recorded = {k: v for k, v in fields.items() if v}
-            args += [nid, pack(orjson.dumps(recorded), HISTORY)]
+            args += [nid, pack(orjson.dumps(recorded), OUTCOME)]
         settled = await self.scripts.fold(keys=names, args=args)
         return [settling[int(i) - 1][0] for i in settled]
 
@@ -598,11 +598,11 @@ def merge_outcomes(elements: Sequence[bytes], cap: int) -> bytes:
             + ids
             + ranked
             + b"\t"
-            + pack(orjson.dumps(kept), HISTORY)
+            + pack(orjson.dumps(kept), OUTCOME)
         )
     ids = " ".join(ranks).encode()
     ranked = orjson.dumps({nid: rank for nid, rank in ranks.items() if rank >= 0})
-    packed = pack(orjson.dumps(records), HISTORY)
+    packed = pack(orjson.dumps(records), OUTCOME)
     return chunks.header(len(records)) + ids + b"\t" + ranked + b"\t" + packed
 
 
