@@ -15,7 +15,7 @@ import asyncio
 import logging
 import re
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, NamedTuple
 
@@ -88,6 +88,24 @@ _SHOWN = {
     "provider_error": "provider_error",
     "summary": "summary",
 }
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def created_stamp(now_iso: str) -> str:
+    """A ledger entry's ``created`` as it is stored: the moment in epoch microseconds (16
+    digits; the ISO text, 32 characters, was stored before). A waiting entry's hash then
+    fits Redis's next smaller allocation: 344 bytes instead of 408 (measured)."""
+    return str((datetime.fromisoformat(now_iso) - _EPOCH) // _MICROSECOND)
+
+
+def created_iso(stored: str) -> str:
+    """``created`` as the API shows it (ISO, UTC), from either way it was stored."""
+    if not stored.isdigit():
+        return stored
+    return (_EPOCH + int(stored) * _MICROSECOND).isoformat()
 
 
 class Ledger(StoreBase):
@@ -622,6 +640,8 @@ def outcomes_of(elements: Sequence[bytes]) -> dict[str, dict[str, str]]:
 def _shown(fields: Mapping[str, str]) -> dict[str, str | int]:
     """Ledger fields as the API names and types them."""
     shown: dict[str, str | int] = {_SHOWN[f]: v for f, v in fields.items() if f in _SHOWN and v}
+    if "created_at" in shown:
+        shown["created_at"] = created_iso(str(shown["created_at"]))
     if "due_at" in shown:
         shown["due_at"] = datetime.fromtimestamp(int(shown["due_at"]) / 1000, UTC).isoformat()
     if "attempts" in shown:

@@ -34,7 +34,7 @@ from notifier.packing import HISTORY, STATE, pack, unpack
 from notifier.state import ShipmentState
 from notifier.store import chunks, keys, record
 from notifier.store.base import Scope, StoreBase, awaited, decode
-from notifier.store.ledger import LedgerState, merge_outcomes, outcomes_of
+from notifier.store.ledger import LedgerState, created_stamp, merge_outcomes, outcomes_of
 from notifier.store.stats import KEEP_S
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ class Shipments(StoreBase):
             self.state_ttl_s,
             self.history_cap,
             len(commits),
-            now_iso,
+            created_stamp(now_iso),
             keys.notification_key("", tag),
             COMPACT_AFTER,
             int(datetime.fromisoformat(now_iso).timestamp() * 1000),

@@ -18,7 +18,8 @@
 -- ARGV[1]: the default lifetime of a record and new ledger entries, seconds
 -- ARGV[2]: the history cap (entries kept)
 -- ARGV[3]: the number of shipments
--- ARGV[4]: now, ISO (each new ledger entry's 'created')
+-- ARGV[4]: now, epoch microseconds (each new ledger entry's 'created'; ISO text before,
+--   read either way by ledger.created_iso)
 -- ARGV[5]: the ledger key prefix (the due index holds ids, not keys)
 -- ARGV[6]: how many entries appended since the last chunk (see compact.lua) make a history
 --   worth compacting (2 for a shipment given its own lifetime: it has ended)
