@@ -518,9 +518,9 @@ async def test_created_is_kept_in_microseconds_and_shown_as_before(store: Store)
     await store.redis.hset(keys.notification_key("old"), "created", NOW_ISO)
     shown = await store.ledger(["new", "old"])
     assert shown["new"]["created_at"] == shown["old"]["created_at"] == NOW_ISO
-    assert await store.redis.memory_usage(keys.notification_key("new")) < await (
-        store.redis.memory_usage(keys.notification_key("old"))
-    )
+    assert await store.redis.memory_usage(
+        keys.notification_key("new")
+    ) < await store.redis.memory_usage(keys.notification_key("old"))
     for moment in (NOW_ISO, "2026-11-21T14:00:00.000001+00:00", "1970-01-01T00:00:00+00:00"):
         assert created_iso(created_stamp(moment)) == moment
 
