@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import re
 import sys
@@ -39,24 +38,14 @@ import zstandard
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import histories as carrier_histories  # noqa: E402
+from bench.histories import MAPPING  # noqa: E402
 from bench.procs import stack, wait_until  # noqa: E402
 from bench.service import _inbox_length, _post_batches, _settled_count  # noqa: E402
 from notifier import packing  # noqa: E402
 from notifier.store import chunks, ledger, record  # noqa: E402
 from notifier.store.shipments import _decisions  # noqa: E402
 
-#: carrier-neutral mapped_status -> (status, exception code), as tests/test_histories.py
-MAPPING: dict[str, tuple[str, str | None]] = {
-    "pending": ("info_received", None),
-    "picked_up": ("picked_up", None),
-    "in_transit": ("in_transit", None),
-    "out_for_delivery": ("out_for_delivery", None),
-    "ready_for_pickup": ("available_for_pickup", None),
-    "delivered": ("delivered", None),
-    "delivery_failed": ("delivery_attempt_failed", None),
-    "delivery_delayed": ("exception", "delayed"),
-    "on_hold": ("exception", "held_at_facility"),
-}
 #: (locale, zone, calling code) of recipients
 READERS = [
     ("en_US", "America/Chicago", "+1312"),
@@ -82,9 +71,8 @@ SHOPS = ["northwind", "tailspin", "fabrikam", "contoso", "wingtip", "adventure-w
 
 def histories() -> list[list[dict[str, Any]]]:
     """The real histories' mappable events, oldest first."""
-    raw = json.loads((ROOT / "tests/data/carrier_histories.json").read_text(encoding="utf-8"))
     out = []
-    for h in raw:
+    for h in carrier_histories.load():
         events = [e for e in h["events"] if e.get("mapped_status") in MAPPING]
         events.sort(key=lambda e: _when(e["occurred_at"]))
         if events:
@@ -268,7 +256,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for kind, raw in values.items():
         samples: list[bytes | bytearray | memoryview[int]] = [undated(s, rng) for s in raw if s]
-        trained = zstandard.train_dictionary(args.size, samples, threads=1).as_bytes()
+        try:
+            trained = zstandard.train_dictionary(args.size, samples, threads=1).as_bytes()
+        except zstandard.ZstdError as exc:
+            sys.exit(f"error: {kind}: {len(samples)} values do not train ({exc}): more --shipments")
         # the trained segments, then the words of the dictionary before (deflate reaches the
         # end of a dictionary at the shortest distance: it holds what every value has)
         whole = trained + structural(WORDS[kind])

@@ -5,35 +5,21 @@ not against the engine's own rules."""
 from __future__ import annotations
 
 import itertools
-import json
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
+from bench import histories
+from bench.histories import MAPPING
 from notifier.models import STATUS_RANK, ChannelKind, Outcome, Status, Transition
 from notifier.policy import PolicyStore, fold
 from notifier.resources import data_dir
 from notifier.state import ShipmentState
 
-HISTORIES: list[dict[str, Any]] = json.loads(
-    (Path(__file__).parent / "data" / "carrier_histories.json").read_text(encoding="utf-8")
-)
-#: carrier-neutral mapped_status -> (status, exception_code)
-MAPPING: dict[str, tuple[str, str | None]] = {
-    "pending": ("info_received", None),
-    "picked_up": ("picked_up", None),
-    "in_transit": ("in_transit", None),
-    "out_for_delivery": ("out_for_delivery", None),
-    "ready_for_pickup": ("available_for_pickup", None),
-    "delivered": ("delivered", None),
-    "delivery_failed": ("delivery_attempt_failed", None),
-    "delivery_delayed": ("exception", "delayed"),
-    "on_hold": ("exception", "held_at_facility"),
-}
+HISTORIES = histories.load()
 ARRIVAL_DELAY = timedelta(minutes=10)
 
 
