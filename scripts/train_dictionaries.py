@@ -13,7 +13,14 @@ their own places, codes and descriptions) replayed as shipments of made-up merch
 recipients of other names, domains, numbers, languages and zones, through a real
 ``notifier serve`` and ``notifier worker`` on a fresh redis-server (``bench/procs.py``).
 Every date and hour in the corpus is then replaced by a random one, so no dictionary holds
-the day it was trained on.
+the day it was trained on; each message's receipt (the run writes to an outbox in the
+bench's folder) is replaced by one as SendGrid or Twilio would give it, where a deployment's
+messages go; a value that still names this run's folders stops the script. The hand-written
+words kept at each dictionary's end still hold common real values the bench's workload uses
+too (UPS's ``1Z``, ``+33``, ``fr_FR``, ``Europe/Paris``).
+
+Runs differ (the clock, the ports, the worker's timing), ``--seed`` or not: a dictionary is
+made once and kept.
 
 The dictionaries are written once and committed: values packed with one must read forever,
 so a file is never replaced. A retrained dictionary is a new file with a new tag
@@ -40,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import histories as carrier_histories  # noqa: E402
 from bench.histories import MAPPING  # noqa: E402
-from bench.procs import stack, wait_until  # noqa: E402
+from bench.procs import TMPFS, stack, wait_until  # noqa: E402
 from bench.service import _inbox_length, _post_batches, _settled_count  # noqa: E402
 from notifier import packing  # noqa: E402
 from notifier.store import chunks, ledger, record  # noqa: E402
@@ -155,7 +162,7 @@ def undated(value: bytes, rng: random.Random) -> bytes:
     return _STAMP.sub(one, value)
 
 
-def collect(st: Any) -> dict[str, list[bytes]]:
+def collect(st: Any, rng: random.Random) -> dict[str, list[bytes]]:
     """Every shipment's values, unpacked, by the dictionary they are packed with."""
     r = st.redis()
     out: dict[str, list[bytes]] = {"state": [], "history": [], "outcome": []}
@@ -168,7 +175,7 @@ def collect(st: Any) -> dict[str, list[bytes]]:
             out["state"].append(packing.unpack(rec.state))
             decisions = _decisions(rec.history, merchant, shipment)
             out["history"].append(ledger_chunk(decisions, merchant, shipment))
-            out["outcome"] += outcome_values(rec.outcomes)
+            out["outcome"] += outcome_values(rec.outcomes, rng)
     return out
 
 
@@ -187,8 +194,9 @@ def ledger_chunk(decisions: list[dict[str, Any]], merchant: str, shipment: str) 
     return packing.unpack(chunks.body(merged))
 
 
-def outcome_values(elements: list[bytes]) -> list[bytes]:
-    """The JSON an outcome chunk packs (``ledger.merge_outcomes``)."""
+def outcome_values(elements: list[bytes], rng: random.Random) -> list[bytes]:
+    """The JSON an outcome chunk packs (``ledger.merge_outcomes``), each message's receipt as
+    a provider's (``provider_receipt``)."""
     if not elements:
         return []
     merged = ledger.merge_outcomes(elements, 10**6)
@@ -198,7 +206,28 @@ def outcome_values(elements: list[bytes]) -> list[bytes]:
         packed = body[colon + 1 + 16 * int(body[1:colon]) :].split(b"\t", 1)[1]
     else:
         packed = body.split(b"\t", 2)[2]
-    return [packing.unpack(packed)]
+    records = orjson.loads(packing.unpack(packed))
+    for _, _, recorded in records:
+        provider_receipt(recorded, rng)
+    return [orjson.dumps(records)]
+
+
+_ID_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def provider_receipt(recorded: dict[str, Any], rng: random.Random) -> None:
+    """A message's receipt in the outbox (its file's path, ``dx`` around its id in a chunk)
+    as SendGrid's or Twilio's would read (``sendgrid:<X-Message-Id>``, ``twilio:SM<32 hex>``):
+    where a deployment's messages go, and not this run's outbox folder, which is the
+    bench's (``bench/procs.py``)."""
+    around = recorded.pop("dx", None)
+    path = "".join(around) if around else str(recorded.get("detail", ""))
+    if not path.startswith("outbox:"):
+        return
+    if path.endswith(".sms.json"):
+        recorded["detail"] = f"twilio:SM{rng.getrandbits(128):032x}"
+    else:
+        recorded["detail"] = "sendgrid:" + "".join(rng.choices(_ID_LETTERS, k=22))
 
 
 #: the dictionary before, by the kind of value (outcome records were packed as history)
@@ -251,10 +280,15 @@ def main() -> None:
             wait_until(lambda: _inbox_length(st) == 0, "the drain", 600)
             payloads.update(waiting_payloads(st))  # most settle and leave within seconds
         _settled_count(st, st.outbox)
-        values = collect(st)
+        values = collect(st, rng)
+        places = [str(p).encode() for p in (st.outbox, st.workdir, TMPFS)]
     values["notification"] = list(payloads.values())
     args.out.mkdir(parents=True, exist_ok=True)
     for kind, raw in values.items():
+        # nothing of this run's set-up (the bench's) may be learnt
+        stray = [v for v in raw if any(place in v for place in places)]
+        if stray:
+            sys.exit(f"error: {kind}: {len(stray)} values name this run's folders: {stray[0]!r}")
         samples: list[bytes | bytearray | memoryview[int]] = [undated(s, rng) for s in raw if s]
         try:
             trained = zstandard.train_dictionary(args.size, samples, threads=1).as_bytes()
