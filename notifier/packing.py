@@ -11,7 +11,7 @@ written before packing existed, and reads as it is.
 The first dictionaries (tags 1, 2 and 4) were written by hand. Those written now (tags 5 to
 8, ``dictionaries/<kind>-2.zdict``) were trained by ``scripts/train_dictionaries.py`` on
 real carrier histories replayed through the service, not on the bench's workload, and end
-with the hand-written words: about 290 bytes less a shipment's record than the first ones.
+with the hand-written words: about 270 bytes less a shipment's record than the first ones.
 
 A dictionary can never change once values were written with it: a new one gets a new tag
 and a new file, and the old tags stay readable (``tests/test_packing.py`` pins each file).
