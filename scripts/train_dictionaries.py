@@ -179,13 +179,6 @@ def collect(st: Any, rng: random.Random) -> dict[str, list[bytes]]:
     return out
 
 
-def _piece(field: bytes) -> int:
-    """The place of a payload piece (``lua/lib/payload.lua``: p, p1, p2...), -1 for others."""
-    if field == b"p":
-        return 0
-    return int(field[1:]) if field[:1] == b"p" and field[1:].isdigit() else -1
-
-
 def ledger_chunk(decisions: list[dict[str, Any]], merchant: str, shipment: str) -> bytes:
     """The JSON a history chunk packs (``shipments.history_merge``)."""
     from notifier.store.shipments import history_merge
@@ -199,13 +192,7 @@ def outcome_values(elements: list[bytes], rng: random.Random) -> list[bytes]:
     a provider's (``provider_receipt``)."""
     if not elements:
         return []
-    merged = ledger.merge_outcomes(elements, 10**6)
-    body = chunks.body(merged)
-    if body[:1] == ledger.PACKED_IDS:
-        colon = body.index(b":")
-        packed = body[colon + 1 + 16 * int(body[1:colon]) :].split(b"\t", 1)[1]
-    else:
-        packed = body.split(b"\t", 2)[2]
+    packed = ledger.packed_part(ledger.merge_outcomes(elements, 10**6))
     records = orjson.loads(packing.unpack(packed))
     for _, _, recorded in records:
         provider_receipt(recorded, rng)
@@ -252,10 +239,9 @@ def waiting_payloads(st: Any) -> dict[bytes, bytes]:
     r = st.redis()
     out = {}
     for key in r.scan_iter("ntf:msg:*", count=2000):
-        h = r.hgetall(key)
-        parts = [h[f] for f in sorted(h, key=_piece) if _piece(f) >= 0]
-        if parts:
-            out[key] = packing.unpack(b"".join(parts))
+        payload = ledger.payload_of(r.hgetall(key))
+        if payload:
+            out[key] = packing.unpack(payload)
     return out
 
 

@@ -28,7 +28,7 @@ from notifier.packing import HISTORY, NOTIFICATION, OUTCOME, STATE, pack, unpack
 from notifier.resources import open_resources
 from notifier.settings import Settings
 from notifier.store import chunks
-from notifier.store.ledger import PACKED_IDS
+from notifier.store.ledger import packed_part
 from tests.conftest import (
     NOW,
     fixed_clock,
@@ -182,9 +182,9 @@ async def test_a_shipment_packs_smaller_with_the_trained_dictionaries(
         await res.store.compact([("acme", "shp_123")])
         held = await record_of(res.store, "acme", "shp_123")
     assert held.state[0] == STATE and held.history and held.outcomes
-    outcomes = [_outcome_packed(e) for e in held.outcomes]
+    outcomes = [packed_part(e) for e in held.outcomes]
     assert folded.outcomes and not any(map(chunks.is_chunk, folded.outcomes))
-    assert all(_outcome_packed(e)[0] == OUTCOME for e in [*folded.outcomes, *held.outcomes])
+    assert all(packed_part(e)[0] == OUTCOME for e in [*folded.outcomes, *held.outcomes])
     parts = [(held.state, STATE, 0x01)]
     parts += [(_history_packed(e), HISTORY, 0x02) for e in held.history]
     parts += [(o, OUTCOME, 0x02) for o in outcomes]  # outcomes were packed as history
@@ -196,15 +196,3 @@ async def test_a_shipment_packs_smaller_with_the_trained_dictionaries(
 
 def _history_packed(element: bytes) -> bytes:
     return chunks.body(element) if chunks.is_chunk(element) else element
-
-
-def _outcome_packed(element: bytes) -> bytes:
-    """The packed part of an outcome list's element (``ledger.merge_outcomes``)."""
-    if not chunks.is_chunk(element):
-        return element.split(b"\t", 2)[2]
-    body = chunks.body(element)
-    if body[:1] == PACKED_IDS:
-        colon = body.index(b":")
-        after_ids = colon + 1 + 16 * int(body[1:colon])
-        return body[body.index(b"\t", after_ids) + 1 :]
-    return body.split(b"\t", 2)[2]

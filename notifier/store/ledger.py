@@ -451,12 +451,7 @@ class Ledger(StoreBase):
         fields = await awaited(
             self.redis.hgetall(keys.notification_key(notification_id, self.tag(scope)))
         )
-        if b"p" not in fields:
-            return None
-        parts = [fields[b"p"]]
-        while (part := fields.get(b"p%d" % len(parts))) is not None:
-            parts.append(part)
-        return b"".join(parts)
+        return payload_of(fields)
 
     async def ledger(
         self, notification_ids: Sequence[str], scope: Scope = None
@@ -537,6 +532,29 @@ _MADE_ID = re.compile(r"n_[0-9a-f]{32}")
 _DETAIL_AROUND = "dx"
 
 
+def payload_of(fields: Mapping[bytes, bytes]) -> bytes | None:
+    """The payload of a ledger hash's fields (None: it has none), from its 64-byte pieces
+    ``p``, ``p1``, ``p2``... (``lua/lib/payload.lua``) or its one ``p`` written before."""
+    if b"p" not in fields:
+        return None
+    parts = [fields[b"p"]]
+    while (part := fields.get(b"p%d" % len(parts))) is not None:
+        parts.append(part)
+    return b"".join(parts)
+
+
+def packed_part(element: bytes) -> bytes:
+    """The packed JSON of an outcome list's element: what one record recorded (empty:
+    nothing), or a chunk's records, after its ids and ranks (``merge_outcomes``)."""
+    if not chunks.is_chunk(element):
+        return element.split(b"\t", 2)[2]
+    body = chunks.body(element)
+    if body[:1] == PACKED_IDS:
+        colon = body.index(b":")
+        return body[colon + 1 + 16 * int(body[1:colon]) :].split(b"\t", 1)[1]
+    return body.split(b"\t", 2)[2]
+
+
 def _records(elements: Sequence[bytes]) -> list[Record]:
     """The records an outcome list's elements hold, oldest first: each one
     ``<id>\t<JSON header>\t<packed JSON or nothing>`` (``lua/fold.lua``,
@@ -553,25 +571,24 @@ def _records(elements: Sequence[bytes]) -> list[Record]:
                 )
             )
         elif chunks.body(element)[:1] == PACKED_IDS:
-            ids, held = _packed_ids(chunks.body(element))
+            ids = _packed_ids(chunks.body(element))
+            held = orjson.loads(unpack(packed_part(element)))
             out += [(ids[i], known, _detail_in(recorded, ids[i])) for i, known, recorded in held]
         else:
-            packed = chunks.body(element).split(b"\t", 2)[2]
-            out += [(nid, known, recorded) for nid, known, recorded in orjson.loads(unpack(packed))]
+            held = orjson.loads(unpack(packed_part(element)))
+            out += [(nid, known, recorded) for nid, known, recorded in held]
     return out
 
 
-def _packed_ids(body: bytes) -> tuple[list[str], list[Any]]:
-    """A chunk's ids and its records (``[position of the id, from 0, header, recorded]``),
-    from its body with packed ids: ``\\x00<number of ids>:<16 bytes an id><JSON {position of
-    an id, from 1 as the scripts count: its highest rank}>\\t<packed records>``. Ids are read
-    by their place: their bytes may be any, a ``:`` or a tab too."""
+def _packed_ids(body: bytes) -> list[str]:
+    """A chunk's ids, from its body with packed ids: ``\\x00<number of ids>:<16 bytes an
+    id><JSON {position of an id, from 1 as the scripts count: its highest rank}>\\t<packed
+    records, each [position of its id, from 0, header, recorded]>``. Ids are read by their
+    place: their bytes may be any, a ``:`` or a tab too."""
     colon = body.index(b":")
     start = colon + 1
     held = int(body[1:colon])
-    ids = [f"n_{body[at : at + 16].hex()}" for at in range(start, start + 16 * held, 16)]
-    packed = body[start + 16 * held :].split(b"\t", 1)[1]
-    return ids, orjson.loads(unpack(packed))
+    return [f"n_{body[at : at + 16].hex()}" for at in range(start, start + 16 * held, 16)]
 
 
 def _detail_in(recorded: dict[str, Any], nid: str) -> dict[str, str]:
