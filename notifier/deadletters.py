@@ -28,13 +28,14 @@ from notifier.logs import redact
 from notifier.models import UNREADABLE, notification_json, unreadable
 from notifier.store import Store, awaited, keys, wake
 from notifier.store.base import DataRedis, Scope
-from notifier.store.scripts import script
+from notifier.store.scripts import library, script
 
 Kind = Literal["inbox", "messages"]
 STREAM_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 MASK = "***"
 
-# KEYS: ledger entry, dead list, due index. ARGV: notification id, now (epoch ms).
+# KEYS: ledger entry, dead list, the due index's buckets, the entry's due bucket (see
+# store/lua/lib/due.lua, in front). ARGV: notification id, now (epoch ms).
 _REPLAY_MESSAGE = """
 local st = redis.call('HGET', KEYS[1], 'st')
 if st ~= 'failed' then
@@ -45,7 +46,7 @@ end
 if not redis.call('HGET', KEYS[1], 'p') then return -2 end
 redis.call('HDEL', KEYS[1], 'error', 'owner', 'claimed')
 redis.call('HSET', KEYS[1], 'st', 'deferred', 'due', ARGV[2], 'attempts', '0')
-redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+due_add(KEYS[3], KEYS[4], ARGV[1], ARGV[2])
 redis.call('LREM', KEYS[2], 0, ARGV[1])
 return 1
 """
@@ -110,7 +111,7 @@ class DeadLetters:
         self.redis = redis
         self.store = store
         self.queue = queue
-        self._replay_message = script(redis, _REPLAY_MESSAGE)
+        self._replay_message = script(redis, library("due") + _REPLAY_MESSAGE)
         self._replay_inbox = script(redis, _REPLAY_INBOX)
 
     async def list(self, kind: Kind | None = None, limit: int = 100) -> list[DeadLetter]:
@@ -152,7 +153,8 @@ class DeadLetters:
                 keys=[
                     keys.notification_key(letter.id, tag),
                     keys.dead_letter_key(tag),
-                    keys.due_key(tag),
+                    keys.due_buckets_key(tag),
+                    keys.due_bucket_key(letter.id, tag),
                 ],
                 args=[letter.id, now_ms],
             )

@@ -235,12 +235,12 @@ async def _read_redis(store: Store, workers_key: str, alive_s: float) -> list[Me
             pipe.xlen(store.inbox_key(p))
             pipe.xrange(store.inbox_key(p), count=1)
         for scope in store.scopes:  # one index, or one per partition on a Redis Cluster
-            pipe.zcard(keys.due_key(store.tag(scope)))
             pipe.zcard(keys.stall_key(store.tag(scope)))
             pipe.zcard(keys.hook_due_key(store.tag(scope)))
         pipe.zcount(workers_key, int((now - alive_s) * 1000), "+inf")
         replies = await pipe.execute()
     dead = await store.dead_letters()
+    due_n = sum([await store.due_count(scope) for scope in store.scopes])
     depth = GaugeMetricFamily(
         "notifier_inbox_depth",
         "Transitions in a partition's inbox not yet acknowledged (waiting or being handled).",
@@ -258,7 +258,7 @@ async def _read_redis(store: Store, workers_key: str, alive_s: float) -> list[Me
         age = entry_age_s(_text(entry_id), now) if entry_id is not None else 0.0
         oldest.add_metric([str(p)], age)
     indexes, workers_n = replies[2 * len(partitions) : -1], replies[-1]
-    due_n, stall_n, hooks_n = sum(indexes[0::3]), sum(indexes[1::3]), sum(indexes[2::3])
+    stall_n, hooks_n = sum(indexes[0::2]), sum(indexes[1::2])
     families: list[Metric] = [depth, oldest]
     for name, doc, value in (
         ("notifier_due_messages", "Messages waiting for their time (deferred or retrying).", due_n),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import email
 import email.policy
 import json
+import math
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
@@ -88,14 +89,13 @@ async def test_quiet_hours_defer_and_only_the_latest_goes_out(
 
     ofd_sms, dlv_sms = nid("ofd", ChannelKind.SMS), nid("dlv", ChannelKind.SMS)
     async with res_at(MORNING - timedelta(seconds=1)) as res:
-        assert await res.redis.zscore(res.store.DUE_KEY, ofd_sms) is None
-        assert await res.redis.zscore(res.store.DUE_KEY, dlv_sms) == MORNING.timestamp() * 1000
+        assert dict(await res.store.due_entries(math.inf)) == {dlv_sms: MORNING.timestamp() * 1000}
         assert not await res.redis.exists(keys.notification_key(ofd_sms))
         assert await release(res) == 0  # not yet
     async with res_at(MORNING) as res:
         assert await release(res) == 1
         assert await ledger(res, ofd_sms, dlv_sms) == ["cancelled", "sent"]
-        assert await res.redis.zcard(res.store.DUE_KEY) == 0
+        assert await res.store.due_count() == 0
     [sms_file] = outbox_files(settings, ".sms.json")
     assert sms_file.name.endswith(f"{dlv_sms}.sms.json")  # the delivered one
     sms = await sms_deliveries(client)

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import email
 import email.policy
+import math
 import re
 import shutil
 from collections import Counter
@@ -326,9 +327,9 @@ async def test_temporary_failure_is_retried_from_the_due_index(
         flaky = FailingChannel(TemporaryDeliveryError, "provider hiccup", "flaky")
         res.channels = {ChannelKind.EMAIL: flaky, ChannelKind.SMS: flaky}
         await die_mid_send(res, channels=res.channels)
-        due = await res.redis.zrange(res.store.DUE_KEY, 0, -1, withscores=True)
+        due = await res.store.due_entries(math.inf)
         assert len(due) == 2 and all(score > NOW.timestamp() * 1000 for _, score in due)
-        ledger = await res.store.ledger([d.decode() for d, _ in due])
+        ledger = await res.store.ledger([d for d, _ in due])
         assert {v["status"] for v in ledger.values()} == {"deferred"}
         assert {v["error"] for v in ledger.values()} == {"provider hiccup"}
     later = NOW + timedelta(hours=1)  # past any first backoff

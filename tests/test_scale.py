@@ -496,6 +496,7 @@ def test_two_apis_and_three_workers_deliver_every_message_exactly_once(
     for tag in data.tags():
         assert data.client.xlen(keys.dead_inbox_key(tag)) == 0
         assert data.client.zcard(keys.due_key(tag)) == 0
+        assert data.client.zcard(keys.due_buckets_key(tag)) == 0
     assert ledger_states(data) == {"sent": len(expected)}
 
     # every process stops cleanly, and no address reached a log

@@ -227,14 +227,36 @@ def notification_key(notification_id: str, tag: str = "") -> str:
     return f"{PREFIX}:msg:{tag}{notification_id}"
 
 
-#: Notification ids by the epoch ms they are due (deferred ones and retries).
+#: Before 0.6: notification ids by the epoch ms they are due (deferred ones and retries),
+#: one sorted set. Still read and drained (``ledger.Ledger.due``), no longer written: the
+#: due index is now in buckets (``due_bucket_key``).
 DUE_KEY = f"{PREFIX}:due"
+#: How many buckets a due index has (on a cluster, each partition's).
+DUE_BUCKETS = 1024
 #: Notifications that failed for good (a list of ids).
 DEAD_LETTER_KEY = f"{PREFIX}:dead"
 
 
 def due_key(tag: str = "") -> str:
+    """The due index from before 0.6 (see ``DUE_KEY``)."""
     return _scoped(DUE_KEY, tag)
+
+
+def due_bucket_key(notification_id: str, tag: str = "") -> str:
+    """The due bucket of a notification: a sorted set of ids by the epoch ms they are due,
+    one of ``DUE_BUCKETS``. One sorted set of them all cost 134 bytes an id (Redis's
+    skiplist encoding, over 128 members); a bucket of up to 128 stays a listpack, about 52
+    bytes an id (measured: ``tests/test_due_index.py``). About 100,000 waiting messages fit
+    a due index so; past that, a bucket grows into the larger encoding, correct but bigger.
+    """
+    bucket = zlib.crc32(notification_id.encode()) % DUE_BUCKETS
+    return f"{_scoped(DUE_KEY, tag)}:{bucket}"
+
+
+def due_buckets_key(tag: str = "") -> str:
+    """The buckets of a due index by the earliest due ms in each (a sorted set of their key
+    names; a bucket leaves it with its last id): where the due sweep starts."""
+    return f"{_scoped(DUE_KEY, tag)}:buckets"
 
 
 def dead_letter_key(tag: str = "") -> str:

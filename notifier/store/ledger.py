@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 Shipment = tuple[str, str]
 #: notifications to settle for good: (id, its shipment, the fields it is settled with)
 Settling = Sequence[tuple[str, Shipment, dict[str, str]]]
+#: how many due buckets a read of the due index asks for at once
+_BUCKETS_READ = 16
 #: how long a number's last SMS is remembered, for a reply to find it (``last_sms``)
 LAST_SMS_S = 7 * 86_400
 
@@ -292,11 +295,12 @@ class Ledger(StoreBase):
     ) -> list[str]:
         """One call of ``lua/fold.lua``: the ids settled."""
         tag = self.tag(scope)
-        names: list[str] = [keys.due_key(tag)]
+        names: list[str] = [keys.due_key(tag), keys.due_buckets_key(tag)]
         args: list[Any] = [owner, self.outcomes_cap, "" if waiting_after is None else waiting_after]
         for nid, (merchant_id, shipment_id), fields in settling:
             names += [
                 keys.notification_key(nid, tag),
+                keys.due_bucket_key(nid, tag),
                 *keys.record_keys(merchant_id, shipment_id, tag),
             ]
             recorded = {k: v for k, v in fields.items() if v}
@@ -393,25 +397,70 @@ class Ledger(StoreBase):
 
         One script: the ledger and the due index change together or not at all.
         """
+        tag = self.tag(scope)
         await self.scripts.reschedule(
-            keys=[*self._names([notification_id], scope), keys.due_key(self.tag(scope))],
+            keys=[
+                *self._names([notification_id], scope),
+                keys.due_key(tag),
+                keys.due_buckets_key(tag),
+                keys.due_bucket_key(notification_id, tag),
+            ],
             args=[notification_id, due_ms, error, owner],
         )
 
     async def due(self, now_ms: int, limit: int, scope: Scope = None) -> list[str]:
-        """Notifications whose time has come (deferred ones and retries), oldest first: the
-        scope's (on a cluster, each partition has its due index; see ``scopes``)."""
-        due = keys.due_key(self.tag(scope))
-        rows = await awaited(self.redis.zrangebyscore(due, "-inf", now_ms, start=0, num=limit))
-        return [decode(r) for r in rows]
+        """Up to ``limit`` notifications whose time has come (deferred ones and retries),
+        oldest first: the scope's (on a cluster, each partition has its due index; see
+        ``scopes``). From the buckets whose earliest is due, in that order, and from the
+        index from before 0.6."""
+        return [nid for nid, _ in await self.due_entries(now_ms, limit, scope)]
+
+    async def due_entries(
+        self, until_ms: float, limit: int | None = None, scope: Scope = None
+    ) -> list[tuple[str, int]]:
+        """(id, due epoch ms) of the notifications due by ``until_ms`` (``math.inf``: every
+        one on the index), earliest first; up to ``limit`` (None: all)."""
+        tag = self.tag(scope)
+        until = "+inf" if until_ms == math.inf else int(until_ms)
+        page = {} if limit is None else {"start": 0, "num": limit}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrangebyscore(keys.due_key(tag), "-inf", until, withscores=True, **page)
+            pipe.zrangebyscore(keys.due_buckets_key(tag), "-inf", until, **page)
+            found, buckets = await pipe.execute()
+        for at in range(0, len(buckets), _BUCKETS_READ):
+            if limit is not None and len(found) >= limit:
+                break  # every bucket after holds nothing due before what is found
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for bucket in buckets[at : at + _BUCKETS_READ]:
+                    pipe.zrangebyscore(bucket, "-inf", until, withscores=True, **page)
+                for rows in await pipe.execute():
+                    found += rows
+        found.sort(key=lambda row: row[1])
+        return [(decode(nid), int(ms)) for nid, ms in found[:limit]]
+
+    async def due_count(self, scope: Scope = None) -> int:
+        """How many notifications the due index holds (the scope's)."""
+        tag = self.tag(scope)
+        buckets = await awaited(self.redis.zrange(keys.due_buckets_key(tag), 0, -1))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in [keys.due_key(tag), *buckets]:
+                pipe.zcard(name)
+            return sum(await pipe.execute())
 
     async def unschedule(
         self, notification_ids: Sequence[str], now_ms: int, scope: Scope = None
     ) -> None:
         """Take settled notifications off the due index, unless rescheduled past ``now_ms``."""
         if notification_ids:
-            due = keys.due_key(self.tag(scope))
-            await self.scripts.unschedule(keys=[due], args=[now_ms, *notification_ids])
+            tag = self.tag(scope)
+            await self.scripts.unschedule(
+                keys=[
+                    keys.due_key(tag),
+                    keys.due_buckets_key(tag),
+                    *(keys.due_bucket_key(nid, tag) for nid in notification_ids),
+                ],
+                args=[now_ms, *notification_ids],
+            )
 
     async def add_notification(
         self,
@@ -429,7 +478,8 @@ class Ledger(StoreBase):
             await self.scripts.add_notification(
                 keys=[
                     keys.notification_key(notification_id, tag),
-                    keys.due_key(tag),
+                    keys.due_buckets_key(tag),
+                    keys.due_bucket_key(notification_id, tag),
                     *keys.record_keys(merchant_id, shipment_id, tag),
                 ],
                 args=[

@@ -98,15 +98,21 @@ LIBRARIES = {
     ),
     "outcomes": ("commit", "add_notification", "provider_status"),
     "payload": ("commit", "add_notification", "claim"),
+    "due": ("commit", "add_notification", "reschedule", "unschedule", "fold"),
 }
+
+
+def library(name: str) -> str:
+    """The Lua of a library (``lua/lib/<name>.lua``), for a script kept elsewhere to go
+    after."""
+    return (files(__package__) / "lua" / "lib" / f"{name}.lua").read_text(encoding="utf-8")
 
 
 def _source(name: str) -> str:
     """A script's Lua, after the libraries it uses."""
-    lua = files(__package__) / "lua"
-    used = [lib for lib, users in LIBRARIES.items() if name in users]
-    parts = [(lua / "lib" / f"{lib}.lua").read_text(encoding="utf-8") for lib in used]
-    return "".join([*parts, (lua / f"{name}.lua").read_text(encoding="utf-8")])
+    used = [library(lib) for lib, users in LIBRARIES.items() if name in users]
+    script_path = files(__package__) / "lua" / f"{name}.lua"
+    return "".join([*used, script_path.read_text(encoding="utf-8")])
 
 
 #: name -> Lua source, for every field of ``Scripts``

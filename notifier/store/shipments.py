@@ -160,7 +160,7 @@ class Shipments(StoreBase):
         tag = self.tag(scope)
         names: list[str] = [
             keys.stall_key(tag),
-            keys.due_key(tag),
+            keys.due_buckets_key(tag),
             keys.hook_due_key(tag),
             keys.hook_events_key(tag),
         ]
@@ -196,7 +196,8 @@ class Shipments(StoreBase):
                     week = keys.tracking_week(await self.redis_seconds())
                 bucket, field = keys.tracking_slot(c.merchant_id, number)
                 names.append(keys.tracking_bucket_key(week, bucket, tag))
-            names += [keys.notification_key(nid, tag) for nid, *_ in c.notifications]
+            for nid, *_ in c.notifications:
+                names += [keys.notification_key(nid, tag), keys.due_bucket_key(nid, tag)]
             args += [
                 str(c.expected_version),
                 pack(c.state.model_dump_json(exclude_defaults=True).encode(), STATE),

@@ -8,13 +8,13 @@
 -- already (on the outcome list, see fold.lua) is never made again.
 --
 -- KEYS[1]: the stall index (zset of '<merchant>:<shipment>' by deadline ms)
--- KEYS[2]: the due index (zset of notification ids by due ms)
+-- KEYS[2]: the due index's buckets (see lib/due.lua)
 -- KEYS[3], KEYS[4]: the merchant webhook events due, and the events (see hook_event.lua)
 -- KEYS[5 .. 4 + nk]: the analytics days the batch counts in (hashes of counts, see below)
 -- then per shipment: its record (see lib/record.lua), the history list and the outcome list
 --   it had before records (read, then replaced by the record), its tracking number's bucket
 --   of the week by Redis's clock as the caller reckons it (only when it has a tracking
---   number), and the ledger hash of each new notification
+--   number), and the ledger hash and due bucket of each new notification
 -- ARGV[1]: the default lifetime of a record and new ledger entries, seconds
 -- ARGV[2]: the history cap (entries kept)
 -- ARGV[3]: the number of shipments
@@ -43,7 +43,7 @@ local ttl = tonumber(ARGV[1])
 local cap = tonumber(ARGV[2])
 local shipments = tonumber(ARGV[3])
 local now = ARGV[4]
-local stall, dueidx = KEYS[1], KEYS[2]
+local stall, buckets = KEYS[1], KEYS[2]
 local hookdue, hookevents = KEYS[3], KEYS[4]
 local nk, ns = tonumber(ARGV[9]), tonumber(ARGV[10])
 local slotday, slotfield, sums = {}, {}, {}
@@ -80,7 +80,7 @@ do
     ai = ai + 1 + 3 * nn
     ai = ai + 1 + 2 * tonumber(ARGV[ai])  -- the merchant webhook events
     ai = ai + 1 + 2 * tonumber(ARGV[ai])  -- the analytics counts
-    ki = ki + nn
+    ki = ki + 2 * nn
     recs[s] = rec
   end
 end
@@ -138,18 +138,16 @@ for s = 1, shipments do
   a = a + 1
   for i = 0, nn - 1 do
     local st, due, payload = ARGV[a + 3 * i], ARGV[a + 3 * i + 1], ARGV[a + 3 * i + 2]
-    local nid = string.sub(KEYS[k + i], string.len(ARGV[5]) + 1)
-    if ok and not done[nid] and redis.call('HSETNX', KEYS[k + i], 'st', st) == 1 then
+    local ledger, bucket = KEYS[k + 2 * i], KEYS[k + 2 * i + 1]
+    local nid = string.sub(ledger, string.len(ARGV[5]) + 1)
+    if ok and not done[nid] and redis.call('HSETNX', ledger, 'st', st) == 1 then
       -- no 'attempts' until the first claim counts one: none reads as 0 (ledger.py)
-      redis.call('HSET', KEYS[k + i], 'created', now, 'due', due,
-        unpack(payload_fields(payload)))
-      redis.call('EXPIRE', KEYS[k + i], sttl)
-      if due ~= '' then
-        redis.call('ZADD', dueidx, due, nid)
-      end
+      redis.call('HSET', ledger, 'created', now, 'due', due, unpack(payload_fields(payload)))
+      redis.call('EXPIRE', ledger, sttl)
+      if due ~= '' then due_add(buckets, bucket, nid, due) end
     end
   end
-  k = k + nn
+  k = k + 2 * nn
   a = a + 3 * nn
   local ne = tonumber(ARGV[a])
   a = a + 1

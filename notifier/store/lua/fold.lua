@@ -4,9 +4,10 @@
 -- settled notification costs a few bytes of its shipment's record, not a key. An entry that expired is never re-created, and a worker whose claim ran
 -- out and was taken over must not overwrite what the new holder recorded.
 --
--- KEYS[1]: the due index (a notification settled while it waits, ARGV[3], leaves it)
--- then per notification: its ledger hash, then its shipment's record, and the history and
---   outcome lists from before records (see lib/record.lua)
+-- KEYS[1], KEYS[2]: the due index from before 0.6 and the due index's buckets (a
+--   notification settled while it waits, ARGV[3], leaves them; see lib/due.lua)
+-- then per notification: its ledger hash, its due bucket, then its shipment's record, and
+--   the history and outcome lists from before records (see lib/record.lua)
 -- ARGV[1]: the owner token the entries must carry ('' = no owner check)
 -- ARGV[2]: the most records an outcome list keeps (the oldest go first, like the history's)
 -- ARGV[3]: '' to settle whatever the owner check lets through; epoch ms to settle only
@@ -22,7 +23,7 @@ local owner = ARGV[1]
 local cap = tonumber(ARGV[2])
 local waiting_after = tonumber(ARGV[3])
 local kept = {'attempts', 'due', 'created', 'provider_status', 'prank', 'provider_error'}
-local n = (#KEYS - 1) / 4
+local n = (#KEYS - 2) / 5
 
 -- First which entries settle, and every record they go to is read, with its outcome list's
 -- frames, before anything is written: Redis keeps what a script wrote before an error, so
@@ -31,7 +32,7 @@ local n = (#KEYS - 1) / 4
 -- without the caller knowing it settled: no provider id, no counts).
 local settling, recs, seen = {}, {}, {}
 for i = 1, n do
-  local ledger, skey = KEYS[4 * i - 2], KEYS[4 * i - 1]
+  local ledger, skey = KEYS[5 * i - 2], KEYS[5 * i]
   -- an id given twice settles once, as when each was deleted before the next was looked at
   local mine = not seen[ledger] and (owner == '' or redis.call('HGET', ledger, 'owner') == owner)
   if mine and waiting_after then
@@ -41,7 +42,7 @@ for i = 1, n do
   if mine and redis.call('EXISTS', ledger) == 1 then
     settling[i], seen[ledger] = true, true
     if not recs[skey] then
-      local rec = record_load(skey, KEYS[4 * i], KEYS[4 * i + 1])
+      local rec = record_load(skey, KEYS[5 * i + 1], KEYS[5 * i + 2])
       if rec.raw.o then frame_count(rec.raw.o) end
       recs[skey] = rec
     end
@@ -50,7 +51,8 @@ end
 
 local settled = {}
 for i = 1, n do
-  local ledger, skey, hkey, okey = KEYS[4 * i - 2], KEYS[4 * i - 1], KEYS[4 * i], KEYS[4 * i + 1]
+  local ledger, bucket = KEYS[5 * i - 2], KEYS[5 * i - 1]
+  local skey, hkey, okey = KEYS[5 * i], KEYS[5 * i + 1], KEYS[5 * i + 2]
   if settling[i] then
     local values = redis.call('HMGET', ledger, unpack(kept))
     local known = {}
@@ -68,7 +70,7 @@ for i = 1, n do
     if rec.v == '' and ttl > redis.call('PTTL', skey) then redis.call('PEXPIRE', skey, ttl) end
     redis.call('DEL', ledger)
     -- one still waiting is on the due index; the others leave it through the due sweep
-    if waiting_after then redis.call('ZREM', KEYS[1], ARGV[2 * i + 2]) end
+    if waiting_after then due_remove(KEYS[1], KEYS[2], bucket, ARGV[2 * i + 2]) end
     table.insert(settled, i)
   end
 end
