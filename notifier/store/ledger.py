@@ -419,20 +419,22 @@ class Ledger(StoreBase):
         self, until_ms: float, limit: int | None = None, scope: Scope = None
     ) -> list[tuple[str, int]]:
         """(id, due epoch ms) of the notifications due by ``until_ms`` (``math.inf``: every
-        one on the index), earliest first; up to ``limit`` (None: all)."""
+        one on the index), earliest first; up to ``limit`` (None: all). With a limit, the
+        buckets are read earliest bucket first until it is reached: the earliest of all is
+        always among them, the rest of a later bucket waits for the next call."""
         tag = self.tag(scope)
         until = "+inf" if until_ms == math.inf else int(until_ms)
-        page = {} if limit is None else {"start": 0, "num": limit}
+        start = None if limit is None else 0
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zrangebyscore(keys.due_key(tag), "-inf", until, withscores=True, **page)
-            pipe.zrangebyscore(keys.due_buckets_key(tag), "-inf", until, **page)
+            pipe.zrangebyscore(keys.due_key(tag), "-inf", until, start, limit, withscores=True)
+            pipe.zrangebyscore(keys.due_buckets_key(tag), "-inf", until, start, limit)
             found, buckets = await pipe.execute()
         for at in range(0, len(buckets), _BUCKETS_READ):
             if limit is not None and len(found) >= limit:
-                break  # every bucket after holds nothing due before what is found
+                break  # enough for one batch
             async with self.redis.pipeline(transaction=False) as pipe:
                 for bucket in buckets[at : at + _BUCKETS_READ]:
-                    pipe.zrangebyscore(bucket, "-inf", until, withscores=True, **page)
+                    pipe.zrangebyscore(bucket, "-inf", until, start, limit, withscores=True)
                 for rows in await pipe.execute():
                     found += rows
         found.sort(key=lambda row: row[1])
