@@ -17,6 +17,7 @@ import base64
 import functools
 import hashlib
 import itertools
+import re
 import zlib
 
 from redis.crc import key_slot
@@ -244,13 +245,35 @@ def due_key(tag: str = "") -> str:
 
 def due_bucket_key(notification_id: str, tag: str = "") -> str:
     """The due bucket of a notification: a sorted set of ids by the epoch ms they are due,
-    one of ``DUE_BUCKETS``. One sorted set of them all cost 134 bytes an id (Redis's
-    skiplist encoding, over 128 members); a bucket of up to 128 stays a listpack, about 52
-    bytes an id (measured: ``tests/test_due_index.py``). About 100,000 waiting messages fit
-    a due index so; past that, a bucket grows into the larger encoding, correct but bigger.
+    one of ``DUE_BUCKETS``. One sorted set of them all cost about 140 bytes an id (Redis's
+    skiplist encoding, over 128 members); a bucket of up to 128 stays a listpack, about 35
+    bytes an id with ``due_member`` (measured: ``tests/test_due_index.py``). About 100,000
+    waiting messages fit a due index so; past that, a bucket grows into the larger encoding,
+    correct but bigger.
     """
     bucket = zlib.crc32(notification_id.encode()) % DUE_BUCKETS
     return f"{_scoped(DUE_KEY, tag)}:{bucket}"
+
+
+#: an id as ``models.notification_id_of`` makes them, which a due bucket holds in 17 bytes
+_MADE_ID = re.compile(r"n_[0-9a-f]{32}")
+
+
+def due_member(notification_id: str) -> bytes:
+    """A notification id's member in its due bucket: byte 255 and the 16 bytes its hex
+    digits spell, for an id the service made (``n_`` and 32 lowercase hex digits: 17 bytes
+    instead of 34, a smaller listpack); any other id as it is (``lua/lib/due.lua`` writes
+    them)."""
+    if _MADE_ID.fullmatch(notification_id):
+        return b"\xff" + bytes.fromhex(notification_id[2:])
+    return notification_id.encode()
+
+
+def due_id(member: bytes) -> str:
+    """The notification id of a due bucket's member (``due_member`` undone)."""
+    if len(member) == 17 and member[0] == 0xFF:
+        return "n_" + member[1:].hex()
+    return member.decode()
 
 
 def due_buckets_key(tag: str = "") -> str:

@@ -438,7 +438,7 @@ class Ledger(StoreBase):
                 for rows in await pipe.execute():
                     found += rows
         found.sort(key=lambda row: row[1])
-        return [(decode(nid), int(ms)) for nid, ms in found[:limit]]
+        return [(keys.due_id(member), int(ms)) for member, ms in found[:limit]]
 
     async def due_count(self, scope: Scope = None) -> int:
         """How many notifications the due index holds (the scope's)."""
