@@ -211,7 +211,9 @@ class DeadLetters:
         raw = await self.store.payload(notification_id, scope)  # it may be packed
         shown: dict[str, Any] = {"ledger": ledger}
         try:
-            body = notification_json(notification_id, raw) if raw else {}
+            created = ledger.get("created_at")
+            created_at = created if isinstance(created, str) else None
+            body = notification_json(notification_id, raw, created_at) if raw else {}
         except UNREADABLE as exc:  # listed all the same, with what is wrong (never its values)
             body, shown["payload"] = {}, f"unreadable: {unreadable(exc)}"
         state = ledger.get("status", "expired")

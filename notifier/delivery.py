@@ -37,7 +37,7 @@ from notifier.policy.engine import no_longer_news, opt_out_key
 from notifier.render import Message, SmsMessageOut
 from notifier.resources import Resources, sync_published
 from notifier.state import ShipmentState
-from notifier.store import ClaimResult, Scope
+from notifier.store import Claim, ClaimResult, Scope
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ class Deliverer:
         )
         held = [
             nid
-            for nid, (result, _) in zip(notification_ids, claims, strict=True)
+            for nid, (result, *_) in zip(notification_ids, claims, strict=True)
             if result in (ClaimResult.FRESH, ClaimResult.RECLAIMED)
         ]
         keeper = asyncio.create_task(self._keep(held, owner, scope)) if held else None
@@ -255,7 +255,7 @@ class Deliverer:
         self,
         owner: str,
         notification_ids: Sequence[str],
-        claims: list[tuple[ClaimResult, bytes | None]],
+        claims: list[Claim],
         report: DeliveryReport,
         now: datetime,
         states: Mapping[tuple[str, str], ShipmentState],
@@ -265,7 +265,7 @@ class Deliverer:
         """The rest of a round, once its notifications are claimed: check, render, send,
         record."""
         claimed: list[tuple[Notification, ClaimResult]] = []
-        for nid, (result, payload) in zip(notification_ids, claims, strict=True):
+        for nid, (result, payload, created_at) in zip(notification_ids, claims, strict=True):
             if result is ClaimResult.BUSY:
                 report.busy.append(nid)
                 # its payload: when it was claimed or last renewed
@@ -277,7 +277,7 @@ class Deliverer:
                 report.skipped += 1
             else:
                 try:
-                    n = built.get(nid) or notification_of(nid, payload)
+                    n = built.get(nid) or notification_of(nid, payload, created_at)
                 except UNREADABLE as exc:
                     # one message that cannot be read never holds the others up (the due
                     # sweep takes the oldest first: it would come back every round)

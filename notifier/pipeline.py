@@ -435,7 +435,7 @@ class Pipeline:
                             # one that waits for hours is packed, without what its key
                             # says (a fifth of its size); one sent now leaves the ledger in
                             # milliseconds, as it is
-                            waiting_payload(n)
+                            waiting_payload(n, created_in_ledger=True)
                             if deferred
                             else n.model_dump_json(exclude_none=True).encode(),
                         )

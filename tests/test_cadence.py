@@ -207,18 +207,23 @@ async def test_deferred_message_is_kept_until_due_and_sent_once(
         name = keys.notification_key(nid, res.store.tag(scope))
         assert len(await res.redis.hkeys(name)) > 5
         assert await res.redis.object("encoding", name) == b"listpack"
-        # without what its key and its transition say (``models.waiting_payload``)
-        assert not {"notification_id", "merchant_id", "shipment_id"} & set(
-            orjson.loads(unpack(packed))
-        )
-        waiting = notification_of(nid, packed)
+        # without what its key, its transition, its recipient and its ledger entry say
+        # (``models.waiting_payload``): the claim gives the entry's ``created`` back
+        left_out = {"notification_id", "merchant_id", "shipment_id", "to", "created_at"}
+        assert not left_out & set(orjson.loads(unpack(packed)))
+        created_at = (await res.store.ledger([nid], scope))[nid]["created_at"]
+        assert created_at == NIGHT.isoformat()  # when the worker decided
+        waiting = notification_of(nid, packed, created_at)
         assert (waiting.notification_id, waiting.channel) == (nid, ChannelKind.SMS)
         assert (waiting.merchant_id, waiting.shipment_id) == ("acme", "shp_123")
+        assert waiting.to == waiting.recipient.phone == "+33612345678"
+        assert waiting.created_at == NIGHT
     async with res_at(MORNING + timedelta(minutes=1)) as res:
         assert await release(res) == 1
         assert await release(res) == 0
     await run_worker(settings, clock=fixed_clock(MORNING + timedelta(minutes=2)))
-    assert len(outbox_files(settings, ".sms.json")) == 1
+    [sent] = outbox_files(settings, ".sms.json")
+    assert orjson.loads(sent.read_bytes())["to"] == "+33612345678"
     [sms] = [d for d in await history(client) if d["channel"] == "sms"]
     assert sms["delivery"]["status"] == "sent"
     assert sms["delivery"]["due_at"] == "2026-11-22T07:00:00+00:00"

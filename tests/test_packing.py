@@ -13,6 +13,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from notifier import packing
 from notifier.models import (
@@ -58,17 +59,17 @@ def test_plain_json_reads_as_it_is_and_an_unknown_tag_is_an_error() -> None:
 
 def _waiting(**changes: Any) -> Notification:
     t = Transition.model_validate(transition())
-    return Notification(
-        notification_id=notification_id(t, ChannelKind.SMS),
-        merchant_id=t.merchant_id,
-        shipment_id=t.shipment_id,
-        channel=ChannelKind.SMS,
-        to="+33612345678",
-        transition=t,
-        recipient=t.recipient,
-        created_at=NOW,
-        **changes,
-    )
+    fields: dict[str, Any] = {
+        "notification_id": notification_id(t, ChannelKind.SMS),
+        "merchant_id": t.merchant_id,
+        "shipment_id": t.shipment_id,
+        "channel": ChannelKind.SMS,
+        "to": "+33612345678",
+        "transition": t,
+        "recipient": t.recipient,
+        "created_at": NOW,
+    }
+    return Notification(**(fields | changes))
 
 
 def test_a_waiting_payload_leaves_out_what_its_key_and_transition_say() -> None:
@@ -84,6 +85,43 @@ def test_a_waiting_payload_leaves_out_what_its_key_and_transition_say() -> None:
     shown = notification_json(n.notification_id, packed)
     assert list(shown)[:3] == ["notification_id", "merchant_id", "shipment_id"]
     assert shown == orjson.loads(n.model_dump_json(exclude_none=True))
+
+
+def test_a_waiting_payload_leaves_out_its_address_and_the_time_its_entry_keeps() -> None:
+    n = _waiting()
+    packed = waiting_payload(n, created_in_ledger=True)
+    stored = orjson.loads(unpack(packed))
+    assert "to" not in stored and "created_at" not in stored
+    assert stored["recipient"]["phone"] == n.to
+    assert len(packed) <= len(waiting_payload(n)) - 5  # created_at (a round hour here)
+    # the claim gives the entry's ``created`` (ISO, as the API shows it) back
+    assert notification_of(n.notification_id, packed, NOW.isoformat()) == n
+    shown = notification_json(n.notification_id, packed, NOW.isoformat())
+    whole = orjson.loads(n.model_dump_json(exclude_none=True))
+    assert shown == whole | {"created_at": NOW.isoformat()}  # as the ledger shows it
+    # without it, the payload does not read: a dead letter that names the field
+    with pytest.raises(ValidationError, match="created_at"):
+        notification_of(n.notification_id, packed)
+    # a fallback's entry keeps no ``created``: its payload keeps ``created_at``
+    assert "created_at" in orjson.loads(unpack(waiting_payload(n)))
+    assert notification_of(n.notification_id, waiting_payload(n)) == n
+
+
+def test_an_address_other_than_the_recipients_is_kept_in_the_payload() -> None:
+    t = Transition.model_validate(transition())
+    assert t.recipient is not None
+    for n in (
+        _waiting(to="+33699999999"),  # not the recipient's phone (a normalised one, say)
+        _waiting(channel=ChannelKind.EMAIL, to="other@example.com"),  # not theirs either
+        _waiting(recipient=t.recipient.model_copy(update={"phone": None})),
+    ):
+        packed = waiting_payload(n, created_in_ledger=True)
+        assert orjson.loads(unpack(packed))["to"] == n.to
+        assert notification_of(n.notification_id, packed, NOW.isoformat()) == n
+    email = _waiting(channel=ChannelKind.EMAIL, to=t.recipient.email)
+    packed = waiting_payload(email, created_in_ledger=True)
+    assert "to" not in orjson.loads(unpack(packed))
+    assert notification_of(email.notification_id, packed, NOW.isoformat()) == email
 
 
 def test_whole_payloads_written_before_still_read() -> None:

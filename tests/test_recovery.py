@@ -31,7 +31,7 @@ from notifier.models import ChannelKind, notification_id_of
 from notifier.pipeline import Pipeline
 from notifier.resources import Resources, data_dir, open_resources
 from notifier.settings import Settings
-from notifier.store import GROUP, ClaimResult, InboxEntry, keys, record
+from notifier.store import GROUP, Claim, ClaimResult, InboxEntry, keys, record
 from notifier.store.base import data_error
 from notifier.worker import MAX_DELIVERIES, _process, release_due
 from tests.conftest import (
@@ -588,7 +588,7 @@ async def test_settling_never_recreates_an_expired_ledger_entry(settings: Settin
         await res.store.mark_sent([("n_gone", at, "outbox:x")], where={"n_gone": where})
         await res.store.cancel("n_gone", "superseded", where)
         assert await res.redis.keys("*") == []
-        assert await res.store.claim(["n_gone"], 0, LEASE_MS) == [(ClaimResult.NONE, None)]
+        assert await res.store.claim(["n_gone"], 0, LEASE_MS) == [Claim(ClaimResult.NONE, None)]
 
 
 async def test_claims_that_lapse_while_rendering_are_left_to_their_new_holder(

@@ -25,6 +25,7 @@ from bench.procs import free_port
 from notifier.state import ShipmentState
 from notifier.store import (
     Admission,
+    Claim,
     ClaimResult,
     IngestItem,
     ShipmentCommit,
@@ -373,7 +374,7 @@ async def test_a_commit_never_creates_a_notification_twice(store: Store) -> None
 async def test_claim_takes_a_pending_notification(store: Store) -> None:
     await ledger_entries(store, pending("n1"))
     assert await store.claim(["n1"], NOW_MS, LEASE_MS, owner="A") == [
-        (ClaimResult.FRESH, b"payload-n1")
+        Claim(ClaimResult.FRESH, b"payload-n1", NOW_ISO)
     ]
     assert await entry(store, "n1") == {
         "st": "sending",
@@ -392,12 +393,12 @@ async def test_a_live_claim_is_busy_and_an_expired_one_is_reclaimed(store: Store
     held = await entry(store, "n1")
     # to the last millisecond of its lease, the claim is A's
     assert await store.claim(["n1"], NOW_MS + LEASE_MS, LEASE_MS, owner="B") == [
-        (ClaimResult.BUSY, str(NOW_MS).encode())  # when it was claimed (or renewed)
+        Claim(ClaimResult.BUSY, str(NOW_MS).encode())  # when it was claimed (or renewed)
     ]
     assert await entry(store, "n1") == held
     later = NOW_MS + LEASE_MS + 1
     assert await store.claim(["n1"], later, LEASE_MS, owner="B") == [
-        (ClaimResult.RECLAIMED, b"payload-n1")
+        Claim(ClaimResult.RECLAIMED, b"payload-n1", NOW_ISO)
     ]
     assert await entry(store, "n1") == held | {
         "claimed": str(later),
@@ -411,12 +412,12 @@ async def test_a_deferred_notification_is_claimed_only_when_due_and_asked_for(
 ) -> None:
     due = NOW_MS + 1000
     await ledger_entries(store, deferred("n1", due))
-    waiting = (ClaimResult.DEFERRED, str(due).encode())
+    waiting = Claim(ClaimResult.DEFERRED, str(due).encode())
     assert await store.claim(["n1"], due + 5000, LEASE_MS, owner="A") == [waiting]
     assert await store.claim(["n1"], due - 1, LEASE_MS, due=True, owner="A") == [waiting]
     assert (await entry(store, "n1"))["st"] == "deferred"
     assert await store.claim(["n1"], due, LEASE_MS, due=True, owner="A") == [
-        (ClaimResult.FRESH, b"payload-n1")
+        Claim(ClaimResult.FRESH, b"payload-n1", NOW_ISO)
     ]
     assert (await entry(store, "n1"))["st"] == "sending"
 
@@ -432,7 +433,7 @@ async def test_claim_finds_nothing_to_do_in_settled_unknown_or_emptied_entries(
     ids = ["sent", "gone", "failed", "n1"]
     assert (
         await store.claim(ids, NOW_MS, LEASE_MS, due=True, owner="A")
-        == [(ClaimResult.NONE, None)] * 4
+        == [Claim(ClaimResult.NONE, None)] * 4
     )
     assert await snapshot(store.redis) == before
 
@@ -441,10 +442,10 @@ async def test_claim_answers_each_notification_in_order(store: Store) -> None:
     await ledger_entries(store, pending("a"), deferred("b", NOW_MS + 1), pending("c"))
     await store.claim(["c"], NOW_MS, LEASE_MS, owner="other")
     assert await store.claim(["c", "x", "b", "a"], NOW_MS, LEASE_MS, owner="A") == [
-        (ClaimResult.BUSY, str(NOW_MS).encode()),
-        (ClaimResult.NONE, None),
-        (ClaimResult.DEFERRED, str(NOW_MS + 1).encode()),
-        (ClaimResult.FRESH, b"payload-a"),
+        Claim(ClaimResult.BUSY, str(NOW_MS).encode()),
+        Claim(ClaimResult.NONE, None),
+        Claim(ClaimResult.DEFERRED, str(NOW_MS + 1).encode()),
+        Claim(ClaimResult.FRESH, b"payload-a", NOW_ISO),
     ]
 
 
@@ -462,9 +463,9 @@ async def test_a_payload_is_kept_in_64_byte_pieces_and_claimed_whole(store: Stor
     assert await store.payload("n1") == long
     await store.redis.hset(keys.notification_key("old"), mapping={"st": "pending", "p": long})
     assert await store.claim(["n1", "n2", "old"], NOW_MS, LEASE_MS, owner="A") == [
-        (ClaimResult.FRESH, long),
-        (ClaimResult.FRESH, b"short"),
-        (ClaimResult.FRESH, long),
+        Claim(ClaimResult.FRESH, long, NOW_ISO),
+        Claim(ClaimResult.FRESH, b"short", NOW_ISO),
+        Claim(ClaimResult.FRESH, long),  # no created: written by hand here, as by 0.3
     ]
     assert await store.payload("old") == long
     assert await store.payload("unknown") is None
@@ -540,7 +541,7 @@ async def test_a_released_claim_is_taken_over_at_once(store: Store) -> None:
     await store.release(["n1"], "A")
     assert (await entry(store, "n1"))["claimed"] == "0"
     assert await store.claim(["n1"], NOW_MS + 1, LEASE_MS, owner="B") == [
-        (ClaimResult.RECLAIMED, b"payload-n1")
+        Claim(ClaimResult.RECLAIMED, b"payload-n1", NOW_ISO)
     ]
 
 
@@ -621,7 +622,7 @@ async def test_reschedule_defers_the_entry_and_indexes_it_together(store: Store)
     assert await store.due(due - 1, 10) == []
     assert await store.due(due, 10) == ["n1"]
     assert await store.claim(["n1"], due, LEASE_MS, due=True, owner="B") == [
-        (ClaimResult.FRESH, b"payload-n1")
+        Claim(ClaimResult.FRESH, b"payload-n1", NOW_ISO)
     ]
 
 
@@ -756,7 +757,7 @@ async def test_entries_settled_before_the_outcome_lists_still_read(store: Store)
     assert await store.deliveries(*SHIPMENT, ["old"]) == {
         "old": {**shown, "provider_status": "delivered"}
     }
-    assert await store.claim(["old"], NOW_MS, LEASE_MS) == [(ClaimResult.NONE, None)]
+    assert await store.claim(["old"], NOW_MS, LEASE_MS) == [Claim(ClaimResult.NONE, None)]
 
 
 async def test_an_outcome_list_keeps_as_many_records_as_the_history_would(store: Store) -> None:

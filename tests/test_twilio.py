@@ -409,8 +409,8 @@ async def test_a_worker_whose_claim_was_taken_over_cannot_overwrite(
     async with open_resources(settings) as res:
         key = res.store.notification_key("n_x")
         await res.redis.hset(key, mapping={"st": "pending", "p": "{}", "attempts": "0"})
-        [(first, _)] = await res.store.claim(["n_x"], 0, LEASE_MS, owner="A")
-        [(second, _)] = await res.store.claim(["n_x"], LEASE_MS + 1, LEASE_MS, owner="B")
+        [(first, *_)] = await res.store.claim(["n_x"], 0, LEASE_MS, owner="A")
+        [(second, *_)] = await res.store.claim(["n_x"], LEASE_MS + 1, LEASE_MS, owner="B")
         assert (first.value, second.value) == ("fresh", "reclaimed")
         at, where = "2026-11-21T14:00:00+00:00", {"n_x": ("acme", "s1")}
         await res.store.mark_sent([("n_x", at, "twilio:SMb")], "B", where=where)

@@ -29,7 +29,7 @@ from notifier.store.inbox import (
     wake,
 )
 from notifier.store.keys import GROUP, PREFIX
-from notifier.store.ledger import ClaimResult, Ledger, LedgerState
+from notifier.store.ledger import Claim, ClaimResult, Ledger, LedgerState
 from notifier.store.optouts import OptOuts
 from notifier.store.shipments import Committed, HistoryPage, ShipmentCommit, Shipments
 from notifier.store.stats import Stats
@@ -38,6 +38,7 @@ __all__ = [
     "GROUP",
     "PREFIX",
     "Admission",
+    "Claim",
     "ClaimResult",
     "ClaimedEvent",
     "Committed",

@@ -50,6 +50,18 @@ class LastSms(NamedTuple):
     stats_tag: str
 
 
+class Claim(NamedTuple):
+    """What ``claim`` found for one notification."""
+
+    result: ClaimResult
+    #: its payload when claimed; when busy, the epoch ms it was claimed; when deferred, the
+    #: epoch ms it is due; None: nothing
+    payload: bytes | None
+    #: when claimed, the entry's ``created`` as the API shows it (None: it has none), which
+    #: a waiting message's payload leaves out (``models.notification_of`` takes it)
+    created_at: str | None = None
+
+
 class LedgerState(StrEnum):
     """Where a notification is in its life (ledger ``st`` field)."""
 
@@ -129,8 +141,8 @@ class Ledger(StoreBase):
         due: bool = False,
         owner: str = "",
         scope: Scope = None,
-    ) -> list[tuple[ClaimResult, bytes | None]]:
-        """Claim notifications for sending; return (result, payload) per id.
+    ) -> list[Claim]:
+        """Claim notifications for sending; return (result, payload, created_at) per id.
 
         A deferred notification is claimable only with ``due=True`` once its time has
         come; otherwise it comes back as DEFERRED with its due epoch ms as payload.
@@ -142,7 +154,14 @@ class Ledger(StoreBase):
         rows = await self.scripts.claim(
             keys=names, args=[now_ms, lease_ms, "due" if due else "now", owner]
         )
-        return [(_CLAIMS.get(int(code), ClaimResult.NONE), p or None) for code, p in rows]
+        return [
+            Claim(
+                _CLAIMS.get(int(row[0]), ClaimResult.NONE),
+                row[1] or None,
+                created_iso(decode(row[2])) if len(row) > 2 and row[2] else None,
+            )
+            for row in rows
+        ]
 
     async def renew(
         self, notification_ids: Sequence[str], owner: str, now_ms: int, scope: Scope = None
