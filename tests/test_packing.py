@@ -28,8 +28,10 @@ from notifier.models import (
 from notifier.packing import HISTORY, NOTIFICATION, OUTCOME, STATE, pack, unpack
 from notifier.resources import open_resources
 from notifier.settings import Settings
+from notifier.state import ShipmentState
 from notifier.store import chunks
 from notifier.store.ledger import packed_part
+from notifier.store.shipments import state_of, state_value
 from tests.conftest import (
     NOW,
     fixed_clock,
@@ -152,11 +154,35 @@ async def test_states_and_history_are_packed_small_and_read_back(
         assert sum(map(len, entries)) < sum(map(len, plain_entries)) / 2
         [(version, state)] = await res.store.load_states([("acme", "shp_123")])
         assert version == 1 and state is not None and state.status == "out_for_delivery"
+        # without the merchant and shipment its record's key names (``state_value``)
+        assert not {"merchant_id", "shipment_id"} & set(orjson.loads(plain_state))
+        assert (state.merchant_id, state.shipment_id) == ("acme", "shp_123")
+        # A state written whole (before 0.6) reads the same.
+        whole = pack(state.model_dump_json(exclude_defaults=True).encode(), STATE)
+        assert len(whole) > len(raw_state) + 5
+        await rewrite_record(res.store, "acme", "shp_123", state=whole)
+        assert await res.store.load_states([("acme", "shp_123")]) == [(1, state)]
         # A history entry written as plain JSON (before packing) reads beside packed ones.
         await rewrite_record(res.store, "acme", "shp_123", history=[*entries, plain_entries[0]])
     decisions = await history(client)
     assert len(decisions) == len(entries) + 1 and decisions[-1] == decisions[0]
     assert decisions[0] == orjson.loads(plain_entries[0]) | {"delivery": decisions[0]["delivery"]}
+
+
+def test_a_state_is_kept_without_what_its_key_names_and_read_back() -> None:
+    state = ShipmentState(merchant_id="acme", shipment_id="shp_1", carrier="ups", events=2)
+    value = state_value(state, "acme", "shp_1")
+    assert orjson.loads(unpack(value)) == {"carrier": "ups", "events": 2}
+    assert state_of(value, "acme", "shp_1") == state
+    # one whose ids are not its key's is kept whole, and read as it is
+    value = state_value(state, "acme", "shp_other")
+    assert orjson.loads(unpack(value))["shipment_id"] == "shp_1"
+    assert state_of(value, "acme", "shp_other") == state
+    # plain JSON from before packing, and a state of nothing but its ids
+    assert state_of(state.model_dump_json().encode(), "ignored", "ignored") == state
+    bare = ShipmentState(merchant_id="acme", shipment_id="shp_1")
+    assert orjson.loads(unpack(state_value(bare, "acme", "shp_1"))) == {}
+    assert state_of(state_value(bare, "acme", "shp_1"), "acme", "shp_1") == bare
 
 
 #: sha256 of every dictionary a value may have been packed with: values packed with one read
