@@ -318,7 +318,7 @@ def redis_memory(shipments: int) -> Result:
         used = int(r.info("memory")["used_memory"])
         keys = int(r.dbsize())
         by_kind: dict[str, int] = {}
-        waiting = 0  # notifications deferred (quiet hours): their ledger hash and due entry
+        waiting = 0  # notifications deferred (quiet hours): their ledger hashes
         for key in r.scan_iter("ntf:*", count=2000):
             kind = key.decode().split(":")[1]
             size = int(r.memory_usage(key, samples=0) or 0)

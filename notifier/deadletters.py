@@ -34,8 +34,8 @@ Kind = Literal["inbox", "messages"]
 STREAM_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 MASK = "***"
 
-# KEYS: ledger entry, dead list, the due index's buckets, the entry's due bucket (see
-# store/lua/lib/due.lua, in front). ARGV: notification id, now (epoch ms).
+# KEYS: ledger entry, dead list, the due index's buckets, the entry's due bucket, the due index
+# from before 0.6 (see store/lua/lib/due.lua, in front). ARGV: notification id, now (epoch ms).
 _REPLAY_MESSAGE = """
 local st = redis.call('HGET', KEYS[1], 'st')
 if st ~= 'failed' then
@@ -46,6 +46,7 @@ end
 if not redis.call('HGET', KEYS[1], 'p') then return -2 end
 redis.call('HDEL', KEYS[1], 'error', 'owner', 'claimed')
 redis.call('HSET', KEYS[1], 'st', 'deferred', 'due', ARGV[2], 'attempts', '0')
+redis.call('ZREM', KEYS[5], ARGV[1])
 due_add(KEYS[3], KEYS[4], ARGV[1], ARGV[2])
 redis.call('LREM', KEYS[2], 0, ARGV[1])
 return 1
@@ -155,6 +156,7 @@ class DeadLetters:
                     keys.dead_letter_key(tag),
                     keys.due_buckets_key(tag),
                     keys.due_bucket_key(letter.id, tag),
+                    keys.due_key(tag),
                 ],
                 args=[letter.id, now_ms],
             )

@@ -164,3 +164,33 @@ async def test_an_id_the_service_made_is_kept_in_17_bytes_and_read_back(store: S
     assert sorted(await store.due(NOW_MS, 10)) == sorted([made, *other])
     await store.unschedule([made, *other], NOW_MS)
     assert await store.redis.keys("ntf:due*") == []
+
+
+async def test_the_index_from_before_never_hides_an_earlier_bucket_nor_gives_an_id_twice(
+    store: Store,
+) -> None:
+    await ledger_entries(store, deferred("z", NOW_MS + 5), deferred("d", NOW_MS + 7))
+    # left by 0.5: more than a batch due, later than one in a bucket; and "d" on both (a
+    # crash between settling and unscheduling it, then a replay into its bucket)
+    await store.redis.zadd(keys.DUE_KEY, {"x": NOW_MS + 10, "y": NOW_MS + 30, "d": NOW_MS + 6})
+    assert await store.due(NOW_MS + 30, 2) == ["z", "d"]
+    assert await store.due(NOW_MS + 30, 3) == ["z", "d", "x"]
+    assert await store.due_entries(math.inf) == [
+        ("z", NOW_MS + 5),
+        ("d", NOW_MS + 6),
+        ("x", NOW_MS + 10),
+        ("y", NOW_MS + 30),
+    ]
+    await store.unschedule(["z", "d", "x", "y"], NOW_MS + 30)
+    assert await store.redis.keys("ntf:due*") == []
+
+
+async def test_a_waiting_message_overtaken_leaves_its_bucket_and_the_index(store: Store) -> None:
+    a, b = same_bucket(2)
+    await ledger_entries(store, deferred(a, NOW_MS + 10), deferred(b, NOW_MS + 20))
+    overtaken = [(a, ("acme", "s-ledger"), "superseded by delivered")]
+    assert await store.cancel_overtaken(overtaken, NOW_MS) == [a]
+    assert await buckets_index(store) == {keys.due_bucket_key(a): NOW_MS + 20}
+    overtaken = [(b, ("acme", "s-ledger"), "superseded by delivered")]
+    assert await store.cancel_overtaken(overtaken, NOW_MS) == [b]
+    assert await store.redis.keys("ntf:due*") == []

@@ -72,7 +72,7 @@ class Store(Inbox, Shipments, Ledger, OptOuts, Health, Hooks, Stats):
     stall_member = staticmethod(keys.stall_member)
     tracking_key = staticmethod(keys.tracking_key)
     notification_key = staticmethod(keys.notification_key)
-    DUE_KEY = keys.DUE_KEY
+    DUE_KEY = keys.DUE_KEY  # the due index from before 0.6, still drained; now in buckets
     DEAD_LETTER_KEY = keys.DEAD_LETTER_KEY
     provider_key = staticmethod(keys.provider_key)
     optout_key = staticmethod(keys.optout_key)

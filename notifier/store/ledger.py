@@ -438,26 +438,38 @@ class Ledger(StoreBase):
         self, until_ms: float, limit: int | None = None, scope: Scope = None
     ) -> list[tuple[str, int]]:
         """(id, due epoch ms) of the notifications due by ``until_ms`` (``math.inf``: every
-        one on the index), earliest first; up to ``limit`` (None: all). With a limit, the
-        buckets are read earliest bucket first until it is reached: the earliest of all is
-        always among them, the rest of a later bucket waits for the next call."""
+        one on the index), earliest first; the first ``limit`` of them (None: all). The
+        buckets are read earliest bucket first, and only as long as one may still hold one
+        of the first ``limit``; the index from before 0.6 is read alongside. An id on both
+        (a crash between settling and unscheduling, then a replay) comes once, at its
+        earlier time."""
         tag = self.tag(scope)
         until = "+inf" if until_ms == math.inf else int(until_ms)
         start = None if limit is None else 0
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zrangebyscore(keys.due_key(tag), "-inf", until, start, limit, withscores=True)
-            pipe.zrangebyscore(keys.due_buckets_key(tag), "-inf", until, start, limit)
-            found, buckets = await pipe.execute()
+            pipe.zrangebyscore(
+                keys.due_buckets_key(tag), "-inf", until, start, limit, withscores=True
+            )
+            legacy, buckets = await pipe.execute()
+        found = {decode(member): int(ms) for member, ms in legacy}
         for at in range(0, len(buckets), _BUCKETS_READ):
+            batch = buckets[at : at + _BUCKETS_READ]
             if limit is not None and len(found) >= limit:
-                break  # enough for one batch
+                # a bucket whose earliest comes after the first ``limit`` found holds none
+                # of them, nor does any after it
+                last = sorted(found.values())[limit - 1]
+                batch = [(bucket, ms) for bucket, ms in batch if ms < last]
+                if not batch:
+                    break
             async with self.redis.pipeline(transaction=False) as pipe:
-                for bucket in buckets[at : at + _BUCKETS_READ]:
+                for bucket, _ in batch:
                     pipe.zrangebyscore(bucket, "-inf", until, start, limit, withscores=True)
                 for rows in await pipe.execute():
-                    found += rows
-        found.sort(key=lambda row: row[1])
-        return [(keys.due_id(member), int(ms)) for member, ms in found[:limit]]
+                    for member, ms in rows:
+                        nid = keys.due_id(member)
+                        found[nid] = min(int(ms), found.get(nid, int(ms)))
+        return sorted(found.items(), key=lambda row: row[1])[:limit]
 
     async def due_count(self, scope: Scope = None) -> int:
         """How many notifications the due index holds (the scope's)."""

@@ -13,6 +13,6 @@ for i = 2, #ARGV do
   local score = redis.call('ZSCORE', KEYS[1], id)
   if score and tonumber(score) <= now then redis.call('ZREM', KEYS[1], id) end
   score = redis.call('ZSCORE', bucket, due_member(id))
-  if score and tonumber(score) <= now then due_remove(KEYS[1], KEYS[2], bucket, id) end
+  if score and tonumber(score) <= now then due_take(KEYS[2], bucket, id) end
 end
 return 1

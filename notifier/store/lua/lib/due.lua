@@ -32,8 +32,13 @@ local function due_add(buckets, bucket, id, ms)
   due_sync(buckets, bucket)
 end
 
+-- a notification out of its bucket
+local function due_take(buckets, bucket, id)
+  if redis.call('ZREM', bucket, due_member(id)) == 1 then due_sync(buckets, bucket) end
+end
+
 -- a notification off the due index: its bucket, and the index from before 0.6 ('legacy')
 local function due_remove(legacy, buckets, bucket, id)
   redis.call('ZREM', legacy, id)
-  if redis.call('ZREM', bucket, due_member(id)) == 1 then due_sync(buckets, bucket) end
+  due_take(buckets, bucket, id)
 end
