@@ -301,13 +301,39 @@ def latency(rate: int, seconds: float, run: int, **worker_env: str) -> Result:
     }
 
 
-def redis_memory(shipments: int) -> Result:
-    """Redis bytes per tracked shipment once ``shipments`` full journeys went through."""
-    events = workload.stream(shipments, seed=7, run="m")
+def clock_back_to(at: str) -> int:
+    """How many seconds back (0 to a day) the clock must go for it to read ``at`` (HH:MM,
+    UTC) now."""
+    now = datetime.now(UTC)
+    hour, minute = (int(part) for part in at.split(":"))
+    then = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+    return int((now - then).total_seconds()) % 86_400
+
+
+def faketime_env(back_s: int) -> dict[str, str]:
+    """The environment that sets a process's clock ``back_s`` seconds back (libfaketime:
+    Debian's ``faketime`` package). The clock keeps running from there."""
+    found = sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))
+    if not found:
+        raise RuntimeError("libfaketime is not installed: apt-get install faketime")
+    return {"LD_PRELOAD": str(found[0]), "FAKETIME": f"-{back_s}"}
+
+
+def redis_memory(shipments: int, at: str | None = None) -> Result:
+    """Redis bytes per tracked shipment once ``shipments`` full journeys went through.
+
+    How many of them hold a message waiting for quiet hours to end depends on the hour (the
+    recipients are in 13 time zones): ``at`` (HH:MM UTC) runs the API and the worker with
+    their clocks set back to that hour (libfaketime; redis-server keeps the real one) and
+    the workload dated from it, to measure any hour at any time."""
+    back_s = clock_back_to(at) if at else 0
+    clock = faketime_env(back_s) if back_s else {}
+    start = datetime.now(UTC) - timedelta(seconds=back_s, days=4)
+    events = workload.stream(shipments, seed=7, run="m", start=start)
     with stack() as st:
         r = st.redis()
-        api, port = st.api()
-        worker = st.worker()
+        api, port = st.api(**clock)
+        worker = st.worker(**clock)
         time.sleep(1.0)
         base = int(r.info("memory")["used_memory"])
         bodies = _bodies(events)
@@ -330,7 +356,8 @@ def redis_memory(shipments: int) -> Result:
     return {
         # the share of memory that waits for quiet hours to end depends on the hour the
         # run was made at (the workload's recipients are in 13 time zones)
-        "at_utc": datetime.now(UTC).strftime("%H:%M"),
+        "at_utc": (datetime.now(UTC) - timedelta(seconds=back_s)).strftime("%H:%M"),
+        "clock_set_back_s": back_s,
         "deferred_ledger_bytes_per_shipment": waiting / shipments,
         "shipments": shipments,
         "transitions": len(events),
@@ -355,6 +382,15 @@ SIZES = {  # full run, smoke run
 }
 
 
+def _hh_mm(text: str) -> str:
+    """An hour of the day, HH:MM (argparse answers a usage error otherwise)."""
+    try:
+        datetime.strptime(text, "%H:%M")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an hour HH:MM: {text!r}") from None
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=3)
@@ -362,6 +398,13 @@ def main() -> None:
     parser.add_argument("--json", help="write every run's figures here")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks it works")
     parser.add_argument("--only", help="comma-separated stages to run (default: all)")
+    parser.add_argument(
+        "--memory-at",
+        metavar="HH:MM",
+        type=_hh_mm,
+        help="run the memory stage as at this hour (UTC), with the service's clock set back "
+        "(libfaketime); the share of messages waiting for quiet hours depends on it",
+    )
     args = parser.parse_args()
     smoke = args.smoke
     runs = 1 if smoke else args.runs
@@ -374,7 +417,7 @@ def main() -> None:
         "ingest_batch": lambda run: ingest_batch(sizes["batch_shipments"], run),
         "end_to_end": lambda run: end_to_end(sizes["e2e_shipments"], run),
         "latency": lambda run: latency(500, 2 * seconds, run),
-        "redis_memory": lambda run: redis_memory(sizes["memory_shipments"]),
+        "redis_memory": lambda run: redis_memory(sizes["memory_shipments"], args.memory_at),
     }
     only = set(args.only.split(",")) if args.only else set(stages)
     unknown = only - set(stages)
