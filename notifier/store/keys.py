@@ -255,24 +255,34 @@ def due_bucket_key(notification_id: str, tag: str = "") -> str:
     return f"{_scoped(DUE_KEY, tag)}:{bucket}"
 
 
-#: an id as ``models.notification_id_of`` makes them, which a due bucket holds in 17 bytes
-_MADE_ID = re.compile(r"n_[0-9a-f]{32}")
+#: an id as ``models.notification_id_of`` makes them: ``n_`` and 32 lowercase hex digits,
+#: which a chunk of outcomes and a due bucket keep in the 16 bytes they spell
+MADE_ID = re.compile(r"n_[0-9a-f]{32}")
+
+
+def made_id_bytes(notification_id: str) -> bytes:
+    """The 16 bytes of an id ``MADE_ID`` matches."""
+    return bytes.fromhex(notification_id[2:])
+
+
+def made_id(raw: bytes) -> str:
+    """The id whose 16 bytes these are (``made_id_bytes`` undone)."""
+    return "n_" + raw.hex()
 
 
 def due_member(notification_id: str) -> bytes:
-    """A notification id's member in its due bucket: byte 255 and the 16 bytes its hex
-    digits spell, for an id the service made (``n_`` and 32 lowercase hex digits: 17 bytes
-    instead of 34, a smaller listpack); any other id as it is (``lua/lib/due.lua`` writes
-    them)."""
-    if _MADE_ID.fullmatch(notification_id):
-        return b"\xff" + bytes.fromhex(notification_id[2:])
+    """A notification id's member in its due bucket: byte 255 and its 16 bytes, for an id
+    the service made (17 bytes instead of 34, a smaller listpack); any other id as it is
+    (``lua/lib/due.lua`` writes them)."""
+    if MADE_ID.fullmatch(notification_id):
+        return b"\xff" + made_id_bytes(notification_id)
     return notification_id.encode()
 
 
 def due_id(member: bytes) -> str:
     """The notification id of a due bucket's member (``due_member`` undone)."""
     if len(member) == 17 and member[0] == 0xFF:
-        return "n_" + member[1:].hex()
+        return made_id(member[1:])
     return member.decode()
 
 

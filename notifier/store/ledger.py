@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -608,8 +607,6 @@ Record = tuple[str, dict[str, str], dict[str, str]]
 
 #: the byte after a chunk's count that says its ids are kept in 16 bytes each
 PACKED_IDS = b"\x00"
-#: an id ``notification_id_of`` makes (``n_`` and 32 hex digits): 16 bytes in a chunk
-_MADE_ID = re.compile(r"n_[0-9a-f]{32}")
 #: in a chunk with packed ids, a delivery detail that names its notification id (the
 #: outbox's file path) keeps what comes before and after the id under this key
 _DETAIL_AROUND = "dx"
@@ -671,7 +668,7 @@ def _packed_ids(body: bytes) -> list[str]:
     colon = body.index(b":")
     start = colon + 1
     held = int(body[1:colon])
-    return [f"n_{body[at : at + 16].hex()}" for at in range(start, start + 16 * held, 16)]
+    return [keys.made_id(body[at : at + 16]) for at in range(start, start + 16 * held, 16)]
 
 
 def _detail_in(recorded: dict[str, Any], nid: str) -> dict[str, str]:
@@ -707,9 +704,9 @@ def merge_outcomes(elements: Sequence[bytes], cap: int) -> bytes:
         ranks.setdefault(nid, -1)
         if "prank" in known:
             ranks[nid] = max(ranks[nid], int(known["prank"]))
-    if all(_MADE_ID.fullmatch(nid) for nid in ranks):
+    if all(keys.MADE_ID.fullmatch(nid) for nid in ranks):
         position = {nid: i for i, nid in enumerate(ranks)}
-        ids = b"".join(bytes.fromhex(nid[2:]) for nid in ranks)
+        ids = b"".join(keys.made_id_bytes(nid) for nid in ranks)
         ranked = orjson.dumps({str(i + 1): r for i, r in enumerate(ranks.values()) if r >= 0})
         kept = [
             [position[nid], known, _detail_out(recorded, nid)] for nid, known, recorded in records

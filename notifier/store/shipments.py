@@ -109,7 +109,8 @@ def state_of(value: bytes, merchant_id: str, shipment_id: str) -> ShipmentState:
     """The state a record keeps (``state_value``) for the shipment its key names; a state
     written whole (before 0.6, or not the key's) reads as it is."""
     raw = unpack(value)
-    if not raw.startswith(b'{"merchant_id":'):  # whole: the model writes the ids first
+    # a whole state starts with its ids (the model's first fields); put them back in front
+    if not raw.startswith(b'{"merchant_id":'):
         ids = orjson.dumps({"merchant_id": merchant_id, "shipment_id": shipment_id})
         raw = ids[:-1] + (b"}" if raw[1:2] == b"}" else b"," + raw[1:])
     return ShipmentState.model_validate_json(raw)
