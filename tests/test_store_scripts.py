@@ -146,16 +146,21 @@ async def test_ingest_accepts_a_new_event_once_and_refuses_another_body_under_it
     assert (await store.ingest([first]))[0] == [Admission.ACCEPTED]
     [(_, fields)] = await redis.xrange(inbox)
     assert fields == {b"t": first[3], b"r": b"req-1"}
-    # the id is recorded with the body's digest, in its generation's bucket: a field of 12
-    # characters, a digest of 6
+    # the id is recorded with the body's digest, in its generation's bucket: a field of 8
+    # bytes (the first of the hash whose base64 the short field was), a digest of 4 (the
+    # first 32 bits of the 6 characters of base64 passed)
     [bucket] = await redis.keys(f"{keys.EVENT_BUCKET_PREFIX}[0-9]*")
     generation = int(bucket.decode().split(":")[2])
-    number, field = keys.event_slot("acme", "e1")
+    number, field = keys.event_binary_slot("acme", "e1")
     assert bucket.decode() == keys.event_bucket_key(generation, number)
-    assert await redis.hgetall(bucket) == {field.encode(): first[4].encode()}
-    assert (len(field), len(first[4])) == (12, 6)
-    # short fields only from the next generation on (this one may hold long ones)
+    recorded = await redis.hgetall(bucket)
+    assert recorded == {field: base64.b64decode(first[4] + "==")[:4]}
+    assert (len(field), len(first[4])) == (8, 6)
+    assert field == base64.b64decode(keys.event_slot("acme", "e1")[1])[:8]
+    # short fields only from the next generation on (this one may hold long ones), binary
+    # ones too
     assert await redis.get(keys.event_marker_key()) == str(generation + 1).encode()
+    assert await redis.get(keys.event_binary_marker_key()) == str(generation + 1).encode()
     # it lives through its generation and the next
     assert await redis.expiretime(bucket) == (generation + 2) * IDEMPOTENCY_TTL_S
 
@@ -163,7 +168,7 @@ async def test_ingest_accepts_a_new_event_once_and_refuses_another_body_under_it
     other = event("e1", body={"event_id": "e1", "status": "delivered"})
     assert (await store.ingest([other]))[0] == [Admission.CONFLICT]
     assert await redis.xlen(inbox) == 1
-    assert await redis.hgetall(bucket) == {field.encode(): first[4].encode()}
+    assert await redis.hgetall(bucket) == recorded
     # within one call too: the first of an id is accepted, what follows is judged against it
     again = event("e2", body={"event_id": "e2", "n": 2})
     assert (await store.ingest([event("e2"), event("e2"), again]))[0] == [
@@ -267,6 +272,60 @@ async def test_ingest_finds_ids_recorded_with_long_fields_in_generations_before_
     await redis.delete(keys.event_marker_key())
     assert (await store.ingest([event("e4", body=bodies["e4"])]))[0] == [Admission.DUPLICATE]
     assert await redis.get(keys.event_marker_key()) == str(generation + 1).encode()
+
+
+async def test_ingest_finds_ids_recorded_with_base64_fields_in_generations_before_binary_ones(
+    store: Store,
+) -> None:
+    """Before, an id's field was 12 characters of base64 and its body digest 6; now 8 bytes
+    and 4, the same bits. In a generation older than the first written with binary fields,
+    an id is found by its base64 field too and its digest compared as before; from that
+    generation on only binary fields are written, and looked up."""
+    redis = store.redis
+    generation = await store._generation()
+    await redis.set(keys.event_marker_key(), generation - 5)  # short fields long since
+    await redis.set(keys.event_binary_marker_key(), generation)
+    bodies = {e: {"event_id": e, "status": "in_transit"} for e in ("e1", "e2", "e3", "e4")}
+    written = (
+        ("e1", generation - 1),
+        ("e2", generation - 1),
+        ("e3", generation),
+        ("e4", generation),
+    )
+    for event_id, at in written:
+        number, field = keys.event_slot("acme", event_id)
+        await redis.hset(keys.event_bucket_key(at, number), field, body_digest(bodies[event_id]))
+    other = {"event_id": "e2", "status": "delivered"}
+    admissions, _ = await store.ingest(
+        [
+            event("e1", body=bodies["e1"]),  # the same body: a duplicate
+            event("e2", body=other),  # another body: a conflict
+            event("e3", body=bodies["e3"]),  # a base64 field where fields are binary: new
+        ]
+    )
+    assert admissions == [Admission.DUPLICATE, Admission.CONFLICT, Admission.ACCEPTED]
+    # e3 is recorded again, binary: the same body is a duplicate, another a conflict
+    number, binary = keys.event_binary_slot("acme", "e3")
+    bucket = keys.event_bucket_key(generation, number)
+    digest = body_digest(bodies["e3"])
+    assert await redis.hget(bucket, binary) == base64.b64decode(digest + "==")[:4]
+    changed = {"event_id": "e3", "status": "delivered"}
+    admissions, _ = await store.ingest([event("e3", body=bodies["e3"]), event("e3", body=changed)])
+    assert admissions == [Admission.DUPLICATE, Admission.CONFLICT]
+    # an API process of the version before 0.6 passing 8 characters of digest agrees
+    eight = base64.b64encode(
+        hashlib.blake2b(
+            orjson.dumps(bodies["e3"], option=orjson.OPT_SORT_KEYS), digest_size=9
+        ).digest()[:6]
+    ).decode()
+    assert eight.startswith(digest) and len(eight) == 8
+    again = ("acme", "s1", "e3", orjson.dumps(bodies["e3"]), eight, "req-2")
+    assert (await store.ingest([again]))[0] == [Admission.DUPLICATE]
+    # the first call of this version: ids of the current generation are looked up by their
+    # base64 field too (the version before may have written them until just now)
+    await redis.delete(keys.event_binary_marker_key())
+    assert (await store.ingest([event("e4", body=bodies["e4"])]))[0] == [Admission.DUPLICATE]
+    assert await redis.get(keys.event_binary_marker_key()) == str(generation + 1).encode()
 
 
 async def test_ingest_wakes_a_partition_once_per_window(store: Store) -> None:

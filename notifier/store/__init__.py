@@ -66,6 +66,7 @@ class Store(Inbox, Shipments, Ledger, OptOuts, Health, Hooks, Stats):
     EVENT_BUCKET_BITS = keys.EVENT_BUCKET_BITS
     EVENT_BUCKET_PREFIX = keys.EVENT_BUCKET_PREFIX
     event_slot = staticmethod(keys.event_slot)
+    event_binary_slot = staticmethod(keys.event_binary_slot)
     event_bucket_key = staticmethod(keys.event_bucket_key)
     legacy_event_key = staticmethod(keys.legacy_event_key)
     STALL_KEY = keys.STALL_KEY

@@ -225,11 +225,13 @@ class Inbox(StoreBase):
     ) -> tuple[list[Admission], list[int]] | NotReplicated:
         """One ingest script call: its keys, in KEYS (see ``lua/ingest.lua``)."""
         # one call, one scope: on a cluster its items share a partition's tag
-        names = [keys.event_marker_key(self.partition_tag(self.partition_of(*items[0][:2])))]
+        scope = self.partition_tag(self.partition_of(*items[0][:2]))
+        names = [keys.event_marker_key(scope), keys.event_binary_marker_key(scope)]
         inboxes: dict[int, int] = {}  # partition -> position of its stream in KEYS
         buckets: dict[tuple[int, str], int] = {}  # (bucket, tag) -> its first key's position
         legacy: list[str] = []
         events: list[list[Any]] = []
+        binaries: list[bytes] = []
         for merchant_id, shipment_id, event_id, payload, digest, rid in items:
             partition = self.partition_of(merchant_id, shipment_id)
             tag = self.partition_tag(partition)
@@ -245,6 +247,7 @@ class Inbox(StoreBase):
                 legacy.append(keys.legacy_event_key(merchant_id, event_id))
                 old = len(legacy)
             events.append([at, field, old, inbox, payload.decode(), digest, rid])
+            binaries.append(keys.event_binary(field, digest))
         for e in events:
             if e[2]:
                 e[2] += len(names)
@@ -255,6 +258,9 @@ class Inbox(StoreBase):
             generation,
             self.WAKE_MS,
             keys.EVENT_FIELD_CHARS,
+            b"".join(binaries),
+            keys.EVENT_FIELD_BYTES,
+            keys.EVENT_DIGEST_BYTES,
         ]
         if self.wait_replicas:
             # WAIT counts the writes of its own connection: one pipeline, one connection

@@ -18,7 +18,14 @@
 -- recorded later 8; the one passed now is their first 6 (compared on the shorter length,
 -- so an API process that passes 8 beside one that recorded 6 agrees too).
 --
--- KEYS: the generation since which fields are short; per inbox stream that gets events: the
+-- Fields are binary now: the first ARGV[7] (8) bytes of the long field's hash, recorded with
+-- the first ARGV[8] (4) bytes of the body digest, both passed in ARGV[6]. KEYS[2] holds the
+-- first generation with binary fields only, set like KEYS[1]; in an older generation an id is
+-- looked up by its base64 fields too (and a digest found with one compared as above), and
+-- a binary field, whose length no base64 field has, is found first in every generation.
+--
+-- KEYS: the generation since which fields are short; the generation since which they are
+--   binary; per inbox stream that gets events: the
 --   stream, then its wake flag; then per bucket its keys in generations ARGV[3] - 1,
 --   ARGV[3] and ARGV[3] + 1; then the pre-0.5 event keys (one Redis only: a Cluster never
 --   held them)
@@ -31,6 +38,9 @@
 -- ARGV[3]: the generation by the caller's clock
 -- ARGV[4]: how long a wake flag lasts, ms
 -- ARGV[5]: the characters of a short field (notifier/store/keys.py, EVENT_FIELD_CHARS)
+-- ARGV[6]: per event, in order, its binary field then its binary digest (keys.event_binary)
+-- ARGV[7], ARGV[8]: the bytes of a binary field and of a binary digest (EVENT_FIELD_BYTES,
+--   EVENT_DIGEST_BYTES)
 -- Returns {admissions, woken}: per event 1 (accepted: recorded and appended), 0 (a
 --   duplicate: the id is known with the same digest, or from before digests were recorded)
 --   or 2 (a conflict: the id is known with another digest; nothing written); and the
@@ -47,38 +57,57 @@ end
 -- a bucket lives through its generation and the next, when it is still looked at
 local expire_at = (generation + 2) * ttl
 local short = tonumber(ARGV[5])
-local short_since = tonumber(redis.call('GET', KEYS[1]))
-if not short_since then
-  short_since = generation + 1
-  redis.call('SET', KEYS[1], short_since)
+-- the first generation with fields of a kind only: until now when unset, as the version
+-- before may have written the current one until just now
+local function since(marker)
+  local found = tonumber(redis.call('GET', marker))
+  if not found then
+    found = generation + 1
+    redis.call('SET', marker, found)
+  end
+  return found
 end
+local short_since = since(KEYS[1])
+local binary_since = since(KEYS[2])
+local binaries, field_bytes = ARGV[6], tonumber(ARGV[7])
+local width = field_bytes + tonumber(ARGV[8])
 -- the first generation of KEYS[b] (then b + 1, b + 2)
 local first = tonumber(ARGV[3]) - 1
 local accepted = {}
 local touched = {}
 for i, e in ipairs(events) do
   local b, long, legacy, inbox, digest = e[1], e[2], e[3], e[4], e[6]
-  local field = string.sub(long, 1, short)
+  local at = (i - 1) * width
+  local binary = string.sub(binaries, at + 1, at + field_bytes)
+  local bits = string.sub(binaries, at + field_bytes + 1, at + width)
   -- the body digest recorded with the id: '' for ids recorded before 0.6 (and 0.4's keys)
-  local seen = nil
+  local seen, found_binary = nil, false
   for g = 0, 2 do
-    seen = redis.call('HGET', KEYS[b + g], field)
-    if not seen and first + g < short_since then seen = redis.call('HGET', KEYS[b + g], long) end
+    local key = KEYS[b + g]
+    seen = redis.call('HGET', key, binary)
+    found_binary = seen and true or false
+    if not found_binary and first + g < binary_since then
+      seen = redis.call('HGET', key, string.sub(long, 1, short))
+      if not seen and first + g < short_since then seen = redis.call('HGET', key, long) end
+    end
     if seen then break end
   end
   if not seen and legacy > 0 and redis.call('EXISTS', KEYS[legacy]) == 1 then seen = '' end
   if seen then
     -- 0: the same event again (a duplicate); 2: another body under a known id (a conflict).
-    -- Digests of one body are prefixes of each other whatever their length (a version that
-    -- passes 8 characters beside one that recorded 6): compared on the shorter one's length
+    -- Digests of one body in base64 are prefixes of each other whatever their length (a
+    -- version that passes 8 characters beside one that recorded 6): compared on the shorter
+    -- one's length; a binary one is compared with the binary digest passed
     local n = math.min(#seen, #digest)
-    if seen == '' or string.sub(seen, 1, n) == string.sub(digest, 1, n) then
+    if found_binary then
+      accepted[i] = seen == bits and 0 or 2
+    elseif seen == '' or string.sub(seen, 1, n) == string.sub(digest, 1, n) then
       accepted[i] = 0
     else
       accepted[i] = 2
     end
   else
-    redis.call('HSET', KEYS[b + write], field, digest)
+    redis.call('HSET', KEYS[b + write], binary, bits)
     redis.call('EXPIREAT', KEYS[b + write], expire_at)
     redis.call('XADD', KEYS[inbox], '*', 't', e[5], 'r', e[7] or '')
     accepted[i] = 1
