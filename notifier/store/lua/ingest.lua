@@ -84,11 +84,18 @@ for i, e in ipairs(events) do
   local seen, found_binary = nil, false
   for g = 0, 2 do
     local key = KEYS[b + g]
-    seen = redis.call('HGET', key, binary)
-    found_binary = seen and true or false
-    if not found_binary and first + g < binary_since then
-      seen = redis.call('HGET', key, string.sub(long, 1, short))
-      if not seen and first + g < short_since then seen = redis.call('HGET', key, long) end
+    if first + g >= binary_since then
+      seen = redis.call('HGET', key, binary)
+      found_binary = seen and true or false
+    else  -- one call for every kind of field the generation may hold
+      local got
+      if first + g < short_since then
+        got = redis.call('HMGET', key, binary, string.sub(long, 1, short), long)
+      else
+        got = redis.call('HMGET', key, binary, string.sub(long, 1, short))
+      end
+      found_binary = got[1] and true or false
+      seen = got[1] or got[2] or got[3]
     end
     if seen then break end
   end
