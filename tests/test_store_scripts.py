@@ -312,7 +312,7 @@ async def test_ingest_finds_ids_recorded_with_base64_fields_in_generations_befor
     changed = {"event_id": "e3", "status": "delivered"}
     admissions, _ = await store.ingest([event("e3", body=bodies["e3"]), event("e3", body=changed)])
     assert admissions == [Admission.DUPLICATE, Admission.CONFLICT]
-    # an API process of the version before 0.6 passing 8 characters of digest agrees
+    # a digest of 8 characters (as a version before passed) is the same 32 bits
     eight = base64.b64encode(
         hashlib.blake2b(
             orjson.dumps(bodies["e3"], option=orjson.OPT_SORT_KEYS), digest_size=9
@@ -326,6 +326,33 @@ async def test_ingest_finds_ids_recorded_with_base64_fields_in_generations_befor
     await redis.delete(keys.event_binary_marker_key())
     assert (await store.ingest([event("e4", body=bodies["e4"])]))[0] == [Admission.DUPLICATE]
     assert await redis.get(keys.event_binary_marker_key()) == str(generation + 1).encode()
+
+
+async def test_ingest_finds_binary_ids_of_the_previous_generation(store: Store) -> None:
+    """An id is remembered at least a generation: one recorded in binary in the previous
+    generation is found (there only binary fields are looked up, once it is the first of
+    them), and its digest tells a repost from another body."""
+    redis = store.redis
+    generation = await store._generation()
+    await redis.set(keys.event_marker_key(), generation - 5)
+    await redis.set(keys.event_binary_marker_key(), generation - 1)
+    body = {"event_id": "e1", "status": "in_transit"}
+    number, binary = keys.event_binary_slot("acme", "e1")
+    _, long = keys.event_hash("acme", "e1")
+    recorded = keys.event_binary(long, body_digest(body))
+    assert recorded[:8] == binary and len(recorded) == 12
+    await redis.hset(keys.event_bucket_key(generation - 1, number), binary, recorded[8:])
+    # a base64 field there is not looked up any more: the generation is binary only
+    number2, short = keys.event_slot("acme", "e2")
+    await redis.hset(keys.event_bucket_key(generation - 1, number2), short, body_digest(body))
+    other = {"event_id": "e1", "status": "delivered"}
+    admissions, _ = await store.ingest(
+        [event("e1", body=body), event("e1", body=other), event("e2", body=body)]
+    )
+    assert admissions == [Admission.DUPLICATE, Admission.CONFLICT, Admission.ACCEPTED]
+    # a digest too short to give 32 bits is refused before anything is written
+    with pytest.raises(ValueError, match="6 or more"):
+        keys.event_binary(long, "abcd")
 
 
 async def test_ingest_wakes_a_partition_once_per_window(store: Store) -> None:

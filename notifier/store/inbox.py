@@ -43,8 +43,9 @@ IngestItem = tuple[str, str, str, bytes, str, str]
 _Waiting = tuple[Sequence[IngestItem], asyncio.Future[tuple[list[Admission], list[int]]]]
 
 
-#: The characters of a body digest recorded with an event id (earlier versions recorded 8,
-#: and before them 12: the same digest, longer)
+#: The characters of a body digest passed to the ingest script, which records its first 32
+#: bits as 4 bytes (``keys.event_binary``); recorded in base64 before, 6 characters (earlier
+#: versions 8, and before them 12: the same digest, longer)
 DIGEST_CHARS = 6
 
 
@@ -52,8 +53,9 @@ def body_digest(body: Any) -> str:
     """A short digest of a transition's JSON body, keys sorted: a repost that differs only
     in key order or spacing is the same body. 36 bits in base64: the first 6 characters of
     the 8 (and before them 12) recorded by earlier versions (``lua/ingest.lua`` compares
-    two digests on the shorter one's length). Another body under a known id is told apart
-    from a repost unless the two digests agree, one chance in 2**36."""
+    two digests on the shorter one's length); recorded now as its first 32 bits. Another
+    body under a known id is told apart from a repost unless the two digests agree, one
+    chance in 2**32."""
     canonical = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
     digest = hashlib.blake2b(canonical, digest_size=9).digest()[:6]
     return base64.b64encode(digest).decode()[:DIGEST_CHARS]

@@ -100,14 +100,16 @@ EVENT_FIELD_CHARS = 12
 def event_hash(merchant_id: str, event_id: str) -> tuple[int, str]:
     """(bucket number, long field) of an event id: a 128-bit hash of it picks the bucket (14
     bits); 96 more bits of it, in base64, are its field in generations written before fields
-    were short. The ingest script takes this and records the first ``EVENT_FIELD_CHARS``."""
+    were short. The ingest script takes this (and looks the first ``EVENT_FIELD_CHARS`` up
+    in generations before binary fields); it records ``event_binary``."""
     digest = hashlib.blake2b(f"{merchant_id}\x00{event_id}".encode(), digest_size=16).digest()
     bucket = int.from_bytes(digest[:2]) >> (16 - EVENT_BUCKET_BITS)
     return bucket, base64.b64encode(digest[2:14]).decode()
 
 
 def event_slot(merchant_id: str, event_id: str) -> tuple[int, str]:
-    """(bucket number, field) an event id is recorded under."""
+    """(bucket number, field) an event id was recorded under between long fields and binary
+    ones (``event_binary_slot``), looked up in generations before binary fields."""
     bucket, long = event_hash(merchant_id, event_id)
     return bucket, long[:EVENT_FIELD_CHARS]
 
@@ -130,12 +132,14 @@ EVENT_DIGEST_BYTES = 4
 def event_binary(long_field: str, digest: str) -> bytes:
     """The binary field and digest an event is recorded with (``EVENT_FIELD_BYTES`` then
     ``EVENT_DIGEST_BYTES``), from its long field (``event_hash``) and its body digest in
-    base64 (``inbox.body_digest``: 6 characters; 8 or 12 from earlier versions, whose first
-    32 bits are the same)."""
+    base64 (``inbox.body_digest``: 6 characters, 36 bits; a longer one, 8 or 12, has the same
+    first 32 bits)."""
+    if len(digest) < 6:
+        raise ValueError(f"a body digest of {len(digest)} characters: 6 or more expected")
     field = base64.b64decode(long_field)[:EVENT_FIELD_BYTES]
     head = digest[:8]  # (6 characters of base64 are 36 bits, 8 are 48)
     bits = base64.b64decode(head + "=" * (-len(head) % 4))[:EVENT_DIGEST_BYTES]
-    return field + bits.ljust(EVENT_DIGEST_BYTES, b"\0")
+    return field + bits
 
 
 def event_binary_slot(merchant_id: str, event_id: str) -> tuple[int, bytes]:

@@ -10,13 +10,13 @@
 -- disagree still agree on it. An id is looked up in all three, which covers Redis's current
 -- and previous generation; a bucket expires when the generation after its own ends.
 --
--- An id's field is the first ARGV[5] (12) characters of the 16 the caller passes. Fields were
--- the whole 16 before: KEYS[1] holds the first generation with short fields only, and in an
--- older generation an id is looked up by its long field too. The first call that finds it
--- unset sets it to the generation after Redis's: the current one may hold long fields the
--- version before wrote, until just now. A body digest recorded then is 12 characters, one
--- recorded later 8; the one passed now is their first 6 (compared on the shorter length,
--- so an API process that passes 8 beside one that recorded 6 agrees too).
+-- Before binary fields (below), an id's field was the first ARGV[5] (12) characters of the
+-- 16 the caller passes, and before that the whole 16: KEYS[1] holds the first generation with
+-- short fields only, and in an older generation an id is looked up by its long field too.
+-- The first call that finds it unset sets it to the generation after Redis's: the current
+-- one may hold long fields the version before wrote, until just now. A body digest recorded
+-- with a long field is 12 characters, with a short one 8 or 6; the one passed now is their
+-- first 6 (compared on the shorter length).
 --
 -- Fields are binary now: the first ARGV[7] (8) bytes of the long field's hash, recorded with
 -- the first ARGV[8] (4) bytes of the body digest, both passed in ARGV[6]. KEYS[2] holds the
@@ -71,6 +71,10 @@ local short_since = since(KEYS[1])
 local binary_since = since(KEYS[2])
 local binaries, field_bytes = ARGV[6], tonumber(ARGV[7])
 local width = field_bytes + tonumber(ARGV[8])
+if #binaries ~= #events * width then
+  return redis.error_reply('ERR ingest: ARGV[6] holds ' .. #binaries .. ' bytes for ' ..
+    #events .. ' events of ' .. width)
+end
 -- the first generation of KEYS[b] (then b + 1, b + 2)
 local first = tonumber(ARGV[3]) - 1
 local accepted = {}
