@@ -230,6 +230,31 @@ async def test_a_body_digest_of_8_characters_recorded_before_still_tells_a_repos
     assert admissions == [Admission.CONFLICT]
 
 
+def _recorded_before(
+    generation: int,
+) -> tuple[dict[str, dict[str, str]], tuple[tuple[str, int], ...]]:
+    """Four event ids' bodies, and the generation a version before recorded each in: e1 and
+    e2 the previous one, e3 and e4 ``generation``."""
+    bodies = {e: {"event_id": e, "status": "in_transit"} for e in ("e1", "e2", "e3", "e4")}
+    return bodies, (
+        ("e1", generation - 1),
+        ("e2", generation - 1),
+        ("e3", generation),
+        ("e4", generation),
+    )
+
+
+async def _repost(store: Store, bodies: dict[str, dict[str, str]]) -> list[Admission]:
+    """e1 and e3 again with their bodies, e2 with another."""
+    other = {"event_id": "e2", "status": "delivered"}
+    again = [
+        event("e1", body=bodies["e1"]),
+        event("e2", body=other),
+        event("e3", body=bodies["e3"]),
+    ]
+    return (await store.ingest(again))[0]
+
+
 async def test_ingest_finds_ids_recorded_with_long_fields_in_generations_before_short_ones(
     store: Store,
 ) -> None:
@@ -241,13 +266,7 @@ async def test_ingest_finds_ids_recorded_with_long_fields_in_generations_before_
     generation = await store._generation()
     # the version before wrote the previous generation; short fields only from this one on
     await redis.set(keys.event_marker_key(), generation)
-    bodies = {e: {"event_id": e, "status": "in_transit"} for e in ("e1", "e2", "e3", "e4")}
-    written = (
-        ("e1", generation - 1),
-        ("e2", generation - 1),
-        ("e3", generation),
-        ("e4", generation),
-    )
+    bodies, written = _recorded_before(generation)
     for event_id, at in written:
         number, long = keys.event_hash("acme", event_id)
         digest = body_digest(bodies[event_id])
@@ -258,15 +277,13 @@ async def test_ingest_finds_ids_recorded_with_long_fields_in_generations_before_
         ).decode()
         assert len(long) == 16 and len(recorded) == 12 and recorded.startswith(digest)
         await redis.hset(keys.event_bucket_key(at, number), long, recorded)
-    other = {"event_id": "e2", "status": "delivered"}
-    admissions, _ = await store.ingest(
-        [
-            event("e1", body=bodies["e1"]),  # the same body: a duplicate
-            event("e2", body=other),  # another body: a conflict
-            event("e3", body=bodies["e3"]),  # a long field where fields are short: new
-        ]
-    )
-    assert admissions == [Admission.DUPLICATE, Admission.CONFLICT, Admission.ACCEPTED]
+    # e1 the same body: a duplicate; e2 another body: a conflict; e3, recorded in the
+    # generation where fields are of the new kind only: new
+    assert await _repost(store, bodies) == [
+        Admission.DUPLICATE,
+        Admission.CONFLICT,
+        Admission.ACCEPTED,
+    ]
     # the first call of this version: ids of the current generation are looked up by their
     # long field too (the version before may have written them until just now)
     await redis.delete(keys.event_marker_key())
@@ -285,25 +302,17 @@ async def test_ingest_finds_ids_recorded_with_base64_fields_in_generations_befor
     generation = await store._generation()
     await redis.set(keys.event_marker_key(), generation - 5)  # short fields long since
     await redis.set(keys.event_binary_marker_key(), generation)
-    bodies = {e: {"event_id": e, "status": "in_transit"} for e in ("e1", "e2", "e3", "e4")}
-    written = (
-        ("e1", generation - 1),
-        ("e2", generation - 1),
-        ("e3", generation),
-        ("e4", generation),
-    )
+    bodies, written = _recorded_before(generation)
     for event_id, at in written:
         number, field = keys.event_slot("acme", event_id)
         await redis.hset(keys.event_bucket_key(at, number), field, body_digest(bodies[event_id]))
-    other = {"event_id": "e2", "status": "delivered"}
-    admissions, _ = await store.ingest(
-        [
-            event("e1", body=bodies["e1"]),  # the same body: a duplicate
-            event("e2", body=other),  # another body: a conflict
-            event("e3", body=bodies["e3"]),  # a base64 field where fields are binary: new
-        ]
-    )
-    assert admissions == [Admission.DUPLICATE, Admission.CONFLICT, Admission.ACCEPTED]
+    # e1 the same body: a duplicate; e2 another body: a conflict; e3, recorded in the
+    # generation where fields are of the new kind only: new
+    assert await _repost(store, bodies) == [
+        Admission.DUPLICATE,
+        Admission.CONFLICT,
+        Admission.ACCEPTED,
+    ]
     # e3 is recorded again, binary: the same body is a duplicate, another a conflict
     number, binary = keys.event_binary_slot("acme", "e3")
     bucket = keys.event_bucket_key(generation, number)
