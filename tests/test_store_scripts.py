@@ -364,6 +364,19 @@ async def test_ingest_finds_binary_ids_of_the_previous_generation(store: Store) 
         keys.event_binary(long, "abcd")
 
 
+async def test_ingest_refuses_binary_fields_that_do_not_match_its_events(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The events' binary fields travel apart from them, in one argument: a caller that
+    passed one too short would record events under each other's fields. The script refuses
+    the call whole, before it writes anything (not even the markers)."""
+    whole = keys.event_binary
+    monkeypatch.setattr(keys, "event_binary", lambda long, digest: whole(long, digest)[:-1])
+    with pytest.raises(ResponseError, match="ARGV\\[6\\] holds 22 bytes for 2 events of 12"):
+        await store.ingest([event("e1"), event("e2")])
+    assert await store.redis.keys("*") == []
+
+
 async def test_ingest_wakes_a_partition_once_per_window(store: Store) -> None:
     redis = store.redis
     one, two = shipment_in(store, 1), shipment_in(store, 2)

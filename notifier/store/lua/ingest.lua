@@ -54,6 +54,12 @@ local write = generation - tonumber(ARGV[3]) + 1
 if write < 0 or write > 2 then
   return redis.error_reply('ERR the API clock is a generation or more away from Redis')
 end
+local binaries, field_bytes = ARGV[6], tonumber(ARGV[7])
+local width = field_bytes + tonumber(ARGV[8])
+if #binaries ~= #events * width then  -- before anything is written
+  return redis.error_reply('ERR ingest: ARGV[6] holds ' .. #binaries .. ' bytes for ' ..
+    #events .. ' events of ' .. width)
+end
 -- a bucket lives through its generation and the next, when it is still looked at
 local expire_at = (generation + 2) * ttl
 local short = tonumber(ARGV[5])
@@ -69,12 +75,6 @@ local function since(marker)
 end
 local short_since = since(KEYS[1])
 local binary_since = since(KEYS[2])
-local binaries, field_bytes = ARGV[6], tonumber(ARGV[7])
-local width = field_bytes + tonumber(ARGV[8])
-if #binaries ~= #events * width then
-  return redis.error_reply('ERR ingest: ARGV[6] holds ' .. #binaries .. ' bytes for ' ..
-    #events .. ' events of ' .. width)
-end
 -- the first generation of KEYS[b] (then b + 1, b + 2)
 local first = tonumber(ARGV[3]) - 1
 local accepted = {}
