@@ -136,16 +136,20 @@ def event_binary(long_field: str, digest: str) -> bytes:
     first 32 bits)."""
     if len(digest) < 6:
         raise ValueError(f"a body digest of {len(digest)} characters: 6 or more expected")
-    field = base64.b64decode(long_field)[:EVENT_FIELD_BYTES]
     head = digest[:8]  # (6 characters of base64 are 36 bits, 8 are 48)
     bits = base64.b64decode(head + "=" * (-len(head) % 4))[:EVENT_DIGEST_BYTES]
-    return field + bits
+    return _binary_field(long_field) + bits
 
 
 def event_binary_slot(merchant_id: str, event_id: str) -> tuple[int, bytes]:
     """(bucket number, binary field) an event id is recorded under now."""
     bucket, long = event_hash(merchant_id, event_id)
-    return bucket, base64.b64decode(long)[:EVENT_FIELD_BYTES]
+    return bucket, _binary_field(long)
+
+
+def _binary_field(long_field: str) -> bytes:
+    """The binary field of an id whose long field (base64) is this: its first bits."""
+    return base64.b64decode(long_field)[:EVENT_FIELD_BYTES]
 
 
 def event_binary_marker_key(tag: str = "") -> str:

@@ -109,14 +109,14 @@ for i, e in ipairs(events) do
     -- Digests of one body in base64 are prefixes of each other whatever their length (a
     -- version that passes 8 characters beside one that recorded 6): compared on the shorter
     -- one's length; a binary one is compared with the binary digest passed
-    local n = math.min(#seen, #digest)
+    local same
     if found_binary then
-      accepted[i] = seen == bits and 0 or 2
-    elseif seen == '' or string.sub(seen, 1, n) == string.sub(digest, 1, n) then
-      accepted[i] = 0
+      same = seen == bits
     else
-      accepted[i] = 2
+      local n = math.min(#seen, #digest)
+      same = seen == '' or string.sub(seen, 1, n) == string.sub(digest, 1, n)
     end
+    accepted[i] = same and 0 or 2
   else
     redis.call('HSET', KEYS[b + write], binary, bits)
     redis.call('EXPIREAT', KEYS[b + write], expire_at)
