@@ -1,6 +1,6 @@
-"""Train the preset dictionaries ``notifier/packing.py`` deflates stored values with.
+"""Train the dictionaries ``notifier/packing.py`` packs stored values with.
 
-Run: .venv/bin/python scripts/train_dictionaries.py [--shipments 1500] [--out DIR]
+Run: .venv/bin/python scripts/train_dictionaries.py [--codec zstd] [--shipments 1500] [--out DIR]
 
 What Redis keeps of a shipment (its state, its decisions, its settled messages' outcomes,
 a waiting message's payload) is JSON made of the same words over and over: field names,
@@ -251,8 +251,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=8192, help="bytes a dictionary holds")
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--out", type=Path, default=ROOT / "notifier" / "dictionaries")
-    parser.add_argument("--version", type=int, default=2, help="the files' version suffix")
+    parser.add_argument("--codec", choices=["zstd", "deflate"], default="zstd")
+    parser.add_argument("--version", type=int, help="the files' version suffix (zstd 3, deflate 2)")
     args = parser.parse_args()
+    version = args.version or (3 if args.codec == "zstd" else 2)
     rng = random.Random(args.seed)
     feed = corpus(args.shipments, rng)
     bodies = [orjson.dumps({"transitions": feed[i : i + 500]}) for i in range(0, len(feed), 500)]
@@ -280,10 +282,12 @@ def main() -> None:
             trained = zstandard.train_dictionary(args.size, samples, threads=1).as_bytes()
         except zstandard.ZstdError as exc:
             sys.exit(f"error: {kind}: {len(samples)} values do not train ({exc}): more --shipments")
-        # the trained segments, then the words of the dictionary before (deflate reaches the
-        # end of a dictionary at the shortest distance: it holds what every value has)
+        # what was trained, then the words of the dictionary before: both codecs reach the
+        # end of a dictionary at the shortest distance, so it holds what every value has (a
+        # zstd dictionary's tables come first; the rest of it is content, these words too)
         whole = trained + structural(WORDS[kind])
-        path = args.out / f"{kind}-{args.version}.zdict"
+        suffix = "zstd" if args.codec == "zstd" else "zdict"
+        path = args.out / f"{kind}-{version}.{suffix}"
         if path.exists() and path.read_bytes() != whole:
             sys.exit(f"error: {path} exists; a dictionary is never replaced (--version)")
         path.write_bytes(whole)
