@@ -188,18 +188,35 @@ def pack(data: bytes, tag: int) -> bytes:
     return bytes([tag]) + deflate.compress(data) + deflate.flush()
 
 
+#: The most a packed value may say it holds. The largest the service writes are a history
+#: chunk and a long state, tens of KB; a damaged frame could declare any size, and zstd
+#: allocates what it declares before reading on.
+MAX_UNPACKED = 16 * 2**20
+
+
 def unpack(value: bytes) -> bytes:
-    """The JSON ``pack`` was given; plain JSON (from before packing) as it is."""
+    """The JSON ``pack`` was given; plain JSON (from before packing) as it is. A value that
+    does not read (damaged, cut short, an unknown tag) raises ValueError, whatever the
+    codec says."""
     if not value or value[0] in b"{[":
         return value
     tag = value[0]
-    if tag in _ZSTD:
-        try:
-            return _CODECS.decompressor(tag).decompress(value[1:])
-        except zstandard.ZstdError as exc:
-            raise ValueError(f"a value packed with tag {tag:#04x} does not read: {exc}") from None
-    dictionary = _DICTIONARIES.get(tag)
-    if dictionary is None:
-        raise ValueError(f"unknown packing tag {tag:#04x}")
-    inflate = zlib.decompressobj(-15, dictionary)
-    return inflate.decompress(value[1:]) + inflate.flush()
+    try:
+        if tag in _ZSTD:
+            frame = value[1:]
+            declared = zstandard.get_frame_parameters(
+                frame, format=zstandard.FORMAT_ZSTD1_MAGICLESS
+            ).content_size
+            if declared > MAX_UNPACKED:  # also zstd's "unknown" (2^64 - 1): pack writes it
+                raise ValueError(f"it says it holds {declared} bytes")
+            # no bytes after the frame either: a value is one frame, nothing else
+            return _CODECS.decompressor(tag).decompress(frame, allow_extra_data=False)
+        dictionary = _DICTIONARIES.get(tag)
+        if dictionary is None:
+            raise ValueError(f"unknown packing tag {tag:#04x}")
+        inflate = zlib.decompressobj(-15, dictionary)
+        return inflate.decompress(value[1:]) + inflate.flush()
+    except (zstandard.ZstdError, zlib.error, ValueError, MemoryError) as exc:
+        if str(exc).startswith("unknown packing tag"):
+            raise
+        raise ValueError(f"a value packed with tag {tag:#04x} does not read: {exc}") from None

@@ -229,9 +229,27 @@ def test_values_are_written_with_the_zstd_dictionaries() -> None:
     assert unpack(pack(b"", HISTORY)) == b""
     with pytest.raises(ValueError, match="tag 0x09 does not read"):
         unpack(b"\x09 not a zstd frame")
-    # a value packed with one dictionary never reads as another's
+    # this value, read with another tag's dictionary, fails (frames carry no checksum, so a
+    # damaged one may also read as other bytes, as deflate's did)
     with pytest.raises(ValueError, match="tag 0x0a does not read"):
         unpack(bytes([HISTORY]) + pack(b'{"status":"delivered"}' * 4, STATE)[1:])
+
+
+def test_a_damaged_value_is_a_value_error_and_never_a_huge_allocation() -> None:
+    """Callers set aside what raises ValueError (``models.UNREADABLE``); zstd would allocate
+    whatever size a damaged frame declares, before reading on."""
+    packed = pack(b'{"status":"delivered"}' * 50, STATE)
+    declares = [
+        b"\x09\xe0" + size.to_bytes(8, "little") + b"\x01\x00\x00"
+        for size in (2**40, packing.MAX_UNPACKED + 1, 2**64 - 1)
+    ]
+    for damaged in [packed[:1], packed[:6], packed[:-1], packed + b"\x00", *declares]:
+        with pytest.raises(ValueError, match="tag 0x09 does not read"):
+            unpack(damaged)
+    with pytest.raises(ValueError, match="tag 0x05 does not read"):
+        unpack(b"\x05 not deflate")  # zlib's error, as ValueError too
+    large = b"[" + b'"in_transit",' * 100_000 + b'""]'  # 1.3 MB reads back
+    assert unpack(pack(large, HISTORY)) == large
 
 
 def test_threads_pack_and_unpack_side_by_side() -> None:
