@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from notifier.packing import NOTIFICATION, pack, unpack
+from notifier.packing import NOTIFICATION, Damaged, pack, unpack
 
 _Model = TypeVar("_Model", bound=BaseModel)
 
@@ -478,7 +478,7 @@ def unreadable(exc: Exception) -> str:
     if isinstance(exc, ValidationError):
         fields = sorted({".".join(map(str, e["loc"])) or "(root)" for e in exc.errors()})
         return f"invalid {', '.join(fields[:5])}" + (" …" if len(fields) > 5 else "")
-    if isinstance(exc, zlib.error):
+    if isinstance(exc, (zlib.error, Damaged)):
         return "damaged packed data"
     if isinstance(exc, orjson.JSONDecodeError):
         return "not JSON"

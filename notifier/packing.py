@@ -194,10 +194,14 @@ def pack(data: bytes, tag: int) -> bytes:
 MAX_UNPACKED = 16 * 2**20
 
 
+class Damaged(ValueError):
+    """A packed value that does not read: cut short, altered, or not what its tag says."""
+
+
 def unpack(value: bytes) -> bytes:
     """The JSON ``pack`` was given; plain JSON (from before packing) as it is. A value that
-    does not read (damaged, cut short, an unknown tag) raises ValueError, whatever the
-    codec says."""
+    does not read raises ValueError whatever the codec says: ``Damaged``, or an unknown
+    tag's."""
     if not value or value[0] in b"{[":
         return value
     tag = value[0]
@@ -219,4 +223,4 @@ def unpack(value: bytes) -> bytes:
     except (zstandard.ZstdError, zlib.error, ValueError, MemoryError) as exc:
         if str(exc).startswith("unknown packing tag"):
             raise
-        raise ValueError(f"a value packed with tag {tag:#04x} does not read: {exc}") from None
+        raise Damaged(f"a value packed with tag {tag:#04x} does not read: {exc}") from None
