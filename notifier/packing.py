@@ -205,22 +205,23 @@ def unpack(value: bytes) -> bytes:
     if not value or value[0] in b"{[":
         return value
     tag = value[0]
+    dictionary = _DICTIONARIES.get(tag)
+    if dictionary is None and tag not in _ZSTD:
+        raise ValueError(f"unknown packing tag {tag:#04x}")
     try:
-        if tag in _ZSTD:
-            frame = value[1:]
-            declared = zstandard.get_frame_parameters(
-                frame, format=zstandard.FORMAT_ZSTD1_MAGICLESS
-            ).content_size
-            if declared > MAX_UNPACKED:  # also zstd's "unknown" (2^64 - 1): pack writes it
-                raise ValueError(f"it says it holds {declared} bytes")
-            # no bytes after the frame either: a value is one frame, nothing else
-            return _CODECS.decompressor(tag).decompress(frame, allow_extra_data=False)
-        dictionary = _DICTIONARIES.get(tag)
         if dictionary is None:
-            raise ValueError(f"unknown packing tag {tag:#04x}")
+            return _unzstd(tag, value[1:])
         inflate = zlib.decompressobj(-15, dictionary)
         return inflate.decompress(value[1:]) + inflate.flush()
     except (zstandard.ZstdError, zlib.error, ValueError, MemoryError) as exc:
-        if str(exc).startswith("unknown packing tag"):
-            raise
         raise Damaged(f"a value packed with tag {tag:#04x} does not read: {exc}") from None
+
+
+def _unzstd(tag: int, frame: bytes) -> bytes:
+    declared = zstandard.get_frame_parameters(
+        frame, format=zstandard.FORMAT_ZSTD1_MAGICLESS
+    ).content_size
+    if declared > MAX_UNPACKED:  # also zstd's "unknown" (2^64 - 1): pack writes the size
+        raise ValueError(f"it says it holds {declared} bytes")
+    # no bytes after the frame either: a value is one frame, nothing else
+    return _CODECS.decompressor(tag).decompress(frame, allow_extra_data=False)
