@@ -12,7 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from notifier.render import sms
 from notifier.render.sms import SmsEncoding, measure, smart_encode
 
 CASES: list[dict[str, Any]] = json.loads(
@@ -45,3 +48,36 @@ def test_smart_encoding_keeps_typographic_text_in_gsm7() -> None:
 
 def test_empty_text_is_one_segment() -> None:
     assert measure("").segments == 1
+
+
+def _measured_char_by_char(text: str) -> tuple[SmsEncoding, int, int]:
+    """The count ``measure`` made before its shortcuts: every character looked at."""
+    gsm = [1 if ch in sms._BASIC else 2 if ch in sms._EXTENDED else None for ch in text]
+    if all(u is not None for u in gsm):
+        septets = [u for u in gsm if u is not None]
+        return SmsEncoding.GSM7, sms._segments(septets, 160, 153), sum(septets)
+    utf16 = sms._clusters(text)
+    return SmsEncoding.UCS2, sms._segments(utf16, 70, 67), sum(utf16)
+
+
+_LETTERS = st.sampled_from(
+    sorted(sms._BASIC)
+    + sorted(sms._EXTENDED)
+    + ["é", "ş", "中", "\u0301", "\u200d", "\ufe0f", "\U0001f600", "\U0001f3fd", "\ud800"]
+)
+
+
+@settings(max_examples=400)
+@given(st.text(_LETTERS, max_size=400) | st.text(max_size=200))
+def test_shortcuts_count_as_every_character_looked_at(text: str) -> None:
+    size = measure(text)
+    assert (size.encoding, size.segments, size.units) == _measured_char_by_char(text)
+
+
+def test_lengths_at_the_segment_edges() -> None:
+    for n, segments in ((160, 1), (161, 2), (306, 2), (307, 3)):
+        assert measure("a" * n).segments == segments
+    for n, segments in ((70, 1), (71, 2), (134, 2), (135, 3)):
+        assert measure("中" * n).segments == segments
+    # an escape pair never straddles: 152 letters then "€" goes whole to the second part
+    assert measure("a" * 152 + "€" + "a" * 10).segments == 2

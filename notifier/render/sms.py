@@ -50,14 +50,6 @@ class SmsSize:
     units: int
 
 
-def _gsm_units(ch: str) -> int | None:
-    if ch in _BASIC:
-        return 1
-    if ch in _EXTENDED:
-        return 2
-    return None
-
-
 def smart_encode(text: str) -> str:
     """Replace typographic punctuation and odd spaces with their GSM-7 equivalents."""
     return text.translate(_SMART)
@@ -103,11 +95,24 @@ def _segments(units: list[int], single: int, part: int) -> int:
     return count
 
 
+_GSM = _BASIC | _EXTENDED
+
+
 def measure(text: str) -> SmsSize:
-    """Encoding and segment count of ``text`` as sent (apply ``smart_encode`` first)."""
-    gsm = [_gsm_units(ch) for ch in text]
-    if all(u is not None for u in gsm):
-        septets = [u for u in gsm if u is not None]
+    """Encoding and segment count of ``text`` as sent (apply ``smart_encode`` first).
+
+    The character-by-character split is needed only where a character of two units
+    could straddle two segments: the common texts (the basic alphabet alone, or anything
+    that fits one segment) are counted from their length (every message is measured)."""
+    letters = set(text)
+    if letters <= _BASIC:
+        n = len(text)
+        return SmsSize(SmsEncoding.GSM7, 1 if n <= 160 else -(-n // 153), n)
+    if letters <= _GSM:
+        septets = [2 if ch in _EXTENDED else 1 for ch in text]
         return SmsSize(SmsEncoding.GSM7, _segments(septets, 160, 153), sum(septets))
+    units = len(text.encode("utf-16-le", "surrogatepass")) // 2
+    if units <= 70:
+        return SmsSize(SmsEncoding.UCS2, 1, units)
     utf16 = _clusters(text)
     return SmsSize(SmsEncoding.UCS2, _segments(utf16, 70, 67), sum(utf16))
