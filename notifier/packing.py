@@ -143,28 +143,18 @@ _ZSTD = {tag: _zstd_dictionary(data) for tag, data in _ZSTD_DICTIONARIES.items()
 
 
 class _Codecs(threading.local):
-    """A compressor and a decompressor per dictionary and thread (zstandard's are not
-    thread-safe), made when a thread first needs one."""
+    """A compressor and a decompressor per dictionary, for each thread that packs or reads
+    (zstandard's are not thread-safe; they take their memory on first use)."""
 
     def __init__(self) -> None:
-        self.compressors: dict[int, zstandard.ZstdCompressor] = {}
-        self.decompressors: dict[int, zstandard.ZstdDecompressor] = {}
-
-    def compressor(self, tag: int) -> zstandard.ZstdCompressor:
-        found = self.compressors.get(tag)
-        if found is None:
-            found = zstandard.ZstdCompressor(compression_params=_ZSTD_PARAMS, dict_data=_ZSTD[tag])
-            self.compressors[tag] = found
-        return found
-
-    def decompressor(self, tag: int) -> zstandard.ZstdDecompressor:
-        found = self.decompressors.get(tag)
-        if found is None:
-            found = zstandard.ZstdDecompressor(
-                dict_data=_ZSTD[tag], format=zstandard.FORMAT_ZSTD1_MAGICLESS
-            )
-            self.decompressors[tag] = found
-        return found
+        self.compressors = {
+            tag: zstandard.ZstdCompressor(compression_params=_ZSTD_PARAMS, dict_data=d)
+            for tag, d in _ZSTD.items()
+        }
+        self.decompressors = {
+            tag: zstandard.ZstdDecompressor(dict_data=d, format=zstandard.FORMAT_ZSTD1_MAGICLESS)
+            for tag, d in _ZSTD.items()
+        }
 
 
 _CODECS = _Codecs()
@@ -180,8 +170,9 @@ def pack(data: bytes, tag: int) -> bytes:
     """``data`` compressed with the dictionary ``tag`` names, behind that tag byte. The
     service packs with the zstd tags only (``STATE`` …); a deflate tag writes a value as
     versions before this one did."""
-    if tag in _ZSTD:
-        return bytes([tag]) + _CODECS.compressor(tag).compress(data)
+    compressor = _CODECS.compressors.get(tag)
+    if compressor is not None:
+        return bytes([tag]) + compressor.compress(data)
     deflate = zlib.compressobj(
         9, zlib.DEFLATED, -_WINDOW_BITS, _MEM_LEVEL, zlib.Z_DEFAULT_STRATEGY, _DICTIONARIES[tag]
     )
@@ -224,4 +215,4 @@ def _unzstd(tag: int, frame: bytes) -> bytes:
     if declared > MAX_UNPACKED:  # also zstd's "unknown" (2^64 - 1): pack writes the size
         raise ValueError(f"it says it holds {declared} bytes")
     # no bytes after the frame either: a value is one frame, nothing else
-    return _CODECS.decompressor(tag).decompress(frame, allow_extra_data=False)
+    return _CODECS.decompressors[tag].decompress(frame, allow_extra_data=False)
