@@ -36,7 +36,7 @@ from notifier.logs import REQUEST_ID, request_id
 from notifier.models import ChannelKind, Email, Identifier, MerchantId, Phone
 from notifier.outbound import api as outbound_api
 from notifier.policy import opt_out_key
-from notifier.resources import Clock, Resources, open_resources, utc_now
+from notifier.resources import Clock, Resources, connected_replicas, open_resources, utc_now
 from notifier.settings import Settings
 from notifier.timeline import shipment_history
 from notifier.worker import HEARTBEAT_S, WORKERS_KEY, build_worker
@@ -289,7 +289,7 @@ async def readyz(request: web.Request) -> web.Response:
         checks["workers"] = alive
         wanted = res.settings.ingest_wait_replicas
         if wanted:
-            replicas = int((await res.redis.info("replication")).get("connected_slaves", 0))
+            replicas = await connected_replicas(res.redis)
             checks["replicas"] = (
                 "ok" if replicas >= wanted else f"{replicas} of the {wanted} required connected"
             )

@@ -467,6 +467,17 @@ async def redis_versions(redis: DataRedis) -> list[str]:
     return [str(info.get("redis_version", "")) for info in found]
 
 
+async def connected_replicas(redis: DataRedis) -> int:
+    """Replicas connected to the data's primary; on a cluster, the fewest any primary has
+    (each partition's ingest waits on its own primary's)."""
+    if isinstance(redis, RedisCluster):
+        primaries = redis.get_primaries()
+        found = [await redis.info("replication", target_nodes=n) for n in primaries]
+    else:
+        found = [await redis.info("replication")]
+    return min((int(info.get("connected_slaves", 0)) for info in found), default=0)
+
+
 async def close_redis(redis: DataRedis) -> None:
     if isinstance(redis, Redis):
         await redis.aclose(close_connection_pool=True)

@@ -342,11 +342,6 @@ class Settings(BaseSettings):
                 "NOTIFIER_INGEST_WAIT_REPLICAS needs NOTIFIER_REDIS_URL (embedded mode has no "
                 "replicas)"
             )
-        if self.ingest_wait_replicas and self.redis_cluster:
-            raise ValueError(
-                "NOTIFIER_INGEST_WAIT_REPLICAS is not supported on a Redis Cluster yet (WAIT "
-                "would have to go to each partition's primary)"
-            )
         if self.queue_redis_url and not self.redis_url:
             raise ValueError("NOTIFIER_QUEUE_REDIS_URL needs NOTIFIER_REDIS_URL")
         if self.redis_cluster and not self.queue_redis_url:

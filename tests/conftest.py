@@ -17,7 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -104,10 +104,25 @@ def redis_url() -> Iterator[str]:
 # -- a Redis Cluster: 3 masters, 3 replicas and a queue Redis, for the session ------------
 
 
+#: the cluster's nodes' own settings (``Cluster.restart`` starts one again with them)
+CLUSTER_OPTIONS = (
+    *("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
+    *("--cluster-node-timeout", "3000", "--save", "", "--appendonly", "no"),
+)
+
+
 @dataclass
 class Cluster:
     ports: list[int]
     queue_port: int
+    workdir: Path = field(default_factory=Path)
+    #: each node's redis-server process (a node a test restarted: its new one)
+    procs: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def restart(self, port: int) -> None:
+        """Start a node a test stopped again, from its nodes.conf: it rejoins the cluster
+        (a master whose replica took over comes back as that replica's replica)."""
+        self.procs[port] = start_redis(port, self.workdir / str(port), *CLUSTER_OPTIONS)
 
     @property
     def url(self) -> str:
@@ -127,6 +142,15 @@ class Cluster:
                 if r.execute_command("ROLE")[0] == b"master":
                     out.append(port)
         return out
+
+    def replica_of(self, master: int) -> int:
+        """The port of ``master``'s replica."""
+        for port in self.ports:
+            with self.node(port) as r:
+                role = r.execute_command("ROLE")
+                if role[0] == b"slave" and role[2] == master:
+                    return port
+        raise AssertionError(f"no replica of the master on port {master}")
 
     def ready(self) -> bool:
         """Every node sees the cluster as ok, with 3 masters each followed by a replica
@@ -157,21 +181,14 @@ def _cli() -> str:
 def cluster() -> Iterator[Cluster]:
     workdir = Path(tempfile.mkdtemp(prefix="notifier-cluster-"))
     ports = node_ports(6)
-    procs = []
+    procs: dict[int, subprocess.Popen[bytes]] = {}
     try:
         for port in ports:
             (workdir / str(port)).mkdir()
-            procs.append(
-                start_redis(
-                    port,
-                    workdir / str(port),
-                    *("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
-                    *("--cluster-node-timeout", "3000", "--save", "", "--appendonly", "no"),
-                )
-            )
+            procs[port] = start_redis(port, workdir / str(port), *CLUSTER_OPTIONS)
         queue_port = free_port(with_bus_ports(ports))
         (workdir / "queue").mkdir()
-        procs.append(start_redis(queue_port, workdir / "queue"))
+        procs[queue_port] = start_redis(queue_port, workdir / "queue")
         create = [_cli(), "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports)]
         subprocess.run(
             [*create, "--cluster-replicas", "1", "--cluster-yes"],
@@ -180,14 +197,14 @@ def cluster() -> Iterator[Cluster]:
             timeout=60,
             env=real_clock_env(),  # redis-cli cannot load libfaketime either
         )
-        found = Cluster(ports, queue_port)
+        found = Cluster(ports, queue_port, workdir, procs)
         # a replica's first sync waits for Redis's diskless-sync delay (5 s)
         wait_until(found.ready, "the Redis Cluster to form", seconds=60)
         yield found
     finally:
-        for proc in procs:
+        for proc in procs.values():
             proc.terminate()
-        for proc in procs:
+        for proc in procs.values():
             proc.wait(timeout=10)
         shutil.rmtree(workdir, ignore_errors=True)
 

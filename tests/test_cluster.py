@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
+import signal
 import threading
 import time
 from collections import Counter
@@ -326,15 +328,80 @@ async def test_a_tracking_number_is_found_on_every_partition(on_cluster: Setting
 def test_a_cluster_needs_its_own_queue_redis(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="NOTIFIER_QUEUE_REDIS_URL"):
         make_settings(tmp_path, redis_url="redis+cluster://127.0.0.1:7000")
-    with pytest.raises(ValidationError, match="not supported on a Redis Cluster"):
-        make_settings(
-            tmp_path,
-            redis_url="redis+cluster://127.0.0.1:7000",
-            queue_redis_url="redis://127.0.0.1:7001",
-            ingest_wait_replicas=1,
-        )
     with pytest.raises(ValidationError, match="redis\\+cluster://"):
         make_settings(tmp_path, redis_url="cluster://127.0.0.1:7000")
+
+
+@pytest.mark.timeout(120)
+async def test_ingest_waits_for_each_partitions_replica_on_a_cluster(
+    on_cluster: Settings, cluster: Cluster
+) -> None:
+    """NOTIFIER_INGEST_WAIT_REPLICAS on a cluster: each ingest call waits (WAIT, on its own
+    connection) for a replica of the primary that holds its partition. With that replica
+    frozen, its events are answered 503 (stored on the primary: a retry is a duplicate),
+    while the other primaries' events are accepted; once it is back, the retry is a
+    duplicate and every event is delivered once. A primary that does not know the script
+    yet (flushed here) is sent its text."""
+    settings = on_cluster.model_copy(
+        update={"ingest_wait_replicas": 1, "ingest_wait_timeout_ms": 500}
+    )
+    for port in cluster.masters():
+        with cluster.node(port) as r:
+            r.script_flush()
+    shipments = [f"shp_w{i}" for i in range(12)]
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        store = res.store
+        primary_of = {
+            s: store_primary(res, store.inbox_key(store.partition_of("acme", s))) for s in shipments
+        }
+    frozen_primary = primary_of[shipments[0]]
+    frozen = [s for s in shipments if primary_of[s] == frozen_primary]
+    others = [s for s in shipments if primary_of[s] != frozen_primary]
+    assert frozen and others
+    replica = cluster.replica_of(frozen_primary)
+    async with TestClient(TestServer(create_app(settings, clock=fixed_clock()))) as client:
+        body = await post(
+            client, *(transition(event_id=f"w-{s}", shipment_id=s) for s in shipments)
+        )
+        assert body["accepted"] == len(shipments)
+        ready = await (await client.get("/readyz")).json()
+        assert ready["replicas"] == "ok"
+        await run_worker(settings)  # out for delivery: an email each
+
+        again = [
+            transition(
+                event_id=f"w2-{s}",
+                shipment_id=s,
+                status="delivered",
+                occurred_at="2026-11-21T12:30:00+01:00",
+            )
+            for s in shipments
+        ]
+        held = [t for t in again if t["shipment_id"] in frozen]
+        os.kill(cluster.procs[replica].pid, signal.SIGSTOP)  # connected, but acks nothing
+        try:
+            resp = await client.post("/v1/transitions", json={"transitions": held}, headers=auth())
+            assert resp.status == 503, await resp.text()
+            assert resp.headers["Retry-After"].isdigit()
+            assert "only 0 of the 1 Redis replicas" in (await resp.json())["error"]["message"]
+            elsewhere = [t for t in again if t["shipment_id"] in others]
+            body = await post(client, *elsewhere)
+            assert body["accepted"] == len(elsewhere)
+        finally:
+            os.kill(cluster.procs[replica].pid, signal.SIGCONT)
+        wait_until(cluster.ready, "the replica to catch up", seconds=30)
+        body = await post(client, *held)  # the backend's retry
+        assert body["duplicates"] == len(held) and body["accepted"] == 0
+    await run_worker(settings)
+    delivered = Counter(p.parent.name for p in outbox_files(settings, ".eml"))
+    assert delivered == {s: 2 for s in shipments}
+
+
+def store_primary(res: Resources, key: str) -> int:
+    """The port of the primary that holds ``key``'s slot, as the client knows it."""
+    node = res.redis.get_node_from_key(key)  # type: ignore[union-attr]
+    assert node is not None
+    return int(node.port)
 
 
 @pytest.mark.timeout(240)

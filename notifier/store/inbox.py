@@ -21,8 +21,19 @@ from typing import Any, cast
 
 import orjson
 from arq.connections import ArqRedis
+from redis.asyncio.cluster import PipelineCommand, RedisCluster
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from notifier.store import keys
 from notifier.store.base import Scope, StoreBase, decode
@@ -193,10 +204,12 @@ class Inbox(StoreBase):
         woken: list[int] = []
         unconfirmed: NotReplicated | None = None
         for at, answer in zip(groups, answers, strict=True):
-            if isinstance(answer, BaseException):
-                raise answer  # every caller of the group gets a 503; what went in, went in
+            # (a NotReplicated is an error too: its events are stored, and its partitions
+            # are woken with every other group's)
             if isinstance(answer, NotReplicated):
                 unconfirmed, answer = answer, (answer.admissions, answer.woken)
+            elif isinstance(answer, BaseException):
+                raise answer  # every caller of the group gets a 503; what went in, went in
             for i, admission in zip(at, answer[0], strict=True):
                 admissions[i] = admission
             woken += answer[1]
@@ -264,7 +277,9 @@ class Inbox(StoreBase):
             keys.EVENT_FIELD_BYTES,
             keys.EVENT_DIGEST_BYTES,
         ]
-        if self.wait_replicas:
+        if self.wait_replicas and self.cluster:
+            (accepted, woken), replicas = await self._ingest_and_wait(names, args)
+        elif self.wait_replicas:
             # WAIT counts the writes of its own connection: one pipeline, one connection
             async with self.redis.pipeline(transaction=False) as pipe:
                 await self.scripts.ingest(keys=names, args=args, client=cast(Any, pipe))
@@ -281,6 +296,56 @@ class Inbox(StoreBase):
             unconfirmed.admissions = admissions
             return unconfirmed
         return admissions, parts
+
+    async def _ingest_and_wait(self, names: list[str], args: list[Any]) -> tuple[Any, int]:
+        """On a cluster: the ingest script and WAIT on one connection to the primary of the
+        call's slot, as one pipeline (WAIT counts only its own connection's writes, and
+        redis-py's cluster pipeline would send a redirected script again on another).
+
+        A primary that no longer holds the slot (a failover) runs nothing and answers a
+        redirect: the client learns the cluster's layout again and the call is tried once
+        more, then answered as an outage (a 503; nothing was written). A primary that
+        does not know the script yet gets its text (EVAL)."""
+        cluster = cast(RedisCluster, self.redis)
+        script = self.scripts.ingest
+        command: tuple[Any, ...] = ("EVALSHA", script.sha)
+        redirected = False
+        for _ in range(3):
+            await cluster.initialize()  # after ``aclose``, learns the layout again
+            try:
+                node = cluster.get_node_from_key(names[0])
+            except SlotNotCoveredError as exc:  # a failover under way
+                raise RedisConnectionError(f"Redis Cluster: {exc}") from exc
+            if node is None:
+                raise RedisConnectionError("Redis Cluster: no primary holds the inbox's slot")
+            calls = [
+                PipelineCommand(0, *command, len(names), *names, *args),
+                PipelineCommand(1, "WAIT", self.wait_replicas, self.wait_timeout_ms),
+            ]
+            try:
+                await node.execute_pipeline(calls)
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                calls[0].result = exc
+            ran, waited = calls[0].result, calls[1].result
+            if isinstance(ran, (RedisConnectionError, RedisTimeoutError, OSError)):
+                # the node is down or going (whether the script ran is not known: a retry
+                # is answered as a duplicate, never a second event)
+                await cluster.aclose()  # its next call learns the layout again
+                raise RedisConnectionError(f"Redis Cluster node {node.name}: {ran}") from ran
+            if isinstance(ran, NoScriptError):
+                command = ("EVAL", script.script)
+                continue
+            if isinstance(ran, (MovedError, AskError, TryAgainError, ClusterDownError)):
+                await cluster.aclose()
+                if redirected:
+                    raise RedisConnectionError(f"Redis Cluster is moving slots: {ran}")
+                redirected = True
+                continue
+            if isinstance(ran, BaseException):
+                raise ran
+            # the script ran; a WAIT that failed confirmed no replica
+            return ran, 0 if isinstance(waited, BaseException) else int(waited)
+        raise RedisConnectionError("Redis Cluster: the ingest script could not be run")
 
     # -- the streams --------------------------------------------------------------------
     async def ensure_groups(self) -> None:
