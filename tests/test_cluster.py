@@ -405,13 +405,16 @@ def store_primary(res: Resources, key: str) -> int:
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.parametrize("how", ["manual", "crash"])
 def test_a_master_failover_mid_stream_loses_nothing_accepted(
-    cluster: Cluster, tmp_path: Path
+    cluster: Cluster, tmp_path: Path, how: str
 ) -> None:
     """`notifier serve` and two `notifier worker` processes on the cluster; while batches
-    stream in, a replica takes over from its master (CLUSTER FAILOVER). Every transition
-    the API accepted (202) is delivered exactly once; those it refused meanwhile (503) are
-    posted again, as the tracking backend does, and delivered once too."""
+    stream in, a replica takes over from its master: a manual failover (CLUSTER FAILOVER),
+    or its master SIGKILLed, with the API waiting for a replica before it answers
+    (NOTIFIER_INGEST_WAIT_REPLICAS=1). Every transition the API accepted (202) is delivered
+    exactly once; those it refused meanwhile (503) are posted again, as the tracking
+    backend does, and delivered once too."""
     flush_cluster(cluster)
     port = free_port()
     # the processes run on the real clock: no SMS may wait for quiet hours (in Paris from
@@ -430,13 +433,17 @@ def test_a_master_failover_mid_stream_loses_nothing_accepted(
         "NOTIFIER_PORT": str(port),
         "NOTIFIER_WORKER_POLL_DELAY_S": "0.05",
     }
+    if how == "crash":
+        env["NOTIFIER_INGEST_WAIT_REPLICAS"] = "1"
     procs = [spawn_notifier(["serve"], tmp_path, **env)]
     procs += [spawn_notifier(["worker"], tmp_path, **env) for _ in range(2)]
     try:
         wait_until(lambda: healthy(port), "notifier serve on the cluster", seconds=60)
         accepted: set[str] = set()
         refused, posted, after = 0, 0, 0
-        failover = threading.Thread(target=fail_over, args=(cluster,))
+        failover = threading.Thread(
+            target=fail_over if how == "manual" else crash_a_master, args=(cluster,)
+        )
         pending: list[dict[str, Any]] = []
         # batches of new shipments before, during and for 10 batches after the failover
         while posted < 50 or failover.is_alive() or after < 10 or pending:
@@ -596,6 +603,23 @@ def fail_over(cluster: Cluster) -> None:
             return bool(r.execute_command("ROLE")[0] == b"slave")
 
     wait_until(promoted, "the replica to take over", seconds=30)
+
+
+def crash_a_master(cluster: Cluster) -> None:
+    """SIGKILL a master; once its replica has taken over (after cluster-node-timeout),
+    start it again: it comes back as the new master's replica."""
+    master = cluster.masters()[0]
+    replica = cluster.replica_of(master)
+    cluster.procs[master].kill()
+    cluster.procs[master].wait()
+
+    def promoted() -> bool:
+        with cluster.node(replica) as r:
+            return bool(r.execute_command("ROLE")[0] == b"master")
+
+    wait_until(promoted, "the replica to take over", seconds=60)
+    cluster.restart(master)
+    wait_until(cluster.ready, "the crashed master to rejoin as a replica", seconds=60)
 
 
 async def test_a_cluster_named_as_one_redis_or_the_reverse_is_refused_at_start_up(
