@@ -38,7 +38,7 @@ from notifier.render.limits import Limits
 from notifier.render.watch import TreeWatch
 from notifier.settings import EmailChannelName, Settings, cluster_nodes
 from notifier.store import Store, keys
-from notifier.store.base import DataRedis
+from notifier.store.base import DataRedis, raised_in_redis_connection
 from notifier.unsubscribe import headers as unsubscribe_headers
 
 if TYPE_CHECKING:  # embedded mode only: imported when used
@@ -165,20 +165,9 @@ class _ClusterPipeline(ClusterPipeline):
 
 def _as_outage(exc: AttributeError | SlotNotCoveredError) -> BaseException:
     """A failover's error as a Redis connection error; any other AttributeError as it is."""
-    if isinstance(exc, AttributeError) and not _raised_in_redis_connection(exc):
+    if isinstance(exc, AttributeError) and not raised_in_redis_connection(exc):
         return exc
     return RedisConnectionError(f"Redis Cluster: {type(exc).__name__}: {exc}")
-
-
-def _raised_in_redis_connection(exc: BaseException) -> bool:
-    """Whether ``exc`` was raised inside redis-py's connection module."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and tb.tb_frame.f_code.co_filename.endswith(_REDIS_CONNECTION)
-
-
-_REDIS_CONNECTION = str(Path("redis", "asyncio", "connection.py"))
 
 
 def connect(settings: Settings, server: FakeServer | None = None) -> DataRedis:

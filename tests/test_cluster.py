@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -397,6 +398,87 @@ async def test_ingest_waits_for_each_partitions_replica_on_a_cluster(
     assert delivered == {s: 2 for s in shipments}
 
 
+@pytest.mark.timeout(180)
+async def test_what_ingest_answered_503_for_is_what_a_crash_loses(
+    on_cluster: Settings, cluster: Cluster
+) -> None:
+    """Why ingest waits for a replica: with it frozen, a master's events are answered 503;
+    the master is then SIGKILLed and the replica, thawed, takes over without them. The
+    backend's retry is accepted anew (it is not a duplicate: they were lost), everything
+    answered 202 before is there, and each event is delivered once."""
+    settings = on_cluster.model_copy(
+        update={"ingest_wait_replicas": 1, "ingest_wait_timeout_ms": 500}
+    )
+    shipments = [f"shp_k{i}" for i in range(12)]
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        store = res.store
+        primary_of = {
+            s: store_primary(res, store.inbox_key(store.partition_of("acme", s))) for s in shipments
+        }
+    master = primary_of[shipments[0]]
+    mine = [s for s in shipments if primary_of[s] == master]
+    replica = cluster.replica_of(master)
+    later = "2026-11-21T12:30:00+01:00"
+    async with TestClient(TestServer(create_app(settings, clock=fixed_clock()))) as client:
+        body = await post(
+            client, *(transition(event_id=f"k-{s}", shipment_id=s) for s in shipments)
+        )
+        assert body["accepted"] == len(shipments)
+        await run_worker(settings)  # out for delivery: an email each
+        with cluster.node(master) as r:  # the worker's writes are on the replica too
+            r.ping()
+            assert r.execute_command("WAIT", 1, 5000) == 1
+
+        delivered = [
+            transition(event_id=f"k2-{s}", shipment_id=s, status="delivered", occurred_at=later)
+            for s in mine
+        ]
+        # the replica frozen and its link cut (what the master sends now never reaches it;
+        # frozen alone, it would still read what its socket had received)
+        os.kill(cluster.procs[replica].pid, signal.SIGSTOP)
+        try:
+            with cluster.node(master) as r:
+                r.execute_command("CLIENT", "KILL", "TYPE", "replica")
+            resp = await client.post(
+                "/v1/transitions", json={"transitions": delivered}, headers=auth()
+            )
+            assert resp.status == 503, await resp.text()
+            cluster.procs[master].kill()  # stored on the master alone: lost with it
+            cluster.procs[master].wait()
+        finally:
+            os.kill(cluster.procs[replica].pid, signal.SIGCONT)
+
+        def promoted() -> bool:
+            with cluster.node(replica) as r:
+                return bool(r.execute_command("ROLE")[0] == b"master")
+
+        wait_until(promoted, "the replica to take over", seconds=60)
+        with cluster.node(replica) as r:  # what was answered 503 is not there
+            streams = list(r.scan_iter("ntf:inbox:*", _type="stream"))
+            bodies = [f[b"t"] for k in streams for _, f in r.xrange(k)]
+        assert streams and not [b for b in bodies if b"k2-" in b]
+        assert sum(b"k-" in b for b in bodies) == 0  # (drained and acknowledged before)
+        # the promoted replica has no replica of its own until the crashed master is back:
+        # until then ingest answers 503 for its partitions, as it should
+        cluster.restart(master)
+        wait_until(cluster.ready, "the crashed master to rejoin as a replica", seconds=60)
+        deadline = time.monotonic() + 60
+        while True:  # the backend posts again until it gets an answer
+            resp = await client.post(
+                "/v1/transitions", json={"transitions": delivered}, headers=auth()
+            )
+            if resp.status == 202 or time.monotonic() > deadline:
+                break
+            assert resp.status == 503, await resp.text()
+            await asyncio.sleep(0.2)
+        assert resp.status == 202, await resp.text()
+        body = await resp.json()
+        assert body["accepted"] + body["duplicates"] == len(mine)
+    await run_worker(settings)
+    emails = Counter(p.parent.name for p in outbox_files(settings, ".eml"))
+    assert emails == {s: 2 if s in mine else 1 for s in shipments}
+
+
 def store_primary(res: Resources, key: str) -> int:
     """The port of the primary that holds ``key``'s slot, as the client knows it."""
     node = res.redis.get_node_from_key(key)  # type: ignore[union-attr]
@@ -405,16 +487,16 @@ def store_primary(res: Resources, key: str) -> int:
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("how", ["manual", "crash"])
+@pytest.mark.parametrize(("how", "wait"), [("manual", False), ("manual", True), ("crash", True)])
 def test_a_master_failover_mid_stream_loses_nothing_accepted(
-    cluster: Cluster, tmp_path: Path, how: str
+    cluster: Cluster, tmp_path: Path, how: str, wait: bool
 ) -> None:
     """`notifier serve` and two `notifier worker` processes on the cluster; while batches
     stream in, a replica takes over from its master: a manual failover (CLUSTER FAILOVER),
-    or its master SIGKILLed, with the API waiting for a replica before it answers
-    (NOTIFIER_INGEST_WAIT_REPLICAS=1). Every transition the API accepted (202) is delivered
-    exactly once; those it refused meanwhile (503) are posted again, as the tracking
-    backend does, and delivered once too."""
+    or its master SIGKILLed; with or without the API waiting for a replica before it
+    answers (NOTIFIER_INGEST_WAIT_REPLICAS=1). Every transition the API accepted (202) is
+    delivered exactly once; those it refused meanwhile (503) are posted again, as the
+    tracking backend does, and delivered once too."""
     flush_cluster(cluster)
     port = free_port()
     # the processes run on the real clock: no SMS may wait for quiet hours (in Paris from
@@ -433,10 +515,13 @@ def test_a_master_failover_mid_stream_loses_nothing_accepted(
         "NOTIFIER_PORT": str(port),
         "NOTIFIER_WORKER_POLL_DELAY_S": "0.05",
     }
-    if how == "crash":
+    if wait:
         env["NOTIFIER_INGEST_WAIT_REPLICAS"] = "1"
     procs = [spawn_notifier(["serve"], tmp_path, **env)]
     procs += [spawn_notifier(["worker"], tmp_path, **env) for _ in range(2)]
+    # read as it comes: a pipe left unread fills up (64 KB of log lines, one a refused
+    # post) and blocks the process at its next line
+    readers = [Reader(proc) for proc in procs]
     try:
         wait_until(lambda: healthy(port), "notifier serve on the cluster", seconds=60)
         accepted: set[str] = set()
@@ -486,9 +571,27 @@ def test_a_master_failover_mid_stream_loses_nothing_accepted(
     finally:
         for proc in procs:
             proc.terminate()
-        for proc in procs:
-            out, _ = proc.communicate(timeout=30)
+        for proc, reader in zip(procs, readers, strict=True):
+            proc.wait(timeout=30)
+            out = reader.text()
             assert "Traceback" not in out or proc.returncode == 0, out[-3000:]
+
+
+class Reader:
+    """A process's output, read on a thread of its own as it comes."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        self.stream = proc.stdout
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=self.lines.extend, args=(self.stream,))
+        self.thread.start()
+
+    def text(self) -> str:
+        """All of it, once the process has ended."""
+        self.thread.join(timeout=30)
+        self.stream.close()
+        return "".join(self.lines)
 
 
 async def test_any_named_node_will_do_and_none_answering_is_an_outage(
@@ -575,6 +678,45 @@ def test_a_cluster_failover_reads_as_an_outage_not_a_crash(
         monkeypatch.setattr(owner, name, ours)
         with pytest.raises(AttributeError):
             run(owner)
+        monkeypatch.undo()
+
+
+def test_ingest_waiting_for_replicas_reads_a_failover_as_an_outage(
+    monkeypatch: pytest.MonkeyPatch, on_cluster: Settings
+) -> None:
+    """The same in ingest's own pipeline to a primary (NOTIFIER_INGEST_WAIT_REPLICAS): a
+    connection closed under it, raised or as a command's result, is a 503, never a 500."""
+    from redis.asyncio.cluster import ClusterNode
+
+    where = str(Path(redis_module_dir(), "asyncio", "connection.py"))
+    scope: dict[str, Any] = {}
+    exec(compile("def closed(*a, **k):\n    None.writelines([])\n", where, "exec"), scope)
+
+    async def raised(node: Any, commands: list[Any]) -> bool:
+        scope["closed"]()
+        return True
+
+    async def as_result(node: Any, commands: list[Any]) -> bool:
+        for command in commands:
+            try:
+                scope["closed"]()
+            except AttributeError as exc:
+                command.result = exc
+        return True
+
+    waiting = on_cluster.model_copy(update={"ingest_wait_replicas": 1})
+
+    async def post_one() -> int:
+        async with TestClient(TestServer(create_app(waiting, clock=fixed_clock()))) as client:
+            resp = await client.post(
+                "/v1/transitions", json={"transitions": [transition()]}, headers=auth()
+            )
+            return resp.status
+
+    assert asyncio.run(post_one()) == 202
+    for fake in (raised, as_result):
+        monkeypatch.setattr(ClusterNode, "execute_pipeline", fake)
+        assert asyncio.run(post_one()) == 503
         monkeypatch.undo()
 
 

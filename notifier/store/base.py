@@ -6,6 +6,7 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Sequence
+from pathlib import Path
 from typing import TypeVar
 
 from redis.asyncio import Redis
@@ -21,6 +22,18 @@ DataRedis = Redis | RedisCluster
 #: What a key belongs to: a partition on a Redis Cluster (its hash tag), None on one Redis,
 #: where the partitions share every index.
 Scope = int | None
+
+
+def raised_in_redis_connection(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised inside redis-py's connection module (a connection its
+    cluster client closed under a running command, as it follows a failover)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename.endswith(_REDIS_CONNECTION)
+
+
+_REDIS_CONNECTION = str(Path("redis", "asyncio", "connection.py"))
 
 
 def data_error(exc: BaseException) -> bool:

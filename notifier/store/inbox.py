@@ -21,7 +21,7 @@ from typing import Any, cast
 
 import orjson
 from arq.connections import ArqRedis
-from redis.asyncio.cluster import PipelineCommand, RedisCluster
+from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
 from redis.exceptions import (
     AskError,
     ClusterDownError,
@@ -36,7 +36,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from notifier.store import keys
-from notifier.store.base import Scope, StoreBase, decode
+from notifier.store.base import Scope, StoreBase, decode, raised_in_redis_connection
 from notifier.store.keys import GROUP
 
 
@@ -70,6 +70,23 @@ def body_digest(body: Any) -> str:
     canonical = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
     digest = hashlib.blake2b(canonical, digest_size=9).digest()[:6]
     return base64.b64encode(digest).decode()[:DIGEST_CHARS]
+
+
+def _unreachable(result: Any) -> bool:
+    """Whether a pipelined command's result says its node could not be reached (an
+    AttributeError from redis-py's connection module: a connection its client closed
+    under it, as happens while it follows a failover)."""
+    if isinstance(result, AttributeError):
+        return raised_in_redis_connection(result)
+    return isinstance(result, (RedisConnectionError, RedisTimeoutError, OSError))
+
+
+async def _relearn(cluster: RedisCluster) -> None:
+    """Have the cluster client learn the layout again at its next call. (Unlike redis-py
+    after a connection error, the node that did not answer is left among the nodes it
+    starts from: other calls may be reading that list, and a node that was down is often
+    back by the next call.)"""
+    await cluster.aclose()
 
 
 class NotReplicated(RedisError):
@@ -302,50 +319,61 @@ class Inbox(StoreBase):
         call's slot, as one pipeline (WAIT counts only its own connection's writes, and
         redis-py's cluster pipeline would send a redirected script again on another).
 
-        A primary that no longer holds the slot (a failover) runs nothing and answers a
-        redirect: the client learns the cluster's layout again and the call is tried once
-        more, then answered as an outage (a 503; nothing was written). A primary that
-        does not know the script yet gets its text (EVAL)."""
+        A primary that does not know the script yet gets its text (EVAL). One that no
+        longer holds the slot runs nothing and answers MOVED (the client patches its slot
+        map, as redis-py does) or ASK (a slot being migrated: the call goes to the node
+        named, after ASKING); the call is tried again, a few times, then answered as an
+        outage (a 503; nothing was written). After a node that cannot be reached, the
+        client learns the layout again."""
         cluster = cast(RedisCluster, self.redis)
         script = self.scripts.ingest
         command: tuple[Any, ...] = ("EVALSHA", script.sha)
-        redirected = False
-        for _ in range(3):
-            await cluster.initialize()  # after ``aclose``, learns the layout again
-            try:
-                node = cluster.get_node_from_key(names[0])
-            except SlotNotCoveredError as exc:  # a failover under way
-                raise RedisConnectionError(f"Redis Cluster: {exc}") from exc
-            if node is None:
-                raise RedisConnectionError("Redis Cluster: no primary holds the inbox's slot")
-            calls = [
-                PipelineCommand(0, *command, len(names), *names, *args),
-                PipelineCommand(1, "WAIT", self.wait_replicas, self.wait_timeout_ms),
+        asking: ClusterNode | None = None
+        for _ in range(4):
+            await cluster.initialize()  # after ``_relearn``, learns the layout again
+            node = asking or self._primary_of(cluster, names[0])
+            calls = [PipelineCommand(0, "ASKING")] if asking else []
+            calls += [
+                PipelineCommand(len(calls), *command, len(names), *names, *args),
+                PipelineCommand(len(calls) + 1, "WAIT", self.wait_replicas, self.wait_timeout_ms),
             ]
+            asking = None
             try:
                 await node.execute_pipeline(calls)
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                calls[0].result = exc
-            ran, waited = calls[0].result, calls[1].result
-            if isinstance(ran, (RedisConnectionError, RedisTimeoutError, OSError)):
-                # the node is down or going (whether the script ran is not known: a retry
-                # is answered as a duplicate, never a second event)
-                await cluster.aclose()  # its next call learns the layout again
+            except Exception as exc:  # nothing read: the send failed
+                calls[-2].result = exc
+            ran, waited = calls[-2].result, calls[-1].result
+            if _unreachable(ran):
+                # whether the script ran is not known: a retry is a duplicate if it did
+                await _relearn(cluster)
                 raise RedisConnectionError(f"Redis Cluster node {node.name}: {ran}") from ran
             if isinstance(ran, NoScriptError):
                 command = ("EVAL", script.script)
-                continue
-            if isinstance(ran, (MovedError, AskError, TryAgainError, ClusterDownError)):
-                await cluster.aclose()
-                if redirected:
-                    raise RedisConnectionError(f"Redis Cluster is moving slots: {ran}")
-                redirected = True
-                continue
-            if isinstance(ran, BaseException):
+            elif isinstance(ran, MovedError):
+                cluster.nodes_manager._moved_exception = ran  # redis-py's own slot-map patch
+            elif isinstance(ran, AskError):
+                asking = cluster.get_node(host=ran.host, port=ran.port)
+                if asking is None:
+                    await _relearn(cluster)
+            elif isinstance(ran, (TryAgainError, ClusterDownError)):
+                await asyncio.sleep(0.05)
+            elif isinstance(ran, BaseException):
                 raise ran
-            # the script ran; a WAIT that failed confirmed no replica
-            return ran, 0 if isinstance(waited, BaseException) else int(waited)
-        raise RedisConnectionError("Redis Cluster: the ingest script could not be run")
+            else:  # the script ran: events are stored on the primary whatever WAIT says
+                if _unreachable(waited):
+                    await _relearn(cluster)
+                return ran, 0 if isinstance(waited, BaseException) else int(waited)
+        raise RedisConnectionError("Redis Cluster: the ingest call kept being redirected")
+
+    @staticmethod
+    def _primary_of(cluster: RedisCluster, key: str) -> ClusterNode:
+        """The primary of ``key``'s slot, as the client knows it: through its nodes
+        manager, which first applies a MOVED it was given (``get_node_from_key`` reads the
+        slot map as it is, and would send the call to the old primary again)."""
+        try:
+            return cluster.nodes_manager.get_node_from_slot(cluster.keyslot(key))
+        except SlotNotCoveredError as exc:  # a failover under way
+            raise RedisConnectionError(f"Redis Cluster: {exc}") from exc
 
     # -- the streams --------------------------------------------------------------------
     async def ensure_groups(self) -> None:
