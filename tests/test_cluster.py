@@ -479,6 +479,63 @@ async def test_what_ingest_answered_503_for_is_what_a_crash_loses(
     assert emails == {s: 2 if s in mine else 1 for s in shipments}
 
 
+async def test_ingest_waiting_for_replicas_through_a_slot_migration(
+    on_cluster: Settings, cluster: Cluster
+) -> None:
+    """While a partition's slot moves to another master (resharding), ingest's script over
+    several keys can run on neither (the old master answers ASK, the new one TRYAGAIN):
+    503, nothing stored. Once the slot has moved, the old master answers MOVED and the
+    call goes to the new one, and waits for that one's replica: accepted."""
+    settings = on_cluster.model_copy(
+        update={"ingest_wait_replicas": 1, "ingest_wait_timeout_ms": 500}
+    )
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        store = res.store
+        key = store.inbox_key(store.partition_of("acme", "shp_ask"))
+        source = store_primary(res, key)
+    slot = key_slot(key.encode())
+    target = next(p for p in cluster.masters() if p != source)
+    move_slot(cluster, slot, source, target, finish=False)
+    try:
+        async with TestClient(TestServer(create_app(settings, clock=fixed_clock()))) as client:
+            event = transition(event_id="e-ask", shipment_id="shp_ask")
+            resp = await client.post("/v1/transitions", json=event, headers=auth())
+            assert resp.status == 503, await resp.text()
+            assert resp.headers["Retry-After"].isdigit()
+            move_slot(cluster, slot, source, target, keys=False)  # done: the slot is there
+            body = await post(client, event)  # the backend's retry
+            assert body["accepted"] == 1
+        with cluster.node(target) as r:
+            assert r.xlen(key) == 1
+    finally:
+        move_slot(cluster, slot, target, source)  # as it was, keys and all
+    wait_until(cluster.ready, "the cluster to agree on the slot", seconds=30)
+
+
+def move_slot(
+    cluster: Cluster, slot: int, source: int, target: int, keys: bool = True, finish: bool = True
+) -> None:
+    """Reshard ``slot`` from the master on ``source`` to the one on ``target``, as
+    `redis-cli --cluster reshard` does: mark it importing and migrating, MIGRATE its keys,
+    then give it to the target on every master (``finish=False`` stops before that,
+    ``keys=False`` only gives it)."""
+    ids = {}
+    for port in (source, target):
+        with cluster.node(port) as r:
+            ids[port] = r.execute_command("CLUSTER MYID").decode()
+    if keys:
+        with cluster.node(target) as r:
+            r.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source])
+        with cluster.node(source) as r:
+            r.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target])
+            while names := r.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+                r.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *names)
+    if finish:
+        for port in cluster.masters():
+            with cluster.node(port) as r:
+                r.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target])
+
+
 def store_primary(res: Resources, key: str) -> int:
     """The port of the primary that holds ``key``'s slot, as the client knows it."""
     node = res.redis.get_node_from_key(key)  # type: ignore[union-attr]

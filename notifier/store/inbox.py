@@ -321,28 +321,24 @@ class Inbox(StoreBase):
 
         A primary that does not know the script yet gets its text (EVAL). One that no
         longer holds the slot runs nothing and answers MOVED (the client patches its slot
-        map, as redis-py does) or ASK (a slot being migrated: the call goes to the node
-        named, after ASKING); the call is tried again, a few times, then answered as an
-        outage (a 503; nothing was written). After a node that cannot be reached, the
-        client learns the layout again."""
+        map, as redis-py does); a slot being migrated, ASK or TRYAGAIN. The call is tried
+        again, a few times, then answered as an outage (a 503; nothing was written). After
+        a node that cannot be reached, the client learns the layout again."""
         cluster = cast(RedisCluster, self.redis)
         script = self.scripts.ingest
         command: tuple[Any, ...] = ("EVALSHA", script.sha)
-        asking: ClusterNode | None = None
         for _ in range(4):
             await cluster.initialize()  # after ``_relearn``, learns the layout again
-            node = asking or self._primary_of(cluster, names[0])
-            calls = [PipelineCommand(0, "ASKING")] if asking else []
-            calls += [
-                PipelineCommand(len(calls), *command, len(names), *names, *args),
-                PipelineCommand(len(calls) + 1, "WAIT", self.wait_replicas, self.wait_timeout_ms),
+            node = self._primary_of(cluster, names[0])
+            calls = [
+                PipelineCommand(0, *command, len(names), *names, *args),
+                PipelineCommand(1, "WAIT", self.wait_replicas, self.wait_timeout_ms),
             ]
-            asking = None
             try:
                 await node.execute_pipeline(calls)
             except Exception as exc:  # nothing read: the send failed
-                calls[-2].result = exc
-            ran, waited = calls[-2].result, calls[-1].result
+                calls[0].result = exc
+            ran, waited = calls[0].result, calls[1].result
             if _unreachable(ran):
                 # whether the script ran is not known: a retry is a duplicate if it did
                 await _relearn(cluster)
@@ -351,11 +347,9 @@ class Inbox(StoreBase):
                 command = ("EVAL", script.script)
             elif isinstance(ran, MovedError):
                 cluster.nodes_manager._moved_exception = ran  # redis-py's own slot-map patch
-            elif isinstance(ran, AskError):
-                asking = cluster.get_node(host=ran.host, port=ran.port)
-                if asking is None:
-                    await _relearn(cluster)
-            elif isinstance(ran, (TryAgainError, ClusterDownError)):
+            elif isinstance(ran, (AskError, TryAgainError, ClusterDownError)):
+                # the slot is being migrated (a script over several keys runs on neither
+                # node until it is done: ASK here, TRYAGAIN there), or the cluster fails over
                 await asyncio.sleep(0.05)
             elif isinstance(ran, BaseException):
                 raise ran
