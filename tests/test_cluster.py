@@ -343,18 +343,12 @@ async def test_ingest_waits_for_each_partitions_replica_on_a_cluster(
     while the other primaries' events are accepted; once it is back, the retry is a
     duplicate and every event is delivered once. A primary that does not know the script
     yet (flushed here) is sent its text."""
-    settings = on_cluster.model_copy(
-        update={"ingest_wait_replicas": 1, "ingest_wait_timeout_ms": 500}
-    )
+    settings = waiting_for_replicas(on_cluster)
     for port in cluster.masters():
         with cluster.node(port) as r:
             r.script_flush()
     shipments = [f"shp_w{i}" for i in range(12)]
-    async with open_resources(settings, clock=fixed_clock()) as res:
-        store = res.store
-        primary_of = {
-            s: store_primary(res, store.inbox_key(store.partition_of("acme", s))) for s in shipments
-        }
+    primary_of = await primaries(settings, shipments)
     frozen_primary = primary_of[shipments[0]]
     frozen = [s for s in shipments if primary_of[s] == frozen_primary]
     others = [s for s in shipments if primary_of[s] != frozen_primary]
@@ -402,19 +396,14 @@ async def test_ingest_waits_for_each_partitions_replica_on_a_cluster(
 async def test_what_ingest_answered_503_for_is_what_a_crash_loses(
     on_cluster: Settings, cluster: Cluster
 ) -> None:
-    """Why ingest waits for a replica: with it frozen, a master's events are answered 503;
-    the master is then SIGKILLed and the replica, thawed, takes over without them. The
-    backend's retry is accepted anew (it is not a duplicate: they were lost), everything
-    answered 202 before is there, and each event is delivered once."""
-    settings = on_cluster.model_copy(
-        update={"ingest_wait_replicas": 1, "ingest_wait_timeout_ms": 500}
-    )
+    """Why ingest waits for a replica: with it frozen and its link cut, a master's events
+    are answered 503; the master is then SIGKILLed and the replica takes over without them
+    (they are not in its streams). Everything answered 202 before is there; the backend's
+    retry, once the new master has a replica again, is accepted; each event is delivered
+    once."""
+    settings = waiting_for_replicas(on_cluster)
     shipments = [f"shp_k{i}" for i in range(12)]
-    async with open_resources(settings, clock=fixed_clock()) as res:
-        store = res.store
-        primary_of = {
-            s: store_primary(res, store.inbox_key(store.partition_of("acme", s))) for s in shipments
-        }
+    primary_of = await primaries(settings, shipments)
     master = primary_of[shipments[0]]
     mine = [s for s in shipments if primary_of[s] == master]
     replica = cluster.replica_of(master)
@@ -486,9 +475,7 @@ async def test_ingest_waiting_for_replicas_through_a_slot_migration(
     several keys can run on neither (the old master answers ASK, the new one TRYAGAIN):
     503, nothing stored. Once the slot has moved, the old master answers MOVED and the
     call goes to the new one, and waits for that one's replica: accepted."""
-    settings = on_cluster.model_copy(
-        update={"ingest_wait_replicas": 1, "ingest_wait_timeout_ms": 500}
-    )
+    settings = waiting_for_replicas(on_cluster)
     async with open_resources(settings, clock=fixed_clock()) as res:
         store = res.store
         key = store.inbox_key(store.partition_of("acme", "shp_ask"))
@@ -534,6 +521,20 @@ def move_slot(
         for port in cluster.masters():
             with cluster.node(port) as r:
                 r.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target])
+
+
+def waiting_for_replicas(settings: Settings) -> Settings:
+    """``settings`` with ingest waiting for one replica (half a second at most)."""
+    return settings.model_copy(update={"ingest_wait_replicas": 1, "ingest_wait_timeout_ms": 500})
+
+
+async def primaries(settings: Settings, shipments: list[str]) -> dict[str, int]:
+    """The port of the primary that holds each of merchant acme's ``shipments``' inbox."""
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        store = res.store
+        return {
+            s: store_primary(res, store.inbox_key(store.partition_of("acme", s))) for s in shipments
+        }
 
 
 def store_primary(res: Resources, key: str) -> int:
