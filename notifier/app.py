@@ -289,10 +289,13 @@ async def readyz(request: web.Request) -> web.Response:
         checks["workers"] = alive
         wanted = res.settings.ingest_wait_replicas
         if wanted:
-            replicas = await connected_replicas(res.redis)
-            checks["replicas"] = (
-                "ok" if replicas >= wanted else f"{replicas} of the {wanted} required connected"
-            )
+            replicas, silent = await connected_replicas(res.redis)
+            if silent:
+                checks["replicas"] = f"{silent} Redis Cluster master(s) not answering"
+            else:
+                checks["replicas"] = (
+                    "ok" if replicas >= wanted else f"{replicas} of the {wanted} required connected"
+                )
     except (RedisError, OSError) as exc:
         checks["redis"] = f"unreachable ({type(exc).__name__})"
         alive = -1

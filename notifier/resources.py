@@ -132,13 +132,20 @@ class _Cluster(RedisCluster):
       AttributeError from its connection module).
     """
 
+    #: whether it ever learnt the cluster's layout: after that, a node that does not answer
+    #: CLUSTER SLOTS as a cluster's (NOPERM, BUSY, restarted without cluster mode) is an
+    #: outage like any other, not the set-up's error
+    _met = False
+
     async def initialize(self) -> RedisCluster:
         try:
-            return await super().initialize()
+            found = await super().initialize()
         except RedisClusterException as exc:
-            if "not enabled" in str(exc):  # a Redis without cluster mode: the set-up's error
+            if "not enabled" in str(exc) and not self._met:  # a Redis without cluster mode
                 raise
             raise RedisConnectionError(f"Redis Cluster: {exc}") from exc
+        self._met = True
+        return found
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -456,15 +463,41 @@ async def redis_versions(redis: DataRedis) -> list[str]:
     return [str(info.get("redis_version", "")) for info in found]
 
 
-async def connected_replicas(redis: DataRedis) -> int:
-    """Replicas connected to the data's primary; on a cluster, the fewest any primary has
-    (each partition's ingest waits on its own primary's)."""
-    if isinstance(redis, RedisCluster):
+async def connected_replicas(redis: DataRedis) -> tuple[int, int]:
+    """(replicas in sync with the data's primary, primaries that did not answer). On a
+    cluster, of the primary that has fewest. Each primary the client knows is asked its
+    role: one that is a replica now (a failover this process has not been redirected by
+    yet) makes the client learn the layout again first."""
+    if not isinstance(redis, RedisCluster):
+        return _online(await redis.info("replication")), 0
+    for _ in range(2):
+        await redis.initialize()
         primaries = redis.get_primaries()
-        found = [await redis.info("replication", target_nodes=n) for n in primaries]
-    else:
-        found = [await redis.info("replication")]
-    return min((int(info.get("connected_slaves", 0)) for info in found), default=0)
+        online: list[int] = []
+        moved = False
+        for node in primaries:
+            try:
+                info = await redis.info("replication", target_nodes=node)
+            except (RedisError, OSError):
+                continue  # down: counted below
+            if info.get("role") == "master":
+                online.append(_online(info))
+            else:
+                moved = True
+        if not moved:
+            break
+        await redis.aclose()  # its next call learns the layout again
+    return min(online, default=0), len(primaries) - len(online)
+
+
+def _online(info: dict[str, Any]) -> int:
+    """Replicas whose link is up, by ``INFO replication`` (a replica still loading its
+    first copy does not count: WAIT would not either)."""
+    return sum(
+        1
+        for name, value in info.items()
+        if name.startswith("slave") and isinstance(value, dict) and value.get("state") == "online"
+    )
 
 
 async def close_redis(redis: DataRedis) -> None:

@@ -523,6 +523,37 @@ def move_slot(
                 r.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target])
 
 
+async def test_readyz_counts_the_replicas_of_the_masters_there_are_now(
+    on_cluster: Settings, cluster: Cluster
+) -> None:
+    """/readyz with NOTIFIER_INGEST_WAIT_REPLICAS on a cluster asks every node it knows
+    its role: after a manual failover, which nothing in this process has noticed (its
+    client still lists the old master as one), it counts the new master's replica; a
+    replica whose link is down counts for none."""
+    settings = waiting_for_replicas(on_cluster)
+    async with TestClient(TestServer(create_app(settings, clock=fixed_clock()))) as client:
+
+        async def replicas() -> str:
+            return str((await (await client.get("/readyz")).json())["replicas"])
+
+        assert await replicas() == "ok"
+        fail_over(cluster)
+        wait_until(cluster.ready, "the old master to follow the new one", seconds=30)
+        assert await replicas() == "ok"
+        master = cluster.masters()[0]
+        replica = cluster.replica_of(master)
+        with cluster.node(replica) as r:
+            r.execute_command("CONFIG", "SET", "masterauth", "wrong")  # cannot sync again
+        with cluster.node(master) as r:
+            r.execute_command("CLIENT", "KILL", "TYPE", "replica")
+        try:
+            assert await replicas() == "0 of the 1 required connected"
+        finally:
+            with cluster.node(replica) as r:
+                r.execute_command("CONFIG", "SET", "masterauth", "")
+        wait_until(cluster.ready, "the replica to sync again", seconds=30)
+
+
 def waiting_for_replicas(settings: Settings) -> Settings:
     """``settings`` with ingest waiting for one replica (half a second at most)."""
     return settings.model_copy(update={"ingest_wait_replicas": 1, "ingest_wait_timeout_ms": 500})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 from collections import deque
 from collections.abc import Sequence
@@ -86,7 +87,8 @@ async def _relearn(cluster: RedisCluster) -> None:
     after a connection error, the node that did not answer is left among the nodes it
     starts from: other calls may be reading that list, and a node that was down is often
     back by the next call.)"""
-    await cluster.aclose()
+    with contextlib.suppress(RedisError, OSError):  # (closing a connection that hangs)
+        await cluster.aclose()
 
 
 class NotReplicated(RedisError):
@@ -345,8 +347,10 @@ class Inbox(StoreBase):
                 raise RedisConnectionError(f"Redis Cluster node {node.name}: {ran}") from ran
             if isinstance(ran, NoScriptError):
                 command = ("EVAL", script.script)
-            elif isinstance(ran, MovedError):
+            elif isinstance(ran, MovedError) and ran.host:
                 cluster.nodes_manager._moved_exception = ran  # redis-py's own slot-map patch
+            elif isinstance(ran, MovedError):  # no endpoint named: learn the layout again
+                await _relearn(cluster)
             elif isinstance(ran, (AskError, TryAgainError, ClusterDownError)):
                 # the slot is being migrated (a script over several keys runs on neither
                 # node until it is done: ASK here, TRYAGAIN there), or the cluster fails over
