@@ -809,6 +809,39 @@ def test_ingest_waiting_for_replicas_reads_a_failover_as_an_outage(
         monkeypatch.undo()
 
 
+def test_cluster_mode_not_enabled_is_the_set_ups_error_only_at_start_up(
+    monkeypatch: pytest.MonkeyPatch, on_cluster: Settings
+) -> None:
+    """redis-py says "Cluster mode is not enabled" when the last node it tried answered
+    CLUSTER SLOTS with any error. Before the client ever met the cluster that is the
+    set-up's error (a plain Redis named as a cluster); after, an outage (503)."""
+    from redis.asyncio.cluster import RedisCluster
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import RedisClusterException
+
+    from notifier.resources import connect
+
+    client = connect(on_cluster)
+    assert isinstance(client, RedisCluster)
+
+    async def refused(self: Any) -> Any:
+        raise RedisClusterException(
+            "Redis Cluster cannot be connected: Cluster mode is not enabled"
+        )
+
+    async def start_then_lose() -> None:
+        await client.initialize()  # meets the cluster
+        monkeypatch.setattr(RedisCluster, "initialize", refused)
+        with pytest.raises(RedisConnectionError):
+            await client.initialize()
+        await client.aclose()
+
+    asyncio.run(start_then_lose())
+    fresh = connect(on_cluster)
+    with pytest.raises(RedisClusterException, match="not enabled"):
+        asyncio.run(fresh.initialize())
+
+
 def redis_module_dir() -> str:
     import redis
 
