@@ -135,21 +135,24 @@ class Cluster:
     def node(self, port: int) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=port)
 
+    def role(self, port: int) -> list[Any]:
+        """The node's ROLE reply: ``b"master"`` first, or ``b"slave"`` and its master's
+        host and port."""
+        with self.node(port) as r:
+            return list(r.execute_command("ROLE"))
+
+    def is_master(self, port: int) -> bool:
+        return bool(self.role(port)[0] == b"master")
+
     def masters(self) -> list[int]:
-        out = []
-        for port in self.ports:
-            with self.node(port) as r:
-                if r.execute_command("ROLE")[0] == b"master":
-                    out.append(port)
-        return out
+        return [port for port in self.ports if self.is_master(port)]
 
     def replica_of(self, master: int) -> int:
         """The port of ``master``'s replica."""
         for port in self.ports:
-            with self.node(port) as r:
-                role = r.execute_command("ROLE")
-                if role[0] == b"slave" and role[2] == master:
-                    return port
+            role = self.role(port)
+            if role[0] == b"slave" and role[2] == master:
+                return port
         raise AssertionError(f"no replica of the master on port {master}")
 
     def ready(self) -> bool:

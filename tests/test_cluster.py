@@ -437,11 +437,7 @@ async def test_what_ingest_answered_503_for_is_what_a_crash_loses(
         finally:
             os.kill(cluster.procs[replica].pid, signal.SIGCONT)
 
-        def promoted() -> bool:
-            with cluster.node(replica) as r:
-                return bool(r.execute_command("ROLE")[0] == b"master")
-
-        wait_until(promoted, "the replica to take over", seconds=60)
+        wait_until(lambda: cluster.is_master(replica), "the replica to take over", seconds=60)
         with cluster.node(replica) as r:  # what was answered 503 is not there
             streams = list(r.scan_iter("ntf:inbox:*", _type="stream"))
             bodies = [f[b"t"] for k in streams for _, f in r.xrange(k)]
@@ -851,22 +847,9 @@ def redis_module_dir() -> str:
 def fail_over(cluster: Cluster) -> None:
     """A replica takes over from its master (a manual failover: it first catches up)."""
     master = cluster.masters()[0]
-    with cluster.node(master) as r:
-        master_id = r.execute_command("CLUSTER MYID").decode()
-    for port in cluster.ports:
-        with cluster.node(port) as r:
-            role = r.execute_command("ROLE")
-            if role[0] == b"slave" and role[2] == master:
-                r.execute_command("CLUSTER FAILOVER")
-                break
-    else:
-        raise AssertionError(f"no replica of {master_id}")
-
-    def promoted() -> bool:
-        with cluster.node(master) as r:
-            return bool(r.execute_command("ROLE")[0] == b"slave")
-
-    wait_until(promoted, "the replica to take over", seconds=30)
+    with cluster.node(cluster.replica_of(master)) as r:
+        r.execute_command("CLUSTER FAILOVER")
+    wait_until(lambda: not cluster.is_master(master), "the replica to take over", seconds=30)
 
 
 def crash_a_master(cluster: Cluster) -> None:
@@ -876,12 +859,7 @@ def crash_a_master(cluster: Cluster) -> None:
     replica = cluster.replica_of(master)
     cluster.procs[master].kill()
     cluster.procs[master].wait()
-
-    def promoted() -> bool:
-        with cluster.node(replica) as r:
-            return bool(r.execute_command("ROLE")[0] == b"master")
-
-    wait_until(promoted, "the replica to take over", seconds=60)
+    wait_until(lambda: cluster.is_master(replica), "the replica to take over", seconds=60)
     cluster.restart(master)
     wait_until(cluster.ready, "the crashed master to rejoin as a replica", seconds=60)
 
