@@ -81,7 +81,7 @@ class Sent(BaseModel):
 class ShipmentState(BaseModel):
     """The latest known picture of a shipment plus what it has been told."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
     merchant_id: str
     shipment_id: str
