@@ -32,7 +32,7 @@ from notifier.models import Transition
 from notifier.resources import Resources
 from notifier.settings import HASHED_KEY
 from notifier.signing import SIGNATURE_HEADER, verify_signature
-from notifier.store import Admission, IngestItem, NotReplicated, body_digest, wake
+from notifier.store import Admission, IngestItem, NotReplicated, PartlyStored, body_digest, wake
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,10 @@ async def _persist(res: Resources, payloads: list[IngestItem]) -> tuple[list[Adm
     except NotReplicated as exc:
         log.error("ingest: %s", exc)
         metrics.transitions({"unconfirmed": len(payloads)})
-        await _wake(res, exc.woken)  # stored on the primary: its drain need not wait
+        # stored on the primary: its drain need not wait (woken once, though every caller
+        # of a group commit sees this exception)
+        woken, exc.woken = exc.woken, []
+        await _wake(res, woken)
         raise ServiceUnavailable(
             f"stored, but only {exc.acked} of the {exc.required} Redis replicas required "
             "confirmed it in time; retry later (the same events are then answered as "
@@ -198,7 +201,15 @@ async def _persist(res: Resources, payloads: list[IngestItem]) -> tuple[list[Adm
             headers={"Retry-After": RETRY_AFTER_S},
         ) from exc
     except (RedisError, OSError) as exc:
-        log.error("ingest could not persist %d transitions: %s", len(payloads), type(exc).__name__)
+        cause = exc.__cause__ if isinstance(exc, PartlyStored) else exc
+        log.error(
+            "ingest could not persist %d transitions: %s", len(payloads), type(cause).__name__
+        )
+        if isinstance(exc, PartlyStored):
+            # the other partitions' calls stored their events: wake their drains (once,
+            # though every caller of a group commit sees this exception)
+            woken, exc.woken = exc.woken, []
+            await _wake(res, woken)
         raise ServiceUnavailable(
             "the queue cannot take transitions right now; retry later",
             headers={"Retry-After": RETRY_AFTER_S},

@@ -17,6 +17,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,9 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from pydantic import ValidationError
 from redis.crc import key_slot
+from redis.exceptions import ConnectionError as RedisConnectionError
 
-from notifier.app import create_app
+from notifier.app import RESOURCES, create_app
 from notifier.deadletters import DeadLetters
 from notifier.errors import ConfigurationError, TemporaryDeliveryError
 from notifier.models import ChannelKind
@@ -34,6 +36,7 @@ from notifier.pipeline import Pipeline
 from notifier.resources import Resources, data_dir, open_resources
 from notifier.settings import Settings
 from notifier.store import ShipmentCommit, keys, record
+from notifier.store.inbox import Inbox
 from notifier.worker import build_worker, find_stalled, release_due
 from tests.conftest import (
     API_KEYS,
@@ -392,6 +395,47 @@ async def test_ingest_waits_for_each_partitions_replica_on_a_cluster(
     assert delivered == {s: 2 for s in shipments}
 
 
+async def test_a_batch_that_failed_on_one_partition_still_wakes_the_others(
+    on_cluster: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cluster makes one ingest call per partition. When one of a batch's calls fails,
+    the batch is answered 503, and the partitions whose calls stored their events have
+    their drains enqueued all the same (before, they waited for the worker's 15 s sweep);
+    the backend's retry then stores the rest, and every event is delivered once."""
+    shipments = [f"shp_p{i}" for i in range(16)]
+    async with TestClient(TestServer(create_app(on_cluster, clock=fixed_clock()))) as client:
+        res: Resources = client.app[RESOURCES]
+        partition_of = {s: res.store.partition_of("acme", s) for s in shipments}
+        failing = partition_of[shipments[0]]
+        stored = {p for p in partition_of.values() if p != failing}
+        assert len(stored) >= 2
+        call = Inbox._ingest_call
+
+        async def fails_on_one_partition(
+            inbox: Inbox, items: Sequence[Any], generation: int
+        ) -> Any:
+            if inbox.partition_of(items[0][0], items[0][1]) == failing:
+                raise RedisConnectionError("the partition's master went away")
+            return await call(inbox, items, generation)
+
+        monkeypatch.setattr(Inbox, "_ingest_call", fails_on_one_partition)
+        batch = [transition(event_id=f"p-{s}", shipment_id=s) for s in shipments]
+        resp = await client.post("/v1/transitions", json={"transitions": batch}, headers=auth())
+        assert resp.status == 503, await resp.text()
+        assert resp.headers["Retry-After"].isdigit()
+        jobs = await res.queue.queued_jobs()
+        assert sorted(j.args[0] for j in jobs if j.function == "drain") == sorted(stored)
+
+        monkeypatch.setattr(Inbox, "_ingest_call", call)
+        body = await post(client, *batch)  # the backend's retry
+        held = [s for s in shipments if partition_of[s] == failing]
+        assert body["accepted"] == len(held)
+        assert body["duplicates"] == len(shipments) - len(held)
+    await run_worker(on_cluster)
+    delivered = Counter(p.parent.name for p in outbox_files(on_cluster, ".eml"))
+    assert delivered == {s: 1 for s in shipments}
+
+
 @pytest.mark.timeout(180)
 async def test_what_ingest_answered_503_for_is_what_a_crash_loses(
     on_cluster: Settings, cluster: Cluster
@@ -727,7 +771,6 @@ def test_a_cluster_failover_reads_as_an_outage_not_a_crash(
     module) is a Redis connection error, which ingest answers with 503; any other
     AttributeError stays a bug."""
     from redis.asyncio.cluster import ClusterPipeline, RedisCluster
-    from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import SlotNotCoveredError
 
     from notifier.resources import connect
@@ -812,7 +855,6 @@ def test_cluster_mode_not_enabled_is_the_set_ups_error_only_at_start_up(
     CLUSTER SLOTS with any error. Before the client ever met the cluster that is the
     set-up's error (a plain Redis named as a cluster); after, an outage (503)."""
     from redis.asyncio.cluster import RedisCluster
-    from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import RedisClusterException
 
     from notifier.resources import connect

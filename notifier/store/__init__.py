@@ -25,6 +25,7 @@ from notifier.store.inbox import (
     InboxEntry,
     IngestItem,
     NotReplicated,
+    PartlyStored,
     body_digest,
     wake,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "IngestItem",
     "LedgerState",
     "NotReplicated",
+    "PartlyStored",
     "Scope",
     "ShipmentCommit",
     "Store",

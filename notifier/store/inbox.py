@@ -103,6 +103,18 @@ class NotReplicated(RedisError):
         self.admissions: list[Admission] = []
 
 
+class PartlyStored(RedisError):
+    """A call of a batch that spans partitions failed; the others stored their events (a
+    cluster makes one ingest call per partition). Answered like the failure itself (503:
+    a retry is a duplicate for what went in), but ``woken`` names the partitions whose
+    wake flags those calls won: their drains are enqueued all the same, or nothing would
+    wake them before the worker's sweep."""
+
+    def __init__(self, failure: BaseException, woken: list[int]) -> None:
+        super().__init__(f"{type(failure).__name__}: {failure}")
+        self.woken = woken
+
+
 @dataclass(frozen=True, slots=True)
 class InboxEntry:
     """One accepted transition waiting in a partition's inbox stream."""
@@ -222,16 +234,23 @@ class Inbox(StoreBase):
         admissions: list[Admission] = [Admission.DUPLICATE] * len(items)
         woken: list[int] = []
         unconfirmed: NotReplicated | None = None
+        failed: BaseException | None = None
         for at, answer in zip(groups, answers, strict=True):
             # (a NotReplicated is an error too: its events are stored, and its partitions
             # are woken with every other group's)
             if isinstance(answer, NotReplicated):
                 unconfirmed, answer = answer, (answer.admissions, answer.woken)
             elif isinstance(answer, BaseException):
-                raise answer  # every caller of the group gets a 503; what went in, went in
+                failed = failed or answer
+                continue
             for i, admission in zip(at, answer[0], strict=True):
                 admissions[i] = admission
             woken += answer[1]
+        if failed is not None:
+            # every caller of the group gets a 503; what went in, went in
+            if not woken or not isinstance(failed, (RedisError, OSError)):
+                raise failed  # (a bug's error stays itself, with its traceback: a 500)
+            raise PartlyStored(failed, woken) from failed
         if unconfirmed is not None:
             raise NotReplicated(
                 unconfirmed.acked, unconfirmed.required, self.wait_timeout_ms, woken
