@@ -201,7 +201,7 @@ async def _persist(res: Resources, payloads: list[IngestItem]) -> tuple[list[Adm
             headers={"Retry-After": RETRY_AFTER_S},
         ) from exc
     except (RedisError, OSError) as exc:
-        cause = exc.__cause__ if isinstance(exc, PartlyStored) else exc
+        cause = exc.failure if isinstance(exc, PartlyStored) else exc
         log.error(
             "ingest could not persist %d transitions: %s", len(payloads), type(cause).__name__
         )

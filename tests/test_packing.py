@@ -31,7 +31,7 @@ from notifier.packing import HISTORY, NOTIFICATION, OUTCOME, STATE, pack, unpack
 from notifier.resources import open_resources
 from notifier.settings import Settings
 from notifier.state import ShipmentState
-from notifier.store import chunks, shipments
+from notifier.store import chunks
 from notifier.store.ledger import packed_part
 from notifier.store.shipments import state_of, state_value
 from tests.conftest import (
@@ -187,43 +187,13 @@ def test_a_state_is_kept_without_what_its_key_names_and_read_back() -> None:
     assert state_of(state_value(bare, "acme", "shp_1"), "acme", "shp_1") == bare
 
 
-def test_a_state_read_again_as_the_same_bytes_is_not_parsed_again(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A worker loads the state it committed a batch before: the very bytes it wrote (or
-    last read) for that shipment read as the state it has already, without unpacking;
-    any other bytes, or the same bytes under another shipment's key, are read afresh."""
-    state = ShipmentState(merchant_id="acme", shipment_id="shp_c", carrier="ups", events=1)
-    value = state_value(state, "acme", "shp_c")
-    moved = state.model_copy(update={"events": 2})
-    other = pack(moved.model_dump_json(exclude={"merchant_id", "shipment_id"}).encode(), STATE)
-    first = state_of(other, "acme", "shp_c")  # another writer's bytes: parsed
-    assert first == moved and first is not moved
-    with monkeypatch.context() as m:
-        m.setattr(shipments, "unpack", lambda value: pytest.fail("parsed again"))
-        assert state_of(other, "acme", "shp_c") is first
-    assert state_of(value, "acme", "shp_c") == state  # the record changed back: parsed
-    with monkeypatch.context() as m:
-        m.setattr(shipments, "unpack", lambda value: pytest.fail("parsed again"))
-        assert state_of(value, "acme", "shp_c") == state
-    # the same bytes for another shipment name that shipment
-    assert state_of(value, "acme", "shp_d").shipment_id == "shp_d"
-    # handed out twice, a state cannot change under either holder
+def test_a_state_cannot_be_changed_in_place() -> None:
+    """Every change makes a new state (``model_copy``): one that two holders share (a
+    batch's states, the delivery's) cannot change under either."""
+    state = ShipmentState(merchant_id="acme", shipment_id="shp_c", events=1)
     with pytest.raises(ValidationError):
-        first.events = 3  # type: ignore[misc]
-
-
-def test_the_states_kept_for_reading_again_are_bounded() -> None:
-    kept = shipments._Parsed()
-    kept.SIZE = 3
-    states = [ShipmentState(merchant_id="acme", shipment_id=f"s{i}") for i in range(4)]
-    for i, state in enumerate(states[:3]):
-        kept.keep(("acme", f"s{i}"), b"v", state)
-    assert kept.get(("acme", "s0"), b"v") is states[0]  # now the most recently used
-    kept.keep(("acme", "s3"), b"v", states[3])
-    assert kept.get(("acme", "s1"), b"v") is None  # the least recently used went
-    assert [kept.get(("acme", f"s{i}"), b"v") for i in (0, 2, 3)] == [states[i] for i in (0, 2, 3)]
-    assert kept.get(("acme", "s3"), b"other bytes") is None
+        state.events = 3  # type: ignore[misc]
+    assert state.model_copy(update={"events": 2}).events == 2 and state.events == 1
 
 
 #: sha256 of every dictionary a value may have been packed with: values packed with one read

@@ -112,6 +112,7 @@ class PartlyStored(RedisError):
 
     def __init__(self, failure: BaseException, woken: list[int]) -> None:
         super().__init__(f"{type(failure).__name__}: {failure}")
+        self.failure = failure
         self.woken = woken
 
 
@@ -241,7 +242,8 @@ class Inbox(StoreBase):
             if isinstance(answer, NotReplicated):
                 unconfirmed, answer = answer, (answer.admissions, answer.woken)
             elif isinstance(answer, BaseException):
-                failed = failed or answer
+                if failed is None or not isinstance(answer, (RedisError, OSError)):
+                    failed = answer  # a bug's error before an outage's: it stays a 500
                 continue
             for i, admission in zip(at, answer[0], strict=True):
                 admissions[i] = admission

@@ -102,57 +102,18 @@ def state_value(state: ShipmentState, merchant_id: str, shipment_id: str) -> byt
         json = state.model_dump_json(exclude_defaults=True, exclude=_KEYED)
     else:
         json = state.model_dump_json(exclude_defaults=True)
-    value = pack(json.encode(), STATE)
-    _READ.keep((merchant_id, shipment_id), value, state)
-    return value
+    return pack(json.encode(), STATE)
 
 
 def state_of(value: bytes, merchant_id: str, shipment_id: str) -> ShipmentState:
     """The state a record keeps (``state_value``) for the shipment its key names; a state
     written whole (before 0.6, or not the key's) reads as it is."""
-    shipment = (merchant_id, shipment_id)
-    known = _READ.get(shipment, value)
-    if known is not None:
-        return known
     raw = unpack(value)
     # a whole state starts with its ids (the model's first fields); put them back in front
     if not raw.startswith(b'{"merchant_id":'):
         ids = orjson.dumps({"merchant_id": merchant_id, "shipment_id": shipment_id})
         raw = ids[:-1] + (b"}" if raw[1:2] == b"}" else b"," + raw[1:])
-    state = ShipmentState.model_validate_json(raw)
-    _READ.keep(shipment, value, state)
-    return state
-
-
-class _Parsed:
-    """The last state value written or read per shipment, with what it reads as: a worker
-    loads the state it committed a batch before (a shipment's events come in over several
-    batches, about six loads a shipment on the bench's workload), and unpacking and
-    validating it was the largest part of a load. Only the very same bytes are answered
-    from here, so whatever else wrote the record (another worker, an admin command, an
-    older version) reads afresh; ``ShipmentState`` is frozen, so a state handed out twice
-    cannot change under either holder. Bounded: the least recently used go first."""
-
-    SIZE = 8192
-
-    def __init__(self) -> None:
-        self._by: dict[tuple[str, str], tuple[bytes, ShipmentState]] = {}
-
-    def get(self, shipment: tuple[str, str], value: bytes) -> ShipmentState | None:
-        found = self._by.pop(shipment, None)
-        if found is None or found[0] != value:
-            return None
-        self._by[shipment] = found  # the most recently used, last
-        return found[1]
-
-    def keep(self, shipment: tuple[str, str], value: bytes, state: ShipmentState) -> None:
-        self._by.pop(shipment, None)
-        self._by[shipment] = (value, state)
-        if len(self._by) > self.SIZE:
-            del self._by[next(iter(self._by))]
-
-
-_READ = _Parsed()
+    return ShipmentState.model_validate_json(raw)
 
 
 class Shipments(StoreBase):
