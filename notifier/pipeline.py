@@ -49,6 +49,8 @@ from notifier.store import (
     Admission,
     InboxEntry,
     LedgerState,
+    NotReplicated,
+    PartlyStored,
     Scope,
     ShipmentCommit,
     Store,
@@ -561,6 +563,12 @@ async def inject(res: Resources, transitions: Sequence[Transition], source: str)
         items.append((t.merchant_id, t.shipment_id, t.event_id, body, digest, source))
     if not items:
         return 0
-    admitted, woken = await res.store.ingest(items)
+    try:
+        admitted, woken = await res.store.ingest(items)
+    except (NotReplicated, PartlyStored) as exc:
+        # stored where its call went through: those drains need not wait for the sweep
+        woken, exc.woken = exc.woken, []
+        await wake(res.queue, woken)
+        raise
     await wake(res.queue, woken)
     return sum(1 for a in admitted if a is Admission.ACCEPTED)

@@ -10,12 +10,22 @@ from typing import Any
 import orjson
 import pytest
 from fakeredis import FakeServer
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from notifier.models import Transition
+from notifier.pipeline import inject
 from notifier.resources import open_resources
 from notifier.settings import Settings
-from notifier.store import Admission, IngestItem, Store, body_digest
-from tests.conftest import make_settings
+from notifier.store import (
+    Admission,
+    IngestItem,
+    NotReplicated,
+    PartlyStored,
+    Store,
+    body_digest,
+)
+from tests.conftest import make_settings, transition
 
 
 def _item(event_id: str, shipment: str = "shp_1", merchant: str = "acme") -> IngestItem:
@@ -214,3 +224,30 @@ async def test_ingest_follows_redis_clock_when_the_api_clock_is_a_year_off(
         assert (await store.ingest([_item("e2"), _item("e1")]))[0] == [A, D]
         b2, f2 = store.event_binary_slot("acme", "e2")
         assert await r.hexists(store.event_bucket_key(generation, b2), f2)
+
+
+@pytest.mark.parametrize("stored_in_part", [True, False])
+async def test_what_the_worker_injects_wakes_the_partitions_stored_when_ingest_fails(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, stored_in_part: bool
+) -> None:
+    """A stall or a predicted delay goes through ingest as the backend's transitions do;
+    when ingest fails after some of its calls stored their events (another partition's
+    master went away, or too few replicas confirmed), those partitions' drains are
+    enqueued all the same, and the failure goes on up (the sweep tries again)."""
+    async with open_resources(settings) as res:
+        failure = (
+            PartlyStored(RedisConnectionError("gone"), [3, 5])
+            if stored_in_part
+            else NotReplicated(0, 1, 100, [3, 5])
+        )
+
+        async def fails(items: Any) -> Any:
+            raise failure
+
+        monkeypatch.setattr(res.store, "ingest", fails)
+        stall = Transition.model_validate(transition(event_id="stall-1"))
+        with pytest.raises(type(failure)):
+            await inject(res, [stall], "stall-check")
+        jobs = await res.queue.queued_jobs()
+        assert sorted(j.args[0] for j in jobs if j.function == "drain") == [3, 5]
+        assert failure.woken == []  # woken once
