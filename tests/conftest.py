@@ -364,6 +364,30 @@ def healthy(port: int) -> bool:
         return False
 
 
+@pytest.fixture
+def primary_and_replica(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A redis-server and its replica, in sync: the primary's URL and the replica's process."""
+    primary_port = free_port()
+    replica_port = free_port([primary_port])  # both picked before either is bound
+    (tmp_path / "p").mkdir()
+    (tmp_path / "r").mkdir()
+    primary = start_redis(primary_port, tmp_path / "p")
+    replica = start_redis(
+        replica_port, tmp_path / "r", "--replicaof", "127.0.0.1", str(primary_port)
+    )
+    try:
+        watch = redis.Redis(port=replica_port)
+        wait_until(
+            lambda: watch.info("replication")["master_link_status"] == "up",
+            "the replica to be in sync",
+        )
+        yield f"redis://127.0.0.1:{primary_port}/0", replica
+    finally:
+        for proc in (replica, primary):
+            proc.kill()
+            proc.wait()
+
+
 def wait_until(predicate: Callable[[], bool], what: str, seconds: float = 20.0) -> None:
     """Bounded readiness wait for an external process (never used for in-process workers)."""
     deadline = time.monotonic() + seconds

@@ -4,7 +4,7 @@ that waits for Redis replicas (WAIT) before it answers 202."""
 from __future__ import annotations
 
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +20,8 @@ from tests.conftest import (
     NOW,
     auth,
     fixed_clock,
-    free_port,
     make_settings,
-    start_redis,
     transition,
-    wait_until,
 )
 
 SECRET = "whsec_0123456789abcdef"
@@ -123,29 +120,6 @@ def test_signing_secrets_must_be_long() -> None:
 
 
 # -- replicas --------------------------------------------------------------------------
-
-
-@pytest.fixture
-def primary_and_replica(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    primary_port = free_port()
-    replica_port = free_port([primary_port])  # both picked before either is bound
-    (tmp_path / "p").mkdir()
-    (tmp_path / "r").mkdir()
-    primary = start_redis(primary_port, tmp_path / "p")
-    replica = start_redis(
-        replica_port, tmp_path / "r", "--replicaof", "127.0.0.1", str(primary_port)
-    )
-    try:
-        watch = redis.Redis(port=replica_port)
-        wait_until(
-            lambda: watch.info("replication")["master_link_status"] == "up",
-            "the replica to be in sync",
-        )
-        yield f"redis://127.0.0.1:{primary_port}/0", replica
-    finally:
-        for proc in (replica, primary):
-            proc.kill()
-            proc.wait()
 
 
 async def test_ingest_waits_for_a_replica_and_answers_503_without_one(

@@ -3,18 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
 from collections.abc import Awaitable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import ResponseError
+from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from notifier.store import keys, record
-from notifier.store.scripts import Scripts
+from notifier.store.scripts import Script, Scripts
 
 T = TypeVar("T")
 #: Where the store keeps its data: one Redis (or the embedded one), or a Redis Cluster.
@@ -53,6 +65,24 @@ def data_error(exc: BaseException) -> bool:
     )
 
 
+def _unreachable(result: Any) -> bool:
+    """Whether a pipelined command's result says its node could not be reached (an
+    AttributeError from redis-py's connection module: a connection its client closed
+    under it, as happens while it follows a failover)."""
+    if isinstance(result, AttributeError):
+        return raised_in_redis_connection(result)
+    return isinstance(result, (RedisConnectionError, RedisTimeoutError, OSError))
+
+
+async def _relearn(cluster: RedisCluster) -> None:
+    """Have the cluster client learn the layout again at its next call. (Unlike redis-py
+    after a connection error, the node that did not answer is left among the nodes it
+    starts from: other calls may be reading that list, and a node that was down is often
+    back by the next call.)"""
+    with contextlib.suppress(RedisError, OSError):  # (closing a connection that hangs)
+        await cluster.aclose()
+
+
 class StoreBase:
     """The client and settings the store's parts (``Inbox``, ``Shipments``, ``Ledger``,
     ``OptOuts``, ``Health``) work with; ``Store`` joins them over one of these."""
@@ -82,6 +112,78 @@ class StoreBase:
         self.state_ttl_s = state_ttl_s
         self.history_cap = history_cap
         self.scripts = Scripts.register(redis)
+
+    async def call_and_wait(
+        self, script: Script, names: list[str], args: list[Any]
+    ) -> tuple[Any, int]:
+        """``script``'s answer, and how many replicas confirmed its writes (Redis WAIT for
+        ``wait_replicas``, up to ``wait_timeout_ms``): the two on one connection, as one
+        pipeline (WAIT counts only its own connection's writes)."""
+        if not self.cluster:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                await script(keys=names, args=args, client=cast(Any, pipe))
+                pipe.wait(self.wait_replicas, self.wait_timeout_ms)
+                ran, replicas = await pipe.execute()
+            return ran, int(replicas)
+        return await self._call_and_wait_on_cluster(script, names, args)
+
+    async def _call_and_wait_on_cluster(
+        self, script: Script, names: list[str], args: list[Any]
+    ) -> tuple[Any, int]:
+        """``call_and_wait`` on a cluster: to the primary of the call's slot, on one of its
+        connections (redis-py's cluster pipeline would send a redirected script again on
+        another).
+
+        A primary that does not know the script yet gets its text (EVAL). One that no
+        longer holds the slot runs nothing and answers MOVED (the client patches its slot
+        map, as redis-py does); a slot being migrated, ASK or TRYAGAIN. The call is tried
+        again, a few times, then answered as an outage (a 503; nothing was written). After
+        a node that cannot be reached, the client learns the layout again."""
+        cluster = cast(RedisCluster, self.redis)
+        command: tuple[Any, ...] = ("EVALSHA", script.sha)
+        for _ in range(4):
+            await cluster.initialize()  # after ``_relearn``, learns the layout again
+            node = self._primary_of(cluster, names[0])
+            calls = [
+                PipelineCommand(0, *command, len(names), *names, *args),
+                PipelineCommand(1, "WAIT", self.wait_replicas, self.wait_timeout_ms),
+            ]
+            try:
+                await node.execute_pipeline(calls)
+            except Exception as exc:  # nothing read: the send failed
+                calls[0].result = exc
+            ran, waited = calls[0].result, calls[1].result
+            if _unreachable(ran):
+                # whether the script ran is not known: a retry is a duplicate if it did
+                await _relearn(cluster)
+                raise RedisConnectionError(f"Redis Cluster node {node.name}: {ran}") from ran
+            if isinstance(ran, NoScriptError):
+                command = ("EVAL", script.script)
+            elif isinstance(ran, MovedError) and ran.host:
+                cluster.nodes_manager._moved_exception = ran  # redis-py's own slot-map patch
+            elif isinstance(ran, MovedError):  # no endpoint named: learn the layout again
+                await _relearn(cluster)
+            elif isinstance(ran, (AskError, TryAgainError, ClusterDownError)):
+                # the slot is being migrated (a script over several keys runs on neither
+                # node until it is done: ASK here, TRYAGAIN there), or the cluster fails over
+                await asyncio.sleep(0.05)
+            elif isinstance(ran, BaseException):
+                raise ran
+            else:  # the script ran: its writes are on the primary whatever WAIT says
+                if _unreachable(waited):
+                    await _relearn(cluster)
+                return ran, 0 if isinstance(waited, BaseException) else int(waited)
+        raise RedisConnectionError("Redis Cluster: the call kept being redirected")
+
+    @staticmethod
+    def _primary_of(cluster: RedisCluster, key: str) -> ClusterNode:
+        """The primary of ``key``'s slot, as the client knows it: through its nodes
+        manager, which first applies a MOVED it was given (``get_node_from_key`` reads the
+        slot map as it is, and would send the call to the old primary again)."""
+        try:
+            return cluster.nodes_manager.get_node_from_slot(cluster.keyslot(key))
+        except SlotNotCoveredError as exc:  # a failover under way
+            raise RedisConnectionError(f"Redis Cluster: {exc}") from exc
 
     async def redis_seconds(self) -> float:
         """Redis's clock now, as this process reckons it: its own clock plus the offset to

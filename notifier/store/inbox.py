@@ -11,33 +11,24 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import cached_property
-from typing import Any, cast
+from typing import Any
 
 import orjson
 from arq.connections import ArqRedis
-from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import (
-    AskError,
-    ClusterDownError,
-    MovedError,
-    NoScriptError,
     RedisError,
     ResponseError,
-    SlotNotCoveredError,
-    TryAgainError,
 )
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from notifier.store import keys
-from notifier.store.base import Scope, StoreBase, decode, raised_in_redis_connection
+from notifier.store.base import Scope, StoreBase, decode
 from notifier.store.keys import GROUP
 
 
@@ -71,24 +62,6 @@ def body_digest(body: Any) -> str:
     canonical = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
     digest = hashlib.blake2b(canonical, digest_size=9).digest()[:6]
     return base64.b64encode(digest).decode()[:DIGEST_CHARS]
-
-
-def _unreachable(result: Any) -> bool:
-    """Whether a pipelined command's result says its node could not be reached (an
-    AttributeError from redis-py's connection module: a connection its client closed
-    under it, as happens while it follows a failover)."""
-    if isinstance(result, AttributeError):
-        return raised_in_redis_connection(result)
-    return isinstance(result, (RedisConnectionError, RedisTimeoutError, OSError))
-
-
-async def _relearn(cluster: RedisCluster) -> None:
-    """Have the cluster client learn the layout again at its next call. (Unlike redis-py
-    after a connection error, the node that did not answer is left among the nodes it
-    starts from: other calls may be reading that list, and a node that was down is often
-    back by the next call.)"""
-    with contextlib.suppress(RedisError, OSError):  # (closing a connection that hangs)
-        await cluster.aclose()
 
 
 class NotReplicated(RedisError):
@@ -317,14 +290,8 @@ class Inbox(StoreBase):
             keys.EVENT_FIELD_BYTES,
             keys.EVENT_DIGEST_BYTES,
         ]
-        if self.wait_replicas and self.cluster:
-            (accepted, woken), replicas = await self._ingest_and_wait(names, args)
-        elif self.wait_replicas:
-            # WAIT counts the writes of its own connection: one pipeline, one connection
-            async with self.redis.pipeline(transaction=False) as pipe:
-                await self.scripts.ingest(keys=names, args=args, client=cast(Any, pipe))
-                pipe.wait(self.wait_replicas, self.wait_timeout_ms)
-                (accepted, woken), replicas = await pipe.execute()
+        if self.wait_replicas:
+            (accepted, woken), replicas = await self.call_and_wait(self.scripts.ingest, names, args)
         else:
             accepted, woken = await self.scripts.ingest(keys=names, args=args)
             replicas = self.wait_replicas
@@ -336,63 +303,6 @@ class Inbox(StoreBase):
             unconfirmed.admissions = admissions
             return unconfirmed
         return admissions, parts
-
-    async def _ingest_and_wait(self, names: list[str], args: list[Any]) -> tuple[Any, int]:
-        """On a cluster: the ingest script and WAIT on one connection to the primary of the
-        call's slot, as one pipeline (WAIT counts only its own connection's writes, and
-        redis-py's cluster pipeline would send a redirected script again on another).
-
-        A primary that does not know the script yet gets its text (EVAL). One that no
-        longer holds the slot runs nothing and answers MOVED (the client patches its slot
-        map, as redis-py does); a slot being migrated, ASK or TRYAGAIN. The call is tried
-        again, a few times, then answered as an outage (a 503; nothing was written). After
-        a node that cannot be reached, the client learns the layout again."""
-        cluster = cast(RedisCluster, self.redis)
-        script = self.scripts.ingest
-        command: tuple[Any, ...] = ("EVALSHA", script.sha)
-        for _ in range(4):
-            await cluster.initialize()  # after ``_relearn``, learns the layout again
-            node = self._primary_of(cluster, names[0])
-            calls = [
-                PipelineCommand(0, *command, len(names), *names, *args),
-                PipelineCommand(1, "WAIT", self.wait_replicas, self.wait_timeout_ms),
-            ]
-            try:
-                await node.execute_pipeline(calls)
-            except Exception as exc:  # nothing read: the send failed
-                calls[0].result = exc
-            ran, waited = calls[0].result, calls[1].result
-            if _unreachable(ran):
-                # whether the script ran is not known: a retry is a duplicate if it did
-                await _relearn(cluster)
-                raise RedisConnectionError(f"Redis Cluster node {node.name}: {ran}") from ran
-            if isinstance(ran, NoScriptError):
-                command = ("EVAL", script.script)
-            elif isinstance(ran, MovedError) and ran.host:
-                cluster.nodes_manager._moved_exception = ran  # redis-py's own slot-map patch
-            elif isinstance(ran, MovedError):  # no endpoint named: learn the layout again
-                await _relearn(cluster)
-            elif isinstance(ran, (AskError, TryAgainError, ClusterDownError)):
-                # the slot is being migrated (a script over several keys runs on neither
-                # node until it is done: ASK here, TRYAGAIN there), or the cluster fails over
-                await asyncio.sleep(0.05)
-            elif isinstance(ran, BaseException):
-                raise ran
-            else:  # the script ran: events are stored on the primary whatever WAIT says
-                if _unreachable(waited):
-                    await _relearn(cluster)
-                return ran, 0 if isinstance(waited, BaseException) else int(waited)
-        raise RedisConnectionError("Redis Cluster: the ingest call kept being redirected")
-
-    @staticmethod
-    def _primary_of(cluster: RedisCluster, key: str) -> ClusterNode:
-        """The primary of ``key``'s slot, as the client knows it: through its nodes
-        manager, which first applies a MOVED it was given (``get_node_from_key`` reads the
-        slot map as it is, and would send the call to the old primary again)."""
-        try:
-            return cluster.nodes_manager.get_node_from_slot(cluster.keyslot(key))
-        except SlotNotCoveredError as exc:  # a failover under way
-            raise RedisConnectionError(f"Redis Cluster: {exc}") from exc
 
     # -- the streams --------------------------------------------------------------------
     async def ensure_groups(self) -> None:

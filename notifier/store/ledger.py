@@ -20,7 +20,7 @@ from enum import StrEnum
 from typing import Any, NamedTuple
 
 import orjson
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from notifier.packing import HISTORY, OUTCOME, pack, unpack
 from notifier.store import chunks, keys
@@ -83,6 +83,19 @@ class ClaimResult(StrEnum):
 
 
 #: the claim script's codes
+class ClaimsNotReplicated(RedisError):
+    """Claims made on the primary that fewer replicas than required confirmed in time
+    (``NOTIFIER_INGEST_WAIT_REPLICAS``): handed back unsent, for a later round to claim
+    once the replicas answer. A failover then cannot lose a claim whose message went out
+    (a new primary without it would have it decided and sent again)."""
+
+    def __init__(self, claims: int, acked: int, required: int, timeout_ms: int) -> None:
+        super().__init__(
+            f"{claims} claims: {acked} of {required} replicas confirmed within {timeout_ms} "
+            "ms; handed back, nothing sent"
+        )
+
+
 _CLAIMS = {
     1: ClaimResult.FRESH,
     2: ClaimResult.RECLAIMED,
@@ -150,10 +163,14 @@ class Ledger(StoreBase):
         if not notification_ids:
             return []
         names = self._names(notification_ids, scope)
-        rows = await self.scripts.claim(
-            keys=names, args=[now_ms, lease_ms, "due" if due else "now", owner]
-        )
-        return [
+        args = [now_ms, lease_ms, "due" if due else "now", owner]
+        if self.wait_replicas:
+            # the claims, and everything written before them (the decisions), on enough
+            # replicas before anything is sent
+            rows, replicas = await self.call_and_wait(self.scripts.claim, names, args)
+        else:
+            rows, replicas = await self.scripts.claim(keys=names, args=args), 0
+        claims = [
             Claim(
                 _CLAIMS.get(int(row[0]), ClaimResult.NONE),
                 row[1] or None,
@@ -161,6 +178,18 @@ class Ledger(StoreBase):
             )
             for row in rows
         ]
+        if replicas < self.wait_replicas:
+            held = [
+                nid
+                for nid, claim in zip(notification_ids, claims, strict=True)
+                if claim.result in (ClaimResult.FRESH, ClaimResult.RECLAIMED)
+            ]
+            if held:
+                await self.release(held, owner, scope)
+                raise ClaimsNotReplicated(
+                    len(held), replicas, self.wait_replicas, self.wait_timeout_ms
+                )
+        return claims
 
     async def renew(
         self, notification_ids: Sequence[str], owner: str, now_ms: int, scope: Scope = None
