@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from notifier import worker as worker_module
 from notifier.app import RESOURCES, create_app
 from notifier.deadletters import DeadLetters
 from notifier.errors import ConfigurationError, TemporaryDeliveryError
@@ -35,7 +36,7 @@ from notifier.models import ChannelKind
 from notifier.pipeline import Pipeline
 from notifier.resources import Resources, data_dir, open_resources
 from notifier.settings import Settings
-from notifier.store import ShipmentCommit, keys, record
+from notifier.store import ShipmentCommit, keys, record, wake
 from notifier.store.inbox import Inbox
 from notifier.worker import build_worker, find_stalled, release_due
 from tests.conftest import (
@@ -393,6 +394,48 @@ async def test_ingest_waits_for_each_partitions_replica_on_a_cluster(
     await run_worker(settings)
     delivered = Counter(p.parent.name for p in outbox_files(settings, ".eml"))
     assert delivered == {s: 2 for s in shipments}
+
+
+@pytest.mark.timeout(120)
+async def test_a_worker_sends_only_what_its_partitions_replica_holds_the_claim_of(
+    on_cluster: Settings, cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With NOTIFIER_INGEST_WAIT_REPLICAS the worker waits too: each claim call and WAIT go
+    down one connection to its partition's master. With one master's replica frozen, the
+    messages of that master's partitions are not sent (their claims are handed back), the
+    others' are; once the replica is back, each message goes out once."""
+    settings = waiting_for_replicas(on_cluster).model_copy(update={"claim_idle_s": 0.2})
+    shipments = [f"shp_c{i}" for i in range(12)]
+    primary_of = await primaries(settings, shipments)
+    frozen_primary = primary_of[shipments[0]]
+    frozen = {s for s in shipments if primary_of[s] == frozen_primary}
+    others = set(shipments) - frozen
+    assert frozen and others
+    async with TestClient(TestServer(create_app(settings, clock=fixed_clock()))) as client:
+        await post(client, *(transition(event_id=f"c-{s}", shipment_id=s) for s in shipments))
+    replica = cluster.replica_of(frozen_primary)
+    monkeypatch.setattr(worker_module, "OUTAGE_WAIT_S", 1.0)
+    monkeypatch.setattr(worker_module, "UNCONFIRMED_PAUSE_S", 0.05)
+    os.kill(cluster.procs[replica].pid, signal.SIGSTOP)  # connected, but confirms nothing
+    try:
+        attempt = build_worker(
+            settings, burst=True, handle_signals=False, poll_delay_s=0, clock=fixed_clock()
+        )
+        try:
+            await attempt.main()
+        finally:
+            await attempt.close()
+        assert attempt.jobs_failed >= 1  # the frozen master's partitions' drains
+        sent = {p.parent.name for p in outbox_files(settings, ".eml")}
+        assert sent == others
+    finally:
+        os.kill(cluster.procs[replica].pid, signal.SIGCONT)
+    wait_until(cluster.ready, "the replica to catch up", seconds=30)
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        await wake(res.queue, range(settings.partitions))
+    await run_worker(settings)
+    delivered = Counter(p.parent.name for p in outbox_files(settings, ".eml"))
+    assert delivered == {s: 1 for s in shipments}
 
 
 async def test_a_batch_that_failed_on_one_partition_still_wakes_the_others(
