@@ -551,6 +551,59 @@ async def test_what_ingest_answered_503_for_is_what_a_crash_loses(
     assert emails == {s: 2 if s in mine else 1 for s in shipments}
 
 
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("wait", [False, True])
+async def test_what_the_worker_sent_before_a_crash_is_not_sent_again(
+    on_cluster: Settings, cluster: Cluster, monkeypatch: pytest.MonkeyPatch, wait: bool
+) -> None:
+    """Why the worker waits for a replica too: events on the master and its replica, the
+    replica then frozen and its link cut, a worker drains, the master is SIGKILLed and the
+    replica takes over. Without waiting, the worker sent that master's messages, and the
+    new master knows nothing of it (decisions, claims, acknowledgements were on the old
+    one alone): the events are decided and sent again. With it, nothing of that master's
+    was sent (the claims were not confirmed); sent once the new master has a replica."""
+    settings = on_cluster.model_copy(update={"claim_idle_s": 0.2})
+    if wait:
+        settings = waiting_for_replicas(settings)
+    shipments = [f"shp_x{i}" for i in range(12)]
+    primary_of = await primaries(settings, shipments)
+    master = primary_of[shipments[0]]
+    mine = {s for s in shipments if primary_of[s] == master}
+    replica = cluster.replica_of(master)
+    async with TestClient(TestServer(create_app(settings, clock=fixed_clock()))) as client:
+        await post(client, *(transition(event_id=f"x-{s}", shipment_id=s) for s in shipments))
+    with cluster.node(master) as r:  # the events are on the replica too
+        assert r.execute_command("WAIT", 1, 5000) == 1
+    monkeypatch.setattr(worker_module, "OUTAGE_WAIT_S", 1.0)
+    monkeypatch.setattr(worker_module, "UNCONFIRMED_PAUSE_S", 0.05)
+    os.kill(cluster.procs[replica].pid, signal.SIGSTOP)
+    try:
+        with cluster.node(master) as r:
+            r.execute_command("CLIENT", "KILL", "TYPE", "replica")
+        attempt = build_worker(
+            settings, burst=True, handle_signals=False, poll_delay_s=0, clock=fixed_clock()
+        )
+        try:
+            await attempt.main()
+        finally:
+            await attempt.close()
+        sent = {p.parent.name for p in outbox_files(settings, ".eml")}
+        assert sent == (set(shipments) - mine if wait else set(shipments))
+        cluster.procs[master].kill()
+        cluster.procs[master].wait()
+    finally:
+        os.kill(cluster.procs[replica].pid, signal.SIGCONT)
+    wait_until(lambda: cluster.is_master(replica), "the replica to take over", seconds=60)
+    cluster.restart(master)
+    wait_until(cluster.ready, "the crashed master to rejoin as a replica", seconds=60)
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        await wake(res.queue, range(settings.partitions))
+    # a minute later, so that a message sent again is a file of its own
+    await run_worker(settings, clock=fixed_clock(NOW + timedelta(minutes=1)))
+    emails = Counter(p.parent.name for p in outbox_files(settings, ".eml"))
+    assert emails == {s: 1 if wait or s not in mine else 2 for s in shipments}
+
+
 async def test_ingest_waiting_for_replicas_through_a_slot_migration(
     on_cluster: Settings, cluster: Cluster
 ) -> None:
