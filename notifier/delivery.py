@@ -266,11 +266,15 @@ class Deliverer:
         record."""
         claimed: list[tuple[Notification, ClaimResult]] = []
         for nid, (result, payload, created_at) in zip(notification_ids, claims, strict=True):
-            if result is ClaimResult.BUSY:
-                report.busy.append(nid)
-                # its payload: when it was claimed or last renewed
-                until = int(payload or 0) + self._lease_ms()
-                report.busy_until_ms = max(report.busy_until_ms, until)
+            if result in (ClaimResult.BUSY, ClaimResult.UNCONFIRMED):
+                report.busy.append(nid)  # its entry waits, unsent by this round
+                # busy: its payload is when it was claimed or last renewed; unconfirmed
+                # (the replicas did not confirm this round's claim, undone): when to retry
+                until = int(payload or 0)
+                report.busy_until_ms = max(
+                    report.busy_until_ms,
+                    until + self._lease_ms() if result is ClaimResult.BUSY else until,
+                )
             elif result is ClaimResult.DEFERRED:
                 report.deferred.append(nid)  # on the due index; release_due sends it in time
             elif result is ClaimResult.NONE or payload is None:

@@ -41,7 +41,7 @@ from notifier.outbound.sender import HookSender
 from notifier.pipeline import BatchReport, Pipeline, inject
 from notifier.resources import Clock, Resources, connect_queue, open_resources, utc_now
 from notifier.settings import Settings
-from notifier.store import ClaimsNotReplicated, InboxEntry, keys, wake
+from notifier.store import InboxEntry, keys, wake
 from notifier.store.base import data_error
 
 log = logging.getLogger(__name__)
@@ -64,10 +64,6 @@ MAX_DELIVERIES = 5
 #: How long a drain caught by a Redis outage waits for it before its job fails (the
 #: sweep then wakes the partition again once Redis is back).
 OUTAGE_WAIT_S = 60.0
-#: A drain whose claims the replicas did not confirm (``ClaimsNotReplicated``) tries
-#: again after this pause, doubled each time up to the most.
-UNCONFIRMED_PAUSE_S = 0.25
-UNCONFIRMED_PAUSE_MAX_S = 4.0
 #: How often a worker says it is alive (heartbeat file, WORKERS_KEY) while its polls succeed.
 HEARTBEAT_S = 5.0
 #: Live workers: a sorted set of worker ids by their last heartbeat (epoch ms).
@@ -118,21 +114,9 @@ async def drain(ctx: dict[str, Any], partition: int) -> int:
     started = time.monotonic()
     resume = False
     done = 0
-    #: since when its claims have gone unconfirmed by the replicas, and the next pause
-    unconfirmed_since, pause = 0.0, UNCONFIRMED_PAUSE_S
     while True:
         try:
             return done + await _drain(ctx, partition, token, started, resume)
-        except ClaimsNotReplicated as exc:
-            # Redis answers, its replicas do not: nothing was sent; try again, more slowly
-            # each time, for as long as an outage is waited for (then the sweep wakes it)
-            unconfirmed_since = unconfirmed_since or time.monotonic()
-            if stopping(ctx) or time.monotonic() - unconfirmed_since > OUTAGE_WAIT_S:
-                raise
-            log.warning("drain of partition %d: %s; trying again in %g s", partition, exc, pause)
-            await asyncio.sleep(pause)
-            pause = min(2 * pause, UNCONFIRMED_PAUSE_MAX_S)
-            resume = True
         except (RedisError, OSError) as exc:
             await wait_for_redis(res, exc, f"drain of partition {partition}", OUTAGE_WAIT_S)
             resume = True
@@ -375,11 +359,7 @@ async def release_due(ctx: dict[str, Any]) -> int:
     done = 0
     for scope in res.store.scopes:  # one due index, or one per partition on a cluster
         while ids := await res.store.due(now_ms, RELEASE_BATCH, scope):
-            try:
-                report = await pipeline.deliverer.deliver(ids, due=True, scope=scope)
-            except ClaimsNotReplicated as exc:  # this partition's replicas: the next tick
-                log.warning("release_due: %s; the next tick tries again", exc)
-                break
+            report = await pipeline.deliverer.deliver(ids, due=True, scope=scope)
             waiting = set(report.busy) | set(report.deferred)
             settled = [i for i in ids if i not in waiting]
             await res.store.unschedule(settled, now_ms, scope)

@@ -6,6 +6,7 @@ decided and sent again)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -14,13 +15,14 @@ from pathlib import Path
 import pytest
 import redis
 from aiohttp.test_utils import TestClient, TestServer
+from redis.exceptions import ResponseError
 
-from notifier import worker
 from notifier.app import create_app
 from notifier.models import notification_id_of
 from notifier.resources import open_resources
 from notifier.store import keys, wake
-from notifier.worker import build_worker
+from notifier.store.base import data_error
+from notifier.store.keys import partition_of
 from tests.conftest import (
     auth,
     fixed_clock,
@@ -36,7 +38,6 @@ from tests.conftest import (
 async def test_a_message_goes_out_only_once_a_replica_holds_its_claim(
     tmp_path: Path,
     primary_and_replica: tuple[str, subprocess.Popen[bytes]],
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     url, replica = primary_and_replica
     primary = redis.Redis.from_url(url)
@@ -58,32 +59,55 @@ async def test_a_message_goes_out_only_once_a_replica_holds_its_claim(
         try:
             resp = await client.post("/v1/transitions", json=delivered, headers=auth())
             assert resp.status == 503  # stored on the primary, unconfirmed: its drain is woken
-            # The worker decides it, claims its email, finds no replica holding the claim:
-            # it hands the claim back and sends nothing, trying again more slowly each time,
-            # for as long as it waits out an outage (here a second), then the job fails.
-            monkeypatch.setattr(worker, "OUTAGE_WAIT_S", 1.0)
-            monkeypatch.setattr(worker, "UNCONFIRMED_PAUSE_S", 0.05)
-            attempt = build_worker(
-                settings, burst=True, handle_signals=False, poll_delay_s=0, clock=fixed_clock()
-            )
-            try:
-                await attempt.main()
-            finally:
-                await attempt.close()
-            assert attempt.jobs_failed == 1
-            assert len(outbox_files(settings, ".eml")) == 1
-            entry = primary.hgetall(keys.notification_key(email))
-            assert entry[b"st"] == b"sending" and b"sent" not in entry, entry
-            assert entry[b"claimed"] == b"0", entry  # its claim handed back: free to take
+            # The worker decides it and claims its email; no replica confirms the claim in
+            # time: the claim is undone and nothing sent, and the entry waits for a later
+            # round (its delivery count starting again: never a dead letter for this). Round
+            # after round, while the replica stays away.
+            for _ in range(6):
+                async with open_resources(settings, clock=fixed_clock()) as res:
+                    await wake(res.queue, range(settings.partitions))
+                await asyncio.sleep(0.25)  # the entry turns stale: the next drain takes it
+                await run_worker(settings)
+                assert len(outbox_files(settings, ".eml")) == 1
+                entry = primary.hgetall(keys.notification_key(email))
+                assert entry[b"st"] == b"pending", entry  # as before the claim
+                assert b"attempts" not in entry and b"owner" not in entry, entry
+            stream = keys.inbox_key(partition_of("acme", "shp_123", settings.partitions))
+            pending = primary.xpending_range(stream, keys.GROUP, "-", "+", 10)
+            assert [p["times_delivered"] for p in pending] == [0]
+            assert not primary.exists(keys.DEAD_INBOX_KEY)
         finally:
             os.kill(replica.pid, signal.SIGCONT)
     wait_until(
         lambda: primary.info("replication")["connected_slaves"] == 1 and primary.wait(1, 100) == 1,
         "the replica to confirm again",
     )
-    # the entry is taken over from the drain that failed (claim_idle_s), and sent once
+    # the waiting entry is taken over by the next drain (stale after claim_idle_s), and its
+    # email sent once
+    await asyncio.sleep(0.25)
     async with open_resources(settings, clock=fixed_clock()) as res:
         await wake(res.queue, range(settings.partitions))
     await run_worker(settings)
     emails = outbox_files(settings, ".eml")
     assert len(emails) == 2 and sum(email in p.name for p in emails) == 1
+
+
+async def test_a_claim_that_waits_fails_on_damaged_data_as_one_that_does_not(
+    tmp_path: Path, primary_and_replica: tuple[str, subprocess.Popen[bytes]]
+) -> None:
+    """The claim script and WAIT go as one pipeline: a script failing on what it read (a
+    ledger key of the wrong type) raises its own error, which the worker tells from an
+    outage (``data_error``: the entry is set aside, not retried for ever), as without
+    waiting; redis-py would otherwise rewrite its message as the pipeline's."""
+    url, _ = primary_and_replica
+    nid = notification_id_of("acme", "shp_123", "evt_1", "email")
+    raised = []
+    for wait in (0, 1):
+        settings = make_settings(tmp_path / str(wait), redis_url=url, ingest_wait_replicas=wait)
+        async with open_resources(settings, clock=fixed_clock()) as res:
+            await res.redis.set(keys.notification_key(nid), "not a ledger hash")
+            with pytest.raises(ResponseError) as caught:
+                await res.store.claim([nid], 0, 60_000, owner="o")
+            raised.append(str(caught.value))
+            assert data_error(caught.value), caught.value
+    assert raised[0] == raised[1]

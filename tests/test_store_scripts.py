@@ -530,6 +530,36 @@ async def test_a_deferred_notification_is_claimed_only_when_due_and_asked_for(
     assert (await entry(store, "n1"))["st"] == "sending"
 
 
+async def test_unclaim_puts_each_claim_back_as_it_was_and_only_its_owners(store: Store) -> None:
+    """``unclaim.lua`` (claims the replicas did not confirm): a pending or a due deferred
+    notification is as before its claim, attempts and all; one taken over after a lease is
+    left takeable at once (as possibly sent), with its attempt taken back; another owner's
+    claim, or a settled entry, is left alone."""
+    due = NOW_MS - 1
+    await ledger_entries(store, pending("p"), deferred("d", due), pending("r"), pending("x"))
+    before = {nid: await entry(store, nid) for nid in ("p", "d")}
+    await store.claim(["r", "x"], NOW_MS, LEASE_MS, owner="old")
+    first_r = await entry(store, "r")
+    later = NOW_MS + LEASE_MS + 1
+    claimed = await store.claim(["p", "d", "r"], later, LEASE_MS, due=True, owner="A")
+    assert [c.result for c in claimed] == [ClaimResult.FRESH] * 2 + [ClaimResult.RECLAIMED]
+    names = [keys.notification_key(nid) for nid in ("p", "d", "r", "x")]
+    assert (
+        await store.scripts.unclaim(
+            keys=names, args=["A", "pending", "deferred", "sending", "pending"]
+        )
+        == 3
+    )
+    assert await entry(store, "p") == before["p"]
+    assert await entry(store, "d") == before["d"]
+    # as after its first claim (one attempt), but free: takeable at once, as possibly sent
+    assert await entry(store, "r") == first_r | {"claimed": "0", "owner": "A"}
+    assert (await entry(store, "x"))["owner"] == "old"  # not A's: left as it is
+    # undone, they are claimed again as before: fresh, and the other at once, as reclaimed
+    again = await store.claim(["p", "r"], later, LEASE_MS, owner="B")
+    assert [c.result for c in again] == [ClaimResult.FRESH, ClaimResult.RECLAIMED]
+
+
 async def test_claim_finds_nothing_to_do_in_settled_unknown_or_emptied_entries(
     store: Store,
 ) -> None:

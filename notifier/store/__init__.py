@@ -30,7 +30,7 @@ from notifier.store.inbox import (
     wake,
 )
 from notifier.store.keys import GROUP, PREFIX
-from notifier.store.ledger import Claim, ClaimResult, ClaimsNotReplicated, Ledger, LedgerState
+from notifier.store.ledger import Claim, ClaimResult, Ledger, LedgerState
 from notifier.store.optouts import OptOuts
 from notifier.store.shipments import Committed, HistoryPage, ShipmentCommit, Shipments
 from notifier.store.stats import Stats
@@ -42,7 +42,6 @@ __all__ = [
     "Claim",
     "ClaimResult",
     "ClaimedEvent",
-    "ClaimsNotReplicated",
     "Committed",
     "DataRedis",
     "HistoryPage",

@@ -123,8 +123,13 @@ class StoreBase:
             async with self.redis.pipeline(transaction=False) as pipe:
                 await script(keys=names, args=args, client=cast(Any, pipe))
                 pipe.wait(self.wait_replicas, self.wait_timeout_ms)
-                ran, replicas = await pipe.execute()
-            return ran, int(replicas)
+                # the script's own error, as a call outside a pipeline raises it (redis-py
+                # rewrites the message of one it raises from a pipeline); a WAIT that
+                # fails confirms nothing
+                ran, replicas = await pipe.execute(raise_on_error=False)
+            if isinstance(ran, BaseException):
+                raise ran
+            return ran, 0 if isinstance(replicas, BaseException) else int(replicas)
         return await self._call_and_wait_on_cluster(script, names, args)
 
     async def _call_and_wait_on_cluster(

@@ -20,7 +20,7 @@ from enum import StrEnum
 from typing import Any, NamedTuple
 
 import orjson
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from notifier.packing import HISTORY, OUTCOME, pack, unpack
 from notifier.store import chunks, keys
@@ -80,21 +80,16 @@ class ClaimResult(StrEnum):
     RECLAIMED = "reclaimed"  #: a previous claim's lease expired; it may have been sent already
     BUSY = "busy"  #: another worker holds a live claim; not settled yet
     DEFERRED = "deferred"  #: waiting for its due time (payload holds the due epoch ms)
+    #: claimed, but fewer replicas than required confirmed it in time
+    #: (``NOTIFIER_INGEST_WAIT_REPLICAS``): undone, for a later round (payload holds the
+    #: epoch ms it is worth trying again)
+    UNCONFIRMED = "unconfirmed"
 
 
 #: the claim script's codes
-class ClaimsNotReplicated(RedisError):
-    """Claims made on the primary that fewer replicas than required confirmed in time
-    (``NOTIFIER_INGEST_WAIT_REPLICAS``): handed back unsent, for a later round to claim
-    once the replicas answer. A failover then cannot lose a claim whose message went out
-    (a new primary without it would have it decided and sent again)."""
-
-    def __init__(self, claims: int, acked: int, required: int, timeout_ms: int) -> None:
-        super().__init__(
-            f"{claims} claims: {acked} of {required} replicas confirmed within {timeout_ms} "
-            "ms; handed back, nothing sent"
-        )
-
+#: How long after claims the replicas did not confirm they are worth trying again (their
+#: inbox entries wait that long, then for the worker's next sweep).
+UNCONFIRMED_RETRY_MS = 1000
 
 _CLAIMS = {
     1: ClaimResult.FRESH,
@@ -179,16 +174,30 @@ class Ledger(StoreBase):
             for row in rows
         ]
         if replicas < self.wait_replicas:
+            # A message sent now could be decided and sent again by a replica that takes
+            # over without its claim: undo the claims, send nothing, try again later.
             held = [
-                nid
-                for nid, claim in zip(notification_ids, claims, strict=True)
+                i
+                for i, claim in enumerate(claims)
                 if claim.result in (ClaimResult.FRESH, ClaimResult.RECLAIMED)
             ]
             if held:
-                await self.release(held, owner, scope)
-                raise ClaimsNotReplicated(
-                    len(held), replicas, self.wait_replicas, self.wait_timeout_ms
+                await self.scripts.unclaim(
+                    keys=[names[i] for i in held],
+                    args=[owner, *(decode(rows[i][3]) for i in held)],
                 )
+                log.warning(
+                    "%d claims: %d of the %d Redis replicas required confirmed them within "
+                    "%d ms; undone, nothing sent, tried again in %d s",
+                    len(held),
+                    replicas,
+                    self.wait_replicas,
+                    self.wait_timeout_ms,
+                    UNCONFIRMED_RETRY_MS // 1000,
+                )
+                again = str(now_ms + UNCONFIRMED_RETRY_MS).encode()
+                for i in held:
+                    claims[i] = Claim(ClaimResult.UNCONFIRMED, again, None)
         return claims
 
     async def renew(

@@ -53,6 +53,7 @@ class Scripts:
     ingest: Script
     commit: Script
     claim: Script
+    unclaim: Script
     settle: Script
     reschedule: Script
     unschedule: Script

@@ -7,10 +7,11 @@
 -- ARGV[2]: the lease, ms
 -- ARGV[3]: 'due' to claim deferred ones that are due; anything else leaves them deferred
 -- ARGV[4]: the owner token recorded with the claim
--- Returns per key {code, value}: {1, payload, created} claimed fresh; {2, payload, created}
---   reclaimed after an expired lease (it may have been sent already), with the entry's
---   'created' ('' when it has none: a waiting payload leaves it out when the entry has it,
---   models.waiting_payload); {3, claimed ms} busy (a live claim,
+-- Returns per key {code, value}: {1, payload, created, status} claimed fresh; {2, payload,
+--   created, status} reclaimed after an expired lease (it may have been sent already), with
+--   the entry's 'created' ('' when it has none: a waiting payload leaves it out when the
+--   entry has it, models.waiting_payload) and its status before the claim (what unclaim.lua
+--   puts back); {3, claimed ms} busy (a live claim,
 --   made or last renewed then);
 --   {4, due ms} deferred; {0, ''} nothing to do (settled, unknown, or without a payload).
 
@@ -35,7 +36,7 @@ for i = 1, #KEYS do
     if payload then
       redis.call('HSET', KEYS[i], 'st', 'sending', 'claimed', tostring(now), 'owner', ARGV[4])
       redis.call('HINCRBY', KEYS[i], 'attempts', 1)
-      out[i] = {code, payload, redis.call('HGET', KEYS[i], 'created') or ''}
+      out[i] = {code, payload, redis.call('HGET', KEYS[i], 'created') or '', st}
     else
       out[i] = {0, ''}
     end
