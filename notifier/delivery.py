@@ -69,10 +69,14 @@ class DeliveryReport:
     sent: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     retrying: list[str] = field(default_factory=list)
-    #: claimed by another worker whose lease is still running: not settled yet
+    #: not settled yet: claimed by another worker whose lease is still running, or claimed
+    #: by this round without the replicas confirming it (undone; also in ``unconfirmed``)
     busy: list[str] = field(default_factory=list)
-    #: when the last of those leases runs out unless renewed (epoch ms; 0: none busy)
+    #: when the last of those leases runs out unless renewed, or the unconfirmed are worth
+    #: trying again (epoch ms; 0: none busy)
     busy_until_ms: int = 0
+    #: claims the replicas did not confirm in time (``NOTIFIER_INGEST_WAIT_REPLICAS``)
+    unconfirmed: list[str] = field(default_factory=list)
     #: waiting for their due time on the due index
     deferred: list[str] = field(default_factory=list)
     #: dropped before sending: superseded by a newer state, or opted out
@@ -251,6 +255,20 @@ class Deliverer:
                     RENEW_EVERY_S,
                 )
 
+    def _held_back(
+        self, report: DeliveryReport, nid: str, result: ClaimResult, payload: bytes | None
+    ) -> None:
+        """A notification this round does not send, its entry to wait: claimed by another
+        worker (its payload: when that claim was made or last renewed), or claimed without
+        the replicas confirming it, and undone (its payload: when to try again)."""
+        report.busy.append(nid)
+        until = int(payload or 0)
+        if result is ClaimResult.UNCONFIRMED:
+            report.unconfirmed.append(nid)
+        else:
+            until += self._lease_ms()
+        report.busy_until_ms = max(report.busy_until_ms, until)
+
     async def _send_claimed(
         self,
         owner: str,
@@ -267,14 +285,7 @@ class Deliverer:
         claimed: list[tuple[Notification, ClaimResult]] = []
         for nid, (result, payload, created_at) in zip(notification_ids, claims, strict=True):
             if result in (ClaimResult.BUSY, ClaimResult.UNCONFIRMED):
-                report.busy.append(nid)  # its entry waits, unsent by this round
-                # busy: its payload is when it was claimed or last renewed; unconfirmed
-                # (the replicas did not confirm this round's claim, undone): when to retry
-                until = int(payload or 0)
-                report.busy_until_ms = max(
-                    report.busy_until_ms,
-                    until + self._lease_ms() if result is ClaimResult.BUSY else until,
-                )
+                self._held_back(report, nid, result, payload)
             elif result is ClaimResult.DEFERRED:
                 report.deferred.append(nid)  # on the due index; release_due sends it in time
             elif result is ClaimResult.NONE or payload is None:
@@ -595,6 +606,7 @@ def _count(report: DeliveryReport, timing: Mapping[str, tuple[float, float]]) ->
         ("failed", report.failed),
         ("retrying", report.retrying),
         ("cancelled", report.cancelled),
+        ("unconfirmed", report.unconfirmed),
     ):
         for nid in ids:
             metrics.deliveries(report.channels.get(nid, "unknown"), result)

@@ -10,20 +10,24 @@ import asyncio
 import os
 import signal
 import subprocess
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import redis
 from aiohttp.test_utils import TestClient, TestServer
-from redis.exceptions import ResponseError
+from redis.exceptions import NoPermissionError, ResponseError
 
 from notifier.app import create_app
 from notifier.models import notification_id_of
+from notifier.pipeline import Pipeline
 from notifier.resources import open_resources
 from notifier.store import keys, wake
 from notifier.store.base import data_error
 from notifier.store.keys import partition_of
+from notifier.worker import release_due
 from tests.conftest import (
+    NOW,
     auth,
     fixed_clock,
     make_settings,
@@ -111,3 +115,76 @@ async def test_a_claim_that_waits_fails_on_damaged_data_as_one_that_does_not(
             raised.append(str(caught.value))
             assert data_error(caught.value), caught.value
     assert raised[0] == raised[1]
+
+
+async def test_a_wait_refused_is_an_error_not_replicas_missing(
+    tmp_path: Path, primary_and_replica: tuple[str, subprocess.Popen[bytes]]
+) -> None:
+    """A WAIT the server refuses (an ACL without it, a proxy that does not pass it) is an
+    error: read as no replica confirming, nothing would ever be sent again while every log
+    line blamed the replicas."""
+    url, _ = primary_and_replica
+    primary = redis.Redis.from_url(url)
+    primary.acl_setuser(
+        "nowait",
+        enabled=True,
+        passwords=["+secret-secret"],
+        keys=["~*"],
+        channels=["&*"],
+        commands=["+@all", "-wait"],
+    )
+    settings = make_settings(
+        tmp_path,
+        redis_url=url.replace("redis://", "redis://nowait:secret-secret@"),
+        ingest_wait_replicas=1,
+    )
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        with pytest.raises(NoPermissionError):
+            await res.store.claim(["n_unknown"], 0, 60_000, owner="o")
+    async with TestClient(TestServer(create_app(settings, clock=fixed_clock()))) as client:
+        resp = await client.post("/v1/transitions", json=transition(), headers=auth())
+        assert resp.status == 503  # stored, but not known to be replicated: a retry is a duplicate
+
+
+async def test_a_due_message_whose_claim_is_unconfirmed_waits_on_the_due_index(
+    tmp_path: Path, primary_and_replica: tuple[str, subprocess.Popen[bytes]]
+) -> None:
+    """An SMS held for the recipient's quiet hours, due while the replica is away: each
+    release claims it, finds the claim unconfirmed, undoes it (deferred again, still on
+    the due index, no attempt counted) and sends nothing; once the replica is back, the
+    next release sends it once."""
+    url, replica = primary_and_replica
+    primary = redis.Redis.from_url(url)
+    settings = make_settings(
+        tmp_path, redis_url=url, ingest_wait_replicas=1, ingest_wait_timeout_ms=300
+    )
+    tokyo = transition(
+        recipient={
+            "name": "Ana",
+            "phone": "+33612345678",
+            "locale": "ja_JP",
+            "timezone": "Asia/Tokyo",
+        }
+    )
+    sms = notification_id_of("acme", "shp_123", "evt_1", "sms")
+    async with TestClient(TestServer(create_app(settings, clock=fixed_clock()))) as client:
+        await post(client, tokyo)  # 23:00 in Tokyo: the SMS waits for the morning
+    await run_worker(settings)
+    before = primary.hgetall(keys.notification_key(sms))
+    assert before[b"st"] == b"deferred"
+    morning = NOW + timedelta(hours=10)
+    os.kill(replica.pid, signal.SIGSTOP)
+    try:
+        async with open_resources(settings, clock=fixed_clock(morning)) as res:
+            for _ in range(3):
+                assert await release_due({"res": res, "pipeline": Pipeline(res)}) == 0
+                assert primary.hgetall(keys.notification_key(sms)) == before
+                assert await res.store.due(int(morning.timestamp() * 1000), 10) == [sms]
+        assert not outbox_files(settings, ".sms.json")
+    finally:
+        os.kill(replica.pid, signal.SIGCONT)
+    wait_until(lambda: primary.wait(1, 100) == 1, "the replica to confirm again")
+    async with open_resources(settings, clock=fixed_clock(morning)) as res:
+        assert await release_due({"res": res, "pipeline": Pipeline(res)}) == 1
+        assert await release_due({"res": res, "pipeline": Pipeline(res)}) == 0
+    assert len(outbox_files(settings, ".sms.json")) == 1

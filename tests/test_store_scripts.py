@@ -35,6 +35,7 @@ from notifier.store import (
     record,
     wake,
 )
+from notifier.store.base import decode
 from notifier.store.ledger import created_iso, created_stamp
 from tests.conftest import record_of, rewrite_record, start_redis
 
@@ -531,31 +532,31 @@ async def test_a_deferred_notification_is_claimed_only_when_due_and_asked_for(
 
 
 async def test_unclaim_puts_each_claim_back_as_it_was_and_only_its_owners(store: Store) -> None:
-    """``unclaim.lua`` (claims the replicas did not confirm): a pending or a due deferred
-    notification is as before its claim, attempts and all; one taken over after a lease is
-    left takeable at once (as possibly sent), with its attempt taken back; another owner's
-    claim, or a settled entry, is left alone."""
+    """``unclaim.lua`` (claims the replicas did not confirm) puts back what ``claim.lua``
+    answered was there before: a pending or a due deferred notification as before its
+    claim, attempts and all; one taken over after a lease with its earlier holder and
+    claim time again (that holder can still record what it sent). Another owner's claim,
+    or a settled entry, is left alone."""
     due = NOW_MS - 1
     await ledger_entries(store, pending("p"), deferred("d", due), pending("r"), pending("x"))
-    before = {nid: await entry(store, nid) for nid in ("p", "d")}
     await store.claim(["r", "x"], NOW_MS, LEASE_MS, owner="old")
-    first_r = await entry(store, "r")
+    before = {nid: await entry(store, nid) for nid in ("p", "d", "r")}
     later = NOW_MS + LEASE_MS + 1
-    claimed = await store.claim(["p", "d", "r"], later, LEASE_MS, due=True, owner="A")
-    assert [c.result for c in claimed] == [ClaimResult.FRESH] * 2 + [ClaimResult.RECLAIMED]
     names = [keys.notification_key(nid) for nid in ("p", "d", "r", "x")]
-    assert (
-        await store.scripts.unclaim(
-            keys=names, args=["A", "pending", "deferred", "sending", "pending"]
-        )
-        == 3
-    )
-    assert await entry(store, "p") == before["p"]
-    assert await entry(store, "d") == before["d"]
-    # as after its first claim (one attempt), but free: takeable at once, as possibly sent
-    assert await entry(store, "r") == first_r | {"claimed": "0", "owner": "A"}
+    rows = await store.scripts.claim(keys=names[:3], args=[later, LEASE_MS, "due", "A"])
+    assert [int(row[0]) for row in rows] == [1, 1, 2]  # fresh, fresh, reclaimed
+    said = [[decode(v) for v in row[3]] for row in rows]
+    assert said == [
+        ["pending", "", ""],
+        ["deferred", "", ""],
+        ["sending", "old", str(NOW_MS)],
+    ]
+    held_by_other = ["pending", "", ""]
+    args = ["A", *(v for fields in [*said, held_by_other] for v in fields)]
+    assert await store.scripts.unclaim(keys=names, args=args) == 3
+    assert {nid: await entry(store, nid) for nid in ("p", "d", "r")} == before
     assert (await entry(store, "x"))["owner"] == "old"  # not A's: left as it is
-    # undone, they are claimed again as before: fresh, and the other at once, as reclaimed
+    # undone, they are claimed again as before: fresh, and the lapsed one as reclaimed
     again = await store.claim(["p", "r"], later, LEASE_MS, owner="B")
     assert [c.result for c in again] == [ClaimResult.FRESH, ClaimResult.RECLAIMED]
 

@@ -74,6 +74,17 @@ def _unreachable(result: Any) -> bool:
     return isinstance(result, (RedisConnectionError, RedisTimeoutError, OSError))
 
 
+def _confirmed(waited: Any) -> int:
+    """How many replicas a WAIT's answer says confirmed: none when its node could not be
+    reached; an error of another kind (an ACL without WAIT, a proxy that refuses it) is
+    raised, not read as replicas missing for ever."""
+    if _unreachable(waited):
+        return 0
+    if isinstance(waited, BaseException):
+        raise waited
+    return int(waited)
+
+
 async def _relearn(cluster: RedisCluster) -> None:
     """Have the cluster client learn the layout again at its next call. (Unlike redis-py
     after a connection error, the node that did not answer is left among the nodes it
@@ -129,7 +140,7 @@ class StoreBase:
                 ran, replicas = await pipe.execute(raise_on_error=False)
             if isinstance(ran, BaseException):
                 raise ran
-            return ran, 0 if isinstance(replicas, BaseException) else int(replicas)
+            return ran, _confirmed(replicas)
         return await self._call_and_wait_on_cluster(script, names, args)
 
     async def _call_and_wait_on_cluster(
@@ -177,7 +188,7 @@ class StoreBase:
             else:  # the script ran: its writes are on the primary whatever WAIT says
                 if _unreachable(waited):
                     await _relearn(cluster)
-                return ran, 0 if isinstance(waited, BaseException) else int(waited)
+                return ran, _confirmed(waited)
         raise RedisConnectionError("Redis Cluster: the call kept being redirected")
 
     @staticmethod

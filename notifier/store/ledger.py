@@ -86,11 +86,11 @@ class ClaimResult(StrEnum):
     UNCONFIRMED = "unconfirmed"
 
 
-#: the claim script's codes
 #: How long after claims the replicas did not confirm they are worth trying again (their
 #: inbox entries wait that long, then for the worker's next sweep).
 UNCONFIRMED_RETRY_MS = 1000
 
+#: the claim script's codes
 _CLAIMS = {
     1: ClaimResult.FRESH,
     2: ClaimResult.RECLAIMED,
@@ -184,16 +184,16 @@ class Ledger(StoreBase):
             if held:
                 await self.scripts.unclaim(
                     keys=[names[i] for i in held],
-                    args=[owner, *(decode(rows[i][3]) for i in held)],
+                    args=[owner, *(decode(field) for i in held for field in rows[i][3])],
                 )
                 log.warning(
                     "%d claims: %d of the %d Redis replicas required confirmed them within "
-                    "%d ms; undone, nothing sent, tried again in %d s",
+                    "%d ms; undone, nothing sent: their transitions wait for the next sweep, "
+                    "due messages for the next release",
                     len(held),
                     replicas,
                     self.wait_replicas,
                     self.wait_timeout_ms,
-                    UNCONFIRMED_RETRY_MS // 1000,
                 )
                 again = str(now_ms + UNCONFIRMED_RETRY_MS).encode()
                 for i in held:

@@ -7,11 +7,12 @@
 -- ARGV[2]: the lease, ms
 -- ARGV[3]: 'due' to claim deferred ones that are due; anything else leaves them deferred
 -- ARGV[4]: the owner token recorded with the claim
--- Returns per key {code, value}: {1, payload, created, status} claimed fresh; {2, payload,
---   created, status} reclaimed after an expired lease (it may have been sent already), with
+-- Returns per key {code, value}: {1, payload, created, before} claimed fresh; {2, payload,
+--   created, before} reclaimed after an expired lease (it may have been sent already), with
 --   the entry's 'created' ('' when it has none: a waiting payload leaves it out when the
---   entry has it, models.waiting_payload) and its status before the claim (what unclaim.lua
---   puts back); {3, claimed ms} busy (a live claim,
+--   entry has it, models.waiting_payload) and, in before, its status, owner and claimed
+--   fields before the claim ('' for one it had not), what unclaim.lua puts back;
+--   {3, claimed ms} busy (a live claim,
 --   made or last renewed then);
 --   {4, due ms} deferred; {0, ''} nothing to do (settled, unknown, or without a payload).
 
@@ -34,9 +35,11 @@ for i = 1, #KEYS do
   if code > 0 then
     local payload = payload_of(KEYS[i])
     if payload then
+      local before = redis.call('HMGET', KEYS[i], 'owner', 'claimed')
+      before = {st, before[1] or '', before[2] or ''}
       redis.call('HSET', KEYS[i], 'st', 'sending', 'claimed', tostring(now), 'owner', ARGV[4])
       redis.call('HINCRBY', KEYS[i], 'attempts', 1)
-      out[i] = {code, payload, redis.call('HGET', KEYS[i], 'created') or '', st}
+      out[i] = {code, payload, redis.call('HGET', KEYS[i], 'created') or '', before}
     else
       out[i] = {0, ''}
     end
