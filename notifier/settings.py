@@ -171,7 +171,8 @@ class Settings(BaseSettings):
         le=16,
         description=(
             "Replicas that must hold an ingested transition before the API answers 202 "
-            "(Redis WAIT); 0 answers once the primary has it."
+            "(Redis WAIT), and a message's claim before a worker sends it; 0 answers (and "
+            "sends) once the primary has it."
         ),
     )
     ingest_wait_timeout_ms: int = Field(
