@@ -23,7 +23,7 @@ from notifier.models import notification_id_of
 from notifier.pipeline import Pipeline
 from notifier.resources import open_resources
 from notifier.store import keys, wake
-from notifier.store.base import data_error
+from notifier.store.base import WaitRefused, data_error
 from notifier.store.keys import partition_of
 from notifier.worker import release_due
 from tests.conftest import (
@@ -37,6 +37,7 @@ from tests.conftest import (
     transition,
     wait_until,
 )
+from tests.test_store_scripts import NOW_MS, entry, ledger_entries, pending
 
 
 async def test_a_message_goes_out_only_once_a_replica_holds_its_claim(
@@ -139,8 +140,12 @@ async def test_a_wait_refused_is_an_error_not_replicas_missing(
         ingest_wait_replicas=1,
     )
     async with open_resources(settings, clock=fixed_clock()) as res:
-        with pytest.raises(NoPermissionError):
-            await res.store.claim(["n_unknown"], 0, 60_000, owner="o")
+        await ledger_entries(res.store, pending("n1"))
+        before = await entry(res.store, "n1")
+        with pytest.raises(WaitRefused) as refused:
+            await res.store.claim(["n1"], NOW_MS, 60_000, owner="o")
+        assert isinstance(refused.value.__cause__, NoPermissionError)
+        assert await entry(res.store, "n1") == before  # its claim undone: nothing sent
     async with TestClient(TestServer(create_app(settings, clock=fixed_clock()))) as client:
         resp = await client.post("/v1/transitions", json=transition(), headers=auth())
         assert resp.status == 503  # stored, but not known to be replicated: a retry is a duplicate

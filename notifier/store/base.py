@@ -74,14 +74,24 @@ def _unreachable(result: Any) -> bool:
     return isinstance(result, (RedisConnectionError, RedisTimeoutError, OSError))
 
 
-def _confirmed(waited: Any) -> int:
+class WaitRefused(RedisError):
+    """The server refused a WAIT (an ACL without it, a proxy that does not pass it) after
+    the script before it ran: ``ran`` is what the script answered (what it wrote is on the
+    primary)."""
+
+    def __init__(self, refused: BaseException, ran: Any) -> None:
+        super().__init__(f"WAIT refused: {type(refused).__name__}: {refused}")
+        self.ran = ran
+
+
+def _confirmed(waited: Any, ran: Any) -> int:
     """How many replicas a WAIT's answer says confirmed: none when its node could not be
-    reached; an error of another kind (an ACL without WAIT, a proxy that refuses it) is
-    raised, not read as replicas missing for ever."""
+    reached; an error of another kind is raised (``WaitRefused``), not read as replicas
+    missing for ever."""
     if _unreachable(waited):
         return 0
     if isinstance(waited, BaseException):
-        raise waited
+        raise WaitRefused(waited, ran) from waited
     return int(waited)
 
 
@@ -140,7 +150,7 @@ class StoreBase:
                 ran, replicas = await pipe.execute(raise_on_error=False)
             if isinstance(ran, BaseException):
                 raise ran
-            return ran, _confirmed(replicas)
+            return ran, _confirmed(replicas, ran)
         return await self._call_and_wait_on_cluster(script, names, args)
 
     async def _call_and_wait_on_cluster(
@@ -188,7 +198,7 @@ class StoreBase:
             else:  # the script ran: its writes are on the primary whatever WAIT says
                 if _unreachable(waited):
                     await _relearn(cluster)
-                return ran, _confirmed(waited)
+                return ran, _confirmed(waited, ran)
         raise RedisConnectionError("Redis Cluster: the call kept being redirected")
 
     @staticmethod

@@ -24,7 +24,7 @@ from redis.exceptions import ResponseError
 
 from notifier.packing import HISTORY, OUTCOME, pack, unpack
 from notifier.store import chunks, keys
-from notifier.store.base import Scope, StoreBase, awaited, data_error, decode
+from notifier.store.base import Scope, StoreBase, WaitRefused, awaited, data_error, decode
 from notifier.store.stats import add_counts
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,11 @@ class Ledger(StoreBase):
         if self.wait_replicas:
             # the claims, and everything written before them (the decisions), on enough
             # replicas before anything is sent
-            rows, replicas = await self.call_and_wait(self.scripts.claim, names, args)
+            try:
+                rows, replicas = await self.call_and_wait(self.scripts.claim, names, args)
+            except WaitRefused as exc:  # a set-up error: undo the claims, then say so
+                await self._unclaim(names, exc.ran, owner)
+                raise
         else:
             rows, replicas = await self.scripts.claim(keys=names, args=args), 0
         claims = [
@@ -176,16 +180,8 @@ class Ledger(StoreBase):
         if replicas < self.wait_replicas:
             # A message sent now could be decided and sent again by a replica that takes
             # over without its claim: undo the claims, send nothing, try again later.
-            held = [
-                i
-                for i, claim in enumerate(claims)
-                if claim.result in (ClaimResult.FRESH, ClaimResult.RECLAIMED)
-            ]
+            held = await self._unclaim(names, rows, owner)
             if held:
-                await self.scripts.unclaim(
-                    keys=[names[i] for i in held],
-                    args=[owner, *(decode(field) for i in held for field in rows[i][3])],
-                )
                 log.warning(
                     "%d claims: %d of the %d Redis replicas required confirmed them within "
                     "%d ms; undone, nothing sent: their transitions wait for the next sweep, "
@@ -199,6 +195,17 @@ class Ledger(StoreBase):
                 for i in held:
                     claims[i] = Claim(ClaimResult.UNCONFIRMED, again, None)
         return claims
+
+    async def _unclaim(self, names: list[str], rows: list[Any], owner: str) -> list[int]:
+        """Undo the claims ``claim.lua`` answered ``rows`` for (``unclaim.lua``: each as it
+        was before); the positions of those it had made."""
+        held = [i for i, row in enumerate(rows) if int(row[0]) in (1, 2)]  # fresh, reclaimed
+        if held:
+            await self.scripts.unclaim(
+                keys=[names[i] for i in held],
+                args=[owner, *(decode(field) for i in held for field in rows[i][3])],
+            )
+        return held
 
     async def renew(
         self, notification_ids: Sequence[str], owner: str, now_ms: int, scope: Scope = None
