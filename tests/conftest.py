@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -340,6 +341,23 @@ def auth(key: str = ADMIN_KEY) -> dict[str, str]:
 
 def outbox_files(settings: Settings, suffix: str = "") -> list[Path]:
     return sorted(p for p in settings.outbox_dir.rglob(f"*{suffix}") if p.is_file())
+
+
+class Reader:
+    """A process's output, read on a thread of its own as it comes."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        self.stream = proc.stdout
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=self.lines.extend, args=(self.stream,))
+        self.thread.start()
+
+    def text(self) -> str:
+        """All of it, once the process has ended."""
+        self.thread.join(timeout=30)
+        self.stream.close()
+        return "".join(self.lines)
 
 
 def spawn_notifier(args: list[str], cwd: Path, **env: str) -> subprocess.Popen[str]:

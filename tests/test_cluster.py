@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -42,6 +41,7 @@ from tests.conftest import (
     API_KEYS,
     NOW,
     Cluster,
+    Reader,
     auth,
     fixed_clock,
     flush_cluster,
@@ -783,23 +783,6 @@ def test_a_master_failover_mid_stream_loses_nothing_accepted(
             proc.wait(timeout=30)
             out = reader.text()
             assert "Traceback" not in out or proc.returncode == 0, out[-3000:]
-
-
-class Reader:
-    """A process's output, read on a thread of its own as it comes."""
-
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        assert proc.stdout is not None
-        self.stream = proc.stdout
-        self.lines: list[str] = []
-        self.thread = threading.Thread(target=self.lines.extend, args=(self.stream,))
-        self.thread.start()
-
-    def text(self) -> str:
-        """All of it, once the process has ended."""
-        self.thread.join(timeout=30)
-        self.stream.close()
-        return "".join(self.lines)
 
 
 async def test_any_named_node_will_do_and_none_answering_is_an_outage(

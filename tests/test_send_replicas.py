@@ -7,11 +7,15 @@ decided and sent again)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import shutil
 import signal
 import subprocess
+import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -21,19 +25,25 @@ from redis.exceptions import NoPermissionError, ResponseError
 from notifier.app import create_app
 from notifier.models import notification_id_of
 from notifier.pipeline import Pipeline
-from notifier.resources import open_resources
+from notifier.resources import data_dir, open_resources
 from notifier.store import keys, wake
 from notifier.store.base import WaitRefused, data_error
 from notifier.store.keys import partition_of
 from notifier.worker import release_due
 from tests.conftest import (
+    API_KEYS,
     NOW,
+    Reader,
     auth,
     fixed_clock,
+    free_port,
+    healthy,
     make_settings,
     outbox_files,
     post,
+    post_over_http,
     run_worker,
+    spawn_notifier,
     transition,
     wait_until,
 )
@@ -193,3 +203,67 @@ async def test_a_due_message_whose_claim_is_unconfirmed_waits_on_the_due_index(
         assert await release_due({"res": res, "pipeline": Pipeline(res)}) == 1
         assert await release_due({"res": res, "pipeline": Pipeline(res)}) == 0
     assert len(outbox_files(settings, ".sms.json")) == 1
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_sends_what_waited_for_the_replica_by_itself_once_it_is_back(
+    tmp_path: Path, primary_and_replica: tuple[str, subprocess.Popen[bytes]]
+) -> None:
+    """`notifier serve` and `notifier worker` as processes, waiting for the replica: a
+    transition posted while the replica is frozen (503, stored) has its messages held
+    back, and sent once, with nobody waking anything, once the replica is back (the
+    worker's sweep finds the transition that waited)."""
+    url, replica = primary_and_replica
+    port = free_port()
+    # the processes run on the real clock: no SMS may wait for quiet hours
+    policies = tmp_path / "policies"
+    shutil.copytree(data_dir("policies", None), policies)
+    (policies / "acme.yaml").write_text("quiet_hours: {sms: null}\n")
+    outbox = tmp_path / "outbox"
+    env = {
+        "NOTIFIER_POLICIES_DIR": str(policies),
+        "NOTIFIER_REDIS_URL": url,
+        "NOTIFIER_API_KEYS": json.dumps(API_KEYS),
+        "NOTIFIER_OUTBOX_DIR": str(outbox),
+        "NOTIFIER_PORT": str(port),
+        "NOTIFIER_WORKER_POLL_DELAY_S": "0.05",
+        "NOTIFIER_INGEST_WAIT_REPLICAS": "1",
+        "NOTIFIER_INGEST_WAIT_TIMEOUT_MS": "300",
+    }
+    procs = [
+        spawn_notifier(["serve"], tmp_path, **env),
+        spawn_notifier(["worker"], tmp_path, **env),
+    ]
+    readers = [Reader(proc) for proc in procs]
+
+    def sent(shipment: str) -> int:
+        return len([p for p in (outbox / "acme" / shipment).glob("*") if p.is_file()])
+
+    def delivered(shipment: str) -> dict[str, Any]:
+        # final: no stall check on the real clock adds news
+        return transition(event_id=f"e-{shipment}", shipment_id=shipment, status="delivered")
+
+    try:
+        wait_until(lambda: healthy(port), "notifier serve", seconds=60)
+        assert post_over_http(port, [delivered("shp_a")])[0] == 202
+        wait_until(lambda: sent("shp_a") == 2, "the email and SMS of the first")
+        os.kill(replica.pid, signal.SIGSTOP)
+        try:
+            status, _, body = post_over_http(port, [delivered("shp_b")])
+            assert status == 503, body  # stored, unconfirmed: its drain runs at once
+            time.sleep(3)
+            assert sent("shp_b") == 0
+        finally:
+            os.kill(replica.pid, signal.SIGCONT)
+        wait_until(lambda: sent("shp_b") == 2, "the held messages, once the replica is back", 45)
+        time.sleep(1)  # anything sent twice would show up now
+        assert (sent("shp_a"), sent("shp_b")) == (2, 2)
+    finally:
+        for proc in procs:
+            proc.terminate()
+        outputs = []
+        for proc, reader in zip(procs, readers, strict=True):
+            proc.wait(timeout=30)
+            outputs.append(reader.text())
+    assert "undone, nothing sent" in outputs[1]
+    assert "Traceback" not in outputs[1], outputs[1][-3000:]
