@@ -75,6 +75,8 @@ class DeliveryReport:
     #: when the last of those leases runs out unless renewed, or the unconfirmed are worth
     #: trying again (epoch ms; 0: none busy)
     busy_until_ms: int = 0
+    #: each busy one's own time (epoch ms): an entry waits for its own messages only
+    busy_until: dict[str, int] = field(default_factory=dict)
     #: claims the replicas did not confirm in time (``NOTIFIER_INGEST_WAIT_REPLICAS``)
     unconfirmed: list[str] = field(default_factory=list)
     #: waiting for their due time on the due index
@@ -267,6 +269,7 @@ class Deliverer:
             report.unconfirmed.append(nid)
         else:
             until += self._lease_ms()
+        report.busy_until[nid] = until
         report.busy_until_ms = max(report.busy_until_ms, until)
 
     async def _send_claimed(
@@ -321,6 +324,7 @@ class Deliverer:
                 log.warning("%d claims lapsed while rendering; left to their new holder", len(lost))
                 report.busy += lost
                 report.busy_until_ms = max(report.busy_until_ms, now_ms + self._lease_ms())
+                report.busy_until.update(dict.fromkeys(lost, now_ms + self._lease_ms()))
             kept = [
                 (c, m)
                 for c, m in zip(claimed, messages, strict=True)

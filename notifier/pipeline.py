@@ -81,6 +81,8 @@ class BatchReport:
     delivery: DeliveryReport = field(default_factory=DeliveryReport)
     #: inbox entries with a notification another worker is still sending: do not ack yet
     unsettled: set[str] = field(default_factory=set)
+    #: when each of those is worth trying again (epoch ms): its own messages' latest time
+    unsettled_until: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -228,7 +230,8 @@ class Pipeline:
             report.delivery = await self.deliverer.deliver(
                 to_deliver, states=states, built=built, timing=timing, scope=scope
             )
-            report.unsettled = {owner[nid] for nid in report.delivery.busy}
+            report.unsettled_until = _unsettled(report.delivery, owner)
+            report.unsettled = set(report.unsettled_until)
         await self._compact(long)
         await self._predicted_late(states, self.res.clock())
         return report
@@ -551,6 +554,17 @@ def _late_transition(state: ShipmentState, found: Prediction) -> Transition:
             "estimated delivery window (notifier)"
         ),
     )
+
+
+def _unsettled(delivery: DeliveryReport, owner: Mapping[str, str]) -> dict[str, int]:
+    """The inbox entries of the notifications a delivery left busy, each with when it is
+    worth trying again: the latest of its own notifications' times (epoch ms)."""
+    until: dict[str, int] = {}
+    for nid in delivery.busy:
+        entry = owner[nid]
+        mine = delivery.busy_until.get(nid, delivery.busy_until_ms)
+        until[entry] = max(until.get(entry, 0), mine)
+    return until
 
 
 async def inject(res: Resources, transitions: Sequence[Transition], source: str) -> int:

@@ -196,13 +196,11 @@ async def _drain_locked(
             if outcome.invalid:
                 await store.bury(partition, outcome.invalid, "not a valid transition")
             await store.ack(partition, [e.entry_id for e in outcome.settled])
-            await store.keep_waiting(
-                partition,
-                ctx["consumer"],
-                [e.entry_id for e in outcome.waiting],
-                _stale_ms(res),
-                outcome.waiting_until_ms - int(res.clock().timestamp() * 1000),
-            )
+            now_ms = int(res.clock().timestamp() * 1000)
+            for until, waiting in outcome.waiting_by_second().items():
+                await store.keep_waiting(
+                    partition, ctx["consumer"], waiting, _stale_ms(res), until - now_ms
+                )
         done += len(outcome.settled)
         dry = len(entries) < size  # the partition had no more than this
         entries = []
@@ -261,19 +259,30 @@ class Processed:
     settled: list[InboxEntry] = field(default_factory=list)
     invalid: list[InboxEntry] = field(default_factory=list)
     waiting: list[InboxEntry] = field(default_factory=list)
-    #: when the last claim the waiting ones wait for runs out unless renewed (epoch ms)
-    waiting_until_ms: int = 0
+    #: per waiting entry, when the last claim it waits for runs out unless renewed, or its
+    #: messages' undone claims are worth trying again (epoch ms)
+    waiting_until: dict[str, int] = field(default_factory=dict)
 
     def add(self, entries: list[InboxEntry], report: BatchReport) -> None:
-        if report.unsettled:
-            self.waiting_until_ms = max(self.waiting_until_ms, report.delivery.busy_until_ms)
         for e in entries:
             if e in report.invalid:
                 self.invalid.append(e)
             elif e.entry_id in report.unsettled:
                 self.waiting.append(e)
+                self.waiting_until[e.entry_id] = report.unsettled_until.get(
+                    e.entry_id, report.delivery.busy_until_ms
+                )
             else:
                 self.settled.append(e)
+
+    def waiting_by_second(self) -> dict[int, list[str]]:
+        """The waiting entries' ids by when they are worth trying again (epoch ms, rounded
+        up to the second: a few calls of ``keep_waiting`` a batch)."""
+        by: dict[int, list[str]] = {}
+        for e in self.waiting:
+            until = self.waiting_until.get(e.entry_id, 0)
+            by.setdefault(-(-until // 1000) * 1000, []).append(e.entry_id)
+        return by
 
 
 async def _process(pipeline: Pipeline, entries: list[InboxEntry]) -> Processed:

@@ -15,15 +15,15 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from notifier.delivery import LEASE_MS, SUMMARY_BYTES, summary
+from notifier.delivery import LEASE_MS, SUMMARY_BYTES, DeliveryReport, summary
 from notifier.models import ChannelKind, Transition
-from notifier.pipeline import Pipeline, notification_id
+from notifier.pipeline import BatchReport, Pipeline, _unsettled, notification_id
 from notifier.render import SmsMessageOut
 from notifier.resources import open_resources
 from notifier.settings import Settings
 from notifier.state import ShipmentState
 from notifier.store import GROUP, InboxEntry, ShipmentCommit, Store, chunks, keys
-from notifier.worker import BATCHES_AT_ONCE, build_worker
+from notifier.worker import BATCHES_AT_ONCE, Processed, build_worker
 from tests.conftest import (
     NOW,
     fixed_clock,
@@ -585,3 +585,25 @@ async def test_a_compaction_that_fails_leaves_the_batch_delivered(
         inbox = keys.inbox_key(res.store.partition_of("acme", "shp_123"))
         assert (await res.redis.xpending(inbox, GROUP))["pending"] == 0
     assert [d["delivery"]["status"] for d in await history(client)] == ["sent"] * 4
+
+
+def test_each_waiting_entry_waits_for_its_own_messages_only() -> None:
+    """A batch's entries held back wait each for its own messages: one behind another
+    worker's live claim until that lease runs out, one whose claim the replicas did not
+    confirm only until it is worth trying again (they all waited for the latest)."""
+    at = 1_800_000_000_000
+    delivery = DeliveryReport(
+        busy=["n_busy", "n_unconfirmed", "n_also"],
+        busy_until={"n_busy": at + 70_000, "n_unconfirmed": at + 1_000, "n_also": at + 500},
+        busy_until_ms=at + 70_000,
+    )
+    owner = {"n_busy": "e1", "n_unconfirmed": "e2", "n_also": "e1"}
+    report = BatchReport(delivery=delivery)
+    report.unsettled_until = _unsettled(delivery, owner)
+    report.unsettled = set(report.unsettled_until)
+    assert report.unsettled_until == {"e1": at + 70_000, "e2": at + 1_000}
+    entries = [InboxEntry(e, b"{}") for e in ("e1", "e2", "e3")]
+    outcome = Processed()
+    outcome.add(entries, report)
+    assert [e.entry_id for e in outcome.settled] == ["e3"]
+    assert outcome.waiting_by_second() == {at + 70_000: ["e1"], at + 1_000: ["e2"]}
