@@ -72,10 +72,8 @@ class DeliveryReport:
     #: not settled yet: claimed by another worker whose lease is still running, or claimed
     #: by this round without the replicas confirming it (undone; also in ``unconfirmed``)
     busy: list[str] = field(default_factory=list)
-    #: when the last of those leases runs out unless renewed, or the unconfirmed are worth
-    #: trying again (epoch ms; 0: none busy)
-    busy_until_ms: int = 0
-    #: each busy one's own time (epoch ms): an entry waits for its own messages only
+    #: each busy one's time (epoch ms): when the lease it waits for runs out unless
+    #: renewed, or its undone claim is worth trying again
     busy_until: dict[str, int] = field(default_factory=dict)
     #: claims the replicas did not confirm in time (``NOTIFIER_INGEST_WAIT_REPLICAS``)
     unconfirmed: list[str] = field(default_factory=list)
@@ -270,7 +268,6 @@ class Deliverer:
         else:
             until += self._lease_ms()
         report.busy_until[nid] = until
-        report.busy_until_ms = max(report.busy_until_ms, until)
 
     async def _send_claimed(
         self,
@@ -323,7 +320,6 @@ class Deliverer:
             if lost:
                 log.warning("%d claims lapsed while rendering; left to their new holder", len(lost))
                 report.busy += lost
-                report.busy_until_ms = max(report.busy_until_ms, now_ms + self._lease_ms())
                 report.busy_until.update(dict.fromkeys(lost, now_ms + self._lease_ms()))
             kept = [
                 (c, m)

@@ -190,10 +190,7 @@ async def _persist(res: Resources, payloads: list[IngestItem]) -> tuple[list[Adm
     except NotReplicated as exc:
         log.error("ingest: %s", exc)
         metrics.transitions({"unconfirmed": len(payloads)})
-        # stored on the primary: its drain need not wait (woken once, though every caller
-        # of a group commit sees this exception)
-        woken, exc.woken = exc.woken, []
-        await _wake(res, woken)
+        await _wake(res, exc.take_woken())  # stored on the primary: its drain need not wait
         raise ServiceUnavailable(
             f"stored, but only {exc.acked} of the {exc.required} Redis replicas required "
             "confirmed it in time; retry later (the same events are then answered as "
@@ -205,11 +202,8 @@ async def _persist(res: Resources, payloads: list[IngestItem]) -> tuple[list[Adm
         log.error(
             "ingest could not persist %d transitions: %s", len(payloads), type(cause).__name__
         )
-        if isinstance(exc, PartlyStored):
-            # the other partitions' calls stored their events: wake their drains (once,
-            # though every caller of a group commit sees this exception)
-            woken, exc.woken = exc.woken, []
-            await _wake(res, woken)
+        if isinstance(exc, PartlyStored):  # the other partitions' calls stored theirs
+            await _wake(res, exc.take_woken())
         raise ServiceUnavailable(
             "the queue cannot take transitions right now; retry later",
             headers={"Retry-After": RETRY_AFTER_S},

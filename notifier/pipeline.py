@@ -49,11 +49,10 @@ from notifier.store import (
     Admission,
     InboxEntry,
     LedgerState,
-    NotReplicated,
-    PartlyStored,
     Scope,
     ShipmentCommit,
     Store,
+    StoredInPart,
     body_digest,
     wake,
 )
@@ -562,8 +561,7 @@ def _unsettled(delivery: DeliveryReport, owner: Mapping[str, str]) -> dict[str, 
     until: dict[str, int] = {}
     for nid in delivery.busy:
         entry = owner[nid]
-        mine = delivery.busy_until.get(nid, delivery.busy_until_ms)
-        until[entry] = max(until.get(entry, 0), mine)
+        until[entry] = max(until.get(entry, 0), delivery.busy_until[nid])
     return until
 
 
@@ -579,10 +577,9 @@ async def inject(res: Resources, transitions: Sequence[Transition], source: str)
         return 0
     try:
         admitted, woken = await res.store.ingest(items)
-    except (NotReplicated, PartlyStored) as exc:
+    except StoredInPart as exc:
         # stored where its call went through: those drains need not wait for the sweep
-        woken, exc.woken = exc.woken, []
-        await wake(res.queue, woken)
+        await wake(res.queue, exc.take_woken())
         raise
     await wake(res.queue, woken)
     return sum(1 for a in admitted if a is Admission.ACCEPTED)

@@ -269,9 +269,7 @@ class Processed:
                 self.invalid.append(e)
             elif e.entry_id in report.unsettled:
                 self.waiting.append(e)
-                self.waiting_until[e.entry_id] = report.unsettled_until.get(
-                    e.entry_id, report.delivery.busy_until_ms
-                )
+                self.waiting_until[e.entry_id] = report.unsettled_until[e.entry_id]
             else:
                 self.settled.append(e)
 

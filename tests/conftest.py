@@ -17,6 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -33,9 +34,9 @@ from babel.dates import format_skeleton, format_time
 from bench.procs import free_port, node_ports, with_bus_ports
 from notifier.app import create_app
 from notifier.packing import unpack
-from notifier.resources import Resources
+from notifier.resources import Resources, data_dir, open_resources
 from notifier.settings import Settings
-from notifier.store import InboxEntry, Store, record
+from notifier.store import InboxEntry, Store, record, wake
 from notifier.store.record import Record
 from notifier.worker import build_worker
 
@@ -358,6 +359,34 @@ class Reader:
         self.thread.join(timeout=30)
         self.stream.close()
         return "".join(self.lines)
+
+
+def emails_per_shipment(settings: Settings) -> Counter[str]:
+    """How many emails the outbox holds for each shipment."""
+    return Counter(p.parent.name for p in outbox_files(settings, ".eml"))
+
+
+async def wake_every_partition(settings: Settings) -> None:
+    """Enqueue a drain of each partition, as the worker's sweep does for those waiting."""
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        await wake(res.queue, range(settings.partitions))
+
+
+def process_env(workdir: Path, port: int, **env: str) -> dict[str, str]:
+    """The ``NOTIFIER_*`` environment of `notifier serve` and `notifier worker` processes
+    on the real clock, writing to ``workdir``/outbox: merchant acme's SMS never wait for
+    quiet hours (the messages a test counts would come the next morning)."""
+    policies = workdir / "policies"
+    shutil.copytree(data_dir("policies", None), policies)
+    (policies / "acme.yaml").write_text("quiet_hours: {sms: null}\n")
+    return {
+        "NOTIFIER_POLICIES_DIR": str(policies),
+        "NOTIFIER_API_KEYS": json.dumps(API_KEYS),
+        "NOTIFIER_OUTBOX_DIR": str(workdir / "outbox"),
+        "NOTIFIER_PORT": str(port),
+        "NOTIFIER_WORKER_POLL_DELAY_S": "0.05",
+        **env,
+    }
 
 
 def spawn_notifier(args: list[str], cwd: Path, **env: str) -> subprocess.Popen[str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import threading
 import time
@@ -32,9 +31,9 @@ from notifier.deadletters import DeadLetters
 from notifier.errors import ConfigurationError, TemporaryDeliveryError
 from notifier.models import ChannelKind
 from notifier.pipeline import Pipeline
-from notifier.resources import Resources, data_dir, open_resources
+from notifier.resources import Resources, open_resources
 from notifier.settings import Settings
-from notifier.store import ShipmentCommit, keys, record, wake
+from notifier.store import ShipmentCommit, keys, record
 from notifier.store.inbox import Inbox
 from notifier.worker import build_worker, find_stalled, release_due
 from tests.conftest import (
@@ -43,6 +42,7 @@ from tests.conftest import (
     Cluster,
     Reader,
     auth,
+    emails_per_shipment,
     fixed_clock,
     flush_cluster,
     free_port,
@@ -52,10 +52,12 @@ from tests.conftest import (
     outcome_records,
     post,
     post_over_http,
+    process_env,
     run_worker,
     spawn_notifier,
     transition,
     wait_until,
+    wake_every_partition,
 )
 from tests.fakes import FailingChannel
 
@@ -391,7 +393,7 @@ async def test_ingest_waits_for_each_partitions_replica_on_a_cluster(
         body = await post(client, *held)  # the backend's retry
         assert body["duplicates"] == len(held) and body["accepted"] == 0
     await run_worker(settings)
-    delivered = Counter(p.parent.name for p in outbox_files(settings, ".eml"))
+    delivered = emails_per_shipment(settings)
     assert delivered == {s: 2 for s in shipments}
 
 
@@ -422,10 +424,9 @@ async def test_a_worker_sends_only_what_its_partitions_replica_holds_the_claim_o
         os.kill(cluster.procs[replica].pid, signal.SIGCONT)
     wait_until(cluster.ready, "the replica to catch up", seconds=30)
     await asyncio.sleep(0.25)  # the waiting entries turn stale: the next drains take them
-    async with open_resources(settings, clock=fixed_clock()) as res:
-        await wake(res.queue, range(settings.partitions))
+    await wake_every_partition(settings)
     await run_worker(settings)
-    delivered = Counter(p.parent.name for p in outbox_files(settings, ".eml"))
+    delivered = emails_per_shipment(settings)
     assert delivered == {s: 1 for s in shipments}
 
 
@@ -466,7 +467,7 @@ async def test_a_batch_that_failed_on_one_partition_still_wakes_the_others(
         assert body["accepted"] == len(held)
         assert body["duplicates"] == len(shipments) - len(held)
     await run_worker(on_cluster)
-    delivered = Counter(p.parent.name for p in outbox_files(on_cluster, ".eml"))
+    delivered = emails_per_shipment(on_cluster)
     assert delivered == {s: 1 for s in shipments}
 
 
@@ -538,7 +539,7 @@ async def test_what_ingest_answered_503_for_is_what_a_crash_loses(
         body = await resp.json()
         assert body["accepted"] + body["duplicates"] == len(mine)
     await run_worker(settings)
-    emails = Counter(p.parent.name for p in outbox_files(settings, ".eml"))
+    emails = emails_per_shipment(settings)
     assert emails == {s: 2 if s in mine else 1 for s in shipments}
 
 
@@ -579,11 +580,10 @@ async def test_what_the_worker_sent_before_a_crash_is_not_sent_again(
     wait_until(lambda: cluster.is_master(replica), "the replica to take over", seconds=60)
     cluster.restart(master)
     wait_until(cluster.ready, "the crashed master to rejoin as a replica", seconds=60)
-    async with open_resources(settings, clock=fixed_clock()) as res:
-        await wake(res.queue, range(settings.partitions))
+    await wake_every_partition(settings)
     # a minute later, so that a message sent again is a file of its own
     await run_worker(settings, clock=fixed_clock(NOW + timedelta(minutes=1)))
-    emails = Counter(p.parent.name for p in outbox_files(settings, ".eml"))
+    emails = emails_per_shipment(settings)
     assert emails == {s: 1 if wait or s not in mine else 2 for s in shipments}
 
 
@@ -707,22 +707,14 @@ def test_a_master_failover_mid_stream_loses_nothing_accepted(
     tracking backend does, and delivered once too."""
     flush_cluster(cluster)
     port = free_port()
-    # the processes run on the real clock: no SMS may wait for quiet hours (in Paris from
-    # 20:00 UTC), or the messages this counts would come the next morning
-    policies = tmp_path / "policies"
-    shutil.copytree(data_dir("policies", None), policies)
-    (policies / "acme.yaml").write_text("quiet_hours: {sms: null}\n")
-    env = {
-        "NOTIFIER_POLICIES_DIR": str(policies),
-        "NOTIFIER_REDIS_URL": cluster.url,
-        "NOTIFIER_QUEUE_REDIS_URL": cluster.queue_url,
-        "NOTIFIER_API_KEYS": json.dumps(API_KEYS),
-        "NOTIFIER_PARTITIONS": str(PARTITIONS),
-        "NOTIFIER_OUTBOX_DIR": str(tmp_path / "outbox"),
-        "NOTIFIER_SIGNING_SECRET": "0123456789abcdef0123",
-        "NOTIFIER_PORT": str(port),
-        "NOTIFIER_WORKER_POLL_DELAY_S": "0.05",
-    }
+    env = process_env(
+        tmp_path,
+        port,
+        NOTIFIER_REDIS_URL=cluster.url,
+        NOTIFIER_QUEUE_REDIS_URL=cluster.queue_url,
+        NOTIFIER_PARTITIONS=str(PARTITIONS),
+        NOTIFIER_SIGNING_SECRET="0123456789abcdef0123",
+    )
     if wait:
         env["NOTIFIER_INGEST_WAIT_REPLICAS"] = "1"
     procs = [spawn_notifier(["serve"], tmp_path, **env)]

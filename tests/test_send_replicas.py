@@ -7,9 +7,7 @@ decided and sent again)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -25,13 +23,12 @@ from redis.exceptions import NoPermissionError, ResponseError
 from notifier.app import create_app
 from notifier.models import notification_id_of
 from notifier.pipeline import Pipeline
-from notifier.resources import data_dir, open_resources
-from notifier.store import keys, wake
+from notifier.resources import open_resources
+from notifier.store import keys
 from notifier.store.base import WaitRefused, data_error
 from notifier.store.keys import partition_of
 from notifier.worker import release_due
 from tests.conftest import (
-    API_KEYS,
     NOW,
     Reader,
     auth,
@@ -42,10 +39,12 @@ from tests.conftest import (
     outbox_files,
     post,
     post_over_http,
+    process_env,
     run_worker,
     spawn_notifier,
     transition,
     wait_until,
+    wake_every_partition,
 )
 from tests.test_store_scripts import NOW_MS, entry, ledger_entries, pending
 
@@ -79,8 +78,7 @@ async def test_a_message_goes_out_only_once_a_replica_holds_its_claim(
             # round (its delivery count starting again: never a dead letter for this). Round
             # after round, while the replica stays away.
             for _ in range(6):
-                async with open_resources(settings, clock=fixed_clock()) as res:
-                    await wake(res.queue, range(settings.partitions))
+                await wake_every_partition(settings)
                 await asyncio.sleep(0.25)  # the entry turns stale: the next drain takes it
                 await run_worker(settings)
                 assert len(outbox_files(settings, ".eml")) == 1
@@ -100,8 +98,7 @@ async def test_a_message_goes_out_only_once_a_replica_holds_its_claim(
     # the waiting entry is taken over by the next drain (stale after claim_idle_s), and its
     # email sent once
     await asyncio.sleep(0.25)
-    async with open_resources(settings, clock=fixed_clock()) as res:
-        await wake(res.queue, range(settings.partitions))
+    await wake_every_partition(settings)
     await run_worker(settings)
     emails = outbox_files(settings, ".eml")
     assert len(emails) == 2 and sum(email in p.name for p in emails) == 1
@@ -215,21 +212,14 @@ def test_a_worker_sends_what_waited_for_the_replica_by_itself_once_it_is_back(
     worker's sweep finds the transition that waited)."""
     url, replica = primary_and_replica
     port = free_port()
-    # the processes run on the real clock: no SMS may wait for quiet hours
-    policies = tmp_path / "policies"
-    shutil.copytree(data_dir("policies", None), policies)
-    (policies / "acme.yaml").write_text("quiet_hours: {sms: null}\n")
     outbox = tmp_path / "outbox"
-    env = {
-        "NOTIFIER_POLICIES_DIR": str(policies),
-        "NOTIFIER_REDIS_URL": url,
-        "NOTIFIER_API_KEYS": json.dumps(API_KEYS),
-        "NOTIFIER_OUTBOX_DIR": str(outbox),
-        "NOTIFIER_PORT": str(port),
-        "NOTIFIER_WORKER_POLL_DELAY_S": "0.05",
-        "NOTIFIER_INGEST_WAIT_REPLICAS": "1",
-        "NOTIFIER_INGEST_WAIT_TIMEOUT_MS": "300",
-    }
+    env = process_env(
+        tmp_path,
+        port,
+        NOTIFIER_REDIS_URL=url,
+        NOTIFIER_INGEST_WAIT_REPLICAS="1",
+        NOTIFIER_INGEST_WAIT_TIMEOUT_MS="300",
+    )
     procs = [
         spawn_notifier(["serve"], tmp_path, **env),
         spawn_notifier(["worker"], tmp_path, **env),

@@ -595,7 +595,6 @@ def test_each_waiting_entry_waits_for_its_own_messages_only() -> None:
     delivery = DeliveryReport(
         busy=["n_busy", "n_unconfirmed", "n_also"],
         busy_until={"n_busy": at + 70_000, "n_unconfirmed": at + 1_000, "n_also": at + 500},
-        busy_until_ms=at + 70_000,
     )
     owner = {"n_busy": "e1", "n_unconfirmed": "e2", "n_also": "e1"}
     report = BatchReport(delivery=delivery)

@@ -26,6 +26,7 @@ from notifier.store.inbox import (
     IngestItem,
     NotReplicated,
     PartlyStored,
+    StoredInPart,
     body_digest,
     wake,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "Scope",
     "ShipmentCommit",
     "Store",
+    "StoredInPart",
     "awaited",
     "body_digest",
     "wake",

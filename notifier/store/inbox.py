@@ -22,10 +22,7 @@ from typing import Any
 import orjson
 from arq.connections import ArqRedis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import (
-    RedisError,
-    ResponseError,
-)
+from redis.exceptions import RedisError, ResponseError
 
 from notifier.store import keys
 from notifier.store.base import Scope, StoreBase, decode
@@ -64,29 +61,40 @@ def body_digest(body: Any) -> str:
     return base64.b64encode(digest).decode()[:DIGEST_CHARS]
 
 
-class NotReplicated(RedisError):
+class StoredInPart(RedisError):
+    """An ingest that failed after some of its events were stored: ``woken`` names the
+    partitions whose wake flags it won, to wake all the same (or nothing would before the
+    worker's sweep)."""
+
+    def __init__(self, message: str, woken: list[int]) -> None:
+        super().__init__(message)
+        self.woken = woken
+
+    def take_woken(self) -> list[int]:
+        """The partitions to wake, once: every caller of a group commit sees this one
+        exception."""
+        woken, self.woken = self.woken, []
+        return woken
+
+
+class NotReplicated(StoredInPart):
     """Ingested on the primary, but fewer replicas than required confirmed it in time."""
 
     def __init__(self, acked: int, required: int, timeout_ms: int, woken: list[int]) -> None:
-        super().__init__(f"{acked} of {required} replicas confirmed within {timeout_ms} ms")
+        super().__init__(f"{acked} of {required} replicas confirmed within {timeout_ms} ms", woken)
         self.acked, self.required = acked, required
-        #: the partitions to wake all the same: the events are stored on the primary
-        self.woken = woken
         #: what became of each event of the call
         self.admissions: list[Admission] = []
 
 
-class PartlyStored(RedisError):
+class PartlyStored(StoredInPart):
     """A call of a batch that spans partitions failed; the others stored their events (a
     cluster makes one ingest call per partition). Answered like the failure itself (503:
-    a retry is a duplicate for what went in), but ``woken`` names the partitions whose
-    wake flags those calls won: their drains are enqueued all the same, or nothing would
-    wake them before the worker's sweep."""
+    a retry is a duplicate for what went in), their partitions woken all the same."""
 
     def __init__(self, failure: BaseException, woken: list[int]) -> None:
-        super().__init__(f"{type(failure).__name__}: {failure}")
+        super().__init__(f"{type(failure).__name__}: {failure}", woken)
         self.failure = failure
-        self.woken = woken
 
 
 @dataclass(frozen=True, slots=True)

@@ -199,7 +199,8 @@ class Ledger(StoreBase):
     async def _unclaim(self, names: list[str], rows: list[Any], owner: str) -> list[int]:
         """Undo the claims ``claim.lua`` answered ``rows`` for (``unclaim.lua``: each as it
         was before); the positions of those it had made."""
-        held = [i for i, row in enumerate(rows) if int(row[0]) in (1, 2)]  # fresh, reclaimed
+        made = (ClaimResult.FRESH, ClaimResult.RECLAIMED)
+        held = [i for i, row in enumerate(rows) if _CLAIMS.get(int(row[0])) in made]
         if held:
             await self.scripts.unclaim(
                 keys=[names[i] for i in held],
