@@ -2,8 +2,8 @@
 
 Run: .venv/bin/python -m bench.arq_noop --redis redis://127.0.0.1:6379/0 [--jobs 20000]
 Enqueues the jobs (pipelined), then runs one burst worker with arq's defaults and the
-poll delay notifier's workers use, and prints {"jobs": n, "seconds": s, "jobs_per_s": r}
-as JSON, timing only the worker.
+poll delay and event loop (``NOTIFIER_EVENT_LOOP``) notifier's workers use, and prints
+{"jobs": n, "seconds": s, "jobs_per_s": r} as JSON, timing only the worker.
 """
 
 from __future__ import annotations
@@ -53,4 +53,7 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    from notifier.cli import new_event_loop
+
+    with asyncio.Runner(loop_factory=lambda: new_event_loop(Settings())) as runner:
+        runner.run(main())

@@ -2,7 +2,8 @@
 
 Run: .venv/bin/python -m bench.bare --port 8099   (the suite starts it itself)
 No validation, no Redis, no auth: what aiohttp and orjson alone cost per request on
-this machine, to put notifier's own ingest figure next to.
+this machine, on the event loop `notifier serve` runs on (``NOTIFIER_EVENT_LOOP``), to put
+notifier's own ingest figure next to.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ import argparse
 
 import orjson
 from aiohttp import web
+
+from notifier.cli import new_event_loop
+from notifier.settings import Settings
 
 
 async def handle(request: web.Request) -> web.Response:
@@ -30,7 +34,8 @@ def main() -> None:
     app = web.Application()
     app.router.add_post("/v1/transitions", handle)
     app.router.add_get("/healthz", healthz)
-    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+    loop = new_event_loop(Settings())
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None, loop=loop)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def main() -> None:
         asyncio.run(service._post_batches(port, service._bodies(events), 4))
         backlog = service._inbox_length(st)
         os.environ.update(st.notifier_env())
-        from notifier.cli import _settle_gc
+        from notifier.cli import _settle_gc, new_event_loop
         from notifier.settings import Settings
         from notifier.worker import build_worker
 
@@ -58,7 +58,7 @@ def main() -> None:
             task.cancel()
             await worker.close()
 
-        loop = asyncio.new_event_loop()
+        loop = new_event_loop(Settings())  # as `notifier worker` runs (NOTIFIER_EVENT_LOOP)
         asyncio.set_event_loop(loop)
 
         def redis_cpu() -> float:

@@ -12,6 +12,7 @@ import re
 import socket
 import sys
 from collections.abc import Callable, Sequence
+from importlib.metadata import version
 from pathlib import Path
 
 import orjson
@@ -128,6 +129,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print=listening,
             access_log=None,
             shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+            loop=new_event_loop(settings),
         )
     except socket.gaierror as exc:  # a host name that does not resolve
         raise ConfigurationError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
@@ -151,7 +153,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             "NOTIFIER_REDIS_URL is not set: in embedded mode `notifier serve` runs the worker"
         )
     _start_up(settings)
-    asyncio.set_event_loop(asyncio.new_event_loop())
+    asyncio.set_event_loop(new_event_loop(settings))
     worker = build_worker(settings, heartbeat=args.heartbeat)
     _settle_gc()
     worker.run()
@@ -188,6 +190,21 @@ def _keep_compiled(settings: Settings) -> None:
             "another folder; NOTIFIER_TEMPLATE_CACHE=false turns this off)",
             refused,
         )
+
+
+def new_event_loop(settings: Settings) -> asyncio.AbstractEventLoop:
+    """The event loop a long-running command runs on (``NOTIFIER_EVENT_LOOP``): uvloop's
+    unless asked otherwise, or where uvloop is not installed (it is not made for Windows)."""
+    if settings.event_loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            log.warning("uvloop is not installed here: running on asyncio's own event loop")
+        else:
+            log.info("event loop: uvloop %s", version("uvloop"))
+            return uvloop.new_event_loop()
+    log.info("event loop: asyncio's own")
+    return asyncio.new_event_loop()
 
 
 def _settle_gc() -> None:

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from arq.connections import ArqRedis
+from redis import Redis
 
 from notifier.cli import main
 from notifier.overrides import OverrideStore
 from notifier.resources import data_dir
+from notifier.store.keys import WORKERS_KEY
 from tests.conftest import spawn_notifier
 
 
@@ -229,6 +233,57 @@ def test_a_worker_stopped_while_redis_is_down_exits_0(tmp_path: Path) -> None:
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     assert "Traceback" not in out and "stopping while Redis is down" in out
+
+
+@pytest.mark.parametrize("chosen", ["uvloop", "asyncio", None])
+def test_serve_and_worker_run_on_the_event_loop_chosen(
+    tmp_path: Path, redis_url: str, chosen: str | None
+) -> None:
+    """uvloop unless NOTIFIER_EVENT_LOOP says asyncio; the start-up log names it, and both
+    processes answer and stop as on asyncio's loop (SIGTERM: exit 0)."""
+    import json
+    import signal
+    import urllib.request
+
+    from tests.conftest import API_KEYS
+
+    env = {"NOTIFIER_PORT": "0"} | ({"NOTIFIER_EVENT_LOOP": chosen} if chosen else {})
+    expected = "event loop: asyncio's own" if chosen == "asyncio" else "event loop: uvloop 0."
+    serve = spawn_notifier(["serve"], tmp_path, **env)
+    try:
+        assert serve.stdout is not None
+        seen = []
+        for line in serve.stdout:
+            seen.append(line)
+            if found := re.search(r"notifier listening on http://127\.0\.0\.1:(\d+)", line):
+                break
+        else:
+            raise AssertionError("no banner")
+        assert any(expected in line for line in seen), seen
+        with urllib.request.urlopen(f"http://127.0.0.1:{found.group(1)}/healthz", timeout=10):
+            pass
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        out, _ = serve.communicate(timeout=30)
+    assert serve.returncode == 0, out
+    worker_env = env | {
+        "NOTIFIER_REDIS_URL": redis_url,
+        "NOTIFIER_API_KEYS": json.dumps(API_KEYS),
+        "NOTIFIER_SIGNING_SECRET": "0123456789abcdef0123",
+    }
+    redis = Redis.from_url(redis_url)
+    redis.delete(WORKERS_KEY)
+    worker = spawn_notifier(["worker"], tmp_path, **worker_env)
+    for _ in range(400):  # until it says it is alive (bounded)
+        if redis.zcard(WORKERS_KEY) or worker.poll() is not None:
+            break
+        time.sleep(0.05)
+    assert redis.zcard(WORKERS_KEY) == 1
+    worker.send_signal(signal.SIGTERM)
+    out, _ = worker.communicate(timeout=30)
+    redis.close()
+    assert worker.returncode == 0, out
+    assert expected in out and "Traceback" not in out
 
 
 def test_worker_needs_redis(trees: Path, capsys: pytest.CaptureFixture[str]) -> None:
