@@ -44,6 +44,15 @@ def assembled(cls: type[_Model], values: dict[str, Any]) -> _Model:
     return model
 
 
+def replaced(model: _Model, update: dict[str, Any]) -> _Model:
+    """``model.model_copy(update=update)`` for already validated values (each a field's):
+    a third cheaper, as ``assembled`` (the worker changes a shipment's state this way a few
+    times a transition)."""
+    values = model.__dict__.copy()
+    values.update(update)
+    return assembled(type(model), values)
+
+
 class Status(StrEnum):
     """Normalized shipment status (DESIGN.md §2)."""
 

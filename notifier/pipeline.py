@@ -39,6 +39,7 @@ from notifier.models import (
     notification_id,
     notification_id_of,
     own_event_id,
+    replaced,
     waiting_payload,
 )
 from notifier.outbound import events as hook_events
@@ -522,7 +523,7 @@ def _journey(
             carried[name] = carried.get(name, 0) + n
     if journey is before:
         return final, carried
-    return final.model_copy(update={"journey": journey}), carried
+    return replaced(final, {"journey": journey}), carried
 
 
 #: the event id prefix of a predicted-late transition (``Pipeline._predicted_late``)

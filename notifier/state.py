@@ -21,6 +21,7 @@ from notifier.models import (
     Transition,
     assembled,
     news_rank,
+    replaced,
 )
 
 #: How many recent event ids a shipment remembers, so a re-delivered inbox entry
@@ -282,7 +283,7 @@ class ShipmentState(BaseModel):
                 pickup_deadline=t.pickup_deadline,
                 pickup_point=t.pickup_point,
             )
-        return self.model_copy(update=update)
+        return replaced(self, update)
 
     def current_transition(self) -> Transition | None:
         """The transition that set the current status, as far as the state keeps it (not its
@@ -311,8 +312,8 @@ class ShipmentState(BaseModel):
 
     def remember(self, t: Transition) -> ShipmentState:
         """Only note that ``t`` was seen (a flagged anomaly changes nothing else)."""
-        return self.model_copy(
-            update={"seen": [*self.seen, t.event_id][-SEEN_EVENTS:], "events": self.events + 1}
+        return replaced(
+            self, {"seen": [*self.seen, t.event_id][-SEEN_EVENTS:], "events": self.events + 1}
         )
 
     def record_message(
@@ -356,12 +357,13 @@ class ShipmentState(BaseModel):
                 "rank": rank,
             },
         )
-        return self.model_copy(
-            update={
+        return replaced(
+            self,
+            {
                 "messages": [*keep, sent],
                 "sms_archived": self.sms_archived + aged_sms,
                 "notices": {**self.notices, channel: notice},
-            }
+            },
         )
 
     def stall_deadline(

@@ -1,21 +1,35 @@
-"""Models built on the worker's hot path without validation (``assembled``) are the models
-validation builds: equal, and stored as the same JSON."""
+"""Models built on the worker's hot path without validation (``assembled``, ``replaced``) are
+the models validation builds: equal, and stored as the same JSON (``state_json``)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any, get_args
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel
 
 from notifier.check import samples
+from notifier.insights.journeys import Journey
 from notifier.models import (
     ChannelKind,
     Decision,
     DeliveryWindow,
+    ExceptionCode,
+    Location,
     Notification,
+    Order,
     Outcome,
+    PickupPoint,
     Recipient,
+    Status,
     assembled,
+    replaced,
 )
-from notifier.state import Notice, Sent, ShipmentState
+from notifier.state import Fix, Notice, Sent, ShipmentState
+from notifier.state_json import WRITTEN, state_json
+from notifier.store.shipments import state_of, state_value
 
 NOW = datetime(2026, 11, 21, 10, 30, 0, 123456, tzinfo=UTC)
 
@@ -99,3 +113,167 @@ def test_a_recorded_message_is_stored_as_before() -> None:
     assert all(
         m.__pydantic_post_init__ is None for m in (Decision, Notification, Sent, Notice)
     )  # assembled() does not run one
+
+
+# -- a state's JSON, written by hand (``state_json``) ------------------------------------------
+
+_ZONES = st.sampled_from(
+    [UTC, timezone(timedelta(hours=2)), timezone(timedelta(hours=-5, minutes=-30))]
+)
+_MOMENTS = st.builds(
+    lambda day, seconds, micro, tz: (
+        datetime(2026, 1, 1, tzinfo=tz) + timedelta(days=day, seconds=seconds, microseconds=micro)
+    ),
+    st.integers(0, 700),
+    st.integers(0, 86_399),
+    st.sampled_from([0, 1, 450_071, 999_999]),
+    _ZONES,
+)
+#: any text (a carrier's, a merchant's): quotes, escapes, control characters, any script
+_TEXT = st.text(min_size=1, max_size=12)
+_NAMES = st.sampled_from(["Köln", 'a "quoted" \\ name', "نور", "東京 📦", "x"])
+_MAYBE = st.none
+
+
+@st.composite
+def _locations(draw: st.DrawFn) -> Location:
+    located = draw(st.booleans())
+    return Location(
+        city=draw(_MAYBE() | _NAMES),
+        region=draw(_MAYBE() | _NAMES),
+        country=draw(_MAYBE() | st.sampled_from(["DE", "US"])),
+        lat=draw(st.floats(-90, 90)) if located else None,
+        lon=draw(st.floats(-180, 180)) if located else None,
+    )
+
+
+_RECIPIENTS = st.builds(
+    Recipient,
+    name=_MAYBE() | _NAMES,
+    email=_MAYBE() | st.just("ana@example.com"),
+    phone=_MAYBE() | st.just("+33612345678"),
+    locale=_MAYBE() | st.just("fr_FR"),
+    timezone=_MAYBE() | st.just("Europe/Paris"),
+)
+_SENT = st.builds(
+    Sent,
+    at=_MOMENTS,
+    channel=st.sampled_from(list(ChannelKind)),
+    event_id=_TEXT,
+    milestone=_TEXT,
+    rank=st.integers(-1, 12),
+    trivial=st.booleans(),
+    due=_MAYBE() | _MOMENTS,
+    cancelled=st.booleans(),
+)
+_NOTICES = st.dictionaries(
+    st.sampled_from(list(ChannelKind)),
+    st.builds(
+        Notice,
+        event_id=_TEXT,
+        milestone=_TEXT,
+        occurred_at=_MOMENTS,
+        rank=st.integers(0, 12),
+    ),
+)
+_JOURNEYS = st.builds(
+    Journey,
+    picked_up_at=_MAYBE() | _MOMENTS,
+    origin=_MAYBE() | st.just("DE"),
+    attempts_failed=st.integers(0, 3),
+    exceptions=st.lists(_TEXT, max_size=3),
+    hub=_MAYBE() | _TEXT,
+    hub_at=_MAYBE() | _MOMENTS,
+    counted=st.booleans(),
+    partial=st.booleans(),
+)
+
+
+@st.composite
+def _states(draw: st.DrawFn) -> ShipmentState:
+    status = draw(_MAYBE() | st.sampled_from(list(Status)))
+    start = draw(_MOMENTS)
+    return ShipmentState(
+        merchant_id=draw(st.sampled_from(["acme", "m.1"])),
+        shipment_id=draw(_TEXT),
+        tracking_number=draw(_MAYBE() | _TEXT),
+        carrier=draw(_MAYBE() | _TEXT),
+        tracking_url=draw(_MAYBE() | st.just('https://track.example.com/1Z?a=1&b="2"')),
+        status=status,
+        exception_code=(
+            draw(st.sampled_from(list(ExceptionCode))) if status is Status.EXCEPTION else None
+        ),
+        occurred_at=draw(_MAYBE() | _MOMENTS),
+        first_at=draw(_MAYBE() | _MOMENTS),
+        last_scan_at=draw(_MAYBE() | _MOMENTS),
+        last_fix=draw(
+            _MAYBE() | st.builds(Fix, lat=st.floats(-90, 90), lon=st.floats(-180, 180), at=_MOMENTS)
+        ),
+        location=draw(_MAYBE() | _locations()),
+        estimated_delivery=draw(_MAYBE() | st.just(DeliveryWindow(start=start, end=start))),
+        pickup_deadline=draw(_MAYBE() | _MOMENTS),
+        pickup_point=draw(
+            _MAYBE() | st.builds(PickupPoint, name=_NAMES, address=_NAMES, hours=_MAYBE() | _NAMES)
+        ),
+        recipient=draw(_MAYBE() | _RECIPIENTS),
+        order=draw(_MAYBE() | st.builds(Order, number=_NAMES)),
+        seen=draw(st.lists(_TEXT, max_size=4)),
+        messages=draw(st.lists(_SENT, max_size=4)),
+        sms_archived=draw(st.integers(0, 3)),
+        notices=draw(_NOTICES),
+        current_event=draw(_MAYBE() | _TEXT),
+        max_rank=draw(st.integers(-1, 12)),
+        furthest=draw(_MAYBE() | _TEXT),
+        events=draw(st.integers(0, 40)),
+        journey=draw(_MAYBE() | _JOURNEYS),
+    )
+
+
+@settings(max_examples=600, deadline=None)
+@given(_states())
+def test_a_state_is_written_as_pydantic_writes_it(state: ShipmentState) -> None:
+    """Byte for byte, with and without its ids: what the store packs is what
+    ``model_dump_json(exclude_defaults=True)`` made, and reads back as the same state
+    (also once read, when its datetimes carry pydantic's own time zone objects)."""
+    whole = state.model_dump_json(exclude_defaults=True).encode()
+    assert state_json(state) == whole
+    keyed = state.model_dump_json(exclude_defaults=True, exclude={"merchant_id", "shipment_id"})
+    assert state_json(state, with_ids=False) == keyed.encode()
+    read = ShipmentState.model_validate_json(whole)
+    assert read == state
+    assert state_json(read) == whole
+    value = state_value(read, state.merchant_id, state.shipment_id)
+    assert state_of(value, state.merchant_id, state.shipment_id) == state
+
+
+def test_state_json_knows_every_field_of_every_model_it_writes() -> None:
+    """A field added to a model and not to ``state_json`` would never be stored."""
+    for model, fields in WRITTEN.items():
+        assert tuple(model.model_fields) == fields, model.__name__
+    nested = {
+        t
+        for model in WRITTEN
+        for field in model.model_fields.values()
+        for t in _model_types(field.annotation)
+    }
+    assert nested <= set(WRITTEN)
+
+
+def _model_types(annotation: Any) -> set[type[BaseModel]]:
+    """The models an annotation names, through unions, lists and dicts."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return {annotation}
+    return {t for arg in get_args(annotation) for t in _model_types(arg)}
+
+
+@settings(max_examples=200, deadline=None)
+@given(_states(), _states())
+def test_replaced_is_model_copy(state: ShipmentState, other: ShipmentState) -> None:
+    update = {"messages": other.messages, "events": other.events, "journey": other.journey}
+    fast = replaced(state, update)
+    assert fast == state.model_copy(update=update)
+    assert (
+        state_json(fast)
+        == state.model_copy(update=update).model_dump_json(exclude_defaults=True).encode()
+    )
+    assert fast.messages is other.messages and state.events == state.model_copy().events

@@ -24,6 +24,7 @@ from notifier.models import (
     Status,
     Transition,
     news_rank,
+    replaced,
 )
 from notifier.policy.rules import Policy, QuietWindow, Rule
 from notifier.state import Sent, ShipmentState
@@ -581,7 +582,7 @@ def fold(
         superseded = found
     if gone := {(m.event_id, m.channel) for m, _ in final.overtaken(state.messages, now)}:
         kept = [m for m in final.messages if (m.event_id, m.channel) not in gone]
-        final = final.model_copy(update={"messages": kept})
+        final = replaced(final, {"messages": kept})
     return final, steps
 
 
