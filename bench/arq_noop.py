@@ -55,5 +55,5 @@ async def main() -> None:
 if __name__ == "__main__":
     from notifier.cli import new_event_loop
 
-    with asyncio.Runner(loop_factory=lambda: new_event_loop(Settings())) as runner:
+    with asyncio.Runner(loop_factory=lambda: new_event_loop(Settings(), "worker")) as runner:
         runner.run(main())

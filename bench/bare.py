@@ -34,7 +34,7 @@ def main() -> None:
     app = web.Application()
     app.router.add_post("/v1/transitions", handle)
     app.router.add_get("/healthz", healthz)
-    loop = new_event_loop(Settings())
+    loop = new_event_loop(Settings(), "serve")
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None, loop=loop)
 
 

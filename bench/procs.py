@@ -199,6 +199,8 @@ class Stack:
 
     def notifier_env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFIER_")}
+        if "NOTIFIER_EVENT_LOOP" in os.environ:  # for comparing the two loops
+            env["NOTIFIER_EVENT_LOOP"] = os.environ["NOTIFIER_EVENT_LOOP"]
         if self.cluster:  # arq's queue cannot live on a cluster
             env["NOTIFIER_QUEUE_REDIS_URL"] = f"redis://127.0.0.1:{self.queue_port}/0"
         return {

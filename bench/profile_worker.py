@@ -58,7 +58,9 @@ def main() -> None:
             task.cancel()
             await worker.close()
 
-        loop = new_event_loop(Settings())  # as `notifier worker` runs (NOTIFIER_EVENT_LOOP)
+        loop = new_event_loop(
+            Settings(), "worker"
+        )  # as `notifier worker` runs (NOTIFIER_EVENT_LOOP)
         asyncio.set_event_loop(loop)
 
         def redis_cpu() -> float:

@@ -151,9 +151,9 @@ class Settings(BaseSettings):
     rate_limit_burst: int = Field(default=50, ge=1)
     #: one line per event: text for people, json for a log pipeline (both redacted)
     log_format: Literal["text", "json"] = "text"
-    #: the event loop `notifier serve` and `notifier worker` run on: uvloop's (faster), or
-    #: asyncio's own (a debugger or profiler that needs it; a platform without uvloop)
-    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
+    #: the event loop `notifier serve` and `notifier worker` run on: ``auto``, each the one
+    #: it measured faster on (``cli.AUTO_EVENT_LOOP``), or ``uvloop`` or ``asyncio`` for both
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     ingest_signing_secrets: list[Annotated[str, Field(min_length=16)]] = Field(
         default_factory=list,
         description=(

@@ -42,7 +42,7 @@ from notifier.pipeline import BatchReport, Pipeline, inject
 from notifier.resources import Clock, Resources, connect_queue, open_resources, utc_now
 from notifier.settings import Settings
 from notifier.store import InboxEntry, keys, wake
-from notifier.store.base import data_error
+from notifier.store.base import Scope, data_error
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,8 @@ HEARTBEAT_S = 5.0
 WORKERS_KEY = keys.WORKERS_KEY
 #: Due notifications released per round of the release_due cron.
 RELEASE_BATCH = 500
+#: Partitions (on a cluster) whose due notifications the release_due cron releases at once.
+RELEASE_SCOPES = 8
 
 
 async def _log_redis_info(redis: Any, log_func: Any) -> None:
@@ -359,23 +361,38 @@ async def release_due(ctx: dict[str, Any]) -> int:
     The due index is written by the same script that records the decision, so a
     deferred message cannot be lost between deciding and scheduling. Each is
     claimed, checked (a newer state or an opt-out cancels it) and sent.
+
+    On a cluster each partition's index is released side by side (``RELEASE_SCOPES``
+    at once): a partition whose master is slow to answer, or whose replica does not
+    confirm a claim in time (``NOTIFIER_INGEST_WAIT_REPLICAS``), holds up only its own.
+    One that fails fails the tick once the others are done (the next tick tries again).
     """
     res: Resources = ctx["res"]
     pipeline: Pipeline = ctx["pipeline"]
     now_ms = int(res.clock().timestamp() * 1000)
-    done = 0
-    for scope in res.store.scopes:  # one due index, or one per partition on a cluster
-        while ids := await res.store.due(now_ms, RELEASE_BATCH, scope):
-            report = await pipeline.deliverer.deliver(ids, due=True, scope=scope)
-            waiting = set(report.busy) | set(report.deferred)
-            settled = [i for i in ids if i not in waiting]
-            await res.store.unschedule(settled, now_ms, scope)
-            done += len(settled)
-            if len(settled) < len(ids) or len(ids) < RELEASE_BATCH or stopping(ctx):
-                break  # the rest waits for a live claim elsewhere: next tick
-        if stopping(ctx):
-            break
-    return done
+    at_once = asyncio.Semaphore(RELEASE_SCOPES)
+
+    async def release(scope: Scope) -> int:
+        done = 0
+        async with at_once:
+            while not stopping(ctx) and (ids := await res.store.due(now_ms, RELEASE_BATCH, scope)):
+                report = await pipeline.deliverer.deliver(ids, due=True, scope=scope)
+                waiting = set(report.busy) | set(report.deferred)
+                settled = [i for i in ids if i not in waiting]
+                await res.store.unschedule(settled, now_ms, scope)
+                done += len(settled)
+                if len(settled) < len(ids) or len(ids) < RELEASE_BATCH:
+                    break  # the rest waits for a live claim elsewhere: next tick
+        return done
+
+    # one due index, or one per partition on a cluster
+    outcomes = await asyncio.gather(
+        *(release(scope) for scope in res.store.scopes), return_exceptions=True
+    )
+    failed = [o for o in outcomes if isinstance(o, BaseException)]
+    if failed:  # a bug's error before an outage's: the tick skips only an outage
+        raise next((e for e in failed if not isinstance(e, (RedisError, OSError))), failed[0])
+    return sum(cast(list[int], outcomes))
 
 
 @_tick

@@ -33,7 +33,7 @@ from notifier.models import ChannelKind
 from notifier.pipeline import Pipeline
 from notifier.resources import Resources, open_resources
 from notifier.settings import Settings
-from notifier.store import ShipmentCommit, keys, record
+from notifier.store import ShipmentCommit, Store, keys, record
 from notifier.store.inbox import Inbox
 from notifier.worker import build_worker, find_stalled, release_due
 from tests.conftest import (
@@ -469,6 +469,48 @@ async def test_a_batch_that_failed_on_one_partition_still_wakes_the_others(
     await run_worker(on_cluster)
     delivered = emails_per_shipment(on_cluster)
     assert delivered == {s: 1 for s in shipments}
+
+
+async def test_a_due_sweep_releases_every_partition_even_when_one_fails(
+    on_cluster: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """release_due goes through the partitions' due indexes side by side: one whose Redis
+    fails (its master away) holds up none of the others, released in the same tick (before,
+    the partitions after it waited for the tick after the outage); the tick then reports
+    the failure, and the next one releases the rest. Each SMS goes out once."""
+    shipments = [f"shp_d{i}" for i in range(16)]
+    tokyo = {"name": "Ana", "phone": "+33612345678", "locale": "ja_JP", "timezone": "Asia/Tokyo"}
+    async with TestClient(TestServer(create_app(on_cluster, clock=fixed_clock()))) as client:
+        # 23:00 in Tokyo: every SMS waits for the morning
+        await post(
+            client,
+            *(transition(event_id=f"d-{s}", shipment_id=s, recipient=tokyo) for s in shipments),
+        )
+    await run_worker(on_cluster)
+    assert not outbox_files(on_cluster, ".sms.json")
+    async with open_resources(on_cluster, clock=fixed_clock(NOW + timedelta(hours=10))) as res:
+        partition_of = {s: res.store.partition_of("acme", s) for s in shipments}
+        failing = min(partition_of.values())
+        held = [s for s in shipments if partition_of[s] == failing]
+        assert held and max(partition_of.values()) > failing
+        due = Store.due
+
+        async def fails_on_one_partition(
+            store: Store, now_ms: int, limit: int, scope: int | None = None
+        ) -> list[str]:
+            if scope == failing:
+                raise RedisConnectionError("the partition's master went away")
+            return await due(store, now_ms, limit, scope)
+
+        monkeypatch.setattr(Store, "due", fails_on_one_partition)
+        assert await release_due({"res": res, "pipeline": Pipeline(res)}) == 0  # an outage
+        sent = {p.parent.name for p in outbox_files(on_cluster, ".sms.json")}
+        assert sent == set(shipments) - set(held)
+        monkeypatch.setattr(Store, "due", due)
+        assert await release_due({"res": res, "pipeline": Pipeline(res)}) == len(held)
+        assert await release_due({"res": res, "pipeline": Pipeline(res)}) == 0
+    sms = Counter(p.parent.name for p in outbox_files(on_cluster, ".sms.json"))
+    assert sms == {s: 1 for s in shipments}
 
 
 @pytest.mark.timeout(180)
