@@ -83,6 +83,24 @@ def test_a_request_id_is_taken_or_made_and_answered() -> None:
     assert len({logs.request_id(None) for _ in range(1000)}) == 1000
 
 
+def test_a_forked_process_makes_other_request_ids_than_its_parent() -> None:
+    """The ids come from ``random`` (not a secret, and cheaper than ``secrets``), which a
+    forked child seeds anew: two API processes forked from one never repeat each other."""
+    import os
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, then out without pytest's clean-up
+        os.write(write, " ".join(logs.request_id(None) for _ in range(100)).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child = set(pipe.read().split())
+    os.waitpid(pid, 0)
+    parent = {logs.request_id(None) for _ in range(100)}
+    assert len(child) == len(parent) == 100 and not child & parent
+
+
 async def test_the_request_id_follows_a_transition_into_the_history(
     client: Any, settings: Settings
 ) -> None:
