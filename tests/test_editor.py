@@ -4,6 +4,7 @@ flow and axe-core are in test_editor_browser.py."""
 
 from __future__ import annotations
 
+import html
 import re
 from typing import Any
 
@@ -14,7 +15,15 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from notifier.app import create_app
 from notifier.settings import Settings
-from tests.conftest import ACME_KEY, ADMIN_KEY, auth, post, run_worker, transition
+from tests.conftest import (
+    ACME_KEY,
+    ADMIN_KEY,
+    auth,
+    outbox_files,
+    post,
+    run_worker,
+    transition,
+)
 
 Client = TestClient[Any, Any]
 ACME = "/merchant/acme"
@@ -110,6 +119,7 @@ POSTS = [
     ("/cadence", {"dedupe_window_hours": "1"}),
     ("/publish", {"revision": "1"}),
     ("/rollback", {"version": "0"}),
+    ("/messages/delivered/test-send", {"channel": "email", "to": "ana@example.com", "text": "x"}),
 ]
 
 
@@ -469,3 +479,95 @@ async def test_a_merchant_id_with_a_dot_has_its_pages(client: Client) -> None:
     resp = await client.get("/merchant/go?merchant=acme.de", allow_redirects=False)
     assert resp.headers["Location"] == "/merchant/acme.de/"
     assert (await client.get("/merchant/acme.de/messages")).status == 200
+
+
+def hidden(page: str, name: str) -> str:
+    found = re.search(rf'name="{name}" value="([^"]*)"', page)
+    assert found is not None, name
+    return html.unescape(found.group(1))
+
+
+async def test_a_test_send_sends_the_text_as_typed_without_saving_it(
+    client: Client, settings: Settings
+) -> None:
+    """The message page's "Send a test": the template as typed (not saved), rendered in the
+    preview's language, through the merchant's channel (the outbox here), marked as a test
+    on the timeline; the page says what became of it, without the address in its URL."""
+    csrf = await sign_in(client)
+    page = await (await client.get(f"{ACME}/messages/delivered")).text()
+    typed = hidden(page, "text").replace(
+        "{%- macro subject() -%}{% trans %}Your parcel was delivered{% endtrans %}",
+        "{%- macro subject() -%}Typed, not saved",
+    )
+    assert "Typed, not saved" in typed
+    form = {"csrf": csrf, "locale": "", "variant": "a", "preview_locale": "en", "text": typed}
+    resp = await client.post(
+        f"{ACME}/messages/delivered/test-send",
+        data={**form, "channel": "email", "to": "ana.tester@example.com"},
+        allow_redirects=False,
+    )
+    assert resp.status == 303, await resp.text()
+    assert resp.headers["Location"] == f"{ACME}/messages/delivered?tested=1"
+    [eml] = outbox_files(settings, ".eml")
+    assert eml.parent.name == "test-sends"
+    sent = eml.read_text()
+    assert "Subject: Typed, not saved" in sent and "To: ana.tester@example.com" in sent
+    assert await draft(client) == {}  # nothing saved
+    shown = await (await client.get(resp.headers["Location"])).text()
+    assert "A test email in en went out" in shown and "ana.tester" not in shown
+    shown = await (await client.get(resp.headers["Location"])).text()
+    assert "went out" not in shown  # said once
+    # an SMS, in the language the preview was switched to
+    resp = await client.post(
+        f"{ACME}/messages/delivered/test-send",
+        data={**form, "preview_locale": "fr", "channel": "sms", "to": "+33612345678"},
+    )
+    assert resp.status == 200 and "A test SMS in fr went out" in await resp.text()
+    [sms] = outbox_files(settings, ".sms.json")
+    assert '"to": "+33612345678"' in sms.read_text() and "livré" in sms.read_text()
+    timeline = await (await client.get(f"{ACME}/timeline?q=test-sends")).text()
+    assert timeline.count("test send by") == 2
+
+
+@pytest.mark.parametrize(
+    ("fields", "problem"),
+    [
+        ({"channel": "email", "to": ""}, "give an email address or a phone number"),
+        ({"channel": "fax", "to": "ana@example.com"}, "give an email address or a phone number"),
+        ({"channel": "email", "to": "not an address"}, "cannot send a test to that address"),
+        ({"channel": "sms", "to": "ana@example.com"}, "cannot send a test to that address"),
+        ({"channel": "email", "to": "a@" + "b" * 300 + ".com"}, "cannot send a test"),
+    ],
+)
+async def test_a_test_send_to_a_bad_address_says_so_and_sends_nothing(
+    client: Client, settings: Settings, fields: dict[str, str], problem: str
+) -> None:
+    csrf = await sign_in(client)
+    page = await (await client.get(f"{ACME}/messages/delivered")).text()
+    resp = await client.post(
+        f"{ACME}/messages/delivered/test-send",
+        data={"csrf": csrf, "preview_locale": "en", "text": hidden(page, "text"), **fields},
+    )
+    assert resp.status == 422, await resp.text()
+    assert problem in await resp.text()
+    assert not outbox_files(settings)
+
+
+async def test_a_test_send_of_a_template_that_does_not_render_says_why(
+    client: Client, settings: Settings
+) -> None:
+    csrf = await sign_in(client)
+    resp = await client.post(
+        f"{ACME}/messages/delivered/test-send",
+        data={
+            "csrf": csrf,
+            "preview_locale": "en",
+            "channel": "email",
+            "to": "ana@example.com",
+            "text": "{% endtrans",
+        },
+    )
+    assert resp.status == 422
+    body = await resp.text()
+    assert "delivered" in body and "{% endtrans" in html.unescape(body)  # the text shown back
+    assert not outbox_files(settings)

@@ -234,6 +234,31 @@ def test_a_merchant_edits_publishes_sees_the_message_sent_and_rolls_back(
     subject.filter(has_text="Your parcel was delivered").wait_for()
 
 
+def test_a_merchant_sends_a_test_of_the_text_as_typed(browser: Any, service: Service) -> None:
+    """ "Send a test" on a message page: the template as typed (not saved), in the language
+    the preview shows, through the merchant's channel; the page says it went out, and
+    passes axe-core with the test form and its status on it."""
+    page = new_page(browser, service)
+    sign_in(page, service, ACME_KEY)
+    page.goto(f"{service.base}/merchant/acme/messages/delivered")
+    page.locator("#p-subject").filter(has_text="Your parcel was delivered").wait_for()
+    page.locator("#text").fill(edited(page.locator("#text").input_value()))
+    page.select_option("#preview-locale", "de")
+    page.locator("#preview-status").filter(has_text="(de)").wait_for()
+    page.get_by_label("By").select_option("email")
+    page.get_by_label("to", exact=True).fill("tester@example.com")
+    with page.expect_navigation():
+        page.get_by_role("button", name="Send a test").click()
+    assert "A test email in de went out" in page.locator("#tested").inner_text()
+    folder = service.outbox / "acme" / "test-sends"
+    wait_until(lambda: any(folder.glob("*.eml")), "the test email")
+    [eml] = folder.glob("*.eml")
+    sent = email.message_from_bytes(eml.read_bytes(), policy=email.policy.default)
+    assert sent["Subject"] == EDITED and sent["To"] == "tester@example.com"
+    assert EDITED not in page.locator("#text").input_value()  # nothing was saved
+    assert axe(page) == []
+
+
 def _reload_row(page: Any) -> str:
     page.reload()
     return str(page.locator("table.timeline tbody").inner_text())

@@ -43,6 +43,7 @@ def add_routes(app: web.Application, admin: Admin, views: Views, keys: KeyRing) 
         ("GET", f"{base}/messages", messages.list),
         ("GET", f"{base}/messages/{milestone}", messages.edit),
         ("POST", f"{base}/messages/{milestone}", messages.save),
+        ("POST", f"{base}/messages/{milestone}/test-send", messages.test_send),
         ("POST", f"{base}/preview", messages.preview),
         ("GET", f"{base}/brand", settings.brand),
         ("POST", f"{base}/brand", settings.save_brand),

@@ -9,8 +9,9 @@ import hashlib
 from typing import Any
 
 from aiohttp import web
+from pydantic import ValidationError
 
-from notifier.admin import InvalidOverride, describe
+from notifier.admin import InvalidOverride, TestSend, describe
 from notifier.admin_views import Views, locales, message_path, milestones, variant_param
 from notifier.check import candidate_renderer, sample_notification, samples
 from notifier.errors import ApiError, BadRequest, ConfigurationError, NotFound, NotifierError
@@ -157,6 +158,7 @@ class Messages:
         )
         policy = await published_policy(self.web.res, merchant_id)
         test = policy.experiment_of.get(message_name_of(milestone))
+        flash = await self.web.sessions.take_flash(request)
         return self.web.page(
             "message.html",
             request=request,
@@ -179,7 +181,8 @@ class Messages:
             variables=values,
             csrf=session.csrf,
             saved=request.query.get("saved"),
-            problems=await self.web.sessions.take_flash(request),
+            problems=flash if isinstance(flash, list) else None,
+            tested=flash.get("test") if isinstance(flash, dict) else None,
         )
 
     async def save(self, request: web.Request) -> web.StreamResponse:
@@ -220,6 +223,60 @@ class Messages:
         result = await self.web.admin.save_file(merchant_id, path, text, session.key_id)
         await self.web.sessions.flash(request, result["problems"])
         raise web.HTTPSeeOther(where + f"saved={result['saved']}")
+
+    async def test_send(self, request: web.Request) -> web.StreamResponse:
+        """Send the text on screen (over the draft), rendered in the preview's language, to
+        an address the merchant gives, through its real channel (the admin API's test
+        send: marked as a test on the timeline of shipment ``test-sends``); back to the
+        message with what became of it. The address is never put in a URL or a log."""
+        merchant_id, session = await self.web.signed_in(request)
+        milestone = request.match_info["milestone"]
+        form = await self.web.form(request, session)
+        available = locales(self.web.res)
+        locale, reader = form.get("locale", ""), form.get("preview_locale", "en")
+        if milestone not in milestones() or (locale and locale not in available):
+            raise NotFound(f"no message {milestone} {locale}".strip())
+        if reader not in available:
+            raise NotFound(f"no catalog for locale {reader}")
+        variant = variant_param(form.get("variant"))
+        path = message_path(milestone, locale or None, variant)
+        channel, to = form.get("channel", ""), form.get("to", "").strip()
+        if channel not in set(ChannelKind) or not to:
+            field = "to" if channel in set(ChannelKind) else "channel"
+            raise InvalidOverride(
+                "cannot send a test: give an email address or a phone number, and its channel",
+                [{"field": field, "message": "an email address (email) or a phone number (SMS)"}],
+            )
+        try:
+            body = TestSend(
+                milestone=milestone,
+                channel=ChannelKind(channel),
+                locale=locale or reader,
+                to=to,
+                files={path: form.get("text", "").replace("\r\n", "\n")},
+            )
+        except ValidationError as exc:  # too long an address
+            raise InvalidOverride(
+                "cannot send a test to that address",
+                [{"field": "to", "message": e["msg"]} for e in exc.errors()],
+            ) from exc
+        entry = await self.web.admin.send_test(merchant_id, session.key_id, body, variant)
+        await self.web.sessions.flash(
+            request,
+            {
+                "test": {
+                    "channel": body.channel.value,
+                    "locale": body.locale,
+                    "sent": entry["outcome"] == "sent",
+                    "error": entry["delivery"].get("error"),
+                }
+            },
+        )
+        query = {"locale": locale, "variant": variant if variant == "b" else ""}
+        where = f"/merchant/{merchant_id}/messages/{milestone}?" + "".join(
+            f"{k}={v}&" for k, v in query.items() if v
+        )
+        raise web.HTTPSeeOther(where + "tested=1")
 
     async def preview(self, request: web.Request) -> web.Response:
         """JSON for the live preview: the email and the SMS rendered from the text on

@@ -113,8 +113,20 @@ function startContrast(input) {
   input.addEventListener("input", debounce(check, 200));
 }
 
+// A test send takes the template as typed and the preview's language (without this script:
+// the template as saved, in the language the page opened with).
+function startTestSend(testForm, editForm) {
+  testForm.addEventListener("submit", () => {
+    testForm.elements.text.value = editForm.querySelector("textarea[name=text]").value;
+    const previewLocale = document.getElementById("preview-locale");
+    if (previewLocale && !previewLocale.disabled) testForm.elements.preview_locale.value = previewLocale.value;
+  });
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   const form = document.getElementById("edit-form");
   if (form) startPreview(form);
+  const testForm = document.getElementById("test-form");
+  if (form && testForm) startTestSend(testForm, form);
   document.querySelectorAll("input[data-contrast]").forEach(startContrast);
 });
