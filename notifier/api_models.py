@@ -346,6 +346,17 @@ class MessageForm(CsrfForm):
     action: Literal["save", "discard", "remove"] = "save"
 
 
+class TestSendForm(CsrfForm):
+    """A message page's "Send a test": the template as typed, to an address."""
+
+    channel: Literal["email", "sms"]
+    to: str = Field(description="an email address or a phone number")
+    text: str = Field(default="", description="the template as typed")
+    locale: str = Field(default="", description="the text's locale (empty: every locale)")
+    variant: Literal["a", "b"] = "a"
+    preview_locale: str = Field(default="en", description="the language it is rendered in")
+
+
 class SettingsForm(CsrfForm):
     """The brand or cadence form: one field per setting (the form's field names)."""
 

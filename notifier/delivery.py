@@ -140,14 +140,17 @@ class Deliverer:
         Unix seconds) times them for the metrics. ``scope``: the partition of every one of
         them, on a Redis Cluster (``Store.scope_of``).
         """
-        await self._record_unrecorded()
+        # What earlier rounds of this partition left (each partition's own: on a cluster,
+        # a partition whose master is away holds up no round of another)
+        await self._record_unrecorded(scope)
         for token in list(self._abandoned):
             # as if claimed long ago: the next claim takes over those this token still
             # holds, as possibly sent (the outbox looks for its file first). Taken off the
             # list first: concurrent rounds (two drains, release_due) never release twice.
-            abandoned = self._abandoned.pop(token, None)
-            if abandoned is None:
+            abandoned = self._abandoned.get(token)
+            if abandoned is None or abandoned[0] != scope:
                 continue
+            del self._abandoned[token]
             try:
                 await self.res.store.release(abandoned[1], token, abandoned[0])
             except (RedisError, OSError):
@@ -168,11 +171,12 @@ class Deliverer:
         _count(report, timing or {})
         return report
 
-    async def _record_unrecorded(self) -> None:
-        """Record as sent what a provider accepted in a round Redis failed in (each batch
-        taken off the list first: concurrent rounds never record one twice)."""
+    async def _record_unrecorded(self, scope: Scope) -> None:
+        """Record as sent what a provider accepted in a round Redis failed in, in
+        ``scope`` (each batch taken off the list first: concurrent rounds never record one
+        twice)."""
         for record in list(self._unrecorded):
-            if record not in self._unrecorded:
+            if record.scope != scope or record not in self._unrecorded:
                 continue
             self._unrecorded.remove(record)
             try:

@@ -532,6 +532,12 @@ def _editor() -> dict[tuple[str, str], Op]:
         ("GET /messages", "editorMessages", "The messages", None),
         ("GET /messages/{milestone}", "editorMessage", "A message's editor", None),
         ("POST /messages/{milestone}", "editorSaveMessage", "Save a message", m.MessageForm),
+        (
+            "POST /messages/{milestone}/test-send",
+            "editorTestSend",
+            "Send a test of a message",
+            m.TestSendForm,
+        ),
         ("GET /brand", "editorBrand", "The brand form", None),
         ("POST /brand", "editorSaveBrand", "Save the brand form", m.SettingsForm),
         ("GET /cadence", "editorCadence", "The cadence rules form", None),

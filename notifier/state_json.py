@@ -77,19 +77,19 @@ def _notices(notices: dict[ChannelKind, Notice]) -> dict[str, Any]:
 
 def _sent(m: Sent) -> dict[str, Any]:
     out = m.__dict__.copy()  # its fields, in order
-    if not out["trivial"]:
-        del out["trivial"]
-    if out["due"] is None:
-        del out["due"]
-    if not out["cancelled"]:
-        del out["cancelled"]
+    if not out.get("trivial"):
+        out.pop("trivial", None)
+    if out.get("due") is None:
+        out.pop("due", None)
+    if not out.get("cancelled"):
+        out.pop("cancelled", None)
     return out
 
 
 def _notice(n: Notice) -> dict[str, Any]:
     out = n.__dict__.copy()
-    if not out["rank"]:
-        del out["rank"]
+    if not out.get("rank"):
+        out.pop("rank", None)
     return out
 
 

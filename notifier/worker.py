@@ -386,12 +386,18 @@ async def release_due(ctx: dict[str, Any]) -> int:
         return done
 
     # one due index, or one per partition on a cluster
-    outcomes = await asyncio.gather(
-        *(release(scope) for scope in res.store.scopes), return_exceptions=True
-    )
-    failed = [o for o in outcomes if isinstance(o, BaseException)]
+    scopes = res.store.scopes
+    outcomes = await asyncio.gather(*(release(s) for s in scopes), return_exceptions=True)
+    failed = {s: o for s, o in zip(scopes, outcomes, strict=True) if isinstance(o, BaseException)}
     if failed:  # a bug's error before an outage's: the tick skips only an outage
-        raise next((e for e in failed if not isinstance(e, (RedisError, OSError))), failed[0])
+        raised = next(
+            (e for e in failed.values() if not isinstance(e, (RedisError, OSError))),
+            next(iter(failed.values())),
+        )
+        for scope, exc in failed.items():
+            if exc is not raised:  # the tick reports the one raised
+                log.warning("release_due: partition %s failed too (%s)", scope, type(exc).__name__)
+        raise raised
     return sum(cast(list[int], outcomes))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, get_args
+from zoneinfo import ZoneInfo
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -118,7 +119,13 @@ def test_a_recorded_message_is_stored_as_before() -> None:
 # -- a state's JSON, written by hand (``state_json``) ------------------------------------------
 
 _ZONES = st.sampled_from(
-    [UTC, timezone(timedelta(hours=2)), timezone(timedelta(hours=-5, minutes=-30))]
+    [
+        UTC,
+        timezone(timedelta(hours=2)),
+        timezone(timedelta(hours=-5, minutes=-30)),
+        ZoneInfo("Asia/Tokyo"),
+        ZoneInfo("Europe/London"),
+    ]
 )
 _MOMENTS = st.builds(
     lambda day, seconds, micro, tz: (
@@ -126,7 +133,7 @@ _MOMENTS = st.builds(
     ),
     st.integers(0, 700),
     st.integers(0, 86_399),
-    st.sampled_from([0, 1, 450_071, 999_999]),
+    st.sampled_from([0, 1, 100, 450_000, 450_071, 999_999]),
     _ZONES,
 )
 #: any text (a carrier's, a merchant's): quotes, escapes, control characters, any script
@@ -276,4 +283,5 @@ def test_replaced_is_model_copy(state: ShipmentState, other: ShipmentState) -> N
         state_json(fast)
         == state.model_copy(update=update).model_dump_json(exclude_defaults=True).encode()
     )
-    assert fast.messages is other.messages and state.events == state.model_copy().events
+    assert fast.messages is other.messages and fast.events == other.events
+    assert fast.seen is state.seen  # what is not updated is shared, as model_copy shares it

@@ -248,7 +248,7 @@ def test_serve_and_worker_run_on_the_event_loop_chosen(
     from tests.conftest import API_KEYS
 
     env = {"NOTIFIER_PORT": "0"} | ({"NOTIFIER_EVENT_LOOP": chosen} if chosen else {})
-    uvloop, asyncio_own = "event loop: uvloop 0.", "event loop: asyncio's own"
+    uvloop, asyncio_own = "event loop: uvloop ", "event loop: asyncio's own"
     expected = {  # by default: the API on asyncio's, the worker on uvloop
         "serve": uvloop if chosen == "uvloop" else asyncio_own,
         "worker": asyncio_own if chosen == "asyncio" else uvloop,

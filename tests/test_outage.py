@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
-from notifier.delivery import Deliverer
+from notifier.delivery import Deliverer, _Unrecorded
 from notifier.pipeline import Pipeline
 from notifier.resources import data_dir, open_resources
 from notifier.settings import Settings
@@ -264,6 +265,45 @@ async def test_concurrent_rounds_hand_back_an_interrupted_rounds_claims_once(
         assert released == [(("n_a", "n_b"), "round-1")]
         assert all(r.sent == [] for r in reports)
         assert deliverer._abandoned == {}
+
+
+async def test_a_partitions_leftovers_wait_for_its_own_next_round(settings: Settings) -> None:
+    """What a round left when Redis failed (claims to hand back, sends to record) is taken
+    up by the next round of its own partition only: on a Redis Cluster a partition whose
+    master is away held up every other partition's rounds (each tried the dead master
+    first, and failed), for as long as it stayed away (found by a review)."""
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        deliverer = Deliverer(res)
+        deliverer._abandoned["round-3"] = (3, ["n_a"])
+        deliverer._unrecorded.append(
+            _Unrecorded("round-3", 3, [("n_b", "outbox", "x")], {}, {}, {}, "", {}, {})
+        )
+        away = {3}
+        calls: list[tuple[str, int | None]] = []
+
+        async def release(ids: list[str], owner: str, scope: int | None = None) -> None:
+            calls.append(("release", scope))
+            if scope in away:
+                raise RedisConnectionError("partition 3's master is away")
+
+        async def mark_sent(*args: Any, **kwargs: Any) -> None:
+            scope = args[3]
+            calls.append(("mark_sent", scope))
+            if scope in away:
+                raise RedisConnectionError("partition 3's master is away")
+
+        res.store.release = release  # type: ignore[method-assign]
+        res.store.mark_sent = mark_sent  # type: ignore[method-assign]
+        report = await deliverer.deliver([], scope=5)  # another partition: not held up
+        assert report.sent == [] and calls == []
+        with pytest.raises(RedisConnectionError):
+            await deliverer.deliver([], scope=3)  # its own, still away: kept for later
+        assert deliverer._unrecorded and deliverer._abandoned
+        away.clear()
+        calls.clear()
+        await deliverer.deliver([], scope=3)
+        assert calls == [("mark_sent", 3), ("release", 3)]
+        assert not deliverer._unrecorded and not deliverer._abandoned
 
 
 async def test_a_stopped_worker_stops_polling_even_if_its_cancellation_was_lost(
