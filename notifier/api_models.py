@@ -350,7 +350,7 @@ class TestSendForm(CsrfForm):
     """A message page's "Send a test": the template as typed, to an address."""
 
     channel: Literal["email", "sms"]
-    to: str = Field(description="an email address or a phone number")
+    to: str = Field(min_length=3, max_length=254, description="an email address or a phone")
     text: str = Field(default="", description="the template as typed")
     locale: str = Field(default="", description="the text's locale (empty: every locale)")
     variant: Literal["a", "b"] = "a"

@@ -118,6 +118,8 @@ class Deliverer:
         #: their lease (a minute or more), which held back their inbox entries until those
         #: were buried as failing. (Any other failure keeps the lease: it may repeat.)
         self._abandoned: dict[str, tuple[Scope, list[str]]] = {}
+        #: a round's taking up of other partitions' leftovers, on the side (one at a time)
+        self._others: asyncio.Task[None] | None = None
 
     async def deliver(
         self,
@@ -140,22 +142,15 @@ class Deliverer:
         Unix seconds) times them for the metrics. ``scope``: the partition of every one of
         them, on a Redis Cluster (``Store.scope_of``).
         """
-        # What earlier rounds of this partition left (each partition's own: on a cluster,
-        # a partition whose master is away holds up no round of another)
-        await self._record_unrecorded(scope)
-        for token in list(self._abandoned):
-            # as if claimed long ago: the next claim takes over those this token still
-            # holds, as possibly sent (the outbox looks for its file first). Taken off the
-            # list first: concurrent rounds (two drains, release_due) never release twice.
-            abandoned = self._abandoned.get(token)
-            if abandoned is None or abandoned[0] != scope:
-                continue
-            del self._abandoned[token]
-            try:
-                await self.res.store.release(abandoned[1], token, abandoned[0])
-            except (RedisError, OSError):
-                self._abandoned[token] = abandoned
-                raise
+        # What earlier rounds left: this partition's first (a failure raises, as Redis is
+        # what this round needs); on a cluster, the other partitions' on the side, so a
+        # partition whose master is away holds up no round of another, and what its
+        # providers accepted is still recorded as soon as it is back, by whichever round
+        await self._take_up(scope, raising=True)
+        if self._others is None or self._others.done():
+            others = {r.scope for r in self._unrecorded} | {a[0] for a in self._abandoned.values()}
+            if others - {scope}:
+                self._others = asyncio.create_task(self._take_up_others(scope))
         # Whoever holds a claim owns it; a claim carries its holder's token.
         owner = uuid.uuid4().hex
         try:
@@ -171,10 +166,11 @@ class Deliverer:
         _count(report, timing or {})
         return report
 
-    async def _record_unrecorded(self, scope: Scope) -> None:
-        """Record as sent what a provider accepted in a round Redis failed in, in
-        ``scope`` (each batch taken off the list first: concurrent rounds never record one
-        twice)."""
+    async def _take_up(self, scope: Scope, *, raising: bool) -> None:
+        """Record as sent what a provider accepted in a round Redis failed in, then hand
+        back the rest of such rounds' claims: those of ``scope``. Each is taken off its
+        list first, so concurrent rounds never do one twice; one Redis still fails is put
+        back, and raised when ``raising``."""
         for record in list(self._unrecorded):
             if record.scope != scope or record not in self._unrecorded:
                 continue
@@ -183,7 +179,9 @@ class Deliverer:
                 await self._mark_sent(record)
             except (RedisError, OSError):
                 self._unrecorded.append(record)
-                raise
+                if raising:
+                    raise
+                return  # the partition is still away: its leftovers wait
             for nid, _, _ in record.sent:
                 metrics.deliveries(record.channels.get(nid, "unknown"), "sent")
             log.info(
@@ -191,6 +189,36 @@ class Deliverer:
                 "(each whose claim this worker still held)",
                 len(record.sent),
             )
+        for token in list(self._abandoned):
+            # as if claimed long ago: the next claim takes over those this token still
+            # holds, as possibly sent (the outbox looks for its file first)
+            abandoned = self._abandoned.get(token)
+            if abandoned is None or abandoned[0] != scope:
+                continue
+            del self._abandoned[token]
+            try:
+                await self.res.store.release(abandoned[1], token, abandoned[0])
+            except (RedisError, OSError):
+                self._abandoned[token] = abandoned
+                if raising:
+                    raise
+                return
+
+    async def _take_up_others(self, scope: Scope) -> None:
+        """``_take_up`` for every partition but ``scope``, one after another, keeping what
+        still fails for a later round (a round of another partition started this)."""
+        others = {r.scope for r in self._unrecorded} | {a[0] for a in self._abandoned.values()}
+        try:
+            for other in others - {scope}:
+                await self._take_up(other, raising=False)
+        except Exception as exc:  # a bug: the leftovers wait for their own partition's round
+            log.error("taking up other partitions' leftovers failed: %s", type(exc).__name__)
+
+    async def settle(self) -> None:
+        """Let the taking up of other partitions' leftovers under way end (shutting down)."""
+        if self._others is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._others
 
     async def _mark_sent(self, record: _Unrecorded) -> None:
         await self.res.store.mark_sent(

@@ -664,6 +664,8 @@ def build_worker(
                 delay = min(delay * 2, 5.0)
 
     async def on_shutdown(ctx: dict[str, Any]) -> None:
+        if "pipeline" in ctx:
+            await ctx["pipeline"].deliverer.settle()
         if "hooks" in ctx:  # else start-up stopped before (a refused setting)
             await ctx["hooks"].close()
             await ctx["stack"].aclose()

@@ -507,7 +507,7 @@ async def test_a_test_send_sends_the_text_as_typed_without_saving_it(
         allow_redirects=False,
     )
     assert resp.status == 303, await resp.text()
-    assert resp.headers["Location"] == f"{ACME}/messages/delivered?tested=1"
+    assert resp.headers["Location"] == f"{ACME}/messages/delivered"
     [eml] = outbox_files(settings, ".eml")
     assert eml.parent.name == "test-sends"
     sent = eml.read_text()
@@ -515,8 +515,12 @@ async def test_a_test_send_sends_the_text_as_typed_without_saving_it(
     assert await draft(client) == {}  # nothing saved
     shown = await (await client.get(resp.headers["Location"])).text()
     assert "A test email in en went out" in shown and "ana.tester" not in shown
+    # the page comes back with the text as typed (unsaved), based on the saved text
+    assert hidden(shown, "base") == hidden(page, "base")
+    assert "Typed, not saved" in html.unescape(shown.split('id="text"')[1].split("</textarea>")[0])
+    assert "not saved yet" in shown
     shown = await (await client.get(resp.headers["Location"])).text()
-    assert "went out" not in shown  # said once
+    assert "went out" not in shown and "Typed, not saved" not in shown  # said once
     # an SMS, in the language the preview was switched to
     resp = await client.post(
         f"{ACME}/messages/delivered/test-send",
@@ -571,3 +575,29 @@ async def test_a_test_send_of_a_template_that_does_not_render_says_why(
     body = await resp.text()
     assert "delivered" in body and "{% endtrans" in html.unescape(body)  # the text shown back
     assert not outbox_files(settings)
+
+
+async def test_a_test_send_from_the_editor_counts_against_the_keys_rate_limit(
+    settings: Settings,
+) -> None:
+    """Each test send is a real message, to any address: the editor's go through the key's
+    rate limit (NOTIFIER_RATE_LIMIT_PER_S), as the API's do (a review found them unlimited)."""
+    limited = settings.model_copy(update={"rate_limit_per_s": 0.001, "rate_limit_burst": 2})
+    async with TestClient(TestServer(create_app(limited))) as client:
+        csrf = await sign_in(client)
+        page = await (await client.get(f"{ACME}/messages/delivered")).text()
+        form = {
+            "csrf": csrf,
+            "preview_locale": "en",
+            "channel": "email",
+            "to": "a@example.com",
+            "text": hidden(page, "text"),
+        }
+        statuses = [
+            (await client.post(f"{ACME}/messages/delivered/test-send", data=form)).status
+            for _ in range(3)
+        ]
+        refused = await client.post(f"{ACME}/messages/delivered/test-send", data=form)
+        assert "over its limit" in await refused.text()
+    assert statuses[:1] == [200] and 429 in statuses
+    assert len(outbox_files(limited, ".eml")) == statuses.count(200)

@@ -250,13 +250,19 @@ def test_a_merchant_sends_a_test_of_the_text_as_typed(browser: Any, service: Ser
     with page.expect_navigation():
         page.get_by_role("button", name="Send a test").click()
     assert "A test email in de went out" in page.locator("#tested").inner_text()
+    assert page.evaluate("document.activeElement.id") == "tested"  # read out, in view
     folder = service.outbox / "acme" / "test-sends"
     wait_until(lambda: any(folder.glob("*.eml")), "the test email")
     [eml] = folder.glob("*.eml")
     sent = email.message_from_bytes(eml.read_bytes(), policy=email.policy.default)
     assert sent["Subject"] == EDITED and sent["To"] == "tester@example.com"
-    assert EDITED not in page.locator("#text").input_value()  # nothing was saved
+    # back as typed, in the language it was sent in, and still not saved
+    assert EDITED in page.locator("#text").input_value()
+    assert page.locator("#preview-locale").input_value() == "de"
+    assert "not saved yet" in page.locator("#tested").inner_text()
     assert axe(page) == []
+    page.reload()
+    assert EDITED not in page.locator("#text").input_value()
 
 
 def _reload_row(page: Any) -> str:

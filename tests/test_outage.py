@@ -267,41 +267,56 @@ async def test_concurrent_rounds_hand_back_an_interrupted_rounds_claims_once(
         assert deliverer._abandoned == {}
 
 
-async def test_a_partitions_leftovers_wait_for_its_own_next_round(settings: Settings) -> None:
-    """What a round left when Redis failed (claims to hand back, sends to record) is taken
-    up by the next round of its own partition only: on a Redis Cluster a partition whose
-    master is away held up every other partition's rounds (each tried the dead master
-    first, and failed), for as long as it stayed away (found by a review)."""
+async def test_a_partition_whose_master_is_away_holds_up_no_round_of_another(
+    settings: Settings,
+) -> None:
+    """What a round left when Redis failed (sends a provider accepted, to record; claims to
+    hand back): a round of its own partition takes it up first, and fails while that
+    partition's master is away; a round of another partition takes it up on the side, and
+    goes on without waiting for it. Before, every round of every partition tried the dead
+    master first, and failed (found by a review); recording only in the partition's own
+    rounds would let the claims lapse and the messages go out again (a second review)."""
     async with open_resources(settings, clock=fixed_clock()) as res:
         deliverer = Deliverer(res)
         deliverer._abandoned["round-3"] = (3, ["n_a"])
         deliverer._unrecorded.append(
             _Unrecorded("round-3", 3, [("n_b", "outbox", "x")], {}, {}, {}, "", {}, {})
         )
-        away = {3}
+        away, answers = {3}, asyncio.Event()
         calls: list[tuple[str, int | None]] = []
 
+        async def partition(call: str, scope: int | None) -> None:
+            calls.append((call, scope))
+            if scope == 3:
+                await answers.wait()  # partition 3's master: no answer yet
+                if 3 in away:
+                    raise RedisConnectionError("partition 3's master is away")
+
         async def release(ids: list[str], owner: str, scope: int | None = None) -> None:
-            calls.append(("release", scope))
-            if scope in away:
-                raise RedisConnectionError("partition 3's master is away")
+            await partition("release", scope)
 
         async def mark_sent(*args: Any, **kwargs: Any) -> None:
-            scope = args[3]
-            calls.append(("mark_sent", scope))
-            if scope in away:
-                raise RedisConnectionError("partition 3's master is away")
+            await partition("mark_sent", args[3])
 
         res.store.release = release  # type: ignore[method-assign]
         res.store.mark_sent = mark_sent  # type: ignore[method-assign]
-        report = await deliverer.deliver([], scope=5)  # another partition: not held up
-        assert report.sent == [] and calls == []
+        report = await deliverer.deliver([], scope=5)  # done while partition 3 hangs
+        assert report.sent == []
+        await asyncio.sleep(0)
+        assert calls == [("mark_sent", 3)]
+        taking_up = deliverer._others
+        assert taking_up is not None and not taking_up.done()
+        await deliverer.deliver([], scope=6)
+        assert deliverer._others is taking_up  # one at a time
+        answers.set()
+        await deliverer.settle()
+        assert deliverer._unrecorded and deliverer._abandoned  # kept: still away
         with pytest.raises(RedisConnectionError):
-            await deliverer.deliver([], scope=3)  # its own, still away: kept for later
-        assert deliverer._unrecorded and deliverer._abandoned
+            await deliverer.deliver([], scope=3)  # its own round needs it: fails
         away.clear()
         calls.clear()
-        await deliverer.deliver([], scope=3)
+        await deliverer.deliver([], scope=5)  # back: another partition's round records it
+        await deliverer.settle()
         assert calls == [("mark_sent", 3), ("release", 3)]
         assert not deliverer._unrecorded and not deliverer._abandoned
 

@@ -159,6 +159,10 @@ class Messages:
         policy = await published_policy(self.web.res, merchant_id)
         test = policy.experiment_of.get(message_name_of(milestone))
         flash = await self.web.sessions.take_flash(request)
+        tested = flash.get("test") if isinstance(flash, dict) else None
+        # after a test send: the text as it was typed, in the language it was sent in (the
+        # page shows the saved text and language otherwise)
+        typed = tested if tested is not None and tested.get("path") == path else None
         return self.web.page(
             "message.html",
             request=request,
@@ -168,10 +172,11 @@ class Messages:
             locale=locale,
             variant=variant,
             experiment=test,
-            preview_locale=preview_locale,
+            preview_locale=typed["locale"] if typed and not locale else preview_locale,
             locales=available,
             path=path,
-            text=text,
+            text=typed["text"] if typed else text,
+            unsaved=typed is not None and typed["text"] != text,
             source=source,
             in_draft=path in draft,
             removable=source in ("draft", "published"),
@@ -182,7 +187,7 @@ class Messages:
             csrf=session.csrf,
             saved=request.query.get("saved"),
             problems=flash if isinstance(flash, list) else None,
-            tested=flash.get("test") if isinstance(flash, dict) else None,
+            tested=tested,
         )
 
     async def save(self, request: web.Request) -> web.StreamResponse:
@@ -260,6 +265,8 @@ class Messages:
                 "cannot send a test to that address",
                 [{"field": "to", "message": e["msg"]} for e in exc.errors()],
             ) from exc
+        # the key's rate limit, as on the API's test send: each one is a real message
+        self.web.sessions.keys.limiter.take(bytes.fromhex(session.key_digest))
         entry = await self.web.admin.send_test(merchant_id, session.key_id, body, variant)
         await self.web.sessions.flash(
             request,
@@ -269,14 +276,15 @@ class Messages:
                     "locale": body.locale,
                     "sent": entry["outcome"] == "sent",
                     "error": entry["delivery"].get("error"),
+                    # the page comes back with the text as typed, not as saved
+                    "path": path,
+                    "text": body.files[path],
                 }
             },
         )
-        query = {"locale": locale, "variant": variant if variant == "b" else ""}
-        where = f"/merchant/{merchant_id}/messages/{milestone}?" + "".join(
-            f"{k}={v}&" for k, v in query.items() if v
-        )
-        raise web.HTTPSeeOther(where + "tested=1")
+        query = ([f"locale={locale}"] if locale else []) + (["variant=b"] if variant == "b" else [])
+        where = f"/merchant/{merchant_id}/messages/{milestone}"
+        raise web.HTTPSeeOther(where + ("?" + "&".join(query) if query else ""))
 
     async def preview(self, request: web.Request) -> web.Response:
         """JSON for the live preview: the email and the SMS rendered from the text on

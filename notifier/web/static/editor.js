@@ -128,5 +128,8 @@ document.addEventListener("DOMContentLoaded", () => {
   if (form) startPreview(form);
   const testForm = document.getElementById("test-form");
   if (form && testForm) startTestSend(testForm, form);
+  // what became of a test send, read out and in view as the page comes back
+  const tested = document.getElementById("tested");
+  if (tested) tested.focus();
   document.querySelectorAll("input[data-contrast]").forEach(startContrast);
 });
