@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import math
 import re
@@ -88,6 +89,12 @@ _PLACE_JOIN = {"ar": "\u060c ", "ja": "\u3001", "zh": "\uff0c"}
 #: A sentence's period right after a time whose day period ends in one (es_MX and es_US
 #: write "1:00 p.m."): one period ends both, as in print (it read "1:00 p.m..").
 _DOUBLED_PERIOD = re.compile("([ap]\\.[ \u00a0\u202f]?m\\.)\\.(?!\\.)")
+
+
+@functools.lru_cache(maxsize=256)
+def _sender(name: str, address: str) -> str:
+    """The From of a brand's emails (the stdlib's formataddr is pure Python, per message)."""
+    return formataddr((name, address))
 
 
 def _one_period(text: str) -> str:
@@ -825,7 +832,7 @@ class Renderer:
             n.merchant_id,
             n.shipment_id,
             n.to,
-            formataddr((brand.name, self.email_from)),
+            _sender(brand.name, self.email_from),
             subject=" ".join(out["subject"].split()),
             text=_BLANK_LINES.sub("\n\n", out["text"]).strip() + "\n",
             html=_INLINER.inline(html) if inline else html,
