@@ -147,10 +147,8 @@ class Deliverer:
         # partition whose master is away holds up no round of another, and what its
         # providers accepted is still recorded as soon as it is back, by whichever round
         await self._take_up(scope, raising=True)
-        if self._others is None or self._others.done():
-            others = {r.scope for r in self._unrecorded} | {a[0] for a in self._abandoned.values()}
-            if others - {scope}:
-                self._others = asyncio.create_task(self._take_up_others(scope))
+        if (self._others is None or self._others.done()) and self._leftovers() - {scope}:
+            self._others = asyncio.create_task(self._take_up_others(scope))
         # Whoever holds a claim owns it; a claim carries its holder's token.
         owner = uuid.uuid4().hex
         try:
@@ -165,6 +163,10 @@ class Deliverer:
             raise
         _count(report, timing or {})
         return report
+
+    def _leftovers(self) -> set[Scope]:
+        """The partitions earlier rounds left something of (``_take_up``)."""
+        return {r.scope for r in self._unrecorded} | {a[0] for a in self._abandoned.values()}
 
     async def _take_up(self, scope: Scope, *, raising: bool) -> None:
         """Record as sent what a provider accepted in a round Redis failed in, then hand
@@ -207,9 +209,8 @@ class Deliverer:
     async def _take_up_others(self, scope: Scope) -> None:
         """``_take_up`` for every partition but ``scope``, one after another, keeping what
         still fails for a later round (a round of another partition started this)."""
-        others = {r.scope for r in self._unrecorded} | {a[0] for a in self._abandoned.values()}
         try:
-            for other in others - {scope}:
+            for other in self._leftovers() - {scope}:
                 await self._take_up(other, raising=False)
         except Exception as exc:  # a bug: the leftovers wait for their own partition's round
             log.error("taking up other partitions' leftovers failed: %s", type(exc).__name__)

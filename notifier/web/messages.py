@@ -246,8 +246,9 @@ class Messages:
         variant = variant_param(form.get("variant"))
         path = message_path(milestone, locale or None, variant)
         channel, to = form.get("channel", ""), form.get("to", "").strip()
-        if channel not in set(ChannelKind) or not to:
-            field = "to" if channel in set(ChannelKind) else "channel"
+        known = channel in set(ChannelKind)
+        if not known or not to:
+            field = "to" if known else "channel"
             raise InvalidOverride(
                 "cannot send a test: give an email address or a phone number, and its channel",
                 [{"field": field, "message": "an email address (email) or a phone number (SMS)"}],
