@@ -159,14 +159,20 @@ def _parse(raw: bytes) -> Any:
         raise BadRequest(f"body is not valid JSON: {exc}") from exc
 
 
+#: the request bodies' Content-Encodings read (aiohttp decodes them as the body is read; the
+#: body size limit counts what they decode to)
+ENCODINGS = ("identity", "gzip", "deflate", "br", "zstd")
+
+
 async def _read_body(request: web.Request, limit: int) -> bytes:
     """The JSON request body as it came; 413/415 naming the problem."""
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"body is {request.content_length} bytes; the limit is {limit}")
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-    if encoding not in ("identity", "gzip", "deflate"):
+    if encoding not in ENCODINGS:
         raise UnsupportedMediaType(
-            f"Content-Encoding {encoding[:40]!r} is not supported: send gzip, deflate or none"
+            f"Content-Encoding {encoding[:40]!r} is not supported: send gzip, deflate, br, "
+            "zstd or none"
         )
     if request.content_type != "application/json":
         raise UnsupportedMediaType(
@@ -326,15 +332,29 @@ async def post_transitions(request: web.Request, res: Resources, keys: KeyRing) 
         reply["conflicts"] = len(conflicts)
     if not details and not conflicts:
         return web.Response(status=202, body=orjson.dumps(reply), content_type="application/json")
+    refused = [
+        {
+            **({"index": i} if batch else {}),
+            "field": "event_id",
+            "message": "already used with another body",
+        }
+        for i in conflicts
+    ]
     error: ValidationFailed | IdempotencyConflict
     if details:
         # Some items are invalid: 422 naming them, while the valid ones are accepted and
-        # listed. A caller that resends the whole batch only gets duplicates for those.
+        # listed. A caller that resends the whole batch only gets duplicates for those. An
+        # item refused as a conflict is named too: it was not taken either.
         reply["rejected"] = len(items) - len(valid)
+        also = (
+            f" and {len(conflicts)} reuse an event_id with another body (refused)"
+            if conflicts
+            else ""
+        )
         error = ValidationFailed(
-            f"{reply['rejected']} of {len(items)} transitions are invalid; the others were "
-            "taken (accepted, or duplicates of ones already taken: see results)",
-            details,
+            f"{reply['rejected']} of {len(items)} transitions are invalid{also}; the others "
+            "were taken (accepted, or duplicates of ones already taken: see results)",
+            sorted(details + refused, key=lambda d: int(d.get("index", 0))),
         )
     else:
         # An event id seen before with another body: refused, never processed (Stripe's rule
@@ -342,14 +362,7 @@ async def post_transitions(request: web.Request, res: Resources, keys: KeyRing) 
         error = IdempotencyConflict(
             "event_id was already used for a transition with another body; a new event needs "
             "a new event_id" + (" (the other items are listed in results)" if batch else ""),
-            [
-                {
-                    **({"index": i} if batch else {}),
-                    "field": "event_id",
-                    "message": "already used with another body",
-                }
-                for i in conflicts
-            ],
+            refused,
         )
     body = {**error.body(), **reply} if batch or details else error.body()
     return web.Response(

@@ -17,13 +17,17 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 
 #: The request id of the API call being handled ("" outside of one).
 REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="")
 _SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
-_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
-_PHONE = re.compile(r"(?<![\w/=?&.-])\+[0-9][0-9 ().-]{6,20}[0-9]")
+#: an address, internationalised ones too (the API takes them)
+_EMAIL = re.compile(r"[\w.%+-]+@[\w-]+(?:\.[\w-]+)+")
+#: a number in international form; not one inside a word, a path or an id (``evt_+1…``,
+#: ``/+1…``), but one in a query (``?phone=+33…``) is a phone number like any other
+_PHONE = re.compile(r"(?<![\w/.-])\+[0-9][0-9 ().-]{6,20}[0-9]")
 _BEARER = re.compile(r"(?i)(bearer\s+)[^\s,;)]+")
 _SECRET = re.compile(r"(?i)((?:api[_-]?key|token|secret|password)\s*[=:]\s*)[^\s,;)]+")
 
@@ -55,12 +59,28 @@ class _Context(logging.Filter):
     """Adds the request id and redacts the message (arguments included) in place."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], HttpProcessingError):
+            _malformed(record)
+            if not logging.getLogger(record.name).isEnabledFor(logging.WARNING):
+                return False
         record.request_id = REQUEST_ID.get()
         message = redact(record.getMessage())
         record.msg, record.args = message, ()
         if record.exc_info:  # (another handler may have cached it unredacted)
             record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
         return True
+
+
+def _malformed(record: logging.LogRecord) -> None:
+    """aiohttp's line for a request its parser refused (answered 400 before any handler ran:
+    a broken request line, header or body encoding): one warning naming the error, not an
+    ERROR with a traceback per request, which anyone could flood the log with. The
+    parser's message is left out: it quotes the raw request, personal data and all."""
+    exc = record.exc_info[1] if record.exc_info else None
+    code = getattr(exc, "code", 400)
+    record.levelno, record.levelname = logging.WARNING, "WARNING"
+    record.msg = f"refused a malformed HTTP request with {code} ({type(exc).__name__})"
+    record.args, record.exc_info, record.exc_text = (), None, None
 
 
 class JsonFormatter(logging.Formatter):

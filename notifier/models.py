@@ -219,6 +219,8 @@ def _check_moment(value: datetime) -> datetime:
 
 
 _URL = re.compile(r"https?://[^\s/]+")
+#: The longest URL taken (a tracking link, a brand's links).
+URL_MAX = 2000
 #: What a URL cannot hold as it is (RFC 3986): whitespace and control characters.
 _NOT_IN_URL = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
 
@@ -227,7 +229,12 @@ def _check_url(value: str) -> str:
     # percent-encoded, not refused: a carrier's link with a raw space still works, and a
     # CR/LF or NUL in it can break no SMS or header (an encoded URL is left as it is)
     value = _NOT_IN_URL.sub(lambda m: quote(m[0], safe=""), value.strip())
-    if len(value) > 2000 or not _URL.match(value):
+    if len(value) > URL_MAX:
+        raise ValueError(f"must be at most {URL_MAX} characters long, not {len(value)}")
+    scheme, colon, rest = value.partition(":")
+    if colon and scheme.lower() in ("http", "https"):
+        value = scheme.lower() + colon + rest  # a scheme is case-insensitive (RFC 3986)
+    if not _URL.match(value):
         raise ValueError("must be an http(s) URL")
     return value
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import html
 import re
+import shutil
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,11 +16,13 @@ import yaml
 from aiohttp.test_utils import TestClient, TestServer
 
 from notifier.app import create_app
+from notifier.resources import data_dir
 from notifier.settings import Settings
 from tests.conftest import (
     ACME_KEY,
     ADMIN_KEY,
     auth,
+    make_settings,
     outbox_files,
     post,
     run_worker,
@@ -207,6 +211,10 @@ async def test_the_brand_form_writes_only_what_differs_and_refuses_an_unreadable
     http = await client.post(f"{ACME}/brand", data={**form, "support.url": "http://x.example"})
     assert http.status == 422
     assert "must be an https:// URL" in await http.text()
+    # the name is the From header's display name: one line (the preview showed the break)
+    crlf = await client.post(f"{ACME}/brand", data={**form, "name": "Evil\r\nBcc: x@evil.com"})
+    assert crlf.status == 422
+    assert "must be one line" in await crlf.text()
     good = {**form, "name": "Acme", "accent": "#fde68a", "support.email": "help@acme.example"}
     resp = await client.post(f"{ACME}/brand", data=good)
     assert "Saved to your draft" in await resp.text()
@@ -246,6 +254,113 @@ async def test_a_settings_form_opened_before_another_save_is_refused(client: Cli
     resp = await client.post(f"{ACME}/cadence", data={**two, "coalesce_seconds": "30"})
     assert resp.status == 409
     assert yaml.safe_load((await draft(client))["policy.yaml"]) == {"dedupe_window_hours": 48}
+
+
+async def put_draft(client: Client, path: str, text: str) -> None:
+    resp = await client.put(
+        f"/v1/merchants/acme/overrides/draft/{path}", json={"text": text}, headers=auth(ACME_KEY)
+    )
+    assert resp.status == 200, await resp.text()
+
+
+async def test_a_draft_that_does_not_validate_is_shown_as_it_is_and_saving_keeps_it(
+    client: Client,
+) -> None:
+    """A draft policy.yaml or brand.yaml with one bad value (saved through the admin API):
+    the form used to show the values beneath it, the defaults, without a word, and saving
+    it then dropped every other value of the draft (found by a black-box probe). It shows
+    the draft's values now, says the draft does not validate and marks the bad field;
+    saving with that field fixed keeps the rest."""
+    await sign_in(client)
+    policy = (
+        "dedupe_window_hours: 48\n"
+        "throttle: {max_sms_per_shipment: 3}\n"
+        "quiet_hours: {sms: {start: 9pm, end: '08:00'}}\n"
+    )
+    await put_draft(client, "policy.yaml", policy)
+    resp = await client.get(f"{ACME}/cadence")
+    assert resp.status == 200
+    page = await resp.text()
+    assert "Your draft's policy.yaml does not validate" in page
+    assert "quiet_hours.sms.start" in page
+    form = cadence_form(page)
+    assert (form["dedupe_window_hours"], form["throttle.max_sms_per_shipment"]) == ("48", "3")
+    assert form["quiet_hours.sms.start"] == "9pm"
+    start = re.search(r'<input [^>]*name="quiet_hours\.sms\.start"[^>]*>', page)
+    assert start is not None and 'aria-invalid="true"' in start.group(0)
+    resp = await client.post(f"{ACME}/cadence", data={**form, "quiet_hours.sms.start": "21:30"})
+    assert "Saved to your draft" in await resp.text()
+    assert yaml.safe_load((await draft(client))["policy.yaml"]) == {
+        "dedupe_window_hours": 48,
+        "throttle": {"max_sms_per_shipment": 3},
+        "quiet_hours": {"sms": {"start": "21:30"}},
+    }
+
+    await put_draft(client, "brand.yaml", "name: Beta Store\naccent: '#777777'\n")
+    resp = await client.get(f"{ACME}/brand")
+    assert resp.status == 200
+    page = await resp.text()
+    assert "Your draft's brand.yaml does not validate" in page
+    assert 'value="Beta Store"' in page and 'value="#777777"' in page
+    form = {
+        "csrf": await csrf_of(client, f"{ACME}/brand"),
+        "base": base_of(page),
+        "name": "Beta Store",
+        "accent": "#1d4ed8",
+        "default_locale": "en",
+    }
+    resp = await client.post(f"{ACME}/brand", data=form)
+    assert "Saved to your draft" in await resp.text()
+    assert yaml.safe_load((await draft(client))["brand.yaml"]) == {"name": "Beta Store"}
+
+    # a draft that does not even read: the values beneath, and the page says so
+    await put_draft(client, "policy.yaml", "dedupe_window_hours: [48\n")
+    page = await (await client.get(f"{ACME}/cadence")).text()
+    assert "It does not read: the form shows the values beneath it" in page
+    assert cadence_form(page)["dedupe_window_hours"] == "168.0"
+
+
+def input_tag(page: str, name: str) -> str:
+    found = re.search(rf'<input [^>]*name="{re.escape(name)}"[^>]*>', page)
+    assert found is not None, name
+    return found.group(0)
+
+
+async def test_every_cadence_error_marks_its_field(client: Client) -> None:
+    """Errors of the quiet hours and of the default time zone are tied to their inputs
+    (aria-invalid, described by the error), as the other fields' are; an experiment's bad
+    name says what a name may hold, not a regular expression."""
+    await sign_in(client)
+    form = cadence_form(await (await client.get(f"{ACME}/cadence")).text())
+    for changed, marked, says in (
+        ({"quiet_hours.sms.start": "9pm"}, ["quiet_hours.sms.start"], "must be HH:MM"),
+        (
+            {"quiet_hours.sms.start": "08:00", "quiet_hours.sms.end": "08:00"},
+            ["quiet_hours.sms.start", "quiet_hours.sms.end"],
+            "start and end are equal",
+        ),
+        (
+            {"quiet_hours.default_timezone": "Mars/Base"},
+            ["quiet_hours.default_timezone"],
+            "&#39;Mars/Base&#39; is not an IANA zone",
+        ),
+    ):
+        resp = await client.post(f"{ACME}/cadence", data={**form, **changed})
+        assert resp.status == 422, changed
+        page = await resp.text()
+        assert says in page, changed
+        for name in marked:
+            tag = input_tag(page, name)
+            assert 'aria-invalid="true"' in tag, tag
+            described = re.search(r'aria-describedby="([^"]+)"', tag)
+            assert described is not None
+            error_ids = [i for i in described.group(1).split() if i.endswith("-error")]
+            assert error_ids and f'id="{error_ids[0]}"' in page, tag
+    bad_name = {**form, "experiments.0.name": "Bad Name!", "experiments.0.message": "delivered"}
+    bad_name["experiments.0.b_percent"] = "50"
+    page = await (await client.post(f"{ACME}/cadence", data=bad_name)).text()
+    assert "must be 1 to 40 lowercase letters, digits and hyphens" in page
+    assert "should match pattern" not in page
 
 
 def cadence_form(html: str) -> dict[str, str]:
@@ -360,6 +475,47 @@ async def test_a_message_written_for_one_locale_is_used_for_that_locale_only(
     assert await subject("de") == "Ihr Paket ist da"
     assert await subject("fr") == "Votre colis a été livré"
     assert await subject("en") == "Your parcel was delivered"
+
+
+async def test_saving_a_message_unchanged_pins_no_copy_and_the_list_names_its_files(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """ "Save draft" on a message shown as it comes (the default, or the merchant's own
+    files) writes nothing: a copy in the draft would pin that text, and later changes to it
+    would no longer reach the merchant. The messages list says which messages come from the
+    merchant's files instead of calling them the default (found by a black-box probe)."""
+    templates = tmp_path / "templates"
+    shutil.copytree(data_dir("templates", None), templates)
+    (templates / "acme" / "messages").mkdir(parents=True)
+    own = "{%- macro subject() -%}Acme: delivered{%- endmacro -%}"
+    (templates / "acme" / "messages" / "delivered.jinja").write_text(own)
+    settings = make_settings(tmp_path, redis_url=redis_url, templates_dir=templates)
+    async with TestClient(TestServer(create_app(settings))) as client:
+        csrf = await sign_in(client)
+        listing = await (await client.get(f"{ACME}/messages")).text()
+        row = re.search(r"<tr>\s*<th[^>]*><a [^>]*messages/delivered\".*?</tr>", listing, re.S)
+        assert row is not None and "your files" in row.group(0), listing
+        assert "messages/delivered.jinja" in row.group(0)
+        for milestone, text in (("delivered", own), ("picked_up", None)):
+            page = await (await client.get(f"{ACME}/messages/{milestone}")).text()
+            shown = text if text is not None else textarea(page)
+            form = {"csrf": csrf, "text": shown, "action": "save", "base": base_of(page)}
+            resp = await client.post(f"{ACME}/messages/{milestone}", data=form)
+            assert resp.status == 200
+            assert "Nothing to save" in await resp.text(), milestone
+        assert await draft(client) == {}
+        # an edit is saved as always
+        page = await (await client.get(f"{ACME}/messages/picked_up")).text()
+        form = {"csrf": csrf, "text": textarea(page) + "{# ours #}", "action": "save"}
+        resp = await client.post(f"{ACME}/messages/picked_up", data={**form, "base": base_of(page)})
+        assert "Saved to your draft" in await resp.text()
+        assert (await draft(client)).keys() == {"messages/picked_up.jinja"}
+
+
+def textarea(page: str) -> str:
+    found = re.search(r'<textarea [^>]*name="text"[^>]*>(.*?)</textarea>', page, re.S)
+    assert found is not None
+    return html.unescape(found.group(1))
 
 
 async def test_the_check_names_a_message_file_no_one_would_read(client: Client) -> None:

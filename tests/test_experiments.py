@@ -125,7 +125,7 @@ def test_the_draw_is_fixed_per_shipment_spread_evenly_and_new_per_name() -> None
     ("experiments", "problem"),
     [
         ([{"name": "x", "message": "nope", "b_percent": 5}], "no message 'nope'"),
-        ([{"name": "Bad Name", "message": "delivered", "b_percent": 5}], "pattern"),
+        ([{"name": "Bad Name", "message": "delivered", "b_percent": 5}], "lowercase letters"),
         ([{"name": "x", "message": "delivered", "b_percent": 101}], "less than or equal"),
         (
             [

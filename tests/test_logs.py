@@ -8,6 +8,7 @@ import json
 import logging
 import re
 import signal
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -70,8 +71,13 @@ def test_json_lines_carry_the_request_id_and_no_personal_data(captured: io.Strin
 
 
 def test_urls_and_ids_are_not_mistaken_for_phone_numbers() -> None:
-    text = "n_3f1c0 at https://t.example/track?n=+1234567890 2026-11-21 10:30"
+    text = "n_3f1c0 at https://t.example/track/+1234567890 evt_+123456789 2026-11-21T10:30+01:00"
     assert logs.redact(text) == text
+
+
+def test_phone_numbers_in_a_query_and_international_addresses_are_redacted() -> None:
+    text = "GET /v1/x?phone=+33612345678&to=анна@пример.рф&b=+1 555 0100 999"
+    assert logs.redact(text) == "GET /v1/x?phone=[phone]&to=[email]&b=[phone]"
 
 
 def test_a_request_id_is_taken_or_made_and_answered() -> None:
@@ -153,6 +159,15 @@ def test_a_json_logging_service_never_logs_personal_data(
         )
         with urllib.request.urlopen(request, timeout=10) as resp:
             assert resp.status == 202
+        # requests aiohttp's parser refuses before any handler: a raw non-ASCII byte in the
+        # query, and a phone number and an address there
+        for raw in (
+            b"GET /healthz?x=\xd9\xa5&phone=+33612345678&to=\xd0\xb0@x.org HTTP/1.1\r\n",
+            b"GET /healthz?phone=+33612345678 ana@example.com HTTP/1.1\r\n",
+        ):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                conn.sendall(raw + b"Host: x\r\n\r\n")
+                assert re.match(rb"HTTP/1\.[01] 400 ", conn.recv(100)), raw
         wait_until(lambda: any((tmp_path / "outbox").rglob("*.eml")), "the email")
     finally:
         for p in procs:
@@ -165,3 +180,9 @@ def test_a_json_logging_service_never_logs_personal_data(
         assert {"ts", "level", "logger", "msg"} <= set(record)
         for personal in ("ana@example.com", "+33612345678", "Ana", "k_backend_0123456789"):
             assert personal not in line, line
+        # a malformed request is one warning, no ERROR and no traceback
+        assert record["level"] != "ERROR" and "exc" not in record, line
+    refused = [json.loads(line)["msg"] for line in lines if "malformed" in line]
+    assert len(refused) == 2 and all(
+        m.startswith("refused a malformed HTTP request with 400") for m in refused
+    ), refused

@@ -121,11 +121,13 @@ class QuietHours(_Strict):
     #: used for recipients whose transitions carry no time zone
     default_timezone: str = "UTC"
 
-    @model_validator(mode="after")
-    def _tz(self) -> QuietHours:
-        if not known_timezone(self.default_timezone):
-            raise ValueError(f"default_timezone {self.default_timezone!r} is not an IANA zone")
-        return self
+    @field_validator("default_timezone")
+    @classmethod
+    def _tz(cls, value: str) -> str:
+        # a field's own check, so that a form can mark the field
+        if not known_timezone(value):
+            raise ValueError(f"{value!r} is not an IANA zone (such as Europe/Paris)")
+        return value
 
     def window(self, channel: ChannelKind) -> QuietWindow | None:
         return self.email if channel is ChannelKind.EMAIL else self.sms
@@ -195,6 +197,10 @@ MESSAGE_NAMES = tuple(
 VARIANTS = ("a", "b")
 
 
+#: an experiment's name (it is part of the analytics' count keys: ``insights.counts``)
+_EXPERIMENT_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
+
+
 class Experiment(_Strict):
     """An A/B test of one message: a share of shipments get its variant b
     (``messages/<message>.b.jinja``), the others its usual file (variant a). Which one is
@@ -202,11 +208,21 @@ class Experiment(_Strict):
     every time, and a new name draws the shipments anew."""
 
     #: what the experiment is called in the analytics (and what draws the shipments)
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,39}$")
+    name: str = Field(json_schema_extra={"pattern": f"^{_EXPERIMENT_NAME.pattern}$"})
     #: the message it varies: its file name (delivered, exception_customs_hold...)
     message: str
     #: the percentage of shipments that get variant b (0 ends it: everyone reads a)
     b_percent: int = Field(ge=0, le=100)
+
+    @field_validator("name")
+    @classmethod
+    def _named(cls, value: str) -> str:
+        if not _EXPERIMENT_NAME.fullmatch(value):
+            raise ValueError(
+                "must be 1 to 40 lowercase letters, digits and hyphens, starting with a letter "
+                "or digit (such as delivered-short)"
+            )
+        return value
 
     @field_validator("message")
     @classmethod
@@ -383,6 +399,17 @@ class PolicyStore:
         """The merged policy, or ConfigurationError naming the problem (no fallback, no
         cache): what checks use."""
         return self._load(merchant_id)
+
+    def layered(self, merchant_id: str, under: dict[str, Any]) -> dict[str, Any]:
+        """``under`` (a policy's file data) with the merchant's override policy.yaml over it,
+        not validated: what the editor's form shows of a draft that does not validate, so
+        saving the form keeps the draft's values (ConfigurationError when its YAML does not
+        even read)."""
+        text = self.published(merchant_id).get("policy.yaml") if self.published else None
+        if not merchant_id or text is None:
+            return under
+        where = Path(override_label("policy.yaml", merchant_id, self.draft))
+        return _merge(under, _parse_yaml(text, where))
 
     def invalidate(self, merchant_id: str | None = None) -> None:
         """Forget cached policies (one merchant, or all)."""

@@ -163,6 +163,10 @@ class Channels(BaseModel):
     sms: Literal["outbox", "twilio"] | None = None
 
 
+#: what a one-line text of the brand cannot hold (C0 and C1 controls, DEL, line separators)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
 class Brand(BaseModel):
     """How a merchant's messages look and whom customers can ask for help."""
 
@@ -198,6 +202,15 @@ class Brand(BaseModel):
                 f"text on it reaches WCAG AA's {MIN_CONTRAST}:1 (pick a darker or a lighter "
                 "colour)"
             )
+        return value
+
+    @field_validator("name", "logo_alt")
+    @classmethod
+    def _one_line(cls, value: str | None) -> str | None:
+        # the name is the From header's display name and every message's sender: a line
+        # break there reads differently in the preview, the email and the SMS
+        if value is not None and _CONTROL.search(value):
+            raise ValueError("must be one line: no line breaks, tabs or control characters")
         return value
 
     @field_validator("logo_url", "logo_dark_url")
@@ -263,6 +276,26 @@ def load_brand(
     """The merchant's brand: its published brand.yaml (the editor's) over its file over the
     default one, validated. ``label`` names ``published`` in a problem (default: "published
     brand.yaml of <merchant>"; a draft checked before it is published says so)."""
+    where, merged = brand_data(templates_dir, merchant_id, published, label)
+    try:
+        return Brand.model_validate(merged)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors(include_input=False, include_url=False)
+        )
+        raise ConfigurationError(f"{where}: {problems}") from exc
+
+
+def brand_data(
+    templates_dir: Path,
+    merchant_id: str,
+    published: str | None = None,
+    label: str | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """What ``load_brand`` validates, and where it comes from (the file a problem names): the
+    layers merged, not validated (the editor's form shows a draft that does not validate
+    as it is). ConfigurationError when a file does not read."""
     base = _read(templates_dir / "brand.yaml")
     path = templates_dir / merchant_id / "brand.yaml" if merchant_id else None
     merged = dict(base)
@@ -278,11 +311,4 @@ def load_brand(
                 merged[key] = {**merged[key], **value}
             else:
                 merged[key] = value
-    try:
-        return Brand.model_validate(merged)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
-            for e in exc.errors(include_input=False, include_url=False)
-        )
-        raise ConfigurationError(f"{where}: {problems}") from exc
+    return where, merged

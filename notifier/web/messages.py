@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Iterable
 from typing import Any
 
 from aiohttp import web
@@ -19,6 +20,7 @@ from notifier.ingest import read_json
 from notifier.insights.experiments import published_policy
 from notifier.models import ChannelKind, Notification, message_name, message_name_of
 from notifier.render import Renderer, i18n
+from notifier.resources import data_dir
 from notifier.settings import Settings
 from notifier.web.base import Web
 from notifier.web.forms import milestone_label
@@ -99,6 +101,14 @@ def preview(
     return out
 
 
+def _files_of(milestone: str, paths: Iterable[str]) -> list[str]:
+    """Of ``paths``, the files of ``milestone``'s message: for all languages, for one, and
+    their variants b."""
+    name = message_path(milestone)
+    prefix = name.removesuffix(".jinja")
+    return sorted(p for p in paths if p == name or p.startswith(prefix + "."))
+
+
 class Messages:
     """Handlers of the message pages."""
 
@@ -111,17 +121,24 @@ class Messages:
         live = await self.web.admin.store.live(merchant_id)
         _, draft = await self.web.admin.store.draft(merchant_id)
         published = live.files if live else {}
+        # the merchant's own template files (its folder), which a message without an
+        # override reads instead of the default
+        folder = data_dir("templates", self.web.res.settings.templates_dir) / merchant_id
+        on_disk = (
+            {f"messages/{f.name}" for f in (folder / "messages").glob("*.jinja")}
+            if (folder / "messages").is_dir()
+            else set()
+        )
         rows = []
         for milestone in milestones():
-            name = message_path(milestone)
-            prefix = name.removesuffix(".jinja")
-            own = sorted(p for p in {*published, *draft} if p == name or p.startswith(prefix + "."))
+            own = _files_of(milestone, {*published, *draft})
             rows.append(
                 {
                     "milestone": milestone,
                     "label": milestone_label(milestone),
                     "published": [p for p in own if p in published],
                     "draft": [p for p in own if p in draft],
+                    "files": _files_of(milestone, on_disk),
                 }
             )
         return self.web.page(
@@ -204,7 +221,7 @@ class Messages:
             f"{k}={v}&" for k, v in query.items() if v
         )
         text = form.get("text", "").replace("\r\n", "\n")
-        current, _ = await self.views.current_text(merchant_id, path)
+        current, source = await self.views.current_text(merchant_id, path)
         changed = fingerprint(current) != form.get("base")
         if form.get("action") == "discard":
             if changed:  # it would throw away what someone saved since
@@ -225,6 +242,11 @@ class Messages:
             result = await self.web.admin.save_file(merchant_id, path, None, session.key_id)
             await self.web.sessions.flash(request, result["problems"])
             raise web.HTTPSeeOther(where + f"saved={result['saved']}")
+        if text == current and source not in ("draft", "published"):
+            # The text shown, untouched, is not this file's own (a default, the merchant's
+            # files, the all-languages text, variant a): a copy saved here would pin it, and
+            # later changes to it would no longer reach this message.
+            raise web.HTTPSeeOther(where + "saved=unchanged")
         result = await self.web.admin.save_file(merchant_id, path, text, session.key_id)
         await self.web.sessions.flash(request, result["problems"])
         raise web.HTTPSeeOther(where + f"saved={result['saved']}")

@@ -4,6 +4,7 @@ merchant's effective values and saves what differs from its files into the draft
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -14,7 +15,15 @@ from notifier.errors import ConfigurationError
 from notifier.models import ChannelKind, ExceptionCode, Status
 from notifier.policy import PolicyStore
 from notifier.policy.rules import Policy
-from notifier.render.brand import DARK_TEXT, MIN_CONTRAST, WHITE, Brand, contrast, load_brand
+from notifier.render.brand import (
+    DARK_TEXT,
+    MIN_CONTRAST,
+    WHITE,
+    Brand,
+    brand_data,
+    contrast,
+    load_brand,
+)
 from notifier.resources import data_dir
 from notifier.web.base import Web
 from notifier.web.forms import (
@@ -45,6 +54,36 @@ CONFLICT = (
 )
 
 
+@dataclass
+class Draft:
+    """What a settings form shows of the draft's file (brand.yaml, policy.yaml)."""
+
+    #: the values the draft gives, as file data: as the draft holds them when it does not
+    #: validate, so that saving the form keeps them instead of the layer beneath
+    values: dict[str, Any]
+    #: the values beneath the draft (the merchant's files over the defaults)
+    beneath: dict[str, Any]
+    #: why the draft does not validate (None: it does); ``errors`` names its fields
+    broken: str | None = None
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+def _as_broken(
+    model: type[BaseModel], layered: Callable[[], dict[str, Any]]
+) -> tuple[dict[str, Any] | None, dict[str, str]]:
+    """The values of a draft that does not validate (``layered``: none when its file does
+    not read) and its fields' errors."""
+    try:
+        values = layered()
+    except ConfigurationError:
+        return None, {}
+    try:
+        model.model_validate(values)
+    except ValidationError as invalid:
+        return values, field_errors(invalid)
+    return values, {}  # (it validates now: a file changed in between)
+
+
 def contrast_report(accent: str) -> dict[str, Any]:
     """The accent's contrast with white and dark button text, and which one is used."""
     try:
@@ -63,18 +102,21 @@ class SettingsPages:
     def _templates(self) -> Any:
         return data_dir("templates", self.web.res.settings.templates_dir)
 
-    async def _brands(self, merchant_id: str) -> tuple[Brand, dict[str, Any]]:
-        """(the brand the draft gives, the brand data beneath the override)."""
+    async def _brands(self, merchant_id: str) -> Draft:
+        """The brand the draft gives, and the brand data beneath the override."""
         _, files = await self.web.admin.candidate(merchant_id)
+        templates = self._templates()
         try:
-            beneath = load_brand(self._templates(), merchant_id).model_dump(mode="json")
+            beneath = load_brand(templates, merchant_id).model_dump(mode="json")
         except ConfigurationError:
-            beneath = load_brand(self._templates(), "").model_dump(mode="json")
+            beneath = load_brand(templates, "").model_dump(mode="json")
+        draft = files.get("brand.yaml")
         try:
-            brand = load_brand(self._templates(), merchant_id, files.get("brand.yaml"))
-        except ConfigurationError:
-            brand = Brand.model_validate(beneath)
-        return brand, beneath
+            brand = load_brand(templates, merchant_id, draft)
+        except ConfigurationError as exc:
+            values, errors = _as_broken(Brand, lambda: brand_data(templates, merchant_id, draft)[1])
+            return Draft(beneath if values is None else values, beneath, str(exc), errors)
+        return Draft(brand.model_dump(mode="json"), beneath)
 
     async def _base(self, merchant_id: str, path: str) -> str:
         """The fingerprint of the draft's ``path`` as a page shows it now (to notice a save
@@ -84,11 +126,12 @@ class SettingsPages:
 
     async def brand(self, request: web.Request) -> web.Response:
         merchant_id, session = await self.web.signed_in(request)
-        brand, _ = await self._brands(merchant_id)
-        values = brand.model_dump(mode="json")
+        draft = await self._brands(merchant_id)
         base = await self._base(merchant_id, "brand.yaml")
         flash = await self.web.sessions.take_flash(request)
-        return self._brand_page(request, session, values, {}, flash, base)
+        return self._brand_page(
+            request, session, draft.values, draft.errors, flash, base, broken=draft.broken
+        )
 
     def _brand_page(
         self,
@@ -99,13 +142,15 @@ class SettingsPages:
         result: Any,
         base: str,
         conflict: str | None = None,
+        broken: str | None = None,
     ) -> web.Response:
         return self.web.page(
             "brand.html",
-            status=409 if conflict else 422 if errors else 200,
+            status=409 if conflict else 422 if errors and not broken else 200,
             request=request,
             base=base,
             conflict=conflict,
+            broken=broken,
             title="Brand",
             fields=[
                 (n, label, help_, get_path(values, n) or "") for n, label, help_ in BRAND_FIELDS
@@ -123,33 +168,39 @@ class SettingsPages:
     async def save_brand(self, request: web.Request) -> web.StreamResponse:
         merchant_id, session = await self.web.signed_in(request)
         form = await self.web.form(request, session)
-        brand, beneath = await self._brands(merchant_id)
-        wanted = {**brand.model_dump(mode="json"), **brand_from_form(form)}
+        draft = await self._brands(merchant_id)
+        wanted = {**draft.values, **brand_from_form(form)}
         page = self._brand_page
-        return await self._save(request, session, form, "brand.yaml", Brand, beneath, wanted, page)
+        return await self._save(
+            request, session, form, "brand.yaml", Brand, draft.beneath, wanted, page
+        )
 
     # -- cadence rules --------------------------------------------------------------------
-    async def _policies(self, merchant_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(the policy the draft gives, the policy beneath the override), as file data."""
+    async def _policies(self, merchant_id: str) -> Draft:
+        """The policy the draft gives, and the policy beneath the override, as file data."""
         _, files = await self.web.admin.candidate(merchant_id)
         directory = data_dir("policies", self.web.res.settings.policies_dir)
         beneath_store = PolicyStore(directory)
         try:
-            beneath = beneath_store.strict(merchant_id)
+            beneath = policy_as_data(beneath_store.strict(merchant_id))
         except ConfigurationError:
-            beneath = beneath_store.strict("")
+            beneath = policy_as_data(beneath_store.strict(""))
+        store = PolicyStore(directory, lambda _: files, draft=True)
         try:
-            effective = PolicyStore(directory, lambda _: files).strict(merchant_id)
-        except ConfigurationError:
-            effective = beneath
-        return policy_as_data(effective), policy_as_data(beneath)
+            effective = store.strict(merchant_id)
+        except ConfigurationError as exc:
+            values, errors = _as_broken(Policy, lambda: store.layered(merchant_id, beneath))
+            return Draft(beneath if values is None else values, beneath, str(exc), errors)
+        return Draft(policy_as_data(effective), beneath)
 
     async def cadence(self, request: web.Request) -> web.Response:
         merchant_id, session = await self.web.signed_in(request)
-        effective, _ = await self._policies(merchant_id)
+        draft = await self._policies(merchant_id)
         result = await self.web.sessions.take_flash(request)
         base = await self._base(merchant_id, "policy.yaml")
-        return self._cadence_page(request, session, effective, {}, result, base)
+        return self._cadence_page(
+            request, session, draft.values, draft.errors, result, base, broken=draft.broken
+        )
 
     def _cadence_page(
         self,
@@ -160,6 +211,7 @@ class SettingsPages:
         result: Any,
         base: str,
         conflict: str | None = None,
+        broken: str | None = None,
     ) -> web.Response:
         general = values["statuses"].get(Status.EXCEPTION.value, {"channels": []})
         rows = [
@@ -176,10 +228,11 @@ class SettingsPages:
         ]
         return self.web.page(
             "cadence.html",
-            status=409 if conflict else 422 if errors else 200,
+            status=409 if conflict else 422 if errors and not broken else 200,
             request=request,
             base=base,
             conflict=conflict,
+            broken=broken,
             title="Cadence rules",
             rows=rows,
             flags=RULE_FLAGS,
@@ -200,11 +253,11 @@ class SettingsPages:
     async def save_cadence(self, request: web.Request) -> web.StreamResponse:
         merchant_id, session = await self.web.signed_in(request)
         form = await self.web.form(request, session)
-        effective, beneath = await self._policies(merchant_id)
-        wanted = policy_from_form(form, effective, beneath)
+        draft = await self._policies(merchant_id)
+        wanted = policy_from_form(form, draft.values, draft.beneath)
         page = self._cadence_page
         return await self._save(
-            request, session, form, "policy.yaml", Policy, beneath, wanted, page
+            request, session, form, "policy.yaml", Policy, draft.beneath, wanted, page
         )
 
     async def _save(
