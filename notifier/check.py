@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import re
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
@@ -152,6 +153,25 @@ def _renderer(settings: Settings) -> tuple[Renderer, Catalogs]:
     return Renderer(templates, catalogs, email_from=settings.email_from, strict=True), catalogs
 
 
+OUTBOX = "outbox"
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why the service could not make ``folder`` or write in it (None: it can), without
+    making it: the nearest part of the path that exists must be a folder it may write in."""
+    found = folder.absolute()
+    while not found.exists():
+        if found.parent == found:
+            break
+        found = found.parent
+    if not found.is_dir():
+        part = "" if found == folder.absolute() else f" ({found} is a file)"
+        return f"{folder}: not a directory{part}"
+    if not os.access(found, os.W_OK | os.X_OK):
+        return f"{folder}: cannot write in {found} (permission denied)"
+    return None
+
+
 def startup_problems(settings: Settings) -> list[str]:
     """What must hold for the service to start, whatever the merchants' files say: the
     default policy, brand and templates (every milestone, both channels, in English)."""
@@ -160,9 +180,15 @@ def startup_problems(settings: Settings) -> list[str]:
         for name in TREES
         if (configured := getattr(settings, f"{name}_dir")) is not None and not configured.is_dir()
     ]
-    shared = settings.metrics_dir  # made when missing, but a file there cannot be one
-    if shared is not None and shared.exists() and not shared.is_dir():
-        missing.append("NOTIFIER_METRICS_DIR: not a directory")
+    # folders the service writes, made when missing: one it cannot make or write in fails
+    # every write later (the outbox's only when a default channel is the outbox)
+    written = {"METRICS_DIR": settings.metrics_dir}
+    if OUTBOX in (settings.email_channel.value, settings.sms_channel.value):
+        written["OUTBOX_DIR"] = settings.outbox_dir
+    for name, folder in written.items():
+        why = None if folder is None else unwritable(folder)
+        if why:
+            missing.append(f"NOTIFIER_{name}: {why}")
     if missing:
         return missing
     policies = PolicyStore(data_dir("policies", settings.policies_dir))

@@ -17,7 +17,6 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 
 import orjson
-from aiohttp.http_exceptions import HttpProcessingError
 
 #: The request id of the API call being handled ("" outside of one).
 REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="")
@@ -59,7 +58,7 @@ class _Context(logging.Filter):
     """Adds the request id and redacts the message (arguments included) in place."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], HttpProcessingError):
+        if record.exc_info and _refused_by_the_parser(record.exc_info[1]):
             _malformed(record)
             if not logging.getLogger(record.name).isEnabledFor(logging.WARNING):
                 return False
@@ -69,6 +68,13 @@ class _Context(logging.Filter):
         if record.exc_info:  # (another handler may have cached it unredacted)
             record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
         return True
+
+
+def _refused_by_the_parser(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is aiohttp's HTTP parser refusing a request (looked up among the
+    loaded modules: a worker does not load aiohttp's server)."""
+    parser = sys.modules.get("aiohttp.http_exceptions")
+    return parser is not None and isinstance(exc, parser.HttpProcessingError)
 
 
 def _malformed(record: logging.LogRecord) -> None:

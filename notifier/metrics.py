@@ -36,6 +36,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
 
+from notifier.errors import ConfigurationError
 from notifier.store import Store, keys
 
 __all__ = ["CONTENT_TYPE_LATEST", "configure", "exposition"]
@@ -143,7 +144,12 @@ def configure(directory: Path | None) -> None:
     if _state["dir"] == directory:
         return
     if directory is not None:
-        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigurationError(
+                f"NOTIFIER_METRICS_DIR: cannot make {directory}: {exc.strerror or exc}"
+            ) from exc
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
         values.ValueClass = values.MultiProcessValue(process_identifier=process_id)  # type: ignore[no-untyped-call]
     else:

@@ -20,8 +20,15 @@ from arq.connections import ArqRedis
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import (
+    AuthenticationError,
+    DataError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    SlotNotCoveredError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import DataError, RedisClusterException, RedisError, SlotNotCoveredError
 
 from notifier import metrics
 from notifier.channels import Channel, OutboxChannel
@@ -325,6 +332,7 @@ async def open_resources(
     queue = connect_queue(settings, server) if separate else redis
     assert isinstance(queue, ArqRedis)
     try:
+        await refuse_a_refusing_redis(settings, redis, queue)
         await refuse_a_mismatched_mode(settings, redis, queue)
         await refuse_an_old_redis(settings, redis)
     except BaseException:
@@ -392,6 +400,34 @@ async def open_resources(
             aclose = getattr(channel, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+
+async def refuse_a_refusing_redis(settings: Settings, redis: DataRedis, queue: ArqRedis) -> None:
+    """A Redis that answers but refuses the URL's password or database will refuse it on
+    every retry: say so at start-up, naming the setting, instead of waiting for it as for a
+    Redis that does not answer yet (which is not checked here)."""
+    if settings.embedded:
+        return
+    checks: list[tuple[str, Any]] = [("NOTIFIER_REDIS_URL", redis)]
+    if queue is not redis:
+        checks.append(("NOTIFIER_QUEUE_REDIS_URL", queue))
+    for name, client in checks:
+        try:
+            await client.ping()
+        except AuthenticationError as exc:
+            raise ConfigurationError(
+                f"{name}: Redis refused the credentials ({exc}): check the user name and "
+                "password in the URL (redis://user:password@host:port/db)"
+            ) from None
+        except ResponseError as exc:
+            if "DB index is out of range" not in str(exc):
+                raise
+            raise ConfigurationError(
+                f"{name}: Redis has no such database (DB index is out of range): give a "
+                "number below its `databases` setting (16 by default), such as /0"
+            ) from None
+        except (RedisError, OSError):
+            continue  # not answering yet: the processes wait for it
 
 
 async def refuse_a_mismatched_mode(settings: Settings, redis: DataRedis, queue: ArqRedis) -> None:

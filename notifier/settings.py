@@ -261,6 +261,12 @@ class Settings(BaseSettings):
             cluster_nodes(value)  # each node named well
         else:
             _check_port(url)
+        database = url.path.strip("/")
+        if url.scheme in ("redis", "rediss") and database and not database.isdigit():
+            # (redis-py read anything else as database 0)
+            raise ValueError(
+                f"the database after the host must be a number, like /0, not /{database[:20]}"
+            )
         return value
 
     @field_validator("public_url", "twilio_base_url", "sendgrid_base_url")

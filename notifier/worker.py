@@ -33,7 +33,7 @@ from arq.connections import log_redis_info as _arq_log_redis_info
 from arq.constants import in_progress_key_prefix
 from arq.typing import WorkerCoroutine
 from arq.worker import Worker
-from redis.exceptions import RedisError, ResponseError, WatchError
+from redis.exceptions import AuthenticationError, RedisError, ResponseError, WatchError
 
 from notifier.models import ExceptionCode, Status, Transition, own_event_id
 from notifier.outbound import events as hook_events
@@ -83,8 +83,10 @@ async def _log_redis_info(redis: Any, log_func: Any) -> None:
         await _arq_log_redis_info(redis, log_func)
     except ResponseError as exc:
         if "info" not in str(exc).lower():
-            raise
+            return  # a Redis refusing the URL's database: start-up says so, naming the setting
         log_func("embedded in-memory store (no INFO command)")
+    except AuthenticationError:
+        return  # refused credentials: start-up says so, naming the setting
     except (RedisError, OSError) as exc:
         # Redis down at start-up: say so; on_startup waits for it
         log.warning("Redis does not answer yet (%s); waiting for it", type(exc).__name__)
@@ -567,7 +569,8 @@ class ResilientWorker(Worker):
         except (RedisError, OSError) as exc:
             # stopped while Redis is down: arq's health-check key cannot be deleted (it
             # expires by itself); the rest of arq's close still runs, and the exit is 0
-            log.warning("stopping while Redis is down (%s)", type(exc).__name__)
+            if not isinstance(exc, (AuthenticationError, ResponseError)):  # (refused: said)
+                log.warning("stopping while Redis is down (%s)", type(exc).__name__)
             if self.on_shutdown:
                 await self.on_shutdown(self.ctx)
             with contextlib.suppress(RedisError, OSError):

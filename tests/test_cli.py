@@ -15,7 +15,9 @@ import pytest
 from arq.connections import ArqRedis
 from redis import Redis
 
+from notifier import metrics
 from notifier.cli import main
+from notifier.errors import ConfigurationError
 from notifier.overrides import OverrideStore
 from notifier.resources import data_dir
 from notifier.store.keys import WORKERS_KEY
@@ -411,6 +413,8 @@ def test_check_names_a_bad_redis_port_without_a_traceback(
         # a cluster named by several nodes: each one checked
         ("NOTIFIER_REDIS_URL", "redis+cluster://10.0.0.1:7001,10.0.0.2:x", "bad node"),
         ("NOTIFIER_REDIS_URL", "redis+cluster://10.0.0.1:7001,,10.0.0.3", "no host"),
+        # redis-py read any other path as database 0
+        ("NOTIFIER_REDIS_URL", "redis://127.0.0.1:6379/abc", "must be a number, like /0"),
     ],
 )
 def test_a_bad_url_address_or_key_is_one_line_naming_its_variable(
@@ -460,7 +464,39 @@ def test_a_dotenv_that_is_not_utf8_or_a_metrics_dir_that_is_a_file_is_one_line(
     (trees / "a-file").write_text("")
     monkeypatch.setenv("NOTIFIER_METRICS_DIR", str(trees / "a-file"))
     assert main(["check"]) == 1
-    assert "error: NOTIFIER_METRICS_DIR: not a directory\n" in capsys.readouterr().err
+    assert f"error: NOTIFIER_METRICS_DIR: {trees / 'a-file'}: not a directory\n" in (
+        capsys.readouterr().err
+    )
+
+
+def test_a_folder_the_service_could_not_make_or_write_in_is_one_line(
+    trees: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The outbox (when a default channel writes there) and the metrics folder are made when
+    missing; one under a file failed every message later (the outbox: "outbox write failed:
+    Not a directory", naming neither setting nor path) or was a traceback (metrics)."""
+    (trees / "a-file").write_text("")
+    monkeypatch.setenv("NOTIFIER_OUTBOX_DIR", str(trees / "a-file" / "outbox"))
+    assert main(["check"]) == 1
+    assert (
+        f"error: NOTIFIER_OUTBOX_DIR: {trees / 'a-file' / 'outbox'}: not a directory "
+        f"({trees / 'a-file'} is a file)\n"
+    ) in capsys.readouterr().err
+    # not when no default channel writes to the outbox (a provider's deployment)
+    monkeypatch.setenv("NOTIFIER_EMAIL_CHANNEL", "sendgrid")
+    monkeypatch.setenv("NOTIFIER_SENDGRID_API_KEY", "SG.x")
+    monkeypatch.setenv("NOTIFIER_SMS_CHANNEL", "twilio")
+    monkeypatch.setenv("NOTIFIER_TWILIO_ACCOUNT_SID", "AC" + "0" * 32)
+    monkeypatch.setenv("NOTIFIER_TWILIO_AUTH_TOKEN", "0" * 32)
+    monkeypatch.setenv("NOTIFIER_TWILIO_FROM", "+15005550006")
+    monkeypatch.setenv("NOTIFIER_SENDGRID_FROM", "notifications@shop.example")
+    assert "NOTIFIER_OUTBOX_DIR" not in (main(["check"]), capsys.readouterr().err)[1]
+    # a metrics folder the process cannot make: one line when it starts, not a traceback
+    monkeypatch.setenv("NOTIFIER_METRICS_DIR", str(trees / "a-file" / "metrics"))
+    assert main(["check"]) == 1
+    assert "error: NOTIFIER_METRICS_DIR: " in capsys.readouterr().err
+    with pytest.raises(ConfigurationError, match=r"NOTIFIER_METRICS_DIR: cannot make .*metrics"):
+        metrics.configure(trees / "a-file" / "metrics")
 
 
 def test_a_tree_that_is_not_a_directory_names_its_variable(

@@ -168,3 +168,34 @@ async def test_every_master_of_a_cluster_is_asked(cluster: Cluster, tmp_path: Pa
     # every master (they run the scripts), and the replicas the client has met, if any
     assert len(versions) >= len(cluster.masters()) == 3
     assert all(v.split(".")[0] >= "7" for v in versions), versions
+
+
+def test_a_redis_refusing_the_urls_password_or_database_is_one_line(tmp_path: Path) -> None:
+    """A Redis that answers but refuses the URL's credentials or database refuses them on
+    every retry: `serve` started and answered 503 to everything, and `worker` waited for
+    ever ("Redis does not answer (AuthenticationError)") or died with a traceback (DB index
+    is out of range; found by a black-box probe). Both say so in one line and exit 2."""
+    port = free_port()
+    proc = start_redis(port, tmp_path)
+    try:
+        redis.Redis(port=port).config_set("requirepass", "sekret")
+        env = {
+            "NOTIFIER_API_KEYS": json.dumps(API_KEYS),
+            "NOTIFIER_SIGNING_SECRET": "0123456789abcdef0123",
+            "NOTIFIER_PORT": str(free_port()),
+        }
+        for url, says in (
+            (f"redis://:wrong@127.0.0.1:{port}/0", "Redis refused the credentials"),
+            (f"redis://127.0.0.1:{port}/0", "Redis refused the credentials"),
+            (f"redis://:sekret@127.0.0.1:{port}/99", "Redis has no such database"),
+        ):
+            for command in (["serve"], ["worker"]):
+                run = spawn_notifier(command, tmp_path, NOTIFIER_REDIS_URL=url, **env)
+                out, _ = run.communicate(timeout=60)
+                assert run.returncode == 2, (command, url, out)
+                assert f"error: NOTIFIER_REDIS_URL: {says}" in out, out
+                assert "Traceback" not in out and "sekret" not in out and "wrong" not in out
+                assert "listening" not in out and "does not answer" not in out
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
