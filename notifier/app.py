@@ -348,6 +348,10 @@ def create_app(
     async def resources_ctx(app: web.Application) -> AsyncIterator[None]:
         async with open_resources(settings, server=server, clock=clock) as res:
             app[RESOURCES] = res
+            # the key of unsubscribe links, for test sends (a Redis not answering yet:
+            # read when first needed)
+            with contextlib.suppress(RedisError, OSError):
+                await res.link_secret()
             if not in_process:
                 yield
                 return

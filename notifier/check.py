@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from redis.exceptions import RedisError
 
@@ -214,6 +215,8 @@ def check_all(settings: Settings) -> list[str]:
     """Every problem with settings, policies, brands and templates of every merchant, in
     every locale; each problem once."""
     problems = startup_problems(settings)
+    if not settings.embedded and not settings.api_keys:
+        problems.insert(0, "NOTIFIER_API_KEYS is required when NOTIFIER_REDIS_URL is set")
     if problems:
         return problems
     policies_dir = data_dir("policies", settings.policies_dir)
@@ -396,6 +399,13 @@ def check_warnings(settings: Settings) -> list[str]:
     """What is valid but probably not meant: brands without a support contact."""
     templates_dir = data_dir("templates", settings.templates_dir)
     warnings = []
+    host = urlsplit(settings.public_url).hostname or ""
+    loopback_public_url = host in ("localhost", "127.0.0.1", "::1")
+    if loopback_public_url and not settings.embedded and settings.sms_channel.value == "twilio":
+        warnings.append(
+            f"NOTIFIER_PUBLIC_URL is {settings.public_url}: Twilio's status callbacks (which "
+            "report undelivered SMS) go to this machine's loopback, where Twilio cannot reach"
+        )
     for merchant in ["", *merchants(settings)]:
         try:
             brand = load_brand(templates_dir, merchant)
@@ -409,6 +419,11 @@ def check_warnings(settings: Settings) -> list[str]:
             )
         if not merchant and not brand.support.reachable():
             warnings.append(NO_SUPPORT_DEFAULT)
+        if brand.one_click_unsubscribe and not settings.embedded and loopback_public_url:
+            warnings.append(
+                f"{where}: one_click_unsubscribe with NOTIFIER_PUBLIC_URL "
+                f"{settings.public_url}: customers' unsubscribe links point at this machine"
+            )
     return warnings
 
 
@@ -470,14 +485,10 @@ def _audit(renderer: Renderer, merchant: str, folder: Path) -> list[str]:
 
 
 def _channel_problems(settings: Settings, brand: Brand, where: str) -> list[str]:
-    """A merchant's chosen channel must be one the service has credentials for; signed
-    unsubscribe links need a secret every process shares."""
-    problems = []
-    if brand.one_click_unsubscribe and not settings.embedded and not settings.signing_secret:
-        problems.append(
-            f"{where}: one_click_unsubscribe needs NOTIFIER_SIGNING_SECRET when "
-            "NOTIFIER_REDIS_URL is set (API and workers must sign alike)"
-        )
+    """A merchant's chosen channel must be one the service has credentials for. (Signed
+    unsubscribe links need no setting: without NOTIFIER_SIGNING_SECRET every process of a
+    Redis deployment signs with a key derived from the one kept in Redis.)"""
+    problems: list[str] = []
     available = {"outbox"}
     if settings.sendgrid_api_key:
         available.add("sendgrid")

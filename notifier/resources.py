@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import partial
 from importlib import resources as importlib_resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,7 +45,7 @@ from notifier.render.watch import TreeWatch
 from notifier.settings import EmailChannelName, Settings, cluster_nodes
 from notifier.store import Store, keys
 from notifier.store.base import DataRedis, raised_in_redis_connection
-from notifier.unsubscribe import headers as unsubscribe_headers
+from notifier.unsubscribe import LinkKey, derived
 
 if TYPE_CHECKING:  # embedded mode only: imported when used
     from fakeredis import FakeServer
@@ -296,7 +295,21 @@ class Resources:
     hooks: Subscriptions
     #: each merchant's delivery-time model (``insights.predict``)
     predictions: Predictions
+    #: the key one-click unsubscribe links are signed with (``unsubscribe.LinkKey``)
+    links: LinkKey | None = None
     _digest_secret: str | None = None
+
+    async def link_secret(self) -> str:
+        """The key of one-click unsubscribe links: the signing secret (embedded mode's own
+        without one); with Redis and no secret, one derived from the deployment's key kept
+        in Redis (``digest_secret``), so every process signs alike. Raises RedisError when
+        Redis cannot be asked yet."""
+        if self.settings.signing_secret or self.settings.embedded:
+            return self.settings.signing_secret_value()
+        secret = derived(await self.digest_secret())
+        if self.links is not None:
+            self.links.secret = secret
+        return secret
 
     async def digest_secret(self) -> str:
         """The key of recipients' digests shared by every process (the last SMS to a number,
@@ -363,6 +376,9 @@ async def open_resources(
         wait_replicas=settings.ingest_wait_replicas,
         wait_timeout_ms=settings.ingest_wait_timeout_ms,
     )
+    # signing one-click unsubscribe links: known now, or read from Redis (link_secret)
+    shared = settings.signing_secret or settings.embedded
+    links = LinkKey(settings.public_url, settings.signing_secret_value() if shared else None)
     try:
         yield Resources(
             settings=settings,
@@ -378,9 +394,7 @@ async def open_resources(
                 email_from=sender(settings),
                 watch=watch,
                 published=published.files,
-                unsubscribe=partial(
-                    unsubscribe_headers, settings.public_url, settings.signing_secret_value()
-                ),
+                unsubscribe=links.headers,
             ),
             channels=channels,
             providers=providers,
@@ -388,6 +402,7 @@ async def open_resources(
             server=server,
             hooks=Subscriptions(store),
             predictions=Predictions(store.carrier_stats),
+            links=links,
         )
     finally:
         if queue is not redis:

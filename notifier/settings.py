@@ -376,8 +376,9 @@ class Settings(BaseSettings):
         return not self.redis_url
 
     def signing_secret_value(self) -> str:
-        """The signing secret. Embedded mode (one process) may make its own; with Redis
-        every process must share one, so `notifier check` refuses to run without it."""
+        """The signing secret, or this process's own (embedded mode: one process). With
+        Redis and no secret, links are signed with a key every process reads from Redis
+        (``Resources.link_secret``), not with this."""
         if self.signing_secret:
             return self.signing_secret
         return _PROCESS_SECRET

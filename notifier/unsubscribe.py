@@ -1,7 +1,10 @@
 """One-click unsubscribe (RFC 8058): signed links, the List-Unsubscribe headers, the endpoint.
 
 A link carries the merchant and the address, signed with HMAC-SHA256 under
-``NOTIFIER_SIGNING_SECRET``: nobody can unsubscribe an address they were not sent.
+``NOTIFIER_SIGNING_SECRET``: nobody can unsubscribe an address they were not sent. Without
+the setting, with Redis, every process signs with a key derived from the deployment's key
+kept in Redis (``Resources.digest_secret``), so links signed by a worker verify in the API
+and survive restarts; embedded mode (one process) makes its own.
 POST (what mail clients' one-click buttons send) records the opt-out; GET only shows a
 page with a button, because link scanners fetch every URL in a message.
 """
@@ -12,6 +15,7 @@ import base64
 import hashlib
 import hmac
 import html
+import logging
 from typing import TYPE_CHECKING
 
 from notifier.errors import NotFound
@@ -26,6 +30,34 @@ if TYPE_CHECKING:  # resources builds the renderer with this module's headers()
     from notifier.resources import Resources
 
 PATH = "/v1/unsubscribe/{token}"
+log = logging.getLogger(__name__)
+
+
+def derived(deployment_key: str) -> str:
+    """The links' key made from the deployment's key in Redis (a key of its own: the
+    deployment key also keys recipients' digests)."""
+    return hmac.new(deployment_key.encode(), b"one-click unsubscribe links", "sha256").hexdigest()
+
+
+class LinkKey:
+    """The key links are signed with, once this process knows it: at once from the setting
+    (or embedded mode's own), else from Redis (``Resources.link_secret``, read by the worker
+    at start-up and by the API when it first needs it)."""
+
+    def __init__(self, public_url: str, secret: str | None) -> None:
+        self.public_url = public_url
+        self.secret = secret
+        self._said = False
+
+    def headers(self, merchant_id: str, address: str) -> dict[str, str]:
+        """The email's RFC 8058 headers; none while the key is not known (never a link that
+        cannot work: said once in the log)."""
+        if self.secret is None:
+            if not self._said:
+                log.warning("one-click unsubscribe headers left out: the links' key is not read")
+                self._said = True
+            return {}
+        return headers(self.public_url, self.secret, merchant_id, address)
 
 
 def _b64(data: bytes) -> str:
@@ -75,7 +107,7 @@ def _page(title: str, body: str) -> web.Response:
 
 async def unsubscribe(request: web.Request, res: Resources) -> web.Response:
     """GET: a page with a button. POST: record the opt-out (one click)."""
-    secret = res.settings.signing_secret_value()
+    secret = await res.link_secret()
     found = verify(secret, request.match_info["token"])
     if found is None:
         raise NotFound("this unsubscribe link is not valid")

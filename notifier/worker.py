@@ -660,6 +660,7 @@ def build_worker(
         while True:  # Redis down at start-up: wait for it rather than exit
             try:
                 await res.store.ensure_groups()
+                await res.link_secret()  # the key this worker signs unsubscribe links with
                 break
             except (RedisError, OSError) as exc:
                 log.warning("start-up: Redis does not answer (%s); retrying", type(exc).__name__)

@@ -186,9 +186,9 @@ async def test_an_unsubscribe_counts_once_an_address(fixed: Client, settings: Se
         "email": "ana@example.com",
         "stats": tag,
     }
-    token = sign(settings.signing_secret_value(), "acme", "ana@example.com")
-    assert (await fixed.post(PATH.format(token=token))).status == 200
     async with open_resources(settings, clock=fixed_clock()) as res:
+        token = sign(await res.link_secret(), "acme", "ana@example.com")  # as a worker signs
+        assert (await fixed.post(PATH.format(token=token))).status == 200
         await _email_event(res, {**event, "event": "delivered"})
         for kind in ("unsubscribe", "unsubscribe", "group_unsubscribe"):
             await _email_event(res, {**event, "event": kind})

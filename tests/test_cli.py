@@ -548,3 +548,32 @@ def test_check_reports_untranslated_merchant_words(
     assert main(["check"]) == 1
     err = capsys.readouterr().err
     assert "error: templates/acme: 'Enjoy!' has no translation in fr:" in err
+
+
+def test_check_says_what_serve_would_refuse_and_where_links_would_point(
+    trees: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`check` passed a Redis deployment without API keys, which `serve` refuses, and one
+    whose Twilio status callbacks and unsubscribe links point at loopback (found by a
+    black-box probe): the first is an error now, the second a warning."""
+    monkeypatch.setenv("NOTIFIER_REDIS_URL", redis_url)
+    assert main(["check"]) == 1
+    assert "error: NOTIFIER_API_KEYS is required when NOTIFIER_REDIS_URL is set\n" in (
+        capsys.readouterr().err
+    )
+    monkeypatch.setenv("NOTIFIER_API_KEYS", '{"k_backend_0123456789": ["*"]}')
+    monkeypatch.setenv("NOTIFIER_SMS_CHANNEL", "twilio")
+    monkeypatch.setenv("NOTIFIER_TWILIO_ACCOUNT_SID", "AC" + "0" * 32)
+    monkeypatch.setenv("NOTIFIER_TWILIO_AUTH_TOKEN", "0" * 32)
+    monkeypatch.setenv("NOTIFIER_TWILIO_FROM", "+15005550006")
+    acme = trees / "templates" / "acme"
+    acme.mkdir(parents=True, exist_ok=True)
+    brand = "name: Acme\none_click_unsubscribe: true\nsupport: {email: help@acme.example}\n"
+    (acme / "brand.yaml").write_text(brand)
+    assert main(["check"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: NOTIFIER_PUBLIC_URL is http://127.0.0.1:8080: Twilio's status" in err
+    assert "one_click_unsubscribe with NOTIFIER_PUBLIC_URL http://127.0.0.1:8080" in err
+    monkeypatch.setenv("NOTIFIER_PUBLIC_URL", "https://notify.shop.example")
+    assert main(["check"]) == 0
+    assert "NOTIFIER_PUBLIC_URL" not in capsys.readouterr().err

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import email
 import email.policy
+import json
 import shutil
+import signal
+import urllib.request
 from pathlib import Path
 
 from aiohttp.test_utils import TestClient, TestServer
@@ -12,7 +15,20 @@ from aiohttp.test_utils import TestClient, TestServer
 from notifier.app import create_app
 from notifier.resources import data_dir
 from notifier.unsubscribe import sign, verify
-from tests.conftest import history, make_settings, outbox_files, post, run_worker, transition
+from tests.conftest import (
+    API_KEYS,
+    auth,
+    free_port,
+    healthy,
+    history,
+    make_settings,
+    outbox_files,
+    post,
+    run_worker,
+    spawn_notifier,
+    transition,
+    wait_until,
+)
 
 SECRET = "s3cret-for-signing-links"
 
@@ -61,3 +77,59 @@ async def test_one_click_unsubscribe_end_to_end(tmp_path: Path, redis_url: str) 
         await run_worker(settings)
         latest = [d for d in await history(client) if d["channel"] == "email"][-1]
         assert latest["reason"] == "recipient opted out of email"
+
+
+def test_links_work_across_processes_and_restarts_without_a_signing_secret(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """With Redis and no NOTIFIER_SIGNING_SECRET, the worker signed links with a secret of
+    its own process, so the API refused every one (404) and a restart changed it again
+    (found by a black-box probe). Every process now signs with a key derived from the
+    deployment's key kept in Redis: a link from one worker works in the API, and so does a
+    link from the next worker after a restart."""
+    templates = tmp_path / "templates"
+    shutil.copytree(data_dir("templates", None), templates)
+    (templates / "acme").mkdir()
+    (templates / "acme" / "brand.yaml").write_text("name: Acme\none_click_unsubscribe: true\n")
+    port = free_port()
+    env = {
+        "NOTIFIER_REDIS_URL": redis_url,
+        "NOTIFIER_API_KEYS": json.dumps(API_KEYS),
+        "NOTIFIER_TEMPLATES_DIR": str(templates),
+        "NOTIFIER_OUTBOX_DIR": str(tmp_path / "outbox"),
+        "NOTIFIER_PORT": str(port),
+        "NOTIFIER_PUBLIC_URL": f"http://127.0.0.1:{port}",
+    }
+    serve = spawn_notifier(["serve"], tmp_path, **env)
+    try:
+        wait_until(lambda: healthy(port) or serve.poll() is not None, "notifier serve")
+        for n, address in enumerate(["ana@example.com", "bo@example.com"]):
+            worker = spawn_notifier(["worker"], tmp_path, **env)  # a new one each time
+            try:
+                body = transition(event_id=f"e{n}", shipment_id=f"s{n}")
+                body["recipient"] = {**body["recipient"], "email": address}
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/v1/transitions",
+                    data=json.dumps(body).encode(),
+                    headers={**auth(), "Content-Type": "application/json"},
+                )
+                with urllib.request.urlopen(request, timeout=10) as resp:
+                    assert resp.status == 202
+                folder = tmp_path / "outbox" / "acme" / f"s{n}"
+                wait_until(lambda folder=folder: any(folder.glob("*.eml")), "the email")
+            finally:
+                worker.send_signal(signal.SIGTERM)
+                worker.communicate(timeout=20)
+            # (a stalled-shipment email may come too: the event is days old by the clock)
+            for eml in sorted(folder.glob("*.eml")):
+                msg = email.message_from_bytes(eml.read_bytes(), policy=email.policy.default)
+                url = msg["List-Unsubscribe"].strip("<>")
+                one_click = b"List-Unsubscribe=One-Click"
+                done = urllib.request.Request(url, data=one_click, method="POST")
+                with urllib.request.urlopen(done, timeout=10) as resp:
+                    assert resp.status == 200
+                    assert f"{address} will get no more emails" in resp.read().decode()
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        out, _ = serve.communicate(timeout=20)
+    assert "left out" not in out
