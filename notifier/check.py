@@ -102,6 +102,10 @@ def samples(minimal: bool = False) -> list[Transition]:
     return out
 
 
+#: how long after its scan a sample notification is decided
+SAMPLE_LAG = timedelta(minutes=20)
+
+
 def sample_notification(
     t: Transition,
     channel: ChannelKind,
@@ -125,7 +129,9 @@ def sample_notification(
         recipient=Recipient(
             name="Ana", email="ana@example.com", phone=phone, locale=locale, timezone=timezone
         ),
-        created_at=t.occurred_at,
+        # decided a while after the scan, as real ones are: event.ago reads "20 minutes
+        # ago" in a preview, not "in 0 seconds"
+        created_at=t.occurred_at + SAMPLE_LAG,
     )
 
 

@@ -757,3 +757,12 @@ async def test_a_test_send_from_the_editor_counts_against_the_keys_rate_limit(
         assert "over its limit" in await refused.text()
     assert statuses[:1] == [200] and 429 in statuses
     assert len(outbox_files(limited, ".eml")) == statuses.count(200)
+
+
+async def test_the_variables_panel_shows_a_sample_decided_after_its_scan(client: Client) -> None:
+    """The sample notification was decided at the instant of its scan, so the panel and the
+    preview read "in 0 seconds" for event.ago (found by a black-box probe)."""
+    await sign_in(client)
+    page = await (await client.get(f"{ACME}/messages/delivered?locale=fr")).text()
+    assert "event.ago" in page
+    assert "il y a 20 minutes" in page and "dans 0 seconde" not in page

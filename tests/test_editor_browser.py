@@ -350,5 +350,18 @@ def test_every_editor_page_passes_axe(browser: Any, service: Service) -> None:
     page.locator("#f-accent").fill("#808080")
     page.get_by_role("button", name="Save draft").click()
     assert "Not saved" in page.get_by_role("alert").inner_text()
+    # the summary is focused (read out first), and names the field by its label
+    page.wait_for_function("document.activeElement.id === 'errors'")
+    assert "Accent colour" in page.locator("#errors").inner_text()
     failures["brand with an error"] = axe(page)
+    # the cadence form the same: quiet hours that start when they end
+    page.goto(f"{service.base}/merchant/acme/cadence")
+    page.locator("#q-sms-start").fill("08:00")
+    page.locator("#q-sms-end").fill("08:00")
+    page.get_by_role("button", name="Save draft").click()
+    page.wait_for_function("document.activeElement.id === 'errors'")
+    assert "Quiet hours for SMS: start and end are equal" in page.locator("#errors").inner_text()
+    for part in ("#q-sms-start", "#q-sms-end"):
+        assert page.locator(part).get_attribute("aria-invalid") == "true"
+    failures["cadence with an error"] = axe(page)
     assert {k: v for k, v in failures.items() if v} == {}

@@ -73,6 +73,31 @@ def changes(base: Mapping[str, Any], wanted: Mapping[str, Any]) -> dict[str, Any
     return out
 
 
+_TEST_PARTS = {"name": "test name", "message": "message", "b_percent": "variant b share"}
+
+
+def cadence_label(name: str) -> str:
+    """What the cadence form calls the field an error names (its input's label), for the
+    error summary: never the policy file's internal name alone."""
+    fields = {n: label for n, label, _, _ in POLICY_FIELDS}
+    if name in fields:
+        return fields[name]
+    parts = name.split(".")
+    if parts[0] == "quiet_hours" and len(parts) >= 2 and parts[1] in ("email", "sms"):
+        channel = "email" if parts[1] == "email" else "SMS"
+        part = {"start": ", from", "end": ", until"}.get(parts[2] if len(parts) > 2 else "", "")
+        return f"Quiet hours for {channel}{part}"
+    if parts[0] == "experiments" and len(parts) == 3 and parts[1].isdigit():
+        return f"A/B test {int(parts[1]) + 1}, {_TEST_PARTS.get(parts[2], parts[2])}"
+    if parts[0] == "experiments":
+        return "A/B tests"
+    if parts[0] == "statuses" and len(parts) >= 2 and parts[1] in STATUS_LABELS:
+        return STATUS_LABELS[parts[1]]
+    if parts[0] == "exceptions" and len(parts) >= 2 and parts[1] in EXCEPTION_LABELS:
+        return "Problem: " + EXCEPTION_LABELS[parts[1]]
+    return name
+
+
 def field_errors(exc: ValidationError) -> dict[str, str]:
     """Pydantic errors by dotted field name (the forms' input names)."""
     out: dict[str, str] = {}

@@ -37,6 +37,7 @@ from notifier.web.forms import (
     TEST_MESSAGES,
     as_yaml,
     brand_from_form,
+    cadence_label,
     changes,
     field_errors,
     get_path,
@@ -159,6 +160,7 @@ class SettingsPages:
             choices=CHANNEL_CHOICES,
             locales=locales(self.web.res),
             errors=errors,
+            labels={n: label for n, label, _ in BRAND_FIELDS},
             contrast=contrast_report(str(values.get("accent") or "")),
             min_contrast=MIN_CONTRAST,
             csrf=session.csrf,
@@ -247,6 +249,7 @@ class SettingsPages:
             result=result,
             # each test, and a blank row to start one
             tests=list(enumerate([*values.get("experiments", []), BLANK_TEST])),
+            label=cadence_label,
             test_messages=TEST_MESSAGES,
         )
 

@@ -131,5 +131,8 @@ document.addEventListener("DOMContentLoaded", () => {
   // what became of a test send, read out and in view as the page comes back
   const tested = document.getElementById("tested");
   if (tested) tested.focus();
+  // a form that came back refused: its error summary, read out first
+  const refused = document.querySelector("[data-focus]");
+  if (refused && !tested) refused.focus();
   document.querySelectorAll("input[data-contrast]").forEach(startContrast);
 });
