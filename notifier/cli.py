@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import gc
 import logging
 import os
 import re
+import signal
 import socket
 import sys
 from collections.abc import Callable, Sequence
@@ -58,6 +60,16 @@ def _settings() -> Settings:
     return settings
 
 
+def _cut(signum: int) -> None:
+    """A second SIGTERM or SIGINT while `serve` stops: exit 1 now."""
+    log.warning(
+        "%s again: cutting the requests still in flight, exiting now",
+        signal.Signals(signum).name,
+    )
+    logging.shutdown()  # (flushes the log before the exit that skips it)
+    os._exit(1)
+
+
 def _banner(settings: Settings, host: str, port: int) -> None:
     if settings.log_format == "json":  # a log pipeline reads every line: log lines only
         if settings.embedded:
@@ -66,6 +78,8 @@ def _banner(settings: Settings, host: str, port: int) -> None:
                 "are written to %s",
                 settings.outbox_dir.resolve(),
             )
+        if settings.embedded and not settings.api_keys:  # (a public, well-known key)
+            log.warning("development API key: %s", DEV_API_KEY)
         log.info("notifier listening on http://%s:%d", host, port)
         return
     if settings.embedded:
@@ -119,6 +133,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "stopping: no new connections; answering the requests in flight (at most %g s)",
             SHUTDOWN_TIMEOUT_S,
         )
+        # A second signal cuts what remains: at once and in one line (through aiohttp's
+        # handler it interrupted the shutdown half-way, with a traceback per request and
+        # one for each resource left open). What a cut request stored is kept in Redis; its
+        # caller gets no answer and retries, and is then told it is a duplicate.
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(signum, _cut, signum)
 
     app.on_shutdown.append(stopping)
     _settle_gc()

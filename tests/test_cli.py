@@ -20,6 +20,7 @@ from notifier.cli import main
 from notifier.errors import ConfigurationError
 from notifier.overrides import OverrideStore
 from notifier.resources import data_dir
+from notifier.settings import DEV_API_KEY
 from notifier.store.keys import WORKERS_KEY
 from tests.conftest import spawn_notifier
 
@@ -211,6 +212,25 @@ def test_serve_on_port_0_names_the_port_it_got(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
+
+
+def test_embedded_json_logs_name_the_development_key(tmp_path: Path) -> None:
+    """DESIGN §6: embedded mode prints its development key at start-up; with JSON logs the
+    banner became log lines, and the key was left out (found by a black-box probe)."""
+    import json
+
+    proc = spawn_notifier(["serve"], tmp_path, NOTIFIER_PORT="0", NOTIFIER_LOG_FORMAT="json")
+    try:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(json.loads(line)["msg"])
+            if lines[-1].startswith("notifier listening on"):
+                break
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    assert f"development API key: {DEV_API_KEY}" in lines, lines
 
 
 def test_a_worker_stopped_while_redis_is_down_exits_0(tmp_path: Path) -> None:
