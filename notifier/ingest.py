@@ -28,7 +28,7 @@ from notifier.errors import (
     ValidationFailed,
 )
 from notifier.logs import REQUEST_ID
-from notifier.models import Transition
+from notifier.models import INGEST, Transition
 from notifier.resources import Resources
 from notifier.settings import HASHED_KEY
 from notifier.signing import SIGNATURE_HEADER, verify_signature
@@ -272,7 +272,7 @@ async def post_transitions(request: web.Request, res: Resources, keys: KeyRing) 
     details: list[dict[str, Any]] = []
     for index, item in enumerate(items):
         try:
-            valid.append((index, Transition.model_validate(item)))
+            valid.append((index, Transition.model_validate(item, context=INGEST)))
         except ValidationError as exc:
             details += _errors(exc, index if batch else None)
 

@@ -18,6 +18,7 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -244,7 +245,39 @@ Phone = Annotated[str, StringConstraints(strip_whitespace=True), AfterValidator(
 TimeZone = Annotated[str, AfterValidator(_check_timezone)]
 LocaleTag = Annotated[str, AfterValidator(_check_locale)]
 Url = Annotated[str, AfterValidator(_check_url)]
-Moment = Annotated[AwareDatetime, AfterValidator(_check_moment)]
+#: The validation context of what the API takes in: stricter than the worker reading back
+#: what was taken (an entry accepted before a check was added still reads).
+INGEST: dict[str, bool] = {"ingest": True}
+
+
+def _ingest(info: ValidationInfo) -> bool:
+    return bool(info.context and info.context.get("ingest"))
+
+
+def _sent_as_text(value: Any, info: ValidationInfo) -> Any:
+    # pydantic also reads a number as seconds (or milliseconds) since 1970: a backend
+    # sending one means something else by it more often than not
+    if _ingest(info) and not isinstance(value, (str, datetime)):
+        raise ValueError(
+            "must be an ISO 8601 date and time with its offset, like 2026-11-21T09:30:00+01:00"
+        )
+    return value
+
+
+def _sent_as_number(value: Any, info: ValidationInfo) -> Any:
+    # pydantic also reads true as 1.0 and "51.3" as 51.3
+    if (
+        _ingest(info)
+        and value is not None
+        and (isinstance(value, bool) or not isinstance(value, (int, float)))
+    ):
+        raise ValueError("must be a number")
+    return value
+
+
+Moment = Annotated[AwareDatetime, BeforeValidator(_sent_as_text), AfterValidator(_check_moment)]
+#: A coordinate as the API takes it: a JSON number.
+Degrees = Annotated[float, BeforeValidator(_sent_as_number)]
 
 
 class _Strict(BaseModel):
@@ -257,8 +290,8 @@ class Location(_Strict):
     city: ShortText | None = None
     region: ShortText | None = None
     country: Annotated[str, StringConstraints(pattern=r"^[A-Z]{2}$")] | None = None
-    lat: float | None = Field(default=None, ge=-90, le=90)
-    lon: float | None = Field(default=None, ge=-180, le=180)
+    lat: Degrees | None = Field(default=None, ge=-90, le=90)
+    lon: Degrees | None = Field(default=None, ge=-180, le=180)
 
     @model_validator(mode="after")
     def _both_coordinates(self) -> Self:

@@ -42,7 +42,7 @@ from notifier.render.i18n import Catalogs
 from notifier.render.sms import SmsEncoding
 from notifier.resources import data_dir, open_resources
 from notifier.settings import Settings
-from notifier.store import body_digest
+from notifier.store import body_digest, wake
 from tests.conftest import auth, history, make_settings, post, run_worker, transition
 from tests.fakes import FakeSendGrid, FakeTwilio, serve_sendgrid, serve_twilio
 
@@ -235,6 +235,27 @@ async def test_unreadable_bodies_are_refused_by_name(
     assert await inbox_length(settings) == 0
 
 
+async def test_an_entry_taken_before_the_stricter_checks_is_still_decided(
+    client: Client, settings: Settings
+) -> None:
+    """The API now refuses a number for a date and a string for a coordinate; what it took
+    before, already in the inbox, is still read by the worker (accepted data is never
+    lost)."""
+    old = transition(occurred_at=1795255200, location={"lat": "48.85", "lon": 2.35})
+    async with open_resources(settings) as res:
+        payload = orjson.dumps(old)
+        item = ("acme", "shp_123", "evt_1", payload, body_digest(old), "")
+        _, woken = await res.store.ingest([item])
+        await wake(res.queue, woken)
+    await run_worker(settings)
+    decided = await history(client)
+    assert {(d["event_id"], d["channel"], d["outcome"]) for d in decided} == {
+        ("evt_1", "email", "sent"),
+        ("evt_1", "sms", "sent"),
+    }, decided
+    assert await dead_letters(client) == {"notifications": 0, "inbox": 0}
+
+
 async def test_a_full_batch_just_under_the_limit_is_accepted_and_decided(
     client: Client, settings: Settings
 ) -> None:
@@ -393,7 +414,14 @@ def named(error: dict[str, Any]) -> set[str]:
         (transition(occurred_at="2026-11-21T09:30:00"), {"occurred_at"}),
         (transition(occurred_at="0001-01-01T00:00:00+14:00"), {"occurred_at"}),
         (transition(location={"lat": "nan", "lon": 1}), {"location.lat"}),
-        (transition(location={"lat": True, "lon": 1e308}), {"location.lon"}),
+        (transition(location={"lat": True, "lon": 1e308}), {"location.lat", "location.lon"}),
+        # read as a number of seconds (or milliseconds) since 1970, true as 1.0, "51.3" as
+        # 51.3: refused by name instead (DESIGN §3: ISO 8601 with its offset; numbers)
+        (transition(occurred_at=1764950000), {"occurred_at"}),
+        (transition(occurred_at=1764950000000.5), {"occurred_at"}),
+        (transition(estimated_delivery={"start": 1764950000, "end": 1764960000}),
+         {"estimated_delivery.start", "estimated_delivery.end"}),
+        (transition(location={"lat": "51.3", "lon": False}), {"location.lat", "location.lon"}),
         (transition(order={"number": {"$gt": ""}}), {"order.number"}),
         (transition(recipient={"name": "Ana", "__proto__": {"admin": True}}),
          {"recipient.__proto__"}),
