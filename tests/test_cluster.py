@@ -64,7 +64,14 @@ from tests.fakes import FailingChannel
 Client = TestClient[Any, Any]
 PARTITIONS = 8
 #: keys a Redis Cluster may hold without a partition's tag (no script touches them)
-UNTAGGED = ("ntf:pid:", "ntf:optout:", "ntf:workers", "ntf:overrides:hits", "ntf:lastsms:")
+UNTAGGED = (
+    "ntf:pid:",
+    "ntf:optout:",
+    "ntf:workers",
+    "ntf:overrides:hits",
+    "ntf:lastsms:",
+    "ntf:digest-key",  # the deployment key (unsubscribe links, reply digests): a plain SET
+)
 
 
 @pytest.fixture

@@ -56,6 +56,8 @@ _INLINER = css_inline.CSSInliner(keep_style_tags=False, load_remote_stylesheets=
 _STEP_OF: dict[Status, int] = {s: min(rank, 4) for s, rank in STATUS_RANK.items()}
 #: Exceptions that happen at the door stand on the delivery step, the others on the way.
 _AT_THE_DOOR = {"address_issue", "recipient_unavailable", "refused"}
+#: Problems after which the parcel goes back to the sender: its journey ends there.
+_GOING_BACK = {"refused"}
 #: Well-known carrier codes as customers know them; anything else is shown as received.
 CARRIER_NAMES = {
     "ups": "UPS",
@@ -83,6 +85,33 @@ CARRIER_NAMES = {
     "inpost": "InPost",
     "correos": "Correos",
     "poste": "Poste Italiane",
+    "poste_italiane": "Poste Italiane",
+    "dhl_express": "DHL Express",
+    "dhl_ecommerce": "DHL eCommerce",
+    "deutsche_post": "Deutsche Post",
+    "la_poste": "La Poste",
+    "laposte": "La Poste",
+    "mondial_relay": "Mondial Relay",
+    "colis_prive": "Colis Privé",
+    "parcelforce": "Parcelforce",
+    "yodel": "Yodel",
+    "postnord": "PostNord",
+    "bring": "Bring",
+    "posti": "Posti",
+    "seur": "SEUR",
+    "brt": "BRT",
+    "purolator": "Purolator",
+    "australia_post": "Australia Post",
+    "nz_post": "NZ Post",
+    "japan_post": "Japan Post",
+    "sagawa": "Sagawa",
+    "china_post": "China Post",
+    "sf_express": "SF Express",
+    "israel_post": "Israel Post",
+    "aramex": "Aramex",
+    "emirates_post": "Emirates Post",
+    "smsa": "SMSA Express",
+    "saudi_post": "Saudi Post",
 }
 #: How a city and a country are joined where ", " is wrong.
 _PLACE_JOIN = {"ar": "\u060c ", "ja": "\u3001", "zh": "\uff0c"}
@@ -208,6 +237,8 @@ def _progress(t: Transition) -> list[dict[str, str]]:
     done_all = t.status is Status.DELIVERED
     # a problem or a failed attempt is not an on-time step: it says so (icon and words)
     here = "problem" if t.status in _PROBLEMS else "current"
+    if t.exception_code is not None and t.exception_code.value in _GOING_BACK:
+        keys = keys[: current + 1]  # no "Delivered (not yet)" under "going back to the sender"
     states = []
     for i, key in enumerate(keys):
         state = "done" if i < current or done_all else here if i == current else "upcoming"
