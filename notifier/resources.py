@@ -345,8 +345,8 @@ async def open_resources(
     queue = connect_queue(settings, server) if separate else redis
     assert isinstance(queue, ArqRedis)
     try:
-        await refuse_a_refusing_redis(settings, redis, queue)
         await refuse_a_mismatched_mode(settings, redis, queue)
+        await refuse_a_refusing_redis(settings, redis, queue)
         await refuse_an_old_redis(settings, redis)
     except BaseException:
         await close_redis(redis)
@@ -441,7 +441,7 @@ async def refuse_a_refusing_redis(settings: Settings, redis: DataRedis, queue: A
                 f"{name}: Redis has no such database (DB index is out of range): give a "
                 "number below its `databases` setting (16 by default), such as /0"
             ) from None
-        except (RedisError, OSError):
+        except (RedisError, RedisClusterException, OSError):
             continue  # not answering yet: the processes wait for it
 
 

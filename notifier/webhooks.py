@@ -201,7 +201,14 @@ async def sendgrid_events(request: web.Request, res: Resources) -> web.Response:
     key = res.settings.sendgrid_webhook_public_key
     if not key:
         raise Forbidden("SendGrid events are refused: NOTIFIER_SENDGRID_WEBHOOK_PUBLIC_KEY unset")
-    body = await request.text()
+    try:
+        # the bytes as UTF-8, whatever charset the request claims (a bogus one was a 500)
+        body = (await request.read()).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRequest(
+            f"SendGrid events must be UTF-8 JSON: byte 0x{exc.object[exc.start]:02x} at "
+            f"position {exc.start} is not"
+        ) from None
     signature = request.headers.get("X-Twilio-Email-Event-Webhook-Signature", "")
     stamp = request.headers.get("X-Twilio-Email-Event-Webhook-Timestamp", "")
     try:
@@ -282,6 +289,12 @@ async def _email_event(res: Resources, event: Any) -> None:
         await count(counted)
 
 
+#: SendGrid's reasons for a drop that are about the address itself (lower case)
+ADDRESS_DROPS = frozenset(
+    {"bounced address", "invalid", "unsubscribed address", "spam reporting address"}
+)
+
+
 async def _stop_emails(
     res: Resources, event: dict[str, Any], kind: str, where: tuple[str, str] | None
 ) -> bool:
@@ -290,10 +303,11 @@ async def _stop_emails(
     # A hard bounce or a drop (SendGrid's own suppression) means the address must not be
     # used again; a "blocked" bounce is the receiving server's temporary refusal.
     hard_bounce = kind == "bounce" and event.get("type") != "blocked"
-    reason_text = str(event.get("reason") or "").lower()
-    address_drop = kind == "dropped" and any(
-        word in reason_text for word in ("bounced", "invalid", "unsubscribed", "spam reporting")
-    )
+    # A drop for the address (SendGrid's reasons "Bounced Address", "Invalid", "Unsubscribed
+    # Address", "Spam Reporting Address"), not one for the message ("Invalid SMTPAPI header",
+    # "Spam Content", a quota): those say nothing about the address, and an opt-out is for good.
+    reason_text = " ".join(str(event.get("reason") or "").lower().split())
+    address_drop = kind == "dropped" and reason_text in ADDRESS_DROPS
     merchant, address = event.get("merchant_id"), event.get("email")
     stop = kind in EMAIL_OPT_OUTS or hard_bounce or address_drop
     if not (stop and isinstance(merchant, str) and isinstance(address, str)):

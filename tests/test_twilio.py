@@ -429,3 +429,15 @@ async def test_an_unreadable_answer_does_not_sink_the_batch(twilio: FakeTwilio) 
     outcomes = await send(channel(twilio), sms("n_1"), sms("n_2"), sms("n_3"))
     assert all(isinstance(o, Receipt) for o in outcomes)  # accepted: never resent
     assert len(twilio.received) == 3
+
+
+async def test_an_acceptance_without_a_sid_is_not_resent(twilio: FakeTwilio) -> None:
+    """Twilio took the SMS (201) but its answer named no sid: that was a temporary error,
+    retried, and the customer got the SMS twice (found by a black-box probe)."""
+    from tests.fakes import Reply
+
+    twilio.script.append(Reply(201, {"status": "queued", "to": "+33612345678"}))
+    [outcome] = await send(channel(twilio), sms("n_1"))
+    assert isinstance(outcome, Receipt), outcome
+    assert outcome.detail == "accepted-unreadable-n_1"
+    assert len(twilio.received) == 1

@@ -11,6 +11,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from twilio.request_validator import RequestValidator
 
 from notifier.app import create_app
+from notifier.models import ChannelKind
+from notifier.policy import opt_out_key
 from notifier.resources import open_resources
 from notifier.settings import Settings
 from tests.conftest import (
@@ -406,3 +408,94 @@ async def test_sendgrid_events_are_verified_and_recorded(tmp_path: Path, redis_u
 async def test_sendgrid_events_are_refused_without_a_key(client: Client) -> None:
     resp = await client.post("/v1/webhooks/sendgrid/events", data="[]")
     assert resp.status == 403
+
+
+async def test_sendgrid_events_about_an_idn_address_a_drop_reason_and_a_bad_body(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """Found by a black-box probe:
+    - an unsubscribe SendGrid reports for ``idn@xn--mnchen-3ya.de`` (the ASCII form we send
+      it) did not stop emails to ``idn@münchen.de``, the address the backend posts;
+    - a drop for the message ("Invalid SMTPAPI header") opted the address out for good;
+    - a body that is not UTF-8 was a 500 with a traceback, before any signature check."""
+    import json
+    import time
+
+    from tests.fakes import serve_sendgrid
+
+    private, public = ec_keys()
+    async with serve_sendgrid() as sendgrid:
+        settings = make_settings(
+            tmp_path,
+            redis_url=redis_url,
+            email_channel="sendgrid",
+            sendgrid_api_key="SG.k",
+            sendgrid_from="o@acme.example",
+            sendgrid_base_url=sendgrid.url,
+            sendgrid_webhook_public_key=public,
+        )
+        async with TestClient(TestServer(create_app(settings))) as c:
+            now = str(int(time.time()))
+
+            async def deliver(events: list[dict[str, Any]]) -> int:
+                body = json.dumps(events)
+                headers = {
+                    "X-Twilio-Email-Event-Webhook-Timestamp": now,
+                    "X-Twilio-Email-Event-Webhook-Signature": sg_sign(private, body, now),
+                }
+                resp = await c.post("/v1/webhooks/sendgrid/events", data=body, headers=headers)
+                return resp.status
+
+            def event(kind: str, email: str, **more: str) -> dict[str, Any]:
+                return {
+                    "event": kind,
+                    "notification_id": "n_0",
+                    "merchant_id": "acme",
+                    "shipment_id": "shp_1",
+                    "email": email,
+                    **more,
+                }
+
+            assert await deliver([event("unsubscribe", "idn@xn--mnchen-3ya.de")]) == 204
+            drop = event("dropped", "ana@example.com", reason="Invalid SMTPAPI header")
+            assert await deliver([drop]) == 204
+            for n, (shipment, email) in enumerate(
+                [("shp_idn", "idn@münchen.de"), ("shp_ana", "ana@example.com")]
+            ):
+                body = transition(event_id=f"e{n}", shipment_id=shipment)
+                body["recipient"] = {**body["recipient"], "email": email}
+                await post(c, body)
+            await run_worker(settings)
+            [idn] = [d for d in await history(c, "shp_idn") if d["channel"] == "email"]
+            assert idn["reason"] == "recipient opted out of email", idn
+            [ana] = [d for d in await history(c, "shp_ana") if d["channel"] == "email"]
+            assert ana["outcome"] == "sent", ana
+            assert [m["personalizations"][0]["to"][0]["email"] for m in sendgrid.accepted] == [
+                "ana@example.com"
+            ]
+            # an address drop still opts out
+            assert await deliver([event("dropped", "ana@example.com", reason="Bounced Address")])
+            async with open_resources(settings) as res:
+                assert await res.store.opted_out("acme", ["email:ana@example.com"])
+
+            resp = await c.post("/v1/webhooks/sendgrid/events", data=b"\xff\xfe[]")
+            assert resp.status == 400
+            assert "must be UTF-8 JSON" in (await resp.json())["error"]["message"]
+            bogus = {"Content-Type": "application/json; charset=bogus"}
+            resp = await c.post("/v1/webhooks/sendgrid/events", data=b"[]", headers=bogus)
+            assert resp.status == 403  # read as UTF-8 whatever it claims; then unsigned
+
+
+async def test_an_opt_out_kept_under_an_idn_domain_as_given_still_holds(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """Opt-outs written before keys held the domain in ASCII keep working, and an opt-in
+    removes them."""
+    settings = make_settings(tmp_path, redis_url=redis_url)
+    async with open_resources(settings) as res:
+        assert opt_out_key(ChannelKind.EMAIL, "Idn@München.de") == "email:idn@xn--mnchen-3ya.de"
+        await res.store.set_opt_out("acme", "email:idn@münchen.de", True)  # as written before
+        key = opt_out_key(ChannelKind.EMAIL, "idn@münchen.de")
+        assert await res.store.opted_out("acme", [key]) == {key}
+        assert await res.store.set_opt_out("acme", key, False)
+        assert await res.store.opted_out("acme", [key]) == set()

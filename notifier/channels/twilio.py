@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextvars
+import logging
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -26,6 +27,8 @@ from notifier.channels.base import Outcome, Outgoing, Receipt, retry_after_s
 from notifier.errors import PermanentDeliveryError, TemporaryDeliveryError
 from notifier.logs import redact
 from notifier.render import SmsMessageOut
+
+log = logging.getLogger(__name__)
 
 #: Twilio error codes (https://www.twilio.com/docs/api/errors) that say "never retry".
 PERMANENT_CODES: dict[int, str] = {
@@ -183,11 +186,14 @@ class TwilioChannel:
                     self.name,
                 )
         if not created.sid:
-            return TemporaryDeliveryError(
-                "Twilio accepted the request but returned no message sid",
+            # Twilio took it (a 2xx) and said nothing we can track it by: a resend would be
+            # a second SMS to the customer, as for an answer that does not read
+            log.warning(
+                "notification %s: Twilio accepted it without a message sid; not resent "
+                "(its status callbacks cannot be matched)",
                 message.notification_id,
-                self.name,
             )
+            return Receipt(self.name, f"accepted-unreadable-{message.notification_id}")
         return Receipt(self.name, str(created.sid))
 
     async def aclose(self) -> None:

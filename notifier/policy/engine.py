@@ -17,6 +17,7 @@ from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from notifier.addresses import ascii_domain
 from notifier.models import (
     ChannelKind,
     Outcome,
@@ -61,8 +62,13 @@ class Step:
 
 
 def opt_out_key(channel: ChannelKind, address: str) -> str:
-    """How an opt-out is named in the opt-out store and in ``decide(opted_out=...)``."""
-    return f"{channel}:{address.lower() if channel is ChannelKind.EMAIL else address}"
+    """How an opt-out is named in the opt-out store and in ``decide(opted_out=...)``: an
+    email address in lower case with its domain in ASCII (IDNA), as SendGrid reports it
+    (``anna@münchen.de`` and ``anna@xn--mnchen-3ya.de`` are one address; keys written
+    before kept the domain as given: ``store.optouts.spellings`` reads those too)."""
+    if channel is ChannelKind.EMAIL:
+        return f"{channel}:{ascii_domain(address.lower())}"
+    return f"{channel}:{address}"
 
 
 @lru_cache(maxsize=512)

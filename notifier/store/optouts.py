@@ -8,8 +8,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import idna
+
 from notifier.store.base import StoreBase, awaited
 from notifier.store.keys import optout_key
+
+
+def spellings(key: str) -> list[str]:
+    """``key`` and, for an email address with an internationalised domain, the spelling
+    its opt-out had before keys held the domain in ASCII (``opt_out_key``): its Unicode
+    form, as a backend or the API gave it."""
+    channel, _, address = key.partition(":")
+    local, at, domain = address.rpartition("@")
+    if channel != "email" or not at or "xn--" not in domain:
+        return [key]
+    try:
+        unicode = idna.decode(domain)
+    except idna.IDNAError:
+        return [key]
+    return [key, f"email:{local}@{unicode}"] if unicode != domain else [key]
 
 
 class OptOuts(StoreBase):
@@ -22,15 +39,17 @@ class OptOuts(StoreBase):
         """Which of ``keys`` (``opt_out_key`` strings) opted out, for this merchant or all."""
         if not keys:
             return set()
+        asked = [(key, other) for key in keys for other in spellings(key)]
+        names = [other for _, other in asked]
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.smismember(optout_key(merchant_id), list(keys))
-            pipe.smismember(optout_key(self.EVERY_MERCHANT), list(keys))
+            pipe.smismember(optout_key(merchant_id), names)
+            pipe.smismember(optout_key(self.EVERY_MERCHANT), names)
             mine, everyone = await pipe.execute()
-        return {k for k, a, b in zip(keys, mine, everyone, strict=True) if a or b}
+        return {k for (k, _), a, b in zip(asked, mine, everyone, strict=True) if a or b}
 
     async def set_opt_out(self, merchant_id: str, key: str, opted_out: bool) -> bool:
         """Record an opt-out (True) or an opt-in (False) for one channel address; whether
         that changed anything."""
         if opted_out:
             return bool(await awaited(self.redis.sadd(optout_key(merchant_id), key)))
-        return bool(await awaited(self.redis.srem(optout_key(merchant_id), key)))
+        return bool(await awaited(self.redis.srem(optout_key(merchant_id), *spellings(key))))
