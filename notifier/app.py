@@ -26,7 +26,14 @@ from redis.exceptions import RedisError
 
 from notifier import admin, admin_views, metrics, openapi, unsubscribe, webhooks
 from notifier import web as merchant_web
-from notifier.errors import ApiError, Forbidden, InvalidOptOut, InvalidQuery, NotFound
+from notifier.errors import (
+    ApiError,
+    Forbidden,
+    InvalidOptOut,
+    InvalidQuery,
+    NotFound,
+    OptedOutByRecipient,
+)
 from notifier.ingest import KeyRing, RateLimiter, may_act_for, post_transitions, read_json
 from notifier.insights import api as insights_api
 from notifier.insights import carriers as carriers_api
@@ -217,6 +224,13 @@ async def opt_outs(request: web.Request) -> web.Response:
     res = request.app[RESOURCES]
     if await res.store.set_opt_out(merchant_id, key, body.opted_out) and body.opted_out:
         await res.hooks.opted_out(merchant_id, key, "api", res.clock())
+    if not body.opted_out and await res.store.opted_out(merchant_id, [key]):
+        # (it answered "opted_out": false while the SMS stayed suppressed)
+        raise OptedOutByRecipient(
+            "still opted out: the number replied STOP to the SMS number, which opts it out of "
+            "every merchant's SMS; only a START from it opts it in again",
+            [{"field": "address", "message": "opted out of every merchant by the recipient"}],
+        )
     return _json(200, body.model_dump(mode="json"))
 
 

@@ -90,6 +90,12 @@ class IdempotencyConflict(ApiError):
     status, code = 409, "idempotency_conflict"
 
 
+class OptedOutByRecipient(ApiError):
+    """An opt-in a merchant cannot make: the recipient opted out of every merchant (STOP)."""
+
+    status, code = 409, "opted_out_by_recipient"
+
+
 class Unauthorized(ApiError):
     status, code = 401, "unauthorized"
 

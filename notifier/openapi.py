@@ -217,7 +217,7 @@ def _api() -> dict[tuple[str, str], Op]:
             "postOptOut",
             "Record that an address opted out of (or back into) a channel",
             "opt-outs",
-            {**ok(OptOut), **refusals(*KEYED_BODY)},
+            {**ok(OptOut), **refusals(*KEYED_BODY, 409)},
             Body(OptOut),
         ),
         ("POST", "/v1/webhooks/twilio/status"): Op(

@@ -17,6 +17,7 @@ from notifier.resources import open_resources
 from notifier.settings import Settings
 from tests.conftest import (
     NOW,
+    auth,
     fixed_clock,
     history,
     make_settings,
@@ -121,6 +122,16 @@ async def test_stop_start_and_help(
     await run_worker(hook_settings)
     [decision] = [d for d in await history(client) if d["channel"] == "sms"]
     assert decision["reason"] == "recipient opted out of sms"  # for every merchant
+    # a merchant cannot opt the number back in: 409 saying why (it answered 200 "opted_out":
+    # false while the SMS stayed suppressed)
+    resp = await client.post(
+        "/v1/merchants/acme/opt-outs",
+        json={"channel": "sms", "address": "+33612345678", "opted_out": False},
+        headers=auth(),
+    )
+    assert resp.status == 409
+    error = (await resp.json())["error"]
+    assert error["code"] == "opted_out_by_recipient" and "START" in error["message"]
 
     await signed(client, inbound, {"From": "+33612345678", "Body": "START"})
     await post(
