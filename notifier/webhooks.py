@@ -49,8 +49,9 @@ STATUS_RANK = {
     "read": 5,
     "canceled": 4,
 }
-#: Keywords carriers and Twilio treat as opting out / back in (case-insensitive, whole body).
-STOP_WORDS = {"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT"}
+#: Keywords carriers and Twilio treat as opting out / back in (case-insensitive, whole body):
+#: Twilio's own opt-out words for long codes (it stops sending to the number on each of them)
+STOP_WORDS = {"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPTOUT"}
 START_WORDS = {"START", "YES", "UNSTOP"}
 HELP_WORDS = {"HELP", "INFO"}
 

@@ -141,6 +141,13 @@ async def test_stop_start_and_help(
     await run_worker(hook_settings)
     assert len(twilio.received) == 1
 
+    # Twilio's newer opt-out words: Twilio stops sending on them, so they are opt-outs here
+    for word in ("revoke", "OPTOUT"):
+        await signed(client, inbound, {"From": "+33612345678", "Body": word})
+        async with open_resources(hook_settings) as res:
+            assert await res.store.opted_out("acme", ["sms:+33612345678"]), word
+        await signed(client, inbound, {"From": "+33612345678", "Body": "START"})
+
     resp = await signed(client, inbound, {"From": "+33612345678", "Body": "help"})
     assert "Reply STOP to opt out" in await resp.text()
     resp = await signed(client, inbound, {"From": "+33612345678", "Body": "STOP"}, "bad")
