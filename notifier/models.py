@@ -462,6 +462,9 @@ class Notification(_Strict):
     #: shipment reads, ``a`` or ``b``
     experiment: str | None = None
     variant: Literal["a", "b"] | None = None
+    #: an SMS that goes without an email about its event (none known, opted out, or the
+    #: policy's choice): templates see ``email_too`` false, and point nowhere else
+    alone: bool | None = None
 
 
 #: what a waiting message's payload leaves out: its ledger key names the id, its transition

@@ -103,6 +103,10 @@ class _Fold:
     overtaken: list[tuple[str, ChannelKind, str]] = field(default_factory=list)
 
 
+#: the outcomes whose message goes out (now, or once its wait is over)
+_GOING = (Outcome.SENT, Outcome.DEFERRED)
+
+
 def _scope(store: Store, shipments: Iterable[ShipmentKey]) -> Scope:
     """The scope of a batch: one partition's (a drain's), so on a Redis Cluster its keys
     share one slot."""
@@ -404,9 +408,10 @@ class Pipeline:
                 continue
             if step.caught_up_by is None:
                 decided.append(entry_id)
+            going = {v.channel for v in step.verdicts if v.outcome in _GOING}
             for verdict in step.verdicts:
                 nid = None
-                if verdict.outcome in (Outcome.SENT, Outcome.DEFERRED):
+                if verdict.outcome in _GOING:
                     assert verdict.channel is not None and verdict.to is not None
                     assert final.recipient is not None
                     nid = notification_id(t, verdict.channel)
@@ -426,6 +431,9 @@ class Pipeline:
                             "predicted": predicted(),
                             "experiment": test.name if test is not None else None,
                             "variant": test.variant(merchant_id, shipment_id) if test else None,
+                            "alone": True
+                            if verdict.channel is ChannelKind.SMS and ChannelKind.EMAIL not in going
+                            else None,
                         },
                     )
                     built[nid] = n

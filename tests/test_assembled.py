@@ -80,11 +80,13 @@ def test_decisions_and_notifications_equal_validated_ones() -> None:
             "predicted": None,
             "experiment": None,
             "variant": None,
+            "alone": None,
         }
         window = DeliveryWindow(start=NOW, end=NOW)
         for predicted, test in ((None, None), (window, "short-subject")):
             n["predicted"] = predicted
             n["experiment"], n["variant"] = test, "b" if test else None
+            n["alone"] = True if test else None
             fast = assembled(Notification, dict(n))
             slow = Notification(**n)  # type: ignore[arg-type]
             assert fast == slow and fast.model_dump_json() == slow.model_dump_json()
@@ -135,6 +137,12 @@ _MOMENTS = st.builds(
     st.integers(0, 86_399),
     st.sampled_from([0, 1, 100, 450_000, 450_071, 999_999]),
     _ZONES,
+).filter(
+    # not a wall time a zone skips or repeats (a change of clocks): PEP 495 makes such a
+    # time unequal to every instant of another zone, its own reading included (found by the
+    # database: 2027-03-28 01:00 in London); no state holds one (they come from offsets
+    # in JSON, or from a clock in UTC)
+    lambda moment: moment.replace(fold=1 - moment.fold).utcoffset() == moment.utcoffset()
 )
 #: any text (a carrier's, a merchant's): quotes, escapes, control characters, any script
 _TEXT = st.text(min_size=1, max_size=12)

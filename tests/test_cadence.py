@@ -641,3 +641,69 @@ async def test_an_outcome_list_that_does_not_read_holds_up_no_decision(
         "shipment acme/shp_123: its outcome list does not read (JSONDecodeError); delivery "
         "statuses shown from the ledger only"
     ]
+
+
+async def test_an_sms_without_an_email_never_points_to_one(
+    client: Client, settings: Settings
+) -> None:
+    """An SMS about a lost parcel said "Details by email" to a recipient with no email
+    address, or one who opted out of emails (found by a black-box probe): it says what to
+    do instead. Sent with an email, it still points there. One batch renders all three (the
+    renderer reuses an event's context for its other channel: not across that line)."""
+    resp = await client.post(
+        "/v1/merchants/acme/opt-outs",
+        json={"channel": "email", "address": "gone@example.com"},
+        headers=auth(),
+    )
+    assert resp.status == 200
+    lost: dict[str, Any] = {"status": "exception", "exception_code": "lost"}
+    base = transition(**lost)
+    no_email = {**base["recipient"], "locale": "en_US"}
+    del no_email["email"]
+    await post(
+        client,
+        transition(**lost, event_id="a", shipment_id="with", recipient=base["recipient"]),
+        transition(**lost, event_id="b", shipment_id="none", recipient=no_email),
+        transition(
+            **lost,
+            event_id="c",
+            shipment_id="gone",
+            recipient={**no_email, "email": "gone@example.com"},
+        ),
+    )
+    await run_worker(settings)
+    bodies = {
+        p.parent.name: json.loads(p.read_text())["body"]
+        for p in outbox_files(settings, ".sms.json")
+    }
+    assert "Détails par e-mail" in bodies["with"], bodies
+    for shipment in ("none", "gone"):
+        assert "Contact us if it is not found soon." in bodies[shipment], bodies
+        assert "email" not in bodies[shipment].lower(), bodies
+    assert {p.parent.name for p in outbox_files(settings, ".eml")} == {"with"}
+
+
+async def test_a_message_that_waited_goes_to_the_latest_address(
+    client: Client, settings: Settings, res_at: Any
+) -> None:
+    """An SMS held by quiet hours went to the number it was decided with, though a later
+    event had brought the recipient's new number (found by a black-box probe; numbers are
+    recycled). It goes to the latest one."""
+    ofd = transition(event_id="ofd", occurred_at="2026-11-21T22:40:00+01:00")
+    await post(client, ofd)
+    await run_worker(settings, clock=fixed_clock(NIGHT))
+    moved = {**ofd["recipient"], "phone": "+33698765432"}
+    # a depot scan from before, sent late: behind, but its facts (the recipient) are kept
+    behind = transition(
+        event_id="scan",
+        status="in_transit",
+        occurred_at="2026-11-21T20:00:00+01:00",
+        recipient=moved,
+    )
+    await post(client, behind)
+    await run_worker(settings, clock=fixed_clock(NIGHT + timedelta(minutes=5)))
+    assert outbox_files(settings, ".sms.json") == []
+    async with res_at(MORNING) as res:
+        assert await release(res) == 1
+    [sms_file] = outbox_files(settings, ".sms.json")
+    assert json.loads(sms_file.read_text())["to"] == "+33698765432"

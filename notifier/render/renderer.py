@@ -577,6 +577,9 @@ class Renderer:
             "sms_url": primary["url"] if primary else (sms_url or ""),
             "pickup_point": point.model_dump() if point else None,
             "us_opt_out": _us_opt_out(n),
+            #: whether an email about this event goes out too (an SMS without one must not
+            #: send its reader to one: "Details by email")
+            "email_too": not n.alone,
             "message": message,
             # a message's wording for one locale only, when the merchant wrote one
             "message_for_locale": message_for_locale,
@@ -798,6 +801,7 @@ class Renderer:
                 and before.merchant_id == n.merchant_id
                 and before_locale == locale
                 and ctx["variant"] == variant
+                and before.alone == n.alone
             ):
                 return {**ctx, "us_opt_out": _us_opt_out(n)}, parts
         ctx = self.context(n, locale, variant)
