@@ -243,7 +243,6 @@ class Admin:
         """The message ``body`` asks for, rendered with the files it names (published,
         draft, posted) by the renderer real sends use (in ``variant`` b of an A/B test),
         and the brand it was rendered with."""
-        await self.res.link_secret()  # an email's unsubscribe link, when its brand has one
         sample = next((t for t in samples() if t.milestone == body.milestone), None)
         if sample is None:
             detail = "a status, or exception:<code> (exception:customs_hold)"

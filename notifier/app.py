@@ -227,8 +227,8 @@ async def opt_outs(request: web.Request) -> web.Response:
     if not body.opted_out and await res.store.opted_out(merchant_id, [key]):
         # (it answered "opted_out": false while the SMS stayed suppressed)
         raise OptedOutByRecipient(
-            "still opted out: the number replied STOP to the SMS number, which opts it out of "
-            "every merchant's SMS; only a START from it opts it in again",
+            "still opted out: the number opted out of every merchant's SMS (a STOP it sent, "
+            "or Twilio reporting it unsubscribed); only a START from it opts it in again",
             [{"field": "address", "message": "opted out of every merchant by the recipient"}],
         )
     return _json(200, body.model_dump(mode="json"))
@@ -362,10 +362,6 @@ def create_app(
     async def resources_ctx(app: web.Application) -> AsyncIterator[None]:
         async with open_resources(settings, server=server, clock=clock) as res:
             app[RESOURCES] = res
-            # the key of unsubscribe links, for test sends (a Redis not answering yet:
-            # read when first needed)
-            with contextlib.suppress(RedisError, OSError):
-                await res.link_secret()
             if not in_process:
                 yield
                 return

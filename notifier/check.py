@@ -220,9 +220,14 @@ def startup_problems(settings: Settings) -> list[str]:
 def check_all(settings: Settings) -> list[str]:
     """Every problem with settings, policies, brands and templates of every merchant, in
     every locale; each problem once."""
+    refused = []
+    if not settings.embedded and not settings.api_keys:  # what `serve` refuses
+        refused.append("NOTIFIER_API_KEYS is required when NOTIFIER_REDIS_URL is set")
+    return refused + _files_problems(settings)
+
+
+def _files_problems(settings: Settings) -> list[str]:
     problems = startup_problems(settings)
-    if not settings.embedded and not settings.api_keys:
-        problems.insert(0, "NOTIFIER_API_KEYS is required when NOTIFIER_REDIS_URL is set")
     if problems:
         return problems
     policies_dir = data_dir("policies", settings.policies_dir)
@@ -599,37 +604,42 @@ def _render_one(
     channel: ChannelKind,
     variant: str = "",
 ) -> list[str]:
-    n = Notification(
-        notification_id="n_check",
-        merchant_id=merchant or DEFAULTS,
-        shipment_id="check",
-        channel=channel,
-        to="ana@example.com" if channel is ChannelKind.EMAIL else phone,
-        transition=t,
-        recipient=recipient,
-        created_at=t.occurred_at,
-        experiment="check" if variant else None,
-        variant="b" if variant else None,
-    )
-    try:
-        message = renderer.render(n)
-    except NotifierError as exc:
-        if isinstance(exc.__cause__, EXHAUSTED):
-            raise _LimitCrossed(f"{exc} (its other messages were not rendered)") from exc
-        return [str(exc)]
-    if not isinstance(message, SmsMessageOut):
-        return []
-    # US numbers carry the legally required opt-out line: one more segment for it
-    us = phone.startswith("+1")
-    budget = SMS_BUDGET[message.encoding] + us
-    if message.segments <= budget:
-        return []
-    extra = " incl. 1 for the US opt-out line" if us else ""
-    return [
-        f"sms ({t.milestone}, {recipient.locale}{', +1' if us else ''}): "
-        f"{message.segments} segments in {message.encoding} (budget {budget}{extra}): "
-        f"{message.body!r}"
-    ]
+    problems: list[str] = []
+    # an SMS as it goes with an email about its event, and alone (``email_too`` false)
+    for alone in (None, True) if channel is ChannelKind.SMS else (None,):
+        n = Notification(
+            notification_id="n_check",
+            merchant_id=merchant or DEFAULTS,
+            shipment_id="check",
+            channel=channel,
+            to="ana@example.com" if channel is ChannelKind.EMAIL else phone,
+            transition=t,
+            recipient=recipient,
+            created_at=t.occurred_at,
+            experiment="check" if variant else None,
+            variant="b" if variant else None,
+            alone=alone,
+        )
+        try:
+            message = renderer.render(n)
+        except NotifierError as exc:
+            if isinstance(exc.__cause__, EXHAUSTED):
+                raise _LimitCrossed(f"{exc} (its other messages were not rendered)") from exc
+            return [str(exc)]
+        if not isinstance(message, SmsMessageOut):
+            return []
+        # US numbers carry the legally required opt-out line: one more segment for it
+        us = phone.startswith("+1")
+        budget = SMS_BUDGET[message.encoding] + us
+        if message.segments <= budget:
+            continue
+        extra = " incl. 1 for the US opt-out line" if us else ""
+        problems.append(
+            f"sms ({t.milestone}, {recipient.locale}{', +1' if us else ''}"
+            f"{', without an email' if alone else ''}): {message.segments} segments in "
+            f"{message.encoding} (budget {budget}{extra}): {message.body!r}"
+        )
+    return problems
 
 
 def candidate_renderer(

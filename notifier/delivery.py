@@ -15,7 +15,6 @@ from datetime import datetime, timedelta
 from redis.exceptions import RedisError
 
 from notifier import metrics
-from notifier.addresses import email_problem, phone_problem
 from notifier.channels import Channel, Outcome, Outgoing, Receipt
 from notifier.errors import PermanentDeliveryError, RenderError, TemporaryDeliveryError
 from notifier.insights import counts
@@ -29,7 +28,6 @@ from notifier.models import (
     news_rank,
     notification_id,
     notification_of,
-    replaced,
     unreadable,
     waiting_payload,
 )
@@ -104,23 +102,6 @@ class _Unrecorded:
     last_sms: dict[str, tuple[str, str]]
     #: each one's channel (metrics)
     channels: dict[str, str]
-
-
-def readdressed(n: Notification, state: ShipmentState | None) -> Notification:
-    """``n`` to the recipient's latest address for its channel, when a later event gave
-    another (usable) one: a message that waited (quiet hours, a retry) went to the address
-    it was decided with, a number the customer may no longer have (found by a black-box
-    probe). Messages decided later go to the new one anyway."""
-    r = state.recipient if state is not None else None
-    if r is None:
-        return n
-    email = n.channel is ChannelKind.EMAIL
-    latest = r.email if email else r.phone
-    if not latest or latest.lower() == n.to.lower():
-        return n
-    if (email_problem if email else phone_problem)(latest) is not None:
-        return n  # an address the worker would not send to: the one decided stays
-    return replaced(n, {"to": latest, "recipient": r})
 
 
 class Deliverer:
@@ -448,17 +429,11 @@ class Deliverer:
         owner: str,
         scope: Scope,
     ) -> list[tuple[Notification, ClaimResult]]:
-        """Drop (cancel) notifications overtaken by a newer one, or to opted-out addresses;
-        address the others to the recipient's latest address for their channel."""
+        """Drop (cancel) notifications overtaken by a newer one, or to opted-out addresses."""
         if not claimed:
             return []
         missing = sorted({(n.merchant_id, n.shipment_id) for n, _ in claimed} - set(states))
         loaded = dict(zip(missing, await self.res.store.load_states(missing), strict=True))
-        latest = []
-        for n, result in claimed:
-            key = (n.merchant_id, n.shipment_id)
-            latest.append((readdressed(n, states.get(key) or loaded[key][1]), result))
-        claimed = latest
         by_merchant: dict[str, list[str]] = {}
         for n, _ in claimed:
             by_merchant.setdefault(n.merchant_id, []).append(opt_out_key(n.channel, n.to))
@@ -722,6 +697,7 @@ async def fall_back_to_email(res: Resources, sms: Notification, why: str) -> boo
             "channel": ChannelKind.EMAIL,
             "to": email,
             "created_at": now,
+            "alone": None,  # (an SMS's flag)
         }
     )
     decision = Decision.about(

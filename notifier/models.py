@@ -139,7 +139,7 @@ _CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _ODD = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
-def _one_line(value: str) -> str:
+def one_line(value: str) -> str:
     """Free text as one line: line breaks and tabs become a space, other control characters
     go. Text that carriers and shops send is shown to customers (email bodies, SMS, subjects)
     and kept; a stray CR/LF or NUL must reach neither a header nor a message, and must not
@@ -150,7 +150,7 @@ def _one_line(value: str) -> str:
 
 
 def _some_text(value: str) -> str:
-    value = _one_line(value)
+    value = one_line(value)
     if not value:
         raise ValueError("must hold some text, not only control characters")
     return value
@@ -257,11 +257,18 @@ def _ingest(info: ValidationInfo) -> bool:
 def _sent_as_text(value: Any, info: ValidationInfo) -> Any:
     # pydantic also reads a number as seconds (or milliseconds) since 1970: a backend
     # sending one means something else by it more often than not
-    if _ingest(info) and not isinstance(value, (str, datetime)):
+    if _ingest(info) and (
+        not isinstance(value, (str, datetime))
+        or (isinstance(value, str) and _EPOCH.fullmatch(value) is not None)
+    ):
         raise ValueError(
             "must be an ISO 8601 date and time with its offset, like 2026-11-21T09:30:00+01:00"
         )
     return value
+
+
+#: a number written as text, which pydantic would read as seconds (or ms) since 1970
+_EPOCH = re.compile(r"\s*[-+]?\d+(?:\.\d*)?\s*")
 
 
 def _sent_as_number(value: Any, info: ValidationInfo) -> Any:
@@ -361,7 +368,7 @@ class Transition(_Strict):
     pickup_point: PickupPoint | None = None
     carrier_status_code: ShortText | None = None
     carrier_description: (
-        Annotated[str, StringConstraints(max_length=1000), AfterValidator(_one_line)] | None
+        Annotated[str, StringConstraints(max_length=1000), AfterValidator(one_line)] | None
     ) = None
     tracking_url: Url | None = None
     recipient: Recipient | None = None

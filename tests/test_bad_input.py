@@ -419,6 +419,8 @@ def named(error: dict[str, Any]) -> set[str]:
         # 51.3: refused by name instead (DESIGN §3: ISO 8601 with its offset; numbers)
         (transition(occurred_at=1764950000), {"occurred_at"}),
         (transition(occurred_at=1764950000000.5), {"occurred_at"}),
+        (transition(occurred_at="1764950000"), {"occurred_at"}),
+        (transition(pickup_deadline=" 1764950000.5 "), {"pickup_deadline"}),
         (transition(estimated_delivery={"start": 1764950000, "end": 1764960000}),
          {"estimated_delivery.start", "estimated_delivery.end"}),
         (transition(location={"lat": "51.3", "lon": False}), {"location.lat", "location.lon"}),

@@ -577,9 +577,14 @@ def test_check_says_what_serve_would_refuse_and_where_links_would_point(
     whose Twilio status callbacks and unsubscribe links point at loopback (found by a
     black-box probe): the first is an error now, the second a warning."""
     monkeypatch.setenv("NOTIFIER_REDIS_URL", redis_url)
+    (trees / "templates" / "messages" / "delivered.jinja").write_text("{{ nope }}")
     assert main(["check"]) == 1
-    assert "error: NOTIFIER_API_KEYS is required when NOTIFIER_REDIS_URL is set\n" in (
-        capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "error: NOTIFIER_API_KEYS is required when NOTIFIER_REDIS_URL is set\n" in err
+    assert "nope" in err  # and everything else is checked still
+    shutil.copy(
+        data_dir("templates", None) / "messages" / "delivered.jinja",
+        trees / "templates" / "messages" / "delivered.jinja",
     )
     monkeypatch.setenv("NOTIFIER_API_KEYS", '{"k_backend_0123456789": ["*"]}')
     monkeypatch.setenv("NOTIFIER_SMS_CHANNEL", "twilio")

@@ -211,10 +211,16 @@ async def test_the_brand_form_writes_only_what_differs_and_refuses_an_unreadable
     http = await client.post(f"{ACME}/brand", data={**form, "support.url": "http://x.example"})
     assert http.status == 422
     assert "must be an https:// URL" in await http.text()
-    # the name is the From header's display name: one line (the preview showed the break)
-    crlf = await client.post(f"{ACME}/brand", data={**form, "name": "Evil\r\nBcc: x@evil.com"})
-    assert crlf.status == 422
-    assert "must be one line" in await crlf.text()
+    # the name is the From header's display name: one line, as the email writes it (the
+    # preview showed the line break the email and the SMS flattened)
+    crlf = {**form, "name": "Evil\r\nBcc: x@evil.com", "base": base_of(await http.text())}
+    resp = await client.post(f"{ACME}/brand", data=crlf)
+    assert "Saved to your draft" in await resp.text()
+    assert yaml.safe_load((await draft(client))["brand.yaml"])["name"] == "Evil Bcc: x@evil.com"
+    form["base"] = base_of(await resp.text())
+    blank = await client.post(f"{ACME}/brand", data={**form, "name": "\x00\r\n"})
+    assert blank.status == 422
+    assert "at least 1 character" in await blank.text()
     good = {**form, "name": "Acme", "accent": "#fde68a", "support.email": "help@acme.example"}
     resp = await client.post(f"{ACME}/brand", data=good)
     assert "Saved to your draft" in await resp.text()
@@ -312,6 +318,19 @@ async def test_a_draft_that_does_not_validate_is_shown_as_it_is_and_saving_keeps
     resp = await client.post(f"{ACME}/brand", data=form)
     assert "Saved to your draft" in await resp.text()
     assert yaml.safe_load((await draft(client))["brand.yaml"]) == {"name": "Beta Store"}
+
+    # parts of another kind than the form's: the values beneath for them, and the page
+    # says why (they were a 500: a list where the rules' table is, text for a group)
+    for text in ("statuses: []\ndedupe_window_hours: 12\n", "exceptions: {lost: x}\n"):
+        await put_draft(client, "policy.yaml", text)
+        resp = await client.get(f"{ACME}/cadence")
+        assert resp.status == 200, text
+        assert "does not validate" in await resp.text()
+    await put_draft(client, "brand.yaml", "name: Beta Store\nchannels: x\nsupport: []\n")
+    resp = await client.get(f"{ACME}/brand")
+    assert resp.status == 200
+    page = await resp.text()
+    assert "does not validate" in page and 'value="Beta Store"' in page
 
     # a draft that does not even read: the values beneath, and the page says so
     await put_draft(client, "policy.yaml", "dedupe_window_hours: [48\n")

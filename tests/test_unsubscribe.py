@@ -86,7 +86,7 @@ def test_links_work_across_processes_and_restarts_without_a_signing_secret(
     its own process, so the API refused every one (404) and a restart changed it again
     (found by a black-box probe). Every process now signs with a key derived from the
     deployment's key kept in Redis: a link from one worker works in the API, and so does a
-    link from the next worker after a restart."""
+    link from the next worker after a restart, and after the setting is set."""
     templates = tmp_path / "templates"
     shutil.copytree(data_dir("templates", None), templates)
     (templates / "acme").mkdir()
@@ -133,3 +133,15 @@ def test_links_work_across_processes_and_restarts_without_a_signing_secret(
         serve.send_signal(signal.SIGTERM)
         out, _ = serve.communicate(timeout=20)
     assert "left out" not in out
+    # NOTIFIER_SIGNING_SECRET set later: the links sent before it still work
+    serve = spawn_notifier(
+        ["serve"], tmp_path, **env, NOTIFIER_SIGNING_SECRET="0123456789abcdef0123"
+    )
+    try:
+        wait_until(lambda: healthy(port) or serve.poll() is not None, "notifier serve")
+        done = urllib.request.Request(url, data=b"List-Unsubscribe=One-Click", method="POST")
+        with urllib.request.urlopen(done, timeout=10) as resp:
+            assert resp.status == 200
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.communicate(timeout=20)

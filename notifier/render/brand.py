@@ -10,7 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from notifier.errors import ConfigurationError
-from notifier.models import LocaleTag
+from notifier.models import LocaleTag, one_line
 
 _HEX = re.compile(r"^#[0-9a-fA-F]{6}$")
 #: WCAG 2.x AA for normal text.
@@ -163,10 +163,6 @@ class Channels(BaseModel):
     sms: Literal["outbox", "twilio"] | None = None
 
 
-#: what a one-line text of the brand cannot hold (C0 and C1 controls, DEL, line separators)
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-
-
 class Brand(BaseModel):
     """How a merchant's messages look and whom customers can ask for help."""
 
@@ -207,11 +203,14 @@ class Brand(BaseModel):
     @field_validator("name", "logo_alt")
     @classmethod
     def _one_line(cls, value: str | None) -> str | None:
-        # the name is the From header's display name and every message's sender: a line
-        # break there reads differently in the preview, the email and the SMS
-        if value is not None and _CONTROL.search(value):
-            raise ValueError("must be one line: no line breaks, tabs or control characters")
-        return value
+        # the name is the From header's display name and every message's sender: one line,
+        # as free text from the backend is (the preview showed a line break the email and
+        # the SMS flattened)
+        if value is None:
+            return None
+        if not (flat := one_line(value)):
+            raise ValueError("must hold some text, not only line breaks or control characters")
+        return flat
 
     @field_validator("logo_url", "logo_dark_url")
     @classmethod

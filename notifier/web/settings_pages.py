@@ -5,14 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
+import jinja2
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from notifier.admin_views import locales
 from notifier.errors import ConfigurationError
-from notifier.models import ChannelKind, ExceptionCode, Status
+from notifier.models import ChannelKind, ExceptionCode, Status, one_line
 from notifier.policy import PolicyStore
 from notifier.policy.rules import Policy
 from notifier.render.brand import (
@@ -70,10 +72,12 @@ class Draft:
 
 
 def _as_broken(
-    model: type[BaseModel], layered: Callable[[], dict[str, Any]]
+    model: type[BaseModel], layered: Callable[[], dict[str, Any]], beneath: dict[str, Any]
 ) -> tuple[dict[str, Any] | None, dict[str, str]]:
     """The values of a draft that does not validate (``layered``: none when its file does
-    not read) and its fields' errors."""
+    not read) and its fields' errors. A part of another kind than the form's (a list for
+    a table of rules, text for a group of fields) shows the values beneath it: the form
+    cannot show it, and its error says what is wrong."""
     try:
         values = layered()
     except ConfigurationError:
@@ -81,8 +85,34 @@ def _as_broken(
     try:
         model.model_validate(values)
     except ValidationError as invalid:
-        return values, field_errors(invalid)
+        return shaped(values, beneath), field_errors(invalid)
     return values, {}  # (it validates now: a file changed in between)
+
+
+def _shown(
+    draft: Draft, page: Callable[[dict[str, Any], dict[str, str]], web.Response]
+) -> web.Response:
+    """The form's page with the draft's values; with the values beneath them when the
+    draft's do not fit the form (a draft that does not validate, in a way ``shaped`` does
+    not foresee): the page still says why, and the merchant can fix the draft there."""
+    if draft.broken is None:
+        return page(draft.values, draft.errors)
+    try:
+        return page(draft.values, draft.errors)
+    except (TypeError, AttributeError, KeyError, ValueError, jinja2.TemplateError):
+        return page(draft.beneath, {})
+
+
+def shaped(value: Any, like: Any) -> Any:
+    """``value`` where it has the kind of ``like`` (a mapping, a list, or a plain value),
+    ``like`` where it has not, mapping by mapping."""
+    if isinstance(like, dict):
+        if not isinstance(value, dict):
+            return like
+        return {**value, **{k: shaped(value[k], v) for k, v in like.items() if k in value}}
+    if isinstance(like, list):
+        return value if isinstance(value, list) else like
+    return like if isinstance(value, dict | list) else value
 
 
 def contrast_report(accent: str) -> dict[str, Any]:
@@ -115,7 +145,9 @@ class SettingsPages:
         try:
             brand = load_brand(templates, merchant_id, draft)
         except ConfigurationError as exc:
-            values, errors = _as_broken(Brand, lambda: brand_data(templates, merchant_id, draft)[1])
+            values, errors = _as_broken(
+                Brand, lambda: brand_data(templates, merchant_id, draft)[1], beneath
+            )
             return Draft(beneath if values is None else values, beneath, str(exc), errors)
         return Draft(brand.model_dump(mode="json"), beneath)
 
@@ -130,8 +162,9 @@ class SettingsPages:
         draft = await self._brands(merchant_id)
         base = await self._base(merchant_id, "brand.yaml")
         flash = await self.web.sessions.take_flash(request)
-        return self._brand_page(
-            request, session, draft.values, draft.errors, flash, base, broken=draft.broken
+        page = partial(self._brand_page, request, session)
+        return _shown(
+            draft, lambda values, errors: page(values, errors, flash, base, None, draft.broken)
         )
 
     def _brand_page(
@@ -172,6 +205,9 @@ class SettingsPages:
         form = await self.web.form(request, session)
         draft = await self._brands(merchant_id)
         wanted = {**draft.values, **brand_from_form(form)}
+        for one in ("name", "logo_alt"):  # saved as the brand reads it: one line
+            if isinstance(wanted.get(one), str):
+                wanted[one] = one_line(wanted[one])
         page = self._brand_page
         return await self._save(
             request, session, form, "brand.yaml", Brand, draft.beneath, wanted, page
@@ -191,7 +227,9 @@ class SettingsPages:
         try:
             effective = store.strict(merchant_id)
         except ConfigurationError as exc:
-            values, errors = _as_broken(Policy, lambda: store.layered(merchant_id, beneath))
+            values, errors = _as_broken(
+                Policy, lambda: store.layered(merchant_id, beneath), beneath
+            )
             return Draft(beneath if values is None else values, beneath, str(exc), errors)
         return Draft(policy_as_data(effective), beneath)
 
@@ -200,8 +238,9 @@ class SettingsPages:
         draft = await self._policies(merchant_id)
         result = await self.web.sessions.take_flash(request)
         base = await self._base(merchant_id, "policy.yaml")
-        return self._cadence_page(
-            request, session, draft.values, draft.errors, result, base, broken=draft.broken
+        page = partial(self._cadence_page, request, session)
+        return _shown(
+            draft, lambda values, errors: page(values, errors, result, base, None, draft.broken)
         )
 
     def _cadence_page(
