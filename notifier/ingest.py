@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import logging
 import math
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,7 +29,7 @@ from notifier.errors import (
     ValidationFailed,
 )
 from notifier.logs import REQUEST_ID
-from notifier.models import INGEST, Transition
+from notifier.models import Transition
 from notifier.resources import Resources
 from notifier.settings import HASHED_KEY
 from notifier.signing import SIGNATURE_HEADER, verify_signature
@@ -129,6 +130,43 @@ def may_act_for(merchants: frozenset[str], merchant_id: str) -> bool:
 
 def _field(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(part) for part in loc) or "(body)"
+
+
+#: A number written as text, which pydantic reads as seconds (or ms) since 1970.
+_EPOCH = re.compile(r"\s*[-+]?\d+(?:\.\d*)?\s*")
+_MOMENT = "must be an ISO 8601 date and time with its offset, like 2026-11-21T09:30:00+01:00"
+
+
+def _as_sent(item: Any) -> list[tuple[str, str]]:
+    """What pydantic would take but the contract does not (DESIGN §3): a date as a number,
+    or a number as text (read as seconds since 1970), and a coordinate as text or ``true``
+    (read as 1.0). Checked on what the API takes only: the worker reads what the inbox
+    holds as it always did (an entry taken before still reads), at no cost a transition."""
+    if not isinstance(item, dict):
+        return []
+    out = []
+    window = item.get("estimated_delivery")
+    window = window if isinstance(window, dict) else {}
+    for name, value in (
+        ("occurred_at", item.get("occurred_at")),
+        ("pickup_deadline", item.get("pickup_deadline")),
+        ("estimated_delivery.start", window.get("start")),
+        ("estimated_delivery.end", window.get("end")),
+    ):
+        if value is not None and (not isinstance(value, str) or _EPOCH.fullmatch(value)):
+            out.append((name, _MOMENT))
+    where = item.get("location")
+    for axis in ("lat", "lon"):
+        value = where.get(axis) if isinstance(where, dict) else None
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            out.append((f"location.{axis}", "must be a number"))
+    return out
+
+
+def _sent_wrong(item: Any, index: int | None) -> list[dict[str, Any]]:
+    """``_as_sent``'s problems as error details."""
+    at = {} if index is None else {"index": index}
+    return [{**at, "field": field, "message": why} for field, why in _as_sent(item)]
 
 
 def _errors(exc: ValidationError, index: int | None) -> list[dict[str, Any]]:
@@ -272,9 +310,19 @@ async def post_transitions(request: web.Request, res: Resources, keys: KeyRing) 
     details: list[dict[str, Any]] = []
     for index, item in enumerate(items):
         try:
-            valid.append((index, Transition.model_validate(item, context=INGEST)))
+            t = Transition.model_validate(item)
         except ValidationError as exc:
-            details += _errors(exc, index if batch else None)
+            found = _errors(exc, index if batch else None)
+            named = {d["field"] for d in found}
+            details += [
+                d for d in _sent_wrong(item, index if batch else None) if d["field"] not in named
+            ]
+            details += found
+            continue
+        if wrong := _sent_wrong(item, index if batch else None):
+            details += wrong
+            continue
+        valid.append((index, t))
 
     denied = [i for i, t in valid if not may_act_for(merchants, t.merchant_id)]
     if denied:

@@ -18,7 +18,6 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -232,12 +231,14 @@ def _check_url(value: str) -> str:
     value = _NOT_IN_URL.sub(lambda m: quote(m[0], safe=""), value.strip())
     if len(value) > URL_MAX:
         raise ValueError(f"must be at most {URL_MAX} characters long, not {len(value)}")
+    if _URL.match(value):
+        return value
     scheme, colon, rest = value.partition(":")
     if colon and scheme.lower() in ("http", "https"):
         value = scheme.lower() + colon + rest  # a scheme is case-insensitive (RFC 3986)
-    if not _URL.match(value):
-        raise ValueError("must be an http(s) URL")
-    return value
+        if _URL.match(value):
+            return value
+    raise ValueError("must be an http(s) URL")
 
 
 Email = Annotated[str, StringConstraints(strip_whitespace=True), AfterValidator(_check_email)]
@@ -245,46 +246,7 @@ Phone = Annotated[str, StringConstraints(strip_whitespace=True), AfterValidator(
 TimeZone = Annotated[str, AfterValidator(_check_timezone)]
 LocaleTag = Annotated[str, AfterValidator(_check_locale)]
 Url = Annotated[str, AfterValidator(_check_url)]
-#: The validation context of what the API takes in: stricter than the worker reading back
-#: what was taken (an entry accepted before a check was added still reads).
-INGEST: dict[str, bool] = {"ingest": True}
-
-
-def _ingest(info: ValidationInfo) -> bool:
-    return bool(info.context and info.context.get("ingest"))
-
-
-def _sent_as_text(value: Any, info: ValidationInfo) -> Any:
-    # pydantic also reads a number as seconds (or milliseconds) since 1970: a backend
-    # sending one means something else by it more often than not
-    if _ingest(info) and (
-        not isinstance(value, (str, datetime))
-        or (isinstance(value, str) and _EPOCH.fullmatch(value) is not None)
-    ):
-        raise ValueError(
-            "must be an ISO 8601 date and time with its offset, like 2026-11-21T09:30:00+01:00"
-        )
-    return value
-
-
-#: a number written as text, which pydantic would read as seconds (or ms) since 1970
-_EPOCH = re.compile(r"\s*[-+]?\d+(?:\.\d*)?\s*")
-
-
-def _sent_as_number(value: Any, info: ValidationInfo) -> Any:
-    # pydantic also reads true as 1.0 and "51.3" as 51.3
-    if (
-        _ingest(info)
-        and value is not None
-        and (isinstance(value, bool) or not isinstance(value, (int, float)))
-    ):
-        raise ValueError("must be a number")
-    return value
-
-
-Moment = Annotated[AwareDatetime, BeforeValidator(_sent_as_text), AfterValidator(_check_moment)]
-#: A coordinate as the API takes it: a JSON number.
-Degrees = Annotated[float, BeforeValidator(_sent_as_number)]
+Moment = Annotated[AwareDatetime, AfterValidator(_check_moment)]
 
 
 class _Strict(BaseModel):
@@ -297,8 +259,8 @@ class Location(_Strict):
     city: ShortText | None = None
     region: ShortText | None = None
     country: Annotated[str, StringConstraints(pattern=r"^[A-Z]{2}$")] | None = None
-    lat: Degrees | None = Field(default=None, ge=-90, le=90)
-    lon: Degrees | None = Field(default=None, ge=-180, le=180)
+    lat: float | None = Field(default=None, ge=-90, le=90)
+    lon: float | None = Field(default=None, ge=-180, le=180)
 
     @model_validator(mode="after")
     def _both_coordinates(self) -> Self:
