@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -322,10 +323,12 @@ def sg_sign(private: Any, body: str, stamp: str) -> str:
     return base64.b64encode(signature).decode()
 
 
-async def test_sendgrid_events_are_verified_and_recorded(tmp_path: Path, redis_url: str) -> None:
-    import json
-    import time
-
+@asynccontextmanager
+async def sendgrid_app(
+    tmp_path: Path, redis_url: str
+) -> AsyncIterator[tuple[Client, Settings, Any, Any]]:
+    """The API with SendGrid as the email channel (a fake on loopback) and its event
+    webhook's public key: (client, settings, the fake, the private key that signs events)."""
     from tests.fakes import serve_sendgrid
 
     private, public = ec_keys()
@@ -340,87 +343,93 @@ async def test_sendgrid_events_are_verified_and_recorded(tmp_path: Path, redis_u
             sendgrid_webhook_public_key=public,
         )
         async with TestClient(TestServer(create_app(settings))) as c:
-            await post(c, transition())
-            await run_worker(settings)
-            [decision] = [d for d in await history(c) if d["channel"] == "email"]
-            nid = decision["notification_id"]
+            yield c, settings, sendgrid, private
 
-            def events(*kinds: str) -> str:
-                return json.dumps(
-                    [
-                        {
-                            "event": k,
-                            "notification_id": nid,
-                            "merchant_id": "acme",
-                            "shipment_id": "shp_123",  # our custom args, echoed
-                            "email": "ana@example.com",
-                            "sg_message_id": "x",
-                        }
-                        for k in kinds
-                    ]
-                )
 
-            async def deliver(body: str, signature: str | None, stamp: str) -> int:
-                headers = {"X-Twilio-Email-Event-Webhook-Timestamp": stamp}
-                if signature:
-                    headers["X-Twilio-Email-Event-Webhook-Signature"] = signature
-                resp = await c.post("/v1/webhooks/sendgrid/events", data=body, headers=headers)
-                return resp.status
+async def test_sendgrid_events_are_verified_and_recorded(tmp_path: Path, redis_url: str) -> None:
+    import json
+    import time
 
-            now = str(int(time.time()))
-            body = events("processed", "delivered", "processed")
-            assert await deliver(body, sg_sign(private, body, now), now) == 204
-            [decision] = [d for d in await history(c) if d["channel"] == "email"]
-            assert decision["delivery"]["provider_status"] == "delivered"  # no step back
+    async with sendgrid_app(tmp_path, redis_url) as (c, settings, _, private):
+        await post(c, transition())
+        await run_worker(settings)
+        [decision] = [d for d in await history(c) if d["channel"] == "email"]
+        nid = decision["notification_id"]
 
-            # signed, but not a list of events: 400 naming what it is (it was a silent 204)
-            for wrong, kind in (('{"event": "bounce"}', "an object"), ('"hi"', "a string")):
-                headers = {
-                    "X-Twilio-Email-Event-Webhook-Timestamp": now,
-                    "X-Twilio-Email-Event-Webhook-Signature": sg_sign(private, wrong, now),
-                }
-                resp = await c.post("/v1/webhooks/sendgrid/events", data=wrong, headers=headers)
-                assert resp.status == 400
-                message = (await resp.json())["error"]["message"]
-                assert message == f"SendGrid events must be a JSON list, not {kind}"
-
-            # tampered, missing, stale: 403, nothing changes
-            bounce = events("bounce")
-            assert await deliver(bounce, sg_sign(private, body, now), now) == 403
-            assert await deliver(bounce, None, now) == 403
-            old = str(int(time.time()) - 3600)
-            assert await deliver(bounce, sg_sign(private, bounce, old), old) == 403
-            [decision] = [d for d in await history(c) if d["channel"] == "email"]
-            assert decision["delivery"]["provider_status"] == "delivered"
-
-            # a "blocked" bounce is temporary: status only, the address stays usable
-            blocked = json.dumps(
+        def events(*kinds: str) -> str:
+            return json.dumps(
                 [
                     {
-                        "event": "bounce",
-                        "type": "blocked",
+                        "event": k,
                         "notification_id": nid,
                         "merchant_id": "acme",
-                        "shipment_id": "shp_123",
+                        "shipment_id": "shp_123",  # our custom args, echoed
                         "email": "ana@example.com",
+                        "sg_message_id": "x",
                     }
+                    for k in kinds
                 ]
             )
-            assert await deliver(blocked, sg_sign(private, blocked, now), now) == 204
-            async with open_resources(settings) as res:
-                assert not await res.store.opted_out("acme", ["email:ana@example.com"])
-            # an unsubscribe is an opt-out for that merchant
-            unsub = events("unsubscribe")
-            assert await deliver(unsub, sg_sign(private, unsub, now), now) == 204
-            await post(
-                c,
-                transition(
-                    event_id="b", status="delivered", occurred_at="2026-11-21T13:00:00+01:00"
-                ),
-            )
-            await run_worker(settings)
-            latest = [d for d in await history(c) if d["channel"] == "email"][-1]
-            assert latest["reason"] == "recipient opted out of email"
+
+        async def deliver(body: str, signature: str | None, stamp: str) -> int:
+            headers = {"X-Twilio-Email-Event-Webhook-Timestamp": stamp}
+            if signature:
+                headers["X-Twilio-Email-Event-Webhook-Signature"] = signature
+            resp = await c.post("/v1/webhooks/sendgrid/events", data=body, headers=headers)
+            return resp.status
+
+        now = str(int(time.time()))
+        body = events("processed", "delivered", "processed")
+        assert await deliver(body, sg_sign(private, body, now), now) == 204
+        [decision] = [d for d in await history(c) if d["channel"] == "email"]
+        assert decision["delivery"]["provider_status"] == "delivered"  # no step back
+
+        # signed, but not a list of events: 400 naming what it is (it was a silent 204)
+        for wrong, kind in (('{"event": "bounce"}', "an object"), ('"hi"', "a string")):
+            headers = {
+                "X-Twilio-Email-Event-Webhook-Timestamp": now,
+                "X-Twilio-Email-Event-Webhook-Signature": sg_sign(private, wrong, now),
+            }
+            resp = await c.post("/v1/webhooks/sendgrid/events", data=wrong, headers=headers)
+            assert resp.status == 400
+            message = (await resp.json())["error"]["message"]
+            assert message == f"SendGrid events must be a JSON list, not {kind}"
+
+        # tampered, missing, stale: 403, nothing changes
+        bounce = events("bounce")
+        assert await deliver(bounce, sg_sign(private, body, now), now) == 403
+        assert await deliver(bounce, None, now) == 403
+        old = str(int(time.time()) - 3600)
+        assert await deliver(bounce, sg_sign(private, bounce, old), old) == 403
+        [decision] = [d for d in await history(c) if d["channel"] == "email"]
+        assert decision["delivery"]["provider_status"] == "delivered"
+
+        # a "blocked" bounce is temporary: status only, the address stays usable
+        blocked = json.dumps(
+            [
+                {
+                    "event": "bounce",
+                    "type": "blocked",
+                    "notification_id": nid,
+                    "merchant_id": "acme",
+                    "shipment_id": "shp_123",
+                    "email": "ana@example.com",
+                }
+            ]
+        )
+        assert await deliver(blocked, sg_sign(private, blocked, now), now) == 204
+        async with open_resources(settings) as res:
+            assert not await res.store.opted_out("acme", ["email:ana@example.com"])
+        # an unsubscribe is an opt-out for that merchant
+        unsub = events("unsubscribe")
+        assert await deliver(unsub, sg_sign(private, unsub, now), now) == 204
+        await post(
+            c,
+            transition(event_id="b", status="delivered", occurred_at="2026-11-21T13:00:00+01:00"),
+        )
+        await run_worker(settings)
+        latest = [d for d in await history(c) if d["channel"] == "email"][-1]
+        assert latest["reason"] == "recipient opted out of email"
 
 
 async def test_sendgrid_events_are_refused_without_a_key(client: Client) -> None:
@@ -439,70 +448,57 @@ async def test_sendgrid_events_about_an_idn_address_a_drop_reason_and_a_bad_body
     import json
     import time
 
-    from tests.fakes import serve_sendgrid
+    async with sendgrid_app(tmp_path, redis_url) as (c, settings, sendgrid, private):
+        now = str(int(time.time()))
 
-    private, public = ec_keys()
-    async with serve_sendgrid() as sendgrid:
-        settings = make_settings(
-            tmp_path,
-            redis_url=redis_url,
-            email_channel="sendgrid",
-            sendgrid_api_key="SG.k",
-            sendgrid_from="o@acme.example",
-            sendgrid_base_url=sendgrid.url,
-            sendgrid_webhook_public_key=public,
-        )
-        async with TestClient(TestServer(create_app(settings))) as c:
-            now = str(int(time.time()))
+        async def deliver(events: list[dict[str, Any]]) -> int:
+            body = json.dumps(events)
+            headers = {
+                "X-Twilio-Email-Event-Webhook-Timestamp": now,
+                "X-Twilio-Email-Event-Webhook-Signature": sg_sign(private, body, now),
+            }
+            resp = await c.post("/v1/webhooks/sendgrid/events", data=body, headers=headers)
+            return resp.status
 
-            async def deliver(events: list[dict[str, Any]]) -> int:
-                body = json.dumps(events)
-                headers = {
-                    "X-Twilio-Email-Event-Webhook-Timestamp": now,
-                    "X-Twilio-Email-Event-Webhook-Signature": sg_sign(private, body, now),
-                }
-                resp = await c.post("/v1/webhooks/sendgrid/events", data=body, headers=headers)
-                return resp.status
+        def event(kind: str, email: str, **more: str) -> dict[str, Any]:
+            return {
+                "event": kind,
+                "notification_id": "n_0",
+                "merchant_id": "acme",
+                "shipment_id": "shp_1",
+                "email": email,
+                **more,
+            }
 
-            def event(kind: str, email: str, **more: str) -> dict[str, Any]:
-                return {
-                    "event": kind,
-                    "notification_id": "n_0",
-                    "merchant_id": "acme",
-                    "shipment_id": "shp_1",
-                    "email": email,
-                    **more,
-                }
+        assert await deliver([event("unsubscribe", "idn@xn--mnchen-3ya.de")]) == 204
+        drop = event("dropped", "ana@example.com", reason="Invalid SMTPAPI header")
+        assert await deliver([drop]) == 204
+        for n, (shipment, email) in enumerate(
+            [("shp_idn", "idn@münchen.de"), ("shp_ana", "ana@example.com")]
+        ):
+            body = transition(event_id=f"e{n}", shipment_id=shipment)
+            body["recipient"] = {**body["recipient"], "email": email}
+            await post(c, body)
+        await run_worker(settings)
+        [idn] = [d for d in await history(c, "shp_idn") if d["channel"] == "email"]
+        assert idn["reason"] == "recipient opted out of email", idn
+        [ana] = [d for d in await history(c, "shp_ana") if d["channel"] == "email"]
+        assert ana["outcome"] == "sent", ana
+        assert [m["personalizations"][0]["to"][0]["email"] for m in sendgrid.accepted] == [
+            "ana@example.com"
+        ]
+        # an address drop still opts out
+        bounced = event("dropped", "ana@example.com", reason="Bounced Address")
+        assert await deliver([bounced]) == 204
+        async with open_resources(settings) as res:
+            assert await res.store.opted_out("acme", ["email:ana@example.com"])
 
-            assert await deliver([event("unsubscribe", "idn@xn--mnchen-3ya.de")]) == 204
-            drop = event("dropped", "ana@example.com", reason="Invalid SMTPAPI header")
-            assert await deliver([drop]) == 204
-            for n, (shipment, email) in enumerate(
-                [("shp_idn", "idn@münchen.de"), ("shp_ana", "ana@example.com")]
-            ):
-                body = transition(event_id=f"e{n}", shipment_id=shipment)
-                body["recipient"] = {**body["recipient"], "email": email}
-                await post(c, body)
-            await run_worker(settings)
-            [idn] = [d for d in await history(c, "shp_idn") if d["channel"] == "email"]
-            assert idn["reason"] == "recipient opted out of email", idn
-            [ana] = [d for d in await history(c, "shp_ana") if d["channel"] == "email"]
-            assert ana["outcome"] == "sent", ana
-            assert [m["personalizations"][0]["to"][0]["email"] for m in sendgrid.accepted] == [
-                "ana@example.com"
-            ]
-            # an address drop still opts out
-            bounced = event("dropped", "ana@example.com", reason="Bounced Address")
-            assert await deliver([bounced]) == 204
-            async with open_resources(settings) as res:
-                assert await res.store.opted_out("acme", ["email:ana@example.com"])
-
-            resp = await c.post("/v1/webhooks/sendgrid/events", data=b"\xff\xfe[]")
-            assert resp.status == 400
-            assert "must be UTF-8 JSON" in (await resp.json())["error"]["message"]
-            bogus = {"Content-Type": "application/json; charset=bogus"}
-            resp = await c.post("/v1/webhooks/sendgrid/events", data=b"[]", headers=bogus)
-            assert resp.status == 403  # read as UTF-8 whatever it claims; then unsigned
+        resp = await c.post("/v1/webhooks/sendgrid/events", data=b"\xff\xfe[]")
+        assert resp.status == 400
+        assert "must be UTF-8 JSON" in (await resp.json())["error"]["message"]
+        bogus = {"Content-Type": "application/json; charset=bogus"}
+        resp = await c.post("/v1/webhooks/sendgrid/events", data=b"[]", headers=bogus)
+        assert resp.status == 403  # read as UTF-8 whatever it claims; then unsigned
 
 
 async def test_an_opt_out_kept_under_an_idn_domain_as_given_still_holds(
