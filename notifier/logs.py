@@ -58,7 +58,11 @@ class _Context(logging.Filter):
     """Adds the request id and redacts the message (arguments included) in place."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and _refused_by_the_parser(record.exc_info[1]):
+        if (
+            record.exc_info
+            and record.name == "aiohttp.server"
+            and _refused_by_the_parser(record.exc_info[1])
+        ):
             _malformed(record)
             if not logging.getLogger(record.name).isEnabledFor(logging.WARNING):
                 return False
