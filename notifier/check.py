@@ -625,7 +625,7 @@ def _render_one(
         except NotifierError as exc:
             if isinstance(exc.__cause__, EXHAUSTED):
                 raise _LimitCrossed(f"{exc} (its other messages were not rendered)") from exc
-            return [str(exc)]
+            return [*problems, f"{exc}{' (an SMS without an email)' if alone else ''}"]
         if not isinstance(message, SmsMessageOut):
             return []
         # US numbers carry the legally required opt-out line: one more segment for it

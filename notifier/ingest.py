@@ -6,7 +6,6 @@ import hashlib
 import hmac
 import logging
 import math
-import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -132,8 +131,16 @@ def _field(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(part) for part in loc) or "(body)"
 
 
-#: A number written as text, which pydantic reads as seconds (or ms) since 1970.
-_EPOCH = re.compile(r"\s*[-+]?\d+(?:\.\d*)?\s*")
+def _a_number(text: str) -> bool:
+    """Whether ``text`` is a number (``1795000000``, ``1.8e9``), which pydantic reads as
+    seconds (or milliseconds) since 1970."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 _MOMENT = "must be an ISO 8601 date and time with its offset, like 2026-11-21T09:30:00+01:00"
 
 
@@ -153,7 +160,7 @@ def _as_sent(item: Any) -> list[tuple[str, str]]:
         ("estimated_delivery.start", window.get("start")),
         ("estimated_delivery.end", window.get("end")),
     ):
-        if value is not None and (not isinstance(value, str) or _EPOCH.fullmatch(value)):
+        if value is not None and (not isinstance(value, str) or _a_number(value)):
             out.append((name, _MOMENT))
     where = item.get("location")
     for axis in ("lat", "lon"):
@@ -314,10 +321,10 @@ async def post_transitions(request: web.Request, res: Resources, keys: KeyRing) 
         except ValidationError as exc:
             found = _errors(exc, index if batch else None)
             named = {d["field"] for d in found}
+            details += found
             details += [
                 d for d in _sent_wrong(item, index if batch else None) if d["field"] not in named
             ]
-            details += found
             continue
         if wrong := _sent_wrong(item, index if batch else None):
             details += wrong

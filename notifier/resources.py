@@ -311,16 +311,16 @@ class Resources:
             self.links.secret = secret
         return secret
 
-    async def link_secrets(self) -> list[str]:
-        """Every key a link this deployment sent may be signed with: ``link_secret``, and,
-        once NOTIFIER_SIGNING_SECRET is set, the key links were signed with before it was
-        (derived from the deployment key in Redis), so that they keep working."""
-        found = [await self.link_secret()]
-        if self.settings.signing_secret and not self.settings.embedded:
-            kept = await self.redis.get(keys.DIGEST_SECRET_KEY)
-            if kept:
-                found.append(derived(kept.decode() if isinstance(kept, bytes) else str(kept)))
-        return found
+    async def older_link_secrets(self) -> list[str]:
+        """The key links were signed with before NOTIFIER_SIGNING_SECRET was set (derived
+        from the deployment key in Redis), so that they keep working; none without the
+        setting, or without that key (``DEL ntf:digest-key`` revokes them)."""
+        if not self.settings.signing_secret or self.settings.embedded:
+            return []
+        kept = await self.redis.get(keys.DIGEST_SECRET_KEY)
+        if not kept:
+            return []
+        return [derived(kept.decode() if isinstance(kept, bytes) else str(kept))]
 
     async def digest_secret(self) -> str:
         """The key of recipients' digests shared by every process (the last SMS to a number,

@@ -321,7 +321,11 @@ async def test_a_draft_that_does_not_validate_is_shown_as_it_is_and_saving_keeps
 
     # parts of another kind than the form's: the values beneath for them, and the page
     # says why (they were a 500: a list where the rules' table is, text for a group)
-    for text in ("statuses: []\ndedupe_window_hours: 12\n", "exceptions: {lost: x}\n"):
+    for text in (
+        "statuses: []\ndedupe_window_hours: 12\n",
+        "exceptions: {lost: x}\n",
+        "exceptions: {lost: {channels: 5}}\n",  # (past what ``shaped`` foresees)
+    ):
         await put_draft(client, "policy.yaml", text)
         resp = await client.get(f"{ACME}/cadence")
         assert resp.status == 200, text
@@ -331,6 +335,21 @@ async def test_a_draft_that_does_not_validate_is_shown_as_it_is_and_saving_keeps
     assert resp.status == 200
     page = await resp.text()
     assert "does not validate" in page and 'value="Beta Store"' in page
+
+    # a value set where the default is unset (email quiet hours) is kept through a save
+    # that fixes another field (``shaped`` dropped it: found by a review)
+    await put_draft(
+        client,
+        "policy.yaml",
+        "dedupe_window_hours: -1\nquiet_hours: {email: {start: '22:00', end: '07:00'}}\n",
+    )
+    page = await (await client.get(f"{ACME}/cadence")).text()
+    form = cadence_form(page)
+    assert form["quiet_hours.email.enabled"] == "on" and form["quiet_hours.email.start"] == "22:00"
+    resp = await client.post(f"{ACME}/cadence", data={**form, "dedupe_window_hours": "48"})
+    assert "Saved to your draft" in await resp.text()
+    written = yaml.safe_load((await draft(client))["policy.yaml"])
+    assert written["quiet_hours"]["email"] == {"start": "22:00", "end": "07:00"}, written
 
     # a draft that does not even read: the values beneath, and the page says so
     await put_draft(client, "policy.yaml", "dedupe_window_hours: [48\n")

@@ -70,6 +70,24 @@ def test_json_lines_carry_the_request_id_and_no_personal_data(captured: io.Strin
     assert "ana@example.com" not in second["exc"] and "[email]" in second["exc"]
 
 
+def test_only_the_servers_parser_refusals_become_one_warning(captured: io.StringIO) -> None:
+    """aiohttp's server log of a request its parser refused is one warning without the
+    request; the same error in another log (a client reading a merchant's malformed
+    answer) keeps its level and traceback."""
+    from aiohttp.http_exceptions import BadHttpMessage
+
+    for name in ("aiohttp.server", "notifier.outbound"):
+        try:
+            raise BadHttpMessage("bad line: GET /x?phone=+33612345678")
+        except BadHttpMessage:
+            logging.getLogger(name).exception("Error handling request from 127.0.0.1")
+    server, ours = (json.loads(line) for line in captured.getvalue().splitlines())
+    assert (server["level"], "exc" in server) == ("WARNING", False)
+    assert server["msg"] == "refused a malformed HTTP request with 400 (BadHttpMessage)"
+    assert (ours["level"], "BadHttpMessage" in ours["exc"]) == ("ERROR", True)
+    assert "+33612345678" not in captured.getvalue()
+
+
 def test_urls_and_ids_are_not_mistaken_for_phone_numbers() -> None:
     text = "n_3f1c0 at https://t.example/track/+1234567890 evt_+123456789 2026-11-21T10:30+01:00"
     assert logs.redact(text) == text

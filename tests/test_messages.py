@@ -428,3 +428,14 @@ async def test_a_batch_renders_as_one_by_one_with_failures_in_place(
     assert "email CSS inlining raised ValueError: this one" in str(
         out[failed.difference({3}).pop()]
     )
+
+
+def test_a_brand_name_is_one_line_and_an_empty_logo_text_still_loads(tmp_path: Path) -> None:
+    """A brand's name is kept on one line, as emails write it; an empty text alternative is
+    a choice (the logo says nothing), and a brand with one must keep loading (a first
+    version of the one-line rule refused it, and the merchant's messages would have gone
+    out under the default brand)."""
+    brand = load_brand(brand_dir(tmp_path, "name: \"Acme\\r\\nShop\"\nlogo_alt: ''\n"), "acme")
+    assert (brand.name, brand.logo_alt) == ("Acme Shop", "")
+    with pytest.raises(ConfigurationError, match="name: must hold some text"):
+        load_brand(brand_dir(tmp_path, 'name: "\\r\\n"\n'), "acme")

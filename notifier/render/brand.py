@@ -7,7 +7,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from notifier.errors import ConfigurationError
 from notifier.models import LocaleTag, one_line
@@ -202,15 +209,16 @@ class Brand(BaseModel):
 
     @field_validator("name", "logo_alt")
     @classmethod
-    def _one_line(cls, value: str | None) -> str | None:
+    def _one_line(cls, value: str | None, info: ValidationInfo) -> str | None:
         # the name is the From header's display name and every message's sender: one line,
         # as free text from the backend is (the preview showed a line break the email and
         # the SMS flattened)
         if value is None:
             return None
-        if not (flat := one_line(value)):
-            raise ValueError("must hold some text, not only line breaks or control characters")
-        return flat
+        flat = one_line(value)
+        if flat or info.field_name != "name":
+            return flat  # (an empty text alternative is one: the logo says nothing)
+        raise ValueError("must hold some text, not only line breaks or control characters")
 
     @field_validator("logo_url", "logo_dark_url")
     @classmethod

@@ -3,6 +3,7 @@ merchant's effective values and saves what differs from its files into the draft
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -48,6 +49,8 @@ from notifier.web.forms import (
 )
 from notifier.web.messages import fingerprint
 from notifier.web.session import Session
+
+log = logging.getLogger(__name__)
 
 #: What a form opened before another save says instead of saving.
 CONFLICT = (
@@ -99,7 +102,8 @@ def _shown(
         return page(draft.values, draft.errors)
     try:
         return page(draft.values, draft.errors)
-    except (TypeError, AttributeError, KeyError, ValueError, jinja2.TemplateError):
+    except (TypeError, AttributeError, KeyError, ValueError, jinja2.TemplateError) as exc:
+        log.warning("a draft's values do not fit its form (%s): showing those beneath", exc)
         return page(draft.beneath, {})
 
 
@@ -112,6 +116,8 @@ def shaped(value: Any, like: Any) -> Any:
         return {**value, **{k: shaped(value[k], v) for k, v in like.items() if k in value}}
     if isinstance(like, list):
         return value if isinstance(value, list) else like
+    if like is None:  # (beneath, unset: any kind may be set over it)
+        return value
     return like if isinstance(value, dict | list) else value
 
 
