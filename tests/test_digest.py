@@ -52,7 +52,9 @@ async def test_settings_are_checked_and_scoped(fixed: Client) -> None:
     bad = await fixed.put(URL, json={"to": ["not an address"]}, headers=auth(ACME_KEY))
     assert bad.status == 422 and (await bad.json())["error"]["details"][0]["field"] == "to"
     assert (await fixed.put(URL, json={"to": []}, headers=auth(ACME_KEY))).status == 422
-    ok = await fixed.put(URL, json={"to": ["ops@acme.example"]}, headers=auth(ACME_KEY))
+    # one mailbox once, however it is written (it got two copies: found by a probe)
+    twice = ["ops@acme.example", "OPS@acme.example"]
+    ok = await fixed.put(URL, json={"to": twice}, headers=auth(ACME_KEY))
     assert ok.status == 200 and (await ok.json()) == {"to": ["ops@acme.example"], "enabled": True}
     assert (await (await fixed.get(URL, headers=auth(ACME_KEY))).json())["to"] == [
         "ops@acme.example"

@@ -35,7 +35,11 @@ class DigestSettings(BaseModel):
             problem = email_problem(address)
             if problem:
                 raise ValueError(problem)
-        return list(dict.fromkeys(value))
+        # one address once, however it is written (the mailbox is the same): the first
+        kept: dict[str, str] = {}
+        for address in value:
+            kept.setdefault(address.lower(), address)
+        return list(kept.values())
 
 
 class DigestApi:
