@@ -17,7 +17,7 @@ from notifier.channels.outbox import build_eml
 from notifier.check import samples as _samples
 from notifier.cli import main
 from notifier.errors import ConfigurationError, RenderError
-from notifier.models import ChannelKind, Notification, Recipient, Transition
+from notifier.models import ChannelKind, Location, Notification, Recipient, Transition
 from notifier.render import EmailMessageOut, Renderer, SmsMessageOut
 from notifier.render.brand import contrast, load_brand
 from notifier.render.environment import TemplateStore
@@ -439,3 +439,23 @@ def test_a_brand_name_is_one_line_and_an_empty_logo_text_still_loads(tmp_path: P
     assert (brand.name, brand.logo_alt) == ("Acme Shop", "")
     with pytest.raises(ConfigurationError, match="name: must hold some text"):
         load_brand(brand_dir(tmp_path, 'name: "\\r\\n"\n'), "acme")
+
+
+@pytest.mark.parametrize(
+    ("location", "locale", "place"),
+    [
+        ({"country": "US", "region": "CA"}, "en", "the United States"),
+        ({"country": "NL"}, "en", "the Netherlands"),
+        ({"country": "DE"}, "en", "Germany"),
+        ({"city": "Austin", "country": "US"}, "en", "Austin, United States"),  # an address
+        ({"country": "US"}, "fr", "États-Unis"),
+    ],
+)
+def test_a_country_alone_reads_as_a_place(
+    location: dict[str, str], locale: str, place: str
+) -> None:
+    """ "Your parcel was delivered … in United States" (found by a black-box probe): in
+    English a country named alone takes "the" where its name needs one."""
+    t = sample("delivered").model_copy(update={"location": Location(**location)})  # type: ignore[arg-type]
+    ctx = renderer().context(notification(t, locale=locale), locale)
+    assert str(ctx["event"]["place"]) == place

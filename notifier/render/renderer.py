@@ -113,6 +113,12 @@ CARRIER_NAMES = {
     "smsa": "SMSA Express",
     "saudi_post": "Saudi Post",
 }
+#: Countries whose English names take "the" ("scanned in the Netherlands"): plural names,
+#: and those of a union, a kingdom or a republic (CLDR's names leave the article out).
+_WITH_THE = frozenset(
+    {"US", "GB", "NL", "AE", "PH", "DO", "CF", "BS", "GM", "KM", "MV", "SC", "KY", "MH"}
+    | {"SB", "FK", "FO", "VG", "VI", "TC", "CK", "MP"}
+)
 #: How a city and a country are joined where ", " is wrong.
 _PLACE_JOIN = {"ar": "\u060c ", "ja": "\u3001", "zh": "\uff0c"}
 #: A sentence's period right after a time whose day period ends in one (es_MX and es_US
@@ -499,10 +505,11 @@ class Renderer:
         fmt = i18n.formatting_locale(r.locale, locale)
         place = None
         if t.location is not None and (t.location.city or t.location.country):
-            parts = [
-                t.location.city,
-                i18n.country_name(t.location.country, fmt) if t.location.country else None,
-            ]
+            country = i18n.country_name(t.location.country, fmt) if t.location.country else None
+            english = locale.startswith("en") and t.location.country in _WITH_THE
+            if country and english and not t.location.city:
+                country = "the " + country  # "delivered in the United States"
+            parts = [t.location.city, country]
             place = _PLACE_JOIN.get(locale.split("_")[0], ", ").join(p for p in parts if p)
             if i18n.text_direction(locale) == "rtl" and _RTL_LETTER.search(place):
                 # a Latin city before a country named in the reader's script: the place is
