@@ -170,20 +170,22 @@ def _as_sent(item: Any) -> list[tuple[str, str]]:
     return out
 
 
+def _detail(index: int | None, field: str, message: str) -> dict[str, Any]:
+    """An error detail: the item's index (in a batch), the field, what is wrong."""
+    at: dict[str, Any] = {} if index is None else {"index": index}
+    return {**at, "field": field, "message": message}
+
+
 def _sent_wrong(item: Any, index: int | None) -> list[dict[str, Any]]:
     """``_as_sent``'s problems as error details."""
-    at = {} if index is None else {"index": index}
-    return [{**at, "field": field, "message": why} for field, why in _as_sent(item)]
+    return [_detail(index, field, why) for field, why in _as_sent(item)]
 
 
 def _errors(exc: ValidationError, index: int | None) -> list[dict[str, Any]]:
-    details = []
-    for err in exc.errors(include_url=False, include_input=False):
-        detail: dict[str, Any] = {"field": _field(err["loc"]), "message": err["msg"]}
-        if index is not None:
-            detail = {"index": index, **detail}
-        details.append(detail)
-    return details
+    return [
+        _detail(index, _field(err["loc"]), err["msg"])
+        for err in exc.errors(include_url=False, include_input=False)
+    ]
 
 
 async def read_json(request: web.Request, limit: int) -> Any:
@@ -388,11 +390,7 @@ async def post_transitions(request: web.Request, res: Resources, keys: KeyRing) 
     if not details and not conflicts:
         return web.Response(status=202, body=orjson.dumps(reply), content_type="application/json")
     refused = [
-        {
-            **({"index": i} if batch else {}),
-            "field": "event_id",
-            "message": "already used with another body",
-        }
+        _detail(i if batch else None, "event_id", "already used with another body")
         for i in conflicts
     ]
     error: ValidationFailed | IdempotencyConflict
