@@ -33,4 +33,6 @@ EXPOSE 8080
 # The API answers its health check on the port it listens on (NOTIFIER_PORT).
 HEALTHCHECK --interval=15s --timeout=3s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import os, sys, urllib.request; port = os.environ.get('NOTIFIER_PORT', '8080'); sys.exit(urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=2).status != 200)"]
+# Embedded mode on 0.0.0.0 refuses to start without NOTIFIER_API_KEYS (the development key
+# is public): run with -e NOTIFIER_API_KEYS=... or NOTIFIER_REDIS_URL and keys, as compose does.
 CMD ["notifier", "serve"]

@@ -47,7 +47,24 @@ def phone_problem(number: str) -> str | None:
         return f"no such phone number{where} (wrong length or prefix)"
     if phonenumbers.number_type(parsed) == phonenumbers.PhoneNumberType.FIXED_LINE:
         return "a landline, which cannot receive SMS"
+    if phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164) != number:
+        # +330612345678 is +33612345678 to libphonenumber, but not to an opt-out (or a STOP)
+        # kept under the number's one E.164 spelling: never sent, so never sent past one
+        return "not in E.164 form: a national prefix (such as 0) after the country code"
     return None
+
+
+def canonical_phone(number: str) -> str:
+    """``number``'s one E.164 spelling (``+330612345678`` -> ``+33612345678``), or
+    ``number`` as it is when it is no valid number (the keys of opt-outs the API records:
+    STOPs arrive from Twilio in that spelling, and ``phone_problem`` refuses any other)."""
+    try:
+        parsed = phonenumbers.parse(number, None)
+    except phonenumbers.NumberParseException:
+        return number
+    if not phonenumbers.is_valid_number(parsed):
+        return number
+    return str(phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164))
 
 
 @lru_cache(maxsize=RECENT)

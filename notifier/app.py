@@ -26,6 +26,7 @@ from redis.exceptions import RedisError
 
 from notifier import admin, admin_views, metrics, openapi, unsubscribe, webhooks
 from notifier import web as merchant_web
+from notifier.addresses import canonical_phone
 from notifier.errors import (
     ApiError,
     Forbidden,
@@ -220,7 +221,10 @@ async def opt_outs(request: web.Request) -> web.Response:
         body = OptOut.model_validate(await read_json(request, 16 * 1024))
     except ValidationError as exc:
         raise InvalidOptOut.of("invalid opt-out", exc) from exc
-    key = opt_out_key(body.channel, body.address)
+    address = body.address
+    if body.channel is ChannelKind.SMS:  # the spelling a STOP and a message use
+        address = canonical_phone(address)
+    key = opt_out_key(body.channel, address)
     res = request.app[RESOURCES]
     if await res.store.set_opt_out(merchant_id, key, body.opted_out) and body.opted_out:
         await res.hooks.opted_out(merchant_id, key, "api", res.clock())
@@ -356,6 +360,7 @@ def create_app(
     app[KEYS] = KeyRing(
         settings.effective_api_keys(),
         RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst),
+        loopback_only=settings.embedded and not settings.api_keys,
     )
     in_process = settings.embedded if run_worker is None else run_worker
 
@@ -385,7 +390,7 @@ def create_app(
     app.router.add_post("/v1/webhooks/twilio/status", twilio_status_hook)
     app.router.add_post("/v1/webhooks/twilio/inbound", twilio_inbound_hook)
     app.router.add_post("/v1/webhooks/sendgrid/events", sendgrid_events_hook)
-    app.router.add_route("GET", unsubscribe.PATH, unsubscribe_hook)
+    app.router.add_get(unsubscribe.PATH, unsubscribe_hook)  # (HEAD too: shows, never records)
     app.router.add_route("POST", unsubscribe.PATH, unsubscribe_hook)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -44,7 +44,7 @@ from notifier.render.limits import Limits
 from notifier.render.renderer import EXHAUSTED, LINK_PLACEHOLDERS
 from notifier.render.sms import SmsEncoding
 from notifier.resources import TREES, close_redis, connect, data_dir
-from notifier.settings import Settings
+from notifier.settings import Settings, is_loopback
 
 if TYPE_CHECKING:  # babel's catalog tools: `notifier check` only, imported there
     from babel.messages.catalog import Catalog
@@ -410,8 +410,7 @@ def check_warnings(settings: Settings) -> list[str]:
     """What is valid but probably not meant: brands without a support contact."""
     templates_dir = data_dir("templates", settings.templates_dir)
     warnings = []
-    host = urlsplit(settings.public_url).hostname or ""
-    loopback_public_url = host in ("localhost", "127.0.0.1", "::1")
+    loopback_public_url = is_loopback(urlsplit(settings.public_url).hostname or "")
     if loopback_public_url and not settings.embedded and settings.sms_channel.value == "twilio":
         warnings.append(
             f"NOTIFIER_PUBLIC_URL is {settings.public_url}: Twilio's status callbacks (which "

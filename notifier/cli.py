@@ -40,7 +40,14 @@ from notifier.render import Message, Renderer, SmsMessageOut, compiled
 from notifier.render.environment import TemplateStore
 from notifier.render.i18n import Catalogs
 from notifier.resources import data_dir, trees_in_use
-from notifier.settings import DEV_API_KEY, ENV_FILE, Settings, describe_redis, load_settings
+from notifier.settings import (
+    DEV_API_KEY,
+    ENV_FILE,
+    Settings,
+    describe_redis,
+    is_loopback,
+    load_settings,
+)
 
 log = logging.getLogger("notifier")
 
@@ -110,8 +117,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings()
     if not settings.embedded and not settings.api_keys:
         raise ConfigurationError("NOTIFIER_API_KEYS is required when NOTIFIER_REDIS_URL is set")
-    _start_up(settings)
     host = args.host or settings.host
+    if settings.embedded and not settings.api_keys and not is_loopback(host):
+        raise ConfigurationError(
+            f"NOTIFIER_API_KEYS is required to listen on {host or 'every interface'}: embedded "
+            "mode's development key is public (it is in the README). Set keys, or listen on "
+            "127.0.0.1"
+        )
+    _start_up(settings)
     port = settings.port if args.port is None else args.port
     app = create_app(settings)
 

@@ -30,7 +30,7 @@ from notifier.errors import (
 from notifier.logs import REQUEST_ID
 from notifier.models import Transition
 from notifier.resources import Resources
-from notifier.settings import HASHED_KEY
+from notifier.settings import HASHED_KEY, is_loopback
 from notifier.signing import SIGNATURE_HEADER, verify_signature
 from notifier.store import Admission, IngestItem, NotReplicated, PartlyStored, body_digest, wake
 
@@ -69,8 +69,17 @@ class RateLimiter:
 class KeyRing:
     """API keys → merchants, compared in constant time (by SHA-256 digest, no early exit)."""
 
-    def __init__(self, keys: dict[str, list[str]], limiter: RateLimiter | None = None) -> None:
+    def __init__(
+        self,
+        keys: dict[str, list[str]],
+        limiter: RateLimiter | None = None,
+        *,
+        loopback_only: bool = False,
+    ) -> None:
         self.limiter = limiter or RateLimiter(0, 1)
+        #: the keys are embedded mode's public development key: taken only from requests
+        #: addressed to this machine's loopback (``settings.DEV_API_KEY``)
+        self.loopback_only = loopback_only
         # only digests are kept; a key configured as "sha256:<hex>" never existed here
         self._entries = [
             (
@@ -99,8 +108,20 @@ class KeyRing:
         token = request.headers.get("Authorization", "").partition(" ")[2].strip()
         return "key_" + _sha256(token).hex()[:12]
 
+    def check_host(self, request: web.Request) -> None:
+        """403 for the development key on a request addressed to a name that is not this
+        machine's loopback: a web page whose name was re-bound to 127.0.0.1, or a proxy or
+        tunnel that publishes this service, must not act with a key the README prints."""
+        if self.loopback_only and not is_loopback(request.host):
+            raise Forbidden(
+                "the development API key is only taken from this machine (a request to "
+                "127.0.0.1 or localhost); set NOTIFIER_API_KEYS to reach the service by "
+                "another name"
+            )
+
     def authenticate(self, request: web.Request) -> frozenset[str]:
         """The caller's merchants; 401 without a valid bearer key."""
+        self.check_host(request)
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():

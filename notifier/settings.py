@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import json
 import os
 import re
@@ -20,8 +21,28 @@ from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 from notifier.errors import ConfigurationError
 
 #: The API key embedded mode accepts when none is configured. It is printed at
-#: start-up and only ever valid against the in-memory store on this machine.
+#: start-up and only ever valid against the in-memory store on this machine: `serve`
+#: refuses to listen beyond loopback with it, and the API takes it only from requests
+#: addressed to a loopback name (``KeyRing``: a web page whose name was re-bound to
+#: 127.0.0.1 must not use a key that is written in the README).
 DEV_API_KEY = "dev-key-not-for-production"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address, with or without its port or IPv6 brackets,
+    as a Host header or ``--host`` gives it) is this machine's loopback: ``localhost``,
+    127.0.0.0/8 or ``::1``. An empty host, ``0.0.0.0`` or ``::`` (every interface) is not."""
+    name = host.strip().lower()
+    if name.startswith("["):  # [::1] or [::1]:8080
+        name = name[1 : name.find("]")] if "]" in name else ""
+    elif name.count(":") == 1:  # name:port or 127.0.0.1:port (an IPv6 address has several)
+        name = name.partition(":")[0]
+    if name in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 _PROCESS_SECRET = secrets.token_urlsafe(32)

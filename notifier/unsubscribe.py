@@ -106,7 +106,8 @@ def _page(title: str, body: str) -> web.Response:
 
 
 async def unsubscribe(request: web.Request, res: Resources) -> web.Response:
-    """GET: a page with a button. POST: record the opt-out (one click)."""
+    """GET (and HEAD, a link scanner's): a page with a button. POST: record the opt-out
+    (one click)."""
     token = request.match_info["token"]
     found = verify(await res.link_secret(), token)
     if found is None:  # signed before NOTIFIER_SIGNING_SECRET was set? (asks Redis)
@@ -116,7 +117,7 @@ async def unsubscribe(request: web.Request, res: Resources) -> web.Response:
     if found is None:
         raise NotFound("this unsubscribe link is not valid")
     merchant_id, address = found
-    if request.method == "GET":
+    if request.method != "POST":
         return _page(
             "Unsubscribe",
             (

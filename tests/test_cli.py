@@ -142,6 +142,18 @@ def test_serve_with_redis_needs_api_keys(
     assert "NOTIFIER_API_KEYS" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.1", "notifier.example"])
+def test_embedded_serve_beyond_loopback_needs_api_keys(
+    trees: Path, capsys: pytest.CaptureFixture[str], host: str
+) -> None:
+    """The development key is in the README: embedded mode without keys of its own (the
+    Docker image's default) listens on loopback only."""
+    assert main(["serve", "--host", host, "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"NOTIFIER_API_KEYS is required to listen on {host}: " in err, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
 def test_serve_on_a_port_in_use_says_so_in_one_line(tmp_path: Path) -> None:
     """Another process holds the port: one `error:` line naming the address, exit code 2,
     and never "listening" first (it used to print the banner, then a traceback)."""
@@ -181,11 +193,12 @@ def test_a_bad_preview_argument_is_one_line(
 
 
 def test_serve_with_a_bad_port_or_a_host_that_does_not_resolve_says_so(
-    trees: Path, capsys: pytest.CaptureFixture[str]
+    trees: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit):
         main(["serve", "--port", "70000"])
     assert "argument --port: invalid port (0-65535) value: '70000'" in capsys.readouterr().err
+    monkeypatch.setenv("NOTIFIER_API_KEYS", '{"k_backend_0123456789": ["*"]}')  # (see below)
     assert main(["serve", "--host", "nosuchhost.invalid", "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert "error: cannot listen on nosuchhost.invalid:0: " in err and "Traceback" not in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,49 @@ async def test_configured_keys_replace_the_development_key(tmp_path: Path) -> No
         headers = {"Authorization": f"Bearer {DEV_API_KEY}"}
         resp = await client.post("/v1/transitions", json=transition(), headers=headers)
         assert resp.status == 401
+
+
+async def test_the_development_key_is_taken_only_from_requests_to_loopback(
+    tmp_path: Path,
+) -> None:
+    """A web page whose name was re-bound to 127.0.0.1 (DNS rebinding), or a tunnel that
+    publishes a developer's service, must not act with the key the README prints."""
+    settings = embedded_settings(tmp_path)
+    async with TestClient(TestServer(create_app(settings, run_worker=False))) as client:
+        key = {"Authorization": f"Bearer {DEV_API_KEY}"}
+        for host in ("evil.example", "evil.example:8080", "10.0.0.7:8080"):
+            resp = await client.post(
+                "/v1/transitions", json=transition(), headers={**key, "Host": host}
+            )
+            assert resp.status == 403, host
+            assert "only taken from this machine" in (await resp.json())["error"]["message"]
+            resp = await client.get("/v1/merchants/acme/policy", headers={**key, "Host": host})
+            assert resp.status == 403, host
+            # nor can such a page sign in to the editor with it
+            page = await (await client.get("/merchant/sign-in", headers={"Host": host})).text()
+            csrf = re.search(r'name="csrf" value="([^"]+)"', page)
+            assert csrf is not None
+            resp = await client.post(
+                "/merchant/sign-in",
+                data={"csrf": csrf.group(1), "key": DEV_API_KEY, "next": ""},
+                headers={"Host": host, "Origin": f"http://{host}"},
+                allow_redirects=False,
+            )
+            assert resp.status == 403, host
+        for host in ("127.0.0.1:8080", "localhost:8080", "[::1]:8080", "localhost"):
+            resp = await client.post(
+                "/v1/transitions", json=transition(), headers={**key, "Host": host}
+            )
+            assert resp.status == 202, host
+    # keys of the operator's own are taken whatever name the service is reached by
+    settings = embedded_settings(tmp_path, api_keys={"k_mine_0123456789": ["*"]})
+    async with TestClient(TestServer(create_app(settings, run_worker=False))) as client:
+        resp = await client.post(
+            "/v1/transitions",
+            json=transition(),
+            headers={"Authorization": "Bearer k_mine_0123456789", "Host": "notifier.example"},
+        )
+        assert resp.status == 202
 
 
 async def test_in_process_worker_starts_and_stops_with_the_app(tmp_path: Path) -> None:

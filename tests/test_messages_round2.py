@@ -18,7 +18,7 @@ from notifier.channels.outbox import build_eml
 from notifier.channels.sendgrid import payload
 from notifier.models import ChannelKind, Transition
 from notifier.render import EmailMessageOut, SmsMessageOut
-from notifier.render.i18n import window
+from notifier.render.i18n import when, window
 from notifier.resources import data_dir
 from tests.conftest import auth, local_day_and_time, transition
 from tests.test_messages import notification, render_email, renderer, sample
@@ -383,3 +383,103 @@ def test_a_customs_sms_carries_no_link(acme: Path) -> None:
     assert "http" not in body
     assert "Pay any fees only on the UPS website or app." in body
     assert body.endswith("Track it with UPS: 1Z999AA10123456784")
+
+
+# -- 9. what a reviewer's read of every message found (12-05) ----------------------------------
+
+
+def _commit(templates: Path, *commitments: str) -> None:
+    brand = templates / "acme" / "brand.yaml"
+    brand.write_text(
+        brand.read_text() + "commitments:\n" + "".join(f"  {c}: true\n" for c in commitments)
+    )
+
+
+def test_a_lost_parcel_says_we_look_only_when_the_merchant_asked_for_a_search(
+    acme: Path,
+) -> None:
+    """The subject said "We are looking for your parcel" for every merchant, while its SMS
+    said the carrier is: only a merchant that asks the carrier for a search says "we"."""
+    message = email_of(acme, "exception:lost")
+    assert message.subject == "The carrier is looking for your parcel"
+    assert "We are looking" not in message.text and "We are looking" not in message.html
+    assert "The carrier is looking for your parcel" in message.html  # the headline too
+    assert email_of(acme, "exception:lost", "de").subject != message.subject  # translated
+    _commit(acme, "search_request")
+    message = email_of(acme, "exception:lost")
+    assert message.subject == "We are looking for your parcel"
+    assert "We have asked the carrier to search for it." in message.text
+
+
+def test_a_problem_says_we_are_on_it_only_when_the_merchant_follows_up(acme: Path) -> None:
+    assert (
+        email_of(acme, "exception:other").preheader
+        == "The carrier reported a problem with your parcel."
+    )
+    _commit(acme, "carrier_follow_up")
+    assert email_of(acme, "exception:other").preheader == "We are on it."
+
+
+def test_an_address_sms_without_a_form_asks_the_customer_to_contact_the_shop(
+    acme: Path,
+) -> None:
+    """Without a change-of-address link the SMS said "please check your delivery address"
+    and linked the carrier's tracking page, where nothing can be changed."""
+    assert (
+        "please check your delivery address."
+        in sms_of(acme, sample("exception:address_issue")).body
+    )
+    brand = acme / "acme" / "brand.yaml"
+    brand.write_text(
+        "\n".join(line for line in brand.read_text().splitlines() if "change_address" not in line)
+        + "\n"
+    )
+    body = sms_of(acme, sample("exception:address_issue")).body
+    assert body.startswith("Acme Shop: please contact us to confirm your delivery address.")
+    for locale in ("de", "fr", "pl", "ja", "he"):
+        text = sms_of(acme, sample("exception:address_issue"), locale).body
+        assert "please" not in text and "Acme Shop" in text, locale
+
+
+def test_a_refused_parcels_sms_says_what_to_do_if_it_was_a_mistake(acme: Path) -> None:
+    body = sms_of(acme, sample("exception:refused")).body
+    assert "your parcel was refused. If this is a mistake, contact us." in body
+    for locale in ("de", "es", "zh_Hans", "ar"):
+        assert "mistake" not in sms_of(acme, sample("exception:refused"), locale).body
+
+
+@pytest.mark.parametrize("locale", ["ar", "he"])
+def test_the_plain_text_progress_has_no_latin_letter_to_turn_rtl_lines(
+    acme: Path, locale: str
+) -> None:
+    """A finished step was marked ``[x]``: its Latin letter made plain-text clients lay
+    that line out left to right, the other steps right to left."""
+    text = email_of(acme, "in_transit", locale).text
+    marked = [line for line in text.splitlines() if line.lstrip().startswith("[")]
+    assert len(marked) >= 4
+    assert any(line.lstrip().startswith("[✓]") for line in marked)
+    assert not [line for line in marked if re.search("[A-Za-z]", line)]
+
+
+def test_a_moment_reads_as_part_of_a_sentence_in_polish_and_portuguese() -> None:
+    """CLDR's day and joiner read as a list inside a sentence: "doręczona sob., 21
+    listopada, 10:30" (Polish needs the weekday's accusative, which CLDR lacks) and
+    "entregue em sáb., 21 de novembro 10:30" (and "no sáb." but "na seg.")."""
+    at = datetime(2026, 11, 21, 9, 30, tzinfo=UTC)
+    assert when(at, "Europe/Warsaw", "pl") == "21 listopada o 10:30"
+    assert when(at, "America/Sao_Paulo", "pt_BR") == "21 de novembro, às 06:30"
+    assert window(at, at + timedelta(hours=4), "Europe/Warsaw", "pl") == (
+        "21 listopada, 10:30–14:30"
+    )
+    assert window(at, at + timedelta(hours=4), "America/Sao_Paulo", "pt_BR") == (
+        "21 de novembro, 06:30\u2009–\u200910:30"
+    )
+    # the other languages keep CLDR's own day and joiner
+    assert when(at, "Europe/Berlin", "de") == "Sa., 21. November, 10:30"
+
+
+def test_a_delivery_reads_as_one_sentence_in_polish_and_portuguese(acme: Path) -> None:
+    portuguese = email_of(acme, "delivered", "pt_BR").text
+    assert re.search(r"Seu pacote foi entregue em \d+ de \w+, às \d\d:\d\d", portuguese)
+    polish = email_of(acme, "delivered", "pl").text
+    assert re.search(r"została doręczona \d+ \w+ o \d\d?:\d\d", polish), polish

@@ -68,6 +68,13 @@ def test_every_route_is_in_the_document_with_each_method(settings: Settings) -> 
     assert listed == {(m, p) for m, p in registered if m != "HEAD"}
 
 
+def test_every_get_route_answers_head_too(settings: Settings) -> None:
+    """As the README says; the editor's pages answered HEAD with 405."""
+    registered = routes(create_app(settings))
+    gets = {path for method, path in registered if method == "GET"}
+    assert gets and gets == {path for method, path in registered if method == "HEAD"}
+
+
 def test_a_route_without_documentation_fails_the_document(settings: Settings) -> None:
     async def handler(request: web.Request) -> web.Response:
         return web.Response()

@@ -10,10 +10,12 @@ import signal
 import urllib.request
 from pathlib import Path
 
+import redis
 from aiohttp.test_utils import TestClient, TestServer
 
 from notifier.app import create_app
 from notifier.resources import data_dir
+from notifier.store.keys import optout_key
 from notifier.unsubscribe import sign, verify
 from tests.conftest import (
     API_KEYS,
@@ -66,8 +68,14 @@ async def test_one_click_unsubscribe_end_to_end(tmp_path: Path, redis_url: str) 
 
         page = await client.get(path)  # a link scanner: nothing happens
         assert page.status == 200 and '<form method="post">' in await page.text()
+        assert (await client.head(path)).status == 200  # nor with HEAD
+        assert (await client.get(path)).status == 200
+        opted = redis.Redis.from_url(redis_url)
+        assert not opted.smembers(optout_key("acme"))  # (the set the opt-out goes to)
         done = await client.post(path, data={"List-Unsubscribe": "One-Click"})
         assert done.status == 200
+        assert opted.smembers(optout_key("acme"))
+        opted.close()
         assert (await client.post(path[:-3] + "abc")).status == 404
 
         await post(

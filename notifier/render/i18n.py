@@ -170,16 +170,31 @@ def _zone(name: str) -> ZoneInfo:
     return ZoneInfo(name)
 
 
+#: Languages whose CLDR day or joiner reads wrong inside a sentence, where messages put a
+#: moment ("delivered on %(when)s"): language -> (day skeleton or None for CLDR's, the
+#: joiner of a moment, the joiner of a day and a time range). Polish would need the
+#: weekday's accusative ("w sobotę"), which CLDR does not have: "doręczona sob., 21
+#: listopada, 10:30" reads as a list, "doręczona 21 listopada o 10:30" as a sentence.
+#: Portuguese joins a day and a time with no mark at all ("sáb., 21 de novembro 10:30"),
+#: and no one preposition fits every weekday ("no sáb.", "na seg."): "entregue em 21 de
+#: novembro, às 10:30".
+_IN_SENTENCE: dict[str, tuple[str | None, str, str]] = {
+    "pl": ("MMMMd", "{1} o {0}", "{1}, {0}"),
+    "pt": ("MMMMd", "{1}, às {0}", "{1}, {0}"),
+}
+
+
 @lru_cache(maxsize=512)
-def _patterns(locale: str) -> tuple[DateTimePattern, DateTimePattern, str]:
-    """The locale's (day, short time, date-time joiner), resolved once: babel's skeleton
-    matching costs ~0.3 ms a call."""
+def _patterns(locale: str) -> tuple[DateTimePattern, DateTimePattern, str, str]:
+    """The locale's (day, short time, moment joiner, window joiner), resolved once: babel's
+    skeleton matching costs ~0.3 ms a call."""
     loc = parse_locale(locale) or Locale("en")
-    day = loc.datetime_skeletons[match_skeleton("MMMMEEEEd", loc.datetime_skeletons)]
+    skeleton, at, during = _IN_SENTENCE.get(loc.language, (None, "", ""))
+    day = loc.datetime_skeletons[match_skeleton(skeleton or "MMMMEEEEd", loc.datetime_skeletons)]
     time = loc.time_formats["short"]
     # The locale's own way to join them ("{1}, {0}", "{1} 'um' {0}", "{1} {0}"...).
     joiner = str(loc.datetime_formats["medium"]).replace("'", "")
-    return parse_pattern(str(day)), parse_pattern(str(time)), joiner
+    return parse_pattern(str(day)), parse_pattern(str(time)), at or joiner, during or joiner
 
 
 #: An event's moment is formatted for each of its messages (email and SMS), and a delivery
@@ -189,7 +204,7 @@ def when(moment: datetime, timezone: str | None, locale: str) -> str:
     """A moment in the recipient's zone and locale, e.g. ``Sat, Nov 21, 9:30 AM``."""
     local = moment.astimezone(_zone(timezone or "UTC"))
     loc = parse_locale(locale) or Locale("en")
-    day, time, joiner = _patterns(locale)
+    day, time, joiner, _ = _patterns(locale)
     text = joiner.replace("{1}", day.apply(local, loc)).replace("{0}", time.apply(local, loc))
     return text if timezone else f"{text} UTC"
 
@@ -201,7 +216,7 @@ def window(start: datetime, end: datetime, timezone: str | None, locale: str) ->
     loc = parse_locale(locale) or Locale("en")
     if start.astimezone(tz).date() != end.astimezone(tz).date():
         return f"{when(start, timezone, locale)} – {when(end, timezone, locale)}"
-    day, _, joiner = _patterns(locale)
+    day, _, _, joiner = _patterns(locale)
     if start == end:  # a zero-length window is a time, not "10:30 – 10:30"
         return when(start, timezone, locale)
     times = _time_interval(start.astimezone(tz), end.astimezone(tz), locale)

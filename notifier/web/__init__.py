@@ -60,7 +60,10 @@ def add_routes(app: web.Application, admin: Admin, views: Views, keys: KeyRing) 
     for method, path, handler in routes:
         # the preview answers the editor's script: its errors stay the API's JSON
         wrapped = handler if handler == messages.preview else html_errors(web_, handler)
-        app.router.add_route(method, path, wrapped)
+        if method == "GET":  # and HEAD, as every other GET route (README, "OpenAPI")
+            app.router.add_get(path, wrapped)
+        else:
+            app.router.add_route(method, path, wrapped)
     app.router.add_get(base, _slash)
     app.router.add_get("/merchant/static/{filename}", _static)
 

@@ -111,6 +111,7 @@ class Sessions:
 
     async def open(self, api_key: str, response: web.StreamResponse, request: web.Request) -> bool:
         """Start a session for ``api_key`` (False when no such key) and set its cookie."""
+        self.keys.check_host(request)
         merchants = self.keys.merchants_for(api_key)
         if merchants is None:
             return False
@@ -146,6 +147,7 @@ class Sessions:
         token = request.cookies.get(COOKIE)
         if not token:
             return None
+        self.keys.check_host(request)
         key = self._key(token)
         raw = await self.redis.get(key)
         if raw is None:
