@@ -127,6 +127,13 @@ def packed_in_c(connection: type[AbstractConnection]) -> type[AbstractConnection
     return Packed
 
 
+#: Redis's words when it refuses the URL's user name or password
+_REFUSED_CREDENTIALS = re.compile(
+    r"invalid username-password pair[^.;)]*|WRONGPASS[^.;)]*|NOAUTH[^.;)]*|"
+    r"Authentication required[^.;)]*|AUTH <password> called without any password[^.;)]*"
+)
+
+
 class _Cluster(RedisCluster):
     """redis-py's cluster client, whose failures to reach the cluster are Redis errors like
     any other outage (a 503 with Retry-After at ingest, a retry in a worker), not a crash.
@@ -135,7 +142,9 @@ class _Cluster(RedisCluster):
     - no node named in NOTIFIER_REDIS_URL answers (``RedisClusterException``);
     - a slot without a master while a replica is promoted (``SlotNotCoveredError``);
     - a connection closed under a running command as the client follows a failover (an
-      AttributeError from its connection module).
+      AttributeError from its connection module; on uvloop, the worker's loop, a
+      RuntimeError: "unable to perform operation on <TCPTransport closed=True …>; the
+      handler is closed", seen when a master was killed).
     """
 
     #: whether it ever learnt the cluster's layout: after that, a node that does not answer
@@ -149,6 +158,10 @@ class _Cluster(RedisCluster):
         except RedisClusterException as exc:
             if "not enabled" in str(exc) and not self._met:  # a Redis without cluster mode
                 raise
+            refused = _REFUSED_CREDENTIALS.search(str(exc))
+            if refused is not None and not self._met:
+                # refused, not unreachable: it will refuse every retry (the set-up's error)
+                raise AuthenticationError(refused.group(0)) from None
             raise RedisConnectionError(f"Redis Cluster: {exc}") from exc
         self._met = True
         return found
@@ -156,7 +169,7 @@ class _Cluster(RedisCluster):
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return await super().execute_command(*args, **kwargs)
-        except (AttributeError, SlotNotCoveredError) as exc:
+        except (AttributeError, RuntimeError, SlotNotCoveredError) as exc:
             raise _as_outage(exc) from exc
 
     def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> ClusterPipeline:
@@ -172,13 +185,20 @@ class _ClusterPipeline(ClusterPipeline):
     ) -> list[Any]:
         try:
             return await super().execute(raise_on_error, allow_redirections)
-        except (AttributeError, SlotNotCoveredError) as exc:
+        except (AttributeError, RuntimeError, SlotNotCoveredError) as exc:
             raise _as_outage(exc) from exc
 
 
-def _as_outage(exc: AttributeError | SlotNotCoveredError) -> BaseException:
-    """A failover's error as a Redis connection error; any other AttributeError as it is."""
+#: uvloop's words for a write on a transport a failover closed
+_CLOSED_TRANSPORT = re.compile(r"unable to perform operation on <\w*Transport closed=True")
+
+
+def _as_outage(exc: AttributeError | RuntimeError | SlotNotCoveredError) -> BaseException:
+    """A failover's error as a Redis connection error; any other AttributeError or
+    RuntimeError as it is."""
     if isinstance(exc, AttributeError) and not raised_in_redis_connection(exc):
+        return exc
+    if isinstance(exc, RuntimeError) and not _CLOSED_TRANSPORT.match(str(exc)):
         return exc
     return RedisConnectionError(f"Redis Cluster: {type(exc).__name__}: {exc}")
 
@@ -194,15 +214,27 @@ def connect(settings: Settings, server: FakeServer | None = None) -> DataRedis:
         userinfo = url.netloc.rpartition("@")[0]
         first = f"{userinfo}@" if userinfo else ""
         netloc = f"{first}[{host}]:{port}" if ":" in host else f"{first}{host}:{port}"
-        cluster: RedisCluster = _Cluster.from_url(
-            url._replace(netloc=netloc).geturl(),
-            startup_nodes=[ClusterNode(h, p) for h, p in more] or None,
-            socket_timeout=settings.redis_timeout_s,
-            socket_connect_timeout=settings.redis_timeout_s,
-        )
+        try:
+            cluster: RedisCluster = _Cluster.from_url(
+                url._replace(netloc=netloc).geturl(),
+                startup_nodes=[ClusterNode(h, p) for h, p in more] or None,
+                socket_timeout=settings.redis_timeout_s,
+                socket_connect_timeout=settings.redis_timeout_s,
+            )
+        except (TypeError, ValueError) as exc:  # an option after ? that redis-py does not take
+            raise ConfigurationError(
+                f"NOTIFIER_REDIS_URL: an option after ? that a Redis Cluster client does not "
+                f"take ({_unexpected(exc)})"
+            ) from None
         return cluster
     # one Redis: an ArqRedis too, so that without a queue Redis of its own arq shares it
     return _connect_one(settings, settings.redis_url, server)
+
+
+def _unexpected(exc: Exception) -> str:
+    """The option redis-py's error names, without the rest of its words."""
+    found = re.search(r"argument '(\w+)'", str(exc))
+    return f"'{found.group(1)}'" if found else type(exc).__name__
 
 
 def connect_queue(settings: Settings, server: FakeServer | None = None) -> ArqRedis:
@@ -359,6 +391,7 @@ async def open_resources(
         await refuse_a_mismatched_mode(settings, redis, queue)
         await refuse_a_refusing_redis(settings, redis, queue)
         await refuse_an_old_redis(settings, redis)
+        await refuse_another_partition_count(settings, redis)
     except BaseException:
         await close_redis(redis)
         if queue is not redis:
@@ -489,6 +522,51 @@ async def refuse_a_mismatched_mode(settings: Settings, redis: DataRedis, queue: 
                 f"{name} names a node of a Redis Cluster:{hint} give arq's job queue a "
                 "Redis of its own (NOTIFIER_QUEUE_REDIS_URL); arq cannot run on a cluster"
             )
+
+
+async def refuse_another_partition_count(settings: Settings, redis: DataRedis) -> None:
+    """NOTIFIER_PARTITIONS decides the inbox stream a shipment's events queue in and, on a
+    Redis Cluster, the slot of every key (``keys.tag``). The data's Redis keeps the count it
+    was written with (``keys.PARTITIONS_KEY``, set by the first process). Another count is
+    refused at start-up, naming both: on a cluster a process with it would find no state,
+    history or event ids (a repost taken again, a message sent twice); on one Redis its API
+    would queue events in streams no worker drains. On one Redis the count may change once
+    every inbox is empty (README, "Scaling out"); the first process with the new count then
+    records it. (A Redis that does not answer yet is not checked: the processes wait.)"""
+    if settings.embedded:
+        return
+    wanted = settings.partitions
+    try:
+        stored = await redis.set(keys.PARTITIONS_KEY, wanted, nx=True, get=True)
+        if stored is None or int(stored) == wanted:
+            return
+        before = int(stored)
+        if not isinstance(redis, RedisCluster):
+            async with redis.pipeline(transaction=False) as pipe:
+                for partition in range(max(before, wanted)):
+                    pipe.xlen(keys.inbox_key(partition))
+                waiting = sum(int(n) for n in await pipe.execute())
+            if not waiting:
+                await redis.set(keys.PARTITIONS_KEY, wanted)
+                log.warning("NOTIFIER_PARTITIONS changed from %d to %d", before, wanted)
+                return
+    except (RedisError, RedisClusterException, OSError, ValueError):
+        return
+    if isinstance(redis, RedisCluster):
+        why = (
+            "on a Redis Cluster every key's slot depends on it, so with another count the "
+            "service finds none of its shipments, histories or event ids (a repost would be "
+            "taken again and its messages sent twice)"
+        )
+    else:
+        why = (
+            f"its inboxes still hold {waiting} entries, which a worker with another count "
+            "would leave undrained; change it once they are empty"
+        )
+    raise ConfigurationError(
+        f"NOTIFIER_PARTITIONS is {wanted}, but the data in this Redis was written with "
+        f"{before} partitions: {why}. Set NOTIFIER_PARTITIONS={before}"
+    )
 
 
 #: The oldest Redis the store's scripts run on: they use EXPIRETIME and EXPIRE's GT and LT

@@ -283,6 +283,8 @@ class Settings(BaseSettings):
         else:
             _check_port(url)
         database = url.path.strip("/")
+        if url.scheme.endswith("+cluster") and database not in ("", "0"):
+            raise ValueError("a Redis Cluster has database 0 only: write no /<database>")
         if url.scheme in ("redis", "rediss") and database and not database.isdigit():
             # (redis-py read anything else as database 0)
             raise ValueError(

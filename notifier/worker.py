@@ -114,6 +114,16 @@ async def drain(ctx: dict[str, Any], partition: int) -> int:
     claimed once).
     """
     res: Resources = ctx["res"]
+    if not 0 <= partition < res.settings.partitions:
+        # enqueued by a process with another NOTIFIER_PARTITIONS (which start-up refuses
+        # once the data's Redis knows its count): nothing here can drain it
+        log.error(
+            "a drain job for partition %d, but NOTIFIER_PARTITIONS is %d here: a process with "
+            "another count enqueued it; every process must have the same",
+            partition,
+            res.settings.partitions,
+        )
+        return 0
     token = uuid.uuid4().hex
     started = time.monotonic()
     resume = False

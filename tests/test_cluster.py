@@ -35,7 +35,7 @@ from notifier.resources import Resources, open_resources
 from notifier.settings import Settings
 from notifier.store import ShipmentCommit, Store, keys, record
 from notifier.store.inbox import Inbox
-from notifier.worker import build_worker, find_stalled, release_due
+from notifier.worker import build_worker, drain, find_stalled, release_due
 from tests.conftest import (
     API_KEYS,
     NOW,
@@ -71,6 +71,7 @@ UNTAGGED = (
     "ntf:overrides:hits",
     "ntf:lastsms:",
     "ntf:digest-key",  # the deployment key (unsubscribe links, reply digests): a plain SET
+    "ntf:partitions",  # the NOTIFIER_PARTITIONS the data was written with: a plain SET
 )
 
 
@@ -1047,3 +1048,91 @@ async def test_a_cluster_named_as_one_redis_or_the_reverse_is_refused_at_start_u
     assert proc.returncode != 0
     assert "NOTIFIER_REDIS_URL names a node of a Redis Cluster" in out
     assert "Traceback" not in out
+
+
+def test_a_partition_past_the_count_has_no_tag() -> None:
+    """``tag(6, 6)`` looked for a slot past the last one for ever: a drain job enqueued by a
+    process with more partitions wedged every worker that took it (SIGTERM too)."""
+    assert keys.tag(5, 6).startswith("{p5.")
+    for partition in (6, 7, -1):
+        with pytest.raises(ValueError, match=f"no partition {partition} of 6"):
+            keys.tag(partition, 6)
+
+
+async def test_a_process_with_another_partition_count_is_refused_on_a_cluster(
+    on_cluster: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every key's slot depends on NOTIFIER_PARTITIONS: a process with another count found
+    no event ids (a repost was taken again, its message sent twice) and no histories."""
+    async with open_resources(on_cluster) as res:
+        assert int(await res.redis.get(keys.PARTITIONS_KEY)) == PARTITIONS
+        # a drain job for a partition this process does not have ends at once, and says so
+        assert await drain({"res": res}, PARTITIONS + 1) == 0
+    assert f"a drain job for partition {PARTITIONS + 1}, but NOTIFIER_PARTITIONS is 8" in (
+        caplog.text
+    )
+    other = on_cluster.model_copy(update={"partitions": 6})
+    with pytest.raises(ConfigurationError) as refused:
+        async with open_resources(other):
+            pass
+    message = str(refused.value)
+    assert message.startswith(
+        "NOTIFIER_PARTITIONS is 6, but the data in this Redis was written with 8 partitions: "
+        "on a Redis Cluster every key's slot depends on it"
+    )
+    assert message.endswith("Set NOTIFIER_PARTITIONS=8")
+    async with open_resources(on_cluster):  # the same count still starts
+        pass
+
+
+async def test_one_redis_changes_its_partition_count_once_the_inboxes_are_empty(
+    on_one_redis: Settings,
+) -> None:
+    settings = on_one_redis
+    app = create_app(settings, run_worker=False)
+    async with TestClient(TestServer(app)) as client:
+        await post(client, transition())
+    more = settings.model_copy(update={"partitions": PARTITIONS * 2})
+    with pytest.raises(ConfigurationError, match="its inboxes still hold 1 entries"):
+        async with open_resources(more):
+            pass
+    await run_worker(settings)  # drained: the count may change
+    async with open_resources(more) as res:
+        assert int(await res.redis.get(keys.PARTITIONS_KEY)) == PARTITIONS * 2
+    async with TestClient(TestServer(create_app(more, run_worker=False))) as client:
+        await post(client, transition(event_id="b", status="delivered"))
+    # a process still at the old count, while that entry waits, is refused
+    with pytest.raises(ConfigurationError, match=r"Set NOTIFIER_PARTITIONS=16$"):
+        async with open_resources(settings):
+            pass
+
+
+def test_uvloops_closed_transport_under_a_failover_reads_as_an_outage() -> None:
+    """A killed master: on uvloop a drain's command failed with a RuntimeError, read as a
+    bug (a traceback, its entries stalled until reclaimed), not as the outage it is."""
+    from notifier.resources import _as_outage
+
+    closed = RuntimeError(
+        "unable to perform operation on <TCPTransport closed=True reading=False "
+        "0x7f0e4c0b5a40>; the handler is closed"
+    )
+    assert isinstance(_as_outage(closed), RedisConnectionError)
+    other = RuntimeError("Event loop is closed")
+    assert _as_outage(other) is other
+
+
+async def test_a_cluster_url_with_a_refused_password_a_database_or_an_odd_option_is_one_line(
+    on_cluster: Settings,
+) -> None:
+    """Each was a traceback, or (the password) an outage waited for for ever."""
+    url = on_cluster.redis_url
+    assert url is not None
+    wrong = url.replace("redis+cluster://", "redis+cluster://:hunter2pw@", 1)
+    with pytest.raises(ConfigurationError, match="NOTIFIER_REDIS_URL: Redis refused the cred"):
+        async with open_resources(on_cluster.model_copy(update={"redis_url": wrong})):
+            pass
+    with pytest.raises(ConfigurationError, match=r"an option after \? .* \('foo'\)"):
+        async with open_resources(on_cluster.model_copy(update={"redis_url": url + "?foo=bar"})):
+            pass
+    with pytest.raises(ValidationError, match="a Redis Cluster has database 0 only"):
+        make_settings(Path("."), redis_url=url + "/3", queue_redis_url=on_cluster.queue_redis_url)

@@ -33,6 +33,8 @@ def tag(partition: int, partitions: int) -> str:
     ``k`` whose slot falls in the partition's share of the 16,384 slots, so the partitions
     spread evenly over shards that hold equal ranges of slots (as ``redis-cli --cluster
     create`` makes them), not where their names happen to hash."""
+    if not 0 <= partition < partitions:  # (its share of the slots would be past the last)
+        raise ValueError(f"no partition {partition} of {partitions}")
     low, high = partition * SLOTS // partitions, (partition + 1) * SLOTS // partitions
     for k in itertools.count():
         name = f"p{partition}.{k}"
@@ -432,6 +434,9 @@ def stats_seen_key(merchant_id: str, day: str, tag: str = "") -> str:
 # -- outside the store: workers, the editor's overrides and sessions ------------------------
 #: Live workers by the epoch ms of their last heartbeat (a sorted set; worker.py, /readyz).
 WORKERS_KEY = f"{PREFIX}:workers"
+#: The NOTIFIER_PARTITIONS the data was written with (``resources``: a process with another
+#: count is refused at start-up; on a cluster every key's slot depends on it).
+PARTITIONS_KEY = f"{PREFIX}:partitions"
 #: A merchant's overrides (overrides.py): ``<prefix>:{<merchant>}:<kind>``, one hash tag per
 #: merchant, so its publish and rollback scripts stay in one slot on a Redis Cluster.
 OVERRIDES_PREFIX = f"{PREFIX}:ovr"
