@@ -164,9 +164,17 @@ class Readiness(_Reply):
     """Each check is "ok" or says what is wrong."""
 
     status: Literal["ready", "not_ready"]
+    queue: str | None = Field(
+        default=None,
+        description="arq's queue Redis, when it has one of its own (NOTIFIER_QUEUE_REDIS_URL)",
+    )
     redis: str
     workers: int | str | None = Field(
         default=None, description="workers alive (absent when Redis does not answer)"
+    )
+    replicas: str | None = Field(
+        default=None,
+        description="replicas in sync, with NOTIFIER_INGEST_WAIT_REPLICAS (absent without it)",
     )
     policies: str
     templates: str

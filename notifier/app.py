@@ -297,10 +297,14 @@ async def readyz(request: web.Request) -> web.Response:
     loaded, and at least one worker beat lately. 503 naming what is not."""
     res = request.app[RESOURCES]
     checks: dict[str, Any] = {}
+    if res.queue is not res.redis:  # arq's own Redis: said apart (the data's may be fine)
+        try:
+            await res.queue.ping()
+            checks["queue"] = "ok"
+        except (RedisError, OSError) as exc:
+            checks["queue"] = f"unreachable ({type(exc).__name__}): NOTIFIER_QUEUE_REDIS_URL"
     try:
         await res.redis.ping()
-        if res.queue is not res.redis:
-            await res.queue.ping()
         since = int(res.clock().timestamp() * 1000) - int(WORKER_ALIVE_S * 1000)
         alive = int(await res.redis.zcount(WORKERS_KEY, since, "+inf"))
         checks["redis"] = "ok"

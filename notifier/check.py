@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from redis.exceptions import RedisError
+from arq.connections import ArqRedis
+from redis.exceptions import RedisClusterException, RedisError
 
 from notifier.errors import ConfigurationError, NotifierError
 from notifier.models import (
@@ -43,7 +44,15 @@ from notifier.render.i18n import Catalogs
 from notifier.render.limits import Limits
 from notifier.render.renderer import EXHAUSTED, LINK_PLACEHOLDERS
 from notifier.render.sms import SmsEncoding
-from notifier.resources import TREES, close_redis, connect, data_dir
+from notifier.resources import (
+    TREES,
+    close_redis,
+    connect,
+    connect_queue,
+    data_dir,
+    refuse_a_mismatched_mode,
+    refuse_a_refusing_redis,
+)
 from notifier.settings import Settings, is_loopback
 
 if TYPE_CHECKING:  # babel's catalog tools: `notifier check` only, imported there
@@ -721,7 +730,15 @@ async def published_problems(settings: Settings) -> list[str]:
     if settings.embedded:
         return []
     redis = connect(settings)
+    # as open_resources: arq's queue on the data's Redis unless it has one of its own
+    shared = not settings.queue_redis_url and isinstance(redis, ArqRedis)
+    queue = redis if shared and isinstance(redis, ArqRedis) else connect_queue(settings)
     try:
+        try:  # what `serve` and `worker` refuse at start-up (a cluster named as one Redis...)
+            await refuse_a_mismatched_mode(settings, redis, queue)
+            await refuse_a_refusing_redis(settings, redis, queue)
+        except ConfigurationError as exc:
+            return [str(exc)]
         store = OverrideStore(redis)
         problems = []
         async for key in redis.scan_iter(match=f"{PREFIX}:{{*}}:live", count=1000):
@@ -735,9 +752,11 @@ async def published_problems(settings: Settings) -> list[str]:
             )
             problems += [f"{where}: {p}" for p in found]
         return problems
-    except (RedisError, OSError) as exc:
+    except (RedisError, RedisClusterException, OSError) as exc:
         return [f"cannot read the published overrides from Redis: {type(exc).__name__}: {exc}"]
     finally:
+        if queue is not redis:
+            await queue.aclose(close_connection_pool=True)
         await close_redis(redis)
 
 

@@ -27,6 +27,7 @@ from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from notifier.app import RESOURCES, create_app
+from notifier.check import published_problems
 from notifier.deadletters import DeadLetters
 from notifier.errors import ConfigurationError, TemporaryDeliveryError
 from notifier.models import ChannelKind
@@ -1036,6 +1037,9 @@ async def test_a_cluster_named_as_one_redis_or_the_reverse_is_refused_at_start_u
         with pytest.raises(ConfigurationError, match=message):
             async with open_resources(settings):
                 pass
+        # and `notifier check` says what serve would refuse (it said "ok", or a traceback)
+        [problem] = await published_problems(settings)
+        assert message in problem, problem
     # and `notifier serve` says so in one line, and exits
     env = {
         "NOTIFIER_REDIS_URL": node,

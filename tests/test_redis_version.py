@@ -156,6 +156,28 @@ async def test_a_queue_redis_of_its_own_next_to_one_redis_holds_the_queue_only(
     data.close()
 
 
+async def test_readyz_says_which_redis_does_not_answer(
+    tmp_path: Path, redis_url: str, queue_redis: redis.Redis
+) -> None:
+    """The queue's Redis down said "redis": unreachable, as if the data's were."""
+    port = queue_redis.connection_pool.connection_kwargs["port"]
+    for queue_port, answer in ((port, "ok"), (free_port(), "unreachable (ConnectionError)")):
+        settings = make_settings(
+            tmp_path,
+            redis_url=redis_url,
+            queue_redis_url=f"redis://127.0.0.1:{queue_port}/0",
+            redis_timeout_s=1,
+        )
+        async with TestClient(TestServer(create_app(settings, run_worker=False))) as client:
+            body = await (await client.get("/readyz")).json()
+        assert body["redis"] == "ok", body
+        assert body["queue"].startswith(answer), body
+    assert body["queue"].endswith("NOTIFIER_QUEUE_REDIS_URL") and body["status"] == "not_ready"
+    settings = make_settings(tmp_path, redis_url=redis_url)  # one Redis for both: no "queue"
+    async with TestClient(TestServer(create_app(settings, run_worker=False))) as client:
+        assert "queue" not in await (await client.get("/readyz")).json()
+
+
 async def test_every_master_of_a_cluster_is_asked(cluster: Cluster, tmp_path: Path) -> None:
     flush_cluster(cluster)
     settings = make_settings(tmp_path, redis_url=cluster.url, queue_redis_url=cluster.queue_url)
