@@ -30,41 +30,42 @@ RECENT = 8192
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 
 
-@lru_cache(maxsize=RECENT)
 def phone_problem(number: str) -> str | None:
     """Why ``number`` (E.164) cannot receive an SMS, or None."""
-    if not E164.fullmatch(number):
-        # libphonenumber reads "tel:+33 6…", trailing text or a NUL as the number: what is
-        # sent and matched against opt-outs must be exactly the number
-        return "not a phone number in E.164 form, like +33612345678"
-    try:
-        parsed = phonenumbers.parse(number, None)
-    except phonenumbers.NumberParseException:
-        return "not a phone number"
-    if not phonenumbers.is_valid_number(parsed):
-        region = phonenumbers.region_code_for_country_code(parsed.country_code or 0)
-        where = f" in {region}" if region and region != "ZZ" else ""
-        return f"no such phone number{where} (wrong length or prefix)"
-    if phonenumbers.number_type(parsed) == phonenumbers.PhoneNumberType.FIXED_LINE:
-        return "a landline, which cannot receive SMS"
-    if phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164) != number:
-        # +330612345678 is +33612345678 to libphonenumber, but not to an opt-out (or a STOP)
-        # kept under the number's one E.164 spelling: never sent, so never sent past one
-        return "not in E.164 form: a national prefix (such as 0) after the country code"
-    return None
+    return _phone(number)[0]
 
 
 def canonical_phone(number: str) -> str:
-    """``number``'s one E.164 spelling (``+330612345678`` -> ``+33612345678``), or
-    ``number`` as it is when it is no valid number (the keys of opt-outs the API records:
-    STOPs arrive from Twilio in that spelling, and ``phone_problem`` refuses any other)."""
+    """``number``'s one E.164 spelling (``+330612345678`` -> ``+33612345678``: a national
+    prefix after the country code), or ``number`` as it is when it is no valid number. What
+    a message goes to and an opt-out is kept under (STOPs arrive from Twilio in it): the
+    worker reads a transition's number so, the opt-out API and test sends too."""
+    return _phone(number)[1]
+
+
+@lru_cache(maxsize=RECENT)
+def _phone(number: str) -> tuple[str | None, str]:
+    """(``phone_problem``, ``canonical_phone``) of ``number``, from one parse."""
+    if not E164.fullmatch(number):
+        # libphonenumber reads "tel:+33 6…", trailing text or a NUL as the number: what is
+        # sent and matched against opt-outs must be exactly the number
+        return "not a phone number in E.164 form, like +33612345678", number
     try:
         parsed = phonenumbers.parse(number, None)
     except phonenumbers.NumberParseException:
-        return number
+        return "not a phone number", number
     if not phonenumbers.is_valid_number(parsed):
-        return number
-    return str(phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164))
+        region = phonenumbers.region_code_for_country_code(parsed.country_code or 0)
+        where = f" in {region}" if region and region != "ZZ" else ""
+        return f"no such phone number{where} (wrong length or prefix)", number
+    canonical = str(phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164))
+    if phonenumbers.number_type(parsed) == phonenumbers.PhoneNumberType.FIXED_LINE:
+        return "a landline, which cannot receive SMS", canonical
+    if canonical != number:
+        # one not read into canonical_phone's spelling (a recipient kept before it was):
+        # an opt-out or a STOP is kept under that spelling, so never sent past one
+        return "not in E.164 form: a national prefix (such as 0) after the country code", canonical
+    return None, canonical
 
 
 @lru_cache(maxsize=RECENT)

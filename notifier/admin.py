@@ -23,7 +23,7 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from notifier.addresses import email_problem, phone_problem
+from notifier.addresses import canonical_phone, email_problem, phone_problem
 from notifier.channels.base import Outgoing, Receipt
 from notifier.check import (
     candidate_renderer,
@@ -296,6 +296,8 @@ class Admin:
         """``test_send``'s work (the editor's too): its history entry, with the
         notification id; InvalidOverride for an address that cannot be sent to, or files
         that do not render."""
+        if body.channel is ChannelKind.SMS:  # the spelling opt-outs are kept under
+            body = body.model_copy(update={"to": canonical_phone(body.to)})
         problem = (email_problem if body.channel is ChannelKind.EMAIL else phone_problem)(body.to)
         if problem is None and await self.res.store.opted_out(
             merchant_id, [opt_out_key(body.channel, body.to)]

@@ -52,6 +52,8 @@ from notifier.resources import (
     data_dir,
     refuse_a_mismatched_mode,
     refuse_a_refusing_redis,
+    refuse_an_old_redis,
+    refuse_another_partition_count,
 )
 from notifier.settings import Settings, is_loopback
 
@@ -737,6 +739,8 @@ async def published_problems(settings: Settings) -> list[str]:
         try:  # what `serve` and `worker` refuse at start-up (a cluster named as one Redis...)
             await refuse_a_mismatched_mode(settings, redis, queue)
             await refuse_a_refusing_redis(settings, redis, queue)
+            await refuse_an_old_redis(settings, redis)
+            await refuse_another_partition_count(settings, redis, record=False)
         except ConfigurationError as exc:
             return [str(exc)]
         store = OverrideStore(redis)

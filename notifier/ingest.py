@@ -112,11 +112,12 @@ class KeyRing:
         """403 for the development key on a request addressed to a name that is not this
         machine's loopback: a web page whose name was re-bound to 127.0.0.1, or a proxy or
         tunnel that publishes this service, must not act with a key the README prints."""
-        if self.loopback_only and not is_loopback(request.host):
+        proxied = any(name in request.headers for name in _PROXY_HEADERS)
+        if self.loopback_only and (proxied or not is_loopback(request.host)):
             raise Forbidden(
                 "the development API key is only taken from this machine (a request to "
-                "127.0.0.1 or localhost); set NOTIFIER_API_KEYS to reach the service by "
-                "another name"
+                "127.0.0.1 or localhost, not through a proxy); set NOTIFIER_API_KEYS to "
+                "reach the service by another name or through a proxy"
             )
 
     def authenticate(self, request: web.Request) -> frozenset[str]:
@@ -135,6 +136,10 @@ class KeyRing:
             raise Unauthorized("unknown API key", headers={"WWW-Authenticate": "Bearer"})
         self.limiter.take(digest)
         return merchants
+
+
+#: what a proxy or tunnel adds, which may also have rewritten Host to 127.0.0.1
+_PROXY_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Real-IP", "Via")
 
 
 def _sha256(text: str) -> bytes:
@@ -321,6 +326,19 @@ def _items(body: Any, max_batch: int) -> tuple[list[Any], bool]:
     return items, True
 
 
+def _denied(
+    items: list[Any], valid: list[tuple[int, Transition]], merchants: frozenset[str]
+) -> list[int]:
+    """The items the key may not post for, valid or not (an invalid one's merchant as it was
+    sent, when it is text): any refuses the batch whole."""
+    of = {i: t.merchant_id for i, t in valid}
+    for index, item in enumerate(items):
+        sent = item.get("merchant_id") if isinstance(item, dict) else None
+        if index not in of and isinstance(sent, str):
+            of[index] = sent
+    return sorted(i for i, m in of.items() if not may_act_for(merchants, m))
+
+
 async def post_transitions(request: web.Request, res: Resources, keys: KeyRing) -> web.Response:
     """Accept one transition or a batch (DESIGN.md §3)."""
     merchants = keys.authenticate(request)
@@ -354,7 +372,7 @@ async def post_transitions(request: web.Request, res: Resources, keys: KeyRing) 
             continue
         valid.append((index, t))
 
-    denied = [i for i, t in valid if not may_act_for(merchants, t.merchant_id)]
+    denied = _denied(items, valid, merchants)
     if denied:
         raise Forbidden(
             "this API key may not post for that merchant",

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from notifier import metrics
-from notifier.addresses import email_problem, phone_problem
+from notifier.addresses import canonical_phone, email_problem, phone_problem
 from notifier.delivery import Deliverer, DeliveryReport
 from notifier.insights import counts, journeys
 from notifier.insights.predict import Model, Prediction, predict
@@ -107,6 +107,15 @@ class _Fold:
 _GOING = (Outcome.SENT, Outcome.DEFERRED)
 
 
+def _canonical(t: Transition) -> Transition:
+    """``t`` with its recipient's number in its one E.164 spelling (``+330612345678`` ->
+    ``+33612345678``): what opt-outs and STOPs are kept under, so what is sent to."""
+    r = t.recipient
+    if r is None or not r.phone or (phone := canonical_phone(r.phone)) == r.phone:
+        return t
+    return t.model_copy(update={"recipient": r.model_copy(update={"phone": phone})})
+
+
 def _scope(store: Store, shipments: Iterable[ShipmentKey]) -> Scope:
     """The scope of a batch: one partition's (a drain's), so on a Redis Cluster its keys
     share one slot."""
@@ -146,7 +155,7 @@ class Pipeline:
         request_ids: dict[tuple[str, str], str] = {}
         for entry in entries:
             try:
-                t = Transition.model_validate_json(entry.payload)
+                t = _canonical(Transition.model_validate_json(entry.payload))
             except ValidationError:
                 # Only the API writes the inbox, after validating; log the id, not the data.
                 log.error(

@@ -28,6 +28,7 @@ from redis.exceptions import (
     SlotNotCoveredError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from notifier import metrics
 from notifier.channels import Channel, OutboxChannel
@@ -221,10 +222,10 @@ def connect(settings: Settings, server: FakeServer | None = None) -> DataRedis:
                 socket_timeout=settings.redis_timeout_s,
                 socket_connect_timeout=settings.redis_timeout_s,
             )
-        except (TypeError, ValueError) as exc:  # an option after ? that redis-py does not take
+        except (TypeError, ValueError, RedisClusterException) as exc:  # an option after ?
             raise ConfigurationError(
-                f"NOTIFIER_REDIS_URL: an option after ? that a Redis Cluster client does not "
-                f"take ({_unexpected(exc)})"
+                "NOTIFIER_REDIS_URL: an option after ? that a Redis Cluster client does not "
+                f"take, or not with that value ({_unexpected(exc)})"
             ) from None
         return cluster
     # one Redis: an ArqRedis too, so that without a queue Redis of its own arq shares it
@@ -232,8 +233,8 @@ def connect(settings: Settings, server: FakeServer | None = None) -> DataRedis:
 
 
 def _unexpected(exc: Exception) -> str:
-    """The option redis-py's error names, without the rest of its words."""
-    found = re.search(r"argument '(\w+)'", str(exc))
+    """The option redis-py's error names, without the rest of its words (nor the URL)."""
+    found = re.search(r"[Aa]rgument '(\w+)'", str(exc))
     return f"'{found.group(1)}'" if found else type(exc).__name__
 
 
@@ -524,48 +525,43 @@ async def refuse_a_mismatched_mode(settings: Settings, redis: DataRedis, queue: 
             )
 
 
-async def refuse_another_partition_count(settings: Settings, redis: DataRedis) -> None:
-    """NOTIFIER_PARTITIONS decides the inbox stream a shipment's events queue in and, on a
-    Redis Cluster, the slot of every key (``keys.tag``). The data's Redis keeps the count it
-    was written with (``keys.PARTITIONS_KEY``, set by the first process). Another count is
-    refused at start-up, naming both: on a cluster a process with it would find no state,
-    history or event ids (a repost taken again, a message sent twice); on one Redis its API
-    would queue events in streams no worker drains. On one Redis the count may change once
-    every inbox is empty (README, "Scaling out"); the first process with the new count then
-    records it. (A Redis that does not answer yet is not checked: the processes wait.)"""
-    if settings.embedded:
+async def refuse_another_partition_count(
+    settings: Settings, redis: DataRedis, *, record: bool = True
+) -> None:
+    """On a Redis Cluster NOTIFIER_PARTITIONS decides the slot of every key (``keys.tag``):
+    a process with another count finds none of the shipments, histories or event ids (a
+    repost taken again, a message sent twice). The cluster keeps the count it was first
+    written with (``keys.PARTITIONS_KEY``, set by the first process, atomically), and another
+    is refused at start-up, naming both. (On one Redis the count only spreads the inbox over
+    streams, whose drains take any partition: README, "Scaling out".) ``record``: False for
+    ``check``, which only reads. A cluster that does not answer yet is not checked (the
+    processes wait for it); one that refuses the command is said in the log."""
+    if settings.embedded or not isinstance(redis, RedisCluster):
         return
     wanted = settings.partitions
     try:
-        stored = await redis.set(keys.PARTITIONS_KEY, wanted, nx=True, get=True)
-        if stored is None or int(stored) == wanted:
-            return
-        before = int(stored)
-        if not isinstance(redis, RedisCluster):
-            async with redis.pipeline(transaction=False) as pipe:
-                for partition in range(max(before, wanted)):
-                    pipe.xlen(keys.inbox_key(partition))
-                waiting = sum(int(n) for n in await pipe.execute())
-            if not waiting:
-                await redis.set(keys.PARTITIONS_KEY, wanted)
-                log.warning("NOTIFIER_PARTITIONS changed from %d to %d", before, wanted)
-                return
-    except (RedisError, RedisClusterException, OSError, ValueError):
+        if record:
+            stored = await redis.set(keys.PARTITIONS_KEY, wanted, nx=True, get=True)
+        else:
+            stored = await redis.get(keys.PARTITIONS_KEY)
+    except (RedisConnectionError, RedisTimeoutError, OSError):
         return
-    if isinstance(redis, RedisCluster):
-        why = (
-            "on a Redis Cluster every key's slot depends on it, so with another count the "
-            "service finds none of its shipments, histories or event ids (a repost would be "
-            "taken again and its messages sent twice)"
+    except (RedisError, RedisClusterException) as exc:  # NOPERM, READONLY...
+        log.warning(
+            "the partition count this Redis Cluster was written with could not be checked "
+            "(%s: %s): every process must have the same NOTIFIER_PARTITIONS",
+            type(exc).__name__,
+            exc,
         )
-    else:
-        why = (
-            f"its inboxes still hold {waiting} entries, which a worker with another count "
-            "would leave undrained; change it once they are empty"
-        )
+        return
+    if stored is None or int(stored) == wanted:
+        return
     raise ConfigurationError(
-        f"NOTIFIER_PARTITIONS is {wanted}, but the data in this Redis was written with "
-        f"{before} partitions: {why}. Set NOTIFIER_PARTITIONS={before}"
+        f"NOTIFIER_PARTITIONS is {wanted}, but the data in this Redis Cluster was written "
+        f"with {int(stored)} partitions: every key's slot depends on it, so with another "
+        "count the service finds none of its shipments, histories or event ids (a repost "
+        f"would be taken again and its messages sent twice). Set NOTIFIER_PARTITIONS="
+        f"{int(stored)}"
     )
 
 

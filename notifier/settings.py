@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, parse_qsl, urlsplit
 
 from dotenv import dotenv_values
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -31,18 +31,24 @@ DEV_API_KEY = "dev-key-not-for-production"
 def is_loopback(host: str) -> bool:
     """Whether ``host`` (a name or an address, with or without its port or IPv6 brackets,
     as a Host header or ``--host`` gives it) is this machine's loopback: ``localhost``,
-    127.0.0.0/8 or ``::1``. An empty host, ``0.0.0.0`` or ``::`` (every interface) is not."""
-    name = host.strip().lower()
-    if name.startswith("["):  # [::1] or [::1]:8080
-        name = name[1 : name.find("]")] if "]" in name else ""
-    elif name.count(":") == 1:  # name:port or 127.0.0.1:port (an IPv6 address has several)
-        name = name.partition(":")[0]
-    if name in ("localhost", "localhost."):
+    127.0.0.0/8 or ``::1``. An empty host, ``0.0.0.0`` or ``::`` (every interface) is not,
+    nor anything else after the name than a port."""
+    found = _HOST.fullmatch(host.strip().lower())
+    if found is None:
+        return False
+    name = found.group("v6") or found.group("name") or found.group("bare") or ""
+    if name == "localhost":
         return True
     try:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
         return False
+
+
+#: a host as Host or --host give it: [IPv6](:port), name(:port), or a bare IPv6 address
+_HOST = re.compile(
+    r"\[(?P<v6>[0-9a-f:.]+)\](:\d+)?|(?P<name>[^:\[\]]+)(:\d+)?|(?P<bare>[0-9a-f:.]+)"
+)
 
 
 _PROCESS_SECRET = secrets.token_urlsafe(32)
@@ -283,7 +289,8 @@ class Settings(BaseSettings):
         else:
             _check_port(url)
         database = url.path.strip("/")
-        if url.scheme.endswith("+cluster") and database not in ("", "0"):
+        asked = [v for k, v in parse_qsl(url.query) if k == "db"]
+        if url.scheme.endswith("+cluster") and ({database, *asked} - {"", "0"}):
             raise ValueError("a Redis Cluster has database 0 only: write no /<database>")
         if url.scheme in ("redis", "rediss") and database and not database.isdigit():
             # (redis-py read anything else as database 0)

@@ -49,6 +49,15 @@ class Fix(BaseModel):
     at: datetime
 
 
+def fix_of(t: Transition) -> Fix | None:
+    """Where and when ``t`` was scanned, when its location has coordinates: not (0, 0), a
+    geocoder's answer for "unknown" (no parcel is scanned in the Gulf of Guinea)."""
+    loc = t.location
+    if loc is None or loc.lat is None or loc.lon is None or (loc.lat == 0 and loc.lon == 0):
+        return None
+    return Fix(lat=loc.lat, lon=loc.lon, at=t.occurred_at)
+
+
 class Notice(BaseModel):
     """The latest message decided (sent or deferred) on a channel; newer ones supersede it."""
 
@@ -95,6 +104,9 @@ class ShipmentState(BaseModel):
     first_at: datetime | None = None  #: earliest accepted event
     last_scan_at: datetime | None = None  #: latest accepted event
     last_fix: Fix | None = None  #: latest located scan
+    #: a located scan flagged as too far from ``last_fix``: a next scan close to it and
+    #: not to ``last_fix`` shows that ``last_fix`` was the wrong one (``policy.anomaly``)
+    suspect_fix: Fix | None = None
     location: Location | None = None
     estimated_delivery: DeliveryWindow | None = None
     #: of the current status, when it is available_for_pickup
@@ -264,11 +276,11 @@ class ShipmentState(BaseModel):
             if self.last_scan_at
             else t.occurred_at,
         }
-        loc = t.location
-        located = loc is not None and loc.lat is not None and loc.lon is not None
-        if located and (self.last_fix is None or t.occurred_at >= self.last_fix.at):
-            assert loc is not None and loc.lat is not None and loc.lon is not None
-            update["last_fix"] = Fix(lat=loc.lat, lon=loc.lon, at=t.occurred_at)
+        fix = fix_of(t)
+        if fix is not None and (self.last_fix is None or fix.at >= self.last_fix.at):
+            update["last_fix"] = fix
+            if self.suspect_fix is not None:
+                update["suspect_fix"] = None
         rank = STATUS_RANK[t.status]
         if rank > self.max_rank and not self.is_step_back(t):
             update.update(max_rank=rank, furthest=t.milestone)
@@ -310,11 +322,24 @@ class ShipmentState(BaseModel):
             order=self.order,
         )
 
-    def remember(self, t: Transition) -> ShipmentState:
-        """Only note that ``t`` was seen (a flagged anomaly changes nothing else)."""
-        return replaced(
-            self, {"seen": [*self.seen, t.event_id][-SEEN_EVENTS:], "events": self.events + 1}
-        )
+    def remember(self, t: Transition, suspect: Fix | None = None) -> ShipmentState:
+        """Note that ``t`` (a flagged anomaly) was seen, and keep what it brings that is not
+        known yet (the recipient's details, an order number, a tracking link: the one event
+        that carries the recipient may be the flagged one); nothing else. ``suspect``: its
+        location, flagged as too far from the last one."""
+        update: dict[str, object] = {
+            "seen": [*self.seen, t.event_id][-SEEN_EVENTS:],
+            "events": self.events + 1,
+        }
+        if t.recipient is not None:
+            update["recipient"] = merge_recipient(t.recipient, self.recipient)  # known first
+        if self.order is None and t.order is not None:
+            update["order"] = t.order
+        if self.tracking_url is None and t.tracking_url is not None:
+            update["tracking_url"] = t.tracking_url
+        if suspect is not None:
+            update["suspect_fix"] = suspect
+        return replaced(self, update)
 
     def record_message(
         self,

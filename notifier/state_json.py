@@ -131,6 +131,7 @@ _STATE_FIELDS: dict[str, tuple[Any, Callable[[Any], Any] | None]] = {
     "first_at": (None, None),
     "last_scan_at": (None, None),
     "last_fix": (None, _fix),
+    "suspect_fix": (None, _fix),
     "location": (None, _set),
     "estimated_delivery": (None, _window),
     "pickup_deadline": (None, None),

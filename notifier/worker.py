@@ -115,11 +115,13 @@ async def drain(ctx: dict[str, Any], partition: int) -> int:
     """
     res: Resources = ctx["res"]
     if not 0 <= partition < res.settings.partitions:
-        # enqueued by a process with another NOTIFIER_PARTITIONS (which start-up refuses
-        # once the data's Redis knows its count): nothing here can drain it
-        log.error(
-            "a drain job for partition %d, but NOTIFIER_PARTITIONS is %d here: a process with "
-            "another count enqueued it; every process must have the same",
+        # Enqueued by a process with another NOTIFIER_PARTITIONS: an API with more, during a
+        # rolling change of the count (APIs first). This worker has no consumer group there
+        # (on a cluster, no slot: start-up refuses another count there); its entries wait,
+        # kept, for a worker with that count, whose sweep wakes the partition.
+        log.warning(
+            "a drain job for partition %d, but NOTIFIER_PARTITIONS is %d here: left for a "
+            "worker with that many (every process should have the same count)",
             partition,
             res.settings.partitions,
         )

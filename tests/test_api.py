@@ -358,6 +358,16 @@ async def test_key_scoped_to_one_merchant(client: Client) -> None:
     # nothing of the refused batch was persisted: posting "x" again is new
     resp = await post(client, transition(event_id="x"), key=ACME_KEY)
     assert (await resp.json())["accepted"] == 1
+    # an item for another merchant refuses the batch whole even when it is invalid too
+    # (it answered 422 and took the valid one)
+    bad = transition(event_id="z", merchant_id="globex", occurred_at="2026-11-21T10:00:00")
+    resp = await post(client, {"transitions": [transition(event_id="w"), bad]}, key=ACME_KEY)
+    assert resp.status == 403
+    assert (await resp.json())["error"]["details"] == [
+        {"index": 1, "field": "merchant_id", "message": "not allowed for this API key"}
+    ]
+    resp = await post(client, transition(event_id="w"), key=ACME_KEY)
+    assert (await resp.json())["accepted"] == 1
 
 
 async def test_unreachable_redis_is_503_with_retry_after(tmp_path: Path) -> None:

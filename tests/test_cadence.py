@@ -314,8 +314,9 @@ async def test_a_number_written_with_a_national_prefix_never_slips_past_an_opt_o
     client: Client, settings: Settings
 ) -> None:
     """libphonenumber reads +330612345678 as +33612345678: an opt-out kept under one
-    spelling was passed by the other, and the SMS went. The API keeps an opt-out under the
-    number's E.164 spelling, and such a number is never sent to."""
+    spelling was passed by the other, and the SMS went. Numbers are read into their one
+    E.164 spelling: by the worker (what is sent to and checked), the opt-out API and test
+    sends."""
     url = "/v1/merchants/acme/opt-outs"
     resp = await client.post(
         url, json={"channel": "sms", "address": "+330612345678"}, headers=auth()
@@ -325,18 +326,31 @@ async def test_a_number_written_with_a_national_prefix_never_slips_past_an_opt_o
     await run_worker(settings)
     [sms] = [d for d in await history(client) if d["channel"] == "sms"]
     assert sms["reason"] == "recipient opted out of sms"
-    await client.post(
-        url, json={"channel": "sms", "address": "+33612345678", "opted_out": False}, headers=auth()
-    )
-    await client.post(url, json={"channel": "sms", "address": "+33612345678"}, headers=auth())
     other = transition(event_id="b", status="delivered", occurred_at="2026-11-21T13:00:00+01:00")
     other["recipient"]["phone"] = "+330612345678"
     await post(client, other)
     await run_worker(settings)
     assert outbox_files(settings, ".sms.json") == []
     sms = [d for d in await history(client) if d["channel"] == "sms"][-1]
-    assert sms["reason"].startswith("unusable sms address: not in E.164 form"), sms
-    assert "0612345678" not in sms["reason"]
+    assert sms["reason"] == "recipient opted out of sms", sms
+    resp = await client.post(
+        "/v1/merchants/acme/test-send",
+        json={"milestone": "delivered", "channel": "sms", "to": "+330612345678"},
+        headers=auth(),
+    )
+    assert resp.status == 422 and "opted out" in await resp.text()
+    # opted in again: such a number is sent to, in its E.164 spelling
+    await client.post(
+        url, json={"channel": "sms", "address": "+33612345678", "opted_out": False}, headers=auth()
+    )
+    other = transition(
+        event_id="c", shipment_id="shp_9", status="delivered", occurred_at="2026-11-21T13:00:00Z"
+    )
+    other["recipient"]["phone"] = "+330612345678"
+    await post(client, other)
+    await run_worker(settings)
+    [sent] = outbox_files(settings, ".sms.json")
+    assert json.loads(sent.read_text())["to"] == "+33612345678"
 
 
 async def test_opt_out_api_refuses_bad_input(client: Client) -> None:

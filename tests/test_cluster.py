@@ -1081,34 +1081,42 @@ async def test_a_process_with_another_partition_count_is_refused_on_a_cluster(
             pass
     message = str(refused.value)
     assert message.startswith(
-        "NOTIFIER_PARTITIONS is 6, but the data in this Redis was written with 8 partitions: "
-        "on a Redis Cluster every key's slot depends on it"
+        "NOTIFIER_PARTITIONS is 6, but the data in this Redis Cluster was written with 8 "
+        "partitions: every key's slot depends on it"
     )
     assert message.endswith("Set NOTIFIER_PARTITIONS=8")
     async with open_resources(on_cluster):  # the same count still starts
         pass
+    # `notifier check` says so too, and writes nothing
+    assert [p for p in await published_problems(other) if "NOTIFIER_PARTITIONS is 6" in p]
+    async with open_resources(on_cluster) as res:
+        await res.redis.delete(keys.PARTITIONS_KEY)
+    assert await published_problems(other) == []
+    async with open_resources(on_cluster) as res:
+        assert await res.redis.get(keys.PARTITIONS_KEY) == b"8"  # (this one wrote it)
 
 
-async def test_one_redis_changes_its_partition_count_once_the_inboxes_are_empty(
-    on_one_redis: Settings,
+async def test_one_redis_keeps_no_partition_count_and_loses_nothing_in_a_change_of_it(
+    on_one_redis: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
-    settings = on_one_redis
-    app = create_app(settings, run_worker=False)
-    async with TestClient(TestServer(app)) as client:
-        await post(client, transition())
-    more = settings.model_copy(update={"partitions": PARTITIONS * 2})
-    with pytest.raises(ConfigurationError, match="its inboxes still hold 1 entries"):
-        async with open_resources(more):
-            pass
-    await run_worker(settings)  # drained: the count may change
-    async with open_resources(more) as res:
-        assert int(await res.redis.get(keys.PARTITIONS_KEY)) == PARTITIONS * 2
+    """On one Redis the count only spreads the inbox over streams: a process with another
+    count starts (a rolling change of the count, APIs first: README, "Scaling out"). A
+    worker still at the old count leaves the new partitions' jobs alone, in one line each,
+    and a worker with the new count drains them."""
+    more = on_one_redis.model_copy(update={"partitions": PARTITIONS * 2})
     async with TestClient(TestServer(create_app(more, run_worker=False))) as client:
-        await post(client, transition(event_id="b", status="delivered"))
-    # a process still at the old count, while that entry waits, is refused
-    with pytest.raises(ConfigurationError, match=r"Set NOTIFIER_PARTITIONS=16$"):
-        async with open_resources(settings):
-            pass
+        for n in range(40):
+            await post(client, transition(event_id=f"e{n}", shipment_id=f"s{n}"))
+    async with open_resources(on_one_redis) as res:
+        assert await res.redis.get(keys.PARTITIONS_KEY) is None
+        beyond = [
+            p for p in range(PARTITIONS, PARTITIONS * 2) if await res.redis.xlen(keys.inbox_key(p))
+        ]
+        assert beyond  # some of the 40 went past the old count
+        assert await drain({"res": res}, beyond[0]) == 0
+    assert f"a drain job for partition {beyond[0]}, but NOTIFIER_PARTITIONS is 8" in caplog.text
+    await run_worker(more)
+    assert len(outbox_files(more, ".eml")) == 40
 
 
 def test_uvloops_closed_transport_under_a_failover_reads_as_an_outage() -> None:
@@ -1138,5 +1146,9 @@ async def test_a_cluster_url_with_a_refused_password_a_database_or_an_odd_option
     with pytest.raises(ConfigurationError, match=r"an option after \? .* \('foo'\)"):
         async with open_resources(on_cluster.model_copy(update={"redis_url": url + "?foo=bar"})):
             pass
-    with pytest.raises(ValidationError, match="a Redis Cluster has database 0 only"):
-        make_settings(Path("."), redis_url=url + "/3", queue_redis_url=on_cluster.queue_redis_url)
+    for database in ("/3", "?db=3", "/0?db=1"):
+        with pytest.raises(ValidationError, match="a Redis Cluster has database 0 only"):
+            make_settings(
+                Path("."), redis_url=url + database, queue_redis_url=on_cluster.queue_redis_url
+            )
+    make_settings(Path("."), redis_url=url + "/0?db=0", queue_redis_url=on_cluster.queue_redis_url)

@@ -151,6 +151,22 @@ async def test_every_form_needs_the_sessions_csrf_token(
 GETS = ["/", "/messages", "/messages/delivered", "/brand", "/cadence", "/publish", "/versions"]
 
 
+async def test_head_on_a_page_answers_as_get_does(client: Client) -> None:
+    """HEAD without a session said 401 "Signed out … save once more" where GET sends to
+    the sign-in page."""
+    for path in (f"{ACME}/", f"{ACME}/messages/delivered", f"{ACME}/cadence"):
+        got = await client.get(path, allow_redirects=False)
+        head = await client.head(path, allow_redirects=False)
+        assert (head.status, head.headers.get("Location")) == (
+            got.status,
+            got.headers.get("Location"),
+        ), path
+        assert got.status == 303
+    await sign_in(client)
+    for path in (f"{ACME}/", f"{ACME}/messages/delivered"):
+        assert (await client.head(path)).status == 200, path
+
+
 async def test_a_session_sees_only_its_merchants_pages(client: Client) -> None:
     csrf = await sign_in(client)
     other = "/merchant/globex"

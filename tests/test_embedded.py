@@ -99,6 +99,13 @@ async def test_the_development_key_is_taken_only_from_requests_to_loopback(
                 "/v1/transitions", json=transition(), headers={**key, "Host": host}
             )
             assert resp.status == 202, host
+        # nor through a proxy or a tunnel that rewrote Host to 127.0.0.1
+        for header in ("X-Forwarded-For", "Forwarded", "X-Forwarded-Host", "Via"):
+            resp = await client.get(
+                "/v1/merchants/acme/policy",
+                headers={**key, "Host": "127.0.0.1:8080", header: "203.0.113.9"},
+            )
+            assert resp.status == 403, header
     # keys of the operator's own are taken whatever name the service is reached by
     settings = embedded_settings(tmp_path, api_keys={"k_mine_0123456789": ["*"]})
     async with TestClient(TestServer(create_app(settings, run_worker=False))) as client:

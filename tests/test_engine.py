@@ -25,6 +25,7 @@ from notifier.policy import Policy, PolicyStore, decide, fold, opt_out_key, quie
 from notifier.policy.rules import QuietWindow
 from notifier.resources import data_dir
 from notifier.state import ShipmentState
+from notifier.state_json import state_json
 from notifier.store.shipments import settled_log
 
 EMAIL, SMS = ChannelKind.EMAIL, ChannelKind.SMS
@@ -573,6 +574,72 @@ def test_impossible_jump_between_located_scans_is_flagged() -> None:
         [event(3, "in_transit", NOON - timedelta(hours=2), location=berlin)], state=state
     )
     assert steps[0].verdicts[0].outcome is not Outcome.FLAGGED
+
+
+PARIS = {"city": "Paris", "country": "FR", "lat": 48.85, "lon": 2.35}
+SYDNEY = {"city": "Sydney", "country": "AU", "lat": -33.87, "lon": 151.21}
+
+
+def test_a_wrong_first_location_is_outvoted_by_the_scans_after_it() -> None:
+    """A first scan placed at the other end of the world (a mis-geocoded label scan) was
+    the point every later scan was measured from: each was flagged, and "delivered" never
+    went out. The second scan is flagged; a third close to it shows the first was wrong."""
+    state, steps = run([event(1, "picked_up", NOON - timedelta(hours=4), location=SYDNEY)])
+    assert state.last_fix is not None and state.last_fix.lon == 151.21
+    state, steps = run(
+        [event(2, "out_for_delivery", NOON - timedelta(hours=2), location=PARIS)], state=state
+    )
+    assert steps[0].verdicts[0].outcome is Outcome.FLAGGED
+    assert state.suspect_fix is not None and state.suspect_fix.lat == 48.85
+    near = {**PARIS, "lat": 48.86}
+    state, steps = run([event(3, "delivered", NOON, location=near)], state=state)
+    assert [v.outcome for v in steps[0].verdicts] == [Outcome.SENT, Outcome.SENT]
+    assert state.last_fix is not None and state.last_fix.lat == 48.86
+    assert state.suspect_fix is None
+    assert ShipmentState.model_validate_json(state_json(state)) == state  # (kept in Redis)
+
+
+def test_a_wrong_scan_between_right_ones_flags_itself_only() -> None:
+    leipzig = {"city": "Leipzig", "country": "DE", "lat": 51.34, "lon": 12.37}
+    berlin = {"city": "Berlin", "country": "DE", "lat": 52.52, "lon": 13.40}
+    state, _ = run([event(1, "in_transit", NOON - timedelta(hours=3), location=leipzig)])
+    state, steps = run(
+        [event(2, "in_transit", NOON - timedelta(hours=2), location=SYDNEY)], state=state
+    )
+    assert steps[0].verdicts[0].outcome is Outcome.FLAGGED
+    state, steps = run(
+        [event(3, "out_for_delivery", NOON - timedelta(hours=1), location=berlin)], state=state
+    )
+    assert steps[0].verdicts[0].outcome is Outcome.SENT
+    assert state.last_fix is not None and state.last_fix.lat == 52.52
+
+
+def test_zero_zero_is_no_location() -> None:
+    """(0, 0) is a geocoder's "unknown", not a scan in the Gulf of Guinea."""
+    nowhere = {"city": "Paris", "country": "FR", "lat": 0.0, "lon": 0.0}
+    state, _ = run([event(1, "picked_up", NOON - timedelta(hours=2), location=nowhere)])
+    assert state.last_fix is None
+    _, steps = run([event(2, "out_for_delivery", NOON, location=PARIS)], state=state)
+    assert steps[0].verdicts[0].outcome is Outcome.SENT
+
+
+def test_a_flagged_event_keeps_the_recipient_it_brings() -> None:
+    """A first event flagged (a carrier clock ahead) was the only one carrying the
+    recipient, which DESIGN §3 lets later events leave out: every message after it was
+    suppressed for want of an address."""
+    ahead = event(1, "picked_up", NOON + timedelta(hours=2), order={"number": "42"})
+    state, steps = run([ahead])
+    assert steps[0].verdicts[0].outcome is Outcome.FLAGGED
+    assert state.status is None  # it moves nothing
+    assert state.recipient is not None and state.order is not None
+    later = event(2, "out_for_delivery", NOON + timedelta(minutes=5), recipient=None)
+    _, steps = run([later], now=NOON + timedelta(minutes=5), state=state)
+    assert [v.outcome for v in steps[0].verdicts] == [Outcome.SENT, Outcome.SENT]
+    # what is known already wins over a flagged event's
+    known = run([event(3, "picked_up", NOON - timedelta(hours=1))])[0]
+    other = event(4, "picked_up", NOON + timedelta(hours=2), recipient={"email": "x@example.com"})
+    state, _ = run([other], state=known)
+    assert state.recipient is not None and state.recipient.email == "ana@example.com"
 
 
 # -- opt-outs and addresses ---------------------------------------------------------------------

@@ -27,8 +27,8 @@ from notifier.models import (
     news_rank,
     replaced,
 )
-from notifier.policy.rules import Policy, QuietWindow, Rule
-from notifier.state import Sent, ShipmentState
+from notifier.policy.rules import Anomalies, Policy, QuietWindow, Rule
+from notifier.state import Fix, Sent, ShipmentState, fix_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,26 +135,36 @@ def anomaly(policy: Policy, state: ShipmentState, t: Transition, now: datetime) 
                 details={"hours_early": round(early, 1), "limit_hours": rules.early_hours},
                 rule="anomaly",
             )
-    loc, fix = t.location, state.last_fix
-    if fix is not None and loc is not None and loc.lat is not None and loc.lon is not None:
-        hours = abs((t.occurred_at - fix.at).total_seconds()) / 3600
-        if hours * rules.max_speed_kmh >= _HALF_EARTH_KM:
-            return None  # no two points on Earth are that far apart
-        km = _km(fix.lat, fix.lon, loc.lat, loc.lon)
-        speed = km / hours if hours > 0 else math.inf
-        if km >= rules.min_jump_km and speed > rules.max_speed_kmh:
-            shown = "instantly" if math.isinf(speed) else f"at {speed:.0f} km/h"
-            return Verdict(
-                Outcome.FLAGGED,
-                f"anomaly: {km:.0f} km from the previous scan {shown} "
-                f"(limit {rules.max_speed_kmh:g} km/h)",
-                details={
-                    "km": round(km, 1),
-                    "hours": round(hours, 3),
-                    "limit_kmh": rules.max_speed_kmh,
-                },
-                rule="anomaly",
-            )
+    here = fix_of(t)
+    if here is None or state.last_fix is None:
+        return None
+    jump = _too_fast(rules, state.last_fix, here)
+    if jump is None:
+        return None
+    if state.suspect_fix is not None and _too_fast(rules, state.suspect_fix, here) is None:
+        # close to the scan flagged before, and as far from the last one: that last one
+        # was the wrong one (a mis-geocoded first scan), not this
+        return None
+    km, hours, speed = jump
+    shown = "instantly" if math.isinf(speed) else f"at {speed:.0f} km/h"
+    return Verdict(
+        Outcome.FLAGGED,
+        f"anomaly: {km:.0f} km from the previous scan {shown} (limit {rules.max_speed_kmh:g} km/h)",
+        details={"km": round(km, 1), "hours": round(hours, 3), "limit_kmh": rules.max_speed_kmh},
+        rule="anomaly",
+    )
+
+
+def _too_fast(rules: Anomalies, before: Fix, here: Fix) -> tuple[float, float, float] | None:
+    """(km, hours, km/h) from ``before`` to ``here`` when that is faster than a parcel
+    travels, else None."""
+    hours = abs((here.at - before.at).total_seconds()) / 3600
+    if hours * rules.max_speed_kmh >= _HALF_EARTH_KM:
+        return None  # no two points on Earth are that far apart
+    km = _km(before.lat, before.lon, here.lat, here.lon)
+    speed = km / hours if hours > 0 else math.inf
+    if km >= rules.min_jump_km and speed > rules.max_speed_kmh:
+        return km, hours, speed
     return None
 
 
@@ -440,7 +450,8 @@ def _fold_once(
             continue
         verdicts = decide(policy, state, t, now, opted_out, frozenset(pending))
         if verdicts[0].outcome is Outcome.FLAGGED:
-            state = state.remember(t)
+            too_fast = "limit_kmh" in verdicts[0].details
+            state = state.remember(t, fix_of(t) if too_fast else None)
             steps.append(Step(t, verdicts))
             continue
         late = state.is_step_back(t)

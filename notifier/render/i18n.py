@@ -205,6 +205,8 @@ def when(moment: datetime, timezone: str | None, locale: str) -> str:
     local = moment.astimezone(_zone(timezone or "UTC"))
     loc = parse_locale(locale) or Locale("en")
     day, time, joiner, _ = _patterns(locale)
+    if local.hour < 2 and "às" in joiner:  # "à 01:30", "à 00:15" (a uma, a zero hora)
+        joiner = joiner.replace("às", "à")
     text = joiner.replace("{1}", day.apply(local, loc)).replace("{0}", time.apply(local, loc))
     return text if timezone else f"{text} UTC"
 

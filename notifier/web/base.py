@@ -116,7 +116,7 @@ def html_errors(web_: Web, handler: Handler) -> Handler:
         try:
             return await handler(request)
         except SignInRequired:
-            if request.method == "GET":
+            if request.method in ("GET", "HEAD"):
                 target = f"/merchant/sign-in?next={quote(request.path_qs)}"
                 raise web.HTTPSeeOther(target) from None
             return await _error(
