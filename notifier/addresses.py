@@ -16,6 +16,7 @@ from functools import lru_cache
 import idna
 import phonenumbers
 from email_validator import EmailNotValidError, validate_email
+from phonenumbers import PhoneMetadata
 
 from notifier.models import E164
 
@@ -43,29 +44,44 @@ def canonical_phone(number: str) -> str:
     return _phone(number)[1]
 
 
+def older_phone_spellings(number: str) -> tuple[str, ...]:
+    """The spelling an opt-out of ``number`` (E.164) may have been kept under before
+    numbers were read into E.164: with its country's national prefix after the country code
+    (``+33612345678`` -> ``+330612345678``), as a merchant may have sent it to the opt-out
+    API (``store.optouts.spellings`` reads those too)."""
+    return _phone(number)[2]
+
+
 @lru_cache(maxsize=RECENT)
-def _phone(number: str) -> tuple[str | None, str]:
-    """(``phone_problem``, ``canonical_phone``) of ``number``, from one parse."""
+def _phone(number: str) -> tuple[str | None, str, tuple[str, ...]]:
+    """(``phone_problem``, ``canonical_phone``, ``older_phone_spellings``) of ``number``,
+    from one parse."""
     if not E164.fullmatch(number):
         # libphonenumber reads "tel:+33 6…", trailing text or a NUL as the number: what is
         # sent and matched against opt-outs must be exactly the number
-        return "not a phone number in E.164 form, like +33612345678", number
+        return "not a phone number in E.164 form, like +33612345678", number, ()
     try:
         parsed = phonenumbers.parse(number, None)
     except phonenumbers.NumberParseException:
-        return "not a phone number", number
+        return "not a phone number", number, ()
     if not phonenumbers.is_valid_number(parsed):
         region = phonenumbers.region_code_for_country_code(parsed.country_code or 0)
         where = f" in {region}" if region and region != "ZZ" else ""
-        return f"no such phone number{where} (wrong length or prefix)", number
+        return f"no such phone number{where} (wrong length or prefix)", number, ()
     canonical = str(phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164))
+    home = phonenumbers.region_code_for_number(parsed)
+    metadata = PhoneMetadata.metadata_for_region(home) if home else None
+    prefix = metadata.national_prefix if metadata is not None else None
+    national = phonenumbers.national_significant_number(parsed)
+    older = (f"+{parsed.country_code}{prefix}{national}",) if prefix else ()
     if phonenumbers.number_type(parsed) == phonenumbers.PhoneNumberType.FIXED_LINE:
-        return "a landline, which cannot receive SMS", canonical
+        return "a landline, which cannot receive SMS", canonical, older
     if canonical != number:
         # one not read into canonical_phone's spelling (a recipient kept before it was):
         # an opt-out or a STOP is kept under that spelling, so never sent past one
-        return "not in E.164 form: a national prefix (such as 0) after the country code", canonical
-    return None, canonical
+        problem = "not in E.164 form: a national prefix (such as 0) after the country code"
+        return problem, canonical, older
+    return None, canonical, older
 
 
 @lru_cache(maxsize=RECENT)

@@ -235,7 +235,7 @@ async def opt_outs(request: web.Request) -> web.Response:
             "or Twilio reporting it unsubscribed); only a START from it opts it in again",
             [{"field": "address", "message": "opted out of every merchant by the recipient"}],
         )
-    return _json(200, body.model_dump(mode="json"))
+    return _json(200, {**body.model_dump(mode="json"), "address": address})  # (as kept)
 
 
 async def twilio_status_hook(request: web.Request) -> web.Response:

@@ -124,8 +124,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "mode's development key is public (it is in the README). Set keys, or listen on "
             "127.0.0.1"
         )
-    _start_up(settings)
     port = settings.port if args.port is None else args.port
+    if settings.embedded and "public_url" not in settings.model_fields_set and port:
+        # the links this process signs (one-click unsubscribe) point at where it listens,
+        # not at the default port (`serve --port 8096` signed links to :8080)
+        where = host if is_loopback(host) else "127.0.0.1"
+        where = f"[{where}]" if ":" in where else where
+        settings = settings.model_copy(update={"public_url": f"http://{where}:{port}"})
+    _start_up(settings)
     app = create_app(settings)
 
     listened = False
@@ -512,7 +518,10 @@ _at_least_one = _whole(1, None, "number (1 or more)")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="notifier", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="notifier",
+        description="The notifier command: serve the API, run workers, check the trees.",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the API (embedded mode: and the worker)")
     serve.add_argument("--host", help="listen address (default NOTIFIER_HOST)")

@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import logging
 import math
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -326,16 +327,20 @@ def _items(body: Any, max_batch: int) -> tuple[list[Any], bool]:
     return items, True
 
 
+#: a well-formed merchant id (``models.MerchantId``)
+_MERCHANT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
 def _denied(
     items: list[Any], valid: list[tuple[int, Transition]], merchants: frozenset[str]
 ) -> list[int]:
     """The items the key may not post for, valid or not (an invalid one's merchant as it was
-    sent, when it is text): any refuses the batch whole."""
+    sent, when it is a merchant id): any refuses the batch whole."""
     of = {i: t.merchant_id for i, t in valid}
     for index, item in enumerate(items):
         sent = item.get("merchant_id") if isinstance(item, dict) else None
-        if index not in of and isinstance(sent, str):
-            of[index] = sent
+        if index not in of and isinstance(sent, str) and _MERCHANT_ID.fullmatch(sent):
+            of[index] = sent  # (a malformed one is a 422 naming it, as before)
     return sorted(i for i, m in of.items() if not may_act_for(merchants, m))
 
 

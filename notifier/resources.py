@@ -554,14 +554,18 @@ async def refuse_another_partition_count(
             exc,
         )
         return
-    if stored is None or int(stored) == wanted:
+    try:
+        before = None if stored is None else int(stored)
+    except ValueError:
+        log.warning("%s holds %r, not a partition count: not checked", keys.PARTITIONS_KEY, stored)
+        return
+    if before is None or before == wanted:
         return
     raise ConfigurationError(
         f"NOTIFIER_PARTITIONS is {wanted}, but the data in this Redis Cluster was written "
-        f"with {int(stored)} partitions: every key's slot depends on it, so with another "
-        "count the service finds none of its shipments, histories or event ids (a repost "
-        f"would be taken again and its messages sent twice). Set NOTIFIER_PARTITIONS="
-        f"{int(stored)}"
+        f"with {before} partitions: every key's slot depends on it, so with another count "
+        "the service finds none of its shipments, histories or event ids (a repost would be "
+        f"taken again and its messages sent twice). Set NOTIFIER_PARTITIONS={before}"
     )
 
 

@@ -368,6 +368,12 @@ async def test_key_scoped_to_one_merchant(client: Client) -> None:
     ]
     resp = await post(client, transition(event_id="w"), key=ACME_KEY)
     assert (await resp.json())["accepted"] == 1
+    # a merchant id that is malformed, not another merchant's, is a 422 naming it
+    odd = transition(event_id="v", merchant_id="acme ")
+    resp = await post(client, {"transitions": [transition(event_id="u"), odd]}, key=ACME_KEY)
+    assert resp.status == 422
+    details = (await resp.json())["error"]["details"]
+    assert [(d["index"], d["field"]) for d in details] == [(1, "merchant_id")]
 
 
 async def test_unreachable_redis_is_503_with_retry_after(tmp_path: Path) -> None:

@@ -189,6 +189,24 @@ async def test_a_pickup_notice_that_waits_past_its_deadline_is_cancelled(
     )
 
 
+async def test_an_arrives_today_that_waited_into_the_next_day_is_cancelled(
+    client: Client, settings: Settings, res_at: Any
+) -> None:
+    """An out-for-delivery SMS deferred to 08:00, released only the day after (workers down
+    for a day): "arrives today" a day late is cancelled, not sent."""
+    await post(client, transition(occurred_at="2026-11-21T22:40:00+01:00"))
+    await run_worker(settings, clock=fixed_clock(NIGHT))
+    async with res_at(MORNING + timedelta(days=1)) as res:
+        await release(res)
+        assert await ledger(res, nid("evt_1", ChannelKind.SMS)) == ["cancelled"]
+    assert outbox_files(settings, ".sms.json") == []
+    [sms] = [d for d in await history(client) if d.get("channel") == "sms"]
+    assert sms["delivery"]["detail"].startswith(
+        'stale: out for delivery on 2026-11-21 ("arrives today"), and it would go out on '
+        "2026-11-23 in Europe/Paris"
+    )
+
+
 async def test_deferred_message_is_kept_until_due_and_sent_once(
     client: Client, settings: Settings, res_at: Any
 ) -> None:
@@ -322,6 +340,7 @@ async def test_a_number_written_with_a_national_prefix_never_slips_past_an_opt_o
         url, json={"channel": "sms", "address": "+330612345678"}, headers=auth()
     )
     assert resp.status == 200
+    assert (await resp.json())["address"] == "+33612345678"  # as it is kept
     await post(client, transition(event_id="a"))  # to +33612345678
     await run_worker(settings)
     [sms] = [d for d in await history(client) if d["channel"] == "sms"]
@@ -351,6 +370,30 @@ async def test_a_number_written_with_a_national_prefix_never_slips_past_an_opt_o
     await run_worker(settings)
     [sent] = outbox_files(settings, ".sms.json")
     assert json.loads(sent.read_text())["to"] == "+33612345678"
+
+
+async def test_an_sms_opt_out_kept_before_with_a_national_prefix_still_holds(
+    client: Client, settings: Settings, res_at: Any
+) -> None:
+    """Before numbers were read into E.164, the opt-out API kept a number as sent
+    (``sms:+330612345678``): it still stops an SMS to +33612345678, and an opt-in of
+    either spelling removes it."""
+    async with res_at(MORNING) as res:
+        await res.store.set_opt_out("acme", "sms:+330612345678", True)
+    await post(client, transition(event_id="a"))
+    await run_worker(settings)
+    [sms] = [d for d in await history(client) if d["channel"] == "sms"]
+    assert sms["reason"] == "recipient opted out of sms"
+    resp = await client.post(
+        "/v1/merchants/acme/opt-outs",
+        json={"channel": "sms", "address": "+33612345678", "opted_out": False},
+        headers=auth(),
+    )
+    assert resp.status == 200
+    later = transition(event_id="b", status="delivered", occurred_at="2026-11-21T13:00:00+01:00")
+    await post(client, later)
+    await run_worker(settings)
+    assert len(outbox_files(settings, ".sms.json")) == 1
 
 
 async def test_opt_out_api_refuses_bad_input(client: Client) -> None:

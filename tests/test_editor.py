@@ -7,6 +7,7 @@ from __future__ import annotations
 import html
 import re
 import shutil
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from tests.conftest import (
     ACME_KEY,
     ADMIN_KEY,
     auth,
+    fixed_clock,
     make_settings,
     outbox_files,
     post,
@@ -216,14 +218,14 @@ async def test_the_brand_form_writes_only_what_differs_and_refuses_an_unreadable
     form["base"] = base_of(html)  # the draft's brand.yaml as this page showed it
     resp = await client.post(f"{ACME}/brand", data=form)
     assert resp.status == 200
-    assert yaml.safe_load((await draft(client))["brand.yaml"]) is None  # nothing differs
+    assert "brand.yaml" not in await draft(client)  # nothing differs: nothing saved
     form["base"] = base_of(await resp.text())  # the page it led to
     bad = await client.post(f"{ACME}/brand", data={**form, "accent": "#808080"})
     assert bad.status == 422
     text = await bad.text()
     assert "neither white (3.95:1) nor dark (4.49:1)" in text
     assert 'aria-invalid="true"' in text
-    assert yaml.safe_load((await draft(client))["brand.yaml"]) is None  # not saved
+    assert "brand.yaml" not in await draft(client)  # not saved
     http = await client.post(f"{ACME}/brand", data={**form, "support.url": "http://x.example"})
     assert http.status == 422
     assert "must be an https:// URL" in await http.text()
@@ -442,8 +444,16 @@ async def test_the_cadence_form_round_trips_and_writes_only_changes(client: Clie
     assert form["quiet_hours.sms.start"] == "21:00"
     resp = await client.post(f"{ACME}/cadence", data=form)
     assert resp.status == 200
-    assert yaml.safe_load((await draft(client))["policy.yaml"]) is None  # unchanged
-    form["base"] = base_of(await resp.text())  # the page it led to
+    # unchanged: no revision, no policy.yaml that only says nothing differs (found by a
+    # black-box probe: the draft then listed it as a change to review)
+    assert "Nothing to save" in await resp.text()
+    assert "policy.yaml" not in await draft(client)
+    brand = cadence_form(await (await client.get(f"{ACME}/brand")).text())
+    brand["default_locale"] = "en"  # (a select: what the browser submits)
+    resp = await client.post(f"{ACME}/brand", data=brand)
+    assert "Nothing to save" in await resp.text(), await resp.text()
+    assert await draft(client) == {}
+    form["base"] = base_of(await (await client.get(f"{ACME}/cadence")).text())
     changed = {
         **form,
         "quiet_hours.email.enabled": "on",
@@ -613,6 +623,23 @@ async def test_the_timeline_finds_a_shipment_by_tracking_number(
     assert "Shipment shp_b" in chosen
     none = await (await client.get(f"{ACME}/timeline?q=TRK9")).text()
     assert "No shipment with the id or tracking number" in none
+
+
+async def test_the_timeline_says_why_a_message_was_cancelled(
+    client: Client, settings: Settings
+) -> None:
+    """It said "cancelled" alone; the API says why (its delivery's detail)."""
+    await sign_in(client)
+    night = datetime(2026, 11, 21, 22, 0, tzinfo=UTC)  # 23:00 in Paris: SMS quiet hours
+    await post(client, transition(event_id="a", occurred_at="2026-11-21T22:40:00+01:00"))
+    await run_worker(settings, clock=fixed_clock(night))
+    delivered = transition(
+        event_id="b", status="delivered", occurred_at="2026-11-21T22:50:00+01:00"
+    )
+    await post(client, delivered)
+    await run_worker(settings, clock=fixed_clock(night + timedelta(minutes=15)))
+    page = await (await client.get(f"{ACME}/timeline?q=shp_123")).text()
+    assert "cancelled<br>superseded by delivered" in page, page
 
 
 async def test_a_key_for_every_merchant_picks_one(client: Client) -> None:

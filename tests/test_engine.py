@@ -24,7 +24,7 @@ from notifier.models import (
 from notifier.policy import Policy, PolicyStore, decide, fold, opt_out_key, quiet_until
 from notifier.policy.rules import QuietWindow
 from notifier.resources import data_dir
-from notifier.state import ShipmentState
+from notifier.state import Fix, ShipmentState
 from notifier.state_json import state_json
 from notifier.store.shipments import settled_log
 
@@ -138,6 +138,21 @@ def test_trivial_updates_at_most_one_email_per_interval() -> None:
     next_day = NOON + timedelta(hours=25)
     _, steps = run([event(3, "departed_facility", next_day)], now=next_day, state=state)
     assert outcomes(steps) == [("e3", EMAIL, Outcome.SENT)]
+
+
+@pytest.mark.parametrize("code", ["customs_hold", "lost"])
+def test_the_first_scan_after_an_exception_is_news(code: str) -> None:
+    """Told the parcel is held at customs, or lost, the customer heard nothing of it moving
+    again for up to 24 h (the scan was a throttled trivial update)."""
+    state, steps = run([event(1, "in_transit", NOON - timedelta(hours=3))])
+    assert steps[0].verdicts[0].outcome is Outcome.SENT
+    stuck = event(2, "exception", NOON - timedelta(hours=2), exception_code=code)
+    state, _ = run([stuck], now=NOON - timedelta(hours=2), state=state)
+    state, steps = run([event(3, "arrived_at_facility", NOON - timedelta(hours=1))], state=state)
+    assert steps[0].verdicts[0].outcome is Outcome.SENT
+    # the one after it is a trivial update again
+    _, steps = run([event(4, "departed_facility", NOON)], state=state)
+    assert steps[0].verdicts[0].rule == "throttled"
 
 
 def test_milestones_are_never_held_back_by_the_trivial_throttle() -> None:
@@ -576,6 +591,32 @@ def test_impossible_jump_between_located_scans_is_flagged() -> None:
     assert steps[0].verdicts[0].outcome is not Outcome.FLAGGED
 
 
+def test_arrives_today_never_goes_out_a_day_late() -> None:
+    """An "out for delivery" says the parcel arrives today: not on a later day in the
+    recipient's zone more than 12 h after the scan (it went out deferred to the next
+    morning, or at once for a scan a day old)."""
+    night = datetime(2026, 11, 21, 22, 0, tzinfo=UTC)  # 23:00 in Paris: SMS quiet hours
+    early = event(1, "out_for_delivery", datetime(2026, 11, 21, 0, 0, tzinfo=UTC))
+    _, steps = run([early], now=night)
+    email, sms = steps[0].verdicts
+    assert email.outcome is Outcome.SENT  # 23:00, the same day
+    assert sms.outcome is Outcome.SUPPRESSED and sms.rule == "stale"
+    assert sms.reason == (
+        'stale: out for delivery on 2026-11-21 ("arrives today"), and it would go out on '
+        "2026-11-22 in Europe/Paris, 31 h later"
+    )
+    # a scan of the evening (the parcel loaded for the morning round) still waits for 08:00
+    evening = event(2, "out_for_delivery", night - timedelta(minutes=20))
+    _, steps = run([evening], now=night)
+    assert [v.outcome for v in steps[0].verdicts] == [Outcome.SENT, Outcome.DEFERRED]
+    # a scan of yesterday morning, come in late: neither
+    _, steps = run([early], now=night + timedelta(hours=12))
+    assert [v.rule for v in steps[0].verdicts] == ["stale", "stale"]
+    # other milestones are not bound to a day
+    _, steps = run([event(3, "delivered", early.occurred_at)], now=night + timedelta(hours=12))
+    assert Outcome.SENT in [v.outcome for v in steps[0].verdicts]
+
+
 PARIS = {"city": "Paris", "country": "FR", "lat": 48.85, "lon": 2.35}
 SYDNEY = {"city": "Sydney", "country": "AU", "lat": -33.87, "lon": 151.21}
 
@@ -595,8 +636,60 @@ def test_a_wrong_first_location_is_outvoted_by_the_scans_after_it() -> None:
     state, steps = run([event(3, "delivered", NOON, location=near)], state=state)
     assert [v.outcome for v in steps[0].verdicts] == [Outcome.SENT, Outcome.SENT]
     assert state.last_fix is not None and state.last_fix.lat == 48.86
-    assert state.suspect_fix is None
+    # the displaced first fix is the suspect now; a next scan close to the new one clears it
+    assert state.suspect_fix is not None and state.suspect_fix.lon == 151.21
     assert ShipmentState.model_validate_json(state_json(state)) == state  # (kept in Redis)
+    state, steps = run([event(4, "delivered", NOON, location=PARIS)], state=state)
+    assert state.suspect_fix is None
+
+
+def test_two_scans_at_one_wrong_place_do_not_win_for_good() -> None:
+    """A facility geocoded to the other end of the world scans twice (arrival, departure):
+    the second vouches for the first and moves the last fix there, but the real scans
+    after it are not flagged (the displaced fix is the suspect then)."""
+    leipzig = {"city": "Leipzig", "country": "DE", "lat": 51.34, "lon": 12.37}
+    berlin = {"city": "Berlin", "country": "DE", "lat": 52.52, "lon": 13.40}
+    state = ShipmentState(merchant_id="acme", shipment_id="s1")
+    steps = []
+    for e in (  # one batch each, as they come in
+        event(1, "picked_up", NOON - timedelta(hours=8), location=leipzig),
+        event(2, "arrived_at_facility", NOON - timedelta(hours=6), location=SYDNEY),
+        event(3, "departed_facility", NOON - timedelta(hours=5), location=SYDNEY),
+        event(4, "out_for_delivery", NOON - timedelta(hours=2), location=berlin),
+        event(5, "delivered", NOON - timedelta(hours=1), location=berlin),
+    ):
+        state, more = run([e], state=state)
+        steps += more
+    flagged = [s.transition.event_id for s in steps if s.verdicts[0].outcome is Outcome.FLAGGED]
+    assert flagged == ["e2"]
+    sent = {s.transition.event_id for s in steps for v in s.verdicts if v.outcome is Outcome.SENT}
+    assert {"e4", "e5"} <= sent
+    assert state.last_fix is not None and state.last_fix.lat == 52.52
+
+
+def test_a_late_scan_far_away_vouches_for_nothing() -> None:
+    """A scan older than the last fix, flagged, is no suspect: a later jump is still one
+    (more than 20 h apart, any two points are "reachable")."""
+    new_york = {"city": "New York", "country": "US", "lat": 40.71, "lon": -74.01}
+    state, _ = run([event(1, "in_transit", NOON - timedelta(hours=4), location=PARIS)])
+    state, steps = run(
+        [event(2, "in_transit", NOON - timedelta(hours=19), location=SYDNEY)], state=state
+    )
+    assert state.suspect_fix is None
+    _, steps = run(
+        [event(3, "out_for_delivery", NOON - timedelta(hours=1), location=new_york)], state=state
+    )
+    assert steps[0].verdicts[0].outcome is Outcome.FLAGGED
+
+
+def test_a_nowhere_fix_kept_before_is_no_anchor() -> None:
+    """States kept before (0, 0) was read as no location may hold it as their last fix."""
+    state = run([event(1, "picked_up", NOON - timedelta(hours=2), location=PARIS)])[0]
+    state = state.model_copy(
+        update={"last_fix": Fix(lat=0.0, lon=0.0, at=NOON - timedelta(hours=2))}
+    )
+    _, steps = run([event(2, "out_for_delivery", NOON, location=PARIS)], state=state)
+    assert steps[0].verdicts[0].outcome is Outcome.SENT
 
 
 def test_a_wrong_scan_between_right_ones_flags_itself_only() -> None:

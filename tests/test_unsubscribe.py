@@ -153,3 +153,39 @@ def test_links_work_across_processes_and_restarts_without_a_signing_secret(
     finally:
         serve.send_signal(signal.SIGTERM)
         serve.communicate(timeout=20)
+
+
+def test_embedded_serve_on_another_port_signs_links_to_that_port(tmp_path: Path) -> None:
+    """`serve --port 8096` without NOTIFIER_PUBLIC_URL signed its unsubscribe links to the
+    default port, 8080: another server, or none."""
+    templates = tmp_path / "templates"
+    shutil.copytree(data_dir("templates", None), templates)
+    (templates / "acme").mkdir()
+    (templates / "acme" / "brand.yaml").write_text("name: Acme\none_click_unsubscribe: true\n")
+    port = free_port()
+    env = {
+        "NOTIFIER_TEMPLATES_DIR": str(templates),
+        "NOTIFIER_OUTBOX_DIR": str(tmp_path / "outbox"),
+    }
+    serve = spawn_notifier(["serve", "--port", str(port)], tmp_path, **env)
+    try:
+        wait_until(lambda: healthy(port) or serve.poll() is not None, "notifier serve")
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/transitions",
+            data=json.dumps(transition(occurred_at="2026-11-21T14:00:00Z")).encode(),
+            headers={"Authorization": "Bearer dev-key-not-for-production"},
+        )
+        request.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            assert resp.status == 202
+        folder = tmp_path / "outbox" / "acme" / "shp_123"
+        wait_until(lambda: any(folder.glob("*.eml")), "the email")
+        [eml] = sorted(folder.glob("*.eml"))[:1]
+        msg = email.message_from_bytes(eml.read_bytes(), policy=email.policy.default)
+        url = msg["List-Unsubscribe"].strip("<>")
+        assert url.startswith(f"http://127.0.0.1:{port}/v1/unsubscribe/"), url
+        with urllib.request.urlopen(url, timeout=10) as resp:  # the page, on this server
+            assert resp.status == 200
+    finally:
+        serve.terminate()
+        serve.communicate(timeout=20)

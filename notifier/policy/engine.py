@@ -72,7 +72,7 @@ def opt_out_key(channel: ChannelKind, address: str) -> str:
 
 
 @lru_cache(maxsize=512)
-def _zone(name: str) -> ZoneInfo:
+def zone(name: str) -> ZoneInfo:
     return ZoneInfo(name)
 
 
@@ -135,15 +135,15 @@ def anomaly(policy: Policy, state: ShipmentState, t: Transition, now: datetime) 
                 details={"hours_early": round(early, 1), "limit_hours": rules.early_hours},
                 rule="anomaly",
             )
-    here = fix_of(t)
-    if here is None or state.last_fix is None:
-        return None
-    jump = _too_fast(rules, state.last_fix, here)
+    here, anchor, suspect = fix_of(t), state.last_fix, state.suspect_fix
+    if here is None or anchor is None or (anchor.lat == 0 and anchor.lon == 0):
+        return None  # (0, 0): a "nowhere" kept before it was read as none
+    jump = _too_fast(rules, anchor, here)
     if jump is None:
         return None
-    if state.suspect_fix is not None and _too_fast(rules, state.suspect_fix, here) is None:
-        # close to the scan flagged before, and as far from the last one: that last one
-        # was the wrong one (a mis-geocoded first scan), not this
+    if suspect is not None and here.at >= suspect.at and not _too_fast(rules, suspect, here):
+        # after the scan flagged before, close to it, and as far from the last one: that
+        # last one was the wrong one (a mis-geocoded first scan), not this
         return None
     km, hours, speed = jump
     shown = "instantly" if math.isinf(speed) else f"at {speed:.0f} km/h"
@@ -153,6 +153,29 @@ def anomaly(policy: Policy, state: ShipmentState, t: Transition, now: datetime) 
         details={"km": round(km, 1), "hours": round(hours, 3), "limit_kmh": rules.max_speed_kmh},
         rule="anomaly",
     )
+
+
+def _flagged(state: ShipmentState, t: Transition, verdict: Verdict) -> ShipmentState:
+    """The state after ``t``, flagged: seen, what it brings kept (``remember``), and its
+    location, when flagged as too far from the last one, the suspect (not a late scan's:
+    it cannot outvote the last one)."""
+    suspect = fix_of(t) if "limit_kmh" in verdict.details else None
+    if suspect is not None and state.last_fix and suspect.at < state.last_fix.at:
+        suspect = None
+    return state.remember(t, suspect)
+
+
+def _reanchored(policy: Policy, before: ShipmentState, after: ShipmentState) -> ShipmentState:
+    """``after``, whose last fix moved to a scan that the one flagged before vouched for,
+    far from the last fix ``before``: that displaced fix is the suspect now, so that two
+    scans at one wrong place (an arrival and a departure) do not win for good, and a next
+    scan close to the displaced one is not flagged either."""
+    moved, displaced = after.last_fix, before.last_fix
+    if before.suspect_fix is None or moved is displaced or moved is None or displaced is None:
+        return after
+    if _too_fast(policy.anomalies, displaced, moved) is None:
+        return after
+    return replaced(after, {"suspect_fix": displaced})
 
 
 def _too_fast(rules: Anomalies, before: Fix, here: Fix) -> tuple[float, float, float] | None:
@@ -235,7 +258,10 @@ def _channel_verdict(
     opted_out: Collection[str],
     live: list[Sent | _Counted],
     decided: Mapping[ChannelKind, Sent | _Counted],
+    moving_again: bool = False,
 ) -> Verdict:
+    """One channel's verdict. ``moving_again``: the first scan after an exception, which
+    the trivial-update throttle lets through."""
     to = contact.email if channel is ChannelKind.EMAIL else contact.phone
     if to is None:
         return Verdict(
@@ -279,7 +305,12 @@ def _channel_verdict(
             rule="duplicate",
         )
     throttle = policy.throttle
-    if rule.trivial and last_trivial is not None and now - last_trivial < policy.trivial_interval:
+    if (
+        rule.trivial
+        and not moving_again
+        and last_trivial is not None
+        and (now - last_trivial < policy.trivial_interval)
+    ):
         ago = _hours(now - last_trivial)
         return Verdict(
             Outcome.SUPPRESSED,
@@ -309,7 +340,7 @@ def _channel_verdict(
                 details={"count": sms, "max": throttle.max_sms_per_shipment},
                 rule="sms_cap",
             )
-    return _timing(policy, rule, contact.timezone, milestone, channel, to, now)
+    return _timing(policy, rule, contact.timezone, t, channel, to, now)
 
 
 @lru_cache(maxsize=256)
@@ -321,12 +352,14 @@ def _timing(
     policy: Policy,
     rule: Rule,
     timezone: str | None,
-    milestone: str,
+    t: Transition,
     channel: ChannelKind,
     to: str,
     now: datetime,
 ) -> Verdict:
-    """Send now, or defer for quiet hours and coalescing."""
+    """Send now, or defer for quiet hours and coalescing; not an "arrives today" that would
+    go out on a later day."""
+    milestone = t.milestone
     sent = Verdict(Outcome.SENT, _sent_reason(milestone, channel), channel, to, rule="notify")
     due: datetime | None = None
     reasons: list[str] = []
@@ -334,10 +367,10 @@ def _timing(
     quiet = policy.quiet_hours.window(channel)
     if quiet is not None and not rule.break_quiet_hours:
         tz_name = timezone or policy.quiet_hours.default_timezone
-        until = quiet_until(quiet, _zone(tz_name), now)
+        until = quiet_until(quiet, zone(tz_name), now)
         if until is not None:
             due = until
-            local_end = until.astimezone(_zone(tz_name)).strftime("%H:%M")
+            local_end = until.astimezone(zone(tz_name)).strftime("%H:%M")
             reasons.append(
                 f"quiet hours {quiet.start:%H:%M}-{quiet.end:%H:%M} in {tz_name}; "
                 f"deferred to {local_end} local ({until:%Y-%m-%d %H:%M} UTC)"
@@ -348,6 +381,9 @@ def _timing(
         if due is None or held > due:
             due = held
             reasons.append(f"held {policy.coalesce_seconds:g} s to send only the latest state")
+    stale = not_today(t, due or now, zone(timezone or policy.quiet_hours.default_timezone))
+    if stale is not None:
+        return Verdict(Outcome.SUPPRESSED, stale, channel, rule="stale")
     if due is None:
         return sent
     rule_name = "quiet_hours" if "timezone" in details else "hold"
@@ -424,6 +460,7 @@ def decide(
             opted_out,
             live,
             decided,
+            state.status is Status.EXCEPTION,
         )
         verdicts.append(verdict)
         if verdict.outcome in _GOING:
@@ -450,13 +487,12 @@ def _fold_once(
             continue
         verdicts = decide(policy, state, t, now, opted_out, frozenset(pending))
         if verdicts[0].outcome is Outcome.FLAGGED:
-            too_fast = "limit_kmh" in verdicts[0].details
-            state = state.remember(t, fix_of(t) if too_fast else None)
+            state = _flagged(state, t, verdicts[0])
             steps.append(Step(t, verdicts))
             continue
         late = state.is_step_back(t)
         before = state
-        state = state.apply(t)
+        state = _reanchored(policy, before, state.apply(t))
         rule = policy.rule(t.status, t.exception_code)
         kept: list[Verdict] = []
         for v in verdicts:
@@ -505,6 +541,28 @@ def _address(r: Recipient | None, channel: ChannelKind) -> str | None:
     if r is None:
         return None
     return r.email if channel is ChannelKind.EMAIL else r.phone
+
+
+#: How long after an "out for delivery" its message may still go out on the next day in
+#: the recipient's zone: a scan of the evening before (the parcel loaded for the morning
+#: round) told at the end of quiet hours is still true; one of the morning before is not.
+NEXT_DAY_WINDOW = timedelta(hours=12)
+
+
+def not_today(t: Transition, at: datetime, tz: ZoneInfo) -> str | None:
+    """Why ``t``'s message would mislead if it went out at ``at``, or None: an "out for
+    delivery" says the parcel arrives today, no longer true on a later day in the
+    recipient's zone more than ``NEXT_DAY_WINDOW`` after the scan (an event that came in
+    late, or a message that waited for the end of quiet hours)."""
+    if t.status is not Status.OUT_FOR_DELIVERY or at - t.occurred_at <= NEXT_DAY_WINDOW:
+        return None
+    day, then = t.occurred_at.astimezone(tz).date(), at.astimezone(tz).date()
+    if then <= day:
+        return None
+    return (
+        f'stale: out for delivery on {day.isoformat()} ("arrives today"), and it would go '
+        f"out on {then.isoformat()} in {tz.key}, {_hours(at - t.occurred_at):.0f} h later"
+    )
 
 
 def no_longer_news(current: Transition, now: datetime) -> str | None:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import idna
 
+from notifier.addresses import older_phone_spellings
 from notifier.store.base import StoreBase, awaited
 from notifier.store.keys import optout_key
 
@@ -17,8 +18,12 @@ from notifier.store.keys import optout_key
 def spellings(key: str) -> list[str]:
     """``key`` and, for an email address with an internationalised domain, the spelling
     its opt-out had before keys held the domain in ASCII (``opt_out_key``): its Unicode
-    form, as a backend or the API gave it."""
+    form, as a backend or the API gave it; for a phone number, the spelling with its
+    national prefix after the country code, which the opt-out API kept as given before
+    numbers were read into E.164 (``addresses.older_phone_spellings``)."""
     channel, _, address = key.partition(":")
+    if channel == "sms":
+        return [key, *(f"sms:{older}" for older in older_phone_spellings(address))]
     local, at, domain = address.rpartition("@")
     if channel != "email" or not at or "xn--" not in domain:
         return [key]

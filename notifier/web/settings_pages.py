@@ -332,7 +332,14 @@ class SettingsPages:
         except ValidationError as exc:
             return page(request, session, wanted, field_errors(exc), None, base)
         header = f"{path} written by the merchant editor: what differs from the files beneath"
-        text = as_yaml(changes(beneath, wanted), header)
+        differs = changes(beneath, wanted)
+        text = as_yaml(differs, header)
+        _, files = await self.web.admin.candidate(merchant_id)
+        current = files.get(path)
+        if text == current or (current is None and not differs):
+            # untouched: no revision, and no file that only says nothing differs
+            await self.web.sessions.flash(request, {"unchanged": True})
+            raise web.HTTPSeeOther(request.path)
         result = await self.web.admin.save_file(merchant_id, path, text, session.key_id)
         await self.web.sessions.flash(request, result)
         raise web.HTTPSeeOther(request.path)
