@@ -11,7 +11,6 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from zoneinfo import ZoneInfo
 
 from redis.exceptions import RedisError
 
@@ -25,7 +24,6 @@ from notifier.models import (
     ChannelKind,
     Decision,
     Notification,
-    Status,
     message_name,
     news_rank,
     notification_id,
@@ -35,7 +33,7 @@ from notifier.models import (
 )
 from notifier.models import Outcome as Decided
 from notifier.outbound import events as hook_events
-from notifier.policy.engine import no_longer_news, not_today, opt_out_key, zone
+from notifier.policy.engine import no_longer_news, opt_out_key
 from notifier.render import Message, SmsMessageOut
 from notifier.resources import Resources, sync_published
 from notifier.state import ShipmentState
@@ -423,11 +421,6 @@ class Deliverer:
             raise
         report.sent += [nid for nid, _, _ in sent]
 
-    def _zone_of(self, n: Notification) -> ZoneInfo:
-        """The recipient's zone, else the merchant policy's default (as decide reads it)."""
-        default = self.res.policies.for_merchant(n.merchant_id).quiet_hours.default_timezone
-        return zone(n.recipient.timezone or default)
-
     async def _still_wanted(
         self,
         claimed: list[tuple[Notification, ClaimResult]],
@@ -462,8 +455,6 @@ class Deliverer:
             if why is None and deadline is not None and deadline <= now:
                 # it waited (quiet hours) past the time it asks the customer to come by
                 why = f"stale: its pickup deadline {deadline.isoformat()} passed while it waited"
-            if why is None and t.status is Status.OUT_FOR_DELIVERY:  # (retries past midnight)
-                why = not_today(t, now, self._zone_of(n))
             if why is None:
                 wanted.append((n, result))
                 continue

@@ -189,24 +189,6 @@ async def test_a_pickup_notice_that_waits_past_its_deadline_is_cancelled(
     )
 
 
-async def test_an_arrives_today_that_waited_into_the_next_day_is_cancelled(
-    client: Client, settings: Settings, res_at: Any
-) -> None:
-    """An out-for-delivery SMS deferred to 08:00, released only the day after (workers down
-    for a day): "arrives today" a day late is cancelled, not sent."""
-    await post(client, transition(occurred_at="2026-11-21T22:40:00+01:00"))
-    await run_worker(settings, clock=fixed_clock(NIGHT))
-    async with res_at(MORNING + timedelta(days=1)) as res:
-        await release(res)
-        assert await ledger(res, nid("evt_1", ChannelKind.SMS)) == ["cancelled"]
-    assert outbox_files(settings, ".sms.json") == []
-    [sms] = [d for d in await history(client) if d.get("channel") == "sms"]
-    assert sms["delivery"]["detail"].startswith(
-        'stale: out for delivery on 2026-11-21 ("arrives today"), and it would go out on '
-        "2026-11-23 in Europe/Paris"
-    )
-
-
 async def test_deferred_message_is_kept_until_due_and_sent_once(
     client: Client, settings: Settings, res_at: Any
 ) -> None:

@@ -453,7 +453,20 @@ async def test_the_cadence_form_round_trips_and_writes_only_changes(client: Clie
     resp = await client.post(f"{ACME}/brand", data=brand)
     assert "Nothing to save" in await resp.text(), await resp.text()
     assert await draft(client) == {}
-    form["base"] = base_of(await (await client.get(f"{ACME}/cadence")).text())
+    # a draft file written through the files API, with its comments and its own key order,
+    # that says what the untouched form says: nothing to save either
+    await put_draft(
+        client, "policy.yaml", "# mine\ncoalesce_seconds: 30\ndedupe_window_hours: 48\n"
+    )
+    form = cadence_form(await (await client.get(f"{ACME}/cadence")).text())
+    resp = await client.post(f"{ACME}/cadence", data=form)
+    assert "Nothing to save" in await resp.text()
+    assert (await draft(client))["policy.yaml"].startswith("# mine")
+    gone = await client.delete(
+        "/v1/merchants/acme/overrides/draft/policy.yaml", headers=auth(ACME_KEY)
+    )
+    assert gone.status == 200 and "policy.yaml" not in await draft(client)
+    form = cadence_form(await (await client.get(f"{ACME}/cadence")).text())
     changed = {
         **form,
         "quiet_hours.email.enabled": "on",

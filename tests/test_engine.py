@@ -155,6 +155,40 @@ def test_the_first_scan_after_an_exception_is_news(code: str) -> None:
     assert steps[0].verdicts[0].rule == "throttled"
 
 
+def test_only_an_exception_the_customer_was_told_of_lets_the_next_scan_through() -> None:
+    """Not one the policy does not notify (a carrier alternating it with scans would get
+    every scan through), nor a repeat of an exception itself."""
+    quiet = policy(exceptions={"weather_delay": {"channels": []}})
+    state, _ = run([event(1, "in_transit", NOON - timedelta(hours=3))], p=quiet)
+    stuck = event(2, "exception", NOON - timedelta(hours=2), exception_code="weather_delay")
+    state, steps = run([stuck], now=NOON - timedelta(hours=2), p=quiet, state=state)
+    assert steps[0].verdicts[0].rule == "not_notified"
+    _, steps = run([event(3, "in_transit", NOON - timedelta(hours=1))], p=quiet, state=state)
+    assert steps[0].verdicts[0].rule == "throttled"
+    trivial = policy(exceptions={"weather_delay": {"channels": ["email"], "trivial": True}})
+    state, steps = run([event(1, "in_transit", NOON - timedelta(hours=4))], p=trivial)
+    for n in range(2, 5):
+        at = NOON - timedelta(hours=4 - n)
+        again = event(n, "exception", at, exception_code="weather_delay")
+        state, steps = run([again], now=at, p=trivial, state=state)
+    outcomes = [v.rule for v in steps[0].verdicts]
+    assert outcomes == ["throttled"], outcomes
+
+
+def test_an_address_too_late_for_arrives_today_is_recorded() -> None:
+    """A late event bringing the phone number after the out-for-delivery's day: the SMS it
+    would catch up is recorded as stale, not left without a word."""
+    morning = datetime(2026, 11, 21, 7, 0, tzinfo=UTC)
+    ofd = event(1, "out_for_delivery", morning, recipient={"email": "ana@example.com"})
+    state, _ = run([ofd], now=morning)
+    late = event(2, "picked_up", morning - timedelta(hours=2))  # carries the phone
+    night = datetime(2026, 11, 21, 22, 30, tzinfo=UTC)  # 23:30 in Paris: SMS quiet hours
+    _, steps = run([late], now=night, state=state)
+    caught = [s for s in steps if s.caught_up_by == "e2"]
+    assert [(v.channel, v.rule) for s in caught for v in s.verdicts] == [(SMS, "stale")]
+    assert "(the address arrived late, with e2)" in caught[0].verdicts[0].reason
+
+
 def test_milestones_are_never_held_back_by_the_trivial_throttle() -> None:
     state, _ = run([event(1, "in_transit")])
     soon = NOON + timedelta(minutes=10)
@@ -593,7 +627,7 @@ def test_impossible_jump_between_located_scans_is_flagged() -> None:
 
 def test_arrives_today_never_goes_out_a_day_late() -> None:
     """An "out for delivery" says the parcel arrives today: not on a later day in the
-    recipient's zone more than 12 h after the scan (it went out deferred to the next
+    recipient's zone more than 18 h after the scan (it went out deferred to the next
     morning, or at once for a scan a day old)."""
     night = datetime(2026, 11, 21, 22, 0, tzinfo=UTC)  # 23:00 in Paris: SMS quiet hours
     early = event(1, "out_for_delivery", datetime(2026, 11, 21, 0, 0, tzinfo=UTC))
@@ -605,10 +639,12 @@ def test_arrives_today_never_goes_out_a_day_late() -> None:
         'stale: out for delivery on 2026-11-21 ("arrives today"), and it would go out on '
         "2026-11-22 in Europe/Paris, 31 h later"
     )
-    # a scan of the evening (the parcel loaded for the morning round) still waits for 08:00
-    evening = event(2, "out_for_delivery", night - timedelta(minutes=20))
-    _, steps = run([evening], now=night)
-    assert [v.outcome for v in steps[0].verdicts] == [Outcome.SENT, Outcome.DEFERRED]
+    # a scan of the afternoon or evening (the parcel loaded for the morning round) still
+    # waits for 08:00: 15:00 in Paris is 17 h before
+    for hours in (0.3, 8):
+        evening = event(2, "out_for_delivery", night - timedelta(hours=hours))
+        _, steps = run([evening], now=night)
+        assert [v.outcome for v in steps[0].verdicts] == [Outcome.SENT, Outcome.DEFERRED]
     # a scan of yesterday morning, come in late: neither
     _, steps = run([early], now=night + timedelta(hours=12))
     assert [v.rule for v in steps[0].verdicts] == ["stale", "stale"]

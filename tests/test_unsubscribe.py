@@ -8,6 +8,7 @@ import json
 import shutil
 import signal
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
 
 import redis
@@ -35,6 +36,15 @@ from tests.conftest import (
 SECRET = "s3cret-for-signing-links"
 
 
+def one_click_templates(tmp_path: Path) -> Path:
+    """The shipped templates, with a merchant acme whose emails carry one-click links."""
+    templates = tmp_path / "templates"
+    shutil.copytree(data_dir("templates", None), templates)
+    (templates / "acme").mkdir()
+    (templates / "acme" / "brand.yaml").write_text("name: Acme\none_click_unsubscribe: true\n")
+    return templates
+
+
 def test_tokens_are_signed() -> None:
     token = sign(SECRET, "acme", "ana@example.com")
     assert verify(SECRET, token) == ("acme", "ana@example.com")
@@ -45,10 +55,7 @@ def test_tokens_are_signed() -> None:
 
 
 async def test_one_click_unsubscribe_end_to_end(tmp_path: Path, redis_url: str) -> None:
-    templates = tmp_path / "templates"
-    shutil.copytree(data_dir("templates", None), templates)
-    (templates / "acme").mkdir()
-    (templates / "acme" / "brand.yaml").write_text("name: Acme\none_click_unsubscribe: true\n")
+    templates = one_click_templates(tmp_path)
     settings = make_settings(
         tmp_path,
         redis_url=redis_url,
@@ -95,10 +102,7 @@ def test_links_work_across_processes_and_restarts_without_a_signing_secret(
     (found by a black-box probe). Every process now signs with a key derived from the
     deployment's key kept in Redis: a link from one worker works in the API, and so does a
     link from the next worker after a restart, and after the setting is set."""
-    templates = tmp_path / "templates"
-    shutil.copytree(data_dir("templates", None), templates)
-    (templates / "acme").mkdir()
-    (templates / "acme" / "brand.yaml").write_text("name: Acme\none_click_unsubscribe: true\n")
+    templates = one_click_templates(tmp_path)
     port = free_port()
     env = {
         "NOTIFIER_REDIS_URL": redis_url,
@@ -158,10 +162,7 @@ def test_links_work_across_processes_and_restarts_without_a_signing_secret(
 def test_embedded_serve_on_another_port_signs_links_to_that_port(tmp_path: Path) -> None:
     """`serve --port 8096` without NOTIFIER_PUBLIC_URL signed its unsubscribe links to the
     default port, 8080: another server, or none."""
-    templates = tmp_path / "templates"
-    shutil.copytree(data_dir("templates", None), templates)
-    (templates / "acme").mkdir()
-    (templates / "acme" / "brand.yaml").write_text("name: Acme\none_click_unsubscribe: true\n")
+    templates = one_click_templates(tmp_path)
     port = free_port()
     env = {
         "NOTIFIER_TEMPLATES_DIR": str(templates),
@@ -172,7 +173,8 @@ def test_embedded_serve_on_another_port_signs_links_to_that_port(tmp_path: Path)
         wait_until(lambda: healthy(port) or serve.poll() is not None, "notifier serve")
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/v1/transitions",
-            data=json.dumps(transition(occurred_at="2026-11-21T14:00:00Z")).encode(),
+            # (this process runs on the real clock: an event of now)
+            data=json.dumps(transition(occurred_at=datetime.now(UTC).isoformat())).encode(),
             headers={"Authorization": "Bearer dev-key-not-for-production"},
         )
         request.add_header("Content-Type", "application/json")

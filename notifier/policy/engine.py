@@ -72,7 +72,7 @@ def opt_out_key(channel: ChannelKind, address: str) -> str:
 
 
 @lru_cache(maxsize=512)
-def zone(name: str) -> ZoneInfo:
+def _zone(name: str) -> ZoneInfo:
     return ZoneInfo(name)
 
 
@@ -260,8 +260,8 @@ def _channel_verdict(
     decided: Mapping[ChannelKind, Sent | _Counted],
     moving_again: bool = False,
 ) -> Verdict:
-    """One channel's verdict. ``moving_again``: the first scan after an exception, which
-    the trivial-update throttle lets through."""
+    """One channel's verdict. ``moving_again``: the first scan after an exception the
+    customer was told of on this channel, which the trivial-update throttle lets through."""
     to = contact.email if channel is ChannelKind.EMAIL else contact.phone
     if to is None:
         return Verdict(
@@ -367,10 +367,10 @@ def _timing(
     quiet = policy.quiet_hours.window(channel)
     if quiet is not None and not rule.break_quiet_hours:
         tz_name = timezone or policy.quiet_hours.default_timezone
-        until = quiet_until(quiet, zone(tz_name), now)
+        until = quiet_until(quiet, _zone(tz_name), now)
         if until is not None:
             due = until
-            local_end = until.astimezone(zone(tz_name)).strftime("%H:%M")
+            local_end = until.astimezone(_zone(tz_name)).strftime("%H:%M")
             reasons.append(
                 f"quiet hours {quiet.start:%H:%M}-{quiet.end:%H:%M} in {tz_name}; "
                 f"deferred to {local_end} local ({until:%Y-%m-%d %H:%M} UTC)"
@@ -381,7 +381,7 @@ def _timing(
         if due is None or held > due:
             due = held
             reasons.append(f"held {policy.coalesce_seconds:g} s to send only the latest state")
-    stale = not_today(t, due or now, zone(timezone or policy.quiet_hours.default_timezone))
+    stale = not_today(t, due or now, _zone(timezone or policy.quiet_hours.default_timezone))
     if stale is not None:
         return Verdict(Outcome.SUPPRESSED, stale, channel, rule="stale")
     if due is None:
@@ -446,6 +446,12 @@ def decide(
         state.live_messages(now, pending, (t.event_id, milestone, news_rank(t, state.max_rank)))
     )
     decided: dict[ChannelKind, Sent | _Counted] = {m.channel: m for m in state.messages}
+    # a scan after an exception the customer was told of, on each channel: it moves again
+    told = (
+        {m.channel for m in state.messages if m.event_id == state.current_event and not m.cancelled}
+        if state.status is Status.EXCEPTION and t.status is not Status.EXCEPTION
+        else set()
+    )
     verdicts: list[Verdict] = []
     for channel in rule.channels:
         verdict = _channel_verdict(
@@ -460,7 +466,7 @@ def decide(
             opted_out,
             live,
             decided,
-            state.status is Status.EXCEPTION,
+            channel in told,
         )
         verdicts.append(verdict)
         if verdict.outcome in _GOING:
@@ -544,9 +550,10 @@ def _address(r: Recipient | None, channel: ChannelKind) -> str | None:
 
 
 #: How long after an "out for delivery" its message may still go out on the next day in
-#: the recipient's zone: a scan of the evening before (the parcel loaded for the morning
-#: round) told at the end of quiet hours is still true; one of the morning before is not.
-NEXT_DAY_WINDOW = timedelta(hours=12)
+#: the recipient's zone: a scan of the afternoon or evening before (the parcel loaded for
+#: the morning round), told at the end of quiet hours, may still be true; one of the
+#: morning before, come in late, is not.
+NEXT_DAY_WINDOW = timedelta(hours=18)
 
 
 def not_today(t: Transition, at: datetime, tz: ZoneInfo) -> str | None:
@@ -611,7 +618,9 @@ def _catch_up(
     verdicts = [
         replace(v, reason=f"{v.reason} (the address arrived late, with {late.event_id})")
         for v in decide(policy, after, current, now, opted_out, pending)
-        if v.channel in gained and v.channel not in told and v.outcome in _GOING
+        if v.channel in gained
+        and v.channel not in told
+        and (v.outcome in _GOING or v.rule == "stale")  # (recorded: why it is not sent)
     ]
     return Step(current, verdicts, caught_up_by=late.event_id) if verdicts else None
 

@@ -10,6 +10,7 @@ from functools import partial
 from typing import Any
 
 import jinja2
+import yaml
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
@@ -336,10 +337,21 @@ class SettingsPages:
         text = as_yaml(differs, header)
         _, files = await self.web.admin.candidate(merchant_id)
         current = files.get(path)
-        if text == current or (current is None and not differs):
+        if text == current or _says(current, differs):
             # untouched: no revision, and no file that only says nothing differs
             await self.web.sessions.flash(request, {"unchanged": True})
             raise web.HTTPSeeOther(request.path)
         result = await self.web.admin.save_file(merchant_id, path, text, session.key_id)
         await self.web.sessions.flash(request, result)
         raise web.HTTPSeeOther(request.path)
+
+
+def _says(current: str | None, differs: dict[str, Any]) -> bool:
+    """Whether the draft's file ``current`` already says ``differs`` (its comments, key
+    order and quoting aside), or, absent, that nothing differs."""
+    if current is None:
+        return not differs
+    try:
+        return (yaml.safe_load(current) or {}) == differs
+    except yaml.YAMLError:
+        return False
