@@ -25,10 +25,10 @@ from twilio.twiml.messaging_response import MessagingResponse
 
 from notifier.channels.twilio import UNDELIVERABLE_CODES
 from notifier.delivery import fall_back_later
-from notifier.errors import BadRequest, Forbidden, NotFound
+from notifier.errors import BadRequest, ConfigurationError, Forbidden, NotFound
 from notifier.insights import record
 from notifier.insights.counts import DIGEST_PREFIX, Count, recipient_digest
-from notifier.models import ChannelKind
+from notifier.models import ChannelKind, one_line
 from notifier.outbound import events as hook_events
 from notifier.policy import opt_out_key
 from notifier.resources import Resources
@@ -133,10 +133,29 @@ async def twilio_inbound(request: web.Request, res: Resources) -> web.Response:
     elif word in START_WORDS:
         await res.store.set_opt_out(res.store.EVERY_MERCHANT, key, False)
     elif word in HELP_WORDS:
-        reply.message("Parcel updates by SMS. Reply STOP to opt out, START to opt back in.")
+        reply.message(await _help_text(res, sender))
     elif word and last is not None:
         await _count_reply(res, last, Count.REPLIES)
     return web.Response(text=str(reply), content_type="application/xml")
+
+
+async def _help_text(res: Resources, number: str) -> str:
+    """HELP's answer: who sends these messages and how to reach them (US carriers' rules ask
+    for both: the merchant of the last SMS to the number, and its support contact), then
+    STOP and START. Without a known merchant, the program alone."""
+    last = await _last_sms(res, number)
+    who, contact = "", ""
+    if last is not None:
+        try:
+            brand = res.renderer.brand(last.merchant_id)
+        except ConfigurationError:  # (a brand that does not load: the program alone)
+            brand = None
+        if brand is not None:
+            who = f"{one_line(brand.name)}: "
+            contact = brand.support.phone or brand.support.email or brand.support.url or ""
+    program = f"{who}parcel updates by SMS." if who else "Parcel updates by SMS."
+    help_ = f" Help: {contact}." if contact else ""
+    return f"{program}{help_} Reply STOP to opt out, START to opt back in."
 
 
 async def _last_sms(res: Resources, number: str) -> LastSms | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,7 +15,7 @@ from twilio.request_validator import RequestValidator
 from notifier.app import create_app
 from notifier.models import ChannelKind
 from notifier.policy import opt_out_key
-from notifier.resources import open_resources
+from notifier.resources import data_dir, open_resources
 from notifier.settings import Settings
 from tests.conftest import (
     NOW,
@@ -151,8 +152,36 @@ async def test_stop_start_and_help(
 
     resp = await signed(client, inbound, {"From": "+33612345678", "Body": "help"})
     assert "Reply STOP to opt out" in await resp.text()
+    resp = await signed(client, inbound, {"From": "+33699999999", "Body": "help"})  # unknown
+    assert ">Parcel updates by SMS. Reply STOP to opt out, START to opt back in.<" in (
+        await resp.text()
+    )
     resp = await signed(client, inbound, {"From": "+33612345678", "Body": "STOP"}, "bad")
     assert resp.status == 403
+
+
+async def test_help_names_the_merchant_and_its_support(
+    tmp_path: Path, redis_url: str, twilio: FakeTwilio
+) -> None:
+    """US carriers' rules ask a HELP answer to say who sends the messages and how to reach
+    them: it said "Parcel updates by SMS" for every merchant."""
+    templates = tmp_path / "templates"
+    shutil.copytree(data_dir("templates", None), templates)
+    (templates / "acme").mkdir()
+    (templates / "acme" / "brand.yaml").write_text(
+        "name: Acme Shop\nsupport:\n  phone: '+49 30 1234 5678'\n  email: help@acme.example\n"
+    )
+    settings = twilio_settings(tmp_path, redis_url, twilio).model_copy(
+        update={"public_url": PUBLIC, "templates_dir": templates}
+    )
+    async with TestClient(TestServer(create_app(settings, clock=fixed_clock()))) as client:
+        await sent_sms(client, settings, twilio)
+        inbound = "/v1/webhooks/twilio/inbound"
+        resp = await signed(client, inbound, {"From": "+33612345678", "Body": "HELP"})
+        assert (
+            "<Message>Acme Shop: parcel updates by SMS. Help: +49 30 1234 5678. Reply STOP to "
+            "opt out, START to opt back in.</Message>"
+        ) in await resp.text()
 
 
 async def test_replies_are_counted_without_a_signing_secret(
