@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from arq.connections import ArqRedis
 from redis.exceptions import RedisClusterException, RedisError
 
 from notifier.errors import ConfigurationError, NotifierError
@@ -48,8 +47,8 @@ from notifier.resources import (
     TREES,
     close_redis,
     connect,
-    connect_queue,
     data_dir,
+    queue_beside,
     refuse_a_mismatched_mode,
     refuse_a_refusing_redis,
     refuse_an_old_redis,
@@ -732,9 +731,7 @@ async def published_problems(settings: Settings) -> list[str]:
     if settings.embedded:
         return []
     redis = connect(settings)
-    # as open_resources: arq's queue on the data's Redis unless it has one of its own
-    shared = not settings.queue_redis_url and isinstance(redis, ArqRedis)
-    queue = redis if shared and isinstance(redis, ArqRedis) else connect_queue(settings)
+    queue = queue_beside(settings, redis)
     try:
         try:  # what `serve` and `worker` refuse at start-up (a cluster named as one Redis...)
             await refuse_a_mismatched_mode(settings, redis, queue)

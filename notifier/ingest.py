@@ -29,7 +29,7 @@ from notifier.errors import (
     ValidationFailed,
 )
 from notifier.logs import REQUEST_ID
-from notifier.models import Transition
+from notifier.models import MERCHANT_ID_PATTERN, Transition
 from notifier.resources import Resources
 from notifier.settings import HASHED_KEY, is_loopback
 from notifier.signing import SIGNATURE_HEADER, verify_signature
@@ -328,7 +328,7 @@ def _items(body: Any, max_batch: int) -> tuple[list[Any], bool]:
 
 
 #: a well-formed merchant id (``models.MerchantId``)
-_MERCHANT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_MERCHANT_ID = re.compile(MERCHANT_ID_PATTERN)
 
 
 def _denied(

@@ -127,7 +127,8 @@ def news_rank(t: Transition, reached: int) -> int:
 
 # Identifiers end up in Redis keys, file names and outbox paths: keep them to a safe
 # alphabet. A merchant id has no ":" so "ntf:<kind>:<merchant_id>:<rest>" keys are unambiguous.
-MerchantId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+MERCHANT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+MerchantId = Annotated[str, StringConstraints(pattern=MERCHANT_ID_PATTERN)]
 Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")]
 #: The longest an identifier (an event id, a shipment id) may be.
 EVENT_ID_MAX = 128

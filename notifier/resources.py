@@ -238,6 +238,16 @@ def _unexpected(exc: Exception) -> str:
     return f"'{found.group(1)}'" if found else type(exc).__name__
 
 
+def queue_beside(
+    settings: Settings, redis: DataRedis, server: FakeServer | None = None
+) -> ArqRedis:
+    """arq's queue client beside the data's ``redis``: that same client on one Redis
+    without NOTIFIER_QUEUE_REDIS_URL, else one of its own (close it apart)."""
+    if not settings.queue_redis_url and isinstance(redis, ArqRedis):
+        return redis
+    return connect_queue(settings, server)
+
+
 def connect_queue(settings: Settings, server: FakeServer | None = None) -> ArqRedis:
     """The client of arq's job queue: ``NOTIFIER_QUEUE_REDIS_URL``, else the data's Redis
     (or the embedded in-memory ``server``)."""
@@ -385,9 +395,7 @@ async def open_resources(
         server = FakeServer()
     metrics.configure(settings.metrics_dir)
     redis = connect(settings, server)
-    separate = bool(settings.queue_redis_url) or not isinstance(redis, ArqRedis)
-    queue = connect_queue(settings, server) if separate else redis
-    assert isinstance(queue, ArqRedis)
+    queue = queue_beside(settings, redis, server)
     try:
         await refuse_a_mismatched_mode(settings, redis, queue)
         await refuse_a_refusing_redis(settings, redis, queue)

@@ -381,7 +381,7 @@ def _timing(
         if due is None or held > due:
             due = held
             reasons.append(f"held {policy.coalesce_seconds:g} s to send only the latest state")
-    stale = not_today(t, due or now, _zone(timezone or policy.quiet_hours.default_timezone))
+    stale = not_today(t, due or now, timezone or policy.quiet_hours.default_timezone)
     if stale is not None:
         return Verdict(Outcome.SUPPRESSED, stale, channel, rule="stale")
     if due is None:
@@ -556,13 +556,14 @@ def _address(r: Recipient | None, channel: ChannelKind) -> str | None:
 NEXT_DAY_WINDOW = timedelta(hours=18)
 
 
-def not_today(t: Transition, at: datetime, tz: ZoneInfo) -> str | None:
+def not_today(t: Transition, at: datetime, timezone: str) -> str | None:
     """Why ``t``'s message would mislead if it went out at ``at``, or None: an "out for
     delivery" says the parcel arrives today, no longer true on a later day in the
     recipient's zone more than ``NEXT_DAY_WINDOW`` after the scan (an event that came in
     late, or a message that waited for the end of quiet hours)."""
     if t.status is not Status.OUT_FOR_DELIVERY or at - t.occurred_at <= NEXT_DAY_WINDOW:
         return None
+    tz = _zone(timezone)
     day, then = t.occurred_at.astimezone(tz).date(), at.astimezone(tz).date()
     if then <= day:
         return None

@@ -183,6 +183,9 @@ _IN_SENTENCE: dict[str, tuple[str | None, str, str]] = {
     "pt": ("MMMMd", "{1}, às {0}", "{1}, {0}"),
 }
 
+#: the moment joiner of ``_IN_SENTENCE`` before two o'clock, where it differs
+_BEFORE_TWO = {"pt": "{1}, à {0}"}
+
 
 @lru_cache(maxsize=512)
 def _patterns(locale: str) -> tuple[DateTimePattern, DateTimePattern, str, str]:
@@ -205,8 +208,8 @@ def when(moment: datetime, timezone: str | None, locale: str) -> str:
     local = moment.astimezone(_zone(timezone or "UTC"))
     loc = parse_locale(locale) or Locale("en")
     day, time, joiner, _ = _patterns(locale)
-    if local.hour < 2 and "às" in joiner:  # "à 01:30", "à 00:15" (a uma, a zero hora)
-        joiner = joiner.replace("às", "à")
+    if local.hour < 2:  # "à 01:30", "à 00:15" (a uma, a zero hora)
+        joiner = _BEFORE_TWO.get(loc.language, joiner)
     text = joiner.replace("{1}", day.apply(local, loc)).replace("{0}", time.apply(local, loc))
     return text if timezone else f"{text} UTC"
 
