@@ -10,6 +10,7 @@ import re
 import signal
 import socket
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -169,7 +170,9 @@ def test_a_json_logging_service_never_logs_personal_data(
         wait_until(lambda: healthy(port) or procs[0].poll() is not None, "notifier serve")
         import urllib.request
 
-        body = json.dumps({"transitions": [transition()]}).encode()
+        # (these processes run on the real clock: an event of now, whose email goes out)
+        now = datetime.now(UTC).isoformat()
+        body = json.dumps({"transitions": [transition(occurred_at=now)]}).encode()
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/v1/transitions",
             data=body,

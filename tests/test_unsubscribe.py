@@ -118,7 +118,8 @@ def test_links_work_across_processes_and_restarts_without_a_signing_secret(
         for n, address in enumerate(["ana@example.com", "bo@example.com"]):
             worker = spawn_notifier(["worker"], tmp_path, **env)  # a new one each time
             try:
-                body = transition(event_id=f"e{n}", shipment_id=f"s{n}")
+                now = datetime.now(UTC).isoformat()  # (the real clock: an email that goes)
+                body = transition(event_id=f"e{n}", shipment_id=f"s{n}", occurred_at=now)
                 body["recipient"] = {**body["recipient"], "email": address}
                 request = urllib.request.Request(
                     f"http://127.0.0.1:{port}/v1/transitions",
