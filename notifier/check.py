@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import os
 import re
 from collections.abc import Iterable
@@ -614,8 +615,13 @@ def _render_one(
     variant: str = "",
 ) -> list[str]:
     problems: list[str] = []
-    # an SMS as it goes with an email about its event, and alone (``email_too`` false)
-    for alone in (None, True) if channel is ChannelKind.SMS else (None,):
+    # an SMS as it goes with an email about its event, and alone (``email_too`` false); a
+    # delivered one as a door delivery and as a parcel collected from a pickup point
+    cases = itertools.product(
+        (None, True) if channel is ChannelKind.SMS else (None,),
+        (None, True) if t.status is Status.DELIVERED else (None,),
+    )
+    for alone, collected in cases:
         n = Notification(
             notification_id="n_check",
             merchant_id=merchant or DEFAULTS,
@@ -628,15 +634,19 @@ def _render_one(
             experiment="check" if variant else None,
             variant="b" if variant else None,
             alone=alone,
+            collected=collected,
         )
         try:
             message = renderer.render(n)
         except NotifierError as exc:
             if isinstance(exc.__cause__, EXHAUSTED):
                 raise _LimitCrossed(f"{exc} (its other messages were not rendered)") from exc
-            return [*problems, f"{exc}{' (an SMS without an email)' if alone else ''}"]
+            how = (" (an SMS without an email)" if alone else "") + (
+                " (collected from a pickup point)" if collected else ""
+            )
+            return [*problems, f"{exc}{how}"]
         if not isinstance(message, SmsMessageOut):
-            return []
+            continue  # (an email has no budget: it rendered)
         # US numbers carry the legally required opt-out line: one more segment for it
         us = phone.startswith("+1")
         budget = SMS_BUDGET[message.encoding] + us
@@ -645,7 +655,8 @@ def _render_one(
         extra = " incl. 1 for the US opt-out line" if us else ""
         problems.append(
             f"sms ({t.milestone}, {recipient.locale}{', +1' if us else ''}"
-            f"{', without an email' if alone else ''}): {message.segments} segments in "
+            f"{', without an email' if alone else ''}{', collected' if collected else ''}): "
+            f"{message.segments} segments in "
             f"{message.encoding} (budget {budget}{extra}): {message.body!r}"
         )
     return problems

@@ -435,6 +435,9 @@ class Notification(_Strict):
     #: an SMS that goes without an email about its event (none known, opted out, or the
     #: policy's choice): templates see ``email_too`` false, and point nowhere else
     alone: bool | None = None
+    #: a "delivered" after the parcel had waited at a pickup point: the customer collected it
+    #: (templates see ``event.collected``: "collected", never "check with your neighbours")
+    collected: bool | None = None
 
 
 #: what a waiting message's payload leaves out: its ledger key names the id, its transition

@@ -443,6 +443,7 @@ class Pipeline:
                             "alone": True
                             if verdict.channel is ChannelKind.SMS and ChannelKind.EMAIL not in going
                             else None,
+                            "collected": True if step.collected else None,
                         },
                     )
                     built[nid] = n

@@ -582,6 +582,27 @@ def test_nothing_before_delivered_is_news_after_it() -> None:
     assert steps[0].verdicts[0].reason.startswith("out of order")
 
 
+def test_a_delivered_after_a_pickup_point_is_the_customer_collecting_it() -> None:
+    at = [NOON + timedelta(hours=h) for h in range(4)]
+    pickup = event(1, "available_for_pickup", at[0])
+    _, steps = run([pickup, event(2, "delivered", at[1])], now=at[1])
+    assert [s.collected for s in steps] == [False, True]
+    # held at the pickup point (an exception there), then collected
+    held = event(2, "exception", at[1], exception_code="held_at_facility")
+    _, steps = run([pickup, held, event(3, "delivered", at[2])], now=at[2])
+    assert [s.collected for s in steps] == [False, False, True]
+    # across batches: the pickup point is in the state the delivered meets
+    state, _ = run([pickup], now=at[0])
+    _, steps = run([event(2, "delivered", at[1])], now=at[1], state=state)
+    assert steps[0].collected
+    # a door delivery, and one sent on its way again after the pickup point, are not
+    _, steps = run([event(1, "out_for_delivery", at[0]), event(2, "delivered", at[1])], now=at[1])
+    assert [s.collected for s in steps] == [False, False]
+    again = event(2, "out_for_delivery", at[1])
+    _, steps = run([pickup, again, event(3, "delivered", at[2])], now=at[2])
+    assert [s.collected for s in steps] == [False, False, False]
+
+
 def test_late_event_still_teaches_facts() -> None:
     state, _ = run([event(1, "delivered", NOON, tracking_url="https://t.example/1")])
     state, _ = run(

@@ -14,6 +14,7 @@ from babel import Locale
 from babel.dates import format_timedelta
 
 from notifier.channels.outbox import build_eml
+from notifier.check import SMS_BUDGET
 from notifier.check import samples as _samples
 from notifier.cli import main
 from notifier.errors import ConfigurationError, RenderError
@@ -459,3 +460,36 @@ def test_a_country_alone_reads_as_a_place(
     t = sample("delivered").model_copy(update={"location": Location(**location)})  # type: ignore[arg-type]
     ctx = renderer().context(notification(t, locale=locale), locale)
     assert str(ctx["event"]["place"]) == place
+
+
+@pytest.mark.parametrize(
+    "locale", ["en", "ar", "de", "es", "fr", "he", "it", "ja", "nl", "pl", "pt_BR", "zh_Hans"]
+)
+def test_a_parcel_collected_from_a_pickup_point_reads_as_collected_in_every_language(
+    locale: str,
+) -> None:
+    """Its own words in each language (not the door delivery's "check with your
+    neighbours"), on both channels; the door delivery keeps its own."""
+    r = renderer()
+    t = sample("delivered")
+    door = notification(t, locale=locale)
+    collected = door.model_copy(update={"collected": True})
+    door_email, collected_email = render_email(door, r), render_email(collected, r)
+    assert collected_email.subject != door_email.subject
+    door_next = door_email.text.split("\n\n")
+    collected_next = collected_email.text.split("\n\n")
+    # the guidance paragraph differs, and nothing of the door delivery's is left in it
+    assert set(door_next) != set(collected_next)
+    assert not set(collected_next) >= set(door_next)
+    sms = {}
+    for n in (door, collected):
+        message = r.render(n.model_copy(update={"channel": ChannelKind.SMS, "to": "+33612345678"}))
+        assert isinstance(message, SmsMessageOut)
+        assert message.segments <= SMS_BUDGET[message.encoding]
+        sms[n.collected] = message.body
+    assert sms[None] != sms[True]
+    if locale == "en":
+        assert collected_email.subject == "Your parcel was collected"
+        assert "If you did not collect it yourself, contact us." in collected_email.text
+        assert "neighbours" not in collected_email.text and "neighbours" in door_email.text
+        assert sms[True].startswith("Your shop: your parcel was collected. https://")

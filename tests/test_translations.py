@@ -38,13 +38,10 @@ def snapshot(folder: Path) -> dict[str, str]:
 def merchant_headline(root: Path) -> None:
     own = root / "templates" / "acme" / "messages"
     own.mkdir(parents=True)
-    default = (root / "templates" / "messages" / "delivered.jinja").read_text()
-    (own / "delivered.jinja").write_text(
-        default.replace(
-            "{%- macro headline() -%}{% trans %}Your parcel was delivered{% endtrans %}",
-            "{%- macro headline() -%}{% trans %}" + HOORAY + "{% endtrans %}",
-        )
-    )
+    default = (root / "templates" / "messages" / "delivered.jinja").read_text().splitlines()
+    [at] = [i for i, line in enumerate(default) if line.startswith("{%- macro headline() -%}")]
+    default[at] = "{%- macro headline() -%}{% trans %}" + HOORAY + "{% endtrans %}{%- endmacro -%}"
+    (own / "delivered.jinja").write_text("\n".join(default) + "\n")
 
 
 def test_the_workflow_is_stable_and_adds_only_what_is_new(tmp_path: Path) -> None:

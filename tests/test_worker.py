@@ -126,6 +126,48 @@ async def test_late_event_never_steps_backwards(client: Client, settings: Settin
     assert late[0]["reason"].startswith("out of order")
 
 
+async def test_a_parcel_collected_from_a_pickup_point_is_told_so(
+    client: Client, settings: Settings
+) -> None:
+    """Not "check with your neighbours": the customer collected it. The pickup notice and
+    the delivered come in separate batches, as they would."""
+    en = {"name": "Ana", "email": "ana@example.com", "phone": "+33612345678", "locale": "en"}
+    pickup = {"name": "Tabac du Centre", "address": "3 rue Nationale, Tours"}
+    await post(
+        client,
+        transition(
+            event_id="p",
+            status="available_for_pickup",
+            occurred_at="2026-11-21T10:00:00+01:00",
+            pickup_point=pickup,
+            recipient=en,
+        ),
+    )
+    await run_worker(settings)
+    await post(
+        client,
+        transition(event_id="d", status="delivered", occurred_at="2026-11-21T12:00:00+01:00"),
+    )
+    await run_worker(settings)
+    delivered = Transition.model_validate(transition(event_id="d", status="delivered"))
+    [eml] = [
+        f
+        for f in outbox_files(settings, ".eml")
+        if notification_id(delivered, ChannelKind.EMAIL) in f.name
+    ]
+    msg = email.message_from_bytes(eml.read_bytes(), policy=email.policy.default)
+    assert msg["Subject"] == "Your parcel was collected"
+    text = {p.get_content_type(): p.get_content() for p in msg.iter_parts()}["text/plain"]  # type: ignore[attr-defined]
+    assert "If you did not collect it yourself, contact us." in text
+    assert "neighbours" not in text
+    [sms] = [
+        f
+        for f in outbox_files(settings, ".sms.json")
+        if notification_id(delivered, ChannelKind.SMS) in f.name
+    ]
+    assert "your parcel was collected." in json.loads(sms.read_text())["body"]
+
+
 async def test_later_transitions_use_the_known_recipient(
     client: Client, settings: Settings
 ) -> None:

@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo
 
 from notifier.addresses import ascii_domain
 from notifier.models import (
+    STATUS_RANK,
     ChannelKind,
     Outcome,
     Recipient,
@@ -59,6 +60,8 @@ class Step:
     caught_up_by: str | None = None
     #: how far along its messages are (``news_rank``); -1 when nothing was decided
     rank: int = -1
+    #: a "delivered" after the parcel had waited at a pickup point (it was collected)
+    collected: bool = False
 
 
 def opt_out_key(channel: ChannelKind, address: str) -> str:
@@ -475,6 +478,19 @@ def decide(
 
 
 _GOING = (Outcome.SENT, Outcome.DEFERRED)
+#: the furthest step of a parcel that waited at a pickup point (and was not delivered yet)
+_AT_PICKUP_POINT = STATUS_RANK[Status.AVAILABLE_FOR_PICKUP]
+
+
+def _collected(before: ShipmentState, t: Transition) -> bool:
+    """Whether ``t`` is the "delivered" of a parcel still waiting at a pickup point (or held
+    there: an exception after it): the customer collected it. One sent on its way again (out
+    for delivery, in transit) after the pickup point is delivered as any other."""
+    return (
+        t.status is Status.DELIVERED
+        and before.max_rank == _AT_PICKUP_POINT
+        and before.status in (Status.AVAILABLE_FOR_PICKUP, Status.EXCEPTION)
+    )
 
 
 def _fold_once(
@@ -514,7 +530,9 @@ def _fold_once(
                     state = state.record_message(t, channel, rule.trivial, now, v.send_at)
                     pending.add(t.event_id)
             kept.append(v)
-        steps.append(Step(t, kept, rank=news_rank(t, state.max_rank)))
+        steps.append(
+            Step(t, kept, rank=news_rank(t, state.max_rank), collected=_collected(before, t))
+        )
         if late:
             caught = _catch_up(policy, before, state, t, now, opted_out, frozenset(pending))
             if caught is not None:

@@ -574,6 +574,8 @@ class Renderer:
                 "deadline": i18n.when(t.pickup_deadline, tz, fmt) if t.pickup_deadline else "",
                 # computed only if a template prints it
                 "ago": Lazy(lambda: i18n.ago(t.occurred_at, n.created_at, fmt)),
+                #: a "delivered" of a parcel the customer collected from a pickup point
+                "collected": bool(n.collected),
             },
             "progress": _progress(t),
             "actions": actions,
