@@ -811,6 +811,7 @@ class Renderer:
                 and before_locale == locale
                 and ctx["variant"] == variant
                 and before.alone == n.alone
+                and before.collected == n.collected
             ):
                 return {**ctx, "us_opt_out": _us_opt_out(n)}, parts
         ctx = self.context(n, locale, variant)
