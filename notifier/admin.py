@@ -21,7 +21,15 @@ from typing import Any, Literal
 
 import orjson
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from notifier.addresses import canonical_phone, email_problem, phone_problem
 from notifier.channels.base import Outgoing, Receipt
@@ -39,6 +47,7 @@ from notifier.models import (
     MerchantId,
     Notification,
     Phone,
+    Status,
     TimeZone,
 )
 from notifier.overrides import OverrideError, OverrideStore
@@ -89,6 +98,18 @@ class PreviewRequest(BaseModel):
     source: Literal["published", "draft"] = "draft"
     #: files over the source, unsaved (what the editor has on screen)
     files: dict[str, str] = Field(default_factory=dict)
+    collected: bool = Field(
+        default=False,
+        description="delivered only: the form for a parcel the customer collected from a "
+        "pickup point (templates see event.collected)",
+    )
+
+    @field_validator("collected")
+    @classmethod
+    def _collected_is_delivered(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("milestone", Status.DELIVERED) != Status.DELIVERED:
+            raise ValueError("is for the delivered milestone only")
+        return value
 
 
 class TestSend(PreviewRequest):
@@ -269,6 +290,8 @@ class Admin:
         )
         if variant == "b":
             n = n.model_copy(update={"experiment": "test", "variant": "b"})
+        if body.collected:
+            n = n.model_copy(update={"collected": True})
         try:
             return await asyncio.to_thread(_render, self.res.settings, merchant_id, files, n)
         except NotifierError as exc:

@@ -117,6 +117,12 @@ def samples(minimal: bool = False) -> list[Transition]:
 SAMPLE_LAG = timedelta(minutes=20)
 
 
+def collected_forms(t: Transition) -> tuple[bool | None, ...]:
+    """The forms of a message about ``t`` (``Notification.collected``): a delivered one as a
+    door delivery and as a parcel collected from a pickup point."""
+    return (None, True) if t.status is Status.DELIVERED else (None,)
+
+
 def sample_notification(
     t: Transition,
     channel: ChannelKind,
@@ -618,8 +624,7 @@ def _render_one(
     # an SMS as it goes with an email about its event, and alone (``email_too`` false); a
     # delivered one as a door delivery and as a parcel collected from a pickup point
     cases = itertools.product(
-        (None, True) if channel is ChannelKind.SMS else (None,),
-        (None, True) if t.status is Status.DELIVERED else (None,),
+        (None, True) if channel is ChannelKind.SMS else (None,), collected_forms(t)
     )
     for alone, collected in cases:
         n = Notification(
@@ -804,10 +809,11 @@ def sms_table(settings: Settings, merchant: str = "") -> list[tuple[str, str, in
                     timezone="Europe/Paris",
                     phone=phone,
                 )
-                message = renderer.render(n)
-                assert isinstance(message, SmsMessageOut)
-                encodings.add(str(message.encoding))
-                worst[label] = max(worst[label], message.segments)
+                for collected in collected_forms(t):
+                    message = renderer.render(n.model_copy(update={"collected": collected}))
+                    assert isinstance(message, SmsMessageOut)
+                    encodings.add(str(message.encoding))
+                    worst[label] = max(worst[label], message.segments)
         rows.append((locale, "/".join(sorted(encodings)), worst["fr"], worst["us"], worst["short"]))
     renderer.use_brand(merchant or DEFAULTS, brand)
     return rows

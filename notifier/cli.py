@@ -324,6 +324,10 @@ def cmd_preview(args: argparse.Namespace) -> int:
                 for e in exc.errors(include_input=False, include_url=False)
             )
         ) from None
+    if args.collected:
+        if sample.status is not Status.DELIVERED:
+            raise ConfigurationError("--collected is for --status delivered only")
+        n = n.model_copy(update={"collected": True})
     message = renderer.render(n)
     try:
         return _write_preview(message, sample, args, out)
@@ -565,6 +569,11 @@ def parser() -> argparse.ArgumentParser:
     preview.add_argument("--merchant", help="use templates/<merchant>/ and its brand.yaml")
     preview.add_argument("--timezone", default="Europe/Paris")
     preview.add_argument("--phone", default="+33612345678", help="SMS recipient (+1... adds STOP)")
+    preview.add_argument(
+        "--collected",
+        action="store_true",
+        help="delivered only: as a parcel the customer collected from a pickup point",
+    )
     preview.add_argument("-o", "--output", help="file to write (.html, .txt or .eml for email)")
     preview.set_defaults(func=cmd_preview)
     return p

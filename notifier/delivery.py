@@ -753,5 +753,6 @@ async def fall_back_later(
         created_at=now,
         experiment=test.name if test is not None else None,
         variant=test.variant(merchant_id, shipment_id) if test else None,
+        collected=True if state.collected else None,
     )
     return await fall_back_to_email(res, sms, why)

@@ -129,6 +129,9 @@ class ShipmentState(BaseModel):
     events: int = 0
     #: what its carrier performance is counted from (``insights.journeys``)
     journey: Journey | None = None
+    #: the parcel waits at a pickup point (an exception there keeps it so); once delivered:
+    #: the customer collected it from one (``at_pickup_point_after``)
+    at_pickup_point: bool = False
 
     def has_seen(self, event_id: str) -> bool:
         """Whether this event was already folded into the state."""
@@ -294,8 +297,24 @@ class ShipmentState(BaseModel):
                 estimated_delivery=t.estimated_delivery or self.estimated_delivery,
                 pickup_deadline=t.pickup_deadline,
                 pickup_point=t.pickup_point,
+                at_pickup_point=self.at_pickup_point_after(t),
             )
         return replaced(self, update)
+
+    def at_pickup_point_after(self, t: Transition) -> bool:
+        """``at_pickup_point`` once ``t`` moved the shipment on: set by a pickup notice,
+        kept by an exception (held there) and by the delivered that ends it (collected),
+        cleared by anything else (sent on its way again: out for delivery, in transit)."""
+        if t.status is Status.AVAILABLE_FOR_PICKUP:
+            return True
+        if t.status in (Status.EXCEPTION, Status.DELIVERED):
+            return self.at_pickup_point
+        return False
+
+    @property
+    def collected(self) -> bool:
+        """Delivered from a pickup point: the customer collected it."""
+        return self.status is Status.DELIVERED and self.at_pickup_point
 
     def current_transition(self) -> Transition | None:
         """The transition that set the current status, as far as the state keeps it (not its

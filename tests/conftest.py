@@ -305,6 +305,15 @@ async def run_worker(
     return int(worker.jobs_complete)
 
 
+def with_macro(template: str, name: str, body: str) -> str:
+    """``template`` (a message file) with macro ``name`` replaced by ``body`` (its line)."""
+    start = "{%- macro " + name + "() -%}"
+    lines = template.splitlines()
+    [at] = [i for i, line in enumerate(lines) if line.startswith(start)]
+    lines[at] = start + body + "{%- endmacro -%}"
+    return "\n".join(lines) + "\n"
+
+
 def transition(**overrides: Any) -> dict[str, Any]:
     """A valid transition as the tracking backend posts it."""
     body: dict[str, Any] = {

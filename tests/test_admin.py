@@ -29,6 +29,7 @@ from tests.conftest import (
     spawn_notifier,
     transition,
     wait_until,
+    with_macro,
 )
 
 Client = TestClient[Any, Any]
@@ -37,10 +38,7 @@ DEFAULT = (data_dir("templates", None) / "messages" / "delivered.jinja").read_te
 
 
 def subject(text: str) -> str:
-    return DEFAULT.replace(
-        "{%- macro subject() -%}{% trans %}Your parcel was delivered{% endtrans %}",
-        "{%- macro subject() -%}" + text,
-    )
+    return with_macro(DEFAULT, "subject", text)
 
 
 ROUTES = [
@@ -322,6 +320,23 @@ async def test_preview_renders_published_draft_or_posted_files_in_any_locale(
     assert bad.status == 422 and "nope" in (await bad.json())["error"]["message"]
     unknown = await client.post(url, json={"milestone": "teleported"}, headers=auth())
     assert unknown.status == 422
+
+
+async def test_preview_shows_a_delivered_as_collected_from_a_pickup_point(client: Client) -> None:
+    url = f"{BASE.format(m='acme')}/preview"
+    collected = {"milestone": "delivered", "collected": True, "source": "published"}
+    email = await (await client.post(url, json=collected, headers=auth())).json()
+    assert email["subject"] == "Your parcel was collected"
+    assert "If you did not collect it yourself, contact us." in email["text"]
+    sms = await client.post(url, json={**collected, "channel": "sms"}, headers=auth())
+    assert "your parcel was collected." in (await sms.json())["body"]
+    # only a delivered can be collected: named, not ignored
+    resp = await client.post(
+        url, json={"milestone": "in_transit", "collected": True}, headers=auth()
+    )
+    error = (await resp.json())["error"]
+    assert resp.status == 422 and error["details"][0]["field"] == "collected"
+    assert "delivered" in error["details"][0]["message"]
 
 
 async def test_a_broken_policy_in_the_draft_is_named_and_not_published(client: Client) -> None:

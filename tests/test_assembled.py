@@ -243,6 +243,7 @@ def _states(draw: st.DrawFn) -> ShipmentState:
         furthest=draw(_MAYBE() | _TEXT),
         events=draw(st.integers(0, 40)),
         journey=draw(_MAYBE() | _JOURNEYS),
+        at_pickup_point=draw(st.booleans()),
     )
 
 

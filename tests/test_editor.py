@@ -29,6 +29,7 @@ from tests.conftest import (
     post,
     run_worker,
     transition,
+    with_macro,
 )
 
 Client = TestClient[Any, Any]
@@ -745,10 +746,7 @@ async def test_a_test_send_sends_the_text_as_typed_without_saving_it(
     on the timeline; the page says what became of it, without the address in its URL."""
     csrf = await sign_in(client)
     page = await (await client.get(f"{ACME}/messages/delivered")).text()
-    typed = hidden(page, "text").replace(
-        "{%- macro subject() -%}{% trans %}Your parcel was delivered{% endtrans %}",
-        "{%- macro subject() -%}Typed, not saved",
-    )
+    typed = with_macro(hidden(page, "text"), "subject", "Typed, not saved")
     assert "Typed, not saved" in typed
     form = {"csrf": csrf, "locale": "", "variant": "a", "preview_locale": "en", "text": typed}
     resp = await client.post(
@@ -781,6 +779,41 @@ async def test_a_test_send_sends_the_text_as_typed_without_saving_it(
     assert '"to": "+33612345678"' in sms.read_text() and "livré" in sms.read_text()
     timeline = await (await client.get(f"{ACME}/timeline?q=test-sends")).text()
     assert timeline.count("test send by") == 2
+
+
+async def test_the_delivered_page_previews_and_tests_the_collected_form(
+    client: Client, settings: Settings
+) -> None:
+    """A delivered message has two forms (door, collected from a pickup point): the page's
+    preview and its test send show either, and its variables say which."""
+    csrf = await sign_in(client)
+    page = await (await client.get(f"{ACME}/messages/delivered")).text()
+    assert 'id="preview-collected"' in page and 'name="collected"' in page
+    other = await (await client.get(f"{ACME}/messages/in_transit")).text()
+    assert 'id="preview-collected"' not in other  # only a delivered can be collected
+    text = hidden(page, "text")
+    ask = {"milestone": "delivered", "path": "messages/delivered.jinja", "text": text}
+    headers = {"X-CSRF-Token": csrf}
+    door = await (await client.post(f"{ACME}/preview", json=ask, headers=headers)).json()
+    collected = await (
+        await client.post(f"{ACME}/preview", json={**ask, "collected": True}, headers=headers)
+    ).json()
+    assert door["email"]["subject"] == "Your parcel was delivered"
+    assert collected["email"]["subject"] == "Your parcel was collected"
+    assert "your parcel was collected." in collected["sms"]["body"]
+    assert (door["variables"]["event.collected"], collected["variables"]["event.collected"]) == (
+        "False",
+        "True",
+    )
+    form = {"csrf": csrf, "locale": "", "variant": "a", "preview_locale": "en", "text": text}
+    resp = await client.post(
+        f"{ACME}/messages/delivered/test-send",
+        data={**form, "collected": "1", "channel": "email", "to": "ana.tester@example.com"},
+        allow_redirects=False,
+    )
+    assert resp.status == 303
+    [eml] = outbox_files(settings, ".eml")
+    assert "Subject: Your parcel was collected" in eml.read_text()
 
 
 @pytest.mark.parametrize(

@@ -198,7 +198,12 @@ def test_a_merchant_edits_publishes_sees_the_message_sent_and_rolls_back(
     page.select_option("#preview-locale", "de")
     page.locator("#preview-status").filter(has_text="(de)").wait_for()
     assert "zugestellt" in page.locator("#p-sms").inner_text()
+    # the form for a parcel collected from a pickup point, and back
+    page.get_by_label("collected from a pickup point").check()
+    page.locator("#p-sms").filter(has_text="abgeholt").wait_for()
     assert axe(page) == []
+    page.get_by_label("collected from a pickup point").uncheck()
+    page.locator("#p-sms").filter(has_text="zugestellt").wait_for()
 
     page.get_by_role("button", name="Save draft").click()
     assert "Saved to your draft" in page.locator("#saved").inner_text()

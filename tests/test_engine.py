@@ -589,8 +589,9 @@ def test_a_delivered_after_a_pickup_point_is_the_customer_collecting_it() -> Non
     assert [s.collected for s in steps] == [False, True]
     # held at the pickup point (an exception there), then collected
     held = event(2, "exception", at[1], exception_code="held_at_facility")
-    _, steps = run([pickup, held, event(3, "delivered", at[2])], now=at[2])
+    state, steps = run([pickup, held, event(3, "delivered", at[2])], now=at[2])
     assert [s.collected for s in steps] == [False, False, True]
+    assert state.collected  # (what a message caught up later reads)
     # across batches: the pickup point is in the state the delivered meets
     state, _ = run([pickup], now=at[0])
     _, steps = run([event(2, "delivered", at[1])], now=at[1], state=state)
@@ -601,6 +602,24 @@ def test_a_delivered_after_a_pickup_point_is_the_customer_collecting_it() -> Non
     again = event(2, "out_for_delivery", at[1])
     _, steps = run([pickup, again, event(3, "delivered", at[2])], now=at[2])
     assert [s.collected for s in steps] == [False, False, False]
+    # ... also when an exception on the way to the door comes between
+    late = event(3, "exception", at[2], exception_code="delayed")
+    state, steps = run([pickup, again, late, event(4, "delivered", at[3])], now=at[3])
+    assert [s.collected for s in steps] == [False] * 4 and not state.collected
+
+
+def test_a_collected_parcel_caught_up_by_a_late_address_still_reads_as_collected() -> None:
+    """The delivered email decided later, when a late scan brings the email address, is
+    the collected one too."""
+    at = [NOON + timedelta(hours=h) for h in range(3)]
+    phone_only = {"phone": "+33612345678", "timezone": "Europe/Paris"}
+    pickup = event(1, "available_for_pickup", at[0], recipient=phone_only)
+    state, _ = run([pickup, event(2, "delivered", at[1], recipient=phone_only)], now=at[1])
+    scan = event(3, "in_transit", at[0] - timedelta(hours=5))
+    _, steps = run([scan], now=at[2], state=state)
+    [caught] = [s for s in steps if s.caught_up_by == "e3"]
+    assert caught.transition.status == "delivered" and caught.collected
+    assert [(v.channel, v.outcome) for v in caught.verdicts] == [(EMAIL, Outcome.SENT)]
 
 
 def test_late_event_still_teaches_facts() -> None:

@@ -204,6 +204,12 @@ def test_preview_writes_email_and_sms(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "[GSM-7, 1 segment(s)]" in sms.read_text()
     assert main(["preview", "--status", "exception"]) == 2
     assert "needs --exception-code" in capsys.readouterr().err
+    # a delivered as collected from a pickup point; only a delivered can be
+    assert main(["preview", "--status", "delivered", "--collected", "-o", str(eml)]) == 0
+    parsed = email.message_from_bytes(eml.read_bytes(), policy=email.policy.default)
+    assert parsed["Subject"] == "Your parcel was collected"
+    assert main(["preview", "--status", "in_transit", "--collected"]) == 2
+    assert "--collected is for --status delivered only" in capsys.readouterr().err
 
 
 def test_every_email_says_when_and_where_in_the_recipients_locale() -> None:

@@ -32,6 +32,7 @@ from tests.conftest import (
     spawn_notifier,
     transition,
     wait_until,
+    with_macro,
 )
 
 Client = TestClient[Any, Any]
@@ -72,12 +73,7 @@ def delivered(merchant: str = "acme") -> Notification:
 def own_subject(templates: Path, subject: str) -> None:
     path = templates / "acme" / "messages" / "delivered.jinja"
     default = (templates / "messages" / "delivered.jinja").read_text()
-    path.write_text(
-        default.replace(
-            "{%- macro subject() -%}{% trans %}Your parcel was delivered{% endtrans %}",
-            "{%- macro subject() -%}" + subject,
-        )
-    )
+    path.write_text(with_macro(default, "subject", subject))
 
 
 def test_a_broken_brand_or_template_falls_back_to_the_defaults(

@@ -15,7 +15,15 @@ from fakeredis import FakeServer
 from notifier.overrides import OverrideError, OverrideStore
 from notifier.resources import data_dir, open_resources
 from notifier.settings import Settings
-from tests.conftest import fixed_clock, make_settings, outbox_files, post, run_worker, transition
+from tests.conftest import (
+    fixed_clock,
+    make_settings,
+    outbox_files,
+    post,
+    run_worker,
+    transition,
+    with_macro,
+)
 
 AT = "2026-11-21T14:00:00+00:00"
 
@@ -124,10 +132,7 @@ async def test_published_files_are_what_the_worker_uses_and_a_rollback_undoes_th
     """The layered lookup: published override, then the merchant's files, then the defaults;
     a worker picks a publish (or a rollback) up at its next batch, no restart."""
     default = (data_dir("templates", None) / "messages" / "delivered.jinja").read_text()
-    mine = default.replace(
-        "{%- macro subject() -%}{% trans %}Your parcel was delivered{% endtrans %}",
-        "{%- macro subject() -%}Acme: it is there",
-    )
+    mine = with_macro(default, "subject", "Acme: it is there")
     async with open_resources(settings, clock=fixed_clock()) as res:
         store = OverrideStore(res.redis)
         await store.save("acme", "messages/delivered.jinja", mine, "k_acme", AT)

@@ -12,7 +12,7 @@ from notifier.render import EmailMessageOut, Renderer
 from notifier.render.environment import TemplateStore
 from notifier.render.i18n import Catalogs
 from notifier.resources import SOURCE_ROOT
-from tests.conftest import make_settings
+from tests.conftest import make_settings, with_macro
 
 SCRIPT = SOURCE_ROOT / "scripts" / "translations"
 DELIVERED = next(t for t in samples() if t.milestone == "delivered")
@@ -38,10 +38,9 @@ def snapshot(folder: Path) -> dict[str, str]:
 def merchant_headline(root: Path) -> None:
     own = root / "templates" / "acme" / "messages"
     own.mkdir(parents=True)
-    default = (root / "templates" / "messages" / "delivered.jinja").read_text().splitlines()
-    [at] = [i for i, line in enumerate(default) if line.startswith("{%- macro headline() -%}")]
-    default[at] = "{%- macro headline() -%}{% trans %}" + HOORAY + "{% endtrans %}{%- endmacro -%}"
-    (own / "delivered.jinja").write_text("\n".join(default) + "\n")
+    default = (root / "templates" / "messages" / "delivered.jinja").read_text()
+    headline = "{% trans %}" + HOORAY + "{% endtrans %}"
+    (own / "delivered.jinja").write_text(with_macro(default, "headline", headline))
 
 
 def test_the_workflow_is_stable_and_adds_only_what_is_new(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from notifier.resources import SOURCE_ROOT, tree
-from tests.conftest import spawn_notifier
+from tests.conftest import spawn_notifier, with_macro
 
 
 def test_the_checkout_comes_before_the_installed_copy(tmp_path: Path) -> None:
@@ -46,12 +46,7 @@ def test_a_merchant_template_in_the_checkout_is_what_preview_and_check_use(
     mine = root / "templates" / "acme" / "messages"
     mine.mkdir(parents=True)
     default = (root / "templates" / "messages" / "delivered.jinja").read_text()
-    (mine / "delivered.jinja").write_text(
-        default.replace(
-            "{%- macro headline() -%}{% trans %}Your parcel was delivered{% endtrans %}",
-            "{%- macro headline() -%}It has landed, enjoy!",
-        )
-    )
+    (mine / "delivered.jinja").write_text(with_macro(default, "headline", "It has landed, enjoy!"))
     out = root / "preview.html"
     # `python -m notifier` from the checkout, as after `scripts/serve` (an editable install)
     proc = spawn_notifier(

@@ -273,6 +273,47 @@ async def test_an_sms_reported_undeliverable_later_goes_by_email(
     assert sms["notification_id"] == nid and sms["delivery"]["provider_status"] == "undelivered"
 
 
+async def test_a_collected_parcels_sms_reported_undeliverable_later_says_collected_by_email(
+    tmp_path: Path, redis_url: str, twilio: FakeTwilio
+) -> None:
+    """The email rebuilt from the shipment's state for an SMS that failed later is the
+    message the SMS was: a parcel collected from a pickup point, not a door delivery."""
+    import email
+    import email.policy
+
+    from tests.conftest import outbox_files
+    from tests.test_twilio import sms_only_policies
+
+    policies = sms_only_policies(tmp_path)
+    (policies / "acme.yaml").write_text(
+        "statuses: {available_for_pickup: {channels: [sms]}, delivered: {channels: [sms]}}\n"
+        "sms_fallback_to_email: true\n"
+    )
+    settings = twilio_settings(tmp_path, redis_url, twilio).model_copy(
+        update={"public_url": PUBLIC, "policies_dir": policies}
+    )
+    en = {"email": "ana@example.com", "phone": "+33612345678", "locale": "en"}
+    async with TestClient(TestServer(create_app(settings, clock=fixed_clock()))) as client:
+        for event_id, status, at in (
+            ("p", "available_for_pickup", "2026-11-21T10:00:00+01:00"),
+            ("d", "delivered", "2026-11-21T12:00:00+01:00"),
+        ):
+            await post(
+                client,
+                transition(event_id=event_id, status=status, occurred_at=at, recipient=en),
+            )
+            await run_worker(settings)
+        [decision] = [d for d in await history(client) if d["event_id"] == "d"]
+        sid = decision["delivery"]["detail"].removeprefix("twilio:")
+        assert "your parcel was collected." in twilio.received[-1]["Body"]
+        form = {"MessageSid": sid, "MessageStatus": "undelivered", "ErrorCode": "30006"}
+        decisions = await report_and_sweep(client, settings, form)
+    assert [d["event_id"] for d in decisions if d["channel"] == "email"] == ["d"]
+    [eml] = outbox_files(settings, ".eml")
+    msg = email.message_from_bytes(eml.read_bytes(), policy=email.policy.default)
+    assert msg["Subject"] == "Your parcel was collected"
+
+
 @pytest.mark.parametrize(
     "case", ["temporary", "no error code", "policy off", "moved on", "a day old", "delivered"]
 )

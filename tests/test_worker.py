@@ -146,7 +146,12 @@ async def test_a_parcel_collected_from_a_pickup_point_is_told_so(
     await run_worker(settings)
     await post(
         client,
-        transition(event_id="d", status="delivered", occurred_at="2026-11-21T12:00:00+01:00"),
+        transition(
+            event_id="d",
+            status="delivered",
+            occurred_at="2026-11-21T12:00:00+01:00",
+            recipient=en,
+        ),
     )
     await run_worker(settings)
     delivered = Transition.model_validate(transition(event_id="d", status="delivered"))

@@ -19,7 +19,6 @@ from zoneinfo import ZoneInfo
 
 from notifier.addresses import ascii_domain
 from notifier.models import (
-    STATUS_RANK,
     ChannelKind,
     Outcome,
     Recipient,
@@ -478,19 +477,6 @@ def decide(
 
 
 _GOING = (Outcome.SENT, Outcome.DEFERRED)
-#: the furthest step of a parcel that waited at a pickup point (and was not delivered yet)
-_AT_PICKUP_POINT = STATUS_RANK[Status.AVAILABLE_FOR_PICKUP]
-
-
-def _collected(before: ShipmentState, t: Transition) -> bool:
-    """Whether ``t`` is the "delivered" of a parcel still waiting at a pickup point (or held
-    there: an exception after it): the customer collected it. One sent on its way again (out
-    for delivery, in transit) after the pickup point is delivered as any other."""
-    return (
-        t.status is Status.DELIVERED
-        and before.max_rank == _AT_PICKUP_POINT
-        and before.status in (Status.AVAILABLE_FOR_PICKUP, Status.EXCEPTION)
-    )
 
 
 def _fold_once(
@@ -530,9 +516,8 @@ def _fold_once(
                     state = state.record_message(t, channel, rule.trivial, now, v.send_at)
                     pending.add(t.event_id)
             kept.append(v)
-        steps.append(
-            Step(t, kept, rank=news_rank(t, state.max_rank), collected=_collected(before, t))
-        )
+        collected = t.status is Status.DELIVERED and state.collected
+        steps.append(Step(t, kept, rank=news_rank(t, state.max_rank), collected=collected))
         if late:
             caught = _catch_up(policy, before, state, t, now, opted_out, frozenset(pending))
             if caught is not None:
@@ -641,7 +626,10 @@ def _catch_up(
         and v.channel not in told
         and (v.outcome in _GOING or v.rule == "stale")  # (recorded: why it is not sent)
     ]
-    return Step(current, verdicts, caught_up_by=late.event_id) if verdicts else None
+    if not verdicts:
+        return None
+    collected = current.status is Status.DELIVERED and after.collected
+    return Step(current, verdicts, caught_up_by=late.event_id, collected=collected)
 
 
 def fold(

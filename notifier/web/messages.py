@@ -18,7 +18,7 @@ from notifier.check import candidate_renderer, sample_notification, samples
 from notifier.errors import ApiError, BadRequest, ConfigurationError, NotFound, NotifierError
 from notifier.ingest import read_json
 from notifier.insights.experiments import published_policy
-from notifier.models import ChannelKind, Notification, message_name, message_name_of
+from notifier.models import ChannelKind, Notification, Status, message_name, message_name_of
 from notifier.render import Renderer, i18n
 from notifier.resources import data_dir
 from notifier.settings import Settings
@@ -38,10 +38,15 @@ def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
 
 
 def _sample(
-    merchant_id: str, milestone: str, channel: ChannelKind, locale: str, variant: str = "a"
+    merchant_id: str,
+    milestone: str,
+    channel: ChannelKind,
+    locale: str,
+    variant: str = "a",
+    collected: bool = False,
 ) -> Notification:
     """The sample parcel's notification of ``milestone`` for Ana, in ``locale`` (and in
-    ``variant`` b of an A/B test)."""
+    ``variant`` b of an A/B test; ``collected``: a delivered one, from a pickup point)."""
     t = next(t for t in samples() if t.milestone == milestone)
     n = sample_notification(
         t.model_copy(update={"merchant_id": merchant_id}),
@@ -53,12 +58,16 @@ def _sample(
         timezone="Europe/Paris",
         phone="+33612345678",
     )
+    if collected:
+        n = n.model_copy(update={"collected": True})
     return n.model_copy(update={"experiment": "preview", "variant": "b"}) if variant == "b" else n
 
 
-def variables(renderer: Renderer, merchant_id: str, milestone: str, locale: str) -> dict[str, str]:
+def variables(
+    renderer: Renderer, merchant_id: str, milestone: str, locale: str, collected: bool = False
+) -> dict[str, str]:
     """Every variable a template may print, with its value for the sample parcel."""
-    n = _sample(merchant_id, milestone, ChannelKind.EMAIL, locale)
+    n = _sample(merchant_id, milestone, ChannelKind.EMAIL, locale, collected=collected)
     ctx = renderer.context(n, renderer.locale_for(n))
     out: dict[str, str] = {}
     for key, value in ctx.items():
@@ -86,6 +95,7 @@ def preview(
     milestone: str,
     locale: str,
     variant: str = "a",
+    collected: bool = False,
 ) -> dict[str, Any]:
     """The email and the SMS of ``milestone`` rendered with ``files`` by one renderer (the
     one real sends use), and the variables; RenderError or ConfigurationError when the
@@ -93,11 +103,11 @@ def preview(
     renderer, _ = candidate_renderer(settings, merchant_id, files)
     out: dict[str, Any] = {
         channel.value: describe(
-            renderer.render(_sample(merchant_id, milestone, channel, locale, variant))
+            renderer.render(_sample(merchant_id, milestone, channel, locale, variant, collected))
         )
         for channel in ChannelKind
     }
-    out["variables"] = variables(renderer, merchant_id, milestone, locale)
+    out["variables"] = variables(renderer, merchant_id, milestone, locale, collected)
     return out
 
 
@@ -282,6 +292,7 @@ class Messages:
                 locale=locale or reader,
                 to=to,
                 files={path: form.get("text", "").replace("\r\n", "\n")},
+                collected=form.get("collected") == "1" and milestone == Status.DELIVERED,
             )
         except ValidationError as exc:  # too long an address
             raise InvalidOverride(
@@ -322,11 +333,19 @@ class Messages:
         if milestone not in milestones() or locale not in locales(self.web.res):
             raise NotFound("no such message or locale")
         variant = variant_param(str(body.get("variant") or ""))
+        collected = body.get("collected") is True and milestone == Status.DELIVERED
         _, files = await self.web.admin.candidate(merchant_id)
         files[path] = text
         try:
             out = await asyncio.to_thread(
-                preview, self.web.res.settings, merchant_id, files, milestone, locale, variant
+                preview,
+                self.web.res.settings,
+                merchant_id,
+                files,
+                milestone,
+                locale,
+                variant,
+                collected,
             )
         except NotifierError as exc:
             raise InvalidOverride(str(exc), [{"field": "text", "message": str(exc)}]) from exc

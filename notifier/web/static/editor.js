@@ -16,6 +16,7 @@ function startPreview(form) {
   const textarea = form.querySelector("textarea[name=text]");
   const localeInput = form.querySelector("input[name=locale]");
   const previewLocale = document.getElementById("preview-locale");
+  const collected = document.getElementById("preview-collected");
   const status = document.getElementById("preview-status");
   const error = document.getElementById("preview-error");
   let sequence = 0;
@@ -31,7 +32,7 @@ function startPreview(form) {
         headers: { "Content-Type": "application/json", "X-CSRF-Token": form.dataset.csrf },
         body: JSON.stringify({
           milestone: form.dataset.milestone, path: form.dataset.path, locale, text: textarea.value,
-          variant: form.dataset.variant || "a",
+          variant: form.dataset.variant || "a", collected: Boolean(collected && collected.checked),
         }),
       });
     } catch (e) {
@@ -85,6 +86,7 @@ function startPreview(form) {
 
   textarea.addEventListener("input", debounce(update, 250));
   previewLocale.addEventListener("change", update);
+  if (collected) collected.addEventListener("change", update);
   update();
 }
 
@@ -120,6 +122,8 @@ function startTestSend(testForm, editForm) {
     testForm.elements.text.value = editForm.querySelector("textarea[name=text]").value;
     const previewLocale = document.getElementById("preview-locale");
     if (previewLocale && !previewLocale.disabled) testForm.elements.preview_locale.value = previewLocale.value;
+    const collected = document.getElementById("preview-collected");
+    if (collected && testForm.elements.collected) testForm.elements.collected.value = collected.checked ? "1" : "";
   });
 }
 
