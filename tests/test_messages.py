@@ -495,7 +495,31 @@ def test_a_parcel_collected_from_a_pickup_point_reads_as_collected_in_every_lang
         sms[n.collected] = message.body
     assert sms[None] != sms[True]
     if locale == "en":
+        # its progress goes through the pickup point, not out for delivery
+        assert "[✓] Ready to collect" in collected_email.text
+        assert "Out for delivery" not in collected_email.text
+        assert "[✓] Out for delivery" in door_email.text
         assert collected_email.subject == "Your parcel was collected"
         assert "If you did not collect it yourself, contact us." in collected_email.text
         assert "neighbours" not in collected_email.text and "neighbours" in door_email.text
         assert sms[True].startswith("Your shop: your parcel was collected. https://")
+
+
+@pytest.mark.parametrize("locale", ["ja", "zh_Hans"])
+def test_chinese_and_japanese_sentences_follow_each_other_without_a_space(locale: str) -> None:
+    """A template joins two sentences with a space: none after "。" (it reads as a gap, and
+    costs an SMS a character), but a link keeps its own."""
+    r = renderer()
+    for t in _samples():
+        n = notification(t, locale=locale)
+        texts = [render_email(n, r).text, render_email(n, r).subject]
+        sms = r.render(n.model_copy(update={"channel": ChannelKind.SMS, "to": "+33612345678"}))
+        texts.append(sms.body)
+        for text in texts:
+            assert "。 " not in text.replace("。 http", ""), (t.milestone, text)
+    lost = r.render(
+        notification(sample("exception:lost"), locale=locale).model_copy(
+            update={"channel": ChannelKind.SMS, "to": "+33612345678"}
+        )
+    )
+    assert "。 https://" in lost.body

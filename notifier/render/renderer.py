@@ -133,7 +133,19 @@ def _sender(name: str, address: str) -> str:
 
 
 def _one_period(text: str) -> str:
-    return _DOUBLED_PERIOD.sub(r"\1", text) if "m.." in text else text
+    """One period where a sentence ends in an abbreviation ("9 a.m.."), and no space after a
+    Chinese or Japanese sentence (a template joins sentences with one: "。 " reads as a gap
+    there, and costs an SMS a character)."""
+    if "m.." in text:
+        text = _DOUBLED_PERIOD.sub(r"\1", text)
+    if "\u3002 " in text or "\uff01 " in text or "\uff1f " in text:  # (a substring: fast)
+        return _CJK_GAP.sub("", text)
+    return text
+
+
+#: A space after a Chinese or Japanese full stop, exclamation or question mark; not before a
+#: link (a phone's link detection wants it apart).
+_CJK_GAP = re.compile("(?<=[\u3002\uff01\uff1f]) (?!https?://)")
 
 
 #: A letter of a right-to-left script (Hebrew, Arabic and their presentation forms).
@@ -229,8 +241,9 @@ def stats_tag(n: Notification, variant: str = "") -> str:
     )
 
 
-def _progress(t: Transition) -> list[dict[str, str]]:
-    """The journey's steps with their state; a pickup journey ends at the pickup point."""
+def _progress(t: Transition, collected: bool = False) -> list[dict[str, str]]:
+    """The journey's steps with their state; a pickup journey ends at the pickup point (a
+    parcel collected there: through it, never "out for delivery")."""
     if t.status is Status.RETURNED_TO_SENDER:
         return []
     current = _STEP_OF[t.status]
@@ -238,6 +251,8 @@ def _progress(t: Transition) -> list[dict[str, str]]:
         current = 3
     if t.status is Status.AVAILABLE_FOR_PICKUP:
         keys, current = ["ordered", "shipped", "moving", "collect"], 3
+    elif collected:
+        keys = ["ordered", "shipped", "moving", "collect", "delivered"]
     else:
         keys = ["ordered", "shipped", "moving", "out", "delivered"]
     done_all = t.status is Status.DELIVERED
@@ -577,7 +592,7 @@ class Renderer:
                 #: a "delivered" of a parcel the customer collected from a pickup point
                 "collected": bool(n.collected),
             },
-            "progress": _progress(t),
+            "progress": _progress(t, bool(n.collected)),
             "actions": actions,
             #: the milestone's own action (confirm address, rebook, collect), when configured
             "primary_action": primary,
