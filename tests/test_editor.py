@@ -252,6 +252,36 @@ async def test_the_brand_form_writes_only_what_differs_and_refuses_an_unreadable
     assert 'value="help@acme.example"' in await again.text()
 
 
+async def test_the_brand_form_keeps_what_it_does_not_show(client: Client) -> None:
+    """A link the form has no field for (``links.short_base``, set through the API) stays
+    when the form saves another field of its group: it was dropped, and SMS grew longer
+    (found by a black-box review)."""
+    put = await client.put(
+        "/v1/merchants/acme/brand",
+        json={
+            "links": {"short_base": "https://acme.example/t/"},
+            "logo_dark_url": "https://acme.example/logo-dark.png",
+        },
+        headers=auth(ACME_KEY),
+    )
+    assert put.status == 200, await put.text()
+    csrf = await sign_in(client)
+    html = await (await client.get(f"{ACME}/brand")).text()
+    form = {"csrf": csrf, "name": "Your shop", "accent": "#b91c1c", "default_locale": "en"}
+    resp = await client.post(
+        f"{ACME}/brand",
+        data={**form, "links.pickup": "https://acme.example/pickup", "base": base_of(html)},
+    )
+    assert "Saved to your draft" in await resp.text()
+    saved = yaml.safe_load((await draft(client))["brand.yaml"])
+    assert saved["links"] == {
+        "short_base": "https://acme.example/t/",
+        "pickup": "https://acme.example/pickup",
+    }
+    assert saved["logo_dark_url"] == "https://acme.example/logo-dark.png"
+    assert saved["accent"] == "#b91c1c"
+
+
 async def test_a_settings_form_opened_before_another_save_is_refused(client: Client) -> None:
     """Two people have the brand page open; one saves the accent, then the other saves the
     support hours. Each form holds every field: the second save undid the first, silently

@@ -8,6 +8,7 @@ defaults) into the draft, so a later change of a default still reaches the merch
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -138,13 +139,18 @@ def get_path(data: Mapping[str, Any], dotted: str) -> Any:
 def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, last = dotted.split(".")
     for part in parents:
-        data = data.setdefault(part, {})
+        inner = data.get(part)
+        if not isinstance(inner, dict):  # absent, or null in the file
+            inner = data[part] = {}
+        data = inner
     data[last] = value
 
 
-def brand_from_form(form: Mapping[str, str]) -> dict[str, Any]:
-    """The brand fields a submitted form sets (an empty field is unset: null)."""
-    out: dict[str, Any] = {}
+def brand_from_form(form: Mapping[str, str], current: Mapping[str, Any]) -> dict[str, Any]:
+    """``current`` (the draft's brand, as file data) with the fields a submitted form sets
+    (an empty field is unset: null). What the form does not show stays as it is, a field
+    within a group too (``links.short_base`` beside the form's links)."""
+    out: dict[str, Any] = copy.deepcopy(dict(current))
     for name, _, _ in BRAND_FIELDS:
         text = form.get(name, "").strip()
         _set_path(out, name, text or None)

@@ -211,7 +211,7 @@ class SettingsPages:
         merchant_id, session = await self.web.signed_in(request)
         form = await self.web.form(request, session)
         draft = await self._brands(merchant_id)
-        wanted = {**draft.values, **brand_from_form(form)}
+        wanted = brand_from_form(form, draft.values)
         for one in ("name", "logo_alt"):  # saved as the brand reads it: one line
             if isinstance(wanted.get(one), str):
                 wanted[one] = one_line(wanted[one])
