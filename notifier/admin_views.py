@@ -132,7 +132,9 @@ class Views:
         templates = data_dir("templates", self.admin.res.settings.templates_dir)
         for folder, source in ((templates / merchant_id, "files"), (templates, "default")):
             if (folder / path).is_file():
-                return (folder / path).read_text(encoding="utf-8"), source
+                # a file saved in another encoding opens (its render names it, and an edit
+                # saved here is UTF-8): its stray bytes show as U+FFFD
+                return (folder / path).read_text(encoding="utf-8", errors="replace"), source
         return None
 
     def _address(self, request: web.Request) -> tuple[str, str | None, str, str]:

@@ -14,10 +14,10 @@ import io
 import itertools
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import urlsplit
 
 from redis.exceptions import RedisClusterException, RedisError
@@ -272,6 +272,10 @@ def _files_problems(settings: Settings) -> list[str]:
         if not (templates_dir / merchant).is_dir():
             continue
         problems += _audit(renderer, merchant, templates_dir / merchant)
+        own = sorted(
+            f"messages/{f.name}" for f in (templates_dir / merchant).glob("messages/*.jinja")
+        )
+        problems += message_file_problems(own, locales, f"templates/{merchant}/")
         where = f"templates/{merchant}/brand.yaml"
         loaded = True
         try:
@@ -407,10 +411,25 @@ def _msgids(folder: Path) -> list[str]:
     """The translatable strings of a merchant's own templates (as pybabel extracts them)."""
     from babel.messages.extract import extract_from_dir
 
-    method_map = [(f"**.{ext}", "jinja2") for ext in ("jinja", "html", "txt")]
+    method_map = [(f"**.{ext}", _extract_utf8) for ext in ("jinja", "html", "txt")]
     options_map = {pattern: _EXTRACTING for pattern, _ in method_map}
     found = extract_from_dir(str(folder), method_map, options_map)
     return _distinct(message for _, _, message, _, _ in found)
+
+
+def _extract_utf8(
+    fileobj: BinaryIO, keywords: Any, comment_tags: Any, options: dict[str, Any]
+) -> Iterator[Any]:
+    """pybabel's Jinja extraction, of a file that is UTF-8 text: one that is not has no
+    strings to find (its render fails, naming it, which the check reports)."""
+    from jinja2.ext import babel_extract
+
+    data = fileobj.read()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return iter(())
+    return iter(babel_extract(io.BytesIO(data), keywords, comment_tags, options))
 
 
 #: How pybabel reads the templates' strings (babel.cfg says the same).
@@ -720,24 +739,33 @@ def override_problems(
         problems += experiment_problems(renderer, merchant, policy, locales, "policy.yaml")
     except ConfigurationError as exc:
         problems.append(str(exc))
-    names = {message_name(t) for t in samples()}
     env = renderer.templates.environment(merchant)
     for path, text in files.items():
         if TEMPLATE.fullmatch(path):
             problems += template_problems(env, path, text)
-    for path in files:
+    problems += message_file_problems(files, locales)
+    return problems + _render_problems(renderer, merchant, locales, full=True)
+
+
+def message_file_problems(paths: Iterable[str], locales: list[str], where: str = "") -> list[str]:
+    """Message files no reader would ever get: named for no milestone (a typo:
+    ``messages/delivred.jinja``), or for a locale without a catalog (``.fr_CA.``);
+    ``where``: what the paths are in (``templates/acme/``)."""
+    names = {message_name(t) for t in samples()}
+    problems = []
+    for path in paths:
         if not path.startswith("messages/"):
             continue
         name, *middle, _ = path.removeprefix("messages/").split(".")
         if name not in names:
-            problems.append(f"{path}: no milestone uses messages/{name}.jinja")
+            problems.append(f"{where}{path}: no milestone uses messages/{name}.jinja")
         locale = next((part for part in middle if part != "b"), None)
         if locale is not None and locale not in locales:
             problems.append(
-                f"{path}: no catalog for locale {locale}, so no reader would get it "
+                f"{where}{path}: no catalog for locale {locale}, so no reader would get it "
                 f"(one of: {', '.join(locales)})"
             )
-    return problems + _render_problems(renderer, merchant, locales, full=True)
+    return problems
 
 
 async def published_problems(settings: Settings) -> list[str]:

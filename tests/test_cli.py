@@ -95,6 +95,40 @@ def test_check_names_a_broken_template(trees: Path, capsys: pytest.CaptureFixtur
     assert "nmae" in err
 
 
+def test_check_names_a_template_that_is_not_utf8(
+    trees: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A merchant's file saved in Latin-1: one line naming it and the line of its stray
+    byte (it raised UnicodeDecodeError from the strings' extraction, naming nothing)."""
+    override = trees / "templates" / "acme" / "messages"
+    override.mkdir(parents=True)
+    (override / "delivered.jinja").write_bytes(
+        "{#- ok -#}\n{%- macro subject() -%}Café{%- endmacro -%}\n".encode("latin-1")
+    )
+    assert main(["check"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "templates/acme: messages/delivered.jinja, line 2: not UTF-8 text (byte 0xe9" in err
+
+
+def test_check_names_message_files_no_reader_gets(
+    trees: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A typo in a message file's name, or a locale without a catalog: the file is never
+    used, which the editor's API said and `check` did not ("ok")."""
+    own = trees / "templates" / "acme" / "messages"
+    own.mkdir(parents=True)
+    default = (trees / "templates" / "messages" / "delivered.jinja").read_text()
+    (own / "delivred.jinja").write_text(default)
+    (own / "delivered.fr_CA.jinja").write_text(default)
+    (own / "delivered.de.jinja").write_text(default)  # a catalog: fine
+    assert main(["check"]) == 1
+    err = capsys.readouterr().err
+    assert "templates/acme/messages/delivred.jinja: no milestone uses" in err
+    assert "templates/acme/messages/delivered.fr_CA.jinja: no catalog for locale fr_CA" in err
+    assert "delivered.de.jinja" not in err
+
+
 def test_a_broken_default_policy_hides_no_template_problem(
     trees: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

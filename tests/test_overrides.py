@@ -162,6 +162,48 @@ def test_a_brand_file_that_is_not_utf8_is_skipped_like_any_broken_file(tmp_path:
     assert any("not UTF-8 text" in why for why in r.disabled["acme"])
 
 
+def test_a_template_that_is_not_utf8_is_skipped_naming_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    templates = tree(tmp_path)
+    (templates / "acme" / "messages" / "delivered.jinja").write_bytes(
+        "{%- macro subject() -%}Café{%- endmacro -%}\n".encode("latin-1")
+    )
+    r = renderer(templates)
+    message = r.render(delivered())
+    assert isinstance(message, EmailMessageOut) and message.subject == "Your parcel was delivered"
+    [why] = r.disabled["acme"]
+    assert "messages/delivered.jinja, line 1: not UTF-8 text (byte 0xe9 on this line)" in why
+    assert "not UTF-8 text" in caplog.text  # the log names the file too
+    with pytest.raises(RenderError, match="not UTF-8 text"):
+        renderer(templates, strict=True).render(delivered())
+
+
+async def test_the_api_and_the_editor_open_a_template_that_is_not_utf8(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """It was a 500 on both: the merchant could not open the file to fix it. It opens, its
+    stray byte shown as U+FFFD."""
+    from aiohttp.test_utils import TestServer
+
+    from notifier.app import create_app
+    from tests.test_editor import sign_in
+
+    templates = tree(tmp_path)
+    (templates / "acme" / "messages" / "delivered.jinja").write_bytes(
+        "{%- macro subject() -%}Café{%- endmacro -%}\n".encode("latin-1")
+    )
+    settings = make_settings(tmp_path, redis_url=redis_url, templates_dir=templates)
+    async with TestClient(TestServer(create_app(settings))) as client:
+        resp = await client.get("/v1/merchants/acme/templates/delivered", headers=auth())
+        assert resp.status == 200, await resp.text()
+        assert "Caf\ufffd" in (await resp.json())["text"]
+        assert (await client.get("/v1/merchants/acme/templates", headers=auth())).status == 200
+        await sign_in(client)
+        page = await client.get("/merchant/acme/messages/delivered")
+        assert page.status == 200 and "Caf\ufffd" in await page.text()
+
+
 def test_the_watch_sees_added_changed_and_removed_files(tmp_path: Path) -> None:
     now = [0.0]
     watch = TreeWatch([tmp_path], interval_s=1.0, clock=lambda: now[0])

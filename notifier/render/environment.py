@@ -18,6 +18,7 @@ from jinja2 import (
     Template,
     TemplateError,
     TemplateNotFound,
+    TemplateSyntaxError,
     pass_context,
     select_autoescape,
 )
@@ -254,4 +255,18 @@ class _TemplatesOnly(BaseLoader):
     ) -> tuple[str, str | None, Callable[[], bool] | None]:
         if not TEMPLATE_NAME.fullmatch(template):
             raise TemplateNotFound(template, f"{template}: not a template a message may load")
-        return self.inner.get_source(environment, template)
+        try:
+            return self.inner.get_source(environment, template)
+        except UnicodeDecodeError as exc:  # a file saved in another encoding: named, as a
+            raise not_utf8(exc, template) from None  # broken policy or brand file is
+
+
+def not_utf8(exc: UnicodeDecodeError, name: str) -> TemplateSyntaxError:
+    """A template file that is not UTF-8 text, as a template error naming it and the line
+    of its first stray byte."""
+    data = exc.object if isinstance(exc.object, bytes) else bytes(exc.object)
+    line = data[: exc.start].count(b"\n") + 1
+    byte = data[exc.start : exc.start + 1].hex()
+    return TemplateSyntaxError(
+        f"not UTF-8 text (byte 0x{byte} on this line): save it as UTF-8", line, name
+    )

@@ -137,7 +137,7 @@ class Pages:
             return own.read_text(encoding="utf-8") if own.is_file() else None
         for folder in (templates / merchant_id, templates):
             if (folder / path).is_file():
-                return (folder / path).read_text(encoding="utf-8")
+                return (folder / path).read_text(encoding="utf-8", errors="replace")
         return None
 
     async def review(self, request: web.Request) -> web.Response:
