@@ -125,10 +125,12 @@ def _scope(store: Store, shipments: Iterable[ShipmentKey]) -> Scope:
     return scopes.pop() if scopes else None
 
 
-def _stall_at_ms(policy: Policy, state: ShipmentState) -> int | None:
+def _stall_at_ms(policy: Policy, state: ShipmentState, now: datetime) -> int | None:
     rules = policy.stalled
     if not rules.enabled:
         return None
+    if state.last_scan_at is not None and now - state.last_scan_at > policy.stale_after:
+        return None  # old shipments imported, a backlog replayed long after: not live
     deadline = state.stall_deadline(
         frozenset(rules.statuses),
         timedelta(hours=rules.no_scan_hours),
@@ -418,6 +420,7 @@ class Pipeline:
             if step.caught_up_by is None:
                 decided.append(entry_id)
             going = {v.channel for v in step.verdicts if v.outcome in _GOING}
+            final_collected = t.status is Status.DELIVERED and final.collected
             for verdict in step.verdicts:
                 nid = None
                 if verdict.outcome in _GOING:
@@ -443,7 +446,8 @@ class Pipeline:
                             "alone": True
                             if verdict.channel is ChannelKind.SMS and ChannelKind.EMAIL not in going
                             else None,
-                            "collected": True if step.collected else None,
+                            # (a pickup notice arriving after its delivered, in one batch)
+                            "collected": True if step.collected or final_collected else None,
                         },
                     )
                     built[nid] = n
@@ -484,7 +488,7 @@ class Pipeline:
             final,
             history,
             created,
-            stall_at_ms=_stall_at_ms(policy, final),
+            stall_at_ms=_stall_at_ms(policy, final, now),
             # a shipment that reached its end is kept only as long as retention says
             ttl_s=final_ttl_s if final.status in TERMINAL else None,
             events=self._hook_events(merchant_id, steps, final, now),

@@ -29,6 +29,10 @@ from notifier.models import (
 SEEN_EVENTS = 64
 #: Statuses after which nothing earlier in the journey is news.
 TERMINAL = frozenset({Status.DELIVERED, Status.RETURNED_TO_SENDER})
+#: Scans after which a parcel that waited at a pickup point is on its way elsewhere.
+_LEAVES_PICKUP = frozenset(
+    {Status.OUT_FOR_DELIVERY, Status.DELIVERY_ATTEMPT_FAILED, Status.RETURNED_TO_SENDER}
+)
 _DAY = timedelta(hours=24)
 #: How long the message log is kept: longer than any dedupe window or throttle interval
 #: the policy schema allows.
@@ -129,9 +133,12 @@ class ShipmentState(BaseModel):
     events: int = 0
     #: what its carrier performance is counted from (``insights.journeys``)
     journey: Journey | None = None
-    #: the parcel waits at a pickup point (an exception there keeps it so); once delivered:
-    #: the customer collected it from one (``at_pickup_point_after``)
-    at_pickup_point: bool = False
+    #: the latest "ready to collect" at a pickup point, and the latest scan after which the
+    #: parcel was on its way elsewhere (out for delivery, a delivery attempt, a return; kept
+    #: only once a pickup is known): in any arrival order, a "delivered" after the first and
+    #: not the second is the customer collecting it (``collected``)
+    pickup_at: datetime | None = None
+    pickup_left_at: datetime | None = None
 
     def has_seen(self, event_id: str) -> bool:
         """Whether this event was already folded into the state."""
@@ -297,24 +304,21 @@ class ShipmentState(BaseModel):
                 estimated_delivery=t.estimated_delivery or self.estimated_delivery,
                 pickup_deadline=t.pickup_deadline,
                 pickup_point=t.pickup_point,
-                at_pickup_point=self.at_pickup_point_after(t),
             )
-        return replaced(self, update)
-
-    def at_pickup_point_after(self, t: Transition) -> bool:
-        """``at_pickup_point`` once ``t`` moved the shipment on: set by a pickup notice,
-        kept by an exception (held there) and by the delivered that ends it (collected),
-        cleared by anything else (sent on its way again: out for delivery, in transit)."""
+        # facts, from late scans too: the order they arrive in changes nothing
         if t.status is Status.AVAILABLE_FOR_PICKUP:
-            return True
-        if t.status in (Status.EXCEPTION, Status.DELIVERED):
-            return self.at_pickup_point
-        return False
+            update["pickup_at"] = _latest(self.pickup_at, t.occurred_at)
+        elif t.status in _LEAVES_PICKUP and self.pickup_at is not None:
+            update["pickup_left_at"] = _latest(self.pickup_left_at, t.occurred_at)
+        return replaced(self, update)
 
     @property
     def collected(self) -> bool:
-        """Delivered from a pickup point: the customer collected it."""
-        return self.status is Status.DELIVERED and self.at_pickup_point
+        """Delivered after waiting at a pickup point, and not sent elsewhere since: the
+        customer collected it. (Scans in between, an exception there, change nothing.)"""
+        if self.status is not Status.DELIVERED or self.pickup_at is None:
+            return False
+        return self.pickup_left_at is None or self.pickup_left_at < self.pickup_at
 
     def current_transition(self) -> Transition | None:
         """The transition that set the current status, as far as the state keeps it (not its
@@ -417,9 +421,16 @@ class ShipmentState(BaseModel):
         if self.status not in statuses or self.last_scan_at is None:
             return None
         deadline = self.last_scan_at + no_scan
-        if self.estimated_delivery is not None:
-            deadline = min(deadline, self.estimated_delivery.end + after_window)
+        window = self.estimated_delivery
+        if window is not None and window.end > self.last_scan_at:
+            # (a window already over at the last scan is no promise any more: "out for
+            # delivery" after it is news, not a delay to announce a minute later)
+            deadline = min(deadline, window.end + after_window)
         return deadline
+
+
+def _latest(known: datetime | None, at: datetime) -> datetime:
+    return at if known is None or at > known else known
 
 
 def merge_recipient(old: Recipient | None, new: Recipient | None) -> Recipient | None:

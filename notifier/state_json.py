@@ -147,7 +147,8 @@ _STATE_FIELDS: dict[str, tuple[Any, Callable[[Any], Any] | None]] = {
     "furthest": (None, None),
     "events": (0, None),
     "journey": (None, _journey),
-    "at_pickup_point": (False, None),
+    "pickup_at": (None, None),
+    "pickup_left_at": (None, None),
 }
 
 #: every model this module writes, with the fields it knows of each (in order): the test

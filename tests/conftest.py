@@ -20,7 +20,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -312,6 +312,12 @@ def with_macro(template: str, name: str, body: str) -> str:
     [at] = [i for i, line in enumerate(lines) if line.startswith(start)]
     lines[at] = start + body + "{%- endmacro -%}"
     return "\n".join(lines) + "\n"
+
+
+def just_now() -> str:
+    """An occurred_at for a process that runs on the real clock: a minute ago (a transition
+    of the fixed test day is weeks old there, and old news is recorded, not sent)."""
+    return (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
 
 
 def transition(**overrides: Any) -> dict[str, Any]:

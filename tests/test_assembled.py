@@ -243,7 +243,8 @@ def _states(draw: st.DrawFn) -> ShipmentState:
         furthest=draw(_MAYBE() | _TEXT),
         events=draw(st.integers(0, 40)),
         journey=draw(_MAYBE() | _JOURNEYS),
-        at_pickup_point=draw(st.booleans()),
+        pickup_at=draw(_MAYBE() | _MOMENTS),
+        pickup_left_at=draw(_MAYBE() | _MOMENTS),
     )
 
 

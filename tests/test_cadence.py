@@ -626,7 +626,10 @@ async def test_a_waiting_message_cancelled_when_its_time_came_counts_against_no_
             ("evt_1", "sms", False),  # what became of it is read at the next decision
         ]
 
-    await post(client, transition(event_id="dlv", status="delivered"))
+    attempt = transition(
+        event_id="dlv", status="delivery_attempt_failed", occurred_at="2026-11-21T22:50:00+01:00"
+    )
+    await post(client, attempt)  # (a failed attempt: how the journey ended is never capped)
     later = MORNING + timedelta(hours=1)
     await run_worker(settings, clock=fixed_clock(later))
     dlv = {d["channel"]: d for d in await history(client) if d["event_id"] == "dlv"}
@@ -653,7 +656,10 @@ async def test_a_waiting_message_sent_when_its_time_came_still_counts(
         await release(res)
         assert await ledger(res, nid("evt_1", ChannelKind.SMS)) == ["sent"]
 
-    await post(client, transition(event_id="dlv", status="delivered"))
+    attempt = transition(
+        event_id="dlv", status="delivery_attempt_failed", occurred_at="2026-11-21T22:50:00+01:00"
+    )
+    await post(client, attempt)  # (a failed attempt: how the journey ended is never capped)
     later = MORNING + timedelta(hours=1)
     await run_worker(settings, clock=fixed_clock(later))
     dlv = {d["channel"]: d for d in await history(client) if d["event_id"] == "dlv"}

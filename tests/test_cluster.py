@@ -48,6 +48,7 @@ from tests.conftest import (
     flush_cluster,
     free_port,
     healthy,
+    just_now,
     make_settings,
     outbox_files,
     outcome_records,
@@ -789,6 +790,7 @@ def test_a_master_failover_mid_stream_loses_nothing_accepted(
                         event_id=f"f{s}",
                         shipment_id=f"shp_f{s}",
                         status="delivered",  # final: no stall check on the real clock adds news
+                        occurred_at=just_now(),
                     )
                     for s in range(posted, posted + 10)
                 ]

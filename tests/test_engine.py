@@ -202,11 +202,31 @@ def test_daily_cap_stops_even_a_milestone_and_says_so() -> None:
     )
     state, _ = run([event(1, "out_for_delivery")], p=p)  # 2 messages
     later = NOON + timedelta(hours=1)
-    _, steps = run([event(2, "delivered", later)], now=later, state=state, p=p)
+    _, steps = run([event(2, "delivery_attempt_failed", later)], now=later, state=state, p=p)
     assert [v.outcome for v in steps[0].verdicts] == [Outcome.SENT, Outcome.SUPPRESSED]
     capped = steps[0].verdicts[1]
     assert capped.reason == "cap: 3 messages to this shipment in the last 24 h (max 3)"
     assert capped.details == {"count": 3, "max": 3}
+
+
+def test_the_daily_cap_never_swallows_how_the_journey_ended() -> None:
+    """Delivered, returned and ready-to-collect pass the daily cap (the customer would
+    otherwise hear of every failed attempt and not of the outcome: found by a black-box
+    review); a merchant may cap them too."""
+    p = Policy.model_validate(
+        {**policy().model_dump(), "throttle": {"max_per_shipment_per_day": 2}}
+    )
+    at = [NOON + timedelta(hours=h) for h in range(4)]
+    state, _ = run([event(1, "out_for_delivery", at[0])], p=p)  # 2 messages: the cap
+    for i, status in ((1, "available_for_pickup"), (2, "delivered")):
+        state, steps = run([event(1 + i, status, at[i])], now=at[i], p=p, state=state)
+        assert {v.outcome for v in steps[0].verdicts} == {Outcome.SENT}, status
+    strict = Policy.model_validate(
+        {**p.model_dump(), "throttle": {"max_per_shipment_per_day": 2, "daily_cap_exempt": []}}
+    )
+    state, _ = run([event(1, "out_for_delivery", at[0])], p=strict)
+    _, steps = run([event(2, "delivered", at[1])], now=at[1], p=strict, state=state)
+    assert {v.rule for v in steps[0].verdicts} == {"daily_cap"}
 
 
 def test_sms_cap_over_the_shipment_life() -> None:
@@ -606,6 +626,76 @@ def test_a_delivered_after_a_pickup_point_is_the_customer_collecting_it() -> Non
     late = event(3, "exception", at[2], exception_code="delayed")
     state, steps = run([pickup, again, late, event(4, "delivered", at[3])], now=at[3])
     assert [s.collected for s in steps] == [False] * 4 and not state.collected
+
+
+def test_collected_does_not_depend_on_the_order_scans_arrive_in() -> None:
+    """A scan between the pickup notice and the delivered changes nothing; a pickup notice
+    that arrives after its delivered still makes it collected (README: the same events in
+    any arrival order send the same messages); a door scan after the pickup notice makes
+    it a door delivery."""
+    at = [NOON - timedelta(hours=h) for h in (6, 5, 4, 3)]
+    pickup = event(1, "available_for_pickup", at[0])
+    moved = event(2, "in_transit", at[1])
+    door = event(3, "out_for_delivery", at[2])
+    done = event(4, "delivered", at[3])
+    state, steps = run([pickup, moved, done])
+    assert state.collected and steps[-1].collected
+    for order in ([done, pickup], [done, moved, pickup], [moved, done, pickup]):
+        state, _ = run(order)
+        assert state.collected, order
+    # (a door scan is kept only once a pickup is known: one that arrived before a pickup
+    # notice that happened earlier is not; the state stays small for every other parcel)
+    for order in ([pickup, door, done], [pickup, done, door], [done, pickup, door]):
+        state, _ = run(order)
+        assert not state.collected, order
+
+
+def test_a_delivered_after_returned_to_sender_is_not_told_to_the_customer() -> None:
+    """The return reaching the sender, most likely: "your parcel was delivered" would send
+    a customer told it is going back looking for it."""
+    back = event(1, "returned_to_sender", NOON - timedelta(hours=5))
+    state, steps = run([back, event(2, "delivered", NOON - timedelta(hours=1))])
+    [v] = steps[1].verdicts
+    assert (v.outcome, v.rule) == (Outcome.SUPPRESSED, "returned")
+    assert v.reason.startswith("returned: a delivered after returned_to_sender")
+    assert state.status == "delivered"  # the shipment's state still follows the carrier
+
+
+def test_an_event_from_long_ago_is_recorded_not_sent() -> None:
+    """An import of old shipments, a backlog replayed years later: not news, and its date
+    (no year) reads as upcoming. Within the limit it is sent; a stall notice of the
+    service's own (dated from the last scan) is never stale for it."""
+    old = event(1, "delivered", datetime(2024, 1, 1, 9, 0, tzinfo=UTC))
+    _, steps = run([old])
+    [v] = steps[0].verdicts
+    assert (v.outcome, v.rule) == (Outcome.SUPPRESSED, "stale")
+    assert v.reason.startswith("stale: delivered happened ") and "(limit 168 h)" in v.reason
+    week = event(1, "delivered", NOON - timedelta(hours=167))
+    assert {v.outcome for v in run([week])[1][0].verdicts} == {Outcome.SENT}
+    p = policy(stale_after_hours=24)
+    assert {v.rule for v in run([week], p=p)[1][0].verdicts} == {"stale"}
+    stalled = event(1, "exception", NOON - timedelta(hours=200), exception_code="delayed")
+    stalled = stalled.model_copy(update={"event_id": "stalled:1:s1"})
+    assert {v.outcome for v in run([stalled])[1][0].verdicts} == {Outcome.SENT}
+
+
+def test_a_window_over_before_the_last_scan_does_not_stall_it() -> None:
+    """ "Out for delivery" after its carrier window ended is news, not a delay to announce a
+    minute later (found by a black-box review); a window still ahead at the last scan
+    counts, as before."""
+    statuses = frozenset({Status.OUT_FOR_DELIVERY})
+    window = {"start": NOON - timedelta(hours=9), "end": NOON - timedelta(hours=5)}
+    state, _ = run(
+        [event(1, "out_for_delivery", NOON - timedelta(minutes=3), estimated_delivery=window)]
+    )
+    deadline = state.stall_deadline(statuses, timedelta(hours=72), timedelta(hours=2))
+    assert deadline == NOON - timedelta(minutes=3) + timedelta(hours=72)
+    ahead = {"start": NOON, "end": NOON + timedelta(hours=4)}
+    state, _ = run(
+        [event(1, "out_for_delivery", NOON - timedelta(minutes=3), estimated_delivery=ahead)]
+    )
+    deadline = state.stall_deadline(statuses, timedelta(hours=72), timedelta(hours=2))
+    assert deadline == NOON + timedelta(hours=6)
 
 
 def test_a_collected_parcel_caught_up_by_a_late_address_still_reads_as_collected() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,15 @@ from aiohttp.test_utils import TestClient
 
 from notifier.resources import data_dir
 from notifier.settings import Settings
-from tests.conftest import API_KEYS, auth, outbox_files, spawn_notifier, transition, wait_until
+from tests.conftest import (
+    API_KEYS,
+    auth,
+    just_now,
+    outbox_files,
+    spawn_notifier,
+    transition,
+    wait_until,
+)
 
 Client = TestClient[Any, Any]
 
@@ -23,7 +30,7 @@ async def test_worker_process_delivers_and_stops_cleanly(
 ) -> None:
     # A real process runs on the real clock, so the events are from a minute ago: events
     # dated on a fixed day would be anomalies before it and stalled shipments after it.
-    occurred_at = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    occurred_at = just_now()
     items = [
         transition(event_id=f"e{i}", shipment_id=f"s{i}", occurred_at=occurred_at)
         for i in range(50)

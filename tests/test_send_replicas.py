@@ -35,6 +35,7 @@ from tests.conftest import (
     fixed_clock,
     free_port,
     healthy,
+    just_now,
     make_settings,
     outbox_files,
     post,
@@ -231,7 +232,12 @@ def test_a_worker_sends_what_waited_for_the_replica_by_itself_once_it_is_back(
 
     def delivered(shipment: str) -> dict[str, Any]:
         # final: no stall check on the real clock adds news
-        return transition(event_id=f"e-{shipment}", shipment_id=shipment, status="delivered")
+        return transition(
+            event_id=f"e-{shipment}",
+            shipment_id=shipment,
+            status="delivered",
+            occurred_at=just_now(),
+        )
 
     try:
         wait_until(lambda: healthy(port), "notifier serve", seconds=60)

@@ -173,6 +173,47 @@ async def test_a_parcel_collected_from_a_pickup_point_is_told_so(
     assert "your parcel was collected." in json.loads(sms.read_text())["body"]
 
 
+async def test_a_pickup_notice_arriving_after_its_delivered_still_makes_it_collected(
+    client: Client, settings: Settings
+) -> None:
+    """In one batch, the delivered first: the same message as in time order."""
+    en = {"email": "ana@example.com", "phone": "+33612345678", "locale": "en"}
+    delivered = transition(
+        event_id="d", status="delivered", occurred_at="2026-11-21T12:00:00+01:00", recipient=en
+    )
+    pickup = transition(
+        event_id="p",
+        status="available_for_pickup",
+        occurred_at="2026-11-21T10:00:00+01:00",
+        recipient=en,
+    )
+    await post(client, delivered, pickup)
+    await run_worker(settings)
+    [eml] = outbox_files(settings, ".eml")
+    assert "Subject: Your parcel was collected" in eml.read_text()
+    late = [d for d in await history(client) if d["event_id"] == "p"]
+    assert {d["outcome"] for d in late} == {"suppressed"}  # (out of order: never sent)
+
+
+async def test_an_old_shipment_imported_sends_nothing_and_never_stalls(
+    client: Client, settings: Settings
+) -> None:
+    """Events years old (an import, a backlog replayed): recorded as stale, no message, and
+    no "delayed" notice from the stall check for a shipment that was never live here."""
+    await post(
+        client,
+        transition(event_id="a", status="in_transit", occurred_at="2024-01-01T10:00:00+01:00"),
+        transition(event_id="b", status="delivered", occurred_at="2024-01-02T10:00:00+01:00"),
+        transition(event_id="c", shipment_id="shp_2", occurred_at="2024-01-01T10:00:00+01:00"),
+    )
+    await run_worker(settings)
+    assert outbox_files(settings) == []
+    decisions = await history(client) + await history(client, "shp_2")
+    assert {d["reason"].split(":")[0] for d in decisions} == {"stale"}
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        assert await res.store.due_stalls(2**50, limit=10) == []
+
+
 async def test_later_transitions_use_the_known_recipient(
     client: Client, settings: Settings
 ) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from notifier.addresses import ascii_domain
+from notifier.insights.journeys import OWN_EVENTS
 from notifier.models import (
     ChannelKind,
     Outcome,
@@ -322,7 +323,7 @@ def _channel_verdict(
             details={"hours_ago": round(ago, 2), "interval_hours": throttle.trivial_interval_hours},
             rule="throttled",
         )
-    if today >= throttle.max_per_shipment_per_day:
+    if today >= throttle.max_per_shipment_per_day and t.status not in throttle.daily_cap_exempt:
         return Verdict(
             Outcome.SUPPRESSED,
             f"cap: {today} messages to this shipment in the last 24 h "
@@ -430,6 +431,27 @@ def decide(
                 Outcome.SUPPRESSED,
                 f"behind: {milestone} after the shipment already reached {state.furthest}",
                 rule="behind",
+            )
+        ]
+    if t.status is Status.DELIVERED and state.status is Status.RETURNED_TO_SENDER:
+        # the return reaching the sender, most likely: "your parcel was delivered" to a
+        # customer told it is going back would send them looking for it
+        return [
+            Verdict(
+                Outcome.SUPPRESSED,
+                "returned: a delivered after returned_to_sender is the parcel reaching the "
+                "sender, not the customer",
+                rule="returned",
+            )
+        ]
+    if now - t.occurred_at > policy.stale_after and not t.event_id.startswith(OWN_EVENTS):
+        # (a stall's own notice dates from the last scan: the stall check says when it is news)
+        return [
+            Verdict(
+                Outcome.SUPPRESSED,
+                f"stale: {milestone} happened {_hours(now - t.occurred_at):.0f} h ago "
+                f"(limit {policy.stale_after_hours:g} h)",
+                rule="stale",
             )
         ]
     if t.pickup_deadline is not None and t.pickup_deadline <= now:

@@ -142,6 +142,15 @@ class Throttle(_Strict):
     max_per_shipment_per_day: int = Field(default=10, ge=1, le=1000)
     #: at most this many SMS per shipment, ever
     max_sms_per_shipment: int = Field(default=8, ge=0, le=1000)
+    #: statuses whose message the daily cap never stops: how the journey ended, and a
+    #: parcel waiting to be collected (silence there sends it back)
+    daily_cap_exempt: list[Status] = Field(
+        default_factory=lambda: [
+            Status.AVAILABLE_FOR_PICKUP,
+            Status.DELIVERED,
+            Status.RETURNED_TO_SENDER,
+        ]
+    )
 
 
 class Anomalies(_Strict):
@@ -245,6 +254,9 @@ class Policy(_Strict):
     exceptions: dict[ExceptionCode, Rule] = Field(default_factory=dict)
     #: the same milestone is not re-notified on a channel within this many hours
     dedupe_window_hours: float = Field(default=168, ge=0, le=30 * 24)
+    #: an event older than this when it is decided is recorded, not sent (an import of old
+    #: shipments, a backlog replayed years later): old news, and its date reads as upcoming
+    stale_after_hours: float = Field(default=168, ge=1, le=365 * 24)
     #: hold every message this long and send only the latest state (0 = send at once)
     coalesce_seconds: float = Field(default=0, ge=0, le=3600)
     throttle: Throttle = Field(default_factory=Throttle)
@@ -274,6 +286,10 @@ class Policy(_Strict):
     @cached_property
     def dedupe_window(self) -> timedelta:
         return timedelta(hours=self.dedupe_window_hours)
+
+    @cached_property
+    def stale_after(self) -> timedelta:
+        return timedelta(hours=self.stale_after_hours)
 
     @cached_property
     def trivial_interval(self) -> timedelta:
