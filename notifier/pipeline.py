@@ -420,7 +420,11 @@ class Pipeline:
             if step.caught_up_by is None:
                 decided.append(entry_id)
             going = {v.channel for v in step.verdicts if v.outcome in _GOING}
-            final_collected = t.status is Status.DELIVERED and final.collected
+            # (in any arrival order: a pickup notice, or a door scan, arriving after its
+            # delivered in one batch counts as its final state says)
+            collected = t.status is Status.DELIVERED and (
+                final.collected if final.status is Status.DELIVERED else step.collected
+            )
             for verdict in step.verdicts:
                 nid = None
                 if verdict.outcome in _GOING:
@@ -446,8 +450,7 @@ class Pipeline:
                             "alone": True
                             if verdict.channel is ChannelKind.SMS and ChannelKind.EMAIL not in going
                             else None,
-                            # (a pickup notice arriving after its delivered, in one batch)
-                            "collected": True if step.collected or final_collected else None,
+                            "collected": True if collected else None,
                         },
                     )
                     built[nid] = n

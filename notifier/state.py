@@ -149,14 +149,23 @@ class ShipmentState(BaseModel):
 
         Older than the latest scan and not beyond the furthest step reached (a scan
         uploaded late); or anything short of a terminal status after it (nothing
-        before "delivered" is news after it).
+        before "delivered" is news after it). A "delivered" after "returned to sender" is
+        the return reaching the sender: it moves nothing either, so it cancels none of the
+        return's messages (``returns_home``).
         """
         if self.status is None or self.last_scan_at is None:
             return False
         rank = STATUS_RANK[t.status]
         if self.status in TERMINAL and rank < STATUS_RANK[self.status]:
             return True
+        if self.returns_home(t):
+            return True
         return t.occurred_at < self.last_scan_at and rank <= self.max_rank
+
+    def returns_home(self, t: Transition) -> bool:
+        """A "delivered" after "returned to sender": the return reaching the sender, most
+        likely, not the customer."""
+        return t.status is Status.DELIVERED and self.status is Status.RETURNED_TO_SENDER
 
     def is_behind(self, t: Transition) -> bool:
         """A newer event that is not as far along as the furthest step reached
@@ -422,9 +431,11 @@ class ShipmentState(BaseModel):
             return None
         deadline = self.last_scan_at + no_scan
         window = self.estimated_delivery
-        if window is not None and window.end > self.last_scan_at:
-            # (a window already over at the last scan is no promise any more: "out for
-            # delivery" after it is news, not a delay to announce a minute later)
+        if window is not None and (
+            window.end > self.last_scan_at or self.status is not Status.OUT_FOR_DELIVERY
+        ):
+            # (an "out for delivery" scanned after its window ended is the carrier's new
+            # promise, news: not a delay to announce a minute later)
             deadline = min(deadline, window.end + after_window)
         return deadline
 

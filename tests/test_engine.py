@@ -654,11 +654,23 @@ def test_a_delivered_after_returned_to_sender_is_not_told_to_the_customer() -> N
     """The return reaching the sender, most likely: "your parcel was delivered" would send
     a customer told it is going back looking for it."""
     back = event(1, "returned_to_sender", NOON - timedelta(hours=5))
-    state, steps = run([back, event(2, "delivered", NOON - timedelta(hours=1))])
+    home = event(2, "delivered", NOON - timedelta(hours=1))
+    state, steps = run([back, home])
     [v] = steps[1].verdicts
     assert (v.outcome, v.rule) == (Outcome.SUPPRESSED, "returned")
     assert v.reason.startswith("returned: a delivered after returned_to_sender")
-    assert state.status == "delivered"  # the shipment's state still follows the carrier
+    # it moves nothing, so the return's own messages stand (in one batch, and waiting)
+    assert state.status == "returned_to_sender"
+    assert {(x.channel, x.outcome) for x in steps[0].verdicts} == {
+        (EMAIL, Outcome.SENT),
+        (SMS, Outcome.SENT),
+    }
+    night = datetime(2026, 11, 21, 22, 30, tzinfo=UTC)  # 23:30 in Paris: the SMS waits
+    state, steps = run([event(1, "returned_to_sender", night)], now=night)
+    assert {x.outcome for x in steps[0].verdicts} == {Outcome.SENT, Outcome.DEFERRED}
+    later = night + timedelta(minutes=20)
+    after, _ = run([event(2, "delivered", later)], now=later, state=state)
+    assert list(after.overtaken(state.messages, later)) == []
 
 
 def test_an_event_from_long_ago_is_recorded_not_sent() -> None:
@@ -668,12 +680,15 @@ def test_an_event_from_long_ago_is_recorded_not_sent() -> None:
     old = event(1, "delivered", datetime(2024, 1, 1, 9, 0, tzinfo=UTC))
     _, steps = run([old])
     [v] = steps[0].verdicts
-    assert (v.outcome, v.rule) == (Outcome.SUPPRESSED, "stale")
-    assert v.reason.startswith("stale: delivered happened ") and "(limit 168 h)" in v.reason
+    assert (v.outcome, v.rule) == (Outcome.SUPPRESSED, "old")
+    assert v.reason.startswith("old: delivered happened ") and "(limit 168 h)" in v.reason
     week = event(1, "delivered", NOON - timedelta(hours=167))
     assert {v.outcome for v in run([week])[1][0].verdicts} == {Outcome.SENT}
-    p = policy(stale_after_hours=24)
-    assert {v.rule for v in run([week], p=p)[1][0].verdicts} == {"stale"}
+    p = policy(stale_after_hours=72)
+    assert {v.rule for v in run([week], p=p)[1][0].verdicts} == {"old"}
+    # a stall notice must still be news when it comes
+    with pytest.raises(ValueError, match=r"stalled\.no_scan_hours \(72\) must not pass"):
+        policy(stale_after_hours=48)
     stalled = event(1, "exception", NOON - timedelta(hours=200), exception_code="delayed")
     stalled = stalled.model_copy(update={"event_id": "stalled:1:s1"})
     assert {v.outcome for v in run([stalled])[1][0].verdicts} == {Outcome.SENT}
@@ -690,6 +705,12 @@ def test_a_window_over_before_the_last_scan_does_not_stall_it() -> None:
     )
     deadline = state.stall_deadline(statuses, timedelta(hours=72), timedelta(hours=2))
     assert deadline == NOON - timedelta(minutes=3) + timedelta(hours=72)
+    # another scan after the window (a late parcel still moving): the window still counts
+    state, _ = run([event(1, "in_transit", NOON - timedelta(minutes=3), estimated_delivery=window)])
+    deadline = state.stall_deadline(
+        frozenset({Status.IN_TRANSIT}), timedelta(hours=72), timedelta(hours=2)
+    )
+    assert deadline == NOON - timedelta(hours=3)
     ahead = {"start": NOON, "end": NOON + timedelta(hours=4)}
     state, _ = run(
         [event(1, "out_for_delivery", NOON - timedelta(minutes=3), estimated_delivery=ahead)]

@@ -209,7 +209,7 @@ async def test_an_old_shipment_imported_sends_nothing_and_never_stalls(
     await run_worker(settings)
     assert outbox_files(settings) == []
     decisions = await history(client) + await history(client, "shp_2")
-    assert {d["reason"].split(":")[0] for d in decisions} == {"stale"}
+    assert {d["reason"].split(":")[0] for d in decisions} == {"old"}
     async with open_resources(settings, clock=fixed_clock()) as res:
         assert await res.store.due_stalls(2**50, limit=10) == []
 

@@ -88,9 +88,13 @@ OWN_EVENTS = ("stalled:", "predicted-late:")
 
 def late(verdicts: Iterable[Any]) -> bool:
     """Whether a transition's decisions say it is a late scan the shipment had moved past
-    (a scan back at a hub after a failed attempt is not: it counts)."""
+    (a scan back at a hub after a failed attempt is not: it counts), or a return reaching
+    its sender (no delivery of the lane's)."""
     found = list(verdicts)
-    return bool(found) and all(getattr(v, "rule", "") == "out_of_order" for v in found)
+    return bool(found) and all(getattr(v, "rule", "") in _NOT_THE_JOURNEY for v in found)
+
+
+_NOT_THE_JOURNEY = frozenset({"out_of_order", "returned"})
 
 
 def bucket(hours: float) -> str:

@@ -411,6 +411,17 @@ def decide(
     if flagged is not None:
         return [flagged]
     milestone = t.milestone
+    if state.returns_home(t):
+        # "your parcel was delivered" would send a customer told it is going back looking
+        # for it (a step back: it cancels none of the return's messages)
+        return [
+            Verdict(
+                Outcome.SUPPRESSED,
+                "returned: a delivered after returned_to_sender is the parcel reaching the "
+                "sender, not the customer",
+                rule="returned",
+            )
+        ]
     if state.is_step_back(t):
         since = state.occurred_at.isoformat() if state.occurred_at else "?"
         reason = (
@@ -433,25 +444,14 @@ def decide(
                 rule="behind",
             )
         ]
-    if t.status is Status.DELIVERED and state.status is Status.RETURNED_TO_SENDER:
-        # the return reaching the sender, most likely: "your parcel was delivered" to a
-        # customer told it is going back would send them looking for it
-        return [
-            Verdict(
-                Outcome.SUPPRESSED,
-                "returned: a delivered after returned_to_sender is the parcel reaching the "
-                "sender, not the customer",
-                rule="returned",
-            )
-        ]
     if now - t.occurred_at > policy.stale_after and not t.event_id.startswith(OWN_EVENTS):
         # (a stall's own notice dates from the last scan: the stall check says when it is news)
         return [
             Verdict(
                 Outcome.SUPPRESSED,
-                f"stale: {milestone} happened {_hours(now - t.occurred_at):.0f} h ago "
+                f"old: {milestone} happened {_hours(now - t.occurred_at):.0f} h ago "
                 f"(limit {policy.stale_after_hours:g} h)",
-                rule="stale",
+                rule="old",
             )
         ]
     if t.pickup_deadline is not None and t.pickup_deadline <= now:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from datetime import time, timedelta
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Self
 
 import yaml
 from pydantic import (
@@ -256,7 +256,7 @@ class Policy(_Strict):
     dedupe_window_hours: float = Field(default=168, ge=0, le=30 * 24)
     #: an event older than this when it is decided is recorded, not sent (an import of old
     #: shipments, a backlog replayed years later): old news, and its date reads as upcoming
-    stale_after_hours: float = Field(default=168, ge=1, le=365 * 24)
+    stale_after_hours: float = Field(default=168, ge=24, le=365 * 24)
     #: hold every message this long and send only the latest state (0 = send at once)
     coalesce_seconds: float = Field(default=0, ge=0, le=3600)
     throttle: Throttle = Field(default_factory=Throttle)
@@ -267,6 +267,16 @@ class Policy(_Strict):
     sms_fallback_to_email: bool = True
     #: A/B tests of messages, at most one per message
     experiments: list[Experiment] = Field(default_factory=list, max_length=50)
+
+    @model_validator(mode="after")
+    def _stalls_before_old(self) -> Self:
+        if self.stalled.no_scan_hours > self.stale_after_hours:
+            raise ValueError(
+                f"stalled.no_scan_hours ({self.stalled.no_scan_hours:g}) must not pass "
+                f"stale_after_hours ({self.stale_after_hours:g}): a stalled shipment's scan "
+                "would be old news by then"
+            )
+        return self
 
     @field_validator("experiments")
     @classmethod
