@@ -411,7 +411,8 @@ def _msgids(folder: Path) -> list[str]:
     """The translatable strings of a merchant's own templates (as pybabel extracts them)."""
     from babel.messages.extract import extract_from_dir
 
-    method_map = [(f"**.{ext}", _extract_utf8) for ext in ("jinja", "html", "txt")]
+    method = f"{__name__}:{_extract_utf8.__name__}"  # (babel imports it by name)
+    method_map = [(f"**.{ext}", method) for ext in ("jinja", "html", "txt")]
     options_map = {pattern: _EXTRACTING for pattern, _ in method_map}
     found = extract_from_dir(str(folder), method_map, options_map)
     return _distinct(message for _, _, message, _, _ in found)
