@@ -7,7 +7,10 @@ instead (it is flushed before every test).
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -77,13 +80,17 @@ def start_redis(port: int, workdir: Path, *options: str) -> subprocess.Popen[byt
     deadline = time.monotonic() + 20
     while True:  # readiness wait for the server process, not a test sleep
         try:
-            client.ping()
-            break
+            # the server answering must be this one: another process may have taken the
+            # port since it was found free (this one then exits), and tests would share it
+            if client.info("server")["process_id"] == proc.pid:
+                break
         except (redis.ConnectionError, redis.BusyLoadingError):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"redis-server did not start on port {port}", pytrace=False)
-            time.sleep(0.02)
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            client.close()
+            pytest.fail(f"redis-server did not start on port {port}", pytrace=False)
+        time.sleep(0.02)
     client.close()
     return proc
 
@@ -238,6 +245,51 @@ def _own_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 @pytest.fixture(autouse=True)
+def _own_logging() -> Iterator[None]:
+    """A test that configures logging in this process (`notifier serve` run by ``main``,
+    ``logs.configure``) leaves no handler behind: its stream is the test's captured stderr,
+    closed once the test ends, and later tests' log lines would fail on it."""
+    root = logging.getLogger()
+    handlers, level = set(root.handlers), root.level
+    yield
+    for handler in root.handlers[:]:  # (pytest's own capture handlers come and go by phase)
+        if handler not in handlers and not type(handler).__module__.startswith("_pytest"):
+            root.removeHandler(handler)
+    root.setLevel(level)
+
+
+@pytest.fixture(autouse=True)
+def _no_tasks_left(request: pytest.FixtureRequest) -> None:
+    """An async test leaves nothing running on the session's event loop (``_tasks_left``)."""
+    if inspect.iscoroutinefunction(request.function):
+        request.getfixturevalue("_tasks_left")
+
+
+@pytest.fixture
+async def _tasks_left(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """Tasks a test started and left running (a worker whose loop outlived its test) would
+    go on in the next tests on this loop, with this test's settings: in CI one took the next
+    tests' events and wrote their messages to this test's outbox. They are cancelled here,
+    and the test that left them fails, naming them."""
+    before = asyncio.all_tasks()
+    yield
+    await asyncio.sleep(0)  # callbacks the test's end scheduled
+    me = asyncio.current_task()
+    left = [t for t in asyncio.all_tasks() - before if t is not me and not t.done()]
+    if not left:
+        return
+    for task in left:
+        task.cancel()
+    _, stuck = await asyncio.wait(left, timeout=10)
+    names = ", ".join(sorted(f"{t.get_name()} ({t.get_coro()!r})" for t in left))
+    pytest.fail(
+        f"the test left tasks running ({len(left)}: {names})"
+        + (f"; {len(stuck)} did not even stop when cancelled" if stuck else ""),
+        pytrace=False,
+    )
+
+
+@pytest.fixture(autouse=True)
 def _flush(request: pytest.FixtureRequest) -> None:
     if "redis_url" in request.fixturenames:
         client = redis.Redis.from_url(request.getfixturevalue("redis_url"))
@@ -303,6 +355,19 @@ async def run_worker(
         await worker.close()
     assert worker.jobs_failed == 0, f"{worker.jobs_failed} jobs failed"
     return int(worker.jobs_complete)
+
+
+async def stop_worker(worker: Any, task: asyncio.Task[Any]) -> None:
+    """Stop a worker running as ``task`` as the app stops its in-process one: told to stop
+    first (its next poll then ends its loop, even if the cancellation below is lost inside
+    redis-py), then cancelled; its loop must end."""
+    worker.main_task = task
+    try:
+        await worker.close()
+    finally:
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=10)
+    assert done, "the worker's loop went on after it was stopped"
 
 
 def with_macro(template: str, name: str, body: str) -> str:

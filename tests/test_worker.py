@@ -33,6 +33,7 @@ from tests.conftest import (
     post,
     record_of,
     run_worker,
+    stop_worker,
     transition,
 )
 from tests.fakes import Crash, CrashingChannel
@@ -297,10 +298,7 @@ async def test_a_drain_lingers_for_the_next_event_instead_of_ending(
             await asyncio.sleep(1.5)  # a second drain, had there been one, would be done
             assert await _drain_results(res) == 1
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await worker.close()
+        await stop_worker(worker, task)
 
 
 async def test_a_busy_drain_reads_its_batches_in_turn_and_lingers_only_when_dry(
