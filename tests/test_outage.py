@@ -37,6 +37,7 @@ from tests.conftest import (
     read_whole_inbox,
     spawn_notifier,
     start_redis,
+    stop_worker,
     transition,
     wait_until,
 )
@@ -346,3 +347,22 @@ async def test_a_stopped_worker_stops_polling_even_if_its_cancellation_was_lost(
         with contextlib.suppress(asyncio.CancelledError):
             await worker.main_task
         await worker.close()
+
+
+async def test_a_closed_worker_stops_polling_even_if_its_cancellation_was_lost(
+    settings: Settings,
+) -> None:
+    """The app closes its in-process worker, then cancels its task (tests stop theirs with
+    ``stop_worker``): once told to stop, the worker's next poll ends its loop, so a
+    cancellation lost inside redis-py cannot leave it polling. In CI a test that only
+    cancelled its worker's task hung, and the worker went on into the next tests."""
+    worker = build_worker(settings, handle_signals=False, poll_delay_s=0.01, clock=fixed_clock())
+    task = asyncio.ensure_future(worker.main())
+    try:
+        await asyncio.sleep(0.3)  # started, polling
+        worker.handle_sig(signal.SIGUSR1)  # what close() does first
+        # as if that cancellation had been swallowed: the loop polls again, and stops there
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.create_task(worker._poll_iteration())
+    finally:
+        await stop_worker(worker, task)
