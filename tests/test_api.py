@@ -20,7 +20,7 @@ from notifier.app import create_app
 from notifier.models import notification_id_of
 from notifier.resources import open_resources
 from notifier.settings import Settings
-from notifier.store import chunks
+from notifier.store import Admission, body_digest, chunks
 from notifier.store.chunks import CHUNK
 from notifier.store.ledger import PACKED_IDS
 from tests.conftest import (
@@ -94,6 +94,61 @@ async def test_same_event_id_with_another_body_is_a_409_conflict(
     async with open_resources(settings) as res:
         lengths = [await res.redis.xlen(res.store.inbox_key(p)) for p in range(4)]
     assert sum(lengths) == 2  # evt_1 once and evt_2: nothing of the conflicting bodies
+
+
+@pytest.mark.parametrize(
+    ("first", "again"),
+    [
+        ({"occurred_at": "2026-11-21T08:30:00Z"}, {"occurred_at": "2026-11-21T08:30:00+00:00"}),
+        ({"occurred_at": "2026-11-21T09:30:00+01:00"}, {"occurred_at": "2026-11-21T09:30+0100"}),
+        ({}, {"occurred_at": "2026-11-21T09:30:00.000+01:00"}),
+        ({"order": None, "location": None}, {}),
+        ({}, {"carrier_status_code": None, "order": None}),
+    ],
+    ids=["Z", "offset-without-colon", "milliseconds", "nulls-first", "nulls-again"],
+)
+async def test_a_repost_written_another_way_is_a_duplicate_not_a_conflict(
+    client: Client, first: dict[str, Any], again: dict[str, Any]
+) -> None:
+    """A retry whose serializer writes the same values another way (found by a black-box
+    review as the tracking backend: ``Z`` for ``+00:00``, ``null`` for a field left out) is
+    the same event: a 202 duplicate, as DESIGN.md says. A body whose values differ is
+    still a conflict, a moment at another offset too (it is another local time)."""
+    base = {k: v for k, v in transition().items() if k not in ("order", "location")}
+    assert base["occurred_at"] == "2026-11-21T09:30:00+01:00"
+    assert (await post(client, {**base, **first})).status == 202
+    resp = await post(client, {**base, **again})
+    assert resp.status == 202, await resp.text()
+    assert (await resp.json())["results"][0]["status"] == "duplicate"
+    utc = first.get("occurred_at", "").endswith("Z")
+    # the same instant at another offset
+    other = {**base, "occurred_at": "2026-11-21T09:30:00+01:00" if utc else "2026-11-21T08:30Z"}
+    resp = await post(client, other)
+    assert resp.status == 409, await resp.text()
+
+
+async def test_a_repost_of_an_event_the_version_before_recorded_is_still_a_duplicate(
+    client: Client, settings: Settings
+) -> None:
+    """Versions before 12-06 digested the body as posted: an event they recorded with a
+    ``Z`` (its digest not that of the canonical form) reposted as it was after the upgrade
+    is a duplicate, not a conflict; another body under its id is still a conflict. (One
+    they recorded is compared as they did: written another way, it is a conflict.)"""
+    from notifier.store.inbox import _digest
+
+    body = transition(occurred_at="2026-11-21T08:30:00Z", order=None)
+    old = _digest(body)  # what the version before recorded
+    canonical = {**body, "occurred_at": "2026-11-21T08:30:00+00:00"}
+    del canonical["order"]
+    assert body_digest(body).split() == [body_digest(canonical), old]
+    async with open_resources(settings) as res:
+        item = ("acme", "shp_123", "evt_1", orjson.dumps(body), old, "")
+        assert (await res.store.ingest([item]))[0] == [Admission.ACCEPTED]
+    # the same body again (it was a conflict before this fix: the digests differ)
+    resp = await post(client, dict(reversed(list(body.items()))))
+    assert resp.status == 202 and (await resp.json())["duplicates"] == 1
+    resp = await post(client, {**body, "status": "delivered"})
+    assert resp.status == 409
 
 
 async def test_a_batch_with_a_conflict_and_an_invalid_item_names_both(client: Client) -> None:

@@ -150,6 +150,17 @@ async def test_event_ids_are_remembered_in_buckets_for_at_least_the_ttl(
         await r.hset(store.event_bucket_key(generation - 2, b_older), f_older, "")
         assert (await store.ingest([_item("old"), _item("older")]))[0] == [D, A]
 
+        # a digest an earlier version recorded in base64, of a body as posted (with a Z,
+        # not in the canonical form): that body again is a duplicate, another a conflict
+        z = transition(event_id="b64", occurred_at="2026-11-21T08:30:00Z")
+        _, earlier = body_digest(z).split()
+        b_64, f_64 = store.event_slot("acme", "b64")
+        await r.hset(store.event_bucket_key(generation - 1, b_64), f_64, earlier)
+        again = ("acme", "shp_1", "b64", orjson.dumps(z), body_digest(z), "")
+        other = {**z, "status": "delivered"}
+        changed = ("acme", "shp_1", "b64", orjson.dumps(other), body_digest(other), "")
+        assert (await store.ingest([again, changed]))[0] == [D, Admission.CONFLICT]
+
         # an event id notifier 0.4 recorded as a key of its own is still a duplicate ...
         await r.set(store.legacy_event_key("acme", "v04"), "1", ex=60)
         assert (await store.ingest([_item("v04"), _item("new")]))[0] == [D, A]

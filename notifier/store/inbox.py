@@ -12,9 +12,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import itertools
+import re
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 from functools import cached_property
 from typing import Any
@@ -39,6 +42,7 @@ class Admission(StrEnum):
 
 _ADMISSIONS = {1: Admission.ACCEPTED, 0: Admission.DUPLICATE, 2: Admission.CONFLICT}
 #: (merchant, shipment, event id, payload, body digest, request id) of an event to ingest
+#: (the digest as ``body_digest`` gives it: with the earlier versions' one after a space)
 IngestItem = tuple[str, str, str, bytes, str, str]
 _Waiting = tuple[Sequence[IngestItem], asyncio.Future[tuple[list[Admission], list[int]]]]
 
@@ -50,15 +54,81 @@ DIGEST_CHARS = 6
 
 
 def body_digest(body: Any) -> str:
-    """A short digest of a transition's JSON body, keys sorted: a repost that differs only
-    in key order or spacing is the same body. 36 bits in base64: the first 6 characters of
-    the 8 (and before them 12) recorded by earlier versions (``lua/ingest.lua`` compares
-    two digests on the shorter one's length); recorded now as its first 32 bits. Another
-    body under a known id is told apart from a repost unless the two digests agree, one
-    chance in 2**32."""
-    canonical = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
-    digest = hashlib.blake2b(canonical, digest_size=9).digest()[:6]
-    return base64.b64encode(digest).decode()[:DIGEST_CHARS]
+    """A short digest of a transition's JSON body in its canonical form (``canonical_body``):
+    a repost that differs only in how it is written (key order, spacing, ``Z`` or
+    ``+00:00``, a field sent as ``null`` or left out) is the same body. 36 bits in base64:
+    the first 6 characters of the 8 (and before them 12) recorded by earlier versions
+    (``lua/ingest.lua`` compares two digests on the shorter one's length); recorded now as
+    its first 32 bits. Another body under a known id is told apart from a repost unless the
+    two digests agree, one chance in 2**32.
+
+    Versions before 12-06 digested the body as posted (keys sorted): where that differs,
+    its digest follows, after a space, and a repost of an event they recorded is compared
+    with it too (``Store.ingest`` passes both)."""
+    canonical = canonical_body(body)
+    digest = _digest(canonical)
+    if canonical is not body:
+        earlier = _digest(body)
+        if earlier != digest:
+            return f"{digest} {earlier}"
+    return digest
+
+
+def _digest(body: Any) -> str:
+    raw = hashlib.blake2b(orjson.dumps(body, option=orjson.OPT_SORT_KEYS), digest_size=9)
+    return base64.b64encode(raw.digest()[:6]).decode()[:DIGEST_CHARS]
+
+
+#: A date and time with its UTC offset, as the API takes them (ISO 8601): written another
+#: way, the same moment at the same offset is the same value
+_MOMENT = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?(?:[Zz]|[+-]\d{2}(?::?\d{2})?)"
+)
+
+
+def canonical_body(body: Any) -> Any:
+    """``body`` with what does not change its meaning written one way: no member whose value
+    is ``null`` (an optional field left out), and each date and time with an offset as
+    ``datetime.isoformat`` writes it (``2026-11-21T08:30:00+00:00`` for ``…08:30Z``; the
+    offset itself is kept: it is the local time the customer reads). ``body`` itself when
+    it is written so already (the usual case: nothing is copied)."""
+    kind = type(body)
+    if kind is dict:
+        out: dict[str, Any] | None = None
+        for i, (key, value) in enumerate(body.items()):
+            of = type(value)
+            if of is str:
+                # (a moment is at least 17 characters, the second dash of its date at [7])
+                new = _moment(value) if len(value) >= 17 and value[7] == "-" else value
+            elif of is dict or of is list:
+                new = canonical_body(value)
+            else:
+                new = value
+            if out is None:
+                if new is value and value is not None:
+                    continue
+                out = dict(itertools.islice(body.items(), i))
+            if new is not None:
+                out[key] = new
+        return body if out is None else out
+    if kind is list:
+        items = [canonical_body(v) for v in body]  # (a null in a list stays)
+        return body if all(a is b for a, b in zip(items, body, strict=True)) else items
+    if kind is str and len(body) >= 17 and body[7] == "-":
+        return _moment(body)
+    return body
+
+
+def _moment(text: str) -> str:
+    """``text`` as ``datetime.isoformat`` writes it, if it is a date and time with an offset
+    written another way; else ``text`` itself."""
+    if not _MOMENT.fullmatch(text):
+        return text
+    try:
+        moment = datetime.fromisoformat(text.replace(",", ".")).isoformat()
+    except ValueError:
+        return text
+    return text if moment == text else moment
 
 
 class StoredInPart(RedisError):
@@ -268,6 +338,7 @@ class Inbox(StoreBase):
         legacy: list[str] = []
         events: list[list[Any]] = []
         binaries: list[bytes] = []
+        earliers: list[bytes] = []
         for merchant_id, shipment_id, event_id, payload, digest, rid in items:
             partition = self.partition_of(merchant_id, shipment_id)
             tag = self.partition_tag(partition)
@@ -282,8 +353,12 @@ class Inbox(StoreBase):
             if not self.cluster:  # a cluster never held pre-0.5 keys
                 legacy.append(keys.legacy_event_key(merchant_id, event_id))
                 old = len(legacy)
+            digest, _, earlier = digest.partition(" ")
             events.append([at, field, old, inbox, payload.decode(), digest, rid])
             binaries.append(keys.event_binary(field, digest))
+            if earlier:  # the digest the versions before recorded for this body
+                earliers.append(keys.event_binary(field, earlier)[-keys.EVENT_DIGEST_BYTES :])
+                events[-1] += [len(earliers), earlier]
         for e in events:
             if e[2]:
                 e[2] += len(names)
@@ -297,6 +372,7 @@ class Inbox(StoreBase):
             b"".join(binaries),
             keys.EVENT_FIELD_BYTES,
             keys.EVENT_DIGEST_BYTES,
+            b"".join(earliers),
         ]
         if self.wait_replicas:
             (accepted, woken), replicas = await self.call_and_wait(self.scripts.ingest, names, args)

@@ -41,6 +41,10 @@
 -- ARGV[6]: per event, in order, its binary field then its binary digest (keys.event_binary)
 -- ARGV[7], ARGV[8]: the bytes of a binary field and of a binary digest (EVENT_FIELD_BYTES,
 --   EVENT_DIGEST_BYTES)
+-- ARGV[9]: binary digests (ARGV[8] bytes each) that versions before 12-06 recorded for some
+--   events' bodies (their digest of the body as posted, not of its canonical form): such an
+--   event carries two more members, the 1-based place of its digest here and the same in
+--   base64, and a known id whose digest is either one is a duplicate
 -- Returns {admissions, woken}: per event 1 (accepted: recorded and appended), 0 (a
 --   duplicate: the id is known with the same digest, or from before digests were recorded)
 --   or 2 (a conflict: the id is known with another digest; nothing written); and the
@@ -63,6 +67,7 @@ end
 -- a bucket lives through its generation and the next, when it is still looked at
 local expire_at = (generation + 2) * ttl
 local short = tonumber(ARGV[5])
+local legacies, digest_bytes = ARGV[9] or '', tonumber(ARGV[8])
 -- the first generation with fields of a kind only: until now when unset, as the version
 -- before may have written the current one until just now
 local function since(marker)
@@ -110,11 +115,16 @@ for i, e in ipairs(events) do
     -- version that passes 8 characters beside one that recorded 6): compared on the shorter
     -- one's length; a binary one is compared with the binary digest passed
     local same
+    local k, legacy = e[8], e[9]
     if found_binary then
-      same = seen == bits
+      same = seen == bits or (k ~= nil and
+        seen == string.sub(legacies, (k - 1) * digest_bytes + 1, k * digest_bytes))
     else
-      local n = math.min(#seen, #digest)
-      same = seen == '' or string.sub(seen, 1, n) == string.sub(digest, 1, n)
+      local function agrees(d)
+        local n = math.min(#seen, #d)
+        return string.sub(seen, 1, n) == string.sub(d, 1, n)
+      end
+      same = seen == '' or agrees(digest) or (legacy ~= nil and agrees(legacy))
     end
     accepted[i] = same and 0 or 2
   else
