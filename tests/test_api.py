@@ -104,8 +104,28 @@ async def test_same_event_id_with_another_body_is_a_409_conflict(
         ({}, {"occurred_at": "2026-11-21T09:30:00.000+01:00"}),
         ({"order": None, "location": None}, {}),
         ({}, {"carrier_status_code": None, "order": None}),
+        ({"occurred_at": "2026-11-21T08:30:00Z"}, {"occurred_at": "2026-11-21t08:30:00z"}),
+        ({"location": {"lat": 51.0, "lon": 12}}, {"location": {"lat": 51, "lon": 12.0}}),
+        (
+            {"estimated_delivery": {"start": "2026-11-22T08:00Z", "end": "2026-11-22T12:00Z"}},
+            {
+                "estimated_delivery": {
+                    "start": "2026-11-22T08:00:00+00:00",
+                    "end": "2026-11-22T12:00+00:00",
+                }
+            },
+        ),
     ],
-    ids=["Z", "offset-without-colon", "milliseconds", "nulls-first", "nulls-again"],
+    ids=[
+        "Z",
+        "offset-without-colon",
+        "milliseconds",
+        "nulls-first",
+        "nulls-again",
+        "lowercase",
+        "whole-numbers",
+        "delivery-window",
+    ],
 )
 async def test_a_repost_written_another_way_is_a_duplicate_not_a_conflict(
     client: Client, first: dict[str, Any], again: dict[str, Any]
@@ -125,6 +145,15 @@ async def test_a_repost_written_another_way_is_a_duplicate_not_a_conflict(
     other = {**base, "occurred_at": "2026-11-21T09:30:00+01:00" if utc else "2026-11-21T08:30Z"}
     resp = await post(client, other)
     assert resp.status == 409, await resp.text()
+
+
+async def test_a_free_text_that_looks_like_a_moment_is_kept_as_written(client: Client) -> None:
+    """Only the members that hold a date and time are read as one: a carrier's description
+    written another way is another body (its text is what the customer may read)."""
+    text = {"carrier_description": "2026-11-21T08:30Z"}
+    assert (await post(client, transition(**text))).status == 202
+    other = {"carrier_description": "2026-11-21T08:30:00+00:00"}
+    assert (await post(client, transition(**other))).status == 409
 
 
 async def test_a_repost_of_an_event_the_version_before_recorded_is_still_a_duplicate(

@@ -60,7 +60,7 @@ def body_digest(body: Any) -> str:
     the first 6 characters of the 8 (and before them 12) recorded by earlier versions
     (``lua/ingest.lua`` compares two digests on the shorter one's length); recorded now as
     its first 32 bits. Another body under a known id is told apart from a repost unless the
-    two digests agree, one chance in 2**32.
+    two digests agree, one chance in 2**32 (in 2**31 where two are compared, below).
 
     Versions before 12-06 digested the body as posted (keys sorted): where that differs,
     its digest follows, after a space, and a repost of an event they recorded is compared
@@ -84,24 +84,29 @@ def _digest(body: Any) -> str:
 _MOMENT = re.compile(
     r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?(?:[Zz]|[+-]\d{2}(?::?\d{2})?)"
 )
+#: The members that hold one (``occurred_at``, ``pickup_deadline``, ``estimated_delivery``'s
+#: ``start`` and ``end``): a free text that looks like one is text, kept as written
+_MOMENT_KEYS = frozenset({"occurred_at", "pickup_deadline", "start", "end"})
 
 
 def canonical_body(body: Any) -> Any:
     """``body`` with what does not change its meaning written one way: no member whose value
-    is ``null`` (an optional field left out), and each date and time with an offset as
-    ``datetime.isoformat`` writes it (``2026-11-21T08:30:00+00:00`` for ``…08:30Z``; the
-    offset itself is kept: it is the local time the customer reads). ``body`` itself when
-    it is written so already (the usual case: nothing is copied)."""
+    is ``null`` (an optional field left out), a number without a fraction as an integer
+    (``51`` for ``51.0``), and each date and time with an offset (the members that hold
+    one) as ``datetime.isoformat`` writes it (``2026-11-21T08:30:00+00:00`` for ``…08:30Z``;
+    the offset itself is kept: it is the local time the customer reads). ``body`` itself
+    when it is written so already (the usual case: nothing is copied)."""
     kind = type(body)
     if kind is dict:
         out: dict[str, Any] | None = None
         for i, (key, value) in enumerate(body.items()):
             of = type(value)
             if of is str:
-                # (a moment is at least 17 characters, the second dash of its date at [7])
-                new = _moment(value) if len(value) >= 17 and value[7] == "-" else value
+                new = _moment(value) if key in _MOMENT_KEYS else value
             elif of is dict or of is list:
                 new = canonical_body(value)
+            elif of is float and value.is_integer():
+                new = int(value)
             else:
                 new = value
             if out is None:
@@ -114,8 +119,8 @@ def canonical_body(body: Any) -> Any:
     if kind is list:
         items = [canonical_body(v) for v in body]  # (a null in a list stays)
         return body if all(a is b for a, b in zip(items, body, strict=True)) else items
-    if kind is str and len(body) >= 17 and body[7] == "-":
-        return _moment(body)
+    if kind is float and body.is_integer():
+        return int(body)
     return body
 
 
@@ -125,7 +130,7 @@ def _moment(text: str) -> str:
     if not _MOMENT.fullmatch(text):
         return text
     try:
-        moment = datetime.fromisoformat(text.replace(",", ".")).isoformat()
+        moment = datetime.fromisoformat(text.replace(",", ".").upper()).isoformat()
     except ValueError:
         return text
     return text if moment == text else moment

@@ -67,7 +67,12 @@ end
 -- a bucket lives through its generation and the next, when it is still looked at
 local expire_at = (generation + 2) * ttl
 local short = tonumber(ARGV[5])
-local legacies, digest_bytes = ARGV[9] or '', tonumber(ARGV[8])
+local earliers, digest_bytes = ARGV[9] or '', tonumber(ARGV[8])
+-- two base64 digests of one body: prefixes of each other (compared on the shorter length)
+local function agrees(a, b)
+  local n = math.min(#a, #b)
+  return string.sub(a, 1, n) == string.sub(b, 1, n)
+end
 -- the first generation with fields of a kind only: until now when unset, as the version
 -- before may have written the current one until just now
 local function since(marker)
@@ -115,16 +120,12 @@ for i, e in ipairs(events) do
     -- version that passes 8 characters beside one that recorded 6): compared on the shorter
     -- one's length; a binary one is compared with the binary digest passed
     local same
-    local k, legacy = e[8], e[9]
+    local k, earlier = e[8], e[9]
     if found_binary then
       same = seen == bits or (k ~= nil and
-        seen == string.sub(legacies, (k - 1) * digest_bytes + 1, k * digest_bytes))
+        seen == string.sub(earliers, (k - 1) * digest_bytes + 1, k * digest_bytes))
     else
-      local function agrees(d)
-        local n = math.min(#seen, #d)
-        return string.sub(seen, 1, n) == string.sub(d, 1, n)
-      end
-      same = seen == '' or agrees(digest) or (legacy ~= nil and agrees(legacy))
+      same = seen == '' or agrees(seen, digest) or (earlier ~= nil and agrees(seen, earlier))
     end
     accepted[i] = same and 0 or 2
   else
