@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -10,6 +11,8 @@ from typing import Any
 import orjson
 import pytest
 from fakeredis import FakeServer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
@@ -25,6 +28,7 @@ from notifier.store import (
     Store,
     body_digest,
 )
+from notifier.store.inbox import _moment
 from tests.conftest import make_settings, transition
 
 
@@ -262,3 +266,35 @@ async def test_what_the_worker_injects_wakes_the_partitions_stored_when_ingest_f
         jobs = await res.queue.queued_jobs()
         assert sorted(j.args[0] for j in jobs if j.function == "drain") == [3, 5]
         assert failure.woken == []  # woken once
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(
+    st.datetimes(
+        min_value=datetime(1970, 1, 1),
+        max_value=datetime(2100, 1, 1),
+        timezones=st.builds(
+            lambda minutes: timezone(timedelta(minutes=minutes)),
+            st.integers(-14 * 60, 14 * 60),
+        ),
+    )
+)
+def test_a_moment_written_any_way_reads_as_isoformat_writes_it(moment: datetime) -> None:
+    """``canonical_body``'s dates and times: the form isoformat writes is kept as it is
+    (its quick path), and the other ways of writing the same moment at the same offset
+    come back in that form; the instant at another offset does not."""
+    canonical = moment.isoformat()
+    assert _moment(canonical) == canonical
+    offset = canonical[-6:]
+    variants = [canonical.replace("T", " "), canonical[:-6] + offset.replace(":", "")]
+    if offset == "+00:00":
+        variants += [canonical[:-6] + "Z", canonical[:-6] + "-00:00", canonical[:-6] + "z"]
+    if moment.microsecond == 0:
+        variants.append(canonical[:-6] + ".000" + offset)
+    else:
+        variants.append(canonical[:-6].rstrip("0") + offset)  # fewer fraction digits
+    for variant in variants:
+        assert _moment(variant) == canonical, variant
+    if moment.utcoffset() != timedelta(0):
+        elsewhere = moment.astimezone(UTC).isoformat()
+        assert _moment(elsewhere) == elsewhere != canonical

@@ -124,9 +124,25 @@ def canonical_body(body: Any) -> Any:
     return body
 
 
+def _as_isoformat_writes(text: str) -> bool:
+    """Whether ``text`` has the shape ``datetime.isoformat`` gives a moment with an offset:
+    ``YYYY-MM-DDTHH:MM:SS+HH:MM`` (25 characters), or with ``.ffffff`` (32), never
+    ``-00:00`` nor a fraction of zeros (which it leaves out)."""
+    n = len(text)
+    return (
+        (n == 25 or (n == 32 and text[19] == "." and text[20:26] != "000000"))
+        and text[10] == "T"
+        and text[13] == text[16] == text[n - 3] == ":"
+        and text[n - 6] in "+-"
+        and text[n - 6 :] != "-00:00"
+    )
+
+
 def _moment(text: str) -> str:
     """``text`` as ``datetime.isoformat`` writes it, if it is a date and time with an offset
     written another way; else ``text`` itself."""
+    if _as_isoformat_writes(text):  # (the usual case: no parsing)
+        return text
     if not _MOMENT.fullmatch(text):
         return text
     try:
