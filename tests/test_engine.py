@@ -673,6 +673,29 @@ def test_a_delivered_after_returned_to_sender_is_not_told_to_the_customer() -> N
     assert list(after.overtaken(state.messages, later)) == []
 
 
+def test_a_return_that_happened_before_a_delivered_of_its_batch_comes_first() -> None:
+    """A batch [delivered, returned_to_sender] whose return happened first (a backend that
+    posts a backlog out of order) is the return and then the parcel reaching the sender,
+    as in two batches in the order they happened: the customer is told of the return,
+    not "your parcel was delivered" (found by a black-box review). A return that
+    happened after the delivered keeps its place, as before."""
+    out = event(1, "out_for_delivery", NOON - timedelta(hours=8))
+    back = event(2, "returned_to_sender", NOON - timedelta(hours=5))
+    home = event(3, "delivered", NOON - timedelta(hours=1))
+    for batch in ([out, home, back], [home, back, out], [home, out, back]):
+        state, steps = run(batch)
+        assert state.status == "returned_to_sender", batch
+        said = {s.transition.event_id: s.verdicts for s in steps}
+        assert {(v.channel, v.outcome) for v in said[back.event_id]} == {
+            (EMAIL, Outcome.SENT),
+            (SMS, Outcome.SENT),
+        }, batch
+        assert {v.rule for v in said[home.event_id]} == {"returned"}, batch
+    late = event(2, "returned_to_sender", NOON - timedelta(minutes=30))
+    _, steps = run([out, home, late])
+    assert [s.transition.event_id for s in steps] == [out.event_id, home.event_id, late.event_id]
+
+
 def test_an_event_from_long_ago_is_recorded_not_sent() -> None:
     """An import of old shipments, a backlog replayed years later: not news, and its date
     (no year) reads as upcoming. Within the limit it is sent; a stall notice of the

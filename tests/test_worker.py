@@ -196,6 +196,34 @@ async def test_a_pickup_notice_arriving_after_its_delivered_still_makes_it_colle
     assert {d["outcome"] for d in late} == {"suppressed"}  # (out of order: never sent)
 
 
+async def test_a_return_posted_after_its_later_delivered_is_what_the_customer_hears(
+    client: Client, settings: Settings
+) -> None:
+    """In one batch, a delivered first and the return that happened before it: the
+    customer hears of the return, as in time order; the delivered (the parcel reaching
+    the sender) is recorded, not sent."""
+    en = {"email": "ana@example.com", "phone": "+33612345678", "locale": "en"}
+    home = transition(
+        event_id="d", status="delivered", occurred_at="2026-11-21T12:00:00+01:00", recipient=en
+    )
+    back = transition(
+        event_id="r",
+        status="returned_to_sender",
+        occurred_at="2026-11-21T10:00:00+01:00",
+        recipient=en,
+    )
+    await post(client, home, back)
+    await run_worker(settings)
+    [eml] = outbox_files(settings, ".eml")
+    assert "Subject: Your parcel was delivered" not in eml.read_text()
+    said = {(d["event_id"], d.get("channel")): d for d in await history(client)}
+    assert said["r", "email"]["outcome"] == said["r", "sms"]["outcome"] == "sent"
+    assert [(k, d["outcome"]) for k, d in said.items() if k[0] == "d"] == [
+        (("d", None), "suppressed")
+    ]
+    assert said["d", None]["reason"].startswith("returned: ")
+
+
 async def test_an_old_shipment_imported_sends_nothing_and_never_stalls(
     client: Client, settings: Settings
 ) -> None:

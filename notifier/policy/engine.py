@@ -654,6 +654,28 @@ def _catch_up(
     return Step(current, verdicts, caught_up_by=late.event_id, collected=collected)
 
 
+def _returns_first(transitions: Sequence[Transition]) -> Sequence[Transition]:
+    """The batch with each "returned to sender" that happened before a "delivered" that
+    arrived ahead of it in the same batch folded before that delivered: the delivered is
+    then the return reaching the sender (``ShipmentState.returns_home``), as when the two
+    come in separate batches in the order they happened. In arrival order the delivered
+    was told to the customer and the return, a step back after it, was not."""
+    if not any(t.status is Status.RETURNED_TO_SENDER for t in transitions):
+        return transitions
+    ordered = list(transitions)
+    for r in transitions:
+        if r.status is not Status.RETURNED_TO_SENDER:
+            continue
+        for i, t in enumerate(ordered):
+            if t is r:
+                break
+            if t.status is Status.DELIVERED and r.occurred_at < t.occurred_at:
+                del ordered[next(k for k, x in enumerate(ordered) if x is r)]
+                ordered.insert(i, r)
+                break
+    return ordered
+
+
 def fold(
     policy: Policy,
     state: ShipmentState,
@@ -671,6 +693,7 @@ def fold(
     the message log (``ShipmentState.overtaken``): it never goes out (the pipeline
     cancels it), so it never counts once its due time has passed either.
     """
+    transitions = _returns_first(transitions)
     superseded: dict[tuple[str, ChannelKind], str] = {}
     tried: list[dict[tuple[str, ChannelKind], str]] = [superseded]
     for _ in range(len(transitions) + 2):
