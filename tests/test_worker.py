@@ -174,22 +174,23 @@ async def test_a_parcel_collected_from_a_pickup_point_is_told_so(
     assert "your parcel was collected." in json.loads(sms.read_text())["body"]
 
 
-async def test_a_pickup_notice_arriving_after_its_delivered_still_makes_it_collected(
-    client: Client, settings: Settings
-) -> None:
-    """In one batch, the delivered first: the same message as in time order."""
+async def _delivered_then(client: Client, settings: Settings, event_id: str, status: str) -> None:
+    """One batch, drained: a delivered at 12:00 (event ``d``), then ``status`` of 10:00
+    (arriving after it), for an English reader."""
     en = {"email": "ana@example.com", "phone": "+33612345678", "locale": "en"}
     delivered = transition(
         event_id="d", status="delivered", occurred_at="2026-11-21T12:00:00+01:00", recipient=en
     )
-    pickup = transition(
-        event_id="p",
-        status="available_for_pickup",
-        occurred_at="2026-11-21T10:00:00+01:00",
-        recipient=en,
-    )
-    await post(client, delivered, pickup)
+    earlier = {"occurred_at": "2026-11-21T10:00:00+01:00", "recipient": en}
+    await post(client, delivered, transition(event_id=event_id, status=status, **earlier))
     await run_worker(settings)
+
+
+async def test_a_pickup_notice_arriving_after_its_delivered_still_makes_it_collected(
+    client: Client, settings: Settings
+) -> None:
+    """In one batch, the delivered first: the same message as in time order."""
+    await _delivered_then(client, settings, "p", "available_for_pickup")
     [eml] = outbox_files(settings, ".eml")
     assert "Subject: Your parcel was collected" in eml.read_text()
     late = [d for d in await history(client) if d["event_id"] == "p"]
@@ -202,18 +203,7 @@ async def test_a_return_posted_after_its_later_delivered_is_what_the_customer_he
     """In one batch, a delivered first and the return that happened before it: the
     customer hears of the return, as in time order; the delivered (the parcel reaching
     the sender) is recorded, not sent."""
-    en = {"email": "ana@example.com", "phone": "+33612345678", "locale": "en"}
-    home = transition(
-        event_id="d", status="delivered", occurred_at="2026-11-21T12:00:00+01:00", recipient=en
-    )
-    back = transition(
-        event_id="r",
-        status="returned_to_sender",
-        occurred_at="2026-11-21T10:00:00+01:00",
-        recipient=en,
-    )
-    await post(client, home, back)
-    await run_worker(settings)
+    await _delivered_then(client, settings, "r", "returned_to_sender")
     [eml] = outbox_files(settings, ".eml")
     assert "Subject: Your parcel was delivered" not in eml.read_text()
     said = {(d["event_id"], d.get("channel")): d for d in await history(client)}
