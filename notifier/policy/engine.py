@@ -666,13 +666,14 @@ def _returns_first(transitions: Sequence[Transition]) -> Sequence[Transition]:
     for r in transitions:
         if r.status is not Status.RETURNED_TO_SENDER:
             continue
-        for i, t in enumerate(ordered):
-            if t is r:
-                break
-            if t.status is Status.DELIVERED and r.occurred_at < t.occurred_at:
-                del ordered[next(k for k, x in enumerate(ordered) if x is r)]
-                ordered.insert(i, r)
-                break
+        at = next(i for i, x in enumerate(ordered) if x is r)
+        ahead = (
+            i
+            for i, t in enumerate(ordered[:at])
+            if t.status is Status.DELIVERED and r.occurred_at < t.occurred_at
+        )
+        if (first := next(ahead, None)) is not None:
+            ordered.insert(first, ordered.pop(at))
     return ordered
 
 

@@ -378,7 +378,7 @@ class Inbox(StoreBase):
             events.append([at, field, old, inbox, payload.decode(), digest, rid])
             binaries.append(keys.event_binary(field, digest))
             if earlier:  # the digest the versions before recorded for this body
-                earliers.append(keys.event_binary(field, earlier)[-keys.EVENT_DIGEST_BYTES :])
+                earliers.append(keys.digest_bits(earlier))
                 events[-1] += [len(earliers), earlier]
         for e in events:
             if e[2]:

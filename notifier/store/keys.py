@@ -136,11 +136,15 @@ def event_binary(long_field: str, digest: str) -> bytes:
     ``EVENT_DIGEST_BYTES``), from its long field (``event_hash``) and its body digest in
     base64 (``inbox.body_digest``: 6 characters, 36 bits; a longer one, 8 or 12, has the same
     first 32 bits)."""
+    return _binary_field(long_field) + digest_bits(digest)
+
+
+def digest_bits(digest: str) -> bytes:
+    """The ``EVENT_DIGEST_BYTES`` a body digest in base64 is recorded as."""
     if len(digest) < 6:
         raise ValueError(f"a body digest of {len(digest)} characters: 6 or more expected")
     head = digest[:8]  # (6 characters of base64 are 36 bits, 8 are 48)
-    bits = base64.b64decode(head + "=" * (-len(head) % 4))[:EVENT_DIGEST_BYTES]
-    return _binary_field(long_field) + bits
+    return base64.b64decode(head + "=" * (-len(head) % 4))[:EVENT_DIGEST_BYTES]
 
 
 def event_binary_slot(merchant_id: str, event_id: str) -> tuple[int, bytes]:
