@@ -66,10 +66,19 @@ SMS_BUDGET = {SmsEncoding.GSM7: 1, SmsEncoding.UCS2: 2}
 US_LOCALES = {"en", "es"}
 #: A realistic shop name for the default brand's budget check ("Your shop" flatters it).
 SAMPLE_SHOP = "Northwind Outfitters"
+#: A support number as long as most (a French one, written with its spaces).
+SAMPLE_PHONE = "+33 1 23 45 67 89"
 #: Folders of templates/ that are the defaults' own, not merchants.
 DEFAULT_FOLDERS = {"email", "sms", "messages"}
 #: The merchant id the defaults are rendered as (no folder of its own is looked at).
 DEFAULTS = "check"
+
+
+def sample_brand(default: Brand) -> Brand:
+    """The default brand as the defaults are checked: a realistic shop name, and a support
+    phone (the "contact us" SMS give it, within their budget)."""
+    support = default.support.model_copy(update={"phone": SAMPLE_PHONE})
+    return default.model_copy(update={"name": SAMPLE_SHOP, "support": support})
 
 
 def samples(minimal: bool = False) -> list[Transition]:
@@ -230,7 +239,7 @@ def startup_problems(settings: Settings) -> list[str]:
     except ConfigurationError as exc:
         return [*problems, str(exc)]
     problems += _channel_problems(settings, brand, "templates/brand.yaml")
-    renderer.use_brand(DEFAULTS, brand.model_copy(update={"name": SAMPLE_SHOP}))
+    renderer.use_brand(DEFAULTS, sample_brand(brand))
     return problems + _render_problems(renderer, "", ["en"], full=False)
 
 
@@ -251,7 +260,7 @@ def _files_problems(settings: Settings) -> list[str]:
     problems += [p for p in PolicyStore(policies_dir).check_all() if "default.yaml" not in p]
     renderer, catalogs = _renderer(settings)
     default = renderer.brand("")
-    renderer.use_brand(DEFAULTS, default.model_copy(update={"name": SAMPLE_SHOP}))
+    renderer.use_brand(DEFAULTS, sample_brand(default))
     locales = ["en", *catalogs.available()]
     templates_dir = data_dir("templates", settings.templates_dir)
     problems += _audit(renderer, "", templates_dir)
@@ -672,12 +681,16 @@ def _render_one(
             return [*problems, f"{exc}{how}"]
         if not isinstance(message, SmsMessageOut):
             continue  # (an email has no budget: it rendered)
-        # US numbers carry the legally required opt-out line: one more segment for it
+        # US numbers carry the legally required opt-out line: one more segment for it; and
+        # one for the support phone a "contact us" SMS gives (a number to call is worth it)
         us = phone.startswith("+1")
-        budget = SMS_BUDGET[message.encoding] + us
+        support = renderer.brand(n.merchant_id).support.phone
+        call = bool(support) and str(support) in message.body
+        budget = SMS_BUDGET[message.encoding] + us + call
         if message.segments <= budget:
             continue
-        extra = " incl. 1 for the US opt-out line" if us else ""
+        lines = [*(["the US opt-out line"] if us else []), *(["the support phone"] if call else [])]
+        extra = f" incl. 1 for {' and 1 for '.join(lines)}" if lines else ""
         problems.append(
             f"sms ({t.milestone}, {recipient.locale}{', +1' if us else ''}"
             f"{', without an email' if alone else ''}{', collected' if collected else ''}): "
@@ -809,11 +822,12 @@ async def published_problems(settings: Settings) -> list[str]:
 def sms_table(settings: Settings, merchant: str = "") -> list[tuple[str, str, int, int, int]]:
     """Per locale: (locale, encodings seen, most segments to a +33 number, to a +1 number,
     to a +1 number with a short-link base): the worst SMS over every milestone, with the
-    sample's carrier tracking URL (55 characters) or ``links.short_base``."""
+    sample's carrier tracking URL (55 characters) or ``links.short_base``; each as it goes
+    with an email (an SMS alone may give the support phone: ``_render_one``)."""
     renderer, catalogs = _renderer(settings)
     brand = renderer.brand(merchant)
-    if not merchant:  # the check's sample shop name, not the default brand's short one
-        brand = brand.model_copy(update={"name": SAMPLE_SHOP})
+    if not merchant:  # the check's sample shop, not the default brand's short name
+        brand = sample_brand(brand)
     short = brand.model_copy(
         update={"links": brand.links.model_copy(update={"short_base": "https://sho.rt/"})}
     )

@@ -8,7 +8,7 @@ import email
 import email.policy
 import re
 import shutil
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +19,10 @@ from notifier.channels.outbox import build_eml
 from notifier.channels.sendgrid import payload
 from notifier.models import ChannelKind, Transition
 from notifier.render import EmailMessageOut, SmsMessageOut
-from notifier.render.i18n import when, window
+from notifier.render.i18n import day, when, window
 from notifier.resources import data_dir
 from tests.conftest import auth, local_day_and_time, transition
-from tests.test_messages import notification, render_email, renderer, sample
+from tests.test_messages import brand_dir, notification, render_email, renderer, sample
 
 PHONE = "+49 30 1234 5678"
 SUPPORT = {
@@ -502,3 +502,95 @@ def test_a_delivery_reads_as_one_sentence_in_polish_and_portuguese(acme: Path) -
     assert re.search(r"Seu pacote foi entregue em \d+ de \w+, às \d\d:\d\d", portuguese)
     polish = email_of(acme, "delivered", "pl").text
     assert re.search(r"została doręczona \d+ \w+ o \d\d?:\d\d", polish), polish
+
+
+# -- an SMS says what its reader needs without the email ------------------------------------------
+
+
+def _body(r: Any, n: Any) -> str:
+    message = r.render(n)
+    assert isinstance(message, SmsMessageOut)
+    return message.body
+
+
+def _pickup_by(deadline: datetime) -> Transition:
+    return Transition.model_validate(
+        {**sample("available_for_pickup").model_dump(), "pickup_deadline": deadline}
+    )
+
+
+def test_a_pickup_sms_says_by_which_day(acme: Path) -> None:
+    """The email said by when; the SMS said only "ready to collect", and an SMS-only
+    customer could miss the deadline and have the parcel sent back."""
+    t = _pickup_by(datetime(2026, 11, 28, 17, 0, tzinfo=UTC))
+    body = sms_of(acme, t).body
+    # (as the locked Babel writes the day)
+    assert body.startswith(
+        "Acme Shop: your parcel is ready to collect. Pick it up by Sat, November 28. https://"
+    ), body
+    undated = sample("available_for_pickup").model_copy(update={"pickup_deadline": None})
+    assert sms_of(acme, undated).body.startswith(
+        "Acme Shop: your parcel is ready to collect. https://"
+    )
+    for locale in ("de", "fr", "es", "pl", "ja", "ar", "he", "zh_Hans"):
+        message = sms_of(acme, t, locale)
+        said = translated(
+            locale, "%(merchant)s: your parcel is ready to collect. Pick it up by %(day)s."
+        ) % {"merchant": "", "day": day(t.pickup_deadline, "Europe/Paris", locale)}
+        assert said.strip(" :\uff1a") in message.body, (locale, message.body)
+        # within the budget `notifier check` holds every SMS to (a 9-letter shop name here)
+        assert message.segments <= (1 if message.encoding == "GSM-7" else 2), (locale, message)
+
+
+def test_a_pickup_day_is_the_recipients_else_the_pickup_points() -> None:
+    """A deadline of 23:30 in New York is Sunday in Paris; with no zone known, it is the
+    day where the parcel waits (the deadline's own offset), not UTC's."""
+    t = _pickup_by(datetime(2026, 11, 28, 23, 30, tzinfo=timezone(timedelta(hours=-5))))
+    n = notification(t, ChannelKind.SMS)
+    r = renderer()
+    assert "Pick it up by Sun, November 29." in _body(r, n)
+    zoneless = n.model_copy(update={"recipient": n.recipient.model_copy(update={"timezone": None})})
+    assert "Pick it up by Sat, November 28." in _body(r, zoneless)
+
+
+CONTACT_US = ["exception:damaged", "exception:lost", "exception:refused"]
+
+
+@pytest.mark.parametrize("milestone", CONTACT_US)
+def test_an_sms_alone_that_says_contact_us_gives_the_support_phone(
+    acme: Path, milestone: str
+) -> None:
+    """An SMS-only customer told "contact us" had no way to: the email has the contacts."""
+    r = renderer(acme)
+    alone = notification(sample(milestone), ChannelKind.SMS).model_copy(update={"alone": True})
+    body = _body(r, alone)
+    assert f"ontact us. Phone: {PHONE}. https://" in body, body
+    with_email = notification(sample(milestone), ChannelKind.SMS)
+    assert PHONE not in _body(r, with_email)
+    for locale in ("ar", "ja", "de"):
+        n = notification(sample(milestone), ChannelKind.SMS, locale).model_copy(
+            update={"alone": True}
+        )
+        text = _body(r, n)
+        said = translated(locale, "Phone: %(phone)s.").split("%(phone)s")[0]
+        assert said in text and PHONE in text, (locale, text)
+        if locale == "ar":
+            assert f"\u2066{PHONE}\u2069" in text  # the number stays whole right to left
+    without = brand_dir(
+        acme.parent, "name: Acme Shop\nsupport:\n  url: https://acme.example/help\n"
+    )
+    assert "Phone" not in _body(renderer(without), alone)
+
+
+def test_an_address_sms_alone_without_a_form_gives_the_support_phone(acme: Path) -> None:
+    brand = acme / "acme" / "brand.yaml"
+    brand.write_text(
+        "\n".join(line for line in brand.read_text().splitlines() if "change_address" not in line)
+        + "\n"
+    )
+    n = notification(sample("exception:address_issue"), ChannelKind.SMS)
+    alone = _body(renderer(acme), n.model_copy(update={"alone": True}))
+    assert alone.startswith(
+        f"Acme Shop: please contact us to confirm your delivery address. Phone: {PHONE}. "
+    ), alone
+    assert PHONE not in _body(renderer(acme), n)

@@ -214,6 +214,15 @@ def when(moment: datetime, timezone: str | None, locale: str) -> str:
     return text if timezone else f"{text} UTC"
 
 
+@lru_cache(maxsize=1024)
+def day(moment: datetime, timezone: str | None, locale: str) -> str:
+    """The day of a moment, as ``when`` writes it (``Thu, November 26``), in the
+    recipient's zone, else in the moment's own offset (a pickup deadline's is the pickup
+    point's): an SMS's pickup deadline."""
+    local = moment.astimezone(_zone(timezone)) if timezone else moment
+    return _patterns(locale)[0].apply(local, parse_locale(locale) or Locale("en"))
+
+
 @lru_cache(maxsize=4096)
 def window(start: datetime, end: datetime, timezone: str | None, locale: str) -> str:
     """A delivery window, e.g. ``Tue, Nov 24, 10:00 – 14:00`` (both ends when days differ)."""

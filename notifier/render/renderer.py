@@ -587,6 +587,8 @@ class Renderer:
                 else "",
                 "deadline_days": deadline_days,
                 "deadline": i18n.when(t.pickup_deadline, tz, fmt) if t.pickup_deadline else "",
+                #: its day alone (an SMS's), in the pickup point's offset without a zone
+                "deadline_day": i18n.day(t.pickup_deadline, tz, fmt) if t.pickup_deadline else "",
                 # computed only if a template prints it
                 "ago": Lazy(lambda: i18n.ago(t.occurred_at, n.created_at, fmt)),
                 #: a "delivered" of a parcel the customer collected from a pickup point
