@@ -117,9 +117,26 @@ def samples(minimal: bool = False) -> list[Transition]:
                 },
             }
             out.append(Transition.model_validate({**base, **pickup, "status": status}))
+            # an SMS carries the deadline's day: every month's and weekday's name is checked
+            # (sáb, août, março are not GSM-7: such a day makes the message UCS-2)
+            out += [
+                Transition.model_validate(
+                    {**base, **pickup, "status": status, "pickup_deadline": d}
+                )
+                for d in _every_month_and_weekday(at)
+            ]
         else:
             out.append(Transition.model_validate({**base, "status": status}))
     return out
+
+
+def _every_month_and_weekday(after: datetime) -> list[datetime]:
+    """Twelve days after ``after``, one in each month, whose weekdays cover all seven."""
+    days = []
+    for i in range(12):
+        first = datetime(after.year + 1, i + 1, 1, 18, 0, tzinfo=after.tzinfo)
+        days.append(first + timedelta(days=(i % 7 - first.weekday()) % 7))
+    return days
 
 
 #: how long after its scan a sample notification is decided

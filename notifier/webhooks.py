@@ -27,7 +27,7 @@ from notifier.channels.twilio import UNDELIVERABLE_CODES
 from notifier.delivery import fall_back_later
 from notifier.errors import BadRequest, ConfigurationError, Forbidden, NotFound
 from notifier.insights import record
-from notifier.insights.counts import DIGEST_PREFIX, Count, recipient_digest
+from notifier.insights.counts import DIGEST_PREFIX, UNKNOWN, Count, recipient_digest, untag
 from notifier.models import ChannelKind, one_line
 from notifier.outbound import events as hook_events
 from notifier.policy import opt_out_key
@@ -142,20 +142,27 @@ async def twilio_inbound(request: web.Request, res: Resources) -> web.Response:
 async def _help_text(res: Resources, number: str) -> str:
     """HELP's answer: who sends these messages and how to reach them (US carriers' rules ask
     for both: the merchant of the last SMS to the number, and its support contact), then
-    STOP and START. Without a known merchant, the program alone."""
+    STOP and START; in the language that SMS was written in (``sms/help.txt``). Without a
+    known merchant, the program alone; in English when the template fails."""
     last = await _last_sms(res, number)
-    who, contact = "", ""
+    merchant, name, locale, contact = "", "", None, ""
     if last is not None:
         try:
             brand = res.renderer.brand(last.merchant_id)
         except ConfigurationError:  # (a brand that does not load: the program alone)
             brand = None
         if brand is not None:
-            who = f"{one_line(brand.name)}: "
+            merchant, name = last.merchant_id, one_line(brand.name)
             contact = brand.support.phone or brand.support.email or brand.support.url or ""
-    program = f"{who}parcel updates by SMS." if who else "Parcel updates by SMS."
-    help_ = f" Help: {contact}." if contact else ""
-    return f"{program}{help_} Reply STOP to opt out, START to opt back in."
+            tagged = untag(last.stats_tag)[1]
+            locale = tagged if tagged != UNKNOWN else None
+    try:
+        return res.renderer.help_reply(merchant, locale, contact)
+    except Exception as exc:  # a HELP is always answered: the English words then
+        log.error("the HELP answer did not render (%s): answered in English", type(exc).__name__)
+        program = f"{name}: parcel updates by SMS." if name else "Parcel updates by SMS."
+        help_ = f" Help: {contact}." if contact else ""
+        return f"{program}{help_} Reply STOP to opt out, START to opt back in."
 
 
 async def _last_sms(res: Resources, number: str) -> LastSms | None:

@@ -17,6 +17,7 @@ from babel.messages.pofile import read_po
 
 from notifier.channels.outbox import build_eml
 from notifier.channels.sendgrid import payload
+from notifier.check import samples
 from notifier.models import ChannelKind, Transition
 from notifier.render import EmailMessageOut, SmsMessageOut
 from notifier.render.i18n import day, when, window
@@ -551,6 +552,35 @@ def test_a_pickup_day_is_the_recipients_else_the_pickup_points() -> None:
     assert "Pick it up by Sun, November 29." in _body(r, n)
     zoneless = n.model_copy(update={"recipient": n.recipient.model_copy(update={"timezone": None})})
     assert "Pick it up by Sat, November 28." in _body(r, zoneless)
+
+
+@pytest.mark.parametrize(
+    ("locale", "deadline", "written"),
+    [
+        ("es", datetime(2027, 6, 5, 16, 0, tzinfo=UTC), "5/6"),  # sáb
+        ("fr", datetime(2027, 8, 2, 16, 0, tzinfo=UTC), "02/08"),  # août
+        ("pt_BR", datetime(2027, 3, 5, 16, 0, tzinfo=UTC), "05/03"),  # março
+        ("es", datetime(2027, 6, 4, 16, 0, tzinfo=UTC), "vie, 4 de junio"),
+        ("ja", datetime(2027, 6, 5, 16, 0, tzinfo=UTC), "6月5日土曜日"),  # UCS-2 anyway
+    ],
+)
+def test_a_pickup_day_named_outside_gsm7_is_written_in_numbers(
+    acme: Path, locale: str, deadline: datetime, written: str
+) -> None:
+    """ "sáb", "août", "março": one letter GSM-7 lacks made the whole SMS UCS-2 (3 segments
+    where it was 1); such a day is written as the locale writes it in numbers. (The
+    locked Babel's CLDR.)"""
+    assert day(deadline, "Europe/Paris", locale) == written
+    message = sms_of(acme, _pickup_by(deadline), locale)
+    assert written in message.body
+    if locale != "ja":
+        assert (message.encoding, message.segments) == ("GSM-7", 1), message
+
+
+def test_check_samples_a_deadline_in_every_month_and_on_every_weekday() -> None:
+    dated = [t.pickup_deadline for t in samples() if t.pickup_deadline is not None]
+    assert {d.month for d in dated} == set(range(1, 13))
+    assert {d.weekday() for d in dated} == set(range(7))
 
 
 CONTACT_US = ["exception:damaged", "exception:lost", "exception:refused"]

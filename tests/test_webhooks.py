@@ -151,7 +151,7 @@ async def test_stop_start_and_help(
         await signed(client, inbound, {"From": "+33612345678", "Body": "START"})
 
     resp = await signed(client, inbound, {"From": "+33612345678", "Body": "help"})
-    assert "Reply STOP to opt out" in await resp.text()
+    assert "Répondez STOP pour vous désinscrire" in await resp.text()  # (its last SMS's language)
     resp = await signed(client, inbound, {"From": "+33699999999", "Body": "help"})  # unknown
     assert ">Parcel updates by SMS. Reply STOP to opt out, START to opt back in.<" in (
         await resp.text()
@@ -175,12 +175,49 @@ async def test_help_names_the_merchant_and_its_support(
         update={"public_url": PUBLIC, "templates_dir": templates}
     )
     async with TestClient(TestServer(create_app(settings, clock=fixed_clock()))) as client:
-        await sent_sms(client, settings, twilio)
+        await sent_sms(client, settings, twilio)  # (to a reader of fr_FR)
         inbound = "/v1/webhooks/twilio/inbound"
         resp = await signed(client, inbound, {"From": "+33612345678", "Body": "HELP"})
+        # in the language of the last SMS to the number; STOP and START stay the keywords
+        assert (
+            "<Message>Acme Shop : suivi de colis par SMS. Aide : +49 30 1234 5678. Répondez "
+            "STOP pour vous désinscrire, START pour vous réinscrire.</Message>"
+        ) in await resp.text()
+        english = transition(
+            event_id="en1",
+            shipment_id="s-en",
+            recipient={"phone": "+12125550100", "locale": "en_US", "timezone": "America/New_York"},
+        )
+        await post(client, english)
+        await run_worker(settings)
+        resp = await signed(client, inbound, {"From": "+12125550100", "Body": "info"})
         assert (
             "<Message>Acme Shop: parcel updates by SMS. Help: +49 30 1234 5678. Reply STOP to "
             "opt out, START to opt back in.</Message>"
+        ) in await resp.text()
+
+
+async def test_help_is_answered_in_english_when_its_template_fails(
+    tmp_path: Path, redis_url: str, twilio: FakeTwilio
+) -> None:
+    templates = tmp_path / "templates"
+    shutil.copytree(data_dir("templates", None), templates)
+    (templates / "acme").mkdir()
+    (templates / "acme" / "brand.yaml").write_text(
+        "name: Acme Shop\nsupport:\n  url: https://acme.example/help\n"
+    )
+    (templates / "sms" / "help.txt").write_text("{{ no_such_value }}")  # StrictUndefined
+    settings = twilio_settings(tmp_path, redis_url, twilio).model_copy(
+        update={"public_url": PUBLIC, "templates_dir": templates}
+    )
+    async with TestClient(TestServer(create_app(settings, clock=fixed_clock()))) as client:
+        await sent_sms(client, settings, twilio)
+        resp = await signed(
+            client, "/v1/webhooks/twilio/inbound", {"From": "+33612345678", "Body": "HELP"}
+        )
+        assert (
+            "<Message>Acme Shop: parcel updates by SMS. Help: https://acme.example/help. Reply "
+            "STOP to opt out, START to opt back in.</Message>"
         ) in await resp.text()
 
 

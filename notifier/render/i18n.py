@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import io
 import threading
+import unicodedata
 from collections.abc import Sequence
 from datetime import datetime
 from functools import lru_cache
@@ -25,6 +26,7 @@ from babel.messages.pofile import read_po
 from babel.support import NullTranslations, Translations
 
 from notifier.errors import ConfigurationError
+from notifier.render.sms import outside_gsm7
 
 DOMAIN = "messages"
 
@@ -218,9 +220,25 @@ def when(moment: datetime, timezone: str | None, locale: str) -> str:
 def day(moment: datetime, timezone: str | None, locale: str) -> str:
     """The day of a moment, as ``when`` writes it (``Thu, November 26``), in the
     recipient's zone, else in the moment's own offset (a pickup deadline's is the pickup
-    point's): an SMS's pickup deadline."""
+    point's): an SMS's pickup deadline. A day named with a Latin letter GSM-7 lacks (es
+    ``sáb``, fr ``août``, pt ``março``) is written in the locale's numbers (``5/6``,
+    ``02/08``, ``05/03``): it would make a GSM-7 SMS UCS-2, two or three times the cost.
+    (Other scripts are UCS-2 anyway: their SMS keep the name.)"""
     local = moment.astimezone(_zone(timezone)) if timezone else moment
-    return _patterns(locale)[0].apply(local, parse_locale(locale) or Locale("en"))
+    loc = parse_locale(locale) or Locale("en")
+    named = _patterns(locale)[0].apply(local, loc)
+    lacking = outside_gsm7(named)
+    if not lacking or not all(unicodedata.name(c, "").startswith("LATIN") for c in lacking):
+        return named
+    numeric = _numeric_day(locale).apply(local, loc)
+    return named if outside_gsm7(numeric) else numeric
+
+
+@lru_cache(maxsize=512)
+def _numeric_day(locale: str) -> DateTimePattern:
+    """The locale's day and month in numbers (``Md``: ``3/5``, ``05/03``, ``5.3.``)."""
+    loc = parse_locale(locale) or Locale("en")
+    return parse_pattern(str(loc.datetime_skeletons[match_skeleton("Md", loc.datetime_skeletons)]))
 
 
 @lru_cache(maxsize=4096)

@@ -36,6 +36,7 @@ from notifier.models import (
     Transition,
     message_name,
     message_paths,
+    one_line,
 )
 from notifier.render import i18n, skeleton
 from notifier.render.brand import Brand, load_brand
@@ -810,6 +811,27 @@ class Renderer:
         with budget(self.templates.limits):  # filling a skeleton runs no template: none
             out = self._compose(n, templates_of, chain, words, ctx)
         return self._message(n, out, ctx["dir"] == "rtl", inline, arm), inline
+
+    def help_reply(self, merchant_id: str, locale: str | None, contact: str) -> str:
+        """The answer to a HELP texted to our number (``sms/help.txt`` of the default
+        templates), in ``locale`` (the last SMS's reader's) along the merchant's fallback
+        chain: who sends these messages (the merchant's brand name; none for an empty
+        ``merchant_id``) and how to reach them (``contact``). Raises what rendering raised."""
+        self.refresh()
+        brand = self.brand(merchant_id)
+        catalog = self.catalogs.resolve(locale, brand.default_locale)
+        chain = (catalog, self.catalogs.resolve(brand.default_locale, "en"))
+        direction = i18n.text_direction(catalog)
+        ctx: dict[str, Any] = {
+            **self.templates.gettext_for(chain),
+            "dir": direction,
+            "merchant": one_line(brand.name) if merchant_id else "",
+            "contact": contact,
+        }
+        with budget(self.templates.limits):
+            template = self.templates.select(DEFAULT_TEMPLATES, ("sms/help.txt",))
+            text = smart_encode(" ".join(render_text(template, ctx).split()))
+        return RLM + text if direction == "rtl" else text
 
     def _split(
         self, n: Notification, locale: str, variant: str

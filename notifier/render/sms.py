@@ -98,6 +98,12 @@ def _segments(units: list[int], single: int, part: int) -> int:
 _GSM = _BASIC | _EXTENDED
 
 
+def outside_gsm7(text: str) -> set[str]:
+    """The characters of ``text`` that GSM-7 lacks (after ``smart_encode``): any makes the
+    SMS UCS-2."""
+    return set(smart_encode(text)) - _GSM
+
+
 def measure(text: str) -> SmsSize:
     """Encoding and segment count of ``text`` as sent (apply ``smart_encode`` first).
 
