@@ -43,6 +43,7 @@ from notifier.render.environment import TEMPLATE_NAME, TemplateStore
 from notifier.render.i18n import Catalogs
 from notifier.render.limits import Limits
 from notifier.render.renderer import EXHAUSTED, LINK_PLACEHOLDERS
+from notifier.render.sandbox import where
 from notifier.render.sms import SmsEncoding
 from notifier.resources import (
     TREES,
@@ -282,6 +283,7 @@ def _files_problems(settings: Settings) -> list[str]:
     templates_dir = data_dir("templates", settings.templates_dir)
     problems += _audit(renderer, "", templates_dir)
     problems += _render_problems(renderer, "", locales, full=True)
+    problems += _help_problems(renderer, locales)
     policies = PolicyStore(policies_dir)
     default_policy = policies.strict("")
     problems += experiment_problems(
@@ -315,6 +317,22 @@ def _files_problems(settings: Settings) -> list[str]:
             problems += link_problems(brand, where)
         renderer.use_brand(merchant, brand)
         problems += _render_problems(renderer, merchant, locales, full=True)
+    return problems
+
+
+def _help_problems(renderer: Renderer, locales: list[str]) -> list[str]:
+    """``sms/help.txt`` (the answer to a texted HELP) rendered in every locale: one that
+    fails is answered in English, with an error in the log."""
+    problems = []
+    for locale in locales:
+        try:
+            renderer.help_reply(DEFAULTS, locale, SAMPLE_PHONE)
+        except Exception as exc:
+            problems.append(
+                f"templates/{where(exc) or 'sms/help.txt'} ({locale}): {type(exc).__name__}: "
+                f"{exc} (a HELP would be answered in English)"
+            )
+            break  # (the same in every locale, most likely)
     return problems
 
 

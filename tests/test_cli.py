@@ -61,6 +61,17 @@ def test_a_merchant_brand_without_support_is_an_error(
     assert main(["check"]) == 0
 
 
+def test_check_renders_the_help_answer(trees: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A HELP texted to our number is answered from sms/help.txt: one that fails to render
+    is answered in English at run time, and said here first."""
+    (trees / "templates" / "sms" / "help.txt").write_text("{{ brand.name }}")
+    assert main(["check"]) == 1
+    assert (
+        "templates/sms/help.txt, line 1 (en): UndefinedError: 'brand' is undefined (a HELP "
+        "would be answered in English)"
+    ) in capsys.readouterr().err
+
+
 def test_the_sms_table_shows_segments_per_locale(
     trees: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
