@@ -436,7 +436,7 @@ class Notification(_Strict):
     #: policy's choice): templates see ``email_too`` false, and point nowhere else
     alone: bool | None = None
     #: a "delivered" after the parcel had waited at a pickup point: the customer collected it
-    #: (templates see ``event.collected``: "collected", never "check with your neighbours")
+    #: (templates see ``event.collected``: "collected", never "ask next door")
     collected: bool | None = None
 
 

@@ -474,8 +474,8 @@ def test_a_country_alone_reads_as_a_place(
 def test_a_parcel_collected_from_a_pickup_point_reads_as_collected_in_every_language(
     locale: str,
 ) -> None:
-    """Its own words in each language (not the door delivery's "check with your
-    neighbours"), on both channels; the door delivery keeps its own."""
+    """Its own words in each language (not the door delivery's "ask next door or at
+    your building's reception"), on both channels; the door delivery keeps its own."""
     r = renderer()
     t = sample("delivered")
     door = notification(t, locale=locale)
@@ -501,7 +501,7 @@ def test_a_parcel_collected_from_a_pickup_point_reads_as_collected_in_every_lang
         assert "[✓] Out for delivery" in door_email.text
         assert collected_email.subject == "Your parcel was collected"
         assert "If you did not collect it yourself, contact us." in collected_email.text
-        assert "neighbours" not in collected_email.text and "neighbours" in door_email.text
+        assert "next door" not in collected_email.text and "next door" in door_email.text
         assert sms[True].startswith("Your shop: your parcel was collected. https://")
 
 

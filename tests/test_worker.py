@@ -130,7 +130,7 @@ async def test_late_event_never_steps_backwards(client: Client, settings: Settin
 async def test_a_parcel_collected_from_a_pickup_point_is_told_so(
     client: Client, settings: Settings
 ) -> None:
-    """Not "check with your neighbours": the customer collected it. The pickup notice and
+    """Not "ask next door": the customer collected it. The pickup notice and
     the delivered come in separate batches, as they would."""
     en = {"name": "Ana", "email": "ana@example.com", "phone": "+33612345678", "locale": "en"}
     pickup = {"name": "Tabac du Centre", "address": "3 rue Nationale, Tours"}
@@ -165,7 +165,7 @@ async def test_a_parcel_collected_from_a_pickup_point_is_told_so(
     assert msg["Subject"] == "Your parcel was collected"
     text = {p.get_content_type(): p.get_content() for p in msg.iter_parts()}["text/plain"]  # type: ignore[attr-defined]
     assert "If you did not collect it yourself, contact us." in text
-    assert "neighbours" not in text
+    assert "ask next door" not in text
     [sms] = [
         f
         for f in outbox_files(settings, ".sms.json")
