@@ -160,19 +160,27 @@ async def test_stop_start_and_help(
     assert resp.status == 403
 
 
+def _with_brand(tmp_path: Path, redis_url: str, twilio: FakeTwilio, brand: str) -> Settings:
+    """Twilio settings over a copy of the shipped templates where acme has ``brand``."""
+    templates = tmp_path / "templates"
+    shutil.copytree(data_dir("templates", None), templates)
+    (templates / "acme").mkdir()
+    (templates / "acme" / "brand.yaml").write_text(brand)
+    return twilio_settings(tmp_path, redis_url, twilio).model_copy(
+        update={"public_url": PUBLIC, "templates_dir": templates}
+    )
+
+
 async def test_help_names_the_merchant_and_its_support(
     tmp_path: Path, redis_url: str, twilio: FakeTwilio
 ) -> None:
     """US carriers' rules ask a HELP answer to say who sends the messages and how to reach
     them: it said "Parcel updates by SMS" for every merchant."""
-    templates = tmp_path / "templates"
-    shutil.copytree(data_dir("templates", None), templates)
-    (templates / "acme").mkdir()
-    (templates / "acme" / "brand.yaml").write_text(
-        "name: Acme Shop\nsupport:\n  phone: '+49 30 1234 5678'\n  email: help@acme.example\n"
-    )
-    settings = twilio_settings(tmp_path, redis_url, twilio).model_copy(
-        update={"public_url": PUBLIC, "templates_dir": templates}
+    settings = _with_brand(
+        tmp_path,
+        redis_url,
+        twilio,
+        "name: Acme Shop\nsupport:\n  phone: '+49 30 1234 5678'\n  email: help@acme.example\n",
     )
     async with TestClient(TestServer(create_app(settings, clock=fixed_clock()))) as client:
         await sent_sms(client, settings, twilio)  # (to a reader of fr_FR)
@@ -200,16 +208,9 @@ async def test_help_names_the_merchant_and_its_support(
 async def test_help_is_answered_in_english_when_its_template_fails(
     tmp_path: Path, redis_url: str, twilio: FakeTwilio
 ) -> None:
-    templates = tmp_path / "templates"
-    shutil.copytree(data_dir("templates", None), templates)
-    (templates / "acme").mkdir()
-    (templates / "acme" / "brand.yaml").write_text(
-        "name: Acme Shop\nsupport:\n  url: https://acme.example/help\n"
-    )
-    (templates / "sms" / "help.txt").write_text("{{ no_such_value }}")  # StrictUndefined
-    settings = twilio_settings(tmp_path, redis_url, twilio).model_copy(
-        update={"public_url": PUBLIC, "templates_dir": templates}
-    )
+    brand = "name: Acme Shop\nsupport:\n  url: https://acme.example/help\n"
+    settings = _with_brand(tmp_path, redis_url, twilio, brand)
+    (tmp_path / "templates" / "sms" / "help.txt").write_text("{{ no_such_value }}")
     async with TestClient(TestServer(create_app(settings, clock=fixed_clock()))) as client:
         await sent_sms(client, settings, twilio)
         resp = await signed(
