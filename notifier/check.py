@@ -518,6 +518,16 @@ def check_warnings(settings: Settings) -> list[str]:
     return warnings
 
 
+def default_brand_warning(settings: Settings) -> str | None:
+    """``NO_SUPPORT_DEFAULT`` when the default brand gives customers no way to reach
+    support (said by ``serve`` and ``worker`` at start-up too, not only by ``check``)."""
+    try:
+        brand = load_brand(data_dir("templates", settings.templates_dir), "")
+    except ConfigurationError:
+        return None  # (an error of its own: start-up refuses it)
+    return None if brand.support.reachable() else NO_SUPPORT_DEFAULT
+
+
 #: Loud on purpose: every merchant without a brand of its own sends these messages.
 NO_SUPPORT_DEFAULT = (
     "templates/brand.yaml: NO SUPPORT CONTACT IN THE DEFAULT BRAND. Exception and return "

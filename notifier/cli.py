@@ -26,6 +26,7 @@ from notifier import logs
 from notifier.check import (
     check_all,
     check_warnings,
+    default_brand_warning,
     published_problems,
     render_limits,
     sample_notification,
@@ -218,6 +219,9 @@ def _start_up(settings: Settings) -> None:
     problems = startup_problems(settings)
     if problems:
         raise ConfigurationError("\n".join(problems))
+    unreachable = default_brand_warning(settings)
+    if unreachable:
+        log.warning(unreachable)
 
 
 def _keep_compiled(settings: Settings) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import email
 import email.policy
 import json
+import logging
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from notifier.check import samples, startup_problems
+from notifier.cli import _start_up
 from notifier.errors import ConfigurationError, RenderError
 from notifier.models import ChannelKind, Notification, Recipient
 from notifier.render import EmailMessageOut, Renderer
@@ -232,6 +234,24 @@ def test_start_up_checks_do_not_look_at_merchants(tmp_path: Path) -> None:
     assert startup_problems(settings) == []
     (templates / "brand.yaml").write_text("name: ''\n")  # the defaults are another matter
     assert any("templates/brand.yaml" in p for p in startup_problems(settings))
+
+
+def test_start_up_warns_loudly_when_the_default_brand_gives_no_support_contact(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every merchant without a brand of its own tells customers "contact us" with no way
+    to: `serve` and `worker` say so when they start, not only `notifier check`."""
+    templates = tree(tmp_path)
+    settings = make_settings(tmp_path, templates_dir=templates, template_cache=False)
+    with caplog.at_level(logging.WARNING, logger="notifier"):
+        _start_up(settings)
+    assert "NO SUPPORT CONTACT IN THE DEFAULT BRAND" in caplog.text
+    caplog.clear()
+    brand = templates / "brand.yaml"
+    brand.write_text(brand.read_text().replace("  url: null", "  url: https://shop.example/help"))
+    with caplog.at_level(logging.WARNING, logger="notifier"):
+        _start_up(settings)
+    assert "NO SUPPORT CONTACT" not in caplog.text
 
 
 async def test_a_running_worker_process_survives_a_bad_brand_and_picks_up_edits(
