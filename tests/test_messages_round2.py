@@ -286,7 +286,9 @@ def test_pickup_says_where_and_by_when(acme: Path) -> None:
     message = render_email(notification(t), renderer(acme))
     text = message.text
     assert "Your parcel is waiting for you at Kiosk am Markt." in text
-    assert "Marktplatz 3, 04109 Leipzig" in text and "Opening hours: Mon-Sat 8:00-20:00" in text
+    assert "Marktplatz 3, 04109 Leipzig" in text
+    # a paragraph of its own (the hours ran into "What you can do" before, found black-box)
+    assert "\nOpening hours: Mon-Sat 8:00-20:00\n\nWhat you can do\n" in text, text
     day, time = local_day_and_time(datetime(2026, 11, 28, 17, 0, tzinfo=UTC), "Europe/Paris", "en")
     assert f"Please collect it by {day}, {time}, or it goes back" in text
     assert text.index("1Z999AA10123456784") < text.index("Progress")  # the number near the top
@@ -557,10 +559,12 @@ def test_a_pickup_day_is_the_recipients_else_the_pickup_points() -> None:
 @pytest.mark.parametrize(
     ("locale", "deadline", "written"),
     [
-        ("es", datetime(2027, 6, 5, 16, 0, tzinfo=UTC), "5/6"),  # sáb
         ("fr", datetime(2027, 8, 2, 16, 0, tzinfo=UTC), "02/08"),  # août
         ("pt_BR", datetime(2027, 3, 5, 16, 0, tzinfo=UTC), "05/03"),  # março
-        ("es", datetime(2027, 6, 4, 16, 0, tzinfo=UTC), "vie, 4 de junio"),
+        ("fr", datetime(2027, 6, 5, 16, 0, tzinfo=UTC), "sam. 5 juin"),
+        # Spanish without its weekday: "mar" (martes) read as the sea, "sáb" not GSM-7
+        ("es", datetime(2027, 6, 5, 16, 0, tzinfo=UTC), "5 de junio"),
+        ("es", datetime(2027, 6, 8, 16, 0, tzinfo=UTC), "8 de junio"),
         ("ja", datetime(2027, 6, 5, 16, 0, tzinfo=UTC), "6月5日土曜日"),  # UCS-2 anyway
     ],
 )

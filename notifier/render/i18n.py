@@ -226,12 +226,28 @@ def day(moment: datetime, timezone: str | None, locale: str) -> str:
     (Other scripts are UCS-2 anyway: their SMS keep the name.)"""
     local = moment.astimezone(_zone(timezone)) if timezone else moment
     loc = parse_locale(locale) or Locale("en")
-    named = _patterns(locale)[0].apply(local, loc)
+    named = (_day_alone(locale) or _patterns(locale)[0]).apply(local, loc)
     lacking = outside_gsm7(named)
     if not lacking or not all(unicodedata.name(c, "").startswith("LATIN") for c in lacking):
         return named
     numeric = _numeric_day(locale).apply(local, loc)
     return named if outside_gsm7(numeric) else numeric
+
+
+#: Languages whose SMS name a day without its weekday: es "hasta el mar, 8 de diciembre"
+#: reads "mar" as the sea before martes (and "sáb" is not GSM-7): "hasta el 8 de diciembre".
+_WITHOUT_WEEKDAY = {"es"}
+
+
+@lru_cache(maxsize=512)
+def _day_alone(locale: str) -> DateTimePattern | None:
+    """The day without its weekday (``MMMMd``) where ``_WITHOUT_WEEKDAY`` says so."""
+    loc = parse_locale(locale) or Locale("en")
+    if loc.language not in _WITHOUT_WEEKDAY:
+        return None
+    return parse_pattern(
+        str(loc.datetime_skeletons[match_skeleton("MMMMd", loc.datetime_skeletons)])
+    )
 
 
 @lru_cache(maxsize=512)
