@@ -17,7 +17,7 @@ from babel.messages.pofile import read_po
 
 from notifier.channels.outbox import build_eml
 from notifier.channels.sendgrid import payload
-from notifier.check import samples
+from notifier.check import budget_samples
 from notifier.models import ChannelKind, Transition
 from notifier.render import EmailMessageOut, SmsMessageOut
 from notifier.render.i18n import day, when, window
@@ -582,7 +582,7 @@ def test_a_pickup_day_named_outside_gsm7_is_written_in_numbers(
 
 
 def test_check_samples_a_deadline_in_every_month_and_on_every_weekday() -> None:
-    dated = [t.pickup_deadline for t in samples() if t.pickup_deadline is not None]
+    dated = [t.pickup_deadline for t in budget_samples() if t.pickup_deadline is not None]
     assert {d.month for d in dated} == set(range(1, 13))
     assert {d.weekday() for d in dated} == set(range(7))
 
