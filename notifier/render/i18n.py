@@ -216,45 +216,37 @@ def when(moment: datetime, timezone: str | None, locale: str) -> str:
     return text if timezone else f"{text} UTC"
 
 
-@lru_cache(maxsize=1024)
-def day(moment: datetime, timezone: str | None, locale: str) -> str:
-    """The day of a moment, as ``when`` writes it (``Thu, November 26``), in the
-    recipient's zone, else in the moment's own offset (a pickup deadline's is the pickup
-    point's): an SMS's pickup deadline. A day named with a Latin letter GSM-7 lacks (es
-    ``sáb``, fr ``août``, pt ``março``) is written in the locale's numbers (``5/6``,
-    ``02/08``, ``05/03``): it would make a GSM-7 SMS UCS-2, two or three times the cost.
-    (Other scripts are UCS-2 anyway: their SMS keep the name.)"""
-    local = moment.astimezone(_zone(timezone)) if timezone else moment
-    loc = parse_locale(locale) or Locale("en")
-    named = (_day_alone(locale) or _patterns(locale)[0]).apply(local, loc)
-    lacking = outside_gsm7(named)
-    if not lacking or not all(unicodedata.name(c, "").startswith("LATIN") for c in lacking):
-        return named
-    numeric = _numeric_day(locale).apply(local, loc)
-    return named if outside_gsm7(numeric) else numeric
-
-
 #: Languages whose SMS name a day without its weekday: es "hasta el mar, 8 de diciembre"
 #: reads "mar" as the sea before martes (and "sáb" is not GSM-7): "hasta el 8 de diciembre".
 _WITHOUT_WEEKDAY = {"es"}
 
 
-@lru_cache(maxsize=512)
-def _day_alone(locale: str) -> DateTimePattern | None:
-    """The day without its weekday (``MMMMd``) where ``_WITHOUT_WEEKDAY`` says so."""
+@lru_cache(maxsize=1024)
+def day(moment: datetime, timezone: str | None, locale: str) -> str:
+    """The day of a moment, as ``when`` writes it (``Thu, November 26``), in the
+    recipient's zone, else in the moment's own offset (a pickup deadline's is the pickup
+    point's): an SMS's pickup deadline. A day named with a Latin letter GSM-7 lacks (fr
+    ``août``, pt ``março``) is written in the locale's numbers (``02/08``, ``05/03``): it
+    would make a GSM-7 SMS UCS-2, two or three times the cost.
+    (Other scripts are UCS-2 anyway: their SMS keep the name.)"""
+    local = moment.astimezone(_zone(timezone)) if timezone else moment
     loc = parse_locale(locale) or Locale("en")
-    if loc.language not in _WITHOUT_WEEKDAY:
-        return None
+    alone = loc.language in _WITHOUT_WEEKDAY
+    named = (_skeleton(locale, "MMMMd") if alone else _patterns(locale)[0]).apply(local, loc)
+    lacking = outside_gsm7(named)
+    if not lacking or not all(unicodedata.name(c, "").startswith("LATIN") for c in lacking):
+        return named
+    numeric = _skeleton(locale, "Md").apply(local, loc)
+    return named if outside_gsm7(numeric) else numeric
+
+
+@lru_cache(maxsize=512)
+def _skeleton(locale: str, skeleton: str) -> DateTimePattern:
+    """The locale's pattern closest to a CLDR ``skeleton`` (``MMMMd``, ``Md``), parsed once."""
+    loc = parse_locale(locale) or Locale("en")
     return parse_pattern(
-        str(loc.datetime_skeletons[match_skeleton("MMMMd", loc.datetime_skeletons)])
+        str(loc.datetime_skeletons[match_skeleton(skeleton, loc.datetime_skeletons)])
     )
-
-
-@lru_cache(maxsize=512)
-def _numeric_day(locale: str) -> DateTimePattern:
-    """The locale's day and month in numbers (``Md``: ``3/5``, ``05/03``, ``5.3.``)."""
-    loc = parse_locale(locale) or Locale("en")
-    return parse_pattern(str(loc.datetime_skeletons[match_skeleton("Md", loc.datetime_skeletons)]))
 
 
 @lru_cache(maxsize=4096)

@@ -234,6 +234,15 @@ class Lazy:
         return self._make()
 
 
+def sms_text(rendered: str, rtl: bool) -> str:
+    """An SMS body from what a template rendered: one line, single spaces, GSM-7 stand-ins
+    for typographic marks (``smart_encode``); a right-to-left one starts with a mark."""
+    text = smart_encode(_SPACES.sub(" ", " ".join(rendered.split("\n"))).strip())
+    # phones lay a message out by its first strong letter: a shop name in Latin letters
+    # first would make an Arabic SMS read left to right
+    return RLM + text if rtl else text
+
+
 def stats_tag(n: Notification, variant: str = "") -> str:
     """What a message carries to its provider to be counted where it belongs: its
     milestone, locale, and the variant it was rendered in (``variant``) of its experiment."""
@@ -830,8 +839,7 @@ class Renderer:
         }
         with budget(self.templates.limits):
             template = self.templates.select(DEFAULT_TEMPLATES, ("sms/help.txt",))
-            text = smart_encode(" ".join(render_text(template, ctx).split()))
-        return RLM + text if direction == "rtl" else text
+            return sms_text(render_text(template, ctx), direction == "rtl")
 
     def _split(
         self, n: Notification, locale: str, variant: str
@@ -893,11 +901,7 @@ class Renderer:
         """The message from what the templates made (``_compose``, or a filled skeleton)."""
         out = {name: _one_period(text) for name, text in out.items()}
         if n.channel is ChannelKind.SMS:
-            text = smart_encode(_SPACES.sub(" ", " ".join(out["sms"].split("\n"))).strip())
-            if rtl:
-                # phones lay a message out by its first strong letter: a shop name in
-                # Latin letters first would make an Arabic SMS read left to right
-                text = RLM + text
+            text = sms_text(out["sms"], rtl)
             size = measure(text)
             return SmsMessageOut(
                 n.notification_id,
