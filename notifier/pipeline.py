@@ -43,7 +43,7 @@ from notifier.models import (
     waiting_payload,
 )
 from notifier.outbound import events as hook_events
-from notifier.policy import Policy, Step, fold, opt_out_key
+from notifier.policy import Policy, Step, fold, is_old, opt_out_key
 from notifier.resources import Resources, sync_published
 from notifier.state import OVERTAKE_MARGIN, TERMINAL, ShipmentState
 from notifier.store import (
@@ -409,7 +409,8 @@ class Pipeline:
             if step.replay:
                 # A redelivered entry (a worker died after committing): finish its sends,
                 # and, for a late event, those of the current milestone it may have caught up
-                current = final.current_transition() if final.is_step_back(t) else None
+                late = final.is_step_back(t, is_old(policy, t, now))
+                current = final.current_transition() if late else None
                 for about in (t, current) if current is not None else (t,):
                     for c in ChannelKind:
                         rid = notification_id(about, c)

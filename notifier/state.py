@@ -130,6 +130,9 @@ class ShipmentState(BaseModel):
     #: the furthest step reached (highest rank) and its milestone
     max_rank: int = -1
     furthest: str | None = None
+    #: the current status came from an event already too old to tell when it arrived
+    #: (``policy.stale_after``): it holds no newer news back (``outvoted``)
+    current_old: bool = False
     events: int = 0
     #: what its carrier performance is counted from (``insights.journeys``)
     journey: Journey | None = None
@@ -144,7 +147,7 @@ class ShipmentState(BaseModel):
         """Whether this event was already folded into the state."""
         return event_id in self.seen
 
-    def is_step_back(self, t: Transition) -> bool:
+    def is_step_back(self, t: Transition, old: bool = False) -> bool:
         """True for a late event: stale news that must not move the shipment backwards.
 
         Older than the latest scan and not beyond the furthest step reached (a scan
@@ -152,25 +155,42 @@ class ShipmentState(BaseModel):
         before "delivered" is news after it). A "delivered" after "returned to sender" is
         the return reaching the sender: it moves nothing either, so it cancels none of the
         return's messages (``returns_home``).
+
+        ``old``: ``t`` is too old to tell (``policy.is_old``). Older than the latest scan of
+        a shipment whose status is news, it outvotes none of it, however far it reached (a
+        "delivered" of ten days ago after today's "out for delivery"). News after a status
+        that came from an event too old to tell is never held back by it (``outvoted``).
         """
         if self.status is None or self.last_scan_at is None:
             return False
+        if self.returns_home(t):
+            return True
+        if self.outvoted(old):
+            return False
+        if old and not self.current_old and t.occurred_at < self.last_scan_at:
+            return True
         rank = STATUS_RANK[t.status]
         if self.status in TERMINAL and rank < STATUS_RANK[self.status]:
             return True
-        if self.returns_home(t):
-            return True
         return t.occurred_at < self.last_scan_at and rank <= self.max_rank
+
+    def outvoted(self, old: bool) -> bool:
+        """Whether news (an event that is not ``old``) outvotes the current status: it came
+        from an event too old to tell when it arrived (a carrier's bogus "delivered" dated
+        years back, the first scan of an import), which the customer never heard of. The
+        newer event is taken as it comes, neither a step back nor behind what that one
+        reached: otherwise one stale scan arriving first would silence the shipment."""
+        return self.current_old and not old and self.status is not None
 
     def returns_home(self, t: Transition) -> bool:
         """A "delivered" after "returned to sender": the return reaching the sender, most
         likely, not the customer."""
         return t.status is Status.DELIVERED and self.status is Status.RETURNED_TO_SENDER
 
-    def is_behind(self, t: Transition) -> bool:
+    def is_behind(self, t: Transition, old: bool = False) -> bool:
         """A newer event that is not as far along as the furthest step reached
-        (back at the depot after a failed attempt, say)."""
-        return STATUS_RANK[t.status] < self.max_rank
+        (back at the depot after a failed attempt, say; ``old`` as for ``is_step_back``)."""
+        return STATUS_RANK[t.status] < self.max_rank and not self.outvoted(old)
 
     def current_rank(self) -> int:
         """How far along the current status is as news (``news_rank``: an exception is at
@@ -280,8 +300,9 @@ class ShipmentState(BaseModel):
         """Live messages decided at or after ``since``."""
         return sum(1 for m in self.live_messages(now, pending) if m.at >= since)
 
-    def apply(self, t: Transition) -> ShipmentState:
-        """Return the state after ``t``; a step back only adds facts, never rewinds status."""
+    def apply(self, t: Transition, old: bool = False) -> ShipmentState:
+        """Return the state after ``t``; a step back only adds facts, never rewinds status.
+        ``old``: ``t`` is too old to tell (``is_step_back``)."""
         update: dict[str, object] = {
             "tracking_number": t.tracking_number,
             "carrier": t.carrier,
@@ -301,10 +322,12 @@ class ShipmentState(BaseModel):
             if self.suspect_fix is not None:
                 update["suspect_fix"] = None
         rank = STATUS_RANK[t.status]
-        if rank > self.max_rank and not self.is_step_back(t):
+        step_back = self.is_step_back(t, old)
+        if not step_back and (rank > self.max_rank or self.outvoted(old)):
             update.update(max_rank=rank, furthest=t.milestone)
-        if not self.is_step_back(t):
+        if not step_back:
             update.update(
+                current_old=old,
                 current_event=t.event_id,
                 status=t.status,
                 exception_code=t.exception_code,

@@ -145,6 +145,7 @@ _STATE_FIELDS: dict[str, tuple[Any, Callable[[Any], Any] | None]] = {
     "current_event": (None, None),
     "max_rank": (-1, None),
     "furthest": (None, None),
+    "current_old": (False, None),
     "events": (0, None),
     "journey": (None, _journey),
     "pickup_at": (None, None),

@@ -717,6 +717,90 @@ def test_an_event_from_long_ago_is_recorded_not_sent() -> None:
     assert {v.outcome for v in run([stalled])[1][0].verdicts} == {Outcome.SENT}
 
 
+def singly(events: list[Transition], p: Policy | None = None) -> list[Any]:
+    """Each event folded in a batch of its own (posted one at a time), the state carried."""
+    state, steps = None, []
+    for e in events:
+        state, more = run([e], p=p, state=state)
+        steps += more
+    return steps
+
+
+def told(steps: list[Any]) -> list[str]:
+    """The events that send something, in order."""
+    return [
+        s.transition.event_id
+        for s in steps
+        if any(v.outcome in (Outcome.SENT, Outcome.DEFERRED) for v in s.verdicts)
+    ]
+
+
+@pytest.mark.parametrize("posted", ["singly", "one batch"])
+def test_a_stale_terminal_scan_arriving_first_silences_nothing(posted: str) -> None:
+    """A "delivered" ten days old (a carrier's bogus scan, a backlog) arriving first is too
+    old to tell; the customer never heard of it, so it must not hold back the newer news as
+    "out of order": the outcome does not depend on the order the scans arrive in."""
+    stale = event(1, "delivered", NOON - timedelta(hours=240))
+    ofd = event(2, "out_for_delivery", NOON - timedelta(hours=3))
+    damaged = event(3, "exception", NOON - timedelta(hours=1), exception_code="damaged")
+    steps = singly([stale, ofd, damaged]) if posted == "singly" else run([stale, ofd, damaged])[1]
+    assert {v.rule for v in steps[0].verdicts} == {"old"}
+    assert "e3" in told(steps)
+    assert not any(v.rule == "out_of_order" for s in steps for v in s.verdicts)
+    # the same scans in the order they happened tell the customer the same
+    assert told(singly([stale, ofd, damaged])) == told(singly([ofd, stale, damaged]))
+    final, _ = run([damaged], state=run([stale, ofd])[0])
+    assert (final.status, final.exception_code, final.current_old) == (
+        "exception",
+        "damaged",
+        False,
+    )
+
+
+def test_a_stale_scan_after_the_news_outvotes_none_of_it() -> None:
+    """A "delivered" of ten days ago arriving after today's "out for delivery" is recorded
+    as old and moves nothing: the delivery today is still told, and a failed attempt is
+    not "behind" a delivery that the customer never heard of."""
+    ofd = event(1, "out_for_delivery", NOON - timedelta(hours=3))
+    stale = event(2, "delivered", NOON - timedelta(hours=240))
+    failed = event(3, "delivery_attempt_failed", NOON - timedelta(hours=1))
+    state, _ = run([ofd])
+    state, more = run([stale], state=state)
+    assert [(v.outcome, v.rule) for v in more[0].verdicts] == [(Outcome.SUPPRESSED, "old")]
+    assert (state.status, state.current_event, state.max_rank) == ("out_for_delivery", "e1", 3)
+    state, more = run([failed], state=state)
+    assert told(more) == ["e3"]
+    assert state.status == "delivery_attempt_failed"
+
+
+def test_a_history_too_old_to_tell_keeps_its_own_order() -> None:
+    """Among scans all too old to tell (an import), the never-step-back rules hold as
+    ever: the state is the history's latest word, and one fresh event after it is news."""
+    at = NOON - timedelta(hours=300)
+    history = [
+        event(1, "picked_up", at),
+        event(2, "delivered", at + timedelta(hours=40)),
+        event(3, "in_transit", at + timedelta(hours=41)),  # bookkeeping after delivered
+        event(4, "out_for_delivery", at + timedelta(hours=30)),  # uploaded late
+    ]
+    state, steps = run(history)
+    assert told(steps) == []
+    assert (state.status, state.current_event, state.current_old) == ("delivered", "e2", True)
+    # a stale scan outvotes no stale terminal status either: only news does
+    state, steps = run([event(5, "in_transit", NOON - timedelta(hours=2))], state=state)
+    assert told(steps) == ["e5"] and state.status == "in_transit" and state.max_rank == 2
+    assert not state.current_old
+
+
+def test_a_stale_first_scan_read_back_from_the_store_still_yields() -> None:
+    """The flag lives in the stored state: a worker reading it back decides the same."""
+    state, _ = run([event(1, "delivered", NOON - timedelta(hours=240))])
+    back = ShipmentState.model_validate_json(state_json(state))
+    assert back.current_old
+    _, steps = run([event(2, "out_for_delivery", NOON - timedelta(hours=2))], state=back)
+    assert told(steps) == ["e2"]
+
+
 def test_a_window_over_before_the_last_scan_does_not_stall_it() -> None:
     """ "Out for delivery" after its carrier window ended is news, not a delay to announce a
     minute later (found by a black-box review); a window still ahead at the last scan

@@ -135,3 +135,49 @@ def test_the_replay_sees_the_real_journeys() -> None:
         Status.AVAILABLE_FOR_PICKUP,
         Status.EXCEPTION,
     } <= statuses
+
+
+def told_at(policy_now: datetime, events: list[Transition]) -> list[tuple[str, str]]:
+    """What a backlog posted one event at a time, all decided at ``policy_now``, tells the
+    customer: (event id, channel) of every message sent or deferred."""
+    policy = PolicyStore(data_dir("policies", None)).for_merchant("")
+    state = ShipmentState(merchant_id="acme", shipment_id="s")
+    out = []
+    for t in events:
+        state, steps = fold(policy, state, [t], policy_now)
+        going = (Outcome.SENT, Outcome.DEFERRED)
+        out += [(t.event_id, str(v.channel)) for v in steps[0].verdicts if v.outcome in going]
+    return sorted(out)
+
+
+@pytest.mark.parametrize("history", CASES, ids=[h["id"] for h in CASES])
+@pytest.mark.parametrize("order", ["in time", "as the carrier returned them", "reversed"])
+def test_a_scan_too_old_to_tell_changes_nothing_told(history: dict[str, Any], order: str) -> None:
+    """A history moved to end an hour ago and posted at once, one event at a time: its
+    scans older than the policy's limit (168 h) are recorded, not told, and must not
+    change what the newer ones tell, in any arrival order. (The UPS sample's "delivered"
+    dated 13 days before the rest used to silence the notice after it that the receiver's
+    place was closed at the second attempt.)"""
+    now = datetime(2026, 11, 21, 14, 0, tzinfo=UTC)
+    events = transitions(history)
+    shift = now - timedelta(hours=1) - events[-1].occurred_at
+    moved = {
+        t.event_id: t.model_copy(update={"occurred_at": t.occurred_at + shift}) for t in events
+    }
+    returned = [
+        moved[i] for n in range(len(history["events"])) if (i := f"{history['id']}-{n}") in moved
+    ]
+    posted = {
+        "in time": list(moved.values()),
+        "as the carrier returned them": returned,
+        "reversed": returned[::-1],
+    }[order]
+    fresh = [t for t in posted if now - t.occurred_at <= timedelta(hours=168)]
+    assert told_at(now, posted) == told_at(now, fresh)
+
+
+def test_the_stale_scan_case_is_in_the_data() -> None:
+    """Guard: the case above has a history with scans on both sides of the limit."""
+    ups = next(h for h in CASES if h["id"] == "ups-1Z12345E6892410845")
+    at = [t.occurred_at for t in transitions(ups)]
+    assert max(at) - min(at) > timedelta(hours=168 + 1) > max(at) - sorted(at)[2]

@@ -138,6 +138,42 @@ def test_any_order_and_batching_sends_the_same_messages(case: Any) -> None:
     assert len({c for _, c in got}) == len(got), "more than one message on a channel"
 
 
+@st.composite
+def with_stale_scans(
+    draw: st.DrawFn,
+) -> tuple[list[dict[str, Any]], list[list[dict[str, Any]]]]:
+    """A journey, plus scans of any step (a "delivered" too) dated too long ago to tell
+    (a carrier's bogus date, a backlog replayed), all shuffled and cut into batches."""
+    events = draw(journeys())
+    stale = []
+    for k, (step, hours) in enumerate(
+        draw(
+            st.lists(
+                st.tuples(st.integers(0, len(JOURNEY) - 1), st.integers(169, 5000)), max_size=3
+            )
+        )
+    ):
+        scan = make_event("S", 100 + k, step)
+        scan["occurred_at"] = (NOW - timedelta(hours=hours)).isoformat()
+        stale.append(scan)
+    shuffled = draw(st.permutations(events + stale))
+    cuts = sorted(draw(st.sets(st.integers(1, max(1, len(shuffled) - 1)), max_size=4)))
+    batches = [shuffled[a:b] for a, b in zip([0, *cuts], [*cuts, len(shuffled)], strict=True)]
+    return events, [b for b in batches if b]
+
+
+@settings(max_examples=400, deadline=None)
+@given(with_stale_scans())
+def test_scans_too_old_to_tell_change_nothing_the_customer_is_told(case: Any) -> None:
+    """A scan older than ``stale_after_hours`` is recorded, never told; arriving first, last
+    or in between, in any batch, it must not hold back or stand in for the news (a stale
+    "delivered" arriving first used to silence every newer scan as "out of order")."""
+    events, batches = case
+    policy = prop_policy()
+    expected = model(policy, [sorted(set_of(events), key=lambda e: e["occurred_at"])])
+    assert model(policy, batches) == expected
+
+
 def set_of(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The distinct events (a repeated event id is one event)."""
     return list({e["event_id"]: e for e in events}.values())

@@ -1,6 +1,14 @@
 """Cadence policy: rules loaded from policies/ and the pure decide() engine."""
 
-from notifier.policy.engine import Step, Verdict, decide, fold, opt_out_key, quiet_until
+from notifier.policy.engine import (
+    Step,
+    Verdict,
+    decide,
+    fold,
+    is_old,
+    opt_out_key,
+    quiet_until,
+)
 from notifier.policy.rules import Policy, PolicyStore
 
 __all__ = [
@@ -10,6 +18,7 @@ __all__ = [
     "Verdict",
     "decide",
     "fold",
+    "is_old",
     "opt_out_key",
     "quiet_until",
 ]

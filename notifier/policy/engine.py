@@ -411,6 +411,7 @@ def decide(
     if flagged is not None:
         return [flagged]
     milestone = t.milestone
+    old = is_old(policy, t, now)
     if state.returns_home(t):
         # "your parcel was delivered" would send a customer told it is going back looking
         # for it (a step back: it cancels none of the return's messages)
@@ -422,7 +423,9 @@ def decide(
                 rule="returned",
             )
         ]
-    if state.is_step_back(t):
+    if state.is_step_back(t, old):
+        if old:
+            return [_old(policy, t, now)]
         since = state.occurred_at.isoformat() if state.occurred_at else "?"
         reason = (
             f"out of order: {milestone} at {t.occurred_at.isoformat()} would step back; "
@@ -434,7 +437,7 @@ def decide(
         return [
             Verdict(Outcome.SUPPRESSED, f"policy: {milestone} is not notified", rule="not_notified")
         ]
-    if t.status is not Status.EXCEPTION and state.is_behind(t):
+    if t.status is not Status.EXCEPTION and state.is_behind(t, old):
         # "picked up" or "in transit" after a failed attempt is the carrier's bookkeeping,
         # not news; an exception always is.
         return [
@@ -444,16 +447,8 @@ def decide(
                 rule="behind",
             )
         ]
-    if now - t.occurred_at > policy.stale_after and not t.event_id.startswith(OWN_EVENTS):
-        # (a stall's own notice dates from the last scan: the stall check says when it is news)
-        return [
-            Verdict(
-                Outcome.SUPPRESSED,
-                f"old: {milestone} happened {_hours(now - t.occurred_at):.0f} h ago "
-                f"(limit {policy.stale_after_hours:g} h)",
-                rule="old",
-            )
-        ]
+    if old:
+        return [_old(policy, t, now)]
     if t.pickup_deadline is not None and t.pickup_deadline <= now:
         # "ready to collect by <a time that has passed>" would send the customer to a
         # counter that no longer holds the parcel (a late address is not caught up either)
@@ -466,8 +461,9 @@ def decide(
         ]
     contact = _Contact.of(state.recipient, t.recipient)
     # Count as if t were applied: earlier pending messages it overtakes no longer count.
+    reached = -1 if state.outvoted(old) else state.max_rank
     live: list[Sent | _Counted] = list(
-        state.live_messages(now, pending, (t.event_id, milestone, news_rank(t, state.max_rank)))
+        state.live_messages(now, pending, (t.event_id, milestone, news_rank(t, reached)))
     )
     decided: dict[ChannelKind, Sent | _Counted] = {m.channel: m for m in state.messages}
     # a scan after an exception the customer was told of, on each channel: it moves again
@@ -501,6 +497,22 @@ def decide(
 _GOING = (Outcome.SENT, Outcome.DEFERRED)
 
 
+def is_old(policy: Policy, t: Transition, now: datetime) -> bool:
+    """Whether ``t`` is too old to tell when decided (an import of old shipments, a
+    backlog replayed years later, a carrier's scan dated years back). A stall's own notice
+    dates from the last scan: the stall check says when it is news."""
+    return now - t.occurred_at > policy.stale_after and not t.event_id.startswith(OWN_EVENTS)
+
+
+def _old(policy: Policy, t: Transition, now: datetime) -> Verdict:
+    return Verdict(
+        Outcome.SUPPRESSED,
+        f"old: {t.milestone} happened {_hours(now - t.occurred_at):.0f} h ago "
+        f"(limit {policy.stale_after_hours:g} h)",
+        rule="old",
+    )
+
+
 def _fold_once(
     policy: Policy,
     state: ShipmentState,
@@ -520,9 +532,10 @@ def _fold_once(
             state = _flagged(state, t, verdicts[0])
             steps.append(Step(t, verdicts))
             continue
-        late = state.is_step_back(t)
+        old = is_old(policy, t, now)
+        late = state.is_step_back(t, old)
         before = state
-        state = _reanchored(policy, before, state.apply(t))
+        state = _reanchored(policy, before, state.apply(t, old))
         rule = policy.rule(t.status, t.exception_code)
         kept: list[Verdict] = []
         for v in verdicts:
@@ -723,4 +736,14 @@ def fold(
     return final, steps
 
 
-__all__ = ["Status", "Step", "Verdict", "anomaly", "decide", "fold", "opt_out_key", "quiet_until"]
+__all__ = [
+    "Status",
+    "Step",
+    "Verdict",
+    "anomaly",
+    "decide",
+    "fold",
+    "is_old",
+    "opt_out_key",
+    "quiet_until",
+]
