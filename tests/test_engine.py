@@ -229,6 +229,37 @@ def test_the_daily_cap_never_swallows_how_the_journey_ended() -> None:
     assert {v.rule for v in steps[0].verdicts} == {"daily_cap"}
 
 
+def test_the_daily_cap_never_swallows_an_address_to_confirm() -> None:
+    """An address issue needs the customer to act, or the parcel goes back: it passes the
+    daily cap by default (found by a black-box run: it was dropped after a day of
+    attempts). A merchant names exception codes alone or as exception:<code>, and
+    `exception` for every code; a misspelt entry is refused, naming what is allowed."""
+    capped = {"max_per_shipment_per_day": 2}
+    at = [NOON + timedelta(hours=h) for h in range(3)]
+
+    def after_cap(p: Policy, code: str) -> set[str | None]:
+        state, _ = run([event(1, "out_for_delivery", at[0])], p=p)  # 2 messages: the cap
+        late = event(2, "exception", at[1], exception_code=code)
+        return {v.rule for v in run([late], now=at[1], p=p, state=state)[1][0].verdicts}
+
+    p = policy(throttle=capped)
+    assert after_cap(p, "address_issue") == {"notify"}
+    assert after_cap(p, "weather_delay") == {"daily_cap"}
+    for entries, code in (
+        (["customs_hold"], "customs_hold"),
+        (["exception:damaged"], "damaged"),
+        (["exception"], "weather_delay"),
+    ):
+        mine = policy(throttle={**capped, "daily_cap_exempt": entries})
+        assert after_cap(mine, code) == {"notify"}, entries
+        assert after_cap(mine, "address_issue") == (
+            {"notify"} if entries == ["exception"] else {"daily_cap"}
+        )
+    with pytest.raises(ValueError, match=r"'adress_issue' is neither a status \(") as err:
+        policy(throttle={"daily_cap_exempt": ["delivered", "adress_issue"]})
+    assert "address_issue" in str(err.value) and "exception:<code>" in str(err.value)
+
+
 def test_sms_cap_over_the_shipment_life() -> None:
     p = policy(throttle={"max_sms_per_shipment": 1})
     state, _ = run([event(1, "out_for_delivery")], p=p)

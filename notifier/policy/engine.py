@@ -323,7 +323,7 @@ def _channel_verdict(
             details={"hours_ago": round(ago, 2), "interval_hours": throttle.trivial_interval_hours},
             rule="throttled",
         )
-    if today >= throttle.max_per_shipment_per_day and t.status not in throttle.daily_cap_exempt:
+    if today >= throttle.max_per_shipment_per_day and not throttle.exempt(t.status, milestone):
         return Verdict(
             Outcome.SUPPRESSED,
             f"cap: {today} messages to this shipment in the last 24 h "

@@ -133,6 +133,22 @@ class QuietHours(_Strict):
         return self.email if channel is ChannelKind.EMAIL else self.sms
 
 
+def _milestone(entry: object) -> object:
+    """A status, an exception code or ``exception:<code>`` as its milestone key."""
+    if not isinstance(entry, str):
+        return entry
+    text = entry.strip()
+    if text in Status.__members__.values():
+        return text
+    code = text.removeprefix(f"{Status.EXCEPTION}:")
+    if code in ExceptionCode.__members__.values():
+        return f"{Status.EXCEPTION}:{code}"
+    raise ValueError(
+        f"{entry!r} is neither a status ({', '.join(Status)}) nor an exception code "
+        f"({', '.join(ExceptionCode)}; alone or as exception:<code>)"
+    )
+
+
 class Throttle(_Strict):
     """Limits that keep a shipment from becoming noise."""
 
@@ -142,15 +158,29 @@ class Throttle(_Strict):
     max_per_shipment_per_day: int = Field(default=10, ge=1, le=1000)
     #: at most this many SMS per shipment, ever
     max_sms_per_shipment: int = Field(default=8, ge=0, le=1000)
-    #: statuses whose message the daily cap never stops: how the journey ended, and a
-    #: parcel waiting to be collected (silence there sends it back)
-    daily_cap_exempt: list[Status] = Field(
+    #: what the daily cap never stops, as statuses and exception codes (``address_issue``
+    #: or ``exception:address_issue``; ``exception`` is every code): how the journey ended,
+    #: a parcel waiting to be collected, an address to confirm (silence there sends it back)
+    daily_cap_exempt: list[str] = Field(
         default_factory=lambda: [
-            Status.AVAILABLE_FOR_PICKUP,
-            Status.DELIVERED,
-            Status.RETURNED_TO_SENDER,
+            "available_for_pickup",
+            "delivered",
+            "returned_to_sender",
+            "exception:address_issue",
         ]
     )
+
+    @field_validator("daily_cap_exempt", mode="before")
+    @classmethod
+    def _milestones(cls, value: object) -> object:
+        """Each entry as the milestone key it names ("delivered", "exception:lost")."""
+        if not isinstance(value, list):
+            return value
+        return [_milestone(entry) for entry in value]
+
+    def exempt(self, status: Status, milestone: str) -> bool:
+        """Whether the daily cap lets this status or milestone through."""
+        return status in self.daily_cap_exempt or milestone in self.daily_cap_exempt
 
 
 class Anomalies(_Strict):
