@@ -560,7 +560,9 @@ def test_updates_in_one_batch_collapse_to_the_latest() -> None:
     state, steps = run([ofd, delivered], now=NOON + timedelta(minutes=30))
     assert [v.outcome for v in steps[0].verdicts] == [Outcome.SUPPRESSED] * 2
     reason = steps[0].verdicts[0].reason
-    assert reason.startswith("superseded by delivered (") and reason.endswith("in the same batch")
+    assert reason.startswith("superseded by delivered (") and reason.endswith(
+        "which came in before it went out"
+    )
     assert [v.outcome for v in steps[1].verdicts] == [Outcome.SENT] * 2
     assert state.messages_since(NOON, NOON) == 2  # the superseded ones are not counted
     assert state.notices[SMS].event_id == "e2"
@@ -1274,7 +1276,7 @@ def test_a_caught_up_milestone_overtaken_in_the_same_batch_is_superseded() -> No
     _, steps = run(batch, now=later, state=state)
     caught = next(s for s in steps if s.caught_up_by == "e2")
     assert {v.outcome for v in caught.verdicts} == {Outcome.SUPPRESSED}
-    assert all("same batch" in v.reason for v in caught.verdicts)
+    assert all("came in before it went out" in v.reason for v in caught.verdicts)
     assert {v.outcome for v in steps[-1].verdicts} == {Outcome.SENT}
 
 

@@ -21,6 +21,7 @@ from notifier.check import budget_samples
 from notifier.models import ChannelKind, Transition
 from notifier.render import EmailMessageOut, SmsMessageOut
 from notifier.render.i18n import day, when, window
+from notifier.render.sms import measure
 from notifier.resources import data_dir
 from tests.conftest import auth, local_day_and_time, transition
 from tests.test_messages import brand_dir, notification, render_email, renderer, sample
@@ -628,3 +629,24 @@ def test_an_address_sms_alone_without_a_form_gives_the_support_phone(acme: Path)
         f"Acme Shop: please contact us to confirm your delivery address. Phone: {PHONE}. "
     ), alone
     assert PHONE not in _body(renderer(acme), n)
+
+
+@pytest.mark.parametrize(
+    "contact",
+    ["+33 1 23 45 67 89", "help@acme-outdoor.example", "https://support.acme-outdoor.example/help"],
+)
+def test_the_help_answer_fits_the_sms_budget_in_every_language(
+    tmp_path: Path, contact: str
+) -> None:
+    """The answer to HELP, with a 12-letter shop name and its support phone, email or a
+    42-character page, is one GSM-7 segment or two UCS-2 ones, the budget of every SMS:
+    Polish and Arabic took 3 UCS-2 segments with an email or a page, Italian 2 GSM-7 ones
+    with the page (found by a black-box run)."""
+    r = renderer(brand_dir(tmp_path, "name: Acme Outdoor\n"))
+    locales = ["en", *sorted(p.name for p in data_dir("locales", None).iterdir() if p.is_dir())]
+    assert len(locales) == 12, locales
+    for locale in locales:
+        text = r.help_reply("acme", locale, contact)
+        assert "Acme Outdoor" in text and contact in text and "STOP" in text, (locale, text)
+        size = measure(text)
+        assert size.segments <= (1 if size.encoding == "GSM-7" else 2), (locale, size, text)

@@ -513,6 +513,14 @@ def _old(policy: Policy, t: Transition, now: datetime) -> Verdict:
     )
 
 
+def _overtaken(by: str, channel: ChannelKind | None) -> Verdict:
+    """A message overtaken by a newer state that came in before it went out (posted with
+    it, or singly and drained with it: the merchant may never have sent them together)."""
+    return Verdict(
+        Outcome.SUPPRESSED, f"{by}, which came in before it went out", channel, rule="superseded"
+    )
+
+
 def _fold_once(
     policy: Policy,
     state: ShipmentState,
@@ -544,9 +552,7 @@ def _fold_once(
                 by = superseded.get((t.event_id, channel))
                 if by is not None:
                     # a later message of this batch overtakes it: it never goes out
-                    v = Verdict(
-                        Outcome.SUPPRESSED, f"{by} in the same batch", channel, rule="superseded"
-                    )
+                    v = _overtaken(by, channel)
                 else:
                     state = state.record_message(t, channel, rule.trivial, now, v.send_at)
                     pending.add(t.event_id)
@@ -562,12 +568,7 @@ def _fold_once(
                 for v in caught.verdicts:
                     by = superseded.get((current.event_id, v.channel)) if v.channel else None
                     if by is not None:
-                        v = Verdict(
-                            Outcome.SUPPRESSED,
-                            f"{by} in the same batch",
-                            v.channel,
-                            rule="superseded",
-                        )
+                        v = _overtaken(by, v.channel)
                     elif v.outcome in _GOING and v.channel is not None:
                         state = state.record_message(current, v.channel, trivial, now, v.send_at)
                         pending.add(current.event_id)
