@@ -156,31 +156,38 @@ class ShipmentState(BaseModel):
         the return reaching the sender: it moves nothing either, so it cancels none of the
         return's messages (``returns_home``).
 
-        ``old``: ``t`` is too old to tell (``policy.is_old``). Older than the latest scan of
-        a shipment whose status is news, it outvotes none of it, however far it reached (a
-        "delivered" of ten days ago after today's "out for delivery"). News after a status
-        that came from an event too old to tell is never held back by it (``outvoted``).
+        ``old``: ``t`` is too old to tell (``policy.is_old``). It never moves a status that
+        came from news, however far it reached (a "delivered" of ten days ago after today's
+        "out for delivery"): it is recorded out of order. News that happened after a status
+        set by an event too old to tell is never held back by it (``outvoted``).
         """
         if self.status is None or self.last_scan_at is None:
             return False
         if self.returns_home(t):
             return True
-        if self.outvoted(old):
+        if self.outvoted(t, old):
             return False
-        if old and not self.current_old and t.occurred_at < self.last_scan_at:
+        if old and not self.current_old:
             return True
         rank = STATUS_RANK[t.status]
         if self.status in TERMINAL and rank < STATUS_RANK[self.status]:
             return True
         return t.occurred_at < self.last_scan_at and rank <= self.max_rank
 
-    def outvoted(self, old: bool) -> bool:
-        """Whether news (an event that is not ``old``) outvotes the current status: it came
-        from an event too old to tell when it arrived (a carrier's bogus "delivered" dated
-        years back, the first scan of an import), which the customer never heard of. The
-        newer event is taken as it comes, neither a step back nor behind what that one
-        reached: otherwise one stale scan arriving first would silence the shipment."""
-        return self.current_old and not old and self.status is not None
+    def outvoted(self, t: Transition, old: bool) -> bool:
+        """Whether ``t``, news (not ``old``) that happened after the current status, outvotes
+        it: that status came from an event too old to tell when it arrived (a carrier's
+        bogus "delivered" dated days back arriving first, the first scans of an import),
+        which nothing told the customer of (no event too old to tell moves a status that
+        came from news). ``t`` is taken as it comes, neither a step back nor behind what
+        that event reached: otherwise one stale scan arriving first would silence the
+        shipment."""
+        return (
+            self.current_old
+            and not old
+            and self.occurred_at is not None
+            and t.occurred_at >= self.occurred_at
+        )
 
     def returns_home(self, t: Transition) -> bool:
         """A "delivered" after "returned to sender": the return reaching the sender, most
@@ -190,7 +197,7 @@ class ShipmentState(BaseModel):
     def is_behind(self, t: Transition, old: bool = False) -> bool:
         """A newer event that is not as far along as the furthest step reached
         (back at the depot after a failed attempt, say; ``old`` as for ``is_step_back``)."""
-        return STATUS_RANK[t.status] < self.max_rank and not self.outvoted(old)
+        return STATUS_RANK[t.status] < self.max_rank and not self.outvoted(t, old)
 
     def current_rank(self) -> int:
         """How far along the current status is as news (``news_rank``: an exception is at
@@ -323,7 +330,7 @@ class ShipmentState(BaseModel):
                 update["suspect_fix"] = None
         rank = STATUS_RANK[t.status]
         step_back = self.is_step_back(t, old)
-        if not step_back and (rank > self.max_rank or self.outvoted(old)):
+        if not step_back and (rank > self.max_rank or self.outvoted(t, old)):
             update.update(max_rank=rank, furthest=t.milestone)
         if not step_back:
             update.update(

@@ -258,6 +258,12 @@ def test_the_daily_cap_never_swallows_an_address_to_confirm() -> None:
     with pytest.raises(ValueError, match=r"'adress_issue' is neither a status \(") as err:
         policy(throttle={"daily_cap_exempt": ["delivered", "adress_issue"]})
     assert "address_issue" in str(err.value) and "exception:<code>" in str(err.value)
+    # YAML reads "exception: damaged" (a space after the colon) as a mapping: taken as meant
+    spaced = policy(throttle={"daily_cap_exempt": [{"exception": "damaged"}]})
+    assert spaced.throttle.daily_cap_exempt == ["exception:damaged"]
+    for wrong in (5, None, True, {"exception": None}):
+        with pytest.raises(ValueError, match=r"is neither a status \("):
+            policy(throttle={"daily_cap_exempt": [wrong]})
 
 
 def test_sms_cap_over_the_shipment_life() -> None:
@@ -792,18 +798,58 @@ def test_a_stale_terminal_scan_arriving_first_silences_nothing(posted: str) -> N
 
 def test_a_stale_scan_after_the_news_outvotes_none_of_it() -> None:
     """A "delivered" of ten days ago arriving after today's "out for delivery" is recorded
-    as old and moves nothing: the delivery today is still told, and a failed attempt is
+    out of order and moves nothing: the delivery today is still told, and a failed attempt is
     not "behind" a delivery that the customer never heard of."""
     ofd = event(1, "out_for_delivery", NOON - timedelta(hours=3))
     stale = event(2, "delivered", NOON - timedelta(hours=240))
     failed = event(3, "delivery_attempt_failed", NOON - timedelta(hours=1))
     state, _ = run([ofd])
     state, more = run([stale], state=state)
-    assert [(v.outcome, v.rule) for v in more[0].verdicts] == [(Outcome.SUPPRESSED, "old")]
+    [v] = more[0].verdicts
+    # out of order, as any late scan: it counts for no journey and fires no merchant webhook
+    assert (v.outcome, v.rule) == (Outcome.SUPPRESSED, "out_of_order")
+    assert "at 2026-11-11T11:00:00+00:00 is too old to tell (240 h ago, limit 168 h)" in v.reason
     assert (state.status, state.current_event, state.max_rank) == ("out_for_delivery", "e1", 3)
     state, more = run([failed], state=state)
     assert told(more) == ["e3"]
     assert state.status == "delivery_attempt_failed"
+
+
+def test_a_stale_scan_never_overwrites_a_status_the_customer_was_told() -> None:
+    """An old scan newer than the last one the customer was told of moves nothing either
+    (found by a review): it used to take the status, and the next news then outvoted it as
+    if nothing came before: "in transit" sent to a customer told "delivered", a stall
+    notice after it, or a failed attempt forgotten, depending on what came in when."""
+    t0 = NOON - timedelta(hours=200)
+    for told, stale, today, rule in (
+        ("delivered", "delivered", "in_transit", "out_of_order"),
+        ("out_for_delivery", "delivery_attempt_failed", "in_transit", "behind"),
+    ):
+        state, _ = run([event(1, told, t0)], now=t0 + timedelta(hours=1))
+        late = event(2, stale, t0 + timedelta(minutes=10))
+        fresh = event(3, today, NOON - timedelta(hours=1))
+        for order in ([late, fresh], [fresh, late], [fresh]):
+            after = state
+            for e in order:
+                after, steps = run([e], state=after)
+                assert {v.rule for v in steps[0].verdicts} == (
+                    {rule} if e is fresh else {"out_of_order"}
+                ), (told, [x.event_id for x in order], e.event_id)
+            assert not after.current_old and after.max_rank == STATUS_RANK[Status(told)]
+
+
+def test_news_older_than_a_stale_status_does_not_outvote_it() -> None:
+    """With the limit raised between two decisions (168 h, then 720 h), an "in transit" of
+    300 h ago is news under the new limit but older than the "delivered" recorded as old
+    under the first: it is out of order, as it always was, not a step back to tell."""
+    state, _ = run([event(1, "delivered", NOON - timedelta(hours=200))])
+    state, steps = run(
+        [event(2, "in_transit", NOON - timedelta(hours=300))],
+        p=policy(stale_after_hours=720),
+        state=state,
+    )
+    assert {v.rule for v in steps[0].verdicts} == {"out_of_order"}
+    assert state.status == "delivered"
 
 
 def test_a_history_too_old_to_tell_keeps_its_own_order() -> None:

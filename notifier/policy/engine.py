@@ -424,13 +424,15 @@ def decide(
             )
         ]
     if state.is_step_back(t, old):
-        if old:
-            return [_old(policy, t, now)]
         since = state.occurred_at.isoformat() if state.occurred_at else "?"
-        reason = (
-            f"out of order: {milestone} at {t.occurred_at.isoformat()} would step back; "
-            f"the shipment is {state.status} since {since}"
+        happened = f"{milestone} at {t.occurred_at.isoformat()}"
+        why = (
+            f"is too old to tell ({_hours(now - t.occurred_at):.0f} h ago, limit "
+            f"{policy.stale_after_hours:g} h)"
+            if old and not state.current_old
+            else "would step back"
         )
+        reason = f"out of order: {happened} {why}; the shipment is {state.status} since {since}"
         return [Verdict(Outcome.SUPPRESSED, reason, rule="out_of_order")]
     rule = policy.rule(t.status, t.exception_code)
     if not rule.channels:
@@ -448,7 +450,14 @@ def decide(
             )
         ]
     if old:
-        return [_old(policy, t, now)]
+        return [
+            Verdict(
+                Outcome.SUPPRESSED,
+                f"old: {milestone} happened {_hours(now - t.occurred_at):.0f} h ago "
+                f"(limit {policy.stale_after_hours:g} h)",
+                rule="old",
+            )
+        ]
     if t.pickup_deadline is not None and t.pickup_deadline <= now:
         # "ready to collect by <a time that has passed>" would send the customer to a
         # counter that no longer holds the parcel (a late address is not caught up either)
@@ -461,7 +470,7 @@ def decide(
         ]
     contact = _Contact.of(state.recipient, t.recipient)
     # Count as if t were applied: earlier pending messages it overtakes no longer count.
-    reached = -1 if state.outvoted(old) else state.max_rank
+    reached = -1 if state.outvoted(t, old) else state.max_rank
     live: list[Sent | _Counted] = list(
         state.live_messages(now, pending, (t.event_id, milestone, news_rank(t, reached)))
     )
@@ -502,15 +511,6 @@ def is_old(policy: Policy, t: Transition, now: datetime) -> bool:
     backlog replayed years later, a carrier's scan dated years back). A stall's own notice
     dates from the last scan: the stall check says when it is news."""
     return now - t.occurred_at > policy.stale_after and not t.event_id.startswith(OWN_EVENTS)
-
-
-def _old(policy: Policy, t: Transition, now: datetime) -> Verdict:
-    return Verdict(
-        Outcome.SUPPRESSED,
-        f"old: {t.milestone} happened {_hours(now - t.occurred_at):.0f} h ago "
-        f"(limit {policy.stale_after_hours:g} h)",
-        rule="old",
-    )
 
 
 def _overtaken(by: str, channel: ChannelKind | None) -> Verdict:

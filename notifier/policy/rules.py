@@ -134,13 +134,16 @@ class QuietHours(_Strict):
 
 
 def _milestone(entry: object) -> object:
-    """A status, an exception code or ``exception:<code>`` as its milestone key."""
-    if not isinstance(entry, str):
-        return entry
-    text = entry.strip()
+    """A status, an exception code or ``exception:<code>`` as its milestone key (YAML reads
+    ``exception: lost``, with a space, as a one-pair mapping: taken as meant)."""
+    if isinstance(entry, dict) and len(entry) == 1:
+        [(key, code)] = entry.items()
+        if key == Status.EXCEPTION and isinstance(code, str):
+            entry = f"{key}:{code}"
+    text = entry.strip() if isinstance(entry, str) else None
     if text in Status.__members__.values():
         return text
-    code = text.removeprefix(f"{Status.EXCEPTION}:")
+    code = text.removeprefix(f"{Status.EXCEPTION}:") if text else None
     if code in ExceptionCode.__members__.values():
         return f"{Status.EXCEPTION}:{code}"
     raise ValueError(
