@@ -14,7 +14,7 @@ import random
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import orjson
 from pydantic import ValidationError
@@ -475,7 +475,7 @@ class Pipeline:
                     t,
                     channel=verdict.channel,
                     outcome=verdict.outcome,
-                    reason=verdict.reason,
+                    reason=_explained(t, verdict.reason),
                     notification_id=nid,
                     decided_at=now,
                     send_at=verdict.send_at,
@@ -556,6 +556,15 @@ def _journey(
 PREDICTED_LATE = hook_events.PREDICTED_PREFIX
 
 
+def _explained(t: Transition, reason: str) -> str:
+    """A decision's reason; for a transition the service made itself (a stall notice, a
+    predicted delay), what it saw first: no carrier said it, so the merchant reading the
+    history learns why the customer was told of a delay."""
+    if t.carrier_description and t.event_id.startswith(journeys.OWN_EVENTS):
+        return f"{t.carrier_description}; {reason}"
+    return reason
+
+
 def _late_transition(state: ShipmentState, found: Prediction) -> Transition:
     window = state.estimated_delivery
     assert window is not None and state.carrier and state.tracking_number
@@ -576,8 +585,9 @@ def _late_transition(state: ShipmentState, found: Prediction) -> Transition:
         tracking_url=state.tracking_url,
         order=state.order,
         carrier_description=(
-            f"predicted to arrive about {found.delivery_by:%Y-%m-%d %H:%M} UTC, after the "
-            "estimated delivery window (notifier)"
+            f"delivery prediction: about {found.delivery_by:%Y-%m-%d %H:%M} UTC, after the "
+            f"estimated delivery window ends ({window.end.astimezone(UTC):%Y-%m-%d %H:%M} UTC; "
+            "stalled.predicted_late)"
         ),
     )
 

@@ -163,10 +163,10 @@ class ShipmentState(BaseModel):
         """
         if self.status is None or self.last_scan_at is None:
             return False
-        if self.returns_home(t):
-            return True
         if self.outvoted(t, old):
             return False
+        if self.returns_home(t, old):
+            return True
         if old and not self.current_old:
             return True
         rank = STATUS_RANK[t.status]
@@ -189,10 +189,16 @@ class ShipmentState(BaseModel):
             and t.occurred_at >= self.occurred_at
         )
 
-    def returns_home(self, t: Transition) -> bool:
+    def returns_home(self, t: Transition, old: bool = False) -> bool:
         """A "delivered" after "returned to sender": the return reaching the sender, most
-        likely, not the customer."""
-        return t.status is Status.DELIVERED and self.status is Status.RETURNED_TO_SENDER
+        likely, not the customer. Not after a return too old to tell that ``t``, news,
+        outvotes: the customer was never told of that return, and the delivered told first
+        (arriving first) would be told all the same."""
+        return (
+            t.status is Status.DELIVERED
+            and self.status is Status.RETURNED_TO_SENDER
+            and not self.outvoted(t, old)
+        )
 
     def is_behind(self, t: Transition, old: bool = False) -> bool:
         """A newer event that is not as far along as the furthest step reached

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, timedelta
 from pathlib import Path
 from typing import Any, cast
 
@@ -39,8 +39,10 @@ from notifier.models import ExceptionCode, Status, Transition, own_event_id
 from notifier.outbound import events as hook_events
 from notifier.outbound.sender import HookSender
 from notifier.pipeline import BatchReport, Pipeline, inject
+from notifier.policy.rules import Stalled
 from notifier.resources import Clock, Resources, connect_queue, open_resources, utc_now
 from notifier.settings import Settings
+from notifier.state import ShipmentState
 from notifier.store import InboxEntry, keys, wake
 from notifier.store.base import Scope, data_error
 
@@ -415,6 +417,23 @@ async def release_due(ctx: dict[str, Any]) -> int:
     return sum(cast(list[int], outcomes))
 
 
+def _why_stalled(state: ShipmentState, deadline_ms: int, stalled: Stalled) -> str:
+    """What the stall check saw, with its numbers, for the merchant's history (the stall
+    transition's description; ``state.stall_deadline`` says which of the two it was)."""
+    window = state.estimated_delivery
+    after = timedelta(hours=stalled.after_window_hours)
+    if window is not None and abs(deadline_ms - (window.end + after).timestamp() * 1000) < 1000:
+        return (
+            f"stall check: no delivery {stalled.after_window_hours:g} h after the estimated "
+            f"delivery window ended ({window.end.astimezone(UTC):%Y-%m-%d %H:%M} UTC; "
+            "stalled.after_window_hours)"
+        )
+    scanned = state.last_scan_at
+    hours = (deadline_ms / 1000 - scanned.timestamp()) / 3600 if scanned else 0
+    since = f" since {scanned.astimezone(UTC):%Y-%m-%d %H:%M} UTC" if scanned else ""
+    return f"stall check: no carrier scan for {hours:g} h{since} (stalled.no_scan_hours)"
+
+
 @_tick
 async def find_stalled(ctx: dict[str, Any]) -> int:
     """Turn shipments that stopped moving into one ``exception/delayed`` transition each.
@@ -450,7 +469,9 @@ async def find_stalled(ctx: dict[str, Any]) -> int:
             estimated_delivery=state.estimated_delivery,
             tracking_url=state.tracking_url,
             order=state.order,
-            carrier_description="no carrier scan or delivery in the expected time (notifier)",
+            carrier_description=_why_stalled(
+                state, deadline_ms, res.policies.for_merchant(merchant_id).stalled
+            ),
         )
         items.append(t)
     await inject(res, items, "stall-check")

@@ -429,6 +429,12 @@ async def test_stalled_shipment_gets_one_delay_message(
     delay = [d for d in await history(client) if d.get("exception_code") == "delayed"]
     assert [(d["channel"], d["outcome"]) for d in delay] == [("email", "sent"), ("sms", "sent")]
     assert delay[0]["event_id"].startswith("stalled:")
+    # the merchant's history says why (no carrier said it), with the numbers (DESIGN §5)
+    assert {d["reason"] for d in delay} == {
+        "stall check: no carrier scan for 72 h since 2026-11-18 10:00 UTC "
+        f"(stalled.no_scan_hours); policy: exception:delayed is notified by {c}"
+        for c in ("email", "sms")
+    }
     async with res_at(stalled_at + timedelta(days=1)) as res:
         assert await find_stalled({"res": res}) == 0  # the delay notice left the index
 
@@ -494,6 +500,13 @@ async def test_missed_delivery_window_counts_as_stalled(
     await run_worker(settings, clock=fixed_clock(stalled_at))
     delay = [d for d in await history(client) if d.get("exception_code") == "delayed"]
     assert [d["outcome"] for d in delay] == ["sent", "sent"]
+    assert all(
+        d["reason"].startswith(
+            "stall check: no delivery 2 h after the estimated delivery window ended "
+            "(2026-11-20 12:00 UTC; stalled.after_window_hours); policy: "
+        )
+        for d in delay
+    ), delay
     for d in delay:
         suffix = ".eml" if d["channel"] == "email" else ".sms.json"
         [notice] = [f for f in outbox_files(settings, suffix) if d["notification_id"] in f.name]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
@@ -836,6 +837,24 @@ def test_a_stale_scan_never_overwrites_a_status_the_customer_was_told() -> None:
                     {rule} if e is fresh else {"out_of_order"}
                 ), (told, [x.event_id for x in order], e.event_id)
             assert not after.current_old and after.max_rank == STATUS_RANK[Status(told)]
+
+
+@pytest.mark.parametrize("posted", ["singly", "one batch"])
+def test_a_return_too_old_to_tell_does_not_hide_the_delivery(posted: str) -> None:
+    """A "returned to sender" of 200 h ago among today's "out for delivery" and "delivered"
+    (found by a black-box run): the delivered was taken for the return reaching the
+    sender, and the out-for-delivery after it told "arrives today" an hour after the
+    delivery. The old return holds nothing back: what is told is what today's scans
+    alone tell, in every arrival order."""
+    ret = event(1, "returned_to_sender", NOON - timedelta(hours=200))
+    ofd = event(2, "out_for_delivery", NOON - timedelta(hours=2))
+    delivered = event(3, "delivered", NOON - timedelta(hours=1))
+    for order in itertools.permutations([ret, ofd, delivered]):
+        fresh = [e for e in order if e is not ret]
+        got = singly(list(order)) if posted == "singly" else run(list(order))[1]
+        expected = singly(fresh) if posted == "singly" else run(fresh)[1]
+        assert told(got) == told(expected), [e.event_id for e in order]
+        assert "e3" in told(got)
 
 
 def test_news_older_than_a_stale_status_does_not_outvote_it() -> None:

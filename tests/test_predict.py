@@ -245,6 +245,12 @@ async def test_templates_see_the_prediction_and_a_late_one_is_told_once(
     assert {d["status"] for d in late} == {"exception"}
     assert {d["exception_code"] for d in late} == {"delayed"}
     assert {d["channel"] for d in late} == {"email", "sms"}
+    assert all(
+        d["reason"].startswith("delivery prediction: about ")
+        and "after the estimated delivery window ends" in d["reason"]
+        and "stalled.predicted_late); policy: exception:delayed is notified by " in d["reason"]
+        for d in late
+    ), late
     # told once: another scan, still late, adds no second one
     async with TestClient(TestServer(create_app(settings, clock=fixed_clock()))) as client:
         await post(

@@ -412,7 +412,7 @@ def decide(
         return [flagged]
     milestone = t.milestone
     old = is_old(policy, t, now)
-    if state.returns_home(t):
+    if state.returns_home(t, old):
         # "your parcel was delivered" would send a customer told it is going back looking
         # for it (a step back: it cancels none of the return's messages)
         return [
