@@ -494,8 +494,14 @@ async def refuse_a_refusing_redis(settings: Settings, redis: DataRedis, queue: A
                 f"{name}: Redis has no such database (DB index is out of range): give a "
                 "number below its `databases` setting (16 by default), such as /0"
             ) from None
-        except (RedisError, RedisClusterException, OSError):
-            continue  # not answering yet: the processes wait for it
+        except (RedisError, RedisClusterException, OSError) as exc:
+            # not answering yet: the processes wait for it, and the operator hears of it
+            log.warning(
+                "%s: Redis does not answer yet (%s): waiting for it; meanwhile ingest answers "
+                "503 with Retry-After and /readyz names it",
+                name,
+                type(exc).__name__,
+            )
 
 
 async def refuse_a_mismatched_mode(settings: Settings, redis: DataRedis, queue: ArqRedis) -> None:

@@ -590,6 +590,16 @@ def test_late_event_never_steps_backwards() -> None:
     _, steps = run([event(2, "in_transit", NOON - timedelta(hours=5))], state=state)
     [v] = steps[0].verdicts
     assert v.outcome is Outcome.SUPPRESSED and v.reason.startswith("out of order")
+    assert "would step back; the shipment is delivered since" in v.reason
+    # a newer scan short of it is not "a step back" in time: the reason says what it is
+    # (found by a black-box run: a damage reported after the delivery read as stepping back)
+    after = event(3, "exception", NOON + timedelta(hours=1), exception_code="damaged")
+    [v] = run([after], now=NOON + timedelta(hours=2), state=state)[1][0].verdicts
+    assert v.reason == (
+        "out of order: exception:damaged at 2026-11-21T12:00:00+00:00 comes after the "
+        "shipment was delivered (2026-11-21T11:00:00+00:00), and nothing short of that is "
+        "news after it"
+    )
 
 
 def test_a_late_recipient_still_gets_the_current_milestone_once() -> None:
@@ -749,6 +759,9 @@ def test_an_event_from_long_ago_is_recorded_not_sent() -> None:
     assert {v.outcome for v in run([week])[1][0].verdicts} == {Outcome.SENT}
     p = policy(stale_after_hours=72)
     assert {v.rule for v in run([week], p=p)[1][0].verdicts} == {"old"}
+    # just past the limit reads as past it, not as "168 h ago (limit 168 h)"
+    [v] = run([event(1, "delivered", NOON - timedelta(hours=168.1))])[1][0].verdicts
+    assert v.reason == "old: delivered happened 168.1 h ago (limit 168 h)"
     # a stall notice must still be news when it comes
     with pytest.raises(ValueError, match=r"stalled\.no_scan_hours \(72\) must not pass"):
         policy(stale_after_hours=48)

@@ -10,7 +10,9 @@ acknowledged.
 from __future__ import annotations
 
 import json
+import signal
 import socketserver
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -221,3 +223,24 @@ def test_a_redis_refusing_the_urls_password_or_database_is_one_line(tmp_path: Pa
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_serve_says_at_start_up_that_redis_does_not_answer(tmp_path: Path) -> None:
+    """`serve` with a Redis that does not answer said only "listening" (found by a
+    black-box run): it now says so at start-up, naming the setting, not the URL (which
+    may hold a password), and keeps running (it waits for Redis: ingest answers 503)."""
+    env = {
+        "NOTIFIER_API_KEYS": json.dumps(API_KEYS),
+        "NOTIFIER_SIGNING_SECRET": "0123456789abcdef0123",
+        "NOTIFIER_PORT": str(free_port()),
+    }
+    url = f"redis://:sekret@127.0.0.1:{free_port()}/0"
+    run = spawn_notifier(["serve"], tmp_path, NOTIFIER_REDIS_URL=url, **env)
+    try:
+        out, _ = run.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        run.terminate()
+        out, _ = run.communicate(timeout=30)
+    assert "NOTIFIER_REDIS_URL: Redis does not answer yet (ConnectionError)" in out, out
+    assert "ingest answers 503" in out and "sekret" not in out, out
+    assert run.returncode in (None, 0, -signal.SIGTERM), (run.returncode, out)

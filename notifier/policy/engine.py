@@ -29,7 +29,7 @@ from notifier.models import (
     replaced,
 )
 from notifier.policy.rules import Anomalies, Policy, QuietWindow, Rule
-from notifier.state import Fix, Sent, ShipmentState, fix_of
+from notifier.state import TERMINAL, Fix, Sent, ShipmentState, fix_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -425,14 +425,20 @@ def decide(
         ]
     if state.is_step_back(t, old):
         since = state.occurred_at.isoformat() if state.occurred_at else "?"
-        happened = f"{milestone} at {t.occurred_at.isoformat()}"
-        why = (
-            f"is too old to tell ({_hours(now - t.occurred_at):.0f} h ago, limit "
-            f"{policy.stale_after_hours:g} h)"
-            if old and not state.current_old
-            else "would step back"
-        )
-        reason = f"out of order: {happened} {why}; the shipment is {state.status} since {since}"
+        happened = f"out of order: {milestone} at {t.occurred_at.isoformat()}"
+        if old and not state.current_old:
+            reason = (
+                f"{happened} is too old to tell ({_hours(now - t.occurred_at):.0f} h ago, "
+                f"limit {policy.stale_after_hours:g} h); the shipment is {state.status} since "
+                f"{since}"
+            )
+        elif state.status in TERMINAL and state.occurred_at and t.occurred_at >= state.occurred_at:
+            reason = (
+                f"{happened} comes after the shipment was {state.status} ({since}), and "
+                "nothing short of that is news after it"
+            )
+        else:
+            reason = f"{happened} would step back; the shipment is {state.status} since {since}"
         return [Verdict(Outcome.SUPPRESSED, reason, rule="out_of_order")]
     rule = policy.rule(t.status, t.exception_code)
     if not rule.channels:
@@ -450,11 +456,13 @@ def decide(
             )
         ]
     if old:
+        ago = _hours(now - t.occurred_at)
+        # (to the hour, unless that reads as the limit itself: "168 h ago (limit 168 h)")
+        shown = f"{ago:.0f}" if round(ago) > policy.stale_after_hours else f"{ago:.1f}"
         return [
             Verdict(
                 Outcome.SUPPRESSED,
-                f"old: {milestone} happened {_hours(now - t.occurred_at):.0f} h ago "
-                f"(limit {policy.stale_after_hours:g} h)",
+                f"old: {milestone} happened {shown} h ago (limit {policy.stale_after_hours:g} h)",
                 rule="old",
             )
         ]
