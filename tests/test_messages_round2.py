@@ -650,3 +650,16 @@ def test_the_help_answer_fits_the_sms_budget_in_every_language(
         assert "Acme Outdoor" in text and contact in text and "STOP" in text, (locale, text)
         size = measure(text)
         assert size.segments <= (1 if size.encoding == "GSM-7" else 2), (locale, size, text)
+
+
+def test_a_japanese_window_writes_its_times_as_every_other_time() -> None:
+    """CLDR's Japanese time interval writes "15時33分" to "17時33分", next to "15:33" for
+    every other time of the same email (found by a customer's read). The window now uses
+    the short time, joined by the locale's interval fallback; every other locale keeps its
+    interval pattern (German its "Uhr", English one "PM" for both ends)."""
+    start = datetime(2026, 11, 24, 6, 33, tzinfo=UTC)
+    end = start + timedelta(hours=2)
+    assert window(start, end, "Asia/Tokyo", "ja") == "11月24日火曜日 15:33\uff5e17:33"
+    assert when(start, "Asia/Tokyo", "ja").endswith(" 15:33")
+    assert window(start, end, "Europe/Berlin", "de").endswith("07:33–09:33 Uhr")
+    assert window(start, end, "America/New_York", "en").endswith("1:33\u2009–\u20093:33\u202fAM")

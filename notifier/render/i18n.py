@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 import threading
 import unicodedata
 from collections.abc import Sequence
@@ -278,8 +279,15 @@ def _interval_patterns(locale: str) -> dict[str, tuple[DateTimePattern, DateTime
 
 
 def _time_interval(start: datetime, end: datetime, locale: str) -> str:
-    """``09:30 – 13:00`` in the locale's own interval format (both already local)."""
+    """``09:30 – 13:00`` in the locale's own interval format (both already local); in the
+    locale's short time joined by its interval fallback when the interval writes times
+    another way than every other time in the message (ja "15時33分" next to "15:33"
+    elsewhere: the window then reads "15:33" to "17:33" joined by its wave dash)."""
     loc = parse_locale(locale) or Locale("en")
+    other = _other_time_style(locale)
+    if other is not None:
+        time = _patterns(locale)[1]
+        return other.replace("{0}", time.apply(start, loc)).replace("{1}", time.apply(end, loc))
     patterns = _interval_patterns(locale)
     if start.hour // 12 != end.hour // 12 and "a" in patterns:
         field = "a"
@@ -292,6 +300,23 @@ def _time_interval(start: datetime, end: datetime, locale: str) -> str:
         text: str = format_interval(start, end, "Hm" if _24h(loc) else "hm", locale=loc)
         return text
     return pair[0].apply(start, loc) + pair[1].apply(end, loc)
+
+
+@lru_cache(maxsize=512)
+def _other_time_style(locale: str) -> str | None:
+    """The locale's interval fallback (``{0} – {1}``) when its time-interval pattern does not
+    write a time as its short time format does (spacing and quoted words aside), else None."""
+    loc = parse_locale(locale) or Locale("en")
+    patterns = _interval_patterns(locale)
+    if not patterns:
+        return None
+    plain = re.compile(r"'[^']*'|[\s\u202f\u2009\u00a0]")
+    short = plain.sub("", str(loc.time_formats["short"]))
+    end = plain.sub("", str(next(iter(patterns.values()))[1].pattern))
+    fallback = loc.interval_formats.get(None)
+    if short in end or not isinstance(fallback, str):
+        return None
+    return fallback
 
 
 def _24h(loc: Locale) -> bool:
