@@ -663,3 +663,22 @@ def test_a_japanese_window_writes_its_times_as_every_other_time() -> None:
     assert when(start, "Asia/Tokyo", "ja").endswith(" 15:33")
     assert window(start, end, "Europe/Berlin", "de").endswith("07:33–09:33 Uhr")
     assert window(start, end, "America/New_York", "en").endswith("1:33\u2009–\u20093:33\u202fAM")
+
+
+def test_a_city_the_carrier_sent_in_capitals_is_written_as_people_write_it() -> None:
+    """UPS sends "WEST CHESTER-MALVERN" (found by a customer's read of real histories):
+    capitals read as shouting, and screen readers may spell them out. A name with a
+    lowercase letter, or of short words only ("NYC"), is kept as sent."""
+    for sent, shown in (
+        ("WEST CHESTER-MALVERN", "West Chester-Malvern"),
+        ("KÖLN", "Köln"),
+        ("McAllen", "McAllen"),
+        ("NYC", "NYC"),
+    ):
+        t = sample("in_transit")
+        t = t.model_copy(
+            update={"location": t.location.model_copy(update={"city": sent, "country": "US"})}
+        )
+        m = render_email(notification(t))
+        assert f"{shown}, United States" in m.text, (sent, m.text)
+        assert sent == shown or sent not in m.text

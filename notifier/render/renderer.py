@@ -120,6 +120,20 @@ _WITH_THE = frozenset(
     {"US", "GB", "NL", "AE", "PH", "DO", "CF", "BS", "GM", "KM", "MV", "SC", "KY", "MH"}
     | {"SB", "FK", "FO", "VG", "VI", "TC", "CK", "MP"}
 )
+
+
+def _city(name: str | None) -> str | None:
+    """A city as people write it: carriers send many in capitals ("WEST CHESTER-MALVERN"),
+    which reads as shouting and which screen readers may spell out letter by letter. A name
+    in capitals alone with a word of four letters or more is written in title case; one
+    with any lowercase letter ("McAllen", "Köln"), or of short words ("NYC"), stays."""
+    if not name or any(c.islower() for c in name):
+        return name
+    if not any(len(w) >= 4 and w.isalpha() for w in re.split(r"[\s\-'.]+", name)):
+        return name
+    return name.title()
+
+
 #: How a city and a country are joined where ", " is wrong.
 _PLACE_JOIN = {"ar": "\u060c ", "ja": "\u3001", "zh": "\uff0c"}
 #: A sentence's period right after a time whose day period ends in one (es_MX and es_US
@@ -534,7 +548,7 @@ class Renderer:
             english = locale.startswith("en") and t.location.country in _WITH_THE
             if country and english and not t.location.city:
                 country = "the " + country  # "delivered in the United States"
-            parts = [t.location.city, country]
+            parts = [_city(t.location.city), country]
             place = _PLACE_JOIN.get(locale.split("_")[0], ", ").join(p for p in parts if p)
             if i18n.text_direction(locale) == "rtl" and _RTL_LETTER.search(place):
                 # a Latin city before a country named in the reader's script: the place is
