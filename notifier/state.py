@@ -163,10 +163,10 @@ class ShipmentState(BaseModel):
         """
         if self.status is None or self.last_scan_at is None:
             return False
+        if self.returns_home(t):
+            return True
         if self.outvoted(t, old):
             return False
-        if self.returns_home(t, old):
-            return True
         if old and not self.current_old:
             return True
         rank = STATUS_RANK[t.status]
@@ -175,30 +175,25 @@ class ShipmentState(BaseModel):
         return t.occurred_at < self.last_scan_at and rank <= self.max_rank
 
     def outvoted(self, t: Transition, old: bool) -> bool:
-        """Whether ``t``, news (not ``old``) that happened after the current status, outvotes
-        it: that status came from an event too old to tell when it arrived (a carrier's
+        """Whether ``t``, news (not ``old``) newer than every scan known, outvotes the
+        current status: it came from an event too old to tell when it arrived (a carrier's
         bogus "delivered" dated days back arriving first, the first scans of an import),
         which nothing told the customer of (no event too old to tell moves a status that
         came from news). ``t`` is taken as it comes, neither a step back nor behind what
         that event reached: otherwise one stale scan arriving first would silence the
-        shipment."""
+        shipment. (A "delivered" after a return, however old, is still the return reaching
+        the sender: ``returns_home``.)"""
         return (
             self.current_old
             and not old
-            and self.occurred_at is not None
-            and t.occurred_at >= self.occurred_at
+            and self.last_scan_at is not None
+            and t.occurred_at >= self.last_scan_at
         )
 
-    def returns_home(self, t: Transition, old: bool = False) -> bool:
+    def returns_home(self, t: Transition) -> bool:
         """A "delivered" after "returned to sender": the return reaching the sender, most
-        likely, not the customer. Not after a return too old to tell that ``t``, news,
-        outvotes: the customer was never told of that return, and the delivered told first
-        (arriving first) would be told all the same."""
-        return (
-            t.status is Status.DELIVERED
-            and self.status is Status.RETURNED_TO_SENDER
-            and not self.outvoted(t, old)
-        )
+        likely, not the customer."""
+        return t.status is Status.DELIVERED and self.status is Status.RETURNED_TO_SENDER
 
     def is_behind(self, t: Transition, old: bool = False) -> bool:
         """A newer event that is not as far along as the furthest step reached

@@ -419,19 +419,22 @@ async def release_due(ctx: dict[str, Any]) -> int:
 
 def _why_stalled(state: ShipmentState, deadline_ms: int, stalled: Stalled) -> str:
     """What the stall check saw, with its numbers, for the merchant's history (the stall
-    transition's description; ``state.stall_deadline`` says which of the two it was)."""
-    window = state.estimated_delivery
-    after = timedelta(hours=stalled.after_window_hours)
-    if window is not None and abs(deadline_ms - (window.end + after).timestamp() * 1000) < 1000:
-        return (
-            f"stall check: no delivery {stalled.after_window_hours:g} h after the estimated "
-            f"delivery window ended ({window.end.astimezone(UTC):%Y-%m-%d %H:%M} UTC; "
-            "stalled.after_window_hours)"
-        )
-    scanned = state.last_scan_at
-    hours = (deadline_ms / 1000 - scanned.timestamp()) / 3600 if scanned else 0
+    transition's description). Which of ``state.stall_deadline``'s two rules set the
+    deadline is read from the deadline itself: the policy may have changed since."""
+    scanned, window = state.last_scan_at, state.estimated_delivery
+    deadline = deadline_ms / 1000
     since = f" since {scanned.astimezone(UTC):%Y-%m-%d %H:%M} UTC" if scanned else ""
-    return f"stall check: no carrier scan for {hours:g} h{since} (stalled.no_scan_hours)"
+    no_scan = scanned.timestamp() + stalled.no_scan_hours * 3600 if scanned else None
+    if window is not None and (no_scan is None or abs(deadline - no_scan) >= 1):
+        after = (deadline - window.end.timestamp()) / 3600
+        if after >= 0:
+            ended = window.end.astimezone(UTC)
+            return (
+                f"stall check: no delivery {round(after, 2):g} h after the estimated delivery "
+                f"window ended ({ended:%Y-%m-%d %H:%M} UTC; stalled.after_window_hours)"
+            )
+    hours = (deadline - scanned.timestamp()) / 3600 if scanned else stalled.no_scan_hours
+    return f"stall check: no carrier scan for {round(hours, 2):g} h{since} (stalled.no_scan_hours)"
 
 
 @_tick

@@ -768,3 +768,30 @@ async def test_an_sms_without_an_email_never_points_to_one(
         assert "Questions? Contact us." in bodies[shipment], bodies
         assert "email" not in bodies[shipment].lower(), bodies
     assert {p.parent.name for p in outbox_files(settings, ".eml")} == {"with"}
+
+
+def test_a_stall_reason_reads_its_rule_from_the_deadline_not_the_policy_of_today() -> None:
+    """A stall indexed under one policy and found after the merchant changed it was told
+    as the other rule, with a made-up number (found by a review): which rule set the
+    deadline, and its hours, are read from the deadline itself."""
+    from notifier.models import DeliveryWindow
+    from notifier.policy.rules import Stalled
+    from notifier.state import ShipmentState
+    from notifier.worker import _why_stalled
+
+    scan = datetime(2026, 11, 18, 10, 0, tzinfo=UTC)
+    state = ShipmentState(merchant_id="a", shipment_id="s", status="in_transit", last_scan_at=scan)
+
+    def ms(at: datetime) -> int:
+        return int(at.timestamp() * 1000)
+
+    no_scan = "stall check: no carrier scan for 72 h since 2026-11-18 10:00 UTC"
+    for policy in (Stalled(), Stalled(no_scan_hours=48)):
+        assert _why_stalled(state, ms(scan + timedelta(hours=72)), policy).startswith(no_scan)
+    window = DeliveryWindow(start=scan + timedelta(hours=20), end=scan + timedelta(hours=24))
+    waited = state.model_copy(update={"estimated_delivery": window})
+    for policy in (Stalled(), Stalled(after_window_hours=4)):
+        assert _why_stalled(waited, ms(window.end + timedelta(hours=2)), policy) == (
+            "stall check: no delivery 2 h after the estimated delivery window ended "
+            "(2026-11-19 10:00 UTC; stalled.after_window_hours)"
+        )

@@ -674,6 +674,18 @@ def test_a_city_the_carrier_sent_in_capitals_is_written_as_people_write_it() -> 
         ("KÖLN", "Köln"),
         ("McAllen", "McAllen"),
         ("NYC", "NYC"),
+        # (found by a review: str.title() wrote these wrong)
+        ("NEW YORK", "New York"),
+        ("FRANKFURT AM MAIN", "Frankfurt am Main"),
+        ("SAINT-JEAN-D'ANGÉLY", "Saint-Jean-d'Angély"),
+        ("'S-HERTOGENBOSCH", "'s-Hertogenbosch"),
+        ("IJMUIDEN", "IJmuiden"),
+        ("FORT MCMURRAY", "Fort McMurray"),
+        ("ESKİŞEHİR", "Eskişehir"),  # (not "i" and a combining dot)
+        ("ST. LOUIS", "St. Louis"),
+        ("CDG HUB PARIS", "CDG Hub Paris"),
+        ("LYON 3EME", "Lyon 3EME"),
+        ("ΑΘΗΝΑ", "ΑΘΗΝΑ"),  # (Greek in lower case needs its accents)
     ):
         t = sample("in_transit")
         t = t.model_copy(

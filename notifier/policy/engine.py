@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo
 from notifier.addresses import ascii_domain
 from notifier.insights.journeys import OWN_EVENTS
 from notifier.models import (
+    STATUS_RANK,
     ChannelKind,
     Outcome,
     Recipient,
@@ -412,7 +413,7 @@ def decide(
         return [flagged]
     milestone = t.milestone
     old = is_old(policy, t, now)
-    if state.returns_home(t, old):
+    if state.returns_home(t):
         # "your parcel was delivered" would send a customer told it is going back looking
         # for it (a step back: it cancels none of the return's messages)
         return [
@@ -428,11 +429,15 @@ def decide(
         happened = f"out of order: {milestone} at {t.occurred_at.isoformat()}"
         if old and not state.current_old:
             reason = (
-                f"{happened} is too old to tell ({_hours(now - t.occurred_at):.0f} h ago, "
-                f"limit {policy.stale_after_hours:g} h); the shipment is {state.status} since "
-                f"{since}"
+                f"{happened} is too old to tell, {_ago(policy, t, now)}; the shipment is "
+                f"{state.status} since {since}"
             )
-        elif state.status in TERMINAL and state.occurred_at and t.occurred_at >= state.occurred_at:
+        elif (
+            state.status in TERMINAL
+            and STATUS_RANK[t.status] < STATUS_RANK[state.status]
+            and state.occurred_at
+            and t.occurred_at >= state.occurred_at
+        ):
             reason = (
                 f"{happened} comes after the shipment was {state.status} ({since}), and "
                 "nothing short of that is news after it"
@@ -456,14 +461,9 @@ def decide(
             )
         ]
     if old:
-        ago = _hours(now - t.occurred_at)
-        # (to the hour, unless that reads as the limit itself: "168 h ago (limit 168 h)")
-        shown = f"{ago:.0f}" if round(ago) > policy.stale_after_hours else f"{ago:.1f}"
         return [
             Verdict(
-                Outcome.SUPPRESSED,
-                f"old: {milestone} happened {shown} h ago (limit {policy.stale_after_hours:g} h)",
-                rule="old",
+                Outcome.SUPPRESSED, f"old: {milestone} happened {_ago(policy, t, now)}", rule="old"
             )
         ]
     if t.pickup_deadline is not None and t.pickup_deadline <= now:
@@ -512,6 +512,15 @@ def decide(
 
 
 _GOING = (Outcome.SENT, Outcome.DEFERRED)
+
+
+def _ago(policy: Policy, t: Transition, now: datetime) -> str:
+    """How long ago ``t`` happened, against the limit: "240 h ago (limit 168 h)"; to the
+    hour, unless that would read as the limit itself (then a tenth more: "168.1 h")."""
+    ago = _hours(now - t.occurred_at)
+    limit = policy.stale_after_hours
+    shown = f"{ago:.0f}" if round(ago) > limit else f"{math.ceil(ago * 10) / 10:.1f}"
+    return f"{shown} h ago (limit {limit:g} h)"
 
 
 def is_old(policy: Policy, t: Transition, now: datetime) -> bool:

@@ -122,16 +122,50 @@ _WITH_THE = frozenset(
 )
 
 
+#: Words of a place name written in lower case after its first word ("Frankfurt am Main",
+#: "Aix-en-Provence", "Coeur d'Alene"), and abbreviations written as words ("St. Louis").
+_PARTICLES = frozenset(
+    {
+        *("am", "an", "and", "au", "aux", "d", "da", "das", "de", "del", "della", "der"),
+        *("des", "di", "do", "dos", "du", "el", "en", "et", "im", "la", "le", "les", "of"),
+        *("on", "sous", "sur", "upon", "y"),
+    }
+)
+_ABBREVIATIONS = {"ST": "St", "STE": "Ste", "FT": "Ft", "MT": "Mt"}
+
+
 def _city(name: str | None) -> str | None:
     """A city as people write it: carriers send many in capitals ("WEST CHESTER-MALVERN"),
     which reads as shouting and which screen readers may spell out letter by letter. A name
-    in capitals alone with a word of four letters or more is written in title case; one
-    with any lowercase letter ("McAllen", "Köln"), or of short words ("NYC"), stays."""
-    if not name or any(c.islower() for c in name):
+    in capitals alone with a word of four letters or more is written word by word in title
+    case: particles after the first word in lower case, "Mc" and Dutch "IJ" kept, a
+    Turkish "İ" as "i", short words without a vowel ("NYC") and words with digits as sent. One with
+    any lowercase letter ("McAllen", "Köln"), or in Greek (whose lower case would need its
+    accents back), stays as sent."""
+    if not name or any(c.islower() for c in name) or re.search("[\u0370-\u03ff]", name):
         return name
-    if not any(len(w) >= 4 and w.isalpha() for w in re.split(r"[\s\-'.]+", name)):
+    parts = re.split(r"([\s\-'.\u2019]+)", name)
+    if not any(len(w) >= 4 and w.isalpha() for w in parts):
         return name
-    return name.title()
+    out: list[str] = []
+    for i, word in enumerate(parts):
+        if i % 2 or not word.isalpha():  # a separator, or a word with digits ("3RD")
+            out.append(word)
+            continue
+        low = word.replace("İ", "i").lower()  # (str.lower would add a combining dot)
+        if word in _ABBREVIATIONS:
+            out.append(_ABBREVIATIONS[word])
+        elif i and (low in _PARTICLES or (low == "s" and parts[i - 1].endswith("'"))):
+            out.append(low)  # "am", "d'", Dutch "'s-Hertogenbosch"
+        elif len(word) <= 3 and not re.search("[aeiouyàâäéèêëïîôöùûüåæøœ]", low):
+            out.append(word)  # an abbreviation ("NYC", "CDG"): "New", "San", "Bad" are words
+        elif low.startswith("mc") and len(low) > 3:
+            out.append("Mc" + low[2].upper() + low[3:])
+        elif low.startswith("ij"):
+            out.append("IJ" + low[2:])
+        else:
+            out.append(low[0].upper() + low[1:])
+    return "".join(out)
 
 
 #: How a city and a country are joined where ", " is wrong.
