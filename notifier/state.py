@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -469,6 +469,28 @@ class ShipmentState(BaseModel):
             # promise, news: not a delay to announce a minute later)
             deadline = min(deadline, window.end + after_window)
         return deadline
+
+    def stall_reason(self, deadline_ms: int, no_scan_hours: float) -> str:
+        """What the stall check saw at ``deadline_ms`` (``stall_deadline``), with its numbers,
+        for the merchant's history. Which of the two rules set the deadline is read from the
+        deadline itself: the policy may have changed since (``no_scan_hours`` is today's)."""
+        scanned, window = self.last_scan_at, self.estimated_delivery
+        deadline = deadline_ms / 1000
+        since = f" since {scanned.astimezone(UTC):%Y-%m-%d %H:%M} UTC" if scanned else ""
+        no_scan = scanned.timestamp() + no_scan_hours * 3600 if scanned else None
+        if window is not None and (no_scan is None or abs(deadline - no_scan) >= 1):
+            after = (deadline - window.end.timestamp()) / 3600
+            if after >= 0:
+                ended = window.end.astimezone(UTC)
+                return (
+                    f"stall check: no delivery {round(after, 2):g} h after the estimated "
+                    f"delivery window ended ({ended:%Y-%m-%d %H:%M} UTC; "
+                    "stalled.after_window_hours)"
+                )
+        hours = (deadline - scanned.timestamp()) / 3600 if scanned else no_scan_hours
+        return (
+            f"stall check: no carrier scan for {round(hours, 2):g} h{since} (stalled.no_scan_hours)"
+        )
 
 
 def _latest(known: datetime | None, at: datetime) -> datetime:

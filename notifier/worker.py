@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from datetime import UTC, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, cast
 
@@ -39,10 +39,8 @@ from notifier.models import ExceptionCode, Status, Transition, own_event_id
 from notifier.outbound import events as hook_events
 from notifier.outbound.sender import HookSender
 from notifier.pipeline import BatchReport, Pipeline, inject
-from notifier.policy.rules import Stalled
 from notifier.resources import Clock, Resources, connect_queue, open_resources, utc_now
 from notifier.settings import Settings
-from notifier.state import ShipmentState
 from notifier.store import InboxEntry, keys, wake
 from notifier.store.base import Scope, data_error
 
@@ -417,26 +415,6 @@ async def release_due(ctx: dict[str, Any]) -> int:
     return sum(cast(list[int], outcomes))
 
 
-def _why_stalled(state: ShipmentState, deadline_ms: int, stalled: Stalled) -> str:
-    """What the stall check saw, with its numbers, for the merchant's history (the stall
-    transition's description). Which of ``state.stall_deadline``'s two rules set the
-    deadline is read from the deadline itself: the policy may have changed since."""
-    scanned, window = state.last_scan_at, state.estimated_delivery
-    deadline = deadline_ms / 1000
-    since = f" since {scanned.astimezone(UTC):%Y-%m-%d %H:%M} UTC" if scanned else ""
-    no_scan = scanned.timestamp() + stalled.no_scan_hours * 3600 if scanned else None
-    if window is not None and (no_scan is None or abs(deadline - no_scan) >= 1):
-        after = (deadline - window.end.timestamp()) / 3600
-        if after >= 0:
-            ended = window.end.astimezone(UTC)
-            return (
-                f"stall check: no delivery {round(after, 2):g} h after the estimated delivery "
-                f"window ended ({ended:%Y-%m-%d %H:%M} UTC; stalled.after_window_hours)"
-            )
-    hours = (deadline - scanned.timestamp()) / 3600 if scanned else stalled.no_scan_hours
-    return f"stall check: no carrier scan for {round(hours, 2):g} h{since} (stalled.no_scan_hours)"
-
-
 @_tick
 async def find_stalled(ctx: dict[str, Any]) -> int:
     """Turn shipments that stopped moving into one ``exception/delayed`` transition each.
@@ -472,8 +450,8 @@ async def find_stalled(ctx: dict[str, Any]) -> int:
             estimated_delivery=state.estimated_delivery,
             tracking_url=state.tracking_url,
             order=state.order,
-            carrier_description=_why_stalled(
-                state, deadline_ms, res.policies.for_merchant(merchant_id).stalled
+            carrier_description=state.stall_reason(
+                deadline_ms, res.policies.for_merchant(merchant_id).stalled.no_scan_hours
             ),
         )
         items.append(t)

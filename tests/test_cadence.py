@@ -777,7 +777,9 @@ def test_a_stall_reason_reads_its_rule_from_the_deadline_not_the_policy_of_today
     from notifier.models import DeliveryWindow
     from notifier.policy.rules import Stalled
     from notifier.state import ShipmentState
-    from notifier.worker import _why_stalled
+
+    def _why_stalled(state: ShipmentState, deadline_ms: int, stalled: Stalled) -> str:
+        return state.stall_reason(deadline_ms, stalled.no_scan_hours)
 
     scan = datetime(2026, 11, 18, 10, 0, tzinfo=UTC)
     state = ShipmentState(merchant_id="a", shipment_id="s", status="in_transit", last_scan_at=scan)

@@ -134,14 +134,16 @@ _PARTICLES = frozenset(
 _ABBREVIATIONS = {"ST": "St", "STE": "Ste", "FT": "Ft", "MT": "Mt"}
 
 
+@functools.lru_cache(maxsize=1024)
 def _city(name: str | None) -> str | None:
     """A city as people write it: carriers send many in capitals ("WEST CHESTER-MALVERN"),
     which reads as shouting and which screen readers may spell out letter by letter. A name
     in capitals alone with a word of four letters or more is written word by word in title
     case: particles after the first word in lower case, "Mc" and Dutch "IJ" kept, a
-    Turkish "İ" as "i", short words without a vowel ("NYC") and words with digits as sent. One with
-    any lowercase letter ("McAllen", "Köln"), or in Greek (whose lower case would need its
-    accents back), stays as sent."""
+    Turkish "İ" as "i", short words without a vowel ("NYC") and words with digits as
+    sent. One with any lowercase letter ("McAllen", "Köln"), or in Greek (whose lower
+    case would need its accents back), stays as sent. (Cached: a carrier's cities repeat,
+    and every message names one.)"""
     if not name or any(c.islower() for c in name) or re.search("[\u0370-\u03ff]", name):
         return name
     parts = re.split(r"([\s\-'.\u2019]+)", name)
