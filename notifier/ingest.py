@@ -28,6 +28,7 @@ from notifier.errors import (
     UnsupportedMediaType,
     ValidationFailed,
 )
+from notifier.insights.journeys import OWN_EVENTS
 from notifier.logs import REQUEST_ID
 from notifier.models import MERCHANT_ID_PATTERN, Transition
 from notifier.resources import Resources
@@ -169,16 +170,27 @@ def _a_number(text: str) -> bool:
 
 
 _MOMENT = "must be an ISO 8601 date and time with its offset, like 2026-11-21T09:30:00+01:00"
+_RESERVED = (
+    "must not start with "
+    + " or ".join(repr(p) for p in OWN_EVENTS)
+    + ": notifier gives those ids to the events it makes itself (stall and delay notices)"
+)
 
 
 def _as_sent(item: Any) -> list[tuple[str, str]]:
     """What pydantic would take but the contract does not (DESIGN §3): a date as a number,
-    or a number as text (read as seconds since 1970), and a coordinate as text or ``true``
-    (read as 1.0). Checked on what the API takes only: the worker reads what the inbox
-    holds as it always did (an entry taken before still reads), at no cost a transition."""
+    or a number as text (read as seconds since 1970), a coordinate as text or ``true``
+    (read as 1.0), and an event id notifier keeps for its own events. Checked on what the
+    API takes only: the worker reads what the inbox holds as it always did (an entry taken
+    before still reads, and notifier's own events go through it), at no cost a transition."""
     if not isinstance(item, dict):
         return []
     out = []
+    event_id = item.get("event_id")
+    if isinstance(event_id, str) and event_id.startswith(OWN_EVENTS):
+        # the ids of the events notifier makes itself (a stall, a predicted delay): one
+        # posted could take a real notice's id, and would be read as notifier's own
+        out.append(("event_id", _RESERVED))
     window = item.get("estimated_delivery")
     window = window if isinstance(window, dict) else {}
     for name, value in (

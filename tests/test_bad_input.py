@@ -410,6 +410,9 @@ def named(error: dict[str, Any]) -> set[str]:
         (transition(tracking_url="https://x.example/" + "a" * 2000), {"tracking_url"}),
         (transition(event_id=""), {"event_id"}),
         (transition(event_id="e" * 201), {"event_id"}),
+        # the ids of notifier's own events (a stall, a predicted delay): reserved
+        (transition(event_id="stalled:1764950000000:shp_123"), {"event_id"}),
+        (transition(event_id="predicted-late:1764950000000:shp_123"), {"event_id"}),
         (transition(status="delivered\x00"), {"status"}),
         (transition(occurred_at="2026-11-21T09:30:00"), {"occurred_at"}),
         (transition(occurred_at="0001-01-01T00:00:00+14:00"), {"occurred_at"}),
@@ -440,6 +443,22 @@ async def test_invalid_fields_are_422_naming_each(
     error = await refused(resp, 422, "invalid_transition")
     assert fields <= named(error), error
     assert await inbox_length(settings) == 0
+
+
+async def test_notifiers_own_event_ids_are_refused_saying_why(client: Client) -> None:
+    resp = await client.post(
+        "/v1/transitions", json=transition(event_id="stalled:1:shp_123"), headers=auth()
+    )
+    error = await refused(resp, 422, "invalid_transition")
+    [detail] = error["details"]
+    assert detail["field"] == "event_id"
+    assert "'stalled:'" in detail["message"] and "'predicted-late:'" in detail["message"]
+    # ids that only look alike are the tracking backend's to use
+    for event_id in ("stalled", "Stalled:1", "evt-stalled:1", "predicted-late"):
+        resp = await client.post(
+            "/v1/transitions", json=transition(event_id=event_id), headers=auth()
+        )
+        assert resp.status == 202, (event_id, await resp.text())
 
 
 async def test_a_batch_keeps_its_good_items_and_names_the_bad_ones(
