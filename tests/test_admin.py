@@ -604,3 +604,27 @@ async def test_a_rollback_is_checked_and_moves_the_drafts_revision(
         f"{acme}/overrides/rollback", json={"version": 99}, headers=auth(ACME_KEY)
     )
     assert missing.status == 404
+
+
+async def test_an_unknown_filter_is_a_problem_named_not_a_server_error(client: Client) -> None:
+    """A typo in a filter's name answered 500 to the save (the draft saved anyway), then to
+    every later save and to publish, until the file was discarded."""
+    acme = BASE.format(m="acme")
+    resp = await client.put(
+        f"{acme}/templates/delivered",
+        json={"text": subject("{{ event.when|datetimeformat }}")},
+        headers=auth(ACME_KEY),
+    )
+    assert resp.status == 200, await resp.text()
+    saved = await resp.json()
+    assert any("No filter named 'datetimeformat'" in p for p in saved["problems"]), saved
+    resp = await client.put(f"{acme}/brand", json={"name": "Acme"}, headers=auth(ACME_KEY))
+    assert resp.status == 200, await resp.text()
+    assert any("datetimeformat" in p for p in (await resp.json())["problems"])
+    resp = await client.post(
+        f"{acme}/overrides/publish",
+        json={"revision": (await resp.json())["revision"]},
+        headers=auth(ACME_KEY),
+    )
+    assert resp.status == 422, await resp.text()
+    assert "datetimeformat" in json.dumps(await resp.json())

@@ -63,6 +63,8 @@ ESCAPES: dict[str, str] = {
     "template_reference": "{{ self._TemplateReference__context }}",
     "config": "{{ config.items() }}",
     "request": "{{ request.environ }}",
+    # beside a filter that does not exist (the audit compiles the template to find names)
+    "config_unknown_filter": "{{ config.items()|no_such_filter }}",
     "attr_filter": "{{ ''|attr('__class__')|attr('__mro__') }}",
     "format_method": "{{ '{0.__class__.__init__.__globals__}'.format(brand) }}",
     "format_filter": "{{ '%s'|format(lipsum.__globals__) }}",
@@ -108,6 +110,9 @@ EXHAUSTING: dict[str, str] = {
     "join": "{{ range(100000)|map('string')|join('y' * 20) }}",
     "wordwrap": "{{ ('word ' * 200000)|wordwrap(1) }}",
     "indent": "{{ ('line\\n' * 100000)|indent(10000) }}",
+    # a gigabyte of indentation from a one-item dict: refused before it is built
+    "tojson_indent": "{{ {'a': 1}|tojson(indent=10**9) }}",
+    "tojson_nested": "{{ ([[[[[1, 2]]]]] * 1000)|tojson(indent=1000) }}",
     "doubling_text": (
         "{% set ns = namespace(s='xx') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}"
         "{% endfor %}{{ ns.s }}"
@@ -227,6 +232,9 @@ def test_check_refuses_every_escape_naming_file_and_line(tmp_path: Path) -> None
     assert "reaches for Python internals (.__class__, .__mro__, .__subclasses__)" in internals
     assert "access to attribute '__class__' of 'str' object is unsafe" in internals
     assert "'config', a global of other template systems" in of(problems, "esc_config")
+    unknown = of(problems, "esc_config_unknown_filter")
+    assert "'config', a global of other template systems" in unknown
+    assert "No filter named 'no_such_filter'" in unknown
     assert "a template may load only message files" in of(problems, "esc_other_brand")
     assert "'update' of 'type' object is unsafe" in of(problems, "esc_class_methods")
 

@@ -102,7 +102,14 @@ def _attribute_names(tree: nodes.Template) -> Iterator[tuple[int, str]]:
 
 def _foreign(tree: nodes.Template) -> Iterator[tuple[int, str]]:
     """``{{ config }}``, ``{{ request }}``: never defined here."""
-    foreign = meta.find_undeclared_variables(tree) & FOREIGN_GLOBALS
+    try:
+        foreign = meta.find_undeclared_variables(tree) & FOREIGN_GLOBALS
+    except TemplateSyntaxError:
+        # it compiles the template, and an unknown filter or test fails there (rendering
+        # reports it, with its line): names the template never sets, then
+        names = list(tree.find_all(nodes.Name))
+        foreign = {n.name for n in names if n.ctx == "load"} & FOREIGN_GLOBALS
+        foreign -= {n.name for n in names if n.ctx in ("store", "param")}
     for node in tree.find_all(nodes.Name):
         if node.name in foreign:
             yield (

@@ -354,6 +354,34 @@ def _indent_size(cap: int, s: Any, width: Any = 4, *rest: Any, **kwargs: Any) ->
     return len(text) + (text.count("\n") + 1) * _width(width)
 
 
+def _tojson_size(cap: int, value: Any, indent: Any = None, *rest: Any, **kwargs: Any) -> int:
+    """``|tojson(indent)``: the value, plus a line for each of its values and brackets,
+    each indented by its depth (``indent=10**9`` would build a gigabyte from ``{'a': 1}``)."""
+    size = measure(value, cap)
+    width = _width(indent) if indent is not None else 0
+    if width <= 0 or size > cap:
+        return size
+    lines, depths = _json_lines(value, {})
+    return size + lines + width * depths
+
+
+def _json_lines(value: Any, seen: dict[int, tuple[int, int]]) -> tuple[int, int]:
+    """The lines indented JSON writes ``value`` on, and their depths' sum below it (each
+    part walked once: a list holding one list a thousand times counts it a thousand)."""
+    if not isinstance(value, dict | list | tuple) or not value:
+        return 1, 0
+    known = seen.get(id(value))
+    if known is not None:
+        return known
+    lines, depths = 2, 0
+    for item in value.values() if isinstance(value, dict) else value:
+        inner, below = _json_lines(item, seen)
+        lines += inner
+        depths += below + inner  # one level deeper than this one
+    seen[id(value)] = lines, depths
+    return lines, depths
+
+
 def _wordwrap_size(cap: int, s: Any, width: int = 79, *rest: Any, **kwargs: Any) -> int:
     wrapstring = kwargs.get("wrapstring", rest[1] if len(rest) > 1 else None) or "\n"
     n = len(str(s))
@@ -383,6 +411,7 @@ def _count_arg(name: str) -> Callable[..., int]:
 FILTER_SIZES: dict[str, Callable[..., int]] = {
     "center": lambda cap, value, width=80: len(str(value)) + _width(width),
     "indent": _indent_size,
+    "tojson": _tojson_size,
     "wordwrap": _wordwrap_size,
     "replace": lambda cap, s, old, new, count=None: replace_size(s, old, new, count),
     "format": lambda cap, value, *args, **kwargs: percent_size(str(value), kwargs or args, cap),
