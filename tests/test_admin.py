@@ -628,3 +628,37 @@ async def test_an_unknown_filter_is_a_problem_named_not_a_server_error(client: C
     )
     assert resp.status == 422, await resp.text()
     assert "datetimeformat" in json.dumps(await resp.json())
+
+
+@pytest.mark.parametrize(
+    ("path", "text", "named"),
+    [
+        ("email/layout.html", "", "email/layout.html leaves out the message ({{ m.headline }})"),
+        ("email/layout.txt", "x", "email/layout.txt leaves out the message ({{ m.headline }})"),
+        ("sms/layout.txt", "x", "sms/layout.txt leaves out the message ({{ m.sms }})"),
+        # the message, but no opt-out line for a US or Canadian number
+        ("sms/layout.txt", "{{ m.sms }} {{ sms_url }}", "sms/layout.txt gives a US or Canadian"),
+    ],
+)
+async def test_a_layout_that_drops_the_message_or_the_stop_line_is_a_problem(
+    client: Client, settings: Settings, path: str, text: str, named: str
+) -> None:
+    """Such layouts passed every check and were published: emails with an empty body, SMS
+    reading "x", with no STOP line for a +1 number."""
+    acme = BASE.format(m="acme")
+    resp = await client.put(
+        f"{acme}/overrides/draft/{path}", json={"text": text}, headers=auth(ACME_KEY)
+    )
+    saved = await resp.json()
+    assert resp.status == 200 and any(named in p for p in saved["problems"]), saved
+    resp = await client.post(
+        f"{acme}/overrides/publish", json={"revision": saved["revision"]}, headers=auth(ACME_KEY)
+    )
+    assert resp.status == 422, await resp.text()
+    # the shipped layouts keep both: a +1 number's SMS says how to stop them
+    recipient = {"email": "ana@example.com", "phone": "+14155550100", "locale": "en_US"}
+    await post(client, transition(status="delivered", recipient=recipient))
+    await run_worker(settings)
+    [sms] = outbox_files(settings, ".sms.json")
+    body = json.loads(sms.read_text())["body"]
+    assert "your parcel was delivered" in body and body.endswith("Reply STOP to opt out."), body

@@ -327,6 +327,16 @@ def _progress(t: Transition, collected: bool = False) -> list[dict[str, str]]:
     return states
 
 
+def _keeps(out: str, words: str, layout: str, name: str) -> None:
+    """Refuse a layout that leaves out the message's own words (printed as they are, or
+    escaped): every message through it would go out without them."""
+    if words not in out and str(Markup.escape(words)) not in out:
+        raise TemplateRuntimeError(
+            f"{layout} leaves out the message ({{{{ {name} }}}}): every message through it "
+            "would go out without what it is about"
+        )
+
+
 def _us_opt_out(n: Notification) -> bool:
     """CTIA/TCPA practice: US and Canadian numbers get the opt-out line."""
     return n.channel is ChannelKind.SMS and n.to.startswith("+1")
@@ -936,14 +946,23 @@ class Renderer:
             )
         ctx["labels"] = self._step_labels(templates_of, chain, words)
         select = self.templates.select
+        m = ctx["m"]
         if n.channel is ChannelKind.SMS:
-            return {"sms": render_text(select(templates_of, ("sms/layout.txt",), tracing), ctx)}
-        return {
-            "subject": ctx["m"]["subject"],
-            "preheader": ctx["m"]["preheader"],
-            "html": render_text(select(templates_of, ("email/layout.html",), tracing), ctx),
-            "text": render_text(select(templates_of, ("email/layout.txt",), tracing), ctx),
-        }
+            sms = render_text(select(templates_of, ("sms/layout.txt",), tracing), ctx)
+            _keeps(sms, m["sms"], "sms/layout.txt", "m.sms")
+            if ctx["us_opt_out"] and "STOP" not in sms:
+                raise TemplateRuntimeError(
+                    "sms/layout.txt gives a US or Canadian number no opt-out line: an SMS "
+                    "there must say how to stop them, with the word STOP (print the "
+                    "default's line when us_opt_out is true)"
+                )
+            return {"sms": sms}
+        html = render_text(select(templates_of, ("email/layout.html",), tracing), ctx)
+        text = render_text(select(templates_of, ("email/layout.txt",), tracing), ctx)
+        if m["headline"]:
+            _keeps(html, m["headline"], "email/layout.html", "m.headline")
+            _keeps(text, m["headline"], "email/layout.txt", "m.headline")
+        return {"subject": m["subject"], "preheader": m["preheader"], "html": html, "text": text}
 
     def _message(
         self, n: Notification, out: dict[str, str], rtl: bool, inline: bool, variant: str
