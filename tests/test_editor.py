@@ -34,6 +34,7 @@ from tests.conftest import (
 
 Client = TestClient[Any, Any]
 ACME = "/merchant/acme"
+DEFAULT_DELIVERED = (data_dir("templates", None) / "messages" / "delivered.jinja").read_text()
 
 
 async def sign_in(client: Client, key: str = ACME_KEY, **headers: str) -> str:
@@ -923,3 +924,30 @@ async def test_the_variables_panel_shows_a_sample_decided_after_its_scan(client:
     page = await (await client.get(f"{ACME}/messages/delivered?locale=fr")).text()
     assert "event.ago" in page
     assert "il y a 20 minutes" in page and "dans 0 seconde" not in page
+
+
+async def test_discard_on_the_review_page_never_throws_away_a_newer_save(client: Client) -> None:
+    """Tab A shows the review page; tab B saves a newer text of the same message; tab A's
+    "Discard this change" deleted B's text unseen (its form said nothing of what it saw)."""
+    csrf = await sign_in(client)
+    path = "messages/delivered.jinja"
+    url = "/v1/merchants/acme/overrides/draft/" + path
+    first = with_macro(DEFAULT_DELIVERED, "subject", "First words")
+    await client.put(url, json={"text": first}, headers=auth(ACME_KEY))
+    shown = await (await client.get(f"{ACME}/publish")).text()  # tab A
+    base = base_of(shown)
+    newer = with_macro(DEFAULT_DELIVERED, "subject", "Newer words")
+    await client.put(url, json={"text": newer}, headers=auth(ACME_KEY))  # tab B
+    resp = await client.post(f"{ACME}/publish", data={"csrf": csrf, "discard": path, "base": base})
+    page = await resp.text()
+    assert f"Not discarded: someone changed {path} since you opened this page" in page
+    assert "Newer words" in page  # the change as it is now, to look at
+    assert (await draft(client))[path] == newer
+    # nor without saying what it saw (a form from before this version)
+    await client.post(f"{ACME}/publish", data={"csrf": csrf, "discard": path})
+    assert (await draft(client))[path] == newer
+    # seen, it goes
+    resp = await client.post(
+        f"{ACME}/publish", data={"csrf": csrf, "discard": path, "base": base_of(page)}
+    )
+    assert resp.status == 200 and path not in await draft(client)

@@ -17,6 +17,7 @@ from notifier.resources import data_dir
 from notifier.timeline import find_shipments, shipment_history
 from notifier.web.base import Web, read_form, safe_next
 from notifier.web.forms import milestone_label
+from notifier.web.messages import fingerprint
 from notifier.web.session import (
     SIGN_IN_COOKIE,
     CsrfFailed,
@@ -155,7 +156,12 @@ class Pages:
             else:
                 before = await self._beneath(merchant_id, path)
             changes.append(
-                {"path": path, "deleted": text is None, "diff": diff(before, text, path)}
+                {
+                    "path": path,
+                    "deleted": text is None,
+                    "diff": diff(before, text, path),
+                    "base": _change_of(text),
+                }
             )
         _, files = await admin.candidate(merchant_id)
         problems = await admin.problems(merchant_id, files) if draft else []
@@ -175,7 +181,21 @@ class Pages:
         merchant_id, session = await self.web.signed_in(request)
         form = await self.web.form(request, session)
         if "discard" in form:
-            await self.web.admin.discard_file(merchant_id, form["discard"], session.key_id)
+            path = form["discard"]
+            _, draft = await self.web.admin.store.draft(merchant_id)
+            if path in draft and _change_of(draft[path]) != form.get("base"):
+                # it would throw away what someone saved since this page showed the change
+                await self.web.sessions.flash(
+                    request,
+                    {
+                        "error": f"Not discarded: someone changed {path} since you opened "
+                        "this page. Its change as it is now is shown below; discard it again "
+                        "once you have seen it.",
+                        "problems": [],
+                    },
+                )
+            else:
+                await self.web.admin.discard_file(merchant_id, path, session.key_id)
             raise web.HTTPSeeOther(f"/merchant/{merchant_id}/publish")
         try:
             revision = int(form.get("revision", ""))
@@ -259,3 +279,8 @@ class Pages:
         if state is None or state.recipient is None:
             return ""
         return i18n.html_lang(res.renderer.reader_locale(merchant_id, state.recipient.locale))
+
+
+def _change_of(text: str | None) -> str:
+    """The fingerprint of a draft's change as the review page showed it (a removal too)."""
+    return fingerprint("\x00removed" if text is None else text)
