@@ -30,7 +30,7 @@ from notifier.errors import ConfigurationError, NotFound
 from notifier.ingest import read_json
 from notifier.models import message_name_of, message_paths
 from notifier.policy import PolicyStore
-from notifier.policy.rules import VARIANTS
+from notifier.policy.rules import VARIANTS, override_label
 from notifier.render.brand import load_brand
 from notifier.resources import Resources, data_dir
 
@@ -191,22 +191,27 @@ class Views:
         return json_reply(200, await self.admin.save_file(merchant_id, path, None, key_id))
 
     # -- brand and policy ---------------------------------------------------------------
-    async def _override(self, merchant_id: str, path: str) -> tuple[dict[str, str], dict[str, Any]]:
-        """(candidate files, the override file's fields as the draft would publish it)."""
+    async def _override(
+        self, merchant_id: str, path: str
+    ) -> tuple[dict[str, str], dict[str, Any], bool]:
+        """(candidate files, the override file's fields as the draft would publish it, and
+        whether the draft changes that file: a problem then names the draft's)."""
         _, files = await self.admin.candidate(merchant_id)
+        _, draft = await self.admin.store.draft(merchant_id)
         text = files.get(path)
         try:
             data = yaml.safe_load(text) if text else None
         except yaml.YAMLError:
             data = None  # reported by the check; GET still answers
-        return files, _fields(data)
+        return files, _fields(data), path in draft
 
     async def get_brand(self, request: web.Request) -> web.Response:
         merchant_id, _ = self.admin.merchant(request)
-        files, override = await self._override(merchant_id, "brand.yaml")
+        files, override, drafted = await self._override(merchant_id, "brand.yaml")
         templates = data_dir("templates", self.admin.res.settings.templates_dir)
+        label = override_label("brand.yaml", merchant_id, drafted)
         try:
-            brand = load_brand(templates, merchant_id, files.get("brand.yaml"))
+            brand = load_brand(templates, merchant_id, files.get("brand.yaml"), label)
             effective, problem = brand.model_dump(mode="json"), None
         except ConfigurationError as exc:
             effective, problem = None, str(exc)
@@ -215,11 +220,11 @@ class Views:
 
     async def get_policy(self, request: web.Request) -> web.Response:
         merchant_id, _ = self.admin.merchant(request)
-        files, override = await self._override(merchant_id, "policy.yaml")
+        files, override, drafted = await self._override(merchant_id, "policy.yaml")
         directory = data_dir("policies", self.admin.res.settings.policies_dir)
         try:
-            policy = PolicyStore(directory, lambda _: files).strict(merchant_id)
-            effective, problem = policy.model_dump(mode="json"), None
+            store = PolicyStore(directory, lambda _: files, draft=drafted)
+            effective, problem = store.strict(merchant_id).model_dump(mode="json"), None
         except ConfigurationError as exc:
             effective, problem = None, str(exc)
         body = {"merchant_id": merchant_id, "policy": effective, "override": override}

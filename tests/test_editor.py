@@ -401,11 +401,53 @@ async def test_a_draft_that_does_not_validate_is_shown_as_it_is_and_saving_keeps
     written = yaml.safe_load((await draft(client))["policy.yaml"])
     assert written["quiet_hours"]["email"] == {"start": "22:00", "end": "07:00"}, written
 
-    # a draft that does not even read: the values beneath, and the page says so
+    # a draft that does not even read: the values in force (nothing published: those
+    # beneath), and the page says so
     await put_draft(client, "policy.yaml", "dedupe_window_hours: [48\n")
     page = await (await client.get(f"{ACME}/cadence")).text()
-    assert "It does not read: the form shows the values beneath it" in page
+    assert "It does not read: the form shows the values in force now" in page
     assert cadence_form(page)["dedupe_window_hours"] == "168.0"
+
+
+async def test_a_draft_that_does_not_read_shows_the_published_values_not_the_defaults(
+    client: Client,
+) -> None:
+    """With SMS quiet hours 09:00-14:00 published, a draft policy.yaml that is not YAML
+    showed the defaults (21:00-08:00) in the form, and saving it as shown reverted the live
+    quiet hours; the API named the draft's file "published" (found by a black-box review)."""
+    await sign_in(client)
+    live_policy = "dedupe_window_hours: 24\nquiet_hours: {sms: {start: '09:00', end: '14:00'}}\n"
+    await put_draft(client, "policy.yaml", live_policy)
+    await put_draft(client, "brand.yaml", "name: Live Store\nsupport: {email: h@acme.example}\n")
+    overview = await client.get("/v1/merchants/acme/overrides", headers=auth(ACME_KEY))
+    revision = (await overview.json())["draft"]["revision"]
+    resp = await client.post(
+        "/v1/merchants/acme/overrides/publish", json={"revision": revision}, headers=auth(ACME_KEY)
+    )
+    assert resp.status == 200, await resp.text()
+
+    await put_draft(client, "policy.yaml", "statuses: [oops\n")
+    resp = await client.get("/v1/merchants/acme/policy", headers=auth(ACME_KEY))
+    problem = (await resp.json())["problem"]
+    assert problem.startswith("policy.yaml of acme's draft: not valid YAML"), problem
+    page = await (await client.get(f"{ACME}/cadence")).text()
+    assert "It does not read: the form shows the values in force now" in page
+    form = cadence_form(page)
+    assert (form["quiet_hours.sms.start"], form["quiet_hours.sms.end"]) == ("09:00", "14:00")
+    assert form["dedupe_window_hours"] == "24.0"
+    resp = await client.post(f"{ACME}/cadence", data=form)  # saved as shown
+    assert "Saved to your draft" in await resp.text()
+    written = yaml.safe_load((await draft(client))["policy.yaml"])
+    assert written["quiet_hours"]["sms"] == {"start": "09:00", "end": "14:00"}, written
+    assert written["dedupe_window_hours"] == 24, written
+
+    await put_draft(client, "brand.yaml", "name: [oops\n")
+    resp = await client.get("/v1/merchants/acme/brand", headers=auth(ACME_KEY))
+    problem = (await resp.json())["problem"]
+    assert problem.startswith("brand.yaml of acme's draft"), problem
+    page = await (await client.get(f"{ACME}/brand")).text()
+    assert "It does not read: the form shows the values in force now" in page
+    assert 'value="Live Store"' in page
 
 
 def input_tag(page: str, name: str) -> str:

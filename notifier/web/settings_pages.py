@@ -155,8 +155,19 @@ class SettingsPages:
             values, errors = _as_broken(
                 Brand, lambda: brand_data(templates, merchant_id, draft)[1], beneath
             )
-            return Draft(beneath if values is None else values, beneath, str(exc), errors)
+            if values is None:  # its YAML does not read: the brand in force
+                live = (await self._live(merchant_id)).get("brand.yaml")
+                try:
+                    values = load_brand(templates, merchant_id, live).model_dump(mode="json")
+                except ConfigurationError:
+                    values = beneath
+            return Draft(values, beneath, str(exc), errors)
         return Draft(brand.model_dump(mode="json"), beneath)
+
+    async def _live(self, merchant_id: str) -> dict[str, str]:
+        """The merchant's published override files (none before a first publish)."""
+        live = await self.web.admin.store.live(merchant_id)
+        return dict(live.files) if live else {}
 
     async def _base(self, merchant_id: str, path: str) -> str:
         """The fingerprint of the draft's ``path`` as a page shows it now (to notice a save
@@ -237,7 +248,14 @@ class SettingsPages:
             values, errors = _as_broken(
                 Policy, lambda: store.layered(merchant_id, beneath), beneath
             )
-            return Draft(beneath if values is None else values, beneath, str(exc), errors)
+            if values is None:  # its YAML does not read: the policy in force
+                live = await self._live(merchant_id)
+                try:
+                    in_force = PolicyStore(directory, lambda _: live).strict(merchant_id)
+                    values = policy_as_data(in_force)
+                except ConfigurationError:
+                    values = beneath
+            return Draft(values, beneath, str(exc), errors)
         return Draft(policy_as_data(effective), beneath)
 
     async def cadence(self, request: web.Request) -> web.Response:
