@@ -662,3 +662,24 @@ async def test_a_layout_that_drops_the_message_or_the_stop_line_is_a_problem(
     [sms] = outbox_files(settings, ".sms.json")
     body = json.loads(sms.read_text())["body"]
     assert "your parcel was delivered" in body and body.endswith("Reply STOP to opt out."), body
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"name": "   "}, "name: must hold some text, not only spaces or invisible"),
+        ({"name": "\u200b"}, "name: must hold some text, not only spaces or invisible"),
+        ({"logo_url": "https://"}, "logo_url: must name a host after https://"),
+        ({"logo_url": "https://a b.example/x.png"}, "logo_url: must not contain spaces"),
+        ({"support": {"url": "https://"}}, "support.url: must name a host"),
+    ],
+)
+async def test_a_blank_shop_name_or_a_broken_logo_url_is_a_problem(
+    client: Client, fields: dict[str, Any], named: str
+) -> None:
+    """Accepted by the API with no problem: every SMS then began ": your parcel…" with a
+    blank From name, or every email showed a broken image."""
+    body = {"name": "Acme", "support": {"email": "help@acme.example"}, **fields}
+    resp = await client.put(f"{BASE.format(m='acme')}/brand", json=body, headers=auth(ACME_KEY))
+    problems = (await resp.json())["problems"]
+    assert any(named in p for p in problems), problems

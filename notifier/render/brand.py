@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -70,10 +72,31 @@ def lighten_until_readable(colour: str, background: str) -> str:
 DARK_CARD = "#1f2937"
 
 
-def _https(value: str | None) -> str | None:
-    if value is not None and not value.startswith("https://"):
-        raise ValueError("must be an https:// URL")
+def _https(value: str | None, why: str = "") -> str | None:
+    """An https:// URL with a host, as a mail client or a phone opens it (``https://`` alone,
+    or a space in it, made a broken image or link in every message)."""
+    if value is None:
+        return None
+    if not value.startswith("https://"):
+        raise ValueError(f"must be an https:// URL{why}")
+    if _NOT_IN_URL.search(value):
+        raise ValueError("must not contain spaces or control characters (write a space as %20)")
+    try:
+        host = urlsplit(value).hostname
+    except ValueError:
+        host = None
+    if not host:
+        raise ValueError("must name a host after https://, like https://shop.example/logo.png")
     return value
+
+
+_NOT_IN_URL = re.compile(r"[\s\x00-\x1f\x7f]")
+
+
+def _visible(char: str) -> bool:
+    """Whether a character shows: not a space, a control or format character (a zero-width
+    space), nor a mark alone."""
+    return unicodedata.category(char)[0] not in "ZCM"
 
 
 class Support(BaseModel):
@@ -215,17 +238,16 @@ class Brand(BaseModel):
         # the SMS flattened)
         if value is None:
             return None
-        flat = one_line(value)
-        if flat or info.field_name != "name":
+        flat = one_line(value).strip()
+        if info.field_name != "name" or any(map(_visible, flat)):
             return flat  # (an empty text alternative is one: the logo says nothing)
-        raise ValueError("must hold some text, not only line breaks or control characters")
+        # every message starts with it ("Acme: your parcel…"), and the From header shows it
+        raise ValueError("must hold some text, not only spaces or invisible characters")
 
     @field_validator("logo_url", "logo_dark_url")
     @classmethod
     def _https(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith("https://"):
-            raise ValueError("must be an https:// URL (mail clients block other images)")
-        return value
+        return _https(value, " (mail clients block other images)")
 
     @property
     def button_text(self) -> str:
