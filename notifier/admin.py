@@ -79,7 +79,7 @@ class Publish(BaseModel):
     """POST …/overrides/publish: publish the draft checked at ``revision``."""
 
     model_config = ConfigDict(extra="forbid")
-    revision: int = Field(ge=0, description="the draft revision that was checked")
+    revision: int = Field(ge=0, strict=True, description="the draft revision that was checked")
 
 
 class PreviewRequest(BaseModel):
@@ -123,7 +123,7 @@ class Rollback(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     #: 0 restores "nothing from the editor" (the merchant's files over the defaults)
-    version: int = Field(ge=0)
+    version: int = Field(ge=0, strict=True)  # (not true, read as 1: a version number)
 
 
 def json_reply(status: int, body: object) -> web.Response:

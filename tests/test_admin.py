@@ -683,3 +683,11 @@ async def test_a_blank_shop_name_or_a_broken_logo_url_is_a_problem(
     resp = await client.put(f"{BASE.format(m='acme')}/brand", json=body, headers=auth(ACME_KEY))
     problems = (await resp.json())["problems"]
     assert any(named in p for p in problems), problems
+
+
+async def test_a_version_or_revision_sent_as_true_is_refused_not_read_as_1(client: Client) -> None:
+    acme = BASE.format(m="acme")
+    for path, body in (("rollback", {"version": True}), ("publish", {"revision": True})):
+        resp = await client.post(f"{acme}/overrides/{path}", json=body, headers=auth(ACME_KEY))
+        assert resp.status == 422, (path, await resp.text())
+        assert next(iter(body)) in await resp.text()
