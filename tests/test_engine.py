@@ -156,6 +156,25 @@ def test_the_first_scan_after_an_exception_is_news(code: str) -> None:
     assert steps[0].verdicts[0].rule == "throttled"
 
 
+@pytest.mark.parametrize("code", ["customs_hold", "lost"])
+def test_a_re_scanned_exception_still_lets_the_scan_after_it_through(code: str) -> None:
+    """Carriers re-scan a hold every day: the re-scan (a duplicate, never sent) became the
+    current event, and the parcel moving again was throttled as a trivial update (found
+    by a black-box run as the tracking backend)."""
+    events = [
+        event(1, "in_transit", NOON - timedelta(hours=4)),
+        event(2, "exception", NOON - timedelta(hours=3), exception_code=code),
+        event(3, "exception", NOON - timedelta(hours=2), exception_code=code),
+        event(4, "departed_facility", NOON - timedelta(hours=1)),
+        event(5, "arrived_at_facility", NOON),
+    ]
+    steps = singly(events)
+    rules = {s.transition.event_id: [v.rule for v in s.verdicts] for s in steps}
+    assert set(rules["e3"]) == {"duplicate"}, rules  # on both channels
+    assert told(steps) == ["e1", "e2", "e4"], rules
+    assert rules["e5"] == ["throttled"], rules  # moving again once, then trivial again
+
+
 def test_only_an_exception_the_customer_was_told_of_lets_the_next_scan_through() -> None:
     """Not one the policy does not notify (a carrier alternating it with scans would get
     every scan through), nor a repeat of an exception itself."""

@@ -195,6 +195,8 @@ def _too_fast(rules: Anomalies, before: Fix, here: Fix) -> tuple[float, float, f
     return None
 
 
+#: the milestones of exceptions begin so (``exception:customs_hold``)
+_EXCEPTION = f"{Status.EXCEPTION.value}:"
 _DAY = timedelta(hours=24)
 
 
@@ -483,10 +485,11 @@ def decide(
         state.live_messages(now, pending, (t.event_id, milestone, news_rank(t, reached)))
     )
     decided: dict[ChannelKind, Sent | _Counted] = {m.channel: m for m in state.messages}
-    # a scan after an exception the customer was told of, on each channel: it moves again
+    # a scan after an exception the customer was told of, on each channel (the last word
+    # there is the problem, however often the carrier re-scanned it since): it moves again
     told = (
-        {m.channel for m in state.messages if m.event_id == state.current_event and not m.cancelled}
-        if state.status is Status.EXCEPTION and t.status is not Status.EXCEPTION
+        {c for c, m in decided.items() if m.milestone.startswith(_EXCEPTION) and not m.cancelled}
+        if t.status is not Status.EXCEPTION
         else set()
     )
     verdicts: list[Verdict] = []
