@@ -426,6 +426,7 @@ class Pipeline:
             collected = t.status is Status.DELIVERED and (
                 final.collected if final.status is Status.DELIVERED else step.collected
             )
+            about = _with_facts(t, final)  # (once: an event's email and SMS share it)
             for verdict in step.verdicts:
                 nid = None
                 if verdict.outcome in _GOING:
@@ -442,7 +443,7 @@ class Pipeline:
                             "shipment_id": shipment_id,
                             "channel": verdict.channel,
                             "to": verdict.to,
-                            "transition": t,
+                            "transition": about,
                             "recipient": final.recipient,
                             "created_at": now,
                             "predicted": predicted(),
@@ -528,6 +529,16 @@ class Pipeline:
             if event is not None:
                 out.append((event["id"], hook_events.stored(event)))
         return tuple(out)
+
+
+def _with_facts(t: Transition, state: ShipmentState) -> Transition:
+    """``t`` with the tracking link and the order number its shipment's earlier events
+    gave, where it has none (README rule 1: the backend may send them once)."""
+    url = t.tracking_url or state.tracking_url
+    order = t.order or state.order
+    if url is t.tracking_url and order is t.order:
+        return t
+    return replaced(t, {"tracking_url": url, "order": order})
 
 
 def _journey(

@@ -797,3 +797,33 @@ def test_a_stall_reason_reads_its_rule_from_the_deadline_not_the_policy_of_today
             "stall check: no delivery 2 h after the estimated delivery window ended "
             "(2026-11-19 10:00 UTC; stalled.after_window_hours)"
         )
+
+
+@pytest.mark.parametrize("batched", [False, True])
+async def test_a_tracking_link_and_order_sent_once_reach_the_later_messages(
+    client: Client, settings: Settings, batched: bool
+) -> None:
+    """The backend sent the tracking link and the order number with the first scan only:
+    "arrives today" then had no "Track your parcel" link, no order line, and the SMS fell
+    back to "Track it with UPS: 1Z…" (found by a black-box run as the tracking backend)."""
+    first = transition(event_id="e1", status="picked_up", occurred_at="2026-11-21T08:00:00+01:00")
+    later = transition(event_id="e2", occurred_at="2026-11-21T10:00:00+01:00")
+    del later["tracking_url"], later["order"]
+    if batched:
+        await post(client, first, later)
+    else:
+        await post(client, first)
+        await run_worker(settings)
+        await post(client, later)
+    await run_worker(settings)
+    ofd = [f for f in outbox_files(settings) if nid("e2", ChannelKind.EMAIL) in f.name]
+    [sms] = [f for f in outbox_files(settings) if nid("e2", ChannelKind.SMS) in f.name]
+    [eml] = ofd
+    mail = email.message_from_bytes(eml.read_bytes(), policy=email.policy.default)
+    assert isinstance(mail, EmailMessage)
+    body = mail.get_body(("plain",))
+    assert body is not None
+    text = body.get_content()
+    assert "https://track.example.com/1Z999AA10123456784" in text, text
+    assert "1001" in text, text
+    assert "https://track.example.com/1Z999AA10123456784" in json.loads(sms.read_text())["body"]
