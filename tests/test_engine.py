@@ -534,6 +534,34 @@ def test_a_pickup_notice_past_its_deadline_is_not_sent() -> None:
     assert [v.outcome for v in steps[0].verdicts] == [Outcome.SENT, Outcome.SENT]
 
 
+def test_a_parcel_moved_to_another_pickup_point_or_due_sooner_is_news() -> None:
+    """A pickup notice naming another point was a duplicate of the first: the customer was
+    left with the wrong counter and deadline (found by a black-box run as the tracking
+    backend). A re-scan, or a later deadline, is still a duplicate."""
+    kiosk = {"name": "Kiosk am Markt", "address": "Markt 1, 04109 Leipzig"}
+    station = {"name": "Packstation 142", "address": "Ring 5, 04109 Leipzig"}
+    by = NOON + timedelta(days=5)
+
+    def pickup(i: int, point: dict[str, str], deadline: datetime) -> Transition:
+        at = NOON - timedelta(hours=8 - i)
+        return event(i, "available_for_pickup", at, pickup_point=point, pickup_deadline=deadline)
+
+    steps = singly(
+        [
+            pickup(1, kiosk, by),
+            pickup(2, kiosk, by),  # a re-scan
+            pickup(3, station, by + timedelta(days=4)),  # moved
+            pickup(4, station, by + timedelta(days=4)),  # a re-scan
+            pickup(5, station, by + timedelta(days=6)),  # later: the one told holds
+            pickup(6, station, by + timedelta(days=6, minutes=-20)),  # minutes sooner
+            pickup(7, station, by + timedelta(days=1)),  # sooner
+        ]
+    )
+    rules = {s.transition.event_id: {v.rule for v in s.verdicts} for s in steps}
+    assert told(steps) == ["e1", "e3", "e7"], rules
+    assert rules["e2"] == rules["e4"] == rules["e5"] == rules["e6"] == {"duplicate"}, rules
+
+
 def test_messages_are_remembered_to_the_second() -> None:
     """A message's time in the log is kept to the second (the caps and windows need no
     more; microseconds took a few bytes a message of every stored state)."""

@@ -265,9 +265,12 @@ def _channel_verdict(
     live: list[Sent | _Counted],
     decided: Mapping[ChannelKind, Sent | _Counted],
     moving_again: bool = False,
+    moved: bool = False,
 ) -> Verdict:
     """One channel's verdict. ``moving_again``: the first scan after an exception the
-    customer was told of on this channel, which the trivial-update throttle lets through."""
+    customer was told of on this channel, which the trivial-update throttle lets through.
+    ``moved``: a pickup notice for another point or an earlier deadline (``pickup_moved``),
+    news however recent the last one."""
     to = contact.email if channel is ChannelKind.EMAIL else contact.phone
     if to is None:
         return Verdict(
@@ -292,7 +295,7 @@ def _channel_verdict(
     # will be superseded) is a duplicate: a re-scan. The same milestone after another one
     # is news ("out for delivery" again on day 2). Trivial updates have their throttle.
     last = decided.get(channel)
-    repeat = last is not None and last.milestone == milestone and not rule.trivial
+    repeat = last is not None and last.milestone == milestone and not rule.trivial and not moved
     if repeat and last is not None and now - last.at < policy.dedupe_window:
         ago = _hours(now - last.at)
         # what became of it, in words that are true: one that waited and was cancelled, or
@@ -492,6 +495,7 @@ def decide(
         if t.status is not Status.EXCEPTION
         else set()
     )
+    moved = pickup_moved(state, t)
     verdicts: list[Verdict] = []
     for channel in rule.channels:
         verdict = _channel_verdict(
@@ -507,6 +511,7 @@ def decide(
             live,
             decided,
             channel in told,
+            moved,
         )
         verdicts.append(verdict)
         if verdict.outcome in _GOING:
@@ -515,6 +520,29 @@ def decide(
 
 
 _GOING = (Outcome.SENT, Outcome.DEFERRED)
+
+
+def pickup_moved(state: ShipmentState, t: Transition) -> bool:
+    """Whether ``t`` says a parcel waiting at a pickup point now waits at another one, or
+    must be collected sooner: news, not a re-scan (the customer would go to the wrong
+    counter, or too late). A later deadline is not: the one told still holds."""
+    if t.status is not Status.AVAILABLE_FOR_PICKUP:
+        return False
+    if state.status is not Status.AVAILABLE_FOR_PICKUP:
+        return False
+    now_at, was_at = t.pickup_point, state.pickup_point
+    if now_at and was_at and (now_at.name, now_at.address) != (was_at.name, was_at.address):
+        return True
+    return bool(
+        t.pickup_deadline
+        and state.pickup_deadline
+        and t.pickup_deadline <= state.pickup_deadline - _SOONER
+    )
+
+
+#: how much sooner a pickup deadline must be to be news (carriers that compute it afresh
+#: with each scan move it by minutes)
+_SOONER = timedelta(hours=1)
 
 
 def _ago(policy: Policy, t: Transition, now: datetime) -> str:
