@@ -438,6 +438,10 @@ class Notification(_Strict):
     #: a "delivered" after the parcel had waited at a pickup point: the customer collected it
     #: (templates see ``event.collected``: "collected", never "ask next door")
     collected: bool | None = None
+    #: an exception's: how far along the shipment was (``news_rank``: 3 out for delivery, 4
+    #: at a pickup point), when further than the exception's own step; the progress steps
+    #: show it there, not back "on the way"
+    reached: int | None = None
 
 
 #: what a waiting message's payload leaves out: its ledger key names the id, its transition

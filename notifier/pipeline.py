@@ -26,6 +26,7 @@ from notifier.delivery import Deliverer, DeliveryReport
 from notifier.insights import counts, journeys
 from notifier.insights.predict import Model, Prediction, predict
 from notifier.models import (
+    STATUS_RANK,
     ChannelKind,
     Decision,
     DeliveryWindow,
@@ -453,6 +454,7 @@ class Pipeline:
                             if verdict.channel is ChannelKind.SMS and ChannelKind.EMAIL not in going
                             else None,
                             "collected": True if collected else None,
+                            "reached": step.rank if step.rank > STATUS_RANK[t.status] else None,
                         },
                     )
                     built[nid] = n

@@ -82,6 +82,7 @@ def test_decisions_and_notifications_equal_validated_ones() -> None:
             "variant": None,
             "alone": None,
             "collected": None,
+            "reached": None,
         }
         window = DeliveryWindow(start=NOW, end=NOW)
         for predicted, test in ((None, None), (window, "short-subject")):
@@ -89,6 +90,7 @@ def test_decisions_and_notifications_equal_validated_ones() -> None:
             n["experiment"], n["variant"] = test, "b" if test else None
             n["alone"] = True if test else None
             n["collected"] = True if test else None
+            n["reached"] = 3 if test else None
             fast = assembled(Notification, dict(n))
             slow = Notification(**n)  # type: ignore[arg-type]
             assert fast == slow and fast.model_dump_json() == slow.model_dump_json()

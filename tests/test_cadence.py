@@ -827,3 +827,33 @@ async def test_a_tracking_link_and_order_sent_once_reach_the_later_messages(
     assert "https://track.example.com/1Z999AA10123456784" in text, text
     assert "1001" in text, text
     assert "https://track.example.com/1Z999AA10123456784" in json.loads(sms.read_text())["body"]
+
+
+@pytest.mark.parametrize("code", ["delayed", "weather_delay"])
+async def test_a_delay_while_out_for_delivery_stays_on_that_step(
+    client: Client, settings: Settings, code: str
+) -> None:
+    """ "Arrives today", then a delay: the email's progress went back to "On the way
+    (problem)" with "Out for delivery (not yet)" (found by a black-box run as the tracking
+    backend). An exception is as far along as the shipment had reached (rule 9)."""
+    en = {"email": "ana@example.com", "locale": "en", "timezone": "Europe/Paris"}
+    await post(client, transition(event_id="ofd", recipient=en))
+    await run_worker(settings)
+    late = transition(
+        event_id="late",
+        status="exception",
+        exception_code=code,
+        occurred_at="2026-11-21T11:30:00+01:00",
+        recipient=en,
+    )
+    await post(client, late)
+    await run_worker(settings)
+    [eml] = [f for f in outbox_files(settings, ".eml") if nid("late", ChannelKind.EMAIL) in f.name]
+    mail = email.message_from_bytes(eml.read_bytes(), policy=email.policy.default)
+    assert isinstance(mail, EmailMessage)
+    body = mail.get_body(("plain",))
+    assert body is not None
+    text = body.get_content()
+    assert "Out for delivery (problem)" in text, text
+    assert "(not yet)" in text and "Delivered (not yet)" in text, text
+    assert "Out for delivery (not yet)" not in text, text

@@ -694,3 +694,36 @@ def test_a_city_the_carrier_sent_in_capitals_is_written_as_people_write_it() -> 
         m = render_email(notification(t))
         assert f"{shown}, United States" in m.text, (sent, m.text)
         assert sent == shown or sent not in m.text
+
+
+def test_an_exception_stands_on_the_step_the_shipment_had_reached() -> None:
+    """Rule 9: a delay while out for delivery is a problem on that step, one at a pickup
+    point a problem there; before, every exception but those at the door went back to
+    "on the way"."""
+    from notifier.models import Transition
+    from notifier.render.renderer import _progress
+
+    delay = Transition.model_validate(
+        {
+            "event_id": "e1",
+            "merchant_id": "acme",
+            "shipment_id": "s1",
+            "tracking_number": "1Z",
+            "carrier": "ups",
+            "status": "exception",
+            "exception_code": "delayed",
+            "occurred_at": "2026-11-21T10:00:00Z",
+        }
+    )
+
+    def steps(reached: int | None) -> list[tuple[str, str]]:
+        return [(s["key"], s["state"]) for s in _progress(delay, reached=reached)]
+
+    assert steps(None)[2:] == [
+        ("moving", "problem"),
+        ("out", "upcoming"),
+        ("delivered", "upcoming"),
+    ]
+    assert steps(2) == steps(None)
+    assert steps(3)[2:] == [("moving", "done"), ("out", "problem"), ("delivered", "upcoming")]
+    assert steps(4)[2:] == [("moving", "done"), ("collect", "problem")]

@@ -491,7 +491,11 @@ def decide(
     # a scan after an exception the customer was told of, on each channel (the last word
     # there is the problem, however often the carrier re-scanned it since): it moves again
     told = (
-        {c for c, m in decided.items() if m.milestone.startswith(_EXCEPTION) and not m.cancelled}
+        {
+            c
+            for c, m in decided.items()
+            if m.milestone.startswith(_EXCEPTION) and not (isinstance(m, Sent) and m.cancelled)
+        }
         if t.status is not Status.EXCEPTION
         else set()
     )

@@ -55,6 +55,8 @@ _INLINER = css_inline.CSSInliner(keep_style_tags=False, load_remote_stylesheets=
 
 #: The step indicator: which of its five steps a status stands on (delivered is the last).
 _STEP_OF: dict[Status, int] = {s: min(rank, 4) for s, rank in STATUS_RANK.items()}
+#: How far along "out for delivery" is (``news_rank``).
+_OUT_RANK = STATUS_RANK[Status.OUT_FOR_DELIVERY]
 #: Exceptions that happen at the door stand on the delivery step, the others on the way.
 _AT_THE_DOOR = {"address_issue", "recipient_unavailable", "refused"}
 #: Problems after which the parcel goes back to the sender: its journey ends there.
@@ -301,15 +303,22 @@ def stats_tag(n: Notification, variant: str = "") -> str:
     )
 
 
-def _progress(t: Transition, collected: bool = False) -> list[dict[str, str]]:
+def _progress(
+    t: Transition, collected: bool = False, reached: int | None = None
+) -> list[dict[str, str]]:
     """The journey's steps with their state; a pickup journey ends at the pickup point (a
-    parcel collected there: through it, never "out for delivery")."""
+    parcel collected there: through it, never "out for delivery"). An exception is at the
+    step the shipment had reached (``reached``, ``Notification.reached``), never before."""
     if t.status is Status.RETURNED_TO_SENDER:
         return []
     current = _STEP_OF[t.status]
     if t.exception_code is not None and t.exception_code.value in _AT_THE_DOOR:
         current = 3
-    if t.status is Status.AVAILABLE_FOR_PICKUP:
+    at_pickup = t.status is Status.AVAILABLE_FOR_PICKUP
+    if t.status is Status.EXCEPTION and reached is not None and reached >= _OUT_RANK:
+        current = 3  # out for delivery, or waiting at the pickup point
+        at_pickup = reached > _OUT_RANK
+    if at_pickup:
         keys, current = ["ordered", "shipped", "moving", "collect"], 3
     elif collected:
         keys = ["ordered", "shipped", "moving", "collect", "delivered"]
@@ -664,7 +673,7 @@ class Renderer:
                 #: a "delivered" of a parcel the customer collected from a pickup point
                 "collected": bool(n.collected),
             },
-            "progress": _progress(t, bool(n.collected)),
+            "progress": _progress(t, bool(n.collected), n.reached),
             "actions": actions,
             #: the milestone's own action (confirm address, rebook, collect), when configured
             "primary_action": primary,
@@ -919,6 +928,7 @@ class Renderer:
                 and ctx["variant"] == variant
                 and before.alone == n.alone
                 and before.collected == n.collected
+                and before.reached == n.reached
             ):
                 return {**ctx, "us_opt_out": _us_opt_out(n)}, parts
         ctx = self.context(n, locale, variant)
