@@ -16,6 +16,7 @@ from fakeredis import FakeServer
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Field,
     StringConstraints,
     TypeAdapter,
     ValidationError,
@@ -197,7 +198,7 @@ class OptOut(BaseModel):
 
     channel: ChannelKind
     address: Annotated[str, StringConstraints(min_length=3, max_length=254)]
-    opted_out: bool = True
+    opted_out: bool = Field(default=True, strict=True)  # ("yes", 1: not read as true)
 
     @field_validator("address")
     @classmethod

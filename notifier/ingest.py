@@ -222,9 +222,16 @@ def _sent_wrong(item: Any, index: int | None) -> list[dict[str, Any]]:
 
 def _errors(exc: ValidationError, index: int | None) -> list[dict[str, Any]]:
     return [
-        _detail(index, _field(err["loc"]), err["msg"])
+        _detail(index, _field(err["loc"]), _message(err["type"], err["msg"]))
         for err in exc.errors(include_url=False, include_input=False)
     ]
+
+
+def _message(kind: str, message: str) -> str:
+    """pydantic's words, but not its class names ("… or instance of Transition")."""
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return "must be a JSON object"
+    return message
 
 
 async def read_json(request: web.Request, limit: int) -> Any:

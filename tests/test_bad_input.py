@@ -405,6 +405,10 @@ def named(error: dict[str, Any]) -> set[str]:
         (transition(recipient={"locale": "../../etc/passwd"}), {"recipient.locale"}),
         (transition(recipient={"timezone": "../../../etc/localtime"}), {"recipient.timezone"}),
         (transition(recipient={"timezone": "Europe/Paris\x00"}), {"recipient.timezone"}),
+        # zone files that are no place's time: the server's own, "-00", leap seconds
+        (transition(recipient={"timezone": "localtime"}), {"recipient.timezone"}),
+        (transition(recipient={"timezone": "Factory"}), {"recipient.timezone"}),
+        (transition(recipient={"timezone": "right/Europe/Paris"}), {"recipient.timezone"}),
         (transition(carrier_description="x" * 1001), {"carrier_description"}),
         (transition(tracking_url="javascript:alert(1)"), {"tracking_url"}),
         (transition(tracking_url="https://x.example/" + "a" * 2000), {"tracking_url"}),
@@ -443,6 +447,28 @@ async def test_invalid_fields_are_422_naming_each(
     error = await refused(resp, 422, "invalid_transition")
     assert fields <= named(error), error
     assert await inbox_length(settings) == 0
+
+
+async def test_an_item_that_is_no_object_is_named_without_class_names(client: Client) -> None:
+    items = [transition(), "x", transition(event_id="e2", recipient=[])]
+    resp = await client.post("/v1/transitions", json={"transitions": items}, headers=auth())
+    error = await refused(resp, 422, "invalid_transition")
+    assert {(d["index"], d["field"], d["message"]) for d in error["details"]} == {
+        (1, "(body)", "must be a JSON object"),
+        (2, "recipient", "must be a JSON object"),
+    }
+    assert "Transition" not in await resp.text()
+
+
+@pytest.mark.parametrize("value", ["yes", 1, "true"])
+async def test_an_opt_out_flag_must_be_a_json_boolean(client: Client, value: Any) -> None:
+    resp = await client.post(
+        "/v1/merchants/acme/opt-outs",
+        json={"channel": "email", "address": "ana@example.com", "opted_out": value},
+        headers=auth(),
+    )
+    assert resp.status == 422, await resp.text()
+    assert "opted_out" in await resp.text()
 
 
 async def test_notifiers_own_event_ids_are_refused_saying_why(client: Client) -> None:
