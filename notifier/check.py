@@ -727,20 +727,40 @@ def _render_one(
         # US numbers carry the legally required opt-out line: one more segment for it; and
         # one for the support phone a "contact us" SMS gives (a number to call is worth it)
         us = phone.startswith("+1")
-        support = renderer.brand(n.merchant_id).support.phone
+        brand = renderer.brand(n.merchant_id)
+        support = brand.support.phone
         call = bool(support) and str(support) in message.body
         budget = SMS_BUDGET[message.encoding] + us + call
-        if message.segments <= budget:
+        if message.segments <= budget or not _reads(brand.locales, recipient.locale):
             continue
         lines = [*(["the US opt-out line"] if us else []), *(["the support phone"] if call else [])]
         extra = f" incl. 1 for {' and 1 for '.join(lines)}" if lines else ""
+        # the shop's name is in every SMS: a long one is what a merchant can change
+        named = len(brand.name) >= _LONG_NAME and brand.name in message.body
+        hint = f"; the shop name takes {len(brand.name)} characters of it" if named else ""
         problems.append(
             f"sms ({t.milestone}, {recipient.locale}{', +1' if us else ''}"
             f"{', without an email' if alone else ''}{', collected' if collected else ''}): "
             f"{message.segments} segments in "
-            f"{message.encoding} (budget {budget}{extra}): {message.body!r}"
+            f"{message.encoding} (budget {budget}{extra}{hint}): {message.body!r}"
         )
     return problems
+
+
+#: A shop name this long is worth naming when an SMS is over its budget.
+_LONG_NAME = 16
+
+
+def _reads(locales: list[str] | None, locale: str | None) -> bool:
+    """Whether a merchant's customers read ``locale``: any, unless its brand lists its
+    languages (``locales``); a regional form reads as its language (``fr_CA`` as ``fr``)."""
+    if locales is None or locale is None:
+        return True
+    return _language(locale) in {_language(x) for x in locales}
+
+
+def _language(locale: str) -> str:
+    return locale.replace("-", "_").split("_")[0].lower()
 
 
 def candidate_renderer(

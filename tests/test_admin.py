@@ -691,3 +691,20 @@ async def test_a_version_or_revision_sent_as_true_is_refused_not_read_as_1(clien
         resp = await client.post(f"{acme}/overrides/{path}", json=body, headers=auth(ACME_KEY))
         assert resp.status == 422, (path, await resp.text())
         assert next(iter(body)) in await resp.text()
+
+
+async def test_a_long_shop_name_is_named_and_only_the_merchants_languages_are_budgeted(
+    client: Client,
+) -> None:
+    """A 26-character name gave 20 SMS-budget problems, all in Arabic, with nothing naming
+    the name, and blocked every publish even with `locales: [en]`."""
+    acme = BASE.format(m="acme")
+    brand = {"name": "Acme Outdoor Equipment Co.", "support": {"email": "help@acme.example"}}
+    resp = await client.put(f"{acme}/brand", json=brand, headers=auth(ACME_KEY))
+    problems = (await resp.json())["problems"]
+    over = [p for p in problems if "segments in" in p]
+    assert over and all("the shop name takes 26 characters of it" in p for p in over), problems
+    resp = await client.put(
+        f"{acme}/brand", json={**brand, "locales": ["en"]}, headers=auth(ACME_KEY)
+    )
+    assert (await resp.json())["problems"] == []
