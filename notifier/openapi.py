@@ -590,7 +590,14 @@ def _editor() -> dict[tuple[str, str], Op]:
         ("GET /merchant/sign-in", "editorSignInForm", "The sign-in form", PAGE, None, "next"),
         ("POST /merchant/sign-in", "editorSignIn", "Sign in", sign_in, m.SignInForm, ""),
         ("POST /merchant/sign-out", "editorSignOut", "Sign out", sign_out, m.CsrfForm, ""),
-        ("GET /merchant/static/{filename}", "editorStatic", "Its CSS and script", files, None, ""),
+        (
+            "GET /merchant/-/static/{filename}",
+            "editorStatic",
+            "Its CSS and script",
+            files,
+            None,
+            "",
+        ),
     ]
     for route, op_id, summary, replies, form, query in anyone:
         method, path = route.split(" ")

@@ -993,3 +993,14 @@ async def test_discard_on_the_review_page_never_throws_away_a_newer_save(client:
         f"{ACME}/publish", data={"csrf": csrf, "discard": path, "base": base_of(page)}
     )
     assert resp.status == 200 and path not in await draft(client)
+
+
+async def test_a_merchant_called_static_has_its_editor_pages(client: Client) -> None:
+    """The editor's CSS and script were served under /merchant/static/, so a merchant with
+    the id "static" (a valid one) got JSON 404s for its pages."""
+    await sign_in(client, ADMIN_KEY)
+    for page in ("brand", "messages", "cadence", "publish"):
+        resp = await client.get(f"/merchant/static/{page}")
+        assert resp.status == 200 and resp.content_type == "text/html", page
+    css = await client.get("/merchant/-/static/editor.css")
+    assert css.status == 200 and css.content_type == "text/css"

@@ -246,9 +246,9 @@ async def test_what_the_fuzzing_found_stays_fixed(client: Client, settings: Sett
     assert resp.status == 422 and "delivered.jinja" in (await resp.json())["error"]["message"]
     # the editor's files, and a JSON 404 for any other name (was an empty octet-stream)
     for name, kind in (("editor.css", "text/css"), ("editor.js", "application/javascript")):
-        resp = await client.get(f"/merchant/static/{name}")
+        resp = await client.get(f"/merchant/-/static/{name}")
         assert resp.status == 200 and resp.content_type == kind
-    resp = await client.get("/merchant/static/editor.html")
+    resp = await client.get("/merchant/-/static/editor.html")
     assert resp.status == 404 and (await resp.json())["error"]["code"] == "not_found"
     # a brand or policy file that is not a mapping of text keys still reads as fields
     for path, text in (("brand.yaml", "1: x\nwhen: 2026-11-21\n"), ("policy.yaml", "- a\n")):

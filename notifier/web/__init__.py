@@ -65,7 +65,7 @@ def add_routes(app: web.Application, admin: Admin, views: Views, keys: KeyRing) 
         else:
             app.router.add_route(method, path, wrapped)
     app.router.add_get(base, _slash)
-    app.router.add_get("/merchant/static/{filename}", _static)
+    app.router.add_get("/merchant/-/static/{filename}", _static)
 
 
 async def _slash(request: web.Request) -> web.StreamResponse:
