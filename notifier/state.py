@@ -463,12 +463,19 @@ class ShipmentState(BaseModel):
         deadline = self.last_scan_at + no_scan
         window = self.estimated_delivery
         if window is not None and (
-            window.end > self.last_scan_at or self.status is not Status.OUT_FOR_DELIVERY
+            self.status is not Status.OUT_FOR_DELIVERY or window.end > self._promised_at()
         ):
-            # (an "out for delivery" scanned after its window ended is the carrier's new
-            # promise, news: not a delay to announce a minute later)
+            # (an "out for delivery" scanned, or told, after its window ended is the
+            # carrier's new promise, news: not a delay to announce a minute later)
             deadline = min(deadline, window.end + after_window)
         return deadline
+
+    def _promised_at(self) -> datetime:
+        """When the current status was last promised: its scan, or the message that told
+        it, if later (a scan the backend posted hours late is told when it arrives)."""
+        assert self.last_scan_at is not None
+        told = [m.at for m in self.messages if m.event_id == self.current_event]
+        return max([self.last_scan_at, *told])
 
     def stall_reason(self, deadline_ms: int, no_scan_hours: float) -> str:
         """What the stall check saw at ``deadline_ms`` (``stall_deadline``), with its numbers,

@@ -478,6 +478,28 @@ async def test_shipments_last_scanned_the_same_minute_are_each_told_they_stalled
     assert len(own_event_id("stalled:", deadline, long_id)) <= EVENT_ID_MAX
 
 
+async def test_arrives_today_told_after_its_window_is_not_a_delay_a_minute_later(
+    client: Client, settings: Settings, res_at: Any
+) -> None:
+    """An "out for delivery" the backend posted hours late, after its window had ended: it
+    is told ("arrives today"), and the stall check sent "your parcel is delayed" a minute
+    later (found by a black-box run as the tracking backend). Told after the window, it is
+    the carrier's new promise: only the no-scan rule can call it stalled."""
+    scanned = datetime(2026, 11, 20, 8, 0, tzinfo=UTC)
+    window = {"start": "2026-11-20T09:00:00+00:00", "end": "2026-11-20T11:00:00+00:00"}
+    ofd = transition(
+        status="out_for_delivery", occurred_at=scanned.isoformat(), estimated_delivery=window
+    )
+    await post(client, ofd)
+    told_at = datetime(2026, 11, 20, 13, 0, tzinfo=UTC)
+    await run_worker(settings, clock=fixed_clock(told_at))
+    assert [d["outcome"] for d in await history(client)] == ["sent", "sent"]
+    async with res_at(told_at + timedelta(minutes=2)) as res:
+        assert await find_stalled({"res": res}) == 0
+    async with res_at(scanned + timedelta(hours=72, minutes=1)) as res:
+        assert await find_stalled({"res": res}) == 1
+
+
 async def test_missed_delivery_window_counts_as_stalled(
     client: Client, settings: Settings, res_at: Any
 ) -> None:
