@@ -46,6 +46,16 @@ def nid(event_id: str, channel: ChannelKind, **kw: Any) -> str:
     return notification_id(Transition.model_validate(transition(event_id=event_id, **kw)), channel)
 
 
+def plain_text(eml: Path) -> str:
+    """An outbox email's plain-text part."""
+    mail = email.message_from_bytes(eml.read_bytes(), policy=email.policy.default)
+    assert isinstance(mail, EmailMessage)
+    body = mail.get_body(("plain",))
+    assert body is not None
+    text: str = body.get_content()
+    return text
+
+
 async def sms_deliveries(client: Client) -> dict[str, dict[str, Any]]:
     """Event id -> the delivery of its SMS, from the shipment's history."""
     return {
@@ -838,14 +848,9 @@ async def test_a_tracking_link_and_order_sent_once_reach_the_later_messages(
         await run_worker(settings)
         await post(client, later)
     await run_worker(settings)
-    ofd = [f for f in outbox_files(settings) if nid("e2", ChannelKind.EMAIL) in f.name]
+    [eml] = [f for f in outbox_files(settings) if nid("e2", ChannelKind.EMAIL) in f.name]
     [sms] = [f for f in outbox_files(settings) if nid("e2", ChannelKind.SMS) in f.name]
-    [eml] = ofd
-    mail = email.message_from_bytes(eml.read_bytes(), policy=email.policy.default)
-    assert isinstance(mail, EmailMessage)
-    body = mail.get_body(("plain",))
-    assert body is not None
-    text = body.get_content()
+    text = plain_text(eml)
     assert "https://track.example.com/1Z999AA10123456784" in text, text
     assert "1001" in text, text
     assert "https://track.example.com/1Z999AA10123456784" in json.loads(sms.read_text())["body"]
@@ -871,11 +876,7 @@ async def test_a_delay_while_out_for_delivery_stays_on_that_step(
     await post(client, late)
     await run_worker(settings)
     [eml] = [f for f in outbox_files(settings, ".eml") if nid("late", ChannelKind.EMAIL) in f.name]
-    mail = email.message_from_bytes(eml.read_bytes(), policy=email.policy.default)
-    assert isinstance(mail, EmailMessage)
-    body = mail.get_body(("plain",))
-    assert body is not None
-    text = body.get_content()
+    text = plain_text(eml)
     assert "Out for delivery (problem)" in text, text
     assert "(not yet)" in text and "Delivered (not yet)" in text, text
     assert "Out for delivery (not yet)" not in text, text
