@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 
 from notifier import metrics
 from notifier.channels import Channel, Outcome, Outgoing, Receipt
+from notifier.channels.base import ClaimLapsed, Lease
 from notifier.errors import PermanentDeliveryError, RenderError, TemporaryDeliveryError
 from notifier.insights import counts
 from notifier.insights.counts import Count
@@ -53,6 +54,9 @@ MAX_ATTEMPTS = 8
 SEND_CONCURRENCY = 16
 #: A round whose rendering took longer than this renews its claims before it sends.
 RENEW_AFTER_S = 5.0
+#: How much sooner than its claims' lease runs out a round stops handing messages to a
+#: channel (``channels.Lease``): other workers judge the lease by their own clocks.
+LEASE_MARGIN_S = 5.0
 
 
 def backoff_s(attempt: int, retry_after_s: float | None = None) -> float:
@@ -246,6 +250,7 @@ class Deliverer:
         now = self.res.clock()
         now_ms = int(now.timestamp() * 1000)
         lease = self._lease_ms()
+        fence = _fence(time.monotonic())
         claims = await self.res.store.claim(
             notification_ids, now_ms, lease, due=due, owner=owner, scope=scope
         )
@@ -254,10 +259,10 @@ class Deliverer:
             for nid, (result, *_) in zip(notification_ids, claims, strict=True)
             if result in (ClaimResult.FRESH, ClaimResult.RECLAIMED)
         ]
-        keeper = asyncio.create_task(self._keep(held, owner, scope)) if held else None
+        keeper = asyncio.create_task(self._keep(held, owner, scope, fence)) if held else None
         try:
             return await self._send_claimed(
-                owner, notification_ids, claims, report, now, states, built, scope
+                owner, notification_ids, claims, report, now, states, built, scope, fence
             )
         finally:
             if keeper is not None:
@@ -270,15 +275,14 @@ class Deliverer:
         (one send may take the provider timeout); a round renews its own while it runs."""
         return LEASE_MS + int(self.res.settings.provider_timeout_s * 1000)
 
-    async def _keep(self, ids: list[str], owner: str, scope: Scope) -> None:
+    async def _keep(self, ids: list[str], owner: str, scope: Scope, fence: Lease) -> None:
         """Renew, every ``RENEW_EVERY_S``, the claims of ``ids`` that ``owner`` still
         holds, until the round cancels this (settled ones are no longer held: their entries
-        left the ledger, or no longer carry the owner)."""
+        left the ledger, or no longer carry the owner); ``fence`` moves with them."""
         while ids:
             await asyncio.sleep(RENEW_EVERY_S)
-            now_ms = int(self.res.clock().timestamp() * 1000)
             try:
-                ids = await self.res.store.renew(ids, owner, now_ms, scope)
+                ids = await self._renew(ids, owner, scope, fence)
             except (RedisError, OSError) as exc:  # the next tick tries again
                 log.warning(
                     "renewing %d claims failed (%s); tried again in %g s (a claim lapses about a "
@@ -287,6 +291,16 @@ class Deliverer:
                     type(exc).__name__,
                     RENEW_EVERY_S,
                 )
+
+    async def _renew(self, ids: list[str], owner: str, scope: Scope, fence: Lease) -> list[str]:
+        """Renew the claims of ``ids`` that ``owner`` still holds (those it returns), and
+        move ``fence`` on: from when the renewal was asked, for those."""
+        asked = time.monotonic()
+        now_ms = int(self.res.clock().timestamp() * 1000)
+        held = await self.res.store.renew(ids, owner, now_ms, scope)
+        fence.lost.update(set(ids) - set(held))
+        fence.until = _fence(asked).until
+        return held
 
     def _held_back(
         self, report: DeliveryReport, nid: str, result: ClaimResult, payload: bytes | None
@@ -312,9 +326,10 @@ class Deliverer:
         states: Mapping[tuple[str, str], ShipmentState],
         built: Mapping[str, Notification],
         scope: Scope,
+        fence: Lease,
     ) -> DeliveryReport:
         """The rest of a round, once its notifications are claimed: check, render, send,
-        record."""
+        record (each message only while ``fence`` allows)."""
         claimed: list[tuple[Notification, ClaimResult]] = []
         for nid, (result, payload, created_at) in zip(notification_ids, claims, strict=True):
             if result in (ClaimResult.BUSY, ClaimResult.UNCONFIRMED):
@@ -348,7 +363,7 @@ class Deliverer:
             # renewed (another worker may have taken over a lapsed claim, and sent it).
             ids = [n.notification_id for n, _ in claimed]
             now_ms = int(self.res.clock().timestamp() * 1000)
-            ours = set(await self.res.store.renew(ids, owner, now_ms, scope))
+            ours = set(await self._renew(ids, owner, scope, fence))
             lost = [n.notification_id for n, _ in claimed if n.notification_id not in ours]
             if lost:
                 log.warning("%d claims lapsed while rendering; left to their new holder", len(lost))
@@ -364,7 +379,9 @@ class Deliverer:
             if isinstance(message, RenderError):
                 await self._fail(n, message, report, owner, scope)
                 continue
-            outgoing = Outgoing(message, now, recovering=result is ClaimResult.RECLAIMED)
+            outgoing = Outgoing(
+                message, now, recovering=result is ClaimResult.RECLAIMED, lease=fence
+            )
             batches.setdefault(self._channel_name(n), []).append(outgoing)
 
         for name, items in batches.items():
@@ -384,6 +401,22 @@ class Deliverer:
         """Send one channel's messages, then record each outcome: what was accepted is
         marked sent at once (not after the round), the rest retried or failed."""
         outcomes = await self._send(name, items)
+        lapsed = [o.notification_id for o in outcomes if isinstance(o, ClaimLapsed)]
+        if lapsed:
+            # paused past the lease (another worker may hold them, and have sent them):
+            # nothing to record, as for claims lost while rendering
+            log.warning(
+                "%d claims lapsed before they were sent; left to their new holder", len(lapsed)
+            )
+            report.busy += lapsed
+            until = int(self.res.clock().timestamp() * 1000) + self._lease_ms()
+            report.busy_until.update(dict.fromkeys(lapsed, until))
+            kept = [
+                (i, o)
+                for i, o in zip(items, outcomes, strict=True)
+                if not isinstance(o, ClaimLapsed)
+            ]
+            items, outcomes = [i for i, _ in kept], [o for _, o in kept]
         at = now.isoformat()
         sent = [
             (item.message.notification_id, at, f"{outcome.channel}:{outcome.detail}")
@@ -756,3 +789,10 @@ async def fall_back_later(
         collected=True if state.collected else None,
     )
     return await fall_back_to_email(res, sms, why)
+
+
+def _fence(asked: float) -> Lease:
+    """The fence of claims made or renewed at ``asked`` (``time.monotonic``): a send is
+    started only while it can end before the lease runs out (the lease allows a send the
+    provider timeout on top of ``LEASE_MS``)."""
+    return Lease(asked + LEASE_MS / 1000 - LEASE_MARGIN_S)

@@ -10,6 +10,7 @@ import email.policy
 import math
 import re
 import shutil
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
@@ -614,6 +615,60 @@ async def test_claims_that_lapse_while_rendering_are_left_to_their_new_holder(
         assert len(report.delivery.busy) == 2
         assert report.unsettled  # the entry waits for the new holder
         assert outbox_files(settings) == []
+
+
+async def test_a_worker_paused_past_its_lease_while_sending_sends_nothing_more(
+    client: Client, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker stopped (SIGSTOP) mid-send, its claims taken over and sent by another, went
+    on writing when it resumed: 52 of 300 notifications twice in the outbox (found by an
+    operator's drill). A round now hands a message to its channel only while its claims'
+    lease, from their last renewal, still holds (``channels.Lease``)."""
+    await post(client, transition())
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        entries = await read_whole_inbox(res, "paused-worker")
+        outbox = res.channels[ChannelKind.EMAIL]
+        send_many = outbox.send_many
+
+        async def paused_then_resumed(items: Sequence[Any]) -> Any:
+            for item in items:  # stopped past the lease; another worker took the claims
+                await res.redis.hset(
+                    res.store.notification_key(item.message.notification_id), "owner", "w2"
+                )
+                item.lease.until = time.monotonic() - 1
+            return await send_many(items)
+
+        monkeypatch.setattr(outbox, "send_many", paused_then_resumed)
+        report = await Pipeline(res).process(entries)
+        assert report.delivery.sent == []
+        assert len(report.delivery.busy) == 2
+        assert report.unsettled  # the entry waits for the new holder
+        assert outbox_files(settings) == []
+
+
+def test_a_provider_channel_never_calls_out_for_a_lapsed_claim() -> None:
+    """SendGrid and Twilio check the lease right before each call, as the outbox writer
+    does before each file (a channel may wait on its concurrency limit)."""
+    from notifier.channels import Outgoing
+    from notifier.channels.base import ClaimLapsed, Lease
+    from notifier.channels.sendgrid import build_sendgrid
+    from notifier.render import EmailMessageOut
+
+    message = EmailMessageOut(
+        "n_1", "acme", "s1", "ana@example.com", "Acme <n@example.com>", "Hi", "Hi", "<p>Hi</p>"
+    )
+
+    async def send() -> list[Any]:
+        # nothing listens there: a call would be a "SendGrid unreachable" retry
+        channel = build_sendgrid("SG.x", base_url="http://127.0.0.1:9", timeout_s=1)
+        try:
+            past = Lease(time.monotonic() - 1)
+            return await channel.send_many([Outgoing(message, datetime.now(UTC), lease=past)])
+        finally:
+            await channel.aclose()
+
+    [outcome] = asyncio.run(send())
+    assert isinstance(outcome, ClaimLapsed), outcome
 
 
 async def test_a_merchant_template_error_quoting_data_does_not_log_it(

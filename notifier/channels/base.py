@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Protocol
 
-from notifier.errors import DeliveryError
+from notifier.errors import DeliveryError, TemporaryDeliveryError
 from notifier.render import Message
 
 
@@ -20,18 +21,48 @@ class Receipt:
     detail: str
 
 
+@dataclass(slots=True)
+class Lease:
+    """Until when a round may still hand its messages to a channel (``time.monotonic``):
+    its claims' lease from their last renewal, less a margin for the clocks of other
+    workers. A process paused past it (a stop signal, a VM frozen, swap) may find its
+    claims taken over, and their messages sent, by another worker: it must not send them
+    again. ``lost``: claims a renewal found another worker's."""
+
+    until: float
+    lost: set[str] = field(default_factory=set)
+
+    def allows(self, notification_id: str) -> bool:
+        return time.monotonic() < self.until and notification_id not in self.lost
+
+
+class ClaimLapsed(TemporaryDeliveryError):
+    """Not handed to the channel: its claim may be another worker's now (``Lease``)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Outgoing:
     """One message to deliver.
 
     ``recovering`` is true when an earlier attempt may already have delivered
     this notification; a channel that can find out (the outbox can) must not
-    deliver it twice.
+    deliver it twice. ``lease``: its round's; a channel checks it right before it
+    delivers each message (``lapsed``).
     """
 
     message: Message
     sent_at: datetime
     recovering: bool = False
+    lease: Lease | None = None
+
+    def lapsed(self, channel: str) -> ClaimLapsed | None:
+        """The outcome of a message whose claim lapsed before it was delivered, or None."""
+        nid = self.message.notification_id
+        if self.lease is None or self.lease.allows(nid):
+            return None
+        return ClaimLapsed(
+            "its claim lapsed before it was sent; left to its new holder", nid, channel
+        )
 
 
 #: Per message: a receipt, or the ``TemporaryDeliveryError`` / ``PermanentDeliveryError``

@@ -221,6 +221,9 @@ class OutboxChannel:
     def _write_all(self, items: Sequence[Outgoing]) -> list[Outcome]:
         outcomes: list[Outcome] = []
         for item in items:
+            if (lapsed := item.lapsed(self.name)) is not None:
+                outcomes.append(lapsed)
+                continue
             try:
                 path = self._write(item.message, item.sent_at, item.recovering)
             except OSError as exc:

@@ -101,6 +101,8 @@ class SendGridChannel:
         assert isinstance(message, EmailMessageOut), "the SendGrid channel carries email only"
         nid = message.notification_id
         async with self._limit:
+            if (lapsed := item.lapsed(self.name)) is not None:
+                return lapsed
             try:
                 async with self.session.post(
                     self.url,

@@ -170,6 +170,8 @@ class TwilioChannel:
             tag = f"?stats={quote(message.stats_tag, safe=':~')}" if message.stats_tag else ""
             params["status_callback"] = self.status_callback + tag
         async with self._limit:
+            if (lapsed := item.lapsed(self.name)) is not None:
+                return lapsed
             _last_status.set(None)
             try:
                 created = await self.client.messages.create_async(**params)
