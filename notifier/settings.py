@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 import ipaddress
 import json
 import os
@@ -17,6 +18,7 @@ from urllib.parse import SplitResult, parse_qsl, urlsplit
 from dotenv import dotenv_values
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+from redis.asyncio import connection as redis_connection
 
 from notifier.errors import ConfigurationError
 
@@ -263,12 +265,15 @@ class Settings(BaseSettings):
         "locales_dir",
         "policies_dir",
         "metrics_dir",
+        "redis_url",
+        "queue_redis_url",
         mode="before",
     )
     @classmethod
     def _not_empty(cls, value: Any) -> Any:
         # an empty value (a compose file's unset substitution) is no default: an empty host
-        # listens on every interface, an empty folder is the working directory
+        # listens on every interface, an empty folder is the working directory, an empty
+        # Redis URL would be the embedded in-memory store (every event lost at a restart)
         if isinstance(value, str) and not value.strip():
             raise ValueError("is empty: give a value, or unset it for the default")
         return value
@@ -284,10 +289,15 @@ class Settings(BaseSettings):
             schemes += ["redis+cluster", "rediss+cluster"]
         if url.scheme not in schemes:
             raise ValueError("must start with " + ", ".join(f"{s}://" for s in schemes))
+        if "#" in value:
+            # (urlsplit would cut the URL there: a password's rest read as the port; never
+            # quoted back, it may be a password's)
+            raise ValueError(_ENCODE)
         if url.scheme.endswith("+cluster"):
             cluster_nodes(value)  # each node named well
         else:
             _check_port(url)
+            _check_options(url)
         database = url.path.strip("/")
         asked = [v for k, v in parse_qsl(url.query) if k == "db"]
         if url.scheme.endswith("+cluster") and ({database, *asked} - {"", "0"}):
@@ -425,24 +435,63 @@ def cluster_nodes(url: str) -> list[tuple[str, int]]:
     commas (``[::1]:7001`` for IPv6; the port defaults to 6379). ValueError naming a bad one."""
     netloc = urlsplit(url).netloc.rpartition("@")[2]
     nodes = []
-    for node in netloc.split(","):
+    for i, node in enumerate(netloc.split(","), 1):
         try:
             one = urlsplit(f"//{node.strip()}")
             host, port = one.hostname, one.port or 6379
-        except ValueError as exc:
-            raise ValueError(f"bad node {node.strip()!r}: {exc}") from None
+        except ValueError:
+            # (not quoted: with a password cut at a "/" or "?", it holds part of it)
+            raise ValueError(f"node {i} (after the //) does not read: {_ENCODE_WHY}") from None
         if not host:
-            raise ValueError(f"bad node {node.strip()!r}: no host")
+            raise ValueError(f"node {i} (after the //) names no host")
         nodes.append((host, port))
     return nodes
 
 
+#: How a Redis URL's password must be written; what a bad URL's error says instead of
+#: quoting it (a password cut at a "#", "/" or "?" reads as the port, or as a path).
+_ENCODE_WHY = (
+    "its port after the host must be a number up to 65535, and a password holding #, /, ?, @ or : "
+    "must be percent-encoded (%23, %2F, %3F, %40, %3A)"
+)
+_ENCODE = f"does not read as a URL: {_ENCODE_WHY}"
+
+
 def _check_port(url: SplitResult) -> None:
-    """ValueError naming what is wrong with a URL's port (urlsplit parses it lazily)."""
+    """ValueError when a URL's port is not a number (urlsplit parses it lazily), without
+    quoting it."""
     try:
         url.port  # noqa: B018 (parsing it is the check)
-    except ValueError as exc:
-        raise ValueError(f"bad port: {exc}") from None
+    except ValueError:
+        raise ValueError(_ENCODE) from None
+
+
+def _check_options(url: SplitResult) -> None:
+    """ValueError naming an option of a Redis URL's query that redis-py would not take
+    (it passes unknown ones to the connection, which fails at the first command with a
+    traceback), or one whose value does not read; never quoting a value."""
+    if url.scheme == "rediss":
+        kind: type[Any] = redis_connection.SSLConnection
+    elif url.scheme == "unix":
+        kind = redis_connection.UnixDomainSocketConnection
+    else:
+        kind = redis_connection.Connection
+    known = {
+        name
+        for cls in kind.__mro__
+        if "__init__" in vars(cls)
+        for name in inspect.signature(vars(cls)["__init__"]).parameters
+        if name not in ("self", "args", "kwargs")
+    } | set(redis_connection.URL_QUERY_ARGUMENT_PARSERS)
+    for name, value in parse_qsl(url.query, keep_blank_values=True):
+        if name not in known:
+            raise ValueError(f"has an option redis-py does not know: {name!r} (after the ?)")
+        parse = redis_connection.URL_QUERY_ARGUMENT_PARSERS.get(name)
+        if parse is not None:
+            try:
+                parse(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"option {name!r} (after the ?) does not read") from None
 
 
 #: An email address alone (no display name, no spaces or angle brackets): the sender's, which

@@ -472,8 +472,33 @@ def test_check_names_a_bad_redis_port_without_a_traceback(
     assert main(["check"]) == 2
     err = capsys.readouterr().err
     assert err == (
-        "error: invalid settings: NOTIFIER_REDIS_URL: bad port: Port out of range 0-65535\n"
+        "error: invalid settings: NOTIFIER_REDIS_URL: does not read as a URL: its port after "
+        "the host must be a number up to 65535, and a password holding #, /, ?, @ or : must be "
+        "percent-encoded (%23, %2F, %3F, %40, %3A)\n"
     )
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:Xs3cr3t#pw@127.0.0.1:16390/0",
+        "redis://:Xs3cr3t/pw@127.0.0.1:16390/0",
+        "redis://:Xs3cr3t?pw@127.0.0.1:16390/0",
+        "redis+cluster://:Xs3cr3t/pw@10.0.0.1:7001,10.0.0.2:7002",
+    ],
+)
+def test_a_redis_url_that_does_not_read_never_prints_its_password(
+    trees: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], url: str
+) -> None:
+    """A password holding "#", "/" or "?" was read as the port, and the error quoted it:
+    "bad port: Port could not be cast to integer value as 'Xs3cr3t'" (an operator's drill)."""
+    monkeypatch.setenv("NOTIFIER_REDIS_URL", url)
+    monkeypatch.setenv("NOTIFIER_API_KEYS", '{"k_backend_0123456789": ["*"]}')
+    monkeypatch.setenv("NOTIFIER_SIGNING_SECRET", "0123456789abcdef0123")
+    assert main(["check"]) == 2
+    err = capsys.readouterr().err
+    assert "Xs3cr3t" not in err and "pw" not in err, err
+    assert "must be percent-encoded (%23, %2F, %3F" in err, err
 
 
 @pytest.mark.parametrize(
@@ -483,16 +508,20 @@ def test_check_names_a_bad_redis_port_without_a_traceback(
         ("NOTIFIER_PUBLIC_URL", "ftp://x.example", "must be an http:// or https:// URL"),
         ("NOTIFIER_PUBLIC_URL", "https://x.example/?a=1", "without ?query or #fragment"),
         ("NOTIFIER_TWILIO_BASE_URL", "notaurl", "must be an http:// or https:// URL"),
-        ("NOTIFIER_SENDGRID_BASE_URL", "https://x.example:99999", "bad port"),
+        ("NOTIFIER_SENDGRID_BASE_URL", "https://x.example:99999", "must be a number up to"),
         ("NOTIFIER_EMAIL_FROM", "notanemail", "must be an email address alone"),
         ("NOTIFIER_EMAIL_FROM", "Acme <a@acme.example>", "must be an email address alone"),
         ("NOTIFIER_SENDGRID_WEBHOOK_PUBLIC_KEY", "notbase64!!", "the base64 public key"),
         ("NOTIFIER_SENDGRID_WEBHOOK_PUBLIC_KEY", "aGVsbG8=", "the base64 public key"),
         # a cluster named by several nodes: each one checked
-        ("NOTIFIER_REDIS_URL", "redis+cluster://10.0.0.1:7001,10.0.0.2:x", "bad node"),
+        ("NOTIFIER_REDIS_URL", "redis+cluster://10.0.0.1:7001,10.0.0.2:x", "node 2 (after"),
         ("NOTIFIER_REDIS_URL", "redis+cluster://10.0.0.1:7001,,10.0.0.3", "no host"),
         # redis-py read any other path as database 0
         ("NOTIFIER_REDIS_URL", "redis://127.0.0.1:6379/abc", "must be a number, like /0"),
+        # redis-py passed an unknown option to the connection: a traceback at start-up
+        ("NOTIFIER_REDIS_URL", "redis://127.0.0.1:6379/0?foo=bar", "option redis-py does not"),
+        ("NOTIFIER_REDIS_URL", "redis://127.0.0.1:6379/0?socket_timeout=abc", "does not read"),
+        ("NOTIFIER_QUEUE_REDIS_URL", "redis://127.0.0.1:6379/0?foo=bar", "'foo' (after the ?)"),
     ],
 )
 def test_a_bad_url_address_or_key_is_one_line_naming_its_variable(
@@ -515,7 +544,15 @@ def test_a_bad_url_address_or_key_is_one_line_naming_its_variable(
 
 
 @pytest.mark.parametrize(
-    "variable", ["NOTIFIER_HOST", "NOTIFIER_OUTBOX_DIR", "NOTIFIER_TEMPLATES_DIR"]
+    "variable",
+    [
+        "NOTIFIER_HOST",
+        "NOTIFIER_OUTBOX_DIR",
+        "NOTIFIER_TEMPLATES_DIR",
+        # (it was the embedded in-memory store: found by an operator's drill)
+        "NOTIFIER_REDIS_URL",
+        "NOTIFIER_QUEUE_REDIS_URL",
+    ],
 )
 def test_an_empty_host_or_folder_is_refused(
     trees: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], variable: str
