@@ -98,6 +98,16 @@ async def unread_body_middleware(request: web.Request, handler: Handler) -> web.
     return response
 
 
+#: What a request the client abandoned counts as (nginx's "client closed request"): not a
+#: server error, which pages whoever is on call.
+CLIENT_CLOSED = 499
+
+
+def _client_left(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
 @web.middleware
 async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Counts and times every request by its route template (never the path: it can hold
@@ -110,6 +120,10 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         return response
     except web.HTTPException as exc:
         status = exc.status
+        raise
+    except asyncio.CancelledError:
+        if _client_left(request):
+            status = CLIENT_CLOSED  # its handler cancelled as the client went away
         raise
     finally:
         resource = request.match_info.route.resource
@@ -133,6 +147,17 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             {"error": {"code": code, "message": exc.text or exc.reason}},
             {k: v for k, v in exc.headers.items() if k == "Allow"},
         )
+    except ConnectionResetError:
+        # the client went away before its request was read (an aborted upload): not the
+        # service's error, nor a page for whoever is on call; nobody reads the answer
+        route = request.match_info.route.resource
+        log.info(
+            "client closed the connection during %s %s",
+            request.method,
+            route.canonical if route is not None else "(no route)",
+        )
+        body = {"error": {"code": "client_closed_request", "message": "closed"}}
+        return _json(CLIENT_CLOSED, body)
     except Exception:
         # the route, not the path: a path can carry an identifier or a signed address
         route = request.match_info.route.resource

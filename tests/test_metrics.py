@@ -249,3 +249,40 @@ def test_labelled_values_found_once_count_as_before(tmp_path: Path) -> None:
         assert value(shared, "notifier_decisions_total", **key) == 1  # only the files' count
     finally:
         metrics.configure(None)
+
+
+async def test_a_client_that_leaves_mid_upload_is_no_server_error(
+    client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An upload the client broke off was logged as an unhandled error with a traceback and
+    counted status 500: the "API errors" alert paged for a routine client abort (found by
+    an operator's drill)."""
+    import asyncio
+
+    _, before = await scrape(client)
+    route = {"route": "/v1/transitions", "method": "POST"}
+    _, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    head = (
+        b"POST /v1/transitions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + auth()["Authorization"].split()[1].encode() + b"\r\n"
+        b"Content-Length: 500\r\n\r\n" + b'{"event_id": "evt_cut", "merc'
+    )
+    writer.write(head)
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+    for _ in range(100):  # until the server has seen it
+        _, after = await scrape(client)
+        if sum(
+            value(after, "notifier_http_requests_total", **route, status=str(s))
+            - value(before, "notifier_http_requests_total", **route, status=str(s))
+            for s in (400, 499, 500)
+        ):
+            break
+        await asyncio.sleep(0.02)
+    assert value(after, "notifier_http_requests_total", **route, status="500") == value(
+        before, "notifier_http_requests_total", **route, status="500"
+    )
+    closed = value(after, "notifier_http_requests_total", **route, status="499")
+    assert closed - value(before, "notifier_http_requests_total", **route, status="499") == 1
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
