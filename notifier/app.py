@@ -25,7 +25,7 @@ from pydantic import (
 )
 from redis.exceptions import RedisError
 
-from notifier import admin, admin_views, metrics, openapi, unsubscribe, webhooks
+from notifier import admin, admin_views, metrics, openapi, serving, unsubscribe, webhooks
 from notifier import web as merchant_web
 from notifier.addresses import canonical_phone
 from notifier.errors import (
@@ -380,6 +380,7 @@ def create_app(
     """The API. In embedded mode (and unless ``run_worker`` is False) the worker runs in-process."""
     app = web.Application(
         middlewares=[
+            serving.track,  # (outermost: a stop waits for what it counts)
             request_id_middleware,
             unread_body_middleware,
             metrics_middleware,
@@ -387,6 +388,7 @@ def create_app(
         ],
         client_max_size=settings.max_body_bytes,
     )
+    app[serving.IN_FLIGHT] = serving.InFlight()
     app[KEYS] = KeyRing(
         settings.effective_api_keys(),
         RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst),

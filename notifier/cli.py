@@ -9,7 +9,6 @@ import errno
 import gc
 import logging
 import os
-import re
 import signal
 import socket
 import sys
@@ -111,8 +110,7 @@ _CANNOT_LISTEN = frozenset({errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL}
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the API (and, in embedded mode, the worker in the same process)."""
-    from aiohttp import web
-
+    from notifier import serving
     from notifier.app import create_app
 
     settings = _settings()
@@ -135,20 +133,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _start_up(settings)
     app = create_app(settings)
 
-    listened = False
+    def listening(bound: int) -> None:
+        # called once the resources opened and the port is bound: a Redis refused at
+        # start-up, or a port in use, never reads as listening (port 0: the one picked)
+        _banner(settings, host, bound)
 
-    def listening(aiohttp_line: str) -> None:
-        # aiohttp calls this once the resources opened and the port is bound: a Redis refused
-        # at start-up, or a port in use, never reads as listening
-        nonlocal listened
-        listened = True
-        bound = re.search(r"Running on \S+?:(\d+)\b", aiohttp_line)
-        # port 0: the one the system picked, which aiohttp's line names
-        _banner(settings, host, int(bound.group(1)) if port == 0 and bound else port)
-
-    async def stopping(app: web.Application) -> None:
-        if not listened:
-            return
+    def stopping() -> None:
         log.info(
             "stopping: no new connections; answering the requests in flight (at most %g s)",
             SHUTDOWN_TIMEOUT_S,
@@ -162,17 +152,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(signum, _cut, signum)
 
-    app.on_shutdown.append(stopping)
     _settle_gc()
     try:
-        web.run_app(
+        serving.run(
             app,
-            host=host,
-            port=port,
-            print=listening,
-            access_log=None,
-            shutdown_timeout=SHUTDOWN_TIMEOUT_S,
-            loop=new_event_loop(settings, "serve"),
+            host,
+            port,
+            new_event_loop(settings, "serve"),
+            listening=listening,
+            stopping=stopping,
+            grace_s=SHUTDOWN_TIMEOUT_S,
         )
     except socket.gaierror as exc:  # a host name that does not resolve
         raise ConfigurationError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc

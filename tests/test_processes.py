@@ -64,3 +64,50 @@ async def test_worker_process_delivers_and_stops_cleanly(
     assert len(outbox_files(settings, ".sms.json")) == 50
     assert "ana@example.com" not in output and "+33612345678" not in output
     assert "cron:release_due" not in output  # arq's per-job lines only at DEBUG
+
+
+def test_serve_told_to_stop_answers_a_request_whose_body_is_still_arriving(
+    tmp_path: Path,
+) -> None:
+    """A batch uploaded over a slow link, SIGTERM while its body arrives: the body was
+    dropped (aiohttp's stop closes every connection first) and the request cut after 15 s
+    with no answer (found by an operator's drill). It is answered now, then `serve` ends."""
+    import socket
+    import time
+
+    from tests.conftest import Reader, free_port, healthy
+
+    port = free_port()
+    proc = spawn_notifier(
+        ["serve", "--port", str(port)], tmp_path, NOTIFIER_OUTBOX_DIR=str(tmp_path / "outbox")
+    )
+    output = Reader(proc)
+    try:
+        wait_until(lambda: healthy(port) or proc.poll() is not None, "serve to listen")
+        items = [transition(event_id=f"slow{i}", occurred_at=just_now()) for i in range(200)]
+        body = json.dumps({"transitions": items}).encode()
+        head = (
+            b"POST /v1/transitions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\n"
+            b"Authorization: Bearer dev-key-not-for-production\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body)
+        )
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+            conn.sendall(head + body[: len(body) // 2])
+            time.sleep(0.3)  # the handler is reading the body
+            proc.send_signal(signal.SIGTERM)
+            wait_until(
+                lambda: any("stopping: no new connections" in line for line in output.lines),
+                "serve to start stopping",
+            )
+            conn.sendall(body[len(body) // 2 :])
+            reply = conn.makefile("rb").read()
+        status = reply.split(b"\r\n", 1)[0]
+        assert status == b"HTTP/1.1 202 Accepted", reply[:300]
+        assert b"Connection: close" in reply.split(b"\r\n\r\n", 1)[0]
+        assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["accepted"] == 200
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "stopped" in output.text()
