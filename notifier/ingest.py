@@ -30,7 +30,7 @@ from notifier.errors import (
 )
 from notifier.insights.journeys import OWN_EVENTS
 from notifier.logs import REQUEST_ID
-from notifier.models import MERCHANT_ID_PATTERN, Transition
+from notifier.models import MERCHANT_ID_PATTERN, NOT_A_PLACE, Transition
 from notifier.resources import Resources
 from notifier.settings import HASHED_KEY, is_loopback
 from notifier.signing import SIGNATURE_HEADER, verify_signature
@@ -170,6 +170,10 @@ def _a_number(text: str) -> bool:
 
 
 _MOMENT = "must be an ISO 8601 date and time with its offset, like 2026-11-21T09:30:00+01:00"
+_NO_PLACE = (
+    "must be the time zone of a place, like Europe/Paris: not the server's own (localtime), "
+    "Factory, or a posix/ or right/ copy"
+)
 _RESERVED = (
     "must not start with "
     + " or ".join(repr(p) for p in OWN_EVENTS)
@@ -180,9 +184,10 @@ _RESERVED = (
 def _as_sent(item: Any) -> list[tuple[str, str]]:
     """What pydantic would take but the contract does not (DESIGN §3): a date as a number,
     or a number as text (read as seconds since 1970), a coordinate as text or ``true``
-    (read as 1.0), and an event id notifier keeps for its own events. Checked on what the
-    API takes only: the worker reads what the inbox holds as it always did (an entry taken
-    before still reads, and notifier's own events go through it), at no cost a transition."""
+    (read as 1.0), an event id notifier keeps for its own events, and a time zone of no
+    place (``models.NOT_A_PLACE``). Checked on what the API takes only: the worker reads
+    what the inbox holds as it always did (an entry taken before still reads, and
+    notifier's own events go through it), at no cost a transition."""
     if not isinstance(item, dict):
         return []
     out = []
@@ -191,6 +196,10 @@ def _as_sent(item: Any) -> list[tuple[str, str]]:
         # the ids of the events notifier makes itself (a stall, a predicted delay): one
         # posted could take a real notice's id, and would be read as notifier's own
         out.append(("event_id", _RESERVED))
+    recipient = item.get("recipient")
+    zone = recipient.get("timezone") if isinstance(recipient, dict) else None
+    if isinstance(zone, str) and NOT_A_PLACE.fullmatch(zone):
+        out.append(("recipient.timezone", _NO_PLACE))
     window = item.get("estimated_delivery")
     window = window if isinstance(window, dict) else {}
     for name, value in (

@@ -184,14 +184,13 @@ def _check_phone(value: str) -> str:
 
 #: Files of the zone database that are no place's time: the server's own zone (another
 #: server, another time), "Factory" ("-00"), and the copies under posix/ and right/ (the
-#: latter counting leap seconds, which no clock here does).
-_NOT_A_PLACE = re.compile(r"localtime|Factory|posixrules|(posix|right)/.*")
+#: latter counting leap seconds, which no clock here does). The API refuses them; what was
+#: stored with one before still reads (``known_timezone`` takes them).
+NOT_A_PLACE = re.compile(r"localtime|Factory|posixrules|(posix|right)/.*")
 
 
 @lru_cache(maxsize=1024)
 def known_timezone(name: str) -> bool:
-    if _NOT_A_PLACE.fullmatch(name):
-        return False
     try:
         zoneinfo.ZoneInfo(name)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):

@@ -1155,3 +1155,18 @@ async def test_personal_data_in_bad_input_stays_out_of_the_logs(
     text = log_text(caplog)
     assert "/v1/transitions" in text and "jobs complete" in text  # it saw API and worker
     assert not [s for s in SECRETS if s in text], text
+
+
+def test_a_state_stored_with_a_zone_the_api_now_refuses_still_reads() -> None:
+    """The API refuses `localtime` and the like since 12-06; a shipment stored with one
+    before must still load (a review found the refusal in the shared model first: its later
+    batches failed until their entries were dead-lettered)."""
+    from notifier.state import ShipmentState
+
+    stored = (
+        b'{"merchant_id":"acme","shipment_id":"s1","recipient":{"email":"a@example.com",'
+        b'"timezone":"localtime"}}'
+    )
+    state = ShipmentState.model_validate_json(stored)
+    assert state.recipient is not None and state.recipient.timezone == "localtime"
+    assert Transition.model_validate(transition(recipient={"timezone": "Factory"}))
