@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import inspect
 import ipaddress
 import json
 import os
@@ -289,9 +288,9 @@ class Settings(BaseSettings):
             schemes += ["redis+cluster", "rediss+cluster"]
         if url.scheme not in schemes:
             raise ValueError("must start with " + ", ".join(f"{s}://" for s in schemes))
-        if "#" in value:
-            # (urlsplit would cut the URL there: a password's rest read as the port; never
-            # quoted back, it may be a password's)
+        if "#" in value or "@" in url.path or "@" in url.query:
+            # a password cut at a "#", "/" or "?": its rest read as the port, the path or
+            # the options (an "@" there); never quoted back, it may be a password's
             raise ValueError(_ENCODE)
         if url.scheme.endswith("+cluster"):
             cluster_nodes(value)  # each node named well
@@ -466,26 +465,28 @@ def _check_port(url: SplitResult) -> None:
         raise ValueError(_ENCODE) from None
 
 
+#: The options of a Redis URL's query that redis-py reads from text: those it parses
+#: (numbers, yes/no), and the connection's settings that are text themselves. Any other it
+#: would hand the connection as text, which fails at the first command with a traceback.
+_TEXT_OPTIONS = frozenset({"username", "password", "client_name", "lib_name", "lib_version"})
+_TLS_OPTIONS = frozenset(
+    {"ssl_keyfile", "ssl_certfile", "ssl_cert_reqs", "ssl_ca_certs", "ssl_ca_path"}
+)
+
+
 def _check_options(url: SplitResult) -> None:
-    """ValueError naming an option of a Redis URL's query that redis-py would not take
-    (it passes unknown ones to the connection, which fails at the first command with a
-    traceback), or one whose value does not read; never quoting a value."""
+    """ValueError naming an option of a Redis URL's query that redis-py cannot take as text,
+    or one whose value does not read; never quoting a value (a blank one, which redis-py
+    skips, is fine)."""
+    known = set(redis_connection.URL_QUERY_ARGUMENT_PARSERS) | _TEXT_OPTIONS
     if url.scheme == "rediss":
-        kind: type[Any] = redis_connection.SSLConnection
-    elif url.scheme == "unix":
-        kind = redis_connection.UnixDomainSocketConnection
-    else:
-        kind = redis_connection.Connection
-    known = {
-        name
-        for cls in kind.__mro__
-        if "__init__" in vars(cls)
-        for name in inspect.signature(vars(cls)["__init__"]).parameters
-        if name not in ("self", "args", "kwargs")
-    } | set(redis_connection.URL_QUERY_ARGUMENT_PARSERS)
-    for name, value in parse_qsl(url.query, keep_blank_values=True):
+        known |= _TLS_OPTIONS
+    for name, value in parse_qsl(url.query):  # (blank values left out, as redis-py does)
         if name not in known:
-            raise ValueError(f"has an option redis-py does not know: {name!r} (after the ?)")
+            raise ValueError(
+                f"has an option redis-py cannot take from a URL: {name!r} (after the ?; "
+                f"one of {', '.join(sorted(known))})"
+            )
         parse = redis_connection.URL_QUERY_ARGUMENT_PARSERS.get(name)
         if parse is not None:
             try:

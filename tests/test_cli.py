@@ -485,6 +485,9 @@ def test_check_names_a_bad_redis_port_without_a_traceback(
         "redis://:Xs3cr3t/pw@127.0.0.1:16390/0",
         "redis://:Xs3cr3t?pw@127.0.0.1:16390/0",
         "redis+cluster://:Xs3cr3t/pw@10.0.0.1:7001,10.0.0.2:7002",
+        # the part before the cut reads as a port: the rest as the options, or the path
+        "redis://:1234?Xs3cr3tpw@127.0.0.1:6379/0",
+        "redis://:1234/Xs3cr3tpw@127.0.0.1:6379/0",
     ],
 )
 def test_a_redis_url_that_does_not_read_never_prints_its_password(
@@ -519,9 +522,10 @@ def test_a_redis_url_that_does_not_read_never_prints_its_password(
         # redis-py read any other path as database 0
         ("NOTIFIER_REDIS_URL", "redis://127.0.0.1:6379/abc", "must be a number, like /0"),
         # redis-py passed an unknown option to the connection: a traceback at start-up
-        ("NOTIFIER_REDIS_URL", "redis://127.0.0.1:6379/0?foo=bar", "option redis-py does not"),
+        ("NOTIFIER_REDIS_URL", "redis://127.0.0.1:6379/0?foo=bar", "option redis-py cannot"),
+        ("NOTIFIER_REDIS_URL", "redis://127.0.0.1:6379/0?retry=x", "'retry' (after the ?"),
         ("NOTIFIER_REDIS_URL", "redis://127.0.0.1:6379/0?socket_timeout=abc", "does not read"),
-        ("NOTIFIER_QUEUE_REDIS_URL", "redis://127.0.0.1:6379/0?foo=bar", "'foo' (after the ?)"),
+        ("NOTIFIER_QUEUE_REDIS_URL", "redis://127.0.0.1:6379/0?foo=bar", "'foo' (after the ?"),
     ],
 )
 def test_a_bad_url_address_or_key_is_one_line_naming_its_variable(
