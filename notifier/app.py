@@ -104,6 +104,10 @@ CLIENT_CLOSED = 499
 
 
 def _client_left(request: web.Request) -> bool:
+    """Whether the client closed the connection (not the server stopping, which cuts what
+    is left after its wait: those count as errors)."""
+    if request.app[serving.IN_FLIGHT].stopping:
+        return False
     transport = request.transport
     return transport is None or transport.is_closing()
 
@@ -147,25 +151,17 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             {"error": {"code": code, "message": exc.text or exc.reason}},
             {k: v for k, v in exc.headers.items() if k == "Allow"},
         )
-    except ConnectionResetError:
-        # the client went away before its request was read (an aborted upload): not the
-        # service's error, nor a page for whoever is on call; nobody reads the answer
-        route = request.match_info.route.resource
-        log.info(
-            "client closed the connection during %s %s",
-            request.method,
-            route.canonical if route is not None else "(no route)",
-        )
-        body = {"error": {"code": "client_closed_request", "message": "closed"}}
-        return _json(CLIENT_CLOSED, body)
-    except Exception:
+    except Exception as exc:
         # the route, not the path: a path can carry an identifier or a signed address
-        route = request.match_info.route.resource
-        log.exception(
-            "unhandled error on %s %s",
-            request.method,
-            route.canonical if route is not None else "(no route)",
-        )
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "(no route)"
+        if isinstance(exc, ConnectionResetError) and _client_left(request):
+            # the client went away before its request was read (an aborted upload): not
+            # the service's error, nor a page for whoever is on call; nobody reads the answer
+            log.info("client closed the connection during %s %s", request.method, route)
+            body = {"error": {"code": "client_closed_request", "message": "closed"}}
+            return _json(CLIENT_CLOSED, body)
+        log.exception("unhandled error on %s %s", request.method, route)
         return _json(500, {"error": {"code": "internal", "message": "internal error"}})
 
 

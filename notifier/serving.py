@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -85,17 +86,24 @@ async def _serve(
     stopping: Callable[[], None],
     grace_s: float,
 ) -> None:
-    # what is still running after the wait gets a second more, then is cut
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
-    await runner.setup()
+    # what is still running after the wait gets a second more, then is cut; an idle
+    # keep-alive connection is closed after 75 s (as run_app had it; aiohttp's own default
+    # is an hour)
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, shutdown_timeout=1.0, keepalive_timeout=75
+    )
+    # a signal from the start (a Redis that does not answer holds the start-up): stop there
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
     try:
+        if not await _until_stopped(runner.setup(), stop):
+            return
         site = web.TCPSite(runner, host, port)
-        await site.start()
+        if not await _until_stopped(site.start(), stop):
+            return
         listening(site.port)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
         await stop.wait()
         stopping()
         flight = app[IN_FLIGHT]
@@ -107,9 +115,35 @@ async def _serve(
         await runner.cleanup()
 
 
+async def _until_stopped(step: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:
+    """Run a start-up step; False (the step cancelled) when a stop signal comes first."""
+    task = asyncio.ensure_future(step)
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait((task, stopped), return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if task.done():
+        task.result()  # (its error, if any: a port in use)
+        return True
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return False
+
+
 def _cancel_the_rest(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel what is still running, and report what failed meanwhile (as run_app did)."""
     tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
     for task in tasks:
         task.cancel()
-    if tasks:
-        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+    if not tasks:
+        return
+    loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            loop.call_exception_handler(
+                {
+                    "message": "unhandled exception during serve's shutdown",
+                    "exception": task.exception(),
+                    "task": task,
+                }
+            )

@@ -111,3 +111,33 @@ def test_serve_told_to_stop_answers_a_request_whose_body_is_still_arriving(
         if proc.poll() is None:
             proc.kill()
     assert "stopped" in output.text()
+
+
+def test_serve_stopped_while_it_starts_exits_0(tmp_path: Path) -> None:
+    """A Redis that takes connections and never answers holds `serve`'s start-up: SIGTERM
+    then killed it (exit 143, nothing closed), SIGINT raised KeyboardInterrupt (found by a
+    review of its own stop). It stops as from serving: exit 0."""
+    import socket
+    import time
+
+    from tests.conftest import Reader, free_port
+
+    mute = socket.socket()
+    mute.bind(("127.0.0.1", 0))
+    mute.listen(8)  # takes connections (the kernel's backlog), never reads a command
+    try:
+        proc = spawn_notifier(
+            ["serve", "--port", str(free_port())],
+            tmp_path,
+            NOTIFIER_REDIS_URL=f"redis://127.0.0.1:{mute.getsockname()[1]}/0",
+            NOTIFIER_API_KEYS=json.dumps(API_KEYS),
+            NOTIFIER_OUTBOX_DIR=str(tmp_path / "outbox"),
+        )
+        output = Reader(proc)
+        time.sleep(3)  # into the start-up, waiting on the mute Redis
+        assert proc.poll() is None, output.text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, output.text()
+    finally:
+        mute.close()
+    assert "Traceback" not in output.text(), output.text()
