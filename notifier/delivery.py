@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 
 from notifier import metrics
 from notifier.channels import Channel, Outcome, Outgoing, Receipt
-from notifier.channels.base import ClaimLapsed, Lease
+from notifier.channels.base import ClaimLapsed, Lease, lease_clock
 from notifier.errors import PermanentDeliveryError, RenderError, TemporaryDeliveryError
 from notifier.insights import counts
 from notifier.insights.counts import Count
@@ -250,7 +250,7 @@ class Deliverer:
         now = self.res.clock()
         now_ms = int(now.timestamp() * 1000)
         lease = self._lease_ms()
-        fence = _fence(time.monotonic())
+        fence = _fence(lease_clock())
         claims = await self.res.store.claim(
             notification_ids, now_ms, lease, due=due, owner=owner, scope=scope
         )
@@ -295,7 +295,7 @@ class Deliverer:
     async def _renew(self, ids: list[str], owner: str, scope: Scope, fence: Lease) -> list[str]:
         """Renew the claims of ``ids`` that ``owner`` still holds (those it returns), and
         move ``fence`` on: from when the renewal was asked, for those."""
-        asked = time.monotonic()
+        asked = lease_clock()
         now_ms = int(self.res.clock().timestamp() * 1000)
         held = await self.res.store.renew(ids, owner, now_ms, scope)
         fence.lost.update(set(ids) - set(held))
@@ -792,7 +792,7 @@ async def fall_back_later(
 
 
 def _fence(asked: float) -> Lease:
-    """The fence of claims made or renewed at ``asked`` (``time.monotonic``): a send is
+    """The fence of claims made or renewed at ``asked`` (``lease_clock``): a send is
     started only while it can end before the lease runs out (the lease allows a send the
     provider timeout on top of ``LEASE_MS``)."""
     return Lease(asked + LEASE_MS / 1000 - LEASE_MARGIN_S)

@@ -10,7 +10,6 @@ import email.policy
 import math
 import re
 import shutil
-import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
@@ -26,6 +25,7 @@ from redis.exceptions import ConnectionError, ResponseError
 from notifier import delivery
 from notifier.app import create_app
 from notifier.channels import Receipt
+from notifier.channels.base import lease_clock
 from notifier.delivery import LEASE_MS, Deliverer
 from notifier.errors import TemporaryDeliveryError
 from notifier.models import ChannelKind, notification_id_of
@@ -635,7 +635,7 @@ async def test_a_worker_paused_past_its_lease_while_sending_sends_nothing_more(
                 await res.redis.hset(
                     res.store.notification_key(item.message.notification_id), "owner", "w2"
                 )
-                item.lease.until = time.monotonic() - 1
+                item.lease.until = lease_clock() - 1
             return await send_many(items)
 
         monkeypatch.setattr(outbox, "send_many", paused_then_resumed)
@@ -646,29 +646,79 @@ async def test_a_worker_paused_past_its_lease_while_sending_sends_nothing_more(
         assert outbox_files(settings) == []
 
 
-def test_a_provider_channel_never_calls_out_for_a_lapsed_claim() -> None:
+@pytest.mark.parametrize("provider", ["sendgrid", "twilio"])
+def test_a_provider_channel_never_calls_out_for_a_lapsed_claim(provider: str) -> None:
     """SendGrid and Twilio check the lease right before each call, as the outbox writer
     does before each file (a channel may wait on its concurrency limit)."""
     from notifier.channels import Outgoing
     from notifier.channels.base import ClaimLapsed, Lease
     from notifier.channels.sendgrid import build_sendgrid
-    from notifier.render import EmailMessageOut
+    from notifier.channels.twilio import build_twilio
+    from notifier.render import EmailMessageOut, SmsMessageOut
+    from notifier.render.sms import SmsEncoding
 
-    message = EmailMessageOut(
-        "n_1", "acme", "s1", "ana@example.com", "Acme <n@example.com>", "Hi", "Hi", "<p>Hi</p>"
-    )
+    # nothing listens there: a call would be an "unreachable" retry, not a lapsed claim
+    nowhere = "http://127.0.0.1:9"
+    message: Any
+    if provider == "sendgrid":
+        message = EmailMessageOut(
+            "n_1", "acme", "s1", "ana@example.com", "Acme <n@example.com>", "Hi", "Hi", "<p>Hi</p>"
+        )
+    else:
+        message = SmsMessageOut("n_1", "acme", "s1", "+33612345678", "Hi", SmsEncoding.GSM7, 1)
 
-    async def send() -> list[Any]:
-        # nothing listens there: a call would be a "SendGrid unreachable" retry
-        channel = build_sendgrid("SG.x", base_url="http://127.0.0.1:9", timeout_s=1)
+    async def send(lease: Lease) -> list[Any]:
+        channel: Any
+        if provider == "sendgrid":
+            channel = build_sendgrid("SG.x", base_url=nowhere, timeout_s=1)
+        else:
+            channel = build_twilio(
+                "AC" + "0" * 32,
+                "token",
+                base_url=nowhere,
+                from_number="+15005550006",
+                messaging_service_sid=None,
+                timeout_s=1,
+            )
         try:
-            past = Lease(time.monotonic() - 1)
-            return await channel.send_many([Outgoing(message, datetime.now(UTC), lease=past)])
+            return await channel.send_many([Outgoing(message, datetime.now(UTC), lease=lease)])
         finally:
             await channel.aclose()
 
-    [outcome] = asyncio.run(send())
+    [outcome] = asyncio.run(send(Lease(lease_clock() - 1)))
     assert isinstance(outcome, ClaimLapsed), outcome
+    # (with a lease that holds, the call is made: the provider is unreachable here)
+    [outcome] = asyncio.run(send(Lease(lease_clock() + 60)))
+    assert isinstance(outcome, TemporaryDeliveryError) and not isinstance(outcome, ClaimLapsed)
+
+
+async def test_renewals_move_a_slow_rounds_fence(
+    client: Client, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round whose provider is slower than the fence of its claims (0.3 s here) still
+    sends: each renewal moves the fence on. Only a renewal that finds a claim another
+    worker's drops it."""
+    monkeypatch.setattr(delivery, "RENEW_EVERY_S", 0.05)
+    monkeypatch.setattr(delivery, "LEASE_MARGIN_S", LEASE_MS / 1000 - 0.3)
+    await post(client, transition())
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        entries = await read_whole_inbox(res, "slow-worker")
+        held = HeldChannel(res.channels[ChannelKind.EMAIL])
+        res.channels = {ChannelKind.EMAIL: held, ChannelKind.SMS: held}
+        slow = asyncio.create_task(Pipeline(res).process(entries))
+        await asyncio.wait_for(held.waiting.wait(), 10)
+        await asyncio.sleep(1.0)  # past the first fence, renewed meanwhile
+        held.go.set()
+        report = await asyncio.wait_for(slow, 10)
+        assert len(report.delivery.sent) == 2, report
+        # a renewal that finds a claim taken over: lost to this round at once
+        deliverer = Deliverer(res)
+        fence = delivery._fence(lease_clock())
+        ids = ["n_gone"]
+        await res.redis.hset(res.store.notification_key("n_gone"), "owner", "w2")
+        assert await deliverer._renew(ids, "w1", res.store.scopes[0], fence) == []
+        assert not fence.allows("n_gone") and fence.allows("n_other")
+    assert len(outbox_files(settings)) == 2
 
 
 async def test_a_merchant_template_error_quoting_data_does_not_log_it(

@@ -23,7 +23,7 @@ class Receipt:
 
 @dataclass(slots=True)
 class Lease:
-    """Until when a round may still hand its messages to a channel (``time.monotonic``):
+    """Until when a round may still hand its messages to a channel (``lease_clock``):
     its claims' lease from their last renewal, less a margin for the clocks of other
     workers. A process paused past it (a stop signal, a VM frozen, swap) may find its
     claims taken over, and their messages sent, by another worker: it must not send them
@@ -33,7 +33,16 @@ class Lease:
     lost: set[str] = field(default_factory=set)
 
     def allows(self, notification_id: str) -> bool:
-        return time.monotonic() < self.until and notification_id not in self.lost
+        return lease_clock() < self.until and notification_id not in self.lost
+
+
+def lease_clock() -> float:
+    """Seconds on a clock that keeps counting while the machine sleeps (a suspended VM, a
+    laptop's lid): Linux's boot time; elsewhere, the monotonic clock."""
+    return time.clock_gettime(_BOOTTIME) if _BOOTTIME is not None else time.monotonic()
+
+
+_BOOTTIME: int | None = getattr(time, "CLOCK_BOOTTIME", None)
 
 
 class ClaimLapsed(TemporaryDeliveryError):
