@@ -53,6 +53,15 @@ class Fix(BaseModel):
     at: datetime
 
 
+def pickup_key(t: Transition) -> str | None:
+    """The pickup point ``t`` names, as one text that differs only when the place does
+    (case and spacing aside): None without one."""
+    point = t.pickup_point
+    if point is None:
+        return None
+    return " | ".join(" ".join(part.casefold().split()) for part in (point.name, point.address))
+
+
 def fix_of(t: Transition) -> Fix | None:
     """Where and when ``t`` was scanned, when its location has coordinates: not (0, 0), a
     geocoder's answer for "unknown" (no parcel is scanned in the Gulf of Guinea)."""
@@ -71,6 +80,10 @@ class Notice(BaseModel):
     milestone: str
     occurred_at: datetime
     rank: int = 0
+    #: a pickup notice's: the pickup point and the deadline it told (``pickup_key``), which
+    #: a later notice is news against (``policy.engine.pickup_moved``)
+    pickup: str | None = None
+    deadline: datetime | None = None
 
 
 class Sent(BaseModel):
@@ -443,6 +456,8 @@ class ShipmentState(BaseModel):
                 "milestone": milestone,
                 "occurred_at": t.occurred_at,
                 "rank": rank,
+                "pickup": pickup_key(t),
+                "deadline": t.pickup_deadline,
             },
         )
         return replaced(

@@ -88,8 +88,9 @@ def _sent(m: Sent) -> dict[str, Any]:
 
 def _notice(n: Notice) -> dict[str, Any]:
     out = n.__dict__.copy()
-    if not out.get("rank"):
-        out.pop("rank", None)
+    for name in ("rank", "pickup", "deadline"):  # (their defaults: 0, None)
+        if not out.get(name):
+            out.pop(name, None)
     return out
 
 
@@ -163,7 +164,7 @@ WRITTEN: dict[type[Any], tuple[str, ...]] = {
     Recipient: ("name", "email", "phone", "locale", "timezone"),
     Order: ("number",),
     Sent: ("at", "channel", "event_id", "milestone", "rank", "trivial", "due", "cancelled"),
-    Notice: ("event_id", "milestone", "occurred_at", "rank"),
+    Notice: ("event_id", "milestone", "occurred_at", "rank", "pickup", "deadline"),
     Journey: (
         "picked_up_at",
         "origin",

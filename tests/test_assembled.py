@@ -28,7 +28,7 @@ from notifier.models import (
     assembled,
     replaced,
 )
-from notifier.state import Fix, Notice, Sent, ShipmentState
+from notifier.state import Fix, Notice, Sent, ShipmentState, pickup_key
 from notifier.state_json import WRITTEN, state_json
 from notifier.store.shipments import state_of, state_value
 
@@ -111,7 +111,12 @@ def test_a_recorded_message_is_stored_as_before() -> None:
         due=NOW + timedelta(hours=1),
     )
     assert after.notices[ChannelKind.SMS] == Notice(
-        event_id=t.event_id, milestone=t.milestone, occurred_at=t.occurred_at, rank=rank
+        event_id=t.event_id,
+        milestone=t.milestone,
+        occurred_at=t.occurred_at,
+        rank=rank,
+        pickup=pickup_key(t),
+        deadline=t.pickup_deadline,
     )
     dumped = after.model_dump_json(exclude_defaults=True)
     assert (
@@ -193,6 +198,8 @@ _NOTICES = st.dictionaries(
         milestone=_TEXT,
         occurred_at=_MOMENTS,
         rank=st.integers(0, 12),
+        pickup=_MAYBE() | _NAMES,
+        deadline=_MAYBE() | _MOMENTS,
     ),
 )
 _JOURNEYS = st.builds(

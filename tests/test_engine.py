@@ -562,6 +562,39 @@ def test_a_parcel_moved_to_another_pickup_point_or_due_sooner_is_news() -> None:
     assert rules["e2"] == rules["e4"] == rules["e5"] == rules["e6"] == {"duplicate"}, rules
 
 
+def test_a_pickup_is_news_against_what_the_customer_was_told_not_the_last_scan() -> None:
+    """A review found the comparison made with the last scan: deadlines flipping between
+    two days later than the one told each made a notice, a point re-scanned in capitals
+    made one, and a move after a scan without a point (or after a bookkeeping scan) was a
+    duplicate."""
+    kiosk = {"name": "Kiosk am Markt", "address": "Markt 1, 04109 Leipzig"}
+    station = {"name": "Packstation 142", "address": "Ring 5, 04109 Leipzig"}
+    shouted = {"name": "KIOSK AM  MARKT", "address": "markt 1, 04109 leipzig"}
+    by = NOON + timedelta(days=5)
+
+    def pickup(i: int, point: dict[str, str] | None, deadline: datetime | None) -> Transition:
+        at = NOON - timedelta(hours=9 - i)
+        kw: dict[str, Any] = {"pickup_deadline": deadline}
+        if point is not None:
+            kw["pickup_point"] = point
+        return event(i, "available_for_pickup", at, **kw)
+
+    steps = singly(
+        [
+            pickup(1, kiosk, by),  # told: the kiosk, by D
+            pickup(2, kiosk, by + timedelta(days=2)),
+            pickup(3, kiosk, by + timedelta(days=1)),  # sooner than the last scan, not D
+            pickup(4, shouted, by + timedelta(days=2)),  # the same place in capitals
+            pickup(5, None, None),  # a re-scan naming no point
+            event(6, "in_transit", NOON - timedelta(hours=3)),  # bookkeeping: behind
+            pickup(7, station, by),  # moved
+        ]
+    )
+    rules = {s.transition.event_id: {v.rule for v in s.verdicts} for s in steps}
+    assert told(steps) == ["e1", "e7"], rules
+    assert rules["e2"] == rules["e3"] == rules["e4"] == rules["e5"] == {"duplicate"}, rules
+
+
 def test_messages_are_remembered_to_the_second() -> None:
     """A message's time in the log is kept to the second (the caps and windows need no
     more; microseconds took a few bytes a message of every stored state)."""

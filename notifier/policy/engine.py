@@ -30,7 +30,7 @@ from notifier.models import (
     replaced,
 )
 from notifier.policy.rules import Anomalies, Policy, QuietWindow, Rule
-from notifier.state import TERMINAL, Fix, Sent, ShipmentState, fix_of
+from notifier.state import TERMINAL, Fix, Notice, Sent, ShipmentState, fix_of, pickup_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -499,7 +499,6 @@ def decide(
         if t.status is not Status.EXCEPTION
         else set()
     )
-    moved = pickup_moved(state, t)
     verdicts: list[Verdict] = []
     for channel in rule.channels:
         verdict = _channel_verdict(
@@ -515,7 +514,7 @@ def decide(
             live,
             decided,
             channel in told,
-            moved,
+            pickup_moved(state.notices.get(channel), t),
         )
         verdicts.append(verdict)
         if verdict.outcome in _GOING:
@@ -526,21 +525,21 @@ def decide(
 _GOING = (Outcome.SENT, Outcome.DEFERRED)
 
 
-def pickup_moved(state: ShipmentState, t: Transition) -> bool:
-    """Whether ``t`` says a parcel waiting at a pickup point now waits at another one, or
-    must be collected sooner: news, not a re-scan (the customer would go to the wrong
-    counter, or too late). A later deadline is not: the one told still holds."""
-    if t.status is not Status.AVAILABLE_FOR_PICKUP:
+def pickup_moved(told: Notice | None, t: Transition) -> bool:
+    """Whether pickup notice ``t`` says the parcel waits at another pickup point than the
+    notice the customer was last told on a channel (``told``), or must be collected
+    sooner than it said: news, not a re-scan (the customer would go to the wrong counter,
+    or too late). A later deadline is not: the day told still holds. Told of no point or
+    deadline, there is nothing to differ from."""
+    if t.status is not Status.AVAILABLE_FOR_PICKUP or told is None:
         return False
-    if state.status is not Status.AVAILABLE_FOR_PICKUP:
-        return False
-    now_at, was_at = t.pickup_point, state.pickup_point
-    if now_at and was_at and (now_at.name, now_at.address) != (was_at.name, was_at.address):
+    if told.milestone != t.milestone:
+        return False  # (another milestone since: the duplicate rule does not apply anyway)
+    point = pickup_key(t)
+    if point is not None and told.pickup is not None and point != told.pickup:
         return True
     return bool(
-        t.pickup_deadline
-        and state.pickup_deadline
-        and t.pickup_deadline <= state.pickup_deadline - _SOONER
+        t.pickup_deadline and told.deadline and t.pickup_deadline <= told.deadline - _SOONER
     )
 
 
