@@ -108,6 +108,17 @@ def _banner(settings: Settings, host: str, port: int) -> None:
 _CANNOT_LISTEN = frozenset({errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL})
 
 
+def _check_heartbeat(path: Path) -> None:
+    """Refuse, at start-up, a heartbeat file the worker could never touch (a folder that
+    does not exist, or that it may not write): the health check would fail for ever while
+    the worker logged the same error every 5 s."""
+    folder = path.parent
+    if not folder.is_dir():
+        raise ConfigurationError(f"--heartbeat {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) and not (path.exists() and os.access(path, os.W_OK)):
+        raise ConfigurationError(f"--heartbeat {path}: this user may not write it in {folder}")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the API (and, in embedded mode, the worker in the same process)."""
     from notifier import serving
@@ -184,6 +195,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise ConfigurationError(
             "NOTIFIER_REDIS_URL is not set: in embedded mode `notifier serve` runs the worker"
         )
+    if args.heartbeat is not None:
+        _check_heartbeat(args.heartbeat)
     _start_up(settings)
     asyncio.set_event_loop(new_event_loop(settings, "worker"))
     worker = build_worker(settings, heartbeat=args.heartbeat)

@@ -547,7 +547,7 @@ class ResilientWorker(Worker):
             try:
                 self.heartbeat.touch()
             except OSError as exc:  # the health check will say so; the work goes on
-                log.error("cannot touch the heartbeat file: %s", exc.strerror)
+                log.error("cannot touch the heartbeat file %s: %s", self.heartbeat, exc.strerror)
 
     def handle_sig_wait_for_completion(self, signum: signal.Signals) -> None:
         """SIGTERM/SIGINT: take no new job; running drains end after the batch in hand (the

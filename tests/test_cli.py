@@ -701,3 +701,17 @@ def test_check_says_what_serve_would_refuse_and_where_links_would_point(
     monkeypatch.setenv("NOTIFIER_PUBLIC_URL", "https://notify.shop.example")
     assert main(["check"]) == 0
     assert "NOTIFIER_PUBLIC_URL" not in capsys.readouterr().err
+
+
+def test_a_heartbeat_file_the_worker_could_never_touch_is_refused_at_start_up(
+    trees: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`worker --heartbeat /nonexistent/dir/hb` started, and logged "cannot touch the
+    heartbeat file" every 5 s without naming it (an operator's drill)."""
+    monkeypatch.setenv("NOTIFIER_REDIS_URL", "redis://127.0.0.1:1/0")
+    monkeypatch.setenv("NOTIFIER_API_KEYS", '{"k_backend_0123456789": ["*"]}')
+    missing = trees / "nowhere" / "hb"
+    assert main(["worker", "--heartbeat", str(missing)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --heartbeat {missing}: the folder {missing.parent} does not exist\n"
+    )
