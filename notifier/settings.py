@@ -577,5 +577,9 @@ def describe_redis(settings: Settings) -> str:
             f"Redis Cluster at {nodes}, job queue on Redis at "
             f"{queue.hostname or queue.path}:{queue.port or 6379}"
         )
-    db = url.path.lstrip("/") or "0"
-    return f"Redis at {url.hostname or url.path}:{url.port or 6379} (database {db})"
+    # as redis-py reads it: ?db= over the path's number; a socket's database only from ?db=
+    asked = dict(parse_qsl(url.query)).get("db")
+    if url.scheme == "unix":
+        return f"Redis at the socket {url.path} (database {asked or '0'})"
+    db = asked or url.path.strip("/") or "0"
+    return f"Redis at {url.hostname}:{url.port or 6379} (database {db})"

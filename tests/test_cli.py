@@ -715,3 +715,22 @@ def test_a_heartbeat_file_the_worker_could_never_touch_is_refused_at_start_up(
     assert capsys.readouterr().err == (
         f"error: --heartbeat {missing}: the folder {missing.parent} does not exist\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("redis://db.internal:6380/3", "Redis at db.internal:6380 (database 3)"),
+        ("redis://db.internal?db=3", "Redis at db.internal:6379 (database 3)"),
+        ("redis://db.internal/1?db=3", "Redis at db.internal:6379 (database 3)"),
+        ("unix:///run/redis/r.sock", "Redis at the socket /run/redis/r.sock (database 0)"),
+        ("unix:///run/redis/r.sock?db=2", "Redis at the socket /run/redis/r.sock (database 2)"),
+    ],
+)
+def test_the_mode_line_names_the_database_redis_py_uses(url: str, said: str) -> None:
+    """`?db=3` read "database 0" (redis-py uses 3), and a socket "Redis at /tmp/x/r.sock:6379
+    (database tmp/x/r.sock)" (an operator's drill)."""
+    from notifier.settings import Settings, describe_redis
+
+    settings = Settings(redis_url=url, api_keys={"k_backend_0123456789": ["*"]})
+    assert describe_redis(settings) == said
