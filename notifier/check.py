@@ -40,7 +40,7 @@ from notifier.render import Renderer, SmsMessageOut
 from notifier.render.audit import template_problems
 from notifier.render.brand import Brand, load_brand
 from notifier.render.environment import TEMPLATE_NAME, TemplateStore
-from notifier.render.i18n import Catalogs
+from notifier.render.i18n import Catalogs, parse_locale
 from notifier.render.limits import Limits
 from notifier.render.renderer import EXHAUSTED, LINK_PLACEHOLDERS
 from notifier.render.sandbox import where
@@ -760,7 +760,9 @@ def _reads(locales: list[str] | None, locale: str | None) -> bool:
 
 
 def _language(locale: str) -> str:
-    return locale.replace("-", "_").split("_")[0].lower()
+    """A locale's language as Babel reads it (``pt-BR``, ``iw``: ``pt``, ``he``)."""
+    parsed = parse_locale(locale)
+    return parsed.language if parsed is not None else locale
 
 
 def candidate_renderer(
