@@ -589,6 +589,7 @@ def _editor() -> dict[tuple[str, str], Op]:
         ("GET /merchant/go", "editorGo", "The merchant picker's form", go, None, "merchant"),
         ("GET /merchant/sign-in", "editorSignInForm", "The sign-in form", PAGE, None, "next"),
         ("POST /merchant/sign-in", "editorSignIn", "Sign in", sign_in, m.SignInForm, ""),
+        ("GET /merchant/sign-out", "editorSignOutForm", "A sign-out button", page, None, ""),
         ("POST /merchant/sign-out", "editorSignOut", "Sign out", sign_out, m.CsrfForm, ""),
         (
             "GET /merchant/-/static/{filename}",

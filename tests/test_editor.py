@@ -204,9 +204,18 @@ async def test_signing_out_or_removing_the_key_ends_the_session(
     assert (await client.get(f"{ACME}/", allow_redirects=False)).status == 303
     csrf = await sign_in(client)
     assert (await client.get(f"{ACME}/", allow_redirects=False)).status == 200
+    # a typed /merchant/sign-out is a button to sign out, not a merchant called "sign-out",
+    # and the GET itself ends nothing
+    typed = await client.get("/merchant/sign-out", allow_redirects=False)
+    assert typed.status == 200
+    html = await typed.text()
+    assert '<form method="post" action="/merchant/sign-out"' in html and "<h1>Sign out" in html
+    assert (await client.get(f"{ACME}/", allow_redirects=False)).status == 200
     resp = await client.post("/merchant/sign-out", data={"csrf": csrf}, allow_redirects=False)
     assert resp.status == 303
     assert (await client.get(f"{ACME}/", allow_redirects=False)).status == 303
+    typed = await client.get("/merchant/sign-out", allow_redirects=False)
+    assert (typed.status, typed.headers["Location"]) == (303, "/merchant/sign-in")
 
 
 async def test_the_brand_form_writes_only_what_differs_and_refuses_an_unreadable_colour(

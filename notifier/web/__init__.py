@@ -38,6 +38,7 @@ def add_routes(app: web.Application, admin: Admin, views: Views, keys: KeyRing) 
         ("GET", "/merchant/go", pages.go),
         ("GET", "/merchant/sign-in", pages.sign_in_form),
         ("POST", "/merchant/sign-in", pages.sign_in),
+        ("GET", "/merchant/sign-out", pages.sign_out_form),  # not the merchant "sign-out"
         ("POST", "/merchant/sign-out", pages.sign_out),
         ("GET", f"{base}/", pages.home),
         ("GET", f"{base}/messages", messages.list),

@@ -102,6 +102,14 @@ class Pages:
         response.del_cookie(SIGN_IN_COOKIE, path="/merchant")
         raise response
 
+    async def sign_out_form(self, request: web.Request) -> web.StreamResponse:
+        """A typed or bookmarked /merchant/sign-out: a button, since a GET must not sign out
+        (another site could make the browser follow a link); signed out, the sign-in page."""
+        session = await self.web.sessions.find(request)
+        if session is None:
+            raise web.HTTPSeeOther("/merchant/sign-in")
+        return self.web.page("sign_out.html", request=request, title="Sign out", csrf=session.csrf)
+
     async def sign_out(self, request: web.Request) -> web.StreamResponse:
         session = await self.web.sessions.find(request)
         response = web.HTTPSeeOther("/merchant/sign-in")
