@@ -826,6 +826,17 @@ def override_problems(
     return problems + _render_problems(renderer, merchant, locales, full=True)
 
 
+def unusable_files(settings: Settings, merchant: str, files: dict[str, str]) -> list[str]:
+    """What would keep a worker from using a merchant's own files as they are (its brand,
+    then every message rendered in every locale): none when they are fixed, or gone.
+    Narrower than ``override_problems`` (no translation or link advice). About a second."""
+    try:
+        renderer, catalogs = candidate_renderer(settings, merchant, files, draft=False)
+    except ConfigurationError as exc:
+        return [str(exc)]
+    return _render_problems(renderer, merchant, ["en", *catalogs.available()], full=True)
+
+
 def message_file_problems(paths: Iterable[str], locales: list[str], where: str = "") -> list[str]:
     """Message files no reader would ever get: named for no milestone (a typo:
     ``messages/delivred.jinja``), or for a locale without a catalog (``.fr_CA.``);

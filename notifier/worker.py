@@ -636,6 +636,46 @@ class ResilientWorker(Worker):
         return int(score)
 
 
+#: at most this many listed merchants are judged again at start-up (about a second each)
+JUDGE_AT_START = 50
+
+
+async def judge_listed(res: Resources) -> None:
+    """At start-up, judge again the merchants ``/healthz`` counts as having broken files.
+
+    A running worker clears a merchant when it sees the files edited or removed; a worker
+    started after the fix (or the folder's removal) never saw the files broken, so without
+    this the merchant stayed counted for up to a day. Files still broken stay counted, and
+    a worker that meets them again counts them again."""
+    from notifier.check import unusable_files  # the checker's renderer: only when needed
+
+    try:
+        now_ms = int(res.clock().timestamp() * 1000)
+        listed = (await res.store.overrides_listed(now_ms))[:JUDGE_AT_START]
+        if not listed:
+            return
+        await res.published.sync(listed)
+        fixed = []
+        for merchant_id in listed:
+            files = res.published.files(merchant_id)
+            try:
+                problems = await asyncio.to_thread(unusable_files, res.settings, merchant_id, files)
+            except Exception as exc:  # a check that fails leaves the merchant counted
+                log.warning("merchant %s: files not judged (%r)", merchant_id, exc)
+                continue
+            if not problems:
+                fixed.append(merchant_id)
+        if fixed:
+            await res.store.publish_overrides((), fixed, now_ms)
+        log.info(
+            "start-up: %d merchants counted with broken files judged again, %d of them fixed",
+            len(listed),
+            len(fixed),
+        )
+    except (RedisError, OSError) as exc:  # Redis went away: they stay counted, as before
+        log.warning("start-up: merchants' broken files not judged again (%s)", exc)
+
+
 def build_worker(
     settings: Settings,
     *,
@@ -681,7 +721,11 @@ def build_worker(
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
+        ctx["judging"] = asyncio.create_task(judge_listed(res))
+
     async def on_shutdown(ctx: dict[str, Any]) -> None:
+        if "judging" in ctx:
+            ctx["judging"].cancel()
         if "pipeline" in ctx:
             await ctx["pipeline"].deliverer.settle()
         if "hooks" in ctx:  # else start-up stopped before (a refused setting)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from aiohttp.test_utils import TestClient
 
 from notifier.check import samples, startup_problems
@@ -26,6 +27,7 @@ from notifier.render.i18n import Catalogs
 from notifier.render.watch import TreeWatch
 from notifier.resources import data_dir
 from notifier.settings import Settings
+from notifier.store import keys
 from tests.conftest import (
     API_KEYS,
     auth,
@@ -303,9 +305,63 @@ async def test_a_running_worker_process_survives_a_bad_brand_and_picks_up_edits(
         assert second["Subject"] == "Acme: your parcel is here"
         assert second["From"].startswith("Acme Outfitters")
         assert await disabled() == 0
+        # broken again, then its folder removed: the defaults, and /healthz counts nothing
+        (templates / "acme" / "brand.yaml").write_text("name: Acme\naccent: 'blue-ish'\n")
+        assert (await deliver("s3"))["From"].startswith("Acme Outfitters")  # the last good
+        assert await disabled() == 1
+        shutil.rmtree(templates / "acme")
+        fourth = await deliver("s4")
+        assert fourth["From"].startswith("Your shop")
+        assert await disabled() == 0
     finally:
         proc.send_signal(signal.SIGTERM)
         output = proc.communicate(timeout=20)[0]
     assert proc.returncode == 0, output
     assert "templates/acme/brand.yaml: accent" in output  # logged, with the file and field
-    assert len(outbox_files(settings, ".eml")) == 2
+    assert len(outbox_files(settings, ".eml")) == 4
+
+
+async def test_a_worker_started_after_a_fix_judges_the_counted_merchants_again(
+    client: Client, settings: Settings, tmp_path: Path
+) -> None:
+    """/healthz counted three merchants an earlier worker met with broken files. Before the
+    next worker started, one was fixed and one's folder removed: that worker judges them
+    again at start-up, with no message sent, and only the still broken one stays counted
+    (it stayed counted for a day: a worker cleared only edits it saw itself)."""
+    templates = tree(tmp_path)
+    broken = "name: Acme\naccent: 'blue-ish'\n"
+    for merchant in ("beta", "gone"):
+        (templates / merchant).mkdir()
+        (templates / merchant / "brand.yaml").write_text(broken)
+    (templates / "acme" / "brand.yaml").write_text("name: Acme Outfitters\n")  # the fix
+    shutil.rmtree(templates / "gone")
+    r = redis.Redis.from_url(str(settings.redis_url))
+    met = int(datetime.now(UTC).timestamp() * 1000)  # a spawned worker's clock is the real one
+    r.zadd(keys.OVERRIDES_KEY, dict.fromkeys(["acme", "beta", "gone"], met))
+    assert (await (await client.get("/healthz")).json())["merchant_overrides_disabled"] == 3
+    proc = spawn_notifier(
+        ["worker"],
+        tmp_path,
+        NOTIFIER_TEMPLATES_DIR=str(templates),
+        NOTIFIER_REDIS_URL=str(settings.redis_url),
+        NOTIFIER_API_KEYS=json.dumps(API_KEYS),
+        NOTIFIER_OUTBOX_DIR=str(settings.outbox_dir),
+        NOTIFIER_PARTITIONS=str(settings.partitions),
+    )
+    try:
+        wait_until(
+            lambda: (
+                set(r.zrange(keys.OVERRIDES_KEY, 0, -1)) == {b"beta"} or proc.poll() is not None
+            ),
+            "the fixed and the removed merchant to be judged again",
+            seconds=60,
+        )
+        assert proc.poll() is None
+        assert (await (await client.get("/healthz")).json())["merchant_overrides_disabled"] == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=20)[0]
+        r.close()
+    assert proc.returncode == 0, output
+    assert "3 merchants counted with broken files judged again, 2 of them fixed" in output
+    assert outbox_files(settings, ".eml") == []  # judged by the checker: nothing was sent

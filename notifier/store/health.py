@@ -28,6 +28,12 @@ class Health(StoreBase):
             pipe.zremrangebyscore(keys.OVERRIDES_KEY, "-inf", now_ms - self.OVERRIDES_WINDOW_MS)
             await pipe.execute()
 
+    async def overrides_listed(self, now_ms: int) -> list[str]:
+        """The merchants ``overrides_disabled`` counts."""
+        since = now_ms - self.OVERRIDES_WINDOW_MS
+        found = await awaited(self.redis.zrangebyscore(keys.OVERRIDES_KEY, since, "+inf"))
+        return [m.decode() if isinstance(m, bytes) else str(m) for m in found]
+
     async def overrides_disabled(self, now_ms: int) -> int:
         """How many merchants had own files found broken within the last day."""
         since = now_ms - self.OVERRIDES_WINDOW_MS
