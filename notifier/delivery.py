@@ -108,6 +108,14 @@ class _Unrecorded:
     channels: dict[str, str]
 
 
+async def publish_broken(res: Resources) -> None:
+    """Tell ``/healthz`` the merchants whose own files this process met broken, and those
+    whose files it saw change (to be judged again), since the last call."""
+    hits, cleared = res.renderer.take_changes()
+    if hits or cleared:
+        await res.store.publish_overrides(hits, cleared, int(res.clock().timestamp() * 1000))
+
+
 class Deliverer:
     """Sends notifications at most once each: the ledger claim is the gate."""
 
@@ -355,9 +363,7 @@ class Deliverer:
         await sync_published(self.res, {n.merchant_id for n, _ in claimed})
         rendering = time.monotonic()
         messages = await self.res.renderer.render_many([n for n, _ in claimed])
-        hits, cleared = self.res.renderer.take_changes()
-        if hits or cleared:  # for /healthz
-            await self.res.store.publish_overrides(hits, cleared, int(now.timestamp() * 1000))
+        await publish_broken(self.res)
         if claimed and time.monotonic() - rendering > RENEW_AFTER_S:
             # Slow templates can outlast the lease: send only what is still ours, now
             # renewed (another worker may have taken over a lapsed claim, and sent it).

@@ -35,6 +35,7 @@ from arq.typing import WorkerCoroutine
 from arq.worker import Worker
 from redis.exceptions import AuthenticationError, RedisError, ResponseError, WatchError
 
+from notifier.delivery import publish_broken
 from notifier.models import ExceptionCode, Status, Transition, own_event_id
 from notifier.outbound import events as hook_events
 from notifier.outbound.sender import HookSender
@@ -488,6 +489,9 @@ async def sweep(ctx: dict[str, Any]) -> int:
         if await res.store.needs_drain(p, stale_ms) and await res.store.set_wake(p)
     ]
     await wake(res.queue, woken)
+    # an idle worker too tells /healthz of merchants' files fixed or removed meanwhile
+    if await asyncio.to_thread(res.renderer.refresh):
+        await publish_broken(res)
     return len(woken)
 
 
