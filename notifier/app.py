@@ -36,7 +36,14 @@ from notifier.errors import (
     NotFound,
     OptedOutByRecipient,
 )
-from notifier.ingest import KeyRing, RateLimiter, may_act_for, post_transitions, read_json
+from notifier.ingest import (
+    RETRY_AFTER_S,
+    KeyRing,
+    RateLimiter,
+    may_act_for,
+    post_transitions,
+    read_json,
+)
 from notifier.insights import api as insights_api
 from notifier.insights import carriers as carriers_api
 from notifier.insights import digest_api
@@ -47,6 +54,7 @@ from notifier.outbound import api as outbound_api
 from notifier.policy import opt_out_key
 from notifier.resources import Clock, Resources, connected_replicas, open_resources, utc_now
 from notifier.settings import Settings
+from notifier.store.base import redis_away
 from notifier.timeline import shipment_history
 from notifier.worker import HEARTBEAT_S, WORKERS_KEY, build_worker
 
@@ -155,6 +163,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         # the route, not the path: a path can carry an identifier or a signed address
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "(no route)"
+        if redis_away(exc):
+            # Redis does not answer (down, restarting, failing over): the caller may retry,
+            # and the log says so once, not once per request (``OutageLog``)
+            request.app[RESOURCES].outage.failed(f"{request.method} {route}", exc)
+            return _json(
+                503,
+                {"error": {"code": "unavailable", "message": "Redis does not answer; retry later"}},
+                {"Retry-After": RETRY_AFTER_S},
+            )
         if isinstance(exc, ConnectionResetError) and _client_left(request):
             # the client went away before its request was read (an aborted upload): not
             # the service's error, nor a page for whoever is on call; nobody reads the answer
@@ -295,6 +312,7 @@ async def healthz(request: web.Request) -> web.Response:
         disabled = await res.store.overrides_disabled(int(res.clock().timestamp() * 1000))
     except (RedisError, OSError):
         return _json(503, {"status": "unavailable", "redis": "unreachable", "mode": mode})
+    res.outage.answered()
     return _json(
         200,
         {

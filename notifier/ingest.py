@@ -294,7 +294,7 @@ async def _persist(res: Resources, payloads: list[IngestItem]) -> tuple[list[Adm
     """``Store.ingest``, its failures answered 503 with Retry-After (the caller retries; what
     was stored already is then a duplicate)."""
     try:
-        return await res.store.ingest(payloads)
+        stored = await res.store.ingest(payloads)
     except NotReplicated as exc:
         log.error("ingest: %s", exc)
         metrics.transitions({"unconfirmed": len(payloads)})
@@ -307,15 +307,15 @@ async def _persist(res: Resources, payloads: list[IngestItem]) -> tuple[list[Adm
         ) from exc
     except (RedisError, OSError) as exc:
         cause = exc.failure if isinstance(exc, PartlyStored) else exc
-        log.error(
-            "ingest could not persist %d transitions: %s", len(payloads), type(cause).__name__
-        )
+        res.outage.failed(f"ingest could not persist {len(payloads)} transitions", cause)
         if isinstance(exc, PartlyStored):  # the other partitions' calls stored theirs
             await _wake(res, exc.take_woken())
         raise ServiceUnavailable(
             "the queue cannot take transitions right now; retry later",
             headers={"Retry-After": RETRY_AFTER_S},
         ) from exc
+    res.outage.answered()
+    return stored
 
 
 async def _wake(res: Resources, partitions: list[int]) -> None:

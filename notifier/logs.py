@@ -13,6 +13,8 @@ import logging
 import random
 import re
 import sys
+import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from datetime import UTC, datetime
 
@@ -135,3 +137,66 @@ def configure(log_format: str = "text", level: str = "INFO") -> None:
             root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+
+
+class OutageLog:
+    """How requests refused while a dependency (the data Redis) does not answer are logged:
+    one ERROR when the failures begin, one ERROR summing them up every ``every_s`` while
+    they go on, and one WARNING when it answers again. A backend that retries at once
+    would otherwise fill the log with an error per request, hiding everything else."""
+
+    def __init__(
+        self,
+        what: str,
+        logger: logging.Logger,
+        every_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.what = what
+        self.log = logger
+        self.every_s = every_s
+        self._clock = clock
+        self._since: float | None = None  # when the first failure of this outage happened
+        self._next = 0.0  # when the next summary is due
+        self._refused = self._refused_since_summary = 0
+
+    def failed(self, doing: str, cause: BaseException) -> None:
+        """A request refused for ``cause`` while ``doing`` (no personal data in it)."""
+        now = self._clock()
+        self._refused += 1
+        if self._since is None:
+            self._since, self._next = now, now + self.every_s
+            self._refused, self._refused_since_summary = 1, 0
+            self.log.error(
+                "%s does not answer: %s (%s); later refusals are summed up every %g s until "
+                "it answers",
+                self.what,
+                doing,
+                type(cause).__name__,
+                self.every_s,
+            )
+            return
+        self._refused_since_summary += 1
+        if now >= self._next:
+            self.log.error(
+                "%s still does not answer (%.0f s now): %d more requests refused, the last "
+                "while %s (%s)",
+                self.what,
+                now - self._since,
+                self._refused_since_summary,
+                doing,
+                type(cause).__name__,
+            )
+            self._next, self._refused_since_summary = now + self.every_s, 0
+
+    def answered(self) -> None:
+        """A request the dependency served: ends the outage, if there was one (cheap)."""
+        if self._since is None:
+            return
+        self.log.warning(
+            "%s answers again after %.1f s; %d requests were refused meanwhile",
+            self.what,
+            self._clock() - self._since,
+            self._refused,
+        )
+        self._since = None

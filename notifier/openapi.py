@@ -747,6 +747,12 @@ class _Generator(GenerateJsonSchema):
         }
 
 
+#: Operations that never ask Redis: the others answer 503 while it does not answer.
+NO_REDIS = frozenset(
+    {"metrics", "openapi", "editorStatic", "editorSignInForm", "editorSlash", "editorGo"}
+)
+
+
 def _operation(op: Op, path: str, schemas: Refs) -> dict[str, Any]:
     params = _path_params()
     out: dict[str, Any] = {"operationId": op.id, "summary": op.summary, "tags": [op.tag]}
@@ -779,6 +785,8 @@ def _operation(op: Op, path: str, schemas: Refs) -> dict[str, Any]:
     replies = op.replies
     if "{" in path and 404 not in replies:
         replies = {**replies, **refusals(404)}  # the router's, for a path it cannot match
+    if 503 not in replies and op.id not in NO_REDIS:
+        replies = {**replies, **refusals(503)}  # Redis away (app.error_middleware)
     out["responses"] = {
         str(status): _reply(reply, schemas) for status, reply in sorted(replies.items())
     }

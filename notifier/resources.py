@@ -7,7 +7,7 @@ import re
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources as importlib_resources
 from pathlib import Path
@@ -34,6 +34,7 @@ from notifier import metrics
 from notifier.channels import Channel, OutboxChannel
 from notifier.errors import ConfigurationError
 from notifier.insights.predict import Predictions
+from notifier.logs import OutageLog
 from notifier.models import ChannelKind
 from notifier.outbound.directory import Subscriptions
 from notifier.overrides import OverrideStore, Published
@@ -341,6 +342,8 @@ class Resources:
     #: the key one-click unsubscribe links are signed with (``unsubscribe.LinkKey``)
     links: LinkKey | None = None
     _digest_secret: str | None = None
+    #: requests refused while the data Redis does not answer, logged without a flood
+    outage: OutageLog = field(default_factory=lambda: OutageLog("Redis", log))
 
     async def link_secret(self) -> str:
         """The key of one-click unsubscribe links: the signing secret (embedded mode's own

@@ -17,12 +17,14 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from notifier.app import create_app
+from notifier.logs import OutageLog
 from notifier.models import notification_id_of
 from notifier.resources import open_resources
 from notifier.settings import Settings
 from notifier.store import Admission, body_digest, chunks
 from notifier.store.chunks import CHUNK
 from notifier.store.ledger import PACKED_IDS
+from notifier.web.base import COOKIE
 from tests.conftest import (
     ACME_KEY,
     API_KEYS,
@@ -34,6 +36,7 @@ from tests.conftest import (
     rewrite_record,
     run_worker,
     spawn_notifier,
+    start_redis,
     transition,
 )
 
@@ -460,17 +463,101 @@ async def test_key_scoped_to_one_merchant(client: Client) -> None:
     assert [(d["index"], d["field"]) for d in details] == [(1, "merchant_id")]
 
 
-async def test_unreachable_redis_is_503_with_retry_after(tmp_path: Path) -> None:
-    settings = make_settings(
-        tmp_path, redis_url=f"redis://127.0.0.1:{free_port()}/0", redis_timeout_s=0.5
-    )
+async def test_unreachable_redis_is_503_with_retry_after(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every route that needs Redis answers 503 with Retry-After while it does not answer
+    (reads were a 500 with a traceback), and the log says so once, not once a request: a
+    backend retrying at once buried everything else in errors. When Redis is back, one
+    line says so, with what was refused."""
+    port = free_port()
+    settings = make_settings(tmp_path, redis_url=f"redis://127.0.0.1:{port}/0", redis_timeout_s=0.5)
     async with TestClient(TestServer(create_app(settings))) as c:
-        resp = await post(c, transition())
-        assert resp.status == 503
-        assert resp.headers["Retry-After"] == "5"
-        assert (await resp.json())["error"]["code"] == "unavailable"
-        health = await c.get("/healthz")
-        assert health.status == 503
+        with caplog.at_level(logging.INFO, logger="notifier"):
+            for i in range(20):
+                resp = await post(c, transition(event_id=f"e{i}"))
+                assert resp.status == 503
+                assert resp.headers["Retry-After"] == "5"
+                assert (await resp.json())["error"]["code"] == "unavailable"
+            for path in (
+                "/v1/merchants/acme/shipments/shp_1/notifications",
+                "/v1/merchants/acme/overrides",
+            ):
+                read = await c.get(path, headers=auth())
+                assert (read.status, read.headers.get("Retry-After")) == (503, "5"), path
+                assert (await read.json())["error"]["code"] == "unavailable"
+            # the editor says so as a page, and shows back the text a refused form carried
+            cookies = {COOKIE: "a-session-id"}
+            page = await c.get("/merchant/acme/messages/delivered", cookies=cookies)
+            assert (page.status, page.headers.get("Retry-After")) == (503, "5")
+            assert "cannot reach its data store (Redis)" in await page.text()
+            form = {"csrf": "x", "text": "My own words"}
+            saved = await c.post("/merchant/acme/messages/delivered", data=form, cookies=cookies)
+            assert saved.status == 503 and "My own words</textarea>" in await saved.text()
+            health = await c.get("/healthz")
+            assert health.status == 503
+            errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+            assert len(errors) == 1, [r.getMessage() for r in errors]
+            first = "Redis does not answer: ingest could not persist 1 transitions"
+            assert errors[0].getMessage().startswith(f"{first} (ConnectionError)")
+            assert not any(r.exc_info for r in caplog.records)  # no traceback either
+            server = start_redis(port, tmp_path)
+            try:
+                assert (await post(c, transition(event_id="back"))).status == 202
+                assert (await post(c, transition(event_id="again"))).status == 202
+            finally:
+                server.terminate()
+                server.wait(timeout=10)
+        back = [r.getMessage() for r in caplog.records if "answers again" in r.getMessage()]
+        assert len(back) == 1 and back[0].endswith("24 requests were refused meanwhile"), back
+
+
+def test_an_outage_is_summed_up_while_it_lasts() -> None:
+    """One error as it begins, one every ``every_s`` with what was refused since, one
+    warning when it ends; a later outage starts over."""
+    now = [100.0]
+    records: list[tuple[int, str]] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append((record.levelno, record.getMessage()))
+
+    logger = logging.getLogger("tests.outage")
+    logger.addHandler(Capture())
+    logger.propagate = False
+    outage = OutageLog("Redis", logger, every_s=10, clock=lambda: now[0])
+    outage.answered()  # nothing to end
+    for step in range(25):  # a refusal a second
+        now[0] = 100.0 + step
+        outage.failed(f"POST /x {step}", ConnectionError())
+    now[0] = 130.0
+    outage.answered()
+    outage.answered()
+    now[0] = 200.0
+    outage.failed("GET /y", TimeoutError())
+    assert records == [
+        (
+            logging.ERROR,
+            "Redis does not answer: POST /x 0 (ConnectionError); later refusals "
+            "are summed up every 10 s until it answers",
+        ),
+        (
+            logging.ERROR,
+            "Redis still does not answer (10 s now): 10 more requests refused, "
+            "the last while POST /x 10 (ConnectionError)",
+        ),
+        (
+            logging.ERROR,
+            "Redis still does not answer (20 s now): 10 more requests refused, "
+            "the last while POST /x 20 (ConnectionError)",
+        ),
+        (logging.WARNING, "Redis answers again after 30.0 s; 25 requests were refused meanwhile"),
+        (
+            logging.ERROR,
+            "Redis does not answer: GET /y (TimeoutError); later refusals are "
+            "summed up every 10 s until it answers",
+        ),
+    ]
 
 
 async def test_healthz(client: Client, settings: Settings) -> None:

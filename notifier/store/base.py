@@ -48,6 +48,14 @@ def raised_in_redis_connection(exc: BaseException) -> bool:
 _REDIS_CONNECTION = str(Path("redis", "asyncio", "connection.py"))
 
 
+def redis_away(exc: BaseException) -> bool:
+    """Whether ``exc`` is Redis not answering (down, restarting, failing over, a connection
+    closed under a command), not one of the store's scripts failing on what it read."""
+    if isinstance(exc, RedisError):
+        return not data_error(exc)
+    return isinstance(exc, OSError) and raised_in_redis_connection(exc)
+
+
 def data_error(exc: BaseException) -> bool:
     """Whether ``exc`` is one of the store's scripts failing on what it read (a record that
     does not read, a key of the wrong type), not Redis failing: the same data fails it

@@ -16,7 +16,9 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from notifier.admin import Admin
 from notifier.errors import ApiError, BadRequest, Forbidden, NotFound
+from notifier.ingest import RETRY_AFTER_S
 from notifier.resources import Resources
+from notifier.store.base import redis_away
 from notifier.web.session import COOKIE, CsrfFailed, Session, Sessions, SignInRequired
 
 HERE = Path(__file__).parent
@@ -133,8 +135,24 @@ def html_errors(web_: Web, handler: Handler) -> Handler:
             return await _error(
                 web_, request, exc.status, "Could not do that", exc.message, exc.details
             )
+        except Exception as exc:
+            if not redis_away(exc):
+                raise
+            route = request.match_info.route.resource
+            where = route.canonical if route is not None else "(no route)"
+            web_.admin.res.outage.failed(f"{request.method} {where}", exc)
+            response = await _error(web_, request, 503, "Try again shortly", UNAVAILABLE)
+            response.headers["Retry-After"] = RETRY_AFTER_S
+            return response
 
     return wrapped
+
+
+#: What an editor page says while Redis does not answer.
+UNAVAILABLE = (
+    "The service cannot reach its data store (Redis) right now, so nothing was read or "
+    "saved. Try again in a minute."
+)
 
 
 async def _error(
