@@ -495,6 +495,24 @@ async def sweep(ctx: dict[str, Any]) -> int:
     return len(woken)
 
 
+#: a consumer idle this long with no entry pending is a stopped worker's (a live one removed
+#: while idle is made again by its next read)
+CONSUMER_IDLE_MS = 3600 * 1000
+
+
+@_tick
+async def forget_consumers(ctx: dict[str, Any]) -> int:
+    """Remove stopped workers' consumers from the inbox groups (each start reads under a
+    new name); those still holding entries stay until another worker takes them over."""
+    res: Resources = ctx["res"]
+    removed = 0
+    for p in range(res.settings.partitions):
+        removed += await res.store.forget_consumers(p, CONSUMER_IDLE_MS, ctx["consumer"])
+    if removed:
+        log.info("removed %d idle consumers of stopped workers from the inbox groups", removed)
+    return removed
+
+
 class ResilientWorker(Worker):
     """arq's Worker, riding out Redis stalls and restarts instead of exiting.
 
@@ -745,6 +763,7 @@ def build_worker(
             cron(find_stalled, second={30}, run_at_startup=True),
             cron(send_hooks, second=set(range(2, 60, 5))),
             cron(send_digests, minute={7}, second={0}),
+            cron(forget_consumers, minute={23}, second={0}),
         ],
         redis_pool=pool,
         on_startup=on_startup,

@@ -18,6 +18,7 @@ from notifier.store import chunks
 from notifier.store.ledger import PACKED_IDS
 from notifier.worker import build_worker
 from tests.conftest import fixed_clock, record_of, transition
+from tests.test_store_scripts import forget_consumers_case
 
 
 def embedded_settings(tmp_path: Path, **kw: Any) -> Settings:
@@ -197,3 +198,11 @@ async def test_the_embedded_store_finds_shipments_by_tracking_number(tmp_path: P
     async with open_resources(settings, server=server, clock=fixed_clock()) as res:
         assert await res.store.shipments_tracked_as("acme", "1ZE") == ["shp:b@c", "shp_a"]
         assert await res.store.shipments_tracked_as("acme", "1Z999AA10123456784") == []
+
+
+async def test_the_embedded_store_forgets_idle_consumers(tmp_path: Path) -> None:
+    """The consumers' clean-up script (XINFO CONSUMERS, XGROUP DELCONSUMER) in fakeredis."""
+    async with open_resources(
+        embedded_settings(tmp_path), server=FakeServer(), clock=fixed_clock()
+    ) as res:
+        await forget_consumers_case(res.store)

@@ -1135,3 +1135,39 @@ async def test_a_frame_that_does_not_read_fails_the_script_before_it_writes(
         await redis.aclose()
         server.kill()  # a script that loops holds it: no shutdown would answer
         server.wait(10)
+
+
+async def forget_consumers_case(store: Store) -> None:
+    """Stopped workers' consumers that hold nothing are removed; one holding an entry, the
+    caller's own, and any not idle long enough stay; a missing stream is no error."""
+    redis, p = store.redis, 1
+    await store.ensure_groups()
+    stream = store.inbox_key(p)
+    for i in range(2):
+        await redis.xadd(stream, {"t": f"p{i}"})
+    [held] = await store.read_inbox(p, "holder", 1)  # read, never acknowledged: it died
+    [done] = await store.read_inbox(p, "stopped", 1)
+    await store.ack(p, [done.entry_id])
+    await redis.xgroup_createconsumer(stream, keys.GROUP, "me")
+
+    async def names() -> set[str]:
+        consumers = await redis.xinfo_consumers(stream, keys.GROUP)
+        return {
+            c["name"].decode() if isinstance(c["name"], bytes) else c["name"] for c in consumers
+        }
+
+    assert await names() == {"holder", "stopped", "me"}
+    assert await store.forget_consumers(p, 3_600_000, "me") == 0  # none idle for an hour
+    assert await store.forget_consumers(p, 0, "me") == 1
+    assert await names() == {"holder", "me"}
+    # the entry "holder" holds is still pending, so another worker can take it over
+    [taken] = await store.claim_stale(p, "me", 0, 10)
+    assert taken.entry_id == held.entry_id
+    assert await store.forget_consumers(p, 0, "other") == 1  # "holder": it holds nothing now
+    assert await names() == {"me"}  # holding the entry taken over
+    await redis.delete(stream)
+    assert await store.forget_consumers(p, 0, "me") == 0
+
+
+async def test_forget_consumers_removes_only_idle_ones_that_hold_nothing(store: Store) -> None:
+    await forget_consumers_case(store)

@@ -15,6 +15,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
+from notifier import worker as worker_module
 from notifier.delivery import LEASE_MS, SUMMARY_BYTES, DeliveryReport, summary
 from notifier.models import ChannelKind, Transition
 from notifier.pipeline import BatchReport, Pipeline, _unsettled, notification_id
@@ -710,3 +711,28 @@ def test_each_waiting_entry_waits_for_its_own_messages_only() -> None:
     outcome.add(entries, report)
     assert [e.entry_id for e in outcome.settled] == ["e3"]
     assert outcome.waiting_by_second() == {at + 70_000: ["e1"], at + 1_000: ["e2"]}
+
+
+async def test_the_hourly_job_removes_stopped_workers_consumers(
+    client: Client, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each worker start reads under a new consumer name: stopped ones no longer pile up in
+    the inbox groups (the job's own name stays)."""
+    await post(client, *[transition(event_id=f"e{i}", shipment_id=f"s{i}") for i in range(8)])
+    for _ in range(2):  # two workers, one after the other
+        await run_worker(settings)
+    async with open_resources(settings, clock=fixed_clock()) as res:
+
+        async def consumers() -> int:
+            found = 0
+            for p in range(settings.partitions):
+                found += len(await res.redis.xinfo_consumers(res.store.inbox_key(p), GROUP))
+            return found
+
+        before = await consumers()
+        assert before >= 2
+        ctx = {"res": res, "consumer": "the-job's-own"}
+        assert await worker_module.forget_consumers(ctx) == 0  # none idle for an hour yet
+        monkeypatch.setattr(worker_module, "CONSUMER_IDLE_MS", 0)
+        assert await worker_module.forget_consumers(ctx) == before
+        assert await consumers() == 0

@@ -454,6 +454,12 @@ class Inbox(StoreBase):
         )
         return [_entry(i, f) for i, f in reply[1] if f]
 
+    async def forget_consumers(self, partition: int, idle_ms: int, own: str) -> int:
+        """Remove the partition group's consumers that hold no entry and have been idle for
+        ``idle_ms`` (stopped or dead workers), but ``own``; how many."""
+        args = [GROUP, idle_ms, own]
+        return int(await self.scripts.forget_consumers(keys=[self.inbox_key(partition)], args=args))
+
     async def ack(self, partition: int, entry_ids: Sequence[str]) -> None:
         """Acknowledge and delete processed entries."""
         if not entry_ids:

@@ -73,6 +73,7 @@ class Scripts:
     hook_claim: Script
     hook_settle: Script
     hook_endpoint: Script
+    forget_consumers: Script
 
     @classmethod
     def register(cls, redis: Redis | RedisCluster) -> Scripts:
