@@ -50,7 +50,7 @@ from notifier.models import (
     Status,
     TimeZone,
 )
-from notifier.overrides import OverrideError, OverrideStore
+from notifier.overrides import LiveMoved, OverrideError, OverrideStore
 from notifier.policy import opt_out_key
 from notifier.render import Message, SmsMessageOut
 from notifier.render.brand import Brand
@@ -66,6 +66,10 @@ class InvalidOverride(ValidationFailed):
 
 class DraftChanged(ApiError):
     status, code = 409, "draft_changed"
+
+
+class LiveChanged(ApiError):
+    status, code = 409, "live_changed"
 
 
 class SaveFile(BaseModel):
@@ -124,6 +128,9 @@ class Rollback(BaseModel):
     model_config = ConfigDict(extra="forbid")
     #: 0 restores "nothing from the editor" (the merchant's files over the defaults)
     version: int = Field(ge=0, strict=True)  # (not true, read as 1: a version number)
+    #: the version the caller saw in force (0: none): refused with 409 ``live_changed``
+    #: when another is live now (a colleague published or rolled back meanwhile)
+    live: int | None = Field(default=None, ge=0, strict=True)
 
 
 def json_reply(status: int, body: object) -> web.Response:
@@ -379,12 +386,15 @@ class Admin:
     async def rollback(self, request: web.Request) -> web.Response:
         merchant_id, key_id = self.merchant(request)
         body: Rollback = await self._body(request, Rollback)
-        version = await self.rollback_to(merchant_id, body.version, key_id)
+        version = await self.rollback_to(merchant_id, body.version, key_id, body.live)
         return json_reply(200, {"version": version, "restored": body.version})
 
-    async def rollback_to(self, merchant_id: str, version: int, key_id: str) -> int:
+    async def rollback_to(
+        self, merchant_id: str, version: int, key_id: str, live: int | None = None
+    ) -> int:
         """Publish the files of ``version`` again, as a new version (its number), once they
-        pass the checks against today's files beneath (422 naming each problem)."""
+        pass the checks against today's files beneath (422 naming each problem); with
+        ``live``, only while that version is in force (409 ``live_changed``)."""
         if version == 0:
             files: dict[str, str] = {}
         else:
@@ -400,7 +410,9 @@ class Admin:
                 [{"field": "version", "message": p} for p in problems],
             )
         try:
-            return await self.store.rollback(merchant_id, version, key_id, self.now())
+            return await self.store.rollback(merchant_id, version, key_id, self.now(), live)
+        except LiveMoved as exc:
+            raise LiveChanged(str(exc)) from exc
         except OverrideError as exc:
             raise InvalidOverride(str(exc), [{"field": "version", "message": str(exc)}]) from exc
 

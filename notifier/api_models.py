@@ -379,6 +379,7 @@ class PublishForm(CsrfForm):
 
 class RollbackForm(CsrfForm):
     version: str = Field(description="the version to restore (0: none of the editor's)")
+    live: str = Field(default="", description="the version in force the page showed")
 
 
 class TwilioStatusForm(BaseModel):

@@ -350,6 +350,7 @@ def _admin() -> dict[tuple[str, str], Op]:
     more = {
         "preview": ok(m.EmailPreview, m.SmsPreview),
         "publishDraft": refusals(409),
+        "rollback": refusals(409),
         "testSend": {502: Reply("The channel refused it (recorded).", sent)},
     }
     ops = {}

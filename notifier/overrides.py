@@ -87,9 +87,11 @@ redis.call('RPUSH', KEYS[2], ARGV[3])
 return rev
 """
 
-# KEYS: versions, live, audit, draft. ARGV: author key id, time (ISO), version to restore.
+# KEYS: versions, live, audit, draft. ARGV: author key id, time (ISO), version to restore,
+# the version the caller saw live ('' for any: then -3 when another is live now).
 # A draft's revision moves, so a publish checked against the files before stays refused.
 _ROLLBACK = """
+if ARGV[4] ~= '' and (redis.call('GET', KEYS[2]) or '0') ~= ARGV[4] then return -3 end
 local files = {}
 if ARGV[3] ~= '0' then
   local old = redis.call('HGET', KEYS[1], ARGV[3])
@@ -112,6 +114,18 @@ return n
 
 class OverrideError(ValueError):
     """A change the override store refuses (the API turns it into a 4xx)."""
+
+
+class LiveMoved(OverrideError):
+    """A rollback asked of a version in force that is no longer (another publish or
+    rollback came first)."""
+
+    def __init__(self, expected: int, live: int) -> None:
+        self.expected, self.live = expected, live
+        super().__init__(
+            f"version {live} is live now, not version {expected} as when you looked: "
+            "look at the versions again before rolling back"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,13 +226,19 @@ class OverrideStore:
             )
         return int(n)
 
-    async def rollback(self, merchant_id: str, version: int, key_id: str, at: str) -> int:
+    async def rollback(
+        self, merchant_id: str, version: int, key_id: str, at: str, live: int | None = None
+    ) -> int:
         """Publish the files of ``version`` again, as a new version; its number. Version 0
-        is "nothing from the editor": the merchant's files and the defaults again."""
+        is "nothing from the editor": the merchant's files and the defaults again. With
+        ``live``, only while that version is the one in force (else LiveMoved)."""
         n = await self._rollback(
             keys=[self.key(merchant_id, k) for k in ("versions", "live", "audit", "draft")],
-            args=[key_id, at, str(version)],
+            args=[key_id, at, str(version), "" if live is None else str(live)],
         )
+        if int(n) == -3:
+            now = await awaited(self.redis.get(self.key(merchant_id, "live")))
+            raise LiveMoved(live or 0, int(now or 0))
         if int(n) == -2:
             raise OverrideError("nothing is published: version 0 is what is live already")
         if int(n) < 0:

@@ -238,7 +238,15 @@ async def test_draft_check_publish_and_roll_back(client: Client, settings: Setti
         f"{acme}/overrides/publish", json={"revision": revision}, headers=auth(ACME_KEY)
     )
     assert (await delivered("s2"))["Subject"] == "Acme: landed"
-    resp = await client.post(f"{acme}/overrides/rollback", json={"version": 1}, headers=auth())
+    # a rollback asked by someone who last saw version 1 live is refused: 2 is live now
+    stale = {"version": 1, "live": 1}
+    resp = await client.post(f"{acme}/overrides/rollback", json=stale, headers=auth())
+    assert resp.status == 409
+    error = (await resp.json())["error"]
+    assert error["code"] == "live_changed"
+    assert error["message"].startswith("version 2 is live now, not version 1")
+    seen = {"version": 1, "live": 2}
+    resp = await client.post(f"{acme}/overrides/rollback", json=seen, headers=auth())
     assert (await resp.json()) == {"version": 3, "restored": 1}
     assert (await delivered("s3"))["Subject"] == "Acme: it is there"
 

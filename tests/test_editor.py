@@ -762,6 +762,31 @@ async def test_review_findings_hold(client: Client, settings: Settings) -> None:
     assert resp.status == 422
     resp = await client.post(f"{ACME}/rollback", data={"csrf": csrf, "version": "0"})
     assert "nothing is published" in await resp.text()
+    # the versions page rolls back only what it showed: a colleague's publish since is not
+    # undone unseen
+    for n in (1, 2):
+        put = await client.put(
+            "/v1/merchants/acme/brand",
+            json={"name": f"Acme {n}", "support": {"url": "https://acme.example/help"}},
+            headers=auth(ACME_KEY),
+        )
+        revision = (await put.json())["revision"]
+        published = await client.post(
+            "/v1/merchants/acme/overrides/publish",
+            json={"revision": revision},
+            headers=auth(ACME_KEY),
+        )
+        assert published.status == 200, await published.text()
+        if n == 1:
+            page = await (await client.get(f"{ACME}/versions")).text()
+            assert '<input type="hidden" name="live" value="1">' in page
+    stale = {"csrf": csrf, "version": "0", "live": "1"}  # as that page's form posts it
+    resp = await client.post(f"{ACME}/rollback", data=stale)
+    assert "version 2 is live now, not version 1 as when you looked" in await resp.text()
+    live = await client.get("/v1/merchants/acme/overrides", headers=auth(ACME_KEY))
+    assert (await live.json())["version"] == 2
+    resp = await client.post(f"{ACME}/rollback", data={**stale, "live": "2"})
+    assert "Version 3 is live" in await resp.text()
     # a default language without a catalog of its own stays what it was
     await client.put(
         "/v1/merchants/acme/brand", json={"default_locale": "de_AT"}, headers=auth(ACME_KEY)

@@ -247,8 +247,10 @@ class Pages:
                 f"no version {text!r}", [{"field": "version", "message": "a version number"}]
             )
         target = int(text)
+        shown = form.get("live", "")  # the version in force the page showed
+        live = int(shown) if shown.isascii() and shown.isdigit() else None
         try:
-            version = await self.web.admin.rollback_to(merchant_id, target, session.key_id)
+            version = await self.web.admin.rollback_to(merchant_id, target, session.key_id, live)
         except ApiError as exc:
             raise await self._refused(request, exc, f"/merchant/{merchant_id}/versions") from None
         await self.web.sessions.flash(request, {"published": version, "restored": target})
