@@ -262,22 +262,36 @@ async def test_the_brand_form_writes_only_what_differs_and_refuses_an_unreadable
     assert 'value="help@acme.example"' in await again.text()
 
 
-async def test_the_brand_form_keeps_what_it_does_not_show(client: Client) -> None:
-    """A link the form has no field for (``links.short_base``, set through the API) stays
-    when the form saves another field of its group: it was dropped, and SMS grew longer
-    (found by a black-box review)."""
+async def test_the_brand_form_shows_and_keeps_every_field_of_the_brand(client: Client) -> None:
+    """The dark-mode logo, the SMS short-link base and the commitments were in brand.yaml
+    but not on the form: a merchant could not set them in the editor. The form now shows
+    them (a value set through the API shows, and a save keeps it); a short-link base once
+    dropped when the form saved another link of its group (a black-box review)."""
     put = await client.put(
         "/v1/merchants/acme/brand",
         json={
             "links": {"short_base": "https://acme.example/t/"},
             "logo_dark_url": "https://acme.example/logo-dark.png",
+            "commitments": {"refunds": True},
         },
         headers=auth(ACME_KEY),
     )
     assert put.status == 200, await put.text()
     csrf = await sign_in(client)
     html = await (await client.get(f"{ACME}/brand")).text()
-    form = {"csrf": csrf, "name": "Your shop", "accent": "#b91c1c", "default_locale": "en"}
+    assert 'name="links.short_base" value="https://acme.example/t/"' in html
+    assert 'name="logo_dark_url" value="https://acme.example/logo-dark.png"' in html
+    assert 'id="f-commitments-refunds" name="commitments.refunds" checked>' in html
+    assert 'name="commitments.damage_claim">' in html  # not ticked
+    form = {
+        "csrf": csrf,
+        "name": "Your shop",
+        "accent": "#b91c1c",
+        "default_locale": "en",
+        "links.short_base": "https://acme.example/t/",
+        "logo_dark_url": "https://acme.example/logo-dark.png",
+        "commitments.refunds": "on",
+    }  # as the page posts it, with one link more
     resp = await client.post(
         f"{ACME}/brand",
         data={**form, "links.pickup": "https://acme.example/pickup", "base": base_of(html)},
@@ -290,6 +304,19 @@ async def test_the_brand_form_keeps_what_it_does_not_show(client: Client) -> Non
     }
     assert saved["logo_dark_url"] == "https://acme.example/logo-dark.png"
     assert saved["accent"] == "#b91c1c"
+    assert saved["commitments"] == {"refunds": True}
+    # one ticked, the other unticked, a base cleared: as a browser posts the boxes
+    changed = {**form, "commitments.damage_claim": "on", "links.short_base": ""}
+    del changed["commitments.refunds"]
+    resp = await client.post(f"{ACME}/brand", data={**changed, "base": base_of(await resp.text())})
+    assert "Saved to your draft" in await resp.text()
+    saved = yaml.safe_load((await draft(client))["brand.yaml"])
+    assert saved["commitments"] == {"damage_claim": True}
+    assert "links" not in saved
+    bad = {**changed, "links.short_base": "https://acme.example/{tracking_number}"}
+    resp = await client.post(f"{ACME}/brand", data={**bad, "base": base_of(await resp.text())})
+    assert resp.status == 422
+    assert "SMS short-link base" in await resp.text()  # the summary names it by its label
 
 
 async def test_a_settings_form_opened_before_another_save_is_refused(client: Client) -> None:

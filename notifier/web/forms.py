@@ -114,6 +114,11 @@ def field_errors(exc: ValidationError) -> dict[str, str]:
 BRAND_FIELDS: list[tuple[str, str, str]] = [
     ("name", "Shop name", "Shown in every message and as the email sender's name."),
     ("logo_url", "Logo URL", "An https:// image; emails show the shop name when empty."),
+    (
+        "logo_dark_url",
+        "Logo URL for dark mode",
+        "An https:// image for mail apps in dark mode (light on dark); the logo if empty.",
+    ),
     ("logo_alt", "Logo text alternative", "Read aloud instead of the logo; the name if empty."),
     ("accent", "Accent colour", "Buttons and links, as #rrggbb. It must reach 4.5:1 contrast."),
     ("default_locale", "Default language", "For customers whose language has no translation."),
@@ -125,6 +130,27 @@ BRAND_FIELDS: list[tuple[str, str, str]] = [
     ("links.reschedule", "Reschedule link", "https:// URL; {tracking_number} is filled in."),
     ("links.change_address", "Change-address link", "https:// URL; {order_number} works too."),
     ("links.pickup", "Pickup link", "https:// URL for collecting from a pickup point."),
+    (
+        "links.short_base",
+        "SMS short-link base",
+        "https:// base the tracking number is appended to (e.g. https://acme.link/t/): "
+        "used in SMS instead of the carrier's long link, so more fit one segment.",
+    ),
+]
+#: (flag, label): what the merchant really does when something goes wrong; each ticked one
+#: is a "What we are doing" line in the matching messages (``Commitments``)
+COMMITMENTS: list[tuple[str, str]] = [
+    ("customs_documents", "Customs hold: we send customs the shipping documents"),
+    ("carrier_follow_up", "Delays, customs, lost parcels: we follow up with the carrier"),
+    ("damage_claim", "Damaged parcels: we open a claim with the carrier"),
+    ("hold_for_address", "Address problems: we ask the carrier to hold the parcel"),
+    ("search_request", "Lost parcels: we ask the carrier to search for it"),
+    ("track_returns", "Returns to us: we track the return and act when it arrives"),
+    (
+        "refunds",
+        "Lost, damaged, refused or returned: we replace or refund the order and contact "
+        "the customer (without it, those messages ask the customer to contact you)",
+    ),
 ]
 CHANNEL_CHOICES = {"email": ["", "outbox", "sendgrid"], "sms": ["", "outbox", "twilio"]}
 
@@ -160,6 +186,8 @@ def brand_from_form(form: Mapping[str, str], current: Mapping[str, Any]) -> dict
         chosen = form.get(f"channels.{kind}", "")
         _set_path(out, f"channels.{kind}", chosen if chosen in choices and chosen else None)
     out["one_click_unsubscribe"] = form.get("one_click_unsubscribe") == "on"
+    for flag, _ in COMMITMENTS:
+        _set_path(out, f"commitments.{flag}", form.get(f"commitments.{flag}") == "on")
     return out
 
 
