@@ -22,6 +22,7 @@ NotifierError
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -157,3 +158,47 @@ class PermanentDeliveryError(DeliveryError):
 
     #: the provider says the recipient opted out (Twilio 21610): record it
     opted_out: bool = False
+
+
+def plain_words(error: Mapping[str, Any]) -> str:
+    """What one of pydantic's errors says, in the words a merchant's form or file problem
+    uses ("must not be empty", "must be 1 or more"), not pydantic's own ("String should
+    have at least 1 character", "Input should be greater than or equal to 1")."""
+    kind, ctx = str(error.get("type", "")), error.get("ctx") or {}
+    message = str(error.get("msg", "")).removeprefix("Value error, ")
+    if kind == "string_too_short":
+        n = ctx.get("min_length", 1)
+        return "must not be empty" if n == 1 else f"must be at least {n} characters long"
+    if kind in _PLAIN:
+        try:
+            return _PLAIN[kind].format(**ctx)
+        except (KeyError, IndexError):
+            return message
+    if kind in ("literal_error", "enum"):
+        return f"must be {ctx.get('expected', 'one of the listed values')}"
+    return message.replace("Input should be", "must be", 1)
+
+
+_PLAIN = {
+    "string_too_long": "must be at most {max_length} characters long",
+    "too_short": "must have at least {min_length} items",
+    "too_long": "must have at most {max_length} items",
+    "greater_than_equal": "must be {ge} or more",
+    "greater_than": "must be more than {gt}",
+    "less_than_equal": "must be {le} or less",
+    "less_than": "must be less than {lt}",
+    "int_parsing": "must be a whole number",
+    "int_type": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "float_parsing": "must be a number",
+    "float_type": "must be a number",
+    "bool_parsing": "must be true or false",
+    "bool_type": "must be true or false",
+    "string_type": "must be text",
+    "missing": "is required",
+    "extra_forbidden": "is not a setting here (a typo?)",
+    "dict_type": "must be a group of settings",
+    "model_type": "must be a group of settings",
+    "model_attributes_type": "must be a group of settings",
+    "list_type": "must be a list",
+}

@@ -15,10 +15,12 @@ import pytest
 import redis
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
+from pydantic import BaseModel, ValidationError
 
 from notifier.app import create_app
 from notifier.resources import data_dir
 from notifier.settings import Settings
+from notifier.web.forms import field_errors
 from tests.conftest import (
     ACME_KEY,
     ADMIN_KEY,
@@ -249,7 +251,7 @@ async def test_the_brand_form_writes_only_what_differs_and_refuses_an_unreadable
     form["base"] = base_of(await resp.text())
     blank = await client.post(f"{ACME}/brand", data={**form, "name": "\x00\r\n"})
     assert blank.status == 422
-    assert "at least 1 character" in await blank.text()
+    assert "must not be empty" in await blank.text()
     good = {**form, "name": "Acme", "accent": "#fde68a", "support.email": "help@acme.example"}
     resp = await client.post(f"{ACME}/brand", data=good)
     assert "Saved to your draft" in await resp.text()
@@ -1065,3 +1067,37 @@ async def test_a_merchant_called_static_has_its_editor_pages(client: Client) -> 
         assert resp.status == 200 and resp.content_type == "text/html", page
     css = await client.get("/merchant/-/static/editor.css")
     assert css.status == 200 and css.content_type == "text/css"
+
+
+def test_merchants_read_form_and_file_problems_in_plain_words() -> None:
+    """pydantic's own wording ("String should have at least 1 character", "Input should be
+    greater than or equal to 1") no longer reaches a merchant's form or file problem."""
+    from notifier.policy.rules import Policy
+    from notifier.render.brand import Brand
+
+    def problems(model: type[BaseModel], data: dict[str, Any]) -> dict[str, str]:
+        with pytest.raises(ValidationError) as refused:
+            model.model_validate(data)
+        return field_errors(refused.value)
+
+    assert problems(Brand, {"name": "", "accent": "#1d4ed8", "footer": "x" * 3}) == {
+        "name": "must not be empty"
+    }
+    assert problems(
+        Brand, {"name": "x" * 81, "colour": "red", "one_click_unsubscribe": "maybe"}
+    ) == {
+        "name": "must be at most 80 characters long",
+        "one_click_unsubscribe": "must be true or false",
+        "colour": "is not a setting here (a typo?)",
+    }
+    found = problems(
+        Policy,
+        {
+            "dedupe_window_hours": "soon",
+            "throttle": {"max_per_shipment_per_day": 0},
+            "channels": "email",
+        },
+    )
+    assert found["dedupe_window_hours"] == "must be a number"
+    assert found["throttle.max_per_shipment_per_day"] == "must be 1 or more"
+    assert not any("should" in message or "Input" in message for message in found.values())

@@ -481,7 +481,7 @@ async def test_the_editor_writes_variant_b_and_the_cadence_form_starts_a_test(
             "/merchant/acme/cadence", data={**again, "experiments.0.b_percent": "150"}
         )
         assert bad.status == 422
-        assert "less than or equal to 100" in await bad.text()
+        assert "must be 100 or less" in await bad.text()
         # ending it: an empty name
         resp = await client.post("/merchant/acme/cadence", data={**again, "experiments.0.name": ""})
         assert "Saved to your draft" in await resp.text()

@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from notifier.errors import ConfigurationError
+from notifier.errors import ConfigurationError, plain_words
 from notifier.models import ChannelKind, ExceptionCode, Status, known_timezone
 
 log = logging.getLogger(__name__)
@@ -386,7 +386,7 @@ def _validate(path: Path, data: dict[str, Any]) -> Policy:
         return Policy.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}"
+            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {plain_words(err)}"
             for err in exc.errors(include_input=False, include_url=False)
         )
         raise ConfigurationError(f"{path}: {problems}") from exc

@@ -18,7 +18,7 @@ from pydantic import (
     field_validator,
 )
 
-from notifier.errors import ConfigurationError
+from notifier.errors import ConfigurationError, plain_words
 from notifier.models import LocaleTag, one_line
 
 _HEX = re.compile(r"^#[0-9a-fA-F]{6}$")
@@ -310,7 +310,7 @@ def load_brand(
         return Brand.model_validate(merged)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+            f"{'.'.join(str(p) for p in e['loc'])}: {plain_words(e)}"
             for e in exc.errors(include_input=False, include_url=False)
         )
         raise ConfigurationError(f"{where}: {problems}") from exc

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from notifier.errors import plain_words
 from notifier.models import ChannelKind, ExceptionCode, Status
 from notifier.policy.rules import MESSAGE_NAMES
 
@@ -104,7 +105,7 @@ def field_errors(exc: ValidationError) -> dict[str, str]:
     out: dict[str, str] = {}
     for e in exc.errors(include_input=False, include_url=False):
         name = ".".join(str(p) for p in e["loc"]) or "(form)"
-        out.setdefault(name, e["msg"].removeprefix("Value error, "))
+        out.setdefault(name, plain_words(e))
     return out
 
 
