@@ -218,7 +218,7 @@ class Admin:
         try:
             revision = await self.store.save(merchant_id, path, text, key_id, self.now())
         except OverrideError as exc:
-            raise InvalidOverride(str(exc), [{"field": "path", "message": str(exc)}]) from exc
+            raise InvalidOverride(str(exc), [{"field": exc.field, "message": str(exc)}]) from exc
         checked, files = await self.candidate(merchant_id)
         problems = await self.problems(merchant_id, files)
         return {"revision": checked, "saved": revision, "problems": problems}

@@ -113,7 +113,12 @@ return n
 
 
 class OverrideError(ValueError):
-    """A change the override store refuses (the API turns it into a 4xx)."""
+    """A change the override store refuses (the API turns it into a 4xx naming ``field``:
+    the file's path, or the text that is wrong)."""
+
+    def __init__(self, message: str, field: str = "path") -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class LiveMoved(OverrideError):
@@ -183,10 +188,14 @@ class OverrideStore:
         """Put a file (``text``) or its deletion (None) in the draft; the new revision."""
         if not PATH.fullmatch(path):
             raise OverrideError(f"{path}: not a file a merchant can override")
-        if text is not None and len(text.encode()) > MAX_FILE_BYTES:
-            raise OverrideError(f"{path}: larger than {MAX_FILE_BYTES // 1024} KB")
+        if text is not None and (size := len(text.encode())) > MAX_FILE_BYTES:
+            raise OverrideError(
+                f"{path}: {size:,} bytes, larger than {MAX_FILE_BYTES // 1024} KB "
+                f"({MAX_FILE_BYTES:,} bytes), the most a file may hold",
+                "text",
+            )
         if text is not None and "\x00" in text:
-            raise OverrideError(f"{path}: contains a NUL character")
+            raise OverrideError(f"{path}: contains a NUL character", "text")
         draft = self.key(merchant_id, "draft")
         entry = {"at": at, "key_id": key_id, "action": "delete" if text is None else "save"}
         revision = await self._edit(

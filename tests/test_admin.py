@@ -282,6 +282,18 @@ async def test_only_override_files_and_well_formed_bodies(client: Client) -> Non
         f"{acme}/overrides/rollback", json={"version": 7}, headers=auth(ACME_KEY)
     )
     assert resp.status == 404
+    # a text over the size limit is the text's problem, not the path's, and says its size
+    big = "{# " + "x" * 70_000 + " #}"
+    resp = await client.put(
+        f"{acme}/templates/delivered", json={"text": big}, headers=auth(ACME_KEY)
+    )
+    assert resp.status == 422
+    [detail] = (await resp.json())["error"]["details"]
+    assert detail == {
+        "field": "text",
+        "message": "messages/delivered.jinja: 70,006 bytes, larger than 64 KB (65,536 bytes), "
+        "the most a file may hold",
+    }
 
 
 async def test_preview_renders_published_draft_or_posted_files_in_any_locale(
