@@ -470,6 +470,17 @@ def process_env(workdir: Path, port: int, **env: str) -> dict[str, str]:
     }
 
 
+def shared_env(settings: Settings) -> dict[str, str]:
+    """The NOTIFIER_* variables a spawned process needs to share ``settings``' Redis, keys,
+    outbox and partitions with this test."""
+    return {
+        "NOTIFIER_REDIS_URL": str(settings.redis_url),
+        "NOTIFIER_API_KEYS": json.dumps(API_KEYS),
+        "NOTIFIER_OUTBOX_DIR": str(settings.outbox_dir),
+        "NOTIFIER_PARTITIONS": str(settings.partitions),
+    }
+
+
 def spawn_notifier(args: list[str], cwd: Path, **env: str) -> subprocess.Popen[str]:
     """`notifier ARGS` as a real process with only the given NOTIFIER_* variables."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFIER_")}

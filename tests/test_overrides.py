@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import email
 import email.policy
-import json
 import logging
 import os
 import shutil
@@ -29,10 +28,10 @@ from notifier.resources import data_dir
 from notifier.settings import Settings
 from notifier.store import keys
 from tests.conftest import (
-    API_KEYS,
     auth,
     make_settings,
     outbox_files,
+    shared_env,
     spawn_notifier,
     transition,
     wait_until,
@@ -265,10 +264,7 @@ async def test_a_running_worker_process_survives_a_bad_brand_and_picks_up_edits(
         ["worker"],
         tmp_path,
         NOTIFIER_TEMPLATES_DIR=str(templates),
-        NOTIFIER_REDIS_URL=str(settings.redis_url),
-        NOTIFIER_API_KEYS=json.dumps(API_KEYS),
-        NOTIFIER_OUTBOX_DIR=str(settings.outbox_dir),
-        NOTIFIER_PARTITIONS=str(settings.partitions),
+        **shared_env(settings),
         NOTIFIER_RELOAD_INTERVAL_S="0",
     )
     at = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
@@ -347,10 +343,7 @@ async def test_a_worker_started_after_a_fix_judges_the_counted_merchants_again(
         ["worker"],
         tmp_path,
         NOTIFIER_TEMPLATES_DIR=str(templates),
-        NOTIFIER_REDIS_URL=str(settings.redis_url),
-        NOTIFIER_API_KEYS=json.dumps(API_KEYS),
-        NOTIFIER_OUTBOX_DIR=str(settings.outbox_dir),
-        NOTIFIER_PARTITIONS=str(settings.partitions),
+        **shared_env(settings),
     )
     try:
         wait_until(

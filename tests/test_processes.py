@@ -17,6 +17,7 @@ from tests.conftest import (
     auth,
     just_now,
     outbox_files,
+    shared_env,
     spawn_notifier,
     transition,
     wait_until,
@@ -46,10 +47,7 @@ async def test_worker_process_delivers_and_stops_cleanly(
         ["worker"],
         tmp_path,
         NOTIFIER_POLICIES_DIR=str(policies),
-        NOTIFIER_REDIS_URL=str(settings.redis_url),
-        NOTIFIER_API_KEYS=json.dumps(API_KEYS),
-        NOTIFIER_OUTBOX_DIR=str(settings.outbox_dir),
-        NOTIFIER_PARTITIONS=str(settings.partitions),
+        **shared_env(settings),
     )
     try:
         wait_until(
