@@ -324,12 +324,27 @@ class ShipmentState(BaseModel):
     def apply(self, t: Transition, old: bool = False) -> ShipmentState:
         """Return the state after ``t``; a step back only adds facts, never rewinds status.
         ``old``: ``t`` is too old to tell (``is_step_back``)."""
+        if self.last_scan_at is not None and t.occurred_at < self.last_scan_at:
+            # a late scan: it fills in what is not known, and newer facts win (it carried
+            # the address and phone the customer has replaced since, and the messages after
+            # it went there, in its language, with its link and order number)
+            facts: dict[str, object] = {
+                "tracking_number": self.tracking_number or t.tracking_number,
+                "carrier": self.carrier or t.carrier,
+                "tracking_url": self.tracking_url or t.tracking_url,
+                "recipient": merge_recipient(t.recipient, self.recipient),
+                "order": self.order or t.order,
+            }
+        else:
+            facts = {
+                "tracking_number": t.tracking_number,
+                "carrier": t.carrier,
+                "tracking_url": t.tracking_url or self.tracking_url,
+                "recipient": merge_recipient(self.recipient, t.recipient),
+                "order": t.order or self.order,
+            }
         update: dict[str, object] = {
-            "tracking_number": t.tracking_number,
-            "carrier": t.carrier,
-            "tracking_url": t.tracking_url or self.tracking_url,
-            "recipient": merge_recipient(self.recipient, t.recipient),
-            "order": t.order or self.order,
+            **facts,
             "seen": [*self.seen, t.event_id][-SEEN_EVENTS:],
             "events": self.events + 1,
             "first_at": min(self.first_at, t.occurred_at) if self.first_at else t.occurred_at,

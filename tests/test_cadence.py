@@ -25,7 +25,16 @@ from notifier.resources import Resources, open_resources
 from notifier.settings import Settings
 from notifier.store import keys, record
 from notifier.worker import find_stalled, release_due
-from tests.conftest import auth, fixed_clock, history, outbox_files, post, run_worker, transition
+from tests.conftest import (
+    NOW,
+    auth,
+    fixed_clock,
+    history,
+    outbox_files,
+    post,
+    run_worker,
+    transition,
+)
 
 Client = TestClient[Any, Any]
 NIGHT = datetime(2026, 11, 21, 22, 0, tzinfo=UTC)  # 23:00 in Paris: SMS quiet hours
@@ -880,3 +889,54 @@ async def test_a_delay_while_out_for_delivery_stays_on_that_step(
     assert "Out for delivery (problem)" in text, text
     assert "(not yet)" in text and "Delivered (not yet)" in text, text
     assert "Out for delivery (not yet)" not in text, text
+
+
+@pytest.mark.parametrize("age_h", [4, 192])
+async def test_a_late_scan_does_not_bring_back_the_old_recipient_link_or_order(
+    client: Client, settings: Settings, age_h: int
+) -> None:
+    """ "Arrives today" went to the customer's new address and phone, in French; then a
+    late in-transit scan came in (out of order, or too old to tell) carrying the old ones:
+    the "delivered" messages after it went to the old address and phone, in English, with
+    the old link and order number (found by a black-box run as the tracking backend).
+    Newer facts win; a late scan fills in only what is not known."""
+    new = {
+        "email": "new@example.com",
+        "phone": "+33622222222",
+        "locale": "fr_FR",
+        "timezone": "Europe/Paris",
+    }
+    old = {**new, "email": "old@example.com", "phone": "+33611111111", "locale": "en"}
+    ofd = transition(
+        event_id="ofd",
+        occurred_at="2026-11-21T12:00:00+01:00",
+        tracking_url="https://track.example.com/NEW",
+        order={"number": "NEW-2"},
+        recipient=new,
+    )
+    late = transition(
+        event_id="late",
+        status="in_transit",
+        occurred_at=(NOW - timedelta(hours=age_h)).isoformat(),
+        tracking_url="https://track.example.com/OLD",
+        order={"number": "OLD-1"},
+        recipient=old,
+    )
+    done = transition(event_id="done", status="delivered", occurred_at="2026-11-21T14:55:00+01:00")
+    del done["recipient"], done["tracking_url"], done["order"]
+    await post(client, ofd)
+    await run_worker(settings)
+    await post(client, late)
+    await run_worker(settings)
+    await post(client, done)
+    await run_worker(settings)
+    [eml] = [f for f in outbox_files(settings, ".eml") if nid("done", ChannelKind.EMAIL) in f.name]
+    [sms] = [f for f in outbox_files(settings) if nid("done", ChannelKind.SMS) in f.name]
+    mail = email.message_from_bytes(eml.read_bytes(), policy=email.policy.default)
+    assert mail["To"] == "new@example.com"
+    text = plain_text(eml)
+    assert "https://track.example.com/NEW" in text and "NEW-2" in text, text
+    assert "OLD" not in text, text
+    body = json.loads(sms.read_text())
+    assert body["to"] == "+33622222222"
+    assert "colis" in body["body"] and "NEW" in body["body"], body  # French, the new link
