@@ -457,6 +457,23 @@ def test_an_address_sms_without_a_form_asks_the_customer_to_contact_the_shop(
         assert said.split("%(merchant)s", 1)[1][:12] in text, (locale, text)
 
 
+def test_a_link_naming_an_order_number_the_shipment_lacks_is_left_out(acme: Path) -> None:
+    """The backend sent no order (it is optional): the change-of-address link became
+    ``https://acme.example/address/`` in the SMS and the email's button, a dead link on the
+    one message that asks the customer to act (found by a black-box run). Without it the
+    messages ask the customer to contact the shop, as for a merchant without the link."""
+    t = sample("exception:address_issue").model_copy(update={"order": None})
+    body = sms_of(acme, t).body
+    assert body.startswith("Acme Shop: please contact us to confirm your delivery address."), body
+    assert "acme.example/address" not in body
+    html = render_email(notification(t), renderer(acme)).html
+    assert "acme.example/address" not in html
+    assert 'href="https://www.ups.com/track' in html  # tracking is still offered
+    # a link naming only the tracking number is filled as before
+    failed = sample("delivery_attempt_failed").model_copy(update={"order": None})
+    assert "https://acme.example/rebook/1Z999AA10123456784" in sms_of(acme, failed).body
+
+
 def test_a_refused_parcels_sms_says_what_to_do_if_it_was_a_mistake(acme: Path) -> None:
     body = sms_of(acme, sample("exception:refused")).body
     assert "your parcel was refused. If this is a mistake, contact us." in body

@@ -360,13 +360,19 @@ def carrier_name(carrier: str) -> str:
 LINK_PLACEHOLDERS = ("tracking_number", "order_number")
 
 
-def fill_link(template: str, values: dict[str, str]) -> str:
-    """A merchant link with {tracking_number}/{order_number} filled in, URL-quoted.
+def fill_link(template: str, values: dict[str, str]) -> str | None:
+    """A merchant link with {tracking_number}/{order_number} filled in, URL-quoted; None
+    when it names one this shipment has no value for (an order number the backend never
+    sent): ``…/address/`` is a dead link, and the message offers the others instead.
 
     Plain replacement, not str.format: a merchant's template must not reach attributes.
     """
     for key, value in values.items():
-        template = template.replace("{" + key + "}", quote(value, safe=""))
+        placeholder = "{" + key + "}"
+        if placeholder in template:
+            if not value:
+                return None
+            template = template.replace(placeholder, quote(value, safe=""))
     return template
 
 
