@@ -49,8 +49,8 @@ def notifications(channel: ChannelKind) -> list[Notification]:
 def run(renderer: Renderer, items: list[Notification], seconds: float) -> float:
     done, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
-        i18n.when.cache_clear()
-        i18n.window.cache_clear()
+        i18n._when.cache_clear()
+        i18n._window.cache_clear()
         for n in items:
             renderer.render(n)
         done += len(items)

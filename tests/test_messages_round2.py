@@ -18,7 +18,7 @@ from babel.messages.pofile import read_po
 from notifier.channels.outbox import build_eml
 from notifier.channels.sendgrid import payload
 from notifier.check import budget_samples
-from notifier.models import ChannelKind, Transition
+from notifier.models import ChannelKind, Recipient, Transition
 from notifier.render import EmailMessageOut, SmsMessageOut
 from notifier.render.i18n import day, when, window
 from notifier.render.sms import measure
@@ -572,6 +572,50 @@ def test_a_pickup_day_is_the_recipients_else_the_pickup_points() -> None:
     assert "Pick it up by Sun, November 29." in _body(r, n)
     zoneless = n.model_copy(update={"recipient": n.recipient.model_copy(update={"timezone": None})})
     assert "Pick it up by Sat, November 28." in _body(r, zoneless)
+
+
+def test_a_deadline_at_midnight_names_the_day_before_as_the_last_day() -> None:
+    """ "Collect until Thu 10 Dec" for a deadline of Thursday 00:00: a customer who came on
+    Thursday found the parcel gone (found by a black-box run). The SMS names Wednesday, and
+    the email says 23:59 on Wednesday, as the day ends where the customer reads it."""
+    paris = timezone(timedelta(hours=1))
+    t = _pickup_by(datetime(2026, 12, 10, 0, 0, tzinfo=paris))
+    r = renderer()
+    last = datetime(2026, 12, 9, 23, 59, tzinfo=paris)
+    sms = _body(r, notification(t, ChannelKind.SMS, "fr"))
+    assert day(last, "Europe/Paris", "fr") in sms, sms
+    assert day(t.pickup_deadline, "Europe/Paris", "fr") not in sms, sms
+    text = render_email(notification(t, locale="fr"), r).text
+    assert when(last, "Europe/Paris", "fr") in text, text
+    # in New York the same deadline is 18:00 on Wednesday: nothing to move
+    ny = notification(t, ChannelKind.SMS).model_copy(
+        update={"recipient": Recipient(phone="+12125550123", timezone="America/New_York")}
+    )
+    assert "Pick it up by Wed, December 9." in _body(r, ny)
+
+
+def test_without_a_zone_the_email_and_the_sms_name_the_same_day() -> None:
+    """With no time zone known the SMS named the day in the deadline's own offset and the
+    email wrote it in UTC: "by Thu, December 10" against "by Fri, December 11, 4:00 AM UTC"
+    (found by a black-box run). Both now use the moment's own offset, which the email
+    names; a window the same."""
+    t = _pickup_by(datetime(2026, 12, 10, 23, 0, tzinfo=timezone(timedelta(hours=-5))))
+    zoneless = Recipient(email="ana@example.com", phone="+12125550123", locale="en_US")
+    r = renderer()
+    sms = _body(r, notification(t, ChannelKind.SMS).model_copy(update={"recipient": zoneless}))
+    assert "Pick it up by Thu, December 10." in sms, sms
+    text = render_email(notification(t).model_copy(update={"recipient": zoneless}), r).text
+    said = when(t.pickup_deadline, None, "en_US")
+    assert said.startswith("Thu, Dec") and said.endswith(" UTC-05:00"), said
+    assert said in text, text
+    assert "December 11" not in text
+    start = datetime(2026, 12, 7, 18, 0, tzinfo=timezone(timedelta(hours=-5)))
+    assert window(start, start + timedelta(hours=3), None, "en") == (
+        window(start, start + timedelta(hours=3), "America/New_York", "en") + " UTC-05:00"
+    )
+    assert window(start.astimezone(UTC), start.astimezone(UTC), None, "en").endswith(" UTC")
+    half = start.astimezone(timezone(timedelta(hours=5, minutes=45)))
+    assert when(half, None, "en").endswith(" UTC+05:45")
 
 
 @pytest.mark.parametrize(

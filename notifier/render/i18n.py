@@ -9,7 +9,7 @@ import re
 import threading
 import unicodedata
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -205,16 +205,48 @@ def _patterns(locale: str) -> tuple[DateTimePattern, DateTimePattern, str, str]:
 
 #: An event's moment is formatted for each of its messages (email and SMS), and a delivery
 #: window for each event that repeats it: the last few thousand are kept.
-@lru_cache(maxsize=4096)
 def when(moment: datetime, timezone: str | None, locale: str) -> str:
-    """A moment in the recipient's zone and locale, e.g. ``Sat, Nov 21, 9:30 AM``."""
-    local = moment.astimezone(_zone(timezone or "UTC"))
+    """``_when``, cached by the moment's offset too where it is shown in it (equal
+    moments in two offsets are one key to a plain cache)."""
+    return _when(moment, None if timezone else moment.utcoffset(), timezone, locale)
+
+
+@lru_cache(maxsize=4096)
+def _when(moment: datetime, _offset: timedelta | None, timezone: str | None, locale: str) -> str:
+    """A moment in the recipient's zone and locale, e.g. ``Sat, Nov 21, 9:30 AM``; with no
+    zone known, in the moment's own offset, which the text names (``… 11:00 PM UTC-05:00``):
+    the local time where it happens, as ``day`` names its day (the SMS and the email of one
+    message said different days when the email fell back to UTC)."""
+    local = moment.astimezone(_zone(timezone)) if timezone else moment
     loc = parse_locale(locale) or Locale("en")
     day, time, joiner, _ = _patterns(locale)
     if local.hour < 2:  # "à 01:30", "à 00:15" (a uma, a zero hora)
         joiner = _BEFORE_TWO.get(loc.language, joiner)
     text = joiner.replace("{1}", day.apply(local, loc)).replace("{0}", time.apply(local, loc))
-    return text if timezone else f"{text} UTC"
+    return text if timezone else f"{text} {offset_name(local)}"
+
+
+def last_day_of(deadline: datetime, timezone: str | None) -> datetime:
+    """A deadline as messages show it: one at midnight where it is read (the recipient's
+    zone, else its own offset) is shown as the minute before, so the day named is the last
+    day to act: "by Wed, Dec 9, 11:59 PM", not "by Thu, Dec 10, 00:00", read as "Thursday
+    still will do" (the parcel was gone by then)."""
+    local = deadline.astimezone(_zone(timezone)) if timezone else deadline
+    if (local.hour, local.minute, local.second, local.microsecond) == (0, 0, 0, 0):
+        return deadline - timedelta(minutes=1)
+    return deadline
+
+
+def offset_name(moment: datetime) -> str:
+    """``UTC``, or ``UTC+01:00``, ``UTC-05:00``, ``UTC+05:45``: a moment's offset as the
+    text names it when the reader's zone is unknown (ASCII: it may end up in an SMS)."""
+    offset = moment.utcoffset()
+    if not offset:
+        return "UTC"
+    minutes = int(offset.total_seconds()) // 60
+    sign = "+" if minutes > 0 else "-"
+    hours, rest = divmod(abs(minutes), 60)
+    return f"UTC{sign}{hours:02d}:{rest:02d}"
 
 
 #: Languages whose SMS name a day without its weekday: es "hasta el mar, 8 de diciembre"
@@ -222,8 +254,14 @@ def when(moment: datetime, timezone: str | None, locale: str) -> str:
 _WITHOUT_WEEKDAY = {"es"}
 
 
-@lru_cache(maxsize=1024)
 def day(moment: datetime, timezone: str | None, locale: str) -> str:
+    """``_day``, cached by the moment's offset too where it is shown in it (equal
+    moments in two offsets are one key to a plain cache)."""
+    return _day(moment, None if timezone else moment.utcoffset(), timezone, locale)
+
+
+@lru_cache(maxsize=1024)
+def _day(moment: datetime, _offset: timedelta | None, timezone: str | None, locale: str) -> str:
     """The day of a moment, as ``when`` writes it (``Thu, November 26``), in the
     recipient's zone, else in the moment's own offset (a pickup deadline's is the pickup
     point's): an SMS's pickup deadline. A day named with a Latin letter GSM-7 lacks (fr
@@ -250,19 +288,35 @@ def _skeleton(locale: str, skeleton: str) -> DateTimePattern:
     )
 
 
-@lru_cache(maxsize=4096)
 def window(start: datetime, end: datetime, timezone: str | None, locale: str) -> str:
-    """A delivery window, e.g. ``Tue, Nov 24, 10:00 – 14:00`` (both ends when days differ)."""
-    tz = _zone(timezone or "UTC")
+    """``_window``, cached by the ends' offsets too where it is shown in them."""
+    offsets = None if timezone else (start.utcoffset(), end.utcoffset())
+    return _window(start, end, offsets, timezone, locale)
+
+
+@lru_cache(maxsize=4096)
+def _window(
+    start: datetime,
+    end: datetime,
+    _offsets: tuple[timedelta | None, timedelta | None] | None,
+    timezone: str | None,
+    locale: str,
+) -> str:
+    """A delivery window, e.g. ``Tue, Nov 24, 10:00 – 14:00`` (both ends when days differ);
+    with no zone known, in its start's own offset, named as ``when`` names it."""
+    if timezone:
+        start, end = start.astimezone(_zone(timezone)), end.astimezone(_zone(timezone))
+    elif end.utcoffset() != start.utcoffset():
+        end = end.astimezone(start.tzinfo)
     loc = parse_locale(locale) or Locale("en")
-    if start.astimezone(tz).date() != end.astimezone(tz).date():
+    if start.date() != end.date():
         return f"{when(start, timezone, locale)} – {when(end, timezone, locale)}"
     day, _, _, joiner = _patterns(locale)
     if start == end:  # a zero-length window is a time, not "10:30 – 10:30"
         return when(start, timezone, locale)
-    times = _time_interval(start.astimezone(tz), end.astimezone(tz), locale)
-    text = joiner.replace("{1}", day.apply(start.astimezone(tz), loc)).replace("{0}", times)
-    return text if timezone else f"{text} UTC"
+    times = _time_interval(start, end, locale)
+    text = joiner.replace("{1}", day.apply(start, loc)).replace("{0}", times)
+    return text if timezone else f"{text} {offset_name(start)}"
 
 
 @lru_cache(maxsize=512)

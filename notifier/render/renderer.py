@@ -643,8 +643,9 @@ class Renderer:
         window = t.estimated_delivery
         if window is not None and window.end <= n.created_at:
             window = None
-        deadline_days = None
+        deadline_days, deadline = None, None
         if t.pickup_deadline is not None:
+            deadline = i18n.last_day_of(t.pickup_deadline, tz)
             days = (t.pickup_deadline - n.created_at).total_seconds() / 86400
             deadline_days = max(1, math.ceil(days))
         return {
@@ -671,9 +672,9 @@ class Renderer:
                 if n.predicted
                 else "",
                 "deadline_days": deadline_days,
-                "deadline": i18n.when(t.pickup_deadline, tz, fmt) if t.pickup_deadline else "",
+                "deadline": i18n.when(deadline, tz, fmt) if deadline else "",
                 #: its day alone (an SMS's), in the pickup point's offset without a zone
-                "deadline_day": i18n.day(t.pickup_deadline, tz, fmt) if t.pickup_deadline else "",
+                "deadline_day": i18n.day(deadline, tz, fmt) if deadline else "",
                 # computed only if a template prints it
                 "ago": Lazy(lambda: i18n.ago(t.occurred_at, n.created_at, fmt)),
                 #: a "delivered" of a parcel the customer collected from a pickup point
