@@ -57,6 +57,8 @@ RENEW_AFTER_S = 5.0
 #: How much sooner than its claims' lease runs out a round stops handing messages to a
 #: channel (``channels.Lease``): other workers judge the lease by their own clocks.
 LEASE_MARGIN_S = 5.0
+#: how soon a stopping worker tries Redis again, at first, to record what was accepted
+SETTLE_RETRY_S = 0.2
 
 
 def backoff_s(attempt: int, retry_after_s: float | None = None) -> float:
@@ -106,6 +108,9 @@ class _Unrecorded:
     last_sms: dict[str, tuple[str, str]]
     #: each one's channel (metrics)
     channels: dict[str, str]
+    #: the round's lease: recording them still counts while it holds (afterwards another
+    #: worker may take the claims over, and send them)
+    fence: Lease | None = None
 
 
 async def publish_broken(res: Resources) -> None:
@@ -167,7 +172,8 @@ class Deliverer:
             report = await self._round(
                 owner, notification_ids, due, states or {}, built or {}, scope
             )
-        except (RedisError, OSError):
+        except (RedisError, OSError, asyncio.CancelledError):
+            # (cancelled: a stop while Redis hung; ``settle`` hands them back as it stops)
             accepted = {nid for r in self._unrecorded if r.owner == owner for nid, _, _ in r.sent}
             rest = [nid for nid in notification_ids if nid not in accepted]
             if rest:
@@ -228,10 +234,47 @@ class Deliverer:
             log.error("taking up other partitions' leftovers failed: %s", type(exc).__name__)
 
     async def settle(self) -> None:
-        """Let the taking up of other partitions' leftovers under way end (shutting down)."""
+        """Let the taking up of other partitions' leftovers under way end."""
         if self._others is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._others
+
+    async def stop(self) -> None:
+        """Shutting down: ``settle``, then record what providers accepted in rounds Redis
+        failed in (a drain cancelled by the stop while Redis hung too), trying again while
+        Redis is away, for as long as their claims are still this worker's: gone with the
+        process, they were sent again once the claims lapsed. Then hand back such rounds'
+        other claims, if Redis answers (else their lease ends them)."""
+        await self.settle()
+        delay, told = SETTLE_RETRY_S, False
+        while self._unrecorded:
+            for scope in {r.scope for r in self._unrecorded}:
+                await self._take_up(scope, raising=False)
+            lapsed = [r for r in self._unrecorded if r.fence is None or not r.fence.open()]
+            for record in lapsed:
+                self._unrecorded.remove(record)
+                log.error(
+                    "%d messages a provider accepted could not be recorded as sent before "
+                    "their claims lapsed (Redis did not answer): another worker may send "
+                    "them again",
+                    len(record.sent),
+                )
+            if not self._unrecorded:
+                break
+            if not told:
+                waiting = sum(len(r.sent) for r in self._unrecorded)
+                longest = max(r.fence.until for r in self._unrecorded if r.fence is not None)
+                log.warning(
+                    "stopping: %d messages a provider accepted wait for Redis to record them "
+                    "as sent (for up to %.0f s, while their claims last)",
+                    waiting,
+                    max(0.0, longest - lease_clock()),
+                )
+                told = True
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+        for scope in {a[0] for a in self._abandoned.values()}:
+            await self._take_up(scope, raising=False)  # one try: else their lease ends them
 
     async def _mark_sent(self, record: _Unrecorded) -> None:
         await self.res.store.mark_sent(
@@ -439,23 +482,25 @@ class Deliverer:
             for nid, _, _ in sent
         }
         day = counts.day_of(now)
-        # an SMS through Twilio is the last to its number: a reply to it (Twilio's inbound
-        # webhook) is counted as its (``webhooks``); no other channel can get a reply
-        replies = self._channel(name).name == "twilio"
-        secret = await self.res.digest_secret() if replies else ""
-        last_sms = {
-            m.notification_id: (counts.recipient_digest(secret, m.to), m.stats_tag)
-            for m in (item.message for item in items)
-            if replies and isinstance(m, SmsMessageOut)
-        }
+        fence = items[0].lease if items else None
         record = _Unrecorded(
-            owner, scope, sent, said, where, counted, day, last_sms, report.channels
+            owner, scope, sent, said, where, counted, day, {}, report.channels, fence
         )
         try:
+            # an SMS through Twilio is the last to its number: a reply to it (Twilio's
+            # inbound webhook) is counted as its (``webhooks``); no other channel gets one
+            if self._channel(name).name == "twilio":
+                secret = await self.res.digest_secret()
+                record.last_sms = {
+                    m.notification_id: (counts.recipient_digest(secret, m.to), m.stats_tag)
+                    for m in (item.message for item in items)
+                    if isinstance(m, SmsMessageOut)
+                }
             await self._record(items, outcomes, report, by_id, owner, scope)
             await self._mark_sent(record)
-        except (RedisError, OSError):
-            # known sent: recorded at the next round, never handed back to be sent again
+        except (RedisError, OSError, asyncio.CancelledError):
+            # known sent: recorded at the next round (or as the worker stops), never handed
+            # back to be sent again; a drain cancelled while Redis hangs (a stop) the same
             self._unrecorded.append(record)
             raise
         report.sent += [nid for nid, _, _ in sent]

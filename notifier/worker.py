@@ -749,7 +749,7 @@ def build_worker(
         if "judging" in ctx:
             ctx["judging"].cancel()
         if "pipeline" in ctx:
-            await ctx["pipeline"].deliverer.settle()
+            await ctx["pipeline"].deliverer.stop()
         if "hooks" in ctx:  # else start-up stopped before (a refused setting)
             await ctx["hooks"].close()
             await ctx["stack"].aclose()

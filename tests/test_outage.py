@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import shutil
 import signal
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ import pytest
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from notifier.channels.base import Lease, lease_clock
 from notifier.delivery import Deliverer, _Unrecorded
 from notifier.pipeline import Pipeline
 from notifier.resources import data_dir, open_resources
@@ -366,3 +368,76 @@ async def test_a_closed_worker_stops_polling_even_if_its_cancellation_was_lost(
             await asyncio.create_task(worker._poll_iteration())
     finally:
         await stop_worker(worker, task)
+
+
+async def test_a_worker_stopped_while_redis_hangs_records_what_was_accepted(
+    client: Any, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGTERM while Redis hung (a CLIENT PAUSE, a restart): the drain was cancelled after
+    the provider accepted its messages, in the middle of recording them, and the process
+    exited with them unrecorded; once their claims lapsed another worker sent them all
+    again (998 emails in an operator's drill). The record is kept through the
+    cancellation, and the stopping worker records it once Redis answers, while the claims
+    are still its own; nothing is sent twice afterwards."""
+    await post_in_process(client, transition())
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        entries = await read_whole_inbox(res, "worker-1")
+        pipeline = Pipeline(res)
+        record = res.store.mark_sent
+        hung = asyncio.Event()
+
+        async def redis_hangs(*args: Any, **kwargs: Any) -> None:
+            hung.set()
+            await asyncio.Event().wait()  # until the stop cancels the drain
+
+        res.store.mark_sent = redis_hangs  # type: ignore[method-assign]
+        drain = asyncio.create_task(pipeline.process(entries))
+        await hung.wait()
+        assert len(outbox_files(settings)) == 1  # the first message went out
+        drain.cancel()  # the stop's 10 s are up
+        with pytest.raises(asyncio.CancelledError):
+            await drain
+        assert [len(r.sent) for r in pipeline.deliverer._unrecorded] == [1]
+
+        answers = iter([False, False, True])  # Redis answers again on the third try
+
+        async def back_later(*args: Any, **kwargs: Any) -> None:
+            if not next(answers):
+                raise RedisConnectionError("Connection refused")
+            await record(*args, **kwargs)
+
+        res.store.mark_sent = back_later  # type: ignore[method-assign]
+        with caplog.at_level(logging.WARNING, logger="notifier"):
+            await pipeline.deliverer.stop()  # as the worker's on_shutdown does
+        assert pipeline.deliverer._unrecorded == []
+        assert "stopping: 1 messages a provider accepted wait for Redis" in caplog.text
+        del res.store.mark_sent
+        # another worker takes the entries over: nothing goes out twice, the rest goes out
+        report = await Pipeline(res).process(entries)
+        assert report.delivery.busy == []
+    assert len(outbox_files(settings)) == 2
+    sent = [d for d in await history(client) if d["delivery"]["status"] == "sent"]
+    assert len(sent) == 2
+
+
+async def test_a_stopping_worker_gives_up_a_record_once_its_claims_lapsed(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It waits for Redis only while the claims are its own: after that another worker may
+    send them, and the log says so as an error (it does not wait for ever)."""
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        deliverer = Deliverer(res)
+
+        async def refused(*args: Any, **kwargs: Any) -> None:
+            raise RedisConnectionError("Connection refused")
+
+        res.store.mark_sent = refused  # type: ignore[method-assign]
+        lapsed = Lease(lease_clock() - 1)
+        sent = [("n_a", "2026-11-21T14:00:00+00:00", "outbox:x")]
+        deliverer._unrecorded.append(
+            _Unrecorded("round-1", None, sent, {}, {}, {}, "2026-11-21", {}, {}, lapsed)
+        )
+        with caplog.at_level(logging.ERROR, logger="notifier"):
+            await deliverer.stop()
+        assert deliverer._unrecorded == []
+        assert "another worker may send them again" in caplog.text

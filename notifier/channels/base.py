@@ -33,7 +33,11 @@ class Lease:
     lost: set[str] = field(default_factory=set)
 
     def allows(self, notification_id: str) -> bool:
-        return lease_clock() < self.until and notification_id not in self.lost
+        return self.open() and notification_id not in self.lost
+
+    def open(self) -> bool:
+        """Whether the lease still holds (for the claims not ``lost``)."""
+        return lease_clock() < self.until
 
 
 def lease_clock() -> float:
