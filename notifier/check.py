@@ -55,6 +55,7 @@ from notifier.resources import (
     refuse_a_refusing_redis,
     refuse_an_old_redis,
     refuse_another_partition_count,
+    sender,
 )
 from notifier.settings import Settings, is_loopback
 
@@ -198,7 +199,7 @@ def _renderer(settings: Settings) -> tuple[Renderer, Catalogs]:
     templates = TemplateStore(
         data_dir("templates", settings.templates_dir), catalogs, limits=render_limits(settings)
     )
-    return Renderer(templates, catalogs, email_from=settings.email_from, strict=True), catalogs
+    return Renderer(templates, catalogs, email_from=sender(settings), strict=True), catalogs
 
 
 OUTBOX = "outbox"
@@ -780,7 +781,7 @@ def candidate_renderer(
     store = TemplateStore(
         templates_dir, catalogs, lambda _: templates, limits=render_limits(settings)
     )
-    renderer = Renderer(store, catalogs, email_from=settings.email_from, strict=True)
+    renderer = Renderer(store, catalogs, email_from=sender(settings), strict=True)
     renderer.use_brand(merchant, brand)
     return renderer, catalogs
 

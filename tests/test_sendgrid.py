@@ -17,7 +17,7 @@ from notifier.channels.base import retry_after_s
 from notifier.channels.sendgrid import SendGridChannel, build_sendgrid
 from notifier.errors import PermanentDeliveryError, TemporaryDeliveryError
 from notifier.render import EmailMessageOut
-from tests.conftest import history, make_settings, post, run_worker, transition
+from tests.conftest import auth, history, make_settings, post, run_worker, transition
 from tests.fakes import FakeSendGrid, Reply, serve_sendgrid
 
 KEY = "SG.fake-key"
@@ -151,6 +151,13 @@ async def test_end_to_end_email_through_sendgrid(
         assert body["custom_args"]["notification_id"] == decision["notification_id"]
         assert decision["delivery"]["status"] == "sent"
         assert decision["delivery"]["detail"] == "sendgrid:sg0"
+        # the editor's preview shows the sender real sends use (it showed the outbox's
+        # NOTIFIER_EMAIL_FROM: found by an operator's drill)
+        preview = await client.post(
+            "/v1/merchants/acme/preview", json={"milestone": "delivered"}, headers=auth()
+        )
+        assert preview.status == 200, await preview.text()
+        assert "<orders@acme.example>" in (await preview.json())["from"]
 
 
 async def test_sendgrid_sends_from_its_verified_sender(sendgrid: FakeSendGrid) -> None:
