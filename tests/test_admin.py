@@ -506,6 +506,22 @@ async def test_templates_by_milestone_and_locale(client: Client) -> None:
     assert deleted.status == 200
     de = await (await client.get(f"{url}?locale=de", headers=auth(ACME_KEY))).json()
     assert de["source"] == "default, all languages"
+    # nothing published held it: deleting dropped the draft's change, not recorded a
+    # removal (the review showed the whole default as removed, and publishing listed it)
+    overview = await (await client.get(f"{acme}/overrides", headers=auth(ACME_KEY))).json()
+    assert overview["draft"]["files"] == {}
+    # published, then deleted: that is a removal to publish
+    path = "messages/exception_customs_hold.de.jinja"
+    own = de["text"] + "{# acme's own copy #}"  # (whole: a draft must pass to publish)
+    saved = await client.put(f"{url}?locale=de", json={"text": own}, headers=auth(ACME_KEY))
+    revision = (await saved.json())["revision"]
+    published = await client.post(
+        f"{acme}/overrides/publish", json={"revision": revision}, headers=auth(ACME_KEY)
+    )
+    assert published.status == 200, await published.text()
+    await client.delete(f"{url}?locale=de", headers=auth(ACME_KEY))
+    overview = await (await client.get(f"{acme}/overrides", headers=auth(ACME_KEY))).json()
+    assert overview["draft"]["files"] == {path: None}
     for bad in (f"{acme}/templates/teleported", f"{url}?locale=xx"):
         resp = await client.get(bad, headers=auth(ACME_KEY))
         assert resp.status == 404, bad
