@@ -39,7 +39,7 @@ from notifier.models import ChannelKind, ExceptionCode, Status, Transition
 from notifier.render import Message, Renderer, SmsMessageOut, compiled
 from notifier.render.environment import TemplateStore
 from notifier.render.i18n import Catalogs
-from notifier.resources import data_dir, trees_in_use
+from notifier.resources import data_dir, sender, trees_in_use
 from notifier.settings import (
     DEV_API_KEY,
     ENV_FILE,
@@ -286,7 +286,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
     renderer = Renderer(
         TemplateStore(templates_dir, catalogs, limits=render_limits(settings)),
         catalogs,
-        email_from=settings.email_from,
+        email_from=sender(settings),
         strict=True,  # show the merchant's problem, not a fallback
     )
     sample = next(
@@ -481,7 +481,8 @@ async def _dead_letters(args: argparse.Namespace, settings: Settings) -> int:
         now_ms = int(datetime.now(UTC).timestamp() * 1000)
         for letter in letters:
             if args.action == "replay":
-                print(f"{letter.kind}\t{letter.id}\t{await dead.replay(letter, now_ms)}")
+                done = await dead.replay(letter, now_ms, force=args.force)
+                print(f"{letter.kind}\t{letter.id}\t{done}")
             else:
                 await dead.purge(letter)
                 print(f"{letter.kind}\t{letter.id}\tpurged")
@@ -566,6 +567,11 @@ def parser() -> argparse.ArgumentParser:
     )
     dead.add_argument("--reveal", action="store_true", help="show recipients' personal data")
     dead.add_argument("--yes", action="store_true", help="confirm a purge")
+    dead.add_argument(
+        "--force",
+        action="store_true",
+        help="replay an SMS whose update went out by email instead (sent twice, then)",
+    )
     dead.set_defaults(func=cmd_dead_letters)
     preview = sub.add_parser("preview", help="render one message with sample data to a file")
     preview.add_argument("--status", required=True, choices=[s.value for s in Status])

@@ -25,7 +25,7 @@ import orjson
 from arq.connections import ArqRedis
 
 from notifier.logs import redact
-from notifier.models import UNREADABLE, notification_json, unreadable
+from notifier.models import UNREADABLE, notification_id_of, notification_json, unreadable
 from notifier.store import Store, awaited, keys, wake
 from notifier.store.base import DataRedis, Scope
 from notifier.store.scripts import library, script
@@ -82,6 +82,8 @@ class DeadLetter:
     request_id: str = ""
     #: the partition whose dead-letter list holds it, on a Redis Cluster
     scope: Scope = None
+    #: an SMS whose update went out by email instead: that email's id and status
+    fallback: str = ""
 
     def summary(self) -> str:
         return f"{self.kind}\t{self.id}\t{self.merchant_id}\t{self.shipment_id}\t{self.detail}"
@@ -146,9 +148,16 @@ class DeadLetters:
                 return await self._message(entry_id, scope)
         return None
 
-    async def replay(self, letter: DeadLetter, now_ms: int) -> str:
-        """Put one dead letter back to work; what happened, in words."""
+    async def replay(self, letter: DeadLetter, now_ms: int, force: bool = False) -> str:
+        """Put one dead letter back to work; what happened, in words. An SMS whose update
+        went out by email instead is replayed only with ``force`` (the customer would get
+        the same update twice)."""
         tag = self.store.tag(letter.scope)
+        if letter.fallback and not force:
+            return (
+                f"not replayed: its update went out by email instead ({letter.fallback}); "
+                "--force sends the SMS as well"
+            )
         if letter.kind == "messages":
             code = await self._replay_message(
                 keys=[
@@ -219,15 +228,37 @@ class DeadLetters:
         except UNREADABLE as exc:  # listed all the same, with what is wrong (never its values)
             body, shown["payload"] = {}, f"unreadable: {unreadable(exc)}"
         state = ledger.get("status", "expired")
+        detail = f"{state}: {ledger.get('error', '')}".rstrip(": ")
+        fallback = await self._fallback(body)
+        if fallback:
+            detail += f"; its update went out by email instead ({fallback})"
         return DeadLetter(
             "messages",
             notification_id,
             str(body.get("merchant_id", "")),
             str(body.get("shipment_id", "")),
-            f"{state}: {ledger.get('error', '')}".rstrip(": "),
+            detail,
             {**shown, "notification": body},
             scope=scope,
+            fallback=fallback,
         )
+
+    async def _fallback(self, body: dict[str, Any]) -> str:
+        """For an SMS, the email that carried its update instead (``fall_back_to_email``
+        gives it the update's email id), as "<id>, <status>"; "" when there is none."""
+        transition = body.get("transition")
+        merchant, shipment = body.get("merchant_id"), body.get("shipment_id")
+        if body.get("channel") != "sms" or not isinstance(transition, dict):
+            return ""
+        event_id = transition.get("event_id")
+        if not (isinstance(merchant, str) and isinstance(shipment, str) and event_id):
+            return ""
+        email = notification_id_of(merchant, shipment, str(event_id), "email")
+        found = (await self.store.deliveries(merchant, shipment, [email])).get(email)
+        status = str(found.get("status", "")) if found else ""
+        if status in ("", "failed", "cancelled"):
+            return ""
+        return f"{email}, {status}"
 
 
 def _text(value: bytes | str) -> str:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -19,7 +21,7 @@ from notifier.errors import PermanentDeliveryError
 from notifier.models import ChannelKind, Notification, waiting_payload
 from notifier.packing import NOTIFICATION, pack, unpack
 from notifier.pipeline import Pipeline
-from notifier.resources import open_resources
+from notifier.resources import data_dir, open_resources
 from notifier.settings import Settings
 from notifier.store import InboxEntry, keys
 from notifier.worker import release_due
@@ -214,3 +216,39 @@ async def test_a_packed_payload_shows_as_the_notification(
     assert letter is not None
     assert (letter.merchant_id, letter.shipment_id) == ("acme", "shp_123")
     assert letter.body["notification"] == whole
+
+
+async def test_an_sms_whose_update_went_out_by_email_is_replayed_only_when_forced(
+    client: Client,
+    settings: Settings,
+    cli: Any,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An SMS-only milestone whose SMS failed for good went out by email instead (the
+    fallback); replaying the SMS's dead letter then sent the same update a second time,
+    and neither `list` nor `show` said the email had gone (found by an operator's drill)."""
+    policies = tmp_path / "policies"
+    shutil.copytree(data_dir("policies", None), policies)
+    (policies / "acme.yaml").write_text("statuses: {out_for_delivery: {channels: [sms]}}\n")
+    sms_only = settings.model_copy(update={"policies_dir": policies})
+    await post(client, transition())
+    async with open_resources(sms_only, clock=fixed_clock()) as res:
+        refusing = FailingChannel(PermanentDeliveryError, "no such number", "refusing")
+        res.channels = {**res.channels, ChannelKind.SMS: refusing}
+        res.providers = {}
+        await Pipeline(res).process(await read_whole_inbox(res, "w"))
+        [sms] = [i.decode() for i in await res.redis.lrange(res.store.DEAD_LETTER_KEY, 0, -1)]
+        assert await release_due({"res": res, "pipeline": Pipeline(res)}) == 1  # due now
+    assert len(outbox_files(settings, ".eml")) == 1  # the fallback email
+    monkeypatch.setenv("NOTIFIER_POLICIES_DIR", str(policies))
+    code, out, _ = await cli(capsys, "list", "--kind", "messages")
+    assert code == 0 and "its update went out by email instead (n_" in out, out
+    code, out, _ = await cli(capsys, "replay", sms)
+    assert code == 0 and "not replayed: its update went out by email instead" in out, out
+    async with open_resources(settings, clock=fixed_clock(datetime(2100, 1, 1, tzinfo=UTC))) as res:
+        assert await release_due({"res": res, "pipeline": Pipeline(res)}) == 0
+        assert await res.redis.llen(res.store.DEAD_LETTER_KEY) == 1  # still listed
+    code, out, _ = await cli(capsys, "replay", sms, "--force")
+    assert code == 0 and out.endswith("\treplayed\n"), out
