@@ -117,8 +117,11 @@ def test_compose_has_safe_defaults_and_restarts() -> None:
         "api": "unless-stopped",
         "worker": "unless-stopped",
     }
-    # longer than the API's 15 s for requests in flight and a drain's 10 s to finish
-    assert services["api"]["stop_grace_period"] == services["worker"]["stop_grace_period"] == "30s"
+    # longer than the API's 15 s for requests in flight; for a worker, than a claim's lease
+    # (60 s from its last renewal, plus the provider timeout), which it may wait out for
+    # Redis to record what a provider accepted (``Deliverer.stop``)
+    assert services["api"]["stop_grace_period"] == "30s"
+    assert services["worker"]["stop_grace_period"] == "90s"
     env = services["api"]["environment"]
     assert services["worker"]["environment"] == env
     # no public fallback key: compose refuses to start without one (${VAR:?message})
