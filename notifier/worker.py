@@ -489,8 +489,9 @@ async def sweep(ctx: dict[str, Any]) -> int:
         if await res.store.needs_drain(p, stale_ms) and await res.store.set_wake(p)
     ]
     await wake(res.queue, woken)
-    # an idle worker too tells /healthz of merchants' files fixed or removed meanwhile
-    if await asyncio.to_thread(res.renderer.refresh):
+    # an idle worker too tells /healthz of merchants' files fixed or removed meanwhile (on
+    # the loop, as renders call it: in a thread it would drop caches under a render)
+    if res.renderer.refresh():
         await publish_broken(res)
     return len(woken)
 
