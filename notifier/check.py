@@ -127,8 +127,12 @@ def samples(minimal: bool = False) -> list[Transition]:
 def budget_samples() -> list[Transition]:
     """``samples()`` and the pickup sample again with a deadline in every month and on
     every weekday: its SMS carries the deadline's day, and a name GSM-7 lacks (sáb, août,
-    março) would make it UCS-2. For the SMS budget (`check`, `--sms-table`)."""
+    março) would make it UCS-2; and the customs sample with a carrier code that names no
+    carrier (its SMS then says "the carrier" and ends with the tracking number). For the
+    SMS budget (`check`, `--sms-table`)."""
     out = samples()
+    customs = next(t for t in out if t.exception_code is ExceptionCode.CUSTOMS_HOLD)
+    out.append(customs.model_copy(update={"carrier": "other"}))
     pickup = next(t for t in out if t.pickup_deadline is not None)
     at = pickup.occurred_at
     for i in range(12):

@@ -21,6 +21,7 @@ from notifier.check import budget_samples
 from notifier.models import ChannelKind, Recipient, Transition
 from notifier.render import EmailMessageOut, SmsMessageOut
 from notifier.render.i18n import day, when, window
+from notifier.render.renderer import carrier_name
 from notifier.render.sms import measure
 from notifier.resources import data_dir
 from tests.conftest import auth, local_day_and_time, transition
@@ -388,6 +389,61 @@ def test_a_customs_sms_carries_no_link(acme: Path) -> None:
     assert "http" not in body
     assert "Pay any fees only on the UPS website or app." in body
     assert body.endswith("Track it with UPS: 1Z999AA10123456784")
+
+
+@pytest.mark.parametrize(
+    ("code", "shown"),
+    [
+        ("ups", "UPS"),
+        ("Royal Mail", "Royal Mail"),
+        ("acme_express", "Acme Express"),
+        ("la-poste-colis", "La Poste Colis"),
+        ("Acme Express", "Acme Express"),
+        ("Acme_Express", "Acme_Express"),  # written by the backend: shown as it came
+        ("other", ""),
+        (" Unknown ", ""),
+        ("n/a", ""),
+        ("-", ""),
+    ],
+)
+def test_a_carrier_code_shows_as_a_name_or_not_at_all(code: str, shown: str) -> None:
+    assert carrier_name(code) == shown
+
+
+@pytest.mark.parametrize("locale", ["en", "de", "fr", "pl", "ar", "ja"])
+def test_a_carrier_code_of_no_carrier_reads_as_the_carrier(acme: Path, locale: str) -> None:
+    """ "Pay any fees only on the other website or app. Track it with other: AB123…": the
+    backend's code for a carrier it does not know reached customers, where the carrier's
+    name is their only lead against a customs-fee scam (found by a black-box run). Such a
+    code is not shown: the messages say "the carrier", and give the tracking number."""
+    t = sample("exception:customs_hold").model_copy(update={"carrier": "other"})
+    sms = sms_of(acme, t, locale)
+    said = _in(
+        locale,
+        "%(merchant)s: your parcel is held at customs. Pay any fees only on the carrier's own "
+        "website or app.",
+    )
+    assert said.split("%(merchant)s", 1)[1].strip(" :\uff1a")[:20] in sms.body, sms.body
+    number = _in(locale, "Tracking number: %(number)s").split("%(number)s")[0]
+    assert number.strip() in sms.body and "1Z999AA10123456784" in sms.body, sms.body
+    assert "other" not in sms.body.replace("another", "")
+    message = render_email(notification(t, locale=locale), renderer(acme))
+    for part in (message.text, message.html):
+        assert " other " not in part and "(other)" not in part
+    if locale == "en":
+        assert "The carrier may contact you on behalf of customs" in message.text
+        assert "Pay any fees only on the carrier's own website or app, never" in message.text
+        assert "Tracking number: 1Z999AA10123456784\n" in message.text
+        picked = email_of(acme, "picked_up")  # a named carrier is named as before
+        assert "UPS collected your parcel" in picked.text
+        unnamed = sample("picked_up").model_copy(update={"carrier": "unknown"})
+        text = render_email(notification(unnamed), renderer(acme)).text
+        assert "The carrier collected your parcel on" in text
+
+
+def _in(locale: str, msgid: str) -> str:
+    """``msgid`` as the locale's catalog translates it (English: as written)."""
+    return msgid if locale == "en" else translated(locale, msgid)
 
 
 # -- 9. what a reviewer's read of every message found (12-05) ----------------------------------

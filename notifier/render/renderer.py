@@ -352,8 +352,27 @@ def _us_opt_out(n: Notification) -> bool:
 
 
 def carrier_name(carrier: str) -> str:
-    """``fedex`` -> ``FedEx``; a name the backend already formats is shown as received."""
-    return CARRIER_NAMES.get(carrier.strip().lower().replace(" ", ""), carrier)
+    """``fedex`` -> ``FedEx``; a code of no carrier (``other``, ``unknown``) -> "" (the
+    messages then say "the carrier": "Pay any fees only on the other website" told a
+    customer nothing, where the carrier's name is the one lead against a customs-fee scam);
+    a code in lower case with ``_`` or ``-`` -> its words (``acme_express`` -> ``Acme
+    Express``); a name the backend already formats is shown as received."""
+    code = carrier.strip().lower()
+    known = CARRIER_NAMES.get(code.replace(" ", ""))
+    if known is not None:
+        return known
+    if code in NO_CARRIER or not any(c.isalnum() for c in code):
+        return ""
+    shown = carrier.strip()
+    if shown.islower() and ("_" in shown or "-" in shown):
+        return " ".join(w.capitalize() for w in re.split(r"[_-]+", shown) if w)
+    return shown
+
+
+#: Carrier codes that name no carrier: the messages say "the carrier" for them.
+NO_CARRIER = frozenset(
+    {"other", "others", "unknown", "generic", "none", "n/a", "na", "carrier", "misc", "custom"}
+)
 
 
 #: What a merchant's link may name: the values ``fill_link`` is given (``context``).
