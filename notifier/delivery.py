@@ -137,6 +137,8 @@ class Deliverer:
         self._abandoned: dict[str, tuple[Scope, list[str]]] = {}
         #: a round's taking up of other partitions' leftovers, on the side (one at a time)
         self._others: asyncio.Task[None] | None = None
+        #: per round (owner token), the notifications it handed to a channel so far
+        self._handed: dict[str, set[str]] = {}
 
     async def deliver(
         self,
@@ -173,12 +175,17 @@ class Deliverer:
                 owner, notification_ids, due, states or {}, built or {}, scope
             )
         except (RedisError, OSError, asyncio.CancelledError):
-            # (cancelled: a stop while Redis hung; ``settle`` hands them back as it stops)
-            accepted = {nid for r in self._unrecorded if r.owner == owner for nid, _, _ in r.sent}
-            rest = [nid for nid in notification_ids if nid not in accepted]
+            # The claims of messages never handed to a channel go back (at the next round,
+            # or as a stopping worker ends: ``stop``); those handed to one stay claimed:
+            # what was accepted is recorded from ``_unrecorded``, and the rest waits out
+            # the lease (an answer lost in flight may have been an acceptance).
+            handed = self._handed.get(owner, set())
+            rest = [nid for nid in notification_ids if nid not in handed]
             if rest:
                 self._abandoned[owner] = (scope, rest)
             raise
+        finally:
+            self._handed.pop(owner, None)
         _count(report, timing or {})
         return report
 
@@ -197,9 +204,9 @@ class Deliverer:
             self._unrecorded.remove(record)
             try:
                 await self._mark_sent(record)
-            except (RedisError, OSError):
-                self._unrecorded.append(record)
-                if raising:
+            except (RedisError, OSError, asyncio.CancelledError) as exc:
+                self._unrecorded.append(record)  # (cancelled: a stop; ``stop`` records it)
+                if raising or isinstance(exc, asyncio.CancelledError):
                     raise
                 return  # the partition is still away: its leftovers wait
             for nid, _, _ in record.sent:
@@ -218,9 +225,9 @@ class Deliverer:
             del self._abandoned[token]
             try:
                 await self.res.store.release(abandoned[1], token, abandoned[0])
-            except (RedisError, OSError):
+            except (RedisError, OSError, asyncio.CancelledError) as exc:
                 self._abandoned[token] = abandoned
-                if raising:
+                if raising or isinstance(exc, asyncio.CancelledError):
                     raise
                 return
 
@@ -448,8 +455,54 @@ class Deliverer:
         by_id: dict[str, Notification],
     ) -> None:
         """Send one channel's messages, then record each outcome: what was accepted is
-        marked sent at once (not after the round), the rest retried or failed."""
-        outcomes = await self._send(name, items)
+        marked sent at once (not after the round), the rest retried or failed.
+
+        A cancellation (a stop's wait ran out) does not cut the sends under way: they end
+        (each within the provider timeout), and what they accepted is kept to record
+        (``stop``), as when Redis fails; the round's claims handed to a channel are never
+        handed back (``deliver``)."""
+        self._handed.setdefault(owner, set()).update(i.message.notification_id for i in items)
+        sending = asyncio.ensure_future(self._send(name, items))
+        try:
+            outcomes = await asyncio.shield(sending)
+        except asyncio.CancelledError:
+            outcomes = await sending
+            _, _, record = self._accepted(items, outcomes, owner, scope, now, report, by_id)
+            self._unrecorded.append(record)
+            raise
+        items, outcomes, record = self._accepted(items, outcomes, owner, scope, now, report, by_id)
+        try:
+            # an SMS through Twilio is the last to its number: a reply to it (Twilio's
+            # inbound webhook) is counted as its (``webhooks``); no other channel gets one
+            if self._channel(name).name == "twilio":
+                secret = await self.res.digest_secret()
+                record.last_sms = {
+                    m.notification_id: (counts.recipient_digest(secret, m.to), m.stats_tag)
+                    for m in (item.message for item in items)
+                    if isinstance(m, SmsMessageOut)
+                }
+            await self._record(items, outcomes, report, by_id, owner, scope)
+            await self._mark_sent(record)
+        except (RedisError, OSError, asyncio.CancelledError):
+            # known sent: recorded at the next round (or as the worker stops), never handed
+            # back to be sent again; a drain cancelled while Redis hangs (a stop) the same
+            self._unrecorded.append(record)
+            raise
+        report.sent += [nid for nid, _, _ in record.sent]
+
+    def _accepted(
+        self,
+        items: list[Outgoing],
+        outcomes: list[Outcome],
+        owner: str,
+        scope: Scope,
+        now: datetime,
+        report: DeliveryReport,
+        by_id: dict[str, Notification],
+    ) -> tuple[list[Outgoing], list[Outcome], _Unrecorded]:
+        """The messages to record and their outcomes (not those whose claim lapsed before
+        they were handed over: their new holder's), and the record of what a channel
+        accepted, to mark sent (no Redis here: a cancelled round builds it too)."""
         lapsed = [o.notification_id for o in outcomes if isinstance(o, ClaimLapsed)]
         if lapsed:
             # paused past the lease (another worker may hold them, and have sent them):
@@ -481,29 +534,11 @@ class Deliverer:
             nid: counts.of_tag(tags[nid], by_id[nid].channel.value, Count.ACCEPTED)
             for nid, _, _ in sent
         }
-        day = counts.day_of(now)
         fence = items[0].lease if items else None
         record = _Unrecorded(
-            owner, scope, sent, said, where, counted, day, {}, report.channels, fence
+            owner, scope, sent, said, where, counted, counts.day_of(now), {}, report.channels, fence
         )
-        try:
-            # an SMS through Twilio is the last to its number: a reply to it (Twilio's
-            # inbound webhook) is counted as its (``webhooks``); no other channel gets one
-            if self._channel(name).name == "twilio":
-                secret = await self.res.digest_secret()
-                record.last_sms = {
-                    m.notification_id: (counts.recipient_digest(secret, m.to), m.stats_tag)
-                    for m in (item.message for item in items)
-                    if isinstance(m, SmsMessageOut)
-                }
-            await self._record(items, outcomes, report, by_id, owner, scope)
-            await self._mark_sent(record)
-        except (RedisError, OSError, asyncio.CancelledError):
-            # known sent: recorded at the next round (or as the worker stops), never handed
-            # back to be sent again; a drain cancelled while Redis hangs (a stop) the same
-            self._unrecorded.append(record)
-            raise
-        report.sent += [nid for nid, _, _ in sent]
+        return items, outcomes, record
 
     async def _still_wanted(
         self,

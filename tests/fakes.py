@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from notifier.channels import Outcome, Outgoing
+from notifier.channels import Outcome, Outgoing, Receipt
 from notifier.errors import DeliveryError
 
 
@@ -227,3 +227,24 @@ class FailingChannel:
 
     async def send_many(self, items: Sequence[Outgoing]) -> list[Outcome]:
         return [self.error(self.reason, i.message.notification_id, self.name) for i in items]
+
+
+class CountingChannel:
+    """A provider that accepts every message and counts what it was handed, per
+    notification id (no provider can tell a resend); ``hold`` keeps each batch in flight
+    until it is set (``entered`` is set once a batch is in flight)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.sent: dict[str, int] = {}
+        self.hold: asyncio.Event | None = None
+        self.entered = asyncio.Event()
+
+    async def send_many(self, items: Sequence[Outgoing]) -> list[Outcome]:
+        self.entered.set()
+        if self.hold is not None:
+            await self.hold.wait()
+        for i in items:
+            nid = i.message.notification_id
+            self.sent[nid] = self.sent.get(nid, 0) + 1
+        return [Receipt(self.name, f"{self.name}-{i.message.notification_id}") for i in items]

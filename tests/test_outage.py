@@ -23,6 +23,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from notifier.channels.base import Lease, lease_clock
 from notifier.delivery import Deliverer, _Unrecorded
+from notifier.models import ChannelKind
 from notifier.pipeline import Pipeline
 from notifier.resources import data_dir, open_resources
 from notifier.settings import Settings
@@ -44,6 +45,7 @@ from tests.conftest import (
     wait_until,
 )
 from tests.conftest import post as post_in_process
+from tests.fakes import CountingChannel
 
 AOF = ("--save", "", "--appendonly", "yes", "--appendfsync", "always")
 
@@ -378,9 +380,11 @@ async def test_a_worker_stopped_while_redis_hangs_records_what_was_accepted(
     exited with them unrecorded; once their claims lapsed another worker sent them all
     again (998 emails in an operator's drill). The record is kept through the
     cancellation, and the stopping worker records it once Redis answers, while the claims
-    are still its own; nothing is sent twice afterwards."""
+    are still its own; nothing is handed to a provider twice afterwards."""
     await post_in_process(client, transition())
     async with open_resources(settings, clock=fixed_clock()) as res:
+        email, sms = CountingChannel("email-provider"), CountingChannel("sms-provider")
+        res.channels, res.providers = {ChannelKind.EMAIL: email, ChannelKind.SMS: sms}, {}
         entries = await read_whole_inbox(res, "worker-1")
         pipeline = Pipeline(res)
         record = res.store.mark_sent
@@ -393,7 +397,9 @@ async def test_a_worker_stopped_while_redis_hangs_records_what_was_accepted(
         res.store.mark_sent = redis_hangs  # type: ignore[method-assign]
         drain = asyncio.create_task(pipeline.process(entries))
         await hung.wait()
-        assert len(outbox_files(settings)) == 1  # the first message went out
+        first = email if email.sent else sms  # the batch sent first, now being recorded
+        second = sms if first is email else email
+        assert sum(first.sent.values()) == 1 and second.sent == {}
         drain.cancel()  # the stop's 10 s are up
         with pytest.raises(asyncio.CancelledError):
             await drain
@@ -410,12 +416,54 @@ async def test_a_worker_stopped_while_redis_hangs_records_what_was_accepted(
         with caplog.at_level(logging.WARNING, logger="notifier"):
             await pipeline.deliverer.stop()  # as the worker's on_shutdown does
         assert pipeline.deliverer._unrecorded == []
+        assert pipeline.deliverer._abandoned == {}  # the unsent one's claim handed back
         assert "stopping: 1 messages a provider accepted wait for Redis" in caplog.text
         del res.store.mark_sent
         # another worker takes the entries over: nothing goes out twice, the rest goes out
         report = await Pipeline(res).process(entries)
         assert report.delivery.busy == []
-    assert len(outbox_files(settings)) == 2
+        assert list(first.sent.values()) == [1] and list(second.sent.values()) == [1]
+    sent = [d for d in await history(client) if d["delivery"]["status"] == "sent"]
+    assert len(sent) == 2
+
+
+async def test_a_send_under_way_when_the_stop_cancels_ends_and_is_recorded(
+    client: Any, settings: Settings
+) -> None:
+    """The stop's cancellation came while the provider worked through a batch: its answers
+    were dropped, the claims handed straight back, and the next worker sent the messages
+    again (a review). The send under way now ends, what it accepted is recorded, and its
+    claims are not handed back."""
+    await post_in_process(client, transition())
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        email, sms = CountingChannel("email-provider"), CountingChannel("sms-provider")
+        email.hold, sms.hold = asyncio.Event(), asyncio.Event()
+        res.channels, res.providers = {ChannelKind.EMAIL: email, ChannelKind.SMS: sms}, {}
+        entries = await read_whole_inbox(res, "worker-1")
+        pipeline = Pipeline(res)
+        drain = asyncio.create_task(pipeline.process(entries))
+        entered = asyncio.ensure_future(
+            asyncio.wait(
+                [asyncio.ensure_future(c.entered.wait()) for c in (email, sms)],
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        )
+        await entered
+        first = email if email.entered.is_set() else sms
+        drain.cancel()  # while the provider still works on the batch
+        await asyncio.sleep(0)
+        assert not drain.done()  # the send under way is not cut
+        email.hold.set()
+        sms.hold.set()
+        with pytest.raises(asyncio.CancelledError):
+            await drain
+        assert sum(first.sent.values()) == 1
+        await pipeline.deliverer.stop()
+        held = {nid for token in pipeline.deliverer._abandoned.values() for nid in token[1]}
+        assert not held & set(first.sent)
+        await Pipeline(res).process(entries)
+        assert all(n == 1 for c in (email, sms) for n in c.sent.values())
+        assert sum(email.sent.values()) == sum(sms.sent.values()) == 1
     sent = [d for d in await history(client) if d["delivery"]["status"] == "sent"]
     assert len(sent) == 2
 
@@ -441,3 +489,28 @@ async def test_a_stopping_worker_gives_up_a_record_once_its_claims_lapsed(
             await deliverer.stop()
         assert deliverer._unrecorded == []
         assert "another worker may send them again" in caplog.text
+
+
+async def test_a_record_being_taken_up_when_the_stop_cancels_is_kept(settings: Settings) -> None:
+    """A round starts by recording what an earlier round left (``_take_up``): it took the
+    record off its list, then the stop cancelled it while Redis hung, and the record was
+    gone: the stopping worker never recorded it, and its messages went out again (a
+    review). It goes back on the list."""
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        deliverer = Deliverer(res)
+        sent = [("n_b", "2026-11-21T14:00:00+00:00", "outbox:x")]
+        left = _Unrecorded("round-1", None, sent, {}, {}, {}, "2026-11-21", {}, {})
+        deliverer._unrecorded.append(left)
+        hung = asyncio.Event()
+
+        async def redis_hangs(*args: Any, **kwargs: Any) -> None:
+            hung.set()
+            await asyncio.Event().wait()
+
+        res.store.mark_sent = redis_hangs  # type: ignore[method-assign]
+        round_ = asyncio.create_task(deliverer.deliver(["n_c"]))
+        await hung.wait()
+        round_.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await round_
+        assert deliverer._unrecorded == [left]
