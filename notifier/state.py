@@ -324,10 +324,12 @@ class ShipmentState(BaseModel):
     def apply(self, t: Transition, old: bool = False) -> ShipmentState:
         """Return the state after ``t``; a step back only adds facts, never rewinds status.
         ``old``: ``t`` is too old to tell (``is_step_back``)."""
-        if self.last_scan_at is not None and t.occurred_at < self.last_scan_at:
-            # a late scan: it fills in what is not known, and newer facts win (it carried
-            # the address and phone the customer has replaced since, and the messages after
-            # it went there, in its language, with its link and order number)
+        step_back = self.is_step_back(t, old)
+        if step_back:
+            # a late scan (out of order, or too old to tell): it fills in what is not known,
+            # and newer facts win (it carried the address and phone the customer replaced
+            # since, and the messages after it went there, in its language, with its link
+            # and order number); an event that moves the shipment on brings its own
             facts: dict[str, object] = {
                 "tracking_number": self.tracking_number or t.tracking_number,
                 "carrier": self.carrier or t.carrier,
@@ -358,7 +360,6 @@ class ShipmentState(BaseModel):
             if self.suspect_fix is not None:
                 update["suspect_fix"] = None
         rank = STATUS_RANK[t.status]
-        step_back = self.is_step_back(t, old)
         if not step_back and (rank > self.max_rank or self.outvoted(t, old)):
             update.update(max_rank=rank, furthest=t.milestone)
         if not step_back:

@@ -23,6 +23,7 @@ from notifier.packing import NOTIFICATION, pack, unpack
 from notifier.pipeline import Pipeline, notification_id
 from notifier.resources import Resources, open_resources
 from notifier.settings import Settings
+from notifier.state import ShipmentState
 from notifier.store import keys, record
 from notifier.worker import find_stalled, release_due
 from tests.conftest import (
@@ -940,3 +941,39 @@ async def test_a_late_scan_does_not_bring_back_the_old_recipient_link_or_order(
     body = json.loads(sms.read_text())
     assert body["to"] == "+33622222222"
     assert "colis" in body["body"] and "NEW" in body["body"], body  # French, the new link
+
+
+async def test_a_scan_that_moves_the_shipment_on_brings_its_own_facts(
+    client: Client, settings: Settings
+) -> None:
+    """A last-mile carrier's "delivered" stamped a minute before the first carrier's "out
+    for delivery" (two carriers' clocks) moves the shipment on: its carrier and link are
+    the ones its message shows, not a mix of the two (a review). Only a scan that is a
+    step back fills in what is not known."""
+    ofd = transition(
+        event_id="ofd",
+        occurred_at="2026-11-21T12:00:00+01:00",
+        tracking_url="https://track.example.com/UPS1",
+    )
+    done = transition(
+        event_id="done",
+        status="delivered",
+        carrier="dpd",
+        tracking_number="LP1",
+        occurred_at="2026-11-21T11:59:00+01:00",
+        tracking_url="https://track.example.com/LP1",
+    )
+    await post(client, ofd)
+    await run_worker(settings)
+    await post(client, done)
+    await run_worker(settings)
+    [eml] = [f for f in outbox_files(settings, ".eml") if nid("done", ChannelKind.EMAIL) in f.name]
+    text = plain_text(eml)
+    assert "https://track.example.com/LP1" in text and "LP1 (DPD)" in text, text
+    assert "UPS1" not in text, text
+    # and the shipment's facts, which later messages and catch-ups are rendered from
+    state = ShipmentState(merchant_id="acme", shipment_id="shp_123")
+    for t in (ofd, done):
+        state = state.apply(Transition.model_validate(t))
+    assert (state.carrier, state.tracking_number) == ("dpd", "LP1")
+    assert state.tracking_url == "https://track.example.com/LP1"
