@@ -25,7 +25,7 @@ import orjson
 from arq.connections import ArqRedis
 
 from notifier.logs import redact
-from notifier.models import UNREADABLE, notification_id_of, notification_json, unreadable
+from notifier.models import UNREADABLE, notification_json, unreadable
 from notifier.store import Store, awaited, keys, wake
 from notifier.store.base import DataRedis, Scope
 from notifier.store.scripts import library, script
@@ -229,7 +229,7 @@ class DeadLetters:
             body, shown["payload"] = {}, f"unreadable: {unreadable(exc)}"
         state = ledger.get("status", "expired")
         detail = f"{state}: {ledger.get('error', '')}".rstrip(": ")
-        fallback = await self._fallback(body)
+        fallback = await self._fallback(notification_id, body, scope)
         if fallback:
             detail += f"; its update went out by email instead ({fallback})"
         return DeadLetter(
@@ -243,20 +243,19 @@ class DeadLetters:
             fallback=fallback,
         )
 
-    async def _fallback(self, body: dict[str, Any]) -> str:
-        """For an SMS, the email that carried its update instead (``fall_back_to_email``
-        gives it the update's email id), as "<id>, <status>"; "" when there is none."""
-        transition = body.get("transition")
+    async def _fallback(self, notification_id: str, body: dict[str, Any], scope: Scope) -> str:
+        """For an SMS whose update went out by email instead (``note_fallback``), that
+        email's id and status ("<id>, <status>"); "" for none, or when the email failed or
+        was cancelled too."""
+        if body.get("channel") != "sms":
+            return ""
+        email = await self.store.fallback_of(notification_id, scope)
         merchant, shipment = body.get("merchant_id"), body.get("shipment_id")
-        if body.get("channel") != "sms" or not isinstance(transition, dict):
+        if not (email and isinstance(merchant, str) and isinstance(shipment, str)):
             return ""
-        event_id = transition.get("event_id")
-        if not (isinstance(merchant, str) and isinstance(shipment, str) and event_id):
-            return ""
-        email = notification_id_of(merchant, shipment, str(event_id), "email")
         found = (await self.store.deliveries(merchant, shipment, [email])).get(email)
-        status = str(found.get("status", "")) if found else ""
-        if status in ("", "failed", "cancelled"):
+        status = str(found.get("status", "")) if found else "expired"
+        if status in ("failed", "cancelled"):
             return ""
         return f"{email}, {status}"
 

@@ -837,6 +837,8 @@ async def fall_back_to_email(res: Resources, sms: Notification, why: str) -> boo
     )
     if added:
         log.info("notification %s: SMS failed for good, email %s instead", sms.notification_id, nid)
+        scope = res.store.scope_of(sms.merchant_id, sms.shipment_id)
+        await res.store.note_fallback(sms.notification_id, nid, scope)  # for the dead letters
     return added
 
 

@@ -252,3 +252,22 @@ async def test_an_sms_whose_update_went_out_by_email_is_replayed_only_when_force
         assert await res.redis.llen(res.store.DEAD_LETTER_KEY) == 1  # still listed
     code, out, _ = await cli(capsys, "replay", sms, "--force")
     assert code == 0 and out.endswith("\treplayed\n"), out
+
+
+async def test_an_sms_whose_update_had_its_own_email_is_no_fallback(
+    client: Client, settings: Settings, cli: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With both channels in the policy the event's own email is no fallback: the SMS's
+    dead letter was called one and refused for replay, as it had the same id (a review)."""
+    await post(client, transition())
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        refusing = FailingChannel(PermanentDeliveryError, "no such number", "refusing")
+        res.channels = {**res.channels, ChannelKind.SMS: refusing}
+        res.providers = {}
+        await Pipeline(res).process(await read_whole_inbox(res, "w"))
+        [sms] = [i.decode() for i in await res.redis.lrange(res.store.DEAD_LETTER_KEY, 0, -1)]
+    assert len(outbox_files(settings, ".eml")) == 1  # the event's own email
+    code, out, _ = await cli(capsys, "list", "--kind", "messages")
+    assert code == 0 and "by email instead" not in out, out
+    code, out, _ = await cli(capsys, "replay", sms)
+    assert code == 0 and out.endswith("\treplayed\n"), out

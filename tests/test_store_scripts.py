@@ -1171,3 +1171,15 @@ async def forget_consumers_case(store: Store) -> None:
 
 async def test_forget_consumers_removes_only_idle_ones_that_hold_nothing(store: Store) -> None:
     await forget_consumers_case(store)
+
+
+async def test_a_fallback_is_noted_only_on_a_ledger_entry_that_exists(store: Store) -> None:
+    """``note_fallback.lua``: never creates an entry (it would have no expiry)."""
+    name = keys.notification_key("n_sms", "")
+    assert not await store.note_fallback("n_sms", "n_email", None)
+    assert await store.redis.exists(name) == 0 and await store.fallback_of("n_sms", None) == ""
+    await store.redis.hset(name, mapping={"st": "failed"})
+    await store.redis.pexpire(name, 60_000)
+    assert await store.note_fallback("n_sms", "n_email", None)
+    assert await store.fallback_of("n_sms", None) == "n_email"
+    assert 0 < await store.redis.pttl(name) <= 60_000

@@ -642,6 +642,19 @@ class Ledger(StoreBase):
         if names:
             await self.scripts.shorten(keys=names, args=[ttl_s])
 
+    async def note_fallback(self, notification_id: str, email_id: str, scope: Scope) -> bool:
+        """Note on a failed SMS's ledger entry that its update went out as the email
+        ``email_id`` (the dead letters say so, and a replay asks for ``--force``); False
+        when the entry is gone."""
+        [name] = self._names([notification_id], scope)
+        return bool(await self.scripts.note_fallback(keys=[name], args=[email_id]))
+
+    async def fallback_of(self, notification_id: str, scope: Scope) -> str:
+        """The email noted by ``note_fallback`` ("" for none)."""
+        [name] = self._names([notification_id], scope)
+        found = await awaited(self.redis.hget(name, "fallback"))
+        return decode(found) if found else ""
+
     def _names(self, notification_ids: Sequence[str], scope: Scope) -> list[str]:
         """The ledger keys of notifications of one scope."""
         tag = self.tag(scope)

@@ -74,6 +74,7 @@ class Scripts:
     hook_settle: Script
     hook_endpoint: Script
     forget_consumers: Script
+    note_fallback: Script
 
     @classmethod
     def register(cls, redis: Redis | RedisCluster) -> Scripts:
