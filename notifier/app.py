@@ -147,7 +147,10 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every error leaves as ``{"error": {"code", "message", "details"}}``."""
     try:
-        return await handler(request)
+        response = await handler(request)
+        if response.status < 300 and _asks_redis(request.path):
+            request.app[RESOURCES].outage.answered()
+        return response
     except ApiError as exc:
         return _json(exc.status, exc.body(), exc.headers)
     except web.HTTPException as exc:
@@ -180,6 +183,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             return _json(CLIENT_CLOSED, body)
         log.exception("unhandled error on %s %s", request.method, route)
         return _json(500, {"error": {"code": "internal", "message": "internal error"}})
+
+
+def _asks_redis(path: str) -> bool:
+    """Whether a route of ``path`` succeeds only after asking Redis: the JSON API's and a
+    merchant's editor pages (not the editor's files, sign-in form or picker, nor
+    /openapi.json or /metrics): its success ends an outage (``OutageLog``)."""
+    if path.startswith("/v1/"):
+        return True
+    return path.startswith("/merchant/") and path.count("/") >= 3 and path[10:12] != "-/"
 
 
 async def transitions(request: web.Request) -> web.Response:

@@ -143,7 +143,13 @@ class OutageLog:
     """How requests refused while a dependency (the data Redis) does not answer are logged:
     one ERROR when the failures begin, one ERROR summing them up every ``every_s`` while
     they go on, and one WARNING when it answers again. A backend that retries at once
-    would otherwise fill the log with an error per request, hiding everything else."""
+    would otherwise fill the log with an error per request, hiding everything else.
+
+    An outage ends with a request served once ``settle_s`` passed without a refusal (a
+    Redis Cluster with one shard away serves some requests and refuses others: that is
+    one outage, not a begin and an end every few seconds), or, when no request says so
+    (an API serving nothing that needs Redis), with the next refusal after ``quiet_s``:
+    that one begins a new outage."""
 
     def __init__(
         self,
@@ -151,19 +157,25 @@ class OutageLog:
         logger: logging.Logger,
         every_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        settle_s: float = 5.0,
+        quiet_s: float = 60.0,
     ) -> None:
         self.what = what
         self.log = logger
-        self.every_s = every_s
+        self.every_s, self.settle_s, self.quiet_s = every_s, settle_s, quiet_s
         self._clock = clock
         self._since: float | None = None  # when the first failure of this outage happened
+        self._last = 0.0  # when the last one did
         self._next = 0.0  # when the next summary is due
         self._refused = self._refused_since_summary = 0
 
     def failed(self, doing: str, cause: BaseException) -> None:
         """A request refused for ``cause`` while ``doing`` (no personal data in it)."""
         now = self._clock()
+        if self._since is not None and now - self._last >= self.quiet_s:
+            self._end(self._last)  # nothing said it answered since: it did, at some point
         self._refused += 1
+        self._last = now
         if self._since is None:
             self._since, self._next = now, now + self.every_s
             self._refused, self._refused_since_summary = 1, 0
@@ -190,13 +202,21 @@ class OutageLog:
             self._next, self._refused_since_summary = now + self.every_s, 0
 
     def answered(self) -> None:
-        """A request the dependency served: ends the outage, if there was one (cheap)."""
+        """A request the dependency served: ends the outage, if there was one and no
+        request was refused for ``settle_s`` (cheap)."""
+        if self._since is None:
+            return
+        now = self._clock()
+        if now - self._last >= self.settle_s:
+            self._end(now)
+
+    def _end(self, at: float) -> None:
         if self._since is None:
             return
         self.log.warning(
             "%s answers again after %.1f s; %d requests were refused meanwhile",
             self.what,
-            self._clock() - self._since,
+            at - self._since,
             self._refused,
         )
         self._since = None

@@ -14,14 +14,16 @@ import backports.zstd
 import brotli
 import orjson
 import pytest
+import redis
 from aiohttp.test_utils import TestClient, TestServer
 
-from notifier.app import create_app
+from notifier.app import RESOURCES, create_app
 from notifier.logs import OutageLog
 from notifier.models import notification_id_of
 from notifier.resources import open_resources
 from notifier.settings import Settings
 from notifier.store import Admission, body_digest, chunks
+from notifier.store.base import redis_away
 from notifier.store.chunks import CHUNK
 from notifier.store.ledger import PACKED_IDS
 from notifier.web.base import COOKIE
@@ -502,6 +504,7 @@ async def test_unreachable_redis_is_503_with_retry_after(
             assert errors[0].getMessage().startswith(f"{first} (ConnectionError)")
             assert not any(r.exc_info for r in caplog.records)  # no traceback either
             server = start_redis(port, tmp_path)
+            c.app[RESOURCES].outage.settle_s = 0  # (the last refusal was just now)
             try:
                 assert (await post(c, transition(event_id="back"))).status == 202
                 assert (await post(c, transition(event_id="again"))).status == 202
@@ -535,6 +538,11 @@ def test_an_outage_is_summed_up_while_it_lasts() -> None:
     outage.answered()
     now[0] = 200.0
     outage.failed("GET /y", TimeoutError())
+    now[0] = 203.0
+    outage.answered()  # 3 s after a refusal: a shard still away, say: the same outage
+    outage.failed("GET /y", TimeoutError())
+    now[0] = 4000.0  # nothing said it answered since: the next refusal is a new outage
+    outage.failed("GET /z", TimeoutError())
     assert records == [
         (
             logging.ERROR,
@@ -555,6 +563,12 @@ def test_an_outage_is_summed_up_while_it_lasts() -> None:
         (
             logging.ERROR,
             "Redis does not answer: GET /y (TimeoutError); later refusals are "
+            "summed up every 10 s until it answers",
+        ),
+        (logging.WARNING, "Redis answers again after 3.0 s; 2 requests were refused meanwhile"),
+        (
+            logging.ERROR,
+            "Redis does not answer: GET /z (TimeoutError); later refusals are "
             "summed up every 10 s until it answers",
         ),
     ]
@@ -749,3 +763,25 @@ async def test_brotli_and_zstd_bodies_are_read(
     assert resp.status == 413
     assert (await resp.json())["error"]["code"] == "payload_too_large"
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize(
+    ("error", "away"),
+    [
+        (redis.exceptions.ConnectionError("Connection refused"), True),
+        (redis.exceptions.TimeoutError("Timeout reading from socket"), True),
+        (redis.exceptions.BusyLoadingError("Redis is loading the dataset in memory"), True),
+        (redis.exceptions.ReadOnlyError("You can't write against a read only replica."), True),
+        (redis.exceptions.ResponseError("MISCONF Redis is configured to save RDB…"), True),
+        (redis.exceptions.ClusterDownError("The cluster is down"), True),
+        # bugs and misconfiguration stay a 500 with their traceback
+        (redis.exceptions.ResponseError("ERR syntax error"), False),
+        (redis.exceptions.DataError("Invalid input of type: 'NoneType'"), False),
+        (redis.exceptions.NoPermissionError("this user has no permissions"), False),
+        (redis.exceptions.ResponseError("user_script:12: attempt to index a nil value"), False),
+    ],
+)
+def test_only_a_redis_away_is_a_503(error: Exception, away: bool) -> None:
+    """Every RedisError but a script's was read as an outage: a bug (a None sent, a command
+    Redis refuses) became a 503 "retry later" with no traceback (a review)."""
+    assert redis_away(error) is away

@@ -17,6 +17,8 @@ from redis.exceptions import (
     ClusterDownError,
     MovedError,
     NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
     RedisError,
     ResponseError,
     SlotNotCoveredError,
@@ -49,11 +51,40 @@ _REDIS_CONNECTION = str(Path("redis", "asyncio", "connection.py"))
 
 
 def redis_away(exc: BaseException) -> bool:
-    """Whether ``exc`` is Redis not answering (down, restarting, failing over, a connection
-    closed under a command), not one of the store's scripts failing on what it read."""
-    if isinstance(exc, RedisError):
-        return not data_error(exc)
+    """Whether ``exc`` is Redis not answering, or not taking commands for now (down,
+    restarting, loading, failing over, out of memory, a connection closed under a
+    command): what passes with time. Not a bug or a misconfiguration (a command Redis
+    refuses, a value redis-py cannot send, a script failing on what it read), which stays
+    a 500 with its traceback."""
+    if isinstance(exc, _AWAY):
+        return True
+    if isinstance(exc, ResponseError):
+        return str(exc).startswith(_PASSING)
     return isinstance(exc, OSError) and raised_in_redis_connection(exc)
+
+
+#: redis-py's errors of a Redis away (AuthenticationError, a ConnectionError, is a refused
+#: password: it says its name in the log's first line)
+_AWAY = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ClusterDownError,
+    TryAgainError,
+    ReadOnlyError,
+    OutOfMemoryError,
+)
+#: Redis's replies that pass with time
+_PASSING = (
+    "OOM",
+    "READONLY",
+    "MISCONF",
+    "NOREPLICAS",
+    "BUSY",
+    "LOADING",
+    "CLUSTERDOWN",
+    "TRYAGAIN",
+    "MASTERDOWN",
+)
 
 
 def data_error(exc: BaseException) -> bool:

@@ -150,8 +150,8 @@ def html_errors(web_: Web, handler: Handler) -> Handler:
 
 #: What an editor page says while Redis does not answer.
 UNAVAILABLE = (
-    "The service cannot reach its data store (Redis) right now, so nothing was read or "
-    "saved. Try again in a minute."
+    "The service cannot reach its data store (Redis) right now: what you did may not have "
+    "been saved. Try again in a minute, then check it."
 )
 
 
