@@ -118,7 +118,11 @@ async def publish_broken(res: Resources) -> None:
     whose files it saw change (to be judged again), since the last call."""
     hits, cleared = res.renderer.take_changes()
     if hits or cleared:
-        await res.store.publish_overrides(hits, cleared, int(res.clock().timestamp() * 1000))
+        try:
+            await res.store.publish_overrides(hits, cleared, int(res.clock().timestamp() * 1000))
+        except BaseException:
+            res.renderer.put_back(hits, cleared)  # told next time
+            raise
 
 
 class Deliverer:

@@ -40,7 +40,14 @@ from notifier.models import ExceptionCode, Status, Transition, own_event_id
 from notifier.outbound import events as hook_events
 from notifier.outbound.sender import HookSender
 from notifier.pipeline import BatchReport, Pipeline, inject
-from notifier.resources import Clock, Resources, connect_queue, open_resources, utc_now
+from notifier.resources import (
+    Clock,
+    Resources,
+    connect_queue,
+    open_resources,
+    sync_published,
+    utc_now,
+)
 from notifier.settings import Settings
 from notifier.store import InboxEntry, keys, wake
 from notifier.store.base import Scope, data_error
@@ -489,10 +496,12 @@ async def sweep(ctx: dict[str, Any]) -> int:
         if await res.store.needs_drain(p, stale_ms) and await res.store.set_wake(p)
     ]
     await wake(res.queue, woken)
-    # an idle worker too tells /healthz of merchants' files fixed or removed meanwhile (on
-    # the loop, as renders call it: in a thread it would drop caches under a render)
-    if res.renderer.refresh():
-        await publish_broken(res)
+    # an idle worker too tells /healthz of merchants' files fixed or removed meanwhile, on
+    # disk or published from the editor (on the loop, as renders look: in a thread the
+    # look would drop caches under a render)
+    await sync_published(res, list(res.renderer.disabled))
+    res.renderer.refresh()
+    await publish_broken(res)
     return len(woken)
 
 
@@ -695,8 +704,8 @@ async def judge_listed(res: Resources) -> None:
             len(listed),
             len(fixed),
         )
-    except (RedisError, OSError) as exc:  # Redis went away: they stay counted, as before
-        log.warning("start-up: merchants' broken files not judged again (%s)", exc)
+    except Exception as exc:  # Redis went away (or a bug): they stay counted, as before
+        log.warning("start-up: merchants' broken files not judged again (%r)", exc)
 
 
 def build_worker(

@@ -362,3 +362,15 @@ async def test_a_worker_started_after_a_fix_judges_the_counted_merchants_again(
     assert proc.returncode == 0, output
     assert "3 merchants counted with broken files judged again, 2 of them fixed" in output
     assert outbox_files(settings, ".eml") == []  # judged by the checker: nothing was sent
+
+
+def test_changes_that_could_not_be_published_are_told_next_time(tmp_path: Path) -> None:
+    """``publish_broken`` took the renderer's changes, then Redis failed: they were lost,
+    and /healthz went on counting a fixed merchant (a review). They are put back, and a
+    change since wins over the one put back."""
+    r = renderer(tree(tmp_path))
+    r._hits, r._cleared = {"a", "b"}, {"c"}
+    hits, cleared = r.take_changes()
+    r._hits, r._cleared = {"c"}, {"a"}  # since: c hit again, a judged again
+    r.put_back(hits, cleared)
+    assert r.take_changes() == ({"b", "c"}, {"a"})

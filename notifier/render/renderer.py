@@ -539,6 +539,13 @@ class Renderer:
             self._hits, self._cleared = set(), set()
         return hits, cleared
 
+    def put_back(self, hits: set[str], cleared: set[str]) -> None:
+        """What ``take_changes`` gave and could not be published: given again next time
+        (a merchant hit since is a hit, whatever it was before)."""
+        with self._lock:
+            self._cleared |= cleared - self._hits
+            self._hits |= hits - self._cleared
+
     def brand(self, merchant_id: str) -> Brand:
         """The merchant's brand; a broken brand.yaml gives its last good brand (or the
         default one) unless ``strict``."""
