@@ -218,6 +218,20 @@ async def test_a_packed_payload_shows_as_the_notification(
     assert letter.body["notification"] == whole
 
 
+async def sms_refused(client: Client, settings: Settings) -> str:
+    """Post a transition whose SMS a provider refuses for good (the email goes out, and any
+    message due at once); the SMS's dead letter."""
+    await post(client, transition())
+    async with open_resources(settings, clock=fixed_clock()) as res:
+        refusing = FailingChannel(PermanentDeliveryError, "no such number", "refusing")
+        res.channels = {**res.channels, ChannelKind.SMS: refusing}
+        res.providers = {}
+        await Pipeline(res).process(await read_whole_inbox(res, "w"))
+        await release_due({"res": res, "pipeline": Pipeline(res)})  # a fallback is due now
+        [sms] = [i.decode() for i in await res.redis.lrange(res.store.DEAD_LETTER_KEY, 0, -1)]
+    return sms
+
+
 async def test_an_sms_whose_update_went_out_by_email_is_replayed_only_when_forced(
     client: Client,
     settings: Settings,
@@ -232,15 +246,7 @@ async def test_an_sms_whose_update_went_out_by_email_is_replayed_only_when_force
     policies = tmp_path / "policies"
     shutil.copytree(data_dir("policies", None), policies)
     (policies / "acme.yaml").write_text("statuses: {out_for_delivery: {channels: [sms]}}\n")
-    sms_only = settings.model_copy(update={"policies_dir": policies})
-    await post(client, transition())
-    async with open_resources(sms_only, clock=fixed_clock()) as res:
-        refusing = FailingChannel(PermanentDeliveryError, "no such number", "refusing")
-        res.channels = {**res.channels, ChannelKind.SMS: refusing}
-        res.providers = {}
-        await Pipeline(res).process(await read_whole_inbox(res, "w"))
-        [sms] = [i.decode() for i in await res.redis.lrange(res.store.DEAD_LETTER_KEY, 0, -1)]
-        assert await release_due({"res": res, "pipeline": Pipeline(res)}) == 1  # due now
+    sms = await sms_refused(client, settings.model_copy(update={"policies_dir": policies}))
     assert len(outbox_files(settings, ".eml")) == 1  # the fallback email
     monkeypatch.setenv("NOTIFIER_POLICIES_DIR", str(policies))
     code, out, _ = await cli(capsys, "list", "--kind", "messages")
@@ -259,13 +265,7 @@ async def test_an_sms_whose_update_had_its_own_email_is_no_fallback(
 ) -> None:
     """With both channels in the policy the event's own email is no fallback: the SMS's
     dead letter was called one and refused for replay, as it had the same id (a review)."""
-    await post(client, transition())
-    async with open_resources(settings, clock=fixed_clock()) as res:
-        refusing = FailingChannel(PermanentDeliveryError, "no such number", "refusing")
-        res.channels = {**res.channels, ChannelKind.SMS: refusing}
-        res.providers = {}
-        await Pipeline(res).process(await read_whole_inbox(res, "w"))
-        [sms] = [i.decode() for i in await res.redis.lrange(res.store.DEAD_LETTER_KEY, 0, -1)]
+    sms = await sms_refused(client, settings)
     assert len(outbox_files(settings, ".eml")) == 1  # the event's own email
     code, out, _ = await cli(capsys, "list", "--kind", "messages")
     assert code == 0 and "by email instead" not in out, out
