@@ -672,6 +672,8 @@ def test_without_a_zone_the_email_and_the_sms_name_the_same_day() -> None:
     assert window(start.astimezone(UTC), start.astimezone(UTC), None, "en").endswith(" UTC")
     half = start.astimezone(timezone(timedelta(hours=5, minutes=45)))
     assert when(half, None, "en").endswith(" UTC+05:45")
+    lmt = start.astimezone(timezone(-timedelta(hours=4, minutes=56, seconds=2)))
+    assert when(lmt, None, "en").endswith(" UTC-04:56:02")
 
 
 @pytest.mark.parametrize(

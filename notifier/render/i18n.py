@@ -243,10 +243,11 @@ def offset_name(moment: datetime) -> str:
     offset = moment.utcoffset()
     if not offset:
         return "UTC"
-    minutes = int(offset.total_seconds()) // 60
-    sign = "+" if minutes > 0 else "-"
-    hours, rest = divmod(abs(minutes), 60)
-    return f"UTC{sign}{hours:02d}:{rest:02d}"
+    total = int(offset.total_seconds())
+    hours, rest = divmod(abs(total), 3600)
+    minutes, seconds = divmod(rest, 60)
+    text = f"UTC{'+' if total > 0 else '-'}{hours:02d}:{minutes:02d}"
+    return f"{text}:{seconds:02d}" if seconds else text  # (a local mean time's seconds)
 
 
 #: Languages whose SMS name a day without its weekday: es "hasta el mar, 8 de diciembre"
