@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import version
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import orjson
 from pydantic import ValidationError
@@ -252,6 +252,7 @@ def new_event_loop(settings: Settings, command: str) -> asyncio.AbstractEventLoo
     chosen = settings.event_loop
     if chosen == "auto":
         chosen = AUTO_EVENT_LOOP[command]
+    loop: asyncio.AbstractEventLoop | None = None
     if chosen == "uvloop":
         try:
             import uvloop
@@ -259,9 +260,39 @@ def new_event_loop(settings: Settings, command: str) -> asyncio.AbstractEventLoo
             log.warning("uvloop is not installed here: running on asyncio's own event loop")
         else:
             log.info("event loop: uvloop %s", version("uvloop"))
-            return uvloop.new_event_loop()
-    log.info("event loop: asyncio's own")
-    return asyncio.new_event_loop()
+            loop = uvloop.new_event_loop()
+    if loop is None:
+        log.info("event loop: asyncio's own")
+        loop = asyncio.new_event_loop()
+    loop.set_exception_handler(_redis_leftovers_quietly)
+    return loop
+
+
+#: What redis-py says of a client or pipeline collected with its connection still held
+#: (it closes that connection itself): ``_DEL_MESSAGE`` of its classes.
+_REDIS_LEFTOVERS = frozenset(
+    {
+        "Unclosed Redis client",
+        "Unclosed Pipeline client",
+        "Unclosed RedisCluster client",
+        "Unclosed ClusterNode object",
+    }
+)
+
+
+def _redis_leftovers_quietly(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The loop's handler of errors nothing awaited: a Redis pipeline a command left open
+    when it was cut short (Redis stalled, a stop's cancellation) is a warning that says
+    so, not an ERROR with the client's repr (seen in every drill of a stop during a Redis
+    pause); everything else as asyncio logs it."""
+    if context.get("message") in _REDIS_LEFTOVERS and "exception" not in context:
+        log.warning(
+            "%s left open by a Redis command cut short (Redis did not answer, or a stop "
+            "cancelled it): redis-py closed its connection",
+            str(context["message"]).removeprefix("Unclosed ").lower(),
+        )
+        return
+    loop.default_exception_handler(context)
 
 
 def _settle_gc() -> None:

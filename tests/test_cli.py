@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import shutil
 import socket
@@ -16,13 +17,13 @@ from arq.connections import ArqRedis
 from redis import Redis
 
 from notifier import metrics
-from notifier.cli import main
+from notifier.cli import main, new_event_loop
 from notifier.errors import ConfigurationError
 from notifier.overrides import OverrideStore
 from notifier.resources import data_dir
 from notifier.settings import DEV_API_KEY
 from notifier.store.keys import WORKERS_KEY
-from tests.conftest import spawn_notifier
+from tests.conftest import make_settings, spawn_notifier
 
 
 @pytest.fixture
@@ -734,3 +735,25 @@ def test_the_mode_line_names_the_database_redis_py_uses(url: str, said: str) -> 
 
     settings = Settings(redis_url=url, api_keys={"k_backend_0123456789": ["*"]})
     assert describe_redis(settings) == said
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_redis_pipeline_left_open_is_a_warning_not_an_error(
+    loop_kind: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """redis-py reports a pipeline collected with its connection held (a command cut short
+    while Redis stalled, or by a stop) to the loop, which logged "ERROR asyncio: Unclosed
+    Pipeline client" and the client's repr in every drill of a stop during a Redis pause.
+    It is a warning saying what happened; anything else is still asyncio's ERROR."""
+    settings = make_settings(tmp_path, event_loop=loop_kind)
+    loop = new_event_loop(settings, "worker")
+    try:
+        with caplog.at_level(logging.WARNING):
+            loop.call_exception_handler({"message": "Unclosed Pipeline client", "client": 1})
+            loop.call_exception_handler({"message": "Task exception was never retrieved"})
+    finally:
+        loop.close()
+    levels = [(r.levelname, r.name) for r in caplog.records]
+    assert levels == [("WARNING", "notifier"), ("ERROR", "asyncio")], caplog.text
+    assert "pipeline client left open by a Redis command cut short" in caplog.text
+    assert "client': 1" not in caplog.text
