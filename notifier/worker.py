@@ -547,6 +547,10 @@ class ResilientWorker(Worker):
             # redis-py can turn a cancel into a TimeoutError, which reads as an outage), and
             # the worker would poll on for good, taking no job
             raise asyncio.CancelledError
+        # a poll asks Redis only while the worker takes jobs and has a free slot: one that
+        # did not proves nothing ("Redis answers again after 0.1 s", with Redis dead and
+        # every slot's drain waiting for it, or after a stop signal)
+        asks = self.allow_pick_jobs and self.job_counter < self.max_jobs
         try:
             await super()._poll_iteration()
         except (RedisError, OSError) as exc:
@@ -557,7 +561,7 @@ class ResilientWorker(Worker):
             await asyncio.sleep(self._outage_delay * random.uniform(0.5, 1.0))
             self._outage_delay = min(self._outage_delay * 2, 5.0)
             return
-        if self._outage_since is not None:
+        if self._outage_since is not None and asks:
             log.warning("Redis answers again after %.1f s", time.monotonic() - self._outage_since)
             self._outage_since, self._outage_delay = None, 0.05
         if time.monotonic() - self._last_beat >= HEARTBEAT_S:

@@ -12,6 +12,7 @@ import json
 import logging
 import shutil
 import signal
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 import redis
+from arq import worker as arq_worker
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from notifier.channels.base import Lease, lease_clock
@@ -514,3 +516,31 @@ async def test_a_record_being_taken_up_when_the_stop_cancels_is_kept(settings: S
         with pytest.raises(asyncio.CancelledError):
             await round_
         assert deliverer._unrecorded == [left]
+
+
+async def test_a_poll_that_asked_redis_nothing_ends_no_outage(
+    settings: Settings, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With Redis dead and every job slot's drain waiting for it, a poll asks Redis nothing
+    (nor after a stop signal), yet it logged "Redis answers again after 0.1 s" (an
+    operator's drill). Only a poll that asked Redis ends the outage."""
+
+    async def polled(self: Any) -> None:  # arq's poll, here as one that Redis answered
+        return None
+
+    monkeypatch.setattr(arq_worker.Worker, "_poll_iteration", polled)
+    worker = build_worker(settings, handle_signals=False, clock=fixed_clock())
+    try:
+        worker._outage_since = time.monotonic() - 3
+        with caplog.at_level(logging.WARNING, logger="notifier"):
+            worker.job_counter = worker.max_jobs  # every slot taken: no job is asked for
+            await worker._poll_iteration()
+            worker.job_counter, worker.allow_pick_jobs = 0, False  # told to stop
+            await worker._poll_iteration()
+            assert "answers again" not in caplog.text and worker._outage_since is not None
+            worker.allow_pick_jobs = True
+            await worker._poll_iteration()
+        assert "Redis answers again after 3." in caplog.text
+        assert worker._outage_since is None
+    finally:
+        await worker.pool.aclose()
