@@ -589,7 +589,8 @@ class ResilientWorker(Worker):
         """SIGTERM/SIGINT: take no new job; running drains end after the batch in hand (the
         flag is one object: every job's ctx is a copy of this one)."""
         log.info(
-            "%s: taking no new jobs; %d running end after their batch (at most %d s)",
+            "%s: taking no new jobs; %d running end after their batch (at most %d s; while "
+            "Redis does not answer, longer: what a provider accepted is recorded first)",
             signal.Signals(signum).name,
             sum(not t.done() for t in self.tasks.values()),
             SHUTDOWN_WAIT_S,
