@@ -535,8 +535,9 @@ class Pipeline:
 
 def _with_facts(t: Transition, state: ShipmentState) -> Transition:
     """``t`` with the tracking link and the order number its shipment's earlier events
-    gave, where it has none (README rule 1: the backend may send them once)."""
-    url = t.tracking_url or state.tracking_url
+    gave, where it has none (README rule 1: the backend may send them once); the link
+    only when it tracks ``t``'s label (another carrier's number keeps no old link)."""
+    url = t.tracking_url or state.link_for(t.tracking_number)
     order = t.order or state.order
     if url is t.tracking_url and order is t.order:
         return t

@@ -330,10 +330,11 @@ class ShipmentState(BaseModel):
             # and newer facts win (it carried the address and phone the customer replaced
             # since, and the messages after it went there, in its language, with its link
             # and order number); an event that moves the shipment on brings its own
+            number = self.tracking_number or t.tracking_number
             facts: dict[str, object] = {
-                "tracking_number": self.tracking_number or t.tracking_number,
+                "tracking_number": number,
                 "carrier": self.carrier or t.carrier,
-                "tracking_url": self.tracking_url or t.tracking_url,
+                "tracking_url": self.tracking_url or _link_of(t, number),
                 "recipient": merge_recipient(t.recipient, self.recipient),
                 "order": self.order or t.order,
             }
@@ -341,7 +342,9 @@ class ShipmentState(BaseModel):
             facts = {
                 "tracking_number": t.tracking_number,
                 "carrier": t.carrier,
-                "tracking_url": t.tracking_url or self.tracking_url,
+                # a link tracks one label: a new tracking number (another carrier took the
+                # parcel over) does not keep the old label's
+                "tracking_url": t.tracking_url or self.link_for(t.tracking_number),
                 "recipient": merge_recipient(self.recipient, t.recipient),
                 "order": t.order or self.order,
             }
@@ -380,6 +383,11 @@ class ShipmentState(BaseModel):
         elif t.status in _LEAVES_PICKUP and self.pickup_at is not None:
             update["pickup_left_at"] = _latest(self.pickup_left_at, t.occurred_at)
         return replaced(self, update)
+
+    def link_for(self, tracking_number: str) -> str | None:
+        """The shipment's tracking link, if it is the link of ``tracking_number``'s label
+        (the one the state's tracking number names)."""
+        return self.tracking_url if tracking_number == self.tracking_number else None
 
     @property
     def collected(self) -> bool:
@@ -427,8 +435,8 @@ class ShipmentState(BaseModel):
             update["recipient"] = merge_recipient(t.recipient, self.recipient)  # known first
         if self.order is None and t.order is not None:
             update["order"] = t.order
-        if self.tracking_url is None and t.tracking_url is not None:
-            update["tracking_url"] = t.tracking_url
+        if self.tracking_url is None and (link := _link_of(t, self.tracking_number)):
+            update["tracking_url"] = link
         if suspect is not None:
             update["suspect_fix"] = suspect
         return replaced(self, update)
@@ -529,6 +537,11 @@ class ShipmentState(BaseModel):
         return (
             f"stall check: no carrier scan for {round(hours, 2):g} h{since} (stalled.no_scan_hours)"
         )
+
+
+def _link_of(t: Transition, tracking_number: str | None) -> str | None:
+    """``t``'s tracking link, if it tracks ``tracking_number`` (or nothing is known yet)."""
+    return t.tracking_url if tracking_number in (None, t.tracking_number) else None
 
 
 def _latest(known: datetime | None, at: datetime) -> datetime:

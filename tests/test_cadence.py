@@ -977,3 +977,42 @@ async def test_a_scan_that_moves_the_shipment_on_brings_its_own_facts(
         state = state.apply(Transition.model_validate(t))
     assert (state.carrier, state.tracking_number) == ("dpd", "LP1")
     assert state.tracking_url == "https://track.example.com/LP1"
+
+
+async def test_a_new_tracking_number_keeps_no_link_of_the_old_label(
+    client: Client, settings: Settings
+) -> None:
+    """Another carrier took the parcel over with a number of its own and no link: the
+    email read "Tracking number: JJD000NEW (DHL)" with the old UPS label's page on its
+    button and in the SMS (found by a second black-box run). A link tracks one label;
+    a late scan of the old label fills in no link for the new one either."""
+    first = transition(
+        event_id="t1",
+        status="in_transit",
+        tracking_number="1ZOLD0001",
+        occurred_at="2026-11-21T10:00:00+01:00",
+        tracking_url="https://www.ups.com/track?tracknum=1ZOLD0001",
+    )
+    handed = transition(
+        event_id="t2",
+        carrier="dhl",
+        tracking_number="JJD000NEW",
+        occurred_at="2026-11-21T12:00:00+01:00",
+    )
+    late = {**first, "event_id": "t0", "occurred_at": "2026-11-21T09:00:00+01:00"}
+    done = {**handed, "event_id": "t3", "status": "delivered"}
+    done["occurred_at"] = "2026-11-21T14:30:00+01:00"
+    for t in (handed, done):
+        del t["tracking_url"]
+    for t in (first, handed, late, done):
+        await post(client, t)
+        await run_worker(settings)
+    for event in ("t2", "t3"):
+        [eml] = [
+            f for f in outbox_files(settings, ".eml") if nid(event, ChannelKind.EMAIL) in f.name
+        ]
+        [sms] = [f for f in outbox_files(settings) if nid(event, ChannelKind.SMS) in f.name]
+        text = plain_text(eml)
+        assert "JJD000NEW (DHL)" in text and "1ZOLD0001" not in text, text
+        body = json.loads(sms.read_text())["body"]
+        assert "1ZOLD0001" not in body and "JJD000NEW" in body, body

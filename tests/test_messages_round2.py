@@ -398,12 +398,23 @@ def test_a_customs_sms_carries_no_link(acme: Path) -> None:
         ("Royal Mail", "Royal Mail"),
         ("acme_express", "Acme Express"),
         ("la-poste-colis", "La Poste Colis"),
-        ("Acme Express", "Acme Express"),
-        ("Acme_Express", "Acme_Express"),  # written by the backend: shown as it came
+        ("Acme Express", "Acme Express"),  # a name as the backend wrote it
+        ("ACME_EXPRESS", "Acme Express"),  # a code in capitals (found by a second run)
+        ("Acme_Express", "Acme Express"),
+        ("fedex_ground", "FedEx Ground"),  # a known carrier's service
+        ("dpd_be", "DPD BE"),  # and its country
+        ("usps_first_class", "USPS First Class"),
+        ("la-poste-colis", "La Poste Colis"),
         ("other", ""),
         (" Unknown ", ""),
         ("n/a", ""),
         ("-", ""),
+        ("unknown_carrier", ""),
+        ("OTHER_CARRIER", ""),
+        ("no-carrier", ""),
+        ("Not Available", ""),
+        ("n.a.", ""),
+        ("tbd", ""),
     ],
 )
 def test_a_carrier_code_shows_as_a_name_or_not_at_all(code: str, shown: str) -> None:
@@ -620,12 +631,17 @@ def test_a_pickup_sms_says_by_which_day(acme: Path) -> None:
 
 
 def test_a_pickup_day_is_the_recipients_else_the_pickup_points() -> None:
-    """A deadline of 23:30 in New York is Sunday in Paris; with no zone known, it is the
-    day where the parcel waits (the deadline's own offset), not UTC's."""
+    """A deadline of 23:30 in New York is Sunday afternoon in Tokyo; with no zone known, it
+    is the day where the parcel waits (the deadline's own offset), not UTC's. (In Paris it
+    is Sunday 05:30: a night's hour, so the SMS names Saturday there.)"""
     t = _pickup_by(datetime(2026, 11, 28, 23, 30, tzinfo=timezone(timedelta(hours=-5))))
     n = notification(t, ChannelKind.SMS)
     r = renderer()
-    assert "Pick it up by Sun, November 29." in _body(r, n)
+    assert "Pick it up by Sat, November 28." in _body(r, n)  # Paris
+    tokyo = n.model_copy(
+        update={"recipient": n.recipient.model_copy(update={"timezone": "Asia/Tokyo"})}
+    )
+    assert "Pick it up by Sun, November 29." in _body(r, tokyo)
     zoneless = n.model_copy(update={"recipient": n.recipient.model_copy(update={"timezone": None})})
     assert "Pick it up by Sat, November 28." in _body(r, zoneless)
 
@@ -648,6 +664,29 @@ def test_a_deadline_at_midnight_names_the_day_before_as_the_last_day() -> None:
         update={"recipient": Recipient(phone="+12125550123", timezone="America/New_York")}
     )
     assert "Pick it up by Wed, December 9." in _body(r, ny)
+
+
+@pytest.mark.parametrize(
+    ("local", "sms_day", "email_shows"),
+    [
+        ("2026-12-10T00:00:59", "Wed, December 9", "Wed, December 9, 11:59"),  # its first minute
+        ("2026-12-10T02:00:00", "Wed, December 9", "Thu, December 10, 2:00"),  # a night's hour
+        ("2026-12-10T06:00:00", "Thu, December 10", "Thu, December 10, 6:00"),
+    ],
+)
+def test_a_deadline_in_the_night_names_the_day_before_in_an_sms(
+    local: str, sms_day: str, email_shows: str
+) -> None:
+    """00:00:59 still named Thursday (found by a second black-box run); and an SMS names a
+    day alone, so a deadline before 06:00 names the day before (the email gives the time)."""
+    deadline = datetime.fromisoformat(local).replace(tzinfo=timezone(timedelta(hours=-5)))
+    t = _pickup_by(deadline)
+    r = renderer()
+    ny = Recipient(email="ana@example.com", phone="+12125550123", timezone="America/New_York")
+    sms = _body(r, notification(t, ChannelKind.SMS).model_copy(update={"recipient": ny}))
+    assert f"Pick it up by {sms_day}." in sms, sms
+    text = render_email(notification(t).model_copy(update={"recipient": ny}), r).text
+    assert email_shows in text.replace("\u202f", " "), text
 
 
 def test_without_a_zone_the_email_and_the_sms_name_the_same_day() -> None:

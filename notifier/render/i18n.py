@@ -226,15 +226,23 @@ def _when(moment: datetime, _offset: timedelta | None, timezone: str | None, loc
     return text if timezone else f"{text} {offset_name(local)}"
 
 
-def last_day_of(deadline: datetime, timezone: str | None) -> datetime:
-    """A deadline as messages show it: one at midnight where it is read (the recipient's
-    zone, else its own offset) is shown as the minute before, so the day named is the last
-    day to act: "by Wed, Dec 9, 11:59 PM", not "by Thu, Dec 10, 00:00", read as "Thursday
-    still will do" (the parcel was gone by then)."""
+def last_day_of(deadline: datetime, timezone: str | None, day_only: bool = False) -> datetime:
+    """A deadline as messages show it, where it is read (the recipient's zone, else its own
+    offset): one in the first minute of a day is shown as 23:59 the day before, so the day
+    named is the last day to act: "by Wed, Dec 9, 11:59 PM", not "by Thu, Dec 10, 00:00",
+    read as "Thursday still will do" (the parcel was gone by then). ``day_only`` (an SMS
+    names the day alone): one before 06:00 is the day before too ("by Thu" for Thursday
+    02:00 is a night, not a day, to come)."""
     local = deadline.astimezone(_zone(timezone)) if timezone else deadline
-    if (local.hour, local.minute, local.second, local.microsecond) == (0, 0, 0, 0):
-        return deadline - timedelta(minutes=1)
+    before = EARLY_HOURS if day_only else 0
+    if local.hour < before or (local.hour, local.minute) == (0, 0):
+        midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
+        return midnight - timedelta(minutes=1)
     return deadline
+
+
+#: A deadline before this hour names the day before, where the message names a day alone.
+EARLY_HOURS = 6
 
 
 def offset_name(moment: datetime) -> str:

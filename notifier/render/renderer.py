@@ -352,26 +352,64 @@ def _us_opt_out(n: Notification) -> bool:
 
 
 def carrier_name(carrier: str) -> str:
-    """``fedex`` -> ``FedEx``; a code of no carrier (``other``, ``unknown``) -> "" (the
-    messages then say "the carrier": "Pay any fees only on the other website" told a
-    customer nothing, where the carrier's name is the one lead against a customs-fee scam);
-    a code in lower case with ``_`` or ``-`` -> its words (``acme_express`` -> ``Acme
-    Express``); a name the backend already formats is shown as received."""
-    code = carrier.strip().lower()
+    """``fedex`` -> ``FedEx``; a code of no carrier (``other``, ``unknown_carrier``, ``n/a``,
+    ``Not Available``) -> "" (the messages then say "the carrier": "Pay any fees only on
+    the other website" told a customer nothing, where the carrier's name is the one lead
+    against a customs-fee scam); a code of words joined by ``_`` or ``-`` -> its words,
+    a known carrier's by its name and a country's code in capitals (``acme_express`` ->
+    ``Acme Express``, ``fedex_ground`` -> ``FedEx Ground``, ``dpd_be`` -> ``DPD BE``); a
+    name the backend already formats is shown as received."""
+    shown = carrier.strip()
+    code = shown.lower()
     known = CARRIER_NAMES.get(code.replace(" ", ""))
     if known is not None:
         return known
-    if code in NO_CARRIER or not any(c.isalnum() for c in code):
+    words = [w for w in re.split(r"[^0-9a-z/]+", code) if w]
+    if not words or set(words) <= NO_CARRIER:
         return ""
-    shown = carrier.strip()
-    if shown.islower() and ("_" in shown or "-" in shown):
-        return " ".join(w.capitalize() for w in re.split(r"[_-]+", shown) if w)
-    return shown
+    if "_" not in shown and "-" not in shown:
+        return shown
+    parts = [w for w in re.split(r"[\s_-]+", shown) if w]
+    first, *rest = parts
+    words = [CARRIER_NAMES.get(first.lower(), first.capitalize())]  # fedex_ground
+    words += [w.capitalize() for w in rest[:-1]]
+    if rest:  # a country's code ends many (dpd_be, gls_de)
+        last = rest[-1]
+        words.append(last.upper() if len(last) == 2 and last.isalpha() else last.capitalize())
+    return " ".join(words)
 
 
-#: Carrier codes that name no carrier: the messages say "the carrier" for them.
+#: Words of carrier codes that name no carrier: a code of them alone is not shown, and the
+#: messages say "the carrier" ("unknown_carrier", "other", "Not Available", "n.a.", "tbd").
 NO_CARRIER = frozenset(
-    {"other", "others", "unknown", "generic", "none", "n/a", "na", "carrier", "misc", "custom"}
+    {
+        "other",
+        "others",
+        "unknown",
+        "generic",
+        "none",
+        "n/a",
+        "na",
+        "n",
+        "a",
+        "carrier",
+        "carriers",
+        "courier",
+        "shipper",
+        "misc",
+        "custom",
+        "no",
+        "not",
+        "available",
+        "tbd",
+        "tba",
+        "any",
+        "default",
+        "null",
+        "undefined",
+        "unspecified",
+        "unassigned",
+    }
 )
 
 
@@ -700,7 +738,9 @@ class Renderer:
                 "deadline_days": deadline_days,
                 "deadline": i18n.when(deadline, tz, fmt) if deadline else "",
                 #: its day alone (an SMS's), in the pickup point's offset without a zone
-                "deadline_day": i18n.day(deadline, tz, fmt) if deadline else "",
+                "deadline_day": i18n.day(i18n.last_day_of(t.pickup_deadline, tz, True), tz, fmt)
+                if t.pickup_deadline
+                else "",
                 # computed only if a template prints it
                 "ago": Lazy(lambda: i18n.ago(t.occurred_at, n.created_at, fmt)),
                 #: a "delivered" of a parcel the customer collected from a pickup point
