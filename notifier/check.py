@@ -549,13 +549,33 @@ def link_problems(brand: Brand, where: str) -> list[str]:
     for name, url in brand.links.model_dump().items():
         if name == "short_base" or not url:
             continue
-        for placeholder in _PLACEHOLDER.findall(url):
+        named = _PLACEHOLDER.findall(url)
+        for placeholder in named:
             if placeholder not in LINK_PLACEHOLDERS:
                 problems.append(
                     f"{where}: links.{name}: {{{placeholder}}} is never filled in "
                     f"(only {known} are): customers would get the link as it is"
                 )
+        # what filling leaves of a brace: an unclosed {tracking_number, a {{doubled}} one,
+        # a stray }, or one written %7B…%7D (found by a black-box run: each went out)
+        left = _PLACEHOLDER.sub("", url)
+        if not any(p not in LINK_PLACEHOLDERS for p in named) and (
+            "{" in left or "}" in left or _ENCODED_BRACE.search(url)
+        ):
+            problems.append(
+                f"{where}: links.{name}: a brace that is no placeholder: write "
+                f"{known} exactly as that, one brace each side: customers would get the "
+                "rest as it is"
+            )
+    if brand.logo_dark_url and not brand.logo_url:
+        problems.append(
+            f"{where}: logo_dark_url: shown only beside logo_url (mail apps in dark mode "
+            "swap one for the other): set logo_url too, or the emails have no logo"
+        )
     return problems
+
+
+_ENCODED_BRACE = re.compile(r"%7[bd]", re.IGNORECASE)
 
 
 def support_problem(brand: Brand, where: str) -> str | None:

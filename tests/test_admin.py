@@ -138,6 +138,43 @@ async def test_a_link_naming_a_placeholder_never_filled_in_is_a_problem(client: 
     ]
 
 
+@pytest.mark.parametrize(
+    "link",
+    [
+        "https://acme.example/r/{tracking_number",  # unclosed
+        "https://acme.example/r/{{tracking_number}}",  # doubled
+        "https://acme.example/r/{tracking_number}}",  # a stray brace
+        "https://acme.example/r/%7Btracking_number%7D",  # encoded
+    ],
+)
+async def test_a_link_with_a_brace_that_is_no_placeholder_is_a_problem(
+    client: Client, link: str
+) -> None:
+    """Each of these passed every check and went out to customers as written (found by a
+    second black-box run as a merchant)."""
+    acme = BASE.format(m="acme")
+    brand = f"support: {{email: help@acme.example}}\nlinks: {{reschedule: '{link}'}}\n"
+    resp = await client.put(
+        f"{acme}/overrides/draft/brand.yaml", json={"text": brand}, headers=auth(ACME_KEY)
+    )
+    assert resp.status == 200
+    [problem] = (await resp.json())["problems"]
+    assert problem.startswith(
+        "brand.yaml of acme's draft: links.reschedule: a brace that is no placeholder"
+    ), problem
+
+
+async def test_a_dark_mode_logo_alone_is_a_problem(client: Client) -> None:
+    """A dark-mode logo without a logo was dropped from every email, with no problem."""
+    acme = BASE.format(m="acme")
+    brand = "support: {email: help@acme.example}\nlogo_dark_url: https://acme.example/d.png\n"
+    resp = await client.put(
+        f"{acme}/overrides/draft/brand.yaml", json={"text": brand}, headers=auth(ACME_KEY)
+    )
+    [problem] = (await resp.json())["problems"]
+    assert "logo_dark_url: shown only beside logo_url" in problem
+
+
 async def test_a_broken_brand_hides_no_other_problem_of_the_draft(client: Client) -> None:
     """Before, the draft check stopped at a brand that did not load: the policy and the
     template problems showed only once the brand was fixed."""

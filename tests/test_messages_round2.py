@@ -489,6 +489,15 @@ def test_a_lost_parcel_says_we_look_only_when_the_merchant_asked_for_a_search(
     message = email_of(acme, "exception:lost")
     assert message.subject == "We are looking for your parcel"
     assert "We have asked the carrier to search for it." in message.text
+    # following up with the carrier is promised for lost parcels too (the form says so);
+    # a lost message said nothing of it (found by a black-box run as a merchant)
+    _commit(acme, "carrier_follow_up")
+    text = email_of(acme, "exception:lost").text
+    assert "We are in touch with the carrier and will keep you updated." in text
+    assert "We have asked the carrier to search for it." not in text
+    _commit(acme, "search_request", "carrier_follow_up")
+    text = " ".join(email_of(acme, "exception:lost").text.split())
+    assert "search for it. We are in touch with the carrier" in text
 
 
 def test_a_problem_says_we_are_on_it_only_when_the_merchant_follows_up(acme: Path) -> None:
