@@ -58,8 +58,13 @@ local changed = {}
 for i = 1, #draft, 2 do
   local path, text = draft[i], draft[i + 1]
   if path ~= '#rev' then
-    if text == '\\0deleted' then files[path] = nil else files[path] = text end
-    table.insert(changed, path)
+    if text ~= '\\0deleted' then
+      files[path] = text
+      table.insert(changed, path)
+    elseif files[path] ~= nil then  -- (removing what is not live changes nothing)
+      files[path] = nil
+      table.insert(changed, path)
+    end
   end
 end
 local n = redis.call('HLEN', KEYS[2]) + 1
@@ -107,7 +112,16 @@ redis.call('HSET', KEYS[1], tostring(n), cjson.encode(record))
 redis.call('SET', KEYS[2], tostring(n))
 redis.call('RPUSH', KEYS[3], cjson.encode({at = ARGV[2], key_id = ARGV[1],
   action = 'rollback', version = n, restored = tonumber(ARGV[3])}))
-if redis.call('EXISTS', KEYS[4]) == 1 then redis.call('HINCRBY', KEYS[4], '#rev', 1) end
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  -- a draft's removal of a file the restored version has not is no change any more
+  local draft = redis.call('HGETALL', KEYS[4])
+  for i = 1, #draft, 2 do
+    if draft[i + 1] == '\\0deleted' and files[draft[i]] == nil then
+      redis.call('HDEL', KEYS[4], draft[i])
+    end
+  end
+  redis.call('HINCRBY', KEYS[4], '#rev', 1)
+end
 return n
 """
 

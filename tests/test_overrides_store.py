@@ -178,3 +178,25 @@ async def test_published_files_are_what_the_worker_uses_and_a_rollback_undoes_th
     await post(client, transition(event_id="d3", shipment_id="s3", status="delivered"))
     await run_worker(settings)
     assert latest_email()["Subject"] == "Acme: it is there"
+
+
+async def test_a_removal_a_colleagues_rollback_made_moot_is_no_change(
+    store: OverrideStore,
+) -> None:
+    """Alice removes a published file in her draft; Bob rolls back to a version without it:
+    the removal stayed in the draft, the review showed the whole file beneath as removed,
+    and the next publish listed it as changed with an empty diff (found by a black-box run
+    as two merchants). It goes with the rollback; a publish lists only real changes."""
+    rev = await store.save("acme", "brand.yaml", "name: Acme\n", "key_a", AT)
+    assert await store.publish("acme", rev, "key_a", AT) == 1
+    rev = await store.save("acme", "messages/delivered.jinja", "words", "key_a", AT)
+    assert await store.publish("acme", rev, "key_a", AT) == 2
+    await store.save("acme", "messages/delivered.jinja", None, "alice", AT)  # removal
+    await store.save("acme", "brand.yaml", "name: Acme Shop\n", "alice", AT)  # an edit
+    assert await store.rollback("acme", 1, "bob", AT) == 3  # without the message file
+    assert (await store.draft("acme"))[1] == {"brand.yaml": "name: Acme Shop\n"}
+    # a removal of what is not live (sent as a draft file all the same) changes nothing
+    rev = await store.save("acme", "messages/picked_up.jinja", None, "alice", AT)
+    assert await store.publish("acme", rev, "alice", AT) == 4
+    live = await store.live("acme")
+    assert live is not None and live.changed == ["brand.yaml"]
