@@ -71,7 +71,7 @@ class ValidationFailed(ApiError):
         """The refusal of a body pydantic refused (``exc``: its ValidationError), naming
         every field and what is wrong with it."""
         details = [
-            {"field": ".".join(str(p) for p in e["loc"]) or "(body)", "message": e["msg"]}
+            {"field": ".".join(str(p) for p in e["loc"]) or "(body)", "message": plain_words(e)}
             for e in exc.errors(include_input=False, include_url=False)
         ]
         return cls(message, details)

@@ -764,6 +764,15 @@ async def test_a_version_or_revision_sent_as_true_is_refused_not_read_as_1(clien
         resp = await client.post(f"{acme}/overrides/{path}", json=body, headers=auth(ACME_KEY))
         assert resp.status == 422, (path, await resp.text())
         assert next(iter(body)) in await resp.text()
+    # in plain words, not pydantic's ("Input should be a valid integer", "Field required":
+    # a second black-box run as a merchant)
+    for body, said in (
+        ({"version": 1, "live": "abc"}, {"field": "live", "message": "must be a whole number"}),
+        ({"version": 1, "live": -1}, {"field": "live", "message": "must be 0 or more"}),
+        ({}, {"field": "version", "message": "is required"}),
+    ):
+        resp = await client.post(f"{acme}/overrides/rollback", json=body, headers=auth(ACME_KEY))
+        assert (await resp.json())["error"]["details"] == [said], body
 
 
 async def test_a_long_shop_name_is_named_and_only_the_merchants_languages_are_budgeted(
