@@ -15,7 +15,14 @@ from pydantic import ValidationError
 from notifier.admin import InvalidOverride, TestSend, describe
 from notifier.admin_views import Views, locales, message_path, milestones, variant_param
 from notifier.check import candidate_renderer, sample_notification, samples
-from notifier.errors import ApiError, BadRequest, ConfigurationError, NotFound, NotifierError
+from notifier.errors import (
+    ApiError,
+    BadRequest,
+    ConfigurationError,
+    NotFound,
+    NotifierError,
+    plain_words,
+)
 from notifier.ingest import read_json
 from notifier.insights.experiments import published_policy
 from notifier.models import ChannelKind, Notification, Status, message_name, message_name_of
@@ -24,6 +31,7 @@ from notifier.resources import data_dir
 from notifier.settings import Settings
 from notifier.web.base import Web
 from notifier.web.forms import milestone_label
+from notifier.web.session import Session
 
 #: Context values shown in the variables panel (lists and internals are left out).
 _HIDDEN = {"lang", "dir", "message", "message_for_locale", "progress", "actions", "us_opt_out"}
@@ -278,6 +286,55 @@ class Messages:
         variant = variant_param(form.get("variant"))
         path = message_path(milestone, locale or None, variant)
         channel, to = form.get("channel", ""), form.get("to", "").strip()
+        text = form.get("text", "").replace("\r\n", "\n")
+        # the page comes back with the text as typed, not as saved, and what became of the
+        # test: sent, or why not (an address refused came back as an error page, the text
+        # only in a box to copy: a black-box run as a merchant)
+        tested: dict[str, Any] = {
+            "channel": channel if channel in set(ChannelKind) else "email",
+            "locale": locale or reader,
+            "path": path,
+            "text": text,
+        }
+        try:
+            entry = await self._send_test(
+                merchant_id,
+                session,
+                milestone,
+                channel,
+                to,
+                locale or reader,
+                path,
+                text,
+                form,
+                variant,
+            )
+        except InvalidOverride as exc:  # (over the key's rate limit stays a 429 page)
+            why = "; ".join(d.get("message", "") for d in exc.details) or exc.message
+            said = f"{exc.message} ({why})" if exc.details else why
+            tested.update(sent=False, error=said if said.endswith(".") else f"{said}.")
+        else:
+            tested.update(sent=entry["outcome"] == "sent", error=entry["delivery"].get("error"))
+        await self.web.sessions.flash(request, {"test": tested})
+        query = ([f"locale={locale}"] if locale else []) + (["variant=b"] if variant == "b" else [])
+        where = f"/merchant/{merchant_id}/messages/{milestone}"
+        raise web.HTTPSeeOther(where + ("?" + "&".join(query) if query else ""))
+
+    async def _send_test(
+        self,
+        merchant_id: str,
+        session: Session,
+        milestone: str,
+        channel: str,
+        to: str,
+        locale: str,
+        path: str,
+        text: str,
+        form: dict[str, str],
+        variant: str,
+    ) -> dict[str, Any]:
+        """The admin API's test send of ``text`` to ``to``; ApiError naming what is wrong
+        with the address or the channel."""
         known = channel in set(ChannelKind)
         if not known or not to:
             field = "to" if known else "channel"
@@ -289,36 +346,22 @@ class Messages:
             body = TestSend(
                 milestone=milestone,
                 channel=ChannelKind(channel),
-                locale=locale or reader,
+                locale=locale,
                 to=to,
-                files={path: form.get("text", "").replace("\r\n", "\n")},
+                files={path: text},
                 collected=form.get("collected") == "1" and milestone == Status.DELIVERED,
             )
         except ValidationError as exc:  # too long an address
             raise InvalidOverride(
                 "cannot send a test to that address",
-                [{"field": "to", "message": e["msg"]} for e in exc.errors()],
+                [{"field": "to", "message": plain_words(e)} for e in exc.errors()],
             ) from exc
         # the key's rate limit, as on the API's test send: each one is a real message
         self.web.sessions.keys.limiter.take(bytes.fromhex(session.key_digest))
-        entry = await self.web.admin.send_test(merchant_id, session.key_id, body, variant)
-        await self.web.sessions.flash(
-            request,
-            {
-                "test": {
-                    "channel": body.channel.value,
-                    "locale": body.locale,
-                    "sent": entry["outcome"] == "sent",
-                    "error": entry["delivery"].get("error"),
-                    # the page comes back with the text as typed, not as saved
-                    "path": path,
-                    "text": body.files[path],
-                }
-            },
+        entry: dict[str, Any] = await self.web.admin.send_test(
+            merchant_id, session.key_id, body, variant
         )
-        query = ([f"locale={locale}"] if locale else []) + (["variant=b"] if variant == "b" else [])
-        where = f"/merchant/{merchant_id}/messages/{milestone}"
-        raise web.HTTPSeeOther(where + ("?" + "&".join(query) if query else ""))
+        return entry
 
     async def preview(self, request: web.Request) -> web.Response:
         """JSON for the live preview: the email and the SMS rendered from the text on
