@@ -1106,3 +1106,36 @@ def test_merchants_read_form_and_file_problems_in_plain_words() -> None:
     assert found["dedupe_window_hours"] == "must be a number"
     assert found["throttle.max_per_shipment_per_day"] == "must be 1 or more"
     assert not any("should" in message or "Input" in message for message in found.values())
+
+
+async def test_a_brand_over_the_size_limit_comes_back_as_typed(client: Client) -> None:
+    """A footer of 70 KB: the save was an error page naming a field `text` the form has
+    not, and everything typed was gone (a black-box run as a merchant)."""
+    csrf = await sign_in(client)
+    html_page = await (await client.get(f"{ACME}/brand")).text()
+    form = {
+        "csrf": csrf,
+        "base": base_of(html_page),
+        "name": "Acme typed",
+        "accent": "#1d4ed8",
+        "default_locale": "en",
+        "footer": "Acme " * 14_000,
+    }
+    resp = await client.post(f"{ACME}/brand", data=form)
+    assert resp.status == 422
+    text = await resp.text()
+    assert "Not saved: brand.yaml: " in text and "larger than 64 KB" in text
+    assert 'value="Acme typed"' in text and "Acme Acme Acme" in text
+    assert "brand.yaml" not in await draft(client)
+
+
+async def test_an_accent_that_is_no_colour_reports_no_contrast(client: Client) -> None:
+    """ "1d4ed8" (no #) was refused as no colour, and the report under it said it passes
+    WCAG AA (a black-box run as a merchant)."""
+    csrf = await sign_in(client)
+    html_page = await (await client.get(f"{ACME}/brand")).text()
+    form = {"csrf": csrf, "base": base_of(html_page), "name": "Acme", "accent": "1d4ed8"}
+    resp = await client.post(f"{ACME}/brand", data={**form, "default_locale": "en"})
+    text = await resp.text()
+    assert resp.status == 422 and "must be a colour like #1d4ed8" in text
+    assert "Passes WCAG" not in text and "Enter a colour like #1d4ed8." in text

@@ -21,7 +21,8 @@ from pydantic import (
 from notifier.errors import ConfigurationError, plain_words
 from notifier.models import LocaleTag, one_line
 
-_HEX = re.compile(r"^#[0-9a-fA-F]{6}$")
+#: What an accent colour is written as (#rrggbb).
+ACCENT = re.compile(r"^#[0-9a-fA-F]{6}$")
 #: WCAG 2.x AA for normal text.
 MIN_CONTRAST = 4.5
 #: WCAG 2.x AA for a control's shape against what is around it (1.4.11, non-text contrast).
@@ -219,7 +220,7 @@ class Brand(BaseModel):
     @field_validator("accent")
     @classmethod
     def _readable(cls, value: str) -> str:
-        if not _HEX.match(value):
+        if not ACCENT.match(value):
             raise ValueError("must be a colour like #1d4ed8")
         on_white, on_dark = contrast(value, WHITE), contrast(value, DARK_TEXT)
         if max(on_white, on_dark) < MIN_CONTRAST:

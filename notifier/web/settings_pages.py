@@ -14,12 +14,14 @@ import yaml
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from notifier.admin import InvalidOverride
 from notifier.admin_views import locales
 from notifier.errors import ConfigurationError
 from notifier.models import ChannelKind, ExceptionCode, Status, one_line
 from notifier.policy import PolicyStore
 from notifier.policy.rules import Policy
 from notifier.render.brand import (
+    ACCENT,
     DARK_TEXT,
     MIN_CONTRAST,
     WHITE,
@@ -124,8 +126,12 @@ def shaped(value: Any, like: Any) -> Any:
 
 
 def contrast_report(accent: str) -> dict[str, Any]:
-    """The accent's contrast with white and dark button text, and which one is used."""
+    """The accent's contrast with white and dark button text, and which one is used; none
+    for what is no colour the brand takes (``1d4ed8`` without its #, ``#12345``: they were
+    reported as passing under the error saying they are no colour)."""
     try:
+        if not ACCENT.match(accent):
+            raise ValueError(accent)
         white, dark = contrast(accent, WHITE), contrast(accent, DARK_TEXT)
     except ValueError:
         return {"ok": False, "white": None, "dark": None}
@@ -361,7 +367,12 @@ class SettingsPages:
             # untouched: no revision, and no file that only says nothing differs
             await self.web.sessions.flash(request, {"unchanged": True})
             raise web.HTTPSeeOther(request.path)
-        result = await self.web.admin.save_file(merchant_id, path, text, session.key_id)
+        try:
+            result = await self.web.admin.save_file(merchant_id, path, text, session.key_id)
+        except InvalidOverride as exc:  # over the size limit: the form again, as typed
+            refused = page(request, session, wanted, {}, None, base, f"Not saved: {exc.message}")
+            refused.set_status(422)
+            return refused
         await self.web.sessions.flash(request, result)
         raise web.HTTPSeeOther(request.path)
 
