@@ -567,6 +567,12 @@ def link_problems(brand: Brand, where: str) -> list[str]:
                 f"{known} exactly as that, one brace each side: customers would get the "
                 "rest as it is"
             )
+    base = brand.links.short_base
+    if base and not base.endswith(("/", "=", "-", "_", ".")):
+        problems.append(
+            f"{where}: links.short_base: the tracking number is appended as it is "
+            f"({base}1Z999AA10123456784): end it with / (or =, as in ?n=)"
+        )
     if brand.logo_dark_url and not brand.logo_url:
         problems.append(
             f"{where}: logo_dark_url: shown only beside logo_url (mail apps in dark mode "

@@ -164,6 +164,22 @@ async def test_a_link_with_a_brace_that_is_no_placeholder_is_a_problem(
     ), problem
 
 
+async def test_a_short_link_base_the_number_would_run_into_is_a_problem(client: Client) -> None:
+    """`https://acme.link/t` sent `https://acme.link/t1Z999…` with no problem."""
+    acme = BASE.format(m="acme")
+    brand = "support: {email: help@acme.example}\nlinks: {short_base: 'https://acme.link/t'}\n"
+    resp = await client.put(
+        f"{acme}/overrides/draft/brand.yaml", json={"text": brand}, headers=auth(ACME_KEY)
+    )
+    [problem] = (await resp.json())["problems"]
+    assert "links.short_base: the tracking number is appended as it is" in problem
+    fine = brand.replace("/t'", "/t/'")
+    resp = await client.put(
+        f"{acme}/overrides/draft/brand.yaml", json={"text": fine}, headers=auth(ACME_KEY)
+    )
+    assert (await resp.json())["problems"] == []
+
+
 async def test_a_dark_mode_logo_alone_is_a_problem(client: Client) -> None:
     """A dark-mode logo without a logo was dropped from every email, with no problem."""
     acme = BASE.format(m="acme")
