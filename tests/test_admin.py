@@ -152,13 +152,7 @@ async def test_a_link_with_a_brace_that_is_no_placeholder_is_a_problem(
 ) -> None:
     """Each of these passed every check and went out to customers as written (found by a
     second black-box run as a merchant)."""
-    acme = BASE.format(m="acme")
-    brand = f"support: {{email: help@acme.example}}\nlinks: {{reschedule: '{link}'}}\n"
-    resp = await client.put(
-        f"{acme}/overrides/draft/brand.yaml", json={"text": brand}, headers=auth(ACME_KEY)
-    )
-    assert resp.status == 200
-    [problem] = (await resp.json())["problems"]
+    [problem] = await draft_brand_problems(client, f"links: {{reschedule: '{link}'}}\n")
     assert problem.startswith(
         "brand.yaml of acme's draft: links.reschedule: a brace that is no placeholder"
     ), problem
@@ -166,29 +160,30 @@ async def test_a_link_with_a_brace_that_is_no_placeholder_is_a_problem(
 
 async def test_a_short_link_base_the_number_would_run_into_is_a_problem(client: Client) -> None:
     """`https://acme.link/t` sent `https://acme.link/t1Z999…` with no problem."""
-    acme = BASE.format(m="acme")
-    brand = "support: {email: help@acme.example}\nlinks: {short_base: 'https://acme.link/t'}\n"
-    resp = await client.put(
-        f"{acme}/overrides/draft/brand.yaml", json={"text": brand}, headers=auth(ACME_KEY)
-    )
-    [problem] = (await resp.json())["problems"]
+    brand = "links: {short_base: 'https://acme.link/t'}\n"
+    [problem] = await draft_brand_problems(client, brand)
     assert "links.short_base: the tracking number is appended as it is" in problem
-    fine = brand.replace("/t'", "/t/'")
-    resp = await client.put(
-        f"{acme}/overrides/draft/brand.yaml", json={"text": fine}, headers=auth(ACME_KEY)
-    )
-    assert (await resp.json())["problems"] == []
+    assert await draft_brand_problems(client, brand.replace("/t'", "/t/'")) == []
 
 
 async def test_a_dark_mode_logo_alone_is_a_problem(client: Client) -> None:
     """A dark-mode logo without a logo was dropped from every email, with no problem."""
-    acme = BASE.format(m="acme")
-    brand = "support: {email: help@acme.example}\nlogo_dark_url: https://acme.example/d.png\n"
-    resp = await client.put(
-        f"{acme}/overrides/draft/brand.yaml", json={"text": brand}, headers=auth(ACME_KEY)
-    )
-    [problem] = (await resp.json())["problems"]
+    brand = "logo_dark_url: https://acme.example/d.png\n"
+    [problem] = await draft_brand_problems(client, brand)
     assert "logo_dark_url: shown only beside logo_url" in problem
+
+
+async def draft_brand_problems(client: Client, brand: str) -> list[str]:
+    """The problems of acme's draft once its brand.yaml is ``brand`` (with a support
+    address, which every brand needs)."""
+    resp = await client.put(
+        f"{BASE.format(m='acme')}/overrides/draft/brand.yaml",
+        json={"text": "support: {email: help@acme.example}\n" + brand},
+        headers=auth(ACME_KEY),
+    )
+    assert resp.status == 200, await resp.text()
+    problems: list[str] = (await resp.json())["problems"]
+    return problems
 
 
 async def test_a_broken_brand_hides_no_other_problem_of_the_draft(client: Client) -> None:
