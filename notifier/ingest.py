@@ -294,7 +294,7 @@ async def _persist(res: Resources, payloads: list[IngestItem]) -> tuple[list[Adm
     """``Store.ingest``, its failures answered 503 with Retry-After (the caller retries; what
     was stored already is then a duplicate)."""
     try:
-        stored = await res.store.ingest(payloads)
+        return await res.store.ingest(payloads)  # (a success ends an outage: error_middleware)
     except NotReplicated as exc:
         log.error("ingest: %s", exc)
         metrics.transitions({"unconfirmed": len(payloads)})
@@ -314,8 +314,6 @@ async def _persist(res: Resources, payloads: list[IngestItem]) -> tuple[list[Adm
             "the queue cannot take transitions right now; retry later",
             headers={"Retry-After": RETRY_AFTER_S},
         ) from exc
-    res.outage.answered()
-    return stored
 
 
 async def _wake(res: Resources, partitions: list[int]) -> None:

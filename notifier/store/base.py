@@ -73,7 +73,7 @@ _AWAY = (
     ReadOnlyError,
     OutOfMemoryError,
 )
-#: Redis's replies that pass with time
+#: Redis's replies that pass with time (``redis_away``; in a script's error, ``data_error``)
 _PASSING = (
     "OOM",
     "READONLY",
@@ -98,9 +98,8 @@ def data_error(exc: BaseException) -> bool:
     message = str(exc)
     if message.startswith(("user_script:", "WRONGTYPE")):
         return True
-    transient = ("OOM", "READONLY", "MISCONF", "NOREPLICAS", "BUSY", "LOADING", "CLUSTERDOWN")
     return message.startswith("Error running script") and not any(
-        code in message for code in (*transient, "TRYAGAIN", "MOVED", "ASK ", "non local key")
+        code in message for code in (*_PASSING, "MOVED", "ASK ", "non local key")
     )
 
 
