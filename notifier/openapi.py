@@ -580,6 +580,7 @@ def _editor() -> dict[tuple[str, str], Op]:
     not_a_key = {401: Reply("The form again: not a merchant API key.", media=(HTML,))}
     files = {200: Reply("The file.", media=tuple(STATIC.values())), **refusals(404)}
     slash = {308: Reply("To the path with a trailing slash.", media=())}
+    unslash = {308: Reply("To the path without the slash (its query kept).", media=())}
     page, go = PAGE | SEE_OTHER, SEE_OTHER | refusals(404, media=BOTH)
     sign_in, sign_out = SEE_OTHER | forms | not_a_key, SEE_OTHER | forms
     # (method and path, operation id, summary, replies, form, query parameters)
@@ -592,6 +593,9 @@ def _editor() -> dict[tuple[str, str], Op]:
         ("POST /merchant/sign-in", "editorSignIn", "Sign in", sign_in, m.SignInForm, ""),
         ("GET /merchant/sign-out", "editorSignOutForm", "A sign-out button", page, None, ""),
         ("POST /merchant/sign-out", "editorSignOut", "Sign out", sign_out, m.CsrfForm, ""),
+        ("GET /merchant/go/", "editorGoSlash", "The same", unslash, None, ""),
+        ("GET /merchant/sign-in/", "editorSignInSlash", "The same", unslash, None, ""),
+        ("GET /merchant/sign-out/", "editorSignOutSlash", "The same", unslash, None, ""),
         (
             "GET /merchant/-/static/{filename}",
             "editorStatic",
@@ -750,7 +754,17 @@ class _Generator(GenerateJsonSchema):
 
 #: Operations that never ask Redis: the others answer 503 while it does not answer.
 NO_REDIS = frozenset(
-    {"metrics", "openapi", "editorStatic", "editorSignInForm", "editorSlash", "editorGo"}
+    {
+        "metrics",
+        "openapi",
+        "editorStatic",
+        "editorSignInForm",
+        "editorSlash",
+        "editorGo",
+        "editorGoSlash",
+        "editorSignInSlash",
+        "editorSignOutSlash",
+    }
 )
 
 

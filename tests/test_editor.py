@@ -212,6 +212,17 @@ async def test_signing_out_or_removing_the_key_ends_the_session(
     assert typed.status == 200
     html = await typed.text()
     assert '<form method="post" action="/merchant/sign-out"' in html and "<h1>Sign out" in html
+    # typed with a slash too (it was the overview of a merchant "sign-out"), and so are the
+    # sign-in page (its query kept) and the picker's form
+    for typed_path, target in [
+        ("/merchant/sign-out/", "/merchant/sign-out"),
+        ("/merchant/sign-in/?next=/merchant/acme/", "/merchant/sign-in?next=/merchant/acme/"),
+        ("/merchant/go/?merchant=acme", "/merchant/go?merchant=acme"),
+    ]:
+        slashed = await client.get(typed_path, allow_redirects=False)
+        assert (slashed.status, slashed.headers["Location"]) == (308, target)
+    followed = await client.get("/merchant/sign-out/")
+    assert "<h1>Sign out" in await followed.text()
     assert (await client.get(f"{ACME}/", allow_redirects=False)).status == 200
     resp = await client.post("/merchant/sign-out", data={"csrf": csrf}, allow_redirects=False)
     assert resp.status == 303

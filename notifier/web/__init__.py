@@ -66,11 +66,21 @@ def add_routes(app: web.Application, admin: Admin, views: Views, keys: KeyRing) 
         else:
             app.router.add_route(method, path, wrapped)
     app.router.add_get(base, _slash)
+    for plain in ("/merchant/sign-in/", "/merchant/sign-out/", "/merchant/go/"):
+        # typed with a slash, these are the editor's own pages, not merchants of that name
+        app.router.add_get(plain, _unslash)
     app.router.add_get("/merchant/-/static/{filename}", _static)
 
 
 async def _slash(request: web.Request) -> web.StreamResponse:
     raise web.HTTPPermanentRedirect(request.path + "/")
+
+
+async def _unslash(request: web.Request) -> web.StreamResponse:
+    """``/merchant/sign-out/`` to ``/merchant/sign-out`` (its query kept): without it the
+    slash made it the overview of a merchant called "sign-out", for a key of every merchant."""
+    target = request.path.rstrip("/")
+    raise web.HTTPPermanentRedirect(f"{target}?{request.query_string}" if request.query_string else target)
 
 
 #: The editor's own files (nothing else is served from its folder).
