@@ -70,6 +70,8 @@ US_LOCALES = {"en", "es"}
 SAMPLE_SHOP = "Northwind Outfitters"
 #: A support number as long as most (a French one, written with its spaces).
 SAMPLE_PHONE = "+33 1 23 45 67 89"
+#: An address for the unsubscribe page's check.
+SAMPLE_EMAIL = "ana@example.com"
 #: Folders of templates/ that are the defaults' own, not merchants.
 DEFAULT_FOLDERS = {"email", "sms", "messages"}
 #: The merchant id the defaults are rendered as (no folder of its own is looked at).
@@ -324,7 +326,8 @@ def _files_problems(settings: Settings) -> list[str]:
 
 def _help_problems(renderer: Renderer, locales: list[str]) -> list[str]:
     """``sms/help.txt`` (the answer to a texted HELP) rendered in every locale: one that
-    fails is answered in English, with an error in the log."""
+    fails is answered in English, with an error in the log; and the page of an email's
+    unsubscribe link (``email/unsubscribe.html``), which would fail."""
     problems = []
     for locale in locales:
         try:
@@ -335,6 +338,16 @@ def _help_problems(renderer: Renderer, locales: list[str]) -> list[str]:
                 f"{exc} (a HELP would be answered in English)"
             )
             break  # (the same in every locale, most likely)
+    for locale in locales:
+        try:
+            for state in ("ask", "done", "invalid"):
+                renderer.unsubscribe_page(DEFAULTS, [locale], state, SAMPLE_EMAIL)
+        except Exception as exc:
+            problems.append(
+                f"templates/{where(exc) or 'email/unsubscribe.html'} ({locale}): "
+                f"{type(exc).__name__}: {exc} (an unsubscribe link's page would fail)"
+            )
+            break
     return problems
 
 

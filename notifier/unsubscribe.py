@@ -7,6 +7,10 @@ kept in Redis (``Resources.digest_secret``), so links signed by a worker verify 
 and survive restarts; embedded mode (one process) makes its own.
 POST (what mail clients' one-click buttons send) records the opt-out; GET only shows a
 page with a button, because link scanners fetch every URL in a message.
+
+The page (``templates/email/unsubscribe.html``) is in the email's language: a link carries
+it as ``?lang=`` (outside the signature: it changes nothing but the words), and a link from
+before it, or a link that is not valid, is shown in the browser's (``Accept-Language``).
 """
 
 from __future__ import annotations
@@ -14,11 +18,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import html
 import logging
+import re
 from typing import TYPE_CHECKING
 
-from notifier.errors import NotFound
 from notifier.insights import record
 from notifier.insights.counts import Count
 from notifier.models import ChannelKind
@@ -49,7 +52,7 @@ class LinkKey:
         self.secret = secret
         self._said = False
 
-    def headers(self, merchant_id: str, address: str) -> dict[str, str]:
+    def headers(self, merchant_id: str, address: str, locale: str = "") -> dict[str, str]:
         """The email's RFC 8058 headers; none while the key is not known (never a link that
         cannot work: said once in the log)."""
         if self.secret is None:
@@ -57,7 +60,7 @@ class LinkKey:
                 log.warning("one-click unsubscribe headers left out: the links' key is not read")
                 self._said = True
             return {}
-        return headers(self.public_url, self.secret, merchant_id, address)
+        return headers(self.public_url, self.secret, merchant_id, address, locale)
 
 
 def _b64(data: bytes) -> str:
@@ -88,26 +91,66 @@ def verify(secret: str, token: str) -> tuple[str, str] | None:
     return (merchant_id, address) if merchant_id and address else None
 
 
-def headers(public_url: str, secret: str, merchant_id: str, address: str) -> dict[str, str]:
-    """The RFC 8058 headers for one email."""
+def headers(
+    public_url: str, secret: str, merchant_id: str, address: str, locale: str = ""
+) -> dict[str, str]:
+    """The RFC 8058 headers for one email; its page in ``locale`` (the email's language)."""
     url = public_url.rstrip("/") + PATH.format(token=sign(secret, merchant_id, address))
+    if locale:
+        url += f"?lang={locale}"
     return {"List-Unsubscribe": f"<{url}>", "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
 
 
-def _page(title: str, body: str) -> web.Response:
+#: A language tag as a link or a browser gives it (``fr``, ``pt-BR``, ``zh_Hans``).
+_TAG = re.compile(r"[A-Za-z]{2,8}([-_][A-Za-z0-9]{1,8}){0,3}")
+
+
+def languages(request: web.Request) -> list[str]:
+    """The page's languages in order: the link's ``lang`` (the email's), then the
+    browser's ``Accept-Language`` by preference (at most 8; what does not parse is
+    passed over)."""
+    wanted = []
+    lang = request.query.get("lang", "")
+    if _TAG.fullmatch(lang):
+        wanted.append(lang)
+    ranked = []
+    for n, item in enumerate(request.headers.get("Accept-Language", "").split(",")[:16]):
+        tag, _, params = item.strip().partition(";")
+        q = 1.0
+        if (param := params.strip()).startswith("q="):
+            try:
+                q = float(param[2:])
+            except ValueError:
+                continue
+        if _TAG.fullmatch(tag.strip()) and q > 0:
+            ranked.append((-q, n, tag.strip()))
+    wanted += [tag for _, _, tag in sorted(ranked)[:8]]
+    return wanted
+
+
+def _page(
+    res: Resources,
+    request: web.Request,
+    state: str,
+    merchant_id: str | None = None,
+    address: str = "",
+) -> web.Response:
+    """The page of ``state`` (``ask``, ``done``, ``invalid``) for a link's merchant and
+    address (none for a link that is not valid)."""
     from aiohttp import web  # the API's; a worker only signs links (headers())
 
+    html = res.renderer.unsubscribe_page(merchant_id, languages(request), state, address)
     return web.Response(
-        text=f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-        f'</head><body style="font-family:Arial,sans-serif;font-size:16px;max-width:36em;'
-        f'margin:2em auto;">{body}</body></html>',
+        text=html,
+        status=404 if state == "invalid" else 200,
         content_type="text/html",
+        headers={"Cache-Control": "no-store", "Vary": "Accept-Language"},
     )
 
 
 async def unsubscribe(request: web.Request, res: Resources) -> web.Response:
     """GET (and HEAD, a link scanner's): a page with a button. POST: record the opt-out
-    (one click)."""
+    (one click). A link that is not valid: a 404 page saying so."""
     token = request.match_info["token"]
     found = verify(await res.link_secret(), token)
     if found is None:  # signed before NOTIFIER_SIGNING_SECRET was set? (asks Redis)
@@ -115,17 +158,10 @@ async def unsubscribe(request: web.Request, res: Resources) -> web.Response:
             (w for old in await res.older_link_secrets() if (w := verify(old, token))), None
         )
     if found is None:
-        raise NotFound("this unsubscribe link is not valid")
+        return _page(res, request, "invalid")
     merchant_id, address = found
     if request.method != "POST":
-        return _page(
-            "Unsubscribe",
-            (
-                f"<h1>Stop emails to {html.escape(address)}?</h1>"
-                '<form method="post"><button type="submit" '
-                'style="font-size:16px;padding:8px 16px;">Unsubscribe</button></form>'
-            ),
-        )
+        return _page(res, request, "ask", merchant_id, address)
     key = opt_out_key(ChannelKind.EMAIL, address)
     if await res.store.set_opt_out(merchant_id, key, True):
         at = res.clock()
@@ -133,4 +169,4 @@ async def unsubscribe(request: web.Request, res: Resources) -> web.Response:
         await record.report(
             res.store, merchant_id, None, key, "email", None, Count.UNSUBSCRIBED, at
         )
-    return _page("Unsubscribed", f"<h1>{html.escape(address)} will get no more emails.</h1>")
+    return _page(res, request, "done", merchant_id, address)

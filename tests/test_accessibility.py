@@ -110,14 +110,15 @@ def emails(locale: str, renderer: Renderer | None = None) -> Iterator[tuple[str,
         yield t.milestone, email_for(t, locale, renderer)
 
 
-def axe_run(page: Any, html: str) -> dict[str, Any]:
-    """axe-core's result for ``html`` in the browser page."""
+def axe_run(page: Any, html: str, disabled: list[str] = DISABLED) -> dict[str, Any]:
+    """axe-core's result for ``html`` in the browser page (an email's rules unless
+    ``disabled`` says otherwise)."""
     page.set_content(html, wait_until="domcontentloaded")
     page.add_script_tag(content=AXE.read_text(encoding="utf-8"))
     result: dict[str, Any] = page.evaluate(
         "async (disabled) => await axe.run(document, {rules: Object.fromEntries("
         "disabled.map((id) => [id, {enabled: false}]))})",
-        DISABLED,
+        disabled,
     )
     return result
 
@@ -298,3 +299,16 @@ def test_the_weekly_digest_passes_axe(page: Any) -> None:
     assert "ups, DE -> FR: 4 delivered" in text
     result = axe_run(page, html)
     assert result["passes"] and result["violations"] == [], result["violations"]
+
+
+@pytest.mark.parametrize("locale", LOCALES)
+def test_the_unsubscribe_page_passes_axe_in_every_language(page: Any, locale: str) -> None:
+    """The page of an email's unsubscribe link, each of its states, with every rule on
+    (landmarks too: a web page, not an email)."""
+    renderer = shipped_renderer()
+    for state in ("ask", "done", "invalid"):
+        html = renderer.unsubscribe_page("acme", [locale], state, "a@example.com")
+        assert f'lang="{locale.replace("_", "-")}"' in html
+        result = axe_run(page, html, disabled=[])
+        assert result["passes"], "axe ran no checks"
+        assert result["violations"] == [], (state, result["violations"])

@@ -73,6 +73,19 @@ def test_check_renders_the_help_answer(trees: Path, capsys: pytest.CaptureFixtur
     ) in capsys.readouterr().err
 
 
+def test_check_renders_the_unsubscribe_page(
+    trees: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The page of an email's unsubscribe link is a default template too: one that fails
+    to render would fail the customer's click, so it is said here first."""
+    page = trees / "templates" / "email" / "unsubscribe.html"
+    page.write_text(page.read_text().replace("{{ merchant|isolate }}", "{{ merchant.name() }}"))
+    assert main(["check"]) == 1
+    err = capsys.readouterr().err
+    assert "templates/email/unsubscribe.html, line " in err and " (en): " in err
+    assert "(an unsubscribe link's page would fail)" in err
+
+
 def test_the_sms_table_shows_segments_per_locale(
     trees: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -22,8 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from notifier.resources import data_dir
+from notifier.store.keys import optout_key
+from notifier.unsubscribe import PATH as UNSUBSCRIBE
+from notifier.unsubscribe import sign
 from tests.conftest import (
     ACME_KEY,
     ADMIN_KEY,
@@ -36,8 +40,11 @@ from tests.conftest import (
     wait_until,
 )
 from tests.test_accessibility import AXE, launch_chromium
+from tests.test_messages_round2 import translated
 
 GLOBEX_KEY = "k_globex_0123456789"
+#: the service's NOTIFIER_SIGNING_SECRET: the unsubscribe test signs a link with it
+LINK_SECRET = "browser-test-link-secret-0123"
 KEYS = {**API_KEYS, GLOBEX_KEY: ["globex"]}
 EDITED = "Acme: your order has arrived"
 
@@ -46,6 +53,7 @@ EDITED = "Acme: your order has arrived"
 class Service:
     base: str
     outbox: Path
+    redis_url: str
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +76,15 @@ def service() -> Iterator[Service]:
         "NOTIFIER_OUTBOX_DIR": str(work / "outbox"),
         "NOTIFIER_PORT": str(port),
         "NOTIFIER_HOST": "127.0.0.1",
+        "NOTIFIER_SIGNING_SECRET": LINK_SECRET,
     }
     procs = [spawn_notifier(["serve"], work, **env), spawn_notifier(["worker"], work, **env)]
     try:
         wait_until(lambda: healthy(port) or procs[0].poll() is not None, "notifier serve")
         assert procs[0].poll() is None, procs[0].communicate()[0]
-        yield Service(f"http://127.0.0.1:{port}", work / "outbox")
+        yield Service(
+            f"http://127.0.0.1:{port}", work / "outbox", f"redis://127.0.0.1:{redis_port}/0"
+        )
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
@@ -373,3 +384,48 @@ def test_every_editor_page_passes_axe(browser: Any, service: Service) -> None:
         assert page.locator(part).get_attribute("aria-invalid") == "true"
     failures["cadence with an error"] = axe(page)
     assert {k: v for k, v in failures.items() if v} == {}
+
+
+def test_a_customer_unsubscribes_in_the_emails_language_by_keyboard(
+    browser: Any, service: Service
+) -> None:
+    """The page of an email's unsubscribe link, in a real browser: in the email's language
+    (the link's ``lang``) though the browser asks for another, right to left in Arabic, a
+    button reached and pressed by keyboard, the opt-out recorded, every state passing axe
+    (every rule, landmarks included: it is a web page, not an email)."""
+    failures = {}
+    store = redis.Redis.from_url(service.redis_url)
+    opted = len(store.smembers(optout_key("acme")))
+    for lang, address, words in [
+        ("fr", "lea@example.com", translated("fr", "Unsubscribe")),
+        ("ar", "omar@example.com", translated("ar", "Unsubscribe")),
+    ]:
+        page = new_page(browser, service)
+        page.set_extra_http_headers({"Accept-Language": "de-DE,de;q=0.9"})
+        path = UNSUBSCRIBE.format(token=sign(LINK_SECRET, "acme", address))
+        page.goto(f"{service.base}{path}?lang={lang}")
+        assert page.locator("html").get_attribute("lang") == lang
+        assert page.locator("html").get_attribute("dir") == ("rtl" if lang == "ar" else "ltr")
+        assert address in page.locator("h1").inner_text()
+        assert words and page.locator("button").inner_text() == words
+        failures[f"{lang} ask"] = axe(page)
+        page.keyboard.press("Tab")
+        assert page.evaluate("document.activeElement.tagName") == "BUTTON"
+        with page.expect_navigation():
+            page.keyboard.press("Enter")
+        assert address in page.locator("h1").inner_text()
+        assert page.locator("button").count() == 0
+        failures[f"{lang} done"] = axe(page)
+        page.context.close()
+        opted += 1
+        assert len(store.smembers(optout_key("acme"))) == opted  # recorded, once
+    page = new_page(browser, service)
+    page.set_extra_http_headers({"Accept-Language": "ja,en;q=0.5"})
+    response = page.goto(f"{service.base}{UNSUBSCRIBE.format(token='cut.short')}")
+    assert response.status == 404
+    assert page.locator("html").get_attribute("lang") == "ja"
+    failures["invalid"] = axe(page)
+    page.context.close()
+    assert len(store.smembers(optout_key("acme"))) == opted
+    store.close()
+    assert not any(failures.values()), failures

@@ -32,6 +32,7 @@ from tests.conftest import (
     transition,
     wait_until,
 )
+from tests.test_messages_round2 import translated
 
 SECRET = "s3cret-for-signing-links"
 
@@ -71,19 +72,26 @@ async def test_one_click_unsubscribe_end_to_end(tmp_path: Path, redis_url: str) 
         assert msg["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
         url = msg["List-Unsubscribe"].strip("<>")
         assert url.startswith("https://notify.example.com/v1/unsubscribe/")
+        assert url.endswith("?lang=fr")  # the email's language (the reader's is fr_FR)
         path = url.removeprefix("https://notify.example.com")
 
         page = await client.get(path)  # a link scanner: nothing happens
-        assert page.status == 200 and '<form method="post">' in await page.text()
+        html = await page.text()
+        assert page.status == 200 and '<form method="post">' in html
+        assert '<html lang="fr" dir="ltr">' in html
+        button = translated("fr", "Unsubscribe")
+        assert button and f'<button type="submit">{button}</button>' in html
         assert (await client.head(path)).status == 200  # nor with HEAD
         assert (await client.get(path)).status == 200
         opted = redis.Redis.from_url(redis_url)
         assert not opted.smembers(optout_key("acme"))  # (the set the opt-out goes to)
         done = await client.post(path, data={"List-Unsubscribe": "One-Click"})
         assert done.status == 200
+        assert "ana@example.com" in await done.text()
         assert opted.smembers(optout_key("acme"))
         opted.close()
-        assert (await client.post(path[:-3] + "abc")).status == 404
+        token = path.removeprefix("/v1/unsubscribe/").removesuffix("?lang=fr")
+        assert (await client.post(f"/v1/unsubscribe/{token[:-3]}abc")).status == 404
 
         await post(
             client,
@@ -141,7 +149,7 @@ def test_links_work_across_processes_and_restarts_without_a_signing_secret(
                 done = urllib.request.Request(url, data=one_click, method="POST")
                 with urllib.request.urlopen(done, timeout=10) as resp:
                     assert resp.status == 200
-                    assert f"{address} will get no more emails" in resp.read().decode()
+                    assert address in resp.read().decode()
     finally:
         serve.send_signal(signal.SIGTERM)
         out, _ = serve.communicate(timeout=20)
@@ -192,3 +200,63 @@ def test_embedded_serve_on_another_port_signs_links_to_that_port(tmp_path: Path)
     finally:
         serve.terminate()
         serve.communicate(timeout=20)
+
+
+async def test_the_page_is_in_the_emails_language_else_the_browsers(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """The page was English whatever the email's language. It is now in the language the
+    link names (the email's), else the first the browser accepts that has a catalog (a
+    link sent before this version names none), else the merchant's default; escaped, and
+    a link that is not valid is a 404 page in the browser's language, not JSON."""
+    templates = one_click_templates(tmp_path)
+    settings = make_settings(
+        tmp_path, redis_url=redis_url, templates_dir=templates, signing_secret=SECRET
+    )
+    path = f"/v1/unsubscribe/{sign(SECRET, 'acme', 'ana@example.com')}"
+    async with TestClient(TestServer(create_app(settings))) as client:
+
+        async def page(
+            query: str = "", accept: str | None = None, target: str = path
+        ) -> tuple[int, str]:
+            headers = {"Accept-Language": accept} if accept is not None else {}
+            resp = await client.get(target + query, headers=headers)
+            return resp.status, await resp.text()
+
+        # the link's language first, though the browser asks for another
+        status, html = await page("?lang=de", "fr-FR,fr;q=0.9")
+        assert status == 200 and '<html lang="de" dir="ltr">' in html
+        assert "ana@example.com" in html and "<title>Unsubscribe</title>" not in html
+        status, html = await page("?lang=en", "fr")  # an English email: an English page
+        assert "Stop shipping updates by email to ana@example.com?" in html
+        assert '<html lang="en"' in html
+        # a region or a script the catalogs name otherwise
+        assert '<html lang="pt-BR"' in (await page("?lang=pt-PT"))[1]
+        assert '<html lang="zh-Hans"' in (await page("?lang=zh_CN"))[1]
+        # right to left, the address kept left to right
+        html = (await page("?lang=ar"))[1]
+        assert '<html lang="ar" dir="rtl">' in html
+        assert '<bdi dir="ltr">ana@example.com</bdi>' in html
+        # no lang (a link from before): the browser's, by its preference (q), skipping
+        # languages with no catalog and what does not parse
+        assert '<html lang="it"' in (await page("", "sv;q=1, fr;q=0.5, it;q=0.8, x;q=q"))[1]
+        assert '<html lang="nl"' in (await page("?lang=xx", "nl-BE, en;q=0.1"))[1]
+        assert '<html lang="en"' in (await page("?lang=<script>", "*"))[1]
+        assert '<html lang="en"' in (await page(""))[1]  # acme's default language
+        # a link that is not valid: a page in the browser's language, nothing recorded
+        status, html = await page("", "es", target=path[:-4] + "abcd")
+        assert status == 404 and '<html lang="es"' in html and "ana@" not in html
+        resp = await client.post(path[:-4] + "abcd", headers={"Accept-Language": "pl"})
+        assert resp.status == 404 and '<html lang="pl"' in await resp.text()
+        opted = redis.Redis.from_url(redis_url)
+        assert not opted.smembers(optout_key("acme"))
+        # an address that HTML would read is shown as text
+        odd = f"/v1/unsubscribe/{sign(SECRET, 'acme', 'a<b>&@example.com')}"
+        html = (await page("?lang=fr", target=odd))[1]
+        assert "a&lt;b&gt;&amp;@example.com" in html and "a<b>" not in html
+        resp = await client.post(path + "?lang=ja", data={"List-Unsubscribe": "One-Click"})
+        html = await resp.text()
+        assert resp.status == 200 and '<html lang="ja"' in html and "ana@example.com" in html
+        assert resp.headers["Cache-Control"] == "no-store"
+        assert len(opted.smembers(optout_key("acme"))) == 1
+        opted.close()

@@ -478,7 +478,7 @@ class Renderer:
         catalogs: i18n.Catalogs,
         *,
         email_from: str,
-        unsubscribe: Callable[[str, str], dict[str, str]] | None = None,
+        unsubscribe: Callable[[str, str, str], dict[str, str]] | None = None,
         strict: bool = False,
         watch: TreeWatch | None = None,
         published: Callable[[str], dict[str, str]] | None = None,
@@ -769,7 +769,7 @@ class Renderer:
         """Reply-To the merchant's support address (a customer's reply reaches a person,
         not the no-reply sender); List-Unsubscribe when the brand asks for it."""
         headers = (
-            self.unsubscribe(n.merchant_id, n.to)
+            self.unsubscribe(n.merchant_id, n.to, self.locale_for(n))
             if brand.one_click_unsubscribe and self.unsubscribe
             else {}
         )
@@ -982,6 +982,36 @@ class Renderer:
         with budget(self.templates.limits):
             template = self.templates.select(DEFAULT_TEMPLATES, ("sms/help.txt",))
             return sms_text(render_text(template, ctx), direction == "rtl")
+
+    def unsubscribe_page(
+        self, merchant_id: str | None, wanted: Sequence[str], state: str, address: str = ""
+    ) -> str:
+        """The page of a one-click unsubscribe link (``email/unsubscribe.html`` of the
+        default templates) in the first of ``wanted`` (the email's language, then the
+        browser's) that has a catalog, else the merchant's default language; ``state`` is
+        ``ask``, ``done`` or ``invalid`` (``merchant_id`` None: no merchant is known)."""
+        self.refresh()
+        brand = self.brand(merchant_id or DEFAULT_TEMPLATES)
+        default = brand.default_locale if merchant_id else "en"
+        catalog = self.catalogs.resolve(default, "en")  # when none of them is ours
+        for tag in wanted:
+            loc = i18n.parse_locale(tag)
+            found = self.catalogs.resolve(tag, "") if loc is not None else "en"
+            if found != "en" or (loc is not None and loc.language == "en"):
+                catalog = found
+                break
+        chain = (catalog, self.catalogs.resolve(default, "en"))
+        ctx: dict[str, Any] = {
+            **self.templates.gettext_for(chain),
+            "lang": i18n.html_lang(catalog),
+            "dir": i18n.text_direction(catalog),
+            "state": state,
+            "address": address,
+            "merchant": one_line(brand.name) if merchant_id else "",
+        }
+        with budget(self.templates.limits):
+            template = self.templates.select(DEFAULT_TEMPLATES, ("email/unsubscribe.html",))
+            return render_text(template, ctx)
 
     def _split(
         self, n: Notification, locale: str, variant: str

@@ -80,7 +80,9 @@ async def _unslash(request: web.Request) -> web.StreamResponse:
     """``/merchant/sign-out/`` to ``/merchant/sign-out`` (its query kept): without it the
     slash made it the overview of a merchant called "sign-out", for a key of every merchant."""
     target = request.path.rstrip("/")
-    raise web.HTTPPermanentRedirect(f"{target}?{request.query_string}" if request.query_string else target)
+    raise web.HTTPPermanentRedirect(
+        f"{target}?{request.query_string}" if request.query_string else target
+    )
 
 
 #: The editor's own files (nothing else is served from its folder).
