@@ -55,4 +55,11 @@ async def find_shipments(res: Resources, merchant_id: str, query: str) -> list[s
     found = await res.store.shipments_tracked_as(merchant_id, query)
     if query not in found and (await res.store.history_page(merchant_id, query, None, 1)).total:
         found.insert(0, query)
+    # a number typed as people type it ("1z999 aa1..."): carriers print them in capitals,
+    # and a label groups the characters with spaces
+    for typed in dict.fromkeys([query.upper(), "".join(query.split()).upper()]):
+        if found:
+            break
+        if typed != query:
+            found = await res.store.shipments_tracked_as(merchant_id, typed)
     return found

@@ -260,6 +260,12 @@ async def test_the_editor_page_and_its_csv(fixed: Client, settings: Settings) ->
         ("out_for_delivery", "email", "en_US", "1"),
         ("out_for_delivery", "sms", "fr_FR", "1"),
     }
+    # a CSV of days that cannot be given is refused, saying why: it was the last 30 days,
+    # a file whose days nobody reads
+    for query, says in [("from=x", "YYYY-MM-DD"), ("from=2026-11-22&to=2026-11-21", "after")]:
+        resp = await fixed.get(f"/merchant/acme/analytics.csv?{query}")
+        assert resp.status == 422 and resp.content_type == "text/html"
+        assert says in await resp.text()
     # another merchant's page: refused
     assert (await fixed.get("/merchant/globex/analytics")).status == 403
 

@@ -759,6 +759,12 @@ async def test_the_timeline_finds_a_shipment_by_tracking_number(
     assert "Shipment shp_b" in chosen
     none = await (await client.get(f"{ACME}/timeline?q=TRK9")).text()
     assert "No shipment with the id or tracking number" in none
+    # typed in lower case, or grouped with spaces as on a label: found all the same
+    assert "Shipment shp_a" in await (await client.get(f"{ACME}/timeline?q=trk1")).text()
+    typed = await (await client.get(f"{ACME}/timeline?q=tr%20k2")).text()
+    assert "2 shipments carried that tracking number" in typed
+    chosen = await (await client.get(f"{ACME}/timeline?q=tr%20k2&shipment=shp_c")).text()
+    assert "Shipment shp_c" in chosen
 
 
 async def test_the_timeline_says_why_a_message_was_cancelled(
@@ -1150,3 +1156,35 @@ async def test_an_accent_that_is_no_colour_reports_no_contrast(client: Client) -
     text = await resp.text()
     assert resp.status == 422 and "must be a colour like #1d4ed8" in text
     assert "Passes WCAG" not in text and "Enter a colour like #1d4ed8." in text
+
+
+async def test_the_messages_list_says_a_draft_removes_a_file(client: Client) -> None:
+    """A published message deleted in the draft was listed as if the draft edited it."""
+    await sign_in(client)
+    shipped = data_dir("templates", None) / "messages"
+    for milestone in ("picked_up", "delivered"):
+        text = (shipped / f"{milestone}.jinja").read_text() + "{# ours #}"
+        await put_draft(client, f"messages/{milestone}.jinja", text)
+    overview = await client.get("/v1/merchants/acme/overrides", headers=auth(ACME_KEY))
+    revision = (await overview.json())["draft"]["revision"]
+    resp = await client.post(
+        "/v1/merchants/acme/overrides/publish", json={"revision": revision}, headers=auth(ACME_KEY)
+    )
+    assert resp.status == 200, await resp.text()
+    gone = await client.put(
+        "/v1/merchants/acme/overrides/draft/messages/picked_up.jinja",
+        json={"text": None},
+        headers=auth(ACME_KEY),
+    )
+    assert gone.status == 200
+    assert (await draft(client))["messages/picked_up.jinja"] is None
+    text = (shipped / "delivered.jinja").read_text() + "{# ours, again #}"
+    await put_draft(client, "messages/delivered.jinja", text)
+    listing = await (await client.get(f"{ACME}/messages")).text()
+    rows = {
+        m.group(1): m.group(0)
+        for m in re.finditer(r"<tr>\s*<th[^>]*><a [^>]*messages/(\w+)\".*?</tr>", listing, re.S)
+    }
+    assert "<code>messages/picked_up.jinja</code> (removed)" in rows["picked_up"]
+    assert "<code>messages/delivered.jinja</code> <" in rows["delivered"]  # an edit
+    assert "(removed)" not in rows["delivered"]

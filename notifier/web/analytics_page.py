@@ -102,9 +102,11 @@ class AnalyticsPage:
         self.web = web_
 
     async def _counts(
-        self, request: web.Request, merchant_id: str
+        self, request: web.Request, merchant_id: str, strict: bool = False
     ) -> tuple[date, date, dict[str, dict[str, int]], str | None]:
-        """(first day, last day, day -> field -> n, the query's problem or None)."""
+        """(first day, last day, day -> field -> n, the query's problem or None: the
+        default days then; ``strict``: the problem raised, as a download of other days
+        than asked would pass unseen)."""
         res = self.web.res
         today = res.clock().date()
         params = {k: v for k, v in request.query.items() if k in ("from", "to") and v}
@@ -112,6 +114,8 @@ class AnalyticsPage:
             first, last, _, _ = analytics.query(params, today)
             problem = None
         except ValidationFailed as exc:
+            if strict:
+                raise
             details = exc.details or [{"message": str(exc)}]
             problem = "; ".join(f"{d.get('field', '')}: {d['message']}" for d in details)
             first, last, _, _ = analytics.query({}, today)
@@ -146,7 +150,7 @@ class AnalyticsPage:
 
     async def csv(self, request: web.Request) -> web.Response:
         merchant_id, _ = await self.web.signed_in(request)
-        first, last, found, _ = await self._counts(request, merchant_id)
+        first, last, found, _ = await self._counts(request, merchant_id, strict=True)
         groups = list(analytics.DEFAULT_GROUPS)
         columns, rows, _ = analytics.table(found, groups)
         return analytics.csv_response(merchant_id, first, last, groups, columns, rows)

@@ -155,7 +155,8 @@ class Messages:
                     "milestone": milestone,
                     "label": milestone_label(milestone),
                     "published": [p for p in own if p in published],
-                    "draft": [p for p in own if p in draft],
+                    # (path, whether the draft removes it): a removal is no edit
+                    "draft": [(p, draft[p] is None) for p in own if p in draft],
                     "files": _files_of(milestone, on_disk),
                 }
             )
