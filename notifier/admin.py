@@ -217,15 +217,14 @@ class Admin:
         progress); publishing refuses it. Deleting a file nothing published holds drops
         the draft's change instead (a deletion of nothing showed as a removal of the whole
         file beneath, and as a change in the version published)."""
-        live = await self.store.live(merchant_id) if text is None else None
-        if text is None and (live is None or path not in live.files):
-            revision = await self.discard_file(merchant_id, path, key_id)
-        else:
-            try:
+        try:
+            if text is None:
+                revision = await self.store.delete(merchant_id, path, key_id, self.now())
+            else:
                 revision = await self.store.save(merchant_id, path, text, key_id, self.now())
-            except OverrideError as exc:
-                details = [{"field": exc.field, "message": str(exc)}]
-                raise InvalidOverride(str(exc), details) from exc
+        except OverrideError as exc:
+            details = [{"field": exc.field, "message": str(exc)}]
+            raise InvalidOverride(str(exc), details) from exc
         checked, files = await self.candidate(merchant_id)
         problems = await self.problems(merchant_id, files)
         return {"revision": checked, "saved": revision, "problems": problems}

@@ -79,17 +79,34 @@ redis.call('RPUSH', KEYS[4], cjson.encode({at = ARGV[2], key_id = ARGV[1],
 return {n, rev}
 """
 
-# KEYS: draft, audit. ARGV: path, its new text ('' with ARGV[4] = 'hdel': drop the change),
-# the audit entry, 'hset' or 'hdel'. One script, not MULTI: a Redis Cluster pipeline has none.
+# KEYS: draft, audit, live, versions. ARGV: path, its new text ('' with ARGV[4] = 'hdel':
+# drop the change), the audit entry, 'hset', 'hdel' or 'delete', and for 'delete' the audit
+# entry of a discard: a deletion of a file the version in force does not hold drops the
+# draft's change instead, decided here so that a publish in between cannot turn it into the
+# wrong one. One script, not MULTI: a Redis Cluster pipeline has none. Returns {revision,
+# 1 when the change was dropped}.
 _EDIT = """
-if ARGV[4] == 'hdel' then
+local mode, entry = ARGV[4], ARGV[3]
+if mode == 'delete' then
+  local live = redis.call('GET', KEYS[3])
+  local held = false
+  if live then
+    local record = redis.call('HGET', KEYS[4], live)
+    if record then
+      local files = cjson.decode(record)['files']
+      held = type(files) == 'table' and files[ARGV[1]] ~= nil
+    end
+  end
+  if held then mode = 'hset' else mode, entry = 'hdel', ARGV[5] end
+end
+if mode == 'hdel' then
   redis.call('HDEL', KEYS[1], ARGV[1])
 else
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 end
 local rev = redis.call('HINCRBY', KEYS[1], '#rev', 1)
-redis.call('RPUSH', KEYS[2], ARGV[3])
-return rev
+redis.call('RPUSH', KEYS[2], entry)
+return {rev, mode == 'hdel' and 1 or 0}
 """
 
 # KEYS: versions, live, audit, draft. ARGV: author key id, time (ISO), version to restore,
@@ -210,28 +227,49 @@ class OverrideStore:
             )
         if text is not None and "\x00" in text:
             raise OverrideError(f"{path}: contains a NUL character", "text")
-        draft = self.key(merchant_id, "draft")
         entry = {"at": at, "key_id": key_id, "action": "delete" if text is None else "save"}
-        revision = await self._edit(
-            keys=[draft, self.key(merchant_id, "audit")],
+        revision, _ = await self._edit(
+            keys=self._edited(merchant_id),
             args=[
                 path,
                 TOMBSTONE if text is None else text,
                 orjson.dumps({**entry, "path": path}),
                 "hset",
+                "",
             ],
         )
         return int(revision)
+
+    async def delete(self, merchant_id: str, path: str, key_id: str, at: str) -> int:
+        """The file's deletion in the draft when the version in force holds it, else the
+        draft's change of it dropped (a deletion of nothing would show as a removal of the
+        file beneath), decided atomically with what is live; the new revision."""
+        if not PATH.fullmatch(path):
+            raise OverrideError(f"{path}: not a file a merchant can override")
+        entry = {"at": at, "key_id": key_id, "path": path}
+        revision, _ = await self._edit(
+            keys=self._edited(merchant_id),
+            args=[
+                path,
+                TOMBSTONE,
+                orjson.dumps({**entry, "action": "delete"}),
+                "delete",
+                orjson.dumps({**entry, "action": "discard"}),
+            ],
+        )
+        return int(revision)
+
+    def _edited(self, merchant_id: str) -> list[str]:
+        """The keys of ``_EDIT``."""
+        return [self.key(merchant_id, k) for k in ("draft", "audit", "live", "versions")]
 
     async def discard(self, merchant_id: str, path: str, key_id: str, at: str) -> int:
         """Drop a file's change from the draft (the published text stays); the revision."""
         if not PATH.fullmatch(path):
             raise OverrideError(f"{path}: not a file a merchant can override")
-        draft = self.key(merchant_id, "draft")
         entry = {"at": at, "key_id": key_id, "action": "discard", "path": path}
-        revision = await self._edit(
-            keys=[draft, self.key(merchant_id, "audit")],
-            args=[path, "", orjson.dumps(entry), "hdel"],
+        revision, _ = await self._edit(
+            keys=self._edited(merchant_id), args=[path, "", orjson.dumps(entry), "hdel", ""]
         )
         return int(revision)
 

@@ -200,3 +200,38 @@ async def test_a_removal_a_colleagues_rollback_made_moot_is_no_change(
     assert await store.publish("acme", rev, "alice", AT) == 4
     live = await store.live("acme")
     assert live is not None and live.changed == ["brand.yaml"]
+
+
+async def test_a_deletion_is_decided_against_the_version_live_at_that_moment(
+    store: OverrideStore,
+) -> None:
+    """A deletion of a file the version in force holds goes in the draft as a removal;
+    of one it does not hold, it drops the draft's change. The admin API read the version
+    in force, then wrote, so a colleague's publish in between turned an intended removal
+    into a discard (the file stayed live); the script now decides both at once."""
+    rev = await store.save("acme", "messages/delivered.jinja", "draft words", "alice", AT)
+    # nothing is live: the draft's change is dropped, and the audit says "discard"
+    rev = await store.delete("acme", "messages/delivered.jinja", "alice", AT)
+    assert await store.draft("acme") == (rev, {})
+    assert (await store.audit("acme", 1))[0]["action"] == "discard"
+    # a colleague publishes the file; a deletion now is a removal
+    rev = await store.save("acme", "messages/delivered.jinja", "words", "bob", AT)
+    assert await store.publish("acme", rev, "bob", AT) == 1
+    rev = await store.delete("acme", "messages/delivered.jinja", "alice", AT)
+    assert await store.draft("acme") == (rev, {"messages/delivered.jinja": None})
+    latest = (await store.audit("acme", 1))[0]
+    assert (latest["action"], latest["path"], latest["key_id"]) == (
+        "delete",
+        "messages/delivered.jinja",
+        "alice",
+    )
+    assert await store.publish("acme", rev, "alice", AT) == 2
+    live = await store.live("acme")
+    assert live is not None and live.files == {} and live.changed == ["messages/delivered.jinja"]
+    # a rollback to a version without it (version 0 here: nothing live from the editor)
+    rev = await store.save("acme", "brand.yaml", "name: Acme\n", "alice", AT)
+    assert await store.rollback("acme", 0, "bob", AT) == 3
+    rev = await store.delete("acme", "brand.yaml", "alice", AT)
+    assert await store.draft("acme") == (rev, {})
+    with pytest.raises(OverrideError):
+        await store.delete("acme", "../policy.yaml", "alice", AT)
