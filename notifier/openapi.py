@@ -186,7 +186,8 @@ def _api() -> dict[tuple[str, str], Op]:
         Param(f"X-Twilio-Email-Event-Webhook-{name}", "header", what, required=True)
         for name, what in (("Signature", "ECDSA signature"), ("Timestamp", "unix time"))
     )
-    page = {200: Reply("A page.", media=(HTML,)), **refusals(404)}
+    # a link that is not valid: a page saying so, or the API's JSON for a program asking it
+    page = {200: Reply("A page.", media=(HTML,)), **refusals(404, media=BOTH)}
     ops = {
         ("POST", "/v1/transitions"): Op(
             "postTransitions",
@@ -625,7 +626,7 @@ def _editor() -> dict[tuple[str, str], Op]:
                 "The counts, a row per day, milestone, channel and locale.", media=("text/csv",)
             ),
             **SEE_OTHER,
-            **refusals(403, 404, media=BOTH),
+            **refusals(403, 404, 422, media=BOTH),
         },
         None,
         days,

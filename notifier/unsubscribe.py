@@ -22,6 +22,7 @@ import logging
 import re
 from typing import TYPE_CHECKING
 
+from notifier.errors import NotFound
 from notifier.insights import record
 from notifier.insights.counts import Count
 from notifier.models import ChannelKind
@@ -158,6 +159,9 @@ async def unsubscribe(request: web.Request, res: Resources) -> web.Response:
             (w for old in await res.older_link_secrets() if (w := verify(old, token))), None
         )
     if found is None:
+        accept = request.headers.get("Accept", "")
+        if "application/json" in accept and "text/html" not in accept:
+            raise NotFound("this unsubscribe link is not valid")  # a program's: the API's JSON
         return _page(res, request, "invalid")
     merchant_id, address = found
     if request.method != "POST":

@@ -248,6 +248,10 @@ async def test_the_page_is_in_the_emails_language_else_the_browsers(
         assert status == 404 and '<html lang="es"' in html and "ana@" not in html
         resp = await client.post(path[:-4] + "abcd", headers={"Accept-Language": "pl"})
         assert resp.status == 404 and '<html lang="pl"' in await resp.text()
+        # a program that asks for JSON gets the API's error, as before
+        resp = await client.get(path[:-4] + "abcd", headers={"Accept": "application/json"})
+        assert resp.status == 404
+        assert (await resp.json())["error"]["code"] == "not_found"
         opted = redis.Redis.from_url(redis_url)
         assert not opted.smembers(optout_key("acme"))
         # an address that HTML would read is shown as text
