@@ -216,8 +216,8 @@ class Deliverer:
             for nid, _, _ in record.sent:
                 metrics.deliveries(record.channels.get(nid, "unknown"), "sent")
             log.info(
-                "%d messages a provider accepted before Redis failed are recorded as sent "
-                "(each whose claim this worker still held)",
+                "recorded as sent now: %d messages a provider accepted while Redis did not "
+                "answer (each whose claim this worker still held)",
                 len(record.sent),
             )
         for token in list(self._abandoned):
