@@ -340,7 +340,7 @@ def _help_problems(renderer: Renderer, locales: list[str]) -> list[str]:
             break  # (the same in every locale, most likely)
     for locale in locales:
         try:
-            for state in ("ask", "done", "invalid"):
+            for state in ("ask", "done", "invalid", "unavailable"):
                 renderer.unsubscribe_page(DEFAULTS, [locale], state, SAMPLE_EMAIL)
         except Exception as exc:
             problems.append(

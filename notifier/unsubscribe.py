@@ -27,6 +27,7 @@ from notifier.insights import record
 from notifier.insights.counts import Count
 from notifier.models import ChannelKind
 from notifier.policy import opt_out_key
+from notifier.store.base import redis_away
 
 if TYPE_CHECKING:  # resources builds the renderer with this module's headers()
     from aiohttp import web
@@ -34,6 +35,8 @@ if TYPE_CHECKING:  # resources builds the renderer with this module's headers()
     from notifier.resources import Resources
 
 PATH = "/v1/unsubscribe/{token}"
+#: Retry-After of the page shown while Redis does not answer (as the API's 503s)
+RETRY_AFTER_S = "5"
 log = logging.getLogger(__name__)
 
 
@@ -136,22 +139,39 @@ def _page(
     merchant_id: str | None = None,
     address: str = "",
 ) -> web.Response:
-    """The page of ``state`` (``ask``, ``done``, ``invalid``) for a link's merchant and
-    address (none for a link that is not valid)."""
+    """The page of ``state`` (``ask``, ``done``, ``invalid``, ``unavailable``) for a
+    link's merchant and address (none for a link that is not valid or not read)."""
     from aiohttp import web  # the API's; a worker only signs links (headers())
 
     html = res.renderer.unsubscribe_page(merchant_id, languages(request), state, address)
-    return web.Response(
-        text=html,
-        status=404 if state == "invalid" else 200,
-        content_type="text/html",
-        headers={"Cache-Control": "no-store", "Vary": "Accept-Language"},
-    )
+    status = {"invalid": 404, "unavailable": 503}.get(state, 200)
+    headers = {"Cache-Control": "no-store", "Vary": "Accept-Language"}
+    if state == "unavailable":
+        headers["Retry-After"] = RETRY_AFTER_S
+    return web.Response(text=html, status=status, content_type="text/html", headers=headers)
+
+
+def _wants_json(request: web.Request) -> bool:
+    """A program that asks for JSON only: it gets the API's errors, not pages."""
+    accept = request.headers.get("Accept", "")
+    return "application/json" in accept and "text/html" not in accept
 
 
 async def unsubscribe(request: web.Request, res: Resources) -> web.Response:
-    """GET (and HEAD, a link scanner's): a page with a button. POST: record the opt-out
-    (one click). A link that is not valid: a 404 page saying so."""
+    """GET (and HEAD, a link scanner's): a page with a button, or "unsubscribed" for an
+    address that already is. POST: record the opt-out (one click). A link that is not
+    valid: a 404 page saying so; Redis not answering: a 503 page with the button again,
+    in the customer's language (the API's JSON for a program that asks for JSON)."""
+    try:
+        return await _unsubscribe(request, res)
+    except Exception as exc:
+        if not redis_away(exc) or _wants_json(request):
+            raise  # (the API's 503 or 500)
+        res.outage.failed(f"{request.method} {PATH}", exc)
+        return _page(res, request, "unavailable")
+
+
+async def _unsubscribe(request: web.Request, res: Resources) -> web.Response:
     token = request.match_info["token"]
     found = verify(await res.link_secret(), token)
     if found is None:  # signed before NOTIFIER_SIGNING_SECRET was set? (asks Redis)
@@ -159,14 +179,22 @@ async def unsubscribe(request: web.Request, res: Resources) -> web.Response:
             (w for old in await res.older_link_secrets() if (w := verify(old, token))), None
         )
     if found is None:
-        accept = request.headers.get("Accept", "")
-        if "application/json" in accept and "text/html" not in accept:
-            raise NotFound("this unsubscribe link is not valid")  # a program's: the API's JSON
+        if _wants_json(request):
+            raise NotFound("this unsubscribe link is not valid")
         return _page(res, request, "invalid")
     merchant_id, address = found
-    if request.method != "POST":
-        return _page(res, request, "ask", merchant_id, address)
     key = opt_out_key(ChannelKind.EMAIL, address)
+    if request.method != "POST":
+        # a second visit: told it is done, not asked again (a Redis that does not answer
+        # only costs the question)
+        try:
+            already = key in await res.store.opted_out(merchant_id, [key])
+        except Exception as exc:
+            if not redis_away(exc):
+                raise
+            res.outage.failed(f"{request.method} {PATH}", exc)
+            already = False
+        return _page(res, request, "done" if already else "ask", merchant_id, address)
     if await res.store.set_opt_out(merchant_id, key, True):
         at = res.clock()
         await res.hooks.opted_out(merchant_id, key, "unsubscribe_link", at)

@@ -306,7 +306,7 @@ def test_the_unsubscribe_page_passes_axe_in_every_language(page: Any, locale: st
     """The page of an email's unsubscribe link, each of its states, with every rule on
     (landmarks too: a web page, not an email)."""
     renderer = shipped_renderer()
-    for state in ("ask", "done", "invalid"):
+    for state in ("ask", "done", "invalid", "unavailable"):
         html = renderer.unsubscribe_page("acme", [locale], state, "a@example.com")
         assert f'lang="{locale.replace("_", "-")}"' in html
         result = axe_run(page, html, disabled=[])

@@ -29,6 +29,7 @@ from tests.conftest import (
     post,
     run_worker,
     spawn_notifier,
+    start_redis,
     transition,
     wait_until,
 )
@@ -264,3 +265,44 @@ async def test_the_page_is_in_the_emails_language_else_the_browsers(
         assert resp.headers["Cache-Control"] == "no-store"
         assert len(opted.smembers(optout_key("acme"))) == 1
         opted.close()
+
+
+async def test_while_redis_does_not_answer_the_page_says_so_in_the_emails_language(
+    tmp_path: Path,
+) -> None:
+    """A customer pressing the button while Redis did not answer got the API's English
+    JSON (a black-box run as a customer). It is now a 503 page in the email's language with
+    the button again; a second visit to a link already used says it is done, not asks."""
+    port = free_port()
+    settings = make_settings(
+        tmp_path,
+        redis_url=f"redis://127.0.0.1:{port}/0",
+        redis_timeout_s=0.5,
+        templates_dir=one_click_templates(tmp_path),
+        signing_secret=SECRET,
+    )
+    path = f"/v1/unsubscribe/{sign(SECRET, 'acme', 'ana@example.com')}?lang=fr"
+    one_click = {"List-Unsubscribe": "One-Click"}
+    async with TestClient(TestServer(create_app(settings))) as client:
+        refused = await client.post(path, data=one_click)
+        html = await refused.text()
+        assert (refused.status, refused.headers["Retry-After"]) == (503, "5")
+        assert '<html lang="fr" dir="ltr">' in html and '<form method="post">' in html
+        words = translated("fr", "Your unsubscribe request could not be recorded just now.")
+        assert words and words in html and "ana@" not in html
+        # the question still shows (nothing to tell yet), and a program gets JSON
+        assert (await client.get(path)).status == 200
+        program = await client.post(path, data=one_click, headers={"Accept": "application/json"})
+        assert program.status == 503
+        assert (await program.json())["error"]["code"] == "unavailable"
+        server = start_redis(port, tmp_path)
+        try:
+            done = await client.post(path, data=one_click)
+            assert done.status == 200 and "<button" not in await done.text()
+            again = await (await client.get(path)).text()  # the link opened again
+            assert "ana@example.com" in again and "<button" not in again
+            other = f"/v1/unsubscribe/{sign(SECRET, 'acme', 'bo@example.com')}"
+            assert "<button" in await (await client.get(other)).text()
+        finally:
+            server.terminate()
+            server.wait(timeout=10)
