@@ -307,10 +307,17 @@ async def test_the_brand_form_shows_and_keeps_every_field_of_the_brand(client: C
     }  # as the page posts it, with one link more
     resp = await client.post(
         f"{ACME}/brand",
-        data={**form, "links.pickup": "https://acme.example/pickup", "base": base_of(html)},
+        data={
+            **form,
+            "links.pickup": "https://acme.example/pickup",
+            # a text box's lines, as the browser sends them (CRLF): kept as plain lines
+            "footer": "Acme SAS\r\n12 rue de la Paix\r\n",
+            "base": base_of(html),
+        },
     )
     assert "Saved to your draft" in await resp.text()
     saved = yaml.safe_load((await draft(client))["brand.yaml"])
+    assert saved["footer"] == "Acme SAS\n12 rue de la Paix"
     assert saved["links"] == {
         "short_base": "https://acme.example/t/",
         "pickup": "https://acme.example/pickup",
@@ -1188,3 +1195,38 @@ async def test_the_messages_list_says_a_draft_removes_a_file(client: Client) -> 
     assert "<code>messages/picked_up.jinja</code> (removed)" in rows["picked_up"]
     assert "<code>messages/delivered.jinja</code> <" in rows["delivered"]  # an edit
     assert "(removed)" not in rows["delivered"]
+
+
+async def test_a_settings_form_refused_for_its_session_shows_back_what_was_typed(
+    client: Client,
+) -> None:
+    """A brand or cadence form sent after the session ended (or with a token out of date,
+    or while Redis did not answer) came back as a page with none of what was typed (a
+    black-box run as a merchant); only the message editor's text was shown back. Every
+    form's typed fields now are, as ``name: value`` lines to copy."""
+    csrf = await sign_in(client)
+    typed = {
+        "csrf": csrf,
+        "base": "abc",
+        "support.hours": "Mon–Fri 9–17 <CET>",
+        "footer": "Acme SAS\r\n12 rue de la Paix",
+        "accent_color": "#0055aa",
+        "quiet_hours.email.enabled": "on",
+    }
+    for form, status, says in [
+        ({**typed, "csrf": "stale"}, 403, "out of date"),
+        (typed, 401, "Your session ended, so nothing was saved"),
+    ]:
+        if status == 401:
+            assert (await client.post("/merchant/sign-out", data={"csrf": csrf})).status == 200
+        for page in ("brand", "cadence"):
+            resp = await client.post(f"{ACME}/{page}", data=form, allow_redirects=False)
+            text = await resp.text()
+            assert resp.status == status and says in text, (page, text)
+            shown = re.search(r'<textarea id="unsaved"[^>]*>(.*?)</textarea>', text, re.S)
+            assert shown is not None, text
+            lines = html.unescape(shown.group(1)).splitlines()
+            assert "support.hours: Mon–Fri 9–17 <CET>" in lines
+            assert "accent_color: #0055aa" in lines and "quiet_hours.email.enabled: on" in lines
+            assert "12 rue de la Paix" in lines
+            assert not any(line.startswith(("csrf", "base")) for line in lines)

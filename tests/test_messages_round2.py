@@ -894,3 +894,20 @@ def test_an_exception_stands_on_the_step_the_shipment_had_reached() -> None:
     assert steps(2) == steps(None)
     assert steps(3)[2:] == [("moving", "done"), ("out", "problem"), ("delivered", "upcoming")]
     assert steps(4)[2:] == [("moving", "done"), ("collect", "problem")]
+
+
+def test_a_footer_of_several_lines_keeps_them_in_the_html_email(tmp_path: Path) -> None:
+    """The brand form's footer is a text box, for a company name and address on lines of
+    their own; the HTML email ran them together on one line (the plain text kept them)."""
+    footer = "Acme SAS\n12 rue de la Paix\n\n75002 Paris"
+    yaml_text = 'name: Acme\nfooter: "Acme SAS\\n12 rue de la Paix\\n\\n75002 Paris"\n'
+    for locale in ("en", "ar"):
+        message = render_email(
+            notification(sample("delivered"), locale=locale),
+            renderer(brand_dir(tmp_path, yaml_text)),
+        )
+        lines = ["Acme SAS", "12 rue de la Paix", "75002 Paris"]
+        if locale == "ar":
+            lines = [f"<bdi>{line}</bdi>" for line in lines]
+        assert "<br>".join(lines) + "<br>" in message.html, message.html
+        assert footer.replace("\n\n", "\n") in message.text.replace("\n\n", "\n")

@@ -126,7 +126,8 @@ def html_errors(web_: Web, handler: Handler) -> Handler:
                 request,
                 401,
                 "Signed out",
-                "Your session ended: sign in again (in another tab) and save once more.",
+                "Your session ended, so nothing was saved: sign in again in another tab, "
+                "open the page there and enter your changes again (what you typed is below).",
             )
         except (Forbidden, CsrfFailed, NotFound) as exc:
             title = "Not allowed" if exc.status == 403 else "Not found"
@@ -166,7 +167,7 @@ async def _error(
     unsaved = None
     if request.method == "POST" and request.content_type != "application/json":
         with contextlib.suppress(BadRequest):
-            unsaved = (await read_form(request)).get("text") or None
+            unsaved = _typed(await read_form(request))
     return web_.page(
         "error.html",
         status=status,
@@ -176,6 +177,24 @@ async def _error(
         details=details,
         unsaved=unsaved,
     )
+
+
+#: A form's fields that the page filled in, not the merchant: never shown back as typed.
+_NOT_TYPED = {"csrf", "base", "revision", "live", "version", "action", "next", "collected"}
+
+
+def _typed(form: dict[str, str]) -> str | None:
+    """What a refused form carried that the merchant typed, to show back: a message's text
+    as it is, or a settings form's fields as ``name: value`` lines (its text boxes, choices
+    and ticked boxes), so that a session that ended or a Redis away loses nothing typed."""
+    if "text" in form:
+        return form["text"] or None
+    lines = [
+        f"{name}: {value}"
+        for name, value in form.items()
+        if name not in _NOT_TYPED and value.strip()
+    ]
+    return "\n".join(lines) or None
 
 
 def moment(value: object) -> str:

@@ -179,7 +179,8 @@ def brand_from_form(form: Mapping[str, str], current: Mapping[str, Any]) -> dict
     within a group too (``links.short_base`` beside the form's links)."""
     out: dict[str, Any] = copy.deepcopy(dict(current))
     for name, _, _ in BRAND_FIELDS:
-        text = form.get(name, "").strip()
+        # a text box sends its lines with the browser's CRLF: kept as plain newlines
+        text = form.get(name, "").replace("\r\n", "\n").replace("\r", "\n").strip()
         _set_path(out, name, text or None)
     if not out.get("name"):
         out["name"] = ""  # reported as "name: too short" rather than "must be a string"
