@@ -922,7 +922,11 @@ async def test_a_test_send_sends_the_text_as_typed_without_saving_it(
     assert "Subject: Typed, not saved" in sent and "To: ana.tester@example.com" in sent
     assert await draft(client) == {}  # nothing saved
     shown = await (await client.get(resp.headers["Location"])).text()
-    assert "A test email in en went out" in shown and "ana.tester" not in shown
+    assert "A test email in en went out" in shown
+    # the address stays in its box for the next test (it was to be typed again each time;
+    # a black-box run as a merchant), the channel too: never in the URL
+    assert 'name="to" type="text"' in shown and 'value="ana.tester@example.com"' in shown
+    assert "ana.tester" not in resp.headers["Location"]
     # the page comes back with the text as typed (unsaved), based on the saved text
     assert hidden(shown, "base") == hidden(page, "base")
     assert "Typed, not saved" in html.unescape(shown.split('id="text"')[1].split("</textarea>")[0])
@@ -930,11 +934,14 @@ async def test_a_test_send_sends_the_text_as_typed_without_saving_it(
     shown = await (await client.get(resp.headers["Location"])).text()
     assert "went out" not in shown and "Typed, not saved" not in shown  # said once
     # an SMS, in the language the preview was switched to
+    # (written as people write a number: with spaces, as the brand form takes it too)
     resp = await client.post(
         f"{ACME}/messages/delivered/test-send",
-        data={**form, "preview_locale": "fr", "channel": "sms", "to": "+33612345678"},
+        data={**form, "preview_locale": "fr", "channel": "sms", "to": "+33 6 12-34.56 78"},
     )
-    assert resp.status == 200 and "A test SMS in fr went out" in await resp.text()
+    shown = await resp.text()
+    assert resp.status == 200 and "A test SMS in fr went out" in shown
+    assert '<option value="sms" selected>' in shown and 'value="+33612345678"' in shown
     [sms] = outbox_files(settings, ".sms.json")
     assert '"to": "+33612345678"' in sms.read_text() and "livré" in sms.read_text()
     timeline = await (await client.get(f"{ACME}/timeline?q=test-sends")).text()
@@ -1002,6 +1009,9 @@ async def test_a_test_send_to_a_bad_address_says_so_and_sends_nothing(
     text = html.unescape(await resp.text())
     assert "could not be sent: " in text and problem in text, text
     assert "{# typed, not saved #}" in text and "as you typed it, not saved yet" in text
+    assert f'value="{fields["to"]}"' in text or not fields["to"]  # kept to correct
+    said = text.split("could not be sent: ")[1].split("</p>")[0]
+    assert not re.search(r"(.{12,})\W+\(?\1", said), said  # said once, not twice
     assert not outbox_files(settings)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -25,7 +26,14 @@ from notifier.errors import (
 )
 from notifier.ingest import read_json
 from notifier.insights.experiments import published_policy
-from notifier.models import ChannelKind, Notification, Status, message_name, message_name_of
+from notifier.models import (
+    E164,
+    ChannelKind,
+    Notification,
+    Status,
+    message_name,
+    message_name_of,
+)
 from notifier.render import Renderer, i18n
 from notifier.resources import data_dir
 from notifier.settings import Settings
@@ -35,6 +43,10 @@ from notifier.web.session import Session
 
 #: Context values shown in the variables panel (lists and internals are left out).
 _HIDDEN = {"lang", "dir", "message", "message_for_locale", "progress", "actions", "us_opt_out"}
+
+
+#: What people put between a phone number's digits: spaces, dashes, dots, brackets.
+_PHONE_SPACING = re.compile(r"[\s().-]")
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
@@ -287,12 +299,17 @@ class Messages:
         variant = variant_param(form.get("variant"))
         path = message_path(milestone, locale or None, variant)
         channel, to = form.get("channel", ""), form.get("to", "").strip()
+        if channel == ChannelKind.SMS and E164.fullmatch(spaced := _PHONE_SPACING.sub("", to)):
+            to = spaced  # "+33 6 12 34 56 78", as people write a number (and the brand form)
         text = form.get("text", "").replace("\r\n", "\n")
         # the page comes back with the text as typed, not as saved, and what became of the
         # test: sent, or why not (an address refused came back as an error page, the text
         # only in a box to copy: a black-box run as a merchant)
         tested: dict[str, Any] = {
             "channel": channel if channel in set(ChannelKind) else "email",
+            # typed again after each test otherwise; kept in the session's flash only
+            # (never a URL or a log), read once by the page that follows
+            "to": to,
             "locale": locale or reader,
             "path": path,
             "text": text,
@@ -312,7 +329,8 @@ class Messages:
             )
         except InvalidOverride as exc:  # (over the key's rate limit stays a 429 page)
             why = "; ".join(d.get("message", "") for d in exc.details) or exc.message
-            said = f"{exc.message} ({why})" if exc.details else why
+            # (the message often says the detail already: said once, not twice)
+            said = f"{exc.message} ({why})" if why not in exc.message else exc.message
             tested.update(sent=False, error=said if said.endswith(".") else f"{said}.")
         else:
             tested.update(sent=entry["outcome"] == "sent", error=entry["delivery"].get("error"))
