@@ -48,18 +48,12 @@ async def _prediction(res: Resources, merchant_id: str, shipment_id: str) -> dic
 
 async def find_shipments(res: Resources, merchant_id: str, query: str) -> list[str]:
     """The merchant's shipments that ``query`` names: a shipment id with a history, or a
-    tracking number (several shipments can share one: a carrier may reuse numbers)."""
+    tracking number (several shipments can share one: a carrier may reuse numbers), typed
+    in any case and with any spaces (``keys.tracking_search``)."""
     query = query.strip()
     if not query:
         return []
     found = await res.store.shipments_tracked_as(merchant_id, query)
     if query not in found and (await res.store.history_page(merchant_id, query, None, 1)).total:
         found.insert(0, query)
-    # a number typed as people type it ("1z999 aa1..."): carriers print them in capitals,
-    # and a label groups the characters with spaces
-    for typed in dict.fromkeys([query.upper(), "".join(query.split()).upper()]):
-        if found:
-            break
-        if typed != query:
-            found = await res.store.shipments_tracked_as(merchant_id, typed)
     return found

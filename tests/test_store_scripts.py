@@ -971,6 +971,23 @@ async def test_the_commit_indexes_tracking_numbers_in_the_weeks_bucket(store: St
 
 
 @pytest.mark.usefixtures("mid_week")
+async def test_a_tracking_number_is_found_in_any_case_and_spacing(store: Store) -> None:
+    """The backend may post a number as a label prints it ("1z 999 aa1"); the editor's
+    search found it only as posted (a black-box run as a merchant). It is indexed with
+    its spaces out and in capitals, and an entry of a version before, indexed as written,
+    is still found by the number as written."""
+    assert await store.commit([shipment("s1", tracking_number="1z 999 aa1")], NOW_ISO) == []
+    for typed in ("1Z999AA1", "1z999aa1", "1Z 999 AA1", " 1z999 AA1 "):
+        assert await store.shipments_tracked_as("acme", typed) == ["s1"], typed
+    assert await store.shipments_tracked_as("acme", "1Z999AA") == []
+    # an entry written before (the number hashed as written)
+    bucket, field = keys.tracking_slot("acme", "1z 888", as_written=True)
+    key = keys.tracking_bucket_key(keys.tracking_week(time.time()), bucket)
+    await store.redis.hset(key, f"{field}old", "")
+    assert await store.shipments_tracked_as("acme", "1z 888") == ["old"]
+
+
+@pytest.mark.usefixtures("mid_week")
 async def test_shipments_with_long_ids_keep_a_tracking_bucket_small(store: Store) -> None:
     """One field a shipment, its value empty: ids as long as UUIDs, many to one number,
     keep the bucket a small hash (a value over 64 bytes would make it a big one)."""

@@ -242,15 +242,24 @@ TRACKING_FIELD_CHARS = 12
 TRACKING_SHIPMENTS = 50
 
 
-def tracking_slot(merchant_id: str, tracking_number: str) -> tuple[int, str]:
+def tracking_slot(
+    merchant_id: str, tracking_number: str, as_written: bool = False
+) -> tuple[int, str]:
     """(bucket number, hash) of a merchant's tracking number: each shipment that carried it
     is a field of the bucket, ``<hash><shipment id>``, with an empty value (one field a
-    shipment, and every value short, keep the bucket a small hash)."""
-    digest = hashlib.blake2b(
-        f"{merchant_id}\x00{tracking_number}".encode(), digest_size=12
-    ).digest()
+    shipment, and every value short, keep the bucket a small hash). The number is hashed
+    as ``tracking_search`` spells it, so that "1Z 999 aa1" finds "1Z999AA1"; with
+    ``as_written``, as versions before 12-06 hashed it (their entries still read)."""
+    number = tracking_number if as_written else tracking_search(tracking_number)
+    digest = hashlib.blake2b(f"{merchant_id}\x00{number}".encode(), digest_size=12).digest()
     bucket = int.from_bytes(digest[:2]) >> (16 - TRACKING_BUCKET_BITS)
     return bucket, base64.b64encode(digest[2:11]).decode()
+
+
+def tracking_search(tracking_number: str) -> str:
+    """A tracking number as it is looked up: without spaces, in capitals (a label prints
+    it in groups, people type it in lower case; carriers' numbers have no lower case)."""
+    return "".join(tracking_number.split()).upper()
 
 
 def tracking_week(redis_seconds: float) -> int:

@@ -344,23 +344,29 @@ class Shipments(StoreBase):
         it to the week's bucket of its number (on a Redis Cluster, a bucket of its
         partition: a lookup asks each); a lookup reads every week a record could still live
         through, and the key a number had before buckets."""
-        bucket, field = keys.tracking_slot(merchant_id, tracking_number)
+        # as the number is indexed now (spaces out, capitals), and as written (an entry of
+        # a version before 12-06, where the two differ)
+        slots = dict.fromkeys(
+            keys.tracking_slot(merchant_id, tracking_number, as_written)
+            for as_written in (False, True)
+        )
         weeks = keys.tracking_weeks(await self.redis_seconds(), self.state_ttl_s)
         names = [
-            keys.tracking_bucket_key(week, bucket, self.tag(scope))
+            (keys.tracking_bucket_key(week, bucket, self.tag(scope)), field)
+            for bucket, field in slots
             for week in weeks
             for scope in self.scopes
         ]
         older = [keys.tracking_key(merchant_id, tracking_number, self.tag(s)) for s in self.scopes]
-        match = f"{field}*"  # base64: no character a pattern treats specially
         async with self.redis.pipeline(transaction=False) as pipe:
-            for name in names:
-                pipe.hscan(name, 0, match=match, count=1000)
+            for name, field in names:
+                # base64: no character a pattern treats specially
+                pipe.hscan(name, 0, match=f"{field}*", count=1000)
             for name in older:
                 pipe.hrandfield(name, keys.TRACKING_SHIPMENTS)
             found = await pipe.execute(raise_on_error=False)
         shipments: set[str] = set()
-        for name, answer in zip(names, found, strict=False):
+        for (name, field), answer in zip(names, found, strict=False):
             if isinstance(answer, ResponseError):
                 raise answer
             cursor, fields = answer
@@ -369,7 +375,7 @@ class Shipments(StoreBase):
                 if not int(cursor):
                     break
                 cursor, fields = await awaited(
-                    self.redis.hscan(name, cursor, match=match, count=1000)
+                    self.redis.hscan(name, cursor, match=f"{field}*", count=1000)
                 )
         for name, members in zip(older, found[len(names) :], strict=True):
             if isinstance(members, ResponseError):  # a set, written before records
