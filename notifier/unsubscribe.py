@@ -56,7 +56,9 @@ class LinkKey:
         self.secret = secret
         self._said = False
 
-    def headers(self, merchant_id: str, address: str, locale: str = "") -> dict[str, str]:
+    def headers(
+        self, merchant_id: str, address: str, locale: str = "", tag: str = ""
+    ) -> dict[str, str]:
         """The email's RFC 8058 headers; none while the key is not known (never a link that
         cannot work: said once in the log)."""
         if self.secret is None:
@@ -64,7 +66,7 @@ class LinkKey:
                 log.warning("one-click unsubscribe headers left out: the links' key is not read")
                 self._said = True
             return {}
-        return headers(self.public_url, self.secret, merchant_id, address, locale)
+        return headers(self.public_url, self.secret, merchant_id, address, locale, tag)
 
 
 def _b64(data: bytes) -> str:
@@ -96,12 +98,20 @@ def verify(secret: str, token: str) -> tuple[str, str] | None:
 
 
 def headers(
-    public_url: str, secret: str, merchant_id: str, address: str, locale: str = ""
+    public_url: str,
+    secret: str,
+    merchant_id: str,
+    address: str,
+    locale: str = "",
+    tag: str = "",
 ) -> dict[str, str]:
-    """The RFC 8058 headers for one email; its page in ``locale`` (the email's language)."""
+    """The RFC 8058 headers for one email; its page in ``locale`` (the email's language),
+    its count under ``tag`` (the email's milestone and locale, ``counts.tag``). Neither is
+    signed: each changes only words or which row of the merchant's own counts."""
     url = public_url.rstrip("/") + PATH.format(token=sign(secret, merchant_id, address))
-    if locale:
-        url += f"?lang={locale}"
+    query = [f"{name}={value}" for name, value in (("lang", locale), ("t", tag)) if value]
+    if query:
+        url += "?" + "&".join(query)
     return {"List-Unsubscribe": f"<{url}>", "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
 
 
@@ -198,7 +208,6 @@ async def _unsubscribe(request: web.Request, res: Resources) -> web.Response:
     if await res.store.set_opt_out(merchant_id, key, True):
         at = res.clock()
         await res.hooks.opted_out(merchant_id, key, "unsubscribe_link", at)
-        await record.report(
-            res.store, merchant_id, None, key, "email", None, Count.UNSUBSCRIBED, at
-        )
+        tag = request.query.get("t")  # (one that does not read counts as unknown)
+        await record.report(res.store, merchant_id, None, key, "email", tag, Count.UNSUBSCRIBED, at)
     return _page(res, request, "done", merchant_id, address)

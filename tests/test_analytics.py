@@ -188,7 +188,10 @@ async def test_an_unsubscribe_counts_once_an_address(fixed: Client, settings: Se
     }
     async with open_resources(settings, clock=fixed_clock()) as res:
         token = sign(await res.link_secret(), "acme", "ana@example.com")  # as a worker signs
-        assert (await fixed.post(PATH.format(token=token))).status == 200
+        # the link names the email's milestone and locale, as the worker writes it: the
+        # unsubscribe counts there (it was "not known" whatever the email)
+        link = PATH.format(token=token) + f"?lang=fr&t={tag}"
+        assert (await fixed.post(link)).status == 200
         await _email_event(res, {**event, "event": "delivered"})
         for kind in ("unsubscribe", "unsubscribe", "group_unsubscribe"):
             await _email_event(res, {**event, "event": kind})
@@ -196,6 +199,13 @@ async def test_an_unsubscribe_counts_once_an_address(fixed: Client, settings: Se
     found = await analytics(fixed, DAY + "&group_by=channel")
     [by_email] = [r for r in found["rows"] if r["channel"] == "email"]
     assert (by_email["delivered"], by_email["unsubscribed"]) == (1, 1)
+    by_milestone = await analytics(fixed, DAY + "&group_by=milestone,locale")
+    unsubscribed = {
+        (r["milestone"], r["locale"]): r["unsubscribed"]
+        for r in by_milestone["rows"]
+        if r["unsubscribed"]
+    }
+    assert unsubscribed == {("out_for_delivery", "fr_FR"): 1}
     # SendGrid's own unsubscribe of an address that was not opted out counts, once
     other = {**event, "email": "zoe@example.com", "notification_id": "n_other"}
     async with open_resources(settings, clock=fixed_clock()) as res:

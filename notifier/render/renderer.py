@@ -478,7 +478,7 @@ class Renderer:
         catalogs: i18n.Catalogs,
         *,
         email_from: str,
-        unsubscribe: Callable[[str, str, str], dict[str, str]] | None = None,
+        unsubscribe: Callable[[str, str, str, str], dict[str, str]] | None = None,
         strict: bool = False,
         watch: TreeWatch | None = None,
         published: Callable[[str], dict[str, str]] | None = None,
@@ -765,11 +765,12 @@ class Renderer:
             "variant": variant,
         }
 
-    def _headers(self, n: Notification, brand: Brand) -> dict[str, str]:
+    def _headers(self, n: Notification, brand: Brand, tag: str) -> dict[str, str]:
         """Reply-To the merchant's support address (a customer's reply reaches a person,
-        not the no-reply sender); List-Unsubscribe when the brand asks for it."""
+        not the no-reply sender); List-Unsubscribe when the brand asks for it (its page in
+        the email's language, its count under the email's milestone and locale: ``tag``)."""
         headers = (
-            self.unsubscribe(n.merchant_id, n.to, self.locale_for(n))
+            self.unsubscribe(n.merchant_id, n.to, self.locale_for(n), tag)
             if brand.one_click_unsubscribe and self.unsubscribe
             else {}
         )
@@ -1106,7 +1107,7 @@ class Renderer:
             subject=" ".join(out["subject"].split()),
             text=_BLANK_LINES.sub("\n\n", out["text"]).strip() + "\n",
             html=_INLINER.inline(html) if inline else html,
-            headers=self._headers(n, brand),
+            headers=self._headers(n, brand, stats_tag(n, variant)),
             preheader=" ".join(out["preheader"].split()),
             stats_tag=stats_tag(n, variant),
         )
