@@ -152,6 +152,7 @@ def _path_params() -> dict[str, dict[str, Any]]:
         "token": {"type": "string", "description": "the signed token of the link"},
         "endpoint_id": {"type": "string", "description": "a webhook endpoint's id (we_…)"},
         "filename": {"type": "string", "enum": sorted(STATIC)},
+        "tail": {"type": "string", "description": "the rest of a path no editor page has"},
     }
 
 
@@ -598,6 +599,22 @@ def _editor() -> dict[tuple[str, str], Op]:
         ("GET /merchant/sign-in/", "editorSignInSlash", "The same", unslash, None, ""),
         ("GET /merchant/sign-out/", "editorSignOutSlash", "The same", unslash, None, ""),
         (
+            "GET /merchant/{tail}",
+            "editorUnknown",
+            "Any other path: without its last slash, or a page saying there is none",
+            {**unslash, **refusals(404, media=BOTH)},
+            None,
+            "",
+        ),
+        (
+            "POST /merchant/{tail}",
+            "editorUnknownForm",
+            "Any other path: none (the API's 404, as for the preview)",
+            refusals(404),
+            None,
+            "",
+        ),
+        (
             "GET /merchant/-/static/{filename}",
             "editorStatic",
             "Its CSS and script",
@@ -765,6 +782,8 @@ NO_REDIS = frozenset(
         "editorGoSlash",
         "editorSignInSlash",
         "editorSignOutSlash",
+        "editorUnknown",
+        "editorUnknownForm",
     }
 )
 

@@ -1240,3 +1240,28 @@ async def test_a_settings_form_refused_for_its_session_shows_back_what_was_typed
             assert "accent_color: #0055aa" in lines and "quiet_hours.email.enabled: on" in lines
             assert "12 rue de la Paix" in lines
             assert not any(line.startswith(("csrf", "base")) for line in lines)
+
+
+async def test_a_page_typed_with_a_slash_too_many_opens_and_an_unknown_one_is_a_page(
+    client: Client,
+) -> None:
+    """``/merchant/acme/brand/`` (the overview has its slash, so people type one) and any
+    path no page has answered the API's JSON in the browser (a black-box run as a
+    merchant): the first goes to the page, the other is a 404 page for a browser."""
+    await sign_in(client)
+    browser = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+    for typed, target in [
+        (f"{ACME}/brand/", f"{ACME}/brand"),
+        (f"{ACME}/timeline/?q=shp_1", f"{ACME}/timeline?q=shp_1"),
+        (f"{ACME}/messages/delivered//", f"{ACME}/messages/delivered"),
+    ]:
+        resp = await client.get(typed, headers=browser, allow_redirects=False)
+        assert (resp.status, resp.headers["Location"]) == (308, target), typed
+    for unknown in (f"{ACME}/nothing", f"{ACME}/nothing/", f"{ACME}/messages/Not-One"):
+        page = await client.get(unknown, headers=browser, allow_redirects=False)
+        assert page.status == 404 and page.content_type == "text/html", unknown
+        assert "<h1>Not found</h1>" in await page.text()
+        program = await client.get(unknown, allow_redirects=False)  # no Accept: JSON
+        assert program.status == 404 and (await program.json())["error"]["code"] == "not_found"
+    gone = await client.post(f"{ACME}/nothing", data={"csrf": "x"})
+    assert gone.status == 404 and gone.content_type == "application/json"

@@ -70,6 +70,10 @@ def add_routes(app: web.Application, admin: Admin, views: Views, keys: KeyRing) 
         # typed with a slash, these are the editor's own pages, not merchants of that name
         app.router.add_get(plain, _unslash)
     app.router.add_get("/merchant/-/static/{filename}", _static)
+    # last: a typed page with a slash too many goes to the page, any other is a 404 page
+    # (not the API's JSON) for the person who typed it
+    app.router.add_get("/merchant/{tail:.+}", html_errors(web_, _unknown))
+    app.router.add_post("/merchant/{tail:.+}", _unknown)  # the API's 404, as before it
 
 
 async def _slash(request: web.Request) -> web.StreamResponse:
@@ -83,6 +87,22 @@ async def _unslash(request: web.Request) -> web.StreamResponse:
     raise web.HTTPPermanentRedirect(
         f"{target}?{request.query_string}" if request.query_string else target
     )
+
+
+async def _unknown(request: web.Request) -> web.StreamResponse:
+    """A path under /merchant that no page has: ``…/brand/`` to ``…/brand`` (its query
+    kept); else a 404: a page for a browser, the API's JSON for a program (as before)."""
+    target = request.path.rstrip("/")
+    if request.method == "GET" and target != request.path and target != "/merchant":
+        found = await request.app.router.resolve(request.clone(rel_url=target))
+        if (
+            found.http_exception is None
+            and found.route.resource is not request.match_info.route.resource
+        ):
+            return await _unslash(request)  # a page there
+    if request.method == "GET" and "text/html" in request.headers.get("Accept", ""):
+        raise NotFound(f"no page {request.path}")  # a person's browser: the editor's page
+    raise web.HTTPNotFound(text=f"no page {request.path}")  # a program: the API's JSON
 
 
 #: The editor's own files (nothing else is served from its folder).
