@@ -233,10 +233,19 @@ URL_MAX = 2000
 _NOT_IN_URL = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
 
 
+def url_spelled(value: str) -> str:
+    """A URL as it is kept: trimmed, its whitespace and control characters
+    percent-encoded (``value`` itself when it is so already)."""
+    stripped = value.strip()
+    if _NOT_IN_URL.search(stripped) is None:
+        return value if stripped == value else stripped
+    return _NOT_IN_URL.sub(lambda m: quote(m[0], safe=""), stripped)
+
+
 def _check_url(value: str) -> str:
     # percent-encoded, not refused: a carrier's link with a raw space still works, and a
     # CR/LF or NUL in it can break no SMS or header (an encoded URL is left as it is)
-    value = _NOT_IN_URL.sub(lambda m: quote(m[0], safe=""), value.strip())
+    value = url_spelled(value)
     if len(value) > URL_MAX:
         raise ValueError(f"must be at most {URL_MAX} characters long, not {len(value)}")
     if _URL.match(value):

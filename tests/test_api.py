@@ -120,6 +120,26 @@ async def test_same_event_id_with_another_body_is_a_409_conflict(
                 }
             },
         ),
+        # what validation itself trims or encodes (a black-box run as the tracking backend:
+        # these were 409s, though both bodies store the same transition)
+        (
+            {"recipient": {"name": "Ana", "email": "ana@example.com", "phone": "+33612345678"}},
+            {
+                "recipient": {
+                    "name": " Ana\t",
+                    "email": " ana@example.com ",
+                    "phone": "+33612345678 ",
+                }
+            },
+        ),
+        (
+            {"tracking_url": "https://track.example.com/a%20b"},
+            {"tracking_url": "https://track.example.com/a b "},
+        ),
+        (
+            {"carrier": "ups", "tracking_number": "1Z9"},
+            {"carrier": "ups ", "tracking_number": " 1Z9"},
+        ),
     ],
     ids=[
         "Z",
@@ -130,6 +150,9 @@ async def test_same_event_id_with_another_body_is_a_409_conflict(
         "lowercase",
         "whole-numbers",
         "delivery-window",
+        "trimmed-recipient",
+        "encoded-url",
+        "trimmed-text",
     ],
 )
 async def test_a_repost_written_another_way_is_a_duplicate_not_a_conflict(

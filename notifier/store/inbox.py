@@ -27,6 +27,7 @@ from arq.connections import ArqRedis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
+from notifier.models import one_line, url_spelled
 from notifier.store import keys
 from notifier.store.base import Scope, StoreBase, decode
 from notifier.store.keys import GROUP
@@ -89,20 +90,42 @@ _MOMENT = re.compile(
 _MOMENT_KEYS = frozenset({"occurred_at", "pickup_deadline", "start", "end"})
 
 
+#: Members whose text is a URL (kept percent-encoded: ``models.url_spelled``).
+_URL_KEYS = frozenset({"tracking_url"})
+#: Members whose text is kept exactly as sent: the event id is the idempotency key itself.
+_EXACT_KEYS = frozenset({"event_id"})
+
+
+def _text(key: str, value: str) -> str:
+    """A member's text as validation keeps it: a URL percent-encoded, other text on one
+    line and trimmed (an email address, a phone number, a name: ``models.one_line``);
+    ``value`` itself when it is so already."""
+    if key in _MOMENT_KEYS:
+        return _moment(value)
+    if key in _EXACT_KEYS:
+        return value
+    if key in _URL_KEYS:
+        return url_spelled(value)
+    kept = one_line(value).strip()
+    return value if kept == value else kept
+
+
 def canonical_body(body: Any) -> Any:
     """``body`` with what does not change its meaning written one way: no member whose value
     is ``null`` (an optional field left out), a number without a fraction as an integer
-    (``51`` for ``51.0``), and each date and time with an offset (the members that hold
-    one) as ``datetime.isoformat`` writes it (``2026-11-21T08:30:00+00:00`` for ``…08:30Z``;
-    the offset itself is kept: it is the local time the customer reads). ``body`` itself
-    when it is written so already (the usual case: nothing is copied)."""
+    (``51`` for ``51.0``), each date and time with an offset (the members that hold one)
+    as ``datetime.isoformat`` writes it (``2026-11-21T08:30:00+00:00`` for ``…08:30Z``;
+    the offset itself is kept: it is the local time the customer reads), and text as
+    validation keeps it (``_text``: `` ana@example.com `` is ``ana@example.com``).
+    ``body`` itself when it is written so already (the usual case: nothing is copied)."""
     kind = type(body)
     if kind is dict:
         out: dict[str, Any] | None = None
         for i, (key, value) in enumerate(body.items()):
             of = type(value)
+            new: Any
             if of is str:
-                new = _moment(value) if key in _MOMENT_KEYS else value
+                new = _text(key, value)
             elif of is dict or of is list:
                 new = canonical_body(value)
             elif of is float and value.is_integer():
