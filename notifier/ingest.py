@@ -414,10 +414,9 @@ async def post_transitions(request: web.Request, res: Resources, keys: KeyRing) 
             if batch
             else [{"field": "merchant_id", "message": "not allowed for this API key"}],
         )
-    if not valid:
+    if not valid and not batch:
         metrics.transitions({"rejected": len(items)})
-        noun = "transitions are" if batch else "transition is"
-        raise ValidationFailed(f"the {noun} invalid", details)
+        raise ValidationFailed("the transition is invalid", details)
 
     # The inbox keeps each item as it came (it passed validation; the worker validates it
     # again into the same Transition): a single transition is the body itself.
@@ -432,8 +431,10 @@ async def post_transitions(request: web.Request, res: Resources, keys: KeyRing) 
         )
         for i, t in valid
     ]
-    admissions, woken = await _persist(res, payloads)
-    await _wake(res, woken)
+    admissions: list[Admission] = []
+    if payloads:  # (a batch of invalid items only answers as any other with some: below)
+        admissions, woken = await _persist(res, payloads)
+        await _wake(res, woken)
 
     metrics.transitions(
         {
@@ -474,9 +475,15 @@ async def post_transitions(request: web.Request, res: Resources, keys: KeyRing) 
             if conflicts
             else ""
         )
+        taken = reply["accepted"] + reply["duplicates"]
         error = ValidationFailed(
-            f"{reply['rejected']} of {len(items)} transitions are invalid{also}; the others "
-            "were taken (accepted, or duplicates of ones already taken: see results)",
+            f"{reply['rejected']} of {len(items)} transitions are invalid{also}; "
+            + (
+                "the others were taken (accepted, or duplicates of ones already taken: see "
+                "results)"
+                if taken
+                else "none was taken (see results)"
+            ),
             sorted(details + refused, key=lambda d: int(d.get("index", 0))),
         )
     else:

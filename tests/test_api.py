@@ -208,6 +208,39 @@ async def test_a_repost_of_an_event_the_version_before_recorded_is_still_a_dupli
     assert resp.status == 409
 
 
+async def test_a_batch_of_invalid_items_only_answers_as_any_batch(client: Client) -> None:
+    """A batch whose every item is invalid came back as a bare error, without the
+    ``accepted``, ``rejected`` and ``results`` of every other batch with invalid items (a
+    black-box run as the tracking backend: a client reading results by index failed on
+    it alone); and a conflict beside an invalid item said "the others were taken"."""
+    items = [transition(status="flying"), transition(event_id="e2", occurred_at="x")]
+    resp = await client.post("/v1/transitions", json={"transitions": items}, headers=auth())
+    body = await resp.json()
+    assert resp.status == 422
+    assert (body["accepted"], body["duplicates"], body["rejected"]) == (0, 0, 2)
+    assert body["results"] == [
+        {"index": 0, "event_id": "evt_1", "status": "rejected"},
+        {"index": 1, "event_id": "e2", "status": "rejected"},
+    ]
+    assert (
+        body["error"]["message"] == "2 of 2 transitions are invalid; none was taken (see results)"
+    )
+    assert {(d["index"], d["field"]) for d in body["error"]["details"]} == {
+        (0, "status"),
+        (1, "occurred_at"),
+    }
+    # a conflict and an invalid item: none taken either
+    assert (await post(client, transition())).status == 202
+    items = [transition(status="delivered"), transition(event_id="e3", status="flying")]
+    resp = await client.post("/v1/transitions", json={"transitions": items}, headers=auth())
+    body = await resp.json()
+    assert resp.status == 422 and (body["accepted"], body["conflicts"]) == (0, 1)
+    assert body["error"]["message"].endswith("; none was taken (see results)")
+    # a single invalid transition stays a plain error
+    single = await post(client, transition(status="flying"))
+    assert single.status == 422 and set(await single.json()) == {"error"}
+
+
 async def test_a_batch_with_a_conflict_and_an_invalid_item_names_both(client: Client) -> None:
     """The 422 of a batch with invalid items names a conflicting item too: it was not taken
     either (the message used to say every valid item was)."""
