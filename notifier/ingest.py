@@ -370,21 +370,10 @@ def _denied(
     return sorted(i for i, m in of.items() if not may_act_for(merchants, m))
 
 
-async def post_transitions(request: web.Request, res: Resources, keys: KeyRing) -> web.Response:
-    """Accept one transition or a batch (DESIGN.md §3)."""
-    merchants = keys.authenticate(request)
-    raw = await _read_body(request, res.settings.max_body_bytes)
-    if res.settings.ingest_signing_secrets:
-        verify_signature(
-            request.headers.get(SIGNATURE_HEADER),
-            raw,
-            res.settings.ingest_signing_secrets,
-            res.clock().timestamp(),
-            res.settings.ingest_signature_tolerance_s,
-        )
-    body = _parse(raw)
-    items, batch = _items(body, res.settings.max_batch)
-
+def _validate(
+    items: list[Any], batch: bool
+) -> tuple[list[tuple[int, Transition]], list[dict[str, Any]]]:
+    """(the valid items with their index, the problems of the others: each field named)."""
     valid: list[tuple[int, Transition]] = []
     details: list[dict[str, Any]] = []
     for index, item in enumerate(items):
@@ -402,7 +391,37 @@ async def post_transitions(request: web.Request, res: Resources, keys: KeyRing) 
             details += wrong
             continue
         valid.append((index, t))
+    return valid, details
 
+
+def _partly_invalid(reply: dict[str, Any], items: int, conflicts: int) -> str:
+    """The message of a batch's 422: how many items are invalid (and conflicts), and what
+    became of the others."""
+    also = f" and {conflicts} reuse an event_id with another body (refused)" if conflicts else ""
+    taken = reply["accepted"] + reply["duplicates"]
+    return f"{reply['rejected']} of {items} transitions are invalid{also}; " + (
+        "the others were taken (accepted, or duplicates of ones already taken: see results)"
+        if taken
+        else "none was taken (see results)"
+    )
+
+
+async def post_transitions(request: web.Request, res: Resources, keys: KeyRing) -> web.Response:
+    """Accept one transition or a batch (DESIGN.md §3)."""
+    merchants = keys.authenticate(request)
+    raw = await _read_body(request, res.settings.max_body_bytes)
+    if res.settings.ingest_signing_secrets:
+        verify_signature(
+            request.headers.get(SIGNATURE_HEADER),
+            raw,
+            res.settings.ingest_signing_secrets,
+            res.clock().timestamp(),
+            res.settings.ingest_signature_tolerance_s,
+        )
+    body = _parse(raw)
+    items, batch = _items(body, res.settings.max_batch)
+
+    valid, details = _validate(items, batch)
     denied = _denied(items, valid, merchants)
     if denied:
         raise Forbidden(
@@ -470,20 +489,8 @@ async def post_transitions(request: web.Request, res: Resources, keys: KeyRing) 
         # listed. A caller that resends the whole batch only gets duplicates for those. An
         # item refused as a conflict is named too: it was not taken either.
         reply["rejected"] = len(items) - len(valid)
-        also = (
-            f" and {len(conflicts)} reuse an event_id with another body (refused)"
-            if conflicts
-            else ""
-        )
-        taken = reply["accepted"] + reply["duplicates"]
         error = ValidationFailed(
-            f"{reply['rejected']} of {len(items)} transitions are invalid{also}; "
-            + (
-                "the others were taken (accepted, or duplicates of ones already taken: see "
-                "results)"
-                if taken
-                else "none was taken (see results)"
-            ),
+            _partly_invalid(reply, len(items), len(conflicts)),
             sorted(details + refused, key=lambda d: int(d.get("index", 0))),
         )
     else:
