@@ -245,6 +245,13 @@ async def test_the_page_is_in_the_emails_language_else_the_browsers(
         assert '<html lang="nl"' in (await page("?lang=xx", "nl-BE, en;q=0.1"))[1]
         assert '<html lang="en"' in (await page("?lang=<script>", "*"))[1]
         assert '<html lang="en"' in (await page(""))[1]  # acme's default language
+        # Traditional Chinese readers: the plain "zh" a browser adds is no wish for
+        # Simplified Chinese (a black-box run found zh-Hans for "zh-TW,zh;q=0.9")
+        for accept in ("zh-TW,zh;q=0.9", "zh-HK, zh, en;q=0.5", "zh-Hant, zh-TW, zh"):
+            assert '<html lang="en"' in (await page("", accept))[1], accept
+        assert '<html lang="zh-Hans"' in (await page("", "zh-TW, zh-Hans;q=0.5"))[1]
+        assert '<html lang="zh-Hans"' in (await page("", "zh-CN,zh;q=0.9"))[1]
+        assert '<html lang="zh-Hans"' in (await page("", "zh"))[1]
         # a link that is not valid: a page in the browser's language, nothing recorded
         status, html = await page("", "es", target=path[:-4] + "abcd")
         assert status == 404 and '<html lang="es"' in html and "ana@" not in html

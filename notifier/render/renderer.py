@@ -995,12 +995,22 @@ class Renderer:
         brand = self.brand(merchant_id or DEFAULT_TEMPLATES)
         default = brand.default_locale if merchant_id else "en"
         catalog = self.catalogs.resolve(default, "en")  # when none of them is ours
+        passed: dict[str, str | None] = {}  # languages asked for in a script we have not
         for tag in wanted:
             loc = i18n.parse_locale(tag)
-            found = self.catalogs.resolve(tag, "") if loc is not None else "en"
-            if found != "en" or (loc is not None and loc.language == "en"):
+            if loc is None:
+                continue
+            if loc.language in passed and (
+                loc.script is None or loc.script == passed[loc.language]
+            ):
+                # "zh-TW, zh": the plain "zh" a browser adds after a Traditional Chinese
+                # tag is not a wish for Simplified Chinese
+                continue
+            found = self.catalogs.resolve(tag, "")
+            if found != "en" or loc.language == "en":
                 catalog = found
                 break
+            passed[loc.language] = loc.script
         chain = (catalog, self.catalogs.resolve(default, "en"))
         ctx: dict[str, Any] = {
             **self.templates.gettext_for(chain),
