@@ -71,7 +71,10 @@ class ValidationFailed(ApiError):
         """The refusal of a body pydantic refused (``exc``: its ValidationError), naming
         every field and what is wrong with it."""
         details = [
-            {"field": ".".join(str(p) for p in e["loc"]) or "(body)", "message": plain_words(e)}
+            {
+                "field": ".".join(str(p) for p in e["loc"]) or "(body)",
+                "message": plain_words(e, api=True),
+            }
             for e in exc.errors(include_input=False, include_url=False)
         ]
         return cls(message, details)
@@ -160,12 +163,15 @@ class PermanentDeliveryError(DeliveryError):
     opted_out: bool = False
 
 
-def plain_words(error: Mapping[str, Any]) -> str:
+def plain_words(error: Mapping[str, Any], api: bool = False) -> str:
     """What one of pydantic's errors says, in the words a merchant's form or file problem
     uses ("must not be empty", "must be 1 or more"), not pydantic's own ("String should
-    have at least 1 character", "Input should be greater than or equal to 1")."""
+    have at least 1 character", "Input should be greater than or equal to 1"); with
+    ``api``, as a JSON body's field ("is not a known field", "must be a JSON object")."""
     kind, ctx = str(error.get("type", "")), error.get("ctx") or {}
     message = str(error.get("msg", "")).removeprefix("Value error, ")
+    if api and kind in _API:
+        return _API[kind]
     if kind == "string_too_short":
         n = ctx.get("min_length", 1)
         return "must not be empty" if n == 1 else f"must be at least {n} characters long"
@@ -201,4 +207,19 @@ _PLAIN = {
     "model_type": "must be a group of settings",
     "model_attributes_type": "must be a group of settings",
     "list_type": "must be a list",
+}
+
+#: A JSON body's words where a form's would read oddly ("is not a setting here").
+_API = {
+    "extra_forbidden": "is not a known field",
+    "dict_type": "must be a JSON object",
+    "model_type": "must be a JSON object",
+    "model_attributes_type": "must be a JSON object",
+    "string_type": "must be a string",
+    "datetime_parsing": "must be a date and time with its offset, like 2026-11-21T09:30:00+01:00",
+    "datetime_from_date_parsing": (
+        "must be a date and time with its offset, like 2026-11-21T09:30:00+01:00"
+    ),
+    "datetime_type": "must be a date and time with its offset, like 2026-11-21T09:30:00+01:00",
+    "timezone_aware": "must have a UTC offset, like 2026-11-21T09:30:00+01:00",
 }

@@ -27,6 +27,7 @@ from notifier.errors import (
     Unauthorized,
     UnsupportedMediaType,
     ValidationFailed,
+    plain_words,
 )
 from notifier.insights.journeys import OWN_EVENTS
 from notifier.logs import REQUEST_ID
@@ -230,17 +231,12 @@ def _sent_wrong(item: Any, index: int | None) -> list[dict[str, Any]]:
 
 
 def _errors(exc: ValidationError, index: int | None) -> list[dict[str, Any]]:
+    """Each field pydantic refused, in plain words ("must not be empty", "is not a known
+    field"), not its own ("String should have at least 1 character", "Value error, …")."""
     return [
-        _detail(index, _field(err["loc"]), _message(err["type"], err["msg"]))
+        _detail(index, _field(err["loc"]), plain_words(err, api=True))
         for err in exc.errors(include_url=False, include_input=False)
     ]
-
-
-def _message(kind: str, message: str) -> str:
-    """pydantic's words, but not its class names ("… or instance of Transition")."""
-    if kind in ("model_type", "model_attributes_type", "dict_type"):
-        return "must be a JSON object"
-    return message
 
 
 async def read_json(request: web.Request, limit: int) -> Any:

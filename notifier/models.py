@@ -310,7 +310,10 @@ class Recipient(_Strict):
 
 
 class Order(_Strict):
-    """The merchant's order the shipment belongs to."""
+    """The merchant's order the shipment belongs to. Its number may come as a JSON number
+    (shops' systems often keep it as one): it is kept as text, ``1001`` as ``"1001"``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
 
     number: ShortText
 

@@ -208,6 +208,29 @@ async def test_a_repost_of_an_event_the_version_before_recorded_is_still_a_dupli
     assert resp.status == 409
 
 
+async def test_ingest_names_each_problem_in_plain_words(client: Client) -> None:
+    """The 422 details said pydantic's words ("Value error, …", "String should have at
+    least 1 character", "Extra inputs are not permitted": a black-box run as the tracking
+    backend); an order number sent as a JSON number was refused."""
+    cases = [
+        ({"carrier": ""}, "carrier", "must not be empty"),
+        ({"extra": 1}, "extra", "is not a known field"),
+        ({"occurred_at": "x"}, "occurred_at", "must be a date and time with its offset"),
+        ({"occurred_at": "2026-11-21T09:30:00"}, "occurred_at", "must have a UTC offset"),
+        ({"location": []}, "location", "must be a JSON object"),
+        ({"event_id": 5}, "event_id", "must be a string"),
+        ({"order": {"number": True}}, "order.number", "must be a string"),
+    ]
+    for change, field, says in cases:
+        resp = await client.post("/v1/transitions", json=transition(**change), headers=auth())
+        [detail] = (await resp.json())["error"]["details"]
+        assert resp.status == 422 and detail["field"] == field, change
+        assert detail["message"].startswith(says), detail
+        assert "Value error" not in detail["message"] and "Input should" not in detail["message"]
+    resp = await post(client, transition(event_id="n", order={"number": 1001}))
+    assert resp.status == 202
+
+
 async def test_a_batch_of_invalid_items_only_answers_as_any_batch(client: Client) -> None:
     """A batch whose every item is invalid came back as a bare error, without the
     ``accepted``, ``rejected`` and ``results`` of every other batch with invalid items (a
