@@ -107,3 +107,22 @@ def ascii_domain(address: str) -> str:
         return f"{local}@{idna.encode(domain, uts46=True).decode('ascii')}"
     except idna.IDNAError:
         return address
+
+
+@lru_cache(maxsize=RECENT)
+def phone_zones(number: str) -> tuple[str, ...]:
+    """The time zones of ``number``'s country or area, as libphonenumber's data gives them
+    (``+33…``: Europe/Paris; ``+64…``: Pacific/Auckland and Pacific/Chatham; ``+1 212…``:
+    America/New_York); none for a number it places nowhere. Quiet hours go by these for a
+    recipient whose own zone is not known (``policy.engine``)."""
+    from phonenumbers import timezone as number_zones
+
+    try:
+        parsed = phonenumbers.parse(number)
+    except phonenumbers.NumberParseException:
+        return ()
+    return tuple(
+        zone
+        for zone in number_zones.time_zones_for_number(parsed)
+        if zone != number_zones.UNKNOWN_TIMEZONE
+    )

@@ -393,11 +393,31 @@ def test_sms_in_quiet_hours_is_deferred_email_is_not() -> None:
 
 
 def test_recipient_without_time_zone_uses_the_policy_default() -> None:
+    """Without a zone of its own, a recipient's quiet hours go by its phone number's
+    country or area where its zones lie within 3 h of each other (the window then holds
+    in each); else by the policy's ``default_timezone``. (By the default alone, a +64
+    number got its SMS at 04:49 local: a black-box run as the tracking backend.)"""
     night_utc = datetime(2026, 11, 21, 22, 0, tzinfo=UTC)
-    no_tz = {"email": "ana@example.com", "phone": "+33612345678"}
+    paris = {"email": "ana@example.com", "phone": "+33612345678"}  # 23:00 in Paris
+    _, steps = run([event(at=night_utc, recipient=paris)], now=night_utc)
+    sms = steps[0].verdicts[1]
+    assert sms.outcome is Outcome.DEFERRED and sms.details["timezone"] == "Europe/Paris"
+    assert sms.send_at == datetime(2026, 11, 22, 7, 0, tzinfo=UTC)  # 08:00 in Paris
+    assert "in Europe/Paris (the phone number's)" in sms.reason
+    # New Zealand: Auckland (UTC+13 in November) and Chatham (+13:45): 04:00 and 04:45;
+    # deferred until the window has ended in both, 08:00 in Auckland
+    early = datetime(2026, 11, 21, 15, 0, tzinfo=UTC)
+    kiwi = {"phone": "+64211234567"}
+    _, steps = run([event(at=early, recipient=kiwi)], now=early)
+    [sms] = [v for v in steps[0].verdicts if v.channel is ChannelKind.SMS]
+    assert sms.outcome is Outcome.DEFERRED and sms.details["timezone"] == "Pacific/Auckland"
+    assert sms.send_at == datetime(2026, 11, 21, 19, 0, tzinfo=UTC)
+    # a number of zones far apart (a US toll-free one): the policy's default zone
+    no_tz = {"email": "ana@example.com", "phone": "+18005550100"}
     _, steps = run([event(at=night_utc, recipient=no_tz)], now=night_utc)
     sms = steps[0].verdicts[1]
     assert sms.outcome is Outcome.DEFERRED and sms.details["timezone"] == "UTC"
+    assert "phone number" not in sms.reason
     p = Policy.model_validate(
         {
             **policy().model_dump(),

@@ -17,7 +17,7 @@ from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from notifier.addresses import ascii_domain
+from notifier.addresses import ascii_domain, phone_zones
 from notifier.insights.journeys import OWN_EVENTS
 from notifier.models import (
     STATUS_RANK,
@@ -26,6 +26,7 @@ from notifier.models import (
     Recipient,
     Status,
     Transition,
+    known_timezone,
     news_rank,
     replaced,
 )
@@ -349,7 +350,7 @@ def _channel_verdict(
                 details={"count": sms, "max": throttle.max_sms_per_shipment},
                 rule="sms_cap",
             )
-    return _timing(policy, rule, contact.timezone, t, channel, to, now)
+    return _timing(policy, rule, contact, t, channel, to, now)
 
 
 @lru_cache(maxsize=256)
@@ -357,10 +358,31 @@ def _sent_reason(milestone: str, channel: ChannelKind) -> str:
     return f"policy: {milestone} is notified by {channel}"
 
 
+#: The widest spread of UTC offsets among a phone number's zones for quiet hours to go by
+#: them (Australia's mainland: 3 h; Russia's or the US toll-free numbers': far more)
+PHONE_ZONES_SPREAD = timedelta(hours=3)
+
+
+def _local_zones(contact: _Contact, channel: ChannelKind, to: str, now: datetime) -> list[str]:
+    """The zones a recipient may be in, for its quiet hours: its own; else those of its
+    phone number's country or area (``addresses.phone_zones``) when they lie within
+    ``PHONE_ZONES_SPREAD`` of each other (the window then holds in each of them: never
+    a text at 4 a.m. for a +64 number because the merchant's default zone is UTC); else
+    none (the policy's ``default_timezone``)."""
+    if contact.timezone:
+        return [contact.timezone]
+    phone = to if channel is ChannelKind.SMS else contact.phone
+    zones = [z for z in phone_zones(phone) if known_timezone(z)] if phone else []
+    offsets = [now.astimezone(_zone(z)).utcoffset() or timedelta(0) for z in zones]
+    if not zones or max(offsets) - min(offsets) > PHONE_ZONES_SPREAD:
+        return []
+    return zones
+
+
 def _timing(
     policy: Policy,
     rule: Rule,
-    timezone: str | None,
+    contact: _Contact,
     t: Transition,
     channel: ChannelKind,
     to: str,
@@ -374,14 +396,24 @@ def _timing(
     reasons: list[str] = []
     details: dict[str, Any] = {}
     quiet = policy.quiet_hours.window(channel)
+    timezone = contact.timezone
     if quiet is not None and not rule.break_quiet_hours:
-        tz_name = timezone or policy.quiet_hours.default_timezone
-        until = quiet_until(quiet, _zone(tz_name), now)
-        if until is not None:
+        zones = _local_zones(contact, channel, to, now)
+        by_number = bool(zones) and not contact.timezone
+        ends = [
+            (until, name)
+            for name in zones or [policy.quiet_hours.default_timezone]
+            if (until := quiet_until(quiet, _zone(name), now)) is not None
+        ]
+        if by_number:  # the zone of the phone's country for the "arrives today" check
+            timezone = zones[0]
+        if ends:
+            until, tz_name = max(ends)  # the window holds in every zone the number may be in
             due = until
             local_end = until.astimezone(_zone(tz_name)).strftime("%H:%M")
+            whose = " (the phone number's)" if by_number else ""
             reasons.append(
-                f"quiet hours {quiet.start:%H:%M}-{quiet.end:%H:%M} in {tz_name}; "
+                f"quiet hours {quiet.start:%H:%M}-{quiet.end:%H:%M} in {tz_name}{whose}; "
                 f"deferred to {local_end} local ({until:%Y-%m-%d %H:%M} UTC)"
             )
             details.update(timezone=tz_name, quiet_until=until.isoformat())
