@@ -260,7 +260,14 @@ async def test_the_editor_page_and_its_csv(fixed: Client, settings: Settings) ->
     # days that cannot be shown: said, and the last 30 days instead
     bad = await (await fixed.get("/merchant/acme/analytics?from=2026-11-22&to=2026-11-21")).text()
     assert 'role="alert"' in bad and "from: must not be after to" in bad
-    assert 'value="2026-10-23"' in bad
+    assert "Days in UTC, 2026-10-23 to 2026-11-21" in bad
+    # the fields keep the days as typed, to correct them (they were reset: a black-box run
+    # as a merchant); what a date field cannot show is the default again
+    assert 'name="from" type="date" value="2026-11-22"' in bad
+    assert 'name="to" type="date" value="2026-11-21"' in bad
+    bad = await (await fixed.get("/merchant/acme/analytics?from=x&to=2026-11-01")).text()
+    assert 'name="from" type="date" value="2026-10-23"' in bad
+    assert 'name="to" type="date" value="2026-11-01"' in bad
 
     resp = await fixed.get("/merchant/acme/analytics.csv?from=2026-11-21&to=2026-11-21")
     assert resp.status == 200 and resp.content_type == "text/csv"

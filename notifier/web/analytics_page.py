@@ -95,6 +95,14 @@ def chart(first: date, last: date, per_day: dict[str, dict[str, int]]) -> dict[s
     }
 
 
+def _day_or(typed: str | None, instead: date) -> str:
+    """``typed`` when it is a day a date field can show (YYYY-MM-DD), else ``instead``."""
+    try:
+        return date.fromisoformat(typed or "").isoformat()
+    except ValueError:
+        return instead.isoformat()
+
+
 class AnalyticsPage:
     """Handlers of the analytics page and its CSV."""
 
@@ -137,6 +145,10 @@ class AnalyticsPage:
             csrf=session.csrf,  # the sign-out button every signed-in page has
             first=first.isoformat(),
             last=last.isoformat(),
+            # the days as typed, where the query could not be shown: to correct, not retype
+            typed={k: _day_or(request.query.get(k), v) for k, v in (("from", first), ("to", last))}
+            if problem
+            else {"from": first.isoformat(), "to": last.isoformat()},
             problem=problem,
             chart=chart(first, last, per_day),
             funnel=[(label, totals.get(count, 0)) for count, label in FUNNEL],
