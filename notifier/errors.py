@@ -176,8 +176,12 @@ def plain_words(error: Mapping[str, Any], api: bool = False) -> str:
         n = ctx.get("min_length", 1)
         return "must not be empty" if n == 1 else f"must be at least {n} characters long"
     if kind in _PLAIN:
+        # a bound of 3600.0 reads as 3600
+        whole = {
+            k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in ctx.items()
+        }
         try:
-            return _PLAIN[kind].format(**ctx)
+            return _PLAIN[kind].format(**whole)
         except (KeyError, IndexError):
             return message
     if kind in ("literal_error", "enum"):

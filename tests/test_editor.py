@@ -1140,6 +1140,23 @@ def test_merchants_read_form_and_file_problems_in_plain_words() -> None:
     assert found["dedupe_window_hours"] == "must be a number"
     assert found["throttle.max_per_shipment_per_day"] == "must be 1 or more"
     assert not any("should" in message or "Input" in message for message in found.values())
+    # a bound written as a whole number (it read "must be 3600.0 or less"), and a number
+    # too big for a float (the cadence form's 1e400 came back as "inf"): not a number
+    from notifier.web.forms import _number
+
+    assert problems(Policy, {"coalesce_seconds": 5000}) == {
+        "coalesce_seconds": "must be 3600 or less"
+    }
+    assert [_number(t) for t in ("1e400", "-inf", "nan", "2.5", " 7 ")] == [
+        "1e400",
+        "-inf",
+        "nan",
+        2.5,
+        7,
+    ]
+    assert problems(Policy, {"coalesce_seconds": _number("1e400")}) == {
+        "coalesce_seconds": "must be a finite number"
+    }
 
 
 async def test_a_brand_over_the_size_limit_comes_back_as_typed(client: Client) -> None:

@@ -9,6 +9,7 @@ defaults) into the draft, so a later change of a default still reaches the merch
 from __future__ import annotations
 
 import copy
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -259,14 +260,17 @@ _TIME = re.compile(r"([01]?\d|2[0-3]):[0-5]\d")
 
 
 def _number(text: str) -> Any:
+    """A number field's value: an int, a float, else the text (the schema names the
+    problem); never infinity or NaN (``1e400``, ``inf``: text, refused as not a number)."""
     text = text.strip()
     try:
         return int(text)
     except ValueError:
         try:
-            return float(text)
+            number = float(text)
         except ValueError:
-            return text  # the schema names the problem
+            return text
+        return number if math.isfinite(number) else text
 
 
 def _rule(form: Mapping[str, str], prefix: str) -> dict[str, Any]:
