@@ -591,6 +591,13 @@ def link_problems(brand: Brand, where: str) -> list[str]:
             f"{where}: logo_dark_url: shown only beside logo_url (mail apps in dark mode "
             "swap one for the other): set logo_url too, or the emails have no logo"
         )
+    for name in ("logo_url", "logo_dark_url"):
+        url = getattr(brand, name)
+        if url and urlsplit(url).path.lower().endswith((".svg", ".svgz")):
+            problems.append(
+                f"{where}: {name}: an SVG image, which Gmail and Outlook do not show: use a "
+                "PNG (or JPEG, GIF)"
+            )
     return problems
 
 

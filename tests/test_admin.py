@@ -166,6 +166,22 @@ async def test_a_short_link_base_the_number_would_run_into_is_a_problem(client: 
     assert await draft_brand_problems(client, brand.replace("/t'", "/t/'")) == []
 
 
+async def test_an_svg_logo_is_a_problem_and_an_upper_case_scheme_is_taken(
+    client: Client,
+) -> None:
+    """An SVG logo passed every check, though Gmail and Outlook show none; `HTTPS://…` was
+    refused as not https (a black-box run as a merchant)."""
+    brand = "logo_url: https://acme.example/logo.SVG?v=2\nlogo_dark_url: https://a.example/d.svg\n"
+    problems = await draft_brand_problems(client, brand)
+    assert [p.split(": ")[1] for p in problems] == ["logo_url", "logo_dark_url"], problems
+    assert all("Gmail and Outlook do not show" in p for p in problems)
+    assert await draft_brand_problems(client, "logo_url: HTTPS://acme.example/logo.png\n") == []
+    from notifier.render.brand import Brand
+
+    taken = Brand.model_validate({"name": "Acme", "logo_url": "HTTPS://acme.example/l.png"})
+    assert taken.logo_url == "https://acme.example/l.png"  # as emails then write it
+
+
 async def test_a_dark_mode_logo_alone_is_a_problem(client: Client) -> None:
     """A dark-mode logo without a logo was dropped from every email, with no problem."""
     brand = "logo_dark_url: https://acme.example/d.png\n"

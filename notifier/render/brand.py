@@ -78,6 +78,8 @@ def _https(value: str | None, why: str = "") -> str | None:
     or a space in it, made a broken image or link in every message)."""
     if value is None:
         return None
+    if value[:8].lower() == "https://":
+        value = "https://" + value[8:]  # a scheme is case-insensitive (HTTPS://…)
     if not value.startswith("https://"):
         raise ValueError(f"must be an https:// URL{why}")
     if _NOT_IN_URL.search(value):
