@@ -1282,3 +1282,20 @@ async def test_a_page_typed_with_a_slash_too_many_opens_and_an_unknown_one_is_a_
         assert program.status == 404 and (await program.json())["error"]["code"] == "not_found"
     gone = await client.post(f"{ACME}/nothing", data={"csrf": "x"})
     assert gone.status == 404 and gone.content_type == "application/json"
+
+
+def test_the_timeline_shows_reasons_in_words() -> None:
+    """Reasons read "superseded by out_for_delivery (2026-12-06T15:20:51.405091+00:00)" on
+    the timeline (a black-box run as a merchant): its times and codes are now words; a
+    setting's name stays as the cadence rules write it."""
+    from notifier.web.base import readable
+
+    assert readable(
+        "superseded by out_for_delivery (2026-12-06T15:20:51.405091+00:00) in the same batch"
+    ) == ("superseded by out for delivery (2026-12-06 15:20:51 UTC) in the same batch")
+    assert readable("policy: exception:customs_hold is notified by sms") == (
+        "policy: exception:customs hold is notified by sms"
+    )
+    kept = "stall check: no carrier scan for 72 h (stalled.no_scan_hours) in America/Los_Angeles"
+    assert readable(kept) == kept
+    assert readable("2026-11-22T16:00:00+01:00") == "2026-11-22 15:00:00 UTC"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,6 +18,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from notifier.admin import Admin
 from notifier.errors import ApiError, BadRequest, Forbidden, NotFound
 from notifier.ingest import RETRY_AFTER_S
+from notifier.models import ExceptionCode, Status
 from notifier.resources import Resources
 from notifier.store.base import redis_away
 from notifier.web.session import COOKIE, CsrfFailed, Session, Sessions, SignInRequired
@@ -65,6 +67,7 @@ class Web:
             lstrip_blocks=True,
         )
         self.jinja.filters["moment"] = moment
+        self.jinja.filters["readable"] = readable
 
     @property
     def res(self) -> Resources:
@@ -195,6 +198,30 @@ def _typed(form: dict[str, str]) -> str | None:
         if name not in _NOT_TYPED and value.strip()
     ]
     return "\n".join(lines) or None
+
+
+#: A date and time as the store writes one (ISO 8601 with an offset).
+_ISO_MOMENT = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:\d{2})")
+#: A status or exception code as the history writes it (``out_for_delivery``), not part
+#: of a setting's name (``stalled.no_scan_hours`` stays as the cadence rules write it).
+_CODE = re.compile(
+    r"(?<![\w.])(?:"
+    + "|".join(
+        sorted(
+            (c.value for c in (*Status, *ExceptionCode) if "_" in c.value), key=len, reverse=True
+        )
+    )
+    + r")(?![\w.])"
+)
+
+
+def readable(value: object) -> str:
+    """A history's reason or detail as people read it: its times as ``moment`` shows them,
+    its codes in words (``superseded by out_for_delivery (2026-12-06T15:20:51.405091+00:00)``
+    reads "superseded by out for delivery (2026-12-06 15:20:51 UTC)"); the API keeps them
+    as written."""
+    text = _ISO_MOMENT.sub(lambda m: moment(m[0]), str(value))
+    return _CODE.sub(lambda m: m[0].replace("_", " "), text)
 
 
 def moment(value: object) -> str:
