@@ -793,9 +793,20 @@ def _render_one(
             f"sms ({t.milestone}, {recipient.locale}{', +1' if us else ''}"
             f"{', without an email' if alone else ''}{', collected' if collected else ''}): "
             f"{message.segments} segments in "
-            f"{message.encoding} (budget {budget}{extra}{hint}): {message.body!r}"
+            f"{message.encoding} (budget {budget}{extra}{hint}): {_quoted(message.body)}"
         )
     return problems
+
+
+#: Direction marks and isolates: they shape right-to-left text and show as nothing.
+_BIDI = re.compile("[\u200e\u200f\u061c\u202a-\u202e\u2066-\u2069]")
+
+
+def _quoted(text: str) -> str:
+    """An SMS as a problem quotes it for a person: in quotes, its lines joined with " / ",
+    without the invisible direction marks (shown as escapes like ``\u200f``, they read as
+    part of the words)."""
+    return "“" + " / ".join(_BIDI.sub("", text).splitlines()) + "”"
 
 
 #: A shop name this long is worth naming when an SMS is over its budget.

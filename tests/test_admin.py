@@ -813,6 +813,10 @@ async def test_a_long_shop_name_is_named_and_only_the_merchants_languages_are_bu
     problems = (await resp.json())["problems"]
     over = [p for p in problems if "segments in" in p]
     assert over and all("the shop name takes 26 characters of it" in p for p in over), problems
+    # the SMS quoted as read: no escaped direction marks ('\u200f\u2068Acme…' read as part
+    # of the words: a black-box run as a merchant)
+    assert all("\\u" not in p and "\u200f" not in p and "\u2068" not in p for p in over)
+    assert all("“" in p and "”" in p for p in over), over
     resp = await client.put(
         f"{acme}/brand", json={**brand, "locales": ["en"]}, headers=auth(ACME_KEY)
     )
