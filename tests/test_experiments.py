@@ -358,7 +358,8 @@ def test_check_names_an_experiment_without_its_variant_b(tmp_path: Path) -> None
     broken.write_text(broken.read_text().replace("VARIANT-B sms", "{{ nope.nothing }}"))
     problems = check_all(settings)
     assert any(
-        "messages/out_for_delivery.b.jinja, line 6: 'nope' is undefined (in out_for_delivery "
+        "messages/out_for_delivery.b.jinja, line 6: 'nope' is undefined: no such variable "
+        "(the message editor's variables list the ones there are) (in out_for_delivery "
         "variant b, email" in p
         for p in problems
     ), problems

@@ -911,3 +911,24 @@ def test_a_footer_of_several_lines_keeps_them_in_the_html_email(tmp_path: Path) 
             lines = [f"<bdi>{line}</bdi>" for line in lines]
         assert "<br>".join(lines) + "<br>" in message.html, message.html
         assert footer.replace("\n\n", "\n") in message.text.replace("\n\n", "\n")
+
+
+def test_a_template_naming_a_value_that_is_not_there_says_so_in_words(tmp_path: Path) -> None:
+    """Jinja's "'dict object' has no attribute 'nosuch'" reached the merchant's preview as
+    it is (a black-box run as a merchant): it now says which value is missing and where
+    the values are listed."""
+    from notifier.errors import RenderError
+
+    templates = brand_dir(tmp_path, "name: Acme\n")
+    (templates / "acme" / "messages").mkdir()
+    shipped = (data_dir("templates", None) / "messages" / "delivered.jinja").read_text()
+    for wrong, says in [
+        ("{{ event.nosuch.deeper }}", "no value 'nosuch' there: the message editor's variables"),
+        ("{{ nosuch.deeper }}", "'nosuch' is undefined: no such variable"),
+    ]:
+        broken = shipped.replace("{%- macro subject() -%}", "{%- macro subject() -%}" + wrong, 1)
+        assert broken != shipped
+        (templates / "acme" / "messages" / "delivered.jinja").write_text(broken)
+        with pytest.raises(RenderError) as refused:
+            render_email(notification(sample("delivered")), renderer(templates))
+        assert says in str(refused.value), str(refused.value)

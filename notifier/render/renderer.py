@@ -295,6 +295,25 @@ def sms_text(rendered: str, rtl: bool) -> str:
     return RLM + text if rtl else text
 
 
+#: Jinja's words for a value a template names that is not there.
+_NO_ATTRIBUTE = re.compile(r"^'[\w ]+ object' has no attribute '([^']*)'$")
+_UNDEFINED = re.compile(r"^'([^']*)' is undefined$")
+
+
+def template_words(exc: Exception) -> str:
+    """A template's error as a merchant reads it: Jinja's ``'dict object' has no
+    attribute 'nosuch'`` says which value is missing, and where the names are listed."""
+    text = str(exc)
+    if found := _NO_ATTRIBUTE.match(text):
+        return (
+            f"no value '{found[1]}' there: the message editor's variables list what each "
+            f"value holds ({text})"
+        )
+    if _UNDEFINED.match(text):
+        return f"{text}: no such variable (the message editor's variables list the ones there are)"
+    return text
+
+
 def stats_tag(n: Notification, variant: str = "") -> str:
     """What a message carries to its provider to be counted where it belongs: its
     milestone, locale, and the variant it was rendered in (``variant``) of its experiment."""
@@ -908,7 +927,7 @@ class Renderer:
             raise RenderError(f"{where(exc)}: {exc.message}", n.notification_id) from exc
         except TemplateError as exc:
             name = where(exc) or getattr(exc, "name", None) or "template"
-            raise RenderError(f"{name}: {exc}", n.notification_id) from exc
+            raise RenderError(f"{name}: {template_words(exc)}", n.notification_id) from exc
         except ConfigurationError as exc:
             raise RenderError(str(exc), n.notification_id) from exc
         except RecursionError as exc:  # a macro or an include that calls itself
