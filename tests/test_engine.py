@@ -1590,3 +1590,38 @@ def test_a_cancelled_message_ages_out_without_counting_as_an_sms_sent() -> None:
     assert later.sms_archived == 0
     kept, _ = run([event(2, "delivered", month)], month, state=state)  # had it gone out
     assert kept.sms_archived == 1
+
+
+@pytest.mark.parametrize(
+    ("first", "then"),
+    [
+        (("exception", "recipient_unavailable"), ("delivery_attempt_failed", None)),
+        (("delivery_attempt_failed", None), ("exception", "recipient_unavailable")),
+    ],
+    ids=["exception-first", "status-first"],
+)
+def test_a_failed_attempt_told_as_a_status_and_an_exception_is_one_piece_of_news(
+    first: tuple[str, str | None], then: tuple[str, str | None]
+) -> None:
+    """A carrier that reports a failed attempt both as the status and as its exception
+    "recipient unavailable", a minute apart, got both told, by email and SMS each (a
+    black-box run as the tracking backend). The second is a duplicate of the first."""
+    at = NOON - timedelta(hours=1)
+
+    def attempt(i: int, kind: tuple[str, str | None], when: datetime) -> Transition:
+        status, code = kind
+        return event(i, status, when, **({"exception_code": code} if code else {}))
+
+    state, steps = run([attempt(1, first, at)], now=at)
+    assert {v.outcome for v in steps[0].verdicts} == {Outcome.SENT}
+    later = at + timedelta(minutes=1)
+    state, steps = run([attempt(2, then, later)], now=later, state=state)
+    assert [v.rule for v in steps[0].verdicts] == ["duplicate", "duplicate"]
+    told = steps[0].verdicts[0].reason
+    assert ", the same news as " in told and "already sent by email" in told, told
+    # a second attempt on another day, after the parcel went out again, is news again
+    out = later + timedelta(hours=20)
+    state, _ = run([event(3, "out_for_delivery", out)], now=out, state=state)
+    again = out + timedelta(hours=3)
+    _, steps = run([attempt(4, then, again)], now=again, state=state)
+    assert {v.outcome for v in steps[0].verdicts} == {Outcome.SENT}, steps[0].verdicts

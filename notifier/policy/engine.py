@@ -296,9 +296,15 @@ def _channel_verdict(
     # will be superseded) is a duplicate: a re-scan. The same milestone after another one
     # is news ("out for delivery" again on day 2). Trivial updates have their throttle.
     last = decided.get(channel)
-    repeat = last is not None and last.milestone == milestone and not rule.trivial and not moved
+    repeat = (
+        last is not None
+        and _news_of(last.milestone) == _news_of(milestone)
+        and not rule.trivial
+        and not moved
+    )
     if repeat and last is not None and now - last.at < policy.dedupe_window:
         ago = _hours(now - last.at)
+        same = "" if last.milestone == milestone else f", the same news as {last.milestone},"
         # what became of it, in words that are true: one that waited and was cancelled, or
         # still waits, was decided, never sent
         done = "sent"
@@ -308,7 +314,7 @@ def _channel_verdict(
             done = f"decided (waiting until {last.due.astimezone(UTC):%Y-%m-%d %H:%M} UTC)"
         return Verdict(
             Outcome.SUPPRESSED,
-            f"duplicate: {milestone} already {done} by {channel} {ago:.1f} h ago "
+            f"duplicate: {milestone}{same} already {done} by {channel} {ago:.1f} h ago "
             f"(window {policy.dedupe_window_hours:g} h)",
             channel,
             details={"hours_ago": round(ago, 2), "window_hours": policy.dedupe_window_hours},
@@ -351,6 +357,17 @@ def _channel_verdict(
                 rule="sms_cap",
             )
     return _timing(policy, rule, contact, t, channel, to, now)
+
+
+#: Milestones that tell one piece of news: a carrier reports a failed attempt as the
+#: status and as its exception "recipient unavailable" (often a minute apart; both were
+#: told, by email and SMS each: a black-box run as the tracking backend).
+_SAME_NEWS = {"exception:recipient_unavailable": "delivery_attempt_failed"}
+
+
+def _news_of(milestone: str) -> str:
+    """The news ``milestone`` tells, for the duplicate rule (``_SAME_NEWS``)."""
+    return _SAME_NEWS.get(milestone, milestone)
 
 
 @lru_cache(maxsize=256)
