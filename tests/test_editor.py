@@ -800,6 +800,10 @@ async def test_a_key_for_every_merchant_picks_one(client: Client) -> None:
     assert (await client.get("/merchant/globex/messages")).status == 200
     bad = await client.get("/merchant/go?merchant=../etc", allow_redirects=False)
     assert bad.status == 404
+    # typed without a merchant (/merchant/go/ as well): the picker, not "no merchant"
+    for typed in ("/merchant/go", "/merchant/go?merchant=%20"):
+        resp = await client.get(typed, allow_redirects=False)
+        assert (resp.status, resp.headers["Location"]) == (303, "/merchant"), typed
 
 
 async def test_review_findings_hold(client: Client, settings: Settings) -> None:

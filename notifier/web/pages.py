@@ -66,7 +66,9 @@ class Pages:
 
     async def go(self, request: web.Request) -> web.StreamResponse:
         """The merchant picker's form: to that merchant's overview (403 there if not yours)."""
-        merchant = request.query.get("merchant", "")
+        merchant = request.query.get("merchant", "").strip()
+        if not merchant:  # typed without one: the picker
+            raise web.HTTPSeeOther("/merchant")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", merchant):
             raise NotFound(f"no merchant {merchant}")
         raise web.HTTPSeeOther(f"/merchant/{merchant}/")
