@@ -1261,6 +1261,11 @@ async def test_a_settings_form_refused_for_its_session_shows_back_what_was_typed
             assert "accent_color: #0055aa" in lines and "quiet_hours.email.enabled: on" in lines
             assert "12 rue de la Paix" in lines
             assert not any(line.startswith(("csrf", "base")) for line in lines)
+    # never a key: a refused sign-in (no sign-in cookie here) showed it back in clear (a
+    # review), though its field hides what is typed
+    refused = await client.post("/merchant/sign-in", data={"key": ACME_KEY, "csrf": "x"})
+    text = await refused.text()
+    assert refused.status >= 400 and ACME_KEY not in text and 'id="unsaved"' not in text
 
 
 async def test_a_page_typed_with_a_slash_too_many_opens_and_an_unknown_one_is_a_page(

@@ -168,7 +168,11 @@ async def _error(
     details: list[dict[str, Any]] | None = None,
 ) -> web.Response:
     unsaved = None
-    if request.method == "POST" and request.content_type != "application/json":
+    if (
+        request.method == "POST"
+        and request.content_type != "application/json"
+        and request.path.count("/") >= 3  # a merchant's page: never the sign-in (its key)
+    ):
         with contextlib.suppress(BadRequest):
             unsaved = _typed(await read_form(request))
     return web_.page(
@@ -182,8 +186,9 @@ async def _error(
     )
 
 
-#: A form's fields that the page filled in, not the merchant: never shown back as typed.
-_NOT_TYPED = {"csrf", "base", "revision", "live", "version", "action", "next", "collected"}
+#: A form's fields that the page filled in, not the merchant, or a secret: never shown
+#: back as typed.
+_NOT_TYPED = {"csrf", "base", "revision", "live", "version", "action", "next", "collected", "key"}
 
 
 def _typed(form: dict[str, str]) -> str | None:
