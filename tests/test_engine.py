@@ -412,6 +412,18 @@ def test_recipient_without_time_zone_uses_the_policy_default() -> None:
     [sms] = [v for v in steps[0].verdicts if v.channel is ChannelKind.SMS]
     assert sms.outcome is Outcome.DEFERRED and sms.details["timezone"] == "Pacific/Auckland"
     assert sms.send_at == datetime(2026, 11, 21, 19, 0, tzinfo=UTC)
+    # quiet in Chatham only (21:15; 20:30 in Auckland): not at Chatham's 08:00, which is
+    # 07:15 in Auckland (a review), but when it is quiet in neither
+    evening = datetime(2026, 11, 21, 7, 30, tzinfo=UTC)
+    _, steps = run([event(at=evening, recipient=kiwi)], now=evening)
+    [sms] = [v for v in steps[0].verdicts if v.channel is ChannelKind.SMS]
+    assert sms.send_at == datetime(2026, 11, 21, 19, 0, tzinfo=UTC), sms
+    assert sms.details["timezone"] == "Pacific/Auckland"
+    # quiet in neither: sent at once
+    day = datetime(2026, 11, 21, 22, 0, tzinfo=UTC)  # 11:00 in Auckland
+    _, steps = run([event(at=day, recipient=kiwi)], now=day)
+    [sms] = [v for v in steps[0].verdicts if v.channel is ChannelKind.SMS]
+    assert sms.outcome is Outcome.SENT
     # a number of zones far apart (a US toll-free one): the policy's default zone
     no_tz = {"email": "ana@example.com", "phone": "+18005550100"}
     _, steps = run([event(at=night_utc, recipient=no_tz)], now=night_utc)

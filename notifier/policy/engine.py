@@ -396,6 +396,28 @@ def _local_zones(contact: _Contact, channel: ChannelKind, to: str, now: datetime
     return zones
 
 
+def _quiet_end(
+    quiet: QuietWindow, zones: Sequence[str], now: datetime
+) -> tuple[datetime, str] | None:
+    """When the quiet window has ended in every zone of ``zones`` (the first moment quiet
+    in none: a number's zones lie within hours of each other, so the end of one zone's
+    window may fall in another's), and the zone whose window ends last; None when it is
+    quiet in none of them now."""
+    at, last = now, None
+    for _ in range(2 * len(zones) + 1):  # each turn moves past one zone's window
+        ends = [(u, z) for z in zones if (u := quiet_until(quiet, _zone(z), at)) is not None]
+        if not ends:
+            break
+        at, last = max(ends)
+    return (at, last) if last is not None else None
+
+
+def _furthest_ahead(zones: Sequence[str], now: datetime) -> str:
+    """The zone of ``zones`` whose clock is furthest ahead now (Madrid of Madrid and the
+    Canaries, Lisbon of Lisbon and the Azores)."""
+    return max(zones, key=lambda z: now.astimezone(_zone(z)).utcoffset() or timedelta(0))
+
+
 def _timing(
     policy: Policy,
     rule: Rule,
@@ -417,15 +439,12 @@ def _timing(
     if quiet is not None and not rule.break_quiet_hours:
         zones = _local_zones(contact, channel, to, now)
         by_number = bool(zones) and not contact.timezone
-        ends = [
-            (until, name)
-            for name in zones or [policy.quiet_hours.default_timezone]
-            if (until := quiet_until(quiet, _zone(name), now)) is not None
-        ]
-        if by_number:  # the zone of the phone's country for the "arrives today" check
-            timezone = zones[0]
-        if ends:
-            until, tz_name = max(ends)  # the window holds in every zone the number may be in
+        if by_number:  # for the "arrives today" check: the policy's zone if the number's
+            default = policy.quiet_hours.default_timezone
+            timezone = default if default in zones else _furthest_ahead(zones, now)
+        found = _quiet_end(quiet, zones or [policy.quiet_hours.default_timezone], now)
+        if found is not None:
+            until, tz_name = found
             due = until
             local_end = until.astimezone(_zone(tz_name)).strftime("%H:%M")
             whose = " (the phone number's)" if by_number else ""
