@@ -34,6 +34,14 @@ if TYPE_CHECKING:  # resources builds the renderer with this module's headers()
 
     from notifier.resources import Resources
 
+
+async def sync_published(res: Resources, merchant_ids: list[str]) -> None:
+    """``resources.sync_published`` (imported when used: resources imports this module)."""
+    from notifier.resources import sync_published as sync
+
+    await sync(res, merchant_ids)
+
+
 PATH = "/v1/unsubscribe/{token}"
 #: Retry-After of the page shown while Redis does not answer (as the API's 503s)
 RETRY_AFTER_S = "5"
@@ -194,16 +202,19 @@ async def _unsubscribe(request: web.Request, res: Resources) -> web.Response:
         return _page(res, request, "invalid")
     merchant_id, address = found
     key = opt_out_key(ChannelKind.EMAIL, address)
-    if request.method != "POST":
-        # a second visit: told it is done, not asked again (a Redis that does not answer
-        # only costs the question)
-        try:
+    # the brand the merchant published in the editor (its name, its default language),
+    # and a second visit told it is done, not asked again: a Redis that does not answer
+    # costs only these (the files' brand; the question)
+    already = False
+    try:
+        await sync_published(res, [merchant_id])
+        if request.method != "POST":
             already = key in await res.store.opted_out(merchant_id, [key])
-        except Exception as exc:
-            if not redis_away(exc):
-                raise
-            res.outage.failed(f"{request.method} {PATH}", exc)
-            already = False
+    except Exception as exc:
+        if not redis_away(exc):
+            raise
+        res.outage.failed(f"{request.method} {PATH}", exc)
+    if request.method != "POST":
         return _page(res, request, "done" if already else "ask", merchant_id, address)
     if await res.store.set_opt_out(merchant_id, key, True):
         at = res.clock()

@@ -314,3 +314,32 @@ async def test_while_redis_does_not_answer_the_page_says_so_in_the_emails_langua
         finally:
             server.terminate()
             server.wait(timeout=10)
+
+
+async def test_the_page_shows_the_brand_the_merchant_published(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """The API process never loaded the brand published in the editor: the page showed
+    the files' name (or the default brand's "Your shop") in their default language (a
+    review). It now loads what is published, as a worker does before a batch."""
+    settings = make_settings(
+        tmp_path,
+        redis_url=redis_url,
+        templates_dir=one_click_templates(tmp_path),
+        signing_secret=SECRET,
+    )
+    path = f"/v1/unsubscribe/{sign(SECRET, 'acme', 'ana@example.com')}"
+    base = "/v1/merchants/acme/overrides"
+    async with TestClient(TestServer(create_app(settings))) as client:
+        before = await (await client.get(path)).text()
+        assert "<p>Acme</p>" in before and '<html lang="en"' in before
+        brand = "name: Published Shop\ndefault_locale: de\nsupport: {email: h@acme.example}\n"
+        put = await client.put(f"{base}/draft/brand.yaml", json={"text": brand}, headers=auth())
+        assert put.status == 200, await put.text()
+        revision = (await put.json())["revision"]
+        published = await client.post(
+            f"{base}/publish", json={"revision": revision}, headers=auth()
+        )
+        assert published.status == 200, await published.text()
+        after = await (await client.get(path)).text()
+        assert "<p>Published Shop</p>" in after and '<html lang="de"' in after
