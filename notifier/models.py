@@ -18,6 +18,7 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -309,13 +310,21 @@ class Recipient(_Strict):
     timezone: TimeZone | None = None
 
 
+def _whole_as_int(value: object) -> object:
+    """``1001.0`` as ``1001``: the body's digest reads the two as one number (a repost of
+    either is a duplicate), so they must be kept as one order number too."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 class Order(_Strict):
     """The merchant's order the shipment belongs to. Its number may come as a JSON number
     (shops' systems often keep it as one): it is kept as text, ``1001`` as ``"1001"``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
 
-    number: ShortText
+    number: Annotated[ShortText, BeforeValidator(_whole_as_int)]
 
 
 class PickupPoint(_Strict):

@@ -46,6 +46,7 @@ ERRORS = {
     401: "No API key, or an unknown one (`WWW-Authenticate: Bearer`).",
     403: "The key may not act for that merchant, or a signature is wrong.",
     404: "No such merchant, shipment, file or milestone.",
+    405: "The path is a page, read with GET (`Allow: GET, HEAD`).",
     409: "The request conflicts with the current state (see `error.code`).",
     413: "The body is over the limit.",
     415: "`Content-Type` must be `application/json`.",
@@ -55,6 +56,7 @@ ERRORS = {
 }
 _HEADERS = {
     401: ("WWW-Authenticate", "Bearer"),
+    405: ("Allow", "the methods the path takes"),
     429: ("Retry-After", "seconds"),
     503: ("Retry-After", "seconds"),
 }
@@ -609,8 +611,8 @@ def _editor() -> dict[tuple[str, str], Op]:
         (
             "POST /merchant/{tail}",
             "editorUnknownForm",
-            "Any other path: none (the API's 404, as for the preview)",
-            refusals(404),
+            "Any other path: none (the API's 404, as for the preview; 405 for a page's)",
+            refusals(404, 405),
             None,
             "",
         ),

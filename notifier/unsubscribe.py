@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 
 from notifier.errors import NotFound
 from notifier.insights import record
-from notifier.insights.counts import Count
-from notifier.models import ChannelKind
+from notifier.insights.counts import Count, untag
+from notifier.models import ChannelKind, ExceptionCode, Status
 from notifier.policy import opt_out_key
 from notifier.store.base import redis_away
 
@@ -169,6 +169,20 @@ def _page(
     return web.Response(text=html, status=status, content_type="text/html", headers=headers)
 
 
+#: The milestones a message is written for (a status, or ``exception:<code>``).
+_MILESTONES = frozenset(
+    [s.value for s in Status if s is not Status.EXCEPTION]
+    + [f"exception:{c.value}" for c in ExceptionCode]
+)
+
+
+def _known_tag(tag: str | None) -> str | None:
+    """A link's ``t`` when it names a milestone messages are written for: the link is not
+    signed there, and an invented milestone would add a row to the merchant's counts
+    (one that does not read counts as unknown)."""
+    return tag if tag and untag(tag)[0] in _MILESTONES else None
+
+
 def _wants_json(request: web.Request) -> bool:
     """A program that asks for JSON only: it gets the API's errors, not pages."""
     accept = request.headers.get("Accept", "")
@@ -219,6 +233,6 @@ async def _unsubscribe(request: web.Request, res: Resources) -> web.Response:
     if await res.store.set_opt_out(merchant_id, key, True):
         at = res.clock()
         await res.hooks.opted_out(merchant_id, key, "unsubscribe_link", at)
-        tag = request.query.get("t")  # (one that does not read counts as unknown)
+        tag = _known_tag(request.query.get("t"))
         await record.report(res.store, merchant_id, None, key, "email", tag, Count.UNSUBSCRIBED, at)
     return _page(res, request, "done", merchant_id, address)

@@ -229,6 +229,12 @@ async def test_ingest_names_each_problem_in_plain_words(client: Client) -> None:
         assert "Value error" not in detail["message"] and "Input should" not in detail["message"]
     resp = await post(client, transition(event_id="n", order={"number": 1001}))
     assert resp.status == 202
+    # 1001.0 is the same number (the digest reads them as one): a duplicate, kept as one
+    again = await post(client, transition(event_id="n", order={"number": 1001.0}))
+    assert again.status == 202 and (await again.json())["duplicates"] == 1
+    from notifier.models import Order
+
+    assert Order.model_validate({"number": 1001.0}).number == "1001"
 
 
 async def test_a_batch_of_invalid_items_only_answers_as_any_batch(client: Client) -> None:

@@ -941,7 +941,7 @@ async def test_a_test_send_sends_the_text_as_typed_without_saving_it(
     # (written as people write a number: with spaces, as the brand form takes it too)
     resp = await client.post(
         f"{ACME}/messages/delivered/test-send",
-        data={**form, "preview_locale": "fr", "channel": "sms", "to": "+33 6 12-34.56 78"},
+        data={**form, "preview_locale": "fr", "channel": "sms", "to": "+33 (0)6 12-34.56 78"},
     )
     shown = await resp.text()
     assert resp.status == 200 and "A test SMS in fr went out" in shown
@@ -1291,6 +1291,15 @@ async def test_a_page_typed_with_a_slash_too_many_opens_and_an_unknown_one_is_a_
         assert program.status == 404 and (await program.json())["error"]["code"] == "not_found"
     gone = await client.post(f"{ACME}/nothing", data={"csrf": "x"})
     assert gone.status == 404 and gone.content_type == "application/json"
+    # a form posted to a page that has none is a 405, as before the catch-all (a review)
+    for page in (f"{ACME}/analytics", f"{ACME}/", "/merchant/acme"):
+        wrong = await client.post(page, data={"csrf": "x"}, allow_redirects=False)
+        assert wrong.status == 405 and "GET" in wrong.headers["Allow"], page
+    # HEAD as GET: a slash too many goes to the page, an unknown one is a page for a browser
+    head = await client.head(f"{ACME}/brand/", allow_redirects=False)
+    assert (head.status, head.headers["Location"]) == (308, f"{ACME}/brand")
+    head = await client.head(f"{ACME}/nothing", headers=browser, allow_redirects=False)
+    assert head.status == 404 and head.content_type == "text/html"
 
 
 def test_the_timeline_shows_reasons_in_words() -> None:

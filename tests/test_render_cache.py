@@ -49,7 +49,9 @@ def renderer(
         email_from="notifications@example.com",
         published=files,
         skeletons=1024 if cached else 0,
-        unsubscribe=lambda merchant, to: {"List-Unsubscribe": f"<https://u.example/{merchant}>"},
+        unsubscribe=lambda merchant, to, locale, tag: {
+            "List-Unsubscribe": f"<https://u.example/{merchant}?lang={locale}&t={tag}>"
+        },
     )
 
 

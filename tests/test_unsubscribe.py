@@ -151,7 +151,8 @@ def test_links_work_across_processes_and_restarts_without_a_signing_secret(
                 done = urllib.request.Request(url, data=one_click, method="POST")
                 with urllib.request.urlopen(done, timeout=10) as resp:
                     assert resp.status == 200
-                    assert address in resp.read().decode()
+                    done_page = resp.read().decode()
+                    assert address in done_page and "<button" not in done_page  # done
     finally:
         serve.send_signal(signal.SIGTERM)
         out, _ = serve.communicate(timeout=20)
@@ -343,3 +344,30 @@ async def test_the_page_shows_the_brand_the_merchant_published(
         assert published.status == 200, await published.text()
         after = await (await client.get(path)).text()
         assert "<p>Published Shop</p>" in after and '<html lang="de"' in after
+
+
+def test_the_languages_a_request_names_are_not_remembered() -> None:
+    """Each tag a request named became a key of a cache that never shrank: 200 requests of
+    8 made-up tags each left 1,601 (a review)."""
+    from tests.test_accessibility import shipped_renderer
+
+    renderer = shipped_renderer()
+    before = len(renderer.catalogs._resolved)
+    for n in range(50):
+        tags = [f"sv-SE-v{n:05d}x", f"de-AT-x{n:04d}y", "zh-TW", "fr"]
+        assert 'lang="de"' in renderer.unsubscribe_page(None, tags, "invalid")
+    assert len(renderer.catalogs._resolved) - before <= 2  # the page's own default chain
+
+
+def test_a_links_count_row_must_name_a_milestone() -> None:
+    """``t=`` is outside the signature: an invented milestone would add a row to the
+    merchant's counts (a review); it counts as unknown instead."""
+    from notifier.admin_views import milestones
+    from notifier.unsubscribe import _MILESTONES, _known_tag
+
+    assert set(milestones()) == _MILESTONES
+    assert (
+        _known_tag("exception:customs_hold~de~shorter~b") == "exception:customs_hold~de~shorter~b"
+    )
+    for bad in ("invented~fr", "exception:nope~fr", "delivered", "", None):
+        assert _known_tag(bad) is None, bad

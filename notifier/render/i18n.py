@@ -98,6 +98,11 @@ class Catalogs:
             self._resolved[key] = found
         return found
 
+    def resolve_asked(self, wanted: str) -> str:
+        """``resolve`` for a tag a request names (a link's ``lang``, a browser's
+        ``Accept-Language``), not remembered: anyone may send endless tags."""
+        return self._resolve(wanted, "")
+
     def _resolve(self, wanted: str | None, fallback: str) -> str:
         have = set(self.available()) | {"en"}
         for tag in (wanted, fallback):

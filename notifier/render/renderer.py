@@ -1025,7 +1025,7 @@ class Renderer:
                 # "zh-TW, zh": the plain "zh" a browser adds after a Traditional Chinese
                 # tag is not a wish for Simplified Chinese
                 continue
-            found = self.catalogs.resolve(tag, "")
+            found = self.catalogs.resolve_asked(tag)
             if found != "en" or loc.language == "en":
                 catalog = found
                 break

@@ -91,18 +91,31 @@ async def _unslash(request: web.Request) -> web.StreamResponse:
 
 async def _unknown(request: web.Request) -> web.StreamResponse:
     """A path under /merchant that no page has: ``…/brand/`` to ``…/brand`` (its query
-    kept); else a 404: a page for a browser, the API's JSON for a program (as before)."""
+    kept); a form posted to a page that has none, ``405`` as before this route; else a
+    404: a page for a browser, the API's JSON for a program (as before)."""
+    reading = request.method in ("GET", "HEAD")
     target = request.path.rstrip("/")
-    if request.method == "GET" and target != request.path and target != "/merchant":
-        found = await request.app.router.resolve(request.clone(rel_url=target))
-        if (
-            found.http_exception is None
-            and found.route.resource is not request.match_info.route.resource
-        ):
-            return await _unslash(request)  # a page there
-    if request.method == "GET" and "text/html" in request.headers.get("Accept", ""):
+    if (
+        reading
+        and target != request.path
+        and target != "/merchant"
+        and await _page_at(request, target)
+    ):
+        return await _unslash(request)
+    if not reading and await _page_at(request, request.path):
+        raise web.HTTPMethodNotAllowed(request.method, ["GET", "HEAD"])
+    if reading and "text/html" in request.headers.get("Accept", ""):
         raise NotFound(f"no page {request.path}")  # a person's browser: the editor's page
     raise web.HTTPNotFound(text=f"no page {request.path}")  # a program: the API's JSON
+
+
+async def _page_at(request: web.Request, path: str) -> bool:
+    """Whether a GET of ``path`` opens a page (a route of its own, not this catch-all)."""
+    found = await request.app.router.resolve(request.clone(method="GET", rel_url=path))
+    return (
+        found.http_exception is None
+        and found.route.resource is not request.match_info.route.resource
+    )
 
 
 #: The editor's own files (nothing else is served from its folder).

@@ -299,8 +299,11 @@ class Messages:
         variant = variant_param(form.get("variant"))
         path = message_path(milestone, locale or None, variant)
         channel, to = form.get("channel", ""), form.get("to", "").strip()
-        if channel == ChannelKind.SMS and E164.fullmatch(spaced := _PHONE_SPACING.sub("", to)):
-            to = spaced  # "+33 6 12 34 56 78", as people write a number (and the brand form)
+        # "+33 6 12 34 56 78", as people write a number (and the brand form); "+33 (0)6…"
+        # writes the national 0 a caller from abroad leaves out
+        spaced = _PHONE_SPACING.sub("", to.replace("(0)", ""))
+        if channel == ChannelKind.SMS and E164.fullmatch(spaced):
+            to = spaced
         text = form.get("text", "").replace("\r\n", "\n")
         # the page comes back with the text as typed, not as saved, and what became of the
         # test: sent, or why not (an address refused came back as an error page, the text
