@@ -756,7 +756,13 @@ async def test_a_layout_that_drops_the_message_or_the_stop_line_is_a_problem(
     )
     assert resp.status == 422, await resp.text()
     # the shipped layouts keep both: a +1 number's SMS says how to stop them
-    recipient = {"email": "ana@example.com", "phone": "+14155550100", "locale": "en_US"}
+    # (daytime there: quiet hours go by a zoneless number's own zones, 06:00 in +1 415)
+    recipient = {
+        "email": "ana@example.com",
+        "phone": "+14155550100",
+        "locale": "en_US",
+        "timezone": "America/New_York",
+    }
     await post(client, transition(status="delivered", recipient=recipient))
     await run_worker(settings)
     [sms] = outbox_files(settings, ".sms.json")
