@@ -172,6 +172,8 @@ def plain_words(error: Mapping[str, Any], api: bool = False) -> str:
     message = str(error.get("msg", "")).removeprefix("Value error, ")
     if api and kind in _API:
         return _API[kind]
+    if kind == "string_pattern_mismatch":
+        return _PATTERNS.get(str(ctx.get("pattern", "")), "is not in the form this field takes")
     if kind == "string_too_short":
         n = ctx.get("min_length", 1)
         return "must not be empty" if n == 1 else f"must be at least {n} characters long"
@@ -213,6 +215,18 @@ _PLAIN = {
     "list_type": "must be a list",
 }
 
+#: What the patterns of the contract's fields ask for, in words (``models``).
+_PATTERNS = {
+    "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$": (
+        "must be 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+    ),
+    "^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$": (
+        "must be 1 to 128 letters, digits, '.', '_', ':', '@' or '-', starting with a letter "
+        "or digit"
+    ),
+    "^[A-Z]{2}$": "must be a two-letter country code in capitals (ISO 3166), like DE",
+}
+
 #: A JSON body's words where a form's would read oddly ("is not a setting here").
 _API = {
     "extra_forbidden": "is not a known field",
@@ -220,10 +234,14 @@ _API = {
     "model_type": "must be a JSON object",
     "model_attributes_type": "must be a JSON object",
     "string_type": "must be a string",
-    "datetime_parsing": "must be a date and time with its offset, like 2026-11-21T09:30:00+01:00",
-    "datetime_from_date_parsing": (
-        "must be a date and time with its offset, like 2026-11-21T09:30:00+01:00"
+    "datetime_parsing": (
+        "must be a valid date and time with its offset, like 2026-11-21T09:30:00+01:00"
     ),
-    "datetime_type": "must be a date and time with its offset, like 2026-11-21T09:30:00+01:00",
+    "datetime_from_date_parsing": (
+        "must be a valid date and time with its offset, like 2026-11-21T09:30:00+01:00"
+    ),
+    "datetime_type": (
+        "must be a valid date and time with its offset, like 2026-11-21T09:30:00+01:00"
+    ),
     "timezone_aware": "must have a UTC offset, like 2026-11-21T09:30:00+01:00",
 }

@@ -334,7 +334,7 @@ def _items(body: Any, max_batch: int) -> tuple[list[Any], bool]:
     if extra:
         raise ValidationFailed(
             "a batch body has only the 'transitions' field",
-            [{"field": name, "message": "Extra inputs are not permitted"} for name in extra],
+            [{"field": name, "message": "is not a known field"} for name in extra],
         )
     if not isinstance(items, list) or not items:
         raise ValidationFailed(

@@ -310,11 +310,20 @@ class Recipient(_Strict):
     timezone: TimeZone | None = None
 
 
+#: The largest whole number JSON carries exactly (2**53): a longer order number sent as a
+#: JSON number has lost digits on its way (or cannot be stored at all past 2**64).
+EXACT_JSON_INT = 2**53
+
+
 def _whole_as_int(value: object) -> object:
     """``1001.0`` as ``1001``: the body's digest reads the two as one number (a repost of
-    either is a duplicate), so they must be kept as one order number too."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
+    either is a duplicate), so they must be kept as one order number too. A number too
+    long for JSON to carry exactly is refused: it must come as text."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if abs(value) >= EXACT_JSON_INT:
+            raise ValueError("must be sent as text: a number this long loses digits in JSON")
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
     return value
 
 

@@ -282,7 +282,8 @@ async def test_the_editor_page_and_its_csv(fixed: Client, settings: Settings) ->
     for query, says in [("from=x", "YYYY-MM-DD"), ("from=2026-11-22&to=2026-11-21", "after")]:
         resp = await fixed.get(f"/merchant/acme/analytics.csv?{query}")
         assert resp.status == 422 and resp.content_type == "text/html"
-        assert says in await resp.text()
+        alert = (await resp.text()).split('role="alert">')[1].split("</p>")[0]
+        assert alert.startswith("no CSV of those days (from: ") and says in alert, alert
     # another merchant's page: refused
     assert (await fixed.get("/merchant/globex/analytics")).status == 403
 

@@ -13,6 +13,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from notifier.addresses import phone_zones
 from notifier.errors import ConfigurationError
 from notifier.models import (
     STATUS_RANK,
@@ -424,6 +425,20 @@ def test_recipient_without_time_zone_uses_the_policy_default() -> None:
     _, steps = run([event(at=day, recipient=kiwi)], now=day)
     [sms] = [v for v in steps[0].verdicts if v.channel is ChannelKind.SMS]
     assert sms.outcome is Outcome.SENT
+    # the zones of the number's own country: +61 4… also lists Christmas Island and Cocos
+    # (4.5 h apart from Sydney) and +7 70… (Kazakhstan) Russia's zones; both fell back to
+    # UTC, and an SMS went at 03:43 in Sydney (a black-box run)
+    for phone, zone, at, until in [
+        ("+61412345678", "Australia/Sydney", datetime(2026, 12, 6, 16, 43, tzinfo=UTC), 22),
+        ("+77012345678", "Asia/Almaty", datetime(2026, 12, 6, 16, 43, tzinfo=UTC), None),
+    ]:
+        _, steps = run([event(at=at, recipient={"phone": phone})], now=at)
+        [sms] = [v for v in steps[0].verdicts if v.channel is ChannelKind.SMS]
+        assert sms.outcome is Outcome.DEFERRED, (phone, sms)
+        assert "(the phone number's)" in sms.reason, sms.reason
+        if until is not None:  # 08:00 in Perth, the last of Australia's mornings
+            assert sms.send_at == datetime(2026, 12, 7, 0, 0, tzinfo=UTC), sms
+        assert zone in phone_zones(phone)
     # a number of zones far apart (a US toll-free one): the policy's default zone
     no_tz = {"email": "ana@example.com", "phone": "+18005550100"}
     _, steps = run([event(at=night_utc, recipient=no_tz)], now=night_utc)

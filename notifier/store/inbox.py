@@ -96,6 +96,19 @@ _URL_KEYS = frozenset({"tracking_url"})
 _EXACT_KEYS = frozenset({"event_id"})
 
 
+#: A whole float is digested as an int only where JSON can write one (orjson: 64 bits).
+_INT64 = 2**63
+
+#: Members kept as text that may come as a JSON number (an order's ``number``): ``1001``,
+#: ``1001.0`` and ``"1001"`` are one value (``models.Order``).
+_TEXT_NUMBER_KEYS = frozenset({"number"})
+
+
+def _number_text(value: float) -> str:
+    """A JSON number as the text it is kept as (``1001.0`` is "1001")."""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
 def _text(key: str, value: str) -> str:
     """A member's text as validation keeps it: a URL percent-encoded, other text on one
     line and trimmed (an email address, a phone number, a name: ``models.one_line``);
@@ -128,7 +141,9 @@ def canonical_body(body: Any) -> Any:
                 new = _text(key, value)
             elif of is dict or of is list:
                 new = canonical_body(value)
-            elif of is float and value.is_integer():
+            elif key in _TEXT_NUMBER_KEYS and (of is int or of is float):
+                new = _number_text(value)
+            elif of is float and value.is_integer() and abs(value) < _INT64:
                 new = int(value)
             else:
                 new = value
@@ -142,7 +157,7 @@ def canonical_body(body: Any) -> Any:
     if kind is list:
         items = [canonical_body(v) for v in body]  # (a null in a list stays)
         return body if all(a is b for a, b in zip(items, body, strict=True)) else items
-    if kind is float and body.is_integer():
+    if kind is float and body.is_integer() and abs(body) < _INT64:
         return int(body)
     return body
 

@@ -257,9 +257,10 @@ def tracking_slot(
 
 
 def tracking_search(tracking_number: str) -> str:
-    """A tracking number as it is looked up: without spaces, in capitals (a label prints
-    it in groups, people type it in lower case; carriers' numbers have no lower case)."""
-    return "".join(tracking_number.split()).upper()
+    """A tracking number as it is looked up: without spaces or dashes, in capitals (a
+    label prints it in groups, people type it in lower case or grouped with dashes;
+    carriers' numbers have no lower case)."""
+    return "".join(tracking_number.split()).replace("-", "").upper()
 
 
 def tracking_week(redis_seconds: float) -> int:

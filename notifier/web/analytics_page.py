@@ -122,10 +122,10 @@ class AnalyticsPage:
             first, last, _, _ = analytics.query(params, today)
             problem = None
         except ValidationFailed as exc:
-            if strict:
-                raise
             details = exc.details or [{"message": str(exc)}]
             problem = "; ".join(f"{d.get('field', '')}: {d['message']}" for d in details)
+            if strict:
+                raise ValidationFailed(f"no CSV of those days ({problem})", details) from exc
             first, last, _, _ = analytics.query({}, today)
         return first, last, await res.store.stats(merchant_id, first, last), problem
 

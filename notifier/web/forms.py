@@ -237,7 +237,8 @@ POLICY_FIELDS: list[tuple[str, str, str, str]] = [
         "quiet_hours.default_timezone",
         "Time zone for quiet hours",
         "IANA zone",
-        "Used for customers whose time zone is unknown, e.g. Europe/Berlin.",
+        "For customers whose time zone is unknown and whose phone number's country does "
+        "not tell it (one spanning many zones, or no number), e.g. Europe/Berlin.",
     ),
     (
         "stalled.no_scan_hours",
