@@ -163,7 +163,7 @@ def _page(
 
     html = res.renderer.unsubscribe_page(merchant_id, languages(request), state, address)
     status = {"invalid": 404, "unavailable": 503}.get(state, 200)
-    headers = {"Cache-Control": "no-store", "Vary": "Accept-Language"}
+    headers = {"Cache-Control": "no-store", "Vary": "Accept, Accept-Language"}
     if state == "unavailable":
         headers["Retry-After"] = RETRY_AFTER_S
     return web.Response(text=html, status=status, content_type="text/html", headers=headers)

@@ -1317,3 +1317,11 @@ def test_the_timeline_shows_reasons_in_words() -> None:
     kept = "stall check: no carrier scan for 72 h (stalled.no_scan_hours) in America/Los_Angeles"
     assert readable(kept) == kept
     assert readable("2026-11-22T16:00:00+01:00") == "2026-11-22 15:00:00 UTC"
+
+
+async def test_the_cadence_form_shows_whole_numbers_whole(client: Client) -> None:
+    """The cadence form's fields read "168.0", "0.0", "24.0" (a black-box run)."""
+    await sign_in(client)
+    page = await (await client.get(f"{ACME}/cadence")).text()
+    assert 'name="dedupe_window_hours" value="168"' in page, page
+    assert not re.search(r'name="[a-z_.]+" value="-?\d+\.0"', page)

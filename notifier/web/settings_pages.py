@@ -312,7 +312,7 @@ class SettingsPages:
             flags=RULE_FLAGS,
             channels=[c.value for c in ChannelKind],
             fields=[
-                (name, label, unit, text, get_path(values, name))
+                (name, label, unit, text, _field_value(get_path(values, name)))
                 for name, label, unit, text in POLICY_FIELDS
             ],
             values=values,
@@ -386,3 +386,9 @@ def _says(current: str | None, differs: dict[str, Any]) -> bool:
         return (yaml.safe_load(current) or {}) == differs
     except yaml.YAMLError:
         return False
+
+
+def _field_value(value: Any) -> Any:
+    """A setting's value in its field: ``168`` for the ``168.0`` a policy file's number
+    reads as (the form sends it back the same)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
