@@ -25,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from notifier.models import COUNTRY_PATTERN, IDENTIFIER_PATTERN, MERCHANT_ID_PATTERN
+
 
 class NotifierError(Exception):
     """Root of everything notifier raises on purpose."""
@@ -217,14 +219,14 @@ _PLAIN = {
 
 #: What the patterns of the contract's fields ask for, in words (``models``).
 _PATTERNS = {
-    "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$": (
+    MERCHANT_ID_PATTERN: (
         "must be 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
     ),
-    "^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$": (
+    IDENTIFIER_PATTERN: (
         "must be 1 to 128 letters, digits, '.', '_', ':', '@' or '-', starting with a letter "
         "or digit"
     ),
-    "^[A-Z]{2}$": "must be a two-letter country code in capitals (ISO 3166), like DE",
+    COUNTRY_PATTERN: "must be a two-letter country code in capitals (ISO 3166), like DE",
 }
 
 #: A JSON body's words where a form's would read oddly ("is not a setting here").

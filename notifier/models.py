@@ -130,7 +130,10 @@ def news_rank(t: Transition, reached: int) -> int:
 # alphabet. A merchant id has no ":" so "ntf:<kind>:<merchant_id>:<rest>" keys are unambiguous.
 MERCHANT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 MerchantId = Annotated[str, StringConstraints(pattern=MERCHANT_ID_PATTERN)]
-Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")]
+IDENTIFIER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"
+Identifier = Annotated[str, StringConstraints(pattern=IDENTIFIER_PATTERN)]
+#: ISO 3166 alpha-2, as a location's ``country`` is written.
+COUNTRY_PATTERN = r"^[A-Z]{2}$"
 #: The longest an identifier (an event id, a shipment id) may be.
 EVENT_ID_MAX = 128
 #: Line breaks and tabs, with the spaces around them: one space in customers' text.
@@ -276,7 +279,7 @@ class Location(_Strict):
 
     city: ShortText | None = None
     region: ShortText | None = None
-    country: Annotated[str, StringConstraints(pattern=r"^[A-Z]{2}$")] | None = None
+    country: Annotated[str, StringConstraints(pattern=COUNTRY_PATTERN)] | None = None
     lat: float | None = Field(default=None, ge=-90, le=90)
     lon: float | None = Field(default=None, ge=-180, le=180)
 
